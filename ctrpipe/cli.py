@@ -1,0 +1,135 @@
+"""Typer app: synth, shard, inspect, train, infer, blend. The one place that turns errors into exit codes.
+
+Each command is a thin shell over a stage function; a `CtrpipeError` becomes one red message on
+stderr and exit code 1, anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional, TypeVar
+
+import typer
+
+from ctrpipe.console import console
+from ctrpipe.errors import CtrpipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Click logs -> shard cache -> GPU batches -> CTR models -> submissions.")
+blend_app = typer.Typer(no_args_is_help=True, help="Blend prediction files.")
+app.add_typer(blend_app, name="blend")
+
+T = TypeVar("T")
+
+CfgOpt = typer.Option(None, "--cfg", help="YAML config, e.g. cfgs/criteo.yaml")
+SetOpt = typer.Option([], "--set", help="dotted override, repeatable: --set data.hash_bins=1000000")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bar; one summary line")
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Call a stage; render user errors as what / where / fix without a traceback."""
+    try:
+        return fn()
+    except CtrpipeError as exc:
+        console.print(f"[bold red]error:[/] {exc.render()}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: nothing partial was left behind; run the same command to resume")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def synth(
+    fmt: str = typer.Option("criteo", "--format", help="criteo | parquet"),
+    rows: int = typer.Option(100_000, "--rows", help="training rows"),
+    test_rows: int = typer.Option(0, "--test-rows", help="also write a labelled test file from the same model"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("data/synth"), "--out", help="output folder"),
+    gz: bool = typer.Option(False, "--gzip", help="criteo: write .tsv.gz"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Generate a deterministic synthetic click log plus the true click probability of every row."""
+    from ctrpipe.synth import run_synth
+
+    _run(lambda: run_synth(fmt=fmt, rows=rows, test_rows=test_rows, seed=seed, out=out, gz=gz, quiet=quiet))
+
+
+@app.command()
+def shard(
+    inputs: list[Path] = typer.Option(..., "--input", "-i", help="Criteo text (.gz ok), Parquet file, folder or glob"),
+    out: Path = typer.Option(..., "--out", "-o", help="cache folder, e.g. shards/criteo"),
+    cfg: Optional[Path] = CfgOpt,  # noqa: UP045 - typer needs Optional on 3.10
+    overrides: list[str] = SetOpt,
+    gold: list[Path] = typer.Option([], "--gold", help="separate gold-evaluation input (labelled)"),
+    stats_from: Optional[Path] = typer.Option(None, "--stats-from",  # noqa: UP045
+                                              help="train cache whose fitted statistics to reuse (test data)"),
+    test: bool = typer.Option(False, "--test", help="input is test data: every row goes to the test split"),
+    bad_rows: Optional[str] = typer.Option(None, "--bad-rows", help="error | skip"),  # noqa: UP045
+    force: bool = typer.Option(False, "--force", help="rebuild even if a matching cache exists"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Parse raw logs once into a memory-mappable shard cache with a manifest."""
+    from ctrpipe.shard.build import run_shard
+
+    _run(lambda: run_shard(cfg_path=cfg, overrides=overrides, inputs=inputs, out=out, gold=gold,
+                           stats_from=stats_from, test=test, bad_rows=bad_rows, force=force, quiet=quiet))
+
+
+@app.command()
+def inspect(cache: Path = typer.Argument(..., help="shard cache folder")) -> None:
+    """Check a shard cache before training; exits non-zero when a check fails."""
+    from ctrpipe.shard.inspect import run_inspect
+
+    ok = _run(lambda: run_inspect(cache))
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    shards: Path = typer.Option(..., "--shards", help="shard cache folder"),
+    cfg: Optional[Path] = CfgOpt,  # noqa: UP045
+    overrides: list[str] = SetOpt,
+    runs: Path = typer.Option(Path("runs"), "--runs", help="folder that holds run directories"),
+    kfold: int = typer.Option(0, "--kfold", help="train one model per stored fold (same as --set cv.n_splits=K)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Train a model on a shard cache; writes runs/<exp_name>/."""
+    from ctrpipe.train.fit import run_train
+
+    _run(lambda: run_train(cfg_path=cfg, overrides=overrides, shards=shards, runs=runs, kfold=kfold,
+                           resume=resume, quiet=quiet))
+
+
+@app.command()
+def infer(
+    run: Path = typer.Option(..., "--run", help="run directory, e.g. runs/criteo_dnn"),
+    shards: Path = typer.Option(..., "--shards", help="test shard cache"),
+    out: Optional[Path] = typer.Option(None, "--out", help="submission path (default RUN/submission.csv)"),  # noqa: UP045
+    overrides: list[str] = SetOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Ensemble a run's fold checkpoints over test shards into a submission."""
+    from ctrpipe.infer.predict import run_infer
+
+    _run(lambda: run_infer(run=run, shards=shards, out=out, overrides=overrides, quiet=quiet))
+
+
+@blend_app.command("submissions")
+def blend_submissions(
+    files: list[Path] = typer.Argument(..., help="submission CSVs"),
+    method: str = typer.Option("logit_mean", "--method"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="comma-separated, one per file"),  # noqa: UP045
+    out: Path = typer.Option(Path("blended.csv"), "--out"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Blend submission files row-aligned by ID."""
+    from ctrpipe.infer.blend import run_blend
+
+    _run(lambda: run_blend(files=files, method=method, weights=weights, out=out, quiet=quiet))
+
+
+if __name__ == "__main__":
+    app()

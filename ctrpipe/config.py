@@ -1,0 +1,285 @@
+"""Typed configs: YAML files in `cfgs/` + dotted `--set` overrides -> frozen dataclasses.
+
+Every stage owns its section dataclass (`data/config.py`, `loader/config.py`, ...); this module
+only knows how to build them strictly: an unknown key is an error that names the closest valid
+key, a bad value names the key and an example. `RunConfig` composes the sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from ctrpipe.data.config import DataConfig
+from ctrpipe.errors import ConfigError
+from ctrpipe.infer.config import InferConfig
+from ctrpipe.loader.config import LoaderConfig
+from ctrpipe.train.config import CVConfig, TrainConfig
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """`model.name` picks the architecture; the remaining `model.*` keys build that model's own config."""
+
+    name: str = "dnn"
+    params: Any = None  # the model's own frozen config dataclass, resolved through the registry
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    exp_name: str = "default"
+    seed: int = 2026
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    # where each leaf value came from: "default", a YAML path or "--set"; not part of the fingerprint
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML file, following an optional `extends: other.yaml` (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", fix="pass --cfg with a file from cfgs/, "
+                          "e.g. --cfg cfgs/criteo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse YAML: {exc}", where=str(path), fix="check indentation and colons") from None
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping of sections", where=str(path),
+                          fix="start the file with e.g. 'data:' or 'model:'")
+    base = data.pop("extends", None)
+    if base is not None:
+        merged = load_yaml(path.parent / str(base))
+        deep_merge(merged, data)
+        return merged
+    return data
+
+
+def deep_merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge `update` into `into` (mappings merge, everything else replaces)."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+    return into
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} has no '='", where="--set", fix="write --set train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key", where="--set", fix="write --set train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def load_config(path: Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Build the whole `RunConfig` from a YAML file (or defaults when None) and `--set` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    sources = {k: str(path) for k in _flatten(data)}
+    over: dict[str, Any] = apply_overrides({}, overrides)
+    sources.update({k: "--set" for k in _flatten(over)})
+    deep_merge(data, over)
+    return config_from_dict(data, sources=sources, origin=str(path) if path else "defaults")
+
+
+def config_from_dict(data: Mapping[str, Any], sources: Mapping[str, str] | None = None,
+                     origin: str = "config") -> RunConfig:
+    """Build a `RunConfig` from a plain mapping, e.g. the resolved config stored in a manifest or checkpoint."""
+    data = dict(data)
+    model_raw = data.pop("model", {}) or {}
+    data.pop("sources", None)
+    if not isinstance(model_raw, Mapping):
+        raise ConfigError("'model' must be a mapping", where=f"{origin}: model", fix="model: {name: dnn}")
+    run = build_dataclass(RunConfig, data, "", origin)
+    model = build_model_section(model_raw, origin)
+    return dataclasses.replace(run, model=model, sources=dict(sources or {}))
+
+
+def build_model_section(raw: Mapping[str, Any], origin: str = "config") -> ModelSection:
+    from ctrpipe.models.registry import config_class, model_names  # lazy: pulls in torch
+
+    raw = dict(raw)
+    name = str(raw.pop("name", ModelSection.name)).lower()
+    if name not in model_names():
+        close = difflib.get_close_matches(name, model_names(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown model {name!r}", where=f"{origin}: model.name",
+                          fix=f"{hint}valid models: {', '.join(model_names())}")
+    params = build_dataclass(config_class(name), raw, "model.", origin)
+    return ModelSection(name=name, params=params)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses -> plain JSON-able structures (tuples become lists); the inverse of `config_from_dict`."""
+    if isinstance(obj, ModelSection):
+        params = to_dict(obj.params) if obj.params is not None else {}
+        return {"name": obj.name, **params}
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj) if f.compare}
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------- strict dataclass build
+
+def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, origin: str) -> T:
+    """Build `cls` from a mapping, recursing into nested dataclasses; unknown keys are errors."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init and f.name != "sources"]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'", where=origin, fix=hint)
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", origin)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid values in '{prefix.rstrip('.') or 'config'}': {exc}", where=origin) from None
+
+
+def _example(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if tp is bool:
+        return "true"
+    if tp is int:
+        return "8192"
+    if tp is float:
+        return "0.001"
+    if tp is str:
+        return "'text'"
+    if origin in (tuple, list, Sequence):
+        return "[a, b]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _bad(tp: Any, value: Any, key: str, origin: str) -> ConfigError:
+    return ConfigError(f"bad value {value!r} for '{key}'", where=origin, fix=f"use e.g. {key}={_example(tp)}")
+
+
+def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - one branch per type form
+    org = get_origin(tp)
+    if tp is Any:
+        return value
+    if org in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors: list[ConfigError] = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, origin)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else _bad(tp, value, key, origin)
+    if org is Literal:
+        if value in get_args(tp):
+            return value
+        raise _bad(tp, value, key, origin)
+    if is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"'{key}' must be a mapping", where=origin, fix=f"write {key}: {{...}}")
+        return build_dataclass(tp, value, key + ".", origin)
+    if org in (tuple, list, Sequence) or tp in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise _bad(tp, value, key, origin)
+        args = get_args(tp)
+        if org is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in enumerate(zip(args, value)))
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v, f"{key}[{i}]", origin) for i, v in enumerate(value))
+    if org in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise _bad(tp, value, key, origin)
+        kt, vt = get_args(tp) or (Any, Any)
+        return {str(k): _coerce(vt, v, f"{key}.{k}", origin) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(tp, value, key, origin)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise _bad(tp, value, key, origin)
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise _bad(tp, value, key, origin)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise _bad(tp, value, key, origin) from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _bad(tp, value, key, origin)
+    if tp is Path:
+        return Path(str(value))
+    return value

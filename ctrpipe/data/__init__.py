@@ -1,0 +1,1 @@
+"""Stage 1: raw input (Criteo text, Parquet) -> typed, transformed column chunks."""

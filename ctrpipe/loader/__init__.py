@@ -1,0 +1,1 @@
+"""Stage 3: memory-mapped shards -> pinned, device-resident `Batch`es."""

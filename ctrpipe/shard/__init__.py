@@ -1,0 +1,1 @@
+"""Stage 2: the on-disk shard cache (writer, manifest, reader)."""

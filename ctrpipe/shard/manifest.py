@@ -1,0 +1,202 @@
+"""The shard cache's table of contents. `manifest.json` is written last, so its presence marks a complete cache.
+
+Layout of a cache DIR (N = rows in that shard; F* = columns of a group; L = max_len of a field)::
+
+    DIR/manifest.json
+    DIR/shard_00000/numeric.npy        float32 (N, Fn)  numeric + missing indicators + co-visitation features
+    DIR/shard_00000/categorical.npy    int32   (N, Fc)  per-field local ids; 0 = missing, 1 = OOV (vocab mode)
+    DIR/shard_00000/labels.npy         float32 (N, T)   absent when the input has no labels
+    DIR/shard_00000/ids.npy            int64 (N,) or unicode '<Uw' (N,)
+    DIR/shard_00000/split.npy          int8    (N,)     0 train, 1 val, 2 gold, 3 test
+    DIR/shard_00000/fold.npy           int8    (N,)     fold id in [0, K), -1 when not in any fold
+    DIR/shard_00000/<field>.tokens.npy int32   (N, L)   multihot/sequence tokens, 0 = padding, most recent last
+    DIR/shard_00000/<field>.len.npy    int32   (N,)
+    DIR/shard_00000/<field>.weights.npy float32 (N, L)  weighted multihot only
+
+Example: row 3 of shard 0 has categorical column C2 at `categorical.npy[3, columns['C2'].index]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ctrpipe import __version__
+from ctrpipe.errors import ManifestMismatchError
+from ctrpipe.features import FeatureSpec, FieldSpec
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "gold": 2, "test": 3}
+
+ColumnKind = Literal["numeric", "missing_indicator", "covisit", "categorical", "multihot", "sequence",
+                     "label", "id"]
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One stored column: which group file holds it, at which index, and how it was transformed."""
+
+    name: str
+    kind: ColumnKind
+    group: str                 # file stem inside a shard dir: "numeric", "categorical", "labels", "ids", "<f>.tokens"
+    dtype: str                 # numpy dtype string of the group array, e.g. "float32", "int32", "<U12"
+    index: int = 0             # column index within a 2-D group (0 for 1-D groups)
+    width: int = 1             # max_len for multihot/sequence
+    bins: int = 0              # id space [0, bins) for categorical/multihot/sequence
+    transform: str = ""        # human-readable, e.g. "impute=median,log1p=signed,standardize"
+    weighted: bool = False
+    source: str = ""           # raw input column it came from
+    stats: dict[str, float] = field(default_factory=dict)  # min, max, mean, missing_rate on the output
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    file: str                  # relative to the cache dir
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    index: int
+    rows: int
+    row_start: int             # global index of the shard's first row
+    files: dict[str, ArrayInfo]  # group -> array
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    fingerprint: str
+    config: dict[str, Any]                 # resolved `data` config section
+    config_sources: dict[str, str]
+    role: Literal["train", "test"]
+    sources: tuple[SourceInfo, ...]
+    columns: tuple[ColumnSpec, ...]
+    shards: tuple[ShardInfo, ...]
+    rows: dict[str, int]                   # total, train, val, gold, test
+    folds: dict[str, Any]                  # n_splits, mode, key, sizes
+    label_rates: dict[str, dict[str, float]]  # label -> split -> positive rate
+    bad_rows: dict[str, Any]               # skipped, by_reason, examples
+    fitted: dict[str, Any]                 # train-split statistics needed to transform other inputs
+    stats_from: str = ""                   # fingerprint of the train cache whose statistics a test cache used
+    build: dict[str, float] = field(default_factory=dict)  # seconds, rows/s, MB/s (not part of identity)
+    format_version: int = FORMAT_VERSION
+    ctrpipe_version: str = __version__
+
+    # ------------------------------------------------------------------ lookups
+    def columns_of(self, *kinds: str) -> tuple[ColumnSpec, ...]:
+        return tuple(c for c in self.columns if c.kind in kinds)
+
+    def column(self, name: str) -> ColumnSpec:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in sorted(self.columns_of("label"), key=lambda c: c.index))
+
+    def feature_spec(self) -> FeatureSpec:
+        """The model-facing description; numeric columns in `numeric.npy` order."""
+        numeric = sorted(self.columns_of("numeric", "missing_indicator", "covisit"), key=lambda c: c.index)
+        cats = sorted(self.columns_of("categorical"), key=lambda c: c.index)
+        rates = tuple(float(self.label_rates.get(n, {}).get("train", 0.5)) for n in self.label_names)
+        return FeatureSpec(
+            numeric=tuple(c.name for c in numeric),
+            categorical=tuple(FieldSpec(c.name, "categorical", c.bins) for c in cats),
+            multihot=tuple(FieldSpec(c.name, "multihot", c.bins, c.width, c.weighted)
+                           for c in self.columns_of("multihot")),
+            sequence=tuple(FieldSpec(c.name, "sequence", c.bins, c.width) for c in self.columns_of("sequence")),
+            labels=self.label_names,
+            label_rates=rates,
+        )
+
+    def schema_fingerprint(self) -> str:
+        """Identity of the feature layout and hashing (what a checkpoint depends on), not of the rows."""
+        cols = [(c.name, c.kind, c.group, c.index, c.width, c.bins, c.transform, c.weighted) for c in self.columns
+                if c.kind not in ("label", "id")]
+        keys = {k: self.config.get(k) for k in ("hash_seed", "hash_bins")}
+        return _sha256({"columns": cols, "hashing": keys, "fitted": self.fitted.get("identity", "")})
+
+    # ------------------------------------------------------------------ io
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        d = dict(d)
+        d["sources"] = tuple(SourceInfo(**s) for s in d["sources"])
+        d["columns"] = tuple(ColumnSpec(**c) for c in d["columns"])
+        d["shards"] = tuple(
+            ShardInfo(index=s["index"], rows=s["rows"], row_start=s["row_start"],
+                      files={k: ArrayInfo(v["file"], tuple(v["shape"]), v["dtype"]) for k, v in s["files"].items()})
+            for s in d["shards"])
+        return cls(**d)
+
+
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(config: dict[str, Any], sources: list[SourceInfo] | tuple[SourceInfo, ...], extra: Any = None) -> str:
+    """Identity of a cache: resolved data config + source files (path, size, mtime) + format version."""
+    return _sha256({"v": FORMAT_VERSION, "config": config, "sources": [asdict(s) for s in sources],
+                    "extra": extra})
+
+
+def source_info(path: Path) -> SourceInfo:
+    st = Path(path).stat()
+    return SourceInfo(path=str(Path(path).resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def write_manifest(cache_dir: Path, manifest: Manifest) -> Path:
+    """Atomically write `manifest.json` (temp name + fsync + rename): the last step of every build."""
+    cache_dir = Path(cache_dir)
+    tmp = cache_dir / (MANIFEST_NAME + ".incomplete")
+    with open(tmp, "w") as fh:
+        fh.write(manifest.to_json())
+        fh.flush()
+        os.fsync(fh.fileno())
+    final = cache_dir / MANIFEST_NAME
+    os.replace(tmp, final)
+    return final
+
+
+def read_manifest(cache_dir: Path) -> Manifest:
+    """Load and check a cache's manifest; a missing one means the cache is absent or was never finished."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestMismatchError(
+            f"no complete shard cache at {cache_dir} ({MANIFEST_NAME} is missing)",
+            where=str(cache_dir),
+            fix="build it with `ctrpipe shard --cfg CFG --input FILE --out DIR` (an interrupted build is "
+                "finished by running the same command again)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestMismatchError(f"{MANIFEST_NAME} is not valid JSON ({exc})", where=str(path),
+                                    fix="rebuild the cache with `ctrpipe shard ... --force`") from None
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestMismatchError(
+            f"shard format version {version}, this ctrpipe reads version {FORMAT_VERSION}", where=str(path),
+            fix="rebuild the cache with this ctrpipe: `ctrpipe shard ... --force`")
+    return Manifest.from_dict(raw)

@@ -1,0 +1,1 @@
+"""Stage 5: the training loop, whole-set metrics and checkpoints."""
