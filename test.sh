@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Quickstart command 2: set up .venv, lint, and run the test suite on CPU.
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/setup_env.sh
+ruff check ctrpipe tests benchmarks
+python -m pytest tests "$@"
