@@ -1,23 +1,106 @@
-"""`train:` and `cv:` sections."""
+"""`train:` and `cv:` sections: optimisation, schedule, precision, evaluation and stopping."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from ctrpipe.errors import ConfigError
+
+EmbeddingOptimizer = Literal["sgd", "adagrad", "sparse_adam", "adam"]
+Schedule = Literal["cosine", "step", "constant"]
+Amp = Literal["off", "bf16", "fp16"]
+
+# embedding optimizers that accept sparse gradients; the model is then built with sparse=True
+SPARSE_OPTIMIZERS: frozenset[str] = frozenset({"sgd", "adagrad", "sparse_adam"})
+
+
+def _bad(key: str, value: object, fix: str) -> ConfigError:
+    return ConfigError(f"bad value {value!r} for '{key}'", fix=fix)
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when `metric` on the validation view has not improved for `patience` evaluations."""
+
+    metric: str = "auc"              # any metric name: auc, logloss, ap, wll, score, or e.g. auc.click
+    patience: int = 0                # 0: off (train every epoch; the best evaluation still wins)
+    mode: Literal["auto", "max", "min"] = "auto"   # auto: min for logloss/wll, max otherwise
+    min_delta: float = 0.0           # improvement smaller than this does not count
+
+    def __post_init__(self) -> None:
+        if self.patience < 0:
+            raise _bad("train.early_stopping.patience", self.patience,
+                       "use 0 (off) or a number of evaluations, e.g. train.early_stopping.patience=2")
+        if self.min_delta < 0:
+            raise _bad("train.early_stopping.min_delta", self.min_delta,
+                       "use e.g. train.early_stopping.min_delta=0")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
-    lr: float = 1e-3
+    lr: float = 1e-3                 # dense parameters (AdamW)
+    weight_decay: float = 0.0        # AdamW, matrices only (not biases, norms or embeddings)
+    embedding_optimizer: EmbeddingOptimizer = "adam"
+    embedding_lr: float = 0.0        # 0: same as lr
+    warmup_steps: int = 0            # linear warm-up from 0 to lr
+    schedule: Schedule = "cosine"    # after warm-up; cosine decays to min_lr_ratio * lr at the last step
+    min_lr_ratio: float = 0.0
+    step_every: int = 1000           # schedule=step: multiply lr by step_gamma every step_every steps
+    step_gamma: float = 0.5
+    grad_clip: float = 0.0           # max global grad norm of dense parameters; 0 = off
+    amp: Amp = "off"                 # bf16 works on CPU and GPU; fp16 (with a GradScaler) needs CUDA
+    compile: bool = False            # torch.compile the model (opt-in: slow first steps)
+    ema: float = 0.0                 # EMA decay, e.g. 0.999; evaluation then uses the EMA weights; 0 = off
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    eval_every: int = 0              # steps between evaluations; 0 = at the end of each epoch
+    log_every: int = 50              # steps between log lines (the only points where the loss syncs to host)
+    checkpoint_every: int = 0        # steps between extra ckpt_last saves; 0 = at evaluations only
+    pos_weight: float | tuple[float, ...] = 1.0   # BCE weight of positives: one value or one per task
     device: str = "auto"             # auto | cpu | cuda | cuda:1
+    max_steps: int = 0               # total optimiser steps (0 = epochs * batches); the schedule spans these
+    stop_after_steps: int = 0        # stop (saving ckpt_last) at this step WITHOUT changing the schedule:
+    #                                  simulates an interruption; continue with --resume. 0 = off
+    num_threads: int = 0             # torch CPU threads; 0 = torch default
+    deterministic: bool = True       # CPU: torch.use_deterministic_algorithms during training
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ConfigError(f"bad value {self.epochs} for 'train.epochs'", fix="use e.g. train.epochs=1")
+            raise _bad("train.epochs", self.epochs, "use e.g. train.epochs=1")
+        if not self.lr > 0:
+            raise _bad("train.lr", self.lr, "use a positive number, e.g. train.lr=0.001")
+        for key in ("weight_decay", "embedding_lr", "grad_clip", "min_lr_ratio"):
+            if getattr(self, key) < 0:
+                raise _bad(f"train.{key}", getattr(self, key), f"use 0 or more, e.g. train.{key}=0")
+        for key in ("warmup_steps", "eval_every", "checkpoint_every", "max_steps", "stop_after_steps",
+                    "num_threads"):
+            if getattr(self, key) < 0:
+                raise _bad(f"train.{key}", getattr(self, key), f"use 0 (off) or more, e.g. train.{key}=0")
+        if self.log_every < 1:
+            raise _bad("train.log_every", self.log_every, "use a positive integer, e.g. train.log_every=50")
+        if self.step_every < 1 or not 0 < self.step_gamma <= 1:
+            raise _bad("train.step_every/step_gamma", (self.step_every, self.step_gamma),
+                       "use e.g. train.step_every=1000 train.step_gamma=0.5")
+        if not 0 <= self.ema < 1:
+            raise _bad("train.ema", self.ema, "use 0 (off) or a decay in (0, 1), e.g. train.ema=0.999")
+        weights = self.pos_weight if isinstance(self.pos_weight, tuple) else (self.pos_weight,)
+        if not weights or any(w <= 0 for w in weights):
+            raise _bad("train.pos_weight", self.pos_weight, "use positive numbers, e.g. train.pos_weight=1.0")
+        if not self.device or not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):
+            raise _bad("train.device", self.device, "use auto, cpu, cuda or cuda:1")
+
+    @property
+    def sparse_embeddings(self) -> bool:
+        """Whether the model must produce sparse embedding gradients for the chosen optimizer."""
+        return self.embedding_optimizer in SPARSE_OPTIMIZERS
 
 
 @dataclass(frozen=True)
 class CVConfig:
-    n_splits: int = 0                # >0: train one model per stored fold
+    n_splits: int = 0                # >0: one model per stored fold (the cache must hold that many)
+
+    def __post_init__(self) -> None:
+        if self.n_splits == 1 or self.n_splits < 0:
+            raise _bad("cv.n_splits", self.n_splits,
+                       "use 0 (single run) or the cache's fold count, e.g. cv.n_splits=5")
