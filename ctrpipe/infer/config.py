@@ -1,12 +1,71 @@
-"""`infer:` section: ensembling, calibration and submission format."""
+"""`infer:` section: rows to predict, how fold models are ensembled, calibration, submission format."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ctrpipe.errors import ConfigError
+
+# Kept in sync with `ctrpipe.infer.ensemble.METHODS` (a test checks); duplicated here so that loading a
+# config does not import numpy-heavy inference code.
+EnsembleMethod = Literal["logit_mean", "mean", "geom_mean", "median", "trim_mean", "rank_avg", "weighted"]
+CalibrationMethod = Literal["none", "temperature", "bias", "temperature_bias"]
+CalibrationTarget = Literal["logloss", "wll"]
+InferView = Literal["auto", "test", "val", "gold", "train", "all"]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """`infer.calibration`: fitted after training on validation / out-of-fold logits, applied by infer.
+
+    method: none | temperature (p = sigmoid(z / T)) | bias (p = sigmoid(z + b)) | temperature_bias (both).
+    target: the metric the fit minimises; `wll` (class-balanced logloss) wants another shift than `logloss`.
+    keep_rate: negative-downsampling keep rate used when training (1.0 = none). With w < 1 a fixed logit
+      shift log(w) maps predictions back to the un-sampled click rate (see `ctrpipe.infer.calibrate`).
+    """
+
+    method: CalibrationMethod = "temperature"
+    target: CalibrationTarget = "logloss"
+    keep_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_rate <= 1.0:
+            raise ConfigError(f"bad value {self.keep_rate} for 'infer.calibration.keep_rate'",
+                              fix="use the keep rate in (0, 1], e.g. infer.calibration.keep_rate=0.25")
 
 
 @dataclass(frozen=True)
 class InferConfig:
-    method: str = "logit_mean"
+    method: EnsembleMethod = "logit_mean"       # how fold models (and blended files) are combined
+    weights: tuple[float, ...] = ()             # explicit per-fold weights; () -> from val scores
+    weight_metric: str = "auc"                  # fold val metric that scores folds when weights are derived
+    weight_temperature: float = 0.01            # softmax(scores / T): an AUC gap of 0.01 -> weight ratio e
+    trim_ratio: float = 0.1                     # trim_mean: share of models cut from each end, per row
+    view: InferView = "auto"                    # auto: the test split if the cache has one, else every row
+    task: str = ""                              # label written to the submission ("" -> the first label)
+    batch_size: int = 0                         # 0 -> loader.eval_batch_size
+    save_fold_preds: bool = False               # also keep <submission>.folds.npz (per-fold logits)
     id_header: str = "ID"
     pred_header: str = "clicked"
+    write_chunk_rows: int = 1_000_000           # CSV rows formatted per chunk (bounds writer memory)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.trim_ratio < 0.5:
+            raise ConfigError(f"bad value {self.trim_ratio} for 'infer.trim_ratio'",
+                              fix="use a share in [0, 0.5), e.g. infer.trim_ratio=0.1")
+        if self.weight_temperature <= 0:
+            raise ConfigError(f"bad value {self.weight_temperature} for 'infer.weight_temperature'",
+                              fix="use a positive number, e.g. infer.weight_temperature=0.01")
+        if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
+            raise ConfigError(f"bad value {list(self.weights)} for 'infer.weights'",
+                              fix="use non-negative weights with a positive sum, e.g. infer.weights=[1,1,2]")
+        if self.batch_size < 0 or self.write_chunk_rows < 1:
+            raise ConfigError("'infer.batch_size' must be >= 0 and 'infer.write_chunk_rows' >= 1",
+                              fix="e.g. infer.batch_size=0 (use loader.eval_batch_size), "
+                                  "infer.write_chunk_rows=1000000")
+        if not self.id_header or not self.pred_header or self.id_header == self.pred_header:
+            raise ConfigError(f"bad submission headers {self.id_header!r}, {self.pred_header!r}",
+                              fix="use two different non-empty names, e.g. infer.id_header=ID "
+                                  "infer.pred_header=clicked")
