@@ -1,0 +1,85 @@
+"""Stage 1: co-visitation features. On TRAIN rows only, count how often a target categorical value t appears
+with each context token c (n(t, c)) and how often c appears at all (n(c)); then give every row the max and
+mean over its context tokens of n(t, c) / (n(c) + smoothing).
+
+Counts live in sorted (uint64 key, int64 count) tables merged per chunk, so memory grows with the number of
+distinct pairs, never with rows. Train rows that were counted are scored leave-one-out (their own occurrence
+is subtracted, per token occurrence), so train and val/test rows see the same feature distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ctrpipe.data.fitted import CountTable, KeyCounter, lookup_counts
+from ctrpipe.data.splits import mix64
+
+_PAIR_SALT = np.uint64(0xC0F1_5175_0000_0001)
+
+
+def pair_keys(target: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """One uint64 key per (target hash, context hash); order matters (t, c) != (c, t)."""
+    return mix64(target ^ mix64(context ^ _PAIR_SALT))
+
+
+@dataclass(frozen=True)
+class ContextTokens:
+    """Context tokens of N rows, flattened: `hashes[offsets[i]:offsets[i+1]]` belong to row i."""
+
+    hashes: np.ndarray        # (M,) uint64
+    lengths: np.ndarray       # (N,) int64
+
+    @property
+    def row_of_token(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.lengths), dtype=np.int64), self.lengths)
+
+
+class CovisitCounter:
+    """Pass 1: accumulate n(t, c) and n(c) over train rows whose target is present."""
+
+    def __init__(self) -> None:
+        self.pairs = KeyCounter()
+        self.ctx = KeyCounter()
+
+    def update(self, target: np.ndarray, target_missing: np.ndarray, ctx: ContextTokens,
+               counted: np.ndarray) -> None:
+        """target: (N,) uint64 hashes; counted: (N,) bool rows to count (train split)."""
+        use_row = counted & ~target_missing
+        rows = ctx.row_of_token
+        keep = use_row[rows]
+        tokens = ctx.hashes[keep]
+        self.ctx.add(tokens)
+        self.pairs.add(pair_keys(target[rows[keep]], tokens))
+
+    def tables(self) -> tuple[CountTable, CountTable]:
+        return CountTable(self.pairs.keys, self.pairs.counts), CountTable(self.ctx.keys, self.ctx.counts)
+
+
+def covisit_features(pairs: CountTable, ctx_table: CountTable, target: np.ndarray, target_missing: np.ndarray,
+                     ctx: ContextTokens, smoothing: float, leave_one_out: np.ndarray) -> np.ndarray:
+    """(N, 2) float32 [max, mean] of n(t, c) / (n(c) + smoothing) over each row's context tokens.
+
+    Rows with a missing target or no context tokens get 0. `leave_one_out` (N,) bool marks rows that were
+    themselves counted in pass 1; their own occurrence is removed from both counts.
+    """
+    n = len(target)
+    out = np.zeros((n, 2), dtype=np.float32)
+    rows = ctx.row_of_token
+    if len(rows) == 0:
+        return out
+    n_tc = lookup_counts(pairs.keys, pairs.counts, pair_keys(target[rows], ctx.hashes)).astype(np.float64)
+    n_c = lookup_counts(ctx_table.keys, ctx_table.counts, ctx.hashes).astype(np.float64)
+    loo = leave_one_out[rows] & ~target_missing[rows]
+    n_tc -= loo
+    n_c -= loo
+    score = np.maximum(n_tc, 0.0) / (np.maximum(n_c, 0.0) + smoothing)      # (M,)
+    has = ctx.lengths > 0
+    starts = np.concatenate([[0], np.cumsum(ctx.lengths)[:-1]])[has]
+    mx = np.maximum.reduceat(score, starts)
+    mean = np.add.reduceat(score, starts) / ctx.lengths[has]
+    out[has, 0] = mx
+    out[has, 1] = mean
+    out[target_missing] = 0.0
+    return out

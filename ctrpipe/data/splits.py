@@ -1,0 +1,126 @@
+"""Stage 1: train/val/gold/test split and CV-fold assignment, vectorised per chunk, independent of chunk size.
+
+Every decision is a pure function of the row's *global* index (or its key value) plus running per-class
+counts, so feeding the same rows in chunks of 7 or of 1,000,000 gives the same split and fold arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctrpipe.data.config import FoldConfig, SplitConfig
+
+SPLIT_TRAIN, SPLIT_VAL, SPLIT_GOLD, SPLIT_TEST = 0, 1, 2, 3
+NO_FOLD = -1
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def mix64(x: np.ndarray | int) -> np.ndarray:
+    """splitmix64 finaliser over uint64 (wrapping arithmetic): a cheap, well-mixed vectorised integer hash."""
+    z = np.asarray(x).astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z += _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def seeded(x: np.ndarray, *salt: int) -> np.ndarray:
+    """mix64(x) keyed by one or more integer salts (seed, class, purpose), so different uses are unrelated."""
+    key = np.uint64(0)
+    for s in salt:
+        key = mix64(np.uint64(key) ^ np.uint64(s & 0xFFFFFFFFFFFFFFFF))[()]
+    return mix64(np.asarray(x).astype(np.uint64) ^ key)
+
+
+def unit_interval(h: np.ndarray) -> np.ndarray:
+    """uint64 hashes -> float64 uniform in [0, 1) from the top 53 bits."""
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+_PURPOSE_SPLIT = 0x5350_4C49  # "SPLI"
+_PURPOSE_FOLD = 0x464F_4C44   # "FOLD"
+
+
+def tail_threshold(n_rows: int, val_ratio: float) -> int:
+    """First global row index that goes to val in tail mode: the last round(val_ratio * n_rows) rows."""
+    return n_rows - int(round(val_ratio * n_rows))
+
+
+def assign_split(row_index: np.ndarray, cfg: SplitConfig, *, n_rows: int | None = None,
+                 key_hash: np.ndarray | None = None) -> np.ndarray:
+    """Split code per row (0 train, 1 val) for the main (non-gold) input.
+
+    Args:
+        row_index: (N,) int64 global row index of each row.
+        n_rows: total main rows (tail mode only; counted in a cheap pre-pass).
+        key_hash: (N,) uint64 xxh64 of the group key's value (group mode only).
+    """
+    n = len(row_index)
+    if cfg.val_ratio <= 0.0:
+        return np.zeros(n, dtype=np.int8)
+    if cfg.mode == "random":
+        u = unit_interval(seeded(row_index, cfg.seed, _PURPOSE_SPLIT))
+    elif cfg.mode == "group":
+        assert key_hash is not None, "group split needs key hashes"
+        u = unit_interval(seeded(key_hash, cfg.seed, _PURPOSE_SPLIT))
+    else:  # tail
+        assert n_rows is not None, "tail split needs the total row count"
+        return (row_index >= tail_threshold(n_rows, cfg.val_ratio)).astype(np.int8)
+    return (u < cfg.val_ratio).astype(np.int8)
+
+
+class FoldAssigner:
+    """Assigns CV folds to train+val rows chunk by chunk; keeps the running per-class counts that make
+    stratified folds chunk-size invariant.
+
+    Stratified: within class c, the r-th row of that class (r counted over the whole input) belongs to block
+    r // K; each block gets its own seeded permutation of the K folds and the row takes entry r % K. So every
+    K consecutive same-class rows cover all folds once, fold sizes differ by at most one per class, and
+    positive rates are near-equal across folds.
+    """
+
+    def __init__(self, cfg: FoldConfig) -> None:
+        self.cfg = cfg
+        self.class_counts: dict[int, int] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.n_splits > 0
+
+    def assign(self, row_index: np.ndarray, *, label: np.ndarray | None = None,
+               key_hash: np.ndarray | None = None) -> np.ndarray:
+        """(N,) int8 fold ids for rows that take part in CV (callers pass only train+val rows)."""
+        k = self.cfg.n_splits
+        n = len(row_index)
+        if k == 0:
+            return np.full(n, NO_FOLD, dtype=np.int8)
+        if self.cfg.mode == "plain":
+            return (seeded(row_index, self.cfg.seed, _PURPOSE_FOLD) % np.uint64(k)).astype(np.int8)
+        if self.cfg.mode == "group":
+            assert key_hash is not None, "group folds need key hashes"
+            return (seeded(key_hash, self.cfg.seed, _PURPOSE_FOLD) % np.uint64(k)).astype(np.int8)
+        assert label is not None, "stratified folds need a label"
+        return self._stratified(label)
+
+    def _stratified(self, label: np.ndarray) -> np.ndarray:
+        k = self.cfg.n_splits
+        cls = np.rint(np.nan_to_num(label, nan=-1.0)).astype(np.int64)  # (N,) class; -1 = missing label
+        out = np.empty(len(cls), dtype=np.int8)
+        for c in np.unique(cls).tolist():
+            rows = np.flatnonzero(cls == c)
+            start = self.class_counts.get(c, 0)
+            r = start + np.arange(len(rows), dtype=np.int64)        # running rank of the row in its class
+            block = r // k
+            b0 = int(block[0])
+            nblocks = int(block[-1]) - b0 + 1
+            # (nblocks, K) seeded random keys -> argsort -> one permutation of folds per block
+            cells = (np.arange(b0, b0 + nblocks, dtype=np.uint64)[:, None] * np.uint64(k)
+                     + np.arange(k, dtype=np.uint64)[None, :])
+            perms = np.argsort(seeded(cells, self.cfg.seed, _PURPOSE_FOLD, c + 2), axis=1, kind="stable")
+            out[rows] = perms[block - b0, r % k].astype(np.int8)
+            self.class_counts[c] = start + len(rows)
+        return out

@@ -1,0 +1,91 @@
+"""Train-split statistics: counting merges, vocab ids, median histogram, co-visitation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ctrpipe.data.covisit import ContextTokens, CovisitCounter, covisit_features
+from ctrpipe.data.fitted import (
+    Fitted,
+    KeyCounter,
+    NumericAccumulator,
+    NumericStats,
+    VocabTable,
+    merge_counts,
+)
+
+
+def test_merge_counts_matches_unique() -> None:
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 50, 1000).astype(np.uint64)
+    kc = KeyCounter()
+    for i in range(0, 1000, 37):
+        kc.add(data[i:i + 37])
+    u, c = np.unique(data, return_counts=True)
+    assert np.array_equal(kc.keys, u) and np.array_equal(kc.counts, c)
+    k, c2 = merge_counts(u, c, np.zeros(0, np.uint64), np.zeros(0, np.int64))
+    assert np.array_equal(k, u)
+
+
+def test_vocab_ids_by_frequency_and_oov() -> None:
+    kc = KeyCounter()
+    kc.add(np.array([5, 5, 5, 9, 9, 3, 7, 7], dtype=np.uint64))   # 5:3, 9:2, 7:2, 3:1
+    v = VocabTable.from_counts(kc, min_count=2)
+    ids = v.lookup(np.array([5, 7, 9, 3, 11, 5], np.uint64), np.array([0, 0, 0, 0, 0, 1], bool))
+    assert ids.tolist() == [2, 3, 4, 1, 1, 0]                   # ties (7, 9 with 2) broken by hash value
+    assert v.bins == 5 and ids.dtype == np.int32
+    capped = VocabTable.from_counts(kc, min_count=1, max_bins=3)
+    assert capped.bins == 3
+    assert capped.lookup(np.array([5, 9], np.uint64), np.zeros(2, bool)).tolist() == [2, 1]
+
+
+def test_median_fill_exact_for_integers_and_chunk_invariant() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.integers(-20, 500, size=(1001, 2)).astype(np.float64)
+    x[rng.random((1001, 2)) < 0.3] = np.nan
+    acc1, acc2 = NumericAccumulator(("a", "b"), True), NumericAccumulator(("a", "b"), True)
+    acc1.update(x)
+    for i in range(0, 1001, 13):
+        acc2.update(x[i:i + 13])
+    f1, f2 = acc1.fills("median"), acc2.fills("median")
+    assert np.array_equal(f1, f2)
+    for j in range(2):
+        v = np.sort(x[~np.isnan(x[:, j]), j])
+        assert f1[j] == v[(len(v) + 1) // 2 - 1]
+    assert np.allclose(acc1.fills("mean"), np.nanmean(x, axis=0), rtol=1e-6)
+
+
+def test_covisit_counts_and_leave_one_out() -> None:
+    # rows: target, context tokens
+    target = np.array([1, 1, 2, 1], dtype=np.uint64)
+    ctx = ContextTokens(hashes=np.array([10, 11, 10, 12, 10], np.uint64), lengths=np.array([2, 1, 1, 1]))
+    counter = CovisitCounter()
+    counted = np.array([True, True, True, False])
+    counter.update(target, np.zeros(4, bool), ctx, counted)
+    pairs, ctab = counter.tables()
+    # counted rows 0-2: n(10)=2, n(11)=1, n(12)=1; n(1,10)=2, n(1,11)=1, n(2,12)=1
+    feats = covisit_features(pairs, ctab, target, np.zeros(4, bool), ctx, 1.0, np.zeros(4, bool))
+    assert np.allclose(feats[0], [2 / 3, (2 / 3 + 1 / 2) / 2])
+    assert np.allclose(feats[3], [2 / 3, 2 / 3])                 # row 3 was not counted
+    loo = covisit_features(pairs, ctab, target, np.zeros(4, bool), ctx, 1.0, counted)
+    assert np.allclose(loo[1], [1 / 2, 1 / 2])                   # (2-1) / (2-1+1)
+    assert np.allclose(loo[3], feats[3])
+    empty = ContextTokens(np.zeros(0, np.uint64), np.zeros(4, np.int64))
+    assert not covisit_features(pairs, ctab, target, np.zeros(4, bool), empty, 1.0, counted).any()
+
+
+def test_fitted_save_load_round_trip(tmp_path: Path) -> None:
+    kc = KeyCounter()
+    kc.add(np.array([1, 2, 2], np.uint64))
+    counter = CovisitCounter()
+    counter.update(np.array([1], np.uint64), np.zeros(1, bool),
+                   ContextTokens(np.array([4], np.uint64), np.array([1])), np.ones(1, bool))
+    fitted = Fitted(numeric={"I1": NumericStats(1.0, 0.5, 2.0)}, vocab={"C/1": VocabTable.from_counts(kc, 1)},
+                    covisit={"cv": counter.tables()}, train_rows=3)
+    fitted.save(tmp_path)
+    back = Fitted.load(tmp_path)
+    assert back.identity() == fitted.identity()
+    assert back.numeric == fitted.numeric
+    assert (tmp_path / "fitted" / "vocab.C_1.hashes.npy").is_file()

@@ -1,0 +1,46 @@
+"""ShardWriter: exact shard sizes and byte-identical files whatever the chunking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ctrpipe.shard.writer import ShardWriter
+
+
+def _arrays(start: int, stop: int) -> dict[str, np.ndarray]:
+    idx = np.arange(start, stop)
+    return {"numeric": np.stack([idx, idx * 2], axis=1).astype(np.float32),
+            "ids": np.array([f"r{i}" for i in idx.tolist()]),
+            "split": (idx % 3 == 0).astype(np.int8)}
+
+
+def _write(root: Path, n: int, chunk: int) -> list:
+    w = ShardWriter(root, shard_rows=40)
+    for s in range(0, n, chunk):
+        w.add(_arrays(s, min(s + chunk, n)))
+    return w.close()
+
+
+def test_shard_sizes_and_bytes_independent_of_chunks(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a", 130, 7)
+    b = _write(tmp_path / "b", 130, 1000)
+    assert [s.rows for s in a] == [40, 40, 40, 10] and a == b
+    assert [s.row_start for s in a] == [0, 40, 80, 120]
+    for s in a:
+        for info in s.files.values():
+            assert (tmp_path / "a" / info.file).read_bytes() == (tmp_path / "b" / info.file).read_bytes()
+    # unicode width is per shard: shard 0 holds r0..r39 (<U3), shard 3 holds r120..r129 (<U4)
+    assert a[0].files["ids"].dtype == "<U3" and a[3].files["ids"].dtype == "<U4"
+    assert not list((tmp_path / "a").glob("*.incomplete"))
+
+
+def test_done_shards_are_not_rewritten(tmp_path: Path) -> None:
+    _write(tmp_path, 100, 50)
+    f = tmp_path / "shard_00000" / "numeric.npy"
+    before = f.stat().st_mtime_ns
+    w = ShardWriter(tmp_path, shard_rows=40, done={0})
+    w.add(_arrays(0, 100))
+    w.close()
+    assert f.stat().st_mtime_ns == before
