@@ -1,0 +1,310 @@
+"""Stage 6: post-hoc calibration of logits (temperature, bias shift), fitted on validation or OOF logits.
+
+Training writes `calibration.json` next to its checkpoints (`calibrate_run`); `infer` applies it to each
+fold model's logits before ensembling. A fit is a tiny convex problem (logistic regression on one feature),
+solved with a bounded, damped Newton method in numpy: deterministic, no random restarts, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ctrpipe.console import console
+from ctrpipe.errors import CheckpointError
+from ctrpipe.infer.config import CalibrationConfig, CalibrationMethod, CalibrationTarget
+
+if TYPE_CHECKING:
+    from ctrpipe.config import RunConfig
+
+FORMAT = "ctrpipe.calibration/1"
+CALIBRATION_NAME = "calibration.json"
+EPS = 1e-7
+T_BOUNDS = (0.01, 100.0)        # temperature range searched; outside it the model is useless or constant
+B_BOUNDS = (-30.0, 30.0)        # fitted logit shift range
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Maps a model's logit z to a calibrated logit: z / temperature + bias + log(keep_rate).
+
+    `bias` is the shift fitted on validation rows; `log(keep_rate)` is the fixed correction for negative
+    downsampling at keep rate w. Why that sign: keeping each negative with probability w divides the odds the
+    model learns by w, p_s = p / (p + w (1 - p)); inverting, p = p_s w / (p_s w + 1 - p_s), i.e.
+    logit(p) = logit(p_s) + log(w). Since w <= 1 the shift is <= 0: it lowers the over-predicted rates.
+    The validation rows are assumed sampled like the training rows, so the fit never sees this shift.
+    """
+
+    method: CalibrationMethod = "none"
+    target: CalibrationTarget = "logloss"
+    temperature: float = 1.0
+    bias: float = 0.0
+    keep_rate: float = 1.0
+
+    @property
+    def shift(self) -> float:
+        """Total additive logit shift applied after dividing by the temperature."""
+        return self.bias + math.log(self.keep_rate)
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated logits, same shape as `logits`; float32 in, float32 out (float64 otherwise)."""
+        z = np.asarray(logits)
+        out_dtype = np.float32 if z.dtype == np.float32 else np.float64
+        if self.method == "none" and self.keep_rate == 1.0:
+            return z.astype(out_dtype, copy=False)
+        return (z.astype(np.float64) / self.temperature + self.shift).astype(out_dtype)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        return cls(method=d["method"], target=d["target"], temperature=float(d["temperature"]),
+                   bias=float(d["bias"]), keep_rate=float(d["keep_rate"]))
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+def _row_weights(y: np.ndarray, target: CalibrationTarget) -> np.ndarray:
+    """Per-row weights whose weighted logloss is the target: 1/N each, or class-balanced 1/(2 n_class)."""
+    n = y.size
+    if target == "logloss":
+        return np.full(n, 1.0 / n)
+    pos = y > 0.5
+    n_pos, n_neg = int(pos.sum()), int(n - pos.sum())
+    return np.where(pos, 0.5 / max(n_pos, 1), 0.5 / max(n_neg, 1))
+
+
+def _loss(a: float, b: float, z: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    s = a * z + b
+    # y * softplus(-s) + (1 - y) * softplus(s): the logloss written on logits, exact for soft labels too
+    return float(np.sum(w * (y * np.logaddexp(0.0, -s) + (1.0 - y) * np.logaddexp(0.0, s))))
+
+
+def fit_affine(z: np.ndarray, y: np.ndarray, target: CalibrationTarget, fit_scale: bool, fit_bias: bool,
+               max_iter: int = 100, tol: float = 1e-12) -> tuple[float, float]:
+    """Minimise the target over p = sigmoid(a z + b) for the free parameters; returns (a, b).
+
+    The loss is convex in (a, b), so a damped Newton step with backtracking reaches the optimum from (1, 0);
+    a is kept in [1/T_max, 1/T_min] and b in B_BOUNDS (projected after each step).
+    """
+    z = np.asarray(z, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    w = _row_weights(y, target)
+    free = np.array([fit_scale, fit_bias])
+    theta = np.array([1.0, 0.0])
+    lo = np.array([1.0 / T_BOUNDS[1], B_BOUNDS[0]])
+    hi = np.array([1.0 / T_BOUNDS[0], B_BOUNDS[1]])
+    cur = _loss(*theta, z, y, w)
+    for _ in range(max_iter):
+        p = _sigmoid(theta[0] * z + theta[1])
+        r = w * (p - y)                                   # (N,) d loss / d s
+        h = w * p * (1.0 - p)                             # (N,) d2 loss / d s2
+        grad = np.array([np.sum(r * z), np.sum(r)])
+        hess = np.array([[np.sum(h * z * z), np.sum(h * z)], [np.sum(h * z), np.sum(h)]])
+        idx = np.flatnonzero(free)
+        g = grad[idx]
+        hs = hess[np.ix_(idx, idx)] + 1e-12 * np.eye(idx.size)
+        step = np.zeros(2)
+        step[idx] = -np.linalg.solve(hs, g)
+        t = 1.0
+        while t > 1e-10:
+            cand = np.clip(theta + t * step, lo, hi)
+            new = _loss(*cand, z, y, w)
+            if new <= cur:
+                break
+            t *= 0.5
+        else:
+            break
+        moved = np.max(np.abs(cand - theta))
+        theta, improvement, cur = cand, cur - new, new
+        if moved < 1e-10 or improvement < tol:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray, cfg: CalibrationConfig) -> Calibration:
+    """Fit one task's calibration on (N,) logits and 0/1 labels as `cfg` asks."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    ok = np.isfinite(z) & np.isfinite(y)
+    z, y = z[ok], y[ok]
+    one_class = y.size == 0 or bool(np.all(y > 0.5)) or bool(np.all(y <= 0.5))
+    method = cfg.method
+    if method == "none" or one_class:
+        # nothing to learn from one class: keep the identity (plus the known keep-rate shift)
+        return Calibration(method="none", target=cfg.target, keep_rate=cfg.keep_rate)
+    if method == "bias" and cfg.keep_rate < 1.0:
+        # the known sampling rate fixes the shift; fitting it on equally-sampled val rows would give ~0
+        return Calibration(method="bias", target=cfg.target, keep_rate=cfg.keep_rate)
+    fit_scale = method in ("temperature", "temperature_bias")
+    fit_bias = method in ("bias", "temperature_bias")
+    a, b = fit_affine(z, y, cfg.target, fit_scale=fit_scale, fit_bias=fit_bias)
+    return Calibration(method=method, target=cfg.target, temperature=1.0 / a, bias=b, keep_rate=cfg.keep_rate)
+
+
+# ------------------------------------------------------------------------------------------------ run files
+
+@dataclass(frozen=True)
+class TaskReport:
+    label: str
+    rows: int
+    pos_rate: float
+    mean_pred_before: float
+    mean_pred_after: float
+    logloss_before: float
+    logloss_after: float
+    wll_before: float
+    wll_after: float
+    calibration: Calibration
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """What `calibrate_run` fitted and how the validation metrics moved (before the keep-rate shift)."""
+
+    path: Path
+    source: str
+    tasks: tuple[TaskReport, ...]
+
+    @property
+    def calibrations(self) -> tuple[Calibration, ...]:
+        return tuple(t.calibration for t in self.tasks)
+
+
+def write_calibration(path: Path, calibrations: tuple[Calibration, ...], labels: tuple[str, ...],
+                      source: str, rows: int, requested: CalibrationConfig) -> Path:
+    """Atomically write calibration.json: one entry per task, in the model's output order.
+
+    `requested` is the config asked for (a task may fall back to "none", e.g. with one class only), so
+    infer can tell whether the file still matches its own `infer.calibration`.
+    """
+    path = Path(path)
+    doc = {"format": FORMAT, "source": source, "rows": rows, "requested": asdict(requested),
+           "tasks": [{"label": lab, **asdict(c)} for lab, c in zip(labels, calibrations, strict=True)]}
+    tmp = path.with_name(path.name + ".incomplete")
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_calibration(path: Path) -> tuple[tuple[Calibration, ...], CalibrationConfig]:
+    """(per-task calibrations, the config they were fitted for) from a `write_calibration` file."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}")
+        return tuple(Calibration.from_dict(t) for t in doc["tasks"]), CalibrationConfig(**doc["requested"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read the calibration file ({exc})", where=str(path),
+                              fix="refit it by re-running training, or pass --set "
+                                  "infer.calibration.method=none to skip calibration") from None
+
+
+def load_val_predictions(run_dir: Path) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(file, logits (N, T) float64, labels (N, T), label names) from oof.npz, else val_predictions.npz."""
+    run_dir = Path(run_dir)
+    for name in ("oof.npz", "val_predictions.npz"):
+        path = run_dir / name
+        if path.is_file():
+            break
+    else:
+        raise CheckpointError(f"no oof.npz or val_predictions.npz in {run_dir} to fit calibration on",
+                              where=str(run_dir),
+                              fix="train with validation rows (a val split or --kfold K), or set "
+                                  "infer.calibration.method=none")
+    with np.load(path, allow_pickle=False) as npz:
+        if "logits" not in npz.files or "labels" not in npz.files:
+            raise CheckpointError(f"{path.name} lacks 'logits' or 'labels' (has {sorted(npz.files)})",
+                                  where=str(path), fix="re-run training to rewrite it")
+        logits = np.asarray(npz["logits"], dtype=np.float64)
+        labels = np.asarray(npz["labels"], dtype=np.float64)
+        names = tuple(str(s) for s in npz["label_names"]) if "label_names" in npz.files else ()
+    if logits.ndim == 1:
+        logits, labels = logits[:, None], labels[:, None]
+    if logits.shape != labels.shape:
+        raise CheckpointError(f"logits {logits.shape} and labels {labels.shape} differ in shape",
+                              where=str(path), fix="re-run training to rewrite it")
+    if len(names) != logits.shape[1]:
+        names = tuple(f"task{t}" for t in range(logits.shape[1]))
+    return path, logits, labels, names
+
+
+def calibrate_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> CalibrationReport | None:
+    """Fit `cfg.infer.calibration` on a finished run's OOF (preferred) or validation logits.
+
+    Writes run_dir/calibration.json atomically and prints a before/after table; returns None when the
+    configured method is "none" (nothing is written).
+    """
+    from ctrpipe.train.metrics import weighted_logloss
+
+    ccfg = cfg.infer.calibration
+    if ccfg.method == "none":
+        return None
+    path, logits, labels, names = load_val_predictions(Path(run_dir))
+    tasks: list[TaskReport] = []
+    for t, label in enumerate(names):
+        ok = np.isfinite(logits[:, t]) & np.isfinite(labels[:, t])
+        z, y = logits[ok, t], labels[ok, t]
+        cal = fit_calibration(z, y, ccfg)
+        fitted_only = Calibration(cal.method, cal.target, cal.temperature, cal.bias, 1.0)
+        p0, p1 = _sigmoid(z), _sigmoid(fitted_only.apply(z))
+        tasks.append(TaskReport(
+            label=label, rows=int(z.size), pos_rate=float(np.mean(y > 0.5)) if y.size else float("nan"),
+            mean_pred_before=float(p0.mean()) if y.size else float("nan"),
+            mean_pred_after=float(p1.mean()) if y.size else float("nan"),
+            logloss_before=_logloss(y, p0), logloss_after=_logloss(y, p1),
+            wll_before=weighted_logloss(y, p0), wll_after=weighted_logloss(y, p1), calibration=cal))
+    out = write_calibration(Path(run_dir) / CALIBRATION_NAME, tuple(t.calibration for t in tasks), names,
+                            source=path.name, rows=int(logits.shape[0]), requested=ccfg)
+    report = CalibrationReport(path=out, source=path.name, tasks=tuple(tasks))
+    if not quiet:
+        print_report(report)
+    return report
+
+
+def _logloss(y: np.ndarray, p: np.ndarray) -> float:
+    from ctrpipe.train.metrics import logloss
+
+    return logloss(y, p)
+
+
+def print_report(report: CalibrationReport) -> None:
+    """Rich table per task: mean prediction vs positive rate, logloss and WLL before -> after, parameters."""
+    from rich.table import Table
+
+    for r in report.tasks:
+        c = r.calibration
+        table = Table(title=f"calibration of {r.label}: {c.method} ({c.target}), T={c.temperature:.4f}, "
+                            f"bias={c.bias:+.4f}; fitted on {r.rows:,} rows of {report.source}",
+                      title_justify="left")
+        for col in ("", "before", "after"):
+            table.add_column(col, justify="right" if col else "left")
+        table.add_row(f"mean pred (pos rate {r.pos_rate:.4f})", f"{r.mean_pred_before:.4f}",
+                      f"{r.mean_pred_after:.4f}")
+        table.add_row("logloss", f"{r.logloss_before:.5f}", f"{r.logloss_after:.5f}")
+        table.add_row("WLL", f"{r.wll_before:.5f}", f"{r.wll_after:.5f}")
+        console.print(table)
+        if c.keep_rate < 1.0:
+            console.print(f"  infer also shifts logits by log(keep_rate={c.keep_rate:g}) = "
+                          f"{math.log(c.keep_rate):+.4f} (negative downsampling); the figures above are "
+                          "before that shift")
+    console.print(f"  wrote {report.path}")

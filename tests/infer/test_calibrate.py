@@ -1,0 +1,134 @@
+"""Calibration: fits lower logloss on a miscalibrated model, keep-rate shift matches the closed form."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctrpipe.config import load_config
+from ctrpipe.errors import CheckpointError
+from ctrpipe.infer.calibrate import (
+    Calibration,
+    calibrate_run,
+    fit_calibration,
+    read_calibration,
+)
+from ctrpipe.infer.config import CalibrationConfig
+from ctrpipe.train.metrics import logloss, weighted_logloss
+
+
+def _sig(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _data(n: int = 20_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """True logits and labels drawn from sigmoid(true logits); positive rate about 0.15."""
+    rng = np.random.default_rng(seed)
+    t = rng.normal(-2.0, 1.2, n)
+    y = (rng.random(n) < _sig(t)).astype(np.float32)
+    return t, y
+
+
+@pytest.mark.parametrize("method", ["temperature", "bias", "temperature_bias"])
+def test_calibration_lowers_logloss_of_miscalibrated_model(method: str) -> None:
+    t, y = _data()
+    z = 3.0 * t + 1.0                                    # overconfident and shifted
+    cal = fit_calibration(z, y, CalibrationConfig(method=method))
+    before, after = logloss(y, _sig(z)), logloss(y, _sig(cal.apply(z)))
+    assert after < before - 0.01, (before, after)
+    if method == "temperature_bias":
+        # p = sigmoid(z / T + b) should recover the true map t = (z - 1) / 3
+        assert cal.temperature == pytest.approx(3.0, rel=0.1)
+        assert cal.bias == pytest.approx(-1.0 / 3.0, abs=0.1)
+        assert after == pytest.approx(logloss(y, _sig(t)), abs=2e-3)
+
+
+def test_fit_is_deterministic() -> None:
+    t, y = _data(5000)
+    a = fit_calibration(3 * t, y, CalibrationConfig(method="temperature_bias"))
+    b = fit_calibration(3 * t, y, CalibrationConfig(method="temperature_bias"))
+    assert a == b
+
+
+def test_keep_rate_shift_matches_closed_form() -> None:
+    w = 0.25
+    cal = fit_calibration(np.zeros(4), np.array([0, 1, 0, 1]), CalibrationConfig(method="bias", keep_rate=w))
+    assert cal.bias == 0.0 and cal.shift == pytest.approx(math.log(w))
+    p_s = np.array([0.01, 0.2, 0.5, 0.9])
+    z_s = np.log(p_s / (1 - p_s))
+    p_true = _sig(cal.apply(z_s))
+    np.testing.assert_allclose(p_true, p_s * w / (p_s * w + 1 - p_s), rtol=1e-12)
+
+
+def test_fitted_bias_recovers_log_keep_rate_of_a_downsampled_model() -> None:
+    # A model trained on negatives kept at rate w learns logit_s = t - log(w); fitting a bias on
+    # un-sampled rows must find about log(w), the same shift the closed form applies.
+    t, y = _data(60_000, seed=1)
+    w = 0.2
+    cal = fit_calibration(t - math.log(w), y, CalibrationConfig(method="bias"))
+    assert cal.bias == pytest.approx(math.log(w), abs=0.05)
+
+
+def test_wll_target_gives_a_different_shift() -> None:
+    t, y = _data()
+    ll = fit_calibration(t, y, CalibrationConfig(method="bias", target="logloss"))
+    wl = fit_calibration(t, y, CalibrationConfig(method="bias", target="wll"))
+    assert abs(ll.bias) < 0.05                          # already calibrated for logloss
+    assert wl.bias > 1.0                                # class-balanced optimum pushes rare positives up
+    assert weighted_logloss(y, _sig(wl.apply(t))) < weighted_logloss(y, _sig(ll.apply(t)))
+    assert logloss(y, _sig(ll.apply(t))) < logloss(y, _sig(wl.apply(t)))
+
+
+def test_one_class_keeps_identity() -> None:
+    cal = fit_calibration(np.array([1.0, 2.0]), np.array([1, 1]), CalibrationConfig(method="temperature"))
+    assert cal.method == "none"
+    np.testing.assert_allclose(cal.apply(np.array([1.0, 2.0])), [1.0, 2.0])
+
+
+def test_json_round_trip_and_float32() -> None:
+    cal = Calibration("temperature_bias", "wll", 1.7, -0.3, 0.5)
+    assert Calibration.from_json(cal.to_json()) == cal
+    z = np.array([0.5, -1.0], dtype=np.float32)
+    assert cal.apply(z).dtype == np.float32
+
+
+def _write_preds(path: Path, z: np.ndarray, y: np.ndarray) -> None:
+    np.savez(path, row_index=np.arange(len(z), dtype=np.int64), logits=z[:, None].astype(np.float32),
+             labels=y[:, None].astype(np.float32))
+
+
+def test_calibrate_run_writes_json_and_prefers_oof(tmp_path: Path) -> None:
+    t, y = _data(4000)
+    _write_preds(tmp_path / "val_predictions.npz", 3 * t, y)
+    _write_preds(tmp_path / "oof.npz", t, y)            # already calibrated
+    cfg = load_config(None, ["infer.calibration.method=temperature"])
+    report = calibrate_run(tmp_path, cfg, quiet=True)
+    assert report is not None and report.source == "oof.npz"
+    cals, requested = read_calibration(tmp_path / "calibration.json")
+    assert requested == cfg.infer.calibration
+    assert cals[0].temperature == pytest.approx(1.0, abs=0.1)
+    assert not list(tmp_path.glob("*.incomplete"))
+    (tmp_path / "oof.npz").unlink()
+    report = calibrate_run(tmp_path, cfg, quiet=True)
+    assert report is not None and report.source == "val_predictions.npz"
+    assert report.tasks[0].calibration.temperature == pytest.approx(3.0, rel=0.1)
+    assert report.tasks[0].logloss_after < report.tasks[0].logloss_before
+    doc = json.loads((tmp_path / "calibration.json").read_text())
+    assert doc["source"] == "val_predictions.npz" and doc["tasks"][0]["label"] == "task0"
+
+
+def test_calibrate_run_none_returns_none(tmp_path: Path) -> None:
+    cfg = load_config(None, ["infer.calibration.method=none"])
+    assert calibrate_run(tmp_path, cfg) is None
+    assert not (tmp_path / "calibration.json").exists()
+
+
+def test_calibrate_run_without_predictions_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError) as exc:
+        calibrate_run(tmp_path, load_config(None, []), quiet=True)
+    msg = str(exc.value)
+    assert str(tmp_path) in msg and "val_predictions.npz" in msg and "infer.calibration.method=none" in msg
