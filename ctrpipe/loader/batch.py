@@ -53,3 +53,13 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         return self._map(lambda t: t.pin_memory())
+
+    def head(self, n: int) -> Batch:
+        """The first n rows (views, no copy): a partial last batch cut from full-size reused buffers."""
+        return self._map(lambda t: t[:n])
+
+    def record_stream(self, stream: torch.cuda.Stream) -> Batch:
+        """Mark every tensor as used on `stream`, so the caching allocator does not hand its memory to another
+        stream while kernels queued there may still read it (needed for tensors made on a side stream)."""
+        self._map(lambda t: t.record_stream(stream) or t)
+        return self

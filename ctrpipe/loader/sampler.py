@@ -1,0 +1,120 @@
+"""Stage 3: the order of one epoch as runs of rows per batch ("pieces"), decided once from (seed, epoch).
+
+Two shuffles, both vectorised and both reading memmaps a batch at a time:
+
+* ``block`` (default): the view's rows are cut into blocks of `block_rows` consecutive rows per shard;
+  the epoch permutes shards, then blocks within windows of `window_shards` shards (0 = all shards: one
+  global block permutation). A batch is filled from consecutive blocks and may straddle shards. Each block
+  is one memcpy-like slice, so forming a batch costs ~B/block_rows slices per array: close to a plain copy
+  of the same bytes (benchmarks/bench_loader.py measures it). Rows inside a block stay together, which is
+  harmless for SGD when blocks are small next to the batch (a 4096-row batch mixes 16 random 256-row blocks).
+* ``gather``: one global row permutation; each batch's rows are sorted and gathered per shard (`np.take` into
+  the host buffer). Fully i.i.d. batches, but every row is a random access: slower (see the benchmark).
+
+Unshuffled, both give the view's global order (shard by shard, ascending rows), in maximal contiguous slices.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from ctrpipe.loader.view import ViewIndex
+
+ShuffleStrategy = Literal["block", "gather"]
+
+
+class Piece(NamedTuple):
+    """A run of rows of one shard: local rows [start, stop) when `rows` is None, else the sorted `rows`."""
+
+    shard: int
+    start: int
+    stop: int
+    rows: np.ndarray | None = None
+
+    def __len__(self) -> int:  # type: ignore[override]  # NamedTuple's len is its field count; we mean rows
+        return self.stop - self.start if self.rows is None else len(self.rows)
+
+
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """Independent, reproducible stream per (seed, epoch); negative seeds are folded into uint64."""
+    return np.random.default_rng([int(seed) & (2**64 - 1), int(epoch) & (2**64 - 1)])
+
+
+def _runs(shard: int, local: np.ndarray) -> Piece:
+    """One piece for sorted local rows: a slice when they are consecutive, else a gather."""
+    if len(local) and int(local[-1]) - int(local[0]) == len(local) - 1:
+        return Piece(shard, int(local[0]), int(local[-1]) + 1)
+    return Piece(shard, 0, 0, local)
+
+
+class EpochPlan:
+    """Which pieces make batch k of one epoch. Built in O(rows / block_rows) (block) or O(rows) (gather)."""
+
+    def __init__(self, index: ViewIndex, batch_size: int, *, shuffle: bool, strategy: ShuffleStrategy,
+                 block_rows: int, window_shards: int, drop_last: bool, rng: np.random.Generator) -> None:
+        self.index = index
+        self.batch_size = batch_size
+        n = index.num_rows
+        self.num_batches = n // batch_size if drop_last else -(-n // batch_size)
+        self.total = min(n, self.num_batches * batch_size)  # rows served this epoch
+        self.gather = shuffle and strategy == "gather"
+        if self.gather:
+            self.perm = rng.permutation(n)
+        else:
+            self._plan_blocks(block_rows, shuffle, window_shards, rng)
+
+    def _plan_blocks(self, block_rows: int, shuffle: bool, window_shards: int,
+                     rng: np.random.Generator) -> None:
+        counts = np.diff(self.index.offsets)                              # (S,) view rows per shard
+        n_blocks = -(-counts // block_rows)                              # (S,)
+        shard = np.repeat(np.arange(len(counts)), n_blocks)              # (NB,) block -> shard
+        first = np.repeat(np.cumsum(n_blocks) - n_blocks, n_blocks)      # (NB,) first block id of its shard
+        pos = (np.arange(len(shard)) - first) * block_rows               # (NB,) start in shard's view rows
+        length = np.minimum(block_rows, counts[shard] - pos)
+        if shuffle:
+            shard_rank = np.empty(len(counts), dtype=np.int64)
+            shard_rank[rng.permutation(len(counts))] = np.arange(len(counts))
+            window = shard_rank // window_shards if window_shards > 0 else np.zeros(len(counts), np.int64)
+            # sort by (window of the block's shard, random key): blocks shuffle inside each window
+            order = np.lexsort((rng.random(len(shard)), window[shard]))
+            shard, pos, length = shard[order], pos[order], length[order]
+        self.block_shard, self.block_pos = shard, pos
+        self.block_end = np.cumsum(length)                               # (NB,) block ends in the stream
+
+    def pieces(self, k: int) -> list[Piece]:
+        """Pieces of batch k, in batch order; neighbouring slices of one shard are merged."""
+        lo = k * self.batch_size
+        hi = min(lo + self.batch_size, self.total)
+        if self.gather:
+            return self._gather_pieces(np.sort(self.perm[lo:hi]))
+        out: list[Piece] = []
+        j = int(np.searchsorted(self.block_end, lo, side="right"))
+        while lo < hi:
+            end = int(self.block_end[j])
+            shard = int(self.block_shard[j])
+            begin = int(self.block_end[j - 1]) if j else 0               # block j covers stream [begin, end)
+            p0 = int(self.block_pos[j]) + (lo - begin)
+            p1 = p0 + (min(hi, end) - lo)
+            piece = _runs(shard, self.index.rows[shard][p0:p1])
+            prev = out[-1] if out else None
+            if (prev is not None and prev.rows is None and piece.rows is None and prev.shard == shard
+                    and prev.stop == piece.start):
+                out[-1] = Piece(shard, prev.start, piece.stop)
+            else:
+                out.append(piece)
+            lo = min(hi, end)
+            j += 1
+        return out
+
+    def _gather_pieces(self, pos: np.ndarray) -> list[Piece]:
+        """Sorted view positions -> one piece per shard they fall in."""
+        offsets = self.index.offsets
+        shard_of = np.searchsorted(offsets, pos, side="right") - 1      # (B,) ascending
+        bounds = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(pos)]
+        out = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            s = int(shard_of[a])
+            out.append(_runs(s, self.index.rows[s][pos[a:b] - offsets[s]]))
+        return out
