@@ -1,0 +1,67 @@
+"""Stage 4 model: AutoInt: stacked multi-head self-attention over fields.
+
+With `hidden_units` a parallel MLP branch is added (AutoInt+).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ctrpipe.features import FeatureSpec
+from ctrpipe.loader.batch import Batch
+from ctrpipe.models.base import DeepConfig, check_config
+from ctrpipe.models.layers.attention import AutoIntLayer
+from ctrpipe.models.layers.inputs import FeatureInput
+from ctrpipe.models.layers.mlp import MLP
+from ctrpipe.models.layers.output import OutputHead
+from ctrpipe.models.registry import register
+
+
+@dataclass(frozen=True)
+class AutoIntConfig(DeepConfig):
+    attention_layers: int = 3
+    attention_heads: int = 2
+    attention_dim: int = 32           # per head, as in the AutoInt paper
+    attention_dropout: float = 0.0
+    residual: bool = True
+    layer_norm: bool = True           # post-LN after each interacting layer
+    hidden_units: tuple[int, ...] = ()   # empty: plain AutoInt; e.g. [400,400] adds an MLP (AutoInt+)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("attention_layers", "attention_heads", "attention_dim"):
+            value = getattr(self, key)
+            check_config(isinstance(value, int) and value >= 1, key, value, "2")
+        check_config(0.0 <= self.attention_dropout < 1.0, "attention_dropout", self.attention_dropout, "0.1")
+        check_config(self.numeric == "token", "numeric", self.numeric, "token",
+                     why="attention needs numeric columns as fields")
+
+
+@register("autoint", AutoIntConfig)
+class AutoInt(nn.Module):
+    def __init__(self, spec: FeatureSpec, cfg: AutoIntConfig, sparse: bool = False) -> None:
+        super().__init__()
+        self.inputs = FeatureInput(spec, cfg, sparse=sparse)
+        width = self.inputs.require_fields("autoint")
+        layers = []
+        for _ in range(cfg.attention_layers):
+            layers.append(AutoIntLayer(width, cfg.attention_dim, cfg.attention_heads, cfg.residual,
+                                       cfg.layer_norm, cfg.attention_dropout))
+            width = layers[-1].out_dim
+        self.attention = nn.Sequential(*layers)
+        out_dim = self.inputs.n_fields * width
+        self.mlp = MLP(self.inputs.flat_dim, cfg.hidden_units, cfg.dropout, cfg.batch_norm, cfg.activation) \
+            if cfg.hidden_units else None
+        if self.mlp is not None:
+            out_dim += self.mlp.out_dim
+        self.head = OutputHead(out_dim, spec)
+
+    def forward(self, batch: Batch) -> Tensor:
+        x = self.inputs(batch)
+        h = self.attention(x.fields).flatten(1)                         # (B, F * H * hd)
+        if self.mlp is not None:
+            h = torch.cat([h, self.mlp(x.flat)], dim=1)
+        return self.head(h)                                             # (B, T)

@@ -1,0 +1,70 @@
+"""Stage 4: config pieces every core model shares (embedding + numeric input options, the deep MLP options).
+
+Model configs subclass these, so YAML keys stay flat (`model.embedding_dim`, `model.hidden_units`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from ctrpipe.errors import ConfigError
+
+EmbeddingMode = Literal["shared", "per_field"]   # one offset-indexed table per dim vs one table per field
+PoolingMode = Literal["mean", "sum"]             # how multihot bags are reduced
+NumericMode = Literal["concat", "token"]         # raw values beside embeddings vs a vector per column
+Activation = Literal["relu", "gelu", "silu"]
+
+
+def check_config(ok: bool, key: str, value: Any, example: str, why: str = "") -> None:
+    """Raise a ConfigError naming `model.<key>` and an example value unless `ok`."""
+    if not ok:
+        what = f"bad value {value!r} for 'model.{key}'" + (f": {why}" if why else "")
+        raise ConfigError(what, where=f"model.{key}", fix=f"use e.g. model.{key}={example}")
+
+
+def check_choice(value: Any, choices: Any, key: str) -> None:
+    """Literal fields are checked by the YAML builder; this also guards configs built in Python."""
+    options = get_args(choices)
+    check_config(value in options, key, value, str(options[0]), why=f"choose one of {', '.join(options)}")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How ids and numeric columns become vectors (see `layers.inputs.FeatureInput`)."""
+
+    embedding_dim: int = 16
+    embedding_mode: EmbeddingMode = "shared"
+    # per-field overrides, e.g. {C3: 32}; unequal dims only suit models reading the flat vector (dnn, dcn*)
+    field_dims: dict[str, int] = field(default_factory=dict, hash=False)
+    embedding_init_std: float = 1e-2
+    multihot_pooling: PoolingMode = "mean"
+    numeric: NumericMode = "token"
+
+    def __post_init__(self) -> None:
+        check_config(isinstance(self.embedding_dim, int) and self.embedding_dim >= 1,
+                     "embedding_dim", self.embedding_dim, "16")
+        check_choice(self.embedding_mode, EmbeddingMode, "embedding_mode")
+        for name, dim in self.field_dims.items():
+            check_config(isinstance(dim, int) and dim >= 1, f"field_dims.{name}", dim, "32")
+        check_config(0.0 <= self.embedding_init_std <= 1.0, "embedding_init_std", self.embedding_init_std,
+                     "0.01")
+        check_choice(self.multihot_pooling, PoolingMode, "multihot_pooling")
+        check_choice(self.numeric, NumericMode, "numeric")
+
+
+@dataclass(frozen=True)
+class DeepConfig(InputConfig):
+    """InputConfig plus the options of one MLP (the "deep" part); empty `hidden_units`: no MLP."""
+
+    hidden_units: tuple[int, ...] = (400, 400, 400)
+    dropout: float = 0.1
+    batch_norm: bool = False
+    activation: Activation = "relu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_config(all(isinstance(h, int) and h >= 1 for h in self.hidden_units), "hidden_units",
+                     list(self.hidden_units), "[400,400,400]")
+        check_config(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "0.1")
+        check_choice(self.activation, Activation, "activation")

@@ -1,0 +1,36 @@
+"""Stage 4 shared layer: the fully connected tower ("deep" part) of every model."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ctrpipe.models.base import Activation
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+class MLP(nn.Module):
+    """Linear -> [BatchNorm] -> activation -> [Dropout] per hidden layer. No output layer (see OutputHead).
+
+    With empty `hidden` the MLP is the identity and `out_dim == in_dim`.
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (400, 400, 400), dropout: float = 0.0,
+                 batch_norm: bool = False, activation: Activation = "relu") -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for units in hidden:
+            layers.append(nn.Linear(width, units, bias=not batch_norm))   # BN's shift replaces the bias
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(units))
+            layers.append(_ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = units
+        self.net = nn.Sequential(*layers)
+        self.in_dim = in_dim
+        self.out_dim = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)   # (B, in_dim) -> (B, out_dim)
