@@ -1,0 +1,203 @@
+"""Stage 6: submission CSV files: an atomic, chunked writer and a strict, streaming reader (for blending).
+
+A submission is `ID,clicked` (names from `infer.id_header` / `infer.pred_header`): one header line, then one
+row per test row. The writer formats bounded chunks and renames `<name>.incomplete` into place only when every
+row is written; the reader yields bounded chunks and refuses, naming file and line, anything it cannot trust.
+Line numbers assume one physical line per row (no quoted newlines), which holds for ID / number files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from ctrpipe.errors import SubmissionError, location
+
+DEFAULT_CHUNK_BYTES = 16 << 20      # ~16 MB of CSV text per chunk: ~700k rows of "12345678,0.123456789"
+
+
+class SubmissionWriter:
+    """Write `id,pred` rows chunk by chunk to `<path>.incomplete`; rename to `path` on a clean exit.
+
+    Example::
+
+        with SubmissionWriter(Path("sub.csv"), "ID", "clicked") as w:
+            w.write(np.array([10, 11]), np.array([0.25, 0.5], dtype=np.float32))
+    """
+
+    def __init__(self, path: Path, id_header: str = "ID", pred_header: str = "clicked") -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".incomplete")
+        self.headers = (id_header, pred_header)
+        self.rows = 0
+        self._fh = None
+
+    def __enter__(self) -> SubmissionWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.tmp, "wb")  # noqa: SIM115 - closed in __exit__
+        self._fh.write((",".join(self.headers) + "\n").encode())
+        return self
+
+    def write(self, ids: np.ndarray | pa.Array | pl.Series, preds: np.ndarray) -> None:
+        """Append one chunk; ids int64 or strings, preds float32 (short text) or float64 (full precision)."""
+        assert self._fh is not None, "use SubmissionWriter as a context manager"
+        ids_s = ids if isinstance(ids, pl.Series) else pl.Series(self.headers[0], ids)
+        if len(ids_s) != len(preds):
+            raise ValueError(f"{len(ids_s)} ids for {len(preds)} predictions")
+        frame = pl.DataFrame({self.headers[0]: ids_s.alias(self.headers[0]), self.headers[1]: preds})
+        frame.write_csv(self._fh, include_header=False)
+        self.rows += len(preds)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        assert self._fh is not None
+        if exc_type is None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        self._fh.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SubmissionChunk:
+    ids: pa.Array           # (n,) string IDs exactly as written in the file
+    preds: np.ndarray       # (n,) float64, checked finite and in [0, 1]
+    first_row: int          # 0-based data row of ids[0]; its file line is first_row + 2 (after the header)
+
+
+def line_of(row: int) -> int:
+    """1-based file line of 0-based data row `row` (line 1 is the header)."""
+    return row + 2
+
+
+def read_header(path: Path) -> tuple[str, str]:
+    """The two header names of a submission; refuses a missing or empty file or a header that is data."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError("file does not exist", where=str(path),
+                              fix="check the path; submissions are written by `ctrpipe infer`")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        first = fh.readline().decode("utf-8-sig").rstrip("\r\n")
+        second = fh.readline()
+    if not first:
+        raise SubmissionError("file is empty", where=str(path),
+                              fix="re-create it; a submission starts with a header such as 'ID,clicked'")
+    names = [n.strip().strip('"') for n in first.split(",")]
+    if len(names) != 2:
+        raise SubmissionError(f"header {first!r} has {len(names)} columns, expected 2 (ID, prediction)",
+                              where=location(path, line=1), fix="write files as 'ID,clicked' rows")
+    try:
+        float(names[1])
+        looks_like_data = True
+    except ValueError:
+        looks_like_data = False
+    if looks_like_data:
+        raise SubmissionError(f"first line {first!r} looks like data, not a header",
+                              where=location(path, line=1), fix="add a header line such as 'ID,clicked'")
+    if not second.strip():
+        raise SubmissionError("file has a header and no rows", where=str(path),
+                              fix="re-create it from a finished `ctrpipe infer`")
+    return names[0], names[1]
+
+
+def _parse_preds(path: Path, raw: pa.Array, first_row: int, header: str) -> np.ndarray:
+    """Strings -> float64; refuses missing, non-numeric, NaN and out-of-[0, 1] values, naming the line."""
+    try:
+        preds = pc.cast(raw, pa.float64()).to_numpy(zero_copy_only=False)
+        bad = np.isnan(preds)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        parsed = pl.from_arrow(raw).cast(pl.Float64, strict=False)
+        bad = parsed.is_null().to_numpy() | parsed.is_nan().fill_null(False).to_numpy()
+        preds = parsed.fill_null(float("nan")).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        value = raw[i].as_py()
+        what = "missing prediction" if not value else f"non-numeric prediction {value!r}"
+        raise SubmissionError(what, where=location(path, line=line_of(first_row + i), column=header),
+                              fix="every row needs a probability in [0, 1]; regenerate the file")
+    out = (preds < 0.0) | (preds > 1.0)
+    if out.any():
+        i = int(np.flatnonzero(out)[0])
+        raise SubmissionError(f"prediction {raw[i].as_py()} is outside [0, 1]",
+                              where=location(path, line=line_of(first_row + i), column=header),
+                              fix="blend probabilities, not logits or rank scores above 1")
+    return preds
+
+
+def iter_submission(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[SubmissionChunk]:
+    """Stream a submission in bounded chunks of checked rows (IDs as strings, predictions as float64)."""
+    path = Path(path)
+    _, pred_name = read_header(path)
+    bad_rows: list[pacsv.InvalidRow] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        bad_rows.append(row)
+        return "error"
+
+    def parse_error(exc: pa.ArrowInvalid) -> SubmissionError:
+        if bad_rows:
+            r = bad_rows[0]
+            return SubmissionError(f"{r.actual_columns} fields ({r.text!r}), expected 2",
+                                   where=location(path, line=r.number),
+                                   fix="each row must be 'ID,prediction'")
+        return SubmissionError(f"cannot parse as CSV: {exc}", where=str(path),
+                               fix="write it as 'ID,clicked' rows")
+
+    try:  # the reader parses its first block when opened, so errors can surface here already
+        reader = pacsv.open_csv(
+            pa.input_stream(str(path), compression="detect"),
+            read_options=pacsv.ReadOptions(block_size=chunk_bytes, use_threads=False, skip_rows=1,
+                                           column_names=["id", "pred"]),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(column_types={"id": pa.string(), "pred": pa.string()},
+                                                 strings_can_be_null=False))
+    except pa.ArrowInvalid as exc:
+        raise parse_error(exc) from None
+    row = 0
+    try:
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except pa.ArrowInvalid as exc:
+                raise parse_error(exc) from None
+            ids = batch.column(0)
+            n = len(ids)
+            empty = pc.equal(pc.utf8_length(ids), 0).to_numpy(zero_copy_only=False)
+            if empty.any():
+                i = int(np.flatnonzero(empty)[0])
+                raise SubmissionError("empty ID (a blank line?)", where=location(path, line=line_of(row + i)),
+                                      fix="remove blank lines; every row must be 'ID,prediction'")
+            preds = _parse_preds(path, batch.column(1), row, pred_name)
+            yield SubmissionChunk(ids=ids, preds=preds, first_row=row)
+            row += n
+    finally:
+        reader.close()  # an abandoned reader's read-ahead thread aborts the interpreter at exit
+
+
+def id_at_rows(path: Path, rows: np.ndarray | list[int]) -> dict[int, str]:
+    """The IDs at given 0-based data rows (for error messages; reads the file once, in chunks)."""
+    want = np.unique(np.asarray(rows, dtype=np.int64))
+    found: dict[int, str] = {}
+    for chunk in iter_submission(path):
+        hit = want[(want >= chunk.first_row) & (want < chunk.first_row + len(chunk.ids))]
+        for r in hit.tolist():
+            found[r] = chunk.ids[r - chunk.first_row].as_py()
+        if len(found) == len(want):
+            break
+    return found

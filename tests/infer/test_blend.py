@@ -1,0 +1,191 @@
+"""`ctrpipe blend submissions`: ID alignment across shuffled files, streaming == in-memory, every refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from ctrpipe.cli import app
+from ctrpipe.errors import ConfigError, SubmissionError
+from ctrpipe.infer.blend import run_blend
+from ctrpipe.infer.config import EnsembleMethod
+from ctrpipe.infer.ensemble import combine
+from ctrpipe.infer.submission import SubmissionWriter, iter_submission
+
+N = 500
+
+
+def _make(tmp: Path, k: int = 3, n: int = N, seed: int = 0) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """k files with the same string IDs in different orders; returns (paths, ids, preds (k, n))."""
+    rng = np.random.default_rng(seed)
+    ids = np.array([f"id{v:06d}" for v in rng.choice(10**6, n, replace=False)])
+    preds = rng.random((k, n))
+    preds[:, :5] = 0.5                                    # some ties for rank_avg
+    paths = []
+    for j in range(k):
+        perm = rng.permutation(n)
+        path = tmp / f"sub{j}.csv"
+        pl.DataFrame({"ID": ids[perm], "clicked": preds[j, perm]}).write_csv(path)
+        paths.append(path)
+    return paths, ids, preds
+
+
+def _read(path: Path) -> pl.DataFrame:
+    return pl.read_csv(path, schema={"ID": pl.String, "clicked": pl.Float64})
+
+
+def _in_memory(paths: list[Path], method: str, weights: list[float] | None) -> pl.DataFrame:
+    """Reference: full polars join on ID, in the first file's order, then the same combine()."""
+    frames = [_read(p).rename({"clicked": f"p{j}"}) for j, p in enumerate(paths)]
+    joined = frames[0]
+    for f in frames[1:]:
+        joined = joined.join(f, on="ID", how="inner", maintain_order="left")
+    mat = np.stack([joined[f"p{j}"].to_numpy() for j in range(len(paths))])
+    return pl.DataFrame({"ID": joined["ID"], "clicked": combine(mat, method, weights=weights)})
+
+
+@pytest.mark.parametrize("method", get_args(EnsembleMethod))
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_streaming_blend_equals_in_memory_join(tmp_path: Path, method: str, partitions: int) -> None:
+    paths, _, _ = _make(tmp_path)
+    weights = [0.5, 0.3, 0.2] if method == "weighted" else None
+    out = tmp_path / "blend.csv"
+    report = run_blend(paths, method, "0.5,0.3,0.2" if weights else None, out, quiet=True,
+                       partitions=partitions, chunk_bytes=2048)      # many chunks, several buckets
+    got, want = _read(out), _in_memory(paths, method, weights)
+    assert report.rows == N
+    assert got["ID"].to_list() == _read(paths[0])["ID"].to_list()    # first file's order
+    np.testing.assert_allclose(got["clicked"].to_numpy(), want["clicked"].to_numpy(), rtol=1e-12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blend.csv", "sub0.csv", "sub1.csv", "sub2.csv"]
+
+
+def test_blend_of_a_file_with_its_shuffled_copy_is_identity(tmp_path: Path) -> None:
+    paths, _, _ = _make(tmp_path, k=1)
+    df = _read(paths[0]).sample(fraction=1.0, shuffle=True, seed=3)
+    df.write_csv(tmp_path / "copy.csv")
+    run_blend([paths[0], tmp_path / "copy.csv"], "logit_mean", None, tmp_path / "o.csv", quiet=True,
+              partitions=2)
+    np.testing.assert_allclose(_read(tmp_path / "o.csv")["clicked"], _read(paths[0])["clicked"], rtol=1e-9)
+
+
+def test_weights_change_the_blend(tmp_path: Path) -> None:
+    paths, _, _ = _make(tmp_path, k=2)
+    run_blend(paths, "mean", "1,0", tmp_path / "o.csv", quiet=True)
+    np.testing.assert_allclose(_read(tmp_path / "o.csv")["clicked"], _read(paths[0])["clicked"], rtol=1e-12)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _two(tmp: Path, b_text: str) -> list[Path]:
+    a = _write(tmp / "a.csv", "ID,clicked\n1,0.1\n2,0.2\n3,0.3\n")
+    return [a, _write(tmp / "b.csv", b_text)]
+
+
+def _refuse(tmp: Path, files: list[Path], exc_type: type[Exception], *needles: str, method: str = "mean",
+            weights: str | None = None) -> str:
+    out = tmp / "out.csv"
+    with pytest.raises(exc_type) as exc:
+        run_blend(files, method, weights, out, quiet=True, partitions=2)
+    msg = str(exc.value)
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+    assert "fix:" in msg
+    assert not out.exists()
+    assert not [p for p in tmp.iterdir() if p.name.startswith((".out", "out.csv."))], "temp files left"
+    return msg
+
+
+def test_refuses_id_missing_from_other_file(tmp_path: Path) -> None:
+    files = _two(tmp_path, "ID,clicked\n3,0.3\n1,0.1\n4,0.2\n")
+    msg = _refuse(tmp_path, files, SubmissionError, "missing from")
+    in_a = "'2'" in msg and "line 3 of" in msg and str(files[0]) in msg
+    assert in_a or ("'4'" in msg and "line 4" in msg)
+
+
+def test_refuses_extra_row_in_second_file(tmp_path: Path) -> None:
+    files = _two(tmp_path, "ID,clicked\n3,0.3\n1,0.1\n2,0.2\n9,0.5\n")
+    _refuse(tmp_path, files, SubmissionError, "'9'", "line 5", "missing from", str(files[0]))
+
+
+def test_refuses_duplicate_ids(tmp_path: Path) -> None:
+    files = _two(tmp_path, "ID,clicked\n3,0.3\n1,0.1\n3,0.2\n")
+    _refuse(tmp_path, files, SubmissionError, "duplicate ID '3'", "lines 2 and 4", str(files[1]))
+
+
+@pytest.mark.parametrize("row, needle", [
+    ("2,abc", "non-numeric prediction 'abc'"),
+    ("2,", "missing prediction"),
+    ("2,1.2", "outside [0, 1]"),
+    ("2,-0.1", "outside [0, 1]"),
+    ("2,nan", "non-numeric prediction 'nan'"),
+    ("2", "1 fields"),
+    ("2,0.1,7", "3 fields"),
+])
+def test_refuses_bad_rows_naming_the_line(tmp_path: Path, row: str, needle: str) -> None:
+    files = _two(tmp_path, f"ID,clicked\n3,0.3\n1,0.1\n{row}\n")
+    _refuse(tmp_path, files, SubmissionError, needle, f"{files[1]}, line 4")
+
+
+def test_refuses_missing_empty_and_headerless_files(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a.csv", "ID,clicked\n1,0.1\n")
+    _refuse(tmp_path, [a, tmp_path / "nope.csv"], SubmissionError, "does not exist", "nope.csv")
+    _refuse(tmp_path, [a, _write(tmp_path / "e.csv", "")], SubmissionError, "file is empty", "e.csv")
+    _refuse(tmp_path, [a, _write(tmp_path / "h.csv", "ID,clicked\n")], SubmissionError, "no rows")
+    _refuse(tmp_path, [a, _write(tmp_path / "d.csv", "1,0.1\n")], SubmissionError, "looks like data",
+            "d.csv, line 1")
+    _refuse(tmp_path, [a, _write(tmp_path / "w.csv", "ID,clicked,x\n1,0.1,2\n")], SubmissionError,
+            "3 columns", "w.csv, line 1")
+    _refuse(tmp_path, [a, _write(tmp_path / "o.csv", "Id,Predicted\n1,0.1\n")], SubmissionError,
+            "differs from 'ID,clicked'", "o.csv, line 1")
+
+
+def test_refuses_bad_options(tmp_path: Path) -> None:
+    files = _two(tmp_path, "ID,clicked\n1,0.1\n2,0.2\n3,0.3\n")
+    _refuse(tmp_path, files, ConfigError, "3 weights for 2 files", "--weights", weights="1,2,3")
+    _refuse(tmp_path, files, ConfigError, "not a comma-separated list", weights="1,x")
+    _refuse(tmp_path, files, ConfigError, "needs one weight", method="weighted")
+    _refuse(tmp_path, files, ConfigError, "does not take weights", method="median", weights="1,1")
+    _refuse(tmp_path, files, ConfigError, "unknown ensembling method 'avg'", "logit_mean", method="avg")
+    _refuse(tmp_path, files[:1], ConfigError, "at least two files")
+    _refuse(tmp_path, [files[0], files[0]], ConfigError, "listed twice")
+    with pytest.raises(ConfigError, match="is one of the input files"):
+        run_blend(files, "mean", None, files[1], quiet=True)
+
+
+def test_cli_blend_end_to_end(tmp_path: Path) -> None:
+    paths, _, _ = _make(tmp_path, k=2, n=50)
+    out = tmp_path / "cli.csv"
+    res = CliRunner().invoke(app, ["blend", "submissions", *map(str, paths), "--method", "mean",
+                                   "--weights", "1,3", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    want = _in_memory(paths, "mean", [1, 3])
+    np.testing.assert_allclose(_read(out)["clicked"], want["clicked"], rtol=1e-12)
+    bad = _write(tmp_path / "bad.csv", "ID,clicked\n1,x\n")
+    res = CliRunner().invoke(app, ["blend", "submissions", str(paths[0]), str(bad), "--out", str(out)])
+    assert res.exit_code == 1
+    assert "bad.csv, line 2" in res.output and "Traceback" not in res.output
+
+
+def test_writer_is_atomic_and_reader_streams_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    with pytest.raises(RuntimeError):
+        with SubmissionWriter(path) as w:
+            w.write(np.array([1, 2]), np.array([0.1, 0.2], dtype=np.float32))
+            raise RuntimeError("boom")
+    assert not path.exists() and not list(tmp_path.iterdir())
+    with SubmissionWriter(path) as w:
+        for start in range(0, 1000, 100):
+            w.write(np.arange(start, start + 100), np.full(100, 0.25, dtype=np.float32))
+    assert path.read_text().startswith("ID,clicked\n0,0.25\n1,0.25\n")
+    chunks = list(iter_submission(path, chunk_bytes=1024))
+    assert len(chunks) > 3
+    assert [c.first_row for c in chunks] == list(np.cumsum([0] + [len(c.ids) for c in chunks[:-1]]))
+    assert sum(len(c.ids) for c in chunks) == 1000
