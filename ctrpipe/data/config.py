@@ -69,6 +69,14 @@ class CovisitConfig:
     context: str = ""
     name: str = ""                       # output prefix; default '<target>_x_<context>'
     smoothing: float = 1.0               # normalised count = n(t, c) / (n(c) + smoothing)
+    # train rows were counted themselves: score them without their own occurrence, so train and val/test
+    # rows see the same feature distribution (otherwise a unique pair scores 1/(1+s) on train, 0 on val)
+    leave_one_out: bool = True
+
+    def __post_init__(self) -> None:
+        if self.smoothing < 0:
+            raise ConfigError(f"bad value {self.smoothing} for 'data.covisit[].smoothing'",
+                              fix="use a non-negative number such as smoothing: 1.0")
 
 
 @dataclass(frozen=True)

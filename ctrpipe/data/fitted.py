@@ -96,25 +96,35 @@ def _hist_bin(v: np.ndarray) -> np.ndarray:
 
 
 class MomentAccumulator:
-    """Mean/std of the transformed (imputed + log1p) numeric values of train rows, for standardisation."""
+    """Mean/std of transformed (log1p) numeric values of train rows, for standardisation.
+
+    Missing values are counted apart, because their transformed value (of the fill) is known only after
+    the pass; `result` adds them analytically.
+    """
 
     def __init__(self, f: int) -> None:
-        self.n = 0
+        self.n_missing = np.zeros(f, dtype=np.int64)
+        self.n_valid = np.zeros(f, dtype=np.int64)
         self.s1 = np.zeros(f, dtype=np.float64)
         self.s2 = np.zeros(f, dtype=np.float64)
 
-    def update(self, t: np.ndarray) -> None:
-        """t: (N, F) float32 transformed values."""
-        t64 = t.astype(np.float64)
-        self.n += t.shape[0]
+    def update(self, t: np.ndarray, valid: np.ndarray) -> None:
+        """t: (N, F) float32 transformed values (anything where not valid); valid: (N, F) bool."""
+        t64 = np.where(valid, t.astype(np.float64), 0.0)
+        self.n_valid += valid.sum(axis=0)
+        self.n_missing += (~valid).sum(axis=0)
         self.s1 += t64.sum(axis=0)
         self.s2 += np.square(t64).sum(axis=0)
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.n == 0:
+    def result(self, fill_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) per column, each rounded to float32; fill_t: (F,) transformed fill values."""
+        fill_t = np.asarray(fill_t, dtype=np.float64)
+        n = self.n_valid + self.n_missing
+        if not n.any():
             return np.zeros_like(self.s1), np.ones_like(self.s1)
-        mean = self.s1 / self.n
-        var = np.maximum(self.s2 / self.n - mean**2, 0.0)
+        n = np.maximum(n, 1)
+        mean = (self.s1 + self.n_missing * fill_t) / n
+        var = np.maximum((self.s2 + self.n_missing * fill_t**2) / n - mean**2, 0.0)
         std = np.sqrt(var)
         std[std < 1e-6] = 1.0                                       # constant column: centre only
         return np.array([round32(m) for m in mean]), np.array([round32(s) for s in std])

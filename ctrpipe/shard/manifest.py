@@ -91,6 +91,7 @@ class Manifest:
     bad_rows: dict[str, Any]               # skipped, by_reason, examples
     fitted: dict[str, Any]                 # train-split statistics needed to transform other inputs
     stats_from: str = ""                   # fingerprint of the train cache whose statistics a test cache used
+    gold_sources: int = 0                  # the last `gold_sources` entries of `sources` are --gold inputs
     build: dict[str, float] = field(default_factory=dict)  # seconds, rows/s, MB/s (not part of identity)
     format_version: int = FORMAT_VERSION
     ctrpipe_version: str = __version__

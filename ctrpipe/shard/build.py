@@ -1,0 +1,338 @@
+"""Stage 2: `ctrpipe shard` -- raw inputs -> (pass 1) train-split statistics -> (pass 2) transformed fixed-size
+shards -> manifest.json, built in DIR/.incomplete-<fingerprint>/ and moved into DIR with the manifest last.
+
+A crash leaves only the incomplete folder (never something that looks finished); running the same command
+again resumes it: the fitted statistics are reused and finished shards are not rewritten (their rows are
+re-parsed, so the resumed output is byte-identical to an uninterrupted build).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ctrpipe.config import RunConfig, load_config, to_dict
+from ctrpipe.console import console, human_rate, make_progress
+from ctrpipe.data.config import DataConfig
+from ctrpipe.data.fitted import FITTED_DIR, Fitted
+from ctrpipe.data.reader import expand_inputs
+from ctrpipe.errors import ConfigError, InputFormatError, ManifestMismatchError
+from ctrpipe.shard.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    fingerprint,
+    read_manifest,
+    source_info,
+    write_manifest,
+)
+from ctrpipe.shard.passes import Inputs, fit_pass, resolve_plan, write_pass
+from ctrpipe.shard.writer import shard_dirname
+
+Role = Literal["train", "test"]
+_OURS = re.compile(r"^(shard_\d{5}(\.incomplete)?|fitted|manifest\.json\.incomplete|\.incomplete-[0-9a-f]+)$")
+_PROGRESS = "progress.json"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a build produced (or found up to date)."""
+
+    out: Path
+    manifest: Manifest
+    reused: bool
+    seconds: float
+    input_bytes: int
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.manifest.total_rows / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.input_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def identity_config(data: DataConfig) -> dict[str, Any]:
+    """The part of the data config that decides the output (chunk_rows only bounds memory)."""
+    d = to_dict(data)
+    d.pop("chunk_rows", None)
+    return d
+
+
+def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path, *, gold: Sequence[Path] = (),
+                 stats_from: Path | None = None, role: Role = "train", force: bool = False,
+                 progress: bool = True) -> BuildResult:
+    """Build (or reuse, or resume) the shard cache `out` from raw `inputs`; see the module docstring."""
+    t0 = time.perf_counter()
+    data = cfg.data if isinstance(cfg, RunConfig) else cfg
+    cfg_sources = {k: v for k, v in (cfg.sources if isinstance(cfg, RunConfig) else {}).items()
+                   if k.startswith("data.")}
+    if role not in ("train", "test"):
+        raise ConfigError(f"unknown role {role!r}", fix="use role='train' or role='test' (--test)")
+    if role == "test" and gold:
+        raise ConfigError("--gold inputs cannot be combined with --test", fix="shard gold data in a train cache")
+    main_paths = expand_inputs(list(inputs), data.format)
+    gold_paths = expand_inputs(list(gold), data.format) if gold else []
+    train_m = read_manifest(Path(stats_from)) if stats_from is not None else None
+    if train_m is not None:
+        _check_stats_from(train_m, data, Path(stats_from))  # type: ignore[arg-type]  # not None here
+    srcs = tuple(source_info(p) for p in main_paths + gold_paths)
+    extra = {"role": role, "gold_inputs": len(gold_paths), "stats_from": train_m.fingerprint if train_m else ""}
+    fp = fingerprint(identity_config(data), srcs, extra)
+    out = Path(out)
+    input_bytes = sum(s.size for s in srcs)
+
+    existing = _existing_manifest(out, force)
+    if existing is not None:
+        if existing.fingerprint == fp:
+            console.print(f"[green]cache up to date[/]: {out} ({existing.total_rows:,} rows, "
+                          f"{len(existing.shards)} shards)", highlight=False)
+            return BuildResult(out, existing, True, time.perf_counter() - t0, input_bytes)
+        raise ManifestMismatchError(
+            "the cache was built from other inputs or settings: " + _describe_diff(existing, data, srcs, extra),
+            where=str(out / MANIFEST_NAME),
+            fix=f"pass --force to rebuild it (fingerprint {existing.fingerprint[:12]} -> {fp[:12]}), "
+                "or choose another --out folder")
+    _clear_out(out, keep=f".incomplete-{fp[:12]}")
+    work = out / f".incomplete-{fp[:12]}"
+    state = _BuildState.open(work, fp)
+
+    plan = resolve_plan(data, main_paths)
+    inputs_obj = Inputs(main=main_paths, gold=gold_paths, role=role, input_bytes=input_bytes)
+    fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress)
+    result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard, progress)
+
+    seconds = time.perf_counter() - t0
+    build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1) if seconds else 0.0,
+             "mb_per_s": round(input_bytes / 1e6 / seconds, 3) if seconds else 0.0,
+             "input_bytes": float(input_bytes), "output_bytes": float(result.output_bytes),
+             "passes": float(result.passes + (0 if loo is False and train_m else 0)),
+             "chunk_rows": float(data.chunk_rows)}
+    manifest = Manifest(
+        fingerprint=fp, config=to_dict(data), config_sources=cfg_sources, role=role, sources=srcs,
+        columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats)),
+        shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds, label_rates=result.label_rates,
+        bad_rows=result.bad_rows, fitted=fitted_meta, stats_from=train_m.fingerprint if train_m else "",
+        build=build, gold_sources=len(gold_paths))
+    _finish(work, out, result.shards, manifest)
+    return BuildResult(out, manifest, False, seconds, input_bytes)
+
+
+# ------------------------------------------------------------------------------------- fitted statistics
+
+def _fitted_stats(plan: Any, inputs: Inputs, train_m: Manifest | None, stats_from: Path | None,
+                  state: _BuildState, progress: bool) -> tuple[Fitted, dict[str, Any], bool]:
+    """(statistics, their manifest entry, whether this build's own train rows were counted)."""
+    if train_m is not None:
+        fitted = Fitted.load(Path(stats_from), train_m.fitted)  # type: ignore[arg-type]  # set with train_m
+        return fitted, dict(train_m.fitted, cache=str(Path(stats_from).resolve())), False  # type: ignore[arg-type]
+    if not plan.needs_fit():
+        fitted = Fitted()
+        return fitted, fitted.to_manifest(), False
+    if inputs.role == "test":
+        raise ConfigError("this config needs train-split statistics (vocab, mean/median impute, standardize or "
+                          "covisit), and test data must not provide them",
+                          fix="pass --stats-from DIR with the train cache built from the same config")
+    if state.fitted_done:
+        fitted = Fitted.load(state.work)
+    else:
+        fitted = fit_pass(plan, inputs, progress)
+        fitted.save(state.work)
+        state.mark_fitted()
+    return fitted, fitted.to_manifest(), True
+
+
+def _check_stats_from(train_m: Manifest, data: DataConfig, path: Path) -> None:
+    """A test cache must hash, impute and lay out columns exactly like its train cache."""
+    if train_m.role != "train":
+        raise ConfigError(f"--stats-from must be a train cache, {path} was built with --test",
+                          where=str(path / MANIFEST_NAME), fix="pass the train cache's folder")
+    mine = identity_config(data)
+    keys = ("format", "hash_bins", "hash_seed", "numeric", "categorical", "multihot", "sequence", "covisit")
+    diffs = [k for k in keys if mine.get(k) != train_m.config.get(k)]
+    if diffs:
+        detail = "; ".join(f"data.{k}: {train_m.config.get(k)!r} (train) vs {mine.get(k)!r} (now)" for k in diffs)
+        raise ManifestMismatchError(f"the train cache used different hashing/columns: {detail}",
+                                    where=str(path / MANIFEST_NAME),
+                                    fix="shard the test data with the same --cfg as the train cache")
+
+
+# ---------------------------------------------------------------------------------- folders and resume
+
+class _BuildState:
+    """progress.json in the incomplete folder: which shards are finished and whether statistics are saved."""
+
+    def __init__(self, work: Path, fp: str, finished: set[int], fitted_done: bool) -> None:
+        self.work, self.fp, self.finished, self.fitted_done = work, fp, finished, fitted_done
+
+    @classmethod
+    def open(cls, work: Path, fp: str) -> _BuildState:
+        path = work / _PROGRESS
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                raw = {}
+            if raw.get("fingerprint") == fp:
+                finished = {i for i in raw.get("finished", []) if (work / shard_dirname(i)).is_dir()}
+                fitted_done = bool(raw.get("fitted")) and (work / FITTED_DIR / "fitted.json").is_file()
+                if finished or fitted_done:
+                    console.print(f"resuming an interrupted build: {len(finished)} shards already written",
+                                  highlight=False)
+                return cls(work, fp, finished, fitted_done)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        state = cls(work, fp, set(), False)
+        state._save()
+        return state
+
+    def mark_shard(self, info: ShardInfo) -> None:
+        self.finished.add(info.index)
+        self._save()
+
+    def mark_fitted(self) -> None:
+        self.fitted_done = True
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.work / (_PROGRESS + ".incomplete")
+        tmp.write_text(json.dumps({"fingerprint": self.fp, "fitted": self.fitted_done,
+                                   "finished": sorted(self.finished)}))
+        tmp.replace(self.work / _PROGRESS)
+
+
+def _existing_manifest(out: Path, force: bool) -> Manifest | None:
+    """The finished cache at `out`, or None; with `force` its manifest is deleted FIRST, so a crash during
+    the rebuild can never leave an old manifest next to new shards."""
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        return None
+    if force:
+        path.unlink()
+        return None
+    return read_manifest(out)
+
+
+def _clear_out(out: Path, keep: str) -> None:
+    """Remove leftovers of earlier builds (ours only) from a folder that has no manifest."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file", fix="pass a folder, e.g. --out shards/criteo")
+    out.mkdir(parents=True, exist_ok=True)
+    foreign = [p.name for p in out.iterdir() if not _OURS.match(p.name) and not p.name.startswith(".")]
+    if foreign:
+        raise ConfigError(f"--out {out} holds files that are not part of a shard cache: {sorted(foreign)[:5]}",
+                          where=str(out), fix="choose an empty or new folder for --out")
+    for p in out.iterdir():
+        if _OURS.match(p.name) and p.name != keep:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _finish(work: Path, out: Path, shards: list[ShardInfo], manifest: Manifest) -> None:
+    """Move shards and statistics from the incomplete folder into `out`, then write the manifest last."""
+    for info in shards:
+        src, dst = work / shard_dirname(info.index), out / shard_dirname(info.index)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+    if (work / FITTED_DIR).is_dir():
+        os.replace(work / FITTED_DIR, out / FITTED_DIR)
+    write_manifest(out, manifest)
+    shutil.rmtree(work)
+
+
+def _describe_diff(old: Manifest, data: DataConfig, srcs: tuple[Any, ...], extra: dict[str, Any]) -> str:
+    """Name what changed between the cache on disk and this request: config keys or source files."""
+    def flat(d: Any, prefix: str = "data.") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix.rstrip("."): d}
+
+    new_cfg, old_cfg = flat(identity_config(data)), flat({k: v for k, v in old.config.items() if k != "chunk_rows"})
+    parts = [f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in sorted(set(new_cfg) | set(old_cfg))
+             if new_cfg.get(k) != old_cfg.get(k)]
+    old_src = {s.path: s for s in old.sources}
+    new_src = {s.path: s for s in srcs}
+    for p in sorted(set(old_src) | set(new_src)):
+        a, b = old_src.get(p), new_src.get(p)
+        if a is None:
+            parts.append(f"new input {p}")
+        elif b is None:
+            parts.append(f"input {p} no longer used")
+        elif a != b:
+            parts.append(f"input {p} changed (size {a.size} -> {b.size}, mtime)")
+    if old.role != extra["role"]:
+        parts.append(f"role {old.role} -> {extra['role']}")
+    if old.stats_from != extra["stats_from"]:
+        parts.append("--stats-from cache differs")
+    return "; ".join(parts[:8]) or "format or gold inputs differ"
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+def run_shard(cfg_path: Path | None, overrides: list[str], inputs: list[Path], out: Path, gold: list[Path],
+              stats_from: Path | None, test: bool, bad_rows: str | None, force: bool, quiet: bool) -> None:
+    """`ctrpipe shard`: load the config, build, print a summary table (or one line with --quiet)."""
+    cfg = load_config(cfg_path, overrides)
+    if bad_rows is not None:
+        if bad_rows not in ("error", "skip"):
+            raise ConfigError(f"bad value {bad_rows!r} for --bad-rows", where="--bad-rows",
+                              fix="use --bad-rows error (stop at the first bad row) or --bad-rows skip")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, bad_rows=bad_rows))  # type: ignore[arg-type]
+    res = build_shards(cfg, inputs, out, gold=gold, stats_from=stats_from, role="test" if test else "train",
+                       force=force, progress=not quiet)
+    if res.reused:
+        return
+    print_summary(res, quiet)
+
+
+def print_summary(res: BuildResult, quiet: bool) -> None:
+    from rich.table import Table
+
+    m = res.manifest
+    skipped = int(m.bad_rows.get("skipped", 0))
+    rate = f"{human_rate(res.rows_per_s, 'rows/s')}, {res.mb_per_s:.1f} MB/s"
+    if quiet:
+        console.print(f"sharded {m.total_rows:,} rows into {len(m.shards)} shards at {res.out} in "
+                      f"{res.seconds:.1f}s ({rate}); {skipped} bad rows skipped", highlight=False)
+        return
+    table = Table(title=f"shard cache {res.out}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("rows", f"{m.total_rows:,}")
+    table.add_row("shards", f"{len(m.shards)} x {m.config.get('shard_rows'):,} rows")
+    table.add_row("splits", ", ".join(f"{k} {v:,}" for k, v in m.rows.items() if k != "total" and v))
+    if m.folds.get("n_splits"):
+        table.add_row("folds", f"{m.folds['n_splits']} {m.folds['mode']}: {m.folds['sizes']}")
+    for lab, rates in m.label_rates.items():
+        table.add_row(f"rate {lab}", ", ".join(f"{k} {v:.4f}" for k, v in rates.items()))
+    table.add_row("columns", ", ".join(f"{k} {len(m.columns_of(k))}" for k in
+                                       ("numeric", "missing_indicator", "covisit", "categorical", "multihot",
+                                        "sequence") if m.columns_of(k)))
+    table.add_row("bad rows skipped", f"{skipped:,}" + (f" {m.bad_rows['by_reason']}" if skipped else ""))
+    table.add_row("seconds", f"{res.seconds:.1f}")
+    table.add_row("throughput", rate)
+    console.print(table)
+
+
+def iter_shard_dirs(out: Path) -> Iterator[Path]:
+    """Finished shard folders of a cache, in order (for tools that list a cache)."""
+    yield from sorted(p for p in Path(out).glob("shard_[0-9][0-9][0-9][0-9][0-9]") if p.is_dir())
+
+
+def _unused(_: InputFormatError, __: np.ndarray) -> None:  # keeps imports honest for type checkers
+    return None

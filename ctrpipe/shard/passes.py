@@ -1,0 +1,352 @@
+"""Stage 2: the passes over raw input that `build_shards` runs: an optional row count (tail split), the fit pass
+over the train split (statistics), and the write pass (transform every chunk and feed the shard writer).
+
+Parsing runs one chunk ahead in a background thread (polars releases the GIL), so parse and transform overlap.
+"""
+
+from __future__ import annotations
+
+import gzip
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import polars as pl
+
+from ctrpipe.console import human_rate, make_progress
+from ctrpipe.data.config import DataConfig
+from ctrpipe.data.covisit import CovisitCounter
+from ctrpipe.data.fitted import (
+    Fitted,
+    KeyCounter,
+    MomentAccumulator,
+    NumericAccumulator,
+    NumericStats,
+    VocabTable,
+    round32,
+)
+from ctrpipe.data.hashing import xxh64_strings
+from ctrpipe.data.reader import iter_raw_chunks, resolve_columns
+from ctrpipe.data.splits import SPLIT_GOLD, SPLIT_TEST, FoldAssigner, assign_split
+from ctrpipe.data.transforms import log1p_transform
+from ctrpipe.errors import InputFormatError, SchemaError
+from ctrpipe.shard.manifest import ShardInfo
+from ctrpipe.shard.tally import BadRowTally, GroupStats, SplitTally
+from ctrpipe.shard.transform import (
+    ChunkTransformer,
+    Plan,
+    context_tokens,
+    id_array,
+    labels_matrix,
+    make_plan,
+    numeric_matrix,
+    string_missing,
+)
+from ctrpipe.shard.writer import ShardWriter
+
+T = TypeVar("T")
+PREFETCH_DEPTH = 1          # chunks parsed ahead; each costs about one chunk of memory
+
+
+@dataclass(frozen=True)
+class Inputs:
+    main: list[Path]
+    gold: list[Path]
+    role: str                # "train" | "test"
+    input_bytes: int
+
+
+# ------------------------------------------------------------------------------------------ plan, schema
+
+def resolve_plan(data: DataConfig, paths: list[Path]) -> Plan:
+    """Which raw columns become which stored columns (patterns are matched against the first input)."""
+    rc = resolve_columns(data, _schema(data, paths))
+    return make_plan(data, tuple(rc.numeric), tuple(rc.categorical), tuple(rc.multihot), tuple(rc.sequence),
+                     tuple(rc.labels), rc.id or "")
+
+
+def _schema(data: DataConfig, paths: list[Path]) -> Any:
+    if data.format == "parquet":
+        return pl.read_parquet_schema(paths[0])
+    return None
+
+
+# -------------------------------------------------------------------------------------------- chunking
+
+def prefetch(make: Callable[[], Iterator[T]], depth: int = PREFETCH_DEPTH) -> Iterator[T]:
+    """Run an iterator in a background thread, `depth` items ahead; worker errors re-raise here."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in make():
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
+            put(("error", exc))
+
+    thread = threading.Thread(target=work, name="ctrpipe-parse", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "item":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def _chunks(data: DataConfig, paths: list[Path], require_labels: bool) -> Iterator[Any]:
+    if not paths:
+        return iter(())
+    return prefetch(lambda: iter_raw_chunks(data, paths, data.chunk_rows, bad_rows=data.bad_rows,
+                                            require_labels=require_labels))
+
+
+def count_rows(data: DataConfig, paths: list[Path]) -> int:
+    """Cheap row count for tail splits: Parquet metadata, or newline count of the (decompressed) text.
+
+    Counts physical lines, so skipped bad rows make the val tail slightly shorter than val_ratio.
+    """
+    total = 0
+    for p in paths:
+        if data.format == "parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(p).metadata.num_rows
+            continue
+        opener = gzip.open if str(p).endswith(".gz") else open
+        last = b"\n"
+        with opener(p, "rb") as fh:
+            while block := fh.read(1 << 24):
+                total += block.count(b"\n")
+                last = block[-1:]
+        total += last != b"\n"
+    return total
+
+
+class _Splitter:
+    """Split code per main-input row from its global index (or key), for the configured mode."""
+
+    def __init__(self, plan: Plan, inputs: Inputs) -> None:
+        self.cfg = plan.cfg.split
+        self.role = inputs.role
+        self.n_rows = count_rows(plan.cfg, inputs.main) if self.cfg.mode == "tail" and inputs.role == "train" \
+            else None
+
+    def __call__(self, frame: pl.DataFrame, idx: np.ndarray) -> np.ndarray:
+        if self.role == "test":
+            return np.full(len(idx), SPLIT_TEST, dtype=np.int8)
+        key = key_hash(frame, self.cfg.key) if self.cfg.mode == "group" else None
+        return assign_split(idx, self.cfg, n_rows=self.n_rows, key_hash=key)
+
+
+def key_hash(frame: pl.DataFrame, key: str) -> np.ndarray:
+    """(N,) uint64 hash of a grouping column's value (any dtype, via its string form)."""
+    if key not in frame.columns:
+        raise SchemaError(f"group key column {key!r} is not among the parsed columns",
+                          where=f"data.split.key / data.folds.key = {key}",
+                          fix=f"use one of {frame.columns[:10]} (the key must be a configured column)")
+    return xxh64_strings(frame[key].cast(pl.String), 0)
+
+
+# ------------------------------------------------------------------------------------------- pass 1: fit
+
+def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
+    """Statistics over the train split of the main inputs: numeric fill/mean/std, vocabularies, covisit."""
+    data = plan.cfg
+    num = data.numeric
+    splitter = _Splitter(plan, inputs)
+    nacc = NumericAccumulator(plan.numeric, need_median=num.impute == "median")
+    mom = MomentAccumulator(len(plan.numeric)) if num.standardize else None
+    vocab = {c: KeyCounter() for c in plan.categorical} if data.categorical.mode == "vocab" else {}
+    covisit = {cv.name: CovisitCounter() for cv in plan.covisit}
+    row = train_rows = 0
+    with _Bar("fit statistics (pass 1)", inputs.input_bytes, progress) as bar:
+        for chunk in _chunks(data, inputs.main, require_labels=True):
+            frame = chunk.frame
+            idx = np.arange(row, row + frame.height, dtype=np.int64)
+            row += frame.height
+            train = splitter(frame, idx) == 0
+            ft = frame.filter(pl.Series(train)) if not train.all() else frame
+            train_rows += ft.height
+            if plan.numeric:
+                raw = numeric_matrix(ft, plan.numeric)
+                nacc.update(raw)
+                if mom is not None:
+                    valid = np.isfinite(raw)
+                    mom.update(np.asarray(log1p_transform(np.where(valid, raw, 0.0), num.log1p)), valid)
+            for c, counter in vocab.items():
+                s = ft[c]
+                counter.add(xxh64_strings(s, plan.seed(c))[~string_missing(s)])
+            for cv in plan.covisit:
+                target = ft[cv.target]
+                covisit[cv.name].update(xxh64_strings(target, plan.seed(cv.target)), string_missing(target),
+                                        context_tokens(plan, ft, cv.context), np.ones(ft.height, dtype=bool))
+            bar.advance(chunk.nbytes, frame.height)
+    fills = nacc.fills(num.impute)
+    if mom is not None:
+        mean, std = mom.result(np.asarray(log1p_transform(fills.reshape(1, -1), num.log1p)).reshape(-1))
+    else:
+        mean, std = np.zeros(len(fills)), np.ones(len(fills))
+    numeric = {c: NumericStats(round32(fills[j]), float(mean[j]), float(std[j])) for j, c in enumerate(plan.numeric)}
+    vocab_tables = {c: VocabTable.from_counts(k, data.categorical.min_count, data.categorical.bins.get(c, 0))
+                    for c, k in vocab.items()}
+    return Fitted(numeric=numeric, vocab=vocab_tables, covisit={k: v.tables() for k, v in covisit.items()},
+                  train_rows=train_rows)
+
+
+# ----------------------------------------------------------------------------------------- pass 2: write
+
+@dataclass
+class WriteResult:
+    shards: list[ShardInfo]
+    rows: int
+    rows_dict: dict[str, int]
+    folds: dict[str, Any]
+    label_rates: dict[str, dict[str, float]]
+    bad_rows: dict[str, Any]
+    column_stats: dict[str, dict[str, float]]
+    id_dtype: str
+    output_bytes: int
+    passes: int = 1
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path, done: set[int],
+               on_shard: Callable[[ShardInfo], None], progress: bool) -> WriteResult:
+    """Transform every row of the main then gold inputs, in order, into fixed-size shards under `work`."""
+    data = plan.cfg
+    t0 = time.perf_counter()
+    transformer = ChunkTransformer(plan, fitted, loo)
+    splitter = _Splitter(plan, inputs)
+    folds = FoldAssigner(data.folds) if inputs.role == "train" else FoldAssigner(type(data.folds)())
+    labels = plan.labels
+    fold_label = labels.index(data.folds.label) if data.folds.label in labels else 0
+    if data.folds.mode == "stratified" and data.folds.n_splits and data.folds.label and data.folds.label not in labels:
+        raise SchemaError(f"data.folds.label {data.folds.label!r} is not a label", where="data.folds.label",
+                          fix=f"use one of {list(labels)}")
+    writer = ShardWriter(work, data.shard_rows, done=done, on_shard=on_shard)
+    tally = SplitTally(labels, folds.cfg.n_splits, fold_label)
+    bad = BadRowTally()
+    num_stats = GroupStats(tuple(n for n, *_ in plan.numeric_layout()))
+    cat_stats = GroupStats(plan.categorical)
+    tok_stats = {tc.column: GroupStats((tc.column,)) for tc in plan.tokens}
+    lab_stats = GroupStats(labels)
+    has_labels: bool | None = None
+    id_width = 0
+    row = 0
+    streams = [(False, inputs.main), (True, inputs.gold)]
+    with _Bar("write shards" + (" (pass 2)" if plan.needs_fit() and inputs.role == "train" else ""),
+              inputs.input_bytes, progress) as bar:
+        for is_gold, paths in streams:
+            for chunk in _chunks(data, paths, require_labels=inputs.role == "train"):
+                frame = chunk.frame
+                n = frame.height
+                idx = np.arange(row, row + n, dtype=np.int64)
+                row += n
+                if has_labels is None:
+                    has_labels = bool(chunk.has_labels) and bool(labels)
+                elif has_labels != (bool(chunk.has_labels) and bool(labels)):
+                    raise InputFormatError("some inputs have label columns and others do not",
+                                           where=str(chunk.source),
+                                           fix="shard labelled and unlabelled files separately")
+                split = np.full(n, SPLIT_GOLD, np.int8) if is_gold else splitter(frame, idx)
+                y = labels_matrix(frame, labels) if has_labels else None
+                fold = np.full(n, -1, dtype=np.int8)
+                if folds.enabled and not is_gold:
+                    key = key_hash(frame, data.folds.key) if data.folds.mode == "group" else None
+                    fold = folds.assign(idx, label=y[:, fold_label] if y is not None else None, key_hash=key)
+                arrays, missing = transformer.transform(frame, split)
+                if plan.numeric or plan.covisit:
+                    miss = np.zeros(arrays["numeric"].shape, dtype=bool)
+                    miss[:, : len(plan.numeric)] = missing
+                    num_stats.update(arrays["numeric"], miss)
+                if plan.categorical:
+                    cat_stats.update(arrays["categorical"], arrays["categorical"] == 0)
+                for tc in plan.tokens:
+                    ln = arrays[f"{_stem(tc.column)}.len"]
+                    tok_stats[tc.column].update(ln, ln == 0)
+                if y is not None:
+                    arrays["labels"] = y
+                    lab_stats.update(y, np.isnan(y))
+                ids = id_array(frame, plan, idx)
+                if ids.dtype.kind == "U":
+                    id_width = max(id_width, ids.dtype.itemsize // 4)
+                arrays["ids"] = ids
+                arrays["split"] = split
+                arrays["fold"] = fold
+                tally.update(split, fold, y)
+                bad.update(chunk.bad_rows)
+                writer.add(arrays)
+                bar.advance(chunk.nbytes, n)
+        shards = writer.close()
+    if row == 0:
+        raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in inputs.main[:3]),
+                               fix="check the --input paths (a folder or glob may have matched empty files)")
+    stats: dict[str, dict[str, float]] = {}
+    for g in (num_stats, cat_stats, lab_stats, *tok_stats.values()):
+        stats.update(g.result())
+    f = data.folds
+    return WriteResult(
+        shards=shards, rows=row, rows_dict=tally.rows_dict(),
+        folds=tally.folds_dict(f.mode, f.key, labels[fold_label] if labels else "", f.seed)
+        if inputs.role == "train" else {"n_splits": 0, "sizes": []},
+        label_rates=tally.label_rates() if has_labels else {}, bad_rows=bad.to_dict(), column_stats=stats,
+        id_dtype=f"<U{max(id_width, 1)}" if id_width else "int64", output_bytes=writer.bytes_written,
+        seconds=time.perf_counter() - t0)
+
+
+def _stem(name: str) -> str:
+    from ctrpipe.data.fitted import safe_name
+
+    return safe_name(name)
+
+
+class _Bar:
+    """A rich progress bar over input bytes, showing rows/s and MB/s."""
+
+    def __init__(self, title: str, total_bytes: int, enabled: bool) -> None:
+        self.progress = make_progress(quiet=not enabled)
+        self.title = title
+        self.total = max(total_bytes, 1)
+        self.rows = 0
+        self.bytes = 0
+
+    def __enter__(self) -> _Bar:
+        self.progress.__enter__()
+        self.task = self.progress.add_task(self.title, total=self.total, rate_text="")
+        self.t0 = time.perf_counter()
+        return self
+
+    def advance(self, nbytes: int, rows: int) -> None:
+        self.rows += rows
+        self.bytes += nbytes
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.progress.update(self.task, completed=min(self.bytes, self.total),
+                             rate_text=f"{human_rate(self.rows / dt, 'rows/s')}  {self.bytes / 1e6 / dt:.0f} MB/s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]

@@ -1,0 +1,242 @@
+"""Stage 2: one parsed chunk (polars frame) -> the arrays of every shard group, vectorised per column.
+
+`Plan` fixes which raw column becomes which stored column (and in what order); `ChunkTransformer` applies the
+hashing / vocabularies / imputation / log1p / standardisation / co-visitation to a chunk. The same code runs
+for train, gold and test inputs; only the fitted statistics it is given differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ctrpipe.data.config import CovisitConfig, DataConfig, TokenColumnConfig
+from ctrpipe.data.covisit import ContextTokens, covisit_features
+from ctrpipe.data.fitted import Fitted, safe_name
+from ctrpipe.data.hashing import field_seed, hash_ids, xxh64_strings
+from ctrpipe.data.transforms import log1p_transform, tokens_hashes, tokens_to_ids
+from ctrpipe.errors import SchemaError
+from ctrpipe.shard.manifest import ColumnSpec
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Resolved stored columns, in storage order, plus everything needed to compute them."""
+
+    cfg: DataConfig
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    multihot: tuple[TokenColumnConfig, ...]
+    sequence: tuple[TokenColumnConfig, ...]
+    labels: tuple[str, ...]
+    id_column: str
+    covisit: tuple[CovisitConfig, ...]      # with `name` filled in
+
+    @property
+    def tokens(self) -> tuple[TokenColumnConfig, ...]:
+        return self.multihot + self.sequence
+
+    def seed(self, fld: str) -> int:
+        return field_seed(fld, self.cfg.hash_seed)
+
+    def cat_bins(self, fld: str, fitted: Fitted) -> int:
+        if self.cfg.categorical.mode == "vocab":
+            return fitted.vocab[fld].bins
+        return int(self.cfg.categorical.bins.get(fld, self.cfg.hash_bins))
+
+    def token_bins(self, tc: TokenColumnConfig) -> int:
+        return tc.bins or self.cfg.hash_bins
+
+    def token_keep(self, tc: TokenColumnConfig) -> str:
+        """Sequences keep the most recent (last) tokens; multihot keeps the first ones."""
+        return "last" if tc in self.sequence else "first"
+
+    def numeric_layout(self) -> list[tuple[str, str, str, str]]:
+        """(name, kind, transform, source) of each numeric.npy column, in order: numeric columns, missing
+        indicators, co-visitation features (max, mean per entry)."""
+        num = self.cfg.numeric
+        tr = f"impute={num.impute},log1p={num.log1p}" + (",standardize" if num.standardize else "")
+        cols = [(c, "numeric", tr, c) for c in self.numeric]
+        if num.missing_indicator:
+            cols += [(f"{c}_missing", "missing_indicator", "1 if missing", c) for c in self.numeric]
+        cols += [(f"{cv.name}_{agg}", "covisit", f"{agg} n(t,c)/(n(c)+{cv.smoothing})", f"{cv.target}|{cv.context}")
+                 for cv in self.covisit for agg in ("max", "mean")]
+        return cols
+
+    def needs_fit(self) -> bool:
+        """Whether building needs train-split statistics (a first pass, or --stats-from for test data)."""
+        num = self.cfg.numeric
+        return bool(self.numeric and (num.impute != "zero" or num.standardize)) or bool(self.covisit) or (
+            bool(self.categorical) and self.cfg.categorical.mode == "vocab")
+
+    def read_columns(self) -> tuple[str, ...]:
+        """Raw columns the transform reads (besides labels/id)."""
+        return self.numeric + self.categorical + tuple(tc.column for tc in self.tokens)
+
+    def column_specs(self, fitted: Fitted, id_dtype: str, stats: dict[str, dict[str, float]]) -> list[ColumnSpec]:
+        specs = [ColumnSpec(name, kind, "numeric", "float32", i, transform=tr, source=src,
+                            stats=stats.get(name, {}))
+                 for i, (name, kind, tr, src) in enumerate(self.numeric_layout())]
+        cat_tr = ("vocab" + f",min_count={self.cfg.categorical.min_count}"
+                  if self.cfg.categorical.mode == "vocab" else "hash")
+        for i, c in enumerate(self.categorical):
+            specs.append(ColumnSpec(c, "categorical", "categorical", "int32", i, bins=self.cat_bins(c, fitted),
+                                    transform=cat_tr, source=c, stats=stats.get(c, {})))
+        for tc in self.tokens:
+            kind = "sequence" if tc in self.sequence else "multihot"
+            specs.append(ColumnSpec(tc.column, kind, f"{safe_name(tc.column)}.tokens", "int32", 0,
+                                    width=tc.max_len, bins=self.token_bins(tc), weighted=tc.weighted,
+                                    transform=f"hash,sep={tc.separator!r},keep={self.token_keep(tc)}",
+                                    source=tc.column, stats=stats.get(tc.column, {})))
+        for i, lab in enumerate(self.labels):
+            specs.append(ColumnSpec(lab, "label", "labels", "float32", i, source=lab, stats=stats.get(lab, {})))
+        specs.append(ColumnSpec("id", "id", "ids", id_dtype, 0, source=self.id_column or "row position",
+                                transform="" if self.id_column else f"id_offset={self.cfg.id_offset}+row"))
+        return specs
+
+
+def make_plan(cfg: DataConfig, numeric: tuple[str, ...], categorical: tuple[str, ...],
+              multihot: tuple[TokenColumnConfig, ...], sequence: tuple[TokenColumnConfig, ...],
+              labels: tuple[str, ...], id_column: str) -> Plan:
+    """Check names (files are named after token fields; co-visitation refers to known fields) and fill in
+    co-visitation output names."""
+    token_names = [tc.column for tc in multihot + sequence]
+    stems = [safe_name(t) for t in token_names]
+    if len(set(stems)) != len(stems):
+        raise SchemaError(f"token columns {token_names} map to clashing file names {stems}",
+                          where="data.multihot / data.sequence", fix="rename the columns in the input")
+    covisit: list[CovisitConfig] = []
+    for i, cv in enumerate(cfg.covisit):
+        key = f"data.covisit[{i}]"
+        if cv.target not in categorical:
+            raise SchemaError(f"co-visitation target {cv.target!r} is not a categorical column",
+                              where=f"{key}.target", fix=f"use one of {list(categorical)[:8]}")
+        if cv.context not in token_names and cv.context not in categorical:
+            raise SchemaError(f"co-visitation context {cv.context!r} is not a sequence, multihot or "
+                              "categorical column", where=f"{key}.context",
+                              fix=f"use one of {(token_names + list(categorical))[:8]}")
+        name = cv.name or f"{cv.target}_x_{cv.context}"
+        covisit.append(dataclasses.replace(cv, name=name))
+    return Plan(cfg, numeric, categorical, tuple(multihot), tuple(sequence), labels, id_column, tuple(covisit))
+
+
+# ------------------------------------------------------------------------------------------ per chunk
+
+def numeric_matrix(frame: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
+    """(N, Fn) float64, NaN where missing (null, NaN or +-inf all count as missing)."""
+    if not names:
+        return np.zeros((frame.height, 0), dtype=np.float64)
+    x = frame.select([pl.col(c).cast(pl.Float64) for c in names]).to_numpy(order="c").astype(np.float64, copy=False)
+    x[~np.isfinite(x)] = np.nan
+    return x
+
+
+def string_missing(s: pl.Series) -> np.ndarray:
+    """(N,) bool: null or empty string, the categorical 'missing' convention."""
+    return (s.is_null() | (s.str.len_bytes() == 0)).to_numpy()
+
+
+def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str) -> ContextTokens:
+    """Hashes of the tokens a row carries in `fld` (a token column or a categorical column)."""
+    for tc in plan.tokens:
+        if tc.column == fld:
+            flat, lengths = tokens_hashes(frame[fld], tc.separator, plan.token_keep(tc), tc.max_len,
+                                          plan.seed(fld))
+            return ContextTokens(np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64))
+    s = frame[fld]
+    present = ~string_missing(s)
+    h = xxh64_strings(s, plan.seed(fld))
+    return ContextTokens(h[present], present.astype(np.int64))
+
+
+class ChunkTransformer:
+    """Applies a plan with fixed fitted statistics to chunks; `loo_fitted` says whether train rows of this
+    build were themselves counted (co-visitation leave-one-out)."""
+
+    def __init__(self, plan: Plan, fitted: Fitted, loo_fitted: bool) -> None:
+        self.plan = plan
+        self.fitted = fitted
+        self.loo_fitted = loo_fitted
+        num = plan.cfg.numeric
+        stats = [fitted.numeric.get(c) for c in plan.numeric]
+        if any(s is None for s in stats) and (num.impute != "zero" or num.standardize):
+            missing = [c for c, s in zip(plan.numeric, stats) if s is None]
+            raise SchemaError(f"no fitted statistics for numeric columns {missing[:5]}",
+                              fix="build the train cache with the same numeric columns")
+        self.fill = np.array([s.fill if s else 0.0 for s in stats], dtype=np.float64)
+        self.mean = np.array([s.mean if s else 0.0 for s in stats], dtype=np.float32)
+        self.std = np.array([s.std if s else 1.0 for s in stats], dtype=np.float32)
+
+    def transform(self, frame: pl.DataFrame, split: np.ndarray) -> tuple[Arrays, np.ndarray]:
+        """Arrays for every group except split/fold/ids/labels, plus the (N, Fn) raw-missing mask."""
+        plan, cfg = self.plan, self.plan.cfg
+        out: Arrays = {}
+        raw = numeric_matrix(frame, plan.numeric)
+        missing = np.isnan(raw)
+        parts: list[np.ndarray] = []
+        if plan.numeric:
+            x = np.where(missing, self.fill, raw)
+            t = np.asarray(log1p_transform(x, cfg.numeric.log1p), dtype=np.float32)
+            if cfg.numeric.standardize:
+                t = (t - self.mean) / self.std
+            parts.append(t)
+            if cfg.numeric.missing_indicator:
+                parts.append(missing.astype(np.float32))
+        for cv in plan.covisit:
+            parts.append(self._covisit(frame, cv, split))
+        if parts:
+            out["numeric"] = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+        if plan.categorical:
+            cat = np.empty((frame.height, len(plan.categorical)), dtype=np.int32)
+            for j, c in enumerate(plan.categorical):
+                cat[:, j] = self._categorical(frame[c])
+            out["categorical"] = cat
+        for tc in plan.tokens:
+            tokens, lengths, weights = tokens_to_ids(frame[tc.column], tc.separator, tc.max_len,
+                                                     plan.seed(tc.column), plan.token_bins(tc),
+                                                     tc.weighted, plan.token_keep(tc))
+            stem = safe_name(tc.column)
+            out[f"{stem}.tokens"] = np.asarray(tokens, dtype=np.int32)
+            out[f"{stem}.len"] = np.asarray(lengths, dtype=np.int32)
+            if tc.weighted:
+                out[f"{stem}.weights"] = np.asarray(weights, dtype=np.float32)
+        return out, missing
+
+    def _categorical(self, s: pl.Series) -> np.ndarray:
+        name = str(s.name)
+        if self.plan.cfg.categorical.mode == "vocab":
+            return self.fitted.vocab[name].lookup(xxh64_strings(s, self.plan.seed(name)), string_missing(s))
+        return hash_ids(s, self.plan.seed(name), self.plan.cat_bins(name, self.fitted))
+
+    def _covisit(self, frame: pl.DataFrame, cv: CovisitConfig, split: np.ndarray) -> np.ndarray:
+        pairs, ctx_table = self.fitted.covisit[cv.name]
+        target = frame[cv.target]
+        h = xxh64_strings(target, self.plan.seed(cv.target))
+        loo = (split == 0) if self.loo_fitted and cv.leave_one_out else np.zeros(frame.height, dtype=bool)
+        return covisit_features(pairs, ctx_table, h, string_missing(target), context_tokens(self.plan, frame,
+                                cv.context), cv.smoothing, loo)
+
+
+def labels_matrix(frame: pl.DataFrame, labels: tuple[str, ...]) -> np.ndarray:
+    """(N, T) float32 labels."""
+    return frame.select([pl.col(c).cast(pl.Float32) for c in labels]).to_numpy(order="c").astype(np.float32)
+
+
+def id_array(frame: pl.DataFrame, plan: Plan, row_index: np.ndarray) -> np.ndarray:
+    """(N,) ids: the id column (int64, or unicode for strings) or id_offset + global row position."""
+    if not plan.id_column:
+        return (row_index + plan.cfg.id_offset).astype(np.int64)
+    s = frame[plan.id_column]
+    if s.dtype.is_integer():
+        return s.cast(pl.Int64).to_numpy()
+    return np.asarray(s.cast(pl.String).fill_null("").to_numpy(), dtype=np.str_)
+
+
+def jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, (np.floating, np.integer)) else v) for k, v in d.items()}
