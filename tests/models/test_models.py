@@ -1,0 +1,136 @@
+"""Every registered model: output shape for one and two tasks, finite loss, learning on a tiny batch,
+prior bias, sparse embedding gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctrpipe.config import build_model_section
+from ctrpipe.features import FeatureSpec
+from ctrpipe.models.layers.embedding import split_parameters
+from ctrpipe.models.registry import build_model, model_names
+
+SMALL = {"embedding_dim": 8}
+SMALL_MLP = {**SMALL, "hidden_units": [32, 16], "dropout": 0.0}
+
+# (model name, model.* keys); every registered model appears at least once (checked below)
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("dnn", SMALL_MLP),
+    ("dnn", {**SMALL_MLP, "embedding_mode": "per_field"}),
+    ("dnn", {**SMALL_MLP, "field_dims": {"C1": 4, "tags": 6}}),
+    ("dnn", {**SMALL_MLP, "numeric": "token", "batch_norm": True, "activation": "gelu", "dropout": 0.1}),
+    ("dnn", {**SMALL_MLP, "multihot_pooling": "sum", "activation": "silu"}),
+    ("deepfm", SMALL_MLP),
+    ("deepfm", {**SMALL_MLP, "embedding_mode": "per_field", "numeric": "concat"}),
+    ("deepfm", {**SMALL, "hidden_units": []}),
+    ("dcn", {**SMALL_MLP, "structure": "parallel"}),
+    ("dcn", {**SMALL_MLP, "structure": "stacked", "field_dims": {"C2": 3}}),
+    ("dcn", {**SMALL, "hidden_units": []}),
+    *[("dcnv2", {**SMALL_MLP, "cross_kind": kind, "structure": structure, "low_rank": 4, "n_experts": 3})
+      for kind in ("full", "lowrank", "mixture") for structure in ("stacked", "parallel")],
+    ("dcnv2", {**SMALL, "hidden_units": [], "cross_kind": "mixture", "low_rank": 4}),
+    ("autoint", {**SMALL, "attention_dim": 8}),
+    ("autoint", {**SMALL_MLP, "attention_dim": 8, "attention_heads": 1, "residual": False,
+                 "layer_norm": False}),
+    ("autoint", {**SMALL_MLP, "attention_dim": 8, "embedding_mode": "per_field"}),
+    ("ft_transformer", {"embedding_dim": 8, "n_heads": 2, "n_blocks": 2, "pooling": "cls"}),
+    ("ft_transformer", {"embedding_dim": 8, "n_heads": 2, "n_blocks": 2, "pooling": "mean",
+                        "ffn_dropout": 0.0}),
+]
+IDS = [f"{name}-{i}" for i, (name, _) in enumerate(VARIANTS)]
+
+
+def build(spec: FeatureSpec, name: str, keys: dict[str, Any], sparse: bool = False) -> torch.nn.Module:
+    section = build_model_section({"name": name, **keys})
+    return build_model(section.name, section.params, spec, sparse=sparse)
+
+
+def bce(model: torch.nn.Module, batch) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(model(batch), batch.labels)
+
+
+def test_every_model_has_a_variant() -> None:
+    assert {name for name, _ in VARIANTS} == set(model_names())
+    assert set(model_names()) == {"dnn", "deepfm", "dcn", "dcnv2", "autoint", "ft_transformer"}
+
+
+@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("n_tasks", [1, 2])
+def test_defaults_forward_shape(name: str, n_tasks: int, spec_factory, batch_factory) -> None:
+    spec = spec_factory(n_tasks)
+    model = build(spec, name, {})
+    batch = batch_factory(spec, rows=16)
+    model.eval()
+    out = model(batch)
+    assert out.shape == (16, n_tasks) and out.dtype == torch.float32
+    assert torch.isfinite(bce(model, batch))
+
+
+@pytest.mark.parametrize(("name", "keys"), VARIANTS, ids=IDS)
+@pytest.mark.parametrize("n_tasks", [1, 2])
+def test_variant_shape_and_learning(name: str, keys: dict[str, Any], n_tasks: int, spec_factory,
+                                    batch_factory) -> None:
+    torch.manual_seed(0)
+    spec = spec_factory(n_tasks)
+    model = build(spec, name, keys)
+    batch = batch_factory(spec, rows=64)
+    assert model(batch).shape == (64, n_tasks)
+    model.eval()
+    with torch.no_grad():
+        before = bce(model, batch).item()
+    assert math.isfinite(before)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(30):
+        opt.zero_grad()
+        bce(model, batch).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = bce(model, batch).item()
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_output_bias_starts_at_label_prior(name: str, spec_factory) -> None:
+    spec = spec_factory(2)
+    model = build(spec, name, {})
+    expected = torch.tensor([math.log(r / (1 - r)) for r in spec.label_rates])
+    torch.testing.assert_close(model.head.linear.bias.detach(), expected)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_sparse_embeddings_get_sparse_grads(name: str, spec_factory, batch_factory) -> None:
+    spec = spec_factory()
+    model = build(spec, name, SMALL if name != "ft_transformer" else {"embedding_dim": 8, "n_heads": 2},
+                  sparse=True)
+    bce(model, batch_factory(spec, rows=8)).backward()
+    groups = split_parameters(model)
+    assert groups.embedding, "no embedding parameters found"
+    for p in groups.embedding:
+        assert p.grad is not None and p.grad.is_sparse
+    for p in groups.dense:
+        assert p.grad is None or not p.grad.is_sparse
+    # the trainer's pairing works: SparseAdam for tables, Adam for the rest
+    torch.optim.SparseAdam(groups.embedding, lr=1e-2).step()
+    torch.optim.Adam([p for p in groups.dense if p.requires_grad], lr=1e-2).step()
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_without_numeric_or_bag_fields(name: str, spec_factory, batch_factory) -> None:
+    spec = spec_factory(numeric=False, multihot=False, sequence=False)
+    batch = batch_factory(spec, rows=4)
+    assert batch.numeric is None
+    assert build(spec, name, {})(batch).shape == (4, 1)
+
+
+def test_prior_clamped_for_constant_labels(spec_factory) -> None:
+    spec = dataclasses.replace(spec_factory(2), label_rates=(0.0, 1.0))
+    bias = build(spec, "dnn", {}).head.linear.bias.detach()
+    assert torch.isfinite(bias).all() and bias[0] < -9 and bias[1] > 9
