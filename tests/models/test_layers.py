@@ -1,0 +1,145 @@
+"""Shared layers against hand computations: offsets into the shared table, bag pooling with padding and
+weights, FM identity, cross/attention shapes, parameter split convention."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ctrpipe.errors import ConfigError
+from ctrpipe.features import FeatureSpec, FieldSpec
+from ctrpipe.loader.batch import Batch
+from ctrpipe.models.layers.attention import AutoIntLayer, TransformerBlock
+from ctrpipe.models.layers.cross import CrossAndDeep, CrossNetV1, CrossNetV2
+from ctrpipe.models.layers.embedding import FieldEmbedding, split_parameters
+from ctrpipe.models.layers.fm import LinearTerm, fm_interaction
+from ctrpipe.models.layers.mlp import MLP
+from ctrpipe.models.layers.numeric import NumericTokenizer
+
+
+def id_batch(cat: list[list[int]], mh: list[list[int]] | None = None, w: list[list[float]] | None = None,
+             seq: list[list[int]] | None = None) -> Batch:
+    rows = len(cat)
+    mh_t = (torch.tensor(mh, dtype=torch.int32),) if mh is not None else ()
+    seq_t = (torch.tensor(seq, dtype=torch.int32),) if seq is not None else ()
+    return Batch(numeric=None, categorical=torch.tensor(cat, dtype=torch.int32), labels=None,
+                 row_index=torch.arange(rows), multihot=mh_t,
+                 multihot_len=tuple((t > 0).sum(1).int() for t in mh_t),
+                 multihot_weights=(torch.tensor(w),) if w is not None else (None,) * len(mh_t),
+                 sequence=seq_t, sequence_len=tuple((t > 0).sum(1).int() for t in seq_t))
+
+
+SPEC = FeatureSpec(categorical=(FieldSpec("C1", "categorical", 10), FieldSpec("C2", "categorical", 5)),
+                   multihot=(FieldSpec("tags", "multihot", 6, width=3, weighted=True),),
+                   sequence=(FieldSpec("hist", "sequence", 4, width=3),))
+
+
+def test_shared_table_uses_field_offsets() -> None:
+    emb = FieldEmbedding(FeatureSpec(categorical=SPEC.categorical), 4)
+    table = emb.groups[0].cat_table.weight
+    assert table.shape == (15, 4)
+    out = emb(id_batch([[3, 3], [0, 4]]))                                  # (B, F, D)
+    torch.testing.assert_close(out[0, 0], table[3])
+    torch.testing.assert_close(out[0, 1], table[10 + 3])                  # C2 starts after C1's 10 rows
+    torch.testing.assert_close(out[1, 1], table[14])
+    assert emb.groups[0].cat_offsets.dtype == torch.int64                  # no int32 overflow on big tables
+
+
+def test_bags_weighted_mean_excluding_padding_and_sequence_mean() -> None:
+    emb = FieldEmbedding(SPEC, 2)
+    batch = id_batch([[1, 1], [2, 2]], mh=[[2, 5, 0], [0, 0, 0]], w=[[0.5, 2.0, 0.0], [0.0, 0.0, 0.0]],
+                     seq=[[0, 1, 3], [0, 0, 2]])
+    out = emb(batch)                                                       # (2, 4, 2): C1, C2, tags, hist
+    assert emb.field_names == ("C1", "C2", "tags", "hist")
+    bag = emb.groups[0].bag_table.weight   # row 0 = padding, tags 1..5 -> rows 1..5, hist 1..3 -> 6..8
+    torch.testing.assert_close(out[0, 2], (0.5 * bag[2] + 2.0 * bag[5]) / 2)
+    torch.testing.assert_close(out[1, 2], torch.zeros(2))                  # empty bag -> zero vector
+    torch.testing.assert_close(out[0, 3], (bag[5 + 1] + bag[5 + 3]) / 2)
+    torch.testing.assert_close(out[1, 3], bag[5 + 2])
+    summed = FieldEmbedding(SPEC, 2, pooling="sum")
+    summed.load_state_dict(emb.state_dict())
+    torch.testing.assert_close(summed(batch)[0, 3], bag[6] + bag[8])
+
+
+def test_per_field_tables_match_shared_lookup() -> None:
+    shared = FieldEmbedding(SPEC, 3)
+    per_field = FieldEmbedding(SPEC, 3, mode="per_field")
+    assert len(per_field.groups) == 4 and per_field.field_names == shared.field_names
+    with torch.no_grad():   # copy the shared rows into the per-field tables
+        cat_rows = shared.groups[0].cat_table.weight
+        per_field.groups[0].cat_table.weight.copy_(cat_rows[:10])
+        per_field.groups[1].cat_table.weight.copy_(cat_rows[10:])
+        bag_rows = shared.groups[0].bag_table.weight
+        per_field.groups[2].bag_table.weight.copy_(bag_rows[:6])
+        per_field.groups[3].bag_table.weight[1:].copy_(bag_rows[6:])
+    batch = id_batch([[9, 4], [0, 1]], mh=[[1, 2, 0], [5, 0, 0]], w=[[1.0, 1.0, 0.0], [3.0, 0.0, 0.0]],
+                     seq=[[0, 0, 3], [1, 2, 3]])
+    torch.testing.assert_close(per_field(batch), shared(batch))
+
+
+def test_unequal_dims_give_flat_only() -> None:
+    emb = FieldEmbedding(SPEC, {"C2": 5, "hist": 5}, default_dim=3)
+    assert emb.dim is None and emb.flat_dim == 3 + 5 + 3 + 5 and len(emb.groups) == 2
+    batch = id_batch([[1, 2]], mh=[[1, 0, 0]], w=[[1.0, 0.0, 0.0]], seq=[[0, 0, 1]])
+    assert emb.flat(batch).shape == (1, 16)
+    with pytest.raises(RuntimeError):
+        emb(batch)
+    with pytest.raises(ConfigError, match="model.field_dims") as err:
+        FieldEmbedding(SPEC, {"C9": 4})
+    assert "C1" in str(err.value)   # the fix lists the valid names
+
+
+def test_split_parameters_convention() -> None:
+    model = torch.nn.Sequential(FieldEmbedding(SPEC, 4), LinearTerm(SPEC, 1), MLP(16, (8,)))
+    groups = split_parameters(model)
+    tables = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+    assert len(groups.embedding) == len(tables) == 4
+    assert {id(p) for p in groups.embedding} == {id(p) for p in tables}
+    assert len(groups.embedding) + len(groups.dense) == len(list(model.parameters()))
+
+
+def test_fm_interaction_equals_pairwise_sum() -> None:
+    fields = torch.randn(5, 4, 3)
+    pairs = sum((fields[:, i] * fields[:, j]).sum(1) for i, j in itertools.combinations(range(4), 2))
+    torch.testing.assert_close(fm_interaction(fields).squeeze(1), pairs)
+
+
+def test_numeric_tokenizer_scales_a_vector_per_column() -> None:
+    tok = NumericTokenizer(2, 3)
+    x = torch.tensor([[2.0, 0.0]])
+    out = tok(x)
+    torch.testing.assert_close(out[0, 0], 2.0 * tok.weight[0] + tok.bias[0])
+    torch.testing.assert_close(out[0, 1], tok.bias[1])
+
+
+@pytest.mark.parametrize("kind", ["full", "lowrank", "mixture"])
+@pytest.mark.parametrize("structure", ["stacked", "parallel"])
+def test_cross_towers(kind: str, structure: str) -> None:
+    x0 = torch.randn(6, 10)
+    cross = CrossNetV2(10, 2, kind, rank=3, n_experts=2)
+    tower = CrossAndDeep(cross, MLP(10, (7,)), structure)
+    assert tower(x0).shape == (6, tower.out_dim) and tower.out_dim == (7 if structure == "stacked" else 17)
+    assert CrossNetV1(10, 2)(x0).shape == (6, 10)
+
+
+def test_cross_layer_with_zero_weights_is_identity() -> None:
+    cross = CrossNetV2(4, 2, "full")
+    for layer in cross.layers:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    x0 = torch.randn(3, 4)
+    torch.testing.assert_close(cross(x0), x0)
+
+
+def test_attention_blocks_shapes() -> None:
+    x = torch.randn(4, 6, 8)
+    assert AutoIntLayer(8, 5, 2)(x).shape == (4, 6, 10)
+    assert TransformerBlock(8, 2)(x).shape == (4, 6, 8)
+
+
+def test_mlp_activation_and_identity() -> None:
+    assert MLP(5, ())(torch.ones(2, 5)).shape == (2, 5)
+    mlp = MLP(5, (4, 3), dropout=0.5, batch_norm=True, activation="silu")
+    assert mlp.out_dim == 3 and mlp(torch.randn(8, 5)).shape == (8, 3)
