@@ -71,5 +71,6 @@ def build_model(name: str, cfg: Any, spec: FeatureSpec, sparse: bool = False) ->
     for kind in entry.requires:
         if not have.get(kind, False):
             raise SchemaError(f"model {name!r} needs {kind} features, and the shards have none",
-                              where="model.name", fix=f"shard data with {kind} columns, or pick another model")
+                              where="model.name",
+                              fix=f"shard data with {kind} columns, or pick another model")
     return entry.builder(spec, cfg, sparse=sparse)
