@@ -1,0 +1,407 @@
+"""Stage 6: `ctrpipe infer`: a run's checkpoints (one, or one per fold) over a shard cache -> submission CSV.
+
+Each checkpoint predicts every row of the view (unshuffled, batched, on the GPU when there is one) into a
+preallocated (K, N) float32 logit array; its saved calibration is applied per model; the K probability
+vectors are combined with `ensemble.combine` in row chunks; IDs are streamed from the cache's `ids.npy`.
+Next to `submission.csv` goes `submission.csv.json`: resolved config, run, checkpoint and cache fingerprints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctrpipe.config import RunConfig, apply_overrides, config_from_dict, to_dict
+from ctrpipe.console import console, human_rate, make_progress
+from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
+from ctrpipe.infer.calibrate import (
+    CALIBRATION_NAME,
+    Calibration,
+    fit_calibration,
+    load_val_predictions,
+    read_calibration,
+)
+from ctrpipe.infer.ensemble import combine, rank_normalise, resolve_weights, sigmoid
+from ctrpipe.infer.submission import SubmissionWriter
+from ctrpipe.loader.view import RowView
+from ctrpipe.shard.manifest import SPLIT_CODES, Manifest, read_manifest
+
+# keys an inference run may change; the model and data sections are fixed by the checkpoint
+OVERRIDABLE = ("infer.", "loader.", "train.device", "train.amp")
+
+
+@dataclass(frozen=True)
+class InferReport:
+    out: Path
+    rows: int
+    checkpoints: tuple[Path, ...]
+    weights: tuple[float, ...] | None
+    view: str
+    task: str
+    metrics: dict[str, float] | None
+    seconds: float
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+def find_checkpoints(run: Path) -> list[Path]:
+    """ckpt_fold{k}.pt for k = 0..K-1 when any exist (all K required), else ckpt_best.pt."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {run} does not exist", where=str(run),
+                              fix=_train_fix(run) + _other_runs(run.parent))
+    folds = sorted(run.glob("ckpt_fold*.pt"), key=lambda p: _fold_of(p))
+    if folds:
+        ks = [_fold_of(p) for p in folds]
+        want = _n_splits(run) or len(folds)
+        missing = sorted(set(range(want)) - set(ks))
+        if missing:
+            raise CheckpointError(f"K-fold run is incomplete: ckpt_fold{missing[0]}.pt is missing "
+                                  f"(found folds {ks} of {want})", where=str(run),
+                                  fix=f"finish training with `ctrpipe train ... --kfold {want} --resume`")
+        return folds
+    best = run / "ckpt_best.pt"
+    if best.is_file():
+        return [best]
+    exp = _exp_name(run)
+    raise CheckpointError(f"no checkpoint in run folder {run} (exp_name {exp!r}): neither ckpt_best.pt nor "
+                          "ckpt_fold*.pt", where=str(run), fix=_train_fix(run) + _other_runs(run.parent))
+
+
+def _fold_of(path: Path) -> int:
+    try:
+        return int(path.stem.removeprefix("ckpt_fold"))
+    except ValueError:
+        return 1 << 30          # odd names such as ckpt_foldX.pt sort last and are reported as missing folds
+
+
+def _run_config_json(run: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads((run / "config.json").read_text())
+        return doc.get("config", doc) if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _exp_name(run: Path) -> str:
+    return str(_run_config_json(run).get("exp_name", run.name))
+
+
+def _n_splits(run: Path) -> int:
+    cv = _run_config_json(run).get("cv", {})
+    return int(cv.get("n_splits", 0)) if isinstance(cv, dict) else 0
+
+
+def _train_fix(run: Path) -> str:
+    return (f"train first, e.g. `ctrpipe train --cfg cfgs/criteo.yaml --shards shards/criteo "
+            f"--set exp_name={run.name}` (writes {run}/ckpt_best.pt), or point --run at a finished run")
+
+
+def _other_runs(parent: Path) -> str:
+    if not parent.is_dir():
+        return ""
+    found = sorted(p.name for p in parent.iterdir()
+                   if p.is_dir() and ((p / "ckpt_best.pt").is_file() or any(p.glob("ckpt_fold*.pt"))))
+    return f"; runs with checkpoints in {parent}: {', '.join(found[:10])}" if found else ""
+
+
+def resolve_config(ckpt: dict[str, Any], overrides: Sequence[str]) -> RunConfig:
+    """The run's resolved config (from its checkpoint) plus inference-only `--set` overrides."""
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if not key.startswith(OVERRIDABLE):
+            raise ConfigError(f"--set {text}: '{key}' cannot change at inference (the checkpoint fixes it)",
+                              where="--set",
+                              fix="override only infer.*, loader.*, train.device or train.amp, "
+                                  "e.g. --set infer.view=val")
+    data = json.loads(json.dumps(ckpt["config"]))     # deep copy
+    apply_overrides(data, overrides)
+    sources = {text.split("=", 1)[0].strip(): "--set" for text in overrides}
+    return config_from_dict(data, sources=sources, origin="run config + --set")
+
+
+def resolve_view(name: str, manifest: Manifest) -> RowView:
+    """auto: the test split when the cache has test rows, else every row; otherwise the named split."""
+    if name == "all" or (name == "auto" and manifest.rows.get("test", 0) == 0):
+        return RowView(splits=tuple(SPLIT_CODES))
+    if name == "auto":
+        return RowView.test()
+    return RowView(splits=(name,))
+
+
+def task_index(cfg: RunConfig, labels: Sequence[str]) -> int:
+    if not cfg.infer.task:
+        return 0
+    if cfg.infer.task not in labels:
+        raise ConfigError(f"unknown task {cfg.infer.task!r}", where="infer.task",
+                          fix=f"use one of the model's labels: {', '.join(labels)}")
+    return list(labels).index(cfg.infer.task)
+
+
+def check_ids(shards: Path, manifest: Manifest) -> None:
+    """Refuse early (before any model runs) a cache without ids.npy: a submission needs IDs."""
+    lacking = [s.index for s in manifest.shards if "ids" not in s.files]
+    if lacking:
+        raise ManifestMismatchError(f"shard {lacking[0]} of the cache has no ids.npy, so rows have no IDs "
+                                    "to write", where=str(shards),
+                                    fix="rebuild the test cache with an ID column (data.id_column for "
+                                        "Parquet; Criteo text uses row positions): "
+                                        "`ctrpipe shard --test ... --force`")
+
+
+def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tuple[Calibration, str]:
+    """The task's calibration from calibration.json, refitted in memory if the file is for another config."""
+    ccfg = cfg.infer.calibration
+    if ccfg.method == "none":
+        return Calibration(method="none"), "none"
+    path = run / CALIBRATION_NAME
+    if path.is_file():
+        cals, requested = read_calibration(path)
+        if requested == ccfg and task < len(cals):
+            return cals[task], f"{CALIBRATION_NAME}"
+    try:
+        src, logits, labels, _ = load_val_predictions(run)
+    except CheckpointError:
+        if not quiet:
+            console.print(f"[yellow]warning:[/] {run} has no validation predictions, so infer.calibration."
+                          f"method={ccfg.method} cannot be fitted; writing uncalibrated predictions")
+        return Calibration(method="none"), "none (no validation predictions)"
+    cal = fit_calibration(logits[:, task], labels[:, task], ccfg)
+    return cal, f"refitted on {src.name} (calibration.json is for another config or absent)"
+
+
+def fold_weights(cfg: RunConfig, ckpts: Sequence[dict[str, Any]]) -> tuple[float, ...] | None:
+    """Explicit infer.weights, or softmax(fold val score / T) for method=weighted; None when unweighted."""
+    from ctrpipe.train.metrics import LOWER_IS_BETTER
+
+    ic = cfg.infer
+    scores = None
+    if ic.method == "weighted" and not ic.weights:
+        metric = ic.weight_metric
+        vals = [c.get("val_metrics", {}).get(metric) for c in ckpts]
+        if any(v is None for v in vals):
+            raise ConfigError(f"a checkpoint has no validation {metric!r} to weight folds by",
+                              where="infer.weight_metric",
+                              fix="give explicit weights (--set infer.weights=[1,1,2]) or another metric")
+        scores = [-float(v) if metric in LOWER_IS_BETTER else float(v) for v in vals]
+    w = resolve_weights(ic.method, len(ckpts), ic.weights or None, scores, ic.weight_temperature)
+    return None if w is None else tuple(float(x) for x in w)
+
+
+# ----------------------------------------------------------------------------------------------- predicting
+
+def _predict_logits(model: torch.nn.Module, loader: Any, n: int, task: int, device: torch.device, amp: str,
+                    labels_out: np.ndarray | None, progress: Any, label: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N,) float32, row_index (N,) int64) of one model; outputs stay on the device until the end."""
+    from ctrpipe.train.evaluate import autocast
+
+    logits = torch.empty(n, dtype=torch.float32, device=device)
+    rows = torch.empty(n, dtype=torch.int64, device=device)
+    labels = torch.full((n,), float("nan"), dtype=torch.float32, device=device) if labels_out is not None \
+        else None
+    pos = 0
+    bar = progress.add_task(label, total=n)
+    with torch.inference_mode():
+        for batch in loader:
+            b = len(batch)
+            with autocast(device, amp):
+                out = model(batch)                                     # (B, T)
+            logits[pos:pos + b] = out.float().reshape(b, -1)[:, task]
+            rows[pos:pos + b] = batch.row_index
+            if labels is not None and batch.labels is not None:
+                labels[pos:pos + b] = batch.labels.reshape(b, -1)[:, task]
+            pos += b
+            progress.advance(bar, b)
+    assert pos == n, f"loader served {pos} rows for a view of {n}"
+    if labels is not None and labels_out is not None:
+        labels_out[:] = labels.cpu().numpy()
+    return logits.cpu().numpy(), rows.cpu().numpy()
+
+
+def ensemble_logits(logits: np.ndarray, cals: Sequence[Calibration], method: str,
+                    weights: Sequence[float] | None, trim_ratio: float, chunk_rows: int) -> np.ndarray:
+    """(K, N) float32 logits -> (N,) float64 probabilities: calibrate each model, then combine per chunk."""
+    k, n = logits.shape
+    if method == "rank_avg":
+        # ranks are over all N rows, so build them one model at a time instead of per chunk
+        w = np.asarray(weights if weights is not None else np.full(k, 1.0 / k), dtype=np.float64)
+        out = np.zeros(n, dtype=np.float64)
+        for m in range(k):
+            out += w[m] * rank_normalise(cals[m].apply(logits[m]))
+        return out
+    out = np.empty(n, dtype=np.float64)
+    for a in range(0, n, chunk_rows):
+        b = min(n, a + chunk_rows)
+        probs = np.stack([sigmoid(cals[m].apply(logits[m, a:b])) for m in range(k)])   # (K, b - a)
+        out[a:b] = combine(probs, method, weights=weights, trim_ratio=trim_ratio)
+    return out
+
+
+def _write_ids_and_preds(shards: Path, rows: np.ndarray, preds: np.ndarray, out: Path,
+                         cfg: RunConfig) -> None:
+    """Stream (ID, prediction) chunks: IDs are gathered from each shard's ids.npy memmap per chunk."""
+    from ctrpipe.shard.reader import open_cache
+
+    cache = open_cache(shards)
+    chunk = cfg.infer.write_chunk_rows
+    with SubmissionWriter(out, cfg.infer.id_header, cfg.infer.pred_header) as writer:
+        for a in range(0, len(rows), chunk):
+            r = rows[a:a + chunk]
+            shard, local = cache.locate(r)
+            parts = [np.asarray(cache.shards[s]["ids"][local[shard == s]]) for s in np.unique(shard)]
+            ids = np.concatenate(parts) if len(parts) > 1 else parts[0]   # rows ascending -> shard order
+            writer.write(ids, preds[a:a + chunk].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------- command
+
+def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str],
+              quiet: bool = False) -> InferReport:
+    """Predict a shard cache with every checkpoint of a run, ensemble, calibrate, write a submission."""
+    from ctrpipe.loader.loader import ShardLoader
+    from ctrpipe.train.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
+    from ctrpipe.train.fit import resolve_device
+    from ctrpipe.train.metrics import compute_metrics
+
+    t0 = time.perf_counter()
+    run, shards = Path(run), Path(shards)
+    out = Path(out) if out is not None else run / "submission.csv"
+    paths = find_checkpoints(run)
+    ckpts = [load_checkpoint(p, "cpu") for p in paths]
+    cfg = resolve_config(ckpts[0], overrides)
+    manifest = read_manifest(shards)
+    for ckpt, path in zip(ckpts, paths, strict=True):
+        check_compatible(ckpt, manifest, shards, path)
+    check_ids(shards, manifest)
+    labels_all = tuple(ckpts[0]["feature_spec"].get("labels", ("label",)))
+    task = task_index(cfg, labels_all)
+    weights = fold_weights(cfg, ckpts)
+    cal, cal_source = load_calibrations(run, cfg, task, quiet)
+    device = resolve_device(cfg.train.device)
+    view = resolve_view(cfg.infer.view, manifest)
+    loader = ShardLoader(shards, view, cfg.infer.batch_size or cfg.loader.eval_batch_size, shuffle=False,
+                         seed=cfg.seed, device=device, block_rows=cfg.loader.block_rows,
+                         prefetch=cfg.loader.prefetch, pin_memory=cfg.loader.pin_memory, with_labels=True)
+    n = loader.num_rows
+    labelled = bool(manifest.columns_of("label")) and "labels" in manifest.shards[0].files
+    labels = np.empty(n, dtype=np.float32) if labelled else None
+    logits = np.empty((len(ckpts), n), dtype=np.float32)                 # (K, N)
+    rows = loader.row_indices()
+    with make_progress(quiet) as progress:
+        for k, (ckpt, path) in enumerate(zip(ckpts, paths, strict=True)):
+            model = model_from_checkpoint(ckpt, device)
+            logits[k], got_rows = _predict_logits(model, loader, n, task, device, cfg.train.amp,
+                                                  labels if k == 0 else None, progress,
+                                                  f"predict {path.name}")
+            if not np.array_equal(got_rows, rows):
+                raise AssertionError("loader order differs from its row_indices() with shuffle=False")
+            del model
+    preds = ensemble_logits(logits, [cal] * len(ckpts), cfg.infer.method, weights, cfg.infer.trim_ratio,
+                            cfg.infer.write_chunk_rows)
+    metrics = None
+    if labels is not None and np.isfinite(labels).all():
+        metrics = compute_metrics(labels, preds)
+    _write_ids_and_preds(shards, rows, preds, out, cfg)
+    if cfg.infer.save_fold_preds:
+        _save_fold_preds(out, rows, logits, paths, labels)
+    report = InferReport(out=out, rows=n, checkpoints=tuple(paths), weights=weights,
+                         view=view.describe(), task=labels_all[task], metrics=metrics,
+                         seconds=time.perf_counter() - t0)
+    _write_sidecar(report, cfg, run, shards, manifest, ckpts, cal, cal_source)
+    _print_summary(report, cfg, cal, cal_source, device, quiet)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+def _save_fold_preds(out: Path, rows: np.ndarray, logits: np.ndarray, paths: Sequence[Path],
+                     labels: np.ndarray | None) -> Path:
+    """<submission>.folds.npz: row_index (N,), logits (K, N) raw per-model logits, checkpoints (K,)."""
+    path = out.with_name(out.name + ".folds.npz")
+    tmp = path.with_name(path.name + ".incomplete")
+    extra = {"labels": labels} if labels is not None else {}
+    with open(tmp, "wb") as fh:
+        np.savez(fh, row_index=rows, logits=logits, checkpoints=np.array([p.name for p in paths]), **extra)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_sidecar(r: InferReport, cfg: RunConfig, run: Path, shards: Path, manifest: Manifest,
+                   ckpts: Sequence[dict[str, Any]], cal: Calibration, cal_source: str) -> Path:
+    """`<submission>.json`: everything needed to tell where a submission came from (written last)."""
+    path = r.out.with_name(r.out.name + ".json")
+    doc = {
+        "submission": str(r.out.resolve()), "rows": r.rows, "view": r.view, "task": r.task,
+        "run": str(run.resolve()), "exp_name": cfg.exp_name, "method": cfg.infer.method,
+        "weights": list(r.weights) if r.weights is not None else None,
+        "checkpoints": [{"path": str(p.resolve()), "sha256": file_sha256(p), "fold": int(c.get("fold", -1)),
+                         "epoch": c.get("epoch"), "step": c.get("step"),
+                         "val_metrics": _finite(c.get("val_metrics", {})),
+                         "schema_fingerprint": c["schema_fingerprint"],
+                         "manifest_fingerprint": c["manifest_fingerprint"]}
+                        for p, c in zip(r.checkpoints, ckpts, strict=True)],
+        "shards": str(shards.resolve()), "shards_fingerprint": manifest.fingerprint,
+        "shards_schema_fingerprint": manifest.schema_fingerprint(),
+        "calibration": {**asdict(cal), "source": cal_source},
+        "metrics": _finite(r.metrics) if r.metrics is not None else None,
+        "config": to_dict(cfg), "config_sources": dict(cfg.sources), "seconds": round(r.seconds, 3),
+    }
+    tmp = path.with_name(path.name + ".incomplete")
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _print_summary(r: InferReport, cfg: RunConfig, cal: Calibration, cal_source: str, device: torch.device,
+                   quiet: bool) -> None:
+    rate = human_rate(r.rows * len(r.checkpoints) / max(r.seconds, 1e-9), "rows/s")
+    k = len(r.checkpoints)
+    how = f"{k} checkpoint{'s' if k > 1 else ''}" + (f", {cfg.infer.method}" if k > 1 else "")
+    if quiet:
+        extra = "" if r.metrics is None else f" auc={r.metrics['auc']:.5f} logloss={r.metrics['logloss']:.5f}"
+        console.print(f"wrote {r.out} ({r.rows:,} rows, {how}, {r.seconds:.1f}s){extra}", highlight=False)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"ctrpipe infer: {cfg.exp_name}", title_justify="left", show_header=False)
+    table.add_row("submission", f"[bold]{r.out}[/] (+ {r.out.name}.json)")
+    table.add_row("rows", f"{r.rows:,} of {r.view}, task {r.task}")
+    table.add_row("models", how + ("" if r.weights is None else
+                                   " weights " + ",".join(f"{w:.3f}" for w in r.weights)))
+    table.add_row("calibration",
+                  f"{cal.method} T={cal.temperature:.4f} shift={cal.shift:+.4f} ({cal_source})")
+    table.add_row("time", f"{r.seconds:.1f}s on {device} ({rate})")
+    if r.metrics is not None:
+        table.add_row("metrics", "  ".join(f"{m}={r.metrics[m]:.5f}" for m in ("auc", "logloss", "wll", "ap")
+                                           if m in r.metrics))
+    console.print(table)
+    if cfg.infer.method == "rank_avg" and k > 1:
+        console.print("  note: rank_avg writes rank scores in [0, 1], not calibrated probabilities")
