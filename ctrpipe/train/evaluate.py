@@ -1,0 +1,86 @@
+"""Stage 5: predictions over a whole view into preallocated arrays, then exact metrics once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ctrpipe.errors import CheckpointError
+from ctrpipe.loader.batch import Batch
+from ctrpipe.train.metrics import metrics_from_logits
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Logits of one model over one view.
+
+    row_index (N,) int64 global cache rows; logits (N, T) float32; labels (N, T) float32 (NaN: unlabelled).
+    """
+
+    row_index: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+
+    def metrics(self, label_names: tuple[str, ...] | None = None) -> dict[str, float]:
+        return metrics_from_logits(self.labels, self.logits, label_names)
+
+    def save(self, path: Path, label_names: tuple[str, ...] = ()) -> None:
+        """Atomic .npz write (temp name, then rename); `label_names` (T,) is stored when given."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".incomplete")
+        extra = {"label_names": np.asarray(label_names, dtype=str)} if label_names else {}
+        with open(tmp, "wb") as fh:
+            np.savez(fh, row_index=self.row_index, logits=self.logits, labels=self.labels, **extra)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Predictions:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"prediction file {path} is missing", where=str(path),
+                                  fix="retrain this run (or this fold) without --resume")
+        with np.load(path) as z:
+            return cls(z["row_index"], z["logits"], z["labels"])
+
+
+def autocast(device: torch.device, amp: str) -> AbstractContextManager[object]:
+    """bf16/fp16 autocast for `amp`, a no-op context for 'off'."""
+    if amp == "off":
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, n_tasks: int, device: torch.device,
+            amp: str = "off", with_labels: bool = True) -> Predictions:
+    """Run `model` over every batch of a view; outputs stay on the device until one copy at the end."""
+    was_training = model.training
+    model.eval()
+    logits = torch.empty((num_rows, n_tasks), dtype=torch.float32, device=device)   # (N, T)
+    labels = torch.full((num_rows, n_tasks), float("nan"), dtype=torch.float32, device=device)
+    rows = torch.empty(num_rows, dtype=torch.int64, device=device)
+    pos = 0
+    try:
+        for batch in batches:
+            n = len(batch)
+            with autocast(device, amp):
+                out = model(batch)                                                     # (B, T)
+            logits[pos:pos + n] = out.float().reshape(n, n_tasks)
+            if with_labels and batch.labels is not None:
+                labels[pos:pos + n] = batch.labels.reshape(n, n_tasks)
+            rows[pos:pos + n] = batch.row_index
+            pos += n
+    finally:
+        model.train(was_training)
+    assert pos == num_rows, f"loader served {pos} rows for a view of {num_rows}"
+    return Predictions(rows.cpu().numpy(), logits.cpu().numpy(), labels.cpu().numpy())

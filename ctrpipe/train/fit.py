@@ -1,0 +1,376 @@
+"""Stage 5 entry point (`ctrpipe train`): config + shard cache -> run directory, single run or K-fold.
+
+Checks everything a user can get wrong before the first step (cache, model, device, folds, run dir), then
+calls `loop.fit` once per model, scores gold rows, writes metrics.json and fits calibration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from ctrpipe.config import RunConfig, load_config, to_dict
+from ctrpipe.console import console, human_rate
+from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError, SchemaError
+from ctrpipe.features import FeatureSpec
+from ctrpipe.loader.loader import ShardLoader
+from ctrpipe.loader.view import RowView, resolve_view
+from ctrpipe.shard.manifest import Manifest, read_manifest
+from ctrpipe.train.checkpoint import (
+    FORMAT,
+    check_compatible,
+    feature_spec_dict,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from ctrpipe.train.config import CVConfig
+from ctrpipe.train.evaluate import Predictions, predict
+from ctrpipe.train.loop import FitInputs, FitResult, fit
+from ctrpipe.train.metrics import METRIC_NAMES, metrics_from_logits
+from ctrpipe.train.rundir import write_config, write_json, write_text
+
+SUMMARY_METRICS = ("auc", "logloss", "ap", "wll", "score", "calibration")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainContext:
+    """What every model of one `ctrpipe train` call shares."""
+
+    cfg: RunConfig
+    shards: Path
+    manifest: Manifest
+    spec: FeatureSpec
+    device: torch.device
+    run_dir: Path
+    resume: bool
+    quiet: bool
+
+
+def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: Path, kfold: int = 0,
+              resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Train one model (or one per fold) and write runs/<exp_name>/; returns the metrics.json content."""
+    cfg = load_config(cfg_path, overrides)
+    if kfold:
+        cfg = dataclasses.replace(cfg, cv=CVConfig(n_splits=kfold),
+                                  sources={**cfg.sources, "cv.n_splits": "--kfold"})
+    ctx = prepare(cfg, Path(shards), Path(runs), resume, quiet)
+    with _reproducible(cfg):
+        if cfg.cv.n_splits:
+            summary = _run_kfold(ctx)
+        else:
+            summary = _run_single(ctx)
+    if summary.get("interrupted"):
+        return summary
+    write_json(ctx.run_dir / "metrics.json", summary)
+    _calibrate(ctx)
+    _print_summary(ctx, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool) -> TrainContext:
+    """Everything that can fail before training: cache, labels, device, metric, folds, model, run dir."""
+    manifest = read_manifest(shards)
+    if manifest.role == "test" or not manifest.label_names or manifest.rows.get("train", 0) == 0:
+        raise SchemaError(f"shard cache {shards} has no labelled training rows (role {manifest.role!r}, rows "
+                          f"{manifest.rows})", where=str(shards / "manifest.json"),
+                          fix="train on a cache built from labelled data without --test")
+    spec = manifest.feature_spec()
+    device = resolve_device(cfg.train.device)
+    if cfg.train.amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.amp=fp16 needs a CUDA device, the run uses {device}", where="train.amp",
+                          fix="use train.amp=bf16 (works on CPU) or train.amp=off")
+    _check_metric(cfg, spec)
+    _check_folds(cfg, manifest, shards)
+    from ctrpipe.models.registry import build_model
+
+    # a model that needs a feature kind the shards lack fails here (SchemaError), before any other work
+    build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
+    run_dir = runs / cfg.exp_name
+    if resume and not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"nothing to resume: {run_dir} holds no run", where=str(run_dir),
+                              fix="drop --resume to start the run, or pass the --runs/exp_name of the run")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise CheckpointError(f"run directory {run_dir} already holds a run", where=str(run_dir),
+                              fix="pass --resume to continue it, --set exp_name=NEW for a new run, "
+                                  "or delete it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, to_dict(cfg), dict(cfg.sources))
+    write_text(run_dir / "manifest_fingerprint.txt",
+               f"{manifest.fingerprint}\nschema {manifest.schema_fingerprint()}\nshards {shards.resolve()}\n")
+    return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; a CUDA device that is absent is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available", where="train.device",
+                          fix="use train.device=auto or train.device=cpu")
+    return device
+
+
+def _check_metric(cfg: RunConfig, spec: FeatureSpec) -> None:
+    valid = list(METRIC_NAMES)
+    if spec.n_tasks > 1:
+        valid += [f"{m}.{label}" for label in spec.labels for m in METRIC_NAMES]
+    if cfg.train.early_stopping.metric not in valid:
+        raise ConfigError(f"unknown metric {cfg.train.early_stopping.metric!r}",
+                          where="train.early_stopping.metric", fix=f"use one of {', '.join(valid)}")
+
+
+def _check_folds(cfg: RunConfig, manifest: Manifest, shards: Path) -> None:
+    k = cfg.cv.n_splits
+    stored = int(manifest.folds.get("n_splits", 0) or 0)
+    if k and stored != k:
+        have = "no folds" if stored == 0 else f"{stored} folds"
+        raise ManifestMismatchError(
+            f"K-fold training with K={k} needs a cache with {k} folds; {shards} has {have}",
+            where=str(shards / "manifest.json"),
+            fix=f"rebuild the cache with --set data.folds.n_splits={k}" +
+                (f", or use --kfold {stored}" if stored else ""))
+
+
+@contextmanager
+def _reproducible(cfg: RunConfig) -> Iterator[None]:
+    """Thread count and deterministic kernels for the duration of training; the caller's settings return."""
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.deterministic and resolve_device(cfg.train.device).type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+
+
+# ----------------------------------------------------------------------------------------------- one model
+
+def _loader(ctx: TrainContext, view: RowView, train: bool, seed: int) -> ShardLoader:
+    lc = ctx.cfg.loader
+    batch = lc.batch_size if train else lc.eval_batch_size
+    # training drops a ragged last batch (a 1-row batch breaks batch norm); evaluation scores every row
+    drop_last = train and resolve_view(ctx.shards, ctx.manifest, view).num_rows >= batch
+    return ShardLoader(ctx.shards, view, batch, shuffle=lc.shuffle and train, seed=seed, device=ctx.device,
+                       block_rows=lc.block_rows, prefetch=lc.prefetch, pin_memory=lc.pin_memory,
+                       drop_last=drop_last, strategy=lc.shuffle_strategy, window_shards=lc.window_shards)
+
+
+def _meta(ctx: TrainContext, fold: int) -> dict[str, Any]:
+    cfg = ctx.cfg
+    return {"format": FORMAT, "model_name": cfg.model.name, "model_params": to_dict(cfg.model),
+            "feature_spec": feature_spec_dict(ctx.spec),
+            "schema_fingerprint": ctx.manifest.schema_fingerprint(),
+            "manifest_fingerprint": ctx.manifest.fingerprint, "shards": str(ctx.shards.resolve()),
+            "config": to_dict(cfg), "fold": fold}
+
+
+def _load_resume(ctx: TrainContext, out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / "ckpt_last.pt"
+    if not ctx.resume or not path.is_file():
+        return None
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt, ctx.manifest, ctx.shards, path)
+    old, new = _flatten(ckpt["config"]), _flatten(to_dict(ctx.cfg))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    fixed = [k for k in changed if k.startswith(("model.", "data.")) or k == "seed"]
+    if fixed:
+        raise CheckpointError(f"cannot resume with changed {', '.join(fixed)}", where=str(path),
+                              fix="resume with the config the run started with (see its config.yaml)")
+    if changed and not ctx.quiet:
+        console.print("[yellow]resuming with changed settings:[/] " +
+                      ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+    return ckpt
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None, fold: int, out_dir: Path,
+               best_path: Path, label: str) -> FitResult:
+    from ctrpipe.models.registry import build_model
+
+    cfg = ctx.cfg
+    seed = cfg.seed + max(fold, 0)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    model = build_model(cfg.model.name, cfg.model.params, ctx.spec, sparse=cfg.train.sparse_embeddings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = FitInputs(
+        model=model, spec=ctx.spec, train_loader=_loader(ctx, train_view, True, seed),
+        val_loader=_loader(ctx, val_view, False, seed) if val_view is not None else None,
+        cfg=cfg.train, device=ctx.device, out_dir=out_dir, best_path=best_path, meta=_meta(ctx, fold),
+        resume=_load_resume(ctx, out_dir), quiet=ctx.quiet, label=label)
+    return fit(inputs)
+
+
+def _gold_predictions(ctx: TrainContext, ckpt_path: Path) -> Predictions | None:
+    if ctx.manifest.rows.get("gold", 0) == 0:
+        return None
+    model = model_from_checkpoint(load_checkpoint(ckpt_path), ctx.device)
+    loader = _loader(ctx, RowView.gold(), False, ctx.cfg.seed)
+    return predict(model, loader, loader.num_rows, ctx.spec.n_tasks, ctx.device, ctx.cfg.train.amp)
+
+
+def _fit_summary(result: FitResult) -> dict[str, Any]:
+    return {"best_step": result.best_step, "best_epoch": result.best_epoch, "steps": result.steps,
+            "epochs": result.epochs, "samples": result.samples,
+            "train_seconds": round(result.train_seconds, 3),
+            "samples_per_s": round(result.samples_per_s, 1), "stopped_early": result.stopped_early}
+
+
+def _base_summary(ctx: TrainContext) -> dict[str, Any]:
+    return {"exp_name": ctx.cfg.exp_name, "model": ctx.cfg.model.name, "device": str(ctx.device),
+            "shards": str(ctx.shards.resolve()), "manifest_fingerprint": ctx.manifest.fingerprint,
+            "schema_fingerprint": ctx.manifest.schema_fingerprint(), "labels": list(ctx.spec.labels),
+            "config": to_dict(ctx.cfg), "config_sources": dict(ctx.cfg.sources)}
+
+
+def _interrupted(ctx: TrainContext, step: int) -> dict[str, Any]:
+    console.print(f"[yellow]stopped at step {step}[/] (train.stop_after_steps); continue with --resume")
+    return {"interrupted": True, "step": step}
+
+
+def _run_single(ctx: TrainContext) -> dict[str, Any]:
+    has_val = ctx.manifest.rows.get("val", 0) > 0
+    result = _train_one(ctx, RowView.train(), RowView.val() if has_val else None, -1, ctx.run_dir,
+                        ctx.run_dir / "ckpt_best.pt", "train")
+    if result.interrupted:
+        return _interrupted(ctx, result.steps)
+    summary = _base_summary(ctx)
+    summary.update(_fit_summary(result))
+    summary["val"] = result.best_metrics
+    gold = _gold_predictions(ctx, ctx.run_dir / "ckpt_best.pt")
+    summary["gold"] = gold.metrics(ctx.spec.labels) if gold is not None else None
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- K-fold
+
+def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
+    k_total = ctx.cfg.cv.n_splits
+    folds: list[dict[str, Any]] = []
+    oof_parts: list[Predictions] = []
+    gold_logits: list[np.ndarray] = []
+    gold: Predictions | None = None
+    results: list[FitResult] = []
+    for k in range(k_total):
+        best = ctx.run_dir / f"ckpt_fold{k}.pt"
+        fold_dir = ctx.run_dir / f"fold{k}"
+        result = _train_one(ctx, RowView.fold_train(k), RowView.fold_val(k), k, fold_dir, best,
+                            f"fold {k + 1}/{k_total}")
+        if result.interrupted:
+            return _interrupted(ctx, result.steps)
+        if result.best_preds is None:
+            raise CheckpointError(f"fold {k} left no validation predictions", where=str(fold_dir),
+                                  fix="delete that fold folder and train again with --resume")
+        results.append(result)
+        folds.append({"fold": k, "rows_val": int(result.best_preds.row_index.size), **_fit_summary(result),
+                      "val": result.best_metrics})
+        oof_parts.append(result.best_preds)
+        g = _gold_predictions(ctx, best)
+        if g is not None:
+            gold = g
+            gold_logits.append(g.logits)
+    oof = _assemble_oof(oof_parts)
+    oof.save(ctx.run_dir / "oof.npz", ctx.spec.labels)
+    summary = _base_summary(ctx)
+    total_samples = sum(r.samples for r in results)
+    total_seconds = sum(r.train_seconds for r in results)
+    summary.update(samples=total_samples, train_seconds=round(total_seconds, 3),
+                   samples_per_s=round(total_samples / total_seconds, 1) if total_seconds > 0 else 0.0)
+    summary["cv"] = _cv_summary(folds, oof.metrics(ctx.spec.labels))
+    summary["val"] = summary["cv"]["oof"]
+    if gold is not None:
+        ensemble = np.mean(np.stack(gold_logits), axis=0)          # (N, T): logit mean of the fold models
+        summary["gold"] = metrics_from_logits(gold.labels, ensemble, ctx.spec.labels)
+    else:
+        summary["gold"] = None
+    return summary
+
+
+def _assemble_oof(parts: list[Predictions]) -> Predictions:
+    rows = np.concatenate([p.row_index for p in parts])
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+    if rows.size and np.any(rows[1:] == rows[:-1]):
+        raise ManifestMismatchError("a row appears in two validation folds", where="fold.npy",
+                                    fix="rebuild the cache: its fold assignment is broken")
+    return Predictions(rows, np.concatenate([p.logits for p in parts])[order],
+                       np.concatenate([p.labels for p in parts])[order])
+
+
+def _cv_summary(folds: list[dict[str, Any]], oof: dict[str, float]) -> dict[str, Any]:
+    keys = [k for k in folds[0]["val"] if all(k in f["val"] for f in folds)]
+    values = {k: np.array([f["val"][k] for f in folds], dtype=np.float64) for k in keys}
+    return {"n_splits": len(folds), "folds": folds,
+            "mean": {k: float(np.mean(v)) for k, v in values.items()},
+            "std": {k: float(np.std(v)) for k, v in values.items()},
+            "oof": oof}
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+
+def _calibrate(ctx: TrainContext) -> None:
+    """Fit calibration on val/OOF logits when the inference stage provides it (infer.calibration.method)."""
+    try:
+        module = importlib.import_module("ctrpipe.infer.calibrate")
+    except ModuleNotFoundError:
+        return
+    calibrate_run = getattr(module, "calibrate_run", None)
+    has_preds = (ctx.run_dir / "oof.npz").is_file() or (ctx.run_dir / "val_predictions.npz").is_file()
+    if calibrate_run is None or not has_preds:
+        return
+    calibrate_run(ctx.run_dir, ctx.cfg, quiet=ctx.quiet)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.5f}" if isinstance(v, float) else str(v)
+
+
+def _print_summary(ctx: TrainContext, s: dict[str, Any]) -> None:
+    val, gold = s.get("val") or {}, s.get("gold") or {}
+    if ctx.quiet:
+        shown = " ".join(f"{k}={val[k]:.5f}" for k in ("auc", "logloss") if k in val)
+        console.print(f"trained {s['model']} -> {ctx.run_dir}: {shown} "
+                      f"{human_rate(s.get('samples_per_s', 0.0), 'samples/s')}")
+        return
+    table = Table(title=f"ctrpipe train: {ctx.cfg.exp_name} ({s['model']}, {s['device']})")
+    table.add_column("")
+    for name in ("val" if "cv" not in s else "OOF", *(["gold"] if gold else [])):
+        table.add_column(name, justify="right")
+    if "cv" in s:
+        table.add_column("folds mean ± std", justify="right")
+    for m in SUMMARY_METRICS:
+        row = [m, _fmt(val.get(m, "-"))]
+        if gold:
+            row.append(_fmt(gold.get(m, "-")))
+        if "cv" in s:
+            mean, std = s["cv"]["mean"].get(m, float("nan")), s["cv"]["std"].get(m, float("nan"))
+            row.append(f"{mean:.5f} ± {std:.5f}")
+        table.add_row(*row)
+    console.print(table)
+    extra = f"best step {s['best_step']}, " if "best_step" in s else ""
+    console.print(f"{extra}{s.get('train_seconds', 0):.1f}s training, "
+                  f"{human_rate(s.get('samples_per_s', 0.0), 'samples/s')} -> {ctx.run_dir}")

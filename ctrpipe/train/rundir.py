@@ -1,0 +1,104 @@
+"""Stage 5: the run directory -- where a run's config, logs, checkpoints and predictions live.
+
+Layout of runs/<exp_name>/ (single run; K-fold adds the lines marked [cv])::
+
+    config.yaml, config.json      resolved run config (config.json also says where each value came from)
+    manifest_fingerprint.txt      fingerprint + schema fingerprint of the training cache
+    train_log.csv                 a row per log step (loss, lr, samples/s) and per evaluation (val_* columns)
+    tb/                           TensorBoard events (only when `tensorboard` is installed)
+    ckpt_best.pt, ckpt_last.pt    best weights by the early-stopping metric; last state for --resume
+    val_predictions.npz           row_index (N,) int64, logits (N, T) float32, labels (N, T) float32
+    ckpt_fold{k}.pt               [cv] best weights of fold k
+    fold{k}/ckpt_last.pt, fold{k}/train_log.csv, fold{k}/val_predictions.npz   [cv]
+    oof.npz                       [cv] out-of-fold logits of every fold-assigned row
+    metrics.json                  final metrics (val, gold, cv), best step, samples/s, fingerprints, config
+    calibration.json              written by ctrpipe.infer.calibrate when calibration is on
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctrpipe.train.metrics import METRIC_NAMES
+
+LOG_FIELDS = ("step", "epoch", "lr", "loss", "samples_per_s", *(f"val_{m}" for m in METRIC_NAMES))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic text write: temp name, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".incomplete")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> None so metrics.json stays valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(_json_safe(obj), indent=2) + "\n")
+
+
+def write_config(run_dir: Path, config: dict[str, Any], sources: dict[str, str]) -> None:
+    write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_json(run_dir / "config.json", {"config": config, "sources": sources})
+
+
+class RunLog:
+    """Appends rows to train_log.csv (flushed each time) and, if available, TensorBoard scalars."""
+
+    def __init__(self, directory: Path, append: bool) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "train_log.csv"
+        fresh = not (append and path.is_file())
+        self._fh = open(path, "w" if fresh else "a", newline="")   # noqa: SIM115 - closed in close()
+        self._csv = csv.DictWriter(self._fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        if fresh:
+            self._csv.writeheader()
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(directory / "tb"))
+        except ImportError:   # tensorboard is optional
+            self._tb = None
+
+    def train(self, step: int, epoch: int, lr: float, loss: float, samples_per_s: float) -> None:
+        self._csv.writerow({"step": step, "epoch": epoch, "lr": f"{lr:.6g}", "loss": f"{loss:.6f}",
+                            "samples_per_s": f"{samples_per_s:.1f}"})
+        self._fh.flush()
+        if self._tb is not None:
+            self._tb.add_scalar("train/loss", loss, step)
+            self._tb.add_scalar("train/lr", lr, step)
+            self._tb.add_scalar("train/samples_per_s", samples_per_s, step)
+
+    def evaluation(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        row: dict[str, Any] = {"step": step, "epoch": epoch}
+        row.update({f"val_{m}": f"{metrics[m]:.6f}" for m in METRIC_NAMES if m in metrics})
+        self._csv.writerow(row)
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"val/{k}", v, step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
