@@ -1,0 +1,177 @@
+"""`ctrpipe infer` on real tiny runs: synth -> shard -> train (CLI, a few steps) -> infer.
+
+Checks that pointing infer at the val rows reproduces metrics.json, that K fold checkpoints are ensembled
+exactly as `combine` says, and that every refusal names the folder / file and a fix.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from ctrpipe.cli import app
+from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
+from ctrpipe.infer.ensemble import combine, sigmoid
+from ctrpipe.infer.predict import run_infer
+
+REPO = Path(__file__).resolve().parents[2]
+CFG = REPO / "cfgs" / "criteo.yaml"
+DATA = ["data.hash_bins=200", "data.shard_rows=500", "data.folds.n_splits=2"]
+TRAIN = ["loader.batch_size=128", "loader.eval_batch_size=256", "train.log_every=5", "train.device=cpu",
+         "model.name=dnn"]
+
+
+def _cli(*args: str) -> None:
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 0, res.output + (repr(res.exception) if res.exception else "")
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Criteo data, a train cache, a test cache, a single run and a 2-fold run (built once)."""
+    root = tmp_path_factory.mktemp("infer_world")
+    data, tr, te = root / "data", root / "shards_tr", root / "shards_te"
+    _cli("synth", "--format", "criteo", "--rows", "1500", "--test-rows", "300", "--out", str(data), "-q")
+    _cli("shard", "--cfg", str(CFG), "--input", str(data / "train.tsv"), "--out", str(tr), "-q", *_sets(DATA))
+    _cli("shard", "--cfg", str(CFG), "--input", str(data / "test.tsv"), "--test", "--stats-from", str(tr),
+         "--out", str(te), "-q", *_sets(DATA + ["data.id_offset=60000000"]))
+    runs = root / "runs"
+    _cli("train", "--cfg", str(CFG), "--shards", str(tr), "--runs", str(runs), "-q",
+         *_sets(TRAIN + ["exp_name=single"]))
+    _cli("train", "--cfg", str(CFG), "--shards", str(tr), "--runs", str(runs), "--kfold", "2", "-q",
+         *_sets(TRAIN + ["exp_name=kfold"]))
+    return {"root": root, "data": data, "tr": tr, "te": te, "single": runs / "single",
+            "kfold": runs / "kfold"}
+
+
+def test_val_view_reproduces_metrics_json(world: dict[str, Path], tmp_path: Path) -> None:
+    run = world["single"]
+    want = json.loads((run / "metrics.json").read_text())["val"]
+    rep = run_infer(run, world["tr"], tmp_path / "val.csv",
+                    ["infer.view=val", "infer.calibration.method=none"], quiet=True)
+    assert rep.metrics is not None
+    for key in ("auc", "logloss", "ap", "wll"):
+        assert rep.metrics[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    # with the calibration fitted at the end of training: same ranking, logloss no worse on the rows it saw
+    assert (run / "calibration.json").is_file()
+    cal = run_infer(run, world["tr"], tmp_path / "val_cal.csv", ["infer.view=val"], quiet=True)
+    assert cal.metrics is not None
+    assert cal.metrics["auc"] == pytest.approx(want["auc"], abs=1e-9)
+    assert cal.metrics["logloss"] <= want["logloss"] + 1e-9
+
+
+def test_submission_on_test_cache(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "submission.csv"
+    res = CliRunner().invoke(app, ["infer", "--run", str(world["single"]), "--shards", str(world["te"]),
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    sub = pl.read_csv(out)
+    assert sub.columns == ["ID", "clicked"]
+    assert sub.height == 300
+    assert sub["ID"].to_list() == list(range(60_000_000, 60_000_300))       # Criteo: id_offset + position
+    p = sub["clicked"].to_numpy()
+    assert np.all((p > 0) & (p < 1))
+    side = json.loads((out.parent / "submission.csv.json").read_text())
+    assert side["rows"] == 300 and side["run"] == str(world["single"].resolve())
+    assert len(side["checkpoints"]) == 1 and len(side["checkpoints"][0]["sha256"]) == 64
+    assert side["shards_fingerprint"] and side["config"]["infer"]["view"] == "auto"
+    assert side["calibration"]["method"] == "temperature"
+    assert not list(out.parent.glob("*.incomplete"))
+
+
+def _fold_logits(run: Path, shards: Path) -> np.ndarray:
+    """Each fold checkpoint's logits over the test cache, through train's own predict()."""
+    import torch
+
+    from ctrpipe.loader.loader import ShardLoader
+    from ctrpipe.loader.view import RowView
+    from ctrpipe.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from ctrpipe.train.evaluate import predict
+
+    out = []
+    for k in range(2):
+        model = model_from_checkpoint(load_checkpoint(run / f"ckpt_fold{k}.pt"), "cpu")
+        loader = ShardLoader(shards, RowView.test(), 64, shuffle=False, seed=0, with_labels=False)
+        out.append(predict(model, loader, loader.num_rows, 1, torch.device("cpu")).logits[:, 0])
+    return np.stack(out)
+
+
+def test_kfold_run_ensembles_every_fold(world: dict[str, Path], tmp_path: Path) -> None:
+    run = world["kfold"]
+    rep = run_infer(run, world["te"], tmp_path / "kf.csv",
+                    ["infer.calibration.method=none", "infer.save_fold_preds=true"], quiet=True)
+    assert [p.name for p in rep.checkpoints] == ["ckpt_fold0.pt", "ckpt_fold1.pt"]
+    logits = _fold_logits(run, world["te"])
+    want = combine(sigmoid(logits), "logit_mean")
+    got = pl.read_csv(tmp_path / "kf.csv")["clicked"].to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    with np.load(tmp_path / "kf.csv.folds.npz") as z:
+        assert z["logits"].shape == (2, 300)
+        np.testing.assert_allclose(z["logits"], logits, rtol=1e-5, atol=1e-6)
+    # weighted: weights come from the folds' validation AUCs through a softmax
+    rep = run_infer(run, world["te"], tmp_path / "kfw.csv", ["infer.method=weighted"], quiet=True)
+    assert rep.weights is not None and len(rep.weights) == 2 and sum(rep.weights) == pytest.approx(1.0)
+
+
+def test_no_checkpoint_error_names_run_and_fix(world: dict[str, Path], tmp_path: Path) -> None:
+    empty = tmp_path / "runs" / "criteo_dnn"
+    empty.mkdir(parents=True)
+    with pytest.raises(CheckpointError) as exc:
+        run_infer(empty, world["te"], None, [], quiet=True)
+    msg = str(exc.value)
+    assert str(empty) in msg and "'criteo_dnn'" in msg and "ctrpipe train" in msg and "fix:" in msg
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run_infer(tmp_path / "runs" / "nope", world["te"], None, [], quiet=True)
+
+
+def test_incomplete_kfold_run_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "kfold"
+    shutil.copytree(world["kfold"], run)
+    (run / "ckpt_fold1.pt").unlink()
+    with pytest.raises(CheckpointError) as exc:
+        run_infer(run, world["te"], None, [], quiet=True)
+    assert "ckpt_fold1.pt is missing" in str(exc.value) and "--resume" in str(exc.value)
+
+
+def test_schema_mismatch_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    _cli("shard", "--cfg", str(CFG), "--input", str(world["data"] / "test.tsv"), "--out", str(other), "-q",
+         *_sets(["data.hash_bins=300", "data.shard_rows=500", "data.folds.n_splits=2"]))
+    with pytest.raises(ManifestMismatchError) as exc:
+        run_infer(world["single"], other, tmp_path / "x.csv", [], quiet=True)
+    msg = str(exc.value)
+    assert "schema" in msg and "ckpt_best.pt" in msg and "--stats-from" in msg
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_missing_ids_are_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    cache = tmp_path / "noids"
+    shutil.copytree(world["te"], cache)
+    doc = json.loads((cache / "manifest.json").read_text())
+    for shard in doc["shards"]:
+        (cache / shard["files"].pop("ids")["file"]).unlink()
+    doc["columns"] = [c for c in doc["columns"] if c["kind"] != "id"]
+    (cache / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ManifestMismatchError, match="no ids.npy") as exc:
+        run_infer(world["single"], cache, tmp_path / "x.csv", [], quiet=True)
+    assert str(cache) in str(exc.value)
+
+
+def test_bad_overrides_are_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot change at inference"):
+        run_infer(world["single"], world["te"], tmp_path / "x.csv", ["model.hidden=[8]"], quiet=True)
+    with pytest.raises(ConfigError, match="unknown task"):
+        run_infer(world["single"], world["te"], tmp_path / "x.csv", ["infer.task=nope"], quiet=True)
+    res = CliRunner().invoke(app, ["infer", "--run", str(world["single"]), "--shards", str(world["te"]),
+                                   "--set", "infer.view=gold", "--out", str(tmp_path / "y.csv")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
