@@ -1,0 +1,70 @@
+"""Stage 1: turn --input arguments (files, folders, globs) into a sorted, checked list of input files."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from ctrpipe.errors import InputFormatError
+
+_GLOB_CHARS = set("*?[")
+
+
+def _is_glob(p: str) -> bool:
+    return any(c in _GLOB_CHARS for c in p)
+
+
+def _folder_files(folder: Path, fmt: Literal["criteo", "parquet"]) -> list[Path]:
+    if fmt == "parquet":
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".parquet")
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def expand_inputs(paths: Sequence[Path | str], fmt: Literal["criteo", "parquet"]) -> list[Path]:
+    """Files as given; folders -> their files (Parquet: *.parquet), sorted; globs -> matches, sorted.
+
+    Order is the order of the arguments, each expanded deterministically, so row order (and so splits and
+    shards) never depends on the file system. A path matching nothing, an empty file or a file given twice
+    is an error: silently reading less data than asked is worse than stopping.
+    """
+    if not paths:
+        raise InputFormatError("no input given", fix="pass --input FILE (a file, a folder or a quoted glob)")
+    out: list[Path] = []
+    for raw in paths:
+        text = str(raw)
+        if _is_glob(text) and not Path(text).exists():
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            files = [m for m in matches if m.is_file()]
+            if fmt == "parquet":
+                files = [m for m in files if m.suffix == ".parquet"]
+            if not files:
+                raise InputFormatError(f"the pattern {text!r} matches no {fmt} file", where=text,
+                                       fix="check the pattern; quote it so the shell does not expand it")
+        else:
+            p = Path(text)
+            if p.is_dir():
+                files = _folder_files(p, fmt)
+                if not files:
+                    kind = "*.parquet files" if fmt == "parquet" else "files"
+                    raise InputFormatError(f"the folder holds no {kind}", where=text,
+                                           fix="point --input at the data files or at their folder")
+            elif p.is_file():
+                files = [p]
+            else:
+                raise InputFormatError("input file not found", where=text,
+                                       fix="check the path (relative paths start from the current folder)")
+        for f in files:
+            if f.stat().st_size == 0:
+                raise InputFormatError("input file is empty", where=str(f),
+                                       fix="re-create or re-download it, or leave it out of --input")
+        out.extend(files)
+    seen: set[Path] = set()
+    for f in out:
+        key = f.resolve()
+        if key in seen:
+            raise InputFormatError("the same file is given twice", where=str(f),
+                                   fix="list each input file once (check overlapping folders and globs)")
+        seen.add(key)
+    return out

@@ -1,0 +1,148 @@
+"""Stage 1: column transforms applied per chunk: log1p for numeric columns, token columns -> padded id matrices.
+
+Token layout (multihot and sequence), one row per input row, L = max_len::
+
+    'a|b|c' with max_len 2, keep='last'  (sequence: the most recent tokens)  -> tokens [id(b), id(c)], len 2
+    'a|b|c' with max_len 2, keep='first' (multihot)                           -> tokens [id(a), id(b)], len 2
+    'a'     with max_len 2                                                    -> tokens [id(a), 0],     len 1
+    'a:0.5|b:2' weighted                                                      -> weights [0.5, 2.0]
+
+Valid tokens are left-aligned, in input order (most recent last within the valid prefix), 0 pads the rest.
+Empty tokens ('a||b', a trailing separator) carry no token and are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+from ctrpipe.data.hashing import hash_ids, xxh64_strings
+from ctrpipe.errors import InputFormatError, location
+
+Keep = Literal["first", "last"]
+
+
+def log1p_transform(x: np.ndarray, mode: Literal["signed", "clip", "none"]) -> np.ndarray:
+    """float32, same shape. signed: sign(x) * log1p(|x|) keeps negatives ordered; clip: log1p(max(x, 0));
+    none: x as is. NaN stays NaN (imputation happens before or after, by the caller's choice)."""
+    x = np.asarray(x, dtype=np.float32)
+    if mode == "none":
+        return x.copy()
+    if mode == "clip":
+        return np.log1p(np.maximum(x, np.float32(0)))
+    if mode == "signed":
+        return np.copysign(np.log1p(np.abs(x)), x)
+    raise ValueError(f"unknown log1p mode {mode!r}")
+
+
+def weight_error(column: str, example: str, reason: str, where: str = "") -> InputFormatError:
+    """The one message for a malformed weighted token, used by readers (which know the line) and here."""
+    return InputFormatError(
+        f"weighted token column {column!r}: {reason} in {example[:80]!r}",
+        where=where or location(column=column),
+        fix="write every token as name:weight with a finite number (e.g. 'a:0.5|b:2'), or set "
+            "weighted: false for this column")
+
+
+def first_bad_weight(values: pl.Series, separator: str) -> tuple[int, str] | None:
+    """(row index, reason) of the first row whose tokens are not all 'name:weight' with a finite weight."""
+    flat, row, weights, names = _explode(values, separator, weighted=True, strict=False)
+    bad = _bad_weights(names, weights)
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    return int(row[i]), _weight_reason(flat, names, i)
+
+
+def _bad_weights(names: pl.Series, weights: np.ndarray) -> np.ndarray:
+    """A token needs a non-empty name and a finite weight (nulls -> NaN in `weights`)."""
+    return (names.str.len_bytes().fill_null(0) == 0).to_numpy() | ~np.isfinite(weights)
+
+
+def _weight_reason(flat: pl.Series, names: pl.Series, i: int) -> str:
+    if names[i] is None:
+        return f"token {flat[i]!r} has no ':weight'"
+    if names[i] == "":
+        return f"token {flat[i]!r} has no name before ':'"
+    return f"bad weight in token {flat[i]!r}"
+
+
+def _explode(values: pl.Series, separator: str, weighted: bool, strict: bool = True,
+             ) -> tuple[pl.Series, np.ndarray, np.ndarray, pl.Series]:
+    """Non-empty tokens of every row, flattened in row order: (raw tokens, row index, weights, names).
+
+    weights are 1.0 and names = raw tokens when not weighted; weighted tokens split at their LAST ':'.
+    """
+    s = values.cast(pl.String).fill_null("")
+    lists = s.str.split(separator, inclusive=False)
+    counts = lists.list.len().to_numpy().astype(np.int64)
+    flat = lists.explode()
+    row = np.repeat(np.arange(len(s), dtype=np.int64), counts)
+    nonempty = (flat.str.len_bytes() > 0).fill_null(False).to_numpy()
+    if not nonempty.all():
+        flat = flat.filter(pl.Series(nonempty))
+        row = row[nonempty]
+    if not weighted:
+        return flat, row, np.ones(len(flat), dtype=np.float32), flat
+    parts = flat.str.extract_groups(r"^(.*):([^:]*)$")
+    names = parts.struct.field("1")
+    weights = parts.struct.field("2").str.strip_chars().cast(pl.Float64, strict=False).to_numpy()
+    if strict:
+        bad = _bad_weights(names, weights)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise weight_error(str(values.name), str(values[int(row[i])]), _weight_reason(flat, names, i))
+    return flat, row, weights.astype(np.float32), names
+
+
+def _select(row: np.ndarray, n: int, max_len: int, keep: Keep) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which flat tokens to keep and where: (keep mask, slot in the row, (n,) lengths)."""
+    counts = np.bincount(row, minlength=n).astype(np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    pos = np.arange(len(row), dtype=np.int64) - starts[row]              # position within its row
+    lengths = np.minimum(counts, max_len)
+    if keep == "first":
+        mask = pos < max_len
+        slot = pos
+    else:
+        drop = counts - lengths                                           # oldest tokens dropped
+        mask = pos >= drop[row]
+        slot = pos - drop[row]
+    return mask, slot[mask], lengths.astype(np.int32)
+
+
+def tokens_to_ids(values: pl.Series, separator: str, max_len: int, seed: int, bins: int, weighted: bool,
+                  keep: Keep) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(N, max_len) int32 ids (0 = padding), (N,) int32 lengths, (N, max_len) float32 weights or None.
+
+    Ids follow the categorical convention 1 + xxh64(token) % (bins - 1). keep='last' for sequences (most
+    recent tokens), 'first' for multihot. A malformed weight raises InputFormatError naming the column.
+    """
+    n = len(values)
+    flat, row, w, names = _explode(values, separator, weighted)
+    mask, slot, lengths = _select(row, n, max_len, keep)
+    dtype = np.int32 if bins < 2**31 else np.int64
+    tokens = np.zeros((n, max_len), dtype=dtype)
+    weights = np.zeros((n, max_len), dtype=np.float32) if weighted else None
+    if len(flat):
+        kept = names.filter(pl.Series(mask)) if not mask.all() else names
+        tokens[row[mask], slot] = hash_ids(kept, seed, bins)
+        if weights is not None:
+            weights[row[mask], slot] = w[mask]
+    return tokens, lengths, weights
+
+
+def tokens_hashes(values: pl.Series, separator: str, keep: Keep, max_len: int, seed: int,
+                  weighted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Full 64-bit hashes of the kept tokens, flattened in row order, and (N,) int64 lengths.
+
+    Pre-modulo, so co-visitation counts on full-precision token identities; the same tokens, in the same
+    order, as `tokens_to_ids` keeps. Pass weighted=True for 'name:weight' columns so names are hashed.
+    """
+    n = len(values)
+    flat, row, _, names = _explode(values, separator, weighted)
+    mask, _, lengths = _select(row, n, max_len, keep)
+    kept = names.filter(pl.Series(mask)) if len(mask) and not mask.all() else names
+    return xxh64_strings(kept, seed), lengths.astype(np.int64)
