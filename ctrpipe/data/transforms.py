@@ -1,4 +1,4 @@
-"""Stage 1: column transforms applied per chunk: log1p for numeric columns, token columns -> padded id matrices.
+"""Stage 1: per-chunk column transforms: log1p for numeric columns, token columns -> padded id matrices.
 
 Token layout (multihot and sequence), one row per input row, L = max_len::
 
