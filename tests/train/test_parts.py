@@ -1,0 +1,102 @@
+"""Training building blocks on their own: LR schedule, early stopping, EMA swap, checkpoint files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ctrpipe.errors import CheckpointError
+from ctrpipe.train.checkpoint import load_checkpoint, save_checkpoint
+from ctrpipe.train.config import EarlyStoppingConfig, TrainConfig
+from ctrpipe.train.ema import ModelEMA
+from ctrpipe.train.optim import lr_factor
+from ctrpipe.train.stopping import EarlyStopping
+
+
+def test_warmup_then_cosine_to_min_ratio():
+    cfg = TrainConfig(warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    total = 14
+    # warm-up: (step + 1) / 4
+    assert [lr_factor(s, total, cfg) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    # cosine over steps 4..13: starts at 1, halfway (step 4 + 4.5) at 0.55, last step at min_lr_ratio
+    assert lr_factor(4, total, cfg) == pytest.approx(1.0)
+    assert lr_factor(13, total, cfg) == pytest.approx(0.1)
+    assert lr_factor(4 + 4.5, total, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_step_and_constant_schedules():
+    step = TrainConfig(schedule="step", step_every=3, step_gamma=0.5)
+    assert [lr_factor(s, 100, step) for s in (0, 2, 3, 6, 9)] == pytest.approx([1, 1, 0.5, 0.25, 0.125])
+    assert lr_factor(57, 100, TrainConfig(schedule="constant")) == 1.0
+
+
+def test_early_stopping_modes_and_patience():
+    es = EarlyStopping(EarlyStoppingConfig(metric="logloss", patience=2))
+    assert es.mode == "min"                                  # auto: lower logloss is better
+    assert es.update({"logloss": 0.5}, 10, 0)
+    assert not es.update({"logloss": 0.6}, 20, 1)
+    assert not es.should_stop
+    assert not es.update({"logloss": float("nan")}, 30, 2)   # NaN never improves
+    assert es.should_stop and es.best_step == 10
+    auc = EarlyStopping(EarlyStoppingConfig(metric="auc"))
+    assert auc.mode == "max" and auc.patience == 0
+    auc.update({"auc": 0.7}, 1, 0)
+    restored = EarlyStopping(EarlyStoppingConfig(metric="auc"))
+    restored.load_state_dict(auc.state_dict())
+    assert restored.best == 0.7 and restored.best_step == 1
+
+
+def test_ema_swaps_averaged_weights_in_and_out():
+    model = nn.Linear(2, 1)
+    ema = ModelEMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()                     # first update: decay min(0.5, 2/11) = 0.1818 -> mostly the new weights
+    d = 2 / 11
+    expected = d * start + (1 - d) * (start + 1.0)
+    with ema.applied():
+        assert torch.allclose(model.weight, expected)
+    assert torch.equal(model.weight, start + 1.0)
+    assert torch.allclose(ema.state_dict(model)["weight"], expected)
+
+
+def test_checkpoint_roundtrip_is_atomic(tmp_path: Path):
+    path = tmp_path / "ckpt.pt"
+    state = {"format": 1, "model_name": "dnn", "model_params": {"name": "dnn"}, "state_dict": {},
+             "feature_spec": {}, "schema_fingerprint": "a", "manifest_fingerprint": "b", "config": {},
+             "fold": -1, "val_metrics": {}, "epoch": 0, "step": 0}
+    save_checkpoint(path, state)
+    assert not (tmp_path / "ckpt.pt.incomplete").exists()
+    assert load_checkpoint(path)["schema_fingerprint"] == "a"
+
+
+def test_checkpoint_errors_name_file_and_fix(tmp_path: Path):
+    with pytest.raises(CheckpointError) as missing:
+        load_checkpoint(tmp_path / "nope.pt")
+    assert "nope.pt" in str(missing.value) and "fix: train first" in str(missing.value)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as corrupt:
+        load_checkpoint(bad)
+    assert "bad.pt" in str(corrupt.value) and "fix:" in str(corrupt.value)
+    old = tmp_path / "old.pt"
+    torch.save({"format": 0}, old)
+    with pytest.raises(CheckpointError, match="format 0"):
+        load_checkpoint(old)
+
+
+def test_train_config_checks():
+    from ctrpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.ema"):
+        TrainConfig(ema=1.0)
+    with pytest.raises(ConfigError, match="train.pos_weight"):
+        TrainConfig(pos_weight=(1.0, -1.0))
+    assert TrainConfig(embedding_optimizer="adagrad").sparse_embeddings
+    assert not TrainConfig(embedding_optimizer="adam").sparse_embeddings
+    assert math.isclose(TrainConfig().lr, 1e-3)

@@ -1,0 +1,199 @@
+"""`ctrpipe train` end to end on tiny real shards: run directory, determinism, resume, K-fold, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from train_setup import CRITEO_CFG, FAST, K_FOLDS
+from typer.testing import CliRunner
+
+from ctrpipe.cli import app
+from ctrpipe.loader.loader import ShardLoader
+from ctrpipe.loader.view import RowView
+from ctrpipe.shard.manifest import read_manifest
+from ctrpipe.train.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
+from ctrpipe.train.evaluate import predict
+
+runner = CliRunner()
+
+
+def train(shards: Path, runs: Path, *args: str, fast: bool = True) -> tuple[int, str]:
+    sets = [x for s in FAST for x in ("--set", s)] if fast else []
+    result = runner.invoke(app, ["train", "--cfg", str(CRITEO_CFG), "--shards", str(shards),
+                                 "--runs", str(runs), "-q", *sets, *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def weights(path: Path, key: str = "state_dict") -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[key]
+
+
+def assert_equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_single_run_writes_the_run_directory(cache: Path, tmp_path: Path):
+    code, out = train(cache, tmp_path, "--set", "train.epochs=2",
+                      "--set", "infer.calibration.method=temperature")
+    assert code == 0, out
+    run = tmp_path / "criteo"
+    for name in ("config.yaml", "config.json", "manifest_fingerprint.txt", "train_log.csv", "metrics.json",
+                 "ckpt_best.pt", "ckpt_last.pt", "val_predictions.npz", "calibration.json"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob("*.incomplete"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("val", "gold", "best_step", "samples_per_s", "manifest_fingerprint", "schema_fingerprint",
+                "config"):
+        assert key in metrics, key
+    for split in ("val", "gold"):
+        for m in ("auc", "logloss", "ap", "wll", "score", "calibration"):
+            assert math.isfinite(metrics[split][m]), (split, m)
+    assert metrics["samples_per_s"] > 0
+    manifest = read_manifest(cache)
+    assert metrics["manifest_fingerprint"] == manifest.fingerprint
+    assert json.loads((run / "config.json").read_text())["sources"]["train.epochs"] == "--set"
+    rows = list(csv.DictReader((run / "train_log.csv").open()))
+    assert any(r["loss"] for r in rows) and any(r["val_auc"] for r in rows)
+
+    # val predictions: every val row once, and the best checkpoint reproduces them
+    with np.load(run / "val_predictions.npz") as z:
+        row_index, logits, labels = z["row_index"], z["logits"], z["labels"]
+    val = ShardLoader(cache, RowView.val(), 128, shuffle=False, seed=0)
+    assert np.array_equal(row_index, val.row_indices())
+    assert logits.shape == labels.shape == (manifest.rows["val"], 1) and logits.dtype == np.float32
+    ckpt = load_checkpoint(run / "ckpt_best.pt")
+    assert ckpt["fold"] == -1 and ckpt["step"] == metrics["best_step"]
+    check_compatible(ckpt, manifest)
+    model = model_from_checkpoint(ckpt, "cpu")
+    again = predict(model, val, val.num_rows, 1, torch.device("cpu"))
+    np.testing.assert_allclose(again.logits, logits, rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_gives_identical_weights(cache: Path, tmp_path: Path):
+    args = ("--set", "train.max_steps=6", "--set", "model.dropout=0.2")
+    assert train(cache, tmp_path / "a", *args)[0] == 0
+    assert train(cache, tmp_path / "b", *args)[0] == 0
+    assert train(cache, tmp_path / "c", *args, "--set", "seed=7")[0] == 0
+    a, b, c = (weights(tmp_path / r / "criteo" / "ckpt_last.pt") for r in "abc")
+    assert_equal_weights(a, b)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_equals_uninterrupted(cache: Path, tmp_path: Path):
+    # dropout, EMA, warm-up + cosine, mid-epoch evaluations and a stop in the middle of epoch 2
+    args = ("--set", "train.epochs=3", "--set", "model.dropout=0.3", "--set", "train.ema=0.9",
+            "--set", "train.warmup_steps=3", "--set", "train.eval_every=4", "--set", "train.grad_clip=1.0")
+    assert train(cache, tmp_path / "a", *args)[0] == 0
+    code, out = train(cache, tmp_path / "b", *args, "--set", "train.stop_after_steps=9")
+    assert code == 0 and "stopped at step 9" in out
+    assert not (tmp_path / "b" / "criteo" / "metrics.json").exists()
+    assert load_checkpoint(tmp_path / "b" / "criteo" / "ckpt_last.pt")["step"] == 9
+    code, out = train(cache, tmp_path / "b", *args, "--resume")
+    assert code == 0, out
+    a = load_checkpoint(tmp_path / "a" / "criteo" / "ckpt_last.pt")
+    b = load_checkpoint(tmp_path / "b" / "criteo" / "ckpt_last.pt")
+    assert a["step"] == b["step"] and b["finished"]
+    assert_equal_weights(a["raw_state_dict"], b["raw_state_dict"])     # training weights
+    assert_equal_weights(a["state_dict"], b["state_dict"])             # EMA weights
+    assert a["early_stopping"] == b["early_stopping"]
+    ma = json.loads((tmp_path / "a" / "criteo" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "b" / "criteo" / "metrics.json").read_text())
+    assert ma["val"] == mb["val"] and ma["best_step"] == mb["best_step"]
+
+
+def test_kfold_checkpoints_and_oof_cover_fold_rows(cache: Path, tmp_path: Path):
+    code, out = train(cache, tmp_path, "--kfold", str(K_FOLDS), "--set", "train.max_steps=4")
+    assert code == 0, out
+    run = tmp_path / "criteo"
+    manifest = read_manifest(cache)
+    seen: list[np.ndarray] = []
+    for k in range(K_FOLDS):
+        ckpt = load_checkpoint(run / f"ckpt_fold{k}.pt")
+        assert ckpt["fold"] == k
+        assert (run / f"fold{k}" / "ckpt_last.pt").is_file()
+        with np.load(run / f"fold{k}" / "val_predictions.npz") as z:
+            seen.append(z["row_index"])
+        fold_rows = ShardLoader(cache, RowView.fold_val(k), 128, shuffle=False, seed=0).row_indices()
+        assert np.array_equal(np.sort(seen[-1]), fold_rows)
+    every = np.concatenate(seen)
+    assert len(np.unique(every)) == len(every)                       # validation folds are disjoint
+    assigned = np.concatenate([np.load(cache / s.files["fold"].file) for s in manifest.shards])
+    split = np.concatenate([np.load(cache / s.files["split"].file) for s in manifest.shards])
+    fold_assigned = np.flatnonzero((assigned >= 0) & (split <= 1))
+    with np.load(run / "oof.npz") as z:
+        assert np.array_equal(z["row_index"], fold_assigned)          # ... and cover every fold-assigned row
+        assert z["logits"].shape == (len(fold_assigned), 1)
+        assert np.all(np.isfinite(z["logits"]))
+    assert np.array_equal(np.sort(every), fold_assigned)
+    metrics = json.loads((run / "metrics.json").read_text())
+    cv = metrics["cv"]
+    assert cv["n_splits"] == K_FOLDS and len(cv["folds"]) == K_FOLDS
+    assert set(cv) >= {"folds", "mean", "std", "oof"}
+    assert math.isfinite(cv["oof"]["auc"]) and math.isfinite(metrics["gold"]["auc"])
+    assert cv["mean"]["auc"] == np.mean([f["val"]["auc"] for f in cv["folds"]])
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+def test_missing_shards_error(tmp_path: Path):
+    code, out = train(tmp_path / "nowhere", tmp_path)
+    assert code == 1
+    assert "nowhere" in out and "manifest.json is missing" in out
+    assert "fix: build it with `ctrpipe shard" in out
+
+
+def test_unknown_model_lists_valid_names(cache: Path, tmp_path: Path):
+    code, out = train(cache, tmp_path, "--set", "model.name=dnnn")
+    assert code == 1
+    assert "unknown model 'dnnn'" in out and "did you mean 'dnn'" in out and "dcnv2" in out
+
+
+def test_nan_loss_names_step_and_fix(cache: Path, tmp_path: Path):
+    code, out = train(cache, tmp_path, "--set", "train.lr=1e6", "--set", "train.embedding_optimizer=sgd",
+                      "--set", "train.log_every=50")
+    assert code == 1
+    assert "loss became NaN/inf at step" in out
+    assert "fix: lower train.lr or set train.grad_clip=1.0" in out
+
+
+def test_resume_on_another_schema_is_refused(cache: Path, cache_other: Path, tmp_path: Path):
+    assert train(cache, tmp_path, "--set", "train.max_steps=2", "--set", "train.stop_after_steps=1")[0] == 0
+    code, out = train(cache_other, tmp_path, "--set", "train.max_steps=2", "--resume")
+    assert code == 1
+    assert str(cache.resolve()) in out and str(cache_other) in out and "schema" in out
+    assert "fix:" in out
+
+
+def test_kfold_needs_folds_in_the_cache(cache: Path, cache_other: Path, tmp_path: Path):
+    code, out = train(cache_other, tmp_path, "--kfold", "3")
+    assert code == 1
+    assert "K=3" in out and "has no folds" in out and "data.folds.n_splits=3" in out
+    code, out = train(cache, tmp_path, "--kfold", "5")
+    assert code == 1 and "has 3 folds" in out and "--kfold 3" in out
+
+
+def test_run_directory_and_resume_guards(cache: Path, tmp_path: Path):
+    code, out = train(cache, tmp_path, "--resume")
+    assert code == 1 and "nothing to resume" in out and "drop --resume" in out
+    assert train(cache, tmp_path, "--set", "train.max_steps=2")[0] == 0
+    code, out = train(cache, tmp_path, "--set", "train.max_steps=2")
+    assert code == 1 and "already holds a run" in out and "--resume" in out
+    code, out = train(cache, tmp_path, "--resume", "--set", "model.hidden_units=[8]")
+    assert code == 1 and "cannot resume with changed model.hidden_units" in out
+
+
+def test_config_errors_before_training(cache: Path, tmp_path: Path):
+    code, out = train(cache, tmp_path, "--set", "train.amp=fp16", "--set", "train.device=cpu")
+    assert code == 1 and "fp16 needs a CUDA device" in out and "train.amp=bf16" in out
+    code, out = train(cache, tmp_path, "--set", "train.early_stopping.metric=acc")
+    assert code == 1 and "unknown metric 'acc'" in out and "auc" in out
+    assert not (tmp_path / "criteo").exists()

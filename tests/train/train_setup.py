@@ -1,0 +1,12 @@
+"""Constants shared by the training tests (a unique module name: several test folders have a conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CRITEO_CFG = REPO / "cfgs" / "criteo.yaml"
+K_FOLDS = 3
+# small, fast models and batches for every training test
+FAST = ["loader.batch_size=64", "loader.eval_batch_size=128", "model.hidden_units=[16]",
+        "model.embedding_dim=4", "train.log_every=2", "infer.calibration.method=none"]
