@@ -7,89 +7,21 @@ gathers) per array, copied straight from the page cache into the batch's host bu
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ctrpipe.errors import ConfigError, ManifestMismatchError
+from ctrpipe.errors import ConfigError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
+from ctrpipe.loader.buffers import HostBuffers, HostPool, layout_of
 from ctrpipe.loader.config import LoaderConfig
 from ctrpipe.loader.prefetch import background
 from ctrpipe.loader.sampler import EpochPlan, Piece, ShuffleStrategy, epoch_rng
-from ctrpipe.loader.shards import REBUILD_FIX, ShardArrays
+from ctrpipe.loader.shards import ShardArrays
 from ctrpipe.loader.view import RowView, resolve_view
 from ctrpipe.shard.manifest import Manifest, read_manifest
-
-
-@dataclass(frozen=True)
-class _Array:
-    """One stored array group feeding one Batch tensor: file stem, per-row shape, dtype."""
-
-    group: str
-    row_shape: tuple[int, ...]
-    dtype: np.dtype
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Which group fills which Batch field; tuples follow the FeatureSpec (manifest column) order."""
-
-    numeric: _Array | None
-    categorical: _Array | None
-    labels: _Array | None
-    multihot: tuple[_Array, ...]
-    multihot_len: tuple[_Array, ...]
-    multihot_weights: tuple[_Array | None, ...]
-    sequence: tuple[_Array, ...]
-    sequence_len: tuple[_Array, ...]
-
-    @property
-    def groups(self) -> tuple[str, ...]:
-        arrays = [self.numeric, self.categorical, self.labels, *self.multihot, *self.multihot_len,
-                  *self.multihot_weights, *self.sequence, *self.sequence_len]
-        return tuple(a.group for a in arrays if a is not None)
-
-
-def _layout(cache_dir: Path, manifest: Manifest, with_labels: bool) -> _Layout:
-    """Derive the Batch layout from the manifest; every shard must agree on row shape and dtype."""
-
-    def array(group: str) -> _Array:
-        kinds = {(tuple(s.files[group].shape[1:]), s.files[group].dtype) for s in manifest.shards
-                 if group in s.files}
-        if len(kinds) != 1 or any(group not in s.files for s in manifest.shards):
-            raise ManifestMismatchError(f"shards disagree on array '{group}' (shapes/dtypes {sorted(kinds)})",
-                                        where=str(cache_dir / "manifest.json"), fix=REBUILD_FIX)
-        shape, dtype = kinds.pop()
-        return _Array(group, shape, np.dtype(dtype))
-
-    def token_arrays(kind: str) -> tuple[tuple[_Array, ...], tuple[_Array, ...], tuple[_Array | None, ...]]:
-        cols = manifest.columns_of(kind)
-        stems = [c.group.removesuffix(".tokens") for c in cols]
-        weights = tuple(array(f"{s}.weights") if c.weighted else None
-                        for c, s in zip(cols, stems, strict=True))
-        return tuple(array(c.group) for c in cols), tuple(array(f"{s}.len") for s in stems), weights
-
-    has = {c.group for c in manifest.columns}
-    mh, mh_len, mh_w = token_arrays("multihot")
-    seq, seq_len, _ = token_arrays("sequence")
-    return _Layout(
-        numeric=array("numeric") if manifest.columns_of("numeric", "missing_indicator", "covisit") else None,
-        categorical=array("categorical") if manifest.columns_of("categorical") else None,
-        labels=array("labels") if with_labels and "labels" in has and manifest.columns_of("label") else None,
-        multihot=mh, multihot_len=mh_len, multihot_weights=mh_w, sequence=seq, sequence_len=seq_len)
-
-
-@dataclass
-class _HostBuffers:
-    """Host memory for one batch: the Batch of tensors plus numpy views of them to fill."""
-
-    batch: Batch
-    targets: list[tuple[str, np.ndarray]]      # (group, (rows, ...) array aliasing a batch tensor)
-    row_index: np.ndarray                      # (rows,) int64, aliasing batch.row_index
-    event: torch.cuda.Event | None = field(default=None)  # set after its device copy is queued (CUDA only)
 
 
 class ShardLoader:
@@ -128,7 +60,7 @@ class ShardLoader:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.pin = pin_memory and self.device.type == "cuda"
-        self._layout = _layout(self.cache_dir, self.manifest, with_labels)
+        self._layout = layout_of(self.cache_dir, self.manifest, with_labels)
         self._arrays = ShardArrays(self.cache_dir, self.manifest, self._layout.groups)
         self._arrays.check()
         self._index = resolve_view(self.cache_dir, self.manifest, view)
@@ -139,6 +71,8 @@ class ShardLoader:
                               fix="pick a split or fold that has rows (see manifest.json 'rows' and 'folds')")
         self._epoch = 0
         self._start = 0
+        self._row_starts = [s.row_start for s in self.manifest.shards]
+        self._arange = np.arange(batch_size, dtype=np.int64)  # (B,) for row_index of slices, no allocation
 
     @classmethod
     def from_config(cls, cache_dir: Path, view: RowView, cfg: LoaderConfig, *, seed: int,
@@ -185,61 +119,39 @@ class ShardLoader:
         return self._iter_host(plan, start)
 
     # ------------------------------------------------------------------ batch formation
-    def _buffers(self, rows: int, pinned: bool) -> _HostBuffers:
-        targets: list[tuple[str, np.ndarray]] = []
-
-        def alloc(a: _Array | None) -> torch.Tensor | None:
-            if a is None:
-                return None
-            dtype = torch.from_numpy(np.empty(0, dtype=a.dtype)).dtype
-            t = torch.empty((rows, *a.row_shape), dtype=dtype, pin_memory=pinned)
-            targets.append((a.group, t.numpy()))
-            return t
-
-        lay = self._layout
-        row_index = torch.empty(rows, dtype=torch.int64, pin_memory=pinned)
-        batch = Batch(numeric=alloc(lay.numeric), categorical=alloc(lay.categorical),
-                      labels=alloc(lay.labels), row_index=row_index,
-                      multihot=tuple(alloc(a) for a in lay.multihot),
-                      multihot_len=tuple(alloc(a) for a in lay.multihot_len),
-                      multihot_weights=tuple(alloc(a) for a in lay.multihot_weights),
-                      sequence=tuple(alloc(a) for a in lay.sequence),
-                      sequence_len=tuple(alloc(a) for a in lay.sequence_len))
-        return _HostBuffers(batch, targets, row_index.numpy())
-
-    def _fill(self, buf: _HostBuffers, pieces: list[Piece]) -> int:
+    def _fill(self, buf: HostBuffers, pieces: list[Piece]) -> int:
         """Copy the pieces' rows into `buf` (slices: np.copyto; gathers: np.take with out=). Returns rows."""
         o = 0
         for p in pieces:
             arrays = self._arrays.shard(p.shard)
-            start = np.int64(self._index.row_starts[p.shard])
-            m = len(p)
+            start = self._row_starts[p.shard]
+            end = o + len(p)
             if p.rows is None:
                 for group, out in buf.targets:
-                    np.copyto(out[o:o + m], arrays[group][p.start:p.stop])
-                np.add(np.arange(p.start, p.stop, dtype=np.int64), start, out=buf.row_index[o:o + m])
+                    np.copyto(out[o:end], arrays[group][p.start:p.stop])
+                np.add(self._arange[:end - o], start + p.start, out=buf.row_index[o:end])
             else:
                 for group, out in buf.targets:
                     # mode="clip" skips numpy's bounds-check buffering; rows come from the shard's own index
-                    np.take(arrays[group], p.rows, axis=0, out=out[o:o + m], mode="clip")
-                np.add(p.rows, start, out=buf.row_index[o:o + m], dtype=np.int64)
-            o += m
+                    np.take(arrays[group], p.rows, axis=0, out=out[o:end], mode="clip")
+                np.add(p.rows, np.int64(start), out=buf.row_index[o:end], dtype=np.int64)
+            o = end
         return o
 
     def _iter_host(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
+        # recycled only when the consumer holds no tensor of a set: batches it keeps never change under it
+        pool = HostPool(lambda: HostBuffers(self._layout, self.batch_size, pinned=False),
+                        keep=self.prefetch + 4)
+
         def produce(k: int) -> Batch:
-            pieces = plan.pieces(k)
-            # fresh buffers per batch: a consumer may keep batches, so nothing handed out is ever rewritten
-            buf = self._buffers(sum(len(p) for p in pieces), pinned=False)
-            self._fill(buf, pieces)
-            if self.device.type == "cpu":
-                return buf.batch
-            return buf.batch.to(self.device)
+            buf = pool.take()
+            batch = buf.batch(self._fill(buf, plan.pieces(k)))
+            return batch if self.device.type == "cpu" else batch.to(self.device)
 
         return background(produce, range(start, plan.num_batches), self.prefetch)
 
     def _iter_cuda(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
-        ring = [self._buffers(self.batch_size, self.pin) for _ in range(self.prefetch + 2)]
+        ring = [HostBuffers(self._layout, self.batch_size, self.pin) for _ in range(self.prefetch + 2)]
         side = torch.cuda.Stream(self.device)
 
         def produce(k: int) -> tuple[Batch, torch.cuda.Event]:
@@ -248,7 +160,7 @@ class ShardLoader:
                 buf.event.synchronize()          # its previous copy has left the host buffer: safe to refill
             n = self._fill(buf, plan.pieces(k))
             with torch.cuda.stream(side):
-                batch = buf.batch.head(n).to(self.device, non_blocking=True)
+                batch = buf.batch(n).to(self.device, non_blocking=True)
                 buf.event = torch.cuda.Event()
                 buf.event.record(side)
             return batch, buf.event

@@ -68,19 +68,30 @@ class EpochPlan:
     def _plan_blocks(self, block_rows: int, shuffle: bool, window_shards: int,
                      rng: np.random.Generator) -> None:
         counts = np.diff(self.index.offsets)                              # (S,) view rows per shard
+        if not shuffle:  # one block per shard: batches are then one or two big slices (or sorted gathers)
+            block_rows = max(int(counts.max(initial=0)), 1)
         n_blocks = -(-counts // block_rows)                              # (S,)
+        block_ids = np.concatenate([[0], np.cumsum(n_blocks)])           # shard s: blocks [ids[s], ids[s+1])
         shard = np.repeat(np.arange(len(counts)), n_blocks)              # (NB,) block -> shard
-        first = np.repeat(np.cumsum(n_blocks) - n_blocks, n_blocks)      # (NB,) first block id of its shard
-        pos = (np.arange(len(shard)) - first) * block_rows               # (NB,) start in shard's view rows
+        pos = (np.arange(len(shard)) - block_ids[shard]) * block_rows    # (NB,) start in shard's view rows
         length = np.minimum(block_rows, counts[shard] - pos)
+        # a block whose local rows are consecutive is read as a slice; so is any part of it
+        row0 = np.zeros(len(shard), dtype=np.int64)                       # (NB,) local row at block start
+        contiguous = np.zeros(len(shard), dtype=bool)
+        for s, rows in enumerate(self.index.rows):
+            mine = slice(block_ids[s], block_ids[s + 1])
+            a, n = pos[mine], length[mine]
+            row0[mine] = rows[a]
+            contiguous[mine] = rows[a + n - 1].astype(np.int64) - rows[a] == n - 1
         if shuffle:
             shard_rank = np.empty(len(counts), dtype=np.int64)
             shard_rank[rng.permutation(len(counts))] = np.arange(len(counts))
             window = shard_rank // window_shards if window_shards > 0 else np.zeros(len(counts), np.int64)
             # sort by (window of the block's shard, random key): blocks shuffle inside each window
             order = np.lexsort((rng.random(len(shard)), window[shard]))
-            shard, pos, length = shard[order], pos[order], length[order]
+            shard, pos, length, row0, contiguous = (a[order] for a in (shard, pos, length, row0, contiguous))
         self.block_shard, self.block_pos = shard, pos
+        self.block_row0, self.block_contiguous = row0, contiguous
         self.block_end = np.cumsum(length)                               # (NB,) block ends in the stream
 
     def pieces(self, k: int) -> list[Piece]:
@@ -89,23 +100,26 @@ class EpochPlan:
         hi = min(lo + self.batch_size, self.total)
         if self.gather:
             return self._gather_pieces(np.sort(self.perm[lo:hi]))
+        j0, j1 = np.searchsorted(self.block_end, [lo, hi - 1], side="right").tolist()
+        blocks = slice(j0, j1 + 1)                                         # the blocks batch k touches
+        begin = int(self.block_end[j0 - 1]) if j0 else 0
         out: list[Piece] = []
-        j = int(np.searchsorted(self.block_end, lo, side="right"))
-        while lo < hi:
-            end = int(self.block_end[j])
-            shard = int(self.block_shard[j])
-            begin = int(self.block_end[j - 1]) if j else 0               # block j covers stream [begin, end)
-            p0 = int(self.block_pos[j]) + (lo - begin)
-            p1 = p0 + (min(hi, end) - lo)
-            piece = _runs(shard, self.index.rows[shard][p0:p1])
+        for shard, pos, row0, contiguous, end in zip(
+                self.block_shard[blocks].tolist(), self.block_pos[blocks].tolist(),
+                self.block_row0[blocks].tolist(), self.block_contiguous[blocks].tolist(),
+                self.block_end[blocks].tolist(), strict=True):
+            a, b = max(lo, begin) - begin, min(hi, end) - begin           # part of this block in the batch
+            if contiguous:
+                piece = Piece(shard, row0 + a, row0 + b)
+            else:
+                piece = _runs(shard, self.index.rows[shard][pos + a:pos + b])
             prev = out[-1] if out else None
             if (prev is not None and prev.rows is None and piece.rows is None and prev.shard == shard
                     and prev.stop == piece.start):
                 out[-1] = Piece(shard, prev.start, piece.stop)
             else:
                 out.append(piece)
-            lo = min(hi, end)
-            j += 1
+            begin = end
         return out
 
     def _gather_pieces(self, pos: np.ndarray) -> list[Piece]:

@@ -259,6 +259,27 @@ def test_held_batch_is_not_rewritten(cache: Path) -> None:
     check_values(first)
 
 
+def test_a_kept_view_pins_its_buffer(cache: Path) -> None:
+    """Keeping only a view of a batch tensor (not the batch) must also keep its values."""
+    loader = ShardLoader(cache, RowView.train(), 4, shuffle=True, seed=2, prefetch=1)
+    it = iter(loader)
+    first = next(it)
+    column, rows = first.numeric[:, 1], first.row_index.numpy().copy()
+    del first
+    assert sum(1 for _ in it) > 3
+    np.testing.assert_array_equal(column.numpy(), expected_fields(rows)["numeric"][:, 1])
+
+
+def test_dropped_batches_recycle_host_memory(cache: Path) -> None:
+    """A consumer that lets go of each batch gets a few reused buffer sets, not fresh memory per batch."""
+    loader = ShardLoader(cache, RowView.train(), 4, shuffle=True, seed=2, prefetch=2)
+    pointers = set()
+    for batch in loader:
+        check_values(batch)
+        pointers.add(batch.numeric.data_ptr())
+    assert len(loader) > 30 and len(pointers) <= loader.prefetch + 4
+
+
 def test_from_config(cache: Path) -> None:
     cfg = LoaderConfig(batch_size=8, eval_batch_size=100, block_rows=4, shuffle_strategy="gather")
     train = ShardLoader.from_config(cache, RowView.train(), cfg, seed=1)
