@@ -50,7 +50,9 @@ class TrainConfig:
     step_every: int = 1000           # schedule=step: multiply lr by step_gamma every step_every steps
     step_gamma: float = 0.5
     grad_clip: float = 0.0           # max global grad norm of dense parameters; 0 = off
-    amp: Amp = "off"                 # bf16 works on CPU and GPU; fp16 (with a GradScaler) needs CUDA
+    # bf16 works on CPU and GPU; fp16 (with a GradScaler) needs CUDA. `bool` only because YAML reads a bare
+    # `off` as false: __post_init__ turns false into "off", so code sees the three names only
+    amp: Amp | bool = "off"
     compile: bool = False            # torch.compile the model (opt-in: slow first steps)
     ema: float = 0.0                 # EMA decay, e.g. 0.999; evaluation then uses the EMA weights; 0 = off
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -66,6 +68,10 @@ class TrainConfig:
     deterministic: bool = True       # CPU: torch.use_deterministic_algorithms during training
 
     def __post_init__(self) -> None:
+        if self.amp is False:
+            object.__setattr__(self, "amp", "off")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise _bad("train.amp", self.amp, "use train.amp=off, train.amp=bf16 or train.amp=fp16")
         if self.epochs < 1:
             raise _bad("train.epochs", self.epochs, "use e.g. train.epochs=1")
         if not self.lr > 0:

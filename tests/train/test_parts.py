@@ -100,3 +100,12 @@ def test_train_config_checks():
     assert TrainConfig(embedding_optimizer="adagrad").sparse_embeddings
     assert not TrainConfig(embedding_optimizer="adam").sparse_embeddings
     assert math.isclose(TrainConfig().lr, 1e-3)
+
+
+def test_amp_off_survives_yaml():
+    # YAML 1.1 reads a bare `off` as false; the config turns it back into "off"
+    from ctrpipe.config import apply_overrides, build_dataclass
+
+    data = apply_overrides({}, ["train.amp=off"])["train"]
+    assert data["amp"] is False
+    assert build_dataclass(TrainConfig, data, "train.", "--set").amp == "off"
