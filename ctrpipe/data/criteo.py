@@ -1,0 +1,378 @@
+"""Stage 1: Criteo text (plain or gzip) -> typed RawChunks, with the exact file and line of any bad input.
+
+The stream is cut into blocks of `chunk_rows` lines here (not by polars), so every chunk knows its first line
+number, and each block is parsed by `pl.read_csv` with an explicit schema (never `ignore_errors`). The common
+case costs two `bytes.count` calls beyond the parse; only a block that fails them is analysed line by line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import numpy as np
+import polars as pl
+
+from ctrpipe.data.chunks import BadRow, RawChunk
+from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig
+from ctrpipe.data.schema import CRITEO_LABEL
+from ctrpipe.errors import InputFormatError, location
+
+LABELLED_FIELDS = 1 + len(CRITEO_INT) + len(CRITEO_CAT)    # 40
+TEST_FIELDS = LABELLED_FIELDS - 1                          # 39
+READ_BYTES = 16 << 20
+_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip",
+          b"PAR1": "Parquet"}
+_SEP_NAMES = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", " ": "space"}
+BadMode = Literal["error", "skip"]
+
+
+def _sep_name(sep: str) -> str:
+    return _SEP_NAMES.get(sep, repr(sep))
+
+
+def _expected_text(n: int) -> str:
+    return (f"{LABELLED_FIELDS} (label + 13 ints + 26 cats)" if n == LABELLED_FIELDS
+            else f"{TEST_FIELDS} (13 ints + 26 cats, unlabelled test file)")
+
+
+# ------------------------------------------------------------------------------------------ byte blocks
+
+@dataclass
+class _Block:
+    data: bytes          # whole lines, each ending in b"\n" (CR stripped later)
+    first_line: int      # 1-based line number of data's first line
+    lines: int
+    file_bytes: int      # on-disk bytes consumed since the previous block
+
+
+def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
+    """(decompressed stream, raw file). gzip is recognised by its magic bytes, whatever the suffix."""
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    head = raw.read(8)
+    raw.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            raw.close()
+            fix = ("pass --format parquet (data.format=parquet)" if kind == "Parquet"
+                   else f"decompress it first (Criteo text may be plain or .gz), e.g. with the {kind} tool")
+            raise InputFormatError(f"this is a {kind} file, not Criteo text", where=str(path), fix=fix)
+    return raw, raw
+
+
+def _kth_newline(piece: bytes, k: int) -> int:
+    """Offset of the k-th (1-based) b'\\n' in piece."""
+    return int(np.flatnonzero(np.frombuffer(piece, dtype=np.uint8) == 10)[k - 1])
+
+
+def iter_blocks(path: Path, chunk_rows: int) -> Iterator[_Block]:
+    """Blocks of exactly chunk_rows lines (the last may be shorter); a final line without '\\n' gets one."""
+    stream, raw = _open(path)
+    pieces: list[bytes] = []
+    counts: list[int] = []
+    line = 1
+    disk_pos = 0
+    try:
+        while True:
+            try:
+                piece = stream.read(READ_BYTES)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise InputFormatError(
+                    f"corrupt or truncated gzip data ({exc}) after about line {line + sum(counts):,}",
+                    where=str(path),
+                    fix="re-download or re-copy the file; `gunzip -t FILE` checks it") from None
+            if not piece:
+                break
+            pieces.append(piece)
+            counts.append(piece.count(b"\n"))
+            while sum(counts) >= chunk_rows:
+                need, i = chunk_rows, 0
+                while counts[i] < need:
+                    need -= counts[i]
+                    i += 1
+                cut = _kth_newline(pieces[i], need) + 1
+                data = b"".join(pieces[:i] + [pieces[i][:cut]])
+                rest = pieces[i][cut:]
+                pieces, counts = ([rest] if rest else []) + pieces[i + 1:], \
+                    ([counts[i] - need] if rest else []) + counts[i + 1:]
+                pos = raw.tell()
+                yield _Block(data, line, chunk_rows, pos - disk_pos)
+                disk_pos = pos
+                line += chunk_rows
+        data = b"".join(pieces)
+        if data:
+            if not data.endswith(b"\n"):
+                data += b"\n"
+            yield _Block(data, line, data.count(b"\n"), raw.tell() - disk_pos)
+    finally:
+        stream.close()
+        raw.close()
+
+
+# ------------------------------------------------------------------------------------------ line analysis
+
+def _line_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) byte offsets of every line; ends point at its b'\\n'."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(arr == 10)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    return starts, ends
+
+
+def _field_counts(data: bytes, starts: np.ndarray, sep: str) -> np.ndarray:
+    """(lines,) number of `sep`-separated fields per line, vectorised."""
+    is_sep = np.frombuffer(data, dtype=np.uint8) == ord(sep)
+    return np.add.reduceat(is_sep, starts, dtype=np.int64) + 1
+
+
+def _line_text(data: bytes, starts: np.ndarray, ends: np.ndarray, i: int) -> str:
+    return data[starts[i]: ends[i]].decode("utf-8", errors="replace")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def detect_layout(path: Path, block: _Block, sep: str) -> int:
+    """40 (labelled) or 39 (test) fields, by majority over the first block; a header line or a wrong
+    separator is reported here, where the first line is at hand."""
+    sample = block.data[: 1 << 22]
+    sample = sample[: sample.rfind(b"\n") + 1] or block.data
+    starts, ends = _line_bounds(sample)
+    counts = _field_counts(sample, starts, sep)
+    first = _line_text(sample, starts, ends, 0).rstrip("\r")
+    first_field = first.split(sep)[0]
+    if first_field.strip() and not _is_number(first_field):
+        shown = first if len(first) <= 40 else first[:40] + "..."
+        raise InputFormatError(
+            f"the first line looks like a header ({shown!r}): Criteo text has no header line",
+            where=location(path, 1),
+            fix="remove the header line (e.g. `tail -n +2 FILE > FILE.tsv`)" + _separator_hint(first, sep))
+    n_lab, n_test = int((counts == LABELLED_FIELDS).sum()), int((counts == TEST_FIELDS).sum())
+    if n_lab == 0 and n_test == 0:
+        raise InputFormatError(
+            f"{int(counts[0])} {_sep_name(sep)}-separated fields on the first line, expected "
+            f"{_expected_text(LABELLED_FIELDS)} or {_expected_text(TEST_FIELDS)}",
+            where=location(path, 1),
+            fix="check the file is Criteo text, or pass --format parquet for Parquet input"
+                + _separator_hint(first, sep))
+    return LABELLED_FIELDS if n_lab >= n_test else TEST_FIELDS
+
+
+def _separator_hint(line: str, sep: str) -> str:
+    for other in ("\t", ",", ";", "|"):
+        if other != sep and line.count(other) + 1 in (LABELLED_FIELDS, TEST_FIELDS):
+            return (f"; the line has {line.count(other) + 1} {_sep_name(other)}-separated fields: set "
+                    f"data.separator={other!r}" + (" (integers written as floats like 260.0 are accepted)"
+                                                    if other == "," else ""))
+    return ""
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+@dataclass
+class CriteoReader:
+    """Parses blocks of one file into RawChunks. `keep` lists the output columns (labels, numeric, cats)."""
+
+    path: Path
+    sep: str
+    n_fields: int
+    keep: list[str]
+    bad_rows: BadMode
+
+    @property
+    def has_labels(self) -> bool:
+        return self.n_fields == LABELLED_FIELDS
+
+    @property
+    def columns(self) -> list[str]:
+        return ([CRITEO_LABEL] if self.has_labels else []) + list(CRITEO_INT) + list(CRITEO_CAT)
+
+    def _schema(self, numeric_as_text: bool) -> dict[str, pl.DataType]:
+        num = pl.String if numeric_as_text else pl.Float64
+        return {c: (pl.String if c.startswith("C") else num) for c in self.columns}
+
+    def _parse(self, data: bytes, numeric_as_text: bool = False) -> pl.DataFrame:
+        return pl.read_csv(io.BytesIO(data), has_header=False, separator=self.sep, quote_char=None,
+                           schema=self._schema(numeric_as_text))
+
+    def chunk(self, block: _Block) -> RawChunk:
+        data = block.data.replace(b"\r\n", b"\n") if b"\r" in block.data else block.data
+        line_idx: np.ndarray | None = None          # kept lines (0-based in block) when some were dropped
+        bad: list[BadRow] = []
+        if data.count(self.sep.encode()) != (self.n_fields - 1) * block.lines:
+            data, line_idx, bad = self._check_fields(data, block)
+        if line_idx is not None and len(line_idx) == 0:     # every line of the block was bad (skip mode)
+            frame = pl.DataFrame(schema=self._schema(False))
+        else:
+            try:
+                frame = self._parse(data)
+            except (pl.exceptions.ComputeError, pl.exceptions.SchemaError):
+                frame = None
+        if frame is None or frame.height != (block.lines if line_idx is None else len(line_idx)):
+            frame, line_idx, more = self._slow_parse(data, block, line_idx)
+            bad += more
+        frame, line_idx, more = self._check_labels(frame, block, line_idx)
+        bad += more
+        frame = self._finish(frame)
+        first = block.first_line + (int(line_idx[0]) if line_idx is not None and len(line_idx) else 0)
+        lines = None if line_idx is None else (block.first_line + line_idx).astype(np.int64)
+        return RawChunk(frame=frame, source=self.path, first_line=first, nbytes=len(block.data), bad_rows=bad,
+                        has_labels=self.has_labels, line_numbers=lines, file_bytes=block.file_bytes)
+
+    # -- field counts
+    def _check_fields(self, data: bytes, block: _Block) -> tuple[bytes, np.ndarray, list[BadRow]]:
+        starts, ends = _line_bounds(data)
+        counts = _field_counts(data, starts, self.sep)
+        wrong = counts != self.n_fields
+        rows = np.flatnonzero(wrong)
+        if self.bad_rows == "error":
+            i = int(rows[0])
+            raise self._field_error(int(counts[i]), block.first_line + i,
+                                    _line_text(data, starts, ends, i))
+        bad = [BadRow(str(self.path), block.first_line + int(i), None, None, "field count") for i in rows]
+        keep = ~wrong
+        byte_mask = np.repeat(keep, ends - starts + 1)
+        kept = np.frombuffer(data, dtype=np.uint8)[byte_mask].tobytes()
+        return kept, np.flatnonzero(keep), bad
+
+    def _field_error(self, n: int, line: int, text: str) -> InputFormatError:
+        what = f"{n} {_sep_name(self.sep)}-separated fields, expected {_expected_text(self.n_fields)}"
+        if not text.strip():
+            what = f"empty line, expected {_expected_text(self.n_fields)} fields"
+        fix = "check the file is Criteo text, or pass --format parquet for Parquet input"
+        if 0 < n < self.n_fields and text.strip():
+            fix = ("the line is short: were trailing empty fields stripped (an editor or tool that trims "
+                   "lines)? Re-export with every separator kept, or pass --bad-rows skip to skip such lines")
+        elif n == LABELLED_FIELDS + TEST_FIELDS - self.n_fields:
+            fix = ("files mix labelled (40-field) and unlabelled (39-field) lines; shard them separately, "
+                   "or pass --bad-rows skip")
+        else:
+            fix += " (or --bad-rows skip to skip and count bad lines)"
+        fix += _separator_hint(text, self.sep)
+        return InputFormatError(what, where=location(self.path, line), fix=fix)
+
+    # -- values
+    def _slow_parse(self, data: bytes, block: _Block, line_idx: np.ndarray | None,
+                    ) -> tuple[pl.DataFrame, np.ndarray | None, list[BadRow]]:
+        """The typed parse failed: find the exact line (bad UTF-8 or a non-number), raise or drop it."""
+        idx = np.arange(block.lines) if line_idx is None else line_idx
+        data, idx, bad = self._check_utf8(data, block, idx)
+        try:
+            text = self._parse(data, numeric_as_text=True)
+        except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as exc:
+            raise InputFormatError(f"polars cannot parse this block: {str(exc).splitlines()[0]}",
+                                   where=f"{self.path}, lines {block.first_line}-"
+                                         f"{block.first_line + block.lines - 1}",
+                                   fix="check the file is Criteo text (tab-separated, no quotes)") from None
+        ok = np.ones(text.height, dtype=bool)
+        for col in self.columns:
+            if col.startswith("C"):
+                continue
+            s = text[col].str.strip_chars()
+            nonnum = (s.str.len_bytes() > 0) & s.cast(pl.Float64, strict=False).is_null()
+            rows = np.flatnonzero(nonnum.fill_null(False).to_numpy())
+            if len(rows) == 0:
+                continue
+            if self.bad_rows == "error":
+                i = int(rows[0])
+                what = (f"{text[col][i]!r} is not a number" if col != CRITEO_LABEL
+                        else f"label {text[col][i]!r} is not 0 or 1")
+                where = location(self.path, block.first_line + int(idx[i]), column=col)
+                raise InputFormatError(what, where=where, fix=self._value_fix(col))
+            for i in rows[ok[rows]]:
+                bad.append(BadRow(str(self.path), block.first_line + int(idx[i]), None, col,
+                                  "bad label" if col == CRITEO_LABEL else "not a number"))
+            ok[rows] = False
+        if not ok.all():
+            text = text.filter(pl.Series(ok))
+            idx = idx[ok]
+        frame = text.with_columns([pl.col(c).str.strip_chars().cast(pl.Float64) for c in self.columns
+                                   if not c.startswith("C")])
+        return frame, (None if len(idx) == block.lines else idx), bad
+
+    def _value_fix(self, col: str) -> str:
+        if col == CRITEO_LABEL:
+            return ("the first field of a 40-field line is the 0/1 click label; fix the value, or pass "
+                    "--bad-rows skip to skip and count such lines")
+        return ("I1..I13 hold integer counts (blank = missing); fix the value, or pass --bad-rows skip to "
+                "skip and count such lines")
+
+    def _check_utf8(self, data: bytes, block: _Block, idx: np.ndarray,
+                    ) -> tuple[bytes, np.ndarray, list[BadRow]]:
+        bad: list[BadRow] = []
+        pos = 0
+        while True:
+            try:
+                data[pos:].decode("utf-8")
+                return data, idx, bad
+            except UnicodeDecodeError as exc:
+                at = pos + exc.start
+            k = data.count(b"\n", 0, at)                    # 0-based line within `data`
+            line = block.first_line + int(idx[k])
+            if self.bad_rows == "error":
+                raise InputFormatError("invalid UTF-8 bytes", where=location(self.path, line),
+                                       fix="the file is not UTF-8 text (or is corrupt); re-export as UTF-8")
+            bad.append(BadRow(str(self.path), line, None, None, "invalid UTF-8"))
+            start = data.rfind(b"\n", 0, at) + 1
+            end = data.index(b"\n", at) + 1
+            data = data[:start] + data[end:]
+            idx = np.delete(idx, k)
+            pos = start
+
+    # -- labels
+    def _check_labels(self, frame: pl.DataFrame, block: _Block, line_idx: np.ndarray | None,
+                      ) -> tuple[pl.DataFrame, np.ndarray | None, list[BadRow]]:
+        if not self.has_labels:
+            return frame, line_idx, []
+        y = frame[CRITEO_LABEL]
+        badmask = ~(y.is_in([0.0, 1.0]).fill_null(False)).to_numpy()
+        if not badmask.any():
+            return frame, line_idx, []
+        idx = np.arange(frame.height) if line_idx is None else line_idx
+        rows = np.flatnonzero(badmask)
+        if self.bad_rows == "error":
+            i = int(rows[0])
+            value = y[i]
+            what = "empty label" if value is None else f"label {value:g} is not 0 or 1"
+            where = location(self.path, block.first_line + int(idx[i]), column=CRITEO_LABEL)
+            raise InputFormatError(what, where=where, fix=self._value_fix(CRITEO_LABEL))
+        bad = [BadRow(str(self.path), block.first_line + int(idx[i]), None, CRITEO_LABEL, "bad label")
+               for i in rows]
+        return frame.filter(pl.Series(~badmask)), idx[~badmask], bad
+
+    def _finish(self, frame: pl.DataFrame) -> pl.DataFrame:
+        cols = [c for c in self.keep if c in frame.columns]
+        exprs = [pl.col(c).cast(pl.Float32) if c == CRITEO_LABEL else pl.col(c) for c in cols]
+        return frame.select(exprs)
+
+
+def iter_criteo_chunks(cfg: DataConfig, path: Path, chunk_rows: int, keep: list[str],
+                       bad_rows: BadMode = "error", require_labels: bool = True) -> Iterator[RawChunk]:
+    """RawChunks of one Criteo text file; `keep` names the columns the config uses."""
+    reader: CriteoReader | None = None
+    for block in iter_blocks(path, chunk_rows):
+        if reader is None:
+            n_fields = detect_layout(path, block, cfg.separator)
+            if require_labels and n_fields == TEST_FIELDS:
+                raise InputFormatError(
+                    f"the file has {TEST_FIELDS} fields per line (no label column): a test file?",
+                    where=str(path),
+                    fix="pass --test to shard unlabelled test data, or check that this is the training file")
+            reader = CriteoReader(path, cfg.separator, n_fields, keep, bad_rows)
+        yield reader.chunk(block)
+    if reader is None:
+        raise InputFormatError("input file is empty", where=str(path), fix="re-create or re-download it")

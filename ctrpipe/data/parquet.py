@@ -1,0 +1,213 @@
+"""Stage 1: Parquet files -> typed RawChunks, batch by batch (never a whole file in memory).
+
+Each file's schema is checked up front against the resolved columns, so a missing or mistyped column fails
+before any row is read, naming the file, the column, what was found and what is expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ctrpipe.data.chunks import BadRow, RawChunk
+from ctrpipe.data.config import DataConfig, TokenColumnConfig
+from ctrpipe.data.schema import ResolvedColumns, closest
+from ctrpipe.data.transforms import first_bad_weight, weight_error
+from ctrpipe.errors import InputFormatError, SchemaError, location
+
+BadMode = Literal["error", "skip"]
+Kind = Literal["numeric", "categorical", "token", "label", "id"]
+
+
+def read_schema(path: Path) -> pa.Schema:
+    """The file's Arrow schema; a file that is not Parquet is an InputFormatError with a fix."""
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputFormatError(f"not a readable Parquet file ({str(exc).splitlines()[0]})", where=str(path),
+                               fix="check the file (Criteo text needs --format criteo / data.format=criteo)"
+                               ) from None
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+            or pa.types.is_boolean(t) or pa.types.is_null(t))
+
+
+def _type_ok(kind: Kind, t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return kind in ("categorical", "token") and _type_ok(kind, t.value_type)
+    if kind in ("numeric", "label"):
+        return _is_number(t) or (kind == "numeric" and _is_text(t))
+    if kind == "categorical":
+        return _is_text(t) or pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_null(t)
+    if kind == "token":
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return _is_text(t.value_type) or pa.types.is_integer(t.value_type)
+        return _is_text(t) or pa.types.is_null(t)
+    return _is_text(t) or pa.types.is_integer(t)     # id
+
+
+_EXPECTED = {
+    "numeric": "a number (int, float, decimal, bool) or text holding numbers",
+    "label": "a 0/1 number (int, float or bool)",
+    "categorical": "text, an integer or a bool (integers are hashed as their decimal text)",
+    "token": "text with separated tokens ('a|b|c') or a list of strings/integers",
+    "id": "text or an integer",
+}
+_FIX = {
+    "numeric": "cast the column to a number when writing the file, or list it under data.categorical",
+    "label": "store labels as 0/1 integers, or fix data.labels",
+    "categorical": "cast floats to integers or strings when writing the file, or list it under data.numeric",
+    "token": "store tokens as one separated string or a list column",
+    "id": "use a text or integer id column (data.id_column)",
+}
+
+
+def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_labels: bool) -> bool:
+    """Raise SchemaError for a missing or mistyped column; return whether the file has the label columns."""
+    names = list(schema.names)
+    kinds: list[tuple[str, Kind]] = [(c, "numeric") for c in rc.numeric] + \
+        [(c, "categorical") for c in rc.categorical] + [(t.column, "token") for t in rc.tokens] + \
+        ([(rc.id, "id")] if rc.id else [])
+    missing_labels = [c for c in rc.labels if c not in names]
+    if missing_labels and (require_labels or len(missing_labels) < len(rc.labels)):
+        c = missing_labels[0]
+        fix = closest(c, names) + " Check data.labels" + ("" if require_labels else
+                                                          " (a test file must have all labels or none)")
+        if require_labels and len(missing_labels) == len(rc.labels):
+            fix += "; pass --test for unlabelled test data"
+        raise SchemaError(f"label column {c!r} is not in the file", where=str(path), fix=fix)
+    has_labels = bool(rc.labels) and not missing_labels
+    if has_labels:
+        kinds += [(c, "label") for c in rc.labels]
+    for col, kind in kinds:
+        if col not in names:
+            raise SchemaError(f"{kind} column {col!r} is not in the file", where=str(path),
+                              fix=f"{closest(col, names)} Check the data section of the config "
+                                  "(all Parquet inputs need the same columns)")
+        t = schema.field(col).type
+        if not _type_ok(kind, t):
+            raise SchemaError(f"{kind} column has type {t}, expected {_EXPECTED[kind]}",
+                              where=location(path, column=col), fix=_FIX[kind])
+    return has_labels
+
+
+class ParquetChunker:
+    """Converts Arrow record batches of one file into typed RawChunks, checking values as it goes."""
+
+    def __init__(self, path: Path, schema: pa.Schema, rc: ResolvedColumns, has_labels: bool,
+                 bad_rows: BadMode) -> None:
+        self.path, self.schema, self.rc = path, schema, rc
+        self.has_labels, self.bad_rows = has_labels, bad_rows
+
+    def _token_expr(self, tc: TokenColumnConfig) -> pl.Expr:
+        t = self.schema.field(tc.column).type
+        col = pl.col(tc.column)
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return col.list.eval(pl.element().cast(pl.String)).list.join(tc.separator).alias(tc.column)
+        return col.cast(pl.String)
+
+    def chunk(self, batch: pa.RecordBatch, row0: int, file_bytes: int) -> RawChunk:
+        frame = pl.from_arrow(batch, rechunk=False)
+        assert isinstance(frame, pl.DataFrame)
+        keep = np.ones(frame.height, dtype=bool)
+        bad: list[BadRow] = []
+        for c in self.rc.numeric:
+            if _is_text(self.schema.field(c).type):
+                s = frame[c].str.strip_chars()
+                wrong = (s.str.len_bytes() > 0) & s.cast(pl.Float64, strict=False).is_null()
+                self._flag(wrong.fill_null(False).to_numpy(), keep, bad, row0, c, "not a number",
+                           lambda i, c=c: SchemaError(
+                               f"numeric column stored as text holds {frame[c][i]!r}, not a number",
+                               where=location(self.path, row=row0 + i, column=c), fix=_FIX["numeric"]))
+        if self.has_labels:
+            for c in self.rc.labels:
+                y = frame[c].cast(pl.Float64)
+                wrong = ~y.is_in([0.0, 1.0]).fill_null(False).to_numpy()
+                self._flag(wrong, keep, bad, row0, c, "bad label",
+                           lambda i, c=c: InputFormatError(
+                               f"label {frame[c][i]!r} is not 0 or 1", where=location(self.path, row=row0 + i,
+                                                                                       column=c),
+                               fix="labels must be 0/1 (no missing values); fix the file or pass "
+                                   "--bad-rows skip to skip and count such rows"))
+        frame = frame.with_columns([self._token_expr(tc) for tc in self.rc.tokens])
+        for tc in self.rc.multihot:
+            if tc.weighted:
+                self._check_weights(frame, tc, keep, bad, row0)
+        exprs = [pl.col(c).cast(pl.Float32) for c in self.rc.labels] if self.has_labels else []
+        if self.rc.id:
+            t = self.schema.field(self.rc.id).type
+            exprs.append(pl.col(self.rc.id).cast(pl.Int64 if pa.types.is_integer(t) else pl.String))
+        exprs += [pl.col(c).str.strip_chars().cast(pl.Float64) if _is_text(self.schema.field(c).type)
+                  else pl.col(c).cast(pl.Float64) for c in self.rc.numeric]
+        exprs += [pl.col(c).cast(pl.String) for c in self.rc.categorical]
+        exprs += [pl.col(tc.column) for tc in self.rc.tokens]
+        lines = None
+        if not keep.all():
+            frame = frame.filter(pl.Series(keep))
+            lines = (row0 + np.flatnonzero(keep)).astype(np.int64)
+        out = frame.select(exprs)
+        first = int(lines[0]) if lines is not None and len(lines) else row0
+        return RawChunk(frame=out, source=self.path, first_line=first, nbytes=int(batch.nbytes), bad_rows=bad,
+                        has_labels=self.has_labels, line_numbers=lines, file_bytes=file_bytes)
+
+    def _flag(self, wrong: np.ndarray, keep: np.ndarray, bad: list[BadRow], row0: int, col: str, reason: str,
+              error: Callable[[int], Exception]) -> None:
+        rows = np.flatnonzero(wrong & keep)
+        if len(rows) == 0:
+            return
+        if self.bad_rows == "error":
+            raise error(int(rows[0]))
+        bad.extend(BadRow(str(self.path), None, row0 + int(i), col, reason) for i in rows)
+        keep[rows] = False
+
+    def _check_weights(self, frame: pl.DataFrame, tc: TokenColumnConfig, keep: np.ndarray, bad: list[BadRow],
+                       row0: int) -> None:
+        s = frame[tc.column]
+        while True:      # loops once per bad row (skip mode), which are few; one pass when all are good
+            live = np.flatnonzero(keep)
+            found = first_bad_weight(s.filter(pl.Series(keep)) if not keep.all() else s, tc.separator)
+            if found is None:
+                return
+            i = int(live[found[0]])
+            if self.bad_rows == "error":
+                raise weight_error(tc.column, str(s[i]), found[1],
+                                   where=location(self.path, row=row0 + i, column=tc.column))
+            bad.append(BadRow(str(self.path), None, row0 + i, tc.column, "bad weight"))
+            keep[i] = False
+
+
+def iter_parquet_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedColumns,
+                        bad_rows: BadMode = "error", require_labels: bool = True) -> Iterator[RawChunk]:
+    """RawChunks of one Parquet file, at most chunk_rows rows each, reading only the configured columns."""
+    del cfg   # the resolved columns carry everything Parquet needs
+    schema = read_schema(path)
+    has_labels = check_schema(path, schema, rc, require_labels)
+    cols = [c for c in rc.raw_columns() if c in schema.names]
+    chunker = ParquetChunker(path, schema, rc, has_labels, bad_rows)
+    pf = pq.ParquetFile(path)
+    total_rows = max(pf.metadata.num_rows, 1)
+    size = path.stat().st_size
+    row0 = 0
+    try:
+        for batch in pf.iter_batches(batch_size=chunk_rows, columns=cols):
+            if batch.num_rows == 0:
+                continue
+            disk = size * batch.num_rows // total_rows
+            yield chunker.chunk(batch, row0, disk)
+            row0 += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputFormatError(f"cannot read the file after row {row0:,}: {str(exc).splitlines()[0]}",
+                               where=str(path),
+                               fix="the file is corrupt or truncated; re-create or re-copy it") from None

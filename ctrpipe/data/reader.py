@@ -1,0 +1,41 @@
+"""Stage 1 entry point: one iterator of typed RawChunks over every input file, whatever the format."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from ctrpipe.data.chunks import BadRow, RawChunk
+from ctrpipe.data.config import DataConfig
+from ctrpipe.data.criteo import iter_criteo_chunks
+from ctrpipe.data.parquet import iter_parquet_chunks, read_schema
+from ctrpipe.data.schema import ResolvedColumns, resolve_columns
+from ctrpipe.data.sources import expand_inputs
+
+__all__ = ["BadRow", "RawChunk", "ResolvedColumns", "expand_inputs", "iter_raw_chunks", "resolve_columns",
+           "resolve_inputs_columns"]
+
+
+def resolve_inputs_columns(cfg: DataConfig, inputs: list[Path]) -> ResolvedColumns:
+    """Columns resolved against the first input (Parquet) or the fixed Criteo layout."""
+    if cfg.format == "parquet":
+        return resolve_columns(cfg, read_schema(inputs[0]), source=inputs[0])
+    return resolve_columns(cfg, None)
+
+
+def iter_raw_chunks(cfg: DataConfig, inputs: list[Path], chunk_rows: int,
+                    bad_rows: Literal["error", "skip"] = "error", require_labels: bool = True,
+                    columns: ResolvedColumns | None = None) -> Iterator[RawChunk]:
+    """Typed chunks of at most chunk_rows rows, file by file in the given order, rows in file order.
+
+    Columns are resolved once, against the first file, so every chunk has the same columns.
+    """
+    if not inputs:
+        return
+    rc = columns or resolve_inputs_columns(cfg, inputs)
+    for path in inputs:
+        if cfg.format == "criteo":
+            yield from iter_criteo_chunks(cfg, path, chunk_rows, rc.raw_columns(), bad_rows, require_labels)
+        else:
+            yield from iter_parquet_chunks(cfg, path, chunk_rows, rc, bad_rows, require_labels)

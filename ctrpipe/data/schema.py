@@ -1,0 +1,134 @@
+"""Stage 1: which raw input columns the config uses, by kind, in a fixed order (the manifest's column order).
+
+Criteo text has a fixed layout (label, I1..I13, C1..C26); Parquet columns come from the first file's schema,
+selected by explicit names and/or a regex per kind.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig, TokenColumnConfig
+from ctrpipe.errors import ConfigError, SchemaError
+
+CRITEO_LABEL = "label"
+CRITEO_COLUMNS: tuple[str, ...] = (CRITEO_LABEL, *CRITEO_INT, *CRITEO_CAT)
+
+SchemaLike = pa.Schema | pl.Schema | Mapping[str, object] | None
+
+
+@dataclass(frozen=True)
+class ResolvedColumns:
+    """Raw input columns by kind. Numeric and categorical: explicit names first (config order), then regex
+    matches in file order. Token columns keep their config objects (separator, max_len, ...)."""
+
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    multihot: tuple[TokenColumnConfig, ...]
+    sequence: tuple[TokenColumnConfig, ...]
+    labels: tuple[str, ...]
+    id: str | None
+
+    @property
+    def tokens(self) -> tuple[TokenColumnConfig, ...]:
+        return self.multihot + self.sequence
+
+    def raw_columns(self) -> list[str]:
+        """Every input column to read, each once: labels, id, numeric, categorical, token columns."""
+        names = [*self.labels, *([self.id] if self.id else []), *self.numeric, *self.categorical,
+                 *(t.column for t in self.tokens)]
+        return list(dict.fromkeys(names))
+
+
+def _names(schema: SchemaLike) -> list[str]:
+    if isinstance(schema, pa.Schema):
+        return list(schema.names)
+    return list(schema.keys()) if schema is not None else list(CRITEO_COLUMNS)
+
+
+def closest(name: str, names: list[str]) -> str:
+    """' (closest: "x")' when some name is similar, else a few of the existing names."""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"existing columns include {names[:8]}"
+
+
+def _check_exists(names: list[str], present: list[str], key: str, where: str, criteo: bool) -> None:
+    for n in names:
+        if n not in present:
+            what = f"column {n!r} ({key}) is not in the input"
+            if criteo:
+                what = f"column {n!r} ({key}) is not a Criteo column (label, I1..I13, C1..C26)"
+            raise SchemaError(what, where=where, fix=f"{closest(n, present)} Check {key} in the config.")
+
+
+def _pattern(pattern: str, key: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"bad regex {pattern!r} for '{key}': {exc}", where=key,
+                          fix=f'use a Python regex, e.g. {key}="^feat_"') from None
+
+
+def _select(explicit: tuple[str, ...], pattern: str, present: list[str], taken: set[str], key: str,
+            where: str, criteo: bool) -> tuple[str, ...]:
+    _check_exists(list(explicit), present, f"{key}.columns", where, criteo)
+    out = list(dict.fromkeys(explicit))
+    if pattern:
+        rx = _pattern(pattern, f"{key}.pattern")
+        matched = [n for n in present if rx.search(n) and n not in taken and n not in out]
+        if not matched and not any(rx.search(n) for n in out):
+            raise SchemaError(f"{key}.pattern {pattern!r} matches no column", where=where,
+                              fix=f"existing columns include {present[:10]}")
+        out += matched
+    return tuple(out)
+
+
+def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | None = None,
+                    require_labels: bool = False) -> ResolvedColumns:
+    """Resolve the config's column choices against an input schema (None: the fixed Criteo layout).
+
+    Raises SchemaError naming the column and the closest existing name, or a column picked twice. Parquet
+    label columns are only checked with require_labels (test files have none; the reader checks each file).
+    """
+    criteo = cfg.format == "criteo"
+    present = list(CRITEO_COLUMNS) if criteo else _names(schema)
+    where = str(source) if source is not None else ("Criteo text layout" if criteo else "first input file")
+    labels = tuple(cfg.labels)
+    if criteo or require_labels:
+        _check_exists(list(labels), present, "data.labels", where, criteo)
+    id_col = cfg.id_column or None
+    if id_col is not None:
+        if criteo:
+            raise SchemaError("Criteo text has no id column; ids are data.id_offset + row position",
+                              where="data.id_column", fix="remove data.id_column (use data.id_offset)")
+        _check_exists([id_col], present, "data.id_column", where, criteo)
+    tokens = tuple(cfg.multihot) + tuple(cfg.sequence)
+    _check_exists([t.column for t in tokens], present, "data.multihot/sequence", where, criteo)
+    reserved = set(labels) | {id_col} | {t.column for t in tokens}
+    numeric = _select(tuple(cfg.numeric.columns), cfg.numeric.pattern, present, reserved, "data.numeric",
+                      where, criteo)
+    categorical = _select(tuple(cfg.categorical.columns), cfg.categorical.pattern, present,
+                          reserved | set(numeric), "data.categorical", where, criteo)
+    _check_disjoint({"data.labels": labels, "data.id_column": (id_col,) if id_col else (),
+                     "data.numeric": numeric, "data.categorical": categorical,
+                     "data.multihot/sequence": tuple(t.column for t in tokens)}, where)
+    return ResolvedColumns(numeric, categorical, tuple(cfg.multihot), tuple(cfg.sequence), labels, id_col)
+
+
+def _check_disjoint(kinds: dict[str, tuple[str, ...]], where: str) -> None:
+    seen: dict[str, str] = {}
+    for key, cols in kinds.items():
+        for c in cols:
+            if c in seen and key != seen[c]:
+                raise SchemaError(f"column {c!r} is selected by both {seen[c]} and {key}", where=where,
+                                  fix=f"give {c!r} one kind (remove it from one list or narrow the pattern)")
+            seen[c] = key
