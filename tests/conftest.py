@@ -74,7 +74,8 @@ def write_parquet(path: Path, rows: int, seed: int = 0, labels: bool = True) -> 
         cols["converted"] = pa.array((clicked * (rng.random(rows) < 0.4)).astype(np.int8))
     cols.update({
         "gender": cat(["1", "2", "3"], 0.05), "age_group": cat([str(i) for i in range(1, 9)]),
-        "inventory_id": cat([f"inv{i}" for i in range(12)]), "day_of_week": cat([str(i) for i in range(1, 8)]),
+        "inventory_id": cat([f"inv{i}" for i in range(12)]),
+        "day_of_week": cat([str(i) for i in range(1, 8)]),
         "hour": cat([f"{h:02d}" for h in range(24)]), "l_feat_1": cat([f"a{i}" for i in range(30)], 0.2),
         "l_feat_2": cat([f"b{i}" for i in range(5)]),
         "feat_a_1": num(0.1, 3.0), "feat_a_2": num(0.0, 100.0, signed=True), "history_a_1": num(0.3, 0.5),

@@ -1,5 +1,5 @@
-"""Stage 2: `ctrpipe shard` -- raw inputs -> (pass 1) train-split statistics -> (pass 2) transformed fixed-size
-shards -> manifest.json, built in DIR/.incomplete-<fingerprint>/ and moved into DIR with the manifest last.
+"""Stage 2: `ctrpipe shard` -- raw inputs -> (pass 1) train-split statistics -> (pass 2) transformed
+fixed-size shards -> manifest.json, built in DIR/.incomplete-<fingerprint>/ and moved into DIR, manifest last.
 
 A crash leaves only the incomplete folder (never something that looks finished); running the same command
 again resumes it: the fitted statistics are reused and finished shards are not rewritten (their rows are
@@ -14,19 +14,17 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from ctrpipe.config import RunConfig, load_config, to_dict
-from ctrpipe.console import console, human_rate, make_progress
+from ctrpipe.console import console, human_rate
 from ctrpipe.data.config import DataConfig
 from ctrpipe.data.fitted import FITTED_DIR, Fitted
-from ctrpipe.data.reader import expand_inputs
-from ctrpipe.errors import ConfigError, InputFormatError, ManifestMismatchError
+from ctrpipe.data.sources import expand_inputs
+from ctrpipe.errors import ConfigError, ManifestMismatchError
 from ctrpipe.shard.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -36,7 +34,7 @@ from ctrpipe.shard.manifest import (
     source_info,
     write_manifest,
 )
-from ctrpipe.shard.passes import Inputs, fit_pass, resolve_plan, write_pass
+from ctrpipe.shard.passes import Inputs, check_plan, fit_pass, resolve_plan, write_pass
 from ctrpipe.shard.writer import shard_dirname
 
 Role = Literal["train", "test"]
@@ -81,17 +79,22 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
     if role not in ("train", "test"):
         raise ConfigError(f"unknown role {role!r}", fix="use role='train' or role='test' (--test)")
     if role == "test" and gold:
-        raise ConfigError("--gold inputs cannot be combined with --test", fix="shard gold data in a train cache")
+        raise ConfigError("--gold inputs cannot be combined with --test",
+                          fix="shard gold data into a train cache")
     main_paths = expand_inputs(list(inputs), data.format)
     gold_paths = expand_inputs(list(gold), data.format) if gold else []
     train_m = read_manifest(Path(stats_from)) if stats_from is not None else None
-    if train_m is not None:
-        _check_stats_from(train_m, data, Path(stats_from))  # type: ignore[arg-type]  # not None here
+    if train_m is not None and stats_from is not None:
+        _check_stats_from(train_m, data, Path(stats_from))
     srcs = tuple(source_info(p) for p in main_paths + gold_paths)
-    extra = {"role": role, "gold_inputs": len(gold_paths), "stats_from": train_m.fingerprint if train_m else ""}
+    extra = {"role": role, "gold_inputs": len(gold_paths),
+             "stats_from": train_m.fingerprint if train_m else ""}
     fp = fingerprint(identity_config(data), srcs, extra)
     out = Path(out)
     input_bytes = sum(s.size for s in srcs)
+    plan = resolve_plan(data, main_paths, role)
+    check_plan(plan, role)
+    inputs_obj = Inputs(main=main_paths, gold=gold_paths, role=role, input_bytes=input_bytes)
 
     existing = _existing_manifest(out, force)
     if existing is not None:
@@ -100,29 +103,27 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
                           f"{len(existing.shards)} shards)", highlight=False)
             return BuildResult(out, existing, True, time.perf_counter() - t0, input_bytes)
         raise ManifestMismatchError(
-            "the cache was built from other inputs or settings: " + _describe_diff(existing, data, srcs, extra),
+            "the cache was built from other inputs or settings: "
+            + _describe_diff(existing, data, srcs, extra),
             where=str(out / MANIFEST_NAME),
             fix=f"pass --force to rebuild it (fingerprint {existing.fingerprint[:12]} -> {fp[:12]}), "
                 "or choose another --out folder")
     _clear_out(out, keep=f".incomplete-{fp[:12]}")
     work = out / f".incomplete-{fp[:12]}"
     state = _BuildState.open(work, fp)
-
-    plan = resolve_plan(data, main_paths)
-    inputs_obj = Inputs(main=main_paths, gold=gold_paths, role=role, input_bytes=input_bytes)
     fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress)
     result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard, progress)
 
     seconds = time.perf_counter() - t0
-    build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1) if seconds else 0.0,
-             "mb_per_s": round(input_bytes / 1e6 / seconds, 3) if seconds else 0.0,
-             "input_bytes": float(input_bytes), "output_bytes": float(result.output_bytes),
-             "passes": float(result.passes + (0 if loo is False and train_m else 0)),
-             "chunk_rows": float(data.chunk_rows)}
+    build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1),
+             "mb_per_s": round(result.parsed_bytes / 1e6 / seconds, 3), "input_bytes": float(input_bytes),
+             "parsed_bytes": float(result.parsed_bytes), "output_bytes": float(result.output_bytes),
+             "passes": float(1 + int(loo)), "chunk_rows": float(data.chunk_rows)}
     manifest = Manifest(
         fingerprint=fp, config=to_dict(data), config_sources=cfg_sources, role=role, sources=srcs,
         columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats)),
-        shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds, label_rates=result.label_rates,
+        shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds,
+        label_rates=result.label_rates,
         bad_rows=result.bad_rows, fitted=fitted_meta, stats_from=train_m.fingerprint if train_m else "",
         build=build, gold_sources=len(gold_paths))
     _finish(work, out, result.shards, manifest)
@@ -134,15 +135,15 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
 def _fitted_stats(plan: Any, inputs: Inputs, train_m: Manifest | None, stats_from: Path | None,
                   state: _BuildState, progress: bool) -> tuple[Fitted, dict[str, Any], bool]:
     """(statistics, their manifest entry, whether this build's own train rows were counted)."""
-    if train_m is not None:
-        fitted = Fitted.load(Path(stats_from), train_m.fitted)  # type: ignore[arg-type]  # set with train_m
-        return fitted, dict(train_m.fitted, cache=str(Path(stats_from).resolve())), False  # type: ignore[arg-type]
+    if train_m is not None and stats_from is not None:
+        fitted = Fitted.load(Path(stats_from), train_m.fitted)
+        return fitted, dict(train_m.fitted, cache=str(Path(stats_from).resolve())), False
     if not plan.needs_fit():
         fitted = Fitted()
         return fitted, fitted.to_manifest(), False
     if inputs.role == "test":
-        raise ConfigError("this config needs train-split statistics (vocab, mean/median impute, standardize or "
-                          "covisit), and test data must not provide them",
+        raise ConfigError("this config needs train-split statistics (vocab, mean/median impute, standardize "
+                          "or covisit), and test data must not provide them",
                           fix="pass --stats-from DIR with the train cache built from the same config")
     if state.fitted_done:
         fitted = Fitted.load(state.work)
@@ -162,7 +163,8 @@ def _check_stats_from(train_m: Manifest, data: DataConfig, path: Path) -> None:
     keys = ("format", "hash_bins", "hash_seed", "numeric", "categorical", "multihot", "sequence", "covisit")
     diffs = [k for k in keys if mine.get(k) != train_m.config.get(k)]
     if diffs:
-        detail = "; ".join(f"data.{k}: {train_m.config.get(k)!r} (train) vs {mine.get(k)!r} (now)" for k in diffs)
+        detail = "; ".join(f"data.{k}: {train_m.config.get(k)!r} (train) vs {mine.get(k)!r} (now)"
+                           for k in diffs)
         raise ManifestMismatchError(f"the train cache used different hashing/columns: {detail}",
                                     where=str(path / MANIFEST_NAME),
                                     fix="shard the test data with the same --cfg as the train cache")
@@ -232,7 +234,8 @@ def _clear_out(out: Path, keep: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     foreign = [p.name for p in out.iterdir() if not _OURS.match(p.name) and not p.name.startswith(".")]
     if foreign:
-        raise ConfigError(f"--out {out} holds files that are not part of a shard cache: {sorted(foreign)[:5]}",
+        raise ConfigError(f"--out {out} holds files that are not part of a shard cache: "
+                          f"{sorted(foreign)[:5]}",
                           where=str(out), fix="choose an empty or new folder for --out")
     for p in out.iterdir():
         if _OURS.match(p.name) and p.name != keep:
@@ -262,7 +265,8 @@ def _describe_diff(old: Manifest, data: DataConfig, srcs: tuple[Any, ...], extra
             return out
         return {prefix.rstrip("."): d}
 
-    new_cfg, old_cfg = flat(identity_config(data)), flat({k: v for k, v in old.config.items() if k != "chunk_rows"})
+    new_cfg = flat(identity_config(data))
+    old_cfg = flat({k: v for k, v in old.config.items() if k != "chunk_rows"})
     parts = [f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in sorted(set(new_cfg) | set(old_cfg))
              if new_cfg.get(k) != old_cfg.get(k)]
     old_src = {s.path: s for s in old.sources}
@@ -292,7 +296,8 @@ def run_shard(cfg_path: Path | None, overrides: list[str], inputs: list[Path], o
         if bad_rows not in ("error", "skip"):
             raise ConfigError(f"bad value {bad_rows!r} for --bad-rows", where="--bad-rows",
                               fix="use --bad-rows error (stop at the first bad row) or --bad-rows skip")
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, bad_rows=bad_rows))  # type: ignore[arg-type]
+        data = dataclasses.replace(cfg.data, bad_rows="skip" if bad_rows == "skip" else "error")
+        cfg = dataclasses.replace(cfg, data=data)
     res = build_shards(cfg, inputs, out, gold=gold, stats_from=stats_from, role="test" if test else "train",
                        force=force, progress=not quiet)
     if res.reused:
@@ -327,12 +332,3 @@ def print_summary(res: BuildResult, quiet: bool) -> None:
     table.add_row("seconds", f"{res.seconds:.1f}")
     table.add_row("throughput", rate)
     console.print(table)
-
-
-def iter_shard_dirs(out: Path) -> Iterator[Path]:
-    """Finished shard folders of a cache, in order (for tools that list a cache)."""
-    yield from sorted(p for p in Path(out).glob("shard_[0-9][0-9][0-9][0-9][0-9]") if p.is_dir())
-
-
-def _unused(_: InputFormatError, __: np.ndarray) -> None:  # keeps imports honest for type checkers
-    return None

@@ -1,17 +1,18 @@
-"""Stage 2: the passes over raw input that `build_shards` runs: an optional row count (tail split), the fit pass
-over the train split (statistics), and the write pass (transform every chunk and feed the shard writer).
+"""Stage 2: the passes over raw input that `build_shards` runs: an optional row count (tail split), the fit
+pass over the train split (statistics), and the write pass (transform every chunk, feed the shard writer).
 
 Parsing runs one chunk ahead in a background thread (polars releases the GIL), so parse and transform overlap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +32,9 @@ from ctrpipe.data.fitted import (
     round32,
 )
 from ctrpipe.data.hashing import xxh64_strings
-from ctrpipe.data.reader import iter_raw_chunks, resolve_columns
+from ctrpipe.data.parquet import read_schema
+from ctrpipe.data.reader import iter_raw_chunks
+from ctrpipe.data.schema import resolve_columns
 from ctrpipe.data.splits import SPLIT_GOLD, SPLIT_TEST, FoldAssigner, assign_split
 from ctrpipe.data.transforms import log1p_transform
 from ctrpipe.errors import InputFormatError, SchemaError
@@ -63,16 +66,32 @@ class Inputs:
 
 # ------------------------------------------------------------------------------------------ plan, schema
 
-def resolve_plan(data: DataConfig, paths: list[Path]) -> Plan:
-    """Which raw columns become which stored columns (patterns are matched against the first input)."""
-    rc = resolve_columns(data, _schema(data, paths))
-    return make_plan(data, tuple(rc.numeric), tuple(rc.categorical), tuple(rc.multihot), tuple(rc.sequence),
-                     tuple(rc.labels), rc.id or "")
+def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train") -> Plan:
+    """Which raw columns become which stored columns (patterns are matched against the first input).
+
+    Test Parquet files usually lack the label columns: then the plan has no labels.
+    """
+    schema = _schema(data, paths)
+    if role == "test" and schema is not None and not any(lab in schema for lab in data.labels):
+        data = dataclasses.replace(data, labels=())
+    rc = resolve_columns(data, schema, paths[0] if data.format == "parquet" else None)
+    return make_plan(data, rc)
+
+
+def check_plan(plan: Plan, role: str) -> None:
+    """Checks that need both the config and the resolved columns, done before any pass starts."""
+    f = plan.cfg.folds
+    if role == "train" and f.n_splits and f.mode == "stratified" and f.label and f.label not in plan.labels:
+        raise SchemaError(f"data.folds.label {f.label!r} is not one of the labels", where="data.folds.label",
+                          fix=f"use one of {list(plan.labels)}")
+    if role == "train" and f.n_splits and f.mode == "stratified" and not plan.labels:
+        raise SchemaError("stratified folds need a label column", where="data.folds.mode",
+                          fix="set data.labels, or use data.folds.mode=plain")
 
 
 def _schema(data: DataConfig, paths: list[Path]) -> Any:
     if data.format == "parquet":
-        return pl.read_parquet_schema(paths[0])
+        return read_schema(paths[0])
     return None
 
 
@@ -117,11 +136,12 @@ def prefetch(make: Callable[[], Iterator[T]], depth: int = PREFETCH_DEPTH) -> It
         thread.join(timeout=30)
 
 
-def _chunks(data: DataConfig, paths: list[Path], require_labels: bool) -> Iterator[Any]:
+def _chunks(plan: Plan, paths: list[Path], require_labels: bool) -> Iterator[Any]:
     if not paths:
         return iter(())
+    data = plan.cfg
     return prefetch(lambda: iter_raw_chunks(data, paths, data.chunk_rows, bad_rows=data.bad_rows,
-                                            require_labels=require_labels))
+                                            require_labels=require_labels, columns=plan.columns))
 
 
 def count_rows(data: DataConfig, paths: list[Path]) -> int:
@@ -152,8 +172,8 @@ class _Splitter:
     def __init__(self, plan: Plan, inputs: Inputs) -> None:
         self.cfg = plan.cfg.split
         self.role = inputs.role
-        self.n_rows = count_rows(plan.cfg, inputs.main) if self.cfg.mode == "tail" and inputs.role == "train" \
-            else None
+        tail = self.cfg.mode == "tail" and inputs.role == "train"
+        self.n_rows = count_rows(plan.cfg, inputs.main) if tail else None
 
     def __call__(self, frame: pl.DataFrame, idx: np.ndarray) -> np.ndarray:
         if self.role == "test":
@@ -184,7 +204,7 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
     covisit = {cv.name: CovisitCounter() for cv in plan.covisit}
     row = train_rows = 0
     with _Bar("fit statistics (pass 1)", inputs.input_bytes, progress) as bar:
-        for chunk in _chunks(data, inputs.main, require_labels=True):
+        for chunk in _chunks(plan, inputs.main, require_labels=True):
             frame = chunk.frame
             idx = np.arange(row, row + frame.height, dtype=np.int64)
             row += frame.height
@@ -204,13 +224,14 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
                 target = ft[cv.target]
                 covisit[cv.name].update(xxh64_strings(target, plan.seed(cv.target)), string_missing(target),
                                         context_tokens(plan, ft, cv.context), np.ones(ft.height, dtype=bool))
-            bar.advance(chunk.nbytes, frame.height)
+            bar.advance(chunk, frame.height)
     fills = nacc.fills(num.impute)
     if mom is not None:
         mean, std = mom.result(np.asarray(log1p_transform(fills.reshape(1, -1), num.log1p)).reshape(-1))
     else:
         mean, std = np.zeros(len(fills)), np.ones(len(fills))
-    numeric = {c: NumericStats(round32(fills[j]), float(mean[j]), float(std[j])) for j, c in enumerate(plan.numeric)}
+    numeric = {c: NumericStats(round32(fills[j]), float(mean[j]), float(std[j]))
+               for j, c in enumerate(plan.numeric)}
     vocab_tables = {c: VocabTable.from_counts(k, data.categorical.min_count, data.categorical.bins.get(c, 0))
                     for c, k in vocab.items()}
     return Fitted(numeric=numeric, vocab=vocab_tables, covisit={k: v.tables() for k, v in covisit.items()},
@@ -230,9 +251,8 @@ class WriteResult:
     column_stats: dict[str, dict[str, float]]
     id_dtype: str
     output_bytes: int
-    passes: int = 1
+    parsed_bytes: int
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path, done: set[int],
@@ -245,9 +265,6 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
     folds = FoldAssigner(data.folds) if inputs.role == "train" else FoldAssigner(type(data.folds)())
     labels = plan.labels
     fold_label = labels.index(data.folds.label) if data.folds.label in labels else 0
-    if data.folds.mode == "stratified" and data.folds.n_splits and data.folds.label and data.folds.label not in labels:
-        raise SchemaError(f"data.folds.label {data.folds.label!r} is not a label", where="data.folds.label",
-                          fix=f"use one of {list(labels)}")
     writer = ShardWriter(work, data.shard_rows, done=done, on_shard=on_shard)
     tally = SplitTally(labels, folds.cfg.n_splits, fold_label)
     bad = BadRowTally()
@@ -258,11 +275,12 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
     has_labels: bool | None = None
     id_width = 0
     row = 0
+    positions = _Positions(data.format)
     streams = [(False, inputs.main), (True, inputs.gold)]
     with _Bar("write shards" + (" (pass 2)" if plan.needs_fit() and inputs.role == "train" else ""),
               inputs.input_bytes, progress) as bar:
         for is_gold, paths in streams:
-            for chunk in _chunks(data, paths, require_labels=inputs.role == "train"):
+            for chunk in _chunks(plan, paths, require_labels=inputs.role == "train"):
                 frame = chunk.frame
                 n = frame.height
                 idx = np.arange(row, row + n, dtype=np.int64)
@@ -292,7 +310,7 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
                 if y is not None:
                     arrays["labels"] = y
                     lab_stats.update(y, np.isnan(y))
-                ids = id_array(frame, plan, idx)
+                ids = id_array(frame, plan, positions(chunk))
                 if ids.dtype.kind == "U":
                     id_width = max(id_width, ids.dtype.itemsize // 4)
                 arrays["ids"] = ids
@@ -301,7 +319,7 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
                 tally.update(split, fold, y)
                 bad.update(chunk.bad_rows)
                 writer.add(arrays)
-                bar.advance(chunk.nbytes, n)
+                bar.advance(chunk, n)
         shards = writer.close()
     if row == 0:
         raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in inputs.main[:3]),
@@ -316,7 +334,32 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
         if inputs.role == "train" else {"n_splits": 0, "sizes": []},
         label_rates=tally.label_rates() if has_labels else {}, bad_rows=bad.to_dict(), column_stats=stats,
         id_dtype=f"<U{max(id_width, 1)}" if id_width else "int64", output_bytes=writer.bytes_written,
+        parsed_bytes=bar.bytes,
         seconds=time.perf_counter() - t0)
+
+
+class _Positions:
+    """Physical row position of every parsed row over all inputs (bad rows included), so positional ids
+    (Criteo: id_offset + position, as Kaggle's test ids) stay right when malformed rows are skipped."""
+
+    def __init__(self, fmt: str) -> None:
+        self.first = 1 if fmt == "criteo" else 0       # text lines are 1-based, Parquet rows 0-based
+        self.base = 0
+        self.seen = 0
+        self.source: Path | None = None
+
+    def __call__(self, chunk: Any) -> np.ndarray:
+        if chunk.source != self.source:
+            self.base += self.seen
+            self.source, self.seen = chunk.source, 0
+        n = chunk.frame.height
+        lines = getattr(chunk, "line_numbers", None)
+        local = (np.asarray(lines, dtype=np.int64) if lines is not None
+                 else chunk.first_line + np.arange(n, dtype=np.int64)) - self.first
+        bad = [b.line if b.line is not None else b.row for b in chunk.bad_rows]
+        ends = [int(local[-1]) + 1 if n else 0] + [int(x) - self.first + 1 for x in bad if x is not None]
+        self.seen = max([self.seen, *ends])
+        return self.base + local
 
 
 def _stem(name: str) -> str:
@@ -334,6 +377,7 @@ class _Bar:
         self.total = max(total_bytes, 1)
         self.rows = 0
         self.bytes = 0
+        self.file_bytes = 0
 
     def __enter__(self) -> _Bar:
         self.progress.__enter__()
@@ -341,12 +385,15 @@ class _Bar:
         self.t0 = time.perf_counter()
         return self
 
-    def advance(self, nbytes: int, rows: int) -> None:
+    def advance(self, chunk: Any, rows: int) -> None:
+        """Progress by on-disk bytes (file sizes are the total); MB/s shows parsed (uncompressed) bytes."""
         self.rows += rows
-        self.bytes += nbytes
+        self.bytes += int(chunk.nbytes)
+        self.file_bytes += int(getattr(chunk, "file_bytes", 0) or chunk.nbytes)
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        self.progress.update(self.task, completed=min(self.bytes, self.total),
-                             rate_text=f"{human_rate(self.rows / dt, 'rows/s')}  {self.bytes / 1e6 / dt:.0f} MB/s")
+        self.progress.update(self.task, completed=min(self.file_bytes, self.total),
+                             rate_text=f"{human_rate(self.rows / dt, 'rows/s')}  "
+                                       f"{self.bytes / 1e6 / dt:.0f} MB/s")
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)  # type: ignore[arg-type]

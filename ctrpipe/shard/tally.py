@@ -95,7 +95,7 @@ class SplitTally:
     def folds_dict(self, mode: str, key: str, label: str, seed: int) -> dict[str, Any]:
         if not self.n_folds:
             return {"n_splits": 0, "mode": mode, "key": key, "label": label, "seed": seed, "sizes": []}
-        rates = [round32(p / n) if n else 0.0 for p, n in zip(self.fold_pos, self.fold_rows)]
+        rates = [round32(p / n) if n else 0.0 for p, n in zip(self.fold_pos, self.fold_rows, strict=True)]
         return {"n_splits": self.n_folds, "mode": mode, "key": key, "label": label, "seed": seed,
                 "sizes": [int(x) for x in self.fold_rows], "label_rates": rates}
 

@@ -18,6 +18,7 @@ from ctrpipe.data.config import CovisitConfig, DataConfig, TokenColumnConfig
 from ctrpipe.data.covisit import ContextTokens, covisit_features
 from ctrpipe.data.fitted import Fitted, safe_name
 from ctrpipe.data.hashing import field_seed, hash_ids, xxh64_strings
+from ctrpipe.data.schema import ResolvedColumns
 from ctrpipe.data.transforms import log1p_transform, tokens_hashes, tokens_to_ids
 from ctrpipe.errors import SchemaError
 from ctrpipe.shard.manifest import ColumnSpec
@@ -37,6 +38,7 @@ class Plan:
     labels: tuple[str, ...]
     id_column: str
     covisit: tuple[CovisitConfig, ...]      # with `name` filled in
+    columns: ResolvedColumns                # what the readers parse
 
     @property
     def tokens(self) -> tuple[TokenColumnConfig, ...]:
@@ -65,8 +67,8 @@ class Plan:
         cols = [(c, "numeric", tr, c) for c in self.numeric]
         if num.missing_indicator:
             cols += [(f"{c}_missing", "missing_indicator", "1 if missing", c) for c in self.numeric]
-        cols += [(f"{cv.name}_{agg}", "covisit", f"{agg} n(t,c)/(n(c)+{cv.smoothing})", f"{cv.target}|{cv.context}")
-                 for cv in self.covisit for agg in ("max", "mean")]
+        cols += [(f"{cv.name}_{agg}", "covisit", f"{agg} n(t,c)/(n(c)+{cv.smoothing})",
+                  f"{cv.target}|{cv.context}") for cv in self.covisit for agg in ("max", "mean")]
         return cols
 
     def needs_fit(self) -> bool:
@@ -79,15 +81,18 @@ class Plan:
         """Raw columns the transform reads (besides labels/id)."""
         return self.numeric + self.categorical + tuple(tc.column for tc in self.tokens)
 
-    def column_specs(self, fitted: Fitted, id_dtype: str, stats: dict[str, dict[str, float]]) -> list[ColumnSpec]:
+    def column_specs(self, fitted: Fitted, id_dtype: str,
+                     stats: dict[str, dict[str, float]]) -> list[ColumnSpec]:
+        """The manifest's columns, in storage order, with their output statistics."""
         specs = [ColumnSpec(name, kind, "numeric", "float32", i, transform=tr, source=src,
                             stats=stats.get(name, {}))
                  for i, (name, kind, tr, src) in enumerate(self.numeric_layout())]
         cat_tr = ("vocab" + f",min_count={self.cfg.categorical.min_count}"
                   if self.cfg.categorical.mode == "vocab" else "hash")
         for i, c in enumerate(self.categorical):
-            specs.append(ColumnSpec(c, "categorical", "categorical", "int32", i, bins=self.cat_bins(c, fitted),
-                                    transform=cat_tr, source=c, stats=stats.get(c, {})))
+            specs.append(ColumnSpec(c, "categorical", "categorical", "int32", i,
+                                    bins=self.cat_bins(c, fitted), transform=cat_tr, source=c,
+                                    stats=stats.get(c, {})))
         for tc in self.tokens:
             kind = "sequence" if tc in self.sequence else "multihot"
             specs.append(ColumnSpec(tc.column, kind, f"{safe_name(tc.column)}.tokens", "int32", 0,
@@ -95,17 +100,17 @@ class Plan:
                                     transform=f"hash,sep={tc.separator!r},keep={self.token_keep(tc)}",
                                     source=tc.column, stats=stats.get(tc.column, {})))
         for i, lab in enumerate(self.labels):
-            specs.append(ColumnSpec(lab, "label", "labels", "float32", i, source=lab, stats=stats.get(lab, {})))
+            specs.append(ColumnSpec(lab, "label", "labels", "float32", i, source=lab,
+                                    stats=stats.get(lab, {})))
         specs.append(ColumnSpec("id", "id", "ids", id_dtype, 0, source=self.id_column or "row position",
                                 transform="" if self.id_column else f"id_offset={self.cfg.id_offset}+row"))
         return specs
 
 
-def make_plan(cfg: DataConfig, numeric: tuple[str, ...], categorical: tuple[str, ...],
-              multihot: tuple[TokenColumnConfig, ...], sequence: tuple[TokenColumnConfig, ...],
-              labels: tuple[str, ...], id_column: str) -> Plan:
+def make_plan(cfg: DataConfig, rc: ResolvedColumns) -> Plan:
     """Check names (files are named after token fields; co-visitation refers to known fields) and fill in
     co-visitation output names."""
+    numeric, categorical, multihot, sequence = rc.numeric, rc.categorical, rc.multihot, rc.sequence
     token_names = [tc.column for tc in multihot + sequence]
     stems = [safe_name(t) for t in token_names]
     if len(set(stems)) != len(stems):
@@ -123,7 +128,8 @@ def make_plan(cfg: DataConfig, numeric: tuple[str, ...], categorical: tuple[str,
                               fix=f"use one of {(token_names + list(categorical))[:8]}")
         name = cv.name or f"{cv.target}_x_{cv.context}"
         covisit.append(dataclasses.replace(cv, name=name))
-    return Plan(cfg, numeric, categorical, tuple(multihot), tuple(sequence), labels, id_column, tuple(covisit))
+    return Plan(cfg, tuple(numeric), tuple(categorical), tuple(multihot), tuple(sequence), tuple(rc.labels),
+                rc.id or "", tuple(covisit), rc)
 
 
 # ------------------------------------------------------------------------------------------ per chunk
@@ -132,7 +138,8 @@ def numeric_matrix(frame: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
     """(N, Fn) float64, NaN where missing (null, NaN or +-inf all count as missing)."""
     if not names:
         return np.zeros((frame.height, 0), dtype=np.float64)
-    x = frame.select([pl.col(c).cast(pl.Float64) for c in names]).to_numpy(order="c").astype(np.float64, copy=False)
+    x = frame.select([pl.col(c).cast(pl.Float64) for c in names]).to_numpy(order="c")
+    x = x.astype(np.float64, copy=False)
     x[~np.isfinite(x)] = np.nan
     return x
 
@@ -147,7 +154,7 @@ def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str) -> ContextTokens:
     for tc in plan.tokens:
         if tc.column == fld:
             flat, lengths = tokens_hashes(frame[fld], tc.separator, plan.token_keep(tc), tc.max_len,
-                                          plan.seed(fld))
+                                          plan.seed(fld), weighted=tc.weighted)
             return ContextTokens(np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64))
     s = frame[fld]
     present = ~string_missing(s)
@@ -166,7 +173,7 @@ class ChunkTransformer:
         num = plan.cfg.numeric
         stats = [fitted.numeric.get(c) for c in plan.numeric]
         if any(s is None for s in stats) and (num.impute != "zero" or num.standardize):
-            missing = [c for c, s in zip(plan.numeric, stats) if s is None]
+            missing = [c for c, s in zip(plan.numeric, stats, strict=True) if s is None]
             raise SchemaError(f"no fitted statistics for numeric columns {missing[:5]}",
                               fix="build the train cache with the same numeric columns")
         self.fill = np.array([s.fill if s else 0.0 for s in stats], dtype=np.float64)
@@ -228,10 +235,10 @@ def labels_matrix(frame: pl.DataFrame, labels: tuple[str, ...]) -> np.ndarray:
     return frame.select([pl.col(c).cast(pl.Float32) for c in labels]).to_numpy(order="c").astype(np.float32)
 
 
-def id_array(frame: pl.DataFrame, plan: Plan, row_index: np.ndarray) -> np.ndarray:
-    """(N,) ids: the id column (int64, or unicode for strings) or id_offset + global row position."""
+def id_array(frame: pl.DataFrame, plan: Plan, position: np.ndarray) -> np.ndarray:
+    """(N,) ids: the id column (int64, or unicode for strings) or id_offset + physical row position."""
     if not plan.id_column:
-        return (row_index + plan.cfg.id_offset).astype(np.int64)
+        return (position + plan.cfg.id_offset).astype(np.int64)
     s = frame[plan.id_column]
     if s.dtype.is_integer():
         return s.cast(pl.Int64).to_numpy()

@@ -1,0 +1,250 @@
+"""Stage 2 check: `ctrpipe inspect DIR` re-reads every shard of a cache and checks it against its manifest
+(shapes, dtypes, id ranges, token lengths, finite numerics, binary labels, split and fold sizes) before
+hours of training are spent on it. Prints rich tables; returns False when any check fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from ctrpipe.console import console
+from ctrpipe.shard.manifest import SPLIT_CODES, ColumnSpec, Manifest, read_manifest
+
+
+@dataclass
+class Check:
+    name: str
+    failures: list[str] = field(default_factory=list)
+    done: int = 0                                   # number of arrays / columns examined
+
+    def fail(self, msg: str) -> None:
+        if len(self.failures) < 20:
+            self.failures.append(msg)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class ColumnRange:
+    lo: float = np.inf
+    hi: float = -np.inf
+    bad: int = 0                                    # NaN/inf (numeric) or out-of-range ids
+
+    def update(self, lo: float, hi: float, bad: int = 0) -> None:
+        self.lo, self.hi, self.bad = min(self.lo, lo), max(self.hi, hi), self.bad + bad
+
+
+class _Inspector:
+    def __init__(self, root: Path, m: Manifest) -> None:
+        self.root, self.m = root, m
+        self.checks = {k: Check(k) for k in ("files", "rows", "numeric finite", "categorical ids", "tokens",
+                                              "labels", "splits", "folds")}
+        self.ranges: dict[str, ColumnRange] = {c.name: ColumnRange() for c in m.columns}
+        self.split_rows = np.zeros(4, dtype=np.int64)
+        k = int(m.folds.get("n_splits", 0) or 0)
+        self.fold_rows = np.zeros(max(k, 1), dtype=np.int64)
+
+    def run(self) -> None:
+        m = self.m
+        start = 0
+        for info in m.shards:
+            if info.row_start != start:
+                self.checks["rows"].fail(f"shard {info.index} starts at row {info.row_start}, "
+                                         f"expected {start}")
+            start += info.rows
+            arrays = self._load(info.index, info.files, info.rows)
+            self._check_numeric(arrays)
+            self._check_categorical(arrays)
+            self._check_tokens(arrays)
+            self._check_labels(arrays)
+            self._check_split_fold(arrays, info.index)
+        total = m.rows.get("total", start)
+        if start != total:
+            self.checks["rows"].fail(f"shards hold {start} rows, the manifest says {total}")
+        self.checks["rows"].done = len(m.shards)
+        for name, code in SPLIT_CODES.items():
+            if int(self.split_rows[code]) != int(m.rows.get(name, 0)):
+                self.checks["splits"].fail(f"{name}: {int(self.split_rows[code])} rows in split.npy, "
+                                           f"manifest says {m.rows.get(name, 0)}")
+        sizes = [int(x) for x in m.folds.get("sizes", [])]
+        if sizes and sizes != self.fold_rows.tolist():
+            self.checks["folds"].fail(f"fold sizes {self.fold_rows.tolist()} != manifest {sizes}")
+
+    def _load(self, index: int, files: dict, rows: int) -> dict[str, np.ndarray]:
+        chk = self.checks["files"]
+        out: dict[str, np.ndarray] = {}
+        for group, a in files.items():
+            path = self.root / a.file
+            chk.done += 1
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                chk.fail(f"{a.file}: unreadable ({exc})")
+                continue
+            if tuple(arr.shape) != tuple(a.shape) or str(arr.dtype) != a.dtype:
+                chk.fail(f"{a.file}: {tuple(arr.shape)} {arr.dtype}, "
+                         f"manifest says {tuple(a.shape)} {a.dtype}")
+                continue
+            if arr.shape[0] != rows:
+                chk.fail(f"{a.file}: {arr.shape[0]} rows, shard {index} has {rows}")
+                continue
+            out[group] = arr
+        return out
+
+    def _cols(self, group: str, *kinds: str) -> list[ColumnSpec]:
+        return [c for c in self.m.columns if c.group == group and c.kind in kinds]
+
+    def _check_numeric(self, arrays: dict[str, np.ndarray]) -> None:
+        if "numeric" not in arrays:
+            return
+        x = np.asarray(arrays["numeric"])
+        chk = self.checks["numeric finite"]
+        for c in self._cols("numeric", "numeric", "missing_indicator", "covisit"):
+            v = x[:, c.index]
+            finite = np.isfinite(v)
+            nbad = int((~finite).sum())
+            vf = v[finite]
+            self.ranges[c.name].update(float(vf.min()) if len(vf) else np.inf,
+                                       float(vf.max()) if len(vf) else -np.inf, nbad)
+            chk.done += 1
+            if nbad:
+                chk.fail(f"{c.name}: {int(np.isnan(v).sum())} NaN and {int(np.isinf(v).sum())} inf values")
+
+    def _check_categorical(self, arrays: dict[str, np.ndarray]) -> None:
+        if "categorical" not in arrays:
+            return
+        x = np.asarray(arrays["categorical"])
+        chk = self.checks["categorical ids"]
+        for c in self._cols("categorical", "categorical"):
+            v = x[:, c.index]
+            lo, hi = (int(v.min()), int(v.max())) if len(v) else (0, 0)
+            nbad = int(((v < 0) | (v >= c.bins)).sum())
+            self.ranges[c.name].update(lo, hi, nbad)
+            chk.done += 1
+            if nbad:
+                chk.fail(f"{c.name}: {nbad} ids outside [0, {c.bins}) (min {lo}, max {hi})")
+
+    def _check_tokens(self, arrays: dict[str, np.ndarray]) -> None:
+        chk = self.checks["tokens"]
+        for c in self.m.columns_of("multihot", "sequence"):
+            stem = c.group.removesuffix(".tokens")
+            tok, ln = arrays.get(c.group), arrays.get(f"{stem}.len")
+            if tok is None or ln is None:
+                continue
+            tok, ln = np.asarray(tok), np.asarray(ln)
+            chk.done += 1
+            bad_len = int(((ln < 0) | (ln > c.width)).sum())
+            bad_ids = int(((tok < 0) | (tok >= c.bins)).sum())
+            pad = np.arange(tok.shape[1])[None, :] >= ln[:, None]               # (N, L) padding positions
+            bad_pad = int((tok[pad] != 0).sum()) + int((tok[~pad] == 0).sum())
+            self.ranges[c.name].update(float(ln.min()) if len(ln) else np.inf,
+                                       float(ln.max()) if len(ln) else -np.inf, bad_len + bad_ids)
+            if bad_len:
+                chk.fail(f"{c.name}: {bad_len} lengths outside [0, {c.width}]")
+            if bad_ids:
+                chk.fail(f"{c.name}: {bad_ids} token ids outside [0, {c.bins})")
+            if bad_pad:
+                chk.fail(f"{c.name}: {bad_pad} tokens disagree with the lengths "
+                         "(padding must be 0, tokens > 0)")
+            w = arrays.get(f"{stem}.weights")
+            if c.weighted and w is not None and not np.isfinite(np.asarray(w)).all():
+                chk.fail(f"{c.name}: non-finite weights")
+
+    def _check_labels(self, arrays: dict[str, np.ndarray]) -> None:
+        if "labels" not in arrays:
+            return
+        y = np.asarray(arrays["labels"])
+        chk = self.checks["labels"]
+        for c in self._cols("labels", "label"):
+            v = y[:, c.index]
+            nbad = int(((v != 0) & (v != 1)).sum())
+            finite = v[np.isfinite(v)]
+            self.ranges[c.name].update(float(finite.min()) if len(finite) else np.inf,
+                                       float(finite.max()) if len(finite) else -np.inf, nbad)
+            chk.done += 1
+            if nbad:
+                chk.fail(f"{c.name}: {nbad} values not in {{0, 1}}")
+
+    def _check_split_fold(self, arrays: dict[str, np.ndarray], index: int) -> None:
+        split, fold = arrays.get("split"), arrays.get("fold")
+        if split is None or fold is None:
+            self.checks["splits"].fail(f"shard {index}: split.npy or fold.npy missing")
+            return
+        split, fold = np.asarray(split), np.asarray(fold)
+        self.checks["splits"].done += 1
+        self.checks["folds"].done += 1
+        if ((split < 0) | (split > 3)).any():
+            self.checks["splits"].fail(f"shard {index}: split codes outside 0..3")
+            return
+        self.split_rows += np.bincount(split, minlength=4)
+        k = int(self.m.folds.get("n_splits", 0) or 0)
+        if ((fold < -1) | (fold >= max(k, 0))).any():
+            self.checks["folds"].fail(f"shard {index}: fold ids outside [-1, {k})")
+            return
+        if k:
+            cv = split <= 1
+            if (fold[cv] < 0).any():
+                self.checks["folds"].fail(f"shard {index}: train/val rows without a fold")
+            if (fold[~cv] >= 0).any():
+                self.checks["folds"].fail(f"shard {index}: gold/test rows assigned to a fold")
+            self.fold_rows += np.bincount(fold[fold >= 0], minlength=k)[:k]
+
+
+def inspect_cache(cache: Path) -> tuple[Manifest, dict[str, Check], dict[str, ColumnRange]]:
+    """Run every check; (manifest, checks by name, observed range per column)."""
+    m = read_manifest(Path(cache))
+    ins = _Inspector(Path(cache), m)
+    ins.run()
+    return m, ins.checks, ins.ranges
+
+
+def run_inspect(cache: Path) -> bool:
+    """`ctrpipe inspect DIR`: print the checks and the per-column table; False when a check fails."""
+    m, checks, ranges = inspect_cache(Path(cache))
+    head = Table(title=f"cache {cache}", show_header=False)
+    head.add_column("what", style="bold")
+    head.add_column("value")
+    head.add_row("role / rows / shards", f"{m.role} / {m.total_rows:,} / {len(m.shards)}")
+    head.add_row("splits", ", ".join(f"{k} {v:,}" for k, v in m.rows.items() if v))
+    if m.folds.get("n_splits"):
+        head.add_row("folds", f"{m.folds['n_splits']} {m.folds.get('mode', '')}: {m.folds.get('sizes')}")
+    head.add_row("fingerprint", f"{m.fingerprint[:16]} (schema {m.schema_fingerprint()[:16]})")
+    if m.bad_rows.get("skipped"):
+        head.add_row("bad rows skipped", str(m.bad_rows["skipped"]))
+    console.print(head)
+
+    cols = Table(title="columns")
+    for name in ("column", "kind", "dtype", "bins/width", "min", "max", "mean", "missing", "bad"):
+        cols.add_column(name, justify="right" if name not in ("column", "kind", "dtype") else "left")
+    for c in m.columns:
+        if c.kind == "id":
+            continue
+        r = ranges.get(c.name, ColumnRange())
+        size = f"{c.bins}" + (f"/{c.width}" if c.kind in ("multihot", "sequence") else "") if c.bins else ""
+        s = c.stats
+        cols.add_row(c.name, c.kind, c.dtype, size, _fmt(r.lo), _fmt(r.hi), _fmt(s.get("mean")),
+                     _fmt(s.get("missing_rate")), f"[red]{r.bad}[/]" if r.bad else "0")
+    console.print(cols)
+
+    res = Table(title="checks")
+    for name in ("check", "result", "detail"):
+        res.add_column(name)
+    for chk in checks.values():
+        res.add_row(chk.name, "[green]ok[/]" if chk.ok else "[bold red]FAIL[/]",
+                    "; ".join(chk.failures[:3]) if chk.failures else f"{chk.done} examined")
+    console.print(res)
+    ok = all(c.ok for c in checks.values())
+    console.print("[green]all checks passed[/]" if ok else "[bold red]some checks failed[/]")
+    return ok
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or not np.isfinite(v):
+        return ""
+    return f"{v:.4g}"

@@ -1,0 +1,57 @@
+"""`ctrpipe shard` and `ctrpipe inspect` end to end through the Typer app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ctrpipe.cli import app
+from ctrpipe.shard.manifest import read_manifest
+from tests.conftest import write_criteo_tsv, write_parquet
+from tests.shard.helpers import CRITEO_CFG, PARQUET_CFG
+
+runner = CliRunner()
+
+
+def test_shard_then_inspect(tmp_path: Path) -> None:
+    src = write_criteo_tsv(tmp_path / "train.tsv", 50)
+    out = tmp_path / "cache"
+    args = ["shard", "--cfg", str(CRITEO_CFG), "--input", str(src), "--out", str(out),
+            "--set", "data.shard_rows=20", "--set", "data.hash_bins=500"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "50" in res.output and "shards" in res.output
+    assert read_manifest(out).total_rows == 50
+    res = runner.invoke(app, args + ["--quiet"])
+    assert res.exit_code == 0 and "up to date" in res.output
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "all checks passed" in res.output
+
+
+def test_test_cache_via_cli(tmp_path: Path) -> None:
+    train = write_parquet(tmp_path / "train.parquet", 60)
+    test = write_parquet(tmp_path / "test.parquet", 20, seed=3, labels=False)
+    common = ["--cfg", str(PARQUET_CFG), "--set", "data.shard_rows=32", "--quiet"]
+    res = runner.invoke(app, ["shard", "--input", str(train), "--out", str(tmp_path / "tr"), *common])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["shard", "--input", str(test), "--out", str(tmp_path / "te"), "--test",
+                              *common])
+    assert res.exit_code == 1 and "--stats-from" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["shard", "--input", str(test), "--out", str(tmp_path / "te"), "--test",
+                              "--stats-from", str(tmp_path / "tr"), *common])
+    assert res.exit_code == 0, res.output
+    assert read_manifest(tmp_path / "te").rows["test"] == 20
+
+
+def test_bad_option_and_refusal_messages(tmp_path: Path) -> None:
+    src = write_criteo_tsv(tmp_path / "train.tsv", 30)
+    out = tmp_path / "cache"
+    base = ["shard", "--cfg", str(CRITEO_CFG), "--input", str(src), "--out", str(out), "--quiet"]
+    res = runner.invoke(app, base + ["--bad-rows", "maybe"])
+    assert res.exit_code == 1 and "--bad-rows" in res.output and "fix:" in res.output
+    assert runner.invoke(app, base).exit_code == 0
+    res = runner.invoke(app, base + ["--set", "data.hash_seed=3"])
+    assert res.exit_code == 1 and "data.hash_seed: 0 -> 3" in res.output and "--force" in res.output
+    assert runner.invoke(app, base + ["--set", "data.hash_seed=3", "--force"]).exit_code == 0

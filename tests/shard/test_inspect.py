@@ -1,0 +1,74 @@
+"""`ctrpipe inspect`: a fresh cache passes; corrupted shards fail the matching check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctrpipe.errors import ManifestMismatchError
+from ctrpipe.shard.build import build_shards
+from ctrpipe.shard.inspect import inspect_cache, run_inspect
+from tests.conftest import write_parquet
+from tests.shard.helpers import criteo_cfg, parquet_cfg
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    src = write_parquet(tmp_path / "p.parquet", 80)
+    build_shards(parquet_cfg(), [src], tmp_path / "c", progress=False)
+    return tmp_path / "c"
+
+
+def _failed(cache: Path) -> set[str]:
+    _, checks, _ = inspect_cache(cache)
+    return {name for name, c in checks.items() if not c.ok}
+
+
+def test_fresh_caches_pass(cache: Path, tmp_path: Path, criteo_tsv: Path) -> None:
+    assert run_inspect(cache)
+    build_shards(criteo_cfg(), [criteo_tsv], tmp_path / "crit", progress=False)
+    assert run_inspect(tmp_path / "crit")
+
+
+def test_id_out_of_range_fails(cache: Path) -> None:
+    path = cache / "shard_00001" / "categorical.npy"
+    cat = np.load(path)
+    bins = 10_000_000
+    cat[3, 2] = bins + 5
+    np.save(path, cat)
+    assert _failed(cache) == {"categorical ids"}
+    assert not run_inspect(cache)
+
+
+def test_nan_numeric_and_bad_label_fail(cache: Path) -> None:
+    x = np.load(cache / "shard_00000" / "numeric.npy")
+    x[0, 1] = np.nan
+    np.save(cache / "shard_00000" / "numeric.npy", x)
+    y = np.load(cache / "shard_00002" / "labels.npy")
+    y[1, 0] = 0.5
+    np.save(cache / "shard_00002" / "labels.npy", y)
+    assert _failed(cache) == {"numeric finite", "labels"}
+
+
+def test_token_length_and_shape_fail(cache: Path) -> None:
+    ln = np.load(cache / "shard_00000" / "seq.len.npy")
+    ln[0] = 99
+    np.save(cache / "shard_00000" / "seq.len.npy", ln)
+    assert "tokens" in _failed(cache)
+    np.save(cache / "shard_00001" / "fold.npy", np.zeros(3, dtype=np.int8))
+    assert {"tokens", "files"} <= _failed(cache)
+
+
+def test_split_counts_must_match(cache: Path) -> None:
+    s = np.load(cache / "shard_00000" / "split.npy")
+    s[:] = 1
+    np.save(cache / "shard_00000" / "split.npy", s)
+    assert "splits" in _failed(cache)
+
+
+def test_missing_manifest_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ManifestMismatchError) as err:
+        run_inspect(tmp_path)
+    assert "manifest.json" in str(err.value) and "fix:" in str(err.value)

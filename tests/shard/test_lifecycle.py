@@ -1,0 +1,156 @@
+"""Cache lifecycle: reuse by fingerprint, refusal naming what differs, --force, resume after kill -9,
+manifest round trip, test caches with --stats-from."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctrpipe.errors import ConfigError, ManifestMismatchError
+from ctrpipe.shard.build import build_shards
+from ctrpipe.shard.manifest import MANIFEST_NAME, Manifest, read_manifest
+from ctrpipe.shard.reader import open_cache
+from tests.conftest import write_criteo_tsv, write_parquet
+from tests.shard.helpers import REPO, criteo_cfg, load_all, npy_bytes, parquet_cfg
+
+
+def test_same_inputs_reuse_the_cache(tmp_path: Path, criteo_tsv: Path) -> None:
+    first = build_shards(criteo_cfg(), [criteo_tsv], tmp_path / "c", progress=False)
+    stamp = (tmp_path / "c" / "shard_00000" / "numeric.npy").stat().st_mtime_ns
+    again = build_shards(criteo_cfg(), [criteo_tsv], tmp_path / "c", progress=False)
+    assert again.reused and not first.reused
+    assert again.manifest == first.manifest
+    assert (tmp_path / "c" / "shard_00000" / "numeric.npy").stat().st_mtime_ns == stamp
+
+
+def test_different_config_is_refused_with_the_key_and_fix(tmp_path: Path, criteo_tsv: Path) -> None:
+    build_shards(criteo_cfg(), [criteo_tsv], tmp_path / "c", progress=False)
+    with pytest.raises(ManifestMismatchError) as err:
+        build_shards(criteo_cfg("data.hash_bins=2000"), [criteo_tsv], tmp_path / "c", progress=False)
+    msg = str(err.value)
+    assert "data.hash_bins: 1000 -> 2000" in msg and "--force" in msg and "manifest.json" in msg
+
+
+def test_changed_source_file_is_refused_naming_the_file(tmp_path: Path, criteo_tsv: Path) -> None:
+    build_shards(criteo_cfg(), [criteo_tsv], tmp_path / "c", progress=False)
+    write_criteo_tsv(criteo_tsv, 70, seed=5)
+    with pytest.raises(ManifestMismatchError) as err:
+        build_shards(criteo_cfg(), [criteo_tsv], tmp_path / "c", progress=False)
+    assert str(criteo_tsv.resolve()) in str(err.value) and "changed" in str(err.value)
+
+
+def test_force_rebuilds(tmp_path: Path, criteo_tsv: Path) -> None:
+    build_shards(criteo_cfg(), [criteo_tsv], tmp_path / "c", progress=False)
+    res = build_shards(criteo_cfg("data.shard_rows=40"), [criteo_tsv], tmp_path / "c", force=True,
+                       progress=False)
+    assert not res.reused and [s.rows for s in res.manifest.shards] == [40, 24]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [MANIFEST_NAME, "shard_00000", "shard_00001"]
+    assert read_manifest(tmp_path / "c").fingerprint == res.manifest.fingerprint
+
+
+def test_out_folder_with_foreign_files_is_refused(tmp_path: Path, criteo_tsv: Path) -> None:
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError) as err:
+        build_shards(criteo_cfg(), [criteo_tsv], out, progress=False)
+    assert "notes.txt" in str(err.value) and "fix:" in str(err.value)
+
+
+def test_manifest_round_trip(tmp_path: Path) -> None:
+    src = write_parquet(tmp_path / "p.parquet", 50)
+    m = build_shards(parquet_cfg(), [src], tmp_path / "c", progress=False).manifest
+    assert Manifest.from_dict(json.loads(m.to_json())) == m
+    assert read_manifest(tmp_path / "c") == m
+    assert m.schema_fingerprint() == read_manifest(tmp_path / "c").schema_fingerprint()
+    assert m.config_sources["data.format"].endswith("parquet_example.yaml")
+    assert m.config_sources["data.shard_rows"] == "--set"
+
+
+def _kill_mid_build(cmd: list[str], work_glob: Path) -> None:
+    """Start a build in a subprocess and kill -9 it as soon as its first shard is recorded as finished."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            for prog in work_glob.parent.glob(work_glob.name + "/progress.json"):
+                try:
+                    done = json.loads(prog.read_text()).get("finished", [])
+                except (OSError, json.JSONDecodeError):
+                    done = []
+                if done:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    raise AssertionError(f"the build finished before it could be killed: {proc.stderr.read()[-500:]!r}")
+
+
+def test_resume_after_kill_is_byte_identical(tmp_path: Path) -> None:
+    src = write_criteo_tsv(tmp_path / "big.tsv", 20_000)
+    sets = ["data.shard_rows=500", "data.chunk_rows=100", "data.hash_bins=1000", "data.folds.n_splits=3"]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ctrpipe.cli", "shard", "--cfg", str(REPO / "cfgs" / "criteo.yaml"),
+           "--input", str(src), "--out", str(out), "--quiet"] + [a for s in sets for a in ("--set", s)]
+    _kill_mid_build(cmd, out / ".incomplete-*")
+    # killed: nothing looks complete
+    assert not (out / MANIFEST_NAME).exists()
+    with pytest.raises(ManifestMismatchError):
+        open_cache(out)
+    work = next(out.glob(".incomplete-*"))
+    finished = json.loads((work / "progress.json").read_text())["finished"]
+    stamps = {i: (work / f"shard_{i:05d}" / "numeric.npy").stat().st_mtime_ns for i in finished}
+    from ctrpipe.config import load_config
+
+    cfg = load_config(REPO / "cfgs" / "criteo.yaml", sets)
+    resumed = build_shards(cfg, [src], out, progress=False)
+    clean = build_shards(cfg, [src], tmp_path / "clean", progress=False)
+    assert npy_bytes(out) == npy_bytes(tmp_path / "clean")
+    assert resumed.manifest.fingerprint == clean.manifest.fingerprint
+    assert resumed.manifest.rows == clean.manifest.rows and resumed.manifest.columns == clean.manifest.columns
+    for i, stamp in stamps.items():                              # finished shards were not rewritten
+        assert (out / f"shard_{i:05d}" / "numeric.npy").stat().st_mtime_ns == stamp
+    assert not list(out.glob(".incomplete-*"))
+
+
+def test_test_cache_reuses_train_statistics(tmp_path: Path) -> None:
+    train = write_parquet(tmp_path / "train.parquet", 150, seed=1)
+    test = write_parquet(tmp_path / "test.parquet", 40, seed=2, labels=False)
+    tm = build_shards(parquet_cfg(), [train], tmp_path / "train", progress=False).manifest
+    with pytest.raises(ConfigError) as err:
+        build_shards(parquet_cfg(), [test], tmp_path / "test", role="test", progress=False)
+    assert "--stats-from" in str(err.value)
+    m = build_shards(parquet_cfg(), [test], tmp_path / "test", role="test", stats_from=tmp_path / "train",
+                     progress=False).manifest
+    assert m.role == "test" and m.rows == {"total": 40, "train": 0, "val": 0, "gold": 0, "test": 40}
+    assert m.schema_fingerprint() == tm.schema_fingerprint()
+    assert m.feature_spec().numeric == tm.feature_spec().numeric
+    assert m.fitted["identity"] == tm.fitted["identity"] and m.stats_from == tm.fingerprint
+    a = load_all(tmp_path / "test")
+    assert "labels" not in a and (a["split"] == 3).all() and (a["fold"] == -1).all()
+    assert a["ids"].dtype.kind == "U"
+    # the test rows were never counted: covisit features use train counts only, without leave-one-out
+    assert np.isfinite(a["numeric"]).all()
+
+
+def test_stats_from_with_other_hashing_is_refused(tmp_path: Path) -> None:
+    train = write_parquet(tmp_path / "train.parquet", 60, seed=1)
+    test = write_parquet(tmp_path / "test.parquet", 20, seed=2, labels=False)
+    build_shards(parquet_cfg(), [train], tmp_path / "train", progress=False)
+    with pytest.raises(ManifestMismatchError) as err:
+        build_shards(parquet_cfg("data.hash_bins=777"), [test], tmp_path / "test", role="test",
+                     stats_from=tmp_path / "train", progress=False)
+    assert "data.hash_bins" in str(err.value) and "fix:" in str(err.value)
