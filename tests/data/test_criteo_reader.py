@@ -1,0 +1,260 @@
+"""Criteo text reader: chunking never changes the rows, and every bad input names its file, line and fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from reader_helpers import lines_of, reference_frame, unlabelled_copy, write_lines
+
+from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig
+from ctrpipe.data.reader import iter_raw_chunks
+from ctrpipe.errors import InputFormatError
+
+CFG = DataConfig()
+
+
+def read_all(path: Path, chunk_rows: int = 1000, cfg: DataConfig = CFG, **kw: object) -> pl.DataFrame:
+    return pl.concat([c.frame for c in iter_raw_chunks(cfg, [path], chunk_rows, **kw)], how="vertical")
+
+
+# ------------------------------------------------------------------------------------------ clean input
+
+def test_values_match_reference_parse(criteo_tsv: Path) -> None:
+    got = read_all(criteo_tsv)
+    assert got.columns == ["label", *CRITEO_INT, *CRITEO_CAT]
+    assert (got.schema["label"], got.schema["I1"], got.schema["C1"]) == (pl.Float32, pl.Float64, pl.String)
+    assert got.equals(reference_frame(criteo_tsv))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 63, 64, 65, 10_000])
+def test_chunks_identical_for_any_chunk_rows_plain_and_gz(tmp_path: Path, criteo_tsv: Path,
+                                                          chunk_rows: int) -> None:
+    gz = tmp_path / "train.tsv.gz"
+    gz.write_bytes(gzip.compress(criteo_tsv.read_bytes()))
+    disguised = tmp_path / "train_gz_without_suffix.tsv"        # gzip found by magic bytes, not the name
+    disguised.write_bytes(gz.read_bytes())
+    want = read_all(criteo_tsv, 64)
+    for path in (criteo_tsv, gz, disguised):
+        chunks = list(iter_raw_chunks(CFG, [path], chunk_rows))
+        assert all(c.frame.height <= chunk_rows for c in chunks)
+        assert [c.first_line for c in chunks] == list(range(1, 65, chunk_rows))
+        assert sum(c.nbytes for c in chunks) == len(criteo_tsv.read_bytes())
+        assert sum(c.file_bytes for c in chunks) == path.stat().st_size
+        assert all(c.has_labels and not c.bad_rows and c.line_numbers is None for c in chunks)
+        assert pl.concat([c.frame for c in chunks]).equals(want)
+
+
+def test_only_configured_columns_are_returned(criteo_tsv: Path) -> None:
+    cfg = dataclasses.replace(CFG, numeric=dataclasses.replace(CFG.numeric, columns=("I2", "I1")),
+                              categorical=dataclasses.replace(CFG.categorical, columns=("C3",)))
+    assert read_all(criteo_tsv, cfg=cfg).columns == ["label", "I2", "I1", "C3"]
+
+
+def test_crlf_and_missing_final_newline(tmp_path: Path, criteo_tsv: Path) -> None:
+    text = criteo_tsv.read_text()
+    crlf = tmp_path / "crlf.tsv"
+    crlf.write_bytes(text.replace("\n", "\r\n").encode())
+    no_nl = tmp_path / "no_nl.tsv"
+    no_nl.write_text(text.rstrip("\n"))
+    want = read_all(criteo_tsv)
+    for path in (crlf, no_nl):
+        for rows in (5, 1000):
+            assert read_all(path, rows).equals(want)
+
+
+def test_float_formatted_integers_are_accepted(tmp_path: Path, criteo_tsv: Path) -> None:
+    lines = lines_of(criteo_tsv)
+    f = lines[0].split("\t")
+    f[1], f[2] = "260.0", "-1.0"
+    lines[0] = "\t".join(f)
+    got = read_all(write_lines(tmp_path / "f.tsv", lines))
+    assert got["I1"][0] == 260.0 and got["I2"][0] == -1.0
+
+
+def test_unlabelled_test_file(tmp_path: Path, criteo_tsv: Path) -> None:
+    path = unlabelled_copy(criteo_tsv, tmp_path / "test.tsv")
+    chunks = list(iter_raw_chunks(CFG, [path], 8, require_labels=False))
+    assert all(not c.has_labels for c in chunks)
+    frame = pl.concat([c.frame for c in chunks])
+    assert frame.columns == [*CRITEO_INT, *CRITEO_CAT]
+    assert frame.equals(read_all(criteo_tsv).drop("label"))
+    with pytest.raises(InputFormatError) as err:
+        list(iter_raw_chunks(CFG, [path], 8))
+    msg = str(err.value)
+    assert str(path) in msg and "39 fields" in msg and "--test" in msg
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def test_wrong_field_count_names_line(tmp_path: Path, criteo_tsv: Path) -> None:
+    lines = lines_of(criteo_tsv)
+    lines[17] = lines[17].rstrip("\n") + "\textra\n"
+    path = write_lines(tmp_path / "day_0.tsv", lines)
+    for rows in (5, 1000):
+        with pytest.raises(InputFormatError) as err:
+            read_all(path, rows)
+        msg = str(err.value)
+        assert f"{path}, line 18: 41 tab-separated fields, expected 40 (label + 13 ints + 26 cats)" in msg
+        assert "fix:" in msg and "--bad-rows skip" in msg
+
+
+def test_stripped_trailing_fields_fix_message(tmp_path: Path, criteo_tsv: Path) -> None:
+    lines = lines_of(criteo_tsv)
+    lines[40] = "\t".join(lines[40].split("\t")[:37]) + "\n"
+    path = write_lines(tmp_path / "t.tsv", lines)
+    with pytest.raises(InputFormatError) as err:
+        read_all(path, 16)
+    msg = str(err.value)
+    assert f"{path}, line 41: 37 tab-separated fields" in msg and "trailing empty fields stripped" in msg
+
+
+def test_blank_line_is_a_bad_line(tmp_path: Path, criteo_tsv: Path) -> None:
+    lines = lines_of(criteo_tsv)
+    lines.insert(10, "\n")
+    path = write_lines(tmp_path / "blank.tsv", lines)
+    with pytest.raises(InputFormatError, match=r"line 11: empty line"):
+        read_all(path)
+    chunks = list(iter_raw_chunks(CFG, [path], 1000, bad_rows="skip"))
+    assert [b.line for b in chunks[0].bad_rows] == [11]
+
+
+def test_non_numeric_value_names_line_and_column(tmp_path: Path, criteo_tsv: Path) -> None:
+    lines = lines_of(criteo_tsv)
+    f = lines[29].split("\t")
+    f[5] = "abc"                                   # field 5 = I5
+    lines[29] = "\t".join(f)
+    path = write_lines(tmp_path / "n.tsv", lines)
+    for rows in (7, 1000):
+        with pytest.raises(InputFormatError) as err:
+            read_all(path, rows)
+        msg = str(err.value)
+        assert f"{path}, line 30, column I5: 'abc' is not a number" in msg and "fix:" in msg
+
+
+@pytest.mark.parametrize("label,expected", [("2", "label 2 is not 0 or 1"), ("", "empty label"),
+                                            ("yes", "label 'yes' is not 0 or 1")])
+def test_bad_label(tmp_path: Path, criteo_tsv: Path, label: str, expected: str) -> None:
+    lines = lines_of(criteo_tsv)
+    lines[3] = label + lines[3][lines[3].index("\t"):]
+    path = write_lines(tmp_path / "l.tsv", lines)
+    with pytest.raises(InputFormatError) as err:
+        read_all(path)
+    msg = str(err.value)
+    assert f"{path}, line 4, column label: {expected}" in msg and "0/1 click label" in msg
+
+
+def test_header_line(tmp_path: Path, criteo_tsv: Path) -> None:
+    header = "\t".join(["label", *CRITEO_INT, *CRITEO_CAT]) + "\n"
+    path = write_lines(tmp_path / "h.tsv", [header, *lines_of(criteo_tsv)])
+    with pytest.raises(InputFormatError) as err:
+        read_all(path)
+    msg = str(err.value)
+    assert f"{path}, line 1: the first line looks like a header" in msg and "remove the header line" in msg
+
+
+def test_comma_separated_file_gets_separator_hint(tmp_path: Path, criteo_tsv: Path) -> None:
+    path = write_lines(tmp_path / "c.csv", [ln.replace("\t", ",") for ln in lines_of(criteo_tsv)])
+    with pytest.raises(InputFormatError) as err:
+        read_all(path)
+    assert "line 1" in str(err.value) and "data.separator=','" in str(err.value)
+    cfg = dataclasses.replace(CFG, separator=",")
+    assert read_all(path, cfg=cfg).equals(read_all(criteo_tsv))
+
+
+def test_corrupt_and_truncated_gz(tmp_path: Path, criteo_tsv: Path) -> None:
+    blob = gzip.compress(criteo_tsv.read_bytes() * 20)
+    truncated = tmp_path / "trunc.tsv.gz"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    corrupt = tmp_path / "corrupt.tsv.gz"
+    corrupt.write_bytes(blob[:20] + bytes(b ^ 0x5A for b in blob[20:200]) + blob[200:])
+    for path in (truncated, corrupt):
+        with pytest.raises(InputFormatError) as err:
+            read_all(path, 50)
+        msg = str(err.value)
+        assert str(path) in msg and "gzip" in msg and "gunzip -t" in msg
+
+
+def test_missing_and_empty_files(tmp_path: Path) -> None:
+    from ctrpipe.data.sources import expand_inputs
+
+    with pytest.raises(InputFormatError, match="not found"):
+        expand_inputs([tmp_path / "nope.tsv"], "criteo")
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    with pytest.raises(InputFormatError, match="empty"):
+        expand_inputs([empty], "criteo")
+    empty_gz = tmp_path / "empty.tsv.gz"
+    empty_gz.write_bytes(gzip.compress(b""))
+    with pytest.raises(InputFormatError) as err:
+        read_all(empty_gz)
+    assert str(empty_gz) in str(err.value) and "empty" in str(err.value)
+
+
+def test_other_formats_are_named(tmp_path: Path, parquet_file: Path) -> None:
+    with pytest.raises(InputFormatError, match="this is a Parquet file.*\n.*--format parquet"):
+        read_all(parquet_file)
+    bz = tmp_path / "x.tsv.bz2"
+    bz.write_bytes(b"BZh91AY&SY" + bytes(50))
+    with pytest.raises(InputFormatError, match="bzip2"):
+        read_all(bz)
+
+
+def test_invalid_utf8(tmp_path: Path, criteo_tsv: Path) -> None:
+    raw = bytearray(criteo_tsv.read_bytes())
+    lines = raw.split(b"\n")
+    lines[6] = lines[6][:-3] + b"\xff\xfe\n"[:2] + lines[6][-1:]
+    path = tmp_path / "u.tsv"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(InputFormatError, match=r"line 7: invalid UTF-8"):
+        read_all(path)
+    chunks = list(iter_raw_chunks(CFG, [path], 1000, bad_rows="skip"))
+    assert [(b.line, b.reason) for b in chunks[0].bad_rows] == [(7, "invalid UTF-8")]
+
+
+# ------------------------------------------------------------------------------------------ skip mode
+
+def test_skip_mode_counts_and_keeps_order(tmp_path: Path, criteo_tsv: Path) -> None:
+    lines = lines_of(criteo_tsv)
+    lines[2] = "\t".join(lines[2].split("\t")[:30]) + "\n"          # line 3: field count
+    f = lines[9].split("\t")
+    f[3] = "x1"                                                      # line 10: I3 not a number
+    lines[9] = "\t".join(f)
+    lines[20] = "7" + lines[20][lines[20].index("\t"):]              # line 21: bad label
+    lines[50] = lines[50].rstrip("\n") + "\t\t\n"                    # line 51: 42 fields
+    path = write_lines(tmp_path / "bad.tsv", lines)
+    good = [i for i in range(64) if i not in (2, 9, 20, 50)]
+    want = read_all(write_lines(tmp_path / "good.tsv", [lines[i] for i in good]))
+    for rows in (4, 16, 1000):
+        chunks = list(iter_raw_chunks(CFG, [path], rows, bad_rows="skip"))
+        bad = [b for c in chunks for b in c.bad_rows]
+        assert sorted((b.line, b.reason, b.column) for b in bad) == [
+            (3, "field count", None), (10, "not a number", "I3"), (21, "bad label", "label"),
+            (51, "field count", None)]
+        assert pl.concat([c.frame for c in chunks]).equals(want)
+        kept_lines = np.concatenate([[c.line_of(i) for i in range(c.frame.height)] for c in chunks])
+        assert kept_lines.tolist() == [i + 1 for i in good]
+
+
+def test_skip_mode_whole_block_bad(tmp_path: Path, criteo_tsv: Path) -> None:
+    lines = lines_of(criteo_tsv)
+    for i in range(8, 16):
+        lines[i] = "1\t2\n"
+    path = write_lines(tmp_path / "b.tsv", lines)
+    chunks = list(iter_raw_chunks(CFG, [path], 8, bad_rows="skip"))
+    assert chunks[1].frame.height == 0 and len(chunks[1].bad_rows) == 8
+    assert chunks[1].frame.columns == chunks[0].frame.columns
+    assert sum(c.frame.height for c in chunks) == 56
+
+
+def test_layout_decided_by_majority_not_first_line(tmp_path: Path, criteo_tsv: Path) -> None:
+    lines = lines_of(criteo_tsv)
+    lines[0] = "\t".join(lines[0].rstrip("\n").split("\t")[:39]) + "\n"   # stripped C26 -> 39 fields
+    path = write_lines(tmp_path / "m.tsv", lines)
+    with pytest.raises(InputFormatError) as err:
+        read_all(path)
+    assert f"{path}, line 1: 39 tab-separated fields, expected 40" in str(err.value)
