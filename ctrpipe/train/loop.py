@@ -188,7 +188,7 @@ def fit(inp: FitInputs) -> FitResult:  # noqa: C901 - the loop is meant to be re
                 first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), pos.step, first_bad)
                 logged_steps += 1
                 if pos.step % cfg.log_every == 0 or pos.step == total_steps:
-                    last_loss = _check_finite(loss_sum, first_bad, logged_steps, pos, inp.label)
+                    last_loss = _check_finite(loss_sum, first_bad, logged_steps, per_epoch, inp.label)
                     now = time.perf_counter()
                     rate = (pos.samples - samples_at_log) / max(now - t_log, 1e-9)
                     lr = optimizers[-1].param_groups[0]["lr"]
@@ -213,12 +213,12 @@ def fit(inp: FitInputs) -> FitResult:  # noqa: C901 - the loop is meant to be re
                 pos.epoch += 1
                 pos.batch_in_epoch = 0
                 if logged_steps:
-                    last_loss = _check_finite(loss_sum, first_bad, logged_steps, pos, inp.label)
+                    last_loss = _check_finite(loss_sum, first_bad, logged_steps, per_epoch, inp.label)
                 if not cfg.eval_every:
                     evaluate_and_save(finished=pos.epoch >= cfg.epochs or pos.step >= total_steps)
                     t_log = time.perf_counter()
         if logged_steps:
-            last_loss = _check_finite(loss_sum, first_bad, logged_steps, pos, inp.label)
+            last_loss = _check_finite(loss_sum, first_bad, logged_steps, per_epoch, inp.label)
         if interrupted:
             save_last(finished=False)
         elif pos.last_eval_step != pos.step:
@@ -262,13 +262,13 @@ def _pos_weight(cfg: TrainConfig, n_tasks: int, device: torch.device) -> torch.T
     return torch.tensor(w, dtype=torch.float32, device=device)
 
 
-def _check_finite(loss_sum: torch.Tensor, first_bad: torch.Tensor, n: int, pos: _Position,
+def _check_finite(loss_sum: torch.Tensor, first_bad: torch.Tensor, n: int, per_epoch: int,
                   label: str) -> float:
     """Sync point: mean loss since the last log; TrainingError at the first non-finite step."""
     bad = int(first_bad.item())
     if bad >= 0:
-        raise TrainingError(f"loss became NaN/inf at step {bad} (epoch {pos.epoch})", where=label,
-                            fix=NAN_FIX)
+        raise TrainingError(f"loss became NaN/inf at step {bad} (epoch {(bad - 1) // per_epoch})",
+                            where=label, fix=NAN_FIX)
     return float(loss_sum.item()) / max(n, 1)
 
 
