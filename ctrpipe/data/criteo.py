@@ -300,8 +300,9 @@ class CriteoReader:
         if not ok.all():
             text = text.filter(pl.Series(ok))
             idx = idx[ok]
-        frame = text.with_columns([pl.col(c).str.strip_chars().cast(pl.Float64) for c in self.columns
-                                   if not c.startswith("C")])
+        # non-strict is safe: every non-blank value was just checked; blank -> null (missing)
+        frame = text.with_columns([pl.col(c).str.strip_chars().cast(pl.Float64, strict=False)
+                                   for c in self.columns if not c.startswith("C")])
         return frame, (None if len(idx) == block.lines else idx), bad
 
     def _value_fix(self, col: str) -> str:

@@ -149,8 +149,10 @@ class ParquetChunker:
         if self.rc.id:
             t = self.schema.field(self.rc.id).type
             exprs.append(pl.col(self.rc.id).cast(pl.Int64 if pa.types.is_integer(t) else pl.String))
-        exprs += [pl.col(c).str.strip_chars().cast(pl.Float64) if _is_text(self.schema.field(c).type)
-                  else pl.col(c).cast(pl.Float64) for c in self.rc.numeric]
+        # text numbers were checked above, so a non-strict cast only turns blanks into null (missing)
+        exprs += [pl.col(c).str.strip_chars().cast(pl.Float64, strict=False)
+                  if _is_text(self.schema.field(c).type) else pl.col(c).cast(pl.Float64)
+                  for c in self.rc.numeric]
         exprs += [pl.col(c).cast(pl.String) for c in self.rc.categorical]
         exprs += [pl.col(tc.column) for tc in self.rc.tokens]
         lines = None

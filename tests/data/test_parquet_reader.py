@@ -1,0 +1,179 @@
+"""Parquet reader: typed chunks independent of chunk size; schema and value errors name file, column, fix."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ctrpipe.config import load_config
+from ctrpipe.data.config import DataConfig, TokenColumnConfig
+from ctrpipe.data.reader import iter_raw_chunks, resolve_inputs_columns
+from ctrpipe.errors import InputFormatError, SchemaError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cfg() -> DataConfig:
+    return load_config(REPO / "cfgs" / "parquet_example.yaml", []).data
+
+
+def read_all(cfg: DataConfig, paths: list[Path], rows: int = 1000, **kw: object) -> pl.DataFrame:
+    return pl.concat([c.frame for c in iter_raw_chunks(cfg, paths, rows, **kw)])
+
+
+def rewrite(src: Path, dst: Path, **columns: pa.Array | None) -> Path:
+    """Copy a Parquet file replacing (array) or dropping (None) columns."""
+    table = pq.read_table(src)
+    for name, arr in columns.items():
+        i = table.schema.get_field_index(name)
+        table = table.remove_column(i) if arr is None else table.set_column(i, name, arr)
+    pq.write_table(table, dst, row_group_size=20)
+    return dst
+
+
+def test_columns_types_and_order(cfg: DataConfig, parquet_file: Path) -> None:
+    rc = resolve_inputs_columns(cfg, [parquet_file])
+    assert rc.numeric == ("feat_a_1", "feat_a_2", "history_a_1")           # pattern, file order
+    assert rc.categorical[:5] == ("gender", "age_group", "inventory_id", "day_of_week", "hour")
+    assert rc.categorical[5:] == ("l_feat_1", "l_feat_2")
+    frame = read_all(cfg, [parquet_file])
+    assert frame.columns == rc.raw_columns()
+    assert frame.schema["clicked"] == pl.Float32 and frame.schema["ID"] == pl.String
+    assert frame.schema["feat_a_1"] == pl.Float64 and frame.schema["gender"] == pl.String
+    assert frame.schema["seq"] == pl.String and frame.height == 64
+    src = pq.read_table(parquet_file)
+    assert frame["feat_a_2"].to_list() == src["feat_a_2"].to_pylist()
+    assert frame["tags_w"].to_list() == src["tags_w"].to_pylist()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 20, 64, 1000])
+def test_chunks_identical_for_any_chunk_rows(cfg: DataConfig, tmp_path: Path, parquet_file: Path,
+                                             rows: int) -> None:
+    small_groups = rewrite(parquet_file, tmp_path / "rg.parquet")            # row groups of 20
+    want = read_all(cfg, [parquet_file])
+    chunks = list(iter_raw_chunks(cfg, [small_groups], rows))
+    assert all(c.frame.height <= rows for c in chunks)
+    starts = np.cumsum([0] + [c.frame.height for c in chunks[:-1]])
+    assert [c.first_line for c in chunks] == starts.tolist()                  # 0-based row in the file
+    assert pl.concat([c.frame for c in chunks]).equals(want)
+
+
+def test_several_files_in_order(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    b = rewrite(parquet_file, tmp_path / "b.parquet")
+    frame = read_all(cfg, [parquet_file, b], 25)
+    one = read_all(cfg, [parquet_file])
+    assert frame.equals(pl.concat([one, one]))
+
+
+def test_integer_categorical_hashes_as_text_and_list_tokens(cfg: DataConfig, tmp_path: Path,
+                                                             parquet_file: Path) -> None:
+    n = pq.read_metadata(parquet_file).num_rows
+    seq = pa.array([[1, 2, 3], [], None] + [[7]] * (n - 3), pa.list_(pa.int64()))
+    gender = pa.array([1, None] + [2] * (n - 2), pa.int32())
+    path = rewrite(parquet_file, tmp_path / "ints.parquet", gender=gender, seq=seq)
+    frame = read_all(cfg, [path])
+    assert frame["gender"].to_list()[:3] == ["1", None, "2"]
+    assert frame["seq"].to_list()[:4] == ["1,2,3", "", None, "7"]
+
+
+def test_unlabelled_file(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    path = rewrite(parquet_file, tmp_path / "test.parquet", clicked=None, converted=None)
+    chunks = list(iter_raw_chunks(cfg, [path], 30, require_labels=False))
+    assert not any(c.has_labels for c in chunks) and "clicked" not in chunks[0].frame.columns
+    with pytest.raises(SchemaError) as err:
+        list(iter_raw_chunks(cfg, [path], 30))
+    msg = str(err.value)
+    assert str(path) in msg and "label column 'clicked'" in msg and "--test" in msg
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def test_missing_column_names_closest(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    table = pq.read_table(parquet_file).rename_columns(
+        [("inventory_ids" if c == "inventory_id" else c) for c in pq.read_schema(parquet_file).names])
+    path = tmp_path / "renamed.parquet"
+    pq.write_table(table, path)
+    for paths in ([path], [parquet_file, path]):          # first file (resolve) or a later file (reader)
+        with pytest.raises(SchemaError) as err:
+            read_all(cfg, paths)
+        msg = str(err.value)
+        assert str(path) in msg and "'inventory_id'" in msg and "did you mean 'inventory_ids'" in msg
+
+
+def test_wrong_types(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    n = pq.read_metadata(parquet_file).num_rows
+    cases = {
+        "clicked": (pa.array(["yes"] * n), "label column has type string"),
+        "gender": (pa.array([0.5] * n), "categorical column has type double"),
+        "feat_a_1": (pa.array([[1.0]] * n), "numeric column has type list<element: double>"),
+        "tags": (pa.array([1.5] * n), "token column has type double"),
+    }
+    for col, (arr, what) in cases.items():
+        path = rewrite(parquet_file, tmp_path / f"{col}.parquet", **{col: arr})
+        with pytest.raises(SchemaError) as err:
+            read_all(cfg, [path])
+        msg = str(err.value)
+        assert f"{path}, column {col}: {what}, expected" in msg and "fix:" in msg
+
+
+def test_numeric_text_column(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    n = pq.read_metadata(parquet_file).num_rows
+    vals = [f"{i}.5" for i in range(n)]
+    vals[1] = ""
+    ok = rewrite(parquet_file, tmp_path / "ok.parquet", feat_a_1=pa.array(vals))
+    got = read_all(cfg, [ok])["feat_a_1"].to_list()
+    assert got[0] == 0.5 and got[1] is None and got[2] == 2.5
+    vals[37] = "n/a"
+    bad = rewrite(parquet_file, tmp_path / "bad.parquet", feat_a_1=pa.array(vals))
+    with pytest.raises(SchemaError) as err:
+        read_all(cfg, [bad], 16)
+    msg = str(err.value)
+    assert f"{bad}, row 37, column feat_a_1: numeric column stored as text holds 'n/a'" in msg
+    chunks = list(iter_raw_chunks(cfg, [bad], 16, bad_rows="skip"))
+    assert [(b.row, b.reason) for c in chunks for b in c.bad_rows] == [(37, "not a number")]
+    assert sum(c.frame.height for c in chunks) == n - 1
+    assert chunks[2].line_numbers is not None and 37 not in chunks[2].line_numbers.tolist()
+
+
+def test_bad_label_value(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    n = pq.read_metadata(parquet_file).num_rows
+    y = [0] * n
+    y[5], y[40] = 2, None
+    path = rewrite(parquet_file, tmp_path / "y.parquet", converted=pa.array(y, pa.int8()))
+    with pytest.raises(InputFormatError) as err:
+        read_all(cfg, [path])
+    assert f"{path}, row 5, column converted: label 2 is not 0 or 1" in str(err.value)
+    chunks = list(iter_raw_chunks(cfg, [path], 1000, bad_rows="skip"))
+    assert [(b.row, b.reason) for b in chunks[0].bad_rows] == [(5, "bad label"), (40, "bad label")]
+    assert chunks[0].frame.height == n - 2
+
+
+def test_bad_weight_names_row(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    vals = pq.read_table(parquet_file)["tags_w"].to_pylist()
+    vals[11] = "t1:0.5|t2:abc"
+    path = rewrite(parquet_file, tmp_path / "w.parquet", tags_w=pa.array(vals))
+    with pytest.raises(InputFormatError) as err:
+        read_all(cfg, [path])
+    msg = str(err.value)
+    assert f"{path}, row 11, column tags_w" in msg and "'t2:abc'" in msg and "name:weight" in msg
+    chunks = list(iter_raw_chunks(cfg, [path], 1000, bad_rows="skip"))
+    assert [(b.row, b.reason) for b in chunks[0].bad_rows] == [(11, "bad weight")]
+
+
+def test_not_a_parquet_file(cfg: DataConfig, tmp_path: Path, criteo_tsv: Path) -> None:
+    with pytest.raises(InputFormatError) as err:
+        read_all(cfg, [criteo_tsv])
+    assert str(criteo_tsv) in str(err.value) and "--format criteo" in str(err.value)
+
+
+def test_token_column_config_absent(cfg: DataConfig, parquet_file: Path) -> None:
+    bad = dataclasses.replace(cfg, sequence=(TokenColumnConfig(column="sequence"),))
+    with pytest.raises(SchemaError, match="did you mean 'seq'"):
+        read_all(bad, [parquet_file])
