@@ -171,9 +171,14 @@ def _hash_groups(lengths: np.ndarray, seed: int, words_for: Callable[[np.ndarray
     n = len(lengths)
     if n == 0:
         return np.empty(0, np.uint64 if bins is None else _id_dtype(bins))
-    capped = np.minimum(lengths, _MAX_VECTOR_LEN + 1)
-    counts = np.bincount(capped)
-    order = [int(x) for x in np.argsort(-counts, kind="stable") if counts[x] > 0]
+    longest = int(lengths.max())
+    if longest <= _MAX_VECTOR_LEN and bool(((lengths == longest) | (lengths == 0)).all()):
+        capped = lengths                       # common case (Criteo): one length plus empty/missing values
+        order = [longest, 0] if longest else [0]
+    else:
+        capped = np.minimum(lengths, _MAX_VECTOR_LEN + 1)
+        counts = np.bincount(capped)
+        order = [int(x) for x in np.argsort(-counts, kind="stable") if counts[x] > 0]
     all_rows = words_for(None, order[0]) if 0 < order[0] <= _MAX_VECTOR_LEN else None
     if all_rows is not None:
         out = _xxh64_rows(all_rows, n, order[0], seed, bins)
@@ -259,6 +264,15 @@ def _arrow_chunks(values: pa.Array | pa.ChunkedArray | pl.Series) -> list[pa.Arr
     return [values]
 
 
+def _null_mask(arr: pa.Array) -> np.ndarray:
+    """(n,) bool from the validity bitmap (cheaper than is_null().to_numpy())."""
+    validity = arr.buffers()[0]
+    if validity is None:
+        return arr.is_null().to_numpy(zero_copy_only=False)
+    bits = np.unpackbits(np.frombuffer(validity, np.uint8), bitorder="little")
+    return bits[arr.offset: arr.offset + len(arr)] == 0
+
+
 def _hash_chunk(arr: pa.Array, seed: int, bins: int | None) -> np.ndarray:
     """Hashes (bins=None) or ids of one Arrow array; null -> 0."""
     if pa.types.is_string_view(arr.type):
@@ -268,7 +282,7 @@ def _hash_chunk(arr: pa.Array, seed: int, bins: int | None) -> np.ndarray:
     else:
         return _hash_chunk(pc.cast(arr, pa.string()), seed, bins)
     if arr.null_count:
-        out[arr.is_null().to_numpy(zero_copy_only=False)] = 0
+        out[_null_mask(arr)] = 0
     return out
 
 
