@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from train_setup import CRITEO_CFG, FAST, K_FOLDS
 from typer.testing import CliRunner
@@ -200,3 +201,29 @@ def test_config_errors_before_training(cache: Path, tmp_path: Path):
     code, out = train(cache, tmp_path, "--set", "train.early_stopping.metric=acc")
     assert code == 1 and "unknown metric 'acc'" in out and "auc" in out
     assert not (tmp_path / "criteo").exists()
+
+
+@pytest.mark.parametrize("extra", [
+    ("train.embedding_optimizer=adagrad", "train.grad_clip=0.5"),
+    ("train.embedding_optimizer=sparse_adam", "train.ema=0.5", "train.amp=bf16"),
+    ("train.embedding_optimizer=sgd", "train.schedule=step", "train.step_every=2", "train.pos_weight=2.0"),
+])
+def test_optimizer_variants_train_and_reload(cache: Path, tmp_path: Path, extra: tuple[str, ...]):
+    args = [x for s in ("train.max_steps=4", *extra) for x in ("--set", s)]
+    code, out = train(cache, tmp_path, *args)
+    assert code == 0, out
+    ckpt = load_checkpoint(tmp_path / "criteo" / "ckpt_best.pt")
+    model = model_from_checkpoint(ckpt, "cpu")         # sparse-trained tables load into the dense build
+    val = ShardLoader(cache, RowView.val(), 128, shuffle=False, seed=0)
+    preds = predict(model, val, val.num_rows, 1, torch.device("cpu"))
+    assert np.all(np.isfinite(preds.logits))
+
+
+def test_early_stopping_stops_and_keeps_the_best(cache: Path, tmp_path: Path):
+    # min_delta=1 makes every evaluation after the first "no improvement": stop after patience=2 more
+    code, out = train(cache, tmp_path, "--set", "train.epochs=5", "--set", "train.eval_every=1",
+                      "--set", "train.early_stopping.patience=2", "--set", "train.early_stopping.min_delta=1")
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "criteo" / "metrics.json").read_text())
+    assert metrics["stopped_early"] and metrics["steps"] == 3 and metrics["best_step"] == 1
+    assert load_checkpoint(tmp_path / "criteo" / "ckpt_best.pt")["step"] == 1
