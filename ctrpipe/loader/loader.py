@@ -35,9 +35,18 @@ class ShardLoader:
     int64 (B,); multihot/sequence int32 tokens (B, L) + int32 lengths (B,) (+ float32 weights (B, L) for
     weighted multihot), in FeatureSpec order (= manifest column order of each kind).
 
-    On CPU every batch owns fresh tensors, so holding on to batches (even `list(loader)`) is safe. On CUDA,
-    host buffers are a reused ring of prefetch + 2 (pinned when `pin_memory`), copied on a side stream; a slot
-    is refilled only after its copy's event has completed, and the consumer's stream waits for that event.
+    A batch handed out never changes afterwards, even if the consumer keeps it (`list(loader)` is safe).
+    On CPU, host buffer sets are recycled only once no tensor of theirs is alive (buffers.HostPool). On CUDA,
+    a ring of prefetch + 2 sets (pinned when `pin_memory`) is copied to the device on a side stream; a set is
+    refilled only after its copy's event completed, and the consumer's stream waits for that event.
+
+    Example::
+
+        loader = ShardLoader(Path("shards/criteo"), RowView.fold_train(0), 4096, shuffle=True, seed=1)
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            for batch in loader:      # Batch on `device`, len(loader) per epoch
+                ...
     """
 
     def __init__(self, cache_dir: Path, view: RowView, batch_size: int, *, shuffle: bool, seed: int,
@@ -121,20 +130,27 @@ class ShardLoader:
     # ------------------------------------------------------------------ batch formation
     def _fill(self, buf: HostBuffers, pieces: list[Piece]) -> int:
         """Copy the pieces' rows into `buf` (slices: np.copyto; gathers: np.take with out=). Returns rows."""
+        groups = [group for group, _ in buf.targets]
+        outs = [out for _, out in buf.targets]
+        sources: dict[int, list[np.ndarray]] = {}    # shard -> its arrays in `outs` order
         o = 0
-        for p in pieces:
-            arrays = self._arrays.shard(p.shard)
-            start = self._row_starts[p.shard]
-            end = o + len(p)
-            if p.rows is None:
-                for group, out in buf.targets:
-                    np.copyto(out[o:end], arrays[group][p.start:p.stop])
-                np.add(self._arange[:end - o], start + p.start, out=buf.row_index[o:end])
+        for shard, lo, hi, rows in pieces:
+            srcs = sources.get(shard)
+            if srcs is None:
+                arrays = self._arrays.shard(shard)
+                srcs = sources[shard] = [arrays[g] for g in groups]
+            start = self._row_starts[shard]
+            if rows is None:
+                end = o + hi - lo
+                for src, out in zip(srcs, outs, strict=True):
+                    np.copyto(out[o:end], src[lo:hi])
+                np.add(self._arange[:hi - lo], start + lo, out=buf.row_index[o:end])
             else:
-                for group, out in buf.targets:
+                end = o + len(rows)
+                for src, out in zip(srcs, outs, strict=True):
                     # mode="clip" skips numpy's bounds-check buffering; rows come from the shard's own index
-                    np.take(arrays[group], p.rows, axis=0, out=out[o:end], mode="clip")
-                np.add(p.rows, np.int64(start), out=buf.row_index[o:end], dtype=np.int64)
+                    np.take(src, rows, axis=0, out=out[o:end], mode="clip")
+                np.add(rows, np.int64(start), out=buf.row_index[o:end], dtype=np.int64)
             o = end
         return o
 
