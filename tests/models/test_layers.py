@@ -58,9 +58,13 @@ def test_bags_weighted_mean_excluding_padding_and_sequence_mean() -> None:
     torch.testing.assert_close(out[1, 2], torch.zeros(2))                  # empty bag -> zero vector
     torch.testing.assert_close(out[0, 3], (bag[5 + 1] + bag[5 + 3]) / 2)
     torch.testing.assert_close(out[1, 3], bag[5 + 2])
-    summed = FieldEmbedding(SPEC, 2, pooling="sum")
+    summed = FieldEmbedding(SPEC, 2, pooling="sum")            # sums multihot bags; sequences stay means
     summed.load_state_dict(emb.state_dict())
-    torch.testing.assert_close(summed(batch)[0, 3], bag[6] + bag[8])
+    torch.testing.assert_close(summed(batch)[0, 2], 0.5 * bag[2] + 2.0 * bag[5])
+    torch.testing.assert_close(summed(batch)[0, 3], out[0, 3])
+    tokens = emb.token_vectors(batch, "sequence", 0)                 # (B, L, D), unpooled
+    assert tokens.shape == (2, 3, 2)
+    torch.testing.assert_close(tokens[0], torch.stack([torch.zeros(2), bag[6], bag[8]]))
 
 
 def test_per_field_tables_match_shared_lookup() -> None:

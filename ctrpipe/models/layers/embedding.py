@@ -50,6 +50,7 @@ class _BagField:
     index: int       # position in batch.multihot / batch.sequence
     offset: int      # local token t in [1, bins) -> table row offset + t; row 0 is the shared padding row
     weighted: bool
+    mean: bool       # divide by the number of non-padding tokens (sequences always; multihot per `pooling`)
 
 
 class _TableGroup(nn.Module):
@@ -58,7 +59,6 @@ class _TableGroup(nn.Module):
     def __init__(self, spec: FeatureSpec, cat_cols: list[int], bag_fields: list[tuple[str, int]], dim: int,
                  sparse: bool, pooling: PoolingMode, init_std: float) -> None:
         super().__init__()
-        self.mean = pooling == "mean"
         self.cat_table: nn.Embedding | None = None
         self.bag_table: nn.EmbeddingBag | None = None
         self.all_cat = cat_cols == list(range(len(spec.categorical)))
@@ -76,13 +76,16 @@ class _TableGroup(nn.Module):
             rows = 1
             for source, i in bag_fields:
                 fs: FieldSpec = getattr(spec, source)[i]
-                self.bags.append(_BagField(source, i, rows - 1, source == "multihot" and fs.weighted))
+                is_mh = source == "multihot"
+                mean = pooling == "mean" or not is_mh
+                self.bags.append(_BagField(source, i, rows - 1, is_mh and fs.weighted, mean))
                 rows += fs.bins - 1
             # mode="sum" + per-sample weights covers weighted, unweighted and padded tokens in one call
             self.bag_table = nn.EmbeddingBag(rows, dim, mode="sum", sparse=sparse, padding_idx=0)
             _init(self.bag_table.weight, init_std)
             with torch.no_grad():
                 self.bag_table.weight[0].zero_()
+        self.any_mean = any(f.mean for f in self.bags)
 
     def forward(self, batch: Batch) -> Tensor:
         parts: list[Tensor] = []
@@ -109,13 +112,22 @@ class _TableGroup(nn.Module):
             w = valid.to(dtype) if w is None else w.to(dtype) * valid
             weights.append(w.reshape(-1))
             starts.append(torch.arange(n_rows, device=tok.device) * width + pos)
-            counts.append(valid.sum(dim=1))
+            counts.append(valid.sum(dim=1) if f.mean else torch.ones_like(tok[:, 0]))
             pos += n_rows * width
         out = self.bag_table(torch.cat(idx), torch.cat(starts), per_sample_weights=torch.cat(weights))
         out = out.view(len(self.bags), -1, out.shape[-1]).transpose(0, 1)   # (B, Fb, D)
-        if self.mean:   # mean of (weight *) vector over non-padding tokens; an empty bag gives 0
+        if self.any_mean:   # mean of (weight *) vector over non-padding tokens; an empty bag gives 0
             out = out / torch.stack(counts, dim=1).clamp(min=1).unsqueeze(-1).to(dtype)
         return out
+
+
+    def token_vectors(self, batch: Batch, source: str, index: int) -> Tensor:
+        """Unpooled (B, L, D) vectors of one bag field's tokens; padding positions are zero vectors."""
+        f = next(b for b in self.bags if b.source == source and b.index == index)
+        tok = getattr(batch, source)[index].long()                              # (B, L)
+        rows = torch.where(tok > 0, tok + f.offset, 0)
+        table = self.bag_table
+        return nn.functional.embedding(rows, table.weight, padding_idx=0, sparse=table.sparse)
 
 
 def _init(weight: Tensor, std: float) -> None:
@@ -133,7 +145,8 @@ class FieldEmbedding(nn.Module):
 
     Example: spec with categorical C1 (bins 10), C2 (bins 5) and dim 4, mode "shared": one table of 15 rows,
     C1 id 3 -> row 3, C2 id 3 -> row 13; `forward` gives (B, 2, 4), `flat` gives (B, 8).
-    Sequences are mean-pooled over their non-padding tokens into one more field (tokens == 0 are padding).
+    Multihot fields are pooled (mean or sum of weight * vector over non-padding tokens); sequences are
+    mean-pooled into one more field. Padding is token 0 wherever it sits; the `*_len` tensors are not read.
 
     Args:
         dims: one dim for all fields, a mapping field name -> dim (others get `default_dim`), or one dim per
@@ -186,6 +199,16 @@ class FieldEmbedding(nn.Module):
         """(B, sum of field dims): works with unequal dims too."""
         outs = [g(batch).flatten(1) for g in self.groups]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def token_vectors(self, batch: Batch, source: str, index: int) -> Tensor:
+        """(B, L, D) per-token vectors of multihot/sequence field `index` (for attention over a history).
+
+        They come from the same rows the pooled field uses, so pooled and per-token views train one table.
+        """
+        for group in self.groups:
+            if any(b.source == source and b.index == index for b in group.bags):
+                return group.token_vectors(batch, source, index)
+        raise KeyError(f"no {source} field at index {index}")
 
     def embedding_modules(self) -> list[nn.Module]:
         return [m for m in self.modules() if isinstance(m, EMBEDDING_TYPES)]
