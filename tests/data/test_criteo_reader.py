@@ -12,6 +12,7 @@ import pytest
 from reader_helpers import lines_of, reference_frame, unlabelled_copy, write_lines
 
 from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig
+from ctrpipe.data.criteo import iter_blocks
 from ctrpipe.data.reader import iter_raw_chunks
 from ctrpipe.errors import InputFormatError
 
@@ -258,3 +259,20 @@ def test_layout_decided_by_majority_not_first_line(tmp_path: Path, criteo_tsv: P
     with pytest.raises(InputFormatError) as err:
         read_all(path)
     assert f"{path}, line 1: 39 tab-separated fields, expected 40" in str(err.value)
+
+
+def test_no_line_breaks_is_an_error_not_a_memory_blowup(tmp_path: Path) -> None:
+    path = tmp_path / "blob.tsv"
+    path.write_bytes(b"1\t2\n" + b"x" * 10_000)
+    with pytest.raises(InputFormatError, match=r"blob.tsv: line 2 is longer than 4,096 bytes"):
+        list(iter_blocks(path, 100, read_bytes=1024, max_line_bytes=4096))   # small limits, tiny file
+
+
+@pytest.mark.parametrize("read_bytes", [7, 100, 4096])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 64])
+def test_blocks_cut_at_lines_across_reads(criteo_tsv: Path, read_bytes: int, chunk_rows: int) -> None:
+    raw = criteo_tsv.read_bytes()
+    blocks = list(iter_blocks(criteo_tsv, chunk_rows, read_bytes=read_bytes))
+    assert b"".join(b.data for b in blocks) == raw
+    assert all(b.data.count(b"\n") == b.lines == min(chunk_rows, 64 - b.first_line + 1) for b in blocks)
+    assert [b.first_line for b in blocks] == list(range(1, 65, chunk_rows))
