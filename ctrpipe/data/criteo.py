@@ -226,7 +226,8 @@ class CriteoReader:
         bad: list[BadRow] = []
         # numpy counts a dense byte ~2x faster than bytes.count; a mismatch sends the block to the line check
         n_sep = int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == ord(self.sep)))
-        if n_sep != (self.n_fields - 1) * block.lines:
+        checked = n_sep != (self.n_fields - 1) * block.lines
+        if checked:
             data, line_idx, bad = self._check_fields(data, block)
         if line_idx is not None and len(line_idx) == 0:     # every line of the block was bad (skip mode)
             frame = pl.DataFrame(schema=self._schema(False))
@@ -236,6 +237,8 @@ class CriteoReader:
             except (pl.exceptions.ComputeError, pl.exceptions.SchemaError):
                 frame = None
         if frame is None or frame.height != (block.lines if line_idx is None else len(line_idx)):
+            if not checked:     # a long and a short line can cancel out in the separator count
+                data, line_idx, bad = self._check_fields(data, block)
             frame, line_idx, more = self._slow_parse(data, block, line_idx)
             bad += more
         frame, line_idx, more = self._check_labels(frame, block, line_idx)
@@ -247,11 +250,14 @@ class CriteoReader:
                         has_labels=self.has_labels, line_numbers=lines, file_bytes=block.file_bytes)
 
     # -- field counts
-    def _check_fields(self, data: bytes, block: _Block) -> tuple[bytes, np.ndarray, list[BadRow]]:
+    def _check_fields(self, data: bytes, block: _Block) -> tuple[bytes, np.ndarray | None, list[BadRow]]:
+        """Per-line field counts: raise on the first wrong line, or drop wrong lines (skip mode)."""
         starts, ends = _line_bounds(data)
         counts = _field_counts(data, starts, self.sep)
         wrong = counts != self.n_fields
         rows = np.flatnonzero(wrong)
+        if len(rows) == 0:
+            return data, None, []
         if self.bad_rows == "error":
             i = int(rows[0])
             raise self._field_error(int(counts[i]), block.first_line + i,

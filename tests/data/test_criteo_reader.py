@@ -276,3 +276,14 @@ def test_blocks_cut_at_lines_across_reads(criteo_tsv: Path, read_bytes: int, chu
     assert b"".join(b.data for b in blocks) == raw
     assert all(b.data.count(b"\n") == b.lines == min(chunk_rows, 64 - b.first_line + 1) for b in blocks)
     assert [b.first_line for b in blocks] == list(range(1, 65, chunk_rows))
+
+
+def test_long_and_short_line_cancelling_out(tmp_path: Path, criteo_tsv: Path) -> None:
+    lines = lines_of(criteo_tsv)
+    lines[5] = lines[5].rstrip("\n") + "\tx\n"                         # 41 fields
+    lines[8] = lines[8][: lines[8].rindex("\t")] + "\n"              # 39 fields: separator total unchanged
+    path = write_lines(tmp_path / "cancel.tsv", lines)
+    with pytest.raises(InputFormatError, match=r"cancel.tsv, line 6: 41 tab-separated fields"):
+        read_all(path)
+    chunks = list(iter_raw_chunks(CFG, [path], 1000, bad_rows="skip"))
+    assert [b.line for b in chunks[0].bad_rows] == [6, 9] and chunks[0].frame.height == 62
