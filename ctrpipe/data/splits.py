@@ -6,6 +6,8 @@ counts, so feeding the same rows in chunks of 7 or of 1,000,000 gives the same s
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from ctrpipe.data.config import FoldConfig, SplitConfig
@@ -78,14 +80,18 @@ class FoldAssigner:
     stratified folds chunk-size invariant.
 
     Stratified: within class c, the r-th row of that class (r counted over the whole input) belongs to block
-    r // K; each block gets its own seeded permutation of the K folds and the row takes entry r % K. So every
-    K consecutive same-class rows cover all folds once, fold sizes differ by at most one per class, and
-    positive rates are near-equal across folds.
+    r // K; each block gets a seeded permutation of the K folds (one of all K! for K <= 7, else a seeded
+    rotation) and the row takes entry r % K. So every K consecutive same-class rows cover all folds once,
+    fold sizes differ by at most one per class, and positive rates are near-equal across folds.
     """
 
     def __init__(self, cfg: FoldConfig) -> None:
         self.cfg = cfg
         self.class_counts: dict[int, int] = {}
+        k = cfg.n_splits
+        # (P, K) table of fold permutations a block can draw from
+        self.perms = (np.array(list(itertools.permutations(range(k))), dtype=np.int8) if 0 < k <= 7
+                      else np.array([np.roll(np.arange(k), -i) for i in range(k)], dtype=np.int8))
 
     @property
     def enabled(self) -> bool:
@@ -116,11 +122,8 @@ class FoldAssigner:
             r = start + np.arange(len(rows), dtype=np.int64)        # running rank of the row in its class
             block = r // k
             b0 = int(block[0])
-            nblocks = int(block[-1]) - b0 + 1
-            # (nblocks, K) seeded random keys -> argsort -> one permutation of folds per block
-            cells = (np.arange(b0, b0 + nblocks, dtype=np.uint64)[:, None] * np.uint64(k)
-                     + np.arange(k, dtype=np.uint64)[None, :])
-            perms = np.argsort(seeded(cells, self.cfg.seed, _PURPOSE_FOLD, c + 2), axis=1, kind="stable")
-            out[rows] = perms[block - b0, r % k].astype(np.int8)
+            blocks = np.arange(b0, int(block[-1]) + 1, dtype=np.int64)
+            pick = seeded(blocks, self.cfg.seed, _PURPOSE_FOLD, c + 2) % np.uint64(len(self.perms))
+            out[rows] = self.perms[pick.astype(np.int64)[block - b0], r % k]
             self.class_counts[c] = start + len(rows)
         return out

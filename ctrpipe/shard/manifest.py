@@ -1,4 +1,4 @@
-"""The shard cache's table of contents. `manifest.json` is written last, so its presence marks a complete cache.
+"""The shard cache's table of contents. `manifest.json` is written last: its presence marks a complete cache.
 
 Layout of a cache DIR (N = rows in that shard; F* = columns of a group; L = max_len of a field)::
 
@@ -9,7 +9,8 @@ Layout of a cache DIR (N = rows in that shard; F* = columns of a group; L = max_
     DIR/shard_00000/ids.npy            int64 (N,) or unicode '<Uw' (N,)
     DIR/shard_00000/split.npy          int8    (N,)     0 train, 1 val, 2 gold, 3 test
     DIR/shard_00000/fold.npy           int8    (N,)     fold id in [0, K), -1 when not in any fold
-    DIR/shard_00000/<field>.tokens.npy int32   (N, L)   multihot/sequence tokens, 0 = padding, most recent last
+    DIR/shard_00000/<field>.tokens.npy int32   (N, L)   multihot/sequence tokens, 0 = padding, left-aligned
+                                                        (sequences: most recent last; <field> = safe_name)
     DIR/shard_00000/<field>.len.npy    int32   (N,)
     DIR/shard_00000/<field>.weights.npy float32 (N, L)  weighted multihot only
 
@@ -43,7 +44,7 @@ class ColumnSpec:
 
     name: str
     kind: ColumnKind
-    group: str                 # file stem inside a shard dir: "numeric", "categorical", "labels", "ids", "<f>.tokens"
+    group: str                 # file stem in a shard: "numeric", "categorical", "labels", "ids", "<f>.tokens"
     dtype: str                 # numpy dtype string of the group array, e.g. "float32", "int32", "<U12"
     index: int = 0             # column index within a 2-D group (0 for 1-D groups)
     width: int = 1             # max_len for multihot/sequence
@@ -124,15 +125,16 @@ class Manifest:
             categorical=tuple(FieldSpec(c.name, "categorical", c.bins) for c in cats),
             multihot=tuple(FieldSpec(c.name, "multihot", c.bins, c.width, c.weighted)
                            for c in self.columns_of("multihot")),
-            sequence=tuple(FieldSpec(c.name, "sequence", c.bins, c.width) for c in self.columns_of("sequence")),
+            sequence=tuple(FieldSpec(c.name, "sequence", c.bins, c.width)
+                           for c in self.columns_of("sequence")),
             labels=self.label_names,
             label_rates=rates,
         )
 
     def schema_fingerprint(self) -> str:
         """Identity of the feature layout and hashing (what a checkpoint depends on), not of the rows."""
-        cols = [(c.name, c.kind, c.group, c.index, c.width, c.bins, c.transform, c.weighted) for c in self.columns
-                if c.kind not in ("label", "id")]
+        cols = [(c.name, c.kind, c.group, c.index, c.width, c.bins, c.transform, c.weighted)
+                for c in self.columns if c.kind not in ("label", "id")]
         keys = {k: self.config.get(k) for k in ("hash_seed", "hash_bins")}
         return _sha256({"columns": cols, "hashing": keys, "fitted": self.fitted.get("identity", "")})
 
@@ -147,7 +149,8 @@ class Manifest:
         d["columns"] = tuple(ColumnSpec(**c) for c in d["columns"])
         d["shards"] = tuple(
             ShardInfo(index=s["index"], rows=s["rows"], row_start=s["row_start"],
-                      files={k: ArrayInfo(v["file"], tuple(v["shape"]), v["dtype"]) for k, v in s["files"].items()})
+                      files={k: ArrayInfo(v["file"], tuple(v["shape"]), v["dtype"])
+                             for k, v in s["files"].items()})
             for s in d["shards"])
         return cls(**d)
 
@@ -156,7 +159,8 @@ def _sha256(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint(config: dict[str, Any], sources: list[SourceInfo] | tuple[SourceInfo, ...], extra: Any = None) -> str:
+def fingerprint(config: dict[str, Any], sources: list[SourceInfo] | tuple[SourceInfo, ...],
+                extra: Any = None) -> str:
     """Identity of a cache: resolved data config + source files (path, size, mtime) + format version."""
     return _sha256({"v": FORMAT_VERSION, "config": config, "sources": [asdict(s) for s in sources],
                     "extra": extra})

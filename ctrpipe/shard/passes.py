@@ -47,7 +47,7 @@ from ctrpipe.shard.transform import (
     id_array,
     labels_matrix,
     make_plan,
-    numeric_matrix,
+    numeric32,
     string_missing,
 )
 from ctrpipe.shard.writer import ShardWriter
@@ -212,7 +212,7 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
             ft = frame.filter(pl.Series(train)) if not train.all() else frame
             train_rows += ft.height
             if plan.numeric:
-                raw = numeric_matrix(ft, plan.numeric)
+                raw = numeric32(ft, plan.numeric).astype(np.float64)   # same values as pass 2
                 nacc.update(raw)
                 if mom is not None:
                     valid = np.isfinite(raw)
@@ -265,7 +265,6 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
     folds = FoldAssigner(data.folds) if inputs.role == "train" else FoldAssigner(type(data.folds)())
     labels = plan.labels
     fold_label = labels.index(data.folds.label) if data.folds.label in labels else 0
-    writer = ShardWriter(work, data.shard_rows, done=done, on_shard=on_shard)
     tally = SplitTally(labels, folds.cfg.n_splits, fold_label)
     bad = BadRowTally()
     num_stats = GroupStats(tuple(n for n, *_ in plan.numeric_layout()))
@@ -277,8 +276,9 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
     row = 0
     positions = _Positions(data.format)
     streams = [(False, inputs.main), (True, inputs.gold)]
-    with _Bar("write shards" + (" (pass 2)" if plan.needs_fit() and inputs.role == "train" else ""),
-              inputs.input_bytes, progress) as bar:
+    title = "write shards" + (" (pass 2)" if plan.needs_fit() and inputs.role == "train" else "")
+    with _Bar(title, inputs.input_bytes, progress) as bar, \
+            ShardWriter(work, data.shard_rows, done=done, on_shard=on_shard) as writer:
         for is_gold, paths in streams:
             for chunk in _chunks(plan, paths, require_labels=inputs.role == "train"):
                 frame = chunk.frame
@@ -298,18 +298,16 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
                     key = key_hash(frame, data.folds.key) if data.folds.mode == "group" else None
                     fold = folds.assign(idx, label=y[:, fold_label] if y is not None else None, key_hash=key)
                 arrays, missing = transformer.transform(frame, split)
-                if plan.numeric or plan.covisit:
-                    miss = np.zeros(arrays["numeric"].shape, dtype=bool)
-                    miss[:, : len(plan.numeric)] = missing
-                    num_stats.update(arrays["numeric"], miss)
+                if "numeric" in arrays:
+                    num_stats.update(arrays["numeric"], missing)
                 if plan.categorical:
-                    cat_stats.update(arrays["categorical"], arrays["categorical"] == 0)
+                    cat_stats.update(arrays["categorical"], (arrays["categorical"] == 0).sum(axis=0))
                 for tc in plan.tokens:
                     ln = arrays[f"{_stem(tc.column)}.len"]
-                    tok_stats[tc.column].update(ln, ln == 0)
+                    tok_stats[tc.column].update(ln, np.array([(ln == 0).sum()]))
                 if y is not None:
                     arrays["labels"] = y
-                    lab_stats.update(y, np.isnan(y))
+                    lab_stats.update(np.nan_to_num(y), np.isnan(y).sum(axis=0))
                 ids = id_array(frame, plan, positions(chunk))
                 if ids.dtype.kind == "U":
                     id_width = max(id_width, ids.dtype.itemsize // 4)

@@ -28,17 +28,16 @@ class GroupStats:
         self.missing = np.zeros(f, dtype=np.int64)
 
     def update(self, values: np.ndarray, missing: np.ndarray | None = None) -> None:
-        v = values.reshape(len(values), -1).astype(np.float64, copy=False)
+        """values: (N, F) or (N,) finite output values; missing: (F,) counts of rows missing in the input."""
+        v = values.reshape(len(values), -1)
         if len(v) == 0:
             return
         self.n += len(v)
-        finite = np.isfinite(v)
-        vf = np.where(finite, v, 0.0)
-        self.lo = np.minimum(self.lo, np.where(finite, v, np.inf).min(axis=0))
-        self.hi = np.maximum(self.hi, np.where(finite, v, -np.inf).max(axis=0))
-        self.total += vf.sum(axis=0)
+        self.lo = np.minimum(self.lo, v.min(axis=0))
+        self.hi = np.maximum(self.hi, v.max(axis=0))
+        self.total += v.sum(axis=0, dtype=np.float64)
         if missing is not None:
-            self.missing += missing.reshape(len(v), -1).sum(axis=0)
+            self.missing += missing
 
     def result(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}

@@ -134,14 +134,14 @@ def make_plan(cfg: DataConfig, rc: ResolvedColumns) -> Plan:
 
 # ------------------------------------------------------------------------------------------ per chunk
 
-def numeric_matrix(frame: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
-    """(N, Fn) float64, NaN where missing (null, NaN or +-inf all count as missing)."""
-    if not names:
-        return np.zeros((frame.height, 0), dtype=np.float64)
-    x = frame.select([pl.col(c).cast(pl.Float64) for c in names]).to_numpy(order="c")
-    x = x.astype(np.float64, copy=False)
+def numeric32(frame: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
+    """(N, F) float32, NaN where missing (null, NaN or +-inf, including values beyond float32 range)."""
+    x = np.empty((len(names), frame.height), dtype=np.float32)      # (F, N): contiguous per-column writes
+    for j, c in enumerate(names):
+        s = frame[c]
+        x[j] = (s.fill_null(float("nan")) if s.null_count() else s).to_numpy()
     x[~np.isfinite(x)] = np.nan
-    return x
+    return x.T                                                       # (N, F) view, Fortran order
 
 
 def string_missing(s: pl.Series) -> np.ndarray:
@@ -176,34 +176,44 @@ class ChunkTransformer:
             missing = [c for c, s in zip(plan.numeric, stats, strict=True) if s is None]
             raise SchemaError(f"no fitted statistics for numeric columns {missing[:5]}",
                               fix="build the train cache with the same numeric columns")
-        self.fill = np.array([s.fill if s else 0.0 for s in stats], dtype=np.float64)
+        self.fill = np.array([s.fill if s else 0.0 for s in stats], dtype=np.float32)
         self.mean = np.array([s.mean if s else 0.0 for s in stats], dtype=np.float32)
         self.std = np.array([s.std if s else 1.0 for s in stats], dtype=np.float32)
 
     def transform(self, frame: pl.DataFrame, split: np.ndarray) -> tuple[Arrays, np.ndarray]:
-        """Arrays for every group except split/fold/ids/labels, plus the (N, Fn) raw-missing mask."""
+        """Arrays for every group except split/fold/ids/labels, plus (Fn,) raw-missing counts per numeric.npy
+        column (only numeric columns can be missing; indicators and covisit features never are)."""
         plan, cfg = self.plan, self.plan.cfg
+        n = frame.height
         out: Arrays = {}
-        raw = numeric_matrix(frame, plan.numeric)
-        missing = np.isnan(raw)
-        parts: list[np.ndarray] = []
-        if plan.numeric:
-            x = np.where(missing, self.fill, raw)
-            t = np.asarray(log1p_transform(x, cfg.numeric.log1p), dtype=np.float32)
-            if cfg.numeric.standardize:
-                t = (t - self.mean) / self.std
-            parts.append(t)
-            if cfg.numeric.missing_indicator:
-                parts.append(missing.astype(np.float32))
-        for cv in plan.covisit:
-            parts.append(self._covisit(frame, cv, split))
-        if parts:
-            out["numeric"] = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+        layout = plan.numeric_layout()
+        missing_counts = np.zeros(len(layout), dtype=np.int64)
+        if layout:
+            num = np.empty((n, len(layout)), dtype=np.float32)        # (N, Fn) filled column block by block
+            k = len(plan.numeric)
+            if k:
+                # float32 early: log1p_transform works in float32 anyway, so the result is the same
+                x = numeric32(frame, plan.numeric)                     # (N, k), NaN where missing
+                missing = np.isnan(x)
+                np.copyto(x, np.broadcast_to(self.fill, x.shape), where=missing)
+                t = np.asarray(log1p_transform(x, cfg.numeric.log1p), dtype=np.float32)
+                if cfg.numeric.standardize:
+                    t -= self.mean
+                    t /= self.std
+                num[:, :k] = t
+                missing_counts[:k] = missing.sum(axis=0)
+                if cfg.numeric.missing_indicator:
+                    num[:, k:2 * k] = missing
+            col = len(layout) - 2 * len(plan.covisit)
+            for cv in plan.covisit:
+                num[:, col:col + 2] = self._covisit(frame, cv, split)
+                col += 2
+            out["numeric"] = num
         if plan.categorical:
-            cat = np.empty((frame.height, len(plan.categorical)), dtype=np.int32)
+            cat = np.empty((len(plan.categorical), n), dtype=np.int32)    # (Fc, N): contiguous writes
             for j, c in enumerate(plan.categorical):
-                cat[:, j] = self._categorical(frame[c])
-            out["categorical"] = cat
+                cat[j] = self._categorical(frame[c])
+            out["categorical"] = np.ascontiguousarray(cat.T)             # (N, Fc)
         for tc in plan.tokens:
             tokens, lengths, weights = tokens_to_ids(frame[tc.column], tc.separator, tc.max_len,
                                                      plan.seed(tc.column), plan.token_bins(tc),
@@ -213,7 +223,7 @@ class ChunkTransformer:
             out[f"{stem}.len"] = np.asarray(lengths, dtype=np.int32)
             if tc.weighted:
                 out[f"{stem}.weights"] = np.asarray(weights, dtype=np.float32)
-        return out, missing
+        return out, missing_counts
 
     def _categorical(self, s: pl.Series) -> np.ndarray:
         name = str(s.name)

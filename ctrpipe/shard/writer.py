@@ -3,12 +3,15 @@
 Chunks of any size go in; exactly `shard_rows` rows come out per shard (the last one smaller), so the files
 never depend on the parse chunk size. Each shard is written into `shard_XXXXX.incomplete/` and renamed to
 `shard_XXXXX/` when all its arrays are on disk: a shard directory under its final name is always complete.
+Files are written by one background thread (file I/O releases the GIL) while the next shard fills up; at most
+one shard waits for the disk, so memory stays bounded by two shard buffers.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +50,7 @@ class ShardWriter:
     """
 
     def __init__(self, root: Path, shard_rows: int, done: set[int] | None = None,
-                 on_shard: Callable[[ShardInfo], None] | None = None) -> None:
+                 on_shard: Callable[[ShardInfo], None] | None = None, background: bool = True) -> None:
         self.root = Path(root)
         self.shard_rows = shard_rows
         self.done = set(done or ())
@@ -57,6 +60,20 @@ class ShardWriter:
         self.shards: list[ShardInfo] = []
         self.rows_written = 0
         self.bytes_written = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctrpipe-shard-write") \
+            if background else None
+        self._pending_write: Future[None] | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Always wait for the write in flight (also on errors), so no thread touches files afterwards."""
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def add(self, arrays: Arrays) -> None:
         n = _rows(arrays)
@@ -71,7 +88,13 @@ class ShardWriter:
         """Flush the last (smaller) shard and return every shard's info in order."""
         if self.pending_rows:
             self._flush(self.pending_rows)
+        self._wait()
         return self.shards
+
+    def _wait(self) -> None:
+        if self._pending_write is not None:
+            fut, self._pending_write = self._pending_write, None
+            fut.result()                                    # re-raises a write error here
 
     def _take(self, rows: int) -> Arrays:
         """Remove the first `rows` buffered rows and return them as one array per group."""
@@ -97,15 +120,23 @@ class ShardWriter:
         files = {g: ArrayInfo(f"{name}/{g}.npy", tuple(int(s) for s in a.shape), str(a.dtype))
                  for g, a in arrays.items()}
         info = ShardInfo(index=index, rows=rows, row_start=self.rows_written, files=files)
-        if not (index in self.done and _matches(self.root, info)):
-            self._write(name, arrays)
         self.rows_written += rows
         self.bytes_written += sum(a.nbytes for a in arrays.values())
         self.shards.append(info)
+        skip = index in self.done and _matches(self.root, info)
+        self._wait()                                        # at most one shard in flight
+        if self._pool is None:
+            self._write(name, arrays, info, skip)
+        else:
+            self._pending_write = self._pool.submit(self._write, name, arrays, info, skip)
+
+    def _write(self, name: str, arrays: Arrays, info: ShardInfo, skip: bool) -> None:
+        if not skip:
+            self._write_files(name, arrays)
         if self.on_shard is not None:
             self.on_shard(info)
 
-    def _write(self, name: str, arrays: Arrays) -> None:
+    def _write_files(self, name: str, arrays: Arrays) -> None:
         tmp = self.root / f"{name}.incomplete"
         final = self.root / name
         if tmp.exists():

@@ -40,7 +40,7 @@ def test_done_shards_are_not_rewritten(tmp_path: Path) -> None:
     _write(tmp_path, 100, 50)
     f = tmp_path / "shard_00000" / "numeric.npy"
     before = f.stat().st_mtime_ns
-    w = ShardWriter(tmp_path, shard_rows=40, done={0})
+    w = ShardWriter(tmp_path, shard_rows=40, done={0}, background=False)
     w.add(_arrays(0, 100))
     w.close()
     assert f.stat().st_mtime_ns == before
