@@ -356,6 +356,10 @@ def _print_summary(ctx: TrainContext, s: dict[str, Any]) -> None:
         console.print(f"trained {s['model']} -> {ctx.run_dir}: {shown} "
                       f"{human_rate(s.get('samples_per_s', 0.0), 'samples/s')}")
         return
+    if not val and not gold:
+        console.print(f"trained {s['model']} for {s.get('steps', 0)} steps; the cache has no validation "
+                      f"or gold rows to score -> {ctx.run_dir}")
+        return
     table = Table(title=f"ctrpipe train: {ctx.cfg.exp_name} ({s['model']}, {s['device']})")
     table.add_column("")
     for name in ("val" if "cv" not in s else "OOF", *(["gold"] if gold else [])):
