@@ -29,7 +29,9 @@ class CategoricalConfig:
     columns: tuple[str, ...] = ()
     pattern: str = ""
     mode: Literal["hash", "vocab"] = "hash"
-    bins: dict[str, int] = field(default_factory=dict)   # per-field override of data.hash_bins
+    # per field: the id space in hash mode (instead of data.hash_bins); in vocab mode a cap on the number of
+    # ids (the most frequent values are kept)
+    bins: dict[str, int] = field(default_factory=dict)
     min_count: int = 1                   # vocab mode: values seen fewer times on the train split -> OOV id 1
 
     def __post_init__(self) -> None:
@@ -116,7 +118,7 @@ class DataConfig:
     separator: str = "\t"                # criteo text
     labels: tuple[str, ...] = ("label",)
     id_column: str = ""                  # parquet: a column kept for submissions; criteo: row position
-    id_offset: int = 0                   # criteo: id = id_offset + row position (Kaggle test starts at 60000000)
+    id_offset: int = 0                   # criteo: id = id_offset + row position (Kaggle test: 60000000)
     hash_bins: int = 1_000_000
     hash_seed: int = 0
     numeric: NumericConfig = field(default_factory=lambda: NumericConfig(columns=CRITEO_INT))
@@ -139,4 +141,5 @@ class DataConfig:
                 raise ConfigError(f"bad value {getattr(self, key)} for 'data.{key}'",
                                   fix=f"use a positive integer, e.g. data.{key}=500000")
         if self.format == "criteo" and len(self.separator) != 1:
-            raise ConfigError(f"bad value {self.separator!r} for 'data.separator'", fix="use a single character")
+            raise ConfigError(f"bad value {self.separator!r} for 'data.separator'",
+                              fix="use a single character")

@@ -319,7 +319,7 @@ def print_summary(res: BuildResult, quiet: bool) -> None:
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("rows", f"{m.total_rows:,}")
-    table.add_row("shards", f"{len(m.shards)} x {m.config.get('shard_rows'):,} rows")
+    table.add_row("shards", f"{len(m.shards)} (up to {m.config.get('shard_rows'):,} rows each)")
     table.add_row("splits", ", ".join(f"{k} {v:,}" for k, v in m.rows.items() if k != "total" and v))
     if m.folds.get("n_splits"):
         table.add_row("folds", f"{m.folds['n_splits']} {m.folds['mode']}: {m.folds['sizes']}")

@@ -55,3 +55,19 @@ def test_bad_option_and_refusal_messages(tmp_path: Path) -> None:
     res = runner.invoke(app, base + ["--set", "data.hash_seed=3"])
     assert res.exit_code == 1 and "data.hash_seed: 0 -> 3" in res.output and "--force" in res.output
     assert runner.invoke(app, base + ["--set", "data.hash_seed=3", "--force"]).exit_code == 0
+
+
+def test_inspect_exit_code_on_corrupt_cache(tmp_path: Path) -> None:
+    import numpy as np
+
+    src = write_criteo_tsv(tmp_path / "train.tsv", 40)
+    out = tmp_path / "cache"
+    res = runner.invoke(app, ["shard", "--cfg", str(CRITEO_CFG), "--input", str(src), "--out", str(out),
+                              "--set", "data.hash_bins=100", "--quiet"])
+    assert res.exit_code == 0, res.output
+    path = out / "shard_00000" / "categorical.npy"
+    cat = np.load(path)
+    cat[0, 0] = 100 + 5                                       # bins + 5
+    np.save(path, cat)
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert res.exit_code == 1 and "FAIL" in res.output and "C1" in res.output

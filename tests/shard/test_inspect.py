@@ -10,6 +10,7 @@ import pytest
 from ctrpipe.errors import ManifestMismatchError
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.inspect import inspect_cache, run_inspect
+from ctrpipe.shard.manifest import read_manifest
 from tests.conftest import write_parquet
 from tests.shard.helpers import criteo_cfg, parquet_cfg
 
@@ -35,7 +36,8 @@ def test_fresh_caches_pass(cache: Path, tmp_path: Path, criteo_tsv: Path) -> Non
 def test_id_out_of_range_fails(cache: Path) -> None:
     path = cache / "shard_00001" / "categorical.npy"
     cat = np.load(path)
-    bins = 10_000_000
+    bins = read_manifest(cache).column("inventory_id").bins
+    assert read_manifest(cache).column("inventory_id").index == 2
     cat[3, 2] = bins + 5
     np.save(path, cat)
     assert _failed(cache) == {"categorical ids"}

@@ -154,3 +154,27 @@ def test_stats_from_with_other_hashing_is_refused(tmp_path: Path) -> None:
         build_shards(parquet_cfg("data.hash_bins=777"), [test], tmp_path / "test", role="test",
                      stats_from=tmp_path / "train", progress=False)
     assert "data.hash_bins" in str(err.value) and "fix:" in str(err.value)
+
+
+def test_group_key_must_be_a_parsed_column(tmp_path: Path) -> None:
+    from ctrpipe.errors import SchemaError
+
+    src = write_parquet(tmp_path / "p.parquet", 30)
+    with pytest.raises(SchemaError) as err:
+        build_shards(parquet_cfg("data.split.mode=group", "data.split.key=user"), [src], tmp_path / "c",
+                     progress=False)
+    assert "'user'" in str(err.value) and "fix:" in str(err.value)
+    assert not (tmp_path / "c" / MANIFEST_NAME).exists()
+
+
+def test_tampered_train_statistics_are_refused(tmp_path: Path) -> None:
+    train = write_parquet(tmp_path / "train.parquet", 60, seed=1)
+    test = write_parquet(tmp_path / "test.parquet", 20, seed=2, labels=False)
+    build_shards(parquet_cfg(), [train], tmp_path / "train", progress=False)
+    vocab = next((tmp_path / "train" / "fitted").glob("vocab.*.ids.npy"))
+    ids = np.load(vocab)
+    np.save(vocab, ids[::-1].copy())
+    with pytest.raises(ManifestMismatchError) as err:
+        build_shards(parquet_cfg(), [test], tmp_path / "test", role="test", stats_from=tmp_path / "train",
+                     progress=False)
+    assert "fitted" in str(err.value) and "--force" in str(err.value)
