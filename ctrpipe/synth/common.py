@@ -4,11 +4,14 @@ bias/scale calibration, metrics and atomic files. Both generators (Criteo text, 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -208,3 +211,38 @@ def atomic_path(final: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class BackgroundWriter:
+    """Writes byte chunks to `sink` on a thread, so gzip compression and disk writes overlap the generation of
+    the next chunk (zlib and file writes release the GIL). At most `depth` chunks wait; a write error is
+    re-raised in the caller on the next `write` or on `close`."""
+
+    def __init__(self, sink: BinaryIO, depth: int = 2) -> None:
+        self._sink = sink
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="synth-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._sink.write(chunk)
+                except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, chunk: bytes) -> None:
+        self._raise()
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        """Wait until every queued chunk is written."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()

@@ -113,7 +113,7 @@ def _splits(rows: int, test_rows: int) -> list[tuple[str, Stream, int]]:
 
 
 def synth_criteo(out: Path, rows: int, seed: int = 0, test_rows: int = 0, gz: bool = False,
-                 chunk_blocks: int = 32, on_rows: RowsCallback | None = None) -> SynthResult:
+                 chunk_blocks: int = 16, on_rows: RowsCallback | None = None) -> SynthResult:
     """Write Criteo text: DIR/train.tsv[.gz] (+ test.tsv[.gz]), <split>.truth.npy (float32, (N,)), synth.json.
 
     `chunk_blocks` blocks of BLOCK_ROWS rows are built and written at a time (memory); files do not depend
