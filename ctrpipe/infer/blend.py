@@ -45,7 +45,7 @@ from ctrpipe.infer.submission import (
 REC = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("row", "<i8"), ("pred", "<f8")])   # 32 bytes per row
 OUT = np.dtype([("row", "<i8"), ("pred", "<f8")])
 SEED1, SEED2 = 0, 0x5EED_B1E2D           # two independent xxh64 seeds -> a 128-bit ID key
-TARGET_BUCKET_BYTES = 32 << 20           # CSV bytes (all files) per bucket; ~4x that in RAM while aligning
+TARGET_BUCKET_BYTES = 16 << 20           # CSV bytes (all files) per bucket; ~4x that in RAM while aligning
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,8 @@ def _partition_file(path: Path, j: int, tmp: Path, parts: int, chunk_bytes: int,
             rec["h2"] = xxh64_strings(chunk.ids, SEED2)
             rec["row"] = np.arange(chunk.first_row, chunk.first_row + n, dtype=np.int64)
             rec["pred"] = _to_rank(sorted_preds, chunk.preds) if sorted_preds is not None else chunk.preds
-            bucket = (rec["h1"] % np.uint64(parts)).astype(np.int64)
-            order = np.argsort(bucket, kind="stable")
+            bucket = (rec["h1"] % np.uint64(parts)).astype(np.uint16)   # parts <= 1024
+            order = np.argsort(bucket, kind="stable")                   # radix sort for 16-bit keys
             bounds = np.searchsorted(bucket[order], np.arange(parts + 1))
             rec = rec[order]
             for b in range(parts):
@@ -145,20 +145,32 @@ def _partition_file(path: Path, j: int, tmp: Path, parts: int, chunk_bytes: int,
     return rows
 
 
-def _sorted_keys(rec: np.ndarray) -> np.ndarray:
-    """Order of records by (h1, h2): one argsort on h1 (3x faster than lexsort), lexsort only if h1 ties."""
-    order = np.argsort(rec["h1"])
-    h1 = rec["h1"][order]
-    if np.any(h1[1:] == h1[:-1]):          # a duplicate ID or a 64-bit collision: sort by both halves
-        order = np.lexsort((rec["h2"], rec["h1"]))
-    return order
+@dataclass(frozen=True)
+class _SortedKeys:
+    order: np.ndarray       # (n,) record order by (h1, h2)
+    h1: np.ndarray          # (n,) h1[order], contiguous
+    h2: np.ndarray          # (n,) h2[order], contiguous
 
 
-def _refuse_duplicate(path: Path, rec: np.ndarray, order: np.ndarray) -> None:
-    h1, h2 = rec["h1"][order], rec["h2"][order]
-    dup = np.flatnonzero((h1[1:] == h1[:-1]) & (h2[1:] == h2[:-1]))
+def _sort_keys(rec: np.ndarray) -> _SortedKeys:
+    """Sort records by (h1, h2): one argsort on h1 (3x faster than lexsort); lexsort only if h1 ties."""
+    h1 = np.ascontiguousarray(rec["h1"])
+    order = np.argsort(h1)
+    h1s = h1[order]
+    if np.any(h1s[1:] == h1s[:-1]):         # a duplicate ID or a 64-bit collision: sort by both halves
+        order = np.lexsort((rec["h2"], h1))
+        h1s = h1[order]
+    return _SortedKeys(order, h1s, np.ascontiguousarray(rec["h2"])[order])
+
+
+def _refuse_duplicate(path: Path, rec: np.ndarray, keys: _SortedKeys) -> None:
+    tie = keys.h1[1:] == keys.h1[:-1]
+    if not tie.any():
+        return
+    dup = np.flatnonzero(tie & (keys.h2[1:] == keys.h2[:-1]))
     if dup.size:
         i = int(dup[0])
+        order = keys.order
         r_a, r_b = sorted((int(rec["row"][order[i]]), int(rec["row"][order[i + 1]])))
         example = id_at_rows(path, [r_a]).get(r_a, "?")
         raise SubmissionError(f"duplicate ID {example!r} on lines {line_of(r_a)} and {line_of(r_b)}",
@@ -188,18 +200,16 @@ def _refuse_mismatch(files: Sequence[Path], j: int, rec0: np.ndarray, recj: np.n
 def _align_bucket(files: Sequence[Path], b: int, tmp: Path) -> tuple[np.ndarray, np.ndarray]:
     """(first-file rows (n,), predictions (M, n) aligned to them) for bucket b, after all checks."""
     recs = [np.fromfile(tmp / f"f{j}_b{b}.bin", dtype=REC) for j in range(len(files))]
-    orders = [_sorted_keys(r) for r in recs]
-    for path, rec, order in zip(files, recs, orders, strict=True):
-        _refuse_duplicate(path, rec, order)
-    rec0, order0 = recs[0], orders[0]
+    keys = [_sort_keys(r) for r in recs]
+    for path, rec, key in zip(files, recs, keys, strict=True):
+        _refuse_duplicate(path, rec, key)
+    rec0, key0 = recs[0], keys[0]
     preds = np.empty((len(files), len(rec0)), dtype=np.float64)
-    for j, (rec, order) in enumerate(zip(recs, orders, strict=True)):
-        same = len(rec) == len(rec0) and bool(
-            np.array_equal(rec["h1"][order], rec0["h1"][order0]) and
-            np.array_equal(rec["h2"][order], rec0["h2"][order0]))
+    for j, (rec, key) in enumerate(zip(recs, keys, strict=True)):
+        same = len(rec) == len(rec0) and np.array_equal(key.h1, key0.h1) and np.array_equal(key.h2, key0.h2)
         if not same:
             _refuse_mismatch(files, j, rec0, rec)
-        preds[j, order0] = rec["pred"][order]
+        preds[j, key0.order] = rec["pred"][key.order]
     return rec0["row"], preds
 
 
