@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +66,7 @@ class NumSpec:
     """A float column: `kind` shapes a latent-correlated normal z into counts, rates or heavy tails."""
 
     name: str
-    kind: str            # count | lognormal | signed | rate | pareto | linear
+    kind: Literal["count", "lognormal", "signed", "rate", "pareto", "linear"]
     mu: float
     sd: float
     load: tuple[float, float]
