@@ -1,0 +1,403 @@
+"""Benchmark: test AUC, logloss and training samples/s of ctrpipe against peer libraries on the same data.
+
+Usage (from the repo root, in ctrpipe's venv):
+    python benchmarks/bench_quality.py --setup                     # create/refresh .bench/peers-venv only
+    python benchmarks/bench_quality.py --rows 50000 --test-rows 20000          # quick check
+    python benchmarks/bench_quality.py                             # full: 1.8M train + 200k test rows
+
+Same data for everyone: `ctrpipe synth` writes train/test text; `ctrpipe shard` turns them into one cache
+(train split + the test file as gold split, no validation split), and the cache's arrays are exported once
+(.bench/quality/export) so that the peers read the very same hashed ids and log1p numeric values. Same
+training for everyone: one epoch, embedding dim 16, MLP 400-400-400 (no dropout, no batch norm, no L2),
+batch 4096, Adam lr 1e-3 on embeddings and dense layers at a constant rate, 2 torch threads.
+Peers (DeepCTR-Torch, FuxiCTR) live only in .bench/peers-venv and run as subprocesses
+(benchmarks/peers/*_run.py). All AUC / logloss figures are computed here by ctrpipe.train.metrics from each
+library's test predictions (ctrpipe's own come from its metrics.json, computed by the same code).
+Also printed: the oracle (true click probabilities from synth) and a logistic-regression baseline.
+Writes the table to stdout and everything to .bench/quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_DIR = ROOT / "benchmarks" / "peers"
+PEER_VENV = ROOT / ".bench" / "peers-venv"
+PEER_PY = PEER_VENV / "bin" / "python"
+MODELS = ("dnn", "deepfm", "dcnv2")
+PEERS = {"deepctr": "deepctr_run.py", "fuxictr": "fuxictr_run.py"}
+# which peer model answers which ctrpipe model (see the runners' docstrings)
+PEER_MODEL = {"deepctr": {"dnn": "WDL(no wide)", "deepfm": "DeepFM", "dcnv2": "DCN(matrix)",
+                          "dcnmix": "DCNMix"},
+              "fuxictr": {"dnn": "DNN", "deepfm": "DeepFM", "dcnv2": "DCNv2"}}
+GOAL_AUC_DIFF = -0.001
+GOAL_SPEEDUP = 2.0
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(cmd: list[str], log_file: Path, env: dict[str, str] | None = None) -> str:
+    """Run a command, keep its whole output in `log_file`, return stdout+stderr; fail loudly on error."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_file.write_text(" ".join(cmd) + "\n\n" + proc.stdout)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-30:])
+        raise SystemExit(f"command failed ({proc.returncode}) after {time.perf_counter() - t0:.0f}s: "
+                         f"{' '.join(cmd)}\n--- last lines (whole log: {log_file}) ---\n{tail}")
+    return proc.stdout
+
+
+def thread_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+# ----------------------------------------------------------------------------------------- peer venv
+def _requirements_digest() -> str:
+    return hashlib.sha256((PEERS_DIR / "requirements.txt").read_bytes()).hexdigest()[:16]
+
+
+def ensure_peer_env(refresh: bool) -> None:
+    """Create (or refresh) .bench/peers-venv: torch 2.13.0 first (CPU build from the local wheels), then the
+    peers. The venv records the requirements digest it was built from; a changed file rebuilds it."""
+    marker = PEER_VENV / ".requirements.sha"
+    if not refresh and PEER_PY.exists() and marker.exists() and marker.read_text() == _requirements_digest():
+        return
+    log(f"setting up the peers' environment in {PEER_VENV} (first run or requirements changed)")
+    if refresh and PEER_VENV.exists():
+        shutil.rmtree(PEER_VENV)
+    if not PEER_PY.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+    pip = [str(PEER_PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, "-r", str(PEERS_DIR / "requirements.txt")], check=True)
+    probe = ("import torch, deepctr_torch, fuxictr; from fuxictr.pytorch.layers import CrossNetV2; "
+             "print(torch.__version__, torch.version.cuda, deepctr_torch.__version__, fuxictr.__version__)")
+    out = subprocess.run([str(PEER_PY), "-c", probe], check=True, capture_output=True, text=True,
+                         env=thread_env(1, _PEER_ENV)).stdout.split()
+    log(f"peers' environment: torch {out[0]} (cuda {out[1]}), deepctr-torch {out[2]}, fuxictr {out[3]}")
+    marker.write_text(_requirements_digest())
+
+
+# deepctr_torch asks the package index for a newer version on import: a dead proxy makes that fail at once.
+_PEER_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+             "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+# ----------------------------------------------------------------------------------------------- data
+def ctrpipe_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ctrpipe.cli", *args]
+
+
+def make_data(args: argparse.Namespace, work: Path) -> Path:
+    """synth -> shard (train split + gold split from the test file); both steps reuse matching outputs."""
+    synth = work / "synth"
+    meta = synth / "synth.json"
+    want = {"rows": args.rows, "test_rows": args.test_rows, "seed": args.seed}
+    have = json.loads(meta.read_text()) if meta.exists() else {}
+    if any(have.get(k) != v for k, v in want.items()):
+        log(f"synth: {args.rows:,} train + {args.test_rows:,} test rows -> {synth}")
+        run(ctrpipe_cmd("synth", "--rows", str(args.rows), "--test-rows", str(args.test_rows),
+                        "--seed", str(args.seed), "--out", str(synth), "-q"), work / "logs" / "synth.log")
+    cache = work / "cache"
+    log(f"shard: -> {cache} (hash_bins {args.hash_bins:,}, no validation split, test file = gold split)")
+    t0 = time.perf_counter()
+    run(ctrpipe_cmd("shard", "--cfg", "cfgs/criteo.yaml", "-i", str(synth / "train.tsv"),
+                    "--gold", str(synth / "test.tsv"), "-o", str(cache), "-q",
+                    "--set", "data.split.val_ratio=0", "--set", "data.folds.n_splits=0",
+                    "--set", f"data.hash_bins={args.hash_bins}"), work / "logs" / "shard.log")
+    log(f"shard: done in {time.perf_counter() - t0:.1f}s")
+    return cache
+
+
+def export_features(cache: Path, out: Path) -> dict:
+    """Train rows (split 0) and gold rows (split 2) of the cache -> plain .npy files the peers read."""
+    from ctrpipe.shard.manifest import SPLIT_CODES
+    from ctrpipe.shard.reader import open_cache
+
+    arrays = open_cache(cache)
+    m = arrays.manifest
+    meta_path = out / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == m.fingerprint:
+        return json.loads(meta_path.read_text())
+    cats = sorted(m.columns_of("categorical"), key=lambda c: c.index)
+    nums = sorted(m.columns_of("numeric"), key=lambda c: c.index)
+    if m.columns_of("missing_indicator", "covisit", "multihot", "sequence"):
+        raise SystemExit("the benchmark cache must hold only numeric + categorical columns")
+    split = arrays.concat("split")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for name, code in (("train", SPLIT_CODES["train"]), ("test", SPLIT_CODES["gold"])):
+        keep = [np.flatnonzero(np.asarray(s["split"]) == code) for s in arrays.shards]
+        parts = {g: np.concatenate([np.asarray(s[g])[k] for s, k in zip(arrays.shards, keep, strict=True)])
+                 for g in ("categorical", "numeric", "labels")}
+        np.save(out / f"{name}_cat.npy", parts["categorical"][:, [c.index for c in cats]].astype(np.int32))
+        np.save(out / f"{name}_num.npy", parts["numeric"][:, [c.index for c in nums]].astype(np.float32))
+        np.save(out / f"{name}_y.npy", parts["labels"][:, 0].astype(np.float32))
+        rows[name] = int(parts["labels"].shape[0])
+        if rows[name] != int((split == code).sum()):
+            raise SystemExit(f"export of {name} rows is inconsistent with the cache's split array")
+    meta = {"fingerprint": m.fingerprint, "cat_fields": [c.name for c in cats],
+            "num_fields": [c.name for c in nums], "bins": [int(c.bins) for c in cats], "rows": rows,
+            "numeric_transform": [c.transform for c in nums][:1]}
+    tmp = out / "meta.json.incomplete"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
+    return meta
+
+
+# -------------------------------------------------------------------------------------------- metrics
+def score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    from ctrpipe.train.metrics import auc, logloss
+
+    return {"auc": auc(y, p), "logloss": logloss(y, p)}
+
+
+def oracle(work: Path, export: Path) -> dict[str, float]:
+    """The true click probabilities of the test rows, checked to be in the same order as the exported rows."""
+    import polars as pl
+
+    truth = np.load(work / "synth" / "test.truth.npy").astype(np.float64).reshape(-1)
+    y = np.load(export / "test_y.npy")
+    raw = pl.read_csv(work / "synth" / "test.tsv", separator="\t", has_header=False, columns=[0],
+                      infer_schema_length=0)[:, 0].cast(pl.Float32).to_numpy()
+    if truth.shape != y.shape or not np.array_equal(raw, y):
+        raise SystemExit("exported test rows are not the synth test file in order: cannot score the oracle")
+    return score(y, truth)
+
+
+def logistic_regression(export: Path, meta: dict, threads: int, batch: int, lr: float,
+                        seed: int) -> dict[str, float]:
+    """Baseline: hashed one-hot weights (a 1-d embedding per id) + numeric weights + bias; 1 epoch of Adam."""
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cat, num, y = (np.load(export / f"train_{k}.npy") for k in ("cat", "num", "y"))
+    offsets = torch.from_numpy(np.cumsum([0, *meta["bins"][:-1]]).astype(np.int64))
+    table = nn.Embedding(int(sum(meta["bins"])), 1)
+    nn.init.zeros_(table.weight)
+    linear = nn.Linear(num.shape[1], 1)
+    params = [*table.parameters(), *linear.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+
+    def logits(c: np.ndarray, x: np.ndarray) -> torch.Tensor:
+        ids = torch.from_numpy(c.astype(np.int64)) + offsets                 # (B, Fc)
+        return table(ids).sum(dim=(1, 2)) + linear(torch.from_numpy(x)).squeeze(1)   # (B,)
+
+    order = np.random.default_rng(seed).permutation(len(y))
+    t0 = time.perf_counter()
+    for start in range(0, len(y), batch):
+        idx = np.sort(order[start:start + batch])
+        loss = nn.functional.binary_cross_entropy_with_logits(logits(cat[idx], num[idx]),
+                                                              torch.from_numpy(y[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    seconds = time.perf_counter() - t0
+    tc, tn, ty = (np.load(export / f"test_{k}.npy") for k in ("cat", "num", "y"))
+    with torch.no_grad():
+        p = torch.sigmoid(torch.cat([logits(tc[s:s + 65536], tn[s:s + 65536])
+                                     for s in range(0, len(ty), 65536)])).numpy()
+    return {**score(ty, p), "samples_per_s": len(y) / seconds}
+
+
+# ----------------------------------------------------------------------------------------- libraries
+def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path) -> dict:
+    runs = work / "runs"
+    exp = f"bench_{model}"
+    shutil.rmtree(runs / exp, ignore_errors=True)
+    hidden = "[" + ",".join(str(h) for h in args.hidden) + "]"
+    sets = [f"exp_name={exp}", "train.epochs=1", f"train.lr={args.lr}", "train.embedding_lr=0",
+            "train.embedding_optimizer=adam", "train.schedule=constant", "train.warmup_steps=0",
+            "train.weight_decay=0", "train.grad_clip=0", f"train.num_threads={args.threads}",
+            "train.device=cpu", f"loader.batch_size={args.batch_size}",
+            f"model.embedding_dim={args.embedding_dim}", f"model.hidden_units={hidden}", "model.dropout=0",
+            "model.batch_norm=false", f"seed={args.train_seed}"]
+    if model in ("dcnv2", "dcnmix"):
+        sets += [f"model.cross_layers={args.cross_layers}"]
+    if model == "dcnmix":
+        sets += ["model.cross_kind=mixture", "model.low_rank=32", "model.n_experts=4"]
+    cfg = f"cfgs/criteo_{'dcnv2' if model == 'dcnmix' else model}.yaml"
+    cmd = ctrpipe_cmd("train", "--shards", str(cache), "--cfg", cfg, "--runs", str(runs), "-q")
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    run(cmd, work / "logs" / f"ctrpipe_{model}.log", env=thread_env(args.threads))
+    wall = time.perf_counter() - t0
+    metrics = json.loads((runs / exp / "metrics.json").read_text())
+    gold = metrics.get("gold") or {}
+    # single label: gold metrics are flat ({"auc": ..}); multi-label runs nest them per label
+    gold = gold if "auc" in gold else next(iter(gold.values()))
+    return {"lib": "ctrpipe", "model": model, "auc": float(gold["auc"]), "logloss": float(gold["logloss"]),
+            "samples_per_s": float(metrics["samples_per_s"]),
+            "train_seconds": float(metrics["train_seconds"]),
+            "process_seconds": wall, "notes": f"{cfg}, schedule constant"}
+
+
+def run_peer(peer: str, model: str, args: argparse.Namespace, export: Path, work: Path) -> dict:
+    pred = work / "preds" / f"{peer}_{model}.npy"
+    pred.unlink(missing_ok=True)
+    scratch = work / "scratch" / f"{peer}_{model}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    cmd = [str(PEER_PY), str(PEERS_DIR / PEERS[peer]), "--data", str(export), "--model", model,
+           "--out", str(pred), "--work", str(scratch), "--threads", str(args.threads),
+           "--embedding-dim", str(args.embedding_dim), "--hidden", ",".join(str(h) for h in args.hidden),
+           "--cross-layers", str(args.cross_layers), "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--epochs", "1", "--seed", str(args.train_seed)]
+    extra = dict(_PEER_ENV, FUXICTR_DATA_FORMAT=args.fuxictr_format)
+    t0 = time.perf_counter()
+    out = run(cmd, work / "logs" / f"{peer}_{model}.log", env=thread_env(args.threads, extra))
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        raise SystemExit(f"{peer} {model}: no RESULT line (log: {work / 'logs' / f'{peer}_{model}.log'})")
+    res = json.loads(lines[-1][len("RESULT "):])
+    y = np.load(export / "test_y.npy")
+    p = np.load(pred)
+    if p.shape != y.shape:
+        raise SystemExit(f"{peer} {model}: {p.shape[0]} predictions for {y.shape[0]} test rows")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"lib": res["lib"], "version": res["version"], "model": model, **score(y, p),
+            "samples_per_s": res["samples_per_s"], "train_seconds": res["train_seconds"],
+            "process_seconds": wall, "n_params": res["n_params"],
+            "notes": f"{PEER_MODEL[peer][model]} {res['notes']}".strip()}
+
+
+# ------------------------------------------------------------------------------------------- output
+def print_table(results: dict) -> None:
+    log("")
+    log(f"data: {results['data']['train_rows']:,} train rows, {results['data']['test_rows']:,} test rows, "
+        f"hash_bins {results['data']['hash_bins']:,}; {results['threads']} threads; one epoch, batch "
+        f"{results['batch_size']}, Adam lr {results['lr']}, emb {results['embedding_dim']}, "
+        f"MLP {results['hidden']}")
+    head = f"{'model':<8} {'library':<15} {'test AUC':>9} {'logloss':>8} {'samples/s':>10} {'train s':>8}  " \
+           f"{'AUC diff':>9} {'speed x':>8}  notes"
+    log(head)
+    log("-" * len(head))
+    for row in results["reference"]:
+        speed = row.get("samples_per_s", float("nan"))
+        log(f"{'-':<8} {row['lib']:<15} {row['auc']:>9.4f} {row['logloss']:>8.4f} "
+            f"{speed:>10.0f} {'':>8}  {'':>9} {'':>8}  {row.get('notes', '')}")
+    for model, rows in results["models"].items():
+        ours = next((r for r in rows if r["lib"] == "ctrpipe"), None)
+        for r in rows:
+            diff = speed = ""
+            if ours is not None and r is not ours:
+                d = ours["auc"] - r["auc"]
+                x = ours["samples_per_s"] / r["samples_per_s"]
+                diff = f"{d:+.4f}{'' if d >= GOAL_AUC_DIFF else '!'}"
+                speed = f"{x:.2f}{'' if x >= GOAL_SPEEDUP else '!'}"
+            log(f"{model:<8} {r['lib']:<15} {r['auc']:>9.4f} {r['logloss']:>8.4f} "
+                f"{r['samples_per_s']:>10.0f} {r['train_seconds']:>8.1f}  {diff:>9} {speed:>8}  "
+                f"{r.get('notes', '')}")
+    log("AUC diff = ctrpipe - peer (goal >= -0.001), speed x = ctrpipe samples/s / peer samples/s "
+        "(goal >= 2); '!' marks a missed goal")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_800_000, help="training rows")
+    ap.add_argument("--test-rows", type=int, default=200_000)
+    ap.add_argument("--seed", type=int, default=0, help="synth seed (training seeds use --train-seed)")
+    ap.add_argument("--train-seed", type=int, default=2026)
+    ap.add_argument("--models", default=",".join(MODELS), help="dnn,deepfm,dcnv2 (dcnmix also possible)")
+    ap.add_argument("--peers", default="deepctr,fuxictr", help="comma list, or 'none'")
+    ap.add_argument("--skip-ctrpipe", action="store_true", help="peers only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hash-bins", type=int, default=100_000, help="hash bins per categorical field")
+    ap.add_argument("--embedding-dim", type=int, default=16)
+    ap.add_argument("--hidden", default="400,400,400")
+    ap.add_argument("--cross-layers", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-baseline-lr", type=float, default=1e-2, help="Adam rate of the LR baseline")
+    ap.add_argument("--fuxictr-format", choices=("npz", "parquet"), default="npz",
+                    help="FuxiCTR data path: npz (torch DataLoader) or parquet (its Ray Data loader)")
+    ap.add_argument("--work", type=Path, default=ROOT / ".bench" / "quality")
+    ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "quality.json")
+    ap.add_argument("--setup", action="store_true", help="(re)create .bench/peers-venv and exit")
+    args = ap.parse_args()
+    args.hidden = [int(h) for h in args.hidden.split(",") if h]
+    args.models = [m for m in args.models.split(",") if m]
+    args.peers = [] if args.peers == "none" else [p for p in args.peers.split(",") if p]
+    for p in args.peers:
+        if p not in PEERS:
+            ap.error(f"unknown peer {p!r}; choose from {', '.join(PEERS)}")
+    for m in args.models:
+        if m not in (*MODELS, "dcnmix"):
+            ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}, dcnmix")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.setup:
+        ensure_peer_env(refresh=True)
+        return
+    if args.peers:
+        ensure_peer_env(refresh=False)
+    work = args.work
+    cache = make_data(args, work)
+    export = work / "export"
+    t0 = time.perf_counter()
+    meta = export_features(cache, export)
+    log(f"export: {meta['rows']['train']:,} train / {meta['rows']['test']:,} test rows, "
+        f"{len(meta['cat_fields'])} categorical + {len(meta['num_fields'])} numeric -> {export} "
+        f"({time.perf_counter() - t0:.1f}s)")
+    results: dict = {"data": {"train_rows": meta["rows"]["train"], "test_rows": meta["rows"]["test"],
+                              "hash_bins": args.hash_bins, "synth_seed": args.seed,
+                              "train_seed": args.train_seed},
+                     "threads": args.threads, "batch_size": args.batch_size, "lr": args.lr,
+                     "embedding_dim": args.embedding_dim, "hidden": args.hidden, "reference": [],
+                     "models": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    orc = oracle(work, export)
+    results["reference"].append({"lib": "oracle", **orc, "notes": "true click probability (synth)"})
+    log(f"oracle: AUC {orc['auc']:.4f} logloss {orc['logloss']:.4f}")
+    lr = logistic_regression(export, meta, args.threads, args.batch_size, args.lr_baseline_lr,
+                             args.train_seed)
+    results["reference"].append({"lib": "logistic reg.", **lr,
+                                 "notes": f"hashed one-hot + numeric, 1 epoch Adam lr {args.lr_baseline_lr}"})
+    log(f"logistic regression: AUC {lr['auc']:.4f} logloss {lr['logloss']:.4f}")
+    for model in args.models:
+        rows = results["models"].setdefault(model, [])
+        jobs = ([] if args.skip_ctrpipe else [("ctrpipe", None)]) + [(p, p) for p in args.peers]
+        for name, peer in jobs:
+            if peer is not None and model not in PEER_MODEL[peer]:
+                continue
+            t0 = time.perf_counter()
+            log(f"{model}: training {name} ...")
+            r = run_ctrpipe(model, args, cache, work) if peer is None else \
+                run_peer(peer, model, args, export, work)
+            rows.append(r)
+            log(f"{model}: {name}: AUC {r['auc']:.4f} logloss {r['logloss']:.4f} "
+                f"{r['samples_per_s']:,.0f} samples/s ({time.perf_counter() - t0:.0f}s wall)")
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))     # partial results survive a crash
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    args.out.write_text(json.dumps(results, indent=1))
+    print_table(results)
+    log(f"\nresults: {args.out}; logs: {work / 'logs'}")
+
+
+if __name__ == "__main__":
+    main()
