@@ -120,7 +120,8 @@ def infer(
 @blend_app.command("submissions")
 def blend_submissions(
     files: list[Path] = typer.Argument(..., help="submission CSVs"),
-    method: str = typer.Option("logit_mean", "--method"),
+    method: str = typer.Option("logit_mean", "--method", help="logit_mean | mean | geom_mean | median | "
+                               "trim_mean | rank_avg (rank scores) | weighted (needs --weights)"),
     weights: Optional[str] = typer.Option(None, "--weights", help="comma-separated, one per file"),  # noqa: UP045
     out: Path = typer.Option(Path("blended.csv"), "--out"),
     quiet: bool = QuietOpt,
