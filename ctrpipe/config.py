@@ -253,7 +253,8 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - 
             raise _bad(tp, value, key, origin)
         args = get_args(tp)
         if org is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in enumerate(zip(args, value, strict=False)))
+            pairs = enumerate(zip(args, value, strict=False))
+            return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in pairs)
         inner = args[0] if args else Any
         return tuple(_coerce(inner, v, f"{key}[{i}]", origin) for i, v in enumerate(value))
     if org in (dict, Mapping) or tp is dict:
