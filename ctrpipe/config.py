@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from ctrpipe.loader.config import LoaderConfig
 from ctrpipe.train.config import CVConfig, TrainConfig
 
 T = TypeVar("T")
+_SCI_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 _MISSING = object()
 
 
@@ -95,6 +97,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads '3e-4' as a string
     return parts, value
 
 

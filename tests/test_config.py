@@ -1,0 +1,91 @@
+"""Config loading: YAML + extends + --set overrides, strict keys, value checks, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ctrpipe.config import config_from_dict, load_config, parse_override, to_dict
+from ctrpipe.errors import ConfigError
+
+CFGS = Path(__file__).resolve().parents[1] / "cfgs"
+
+
+def test_shipped_configs_load() -> None:
+    for path in sorted(CFGS.glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.exp_name
+        assert cfg.model.params is not None
+
+
+def test_extends_and_overrides(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text("exp_name: base\ndata:\n  hash_bins: 1000\n  split: {val_ratio: 0.2}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nexp_name: child\nmodel: {name: dnn}\n")
+    cfg = load_config(child, ["data.hash_bins=5000", "data.split.seed=7", "loader.batch_size=64"])
+    assert cfg.exp_name == "child"
+    assert cfg.data.hash_bins == 5000
+    assert cfg.data.split.val_ratio == 0.2 and cfg.data.split.seed == 7
+    assert cfg.loader.batch_size == 64
+    assert cfg.sources["data.hash_bins"] == "--set"
+    assert cfg.sources["data.split.val_ratio"] == str(child)
+
+
+def test_unknown_key_suggests_closest(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.hash_binz=10"])
+    msg = str(err.value)
+    assert "data.hash_binz" in msg and "data.hash_bins" in msg
+
+
+def test_unknown_nested_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  split:\n    val_ratoi: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert "data.split.val_ratoi" in str(err.value) and "data.split.val_ratio" in str(err.value)
+    assert str(cfg) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "example"),
+    [
+        ("data.hash_bins=lots", "data.hash_bins", "8192"),
+        ("data.format=csv", "data.format", "'criteo'"),
+        ("data.split.val_ratio=1.5", "data.split.val_ratio", "0.1"),
+        ("loader.batch_size=0", "loader.batch_size", "4096"),
+    ],
+)
+def test_bad_value_names_key_and_example(override: str, key: str, example: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+    assert example in str(err.value)
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.name=dcnv3"])
+    msg = str(err.value)
+    assert "dcnv3" in msg and "dcnv2" in msg and "deepfm" in msg
+
+
+def test_override_parsing() -> None:
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("data.labels=[clicked, converted]") == (["data", "labels"], ["clicked", "converted"])
+    with pytest.raises(ConfigError, match="no '='"):
+        parse_override("train.lr")
+
+
+def test_round_trip_through_dict() -> None:
+    cfg = load_config(CFGS / "criteo_dcnv2.yaml", ["train.lr=0.01"])
+    again = config_from_dict(to_dict(cfg))
+    assert again == cfg
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
