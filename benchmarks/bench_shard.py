@@ -1,6 +1,6 @@
 """Benchmark: `build_shards` on synthetic Criteo text vs a polars parse-only pass over the same file.
 
-Usage: python benchmarks/bench_shard.py [--rows 2000000 [8000000 ...]] [--chunk-rows 250000]
+Usage: python benchmarks/bench_shard.py [--rows 2000000 [8000000 ...]] [--chunk-rows 100000]
                                         [--data .bench/shard]
 
 For each size it writes (once, cached under --data) a synthetic Criteo TSV with `ctrpipe.synth`, then runs
@@ -89,7 +89,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[2_000_000])
-    ap.add_argument("--chunk-rows", type=int, default=250_000)
+    ap.add_argument("--chunk-rows", type=int, default=100_000, help="as in cfgs/criteo.yaml")
     ap.add_argument("--data", type=Path, default=REPO / ".bench" / "shard")
     args = ap.parse_args()
     results = []

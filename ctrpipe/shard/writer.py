@@ -33,13 +33,37 @@ def _fit_unicode(arr: np.ndarray) -> np.ndarray:
     return arr.astype(f"<U{max(width, 1)}")
 
 
-def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    if len(parts) == 1:
-        return parts[0]
-    if parts[0].dtype.kind == "U":
-        width = max(p.dtype.itemsize // 4 for p in parts)
-        parts = [p.astype(f"<U{width}") for p in parts]
-    return np.concatenate(parts)
+class _BufferSet:
+    """Preallocated (shard_rows, ...) arrays, one per group, filled front to back and reused for every other
+    shard (allocated once, so no page faults and no concatenation copies per shard)."""
+
+    def __init__(self, shard_rows: int) -> None:
+        self.shard_rows = shard_rows
+        self.arrays: Arrays = {}
+        self.fill = 0
+
+    def put(self, arrays: Arrays, start: int, stop: int) -> None:
+        """Append rows [start, stop) of a chunk."""
+        k = stop - start
+        for g, a in arrays.items():
+            buf = self.arrays.get(g)
+            if buf is None or buf.shape[1:] != a.shape[1:] or not _fits(buf.dtype, a.dtype):
+                self.arrays[g] = buf = self._grow(buf, a)
+            buf[self.fill:self.fill + k] = a[start:stop]
+        self.fill += k
+
+    def _grow(self, buf: np.ndarray | None, a: np.ndarray) -> np.ndarray:
+        dtype = a.dtype if buf is None else np.promote_types(buf.dtype, a.dtype)
+        assert buf is None or (buf.shape[1:] == a.shape[1:] and dtype.kind == buf.dtype.kind), \
+            "every chunk must carry the same groups with the same row shape"
+        new = np.empty((self.shard_rows, *a.shape[1:]), dtype=dtype)
+        if buf is not None:
+            new[: self.fill] = buf[: self.fill]
+        return new
+
+
+def _fits(buf: np.dtype, new: np.dtype) -> bool:
+    return buf == new or (buf.kind == "U" and new.kind == "U" and new.itemsize <= buf.itemsize)
 
 
 class ShardWriter:
@@ -55,8 +79,8 @@ class ShardWriter:
         self.shard_rows = shard_rows
         self.done = set(done or ())
         self.on_shard = on_shard
-        self.pending: list[Arrays] = []
-        self.pending_rows = 0
+        self._sets = (_BufferSet(shard_rows), _BufferSet(shard_rows))   # one filling, one being written
+        self._cur = 0
         self.shards: list[ShardInfo] = []
         self.rows_written = 0
         self.bytes_written = 0
@@ -76,18 +100,21 @@ class ShardWriter:
                 self._pool.shutdown(wait=True)
 
     def add(self, arrays: Arrays) -> None:
+        """Append a chunk (every group with the same number of rows); full shards are written out."""
         n = _rows(arrays)
-        if n == 0:
-            return
-        self.pending.append(arrays)
-        self.pending_rows += n
-        while self.pending_rows >= self.shard_rows:
-            self._flush(self.shard_rows)
+        start = 0
+        while start < n:
+            buf = self._sets[self._cur]
+            stop = min(n, start + self.shard_rows - buf.fill)
+            buf.put(arrays, start, stop)
+            start = stop
+            if buf.fill == self.shard_rows:
+                self._flush()
 
     def close(self) -> list[ShardInfo]:
         """Flush the last (smaller) shard and return every shard's info in order."""
-        if self.pending_rows:
-            self._flush(self.pending_rows)
+        if self._sets[self._cur].fill:
+            self._flush()
         self._wait()
         return self.shards
 
@@ -96,26 +123,10 @@ class ShardWriter:
             fut, self._pending_write = self._pending_write, None
             fut.result()                                    # re-raises a write error here
 
-    def _take(self, rows: int) -> Arrays:
-        """Remove the first `rows` buffered rows and return them as one array per group."""
-        taken: list[Arrays] = []
-        need = rows
-        while need:
-            head = self.pending[0]
-            n = _rows(head)
-            if n <= need:
-                taken.append(self.pending.pop(0))
-                need -= n
-            else:
-                taken.append({g: a[:need] for g, a in head.items()})
-                self.pending[0] = {g: a[need:] for g, a in head.items()}
-                need = 0
-        self.pending_rows -= rows
-        return {g: _fit_unicode(_concat([t[g] for t in taken])) for g in taken[0]}
-
-    def _flush(self, rows: int) -> None:
-        index = len(self.shards)
-        arrays = self._take(rows)
+    def _flush(self) -> None:
+        buf = self._sets[self._cur]
+        rows, index = buf.fill, len(self.shards)
+        arrays = {g: _fit_unicode(a[:rows]) for g, a in buf.arrays.items()}
         name = shard_dirname(index)
         files = {g: ArrayInfo(f"{name}/{g}.npy", tuple(int(s) for s in a.shape), str(a.dtype))
                  for g, a in arrays.items()}
@@ -124,11 +135,13 @@ class ShardWriter:
         self.bytes_written += sum(a.nbytes for a in arrays.values())
         self.shards.append(info)
         skip = index in self.done and _matches(self.root, info)
-        self._wait()                                        # at most one shard in flight
+        self._wait()                                # the other buffer set's write is done: it is free again
         if self._pool is None:
             self._write(name, arrays, info, skip)
         else:
             self._pending_write = self._pool.submit(self._write, name, arrays, info, skip)
+        self._cur ^= 1
+        self._sets[self._cur].fill = 0
 
     def _write(self, name: str, arrays: Arrays, info: ShardInfo, skip: bool) -> None:
         if not skip:
