@@ -56,12 +56,13 @@ T = TypeVar("T")
 PREFETCH_DEPTH = 1          # chunks parsed ahead; each costs about one chunk of memory
 
 
-@dataclass(frozen=True)
+@dataclass
 class Inputs:
     main: list[Path]
     gold: list[Path]
     role: str                # "train" | "test"
     input_bytes: int
+    row_count: int | None = None   # main-input rows, counted only for tail splits
 
 
 # ------------------------------------------------------------------------------------------ plan, schema
@@ -173,7 +174,9 @@ class _Splitter:
         self.cfg = plan.cfg.split
         self.role = inputs.role
         tail = self.cfg.mode == "tail" and inputs.role == "train"
-        self.n_rows = count_rows(plan.cfg, inputs.main) if tail else None
+        if tail and inputs.row_count is None:
+            inputs.row_count = count_rows(plan.cfg, inputs.main)    # once per build, shared by both passes
+        self.n_rows = inputs.row_count if tail else None
 
     def __call__(self, frame: pl.DataFrame, idx: np.ndarray) -> np.ndarray:
         if self.role == "test":
