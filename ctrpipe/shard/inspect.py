@@ -220,8 +220,9 @@ def run_inspect(cache: Path) -> bool:
     console.print(head)
 
     cols = Table(title="columns")
-    for name in ("column", "kind", "dtype", "bins/width", "min", "max", "mean", "missing", "bad"):
-        cols.add_column(name, justify="right" if name not in ("column", "kind", "dtype") else "left")
+    cols.add_column("column", no_wrap=True, overflow="fold")
+    for name in ("kind", "dtype", "bins/width", "min", "max", "mean", "missing", "bad"):
+        cols.add_column(name, justify="left" if name in ("kind", "dtype") else "right", overflow="fold")
     for c in m.columns:
         if c.kind == "id":
             continue

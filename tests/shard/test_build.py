@@ -175,3 +175,39 @@ def test_multiple_inputs_keep_order(tmp_path: Path) -> None:
     build_shards(criteo_cfg(), [a_, b_], tmp_path / "two", progress=False)
     build_shards(criteo_cfg(), [both], tmp_path / "one", progress=False)
     assert npy_bytes(tmp_path / "two") == npy_bytes(tmp_path / "one")
+
+
+@pytest.mark.parametrize("impute", ["zero", "mean", "median"])
+def test_impute_modes_use_train_rows_only(tmp_path: Path, impute: str) -> None:
+    src = write_parquet(tmp_path / "p.parquet", 120)
+    cfg = parquet_cfg(f"data.numeric.impute={impute}", "data.numeric.standardize=false",
+                      "data.numeric.log1p=none", "data.split.val_ratio=0.4")
+    m = build_shards(cfg, [src], tmp_path / "c", progress=False).manifest
+    a = load_all(tmp_path / "c")
+    raw = pl.read_parquet(src)["feat_a_1"].to_numpy().astype(np.float32)
+    miss = np.isnan(raw)
+    obs = raw[(a["split"] == 0) & ~miss].astype(np.float64)
+    want = {"zero": 0.0, "mean": obs.mean(), "median": np.sort(obs)[(len(obs) + 1) // 2 - 1]}[impute]
+    assert m.fitted["numeric"].get("feat_a_1", {"fill": 0.0})["fill"] == pytest.approx(want, rel=1e-6)
+    assert np.allclose(a["numeric"][miss, 0], want, rtol=1e-6)
+    assert np.array_equal(a["numeric"][~miss, 0], raw[~miss])        # log1p=none keeps observed values
+
+
+def test_covisit_with_a_categorical_context(tmp_path: Path) -> None:
+    src = write_parquet(tmp_path / "p.parquet", 200)
+    cfg = parquet_cfg("data.covisit=[{target: inventory_id, context: l_feat_2, name: inv_lf2}]")
+    m = build_shards(cfg, [src], tmp_path / "c", progress=False).manifest
+    a = load_all(tmp_path / "c")
+    j = m.column("inv_lf2_max").index
+    assert m.column("inv_lf2_mean").kind == "covisit"
+    x = a["numeric"][:, j]
+    df = pl.read_parquet(src)
+    train = a["split"] == 0
+    # one context token per row: max == mean == leave-one-out share of this target among the context's rows
+    assert np.array_equal(x, a["numeric"][:, j + 1])
+    r = int(np.flatnonzero(~train)[0])
+    t, c = df["inventory_id"][r], df["l_feat_2"][r]
+    tr = df.filter(pl.Series(train))
+    n_c = int((tr["l_feat_2"] == c).sum())
+    n_tc = int(((tr["l_feat_2"] == c) & (tr["inventory_id"] == t)).sum())
+    assert x[r] == pytest.approx(n_tc / (n_c + 1.0), rel=1e-6)
