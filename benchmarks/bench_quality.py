@@ -117,12 +117,15 @@ def make_data(args: argparse.Namespace, work: Path) -> Path:
         run(ctrpipe_cmd("synth", "--rows", str(args.rows), "--test-rows", str(args.test_rows),
                         "--seed", str(args.seed), "--out", str(synth), "-q"), work / "logs" / "synth.log")
     cache = work / "cache"
-    log(f"shard: -> {cache} (hash_bins {args.hash_bins:,}, no validation split, test file = gold split)")
+    log(f"shard: -> {cache} (hash_bins {args.hash_bins:,}, numeric log1p{' + standardize' * args.standardize}, "
+        "no validation split, test file = gold split)")
     t0 = time.perf_counter()
     run(ctrpipe_cmd("shard", "--cfg", "cfgs/criteo.yaml", "-i", str(synth / "train.tsv"),
                     "--gold", str(synth / "test.tsv"), "-o", str(cache), "-q",
                     "--set", "data.split.val_ratio=0", "--set", "data.folds.n_splits=0",
-                    "--set", f"data.hash_bins={args.hash_bins}"), work / "logs" / "shard.log")
+                    "--set", f"data.hash_bins={args.hash_bins}",
+                    "--set", f"data.numeric.standardize={str(args.standardize).lower()}"),
+        work / "logs" / "shard.log")
     log(f"shard: done in {time.perf_counter() - t0:.1f}s")
     return cache
 
@@ -287,7 +290,8 @@ def run_peer(peer: str, model: str, args: argparse.Namespace, export: Path, work
 def print_table(results: dict) -> None:
     log("")
     log(f"data: {results['data']['train_rows']:,} train rows, {results['data']['test_rows']:,} test rows, "
-        f"hash_bins {results['data']['hash_bins']:,}; {results['threads']} threads; one epoch, batch "
+        f"hash_bins {results['data']['hash_bins']:,}, numeric {results['data']['numeric']}; "
+        f"{results['threads']} threads; one epoch, batch "
         f"{results['batch_size']}, Adam lr {results['lr']}, emb {results['embedding_dim']}, "
         f"MLP {results['hidden']}")
     head = f"{'model':<8} {'library':<15} {'test AUC':>9} {'logloss':>8} {'samples/s':>10} {'train s':>8}  " \
@@ -325,6 +329,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip-ctrpipe", action="store_true", help="peers only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hash-bins", type=int, default=100_000, help="hash bins per categorical field")
+    ap.add_argument("--standardize", action="store_true",
+                    help="also standardise the log1p numeric values (train-split mean/std) for every library")
     ap.add_argument("--embedding-dim", type=int, default=16)
     ap.add_argument("--hidden", default="400,400,400")
     ap.add_argument("--cross-layers", type=int, default=3)
@@ -365,8 +371,9 @@ def main() -> None:
         f"{len(meta['cat_fields'])} categorical + {len(meta['num_fields'])} numeric -> {export} "
         f"({time.perf_counter() - t0:.1f}s)")
     results: dict = {"data": {"train_rows": meta["rows"]["train"], "test_rows": meta["rows"]["test"],
-                              "hash_bins": args.hash_bins, "synth_seed": args.seed,
-                              "train_seed": args.train_seed},
+                              "hash_bins": args.hash_bins,
+                              "numeric": "log1p" + (" + standardize" if args.standardize else ""),
+                              "synth_seed": args.seed, "train_seed": args.train_seed},
                      "threads": args.threads, "batch_size": args.batch_size, "lr": args.lr,
                      "embedding_dim": args.embedding_dim, "hidden": args.hidden, "reference": [],
                      "models": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -11,6 +11,7 @@ fields included, then MLP / FM / CrossNetV2 heads). Data goes through the librar
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -120,6 +121,7 @@ def write_split(data, split, path: str, fmt: str) -> str:
 def main() -> None:
     args = parse_args(MODELS)
     set_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")   # fuxictr logs its progress
     import fuxictr
     from fuxictr.features import FeatureMap
     from fuxictr.pytorch.dataloaders import RankDataLoader
