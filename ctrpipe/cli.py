@@ -58,6 +58,7 @@ def synth(
 @app.command()
 def shard(
     inputs: list[Path] = typer.Option(..., "--input", "-i", help="Criteo text (.gz ok), Parquet file, folder or glob"),
+    more_inputs: list[Path] = typer.Argument(None, help="further inputs: --input a.tsv b.tsv", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="cache folder, e.g. shards/criteo"),
     cfg: Optional[Path] = CfgOpt,  # noqa: UP045 - typer needs Optional on 3.10
     overrides: list[str] = SetOpt,
@@ -72,7 +73,8 @@ def shard(
     """Parse raw logs once into a memory-mappable shard cache with a manifest."""
     from ctrpipe.shard.build import run_shard
 
-    _run(lambda: run_shard(cfg_path=cfg, overrides=overrides, inputs=inputs, out=out, gold=gold,
+    all_inputs = [*inputs, *(more_inputs or [])]
+    _run(lambda: run_shard(cfg_path=cfg, overrides=overrides, inputs=all_inputs, out=out, gold=gold,
                            stats_from=stats_from, test=test, bad_rows=bad_rows, force=force, quiet=quiet))
 
 

@@ -71,3 +71,15 @@ def test_inspect_exit_code_on_corrupt_cache(tmp_path: Path) -> None:
     np.save(path, cat)
     res = runner.invoke(app, ["inspect", str(out)])
     assert res.exit_code == 1 and "FAIL" in res.output and "C1" in res.output
+
+
+def test_several_inputs_after_one_input_flag(tmp_path: Path) -> None:
+    a = write_criteo_tsv(tmp_path / "a.tsv", 30, seed=1)
+    b = write_criteo_tsv(tmp_path / "b.tsv", 20, seed=2)
+    out = tmp_path / "cache"
+    res = runner.invoke(app, ["shard", "--cfg", str(CRITEO_CFG), "--input", str(a), str(b), "--out", str(out),
+                              "--set", "data.hash_bins=500", "--quiet"])
+    assert res.exit_code == 0, res.output
+    manifest = read_manifest(out)
+    assert manifest.total_rows == 50
+    assert [Path(s.path).name for s in manifest.sources] == ["a.tsv", "b.tsv"]
