@@ -15,20 +15,20 @@ CRITEO_CAT = tuple(f"C{i}" for i in range(1, 27))
 class NumericConfig:
     """Numeric columns by explicit list and/or a regex `pattern` (matched against Parquet column names)."""
 
-    columns: tuple[str, ...] = ()
-    pattern: str = ""
-    impute: Literal["zero", "mean", "median"] = "zero"
+    columns: tuple[str, ...] = ()        # explicit column names
+    pattern: str = ""                    # regex over Parquet column names, e.g. "^feat_"
+    impute: Literal["zero", "mean", "median"] = "zero"  # fill for missing values (train-split statistics)
     missing_indicator: bool = False      # add a 0/1 '<col>_missing' column per numeric column
     # signed: sign(x) * log1p(|x|) keeps negatives ordered; clip: log1p(max(x, 0)); none: raw value
-    log1p: Literal["signed", "clip", "none"] = "signed"
+    log1p: Literal["signed", "clip", "none"] = "signed"  # signed: sign(x)*log1p(|x|)
     standardize: bool = False            # (x - mean) / std after log1p, statistics from the train split
 
 
 @dataclass(frozen=True)
 class CategoricalConfig:
-    columns: tuple[str, ...] = ()
-    pattern: str = ""
-    mode: Literal["hash", "vocab"] = "hash"
+    columns: tuple[str, ...] = ()        # explicit column names
+    pattern: str = ""                    # regex over Parquet column names, e.g. "^l_feat_"
+    mode: Literal["hash", "vocab"] = "hash"  # vocab: ids by train-split frequency, rare -> OOV
     # per field: the id space in hash mode (instead of data.hash_bins); in vocab mode a cap on the number of
     # ids (the most frequent values are kept)
     bins: dict[str, int] = field(default_factory=dict)
@@ -114,13 +114,13 @@ class FoldConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    format: Literal["criteo", "parquet"] = "criteo"
+    format: Literal["criteo", "parquet"] = "criteo"  # raw input kind
     separator: str = "\t"                # criteo text
-    labels: tuple[str, ...] = ("label",)
+    labels: tuple[str, ...] = ("label",)  # one or more label columns, e.g. [clicked, converted]
     id_column: str = ""                  # parquet: a column kept for submissions; criteo: row position
     id_offset: int = 0                   # criteo: id = id_offset + row position (Kaggle test: 60000000)
-    hash_bins: int = 1_000_000
-    hash_seed: int = 0
+    hash_bins: int = 1_000_000           # id space per categorical/token field (ids 1..bins-1, 0 = missing)
+    hash_seed: int = 0                   # xxh64 seed; each field hashes with its own seed derived from it
     numeric: NumericConfig = field(default_factory=lambda: NumericConfig(columns=CRITEO_INT))
     categorical: CategoricalConfig = field(default_factory=lambda: CategoricalConfig(columns=CRITEO_CAT))
     multihot: tuple[TokenColumnConfig, ...] = ()
@@ -130,7 +130,7 @@ class DataConfig:
     folds: FoldConfig = field(default_factory=FoldConfig)
     shard_rows: int = 1_000_000          # rows per shard on disk
     chunk_rows: int = 500_000            # rows parsed per chunk (bounds memory; never changes the output)
-    bad_rows: Literal["error", "skip"] = "error"
+    bad_rows: Literal["error", "skip"] = "error"  # skip: drop malformed rows, count them in the manifest
 
     def __post_init__(self) -> None:
         if self.hash_bins < 2:
