@@ -3,22 +3,28 @@
 Chunks of any size go in; exactly `shard_rows` rows come out per shard (the last one smaller), so the files
 never depend on the parse chunk size. Each shard is written into `shard_XXXXX.incomplete/` and renamed to
 `shard_XXXXX/` when all its arrays are on disk: a shard directory under its final name is always complete.
-Files are written by one background thread (file I/O releases the GIL) while the next shard fills up; at most
-one shard waits for the disk, so memory stays bounded by two shard buffers.
+Rows are streamed straight into the open .npy files by one background thread (file I/O releases the GIL):
+no shard-sized buffers and no copy beyond the write itself, at most `MAX_PENDING` chunks wait for the disk.
+The .npy header is written for a full shard and rewritten when the last shard turns out smaller, so every
+file is byte-identical to `np.save` of the whole shard.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from ctrpipe.shard.manifest import ArrayInfo, ShardInfo
 
 Arrays = dict[str, np.ndarray]   # group stem -> (N, ...) array, every group with the same N
+MAX_PENDING = 3                  # chunk writes queued for the writer thread; each holds one chunk's arrays
 
 
 def shard_dirname(index: int) -> str:
@@ -33,44 +39,97 @@ def _fit_unicode(arr: np.ndarray) -> np.ndarray:
     return arr.astype(f"<U{max(width, 1)}")
 
 
-class _BufferSet:
-    """Preallocated (shard_rows, ...) arrays, one per group, filled front to back and reused for every other
-    shard (allocated once, so no page faults and no concatenation copies per shard)."""
-
-    def __init__(self, shard_rows: int) -> None:
-        self.shard_rows = shard_rows
-        self.arrays: Arrays = {}
-        self.fill = 0
-
-    def put(self, arrays: Arrays, start: int, stop: int) -> None:
-        """Append rows [start, stop) of a chunk."""
-        k = stop - start
-        for g, a in arrays.items():
-            buf = self.arrays.get(g)
-            if buf is None or buf.shape[1:] != a.shape[1:] or not _fits(buf.dtype, a.dtype):
-                self.arrays[g] = buf = self._grow(buf, a)
-            buf[self.fill:self.fill + k] = a[start:stop]
-        self.fill += k
-
-    def _grow(self, buf: np.ndarray | None, a: np.ndarray) -> np.ndarray:
-        dtype = a.dtype if buf is None else np.promote_types(buf.dtype, a.dtype)
-        assert buf is None or (buf.shape[1:] == a.shape[1:] and dtype.kind == buf.dtype.kind), \
-            "every chunk must carry the same groups with the same row shape"
-        new = np.empty((self.shard_rows, *a.shape[1:]), dtype=dtype)
-        if buf is not None:
-            new[: self.fill] = buf[: self.fill]
-        return new
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The header `np.save` writes for a C-order array of this shape and dtype."""
+    buf = io.BytesIO()
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, d)
+    return buf.getvalue()
 
 
-def _fits(buf: np.dtype, new: np.dtype) -> bool:
-    return buf == new or (buf.kind == "U" and new.kind == "U" and new.itemsize <= buf.itemsize)
+class _OpenShard:
+    """Main-thread bookkeeping of the shard being filled: rows so far and each group's dtype/row shape.
+
+    Unicode groups are kept in memory (their width is the longest value of the whole shard); every other
+    group is streamed to disk as it arrives.
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.rows = 0
+        self.layout: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self.unicode: dict[str, list[np.ndarray]] = {}
+
+
+class _Files:
+    """Writer-thread side of one shard: open .npy files in `shard_XXXXX.incomplete/`."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.tmp = root / f"{name}.incomplete"
+        self.final = root / name
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.handles: dict[str, tuple[BinaryIO, bytes, np.dtype]] = {}   # group -> (file, header, dtype)
+
+    def append(self, group: str, arr: np.ndarray, full_shape: tuple[int, ...]) -> None:
+        entry = self.handles.get(group)
+        if entry is None:
+            fh = open(self.tmp / f"{group}.npy", "wb")  # noqa: SIM115 - closed in finish()/abort()
+            header = npy_header(full_shape, arr.dtype)
+            fh.write(header)
+            self.handles[group] = entry = (fh, header, arr.dtype)
+        entry[0].write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+    def finish(self, shapes: dict[str, tuple[int, ...]], whole: Arrays) -> None:
+        """Fix headers of a short last shard, write the in-memory groups, then rename into place."""
+        for group, (fh, header, dtype) in self.handles.items():
+            final = npy_header(shapes[group], dtype)
+            if final != header:
+                _rewrite_header(fh, header, final)
+            fh.close()
+        self.handles.clear()
+        for group, arr in whole.items():
+            with open(self.tmp / f"{group}.npy", "wb") as fh:
+                np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        self.tmp.rename(self.final)
+
+    def discard(self) -> None:
+        self.abort()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def abort(self) -> None:
+        for fh, *_ in self.handles.values():
+            fh.close()
+        self.handles.clear()
+
+
+def _rewrite_header(fh: BinaryIO, old: bytes, new: bytes) -> None:
+    """Put `new` in place of `old` at the start of fh; same length in the common case (one seek)."""
+    if len(new) == len(old):
+        fh.seek(0)
+        fh.write(new)
+        fh.seek(0, io.SEEK_END)
+        return
+    fh.flush()                                   # rare: the padded header got shorter by 64 bytes
+    with open(fh.name, "rb") as src:
+        src.seek(len(old))
+        body = src.read()
+    fh.seek(0)
+    fh.truncate()
+    fh.write(new)
+    fh.write(body)
 
 
 class ShardWriter:
-    """Buffers rows and flushes exactly `shard_rows` at a time into `root/shard_XXXXX/<group>.npy`.
+    """Streams rows into `root/shard_XXXXX/<group>.npy`, exactly `shard_rows` rows per shard.
 
     `done` holds shard indices that a previous, interrupted run already finished: their rows are still
-    consumed (so later shards line up) but not rewritten when the files on disk have the expected layout.
+    consumed (so later shards line up) and written aside; when the finished shard on disk has the expected
+    layout, the new copy is discarded and the old files are left untouched.
+    Arrays passed to `add` are referenced until written: callers must not modify them afterwards.
     """
 
     def __init__(self, root: Path, shard_rows: int, done: set[int] | None = None,
@@ -79,88 +138,109 @@ class ShardWriter:
         self.shard_rows = shard_rows
         self.done = set(done or ())
         self.on_shard = on_shard
-        self._sets = (_BufferSet(shard_rows), _BufferSet(shard_rows))   # one filling, one being written
-        self._cur = 0
         self.shards: list[ShardInfo] = []
         self.rows_written = 0
         self.bytes_written = 0
+        self._open: _OpenShard | None = None
+        self._files: _Files | None = None               # touched by the writer thread only
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctrpipe-shard-write") \
             if background else None
-        self._pending_write: Future[None] | None = None
+        self._pending: deque[Future[None]] = deque()
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Always wait for the write in flight (also on errors), so no thread touches files afterwards."""
+        """Always wait for the writes in flight (also on errors), so no thread touches files afterwards."""
         try:
-            self._wait()
+            self._drain()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            if self._files is not None:
+                self._files.abort()
 
     def add(self, arrays: Arrays) -> None:
-        """Append a chunk (every group with the same number of rows); full shards are written out."""
+        """Append a chunk (every group with the same number of rows); full shards are finished."""
         n = _rows(arrays)
         start = 0
         while start < n:
-            buf = self._sets[self._cur]
-            stop = min(n, start + self.shard_rows - buf.fill)
-            buf.put(arrays, start, stop)
+            if self._open is None:
+                self._open = _OpenShard(len(self.shards))
+                self._submit(self._start_files, shard_dirname(self._open.index))
+            shard = self._open
+            stop = min(n, start + self.shard_rows - shard.rows)
+            streamed: Arrays = {}
+            for g, a in arrays.items():
+                part = a[start:stop]
+                known = shard.layout.setdefault(g, (part.dtype, part.shape[1:]))
+                if part.dtype.kind == "U":
+                    shard.unicode.setdefault(g, []).append(part)
+                    continue
+                if known != (part.dtype, part.shape[1:]):
+                    raise ValueError(f"group {g!r}: chunk has {part.dtype} {part.shape[1:]}, shard has {known}")
+                streamed[g] = part
+            full = {g: (self.shard_rows, *shape) for g, (_, shape) in shard.layout.items()}
+            self._submit(self._append, streamed, full)
+            shard.rows += stop - start
             start = stop
-            if buf.fill == self.shard_rows:
-                self._flush()
+            if shard.rows == self.shard_rows:
+                self._finish_shard()
 
     def close(self) -> list[ShardInfo]:
-        """Flush the last (smaller) shard and return every shard's info in order."""
-        if self._sets[self._cur].fill:
-            self._flush()
-        self._wait()
+        """Finish the last (smaller) shard and return every shard's info in order."""
+        if self._open is not None and self._open.rows:
+            self._finish_shard()
+        self._drain()
         return self.shards
 
-    def _wait(self) -> None:
-        if self._pending_write is not None:
-            fut, self._pending_write = self._pending_write, None
-            fut.result()                                    # re-raises a write error here
-
-    def _flush(self) -> None:
-        buf = self._sets[self._cur]
-        rows, index = buf.fill, len(self.shards)
-        arrays = {g: _fit_unicode(a[:rows]) for g, a in buf.arrays.items()}
-        name = shard_dirname(index)
-        files = {g: ArrayInfo(f"{name}/{g}.npy", tuple(int(s) for s in a.shape), str(a.dtype))
-                 for g, a in arrays.items()}
-        info = ShardInfo(index=index, rows=rows, row_start=self.rows_written, files=files)
+    # -- main thread
+    def _finish_shard(self) -> None:
+        shard, self._open = self._open, None
+        assert shard is not None
+        rows, name = shard.rows, shard_dirname(shard.index)
+        whole = {g: _fit_unicode(np.concatenate(parts)) for g, parts in shard.unicode.items()}
+        files: dict[str, ArrayInfo] = {}
+        for g, (dtype, shape) in shard.layout.items():
+            dt = whole[g].dtype if g in whole else dtype
+            files[g] = ArrayInfo(f"{name}/{g}.npy", (rows, *(int(s) for s in shape)), str(dt))
+        info = ShardInfo(index=shard.index, rows=rows, row_start=self.rows_written, files=files)
         self.rows_written += rows
-        self.bytes_written += sum(a.nbytes for a in arrays.values())
+        self.bytes_written += sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in files.values())
         self.shards.append(info)
-        skip = index in self.done and _matches(self.root, info)
-        self._wait()                                # the other buffer set's write is done: it is free again
-        if self._pool is None:
-            self._write(name, arrays, info, skip)
-        else:
-            self._pending_write = self._pool.submit(self._write, name, arrays, info, skip)
-        self._cur ^= 1
-        self._sets[self._cur].fill = 0
+        self._submit(self._end_files, info, whole)
 
-    def _write(self, name: str, arrays: Arrays, info: ShardInfo, skip: bool) -> None:
-        if not skip:
-            self._write_files(name, arrays)
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._pool is None:
+            fn(*args)
+            return
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > MAX_PENDING:
+            self._pending.popleft().result()            # re-raises a write error here
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    # -- writer thread (tasks run one at a time, in submission order)
+    def _start_files(self, name: str) -> None:
+        self._files = _Files(self.root, name)
+
+    def _append(self, arrays: Arrays, full: dict[str, tuple[int, ...]]) -> None:
+        assert self._files is not None
+        for g, a in arrays.items():
+            self._files.append(g, a, full[g])
+
+    def _end_files(self, info: ShardInfo, whole: Arrays) -> None:
+        files, self._files = self._files, None
+        assert files is not None
+        if info.index in self.done and _matches(self.root, info):
+            files.discard()                             # resumed: the finished shard stays untouched
+        else:
+            shapes = {g: a.shape for g, a in info.files.items()}
+            files.finish(shapes, whole)
         if self.on_shard is not None:
             self.on_shard(info)
-
-    def _write_files(self, name: str, arrays: Arrays) -> None:
-        tmp = self.root / f"{name}.incomplete"
-        final = self.root / name
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for group, arr in arrays.items():
-            with open(tmp / f"{group}.npy", "wb") as fh:
-                np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
 
 
 def _rows(arrays: Arrays) -> int:

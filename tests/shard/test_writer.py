@@ -44,3 +44,24 @@ def test_done_shards_are_not_rewritten(tmp_path: Path) -> None:
     w.add(_arrays(0, 100))
     w.close()
     assert f.stat().st_mtime_ns == before
+
+
+def test_streamed_files_equal_np_save_of_the_whole_shard(tmp_path: Path) -> None:
+    import io
+
+    shards = _write(tmp_path, 130, 7)                     # last shard short: its headers are rewritten
+    whole = _arrays(0, 130)
+    for s in shards:
+        for g, info in s.files.items():
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(whole[g][s.row_start: s.row_start + s.rows].astype(info.dtype)))
+            assert (tmp_path / info.file).read_bytes() == buf.getvalue(), (s.index, g)
+
+
+def test_chunk_with_another_dtype_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    with ShardWriter(tmp_path, shard_rows=40) as w:
+        w.add({"numeric": np.zeros((5, 2), np.float32)})
+        with pytest.raises(ValueError, match="numeric"):
+            w.add({"numeric": np.zeros((5, 2), np.float64)})
