@@ -129,15 +129,24 @@ def _xxh64_rows(word: WordFn, n: int, length: int, seed: int, bins: int | None) 
         return out
     ids = np.empty(n, _id_dtype(bins))
     h = np.empty(min(n, _BLOCK), np.uint64)
+    q = np.empty_like(h)
     mod = np.uint64(bins - 1)
     for start in range(0, n, _BLOCK):
         stop = min(n, start + _BLOCK)
         hb = h[: stop - start]
         _xxh64_block(word, slice(start, stop), stop - start, length, seed, hb)
-        np.remainder(hb, mod, out=hb)
-        np.add(hb, np.uint64(1), out=hb)
+        _mod_plus_one_(hb, mod, q[: stop - start])
         ids[start:stop] = hb
     return ids
+
+
+def _mod_plus_one_(h: np.ndarray, mod: np.uint64, q: np.ndarray) -> None:
+    """h = 1 + h % mod in place. Division by a scalar uses numpy's multiply-shift divider; `remainder`
+    issues a hardware division per element and costs about twice as much."""
+    np.floor_divide(h, mod, out=q)
+    np.multiply(q, mod, out=q)
+    np.subtract(h, q, out=h)
+    np.add(h, np.uint64(1), out=h)
 
 
 def _gathered_words(data: np.ndarray, starts: np.ndarray, length: int) -> WordFn:

@@ -139,7 +139,8 @@ def numeric32(frame: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
     x = np.empty((len(names), frame.height), dtype=np.float32)      # (F, N): contiguous per-column writes
     for j, c in enumerate(names):
         s = frame[c]
-        x[j] = (s.fill_null(float("nan")) if s.null_count() else s).to_numpy()
+        # float columns: to_numpy already turns nulls into NaN (fill_null would cost a lazy query per column)
+        x[j] = (s.fill_null(float("nan")) if s.null_count() and not s.dtype.is_float() else s).to_numpy()
     x[~np.isfinite(x)] = np.nan
     return x.T                                                       # (N, F) view, Fortran order
 
@@ -189,7 +190,9 @@ class ChunkTransformer:
         layout = plan.numeric_layout()
         missing_counts = np.zeros(len(layout), dtype=np.int64)
         if layout:
-            num = np.empty((n, len(layout)), dtype=np.float32)        # (N, Fn) filled column block by block
+            # (Fn, N) memory, used as its (N, Fn) transpose: per-column writes and per-column statistics are
+            # contiguous; the writer thread makes the row-major copy the file needs
+            num = np.empty((len(layout), n), dtype=np.float32).T
             k = len(plan.numeric)
             if k:
                 # float32 early: log1p_transform works in float32 anyway, so the result is the same
@@ -213,7 +216,7 @@ class ChunkTransformer:
             cat = np.empty((len(plan.categorical), n), dtype=np.int32)    # (Fc, N): contiguous writes
             for j, c in enumerate(plan.categorical):
                 cat[j] = self._categorical(frame[c])
-            out["categorical"] = np.ascontiguousarray(cat.T)             # (N, Fc)
+            out["categorical"] = cat.T          # (N, Fc) view, column-major like "numeric" (see above)
         for tc in plan.tokens:
             tokens, lengths, weights = tokens_to_ids(frame[tc.column], tc.separator, tc.max_len,
                                                      plan.seed(tc.column), plan.token_bins(tc),
