@@ -68,56 +68,89 @@ def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
     return raw, raw
 
 
-def _kth_newline(piece: memoryview, k: int) -> int:
-    """Offset of the k-th (1-based) b'\\n' in piece."""
-    return int(np.flatnonzero(np.frombuffer(piece, dtype=np.uint8) == 10)[k - 1])
+def _count_newlines(buf: bytes, start: int, stop: int) -> int:
+    """b'\\n' in buf[start:stop]; numpy's compare + count_nonzero is ~2x faster than bytes.count."""
+    return int(np.count_nonzero(np.frombuffer(buf, np.uint8, count=stop - start, offset=start) == 10))
+
+
+def _advance(buf: bytes, off: int, need: int, avg: float) -> tuple[int, int]:
+    """Move from line start `off` forward by up to `need` lines of buf: (new line start, lines passed).
+
+    Fewer than `need` lines are passed only when buf ends first. Large moves jump by the average line
+    length, count the newlines jumped over and re-estimate (so each byte is counted about once); the last
+    few lines are stepped one `find` at a time, an overshoot is walked back with `rfind`.
+    """
+    start, got = off, 0
+    while need - got > 256:
+        guess = min(len(buf), off + int(avg * (need - got) * 0.9))
+        guess = buf.rfind(b"\n", off, guess) + 1
+        if guess <= off:
+            break
+        got += _count_newlines(buf, off, guess)
+        off = guess
+        avg = (off - start) / got
+        if guess == len(buf):
+            break
+    while got < need:
+        j = buf.find(b"\n", off)
+        if j < 0:
+            return off, got
+        off, got = j + 1, got + 1
+    while got > need:                               # the jump overshot: line lengths vary a lot
+        off = buf.rfind(b"\n", start, off - 1) + 1
+        got -= 1
+    return off, got
 
 
 def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
                 max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[_Block]:
     """Blocks of exactly chunk_rows lines (the last may be shorter); a final line without '\\n' gets one.
 
-    Pieces are held as memoryviews, so each block costs one copy (the join) beyond the read itself.
+    One buffer holds the unconsumed bytes; a block is found by jumping ahead by the average line length
+    (`_advance`), and its bytes are one slice of the buffer.
     """
     stream, raw = _open(path)
-    pieces: list[memoryview] = []
-    counts: list[int] = []
+    buf, pos = b"", 0          # buf[pos:] is unconsumed; pos is a line start
+    off, got = 0, 0            # the current block so far: buf[pos:off] holds `got` whole lines
+    avg = 0.0                  # average line length (bytes), from the first read
     line = 1
     disk_pos = 0
-    tail = 0              # bytes after the last line break read so far
+    eof = False
     try:
         while True:
+            if avg:
+                off, more = _advance(buf, off, chunk_rows - got, avg)
+                got += more
+            if got == chunk_rows:
+                block_pos = raw.tell()
+                yield _Block(buf[pos:off], line, chunk_rows, block_pos - disk_pos)
+                disk_pos, line, pos, got = block_pos, line + chunk_rows, off, 0
+                continue
+            if eof:
+                break
+            want = max(read_bytes, int(avg * (chunk_rows - got) * 1.02) - (len(buf) - off))
             try:
-                piece = stream.read(read_bytes)
+                piece = stream.read(want)
             except (OSError, EOFError, zlib.error) as exc:
                 raise InputFormatError(
-                    f"corrupt or truncated gzip data ({exc}) after about line {line + sum(counts):,}",
+                    f"corrupt or truncated gzip data ({exc}) after about line "
+                    f"{line + got + _count_newlines(buf, off, len(buf)):,}",
                     where=str(path),
                     fix="re-download or re-copy the file; `gunzip -t FILE` checks it") from None
             if not piece:
-                break
-            pieces.append(memoryview(piece))
-            counts.append(piece.count(b"\n"))
-            tail = tail + len(piece) if counts[-1] == 0 else len(piece) - piece.rfind(b"\n") - 1
-            if tail > max_line_bytes:       # binary data or a wrong format: don't buffer it all
+                eof = True
+                avg = avg or 1.0
+                continue
+            buf, off, pos = buf[pos:] + piece, off - pos, 0
+            if not avg:
+                sample = min(len(buf), 1 << 20)
+                avg = sample / max(1, _count_newlines(buf, 0, sample))
+            if len(buf) - buf.rfind(b"\n") - 1 > max_line_bytes:   # binary data or a wrong format
                 raise InputFormatError(
-                    f"line {line + sum(counts):,} is longer than {max_line_bytes:,} bytes (no line break)",
+                    f"line {line + got + _count_newlines(buf, off, len(buf)):,} is longer than "
+                    f"{max_line_bytes:,} bytes (no line break)",
                     where=str(path), fix="check the file is Criteo text, or pass --format parquet")
-            while sum(counts) >= chunk_rows:
-                need, i = chunk_rows, 0
-                while counts[i] < need:
-                    need -= counts[i]
-                    i += 1
-                cut = _kth_newline(pieces[i], need) + 1
-                data = b"".join(pieces[:i] + [pieces[i][:cut]])
-                rest = pieces[i][cut:]
-                pieces, counts = ([rest] if len(rest) else []) + pieces[i + 1:], \
-                    ([counts[i] - need] if len(rest) else []) + counts[i + 1:]
-                pos = raw.tell()
-                yield _Block(data, line, chunk_rows, pos - disk_pos)
-                disk_pos = pos
-                line += chunk_rows
-        data = b"".join(pieces)
+        data = buf[pos:]
         if data:
             if not data.endswith(b"\n"):
                 data += b"\n"
