@@ -7,7 +7,7 @@ Usage (from the repo root, in ctrpipe's venv):
 
 Same data for everyone: `ctrpipe synth` writes train/test text; `ctrpipe shard` turns them into one cache
 (train split + the test file as gold split, no validation split), and the cache's arrays are exported once
-(.bench/quality/export) so that the peers read the very same hashed ids and log1p numeric values. Same
+(.bench/quality/export_*) so that the peers read the very same hashed ids and numeric values. Same
 training for everyone: one epoch, embedding dim 16, MLP 400-400-400 (no dropout, no batch norm, no L2),
 batch 4096, Adam lr 1e-3 on embeddings and dense layers at a constant rate, 2 torch threads.
 Peers (DeepCTR-Torch, FuxiCTR) live only in .bench/peers-venv and run as subprocesses
@@ -106,6 +106,10 @@ def ctrpipe_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "ctrpipe.cli", *args]
 
 
+def data_tag(args: argparse.Namespace) -> str:
+    return f"bins{args.hash_bins}_{'std' if args.standardize else 'log1p'}"
+
+
 def make_data(args: argparse.Namespace, work: Path) -> Path:
     """synth -> shard (train split + gold split from the test file); both steps reuse matching outputs."""
     synth = work / "synth"
@@ -116,7 +120,7 @@ def make_data(args: argparse.Namespace, work: Path) -> Path:
         log(f"synth: {args.rows:,} train + {args.test_rows:,} test rows -> {synth}")
         run(ctrpipe_cmd("synth", "--rows", str(args.rows), "--test-rows", str(args.test_rows),
                         "--seed", str(args.seed), "--out", str(synth), "-q"), work / "logs" / "synth.log")
-    cache = work / "cache"
+    cache = work / f"cache_{data_tag(args)}"          # one cache per setting: ctrpipe refuses to overwrite
     log(f"shard: -> {cache} (hash_bins {args.hash_bins:,}, numeric log1p{' + standardize' * args.standardize}, "
         "no validation split, test file = gold split)")
     t0 = time.perf_counter()
@@ -329,8 +333,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip-ctrpipe", action="store_true", help="peers only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hash-bins", type=int, default=100_000, help="hash bins per categorical field")
-    ap.add_argument("--standardize", action="store_true",
-                    help="also standardise the log1p numeric values (train-split mean/std) for every library")
+    ap.add_argument("--no-standardize", dest="standardize", action="store_false",
+                    help="feed the signed-log1p numeric values as they are (default: also standardise them with "
+                         "train-split mean/std, for every library, as both peers' own examples scale them)")
     ap.add_argument("--embedding-dim", type=int, default=16)
     ap.add_argument("--hidden", default="400,400,400")
     ap.add_argument("--cross-layers", type=int, default=3)
@@ -364,7 +369,7 @@ def main() -> None:
         ensure_peer_env(refresh=False)
     work = args.work
     cache = make_data(args, work)
-    export = work / "export"
+    export = work / f"export_{data_tag(args)}"
     t0 = time.perf_counter()
     meta = export_features(cache, export)
     log(f"export: {meta['rows']['train']:,} train / {meta['rows']['test']:,} test rows, "
