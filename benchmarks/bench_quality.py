@@ -38,8 +38,8 @@ PEER_PY = PEER_VENV / "bin" / "python"
 MODELS = ("dnn", "deepfm", "dcnv2")
 PEERS = {"deepctr": "deepctr_run.py", "fuxictr": "fuxictr_run.py"}
 # which peer model answers which ctrpipe model (see the runners' docstrings)
-PEER_MODEL = {"deepctr": {"dnn": "WDL(no wide)", "deepfm": "DeepFM", "dcnv2": "DCN(matrix)",
-                          "dcnmix": "DCNMix"},
+PEER_MODEL = {"deepctr": {"dnn": "WDL, no wide part", "deepfm": "DeepFM",
+                          "dcnv2": "DCN matrix cross, no wide part", "dcnmix": "DCNMix, no wide part"},
               "fuxictr": {"dnn": "DNN", "deepfm": "DeepFM", "dcnv2": "DCNv2"}}
 GOAL_AUC_DIFF = -0.001
 GOAL_SPEEDUP = 2.0
@@ -107,7 +107,24 @@ def ctrpipe_cmd(*args: str) -> list[str]:
 
 
 def data_tag(args: argparse.Namespace) -> str:
-    return f"bins{args.hash_bins}_{'std' if args.standardize else 'log1p'}"
+    sizing = "fit" if args.fit_bins else "flat"
+    return f"bins{args.hash_bins}{sizing}_{'std' if args.standardize else 'log1p'}"
+
+
+def field_bins(train_tsv: Path, cap: int) -> dict[str, int]:
+    """Hash bins per categorical field: the power of two >= 2 x (distinct values + 1) on the train file,
+    at least 16 and at most `cap`. Small fields then hash almost without collisions and no field carries
+    rows it can never use (every library updates its whole tables with dense Adam, so idle rows cost time)."""
+    import polars as pl
+
+    from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT
+
+    names = ["label", *CRITEO_INT, *CRITEO_CAT]
+    counts = (pl.scan_csv(train_tsv, separator="\t", has_header=False, new_columns=names,
+                          schema_overrides={c: pl.String for c in CRITEO_CAT}, infer_schema_length=0)
+              .select([pl.col(c).n_unique() for c in CRITEO_CAT]).collect().row(0))
+    return {c: min(cap, max(16, 1 << int(np.ceil(np.log2(2 * (n + 1)))))) for c, n in zip(CRITEO_CAT, counts,
+                                                                                           strict=True)}
 
 
 def make_data(args: argparse.Namespace, work: Path) -> Path:
@@ -121,15 +138,20 @@ def make_data(args: argparse.Namespace, work: Path) -> Path:
         run(ctrpipe_cmd("synth", "--rows", str(args.rows), "--test-rows", str(args.test_rows),
                         "--seed", str(args.seed), "--out", str(synth), "-q"), work / "logs" / "synth.log")
     cache = work / f"cache_{data_tag(args)}"          # one cache per setting: ctrpipe refuses to overwrite
-    log(f"shard: -> {cache} (hash_bins {args.hash_bins:,}, numeric log1p{' + standardize' * args.standardize}, "
-        "no validation split, test file = gold split)")
+    sets = ["data.split.val_ratio=0", "data.folds.n_splits=0", f"data.hash_bins={args.hash_bins}",
+            f"data.numeric.standardize={str(args.standardize).lower()}"]
+    if args.fit_bins:
+        bins = field_bins(synth / "train.tsv", args.hash_bins)
+        sets += [f"data.categorical.bins.{c}={b}" for c, b in bins.items()]
+        log(f"shard: hash bins per field (<= {args.hash_bins:,}): {sum(bins.values()):,} table rows in all")
+    log(f"shard: -> {cache} (numeric log1p{' + standardize' * args.standardize}, no validation split, "
+        "test file = gold split)")
     t0 = time.perf_counter()
-    run(ctrpipe_cmd("shard", "--cfg", "cfgs/criteo.yaml", "-i", str(synth / "train.tsv"),
-                    "--gold", str(synth / "test.tsv"), "-o", str(cache), "-q",
-                    "--set", "data.split.val_ratio=0", "--set", "data.folds.n_splits=0",
-                    "--set", f"data.hash_bins={args.hash_bins}",
-                    "--set", f"data.numeric.standardize={str(args.standardize).lower()}"),
-        work / "logs" / "shard.log")
+    cmd = ctrpipe_cmd("shard", "--cfg", "cfgs/criteo.yaml", "-i", str(synth / "train.tsv"),
+                      "--gold", str(synth / "test.tsv"), "-o", str(cache), "-q")
+    for s in sets:
+        cmd += ["--set", s]
+    run(cmd, work / "logs" / "shard.log")
     log(f"shard: done in {time.perf_counter() - t0:.1f}s")
     return cache
 
@@ -293,11 +315,11 @@ def run_peer(peer: str, model: str, args: argparse.Namespace, export: Path, work
 # ------------------------------------------------------------------------------------------- output
 def print_table(results: dict) -> None:
     log("")
-    log(f"data: {results['data']['train_rows']:,} train rows, {results['data']['test_rows']:,} test rows, "
-        f"hash_bins {results['data']['hash_bins']:,}, numeric {results['data']['numeric']}; "
-        f"{results['threads']} threads; one epoch, batch "
-        f"{results['batch_size']}, Adam lr {results['lr']}, emb {results['embedding_dim']}, "
-        f"MLP {results['hidden']}")
+    d = results["data"]
+    log(f"data: {d['train_rows']:,} train rows, {d['test_rows']:,} test rows, {sum(d['bins'].values()):,} "
+        f"hash bins in all (<= {d['hash_bins']:,} per field), numeric {d['numeric']}; {results['threads']} "
+        f"threads; one epoch, batch {results['batch_size']}, Adam lr {results['lr']}, "
+        f"emb {results['embedding_dim']}, MLP {results['hidden']}")
     head = f"{'model':<8} {'library':<15} {'test AUC':>9} {'logloss':>8} {'samples/s':>10} {'train s':>8}  " \
            f"{'AUC diff':>9} {'speed x':>8}  notes"
     log(head)
@@ -332,7 +354,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--peers", default="deepctr,fuxictr", help="comma list, or 'none'")
     ap.add_argument("--skip-ctrpipe", action="store_true", help="peers only")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--hash-bins", type=int, default=100_000, help="hash bins per categorical field")
+    ap.add_argument("--hash-bins", type=int, default=20_000,
+                    help="hash bins per categorical field (the cap, with per-field sizing)")
+    ap.add_argument("--flat-bins", dest="fit_bins", action="store_false",
+                    help="every field gets --hash-bins bins (default: sized per field from the train file)")
     ap.add_argument("--no-standardize", dest="standardize", action="store_false",
                     help="feed the signed-log1p numeric values as they are (default: also standardise them with "
                          "train-split mean/std, for every library, as both peers' own examples scale them)")
@@ -376,7 +401,8 @@ def main() -> None:
         f"{len(meta['cat_fields'])} categorical + {len(meta['num_fields'])} numeric -> {export} "
         f"({time.perf_counter() - t0:.1f}s)")
     results: dict = {"data": {"train_rows": meta["rows"]["train"], "test_rows": meta["rows"]["test"],
-                              "hash_bins": args.hash_bins,
+                              "hash_bins": args.hash_bins, "bins": dict(zip(meta["cat_fields"], meta["bins"],
+                                                                            strict=True)),
                               "numeric": "log1p" + (" + standardize" if args.standardize else ""),
                               "synth_seed": args.seed, "train_seed": args.train_seed},
                      "threads": args.threads, "batch_size": args.batch_size, "lr": args.lr,

@@ -78,9 +78,7 @@ def main() -> None:
         model.fit(x_train, data.train.y, batch_size=args.batch_size, epochs=args.epochs, verbose=2,
                   shuffle=True)
     pred = model.predict(x_test, batch_size=16384)
-    report("deepctr-torch", deepctr_torch.__version__, args, len(data.train.y), t.seconds, pred, n_params,
-           notes={"dnn": "WDL, no wide part", "dcnv2": "DCN matrix cross, no wide part",
-                  "dcnmix": "DCNMix, no wide part"}.get(args.model, ""))
+    report("deepctr-torch", deepctr_torch.__version__, args, len(data.train.y), t.seconds, pred, n_params)
 
 
 if __name__ == "__main__":
