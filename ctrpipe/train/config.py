@@ -7,12 +7,12 @@ from typing import Literal
 
 from ctrpipe.errors import ConfigError
 
-EmbeddingOptimizer = Literal["sgd", "adagrad", "sparse_adam", "adam"]
+EmbeddingOptimizer = Literal["lazy_adam", "sgd", "adagrad", "sparse_adam", "adam"]
 Schedule = Literal["cosine", "step", "constant"]
 Amp = Literal["off", "bf16", "fp16"]
 
 # embedding optimizers that accept sparse gradients; the model is then built with sparse=True
-SPARSE_OPTIMIZERS: frozenset[str] = frozenset({"sgd", "adagrad", "sparse_adam"})
+SPARSE_OPTIMIZERS: frozenset[str] = frozenset({"lazy_adam", "sgd", "adagrad", "sparse_adam"})
 
 
 def _bad(key: str, value: object, fix: str) -> ConfigError:

@@ -205,6 +205,8 @@ def test_config_errors_before_training(cache: Path, tmp_path: Path):
 
 @pytest.mark.parametrize("extra", [
     ("train.embedding_optimizer=adagrad", "train.grad_clip=0.5"),
+    ("train.embedding_optimizer=lazy_adam", "train.ema=0.5"),
+    ("train.embedding_optimizer=adam",),
     ("train.embedding_optimizer=sparse_adam", "train.ema=0.5", "train.amp=bf16"),
     ("train.embedding_optimizer=sgd", "train.schedule=step", "train.step_every=2", "train.pos_weight=2.0"),
 ])

@@ -1,0 +1,75 @@
+"""LazyAdam (train/optim.py): the row-wise Adam for embedding tables matches torch's Adam and SparseAdam."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ctrpipe.train.optim import LazyAdam
+
+
+def _tables(rows: int, dim: int, n: int) -> list[nn.Embedding]:
+    torch.manual_seed(0)
+    first = nn.Embedding(rows, dim, sparse=True)
+    out = [first]
+    for _ in range(n - 1):
+        twin = nn.Embedding(rows, dim, sparse=True)
+        twin.weight.data.copy_(first.weight.data)
+        out.append(twin)
+    return out
+
+
+def _step(table: nn.Embedding, ids: torch.Tensor, target: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad(set_to_none=True)
+    ((table(ids) - target) ** 2).sum().backward()
+    opt.step()
+
+
+def test_lazy_adam_equals_dense_adam_when_every_row_is_touched():
+    lazy, dense_table = _tables(7, 3, 2)
+    dense_table.sparse = False
+    opt_lazy = LazyAdam(lazy.parameters(), lr=0.05)
+    opt_dense = torch.optim.Adam(dense_table.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        # every row at least once, some rows several times (duplicates must be summed)
+        ids = torch.cat([torch.arange(7), torch.randint(0, 7, (9,), generator=gen)]).view(4, 4)
+        target = torch.randn(4, 4, 3, generator=gen)
+        _step(lazy, ids, target, opt_lazy)
+        _step(dense_table, ids, target, opt_dense)
+    torch.testing.assert_close(lazy.weight, dense_table.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_adam_equals_sparse_adam_and_leaves_untouched_rows_alone():
+    lazy, ref = _tables(50, 4, 2)
+    start = lazy.weight.detach().clone()
+    opt_lazy = LazyAdam(lazy.parameters(), lr=0.01)
+    opt_ref = torch.optim.SparseAdam(ref.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(6):
+        ids = torch.randint(0, 20, (8, 5), generator=gen)            # rows 20.. are never touched
+        target = torch.randn(8, 5, 4, generator=gen)
+        _step(lazy, ids, target, opt_lazy)
+        _step(ref, ids, target, opt_ref)
+    torch.testing.assert_close(lazy.weight, ref.weight, rtol=1e-5, atol=1e-6)
+    assert torch.equal(lazy.weight[20:], start[20:])
+    assert torch.count_nonzero(opt_lazy.state[lazy.weight]["exp_avg"][20:]) == 0
+
+
+def test_lazy_adam_state_round_trip_continues_exactly():
+    a, b = _tables(30, 2, 2)
+    opt_a = LazyAdam(a.parameters(), lr=0.02)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 30, (6, 3), generator=gen), torch.randn(6, 3, 2, generator=gen))
+               for _ in range(6)]
+    for ids, target in batches[:3]:
+        _step(a, ids, target, opt_a)
+    b.weight.data.copy_(a.weight.data)
+    opt_b = LazyAdam(b.parameters(), lr=0.02)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))   # as from a checkpoint file: no shared state
+    for ids, target in batches[3:]:
+        _step(a, ids, target, opt_a)
+        _step(b, ids, target, opt_b)
+    assert torch.equal(a.weight, b.weight)
