@@ -372,6 +372,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=ROOT / ".bench" / "quality")
     ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "quality.json")
     ap.add_argument("--setup", action="store_true", help="(re)create .bench/peers-venv and exit")
+    ap.add_argument("--prepare-only", action="store_true", help="make the data (synth, shard, export) and exit")
     args = ap.parse_args()
     args.hidden = [int(h) for h in args.hidden.split(",") if h]
     args.models = [m for m in args.models.split(",") if m]
@@ -400,6 +401,8 @@ def main() -> None:
     log(f"export: {meta['rows']['train']:,} train / {meta['rows']['test']:,} test rows, "
         f"{len(meta['cat_fields'])} categorical + {len(meta['num_fields'])} numeric -> {export} "
         f"({time.perf_counter() - t0:.1f}s)")
+    if args.prepare_only:
+        return
     results: dict = {"data": {"train_rows": meta["rows"]["train"], "test_rows": meta["rows"]["test"],
                               "hash_bins": args.hash_bins, "bins": dict(zip(meta["cat_fields"], meta["bins"],
                                                                             strict=True)),
