@@ -89,10 +89,14 @@ def ensure_peer_env(refresh: bool) -> None:
     subprocess.run([*pip, "torch==2.13.0"], check=True)
     subprocess.run([*pip, "-r", str(PEERS_DIR / "requirements.txt")], check=True)
     probe = ("import torch, deepctr_torch, fuxictr; from fuxictr.pytorch.layers import CrossNetV2; "
-             "print(torch.__version__, torch.version.cuda, deepctr_torch.__version__, fuxictr.__version__)")
-    out = subprocess.run([str(PEER_PY), "-c", probe], check=True, capture_output=True, text=True,
-                         env=thread_env(1, _PEER_ENV)).stdout.split()
+             "print('VERSIONS', torch.__version__, torch.version.cuda, deepctr_torch.__version__, "
+             "fuxictr.__version__)")
+    text = subprocess.run([str(PEER_PY), "-c", probe], check=True, capture_output=True, text=True,
+                          env=thread_env(1, _PEER_ENV)).stdout
+    out = next(ln for ln in text.splitlines() if ln.startswith("VERSIONS ")).split()[1:]
     log(f"peers' environment: torch {out[0]} (cuda {out[1]}), deepctr-torch {out[2]}, fuxictr {out[3]}")
+    if out[1] != "None":
+        log("warning: the peers' torch is a CUDA build; install the CPU build of torch 2.13.0 first")
     marker.write_text(_requirements_digest())
 
 
