@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ctrpipe.atomic import write_json_atomic
 from ctrpipe.console import console
 from ctrpipe.errors import CheckpointError
 from ctrpipe.infer.config import CalibrationConfig, CalibrationMethod, CalibrationTarget
@@ -196,13 +196,7 @@ def write_calibration(path: Path, calibrations: tuple[Calibration, ...], labels:
     path = Path(path)
     doc = {"format": FORMAT, "source": source, "rows": rows, "requested": asdict(requested),
            "tasks": [{"label": lab, **asdict(c)} for lab, c in zip(labels, calibrations, strict=True)]}
-    tmp = path.with_name(path.name + ".incomplete")
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, doc)
 
 
 def read_calibration(path: Path) -> tuple[tuple[Calibration, ...], CalibrationConfig]:

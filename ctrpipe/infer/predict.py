@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctrpipe.atomic import atomic_open, write_json_atomic
 from ctrpipe.config import RunConfig, apply_overrides, config_from_dict, to_dict
 from ctrpipe.console import console, human_rate, make_progress
 from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
@@ -329,13 +329,9 @@ def _save_fold_preds(out: Path, rows: np.ndarray, logits: np.ndarray, paths: Seq
                      labels: np.ndarray | None) -> Path:
     """<submission>.folds.npz: row_index (N,), logits (K, N) raw per-model logits, checkpoints (K,)."""
     path = out.with_name(out.name + ".folds.npz")
-    tmp = path.with_name(path.name + ".incomplete")
     extra = {"labels": labels} if labels is not None else {}
-    with open(tmp, "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         np.savez(fh, row_index=rows, logits=logits, checkpoints=np.array([p.name for p in paths]), **extra)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -367,13 +363,7 @@ def _write_sidecar(r: InferReport, cfg: RunConfig, run: Path, shards: Path, mani
         "metrics": _finite(r.metrics) if r.metrics is not None else None,
         "config": to_dict(cfg), "config_sources": dict(cfg.sources), "seconds": round(r.seconds, 3),
     }
-    tmp = path.with_name(path.name + ".incomplete")
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, doc)
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ctrpipe import __version__
+from ctrpipe.atomic import write_text_atomic
 from ctrpipe.errors import ManifestMismatchError
 from ctrpipe.features import FeatureSpec, FieldSpec
 
@@ -174,14 +174,7 @@ def source_info(path: Path) -> SourceInfo:
 def write_manifest(cache_dir: Path, manifest: Manifest) -> Path:
     """Atomically write `manifest.json` (temp name + fsync + rename): the last step of every build."""
     cache_dir = Path(cache_dir)
-    tmp = cache_dir / (MANIFEST_NAME + ".incomplete")
-    with open(tmp, "w") as fh:
-        fh.write(manifest.to_json())
-        fh.flush()
-        os.fsync(fh.fileno())
-    final = cache_dir / MANIFEST_NAME
-    os.replace(tmp, final)
-    return final
+    return write_text_atomic(cache_dir / MANIFEST_NAME, manifest.to_json())
 
 
 def read_manifest(cache_dir: Path) -> Manifest:
