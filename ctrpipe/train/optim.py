@@ -39,7 +39,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
             out.append(torch.optim.SparseAdam(emb, lr=emb_lr))
         else:
             # fused: one pass over the table per step (the default for-loop kernel makes ~5 passes)
-            out.append(torch.optim.Adam(emb, lr=emb_lr, fused=True))
+            out.append(torch.optim.Adam(emb, lr=emb_lr, fused=device.type in ("cuda", "cpu")))
     if dense:
         decay = [p for p in dense if p.dim() >= 2]       # matrices; biases and norm scales are not decayed
         no_decay = [p for p in dense if p.dim() < 2]
