@@ -260,7 +260,7 @@ def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path) -
     shutil.rmtree(runs / exp, ignore_errors=True)
     hidden = "[" + ",".join(str(h) for h in args.hidden) + "]"
     sets = [f"exp_name={exp}", "train.epochs=1", f"train.lr={args.lr}", "train.embedding_lr=0",
-            "train.embedding_optimizer=adam", "train.schedule=constant", "train.warmup_steps=0",
+            f"train.embedding_optimizer={args.embedding_optimizer}", "train.schedule=constant", "train.warmup_steps=0",
             "train.weight_decay=0", "train.grad_clip=0", f"train.num_threads={args.threads}",
             "train.device=cpu", f"loader.batch_size={args.batch_size}",
             f"model.embedding_dim={args.embedding_dim}", f"model.hidden_units={hidden}", "model.dropout=0",
@@ -370,6 +370,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--cross-layers", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--embedding-optimizer", default="lazy_adam",
+                    help="ctrpipe's embedding optimiser: lazy_adam (its default: Adam on the rows a batch touches)"
+                         " or adam (dense Adam over the whole table, like the peers)")
     ap.add_argument("--lr-baseline-lr", type=float, default=1e-2, help="Adam rate of the LR baseline")
     ap.add_argument("--fuxictr-format", choices=("npz", "parquet"), default="npz",
                     help="FuxiCTR data path: npz (torch DataLoader) or parquet (its Ray Data loader)")
