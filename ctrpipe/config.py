@@ -127,18 +127,23 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config(path: Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Build the whole `RunConfig` from a YAML file (or defaults when None) and `--set` overrides."""
+def load_config(path: Path | None, overrides: Sequence[str] = (), *, resolve_model: bool = True) -> RunConfig:
+    """Build the whole `RunConfig` from a YAML file (or defaults when None) and `--set` overrides.
+
+    `resolve_model=False` leaves `model.params` unbuilt (None): stages that never build a model (`shard`)
+    then start without importing torch and the model zoo.
+    """
     data = load_yaml(path) if path is not None else {}
     sources = {k: str(path) for k in _flatten(data)}
     over: dict[str, Any] = apply_overrides({}, overrides)
     sources.update({k: "--set" for k in _flatten(over)})
     deep_merge(data, over)
-    return config_from_dict(data, sources=sources, origin=str(path) if path else "defaults")
+    return config_from_dict(data, sources=sources, origin=str(path) if path else "defaults",
+                            resolve_model=resolve_model)
 
 
 def config_from_dict(data: Mapping[str, Any], sources: Mapping[str, str] | None = None,
-                     origin: str = "config") -> RunConfig:
+                     origin: str = "config", resolve_model: bool = True) -> RunConfig:
     """Build a `RunConfig` from a plain mapping, e.g. the resolved config stored in a manifest or checkpoint."""
     data = dict(data)
     model_raw = data.pop("model", {}) or {}
@@ -146,7 +151,10 @@ def config_from_dict(data: Mapping[str, Any], sources: Mapping[str, str] | None 
     if not isinstance(model_raw, Mapping):
         raise ConfigError("'model' must be a mapping", where=f"{origin}: model", fix="model: {name: dnn}")
     run = build_dataclass(RunConfig, data, "", origin)
-    model = build_model_section(model_raw, origin)
+    if resolve_model:
+        model = build_model_section(model_raw, origin)
+    else:
+        model = ModelSection(name=str(model_raw.get("name", ModelSection.name)).lower(), params=None)
     return dataclasses.replace(run, model=model, sources=dict(sources or {}))
 
 

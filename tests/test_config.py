@@ -89,3 +89,9 @@ def test_round_trip_through_dict() -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_shard_side_loading_skips_the_model_zoo() -> None:
+    cfg = load_config(CFGS / "criteo_dcnv2.yaml", ["data.hash_bins=77"], resolve_model=False)
+    assert cfg.data.hash_bins == 77
+    assert cfg.model.name == "dcnv2" and cfg.model.params is None

@@ -291,7 +291,7 @@ def _describe_diff(old: Manifest, data: DataConfig, srcs: tuple[Any, ...], extra
 def run_shard(cfg_path: Path | None, overrides: list[str], inputs: list[Path], out: Path, gold: list[Path],
               stats_from: Path | None, test: bool, bad_rows: str | None, force: bool, quiet: bool) -> None:
     """`ctrpipe shard`: load the config, build, print a summary table (or one line with --quiet)."""
-    cfg = load_config(cfg_path, overrides)
+    cfg = load_config(cfg_path, overrides, resolve_model=False)  # sharding needs no torch
     if bad_rows is not None:
         if bad_rows not in ("error", "skip"):
             raise ConfigError(f"bad value {bad_rows!r} for --bad-rows", where="--bad-rows",
