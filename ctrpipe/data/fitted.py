@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ctrpipe.atomic import atomic_open
 from ctrpipe.errors import ManifestMismatchError
 
 FITTED_DIR = "fitted"
@@ -312,7 +313,5 @@ def safe_name(name: str) -> str:
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
     """np.save to '<name>.incomplete', then rename: a crash never leaves a truncated array under the name."""
-    tmp = path.with_name(path.name + ".incomplete")
-    with open(tmp, "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
-    tmp.replace(path)

@@ -23,13 +23,13 @@ weights when EMA is on, else None), "optimizers", "scaler", "scheduler", "rng", 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ctrpipe.atomic import atomic_open
 from ctrpipe.errors import CheckpointError, ManifestMismatchError
 from ctrpipe.features import FeatureSpec, FieldSpec
 from ctrpipe.shard.manifest import Manifest
@@ -43,12 +43,8 @@ def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
     """Write `state` to `path` atomically: a crash leaves the old file or none, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".incomplete")
-    with open(tmp, "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ctrpipe.atomic import atomic_open
 from ctrpipe.errors import CheckpointError
 from ctrpipe.loader.batch import Batch
 from ctrpipe.train.metrics import metrics_from_logits
@@ -34,13 +34,9 @@ class Predictions:
     def save(self, path: Path, label_names: tuple[str, ...] = ()) -> None:
         """Atomic .npz write (temp name, then rename); `label_names` (T,) is stored when given."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".incomplete")
         extra = {"label_names": np.asarray(label_names, dtype=str)} if label_names else {}
-        with open(tmp, "wb") as fh:
+        with atomic_open(path, "wb") as fh:
             np.savez(fh, row_index=self.row_index, logits=self.logits, labels=self.labels, **extra)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> Predictions:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ctrpipe.atomic import write_text_atomic
 from ctrpipe.train.metrics import METRIC_NAMES
 
 LOG_FIELDS = ("step", "epoch", "lr", "loss", "samples_per_s", *(f"val_{m}" for m in METRIC_NAMES))
@@ -33,13 +33,7 @@ LOG_FIELDS = ("step", "epoch", "lr", "loss", "samples_per_s", *(f"val_{m}" for m
 
 def write_text(path: Path, text: str) -> None:
     """Atomic text write: temp name, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".incomplete")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _json_safe(obj: Any) -> Any:
