@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import mmap
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,6 +112,10 @@ def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
     (`_advance`), and its bytes are one slice of the buffer.
     """
     stream, raw = _open(path)
+    if stream is raw and os.fstat(raw.fileno()).st_size > 0:
+        raw.close()
+        yield from _mapped_blocks(path, chunk_rows, max_line_bytes)
+        return
     buf, pos = b"", 0          # buf[pos:] is unconsumed; pos is a line start
     off, got = 0, 0            # the current block so far: buf[pos:off] holds `got` whole lines
     avg = 0.0                  # average line length (bytes), from the first read
@@ -158,6 +164,55 @@ def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
     finally:
         stream.close()
         raw.close()
+
+
+def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int) -> Iterator[_Block]:
+    """Plain files: the same blocks, cut in a memory map of the file, so each block costs one copy (its
+    slice) instead of a read, a buffer concatenation and a slice. Pages behind the cursor are dropped from
+    the mapping (they stay in the page cache), so resident memory stays about one block whatever the size."""
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        size = len(mm)
+        sample = min(size, 1 << 20)
+        avg = sample / max(1, _count_newlines(mm, 0, sample))
+        pos, line, dropped = 0, 1, 0
+        while pos < size:
+            off, got = _advance(mm, pos, chunk_rows, avg)
+            if got == 0:                               # no line break left: the unterminated last line
+                off = size
+            elif got < chunk_rows and off < size:      # the last line has no b"\n"
+                off = size
+            if off - pos > max_line_bytes:
+                _check_line_lengths(path, mm, pos, off, line, max_line_bytes)
+            data = mm[pos:off]
+            if not data.endswith(b"\n"):
+                data += b"\n"
+                got += 1
+            yield _Block(data, line, got, off - pos)
+            avg = (off - pos) / got
+            line, pos = line + got, off
+            keep = pos - pos % mmap.PAGESIZE
+            if keep > dropped:
+                mm.madvise(mmap.MADV_DONTNEED, dropped, keep - dropped)
+                dropped = keep
+    finally:
+        try:
+            mm.close()
+        except BufferError:                            # a numpy view is still alive: the GC closes it
+            pass
+
+
+def _check_line_lengths(path: Path, buf: mmap.mmap, start: int, stop: int, line: int, limit: int) -> None:
+    """A block larger than the line limit: raise if one of its lines is (binary data or a wrong format)."""
+    ends = np.flatnonzero(np.frombuffer(buf, np.uint8, count=stop - start, offset=start) == 10)
+    bounds = np.concatenate(([-1], ends, [stop - start - 1] if len(ends) == 0 or ends[-1] != stop - start - 1
+                             else []))
+    long = np.flatnonzero(np.diff(bounds) - 1 > limit)
+    if len(long):
+        raise InputFormatError(
+            f"line {line + int(long[0]):,} is longer than {limit:,} bytes (no line break)",
+            where=str(path), fix="check the file is Criteo text, or pass --format parquet")
 
 
 # ------------------------------------------------------------------------------------------ line analysis

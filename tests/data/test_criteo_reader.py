@@ -287,3 +287,12 @@ def test_long_and_short_line_cancelling_out(tmp_path: Path, criteo_tsv: Path) ->
         read_all(path)
     chunks = list(iter_raw_chunks(CFG, [path], 1000, bad_rows="skip"))
     assert [b.line for b in chunks[0].bad_rows] == [6, 9] and chunks[0].frame.height == 62
+
+
+def test_long_line_inside_a_plain_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "mid.tsv"
+    path.write_bytes(b"1\t2\n" * 3 + b"y" * 5_000 + b"\n" + b"1\t2\n" * 3)
+    with pytest.raises(InputFormatError, match=r"mid.tsv: line 4 is longer than 4,096 bytes"):
+        list(iter_blocks(path, 100, max_line_bytes=4096))
+    blocks = list(iter_blocks(path, 2, max_line_bytes=8192))
+    assert [b.lines for b in blocks] == [2, 2, 2, 1] and b"".join(b.data for b in blocks) == path.read_bytes()
