@@ -79,18 +79,22 @@ def _xxh64_block(word: WordFn, sl: slice, m: int, length: int, seed: int, out: n
             np.multiply(h, P1, out=h)
             np.add(h, P4, out=h)
         np.add(h, np.uint64(length), out=h)
-    else:
-        h[:] = _wrap(seed + int(P5) + length)
+    first = length < 32         # h is still the constant seed + P5 + length: the first word xors into it
     while pos + 8 <= length:
-        tmp2[:] = word(pos // 8, sl)            # k1 = round(0, lane)
-        np.multiply(tmp2, P2, out=tmp2)
+        np.multiply(word(pos // 8, sl), P2, out=tmp2)        # k1 = round(0, lane)
         _rotl_(tmp2, 31, tmp)
         np.multiply(tmp2, P1, out=tmp2)
-        np.bitwise_xor(h, tmp2, out=h)
+        if first:
+            np.bitwise_xor(tmp2, _wrap(seed + int(P5) + length), out=h)
+            first = False
+        else:
+            np.bitwise_xor(h, tmp2, out=h)
         _rotl_(h, 27, tmp)
         np.multiply(h, P1, out=h)
         np.add(h, P4, out=h)
         pos += 8
+    if first:                               # 4..7 bytes: no 8-byte word was mixed in
+        h[:] = _wrap(seed + int(P5) + length)
     if pos + 4 <= length:
         np.bitwise_and(word(pos // 8, sl), _MASK32, out=tmp2)
         np.multiply(tmp2, P1, out=tmp2)
@@ -135,18 +139,17 @@ def _xxh64_rows(word: WordFn, n: int, length: int, seed: int, bins: int | None) 
         stop = min(n, start + _BLOCK)
         hb = h[: stop - start]
         _xxh64_block(word, slice(start, stop), stop - start, length, seed, hb)
-        _mod_plus_one_(hb, mod, q[: stop - start])
-        ids[start:stop] = hb
+        _mod_(hb, mod, q[: stop - start])
+        np.add(hb, np.uint64(1), out=ids[start:stop], casting="unsafe")   # + 1 fused with the int32 store
     return ids
 
 
-def _mod_plus_one_(h: np.ndarray, mod: np.uint64, q: np.ndarray) -> None:
-    """h = 1 + h % mod in place. Division by a scalar uses numpy's multiply-shift divider; `remainder`
+def _mod_(h: np.ndarray, mod: np.uint64, q: np.ndarray) -> None:
+    """h = h % mod in place. Division by a scalar uses numpy's multiply-shift divider; `remainder`
     issues a hardware division per element and costs about twice as much."""
     np.floor_divide(h, mod, out=q)
     np.multiply(q, mod, out=q)
     np.subtract(h, q, out=h)
-    np.add(h, np.uint64(1), out=h)
 
 
 def _gathered_words(data: np.ndarray, starts: np.ndarray, length: int) -> WordFn:
@@ -174,14 +177,18 @@ def _inline_words(views: np.ndarray) -> WordFn:
 
 
 def _hash_groups(lengths: np.ndarray, seed: int, words_for: Callable[[np.ndarray | None, int], WordFn | None],
-                 long_bytes: Callable[[int], bytes], bins: int | None) -> np.ndarray:
+                 long_bytes: Callable[[int], bytes], bins: int | None, nulls: np.ndarray | None) -> np.ndarray:
     """Hash every row, one pass per distinct length. The largest group is hashed over all rows at once (no
-    gather), which is right for its rows; the other groups then overwrite theirs."""
+    gather), which is right for its rows; the other groups then overwrite theirs. Rows in `nulls` get 0,
+    and so do empty strings in ids mode (both written once, at the end)."""
     n = len(lengths)
     if n == 0:
         return np.empty(0, np.uint64 if bins is None else _id_dtype(bins))
+    lengths = np.ascontiguousarray(lengths)     # string views give a strided view: one copy, cheaper passes
+    zero = lengths == 0
+    n_zero = int(np.count_nonzero(zero))
     longest = int(lengths.max())
-    if longest <= _MAX_VECTOR_LEN and bool(((lengths == longest) | (lengths == 0)).all()):
+    if longest <= _MAX_VECTOR_LEN and (longest == 0 or np.count_nonzero(lengths == longest) + n_zero == n):
         capped = lengths                       # common case (Criteo): one length plus empty/missing values
         order = [longest, 0] if longest else [0]
     else:
@@ -199,15 +206,20 @@ def _hash_groups(lengths: np.ndarray, seed: int, words_for: Callable[[np.ndarray
             rows = np.flatnonzero(capped == length)
             h = np.array([xxhash.xxh64_intdigest(long_bytes(i), seed=seed) for i in rows.tolist()], np.uint64)
             out[rows] = h if bins is None else h % np.uint64(bins - 1) + np.uint64(1)
-        elif length == 0:   # empty string: missing (id 0) in ids mode, its real hash otherwise
-            out[capped == 0] = 0 if bins is not None else xxhash.xxh64_intdigest(b"", seed=seed)
+        elif length == 0:   # empty string: its real hash in hash mode; missing (id 0) in ids mode, below
+            if bins is None and n_zero:
+                out[zero] = xxhash.xxh64_intdigest(b"", seed=seed)
         else:
             rows = np.flatnonzero(capped == length)
             out[rows] = _xxh64_rows(words_for(rows, length), len(rows), length, seed, bins)
+    if bins is not None and (n_zero or nulls is not None):
+        out[zero if nulls is None else zero | nulls] = 0
+    elif nulls is not None:
+        out[nulls] = 0
     return out
 
 
-def _hash_string_view(arr: pa.Array, seed: int, bins: int | None) -> np.ndarray:
+def _hash_string_view(arr: pa.Array, seed: int, bins: int | None, nulls: np.ndarray | None) -> np.ndarray:
     """Hashes (or ids) of a string_view array; values <= 12 bytes are read inline, zero-copy."""
     n = len(arr)
     bufs = arr.buffers()
@@ -233,10 +245,10 @@ def _hash_string_view(arr: pa.Array, seed: int, bins: int | None) -> np.ndarray:
         b, off = int(ref[i, 0]), int(ref[i, 1])
         return data[b][off: off + int(lengths[i])].tobytes()
 
-    return _hash_groups(lengths, seed, words_for, long_bytes, bins)
+    return _hash_groups(lengths, seed, words_for, long_bytes, bins, nulls)
 
 
-def _hash_offsets(arr: pa.Array, seed: int, bins: int | None) -> np.ndarray:
+def _hash_offsets(arr: pa.Array, seed: int, bins: int | None, nulls: np.ndarray | None) -> np.ndarray:
     if not pa.types.is_large_string(arr.type):
         arr = pc.cast(arr, pa.large_string())
     n = len(arr)
@@ -260,7 +272,7 @@ def _hash_offsets(arr: pa.Array, seed: int, bins: int | None) -> np.ndarray:
     def long_bytes(i: int) -> bytes:
         return data[offsets[i]: offsets[i + 1]].tobytes()
 
-    return _hash_groups(lengths, seed, words_for, long_bytes, bins)
+    return _hash_groups(lengths, seed, words_for, long_bytes, bins, nulls)
 
 
 def _arrow_chunks(values: pa.Array | pa.ChunkedArray | pl.Series) -> list[pa.Array]:
@@ -284,15 +296,11 @@ def _null_mask(arr: pa.Array) -> np.ndarray:
 
 def _hash_chunk(arr: pa.Array, seed: int, bins: int | None) -> np.ndarray:
     """Hashes (bins=None) or ids of one Arrow array; null -> 0."""
-    if pa.types.is_string_view(arr.type):
-        out = _hash_string_view(arr, seed, bins)
-    elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        out = _hash_offsets(arr, seed, bins)
-    else:
+    view = pa.types.is_string_view(arr.type)
+    if not (view or pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         return _hash_chunk(pc.cast(arr, pa.string()), seed, bins)
-    if arr.null_count:
-        out[_null_mask(arr)] = 0
-    return out
+    nulls = _null_mask(arr) if arr.null_count else None
+    return (_hash_string_view if view else _hash_offsets)(arr, seed, bins, nulls)
 
 
 def _hash_all(values: pa.Array | pa.ChunkedArray | pl.Series, seed: int, bins: int | None) -> np.ndarray:
