@@ -24,16 +24,24 @@ from ctrpipe.errors import InputFormatError, location
 Keep = Literal["first", "last"]
 
 
-def log1p_transform(x: np.ndarray, mode: Literal["signed", "clip", "none"]) -> np.ndarray:
+def log1p_transform(x: np.ndarray, mode: Literal["signed", "clip", "none"],
+                    out: np.ndarray | None = None) -> np.ndarray:
     """float32, same shape. signed: sign(x) * log1p(|x|) keeps negatives ordered; clip: log1p(max(x, 0));
-    none: x as is. NaN stays NaN (imputation happens before or after, by the caller's choice)."""
+    none: x as is. NaN stays NaN (imputation happens before or after, by the caller's choice).
+    `out` (float32, x's shape, not overlapping x) receives the result without temporaries."""
     x = np.asarray(x, dtype=np.float32)
     if mode == "none":
-        return x.copy()
+        if out is None:
+            return x.copy()
+        np.copyto(out, x)
+        return out
     if mode == "clip":
-        return np.log1p(np.maximum(x, np.float32(0)))
+        t = np.maximum(x, np.float32(0), out=out)
+        return np.log1p(t, out=t)
     if mode == "signed":
-        return np.copysign(np.log1p(np.abs(x)), x)
+        t = np.abs(x, out=out)
+        np.log1p(t, out=t)
+        return np.copysign(t, x, out=t)
     raise ValueError(f"unknown log1p mode {mode!r}")
 
 

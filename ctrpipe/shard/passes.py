@@ -304,7 +304,7 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
                 if "numeric" in arrays:
                     num_stats.update(arrays["numeric"], missing)
                 if plan.categorical:
-                    cat_stats.update(arrays["categorical"], (arrays["categorical"] == 0).sum(axis=0))
+                    cat_stats.update(arrays["categorical"], np.count_nonzero(arrays["categorical"] == 0, axis=0))
                 for tc in plan.tokens:
                     ln = arrays[f"{_stem(tc.column)}.len"]
                     tok_stats[tc.column].update(ln, np.array([(ln == 0).sum()]))

@@ -141,7 +141,7 @@ def numeric32(frame: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
         s = frame[c]
         # float columns: to_numpy already turns nulls into NaN (fill_null would cost a lazy query per column)
         x[j] = (s.fill_null(float("nan")) if s.null_count() and not s.dtype.is_float() else s).to_numpy()
-    x[~np.isfinite(x)] = np.nan
+    np.copyto(x, np.float32(np.nan), where=np.isinf(x))             # NaN is already NaN
     return x.T                                                       # (N, F) view, Fortran order
 
 
@@ -199,12 +199,11 @@ class ChunkTransformer:
                 x = numeric32(frame, plan.numeric)                     # (N, k), NaN where missing
                 missing = np.isnan(x)
                 np.copyto(x, np.broadcast_to(self.fill, x.shape), where=missing)
-                t = np.asarray(log1p_transform(x, cfg.numeric.log1p), dtype=np.float32)
+                t = log1p_transform(x, cfg.numeric.log1p, out=num[:, :k])   # straight into the output
                 if cfg.numeric.standardize:
                     t -= self.mean
                     t /= self.std
-                num[:, :k] = t
-                missing_counts[:k] = missing.sum(axis=0)
+                missing_counts[:k] = np.count_nonzero(missing, axis=0)
                 if cfg.numeric.missing_indicator:
                     num[:, k:2 * k] = missing
             col = len(layout) - 2 * len(plan.covisit)
