@@ -36,6 +36,8 @@ PEERS_DIR = ROOT / "benchmarks" / "peers"
 PEER_VENV = ROOT / ".bench" / "peers-venv"
 PEER_PY = PEER_VENV / "bin" / "python"
 MODELS = ("dnn", "deepfm", "dcnv2")
+# the rest of ctrpipe's zoo, trained with the same data and settings (no peer runs them here)
+ZOO_ONLY = ("dcn", "autoint", "ft_transformer")
 PEERS = {"deepctr": "deepctr_run.py", "fuxictr": "fuxictr_run.py"}
 # which peer model answers which ctrpipe model (see the runners' docstrings)
 PEER_MODEL = {"deepctr": {"dnn": "WDL, no wide part", "deepfm": "DeepFM",
@@ -263,8 +265,10 @@ def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path) -
             f"train.embedding_optimizer={args.embedding_optimizer}", "train.schedule=constant", "train.warmup_steps=0",
             "train.weight_decay=0", "train.grad_clip=0", f"train.num_threads={args.threads}",
             "train.device=cpu", f"loader.batch_size={args.batch_size}",
-            f"model.embedding_dim={args.embedding_dim}", f"model.hidden_units={hidden}", "model.dropout=0",
-            "model.batch_norm=false", f"seed={args.train_seed}"]
+            f"seed={args.train_seed}"]
+    if model != "ft_transformer":   # FT-Transformer has no MLP: its own token width (cfgs/criteo_ft_transformer.yaml)
+        sets += [f"model.embedding_dim={args.embedding_dim}", f"model.hidden_units={hidden}", "model.dropout=0",
+                 "model.batch_norm=false"]
     if model in ("dcnv2", "dcnmix"):
         sets += [f"model.cross_layers={args.cross_layers}"]
     if model == "dcnmix":
@@ -354,7 +358,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--test-rows", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=0, help="synth seed (training seeds use --train-seed)")
     ap.add_argument("--train-seed", type=int, default=2026)
-    ap.add_argument("--models", default=",".join(MODELS), help="dnn,deepfm,dcnv2 (dcnmix also possible)")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="dnn,deepfm,dcnv2; also dcnmix, and ctrpipe-only dcn,autoint,ft_transformer")
     ap.add_argument("--peers", default="deepctr,fuxictr", help="comma list, or 'none'")
     ap.add_argument("--skip-ctrpipe", action="store_true", help="peers only")
     ap.add_argument("--threads", type=int, default=2)
@@ -388,8 +393,8 @@ def parse_args() -> argparse.Namespace:
         if p not in PEERS:
             ap.error(f"unknown peer {p!r}; choose from {', '.join(PEERS)}")
     for m in args.models:
-        if m not in (*MODELS, "dcnmix"):
-            ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}, dcnmix")
+        if m not in (*MODELS, "dcnmix", *ZOO_ONLY):
+            ap.error(f"unknown model {m!r}; choose from {', '.join((*MODELS, 'dcnmix', *ZOO_ONLY))}")
     return args
 
 
