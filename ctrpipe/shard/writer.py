@@ -24,6 +24,7 @@ import numpy as np
 from ctrpipe.shard.manifest import ArrayInfo, ShardInfo
 
 Arrays = dict[str, np.ndarray]   # group stem -> (N, ...) array, every group with the same N
+SCRATCH_BYTES = 1 << 20          # per open shard: the slice through which column-major chunks are transposed
 MAX_PENDING = 3                  # chunk writes queued for the writer thread; each holds one chunk's arrays
 
 
@@ -71,6 +72,7 @@ class _Files:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         self.handles: dict[str, tuple[BinaryIO, bytes, np.dtype]] = {}   # group -> (file, header, dtype)
+        self.scratch = bytearray(SCRATCH_BYTES)
 
     def append(self, group: str, arr: np.ndarray, full_shape: tuple[int, ...]) -> None:
         entry = self.handles.get(group)
@@ -79,7 +81,7 @@ class _Files:
             header = npy_header(full_shape, arr.dtype)
             fh.write(header)
             self.handles[group] = entry = (fh, header, arr.dtype)
-        entry[0].write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        _write_rows(entry[0], arr, self.scratch)
 
     def finish(self, shapes: dict[str, tuple[int, ...]], whole: Arrays) -> None:
         """Fix headers of a short last shard, write the in-memory groups, then rename into place."""
@@ -104,6 +106,26 @@ class _Files:
         for fh, *_ in self.handles.values():
             fh.close()
         self.handles.clear()
+
+
+def _write_rows(fh: BinaryIO, arr: np.ndarray, scratch: bytearray) -> None:
+    """Write arr's rows in C order. A column-major chunk (the transform's numeric / categorical views) is
+    transposed a cache-sized slice at a time through `scratch`: no chunk-sized temporary to allocate
+    (and page-fault in) for every chunk, and the transpose stays in cache."""
+    if arr.flags.c_contiguous or arr.ndim < 2 or len(arr) == 0:
+        fh.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        return
+    row_items = int(np.prod(arr.shape[1:]))
+    step = max(1, len(scratch) // (row_items * arr.itemsize))
+    if row_items == 0 or step >= len(arr):
+        fh.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        return
+    buf = np.frombuffer(scratch, dtype=arr.dtype, count=step * row_items).reshape(step, *arr.shape[1:])
+    for start in range(0, len(arr), step):
+        part = arr[start: start + step]
+        out = buf[: len(part)]
+        np.copyto(out, part)
+        fh.write(memoryview(out).cast("B"))
 
 
 def _rewrite_header(fh: BinaryIO, old: bytes, new: bytes) -> None:

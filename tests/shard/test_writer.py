@@ -65,3 +65,27 @@ def test_chunk_with_another_dtype_is_refused(tmp_path: Path) -> None:
         w.add({"numeric": np.zeros((5, 2), np.float32)})
         with pytest.raises(ValueError, match="numeric"):
             w.add({"numeric": np.zeros((5, 2), np.float64)})
+
+
+def test_column_major_chunks_are_written_in_row_order(tmp_path: Path) -> None:
+    import io
+
+    from ctrpipe.shard import writer as writer_mod
+
+    rng = np.random.default_rng(0)
+    cat = rng.integers(0, 1 << 30, size=(26, 5000), dtype=np.int32)        # (F, N) memory, used as (N, F)
+    num = rng.standard_normal((13, 5000)).astype(np.float32)
+    w = ShardWriter(tmp_path, shard_rows=3000, background=False)
+    old = writer_mod.SCRATCH_BYTES
+    writer_mod.SCRATCH_BYTES = 4096                      # many transpose slices, one of them partial
+    try:
+        for s in range(0, 5000, 1700):
+            w.add({"categorical": cat.T[s: s + 1700], "numeric": num.T[s: s + 1700]})
+        shards = w.close()
+    finally:
+        writer_mod.SCRATCH_BYTES = old
+    for s in shards:
+        for g, whole in (("categorical", cat.T), ("numeric", num.T)):
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(whole[s.row_start: s.row_start + s.rows]))
+            assert (tmp_path / s.files[g].file).read_bytes() == buf.getvalue(), (s.index, g)
