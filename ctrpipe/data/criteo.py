@@ -1,8 +1,9 @@
 """Stage 1: Criteo text (plain or gzip) -> typed RawChunks, with the exact file and line of any bad input.
 
-The stream is cut into blocks of `chunk_rows` lines here (not by polars), so every chunk knows its first line
-number, and each block is parsed by `pl.read_csv` with an explicit schema (never `ignore_errors`). The common
-case costs two `bytes.count` calls beyond the parse; only a block that fails them is analysed line by line.
+The input (a memory map for plain files, a stream for gzip) is cut into blocks of `chunk_rows` lines here (not
+by polars), so every chunk knows its first line number, and each block is parsed by `pl.read_csv` with an
+explicit schema (never `ignore_errors`). The common case costs a newline and a separator count beyond the
+parse; only a block that fails them is analysed line by line.
 """
 
 from __future__ import annotations
