@@ -287,7 +287,8 @@ def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path) -
     return {"lib": "ctrpipe", "model": model, "auc": float(gold["auc"]), "logloss": float(gold["logloss"]),
             "samples_per_s": float(metrics["samples_per_s"]),
             "train_seconds": float(metrics["train_seconds"]),
-            "process_seconds": wall, "notes": f"{cfg}, schedule constant"}
+            "process_seconds": wall,
+            "notes": f"{cfg}, embedding optimiser {args.embedding_optimizer}, constant lr"}
 
 
 def run_peer(peer: str, model: str, args: argparse.Namespace, export: Path, work: Path) -> dict:
