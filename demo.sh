@@ -10,7 +10,19 @@ rows="${ROWS:-400000}"
 test_rows="${TEST_ROWS:-100000}"
 cfg=cfgs/demo.yaml
 
-ctrpipe synth --format criteo --rows "$rows" --test-rows "$test_rows" --seed 0 --out data/demo
+# regenerate the data only when the sizes changed, so a re-run reuses the shard caches (fingerprint match)
+if ! python - "$rows" "$test_rows" <<'PY'
+import json, sys
+try:
+    s = json.load(open("data/demo/synth.json"))
+except (OSError, ValueError):
+    sys.exit(1)
+sys.exit(0 if (s["rows"], s["test_rows"], s["seed"]) == (int(sys.argv[1]), int(sys.argv[2]), 0) else 1)
+PY
+then
+  ctrpipe synth --format criteo --rows "$rows" --test-rows "$test_rows" --seed 0 --out data/demo
+  rm -rf shards/demo shards/demo_test   # built from the old files: the new data needs new caches
+fi
 # the synthetic test file is labelled: it doubles as the gold-evaluation split of the training cache
 ctrpipe shard --cfg "$cfg" --input data/demo/train.tsv --gold data/demo/test.tsv --out shards/demo
 ctrpipe shard --cfg "$cfg" --input data/demo/test.tsv --test --stats-from shards/demo --out shards/demo_test
