@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup_env.sh
-ruff check ctrpipe tests benchmarks
+ruff check ctrpipe tests benchmarks scripts
 python -m pytest tests "$@"
