@@ -34,11 +34,15 @@ class DCN(nn.Module):
         super().__init__()
         self.inputs = FeatureInput(spec, cfg, sparse=sparse)
         dim = self.inputs.flat_dim
-        cross = CrossNetV1(dim, cfg.cross_layers)
+        cross = self.make_cross(dim, cfg)
         mlp = MLP(dim, cfg.hidden_units, cfg.dropout, cfg.batch_norm, cfg.activation) \
             if cfg.hidden_units else None
         self.tower = CrossAndDeep(cross, mlp, cfg.structure)
         self.head = OutputHead(self.tower.out_dim, spec)
+
+    def make_cross(self, dim: int, cfg: DCNConfig) -> nn.Module:
+        """The cross tower; DCN v2 overrides only this."""
+        return CrossNetV1(dim, cfg.cross_layers)
 
     def forward(self, batch: Batch) -> Tensor:
         return self.head(self.tower(self.inputs(batch).flat))   # (B, T)
