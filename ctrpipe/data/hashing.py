@@ -321,8 +321,19 @@ def xxh64_strings(values: pa.Array | pa.ChunkedArray | pl.Series, seed: int) -> 
 
 
 def ids_from_hashes(h: np.ndarray, missing: np.ndarray, bins: int) -> np.ndarray:
-    """Map full hashes to [1, bins) and missing rows to 0; int32 when bins fits, else int64."""
-    ids = (h % np.uint64(bins - 1) + np.uint64(1)).astype(_id_dtype(bins))
+    """Map full hashes to [1, bins) and missing rows to 0; int32 when bins fits, else int64.
+
+    Cache-sized blocks and `_mod_` (numpy's divide-by-scalar) instead of `%`: about twice as fast."""
+    n = len(h)
+    ids = np.empty(n, _id_dtype(bins))
+    mod = np.uint64(bins - 1)
+    tmp, q = np.empty(min(n, _BLOCK), np.uint64), np.empty(min(n, _BLOCK), np.uint64)
+    for start in range(0, n, _BLOCK):
+        stop = min(n, start + _BLOCK)
+        hb = tmp[: stop - start]
+        hb[:] = h[start:stop]
+        _mod_(hb, mod, q[: stop - start])
+        np.add(hb, np.uint64(1), out=ids[start:stop], casting="unsafe")
     ids[missing] = 0
     return ids
 
