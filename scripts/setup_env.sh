@@ -16,7 +16,8 @@ if [ "${CTRPIPE_SKIP_TORCH:-0}" != "1" ] && ! python -c "import torch" 2>/dev/nu
   python -m pip install -q "torch==${CTRPIPE_TORCH_VERSION:-2.13.0}"
 fi
 stamp="$venv/.ctrpipe-installed"
-if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+# reinstall when the project or the compiled kernel's source changed (the editable install builds the kernel)
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/ctrpipe/_native.c" -nt "$stamp" ]; then
   python -m pip install -q -e "$root[dev]"
   touch "$stamp"
 fi

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ctrpipe.data.hashing import xxh64_strings
+
 MAX_BAD_EXAMPLES = 5     # readers name at most this many bad rows in an error message
+HASHED_PREFIX = "xxh64:"  # frame column "xxh64:C1": C1 already hashed by the reader (see column_hashes)
 
 
 @dataclass
@@ -26,7 +29,8 @@ class BadRow:
 class RawChunk:
     """A bounded slice of one input file, typed but not yet transformed.
 
-    frame columns: numeric -> Float64 (null = missing); categorical -> String (null or "" = missing);
+    frame columns: numeric -> Float64 (null or NaN = missing); categorical -> String (null or "" = missing),
+    or, when the reader hashed it already, UInt64 under the name `HASHED_PREFIX + name` (see column_hashes);
     token columns -> String (null or "" = no tokens); labels -> Float32; id column -> its own dtype.
     Criteo text: 'label', I1..I13, C1..C26 ('label' absent for 39-field test files).
     """
@@ -45,3 +49,38 @@ class RawChunk:
     def line_of(self, i: int) -> int:
         """Line (text) or row (Parquet) in `source` of frame row i."""
         return int(self.line_numbers[i]) if self.line_numbers is not None else self.first_line + i
+
+
+def hashed_name(column: str) -> str:
+    """Frame name of a categorical column that the reader delivers as xxh64 hashes."""
+    return HASHED_PREFIX + column
+
+
+def has_column(frame: pl.DataFrame, column: str) -> bool:
+    """Whether `column` is in the frame, as text or already hashed."""
+    return column in frame.columns or hashed_name(column) in frame.columns
+
+
+def string_missing(s: pl.Series) -> np.ndarray:
+    """(N,) bool: null or empty string, the categorical 'missing' convention."""
+    if s.dtype != pl.String:
+        s = s.cast(pl.String)
+    return (s.is_null() | (s.str.len_bytes() == 0)).to_numpy()
+
+
+def column_hashes(frame: pl.DataFrame, column: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """((N,) uint64 xxh64 of each value's UTF-8 text with `seed`, (N,) bool missing); hash 0 where missing.
+
+    A reader may hash a column already (the compiled Criteo kernel does, with the column's field seed, 0 for
+    an empty value): then the frame holds `hashed_name(column)` instead of the text, and a real hash of
+    exactly 0 (probability 2**-64) would read as missing. Both forms give the same arrays.
+    """
+    pre = frame.get_column(hashed_name(column), default=None)
+    if pre is not None:
+        h = pre.to_numpy()
+        return h, h == 0
+    s = frame[column]
+    h = xxh64_strings(s, seed)
+    missing = string_missing(s)
+    h[missing] = 0
+    return h, missing

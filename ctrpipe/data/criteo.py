@@ -8,6 +8,7 @@ parse; only a block that fails them is analysed line by line.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import mmap
@@ -21,8 +22,11 @@ from typing import BinaryIO, Literal
 import numpy as np
 import polars as pl
 
-from ctrpipe.data.chunks import BadRow, RawChunk
+from ctrpipe.data.chunks import BadRow, RawChunk, hashed_name
 from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig
+from ctrpipe.data.hashing import field_seed
+from ctrpipe.data.native import native
+from ctrpipe.data.prefetch import prefetch
 from ctrpipe.data.schema import CRITEO_LABEL
 from ctrpipe.errors import InputFormatError, location
 
@@ -304,13 +308,27 @@ def _separator_hint(line: str, sep: str) -> str:
 
 @dataclass
 class CriteoReader:
-    """Parses blocks of one file into RawChunks. `keep` lists the output columns (labels, numeric, cats)."""
+    """Parses blocks of one file into RawChunks. `keep` lists the output columns (labels, numeric, cats).
+
+    `hash_seeds` (categorical column -> field seed) asks for those columns as xxh64 hashes (see
+    `column_hashes`); then, when the compiled kernel is available, a block is parsed and hashed in one pass
+    over its bytes, and only a block the kernel declines (a malformed line, a non-integer count) goes through
+    polars, which gives the same values or the exact error.
+    """
 
     path: Path
     sep: str
     n_fields: int
     keep: list[str]
     bad_rows: BadMode
+    hash_seeds: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cats = self.columns[self.n_fields - len(CRITEO_CAT):]
+        # the kernel hashes every categorical field; it can serve the block only when each kept one is hashed
+        kept_cats = [c for c in cats if c in self.keep]
+        self._kernel_ok = bool(kept_cats) and all(c in self.hash_seeds for c in kept_cats)
+        self._seeds = np.array([self.hash_seeds.get(c, 0) for c in cats], dtype=np.uint64)
 
     @property
     def has_labels(self) -> bool:
@@ -332,6 +350,10 @@ class CriteoReader:
         data = block.data.replace(b"\r\n", b"\n") if b"\r" in block.data else block.data
         line_idx: np.ndarray | None = None          # kept lines (0-based in block) when some were dropped
         bad: list[BadRow] = []
+        frame = self._kernel_frame(data, block) if self._kernel_ok else None
+        if frame is not None:
+            frame, line_idx, bad = self._check_labels(frame, block, None)
+            return self._raw_chunk(self._finish(frame), block, line_idx, bad)
         # numpy counts a byte ~8x faster than bytes.count; a mismatch sends the block to the line check
         n_sep = _count_byte(data, ord(self.sep), 0, len(data))
         checked = n_sep != (self.n_fields - 1) * block.lines
@@ -351,11 +373,38 @@ class CriteoReader:
             bad += more
         frame, line_idx, more = self._check_labels(frame, block, line_idx)
         bad += more
-        frame = self._finish(frame)
+        return self._raw_chunk(self._finish(frame), block, line_idx, bad)
+
+    def _raw_chunk(self, frame: pl.DataFrame, block: _Block, line_idx: np.ndarray | None,
+                   bad: list[BadRow]) -> RawChunk:
         first = block.first_line + (int(line_idx[0]) if line_idx is not None and len(line_idx) else 0)
         lines = None if line_idx is None else (block.first_line + line_idx).astype(np.int64)
         return RawChunk(frame=frame, source=self.path, first_line=first, nbytes=len(block.data), bad_rows=bad,
                         has_labels=self.has_labels, line_numbers=lines, file_bytes=block.file_bytes)
+
+    # -- the compiled kernel
+    def _kernel_frame(self, data: bytes, block: _Block) -> pl.DataFrame | None:
+        """The block parsed and hashed by the compiled kernel, or None (no kernel, or a line it declines)."""
+        kernel = native()
+        if kernel is None:
+            return None
+        if not data.isascii():
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:      # polars' path finds the line and reports it
+                return None
+        n, n_cat = block.lines, len(CRITEO_CAT)
+        n_num = self.n_fields - n_cat
+        numeric = np.empty((n_num, n), dtype=np.float64)
+        hashes = np.empty((n_cat, n), dtype=np.uint64)
+        bad = kernel.criteo_block(data, n, self.n_fields, n_num, int(self.has_labels), ord(self.sep),
+                                  self._seeds, numeric, hashes)
+        if bad >= 0:
+            return None
+        names = self.columns
+        cols: dict[str, np.ndarray] = {c: numeric[j] for j, c in enumerate(names[:n_num]) if c in self.keep}
+        cols.update({hashed_name(c): hashes[k] for k, c in enumerate(names[n_num:]) if c in self.hash_seeds})
+        return pl.DataFrame(cols)
 
     # -- field counts
     def _check_fields(self, data: bytes, block: _Block) -> tuple[bytes, np.ndarray | None, list[BadRow]]:
@@ -483,16 +532,22 @@ class CriteoReader:
         return frame.filter(pl.Series(~badmask)), idx[~badmask], bad
 
     def _finish(self, frame: pl.DataFrame) -> pl.DataFrame:
-        cols = [c for c in self.keep if c in frame.columns]
+        """Kept columns in `keep` order: labels as Float32, categoricals as text or (kernel) hashes."""
+        cols = [hashed_name(c) if hashed_name(c) in frame.columns else c for c in self.keep
+                if c in frame.columns or hashed_name(c) in frame.columns]
         exprs = [pl.col(c).cast(pl.Float32) if c == CRITEO_LABEL else pl.col(c) for c in cols]
         return frame.select(exprs)
 
 
 def iter_criteo_chunks(cfg: DataConfig, path: Path, chunk_rows: int, keep: list[str],
-                       bad_rows: BadMode = "error", require_labels: bool = True) -> Iterator[RawChunk]:
-    """RawChunks of one Criteo text file; `keep` names the columns the config uses."""
+                       bad_rows: BadMode = "error", require_labels: bool = True,
+                       hashed: tuple[str, ...] = ()) -> Iterator[RawChunk]:
+    """RawChunks of one Criteo text file; `keep` names the columns the config uses, `hashed` the
+    categorical ones the caller only needs as hashes (field seeds from cfg.hash_seed)."""
+    seeds = {c: field_seed(c, cfg.hash_seed) for c in hashed}
     reader: CriteoReader | None = None
-    for block in iter_blocks(path, chunk_rows):
+    # blocks are cut one ahead in their own thread: cutting (page faults, copies) overlaps the parse
+    for block in prefetch(lambda: iter_blocks(path, chunk_rows), 1, "ctrpipe-read"):
         if reader is None:
             n_fields = detect_layout(path, block, cfg.separator)
             if require_labels and n_fields == TEST_FIELDS:
@@ -500,7 +555,7 @@ def iter_criteo_chunks(cfg: DataConfig, path: Path, chunk_rows: int, keep: list[
                     f"the file has {TEST_FIELDS} fields per line (no label column): a test file?",
                     where=str(path),
                     fix="pass --test to shard unlabelled test data, or check that this is the training file")
-            reader = CriteoReader(path, cfg.separator, n_fields, keep, bad_rows)
+            reader = CriteoReader(path, cfg.separator, n_fields, keep, bad_rows, seeds)
         yield reader.chunk(block)
     if reader is None:
         raise InputFormatError("input file is empty", where=str(path), fix="re-create or re-download it")

@@ -26,16 +26,22 @@ def resolve_inputs_columns(cfg: DataConfig, inputs: list[Path]) -> ResolvedColum
 
 def iter_raw_chunks(cfg: DataConfig, inputs: list[Path], chunk_rows: int,
                     bad_rows: Literal["error", "skip"] = "error", require_labels: bool = True,
-                    columns: ResolvedColumns | None = None) -> Iterator[RawChunk]:
+                    columns: ResolvedColumns | None = None, hash_categoricals: bool = False,
+                    ) -> Iterator[RawChunk]:
     """Typed chunks of at most chunk_rows rows, file by file in the given order, rows in file order.
 
-    Columns are resolved once, against the first file, so every chunk has the same columns.
+    Columns are resolved once, against the first file, so every chunk has the same columns. With
+    `hash_categoricals`, a reader may deliver categorical columns as their hashes (`column_hashes` reads
+    either form); the shard build asks for that, so Criteo text is parsed and hashed in one compiled pass.
     """
     if not inputs:
         return
     rc = columns or resolve_inputs_columns(cfg, inputs)
+    token_columns = {t.column for t in rc.tokens}
+    hashed = tuple(c for c in rc.categorical if c not in token_columns and c != rc.id) if hash_categoricals else ()
     for path in inputs:
         if cfg.format == "criteo":
-            yield from iter_criteo_chunks(cfg, path, chunk_rows, rc.raw_columns(), bad_rows, require_labels)
+            yield from iter_criteo_chunks(cfg, path, chunk_rows, rc.raw_columns(), bad_rows, require_labels,
+                                          hashed=hashed)
         else:
             yield from iter_parquet_chunks(cfg, path, chunk_rows, rc, bad_rows, require_labels)

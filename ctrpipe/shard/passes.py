@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from ctrpipe.console import human_rate, make_progress
+from ctrpipe.data.chunks import column_hashes, has_column
 from ctrpipe.data.config import DataConfig
 from ctrpipe.data.covisit import CovisitCounter
 from ctrpipe.data.fitted import (
@@ -31,8 +30,8 @@ from ctrpipe.data.fitted import (
     VocabTable,
     round32,
 )
-from ctrpipe.data.hashing import xxh64_strings
 from ctrpipe.data.parquet import read_schema
+from ctrpipe.data.prefetch import prefetch
 from ctrpipe.data.reader import iter_raw_chunks
 from ctrpipe.data.schema import resolve_columns
 from ctrpipe.data.splits import SPLIT_GOLD, SPLIT_TEST, FoldAssigner, assign_split
@@ -48,7 +47,6 @@ from ctrpipe.shard.transform import (
     labels_matrix,
     make_plan,
     numeric32,
-    string_missing,
 )
 from ctrpipe.shard.writer import ShardWriter
 
@@ -98,51 +96,13 @@ def _schema(data: DataConfig, paths: list[Path]) -> Any:
 
 # -------------------------------------------------------------------------------------------- chunking
 
-def prefetch(make: Callable[[], Iterator[T]], depth: int = PREFETCH_DEPTH) -> Iterator[T]:
-    """Run an iterator in a background thread, `depth` items ahead; worker errors re-raise here."""
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in make():
-                if not put(("item", item)):
-                    return
-            put(("end", None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
-            put(("error", exc))
-
-    thread = threading.Thread(target=work, name="ctrpipe-parse", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "item":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise value
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-
-
 def _chunks(plan: Plan, paths: list[Path], require_labels: bool) -> Iterator[Any]:
     if not paths:
         return iter(())
     data = plan.cfg
     return prefetch(lambda: iter_raw_chunks(data, paths, data.chunk_rows, bad_rows=data.bad_rows,
-                                            require_labels=require_labels, columns=plan.columns))
+                                            require_labels=require_labels, columns=plan.columns,
+                                            hash_categoricals=True), PREFETCH_DEPTH, "ctrpipe-parse")
 
 
 def count_rows(data: DataConfig, paths: list[Path]) -> int:
@@ -177,21 +137,22 @@ class _Splitter:
         if tail and inputs.row_count is None:
             inputs.row_count = count_rows(plan.cfg, inputs.main)    # once per build, shared by both passes
         self.n_rows = inputs.row_count if tail else None
+        self.seed = plan.seed(self.cfg.key) if self.cfg.key else 0
 
     def __call__(self, frame: pl.DataFrame, idx: np.ndarray) -> np.ndarray:
         if self.role == "test":
             return np.full(len(idx), SPLIT_TEST, dtype=np.int8)
-        key = key_hash(frame, self.cfg.key) if self.cfg.mode == "group" else None
+        key = key_hash(frame, self.cfg.key, self.seed) if self.cfg.mode == "group" else None
         return assign_split(idx, self.cfg, n_rows=self.n_rows, key_hash=key)
 
 
-def key_hash(frame: pl.DataFrame, key: str) -> np.ndarray:
-    """(N,) uint64 hash of a grouping column's value (any dtype, via its string form)."""
-    if key not in frame.columns:
+def key_hash(frame: pl.DataFrame, key: str, seed: int) -> np.ndarray:
+    """(N,) uint64 hash of a grouping column's value (any dtype, via its string form; missing -> 0)."""
+    if not has_column(frame, key):
         raise SchemaError(f"group key column {key!r} is not among the parsed columns",
                           where=f"data.split.key / data.folds.key = {key}",
                           fix=f"use one of {frame.columns[:10]} (the key must be a configured column)")
-    return xxh64_strings(frame[key].cast(pl.String), 0)
+    return column_hashes(frame, key, seed)[0]
 
 
 # ------------------------------------------------------------------------------------------- pass 1: fit
@@ -221,12 +182,12 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
                     valid = np.isfinite(raw)
                     mom.update(np.asarray(log1p_transform(np.where(valid, raw, 0.0), num.log1p)), valid)
             for c, counter in vocab.items():
-                s = ft[c]
-                counter.add(xxh64_strings(s, plan.seed(c))[~string_missing(s)])
+                h, missing = column_hashes(ft, c, plan.seed(c))
+                counter.add(h[~missing])
             for cv in plan.covisit:
-                target = ft[cv.target]
-                covisit[cv.name].update(xxh64_strings(target, plan.seed(cv.target)), string_missing(target),
-                                        context_tokens(plan, ft, cv.context), np.ones(ft.height, dtype=bool))
+                h, missing = column_hashes(ft, cv.target, plan.seed(cv.target))
+                covisit[cv.name].update(h, missing, context_tokens(plan, ft, cv.context),
+                                        np.ones(ft.height, dtype=bool))
             bar.advance(chunk, frame.height)
     fills = nacc.fills(num.impute)
     if mom is not None:
@@ -298,7 +259,8 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
                 y = labels_matrix(frame, labels) if has_labels else None
                 fold = np.full(n, -1, dtype=np.int8)
                 if folds.enabled and not is_gold:
-                    key = key_hash(frame, data.folds.key) if data.folds.mode == "group" else None
+                    key = (key_hash(frame, data.folds.key, plan.seed(data.folds.key))
+                           if data.folds.mode == "group" else None)
                     fold = folds.assign(idx, label=y[:, fold_label] if y is not None else None, key_hash=key)
                 arrays, missing = transformer.transform(frame, split)
                 if "numeric" in arrays:

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ctrpipe.data.chunks import column_hashes
 from ctrpipe.data.config import CovisitConfig, DataConfig, TokenColumnConfig
 from ctrpipe.data.covisit import ContextTokens, covisit_features
 from ctrpipe.data.fitted import Fitted, safe_name
-from ctrpipe.data.hashing import field_seed, hash_ids, xxh64_strings
+from ctrpipe.data.hashing import field_seed, hash_ids, ids_from_hashes
 from ctrpipe.data.schema import ResolvedColumns
 from ctrpipe.data.transforms import log1p_transform, tokens_hashes, tokens_to_ids
 from ctrpipe.errors import SchemaError
@@ -145,11 +146,6 @@ def numeric32(frame: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
     return x.T                                                       # (N, F) view, Fortran order
 
 
-def string_missing(s: pl.Series) -> np.ndarray:
-    """(N,) bool: null or empty string, the categorical 'missing' convention."""
-    return (s.is_null() | (s.str.len_bytes() == 0)).to_numpy()
-
-
 def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str) -> ContextTokens:
     """Hashes of the tokens a row carries in `fld` (a token column or a categorical column)."""
     for tc in plan.tokens:
@@ -157,10 +153,8 @@ def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str) -> ContextTokens:
             flat, lengths = tokens_hashes(frame[fld], tc.separator, plan.token_keep(tc), tc.max_len,
                                           plan.seed(fld), weighted=tc.weighted)
             return ContextTokens(np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64))
-    s = frame[fld]
-    present = ~string_missing(s)
-    h = xxh64_strings(s, plan.seed(fld))
-    return ContextTokens(h[present], present.astype(np.int64))
+    h, missing = column_hashes(frame, fld, plan.seed(fld))
+    return ContextTokens(h[~missing], (~missing).astype(np.int64))
 
 
 class ChunkTransformer:
@@ -214,7 +208,7 @@ class ChunkTransformer:
         if plan.categorical:
             cat = np.empty((len(plan.categorical), n), dtype=np.int32)    # (Fc, N): contiguous writes
             for j, c in enumerate(plan.categorical):
-                cat[j] = self._categorical(frame[c])
+                cat[j] = self._categorical(frame, c)
             out["categorical"] = cat.T          # (N, Fc) view, column-major like "numeric" (see above)
         for tc in plan.tokens:
             tokens, lengths, weights = tokens_to_ids(frame[tc.column], tc.separator, tc.max_len,
@@ -227,19 +221,22 @@ class ChunkTransformer:
                 out[f"{stem}.weights"] = np.asarray(weights, dtype=np.float32)
         return out, missing_counts
 
-    def _categorical(self, s: pl.Series) -> np.ndarray:
-        name = str(s.name)
+    def _categorical(self, frame: pl.DataFrame, name: str) -> np.ndarray:
+        seed = self.plan.seed(name)
         if self.plan.cfg.categorical.mode == "vocab":
-            return self.fitted.vocab[name].lookup(xxh64_strings(s, self.plan.seed(name)), string_missing(s))
-        return hash_ids(s, self.plan.seed(name), self.plan.cat_bins(name, self.fitted))
+            return self.fitted.vocab[name].lookup(*column_hashes(frame, name, seed))
+        bins = self.plan.cat_bins(name, self.fitted)
+        if name in frame.columns:      # text: hashing fused with the modulo
+            return hash_ids(frame[name], seed, bins)
+        h, missing = column_hashes(frame, name, seed)
+        return ids_from_hashes(h, missing, bins)
 
     def _covisit(self, frame: pl.DataFrame, cv: CovisitConfig, split: np.ndarray) -> np.ndarray:
         pairs, ctx_table = self.fitted.covisit[cv.name]
-        target = frame[cv.target]
-        h = xxh64_strings(target, self.plan.seed(cv.target))
+        h, missing = column_hashes(frame, cv.target, self.plan.seed(cv.target))
         loo = (split == 0) if self.loo_fitted and cv.leave_one_out else np.zeros(frame.height, dtype=bool)
-        return covisit_features(pairs, ctx_table, h, string_missing(target), context_tokens(self.plan, frame,
-                                cv.context), cv.smoothing, loo)
+        return covisit_features(pairs, ctx_table, h, missing, context_tokens(self.plan, frame, cv.context),
+                                cv.smoothing, loo)
 
 
 def labels_matrix(frame: pl.DataFrame, labels: tuple[str, ...]) -> np.ndarray:

@@ -1,0 +1,28 @@
+"""Stage 1: the optional compiled kernel (`ctrpipe/_native.c`), or None.
+
+None when the extension was not built (no C compiler at install time) or when the environment sets
+`CTRPIPE_NATIVE=0`; callers then take their polars + numpy path, which gives the same output, so tests
+build the same cache both ways and compare the bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+try:
+    from ctrpipe import _native as _module
+except ImportError:          # built without a compiler: the pure-Python path is used
+    _module = None
+
+
+def native() -> ModuleType | None:
+    """The compiled module, unless it is missing or switched off with CTRPIPE_NATIVE=0."""
+    if _module is None or os.environ.get("CTRPIPE_NATIVE", "1") == "0":
+        return None
+    return _module
+
+
+def native_built() -> bool:
+    """Whether the extension is importable at all (whatever CTRPIPE_NATIVE says)."""
+    return _module is not None
