@@ -347,10 +347,13 @@ class CriteoReader:
                            schema=self._schema(numeric_as_text))
 
     def chunk(self, block: _Block) -> RawChunk:
-        data = block.data.replace(b"\r\n", b"\n") if b"\r" in block.data else block.data
+        cr = b"\r" in block.data
+        data = block.data.replace(b"\r\n", b"\n") if cr else block.data
         line_idx: np.ndarray | None = None          # kept lines (0-based in block) when some were dropped
         bad: list[BadRow] = []
-        frame = self._kernel_frame(data, block) if self._kernel_ok else None
+        # a "\r\n" left after the replace came from "\r\r\n", where polars drops one more "\r": its path decides
+        use_kernel = self._kernel_ok and not (cr and b"\r\n" in data)
+        frame = self._kernel_frame(data, block) if use_kernel else None
         if frame is not None:
             frame, line_idx, bad = self._check_labels(frame, block, None)
             return self._raw_chunk(self._finish(frame), block, line_idx, bad)

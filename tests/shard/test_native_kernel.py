@@ -107,7 +107,10 @@ def test_kernel_and_polars_paths_build_identical_caches(tmp_path: Path, monkeypa
     plain = tmp_path / "a.tsv"
     plain.write_text("\n".join(rows[:400]) + "\n", encoding="utf-8")
     crlf = tmp_path / "b.tsv"
-    crlf.write_bytes(("\r\n".join(rows[400:]) + "\r\n").encode("utf-8"))
+    crlf_rows = rows[400:]
+    crlf_rows[70] = crlf_rows[70].rsplit("\t", 1)[0] + "\tx\ry"                      # a lone CR in C26
+    crlf_rows[100] += "\r"                                                          # "\r\r\n" at a line end
+    crlf.write_bytes(("\r\n".join(crlf_rows) + "\r\n").encode("utf-8"))
     cfg = criteo_cfg("data.chunk_rows=64", *extra)
     built = {}
     for flag in ("1", "0"):
@@ -122,7 +125,7 @@ def test_kernel_and_polars_paths_build_identical_caches(tmp_path: Path, monkeypa
     monkeypatch.setenv("CTRPIPE_NATIVE", "1")
     kinds = [hashed_name("C1") in chunk.frame.columns
              for chunk in iter_raw_chunks(cfg.data, [plain, crlf], 64, hash_categoricals=True)]
-    assert sum(kinds) >= 5 and not all(kinds)
+    assert sum(kinds) >= 3 and not all(kinds)
 
 
 def test_kernel_path_reports_bad_lines_like_polars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
