@@ -23,6 +23,7 @@ from ctrpipe.train.checkpoint import save_checkpoint
 from ctrpipe.train.config import TrainConfig
 from ctrpipe.train.ema import ModelEMA
 from ctrpipe.train.evaluate import Predictions, autocast, predict
+from ctrpipe.train.hostmem import keep_freed_memory
 from ctrpipe.train.optim import build_optimizers, lr_factor, set_lr
 from ctrpipe.train.rundir import RunLog
 from ctrpipe.train.stopping import EarlyStopping
@@ -95,6 +96,8 @@ def fit(inp: FitInputs) -> FitResult:  # noqa: C901 - the loop is meant to be re
     `best_path`.
     """
     cfg, device, model = inp.cfg, inp.device, inp.model.to(inp.device)
+    if device.type == "cpu":
+        keep_freed_memory()   # no page faults for each step's activations (see hostmem.py)
     optimizers = build_optimizers(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     ema = ModelEMA(model, cfg.ema) if cfg.ema > 0 else None
