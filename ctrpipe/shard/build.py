@@ -36,6 +36,7 @@ from ctrpipe.shard.manifest import (
 )
 from ctrpipe.shard.passes import Inputs, check_plan, fit_pass, resolve_plan, write_pass
 from ctrpipe.shard.writer import shard_dirname
+from ctrpipe.train.hostmem import keep_freed_memory
 
 Role = Literal["train", "test"]
 _OURS = re.compile(r"^(shard_\d{5}(\.incomplete)?|fitted|manifest\.json\.incomplete|\.incomplete-[0-9a-f]+)$")
@@ -73,6 +74,7 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
                  progress: bool = True) -> BuildResult:
     """Build (or reuse, or resume) the shard cache `out` from raw `inputs`; see the module docstring."""
     t0 = time.perf_counter()
+    keep_freed_memory()     # every chunk's ~30 MB of arrays is reused, not page-faulted in again (~6% CPU)
     data = cfg.data if isinstance(cfg, RunConfig) else cfg
     cfg_sources = {k: v for k, v in (cfg.sources if isinstance(cfg, RunConfig) else {}).items()
                    if k.startswith("data.")}
