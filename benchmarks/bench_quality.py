@@ -43,6 +43,8 @@ PEERS = {"deepctr": "deepctr_run.py", "fuxictr": "fuxictr_run.py"}
 PEER_MODEL = {"deepctr": {"dnn": "WDL, no wide part", "deepfm": "DeepFM",
                           "dcnv2": "DCN matrix cross, no wide part", "dcnmix": "DCNMix, no wide part"},
               "fuxictr": {"dnn": "DNN", "deepfm": "DeepFM", "dcnv2": "DCNv2"}}
+# ctrpipe models whose numeric input layout --numeric sets (dnn always appends them: cfgs/criteo_dnn.yaml)
+NUMERIC_MODELS = ("deepfm", "dcn", "dcnv2", "dcnmix")
 GOAL_AUC_DIFF = -0.001
 GOAL_SPEEDUP = 2.0
 
@@ -271,10 +273,11 @@ def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path) -
                  "model.batch_norm=false"]
     if model in ("dcnv2", "dcnmix"):
         sets += [f"model.cross_layers={args.cross_layers}"]
-    if model in ("dcn", "dcnv2", "dcnmix"):
-        # concat: raw numerics appended to the 26 x 16 embeddings (429-wide cross input, as in the DCN papers
-        # and DeepCTR-Torch); token: one 16-d vector per numeric column (624 wide, as FuxiCTR)
-        sets += [f"model.numeric={args.dcn_numeric}"]
+    if model in NUMERIC_MODELS:
+        # concat: raw numerics appended to the 26 x 16 embeddings (a 429-wide MLP / cross input; FM over the 26
+        # categorical fields only), as DeepCTR-Torch and the DeepFM / DCN papers do; token: one 16-d field per
+        # numeric column (624 wide, FuxiCTR's layout)
+        sets += [f"model.numeric={args.numeric}"]
     if model == "dcnmix":
         sets += ["model.cross_kind=mixture", "model.low_rank=32", "model.n_experts=4"]
     cfg = f"cfgs/criteo_{'dcnv2' if model == 'dcnmix' else model}.yaml"
@@ -293,7 +296,7 @@ def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path) -
             "train_seconds": float(metrics["train_seconds"]),
             "process_seconds": wall,
             "notes": f"{cfg}, embedding optimiser {args.embedding_optimizer}, constant lr" +
-                     (f", numeric={args.dcn_numeric}" if model in ("dcn", "dcnv2", "dcnmix") else "")}
+                     (f", numeric={args.numeric}" if model in NUMERIC_MODELS else "")}
 
 
 def run_peer(peer: str, model: str, args: argparse.Namespace, export: Path, work: Path) -> dict:
@@ -379,10 +382,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--embedding-dim", type=int, default=16)
     ap.add_argument("--hidden", default="400,400,400")
     ap.add_argument("--cross-layers", type=int, default=3)
-    ap.add_argument("--dcn-numeric", choices=("concat", "token"), default="concat",
-                    help="how ctrpipe's DCN / DCN v2 take the 13 numerics: concat (appended raw: 429-wide cross "
-                         "input, like DeepCTR-Torch and the DCN papers) or token (a 16-d field each: 624 wide, "
-                         "like FuxiCTR; ~1.7x the cross cost)")
+    ap.add_argument("--numeric", choices=("concat", "token"), default="concat",
+                    help="how ctrpipe's DeepFM, DCN and DCN v2 take the 13 numerics: concat (appended raw to the "
+                         "embeddings, 429 wide, FM over the categorical fields: DeepCTR-Torch's layout) or token "
+                         "(a 16-d field each, 624 wide: FuxiCTR's layout, ~1.1x DeepFM's and ~1.7x DCN v2's step)")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--embedding-optimizer", default="lazy_adam",
@@ -431,7 +434,7 @@ def main() -> None:
                               "numeric": "log1p" + (" + standardize" if args.standardize else ""),
                               "synth_seed": args.seed, "train_seed": args.train_seed},
                      "threads": args.threads, "batch_size": args.batch_size, "lr": args.lr,
-                     "embedding_dim": args.embedding_dim, "hidden": args.hidden, "dcn_numeric": args.dcn_numeric,
+                     "embedding_dim": args.embedding_dim, "hidden": args.hidden, "numeric_mode": args.numeric,
                      "reference": [],
                      "models": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     orc = oracle(work, export)
