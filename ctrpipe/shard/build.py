@@ -25,6 +25,7 @@ from ctrpipe.data.config import DataConfig
 from ctrpipe.data.fitted import FITTED_DIR, Fitted
 from ctrpipe.data.sources import expand_inputs
 from ctrpipe.errors import ConfigError, ManifestMismatchError
+from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.shard.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -36,7 +37,6 @@ from ctrpipe.shard.manifest import (
 )
 from ctrpipe.shard.passes import Inputs, check_plan, fit_pass, resolve_plan, write_pass
 from ctrpipe.shard.writer import shard_dirname
-from ctrpipe.train.hostmem import keep_freed_memory
 
 Role = Literal["train", "test"]
 _OURS = re.compile(r"^(shard_\d{5}(\.incomplete)?|fitted|manifest\.json\.incomplete|\.incomplete-[0-9a-f]+)$")

@@ -18,12 +18,12 @@ from torch import nn
 from ctrpipe.console import console, human_rate, make_progress
 from ctrpipe.errors import TrainingError
 from ctrpipe.features import FeatureSpec
+from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.loader.batch import Batch
 from ctrpipe.train.checkpoint import save_checkpoint
 from ctrpipe.train.config import TrainConfig
 from ctrpipe.train.ema import ModelEMA
 from ctrpipe.train.evaluate import Predictions, autocast, predict
-from ctrpipe.train.hostmem import keep_freed_memory
 from ctrpipe.train.optim import build_optimizers, lr_factor, set_lr
 from ctrpipe.train.rundir import RunLog
 from ctrpipe.train.stopping import EarlyStopping

@@ -1,4 +1,4 @@
-"""hostmem.keep_freed_memory: glibc malloc tuning for CPU training is applied once, and can be switched off."""
+"""hostmem.keep_freed_memory: glibc malloc tuning (shard build, CPU training), applied once, can be switched off."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-CODE = "from ctrpipe.train.hostmem import keep_freed_memory as k; print(k(), k())"
+CODE = "from ctrpipe.hostmem import keep_freed_memory as k; print(k(), k())"
 
 
 def _run(env_value: str | None) -> str:
