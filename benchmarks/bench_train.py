@@ -25,8 +25,8 @@ every step.
 Measured (2-CPU shared VM, torch 2.13 CPU, 2 threads, 400k rows, 1M bins, cfgs defaults lazy_adam + dropout 0),
 2026-11-22 15:37, load 1.1-1.9: e2e samples/s at batch 4096 / 16384: dnn 49.0k / 61.8k, deepfm 33.1k / 38.5k,
 dcnv2 19.9k / 17.1k; e2e/ceiling 0.90-1.13; optimiser share 20% / 23% / 8% at 4096. Earlier code (load
-1.2-2.0): dnn 44.9k / 54.8k, deepfm 37.8k / 40.0k, dcnv2 19.2k / 17.6k; ratios 0.98-1.03. Before (dense adam, dropout 0.1,
-load 2.4-4.1): dnn ~0.5-1.1k, deepfm ~0.8-1.0k, dcnv2 ~0.4-0.5k.
+1.2-2.0): dnn 44.9k / 54.8k, deepfm 37.8k / 40.0k, dcnv2 19.2k / 17.6k; ratios 0.98-1.03.
+Before (dense adam, dropout 0.1, load 2.4-4.1): dnn ~0.5-1.1k, deepfm ~0.8-1.0k, dcnv2 ~0.4-0.5k.
 """
 
 from __future__ import annotations
