@@ -73,3 +73,24 @@ def test_lazy_adam_state_round_trip_continues_exactly():
         _step(a, ids, target, opt_a)
         _step(b, ids, target, opt_b)
     assert torch.equal(a.weight, b.weight)
+
+
+def test_lazy_adam_one_column_tables_and_shared_ids_match_sparse_adam():
+    # DeepFM's case: a (rows, 16) table and a (rows, 1) first-order table looked up with the same ids in one
+    # optimiser: the shared deduplication and the bincount sum of one-column tables give SparseAdam's result
+    torch.manual_seed(0)
+    emb, first = nn.Embedding(40, 4, sparse=True), nn.Embedding(40, 1, sparse=True)
+    ref_emb, ref_first = copy.deepcopy(emb), copy.deepcopy(first)
+    opt = LazyAdam([*emb.parameters(), *first.parameters()], lr=0.03)
+    ref = torch.optim.SparseAdam([*ref_emb.parameters(), *ref_first.parameters()], lr=0.03)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        ids = torch.randint(0, 25, (16, 6), generator=gen)          # duplicates in every step
+        target = torch.randn(16, generator=gen)
+        for (e, f), o in (((emb, first), opt), ((ref_emb, ref_first), ref)):
+            o.zero_grad(set_to_none=True)
+            ((e(ids).sum(dim=(1, 2)) + f(ids).sum(dim=(1, 2)) - target) ** 2).sum().backward()
+            o.step()
+    torch.testing.assert_close(emb.weight, ref_emb.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first.weight, ref_first.weight, rtol=1e-5, atol=1e-6)
+    assert torch.equal(first.weight[25:], ref_first.weight[25:])
