@@ -1,9 +1,11 @@
 """Stage 1: Criteo text (plain or gzip) -> typed RawChunks, with the exact file and line of any bad input.
 
 The input (a memory map for plain files, a stream for gzip) is cut into blocks of `chunk_rows` lines here (not
-by polars), so every chunk knows its first line number, and each block is parsed by `pl.read_csv` with an
-explicit schema (never `ignore_errors`). The common case costs a newline and a separator count beyond the
-parse; only a block that fails them is analysed line by line.
+by polars), so every chunk knows its first line number. When the caller wants categoricals as hashes and the
+compiled kernel (`ctrpipe/_native.c`) is built, a block is checked, parsed and hashed in one pass over its
+bytes; otherwise, and for every block the kernel declines, it is parsed by `pl.read_csv` with an explicit schema
+(never `ignore_errors`), which costs a separator count beyond the parse; only a block that fails that is analysed
+line by line, and that path names the file, line, column and fix of any bad input.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from ctrpipe.data.chunks import BadRow, RawChunk, hashed_name
 from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig
 from ctrpipe.data.hashing import field_seed
 from ctrpipe.data.native import native
-from ctrpipe.data.prefetch import prefetch
 from ctrpipe.data.schema import CRITEO_LABEL
 from ctrpipe.errors import InputFormatError, location
+from ctrpipe.prefetch import prefetch
 
 LABELLED_FIELDS = 1 + len(CRITEO_INT) + len(CRITEO_CAT)    # 40
 TEST_FIELDS = LABELLED_FIELDS - 1                          # 39

@@ -17,10 +17,10 @@ from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import HostBuffers, HostPool, layout_of
 from ctrpipe.loader.config import LoaderConfig
-from ctrpipe.loader.prefetch import background
 from ctrpipe.loader.sampler import EpochPlan, Piece, ShuffleStrategy, epoch_rng
 from ctrpipe.loader.shards import ShardArrays
 from ctrpipe.loader.view import RowView, resolve_view
+from ctrpipe.prefetch import prefetch
 from ctrpipe.shard.manifest import Manifest, read_manifest
 
 
@@ -164,7 +164,7 @@ class ShardLoader:
             batch = buf.batch(self._fill(buf, plan.pieces(k)))
             return batch if self.device.type == "cpu" else batch.to(self.device)
 
-        return background(produce, range(start, plan.num_batches), self.prefetch)
+        return prefetch(lambda: map(produce, range(start, plan.num_batches)), self.prefetch, "ctrpipe-loader")
 
     def _iter_cuda(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
         ring = [HostBuffers(self._layout, self.batch_size, self.pin) for _ in range(self.prefetch + 2)]
@@ -181,7 +181,8 @@ class ShardLoader:
                 buf.event.record(side)
             return batch, buf.event
 
-        batches = background(produce, range(start, plan.num_batches), self.prefetch)
+        batches = prefetch(lambda: map(produce, range(start, plan.num_batches)), self.prefetch,
+                           "ctrpipe-loader")
         try:
             for batch, ready in batches:
                 current = torch.cuda.current_stream(self.device)

@@ -1,7 +1,8 @@
 """Stage 2: the passes over raw input that `build_shards` runs: an optional row count (tail split), the fit
 pass over the train split (statistics), and the write pass (transform every chunk, feed the shard writer).
 
-Parsing runs one chunk ahead in a background thread (polars releases the GIL), so parse and transform overlap.
+Reading, parsing and transforming overlap: blocks of text are cut on one thread, parsed (by the compiled
+Criteo kernel or polars) one chunk ahead on another, and transformed here; the writer thread saves shards.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -31,12 +32,12 @@ from ctrpipe.data.fitted import (
     round32,
 )
 from ctrpipe.data.parquet import read_schema
-from ctrpipe.data.prefetch import prefetch
 from ctrpipe.data.reader import iter_raw_chunks
 from ctrpipe.data.schema import resolve_columns
 from ctrpipe.data.splits import SPLIT_GOLD, SPLIT_TEST, FoldAssigner, assign_split
 from ctrpipe.data.transforms import log1p_transform
 from ctrpipe.errors import InputFormatError, SchemaError
+from ctrpipe.prefetch import prefetch
 from ctrpipe.shard.manifest import ShardInfo
 from ctrpipe.shard.tally import BadRowTally, GroupStats, SplitTally
 from ctrpipe.shard.transform import (
@@ -50,7 +51,6 @@ from ctrpipe.shard.transform import (
 )
 from ctrpipe.shard.writer import ShardWriter
 
-T = TypeVar("T")
 PREFETCH_DEPTH = 1          # chunks parsed ahead; each costs about one chunk of memory
 
 

@@ -1,7 +1,9 @@
-"""Stage 3: run batch formation on one background thread, a bounded number of batches ahead of the consumer.
+"""Shared by the shard build and the loader: run an iterator on one background thread, a bounded number of
+items ahead of the consumer.
 
-numpy copies and gathers release the GIL, so one thread overlaps reading shards with the model's step.
-Errors raised in the thread are re-raised in the consumer; a consumer that stops early stops the thread.
+The heavy steps (file reads, the compiled Criteo kernel, polars, numpy copies and gathers) release the GIL, so
+one thread overlaps producing with consuming. Errors raised in the thread are re-raised in the consumer; a
+consumer that stops early (`break`, `close()`, garbage collection) stops and joins the thread.
 """
 
 from __future__ import annotations
@@ -42,19 +44,15 @@ def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
     return False
 
 
-def background(produce: Callable[[int], T], keys: Iterable[int], depth: int,
-               name: str = "ctrpipe-loader") -> Iterator[T]:
-    """Yield produce(k) for k in keys, computed on a thread at most `depth` results ahead.
-
-    Closing the generator (`break` in the consumer's loop, or garbage collection) stops and joins the thread.
-    """
+def prefetch(make: Callable[[], Iterable[T]], depth: int, name: str) -> Iterator[T]:
+    """Yield the items of `make()`, produced on a thread named `name` at most `depth` items ahead."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def work() -> None:
         try:
-            for k in keys:
-                if stop.is_set() or not _put(q, _Item(produce(k)), stop):
+            for value in make():
+                if stop.is_set() or not _put(q, _Item(value), stop):
                     return
             _put(q, _Done(), stop)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the consumer, not die silently
@@ -68,7 +66,7 @@ def background(produce: Callable[[int], T], keys: Iterable[int], depth: int,
                 item = q.get(timeout=_POLL_S)
             except queue.Empty:
                 if not thread.is_alive() and q.empty():
-                    raise RuntimeError("the loader thread ended without a result (bug in ctrpipe)") from None
+                    raise RuntimeError(f"the {name} thread ended without a result (bug in ctrpipe)") from None
                 continue
             if isinstance(item, _Done):
                 return
