@@ -30,6 +30,11 @@ def model_classes():
     from fuxictr.pytorch.layers import CrossNetV2, FactorizationMachine, FeatureEmbedding, MLP_Block
     from fuxictr.pytorch.models import BaseModel
 
+    def mlp(input_dim: int, hidden: list[int], output_dim: int | None) -> MLP_Block:
+        """The zoo's MLP: ReLU, no dropout, no batch norm (one output logit, or the last hidden layer)."""
+        return MLP_Block(input_dim=input_dim, output_dim=output_dim, hidden_units=hidden,
+                         hidden_activations="ReLU", output_activation=None, dropout_rates=0.0, batch_norm=False)
+
     class _Ranker(BaseModel):
         def finish(self, lr: float) -> None:
             self.compile("adam", "binary_crossentropy", lr)
@@ -40,9 +45,7 @@ def model_classes():
         def __init__(self, feature_map, embedding_dim: int, hidden: list[int], lr: float, **kw):
             super().__init__(feature_map, model_id="DNN", **kw)
             self.embedding_layer = FeatureEmbedding(feature_map, embedding_dim)
-            self.mlp = MLP_Block(input_dim=feature_map.sum_emb_out_dim(), output_dim=1, hidden_units=hidden,
-                                 hidden_activations="ReLU", output_activation=None, dropout_rates=0.0,
-                                 batch_norm=False)
+            self.mlp = mlp(feature_map.sum_emb_out_dim(), hidden, 1)
             self.finish(lr)
 
         def forward(self, inputs):
@@ -55,9 +58,7 @@ def model_classes():
             super().__init__(feature_map, model_id="DeepFM", **kw)
             self.embedding_layer = FeatureEmbedding(feature_map, embedding_dim)
             self.fm = FactorizationMachine(feature_map)               # LR term + pairwise term
-            self.mlp = MLP_Block(input_dim=feature_map.sum_emb_out_dim(), output_dim=1, hidden_units=hidden,
-                                 hidden_activations="ReLU", output_activation=None, dropout_rates=0.0,
-                                 batch_norm=False)
+            self.mlp = mlp(feature_map.sum_emb_out_dim(), hidden, 1)
             self.finish(lr)
 
         def forward(self, inputs):
@@ -75,9 +76,7 @@ def model_classes():
             self.embedding_layer = FeatureEmbedding(feature_map, embedding_dim)
             dim = feature_map.sum_emb_out_dim()
             self.crossnet = CrossNetV2(dim, cross_layers)
-            self.parallel_dnn = MLP_Block(input_dim=dim, output_dim=None, hidden_units=hidden,
-                                          hidden_activations="ReLU", output_activation=None,
-                                          dropout_rates=0.0, batch_norm=False)
+            self.parallel_dnn = mlp(dim, hidden, None)
             self.fc = nn.Linear(dim + hidden[-1], 1)
             self.finish(lr)
 

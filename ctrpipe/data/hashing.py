@@ -134,22 +134,23 @@ def _xxh64_rows(word: WordFn, n: int, length: int, seed: int, bins: int | None) 
     ids = np.empty(n, _id_dtype(bins))
     h = np.empty(min(n, _BLOCK), np.uint64)
     q = np.empty_like(h)
-    mod = np.uint64(bins - 1)
     for start in range(0, n, _BLOCK):
         stop = min(n, start + _BLOCK)
         hb = h[: stop - start]
         _xxh64_block(word, slice(start, stop), stop - start, length, seed, hb)
-        _mod_(hb, mod, q[: stop - start])
-        np.add(hb, np.uint64(1), out=ids[start:stop], casting="unsafe")   # + 1 fused with the int32 store
+        _ids_(hb, bins, q[: stop - start], ids[start:stop])
     return ids
 
 
-def _mod_(h: np.ndarray, mod: np.uint64, q: np.ndarray) -> None:
-    """h = h % mod in place. Division by a scalar uses numpy's multiply-shift divider; `remainder`
-    issues a hardware division per element and costs about twice as much."""
+def _ids_(h: np.ndarray, bins: int, q: np.ndarray, out: np.ndarray) -> None:
+    """out = 1 + h % (bins - 1), with h as scratch. Division by a scalar uses numpy's multiply-shift divider
+    (`remainder` issues a hardware division per element and costs about twice as much); the + 1 is fused
+    with the int32/int64 store."""
+    mod = np.uint64(bins - 1)
     np.floor_divide(h, mod, out=q)
     np.multiply(q, mod, out=q)
     np.subtract(h, q, out=h)
+    np.add(h, np.uint64(1), out=out, casting="unsafe")
 
 
 def _gathered_words(data: np.ndarray, starts: np.ndarray, length: int) -> WordFn:
@@ -323,17 +324,15 @@ def xxh64_strings(values: pa.Array | pa.ChunkedArray | pl.Series, seed: int) -> 
 def ids_from_hashes(h: np.ndarray, missing: np.ndarray, bins: int) -> np.ndarray:
     """Map full hashes to [1, bins) and missing rows to 0; int32 when bins fits, else int64.
 
-    Cache-sized blocks and `_mod_` (numpy's divide-by-scalar) instead of `%`: about twice as fast."""
+    Cache-sized blocks and `_ids_` (numpy's divide-by-scalar) instead of `%`: about twice as fast."""
     n = len(h)
     ids = np.empty(n, _id_dtype(bins))
-    mod = np.uint64(bins - 1)
     tmp, q = np.empty(min(n, _BLOCK), np.uint64), np.empty(min(n, _BLOCK), np.uint64)
     for start in range(0, n, _BLOCK):
         stop = min(n, start + _BLOCK)
         hb = tmp[: stop - start]
         hb[:] = h[start:stop]
-        _mod_(hb, mod, q[: stop - start])
-        np.add(hb, np.uint64(1), out=ids[start:stop], casting="unsafe")
+        _ids_(hb, bins, q[: stop - start], ids[start:stop])
     ids[missing] = 0
     return ids
 

@@ -36,8 +36,11 @@ class ColumnRange:
     hi: float = -np.inf
     bad: int = 0                                    # NaN/inf (numeric) or out-of-range ids
 
-    def update(self, lo: float, hi: float, bad: int = 0) -> None:
-        self.lo, self.hi, self.bad = min(self.lo, lo), max(self.hi, hi), self.bad + bad
+    def update(self, values: np.ndarray, bad: int = 0) -> None:
+        """Widen the range by `values` (already without NaN/inf; may be empty) and count `bad` ones."""
+        if len(values):
+            self.lo, self.hi = min(self.lo, float(values.min())), max(self.hi, float(values.max()))
+        self.bad += bad
 
 
 class _Inspector:
@@ -110,8 +113,7 @@ class _Inspector:
             finite = np.isfinite(v)
             nbad = int((~finite).sum())
             vf = v[finite]
-            self.ranges[c.name].update(float(vf.min()) if len(vf) else np.inf,
-                                       float(vf.max()) if len(vf) else -np.inf, nbad)
+            self.ranges[c.name].update(vf, nbad)
             chk.done += 1
             if nbad:
                 chk.fail(f"{c.name}: {int(np.isnan(v).sum())} NaN and {int(np.isinf(v).sum())} inf values")
@@ -123,12 +125,11 @@ class _Inspector:
         chk = self.checks["categorical ids"]
         for c in self._cols("categorical", "categorical"):
             v = x[:, c.index]
-            lo, hi = (int(v.min()), int(v.max())) if len(v) else (0, 0)
             nbad = int(((v < 0) | (v >= c.bins)).sum())
-            self.ranges[c.name].update(lo, hi, nbad)
+            self.ranges[c.name].update(v, nbad)
             chk.done += 1
             if nbad:
-                chk.fail(f"{c.name}: {nbad} ids outside [0, {c.bins}) (min {lo}, max {hi})")
+                chk.fail(f"{c.name}: {nbad} ids outside [0, {c.bins}) (min {int(v.min())}, max {int(v.max())})")
 
     def _check_tokens(self, arrays: dict[str, np.ndarray]) -> None:
         chk = self.checks["tokens"]
@@ -143,8 +144,7 @@ class _Inspector:
             bad_ids = int(((tok < 0) | (tok >= c.bins)).sum())
             pad = np.arange(tok.shape[1])[None, :] >= ln[:, None]               # (N, L) padding positions
             bad_pad = int((tok[pad] != 0).sum()) + int((tok[~pad] == 0).sum())
-            self.ranges[c.name].update(float(ln.min()) if len(ln) else np.inf,
-                                       float(ln.max()) if len(ln) else -np.inf, bad_len + bad_ids)
+            self.ranges[c.name].update(ln, bad_len + bad_ids)
             if bad_len:
                 chk.fail(f"{c.name}: {bad_len} lengths outside [0, {c.width}]")
             if bad_ids:
@@ -165,8 +165,7 @@ class _Inspector:
             v = y[:, c.index]
             nbad = int(((v != 0) & (v != 1)).sum())
             finite = v[np.isfinite(v)]
-            self.ranges[c.name].update(float(finite.min()) if len(finite) else np.inf,
-                                       float(finite.max()) if len(finite) else -np.inf, nbad)
+            self.ranges[c.name].update(finite, nbad)
             chk.done += 1
             if nbad:
                 chk.fail(f"{c.name}: {nbad} values not in {{0, 1}}")

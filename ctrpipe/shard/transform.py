@@ -32,18 +32,36 @@ class Plan:
     """Resolved stored columns, in storage order, plus everything needed to compute them."""
 
     cfg: DataConfig
-    numeric: tuple[str, ...]
-    categorical: tuple[str, ...]
-    multihot: tuple[TokenColumnConfig, ...]
-    sequence: tuple[TokenColumnConfig, ...]
-    labels: tuple[str, ...]
-    id_column: str
+    columns: ResolvedColumns                # what the readers parse; the stored columns follow its order
     covisit: tuple[CovisitConfig, ...]      # with `name` filled in
-    columns: ResolvedColumns                # what the readers parse
+
+    @property
+    def numeric(self) -> tuple[str, ...]:
+        return self.columns.numeric
+
+    @property
+    def categorical(self) -> tuple[str, ...]:
+        return self.columns.categorical
+
+    @property
+    def multihot(self) -> tuple[TokenColumnConfig, ...]:
+        return self.columns.multihot
+
+    @property
+    def sequence(self) -> tuple[TokenColumnConfig, ...]:
+        return self.columns.sequence
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.columns.labels
+
+    @property
+    def id_column(self) -> str:
+        return self.columns.id or ""
 
     @property
     def tokens(self) -> tuple[TokenColumnConfig, ...]:
-        return self.multihot + self.sequence
+        return self.columns.tokens
 
     def seed(self, fld: str) -> int:
         return field_seed(fld, self.cfg.hash_seed)
@@ -111,8 +129,8 @@ class Plan:
 def make_plan(cfg: DataConfig, rc: ResolvedColumns) -> Plan:
     """Check names (files are named after token fields; co-visitation refers to known fields) and fill in
     co-visitation output names."""
-    numeric, categorical, multihot, sequence = rc.numeric, rc.categorical, rc.multihot, rc.sequence
-    token_names = [tc.column for tc in multihot + sequence]
+    categorical = rc.categorical
+    token_names = [tc.column for tc in rc.tokens]
     stems = [safe_name(t) for t in token_names]
     if len(set(stems)) != len(stems):
         raise SchemaError(f"token columns {token_names} map to clashing file names {stems}",
@@ -129,8 +147,7 @@ def make_plan(cfg: DataConfig, rc: ResolvedColumns) -> Plan:
                               fix=f"use one of {(token_names + list(categorical))[:8]}")
         name = cv.name or f"{cv.target}_x_{cv.context}"
         covisit.append(dataclasses.replace(cv, name=name))
-    return Plan(cfg, tuple(numeric), tuple(categorical), tuple(multihot), tuple(sequence), tuple(rc.labels),
-                rc.id or "", tuple(covisit), rc)
+    return Plan(cfg, rc, tuple(covisit))
 
 
 # ------------------------------------------------------------------------------------------ per chunk

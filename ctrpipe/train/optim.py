@@ -144,7 +144,9 @@ class LazyAdam(torch.optim.Optimizer):
         idx = grad._indices()[0]
         values = grad._values()
         prev = self._dedup
-        if prev is not None and prev[0].shape == idx.shape and torch.equal(prev[0], idx):
+        # CPU only: torch.equal on a GPU would add a device sync per table per step
+        if (prev is not None and idx.device.type == "cpu" and prev[0].shape == idx.shape
+                and torch.equal(prev[0], idx)):
             rows, inverse = prev[1], prev[2]
         elif idx.device.type != "cpu":   # GPU: a radix-sort unique is cheap there
             rows, inverse = torch.unique(idx, return_inverse=True)
