@@ -21,8 +21,8 @@ import polars as pl
 from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig
 from ctrpipe.data.criteo import iter_blocks
 from ctrpipe.data.hashing import field_seed, hash_ids
-from ctrpipe.data.native import native
 from ctrpipe.data.reader import iter_raw_chunks
+from ctrpipe.native import native
 
 SCHEMA = {"label": pl.Float64, **dict.fromkeys(CRITEO_INT, pl.Float64),
           **dict.fromkeys(CRITEO_CAT, pl.String)}

@@ -27,9 +27,9 @@ import polars as pl
 from ctrpipe.data.chunks import BadRow, RawChunk, hashed_name
 from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig
 from ctrpipe.data.hashing import field_seed
-from ctrpipe.data.native import native
 from ctrpipe.data.schema import CRITEO_LABEL
 from ctrpipe.errors import InputFormatError, location
+from ctrpipe.native import native
 from ctrpipe.prefetch import prefetch
 
 LABELLED_FIELDS = 1 + len(CRITEO_INT) + len(CRITEO_CAT)    # 40

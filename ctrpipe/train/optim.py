@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ctrpipe.native import native
 from ctrpipe.train.config import TrainConfig
 
 
@@ -83,7 +84,10 @@ class LazyAdam(torch.optim.Optimizer):
     not keep moving them, unlike dense Adam); bias correction uses the global step, as SparseAdam does.
     Unlike torch.optim.SparseAdam it never coalesces (sorts) the gradient on CPU: duplicates are found with
     a scatter into a per-table int32 scratch array (4 bytes per row), which is far cheaper than a sort of
-    B x fields ids on a busy CPU. Dense gradients get a plain full-table Adam step.
+    B x fields ids on a busy CPU. With the compiled kernel (`ctrpipe/_native.c`) a CPU table's whole step --
+    deduplication, gradient sums, moments, update -- is one pass over the batch's ids (DNN on Criteo-like
+    data: ~8.9 -> ~2 ms per 4096-row step); without it, numpy and torch do the same in several passes.
+    Dense gradients get a plain full-table Adam step.
 
     State per table: exp_avg and exp_avg_sq, each the table's size (fp32: the table's memory x 3 in all).
     """
@@ -94,6 +98,7 @@ class LazyAdam(torch.optim.Optimizer):
             raise ValueError(f"bad LazyAdam hyper-parameters lr={lr} betas={betas} eps={eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         self._scratch: dict[int, np.ndarray] = {}   # id(param) -> int32 (rows,), CPU only, never saved
+        self._slots: dict[int, np.ndarray] = {}     # the same for the compiled kernel (kept all -1)
         # (ids, rows, inverse) of the last table deduplicated in this step: tables looked up with the same ids
         # (e.g. DeepFM's embeddings and its first-order weights) share one deduplication
         self._dedup: tuple[Tensor, Tensor, Tensor] | None = None
@@ -117,7 +122,13 @@ class LazyAdam(torch.optim.Optimizer):
                 bc1 = 1.0 - beta1 ** step
                 bc2 = 1.0 - beta2 ** step
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                if p.grad.is_sparse:
+                if p.grad.is_sparse and self._native_ok(p, m, v):
+                    ids = p.grad._indices()[0].contiguous()
+                    values = p.grad._values().to(torch.float32).contiguous().reshape(ids.shape[0], -1)
+                    native().sparse_adam(p.detach().numpy(), m.numpy(), v.numpy(), ids.numpy(), values.numpy(),
+                                         self._slots_for(p), p.shape[1], -group["lr"] / bc1, beta1, beta2,
+                                         group["eps"], bc2)
+                elif p.grad.is_sparse:
                     rows, grad = self._unique_rows(p, p.grad)
                     m_rows = m.index_select(0, rows).lerp_(grad, 1.0 - beta1)
                     v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
@@ -137,6 +148,25 @@ class LazyAdam(torch.optim.Optimizer):
         self._dedup = None
         return loss
 
+    @staticmethod
+    def _native_ok(p: Tensor, m: Tensor, v: Tensor) -> bool:
+        """Whether the compiled kernel can take this table: built, CPU, fp32, 2-d, contiguous."""
+        return (native() is not None and p.device.type == "cpu" and p.dtype == torch.float32 and p.dim() == 2
+                and all(t.is_contiguous() and t.dtype == torch.float32 for t in (p, m, v)))
+
+    def _slots_for(self, p: Tensor) -> np.ndarray:
+        """The kernel's int32 (rows,) slot array for table p: all -1 between steps."""
+        slots = self._slots.get(id(p))
+        if slots is None or slots.shape[0] != p.shape[0]:
+            slots = self._slots[id(p)] = np.full(p.shape[0], -1, dtype=np.int32)
+        return slots
+
+    def _scratch_for(self, p: Tensor) -> np.ndarray:
+        scratch = self._scratch.get(id(p))
+        if scratch is None or scratch.shape[0] != p.shape[0]:
+            scratch = self._scratch[id(p)] = np.empty(p.shape[0], dtype=np.int32)
+        return scratch
+
     def _unique_rows(self, p: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
         """(U,) distinct row ids and (U, dim) their summed gradients, from an uncoalesced sparse gradient."""
         if grad.is_coalesced():
@@ -151,9 +181,7 @@ class LazyAdam(torch.optim.Optimizer):
         elif idx.device.type != "cpu":   # GPU: a radix-sort unique is cheap there
             rows, inverse = torch.unique(idx, return_inverse=True)
         else:
-            scratch = self._scratch.get(id(p))
-            if scratch is None or scratch.shape[0] != p.shape[0]:
-                scratch = self._scratch[id(p)] = np.empty(p.shape[0], dtype=np.int32)
+            scratch = self._scratch_for(p)
             pos_idx = idx.numpy()
             n = pos_idx.shape[0]
             scratch[pos_idx] = np.arange(n, dtype=np.int32)  # serial scatter: one occurrence wins per row

@@ -13,8 +13,8 @@ import xxhash
 from helpers import criteo_cfg, npy_bytes
 
 from ctrpipe.data.chunks import hashed_name
-from ctrpipe.data.native import native_built
 from ctrpipe.data.reader import iter_raw_chunks
+from ctrpipe.native import native_built
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.manifest import read_manifest
 

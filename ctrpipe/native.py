@@ -1,8 +1,8 @@
-"""Stage 1: the optional compiled kernel (`ctrpipe/_native.c`), or None.
+"""The optional compiled kernels (`ctrpipe/_native.c`), or None.
 
 None when the extension was not built (no C compiler at install time) or when the environment sets
-`CTRPIPE_NATIVE=0`; callers then take their polars + numpy path, which gives the same output, so tests
-build the same cache both ways and compare the bytes.
+`CTRPIPE_NATIVE=0`; callers then take their polars / numpy / torch path. The shard build gives the same
+bytes either way (tests build a cache both ways and compare); LazyAdam's CPU step agrees to float rounding.
 """
 
 from __future__ import annotations
