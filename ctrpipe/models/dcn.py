@@ -45,4 +45,4 @@ class DCN(nn.Module):
         return CrossNetV1(dim, cfg.cross_layers)
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.head(self.tower(self.inputs(batch).flat))   # (B, T)
+        return self.head(*self.tower(self.inputs(batch).flat))   # (B, T)

@@ -136,7 +136,8 @@ def test_cross_towers(kind: str, structure: str) -> None:
     x0 = torch.randn(6, 10)
     cross = CrossNetV2(10, 2, kind, rank=3, n_experts=2)
     tower = CrossAndDeep(cross, MLP(10, (7,)), structure)
-    assert tower(x0).shape == (6, tower.out_dim) and tower.out_dim == (7 if structure == "stacked" else 17)
+    out = torch.cat(tower(x0), dim=1)
+    assert out.shape == (6, tower.out_dim) and tower.out_dim == (7 if structure == "stacked" else 17)
     assert CrossNetV1(10, 2)(x0).shape == (6, 10)
 
 

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ctrpipe.models.layers.fused import cpu_fp32, full_cross_tower
 from ctrpipe.models.layers.mlp import MLP
 
 CrossKind = Literal["full", "lowrank", "mixture"]
@@ -56,6 +57,10 @@ class CrossNetV2(nn.Module):
             self.layers = nn.ModuleList(_CrossMixture(dim, rank, n_experts) for _ in range(n_layers))
 
     def forward(self, x0: Tensor) -> Tensor:
+        if self.kind == "full" and cpu_fp32(x0, self.layers[0].weight):
+            # same maths, hand-written backward: fewer passes over (B, dim) tensors (see fused.py)
+            return full_cross_tower(x0, [layer.weight for layer in self.layers],
+                                    [layer.bias for layer in self.layers])
         x = x0                                                          # (B, dim)
         for layer in self.layers:
             if self.kind == "mixture":
@@ -88,7 +93,7 @@ class CrossAndDeep(nn.Module):
     """Combine a cross tower with an optional MLP.
 
     stacked:  x0 -> cross -> MLP (or cross alone when there is no MLP);
-    parallel: concat(cross(x0), MLP(x0)).
+    parallel: concat(cross(x0), MLP(x0)), returned as its two parts (the head reads them without the copy).
     """
 
     def __init__(self, cross: CrossNetV1 | CrossNetV2, mlp: MLP | None,
@@ -104,10 +109,11 @@ class CrossAndDeep(nn.Module):
         else:
             self.out_dim = cross.out_dim + mlp.out_dim
 
-    def forward(self, x0: Tensor) -> Tensor:
+    def forward(self, x0: Tensor) -> tuple[Tensor, ...]:
+        """The tower's output as parts of one (B, out_dim) vector: (cross, MLP) when parallel, else one."""
         crossed = self.cross(x0)
         if self.mlp is None:
-            return crossed
+            return (crossed,)
         if self.structure == "stacked":
-            return self.mlp(crossed)
-        return torch.cat([crossed, self.mlp(x0)], dim=1)
+            return (self.mlp(crossed),)
+        return crossed, self.mlp(x0)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ctrpipe.errors import SchemaError
 from ctrpipe.features import FeatureSpec
+from ctrpipe.models.layers.fused import cpu_fp32, linear_over_parts
 
 RATE_CLAMP = 1e-4   # keeps logit(rate) finite for a label that is all 0 or all 1 in the train split
 
@@ -37,5 +38,9 @@ class OutputHead(nn.Module):
         with torch.no_grad():
             self.linear.bias.copy_(torch.tensor(prior_logits(spec)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear(x)   # (B, in_dim) -> (B, T)
+    def forward(self, *parts: Tensor) -> Tensor:
+        """(B, in_dim) -> (B, T); the input may come in parts whose widths add up to in_dim (no concat)."""
+        w, b = self.linear.weight, self.linear.bias
+        if cpu_fp32(w, *parts):
+            return linear_over_parts(w, b, parts)
+        return self.linear(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
