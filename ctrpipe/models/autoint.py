@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from ctrpipe.features import FeatureSpec
@@ -63,5 +62,5 @@ class AutoInt(nn.Module):
         x = self.inputs(batch)
         h = self.attention(x.fields).flatten(1)                         # (B, F * H * hd)
         if self.mlp is not None:
-            h = torch.cat([h, self.mlp(x.flat)], dim=1)
-        return self.head(h)                                             # (B, T)
+            return self.head(h, self.mlp(*x.flat_parts))                # (B, T)
+        return self.head(h)

@@ -40,5 +40,5 @@ class DeepFM(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         x = self.inputs(batch)
-        deep = self.head(self.mlp(x.flat) if self.mlp is not None else x.flat)       # (B, T)
+        deep = self.head(self.mlp(*x.flat_parts)) if self.mlp is not None else self.head(*x.flat_parts)
         return deep + self.linear(batch) + fm_interaction(x.fields) * self.fm_scale  # (B, T)

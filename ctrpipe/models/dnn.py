@@ -29,4 +29,4 @@ class DNN(nn.Module):
         self.head = OutputHead(self.mlp.out_dim, spec)
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.head(self.mlp(self.inputs(batch).flat))   # (B, T)
+        return self.head(self.mlp(*self.inputs(batch).flat_parts))   # (B, T)

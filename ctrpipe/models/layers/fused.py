@@ -4,10 +4,11 @@ output head.
 On a CPU at fp32 a training step is GEMMs plus elementwise passes over (B, width) activations, and each pass
 costs about as much as reading and writing those tensors once. Autograd's generic backward makes more passes
 than these layers need: it gives every partial gradient of x0 its own tensor and adds them up afterwards,
-and a head over a concatenation needs the concatenation and its slicing. The Functions below compute the
-same gradients with in-place accumulation and no concatenation (DCN v2 on Criteo-like data: see the README's
-training figures). They are used only where `cpu_fp32` holds; on a GPU or under autocast the models keep
-plain torch ops, which are fast there and which torch.compile fuses anyway.
+and a layer over a concatenation (the head over DCN's cross and deep parts, the first MLP layer over
+embeddings and raw numerics) needs the concatenation and a contiguous copy of its gradient's slices. The
+Functions below compute the same gradients with in-place accumulation and no concatenation (DCN v2 on
+Criteo-like data: see the README's training figures). They are used only where `cpu_fp32` holds; on a GPU
+or under autocast the models keep plain torch ops, which are fast there and which torch.compile fuses anyway.
 """
 
 from __future__ import annotations
@@ -88,12 +89,14 @@ class _LinearOverParts(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         weight, *parts = ctx.saved_tensors
         grad = grad.contiguous()
+        needs = ctx.needs_input_grad
         w_parts = weight.split(ctx.widths, dim=1)
         # one output column (a single task): dL/dpart is an outer product, which a broadcast multiply does
-        # several times faster than a K=1 GEMM
-        d_parts = [grad * w if grad.shape[1] == 1 else grad.mm(w) for w in w_parts]
-        d_weight = torch.cat([grad.t().mm(p) for p in parts], dim=1)
-        return (d_weight, grad.sum(0), *d_parts)
+        # several times faster than a K=1 GEMM; parts that need no gradient (raw numerics) get none
+        d_parts = [(grad * w if grad.shape[1] == 1 else grad.mm(w)) if need else None
+                   for w, need in zip(w_parts, needs[2:], strict=True)]
+        d_weight = torch.cat([grad.t().mm(p) for p in parts], dim=1) if needs[0] else None
+        return (d_weight, grad.sum(0) if needs[1] else None, *d_parts)
 
 
 def linear_over_parts(weight: Tensor, bias: Tensor, parts: Sequence[Tensor]) -> Tensor:

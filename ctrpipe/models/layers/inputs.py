@@ -21,7 +21,15 @@ from ctrpipe.models.layers.numeric import NumericTokenizer
 
 class InputTensors(NamedTuple):
     fields: Tensor | None   # (B, F, D): id fields then numeric tokens; None when field dims differ
-    flat: Tensor            # (B, flat_dim): fields flattened, plus raw numeric values in "concat" mode
+    # (B, flat_dim) as consecutive parts: the flattened fields, then raw numeric values in "concat" mode.
+    # MLP and OutputHead read parts without concatenating them (see fused.py); `flat` concatenates.
+    flat_parts: tuple[Tensor, ...]
+
+    @property
+    def flat(self) -> Tensor:
+        """(B, flat_dim): fields flattened, plus raw numeric values in "concat" mode."""
+        parts = self.flat_parts
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class FeatureInput(nn.Module):
@@ -77,4 +85,4 @@ class FeatureInput(nn.Module):
                 flat.append(self.tokenizer(batch.numeric).flatten(1))
         if self.concat_numeric:
             flat.append(batch.numeric)
-        return InputTensors(fields, flat[0] if len(flat) == 1 else torch.cat(flat, dim=1))
+        return InputTensors(fields, tuple(flat))
