@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,17 @@ def test_optimizer_variants_train_and_reload(cache: Path, tmp_path: Path, extra:
     val = ShardLoader(cache, RowView.val(), 128, shuffle=False, seed=0)
     preds = predict(model, val, val.num_rows, 1, torch.device("cpu"))
     assert np.all(np.isfinite(preds.logits))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_trains_with_sparse_embedding_gradients(cache: Path, tmp_path: Path):
+    # inductor cannot trace sparse gradients: the lookups run eagerly, the dense layers compiled (was a
+    # traceback: "Cannot access storage of SparseTensorImpl")
+    code, out = train(cache, tmp_path, "--set", "train.max_steps=2", "--set", "train.compile=true",
+                      "--set", "train.embedding_optimizer=lazy_adam", "--set", "model.name=dcnv2")
+    assert code == 0, out
+    assert json.loads((tmp_path / "criteo" / "metrics.json").read_text())["steps"] == 2
 
 
 def test_early_stopping_stops_and_keeps_the_best(cache: Path, tmp_path: Path):

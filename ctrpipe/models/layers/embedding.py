@@ -87,6 +87,9 @@ class _TableGroup(nn.Module):
                 self.bag_table.weight[0].zero_()
         self.any_mean = any(f.mean for f in self.bags)
 
+    # torch.compile (train.compile) cannot trace sparse gradients ("Cannot access storage of SparseTensorImpl"):
+    # lookups run eagerly, the dense layers around them are compiled
+    @torch.compiler.disable
     def forward(self, batch: Batch) -> Tensor:
         parts: list[Tensor] = []
         if self.cat_table is not None:
@@ -121,6 +124,7 @@ class _TableGroup(nn.Module):
         return out
 
 
+    @torch.compiler.disable   # sparse gradients: see forward
     def token_vectors(self, batch: Batch, source: str, index: int) -> Tensor:
         """Unpooled (B, L, D) vectors of one bag field's tokens; padding positions are zero vectors."""
         f = next(b for b in self.bags if b.source == source and b.index == index)
