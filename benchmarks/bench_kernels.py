@@ -8,15 +8,17 @@ Three A/B pairs, each timed in alternation (A, B, B, A, ...) so a busy machine h
               the compiled kernel (`_native.sparse_adam`) vs the numpy + torch path (CTRPIPE_NATIVE=0).
               The table is evicted from the caches before each step, as a training step's activations do.
 * cross       DCN-V2's 3 full-rank cross layers (429 wide) forward + backward: the hand-written backward
-              (`fused.full_cross_tower`) vs the same maths through autograd.
+              (`fused.full_cross_tower`, which runs the tower padded to width 432) vs the same maths through
+              autograd; and the hand-written tower padded (its default) vs at width 429 (`fused.PAD_TO=1`).
 * head/mlp    a 429-wide input in two parts (416 embedding columns | 13 raw numerics) -> Linear(429, 400):
               `fused.linear_over_parts` vs concatenating first.
 
-Measured (2-CPU shared VM, torch 2.13 CPU, 2 threads, defaults), 2026-11-22 17:03 and 17:04, load 0.5-1.3:
-lazy_adam 9.29 -> 3.77 ms and 9.81 -> 3.94 ms (2.46x, 2.49x); cross 64.95 -> 62.04 ms and 65.74 -> 63.12 ms
-(1.05x, 1.04x: 9 GEMMs of 429 x 429 are most of it); first layer 16.66 -> 16.14 ms and 17.11 -> 16.41 ms
-(1.03x, 1.04x). In a whole DCN v2 training step the hand-written paths also drop the (B, 829) concatenation
-of cross and deep outputs and a K=1 GEMM in the head (step ~128 -> ~116-120 ms, README).
+Measured (2-CPU shared VM, torch 2.13 CPU, 2 threads, defaults), 2026-11-22 17:06, two runs back to back,
+load 0.9-1.3: lazy_adam 9.84 -> 3.88 ms and 9.66 -> 3.94 ms (2.54x, 2.45x); cross 66.19 -> 59.71 ms and
+66.54 -> 59.60 ms (1.11x, 1.12x; 9 GEMMs of 429 x 429 are most of it), of which the padding to 432 gives
+62.68 -> 59.64 and 62.55 -> 59.62 ms (1.05x); first layer 17.05 -> 16.39 ms and 17.12 -> 16.41 ms (1.04x).
+In a whole DCN v2 training step the hand-written paths also drop the (B, 829) concatenation of cross and deep
+outputs and a K=1 GEMM in the head (step ~128 -> ~114 ms, README).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from ctrpipe.hostmem import keep_freed_memory
+from ctrpipe.models.layers import fused
 from ctrpipe.models.layers.fused import full_cross_tower, linear_over_parts
 from ctrpipe.native import native
 from ctrpipe.train.optim import LazyAdam
@@ -96,6 +99,24 @@ def bench_cross(args: argparse.Namespace) -> tuple[float, float]:
     return alternate(fused, plain, args.reps)
 
 
+def bench_cross_padding(args: argparse.Namespace) -> tuple[float, float]:
+    torch.manual_seed(0)
+    layers = [nn.Linear(429, 429) for _ in range(3)]
+    x0 = torch.randn(args.batch, 429, requires_grad=True)
+    weight = torch.randn(429)
+
+    def run(pad_to: int) -> Callable[[int], None]:
+        def call(_: int) -> None:
+            fused.PAD_TO = pad_to
+            out = fused.full_cross_tower(x0, [lin.weight for lin in layers], [lin.bias for lin in layers])
+            (out @ weight).sum().backward()
+        return call
+
+    padded, unpadded = alternate(run(16), run(1), args.reps)
+    fused.PAD_TO = 16
+    return padded, unpadded
+
+
 def bench_first_layer(args: argparse.Namespace) -> tuple[float, float]:
     torch.manual_seed(0)
     lin = nn.Linear(429, 400)
@@ -124,6 +145,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, load "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     pairs = [("cross (3 x 429, fwd+bwd)", "fused backward", "autograd", bench_cross),
+             ("cross width (fused)", "padded 432", "429", bench_cross_padding),
              ("first layer (416 | 13 -> 400)", "parts", "concat", bench_first_layer)]
     if native() is not None:
         pairs.insert(0, ("lazy_adam step", "kernel", "numpy+torch", bench_lazy_adam))

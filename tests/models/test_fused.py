@@ -19,7 +19,9 @@ def test_cross_tower_backward_passes_gradcheck():
     gen = torch.Generator().manual_seed(0)
     x0, w1, b1, w2, b2 = _params(*(torch.randn(s, generator=gen, dtype=torch.float64)
                                    for s in [(5, 4), (4, 4), (4,), (4, 4), (4,)]))
-    assert torch.autograd.gradcheck(_FullCrossTower.apply, (x0, w1, b1, w2, b2))
+    assert torch.autograd.gradcheck(_FullCrossTower.apply, (x0, w1, b1, w2, b2))   # width 4: padded to 16
+    x0, w1, b1 = _params(*(torch.randn(s, generator=gen, dtype=torch.float64) for s in [(3, 16), (16, 16), (16,)]))
+    assert torch.autograd.gradcheck(_FullCrossTower.apply, (x0, w1, b1))           # a multiple of 16: as is
 
 
 @pytest.mark.parametrize("widths,tasks", [((3,), 1), ((3, 2), 1), ((3, 2, 4), 2)])
@@ -31,20 +33,21 @@ def test_linear_over_parts_gradcheck(widths: tuple[int, ...], tasks: int):
     assert torch.autograd.gradcheck(_LinearOverParts.apply, (w, b, *parts))
 
 
-def test_cpu_cross_net_matches_the_plain_loop():
+@pytest.mark.parametrize("dim", [12, 16])     # 12: run padded to 16 inside the tower; 16: as is
+def test_cpu_cross_net_matches_the_plain_loop(dim: int):
     torch.manual_seed(0)
-    cross = CrossNetV2(12, 3, "full")
-    x0 = torch.randn(32, 12, requires_grad=True)
+    cross = CrossNetV2(dim, 3, "full")
+    x0 = torch.randn(32, dim, requires_grad=True)
     assert cpu_fp32(x0, cross.layers[0].weight)
     fast = cross(x0)
-    (fast * torch.linspace(-1, 1, 12)).sum().backward()
+    (fast * torch.linspace(-1, 1, dim)).sum().backward()
     fast_grads = [x0.grad.clone()] + [p.grad.clone() for p in cross.parameters()]
     x0.grad = None
     cross.zero_grad()
     x = x0                                     # DCN-V2's definition, through autograd
     for layer in cross.layers:
         x = x0 * layer(x) + x
-    (x * torch.linspace(-1, 1, 12)).sum().backward()
+    (x * torch.linspace(-1, 1, dim)).sum().backward()
     torch.testing.assert_close(fast, x)
     for a, b in zip(fast_grads, [x0.grad] + [p.grad for p in cross.parameters()], strict=True):
         torch.testing.assert_close(a, b)
