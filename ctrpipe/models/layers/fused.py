@@ -31,6 +31,14 @@ def cpu_fp32(*tensors: Tensor) -> bool:
 PAD_TO = 16
 
 
+def _pad_columns(t: Tensor, extra: int) -> Tensor:
+    """(B, d) -> (B, d + extra) with zero columns at the end; one pass (F.pad zero-fills the whole tensor first)."""
+    out = t.new_empty(t.shape[0], t.shape[1] + extra)
+    out[:, :t.shape[1]].copy_(t)
+    out[:, t.shape[1]:].zero_()
+    return out
+
+
 class _FullCrossTower(torch.autograd.Function):
     """x_{l+1} = x0 * (x_l W_l^T + b_l) + x_l for every layer l, with x_0 = x0. Inputs: x0, W_1, b_1, ...
 
@@ -42,7 +50,7 @@ class _FullCrossTower(torch.autograd.Function):
         dim = x0.shape[1]
         extra = -dim % PAD_TO
         if extra:
-            x0 = nn.functional.pad(x0, (0, extra))
+            x0 = _pad_columns(x0, extra)
             params = tuple(nn.functional.pad(t, (0, extra, 0, extra) if t.dim() == 2 else (0, extra))
                            for t in params)
         xs, hs = [], []
@@ -63,7 +71,7 @@ class _FullCrossTower(torch.autograd.Function):
         x0, params, xs, hs = saved[0], saved[1:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n], saved[1 + 3 * n:]
         extra = x0.shape[1] - dim
         # dL/dx_{l+1}; ours to overwrite, except the incoming gradient itself (unpadded case, last layer)
-        g = nn.functional.pad(grad, (0, extra)) if extra else grad.contiguous()
+        g = _pad_columns(grad, extra) if extra else grad.contiguous()
         owned = extra > 0
         grads: list[Tensor | None] = [None] * (2 * n)
         dx0: Tensor | None = None
