@@ -9,16 +9,17 @@ Three A/B pairs, each timed in alternation (A, B, B, A, ...) so a busy machine h
               The table is evicted from the caches before each step, as a training step's activations do.
 * cross       DCN-V2's 3 full-rank cross layers (429 wide) forward + backward: the hand-written backward
               (`fused.full_cross_tower`, which runs the tower padded to width 432) vs the same maths through
-              autograd; and the hand-written tower padded (its default) vs at width 429 (`fused.PAD_TO=1`).
+              autograd; and the hand-written tower at its default width (432: the bias column + alignment)
+              vs the narrowest it can run (430: the bias column only, `fused.PAD_TO=1`).
 * head/mlp    a 429-wide input in two parts (416 embedding columns | 13 raw numerics) -> Linear(429, 400):
               `fused.linear_over_parts` vs concatenating first.
 
 Measured (2-CPU shared VM, torch 2.13 CPU, 2 threads, defaults), 2026-11-22 17:06, two runs back to back,
-load 0.9-1.3: lazy_adam 9.84 -> 3.88 ms and 9.66 -> 3.94 ms (2.54x, 2.45x); cross 66.19 -> 59.71 ms and
-66.54 -> 59.60 ms (1.11x, 1.12x; 9 GEMMs of 429 x 429 are most of it), of which the padding to 432 gives
-62.68 -> 59.64 and 62.55 -> 59.62 ms (1.05x); first layer 17.05 -> 16.39 ms and 17.12 -> 16.41 ms (1.04x).
-In a whole DCN v2 training step the hand-written paths also drop the (B, 829) concatenation of cross and deep
-outputs and a K=1 GEMM in the head (step ~128 -> ~114 ms, README).
+load 0.9-1.3: lazy_adam 9.84 -> 3.88 ms and 9.66 -> 3.94 ms (2.54x, 2.45x); first layer 17.05 -> 16.39 ms and
+17.12 -> 16.41 ms (1.04x). Cross at 17:27 (with the bias folded into the GEMMs): 65.02 -> 56.66 ms (1.15x; 9
+GEMMs of 429 x 429 are most of it), of which width 432 vs 430 gives 60.88 -> 56.09 ms (1.09x). In a whole
+DCN v2 training step the hand-written paths also drop the (B, 829) concatenation of cross and deep outputs
+and a K=1 GEMM in the head (step ~128 -> ~112 ms, README).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, load "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     pairs = [("cross (3 x 429, fwd+bwd)", "fused backward", "autograd", bench_cross),
-             ("cross width (fused)", "padded 432", "429", bench_cross_padding),
+             ("cross width (fused)", "432", "430", bench_cross_padding),
              ("first layer (416 | 13 -> 400)", "parts", "concat", bench_first_layer)]
     if native() is not None:
         pairs.insert(0, ("lazy_adam step", "kernel", "numpy+torch", bench_lazy_adam))
