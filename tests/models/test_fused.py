@@ -24,7 +24,8 @@ def test_cross_tower_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(_FullCrossTower.apply, (x0, w1, b1))           # a multiple of 16: as is
 
 
-@pytest.mark.parametrize("widths,tasks", [((3,), 1), ((3, 2), 1), ((3, 2, 4), 2)])
+# a narrow last part (<= 32 wide) carries the bias as a weight column; (3, 40) and (40, 35) do not
+@pytest.mark.parametrize("widths,tasks", [((3,), 1), ((3, 2), 1), ((3, 2, 4), 2), ((3, 40), 1), ((40, 35), 2)])
 def test_linear_over_parts_gradcheck(widths: tuple[int, ...], tasks: int):
     gen = torch.Generator().manual_seed(1)
     parts = _params(*(torch.randn(5, w, generator=gen, dtype=torch.float64) for w in widths))

@@ -104,32 +104,58 @@ def full_cross_tower(x0: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
     return _FullCrossTower.apply(x0, *params)
 
 
+NARROW = 32   # a part at most this wide (raw numerics) is "narrow": see _LinearOverParts
+
+
 class _LinearOverParts(torch.autograd.Function):
-    """concat(parts) W^T + b without the concatenation. Inputs: W (T, sum of widths), b (T,), parts..."""
+    """concat(parts) W^T + b without the concatenation. Inputs: W (T, sum of widths), b (T,), parts...
+
+    When the last of several parts is narrow (the raw numerics beside the embeddings), it gets a constant-1
+    column and the bias rides in its GEMM as one more weight column, as in the cross tower above: no bias copy
+    before the first GEMM and no column sum for the bias gradient. A narrow part's weight gradient is
+    computed as (part^T grad)^T: MKL takes ~0.75 ms for a (T, 13) = grad^T part product at batch 4096 and
+    ~0.25 ms the other way round.
+    """
 
     @staticmethod
     def forward(ctx, weight: Tensor, bias: Tensor, *parts: Tensor) -> Tensor:  # noqa: ANN001
         widths = [p.shape[1] for p in parts]
-        w_parts = weight.split(widths, dim=1)
-        out = torch.addmm(bias, parts[0], w_parts[0].t())
+        w_parts = list(weight.split(widths, dim=1))
+        fold = len(parts) > 1 and widths[-1] <= NARROW
+        if fold:
+            last = parts[-1]
+            parts = (*parts[:-1], torch.cat([last, last.new_ones(last.shape[0], 1)], dim=1))
+            w_parts[-1] = torch.cat([w_parts[-1], bias.unsqueeze(1)], dim=1)
+            out = parts[0].mm(w_parts[0].t())
+        else:
+            out = torch.addmm(bias, parts[0], w_parts[0].t())
         for p, w in zip(parts[1:], w_parts[1:], strict=True):
             out.addmm_(p, w.t())
-        ctx.widths = widths
-        ctx.save_for_backward(weight, *parts)
+        ctx.widths, ctx.fold = widths, fold
+        ctx.save_for_backward(*w_parts, *parts)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        weight, *parts = ctx.saved_tensors
+        n = len(ctx.widths)
+        saved = ctx.saved_tensors
+        w_parts, parts = saved[:n], saved[n:]
         grad = grad.contiguous()
         needs = ctx.needs_input_grad
-        w_parts = weight.split(ctx.widths, dim=1)
         # one output column (a single task): dL/dpart is an outer product, which a broadcast multiply does
         # several times faster than a K=1 GEMM; parts that need no gradient (raw numerics) get none
-        d_parts = [(grad * w if grad.shape[1] == 1 else grad.mm(w)) if need else None
-                   for w, need in zip(w_parts, needs[2:], strict=True)]
-        d_weight = torch.cat([grad.t().mm(p) for p in parts], dim=1) if needs[0] else None
-        return (d_weight, grad.sum(0) if needs[1] else None, *d_parts)
+        d_parts = [(grad * w[:, :width] if grad.shape[1] == 1 else grad.mm(w[:, :width])) if need else None
+                   for w, width, need in zip(w_parts, ctx.widths, needs[2:], strict=True)]
+        d_weight = d_bias = None
+        if needs[0] or needs[1]:
+            d_ws = [p.t().mm(grad).t() if p.shape[1] <= NARROW + 1 else grad.t().mm(p) for p in parts]
+            if ctx.fold:
+                d_bias = d_ws[-1][:, -1].contiguous()
+                d_ws[-1] = d_ws[-1][:, :-1]
+            else:
+                d_bias = grad.sum(0)
+            d_weight = torch.cat(d_ws, dim=1)
+        return (d_weight if needs[0] else None, d_bias if needs[1] else None, *d_parts)
 
 
 def linear_over_parts(weight: Tensor, bias: Tensor, parts: Sequence[Tensor]) -> Tensor:
