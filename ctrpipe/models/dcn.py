@@ -45,4 +45,6 @@ class DCN(nn.Module):
         return CrossNetV1(dim, cfg.cross_layers)
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.head(*self.tower(self.inputs(batch).flat))   # (B, T)
+        x = self.inputs(batch)
+        # the cross tower needs x0 whole; the MLP beside it reads the parts (no copy of x0's gradient)
+        return self.head(*self.tower(x.flat, x.flat_parts))   # (B, T)

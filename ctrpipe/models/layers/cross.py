@@ -109,11 +109,15 @@ class CrossAndDeep(nn.Module):
         else:
             self.out_dim = cross.out_dim + mlp.out_dim
 
-    def forward(self, x0: Tensor) -> tuple[Tensor, ...]:
-        """The tower's output as parts of one (B, out_dim) vector: (cross, MLP) when parallel, else one."""
+    def forward(self, x0: Tensor, x0_parts: tuple[Tensor, ...] = ()) -> tuple[Tensor, ...]:
+        """The tower's output as parts of one (B, out_dim) vector: (cross, MLP) when parallel, else one.
+
+        `x0_parts` (optional): the column blocks x0 was concatenated from (embeddings | raw numerics); the
+        parallel MLP reads those instead of x0 (see MLP.forward and fused.py).
+        """
         crossed = self.cross(x0)
         if self.mlp is None:
             return (crossed,)
         if self.structure == "stacked":
             return (self.mlp(crossed),)
-        return crossed, self.mlp(x0)
+        return crossed, self.mlp(*(x0_parts or (x0,)))
