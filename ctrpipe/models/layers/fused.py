@@ -1,14 +1,16 @@
-"""Stage 4 shared layer: hand-written backward passes for the CPU hot spots of DCN v2's cross tower and of the
-output head.
+"""Stage 4 shared layer: hand-written backward passes for the CPU hot spots: DCN v2's cross tower, and the
+layers that read a concatenated input (the output head, the MLP's first layer).
 
 On a CPU at fp32 a training step is GEMMs plus elementwise passes over (B, width) activations, and each pass
 costs about as much as reading and writing those tensors once. Autograd's generic backward makes more passes
 than these layers need: it gives every partial gradient of x0 its own tensor and adds them up afterwards,
 and a layer over a concatenation (the head over DCN's cross and deep parts, the first MLP layer over
 embeddings and raw numerics) needs the concatenation and a contiguous copy of its gradient's slices. The
-Functions below compute the same gradients with in-place accumulation and no concatenation (DCN v2 on
-Criteo-like data: see the README's training figures). They are used only where `cpu_fp32` holds; on a GPU
-or under autocast the models keep plain torch ops, which are fast there and which torch.compile fuses anyway.
+Functions below compute the same gradients with in-place accumulation and no concatenation, and where an
+input gains a column anyway they carry the bias as a weight column on a constant-1 input column (no bias
+copy before the GEMM, no column sum for its gradient). Per-piece A/B figures: benchmarks/bench_kernels.py.
+They are used only where `cpu_fp32` holds; on a GPU or under autocast the models keep plain torch ops, which
+are fast there and which torch.compile fuses anyway.
 """
 
 from __future__ import annotations
