@@ -23,10 +23,10 @@ sparse_adam add two moments of that size, adagrad one, sgd none; dense adam adds
 every step.
 
 Measured (2-CPU shared VM, torch 2.13 CPU, 2 threads, 400k rows, 1M bins, cfgs defaults lazy_adam + dropout 0),
-2026-11-22 16:53, load 1.0-1.9: e2e samples/s at batch 4096 / 16384: dnn 52.4k / 67.5k, deepfm 38.4k / 46.3k,
-dcnv2 20.8k / 19.4k; e2e/ceiling 0.93-1.01 except deepfm 4096 at 0.76 (0.99 when rerun with --steps 30
---repeat 3: 20-step windows are noisy here); optimiser share 13% / 15% / 6% at 4096. 15:37 (before the C
-lazy_adam step): dnn 49.0k / 61.8k, deepfm 33.1k / 38.5k, dcnv2 19.9k / 17.1k; ratios 0.90-1.13.
+2026-11-22 18:09 (final code), load 1.1-1.8: e2e samples/s at batch 4096 / 16384: dnn 49.7k / 68.0k, deepfm
+38.2k / 43.7k, dcnv2 19.8k / 17.6k; e2e/ceiling 0.81-1.12 over 20-step windows, 0.97-1.03 rerun at batch 4096
+with --steps 30 --repeat 3 (20-step windows are noisy here); optimiser share 15% / 17% / 6% at 4096.
+15:37 (before the C lazy_adam step): dnn 49.0k / 61.8k, deepfm 33.1k / 38.5k, dcnv2 19.9k / 17.1k.
 Before (dense adam, dropout 0.1, load 2.4-4.1): dnn ~0.5-1.1k, deepfm ~0.8-1.0k, dcnv2 ~0.4-0.5k.
 """
 
