@@ -137,22 +137,23 @@ class _Splitter:
         if tail and inputs.row_count is None:
             inputs.row_count = count_rows(plan.cfg, inputs.main)    # once per build, shared by both passes
         self.n_rows = inputs.row_count if tail else None
-        self.seed = plan.seed(self.cfg.key) if self.cfg.key else 0
+        self.plan = plan
 
     def __call__(self, frame: pl.DataFrame, idx: np.ndarray) -> np.ndarray:
         if self.role == "test":
             return np.full(len(idx), SPLIT_TEST, dtype=np.int8)
-        key = key_hash(frame, self.cfg.key, self.seed) if self.cfg.mode == "group" else None
+        key = key_hash(self.plan, frame, self.cfg.key) if self.cfg.mode == "group" else None
         return assign_split(idx, self.cfg, n_rows=self.n_rows, key_hash=key)
 
 
-def key_hash(frame: pl.DataFrame, key: str, seed: int) -> np.ndarray:
-    """(N,) uint64 hash of a grouping column's value (any dtype, via its string form; missing -> 0)."""
+def key_hash(plan: Plan, frame: pl.DataFrame, key: str) -> np.ndarray:
+    """(N,) uint64 hash of a grouping column's value (any dtype, via its string form, with the column's field
+    seed; missing -> 0)."""
     if not has_column(frame, key):
         raise SchemaError(f"group key column {key!r} is not among the parsed columns",
                           where=f"data.split.key / data.folds.key = {key}",
                           fix=f"use one of {frame.columns[:10]} (the key must be a configured column)")
-    return column_hashes(frame, key, seed)[0]
+    return column_hashes(frame, key, plan.seed(key))[0]
 
 
 # ------------------------------------------------------------------------------------------- pass 1: fit
@@ -259,8 +260,7 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
                 y = labels_matrix(frame, labels) if has_labels else None
                 fold = np.full(n, -1, dtype=np.int8)
                 if folds.enabled and not is_gold:
-                    key = (key_hash(frame, data.folds.key, plan.seed(data.folds.key))
-                           if data.folds.mode == "group" else None)
+                    key = key_hash(plan, frame, data.folds.key) if data.folds.mode == "group" else None
                     fold = folds.assign(idx, label=y[:, fold_label] if y is not None else None, key_hash=key)
                 arrays, missing = transformer.transform(frame, split)
                 if "numeric" in arrays:

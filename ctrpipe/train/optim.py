@@ -7,6 +7,7 @@ a batch touched are updated); everything else gets AdamW with weight decay on ma
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -99,8 +100,8 @@ class LazyAdam(torch.optim.Optimizer):
         if not lr > 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0:
             raise ValueError(f"bad LazyAdam hyper-parameters lr={lr} betas={betas} eps={eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        self._scratch: dict[int, np.ndarray] = {}   # id(param) -> int32 (rows,), CPU only, never saved
-        self._slots: dict[int, np.ndarray] = {}     # the same for the compiled kernel (kept all -1)
+        # id(param) -> int32 (rows,) scratch, all -1 between steps (both CPU paths keep it so); never saved
+        self._scratch: dict[int, np.ndarray] = {}
         # (ids, rows, inverse) of the last table deduplicated in this step: tables looked up with the same ids
         # (e.g. DeepFM's embeddings and its first-order weights) share one deduplication
         self._dedup: tuple[Tensor, Tensor, Tensor] | None = None
@@ -124,12 +125,13 @@ class LazyAdam(torch.optim.Optimizer):
                 bc1 = 1.0 - beta1 ** step
                 bc2 = 1.0 - beta2 ** step
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                if p.grad.is_sparse and self._native_ok(p, m, v):
+                kernel = self._kernel_for(p, m, v) if p.grad.is_sparse else None
+                if kernel is not None:
                     ids = p.grad._indices()[0].contiguous()
-                    values = p.grad._values().to(torch.float32).contiguous().reshape(ids.shape[0], -1)
-                    native().sparse_adam(p.detach().numpy(), m.numpy(), v.numpy(), ids.numpy(), values.numpy(),
-                                         self._slots_for(p), p.shape[1], -group["lr"] / bc1, beta1, beta2,
-                                         group["eps"], bc2)
+                    values = p.grad._values().contiguous().reshape(ids.shape[0], -1)
+                    kernel.sparse_adam(p.detach().numpy(), m.numpy(), v.numpy(), ids.numpy(), values.numpy(),
+                                       self._scratch_for(p), p.shape[1], -group["lr"] / bc1, beta1, beta2,
+                                       group["eps"], bc2)
                 elif p.grad.is_sparse:
                     rows, grad = self._unique_rows(p, p.grad)
                     m_rows = m.index_select(0, rows).lerp_(grad, 1.0 - beta1)
@@ -151,22 +153,19 @@ class LazyAdam(torch.optim.Optimizer):
         return loss
 
     @staticmethod
-    def _native_ok(p: Tensor, m: Tensor, v: Tensor) -> bool:
-        """Whether the compiled kernel can take this table: built, CPU, fp32, 2-d, contiguous."""
-        return (native() is not None and p.device.type == "cpu" and p.dtype == torch.float32 and p.dim() == 2
-                and all(t.is_contiguous() and t.dtype == torch.float32 for t in (p, m, v)))
-
-    def _slots_for(self, p: Tensor) -> np.ndarray:
-        """The kernel's int32 (rows,) slot array for table p: all -1 between steps."""
-        slots = self._slots.get(id(p))
-        if slots is None or slots.shape[0] != p.shape[0]:
-            slots = self._slots[id(p)] = np.full(p.shape[0], -1, dtype=np.int32)
-        return slots
+    def _kernel_for(p: Tensor, m: Tensor, v: Tensor) -> ModuleType | None:
+        """The compiled kernel, if built and this table suits it (CPU, fp32, 2-d, contiguous with its moments)."""
+        kernel = native()
+        if kernel is None or p.device.type != "cpu" or p.dim() != 2 or p.grad.dtype != torch.float32:
+            return None
+        ok = all(t.is_contiguous() and t.dtype == torch.float32 for t in (p, m, v))
+        return kernel if ok else None
 
     def _scratch_for(self, p: Tensor) -> np.ndarray:
+        """Table p's int32 (rows,) scratch array, all -1 between uses."""
         scratch = self._scratch.get(id(p))
         if scratch is None or scratch.shape[0] != p.shape[0]:
-            scratch = self._scratch[id(p)] = np.empty(p.shape[0], dtype=np.int32)
+            scratch = self._scratch[id(p)] = np.full(p.shape[0], -1, dtype=np.int32)
         return scratch
 
     def _unique_rows(self, p: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,6 +189,7 @@ class LazyAdam(torch.optim.Optimizer):
             rep = scratch[pos_idx]                            # (n,) the winning occurrence of each id's row
             first = rep == np.arange(n, dtype=np.int32)       # exactly one True per distinct row
             compact = np.cumsum(first, dtype=np.int64) - 1    # occurrence -> its row's slot if it won
+            scratch[pos_idx] = -1                             # leave it as found (the kernel relies on it)
             inverse = torch.from_numpy(compact[rep])
             rows = torch.from_numpy(pos_idx[first])           # numpy mask: cheaper than torch's nonzero
         self._dedup = (idx, rows, inverse)
