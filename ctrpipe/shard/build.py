@@ -123,7 +123,7 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
              "passes": float(1 + int(loo)), "chunk_rows": float(data.chunk_rows)}
     manifest = Manifest(
         fingerprint=fp, config=to_dict(data), config_sources=cfg_sources, role=role, sources=srcs,
-        columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats)),
+        columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats, result.has_labels)),
         shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds,
         label_rates=result.label_rates,
         bad_rows=result.bad_rows, fitted=fitted_meta, stats_from=train_m.fingerprint if train_m else "",

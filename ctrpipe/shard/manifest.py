@@ -197,4 +197,23 @@ def read_manifest(cache_dir: Path) -> Manifest:
         raise ManifestMismatchError(
             f"shard format version {version}, this ctrpipe reads version {FORMAT_VERSION}", where=str(path),
             fix="rebuild the cache with this ctrpipe: `ctrpipe shard ... --force`")
-    return Manifest.from_dict(raw)
+    manifest = Manifest.from_dict(raw)
+    _check_columns_on_disk(manifest, path)
+    return manifest
+
+
+def _check_columns_on_disk(manifest: Manifest, path: Path) -> None:
+    """Every listed column's array must be in every shard: readers trust the columns to say what exists.
+
+    Unlabelled test caches built before the manifest followed the disk listed the config's label columns
+    without any labels.npy; they are refused here with the rebuild command rather than failing in a reader.
+    """
+    for col in manifest.columns:
+        lacking = [s.index for s in manifest.shards if col.group not in s.files]
+        if lacking:
+            raise ManifestMismatchError(
+                f"the manifest lists column {col.name!r} ({col.kind}) in array '{col.group}', but "
+                f"{len(lacking)} of {len(manifest.shards)} shards have no {col.group}.npy "
+                f"(first: shard {lacking[0]})",
+                where=str(path),
+                fix="rebuild the cache with the same command plus --force (`ctrpipe shard ... --force`)")

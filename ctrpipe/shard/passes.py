@@ -217,6 +217,7 @@ class WriteResult:
     id_dtype: str
     output_bytes: int
     parsed_bytes: int
+    has_labels: bool               # whether shards hold labels.npy (unlabelled test text has no label field)
     seconds: float = 0.0
 
 
@@ -297,7 +298,7 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
         if inputs.role == "train" else {"n_splits": 0, "sizes": []},
         label_rates=tally.label_rates() if has_labels else {}, bad_rows=bad.to_dict(), column_stats=stats,
         id_dtype=f"<U{max(id_width, 1)}" if id_width else "int64", output_bytes=writer.bytes_written,
-        parsed_bytes=bar.bytes,
+        parsed_bytes=bar.bytes, has_labels=bool(has_labels),
         seconds=time.perf_counter() - t0)
 
 

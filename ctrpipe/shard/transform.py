@@ -100,9 +100,13 @@ class Plan:
         """Raw columns the transform reads (besides labels/id)."""
         return self.numeric + self.categorical + tuple(tc.column for tc in self.tokens)
 
-    def column_specs(self, fitted: Fitted, id_dtype: str,
-                     stats: dict[str, dict[str, float]]) -> list[ColumnSpec]:
-        """The manifest's columns, in storage order, with their output statistics."""
+    def column_specs(self, fitted: Fitted, id_dtype: str, stats: dict[str, dict[str, float]],
+                     with_labels: bool) -> list[ColumnSpec]:
+        """The manifest's columns, in storage order, with their output statistics.
+
+        `with_labels` says whether the shards hold labels.npy: Criteo test text has no label field, so its
+        plan still names the config's labels, but the manifest must list only what is on disk.
+        """
         specs = [ColumnSpec(name, kind, "numeric", "float32", i, transform=tr, source=src,
                             stats=stats.get(name, {}))
                  for i, (name, kind, tr, src) in enumerate(self.numeric_layout())]
@@ -118,7 +122,7 @@ class Plan:
                                     width=tc.max_len, bins=self.token_bins(tc), weighted=tc.weighted,
                                     transform=f"hash,sep={tc.separator!r},keep={self.token_keep(tc)}",
                                     source=tc.column, stats=stats.get(tc.column, {})))
-        for i, lab in enumerate(self.labels):
+        for i, lab in enumerate(self.labels if with_labels else ()):
             specs.append(ColumnSpec(lab, "label", "labels", "float32", i, source=lab,
                                     stats=stats.get(lab, {})))
         specs.append(ColumnSpec("id", "id", "ids", id_dtype, 0, source=self.id_column or "row position",
