@@ -4,17 +4,12 @@ Usage: python benchmarks/bench_hash.py [--rows 500000] [--cols 26] [--repeat 3] 
 Prints values/s of each approach on the same data and the ratio, plus a polars parse-only baseline of the same
 rows written as tab-separated text (what the shard build is judged against).
 
-Measured (2-core dev box shared with other jobs, so absolute times swing 3x; the ratios held), 500k rows x 26
-columns = 13M 8-byte values, ~0.3-0.4M distinct: a first plain numpy xxh64 (gather into (n, L) matrices,
-whole-array ufuncs) took 0.75 s vs 0.59 s for distinct + Python xxhash + join, so it lost. Reading polars'
-string views in place and running the arithmetic in 32k-row blocks with in-place ufuncs: 0.31 s vs 0.59 s
-(1.9x) on the quietest run, 0.8-1.1 s vs 1.8-2.8 s (2.2-2.6x) under load; hash_ids (with the modulo) 0.33 s.
-
-Also tried (2026-11-22, not kept): the polars-hash plugin (`nchash.xxhash64`, the same exact hash) on 26 x 100k
-Zipf values x 20 repeats: 0.59-0.71 CPU-s for the bare hashes vs 0.73-1.02 for numpy hash_ids, but 1.26-1.52
-CPU-s once the modulo and the missing mask were polars expressions too: too small a gain for a new dependency.
-What the shard build uses for Criteo text instead is the compiled kernel (ctrpipe/_native.c), which hashes
-straight from the text while it checks the fields, so the 26 string columns are never built at all.
+Why hashing looks as it does: a plain numpy xxh64 over whole arrays lost to hashing each column's distinct
+values with Python xxhash; reading polars' string views in place and running the arithmetic in 32k-row blocks
+with in-place ufuncs beats it. The polars-hash plugin computes the same hash, but once the modulo and the
+missing mask are polars expressions too it gains too little to justify a new dependency. For Criteo text the
+shard build hashes in the compiled kernel (ctrpipe/_native.c) instead, straight from the bytes while it checks
+the fields, so the 26 string columns are never built at all. Figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

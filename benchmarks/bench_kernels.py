@@ -14,12 +14,8 @@ Three A/B pairs, each timed in alternation (A, B, B, A, ...) so a busy machine h
 * head/mlp    a 429-wide input in two parts (416 embedding columns | 13 raw numerics) -> Linear(429, 400):
               `fused.linear_over_parts` vs concatenating first.
 
-Measured (2-CPU shared VM, torch 2.13 CPU, 2 threads, defaults), final code, 2026-11-22 18:09, two runs back
-to back, load 0.1-1.4: lazy_adam 13.68 -> 4.42 ms and 11.92 -> 4.05 ms (3.09x, 2.94x; 2.45-2.54x at 17:06);
-cross 67.31 -> 58.22 ms and 66.64 -> 57.13 ms (1.16x, 1.17x; 9 GEMMs of 429 x 429 are most of it), of which
-width 432 vs 430 gives 62.24 -> 57.04 and 62.78 -> 57.49 ms (1.09x); first layer 17.50 -> 15.85 ms and 17.34
--> 15.68 ms (1.10x, 1.11x). In a whole DCN v2 training step the hand-written paths also drop the (B, 829)
-concatenation of cross and deep outputs and a K=1 GEMM in the head (step ~128 -> ~112 ms, README).
+In a whole DCN v2 training step the hand-written paths also drop the (B, 829) concatenation of the cross and
+deep outputs and a K=1 GEMM in the head, which these pairs do not time. Figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -14,20 +14,13 @@ function (`loop._train_step`), lr schedule and on-device loss sum. Per model and
            thread, host->device copies on CUDA): what `ctrpipe train` gets;
 * ceiling  samples/s of `--steps` steps over 8 pre-built batches already on the device, cycled: the model's
            own speed, nothing to wait for;
-* ratio    e2e / ceiling (the issue's GPU goal: >= 0.9 at batch 16384 on an H100);
+* ratio    e2e / ceiling (on a GPU the loader should keep it >= 0.9 at batch 16384);
 * opt%     share of a step spent in the optimiser steps (one instrumented pass with device syncs).
 
 e2e and ceiling alternate `--repeat` times (best of each), so a busy machine hurts both alike; the load average
 is printed with every table. Memory note: a 1M-bin cache makes a 26M x 16 fp32 table (1.7 GB); lazy_adam and
 sparse_adam add two moments of that size, adagrad one, sgd none; dense adam adds two AND rewrites all of it
-every step.
-
-Measured (2-CPU shared VM, torch 2.13 CPU, 2 threads, 400k rows, 1M bins, cfgs defaults lazy_adam + dropout 0),
-2026-11-22 18:09 (final code), load 1.1-1.8: e2e samples/s at batch 4096 / 16384: dnn 49.7k / 68.0k, deepfm
-38.2k / 43.7k, dcnv2 19.8k / 17.6k; e2e/ceiling 0.81-1.12 over 20-step windows, 0.97-1.03 rerun at batch 4096
-with --steps 30 --repeat 3 (20-step windows are noisy here); optimiser share 15% / 17% / 6% at 4096.
-15:37 (before the C lazy_adam step): dnn 49.0k / 61.8k, deepfm 33.1k / 38.5k, dcnv2 19.9k / 17.1k.
-Before (dense adam, dropout 0.1, load 2.4-4.1): dnn ~0.5-1.1k, deepfm ~0.8-1.0k, dcnv2 ~0.4-0.5k.
+every step. Figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
