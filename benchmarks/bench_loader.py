@@ -22,6 +22,7 @@ import numpy as np
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
 from ctrpipe.shard.manifest import ArrayInfo, ColumnSpec, Manifest, ShardInfo, read_manifest, write_manifest
+from ctrpipe.shard.reader import open_cache
 
 ROOT = Path(__file__).resolve().parents[1] / ".bench"
 N_INT, N_CAT = 13, 26
@@ -67,9 +68,8 @@ def build_cache(out: Path, rows: int, shard_rows: int) -> Path:
 
 def floor_rate(cache: Path, batch_size: int, epoch: int) -> float:
     """samples/s of np.copyto of each batch's bytes (numeric, categorical, labels) from the memmaps."""
-    manifest = read_manifest(cache)
-    maps = [{g: np.load(cache / s.files[g].file, mmap_mode="r") for g in ("numeric", "categorical", "labels")}
-            for s in manifest.shards]
+    arrays = open_cache(cache, groups=("numeric", "categorical", "labels"))
+    maps = [arrays.shard(i) for i in range(len(arrays.manifest.shards))]
     bufs = {g: np.empty((batch_size, *a.shape[1:]), a.dtype) for g, a in maps[0].items()}
     t = time.perf_counter()
     rows = 0

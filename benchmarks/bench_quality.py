@@ -166,7 +166,7 @@ def make_data(args: argparse.Namespace, work: Path) -> Path:
 
 def export_features(cache: Path, out: Path) -> dict:
     """Train rows (split 0) and gold rows (split 2) of the cache -> plain .npy files the peers read."""
-    from ctrpipe.shard.manifest import SPLIT_CODES
+    from ctrpipe.data.splits import SPLIT_CODES
     from ctrpipe.shard.reader import open_cache
 
     arrays = open_cache(cache)
@@ -181,9 +181,10 @@ def export_features(cache: Path, out: Path) -> dict:
     split = arrays.concat("split")
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
+    shards = [arrays.shard(i) for i in range(len(m.shards))]
     for name, code in (("train", SPLIT_CODES["train"]), ("test", SPLIT_CODES["gold"])):
-        keep = [np.flatnonzero(np.asarray(s["split"]) == code) for s in arrays.shards]
-        parts = {g: np.concatenate([np.asarray(s[g])[k] for s, k in zip(arrays.shards, keep, strict=True)])
+        keep = [np.flatnonzero(s["split"] == code) for s in shards]
+        parts = {g: np.concatenate([s[g][k] for s, k in zip(shards, keep, strict=True)])
                  for g in ("categorical", "numeric", "labels")}
         np.save(out / f"{name}_cat.npy", parts["categorical"][:, [c.index for c in cats]].astype(np.int32))
         np.save(out / f"{name}_num.npy", parts["numeric"][:, [c.index for c in nums]].astype(np.float32))

@@ -59,6 +59,10 @@ class ManifestMismatchError(CtrpipeError):
     """A shard cache, checkpoint or submission does not belong with the inputs or config it is used with."""
 
 
+# The one fix for a shard cache that cannot be used as it is on disk (damaged, foreign, or an older format).
+REBUILD_CACHE_FIX = "rebuild the cache: run the same `ctrpipe shard --cfg CFG --input FILE --out DIR` with --force"
+
+
 class CheckpointError(CtrpipeError):
     """Checkpoints are missing, incomplete or incompatible."""
 

@@ -21,11 +21,10 @@ from typing import Any, Literal
 import numpy as np
 
 from ctrpipe.atomic import atomic_open
-from ctrpipe.errors import ManifestMismatchError
+from ctrpipe.errors import REBUILD_CACHE_FIX, ManifestMismatchError
 
 FITTED_DIR = "fitted"
 _HIST_BINS = 65_536
-_REBUILD = "rebuild the train cache with `ctrpipe shard ... --force`"
 _HIST_LIMIT = 45.0          # log1p(3.5e19): anything larger is clamped into the edge bins
 
 
@@ -298,11 +297,11 @@ class Fitted:
                        for k, v in meta.get("covisit", {}).items()}
         except (OSError, KeyError, ValueError) as exc:
             raise ManifestMismatchError(f"fitted statistics are missing or unreadable ({exc})",
-                                        where=str(cache_dir / FITTED_DIR), fix=_REBUILD) from None
+                                        where=str(cache_dir / FITTED_DIR), fix=REBUILD_CACHE_FIX) from None
         fitted = cls(numeric=numeric, vocab=vocab, covisit=covisit, train_rows=int(meta.get("train_rows", 0)))
         if "identity" in meta and fitted.identity() != meta["identity"]:
             raise ManifestMismatchError("fitted statistics differ from their recorded identity",
-                                        where=str(cache_dir / FITTED_DIR), fix=_REBUILD)
+                                        where=str(cache_dir / FITTED_DIR), fix=REBUILD_CACHE_FIX)
         return fitted
 
 

@@ -12,7 +12,9 @@ import numpy as np
 
 from ctrpipe.data.config import FoldConfig, SplitConfig
 
+# the codes stored in every shard's split.npy (int8), and the fold id of rows in no fold (fold.npy)
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_GOLD, SPLIT_TEST = 0, 1, 2, 3
+SPLIT_CODES: dict[str, int] = {"train": SPLIT_TRAIN, "val": SPLIT_VAL, "gold": SPLIT_GOLD, "test": SPLIT_TEST}
 NO_FOLD = -1
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

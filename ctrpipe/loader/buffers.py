@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctrpipe.errors import ManifestMismatchError
+from ctrpipe.errors import REBUILD_CACHE_FIX, ManifestMismatchError
 from ctrpipe.loader.batch import Batch
-from ctrpipe.loader.shards import REBUILD_FIX
-from ctrpipe.shard.manifest import Manifest
+from ctrpipe.shard.manifest import MANIFEST_NAME, Manifest
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ def layout_of(cache_dir: Path, manifest: Manifest, with_labels: bool) -> Layout:
                  if group in s.files}
         if len(kinds) != 1 or any(group not in s.files for s in manifest.shards):
             raise ManifestMismatchError(f"shards disagree on array '{group}' (shapes/dtypes {sorted(kinds)})",
-                                        where=str(cache_dir / "manifest.json"), fix=REBUILD_FIX)
+                                        where=str(cache_dir / MANIFEST_NAME), fix=REBUILD_CACHE_FIX)
         shape, dtype = kinds.pop()
         return ArraySpec(group, shape, np.dtype(dtype))
 

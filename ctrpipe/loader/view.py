@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ctrpipe.errors import ConfigError, ManifestMismatchError
-from ctrpipe.loader.shards import REBUILD_FIX, read_small
-from ctrpipe.shard.manifest import SPLIT_CODES, Manifest
-
-NO_FOLD = -1  # fold id of rows that belong to no fold (e.g. gold or test rows)
+from ctrpipe.data.splits import NO_FOLD, SPLIT_CODES
+from ctrpipe.errors import REBUILD_CACHE_FIX, ConfigError, ManifestMismatchError
+from ctrpipe.shard.manifest import Manifest
+from ctrpipe.shard.reader import read_small
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ def resolve_view(cache_dir: Path, manifest: Manifest, view: RowView) -> ViewInde
         if bad.any():
             raise ManifestMismatchError(
                 f"split code {int(split[bad][0])} at row {int(np.flatnonzero(bad)[0])}, expected codes "
-                f"{SPLIT_CODES}", where=str(cache_dir / shard.files["split"].file), fix=REBUILD_FIX)
+                f"{SPLIT_CODES}", where=str(cache_dir / shard.files["split"].file), fix=REBUILD_CACHE_FIX)
         fold = read_small(cache_dir, shard, "fold") if view.uses_folds else None
         rows.append(np.flatnonzero(view.mask(split, fold)).astype(np.int32))
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)

@@ -12,7 +12,10 @@ import numpy as np
 from rich.table import Table
 
 from ctrpipe.console import console
-from ctrpipe.shard.manifest import SPLIT_CODES, ColumnSpec, Manifest, read_manifest
+from ctrpipe.data.splits import NO_FOLD, SPLIT_CODES, SPLIT_VAL
+from ctrpipe.errors import ManifestMismatchError
+from ctrpipe.shard.manifest import ColumnSpec, Manifest, ShardInfo, read_manifest
+from ctrpipe.shard.reader import map_array
 
 
 @dataclass
@@ -49,7 +52,7 @@ class _Inspector:
         self.checks = {k: Check(k) for k in ("files", "rows", "numeric finite", "categorical ids", "tokens",
                                               "labels", "splits", "folds")}
         self.ranges: dict[str, ColumnRange] = {c.name: ColumnRange() for c in m.columns}
-        self.split_rows = np.zeros(4, dtype=np.int64)
+        self.split_rows = np.zeros(len(SPLIT_CODES), dtype=np.int64)
         k = int(m.folds.get("n_splits", 0) or 0)
         self.fold_rows = np.zeros(max(k, 1), dtype=np.int64)
 
@@ -61,7 +64,7 @@ class _Inspector:
                 self.checks["rows"].fail(f"shard {info.index} starts at row {info.row_start}, "
                                          f"expected {start}")
             start += info.rows
-            arrays = self._load(info.index, info.files, info.rows)
+            arrays = self._load(info)
             self._check_numeric(arrays)
             self._check_categorical(arrays)
             self._check_tokens(arrays)
@@ -79,25 +82,16 @@ class _Inspector:
         if sizes and sizes != self.fold_rows.tolist():
             self.checks["folds"].fail(f"fold sizes {self.fold_rows.tolist()} != manifest {sizes}")
 
-    def _load(self, index: int, files: dict, rows: int) -> dict[str, np.ndarray]:
+    def _load(self, info: ShardInfo) -> dict[str, np.ndarray]:
+        """Map every array the shard lists; each one the reader refuses is a 'files' failure, not a stop."""
         chk = self.checks["files"]
         out: dict[str, np.ndarray] = {}
-        for group, a in files.items():
-            path = self.root / a.file
+        for group, a in info.files.items():
             chk.done += 1
             try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                chk.fail(f"{a.file}: unreadable ({exc})")
-                continue
-            if tuple(arr.shape) != tuple(a.shape) or str(arr.dtype) != a.dtype:
-                chk.fail(f"{a.file}: {tuple(arr.shape)} {arr.dtype}, "
-                         f"manifest says {tuple(a.shape)} {a.dtype}")
-                continue
-            if arr.shape[0] != rows:
-                chk.fail(f"{a.file}: {arr.shape[0]} rows, shard {index} has {rows}")
-                continue
-            out[group] = arr
+                out[group] = map_array(self.root, info, group)
+            except ManifestMismatchError as exc:
+                chk.fail(f"{a.file}: {exc.what}")
         return out
 
     def _cols(self, group: str, *kinds: str) -> list[ColumnSpec]:
@@ -178,16 +172,16 @@ class _Inspector:
         split, fold = np.asarray(split), np.asarray(fold)
         self.checks["splits"].done += 1
         self.checks["folds"].done += 1
-        if ((split < 0) | (split > 3)).any():
-            self.checks["splits"].fail(f"shard {index}: split codes outside 0..3")
+        if ((split < 0) | (split >= len(SPLIT_CODES))).any():
+            self.checks["splits"].fail(f"shard {index}: split codes outside 0..{len(SPLIT_CODES) - 1}")
             return
-        self.split_rows += np.bincount(split, minlength=4)
+        self.split_rows += np.bincount(split, minlength=len(SPLIT_CODES))
         k = int(self.m.folds.get("n_splits", 0) or 0)
-        if ((fold < -1) | (fold >= max(k, 0))).any():
-            self.checks["folds"].fail(f"shard {index}: fold ids outside [-1, {k})")
+        if ((fold < NO_FOLD) | (fold >= max(k, 0))).any():
+            self.checks["folds"].fail(f"shard {index}: fold ids outside [{NO_FOLD}, {k})")
             return
         if k:
-            cv = split <= 1
+            cv = split <= SPLIT_VAL                 # train and val rows take part in CV
             if (fold[cv] < 0).any():
                 self.checks["folds"].fail(f"shard {index}: train/val rows without a fold")
             if (fold[~cv] >= 0).any():

@@ -27,12 +27,11 @@ from typing import Any, Literal
 
 from ctrpipe import __version__
 from ctrpipe.atomic import write_text_atomic
-from ctrpipe.errors import ManifestMismatchError
+from ctrpipe.errors import REBUILD_CACHE_FIX, ManifestMismatchError
 from ctrpipe.features import FeatureSpec, FieldSpec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "gold": 2, "test": 3}
 
 ColumnKind = Literal["numeric", "missing_indicator", "covisit", "categorical", "multihot", "sequence",
                      "label", "id"]
@@ -191,12 +190,12 @@ def read_manifest(cache_dir: Path) -> Manifest:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ManifestMismatchError(f"{MANIFEST_NAME} is not valid JSON ({exc})", where=str(path),
-                                    fix="rebuild the cache with `ctrpipe shard ... --force`") from None
+                                    fix=REBUILD_CACHE_FIX) from None
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise ManifestMismatchError(
             f"shard format version {version}, this ctrpipe reads version {FORMAT_VERSION}", where=str(path),
-            fix="rebuild the cache with this ctrpipe: `ctrpipe shard ... --force`")
+            fix=REBUILD_CACHE_FIX)
     manifest = Manifest.from_dict(raw)
     _check_columns_on_disk(manifest, path)
     return manifest
@@ -216,4 +215,4 @@ def _check_columns_on_disk(manifest: Manifest, path: Path) -> None:
                 f"{len(lacking)} of {len(manifest.shards)} shards have no {col.group}.npy "
                 f"(first: shard {lacking[0]})",
                 where=str(path),
-                fix="rebuild the cache with the same command plus --force (`ctrpipe shard ... --force`)")
+                fix=REBUILD_CACHE_FIX)

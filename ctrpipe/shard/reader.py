@@ -1,36 +1,155 @@
-"""Stage 2 -> 3: open a finished shard cache as memory-mapped arrays (np.load(mmap_mode='r'), no copies).
+"""Stage 2 -> 3: the one reader of shard files. Every .npy a cache lists is opened here and nowhere else.
 
-Used by `inspect`, the loader and `infer`. Only caches with a manifest are opened, so a half-written cache
-can never be read by accident.
+Each array's header is checked against the manifest (shape, dtype, C order, file size) before any data is
+read, so a truncated or foreign file fails naming the file, not hours into training. Arrays are then
+memory-mapped from that same header (no copies), lazily and with a bounded number of open maps. Only caches
+with a manifest are opened, so a half-written cache can never be read by accident.
 
 Example::
 
-    cache = open_cache(Path("shards/criteo"))
-    x = cache.shards[0]["numeric"]             # (N0, Fn) float32 memmap
-    split = cache.concat("split")              # (total_rows,) int8, in memory
+    cache = open_cache(Path("shards/criteo"))   # headers of every array checked, nothing mapped yet
+    x = cache.shard(0)["numeric"]               # (N0, Fn) float32, mapped on first use
+    split = cache.concat("split")               # (total_rows,) int8, in memory
+    shard, local = cache.locate(np.array([0, 12_345]))   # global rows -> (shard index, row in shard)
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ctrpipe.errors import ManifestMismatchError
-from ctrpipe.shard.manifest import Manifest, read_manifest
-
-_REBUILD = "rebuild the cache with `ctrpipe shard ... --force`"
+from ctrpipe.errors import REBUILD_CACHE_FIX, ManifestMismatchError
+from ctrpipe.shard.manifest import MANIFEST_NAME, ArrayInfo, Manifest, ShardInfo, read_manifest
 
 
 @dataclass(frozen=True)
-class CacheArrays:
-    """A cache's manifest plus one {group: memmap} dict per shard, in shard order."""
+class NpyHeader:
+    """What an .npy header says: enough to check the file against the manifest and to map it."""
 
-    root: Path
-    manifest: Manifest
-    shards: tuple[dict[str, np.ndarray], ...]
+    path: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    data_offset: int            # bytes before the first element
 
+    @property
+    def data_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def read_npy_header(path: Path) -> NpyHeader:
+    """Read only the header of an .npy file (ValueError / OSError when it is not one)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f".npy format version {version} is not one the shard writer produces")
+        return NpyHeader(Path(path), tuple(shape), dtype, fortran, fh.tell())
+
+
+def check_array(cache_dir: Path, shard: ShardInfo, group: str) -> NpyHeader:
+    """The header of `group` of `shard`, checked against the manifest without reading data.
+
+    Raises ManifestMismatchError (where = the file, fix = rebuild the cache) for the first problem found:
+    not listed, missing, unreadable header, other shape or dtype, Fortran order, or truncated. Callers that
+    report every problem instead of stopping (`inspect`) catch it per array.
+    """
+    info: ArrayInfo | None = shard.files.get(group)
+    if info is None:
+        raise ManifestMismatchError(f"shard {shard.index} lists no '{group}' array in the manifest",
+                                    where=str(Path(cache_dir) / MANIFEST_NAME), fix=REBUILD_CACHE_FIX)
+    path = Path(cache_dir) / info.file
+    if not path.is_file():
+        raise ManifestMismatchError(f"shard file is missing (the manifest lists it for shard {shard.index})",
+                                    where=str(path), fix=REBUILD_CACHE_FIX)
+    try:
+        header = read_npy_header(path)
+    except (ValueError, OSError, SyntaxError) as exc:
+        raise ManifestMismatchError(f"not a readable .npy file ({exc})", where=str(path),
+                                    fix=REBUILD_CACHE_FIX) from None
+    expected = (tuple(info.shape), np.dtype(info.dtype))
+    if (header.shape, header.dtype) != expected or header.shape[:1] != (shard.rows,):
+        raise ManifestMismatchError(
+            f"array is {header.dtype}{list(header.shape)}, the manifest says {expected[1]}{list(expected[0])} "
+            f"with {shard.rows} rows", where=str(path), fix=REBUILD_CACHE_FIX)
+    if header.fortran_order:
+        raise ManifestMismatchError("array is stored in Fortran order; rows must be contiguous (C order)",
+                                    where=str(path), fix=REBUILD_CACHE_FIX)
+    need, have = header.data_offset + header.data_bytes, path.stat().st_size
+    if have < need:
+        raise ManifestMismatchError(f"file is truncated: {have} bytes, its header needs {need}",
+                                    where=str(path), fix=REBUILD_CACHE_FIX)
+    return header
+
+
+def map_array(cache_dir: Path, shard: ShardInfo, group: str) -> np.ndarray:
+    """Check `group` of `shard` (see `check_array`), then memory-map it read-only, as a plain ndarray.
+
+    The map is built from the checked header, so what is mapped is exactly what was checked; the plain
+    ndarray view skips np.memmap's per-slice overhead.
+    """
+    header = check_array(cache_dir, shard, group)
+    try:
+        mapped = np.memmap(header.path, dtype=header.dtype, mode="r", offset=header.data_offset,
+                           shape=header.shape)
+    except (OSError, ValueError) as exc:
+        raise ManifestMismatchError(f"cannot memory-map shard file ({exc})", where=str(header.path),
+                                    fix=REBUILD_CACHE_FIX) from None
+    return mapped.view(np.ndarray)
+
+
+def read_small(cache_dir: Path, shard: ShardInfo, group: str) -> np.ndarray:
+    """A whole (small, 1-D) per-row array such as split.npy or fold.npy, checked and copied into memory."""
+    return np.array(map_array(cache_dir, shard, group))
+
+
+class ShardArrays:
+    """The arrays `groups` of every shard of a cache: checked up front, memory-mapped on demand.
+
+    `shard(i)` -> {group: read-only ndarray}. At most `max_open` shards stay mapped (least recently used are
+    dropped), because each map holds a file descriptor. Thread-safe: the loader's prefetch thread maps
+    while the main thread may build a new iterator. `groups=None` means every array the first shard lists.
+    """
+
+    def __init__(self, cache_dir: Path, manifest: Manifest, groups: tuple[str, ...] | None = None,
+                 max_open: int = 256) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.manifest = manifest
+        first = manifest.shards[0].files if manifest.shards else {}
+        self.groups: tuple[str, ...] = tuple(first) if groups is None else tuple(groups)
+        self.max_open = max_open
+        self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """Check every needed file of every shard (headers and sizes only; no data is read)."""
+        for shard in self.manifest.shards:
+            for group in self.groups:
+                check_array(self.cache_dir, shard, group)
+
+    def shard(self, index: int) -> dict[str, np.ndarray]:
+        """All needed arrays of one shard, group -> read-only ndarray (re-checked whenever it is mapped)."""
+        with self._lock:
+            arrays = self._open.get(index)
+            if arrays is not None:
+                self._open.move_to_end(index)
+                return arrays
+        info = self.manifest.shards[index]
+        arrays = {group: map_array(self.cache_dir, info, group) for group in self.groups}
+        with self._lock:
+            self._open[index] = arrays
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        return arrays
+
+    # ------------------------------------------------------------------ whole-cache helpers (small groups)
     @property
     def total_rows(self) -> int:
         return self.manifest.total_rows
@@ -41,40 +160,24 @@ class CacheArrays:
         return np.array([s.row_start for s in self.manifest.shards] + [self.total_rows], dtype=np.int64)
 
     def has(self, group: str) -> bool:
-        return all(group in s for s in self.shards) and bool(self.shards)
+        return group in self.groups and bool(self.manifest.shards)
 
     def concat(self, group: str) -> np.ndarray:
         """One group over all shards as an in-memory array (for small groups: split, fold, labels, ids)."""
         if not self.has(group):
             raise KeyError(group)
-        return np.concatenate([np.asarray(s[group]) for s in self.shards])
+        return np.concatenate([read_small(self.cache_dir, info, group) for info in self.manifest.shards])
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global row indices -> (shard index, row within shard)."""
+        """Global row indices -> (shard index, row within shard), both (N,) int64."""
         starts = self.row_starts
         shard = np.searchsorted(starts, rows, side="right") - 1
         return shard, rows - starts[shard]
 
 
-def open_cache(cache_dir: Path, check: bool = True) -> CacheArrays:
-    """Read the manifest and memory-map every array it lists; a missing file (or, with `check`, one whose
-    shape or dtype differs from the manifest) is an error."""
+def open_cache(cache_dir: Path, groups: tuple[str, ...] | None = None, max_open: int = 256) -> ShardArrays:
+    """Read a finished cache's manifest and check the headers of `groups` (None: all) of every shard."""
     cache_dir = Path(cache_dir)
-    manifest = read_manifest(cache_dir)
-    shards: list[dict[str, np.ndarray]] = []
-    for info in manifest.shards:
-        arrays: dict[str, np.ndarray] = {}
-        for group, a in info.files.items():
-            path = cache_dir / a.file
-            try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise ManifestMismatchError(f"cannot read shard array ({exc})", where=str(path),
-                                            fix=_REBUILD) from None
-            if check and (tuple(arr.shape) != a.shape or str(arr.dtype) != a.dtype):
-                raise ManifestMismatchError(
-                    f"shard array is {tuple(arr.shape)} {arr.dtype}, the manifest says {a.shape} {a.dtype}",
-                    where=str(path), fix=_REBUILD)
-            arrays[group] = arr
-        shards.append(arrays)
-    return CacheArrays(root=cache_dir, manifest=manifest, shards=tuple(shards))
+    cache = ShardArrays(cache_dir, read_manifest(cache_dir), groups, max_open)
+    cache.check()
+    return cache

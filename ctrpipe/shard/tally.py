@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ctrpipe.data.fitted import round32
-from ctrpipe.shard.manifest import SPLIT_CODES
+from ctrpipe.data.splits import SPLIT_CODES
 
 MAX_BAD_EXAMPLES = 10
 
@@ -57,21 +57,21 @@ class SplitTally:
 
     def __init__(self, labels: tuple[str, ...], n_folds: int, fold_label: int) -> None:
         self.labels = labels
-        self.rows = np.zeros(4, dtype=np.int64)
-        self.label_sum = np.zeros((len(labels), 4))
-        self.label_n = np.zeros((len(labels), 4), dtype=np.int64)
+        self.rows = np.zeros(len(SPLIT_CODES), dtype=np.int64)
+        self.label_sum = np.zeros((len(labels), len(SPLIT_CODES)))
+        self.label_n = np.zeros((len(labels), len(SPLIT_CODES)), dtype=np.int64)
         self.n_folds = n_folds
         self.fold_rows = np.zeros(max(n_folds, 1), dtype=np.int64)
         self.fold_pos = np.zeros(max(n_folds, 1))
         self.fold_label = fold_label
 
     def update(self, split: np.ndarray, fold: np.ndarray, labels: np.ndarray | None) -> None:
-        self.rows += np.bincount(split, minlength=4)
+        self.rows += np.bincount(split, minlength=len(SPLIT_CODES))
         if labels is not None:
             for t in range(labels.shape[1]):
                 ok = ~np.isnan(labels[:, t])
-                self.label_sum[t] += np.bincount(split[ok], weights=labels[ok, t], minlength=4)
-                self.label_n[t] += np.bincount(split[ok], minlength=4)
+                self.label_sum[t] += np.bincount(split[ok], weights=labels[ok, t], minlength=len(SPLIT_CODES))
+                self.label_n[t] += np.bincount(split[ok], minlength=len(SPLIT_CODES))
         if self.n_folds:
             in_fold = fold >= 0
             self.fold_rows += np.bincount(fold[in_fold], minlength=self.n_folds)

@@ -21,7 +21,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ctrpipe.errors import ManifestMismatchError
 from ctrpipe.shard.manifest import ArrayInfo, ShardInfo
+from ctrpipe.shard.reader import check_array
 
 Arrays = dict[str, np.ndarray]   # group stem -> (N, ...) array, every group with the same N
 SCRATCH_BYTES = 1 << 20          # per open shard: the slice through which column-major chunks are transposed
@@ -270,15 +272,13 @@ def _rows(arrays: Arrays) -> int:
 
 
 def _matches(root: Path, info: ShardInfo) -> bool:
-    """True when a finished shard on disk has exactly the files, shapes and dtypes `info` expects."""
+    """True when a finished shard on disk has exactly the files `info` lists, each whole, of its shape and dtype."""
     shard_dir = root / shard_dirname(info.index)
     if not shard_dir.is_dir() or {p.name for p in shard_dir.iterdir()} != {f"{g}.npy" for g in info.files}:
         return False
-    for a in info.files.values():
-        try:
-            arr = np.load(root / a.file, mmap_mode="r")
-        except (OSError, ValueError):
-            return False
-        if tuple(arr.shape) != a.shape or str(arr.dtype) != a.dtype:
-            return False
+    try:
+        for group in info.files:
+            check_array(root, info, group)        # headers and sizes only: no data is read
+    except ManifestMismatchError:
+        return False
     return True

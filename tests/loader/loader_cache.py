@@ -10,14 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ctrpipe.shard.manifest import (
-    SPLIT_CODES,
-    ArrayInfo,
-    ColumnSpec,
-    Manifest,
-    ShardInfo,
-    write_manifest,
-)
+from ctrpipe.data.splits import SPLIT_CODES
+from ctrpipe.shard.manifest import ArrayInfo, ColumnSpec, Manifest, ShardInfo, write_manifest
 
 N_NUMERIC = 3
 N_CAT = 2

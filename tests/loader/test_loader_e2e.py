@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from ctrpipe.config import load_config
+from ctrpipe.data.splits import SPLIT_CODES
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
-from ctrpipe.shard.manifest import SPLIT_CODES
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_SPLITS = RowView(tuple(SPLIT_CODES))
@@ -46,7 +46,7 @@ def _stored(cache: Path) -> dict[str, np.ndarray]:
     from ctrpipe.shard.reader import open_cache
 
     c = open_cache(cache)
-    return {g: c.concat(g) for g in c.shards[0] if g != "ids"}
+    return {g: c.concat(g) for g in c.groups if g != "ids"}
 
 
 @pytest.mark.parametrize("strategy", ["block", "gather"])

@@ -26,7 +26,7 @@ def parquet_cfg(*overrides: str) -> RunConfig:
 def load_all(cache: Path) -> dict[str, np.ndarray]:
     """Every group of a cache concatenated over shards (tiny caches only)."""
     c = open_cache(cache)
-    return {g: c.concat(g) for g in c.shards[0]}
+    return {g: c.concat(g) for g in c.groups}
 
 
 def npy_bytes(cache: Path) -> dict[str, bytes]:
