@@ -116,12 +116,20 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> {"train.lr": 3e-4, ...}: the dotted keys `--set`, config sources, resume checks and
+    cache diffs all name settings by. An empty section stays one key (its value `{}`), so it is not lost.
+
+    Example::
+
+        >>> flatten_dotted({"train": {"lr": 0.1, "sched": {}}, "seed": 1}, prefix="run.")
+        {'run.train.lr': 0.1, 'run.train.sched': {}, 'run.seed': 1}
+    """
     out: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, dotted + "."))
+            out.update(flatten_dotted(value, dotted + "."))
         else:
             out[dotted] = value
     return out
@@ -134,9 +142,9 @@ def load_config(path: Path | None, overrides: Sequence[str] = (), *, resolve_mod
     then start without importing torch and the model zoo.
     """
     data = load_yaml(path) if path is not None else {}
-    sources = {k: str(path) for k in _flatten(data)}
+    sources = {k: str(path) for k in flatten_dotted(data)}
     over: dict[str, Any] = apply_overrides({}, overrides)
-    sources.update({k: "--set" for k in _flatten(over)})
+    sources.update({k: "--set" for k in flatten_dotted(over)})
     deep_merge(data, over)
     return config_from_dict(data, sources=sources, origin=str(path) if path else "defaults",
                             resolve_model=resolve_model)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import doctest
 from pathlib import Path
 
 import pytest
 
+from ctrpipe import config
 from ctrpipe.config import config_from_dict, load_config, parse_override, to_dict
 from ctrpipe.errors import ConfigError
 
@@ -95,3 +97,8 @@ def test_shard_side_loading_skips_the_model_zoo() -> None:
     cfg = load_config(CFGS / "criteo_dcnv2.yaml", ["data.hash_bins=77"], resolve_model=False)
     assert cfg.data.hash_bins == 77
     assert cfg.model.name == "dcnv2" and cfg.model.params is None
+
+
+def test_docstring_examples() -> None:
+    """`flatten_dotted`'s example: the one dotted-key flattener (config sources, resume checks, cache diffs)."""
+    assert doctest.testmod(config).failed == 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ctrpipe.config import RunConfig, load_config, to_dict
+from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
 from ctrpipe.data.config import DataConfig
 from ctrpipe.data.fitted import FITTED_DIR, Fitted
@@ -259,16 +259,8 @@ def _finish(work: Path, out: Path, shards: list[ShardInfo], manifest: Manifest) 
 
 def _describe_diff(old: Manifest, data: DataConfig, srcs: tuple[Any, ...], extra: dict[str, Any]) -> str:
     """Name what changed between the cache on disk and this request: config keys or source files."""
-    def flat(d: Any, prefix: str = "data.") -> dict[str, Any]:
-        if isinstance(d, dict):
-            out: dict[str, Any] = {}
-            for k, v in d.items():
-                out.update(flat(v, f"{prefix}{k}."))
-            return out
-        return {prefix.rstrip("."): d}
-
-    new_cfg = flat(identity_config(data))
-    old_cfg = flat({k: v for k, v in old.config.items() if k != "chunk_rows"})
+    new_cfg = flatten_dotted(identity_config(data), "data.")
+    old_cfg = flatten_dotted({k: v for k, v in old.config.items() if k != "chunk_rows"}, "data.")
     parts = [f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in sorted(set(new_cfg) | set(old_cfg))
              if new_cfg.get(k) != old_cfg.get(k)]
     old_src = {s.path: s for s in old.sources}
