@@ -19,6 +19,7 @@ from ctrpipe.atomic import write_json_atomic
 from ctrpipe.console import console
 from ctrpipe.errors import CheckpointError
 from ctrpipe.infer.config import CalibrationConfig, CalibrationMethod, CalibrationTarget
+from ctrpipe.train.metrics import sigmoid
 
 if TYPE_CHECKING:
     from ctrpipe.config import RunConfig
@@ -75,10 +76,6 @@ class Calibration:
 
 # ------------------------------------------------------------------------------------------------ fitting
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -x))
-
-
 def _row_weights(y: np.ndarray, target: CalibrationTarget) -> np.ndarray:
     """Per-row weights whose weighted logloss is the target: 1/N each, or class-balanced 1/(2 n_class)."""
     n = y.size
@@ -111,7 +108,7 @@ def fit_affine(z: np.ndarray, y: np.ndarray, target: CalibrationTarget, fit_scal
     hi = np.array([1.0 / T_BOUNDS[0], B_BOUNDS[1]])
     cur = _loss(*theta, z, y, w)
     for _ in range(max_iter):
-        p = _sigmoid(theta[0] * z + theta[1])
+        p = sigmoid(theta[0] * z + theta[1])
         r = w * (p - y)                                   # (N,) d loss / d s
         h = w * p * (1.0 - p)                             # (N,) d2 loss / d s2
         grad = np.array([np.sum(r * z), np.sum(r)])
@@ -260,7 +257,7 @@ def calibrate_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Calibra
         z, y = logits[ok, t], labels[ok, t]
         cal = fit_calibration(z, y, ccfg)
         fitted_only = Calibration(cal.method, cal.target, cal.temperature, cal.bias, 1.0)
-        p0, p1 = _sigmoid(z), _sigmoid(fitted_only.apply(z))
+        p0, p1 = sigmoid(z), sigmoid(fitted_only.apply(z))
         tasks.append(TaskReport(
             label=label, rows=int(z.size), pos_rate=float(np.mean(y > 0.5)) if y.size else float("nan"),
             mean_pred_before=float(p0.mean()) if y.size else float("nan"),

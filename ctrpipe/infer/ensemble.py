@@ -22,6 +22,7 @@ import numpy as np
 
 from ctrpipe.errors import ConfigError
 from ctrpipe.infer.config import EnsembleMethod
+from ctrpipe.train.metrics import sigmoid
 
 EPS = 1e-7
 METHODS: tuple[str, ...] = get_args(EnsembleMethod)
@@ -41,11 +42,6 @@ def logit(p: np.ndarray) -> np.ndarray:
     """log(p / (1 - p)) of probabilities clipped to [EPS, 1 - EPS], float64."""
     p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0 - EPS)
     return np.log(p) - np.log1p(-p)
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """Numerically stable logistic function, float64."""
-    return np.exp(-np.logaddexp(0.0, -np.asarray(z, dtype=np.float64)))
 
 
 def weights_from_scores(scores: Sequence[float], temperature: float = 1.0) -> np.ndarray:

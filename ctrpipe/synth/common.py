@@ -1,5 +1,10 @@
 """Synthetic data, shared parts: per-block RNG streams, Zipf sampling, bijective scrambles, string building,
-bias/scale calibration, metrics and atomic files. Both generators (Criteo text, Parquet) build on these."""
+bias/scale calibration, metrics and atomic files. Both generators (Criteo text, Parquet) build on these.
+
+synth imports nothing from the rest of ctrpipe, on purpose: its oracle (the true probability of every row)
+is an independent check of the pipeline, and its files must not change when pipeline code does. So `mix64`
+and `sigmoid` here are deliberate copies of `ctrpipe.data.splits.mix64` / `ctrpipe.train.metrics.sigmoid`.
+"""
 
 from __future__ import annotations
 
@@ -63,7 +68,10 @@ def zipf_ranks(u: np.ndarray, vocab: int, s: float) -> np.ndarray:
 
 
 def mix64(x: np.ndarray, key: int = 0) -> np.ndarray:
-    """splitmix64 finaliser on uint64 (wrapping arithmetic): a fixed pseudo-random function of x and key."""
+    """splitmix64 finaliser on uint64 (wrapping arithmetic): a fixed pseudo-random function of x and key.
+
+    Kept apart from `ctrpipe.data.splits.mix64` on purpose (see the module docstring): generated data is
+    versioned by GENERATOR_VERSION, not by the pipeline's hashing code."""
     z = x.astype(np.uint64) ^ np.uint64(key & 0xFFFF_FFFF_FFFF_FFFF)
     z = z + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -120,6 +128,7 @@ def joined_tokens(tokens: pa.Array, lengths: np.ndarray, sep: str) -> pa.Array:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The hidden model's link; kept apart from `ctrpipe.train.metrics.sigmoid` on purpose (module docstring)."""
     return 1.0 / (1.0 + np.exp(-np.clip(x, -40.0, 40.0)))
 
 

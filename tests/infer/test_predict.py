@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 
 from ctrpipe.cli import app
 from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
-from ctrpipe.infer.ensemble import combine, sigmoid
+from ctrpipe.infer.ensemble import combine
 from ctrpipe.infer.predict import run_infer
+from ctrpipe.train.metrics import sigmoid
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = REPO / "cfgs" / "criteo.yaml"
