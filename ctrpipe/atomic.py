@@ -1,6 +1,7 @@
 """Atomic file writes shared by every stage: write '<name>.incomplete', fsync, rename onto the final name.
 
-A crash at any moment leaves the old file or none, never a truncated file under the final name.
+A crash at any moment leaves the old file or none, never a truncated file under the final name; a full disk
+becomes a `DiskFullError` naming the file, the free space and the size being written.
 """
 
 from __future__ import annotations
@@ -12,30 +13,52 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from ctrpipe.errors import disk_full_as_error, human_bytes
+
 
 @contextmanager
-def atomic_open(final: Path | str, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temp file beside `final`; on success fsync + rename onto `final`, on error delete the temp file."""
+def atomic_open(final: Path | str, mode: str = "w", size_hint: int | None = None) -> Iterator[IO[Any]]:
+    """Open a temp file beside `final`; on success fsync + rename onto `final`, on error delete the temp file.
+
+    `size_hint` (bytes about to be written, when the caller knows) goes into the message of a full disk;
+    without it the message gives what was written before the disk filled, a lower bound.
+    """
     final = Path(final)
     tmp = final.with_name(final.name + ".incomplete")
+    written = 0
+
+    def needs() -> str:
+        if size_hint is not None:
+            return f"this file needs about {human_bytes(size_hint)}"
+        return f"this file needs more than the {human_bytes(written)} written before the disk filled" \
+            if written else ""
+
+    with disk_full_as_error(final, needs):
+        try:
+            with open(tmp, mode) as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            written = _size(tmp)
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _size(path: Path) -> int:
     try:
-        with open(tmp, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def write_text_atomic(path: Path | str, text: str) -> Path:
-    with atomic_open(path, "w") as fh:
-        fh.write(text)
+    data = text.encode()
+    with atomic_open(path, "wb", size_hint=len(data)) as fh:
+        fh.write(data)
     return Path(path)
 
 
 def write_json_atomic(path: Path | str, obj: Any, indent: int = 2) -> Path:
-    with atomic_open(path, "w") as fh:
-        json.dump(obj, fh, indent=indent)
-    return Path(path)
+    return write_text_atomic(path, json.dumps(obj, indent=indent))

@@ -13,7 +13,7 @@ from typing import Optional, TypeVar
 import typer
 
 from ctrpipe.console import console
-from ctrpipe.errors import CtrpipeError
+from ctrpipe.errors import CtrpipeError, DiskFullError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Click logs -> shard cache -> GPU batches -> CTR models -> submissions.")
@@ -27,11 +27,16 @@ SetOpt = typer.Option([], "--set", help="dotted override, repeatable: --set data
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bar; one summary line")
 
 
-def _run(fn: Callable[[], T]) -> T:
-    """Call a stage; render user errors as what / where / fix without a traceback."""
+def _run(fn: Callable[[], T], rerun_note: str | None = None) -> T:
+    """Call a stage; render user errors as what / where / fix without a traceback.
+
+    `rerun_note` replaces a full disk's note on what running the command again does, where the command
+    needs a flag for it (train: --resume)."""
     try:
         return fn()
     except CtrpipeError as exc:
+        if rerun_note and isinstance(exc, DiskFullError):
+            exc = exc.rerun_as(rerun_note)
         console.print(f"[bold red]error:[/] {exc.render()}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
@@ -102,7 +107,8 @@ def train(
     from ctrpipe.train.fit import run_train
 
     _run(lambda: run_train(cfg_path=cfg, overrides=overrides, shards=shards, runs=runs, kfold=kfold,
-                           resume=resume, quiet=quiet))
+                           resume=resume, quiet=quiet),
+         rerun_note="add --resume, and training continues from the last complete checkpoint (ckpt_last.pt)")
 
 
 @app.command()

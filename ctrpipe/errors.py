@@ -5,6 +5,11 @@ Anything that is not a `CtrpipeError` is a bug in ctrpipe and keeps its tracebac
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +78,109 @@ class SubmissionError(CtrpipeError):
 
 class TrainingError(CtrpipeError):
     """Training diverged (NaN loss) or cannot proceed."""
+
+
+# ------------------------------------------------------------------------------------------ full disks
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})   # out of blocks / inodes, or over a quota
+REDO_WRITE = "the step is redone from the start; any earlier complete file under that name is untouched"
+
+
+class DiskFullError(CtrpipeError):
+    """A write failed for lack of space (ENOSPC) or quota (EDQUOT): which path, how much is free there,
+    roughly how much the step needs, and what rerunning the same command does.
+
+    The free space is measured each time the message is rendered, so the message the CLI prints counts the
+    space that the failed writer's cleanup (temp files, scratch folders) gave back on the way out.
+    """
+
+    def __init__(self, path: Path | str, needs: str, rerun: str, reason: str = os.strerror(errno.ENOSPC)) -> None:
+        self.path, self.needs, self.rerun, self.reason = Path(path), needs, rerun, reason
+        self.free_bytes: int | None = None
+        super().__init__("", where=str(self.path),
+                         fix=f"free space there (or write to a larger disk), then run the same command "
+                             f"again: {rerun}")
+
+    def render(self) -> str:
+        self.free_bytes = disk_free_bytes(self.path)
+        free = "unknown" if self.free_bytes is None else human_bytes(self.free_bytes)
+        self.what = f"{self.reason} ({free} free on that filesystem{'; ' + self.needs if self.needs else ''})"
+        return super().render()
+
+    def rerun_as(self, rerun: str) -> DiskFullError:
+        """The same failure with a command-specific note on what rerunning does (e.g. train's --resume)."""
+        return DiskFullError(self.path, self.needs, rerun, self.reason)
+
+
+def disk_full_reason(exc: BaseException) -> str | None:
+    """'No space left on device' / 'Disk quota exceeded' when `exc` or an exception it arose from is a full
+    disk, else None.
+
+    Libraries report it in different ways: torch.save raises a RuntimeError whose context is the OSError,
+    np.save an OSError without errno ("Not enough free space to write ..." from its fallocate), polars an
+    OSError without errno whose text ends "(os error 28)". Hence the walk over the chain and the texts.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError):
+            if cur.errno in DISK_FULL_ERRNOS:
+                return os.strerror(cur.errno)
+            text = str(cur)
+            if cur.errno is None and (_QUOTA_TEXT in text or f"(os error {errno.EDQUOT})" in text):
+                return _QUOTA_TEXT
+            if cur.errno is None and any(t in text for t in _FULL_TEXTS):
+                return os.strerror(errno.ENOSPC)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+_QUOTA_TEXT = os.strerror(errno.EDQUOT)
+_FULL_TEXTS = (os.strerror(errno.ENOSPC), f"(os error {errno.ENOSPC})", "Not enough free space to write")
+
+
+def disk_free_bytes(path: Path | str) -> int | None:
+    """Free bytes (for unprivileged users) on the filesystem holding `path` or its nearest existing parent."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+@contextmanager
+def disk_full_as_error(path: Path | str, needs: str | Callable[[], str] = "",
+                       rerun: str | None = None) -> Iterator[None]:
+    """Turn a full disk or quota (see `disk_full_reason`) inside the block into one `DiskFullError`.
+
+    `needs` is a clause such as "this file needs about 2.1 MB", or a callable returning one, so an estimate
+    can use what was written before the disk filled. `rerun` says what running the same command again does
+    (default `REDO_WRITE`); a block around a whole command passes it to override the note of a file-level
+    error inside, whose path and size it keeps. Other errors pass through unchanged; cleaning up
+    half-written files stays the writer's job.
+    """
+    try:
+        yield
+    except DiskFullError as exc:
+        if rerun is None or exc.rerun == rerun:
+            raise
+        raise exc.rerun_as(rerun) from None
+    except CtrpipeError:
+        raise
+    except Exception as exc:   # not only OSError: torch.save wraps the OSError in a RuntimeError
+        reason = disk_full_reason(exc)
+        if reason is None:
+            raise
+        estimate = needs() if callable(needs) else needs
+        raise DiskFullError(path, estimate, rerun or REDO_WRITE, reason) from None
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as `df -H` and file managers show them)."""
+    for div, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {suffix}"
+    return f"{int(n)} bytes"

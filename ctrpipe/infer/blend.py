@@ -18,11 +18,13 @@ Memory is about (total records / P) x 32 bytes x a small sort factor; P is chose
 
 from __future__ import annotations
 
+import gzip
 import math
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import polars as pl
 
 from ctrpipe.console import console, human_rate, make_progress
 from ctrpipe.data.hashing import xxh64_strings
-from ctrpipe.errors import ConfigError, SubmissionError, location
+from ctrpipe.errors import ConfigError, SubmissionError, disk_full_as_error, human_bytes, location
 from ctrpipe.infer.ensemble import check_method, resolve_weights
 from ctrpipe.infer.submission import (
     DEFAULT_CHUNK_BYTES,
@@ -46,6 +48,7 @@ REC = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("row", "<i8"), ("pred", "<f8")]) 
 OUT = np.dtype([("row", "<i8"), ("pred", "<f8")])
 SEED1, SEED2 = 0, 0x5EED_B1E2D           # two independent xxh64 seeds -> a 128-bit ID key
 TARGET_BUCKET_BYTES = 16 << 20           # CSV bytes (all files) per bucket; ~4x that in RAM while aligning
+REDO_BLEND = "the blend is redone from the start (its scratch files beside --out were removed)"
 
 
 @dataclass(frozen=True)
@@ -122,8 +125,9 @@ def _partition_file(path: Path, j: int, tmp: Path, parts: int, chunk_bytes: int,
     sorted_preds = _global_ranks_source(path, chunk_bytes) if rank else None
     handles = [open(tmp / f"f{j}_b{b}.bin", "wb") for b in range(parts)]  # noqa: SIM115 - closed below
     rows = 0
+    chunks = iter_submission(path, chunk_bytes)
     try:
-        for chunk in iter_submission(path, chunk_bytes):
+        for chunk in chunks:
             n = len(chunk.ids)
             rec = np.empty(n, dtype=REC)
             rec["h1"] = xxh64_strings(chunk.ids, SEED1)
@@ -136,10 +140,11 @@ def _partition_file(path: Path, j: int, tmp: Path, parts: int, chunk_bytes: int,
             rec = rec[order]
             for b in range(parts):
                 if bounds[b + 1] > bounds[b]:
-                    rec[bounds[b]:bounds[b + 1]].tofile(handles[b])
+                    handles[b].write(rec[bounds[b]:bounds[b + 1]])   # not tofile: its short write has no errno
             rows += n
             progress_cb(n)
     finally:
+        chunks.close()      # now, not at exit: a live reader's read-ahead thread aborts the interpreter
         for h in handles:
             h.close()
     return rows
@@ -231,9 +236,10 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.blend-", dir=out.parent))
+    counts: list[int] = []
     try:
-        with make_progress(quiet) as progress:
-            counts = []
+        with disk_full_as_error(out, lambda: _space_needed(files, counts), REDO_BLEND), \
+                make_progress(quiet) as progress:
             for j, f in enumerate(files):
                 task = progress.add_task(f"hash {f.name}", total=None)
                 counts.append(_partition_file(f, j, tmp, parts, chunk_bytes, rank,
@@ -255,7 +261,7 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
                     res = res[order]
                     for r in range(n_ranges):
                         if bounds[r + 1] > bounds[r]:
-                            res[bounds[r]:bounds[r + 1]].tofile(range_files[r])
+                            range_files[r].write(res[bounds[r]:bounds[r + 1]])
                     for j in range(len(files)):
                         (tmp / f"f{j}_b{b}.bin").unlink()
                     progress.advance(task)
@@ -263,7 +269,7 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
                 for h in range_files:
                     h.close()
             task = progress.add_task("write", total=n0)
-            _write_in_first_file_order(files[0], out, tmp, n_ranges, span, (id_header, pred_header),
+            _write_in_first_file_order(files[0], out, tmp, n0, span, (id_header, pred_header),
                                        chunk_bytes, lambda n: progress.advance(task, n))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -273,14 +279,15 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     return report
 
 
-def _write_in_first_file_order(first: Path, out: Path, tmp: Path, n_ranges: int, span: int,
+def _write_in_first_file_order(first: Path, out: Path, tmp: Path, rows: int, span: int,
                                headers: tuple[str, str], chunk_bytes: int,
                                progress_cb: Callable[[int], None]) -> None:
     """Pass 3: stream the first file's IDs again and pair them with the blends of the same rows."""
+    n_ranges = max(1, math.ceil(rows / span))
     pending_ids: list[pl.Series] = []       # IDs read from the first file but not yet written
     have = 0
     chunks = iter_submission(first, chunk_bytes)
-    with SubmissionWriter(out, *headers) as writer:
+    with closing(chunks), SubmissionWriter(out, *headers, expected_rows=rows) as writer:
         for q in range(n_ranges):
             res = np.fromfile(tmp / f"out_{q}.bin", dtype=OUT)
             start = q * span
@@ -295,7 +302,25 @@ def _write_in_first_file_order(first: Path, out: Path, tmp: Path, n_ranges: int,
             rest = ids[len(res):]
             pending_ids, have = ([rest], len(rest)) if len(rest) else ([], 0)
             progress_cb(len(res))
-    chunks.close()
+
+
+def _space_needed(files: Sequence[Path], counts: Sequence[int]) -> str:
+    """Roughly the peak disk use of a blend: every file's 32-byte records in scratch files beside --out
+    (rows counted where pass 1 got that far, else extrapolated from the file's first lines), then the output
+    (about the size of the first file) while its 16-byte range records still exist."""
+    rows = [counts[j] if j < len(counts) else _rows_estimate(f) for j, f in enumerate(files)]
+    first = Path(files[0]).stat().st_size
+    need = max(REC.itemsize * sum(rows), OUT.itemsize * rows[0] + first)
+    return f"the blend needs about {human_bytes(need)} ({sum(rows):,} rows over {len(files)} files)"
+
+
+def _rows_estimate(path: Path, probe: int = 1 << 16) -> int:
+    """Rows of a submission, extrapolated from its first 64 kB (low for gzip: its size is compressed)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        head = fh.read(probe)
+    size = len(head) if len(head) < probe else Path(path).stat().st_size
+    return int(size * head.count(b"\n") / max(len(head), 1))
 
 
 def _print_summary(r: BlendReport, quiet: bool) -> None:

@@ -9,11 +9,13 @@ Line numbers assume one physical line per row (no quoted newlines), which holds 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import numpy as np
 import polars as pl
@@ -21,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctrpipe.errors import SubmissionError, location
+from ctrpipe.errors import SubmissionError, disk_full_as_error, human_bytes, location
 
 DEFAULT_CHUNK_BYTES = 16 << 20      # ~16 MB of CSV text per chunk: ~700k rows of "12345678,0.123456789"
 
@@ -29,23 +31,33 @@ DEFAULT_CHUNK_BYTES = 16 << 20      # ~16 MB of CSV text per chunk: ~700k rows o
 class SubmissionWriter:
     """Write `id,pred` rows chunk by chunk to `<path>.incomplete`; rename to `path` on a clean exit.
 
+    `expected_rows`, when known, lets a full disk's message say how big the whole file gets.
+
     Example::
 
         with SubmissionWriter(Path("sub.csv"), "ID", "clicked") as w:
             w.write(np.array([10, 11]), np.array([0.25, 0.5], dtype=np.float32))
     """
 
-    def __init__(self, path: Path, id_header: str = "ID", pred_header: str = "clicked") -> None:
+    def __init__(self, path: Path, id_header: str = "ID", pred_header: str = "clicked",
+                 expected_rows: int | None = None) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".incomplete")
         self.headers = (id_header, pred_header)
+        self.expected_rows = expected_rows
         self.rows = 0
-        self._fh = None
+        self._fh: BinaryIO | None = None
+        self._tried = (0, 0)        # (rows, bytes) handed to the file so far, the failed chunk included
 
     def __enter__(self) -> SubmissionWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.tmp, "wb")  # noqa: SIM115 - closed in __exit__
-        self._fh.write((",".join(self.headers) + "\n").encode())
+        try:
+            self._put((",".join(self.headers) + "\n").encode(), 0)
+        except BaseException:           # __exit__ does not run when __enter__ raises
+            self._abandon(self._fh)
+            self._fh = None
+            raise
         return self
 
     def write(self, ids: np.ndarray | pa.Array | pl.Series, preds: np.ndarray) -> None:
@@ -55,20 +67,49 @@ class SubmissionWriter:
         if len(ids_s) != len(preds):
             raise ValueError(f"{len(ids_s)} ids for {len(preds)} predictions")
         frame = pl.DataFrame({self.headers[0]: ids_s.alias(self.headers[0]), self.headers[1]: preds})
-        frame.write_csv(self._fh, include_header=False)
+        buf = io.BytesIO()          # formatted first, so a full disk surfaces as Python's OSError on write
+        frame.write_csv(buf, include_header=False)
+        self._put(buf.getbuffer(), len(preds))
         self.rows += len(preds)
+
+    def _put(self, data: bytes | memoryview, rows: int) -> None:
+        assert self._fh is not None
+        self._tried = (self._tried[0] + rows, self._tried[1] + len(data))
+        with disk_full_as_error(self.path, self._needs):
+            self._fh.write(data)
+
+    def _needs(self) -> str:
+        rows, size = self._tried
+        if self.expected_rows and rows:
+            return (f"the file needs about {human_bytes(size / rows * self.expected_rows)} "
+                    f"({self.expected_rows:,} rows)")
+        return f"the file needs at least {human_bytes(size)} (the rows formatted so far)"
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        assert self._fh is not None
-        if exc_type is None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-        self._fh.close()
-        if exc_type is None:
+        fh, self._fh = self._fh, None
+        assert fh is not None
+        if exc_type is not None:
+            self._abandon(fh)
+            return
+        try:
+            with disk_full_as_error(self.path, self._needs):   # buffered bytes reach the disk here
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
             os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        except BaseException:
+            self._abandon(fh)
+            raise
+
+    def _abandon(self, fh: BinaryIO) -> None:
+        """Close and delete the temp file. Flushing its buffered tail may fail again on a full disk; that
+        must not hide the error that abandoned it."""
+        try:
+            fh.close()
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

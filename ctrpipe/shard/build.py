@@ -24,7 +24,7 @@ from ctrpipe.console import console, human_rate
 from ctrpipe.data.config import DataConfig
 from ctrpipe.data.fitted import FITTED_DIR, Fitted
 from ctrpipe.data.sources import expand_inputs
-from ctrpipe.errors import ConfigError, ManifestMismatchError
+from ctrpipe.errors import ConfigError, ManifestMismatchError, disk_full_as_error, human_bytes
 from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.shard.manifest import (
     MANIFEST_NAME,
@@ -35,7 +35,7 @@ from ctrpipe.shard.manifest import (
     source_info,
     write_manifest,
 )
-from ctrpipe.shard.passes import Inputs, check_plan, fit_pass, resolve_plan, write_pass
+from ctrpipe.shard.passes import RESUME_NOTE, Inputs, check_plan, fit_pass, resolve_plan, write_pass
 from ctrpipe.shard.writer import shard_dirname
 
 Role = Literal["train", "test"]
@@ -110,25 +110,27 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
             where=str(out / MANIFEST_NAME),
             fix=f"pass --force to rebuild it (fingerprint {existing.fingerprint[:12]} -> {fp[:12]}), "
                 "or choose another --out folder")
-    _clear_out(out, keep=f".incomplete-{fp[:12]}")
     work = out / f".incomplete-{fp[:12]}"
-    state = _BuildState.open(work, fp)
-    fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress)
-    result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard, progress)
+    # the write pass explains a full disk with a size estimate; this covers statistics, progress and manifest
+    with disk_full_as_error(out, lambda: _written_note(work), RESUME_NOTE):
+        _clear_out(out, keep=f".incomplete-{fp[:12]}")
+        state = _BuildState.open(work, fp)
+        fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress)
+        result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard, progress)
 
-    seconds = time.perf_counter() - t0
-    build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1),
-             "mb_per_s": round(result.parsed_bytes / 1e6 / seconds, 3), "input_bytes": float(input_bytes),
-             "parsed_bytes": float(result.parsed_bytes), "output_bytes": float(result.output_bytes),
-             "passes": float(1 + int(loo)), "chunk_rows": float(data.chunk_rows)}
-    manifest = Manifest(
-        fingerprint=fp, config=to_dict(data), config_sources=cfg_sources, role=role, sources=srcs,
-        columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats, result.has_labels)),
-        shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds,
-        label_rates=result.label_rates,
-        bad_rows=result.bad_rows, fitted=fitted_meta, stats_from=train_m.fingerprint if train_m else "",
-        build=build, gold_sources=len(gold_paths))
-    _finish(work, out, result.shards, manifest)
+        seconds = time.perf_counter() - t0
+        build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1),
+                 "mb_per_s": round(result.parsed_bytes / 1e6 / seconds, 3), "input_bytes": float(input_bytes),
+                 "parsed_bytes": float(result.parsed_bytes), "output_bytes": float(result.output_bytes),
+                 "passes": float(1 + int(loo)), "chunk_rows": float(data.chunk_rows)}
+        manifest = Manifest(
+            fingerprint=fp, config=to_dict(data), config_sources=cfg_sources, role=role, sources=srcs,
+            columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats, result.has_labels)),
+            shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds,
+            label_rates=result.label_rates,
+            bad_rows=result.bad_rows, fitted=fitted_meta, stats_from=train_m.fingerprint if train_m else "",
+            build=build, gold_sources=len(gold_paths))
+        _finish(work, out, result.shards, manifest)
     return BuildResult(out, manifest, False, seconds, input_bytes)
 
 
@@ -255,6 +257,12 @@ def _finish(work: Path, out: Path, shards: list[ShardInfo], manifest: Manifest) 
         os.replace(work / FITTED_DIR, out / FITTED_DIR)
     write_manifest(out, manifest)
     shutil.rmtree(work)
+
+
+def _written_note(work: Path) -> str:
+    """A lower bound of the space a build needs: what it had written before the disk filled."""
+    written = sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) if work.is_dir() else 0
+    return f"the build needs more than the {human_bytes(written)} it wrote so far" if written else ""
 
 
 def _describe_diff(old: Manifest, data: DataConfig, srcs: tuple[Any, ...], extra: dict[str, Any]) -> str:

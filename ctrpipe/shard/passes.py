@@ -36,7 +36,7 @@ from ctrpipe.data.reader import iter_raw_chunks
 from ctrpipe.data.schema import resolve_columns
 from ctrpipe.data.splits import SPLIT_GOLD, SPLIT_TEST, FoldAssigner, assign_split
 from ctrpipe.data.transforms import log1p_transform
-from ctrpipe.errors import InputFormatError, SchemaError
+from ctrpipe.errors import InputFormatError, SchemaError, disk_full_as_error, human_bytes
 from ctrpipe.prefetch import prefetch
 from ctrpipe.shard.manifest import ShardInfo
 from ctrpipe.shard.tally import BadRowTally, GroupStats, SplitTally
@@ -52,6 +52,7 @@ from ctrpipe.shard.transform import (
 from ctrpipe.shard.writer import ShardWriter
 
 PREFETCH_DEPTH = 1          # chunks parsed ahead; each costs about one chunk of memory
+RESUME_NOTE = "the build resumes, keeping the shards finished before the disk filled"
 
 
 @dataclass
@@ -243,8 +244,11 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
     positions = _Positions(data.format)
     streams = [(False, inputs.main), (True, inputs.gold)]
     title = "write shards" + (" (pass 2)" if plan.needs_fit() and inputs.role == "train" else "")
-    with _Bar(title, inputs.input_bytes, progress) as bar, \
-            ShardWriter(work, data.shard_rows, done=done, on_shard=on_shard) as writer:
+    bar = _Bar(title, inputs.input_bytes, progress)
+    writer = ShardWriter(work, data.shard_rows, done=done, on_shard=on_shard)
+    # outermost, so a full disk met by the writer thread (surfacing in add, close or __exit__) is one error
+    with disk_full_as_error(work.parent, lambda: _cache_size_estimate(bar, writer, inputs.input_bytes),
+                            RESUME_NOTE), bar, writer:
         for is_gold, paths in streams:
             for chunk in _chunks(plan, paths, require_labels=inputs.role == "train"):
                 frame = chunk.frame
@@ -282,8 +286,8 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
                 arrays["fold"] = fold
                 tally.update(split, fold, y)
                 bad.update(chunk.bad_rows)
+                bar.advance(chunk, n)           # before add: a full-disk estimate counts this chunk as read
                 writer.add(arrays)
-                bar.advance(chunk, n)
         shards = writer.close()
     if row == 0:
         raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in inputs.main[:3]),
@@ -300,6 +304,16 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
         id_dtype=f"<U{max(id_width, 1)}" if id_width else "int64", output_bytes=writer.bytes_written,
         parsed_bytes=bar.bytes, has_labels=bool(has_labels),
         seconds=time.perf_counter() - t0)
+
+
+def _cache_size_estimate(bar: _Bar, writer: ShardWriter, input_bytes: int) -> str:
+    """Roughly how big the whole cache gets: bytes per stored row x rows extrapolated from the input read."""
+    if not (writer.row_bytes and bar.rows and bar.file_bytes):
+        return ""
+    rows = bar.rows * max(input_bytes, bar.file_bytes) / bar.file_bytes
+    return (f"the whole cache needs about {human_bytes(rows * writer.row_bytes)}: ~{rows:,.0f} rows x "
+            f"{writer.row_bytes} bytes, extrapolated from the {human_bytes(bar.file_bytes)} of "
+            f"{human_bytes(input_bytes)} input read so far")
 
 
 class _Positions:

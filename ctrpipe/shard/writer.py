@@ -105,8 +105,13 @@ class _Files:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def abort(self) -> None:
+        """Close the files of an abandoned shard; it stays `.incomplete`, so flush errors (a full disk
+        cannot take the buffered tail) do not matter and must not hide the error that abandoned it."""
         for fh, *_ in self.handles.values():
-            fh.close()
+            try:
+                fh.close()
+            except OSError:
+                pass
         self.handles.clear()
 
 
@@ -165,28 +170,38 @@ class ShardWriter:
         self.shards: list[ShardInfo] = []
         self.rows_written = 0
         self.bytes_written = 0
+        self.row_bytes = 0                              # bytes a stored row takes over all groups (estimates)
         self._open: _OpenShard | None = None
         self._files: _Files | None = None               # touched by the writer thread only
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctrpipe-shard-write") \
             if background else None
         self._pending: deque[Future[None]] = deque()
+        self._failed = False                            # set by the writer thread when a task raised
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        """Always wait for the writes in flight (also on errors), so no thread touches files afterwards."""
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Always wait for the writes in flight (also on errors), so no thread touches files afterwards.
+
+        When an error is already propagating it is the one reported: the writes still queued were skipped
+        (see `_guarded`) or fail for the same reason, and a second traceback would only hide the first."""
         try:
-            self._drain()
+            if exc_type is None:
+                self._drain()
+            else:
+                while self._pending:
+                    self._pending.popleft().exception()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-            if self._files is not None:
-                self._files.abort()
+            if self._files is not None:     # a shard left unfinished is rewritten on resume anyway: give its
+                self._files.discard()       # space back now (a full disk's message then counts it as free)
 
     def add(self, arrays: Arrays) -> None:
         """Append a chunk (every group with the same number of rows); full shards are finished."""
         n = _rows(arrays)
+        self.row_bytes = sum(a.dtype.itemsize * int(np.prod(a.shape[1:])) for a in arrays.values())
         start = 0
         while start < n:
             if self._open is None:
@@ -238,7 +253,7 @@ class ShardWriter:
         if self._pool is None:
             fn(*args)
             return
-        self._pending.append(self._pool.submit(fn, *args))
+        self._pending.append(self._pool.submit(self._guarded, fn, *args))
         while len(self._pending) > MAX_PENDING:
             self._pending.popleft().result()            # re-raises a write error here
 
@@ -247,6 +262,17 @@ class ShardWriter:
             self._pending.popleft().result()
 
     # -- writer thread (tasks run one at a time, in submission order)
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run one task unless an earlier one failed: after a failed append (e.g. a full disk) the shard's
+        end task would otherwise still rename it into place, making a short shard look complete."""
+        if self._failed:
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
     def _start_files(self, name: str) -> None:
         self._files = _Files(self.root, name)
 

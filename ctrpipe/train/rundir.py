@@ -18,14 +18,17 @@ Layout of runs/<exp_name>/ (single run; K-fold adds the lines marked [cv])::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ctrpipe.atomic import write_text_atomic
+from ctrpipe.errors import disk_full_as_error
 from ctrpipe.train.metrics import METRIC_NAMES
 
 LOG_FIELDS = ("step", "epoch", "lr", "loss", "samples_per_s", *(f"val_{m}" for m in METRIC_NAMES))
@@ -57,16 +60,20 @@ def write_config(run_dir: Path, config: dict[str, Any], sources: dict[str, str])
 
 
 class RunLog:
-    """Appends rows to train_log.csv (flushed each time) and, if available, TensorBoard scalars."""
+    """Appends rows to train_log.csv (each row reaches the file at once) and, if available, TensorBoard scalars.
+
+    A row is written whole or not at all: on a full disk the file is cut back to its last complete line,
+    so `--resume` appends after whole rows.
+    """
 
     def __init__(self, directory: Path, append: bool) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "train_log.csv"
-        fresh = not (append and path.is_file())
-        self._fh = open(path, "w" if fresh else "a", newline="")   # noqa: SIM115 - closed in close()
-        self._csv = csv.DictWriter(self._fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        self.path = directory / "train_log.csv"
+        fresh = not (append and self.path.is_file())
+        # unbuffered: every row goes to the OS at once, and a failed write is seen where it happened
+        self._fh = open(self.path, "wb" if fresh else "ab", buffering=0)   # noqa: SIM115 - closed in close()
         if fresh:
-            self._csv.writeheader()
+            self._append(None)
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -74,10 +81,27 @@ class RunLog:
         except ImportError:   # tensorboard is optional
             self._tb = None
 
+    def _append(self, row: dict[str, Any] | None) -> None:
+        """Append one CSV line (the header when `row` is None)."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        if row is None:
+            writer.writeheader()
+        else:
+            writer.writerow(row)
+        data = memoryview(buf.getvalue().encode())
+        start = os.fstat(self._fh.fileno()).st_size
+        with disk_full_as_error(self.path, f"the next log row needs {len(data)} bytes"):
+            try:
+                while data:
+                    data = data[self._fh.write(data) or 0:]
+            except BaseException:
+                os.ftruncate(self._fh.fileno(), start)
+                raise
+
     def train(self, step: int, epoch: int, lr: float, loss: float, samples_per_s: float) -> None:
-        self._csv.writerow({"step": step, "epoch": epoch, "lr": f"{lr:.6g}", "loss": f"{loss:.6f}",
-                            "samples_per_s": f"{samples_per_s:.1f}"})
-        self._fh.flush()
+        self._append({"step": step, "epoch": epoch, "lr": f"{lr:.6g}", "loss": f"{loss:.6f}",
+                      "samples_per_s": f"{samples_per_s:.1f}"})
         if self._tb is not None:
             self._tb.add_scalar("train/loss", loss, step)
             self._tb.add_scalar("train/lr", lr, step)
@@ -86,8 +110,7 @@ class RunLog:
     def evaluation(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         row: dict[str, Any] = {"step": step, "epoch": epoch}
         row.update({f"val_{m}": f"{metrics[m]:.6f}" for m in METRIC_NAMES if m in metrics})
-        self._csv.writerow(row)
-        self._fh.flush()
+        self._append(row)
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"val/{k}", v, step)
