@@ -1,30 +1,99 @@
-"""hostmem.keep_freed_memory: glibc malloc tuning (shard build, CPU training), applied once, can be switched off."""
+"""hostmem.keep_freed_memory: glibc malloc tuning (shard build, CPU training), applied once, can be switched off.
+
+Each check runs in a fresh process (the setting is process-wide and cannot be undone) and looks at what the
+allocator then does, through glibc's own `mallinfo2` counters: a 16 MiB block must come from the heap, not
+from its own mmap (M_MMAP_THRESHOLD), grow the heap by at least TOP_PAD more (M_TOP_PAD), and stay in the
+heap when freed (M_TRIM_THRESHOLD).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 
-CODE = "from ctrpipe.hostmem import keep_freed_memory as k; print(k(), k())"
+from ctrpipe.hostmem import MMAP_THRESHOLD, TOP_PAD
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+BLOCK = 16 << 20        # above glibc's default mmap threshold (128 KiB), below ours (32 MiB)
+assert BLOCK < MMAP_THRESHOLD
+
+PROBE = f"""
+import ctypes, json
+from ctrpipe.hostmem import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def info():
+    m = libc.mallinfo2()
+    return {{"arena": m.arena, "mmapped_blocks": m.hblks}}
+
+applied = [keep_freed_memory(), keep_freed_memory()]
+before = info()
+block = libc.malloc({BLOCK})
+during = info()
+libc.free(block)
+after = info()
+print(json.dumps({{"applied": applied, "before": before, "during": during, "after": after}}))
+"""
 
 
-def _run(env_value: str | None) -> str:
+def _env(env_value: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("CTRPIPE_MALLOC_TUNING", None)
     if env_value is not None:
         env["CTRPIPE_MALLOC_TUNING"] = env_value
-    # a fresh process: the setting is process-wide and cannot be undone
-    out = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    return env
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux only")
-def test_applied_once_on_linux() -> None:
-    assert _run(None) in ("True True", "False False")   # False only on a libc without mallopt (musl)
+def _probe(env_value: str | None) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE], env=_env(env_value), capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def _glibc_at_least(major: int, minor: int) -> bool:
+    try:
+        return GLIBC and tuple(int(x) for x in platform.libc_ver()[1].split(".")[:2]) >= (major, minor)
+    except ValueError:
+        return False
+
+
+needs_glibc = pytest.mark.skipif(not _glibc_at_least(2, 33), reason="glibc >= 2.33 (mallopt, mallinfo2) only")
+
+
+@needs_glibc
+def test_tuning_is_applied_once_and_changes_what_malloc_does() -> None:
+    r = _probe(None)
+    assert r["applied"] == [True, True]
+    before, during, after = r["before"], r["during"], r["after"]
+    assert during["mmapped_blocks"] == before["mmapped_blocks"]        # from the heap, not its own mmap
+    # the heap grew by the block plus the top pad, less the little its old free top already held
+    assert during["arena"] - before["arena"] >= BLOCK + TOP_PAD - (1 << 20)
+    assert after["arena"] == during["arena"]                            # freeing it did not trim the heap
+
+
+@needs_glibc
+def test_switched_off_leaves_glibc_defaults() -> None:
+    """The probe tells the two apart: with the defaults the same block gets its own mmap."""
+    r = _probe("0")
+    assert r["applied"] == [False, False]
+    assert r["during"]["mmapped_blocks"] == r["before"]["mmapped_blocks"] + 1
+    assert r["during"]["arena"] - r["before"]["arena"] < BLOCK
 
 
 def test_switched_off_by_the_environment() -> None:
-    assert _run("0") == "False False"
+    code = "from ctrpipe.hostmem import keep_freed_memory as k; print(k(), k())"
+    out = subprocess.run([sys.executable, "-c", code], env=_env("0"), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
