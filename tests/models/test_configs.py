@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+from torch import nn
 
 from ctrpipe.config import build_model_section, load_config, to_dict
 from ctrpipe.errors import ConfigError, SchemaError
@@ -85,13 +86,22 @@ def test_field_dims_must_name_real_fields(spec_factory) -> None:
     assert "C1" in str(err.value)
 
 
-def test_missing_feature_kind_is_a_schema_error(spec_factory) -> None:
+def test_missing_feature_kind_is_a_schema_error(spec_factory, batch_factory) -> None:
     registry.register("needs_sequence", DNNConfig, requires=("sequence",))(DNN)
     try:
         with pytest.raises(SchemaError) as err:
             build_model("needs_sequence", DNNConfig(), spec_factory(sequence=False))
         assert "sequence" in str(err.value) and "model.name" in str(err.value) and "fix:" in str(err.value)
-        assert build_model("needs_sequence", DNNConfig(), spec_factory()) is not None
+        # with the kind present: the registered class, shaped by the config it was given
+        spec = spec_factory(n_tasks=2)
+        model = build_model("needs_sequence", DNNConfig(embedding_dim=3, hidden_units=(8, 4)), spec)
+        assert type(model) is DNN
+        fields = len(spec.categorical) + len(spec.multihot) + len(spec.sequence)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        # MLP over (fields x embedding_dim + raw numerics), then a head with one logit per task
+        assert [(m.in_features, m.out_features) for m in linears] == \
+            [(fields * 3 + spec.n_numeric, 8), (8, 4), (4, 2)]
+        assert model(batch_factory(spec, rows=5)).shape == (5, 2)
     finally:
         registry._REGISTRY.pop("needs_sequence")
 

@@ -118,8 +118,22 @@ def test_sparse_embeddings_get_sparse_grads(name: str, spec_factory, batch_facto
     for p in groups.dense:
         assert p.grad is None or not p.grad.is_sparse
     # the trainer's pairing works: SparseAdam for tables, Adam for the rest
+    dense = [p for p in groups.dense if p.requires_grad]
+    emb_before = [p.detach().clone() for p in groups.embedding]
+    dense_before = [p.detach().clone() for p in dense]
     torch.optim.SparseAdam(groups.embedding, lr=1e-2).step()
-    torch.optim.Adam([p for p in groups.dense if p.requires_grad], lr=1e-2).step()
+    torch.optim.Adam(dense, lr=1e-2).step()
+    for p, old in zip(groups.embedding, emb_before, strict=True):
+        grad = p.grad.coalesce()
+        touched = torch.zeros(p.shape[0], dtype=torch.bool)
+        touched[grad.indices()[0][(grad.values() != 0).flatten(1).any(1)]] = True
+        assert 0 < int(touched.sum()) < p.shape[0]          # an 8-row batch reaches a few rows of a table
+        changed = (p.detach() != old).flatten(1).any(1)
+        assert torch.equal(changed, touched)                # exactly the batch's rows moved, the rest kept
+    for p, old in zip(dense, dense_before, strict=True):
+        changed = p.detach() != old
+        assert not changed[p.grad == 0].any()               # no gradient (e.g. a dead ReLU): no step
+        assert changed[p.grad.abs() > 1e-6].all()           # Adam's first step is ~lr * sign(grad)
 
 
 @pytest.mark.parametrize("name", model_names())
