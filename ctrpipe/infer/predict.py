@@ -23,6 +23,8 @@ import torch
 from ctrpipe.atomic import atomic_open, write_json_atomic
 from ctrpipe.config import RunConfig, apply_overrides, config_from_dict, to_dict
 from ctrpipe.console import console, human_rate, make_progress
+from ctrpipe.data.splits import SPLIT_CODES
+from ctrpipe.device import resolve_device
 from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
 from ctrpipe.infer.calibrate import (
     CALIBRATION_NAME,
@@ -31,10 +33,15 @@ from ctrpipe.infer.calibrate import (
     load_val_predictions,
     read_calibration,
 )
-from ctrpipe.infer.ensemble import combine, rank_normalise, resolve_weights, sigmoid
+from ctrpipe.infer.ensemble import combine, rank_normalise, resolve_weights
 from ctrpipe.infer.submission import SubmissionWriter
+from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
-from ctrpipe.shard.manifest import SPLIT_CODES, Manifest, read_manifest
+from ctrpipe.shard.manifest import Manifest, read_manifest
+from ctrpipe.shard.reader import open_cache
+from ctrpipe.train.checkpoint import Checkpoint, check_compatible, load_checkpoint, model_from_checkpoint
+from ctrpipe.train.evaluate import predict
+from ctrpipe.train.metrics import LOWER_IS_BETTER, compute_metrics, sigmoid
 
 # keys an inference run may change; the model and data sections are fixed by the checkpoint
 OVERRIDABLE = ("infer.", "loader.", "train.device", "train.amp")
@@ -115,7 +122,7 @@ def _other_runs(parent: Path) -> str:
     return f"; runs with checkpoints in {parent}: {', '.join(found[:10])}" if found else ""
 
 
-def resolve_config(ckpt: dict[str, Any], overrides: Sequence[str]) -> RunConfig:
+def resolve_config(ckpt: Checkpoint, overrides: Sequence[str]) -> RunConfig:
     """The run's resolved config (from its checkpoint) plus inference-only `--set` overrides."""
     for text in overrides:
         key = text.split("=", 1)[0].strip()
@@ -124,7 +131,7 @@ def resolve_config(ckpt: dict[str, Any], overrides: Sequence[str]) -> RunConfig:
                               where="--set",
                               fix="override only infer.*, loader.*, train.device or train.amp, "
                                   "e.g. --set infer.view=val")
-    data = json.loads(json.dumps(ckpt["config"]))     # deep copy
+    data = json.loads(json.dumps(ckpt.config))     # deep copy
     apply_overrides(data, overrides)
     sources = {text.split("=", 1)[0].strip(): "--set" for text in overrides}
     return config_from_dict(data, sources=sources, origin="run config + --set")
@@ -180,15 +187,13 @@ def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tupl
     return cal, f"refitted on {src.name} (calibration.json is for another config or absent)"
 
 
-def fold_weights(cfg: RunConfig, ckpts: Sequence[dict[str, Any]]) -> tuple[float, ...] | None:
+def fold_weights(cfg: RunConfig, ckpts: Sequence[Checkpoint]) -> tuple[float, ...] | None:
     """Explicit infer.weights, or softmax(fold val score / T) for method=weighted; None when unweighted."""
-    from ctrpipe.train.metrics import LOWER_IS_BETTER
-
     ic = cfg.infer
     scores = None
     if ic.method == "weighted" and not ic.weights:
         metric = ic.weight_metric
-        vals = [c.get("val_metrics", {}).get(metric) for c in ckpts]
+        vals = [c.val_metrics.get(metric) for c in ckpts]
         if any(v is None for v in vals):
             raise ConfigError(f"a checkpoint has no validation {metric!r} to weight folds by",
                               where="infer.weight_metric",
@@ -199,35 +204,6 @@ def fold_weights(cfg: RunConfig, ckpts: Sequence[dict[str, Any]]) -> tuple[float
 
 
 # ----------------------------------------------------------------------------------------------- predicting
-
-def _predict_logits(model: torch.nn.Module, loader: Any, n: int, task: int, device: torch.device, amp: str,
-                    labels_out: np.ndarray | None, progress: Any, label: str
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N,) float32, row_index (N,) int64) of one model; outputs stay on the device until the end."""
-    from ctrpipe.train.evaluate import autocast
-
-    logits = torch.empty(n, dtype=torch.float32, device=device)
-    rows = torch.empty(n, dtype=torch.int64, device=device)
-    labels = torch.full((n,), float("nan"), dtype=torch.float32, device=device) if labels_out is not None \
-        else None
-    pos = 0
-    bar = progress.add_task(label, total=n)
-    with torch.inference_mode():
-        for batch in loader:
-            b = len(batch)
-            with autocast(device, amp):
-                out = model(batch)                                     # (B, T)
-            logits[pos:pos + b] = out.float().reshape(b, -1)[:, task]
-            rows[pos:pos + b] = batch.row_index
-            if labels is not None and batch.labels is not None:
-                labels[pos:pos + b] = batch.labels.reshape(b, -1)[:, task]
-            pos += b
-            progress.advance(bar, b)
-    assert pos == n, f"loader served {pos} rows for a view of {n}"
-    if labels is not None and labels_out is not None:
-        labels_out[:] = labels.cpu().numpy()
-    return logits.cpu().numpy(), rows.cpu().numpy()
-
 
 def ensemble_logits(logits: np.ndarray, cals: Sequence[Calibration], method: str,
                     weights: Sequence[float] | None, trim_ratio: float, chunk_rows: int) -> np.ndarray:
@@ -251,15 +227,13 @@ def ensemble_logits(logits: np.ndarray, cals: Sequence[Calibration], method: str
 def _write_ids_and_preds(shards: Path, rows: np.ndarray, preds: np.ndarray, out: Path,
                          cfg: RunConfig) -> None:
     """Stream (ID, prediction) chunks: IDs are gathered from each shard's ids.npy memmap per chunk."""
-    from ctrpipe.shard.reader import open_cache
-
-    cache = open_cache(shards)
+    cache = open_cache(shards, groups=("ids",))
     chunk = cfg.infer.write_chunk_rows
-    with SubmissionWriter(out, cfg.infer.id_header, cfg.infer.pred_header) as writer:
+    with SubmissionWriter(out, cfg.infer.id_header, cfg.infer.pred_header, expected_rows=len(rows)) as writer:
         for a in range(0, len(rows), chunk):
             r = rows[a:a + chunk]
             shard, local = cache.locate(r)
-            parts = [np.asarray(cache.shards[s]["ids"][local[shard == s]]) for s in np.unique(shard)]
+            parts = [cache.shard(s)["ids"][local[shard == s]] for s in np.unique(shard)]
             ids = np.concatenate(parts) if len(parts) > 1 else parts[0]   # rows ascending -> shard order
             writer.write(ids, preds[a:a + chunk].astype(np.float32))
 
@@ -269,44 +243,42 @@ def _write_ids_and_preds(shards: Path, rows: np.ndarray, preds: np.ndarray, out:
 def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str],
               quiet: bool = False) -> InferReport:
     """Predict a shard cache with every checkpoint of a run, ensemble, calibrate, write a submission."""
-    from ctrpipe.loader.loader import ShardLoader
-    from ctrpipe.train.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
-    from ctrpipe.train.fit import resolve_device
-    from ctrpipe.train.metrics import compute_metrics
-
     t0 = time.perf_counter()
     run, shards = Path(run), Path(shards)
     out = Path(out) if out is not None else run / "submission.csv"
     paths = find_checkpoints(run)
-    ckpts = [load_checkpoint(p, "cpu") for p in paths]
+    ckpts = [load_checkpoint(p) for p in paths]
     cfg = resolve_config(ckpts[0], overrides)
     manifest = read_manifest(shards)
     for ckpt, path in zip(ckpts, paths, strict=True):
         check_compatible(ckpt, manifest, shards, path)
     check_ids(shards, manifest)
-    labels_all = tuple(ckpts[0]["feature_spec"].get("labels", ("label",)))
+    labels_all = ckpts[0].labels
     task = task_index(cfg, labels_all)
     weights = fold_weights(cfg, ckpts)
     cal, cal_source = load_calibrations(run, cfg, task, quiet)
     device = resolve_device(cfg.train.device)
     view = resolve_view(cfg.infer.view, manifest)
+    labelled = bool(manifest.columns_of("label")) and all("labels" in s.files for s in manifest.shards)
     loader = ShardLoader(shards, view, cfg.infer.batch_size or cfg.loader.eval_batch_size, shuffle=False,
                          seed=cfg.seed, device=device, block_rows=cfg.loader.block_rows,
-                         prefetch=cfg.loader.prefetch, pin_memory=cfg.loader.pin_memory, with_labels=True)
+                         prefetch=cfg.loader.prefetch, pin_memory=cfg.loader.pin_memory, with_labels=labelled)
     n = loader.num_rows
-    labelled = bool(manifest.columns_of("label")) and "labels" in manifest.shards[0].files
     labels = np.empty(n, dtype=np.float32) if labelled else None
     logits = np.empty((len(ckpts), n), dtype=np.float32)                 # (K, N)
     rows = loader.row_indices()
     with make_progress(quiet) as progress:
         for k, (ckpt, path) in enumerate(zip(ckpts, paths, strict=True)):
             model = model_from_checkpoint(ckpt, device)
-            logits[k], got_rows = _predict_logits(model, loader, n, task, device, cfg.train.amp,
-                                                  labels if k == 0 else None, progress,
-                                                  f"predict {path.name}")
-            if not np.array_equal(got_rows, rows):
+            bar = progress.add_task(f"predict {path.name}", total=n)
+            preds = predict(model, loader, n, len(labels_all), device, cfg.train.amp, with_labels=labelled,
+                            on_batch=lambda b, bar=bar: progress.advance(bar, b))
+            if not np.array_equal(preds.row_index, rows):
                 raise AssertionError("loader order differs from its row_indices() with shuffle=False")
-            del model
+            logits[k] = preds.logits[:, task]
+            if k == 0 and labels is not None:
+                labels[:] = preds.labels[:, task]
+            del model, preds
     preds = ensemble_logits(logits, [cal] * len(ckpts), cfg.infer.method, weights, cfg.infer.trim_ratio,
                             cfg.infer.write_chunk_rows)
     metrics = None
@@ -344,18 +316,17 @@ def file_sha256(path: Path) -> str:
 
 
 def _write_sidecar(r: InferReport, cfg: RunConfig, run: Path, shards: Path, manifest: Manifest,
-                   ckpts: Sequence[dict[str, Any]], cal: Calibration, cal_source: str) -> Path:
+                   ckpts: Sequence[Checkpoint], cal: Calibration, cal_source: str) -> Path:
     """`<submission>.json`: everything needed to tell where a submission came from (written last)."""
     path = r.out.with_name(r.out.name + ".json")
     doc = {
         "submission": str(r.out.resolve()), "rows": r.rows, "view": r.view, "task": r.task,
         "run": str(run.resolve()), "exp_name": cfg.exp_name, "method": cfg.infer.method,
         "weights": list(r.weights) if r.weights is not None else None,
-        "checkpoints": [{"path": str(p.resolve()), "sha256": file_sha256(p), "fold": int(c.get("fold", -1)),
-                         "epoch": c.get("epoch"), "step": c.get("step"),
-                         "val_metrics": _finite(c.get("val_metrics", {})),
-                         "schema_fingerprint": c["schema_fingerprint"],
-                         "manifest_fingerprint": c["manifest_fingerprint"]}
+        "checkpoints": [{"path": str(p.resolve()), "sha256": file_sha256(p), "fold": c.fold,
+                         "epoch": c.epoch, "step": c.step, "val_metrics": _finite(c.val_metrics),
+                         "schema_fingerprint": c.schema_fingerprint,
+                         "manifest_fingerprint": c.manifest_fingerprint}
                         for p, c in zip(r.checkpoints, ckpts, strict=True)],
         "shards": str(shards.resolve()), "shards_fingerprint": manifest.fingerprint,
         "shards_schema_fingerprint": manifest.schema_fingerprint(),

@@ -18,10 +18,10 @@ from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import HostBuffers, HostPool, layout_of
 from ctrpipe.loader.config import LoaderConfig
 from ctrpipe.loader.sampler import EpochPlan, Piece, ShuffleStrategy, epoch_rng
-from ctrpipe.loader.shards import ShardArrays
 from ctrpipe.loader.view import RowView, resolve_view
 from ctrpipe.prefetch import prefetch
 from ctrpipe.shard.manifest import Manifest, read_manifest
+from ctrpipe.shard.reader import ShardArrays
 
 
 class ShardLoader:
@@ -87,11 +87,15 @@ class ShardLoader:
     def from_config(cls, cache_dir: Path, view: RowView, cfg: LoaderConfig, *, seed: int,
                     device: torch.device | str = "cpu", train: bool = True,
                     with_labels: bool = True) -> ShardLoader:
-        """Training loaders shuffle with `batch_size`; evaluation ones keep order with `eval_batch_size`."""
-        return cls(cache_dir, view, cfg.batch_size if train else cfg.eval_batch_size,
-                   shuffle=cfg.shuffle and train, seed=seed, device=device, block_rows=cfg.block_rows,
-                   prefetch=cfg.prefetch, pin_memory=cfg.pin_memory, with_labels=with_labels,
-                   strategy=cfg.shuffle_strategy, window_shards=cfg.window_shards)
+        """The loader `train` and `infer` both use: training shuffles with `batch_size` and drops a ragged
+        last batch (a 1-row batch breaks batch norm) when the view holds at least one full batch; evaluation
+        and prediction keep the view's order with `eval_batch_size` and serve every row."""
+        loader = cls(cache_dir, view, cfg.batch_size if train else cfg.eval_batch_size,
+                     shuffle=cfg.shuffle and train, seed=seed, device=device, block_rows=cfg.block_rows,
+                     prefetch=cfg.prefetch, pin_memory=cfg.pin_memory, with_labels=with_labels,
+                     strategy=cfg.shuffle_strategy, window_shards=cfg.window_shards)
+        loader.drop_last = train and loader.num_rows >= loader.batch_size
+        return loader
 
     # ------------------------------------------------------------------ epoch control
     def __len__(self) -> int:

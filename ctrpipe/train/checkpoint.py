@@ -1,28 +1,30 @@
 """Stage 5 -> 6 contract: what a checkpoint holds, how it is written atomically and how a model is rebuilt.
 
-A checkpoint is a plain dict saved with `torch.save` (loadable with `weights_only=True`)::
+`Checkpoint` is the typed form; on disk it is the plain dict of `to_saved()` (loadable with
+`torch.load(weights_only=True)`), format 2::
 
-    format               1
-    model_name           "dnn"
-    model_params         to_dict(cfg.model): {"name": "dnn", "hidden": [...], ...}
-    state_dict           model weights for evaluation (the EMA weights when train.ema > 0)
+    format               2
+    config               to_dict(RunConfig): the full resolved run config; config["model"]["name"] names
+                         the model (stored once)
     feature_spec         dataclasses.asdict(FeatureSpec) of the training cache
     schema_fingerprint   Manifest.schema_fingerprint() of the training cache
     manifest_fingerprint Manifest.fingerprint of the training cache
     shards               path of the training cache (for messages only)
-    config               to_dict(RunConfig): the full resolved run config
     fold                 fold index, -1 for a single run
+    init_seed            torch seed the model was built with: rebuilding from it restores every row that
+                         training did not change
+    weights              evaluation weights (EMA weights when train.ema > 0), packed (train/tables.py):
+                         dense parameters whole, embedding tables as their changed rows only
     val_metrics          metrics of these weights on the validation view ({} when there is none)
     epoch, step          position when saved (epoch = completed epochs)
-
-`ckpt_last.pt` files also hold the training state that `--resume` needs: "raw_state_dict" (training
-weights when EMA is on, else None), "optimizers", "scaler", "scheduler", "rng", "ema_updates",
-"early_stopping", "batch_in_epoch", "samples", "train_seconds", "last_eval_step", "finished".
+    train_state          None in ckpt_best.pt / ckpt_fold{k}.pt; in ckpt_last.pt what --resume needs
+                         (`TrainState.to_saved`)
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +35,114 @@ from ctrpipe.atomic import atomic_open
 from ctrpipe.errors import CheckpointError, ManifestMismatchError
 from ctrpipe.features import FeatureSpec, FieldSpec
 from ctrpipe.shard.manifest import Manifest
+from ctrpipe.train.tables import PackedState, load_packed
 
-FORMAT = 1
-REQUIRED_KEYS = ("format", "model_name", "model_params", "state_dict", "feature_spec", "schema_fingerprint",
-                 "manifest_fingerprint", "config", "fold", "val_metrics", "epoch", "step")
+FORMAT = 2
 
 
-def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically: a crash leaves the old file or none, never half a file."""
+@dataclass
+class RunPosition:
+    """Where a run stands; survives --resume."""
+
+    step: int = 0                     # optimiser steps done
+    epoch: int = 0                    # epochs completed
+    batch_in_epoch: int = 0           # batches of the current epoch done
+    samples: int = 0
+    train_seconds: float = 0.0
+    last_eval_step: int = -1
+
+
+@dataclass
+class TrainState:
+    """Everything `--resume` needs beyond the evaluation weights (only in ckpt_last.pt)."""
+
+    position: RunPosition
+    optimizers: list[dict[str, Any]]       # packed optimizer state dicts (tables: changed rows only)
+    changed_rows: dict[str, torch.Tensor]  # table name -> (U,) rows with a gradient so far
+    scaler: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    early_stopping: dict[str, Any]
+    raw_weights: PackedState | None = None  # training weights when EMA is on (`weights` then holds the EMA)
+    ema_updates: int = 0
+    finished: bool = False
+
+    def to_saved(self) -> dict[str, Any]:
+        # shallow on purpose: dataclasses.asdict would deep-copy every tensor
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["position"] = dataclasses.asdict(self.position)
+        return d
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**{**d, "position": RunPosition(**d["position"])})
+
+
+@dataclass
+class Checkpoint:
+    config: dict[str, Any]
+    feature_spec: FeatureSpec
+    schema_fingerprint: str
+    manifest_fingerprint: str
+    shards: str
+    fold: int
+    init_seed: int
+    weights: PackedState
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    epoch: int = 0
+    step: int = 0
+    train_state: TrainState | None = None
+
+    @property
+    def model_name(self) -> str:
+        return str(self.config["model"]["name"])
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.feature_spec.labels
+
+    def to_saved(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["format"] = FORMAT
+        d["feature_spec"] = dataclasses.asdict(self.feature_spec)
+        d["train_state"] = self.train_state.to_saved() if self.train_state is not None else None
+        return d
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any], where: str) -> Checkpoint:
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [k for k in names if k not in d]
+        if missing:
+            raise CheckpointError(f"checkpoint lacks keys {missing}", where=where,
+                                  fix="retrain with this ctrpipe version")
+        values = {k: d[k] for k in names}
+        values["feature_spec"] = feature_spec_from_dict(d["feature_spec"])
+        ts = d["train_state"]
+        values["train_state"] = TrainState.from_saved(ts) if ts is not None else None
+        return cls(**values)
+
+
+def save_checkpoint(path: Path | str, ckpt: Checkpoint) -> None:
+    """Write `ckpt` to `path` atomically: a crash leaves the old file or none, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as fh:
-        torch.save(state, fh)
+    saved = ckpt.to_saved()
+    with atomic_open(path, "wb", size_hint=_tensor_bytes(saved)) as fh:
+        torch.save(saved, fh)
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint written by `save_checkpoint`."""
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested dict/list (what a full disk message says the file needs)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def load_checkpoint(path: Path | str) -> Checkpoint:
+    """Read and check a checkpoint written by `save_checkpoint` (tensors land on the CPU)."""
     path = Path(path)
     if not path.is_file():
         partial = path.with_name(path.name + ".incomplete").exists()
@@ -58,22 +152,17 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         raise CheckpointError(what, where=str(path),
                               fix="train first with `ctrpipe train --cfg CFG --shards DIR`, or check --run")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"cannot read checkpoint ({type(exc).__name__}: {str(exc)[:200]})",
                               where=str(path),
                               fix="the file is damaged or not a ctrpipe checkpoint: retrain, or --resume "
                                   "from ckpt_last.pt") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        got = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
         raise CheckpointError(f"checkpoint format {got!r}, this ctrpipe reads format {FORMAT}",
-                              where=str(path),
-                              fix="retrain with this ctrpipe version")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint lacks keys {missing}", where=str(path),
-                              fix="retrain with this ctrpipe version")
-    return ckpt
+                              where=str(path), fix="retrain with this ctrpipe version")
+    return Checkpoint.from_saved(saved, str(path))
 
 
 def feature_spec_from_dict(d: dict[str, Any]) -> FeatureSpec:
@@ -92,42 +181,41 @@ def feature_spec_from_dict(d: dict[str, Any]) -> FeatureSpec:
     )
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild the model a checkpoint was trained with and load its (evaluation) weights, in eval mode."""
+def build_initial_model(config: dict[str, Any], spec: FeatureSpec, seed: int, sparse: bool = False) -> nn.Module:
+    """The model of `config["model"]` exactly as training built it from `seed` (the caller's RNG is untouched)."""
     from ctrpipe.config import build_model_section
     from ctrpipe.models.registry import build_model
 
-    params = dict(ckpt["model_params"])
-    params.setdefault("name", ckpt["model_name"])
-    section = build_model_section(params, origin="checkpoint")
-    spec = feature_spec_from_dict(ckpt["feature_spec"])
+    section = build_model_section(dict(config["model"]), origin="checkpoint")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(section.name, section.params, spec, sparse=sparse)
+
+
+def model_from_checkpoint(ckpt: Checkpoint, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the model a checkpoint was trained with and load its (evaluation) weights, in eval mode."""
     # sparse=True only changes the gradient type; inference builds the dense variant with the same weights
-    model = build_model(section.name, section.params, spec, sparse=False)
+    model = build_initial_model(ckpt.config, ckpt.feature_spec, ckpt.init_seed, sparse=False)
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        load_packed(model, ckpt.weights)
     except RuntimeError as exc:
-        raise CheckpointError(f"weights do not fit model {section.name!r}: {str(exc)[:300]}",
-                              where=f"checkpoint of {ckpt['model_name']}",
+        raise CheckpointError(f"weights do not fit model {ckpt.model_name!r}: {str(exc)[:300]}",
+                              where=f"checkpoint of {ckpt.model_name}",
                               fix="the model code or config changed since training: retrain") from None
     return model.to(device).eval()
 
 
-def check_compatible(ckpt: dict[str, Any], manifest: Manifest, cache_dir: Path | str | None = None,
+def check_compatible(ckpt: Checkpoint, manifest: Manifest, cache_dir: Path | str | None = None,
                      ckpt_path: Path | str | None = None) -> None:
     """Refuse a cache whose feature layout or hashing differs from the one the checkpoint was trained on."""
     have = manifest.schema_fingerprint()
-    want = ckpt["schema_fingerprint"]
+    want = ckpt.schema_fingerprint
     if have == want:
         return
-    trained_on = ckpt.get("shards", "?")
+    trained_on = ckpt.shards or "?"
     raise ManifestMismatchError(
         f"checkpoint was trained on shards {trained_on} (schema {want[:12]}), but the cache "
         f"{cache_dir or '?'} has schema {have[:12]}: columns, hashing or fitted statistics differ",
         where=str(ckpt_path or "checkpoint"),
         fix=f"shard this data with the training run's data config (test data: `ctrpipe shard --test "
             f"--stats-from {trained_on} ...`), or use a run trained on {cache_dir or 'this cache'}")
-
-
-def feature_spec_dict(spec: FeatureSpec) -> dict[str, Any]:
-    """`dataclasses.asdict` of a FeatureSpec (what checkpoints store)."""
-    return dataclasses.asdict(spec)

@@ -56,7 +56,11 @@ class TrainConfig:
     compile: bool = False            # torch.compile the model (opt-in: slow first steps)
     ema: float = 0.0                 # EMA decay, e.g. 0.999; evaluation then uses the EMA weights; 0 = off
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    eval_every: int = 0              # steps between evaluations; 0 = at the end of each epoch
+    eval_every: int = 0              # steps between evaluations; 0 = evals_per_epoch evaluations per epoch
+    evals_per_epoch: int = 1         # with eval_every=0: evaluations spread evenly over each epoch (the last at
+    #                                  its end); with early_stopping.patience a plateau stops within the epoch
+    min_steps: int = 0               # train at least this many optimiser steps: small data repeats epochs (the
+    #                                  best evaluation still wins); 0 = epochs alone decide
     log_every: int = 50              # steps between log lines (the only points where the loss syncs to host)
     checkpoint_every: int = 0        # steps between extra ckpt_last saves; 0 = at evaluations only
     pos_weight: float | tuple[float, ...] = 1.0   # BCE weight of positives: one value or one per task
@@ -81,9 +85,11 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise _bad(f"train.{key}", getattr(self, key), f"use 0 or more, e.g. train.{key}=0")
         for key in ("warmup_steps", "eval_every", "checkpoint_every", "max_steps", "stop_after_steps",
-                    "num_threads"):
+                    "num_threads", "min_steps"):
             if getattr(self, key) < 0:
                 raise _bad(f"train.{key}", getattr(self, key), f"use 0 (off) or more, e.g. train.{key}=0")
+        if self.evals_per_epoch < 1:
+            raise _bad("train.evals_per_epoch", self.evals_per_epoch, "use e.g. train.evals_per_epoch=4")
         if self.log_every < 1:
             raise _bad("train.log_every", self.log_every, "use a positive integer, e.g. train.log_every=50")
         if self.step_every < 1 or not 0 < self.step_gamma <= 1:

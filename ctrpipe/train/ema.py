@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,10 +30,13 @@ class ModelEMA:
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
 
     def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
-        """The model's state_dict with parameters replaced by their averages (buffers as they are)."""
-        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        """The model's state_dict with parameters replaced by their averages (buffers as they are).
+
+        Live tensors, not copies (a table's copy would be its whole size): read them before the next step.
+        """
+        sd = dict(model.state_dict())
         for name, s in zip(self.names, self.shadow, strict=True):
-            sd[name] = s.detach().clone()
+            sd[name] = s.detach()
         return sd
 
     def load(self, averaged: dict[str, Tensor], updates: int) -> None:
@@ -58,6 +60,3 @@ class ModelEMA:
             tmp = p.data
             p.data = s
             s.data = tmp  # noqa: B010 - swap storages in place
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates}

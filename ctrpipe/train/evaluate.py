@@ -1,9 +1,11 @@
-"""Stage 5: predictions over a whole view into preallocated arrays, then exact metrics once."""
+"""Stages 5 and 6: a model's predictions over a whole view into preallocated arrays, then exact metrics once.
+
+The one prediction loop: training evaluates with it, `ctrpipe infer` predicts test rows with it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from ctrpipe.atomic import atomic_open
+from ctrpipe.device import autocast
 from ctrpipe.errors import CheckpointError
 from ctrpipe.loader.batch import Batch
 from ctrpipe.train.metrics import metrics_from_logits
@@ -48,18 +51,14 @@ class Predictions:
             return cls(z["row_index"], z["logits"], z["labels"])
 
 
-def autocast(device: torch.device, amp: str) -> AbstractContextManager[object]:
-    """bf16/fp16 autocast for `amp`, a no-op context for 'off'."""
-    if amp == "off":
-        return nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, n_tasks: int, device: torch.device,
-            amp: str = "off", with_labels: bool = True) -> Predictions:
-    """Run `model` over every batch of a view; outputs stay on the device until one copy at the end."""
+            amp: str = "off", with_labels: bool = True,
+            on_batch: Callable[[int], None] | None = None) -> Predictions:
+    """Run `model` over every batch of a view; outputs stay on the device until one copy at the end.
+
+    `on_batch(rows)` is called after each batch (a progress bar); it must not read the outputs (no sync).
+    """
     was_training = model.training
     model.eval()
     logits = torch.empty((num_rows, n_tasks), dtype=torch.float32, device=device)   # (N, T)
@@ -76,6 +75,8 @@ def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, n_tasks: 
                 labels[pos:pos + n] = batch.labels.reshape(n, n_tasks)
             rows[pos:pos + n] = batch.row_index
             pos += n
+            if on_batch is not None:
+                on_batch(n)
     finally:
         model.train(was_training)
     assert pos == num_rows, f"loader served {pos} rows for a view of {num_rows}"

@@ -7,7 +7,6 @@ calls `loop.fit` once per model, scores gold rows, writes metrics.json and fits 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,17 +16,20 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from ctrpipe.config import RunConfig, load_config, to_dict
+from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
+from ctrpipe.device import check_amp, resolve_device
 from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError, SchemaError
 from ctrpipe.features import FeatureSpec
+from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
-from ctrpipe.loader.view import RowView, resolve_view
+from ctrpipe.loader.view import RowView
+from ctrpipe.models.registry import build_model
 from ctrpipe.shard.manifest import Manifest, read_manifest
 from ctrpipe.train.checkpoint import (
-    FORMAT,
+    Checkpoint,
+    build_initial_model,
     check_compatible,
-    feature_spec_dict,
     load_checkpoint,
     model_from_checkpoint,
 )
@@ -86,15 +88,13 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool)
                           fix="train on a cache built from labelled data without --test")
     spec = manifest.feature_spec()
     device = resolve_device(cfg.train.device)
-    if cfg.train.amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.amp=fp16 needs a CUDA device, the run uses {device}", where="train.amp",
-                          fix="use train.amp=bf16 (works on CPU) or train.amp=off")
+    check_amp(cfg.train.amp, device)
     _check_metric(cfg, spec)
     _check_folds(cfg, manifest, shards)
-    from ctrpipe.models.registry import build_model
-
-    # a model that needs a feature kind the shards lack fails here (SchemaError), before any other work
-    build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
+    # a model that needs a feature kind the shards lack, or a config it refuses, fails here before any other
+    # work; on the meta device nothing is allocated or initialised (the real build comes once, per fold)
+    with torch.device("meta"):
+        build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
     run_dir = runs / cfg.exp_name
     if resume and not (run_dir / "config.json").is_file():
         raise CheckpointError(f"nothing to resume: {run_dir} holds no run", where=str(run_dir),
@@ -108,17 +108,6 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool)
     write_text(run_dir / "manifest_fingerprint.txt",
                f"{manifest.fingerprint}\nschema {manifest.schema_fingerprint()}\nshards {shards.resolve()}\n")
     return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; a CUDA device that is absent is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA device is available", where="train.device",
-                          fix="use train.device=auto or train.device=cpu")
-    return device
 
 
 def _check_metric(cfg: RunConfig, spec: FeatureSpec) -> None:
@@ -161,31 +150,27 @@ def _reproducible(cfg: RunConfig) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------- one model
 
 def _loader(ctx: TrainContext, view: RowView, train: bool, seed: int) -> ShardLoader:
-    lc = ctx.cfg.loader
-    batch = lc.batch_size if train else lc.eval_batch_size
-    # training drops a ragged last batch (a 1-row batch breaks batch norm); evaluation scores every row
-    drop_last = train and resolve_view(ctx.shards, ctx.manifest, view).num_rows >= batch
-    return ShardLoader(ctx.shards, view, batch, shuffle=lc.shuffle and train, seed=seed, device=ctx.device,
-                       block_rows=lc.block_rows, prefetch=lc.prefetch, pin_memory=lc.pin_memory,
-                       drop_last=drop_last, strategy=lc.shuffle_strategy, window_shards=lc.window_shards)
+    return ShardLoader.from_config(ctx.shards, view, ctx.cfg.loader, seed=seed, device=ctx.device, train=train)
 
 
-def _meta(ctx: TrainContext, fold: int) -> dict[str, Any]:
-    cfg = ctx.cfg
-    return {"format": FORMAT, "model_name": cfg.model.name, "model_params": to_dict(cfg.model),
-            "feature_spec": feature_spec_dict(ctx.spec),
-            "schema_fingerprint": ctx.manifest.schema_fingerprint(),
-            "manifest_fingerprint": ctx.manifest.fingerprint, "shards": str(ctx.shards.resolve()),
-            "config": to_dict(cfg), "fold": fold}
+def _template(ctx: TrainContext, fold: int, seed: int) -> Checkpoint:
+    """What every checkpoint of this model shares: config, data identity, and the seed it was built from."""
+    return Checkpoint(config=to_dict(ctx.cfg), feature_spec=ctx.spec,
+                      schema_fingerprint=ctx.manifest.schema_fingerprint(),
+                      manifest_fingerprint=ctx.manifest.fingerprint, shards=str(ctx.shards.resolve()),
+                      fold=fold, init_seed=seed, weights={"dense": {}, "tables": {}})
 
 
-def _load_resume(ctx: TrainContext, out_dir: Path) -> dict[str, Any] | None:
+def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
     path = out_dir / "ckpt_last.pt"
     if not ctx.resume or not path.is_file():
         return None
     ckpt = load_checkpoint(path)
+    if ckpt.train_state is None:
+        raise CheckpointError("checkpoint holds no training state to resume from", where=str(path),
+                              fix="resume only from a ckpt_last.pt written by `ctrpipe train`")
     check_compatible(ckpt, ctx.manifest, ctx.shards, path)
-    old, new = _flatten(ckpt["config"]), _flatten(to_dict(ctx.cfg))
+    old, new = flatten_dotted(ckpt.config), flatten_dotted(to_dict(ctx.cfg))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     fixed = [k for k in changed if k.startswith(("model.", "data.")) or k == "seed"]
     if fixed:
@@ -197,31 +182,22 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> dict[str, Any] | None:
     return ckpt
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None, fold: int, out_dir: Path,
                best_path: Path, label: str) -> FitResult:
-    from ctrpipe.models.registry import build_model
-
     cfg = ctx.cfg
     seed = cfg.seed + max(fold, 0)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    model = build_model(cfg.model.name, cfg.model.params, ctx.spec, sparse=cfg.train.sparse_embeddings)
+    template = _template(ctx, fold, seed)
+    resume = _load_resume(ctx, out_dir)
+    # built once, from the seed alone: checkpoints store what training changed and rebuild the rest from it
+    model = build_initial_model(template.config, ctx.spec, seed, sparse=cfg.train.sparse_embeddings)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = FitInputs(
         model=model, spec=ctx.spec, train_loader=_loader(ctx, train_view, True, seed),
         val_loader=_loader(ctx, val_view, False, seed) if val_view is not None else None,
-        cfg=cfg.train, device=ctx.device, out_dir=out_dir, best_path=best_path, meta=_meta(ctx, fold),
-        resume=_load_resume(ctx, out_dir), quiet=ctx.quiet, label=label)
+        cfg=cfg.train, device=ctx.device, out_dir=out_dir, best_path=best_path, template=template,
+        resume=resume, quiet=ctx.quiet, label=label)
     return fit(inputs)
 
 
@@ -237,7 +213,8 @@ def _fit_summary(result: FitResult) -> dict[str, Any]:
     return {"best_step": result.best_step, "best_epoch": result.best_epoch, "steps": result.steps,
             "epochs": result.epochs, "samples": result.samples,
             "train_seconds": round(result.train_seconds, 3),
-            "samples_per_s": round(result.samples_per_s, 1), "stopped_early": result.stopped_early}
+            "samples_per_s": round(result.samples_per_s, 1), "stopped_early": result.stopped_early,
+            "notes": list(result.notes)}
 
 
 def _base_summary(ctx: TrainContext) -> dict[str, Any]:
@@ -300,6 +277,7 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
     total_seconds = sum(r.train_seconds for r in results)
     summary.update(samples=total_samples, train_seconds=round(total_seconds, 3),
                    samples_per_s=round(total_samples / total_seconds, 1) if total_seconds > 0 else 0.0)
+    summary["notes"] = list(results[0].notes)
     summary["cv"] = _cv_summary(folds, oof.metrics(ctx.spec.labels))
     summary["val"] = summary["cv"]["oof"]
     if gold is not None:
@@ -333,16 +311,10 @@ def _cv_summary(folds: list[dict[str, Any]], oof: dict[str, float]) -> dict[str,
 # ----------------------------------------------------------------------------------------------- reporting
 
 def _calibrate(ctx: TrainContext) -> None:
-    """Fit calibration on val/OOF logits when the inference stage provides it (infer.calibration.method)."""
-    try:
-        module = importlib.import_module("ctrpipe.infer.calibrate")
-    except ModuleNotFoundError:
-        return
-    calibrate_run = getattr(module, "calibrate_run", None)
+    """Fit calibration (infer.calibration) on the run's validation or out-of-fold logits, when it has any."""
     has_preds = (ctx.run_dir / "oof.npz").is_file() or (ctx.run_dir / "val_predictions.npz").is_file()
-    if calibrate_run is None or not has_preds:
-        return
-    calibrate_run(ctx.run_dir, ctx.cfg, quiet=ctx.quiet)
+    if has_preds:
+        calibrate_run(ctx.run_dir, ctx.cfg, quiet=ctx.quiet)
 
 
 def _fmt(v: Any) -> str:

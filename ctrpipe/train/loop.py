@@ -1,32 +1,39 @@
 """Stage 5: one readable `fit()` -- batches in, optimiser steps, periodic evaluation, checkpoints out.
 
+`fit` reads top to bottom: plan the steps, then per batch `train_step` and the bookkeeping of `_Run`, which
+owns everything that changes during a run (position, timers, best metrics) and what is saved for --resume.
 GPU syncs (`.item()`) happen only on log steps and evaluations: the loss is summed on the device, and the
 first step with a non-finite loss is recorded on the device too, so a NaN is reported with its exact step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from ctrpipe.console import console, human_rate, make_progress
+from ctrpipe.device import autocast
 from ctrpipe.errors import TrainingError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.loader.batch import Batch
-from ctrpipe.train.checkpoint import save_checkpoint
+from ctrpipe.train.checkpoint import Checkpoint, RunPosition, TrainState, save_checkpoint
 from ctrpipe.train.config import TrainConfig
 from ctrpipe.train.ema import ModelEMA
-from ctrpipe.train.evaluate import Predictions, autocast, predict
+from ctrpipe.train.evaluate import Predictions, predict
 from ctrpipe.train.optim import build_optimizers, lr_factor, set_lr
+from ctrpipe.train.plan import StepPlan, plan_steps
 from ctrpipe.train.rundir import RunLog
 from ctrpipe.train.stopping import EarlyStopping
+from ctrpipe.train.tables import ChangedRows, load_optimizer, load_packed, pack, pack_optimizer, unpack
 
 NAN_FIX = "lower train.lr or set train.grad_clip=1.0 (with train.amp=fp16, try bf16 or off)"
 
@@ -35,9 +42,10 @@ class Loader(Protocol):
     """What fit() needs from `ctrpipe.loader.ShardLoader`."""
 
     num_rows: int
+    batch_size: int
 
     def __len__(self) -> int: ...
-    def __iter__(self): ...  # noqa: ANN204 - yields Batch
+    def __iter__(self) -> Iterator[Batch]: ...
     def set_epoch(self, epoch: int) -> None: ...
     def start_at(self, batch_idx: int) -> None: ...
 
@@ -46,7 +54,7 @@ class Loader(Protocol):
 class FitInputs:
     """Everything one training run (or one fold) needs."""
 
-    model: nn.Module                  # built for the train config (sparse tables if the optimizer wants them)
+    model: nn.Module                  # built from `template.init_seed` (sparse tables if the optimizer wants them)
     spec: FeatureSpec
     train_loader: Loader
     val_loader: Loader | None         # None: no validation rows (the last weights are the best)
@@ -54,8 +62,8 @@ class FitInputs:
     device: torch.device
     out_dir: Path                     # holds ckpt_last.pt, train_log.csv, val_predictions.npz
     best_path: Path                   # ckpt_best.pt, or ckpt_fold{k}.pt
-    meta: dict[str, Any]              # checkpoint keys that do not change during training (see checkpoint.py)
-    resume: dict[str, Any] | None = None   # a loaded ckpt_last.pt to continue from
+    template: Checkpoint              # identity of every checkpoint of this run (config, spec, fingerprints, seed)
+    resume: Checkpoint | None = None  # a loaded ckpt_last.pt to continue from
     quiet: bool = False
     label: str = "train"
 
@@ -72,6 +80,7 @@ class FitResult:
     stopped_early: bool = False
     interrupted: bool = False         # stopped by train.stop_after_steps: continue with --resume
     last_loss: float = float("nan")
+    notes: tuple[str, ...] = ()       # the plan's adjustments and warnings
     best_preds: Predictions | None = field(default=None, repr=False)
 
     @property
@@ -79,163 +88,44 @@ class FitResult:
         return self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-@dataclass
-class _Position:
-    step: int = 0                     # optimiser steps done
-    epoch: int = 0                    # epochs completed
-    batch_in_epoch: int = 0           # batches of the current epoch done
-    samples: int = 0
-    train_seconds: float = 0.0
-    last_eval_step: int = -1
-
-
-def fit(inp: FitInputs) -> FitResult:  # noqa: C901 - the loop is meant to be read top to bottom
+def fit(inp: FitInputs) -> FitResult:
     """Train `inp.model` and return its best evaluation.
 
     Writes ckpt_last.pt, train_log.csv and val_predictions.npz into `inp.out_dir`, the best weights to
     `best_path`.
     """
-    cfg, device, model = inp.cfg, inp.device, inp.model.to(inp.device)
-    if device.type == "cpu":
-        keep_freed_memory()   # no page faults for each step's activations (see hostmem.py)
-    optimizers = build_optimizers(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    ema = ModelEMA(model, cfg.ema) if cfg.ema > 0 else None
-    stopper = EarlyStopping(cfg.early_stopping)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(cfg, inp.spec.n_tasks, device))
-    step_model = torch.compile(model) if cfg.compile else model
-    per_epoch = len(inp.train_loader)
-    if per_epoch == 0:
+    if len(inp.train_loader) == 0:
         raise TrainingError("the training view has no rows", where=inp.label,
                             fix="check the cache's split sizes with `ctrpipe inspect DIR`")
-    total_steps = min(cfg.max_steps, cfg.epochs * per_epoch) if cfg.max_steps else cfg.epochs * per_epoch
-    pos = _Position()
-    if inp.resume is not None:
-        pos = _restore(inp.resume, model, optimizers, scaler, ema, stopper, device)
-        if inp.resume.get("finished"):
-            return _result(inp, pos, stopper, finished_before=True)
-    log = RunLog(inp.out_dir, append=inp.resume is not None)
-    loss_sum = torch.zeros((), device=device)          # summed on the device between log steps
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    logged_steps, last_loss, stop, interrupted, saved_finished = 0, float("nan"), False, False, False
-    t_mark = t_log = time.perf_counter()
-    samples_at_log = pos.samples
-    progress = make_progress(inp.quiet)
-    task = progress.add_task(inp.label, total=total_steps, completed=pos.step)
-    if not inp.quiet:
-        resuming = f", resuming at step {pos.step}" if pos.step else ""
-        console.print(f"[bold]{inp.label}[/]: {inp.train_loader.num_rows:,} rows, {per_epoch} batches/epoch, "
-                      f"{total_steps} steps on {device}{resuming}")
-
-    def tick() -> None:
-        """Add the time since the last mark to the training time (evaluations are left out)."""
-        nonlocal t_mark
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        pos.train_seconds += now - t_mark
-        t_mark = now
-
-    def save_last(finished: bool) -> None:
-        nonlocal saved_finished
-        tick()
-        _save_last(inp, model, ema, optimizers, scaler, stopper, pos, finished=finished)
-        saved_finished = finished
-
-    def evaluate_and_save(finished: bool = False) -> None:
-        nonlocal stop, t_mark
-        tick()
-        metrics: dict[str, float] = {}
-        if inp.val_loader is not None:
-            with ema.applied() if ema is not None else nullcontext():
-                preds = predict(model, inp.val_loader, inp.val_loader.num_rows, inp.spec.n_tasks, device,
-                                cfg.amp)
-            metrics = preds.metrics(inp.spec.labels)
-            log.evaluation(pos.step, pos.epoch, metrics)
-            # a NaN metric (e.g. AUC on a one-class view) never improves: keep the first weights anyway
-            if stopper.update(metrics, pos.step, pos.epoch) or not inp.best_path.is_file():
-                if stopper.best_step < 0:
-                    stopper.best_metrics = dict(metrics)
-                    stopper.best_step, stopper.best_epoch = pos.step, pos.epoch
-                save_checkpoint(inp.best_path, _checkpoint(inp, model, ema, metrics, pos))
-                preds.save(inp.out_dir / "val_predictions.npz", inp.spec.labels)
-            stop = stop or stopper.should_stop
-            if not inp.quiet:
-                shown = "  ".join(f"{k} {metrics[k]:.5f}" for k in ("auc", "logloss", "score")
-                                  if k in metrics)
-                progress.console.print(f"[dim]{inp.label} step {pos.step}[/]  val {shown}")
-        pos.last_eval_step = pos.step
-        done = finished or stop
-        if inp.val_loader is None and done:
-            stopper.best_step, stopper.best_epoch = pos.step, pos.epoch
-            save_checkpoint(inp.best_path, _checkpoint(inp, model, ema, {}, pos))
-        t_mark = time.perf_counter()                    # evaluation time is not training time
-        save_last(finished=done)
-
-    with progress:
-        model.train()
-        while pos.epoch < cfg.epochs and pos.step < total_steps and not stop and not interrupted:
-            inp.train_loader.set_epoch(pos.epoch)
-            if pos.batch_in_epoch:
-                inp.train_loader.start_at(pos.batch_in_epoch)
-            batches = iter(inp.train_loader) if pos.batch_in_epoch < per_epoch else iter(())
-            for batch in batches:
-                set_lr(optimizers, lr_factor(pos.step, total_steps, cfg))
-                loss = _train_step(step_model, batch, loss_fn, optimizers, scaler, cfg, device)
-                if ema is not None:
-                    ema.update()
-                pos.step += 1
-                pos.batch_in_epoch += 1
-                pos.samples += len(batch)
-                loss_sum += loss
-                first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), pos.step, first_bad)
-                logged_steps += 1
-                if pos.step % cfg.log_every == 0 or pos.step == total_steps:
-                    last_loss = _check_finite(loss_sum, first_bad, logged_steps, per_epoch, inp.label)
-                    now = time.perf_counter()
-                    rate = (pos.samples - samples_at_log) / max(now - t_log, 1e-9)
-                    lr = optimizers[-1].param_groups[0]["lr"]
-                    log.train(pos.step, pos.epoch, lr, last_loss, rate)
-                    progress.update(task, completed=pos.step,
-                                    rate_text=f"loss {last_loss:.4f}  {human_rate(rate, 'samples/s')}")
-                    loss_sum.zero_()
-                    logged_steps, t_log, samples_at_log = 0, now, pos.samples
-                if cfg.eval_every and pos.step % cfg.eval_every == 0:
-                    evaluate_and_save(finished=pos.step >= total_steps)
-                    t_log = time.perf_counter()
-                elif cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0:
-                    save_last(finished=False)
-                if stop or pos.step >= total_steps:
+    plan = plan_steps(inp.cfg, inp.train_loader.num_rows, inp.train_loader.batch_size, len(inp.train_loader))
+    run = _Run(inp, plan)
+    if run.finished:                                   # resumed a run that had already ended
+        return run.result()
+    run.announce()
+    with run.progress:
+        while run.pos.step < plan.total_steps and not (run.stopped or run.interrupted):
+            for batch in run.epoch_batches():
+                set_lr(run.optimizers, lr_factor(run.pos.step, plan.total_steps, inp.cfg, plan.warmup_steps))
+                loss = train_step(run.step_model, batch, run.loss_fn, run.optimizers, run.scaler, inp.cfg,
+                                  inp.device)
+                run.after_step(batch, loss)
+                if plan.evaluates_at(run.pos.step, run.pos.batch_in_epoch):
+                    run.evaluate_and_save()
+                elif inp.cfg.checkpoint_every and run.pos.step % inp.cfg.checkpoint_every == 0:
+                    run.save_last()
+                if run.stopped or run.interrupted or run.pos.step >= plan.total_steps:
                     break
-                if cfg.stop_after_steps and pos.step == cfg.stop_after_steps:
-                    interrupted = True
-                    break
-            if interrupted:
-                break
-            if pos.batch_in_epoch >= per_epoch:         # the epoch ran to its end
-                pos.epoch += 1
-                pos.batch_in_epoch = 0
-                if logged_steps:
-                    last_loss = _check_finite(loss_sum, first_bad, logged_steps, per_epoch, inp.label)
-                if not cfg.eval_every:
-                    evaluate_and_save(finished=pos.epoch >= cfg.epochs or pos.step >= total_steps)
-                    t_log = time.perf_counter()
-        if logged_steps:
-            last_loss = _check_finite(loss_sum, first_bad, logged_steps, per_epoch, inp.label)
-        if interrupted:
-            save_last(finished=False)
-        elif pos.last_eval_step != pos.step:
-            evaluate_and_save(finished=True)
-        elif not saved_finished:
-            save_last(finished=True)
-    log.close()
-    return _result(inp, pos, stopper, stopped_early=stopper.should_stop, interrupted=interrupted,
-                   last_loss=last_loss)
+            run.end_epoch()
+        run.finish()
+    return run.result()
 
 
-def _train_step(model: nn.Module, batch: Batch, loss_fn: nn.Module, optimizers: list[torch.optim.Optimizer],
-                scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
-    """Forward, backward, optional clipping, optimiser steps. Returns the detached loss (no sync)."""
+def train_step(model: nn.Module, batch: Batch, loss_fn: nn.Module, optimizers: list[torch.optim.Optimizer],
+               scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """Forward, backward, optional clipping, optimiser steps. Returns the detached loss (no sync).
+
+    Gradients stay on the parameters until the next step's zero_grad (ChangedRows reads the tables' ones).
+    """
     assert batch.labels is not None, "training batches carry labels"
     with autocast(device, cfg.amp):
         logits = model(batch)                                              # (B, T)
@@ -256,6 +146,210 @@ def _train_step(model: nn.Module, batch: Batch, loss_fn: nn.Module, optimizers: 
     return loss.detach()
 
 
+class _Run:
+    """The state of one run between steps: optimisers, EMA, early stopping, position, timers, the log."""
+
+    def __init__(self, inp: FitInputs, plan: StepPlan) -> None:
+        self.inp, self.plan, self.cfg, self.device = inp, plan, inp.cfg, inp.device
+        self.model = inp.model.to(inp.device)
+        if inp.device.type == "cpu":
+            keep_freed_memory()   # no page faults for each step's activations (see hostmem.py)
+        self.optimizers = build_optimizers(self.model, self.cfg, inp.device)
+        self.scaler = torch.amp.GradScaler(inp.device.type, enabled=self.cfg.amp == "fp16")
+        self.changed = ChangedRows(self.model)
+        self.ema = ModelEMA(self.model, self.cfg.ema) if self.cfg.ema > 0 else None
+        self.stopper = EarlyStopping(self.cfg.early_stopping)
+        self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(self.cfg, inp.spec.n_tasks, inp.device))
+        self.step_model = torch.compile(self.model) if self.cfg.compile else self.model
+        self.pos = RunPosition()
+        self.finished = False
+        self.stopped = False              # early stopping fired
+        self.interrupted = False          # train.stop_after_steps reached
+        self.last_loss = float("nan")
+        if inp.resume is not None:
+            self._restore(inp.resume)
+        self.log = RunLog(inp.out_dir, append=inp.resume is not None) if not self.finished else None
+        self.loss_sum = torch.zeros((), device=inp.device)        # summed on the device between log steps
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=inp.device)
+        self.logged_steps = 0
+        self.t_mark = self.t_log = time.perf_counter()
+        self.samples_at_log = self.pos.samples
+        self.progress = make_progress(inp.quiet)
+        self.task = self.progress.add_task(inp.label, total=plan.total_steps, completed=self.pos.step)
+
+    # ------------------------------------------------------------------ the loop's steps
+    def announce(self) -> None:
+        inp, plan = self.inp, self.plan
+        for note in plan.notes:
+            if note.startswith("warning"):
+                console.print(f"[yellow]{inp.label}:[/] {note}", highlight=False)
+            elif not inp.quiet:
+                console.print(f"[dim]{inp.label}: {note}[/]", highlight=False)
+        if not inp.quiet:
+            resuming = f", resuming at step {self.pos.step}" if self.pos.step else ""
+            console.print(f"[bold]{inp.label}[/]: {inp.train_loader.num_rows:,} rows, {plan.per_epoch} "
+                          f"batches/epoch, {plan.total_steps} steps on {self.device}{resuming}")
+
+    def epoch_batches(self) -> Iterator[Batch]:
+        """The batches of the current epoch not yet trained on (all of them unless resuming mid-epoch)."""
+        loader = self.inp.train_loader
+        loader.set_epoch(self.pos.epoch)
+        if self.pos.batch_in_epoch:
+            loader.start_at(self.pos.batch_in_epoch)
+        return iter(loader) if self.pos.batch_in_epoch < self.plan.per_epoch else iter(())
+
+    def after_step(self, batch: Batch, loss: torch.Tensor) -> None:
+        if self.ema is not None:
+            self.ema.update()
+        self.changed.mark()
+        pos = self.pos
+        pos.step += 1
+        pos.batch_in_epoch += 1
+        pos.samples += len(batch)
+        self.loss_sum += loss
+        self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), pos.step, self.first_bad)
+        self.logged_steps += 1
+        if pos.step % self.cfg.log_every == 0 or pos.step == self.plan.total_steps:
+            self._log_train()
+        if self.cfg.stop_after_steps and pos.step == self.cfg.stop_after_steps:
+            self.interrupted = True
+
+    def end_epoch(self) -> None:
+        """Close the epoch if it ran to its end (a stop in the middle leaves it open for --resume)."""
+        if self.pos.batch_in_epoch >= self.plan.per_epoch:
+            self.pos.epoch += 1
+            self.pos.batch_in_epoch = 0
+
+    def finish(self) -> None:
+        if self.logged_steps:
+            self._log_train()
+        if self.interrupted:
+            self.save_last()
+        elif self.pos.last_eval_step != self.pos.step:
+            self.evaluate_and_save()
+        elif not self.finished:
+            self.save_last(finished=True)
+        assert self.log is not None
+        self.log.close()
+
+    def evaluate_and_save(self) -> None:
+        """Evaluate (if there are validation rows), keep the best weights, save the state for --resume."""
+        self._tick()
+        inp, pos = self.inp, self.pos
+        metrics: dict[str, float] = {}
+        if inp.val_loader is not None:
+            with self.ema.applied() if self.ema is not None else nullcontext():
+                preds = predict(self.model, inp.val_loader, inp.val_loader.num_rows, inp.spec.n_tasks,
+                                self.device, self.cfg.amp)
+            metrics = preds.metrics(inp.spec.labels)
+            assert self.log is not None
+            self.log.evaluation(pos.step, pos.epoch, metrics)
+            # a NaN metric (e.g. AUC on a one-class view) never improves: keep the first weights anyway
+            counting = pos.step > self.plan.warmup_steps
+            if self.stopper.update(metrics, pos.step, pos.epoch, counting) or not inp.best_path.is_file():
+                if self.stopper.best_step < 0:
+                    self.stopper.best_metrics = dict(metrics)
+                    self.stopper.best_step, self.stopper.best_epoch = pos.step, pos.epoch
+                save_checkpoint(inp.best_path, self._checkpoint(metrics))
+                preds.save(inp.out_dir / "val_predictions.npz", inp.spec.labels)
+            self.stopped = self.stopper.should_stop
+            if not inp.quiet:
+                shown = "  ".join(f"{k} {metrics[k]:.5f}" for k in ("auc", "logloss", "score") if k in metrics)
+                self.progress.console.print(f"[dim]{inp.label} step {pos.step}[/]  val {shown}")
+        pos.last_eval_step = pos.step
+        done = self.stopped or pos.step >= self.plan.total_steps
+        if inp.val_loader is None and done:
+            self.stopper.best_step, self.stopper.best_epoch = pos.step, pos.epoch
+            save_checkpoint(inp.best_path, self._checkpoint({}))
+        self.t_mark = self.t_log = time.perf_counter()     # evaluation time is not training time
+        self.save_last(finished=done and not self.interrupted)
+
+    def save_last(self, finished: bool = False) -> None:
+        self._tick()
+        save_checkpoint(self.inp.out_dir / "ckpt_last.pt", self._checkpoint(self.stopper.best_metrics, finished))
+        self.finished = finished
+        self.t_mark = self.t_log = time.perf_counter()     # saving is not training time either
+
+    def result(self) -> FitResult:
+        inp = self.inp
+        preds_path = inp.out_dir / "val_predictions.npz"
+        preds = Predictions.load(preds_path) if inp.val_loader is not None and preds_path.is_file() else None
+        s = self.stopper
+        return FitResult(best_metrics=dict(s.best_metrics), best_step=s.best_step, best_epoch=s.best_epoch,
+                         steps=self.pos.step, epochs=self.pos.epoch, samples=self.pos.samples,
+                         train_seconds=self.pos.train_seconds, stopped_early=s.should_stop,
+                         interrupted=self.interrupted, last_loss=self.last_loss, notes=self.plan.notes,
+                         best_preds=preds)
+
+    # ------------------------------------------------------------------ helpers
+    def _tick(self) -> None:
+        """Add the time since the last mark to the training time (evaluations are left out)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.pos.train_seconds += now - self.t_mark
+        self.t_mark = now
+
+    def _log_train(self) -> None:
+        """Sync point: mean loss since the last log line; TrainingError at the first non-finite step."""
+        bad = int(self.first_bad.item())
+        if bad >= 0:
+            raise TrainingError(f"loss became NaN/inf at step {bad} (epoch {(bad - 1) // self.plan.per_epoch})",
+                                where=self.inp.label, fix=NAN_FIX)
+        self.last_loss = float(self.loss_sum.item()) / max(self.logged_steps, 1)
+        now = time.perf_counter()
+        rate = (self.pos.samples - self.samples_at_log) / max(now - self.t_log, 1e-9)
+        lr = self.optimizers[-1].param_groups[0]["lr"]
+        assert self.log is not None
+        self.log.train(self.pos.step, self.pos.epoch, lr, self.last_loss, rate)
+        self.progress.update(self.task, completed=self.pos.step,
+                             rate_text=f"loss {self.last_loss:.4f}  {human_rate(rate, 'samples/s')}")
+        self.loss_sum.zero_()
+        self.logged_steps, self.t_log, self.samples_at_log = 0, now, self.pos.samples
+
+    def _checkpoint(self, metrics: dict[str, float], finished: bool | None = None) -> Checkpoint:
+        """The run's checkpoint now: evaluation weights, plus the training state unless `finished` is None."""
+        rows = self.changed.all_rows()
+        model, ema = self.model, self.ema
+        weights = pack(ema.state_dict(model) if ema is not None else model.state_dict(), rows)
+        ckpt = dataclasses.replace(self.inp.template, weights=weights, val_metrics=dict(metrics),
+                                   epoch=self.pos.epoch, step=self.pos.step)
+        if finished is None:
+            return ckpt
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        ckpt.train_state = TrainState(
+            position=dataclasses.replace(self.pos),
+            optimizers=[pack_optimizer(opt, self.changed.tables, rows) for opt in self.optimizers],
+            changed_rows=rows, scaler=self.scaler.state_dict(), rng=rng,
+            early_stopping=self.stopper.state_dict(),
+            raw_weights=pack(model.state_dict(), rows) if ema is not None else None,
+            ema_updates=ema.updates if ema is not None else 0, finished=finished)
+        return ckpt
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        """Put model, optimisers, EMA, early stopping and RNG back where ckpt_last.pt left them."""
+        ts = ckpt.train_state
+        assert ts is not None, "resume needs a ckpt_last.pt"
+        load_packed(self.model, ts.raw_weights if ts.raw_weights is not None else ckpt.weights)
+        self.changed.load(ts.changed_rows)
+        if self.ema is not None:
+            self.ema = ModelEMA(self.model, self.cfg.ema)      # shadows start from the restored weights
+            self.ema.load(unpack(ckpt.weights, self.model.state_dict()), ts.ema_updates)
+        for opt, packed in zip(self.optimizers, ts.optimizers, strict=True):
+            load_optimizer(opt, packed)
+        if ts.scaler:
+            self.scaler.load_state_dict(ts.scaler)
+        self.stopper.load_state_dict(ts.early_stopping)
+        torch.set_rng_state(ts.rng["torch"])
+        if self.device.type == "cuda" and "cuda" in ts.rng:
+            torch.cuda.set_rng_state(ts.rng["cuda"], self.device)
+        self.pos = dataclasses.replace(ts.position)
+        self.finished = ts.finished
+        self.stopped = self.stopper.should_stop
+
+
 def _pos_weight(cfg: TrainConfig, n_tasks: int, device: torch.device) -> torch.Tensor:
     w = cfg.pos_weight if isinstance(cfg.pos_weight, tuple) else (cfg.pos_weight,) * n_tasks
     if len(w) != n_tasks:
@@ -263,83 +357,3 @@ def _pos_weight(cfg: TrainConfig, n_tasks: int, device: torch.device) -> torch.T
                             where="train.pos_weight",
                             fix=f"give one value, or one per label ({n_tasks})")
     return torch.tensor(w, dtype=torch.float32, device=device)
-
-
-def _check_finite(loss_sum: torch.Tensor, first_bad: torch.Tensor, n: int, per_epoch: int,
-                  label: str) -> float:
-    """Sync point: mean loss since the last log; TrainingError at the first non-finite step."""
-    bad = int(first_bad.item())
-    if bad >= 0:
-        raise TrainingError(f"loss became NaN/inf at step {bad} (epoch {(bad - 1) // per_epoch})",
-                            where=label, fix=NAN_FIX)
-    return float(loss_sum.item()) / max(n, 1)
-
-
-def _eval_state_dict(model: nn.Module, ema: ModelEMA | None) -> dict[str, torch.Tensor]:
-    return ema.state_dict(model) if ema is not None else model.state_dict()
-
-
-def _checkpoint(inp: FitInputs, model: nn.Module, ema: ModelEMA | None, metrics: dict[str, float],
-                pos: _Position) -> dict[str, Any]:
-    state = dict(inp.meta)
-    state.update(state_dict=_eval_state_dict(model, ema), val_metrics=dict(metrics), epoch=pos.epoch,
-                 step=pos.step)
-    return state
-
-
-def _save_last(inp: FitInputs, model: nn.Module, ema: ModelEMA | None,
-               optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler, stopper: EarlyStopping,
-               pos: _Position, finished: bool) -> None:
-    state = _checkpoint(inp, model, ema, stopper.best_metrics, pos)
-    rng = {"torch": torch.get_rng_state()}
-    if inp.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(inp.device)
-    state.update(
-        raw_state_dict=model.state_dict() if ema is not None else None,
-        optimizers=[opt.state_dict() for opt in optimizers],
-        scaler=scaler.state_dict(),
-        scheduler={"step": pos.step},
-        rng=rng,
-        ema_updates=ema.updates if ema is not None else 0,
-        early_stopping=stopper.state_dict(),
-        batch_in_epoch=pos.batch_in_epoch,
-        samples=pos.samples,
-        train_seconds=pos.train_seconds,
-        last_eval_step=pos.last_eval_step,
-        finished=finished,
-    )
-    save_checkpoint(inp.out_dir / "ckpt_last.pt", state)
-
-
-def _restore(ckpt: dict[str, Any], model: nn.Module, optimizers: list[torch.optim.Optimizer],
-             scaler: torch.amp.GradScaler, ema: ModelEMA | None, stopper: EarlyStopping,
-             device: torch.device) -> _Position:
-    """Put model, optimisers, EMA, early stopping and RNG back where ckpt_last.pt left them."""
-    raw = ckpt.get("raw_state_dict") or ckpt["state_dict"]
-    model.load_state_dict(raw)
-    if ema is not None:
-        ema.load(ckpt["state_dict"], int(ckpt.get("ema_updates", 0)))
-    for opt, sd in zip(optimizers, ckpt["optimizers"], strict=True):
-        opt.load_state_dict(sd)
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    stopper.load_state_dict(ckpt["early_stopping"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return _Position(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]),
-                     batch_in_epoch=int(ckpt["batch_in_epoch"]),
-                     samples=int(ckpt["samples"]), train_seconds=float(ckpt["train_seconds"]),
-                     last_eval_step=int(ckpt["last_eval_step"]))
-
-
-def _result(inp: FitInputs, pos: _Position, stopper: EarlyStopping, finished_before: bool = False,
-            stopped_early: bool = False, interrupted: bool = False,
-            last_loss: float = float("nan")) -> FitResult:
-    preds_path = inp.out_dir / "val_predictions.npz"
-    preds = Predictions.load(preds_path) if inp.val_loader is not None and preds_path.is_file() else None
-    return FitResult(best_metrics=dict(stopper.best_metrics), best_step=stopper.best_step,
-                     best_epoch=stopper.best_epoch, steps=pos.step, epochs=pos.epoch, samples=pos.samples,
-                     train_seconds=pos.train_seconds, stopped_early=stopped_early or
-                     (finished_before and stopper.should_stop), interrupted=interrupted, last_loss=last_loss,
-                     best_preds=preds)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ctrpipe.native import native
 from ctrpipe.train.config import TrainConfig
+from ctrpipe.train.tables import zeros_like_lazily
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -56,16 +57,20 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     return out
 
 
-def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base rate for optimiser step `step` (0-based): linear warm-up, then the schedule."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    after = step - cfg.warmup_steps
+def lr_factor(step: int, total_steps: int, cfg: TrainConfig, warmup_steps: int | None = None) -> float:
+    """Multiplier of the base rate for optimiser step `step` (0-based): linear warm-up, then the schedule.
+
+    `warmup_steps` overrides cfg.warmup_steps (the run's plan shortens it on short runs, see plan.py).
+    """
+    warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    after = step - warmup
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "step":
         return cfg.step_gamma ** (after // cfg.step_every)
-    span = max(1, total_steps - cfg.warmup_steps - 1)    # cosine reaches min_lr_ratio at the last step
+    span = max(1, total_steps - warmup - 1)    # cosine reaches min_lr_ratio at the last step
     progress = min(1.0, after / span)
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -92,7 +97,8 @@ class LazyAdam(torch.optim.Optimizer):
     a training step, where torch's OpenMP worker still spins on the other core after the last GEMM.
     Dense gradients get a plain full-table Adam step.
 
-    State per table: exp_avg and exp_avg_sq, each the table's size (fp32: the table's memory x 3 in all).
+    State per table: exp_avg and exp_avg_sq, each shaped like the table but mapped lazily: only the rows a run
+    touches take memory (checkpoints store just those rows, see tables.py).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),  # noqa: ANN001
@@ -118,8 +124,9 @@ class LazyAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    # lazily mapped zeros: only rows a batch touches ever cost memory or page faults
+                    state["exp_avg"] = zeros_like_lazily(p.detach())
+                    state["exp_avg_sq"] = zeros_like_lazily(p.detach())
                 state["step"] += 1
                 step = float(state["step"])
                 bc1 = 1.0 - beta1 ** step

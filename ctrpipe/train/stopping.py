@@ -24,8 +24,12 @@ class EarlyStopping:
         self.best_metrics: dict[str, float] = {}
         self.bad_evals = 0
 
-    def update(self, metrics: dict[str, float], step: int, epoch: int) -> bool:
-        """Record one evaluation; True when it is the best so far (a NaN value never is)."""
+    def update(self, metrics: dict[str, float], step: int, epoch: int, counting: bool = True) -> bool:
+        """Record one evaluation; True when it is the best so far (a NaN value never is).
+
+        With `counting` False (during the learning-rate warm-up, when a model's metrics still swing as the rate
+        ramps up) an evaluation can become the best but never counts towards `patience`.
+        """
         value = float(metrics[self.metric])
         if math.isnan(value):
             improved = False
@@ -39,7 +43,7 @@ class EarlyStopping:
             self.best, self.best_step, self.best_epoch = value, step, epoch
             self.best_metrics = dict(metrics)
             self.bad_evals = 0
-        else:
+        elif counting:
             self.bad_evals += 1
         return improved
 

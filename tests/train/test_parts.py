@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ctrpipe.errors import CheckpointError
-from ctrpipe.train.checkpoint import load_checkpoint, save_checkpoint
+from ctrpipe.features import FeatureSpec, FieldSpec
+from ctrpipe.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ctrpipe.train.config import EarlyStoppingConfig, TrainConfig
 from ctrpipe.train.ema import ModelEMA
 from ctrpipe.train.optim import lr_factor
@@ -67,12 +68,20 @@ def test_ema_swaps_averaged_weights_in_and_out():
 
 def test_checkpoint_roundtrip_is_atomic(tmp_path: Path):
     path = tmp_path / "ckpt.pt"
-    state = {"format": 1, "model_name": "dnn", "model_params": {"name": "dnn"}, "state_dict": {},
-             "feature_spec": {}, "schema_fingerprint": "a", "manifest_fingerprint": "b", "config": {},
-             "fold": -1, "val_metrics": {}, "epoch": 0, "step": 0}
-    save_checkpoint(path, state)
+    spec = FeatureSpec(numeric=("I1",), categorical=(FieldSpec("C1", "categorical", 10),), labels=("click",),
+                       label_rates=(0.25,))
+    weights = {"dense": {"w": torch.arange(3.0)},
+               "tables": {"t": {"rows": torch.tensor([1, 4]), "values": torch.ones(2, 3)}}}
+    ckpt = Checkpoint(config={"model": {"name": "dnn"}}, feature_spec=spec, schema_fingerprint="a",
+                      manifest_fingerprint="b", shards="s", fold=-1, init_seed=7, weights=weights,
+                      val_metrics={"auc": 0.7}, epoch=1, step=5)
+    save_checkpoint(path, ckpt)
     assert not (tmp_path / "ckpt.pt.incomplete").exists()
-    assert load_checkpoint(path)["schema_fingerprint"] == "a"
+    back = load_checkpoint(path)
+    assert (back.schema_fingerprint, back.model_name, back.init_seed, back.step) == ("a", "dnn", 7, 5)
+    assert back.feature_spec == spec and back.labels == ("click",) and back.train_state is None
+    assert torch.equal(back.weights["tables"]["t"]["rows"], torch.tensor([1, 4]))
+    assert torch.equal(back.weights["dense"]["w"], torch.arange(3.0))
 
 
 def test_checkpoint_errors_name_file_and_fix(tmp_path: Path):
@@ -85,8 +94,8 @@ def test_checkpoint_errors_name_file_and_fix(tmp_path: Path):
         load_checkpoint(bad)
     assert "bad.pt" in str(corrupt.value) and "fix:" in str(corrupt.value)
     old = tmp_path / "old.pt"
-    torch.save({"format": 0}, old)
-    with pytest.raises(CheckpointError, match="format 0"):
+    torch.save({"format": 1, "state_dict": {}}, old)     # a checkpoint of the format with whole tables
+    with pytest.raises(CheckpointError, match="format 1"):
         load_checkpoint(old)
 
 

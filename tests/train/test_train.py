@@ -19,8 +19,9 @@ from ctrpipe.cli import app
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
 from ctrpipe.shard.manifest import read_manifest
-from ctrpipe.train.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
+from ctrpipe.train.checkpoint import build_initial_model, check_compatible, load_checkpoint, model_from_checkpoint
 from ctrpipe.train.evaluate import predict
+from ctrpipe.train.tables import load_packed
 
 runner = CliRunner()
 
@@ -34,8 +35,13 @@ def train(shards: Path, runs: Path, *args: str, fast: bool = True) -> tuple[int,
     return result.exit_code, result.output
 
 
-def weights(path: Path, key: str = "state_dict") -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)[key]
+def weights(path: Path, raw: bool = False) -> dict[str, torch.Tensor]:
+    """Every weight of a checkpoint's model (its evaluation weights, or with `raw` the training weights)."""
+    ckpt = load_checkpoint(path)
+    packed = ckpt.train_state.raw_weights if raw else ckpt.weights
+    model = build_initial_model(ckpt.config, ckpt.feature_spec, ckpt.init_seed)
+    load_packed(model, packed)
+    return model.state_dict()
 
 
 def assert_equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -74,7 +80,7 @@ def test_single_run_writes_the_run_directory(cache: Path, tmp_path: Path):
     assert np.array_equal(row_index, val.row_indices())
     assert logits.shape == labels.shape == (manifest.rows["val"], 1) and logits.dtype == np.float32
     ckpt = load_checkpoint(run / "ckpt_best.pt")
-    assert ckpt["fold"] == -1 and ckpt["step"] == metrics["best_step"]
+    assert ckpt.fold == -1 and ckpt.step == metrics["best_step"] and ckpt.train_state is None
     check_compatible(ckpt, manifest)
     model = model_from_checkpoint(ckpt, "cpu")
     again = predict(model, val, val.num_rows, 1, torch.device("cpu"))
@@ -91,23 +97,28 @@ def test_same_seed_gives_identical_weights(cache: Path, tmp_path: Path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_equals_uninterrupted(cache: Path, tmp_path: Path):
-    # dropout, EMA, warm-up + cosine, mid-epoch evaluations and a stop in the middle of epoch 2
+@pytest.mark.parametrize("optimizer", ["lazy_adam", "adam", "adagrad"])
+def test_resume_equals_uninterrupted(cache: Path, tmp_path: Path, optimizer: str):
+    # dropout, EMA, warm-up + cosine, mid-epoch evaluations and a stop in the middle of epoch 2; the
+    # checkpoint holds only the table rows (and optimiser state rows) with a gradient so far
     args = ("--set", "train.epochs=3", "--set", "model.dropout=0.3", "--set", "train.ema=0.9",
-            "--set", "train.warmup_steps=3", "--set", "train.eval_every=4", "--set", "train.grad_clip=1.0")
+            "--set", "train.warmup_steps=3", "--set", "train.eval_every=4", "--set", "train.grad_clip=1.0",
+            "--set", f"train.embedding_optimizer={optimizer}")
     assert train(cache, tmp_path / "a", *args)[0] == 0
     code, out = train(cache, tmp_path / "b", *args, "--set", "train.stop_after_steps=9")
     assert code == 0 and "stopped at step 9" in out
     assert not (tmp_path / "b" / "criteo" / "metrics.json").exists()
-    assert load_checkpoint(tmp_path / "b" / "criteo" / "ckpt_last.pt")["step"] == 9
+    assert load_checkpoint(tmp_path / "b" / "criteo" / "ckpt_last.pt").step == 9
     code, out = train(cache, tmp_path / "b", *args, "--resume")
     assert code == 0, out
-    a = load_checkpoint(tmp_path / "a" / "criteo" / "ckpt_last.pt")
-    b = load_checkpoint(tmp_path / "b" / "criteo" / "ckpt_last.pt")
-    assert a["step"] == b["step"] and b["finished"]
-    assert_equal_weights(a["raw_state_dict"], b["raw_state_dict"])     # training weights
-    assert_equal_weights(a["state_dict"], b["state_dict"])             # EMA weights
-    assert a["early_stopping"] == b["early_stopping"]
+    last_a, last_b = tmp_path / "a" / "criteo" / "ckpt_last.pt", tmp_path / "b" / "criteo" / "ckpt_last.pt"
+    a, b = load_checkpoint(last_a), load_checkpoint(last_b)
+    assert a.step == b.step and b.train_state.finished
+    assert_equal_weights(weights(last_a, raw=True), weights(last_b, raw=True))    # training weights
+    assert_equal_weights(weights(last_a), weights(last_b))                        # EMA weights
+    assert a.train_state.early_stopping == b.train_state.early_stopping
+    for ra, rb in zip(a.train_state.changed_rows.values(), b.train_state.changed_rows.values(), strict=True):
+        assert torch.equal(ra, rb)
     ma = json.loads((tmp_path / "a" / "criteo" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "b" / "criteo" / "metrics.json").read_text())
     assert ma["val"] == mb["val"] and ma["best_step"] == mb["best_step"]
@@ -121,7 +132,7 @@ def test_kfold_checkpoints_and_oof_cover_fold_rows(cache: Path, tmp_path: Path):
     seen: list[np.ndarray] = []
     for k in range(K_FOLDS):
         ckpt = load_checkpoint(run / f"ckpt_fold{k}.pt")
-        assert ckpt["fold"] == k
+        assert ckpt.fold == k
         assert (run / f"fold{k}" / "ckpt_last.pt").is_file()
         with np.load(run / f"fold{k}" / "val_predictions.npz") as z:
             seen.append(z["row_index"])
@@ -235,9 +246,15 @@ def test_compile_trains_with_sparse_embedding_gradients(cache: Path, tmp_path: P
 
 def test_early_stopping_stops_and_keeps_the_best(cache: Path, tmp_path: Path):
     # min_delta=1 makes every evaluation after the first "no improvement": stop after patience=2 more
-    code, out = train(cache, tmp_path, "--set", "train.epochs=5", "--set", "train.eval_every=1",
-                      "--set", "train.early_stopping.patience=2", "--set", "train.early_stopping.min_delta=1")
+    args = ("--set", "train.epochs=5", "--set", "train.eval_every=1", "--set", "train.early_stopping.patience=2",
+            "--set", "train.early_stopping.min_delta=1")
+    code, out = train(cache, tmp_path / "a", *args, "--set", "train.warmup_steps=0")
     assert code == 0, out
-    metrics = json.loads((tmp_path / "criteo" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "a" / "criteo" / "metrics.json").read_text())
     assert metrics["stopped_early"] and metrics["steps"] == 3 and metrics["best_step"] == 1
-    assert load_checkpoint(tmp_path / "criteo" / "ckpt_best.pt")["step"] == 1
+    assert load_checkpoint(tmp_path / "a" / "criteo" / "ckpt_best.pt").step == 1
+    # evaluations during the warm-up (3 steps) may become the best but do not count towards the patience
+    code, out = train(cache, tmp_path / "b", *args, "--set", "train.warmup_steps=3")
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "b" / "criteo" / "metrics.json").read_text())
+    assert metrics["stopped_early"] and metrics["steps"] == 5 and metrics["best_step"] == 1

@@ -8,5 +8,8 @@ REPO = Path(__file__).resolve().parents[2]
 CRITEO_CFG = REPO / "cfgs" / "criteo.yaml"
 K_FOLDS = 3
 # small, fast models and batches for every training test
+# (criteo.yaml's small-data settings -- min_steps, 4 evaluations per epoch, early stopping -- are switched off
+# here: each test sets the steps and evaluations it checks; tests/train/test_plan.py covers those settings)
 FAST = ["loader.batch_size=64", "loader.eval_batch_size=128", "model.hidden_units=[16]",
-        "model.embedding_dim=4", "train.log_every=2", "infer.calibration.method=none"]
+        "model.embedding_dim=4", "train.log_every=2", "infer.calibration.method=none", "train.min_steps=0",
+        "train.evals_per_epoch=1", "train.early_stopping.patience=0"]

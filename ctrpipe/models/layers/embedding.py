@@ -67,8 +67,7 @@ class _TableGroup(nn.Module):
             starts = [0]
             for b in bins[:-1]:
                 starts.append(starts[-1] + b)
-            self.cat_table = nn.Embedding(sum(bins), dim, sparse=sparse)
-            _init(self.cat_table.weight, init_std)
+            self.cat_table = nn.Embedding(sum(bins), dim, sparse=sparse, _weight=_initial(sum(bins), dim, init_std))
             self.register_buffer("cat_offsets", torch.tensor(starts, dtype=torch.int64), persistent=False)
             self.register_buffer("cat_cols", torch.tensor(cat_cols, dtype=torch.int64), persistent=False)
         self.bags: list[_BagField] = []
@@ -81,10 +80,9 @@ class _TableGroup(nn.Module):
                 self.bags.append(_BagField(source, i, rows - 1, is_mh and fs.weighted, mean))
                 rows += fs.bins - 1
             # mode="sum" + per-sample weights covers weighted, unweighted and padded tokens in one call
-            self.bag_table = nn.EmbeddingBag(rows, dim, mode="sum", sparse=sparse, padding_idx=0)
-            _init(self.bag_table.weight, init_std)
-            with torch.no_grad():
-                self.bag_table.weight[0].zero_()
+            weight = _initial(rows, dim, init_std)
+            weight[0].zero_()
+            self.bag_table = nn.EmbeddingBag(rows, dim, mode="sum", sparse=sparse, padding_idx=0, _weight=weight)
         self.any_mean = any(f.mean for f in self.bags)
 
     # torch.compile (train.compile) cannot trace sparse gradients ("Cannot access storage of SparseTensorImpl"):
@@ -134,14 +132,22 @@ class _TableGroup(nn.Module):
         return nn.functional.embedding(rows, table.weight, padding_idx=0, sparse=table.sparse)
 
 
-def _init(weight: Tensor, std: float) -> None:
-    # normal(0, std) rather than xavier: a table's "fan" is its hash-bucket count, which says nothing about
-    # the scale a row should have; small vectors keep FM/cross/attention terms near 0, so training starts
-    # from the prior the output head encodes
-    if std > 0:
-        nn.init.normal_(weight, 0.0, std)
-    else:
-        nn.init.zeros_(weight)
+def _initial(rows: int, dim: int, std: float) -> Tensor:
+    """A table's initial weights, drawn from torch's global generator.
+
+    Drawn once (nn.Embedding's own reset would draw a second full table first), and a function of the seed
+    alone: checkpoints store only the rows training changed and rebuild the rest by building the model again
+    from the same seed (see train/tables.py). normal(0, std) rather than xavier: a table's "fan" is its
+    hash-bucket count, which says nothing about the scale a row should have; small vectors keep
+    FM/cross/attention terms near 0, so training starts from the prior the output head encodes.
+    """
+    weight = torch.empty(rows, dim)
+    with torch.no_grad():
+        if std > 0:
+            nn.init.normal_(weight, 0.0, std)
+        else:
+            weight.zero_()
+    return weight
 
 
 class FieldEmbedding(nn.Module):

@@ -1,0 +1,74 @@
+"""Stage 5: how many optimiser steps a run takes, where it evaluates, and what to tell the user about it.
+
+Settled once, before the first step, from the training view's size and the config, so the loop only follows
+it. Small data gets a run that can learn: `train.min_steps` repeats epochs until that many steps are done,
+the warm-up is kept within a tenth of the run, and evaluations (`train.evals_per_epoch` per configured epoch)
+with early stopping keep the best weights. A run that is still too short to learn says so, with the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ctrpipe.train.config import TrainConfig
+
+TOO_FEW_STEPS = 50        # below this an embedding model has barely moved from its prior
+MAX_EVALS = 100           # a run stretched by min_steps evaluates at most this often (each one saves state)
+MAX_WARMUP_SHARE = 0.1    # warm-up at most a tenth of the run: the rest must train at the full rate
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    per_epoch: int            # batches per epoch (the training loader's length)
+    total_steps: int          # optimiser steps of the run; the lr schedule spans exactly these
+    epochs: int               # epochs started (the last one may stop part-way)
+    eval_every: int           # evaluate every this many steps (0: at `eval_points`), and after the last step
+    eval_points: frozenset[int]   # batches into an epoch after which to evaluate (when eval_every is 0)
+    warmup_steps: int         # train.warmup_steps, shortened to a tenth of a short run
+    notes: tuple[str, ...]    # adjustments and warnings, printed before training and kept in metrics.json
+
+    def evaluates_at(self, step: int, batch_in_epoch: int) -> bool:
+        if step == self.total_steps:
+            return True
+        if self.eval_every:
+            return step % self.eval_every == 0
+        return batch_in_epoch in self.eval_points
+
+
+def plan_steps(cfg: TrainConfig, rows: int, batch_size: int, per_epoch: int) -> StepPlan:
+    """The run's steps for `rows` training rows served in `per_epoch` batches of `batch_size`."""
+    planned = cfg.epochs * per_epoch
+    total = max(planned, cfg.min_steps)
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    notes: list[str] = []
+    if total > planned:
+        notes.append(f"{rows:,} training rows give {per_epoch} step(s) per epoch at batch {batch_size}: "
+                     f"training {total} steps (train.min_steps) over {math.ceil(total / per_epoch)} epochs; "
+                     "the best evaluation is kept")
+    every, points = cfg.eval_every, frozenset()
+    if not every and total > planned:
+        # small data overfits within a few passes, so a stretched run evaluates every epoch (evals_per_epoch
+        # times), but at most MAX_EVALS times: an epoch of one step would otherwise save state at every step
+        every = max(math.ceil(per_epoch / cfg.evals_per_epoch), math.ceil(total / MAX_EVALS))
+    elif not every:
+        n = min(cfg.evals_per_epoch, per_epoch)
+        points = frozenset(math.ceil(per_epoch * (i + 1) / n) for i in range(n))
+    warmup = cfg.warmup_steps
+    if warmup > MAX_WARMUP_SHARE * total:
+        warmup = int(MAX_WARMUP_SHARE * total)
+        notes.append(f"warm-up shortened from {cfg.warmup_steps} to {warmup} steps (a tenth of this "
+                     f"{total}-step run)")
+    if total < TOO_FEW_STEPS:
+        notes.append(f"warning: only {total} optimiser step(s) ({rows:,} rows, batch {batch_size}, "
+                     f"{cfg.epochs} epoch(s)) -- too few for a model to learn; set train.min_steps=300 "
+                     f"(repeats epochs) or a smaller loader.batch_size (e.g. {_smaller_batch(rows)})")
+    return StepPlan(per_epoch=per_epoch, total_steps=total, epochs=math.ceil(total / per_epoch),
+                    eval_every=every, eval_points=points, warmup_steps=warmup, notes=tuple(notes))
+
+
+def _smaller_batch(rows: int) -> int:
+    """A power-of-two batch giving an epoch of at least ~20 steps."""
+    b = 1 << max(4, int(math.log2(max(rows // 20, 16))))
+    return b

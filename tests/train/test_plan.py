@@ -1,0 +1,48 @@
+"""The run's step plan (train/plan.py): small data gets a run that can learn, big data is left alone."""
+
+from __future__ import annotations
+
+from ctrpipe.train.config import TrainConfig
+from ctrpipe.train.plan import TOO_FEW_STEPS, plan_steps
+
+CRITEO = TrainConfig(epochs=1, warmup_steps=200, evals_per_epoch=4, min_steps=300)
+
+
+def test_full_criteo_epoch_is_left_alone_and_evaluated_four_times():
+    plan = plan_steps(CRITEO, rows=41_256_555, batch_size=4096, per_epoch=10_072)
+    assert (plan.total_steps, plan.epochs, plan.warmup_steps, plan.eval_every) == (10_072, 1, 200, 0)
+    assert plan.eval_points == {2518, 5036, 7554, 10_072}
+    assert plan.notes == ()
+    assert [s for s in range(1, 10_073) if plan.evaluates_at(s, s)] == [2518, 5036, 7554, 10_072]
+
+
+def test_a_small_sample_repeats_epochs_up_to_min_steps_and_says_so():
+    # the real Criteo sample: 5,945 training rows are one 4096-row step per epoch
+    plan = plan_steps(CRITEO, rows=5945, batch_size=4096, per_epoch=1)
+    assert (plan.total_steps, plan.epochs) == (300, 300)
+    assert plan.eval_every == 3                     # at most 100 evaluations, not one per one-step epoch
+    assert plan.warmup_steps == 30                  # a tenth of the run, not 200 of its 300 steps
+    assert any("train.min_steps" in n for n in plan.notes)
+    assert any("warm-up shortened from 200 to 30" in n for n in plan.notes)
+    assert not any(n.startswith("warning") for n in plan.notes)
+
+
+def test_max_steps_caps_the_stretched_run():
+    plan = plan_steps(TrainConfig(min_steps=300, max_steps=40), rows=5945, batch_size=4096, per_epoch=1)
+    assert plan.total_steps == 40 and plan.evaluates_at(40, 1)
+
+
+def test_a_run_too_short_to_learn_warns_with_the_settings_to_change():
+    plan = plan_steps(TrainConfig(epochs=1, warmup_steps=200), rows=5945, batch_size=4096, per_epoch=1)
+    assert plan.total_steps == 1 < TOO_FEW_STEPS
+    warning = next(n for n in plan.notes if n.startswith("warning"))
+    assert "only 1 optimiser step" in warning and "5,945 rows" in warning
+    assert "train.min_steps=300" in warning and "loader.batch_size" in warning
+    assert plan.warmup_steps == 0
+
+
+def test_eval_every_wins_over_evals_per_epoch():
+    plan = plan_steps(TrainConfig(epochs=2, eval_every=7, evals_per_epoch=4), rows=10_000, batch_size=100,
+                      per_epoch=100)
+    assert [s for s in range(1, 201) if plan.evaluates_at(s, (s - 1) % 100 + 1)][:3] == [7, 14, 21]
+    assert plan.evaluates_at(200, 100)
