@@ -270,7 +270,7 @@ static PyObject *sparse_adam(PyObject *self, PyObject *args) {
 
     Py_BEGIN_ALLOW_THREADS
     /* the table, its moments and the slots are far bigger than the caches and a batch touches their rows at
-     * random: prefetching a few rows ahead hides much of the memory latency (cold 256k x 16 table, 106k ids: 6.5 -> 4.1 ms) */
+     * random: prefetching a few rows ahead hides much of the memory latency */
     for (Py_ssize_t i = 0; i < n; i++) {            /* pass 1: distinct rows, first-seen order; sum grads */
         if (i + PREFETCH_AHEAD < n) {
             int64_t ahead = ids[i + PREFETCH_AHEAD];

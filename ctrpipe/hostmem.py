@@ -1,9 +1,9 @@
 """Shared by the shard build and CPU training: on Linux/glibc, keep freed memory inside the process.
 
 glibc hands big freed blocks back to the OS (munmap, heap trim), so every step's multi-MB activations and
-gradients are page-faulted in again (400-1,100 faults per DNN step at batch 4096 on the benchmark data).
-Raising the mmap and trim thresholds keeps those blocks for reuse: faults drop to ~0-60 per step. The shard
-build gains the same way on each chunk's arrays (110k -> 43k faults per 2M Criteo rows).
+gradients are page-faulted in again. Raising the mmap and trim thresholds keeps those blocks for reuse, so
+most of those faults go away. The shard build gains the same way on each chunk's arrays (figures in
+benchmarks/RESULTS.md, under bench_shard.py).
 """
 
 from __future__ import annotations

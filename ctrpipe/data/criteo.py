@@ -81,8 +81,8 @@ _COUNT_STEP = 1 << 18     # bytes compared per numpy call: the bool temporary st
 
 
 def _count_byte(buf: bytes | mmap.mmap, byte: int, start: int, stop: int) -> int:
-    """Occurrences of `byte` in buf[start:stop]. numpy's compare + count_nonzero is ~4x faster than
-    bytes.count, and ~2x faster again in cache-sized steps (no block-sized temporary)."""
+    """Occurrences of `byte` in buf[start:stop]. numpy's compare + count_nonzero beats bytes.count, and
+    beats it by more in cache-sized steps (no block-sized temporary)."""
     arr = np.frombuffer(buf, np.uint8, count=stop - start, offset=start)
     if len(arr) <= _COUNT_STEP:
         return int(np.count_nonzero(arr == byte))
@@ -359,7 +359,7 @@ class CriteoReader:
         if frame is not None:
             frame, line_idx, bad = self._check_labels(frame, block, None)
             return self._raw_chunk(self._finish(frame), block, line_idx, bad)
-        # numpy counts a byte ~8x faster than bytes.count; a mismatch sends the block to the line check
+        # numpy counts a byte faster than bytes.count; a mismatch sends the block to the line check
         n_sep = _count_byte(data, ord(self.sep), 0, len(data))
         checked = n_sep != (self.n_fields - 1) * block.lines
         if checked:

@@ -2,7 +2,7 @@
 
 Ids convention: id = 1 + xxh64(utf8 value, seed=field_seed) % (bins - 1); 0 = missing (null or empty string).
 
-Why numpy rather than `xxhash` per distinct value: see `benchmarks/bench_hash.py` (numbers in its docstring).
+Why numpy rather than `xxhash` per distinct value: see `benchmarks/bench_hash.py` (figures in benchmarks/RESULTS.md).
 Values of at most 12 bytes sit inline in an Arrow string view, so Criteo's 8-byte values are hashed straight
 from polars' buffers with no copy; the arithmetic runs in cache-sized blocks with in-place ufuncs.
 Strings longer than `_MAX_VECTOR_LEN` bytes are rare and go through `xxhash` one by one (still exact).
@@ -144,7 +144,7 @@ def _xxh64_rows(word: WordFn, n: int, length: int, seed: int, bins: int | None) 
 
 def _ids_(h: np.ndarray, bins: int, q: np.ndarray, out: np.ndarray) -> None:
     """out = 1 + h % (bins - 1), with h as scratch. Division by a scalar uses numpy's multiply-shift divider
-    (`remainder` issues a hardware division per element and costs about twice as much); the + 1 is fused
+    (`remainder` issues a hardware division per element, which is much slower); the + 1 is fused
     with the int32/int64 store."""
     mod = np.uint64(bins - 1)
     np.floor_divide(h, mod, out=q)
@@ -324,7 +324,7 @@ def xxh64_strings(values: pa.Array | pa.ChunkedArray | pl.Series, seed: int) -> 
 def ids_from_hashes(h: np.ndarray, missing: np.ndarray, bins: int) -> np.ndarray:
     """Map full hashes to [1, bins) and missing rows to 0; int32 when bins fits, else int64.
 
-    Cache-sized blocks and `_ids_` (numpy's divide-by-scalar) instead of `%`: about twice as fast."""
+    Cache-sized blocks and `_ids_` (numpy's divide-by-scalar) instead of `%`, which is slower."""
     n = len(h)
     ids = np.empty(n, _id_dtype(bins))
     tmp, q = np.empty(min(n, _BLOCK), np.uint64), np.empty(min(n, _BLOCK), np.uint64)

@@ -158,7 +158,7 @@ class _SortedKeys:
 
 
 def _sort_keys(rec: np.ndarray) -> _SortedKeys:
-    """Sort records by (h1, h2): one argsort on h1 (3x faster than lexsort); lexsort only if h1 ties."""
+    """Sort records by (h1, h2): one argsort on h1 (faster than lexsort); lexsort only if h1 ties."""
     h1 = np.ascontiguousarray(rec["h1"])
     order = np.argsort(h1)
     h1s = h1[order]

@@ -12,9 +12,10 @@ Two shuffles, both vectorised and both reading memmaps a batch at a time:
 * ``gather``: one global row permutation; each batch's rows are sorted and gathered per shard (`np.take` into
   the host buffer). Fully i.i.d. batches, but every row is a random access.
 
-Why block is the default: on a 4M-row Criteo-shaped cache (benchmarks/bench_loader.py, page cache warm)
-block-256 ran at ~0.35-0.40x a plain np.copyto of the same bytes, gather at ~0.14-0.18x: block is 2-2.5x
-faster. Random row reads should suffer more once a cache exceeds RAM (each one a page fault; not measured).
+Why block is the default: on a Criteo-shaped cache with the page cache warm, block-256 runs well ahead of
+gather, each timed against a plain np.copyto of the same bytes (benchmarks/bench_loader.py; figures in
+benchmarks/RESULTS.md). Random row reads should suffer more once a cache exceeds RAM (each one a page fault;
+not measured).
 Smaller blocks (64) fall to gather's speed: per-slice overhead then dominates.
 
 Unshuffled, both give the view's global order (shard by shard, ascending rows), in maximal contiguous slices.

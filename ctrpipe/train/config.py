@@ -70,7 +70,7 @@ class TrainConfig:
     #                                  simulates an interruption; continue with --resume. 0 = off
     num_threads: int = 0             # torch CPU threads; 0 = torch default
     deterministic: bool = False      # torch.use_deterministic_algorithms (CPU kernels used here are already
-    #                                  deterministic; the flag swaps index_add_/scatter_add_ for ~2.5x slower paths)
+    #                                  deterministic; the flag swaps index_add_/scatter_add_ for much slower paths)
 
     def __post_init__(self) -> None:
         if self.amp is False:

@@ -91,10 +91,10 @@ class LazyAdam(torch.optim.Optimizer):
     Unlike torch.optim.SparseAdam it never coalesces (sorts) the gradient on CPU: duplicates are found with
     a scatter into a per-table int32 scratch array (4 bytes per row), which is far cheaper than a sort of
     B x fields ids on a busy CPU. With the compiled kernel (`ctrpipe/_native.c`) a CPU table's whole step --
-    deduplication, gradient sums, moments, update -- is one pass over the batch's ids (DNN on Criteo-like
-    data: 8.9 -> ~2.7 ms per 4096-row step); without it, numpy and torch do the same in several passes. The
-    kernel runs on one thread on purpose: split over 2 threads it was 1.3x faster alone but 2 ms slower inside
-    a training step, where torch's OpenMP worker still spins on the other core after the last GEMM.
+    deduplication, gradient sums, moments, update -- is one pass over the batch's ids; without it, numpy and
+    torch do the same in several passes (benchmarks/bench_kernels.py compares the two). The kernel runs on one
+    thread on purpose: split over 2 threads it was faster alone but slower inside a training step, where
+    torch's OpenMP worker still spins on the other core after the last GEMM.
     Dense gradients get a plain full-table Adam step.
 
     State per table: exp_avg and exp_avg_sq, each shaped like the table but mapped lazily: only the rows a run
@@ -146,7 +146,7 @@ class LazyAdam(torch.optim.Optimizer):
                     m.index_copy_(0, rows, m_rows)
                     v.index_copy_(0, rows, v_rows)
                     denom = v_rows.div_(bc2).sqrt_().add_(group["eps"])
-                    # rows are distinct: read-modify-write them (index_add_ with alpha takes a ~4x slower
+                    # rows are distinct: read-modify-write them (index_add_ with alpha takes a much slower
                     # CPU path than this select + addcdiv + copy)
                     p_rows = p.index_select(0, rows).addcdiv_(m_rows, denom, value=-group["lr"] / bc1)
                     p.index_copy_(0, rows, p_rows)

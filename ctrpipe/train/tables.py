@@ -43,7 +43,7 @@ def table_names(model: nn.Module) -> dict[str, nn.Parameter]:
 def zeros_like_lazily(t: Tensor) -> Tensor:
     """Zeros shaped like `t`; on CPU from calloc, so pages are only mapped when a row is first written.
 
-    Optimiser moments of a 26M-row table would otherwise be written in full (seconds of page faults and
+    Optimiser moments of a 26M-row table would otherwise be written in full (a page fault per page and
     3.3 GB of resident memory) when only the rows a run touches are ever read.
     """
     if t.device.type != "cpu" or t.dtype != torch.float32:
@@ -54,8 +54,8 @@ def zeros_like_lazily(t: Tensor) -> Tensor:
 class ChangedRows:
     """Per embedding table, the rows that have received a gradient since the model was built.
 
-    `mark()` after each backward: on CPU a numpy scatter into a bool mask (~0.2 ms for 100k ids; torch's
-    index_fill_ takes ~8 ms there), on a GPU an index_fill_ kernel (no host sync). Dense table gradients
+    `mark()` after each backward: on CPU a numpy scatter into a bool mask (far cheaper there than torch's
+    index_fill_), on a GPU an index_fill_ kernel (no host sync). Dense table gradients
     (embedding_optimizer=adam) mark their non-zero rows.
     """
 

@@ -17,8 +17,7 @@ class _FMInteraction(torch.autograd.Function):
     """The FM term with a hand-written backward: d/dv_i = (sum_j v_j) - v_i, times the output's gradient.
 
     Autograd over the plain formula writes v^2, its gradient and their sum as (B, F, D) temporaries; this
-    makes two passes forward (a sum and dot products) and two backward (a subtract, a scale in place):
-    1.5 ms instead of 4.7-5.0 ms per step at (4096, 26, 16) on 2 CPU cores.
+    makes two passes forward (a sum and dot products) and two backward (a subtract, a scale in place).
     """
 
     @staticmethod

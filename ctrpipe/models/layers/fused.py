@@ -30,8 +30,8 @@ def cpu_fp32(*tensors: Tensor) -> bool:
 # The tower runs on x0 widened by at least one column, to a multiple of PAD_TO floats:
 # - column `dim` holds a constant 1 and each W_l gets its bias b_l as column `dim`, so x_l W_l^T includes the
 #   bias and dh^T x_l includes its gradient: no bias copy before each GEMM and no column sum after it;
-# - the other new columns are 0: MKL's fp32 GEMMs at batch 4096 on AVX-512 run the 3 layers ~5% faster at
-#   width 432 than at 429 (interleaved A/B, benchmarks/bench_kernels.py).
+# - the other new columns are 0: MKL's fp32 GEMMs on AVX-512 run the 3 layers faster at a width that is a
+#   multiple of 16 floats (benchmarks/bench_kernels.py times 432 against 430).
 # Row `dim` and the rows after it of every widened W_l are 0, so h is 0 there and x_{l+1} = x0 * h + x_l keeps
 # the constant column at 1 and the zero columns at 0 through every layer: the maths is unchanged.
 PAD_TO = 16
@@ -115,8 +115,8 @@ class _LinearOverParts(torch.autograd.Function):
     When the last of several parts is narrow (the raw numerics beside the embeddings), it gets a constant-1
     column and the bias rides in its GEMM as one more weight column, as in the cross tower above: no bias copy
     before the first GEMM and no column sum for the bias gradient. A narrow part's weight gradient is
-    computed as (part^T grad)^T: MKL takes ~0.75 ms for a (T, 13) = grad^T part product at batch 4096 and
-    ~0.25 ms the other way round.
+    computed as (part^T grad)^T: MKL is much slower at a (T, 13) = grad^T part product over a large batch
+    than the other way round.
     """
 
     @staticmethod
