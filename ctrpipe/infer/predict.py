@@ -8,6 +8,7 @@ Next to `submission.csv` goes `submission.csv.json`: resolved config, run, check
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,7 +40,13 @@ from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
 from ctrpipe.shard.manifest import Manifest, read_manifest
 from ctrpipe.shard.reader import open_cache
-from ctrpipe.train.checkpoint import Checkpoint, check_compatible, load_checkpoint, model_from_checkpoint
+from ctrpipe.train.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    checkpoint_tasks,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from ctrpipe.train.evaluate import predict
 from ctrpipe.train.metrics import LOWER_IS_BETTER, compute_metrics, sigmoid
 
@@ -146,13 +153,14 @@ def resolve_view(name: str, manifest: Manifest) -> RowView:
     return RowView(splits=(name,))
 
 
-def task_index(cfg: RunConfig, labels: Sequence[str]) -> int:
+def task_index(cfg: RunConfig, heads: Sequence[str]) -> int:
+    """infer.task names the head to write (default: the model's first head)."""
     if not cfg.infer.task:
         return 0
-    if cfg.infer.task not in labels:
+    if cfg.infer.task not in heads:
         raise ConfigError(f"unknown task {cfg.infer.task!r}", where="infer.task",
-                          fix=f"use one of the model's labels: {', '.join(labels)}")
-    return list(labels).index(cfg.infer.task)
+                          fix=f"use one of the model's heads: {', '.join(heads)}")
+    return list(heads).index(cfg.infer.task)
 
 
 def check_ids(shards: Path, manifest: Manifest) -> None:
@@ -253,16 +261,17 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     for ckpt, path in zip(ckpts, paths, strict=True):
         check_compatible(ckpt, manifest, shards, path)
     check_ids(shards, manifest)
-    labels_all = ckpts[0].labels
-    task = task_index(cfg, labels_all)
+    tasks = checkpoint_tasks(ckpts[0], cfg.train)
+    heads = [t.name for t in tasks]
+    task = task_index(cfg, heads)
     weights = fold_weights(cfg, ckpts)
     cal, cal_source = load_calibrations(run, cfg, task, quiet)
     device = resolve_device(cfg.train.device)
     view = resolve_view(cfg.infer.view, manifest)
     labelled = bool(manifest.columns_of("label")) and all("labels" in s.files for s in manifest.shards)
-    loader = ShardLoader(shards, view, cfg.infer.batch_size or cfg.loader.eval_batch_size, shuffle=False,
-                         seed=cfg.seed, device=device, block_rows=cfg.loader.block_rows,
-                         prefetch=cfg.loader.prefetch, pin_memory=cfg.loader.pin_memory, with_labels=labelled)
+    batch = cfg.infer.batch_size or cfg.loader.eval_batch_size
+    loader = ShardLoader.from_config(shards, view, dataclasses.replace(cfg.loader, eval_batch_size=batch),
+                                     seed=cfg.seed, device=device, train=False, with_labels=labelled)
     n = loader.num_rows
     labels = np.empty(n, dtype=np.float32) if labelled else None
     logits = np.empty((len(ckpts), n), dtype=np.float32)                 # (K, N)
@@ -271,7 +280,7 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
         for k, (ckpt, path) in enumerate(zip(ckpts, paths, strict=True)):
             model = model_from_checkpoint(ckpt, device)
             bar = progress.add_task(f"predict {path.name}", total=n)
-            preds = predict(model, loader, n, len(labels_all), device, cfg.train.amp, with_labels=labelled,
+            preds = predict(model, loader, n, tasks, device, cfg.train.amp, with_labels=labelled,
                             on_batch=lambda b, bar=bar: progress.advance(bar, b))
             if not np.array_equal(preds.row_index, rows):
                 raise AssertionError("loader order differs from its row_indices() with shuffle=False")
@@ -282,13 +291,13 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     preds = ensemble_logits(logits, [cal] * len(ckpts), cfg.infer.method, weights, cfg.infer.trim_ratio,
                             cfg.infer.write_chunk_rows)
     metrics = None
-    if labels is not None and np.isfinite(labels).all():
-        metrics = compute_metrics(labels, preds)
+    if labels is not None and np.isfinite(labels).any():
+        metrics = compute_metrics(labels, preds)          # rows a head's mask drops (NaN) are skipped
     _write_ids_and_preds(shards, rows, preds, out, cfg)
     if cfg.infer.save_fold_preds:
         _save_fold_preds(out, rows, logits, paths, labels)
     report = InferReport(out=out, rows=n, checkpoints=tuple(paths), weights=weights,
-                         view=view.describe(), task=labels_all[task], metrics=metrics,
+                         view=view.describe(), task=heads[task], metrics=metrics,
                          seconds=time.perf_counter() - t0)
     _write_sidecar(report, cfg, run, shards, manifest, ckpts, cal, cal_source)
     _print_summary(report, cfg, cal, cal_source, device, quiet)

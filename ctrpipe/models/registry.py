@@ -1,8 +1,13 @@
-"""Model name -> (config dataclass, builder). Each model file registers itself with `@register`."""
+"""Model name -> (config dataclass, builder). Each model file registers itself with `@register`.
+
+Model files are found, not listed: every module directly in `ctrpipe/models/` except the shared ones
+(`base`, `heads`, `registry`) is imported on first use, so adding a model is adding a file.
+"""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,8 +17,9 @@ from torch import nn
 from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.features import FeatureSpec
 
-# modules that hold models; imported lazily so `ctrpipe synth` does not pay for the zoo
-_MODEL_MODULES = ("dnn", "deepfm", "dcn", "dcnv2", "autoint", "ft_transformer")
+# modules of ctrpipe/models/ that hold no model; the rest are imported lazily (`ctrpipe synth` does not pay
+# for the zoo)
+_SHARED_MODULES = frozenset({"base", "heads", "registry"})
 
 
 @dataclass(frozen=True)
@@ -22,28 +28,30 @@ class ModelEntry:
     config_cls: type
     builder: Callable[..., nn.Module]   # builder(spec, cfg, sparse=bool) -> nn.Module
     requires: tuple[str, ...] = ()      # feature kinds that must be present: "numeric", "sequence", ...
+    min_labels: int = 1                 # label columns the cache must have (multi-task models: 2)
+    max_labels: int | None = None       # None: any number
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register(name: str, config_cls: type, requires: tuple[str, ...] = ()) -> Callable[[Any], Any]:
+def register(name: str, config_cls: type, requires: tuple[str, ...] = (), min_labels: int = 1,
+             max_labels: int | None = None) -> Callable[[Any], Any]:
     """Class decorator: `@register("dcnv2", DCNv2Config)` on a model whose __init__ is (spec, cfg, sparse)."""
 
     def deco(builder: Any) -> Any:
-        _REGISTRY[name] = ModelEntry(name, config_cls, builder, requires)
+        _REGISTRY[name] = ModelEntry(name, config_cls, builder, requires, min_labels, max_labels)
         return builder
 
     return deco
 
 
 def _load_all() -> None:
-    for mod in _MODEL_MODULES:
-        try:
-            importlib.import_module(f"ctrpipe.models.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"ctrpipe.models.{mod}":
-                raise
+    import ctrpipe.models as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.ispkg and info.name not in _SHARED_MODULES and not info.name.startswith("_"):
+            importlib.import_module(f"ctrpipe.models.{info.name}")
 
 
 def model_names() -> list[str]:
@@ -73,4 +81,14 @@ def build_model(name: str, cfg: Any, spec: FeatureSpec, sparse: bool = False) ->
             raise SchemaError(f"model {name!r} needs {kind} features, and the shards have none",
                               where="model.name",
                               fix=f"shard data with {kind} columns, or pick another model")
+    n = spec.n_tasks
+    if n < entry.min_labels or (entry.max_labels is not None and n > entry.max_labels):
+        want = (f"exactly {entry.min_labels}" if entry.max_labels == entry.min_labels else
+                f"at least {entry.min_labels}" if entry.max_labels is None else
+                f"{entry.min_labels} to {entry.max_labels}")
+        raise SchemaError(f"model {name!r} predicts {want} labels, the cache has {n} ({', '.join(spec.labels)})",
+                          where="model.name",
+                          fix="shard data with more label columns (data.labels: [clicked, converted]), "
+                              "or pick a single-task model such as dnn" if n < entry.min_labels else
+                              "pick the labels it needs when sharding (data.labels), or another model")
     return entry.builder(spec, cfg, sparse=sparse)

@@ -34,7 +34,10 @@ from torch import nn
 from ctrpipe.atomic import atomic_open
 from ctrpipe.errors import CheckpointError, ManifestMismatchError
 from ctrpipe.features import FeatureSpec, FieldSpec
+from ctrpipe.models.heads import heads_of
 from ctrpipe.shard.manifest import Manifest
+from ctrpipe.train.config import TrainConfig
+from ctrpipe.train.objective import Task, build_tasks
 from ctrpipe.train.tables import PackedState, load_packed
 
 FORMAT = 2
@@ -190,6 +193,13 @@ def build_initial_model(config: dict[str, Any], spec: FeatureSpec, seed: int, sp
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(section.name, section.params, spec, sparse=sparse)
+
+
+def checkpoint_tasks(ckpt: Checkpoint, train_cfg: TrainConfig) -> tuple[Task, ...]:
+    """The heads the checkpoint's model predicts, with `train_cfg.tasks` applied (no weights are built)."""
+    with torch.device("meta"):
+        model = build_initial_model(ckpt.config, ckpt.feature_spec, ckpt.init_seed)
+    return build_tasks(heads_of(model, ckpt.feature_spec), ckpt.feature_spec, train_cfg)
 
 
 def model_from_checkpoint(ckpt: Checkpoint, device: torch.device | str = "cpu") -> nn.Module:

@@ -38,6 +38,24 @@ class EarlyStoppingConfig:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    """Per head (`train.tasks.<head>`, heads are named after labels unless a model names its own)."""
+
+    weight: float = -1.0             # loss weight (-1: the model's default for the head, usually 1)
+    pos_weight: float = 0.0          # BCE weight of positives (0: train.pos_weight)
+    mask: str = ""                   # label whose positive rows alone count for this head, e.g. clicked
+    metric_weight: float = -1.0      # weight in the primary (mean) metrics (-1: the model's default)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 and self.weight != -1.0:
+            raise _bad("train.tasks.<head>.weight", self.weight, "use 0 or more, e.g. weight: 1.0")
+        if self.pos_weight < 0:
+            raise _bad("train.tasks.<head>.pos_weight", self.pos_weight, "use a positive number, e.g. 1.0")
+        if self.metric_weight < 0 and self.metric_weight != -1.0:
+            raise _bad("train.tasks.<head>.metric_weight", self.metric_weight, "use 0 or more, e.g. 1.0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
     lr: float = 1e-3                 # dense parameters (AdamW)
@@ -64,6 +82,8 @@ class TrainConfig:
     log_every: int = 50              # steps between log lines (the only points where the loss syncs to host)
     checkpoint_every: int = 0        # steps between extra ckpt_last saves; 0 = at evaluations only
     pos_weight: float | tuple[float, ...] = 1.0   # BCE weight of positives: one value or one per task
+    # per head: loss weight, pos_weight, label mask, metric weight, e.g. {converted: {mask: clicked}}
+    tasks: dict[str, TaskConfig] = field(default_factory=dict, hash=False)
     device: str = "auto"             # auto | cpu | cuda | cuda:1
     max_steps: int = 0               # total optimiser steps (0 = epochs * batches); the schedule spans these
     stop_after_steps: int = 0        # stop (saving ckpt_last) at this step WITHOUT changing the schedule:

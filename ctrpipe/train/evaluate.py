@@ -5,7 +5,7 @@ The one prediction loop: training evaluates with it, `ctrpipe infer` predicts te
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,9 @@ from ctrpipe.atomic import atomic_open
 from ctrpipe.device import autocast
 from ctrpipe.errors import CheckpointError
 from ctrpipe.loader.batch import Batch
+from ctrpipe.models.heads import as_output
 from ctrpipe.train.metrics import metrics_from_logits
+from ctrpipe.train.objective import Task, masked_targets
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,11 @@ class Predictions:
     logits: np.ndarray
     labels: np.ndarray
 
-    def metrics(self, label_names: tuple[str, ...] | None = None) -> dict[str, float]:
-        return metrics_from_logits(self.labels, self.logits, label_names)
+    def metrics(self, label_names: Sequence[str] | None = None,
+                weights: Sequence[float] | None = None) -> dict[str, float]:
+        return metrics_from_logits(self.labels, self.logits, label_names, weights)
 
-    def save(self, path: Path, label_names: tuple[str, ...] = ()) -> None:
+    def save(self, path: Path, label_names: Sequence[str] = ()) -> None:
         """Atomic .npz write (temp name, then rename); `label_names` (T,) is stored when given."""
         path = Path(path)
         extra = {"label_names": np.asarray(label_names, dtype=str)} if label_names else {}
@@ -52,27 +55,32 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, n_tasks: int, device: torch.device,
-            amp: str = "off", with_labels: bool = True,
+def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: int | Sequence[Task],
+            device: torch.device, amp: str = "off", with_labels: bool = True,
             on_batch: Callable[[int], None] | None = None) -> Predictions:
     """Run `model` over every batch of a view; outputs stay on the device until one copy at the end.
 
+    `tasks`: the run's heads (labels become each head's targets, NaN where its mask drops the row), or a
+    count T for a model with one head per label column.
+
     `on_batch(rows)` is called after each batch (a progress bar); it must not read the outputs (no sync).
     """
+    n_heads = tasks if isinstance(tasks, int) else len(tasks)
     was_training = model.training
     model.eval()
-    logits = torch.empty((num_rows, n_tasks), dtype=torch.float32, device=device)   # (N, T)
-    labels = torch.full((num_rows, n_tasks), float("nan"), dtype=torch.float32, device=device)
+    logits = torch.empty((num_rows, n_heads), dtype=torch.float32, device=device)   # (N, H)
+    labels = torch.full((num_rows, n_heads), float("nan"), dtype=torch.float32, device=device)
     rows = torch.empty(num_rows, dtype=torch.int64, device=device)
     pos = 0
     try:
         for batch in batches:
             n = len(batch)
             with autocast(device, amp):
-                out = model(batch)                                                     # (B, T)
-            logits[pos:pos + n] = out.float().reshape(n, n_tasks)
+                out = as_output(model(batch)).logits                                   # (B, H)
+            logits[pos:pos + n] = out.float().reshape(n, n_heads)
             if with_labels and batch.labels is not None:
-                labels[pos:pos + n] = batch.labels.reshape(n, n_tasks)
+                y = batch.labels if isinstance(tasks, int) else masked_targets(batch.labels, tasks)
+                labels[pos:pos + n] = y.reshape(n, n_heads)
             rows[pos:pos + n] = batch.row_index
             pos += n
             if on_batch is not None:

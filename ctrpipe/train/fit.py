@@ -24,6 +24,7 @@ from ctrpipe.features import FeatureSpec
 from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
+from ctrpipe.models.heads import heads_of
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.manifest import Manifest, read_manifest
 from ctrpipe.train.checkpoint import (
@@ -37,6 +38,7 @@ from ctrpipe.train.config import CVConfig
 from ctrpipe.train.evaluate import Predictions, predict
 from ctrpipe.train.loop import FitInputs, FitResult, fit
 from ctrpipe.train.metrics import METRIC_NAMES, metrics_from_logits
+from ctrpipe.train.objective import Task, build_tasks
 from ctrpipe.train.rundir import write_config, write_json, write_text
 
 SUMMARY_METRICS = ("auc", "logloss", "ap", "wll", "score", "calibration")
@@ -54,6 +56,15 @@ class TrainContext:
     run_dir: Path
     resume: bool
     quiet: bool
+    tasks: tuple[Task, ...]          # the model's heads with train.tasks applied
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def metric_weights(self) -> list[float]:
+        return [t.metric_weight for t in self.tasks]
 
 
 def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: Path, kfold: int = 0,
@@ -89,12 +100,13 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool)
     spec = manifest.feature_spec()
     device = resolve_device(cfg.train.device)
     check_amp(cfg.train.amp, device)
-    _check_metric(cfg, spec)
     _check_folds(cfg, manifest, shards)
     # a model that needs a feature kind the shards lack, or a config it refuses, fails here before any other
     # work; on the meta device nothing is allocated or initialised (the real build comes once, per fold)
     with torch.device("meta"):
-        build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
+        model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
+    tasks = build_tasks(heads_of(model, spec), spec, cfg.train)
+    _check_metric(cfg, tasks)
     run_dir = runs / cfg.exp_name
     if resume and not (run_dir / "config.json").is_file():
         raise CheckpointError(f"nothing to resume: {run_dir} holds no run", where=str(run_dir),
@@ -107,13 +119,13 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool)
     write_config(run_dir, to_dict(cfg), dict(cfg.sources))
     write_text(run_dir / "manifest_fingerprint.txt",
                f"{manifest.fingerprint}\nschema {manifest.schema_fingerprint()}\nshards {shards.resolve()}\n")
-    return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet)
+    return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks)
 
 
-def _check_metric(cfg: RunConfig, spec: FeatureSpec) -> None:
+def _check_metric(cfg: RunConfig, tasks: tuple[Task, ...]) -> None:
     valid = list(METRIC_NAMES)
-    if spec.n_tasks > 1:
-        valid += [f"{m}.{label}" for label in spec.labels for m in METRIC_NAMES]
+    if len(tasks) > 1:
+        valid += [f"{m}.{t.name}" for t in tasks for m in METRIC_NAMES]
     if cfg.train.early_stopping.metric not in valid:
         raise ConfigError(f"unknown metric {cfg.train.early_stopping.metric!r}",
                           where="train.early_stopping.metric", fix=f"use one of {', '.join(valid)}")
@@ -197,6 +209,7 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         model=model, spec=ctx.spec, train_loader=_loader(ctx, train_view, True, seed),
         val_loader=_loader(ctx, val_view, False, seed) if val_view is not None else None,
         cfg=cfg.train, device=ctx.device, out_dir=out_dir, best_path=best_path, template=template,
+        tasks=ctx.tasks,
         resume=resume, quiet=ctx.quiet, label=label)
     return fit(inputs)
 
@@ -206,7 +219,7 @@ def _gold_predictions(ctx: TrainContext, ckpt_path: Path) -> Predictions | None:
         return None
     model = model_from_checkpoint(load_checkpoint(ckpt_path), ctx.device)
     loader = _loader(ctx, RowView.gold(), False, ctx.cfg.seed)
-    return predict(model, loader, loader.num_rows, ctx.spec.n_tasks, ctx.device, ctx.cfg.train.amp)
+    return predict(model, loader, loader.num_rows, ctx.tasks, ctx.device, ctx.cfg.train.amp)
 
 
 def _fit_summary(result: FitResult) -> dict[str, Any]:
@@ -221,6 +234,7 @@ def _base_summary(ctx: TrainContext) -> dict[str, Any]:
     return {"exp_name": ctx.cfg.exp_name, "model": ctx.cfg.model.name, "device": str(ctx.device),
             "shards": str(ctx.shards.resolve()), "manifest_fingerprint": ctx.manifest.fingerprint,
             "schema_fingerprint": ctx.manifest.schema_fingerprint(), "labels": list(ctx.spec.labels),
+            "heads": ctx.task_names,
             "config": to_dict(ctx.cfg), "config_sources": dict(ctx.cfg.sources)}
 
 
@@ -239,7 +253,7 @@ def _run_single(ctx: TrainContext) -> dict[str, Any]:
     summary.update(_fit_summary(result))
     summary["val"] = result.best_metrics
     gold = _gold_predictions(ctx, ctx.run_dir / "ckpt_best.pt")
-    summary["gold"] = gold.metrics(ctx.spec.labels) if gold is not None else None
+    summary["gold"] = gold.metrics(ctx.task_names, ctx.metric_weights) if gold is not None else None
     return summary
 
 
@@ -271,18 +285,18 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
             gold = g
             gold_logits.append(g.logits)
     oof = _assemble_oof(oof_parts)
-    oof.save(ctx.run_dir / "oof.npz", ctx.spec.labels)
+    oof.save(ctx.run_dir / "oof.npz", ctx.task_names)
     summary = _base_summary(ctx)
     total_samples = sum(r.samples for r in results)
     total_seconds = sum(r.train_seconds for r in results)
     summary.update(samples=total_samples, train_seconds=round(total_seconds, 3),
                    samples_per_s=round(total_samples / total_seconds, 1) if total_seconds > 0 else 0.0)
     summary["notes"] = list(results[0].notes)
-    summary["cv"] = _cv_summary(folds, oof.metrics(ctx.spec.labels))
+    summary["cv"] = _cv_summary(folds, oof.metrics(ctx.task_names, ctx.metric_weights))
     summary["val"] = summary["cv"]["oof"]
     if gold is not None:
         ensemble = np.mean(np.stack(gold_logits), axis=0)          # (N, T): logit mean of the fold models
-        summary["gold"] = metrics_from_logits(gold.labels, ensemble, ctx.spec.labels)
+        summary["gold"] = metrics_from_logits(gold.labels, ensemble, ctx.task_names, ctx.metric_weights)
     else:
         summary["gold"] = None
     return summary

@@ -25,10 +25,12 @@ from ctrpipe.errors import TrainingError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.loader.batch import Batch
+from ctrpipe.models.heads import as_output
 from ctrpipe.train.checkpoint import Checkpoint, RunPosition, TrainState, save_checkpoint
 from ctrpipe.train.config import TrainConfig
 from ctrpipe.train.ema import ModelEMA
 from ctrpipe.train.evaluate import Predictions, predict
+from ctrpipe.train.objective import Objective, Task
 from ctrpipe.train.optim import build_optimizers, lr_factor, set_lr
 from ctrpipe.train.plan import StepPlan, plan_steps
 from ctrpipe.train.rundir import RunLog
@@ -63,6 +65,7 @@ class FitInputs:
     out_dir: Path                     # holds ckpt_last.pt, train_log.csv, val_predictions.npz
     best_path: Path                   # ckpt_best.pt, or ckpt_fold{k}.pt
     template: Checkpoint              # identity of every checkpoint of this run (config, spec, fingerprints, seed)
+    tasks: tuple[Task, ...] = ()      # the model's heads with train.tasks applied (objective.build_tasks)
     resume: Checkpoint | None = None  # a loaded ckpt_last.pt to continue from
     quiet: bool = False
     label: str = "train"
@@ -106,9 +109,9 @@ def fit(inp: FitInputs) -> FitResult:
         while run.pos.step < plan.total_steps and not (run.stopped or run.interrupted):
             for batch in run.epoch_batches():
                 set_lr(run.optimizers, lr_factor(run.pos.step, plan.total_steps, inp.cfg, plan.warmup_steps))
-                loss = train_step(run.step_model, batch, run.loss_fn, run.optimizers, run.scaler, inp.cfg,
-                                  inp.device)
-                run.after_step(batch, loss)
+                loss, diagnostics = train_step(run.step_model, batch, run.objective, run.optimizers, run.scaler,
+                                               inp.cfg, inp.device)
+                run.after_step(batch, loss, diagnostics)
                 if plan.evaluates_at(run.pos.step, run.pos.batch_in_epoch):
                     run.evaluate_and_save()
                 elif inp.cfg.checkpoint_every and run.pos.step % inp.cfg.checkpoint_every == 0:
@@ -120,16 +123,18 @@ def fit(inp: FitInputs) -> FitResult:
     return run.result()
 
 
-def train_step(model: nn.Module, batch: Batch, loss_fn: nn.Module, optimizers: list[torch.optim.Optimizer],
-               scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
-    """Forward, backward, optional clipping, optimiser steps. Returns the detached loss (no sync).
+def train_step(model: nn.Module, batch: Batch, objective: Objective, optimizers: list[torch.optim.Optimizer],
+               scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward, backward, optional clipping, optimiser steps. Returns the detached loss and the model's
+    diagnostics (both on the device: no sync).
 
     Gradients stay on the parameters until the next step's zero_grad (ChangedRows reads the tables' ones).
     """
     assert batch.labels is not None, "training batches carry labels"
     with autocast(device, cfg.amp):
-        logits = model(batch)                                              # (B, T)
-    loss = loss_fn(logits.float(), batch.labels)                           # mean over rows and tasks
+        out = as_output(model(batch))                                      # logits (B, H)
+    loss = objective(out, batch.labels)                                    # sum_k w_k L_k + aux
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -143,7 +148,7 @@ def train_step(model: nn.Module, batch: Batch, loss_fn: nn.Module, optimizers: l
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()
-    return loss.detach()
+    return loss.detach(), {k: v.detach() for k, v in out.diagnostics.items()}
 
 
 class _Run:
@@ -159,7 +164,9 @@ class _Run:
         self.changed = ChangedRows(self.model)
         self.ema = ModelEMA(self.model, self.cfg.ema) if self.cfg.ema > 0 else None
         self.stopper = EarlyStopping(self.cfg.early_stopping)
-        self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(self.cfg, inp.spec.n_tasks, inp.device))
+        self.objective = Objective(inp.tasks, inp.device)
+        self.task_names = [t.name for t in inp.tasks]
+        self.metric_weights = [t.metric_weight for t in inp.tasks]
         self.step_model = torch.compile(self.model) if self.cfg.compile else self.model
         self.pos = RunPosition()
         self.finished = False
@@ -172,6 +179,7 @@ class _Run:
         self.loss_sum = torch.zeros((), device=inp.device)        # summed on the device between log steps
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=inp.device)
         self.logged_steps = 0
+        self.diag_sum: dict[str, torch.Tensor] = {}               # model diagnostics summed between log steps
         self.t_mark = self.t_log = time.perf_counter()
         self.samples_at_log = self.pos.samples
         self.progress = make_progress(inp.quiet)
@@ -198,7 +206,7 @@ class _Run:
             loader.start_at(self.pos.batch_in_epoch)
         return iter(loader) if self.pos.batch_in_epoch < self.plan.per_epoch else iter(())
 
-    def after_step(self, batch: Batch, loss: torch.Tensor) -> None:
+    def after_step(self, batch: Batch, loss: torch.Tensor, diagnostics: dict[str, torch.Tensor]) -> None:
         if self.ema is not None:
             self.ema.update()
         self.changed.mark()
@@ -207,6 +215,8 @@ class _Run:
         pos.batch_in_epoch += 1
         pos.samples += len(batch)
         self.loss_sum += loss
+        for k, v in diagnostics.items():
+            self.diag_sum[k] = self.diag_sum[k] + v if k in self.diag_sum else v.float().clone()
         self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), pos.step, self.first_bad)
         self.logged_steps += 1
         if pos.step % self.cfg.log_every == 0 or pos.step == self.plan.total_steps:
@@ -239,9 +249,9 @@ class _Run:
         metrics: dict[str, float] = {}
         if inp.val_loader is not None:
             with self.ema.applied() if self.ema is not None else nullcontext():
-                preds = predict(self.model, inp.val_loader, inp.val_loader.num_rows, inp.spec.n_tasks,
-                                self.device, self.cfg.amp)
-            metrics = preds.metrics(inp.spec.labels)
+                preds = predict(self.model, inp.val_loader, inp.val_loader.num_rows, inp.tasks, self.device,
+                                self.cfg.amp)
+            metrics = preds.metrics(self.task_names, self.metric_weights)
             assert self.log is not None
             self.log.evaluation(pos.step, pos.epoch, metrics)
             # a NaN metric (e.g. AUC on a one-class view) never improves: keep the first weights anyway
@@ -251,7 +261,7 @@ class _Run:
                     self.stopper.best_metrics = dict(metrics)
                     self.stopper.best_step, self.stopper.best_epoch = pos.step, pos.epoch
                 save_checkpoint(inp.best_path, self._checkpoint(metrics))
-                preds.save(inp.out_dir / "val_predictions.npz", inp.spec.labels)
+                preds.save(inp.out_dir / "val_predictions.npz", self.task_names)
             self.stopped = self.stopper.should_stop
             if not inp.quiet:
                 shown = "  ".join(f"{k} {metrics[k]:.5f}" for k in ("auc", "logloss", "score") if k in metrics)
@@ -302,6 +312,10 @@ class _Run:
         lr = self.optimizers[-1].param_groups[0]["lr"]
         assert self.log is not None
         self.log.train(self.pos.step, self.pos.epoch, lr, self.last_loss, rate)
+        if self.diag_sum:
+            n = max(self.logged_steps, 1)
+            self.log.diagnostics(self.pos.step, {f"train/{k}": float(v.item()) / n for k, v in self.diag_sum.items()})
+            self.diag_sum = {}
         self.progress.update(self.task, completed=self.pos.step,
                              rate_text=f"loss {self.last_loss:.4f}  {human_rate(rate, 'samples/s')}")
         self.loss_sum.zero_()
@@ -348,12 +362,3 @@ class _Run:
         self.pos = dataclasses.replace(ts.position)
         self.finished = ts.finished
         self.stopped = self.stopper.should_stop
-
-
-def _pos_weight(cfg: TrainConfig, n_tasks: int, device: torch.device) -> torch.Tensor:
-    w = cfg.pos_weight if isinstance(cfg.pos_weight, tuple) else (cfg.pos_weight,) * n_tasks
-    if len(w) != n_tasks:
-        raise TrainingError(f"train.pos_weight has {len(w)} values for {n_tasks} labels",
-                            where="train.pos_weight",
-                            fix=f"give one value, or one per label ({n_tasks})")
-    return torch.tensor(w, dtype=torch.float32, device=device)

@@ -94,12 +94,14 @@ def _one_task(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     }
 
 
-def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray,
-                    label_names: Sequence[str] | None = None) -> dict[str, float]:
-    """All metrics over the whole set. y_true / y_prob: (N,) or (N, T).
+def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str] | None = None,
+                    weights: Sequence[float] | None = None) -> dict[str, float]:
+    """All metrics over the whole set. y_true / y_prob: (N,) or (N, T); a NaN label drops its row from that
+    task's metrics (a masked head: conversion given click).
 
-    With T > 1 tasks the main keys (`auc`, `logloss`, ...) are means over tasks and each task also gets
-    `<metric>.<label>` keys, e.g. `auc.click`.
+    With T > 1 tasks the main keys (`auc`, `logloss`, ...) are means over tasks, weighted by `weights` (the
+    heads' metric weights; equal by default) -- the primary metric early stopping reads -- and each task also
+    gets `<metric>.<name>` keys, e.g. `auc.click`.
     """
     y = np.asarray(y_true)
     p = np.asarray(y_prob)
@@ -109,10 +111,16 @@ def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray,
         y, p = y[:, None], p[:, None]
     n_tasks = y.shape[1]
     names = list(label_names) if label_names is not None else [f"task{t}" for t in range(n_tasks)]
-    per_task = [_one_task(y[:, t], p[:, t]) for t in range(n_tasks)]
+    per_task = []
+    for t in range(n_tasks):
+        keep = ~np.isnan(y[:, t]) if np.issubdtype(y.dtype, np.floating) else slice(None)
+        per_task.append(_one_task(y[keep, t], p[keep, t]))
     if n_tasks == 1:
         return per_task[0]
-    out = {k: float(np.mean([m[k] for m in per_task])) for k in METRIC_NAMES}
+    w = np.asarray(weights if weights is not None else np.ones(n_tasks), dtype=np.float64)
+    if w.shape != (n_tasks,) or not w.sum() > 0:
+        raise ValueError(f"metric weights {w.tolist()} for {n_tasks} tasks")
+    out = {k: float(np.dot(w, [m[k] for m in per_task]) / w.sum()) for k in METRIC_NAMES}
     for name, m in zip(names, per_task, strict=True):
         out.update({f"{k}.{name}": v for k, v in m.items()})
     return out
@@ -124,7 +132,7 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -x))
 
 
-def metrics_from_logits(labels: np.ndarray, logits: np.ndarray,
-                        label_names: Sequence[str] | None = None) -> dict[str, float]:
+def metrics_from_logits(labels: np.ndarray, logits: np.ndarray, label_names: Sequence[str] | None = None,
+                        weights: Sequence[float] | None = None) -> dict[str, float]:
     """`compute_metrics` on sigmoid(logits)."""
-    return compute_metrics(labels, sigmoid(logits), label_names)
+    return compute_metrics(labels, sigmoid(logits), label_names, weights)

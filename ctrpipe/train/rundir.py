@@ -32,6 +32,7 @@ from ctrpipe.errors import disk_full_as_error
 from ctrpipe.train.metrics import METRIC_NAMES
 
 LOG_FIELDS = ("step", "epoch", "lr", "loss", "samples_per_s", *(f"val_{m}" for m in METRIC_NAMES))
+DIAG_FIELDS = ("step", "name", "value")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -69,11 +70,10 @@ class RunLog:
     def __init__(self, directory: Path, append: bool) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "train_log.csv"
-        fresh = not (append and self.path.is_file())
-        # unbuffered: every row goes to the OS at once, and a failed write is seen where it happened
-        self._fh = open(self.path, "wb" if fresh else "ab", buffering=0)   # noqa: SIM115 - closed in close()
-        if fresh:
-            self._append(None)
+        # long format (step, name, value) for whatever varies by model: per-head metrics, gate usage
+        self.diag_path = directory / "diagnostics.csv"
+        self._fh = self._open(self.path, append, LOG_FIELDS)
+        self._diag = self._open(self.diag_path, append, DIAG_FIELDS)
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -81,23 +81,46 @@ class RunLog:
         except ImportError:   # tensorboard is optional
             self._tb = None
 
-    def _append(self, row: dict[str, Any] | None) -> None:
-        """Append one CSV line (the header when `row` is None)."""
+    def _open(self, path: Path, append: bool, fields: tuple[str, ...]) -> Any:
+        fresh = not (append and path.is_file())
+        # unbuffered: every row goes to the OS at once, and a failed write is seen where it happened
+        fh = open(path, "wb" if fresh else "ab", buffering=0)   # noqa: SIM115 - closed in close()
+        if fresh:
+            self._write(fh, path, fields, [None])
+        return fh
+
+    def _append(self, row: dict[str, Any]) -> None:
+        self._write(self._fh, self.path, LOG_FIELDS, [row])
+
+    @staticmethod
+    def _write(fh: Any, path: Path, fields: tuple[str, ...], rows: list[dict[str, Any] | None]) -> None:
+        """Append CSV lines (a header for None) in one write; on failure cut the file back to whole rows."""
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
-        if row is None:
-            writer.writeheader()
-        else:
-            writer.writerow(row)
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        for row in rows:
+            if row is None:
+                writer.writeheader()
+            else:
+                writer.writerow(row)
         data = memoryview(buf.getvalue().encode())
-        start = os.fstat(self._fh.fileno()).st_size
-        with disk_full_as_error(self.path, f"the next log row needs {len(data)} bytes"):
+        start = os.fstat(fh.fileno()).st_size
+        with disk_full_as_error(path, f"the next log row needs {len(data)} bytes"):
             try:
                 while data:
-                    data = data[self._fh.write(data) or 0:]
+                    data = data[fh.write(data) or 0:]
             except BaseException:
-                os.ftruncate(self._fh.fileno(), start)
+                os.ftruncate(fh.fileno(), start)
                 raise
+
+    def diagnostics(self, step: int, values: dict[str, float]) -> None:
+        """Named values at a step (gate usage, per-head metrics) into diagnostics.csv and TensorBoard."""
+        if not values:
+            return
+        self._write(self._diag, self.diag_path, DIAG_FIELDS,
+                    [{"step": step, "name": k, "value": f"{v:.6g}"} for k, v in values.items()])
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
 
     def train(self, step: int, epoch: int, lr: float, loss: float, samples_per_s: float) -> None:
         self._append({"step": step, "epoch": epoch, "lr": f"{lr:.6g}", "loss": f"{loss:.6f}",
@@ -112,10 +135,14 @@ class RunLog:
         row.update({f"val_{m}": f"{metrics[m]:.6f}" for m in METRIC_NAMES if m in metrics})
         self._append(row)
         if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(f"val/{k}", v, step)
+            for k in METRIC_NAMES:
+                if k in metrics:
+                    self._tb.add_scalar(f"val/{k}", metrics[k], step)
+        # per-head metrics (auc.clicked, ...) vary by cache and model: the long-format file takes them
+        self.diagnostics(step, {f"val/{k}": v for k, v in metrics.items() if "." in k})
 
     def close(self) -> None:
         self._fh.close()
+        self._diag.close()
         if self._tb is not None:
             self._tb.close()

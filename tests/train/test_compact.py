@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import _build
 from test_train import train
+from train_setup import build_cache
 
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
@@ -26,7 +26,7 @@ BINS = 20_000
 @pytest.fixture(scope="module")
 def wide_cache(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The training rows hashed into 20k bins per field: far more table rows than the data can touch."""
-    return _build(tmp_path_factory.mktemp("shards") / "wide", synth_dir, [f"data.hash_bins={BINS}"], gold=False)
+    return build_cache(tmp_path_factory.mktemp("shards") / "wide", synth_dir, [f"data.hash_bins={BINS}"], gold=False)
 
 
 @pytest.mark.parametrize("optimizer", ["lazy_adam", "adam", "adagrad"])

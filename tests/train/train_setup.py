@@ -13,3 +13,13 @@ K_FOLDS = 3
 FAST = ["loader.batch_size=64", "loader.eval_batch_size=128", "model.hidden_units=[16]",
         "model.embedding_dim=4", "train.log_every=2", "infer.calibration.method=none", "train.min_steps=0",
         "train.evals_per_epoch=1", "train.early_stopping.patience=0"]
+
+
+def build_cache(out: Path, synth: Path, overrides: list[str], gold: bool) -> Path:
+    """A shard cache of the synthetic Criteo rows in `synth` (criteo.yaml, 256-row shards, 20% validation)."""
+    from ctrpipe.config import load_config
+    from ctrpipe.shard.build import build_shards
+
+    cfg = load_config(CRITEO_CFG, ["data.shard_rows=256", "data.split.val_ratio=0.2", *overrides])
+    build_shards(cfg, [synth / "train.tsv"], out, gold=[synth / "test.tsv"] if gold else (), progress=False)
+    return out

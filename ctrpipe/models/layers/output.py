@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from ctrpipe.errors import SchemaError
 from ctrpipe.features import FeatureSpec
+from ctrpipe.models.heads import label_rate, prior_logit
 from ctrpipe.models.layers.fused import cpu_fp32, linear_over_parts
-
-RATE_CLAMP = 1e-4   # keeps logit(rate) finite for a label that is all 0 or all 1 in the train split
 
 
 def prior_logits(spec: FeatureSpec) -> list[float]:
-    """logit(positive rate) per task, clamped to [1e-4, 1 - 1e-4]."""
-    rates = list(spec.label_rates)
-    if len(rates) == 1 and spec.n_tasks > 1:
-        rates = rates * spec.n_tasks
-    if len(rates) != spec.n_tasks:
-        raise SchemaError(f"{len(rates)} label rates for {spec.n_tasks} labels {list(spec.labels)}",
-                          where="feature spec (manifest)", fix="rebuild the shards so every label has a rate")
-    out = []
-    for r in rates:
-        r = min(max(float(r), RATE_CLAMP), 1.0 - RATE_CLAMP)
-        out.append(math.log(r / (1.0 - r)))
-    return out
+    """logit(train positive rate) per label of `spec`, clamped (see heads.prior_logit)."""
+    return [prior_logit(label_rate(spec, label)) for label in spec.labels]
 
 
 class OutputHead(nn.Module):

@@ -1,0 +1,133 @@
+"""Stage 5: the training objective -- per-head BCE with weights, pos_weight and label masks, plus the model's
+auxiliary losses -- and the one place that turns label columns into each head's targets.
+
+loss = sum_k w_k * L_k + sum(aux), where L_k is head k's mean BCE over the rows its mask keeps (all rows
+unless `mask` is set: conversion given click counts only clicked rows). A head whose probability is a
+product (ESMM's ctcvr) is scored from the model's log-probabilities:
+BCE = -(pw * y * log p + (1 - y) * log(1 - p)) with log(1 - p) = log1mexp(log p), finite for tiny p.
+Predictions and metrics use the same targets, with masked-out rows set to NaN (metrics skip them).
+
+Example: labels (clicked, converted), DNN, `train.tasks: {converted: {mask: clicked, weight: 0.5}}` ->
+tasks (clicked: w 1, all rows), (converted: w 0.5, clicked rows only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ctrpipe.errors import ConfigError
+from ctrpipe.features import FeatureSpec
+from ctrpipe.models.heads import Head, ModelOutput
+from ctrpipe.train.config import TaskConfig, TrainConfig
+
+LOG_HALF = -0.6931471805599453
+
+
+@dataclass(frozen=True)
+class Task:
+    """One head as the objective and the metrics see it: where its target comes from, and its weights."""
+
+    name: str
+    labels: tuple[int, ...]      # label columns whose AND is the target
+    mask: int | None             # label column whose 1-rows alone count; None = every row
+    weight: float                # loss weight
+    pos_weight: float
+    metric_weight: float
+
+
+def build_tasks(heads: Sequence[Head], spec: FeatureSpec, cfg: TrainConfig) -> tuple[Task, ...]:
+    """The model's heads with `train.tasks` applied; unknown head or label names are ConfigErrors."""
+    names = [h.name for h in heads]
+    unknown = sorted(set(cfg.tasks) - set(names))
+    if unknown:
+        raise ConfigError(f"train.tasks names {unknown}, which this model does not predict",
+                          where=f"train.tasks.{unknown[0]}",
+                          fix=f"use the model's heads: {', '.join(names)} (heads are named after the labels "
+                              "unless the model names its own)")
+    base = _base_pos_weights(cfg, len(heads))
+    tasks = []
+    for k, h in enumerate(heads):
+        tc = cfg.tasks.get(h.name, TaskConfig())
+        mask = tc.mask or h.mask
+        if mask and mask not in spec.labels:
+            raise ConfigError(f"train.tasks.{h.name}.mask names label {mask!r}, the cache has "
+                              f"{list(spec.labels)}", where=f"train.tasks.{h.name}.mask",
+                              fix=f"use one of {', '.join(spec.labels)}")
+        tasks.append(Task(name=h.name, labels=tuple(spec.labels.index(n) for n in h.labels),
+                          mask=spec.labels.index(mask) if mask else None,
+                          weight=tc.weight if tc.weight >= 0 else h.loss_weight,
+                          pos_weight=tc.pos_weight or base[k],
+                          metric_weight=tc.metric_weight if tc.metric_weight >= 0 else h.metric_weight))
+    if not any(t.weight > 0 for t in tasks):
+        raise ConfigError("every head has loss weight 0: nothing would be trained", where="train.tasks",
+                          fix="give at least one head a positive weight")
+    return tuple(tasks)
+
+
+def _base_pos_weights(cfg: TrainConfig, n: int) -> tuple[float, ...]:
+    w = cfg.pos_weight if isinstance(cfg.pos_weight, tuple) else (cfg.pos_weight,) * n
+    if len(w) != n:
+        raise ConfigError(f"train.pos_weight has {len(w)} values for {n} heads", where="train.pos_weight",
+                          fix=f"give one value, one per head ({n}), or set train.tasks.<head>.pos_weight")
+    return tuple(float(x) for x in w)
+
+
+def targets(labels: Tensor, tasks: Sequence[Task]) -> tuple[Tensor, Tensor]:
+    """Label columns (B, L) -> per-head targets (B, H) and row masks (B, H) as floats (1 = counts)."""
+    cols = []
+    masks = []
+    for t in tasks:
+        y = labels[:, t.labels[0]]
+        for extra in t.labels[1:]:
+            y = y * labels[:, extra]
+        cols.append(y)
+        masks.append(labels[:, t.mask] if t.mask is not None else torch.ones_like(y))
+    return torch.stack(cols, dim=1), torch.stack(masks, dim=1)
+
+
+def masked_targets(labels: Tensor, tasks: Sequence[Task]) -> Tensor:
+    """(B, H) targets with NaN where a head's mask drops the row (what metrics read)."""
+    y, m = targets(labels, tasks)
+    return torch.where(m > 0.5, y, torch.full_like(y, float("nan")))
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler's split at -log 2)."""
+    x = x.clamp(max=-1e-12)
+    return torch.where(x > LOG_HALF, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def logit_from_log_prob(log_p: Tensor) -> Tensor:
+    """log p - log(1 - p): the logit of a probability given in log space."""
+    return log_p - log1mexp(log_p)
+
+
+class Objective:
+    """The run's loss: `objective(output, labels)` -> scalar tensor (no host sync)."""
+
+    def __init__(self, tasks: Sequence[Task], device: torch.device) -> None:
+        self.tasks = tuple(tasks)
+        self.weights = torch.tensor([t.weight for t in tasks], dtype=torch.float32, device=device)
+        self.pos_weight = torch.tensor([t.pos_weight for t in tasks], dtype=torch.float32, device=device)
+
+    def per_head(self, out: ModelOutput, labels: Tensor) -> Tensor:
+        """(H,) mean loss of each head over the rows its mask keeps (0 for a head with no such row)."""
+        y, m = targets(labels, self.tasks)
+        if out.log_probs is not None:
+            log_p = out.log_probs.float()
+            bce = -(self.pos_weight * y * log_p + (1.0 - y) * log1mexp(log_p))
+        else:
+            bce = F.binary_cross_entropy_with_logits(out.logits.float(), y, pos_weight=self.pos_weight,
+                                                     reduction="none")
+        return (bce * m).sum(dim=0) / m.sum(dim=0).clamp(min=1.0)
+
+    def __call__(self, out: ModelOutput, labels: Tensor) -> Tensor:
+        loss = (self.per_head(out, labels) * self.weights).sum()
+        for aux in out.aux_losses.values():
+            loss = loss + aux.float()
+        return loss
