@@ -268,11 +268,15 @@ def model_sections() -> Iterator[str]:
     labels = {**{c: f"`{c.__name__}`" for c in shared}, **{c: f"`{n}`" for n, c in classes.items()}}
     for name in names:
         cls = classes[name]
-        parent = next(b for b in cls.__mro__[1:] if b in labels)
+        parent = next((b for b in cls.__mro__[1:] if b in labels), None)
         table = _model_table(cls, parent)
         yield f"### `model.name: {name}`"
-        yield re.sub(r"^Stage \d+ \w+: ", "", _module_intro(cls)) + \
-            (f" The keys of {labels[parent]}, plus:" if table else f" The keys of {labels[parent]}; none of its own.")
+        if parent is None:
+            tail = " Its keys:" if table else " No keys."
+        else:
+            own = "plus:" if table else "none of its own."
+            tail = f" The keys of {labels[parent]}, {own}" if table else f" The keys of {labels[parent]}; {own}"
+        yield re.sub(r"^Stage \d+ \w+: ", "", _module_intro(cls)) + tail
         if table:
             yield table
 

@@ -68,3 +68,33 @@ class DeepConfig(InputConfig):
                      list(self.hidden_units), "[400,400,400]")
         check_config(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "0.1")
         check_choice(self.activation, Activation, "activation")
+
+
+@dataclass(frozen=True)
+class MultiTaskConfig(DeepConfig):
+    """DeepConfig whose MLP is the shared bottom (or each expert), plus one tower per task."""
+
+    numeric: NumericMode = "concat"
+    hidden_units: tuple[int, ...] = (256, 128)   # the shared bottom, or each expert
+    tower_units: tuple[int, ...] = (64,)         # each task's tower before its logit
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_config(all(isinstance(h, int) and h >= 1 for h in self.tower_units), "tower_units",
+                     list(self.tower_units), "[64]")
+
+
+@dataclass(frozen=True)
+class GatedConfig(MultiTaskConfig):
+    """MultiTaskConfig plus the softmax gates' stabilisers (see layers/experts.py)."""
+
+    gate_temperature: float = 1.0   # softmax(logits / T): > 1 spreads weight over experts
+    gate_noise: float = 0.0         # std of Gaussian noise on gate logits, training only
+    gate_entropy: float = 0.0       # weight of the entropy regulariser (log E - mean row entropy)
+    gate_balance: float = 0.0       # weight of the load-balance regulariser KL(mean gate || uniform)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_config(self.gate_temperature > 0, "gate_temperature", self.gate_temperature, "1.0")
+        for key in ("gate_noise", "gate_entropy", "gate_balance"):
+            check_config(getattr(self, key) >= 0, key, getattr(self, key), "0.001")

@@ -18,12 +18,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import Tensor
 
 from ctrpipe.errors import SchemaError
 from ctrpipe.features import FeatureSpec
 
 RATE_CLAMP = 1e-4   # keeps logit(rate) finite for a label that is all 0 or all 1 in the train split
+LOG_HALF = -0.6931471805599453
 
 
 @dataclass(frozen=True)
@@ -107,3 +109,14 @@ def check_labels(spec: FeatureSpec, heads: tuple[Head, ...], model: str) -> None
                                   f"{list(spec.labels)}", where="model",
                                   fix="shard data with that label, or set the model's label names "
                                       "(e.g. model.click_label / model.conversion_label)")
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler's split at -log 2)."""
+    x = x.clamp(max=-1e-12)
+    return torch.where(x > LOG_HALF, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def logit_from_log_prob(log_p: Tensor) -> Tensor:
+    """log p - log(1 - p): the logit of a probability given in log space (finite for tiny p)."""
+    return log_p - log1mexp(log_p)

@@ -71,6 +71,12 @@ def config_class(name: str) -> type:
     return _entry(name).config_cls
 
 
+def label_range(name: str) -> tuple[int, int | None]:
+    """(fewest, most) label columns a model accepts (most None: any number)."""
+    entry = _entry(name)
+    return entry.min_labels, entry.max_labels
+
+
 def build_model(name: str, cfg: Any, spec: FeatureSpec, sparse: bool = False) -> nn.Module:
     """Build a registered model; refuses when the data lacks a feature kind the model needs."""
     entry = _entry(name)

@@ -22,10 +22,8 @@ from torch import Tensor
 
 from ctrpipe.errors import ConfigError
 from ctrpipe.features import FeatureSpec
-from ctrpipe.models.heads import Head, ModelOutput
+from ctrpipe.models.heads import Head, ModelOutput, log1mexp
 from ctrpipe.train.config import TaskConfig, TrainConfig
-
-LOG_HALF = -0.6931471805599453
 
 
 @dataclass(frozen=True)
@@ -94,17 +92,6 @@ def masked_targets(labels: Tensor, tasks: Sequence[Task]) -> Tensor:
     """(B, H) targets with NaN where a head's mask drops the row (what metrics read)."""
     y, m = targets(labels, tasks)
     return torch.where(m > 0.5, y, torch.full_like(y, float("nan")))
-
-
-def log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler's split at -log 2)."""
-    x = x.clamp(max=-1e-12)
-    return torch.where(x > LOG_HALF, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def logit_from_log_prob(log_p: Tensor) -> Tensor:
-    """log p - log(1 - p): the logit of a probability given in log space."""
-    return log_p - log1mexp(log_p)
 
 
 class Objective:

@@ -13,12 +13,17 @@ from ctrpipe.config import build_model_section, load_config, to_dict
 from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.models import registry
 from ctrpipe.models.dnn import DNN, DNNConfig
-from ctrpipe.models.registry import build_model, config_class, model_names
+from ctrpipe.models.registry import build_model, config_class, label_range, model_names
 
 CFGS = Path(__file__).resolve().parents[2] / "cfgs"
 
 
-@pytest.mark.parametrize("name", model_names())
+def test_every_model_has_a_shipped_config() -> None:
+    shipped = {yaml.safe_load(p.read_text()).get("model", {}).get("name") for p in CFGS.glob("*.yaml")}
+    assert set(model_names()) <= shipped, set(model_names()) - shipped
+
+
+@pytest.mark.parametrize("name", [n for n in model_names() if label_range(n)[0] == 1])
 def test_criteo_config_per_model(name: str) -> None:
     path = CFGS / f"criteo_{name}.yaml"
     raw = yaml.safe_load(path.read_text())

@@ -1,0 +1,70 @@
+"""Stage 4 model: ESMM (Ma et al., SIGIR 2018) -- conversion modelled over the whole impression space.
+
+Any registered model (`backbone`, e.g. shared_bottom, mmoe, ple, dnn, deepfm, dcnv2) is built with two heads,
+ctr and cvr, each starting at its own prior; ESMM multiplies them: p_ctcvr = p_ctr * p_cvr, in log space
+(log p_ctcvr = logsigmoid(z_ctr) + logsigmoid(z_cvr)), so the loss stays finite for tiny conversion rates.
+Heads: ctr (click, all impressions), ctcvr (click AND conversion, all impressions) and cvr (conversion on
+clicked rows only; loss weight 0 by default -- ESMM trains cvr through ctcvr -- set
+train.tasks.cvr.weight for an auxiliary loss). The primary metric weighs ctcvr 1.0, ctr 0.2, cvr 0.2
+(train.tasks.<head>.metric_weight changes it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctrpipe.errors import ConfigError
+from ctrpipe.features import FeatureSpec
+from ctrpipe.loader.batch import Batch
+from ctrpipe.models.heads import Head, ModelOutput, as_output, check_labels, logit_from_log_prob, spec_for_heads
+from ctrpipe.models.registry import build_model, config_class, register
+
+
+@dataclass(frozen=True)
+class ESMMConfig:
+    backbone: str = "shared_bottom"      # any registered model; it gets two heads: ctr and cvr
+    backbone_params: dict[str, Any] = field(default_factory=dict, hash=False)   # its model.* keys
+    click_label: str = ""                # default: the cache's first label
+    conversion_label: str = ""           # default: the cache's second label
+
+    def __post_init__(self) -> None:
+        if self.backbone == "esmm":
+            raise ConfigError("ESMM cannot be its own backbone", where="model.backbone",
+                              fix="use e.g. model.backbone=mmoe")
+
+
+def esmm_heads(click: str, conversion: str) -> tuple[Head, ...]:
+    return (Head("ctr", (click,), metric_weight=0.2),
+            Head("ctcvr", (click, conversion), metric_weight=1.0),
+            Head("cvr", (conversion,), mask=click, loss_weight=0.0, metric_weight=0.2))
+
+
+@register("esmm", ESMMConfig, min_labels=2)
+class ESMM(nn.Module):
+    def __init__(self, spec: FeatureSpec, cfg: ESMMConfig, sparse: bool = False) -> None:
+        super().__init__()
+        from ctrpipe.config import build_dataclass
+
+        click = cfg.click_label or spec.labels[0]
+        conversion = cfg.conversion_label or spec.labels[1]
+        self.heads = esmm_heads(click, conversion)
+        check_labels(spec, self.heads, "esmm")
+        params = build_dataclass(config_class(cfg.backbone), cfg.backbone_params, "model.backbone_params.",
+                                 "model")
+        # the backbone predicts ctr and cvr as two ordinary heads, each starting at its own prior
+        inner = spec_for_heads(spec, (self.heads[0], self.heads[2]))
+        self.backbone = build_model(cfg.backbone, params, inner, sparse=sparse)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        out = as_output(self.backbone(batch))
+        z_ctr, z_cvr = out.logits.float().unbind(dim=1)                       # (B,), (B,)
+        log_ctr, log_cvr = F.logsigmoid(z_ctr), F.logsigmoid(z_cvr)
+        log_ctcvr = log_ctr + log_cvr
+        logits = torch.stack([z_ctr, logit_from_log_prob(log_ctcvr), z_cvr], dim=1)      # (B, 3)
+        log_probs = torch.stack([log_ctr, log_ctcvr, log_cvr], dim=1)
+        return ModelOutput(logits, log_probs=log_probs, aux_losses=out.aux_losses, diagnostics=out.diagnostics)
