@@ -82,6 +82,9 @@ class TrainConfig:
     log_every: int = 50              # steps between log lines (the only points where the loss syncs to host)
     checkpoint_every: int = 0        # steps between extra ckpt_last saves; 0 = at evaluations only
     pos_weight: float | tuple[float, ...] = 1.0   # BCE weight of positives: one value or one per task
+    # every this many steps (0 = off), each head's gradient norm on the shared dense parameters and the cosine
+    #   between heads' gradients go to diagnostics.csv: tasks that fight show negative cosines
+    grad_diagnostics_every: int = 0
     # per head: loss weight, pos_weight, label mask, metric weight, e.g. {converted: {mask: clicked}}
     tasks: dict[str, TaskConfig] = field(default_factory=dict, hash=False)
     device: str = "auto"             # auto | cpu | cuda | cuda:1
@@ -105,7 +108,7 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise _bad(f"train.{key}", getattr(self, key), f"use 0 or more, e.g. train.{key}=0")
         for key in ("warmup_steps", "eval_every", "checkpoint_every", "max_steps", "stop_after_steps",
-                    "num_threads", "min_steps"):
+                    "num_threads", "min_steps", "grad_diagnostics_every"):
             if getattr(self, key) < 0:
                 raise _bad(f"train.{key}", getattr(self, key), f"use 0 (off) or more, e.g. train.{key}=0")
         if self.evals_per_epoch < 1:

@@ -26,11 +26,12 @@ from ctrpipe.features import FeatureSpec
 from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.loader.batch import Batch
 from ctrpipe.models.heads import as_output
+from ctrpipe.models.layers.embedding import split_parameters
 from ctrpipe.train.checkpoint import Checkpoint, RunPosition, TrainState, save_checkpoint
 from ctrpipe.train.config import TrainConfig
 from ctrpipe.train.ema import ModelEMA
 from ctrpipe.train.evaluate import Predictions, predict
-from ctrpipe.train.objective import Objective, Task
+from ctrpipe.train.objective import Objective, Task, task_gradients
 from ctrpipe.train.optim import build_optimizers, lr_factor, set_lr
 from ctrpipe.train.plan import StepPlan, plan_steps
 from ctrpipe.train.rundir import RunLog
@@ -110,7 +111,7 @@ def fit(inp: FitInputs) -> FitResult:
             for batch in run.epoch_batches():
                 set_lr(run.optimizers, lr_factor(run.pos.step, plan.total_steps, inp.cfg, plan.warmup_steps))
                 loss, diagnostics = train_step(run.step_model, batch, run.objective, run.optimizers, run.scaler,
-                                               inp.cfg, inp.device)
+                                               inp.cfg, inp.device, run.diagnose_params(run.pos.step + 1))
                 run.after_step(batch, loss, diagnostics)
                 if plan.evaluates_at(run.pos.step, run.pos.batch_in_epoch):
                     run.evaluate_and_save()
@@ -124,10 +125,11 @@ def fit(inp: FitInputs) -> FitResult:
 
 
 def train_step(model: nn.Module, batch: Batch, objective: Objective, optimizers: list[torch.optim.Optimizer],
-               scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device,
+               diagnose: list[nn.Parameter] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward, backward, optional clipping, optimiser steps. Returns the detached loss and the model's
-    diagnostics (both on the device: no sync).
+    diagnostics (both on the device: no sync). With `diagnose` (dense parameters), the heads' gradients on
+    them are compared first (objective.task_gradients).
 
     Gradients stay on the parameters until the next step's zero_grad (ChangedRows reads the tables' ones).
     """
@@ -135,6 +137,9 @@ def train_step(model: nn.Module, batch: Batch, objective: Objective, optimizers:
     with autocast(device, cfg.amp):
         out = as_output(model(batch))                                      # logits (B, H)
     loss = objective(out, batch.labels)                                    # sum_k w_k L_k + aux
+    diagnostics = {k: v.detach() for k, v in out.diagnostics.items()}
+    if diagnose:
+        diagnostics.update(task_gradients(objective, out, batch.labels, diagnose))
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -148,7 +153,7 @@ def train_step(model: nn.Module, batch: Batch, objective: Objective, optimizers:
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()
-    return loss.detach(), {k: v.detach() for k, v in out.diagnostics.items()}
+    return loss.detach(), diagnostics
 
 
 class _Run:
@@ -162,6 +167,7 @@ class _Run:
         self.optimizers = build_optimizers(self.model, self.cfg, inp.device)
         self.scaler = torch.amp.GradScaler(inp.device.type, enabled=self.cfg.amp == "fp16")
         self.changed = ChangedRows(self.model)
+        self._dense = [p for p in split_parameters(self.model).dense if p.requires_grad]
         self.ema = ModelEMA(self.model, self.cfg.ema) if self.cfg.ema > 0 else None
         self.stopper = EarlyStopping(self.cfg.early_stopping)
         self.objective = Objective(inp.tasks, inp.device)
@@ -180,6 +186,7 @@ class _Run:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=inp.device)
         self.logged_steps = 0
         self.diag_sum: dict[str, torch.Tensor] = {}               # model diagnostics summed between log steps
+        self.diag_n: dict[str, int] = {}                          # ... and how many steps reported each
         self.t_mark = self.t_log = time.perf_counter()
         self.samples_at_log = self.pos.samples
         self.progress = make_progress(inp.quiet)
@@ -206,6 +213,13 @@ class _Run:
             loader.start_at(self.pos.batch_in_epoch)
         return iter(loader) if self.pos.batch_in_epoch < self.plan.per_epoch else iter(())
 
+    def diagnose_params(self, step: int) -> list[nn.Parameter] | None:
+        """The dense parameters when step `step` compares the heads' gradients (train.grad_diagnostics_every)."""
+        every = self.cfg.grad_diagnostics_every
+        if not every or step % every or len(self.inp.tasks) < 2:
+            return None
+        return self._dense
+
     def after_step(self, batch: Batch, loss: torch.Tensor, diagnostics: dict[str, torch.Tensor]) -> None:
         if self.ema is not None:
             self.ema.update()
@@ -217,6 +231,7 @@ class _Run:
         self.loss_sum += loss
         for k, v in diagnostics.items():
             self.diag_sum[k] = self.diag_sum[k] + v if k in self.diag_sum else v.float().clone()
+            self.diag_n[k] = self.diag_n.get(k, 0) + 1
         self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), pos.step, self.first_bad)
         self.logged_steps += 1
         if pos.step % self.cfg.log_every == 0 or pos.step == self.plan.total_steps:
@@ -313,9 +328,9 @@ class _Run:
         assert self.log is not None
         self.log.train(self.pos.step, self.pos.epoch, lr, self.last_loss, rate)
         if self.diag_sum:
-            n = max(self.logged_steps, 1)
-            self.log.diagnostics(self.pos.step, {f"train/{k}": float(v.item()) / n for k, v in self.diag_sum.items()})
-            self.diag_sum = {}
+            self.log.diagnostics(self.pos.step, {f"train/{k}": float(v.item()) / self.diag_n[k]
+                                                 for k, v in self.diag_sum.items()})
+            self.diag_sum, self.diag_n = {}, {}
         self.progress.update(self.task, completed=self.pos.step,
                              rate_text=f"loss {self.last_loss:.4f}  {human_rate(rate, 'samples/s')}")
         self.loss_sum.zero_()

@@ -118,3 +118,32 @@ class Objective:
         for aux in out.aux_losses.values():
             loss = loss + aux.float()
         return loss
+
+
+def task_gradients(objective: Objective, out: ModelOutput, labels: Tensor,
+                   params: Sequence[torch.nn.Parameter]) -> dict[str, Tensor]:
+    """Each head's gradient norm over the dense parameters at least two heads reach, and the cosine between
+    every pair of heads' gradients there (on the device: no sync). Costs one extra backward per head.
+
+    Only heads with a loss weight count; the graph is kept for the step's own backward.
+    """
+    per_head = objective.per_head(out, labels)
+    live = [k for k, t in enumerate(objective.tasks) if t.weight > 0]
+    grads: list[list[Tensor | None]] = []
+    for k in live:
+        g = torch.autograd.grad(per_head[k], list(params), retain_graph=True, allow_unused=True)
+        grads.append(list(g))
+    shared = [i for i in range(len(params)) if sum(g[i] is not None for g in grads) >= 2]
+    if not shared:
+        return {}
+    flat = [torch.cat([g[i].reshape(-1) if g[i] is not None else params[i].new_zeros(params[i].numel())
+                       for i in shared]) for g in grads]
+    stats: dict[str, Tensor] = {}
+    names = [objective.tasks[k].name for k in live]
+    for name, v in zip(names, flat, strict=True):
+        stats[f"grad_norm.{name}"] = v.norm().detach()
+    for a in range(len(flat)):
+        for b in range(a + 1, len(flat)):
+            cos = torch.nn.functional.cosine_similarity(flat[a], flat[b], dim=0)
+            stats[f"grad_cos.{names[a]}.{names[b]}"] = cos.detach()
+    return stats

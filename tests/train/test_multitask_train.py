@@ -97,3 +97,11 @@ def test_mmoe_resume_equals_uninterrupted(parquet_cache: Path, tmp_path: Path) -
         "--resume")
     a, b = (tmp_path / r / "parquet_mmoe" / "ckpt_last.pt" for r in "ab")
     assert_equal_weights(weights(a), weights(b))
+
+
+def test_gradient_diagnostics_compare_heads(parquet_cache: Path, tmp_path: Path) -> None:
+    train(parquet_cache, tmp_path, "shared_bottom", "train.grad_diagnostics_every=3", "train.max_steps=12")
+    rows = list(csv.DictReader((tmp_path / "parquet_shared_bottom" / "diagnostics.csv").open()))
+    got = {r["name"]: float(r["value"]) for r in rows}
+    assert got["train/grad_norm.clicked"] > 0 and got["train/grad_norm.converted"] > 0
+    assert -1.0 <= got["train/grad_cos.clicked.converted"] <= 1.0
