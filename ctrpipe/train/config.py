@@ -45,6 +45,11 @@ class TaskConfig:
     pos_weight: float = 0.0          # BCE weight of positives (0: train.pos_weight)
     mask: str = ""                   # label whose positive rows alone count for this head, e.g. clicked
     metric_weight: float = -1.0      # weight in the primary (mean) metrics (-1: the model's default)
+    # focal auxiliary term: focal_weight * mean((1 - p_t)^focal_gamma * BCE) from focal_start steps on, the
+    #   factor from a detached fp32 probability (it reweights rows, it does not add a gradient path)
+    focal_weight: float = 0.0
+    focal_gamma: float = 2.0
+    focal_start: int = 0
 
     def __post_init__(self) -> None:
         if self.weight < 0 and self.weight != -1.0:
@@ -53,6 +58,9 @@ class TaskConfig:
             raise _bad("train.tasks.<head>.pos_weight", self.pos_weight, "use a positive number, e.g. 1.0")
         if self.metric_weight < 0 and self.metric_weight != -1.0:
             raise _bad("train.tasks.<head>.metric_weight", self.metric_weight, "use 0 or more, e.g. 1.0")
+        if self.focal_weight < 0 or self.focal_gamma < 0 or self.focal_start < 0:
+            raise _bad("train.tasks.<head>.focal_*", (self.focal_weight, self.focal_gamma, self.focal_start),
+                       "use e.g. focal_weight: 0.1, focal_gamma: 2.0, focal_start: 1000")
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,10 @@ class TrainConfig:
     # every this many steps (0 = off), each head's gradient norm on the shared dense parameters and the cosine
     #   between heads' gradients go to diagnostics.csv: tasks that fight show negative cosines
     grad_diagnostics_every: int = 0
+    # upper bound on every pos_weight over the run, as [step, clip] milestones, e.g. [[0, 300], [8000, 30]]:
+    #   300 until step 8000, then 30 (piecewise), or moving from one to the next (linear); [] = no clip
+    pos_weight_clip: tuple[tuple[int, float], ...] = ()
+    pos_weight_clip_mode: Literal["piecewise", "linear"] = "piecewise"
     # per head: loss weight, pos_weight, label mask, metric weight, e.g. {converted: {mask: clicked}}
     tasks: dict[str, TaskConfig] = field(default_factory=dict, hash=False)
     device: str = "auto"             # auto | cpu | cuda | cuda:1
@@ -111,6 +123,12 @@ class TrainConfig:
                     "num_threads", "min_steps", "grad_diagnostics_every"):
             if getattr(self, key) < 0:
                 raise _bad(f"train.{key}", getattr(self, key), f"use 0 (off) or more, e.g. train.{key}=0")
+        steps = [m[0] for m in self.pos_weight_clip]
+        if steps != sorted(set(steps)) or any(s < 0 for s in steps) or any(m[1] <= 0 for m in self.pos_weight_clip):
+            raise _bad("train.pos_weight_clip", self.pos_weight_clip,
+                       "give [step, clip] pairs with increasing steps and positive clips, e.g. [[0, 300], [8000, 30]]")
+        if self.pos_weight_clip_mode not in ("piecewise", "linear"):
+            raise _bad("train.pos_weight_clip_mode", self.pos_weight_clip_mode, "use piecewise or linear")
         if self.evals_per_epoch < 1:
             raise _bad("train.evals_per_epoch", self.evals_per_epoch, "use e.g. train.evals_per_epoch=4")
         if self.log_every < 1:

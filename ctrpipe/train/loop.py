@@ -110,6 +110,7 @@ def fit(inp: FitInputs) -> FitResult:
         while run.pos.step < plan.total_steps and not (run.stopped or run.interrupted):
             for batch in run.epoch_batches():
                 set_lr(run.optimizers, lr_factor(run.pos.step, plan.total_steps, inp.cfg, plan.warmup_steps))
+                run.objective.at_step(run.pos.step)
                 loss, diagnostics = train_step(run.step_model, batch, run.objective, run.optimizers, run.scaler,
                                                inp.cfg, inp.device, run.diagnose_params(run.pos.step + 1))
                 run.after_step(batch, loss, diagnostics)
@@ -170,7 +171,7 @@ class _Run:
         self._dense = [p for p in split_parameters(self.model).dense if p.requires_grad]
         self.ema = ModelEMA(self.model, self.cfg.ema) if self.cfg.ema > 0 else None
         self.stopper = EarlyStopping(self.cfg.early_stopping)
-        self.objective = Objective(inp.tasks, inp.device)
+        self.objective = Objective(inp.tasks, inp.device, self.cfg.pos_weight_clip, self.cfg.pos_weight_clip_mode)
         self.task_names = [t.name for t in inp.tasks]
         self.metric_weights = [t.metric_weight for t in inp.tasks]
         self.step_model = torch.compile(self.model) if self.cfg.compile else self.model

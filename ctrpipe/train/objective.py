@@ -13,9 +13,11 @@ tasks (clicked: w 1, all rows), (converted: w 0.5, clicked rows only).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,6 +38,9 @@ class Task:
     weight: float                # loss weight
     pos_weight: float
     metric_weight: float
+    focal_weight: float = 0.0    # focal auxiliary term (0 = off), see Objective
+    focal_gamma: float = 2.0
+    focal_start: int = 0
 
 
 def build_tasks(heads: Sequence[Head], spec: FeatureSpec, cfg: TrainConfig) -> tuple[Task, ...]:
@@ -60,7 +65,8 @@ def build_tasks(heads: Sequence[Head], spec: FeatureSpec, cfg: TrainConfig) -> t
                           mask=spec.labels.index(mask) if mask else None,
                           weight=tc.weight if tc.weight >= 0 else h.loss_weight,
                           pos_weight=tc.pos_weight or base[k],
-                          metric_weight=tc.metric_weight if tc.metric_weight >= 0 else h.metric_weight))
+                          metric_weight=tc.metric_weight if tc.metric_weight >= 0 else h.metric_weight,
+                          focal_weight=tc.focal_weight, focal_gamma=tc.focal_gamma, focal_start=tc.focal_start))
     if not any(t.weight > 0 for t in tasks):
         raise ConfigError("every head has loss weight 0: nothing would be trained", where="train.tasks",
                           fix="give at least one head a positive weight")
@@ -94,30 +100,81 @@ def masked_targets(labels: Tensor, tasks: Sequence[Task]) -> Tensor:
     return torch.where(m > 0.5, y, torch.full_like(y, float("nan")))
 
 
-class Objective:
-    """The run's loss: `objective(output, labels)` -> scalar tensor (no host sync)."""
+def clip_at(step: int, milestones: Sequence[tuple[int, float]], mode: str) -> float:
+    """The pos_weight clip at `step`: piecewise = the last milestone at or before it; linear = interpolated
+    between milestones (the first value before the first, the last after the last); inf without milestones
+    (or, piecewise, before the first)."""
+    if not milestones:
+        return math.inf
+    if mode == "linear":
+        steps = [float(m[0]) for m in milestones]
+        return float(np.interp(step, steps, [float(m[1]) for m in milestones]))
+    before = [clip for at, clip in milestones if at <= step]
+    return float(before[-1]) if before else math.inf
 
-    def __init__(self, tasks: Sequence[Task], device: torch.device) -> None:
+
+class Objective:
+    """The run's loss: `objective(output, labels)` -> scalar tensor (no host sync).
+
+    `at_step(step)` before each step applies the step-dependent parts: the pos_weight clip schedule
+    (`train.pos_weight_clip`) and the focal terms that start at a step.
+    """
+
+    def __init__(self, tasks: Sequence[Task], device: torch.device, clip: Sequence[tuple[int, float]] = (),
+                 clip_mode: str = "piecewise") -> None:
         self.tasks = tuple(tasks)
         self.weights = torch.tensor([t.weight for t in tasks], dtype=torch.float32, device=device)
-        self.pos_weight = torch.tensor([t.pos_weight for t in tasks], dtype=torch.float32, device=device)
+        self.base_pos_weight = [t.pos_weight for t in tasks]
+        self.pos_weight = torch.tensor(self.base_pos_weight, dtype=torch.float32, device=device)
+        self.clip, self.clip_mode = tuple(clip), clip_mode
+        self.focal = [k for k, t in enumerate(tasks) if t.focal_weight > 0]
+        self.step = 0
+        self._clip_now = math.inf
+
+    def at_step(self, step: int) -> None:
+        self.step = step
+        clip = clip_at(step, self.clip, self.clip_mode)
+        if clip != self._clip_now:           # a few floats copied to the device when the clip moves only
+            self._clip_now = clip
+            self.pos_weight.copy_(torch.tensor([min(w, clip) for w in self.base_pos_weight]))
+
+    def per_row(self, out: ModelOutput, y: Tensor) -> Tensor:
+        """(B, H) BCE of every row and head (pos_weight applied), from logits or log-probabilities."""
+        if out.log_probs is not None:
+            log_p = out.log_probs.float()
+            return -(self.pos_weight * y * log_p + (1.0 - y) * log1mexp(log_p))
+        return F.binary_cross_entropy_with_logits(out.logits.float(), y, pos_weight=self.pos_weight,
+                                                  reduction="none")
 
     def per_head(self, out: ModelOutput, labels: Tensor) -> Tensor:
         """(H,) mean loss of each head over the rows its mask keeps (0 for a head with no such row)."""
         y, m = targets(labels, self.tasks)
-        if out.log_probs is not None:
-            log_p = out.log_probs.float()
-            bce = -(self.pos_weight * y * log_p + (1.0 - y) * log1mexp(log_p))
-        else:
-            bce = F.binary_cross_entropy_with_logits(out.logits.float(), y, pos_weight=self.pos_weight,
-                                                     reduction="none")
-        return (bce * m).sum(dim=0) / m.sum(dim=0).clamp(min=1.0)
+        return (self.per_row(out, y) * m).sum(dim=0) / m.sum(dim=0).clamp(min=1.0)
 
     def __call__(self, out: ModelOutput, labels: Tensor) -> Tensor:
-        loss = (self.per_head(out, labels) * self.weights).sum()
+        y, m = targets(labels, self.tasks)
+        bce = self.per_row(out, y)                                             # (B, H)
+        per_head = (bce * m).sum(dim=0) / m.sum(dim=0).clamp(min=1.0)
+        loss = (per_head * self.weights).sum()
+        for k in self.focal:
+            t = self.tasks[k]
+            if self.step >= t.focal_start:
+                loss = loss + t.focal_weight * self._focal(out, bce, y, m, k, t.focal_gamma)
         for aux in out.aux_losses.values():
             loss = loss + aux.float()
         return loss
+
+    @staticmethod
+    def _focal(out: ModelOutput, bce: Tensor, y: Tensor, m: Tensor, k: int, gamma: float) -> Tensor:
+        """mean over the head's rows of (1 - p_t)^gamma * BCE, the factor from a detached fp32 probability."""
+        with torch.no_grad():
+            if out.log_probs is not None:
+                p = out.log_probs[:, k].float().exp()
+            else:
+                p = torch.sigmoid(out.logits[:, k].float())
+            p_t = torch.where(y[:, k] > 0.5, p, 1.0 - p)
+            factor = (1.0 - p_t).pow(gamma)
+        return (factor * bce[:, k] * m[:, k]).sum() / m[:, k].sum().clamp(min=1.0)
 
 
 def task_gradients(objective: Objective, out: ModelOutput, labels: Tensor,

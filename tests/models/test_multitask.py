@@ -16,7 +16,7 @@ from ctrpipe.models.layers.experts import Gate, GateOptions, balance_kl, gate_en
 from ctrpipe.models.registry import build_model, label_range, model_names
 from ctrpipe.train.config import TaskConfig, TrainConfig
 from ctrpipe.train.metrics import compute_metrics
-from ctrpipe.train.objective import Objective, build_tasks, masked_targets
+from ctrpipe.train.objective import Objective, build_tasks, clip_at, masked_targets
 
 SMALL = {"embedding_dim": 8, "hidden_units": [16], "tower_units": [8]}
 MULTI: list[tuple[str, dict]] = [
@@ -27,6 +27,10 @@ MULTI: list[tuple[str, dict]] = [
     ("esmm", {"backbone": "shared_bottom", "backbone_params": SMALL}),
     ("esmm", {"backbone": "mmoe", "backbone_params": {**SMALL, "n_experts": 2, "gate_entropy": 0.01}}),
     ("esmm", {"backbone": "dnn", "backbone_params": {"embedding_dim": 8, "hidden_units": [16]}}),
+    ("deepfm_mmoe", {**SMALL, "composer_width": 8, "adapter_units": [8], "expert_units": [8], "n_experts": 2}),
+    ("esmm", {"backbone": "deepfm_mmoe",
+              "backbone_params": {**SMALL, "composer_width": 8, "adapter_units": [8], "expert_units": [8],
+                                  "gate_noise": 0.05, "gate_entropy": 0.001, "wide_heads": ["ctr"]}}),
 ]
 IDS = [f"{n}-{i}" for i, (n, _) in enumerate(MULTI)]
 
@@ -50,7 +54,7 @@ def nested_batch(spec, batch_factory, rows: int = 64):
 
 def test_every_multi_task_model_is_covered() -> None:
     multi = {n for n in model_names() if label_range(n)[0] > 1}
-    assert {n for n, _ in MULTI} == multi == {"shared_bottom", "mmoe", "ple", "esmm"}
+    assert {n for n, _ in MULTI} == multi == {"shared_bottom", "mmoe", "ple", "esmm", "deepfm_mmoe"}
 
 
 @pytest.mark.parametrize(("name", "keys"), MULTI, ids=IDS)
@@ -184,3 +188,59 @@ def test_clear_errors(spec_factory) -> None:
     with pytest.raises(ConfigError, match="weight 0"):
         build_tasks(heads, spec, TrainConfig(tasks={"click": TaskConfig(weight=0.0),
                                                     "conv": TaskConfig(weight=0.0)}))
+
+
+def test_wide_logits_reach_only_the_named_heads(spec_factory, batch_factory) -> None:
+    spec = nested_spec(spec_factory)
+    keys = {**SMALL, "composer_width": 8, "adapter_units": [8], "expert_units": [8], "wide_heads": ["click"]}
+    model = build(spec, "deepfm_mmoe", keys)
+    assert model.wide_mask.tolist() == [1.0, 0.0]
+    batch = nested_batch(spec, batch_factory)
+    model.eval()
+    with torch.no_grad():
+        before = model(batch).logits
+        model.fm_scale.add_(5.0)                                   # moves the FM term of every head ...
+        after = model(batch).logits
+    assert not torch.allclose(before[:, 0], after[:, 0])
+    torch.testing.assert_close(before[:, 1], after[:, 1])        # ... but only click's logit carries it
+    with pytest.raises(ConfigError, match="wide_heads"):
+        build(spec, "deepfm_mmoe", {**keys, "wide_heads": ["ctr"]})
+
+
+def test_pos_weight_clip_schedule_at_its_milestones() -> None:
+    ms = ((0, 300.0), (8000, 30.0))
+    assert [clip_at(s, ms, "piecewise") for s in (0, 7999, 8000, 10**6)] == [300.0, 300.0, 30.0, 30.0]
+    assert clip_at(4000, ms, "linear") == pytest.approx(165.0)
+    assert clip_at(9000, ms, "linear") == 30.0 and clip_at(5, (), "linear") == math.inf
+    assert clip_at(5, ((10, 3.0),), "piecewise") == math.inf          # no clip before the first milestone
+    spec = dataclasses.replace(make_two_labels(), labels=("click", "conv"))
+    tasks = build_tasks(heads_of(object(), spec), spec, TrainConfig(pos_weight=(24.7, 4800.0)))
+    obj = Objective(tasks, torch.device("cpu"), ms, "piecewise")
+    for step, want in ((0, [24.7, 300.0]), (7999, [24.7, 300.0]), (8000, [24.7, 30.0])):
+        obj.at_step(step)
+        torch.testing.assert_close(obj.pos_weight, torch.tensor(want))
+
+
+def test_focal_term_starts_at_its_step_and_matches_the_formula() -> None:
+    spec = make_two_labels()
+    cfg = TrainConfig(tasks={"y1": TaskConfig(focal_weight=0.5, focal_gamma=2.0, focal_start=3)})
+    obj = Objective(build_tasks(heads_of(object(), spec), spec, cfg), torch.device("cpu"))
+    logits = torch.tensor([[0.3, 1.0], [-0.2, -2.0], [0.1, 0.5]], requires_grad=True)
+    labels = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    out = as_output(logits)
+    obj.at_step(2)
+    plain = obj(out, labels)
+    obj.at_step(3)
+    with_focal = obj(out, labels)
+    p = torch.sigmoid(logits[:, 1].detach())
+    p_t = torch.where(labels[:, 1] > 0.5, p, 1 - p)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1].detach(), labels[:, 1],
+                                                               reduction="none")
+    torch.testing.assert_close(with_focal - plain, 0.5 * ((1 - p_t) ** 2 * bce).mean())
+
+
+def make_two_labels():
+    from ctrpipe.features import FeatureSpec, FieldSpec
+
+    return FeatureSpec(numeric=("I1",), categorical=(FieldSpec("C1", "categorical", 5),), labels=("y0", "y1"),
+                       label_rates=(0.3, 0.1))
