@@ -1,4 +1,4 @@
-"""Stage 1: the chunk type every raw reader (Criteo text, Parquet) yields, so the build sees one shape."""
+"""Stage 1: the chunk type every raw reader (Criteo text, Parquet, CSV) yields, so the build sees one shape."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class BadRow:
     """One malformed input row, skipped in `bad_rows=skip` mode (one object per skipped row)."""
 
     source: str
-    line: int | None          # 1-based line in a text file
+    line: int | None          # 1-based line in a text file (CSV: the row's first line)
     row: int | None           # 0-based row in a Parquet file
     column: str | None
     reason: str               # short, stable (tallied by reason): "field count", "not a number", "bad label"
@@ -45,6 +45,11 @@ class RawChunk:
     # first_line + i)
     line_numbers: np.ndarray | None = None
     file_bytes: int = 0       # on-disk bytes consumed (compressed for .gz), for progress against file sizes
+    # CSV, where rows and lines differ (header, comment and blank lines, quoted line breaks): the 0-based data-row
+    # position in `source` of every frame row, and the data rows up to this chunk's end, bad ones included
+    # (positional ids); None: the position follows from the line (Criteo) or row (Parquet)
+    positions: np.ndarray | None = None
+    records_end: int = 0
 
     def line_of(self, i: int) -> int:
         """Line (text) or row (Parquet) in `source` of frame row i."""

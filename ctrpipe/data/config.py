@@ -82,6 +82,85 @@ class CovisitConfig:
 
 
 @dataclass(frozen=True)
+class CsvConfig:
+    """`data.format: csv`: delimited text, RFC 4180 quoting. Blank lines and comment lines are not rows."""
+
+    # between fields; several characters allowed, e.g. ", " (UCI Adult): each occurrence is one separator
+    separator: str = ","
+    header: bool = True                  # the first row (after comment lines) names the columns
+    column_names: tuple[str, ...] = ()   # header: false: the names of the fields, in file order
+    quote_char: str = '"'                # a field in quotes may hold separators, newlines, doubled quotes; "" = off
+    # values that mean 'missing' (compared as written, e.g. ["?", "NA"]); an empty field is always missing
+    missing: tuple[str, ...] = ()
+    comment_prefix: str = ""             # lines starting with this are skipped, e.g. "|" or "#"; "" = none
+
+    def __post_init__(self) -> None:
+        sep = self.separator
+        if not sep or "\n" in sep or "\r" in sep or (self.quote_char and self.quote_char in sep):
+            raise ConfigError(f"bad value {sep!r} for 'data.csv.separator'",
+                              fix='use one or more characters without line breaks or the quote character, '
+                                  'e.g. data.csv.separator="," or ", "')
+        if len(self.quote_char.encode()) > 1 or self.quote_char in ("\n", "\r"):
+            raise ConfigError(f"bad value {self.quote_char!r} for 'data.csv.quote_char'",
+                              fix="use one character such as '\"', or \"\" for no quoting")
+        if self.header and self.column_names:
+            raise ConfigError("data.csv.column_names is set but data.csv.header is true",
+                              fix="set data.csv.header=false (names come from the config), or remove "
+                                  "data.csv.column_names (names come from the header)")
+        dup = sorted({c for c in self.column_names if self.column_names.count(c) > 1})
+        if dup or any(not c for c in self.column_names):
+            what = f"duplicate names {dup}" if dup else "an empty name"
+            raise ConfigError(f"data.csv.column_names has {what}", where="data.csv.column_names",
+                              fix="give every field a distinct, non-empty name")
+        if self.comment_prefix.startswith(("\n", "\r")):
+            raise ConfigError(f"bad value {self.comment_prefix!r} for 'data.csv.comment_prefix'",
+                              fix='use e.g. data.csv.comment_prefix="#"')
+
+
+@dataclass(frozen=True)
+class DerivedLabelConfig:
+    """A 0/1 label computed from a text column: 1 when the value is in `positive` or matches `pattern`.
+    Its source column is never a feature. A missing source value is a bad row."""
+
+    name: str = ""                       # the label's name (manifest, metrics, heads); default: `column`
+    column: str = ""                     # the source column, e.g. income or marital-status
+    positive: tuple[str, ...] = ()       # values (as written) that make the label 1, e.g. [">50K", ">50K."]
+    pattern: str = ""                    # or: a regex searched in the value (Rust regex syntax), e.g. "^Married"
+    # optional: the values that make it 0; then any other value is a bad row (catches typos and new values)
+    negative: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.column:
+            raise ConfigError("a derived label needs 'column'", where="data.derived_labels",
+                              fix="e.g. {name: income, column: income, positive: ['>50K']}")
+        if not self.name:
+            object.__setattr__(self, "name", self.column)
+        key = f"data.derived_labels[{self.name}]"
+        if bool(self.positive) == bool(self.pattern):
+            raise ConfigError(f"{key} needs exactly one of 'positive' (a list of values) and 'pattern' (a regex)",
+                              where=key, fix="e.g. {name: married, column: marital-status, pattern: '^Married'}")
+        both = sorted(set(self.positive) & set(self.negative))
+        if both:
+            raise ConfigError(f"{key}: {both} are both positive and negative", where=key,
+                              fix="list each value once")
+        if self.pattern:
+            _check_regex(self.pattern, f"{key}.pattern")
+
+
+def _check_regex(pattern: str, key: str) -> None:
+    """Patterns run in polars (Rust regex): check there, so look-arounds fail here and not mid-build."""
+    # lazy: configs load without polars' start-up cost
+    import polars as pl
+
+    try:
+        pl.Series([""]).str.contains(pattern)
+    except pl.exceptions.PolarsError as exc:
+        raise ConfigError(f"bad regex {pattern!r} for '{key}': {str(exc).splitlines()[0]}", where=key,
+                          fix="use Rust regex syntax (no look-around or back-references), e.g. '^Married'"
+                          ) from None
+
+
+@dataclass(frozen=True)
 class SplitConfig:
     val_ratio: float = 0.1
     mode: Literal["random", "tail", "group"] = "random"  # tail: the last val_ratio of rows (chronological)
@@ -114,11 +193,16 @@ class FoldConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    format: Literal["criteo", "parquet"] = "criteo"  # raw input kind
-    separator: str = "\t"                # criteo text
-    labels: tuple[str, ...] = ("label",)  # one or more label columns, e.g. [clicked, converted]
-    id_column: str = ""                  # parquet: a column kept for submissions; criteo: row position
-    id_offset: int = 0                   # criteo: id = id_offset + row position (Kaggle test: 60000000)
+    format: Literal["criteo", "parquet", "csv"] = "criteo"  # raw input kind
+    separator: str = "\t"                # criteo text (CSV: data.csv.separator)
+    labels: tuple[str, ...] = ("label",)  # 0/1 label columns, e.g. [clicked, converted]; [] with derived_labels
+    # csv: labels computed from a column (appended after `labels`), e.g. income from income, married from
+    # marital-status; their source columns are excluded from the features
+    derived_labels: tuple[DerivedLabelConfig, ...] = ()
+    csv: CsvConfig = field(default_factory=CsvConfig)
+    id_column: str = ""                  # parquet/csv: a column kept for submissions; criteo: row position
+    # criteo/csv without id_column: id = id_offset + 0-based row position (Kaggle test: 60000000)
+    id_offset: int = 0
     hash_bins: int = 1_000_000           # id space per categorical/token field (ids 1..bins-1, 0 = missing)
     hash_seed: int = 0                   # xxh64 seed; each field hashes with its own seed derived from it
     numeric: NumericConfig = field(default_factory=lambda: NumericConfig(columns=CRITEO_INT))
@@ -143,3 +227,15 @@ class DataConfig:
         if self.format == "criteo" and len(self.separator) != 1:
             raise ConfigError(f"bad value {self.separator!r} for 'data.separator'",
                               fix="use a single character")
+        if self.derived_labels and self.format != "csv":
+            raise ConfigError(f"data.derived_labels needs data.format=csv (not {self.format})",
+                              where="data.derived_labels",
+                              fix="store 0/1 label columns in the input and list them in data.labels")
+        if self.format == "csv" and not self.csv.header and not self.csv.column_names:
+            raise ConfigError("data.csv.header is false but data.csv.column_names is empty",
+                              where="data.csv", fix="list the fields' names: data.csv.column_names=[a, b, c]")
+        names = [*self.labels, *(d.name for d in self.derived_labels)]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"label names {dup} are given twice (data.labels / data.derived_labels[].name)",
+                              where="data.derived_labels", fix="give each label a distinct name")

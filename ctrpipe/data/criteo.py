@@ -61,7 +61,7 @@ class _Block:
     file_bytes: int      # on-disk bytes consumed since the previous block
 
 
-def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
+def _open(path: Path, kind_name: str = "Criteo text") -> tuple[BinaryIO, BinaryIO]:
     """(decompressed stream, raw file). gzip is recognised by its magic bytes, whatever the suffix."""
     raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
     head = raw.read(8)
@@ -72,8 +72,8 @@ def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
         if head.startswith(magic):
             raw.close()
             fix = ("pass --format parquet (data.format=parquet)" if kind == "Parquet"
-                   else f"decompress it first (Criteo text may be plain or .gz), e.g. with the {kind} tool")
-            raise InputFormatError(f"this is a {kind} file, not Criteo text", where=str(path), fix=fix)
+                   else f"decompress it first ({kind_name} may be plain or .gz), e.g. with the {kind} tool")
+            raise InputFormatError(f"this is a {kind} file, not {kind_name}", where=str(path), fix=fix)
     return raw, raw
 
 
@@ -131,16 +131,16 @@ def _advance(buf: bytes, off: int, need: int, avg: float) -> tuple[int, int]:
 
 
 def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
-                max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[_Block]:
+                max_line_bytes: int = MAX_LINE_BYTES, kind_name: str = "Criteo text") -> Iterator[_Block]:
     """Blocks of exactly chunk_rows lines (the last may be shorter); a final line without '\\n' gets one.
 
     One buffer holds the unconsumed bytes; a block is found by jumping ahead by the average line length
-    (`_advance`), and its bytes are one slice of the buffer.
+    (`_advance`), and its bytes are one slice of the buffer. `kind_name` names the expected text in errors.
     """
-    stream, raw = _open(path)
+    stream, raw = _open(path, kind_name)
     if stream is raw and os.fstat(raw.fileno()).st_size > 0:
         raw.close()
-        yield from _mapped_blocks(path, chunk_rows, max_line_bytes)
+        yield from _mapped_blocks(path, chunk_rows, max_line_bytes, kind_name)
         return
     buf, pos = b"", 0          # buf[pos:] is unconsumed; pos is a line start
     off, got = 0, 0            # the current block so far: buf[pos:off] holds `got` whole lines
@@ -181,7 +181,7 @@ def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
                 raise InputFormatError(
                     f"line {line + got + _count_newlines(buf, off, len(buf)):,} is longer than "
                     f"{max_line_bytes:,} bytes (no line break)",
-                    where=str(path), fix="check the file is Criteo text, or pass --format parquet")
+                    where=str(path), fix=_long_line_fix(kind_name))
         data = buf[pos:]
         if data:
             if not data.endswith(b"\n"):
@@ -192,7 +192,7 @@ def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
         raw.close()
 
 
-def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int) -> Iterator[_Block]:
+def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int, kind_name: str) -> Iterator[_Block]:
     """Plain files: the same blocks, cut in a memory map of the file, so each block costs one copy (its
     slice) instead of a read, a buffer concatenation and a slice. Pages behind the cursor are dropped from
     the mapping (they stay in the page cache), so resident memory stays about one block whatever the size."""
@@ -210,7 +210,7 @@ def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int) -> Iterator
             elif got < chunk_rows and off < size:      # the last line has no b"\n"
                 off = size
             if off - pos > max_line_bytes:
-                _check_line_lengths(path, mm, pos, off, line, max_line_bytes)
+                _check_line_lengths(path, mm, pos, off, line, max_line_bytes, kind_name)
             data = mm[pos:off]
             if not data.endswith(b"\n"):
                 data += b"\n"
@@ -229,7 +229,12 @@ def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int) -> Iterator
             pass
 
 
-def _check_line_lengths(path: Path, buf: mmap.mmap, start: int, stop: int, line: int, limit: int) -> None:
+def _long_line_fix(kind_name: str) -> str:
+    return f"check the file is {kind_name}, or pass --format parquet"
+
+
+def _check_line_lengths(path: Path, buf: mmap.mmap, start: int, stop: int, line: int, limit: int,
+                        kind_name: str) -> None:
     """A block larger than the line limit: raise if one of its lines is (binary data or a wrong format)."""
     ends = np.flatnonzero(np.frombuffer(buf, np.uint8, count=stop - start, offset=start) == 10)
     bounds = np.concatenate(([-1], ends, [stop - start - 1] if len(ends) == 0 or ends[-1] != stop - start - 1
@@ -238,7 +243,7 @@ def _check_line_lengths(path: Path, buf: mmap.mmap, start: int, stop: int, line:
     if len(long):
         raise InputFormatError(
             f"line {line + int(long[0]):,} is longer than {limit:,} bytes (no line break)",
-            where=str(path), fix="check the file is Criteo text, or pass --format parquet")
+            where=str(path), fix=_long_line_fix(kind_name))
 
 
 # ------------------------------------------------------------------------------------------ line analysis

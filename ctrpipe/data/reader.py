@@ -9,19 +9,30 @@ from typing import Literal
 from ctrpipe.data.chunks import BadRow, RawChunk
 from ctrpipe.data.config import DataConfig
 from ctrpipe.data.criteo import iter_criteo_chunks
+from ctrpipe.data.csv_reader import iter_csv_chunks, read_header
 from ctrpipe.data.parquet import iter_parquet_chunks, read_schema
-from ctrpipe.data.schema import ResolvedColumns, resolve_columns
+from ctrpipe.data.schema import ResolvedColumns, SchemaLike, resolve_columns
 from ctrpipe.data.sources import expand_inputs
 
-__all__ = ["BadRow", "RawChunk", "ResolvedColumns", "expand_inputs", "iter_raw_chunks", "resolve_columns",
-           "resolve_inputs_columns"]
+__all__ = ["BadRow", "RawChunk", "ResolvedColumns", "expand_inputs", "input_schema", "iter_raw_chunks",
+           "resolve_columns", "resolve_inputs_columns"]
+
+
+def input_schema(cfg: DataConfig, path: Path) -> SchemaLike:
+    """The columns of one input: Parquet's schema, a CSV header (or data.csv.column_names) as names,
+    None for Criteo text (its layout is fixed)."""
+    if cfg.format == "parquet":
+        return read_schema(path)
+    if cfg.format == "csv":
+        return dict.fromkeys(read_header(cfg, path))
+    return None
 
 
 def resolve_inputs_columns(cfg: DataConfig, inputs: list[Path]) -> ResolvedColumns:
-    """Columns resolved against the first input (Parquet) or the fixed Criteo layout."""
-    if cfg.format == "parquet":
-        return resolve_columns(cfg, read_schema(inputs[0]), source=inputs[0])
-    return resolve_columns(cfg, None)
+    """Columns resolved against the first input (Parquet, CSV) or the fixed Criteo layout."""
+    if cfg.format == "criteo":
+        return resolve_columns(cfg, None)
+    return resolve_columns(cfg, input_schema(cfg, inputs[0]), source=inputs[0])
 
 
 def iter_raw_chunks(cfg: DataConfig, inputs: list[Path], chunk_rows: int,
@@ -43,5 +54,7 @@ def iter_raw_chunks(cfg: DataConfig, inputs: list[Path], chunk_rows: int,
         if cfg.format == "criteo":
             yield from iter_criteo_chunks(cfg, path, chunk_rows, rc.raw_columns(), bad_rows, require_labels,
                                           hashed=hashed)
+        elif cfg.format == "csv":
+            yield from iter_csv_chunks(cfg, path, chunk_rows, rc, bad_rows, require_labels)
         else:
             yield from iter_parquet_chunks(cfg, path, chunk_rows, rc, bad_rows, require_labels)

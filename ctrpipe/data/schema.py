@@ -1,7 +1,7 @@
 """Stage 1: which raw input columns the config uses, by kind, in a fixed order (the manifest's column order).
 
-Criteo text has a fixed layout (label, I1..I13, C1..C26); Parquet columns come from the first file's schema,
-selected by explicit names and/or a regex per kind.
+Criteo text has a fixed layout (label, I1..I13, C1..C26); Parquet and CSV columns come from the first file's
+schema (CSV: its header or data.csv.column_names), selected by explicit names and/or a regex per kind.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig, TokenColumnConfig
+from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig, DerivedLabelConfig, TokenColumnConfig
 from ctrpipe.errors import ConfigError, SchemaError
 
 CRITEO_LABEL = "label"
@@ -27,7 +27,9 @@ SchemaLike = pa.Schema | pl.Schema | Mapping[str, object] | None
 @dataclass(frozen=True)
 class ResolvedColumns:
     """Raw input columns by kind. Numeric and categorical: explicit names first (config order), then regex
-    matches in file order. Token columns keep their config objects (separator, max_len, ...)."""
+    matches in file order. Token columns keep their config objects (separator, max_len, ...). `labels` names
+    every label in storage order: the 0/1 label columns, then the derived labels (CSV), whose values a reader
+    computes from their source columns."""
 
     numeric: tuple[str, ...]
     categorical: tuple[str, ...]
@@ -35,14 +37,22 @@ class ResolvedColumns:
     sequence: tuple[TokenColumnConfig, ...]
     labels: tuple[str, ...]
     id: str | None
+    derived: tuple[DerivedLabelConfig, ...] = ()
 
     @property
     def tokens(self) -> tuple[TokenColumnConfig, ...]:
         return self.multihot + self.sequence
 
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        """Input columns the labels come from: the 0/1 label columns, then derived labels' sources."""
+        derived = {d.name for d in self.derived}
+        return tuple(dict.fromkeys([*(c for c in self.labels if c not in derived),
+                                    *(d.column for d in self.derived)]))
+
     def raw_columns(self) -> list[str]:
-        """Every input column to read, each once: labels, id, numeric, categorical, token columns."""
-        names = [*self.labels, *([self.id] if self.id else []), *self.numeric, *self.categorical,
+        """Every input column to read, each once: labels (or their sources), id, numeric, categorical, tokens."""
+        names = [*self.label_columns, *([self.id] if self.id else []), *self.numeric, *self.categorical,
                  *(t.column for t in self.tokens)]
         return list(dict.fromkeys(names))
 
@@ -97,14 +107,18 @@ def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | No
     """Resolve the config's column choices against an input schema (None: the fixed Criteo layout).
 
     Raises SchemaError naming the column and the closest existing name, or a column picked twice. Parquet
-    label columns are only checked with require_labels (test files have none; the reader checks each file).
+    and CSV label columns (and derived labels' sources) are only checked with require_labels (test files have
+    none; the reader checks each file). Derived labels' sources are never features.
     """
     criteo = cfg.format == "criteo"
     present = list(CRITEO_COLUMNS) if criteo else _names(schema)
     where = str(source) if source is not None else ("Criteo text layout" if criteo else "first input file")
-    labels = tuple(cfg.labels)
+    derived = tuple(cfg.derived_labels)
+    sources = tuple(dict.fromkeys(d.column for d in derived))
+    labels = (*cfg.labels, *(d.name for d in derived))
     if criteo or require_labels:
-        _check_exists(list(labels), present, "data.labels", where, criteo)
+        _check_exists(list(cfg.labels), present, "data.labels", where, criteo)
+        _check_exists(list(sources), present, "data.derived_labels[].column", where, criteo)
     id_col = cfg.id_column or None
     if id_col is not None:
         if criteo:
@@ -113,15 +127,19 @@ def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | No
         _check_exists([id_col], present, "data.id_column", where, criteo)
     tokens = tuple(cfg.multihot) + tuple(cfg.sequence)
     _check_exists([t.column for t in tokens], present, "data.multihot/sequence", where, criteo)
-    reserved = set(labels) | {id_col} | {t.column for t in tokens}
+    reserved = set(labels) | set(sources) | {id_col} | {t.column for t in tokens}
     numeric = _select(tuple(cfg.numeric.columns), cfg.numeric.pattern, present, reserved, "data.numeric",
                       where, criteo)
     categorical = _select(tuple(cfg.categorical.columns), cfg.categorical.pattern, present,
                           reserved | set(numeric), "data.categorical", where, criteo)
-    _check_disjoint({"data.labels": labels, "data.id_column": (id_col,) if id_col else (),
+    # a derived label may share its source's name (income from income); any other overlap is an error
+    _check_disjoint({"data.labels": tuple(cfg.labels),
+                     "data.derived_labels": tuple(dict.fromkeys((*sources, *(d.name for d in derived)))),
+                     "data.id_column": (id_col,) if id_col else (),
                      "data.numeric": numeric, "data.categorical": categorical,
                      "data.multihot/sequence": tuple(t.column for t in tokens)}, where)
-    return ResolvedColumns(numeric, categorical, tuple(cfg.multihot), tuple(cfg.sequence), labels, id_col)
+    return ResolvedColumns(numeric, categorical, tuple(cfg.multihot), tuple(cfg.sequence), labels, id_col,
+                           derived)
 
 
 def _check_disjoint(kinds: dict[str, tuple[str, ...]], where: str) -> None:

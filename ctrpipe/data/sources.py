@@ -9,6 +9,8 @@ from typing import Literal
 
 from ctrpipe.errors import InputFormatError
 
+Format = Literal["criteo", "parquet", "csv"]
+
 _GLOB_CHARS = set("*?[")
 
 
@@ -16,13 +18,13 @@ def _is_glob(p: str) -> bool:
     return any(c in _GLOB_CHARS for c in p)
 
 
-def _folder_files(folder: Path, fmt: Literal["criteo", "parquet"]) -> list[Path]:
+def _folder_files(folder: Path, fmt: Format) -> list[Path]:
     if fmt == "parquet":
         return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".parquet")
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def expand_inputs(paths: Sequence[Path | str], fmt: Literal["criteo", "parquet"]) -> list[Path]:
+def expand_inputs(paths: Sequence[Path | str], fmt: Format) -> list[Path]:
     """Files as given; folders -> their files (Parquet: *.parquet), sorted; globs -> matches, sorted.
 
     Order is the order of the arguments, each expanded deterministically, so row order (and so splits and

@@ -1,0 +1,352 @@
+"""Stage 1: delimited text (`data.format: csv`) -> typed RawChunks, with the file, line and column of bad input.
+
+Records come whole from `csv_records.RecordCutter` (quote-aware, any separator); polars parses each chunk's
+records as text, and the values are typed here per column: numeric (missing tokens and blanks -> null; anything
+else that is not a number is a bad row), categorical and token text (missing tokens -> null), 0/1 labels, and
+derived labels (a value set or a regex over a source column). A record with the wrong number of fields, or one
+polars cannot parse (bad quoting, invalid UTF-8), is a bad row too: an error, or skipped and counted.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+from ctrpipe.data.chunks import BadRow, RawChunk
+from ctrpipe.data.config import DataConfig, DerivedLabelConfig
+from ctrpipe.data.csv_records import SEP_BYTE, RecordCutter, Records
+from ctrpipe.data.schema import ResolvedColumns, closest
+from ctrpipe.data.transforms import first_bad_weight, weight_error
+from ctrpipe.errors import InputFormatError, SchemaError, location
+from ctrpipe.prefetch import prefetch
+
+BadMode = Literal["error", "skip"]
+_PARSE_ERRORS = (pl.exceptions.PolarsError, ValueError)
+_SKIP_FIX = "or pass --bad-rows skip to skip and count such rows"
+
+
+def _shown_sep(sep: str) -> str:
+    return {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", " ": "space"}.get(sep, repr(sep))
+
+
+# ------------------------------------------------------------------------------------------ column names
+
+def _parse_record(rec: Records, i: int, cfg: DataConfig, n: int) -> list[str | None]:
+    """One record's fields as text (the header row)."""
+    data = rec.gather(np.array([i]))
+    frame = pl.read_csv(io.BytesIO(data), has_header=False, separator=_polars_sep(cfg),
+                        quote_char=cfg.csv.quote_char or None,
+                        schema={f"column_{j + 1}": pl.String for j in range(n)})
+    return [None if v is None else v.replace(chr(SEP_BYTE), cfg.csv.separator) for v in frame.row(0)]
+
+
+def _polars_sep(cfg: DataConfig) -> str:
+    return cfg.csv.separator if len(cfg.csv.separator.encode()) == 1 else chr(SEP_BYTE)
+
+
+def _header(path: Path, cfg: DataConfig, rec: Records) -> list[str]:
+    """The column names in the first record of `rec`: non-empty and distinct."""
+    try:
+        names = _parse_record(rec, 0, cfg, int(rec.fields[0]))
+    except _PARSE_ERRORS as exc:
+        raise InputFormatError(f"cannot parse the header row: {str(exc).splitlines()[0]}",
+                               where=location(path, int(rec.lines[0])),
+                               fix="check the quoting of the header, or set data.csv.header=false and "
+                                   "data.csv.column_names") from None
+    empty = [j + 1 for j, v in enumerate(names) if not v]
+    dup = sorted({v for v in names if v and names.count(v) > 1})
+    if empty or dup:
+        what = f"field {empty[0]} of the header is empty" if empty else f"the header repeats {dup}"
+        raise SchemaError(what, where=location(path, int(rec.lines[0])),
+                          fix="give every column a distinct name in the file, or set data.csv.header=false "
+                              "and list the names in data.csv.column_names")
+    return [str(v) for v in names]
+
+
+def read_header(cfg: DataConfig, path: Path) -> list[str]:
+    """Field names of a CSV file: its header row (the first record after comment and blank lines), or
+    data.csv.column_names when the files have no header."""
+    if not cfg.csv.header:
+        return list(cfg.csv.column_names)
+    for rec in RecordCutter(path, cfg.csv, 64):
+        return _header(path, cfg, rec)
+    raise InputFormatError("the file holds no header row (only blank or comment lines)", where=str(path),
+                           fix="check the file, or set data.csv.header=false and data.csv.column_names")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    names: tuple[str, ...]        # the file's fields in order
+    has_labels: bool
+
+
+def _layout(path: Path, cfg: DataConfig, rc: ResolvedColumns, names: list[str], rec: Records,
+            require_labels: bool) -> _Layout:
+    """Which fields the file has: with a header, its names; without, data.csv.column_names, or those names
+    less the label columns when most records of the first chunk have that many fields (an unlabelled test
+    file, as Criteo's 39-field layout)."""
+    label_cols = list(rc.label_columns)
+    if not cfg.csv.header and label_cols:
+        short = [c for c in names if c not in label_cols]
+        n_all, n_short = int((rec.fields == len(names)).sum()), int((rec.fields == len(short)).sum())
+        if len(short) < len(names) and n_short > n_all:
+            names = short
+    missing = [c for c in label_cols if c not in names]
+    if missing and (require_labels or len(missing) < len(label_cols)):
+        if not cfg.csv.header:
+            raise InputFormatError(
+                f"most rows have {len(names)} fields: data.csv.column_names without the label columns "
+                f"{label_cols}: a test file?", where=str(path),
+                fix="pass --test to shard unlabelled test data, or check that this is the training file")
+        fix = closest(missing[0], names) + " Check data.labels / data.derived_labels"
+        if require_labels and len(missing) == len(label_cols):
+            fix += "; pass --test for unlabelled test data"
+        else:
+            fix += " (a test file must have all label columns or none)"
+        raise SchemaError(f"label column {missing[0]!r} is not in the header", where=str(path), fix=fix)
+    for c in rc.raw_columns():
+        if c not in names and c not in label_cols:
+            raise SchemaError(f"column {c!r} is not in the header", where=str(path),
+                              fix=f"{closest(c, names)} All CSV inputs need the columns the config uses")
+    return _Layout(tuple(names), bool(label_cols) and not missing)
+
+
+# ------------------------------------------------------------------------------------------ chunks
+
+class CsvChunker:
+    """Parses the Records of one file into typed RawChunks, dropping or raising on bad rows."""
+
+    def __init__(self, path: Path, cfg: DataConfig, rc: ResolvedColumns, layout: _Layout,
+                 bad_rows: BadMode) -> None:
+        self.path, self.cfg, self.rc, self.layout, self.bad_rows = path, cfg, rc, layout, bad_rows
+        self.missing = list(cfg.csv.missing)
+        wanted = set(rc.raw_columns()) if layout.has_labels else set(rc.raw_columns()) - set(rc.label_columns)
+        self.read_idx = [j for j, c in enumerate(layout.names) if c in wanted]
+        self.schema = {c: pl.String for c in layout.names}
+
+    def chunk(self, rec: Records, position0: int) -> RawChunk:
+        """`position0`: 0-based data-row position of rec's first record in the file (ids count bad rows)."""
+        n = len(rec)
+        flags = _Flags(self.bad_rows, rec, self.path)
+        wrong = rec.fields != len(self.layout.names)
+        flags.flag(np.flatnonzero(wrong), None, "field count", self._field_error)
+        frame, parsed = self._parse(rec, np.flatnonzero(flags.keep), flags)
+        frame = self._restore_separator(frame, rec)
+        frame = self._typed(frame, parsed, flags)
+        keep = flags.keep[parsed]
+        if not keep.all():
+            frame, parsed = frame.filter(pl.Series(keep)), parsed[keep]
+        flags.raise_first()
+        lines = rec.lines[parsed]
+        first = int(lines[0]) if len(lines) else int(rec.lines[0])
+        nbytes = int((rec.ends - rec.starts + 1).sum())
+        return RawChunk(frame=frame, source=self.path, first_line=first, nbytes=nbytes, bad_rows=flags.bad,
+                        has_labels=self.layout.has_labels, line_numbers=lines,
+                        file_bytes=rec.file_bytes, positions=position0 + parsed.astype(np.int64),
+                        records_end=position0 + n)
+
+    # -- structure
+    def _field_error(self, rec: Records, i: int) -> InputFormatError:
+        names, n = self.layout.names, int(rec.fields[i])
+        sep = self.cfg.csv.separator
+        what = f"{n} {_shown_sep(sep)}-separated fields, expected {len(names)} ({', '.join(names[:4])}" + \
+            (", ...)" if len(names) > 4 else ")")
+        fix = f"check data.csv.separator ({sep!r}) and the column names, {_SKIP_FIX}"
+        if rec.spans[i] > 1:
+            what += (f"; the row runs over {int(rec.spans[i])} lines because a quoted field holds line breaks "
+                     f"(an unbalanced {self.cfg.csv.quote_char!r}?)")
+            fix = ("close the quote, or set data.csv.quote_char=\"\" if quote characters are plain text in "
+                   f"this file, {_SKIP_FIX}")
+        elif rec.open_quote and i == len(rec) - 1:
+            what += f"; a {self.cfg.csv.quote_char!r} opened in this row never closes"
+        text = rec.text(i, sep)
+        for other in (", ", ",", "\t", ";", "|"):
+            if other != sep and text.count(other) + 1 == len(names):
+                fix = f"the line has {len(names)} fields separated by {other!r}: set data.csv.separator={other!r}"
+                break
+        return InputFormatError(what, where=location(self.path, int(rec.lines[i])), fix=fix)
+
+    def _parse(self, rec: Records, idx: np.ndarray, flags: _Flags) -> tuple[pl.DataFrame, np.ndarray]:
+        """The records idx as text columns, and the records parsed; those polars rejects (bad quoting,
+        invalid UTF-8) are found by halving the failing range, so a clean chunk costs one parse."""
+        try:
+            frame = self._read(rec.gather(idx))
+            if frame.height == len(idx):
+                return frame, idx
+            reason = f"{frame.height} rows parsed from {len(idx)} records"
+        except _PARSE_ERRORS as exc:
+            reason = str(exc).splitlines()[0]
+        if len(idx) == 1:
+            flags.flag(idx, None, "unparsable", lambda r, i: InputFormatError(
+                f"cannot parse this row: {reason}", where=location(self.path, int(r.lines[i])),
+                fix="check its quoting (a quote inside an unquoted field, or text after a closing quote) "
+                    "and encoding (UTF-8); set data.csv.quote_char=\"\" if quote characters are plain text, "
+                    + _SKIP_FIX))
+            return self._read(b""), idx[:0]
+        half = len(idx) // 2
+        a, ia = self._parse(rec, idx[:half], flags)
+        b, ib = self._parse(rec, idx[half:], flags)
+        return pl.concat([a, b]), np.concatenate([ia, ib])
+
+    def _read(self, data: bytes) -> pl.DataFrame:
+        names = self.layout.names
+        return pl.read_csv(io.BytesIO(data), has_header=False, separator=_polars_sep(self.cfg),
+                           quote_char=self.cfg.csv.quote_char or None, schema=self.schema,
+                           columns=self.read_idx).select([names[j] for j in self.read_idx])
+
+    def _restore_separator(self, frame: pl.DataFrame, rec: Records) -> pl.DataFrame:
+        """A multi-byte separator inside quotes was replaced by SEP_BYTE with all the others: put it back."""
+        q = self.cfg.csv.quote_char
+        if len(self.cfg.csv.separator.encode()) == 1 or not q or q.encode() not in rec.data:
+            return frame
+        return frame.with_columns(pl.col(pl.String).str.replace_all(chr(SEP_BYTE), self.cfg.csv.separator,
+                                                                    literal=True))
+
+    # -- values
+    def _is_missing(self, col: str) -> pl.Expr:
+        e = pl.col(col)
+        missing = e.is_null() | (e.str.len_bytes() == 0)
+        return missing | e.is_in(self.missing) if self.missing else missing
+
+    def _typed(self, frame: pl.DataFrame, parsed: np.ndarray, flags: _Flags) -> pl.DataFrame:
+        """Check and type every column (frame rows are the records `parsed`): labels in storage order as
+        Float32, then the id (text), numeric (Float64), categorical and token columns (text, null = missing)."""
+        rc = self.rc
+        derived = {d.name: d for d in rc.derived}
+        labels = rc.labels if self.layout.has_labels else ()
+        checks: dict[str, tuple[str, str, pl.Expr]] = {}
+        for c in rc.numeric:
+            t = pl.col(c).str.strip_chars()
+            checks[f"num:{c}"] = ("num", c, ~self._is_missing(c) & (t.str.len_bytes() > 0)
+                                  & t.cast(pl.Float64, strict=False).is_null())
+        for lab in labels:
+            if lab in derived:
+                d = derived[lab]
+                # with a negative list, a value in neither list is a bad row; without, anything else is 0
+                ok = (self._positive(d) | pl.col(d.column).is_in(list(d.negative))) if d.negative else pl.lit(True)
+                checks[f"der:{lab}"] = ("der", lab, self._is_missing(d.column) | ~ok.fill_null(False))
+            else:
+                y = pl.col(lab).str.strip_chars().cast(pl.Float64, strict=False)
+                checks[f"lab:{lab}"] = ("lab", lab, ~y.is_in([0.0, 1.0]).fill_null(False))
+        if checks:
+            bad = frame.select([e.alias(k) for k, (_, _, e) in checks.items()])
+            for key, (kind, col, _) in checks.items():
+                rows = np.flatnonzero(bad[key].fill_null(False).to_numpy())
+                flags.flag(parsed[rows], col if kind != "der" else derived[col].column,
+                           "not a number" if kind == "num" else "bad label",
+                           self._value_error(frame, parsed, kind, col))
+        for tc in rc.multihot:
+            if tc.weighted:
+                self._check_weights(frame, parsed, tc.column, tc.separator, flags)
+        exprs = [self._positive(derived[lab]).cast(pl.Float32).alias(lab) if lab in derived
+                 else pl.col(lab).str.strip_chars().cast(pl.Float64, strict=False).cast(pl.Float32)
+                 for lab in labels]
+        if rc.id:
+            exprs.append(pl.col(rc.id))
+        # every numeric value was checked above, so a non-strict cast only turns missing values into null
+        exprs += [pl.when(self._is_missing(c)).then(None).otherwise(pl.col(c).str.strip_chars())
+                  .cast(pl.Float64, strict=False).alias(c) for c in rc.numeric]
+        exprs += [pl.when(self._is_missing(c)).then(None).otherwise(pl.col(c)).alias(c)
+                  for c in (*rc.categorical, *(t.column for t in rc.tokens))]
+        return frame.select(exprs)
+
+    def _positive(self, d: DerivedLabelConfig) -> pl.Expr:
+        col = pl.col(d.column)
+        return col.str.contains(d.pattern) if d.pattern else col.is_in(list(d.positive))
+
+    def _value_error(self, frame: pl.DataFrame, parsed: np.ndarray, kind: str, col: str,
+                     ) -> Callable[[Records, int], InputFormatError]:
+        def error(rec: Records, i: int) -> InputFormatError:
+            row = int(np.searchsorted(parsed, i))        # parsed is ascending
+            if kind == "der":
+                d = next(d for d in self.rc.derived if d.name == col)
+                value = frame[d.column][row]
+                where = location(self.path, int(rec.lines[i]), column=d.column)
+                if value is None or value == "" or value in self.missing:
+                    return InputFormatError(f"missing value {value!r} in the source of label {d.name!r}",
+                                            where=where, fix=f"every row needs a label: {_SKIP_FIX}")
+                return InputFormatError(
+                    f"{value!r} is neither a positive {list(d.positive)} nor a negative {list(d.negative)} "
+                    f"value of label {d.name!r}", where=where,
+                    fix=f"add it to data.derived_labels[{d.name}].positive or .negative, {_SKIP_FIX}")
+            value = frame[col][row]
+            where = location(self.path, int(rec.lines[i]), column=col)
+            if kind == "lab":
+                return InputFormatError(f"label {value!r} is not 0 or 1", where=where,
+                                        fix=f"labels must be 0/1 (no missing values); fix the file, {_SKIP_FIX}")
+            fix = f"list it in data.csv.missing if it means 'missing', or list {col!r} under data.categorical"
+            if str(value).startswith(" "):
+                fix = f"the value starts with a space: is the separator {self.cfg.csv.separator + ' '!r}? " + fix
+            return InputFormatError(f"{value!r} is not a number", where=where, fix=f"{fix}, {_SKIP_FIX}")
+        return error
+
+    def _check_weights(self, frame: pl.DataFrame, parsed: np.ndarray, col: str, sep: str, flags: _Flags) -> None:
+        s = frame[col]
+        live = np.ones(len(s), dtype=bool)
+        while True:      # once per bad row (skip mode), which are few; one pass when all are good
+            idx = np.flatnonzero(live)
+            found = first_bad_weight(s.filter(pl.Series(live)) if not live.all() else s, sep)
+            if found is None:
+                return
+            k = int(idx[found[0]])
+            live[k] = False
+            token = found[1]
+            flags.flag(parsed[[k]], col, "bad weight", lambda r, i, v=str(s[k]), t=token: weight_error(
+                col, v, t, where=location(self.path, int(r.lines[i]), column=col)))
+            if self.bad_rows == "error":
+                return
+
+
+class _Flags:
+    """Bad rows of one chunk: a keep mask, BadRows (skip mode), and in error mode the first error by line
+    (every check runs, so the message names the earliest bad row of the chunk whatever its kind)."""
+
+    def __init__(self, mode: BadMode, rec: Records, path: Path) -> None:
+        self.mode, self.rec, self.path = mode, rec, path
+        self.keep = np.ones(len(rec), dtype=bool)
+        self.bad: list[BadRow] = []
+        self.first: tuple[int, Callable[[Records, int], InputFormatError]] | None = None
+
+    def flag(self, idx: np.ndarray, column: str | None, reason: str,
+             error: Callable[[Records, int], InputFormatError]) -> None:
+        idx = idx[self.keep[idx]]
+        if not len(idx):
+            return
+        if self.mode == "error":
+            i = int(idx.min())
+            if self.first is None or i < self.first[0]:
+                self.first = (i, error)
+        else:
+            self.bad.extend(BadRow(str(self.path), int(self.rec.lines[i]), None, column, reason) for i in idx)
+        self.keep[idx] = False
+
+    def raise_first(self) -> None:
+        if self.first is not None:
+            raise self.first[1](self.rec, self.first[0])
+
+
+def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedColumns,
+                    bad_rows: BadMode = "error", require_labels: bool = True) -> Iterator[RawChunk]:
+    """RawChunks of one CSV file, at most chunk_rows rows each, with the configured columns only."""
+    chunker: CsvChunker | None = None
+    position = 0
+    # records are cut one chunk ahead in their own thread: cutting overlaps the parse
+    for rec in prefetch(lambda: iter(RecordCutter(path, cfg.csv, chunk_rows)), 1, "ctrpipe-read"):
+        if chunker is None:
+            names = list(cfg.csv.column_names)
+            if cfg.csv.header:
+                names, rec = _header(path, cfg, rec), rec.drop_first()
+            chunker = CsvChunker(path, cfg, rc, _layout(path, cfg, rc, names, rec, require_labels), bad_rows)
+        if len(rec) == 0:
+            continue
+        yield chunker.chunk(rec, position)
+        position += len(rec)
+    if chunker is None:
+        raise InputFormatError("the file holds no rows (only blank or comment lines)", where=str(path),
+                               fix="check the file, or leave it out of --input")

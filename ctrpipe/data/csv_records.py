@@ -1,0 +1,213 @@
+"""Stage 1, CSV bytes -> whole records: blocks of lines (`criteo.iter_blocks`) regrouped into CSV records, each
+with its line number and its quote-aware field count, vectorised over the block's bytes (no loop over rows).
+
+Quoting follows RFC 4180: every quote character toggles "inside quotes" (a doubled quote toggles twice), so a
+quoted field may hold separators and line breaks, and a record ends at the first line break outside quotes.
+Polars reads a quote inside an unquoted field (`5'11"`) as text; here it still toggles, so a row with an odd
+number of them runs on into the next line: the reader reports it with the hint to turn quoting off.
+Before that analysis a block's CRLF line ends become LF and a separator of several bytes (", ") becomes the
+single byte `SEP_BYTE`, so polars (one-byte separators only) parses the records and each occurrence of the
+configured separator is exactly one field boundary. Blank lines and comment lines are not records.
+
+    'a, "x, y"\\n\\n|note\\nb, "2\\n3"\\n'  with separator ", ", comment_prefix "|"
+    -> records  'a\\x1f"x\\x1f y"'  (line 1, 2 fields)   'b\\x1f"2\\n3"'  (line 4, spans 2 lines, 2 fields)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ctrpipe.data.config import CsvConfig
+from ctrpipe.data.criteo import MAX_LINE_BYTES, READ_BYTES, iter_blocks
+from ctrpipe.errors import InputFormatError, location
+
+SEP_BYTE = 0x1F              # ASCII "unit separator": stands for a multi-byte separator (never in real text)
+BOM = b"\xef\xbb\xbf"        # a UTF-8 byte-order mark (spreadsheet exports) is not part of the first field
+KIND = "delimited text (data.format=csv)"
+
+
+@dataclass
+class Records:
+    """Whole CSV records of one file, in file order. `data` may also hold skipped (blank, comment) lines."""
+
+    data: bytes              # normalised bytes: LF line ends, the separator as one byte
+    starts: np.ndarray       # (R,) int64 offset of each record in data
+    ends: np.ndarray         # (R,) int64 offset of its closing b"\n"
+    lines: np.ndarray        # (R,) int64 1-based line of the record's first line
+    spans: np.ndarray        # (R,) int64 lines it runs over: more than 1 with quoted line breaks
+    fields: np.ndarray       # (R,) int64 fields (separators outside quotes + 1)
+    file_bytes: int          # on-disk bytes consumed since the previous Records (progress)
+    open_quote: bool = False  # the last record's quote never closes (only at the end of a file)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def drop_first(self) -> Records:
+        """Without the first record (a header row)."""
+        return Records(self.data, self.starts[1:], self.ends[1:], self.lines[1:], self.spans[1:],
+                       self.fields[1:], self.file_bytes, self.open_quote and len(self) > 1)
+
+    def text(self, i: int, sep: str, limit: int = 80) -> str:
+        """Record i as written (with the configured separator), cut to `limit` characters."""
+        raw = self.data[self.starts[i]: self.ends[i]].decode("utf-8", errors="replace")
+        raw = raw.replace(chr(SEP_BYTE), sep)
+        return raw if len(raw) <= limit else raw[:limit] + "..."
+
+    def gather(self, idx: np.ndarray | None = None) -> bytes:
+        """The bytes of records `idx` (default: all), each with its b"\\n": what polars parses."""
+        starts, ends = (self.starts, self.ends) if idx is None else (self.starts[idx], self.ends[idx])
+        if len(starts) == 0:
+            return b""
+        if len(starts) == 1 or np.array_equal(starts[1:], ends[:-1] + 1):      # contiguous: one slice
+            return self.data[int(starts[0]): int(ends[-1]) + 1]
+        return np.frombuffer(self.data, np.uint8)[_ranges_mask(len(self.data), starts, ends + 1)].tobytes()
+
+
+def _ranges_mask(n: int, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """(n,) bool: True inside any [start, stop) (ranges do not overlap)."""
+    mark = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(mark, starts, 1)
+    np.add.at(mark, stops, -1)
+    return np.cumsum(mark[:-1]) > 0
+
+
+class RecordCutter:
+    """Cuts one file into Records of at most `chunk_rows` records (blank and comment lines excluded).
+
+    Lines are read in blocks of `chunk_rows`; a record whose quoted field runs past a block's end is carried
+    over to the next block, as are records beyond `chunk_rows`, so a carry stays below one block (plus one
+    open record, refused beyond `max_record_bytes`: a stray quote would otherwise swallow the file).
+    """
+
+    def __init__(self, path: Path, cfg: CsvConfig, chunk_rows: int, read_bytes: int = READ_BYTES,
+                 max_record_bytes: int = MAX_LINE_BYTES) -> None:
+        self.path, self.cfg, self.chunk_rows = path, cfg, chunk_rows
+        self.read_bytes, self.max_record_bytes = read_bytes, max_record_bytes
+        self.sep = cfg.separator.encode()
+        self.quote = ord(cfg.quote_char) if cfg.quote_char else None
+        self.comment = cfg.comment_prefix.encode()
+
+    def __iter__(self) -> Iterator[Records]:
+        carry, line, disk = b"", 1, 0
+        for block in iter_blocks(self.path, self.chunk_rows, self.read_bytes, self.max_record_bytes, KIND):
+            data = self._normalise(block.data, block.first_line)
+            buf = carry + data if carry else data
+            disk += block.file_bytes
+            while True:
+                rec, used, used_lines = self._take(buf, line, final=False, file_bytes=disk)
+                if rec is not None:
+                    disk = 0
+                    yield rec
+                buf, line = buf[used:], line + used_lines
+                if rec is None or len(rec) < self.chunk_rows:
+                    break
+            if len(buf) > self.max_record_bytes:
+                raise self._open_quote_error(line, f"runs on for more than {self.max_record_bytes:,} bytes")
+            carry = buf
+        while carry:
+            rec, used, used_lines = self._take(carry, line, final=True, file_bytes=disk)
+            disk = 0
+            if rec is None:
+                break
+            yield rec
+            carry, line = carry[used:], line + used_lines
+
+    def _normalise(self, data: bytes, first_line: int) -> bytes:
+        if first_line == 1 and data.startswith(BOM):
+            data = data[len(BOM):]
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        if len(self.sep) > 1:
+            if bytes([SEP_BYTE]) in data:
+                at = data.index(bytes([SEP_BYTE]))
+                raise InputFormatError(
+                    "the byte 0x1f (ASCII unit separator) is in the text; the reader uses it in place of "
+                    f"the {len(self.sep)}-byte separator {self.cfg.separator!r}",
+                    where=location(self.path, first_line + data.count(b"\n", 0, at)),
+                    fix="remove the control character from the file, or use a one-character separator")
+            data = data.replace(self.sep, bytes([SEP_BYTE]))
+        return data
+
+    def _take(self, buf: bytes, line0: int, final: bool, file_bytes: int,
+              ) -> tuple[Records | None, int, int]:
+        """(the first records of buf, up to chunk_rows, or None; bytes used; lines used). Without `final`,
+        an unfinished last record stays in buf; with it, the rest of buf is one record with an open quote."""
+        arr = np.frombuffer(buf, np.uint8)
+        nl_at = np.flatnonzero(arr == 10)
+        inside = self._inside_quotes(arr, nl_at)
+        ends = nl_at[~inside[nl_at]] if inside is not None else nl_at
+        open_quote = False
+        if final and (len(ends) == 0 or ends[-1] != len(buf) - 1):
+            ends = np.append(ends, len(buf) - 1)             # iter_blocks ends every file with b"\n"
+            open_quote = True
+        if len(ends) == 0:
+            return None, 0, 0
+        starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64)
+        blank = ends == starts
+        data_rec = ~blank & ~self._comments(arr, starts)
+        kept = np.flatnonzero(data_rec)
+        if len(kept) > self.chunk_rows:                     # the rest is carried into the next Records
+            cut = int(kept[self.chunk_rows - 1]) + 1
+            starts, ends, kept = starts[:cut], ends[:cut], kept[: self.chunk_rows]
+            open_quote = False
+        used = int(ends[-1]) + 1
+        first_nl = np.searchsorted(nl_at, starts[kept], side="left")
+        lines = line0 + first_nl
+        spans = np.searchsorted(nl_at, ends[kept], side="right") - first_nl
+        fields = self._field_counts(arr, starts, used, inside)[kept] if len(kept) else np.zeros(0, np.int64)
+        used_lines = int(np.searchsorted(nl_at, used, side="left"))
+        if not len(kept):                                   # only blank and comment lines
+            return None, used, used_lines
+        rec = Records(buf, starts[kept], ends[kept], lines.astype(np.int64), spans.astype(np.int64),
+                      fields, file_bytes, open_quote and bool(kept[-1] == len(starts) - 1))
+        return rec, used, used_lines
+
+    def _inside_quotes(self, arr: np.ndarray, nl_at: np.ndarray) -> np.ndarray | None:
+        """(n,) bool: byte i lies inside quotes (parity of the quotes before it and at it); None: no quotes."""
+        if self.quote is None:
+            return None
+        q = arr == self.quote
+        if not q.any():
+            return None
+        if self.comment:                                    # quotes in comment lines are just text
+            line_starts = np.concatenate(([0], nl_at[:-1] + 1)).astype(np.int64)
+            com = line_starts[self._comments(arr, line_starts)]
+            if len(com):
+                q &= ~_ranges_mask(len(arr), com, nl_at[np.searchsorted(nl_at, com)] + 1)
+        return np.logical_xor.accumulate(q)
+
+    def _comments(self, arr: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """(len(starts),) bool: the line at each start begins with the comment prefix."""
+        hit = np.zeros(len(starts), dtype=bool)
+        if not self.comment or not len(starts):
+            return hit
+        hit[:] = True
+        for j, b in enumerate(self.comment):
+            pos = starts + j
+            ok = pos < len(arr)
+            hit &= ok & (arr[np.minimum(pos, len(arr) - 1)] == b)
+        return hit
+
+    def _field_counts(self, arr: np.ndarray, starts: np.ndarray, used: int,
+                      inside: np.ndarray | None) -> np.ndarray:
+        sep = arr[:used] == (SEP_BYTE if len(self.sep) > 1 else self.sep[0])
+        if inside is not None:
+            sep &= ~inside[:used]
+        return np.add.reduceat(sep, starts, dtype=np.int64) + 1
+
+    def _open_quote_error(self, line: int, how: str) -> InputFormatError:
+        return InputFormatError(
+            f"a quoted field in the row starting on this line never closes: it {how}",
+            where=location(self.path, line),
+            fix=f"check the quoting near that line (a stray {self.cfg.quote_char!r}?); if quote characters are "
+                "plain text in this file, set data.csv.quote_char=\"\"")
+
+
+def count_records(path: Path, cfg: CsvConfig, chunk_rows: int = 100_000) -> int:
+    """Data rows in a CSV file (records, less the header), without parsing values: for tail splits."""
+    n = sum(len(r) for r in RecordCutter(path, cfg, chunk_rows))
+    return max(n - int(cfg.header), 0)

@@ -1,0 +1,271 @@
+"""CSV reader (data.format=csv): quoting (separators, line breaks, doubled quotes), multi-character separators,
+missing tokens, header or column_names, derived labels, bad rows naming file/line/column, chunk independence."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import random
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ctrpipe.config import load_config
+from ctrpipe.data.config import CategoricalConfig, CsvConfig, DataConfig, DerivedLabelConfig, NumericConfig
+from ctrpipe.data.csv_records import RecordCutter
+from ctrpipe.data.reader import iter_raw_chunks, resolve_inputs_columns
+from ctrpipe.errors import ConfigError, InputFormatError, SchemaError
+
+NAMES = ("uid", "age", "city", "note", "status", "clicked")
+CITIES = ["Paris", "New York, NY", "Köln", 'The "Big" Apple', "?", ""]
+NOTES = ["plain", "a, b", "two\nlines", 'say "hi"', "", "x; y\t z", "end,\n, start"]
+STATUSES = ["Married-civ-spouse", "Never-married", "Divorced", "Married-AF-spouse", "Widowed"]
+
+
+def make_rows(n: int = 40, seed: int = 0) -> list[list[str]]:
+    rnd = random.Random(seed)
+    return [[f"u{i}", rnd.choice([str(rnd.randint(17, 90)), "?", "", " 42 "]), rnd.choice(CITIES),
+             rnd.choice(NOTES), rnd.choice(STATUSES), rnd.choice(["0", "1"])] for i in range(n)]
+
+
+def write_csv(path: Path, rows: list[list[str]], sep: str = ",", header: bool = True, head_lines: str = "",
+              newline: str = "\n") -> Path:
+    """A small RFC 4180 writer: fields holding the separator, a quote or a line break are quoted."""
+    def field(v: str) -> str:
+        return '"' + v.replace('"', '""') + '"' if (sep in v or '"' in v or "\n" in v or "," in v) else v
+    lines = ([sep.join(NAMES)] if header else []) + [sep.join(field(v) for v in r) for r in rows]
+    path.write_bytes((head_lines + newline.join(lines) + newline).encode())
+    return path
+
+
+def cfg_for(sep: str = ",", header: bool = True, **kw: object) -> DataConfig:
+    csv = CsvConfig(separator=sep, header=header, column_names=() if header else NAMES, missing=("?",),
+                    comment_prefix=str(kw.pop("comment_prefix", "")))
+    base = DataConfig(format="csv", csv=csv, labels=("clicked",), id_column="uid",
+                      derived_labels=(DerivedLabelConfig(name="married", column="status", pattern="^Married"),),
+                      numeric=NumericConfig(columns=("age",)), categorical=CategoricalConfig(columns=("city", "note")))
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]  # test-only overrides
+
+
+def reference(rows: list[list[str]]) -> pl.DataFrame:
+    """What the reader must deliver, computed from the rows in Python."""
+    def num(v: str) -> float | None:
+        return None if v.strip() in ("?", "") else float(v)
+    return pl.DataFrame({
+        "clicked": [float(r[5]) for r in rows], "married": [float(r[4].startswith("Married")) for r in rows],
+        "uid": [r[0] for r in rows], "age": [num(r[1]) for r in rows],
+        "city": [None if r[2] in ("?", "") else r[2] for r in rows], "note": [r[3] or None for r in rows],
+    }, schema={"clicked": pl.Float32, "married": pl.Float32, "uid": pl.String, "age": pl.Float64,
+               "city": pl.String, "note": pl.String})
+
+
+def read(cfg: DataConfig, paths: list[Path], rows: int = 1000, **kw: object) -> pl.DataFrame:
+    return pl.concat([c.frame for c in iter_raw_chunks(cfg, paths, rows, **kw)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sep", [",", ", ", "\t", ";", "||"])
+@pytest.mark.parametrize("header", [True, False])
+def test_values_match_the_rows_for_any_separator(tmp_path: Path, sep: str, header: bool) -> None:
+    rows = make_rows()
+    path = write_csv(tmp_path / "p.csv", rows, sep, header)
+    frame = read(cfg_for(sep, header), [path])
+    assert frame.equals(reference(rows))
+
+
+def test_quoted_separators_line_breaks_and_doubled_quotes(tmp_path: Path) -> None:
+    path = tmp_path / "q.csv"
+    path.write_text('uid,age,city,note,status,clicked\n'
+                    'a,1,"Paris, FR","first\nsecond, third",Divorced,0\n'
+                    'b,2,"say ""hi""",,Married-civ-spouse,1\n'
+                    'c,3,Rome,"",Widowed,0\n')
+    chunks = list(iter_raw_chunks(cfg_for(), [path], 1000))
+    frame = chunks[0].frame
+    assert frame["city"].to_list() == ["Paris, FR", 'say "hi"', "Rome"]
+    assert frame["note"].to_list() == ["first\nsecond, third", None, None]
+    assert chunks[0].line_numbers.tolist() == [2, 4, 5]          # the quoted line break moves row b to line 4
+    assert chunks[0].positions.tolist() == [0, 1, 2]             # ids count rows, not lines
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 1000])
+def test_chunks_identical_for_any_chunk_rows(tmp_path: Path, rows: int) -> None:
+    data = make_rows(60, seed=1)
+    path = write_csv(tmp_path / "c.csv", data, ", ", head_lines="# exported\n\n# by hand\n", newline="\r\n")
+    cfg = cfg_for(", ", comment_prefix="#")
+    whole = list(iter_raw_chunks(cfg, [path], 1000))
+    chunks = list(iter_raw_chunks(cfg, [path], rows))
+    assert all(c.frame.height <= rows for c in chunks)
+    assert pl.concat([c.frame for c in chunks]).equals(reference(data))
+    for key in ("line_numbers", "positions"):
+        assert np.array_equal(np.concatenate([getattr(c, key) for c in chunks]), getattr(whole[0], key))
+    assert whole[0].positions.tolist() == list(range(60))
+    assert whole[0].line_numbers[0] == 5                         # 3 comment/blank lines + the header
+
+
+def test_header_and_column_names_and_gzip_agree(tmp_path: Path) -> None:
+    rows = make_rows()
+    with_header = write_csv(tmp_path / "h.csv", rows)
+    without = write_csv(tmp_path / "n.csv", rows, header=False)
+    gz = tmp_path / "h.csv.gz"
+    gz.write_bytes(gzip.compress(with_header.read_bytes()))
+    want = reference(rows)
+    assert read(cfg_for(), [with_header]).equals(want)
+    assert read(cfg_for(header=False), [without]).equals(want)
+    assert read(cfg_for(), [gz]).equals(want)
+
+
+def test_header_with_bom_and_quoted_names(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b'\xef\xbb\xbf"uid","age","city, town",note,status,clicked\nu1,5,X,n,Widowed,1\n')
+    cfg = dataclasses.replace(cfg_for(), categorical=CategoricalConfig(columns=("city, town",)))
+    frame = read(cfg, [path])
+    assert frame["uid"].to_list() == ["u1"] and frame["city, town"].to_list() == ["X"]
+
+
+def test_missing_tokens_become_null(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_text("uid,age,city,note,status,clicked\nu1,?,?,NA,Widowed,1\nu2, ,,x,Widowed,0\n")
+    frame = read(dataclasses.replace(cfg_for(), csv=CsvConfig(missing=("?", "NA"))), [path])
+    assert frame["age"].to_list() == [None, None] and frame["city"].to_list() == [None, None]
+    assert frame["note"].to_list() == [None, "x"]
+
+
+def test_derived_label_sources_are_never_features(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "d.csv", make_rows())
+    cfg = dataclasses.replace(cfg_for(), derived_labels=(
+        DerivedLabelConfig(name="married", column="status", pattern="^Married"),
+        DerivedLabelConfig(column="city", positive=("Paris", "Köln"))),
+        categorical=CategoricalConfig(pattern="."), numeric=NumericConfig(columns=("age",)))
+    rc = resolve_inputs_columns(cfg, [path])
+    assert rc.labels == ("clicked", "married", "city")             # raw labels, then derived, by name
+    assert rc.categorical == ("note",)                              # uid (id), status, city are taken
+    frame = read(cfg, [path], bad_rows="skip")                      # a missing city is a bad row
+    assert frame["city"].to_list() == [float(r[2] in ("Paris", "Köln")) for r in make_rows()
+                                       if r[2] not in ("?", "")]
+    explicit = dataclasses.replace(cfg, categorical=CategoricalConfig(columns=("status",)))
+    with pytest.raises(SchemaError, match="'status' is selected by both data.derived_labels and data.categorical"):
+        resolve_inputs_columns(explicit, [path])
+
+
+def test_field_count_error_names_file_line_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text('uid,age,city,note,status,clicked\nu1,1,a,"x\ny",Widowed,0\nu2,2,b,c,Widowed\n')
+    with pytest.raises(InputFormatError) as err:
+        read(cfg_for(), [path])
+    msg = str(err.value)
+    assert f"{path}, line 4: 5 comma-separated fields, expected 6 (uid, age, city, note, ...)" in msg
+    assert "--bad-rows skip" in msg
+
+
+def test_wrong_separator_is_suggested(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "semi.csv", [["u1", "5", "a", "b", "Widowed", "1"]] * 3, ";", header=False)
+    with pytest.raises(InputFormatError, match=r"(?s)line 1: 1 comma-separated.*separator=';'"):
+        read(cfg_for(",", header=False), [path])
+
+
+def test_value_errors_name_line_and_column(tmp_path: Path) -> None:
+    head = "uid,age,city,note,status,clicked\n"
+    cases = [("u1,abc,x,y,Widowed,1\n", r"(?s)line 3, column age: 'abc' is not a number.*data.csv.missing"),
+             ("u1, 5 x,x,y,Widowed,1\n", r"(?s)line 3, column age: ' 5 x' is not a number.*separator ', '"),
+             ("u1,5,x,y,Widowed,2\n", r"line 3, column clicked: label '2' is not 0 or 1"),
+             ("u1,5,x,y,?,1\n", r"line 3, column status: missing value '\?' in the source of label 'married'")]
+    for i, (row, pattern) in enumerate(cases):
+        path = tmp_path / f"v{i}.csv"
+        path.write_text(head + "u0,1,a,b,Widowed,0\n" + row)
+        with pytest.raises(InputFormatError, match=pattern):
+            read(cfg_for(), [path])
+
+
+def test_negative_values_catch_unknown_label_values(tmp_path: Path) -> None:
+    path = tmp_path / "inc.csv"
+    path.write_text("uid,age,city,note,status,clicked\nu0,1,a,b,yes,0\nu1,1,a,b,no,0\nu2,1,a,b,maybe,1\n")
+    cfg = dataclasses.replace(cfg_for(), derived_labels=(
+        DerivedLabelConfig(name="ok", column="status", positive=("yes",), negative=("no",)),))
+    with pytest.raises(InputFormatError, match=r"line 4, column status: 'maybe' is neither a positive"):
+        read(cfg, [path])
+    frame = read(cfg, [path], bad_rows="skip")
+    assert frame["ok"].to_list() == [1.0, 0.0]
+
+
+def test_skip_counts_every_kind_of_bad_row_once(tmp_path: Path) -> None:
+    path = tmp_path / "skip.csv"
+    path.write_text("uid,age,city,note,status,clicked\n"
+                    "u0,1,a,b,Widowed,0\n"
+                    "u1,1,a,b\n"                               # line 3: field count
+                    'u2,x,a,"b\nb",Widowed,0\n'                # line 4: not a number (spans 2 lines)
+                    'u3,1,"a"b,b,Widowed,1\n'                 # line 6: text after a closing quote
+                    "u4,1,a,b,?,1\n"                           # line 7: missing label source
+                    "u5,2,a,b,Widowed,1\n")
+    for rows in (1, 3, 1000):
+        chunks = list(iter_raw_chunks(cfg_for(), [path], rows, bad_rows="skip"))
+        bad = [b for c in chunks for b in c.bad_rows]
+        assert sorted((b.line, b.reason) for b in bad) == [
+            (3, "field count"), (4, "not a number"), (6, "unparsable"), (7, "bad label")]
+        assert pl.concat([c.frame for c in chunks])["uid"].to_list() == ["u0", "u5"]
+        assert np.concatenate([c.positions for c in chunks]).tolist() == [0, 5]
+    with pytest.raises(InputFormatError, match=r"skip.csv, line 3: 4 comma-separated"):
+        read(cfg_for(), [path])
+
+
+def test_misplaced_quote_error_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "mq.csv"
+    path.write_text('uid,age,city,note,status,clicked\nu0,1,a,b,Widowed,0\nu1,1,"a"b,b,Widowed,1\n'
+                    'u2,1,a"b"c,b,Widowed,1\n')
+    with pytest.raises(InputFormatError, match=r"(?s)mq.csv, line 3: cannot parse this row.*quote_char"):
+        read(cfg_for(), [path])
+    # as in polars, quotes inside an unquoted field are text (an even number of them: see csv_records)
+    assert read(cfg_for(), [path], bad_rows="skip")["city"].to_list() == ["a", 'a"b"c']
+
+
+def test_unclosed_quote_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "open.csv"
+    path.write_text('uid,age,city,note,status,clicked\nu0,1,a,b,Widowed,0\nu1,1,"a,b,Widowed,1\nu2,1,a,b,W,0\n')
+    with pytest.raises(InputFormatError, match=r"open.csv, line 3: .*runs over 2 lines.*unbalanced"):
+        read(cfg_for(), [path])
+    blob = tmp_path / "blob.csv"
+    blob.write_text('uid,age\n1,"' + "x\n" * 3000)
+    with pytest.raises(InputFormatError, match=r"blob.csv, line 2: a quoted field .* never closes"):
+        list(RecordCutter(blob, CsvConfig(), 100, read_bytes=1024, max_record_bytes=4096))
+
+
+def test_unlabelled_test_files(tmp_path: Path) -> None:
+    rows = make_rows(10)
+    no_labels = [[r[0], r[1], r[2], r[3]] for r in rows]             # status and clicked absent
+    path = tmp_path / "test.csv"
+    path.write_text("uid,age,city,note\n" + "\n".join(",".join(
+        '"' + v.replace('"', '""') + '"' if any(ch in v for ch in ',"\n') else v for v in r)
+        for r in no_labels) + "\n")
+    chunks = list(iter_raw_chunks(cfg_for(), [path], 1000, require_labels=False))
+    assert not chunks[0].has_labels and chunks[0].frame.columns == ["uid", "age", "city", "note"]
+    with pytest.raises(SchemaError, match="pass --test"):
+        read(cfg_for(), [path])
+    headerless = tmp_path / "test_nh.csv"
+    headerless.write_text("\n".join(path.read_text().splitlines()[1:]) + "\n")
+    names = dataclasses.replace(cfg_for(header=False))
+    got = list(iter_raw_chunks(names, [headerless], 1000, require_labels=False))
+    assert not got[0].has_labels and got[0].frame.equals(chunks[0].frame)
+    with pytest.raises(InputFormatError, match="pass --test"):
+        read(names, [headerless])
+
+
+def test_missing_feature_column_names_the_closest(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "p.csv", make_rows(3))
+    cfg = dataclasses.replace(cfg_for(), numeric=NumericConfig(columns=("Age",)))
+    with pytest.raises(SchemaError, match="did you mean 'age'"):
+        resolve_inputs_columns(cfg, [path])
+
+
+@pytest.mark.parametrize("override, message", [
+    (["data.csv.header=false"], "column_names is empty"),
+    (["data.csv.column_names=[a, b]"], "header is true"),
+    (["data.csv.separator=''"], "data.csv.separator"),
+    (["data.csv.quote_char=ab"], "data.csv.quote_char"),
+    (["data.derived_labels=[{column: s}]"], "exactly one of 'positive'"),
+    (["data.derived_labels=[{column: s, pattern: '(?=x)'}]"], "Rust regex"),
+    (["data.format=parquet", "data.derived_labels=[{column: s, positive: [a]}]"], "needs data.format=csv"),
+    (["data.derived_labels=[{name: y, column: s, positive: [a]}]", "data.labels=[y]"], "given twice"),
+])
+def test_config_errors(override: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.format=csv", *override], resolve_model=False)
