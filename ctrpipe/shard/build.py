@@ -164,7 +164,9 @@ def _check_stats_from(train_m: Manifest, data: DataConfig, path: Path) -> None:
         raise ConfigError(f"--stats-from must be a train cache, {path} was built with --test",
                           where=str(path / MANIFEST_NAME), fix="pass the train cache's folder")
     mine = identity_config(data)
-    keys = ("format", "hash_bins", "hash_seed", "numeric", "categorical", "multihot", "sequence", "covisit")
+    # csv: the test file must be read alike (separator, missing tokens) for its values to mean the same
+    keys = ("format", "csv", "hash_bins", "hash_seed", "numeric", "categorical", "multihot", "sequence",
+            "covisit")
     diffs = [k for k in keys if mine.get(k) != train_m.config.get(k)]
     if diffs:
         detail = "; ".join(f"data.{k}: {train_m.config.get(k)!r} (train) vs {mine.get(k)!r} (now)"

@@ -204,6 +204,11 @@ def run_inspect(cache: Path) -> bool:
     head.add_column("what", style="bold")
     head.add_column("value")
     head.add_row("role / rows / shards", f"{m.role} / {m.total_rows:,} / {len(m.shards)}")
+    head.add_row("input", f"{m.config.get('format', '?')}: {len(m.sources)} file(s)")
+    labels = m.columns_of("label")
+    if labels:
+        head.add_row("labels", ", ".join(c.name + (f" ({c.transform}, from {c.source})" if c.transform else "")
+                                         for c in labels))
     head.add_row("splits", ", ".join(f"{k} {v:,}" for k, v in m.rows.items() if v))
     if m.folds.get("n_splits"):
         head.add_row("folds", f"{m.folds['n_splits']} {m.folds.get('mode', '')}: {m.folds.get('sizes')}")

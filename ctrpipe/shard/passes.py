@@ -22,6 +22,7 @@ from ctrpipe.console import human_rate, make_progress
 from ctrpipe.data.chunks import column_hashes, has_column
 from ctrpipe.data.config import DataConfig
 from ctrpipe.data.covisit import CovisitCounter
+from ctrpipe.data.csv_records import count_records
 from ctrpipe.data.fitted import (
     Fitted,
     KeyCounter,
@@ -31,8 +32,7 @@ from ctrpipe.data.fitted import (
     VocabTable,
     round32,
 )
-from ctrpipe.data.parquet import read_schema
-from ctrpipe.data.reader import iter_raw_chunks
+from ctrpipe.data.reader import input_schema, iter_raw_chunks
 from ctrpipe.data.schema import resolve_columns
 from ctrpipe.data.splits import SPLIT_GOLD, SPLIT_TEST, FoldAssigner, assign_split
 from ctrpipe.data.transforms import log1p_transform
@@ -69,12 +69,14 @@ class Inputs:
 def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train") -> Plan:
     """Which raw columns become which stored columns (patterns are matched against the first input).
 
-    Test Parquet files usually lack the label columns: then the plan has no labels.
+    Test Parquet and CSV files usually lack the label columns (CSV: the sources of derived labels too): then
+    the plan has no labels.
     """
-    schema = _schema(data, paths)
-    if role == "test" and schema is not None and not any(lab in schema for lab in data.labels):
-        data = dataclasses.replace(data, labels=())
-    rc = resolve_columns(data, schema, paths[0] if data.format == "parquet" else None)
+    schema = input_schema(data, paths[0])
+    sources = (*data.labels, *(d.column for d in data.derived_labels))
+    if role == "test" and schema is not None and not any(lab in schema for lab in sources):
+        data = dataclasses.replace(data, labels=(), derived_labels=())
+    rc = resolve_columns(data, schema, paths[0] if data.format != "criteo" else None)
     return make_plan(data, rc)
 
 
@@ -89,12 +91,6 @@ def check_plan(plan: Plan, role: str) -> None:
                           fix="set data.labels, or use data.folds.mode=plain")
 
 
-def _schema(data: DataConfig, paths: list[Path]) -> Any:
-    if data.format == "parquet":
-        return read_schema(paths[0])
-    return None
-
-
 # -------------------------------------------------------------------------------------------- chunking
 
 def _chunks(plan: Plan, paths: list[Path], require_labels: bool) -> Iterator[Any]:
@@ -107,9 +103,10 @@ def _chunks(plan: Plan, paths: list[Path], require_labels: bool) -> Iterator[Any
 
 
 def count_rows(data: DataConfig, paths: list[Path]) -> int:
-    """Cheap row count for tail splits: Parquet metadata, or newline count of the (decompressed) text.
+    """Cheap row count for tail splits: Parquet metadata, CSV records (less the header; no values parsed), or
+    newline count of the (decompressed) Criteo text.
 
-    Counts physical lines, so skipped bad rows make the val tail slightly shorter than val_ratio.
+    Counts physical rows, so skipped bad rows make the val tail slightly shorter than val_ratio.
     """
     total = 0
     for p in paths:
@@ -117,6 +114,9 @@ def count_rows(data: DataConfig, paths: list[Path]) -> int:
             import pyarrow.parquet as pq
 
             total += pq.ParquetFile(p).metadata.num_rows
+            continue
+        if data.format == "csv":
+            total += count_records(p, data.csv)
             continue
         opener = gzip.open if str(p).endswith(".gz") else open
         last = b"\n"
@@ -318,7 +318,8 @@ def _cache_size_estimate(bar: _Bar, writer: ShardWriter, input_bytes: int) -> st
 
 class _Positions:
     """Physical row position of every parsed row over all inputs (bad rows included), so positional ids
-    (Criteo: id_offset + position, as Kaggle's test ids) stay right when malformed rows are skipped."""
+    (Criteo: id_offset + position, as Kaggle's test ids) stay right when malformed rows are skipped. CSV
+    chunks carry their positions (header, comment lines and quoted line breaks are not rows)."""
 
     def __init__(self, fmt: str) -> None:
         self.first = 1 if fmt == "criteo" else 0       # text lines are 1-based, Parquet rows 0-based
@@ -331,6 +332,9 @@ class _Positions:
             self.base += self.seen
             self.source, self.seen = chunk.source, 0
         n = chunk.frame.height
+        if getattr(chunk, "positions", None) is not None:
+            self.seen = max(self.seen, int(chunk.records_end))
+            return self.base + chunk.positions
         lines = getattr(chunk, "line_numbers", None)
         local = (np.asarray(lines, dtype=np.int64) if lines is not None
                  else chunk.first_line + np.arange(n, dtype=np.int64)) - self.first

@@ -122,9 +122,12 @@ class Plan:
                                     width=tc.max_len, bins=self.token_bins(tc), weighted=tc.weighted,
                                     transform=f"hash,sep={tc.separator!r},keep={self.token_keep(tc)}",
                                     source=tc.column, stats=stats.get(tc.column, {})))
+        derived = {d.name: d for d in self.columns.derived}
         for i, lab in enumerate(self.labels if with_labels else ()):
-            specs.append(ColumnSpec(lab, "label", "labels", "float32", i, source=lab,
-                                    stats=stats.get(lab, {})))
+            d = derived.get(lab)
+            how = "" if d is None else (f"1 if matches {d.pattern!r}" if d.pattern else f"1 if in {list(d.positive)}")
+            specs.append(ColumnSpec(lab, "label", "labels", "float32", i, source=d.column if d else lab,
+                                    transform=how, stats=stats.get(lab, {})))
         specs.append(ColumnSpec("id", "id", "ids", id_dtype, 0, source=self.id_column or "row position",
                                 transform="" if self.id_column else f"id_offset={self.cfg.id_offset}+row"))
         return specs
