@@ -81,7 +81,7 @@ def test_unknown_nested_key(tmp_path: Path) -> None:
     ("override", "key", "example"),
     [
         ("data.hash_bins=lots", "data.hash_bins", "8192"),
-        ("data.format=csv", "data.format", "'criteo'"),
+        ("data.format=tsv", "data.format", "'criteo'"),
         ("data.split.val_ratio=1.5", "data.split.val_ratio", "0.1"),
         ("loader.batch_size=0", "loader.batch_size", "4096"),
     ],
