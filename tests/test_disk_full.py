@@ -219,7 +219,8 @@ def test_blend_onto_full_disk(tmp_path: Path) -> None:
 
 def test_atomic_writes_and_run_log_on_full_disk(tmp_path: Path) -> None:
     """Library level, in a child process on the tiny filesystem: an atomic JSON write keeps the old file
-    and no temp file; train_log.csv is cut back to its last whole row."""
+    and no temp file; train_log.csv is cut back to its last whole row; the TensorBoard writer's failure (on
+    its background thread) surfaces as one DiskFullError naming tb/, and the events before it stay readable."""
     script = """
 import json, sys
 from pathlib import Path
@@ -229,7 +230,8 @@ from ctrpipe.train.rundir import RunLog
 
 mnt = Path(sys.argv[1])
 write_json_atomic(mnt / "m.json", {"old": True})
-log = RunLog(mnt / "run", append=False)
+log = RunLog(mnt / "run", append=False, tensorboard=False)   # the CSV writer alone
+tb_log = RunLog(mnt / "tb_run", append=False)
 with open(mnt / "filler", "wb", buffering=0) as fh:   # take every free block
     try:
         while True:
@@ -248,6 +250,16 @@ for step in range(1, 100_000):
         result["log"] = exc.render()
         break
 log.close()
+for step in range(1, 100_000):
+    try:
+        tb_log.diagnostics(step, {"train/gate.e0": 0.5})
+    except DiskFullError as exc:
+        result["tb"] = exc.render()
+        break
+try:
+    tb_log.close()
+except DiskFullError:
+    pass
 print(json.dumps(result))
 """
     (tmp_path / "probe.py").write_text(script)
@@ -268,3 +280,10 @@ print(json.dumps(result))
     assert text.endswith("\n")
     rows = pl.read_csv(snap / "run" / "train_log.csv")
     assert rows["step"].to_list() == list(range(1, rows.height + 1))
+    assert re.search(r"tb_run/tb: No space left on device \(.* free on that filesystem", result["tb"]), result["tb"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(snap / "tb_run" / "tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/gate.e0")]
+    assert steps and steps == list(range(1, len(steps) + 1))

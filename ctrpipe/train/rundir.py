@@ -5,7 +5,7 @@ Layout of runs/<exp_name>/ (single run; K-fold adds the lines marked [cv])::
     config.yaml, config.json      resolved run config (config.json also says where each value came from)
     manifest_fingerprint.txt      fingerprint + schema fingerprint of the training cache
     train_log.csv                 a row per log step (loss, lr, samples/s) and per evaluation (val_* columns)
-    tb/                           TensorBoard events (only when `tensorboard` is installed)
+    tb/                           TensorBoard events: the same scalars as train_log.csv and diagnostics.csv
     ckpt_best.pt, ckpt_last.pt    best weights by the early-stopping metric; last state for --resume
     val_predictions.npz           row_index (N,) int64, logits (N, T) float32, labels (N, T) float32
     ckpt_fold{k}.pt               [cv] best weights of fold k
@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from ctrpipe.atomic import write_text_atomic
-from ctrpipe.errors import disk_full_as_error
+from ctrpipe.errors import TrainingError, disk_full_as_error
 from ctrpipe.train.metrics import METRIC_NAMES
 
 LOG_FIELDS = ("step", "epoch", "lr", "loss", "samples_per_s", *(f"val_{m}" for m in METRIC_NAMES))
@@ -61,25 +61,33 @@ def write_config(run_dir: Path, config: dict[str, Any], sources: dict[str, str])
 
 
 class RunLog:
-    """Appends rows to train_log.csv (each row reaches the file at once) and, if available, TensorBoard scalars.
+    """Appends rows to train_log.csv (each row reaches the file at once), named values to diagnostics.csv, and
+    the same numbers as TensorBoard scalars under tb/.
 
     A row is written whole or not at all: on a full disk the file is cut back to its last complete line,
-    so `--resume` appends after whole rows.
+    so `--resume` appends after whole rows. TensorBoard scalars: train/loss, train/lr, train/samples_per_s at
+    log steps; val/<metric> (the primary metrics) and val/<metric>.<head> at evaluations; whatever the model
+    reports (train/gate.<task>.e<k>, train/gate_entropy.<task>, gradient diagnostics) at log steps.
+    A resumed run opens a new event file in tb/ and logs the steps after its checkpoint again; TensorBoard
+    drops the older file's events from the first repeated step on (its out-of-order-step purge).
+
+    `tensorboard=False` writes the CSV files alone (tests of the CSV writer); a run always has events.
     """
 
-    def __init__(self, directory: Path, append: bool) -> None:
+    def __init__(self, directory: Path, append: bool, tensorboard: bool = True) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "train_log.csv"
         # long format (step, name, value) for whatever varies by model: per-head metrics, gate usage
         self.diag_path = directory / "diagnostics.csv"
+        self.tb_dir = directory / "tb"
         self._fh = self._open(self.path, append, LOG_FIELDS)
         self._diag = self._open(self.diag_path, append, DIAG_FIELDS)
-        self._tb = None
         try:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(directory / "tb"))
-        except ImportError:   # tensorboard is optional
-            self._tb = None
+            self._tb = _event_writer(self.tb_dir) if tensorboard else None
+        except BaseException:
+            self._fh.close()
+            self._diag.close()
+            raise
 
     def _open(self, path: Path, append: bool, fields: tuple[str, ...]) -> Any:
         fresh = not (append and path.is_file())
@@ -118,31 +126,55 @@ class RunLog:
             return
         self._write(self._diag, self.diag_path, DIAG_FIELDS,
                     [{"step": step, "name": k, "value": f"{v:.6g}"} for k, v in values.items()])
-        if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(k, v, step)
+        self._scalars(step, values)
 
     def train(self, step: int, epoch: int, lr: float, loss: float, samples_per_s: float) -> None:
         self._append({"step": step, "epoch": epoch, "lr": f"{lr:.6g}", "loss": f"{loss:.6f}",
                       "samples_per_s": f"{samples_per_s:.1f}"})
-        if self._tb is not None:
-            self._tb.add_scalar("train/loss", loss, step)
-            self._tb.add_scalar("train/lr", lr, step)
-            self._tb.add_scalar("train/samples_per_s", samples_per_s, step)
+        self._scalars(step, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": samples_per_s})
 
     def evaluation(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         row: dict[str, Any] = {"step": step, "epoch": epoch}
         row.update({f"val_{m}": f"{metrics[m]:.6f}" for m in METRIC_NAMES if m in metrics})
         self._append(row)
-        if self._tb is not None:
-            for k in METRIC_NAMES:
-                if k in metrics:
-                    self._tb.add_scalar(f"val/{k}", metrics[k], step)
+        self._scalars(step, {f"val/{k}": metrics[k] for k in METRIC_NAMES if k in metrics})
         # per-head metrics (auc.clicked, ...) vary by cache and model: the long-format file takes them
         self.diagnostics(step, {f"val/{k}": v for k, v in metrics.items() if "." in k})
+
+    def _scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard scalars. The writer's thread appends each event to the file as it comes; an error there
+        (a full disk) surfaces at the next call, as one DiskFullError naming tb/."""
+        if self._tb is None or not values:
+            return
+        with disk_full_as_error(self.tb_dir, "the next TensorBoard events need a few kB"):
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         self._fh.close()
         self._diag.close()
         if self._tb is not None:
-            self._tb.close()
+            tb, self._tb = self._tb, None
+            with disk_full_as_error(self.tb_dir, "the last TensorBoard events need a few kB"):
+                tb.close()
+
+
+def _event_writer(tb_dir: Path) -> Any:
+    """A TensorBoard SummaryWriter for tb_dir, or a TrainingError saying why there cannot be one.
+
+    tensorboard is a dependency of ctrpipe: a missing package is a broken install, and a run that silently
+    had no events would only be noticed when someone looked for them.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise TrainingError(f"cannot write TensorBoard events: {exc}", where=str(tb_dir),
+                            fix="install ctrpipe's dependencies again: pip install -e . "
+                                "(or pip install tensorboard)") from None
+    try:
+        with disk_full_as_error(tb_dir, "the TensorBoard event file needs a few kB"):
+            return SummaryWriter(str(tb_dir))
+    except OSError as exc:   # not a full disk (that is a DiskFullError): permissions, a file named tb, ...
+        raise TrainingError(f"cannot create the TensorBoard event file: {exc}", where=str(tb_dir),
+                            fix="make the run directory writable, or remove what stands in the way of "
+                                f"{tb_dir}") from None
