@@ -37,6 +37,7 @@ from ctrpipe.infer.calibrate import (
 from ctrpipe.infer.ensemble import combine, rank_normalise, resolve_weights
 from ctrpipe.infer.submission import SubmissionWriter
 from ctrpipe.loader.loader import ShardLoader
+from ctrpipe.loader.sampling import training_sampling
 from ctrpipe.loader.view import RowView
 from ctrpipe.shard.manifest import Manifest, read_manifest
 from ctrpipe.shard.reader import open_cache
@@ -47,8 +48,9 @@ from ctrpipe.train.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from ctrpipe.train.evaluate import predict
+from ctrpipe.train.evaluate import logit_shifts, predict
 from ctrpipe.train.metrics import LOWER_IS_BETTER, compute_metrics, sigmoid
+from ctrpipe.train.objective import Task
 
 # keys an inference run may change; the model and data sections are fixed by the checkpoint
 OVERRIDABLE = ("infer.", "loader.", "train.device", "train.amp")
@@ -161,6 +163,13 @@ def task_index(cfg: RunConfig, heads: Sequence[str]) -> int:
         raise ConfigError(f"unknown task {cfg.infer.task!r}", where="infer.task",
                           fix=f"use one of the model's heads: {', '.join(heads)}")
     return list(heads).index(cfg.infer.task)
+
+
+def checkpoint_logit_shift(ckpt: Checkpoint, tasks: Sequence[Task]) -> tuple[float, ...]:
+    """Per head, what undoes the sampling of the checkpoint's training rows: from the loader settings it was
+    trained with (not the --set loader.* overrides of this inference) and its FeatureSpec's label rates."""
+    trained = config_from_dict(json.loads(json.dumps(ckpt.config)), sources={}, origin="checkpoint config")
+    return logit_shifts(tasks, training_sampling(trained.loader, ckpt.feature_spec))
 
 
 def check_ids(shards: Path, manifest: Manifest) -> None:
@@ -281,7 +290,8 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
             model = model_from_checkpoint(ckpt, device)
             bar = progress.add_task(f"predict {path.name}", total=n)
             preds = predict(model, loader, n, tasks, device, cfg.train.amp, with_labels=labelled,
-                            on_batch=lambda b, bar=bar: progress.advance(bar, b))
+                            on_batch=lambda b, bar=bar: progress.advance(bar, b),
+                            logit_shift=checkpoint_logit_shift(ckpt, tasks))
             if not np.array_equal(preds.row_index, rows):
                 raise AssertionError("loader order differs from its row_indices() with shuffle=False")
             logits[k] = preds.logits[:, task]
@@ -308,7 +318,8 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
 
 def _save_fold_preds(out: Path, rows: np.ndarray, logits: np.ndarray, paths: Sequence[Path],
                      labels: np.ndarray | None) -> Path:
-    """<submission>.folds.npz: row_index (N,), logits (K, N) raw per-model logits, checkpoints (K,)."""
+    """<submission>.folds.npz: row_index (N,), logits (K, N) per-model logits (uncalibrated, sampling shift
+    applied), checkpoints (K,)."""
     path = out.with_name(out.name + ".folds.npz")
     extra = {"labels": labels} if labels is not None else {}
     with atomic_open(path, "wb") as fh:

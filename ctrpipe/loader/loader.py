@@ -17,7 +17,8 @@ from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import HostBuffers, HostPool, layout_of
 from ctrpipe.loader.config import LoaderConfig
-from ctrpipe.loader.sampler import EpochPlan, Piece, ShuffleStrategy, epoch_rng
+from ctrpipe.loader.sampler import BatchPlan, EpochPlan, Piece, ShuffleStrategy, epoch_rng
+from ctrpipe.loader.sampling import BalancedRows, Sampling, apply_sampling, training_sampling
 from ctrpipe.loader.view import RowView, resolve_view
 from ctrpipe.prefetch import prefetch
 from ctrpipe.shard.manifest import Manifest, read_manifest
@@ -28,7 +29,9 @@ class ShardLoader:
     """Batches of a `RowView` of a shard cache, already on `device`.
 
     Every row of the view appears exactly once per epoch; the order depends only on (seed, epoch), and is the
-    view's global row order when `shuffle=False`. Batches may straddle shards.
+    view's global row order when `shuffle=False`. Batches may straddle shards. With `sampling` (training
+    loaders only, see loader/sampling.py) the view is first downsampled -- the guarantee then holds for the kept
+    rows -- or each batch holds a fixed number of positives, no row twice in an epoch.
 
     Tensors: numeric float32 (B, Fn); categorical int32 (B, Fc), kept int32 to halve host->device bytes
     (models cast, or use int32-capable lookups such as F.embedding); labels float32 (B, T) or None; row_index
@@ -52,7 +55,8 @@ class ShardLoader:
     def __init__(self, cache_dir: Path, view: RowView, batch_size: int, *, shuffle: bool, seed: int,
                  device: torch.device | str = "cpu", block_rows: int = 256, prefetch: int = 2,
                  pin_memory: bool = True, drop_last: bool = False, with_labels: bool = True,
-                 strategy: ShuffleStrategy = "block", window_shards: int = 0) -> None:
+                 strategy: ShuffleStrategy = "block", window_shards: int = 0,
+                 sampling: Sampling | None = None) -> None:
         for key, value in (("batch_size", batch_size), ("block_rows", block_rows), ("prefetch", prefetch)):
             if value < 1:
                 raise ConfigError(f"bad value {value} for '{key}' of the loader", fix=f"use a positive {key}")
@@ -78,6 +82,15 @@ class ShardLoader:
             raise ConfigError(f"{view.describe()} selects no rows of the cache (rows per split: "
                               f"{self.manifest.rows})", where=str(self.cache_dir),
                               fix="pick a split or fold that has rows (see manifest.json 'rows' and 'folds')")
+        self.sampling = sampling
+        self._balanced: BalancedRows | None = None
+        if sampling is not None:
+            self._index, self._balanced = apply_sampling(self.cache_dir, self.manifest, self._index, sampling,
+                                                         batch_size, seed)
+            self.num_rows = self._balanced.num_rows if self._balanced is not None else self._index.num_rows
+        # (H,) added to a model's logits by train.evaluate.predict when its caller passes none: a training run
+        # sets it on its evaluation loaders, so evaluations are on the true scale when training was sampled
+        self.logit_shift: tuple[float, ...] = ()
         self._epoch = 0
         self._start = 0
         self._row_starts = [s.row_start for s in self.manifest.shards]
@@ -89,16 +102,19 @@ class ShardLoader:
                     with_labels: bool = True) -> ShardLoader:
         """The loader `train` and `infer` both use: training shuffles with `batch_size` and drops a ragged
         last batch (a 1-row batch breaks batch norm) when the view holds at least one full batch; evaluation
-        and prediction keep the view's order with `eval_batch_size` and serve every row."""
+        and prediction keep the view's order with `eval_batch_size` and serve every row (never sampled)."""
+        sampling = training_sampling(cfg, read_manifest(Path(cache_dir)).feature_spec()) if train else None
         loader = cls(cache_dir, view, cfg.batch_size if train else cfg.eval_batch_size,
                      shuffle=cfg.shuffle and train, seed=seed, device=device, block_rows=cfg.block_rows,
                      prefetch=cfg.prefetch, pin_memory=cfg.pin_memory, with_labels=with_labels,
-                     strategy=cfg.shuffle_strategy, window_shards=cfg.window_shards)
+                     strategy=cfg.shuffle_strategy, window_shards=cfg.window_shards, sampling=sampling)
         loader.drop_last = train and loader.num_rows >= loader.batch_size
         return loader
 
     # ------------------------------------------------------------------ epoch control
     def __len__(self) -> int:
+        if self._balanced is not None:
+            return self._balanced.num_batches
         n, b = self.num_rows, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
@@ -114,12 +130,15 @@ class ShardLoader:
         self._start = int(batch_idx)
 
     def row_indices(self) -> np.ndarray:
-        """(num_rows,) int64 global row indices of the view, unshuffled order (e.g. to lay out OOF arrays)."""
+        """(num_rows,) int64 global row indices of the view, unshuffled order (e.g. to lay out OOF arrays).
+        Downsampled: the kept rows. Balanced: every row the epochs draw from (an epoch serves num_rows of them)."""
         return self._index.global_rows()
 
-    def plan(self, epoch: int | None = None) -> EpochPlan:
+    def plan(self, epoch: int | None = None) -> BatchPlan:
         """The order of one epoch (the current one by default); cheap next to reading the rows."""
         epoch = self._epoch if epoch is None else epoch
+        if self._balanced is not None:
+            return self._balanced.plan(epoch_rng(self.seed, epoch))
         return EpochPlan(self._index, self.batch_size, shuffle=self.shuffle, strategy=self.strategy,
                          block_rows=self.block_rows, window_shards=self.window_shards,
                          drop_last=self.drop_last, rng=epoch_rng(self.seed, epoch))
@@ -158,7 +177,7 @@ class ShardLoader:
             o = end
         return o
 
-    def _iter_host(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
+    def _iter_host(self, plan: BatchPlan, start: int) -> Iterator[Batch]:
         # recycled only when the consumer holds no tensor of a set: batches it keeps never change under it
         pool = HostPool(lambda: HostBuffers(self._layout, self.batch_size, pinned=False),
                         keep=self.prefetch + 4)
@@ -170,7 +189,7 @@ class ShardLoader:
 
         return prefetch(lambda: map(produce, range(start, plan.num_batches)), self.prefetch, "ctrpipe-loader")
 
-    def _iter_cuda(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
+    def _iter_cuda(self, plan: BatchPlan, start: int) -> Iterator[Batch]:
         ring = [HostBuffers(self._layout, self.batch_size, self.pin) for _ in range(self.prefetch + 2)]
         side = torch.cuda.Stream(self.device)
 

@@ -23,7 +23,7 @@ Unshuffled, both give the view's global order (shard by shard, ascending rows), 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 
@@ -130,12 +130,24 @@ class EpochPlan:
         return out
 
     def _gather_pieces(self, pos: np.ndarray) -> list[Piece]:
-        """Sorted view positions -> one piece per shard they fall in."""
-        offsets = self.index.offsets
-        shard_of = np.searchsorted(offsets, pos, side="right") - 1      # (B,) ascending
-        bounds = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(pos)]
-        out = []
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            s = int(shard_of[a])
-            out.append(_runs(s, self.index.rows[s][pos[a:b] - offsets[s]]))
-        return out
+        return gather_pieces(self.index, pos)
+
+
+class BatchPlan(Protocol):
+    """What the loader reads from a plan: `EpochPlan`, or `sampling.BalancedPlan` for balanced batches."""
+
+    num_batches: int
+
+    def pieces(self, k: int) -> list[Piece]: ...
+
+
+def gather_pieces(index: ViewIndex, pos: np.ndarray) -> list[Piece]:
+    """Sorted view positions -> one piece per shard they fall in."""
+    offsets = index.offsets
+    shard_of = np.searchsorted(offsets, pos, side="right") - 1          # (B,) ascending
+    bounds = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(pos)]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        s = int(shard_of[a])
+        out.append(_runs(s, index.rows[s][pos[a:b] - offsets[s]]))
+    return out

@@ -122,6 +122,13 @@ class ViewIndex:
         parts = [r.astype(np.int64) + start for r, start in zip(self.rows, self.row_starts, strict=True)]
         return np.concatenate(parts)
 
+    def subset(self, keep: np.ndarray) -> ViewIndex:
+        """The rows where `keep` (num_rows,) bool, in view order, is set (still sorted within each shard)."""
+        rows = tuple(r[keep[a:b]] for r, a, b in zip(self.rows, self.offsets[:-1], self.offsets[1:], strict=True))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in rows], out=offsets[1:])
+        return ViewIndex(rows, offsets, self.row_starts)
+
 
 def resolve_view(cache_dir: Path, manifest: Manifest, view: RowView) -> ViewIndex:
     """Read each shard's split.npy (and fold.npy for fold views) once and keep the selected local rows."""

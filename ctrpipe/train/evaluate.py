@@ -1,6 +1,8 @@
 """Stages 5 and 6: a model's predictions over a whole view into preallocated arrays, then exact metrics once.
 
-The one prediction loop: training evaluates with it, `ctrpipe infer` predicts test rows with it.
+The one prediction loop: training evaluates with it, `ctrpipe infer` predicts test rows with it. Both pass the
+per-head `logit_shift` of a run whose training rows were sampled (`logit_shifts`), so every logit it returns
+is on the data's scale.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from torch import nn
 
 from ctrpipe.atomic import atomic_open
 from ctrpipe.device import autocast
-from ctrpipe.errors import CheckpointError
+from ctrpipe.errors import CheckpointError, ConfigError
 from ctrpipe.loader.batch import Batch
+from ctrpipe.loader.sampling import Sampling
 from ctrpipe.models.heads import as_output
 from ctrpipe.train.metrics import metrics_from_logits
 from ctrpipe.train.objective import Task, masked_targets
@@ -54,18 +57,54 @@ class Predictions:
             return cls(z["row_index"], z["logits"], z["labels"])
 
 
+def logit_shifts(tasks: Sequence[Task], sampling: Sampling | None) -> tuple[float, ...]:
+    """(H,) what to add to each head's logits to undo the training stream's sampling (all 0 without it).
+
+    Sampling by label j shifts the prior of a head whose target is label j by `sampling.shift`, whatever its
+    mask; a head counting only j-positive rows (mask j) sees no row dropped: 0. Any other head (another label,
+    or an AND with j such as ESMM's ctcvr) is trained on rows dropped by j, which biases it by an amount that
+    depends on the features, so no shift undoes it: ConfigError. (fit.prepare also refuses models with heads
+    of their own, whose heads are tied, e.g. ESMM's ctcvr = ctr * cvr.)
+    """
+    if sampling is None:
+        return (0.0,) * len(tasks)
+    j, out = sampling.label, []
+    for t in tasks:
+        if t.mask == j:
+            out.append(0.0)
+        elif t.labels == (j,):
+            out.append(sampling.shift)
+        else:
+            raise ConfigError(
+                f"loader sampling drops rows by label {sampling.name!r}, and head {t.name!r} is trained on those "
+                "rows with another target, so its predictions would be biased by an amount no logit shift undoes",
+                where="loader.sample_label",
+                fix=f"score head {t.name!r} on {sampling.name}-positive rows only (--set train.tasks.{t.name}.mask="
+                    f"{sampling.name}), sample by its label, or turn sampling off (loader.neg_keep_prob=1.0, "
+                    "loader.balance_pos_fraction=0)")
+    return tuple(out)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: int | Sequence[Task],
             device: torch.device, amp: str = "off", with_labels: bool = True,
-            on_batch: Callable[[int], None] | None = None) -> Predictions:
+            on_batch: Callable[[int], None] | None = None,
+            logit_shift: Sequence[float] | None = None) -> Predictions:
     """Run `model` over every batch of a view; outputs stay on the device until one copy at the end.
 
     `tasks`: the run's heads (labels become each head's targets, NaN where its mask drops the row), or a
     count T for a model with one head per label column.
 
     `on_batch(rows)` is called after each batch (a progress bar); it must not read the outputs (no sync).
+
+    `logit_shift` (H,) is added to the logits (`logit_shifts`: a run trained on sampled rows); None takes the
+    `logit_shift` of `batches` when it has one (evaluation loaders of such a run carry it, train/fit.py), so
+    the training loop's evaluations get it too.
     """
     n_heads = tasks if isinstance(tasks, int) else len(tasks)
+    shift = tuple(getattr(batches, "logit_shift", ())) if logit_shift is None else tuple(logit_shift)
+    if shift and len(shift) != n_heads:
+        raise ValueError(f"logit_shift has {len(shift)} values for {n_heads} heads")
     was_training = model.training
     model.eval()
     logits = torch.empty((num_rows, n_heads), dtype=torch.float32, device=device)   # (N, H)
@@ -88,4 +127,6 @@ def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: in
     finally:
         model.train(was_training)
     assert pos == num_rows, f"loader served {pos} rows for a view of {num_rows}"
+    if any(shift):
+        logits += torch.tensor(shift, dtype=torch.float32, device=device)                 # (N, H) + (H,)
     return Predictions(rows.cpu().numpy(), logits.cpu().numpy(), labels.cpu().numpy())

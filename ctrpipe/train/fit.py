@@ -23,8 +23,9 @@ from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError, 
 from ctrpipe.features import FeatureSpec
 from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
+from ctrpipe.loader.sampling import Sampling, training_sampling
 from ctrpipe.loader.view import RowView
-from ctrpipe.models.heads import heads_of
+from ctrpipe.models.heads import Head, default_heads, heads_of
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.manifest import Manifest, read_manifest
 from ctrpipe.train.checkpoint import (
@@ -35,7 +36,7 @@ from ctrpipe.train.checkpoint import (
     model_from_checkpoint,
 )
 from ctrpipe.train.config import CVConfig
-from ctrpipe.train.evaluate import Predictions, predict
+from ctrpipe.train.evaluate import Predictions, logit_shifts, predict
 from ctrpipe.train.loop import FitInputs, FitResult, fit
 from ctrpipe.train.metrics import METRIC_NAMES, metrics_from_logits
 from ctrpipe.train.objective import Task, build_tasks
@@ -57,6 +58,7 @@ class TrainContext:
     resume: bool
     quiet: bool
     tasks: tuple[Task, ...]          # the model's heads with train.tasks applied
+    logit_shift: tuple[float, ...] = ()   # per head, undoes the training rows' sampling (loader/sampling.py)
 
     @property
     def task_names(self) -> list[str]:
@@ -105,8 +107,10 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool)
     # work; on the meta device nothing is allocated or initialised (the real build comes once, per fold)
     with torch.device("meta"):
         model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
-    tasks = build_tasks(heads_of(model, spec), spec, cfg.train)
+    heads = heads_of(model, spec)
+    tasks = build_tasks(heads, spec, cfg.train)
     _check_metric(cfg, tasks)
+    shift = _check_sampling(cfg, spec, heads, tasks)
     run_dir = runs / cfg.exp_name
     if resume and not (run_dir / "config.json").is_file():
         raise CheckpointError(f"nothing to resume: {run_dir} holds no run", where=str(run_dir),
@@ -119,7 +123,22 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool)
     write_config(run_dir, to_dict(cfg), dict(cfg.sources))
     write_text(run_dir / "manifest_fingerprint.txt",
                f"{manifest.fingerprint}\nschema {manifest.schema_fingerprint()}\nshards {shards.resolve()}\n")
-    return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks)
+    return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, shift)
+
+
+def _check_sampling(cfg: RunConfig, spec: FeatureSpec, heads: Sequence[Head], tasks: tuple[Task, ...]
+                    ) -> tuple[float, ...]:
+    """Each head's logit shift under the config's training sampling; refuses what no shift can undo."""
+    sampling: Sampling | None = training_sampling(cfg.loader, spec)
+    if sampling is not None and tuple(heads) != default_heads(spec):
+        key = "loader.neg_keep_prob" if sampling.neg_keep_prob < 1.0 else "loader.balance_pos_fraction"
+        raise ConfigError(f"model {cfg.model.name!r} has heads of its own ({', '.join(h.name for h in heads)}) "
+                          "tied together (ESMM: ctcvr = ctr * cvr), so training rows sampled by label "
+                          f"{sampling.name!r} would bias them in ways no per-head logit shift undoes", where=key,
+                          fix="turn sampling off for this model (loader.neg_keep_prob=1.0, "
+                              "loader.balance_pos_fraction=0), or use a model with one head per label (e.g. "
+                              "mmoe, with train.tasks.<other label>.mask=<sampled label>)")
+    return logit_shifts(tasks, sampling)
 
 
 def _check_metric(cfg: RunConfig, tasks: tuple[Task, ...]) -> None:
@@ -162,7 +181,10 @@ def _reproducible(cfg: RunConfig) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------- one model
 
 def _loader(ctx: TrainContext, view: RowView, train: bool, seed: int) -> ShardLoader:
-    return ShardLoader.from_config(ctx.shards, view, ctx.cfg.loader, seed=seed, device=ctx.device, train=train)
+    loader = ShardLoader.from_config(ctx.shards, view, ctx.cfg.loader, seed=seed, device=ctx.device, train=train)
+    if not train:   # loop.fit's evaluations read the shift from their loader (evaluate.predict)
+        loader.logit_shift = ctx.logit_shift
+    return loader
 
 
 def _template(ctx: TrainContext, fold: int, seed: int) -> Checkpoint:
@@ -184,7 +206,10 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
     check_compatible(ckpt, ctx.manifest, ctx.shards, path)
     old, new = flatten_dotted(ckpt.config), flatten_dotted(to_dict(ctx.cfg))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    fixed = [k for k in changed if k.startswith(("model.", "data.")) or k == "seed"]
+    # the training rows' sampling fixes the kept rows and the logit shift of the checkpoints written so far
+    sampling = ("loader.neg_keep_prob", "loader.sample_label", "loader.balance_pos_fraction",
+                *(("loader.batch_size",) if ctx.cfg.loader.balance_pos_fraction else ()))
+    fixed = [k for k in changed if k.startswith(("model.", "data.")) or k == "seed" or k in sampling]
     if fixed:
         raise CheckpointError(f"cannot resume with changed {', '.join(fixed)}", where=str(path),
                               fix="resume with the config the run started with (see its config.yaml)")
@@ -219,7 +244,8 @@ def _gold_predictions(ctx: TrainContext, ckpt_path: Path) -> Predictions | None:
         return None
     model = model_from_checkpoint(load_checkpoint(ckpt_path), ctx.device)
     loader = _loader(ctx, RowView.gold(), False, ctx.cfg.seed)
-    return predict(model, loader, loader.num_rows, ctx.tasks, ctx.device, ctx.cfg.train.amp)
+    return predict(model, loader, loader.num_rows, ctx.tasks, ctx.device, ctx.cfg.train.amp,
+                   logit_shift=ctx.logit_shift)
 
 
 def _fit_summary(result: FitResult) -> dict[str, Any]:
@@ -235,6 +261,8 @@ def _base_summary(ctx: TrainContext) -> dict[str, Any]:
             "shards": str(ctx.shards.resolve()), "manifest_fingerprint": ctx.manifest.fingerprint,
             "schema_fingerprint": ctx.manifest.schema_fingerprint(), "labels": list(ctx.spec.labels),
             "heads": ctx.task_names,
+            **({"logit_shift": dict(zip(ctx.task_names, ctx.logit_shift, strict=True))}
+               if any(ctx.logit_shift) else {}),
             "config": to_dict(ctx.cfg), "config_sources": dict(ctx.cfg.sources)}
 
 
