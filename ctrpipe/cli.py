@@ -1,4 +1,4 @@
-"""Typer app: synth, shard, inspect, train, infer, blend. The one place that turns errors into exit codes.
+"""Typer app: synth, shard, inspect, train, infer, report, blend. The one place that turns errors into exit codes.
 
 Each command is a thin shell over a stage function; a `CtrpipeError` becomes one red message on
 stderr and exit code 1, anything else is a bug and keeps its traceback.
@@ -123,6 +123,23 @@ def infer(
     from ctrpipe.infer.predict import run_infer
 
     _run(lambda: run_infer(run=run, shards=shards, out=out, overrides=overrides, quiet=quiet))
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="run directories, e.g. runs/criteo_dnn runs/criteo_dcnv2"),
+    out: Path = typer.Option(..., "--out", "-o", help="report folder: index.html + figures/"),
+    baseline: Optional[str] = typer.Option(None, "--baseline",  # noqa: UP045
+                                           help="run (name or path) the leaderboard's deltas refer to; default "
+                                                "the first"),
+    strict: bool = typer.Option(False, "--strict", help="refuse runs from another cache instead of listing "
+                                                        "them unranked"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Static HTML report of runs: curves, reliability diagrams, gate usage and a leaderboard."""
+    from ctrpipe.report.build import run_report
+
+    _run(lambda: run_report(runs=runs, out=out, baseline=baseline, strict=strict, quiet=quiet))
 
 
 @blend_app.command("submissions")

@@ -1,0 +1,171 @@
+"""`ctrpipe report` entry point: run directories -> DIR/index.html, DIR/figures/*.png, DIR/report.json.
+
+The report is built in a hidden sibling folder `.DIR.incomplete-<pid>` and renamed onto DIR when whole
+(report.json is written last), so a crash never leaves a half-written report under DIR; an older report
+in DIR is replaced only then. A folder at DIR that is not a report is never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from ctrpipe import __version__
+from ctrpipe.atomic import write_json_atomic, write_text_atomic
+from ctrpipe.console import console
+from ctrpipe.errors import disk_full_as_error
+from ctrpipe.report import ReportError
+from ctrpipe.report.figures import (
+    comparison_figure,
+    gate_figure,
+    histogram_figure,
+    reliability,
+    reliability_figure,
+    save_png,
+    training_figure,
+    validation_figure,
+)
+from ctrpipe.report.leaderboard import COLUMNS, Leaderboard, build_leaderboard
+from ctrpipe.report.page import FigureRef, RunSection, render_page
+from ctrpipe.report.rundata import RunData, load_run
+
+FORMAT = "ctrpipe.report/1"
+MARKER = "report.json"           # written last: its presence marks a complete report
+FIGURES = "figures"
+
+
+def run_report(runs: Sequence[Path], out: Path, baseline: str | None = None, strict: bool = False,
+               quiet: bool = False) -> Path:
+    """Write the report of `runs` into `out`; returns the path of index.html."""
+    if not runs:
+        raise ReportError("no run directories given", where="RUN", fix="pass one or more, e.g. runs/criteo_dnn")
+    data = _unique_names([load_run(Path(r)) for r in runs])
+    board = build_leaderboard(data, baseline, strict)
+    out = Path(out)
+    _check_out(out)
+    work = out.parent / f".{out.name}.incomplete-{os.getpid()}"
+    _remove_stale(out)
+    with disk_full_as_error(out, rerun="the report is written again from the start; an older report in "
+                                        f"{out} stays until the new one is whole"):
+        try:
+            shutil.rmtree(work, ignore_errors=True)      # ours: left by an earlier call in this process
+            (work / FIGURES).mkdir(parents=True)
+            _write(work, data, board)
+            _swap(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    index = out / "index.html"
+    if not quiet:
+        for entry in board.entries:
+            if not entry.comparable:
+                console.print(f"[yellow]not ranked:[/] {entry.run.name}: {entry.reason}")
+    console.print(f"report of {len(data)} run(s), ranked on the {board.split_title} -> {index}")
+    return index
+
+
+def _unique_names(runs: list[RunData]) -> list[RunData]:
+    """Runs with the same exp_name (from different --runs folders) get their parent folder as a prefix."""
+    seen = [r.path.resolve() for r in runs]
+    for i, p in enumerate(seen):
+        if p in seen[:i]:
+            raise ReportError(f"run {runs[i].path} is given twice", where=str(runs[i].path),
+                              fix="pass each run directory once")
+    names = [r.name for r in runs]
+    return [dataclasses.replace(r, name=f"{r.path.resolve().parent.name}/{r.name}") if names.count(r.name) > 1
+            else r for r in runs]
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file", where=str(out), fix="pass a folder for the report")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ReportError(f"--out {out} holds files that are not a ctrpipe report; it is left as it is",
+                          where=str(out), fix="pass a new or empty folder, or an earlier report's folder")
+
+
+def _remove_stale(out: Path) -> None:
+    """Leftovers of a report to the same folder that crashed (its process is gone)."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("incomplete", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap(work: Path, out: Path) -> None:
+    """Rename the finished report onto `out`; an older report moves aside first and is deleted after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(work, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(work: Path, runs: list[RunData], board: Leaderboard) -> None:
+    def draw(name: str, fig: Figure | None, alt: str, caption: str) -> FigureRef | None:
+        if fig is None:
+            return None
+        w, h = save_png(fig, work / FIGURES / name)
+        return FigureRef(f"{FIGURES}/{name}", alt, caption, w, h)
+
+    sections = [_section(i, run, draw) for i, run in enumerate(runs)]
+    comparison = draw("all_runs.png", comparison_figure(runs), "training loss and validation AUC of every run",
+                      "Every run's training loss and validation AUC (first fold of K-fold runs).") \
+        if len(runs) > 1 else None
+    title = "ctrpipe report: " + ", ".join(r.name for r in runs[:4]) + (" …" if len(runs) > 4 else "")
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + f" by ctrpipe {__version__}"
+    write_text_atomic(work / "index.html", render_page(title, board, comparison, sections, generated))
+    write_json_atomic(work / MARKER, _summary(board))
+
+
+def _section(i: int, run: RunData, draw: Callable[[str, Figure | None, str, str], FigureRef | None]) -> RunSection:
+    n = f"run{i}"
+    bins = reliability(run)
+    figs = [
+        draw(f"{n}_training.png", training_figure(run), f"{run.name}: training loss and learning rate",
+             "Training loss and dense learning rate at each log step (dotted: the best step)."),
+        draw(f"{n}_validation.png", validation_figure(run), f"{run.name}: validation metrics per task",
+             "Validation AUC and logloss at each evaluation, per task (dashed: the heads' weighted mean)."),
+        draw(f"{n}_reliability.png", reliability_figure(bins) if bins else None,
+             f"{run.name}: reliability diagram",
+             f"Reliability from {run.predictions_from}: equal-count bins of the predicted probability; mean "
+             f"prediction vs observed positive rate (95% intervals), rows per bin below."),
+        draw(f"{n}_histograms.png", histogram_figure(run) if bins else None,
+             f"{run.name}: prediction histograms per class",
+             "Predicted probabilities of negative and positive rows, each class summing to 1."),
+        draw(f"{n}_gates.png", gate_figure(run), f"{run.name}: gate usage over time",
+             "Mixture-of-experts gate weight per expert over training steps, per task."),
+    ]
+    return RunSection(run, f"run-{i}", tuple(f for f in figs if f is not None), tuple(bins))
+
+
+def _summary(board: Leaderboard) -> dict[str, object]:
+    """report.json: the leaderboard in machine-readable form."""
+    return {"format": FORMAT, "split": board.split, "baseline": board.baseline.name,
+            "runs": [{"name": e.run.name, "path": str(e.run.path), "model": e.run.model,
+                      "manifest_fingerprint": e.run.manifest_fingerprint, "ranked": e.comparable,
+                      "reason": e.reason, **{c.key: _json_number(v) for c, v in zip(COLUMNS, e.values, strict=True)},
+                      "best": [c.key for k, c in enumerate(COLUMNS) if i in board.best[k]]}
+                     for i, e in enumerate(board.entries)]}
+
+
+def _json_number(v: float | None) -> float | int | None:
+    return int(v) if v is not None and float(v).is_integer() else v

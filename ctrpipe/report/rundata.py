@@ -1,0 +1,249 @@
+"""Report input: one finished run directory (see ctrpipe/train/rundir.py) read into a typed `RunData`.
+
+Reads metrics.json, train_log.csv and diagnostics.csv (the run's, or each fold's), the saved validation or
+out-of-fold predictions, and counts the model's parameters from its checkpoint when metrics.json has no count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ctrpipe.errors import CtrpipeError
+from ctrpipe.report import ReportError
+from ctrpipe.train.metrics import sigmoid
+
+NOT_A_RUN_FIX = "pass a folder written by `ctrpipe train`, such as runs/criteo_dnn (it holds config.json)"
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One series over training steps: steps (n,) int64 increasing, values (n,) float64."""
+
+    steps: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.steps.size)
+
+
+@dataclass(frozen=True)
+class RunLogs:
+    """train_log.csv and diagnostics.csv of one model: a single run, or one fold of a K-fold run."""
+
+    name: str                       # "" for a single run, "fold0", "fold1", ... for K-fold
+    loss: Curve                     # training loss at log steps
+    lr: Curve                       # dense learning rate at log steps
+    val: dict[str, Curve]           # main validation metrics per evaluation: "auc" -> Curve
+    diagnostics: dict[str, Curve]   # long-format diagnostics by name: "val/auc.clicked", "train/gate.clicked.e0"
+
+
+@dataclass(frozen=True)
+class HeadPredictions:
+    """One head's saved validation (or out-of-fold) predictions, rows its mask drops removed."""
+
+    head: str
+    probs: np.ndarray      # (n,) float64 sigmoid(logit)
+    labels: np.ndarray     # (n,) float64 0/1
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Cost of a run; None where the run directory does not record it."""
+
+    samples_per_s: float | None
+    train_seconds: float | None      # the training loop's time (metrics.json train_seconds)
+    wall_seconds: float | None       # the whole `ctrpipe train` call (metrics.json wall_seconds)
+    parameters: int | None           # one model's parameters (one fold's for K-fold)
+    parameters_from: str             # "metrics.json", "ckpt_best.pt", ... or why it is missing
+    peak_memory_bytes: int | None
+    peak_memory_where: str           # "GPU", "host" or ""
+
+
+@dataclass(frozen=True, eq=False)     # identity equality: runs hold arrays, and two loads are two runs
+class RunData:
+    """Everything the report shows about one run."""
+
+    path: Path
+    name: str                              # exp_name
+    model: str
+    heads: tuple[str, ...]
+    manifest_fingerprint: str
+    kfold: int                             # folds of a K-fold run, 0 for a single run
+    best_step: int | None
+    steps: int | None
+    val: dict[str, float]                  # validation metrics (out-of-fold for K-fold)
+    gold: dict[str, float] | None          # gold-split metrics, None without a gold split
+    notes: tuple[str, ...]                 # training's notes plus what the report could not show
+    logs: tuple[RunLogs, ...]
+    predictions: tuple[HeadPredictions, ...]
+    predictions_from: str                  # "val_predictions.npz", "oof.npz" or ""
+    resources: Resources
+
+    @property
+    def val_kind(self) -> str:
+        """Which rows `val` is over: the validation split, or the out-of-fold rows of a K-fold run."""
+        return "oof" if self.kfold else "val"
+
+    def gate_tasks(self) -> dict[str, list[str]]:
+        """Mixture-of-experts gate usage series per task: 'clicked' -> ['train/gate.clicked.e0', ...]."""
+        names = sorted({n for lg in self.logs for n in lg.diagnostics if n.startswith("train/gate.")},
+                       key=_natural_key)
+        tasks: dict[str, list[str]] = {}
+        for n in names:
+            task = n[len("train/gate."):].rsplit(".e", 1)[0]
+            tasks.setdefault(task, []).append(n)
+        return tasks
+
+
+def load_run(path: Path) -> RunData:
+    """Read a finished run directory; a `ReportError` names what is missing and how to get it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path} is not a directory", where=str(path), fix=NOT_A_RUN_FIX)
+    if not (path / "config.json").is_file():
+        raise ReportError(f"{path} is not a run directory (no config.json)", where=str(path), fix=NOT_A_RUN_FIX)
+    metrics = _read_metrics(path / "metrics.json")
+    kfold = int((metrics.get("cv") or {}).get("n_splits", 0) or 0)
+    notes = [str(n) for n in metrics.get("notes") or []]
+    log_dirs = [path / f"fold{k}" for k in range(kfold)] if kfold else [path]
+    logs = tuple(_read_logs(d, f"fold{k}" if kfold else "") for k, d in enumerate(log_dirs))
+    heads = tuple(str(h) for h in metrics.get("heads") or metrics.get("labels") or ())
+    preds_name = "oof.npz" if kfold else "val_predictions.npz"
+    predictions = _read_predictions(path / preds_name, heads) if (path / preds_name).is_file() else ()
+    if not predictions:
+        notes.append(f"no {preds_name}: no reliability diagram or prediction histograms")
+    return RunData(
+        path=path, name=str(metrics.get("exp_name") or path.name), model=str(metrics.get("model", "?")),
+        heads=heads, manifest_fingerprint=str(metrics.get("manifest_fingerprint", "")), kfold=kfold,
+        best_step=_opt_int(metrics.get("best_step")), steps=_opt_int(metrics.get("steps")),
+        val=_float_dict(metrics.get("val")), gold=_float_dict(metrics["gold"]) if metrics.get("gold") else None,
+        notes=tuple(notes), logs=logs, predictions=predictions,
+        predictions_from=preds_name if predictions else "", resources=_resources(path, metrics, kfold))
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ReportError(f"run {path.parent} has not finished: it has no metrics.json", where=str(path),
+                          fix="finish it with the same `ctrpipe train ... --resume`, or leave it out of the report")
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"cannot read metrics.json ({exc})", where=str(path),
+                          fix="the file is damaged: retrain the run") from None
+    if not isinstance(metrics, dict) or "val" not in metrics:
+        raise ReportError("metrics.json holds no validation metrics", where=str(path),
+                          fix="pass a run finished by `ctrpipe train` (an interrupted run has none)")
+    return metrics
+
+
+def _read_logs(directory: Path, name: str) -> RunLogs:
+    log = directory / "train_log.csv"
+    if not log.is_file():
+        raise ReportError(f"{log.name} is missing", where=str(log), fix="the run directory is damaged: retrain it")
+    df = pl.read_csv(log, infer_schema_length=0).with_columns(pl.all().cast(pl.Float64, strict=False))
+    train = df.filter(pl.col("loss").is_not_null()) if "loss" in df.columns else df.clear()
+    evals = df.filter(pl.col("val_auc").is_not_null()) if "val_auc" in df.columns else df.clear()
+    val = {c[len("val_"):]: _curve(evals, c) for c in evals.columns if c.startswith("val_")}
+    return RunLogs(name=name, loss=_curve(train, "loss"), lr=_curve(train, "lr"),
+                   val={k: v for k, v in val.items() if len(v)}, diagnostics=_read_diagnostics(directory))
+
+
+def _curve(df: pl.DataFrame, column: str) -> Curve:
+    """(step, column) rows with a value; after a --resume a step logged twice keeps its last row."""
+    if column not in df.columns or df.height == 0:
+        return Curve(np.zeros(0, np.int64), np.zeros(0, np.float64))
+    d = (df.select(pl.col("step").cast(pl.Int64), pl.col(column)).drop_nulls()
+         .unique(subset="step", keep="last", maintain_order=True).sort("step"))
+    return Curve(d["step"].to_numpy(), d[column].to_numpy().astype(np.float64))
+
+
+def _read_diagnostics(directory: Path) -> dict[str, Curve]:
+    path = directory / "diagnostics.csv"
+    if not path.is_file():
+        return {}
+    df = pl.read_csv(path, schema_overrides={"step": pl.Int64, "name": pl.Utf8, "value": pl.Float64})
+    out: dict[str, Curve] = {}
+    for (name,), part in df.group_by("name", maintain_order=True):
+        out[str(name)] = _curve(part.rename({"value": "v"}), "v")
+    return out
+
+
+def _read_predictions(path: Path, heads: tuple[str, ...]) -> tuple[HeadPredictions, ...]:
+    try:
+        with np.load(path) as z:
+            logits, labels = z["logits"], z["labels"]                          # (N, H), (N, H)
+            names = [str(n) for n in z["label_names"]] if "label_names" in z.files else list(heads)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ReportError(f"cannot read predictions ({exc})", where=str(path),
+                          fix="the file is damaged: retrain the run") from None
+    if logits.ndim != 2 or logits.shape != labels.shape or len(names) != logits.shape[1]:
+        raise ReportError(f"predictions of shape {logits.shape} / labels {labels.shape} do not match the heads "
+                          f"{names}", where=str(path), fix="the file is damaged: retrain the run")
+    out = []
+    for h, head in enumerate(names):
+        keep = ~np.isnan(labels[:, h])                                          # rows the head's mask keeps
+        out.append(HeadPredictions(head, sigmoid(logits[keep, h]), labels[keep, h].astype(np.float64)))
+    return tuple(out)
+
+
+def _resources(path: Path, metrics: dict[str, Any], kfold: int) -> Resources:
+    params, params_from = _opt_int(metrics.get("parameters")), "metrics.json"
+    if params is None:
+        params, params_from = count_parameters(path / ("ckpt_fold0.pt" if kfold else "ckpt_best.pt"))
+    device_peak = _opt_int(metrics.get("peak_device_memory_bytes"))
+    host_peak = _opt_int(metrics.get("peak_host_memory_bytes"))
+    peak, where = (device_peak, "GPU") if device_peak is not None else (host_peak, "host" if host_peak else "")
+    return Resources(samples_per_s=_opt_float(metrics.get("samples_per_s")),
+                     train_seconds=_opt_float(metrics.get("train_seconds")),
+                     wall_seconds=_opt_float(metrics.get("wall_seconds")),
+                     parameters=params, parameters_from=params_from, peak_memory_bytes=peak,
+                     peak_memory_where=where)
+
+
+def count_parameters(ckpt_path: Path) -> tuple[int | None, str]:
+    """(parameter count, where it came from): the checkpoint's model rebuilt on the meta device.
+
+    Checkpoints store only the embedding rows training touched, so the count comes from the rebuilt model,
+    not from the stored tensors; on the meta device nothing is allocated.
+    """
+    if not ckpt_path.is_file():
+        return None, f"no {ckpt_path.name}"
+    import torch
+
+    from ctrpipe.train.checkpoint import build_initial_model, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+        with torch.device("meta"):
+            model = build_initial_model(ckpt.config, ckpt.feature_spec, ckpt.init_seed)
+    except CtrpipeError as exc:
+        raise ReportError(f"cannot count the model's parameters: {exc.what}", where=str(ckpt_path),
+                          fix=exc.fix or "retrain the run") from None
+    return sum(p.numel() for p in model.parameters()), ckpt_path.name
+
+
+def _natural_key(name: str) -> tuple[str, int]:
+    """'train/gate.t.e10' sorts after 'train/gate.t.e9'."""
+    stem, _, num = name.rpartition(".e")
+    return (stem, int(num)) if num.isdigit() else (name, -1)
+
+
+def _float_dict(d: Any) -> dict[str, float]:
+    if not isinstance(d, dict):
+        return {}
+    return {str(k): float(v) if v is not None else float("nan") for k, v in d.items()
+            if isinstance(v, (int, float)) or v is None}
+
+
+def _opt_float(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _opt_int(v: Any) -> int | None:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None

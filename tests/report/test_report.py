@@ -1,0 +1,198 @@
+"""`ctrpipe report` end to end on real runs: the page and its figures, the leaderboard, reliability bins,
+errors with what / where / fix, and the atomic replacement of an earlier report."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+from report_setup import Runs
+from typer.testing import CliRunner
+
+from ctrpipe.cli import app
+from ctrpipe.report.leaderboard import COLUMNS, build_leaderboard
+from ctrpipe.report.rundata import load_run
+from ctrpipe.report.stats import reliability_bins
+from ctrpipe.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+
+def report(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(app, ["report", *args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.output
+
+
+class Images(HTMLParser):
+    """src, width and height of every <img> of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[dict[str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append({k: v or "" for k, v in attrs})
+
+
+def page_images(index: Path) -> list[dict[str, str]]:
+    parser = Images()
+    parser.feed(index.read_text())
+    return parser.images
+
+
+def col(key: str) -> int:
+    return [c.key for c in COLUMNS].index(key)
+
+
+def test_page_figures_and_leaderboard(runs: Runs, full_report: tuple[Path, str]) -> None:
+    out, text = full_report
+    assert "not ranked: parquet_mmoe" in text and "another cache" in text
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "index.html", "report.json"]
+    assert not list(out.parent.glob(".report*"))                 # no temp or old folder left beside it
+
+    images = page_images(out / "index.html")
+    assert len(images) == len(list((out / "figures").iterdir()))
+    for img in images:                                           # every figure is a whole PNG of the stated size
+        with Image.open(out / img["src"]) as im:
+            assert im.format == "PNG" and im.size == (int(img["width"]), int(img["height"])), img
+            im.load()
+    names = {img["src"].removeprefix("figures/") for img in images}
+    for i in range(5):
+        assert {f"run{i}_training.png", f"run{i}_validation.png", f"run{i}_reliability.png",
+                f"run{i}_histograms.png"} <= names
+    assert "all_runs.png" in names
+    assert {n for n in names if "gates" in n} == {"run4_gates.png"}   # only the MMoE run has gates
+
+    board = json.loads((out / "report.json").read_text())
+    assert board["split"] == "gold" and board["baseline"] == "criteo_dnn"
+    ranked = [r for r in board["runs"] if r["ranked"]]
+    assert {r["name"] for r in ranked} == {"criteo_dnn", "criteo_deepfm", "criteo_dcnv2", "criteo_dnn_cv"}
+    assert [r["auc"] for r in ranked] == sorted((r["auc"] for r in ranked), reverse=True)
+    assert board["runs"][-1]["name"] == "parquet_mmoe" and "another cache" in board["runs"][-1]["reason"]
+    best_auc = max(ranked, key=lambda r: r["auc"])
+    assert "auc" in best_auc["best"]
+    gold = {r.name: json.loads((r / "metrics.json").read_text())["gold"]["auc"] for r in runs.criteo}
+    assert {r["name"]: r["auc"] for r in ranked if r["name"] in gold} == gold
+    assert all(r["peak_memory"] is None and r["wall_seconds"] is None for r in board["runs"])
+
+
+def test_leaderboard_deltas_best_and_parameters(runs: Runs) -> None:
+    data = [load_run(p) for p in runs.criteo]
+    board = build_leaderboard(data, baseline="criteo_deepfm")
+    base = next(e for e in board.entries if e.run.name == "criteo_deepfm")
+    for i, entry in enumerate(board.entries):
+        if entry is base:
+            assert board.delta(i, col("auc")) is None
+            continue
+        assert board.delta(i, col("auc")) == pytest.approx(entry.values[col("auc")] - base.values[col("auc")])
+        assert board.delta(i, col("parameters")) == pytest.approx(
+            entry.values[col("parameters")] / base.values[col("parameters")])
+    calib = [abs(e.values[col("calibration")] - 1) for e in board.entries]
+    assert board.best[col("calibration")] == {int(np.argmin(calib))}
+    for run in data:   # the count of the rebuilt model, not of the stored (touched) embedding rows
+        model = model_from_checkpoint(load_checkpoint(run.path / "ckpt_best.pt"))
+        assert run.resources.parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_validation_split_when_a_run_lacks_gold(runs: Runs) -> None:
+    dnn, deepfm, dcnv2 = (load_run(p) for p in runs.criteo)
+    kfold = load_run(runs.kfold)
+    board = build_leaderboard([dnn, dataclasses.replace(deepfm, gold=None), dcnv2, kfold])
+    assert board.split == "val" and board.split_title == "validation split"
+    unranked = [e for e in board.entries if not e.comparable]
+    assert [e.run.name for e in unranked] == ["criteo_dnn_cv"] and "out-of-fold" in unranked[0].reason
+    assert next(e for e in board.entries if e.run is dnn).values[col("auc")] == dnn.val["auc"]
+
+
+def test_strict_refuses_runs_of_another_cache(runs: Runs, tmp_path: Path) -> None:
+    code, text = report(str(runs.criteo[0]), str(runs.mmoe), "--out", str(tmp_path / "rep"), "--strict")
+    assert code == 1
+    fp = load_run(runs.mmoe).manifest_fingerprint[:12]
+    assert "parquet_mmoe" in text and fp in text and str(runs.mmoe) in text and "fix:" in text
+    assert not (tmp_path / "rep").exists()
+
+
+def test_reliability_bins(runs: Runs) -> None:
+    b = reliability_bins([0.1, 0.2, 0.6, 0.8], [0, 1, 1, 1], n_bins=2, min_rows_per_bin=1)   # the docstring's
+    assert b.count.tolist() == [2, 2] and np.allclose(b.mean_pred, [0.15, 0.7]) and b.pos_rate.tolist() == [0.5, 1]
+    assert np.allclose(b.lo, [0.1, 0.6]) and np.allclose(b.hi, [0.2, 0.8])
+    tied = reliability_bins(np.r_[np.full(90, 0.3), np.linspace(0.4, 0.9, 30)], np.zeros(120))
+    assert tied.count.sum() == 120 and tied.count[0] == 90            # equal predictions share one bin
+
+    run = load_run(runs.criteo[0])
+    (head,) = run.predictions
+    b = reliability_bins(head.probs, head.labels)
+    assert b.count.sum() == head.probs.size and np.all(np.diff(b.mean_pred) > 0)
+    # the bins add up to the run's own validation metrics
+    assert np.sum(b.count * b.mean_pred) / b.count.sum() == pytest.approx(run.val["mean_pred"], rel=1e-5)
+    assert np.sum(b.count * b.pos_rate) / b.count.sum() == pytest.approx(run.val["pos_rate"], rel=1e-9)
+
+
+def test_errors_name_the_run_and_the_fix(runs: Runs, tmp_path: Path) -> None:
+    out = str(tmp_path / "rep")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, text = report(str(empty), "--out", out)
+    assert code == 1 and f"{empty}: {empty} is not a run directory (no config.json)" in text
+    assert "fix: pass a folder written by `ctrpipe train`" in text
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(runs.criteo[0] / "config.json", unfinished / "config.json")
+    code, text = report(str(unfinished), "--out", out)
+    assert code == 1 and "has not finished: it has no metrics.json" in text and "--resume" in text
+
+    code, text = report(str(runs.criteo[0]), "--out", out, "--baseline", "nope")
+    assert code == 1 and "--baseline 'nope'" in text and "fix: pass one of: criteo_dnn" in text
+
+    code, text = report(str(runs.criteo[0]), str(runs.criteo[0]), "--out", out)
+    assert code == 1 and "is given twice" in text
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    code, text = report(str(runs.criteo[0]), "--out", str(foreign))
+    assert code == 1 and "not a ctrpipe report" in text
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "rep").exists()
+
+
+def test_a_new_report_replaces_the_old_one_whole(runs: Runs, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "rep"
+    assert report(str(runs.criteo[0]), "--out", str(out))[0] == 0
+    old_board = (out / "report.json").read_bytes()
+    (out / "stale.txt").write_text("from the old report")
+
+    # the disk fills while the third figure is written (matplotlib is the boundary patched, not ctrpipe)
+    calls = {"n": 0}
+    real_savefig = Figure.savefig
+
+    def savefig(self: Figure, *args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    code, text = report(str(runs.criteo[2]), "--out", str(out))
+    assert code == 1 and "No space left on device" in text and "an older report" in text
+    assert (out / "report.json").read_bytes() == old_board and (out / "stale.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]     # the temp folder is gone
+    monkeypatch.undo()
+
+    crashed = tmp_path / ".rep.incomplete-4194305"        # left by a report whose process died (no such pid)
+    (crashed / "figures").mkdir(parents=True)
+    assert report(str(runs.criteo[2]), "--out", str(out))[0] == 0
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "report.json").read_text())["baseline"] == "criteo_dcnv2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
