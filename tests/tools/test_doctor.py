@@ -1,0 +1,52 @@
+"""`ctrpipe doctor` through the CLI: it passes on a working environment (what CI runs it on) and names a
+broken piece with its fix."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+from typer.testing import CliRunner
+
+from ctrpipe.cli import app
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "250"}   # rich wraps table cells at 80 columns without a terminal
+
+
+def test_doctor_passes_here_with_versions_devices_and_a_smoke_test() -> None:
+    res = runner.invoke(app, ["doctor"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    out = res.output
+    for name in ("python", "torch", "numpy", "polars", "pyarrow", "tensorboard", "compiled kernels", "cpu smoke test"):
+        assert name in out, name
+    assert importlib.metadata.version("torch") in out
+    assert "tensor copy, matmul (matches CPU), dense + sparse-embedding backward" in out
+    assert "ready" in out and "failed" not in out
+
+
+def test_doctor_names_a_missing_package_and_its_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name == "polars":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)   # the package index of this environment
+    res = runner.invoke(app, ["doctor"], env=WIDE)
+    assert res.exit_code == 1, res.output
+    line = next(line for line in res.output.splitlines() if "polars" in line and "not installed" in line)
+    assert "fail" in line and "pip install" in line
+    assert "1 check(s) failed: polars" in res.output
+
+
+def test_doctor_warns_when_the_kernels_are_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrpipe.native import native_built
+
+    if not native_built():
+        pytest.skip("the compiled kernels are not built here")
+    monkeypatch.setenv("CTRPIPE_NATIVE", "0")
+    res = runner.invoke(app, ["doctor"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    assert "switched off by CTRPIPE_NATIVE=0" in res.output and "unset CTRPIPE_NATIVE" in res.output
