@@ -142,6 +142,33 @@ def report(
     _run(lambda: run_report(runs=runs, out=out, baseline=baseline, strict=strict, quiet=quiet))
 
 
+@app.command()
+def plan(
+    shards: Path = typer.Option(..., "--shards", help="shard cache folder the run would train on"),
+    cfg: Optional[Path] = CfgOpt,  # noqa: UP045
+    overrides: list[str] = SetOpt,
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the config's train.device)"),  # noqa: UP045
+    memory: Optional[str] = typer.Option(None, "--memory", help="compare with this much memory, e.g. 16GB "  # noqa: UP045
+                                         "(default: free GPU memory, or available host RAM)"),
+) -> None:
+    """Estimate a training run's memory before allocating it; exits 1 when it would not fit."""
+    from ctrpipe.tools.planner import run_plan
+
+    result = _run(lambda: run_plan(cfg_path=cfg, overrides=overrides, shards=shards, device=device, memory=memory))
+    if not result.fits:
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor() -> None:
+    """Check the environment: versions, devices, compiled kernels, a smoke test per device; exit 1 on a failure."""
+    from ctrpipe.tools.doctor import run_doctor
+
+    checks = _run(run_doctor)
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
 @blend_app.command("submissions")
 def blend_submissions(
     files: list[Path] = typer.Argument(..., help="submission CSVs"),

@@ -1,0 +1,335 @@
+"""`ctrpipe plan`: what a training run will hold in memory, estimated before any of it is allocated.
+
+Parameters are counted exactly on a model built on the meta device; optimiser state, gradients, masks and
+scratch follow from what `train/` allocates for each table and dense layer (below); the activations of a
+step and of an evaluation batch are measured on small real batches and scaled linearly to the configured
+batches (tools/memtrack.py); touched table rows and pages come from the rows the run reads
+(tools/touched.py). Each line belongs to a phase, and the peak is
+
+    resident + max(step, eval) + checkpoint      (host RAM: glibc keeps a step's freed heap, see hostmem.py,
+                                                  and a checkpoint's table copies are fresh mappings)
+    resident + max(step, eval, checkpoint)        (CUDA device memory: one caching allocator pool)
+
+What training allocates, per embedding table of R rows x D floats:
+  weights R*D*4 (all pages written at init); ChangedRows mask R bytes; with embedding_optimizer
+  adam: dense gradient R*D*4 + two moments 2*R*D*4 (all written every step); sparse_adam: two moments;
+  adagrad: one accumulator; sgd: nothing; lazy_adam: two moments that on CPU are lazily mapped zeros (only
+  pages holding touched rows become resident) plus an int32 scratch of R*4; on CUDA plain zeros (2*R*D*4).
+Dense layers: weights, gradients, two AdamW moments (x4). EMA: one more copy of every parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ctrpipe.config import RunConfig
+from ctrpipe.errors import ConfigError
+from ctrpipe.features import FeatureSpec
+from ctrpipe.loader.buffers import layout_of
+from ctrpipe.shard.manifest import Manifest
+from ctrpipe.tools.memtrack import StepMemory
+from ctrpipe.tools.touched import PAGE, TableUse
+
+Phase = Literal["resident", "step", "eval", "checkpoint"]
+Where = Literal["device", "host"]
+PHASES: tuple[Phase, ...] = ("resident", "step", "eval", "checkpoint")
+MOMENTS = {"adam": 2, "sparse_adam": 2, "lazy_adam": 2, "adagrad": 1, "sgd": 0}
+
+
+@dataclass(frozen=True)
+class Line:
+    """One row of the plan: `nbytes` of `item` (a part of `part`), alive in `phase`, on `where`."""
+
+    part: str
+    item: str
+    nbytes: int
+    phase: Phase = "resident"
+    where: Where = "device"
+    note: str = ""
+    tables: bool = False     # scales with the tables' id spaces (what fewer bins would shrink)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the plan depends on, and what a suggestion changes."""
+
+    batch: int
+    eval_batch: int
+    amp: str
+    embedding_optimizer: str
+    bins_scale: float = 1.0  # fraction of the id spaces kept (suggestions: fewer hash bins)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    model: str
+    device: str                       # "cpu" or "cuda"
+    setting: Setting
+    lines: tuple[Line, ...]
+    tables: tuple[TableUse, ...]
+    params: dict[str, int]            # "tables" / "dense" parameter counts (exact)
+    disk: dict[str, int]              # checkpoint and prediction file sizes
+    steps: int
+    rows_read: int
+    available: int | None             # bytes the peak is compared with (None: unknown)
+    available_what: str
+    measured: str                     # how the activations were measured
+    suggestions: tuple[str, ...] = ()
+
+    def phase_bytes(self, phase: Phase, where: Where) -> int:
+        return sum(line.nbytes for line in self.lines if line.phase == phase and line.where == where)
+
+    def peak(self, where: Where = "device") -> int:
+        """Peak bytes on the training device (`device`) or, for a CUDA run, in host RAM (`host`)."""
+        if self.device != "cuda":          # one memory: device and host lines add up
+            r, s, e, c = (self.phase_bytes(p, "device") + self.phase_bytes(p, "host") for p in PHASES)
+            return r + max(s, e) + c
+        r, s, e, c = (self.phase_bytes(p, where) for p in PHASES)
+        return r + max(s, e, c) if where == "device" else r + e + c
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.peak() <= self.available
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the lines are computed from (so suggestions can recompute them with other settings)."""
+
+    cfg: RunConfig
+    manifest: Manifest
+    shards: Path
+    spec: FeatureSpec
+    device: str
+    tables: tuple[TableUse, ...]
+    dense: dict[str, int]             # top-level module -> dense parameter count
+    step_memory: dict[str, StepMemory]  # by amp
+    metric_bytes_per_row: float
+    val_rows: int
+    n_tasks: int
+
+
+def plan_lines(inp: Inputs, st: Setting) -> list[Line]:
+    """Every line of the plan for setting `st`."""
+    lines: list[Line] = []
+    lines += _parameter_lines(inp, st)
+    lines += _optimizer_lines(inp, st)
+    lines += _activation_lines(inp, st)
+    lines += _loader_lines(inp, st)
+    lines += _eval_lines(inp, st)
+    lines += _checkpoint_lines(inp, st)
+    return [line for line in lines if line.nbytes > 0]
+
+
+def _scaled(t: TableUse, s: float) -> TableUse:
+    if s == 1.0:
+        return t
+    rows = max(1, int(t.rows * s))
+    return dataclasses.replace(t, rows=rows, touched_rows=min(t.touched_rows, rows),
+                               touched_pages=min(t.touched_pages, math.ceil(rows * t.dim * 4 / t.page)))
+
+
+def _short(name: str) -> str:
+    return name.removesuffix(".weight").replace("embedding.groups.", "g")
+
+
+def _parameter_lines(inp: Inputs, st: Setting) -> list[Line]:
+    lines = []
+    ema = inp.cfg.train.ema > 0
+    for t in (_scaled(t, st.bins_scale) for t in inp.tables):
+        lines.append(Line("parameters", f"table {_short(t.name)}: {t.rows:,} x {t.dim}", t.rows * t.dim * 4,
+                          tables=True))
+        if ema:
+            lines.append(Line("parameters", f"EMA copy of {_short(t.name)}", t.rows * t.dim * 4, tables=True))
+    for name, n in inp.dense.items():
+        lines.append(Line("parameters", f"dense {name}: {n:,} params", n * 4))
+    dense = sum(inp.dense.values()) * 4
+    if ema:
+        lines.append(Line("parameters", "EMA copy of the dense parameters", dense))
+    lines.append(Line("gradients", "dense parameters (kept until the next step)", dense))
+    return lines
+
+
+def _optimizer_lines(inp: Inputs, st: Setting) -> list[Line]:
+    opt, cuda = st.embedding_optimizer, inp.device == "cuda"
+    lines = [Line("optimizer", "AdamW moments of the dense parameters (2 x fp32)", 2 * sum(inp.dense.values()) * 4)]
+    for t in (_scaled(t, st.bins_scale) for t in inp.tables):
+        full, short = t.rows * t.dim * 4, _short(t.name)
+        n = MOMENTS[opt]
+        if opt == "lazy_adam" and not cuda:
+            unit = "huge pages" if t.page > PAGE else "pages"
+            lines.append(Line("optimizer", f"lazy_adam moments of {short}: {t.touched_pages:,} of {t.pages:,} "
+                                           f"{unit} touched", min(2 * t.touched_pages * t.page, 2 * full),
+                              tables=True, note="lazily mapped: only pages holding touched rows are resident"))
+            lines.append(Line("optimizer", f"lazy_adam int32 scratch of {short}", t.rows * 4, tables=True))
+        elif n:
+            lines.append(Line("optimizer", f"{opt} state of {short} ({n} x the table)", n * full, tables=True))
+        if opt == "adam":
+            lines.append(Line("gradients", f"dense gradient of {short} (embedding_optimizer=adam)", full,
+                              tables=True))
+        lines.append(Line("optimizer", f"changed-rows mask of {short} (1 byte a row)", t.rows, tables=True))
+    return lines
+
+
+def _step(inp: Inputs, st: Setting) -> StepMemory:
+    return inp.step_memory.get(st.amp) or inp.step_memory[inp.cfg.train.amp]
+
+
+def _activation_lines(inp: Inputs, st: Setting) -> list[Line]:
+    sm = _step(inp, st)
+    lines = []
+    if st.embedding_optimizer != "adam":
+        grads = sm.sparse_grads.at(st.batch) if inp.cfg.train.sparse_embeddings else _sparse_grad_guess(inp, st)
+        lines.append(Line("gradients", f"sparse table gradients of one batch ({st.batch:,} rows)", grads))
+    step = sm.step.at(st.batch)
+    held = {k: v.at(st.batch) for k, v in sm.forward.items()}
+    # the forward parts are shown inside the step's peak; whatever the peak holds beyond them is backward's
+    for name, b in sorted(held.items(), key=lambda kv: -kv[1]):
+        lines.append(Line("activations", f"  forward {name}", b, phase="step", note="part of the step peak"))
+    rest = step - sum(held.values()) if held else step
+    label = "backward + optimizer step beyond the forward" if held else "forward + backward + optimizer step"
+    lines.append(Line("activations", f"{label} (batch {st.batch:,}, amp {sm.amp})", rest, phase="step"))
+    return lines
+
+
+def _sparse_grad_guess(inp: Inputs, st: Setting) -> int:
+    """Sparse gradients of a model measured with dense ones (suggesting lazy_adam): one (D floats + an int64
+    id) per looked-up id."""
+    ids = len(inp.spec.categorical) + sum(f.width for f in (*inp.spec.multihot, *inp.spec.sequence))
+    dim = max((t.dim for t in inp.tables), default=0)
+    return st.batch * ids * (dim * 4 + 8)
+
+
+def _row_bytes(inp: Inputs) -> int:
+    layout = layout_of(inp.shards, inp.manifest, with_labels=True)
+    arrays = [layout.numeric, layout.categorical, layout.labels, *layout.multihot, *layout.multihot_len,
+              *layout.multihot_weights, *layout.sequence, *layout.sequence_len]
+    return 8 + sum(int(np.prod(a.row_shape, dtype=np.int64)) * a.dtype.itemsize for a in arrays if a is not None)
+
+
+def _loader_lines(inp: Inputs, st: Setting) -> list[Line]:
+    """Training batches: prefetch + 2 buffer sets (the consumer's, the queue's, the one being filled)."""
+    sets = inp.cfg.loader.prefetch + 2
+    nbytes = sets * st.batch * _row_bytes(inp)
+    if inp.device != "cuda":
+        return [Line("loader", f"{sets} host batch buffers", nbytes, where="host")]
+    pinned = "pinned " if inp.cfg.loader.pin_memory else ""
+    return [Line("loader", f"{sets} {pinned}host batch buffers", nbytes, where="host"),
+            Line("loader", f"{sets} batches copied to the device", nbytes)]
+
+
+def _eval_lines(inp: Inputs, st: Setting) -> list[Line]:
+    if not inp.val_rows:
+        return []
+    b = min(st.eval_batch, inp.val_rows)
+    sm = _step(inp, st)
+    sets = inp.cfg.loader.prefetch + 2
+    lines = [Line("evaluation", f"no-grad forward (batch {b:,})", sm.eval.at(b), phase="eval"),
+             Line("evaluation", f"{sets} evaluation batch buffers", sets * b * _row_bytes(inp), phase="eval",
+                  where="host"),
+             Line("evaluation", f"predictions of {inp.val_rows:,} validation rows",
+                  inp.val_rows * (8 + 8 * inp.n_tasks), phase="eval", where="host"),
+             Line("evaluation", "metric computation (sorts, float64 copies)",
+                  int(inp.val_rows * inp.metric_bytes_per_row), phase="eval", where="host")]
+    if inp.device == "cuda":
+        lines.append(Line("evaluation", f"{sets} evaluation batches on the device", sets * b * _row_bytes(inp),
+                          phase="eval"))
+    return lines
+
+
+def _packed(inp: Inputs, st: Setting) -> tuple[int, int, int]:
+    """(weights, optimiser state, largest single table copy) bytes of a checkpoint: dense tensors whole, tables
+    as their touched rows (values + int64 row ids), see train/tables.py."""
+    tables = [_scaled(t, st.bins_scale) for t in inp.tables]
+    rows = [t.touched_rows * (t.dim * 4 + 8) for t in tables]
+    dense = sum(inp.dense.values()) * 4
+    weights = dense + sum(rows)
+    optimizer = 2 * dense + MOMENTS[st.embedding_optimizer] * sum(rows) + sum(t.touched_rows * 8 for t in tables)
+    return weights, optimizer, max(rows, default=0)
+
+
+def _checkpoint_lines(inp: Inputs, st: Setting) -> list[Line]:
+    weights, optimizer, largest = _packed(inp, st)
+    ema = 2 if inp.cfg.train.ema > 0 else 1      # ckpt_last keeps the raw weights beside the EMA ones
+    lines = [Line("checkpoint", "ckpt_last.pt: weights, touched rows of the tables", ema * weights,
+                  phase="checkpoint", where="host"),
+             Line("checkpoint", "ckpt_last.pt: optimiser state of the touched rows", optimizer,
+                  phase="checkpoint", where="host")]
+    if inp.device == "cuda":
+        lines.append(Line("checkpoint", "largest table's touched rows, gathered on the device", largest,
+                          phase="checkpoint"))
+    return lines
+
+
+def disk_sizes(inp: Inputs, st: Setting) -> dict[str, int]:
+    weights, optimizer, _ = _packed(inp, st)
+    ema = 2 if inp.cfg.train.ema > 0 else 1
+    out = {"ckpt_best.pt": weights, "ckpt_last.pt": ema * weights + optimizer}
+    if inp.val_rows:
+        out["val_predictions.npz"] = inp.val_rows * (8 + 8 * inp.n_tasks)
+    return out
+
+
+def suggestions(inp: Inputs, base: Setting, available: int, peak_of: Callable[[Setting], int]) -> list[str]:
+    """Settings that bring the peak under `available`, each with the peak it gives."""
+    from ctrpipe.errors import human_bytes
+
+    out: list[str] = []
+    b, e = base.batch, base.eval_batch
+    while b > 64:
+        b, e = b // 2, max(b // 2, e // 2)
+        peak = peak_of(dataclasses.replace(base, batch=b, eval_batch=e))
+        if peak <= available:
+            out.append(f"--set loader.batch_size={b} --set loader.eval_batch_size={e}  -> {human_bytes(peak)}")
+            break
+    if base.amp == "off" and "bf16" in inp.step_memory:
+        peak = peak_of(dataclasses.replace(base, amp="bf16"))
+        out.append(f"--set train.amp=bf16  -> {human_bytes(peak)}"
+                   + ("" if peak <= available else " (not enough alone)"))
+    if base.embedding_optimizer != "lazy_adam" and inp.tables:
+        peak = peak_of(dataclasses.replace(base, embedding_optimizer="lazy_adam"))
+        out.append(f"--set train.embedding_optimizer=lazy_adam  -> {human_bytes(peak)}"
+                   + ("" if peak <= available else " (not enough alone)"))
+    hashed = [c for c in inp.manifest.columns if c.kind == "categorical" and c.transform == "hash"]
+    if hashed and inp.tables:
+        bins = max(c.bins for c in hashed)
+        for scale in (0.5, 0.25, 0.1, 0.05, 0.01):
+            peak = peak_of(dataclasses.replace(base, bins_scale=scale))
+            if peak <= available:
+                out.append(f"fewer bins: rebuild the cache with --set data.hash_bins={int(bins * scale):,}"
+                           f"  -> {human_bytes(peak)}")
+                break
+    return out
+
+
+def check_device(name: str) -> str:
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {name!r}", where="--device", fix="use --device cpu or --device cuda")
+    return name
+
+
+def device_memory(device: str) -> tuple[int | None, str]:
+    """(bytes available, what they are) for the plan's device."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return None, "GPU memory unknown (no CUDA device here): pass --memory, e.g. --memory 80GB"
+        free, total = torch.cuda.mem_get_info()
+        return free, f"free GPU memory of {torch.cuda.get_device_name()} ({total / 1e9:.1f} GB in all)"
+    info = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    if "MemAvailable" in info:
+        return info["MemAvailable"], f"available host RAM ({info['MemTotal'] / 1e9:.1f} GB in all)"
+    return None, "host RAM unknown: pass --memory, e.g. --memory 16GB"

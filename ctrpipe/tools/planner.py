@@ -1,0 +1,160 @@
+"""`ctrpipe plan --cfg CFG --shards DIR`: gather what the memory plan needs (tools/plan.py), print it as a table.
+
+Reads the manifest and a sample of the training rows, builds the model on the meta device (parameters
+counted exactly, nothing allocated), measures a step on small batches, and compares the peak with the
+device's free memory (or host RAM, or `--memory`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from ctrpipe.config import RunConfig, load_config
+from ctrpipe.console import console
+from ctrpipe.errors import ConfigError, SchemaError, human_bytes
+from ctrpipe.models.heads import heads_of
+from ctrpipe.models.layers.embedding import split_parameters
+from ctrpipe.models.registry import build_model
+from ctrpipe.shard.manifest import read_manifest
+from ctrpipe.tools.memtrack import measure_step_memory, metric_bytes_per_row
+from ctrpipe.tools.plan import (
+    Inputs,
+    MemoryPlan,
+    Setting,
+    check_device,
+    device_memory,
+    disk_sizes,
+    plan_lines,
+    suggestions,
+)
+from ctrpipe.tools.touched import SAMPLE_ROWS, read_sample, table_use
+
+MEASURE_SIZES = (256, 1024)   # batch sizes a step is measured at (then scaled linearly)
+
+
+def parse_bytes(text: str) -> int:
+    """'16GB', '512MiB', '1.5e9' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        return int(float(num) * units[unit])
+    except (KeyError, ValueError):
+        raise ConfigError(f"cannot read memory size {text!r}", where="--memory",
+                          fix="use e.g. --memory 16GB or --memory 80GiB") from None
+
+
+def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = None) -> MemoryPlan:
+    """The memory plan of training `cfg` on the cache `shards` on `device` ("cpu" or "cuda")."""
+    from ctrpipe.train.objective import build_tasks
+    from ctrpipe.train.plan import plan_steps
+
+    device = check_device(device)
+    manifest = read_manifest(shards)
+    train_rows = manifest.rows.get("train", 0)
+    if not train_rows or not manifest.label_names:
+        raise SchemaError(f"shard cache {shards} has no labelled training rows", where=str(shards / "manifest.json"),
+                          fix="plan a run on a cache built from labelled data without --test")
+    spec = manifest.feature_spec()
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
+    n_tasks = len(build_tasks(heads_of(model, spec), spec, cfg.train))
+    b = cfg.loader.batch_size
+    per_epoch = train_rows // b if train_rows >= b else 1
+    steps = plan_steps(cfg.train, train_rows, b, per_epoch).total_steps
+    rows_read = min(train_rows, steps * b)
+    sizes = tuple(sorted({min(s, b, train_rows) for s in MEASURE_SIZES}))
+    sample = read_sample(shards, cfg, max(min(rows_read, SAMPLE_ROWS), sizes[-1]))
+    tables = tuple(table_use(model, spec, sample, rows_read))
+    measure_on = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+    amps = [cfg.train.amp] + (["bf16"] if cfg.train.amp == "off" else [])
+    step_memory = {a: measure_step_memory(cfg, spec, sample, sizes, measure_on, amp=a) for a in amps}
+    val_rows = manifest.rows.get("val", 0) if not cfg.cv.n_splits else manifest.rows.get("train", 0) // cfg.cv.n_splits
+    inp = Inputs(cfg=cfg, manifest=manifest, shards=shards, spec=spec, device=device, tables=tables,
+                 dense=_dense_counts(model), step_memory=step_memory,
+                 metric_bytes_per_row=metric_bytes_per_row(n_tasks), val_rows=val_rows, n_tasks=n_tasks)
+    setting = Setting(batch=b, eval_batch=cfg.loader.eval_batch_size, amp=cfg.train.amp,
+                      embedding_optimizer=cfg.train.embedding_optimizer)
+    available, what = (memory, "--memory") if memory else device_memory(device)
+    groups = split_parameters(model)
+
+    def make(st: Setting, tips: tuple[str, ...] = ()) -> MemoryPlan:
+        return MemoryPlan(model=cfg.model.name, device=device, setting=st, lines=tuple(plan_lines(inp, st)),
+                          tables=tables, params={"tables": sum(p.numel() for p in groups.embedding),
+                                                 "dense": sum(p.numel() for p in groups.dense)},
+                          disk=disk_sizes(inp, st), steps=steps, rows_read=rows_read, available=available,
+                          available_what=what,
+                          measured=f"measured on {measure_on.type} at batch {', '.join(map(str, sizes))}, "
+                                   "scaled linearly", suggestions=tips)
+
+    plan = make(setting)
+    if available is not None and not plan.fits:
+        plan = make(setting, tuple(suggestions(inp, setting, available, lambda st: make(st).peak())))
+    return plan
+
+
+def _dense_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Dense parameter count per top-level module (tables excluded)."""
+    table_ids = {id(p) for p in split_parameters(model).embedding}
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if id(p) not in table_ids:
+            top = name.split(".")[0]
+            out[top] = out.get(top, 0) + p.numel()
+    return out
+
+
+def run_plan(cfg_path: Path | None, overrides: Sequence[str], shards: Path, device: str | None,
+             memory: str | None) -> MemoryPlan:
+    """The `ctrpipe plan` command: estimate, then print the table (stderr)."""
+    cfg = load_config(cfg_path, overrides)
+    if device is None:
+        device = "cuda" if cfg.train.device.startswith("cuda") or (
+            cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
+    plan = estimate(cfg, Path(shards), device, parse_bytes(memory) if memory else None)
+    render(plan)
+    return plan
+
+
+def render(plan: MemoryPlan) -> None:
+    st = plan.setting
+    cuda = plan.device == "cuda"
+    table = Table(title=f"ctrpipe plan: {plan.model} on {plan.device}, batch {st.batch:,}, amp {st.amp}, "
+                        f"embedding_optimizer {st.embedding_optimizer}")
+    for col in ("part", "what", "phase"):
+        table.add_column(col)
+    table.add_column("GPU" if cuda else "memory", justify="right")
+    if cuda:
+        table.add_column("host", justify="right")
+    for line in plan.lines:
+        size = human_bytes(line.nbytes)
+        cells = [line.part, line.item, line.phase]
+        if cuda:
+            cells += [size, ""] if line.where == "device" else ["", size]
+        else:
+            cells.append(size)
+        table.add_row(*cells, style="dim" if line.note == "part of the step peak" else None)
+    peak = [human_bytes(plan.peak("device"))] + ([human_bytes(plan.peak("host"))] if cuda else [])
+    table.add_row("[bold]peak[/]", "resident + max(step, eval) + checkpoint" if not cuda else
+                  "resident + max(step, eval, checkpoint)", "", *peak)
+    console.print(table)
+    console.print(f"parameters: {plan.params['tables']:,} in tables, {plan.params['dense']:,} dense; "
+                  f"{plan.steps:,} steps read {plan.rows_read:,} distinct rows; activations {plan.measured}")
+    console.print("on disk: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in plan.disk.items()))
+    if plan.available is None:
+        console.print(f"[yellow]{plan.available_what}[/]")
+        return
+    verdict = f"peak {human_bytes(plan.peak())} vs {human_bytes(plan.available)} {plan.available_what}"
+    if plan.fits:
+        console.print(f"[green]fits:[/] {verdict}")
+        return
+    console.print(f"[bold yellow]warning: does not fit:[/] {verdict}. Settings that would make it fit:")
+    for tip in plan.suggestions or ("none of batch size, bf16, lazy_adam or fewer bins is enough alone",):
+        console.print(f"  {tip}")
+

@@ -1,0 +1,136 @@
+"""`ctrpipe plan`'s estimator on a tiny real cache: exact parameter counts, table terms that scale with the id
+spaces, the live-bytes meter, the warning (with settings that fit) when the estimate exceeds the memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ctrpipe.cli import app
+from ctrpipe.config import load_config
+from ctrpipe.models.layers.embedding import split_parameters
+from ctrpipe.models.registry import build_model
+from ctrpipe.shard.manifest import read_manifest
+from ctrpipe.tools.memtrack import LiveBytes, Linear
+from ctrpipe.tools.plan import Line, MemoryPlan, Setting
+from ctrpipe.tools.planner import estimate, parse_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ["loader.batch_size=256", "loader.eval_batch_size=512", "train.min_steps=0", "model.embedding_dim=8"]
+SMALL_MODEL = {"ft_transformer": ["model.n_blocks=1", "model.n_heads=2"]}
+
+
+def small(model: str) -> list[str]:
+    return [*SMALL, *SMALL_MODEL.get(model, ["model.hidden_units=[32]"])]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The same 3,000 synthetic Criteo rows sharded with 500 and with 1,000 hash bins per field."""
+    from ctrpipe.shard.build import build_shards
+    from ctrpipe.synth.run import run_synth
+
+    root = tmp_path_factory.mktemp("plan")
+    run_synth(fmt="criteo", rows=3000, test_rows=0, seed=0, out=root / "syn", quiet=True)
+    out = {}
+    for bins in (500, 1000):
+        cfg = load_config(REPO / "cfgs" / "criteo.yaml", [f"data.hash_bins={bins}", "data.folds.n_splits=0"])
+        out[bins] = build_shards(cfg, [root / "syn" / "train.tsv"], root / f"s{bins}", progress=False) and \
+            root / f"s{bins}"
+    return out
+
+
+def plan_of(cache: Path, model: str = "dcnv2", *sets: str) -> MemoryPlan:
+    cfg = load_config(REPO / "cfgs" / f"criteo_{model}.yaml", [*small(model), *sets])
+    return estimate(cfg, cache, "cpu", memory=1 << 40)
+
+
+def by_part(plan: MemoryPlan, part: str) -> int:
+    return sum(line.nbytes for line in plan.lines if line.part == part)
+
+
+@pytest.mark.parametrize("model", ["dnn", "dcnv2", "autoint", "ft_transformer"])
+def test_parameter_counts_are_exact(caches: dict[int, Path], model: str) -> None:
+    plan = plan_of(caches[500], model)
+    cfg = load_config(REPO / "cfgs" / f"criteo_{model}.yaml", small(model))
+    built = build_model(cfg.model.name, cfg.model.params, read_manifest(caches[500]).feature_spec())
+    groups = split_parameters(built)
+    assert plan.params == {"tables": sum(p.numel() for p in groups.embedding),
+                           "dense": sum(p.numel() for p in groups.dense)}
+    assert by_part(plan, "parameters") == 4 * (plan.params["tables"] + plan.params["dense"])   # fp32, no EMA
+    assert plan.tables and all(t.rows * t.dim == plan.params["tables"] for t in plan.tables)
+    assert 0 < plan.tables[0].touched_rows <= plan.tables[0].rows
+
+
+def test_table_terms_scale_with_the_bins(caches: dict[int, Path]) -> None:
+    small = plan_of(caches[500], "dcnv2", "train.embedding_optimizer=adam")
+    large = plan_of(caches[1000], "dcnv2", "train.embedding_optimizer=adam")
+
+    def tables(plan: MemoryPlan) -> int:
+        return sum(line.nbytes for line in plan.lines if line.tables)
+
+    assert small.tables[0].rows == 26 * 500 and large.tables[0].rows == 26 * 1000
+    # weights, dense Adam moments (2x), the table's dense gradient and the changed-rows mask: 16 + 1 bytes
+    # per float32 value and per row
+    for plan, rows in ((small, 26 * 500), (large, 26 * 1000)):
+        assert tables(plan) == rows * 8 * 4 * 4 + rows
+    rest = [line.nbytes for line in small.lines if not line.tables and line.phase == "resident"]
+    assert rest == [line.nbytes for line in large.lines if not line.tables and line.phase == "resident"]
+
+
+def test_optimizer_state_follows_the_embedding_optimizer(caches: dict[int, Path]) -> None:
+    state = {opt: by_part(plan_of(caches[1000], "dnn", f"train.embedding_optimizer={opt}"), "optimizer")
+             for opt in ("sgd", "adagrad", "adam")}
+    table = 26 * 1000 * 8 * 4
+    assert state["adagrad"] - state["sgd"] == table
+    assert state["adam"] - state["sgd"] == 2 * table
+
+
+def test_step_memory_grows_with_the_batch(caches: dict[int, Path]) -> None:
+    small, large = plan_of(caches[500], "autoint"), plan_of(caches[500], "autoint", "loader.batch_size=1024")
+    assert small.phase_bytes("step", "device") < large.phase_bytes("step", "device")
+    assert any("forward attention" in line.item for line in small.lines)
+
+
+def test_live_bytes_counts_storages_once_and_sees_them_freed() -> None:
+    with LiveBytes() as live:
+        a = torch.empty(1000)                      # 4,000 bytes
+        view = a[10:20].view(2, 5)                 # a view: no new storage
+        b = a * 2                                  # 4,000 more
+        assert live.now == 8000 and view.shape == (2, 5)
+        del a
+        assert live.now == 8000                    # the view keeps a's storage alive
+        del view
+        assert live.now == 4000
+        del b
+    assert live.now == 0 and live.peak == 8000
+
+
+def test_linear_fit() -> None:
+    f = Linear.fit([(256, 1000 + 256 * 10), (1024, 1000 + 1024 * 10)])
+    assert f.at(4096) == 1000 + 4096 * 10
+
+
+def test_peak_rule_and_parse_bytes() -> None:
+    lines = (Line("p", "a", 100), Line("a", "s", 50, phase="step"), Line("e", "e", 70, phase="eval", where="host"),
+             Line("c", "c", 30, phase="checkpoint", where="host"))
+    plan = MemoryPlan("m", "cpu", Setting(1, 1, "off", "adam"), lines, (), {}, {}, 1, 1, 1000, "", "")
+    assert plan.peak() == 100 + 70 + 30
+    assert parse_bytes("16GB") == 16 * 10**9 and parse_bytes("2 GiB") == 2 * 2**30
+
+
+def test_cli_warns_with_settings_that_fit(caches: dict[int, Path]) -> None:
+    peak = plan_of(caches[1000], "dnn").peak()
+    args = ["plan", "--cfg", str(REPO / "cfgs" / "criteo_dnn.yaml"), "--shards", str(caches[1000]),
+            "--device", "cpu", *[x for s in small("dnn") for x in ("--set", s)]]
+    ok = runner.invoke(app, [*args, "--memory", str(peak * 2)], env={"COLUMNS": "250"})
+    assert ok.exit_code == 0, ok.output
+    assert "fits:" in ok.output and "peak" in ok.output and "ckpt_last.pt" in ok.output
+    tight = runner.invoke(app, [*args, "--memory", str(int(peak * 0.8))], env={"COLUMNS": "250"})
+    assert tight.exit_code == 1, tight.output
+    assert "warning: does not fit" in tight.output
+    assert "--set loader.batch_size=" in tight.output or "data.hash_bins=" in tight.output
