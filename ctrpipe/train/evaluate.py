@@ -97,12 +97,10 @@ def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: in
 
     `on_batch(rows)` is called after each batch (a progress bar); it must not read the outputs (no sync).
 
-    `logit_shift` (H,) is added to the logits (`logit_shifts`: a run trained on sampled rows); None takes the
-    `logit_shift` of `batches` when it has one (evaluation loaders of such a run carry it, train/fit.py), so
-    the training loop's evaluations get it too.
+    `logit_shift` (H,) is added to the logits (`logit_shifts`: a run trained on sampled rows).
     """
     n_heads = tasks if isinstance(tasks, int) else len(tasks)
-    shift = tuple(getattr(batches, "logit_shift", ())) if logit_shift is None else tuple(logit_shift)
+    shift = tuple(logit_shift or ())
     if shift and len(shift) != n_heads:
         raise ValueError(f"logit_shift has {len(shift)} values for {n_heads} heads")
     was_training = model.training

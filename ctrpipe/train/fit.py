@@ -181,10 +181,7 @@ def _reproducible(cfg: RunConfig) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------- one model
 
 def _loader(ctx: TrainContext, view: RowView, train: bool, seed: int) -> ShardLoader:
-    loader = ShardLoader.from_config(ctx.shards, view, ctx.cfg.loader, seed=seed, device=ctx.device, train=train)
-    if not train:   # loop.fit's evaluations read the shift from their loader (evaluate.predict)
-        loader.logit_shift = ctx.logit_shift
-    return loader
+    return ShardLoader.from_config(ctx.shards, view, ctx.cfg.loader, seed=seed, device=ctx.device, train=train)
 
 
 def _template(ctx: TrainContext, fold: int, seed: int) -> Checkpoint:
@@ -234,7 +231,7 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         model=model, spec=ctx.spec, train_loader=_loader(ctx, train_view, True, seed),
         val_loader=_loader(ctx, val_view, False, seed) if val_view is not None else None,
         cfg=cfg.train, device=ctx.device, out_dir=out_dir, best_path=best_path, template=template,
-        tasks=ctx.tasks,
+        tasks=ctx.tasks, logit_shift=ctx.logit_shift,
         resume=resume, quiet=ctx.quiet, label=label)
     return fit(inputs)
 

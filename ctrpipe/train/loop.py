@@ -67,6 +67,7 @@ class FitInputs:
     best_path: Path                   # ckpt_best.pt, or ckpt_fold{k}.pt
     template: Checkpoint              # identity of every checkpoint of this run (config, spec, fingerprints, seed)
     tasks: tuple[Task, ...] = ()      # the model's heads with train.tasks applied (objective.build_tasks)
+    logit_shift: tuple[float, ...] = ()   # per head, added at evaluation: undoes the training rows' sampling
     resume: Checkpoint | None = None  # a loaded ckpt_last.pt to continue from
     quiet: bool = False
     label: str = "train"
@@ -266,7 +267,7 @@ class _Run:
         if inp.val_loader is not None:
             with self.ema.applied() if self.ema is not None else nullcontext():
                 preds = predict(self.model, inp.val_loader, inp.val_loader.num_rows, inp.tasks, self.device,
-                                self.cfg.amp)
+                                self.cfg.amp, logit_shift=inp.logit_shift)
             metrics = preds.metrics(self.task_names, self.metric_weights)
             assert self.log is not None
             self.log.evaluation(pos.step, pos.epoch, metrics)
