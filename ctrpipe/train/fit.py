@@ -7,6 +7,9 @@ calls `loop.fit` once per model, scores gold rows, writes metrics.json and fits 
 from __future__ import annotations
 
 import dataclasses
+import resource
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +61,7 @@ class TrainContext:
     resume: bool
     quiet: bool
     tasks: tuple[Task, ...]          # the model's heads with train.tasks applied
+    parameters: int                  # of one model, tables whole (counted on the meta build)
     logit_shift: tuple[float, ...] = ()   # per head, undoes the training rows' sampling (loader/sampling.py)
 
     @property
@@ -72,11 +76,14 @@ class TrainContext:
 def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: Path, kfold: int = 0,
               resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train one model (or one per fold) and write runs/<exp_name>/; returns the metrics.json content."""
+    started = time.perf_counter()
     cfg = load_config(cfg_path, overrides)
     if kfold:
         cfg = dataclasses.replace(cfg, cv=CVConfig(n_splits=kfold),
                                   sources={**cfg.sources, "cv.n_splits": "--kfold"})
     ctx = prepare(cfg, Path(shards), Path(runs), resume, quiet)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
     with _reproducible(cfg):
         if cfg.cv.n_splits:
             summary = _run_kfold(ctx)
@@ -84,6 +91,7 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
             summary = _run_single(ctx)
     if summary.get("interrupted"):
         return summary
+    summary.update(_costs(ctx, started))
     write_json(ctx.run_dir / "metrics.json", summary)
     _calibrate(ctx)
     _print_summary(ctx, summary)
@@ -123,7 +131,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool)
     write_config(run_dir, to_dict(cfg), dict(cfg.sources))
     write_text(run_dir / "manifest_fingerprint.txt",
                f"{manifest.fingerprint}\nschema {manifest.schema_fingerprint()}\nshards {shards.resolve()}\n")
-    return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, shift)
+    return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters, shift)
 
 
 def _check_sampling(cfg: RunConfig, spec: FeatureSpec, heads: Sequence[Head], tasks: tuple[Task, ...]
@@ -251,6 +259,20 @@ def _fit_summary(result: FitResult) -> dict[str, Any]:
             "train_seconds": round(result.train_seconds, 3),
             "samples_per_s": round(result.samples_per_s, 1), "stopped_early": result.stopped_early,
             "notes": list(result.notes)}
+
+
+def _costs(ctx: TrainContext, started: float) -> dict[str, Any]:
+    """What the run cost: wall time of the whole command so far, peak memory, parameters of one model.
+
+    Host memory is the process's peak RSS (it includes the loader's buffers and Python itself); a resumed
+    run reports the resumed process only.
+    """
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"wall_seconds": round(time.perf_counter() - started, 3),
+            "peak_host_memory_bytes": int(rss if sys.platform == "darwin" else rss * 1024),
+            "peak_device_memory_bytes": int(torch.cuda.max_memory_allocated(ctx.device))
+            if ctx.device.type == "cuda" else None,
+            "parameters": ctx.parameters}
 
 
 def _base_summary(ctx: TrainContext) -> dict[str, Any]:

@@ -63,6 +63,10 @@ def test_single_run_writes_the_run_directory(cache: Path, tmp_path: Path):
     for key in ("val", "gold", "best_step", "samples_per_s", "manifest_fingerprint", "schema_fingerprint",
                 "config"):
         assert key in metrics, key
+    assert metrics["wall_seconds"] > metrics["train_seconds"] > 0
+    assert metrics["peak_host_memory_bytes"] > 50 * 2**20 and metrics["peak_device_memory_bytes"] is None
+    assert metrics["parameters"] == sum(p.numel() for p in model_from_checkpoint(
+        load_checkpoint(run / "ckpt_best.pt")).parameters())
     for split in ("val", "gold"):
         for m in ("auc", "logloss", "ap", "wll", "score", "calibration"):
             assert math.isfinite(metrics[split][m]), (split, m)
