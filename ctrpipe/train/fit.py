@@ -117,6 +117,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool)
         model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
     heads = heads_of(model, spec)
     tasks = build_tasks(heads, spec, cfg.train)
+    parameters = sum(p.numel() for p in model.parameters())
     _check_metric(cfg, tasks)
     shift = _check_sampling(cfg, spec, heads, tasks)
     run_dir = runs / cfg.exp_name
