@@ -1,0 +1,152 @@
+"""Benchmark: `ctrpipe plan`'s memory estimate against the measured peak of a short real run, per model family.
+
+Usage: python benchmarks/bench_plan.py [--rows 200000] [--bins 100000] [--steps 30]
+           [--models dnn dcnv2 autoint ft_transformer] [--work .bench/plan]
+
+Builds a synthetic Criteo cache (`ctrpipe synth`, `cfgs/criteo.yaml` with data.hash_bins=BINS, no folds),
+then for each model runs `ctrpipe train --cfg cfgs/criteo_<model>.yaml` as it ships (batch 4096, lazy_adam,
+4 evaluations per epoch, each saving ckpt_best/ckpt_last) on CPU for --steps steps, in a child process of
+its own, and compares the peak memory with `ctrpipe plan`'s estimate for the same config (computed in this
+process).
+
+The child measures over a baseline taken after imports and loading, before the model is built: torch, the
+CLI, every model module, tensorboard and the training stage are imported, the config and the manifest are
+read and one tiny matmul with backward has run (the CPU runtime's own start-up), then the peak is reset
+(/proc/self/clear_refs 5). Then `ctrpipe train` runs in the same process. Reported:
+  anon  peak RssAnon over the baseline (sampled every millisecond by a thread): the memory the run needs;
+        the estimate is compared with this
+  hwm   VmHWM over the baseline VmRSS: also counts shard file pages the loader read through its memory maps
+        (page cache, reclaimable), which the estimate leaves out
+The ratio is estimate / measured anon; `ctrpipe plan`'s target is 0.8..1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("dnn", "dcnv2", "autoint", "ft_transformer")
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def child(args: list[str]) -> None:
+    """Run `ctrpipe train ARGS` in this process and print the memory figures as one JSON line."""
+    import torch
+    import torch.utils.tensorboard  # noqa: F401 - imported by the run log; an import, not training memory
+
+    import ctrpipe.infer.calibrate  # noqa: F401
+    import ctrpipe.train.fit  # noqa: F401
+    from ctrpipe.cli import app
+    from ctrpipe.config import load_config
+    from ctrpipe.models.registry import model_names
+    from ctrpipe.shard.manifest import read_manifest
+
+    model_names()                                          # imports every model module
+    cfg_path = Path(args[args.index("--cfg") + 1])
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    load_config(cfg_path, sets)
+    read_manifest(Path(args[args.index("--shards") + 1]))
+    x = torch.randn(64, 64, requires_grad=True)
+    (x @ x).sum().backward()
+    Path("/proc/self/clear_refs").write_text("5")          # VmHWM := VmRSS now
+    base = _status()
+    peak = {"anon": base["RssAnon"]}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak["anon"] = max(peak["anon"], _status()["RssAnon"])
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        app(["train", *args], standalone_mode=False)
+    finally:
+        done.set()
+        sampler.join()
+    end = _status()
+    print(json.dumps({"anon": peak["anon"] - base["RssAnon"], "hwm": end["VmHWM"] - base["VmRSS"],
+                      "base_rss": base["VmRSS"], "seconds": time.perf_counter() - t0}))
+
+
+def prepare(work: Path, rows: int, bins: int) -> Path:
+    data, shards = work / "data", work / f"shards_{rows}_{bins}"
+    if not (shards / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "ctrpipe.cli", "synth", "--format", "criteo", "--rows", str(rows),
+                        "--seed", "0", "--out", str(data), "-q"], check=True)
+        subprocess.run([sys.executable, "-m", "ctrpipe.cli", "shard", "--cfg", str(REPO / "cfgs" / "criteo.yaml"),
+                        "--input", str(data / "train.tsv"), "--out", str(shards), "-q", "--set",
+                        f"data.hash_bins={bins}", "--set", "data.folds.n_splits=0"], check=True)
+    return shards
+
+
+def measure(model: str, shards: Path, work: Path, steps: int) -> dict[str, float]:
+    runs = work / "runs"
+    run_dir = runs / f"criteo_{model}"
+    if run_dir.exists():
+        import shutil
+        shutil.rmtree(run_dir)
+    args = ["--cfg", str(REPO / "cfgs" / f"criteo_{model}.yaml"), "--shards", str(shards), "--runs", str(runs),
+            "-q", "--set", f"train.max_steps={steps}", "--set", "train.device=cpu"]
+    res = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"})
+    if res.returncode != 0:
+        raise SystemExit(f"{model} failed:\n{res.stdout}\n{res.stderr}")
+    measured = json.loads(res.stdout.strip().splitlines()[-1])
+
+    from ctrpipe.config import load_config
+    from ctrpipe.tools.planner import estimate
+
+    cfg = load_config(REPO / "cfgs" / f"criteo_{model}.yaml", [f"train.max_steps={steps}", "train.device=cpu"])
+    t0 = time.perf_counter()
+    plan = estimate(cfg, shards, "cpu", memory=1 << 50)
+    return {**measured, "estimate": plan.peak(), "plan_seconds": time.perf_counter() - t0,
+            "resident": plan.phase_bytes("resident", "device") + plan.phase_bytes("resident", "host"),
+            "step": plan.phase_bytes("step", "device"), "eval": plan.phase_bytes("eval", "device")
+            + plan.phase_bytes("eval", "host"), "checkpoint": plan.phase_bytes("checkpoint", "host")}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--bins", type=int, default=100_000)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--work", type=Path, default=REPO / ".bench" / "plan")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    shards = prepare(a.work, a.rows, a.bins)
+    mb = 1e6
+    print(f"cache: {a.rows:,} synthetic Criteo rows, {a.bins:,} hash bins per field; {a.steps} steps of batch 4096")
+    print("| model | estimate MB (resident / step / eval / ckpt) | measured anon MB | hwm MB | estimate / anon |"
+          " train s | plan s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for model in a.models:
+        r = measure(model, shards, a.work, a.steps)
+        print(f"| {model} | {r['estimate'] / mb:.0f} ({r['resident'] / mb:.0f} / {r['step'] / mb:.0f} / "
+              f"{r['eval'] / mb:.0f} / {r['checkpoint'] / mb:.0f}) | {r['anon'] / mb:.0f} | {r['hwm'] / mb:.0f} | "
+              f"{r['estimate'] / r['anon']:.2f} | {r['seconds']:.0f} | {r['plan_seconds']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
