@@ -14,7 +14,7 @@ from ctrpipe.config import load_config
 from ctrpipe.models.layers.embedding import split_parameters
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.manifest import read_manifest
-from ctrpipe.tools.memtrack import LiveBytes, Linear
+from ctrpipe.tools.memtrack import Linear, LiveBytes
 from ctrpipe.tools.plan import Line, MemoryPlan, Setting
 from ctrpipe.tools.planner import estimate, parse_bytes
 
@@ -39,8 +39,8 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     out = {}
     for bins in (500, 1000):
         cfg = load_config(REPO / "cfgs" / "criteo.yaml", [f"data.hash_bins={bins}", "data.folds.n_splits=0"])
-        out[bins] = build_shards(cfg, [root / "syn" / "train.tsv"], root / f"s{bins}", progress=False) and \
-            root / f"s{bins}"
+        build_shards(cfg, [root / "syn" / "train.tsv"], root / f"s{bins}", progress=False)
+        out[bins] = root / f"s{bins}"
     return out
 
 
