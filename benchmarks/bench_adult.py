@@ -43,7 +43,10 @@ def main() -> None:
         shards = work / "shards"
         ctrpipe("shard", "--cfg", "cfgs/adult.yaml", "--input", str(args.adult / "uci_adult.data"), "--gold",
                 str(args.adult / "uci_adult.test"), "--out", str(shards), "-q")
-        rows = []
+        rows: list[tuple[str, tuple[str, ...], list[dict]]] = []
+        print(f"seeds {args.seeds}; gold = uci_adult.test (16,281 rows); mean (min-max) over seeds", flush=True)
+        print("| model | income AUC | income logloss | married AUC | married logloss | samples/s |")
+        print("|---|---|---|---|---|---|", flush=True)
         for label, cfg, sets, scored in RUNS:
             results = []
             for seed in args.seeds:
@@ -53,20 +56,21 @@ def main() -> None:
                         "-q", *extra)
                 results.append(json.loads((work / "runs" / name / "metrics.json").read_text()))
             rows.append((label, scored, results))
-    print(f"seeds {args.seeds}; gold = uci_adult.test (16,281 rows); mean (min-max) over seeds")
-    print("| model | income AUC | income logloss | married AUC | married logloss | samples/s |")
-    print("|---|---|---|---|---|---|")
-    for label, scored, results in rows:
-        cells = []
-        for head in ("income", "married"):
-            for metric in ("auc", "logloss"):
-                if head not in scored:
-                    cells.append("")
-                    continue
-                values = [r["gold"][f"{metric}.{head}"] for r in results]
-                cells.append(f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})")
-        rate = statistics.mean(r["samples_per_s"] for r in results)
-        print(f"| {label} | {' | '.join(cells)} | {rate:,.0f} |")
+            print(_row(label, scored, results), flush=True)
+
+
+def _row(label: str, scored: tuple[str, ...], results: list[dict]) -> str:
+    """One table row: per label, the mean (min-max) over seeds of the gold AUC and logloss."""
+    cells = []
+    for head in ("income", "married"):
+        for metric in ("auc", "logloss"):
+            if head not in scored:
+                cells.append("")
+                continue
+            values = [r["gold"][f"{metric}.{head}"] for r in results]
+            cells.append(f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})")
+    rate = statistics.mean(r["samples_per_s"] for r in results)
+    return f"| {label} | {' | '.join(cells)} | {rate:,.0f} |"
 
 
 if __name__ == "__main__":
