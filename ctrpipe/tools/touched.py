@@ -1,10 +1,9 @@
 """`ctrpipe plan`: which embedding rows a run's gradients reach, and on how many memory pages they lie.
 
 Both decide real memory: checkpoints store the rows a gradient reached (train/tables.py), and `lazy_adam`'s
-moments on CPU are lazily mapped zeros, so only the pages holding such rows become resident. Those pages are
-2 MiB, not 4 KiB, where transparent huge pages apply to numpy's arrays (THP `always`, or `madvise`, which
-numpy asks for on arrays of 4 MiB and more): then a batch of hashed ids reaches nearly every page of a table's
-moments in its first steps, and they cost their full size (`resident_page`). Counted on
+moments on CPU are lazily mapped zeros, so only the pages holding such rows become resident: 4 KiB pages,
+because train/tables.zeros_like_lazily maps them with MADV_NOHUGEPAGE (with 2 MiB pages a batch of hashed ids
+would reach nearly every page of a table's moments in its first steps). Counted on
 the rows the run reads first (the training loader's own order: seed, shuffle and batch size of the config);
 a run reading more rows than `SAMPLE_ROWS` is extrapolated from the sample with a power law fitted on its two
 halves (distinct ids grow sub-linearly with rows read), capped at the table's size.
@@ -30,26 +29,8 @@ PAGE = 4096
 
 
 def resident_page() -> int:
-    """The unit in which a lazily mapped numpy array becomes resident here: the huge page size when
-    transparent huge pages back numpy's large arrays, else the 4 KiB base page."""
-    try:
-        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return PAGE
-    if "[always]" in mode:
-        huge = True
-    elif "[madvise]" in mode:
-        try:
-            from numpy._core import multiarray
-            huge = bool(multiarray._get_madvise_hugepage())
-        except (ImportError, AttributeError):
-            huge = False
-    else:
-        huge = False
-    for line in meminfo.splitlines():
-        if huge and line.startswith("Hugepagesize:"):
-            return int(line.split()[1]) * 1024
+    """The unit in which lazy_adam's lazily mapped moments become resident: the 4 KiB base page (they are
+    mapped with MADV_NOHUGEPAGE, see train/tables.zeros_like_lazily)."""
     return PAGE
 
 
