@@ -80,6 +80,10 @@ class TrainingError(CtrpipeError):
     """Training diverged (NaN loss) or cannot proceed."""
 
 
+class ReportError(CtrpipeError):
+    """A RUN is not a finished run directory, or `ctrpipe report`'s --out / --baseline cannot be used as given."""
+
+
 # ------------------------------------------------------------------------------------------ full disks
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})   # out of blocks / inodes, or over a quota

@@ -5,9 +5,3 @@ leaderboard.py ranks runs on a shared split, page.py writes the HTML and build.p
 """
 
 from __future__ import annotations
-
-from ctrpipe.errors import CtrpipeError
-
-
-class ReportError(CtrpipeError):
-    """A RUN is not a finished run directory, or --out / --baseline cannot be used as given."""

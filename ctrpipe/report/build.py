@@ -19,8 +19,7 @@ from matplotlib.figure import Figure
 from ctrpipe import __version__
 from ctrpipe.atomic import write_json_atomic, write_text_atomic
 from ctrpipe.console import console
-from ctrpipe.errors import disk_full_as_error
-from ctrpipe.report import ReportError
+from ctrpipe.errors import ReportError, disk_full_as_error
 from ctrpipe.report.figures import (
     comparison_figure,
     gate_figure,

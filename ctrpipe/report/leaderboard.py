@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ctrpipe.errors import ManifestMismatchError, human_bytes
-from ctrpipe.report import ReportError
+from ctrpipe.errors import ManifestMismatchError, ReportError, human_bytes
 from ctrpipe.report.rundata import RunData
 
 Better = Literal["high", "low", "one"]       # larger is better, smaller is better, closest to 1 is better

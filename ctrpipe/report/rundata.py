@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ctrpipe.errors import CtrpipeError
-from ctrpipe.report import ReportError
+from ctrpipe.errors import CtrpipeError, ReportError
 from ctrpipe.train.metrics import sigmoid
 
 NOT_A_RUN_FIX = "pass a folder written by `ctrpipe train`, such as runs/criteo_dnn (it holds config.json)"
