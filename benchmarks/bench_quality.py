@@ -164,37 +164,57 @@ def make_data(args: argparse.Namespace, work: Path) -> Path:
     return cache
 
 
-def export_features(cache: Path, out: Path) -> dict:
-    """Train rows (split 0) and gold rows (split 2) of the cache -> plain .npy files the peers read."""
+def export_features(cache: Path, out: Path, numeric_kinds: tuple[str, ...] = ("numeric",),
+                    bags: bool = False) -> dict:
+    """Train rows (split 0) and gold rows (split 2) of the cache -> plain .npy files the peers read.
+
+    `numeric_kinds`: the numeric-group column kinds exported as numeric inputs (bench_multitask.py adds
+    missing indicators and co-visitation features); `bags`: also export unweighted multi-hot and sequence
+    token arrays (0 = padding). Any other column in the cache is an error: peers must see what ctrpipe sees.
+    """
     from ctrpipe.data.splits import SPLIT_CODES
     from ctrpipe.shard.reader import open_cache
 
     arrays = open_cache(cache)
     m = arrays.manifest
     meta_path = out / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == m.fingerprint:
-        return json.loads(meta_path.read_text())
+    setting = {"numeric_kinds": list(numeric_kinds), "bags": bags}
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("fingerprint") == m.fingerprint and old.get("setting", setting) == setting:
+            return old
     cats = sorted(m.columns_of("categorical"), key=lambda c: c.index)
-    nums = sorted(m.columns_of("numeric"), key=lambda c: c.index)
-    if m.columns_of("missing_indicator", "covisit", "multihot", "sequence"):
-        raise SystemExit("the benchmark cache must hold only numeric + categorical columns")
+    nums = sorted(m.columns_of(*numeric_kinds), key=lambda c: c.index)
+    bag_cols = sorted(m.columns_of("multihot", "sequence"), key=lambda c: c.name) if bags else []
+    kinds = {"missing_indicator", "covisit", "numeric", "multihot", "sequence"}
+    kinds -= set(numeric_kinds) | ({"multihot", "sequence"} if bags else set())
+    if m.columns_of(*kinds) or any(c.weighted for c in bag_cols):
+        raise SystemExit(f"the benchmark cache holds columns the export leaves out ({', '.join(sorted(kinds))}, "
+                         "weighted multi-hot): peers would not see every feature ctrpipe sees")
+    label_names = [c.name for c in sorted(m.columns_of("label"), key=lambda c: c.index)]
     split = arrays.concat("split")
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
     shards = [arrays.shard(i) for i in range(len(m.shards))]
     for name, code in (("train", SPLIT_CODES["train"]), ("test", SPLIT_CODES["gold"])):
         keep = [np.flatnonzero(s["split"] == code) for s in shards]
-        parts = {g: np.concatenate([s[g][k] for s, k in zip(shards, keep, strict=True)])
-                 for g in ("categorical", "numeric", "labels")}
+        groups = ("categorical", "numeric", "labels", *(c.group for c in bag_cols))
+        parts = {g: np.concatenate([s[g][k] for s, k in zip(shards, keep, strict=True)]) for g in groups}
         np.save(out / f"{name}_cat.npy", parts["categorical"][:, [c.index for c in cats]].astype(np.int32))
         np.save(out / f"{name}_num.npy", parts["numeric"][:, [c.index for c in nums]].astype(np.float32))
         np.save(out / f"{name}_y.npy", parts["labels"][:, 0].astype(np.float32))
+        if len(label_names) > 1:
+            np.save(out / f"{name}_labels.npy", parts["labels"].astype(np.float32))
+        for c in bag_cols:
+            np.save(out / f"{name}_bag_{c.name}.npy", parts[c.group].astype(np.int32))
         rows[name] = int(parts["labels"].shape[0])
         if rows[name] != int((split == code).sum()):
             raise SystemExit(f"export of {name} rows is inconsistent with the cache's split array")
-    meta = {"fingerprint": m.fingerprint, "cat_fields": [c.name for c in cats],
+    meta = {"fingerprint": m.fingerprint, "setting": setting, "cat_fields": [c.name for c in cats],
             "num_fields": [c.name for c in nums], "bins": [int(c.bins) for c in cats], "rows": rows,
-            "numeric_transform": [c.transform for c in nums][:1]}
+            "numeric_transform": [c.transform for c in nums][:1], "labels": label_names,
+            "bag_fields": [c.name for c in bag_cols], "bag_bins": [int(c.bins) for c in bag_cols],
+            "bag_kinds": [c.kind for c in bag_cols]}
     tmp = out / "meta.json.incomplete"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)
