@@ -76,9 +76,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 
 def deep_merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge `update` into `into` (mappings merge, everything else replaces)."""
+    """Recursively merge `update` into `into`: mappings merge, everything else replaces, and an empty mapping
+    replaces too -- `--set train.tasks={}` (or `tasks: {}` in a file that extends another) clears the
+    inherited entries instead of silently keeping them."""
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+        if isinstance(value, Mapping) and value and isinstance(into.get(key), dict):
             deep_merge(into[key], value)
         else:
             into[key] = dict(value) if isinstance(value, Mapping) else value

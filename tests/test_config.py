@@ -128,3 +128,13 @@ def test_shard_side_loading_skips_the_model_zoo() -> None:
 def test_docstring_examples() -> None:
     """`flatten_dotted`'s example: the one dotted-key flattener (config sources, resume checks, cache diffs)."""
     assert doctest.testmod(config).failed == 0
+
+
+def test_an_empty_mapping_clears_what_a_file_set() -> None:
+    cfg = load_config(CFGS / "parquet_mmoe.yaml", ["train.tasks={}"])
+    assert cfg.train.tasks == {}
+    kept = load_config(CFGS / "parquet_mmoe.yaml", ["train.tasks.clicked.weight=2"])
+    assert kept.train.tasks["converted"].mask == "clicked" and kept.train.tasks["clicked"].weight == 2
+    esmm = load_config(CFGS / "parquet_esmm.yaml",
+                       ["model.backbone=shared_bottom", "model.backbone_params={}"])
+    assert esmm.model.params.backbone == "shared_bottom" and esmm.model.params.backbone_params == {}
