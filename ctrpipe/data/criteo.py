@@ -549,6 +549,18 @@ class CriteoReader:
         return frame.select(exprs)
 
 
+def criteo_text_chunk(cfg: DataConfig, data: bytes, source: Path, keep: list[str],
+                      hashed: tuple[str, ...] = ()) -> RawChunk:
+    """One RawChunk of in-memory Criteo text (whole lines, labelled or not), parsed exactly as one block of
+    a file by `iter_criteo_chunks` (same layout detection, kernel and checks); errors name `source`, line."""
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    block = _Block(data, 1, data.count(b"\n"), len(data))
+    reader = CriteoReader(source, cfg.separator, detect_layout(source, block, cfg.separator), keep, "error",
+                          {c: field_seed(c, cfg.hash_seed) for c in hashed})
+    return reader.chunk(block)
+
+
 def iter_criteo_chunks(cfg: DataConfig, path: Path, chunk_rows: int, keep: list[str],
                        bad_rows: BadMode = "error", require_labels: bool = True,
                        hashed: tuple[str, ...] = ()) -> Iterator[RawChunk]:

@@ -1,0 +1,162 @@
+"""Serving: `Predictor.load(RUN).predict(rows)`: raw rows -> calibrated probabilities per task.
+
+Every step is the code `ctrpipe shard --test --stats-from TRAIN` + `ctrpipe infer` runs, called on rows in
+memory instead of files: the reader of the run's input format (`serve.rows`), the shard build's
+`ChunkTransformer` with the training cache's fitted statistics (hashing seeds and bins, vocabularies,
+imputation, log1p, standardisation, token truncation, co-visitation), the loader's `HostBuffers` to form the
+`Batch`, `train.evaluate.predict` (with the sampling logit shift), and infer's calibration and fold ensembling.
+So its probabilities are bit-identical to those of shard + infer on the same rows (with the same batch size).
+
+The run must reach its training cache (the path in its checkpoints), or `cache=` names where it moved to:
+the fitted statistics are read from there once, at load (vocabularies and co-visitation tables can be large,
+so they are not copied into the run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ctrpipe.config import RunConfig
+from ctrpipe.data.fitted import Fitted
+from ctrpipe.data.schema import resolve_columns
+from ctrpipe.data.splits import SPLIT_TEST
+from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
+from ctrpipe.infer.calibrate import Calibration
+from ctrpipe.infer.predict import (
+    checkpoint_logit_shift,
+    ensemble_logits,
+    find_checkpoints,
+    fold_weights,
+    load_calibrations,
+    resolve_config,
+)
+from ctrpipe.loader.batch import Batch
+from ctrpipe.loader.buffers import HostBuffers, Layout, layout_of
+from ctrpipe.serve.rows import Rows, rows_chunk
+from ctrpipe.shard.manifest import Manifest, read_manifest
+from ctrpipe.shard.transform import ChunkTransformer, Plan, make_plan
+from ctrpipe.train.checkpoint import check_compatible, checkpoint_tasks, load_checkpoint, model_from_checkpoint
+from ctrpipe.train.evaluate import predict
+from ctrpipe.train.objective import Task
+
+
+def plan_from_manifest(cfg: RunConfig, manifest: Manifest) -> Plan:
+    """The shard build's plan, resolved against the training cache's own columns (in storage order, so
+    regex selections come out as they did), so serving needs no input file to resolve column patterns."""
+    cols = manifest.columns
+    names = [c.source for c in cols if c.kind == "label"] + \
+        [c.source for c in cols if c.kind in ("numeric", "categorical", "multihot", "sequence")]
+    data = cfg.data
+    if data.id_column:
+        names.append(data.id_column)
+    schema = dict.fromkeys(names) if data.format != "criteo" else None
+    plan = make_plan(data, resolve_columns(data, schema))
+    got = [n for n, *_ in plan.numeric_layout()] + list(plan.categorical) + [t.column for t in plan.tokens]
+    want = [c.name for c in cols if c.kind not in ("label", "id")]
+    if got != want:
+        raise ManifestMismatchError(f"the run's data config resolves to columns {got[:6]}..., its training "
+                                    f"cache stores {want[:6]}...", where="manifest.json of the training cache",
+                                    fix="serve with the cache the run was trained on (Predictor.load(RUN, cache=))")
+    return plan
+
+
+@dataclass
+class _Model:
+    net: nn.Module
+    shift: tuple[float, ...]
+
+
+class Predictor:
+    """A trained run (one checkpoint or K folds) ready to score raw rows; see the module docstring."""
+
+    def __init__(self, run: Path, cfg: RunConfig, models: list[_Model], tasks: tuple[Task, ...],
+                 plan: Plan, fitted: Fitted, layout: Layout, calibrations: list[Calibration],
+                 weights: tuple[float, ...] | None) -> None:
+        self.run, self.cfg, self.models, self.tasks = run, cfg, models, tasks
+        self.plan, self.layout, self.calibrations, self.weights = plan, layout, calibrations, weights
+        # loo_fitted=False: as a test cache built with --stats-from (no row of these was counted)
+        self.transformer = ChunkTransformer(plan, fitted, loo_fitted=False)
+        self.batch_size = cfg.infer.batch_size or cfg.loader.eval_batch_size
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    @classmethod
+    def load(cls, run: Path | str, cache: Path | str | None = None) -> Predictor:
+        """Checkpoints, calibration and the training cache's manifest + fitted statistics of `run`.
+
+        `cache`: the training shard cache, when it is no longer where the run recorded it.
+        """
+        run = Path(run)
+        paths = find_checkpoints(run)
+        ckpts = [load_checkpoint(p) for p in paths]
+        cfg = resolve_config(ckpts[0], [])
+        cache_dir = Path(cache) if cache is not None else Path(ckpts[0].shards)
+        if not (cache_dir / "manifest.json").is_file():
+            raise CheckpointError(f"the run's training cache {cache_dir} is not there: serving needs its "
+                                  "manifest and fitted statistics (vocabularies, imputation, co-visitation)",
+                                  where=str(paths[0]),
+                                  fix="pass Predictor.load(RUN, cache=DIR) with the training cache's new place")
+        manifest = read_manifest(cache_dir)
+        for ckpt, path in zip(ckpts, paths, strict=True):
+            check_compatible(ckpt, manifest, cache_dir, path)
+        tasks = checkpoint_tasks(ckpts[0], cfg.train)
+        cals = [load_calibrations(run, cfg, t, quiet=True)[0] for t in range(len(tasks))]
+        models = [_Model(model_from_checkpoint(c, "cpu"), checkpoint_logit_shift(c, tasks)) for c in ckpts]
+        layout = layout_of(cache_dir, manifest, with_labels=False)
+        fitted = Fitted.load(cache_dir, manifest.fitted)
+        return cls(run, cfg, models, tasks, plan_from_manifest(cfg, manifest), fitted, layout, cals,
+                   fold_weights(cfg, ckpts))
+
+    # ------------------------------------------------------------------------------------------ predict
+    def batch(self, rows: Rows) -> Batch:
+        """The model input for `rows` (all of them, one Batch), as the loader would serve it."""
+        chunk = rows_chunk(self.plan.cfg, self.plan.columns, rows)
+        n = chunk.frame.height
+        arrays, _ = self.transformer.transform(chunk.frame, np.full(n, SPLIT_TEST, dtype=np.int8))
+        buf = HostBuffers(self.layout, n, pinned=False)
+        for group, out in buf.targets:
+            np.copyto(out, arrays[group])
+        buf.row_index[:] = np.arange(n, dtype=np.int64)
+        return buf.batch(n)
+
+    def logits(self, rows: Rows) -> np.ndarray:
+        """(K, N, H) float32 logits per checkpoint, sampling shift applied, uncalibrated."""
+        batch = self.batch(rows)
+        n = len(batch)
+        out = np.empty((len(self.models), n, len(self.tasks)), dtype=np.float32)
+        # batches of infer's size: the same row groups go through the model as in `ctrpipe infer`
+        parts = [_slice(batch, a, min(n, a + self.batch_size)) for a in range(0, n, self.batch_size)]
+        for k, m in enumerate(self.models):
+            out[k] = predict(m.net, parts, n, self.tasks, torch.device("cpu"), self.cfg.train.amp,
+                             with_labels=False, logit_shift=m.shift).logits
+        return out
+
+    def predict(self, rows: Rows, tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """{head: (N,) float64 probability}: calibrated per checkpoint, then combined over folds as
+        `ctrpipe infer` does (infer.method / infer.weights of the run's config)."""
+        names = list(tasks) if tasks is not None else list(self.heads)
+        for t in names:
+            if t not in self.heads:
+                raise ConfigError(f"unknown task {t!r}", where="tasks", fix=f"use one of {list(self.heads)}")
+        logits = self.logits(rows)
+        ic = self.cfg.infer
+        out = {}
+        for t in names:
+            j = self.heads.index(t)
+            k = len(self.models)
+            out[t] = ensemble_logits(np.ascontiguousarray(logits[:, :, j]), [self.calibrations[j]] * k,
+                                     ic.method, self.weights, ic.trim_ratio, ic.write_chunk_rows)
+        return out
+
+
+def _slice(batch: Batch, a: int, b: int) -> Batch:
+    """Rows a..b of a batch (views)."""
+    return batch._map(lambda t: t[a:b])

@@ -1,0 +1,218 @@
+"""`Predictor` on real tiny runs: its probabilities on raw rows equal `ctrpipe shard --test` + `ctrpipe infer`
+on the same rows bit for bit (Criteo text with and without labels, Parquet with sequences / multi-hot /
+co-visitation, CSV with derived labels), and bad rows fail naming the row and column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from ctrpipe.cli import app
+from ctrpipe.errors import CtrpipeError, InputFormatError, SchemaError
+from ctrpipe.infer.predict import run_infer
+
+REPO = Path(__file__).resolve().parents[2]
+ADULT = REPO.parent / "shared" / "data" / "adult"
+FAST = ["loader.batch_size=64", "loader.eval_batch_size=128", "model.hidden_units=[16]", "model.embedding_dim=4",
+        "train.log_every=5", "train.min_steps=0", "train.evals_per_epoch=1", "train.early_stopping.patience=0",
+        "train.epochs=1", "train.device=cpu"]
+
+
+def _cli(*args: str) -> None:
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 0, res.output + (repr(res.exception) if res.exception else "")
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+def _world(root: Path, cfg: Path, train: Path, test: Path, data: list[str], kfold: int = 0,
+           train_sets: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Train cache, test cache (--stats-from), a run, and `ctrpipe infer` of the test cache (fold logits
+    kept), all through the CLI."""
+    tr, te, runs = root / "tr", root / "te", root / "runs"
+    _cli("shard", "--cfg", str(cfg), "--input", str(train), "--out", str(tr), "-q", *_sets(data))
+    _cli("shard", "--cfg", str(cfg), "--input", str(test), "--test", "--stats-from", str(tr), "--out", str(te),
+         "-q", *_sets(data))
+    _cli("train", "--cfg", str(cfg), "--shards", str(tr), "--runs", str(runs), "-q",
+         *(["--kfold", str(kfold)] if kfold else []), *_sets(data + FAST + ["exp_name=serve", *train_sets]))
+    run = runs / "serve"
+    out = root / "sub.csv"
+    run_infer(run, te, out, ["infer.save_fold_preds=true"], quiet=True)
+    return {"run": run, "te": te, "sub": out}
+
+
+def _infer_result(w: dict[str, Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(K, N) fold logits and (N,) float32 probabilities written by `ctrpipe infer`."""
+    folds = np.load(w["sub"].with_name(w["sub"].name + ".folds.npz"))
+    sub = pl.read_csv(w["sub"])
+    return folds["logits"], sub[sub.columns[1]].cast(pl.Float32).to_numpy()
+
+
+def _check_equal(p: object, w: dict[str, Path], rows: object) -> None:
+    from ctrpipe.serve.predictor import Predictor
+
+    assert isinstance(p, Predictor)
+    logits, probs = _infer_result(w)
+    head = p.heads[0]
+    got = p.predict(rows, tasks=[head])[head]
+    assert np.array_equal(p.logits(rows)[:, :, 0], logits)
+    assert np.array_equal(got.astype(np.float32), probs)
+
+
+# ------------------------------------------------------------------------------------------ Criteo text
+
+@pytest.fixture(scope="module")
+def criteo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve_criteo")
+    _cli("synth", "--format", "criteo", "--rows", "1200", "--test-rows", "300", "--out", str(root / "d"), "-q")
+    w = _world(root, REPO / "cfgs" / "criteo.yaml", root / "d" / "train.tsv", root / "d" / "test.tsv",
+               ["data.hash_bins=200", "data.shard_rows=500", "data.folds.n_splits=2",
+                "data.split.val_ratio=0.2"], kfold=2, train_sets=("infer.calibration.method=temperature",))
+    return {**w, "test": root / "d" / "test.tsv"}
+
+
+def test_criteo_lines_with_and_without_labels(criteo: dict[str, Path]) -> None:
+    from ctrpipe import Predictor
+
+    p = Predictor.load(criteo["run"])
+    assert len(p.models) == 2
+    lines = criteo["test"].read_text().splitlines()
+    _check_equal(p, criteo, lines)
+    _check_equal(p, criteo, [ln.split("\t", 1)[1] for ln in lines])       # Kaggle test.txt: no label field
+
+
+def test_criteo_dicts_and_single_row(criteo: dict[str, Path]) -> None:
+    from ctrpipe import Predictor
+
+    p = Predictor.load(criteo["run"])
+    lines = criteo["test"].read_text().splitlines()
+    names = ["label", *(f"I{i}" for i in range(1, 14)), *(f"C{i}" for i in range(1, 27))]
+    dicts = [{k: (v or None) for k, v in zip(names, ln.split("\t"), strict=True)} for ln in lines]
+    for d in dicts:
+        for k in names[1:14]:
+            d[k] = None if d[k] is None else int(d[k])
+    _check_equal(p, criteo, dicts)
+    _check_equal(p, criteo, pl.DataFrame(dicts))
+    one = p.predict(lines[5])[p.heads[0]]
+    assert one.shape == (1,) and np.isclose(one[0], p.predict(lines)[p.heads[0]][5], rtol=1e-6)
+
+
+def test_criteo_bad_rows_name_row_and_column(criteo: dict[str, Path]) -> None:
+    from ctrpipe import Predictor
+
+    p = Predictor.load(criteo["run"])
+    lines = criteo["test"].read_text().splitlines()[:4]
+    f = lines[2].split("\t")
+    f[3] = "abc"                                 # I3 of line 3
+    with pytest.raises(InputFormatError) as e:
+        p.predict([lines[0], lines[1], "\t".join(f)])
+    assert "line 3" in e.value.where and "column I3" in e.value.where
+    with pytest.raises(InputFormatError) as e:
+        p.predict([lines[0], lines[1], lines[2] + "\textra", lines[3]])      # malformed: 41 fields
+    assert "line 3" in e.value.where
+    names = ["label", *(f"I{i}" for i in range(1, 14)), *(f"C{i}" for i in range(1, 27))]
+    dicts = [dict(zip(names, ln.split("\t"), strict=True)) for ln in lines]
+    del dicts[1]["C7"]
+    with pytest.raises(SchemaError) as e:
+        p.predict(dicts)
+    assert e.value.where == "input rows, row 1, column C7"
+    with pytest.raises(SchemaError) as e:
+        p.predict(pl.DataFrame(dicts[2:]).drop("I5"))
+    assert "column I5" in e.value.where
+
+
+# ------------------------------------------------------------------------------------------ Parquet
+
+@pytest.fixture(scope="module")
+def parquet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve_parquet")
+    _cli("synth", "--format", "parquet", "--rows", "1200", "--test-rows", "300", "--out", str(root / "d"), "-q")
+    w = _world(root, REPO / "cfgs" / "parquet_example.yaml", root / "d" / "train.parquet",
+               root / "d" / "test.parquet", ["data.hash_bins=500", "data.shard_rows=500", "data.chunk_rows=400",
+                                             "data.folds.n_splits=0"])
+    return {**w, "test": root / "d" / "test.parquet"}
+
+
+def test_parquet_table_polars_and_dicts(parquet: dict[str, Path]) -> None:
+    from ctrpipe import Predictor
+
+    p = Predictor.load(parquet["run"])
+    table = pq.read_table(parquet["test"])
+    assert p.plan.covisit and p.plan.sequence and p.plan.multihot
+    _check_equal(p, parquet, table)
+    _check_equal(p, parquet, pl.from_arrow(table).drop("clicked", "converted", "ID"))
+    _check_equal(p, parquet, table.to_pylist())
+
+
+def test_parquet_bad_input(parquet: dict[str, Path]) -> None:
+    from ctrpipe import Predictor
+
+    p = Predictor.load(parquet["run"])
+    rows = pq.read_table(parquet["test"]).slice(0, 5).to_pylist()
+    with pytest.raises(SchemaError) as e:
+        p.predict(pl.DataFrame(rows).drop("gender"))
+    assert "gender" in e.value.what or "gender" in e.value.where
+    num = p.plan.numeric[0]
+    bad = [dict(r) for r in rows]
+    bad[3][num] = "lots"
+    with pytest.raises(SchemaError) as e:
+        p.predict(bad)
+    assert e.value.where == f"input rows, row 3, column {num}"
+    with pytest.raises(InputFormatError):
+        p.predict(["1\t2\t3"])
+
+
+# ------------------------------------------------------------------------------------------ CSV (Adult)
+
+@pytest.fixture(scope="module")
+def adult(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if not (ADULT / "uci_adult.data").is_file():
+        pytest.skip("../shared/data/adult is not present")
+    root = tmp_path_factory.mktemp("serve_adult")
+    train, test = root / "adult.data", root / "adult.test"
+    train.write_text("".join((ADULT / "uci_adult.data").read_text().splitlines(keepends=True)[:2000]))
+    test.write_text("".join((ADULT / "uci_adult.test").read_text().splitlines(keepends=True)[:300]))
+    w = _world(root, REPO / "cfgs" / "adult.yaml", train, test, [])
+    return {**w, "test": test}
+
+
+def test_csv_lines_and_table(adult: dict[str, Path]) -> None:
+    from ctrpipe import Predictor
+    from ctrpipe.config import load_config
+
+    p = Predictor.load(adult["run"])
+    lines = adult["test"].read_text().splitlines()
+    _check_equal(p, adult, lines)
+    names = list(load_config(REPO / "cfgs" / "adult.yaml", []).data.csv.column_names)
+    rows = [dict(zip(names, ln.split(", "), strict=True)) for ln in lines if not ln.startswith("|")]
+    _check_equal(p, adult, rows)
+    unlabelled = [{k: v for k, v in r.items() if k != "income"} for r in rows]
+    _check_equal(p, adult, unlabelled)
+
+
+def test_csv_bad_input(adult: dict[str, Path]) -> None:
+    from ctrpipe import Predictor
+    from ctrpipe.config import load_config
+
+    p = Predictor.load(adult["run"])
+    names = list(load_config(REPO / "cfgs" / "adult.yaml", []).data.csv.column_names)
+    lines = [ln for ln in adult["test"].read_text().splitlines() if not ln.startswith("|")][:5]
+    rows = [dict(zip(names, ln.split(", "), strict=True)) for ln in lines]
+    bad = [dict(r) for r in rows]
+    bad[2]["age"] = "old"
+    with pytest.raises(CtrpipeError) as e:
+        p.predict(bad)
+    assert "row 2" in e.value.where and "age" in e.value.where
+    with pytest.raises(SchemaError) as e:
+        p.predict([{k: v for k, v in r.items() if k != "occupation"} for r in rows])
+    assert "occupation" in e.value.where
+    with pytest.raises(CtrpipeError) as e:
+        p.predict(lines[:2] + [lines[2].rsplit(", ", 3)[0]])                 # a short line
+    assert "line 3" in e.value.where
