@@ -126,6 +126,26 @@ def infer(
 
 
 @app.command()
+def export(
+    run: Path = typer.Option(..., "--run", help="run directory, e.g. runs/criteo_dnn"),
+    fmt: str = typer.Option("torchscript", "--format", help="torchscript (onnx: not yet)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/export)"),  # noqa: UP045
+) -> None:
+    """Export a run (folds combined, calibration applied) as one TorchScript module + model.json."""
+    from ctrpipe.errors import ConfigError
+    from ctrpipe.serve.export import export_torchscript
+
+    def go() -> None:
+        if fmt != "torchscript":
+            raise ConfigError(f"--format {fmt} is not supported", where="--format",
+                              fix="use --format torchscript (ONNX export is not implemented yet)")
+        path = export_torchscript(run, out if out is not None else run / "export")
+        console.print(f"wrote {path} and {path.with_name('model.json')}", highlight=False)
+
+    _run(go)
+
+
+@app.command()
 def report(
     runs: list[Path] = typer.Argument(..., help="run directories, e.g. runs/criteo_dnn runs/criteo_dcnv2"),
     out: Path = typer.Option(..., "--out", "-o", help="report folder: index.html + figures/"),

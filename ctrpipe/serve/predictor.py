@@ -77,7 +77,8 @@ class Predictor:
 
     def __init__(self, run: Path, cfg: RunConfig, models: list[_Model], tasks: tuple[Task, ...],
                  plan: Plan, fitted: Fitted, layout: Layout, calibrations: list[Calibration],
-                 weights: tuple[float, ...] | None) -> None:
+                 weights: tuple[float, ...] | None, cache_dir: Path, manifest: Manifest) -> None:
+        self.cache_dir, self.manifest = cache_dir, manifest      # the training cache
         self.run, self.cfg, self.models, self.tasks = run, cfg, models, tasks
         self.plan, self.layout, self.calibrations, self.weights = plan, layout, calibrations, weights
         # loo_fitted=False: as a test cache built with --stats-from (no row of these was counted)
@@ -113,7 +114,7 @@ class Predictor:
         layout = layout_of(cache_dir, manifest, with_labels=False)
         fitted = Fitted.load(cache_dir, manifest.fitted)
         return cls(run, cfg, models, tasks, plan_from_manifest(cfg, manifest), fitted, layout, cals,
-                   fold_weights(cfg, ckpts))
+                   fold_weights(cfg, ckpts), cache_dir, manifest)
 
     # ------------------------------------------------------------------------------------------ predict
     def batch(self, rows: Rows) -> Batch:
@@ -129,7 +130,10 @@ class Predictor:
 
     def logits(self, rows: Rows) -> np.ndarray:
         """(K, N, H) float32 logits per checkpoint, sampling shift applied, uncalibrated."""
-        batch = self.batch(rows)
+        return self.batch_logits(self.batch(rows))
+
+    def batch_logits(self, batch: Batch) -> np.ndarray:
+        """(K, N, H) float32 logits of a Batch (from `batch`, or a loader over a shard cache)."""
         n = len(batch)
         out = np.empty((len(self.models), n, len(self.tasks)), dtype=np.float32)
         # batches of infer's size: the same row groups go through the model as in `ctrpipe infer`
@@ -146,7 +150,10 @@ class Predictor:
         for t in names:
             if t not in self.heads:
                 raise ConfigError(f"unknown task {t!r}", where="tasks", fix=f"use one of {list(self.heads)}")
-        logits = self.logits(rows)
+        return self.probabilities(self.logits(rows), names)
+
+    def probabilities(self, logits: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """(K, N, H) logits -> {head: (N,) float64}, calibrated and fold-combined as `ctrpipe infer`."""
         ic = self.cfg.infer
         out = {}
         for t in names:

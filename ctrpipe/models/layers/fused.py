@@ -162,4 +162,6 @@ class _LinearOverParts(torch.autograd.Function):
 
 def linear_over_parts(weight: Tensor, bias: Tensor, parts: Sequence[Tensor]) -> Tensor:
     """`F.linear(torch.cat(parts, 1), weight, bias)` with the hand-written backward and no concatenation."""
+    if torch.jit.is_tracing():      # export (serve/export.py): a traced graph cannot hold a Python autograd.Function
+        return torch.nn.functional.linear(torch.cat(list(parts), 1), weight, bias)
     return _LinearOverParts.apply(weight, bias, *parts)
