@@ -5,7 +5,9 @@ inputs (one tensor per stored array group, in the loader's order) and the prepro
 The module is traced (`torch.jit.trace`) on a few real rows of the training cache, taking one tuple of
 tensors and returning (B, H) float64 probabilities. Fold ensembling supports the per-row methods
 logit_mean / weighted / mean / geom_mean; median, trim_mean and rank_avg are refused (rank_avg needs the
-whole set). ONNX is not done yet.
+whole set). Every model family traces: under tracing the layers' hand-written autograd Functions give way to
+plain torch ops (models/layers/fused.py::eager_kernels); the error below catches any new one. ONNX is not
+done yet.
 """
 
 from __future__ import annotations

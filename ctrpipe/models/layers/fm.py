@@ -11,6 +11,7 @@ from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
 from ctrpipe.models.base import PoolingMode
 from ctrpipe.models.layers.embedding import FieldEmbedding
+from ctrpipe.models.layers.fused import eager_kernels
 
 
 class _FMInteraction(torch.autograd.Function):
@@ -22,11 +23,9 @@ class _FMInteraction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, fields: Tensor) -> Tensor:
-        total = fields.sum(dim=1)                                          # (B, D)
-        flat = fields.reshape(fields.shape[0], -1)
-        out = 0.5 * (torch.linalg.vecdot(total, total) - torch.linalg.vecdot(flat, flat))   # (B,)
+        out, total = _fm_forward(fields)
         ctx.save_for_backward(fields, total)
-        return out.unsqueeze(1)                                            # (B, 1)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
@@ -34,9 +33,19 @@ class _FMInteraction(torch.autograd.Function):
         return (total.unsqueeze(1) - fields).mul_(grad.view(-1, 1, 1))
 
 
+def _fm_forward(fields: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, F, D) -> the FM term (B, 1) and the field sum (B, D)."""
+    total = fields.sum(dim=1)                                              # (B, D)
+    flat = fields.reshape(fields.shape[0], -1)
+    out = 0.5 * (torch.linalg.vecdot(total, total) - torch.linalg.vecdot(flat, flat))   # (B,)
+    return out.unsqueeze(1), total                                         # (B, 1)
+
+
 def fm_interaction(fields: Tensor) -> Tensor:
     """(B, F, D) -> (B, 1): sum of <v_i, v_j> over field pairs i<j, in O(F*D) as
     0.5 * (|sum_i v_i|^2 - sum_i |v_i|^2)."""
+    if not eager_kernels():      # export: the same forward as plain ops (fused.py)
+        return _fm_forward(fields)[0]
     return _FMInteraction.apply(fields)
 
 

@@ -10,7 +10,8 @@ Functions below compute the same gradients with in-place accumulation and no con
 input gains a column anyway they carry the bias as a weight column on a constant-1 input column (no bias
 copy before the GEMM, no column sum for its gradient). Per-piece A/B figures: benchmarks/bench_kernels.py.
 They are used only where `cpu_fp32` holds; on a GPU or under autocast the models keep plain torch ops, which
-are fast there and which torch.compile fuses anyway.
+are fast there and which torch.compile fuses anyway. One rule for export: no autograd.Function while tracing
+(`eager_kernels`): a traced graph cannot record a Python Function, and serving needs no backward.
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ import torch
 from torch import Tensor
 
 
+def eager_kernels() -> bool:
+    """Whether hand-written autograd Functions may run: not under torch.jit.trace (serve/export.py), whose
+    graph cannot hold a Python Function; they only speed up training's backward anyway."""
+    return not torch.jit.is_tracing()
+
+
 def cpu_fp32(*tensors: Tensor) -> bool:
-    """Whether the hand-written CPU paths apply: every tensor fp32 on the CPU and no CPU autocast."""
-    return not torch.is_autocast_enabled("cpu") and all(
+    """Whether the hand-written CPU paths apply: every tensor fp32 on the CPU, no CPU autocast, not tracing."""
+    return eager_kernels() and not torch.is_autocast_enabled("cpu") and all(
         t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
@@ -162,6 +169,6 @@ class _LinearOverParts(torch.autograd.Function):
 
 def linear_over_parts(weight: Tensor, bias: Tensor, parts: Sequence[Tensor]) -> Tensor:
     """`F.linear(torch.cat(parts, 1), weight, bias)` with the hand-written backward and no concatenation."""
-    if torch.jit.is_tracing():      # export (serve/export.py): a traced graph cannot hold a Python autograd.Function
+    if not eager_kernels():
         return torch.nn.functional.linear(torch.cat(list(parts), 1), weight, bias)
     return _LinearOverParts.apply(weight, bias, *parts)
