@@ -146,6 +146,25 @@ def export(
 
 
 @app.command()
+def predict(
+    run: Path = typer.Option(..., "--run", help="run directory, e.g. runs/criteo_dnn"),
+    input_: Path = typer.Option(..., "--input", help="raw rows: Criteo text or Parquet, as the run was trained on"),
+    out: Path = typer.Option(..., "--out", help="CSV of id (or row) + one probability column per head"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="the run's training cache, if it moved"),  # noqa: UP045
+    quiet: bool = QuietOpt,
+) -> None:
+    """Score a file of raw rows with a run (no shard cache needed): calibrated, fold-combined probabilities."""
+    from ctrpipe.serve.predict_file import predict_file
+
+    def go() -> None:
+        n = predict_file(run, input_, out, cache=cache)
+        if not quiet:
+            console.print(f"wrote {n:,} rows to {out}", highlight=False)
+
+    _run(go)
+
+
+@app.command()
 def report(
     runs: list[Path] = typer.Argument(..., help="run directories, e.g. runs/criteo_dnn runs/criteo_dcnv2"),
     out: Path = typer.Option(..., "--out", "-o", help="report folder: index.html + figures/"),

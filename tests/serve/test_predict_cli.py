@@ -1,0 +1,76 @@
+"""`ctrpipe predict --run --input --out`: a raw Criteo text file -> a CSV equal to `Predictor.predict` on the
+same lines (over several chunks), written atomically: a bad line fails naming the file and line, and leaves
+no output behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from ctrpipe.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["loader.batch_size=64", "loader.eval_batch_size=128", "model.hidden_units=[16]", "model.embedding_dim=4",
+        "train.min_steps=0", "train.evals_per_epoch=1", "train.early_stopping.patience=0", "train.epochs=1",
+        "train.max_steps=4", "train.device=cpu", "data.hash_bins=200", "data.shard_rows=500",
+        "data.split.val_ratio=0.2", "data.folds.n_splits=0"]
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(app, list(args))
+    return res.exit_code, res.output + (repr(res.exception) if res.exception else "")
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serve_predict")
+    for args in (("synth", "--format", "criteo", "--rows", "800", "--test-rows", "300", "--out", str(root / "d"),
+                  "-q"),
+                 ("shard", "--cfg", str(REPO / "cfgs" / "criteo.yaml"), "--input", str(root / "d" / "train.tsv"),
+                  "--out", str(root / "tr"), "-q", *_sets(FAST[-4:])),
+                 ("train", "--cfg", str(REPO / "cfgs" / "criteo_dnn.yaml"), "--shards", str(root / "tr"),
+                  "--runs", str(root / "runs"), "-q", *_sets(FAST + ["exp_name=dnn"]))):
+        code, out = _invoke(*args)
+        assert code == 0, out
+    return root
+
+
+def test_predict_file_equals_predictor(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctrpipe.serve.predict_file as pf
+    from ctrpipe.serve.predictor import Predictor
+
+    real = pf.predict_file
+    monkeypatch.setattr(pf, "predict_file", lambda *a, **k: real(*a, **k, chunk_rows=128))   # 3 chunks
+    out = tmp_path / "preds.csv"
+    code, msg = _invoke("predict", "--run", str(world / "runs" / "dnn"), "--input",
+                        str(world / "d" / "test.tsv"), "--out", str(out), "-q")
+    assert code == 0, msg
+    got = pl.read_csv(out)
+    lines = (world / "d" / "test.tsv").read_text().splitlines()
+    p = Predictor.load(world / "runs" / "dnn")
+    want = p.predict(lines)
+    assert got.columns == ["row", *p.heads]
+    assert got["row"].to_list() == list(range(len(lines)))
+    for head in p.heads:
+        np.testing.assert_allclose(got[head].to_numpy(), want[head], rtol=0, atol=1e-12)
+    assert not out.with_name(out.name + ".incomplete").exists()
+
+
+def test_predict_bad_line_names_it_and_writes_nothing(world: Path, tmp_path: Path) -> None:
+    lines = (world / "d" / "test.tsv").read_text().splitlines()
+    lines[5] = lines[5] + "\textra"
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "preds.csv"
+    code, msg = _invoke("predict", "--run", str(world / "runs" / "dnn"), "--input", str(bad), "--out", str(out))
+    assert code == 1, msg
+    assert "line 6" in msg and "bad.tsv" in msg
+    assert not out.exists() and not out.with_name(out.name + ".incomplete").exists()
