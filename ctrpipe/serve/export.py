@@ -21,10 +21,12 @@ from torch import Tensor, nn
 
 from ctrpipe.atomic import write_json_atomic
 from ctrpipe.errors import ConfigError
+from ctrpipe.infer.predict import find_checkpoints
 from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import Layout
 from ctrpipe.models.heads import as_output
 from ctrpipe.serve.predictor import Predictor
+from ctrpipe.train.checkpoint import Checkpoint, load_checkpoint
 
 EXPORT_METHODS = ("logit_mean", "weighted", "mean", "geom_mean")
 _EPS = 1e-7      # ensemble.EPS: geom_mean clips probabilities as combine() does
@@ -122,8 +124,30 @@ def export_torchscript(run: Path, out: Path, rows: object = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     traced.save(str(out / "model.pt"))
-    write_json_atomic(out / "model.json", describe(p))
+    doc = describe(p)
+    doc["embedding_tables"] = embedding_tables(p, [load_checkpoint(c) for c in find_checkpoints(Path(run))])
+    write_json_atomic(out / "model.json", doc)
     return out / "model.pt"
+
+
+def embedding_tables(p: Predictor, ckpts: list[Checkpoint]) -> dict[str, object]:
+    """Size of each embedding table in model.pt and how many of its rows training changed (the rows the
+    checkpoint stores); model.pt holds every row, see `note`."""
+    tables = []
+    for k, (m, ckpt) in enumerate(zip(p.models, ckpts, strict=True)):
+        for name, t in ckpt.weights["tables"].items():
+            w = m.net.get_parameter(name)
+            tables.append({"checkpoint": k, "table": name, "rows": w.shape[0], "dim": w.shape[1],
+                           "dtype": str(w.dtype).removeprefix("torch."), "bytes": w.numel() * w.element_size(),
+                           "rows_touched_by_training": int(t["rows"].numel())})
+    return {
+        "tables": tables, "total_bytes": sum(int(t["bytes"]) for t in tables),   # type: ignore[call-overload]
+        "note": "model.pt holds every row. Exporting only the rows training touched is not sound in general: "
+                "an id never seen in training (a new hashed value, or a hash bin no training row fell into) "
+                "still looks up its row at serving time, and that row holds the random vector initialisation "
+                "drew from the run's seed, which the model's output depends on. Dropping untouched rows would "
+                "need those ids remapped (e.g. to a shared row), which changes their predictions.",
+    }
 
 
 def cache_batch(p: Predictor, n: int) -> Batch:

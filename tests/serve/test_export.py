@@ -88,6 +88,10 @@ def test_torchscript_parity(caches: dict[str, tuple[Path, list[str]]], family: s
     else:
         assert groups[:2] == ["numeric", "categorical"] and len(groups) > 2     # multi-hot, sequence inputs
     assert all(i["shape"][0] == "B" for i in doc["inputs"])
+    tables = doc["embedding_tables"]
+    assert tables["tables"] and tables["total_bytes"] == sum(t["bytes"] for t in tables["tables"])
+    assert all(0 < t["rows_touched_by_training"] <= t["rows"] and t["bytes"] == t["rows"] * t["dim"] * 4
+               for t in tables["tables"])
     model = torch.jit.load(str(out / "model.pt"))
     p = Predictor.load(runs / family)
     assert doc["outputs"]["heads"] == list(p.heads)
