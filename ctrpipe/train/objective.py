@@ -134,7 +134,9 @@ class Objective:
     def at_step(self, step: int) -> None:
         self.step = step
         clip = clip_at(step, self.clip, self.clip_mode)
-        if clip != self._clip_now:           # a few floats copied to the device when the clip moves only
+        # a few floats copied to the device when the clip moves only: once per milestone in piecewise mode, but
+        # every step of a linear ramp while it caps a head (on a GPU a small synchronous copy per step)
+        if clip != self._clip_now:
             self._clip_now = clip
             self.pos_weight.copy_(torch.tensor([min(w, clip) for w in self.base_pos_weight]))
 
