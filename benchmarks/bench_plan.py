@@ -17,7 +17,9 @@ read and one tiny matmul with backward has run (the CPU runtime's own start-up),
         the estimate is compared with this
   hwm   VmHWM over the baseline VmRSS: also counts shard file pages the loader read through its memory maps
         (page cache, reclaimable), which the estimate leaves out
-The ratio is estimate / measured anon; `ctrpipe plan`'s target is 0.8..1.2.
+The estimate's working set (steps and evaluation forwards replayed through tools/heap.py's model of glibc
+malloc) replaces max(step, eval) in its peak. The ratio is estimate / measured anon; `ctrpipe plan`'s target
+is 0.8..1.2.
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def measure(model: str, shards: Path, work: Path, steps: int) -> dict[str, float
     return {**measured, "estimate": plan.peak(), "plan_seconds": time.perf_counter() - t0,
             "resident": plan.phase_bytes("resident", "device") + plan.phase_bytes("resident", "host"),
             "step": plan.phase_bytes("step", "device"), "eval": plan.phase_bytes("eval", "device")
-            + plan.phase_bytes("eval", "host"), "checkpoint": plan.phase_bytes("checkpoint", "host")}
+            + plan.phase_bytes("eval", "host"), "checkpoint": plan.phase_bytes("checkpoint", "host"),
+            "working": plan.working or 0}
 
 
 def main() -> None:
@@ -138,13 +141,15 @@ def main() -> None:
     shards = prepare(a.work, a.rows, a.bins)
     mb = 1e6
     print(f"cache: {a.rows:,} synthetic Criteo rows, {a.bins:,} hash bins per field; {a.steps} steps of batch 4096")
-    print("| model | estimate MB (resident / step / eval / ckpt) | measured anon MB | hwm MB | estimate / anon |"
+    print("| model | estimate MB (resident / step / eval / ckpt; working set) | measured anon MB | hwm MB |"
+          " estimate / anon |"
           " train s | plan s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for model in a.models:
         r = measure(model, shards, a.work, a.steps)
         print(f"| {model} | {r['estimate'] / mb:.0f} ({r['resident'] / mb:.0f} / {r['step'] / mb:.0f} / "
-              f"{r['eval'] / mb:.0f} / {r['checkpoint'] / mb:.0f}) | {r['anon'] / mb:.0f} | {r['hwm'] / mb:.0f} | "
+              f"{r['eval'] / mb:.0f} / {r['checkpoint'] / mb:.0f}; {r['working'] / mb:.0f}) | {r['anon'] / mb:.0f} | "
+              f"{r['hwm'] / mb:.0f} | "
               f"{r['estimate'] / r['anon']:.2f} | {r['seconds']:.0f} | {r['plan_seconds']:.0f} |", flush=True)
 
 

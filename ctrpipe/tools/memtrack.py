@@ -30,6 +30,7 @@ from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
 from ctrpipe.models.heads import as_output, heads_of
 from ctrpipe.models.registry import build_model
+from ctrpipe.tools.heap import AllocTrace
 from ctrpipe.train.config import TrainConfig
 
 MEASURE_BINS = 1024      # id space of every field in the measuring model (its tables stay a few MB)
@@ -50,6 +51,18 @@ class LiveBytes(TorchDispatchMode):
         self.owner = ""                          # set by `attribute`: the top-level module running now
         self.by_owner: dict[str, int] = {}       # live bytes per owner ("" outside any module's forward)
         self._refs: dict[int, weakref.ref] = {}
+        self._trace: tuple[list[int], list[int]] | None = None   # (events, sizes) while `tracing`
+
+    def start_trace(self) -> None:
+        """Record every allocation and free from now on (see heap.AllocTrace for the events)."""
+        self._trace = ([], [])
+
+    def stop_trace(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(events, sizes) since start_trace."""
+        assert self._trace is not None, "start_trace first"
+        events, sizes = self._trace
+        self._trace = None
+        return tuple(events), tuple(sizes)
 
     def reset_peak(self) -> None:
         self.peak = self.now
@@ -72,11 +85,18 @@ class LiveBytes(TorchDispatchMode):
         self.now += nbytes
         self.peak = max(self.peak, self.now)
         self.by_owner[owner] = self.by_owner.get(owner, 0) + nbytes
+        trace, n = self._trace, -1
+        if trace is not None:
+            n = len(trace[1])
+            trace[0].append(n)
+            trace[1].append(nbytes)
 
         def freed(_ref: weakref.ref, key: int = key, nbytes: int = nbytes, owner: str = owner) -> None:
             self._refs.pop(key, None)
             self.now -= nbytes
             self.by_owner[owner] -= nbytes
+            if trace is not None and trace is self._trace:     # freed while the trace it began in runs
+                trace[0].append(~n)
 
         self._refs[key] = weakref.ref(storage, freed)
 
@@ -139,7 +159,8 @@ class StepMemory:
     step: the peak of a training step (forward, backward, optimiser) over the memory before it; eval: the
         peak of a no-grad forward; sparse_grads: the sparse table gradients a step leaves on the parameters
         (alive until the next step's zero_grad, so at evaluations and checkpoints too); forward: what each
-        submodule of the model holds when the forward returns (kept for backward), CPU only.
+        submodule of the model holds when the forward returns (kept for backward), CPU only;
+        step_trace, eval_trace: the allocations in order, for heap.working_set (CPU only).
     """
 
     step: Linear
@@ -149,6 +170,8 @@ class StepMemory:
     amp: str
     device: str
     sizes: tuple[int, ...]
+    step_trace: AllocTrace | None = None    # every allocation of a step / an evaluation forward (CPU only)
+    eval_trace: AllocTrace | None = None
 
 
 def small_spec(spec: FeatureSpec) -> FeatureSpec:
@@ -189,7 +212,7 @@ def measure_step_memory(cfg: RunConfig, spec: FeatureSpec, rows: Batch, sizes: t
     optimizers = build_optimizers(model, train_cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     folded = fold_ids(rows)
-    steps, evals, grads, parts = [], [], [], []
+    steps, evals, grads, parts, step_traces, eval_traces = [], [], [], [], [], []
     with _Meter(device) as meter:
         for b in sizes:
             batch = folded.head(b).to(device)
@@ -204,14 +227,15 @@ def measure_step_memory(cfg: RunConfig, spec: FeatureSpec, rows: Batch, sizes: t
                     as_output(model(batch)).logits.float().cpu()
 
             one_step()                    # optimiser state and the gradients a step leaves exist from here on
-            steps.append((b, meter.excess(one_step)))
+            steps.append((b, meter.excess(one_step, step_traces, b)))
             parts.append((b, meter.forward_parts(model, batch, train_cfg)))
-            evals.append((b, meter.excess(one_eval)))
+            evals.append((b, meter.excess(one_eval, eval_traces, b)))
             grads.append((b, _sparse_grad_bytes(model)))
     names = sorted({k for _, d in parts for k in d})
     forward = {k: Linear.fit([(b, d.get(k, 0)) for b, d in parts]) for k in names}
     return StepMemory(Linear.fit(steps), Linear.fit(evals), Linear.fit(grads), forward, amp, device.type,
-                      tuple(sizes))
+                      tuple(sizes), AllocTrace.fit(step_traces) if step_traces else None,
+                      AllocTrace.fit(eval_traces) if eval_traces else None)
 
 
 class _Meter:
@@ -248,11 +272,18 @@ class _Meter:
         del out
         return {k: v for k, v in held.items() if v > 0}
 
-    def excess(self, fn: Callable[[], None]) -> int:
+    def excess(self, fn: Callable[[], None], traces: list | None = None, rows: int = 0) -> int:
+        """Peak bytes over before; on CPU, also appends (rows, events, sizes) of what `fn` allocated to
+        `traces`."""
         if self.live is not None:
             before = self.live.now
             self.live.reset_peak()
+            self.live.start_trace()
             fn()
+            if traces is not None:
+                traces.append((rows, *self.live.stop_trace()))
+            else:
+                self.live.stop_trace()
             return self.live.peak - before
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)

@@ -6,9 +6,12 @@ step and of an evaluation batch are measured on small real batches and scaled li
 batches (tools/memtrack.py); touched table rows and pages come from the rows the run reads
 (tools/touched.py). Each line belongs to a phase, and the peak is
 
-    resident + max(step, eval) + checkpoint      (host RAM: glibc keeps a step's freed heap, see hostmem.py,
-                                                  and a checkpoint's table copies are fresh mappings)
-    resident + max(step, eval, checkpoint)        (CUDA device memory: one caching allocator pool)
+    resident + working set + rest of eval + checkpoint   (host RAM: the working set is the peak RSS that
+        replaying the recorded allocations of a few steps and an evaluation forward through a model of glibc's
+        malloc as hostmem.py tunes it gives: kept heap + live mmaps, tools/heap.py; a checkpoint's table
+        copies are fresh mappings)
+    resident + max(step, eval) + checkpoint             (host RAM when no allocations were recorded)
+    resident + max(step, eval, checkpoint)              (CUDA device memory: one caching allocator pool)
 
 What training allocates, per embedding table of R rows x D floats:
   weights R*D*4 (all pages written at init); ChangedRows mask R bytes; with embedding_optimizer
@@ -35,6 +38,7 @@ from ctrpipe.errors import ConfigError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.buffers import layout_of
 from ctrpipe.shard.manifest import Manifest
+from ctrpipe.tools import heap
 from ctrpipe.tools.memtrack import StepMemory
 from ctrpipe.tools.touched import PAGE, TableUse
 
@@ -55,6 +59,7 @@ class Line:
     where: Where = "device"
     note: str = ""
     tables: bool = False     # scales with the tables' id spaces (what fewer bins would shrink)
+    replayed: bool = False   # covered by the CPU working set (a step's activations, evaluation's forward)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class MemoryPlan:
     available_what: str
     measured: str                     # how the activations were measured
     suggestions: tuple[str, ...] = ()
+    working: int | None = None        # CPU: peak RSS of steps + evaluation forwards (heap.working_set)
 
     def phase_bytes(self, phase: Phase, where: Where) -> int:
         return sum(line.nbytes for line in self.lines if line.phase == phase and line.where == where)
@@ -91,7 +97,10 @@ class MemoryPlan:
         """Peak bytes on the training device (`device`) or, for a CUDA run, in host RAM (`host`)."""
         if self.device != "cuda":          # one memory: device and host lines add up
             r, s, e, c = (self.phase_bytes(p, "device") + self.phase_bytes(p, "host") for p in PHASES)
-            return r + max(s, e) + c
+            if self.working is None:
+                return r + max(s, e) + c
+            rest = sum(line.nbytes for line in self.lines if line.phase == "eval" and not line.replayed)
+            return r + self.working + rest + c
         r, s, e, c = (self.phase_bytes(p, where) for p in PHASES)
         return r + max(s, e, c) if where == "device" else r + e + c
 
@@ -193,11 +202,22 @@ def _activation_lines(inp: Inputs, st: Setting) -> list[Line]:
     held = {k: v.at(st.batch) for k, v in sm.forward.items()}
     # the forward parts are shown inside the step's peak; whatever the peak holds beyond them is backward's
     for name, b in sorted(held.items(), key=lambda kv: -kv[1]):
-        lines.append(Line("activations", f"  forward {name}", b, phase="step", note="part of the step peak"))
+        lines.append(Line("activations", f"  forward {name}", b, phase="step", note="part of the step peak",
+                          replayed=True))
     rest = step - sum(held.values()) if held else step
     label = "backward + optimizer step beyond the forward" if held else "forward + backward + optimizer step"
-    lines.append(Line("activations", f"{label} (batch {st.batch:,}, amp {sm.amp})", rest, phase="step"))
+    lines.append(Line("activations", f"{label} (batch {st.batch:,}, amp {sm.amp})", rest, phase="step",
+                      replayed=True))
     return lines
+
+
+def working_set(inp: Inputs, st: Setting) -> int | None:
+    """CPU: peak RSS that steps and evaluation forwards add (tools/heap.py); None on CUDA or unrecorded."""
+    sm = _step(inp, st)
+    if inp.device == "cuda" or sm.step_trace is None:
+        return None
+    evaluation = sm.eval_trace if inp.val_rows else None
+    return heap.working_set(sm.step_trace, st.batch, evaluation, min(st.eval_batch, inp.val_rows or 1))
 
 
 def _sparse_grad_guess(inp: Inputs, st: Setting) -> int:
@@ -232,7 +252,7 @@ def _eval_lines(inp: Inputs, st: Setting) -> list[Line]:
     b = min(st.eval_batch, inp.val_rows)
     sm = _step(inp, st)
     sets = inp.cfg.loader.prefetch + 2
-    lines = [Line("evaluation", f"no-grad forward (batch {b:,})", sm.eval.at(b), phase="eval"),
+    lines = [Line("evaluation", f"no-grad forward (batch {b:,})", sm.eval.at(b), phase="eval", replayed=True),
              Line("evaluation", f"{sets} evaluation batch buffers", sets * b * _row_bytes(inp), phase="eval",
                   where="host"),
              Line("evaluation", f"predictions of {inp.val_rows:,} validation rows",

@@ -30,6 +30,7 @@ from ctrpipe.tools.plan import (
     disk_sizes,
     plan_lines,
     suggestions,
+    working_set,
 )
 from ctrpipe.tools.touched import SAMPLE_ROWS, read_sample, table_use
 
@@ -91,7 +92,7 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
                           disk=disk_sizes(inp, st), steps=steps, rows_read=rows_read, available=available,
                           available_what=what,
                           measured=f"measured on {measure_on.type} at batch {', '.join(map(str, sizes))}, "
-                                   "scaled linearly", suggestions=tips)
+                                   "scaled linearly", suggestions=tips, working=working_set(inp, st))
 
     plan = make(setting)
     if available is not None and not plan.fits:
@@ -141,8 +142,12 @@ def render(plan: MemoryPlan) -> None:
             cells.append(size)
         table.add_row(*cells, style="dim" if line.note == "part of the step peak" else None)
     peak = [human_bytes(plan.peak("device"))] + ([human_bytes(plan.peak("host"))] if cuda else [])
-    table.add_row("[bold]peak[/]", "resident + max(step, eval) + checkpoint" if not cuda else
-                  "resident + max(step, eval, checkpoint)", "", *peak)
+    if plan.working is not None:
+        table.add_row("working set", "steps + evaluation forwards replayed through glibc malloc (heap kept, "
+                      "mmaps freed)", "step, eval", human_bytes(plan.working))
+    rule = ("resident + max(step, eval, checkpoint)" if cuda else "resident + max(step, eval) + checkpoint"
+            if plan.working is None else "resident + working set + rest of eval + checkpoint")
+    table.add_row("[bold]peak[/]", rule, "", *peak)
     console.print(table)
     console.print(f"parameters: {plan.params['tables']:,} in tables, {plan.params['dense']:,} dense; "
                   f"{plan.steps:,} steps read {plan.rows_read:,} distinct rows; activations {plan.measured}")

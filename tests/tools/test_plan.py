@@ -11,9 +11,11 @@ from typer.testing import CliRunner
 
 from ctrpipe.cli import app
 from ctrpipe.config import load_config
+from ctrpipe.hostmem import MMAP_THRESHOLD, TRIM_THRESHOLD
 from ctrpipe.models.layers.embedding import split_parameters
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.manifest import read_manifest
+from ctrpipe.tools.heap import AllocTrace, Heap, replay
 from ctrpipe.tools.memtrack import Linear, LiveBytes
 from ctrpipe.tools.plan import Line, MemoryPlan, Setting
 from ctrpipe.tools.planner import estimate, parse_bytes
@@ -110,6 +112,49 @@ def test_live_bytes_counts_storages_once_and_sees_them_freed() -> None:
     assert live.now == 0 and live.peak == 8000
 
 
+def test_live_bytes_records_the_allocation_sequence() -> None:
+    with LiveBytes() as live:
+        old = torch.empty(10)                     # made before the trace: its free is not an event
+        live.start_trace()
+        a = torch.empty(100)
+        b = torch.empty(50)
+        del a, old
+        events, sizes = live.stop_trace()
+    assert events == (0, 1, ~0) and sizes == (400, 200) and b.numel() == 50
+
+
+def test_alloc_trace_scales_each_allocation_with_the_batch() -> None:
+    trace = AllocTrace.fit([(256, (0, 1, ~0), (256 * 8, 4096)), (1024, (0, 1, ~0), (1024 * 8, 4096))])
+    assert trace.at(4096) == [4096 * 8, 4096]
+    odd = AllocTrace.fit([(256, (0, ~0), (100,)), (1024, (0, 1), (400, 800))])   # sequences differ
+    assert odd.events == (0, 1) and odd.at(2048) == [800, 1600]
+
+
+def test_heap_keeps_freed_blocks_and_returns_mmaps() -> None:
+    mib = 1 << 20
+    small, big = MMAP_THRESHOLD // 2, 3 * MMAP_THRESHOLD
+    # a phase of blocks under the threshold grows the heap; freed, it stays resident and is reused
+    heap = replay([(AllocTrace((0, 1, ~0, ~1), ((0.0, small), (0.0, small))), 1)] * 3)
+    assert heap.written == heap.peak >= 2 * small and heap.written < 2 * small + mib and heap.mmapped == 0
+    # a block over the threshold that no free chunk holds is an mmap, returned when freed...
+    heap.malloc(big)
+    assert heap.mmapped > big - mib and heap.rss > heap.written
+    # ...while one the free heap can hold is carved from it, adding nothing
+    fresh = Heap()
+    start, n = fresh.malloc(big // 4 - 1000)              # under the threshold: heap
+    fresh.free(start, n)
+    assert fresh.malloc(big // 4 - 2000)[0] == 0 and fresh.mmapped == 0
+    assert Heap().trim_threshold == TRIM_THRESHOLD and Heap().mmap_threshold == MMAP_THRESHOLD
+
+
+def test_working_set_between_live_bytes_and_their_sum(caches: dict[int, Path]) -> None:
+    plan = plan_of(caches[500], "autoint")
+    assert plan.working is not None
+    step, forward = plan.phase_bytes("step", "device"), next(
+        line.nbytes for line in plan.lines if line.item.startswith("no-grad forward"))
+    assert max(step, forward) * 0.9 <= plan.working <= (step + forward) * 1.2
+
+
 def test_linear_fit() -> None:
     f = Linear.fit([(256, 1000 + 256 * 10), (1024, 1000 + 1024 * 10)])
     assert f.at(4096) == 1000 + 4096 * 10
@@ -120,6 +165,10 @@ def test_peak_rule_and_parse_bytes() -> None:
              Line("c", "c", 30, phase="checkpoint", where="host"))
     plan = MemoryPlan("m", "cpu", Setting(1, 1, "off", "adam"), lines, (), {}, {}, 1, 1, 1000, "", "")
     assert plan.peak() == 100 + 70 + 30
+    replayed = (*lines, Line("e", "forward", 40, phase="eval", replayed=True))
+    plan = MemoryPlan("m", "cpu", Setting(1, 1, "off", "adam"), replayed, (), {}, {}, 1, 1, 1000, "", "",
+                      working=90)
+    assert plan.peak() == 100 + 90 + 70 + 30       # working set + the eval lines it does not cover
     assert parse_bytes("16GB") == 16 * 10**9 and parse_bytes("2 GiB") == 2 * 2**30
 
 

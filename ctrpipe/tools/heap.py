@@ -1,0 +1,148 @@
+"""`ctrpipe plan` on CPU: what glibc's malloc, as tuned by hostmem.py, makes of the tensors a step and an
+evaluation allocate -- host RSS, not live bytes.
+
+Measured on FT-Transformer (benchmarks/RESULTS.md, "Memory plan"): the heap is never trimmed below 1 GiB of
+free top, so once a step has grown it, later requests of any size -- the 32 MiB+ ones too -- are carved from
+its free chunks and top; only a request no free chunk can hold becomes a fresh mmap (evaluation's 335 MB FFN
+activations at batch 16384), and is returned when freed. So RSS = heap extent (it only grows) + live mmaps,
+and the heap grows past the live peak wherever the sizes of a phase do not fit the holes the last one left.
+This module replays recorded allocation sequences through a small model of that allocator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ctrpipe.hostmem import MMAP_THRESHOLD, TOP_PAD, TRIM_THRESHOLD
+
+ALIGN = 64                # torch's CPU allocator aligns to 64 bytes (posix_memalign); + malloc's 16-byte header
+
+
+@dataclass(frozen=True)
+class AllocTrace:
+    """What a piece of code allocated and freed, in order: event n >= 0 allocates `sizes[n]` bytes (as a
+    function of the batch: per_row * B + fixed), event ~n frees allocation n. Allocations still alive at the
+    end are freed after it (a step's gradients live until the next step's zero_grad).
+
+    Example: a (B, 8) float tensor made, a (B,) one made, the first freed -> events (0, 1, ~0), sizes
+    ((32.0, 0.0), (4.0, 0.0)).
+    """
+
+    events: tuple[int, ...]
+    sizes: tuple[tuple[float, float], ...]
+
+    def at(self, rows: int) -> list[int]:
+        """Byte size of each allocation at batch `rows`."""
+        return [max(0, round(per_row * rows + fixed)) for per_row, fixed in self.sizes]
+
+    @classmethod
+    def fit(cls, points: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]]) -> AllocTrace:
+        """From (batch, events, sizes) recorded at two batch sizes: each allocation's size is linear in the
+        batch. When the sequences differ (data-dependent code paths), the larger batch's sequence is kept and
+        every size scaled in proportion to the batch."""
+        (b1, ev1, s1), (b2, ev2, s2) = points[0], points[-1]
+        if ev1 != ev2 or b1 == b2:
+            return cls(tuple(ev2), tuple((s / b2, 0.0) for s in s2))
+        sizes = []
+        for m1, m2 in zip(s1, s2, strict=True):
+            per_row = max(0.0, (m2 - m1) / (b2 - b1))
+            sizes.append((per_row, m1 - per_row * b1))
+        return cls(tuple(ev1), tuple(sizes))
+
+
+class Heap:
+    """glibc's main arena, reduced to what decides RSS: best-fit reuse of free chunks (coalesced with their
+    neighbours), the top chunk, requests of `mmap_threshold` or more that nothing free can hold as mmaps, and
+    trimming the top when more than `trim_threshold` of it is free. `rss` = heap pages ever written (free
+    chunks stay resident) + live mmaps."""
+
+    def __init__(self, mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD,
+                 top_pad: int = TOP_PAD) -> None:
+        self.mmap_threshold, self.trim_threshold, self.top_pad = mmap_threshold, trim_threshold, top_pad
+        self.free_at: dict[int, int] = {}      # start -> size of free chunks below the top
+        self.free_end: dict[int, int] = {}     # end -> start of the same chunks
+        self.top = 0                           # start of the free top chunk
+        self.end = 0                           # end of the heap (sbrk)
+        self.written = 0                       # highest heap address ever handed out (resident below it)
+        self.mmapped = 0
+        self.peak = 0
+
+    @property
+    def rss(self) -> int:
+        return self.written + self.mmapped
+
+    def malloc(self, nbytes: int) -> tuple[int, int]:
+        """Returns (address, size); address -1 for an mmap."""
+        n = -(-(nbytes + 16) // ALIGN) * ALIGN
+        fits = [start for start, size in self.free_at.items() if size >= n]
+        if fits:
+            start = min(fits, key=lambda s: (self.free_at[s], s))
+            size = self._take(start)
+            if size > n:
+                self._put(start + n, size - n)
+        elif self.end - self.top >= n or n < self.mmap_threshold:
+            if self.end - self.top < n:
+                self.end = self.top + n + self.top_pad
+            start, self.top = self.top, self.top + n
+            self.written = max(self.written, self.top)
+        else:
+            self.mmapped += n
+            start = -1
+        self.peak = max(self.peak, self.rss)
+        return start, n
+
+    def free(self, start: int, n: int) -> None:
+        if start < 0:
+            self.mmapped -= n
+            return
+        if start + n in self.free_at:                       # merge with the next free chunk
+            n += self._take(start + n)
+        if start in self.free_end:                          # and with the previous one
+            prev = self.free_end[start]
+            n += self._take(prev)
+            start = prev
+        if start + n == self.top:
+            self.top = start
+            if self.end - self.top > self.trim_threshold:
+                self.end = self.top + self.top_pad
+                self.written = min(self.written, self.end)
+        else:
+            self._put(start, n)
+
+    def _put(self, start: int, size: int) -> None:
+        self.free_at[start] = size
+        self.free_end[start + size] = start
+
+    def _take(self, start: int) -> int:
+        size = self.free_at.pop(start)
+        del self.free_end[start + size]
+        return size
+
+
+def replay(phases: Iterable[tuple[AllocTrace, int]], heap: Heap | None = None) -> Heap:
+    """Run each (trace, batch) through `heap` in order; returns the heap (its `peak` is the peak RSS)."""
+    heap = heap or Heap()
+    for trace, rows in phases:
+        sizes = trace.at(rows)
+        live: dict[int, tuple[int, int]] = {}
+        for e in trace.events:
+            if e >= 0:
+                live[e] = heap.malloc(sizes[e])
+            elif ~e in live:
+                heap.free(*live.pop(~e))
+        for block in live.values():
+            heap.free(*block)
+    return heap
+
+
+def working_set(step: AllocTrace, batch: int, evaluation: AllocTrace | None, eval_batch: int,
+                steps_per_eval: int = 4, rounds: int = 3) -> int:
+    """Peak host RSS that training's steps and evaluations add over what was resident before them:
+    `rounds` x (`steps_per_eval` steps, one evaluation), replayed through Heap."""
+    phases: list[tuple[AllocTrace, int]] = []
+    for _ in range(rounds):
+        phases += [(step, batch)] * steps_per_eval
+        if evaluation is not None:
+            phases.append((evaluation, eval_batch))
+    return replay(phases).peak
