@@ -16,20 +16,22 @@ from dataclasses import dataclass
 
 from ctrpipe.hostmem import MMAP_THRESHOLD, TOP_PAD, TRIM_THRESHOLD
 
+ALLOC, FREE, FREE_CARRIED = 0, 1, 2   # trace events: allocation n made, freed, or the previous run's n freed
 ALIGN = 64                # torch's CPU allocator aligns to 64 bytes (posix_memalign); + malloc's 16-byte header
 
 
 @dataclass(frozen=True)
 class AllocTrace:
-    """What a piece of code allocated and freed, in order: event n >= 0 allocates `sizes[n]` bytes (as a
-    function of the batch: per_row * B + fixed), event ~n frees allocation n. Allocations still alive at the
-    end are freed after it (a step's gradients live until the next step's zero_grad).
+    """What a piece of code allocated and freed, in order: (ALLOC, n) allocates `sizes[n]` bytes (as a
+    function of the batch: per_row * B + fixed), (FREE, n) frees allocation n, (FREE_CARRIED, n) frees
+    allocation n of the previous run of the same code, which outlived it (a step's gradients live until the
+    next step's zero_grad).
 
-    Example: a (B, 8) float tensor made, a (B,) one made, the first freed -> events (0, 1, ~0), sizes
-    ((32.0, 0.0), (4.0, 0.0)).
+    Example: a (B, 8) float tensor made, a (B,) one made, the first freed -> events ((ALLOC, 0), (ALLOC, 1),
+    (FREE, 0)), sizes ((32.0, 0.0), (4.0, 0.0)).
     """
 
-    events: tuple[int, ...]
+    events: tuple[tuple[int, int], ...]
     sizes: tuple[tuple[float, float], ...]
 
     def at(self, rows: int) -> list[int]:
@@ -37,7 +39,7 @@ class AllocTrace:
         return [max(0, round(per_row * rows + fixed)) for per_row, fixed in self.sizes]
 
     @classmethod
-    def fit(cls, points: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]]) -> AllocTrace:
+    def fit(cls, points: Sequence[tuple[int, tuple[tuple[int, int], ...], tuple[int, ...]]]) -> AllocTrace:
         """From (batch, events, sizes) recorded at two batch sizes: each allocation's size is linear in the
         batch. When the sequences differ (data-dependent code paths), the larger batch's sequence is kept and
         every size scaled in proportion to the batch."""
@@ -121,17 +123,26 @@ class Heap:
 
 
 def replay(phases: Iterable[tuple[AllocTrace, int]], heap: Heap | None = None) -> Heap:
-    """Run each (trace, batch) through `heap` in order; returns the heap (its `peak` is the peak RSS)."""
+    """Run each (trace, batch) through `heap` in order; returns the heap (its `peak` is the peak RSS). What a
+    run leaves alive is freed by the next run of the same trace (FREE_CARRIED) or, if it is not, then."""
     heap = heap or Heap()
+    carried: dict[int, dict[int, tuple[int, int]]] = {}
     for trace, rows in phases:
         sizes = trace.at(rows)
+        before = carried.pop(id(trace), {})
         live: dict[int, tuple[int, int]] = {}
-        for e in trace.events:
-            if e >= 0:
-                live[e] = heap.malloc(sizes[e])
-            elif ~e in live:
-                heap.free(*live.pop(~e))
-        for block in live.values():
+        for op, n in trace.events:
+            if op == ALLOC:
+                live[n] = heap.malloc(sizes[n])
+            elif op == FREE and n in live:
+                heap.free(*live.pop(n))
+            elif op == FREE_CARRIED and n in before:
+                heap.free(*before.pop(n))
+        for block in before.values():
+            heap.free(*block)
+        carried[id(trace)] = live
+    for left in carried.values():
+        for block in left.values():
             heap.free(*block)
     return heap
 

@@ -30,7 +30,7 @@ from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
 from ctrpipe.models.heads import as_output, heads_of
 from ctrpipe.models.registry import build_model
-from ctrpipe.tools.heap import AllocTrace
+from ctrpipe.tools.heap import ALLOC, FREE, FREE_CARRIED, AllocTrace
 from ctrpipe.train.config import TrainConfig
 
 MEASURE_BINS = 1024      # id space of every field in the measuring model (its tables stay a few MB)
@@ -51,17 +51,22 @@ class LiveBytes(TorchDispatchMode):
         self.owner = ""                          # set by `attribute`: the top-level module running now
         self.by_owner: dict[str, int] = {}       # live bytes per owner ("" outside any module's forward)
         self._refs: dict[int, weakref.ref] = {}
-        self._trace: tuple[list[int], list[int]] | None = None   # (events, sizes) while `tracing`
+        self._trace: tuple[list[tuple[int, int]], list[int]] | None = None   # (events, sizes) being recorded
+        self._last: dict[str, tuple[list[tuple[int, int]], list[int]]] = {}   # the last trace of each kind
+        self._previous: tuple[list[tuple[int, int]], list[int]] | None = None
 
-    def start_trace(self) -> None:
-        """Record every allocation and free from now on (see heap.AllocTrace for the events)."""
+    def start_trace(self, kind: str) -> None:
+        """Record every allocation and free from now on (heap.AllocTrace's events), and the frees of what the
+        last trace of the same `kind` left alive (a step frees the previous step's gradients)."""
         self._trace = ([], [])
+        self._previous = self._last.get(kind)
+        self._last[kind] = self._trace
 
-    def stop_trace(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def stop_trace(self) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
         """(events, sizes) since start_trace."""
         assert self._trace is not None, "start_trace first"
         events, sizes = self._trace
-        self._trace = None
+        self._trace = self._previous = None
         return tuple(events), tuple(sizes)
 
     def reset_peak(self) -> None:
@@ -88,15 +93,19 @@ class LiveBytes(TorchDispatchMode):
         trace, n = self._trace, -1
         if trace is not None:
             n = len(trace[1])
-            trace[0].append(n)
+            trace[0].append((ALLOC, n))
             trace[1].append(nbytes)
 
         def freed(_ref: weakref.ref, key: int = key, nbytes: int = nbytes, owner: str = owner) -> None:
             self._refs.pop(key, None)
             self.now -= nbytes
             self.by_owner[owner] -= nbytes
-            if trace is not None and trace is self._trace:     # freed while the trace it began in runs
-                trace[0].append(~n)
+            if trace is None or self._trace is None:
+                return
+            if trace is self._trace:                 # freed while the trace it began in runs
+                trace[0].append((FREE, n))
+            elif trace is self._previous:            # made by the last trace of this kind
+                self._trace[0].append((FREE_CARRIED, n))
 
         self._refs[key] = weakref.ref(storage, freed)
 
@@ -227,9 +236,12 @@ def measure_step_memory(cfg: RunConfig, spec: FeatureSpec, rows: Batch, sizes: t
                     as_output(model(batch)).logits.float().cpu()
 
             one_step()                    # optimiser state and the gradients a step leaves exist from here on
-            steps.append((b, meter.excess(one_step, step_traces, b)))
+            # a step like the measured one, whose gradients the measured step frees (FREE_CARRIED events, numbered
+            # as the measured step's own allocations)
+            meter.excess(one_step, kind="step")
+            steps.append((b, meter.excess(one_step, kind="step", traces=step_traces, rows=b)))
             parts.append((b, meter.forward_parts(model, batch, train_cfg)))
-            evals.append((b, meter.excess(one_eval, eval_traces, b)))
+            evals.append((b, meter.excess(one_eval, kind="eval", traces=eval_traces, rows=b)))
             grads.append((b, _sparse_grad_bytes(model)))
     names = sorted({k for _, d in parts for k in d})
     forward = {k: Linear.fit([(b, d.get(k, 0)) for b, d in parts]) for k in names}
@@ -272,13 +284,13 @@ class _Meter:
         del out
         return {k: v for k, v in held.items() if v > 0}
 
-    def excess(self, fn: Callable[[], None], traces: list | None = None, rows: int = 0) -> int:
+    def excess(self, fn: Callable[[], None], kind: str = "", traces: list | None = None, rows: int = 0) -> int:
         """Peak bytes over before; on CPU, also appends (rows, events, sizes) of what `fn` allocated to
         `traces`."""
         if self.live is not None:
             before = self.live.now
             self.live.reset_peak()
-            self.live.start_trace()
+            self.live.start_trace(kind)
             fn()
             if traces is not None:
                 traces.append((rows, *self.live.stop_trace()))

@@ -15,7 +15,7 @@ from ctrpipe.hostmem import MMAP_THRESHOLD, TRIM_THRESHOLD
 from ctrpipe.models.layers.embedding import split_parameters
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.manifest import read_manifest
-from ctrpipe.tools.heap import AllocTrace, Heap, replay
+from ctrpipe.tools.heap import ALLOC, FREE, FREE_CARRIED, AllocTrace, Heap, replay
 from ctrpipe.tools.memtrack import Linear, LiveBytes
 from ctrpipe.tools.plan import Line, MemoryPlan, Setting
 from ctrpipe.tools.planner import estimate, parse_bytes
@@ -115,26 +115,32 @@ def test_live_bytes_counts_storages_once_and_sees_them_freed() -> None:
 def test_live_bytes_records_the_allocation_sequence() -> None:
     with LiveBytes() as live:
         old = torch.empty(10)                     # made before the trace: its free is not an event
-        live.start_trace()
+        live.start_trace("step")
         a = torch.empty(100)
         b = torch.empty(50)
         del a, old
         events, sizes = live.stop_trace()
-    assert events == (0, 1, ~0) and sizes == (400, 200) and b.numel() == 50
+        live.start_trace("step")
+        c = torch.empty(25)
+        del b                                     # made by the previous "step" trace
+        assert live.stop_trace() == (((ALLOC, 0), (FREE_CARRIED, 1)), (100,)) and c.numel() == 25
+    assert events == ((ALLOC, 0), (ALLOC, 1), (FREE, 0)) and sizes == (400, 200)
 
 
 def test_alloc_trace_scales_each_allocation_with_the_batch() -> None:
-    trace = AllocTrace.fit([(256, (0, 1, ~0), (256 * 8, 4096)), (1024, (0, 1, ~0), (1024 * 8, 4096))])
+    events = ((ALLOC, 0), (ALLOC, 1), (FREE, 0))
+    trace = AllocTrace.fit([(256, events, (256 * 8, 4096)), (1024, events, (1024 * 8, 4096))])
     assert trace.at(4096) == [4096 * 8, 4096]
-    odd = AllocTrace.fit([(256, (0, ~0), (100,)), (1024, (0, 1), (400, 800))])   # sequences differ
-    assert odd.events == (0, 1) and odd.at(2048) == [800, 1600]
+    odd = AllocTrace.fit([(256, ((ALLOC, 0), (FREE, 0)), (100,)), (1024, events[:2], (400, 800))])   # differ
+    assert odd.events == events[:2] and odd.at(2048) == [800, 1600]
 
 
 def test_heap_keeps_freed_blocks_and_returns_mmaps() -> None:
     mib = 1 << 20
     small, big = MMAP_THRESHOLD // 2, 3 * MMAP_THRESHOLD
     # a phase of blocks under the threshold grows the heap; freed, it stays resident and is reused
-    heap = replay([(AllocTrace((0, 1, ~0, ~1), ((0.0, small), (0.0, small))), 1)] * 3)
+    events = ((ALLOC, 0), (ALLOC, 1), (FREE, 0), (FREE, 1))
+    heap = replay([(AllocTrace(events, ((0.0, small), (0.0, small))), 1)] * 3)
     assert heap.written == heap.peak >= 2 * small and heap.written < 2 * small + mib and heap.mmapped == 0
     # a block over the threshold that no free chunk holds is an mmap, returned when freed...
     heap.malloc(big)
