@@ -53,6 +53,7 @@ from bench_quality import (  # noqa: E402
     ensure_peer_env,
     export_features,
     log,
+    peer_result,
     run,
     score,
     thread_env,
@@ -247,14 +248,8 @@ def run_peer(model: str, args: argparse.Namespace, export: Path, work: Path) -> 
            "--levels", str(args.levels), "--ple-experts", str(args.ple_experts),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--epochs", "1",
            "--seed", str(args.train_seed)]
-    log_file = work / "logs" / f"deepctr_{model}.log"
-    t0 = time.perf_counter()
-    out = run(cmd, log_file, env=thread_env(args.threads, _PEER_ENV))
-    wall = time.perf_counter() - t0
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        raise SystemExit(f"deepctr {model}: no RESULT line (log: {log_file})")
-    res = json.loads(lines[-1][len("RESULT "):])
+    res, wall = peer_result(cmd, work / "logs" / f"deepctr_{model}.log", thread_env(args.threads, _PEER_ENV),
+                         f"deepctr {model}")
     labels = np.load(export / "test_labels.npy")
     p = np.load(pred_path)
     if p.shape != labels.shape:

@@ -66,6 +66,17 @@ def run(cmd: list[str], log_file: Path, env: dict[str, str] | None = None) -> st
     return proc.stdout
 
 
+def peer_result(cmd: list[str], log_file: Path, env: dict[str, str], what: str) -> tuple[dict, float]:
+    """Run a peer runner; (its last `RESULT {json}` line, wall seconds). No RESULT line is a failure."""
+    t0 = time.perf_counter()
+    out = run(cmd, log_file, env=env)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        raise SystemExit(f"{what}: no RESULT line (log: {log_file})")
+    return json.loads(lines[-1][len("RESULT "):]), wall
+
+
 def thread_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
@@ -332,13 +343,8 @@ def run_peer(peer: str, model: str, args: argparse.Namespace, export: Path, work
            "--cross-layers", str(args.cross_layers), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--epochs", "1", "--seed", str(args.train_seed)]
     extra = dict(_PEER_ENV, FUXICTR_DATA_FORMAT=args.fuxictr_format)
-    t0 = time.perf_counter()
-    out = run(cmd, work / "logs" / f"{peer}_{model}.log", env=thread_env(args.threads, extra))
-    wall = time.perf_counter() - t0
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        raise SystemExit(f"{peer} {model}: no RESULT line (log: {work / 'logs' / f'{peer}_{model}.log'})")
-    res = json.loads(lines[-1][len("RESULT "):])
+    res, wall = peer_result(cmd, work / "logs" / f"{peer}_{model}.log", thread_env(args.threads, extra),
+                         f"{peer} {model}")
     y = np.load(export / "test_y.npy")
     p = np.load(pred)
     if p.shape != y.shape:

@@ -88,10 +88,9 @@ def _concat(parts: list[Batch]) -> Batch:
 def table_use(model: nn.Module, spec: FeatureSpec, sample: Batch, rows_read: int) -> list[TableUse]:
     """Per embedding table of `model` (built on the meta device is enough), the rows and pages a run that
     reads `rows_read` distinct rows reaches; `sample` holds the first of those rows."""
-    from ctrpipe.models.layers.embedding import FieldEmbedding
-    from ctrpipe.train.tables import table_names
+    from ctrpipe.models.layers.embedding import FieldEmbedding, named_tables
 
-    name_of = {id(p): name for name, p in table_names(model).items()}
+    name_of = {id(p): name for name, p in named_tables(model).items()}
     cat_index = {f.name: i for i, f in enumerate(spec.categorical)}
     out: list[TableUse] = []
     for fe in (m for m in model.modules() if isinstance(m, FieldEmbedding)):

@@ -169,6 +169,7 @@ class _Run:
         self.optimizers = build_optimizers(self.model, self.cfg, inp.device)
         self.scaler = torch.amp.GradScaler(inp.device.type, enabled=self.cfg.amp == "fp16")
         self.changed = ChangedRows(self.model)
+        self._rows_at: tuple[int, dict[str, torch.Tensor]] = (-1, {})   # (step, changed rows at that step)
         self._dense = [p for p in split_parameters(self.model).dense if p.requires_grad]
         self.ema = ModelEMA(self.model, self.cfg.ema) if self.cfg.ema > 0 else None
         self.stopper = EarlyStopping(self.cfg.early_stopping)
@@ -340,7 +341,10 @@ class _Run:
 
     def _checkpoint(self, metrics: dict[str, float], finished: bool | None = None) -> Checkpoint:
         """The run's checkpoint now: evaluation weights, plus the training state unless `finished` is None."""
-        rows = self.changed.all_rows()
+        # best and last checkpoints of one evaluation share the step: scan the masks once for both
+        if self._rows_at[0] != self.pos.step:
+            self._rows_at = (self.pos.step, self.changed.all_rows())
+        rows = self._rows_at[1]
         model, ema = self.model, self.ema
         weights = pack(ema.state_dict(model) if ema is not None else model.state_dict(), rows)
         ckpt = dataclasses.replace(self.inp.template, weights=weights, val_metrics=dict(metrics),

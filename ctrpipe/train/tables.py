@@ -29,18 +29,6 @@ from torch import Tensor, nn
 PackedState = dict[str, Any]
 
 
-def table_names(model: nn.Module) -> dict[str, nn.Parameter]:
-    """state_dict name -> parameter of every embedding table (the convention of `split_parameters`)."""
-    from ctrpipe.models.layers.embedding import EMBEDDING_TYPES
-
-    out: dict[str, nn.Parameter] = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, EMBEDDING_TYPES):
-            for name, p in module.named_parameters(recurse=False):
-                out[f"{prefix}.{name}" if prefix else name] = p
-    return out
-
-
 def zeros_like_lazily(t: Tensor) -> Tensor:
     """Zeros shaped like `t`; on CPU an anonymous mapping with small pages, so only the pages of rows that
     are written ever become resident.
@@ -68,7 +56,9 @@ class ChangedRows:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.tables = table_names(model)
+        from ctrpipe.models.layers.embedding import named_tables  # lazy: the zoo pulls in more torch code
+
+        self.tables = named_tables(model)
         self.masks = {name: torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
                       for name, p in self.tables.items()}
         self._np = {name: m.numpy() for name, m in self.masks.items() if m.device.type == "cpu"}

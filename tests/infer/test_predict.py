@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from cli_helpers import run_cli as _cli
+from cli_helpers import sets as _sets
 from typer.testing import CliRunner
 
 from ctrpipe.cli import app
@@ -26,15 +28,6 @@ CFG = REPO / "cfgs" / "criteo.yaml"
 DATA = ["data.hash_bins=200", "data.shard_rows=500", "data.folds.n_splits=2"]
 TRAIN = ["loader.batch_size=128", "loader.eval_batch_size=256", "train.log_every=5", "train.device=cpu",
          "model.name=dnn"]
-
-
-def _cli(*args: str) -> None:
-    res = CliRunner().invoke(app, list(args))
-    assert res.exit_code == 0, res.output + (repr(res.exception) if res.exception else "")
-
-
-def _sets(values: list[str]) -> list[str]:
-    return [a for v in values for a in ("--set", v)]
 
 
 @pytest.fixture(scope="module")

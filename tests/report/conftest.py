@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cli_helpers import sets as _sets
 from report_setup import Runs
 from typer.testing import CliRunner
 
@@ -26,10 +27,6 @@ def cli(*args: str) -> str:
         raise res.exception
     assert res.exit_code == 0, res.output
     return res.output
-
-
-def _sets(values: list[str]) -> list[str]:
-    return [x for s in values for x in ("--set", s)]
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from ctrpipe.cli import app
+from cli_helpers import run_cli as _cli
+from cli_helpers import sets as _sets
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["loader.batch_size=64", "loader.eval_batch_size=128", "train.log_every=5",
@@ -45,15 +44,6 @@ FAMILIES: dict[str, tuple[str, str, list[str]]] = {
                                                        "model.n_experts=2", "model.expert_units=[8]",
                                                        "model.tower_units=[8]"]),
 }
-
-
-def _cli(*args: str) -> None:
-    res = CliRunner().invoke(app, list(args))
-    assert res.exit_code == 0, res.output + (repr(res.exception) if res.exception else "")
-
-
-def _sets(values: list[str]) -> list[str]:
-    return [a for v in values for a in ("--set", v)]
 
 
 @pytest.fixture(scope="module")

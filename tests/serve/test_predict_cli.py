@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from cli_helpers import sets as _sets
 from typer.testing import CliRunner
 
 from ctrpipe.cli import app
@@ -23,10 +24,6 @@ FAST = ["loader.batch_size=64", "loader.eval_batch_size=128", "model.hidden_unit
 def _invoke(*args: str) -> tuple[int, str]:
     res = CliRunner().invoke(app, list(args))
     return res.exit_code, res.output + (repr(res.exception) if res.exception else "")
-
-
-def _sets(values: list[str]) -> list[str]:
-    return [a for v in values for a in ("--set", v)]
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import run_cli as _cli
+from cli_helpers import sets as _sets
 
-from ctrpipe.cli import app
 from ctrpipe.errors import CtrpipeError, InputFormatError, SchemaError
 from ctrpipe.infer.predict import run_infer
 
@@ -21,15 +21,6 @@ ADULT = REPO.parent / "shared" / "data" / "adult"
 FAST = ["loader.batch_size=64", "loader.eval_batch_size=128", "model.hidden_units=[16]", "model.embedding_dim=4",
         "train.log_every=5", "train.min_steps=0", "train.evals_per_epoch=1", "train.early_stopping.patience=0",
         "train.epochs=1", "train.device=cpu"]
-
-
-def _cli(*args: str) -> None:
-    res = CliRunner().invoke(app, list(args))
-    assert res.exit_code == 0, res.output + (repr(res.exception) if res.exception else "")
-
-
-def _sets(values: list[str]) -> list[str]:
-    return [a for v in values for a in ("--set", v)]
 
 
 def _world(root: Path, cfg: Path, train: Path, test: Path, data: list[str], kfold: int = 0,

@@ -15,10 +15,10 @@ from train_setup import build_cache
 
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
+from ctrpipe.models.layers.embedding import named_tables
 from ctrpipe.shard.reader import open_cache
 from ctrpipe.train.checkpoint import build_initial_model, load_checkpoint, model_from_checkpoint
 from ctrpipe.train.evaluate import predict
-from ctrpipe.train.tables import table_names
 
 BINS = 20_000
 
@@ -38,7 +38,7 @@ def test_checkpoints_store_touched_rows_and_load_back_exactly(wide_cache: Path, 
     best, last = load_checkpoint(run / "ckpt_best.pt"), load_checkpoint(run / "ckpt_last.pt")
     init = build_initial_model(best.config, best.feature_spec, best.init_seed)
     trained = model_from_checkpoint(last)                 # rebuilt from the seed + the stored rows
-    table_bytes = sum(p.numel() * 4 for p in table_names(init).values())
+    table_bytes = sum(p.numel() * 4 for p in named_tables(init).values())
 
     # checkpoints scale with the rows training touched, not with hash_bins (Adam: weights + 2 moments)
     assert (run / "ckpt_best.pt").stat().st_size < 0.1 * table_bytes
@@ -55,8 +55,8 @@ def test_checkpoints_store_touched_rows_and_load_back_exactly(wide_cache: Path, 
     assert np.isin(stored, looked_up).all() and len(stored) > 0.9 * len(looked_up)
     assert np.all(np.diff(stored) > 0)
     # ... and every row whose weight moved is among them; the others are the seed's initial rows
-    w0 = table_names(init)["inputs.embedding.groups.0.cat_table.weight"].detach()
-    w1 = table_names(trained)["inputs.embedding.groups.0.cat_table.weight"].detach()
+    w0 = named_tables(init)["inputs.embedding.groups.0.cat_table.weight"].detach()
+    w1 = named_tables(trained)["inputs.embedding.groups.0.cat_table.weight"].detach()
     moved = torch.nonzero((w0 != w1).any(dim=1)).squeeze(1).numpy()
     assert len(moved) > 0 and np.isin(moved, stored).all()
 

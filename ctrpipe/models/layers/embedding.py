@@ -30,16 +30,23 @@ class ParamGroups:
     dense: list[nn.Parameter]
 
 
+def named_tables(model: nn.Module) -> dict[str, nn.Parameter]:
+    """state_dict name -> parameter of every embedding table (each once, even if shared by two modules)."""
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, EMBEDDING_TYPES):
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out[f"{prefix}.{name}" if prefix else name] = p
+    return out
+
+
 def split_parameters(model: nn.Module) -> ParamGroups:
     """Split a model's parameters into embedding tables and the rest (separate / sparse optimiser groups)."""
-    emb_ids: set[int] = set()
-    embedding: list[nn.Parameter] = []
-    for module in model.modules():
-        if isinstance(module, EMBEDDING_TYPES):
-            for p in module.parameters(recurse=False):
-                if id(p) not in emb_ids:
-                    emb_ids.add(id(p))
-                    embedding.append(p)
+    embedding = list(named_tables(model).values())
+    emb_ids = {id(p) for p in embedding}
     dense = [p for p in model.parameters() if id(p) not in emb_ids]
     return ParamGroups(embedding, dense)
 
