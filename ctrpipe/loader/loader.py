@@ -88,9 +88,6 @@ class ShardLoader:
             self._index, self._balanced = apply_sampling(self.cache_dir, self.manifest, self._index, sampling,
                                                          batch_size, seed)
             self.num_rows = self._balanced.num_rows if self._balanced is not None else self._index.num_rows
-        # (H,) added to a model's logits by train.evaluate.predict when its caller passes none: a training run
-        # sets it on its evaluation loaders, so evaluations are on the true scale when training was sampled
-        self.logit_shift: tuple[float, ...] = ()
         self._epoch = 0
         self._start = 0
         self._row_starts = [s.row_start for s in self.manifest.shards]
