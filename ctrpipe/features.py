@@ -20,6 +20,9 @@ class FieldSpec:
     bins: int
     width: int = 1          # max_len for multihot/sequence, 1 for categorical
     weighted: bool = False  # multihot with per-token weights
+    # fields with the same non-empty id_space hold ids of one space (e.g. a candidate item column and the
+    # history of items): equal raw values have equal ids, and models look them up in the same embedding rows
+    id_space: str = ""
 
 
 @dataclass(frozen=True)

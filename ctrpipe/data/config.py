@@ -53,6 +53,10 @@ class TokenColumnConfig:
     max_len: int = 16                    # sequences keep the most recent max_len tokens
     bins: int = 0                        # 0 -> data.hash_bins
     weighted: bool = False               # multihot only: tokens carry ':weight'
+    # a categorical column whose id space the tokens share (e.g. a history of items beside the candidate
+    # item): hash mode uses that column's seed and bins, vocab mode one vocabulary fitted on both; models
+    # then look both up in the same embedding rows
+    share_ids_with: str = ""
 
     def __post_init__(self) -> None:
         if not self.column:

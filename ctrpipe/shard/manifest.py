@@ -52,6 +52,9 @@ class ColumnSpec:
     weighted: bool = False
     source: str = ""           # raw input column it came from
     stats: dict[str, float] = field(default_factory=dict)  # min, max, mean, missing_rate on the output
+    # id fields sharing one id space (data.sequence[].share_ids_with) carry the same key: the categorical
+    # column's name; "" = the field's own space
+    id_space: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,10 +124,10 @@ class Manifest:
         rates = tuple(float(self.label_rates.get(n, {}).get("train", 0.5)) for n in self.label_names)
         return FeatureSpec(
             numeric=tuple(c.name for c in numeric),
-            categorical=tuple(FieldSpec(c.name, "categorical", c.bins) for c in cats),
-            multihot=tuple(FieldSpec(c.name, "multihot", c.bins, c.width, c.weighted)
+            categorical=tuple(FieldSpec(c.name, "categorical", c.bins, id_space=c.id_space) for c in cats),
+            multihot=tuple(FieldSpec(c.name, "multihot", c.bins, c.width, c.weighted, id_space=c.id_space)
                            for c in self.columns_of("multihot")),
-            sequence=tuple(FieldSpec(c.name, "sequence", c.bins, c.width)
+            sequence=tuple(FieldSpec(c.name, "sequence", c.bins, c.width, id_space=c.id_space)
                            for c in self.columns_of("sequence")),
             labels=self.label_names,
             label_rates=rates,
@@ -133,6 +136,7 @@ class Manifest:
     def schema_fingerprint(self) -> str:
         """Identity of the feature layout and hashing (what a checkpoint depends on), not of the rows."""
         cols = [(c.name, c.kind, c.group, c.index, c.width, c.bins, c.transform, c.weighted)
+                + ((c.id_space,) if c.id_space else ())   # only when set: older caches keep their identity
                 for c in self.columns if c.kind not in ("label", "id")]
         keys = {k: self.config.get(k) for k in ("hash_seed", "hash_bins")}
         return _sha256({"columns": cols, "hashing": keys, "fitted": self.fitted.get("identity", "")})
