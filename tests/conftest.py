@@ -81,6 +81,8 @@ def write_parquet(path: Path, rows: int, seed: int = 0, labels: bool = True) -> 
         "feat_a_1": num(0.1, 3.0), "feat_a_2": num(0.0, 100.0, signed=True), "history_a_1": num(0.3, 0.5),
         "seq": seq(40, 70, ","), "tags": seq(15, 5, "|"), "tags_w": seq(15, 4, "|", weighted=True),
     })
+    # the candidate item, from the same tokens as seq (drawn last, so the columns above keep their values)
+    cols["item_id"] = cat([f"t{i}" for i in range(40)], 0.05)
     pq.write_table(pa.table(cols), path)
     return path
 

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from ctrpipe.cli import app
 from ctrpipe.errors import ConfigError
-from ctrpipe.synth import BLOCK_ROWS, synth_criteo, synth_parquet
-from ctrpipe.synth.common import _auc, atomic_path
+from ctrpipe.synth import BLOCK_ROWS, parquet, synth_criteo, synth_parquet
+from ctrpipe.synth.common import Stream, _auc, atomic_path, block_rng
 from ctrpipe.synth.criteo import CAT_SPECS, INT_SPECS
 
 HEX8 = re.compile(r"^[0-9a-f]{8}$")
@@ -163,7 +163,7 @@ EXPECTED_SCHEMA = (
     + [(f"l_feat_{i}", pa.string()) for i in range(1, 11)]
     + [(f"feat_a_{i}", pa.float64()) for i in range(1, 9)]
     + [(f"history_a_{i}", pa.float64()) for i in range(1, 5)]
-    + [("seq", pa.string()), ("tags", pa.string()), ("tags_w", pa.string())])
+    + [("seq", pa.string()), ("tags", pa.string()), ("tags_w", pa.string()), ("item_id", pa.string())])
 
 
 def test_parquet_schema_ids_and_labels(parquet5k: Path) -> None:
@@ -208,6 +208,37 @@ def test_parquet_values_look_like_the_spec(parquet5k: Path) -> None:
         assert len(toks) <= 6 and len(set(toks)) == len(toks)
     assert all(re.fullmatch(r"\d+:(0\.\d\d|1\.00)(\|\d+:(0\.\d\d|1\.00))*", s) for s in t["tags_w"] if s)
     assert any(s == "" for s in t["tags"]) and any("|" in s for s in t["tags_w"])
+
+
+def test_parquet_candidate_item_comes_from_the_history_vocabulary(parquet5k: Path) -> None:
+    t = pq.read_table(parquet5k / "train.parquet").to_pydict()
+    hist = [s.split(",") if s else [] for s in t["seq"]]
+    seq_vocab = {tok for h in hist for tok in h}
+    items = t["item_id"]
+    assert all(v is not None and v.isdigit() and int(v) < 50_000 for v in items)
+    assert np.mean([v in seq_vocab for v in items]) > 0.5              # the same string tokens as seq
+    repeat = np.mean([v in h[-10:] for v, h in zip(items, hist, strict=True) if h])
+    assert 0.12 < repeat < 0.3                                          # retargeted: a recent history item
+    assert len(set(items)) > 1000
+
+
+def test_parquet_oracle_needs_the_candidate_x_history_term(parquet5k: Path) -> None:
+    """The hidden click logit holds a candidate x history term worth a visible AUC: dropping it from the
+    true logit costs AUC, so a model reading the history against the candidate has something to gain."""
+    model = parquet.build_model(0)
+    raw = parquet.draw_raw(block_rng(0, Stream.TRAIN, 0))
+    comps = parquet._components(model, raw)                              # (n, 7), the last one the target term
+    z = comps @ model.comp_w
+    y = pq.read_table(parquet5k / "train.parquet")["clicked"].to_numpy()
+    truth = np.load(parquet5k / "train.truth.npy")[:, 0]
+    n = len(y)
+    np.testing.assert_allclose(parquet.sigmoid(model.bias + model.scale * z[:n]), truth, rtol=1e-5)
+    share = np.var(comps[:, 6] * model.comp_w[6]) / np.var(z)
+    assert 0.12 < share < 0.25
+    without = z - comps[:, 6] * model.comp_w[6]
+    assert _auc(y, z[:n]) - _auc(y, without[:n]) > 0.015
+    meta = json.loads((parquet5k / "synth.json").read_text())
+    assert meta["model"]["logit_variance_shares"]["candidate_x_history"] == pytest.approx(0.18)
 
 
 def test_parquet_deterministic_and_independent_of_row_group_size(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
+from ctrpipe.data.fitted import VocabTable
 from ctrpipe.data.hashing import hash_ids, xxh64_strings
 from ctrpipe.errors import InputFormatError, location
 
@@ -122,11 +123,13 @@ def _select(row: np.ndarray, n: int, max_len: int, keep: Keep) -> tuple[np.ndarr
 
 
 def tokens_to_ids(values: pl.Series, separator: str, max_len: int, seed: int, bins: int, weighted: bool,
-                  keep: Keep) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                  keep: Keep, vocab: VocabTable | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(N, max_len) int32 ids (0 = padding), (N,) int32 lengths, (N, max_len) float32 weights or None.
 
-    Ids follow the categorical convention 1 + xxh64(token) % (bins - 1). keep='last' for sequences (most
-    recent tokens), 'first' for multihot. A malformed weight raises InputFormatError naming the column.
+    Ids follow the categorical convention 1 + xxh64(token) % (bins - 1), or, with `vocab` (a token column
+    sharing a vocabulary-mode categorical column's id space), that vocabulary's ids of xxh64(token), 1 for
+    tokens it lacks. keep='last' for sequences (most recent tokens), 'first' for multihot. A malformed weight
+    raises InputFormatError naming the column.
     """
     n = len(values)
     flat, row, w, names = _explode(values, separator, weighted)
@@ -136,7 +139,10 @@ def tokens_to_ids(values: pl.Series, separator: str, max_len: int, seed: int, bi
     weights = np.zeros((n, max_len), dtype=np.float32) if weighted else None
     if len(flat):
         kept = names.filter(pl.Series(mask)) if not mask.all() else names
-        tokens[row[mask], slot] = hash_ids(kept, seed, bins)
+        if vocab is None:
+            tokens[row[mask], slot] = hash_ids(kept, seed, bins)
+        else:
+            tokens[row[mask], slot] = vocab.lookup(xxh64_strings(kept, seed), np.zeros(len(kept), dtype=bool))
         if weights is not None:
             weights[row[mask], slot] = w[mask]
     return tokens, lengths, weights

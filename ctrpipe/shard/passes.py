@@ -48,6 +48,7 @@ from ctrpipe.shard.transform import (
     labels_matrix,
     make_plan,
     numeric32,
+    vocab_keys,
 )
 from ctrpipe.shard.writer import ShardWriter
 
@@ -184,8 +185,7 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
                     valid = np.isfinite(raw)
                     mom.update(np.asarray(log1p_transform(np.where(valid, raw, 0.0), num.log1p)), valid)
             for c, counter in vocab.items():
-                h, missing = column_hashes(ft, c, plan.seed(c))
-                counter.add(h[~missing])
+                counter.add(vocab_keys(plan, ft, c))      # values + tokens sharing c's id space
             for cv in plan.covisit:
                 h, missing = column_hashes(ft, cv.target, plan.seed(cv.target))
                 covisit[cv.name].update(h, missing, context_tokens(plan, ft, cv.context),

@@ -17,11 +17,11 @@ import polars as pl
 from ctrpipe.data.chunks import column_hashes
 from ctrpipe.data.config import CovisitConfig, DataConfig, TokenColumnConfig
 from ctrpipe.data.covisit import ContextTokens, covisit_features
-from ctrpipe.data.fitted import Fitted, safe_name
+from ctrpipe.data.fitted import Fitted, VocabTable, safe_name
 from ctrpipe.data.hashing import field_seed, hash_ids, ids_from_hashes
 from ctrpipe.data.schema import ResolvedColumns
 from ctrpipe.data.transforms import log1p_transform, tokens_hashes, tokens_to_ids
-from ctrpipe.errors import SchemaError
+from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.shard.manifest import ColumnSpec
 
 Arrays = dict[str, np.ndarray]
@@ -71,8 +71,31 @@ class Plan:
             return fitted.vocab[fld].bins
         return int(self.cfg.categorical.bins.get(fld, self.cfg.hash_bins))
 
-    def token_bins(self, tc: TokenColumnConfig) -> int:
+    def token_seed(self, tc: TokenColumnConfig) -> int:
+        """Tokens sharing a categorical column's id space hash with that column's seed (same value, same id)."""
+        return self.seed(tc.share_ids_with or tc.column)
+
+    def token_bins(self, tc: TokenColumnConfig, fitted: Fitted) -> int:
+        if tc.share_ids_with:
+            return self.cat_bins(tc.share_ids_with, fitted)
         return tc.bins or self.cfg.hash_bins
+
+    def token_vocab(self, tc: TokenColumnConfig, fitted: Fitted) -> VocabTable | None:
+        """The shared vocabulary a token column's ids come from (vocab mode), else None (hashed ids)."""
+        if tc.share_ids_with and self.cfg.categorical.mode == "vocab":
+            return fitted.vocab[tc.share_ids_with]
+        return None
+
+    def sharing(self, categorical: str) -> tuple[TokenColumnConfig, ...]:
+        """Token columns whose ids live in `categorical`'s id space."""
+        return tuple(tc for tc in self.tokens if tc.share_ids_with == categorical)
+
+    def id_space(self, name: str) -> str:
+        """The manifest's `id_space` of a categorical or token field: the shared categorical's name, or ''."""
+        for tc in self.tokens:
+            if tc.share_ids_with and name in (tc.column, tc.share_ids_with):
+                return tc.share_ids_with
+        return ""
 
     def token_keep(self, tc: TokenColumnConfig) -> str:
         """Sequences keep the most recent (last) tokens; multihot keeps the first ones."""
@@ -115,13 +138,17 @@ class Plan:
         for i, c in enumerate(self.categorical):
             specs.append(ColumnSpec(c, "categorical", "categorical", "int32", i,
                                     bins=self.cat_bins(c, fitted), transform=cat_tr, source=c,
-                                    stats=stats.get(c, {})))
+                                    stats=stats.get(c, {}), id_space=self.id_space(c)))
         for tc in self.tokens:
             kind = "sequence" if tc in self.sequence else "multihot"
+            ids = "hash"
+            if tc.share_ids_with:       # e.g. 'vocab of item_id' / 'hash of item_id'
+                ids = ("vocab" if self.token_vocab(tc, fitted) is not None else "hash") + f" of {tc.share_ids_with}"
             specs.append(ColumnSpec(tc.column, kind, f"{safe_name(tc.column)}.tokens", "int32", 0,
-                                    width=tc.max_len, bins=self.token_bins(tc), weighted=tc.weighted,
-                                    transform=f"hash,sep={tc.separator!r},keep={self.token_keep(tc)}",
-                                    source=tc.column, stats=stats.get(tc.column, {})))
+                                    width=tc.max_len, bins=self.token_bins(tc, fitted), weighted=tc.weighted,
+                                    transform=f"{ids},sep={tc.separator!r},keep={self.token_keep(tc)}",
+                                    source=tc.column, stats=stats.get(tc.column, {}),
+                                    id_space=self.id_space(tc.column)))
         derived = {d.name: d for d in self.columns.derived}
         for i, lab in enumerate(self.labels if with_labels else ()):
             d = derived.get(lab)
@@ -142,6 +169,7 @@ def make_plan(cfg: DataConfig, rc: ResolvedColumns) -> Plan:
     if len(set(stems)) != len(stems):
         raise SchemaError(f"token columns {token_names} map to clashing file names {stems}",
                           where="data.multihot / data.sequence", fix="rename the columns in the input")
+    _check_shared_ids(cfg, rc)
     covisit: list[CovisitConfig] = []
     for i, cv in enumerate(cfg.covisit):
         key = f"data.covisit[{i}]"
@@ -155,6 +183,31 @@ def make_plan(cfg: DataConfig, rc: ResolvedColumns) -> Plan:
         name = cv.name or f"{cv.target}_x_{cv.context}"
         covisit.append(dataclasses.replace(cv, name=name))
     return Plan(cfg, rc, tuple(covisit))
+
+
+def _check_shared_ids(cfg: DataConfig, rc: ResolvedColumns) -> None:
+    """`share_ids_with` must name a categorical column, and a token column's own bins must not contradict
+    the id space it joins (one space has one size)."""
+    for kind, tcs in (("sequence", rc.sequence), ("multihot", rc.multihot)):
+        for i, tc in enumerate(tcs):
+            share = tc.share_ids_with
+            if not share:
+                continue
+            key = f"data.{kind}[{i}].share_ids_with"
+            if share not in rc.categorical:
+                raise ConfigError(f"{key} = {share!r} is not a categorical column",
+                                  where=key,
+                                  fix=f"name one of the categorical columns {list(rc.categorical)[:12]}, or "
+                                      f"add {share!r} to data.categorical.columns")
+            vocab = cfg.categorical.mode == "vocab"
+            cat_bins = cfg.categorical.bins.get(share, 0 if vocab else cfg.hash_bins)
+            if tc.bins and tc.bins != cat_bins:
+                size = (f"data.categorical.bins.{share} = {cat_bins}" if cat_bins
+                        else f"a vocabulary fitted on {share!r} and {tc.column!r}")
+                raise ConfigError(f"data.{kind}[{i}].bins = {tc.bins} conflicts with the id space it shares "
+                                  f"with {share!r} ({size})",
+                                  where=f"data.{kind}[{i}].bins",
+                                  fix=f"remove bins from the {tc.column!r} entry (it takes {share!r}'s)")
 
 
 # ------------------------------------------------------------------------------------------ per chunk
@@ -179,6 +232,19 @@ def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str) -> ContextTokens:
             return ContextTokens(np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64))
     h, missing = column_hashes(frame, fld, plan.seed(fld))
     return ContextTokens(h[~missing], (~missing).astype(np.int64))
+
+
+def vocab_keys(plan: Plan, frame: pl.DataFrame, categorical: str) -> np.ndarray:
+    """Hashes a vocabulary-mode categorical column counts on a chunk of train rows: its present values, then
+    the kept tokens of every token column sharing its id space (hashed with its seed), so one vocabulary
+    ranks values and tokens by their summed counts."""
+    h, missing = column_hashes(frame, categorical, plan.seed(categorical))
+    parts = [h[~missing]]
+    for tc in plan.sharing(categorical):
+        flat, _ = tokens_hashes(frame[tc.column], tc.separator, plan.token_keep(tc), tc.max_len,
+                                plan.token_seed(tc), weighted=tc.weighted)
+        parts.append(np.asarray(flat, dtype=np.uint64))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 class ChunkTransformer:
@@ -236,8 +302,9 @@ class ChunkTransformer:
             out["categorical"] = cat.T          # (N, Fc) view, column-major like "numeric" (see above)
         for tc in plan.tokens:
             tokens, lengths, weights = tokens_to_ids(frame[tc.column], tc.separator, tc.max_len,
-                                                     plan.seed(tc.column), plan.token_bins(tc),
-                                                     tc.weighted, plan.token_keep(tc))
+                                                     plan.token_seed(tc), plan.token_bins(tc, self.fitted),
+                                                     tc.weighted, plan.token_keep(tc),
+                                                     plan.token_vocab(tc, self.fitted))
             stem = safe_name(tc.column)
             out[f"{stem}.tokens"] = np.asarray(tokens, dtype=np.int32)
             out[f"{stem}.len"] = np.asarray(lengths, dtype=np.int32)

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 # Rows per RNG stream. Output depends on (seed, stream, block index) only, never on how many blocks are
 # generated or written at once; changing this constant changes every file, so it is versioned with the data.
 BLOCK_ROWS = 1 << 14
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2         # 2: Parquet gains item_id and the candidate x history click term
 _TAG = 0x5EED_C7F  # keeps synth's streams apart from any other use of the same user seed
 _M32 = np.uint64(0xFFFF_FFFF)
 

@@ -1,5 +1,12 @@
-"""Synthetic Toss-style Parquet logs: categoricals, heavy-tailed floats, a behaviour sequence, multi-hot tags,
-and two labels (click, then conversion given click, ESMM-style) drawn from a hidden model of the seed.
+"""Synthetic Toss-style Parquet logs: categoricals, heavy-tailed floats, a behaviour sequence, a candidate item
+from the sequence's item vocabulary, multi-hot tags, and two labels (click, then conversion given click,
+ESMM-style) drawn from a hidden model of the seed.
+
+The click model holds a candidate x history interaction ("target" below) that only a model reading the history
+against the candidate can recover: a recency-weighted match of the candidate's hidden topic against the
+history items' topics (weight exp(-k / TARGET_TAU) for the item k places from the end), and an exact-repeat
+effect (the candidate is among the last SEQ_RECENT items). Mean pooling blurs both: it weighs every position
+alike, and one repeated item is a 1/L sliver of the pooled vector.
 
 The column names and types in `SCHEMA` are a contract: cfgs/parquet_example.yaml is written against them.
 """
@@ -42,6 +49,10 @@ _MODEL_PART = 2
 N_TOPICS = 16                         # hidden item topics; ITEM_VOCAB items, ITEM_VOCAB / N_TOPICS per topic
 ITEM_VOCAB = 50_000
 SEQ_MAX, SEQ_RECENT = 120, 10
+TARGET_TAU = 4.0                      # recency decay (positions from the end) of the target interaction
+# the candidate item: a repeat of one of the last SEQ_RECENT history items, else from the user's favourite
+# topic, else by popularity
+CAND_REPEAT, CAND_TOPIC = 0.15, 0.40
 TAG_VOCAB, TAG_MAX = 1000, 6
 
 
@@ -114,14 +125,15 @@ PAIRS = tuple((_CI[a], _CI[b]) for a, b in (
     ("gender", "inventory_id")))
 NUM_CAT = tuple((_NI[a], _CI[b]) for a, b in (("history_a_1", "inventory_id"), ("feat_a_3", "age_group"),
                                                ("feat_a_1", "hour")))
-# click logit variance shares: first-order cats, numeric, cat pairs, numeric x cat, sequence, tags
-SHARES = np.array([0.28, 0.25, 0.17, 0.08, 0.14, 0.08])
+# click logit variance shares: first-order cats (and the candidate item), numeric, cat pairs, numeric x cat,
+# sequence (inventory topic vs history), tags, target (candidate vs recency-weighted history)
+SHARES = np.array([0.24, 0.21, 0.14, 0.07, 0.10, 0.06, 0.18])
 CV_SHARES = np.array([0.30, 0.45, 0.25])   # conversion: click's first-order part, own cats, own numerics
 
 SCHEMA = pa.schema(
     [("ID", pa.string()), ("clicked", pa.int8()), ("converted", pa.int8())]
     + [(s.name, pa.string()) for s in CATS] + [(s.name, pa.float64()) for s in NUMS]
-    + [("seq", pa.string()), ("tags", pa.string()), ("tags_w", pa.string())])
+    + [("seq", pa.string()), ("tags", pa.string()), ("tags_w", pa.string()), ("item_id", pa.string())])
 
 # value strings of the small fields (l_feat_* values are written as decimal codes rank + 1)
 _INVENTORY_CODES = np.sort(np.random.default_rng(2024).choice(np.arange(2, 100), 50, replace=False))
@@ -149,13 +161,14 @@ class Raw:
     tagw_len: np.ndarray     # (n,)
     tagw_tok: np.ndarray     # (sum tagw_len,)
     tagw_q: np.ndarray       # (sum tagw_len,) weight in hundredths, 1..100
+    cand_item: np.ndarray    # (n,) hidden item index of the candidate (same item space as seq_item)
 
     def head(self, rows: int) -> Raw:
         """The first `rows` rows."""
         s, t, w = (int(x[:rows].sum()) for x in (self.seq_len, self.tag_len, self.tagw_len))
         return Raw(self.cat[:, :rows], self.cat_miss[:, :rows], self.num[:, :rows], self.num_miss[:, :rows],
                    self.seq_len[:rows], self.seq_item[:s], self.tag_len[:rows], self.tag_tok[:t],
-                   self.tagw_len[:rows], self.tagw_tok[:w], self.tagw_q[:w])
+                   self.tagw_len[:rows], self.tagw_tok[:w], self.tagw_q[:w], self.cand_item[:rows])
 
 
 def _tokens(rng: np.random.Generator, n: int, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -207,7 +220,24 @@ def draw_raw(rng: np.random.Generator) -> Raw:
     seq_item = np.where(from_topic, in_topic + np.repeat(user_topic, seq_len), anywhere)
     tag_len, tag_tok, _ = _tokens(rng, n, 1.8)
     tagw_len, tagw_tok, tagw_q = _tokens(rng, n, 2.2)
-    return Raw(cat, cat_miss, num, num_miss, seq_len, seq_item, tag_len, tag_tok, tagw_len, tagw_tok, tagw_q)
+    cand = _candidates(rng, seq_len, seq_item, user_topic)     # drawn last: the columns above keep their values
+    return Raw(cat, cat_miss, num, num_miss, seq_len, seq_item, tag_len, tag_tok, tagw_len, tagw_tok, tagw_q,
+               cand)
+
+
+def _candidates(rng: np.random.Generator, seq_len: np.ndarray, seq_item: np.ndarray,
+                user_topic: np.ndarray) -> np.ndarray:
+    """(n,) candidate items: a repeat of a recent history item (CAND_REPEAT, rows with a history), else one of
+    the favourite topic (CAND_TOPIC), else a popular item from anywhere."""
+    n = len(seq_len)
+    u = rng.random(n)
+    back = rng.integers(0, SEQ_RECENT, n) % np.maximum(np.minimum(seq_len, SEQ_RECENT), 1)   # 0 = last item
+    in_topic = zipf_ranks(rng.random(n), ITEM_VOCAB // N_TOPICS, 1.05) * N_TOPICS + user_topic
+    anywhere = zipf_ranks(rng.random(n), ITEM_VOCAB, 1.0)
+    ends = np.cumsum(seq_len)
+    recent = seq_item[np.maximum(ends - 1 - back, 0)] if seq_item.size else np.zeros(n, dtype=np.int64)
+    repeat = (u < CAND_REPEAT) & (seq_len > 0)
+    return np.where(repeat, recent, np.where(u < CAND_REPEAT + CAND_TOPIC, in_topic, anywhere))
 
 
 def _shape(s: NumSpec, z: np.ndarray, eps2: np.ndarray) -> np.ndarray:
@@ -240,6 +270,8 @@ class ParquetModel:
     num_cat: tuple[np.ndarray, ...]    # per NUM_CAT pair (V+1,) slope
     inv_topic: np.ndarray              # (50,) topic of each inventory value
     seq_w: np.ndarray                  # (4,) recent match, last item match, all-items match, log length
+    item_w: np.ndarray                 # (ITEM_VOCAB,) first-order effect of the candidate item
+    target_w: np.ndarray               # (3,) recency-weighted topic match, exact recent repeat, their product
     tag_w: np.ndarray                  # (TAG_VOCAB,)
     tagw_w: np.ndarray                 # (TAG_VOCAB,)
     t_loc: np.ndarray                  # (N_NUM,) standardisation of signed log1p(x)
@@ -271,6 +303,8 @@ def build_model(seed: int) -> ParquetModel:
         num_cat=tuple(rng.standard_normal(CATS[c].vocab + 1) for _, c in NUM_CAT),
         inv_topic=rng.integers(0, N_TOPICS, CATS[_CI["inventory_id"]].vocab),
         seq_w=np.array([2.0, 1.0, 1.0, -0.3]) * rng.uniform(0.7, 1.3, 4),   # long histories: fewer clicks
+        item_w=rng.standard_normal(ITEM_VOCAB) * 0.5,
+        target_w=np.array([2.0, 1.0, 1.0]) * rng.uniform(0.8, 1.2, 3),
         tag_w=rng.standard_normal(TAG_VOCAB), tagw_w=rng.standard_normal(TAG_VOCAB),
         t_loc=np.nanmean(t, axis=1), t_scale=np.nanstd(t, axis=1) + 1e-9,
         comp_w=np.ones(len(SHARES)), cv_comp_w=np.ones(len(CV_SHARES)))
@@ -289,10 +323,10 @@ def _idx(raw: Raw) -> np.ndarray:
 
 
 def _components(model: ParquetModel, raw: Raw) -> np.ndarray:
-    """(n, 6) raw click-logit components (see SHARES)."""
+    """(n, 7) raw click-logit components (see SHARES)."""
     n = raw.cat.shape[1]
     idx = _idx(raw)
-    first = sum((model.cat_w[f][idx[f]] for f in range(N_CAT)), np.zeros(n))
+    first = sum((model.cat_w[f][idx[f]] for f in range(N_CAT)), model.item_w[raw.cand_item])
     t = (_signed_log(raw.num) - model.t_loc[:, None]) / model.t_scale[:, None]          # (N_NUM, n)
     w = model.num_w
     eff = w[:, :1] * t + w[:, 1:2] * np.tanh(2.0 * (t - w[:, 2:3]))
@@ -314,7 +348,22 @@ def _components(model: ParquetModel, raw: Raw) -> np.ndarray:
     tag_row, tagw_row = np.repeat(np.arange(n), raw.tag_len), np.repeat(np.arange(n), raw.tagw_len)
     tags = (np.bincount(tag_row, model.tag_w[raw.tag_tok], n)
             + np.bincount(tagw_row, model.tagw_w[raw.tagw_tok] * raw.tagw_q / 100, n))
-    return np.stack([first, numeric, pair, mixed, seq, tags], axis=1)
+    return np.stack([first, numeric, pair, mixed, seq, tags, target_interaction(model, raw)], axis=1)
+
+
+def target_interaction(model: ParquetModel, raw: Raw) -> np.ndarray:
+    """(n,) the candidate x history part of the click logit (before its SHARES weight), see the module
+    docstring: recency-weighted topic match in [0, 1], the exact recent repeat, and their product (a repeat
+    of an item of the topic the user is on now counts more)."""
+    n = raw.cat.shape[1]
+    row = np.repeat(np.arange(n), raw.seq_len)
+    from_end = np.repeat(np.cumsum(raw.seq_len), raw.seq_len) - 1 - np.arange(row.size)   # 0 = most recent
+    decay = np.exp(-from_end / TARGET_TAU)
+    cand = raw.cand_item[row]
+    match = (raw.seq_item % N_TOPICS) == (cand % N_TOPICS)
+    topic = np.bincount(row, decay * match, n) / np.maximum(np.bincount(row, decay, n), 1e-12)
+    repeat = np.bincount(row, (raw.seq_item == cand) & (from_end < SEQ_RECENT), n) > 0
+    return np.stack([topic, repeat, topic * repeat]).T @ model.target_w
 
 
 def _cv_components(model: ParquetModel, raw: Raw) -> np.ndarray:
@@ -357,6 +406,11 @@ def _cat(raw: Raw, f: int, miss: np.ndarray) -> pa.Array:
     return int_strings(raw.cat[f] + 1, miss)
 
 
+def _item_tokens(item: np.ndarray) -> np.ndarray:
+    """Hidden item index -> the token written (a bijection, so topics stay hidden); seq and item_id share it."""
+    return (item * 7919 + 12345) % ITEM_VOCAB
+
+
 def block_table(blocks: list[ParquetBlock], prefix: str, start: int) -> pa.Table:
     """Blocks -> an arrow table with exactly `SCHEMA`; IDs are prefix + 7-digit row number from `start`."""
     raw = Raw(*(np.concatenate([getattr(b.raw, f.name) for b in blocks], axis=-1)
@@ -366,7 +420,7 @@ def block_table(blocks: list[ParquetBlock], prefix: str, start: int) -> pa.Table
     cents = pc.utf8_lpad(int_strings(raw.tagw_q % 100), width=2, padding="0")
     weight = pc.binary_join_element_wise(int_strings(raw.tagw_q // 100), cents, ".")   # 1 -> '0.01'
     tagw = pc.binary_join_element_wise(int_strings(raw.tagw_tok), weight, ":")
-    item_token = (raw.seq_item * 7919 + 12345) % ITEM_VOCAB          # bijection: topics stay hidden
+    item_token = _item_tokens(raw.seq_item)
     cols = [pc.binary_join_element_wise(pa.scalar(prefix), ids, ""),
             pa.array(np.concatenate([b.clicked for b in blocks])),
             pa.array(np.concatenate([b.converted for b in blocks]))]
@@ -374,7 +428,7 @@ def block_table(blocks: list[ParquetBlock], prefix: str, start: int) -> pa.Table
     cols += [pa.array(raw.num[j], mask=raw.num_miss[j]) for j in range(N_NUM)]
     cols += [joined_tokens(int_strings(item_token), raw.seq_len, ","),
              joined_tokens(int_strings(raw.tag_tok), raw.tag_len, "|"),
-             joined_tokens(tagw, raw.tagw_len, "|")]
+             joined_tokens(tagw, raw.tagw_len, "|"), int_strings(_item_tokens(raw.cand_item))]
     return pa.Table.from_arrays(cols, schema=SCHEMA)
 
 

@@ -105,7 +105,7 @@ def _prepare(out: Path, written: set[str]) -> None:
 
 _CRITEO_PARTS = ("first_order_categorical", "numeric", "categorical_pairs", "other_interactions")
 _PARQUET_PARTS = ("first_order_categorical", "numeric", "categorical_pairs", "numeric_x_categorical",
-                  "sequence", "tags")
+                  "sequence", "tags", "candidate_x_history")
 
 
 def _splits(rows: int, test_rows: int) -> list[tuple[str, Stream, int]]:

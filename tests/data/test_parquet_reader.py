@@ -41,8 +41,8 @@ def rewrite(src: Path, dst: Path, **columns: pa.Array | None) -> Path:
 def test_columns_types_and_order(cfg: DataConfig, parquet_file: Path) -> None:
     rc = resolve_inputs_columns(cfg, [parquet_file])
     assert rc.numeric == ("feat_a_1", "feat_a_2", "history_a_1")           # pattern, file order
-    assert rc.categorical[:5] == ("gender", "age_group", "inventory_id", "day_of_week", "hour")
-    assert rc.categorical[5:] == ("l_feat_1", "l_feat_2")
+    assert rc.categorical[:6] == ("gender", "age_group", "inventory_id", "day_of_week", "hour", "item_id")
+    assert rc.categorical[6:] == ("l_feat_1", "l_feat_2")
     frame = read_all(cfg, [parquet_file])
     assert frame.columns == rc.raw_columns()
     assert frame.schema["clicked"] == pl.Float32 and frame.schema["ID"] == pl.String

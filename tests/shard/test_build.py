@@ -56,7 +56,7 @@ def test_parquet_every_feature_kind(tmp_path: Path) -> None:
     assert spec.numeric == ("feat_a_1", "feat_a_2", "history_a_1", "feat_a_1_missing", "feat_a_2_missing",
                             "history_a_1_missing", "inventory_id_x_seq_max", "inventory_id_x_seq_mean")
     assert [f.name for f in spec.categorical] == ["gender", "age_group", "inventory_id", "day_of_week",
-                                                  "hour", "l_feat_1", "l_feat_2"]
+                                                  "hour", "item_id", "l_feat_1", "l_feat_2"]
     assert spec.labels == ("clicked", "converted") and a["labels"].shape == (200, 2)
     assert a["ids"].tolist() == df["ID"].to_list()
     # numeric: median impute (train split), signed log1p, standardised with train mean/std
@@ -75,7 +75,7 @@ def test_parquet_every_feature_kind(tmp_path: Path) -> None:
     assert (g[df["gender"].is_null().to_numpy()] == 0).all()
     counts = df.filter(pl.Series(train))["l_feat_1"].drop_nulls().value_counts()
     top = counts.sort(["count", "l_feat_1"], descending=[True, False])["l_feat_1"][0]
-    lf = a["categorical"][:, 5]
+    lf = a["categorical"][:, 6]
     assert (lf[(df["l_feat_1"] == top).fill_null(False).to_numpy()] == 2).all() or counts["count"].max() == 1
     rare = set(counts.filter(pl.col("count") < 2)["l_feat_1"].to_list())
     assert (lf[df["l_feat_1"].is_in(list(rare)).fill_null(False).to_numpy()] == 1).all()
@@ -86,8 +86,10 @@ def test_parquet_every_feature_kind(tmp_path: Path) -> None:
     assert ((seq > 0).sum(axis=1) == seq_len).all()
     long_row = int(np.flatnonzero(df["seq"].str.split(",").list.len().fill_null(0).to_numpy() > 50)[0])
     last = df["seq"][long_row].split(",")[-1]
-    sb = m.column("seq").bins
-    assert (1 + xxhash.xxh64_intdigest(last.encode(), seed=field_seed("seq", 0)) % (sb - 1)) in seq[long_row]
+    # seq shares item_id's vocabulary (share_ids_with): its last token has the id item_id gives that value
+    item_ids = a["categorical"][:, 5][(df["item_id"] == last).fill_null(False).to_numpy()]
+    assert len(item_ids) and (item_ids == seq[long_row, seq_len[long_row] - 1]).all()
+    assert m.column("seq").bins == m.column("item_id").bins and m.column("seq").id_space == "item_id"
     assert a["tags_w.weights"].shape == (200, 8) and "tags.weights" not in a
     assert m.column("tags_w").weighted and m.column("seq").kind == "sequence"
 
@@ -154,7 +156,8 @@ def test_gold_rows_are_split_2_and_never_fitted(tmp_path: Path) -> None:
     assert (a["split"][120:] == 2).all() and (a["split"][:120] <= 1).all()
     assert (a["fold"][120:] == -1).all() and (a["fold"][:120] >= 0).all()
     assert m.rows["gold"] == 30 and m.gold_sources == 1
-    assert (a["categorical"][120:, 6] == 1).all()          # a value seen only in gold rows is OOV
+    lf2 = m.column("l_feat_2").index
+    assert (a["categorical"][120:, lf2] == 1).all()        # a value seen only in gold rows is OOV
     assert "gold" in m.label_rates["clicked"]
 
 
