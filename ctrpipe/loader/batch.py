@@ -21,6 +21,12 @@ class Batch:
     sequence_len:  per sequence field (B,) int32
     labels:        (B, T) float32, or None for unlabelled (test) caches
     row_index:     (B,) int64 global row index in the cache (OOF predictions, ids for submissions)
+
+    Token layout (multihot and sequence, as the shards store it): left-aligned, padded on the RIGHT with 0;
+    positions [0, len) are valid, in input order, so a sequence's most recent token sits at len - 1 (not at
+    L - 1). A history a, b, c (c most recent) with max_len L = 5 is [a, b, c, 0, 0] with len 3; a history
+    longer than L keeps its most recent L tokens (a..g with L = 5 -> [c, d, e, f, g], len 5). A row with no
+    history is all 0 with len 0. Multihot fields keep their first L tokens instead.
     """
 
     numeric: Tensor | None

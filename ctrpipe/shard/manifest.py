@@ -11,10 +11,16 @@ Layout of a cache DIR (N = rows in that shard; F* = columns of a group; L = max_
     DIR/shard_00000/fold.npy           int8    (N,)     fold id in [0, K), -1 when not in any fold
     DIR/shard_00000/<field>.tokens.npy int32   (N, L)   multihot/sequence tokens, 0 = padding, left-aligned
                                                         (sequences: most recent last; <field> = safe_name)
+                                                        e.g. history a,b,c, L = 5: [a, b, c, 0, 0], len 3;
+                                                        more than L tokens: the most recent L are kept
     DIR/shard_00000/<field>.len.npy    int32   (N,)
     DIR/shard_00000/<field>.weights.npy float32 (N, L)  weighted multihot only
 
 Example: row 3 of shard 0 has categorical column C2 at `categorical.npy[3, columns['C2'].index]`.
+
+Shared id spaces: a token column with `share_ids_with: item_id` holds ids of the categorical column item_id's
+space (same hashing seed and bins, or one vocabulary fitted over both); both columns record
+`id_space="item_id"` and equal `bins`, so the same raw value has the same id in either.
 """
 
 from __future__ import annotations
