@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ctrpipe.config import build_model_section
 from ctrpipe.features import FeatureSpec
+from ctrpipe.models.heads import as_output
 from ctrpipe.models.layers.embedding import split_parameters
 from ctrpipe.models.registry import build_model, label_range, model_names
 
@@ -45,6 +46,10 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("ft_transformer", {"embedding_dim": 8, "n_heads": 2, "n_blocks": 2, "pooling": "cls"}),
     ("ft_transformer", {"embedding_dim": 8, "n_heads": 2, "n_blocks": 2, "pooling": "mean",
                         "ffn_dropout": 0.0}),
+    ("qnn_alpha", {**SMALL, "num_layers": 2, "rank": 2}),
+    ("qnn_alpha", {**SMALL, "heads": 2, "norm": "layer", "use_residual": False, "activation": "gelu"}),
+    ("qnn_alpha", {**SMALL, "self_ensemble": False, "dropout": 0.0, "norm": "none",
+                   "embedding_mode": "per_field"}),
 ]
 IDS = [f"{name}-{i}" for i, (name, _) in enumerate(VARIANTS)]
 
@@ -54,8 +59,13 @@ def build(spec: FeatureSpec, name: str, keys: dict[str, Any], sparse: bool = Fal
     return build_model(section.name, section.params, spec, sparse=sparse)
 
 
+def logits(model: torch.nn.Module, batch) -> torch.Tensor:
+    """(B, T) logits of a model returning a tensor or a ModelOutput (QNN-α returns aux losses)."""
+    return as_output(model(batch)).logits
+
+
 def bce(model: torch.nn.Module, batch) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(model(batch), batch.labels)
+    return F.binary_cross_entropy_with_logits(logits(model, batch), batch.labels)
 
 
 def test_every_single_task_model_has_a_variant() -> None:
@@ -70,7 +80,7 @@ def test_defaults_forward_shape(name: str, n_tasks: int, spec_factory, batch_fac
     model = build(spec, name, {})
     batch = batch_factory(spec, rows=16)
     model.eval()
-    out = model(batch)
+    out = logits(model, batch)
     assert out.shape == (16, n_tasks) and out.dtype == torch.float32
     assert torch.isfinite(bce(model, batch))
 
@@ -83,7 +93,7 @@ def test_variant_shape_and_learning(name: str, keys: dict[str, Any], n_tasks: in
     spec = spec_factory(n_tasks)
     model = build(spec, name, keys)
     batch = batch_factory(spec, rows=64)
-    assert model(batch).shape == (64, n_tasks)
+    assert logits(model, batch).shape == (64, n_tasks)
     model.eval()
     with torch.no_grad():
         before = bce(model, batch).item()
@@ -144,7 +154,7 @@ def test_without_numeric_or_bag_fields(name: str, spec_factory, batch_factory) -
     spec = spec_factory(numeric=False, multihot=False, sequence=False)
     batch = batch_factory(spec, rows=4)
     assert batch.numeric is None
-    assert build(spec, name, {})(batch).shape == (4, 1)
+    assert logits(build(spec, name, {}), batch).shape == (4, 1)
 
 
 def test_prior_clamped_for_constant_labels(spec_factory) -> None:
