@@ -17,7 +17,7 @@ from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import HostBuffers, HostPool, layout_of
 from ctrpipe.loader.config import LoaderConfig
-from ctrpipe.loader.sampler import BatchPlan, EpochPlan, Piece, ShuffleStrategy, epoch_rng
+from ctrpipe.loader.sampler import BatchPlan, EpochPlan, Piece, ShuffleStrategy, epoch_rng, rank_bounds, slice_pieces
 from ctrpipe.loader.sampling import BalancedRows, Sampling, apply_sampling, training_sampling
 from ctrpipe.loader.view import RowView, resolve_view
 from ctrpipe.prefetch import prefetch
@@ -38,6 +38,11 @@ class ShardLoader:
     int64 (B,); multihot/sequence int32 tokens (B, L) + int32 lengths (B,) (+ float32 weights (B, L) for
     weighted multihot), in FeatureSpec order (= manifest column order of each kind).
 
+    With `world_size` > 1 (data-parallel training, train/distributed.py) the loader plans every batch exactly as
+    one process would and serves rank `rank`'s contiguous share of it (`rank_bounds`): the ranks read disjoint
+    rows, each row once per epoch across them, and `len()` stays the number of global batches. A share with no
+    rows (an evaluation batch smaller than the number of ranks) is skipped.
+
     A batch handed out never changes afterwards, even if the consumer keeps it (`list(loader)` is safe).
     On CPU, host buffer sets are recycled only once no tensor of theirs is alive (buffers.HostPool). On CUDA,
     a ring of prefetch + 2 sets (pinned when `pin_memory`) is copied to the device on a side stream; a set is
@@ -56,10 +61,13 @@ class ShardLoader:
                  device: torch.device | str = "cpu", block_rows: int = 256, prefetch: int = 2,
                  pin_memory: bool = True, drop_last: bool = False, with_labels: bool = True,
                  strategy: ShuffleStrategy = "block", window_shards: int = 0,
-                 sampling: Sampling | None = None) -> None:
+                 sampling: Sampling | None = None, rank: int = 0, world_size: int = 1) -> None:
         for key, value in (("batch_size", batch_size), ("block_rows", block_rows), ("prefetch", prefetch)):
             if value < 1:
                 raise ConfigError(f"bad value {value} for '{key}' of the loader", fix=f"use a positive {key}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        self.rank, self.world_size = rank, world_size
         if strategy not in ("block", "gather"):
             raise ConfigError(f"unknown shuffle strategy {strategy!r}", fix="use 'block' or 'gather'")
         self.cache_dir = Path(cache_dir)
@@ -92,11 +100,12 @@ class ShardLoader:
         self._start = 0
         self._row_starts = [s.row_start for s in self.manifest.shards]
         self._arange = np.arange(batch_size, dtype=np.int64)  # (B,) for row_index of slices, no allocation
+        self._capacity = -(-batch_size // world_size)          # rows of one rank's share of a batch
 
     @classmethod
     def from_config(cls, cache_dir: Path, view: RowView, cfg: LoaderConfig, *, seed: int,
                     device: torch.device | str = "cpu", train: bool = True,
-                    with_labels: bool = True) -> ShardLoader:
+                    with_labels: bool = True, rank: int = 0, world_size: int = 1) -> ShardLoader:
         """The loader `train` and `infer` both use: training shuffles with `batch_size` and drops a ragged
         last batch (a 1-row batch breaks batch norm) when the view holds at least one full batch; evaluation
         and prediction keep the view's order with `eval_batch_size` and serve every row (never sampled)."""
@@ -104,7 +113,8 @@ class ShardLoader:
         loader = cls(cache_dir, view, cfg.batch_size if train else cfg.eval_batch_size,
                      shuffle=cfg.shuffle and train, seed=seed, device=device, block_rows=cfg.block_rows,
                      prefetch=cfg.prefetch, pin_memory=cfg.pin_memory, with_labels=with_labels,
-                     strategy=cfg.shuffle_strategy, window_shards=cfg.window_shards, sampling=sampling)
+                     strategy=cfg.shuffle_strategy, window_shards=cfg.window_shards, sampling=sampling,
+                     rank=rank, world_size=world_size)
         loader.drop_last = train and loader.num_rows >= loader.batch_size
         return loader
 
@@ -125,6 +135,20 @@ class ShardLoader:
             raise ConfigError(f"cannot resume at batch {batch_idx}: an epoch has {len(self)} batches",
                               fix="resume from a checkpoint written by the same config and cache")
         self._start = int(batch_idx)
+
+    def batch_rows(self) -> np.ndarray:
+        """(len(self),) rows of each global batch of an epoch (all `batch_size` but a ragged last one)."""
+        if self._balanced is not None:
+            return np.full(len(self), self.batch_size, dtype=np.int64)
+        k = np.arange(len(self), dtype=np.int64)
+        return np.minimum(self.batch_size, self.num_rows - k * self.batch_size)
+
+    def rank_rows(self) -> np.ndarray:
+        """(len(self), world_size) rows rank r reads of global batch k (its `rank_bounds` share)."""
+        n = self.batch_rows()[:, None]
+        r = np.arange(self.world_size + 1, dtype=np.int64)[None, :]
+        bounds = n * r // self.world_size                                   # (K, W + 1), as rank_bounds
+        return np.diff(bounds, axis=1)
 
     def row_indices(self) -> np.ndarray:
         """(num_rows,) int64 global row indices of the view, unshuffled order (e.g. to lay out OOF arrays).
@@ -148,6 +172,21 @@ class ShardLoader:
         return self._iter_host(plan, start)
 
     # ------------------------------------------------------------------ batch formation
+    def _pieces(self, plan: BatchPlan, k: int) -> list[Piece]:
+        """Pieces of batch k this loader serves: the whole batch, or this rank's share of it."""
+        pieces = plan.pieces(k)
+        if self.world_size == 1:
+            return pieces
+        bounds = rank_bounds(sum(len(p) for p in pieces), self.world_size)
+        return slice_pieces(pieces, bounds[self.rank], bounds[self.rank + 1])
+
+    def _batches(self, plan: BatchPlan, start: int) -> list[int]:
+        """Indices of the batches from `start` on that hold rows for this rank."""
+        if self.world_size == 1:
+            return list(range(start, plan.num_batches))
+        rows = self.rank_rows()[:, self.rank]
+        return [k for k in range(start, plan.num_batches) if rows[k] > 0]
+
     def _fill(self, buf: HostBuffers, pieces: list[Piece]) -> int:
         """Copy the pieces' rows into `buf` (slices: np.copyto; gathers: np.take with out=). Returns rows."""
         groups = [group for group, _ in buf.targets]
@@ -176,33 +215,32 @@ class ShardLoader:
 
     def _iter_host(self, plan: BatchPlan, start: int) -> Iterator[Batch]:
         # recycled only when the consumer holds no tensor of a set: batches it keeps never change under it
-        pool = HostPool(lambda: HostBuffers(self._layout, self.batch_size, pinned=False),
+        pool = HostPool(lambda: HostBuffers(self._layout, self._capacity, pinned=False),
                         keep=self.prefetch + 4)
 
         def produce(k: int) -> Batch:
             buf = pool.take()
-            batch = buf.batch(self._fill(buf, plan.pieces(k)))
+            batch = buf.batch(self._fill(buf, self._pieces(plan, k)))
             return batch if self.device.type == "cpu" else batch.to(self.device)
 
-        return prefetch(lambda: map(produce, range(start, plan.num_batches)), self.prefetch, "ctrpipe-loader")
+        return prefetch(lambda: map(produce, self._batches(plan, start)), self.prefetch, "ctrpipe-loader")
 
     def _iter_cuda(self, plan: BatchPlan, start: int) -> Iterator[Batch]:
-        ring = [HostBuffers(self._layout, self.batch_size, self.pin) for _ in range(self.prefetch + 2)]
+        ring = [HostBuffers(self._layout, self._capacity, self.pin) for _ in range(self.prefetch + 2)]
         side = torch.cuda.Stream(self.device)
 
         def produce(k: int) -> tuple[Batch, torch.cuda.Event]:
             buf = ring[k % len(ring)]
             if buf.event is not None:
                 buf.event.synchronize()          # its previous copy has left the host buffer: safe to refill
-            n = self._fill(buf, plan.pieces(k))
+            n = self._fill(buf, self._pieces(plan, k))
             with torch.cuda.stream(side):
                 batch = buf.batch(n).to(self.device, non_blocking=True)
                 buf.event = torch.cuda.Event()
                 buf.event.record(side)
             return batch, buf.event
 
-        batches = prefetch(lambda: map(produce, range(start, plan.num_batches)), self.prefetch,
-                           "ctrpipe-loader")
+        batches = prefetch(lambda: map(produce, self._batches(plan, start)), self.prefetch, "ctrpipe-loader")
         try:
             for batch, ready in batches:
                 current = torch.cuda.current_stream(self.device)

@@ -141,6 +141,31 @@ class BatchPlan(Protocol):
     def pieces(self, k: int) -> list[Piece]: ...
 
 
+def rank_bounds(n: int, world_size: int) -> list[int]:
+    """Where a batch of `n` rows is cut for `world_size` ranks: rank r reads rows [b[r], b[r + 1]).
+
+    Contiguous, in rank order, sizes differing by at most one row: the ranks' slices put back together in
+    rank order are the batch a single process reads.
+    """
+    return [n * r // world_size for r in range(world_size + 1)]
+
+
+def slice_pieces(pieces: list[Piece], lo: int, hi: int) -> list[Piece]:
+    """The pieces of rows [lo, hi) of the batch `pieces` make (in batch order): a rank's share of a batch."""
+    out: list[Piece] = []
+    begin = 0
+    for piece in pieces:
+        end = begin + len(piece)
+        a, b = max(lo, begin) - begin, min(hi, end) - begin      # part of this piece in [lo, hi)
+        if a < b:
+            if piece.rows is None:
+                out.append(Piece(piece.shard, piece.start + a, piece.start + b))
+            else:
+                out.append(_runs(piece.shard, piece.rows[a:b]))
+        begin = end
+    return out
+
+
 def gather_pieces(index: ViewIndex, pos: np.ndarray) -> list[Piece]:
     """Sorted view positions -> one piece per shard they fall in."""
     offsets = index.offsets

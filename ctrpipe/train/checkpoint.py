@@ -68,6 +68,9 @@ class TrainState:
     raw_weights: PackedState | None = None  # training weights when EMA is on (`weights` then holds the EMA)
     ema_updates: int = 0
     finished: bool = False
+    # processes of the run (torchrun's WORLD_SIZE): rng holds "torch.rank{r}" per rank r > 0 beside rank 0's
+    #   "torch", so --resume needs the same number (train/distributed.py)
+    world_size: int = 1
 
     def to_saved(self) -> dict[str, Any]:
         # shallow on purpose: dataclasses.asdict would deep-copy every tensor

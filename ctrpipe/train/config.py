@@ -38,6 +38,27 @@ class EarlyStoppingConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Data-parallel runs under torchrun (train/distributed.py); a single process ignores this section."""
+
+    # seconds a rank waits in a collective for the others before the run ends with an error: a rank that
+    #   died or hangs stops the job instead of leaving the rest waiting; must exceed the longest time ranks
+    #   wait on rank 0 (its checkpoint writes, its gold-row scoring between folds)
+    timeout_s: float = 1800.0
+    # every this many steps, compare a checksum of every parameter across ranks and stop on a difference
+    #   (one read of the model per check); 0 = only at the end of each run
+    check_every: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise _bad("train.distributed.timeout_s", self.timeout_s,
+                       "use a positive number of seconds, e.g. train.distributed.timeout_s=1800")
+        if self.check_every < 0:
+            raise _bad("train.distributed.check_every", self.check_every,
+                       "use 0 (at the end of a run) or a number of steps, e.g. train.distributed.check_every=1000")
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """Per head (`train.tasks.<head>`, heads are named after labels unless a model names its own)."""
 
@@ -106,6 +127,7 @@ class TrainConfig:
     num_threads: int = 0             # torch CPU threads; 0 = torch default
     deterministic: bool = False      # torch.use_deterministic_algorithms (CPU kernels used here are already
     #                                  deterministic; the flag swaps index_add_/scatter_add_ for much slower paths)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)   # torchrun runs only
 
     def __post_init__(self) -> None:
         if self.amp is False:

@@ -22,7 +22,7 @@ from rich.table import Table
 from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
 from ctrpipe.device import check_amp, resolve_device
-from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError, SchemaError
+from ctrpipe.errors import CheckpointError, ConfigError, CtrpipeError, ManifestMismatchError, SchemaError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
@@ -39,6 +39,7 @@ from ctrpipe.train.checkpoint import (
     model_from_checkpoint,
 )
 from ctrpipe.train.config import CVConfig
+from ctrpipe.train.distributed import Distributed, RankInfo, rank_info
 from ctrpipe.train.evaluate import Predictions, logit_shifts, predict
 from ctrpipe.train.loop import FitInputs, FitResult, fit
 from ctrpipe.train.metrics import METRIC_NAMES, metrics_from_logits
@@ -63,6 +64,12 @@ class TrainContext:
     tasks: tuple[Task, ...]          # the model's heads with train.tasks applied
     parameters: int                  # of one model, tables whole (counted on the meta build)
     logit_shift: tuple[float, ...] = ()   # per head, undoes the training rows' sampling (loader/sampling.py)
+    dist: Distributed | None = None  # a torchrun job: this rank's process group (train/distributed.py)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run directory and prints (one process, or rank 0)."""
+        return self.dist is None or self.dist.is_main
 
     @property
     def task_names(self) -> list[str]:
@@ -81,15 +88,21 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
     if kfold:
         cfg = dataclasses.replace(cfg, cv=CVConfig(n_splits=kfold),
                                   sources={**cfg.sources, "cv.n_splits": "--kfold"})
-    ctx = prepare(cfg, Path(shards), Path(runs), resume, quiet)
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    with _reproducible(cfg):
-        if cfg.cv.n_splits:
-            summary = _run_kfold(ctx)
-        else:
-            summary = _run_single(ctx)
-    if summary.get("interrupted"):
+    info = rank_info()
+    group = _join(cfg, info) if info is not None else None
+    try:
+        ctx = _prepare_ranks(cfg, Path(shards), Path(runs), resume, quiet, group)
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        with _reproducible(cfg):
+            if cfg.cv.n_splits:
+                summary = _run_kfold(ctx)
+            else:
+                summary = _run_single(ctx)
+    finally:
+        if group is not None:
+            group.close()
+    if summary.get("interrupted") or not ctx.main:
         return summary
     summary.update(_costs(ctx, started))
     write_json(ctx.run_dir / "metrics.json", summary)
@@ -100,16 +113,57 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
 
 # ----------------------------------------------------------------------------------------------- checks
 
-def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool) -> TrainContext:
-    """Everything that can fail before training: cache, labels, device, metric, folds, model, run dir."""
+def _join(cfg: RunConfig, info: RankInfo) -> Distributed:
+    """Join the torchrun job: one GPU per process (LOCAL_RANK) or CPUs, a process group with the timeout."""
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)     # torchrun's convention, whatever train.device names
+        torch.cuda.set_device(device)
+    return Distributed(info, device, cfg.train.distributed.timeout_s)
+
+
+def _prepare_ranks(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
+                   group: Distributed | None) -> TrainContext:
+    """`prepare` on every rank of a torchrun job: all of them go on, or all stop (naming the rank that
+    failed); all must read the same cache with the same config."""
+    if group is None:
+        return prepare(cfg, shards, runs, resume, quiet)
+    try:
+        ctx = prepare(cfg, shards, runs, resume, quiet or not group.is_main, group)
+    except CtrpipeError as exc:
+        group.agree(exc, "preparing the run")
+        raise
+    group.agree(None, "preparing the run")
+    identity = (ctx.manifest.fingerprint, flatten_dotted(to_dict(cfg)))
+    others = group.differing_ranks(identity, "comparing the ranks' caches and configs")
+    if others:
+        raise ManifestMismatchError(
+            f"rank(s) {others} read another shard cache or config than rank 0 ({shards})",
+            where=str(shards / "manifest.json"),
+            fix="run the same command on every node, with --shards naming the same build (a shared file system "
+                "or a copy of the whole folder)")
+    return ctx
+
+
+def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
+            dist: Distributed | None = None) -> TrainContext:
+    """Everything that can fail before training: cache, labels, device, metric, folds, model, run dir.
+
+    In a torchrun job (`dist`) every rank checks the cache and config; rank 0 alone checks and writes the run
+    directory."""
     manifest = read_manifest(shards)
     if manifest.role == "test" or not manifest.label_names or manifest.rows.get("train", 0) == 0:
         raise SchemaError(f"shard cache {shards} has no labelled training rows (role {manifest.role!r}, rows "
                           f"{manifest.rows})", where=str(shards / "manifest.json"),
                           fix="train on a cache built from labelled data without --test")
     spec = manifest.feature_spec()
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device) if dist is None else dist.device
     check_amp(cfg.train.amp, device)
+    if dist is not None and cfg.loader.batch_size % dist.world_size:
+        b, w = cfg.loader.batch_size, dist.world_size
+        raise ConfigError(f"loader.batch_size {b} is the global batch, and it does not split evenly over "
+                          f"{w} processes", where="loader.batch_size",
+                          fix=f"use a multiple of {w}, e.g. loader.batch_size={-(-b // w) * w}")
     _check_folds(cfg, manifest, shards)
     # a model that needs a feature kind the shards lack, or a config it refuses, fails here before any other
     # work; on the meta device nothing is allocated or initialised (the real build comes once, per fold)
@@ -121,6 +175,9 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool)
     _check_metric(cfg, tasks)
     shift = _check_sampling(cfg, spec, heads, tasks)
     run_dir = runs / cfg.exp_name
+    if dist is not None and not dist.is_main:
+        return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters, shift,
+                            dist)
     if resume and not (run_dir / "config.json").is_file():
         raise CheckpointError(f"nothing to resume: {run_dir} holds no run", where=str(run_dir),
                               fix="drop --resume to start the run, or pass the --runs/exp_name of the run")
@@ -132,7 +189,8 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool)
     write_config(run_dir, to_dict(cfg), dict(cfg.sources))
     write_text(run_dir / "manifest_fingerprint.txt",
                f"{manifest.fingerprint}\nschema {manifest.schema_fingerprint()}\nshards {shards.resolve()}\n")
-    return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters, shift)
+    return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters, shift,
+                        dist)
 
 
 def _check_sampling(cfg: RunConfig, spec: FeatureSpec, heads: Sequence[Head], tasks: tuple[Task, ...]
@@ -189,8 +247,11 @@ def _reproducible(cfg: RunConfig) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------- one model
 
-def _loader(ctx: TrainContext, view: RowView, train: bool, seed: int) -> ShardLoader:
-    return ShardLoader.from_config(ctx.shards, view, ctx.cfg.loader, seed=seed, device=ctx.device, train=train)
+def _loader(ctx: TrainContext, view: RowView, train: bool, seed: int, ranks: bool = False) -> ShardLoader:
+    """The view's loader; with `ranks` in a torchrun job, one serving this rank's share of each batch."""
+    rank, world = (ctx.dist.rank, ctx.dist.world_size) if ranks and ctx.dist is not None else (0, 1)
+    return ShardLoader.from_config(ctx.shards, view, ctx.cfg.loader, seed=seed, device=ctx.device, train=train,
+                                   rank=rank, world_size=world)
 
 
 def _template(ctx: TrainContext, fold: int, seed: int) -> Checkpoint:
@@ -210,6 +271,16 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
         raise CheckpointError("checkpoint holds no training state to resume from", where=str(path),
                               fix="resume only from a ckpt_last.pt written by `ctrpipe train`")
     check_compatible(ckpt, ctx.manifest, ctx.shards, path)
+    world = ctx.dist.world_size if ctx.dist is not None else 1
+    if ckpt.train_state.world_size != world:
+        was = ckpt.train_state.world_size
+        raise CheckpointError(
+            f"the run was trained by {was} process(es) and this command runs {world}: each rank's random "
+            "stream (dropout masks) is part of the state --resume continues", where=str(path),
+            fix=f"resume with {was} process(es) in all: " +
+                ("`ctrpipe train ... --resume` without torchrun" if was == 1 else
+                 f"torchrun with --nnodes x --nproc_per_node = {was}, e.g. torchrun --nproc_per_node {was} "
+                 "-m ctrpipe.cli train ... --resume"))
     old, new = flatten_dotted(ckpt.config), flatten_dotted(to_dict(ctx.cfg))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     # the training rows' sampling fixes the kept rows and the logit shift of the checkpoints written so far
@@ -232,16 +303,32 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     template = _template(ctx, fold, seed)
-    resume = _load_resume(ctx, out_dir)
-    # built once, from the seed alone: checkpoints store what training changed and rebuild the rest from it
-    model = build_initial_model(template.config, ctx.spec, seed, sparse=cfg.train.sparse_embeddings)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    group = ctx.dist
+    if group is None:
+        resume = _load_resume(ctx, out_dir)
+    else:   # rank 0 reads ckpt_last.pt (the run directory need not be shared) and hands it to every rank
+        resume = group.from_main(lambda: _load_resume(ctx, out_dir), "reading ckpt_last.pt for --resume")
+    # built once, from the seed alone: checkpoints store what training changed and rebuild the rest from it;
+    # a torchrun job exchanges the tables' gradient rows (distributed.RowExchange), so its tables are sparse
+    model = build_initial_model(template.config, ctx.spec, seed,
+                                sparse=cfg.train.sparse_embeddings or group is not None)
+    if group is not None and group.rank:
+        torch.manual_seed(group.rank_seed(seed))        # its own dropout masks; rank 0 keeps the run's stream
+    train_loader = _loader(ctx, train_view, True, seed, ranks=True)
+    if group is not None and len(train_loader) * train_loader.batch_size > train_loader.num_rows:
+        raise ConfigError(f"the training view ({label}) holds {train_loader.num_rows:,} rows, less than one "
+                          f"batch of {train_loader.batch_size}: the processes would get unequal shares",
+                          where="loader.batch_size",
+                          fix=f"use a loader.batch_size of at most {train_loader.num_rows:,} that is a "
+                              f"multiple of {group.world_size}, or train in one process")
+    if ctx.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     inputs = FitInputs(
-        model=model, spec=ctx.spec, train_loader=_loader(ctx, train_view, True, seed),
-        val_loader=_loader(ctx, val_view, False, seed) if val_view is not None else None,
+        model=model, spec=ctx.spec, train_loader=train_loader,
+        val_loader=_loader(ctx, val_view, False, seed, ranks=True) if val_view is not None else None,
         cfg=cfg.train, device=ctx.device, out_dir=out_dir, best_path=best_path, template=template,
         tasks=ctx.tasks, logit_shift=ctx.logit_shift,
-        resume=resume, quiet=ctx.quiet, label=label)
+        resume=resume, quiet=ctx.quiet, label=label, dist=group)
     return fit(inputs)
 
 
@@ -259,7 +346,7 @@ def _fit_summary(result: FitResult) -> dict[str, Any]:
             "epochs": result.epochs, "samples": result.samples,
             "train_seconds": round(result.train_seconds, 3),
             "samples_per_s": round(result.samples_per_s, 1), "stopped_early": result.stopped_early,
-            "notes": list(result.notes)}
+            "notes": list(result.notes), **({"exchange": result.exchange} if result.exchange else {})}
 
 
 def _costs(ctx: TrainContext, started: float) -> dict[str, Any]:
@@ -278,6 +365,7 @@ def _costs(ctx: TrainContext, started: float) -> dict[str, Any]:
 
 def _base_summary(ctx: TrainContext) -> dict[str, Any]:
     return {"exp_name": ctx.cfg.exp_name, "model": ctx.cfg.model.name, "device": str(ctx.device),
+            "world_size": ctx.dist.world_size if ctx.dist is not None else 1,
             "shards": str(ctx.shards.resolve()), "manifest_fingerprint": ctx.manifest.fingerprint,
             "schema_fingerprint": ctx.manifest.schema_fingerprint(), "labels": list(ctx.spec.labels),
             "heads": ctx.task_names,
@@ -287,7 +375,8 @@ def _base_summary(ctx: TrainContext) -> dict[str, Any]:
 
 
 def _interrupted(ctx: TrainContext, step: int) -> dict[str, Any]:
-    console.print(f"[yellow]stopped at step {step}[/] (train.stop_after_steps); continue with --resume")
+    if ctx.main:
+        console.print(f"[yellow]stopped at step {step}[/] (train.stop_after_steps); continue with --resume")
     return {"interrupted": True, "step": step}
 
 
@@ -297,6 +386,8 @@ def _run_single(ctx: TrainContext) -> dict[str, Any]:
                         ctx.run_dir / "ckpt_best.pt", "train")
     if result.interrupted:
         return _interrupted(ctx, result.steps)
+    if not ctx.main:
+        return {}
     summary = _base_summary(ctx)
     summary.update(_fit_summary(result))
     summary["val"] = result.best_metrics
@@ -321,6 +412,8 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
                             f"fold {k + 1}/{k_total}")
         if result.interrupted:
             return _interrupted(ctx, result.steps)
+        if not ctx.main:
+            continue
         if result.best_preds is None:
             raise CheckpointError(f"fold {k} left no validation predictions", where=str(fold_dir),
                                   fix="delete that fold folder and train again with --resume")
@@ -332,6 +425,8 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
         if g is not None:
             gold = g
             gold_logits.append(g.logits)
+    if not ctx.main:
+        return {}
     oof = _assemble_oof(oof_parts)
     oof.save(ctx.run_dir / "oof.npz", ctx.task_names)
     summary = _base_summary(ctx)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,7 @@ from ctrpipe.models.heads import as_output
 from ctrpipe.models.layers.embedding import split_parameters
 from ctrpipe.train.checkpoint import Checkpoint, RunPosition, TrainState, save_checkpoint
 from ctrpipe.train.config import TrainConfig
+from ctrpipe.train.distributed import Distributed, RowExchange
 from ctrpipe.train.ema import ModelEMA
 from ctrpipe.train.evaluate import Predictions, predict
 from ctrpipe.train.objective import Objective, Task, task_gradients
@@ -51,6 +53,7 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[Batch]: ...
     def set_epoch(self, epoch: int) -> None: ...
     def start_at(self, batch_idx: int) -> None: ...
+    def rank_rows(self) -> np.ndarray: ...
 
 
 @dataclass
@@ -71,6 +74,8 @@ class FitInputs:
     resume: Checkpoint | None = None  # a loaded ckpt_last.pt to continue from
     quiet: bool = False
     label: str = "train"
+    # a torchrun job (train/distributed.py): the loaders serve this rank's share of each batch, rank 0 writes
+    dist: Distributed | None = None
 
 
 @dataclass
@@ -87,6 +92,9 @@ class FitResult:
     last_loss: float = float("nan")
     notes: tuple[str, ...] = ()       # the plan's adjustments and warnings
     best_preds: Predictions | None = field(default=None, repr=False)
+    # a torchrun job: bytes of embedding-gradient rows one rank sent per step (mean of this process's steps),
+    # and what a dense all-reduce of the tables would move instead
+    exchange: dict[str, float] = field(default_factory=dict)
 
     @property
     def samples_per_s(self) -> float:
@@ -110,10 +118,7 @@ def fit(inp: FitInputs) -> FitResult:
     with run.progress:
         while run.pos.step < plan.total_steps and not (run.stopped or run.interrupted):
             for batch in run.epoch_batches():
-                set_lr(run.optimizers, lr_factor(run.pos.step, plan.total_steps, inp.cfg, plan.warmup_steps))
-                run.objective.at_step(run.pos.step)
-                loss, diagnostics = train_step(run.step_model, batch, run.objective, run.optimizers, run.scaler,
-                                               inp.cfg, inp.device, run.diagnose_params(run.pos.step + 1))
+                loss, diagnostics = run.step(batch)
                 run.after_step(batch, loss, diagnostics)
                 if plan.evaluates_at(run.pos.step, run.pos.batch_in_epoch):
                     run.evaluate_and_save()
@@ -128,10 +133,13 @@ def fit(inp: FitInputs) -> FitResult:
 
 def train_step(model: nn.Module, batch: Batch, objective: Objective, optimizers: list[torch.optim.Optimizer],
                scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device,
-               diagnose: list[nn.Parameter] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               diagnose: list[nn.Parameter] | None = None, exchange: Callable[[], None] | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward, backward, optional clipping, optimiser steps. Returns the detached loss and the model's
     diagnostics (both on the device: no sync). With `diagnose` (dense parameters), the heads' gradients on
-    them are compared first (objective.task_gradients).
+    them are compared first (objective.task_gradients). `exchange` runs right after backward (a torchrun
+    job's embedding-gradient exchange, distributed.RowExchange), so clipping and the steps see the averaged
+    gradients.
 
     Gradients stay on the parameters until the next step's zero_grad (ChangedRows reads the tables' ones).
     """
@@ -145,6 +153,8 @@ def train_step(model: nn.Module, batch: Batch, objective: Objective, optimizers:
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if exchange is not None:
+        exchange()
     if cfg.grad_clip > 0:
         for opt in optimizers:
             scaler.unscale_(opt)
@@ -176,7 +186,14 @@ class _Run:
         self.objective = Objective(inp.tasks, inp.device, self.cfg.pos_weight_clip, self.cfg.pos_weight_clip_mode)
         self.task_names = [t.name for t in inp.tasks]
         self.metric_weights = [t.metric_weight for t in inp.tasks]
-        self.step_model = torch.compile(self.model) if self.cfg.compile else self.model
+        self.dist = inp.dist
+        self.main = inp.dist is None or inp.dist.is_main      # the one process that logs and writes files
+        self.exchange: RowExchange | None = None
+        train_model = self.model
+        if inp.dist is not None:
+            self.exchange = RowExchange(inp.dist, self.changed.tables, dense=not self.cfg.sparse_embeddings)
+            train_model = inp.dist.wrap(self.model, self.changed.tables)
+        self.step_model = torch.compile(train_model) if self.cfg.compile else train_model
         self.pos = RunPosition()
         self.finished = False
         self.stopped = False              # early stopping fired
@@ -184,7 +201,7 @@ class _Run:
         self.last_loss = float("nan")
         if inp.resume is not None:
             self._restore(inp.resume)
-        self.log = RunLog(inp.out_dir, append=inp.resume is not None) if not self.finished else None
+        self.log = RunLog(inp.out_dir, append=inp.resume is not None) if self.main and not self.finished else None
         self.loss_sum = torch.zeros((), device=inp.device)        # summed on the device between log steps
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=inp.device)
         self.logged_steps = 0
@@ -198,6 +215,8 @@ class _Run:
     # ------------------------------------------------------------------ the loop's steps
     def announce(self) -> None:
         inp, plan = self.inp, self.plan
+        if not self.main:
+            return
         for note in plan.notes:
             if note.startswith("warning"):
                 console.print(f"[yellow]{inp.label}:[/] {note}", highlight=False)
@@ -223,6 +242,19 @@ class _Run:
             return None
         return self._dense
 
+    def step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimiser step at the schedule's rate (`train_step`); in a torchrun job a failed collective
+        becomes a TrainingError naming the step."""
+        set_lr(self.optimizers, lr_factor(self.pos.step, self.plan.total_steps, self.cfg, self.plan.warmup_steps))
+        self.objective.at_step(self.pos.step)
+        args = (self.step_model, batch, self.objective, self.optimizers, self.scaler, self.cfg, self.device,
+                self.diagnose_params(self.pos.step + 1), self.exchange)
+        if self.dist is None:
+            return train_step(*args)
+        self.dist.step = self.pos.step + 1
+        with self.dist.guard("a training step"):
+            return train_step(*args)
+
     def after_step(self, batch: Batch, loss: torch.Tensor, diagnostics: dict[str, torch.Tensor]) -> None:
         if self.ema is not None:
             self.ema.update()
@@ -230,7 +262,8 @@ class _Run:
         pos = self.pos
         pos.step += 1
         pos.batch_in_epoch += 1
-        pos.samples += len(batch)
+        # a torchrun job's ranks read equal shares of each batch (fit.py checks): count the global batch
+        pos.samples += len(batch) * (self.dist.world_size if self.dist is not None else 1)
         self.loss_sum += loss
         for k, v in diagnostics.items():
             self.diag_sum[k] = self.diag_sum[k] + v if k in self.diag_sum else v.float().clone()
@@ -241,6 +274,9 @@ class _Run:
             self._log_train()
         if self.cfg.stop_after_steps and pos.step == self.cfg.stop_after_steps:
             self.interrupted = True
+        every = self.cfg.distributed.check_every
+        if self.dist is not None and every and pos.step % every == 0:
+            self.dist.check_replicas(self.model)
 
     def end_epoch(self) -> None:
         """Close the epoch if it ran to its end (a stop in the middle leaves it open for --resume)."""
@@ -257,18 +293,21 @@ class _Run:
             self.evaluate_and_save()
         elif not self.finished:
             self.save_last(finished=True)
-        assert self.log is not None
-        self.log.close()
+        if self.dist is not None:
+            self.dist.check_replicas(self.model)
+        if self.log is not None:
+            self.log.close()
 
     def evaluate_and_save(self) -> None:
         """Evaluate (if there are validation rows), keep the best weights, save the state for --resume."""
         self._tick()
         inp, pos = self.inp, self.pos
         metrics: dict[str, float] = {}
+        preds: Predictions | None = None
         if inp.val_loader is not None:
             with self.ema.applied() if self.ema is not None else nullcontext():
-                preds = predict(self.model, inp.val_loader, inp.val_loader.num_rows, inp.tasks, self.device,
-                                self.cfg.amp, logit_shift=inp.logit_shift)
+                preds = self._predict(inp.val_loader)
+        if preds is not None:                              # one process, or rank 0 of a torchrun job
             metrics = preds.metrics(self.task_names, self.metric_weights)
             assert self.log is not None
             self.log.evaluation(pos.step, pos.epoch, metrics)
@@ -284,9 +323,11 @@ class _Run:
             if not inp.quiet:
                 shown = "  ".join(f"{k} {metrics[k]:.5f}" for k in ("auc", "logloss", "score") if k in metrics)
                 self.progress.console.print(f"[dim]{inp.label} step {pos.step}[/]  val {shown}")
+        if self.dist is not None and inp.val_loader is not None:
+            self.stopped = self.dist.broadcast(self.stopped, "sharing rank 0's early-stopping decision")
         pos.last_eval_step = pos.step
         done = self.stopped or pos.step >= self.plan.total_steps
-        if inp.val_loader is None and done:
+        if inp.val_loader is None and done and self.main:
             self.stopper.best_step, self.stopper.best_epoch = pos.step, pos.epoch
             save_checkpoint(inp.best_path, self._checkpoint({}))
         self.t_mark = self.t_log = time.perf_counter()     # evaluation time is not training time
@@ -294,7 +335,9 @@ class _Run:
 
     def save_last(self, finished: bool = False) -> None:
         self._tick()
-        save_checkpoint(self.inp.out_dir / "ckpt_last.pt", self._checkpoint(self.stopper.best_metrics, finished))
+        ckpt = self._checkpoint(self.stopper.best_metrics, finished)   # a collective in a torchrun job
+        if self.main:
+            save_checkpoint(self.inp.out_dir / "ckpt_last.pt", ckpt)
         self.finished = finished
         self.t_mark = self.t_log = time.perf_counter()     # saving is not training time either
 
@@ -307,9 +350,27 @@ class _Run:
                          steps=self.pos.step, epochs=self.pos.epoch, samples=self.pos.samples,
                          train_seconds=self.pos.train_seconds, stopped_early=s.should_stop,
                          interrupted=self.interrupted, last_loss=self.last_loss, notes=self.plan.notes,
-                         best_preds=preds)
+                         best_preds=preds, exchange=self._exchange_bytes())
+
+    def _exchange_bytes(self) -> dict[str, float]:
+        ex = self.exchange
+        if ex is None or not ex.steps:
+            return {}
+        return {"row_bytes_per_step": ex.bytes_sent / ex.steps, "dense_bytes_per_step": float(ex.dense_bytes())}
 
     # ------------------------------------------------------------------ helpers
+    def _predict(self, loader: Loader) -> Predictions | None:
+        """The model's predictions over the validation view; in a torchrun job every rank predicts its shares
+        of the batches and rank 0 gets them all, in one-process order (None on the other ranks)."""
+        inp = self.inp
+        if self.dist is None:
+            return predict(self.model, loader, loader.num_rows, inp.tasks, self.device, self.cfg.amp,
+                           logit_shift=inp.logit_shift)
+        shares = loader.rank_rows()                                          # (K, W)
+        mine = predict(self.model, loader, int(shares[:, self.dist.rank].sum()), inp.tasks, self.device,
+                       self.cfg.amp, logit_shift=inp.logit_shift)
+        return self.dist.gather_predictions(mine, shares)
+
     def _tick(self) -> None:
         """Add the time since the last mark to the training time (evaluations are left out)."""
         if self.device.type == "cuda":
@@ -320,6 +381,8 @@ class _Run:
 
     def _log_train(self) -> None:
         """Sync point: mean loss since the last log line; TrainingError at the first non-finite step."""
+        if self.dist is not None:
+            self._combine_ranks()
         bad = int(self.first_bad.item())
         if bad >= 0:
             raise TrainingError(f"loss became NaN/inf at step {bad} (epoch {(bad - 1) // self.plan.per_epoch})",
@@ -328,16 +391,29 @@ class _Run:
         now = time.perf_counter()
         rate = (self.pos.samples - self.samples_at_log) / max(now - self.t_log, 1e-9)
         lr = self.optimizers[-1].param_groups[0]["lr"]
-        assert self.log is not None
-        self.log.train(self.pos.step, self.pos.epoch, lr, self.last_loss, rate)
+        if self.log is not None:
+            self.log.train(self.pos.step, self.pos.epoch, lr, self.last_loss, rate)
         if self.diag_sum:
-            self.log.diagnostics(self.pos.step, {f"train/{k}": float(v.item()) / self.diag_n[k]
-                                                 for k, v in self.diag_sum.items()})
+            if self.log is not None:
+                self.log.diagnostics(self.pos.step, {f"train/{k}": float(v.item()) / self.diag_n[k]
+                                                     for k, v in self.diag_sum.items()})
             self.diag_sum, self.diag_n = {}, {}
         self.progress.update(self.task, completed=self.pos.step,
                              rate_text=f"loss {self.last_loss:.4f}  {human_rate(rate, 'samples/s')}")
         self.loss_sum.zero_()
         self.logged_steps, self.t_log, self.samples_at_log = 0, now, self.pos.samples
+
+    def _combine_ranks(self) -> None:
+        """A torchrun job's log step: the loss and diagnostics summed since the last log become their mean
+        over the ranks' shares (the global batch's), and the first non-finite step is the earliest of any
+        rank, so every rank logs the same numbers and stops at the same step."""
+        assert self.dist is not None
+        keys = sorted(self.diag_sum)
+        sums = torch.stack([self.loss_sum.float(), *(self.diag_sum[k].float().reshape(()) for k in keys)])
+        self.dist.mean_(sums, "averaging the logged loss over ranks")
+        self.loss_sum.copy_(sums[0])
+        self.diag_sum.update({k: sums[i + 1] for i, k in enumerate(keys)})
+        self.first_bad = self.dist.earliest_(self.first_bad, "comparing the ranks' non-finite losses")
 
     def _checkpoint(self, metrics: dict[str, float], finished: bool | None = None) -> Checkpoint:
         """The run's checkpoint now: evaluation weights, plus the training state unless `finished` is None."""
@@ -351,17 +427,29 @@ class _Run:
                                    epoch=self.pos.epoch, step=self.pos.step)
         if finished is None:
             return ckpt
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = self._rng_states()
         ckpt.train_state = TrainState(
             position=dataclasses.replace(self.pos),
             optimizers=[pack_optimizer(opt, self.changed.tables, rows) for opt in self.optimizers],
             changed_rows=rows, scaler=self.scaler.state_dict(), rng=rng,
             early_stopping=self.stopper.state_dict(),
             raw_weights=pack(model.state_dict(), rows) if ema is not None else None,
-            ema_updates=ema.updates if ema is not None else 0, finished=finished)
+            ema_updates=ema.updates if ema is not None else 0, finished=finished,
+            world_size=self.dist.world_size if self.dist is not None else 1)
         return ckpt
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """The random generators' states: this process's, or in a torchrun job every rank's (rank r > 0 under
+        "torch.rank{r}" / "cuda.rank{r}": each rank draws its own dropout masks)."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.dist is None:
+            return rng
+        every = self.dist.gather_objects(rng, "gathering the ranks' random states for a checkpoint")
+        for r, theirs in list(enumerate(every or []))[1:]:
+            rng.update({f"{k}.rank{r}": v for k, v in theirs.items()})
+        return rng
 
     def _restore(self, ckpt: Checkpoint) -> None:
         """Put model, optimisers, EMA, early stopping and RNG back where ckpt_last.pt left them."""
@@ -377,9 +465,10 @@ class _Run:
         if ts.scaler:
             self.scaler.load_state_dict(ts.scaler)
         self.stopper.load_state_dict(ts.early_stopping)
-        torch.set_rng_state(ts.rng["torch"])
-        if self.device.type == "cuda" and "cuda" in ts.rng:
-            torch.cuda.set_rng_state(ts.rng["cuda"], self.device)
+        mine = f".rank{self.dist.rank}" if self.dist is not None and self.dist.rank else ""
+        torch.set_rng_state(ts.rng["torch" + mine])
+        if self.device.type == "cuda" and "cuda" + mine in ts.rng:
+            torch.cuda.set_rng_state(ts.rng["cuda" + mine], self.device)
         self.pos = dataclasses.replace(ts.position)
         self.finished = ts.finished
         self.stopped = self.stopper.should_stop
