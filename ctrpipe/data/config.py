@@ -181,9 +181,26 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class FoldConfig:
+    """K-fold ids of the train+val rows (fold.npy); `ctrpipe train --kfold K` trains fold k on the other folds
+    and validates it on fold k.
+
+    mode=time: the rows, ordered by `time_key`, are cut into K contiguous periods of near-equal row counts
+    (rows with equal time values never split); fold k is period k, so fold K-1 validates on the latest
+    period. Blocked rather than forward-chaining: every row is validated once (complete out-of-fold
+    predictions) and every fold trains on K-1 periods; only the last fold trains on the past alone.
+    """
+
     n_splits: int = 0                    # 0: no folds stored
-    mode: Literal["plain", "stratified", "group"] = "plain"
-    key: str = ""                        # group mode
+    # plain: by row; stratified: label rates equal across folds; group: rows sharing `key` (or all the values
+    # of `composite_group`) share a fold; time: contiguous periods of `time_key` (see above)
+    mode: Literal["plain", "stratified", "group", "time"] = "plain"
+    key: str = ""                        # group mode: one column
+    # group mode, instead of `key`: rows sharing the values of ALL these columns share a fold, e.g.
+    # [user_id, inventory_id]
+    composite_group: tuple[str, ...] = ()
+    # time mode: a numeric, timestamp/date or sortably written text column (e.g. '2024-05-01 13:00'); it
+    # need not be a feature; a missing value is an error
+    time_key: str = ""
     label: str = ""                      # stratified mode: which label (default: the first)
     seed: int = 2026
 
@@ -191,8 +208,35 @@ class FoldConfig:
         if self.n_splits == 1 or self.n_splits < 0 or self.n_splits > 100:
             raise ConfigError(f"bad value {self.n_splits} for 'data.folds.n_splits'",
                               fix="use 0 (no folds) or 2..100, e.g. data.folds.n_splits=5")
-        if self.mode == "group" and not self.key:
-            raise ConfigError("data.folds.mode=group needs data.folds.key", fix="e.g. data.folds.key=user_id")
+        if self.mode == "group" and not (self.key or self.composite_group):
+            raise ConfigError("data.folds.mode=group needs data.folds.key or data.folds.composite_group",
+                              where="data.folds", fix="e.g. data.folds.key=user_id or "
+                                                      "data.folds.composite_group=[user_id, inventory_id]")
+        if self.key and self.composite_group:
+            raise ConfigError("data.folds.key and data.folds.composite_group are both set",
+                              where="data.folds.composite_group",
+                              fix="list every grouping column in composite_group and remove key")
+        if self.composite_group and self.mode != "group":
+            raise ConfigError(f"data.folds.composite_group needs data.folds.mode=group (not {self.mode})",
+                              where="data.folds.composite_group", fix="set data.folds.mode=group")
+        if len(set(self.composite_group)) != len(self.composite_group) or "" in self.composite_group:
+            raise ConfigError(f"data.folds.composite_group {list(self.composite_group)} repeats a column or has "
+                              "an empty name", where="data.folds.composite_group",
+                              fix="list distinct column names, e.g. [user_id, inventory_id]")
+        if self.mode == "time" and not self.time_key:
+            raise ConfigError("data.folds.mode=time needs data.folds.time_key", where="data.folds",
+                              fix="e.g. data.folds.time_key=event_time")
+        if self.time_key and self.mode != "time":
+            raise ConfigError(f"data.folds.time_key needs data.folds.mode=time (not {self.mode})",
+                              where="data.folds.time_key", fix="set data.folds.mode=time")
+
+    def key_columns(self) -> tuple[str, ...]:
+        """The input columns fold assignment reads (besides labels)."""
+        if self.n_splits == 0:
+            return ()
+        if self.mode == "group":
+            return self.composite_group or (self.key,)
+        return (self.time_key,) if self.mode == "time" else ()
 
 
 @dataclass(frozen=True)

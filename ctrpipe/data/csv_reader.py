@@ -253,7 +253,7 @@ class CsvChunker:
         exprs += [pl.when(self._is_missing(c)).then(None).otherwise(pl.col(c).str.strip_chars())
                   .cast(pl.Float64, strict=False).alias(c) for c in rc.numeric]
         exprs += [pl.when(self._is_missing(c)).then(None).otherwise(pl.col(c)).alias(c)
-                  for c in (*rc.categorical, *(t.column for t in rc.tokens))]
+                  for c in (*rc.categorical, *(t.column for t in rc.tokens), *rc.keys)]
         return frame.select(exprs)
 
     def _positive(self, d: DerivedLabelConfig) -> pl.Expr:

@@ -22,7 +22,7 @@ from ctrpipe.data.transforms import first_bad_weight, weight_error
 from ctrpipe.errors import InputFormatError, SchemaError, location
 
 BadMode = Literal["error", "skip"]
-Kind = Literal["numeric", "categorical", "token", "label", "id"]
+Kind = Literal["numeric", "categorical", "token", "label", "id", "key"]
 
 
 def read_schema(path: Path) -> pa.Schema:
@@ -46,7 +46,7 @@ def _is_number(t: pa.DataType) -> bool:
 
 def _type_ok(kind: Kind, t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
-        return kind in ("categorical", "token") and _type_ok(kind, t.value_type)
+        return kind in ("categorical", "token", "key") and _type_ok(kind, t.value_type)
     if kind in ("numeric", "label"):
         return _is_number(t) or (kind == "numeric" and _is_text(t))
     if kind == "categorical":
@@ -62,6 +62,8 @@ _EXPECTED = {
     "numeric": "a number (int, float, decimal, bool) or text holding numbers",
     "label": "a 0/1 number (int, float or bool)",
     "categorical": "text, an integer or a bool (integers are hashed as their decimal text)",
+    if kind == "key":                                 # split/fold keys: anything with an order or identity
+        return _is_text(t) or _is_number(t) or pa.types.is_temporal(t)
     "token": "text with separated tokens ('a|b|c') or a list of strings/integers",
     "id": "text or an integer",
 }
@@ -71,6 +73,7 @@ _FIX = {
     "categorical": "cast floats to integers or strings when writing the file, or list it under data.numeric",
     "token": "store tokens as one separated string or a list column",
     "id": "use a text or integer id column (data.id_column)",
+    "key": "a number, a timestamp/date or text",
 }
 
 
@@ -78,8 +81,9 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
     """Raise SchemaError for a missing or mistyped column; return whether the file has the label columns."""
     names = list(schema.names)
     kinds: list[tuple[str, Kind]] = [(c, "numeric") for c in rc.numeric] + \
+    "key": "group or order by a scalar column (not a list or struct)",
         [(c, "categorical") for c in rc.categorical] + [(t.column, "token") for t in rc.tokens] + \
-        ([(rc.id, "id")] if rc.id else [])
+        ([(rc.id, "id")] if rc.id else []) + [(c, "key") for c in rc.keys]
     missing_labels = [c for c in rc.labels if c not in names]
     if missing_labels and (require_labels or len(missing_labels) < len(rc.labels)):
         c = missing_labels[0]
@@ -167,6 +171,7 @@ class ParquetChunker:
     def _flag(self, wrong: np.ndarray, keep: np.ndarray, bad: list[BadRow], row0: int, col: str, reason: str,
               error: Callable[[int], Exception]) -> None:
         rows = np.flatnonzero(wrong & keep)
+        exprs += [pl.col(c) for c in self.rc.keys]           # split/fold keys, as stored
         if len(rows) == 0:
             return
         if self.bad_rows == "error":

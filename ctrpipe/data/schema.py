@@ -38,6 +38,9 @@ class ResolvedColumns:
     labels: tuple[str, ...]
     id: str | None
     derived: tuple[DerivedLabelConfig, ...] = ()
+    # split/fold key columns that are not features (e.g. a time column for time folds): read as they are
+    # stored (Parquet) or as text (CSV), never transformed
+    keys: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> tuple[TokenColumnConfig, ...]:
@@ -53,7 +56,7 @@ class ResolvedColumns:
     def raw_columns(self) -> list[str]:
         """Every input column to read, each once: labels (or their sources), id, numeric, categorical, tokens."""
         names = [*self.label_columns, *([self.id] if self.id else []), *self.numeric, *self.categorical,
-                 *(t.column for t in self.tokens)]
+                 *(t.column for t in self.tokens), *self.keys]
         return list(dict.fromkeys(names))
 
 
@@ -103,12 +106,13 @@ def _select(explicit: tuple[str, ...], pattern: str, present: list[str], taken: 
 
 
 def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | None = None,
-                    require_labels: bool = False) -> ResolvedColumns:
+                    require_labels: bool = False, with_keys: bool = False) -> ResolvedColumns:
     """Resolve the config's column choices against an input schema (None: the fixed Criteo layout).
 
     Raises SchemaError naming the column and the closest existing name, or a column picked twice. Parquet
     and CSV label columns (and derived labels' sources) are only checked with require_labels (test files have
-    none; the reader checks each file). Derived labels' sources are never features.
+    none; the reader checks each file). Derived labels' sources are never features. `with_keys` (a train
+    build) also reads the split and fold key columns that no other kind selects.
     """
     criteo = cfg.format == "criteo"
     present = list(CRITEO_COLUMNS) if criteo else _names(schema)
@@ -138,8 +142,35 @@ def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | No
                      "data.id_column": (id_col,) if id_col else (),
                      "data.numeric": numeric, "data.categorical": categorical,
                      "data.multihot/sequence": tuple(t.column for t in tokens)}, where)
+    keys: tuple[str, ...] = ()
+    if with_keys:
+        keys = _key_columns(cfg, present, where,
+                            taken={*numeric, *categorical, *(t.column for t in tokens), *([id_col] if id_col else [])},
+                            labels={*labels, *sources})
     return ResolvedColumns(numeric, categorical, tuple(cfg.multihot), tuple(cfg.sequence), labels, id_col,
-                           derived)
+                           derived, keys)
+
+
+def _key_columns(cfg: DataConfig, present: list[str], where: str, taken: set[str],
+                 labels: set[str]) -> tuple[str, ...]:
+    """Split/fold key columns to read besides the features; each must exist and must not be a label."""
+    named = [("data.split.key", cfg.split.key)] if cfg.split.mode == "group" else []
+    f = cfg.folds
+    if f.mode == "group" and f.composite_group:
+        named += [("data.folds.composite_group", c) for c in f.composite_group]
+    else:
+        named += [(f"data.folds.{'time_key' if f.mode == 'time' else 'key'}", c) for c in f.key_columns()]
+    keys: list[str] = []
+    for key, col in named:
+        if col not in present:
+            raise SchemaError(f"column {col!r} ({key}) is not in the input", where=f"{where}, {key}",
+                              fix=f"{closest(col, present)} Check {key} in the config.")
+        if col in labels:
+            raise SchemaError(f"{key} = {col!r} is a label column", where=key,
+                              fix="group or order folds by an input column that is not a label")
+        if col not in taken and col not in keys:
+            keys.append(col)
+    return tuple(keys)
 
 
 def _check_disjoint(kinds: dict[str, tuple[str, ...]], where: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import polars as pl
 
 from ctrpipe.data.config import FoldConfig, SplitConfig
 
@@ -49,6 +50,30 @@ _PURPOSE_SPLIT = 0x5350_4C49  # "SPLI"
 _PURPOSE_FOLD = 0x464F_4C44   # "FOLD"
 
 
+def combine_hashes(hashes: list[np.ndarray]) -> np.ndarray:
+    """(N,) uint64 key of several columns' (N,) value hashes together: equal only where every column is equal
+    (up to 64-bit collisions); order matters, so [a, b] and [b, a] key differently."""
+    out = np.zeros(len(hashes[0]), dtype=np.uint64)
+    for h in hashes:
+        out = mix64(out ^ mix64(h))
+    return out
+
+
+def period_starts(values: pl.Series, counts: np.ndarray, k: int) -> pl.Series:
+    """The first time value of periods 1..k-1 when rows with the sorted distinct `values` (and `counts` rows
+    each) are cut into k contiguous periods of near-equal rows: a value goes to the period holding the middle
+    of its rows' ranks, so equal values never split. Raises ValueError when a period would be empty."""
+    total = int(counts.sum())
+    ends = np.cumsum(counts)
+    mid = ends - counts / 2.0                                          # middle rank of each value's rows
+    period = np.minimum((mid * k / total).astype(np.int64), k - 1)     # non-decreasing over values
+    filled = len(np.unique(period))
+    if filled < k:
+        raise ValueError(f"{len(values)} distinct values fill {filled} of {k} periods")
+    first = np.searchsorted(period, np.arange(1, k), side="left")      # first value of each later period
+    return values.gather(first)
+
+
 def tail_threshold(n_rows: int, val_ratio: float) -> int:
     """First global row index that goes to val in tail mode: the last round(val_ratio * n_rows) rows."""
     return n_rows - int(round(val_ratio * n_rows))
@@ -85,6 +110,10 @@ class FoldAssigner:
     r // K; each block gets a seeded permutation of the K folds (one of all K! for K <= 7, else a seeded
     rotation) and the row takes entry r % K. So every K consecutive same-class rows cover all folds once,
     fold sizes differ by at most one per class, and positive rates are near-equal across folds.
+
+    Group: a seeded hash of the key's value (or of the combined values of `composite_group`) picks the fold.
+    Time: `period_starts` (set from a pre-pass, see `period_starts`) holds the first time value of periods
+    1..K-1; a row's fold is the number of those starts at or before its time value.
     """
 
     def __init__(self, cfg: FoldConfig) -> None:
@@ -94,13 +123,14 @@ class FoldAssigner:
         # (P, K) table of fold permutations a block can draw from
         self.perms = (np.array(list(itertools.permutations(range(k))), dtype=np.int8) if 0 < k <= 7
                       else np.array([np.roll(np.arange(k), -i) for i in range(k)], dtype=np.int8))
+        self.period_starts: pl.Series | None = None     # time mode: K-1 sorted time values
 
     @property
     def enabled(self) -> bool:
         return self.cfg.n_splits > 0
 
     def assign(self, row_index: np.ndarray, *, label: np.ndarray | None = None,
-               key_hash: np.ndarray | None = None) -> np.ndarray:
+               key_hash: np.ndarray | None = None, time: pl.Series | None = None) -> np.ndarray:
         """(N,) int8 fold ids for rows that take part in CV (callers pass only train+val rows)."""
         k = self.cfg.n_splits
         n = len(row_index)
@@ -108,11 +138,24 @@ class FoldAssigner:
             return np.full(n, NO_FOLD, dtype=np.int8)
         if self.cfg.mode == "plain":
             return (seeded(row_index, self.cfg.seed, _PURPOSE_FOLD) % np.uint64(k)).astype(np.int8)
+        if self.cfg.mode == "time":
+            assert time is not None and self.period_starts is not None, "time folds need time values and periods"
+            return self.period_starts.search_sorted(time, side="right").to_numpy().astype(np.int8)
         if self.cfg.mode == "group":
             assert key_hash is not None, "group folds need key hashes"
             return (seeded(key_hash, self.cfg.seed, _PURPOSE_FOLD) % np.uint64(k)).astype(np.int8)
         assert label is not None, "stratified folds need a label"
         return self._stratified(label)
+
+    def describe(self) -> dict[str, object]:
+        """What the manifest's `folds` adds for this mode: the grouping columns, or the time key and the first
+        time value of each period (as text)."""
+        if self.cfg.mode == "time" and self.period_starts is not None:
+            return {"time_key": self.cfg.time_key,
+                    "period_starts": [str(v) for v in self.period_starts.to_list()]}
+        if self.cfg.mode == "group" and self.cfg.composite_group:
+            return {"composite_group": list(self.cfg.composite_group)}
+        return {}
 
     def _stratified(self, label: np.ndarray) -> np.ndarray:
         k = self.cfg.n_splits

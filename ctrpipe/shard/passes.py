@@ -38,6 +38,7 @@ from ctrpipe.data.splits import SPLIT_GOLD, SPLIT_TEST, FoldAssigner, assign_spl
 from ctrpipe.data.transforms import log1p_transform
 from ctrpipe.errors import InputFormatError, SchemaError, disk_full_as_error, human_bytes
 from ctrpipe.prefetch import prefetch
+from ctrpipe.shard.folds import fit_periods, fold_key_hash, time_values
 from ctrpipe.shard.manifest import ShardInfo
 from ctrpipe.shard.tally import BadRowTally, GroupStats, SplitTally
 from ctrpipe.shard.transform import (
@@ -77,7 +78,7 @@ def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train") -> Pl
     sources = (*data.labels, *(d.column for d in data.derived_labels))
     if role == "test" and schema is not None and not any(lab in schema for lab in sources):
         data = dataclasses.replace(data, labels=(), derived_labels=())
-    rc = resolve_columns(data, schema, paths[0] if data.format != "criteo" else None)
+    rc = resolve_columns(data, schema, paths[0] if data.format != "criteo" else None, with_keys=role == "train")
     return make_plan(data, rc)
 
 
@@ -230,6 +231,8 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
     transformer = ChunkTransformer(plan, fitted, loo)
     splitter = _Splitter(plan, inputs)
     folds = FoldAssigner(data.folds) if inputs.role == "train" else FoldAssigner(type(data.folds)())
+    if folds.enabled and folds.cfg.mode == "time":
+        folds.period_starts = fit_periods(plan, inputs.main, folds.cfg.n_splits)    # a pre-pass over one column
     labels = plan.labels
     fold_label = labels.index(data.folds.label) if data.folds.label in labels else 0
     tally = SplitTally(labels, folds.cfg.n_splits, fold_label)
@@ -265,8 +268,9 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
                 y = labels_matrix(frame, labels) if has_labels else None
                 fold = np.full(n, -1, dtype=np.int8)
                 if folds.enabled and not is_gold:
-                    key = key_hash(plan, frame, data.folds.key) if data.folds.mode == "group" else None
-                    fold = folds.assign(idx, label=y[:, fold_label] if y is not None else None, key_hash=key)
+                    when = time_values(chunk, data.folds.time_key) if data.folds.mode == "time" else None
+                    fold = folds.assign(idx, label=y[:, fold_label] if y is not None else None,
+                                        key_hash=fold_key_hash(plan, frame), time=when)
                 arrays, missing = transformer.transform(frame, split)
                 if "numeric" in arrays:
                     num_stats.update(arrays["numeric"], missing)
@@ -298,7 +302,7 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
     f = data.folds
     return WriteResult(
         shards=shards, rows=row, rows_dict=tally.rows_dict(),
-        folds=tally.folds_dict(f.mode, f.key, labels[fold_label] if labels else "", f.seed)
+        folds={**tally.folds_dict(f.mode, f.key, labels[fold_label] if labels else "", f.seed), **folds.describe()}
         if inputs.role == "train" else {"n_splits": 0, "sizes": []},
         label_rates=tally.label_rates() if has_labels else {}, bad_rows=bad.to_dict(), column_stats=stats,
         id_dtype=f"<U{max(id_width, 1)}" if id_width else "int64", output_bytes=writer.bytes_written,

@@ -1,0 +1,92 @@
+"""Stage 2: the per-chunk inputs of fold assignment (group keys, time values) and the pre-pass that cuts time
+folds into periods.
+
+Time folds need the whole input's order before the first row is assigned, so a cheap pre-pass reads only
+the time column and counts rows per distinct time value (memory grows with the distinct values, never with
+the rows); the periods follow from those counts (`ctrpipe.data.splits.period_starts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ctrpipe.data.chunks import RawChunk, column_hashes, has_column, hashed_name
+from ctrpipe.data.reader import iter_raw_chunks
+from ctrpipe.data.splits import combine_hashes, period_starts
+from ctrpipe.errors import InputFormatError, SchemaError, location
+from ctrpipe.shard.transform import Plan
+
+
+def fold_key_hash(plan: Plan, frame: pl.DataFrame) -> np.ndarray | None:
+    """(N,) uint64 group key of group folds (one column's value hash, or several columns' combined), else
+    None."""
+    f = plan.cfg.folds
+    if f.mode != "group" or not f.n_splits:
+        return None
+    cols = f.composite_group or (f.key,)
+    for c in cols:
+        if not has_column(frame, c):
+            raise SchemaError(f"group key column {c!r} is not among the parsed columns",
+                              where="data.folds.composite_group" if f.composite_group else "data.folds.key",
+                              fix=f"use one of {frame.columns[:10]}")
+    hashes = [column_hashes(frame, c, plan.seed(c))[0] for c in cols]
+    return hashes[0] if len(hashes) == 1 else combine_hashes(hashes)
+
+
+def time_values(chunk: RawChunk, key: str) -> pl.Series:
+    """(N,) time values of a chunk, in one comparable dtype whatever the file stores: numbers as Float64,
+    timestamps, dates and durations as their Int64 count of units, text as text. A missing value is an
+    error: a row with no time has no period."""
+    frame = chunk.frame
+    if key not in frame.columns:
+        hashed = hashed_name(key) in frame.columns
+        raise SchemaError(f"time key column {key!r} is " + ("only available hashed (a Criteo categorical)"
+                                                            if hashed else "not among the parsed columns"),
+                          where="data.folds.time_key",
+                          fix="order folds by a numeric, timestamp or text column of the input")
+    s = frame[key]
+    if s.dtype.is_temporal():
+        s = s.to_physical().cast(pl.Int64)
+    elif s.dtype.is_numeric() or s.dtype == pl.Boolean:
+        s = s.cast(pl.Float64)
+        s = s.fill_nan(None)
+    elif s.dtype != pl.String:
+        s = s.cast(pl.String)
+    missing = s.is_null().to_numpy()
+    if missing.any():
+        i = int(np.argmax(missing))
+        raise InputFormatError(f"time key {key!r} is missing in {int(missing.sum())} rows of this chunk",
+                               where=location(chunk.source, row=chunk.line_of(i), column=key),
+                               fix="fill the missing times in the input, or use another data.folds.mode")
+    return s
+
+
+def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> pl.Series:
+    """The first time value of periods 1..K-1 over the rows of `paths` (the main inputs), from a pass that
+    reads only the time column (typed as the write pass types it)."""
+    key = plan.cfg.folds.time_key
+    rc = plan.columns
+    only = dataclasses.replace(
+        rc, numeric=tuple(c for c in rc.numeric if c == key), categorical=tuple(c for c in rc.categorical if c == key),
+        multihot=(), sequence=(), labels=(), derived=(), id=rc.id if rc.id == key else None,
+        keys=tuple(c for c in rc.keys if c == key))
+    data = dataclasses.replace(plan.cfg, labels=(), derived_labels=())
+    counts: pl.DataFrame | None = None
+    for chunk in iter_raw_chunks(data, paths, data.chunk_rows, bad_rows=data.bad_rows, require_labels=False,
+                                 columns=only):
+        vc = time_values(chunk, key).alias("t").value_counts(name="n")
+        counts = vc if counts is None else pl.concat([counts, vc]).group_by("t").agg(pl.col("n").sum())
+    if counts is None:
+        raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in paths[:3]),
+                               fix="check the --input paths")
+    counts = counts.sort("t")
+    try:
+        return period_starts(counts["t"], counts["n"].to_numpy().astype(np.int64), n_splits)
+    except ValueError as exc:
+        raise InputFormatError(f"time key {key!r} cannot be cut into {n_splits} periods: {exc} (equal time "
+                               "values stay in one period)", where="data.folds.time_key",
+                               fix="use fewer folds (data.folds.n_splits) or a finer time column") from None

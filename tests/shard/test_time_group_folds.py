@@ -1,0 +1,183 @@
+"""Time-ordered folds (data.folds.mode=time, time_key) and composite group folds (composite_group) through real
+shard builds: contiguous periods, ties kept together, the same folds for any chunk size, keys that are not
+features, the trainer's fold views over them, and the errors."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ctrpipe.config import load_config
+from ctrpipe.data.config import FoldConfig
+from ctrpipe.errors import ConfigError, InputFormatError, SchemaError
+from ctrpipe.loader.view import RowView, resolve_view
+from ctrpipe.shard.build import build_shards
+from ctrpipe.shard.manifest import read_manifest
+from tests.shard.helpers import PARQUET_CFG, load_all
+
+BASE = ["data.labels=[clicked]", "data.id_column=ID", "data.numeric.pattern=''", "data.numeric.columns=[x]",
+        "data.numeric.impute=zero", "data.numeric.standardize=false",
+        "data.categorical.columns=[user, item]", "data.categorical.pattern=''",
+        "data.categorical.mode=hash", "data.sequence=[]", "data.multihot=[]", "data.covisit=[]",
+        "data.hash_bins=100", "data.shard_rows=64"]
+
+
+def _write(path: Path, rows: int, seed: int = 0, missing_time: bool = False) -> Path:
+    """Rows in shuffled time order; `day` repeats (ties), `ts` is a timestamp, `stamp` sortable text."""
+    rng = np.random.default_rng(seed)
+    day = rng.integers(0, 40, rows)                                    # 40 distinct days, many rows each
+    sec = day * 86_400 + rng.integers(0, 86_400, rows)
+    t0 = datetime(2024, 1, 1)
+    ts = pa.array([t0 + timedelta(seconds=int(s)) for s in sec], pa.timestamp("s"))
+    stamp = [f"{(t0 + timedelta(days=int(d))):%Y-%m-%d}" for d in day]
+    table = pa.table({
+        "ID": [f"r{r}" for r in range(rows)], "clicked": pa.array((rng.random(rows) < 0.3).astype(np.int8)),
+        "x": rng.random(rows), "day": pa.array(day.astype(np.int32)),
+        "user": [f"u{int(u)}" for u in rng.integers(0, 25, rows)],
+        "item": [f"i{int(i)}" for i in rng.integers(0, 4, rows)],
+        "ts": pa.array([None if missing_time and r == 7 else v for r, v in enumerate(ts.to_pylist())],
+                       pa.timestamp("s")),
+        "stamp": stamp, "site": [f"s{int(s)}" for s in rng.integers(0, 3, rows)],
+    })
+    pq.write_table(table, path)
+    return path
+
+
+def _build(tmp: Path, src: Path, name: str, *overrides: str) -> tuple[dict[str, np.ndarray], object]:
+    cfg = load_config(PARQUET_CFG, [*BASE, *overrides])
+    m = build_shards(cfg, [src], tmp / name, progress=False).manifest
+    return load_all(tmp / name), m
+
+
+@pytest.mark.parametrize("key", ["ts", "day", "stamp", "x"])
+def test_time_folds_are_contiguous_periods_of_near_equal_size(tmp_path: Path, key: str) -> None:
+    src = _write(tmp_path / "t.parquet", 600)
+    a, m = _build(tmp_path, src, "c", "data.folds.n_splits=4", "data.folds.mode=time", f"data.folds.time_key={key}",
+                  "data.chunk_rows=53")
+    t = pq.read_table(src)[key].to_numpy()
+    t = t.astype("datetime64[s]").astype(np.int64) if key == "ts" else t
+    fold = a["fold"]
+    assert set(fold.tolist()) == {0, 1, 2, 3}
+    for k in range(3):                                   # fold k ends before fold k + 1 starts
+        assert t[fold == k].max() < t[fold == k + 1].min()
+    for v in np.unique(t)[:50]:                          # equal times share one fold
+        assert len(set(fold[t == v].tolist())) == 1
+    sizes = np.bincount(fold, minlength=4)
+    assert sizes.min() > 600 / 4 * 0.7 and sizes.sum() == 600
+    assert m.folds["mode"] == "time" and m.folds["time_key"] == key and len(m.folds["period_starts"]) == 3
+    assert m.folds["sizes"] == sizes.tolist()
+    if key in ("ts", "stamp", "day"):                    # not a feature: read for the folds only
+        assert key not in [c.name for c in m.columns]
+    # the same folds whatever the chunk size; the trainer's views partition the rows
+    b, _ = _build(tmp_path, src, "d", "data.folds.n_splits=4", "data.folds.mode=time",
+                  f"data.folds.time_key={key}", "data.chunk_rows=1000")
+    assert (b["fold"] == fold).all()
+    cache = tmp_path / "c"
+    for k in range(4):
+        tr = resolve_view(cache, m, RowView.fold_train(k)).global_rows()
+        va = resolve_view(cache, m, RowView.fold_val(k)).global_rows()
+        assert not set(tr.tolist()) & set(va.tolist()) and len(tr) + len(va) == 600
+        assert (fold[va] == k).all()
+
+
+def test_composite_group_keeps_rows_sharing_all_values_together(tmp_path: Path) -> None:
+    src = _write(tmp_path / "t.parquet", 500)
+    a, m = _build(tmp_path, src, "c", "data.folds.n_splits=3", "data.folds.mode=group",
+                  "data.folds.composite_group=[user, site]", "data.chunk_rows=41")
+    t = pq.read_table(src).to_pydict()
+    fold = a["fold"]
+    groups: dict[tuple[str, str], set[int]] = {}
+    by_user: dict[str, set[int]] = {}
+    for r, (u, s) in enumerate(zip(t["user"], t["site"], strict=True)):
+        groups.setdefault((u, s), set()).add(int(fold[r]))
+        by_user.setdefault(u, set()).add(int(fold[r]))
+    assert all(len(f) == 1 for f in groups.values())
+    assert any(len(f) > 1 for f in by_user.values())     # keyed on both columns, not on user alone
+    assert set(fold.tolist()) == {0, 1, 2}
+    assert m.folds["composite_group"] == ["user", "site"]
+    assert "site" not in [c.name for c in m.columns]    # a key column need not be a feature
+    b, _ = _build(tmp_path, src, "d", "data.folds.n_splits=3", "data.folds.mode=group",
+                  "data.folds.composite_group=[user, site]", "data.chunk_rows=1000")
+    assert (b["fold"] == fold).all()
+    # a single-column group key keeps its old fold ids (key and composite_group of one column agree)
+    c, _ = _build(tmp_path, src, "e", "data.folds.n_splits=3", "data.folds.mode=group", "data.folds.key=user")
+    d, _ = _build(tmp_path, src, "f", "data.folds.n_splits=3", "data.folds.mode=group",
+                  "data.folds.composite_group=[user]")
+    assert (c["fold"] == d["fold"]).all()
+
+
+def test_test_caches_need_no_fold_keys(tmp_path: Path) -> None:
+    src = _write(tmp_path / "t.parquet", 200)
+    test = tmp_path / "test.parquet"
+    pq.write_table(pq.read_table(src).drop(["ts", "clicked"]), test)
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=time", "data.folds.time_key=ts"])
+    build_shards(cfg, [test], tmp_path / "te", role="test", progress=False)
+    assert read_manifest(tmp_path / "te").folds["n_splits"] == 0
+
+
+@pytest.mark.parametrize(("overrides", "err", "where", "fix"), [
+    (["data.folds.mode=time", "data.folds.time_key=tss"], SchemaError, "data.folds.time_key", "'ts'"),
+    (["data.folds.mode=group", "data.folds.composite_group=[user, sitee]"], SchemaError,
+     "data.folds.composite_group", "'site'"),
+    (["data.folds.mode=time", "data.folds.time_key=clicked"], SchemaError, "data.folds.time_key", "not a label"),
+])
+def test_fold_keys_that_are_not_columns_name_the_key(tmp_path: Path, overrides: list[str], err: type,
+                                                      where: str, fix: str) -> None:
+    src = _write(tmp_path / "t.parquet", 60)
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", *overrides])
+    with pytest.raises(err) as e:
+        build_shards(cfg, [src], tmp_path / "c", progress=False)
+    assert where in str(e.value) and fix in str(e.value) and "fix:" in str(e.value)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_time_folds_refuse_missing_times_and_too_few_values(tmp_path: Path) -> None:
+    src = _write(tmp_path / "t.parquet", 60, missing_time=True)
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=time", "data.folds.time_key=ts"])
+    with pytest.raises(InputFormatError) as e:
+        build_shards(cfg, [src], tmp_path / "c", progress=False)
+    assert "row 7" in str(e.value) and "column ts" in str(e.value) and "fix:" in str(e.value)
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=time",
+                                    "data.folds.time_key=item"])    # 4 values, one holding half the rows
+    pq.write_table(pq.read_table(_write(tmp_path / "u.parquet", 60)).set_column(
+        5, "item", pa.array(["a"] * 50 + ["b"] * 10)), tmp_path / "v.parquet")
+    with pytest.raises(InputFormatError) as e:
+        build_shards(cfg, [tmp_path / "v.parquet"], tmp_path / "d", progress=False)
+    assert "3 periods" in str(e.value) and "data.folds.n_splits" in str(e.value)
+
+
+@pytest.mark.parametrize(("kwargs", "fix"), [
+    ({"n_splits": 3, "mode": "time"}, "time_key="),
+    ({"n_splits": 3, "time_key": "ts"}, "mode=time"),
+    ({"n_splits": 3, "mode": "group"}, "composite_group=[user_id"),
+    ({"n_splits": 3, "mode": "group", "key": "a", "composite_group": ("a", "b")}, "remove key"),
+    ({"n_splits": 3, "mode": "plain", "composite_group": ("a", "b")}, "mode=group"),
+    ({"n_splits": 3, "mode": "group", "composite_group": ("a", "a")}, "distinct"),
+])
+def test_fold_config_errors(kwargs: dict[str, object], fix: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        FoldConfig(**kwargs)  # type: ignore[arg-type]  # the dataclass checks its own values
+    assert fix in str(e.value)
+
+
+def test_csv_time_key_read_as_text_when_not_a_feature(tmp_path: Path) -> None:
+    """CSV keys that are no feature arrive as text: ISO dates order correctly as text."""
+    rng = np.random.default_rng(3)
+    days = rng.integers(1, 29, 300)
+    lines = ["when,city,clicked"] + [f"2024-02-{d:02d},c{int(c)},{int(y)}" for d, c, y in
+                                     zip(days, rng.integers(0, 5, 300), rng.random(300) < 0.3, strict=True)]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "cfg.yaml").write_text("data:\n  format: csv\n  labels: [clicked]\n  numeric: {columns: []}\n"
+                                       "  categorical: {columns: [city]}\n  hash_bins: 50\n"
+                                       "  folds: {n_splits: 4, mode: time, time_key: when}\n")
+    cfg = load_config(tmp_path / "cfg.yaml", [])
+    m = build_shards(cfg, [tmp_path / "t.csv"], tmp_path / "c", progress=False).manifest
+    fold = load_all(tmp_path / "c")["fold"]
+    for k in range(3):
+        assert days[fold == k].max() < days[fold == k + 1].min()
+    assert m.folds["period_starts"][0].startswith("2024-02-")
