@@ -98,3 +98,60 @@ class GatedConfig(MultiTaskConfig):
         check_config(self.gate_temperature > 0, "gate_temperature", self.gate_temperature, "1.0")
         for key in ("gate_noise", "gate_entropy", "gate_balance"):
             check_config(getattr(self, key) >= 0, key, getattr(self, key), "0.001")
+
+
+SearchMode = Literal["soft", "hard"]
+QueryMode = Literal["S1", "S2", "concat"]
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """`model.sequence`: which history a sequence model reads, against which candidate."""
+
+    column: str = ""       # a data.sequence column; "" = the first one in the shards
+    # the candidate: a categorical column in the history's id space (data.sequence[].share_ids_with);
+    # "" = the column the history shares its ids with
+    query_key: str = ""
+    max_len: int = 0       # read only the most recent max_len stored tokens; 0 = all of them
+
+    def __post_init__(self) -> None:
+        check_config(isinstance(self.max_len, int) and self.max_len >= 0, "sequence.max_len", self.max_len, "50")
+
+
+@dataclass(frozen=True)
+class TfmConfig:
+    """`model.sequence.tfm`: the transformer encoder run over the history before the search."""
+
+    n_layers: int = 1
+    n_heads: int = 2
+    dropout: float = 0.1
+    ffn_hidden: int = 0    # width of each block's feed-forward layer; 0 = 4 x the attention dim
+
+    def __post_init__(self) -> None:
+        check_config(self.n_layers >= 1, "sequence.tfm.n_layers", self.n_layers, "1")
+        check_config(self.n_heads >= 1, "sequence.tfm.n_heads", self.n_heads, "2")
+        check_config(0.0 <= self.dropout < 1.0, "sequence.tfm.dropout", self.dropout, "0.1")
+        check_config(self.ffn_hidden >= 0, "sequence.tfm.ffn_hidden", self.ffn_hidden, "64")
+
+
+@dataclass(frozen=True)
+class SearchConfig(SequenceConfig):
+    """SequenceConfig plus DARE's search over the history (see layers/sequence.py DecoupledSearch)."""
+
+    top_k: int = 20        # behaviours kept by the search; 0 = all (plain softmax attention)
+    search: SearchMode = "soft"   # soft: the top_k best scores; hard: the top_k most recent behaviours
+    # > 0: each score loses age / recency_tau (age 0 = the most recent behaviour) before the search, so
+    # older behaviours must match better to be picked; 0 = off
+    recency_tau: float = 0.0
+    # what the search is keyed by: S1 = the candidate (query_key); S2 = the most recent behaviour (for
+    # data whose candidate is not an item); concat = both searches, their outputs side by side
+    query_mode: QueryMode = "S1"
+    transformer_block: bool = False   # contextualise the history's attention vectors with `tfm` first
+    tfm: TfmConfig = field(default_factory=TfmConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_config(isinstance(self.top_k, int) and self.top_k >= 0, "sequence.top_k", self.top_k, "20")
+        check_choice(self.search, SearchMode, "sequence.search")
+        check_config(self.recency_tau >= 0, "sequence.recency_tau", self.recency_tau, "20.0")
+        check_choice(self.query_mode, QueryMode, "sequence.query_mode")

@@ -77,6 +77,11 @@ def label_range(name: str) -> tuple[int, int | None]:
     return entry.min_labels, entry.max_labels
 
 
+def required_features(name: str) -> tuple[str, ...]:
+    """Feature kinds a model refuses to run without (e.g. ("sequence",) for history readers)."""
+    return _entry(name).requires
+
+
 def build_model(name: str, cfg: Any, spec: FeatureSpec, sparse: bool = False) -> nn.Module:
     """Build a registered model; refuses when the data lacks a feature kind the model needs."""
     entry = _entry(name)

@@ -40,7 +40,8 @@ def expected_fields(rows: np.ndarray) -> dict[str, np.ndarray]:
     tags = np.where(col < lens[:, None], (r[:, None] * 7 + col + 1) % 1000 + 1, 0).astype(np.int32)
     seq_lens = (r % (SEQ_LEN + 1)).astype(np.int32)
     scol = np.arange(SEQ_LEN)
-    hist = np.where(scol >= SEQ_LEN - seq_lens[:, None], (r[:, None] + scol) % 500 + 1, 0).astype(np.int32)
+    # the shard convention (Batch docstring): tokens left-aligned, most recent last, padding 0 on the right
+    hist = np.where(scol < seq_lens[:, None], (r[:, None] + scol) % 500 + 1, 0).astype(np.int32)
     return {
         "numeric": (r[:, None] + np.arange(N_NUMERIC) / 10).astype(np.float32),
         "categorical": np.stack([r % 2_000_000_000, (r * 3) % 11], axis=1).astype(np.int32),

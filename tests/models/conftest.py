@@ -17,10 +17,12 @@ def make_spec(n_tasks: int = 1, numeric: bool = True, multihot: bool = True,
     labels = tuple(f"y{t}" for t in range(n_tasks))
     return FeatureSpec(
         numeric=("I1", "I2", "I3") if numeric else (),
+        # the history shares the candidate item's id space (data.sequence[].share_ids_with: item)
         categorical=(FieldSpec("C1", "categorical", 11), FieldSpec("C2", "categorical", 7),
-                     FieldSpec("C3", "categorical", 23)),
+                     FieldSpec("C3", "categorical", 23)) +
+                    ((FieldSpec("item", "categorical", 17, id_space="item"),) if sequence else ()),
         multihot=(FieldSpec("tags", "multihot", 13, width=4, weighted=True),) if multihot else (),
-        sequence=(FieldSpec("hist", "sequence", 17, width=5),) if sequence else (),
+        sequence=(FieldSpec("hist", "sequence", 17, width=5, id_space="item"),) if sequence else (),
         labels=labels,
         label_rates=tuple(0.1 + 0.2 * t for t in range(n_tasks)),
     )
@@ -43,7 +45,7 @@ def make_batch(spec: FeatureSpec, rows: int = 64, seed: int = 0) -> Batch:
     for f in spec.sequence:
         lengths = torch.randint(0, f.width + 1, (rows,), generator=g)
         tok = torch.randint(1, f.bins, (rows, f.width), generator=g)
-        tok[torch.arange(f.width).flip(0) >= lengths.unsqueeze(1)] = 0     # left-padded, most recent last
+        tok[torch.arange(f.width) >= lengths.unsqueeze(1)] = 0            # right-padded, most recent last
         seq.append(tok.int())
         seq_len.append(lengths.int())
     signal = (cat[:, 0] % 2) + (cat[:, 1] % 3 == 0)

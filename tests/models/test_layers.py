@@ -50,7 +50,7 @@ def test_shared_table_uses_field_offsets() -> None:
 def test_bags_weighted_mean_excluding_padding_and_sequence_mean() -> None:
     emb = FieldEmbedding(SPEC, 2)
     batch = id_batch([[1, 1], [2, 2]], mh=[[2, 5, 0], [0, 0, 0]], w=[[0.5, 2.0, 0.0], [0.0, 0.0, 0.0]],
-                     seq=[[0, 1, 3], [0, 0, 2]])
+                     seq=[[1, 3, 0], [2, 0, 0]])      # right-padded, most recent last (Batch docstring)
     out = emb(batch)                                                       # (2, 4, 2): C1, C2, tags, hist
     assert emb.field_names == ("C1", "C2", "tags", "hist")
     bag = emb.groups[0].bag_table.weight   # row 0 = padding, tags 1..5 -> rows 1..5, hist 1..3 -> 6..8
@@ -64,7 +64,47 @@ def test_bags_weighted_mean_excluding_padding_and_sequence_mean() -> None:
     torch.testing.assert_close(summed(batch)[0, 3], out[0, 3])
     tokens = emb.token_vectors(batch, "sequence", 0)                 # (B, L, D), unpooled
     assert tokens.shape == (2, 3, 2)
-    torch.testing.assert_close(tokens[0], torch.stack([torch.zeros(2), bag[6], bag[8]]))
+    torch.testing.assert_close(tokens[0], torch.stack([bag[6], bag[8], torch.zeros(2)]))
+
+
+SHARED = FeatureSpec(categorical=(FieldSpec("C1", "categorical", 10),
+                                  FieldSpec("item", "categorical", 6, id_space="item")),
+                     multihot=(FieldSpec("tags", "multihot", 6, width=3),),
+                     sequence=(FieldSpec("hist", "sequence", 6, width=4, id_space="item"),))
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_field"])
+def test_shared_id_space_reads_the_candidates_rows(mode: str) -> None:
+    emb = FieldEmbedding(SHARED, 3, mode=mode)
+    group = next(g for g in emb.groups if "item" in g.cat_names)
+    table = group.cat_table.weight
+    start = int(group.cat_offsets[group.cat_names.index("item")])
+    assert table.shape[0] == (16 if mode == "shared" else 6) + 1           # + the zero padding row
+    torch.testing.assert_close(table[group.cat_pad], torch.zeros(3))
+    batch = id_batch([[1, 4], [2, 0]], mh=[[1, 0, 0], [0, 0, 0]], seq=[[4, 2, 4, 0], [0, 0, 0, 0]])
+    out = emb(batch)
+    hist = emb.field_names.index("hist")
+    torch.testing.assert_close(out[0, hist], (2 * table[start + 4] + table[start + 2]) / 3)
+    torch.testing.assert_close(out[1, hist], torch.zeros(3))                # empty history -> 0, not NaN
+    torch.testing.assert_close(emb.lookup(batch, "item")[0], table[start + 4])   # candidate id 4 = token 4
+    tokens = emb.token_vectors(batch, "sequence", 0)
+    torch.testing.assert_close(tokens[0, 0], emb.lookup(batch, "item")[0])
+    torch.testing.assert_close(tokens[0, 3], torch.zeros(3))
+    out.sum().backward()                                                    # padding row gets no gradient
+    grad = table.grad.to_dense() if table.grad.is_sparse else table.grad
+    torch.testing.assert_close(grad[group.cat_pad], torch.zeros(3))
+
+
+def test_unpooled_history_leaves_the_pooled_fields() -> None:
+    emb = FieldEmbedding(SHARED, 3, unpooled=["hist"])
+    assert emb.field_names == ("C1", "item", "tags") and emb.flat_dim == 9
+    batch = id_batch([[1, 4]], mh=[[1, 0, 0]], seq=[[4, 0, 0, 0]])
+    assert emb(batch).shape == (1, 3, 3)
+    assert emb.token_vectors(batch, "sequence", 0).shape == (1, 4, 3)
+    with pytest.raises(ConfigError, match="not multihot or sequence"):
+        FieldEmbedding(SHARED, 3, unpooled=["C1"])
+    with pytest.raises(ConfigError, match="share the id space"):
+        FieldEmbedding(SHARED, {"hist": 5}, default_dim=3)
 
 
 def test_per_field_tables_match_shared_lookup() -> None:

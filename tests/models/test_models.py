@@ -15,7 +15,7 @@ from ctrpipe.config import build_model_section
 from ctrpipe.features import FeatureSpec
 from ctrpipe.models.heads import as_output
 from ctrpipe.models.layers.embedding import split_parameters
-from ctrpipe.models.registry import build_model, label_range, model_names
+from ctrpipe.models.registry import build_model, label_range, model_names, required_features
 
 # single-task models (one logit per label on one trunk); the multi-task ones: tests/models/test_multitask.py
 SINGLE = [name for name in model_names() if label_range(name)[0] == 1]
@@ -50,6 +50,11 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("qnn_alpha", {**SMALL, "heads": 2, "norm": "layer", "use_residual": False, "activation": "gelu"}),
     ("qnn_alpha", {**SMALL, "self_ensemble": False, "dropout": 0.0, "norm": "none",
                    "embedding_mode": "per_field"}),
+]
+VARIANTS += [
+    ("din", SMALL_MLP),
+    ("din", {**SMALL_MLP, "attention_softmax": True, "keep_pooled_history": True, "attention_units": [8, 4],
+             "sequence": {"column": "hist", "query_key": "item", "max_len": 3}}),
 ]
 IDS = [f"{name}-{i}" for i, (name, _) in enumerate(VARIANTS)]
 
@@ -151,7 +156,8 @@ def test_sparse_embeddings_get_sparse_grads(name: str, spec_factory, batch_facto
 
 @pytest.mark.parametrize("name", SINGLE)
 def test_without_numeric_or_bag_fields(name: str, spec_factory, batch_factory) -> None:
-    spec = spec_factory(numeric=False, multihot=False, sequence=False)
+    # a history reader keeps its history (and candidate): what it refuses without is tested elsewhere
+    spec = spec_factory(numeric=False, multihot=False, sequence="sequence" in required_features(name))
     batch = batch_factory(spec, rows=4)
     assert batch.numeric is None
     assert logits(build(spec, name, {}), batch).shape == (4, 1)

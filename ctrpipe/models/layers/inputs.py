@@ -6,6 +6,7 @@ One place decides how numeric columns enter a model: `numeric="concat"` appends 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import NamedTuple
 
 import torch
@@ -35,14 +36,16 @@ class InputTensors(NamedTuple):
 class FeatureInput(nn.Module):
     """Embeddings of every id field + numeric columns (raw or tokenised), computed once per batch."""
 
-    def __init__(self, spec: FeatureSpec, cfg: InputConfig, sparse: bool = False) -> None:
+    def __init__(self, spec: FeatureSpec, cfg: InputConfig, sparse: bool = False,
+                 unpooled: Collection[str] = ()) -> None:
+        """`unpooled`: sequence/multihot fields a model reads itself (attention), left out of the inputs."""
         super().__init__()
         if not spec.id_fields and spec.n_numeric == 0:
             raise SchemaError("the feature spec has no numeric and no id fields", where="manifest",
                               fix="shard data with at least one feature column")
         self.embedding = FieldEmbedding(spec, dict(cfg.field_dims), mode=cfg.embedding_mode, sparse=sparse,
                                         pooling=cfg.multihot_pooling, init_std=cfg.embedding_init_std,
-                                        default_dim=cfg.embedding_dim) if spec.id_fields else None
+                                        default_dim=cfg.embedding_dim, unpooled=unpooled) if spec.id_fields else None
         tokens = cfg.numeric == "token" and spec.n_numeric > 0
         self.tokenizer = NumericTokenizer(spec.n_numeric, cfg.embedding_dim,
                                           init_std=cfg.embedding_init_std) if tokens else None

@@ -1,0 +1,220 @@
+"""Stage 4 shared layers: reading a behaviour history against a candidate (target attention).
+
+Histories arrive as the shards store them (see `Batch`): tokens left-aligned, most recent last, 0 = padding
+on the right. Every weight here is masked so that no padding position ever receives weight, and an empty
+history pools to the zero vector (never NaN). Nothing larger than (B, L, D) is materialised per layer
+besides what the math needs (the activation unit's (B, L, hidden) layer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ctrpipe.errors import ConfigError, SchemaError
+from ctrpipe.features import FeatureSpec
+from ctrpipe.loader.batch import Batch
+
+
+@dataclass(frozen=True)
+class History:
+    """Which stored sequence a model reads (`index` in `Batch.sequence`) and its candidate column."""
+
+    index: int
+    name: str
+    query: str        # categorical field in the same id space: the candidate the history is read against
+    width: int        # stored max_len
+    max_len: int      # tokens the model reads (the most recent ones), <= width
+    bins: int         # size of the shared id space
+
+
+def resolve_history(spec: FeatureSpec, model: str, column: str = "", query_key: str = "",
+                    max_len: int = 0) -> History:
+    """Pick the history and its candidate, with errors that say which config key to set."""
+    if not spec.sequence:
+        raise SchemaError(f"model {model!r} reads a behaviour sequence, and the shards have none",
+                          where="model.name", fix="shard with data.sequence: [{column: <history column>, "
+                          "share_ids_with: <candidate column>}], or pick a model such as dnn")
+    names = [f.name for f in spec.sequence]
+    if column and column not in names:
+        raise ConfigError(f"model.sequence.column {column!r} is not a sequence field of the shards",
+                          where="model.sequence.column", fix=f"use one of {names}")
+    index = names.index(column) if column else 0
+    seq = spec.sequence[index]
+    cats = {f.name: f for f in spec.categorical}
+    if query_key:
+        if query_key not in cats:
+            raise ConfigError(f"model.sequence.query_key {query_key!r} is not a categorical column of the shards",
+                              where="model.sequence.query_key", fix=f"use one of {sorted(cats)[:12]}")
+        if not seq.id_space or cats[query_key].id_space != seq.id_space:
+            raise ConfigError(f"the history {seq.name!r} and the candidate {query_key!r} do not share an id space, "
+                              "so their ids name different things", where="model.sequence.query_key",
+                              fix=f"shard with data.sequence[].share_ids_with: {query_key} on {seq.name!r}")
+        query = query_key
+    else:
+        same = [f.name for f in spec.categorical if seq.id_space and f.id_space == seq.id_space]
+        if not same:
+            raise ConfigError(f"the history {seq.name!r} shares its id space with no categorical column, so there "
+                              "is no candidate to read it against", where="model.sequence.query_key",
+                              fix=f"shard with data.sequence[].share_ids_with: <candidate column> on {seq.name!r}")
+        query = same[0]
+    if max_len < 0 or max_len > seq.width:
+        raise ConfigError(f"model.sequence.max_len={max_len} but the shards store {seq.width} tokens of "
+                          f"{seq.name!r}", where="model.sequence.max_len",
+                          fix=f"use 0 (all stored tokens) or at most {seq.width}, or reshard with a longer "
+                              "data.sequence[].max_len")
+    return History(index, seq.name, query, seq.width, max_len or seq.width, seq.bins)
+
+
+def most_recent(tokens: Tensor, keep: int) -> Tensor:
+    """(B, L) left-aligned tokens -> (B, keep) holding each row's `keep` most recent, still left-aligned."""
+    n_rows, width = tokens.shape
+    if keep >= width:
+        return tokens
+    lengths = (tokens > 0).sum(dim=1, keepdim=True)
+    start = (lengths - keep).clamp(min=0)
+    pos = start + torch.arange(keep, device=tokens.device)                  # (B, keep), < width
+    return tokens.gather(1, pos)
+
+
+def ages(mask: Tensor) -> Tensor:
+    """(B, L) float: 0 for the most recent token, 1 for the one before, ...; padding positions get 0."""
+    lengths = mask.sum(dim=1, keepdim=True)
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    return ((lengths - 1 - pos) * mask).to(torch.float32)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """softmax over the True positions of each row; masked positions and all-padding rows get weight 0."""
+    filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(filled, dim=-1) * mask
+
+
+def pool(weights: Tensor, values: Tensor) -> Tensor:
+    """(B, L) weights x (B, L, D) values -> (B, D) as one batched matmul."""
+    return torch.bmm(weights.unsqueeze(1).to(values.dtype), values).squeeze(1)
+
+
+class ActivationUnit(nn.Module):
+    """DIN's attention score: an MLP over [q, k, q - k, q * k] for every behaviour k, one score each.
+
+    The first layer is applied without building the (B, L, 4D) input: W[q, k, q-k, q*k] =
+    (W1 + W3) q + (W2 - W3) k + W4 (q * k), so it holds three D -> H maps (the q - k term folds into the
+    other two; the function class is the same). The q map runs once per row, not per behaviour.
+    """
+
+    def __init__(self, dim: int, units: tuple[int, ...] = (36,), dropout: float = 0.0) -> None:
+        super().__init__()
+        first = units[0]
+        self.query = nn.Linear(dim, first)
+        self.key = nn.Linear(dim, first, bias=False)
+        self.product = nn.Linear(dim, first, bias=False)
+        layers: list[nn.Module] = [nn.PReLU(first), nn.Dropout(dropout)]
+        for a, b in zip(units[:-1], units[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.PReLU(b), nn.Dropout(dropout)]
+        layers.append(nn.Linear(units[-1], 1))
+        self.rest = nn.Sequential(*layers)
+
+    def forward(self, query: Tensor, keys: Tensor) -> Tensor:
+        """query (B, D), keys (B, L, D) -> scores (B, L)."""
+        h = self.key(keys) + self.product(keys * query.unsqueeze(1)) + self.query(query).unsqueeze(1)
+        # PReLU's per-channel weight expects channels on dim 1: run the rest on (B*L, H)
+        return self.rest(h.reshape(-1, h.shape[-1])).view(keys.shape[0], keys.shape[1])
+
+
+class TargetAttention(nn.Module):
+    """DIN: sum over behaviours of score(candidate, behaviour) * behaviour, padding excluded.
+
+    `softmax=False` is the paper's form (scores used as they are, so the pooled vector keeps a sense of
+    how much of the history is relevant); `softmax=True` normalises over the valid behaviours.
+    """
+
+    def __init__(self, dim: int, units: tuple[int, ...] = (36,), dropout: float = 0.0,
+                 softmax: bool = False) -> None:
+        super().__init__()
+        self.unit = ActivationUnit(dim, units, dropout)
+        self.softmax = softmax
+
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        scores = self.unit(query, keys)                                        # (B, L)
+        weights = masked_softmax(scores, mask) if self.softmax else scores * mask
+        return pool(weights, keys)
+
+
+class DecoupledSearch(nn.Module):
+    """DARE's search: scaled dot products of the candidate's and the behaviours' *attention* vectors pick
+    and weight behaviours whose *representation* vectors are summed.
+
+    search="soft": keep the `top_k` best scores and softmax over them; "hard": softmax over the `top_k`
+    most recent behaviours; top_k=0: softmax over the whole history. `recency_tau` > 0 subtracts
+    age / tau from each score (age 0 = the most recent), favouring recent behaviours before the search.
+    """
+
+    def __init__(self, attention_dim: int, top_k: int = 0, search: str = "soft", recency_tau: float = 0.0) -> None:
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(attention_dim)
+        self.top_k = top_k
+        self.search = search
+        self.recency_tau = recency_tau
+
+    def scores(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """(B, Da) x (B, L, Da) -> (B, L) scaled dot products, recency-adjusted."""
+        s = torch.bmm(keys, query.unsqueeze(-1)).squeeze(-1) * self.scale
+        if self.recency_tau > 0:
+            s = s - ages(mask).to(s.dtype) / self.recency_tau
+        return s
+
+    def weights(self, scores: Tensor, mask: Tensor, top_k: int | None = None) -> Tensor:
+        """(B, L) weights summing to 1 over the chosen behaviours (0 elsewhere, and for empty histories)."""
+        k = self.top_k if top_k is None else top_k
+        if k <= 0 or k >= scores.shape[1]:
+            return masked_softmax(scores, mask)
+        if self.search == "hard":
+            lengths = mask.sum(dim=1, keepdim=True)
+            pos = torch.arange(mask.shape[1], device=mask.device)
+            return masked_softmax(scores, mask & (pos >= lengths - k))
+        filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        best, where = filled.topk(k, dim=1)                                    # (B, k)
+        chosen = masked_softmax(best, mask.gather(1, where))                   # padding among the k -> 0
+        return torch.zeros_like(scores).scatter(1, where, chosen)
+
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (pooled (B, D) from the search, scores (B, L)) — the scores let a caller pool the full history."""
+        s = self.scores(query, keys, mask)
+        return pool(self.weights(s, mask), values), s
+
+
+def history_tokens(batch: Batch, history: History) -> Tensor:
+    """(B, max_len) int64 tokens the model reads (the most recent `max_len` of the stored ones)."""
+    return most_recent(batch.sequence[history.index].long(), history.max_len)
+
+
+class AttentionTable(nn.Module):
+    """DARE's second item table (attention vectors), indexed by the shared id space's ids.
+
+    It is an `nn.Embedding`, so trainers treat it as an embedding table (sparse/lazy optimiser, row-wise
+    checkpoints). Row `bins` is an all-zero padding row that history padding points at.
+    """
+
+    def __init__(self, bins: int, dim: int, sparse: bool, init_std: float) -> None:
+        super().__init__()
+        weight = torch.empty(bins + 1, dim)
+        with torch.no_grad():
+            if init_std > 0:
+                nn.init.normal_(weight, 0.0, init_std)
+            else:
+                weight.zero_()
+            weight[bins].zero_()
+        self.pad = bins
+        self.table = nn.Embedding(bins + 1, dim, padding_idx=bins, sparse=sparse, _weight=weight)
+
+    @torch.compiler.disable   # sparse gradients (see embedding.py)
+    def forward(self, ids: Tensor, padding: Tensor | None = None) -> Tensor:
+        """ids (...) -> (..., Da); where `padding` is True the padding row is used instead."""
+        if padding is not None:
+            ids = torch.where(padding, self.pad, ids)
+        return F.embedding(ids, self.table.weight, padding_idx=self.pad, sparse=self.table.sparse)
