@@ -1,4 +1,4 @@
-/* ctrpipe._native: the two hot loops that numpy and torch cannot vectorise well on a CPU.
+/* ctrpipe._native: the hot loops that numpy and torch cannot vectorise well on a CPU.
  *
  * Shard build:
  * criteo_block() walks a block of Criteo text once: it checks every line's field count, parses the label
@@ -7,6 +7,11 @@
  * numeric token that is not a plain integer, an empty label) stops the walk and returns its line, and the
  * caller parses that block with polars instead, which reports the problem or handles the value; so this
  * file only has to be right for the common case, and the result is identical either way.
+ *
+ * token_counts() / token_hashes() split sequence and multi-hot strings on their separator and hash the kept
+ * tokens (parsing plain decimal weights), hash_strings() hashes a string column, both reading polars' string
+ * views in place; hash_build() / hash_lookup() are an open-addressing index over fitted (key, value) tables
+ * (vocabularies, co-visitation counts). Each gives what the polars / numpy path gives, or declines.
  *
  * Training: sparse_adam() is the whole per-step update of one embedding table on CPU (LazyAdam): it sums
  * the gradient rows of repeated ids and applies Adam to the distinct rows in one pass over the batch's ids,
@@ -335,10 +340,413 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------------------------------ token columns
+ * Sequence and multi-hot columns hold separated tokens ('12,7,301'). The shard build needs the xxh64 of the
+ * kept tokens of every row; polars + numpy split, explode, filter and hash them in about ten passes over the
+ * tokens, these kernels walk each row's bytes twice (count, then hash). Strings come as polars holds them, in
+ * Arrow's string-view layout (no copy): 16 bytes per row (uint32 length; up to 12 bytes inline, else a 4-byte
+ * prefix, the data buffer's index and the offset in it) plus the data buffers. Null rows must have a zero view.
+ */
+
+typedef struct {
+    const uint8_t *views;
+    Py_ssize_t n, nbuf;
+    Py_buffer *bufs;
+} Strings;
+
+/* Take the views and data buffers, checking that every view points inside its buffer; 0 (an exception set)
+ * when one does not. */
+static int strings_open(Strings *st, Py_buffer *views, PyObject *buffers) {
+    st->views = (const uint8_t *)views->buf;
+    st->n = views->len / 16;
+    st->nbuf = 0;
+    st->bufs = NULL;
+    PyObject *seq = PySequence_Fast(buffers, "strings: data buffers must be a sequence");
+    if (seq == NULL) return 0;
+    Py_ssize_t nbuf = PySequence_Fast_GET_SIZE(seq);
+    st->bufs = (Py_buffer *)calloc((size_t)(nbuf > 0 ? nbuf : 1), sizeof(Py_buffer));
+    if (st->bufs == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return 0;
+    }
+    for (Py_ssize_t b = 0; b < nbuf; b++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, b), &st->bufs[b], PyBUF_SIMPLE) < 0) {
+            Py_DECREF(seq);
+            return 0;
+        }
+        st->nbuf = b + 1;
+    }
+    Py_DECREF(seq);
+    for (Py_ssize_t i = 0; i < st->n; i++) {
+        const uint8_t *v = st->views + 16 * i;
+        uint32_t len, b, off;
+        memcpy(&len, v, 4);
+        if (len <= 12) continue;
+        memcpy(&b, v + 8, 4);
+        memcpy(&off, v + 12, 4);
+        if ((Py_ssize_t)b >= st->nbuf || (Py_ssize_t)off + (Py_ssize_t)len > st->bufs[b].len) {
+            PyErr_Format(PyExc_ValueError, "strings: view %zd points outside its data buffer", i);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void strings_close(Strings *st) {
+    for (Py_ssize_t b = 0; b < st->nbuf; b++) PyBuffer_Release(&st->bufs[b]);
+    free(st->bufs);
+}
+
+static inline const uint8_t *string_at(const Strings *st, Py_ssize_t i, Py_ssize_t *len) {
+    const uint8_t *v = st->views + 16 * i;
+    uint32_t n, b, off;
+    memcpy(&n, v, 4);
+    *len = (Py_ssize_t)n;
+    if (n <= 12) return v + 4;
+    memcpy(&b, v + 8, 4);
+    memcpy(&off, v + 12, 4);
+    return (const uint8_t *)st->bufs[b].buf + off;
+}
+
+typedef struct {
+    const uint8_t *p, *e, *sep;
+    Py_ssize_t k;
+    int done;
+} TokenIter;
+
+static inline TokenIter tokens_of(const Strings *st, Py_ssize_t i, const uint8_t *sep, Py_ssize_t k) {
+    Py_ssize_t len;
+    const uint8_t *p = string_at(st, i, &len);
+    TokenIter it = {p, p + len, sep, k, 0};
+    return it;
+}
+
+/* The next non-empty token [*ts, *te) of the row; 0 when there is none left. Separator matches are found
+ * left to right without overlap, as polars' str.split finds them; empty tokens ('a||b', a trailing separator)
+ * are skipped, as the polars path drops them. */
+static inline int next_token(TokenIter *it, const uint8_t **ts, const uint8_t **te) {
+    while (!it->done) {
+        const uint8_t *s = it->p, *q = it->p, *hit = NULL;
+        while (it->e - q >= it->k) {
+            const uint8_t *c = (const uint8_t *)memchr(q, it->sep[0], (size_t)(it->e - q - it->k + 1));
+            if (c == NULL) break;
+            if (it->k == 1 || memcmp(c, it->sep, (size_t)it->k) == 0) {
+                hit = c;
+                break;
+            }
+            q = c + 1;
+        }
+        if (hit == NULL) {
+            it->done = 1;
+            hit = it->e;
+        } else {
+            it->p = hit + it->k;
+        }
+        if (hit > s) {
+            *ts = s;
+            *te = hit;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static const double POW10[16] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14,
+                                 1e15};
+
+/* A weighted token 'name:weight' whose name (before the LAST ':') is non-empty and holds no newline, and
+ * whose weight is a plain decimal (optional '-', digits, optional '.' and digits, at most 15 digits): sets the
+ * name's end and the weight, returns 1. Anything else returns 0 and the caller takes the polars path, which
+ * parses or reports it. The weight is exact: an integer below 2**53 divided by an exact power of ten is
+ * the correctly rounded decimal (Clinger's fast path), as polars' float parser gives. */
+static inline int split_weight(const uint8_t *ts, const uint8_t *te, const uint8_t **name_end, double *w) {
+    const uint8_t *c = te;
+    while (c > ts && c[-1] != ':') c--;
+    if (c == ts) return 0;                                  /* no ':' at all */
+    const uint8_t *colon = c - 1;
+    if (colon == ts || memchr(ts, '\n', (size_t)(colon - ts)) != NULL) return 0;
+    const uint8_t *p = colon + 1;
+    int neg = 0, digits = 0, frac = 0, dot = 0;
+    uint64_t m = 0;
+    if (p < te && *p == '-') {
+        neg = 1;
+        p++;
+    }
+    if (p == te || *p < '0' || *p > '9') return 0;
+    for (; p < te; p++) {
+        if (*p >= '0' && *p <= '9') {
+            if (++digits > 15) return 0;
+            m = m * 10 + (uint64_t)(*p - '0');
+            frac += dot;
+        } else if (*p == '.' && !dot && p + 1 < te) {
+            dot = 1;
+        } else {
+            return 0;
+        }
+    }
+    double v = (double)m / POW10[frac];
+    *w = neg ? -v : v;
+    *name_end = colon;
+    return 1;
+}
+
+PyDoc_STRVAR(token_counts_doc,
+"token_counts(views, buffers, sep, weighted, counts_out) -> int\n\n"
+"Count the non-empty `sep`-separated tokens of each string (string views + data buffers) into counts_out\n"
+"(int64, n). With weighted, every token must also be 'name:weight' as split_weight accepts it. Returns -1\n"
+"when every row was handled, else the first row holding a token that was not.");
+
+static PyObject *token_counts(PyObject *self, PyObject *args) {
+    Py_buffer views, sep, counts;
+    PyObject *buffers;
+    int weighted;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*Oy*pw*", &views, &buffers, &sep, &weighted, &counts)) return NULL;
+    PyObject *result = NULL;
+    Strings st = {NULL, 0, 0, NULL};
+    if (sep.len < 1) {
+        PyErr_SetString(PyExc_ValueError, "token_counts: empty separator");
+        goto done;
+    }
+    if (!strings_open(&st, &views, buffers) || !check_buffer(&counts, st.n * 8, "counts")) goto done;
+    int64_t *out = (int64_t *)counts.buf;
+    Py_ssize_t bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < st.n && bad < 0; i++) {
+        TokenIter it = tokens_of(&st, i, (const uint8_t *)sep.buf, sep.len);
+        const uint8_t *ts, *te, *name_end;
+        double w;
+        int64_t c = 0;
+        while (next_token(&it, &ts, &te)) {
+            if (weighted && !split_weight(ts, te, &name_end, &w)) {
+                bad = i;
+                break;
+            }
+            c++;
+        }
+        out[i] = c;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bad);
+done:
+    strings_close(&st);
+    PyBuffer_Release(&views);
+    PyBuffer_Release(&sep);
+    PyBuffer_Release(&counts);
+    return result;
+}
+
+PyDoc_STRVAR(token_hashes_doc,
+"token_hashes(views, buffers, sep, seed, weighted, keep_last, counts, lengths, hashes_out, weights_out) -> int\n\n"
+"xxh64 (with seed) of the kept tokens of every string, flattened in row order: of the counts[i] non-empty\n"
+"tokens of row i (token_counts), the first lengths[i], or the last ones with keep_last. weighted: the hash\n"
+"of each token's name and its weight (float32) into weights_out (token_counts must have accepted every\n"
+"row). Returns the number of tokens written.");
+
+static PyObject *token_hashes(PyObject *self, PyObject *args) {
+    Py_buffer views, sep, counts_b, lengths_b, hashes_b, weights_b;
+    PyObject *buffers;
+    unsigned long long seed;
+    int weighted, keep_last;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*Oy*Kppy*y*w*w*", &views, &buffers, &sep, &seed, &weighted, &keep_last,
+                          &counts_b, &lengths_b, &hashes_b, &weights_b))
+        return NULL;
+    PyObject *result = NULL;
+    Strings st = {NULL, 0, 0, NULL};
+    if (sep.len < 1) {
+        PyErr_SetString(PyExc_ValueError, "token_hashes: empty separator");
+        goto done;
+    }
+    if (!strings_open(&st, &views, buffers) || !check_buffer(&counts_b, st.n * 8, "counts") ||
+        !check_buffer(&lengths_b, st.n * 8, "lengths"))
+        goto done;
+    const int64_t *counts = (const int64_t *)counts_b.buf, *lengths = (const int64_t *)lengths_b.buf;
+    uint64_t *hashes = (uint64_t *)hashes_b.buf;
+    float *weights = (float *)weights_b.buf;
+    Py_ssize_t cap = hashes_b.len / 8, wcap = weights_b.len / 4, k = 0;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < st.n && !failed; i++) {
+        int64_t skip = keep_last ? counts[i] - lengths[i] : 0, take = lengths[i];
+        if (take < 0 || skip < 0 || k + take > cap || (weighted && k + take > wcap)) {
+            failed = 1;
+            break;
+        }
+        TokenIter it = tokens_of(&st, i, (const uint8_t *)sep.buf, sep.len);
+        const uint8_t *ts, *te, *name_end;
+        double w;
+        int64_t j = 0;
+        while (j < skip + take && next_token(&it, &ts, &te)) {
+            if (j++ < skip) continue;
+            if (weighted) {
+                if (!split_weight(ts, te, &name_end, &w)) {
+                    failed = 1;
+                    break;
+                }
+                weights[k] = (float)w;
+                te = name_end;
+            }
+            hashes[k++] = xxh64(ts, (size_t)(te - ts), (uint64_t)seed);
+        }
+        if (j < skip + take) failed = 1;            /* fewer tokens than token_counts found */
+    }
+    Py_END_ALLOW_THREADS
+    if (failed)
+        PyErr_SetString(PyExc_ValueError, "token_hashes: counts/lengths do not match the strings or the output");
+    else
+        result = PyLong_FromSsize_t(k);
+done:
+    strings_close(&st);
+    PyBuffer_Release(&views);
+    PyBuffer_Release(&sep);
+    PyBuffer_Release(&counts_b);
+    PyBuffer_Release(&lengths_b);
+    PyBuffer_Release(&hashes_b);
+    PyBuffer_Release(&weights_b);
+    return result;
+}
+
+PyDoc_STRVAR(hash_strings_doc,
+"hash_strings(views, buffers, seed, out) -> None\n\n"
+"out[i] = xxh64 (with seed) of string i (string views + data buffers); nulls are the caller's.");
+
+static PyObject *hash_strings(PyObject *self, PyObject *args) {
+    Py_buffer views, out_b;
+    PyObject *buffers;
+    unsigned long long seed;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*OKw*", &views, &buffers, &seed, &out_b)) return NULL;
+    PyObject *result = NULL;
+    Strings st = {NULL, 0, 0, NULL};
+    if (!strings_open(&st, &views, buffers) || !check_buffer(&out_b, st.n * 8, "out")) goto done;
+    uint64_t *out = (uint64_t *)out_b.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < st.n; i++) {
+        Py_ssize_t len;
+        const uint8_t *p = string_at(&st, i, &len);
+        out[i] = xxh64(p, (size_t)len, (uint64_t)seed);
+    }
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    strings_close(&st);
+    PyBuffer_Release(&views);
+    PyBuffer_Release(&out_b);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------ uint64 hash index
+ * Fitted tables (vocabularies, co-visitation counts) are sorted (key, value) arrays; the write pass looks up
+ * millions of keys per chunk in them, and a binary search of a table larger than the cache misses it on most
+ * of its ~20 steps. An open-addressing table (linear probing, key 0 = empty slot, the caller handles key 0)
+ * answers with about one miss per query, and the next queries' slots are prefetched.
+ */
+
+PyDoc_STRVAR(hash_build_doc,
+"hash_build(keys, values, table) -> int\n\n"
+"Insert distinct non-zero uint64 keys with int64 values into `table` (uint64, cap x 2: key, value; all 0 on\n"
+"entry; cap a power of two larger than the key count), probing linearly from key & (cap - 1). Returns the\n"
+"longest probe sequence.");
+
+static PyObject *hash_build(PyObject *self, PyObject *args) {
+    Py_buffer keys_b, vals_b, table_b;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*w*", &keys_b, &vals_b, &table_b)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = keys_b.len / 8, cap = table_b.len / 16;
+    if (vals_b.len != keys_b.len || cap <= n || (cap & (cap - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "hash_build: values differ from keys, or cap is not a power of two > n");
+        goto done;
+    }
+    const uint64_t *keys = (const uint64_t *)keys_b.buf, *vals = (const uint64_t *)vals_b.buf;
+    uint64_t *table = (uint64_t *)table_b.buf, mask = (uint64_t)cap - 1;
+    Py_ssize_t longest = 0;
+    int zero = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + PREFETCH_AHEAD < n) __builtin_prefetch(table + 2 * (keys[i + PREFETCH_AHEAD] & mask), 1);
+        uint64_t key = keys[i], s = key & mask;
+        if (key == 0) {
+            zero = 1;
+            break;
+        }
+        Py_ssize_t probe = 0;
+        while (table[2 * s] != 0) {
+            s = (s + 1) & mask;
+            probe++;
+        }
+        table[2 * s] = key;
+        table[2 * s + 1] = vals[i];
+        if (probe > longest) longest = probe;
+    }
+    Py_END_ALLOW_THREADS
+    if (zero)
+        PyErr_SetString(PyExc_ValueError, "hash_build: key 0 marks an empty slot and cannot be inserted");
+    else
+        result = PyLong_FromSsize_t(longest);
+done:
+    PyBuffer_Release(&keys_b);
+    PyBuffer_Release(&vals_b);
+    PyBuffer_Release(&table_b);
+    return result;
+}
+
+PyDoc_STRVAR(hash_lookup_doc,
+"hash_lookup(table, queries, default, out) -> None\n\n"
+"out[i] (int64) = the value of queries[i] (uint64) in a hash_build table, or default where it is absent\n"
+"(a query 0 is never found).");
+
+static PyObject *hash_lookup(PyObject *self, PyObject *args) {
+    Py_buffer table_b, q_b, out_b;
+    long long dflt;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*Lw*", &table_b, &q_b, &dflt, &out_b)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = q_b.len / 8, cap = table_b.len / 16;
+    if (cap < 1 || (cap & (cap - 1)) != 0 || !check_buffer(&out_b, n * 8, "out")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "hash_lookup: cap is not a power of two");
+        goto done;
+    }
+    const uint64_t *table = (const uint64_t *)table_b.buf, *q = (const uint64_t *)q_b.buf, mask = (uint64_t)cap - 1;
+    int64_t *out = (int64_t *)out_b.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + PREFETCH_AHEAD < n) __builtin_prefetch(table + 2 * (q[i + PREFETCH_AHEAD] & mask));
+        uint64_t key = q[i], s = key & mask;
+        int64_t v = dflt;
+        if (key != 0) {
+            while (table[2 * s] != 0) {
+                if (table[2 * s] == key) {
+                    v = (int64_t)table[2 * s + 1];
+                    break;
+                }
+                s = (s + 1) & mask;
+            }
+        }
+        out[i] = v;
+    }
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&table_b);
+    PyBuffer_Release(&q_b);
+    PyBuffer_Release(&out_b);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"criteo_block", criteo_block, METH_VARARGS, criteo_block_doc},
     {"xxh64", py_xxh64, METH_VARARGS, xxh64_doc},
     {"sparse_adam", sparse_adam, METH_VARARGS, sparse_adam_doc},
+    {"token_counts", token_counts, METH_VARARGS, token_counts_doc},
+    {"token_hashes", token_hashes, METH_VARARGS, token_hashes_doc},
+    {"hash_strings", hash_strings, METH_VARARGS, hash_strings_doc},
+    {"hash_build", hash_build, METH_VARARGS, hash_build_doc},
+    {"hash_lookup", hash_lookup, METH_VARARGS, hash_lookup_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 
 from ctrpipe.data.hashing import xxh64_strings
+from ctrpipe.data.token_kernel import string_hashes
 
 MAX_BAD_EXAMPLES = 5     # readers name at most this many bad rows in an error message
 HASHED_PREFIX = "xxh64:"  # frame column "xxh64:C1": C1 already hashed by the reader (see column_hashes)
@@ -85,7 +86,9 @@ def column_hashes(frame: pl.DataFrame, column: str, seed: int) -> tuple[np.ndarr
         h = pre.to_numpy()
         return h, h == 0
     s = frame[column]
-    h = xxh64_strings(s, seed)
+    h = string_hashes(s, seed)          # the compiled kernel: one pass, no per-length numpy passes
+    if h is None:
+        h = xxh64_strings(s, seed)
     missing = string_missing(s)
     h[missing] = 0
     return h, missing

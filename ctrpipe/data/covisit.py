@@ -3,8 +3,9 @@ with each context token c (n(t, c)) and how often c appears at all (n(c)); then 
 mean over its context tokens of n(t, c) / (n(c) + smoothing).
 
 Counts live in sorted (uint64 key, int64 count) tables merged per chunk, so memory grows with the number of
-distinct pairs, never with rows. Train rows that were counted are scored leave-one-out (their own occurrence
-is subtracted, per token occurrence), so train and val/test rows see the same feature distribution.
+distinct pairs, never with rows; the write pass looks them up through a hash index (`CountTable.index`).
+Train rows that were counted are scored leave-one-out (their own occurrence is subtracted, per token
+occurrence), so train and val/test rows see the same feature distribution.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctrpipe.data.fitted import CountTable, KeyCounter, lookup_counts
+from ctrpipe.data.fitted import CountTable, KeyCounter
 from ctrpipe.data.splits import mix64
 
 _PAIR_SALT = np.uint64(0xC0F1_5175_0000_0001)
@@ -69,8 +70,8 @@ def covisit_features(pairs: CountTable, ctx_table: CountTable, target: np.ndarra
     rows = ctx.row_of_token
     if len(rows) == 0:
         return out
-    n_tc = lookup_counts(pairs.keys, pairs.counts, pair_keys(target[rows], ctx.hashes)).astype(np.float64)
-    n_c = lookup_counts(ctx_table.keys, ctx_table.counts, ctx.hashes).astype(np.float64)
+    n_tc = pairs.index.lookup(pair_keys(target[rows], ctx.hashes)).astype(np.float64)
+    n_c = ctx_table.index.lookup(ctx.hashes).astype(np.float64)
     loo = leave_one_out[rows] & ~target_missing[rows]
     n_tc -= loo
     n_c -= loo

@@ -15,12 +15,14 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from ctrpipe.atomic import atomic_open
+from ctrpipe.data.hashindex import HashIndex
 from ctrpipe.errors import REBUILD_CACHE_FIX, ManifestMismatchError
 
 FITTED_DIR = "fitted"
@@ -199,13 +201,14 @@ class VocabTable:
         by_hash = np.argsort(keys[order], kind="stable")
         return cls(hashes=keys[order][by_hash], ids=ids[by_hash], bins=len(order) + 2)
 
+    @cached_property
+    def index(self) -> HashIndex:
+        """Built on first use: the write pass looks up every row (and shared-vocabulary token) in it."""
+        return HashIndex(self.hashes, self.ids)
+
     def lookup(self, h: np.ndarray, missing: np.ndarray) -> np.ndarray:
         """(N,) int32 ids for value hashes `h`; rows flagged `missing` get 0."""
-        if len(self.hashes):
-            pos = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
-            ids = np.where(self.hashes[pos] == h, self.ids[pos], np.int32(1)).astype(np.int32)
-        else:
-            ids = np.ones(len(h), dtype=np.int32)
+        ids = self.index.lookup(h, default=1).astype(np.int32)
         ids[missing] = 0
         return ids
 
@@ -218,6 +221,11 @@ class CountTable:
 
     keys: np.ndarray
     counts: np.ndarray
+
+    @cached_property
+    def index(self) -> HashIndex:
+        """Built on first use: counts of each query key (0 when absent), as `lookup_counts` gives them."""
+        return HashIndex(self.keys, self.counts)
 
 
 @dataclass(frozen=True)

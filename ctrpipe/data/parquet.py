@@ -1,7 +1,13 @@
-"""Stage 1: Parquet files -> typed RawChunks, batch by batch (never a whole file in memory).
+"""Stage 1: Parquet files -> typed RawChunks, slice by slice (never a whole file in memory).
 
 Each file's schema is checked up front against the resolved columns, so a missing or mistyped column fails
 before any row is read, naming the file, the column, what was found and what is expected.
+
+Slices are read by polars' own Parquet reader (`scan_parquet(...).slice(...)`) with only the configured
+columns: it decodes straight into polars' string views on all cores and skips pages outside the slice, where
+pyarrow's `iter_batches` decodes on one thread and then needs a copy into polars' layout (the largest cost
+of the whole build on sequence-heavy files; see benchmarks/RESULTS.md). A slice per chunk, rather than
+`collect_batches`, keeps memory to one chunk: the streaming engine reads ahead without bound.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import pyarrow.parquet as pq
 from ctrpipe.data.chunks import BadRow, RawChunk
 from ctrpipe.data.config import DataConfig, TokenColumnConfig
 from ctrpipe.data.schema import ResolvedColumns, closest
+from ctrpipe.data.token_kernel import weights_all_plain
 from ctrpipe.data.transforms import first_bad_weight, weight_error
 from ctrpipe.errors import InputFormatError, SchemaError, location
 
@@ -55,6 +62,8 @@ def _type_ok(kind: Kind, t: pa.DataType) -> bool:
         if pa.types.is_list(t) or pa.types.is_large_list(t):
             return _is_text(t.value_type) or pa.types.is_integer(t.value_type)
         return _is_text(t) or pa.types.is_null(t)
+    if kind == "key":                                 # split/fold keys: anything with an order or identity
+        return _is_text(t) or _is_number(t) or pa.types.is_temporal(t)
     return _is_text(t) or pa.types.is_integer(t)     # id
 
 
@@ -62,10 +71,9 @@ _EXPECTED = {
     "numeric": "a number (int, float, decimal, bool) or text holding numbers",
     "label": "a 0/1 number (int, float or bool)",
     "categorical": "text, an integer or a bool (integers are hashed as their decimal text)",
-    if kind == "key":                                 # split/fold keys: anything with an order or identity
-        return _is_text(t) or _is_number(t) or pa.types.is_temporal(t)
     "token": "text with separated tokens ('a|b|c') or a list of strings/integers",
     "id": "text or an integer",
+    "key": "a number, a timestamp/date or text",
 }
 _FIX = {
     "numeric": "cast the column to a number when writing the file, or list it under data.categorical",
@@ -73,7 +81,7 @@ _FIX = {
     "categorical": "cast floats to integers or strings when writing the file, or list it under data.numeric",
     "token": "store tokens as one separated string or a list column",
     "id": "use a text or integer id column (data.id_column)",
-    "key": "a number, a timestamp/date or text",
+    "key": "group or order by a scalar column (not a list or struct)",
 }
 
 
@@ -81,7 +89,6 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
     """Raise SchemaError for a missing or mistyped column; return whether the file has the label columns."""
     names = list(schema.names)
     kinds: list[tuple[str, Kind]] = [(c, "numeric") for c in rc.numeric] + \
-    "key": "group or order by a scalar column (not a list or struct)",
         [(c, "categorical") for c in rc.categorical] + [(t.column, "token") for t in rc.tokens] + \
         ([(rc.id, "id")] if rc.id else []) + [(c, "key") for c in rc.keys]
     missing_labels = [c for c in rc.labels if c not in names]
@@ -122,9 +129,14 @@ class ParquetChunker:
             return col.list.eval(pl.element().cast(pl.String)).list.join(tc.separator).alias(tc.column)
         return col.cast(pl.String)
 
-    def chunk(self, batch: pa.RecordBatch, row0: int, file_bytes: int) -> RawChunk:
-        frame = pl.from_arrow(batch, rechunk=False)
-        assert isinstance(frame, pl.DataFrame)
+    def chunk(self, batch: pa.RecordBatch | pl.DataFrame, row0: int, file_bytes: int) -> RawChunk:
+        """Type and check one slice of the file (an Arrow batch, or a frame polars read) starting at row0."""
+        if isinstance(batch, pl.DataFrame):
+            frame, nbytes = batch, int(batch.estimated_size())
+        else:
+            converted = pl.from_arrow(batch, rechunk=False)
+            assert isinstance(converted, pl.DataFrame)
+            frame, nbytes = converted, int(batch.nbytes)
         keep = np.ones(frame.height, dtype=bool)
         bad: list[BadRow] = []
         for c in self.rc.numeric:
@@ -159,19 +171,19 @@ class ParquetChunker:
                   for c in self.rc.numeric]
         exprs += [pl.col(c).cast(pl.String) for c in self.rc.categorical]
         exprs += [pl.col(tc.column) for tc in self.rc.tokens]
+        exprs += [pl.col(c) for c in self.rc.keys]           # split/fold keys, as stored
         lines = None
         if not keep.all():
             frame = frame.filter(pl.Series(keep))
             lines = (row0 + np.flatnonzero(keep)).astype(np.int64)
         out = frame.select(exprs)
         first = int(lines[0]) if lines is not None and len(lines) else row0
-        return RawChunk(frame=out, source=self.path, first_line=first, nbytes=int(batch.nbytes), bad_rows=bad,
+        return RawChunk(frame=out, source=self.path, first_line=first, nbytes=nbytes, bad_rows=bad,
                         has_labels=self.has_labels, line_numbers=lines, file_bytes=file_bytes)
 
     def _flag(self, wrong: np.ndarray, keep: np.ndarray, bad: list[BadRow], row0: int, col: str, reason: str,
               error: Callable[[int], Exception]) -> None:
         rows = np.flatnonzero(wrong & keep)
-        exprs += [pl.col(c) for c in self.rc.keys]           # split/fold keys, as stored
         if len(rows) == 0:
             return
         if self.bad_rows == "error":
@@ -182,6 +194,8 @@ class ParquetChunker:
     def _check_weights(self, frame: pl.DataFrame, tc: TokenColumnConfig, keep: np.ndarray, bad: list[BadRow],
                        row0: int) -> None:
         s = frame[tc.column]
+        if weights_all_plain(s, tc.separator):
+            return       # every weight is a plain decimal: nothing to flag, and no polars split needed
         while True:      # loops once per bad row (skip mode), which are few; one pass when all are good
             live = np.flatnonzero(keep)
             found = first_bad_weight(s.filter(pl.Series(keep)) if not keep.all() else s, tc.separator)
@@ -203,18 +217,25 @@ def iter_parquet_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: Resolv
     has_labels = check_schema(path, schema, rc, require_labels)
     cols = [c for c in rc.raw_columns() if c in schema.names]
     chunker = ParquetChunker(path, schema, rc, has_labels, bad_rows)
-    pf = pq.ParquetFile(path)
-    total_rows = max(pf.metadata.num_rows, 1)
-    size = path.stat().st_size
-    row0 = 0
     try:
-        for batch in pf.iter_batches(batch_size=chunk_rows, columns=cols):
-            if batch.num_rows == 0:
-                continue
-            disk = size * batch.num_rows // total_rows
-            yield chunker.chunk(batch, row0, disk)
-            row0 += batch.num_rows
+        total_rows = pq.ParquetFile(path).metadata.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputFormatError(f"cannot read the file after row {row0:,}: {str(exc).splitlines()[0]}",
-                               where=str(path),
-                               fix="the file is corrupt or truncated; re-create or re-copy it") from None
+        raise _unreadable(path, 0, exc) from None
+    size = path.stat().st_size
+    scan = pl.scan_parquet(path).select(cols)
+    for row0 in range(0, total_rows, chunk_rows):
+        n = min(chunk_rows, total_rows - row0)
+        try:
+            frame = scan.slice(row0, n).collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise _unreadable(path, row0, exc) from None
+        if cols and frame.height != n:      # the footer promised rows the pages do not hold
+            raise _unreadable(path, row0, ValueError(f"{frame.height:,} rows where the footer lists {n:,}"))
+        yield chunker.chunk(frame, row0, size * n // max(total_rows, 1))
+
+
+def _unreadable(path: Path, row0: int, exc: BaseException) -> InputFormatError:
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return InputFormatError(f"cannot read the file after row {row0:,}: {reason}",
+                            where=str(path),
+                            fix="the file is corrupt or truncated; re-create or re-copy it")

@@ -20,6 +20,7 @@ import polars as pl
 
 from ctrpipe.data.fitted import VocabTable
 from ctrpipe.data.hashing import hash_ids, xxh64_strings
+from ctrpipe.data.token_kernel import kept_tokens
 from ctrpipe.errors import InputFormatError, location
 
 Keep = Literal["first", "last"]
@@ -131,6 +132,9 @@ def tokens_to_ids(values: pl.Series, separator: str, max_len: int, seed: int, bi
     tokens it lacks. keep='last' for sequences (most recent tokens), 'first' for multihot. A malformed weight
     raises InputFormatError naming the column.
     """
+    fast = kept_tokens(values, separator, keep, max_len, seed, weighted)     # the compiled kernel, or None
+    if fast is not None:
+        return fast.padded(max_len, bins, vocab)
     n = len(values)
     flat, row, w, names = _explode(values, separator, weighted)
     mask, slot, lengths = _select(row, n, max_len, keep)
@@ -155,6 +159,9 @@ def tokens_hashes(values: pl.Series, separator: str, keep: Keep, max_len: int, s
     Pre-modulo, so co-visitation counts on full-precision token identities; the same tokens, in the same
     order, as `tokens_to_ids` keeps. Pass weighted=True for 'name:weight' columns so names are hashed.
     """
+    fast = kept_tokens(values, separator, keep, max_len, seed, weighted)     # the compiled kernel, or None
+    if fast is not None:
+        return fast.hashes, fast.lengths
     n = len(values)
     flat, row, _, names = _explode(values, separator, weighted)
     mask, _, lengths = _select(row, n, max_len, keep)

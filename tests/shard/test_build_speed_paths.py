@@ -1,0 +1,51 @@
+"""The fast paths of the Parquet build (polars slices of the file, the compiled token / hash-index kernels)
+write exactly the caches of the polars + numpy path, for any chunk size and row-group layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_parquet
+from helpers import npy_bytes, parquet_cfg
+
+from ctrpipe.native import native_built
+from ctrpipe.shard.build import build_shards
+from ctrpipe.shard.manifest import read_manifest
+
+
+def _build(tmp_path: Path, name: str, src: Path, monkeypatch: pytest.MonkeyPatch, native_on: bool,
+           *overrides: str) -> dict[str, bytes]:
+    monkeypatch.setenv("CTRPIPE_NATIVE", "1" if native_on else "0")
+    build_shards(parquet_cfg(*overrides), [src], tmp_path / name, progress=False)
+    return npy_bytes(tmp_path / name)
+
+
+@pytest.mark.skipif(not native_built(), reason="the optional compiled kernels are not built")
+def test_kernel_and_polars_paths_write_the_same_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_parquet(tmp_path / "p.parquet", 300)
+    # many small row groups: chunks start and end inside them
+    table = pq.read_table(src)
+    pq.write_table(table, tmp_path / "rg.parquet", row_group_size=23)
+    want = _build(tmp_path, "slow", src, monkeypatch, False)
+    assert any(k.startswith("fitted/covisit") for k in want) and any(k.endswith("seq.tokens.npy") for k in want)
+    for name, path, chunk in (("fast", src, 1000), ("fast7", src, 7), ("fast_rg", tmp_path / "rg.parquet", 50)):
+        got = _build(tmp_path, name, path, monkeypatch, True, f"data.chunk_rows={chunk}")
+        assert got.keys() == want.keys()
+        assert [k for k in want if got[k] != want[k]] == []
+
+
+@pytest.mark.skipif(not native_built(), reason="the optional compiled kernels are not built")
+def test_bad_weights_are_skipped_alike_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_parquet(tmp_path / "p.parquet", 120)
+    table = pq.read_table(src)
+    tags_w = table.column("tags_w").to_pylist()
+    tags_w[5], tags_w[77] = "t1:0.5|t2", "t3:1e-2|t4: 2"       # a missing weight; odd but valid weights
+    bad = pa.array(tags_w, pa.string())
+    pq.write_table(table.set_column(table.schema.get_field_index("tags_w"), "tags_w", bad), src)
+    want = _build(tmp_path, "slow", src, monkeypatch, False, "data.bad_rows=skip")
+    got = _build(tmp_path, "fast", src, monkeypatch, True, "data.bad_rows=skip", "data.chunk_rows=16")
+    assert [k for k in want if got[k] != want[k]] == [] and got.keys() == want.keys()
+    assert read_manifest(tmp_path / "fast").bad_rows["skipped"] == 1        # row 5; row 77 parses
