@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, TypeVar
 
 import typer
+from rich.markup import escape
 
 from ctrpipe.console import console
 from ctrpipe.errors import CtrpipeError, DiskFullError
@@ -37,7 +38,8 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None) -> T:
     except CtrpipeError as exc:
         if rerun_note and isinstance(exc, DiskFullError):
             exc = exc.rerun_as(rerun_note)
-        console.print(f"[bold red]error:[/] {exc.render()}", highlight=False, markup=True, soft_wrap=True)
+        # escaped: a message may quote text with brackets (a path, gloo's "[pair.cc:537]") that is not markup
+        console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: nothing partial was left behind; run the same command to resume")

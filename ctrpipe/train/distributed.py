@@ -24,6 +24,7 @@ hangs past `train.distributed.timeout_s`, or cannot be reached ends the run with
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,7 +129,8 @@ class Distributed:
         except RuntimeError as exc:
             if not _is_comm_failure(exc):
                 raise
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:300]     # gloo's "[.../pair.cc:537] " source prefix
             raise TrainingError(f"{what} failed: another rank stopped, hangs, or cannot be reached ({first})",
                                 where=self.where(), fix=LOST_FIX) from None
 
