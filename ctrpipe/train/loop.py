@@ -224,8 +224,9 @@ class _Run:
                 console.print(f"[dim]{inp.label}: {note}[/]", highlight=False)
         if not inp.quiet:
             resuming = f", resuming at step {self.pos.step}" if self.pos.step else ""
+            ranks = f" x {self.dist.world_size} processes" if self.dist is not None else ""
             console.print(f"[bold]{inp.label}[/]: {inp.train_loader.num_rows:,} rows, {plan.per_epoch} "
-                          f"batches/epoch, {plan.total_steps} steps on {self.device}{resuming}")
+                          f"batches/epoch, {plan.total_steps} steps on {self.device}{ranks}{resuming}")
 
     def epoch_batches(self) -> Iterator[Batch]:
         """The batches of the current epoch not yet trained on (all of them unless resuming mid-epoch)."""
@@ -344,7 +345,9 @@ class _Run:
     def result(self) -> FitResult:
         inp = self.inp
         preds_path = inp.out_dir / "val_predictions.npz"
-        preds = Predictions.load(preds_path) if inp.val_loader is not None and preds_path.is_file() else None
+        # rank 0's file: another rank of a torchrun job need not see the run directory
+        preds = Predictions.load(preds_path) if self.main and inp.val_loader is not None and preds_path.is_file() \
+            else None
         s = self.stopper
         return FitResult(best_metrics=dict(s.best_metrics), best_step=s.best_step, best_epoch=s.best_epoch,
                          steps=self.pos.step, epochs=self.pos.epoch, samples=self.pos.samples,
