@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import sets
-from train_setup import CRITEO_CFG, FAST, REPO
+from train_setup import CRITEO_CFG, FAST, K_FOLDS, REPO
 from typer.testing import CliRunner
 
 from ctrpipe.cli import app
@@ -111,6 +111,7 @@ def session(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Session:
         ("no_cache", {"args": train_args(cache, runs, "no_cache", base),
                       "rank_args": {"1": train_args(tmp / "absent", runs, "no_cache", base)}}),
         ("replicas", {"replicas": True}),
+        ("kfold", {"args": train_args(cache, runs, "ddp_kfold", base, "--kfold", str(K_FOLDS))}),
     ]
     jobs = [{**job, "port": free_port()} for _, job in named]
     per_rank = run_ranks(jobs, tmp / "session")
@@ -199,6 +200,23 @@ def test_two_ranks_give_the_weights_and_metrics_of_one_process(session: Session,
     assert not (two / "rank1").exists()
     log = (two / "train_log.csv").read_text().splitlines()
     assert len(log) == len((one / "train_log.csv").read_text().splitlines())   # rank 0 alone logs
+
+
+def test_two_rank_kfold_gives_the_folds_and_out_of_fold_metrics_of_one_process(session: Session,
+                                                                               cache: Path) -> None:
+    session.ok("kfold")
+    res = CliRunner().invoke(app, train_args(cache, session.runs, "one_kfold", config_sets("dnn-lazy_adam"),
+                                             "--kfold", str(K_FOLDS)))
+    assert res.exit_code == 0, res.output
+    one, two = session.runs / "one_kfold", session.runs / "ddp_kfold"
+    for k in range(K_FOLDS):
+        a, b = weights(one / f"ckpt_fold{k}.pt"), weights(two / f"ckpt_fold{k}.pt")
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"fold {k} {key}")
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    for part in ("val", "gold"):
+        for metric in ("auc", "logloss"):
+            assert m2[part][metric] == pytest.approx(m1[part][metric], rel=1e-6, abs=1e-7), (part, metric)
 
 
 def test_resumed_two_rank_run_equals_the_uninterrupted_one(session: Session) -> None:
