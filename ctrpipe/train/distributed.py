@@ -313,7 +313,8 @@ class RowExchange:
     rank then sums the ranks' rows per id in rank order; within one rank's block the ids are distinct, so each
     `index_add_` writes every row once and the sum does not depend on thread or kernel scheduling.
     `bytes_sent` counts this rank's payloads (what each rank puts on the wire per step, before the collective's
-    own fan-out).
+    own fan-out). On a GPU, reading the counts and torch.unique's output sizes are host syncs, as in lazy_adam's
+    GPU path: rows of variable number need their number on the host.
     """
 
     def __init__(self, group: Distributed, tables: Mapping[str, nn.Parameter], dense: bool) -> None:
