@@ -138,7 +138,9 @@ class TfmConfig:
 class SearchConfig(SequenceConfig):
     """SequenceConfig plus DARE's search over the history (see layers/sequence.py DecoupledSearch)."""
 
-    top_k: int = 20        # behaviours kept by the search; 0 = all (plain softmax attention)
+    # behaviours kept by the search; 0 = all (plain softmax attention; the default, as any top_k must be
+    # at most the history's length: the shipped configs set 20, DARE's setting for 200-long histories)
+    top_k: int = 0
     search: SearchMode = "soft"   # soft: the top_k best scores; hard: the top_k most recent behaviours
     # > 0: each score loses age / recency_tau (age 0 = the most recent behaviour) before the search, so
     # older behaviours must match better to be picked; 0 = off

@@ -55,6 +55,16 @@ VARIANTS += [
     ("din", SMALL_MLP),
     ("din", {**SMALL_MLP, "attention_softmax": True, "keep_pooled_history": True, "attention_units": [8, 4],
              "sequence": {"column": "hist", "query_key": "item", "max_len": 3}}),
+    ("dare", {**SMALL_MLP, "attention_dim": 4, "sequence": {"top_k": 3}}),
+    ("dare", {**SMALL_MLP, "attention_dim": 4, "sequence": {"top_k": 2, "search": "hard", "recency_tau": 2.0,
+                                                            "query_mode": "concat", "transformer_block": True,
+                                                            "tfm": {"n_heads": 2, "dropout": 0.0}}}),
+    ("dare", {**SMALL_MLP, "attention_dim": 4, "sequence": {"top_k": 0, "query_mode": "S2", "max_len": 4}}),
+    ("dare_qnn", {**SMALL, "attention_dim": 4, "sequence": {"top_k": 3}, "qnn_alpha": {"feature_embed_dim": 8}}),
+    ("dare_qnn", {**SMALL, "attention_dim": 4, "field_dims": {"C1": 4},
+                  "sequence": {"top_k": 2, "query_mode": "concat", "recency_tau": 3.0},
+                  "qnn_alpha": {"feature_embed_dim": 4, "proj_dim": 8, "mlp_hidden": [16], "use_se": True,
+                                "heads": 2, "pair_grouping": "fields", "norm": "layer", "rank": 2}}),
 ]
 IDS = [f"{name}-{i}" for i, (name, _) in enumerate(VARIANTS)]
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
+from ctrpipe.models.base import SearchConfig
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,11 @@ class History:
 
 
 def resolve_history(spec: FeatureSpec, model: str, column: str = "", query_key: str = "",
-                    max_len: int = 0) -> History:
-    """Pick the history and its candidate, with errors that say which config key to set."""
+                    max_len: int = 0, need_query: bool = True) -> History:
+    """Pick the history and its candidate, with errors that say which config key to set.
+
+    `need_query=False` (a search keyed by the history's own last behaviour): no candidate is required, and
+    `query` is "" when the history shares its ids with no categorical column."""
     if not spec.sequence:
         raise SchemaError(f"model {model!r} reads a behaviour sequence, and the shards have none",
                           where="model.name", fix="shard with data.sequence: [{column: <history column>, "
@@ -57,11 +61,11 @@ def resolve_history(spec: FeatureSpec, model: str, column: str = "", query_key: 
         query = query_key
     else:
         same = [f.name for f in spec.categorical if seq.id_space and f.id_space == seq.id_space]
-        if not same:
+        if not same and need_query:
             raise ConfigError(f"the history {seq.name!r} shares its id space with no categorical column, so there "
                               "is no candidate to read it against", where="model.sequence.query_key",
                               fix=f"shard with data.sequence[].share_ids_with: <candidate column> on {seq.name!r}")
-        query = same[0]
+        query = same[0] if same else ""
     if max_len < 0 or max_len > seq.width:
         raise ConfigError(f"model.sequence.max_len={max_len} but the shards store {seq.width} tokens of "
                           f"{seq.name!r}", where="model.sequence.max_len",
@@ -218,3 +222,72 @@ class AttentionTable(nn.Module):
         if padding is not None:
             ids = torch.where(padding, self.pad, ids)
         return F.embedding(ids, self.table.weight, padding_idx=self.pad, sparse=self.table.sparse)
+
+
+class DareEncoder(nn.Module):
+    """DARE's sequence part: the candidate (S1) and/or the most recent behaviour (S2) searches the history
+    with attention vectors from its own table, and the found behaviours' representation vectors (the shared
+    rows of `embedding`) are summed. Output per query: [query, pooled, query * pooled] as three (B, D)
+    fields, and the same from a softmax over the whole history (for an auxiliary head) when asked.
+    """
+
+    def __init__(self, spec: FeatureSpec, history: History, cfg: SearchConfig, attention_dim: int,
+                 sparse: bool, init_std: float) -> None:
+        super().__init__()
+        if cfg.top_k > history.max_len:
+            raise ConfigError(f"model.sequence.top_k={cfg.top_k} is larger than the {history.max_len} behaviours "
+                              f"read from {history.name!r}", where="model.sequence.top_k",
+                              fix=f"use at most {history.max_len} (or 0: attend over the whole history)")
+        self.history = history
+        names = [f.name for f in spec.categorical]
+        self.query_col = names.index(history.query) if history.query else -1   # column in Batch.categorical
+        self.queries = {"S1": ("candidate",), "S2": ("last",), "concat": ("candidate", "last")}[cfg.query_mode]
+        if "candidate" in self.queries and not history.query:
+            raise ConfigError(f"query_mode={cfg.query_mode} reads {history.name!r} against a candidate, and no "
+                              "categorical column shares its ids", where="model.sequence.query_mode",
+                              fix="use model.sequence.query_mode=S2 (the most recent behaviour is the query), or "
+                                  f"shard with data.sequence[].share_ids_with: <candidate column> on {history.name!r}")
+        self.table = AttentionTable(history.bins, attention_dim, sparse, init_std)
+        self.search = DecoupledSearch(attention_dim, cfg.top_k, cfg.search, cfg.recency_tau)
+        self.encoder: nn.Module | None = None
+        if cfg.transformer_block:
+            t = cfg.tfm
+            if attention_dim % t.n_heads:
+                raise ConfigError(f"model.sequence.tfm.n_heads={t.n_heads} does not divide attention_dim="
+                                  f"{attention_dim}", where="model.sequence.tfm.n_heads",
+                                  fix="pick n_heads dividing attention_dim, e.g. 2 for attention_dim 8")
+            layer = nn.TransformerEncoderLayer(attention_dim, t.n_heads, t.ffn_hidden or 4 * attention_dim,
+                                               t.dropout, batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, t.n_layers, enable_nested_tensor=False)
+        self.n_fields = 3 * len(self.queries)
+
+    def forward(self, batch: Batch, emb: nn.Module, full: bool = False) -> tuple[Tensor, Tensor | None]:
+        """-> (B, n_fields, D) search features, and the full-attention ones (or None unless `full`).
+
+        `emb` is the model's FieldEmbedding: its rows of the shared id space are the representation table.
+        """
+        tokens = history_tokens(batch, self.history)                          # (B, L)
+        mask = tokens > 0
+        values = emb.token_vectors(batch, "sequence", self.history.index, tokens)   # (B, L, D)
+        keys = self.table(tokens, padding=~mask)                                # (B, L, Da)
+        if self.encoder is not None:
+            # an all-padding row would give NaN in the encoder's softmax: it may see its first (zero) slot;
+            # the search below masks every padding position again
+            open_ = mask.clone()
+            open_[:, 0] = True
+            keys = self.encoder(keys, src_key_padding_mask=~open_) * mask.unsqueeze(-1)
+        out, out_full = [], []
+        for q in self.queries:
+            if q == "candidate":
+                ids = batch.categorical[:, self.query_col].long()
+                q_att, q_rep = self.table(ids), emb.lookup(batch, self.history.query)
+            else:   # the most recent behaviour; an empty history gives zero vectors
+                last = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)         # (B, 1)
+                q_att = keys.gather(1, last.unsqueeze(-1).expand(-1, -1, keys.shape[-1])).squeeze(1)
+                q_rep = values.gather(1, last.unsqueeze(-1).expand(-1, -1, values.shape[-1])).squeeze(1)
+            pooled, scores = self.search(q_att, keys, values, mask)
+            out += [q_rep, pooled, q_rep * pooled]
+            if full:
+                whole = pool(masked_softmax(scores, mask), values)
+                out_full += [q_rep, whole, q_rep * whole]
+        return torch.stack(out, dim=1), (torch.stack(out_full, dim=1) if full else None)

@@ -1,0 +1,162 @@
+"""History readers (DIN, DARE, DARE + QNN-α) against hand computations: masking, empty histories, soft and
+hard top-k, the activation unit's split first layer, truncation to the most recent tokens, auxiliary heads,
+and the errors a wrong sequence setting gets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from ctrpipe.config import build_model_section
+from ctrpipe.errors import ConfigError, SchemaError
+from ctrpipe.features import FeatureSpec
+from ctrpipe.models.heads import as_output
+from ctrpipe.models.layers.sequence import (
+    ActivationUnit,
+    DecoupledSearch,
+    TargetAttention,
+    ages,
+    masked_softmax,
+    most_recent,
+)
+from ctrpipe.models.registry import build_model
+
+
+def build(spec: FeatureSpec, name: str, keys: dict[str, Any]) -> torch.nn.Module:
+    section = build_model_section({"name": name, **keys})
+    return build_model(section.name, section.params, spec)
+
+
+def test_masked_softmax_gives_padding_and_empty_rows_no_weight() -> None:
+    scores = torch.tensor([[1.0, 2.0, 50.0], [3.0, 3.0, 3.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    w = masked_softmax(scores, mask)
+    e = torch.exp(torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(w[0], torch.cat([e / e.sum(), torch.zeros(1)]))
+    torch.testing.assert_close(w[1], torch.zeros(3))                     # empty history: 0, not NaN
+
+
+def test_most_recent_and_ages_follow_the_padding_convention() -> None:
+    tokens = torch.tensor([[5, 6, 7, 8, 0], [9, 0, 0, 0, 0], [0, 0, 0, 0, 0]])   # most recent last, 0s right
+    torch.testing.assert_close(most_recent(tokens, 2), torch.tensor([[7, 8], [9, 0], [0, 0]]))
+    torch.testing.assert_close(ages(tokens > 0), torch.tensor([[3.0, 2, 1, 0, 0], [0, 0, 0, 0, 0], [0] * 5]))
+
+
+def test_soft_and_hard_top_k_on_hand_made_scores() -> None:
+    search = DecoupledSearch(attention_dim=4, top_k=2, search="soft")
+    scores = torch.tensor([[0.5, 3.0, 1.0, 2.0, 9.0]])
+    mask = torch.tensor([[True, True, True, True, False]])               # position 4 is padding
+    w = search.weights(scores, mask)
+    e = torch.exp(torch.tensor([3.0, 2.0]))
+    torch.testing.assert_close(w, torch.tensor([[0.0, e[0] / e.sum(), 0.0, e[1] / e.sum(), 0.0]]))
+    hard = DecoupledSearch(attention_dim=4, top_k=2, search="hard")       # the 2 most recent: positions 2, 3
+    e = torch.exp(torch.tensor([1.0, 2.0]))
+    want = torch.tensor([[0.0, 0.0, e[0] / e.sum(), e[1] / e.sum(), 0.0]])
+    torch.testing.assert_close(hard.weights(scores, mask), want)
+    short = torch.tensor([[True, False, False, False, False]])            # fewer behaviours than k
+    torch.testing.assert_close(search.weights(scores, short), torch.tensor([[1.0, 0, 0, 0, 0]]))
+    torch.testing.assert_close(search.weights(scores, torch.zeros_like(short)), torch.zeros(1, 5))
+
+
+def test_recency_tau_lowers_older_scores() -> None:
+    search = DecoupledSearch(attention_dim=1, recency_tau=2.0)
+    q, keys = torch.ones(1, 1), torch.ones(1, 3, 1)                        # equal raw scores 1.0
+    s = search.scores(q, keys, torch.tensor([[True, True, True]]))
+    torch.testing.assert_close(s, torch.tensor([[1.0 - 1.0, 1.0 - 0.5, 1.0]]))
+
+
+def test_activation_unit_equals_an_mlp_on_the_concatenation() -> None:
+    torch.manual_seed(0)
+    unit = ActivationUnit(dim=3, units=(5,))
+    q, k = torch.randn(2, 3), torch.randn(2, 4, 3)
+    # the equivalent first layer on [q, k, q - k, q * k]: W1 = Wq, W2 = Wk, W3 = 0, W4 = Wp
+    w = torch.cat([unit.query.weight, unit.key.weight, torch.zeros(5, 3), unit.product.weight], dim=1)
+    qq = q.unsqueeze(1).expand_as(k)
+    h = torch.cat([qq, k, qq - k, qq * k], dim=-1) @ w.T + unit.query.bias
+    torch.testing.assert_close(unit(q, k), unit.rest(h.reshape(-1, 5)).view(2, 4))
+
+
+def test_target_attention_never_weights_padding() -> None:
+    torch.manual_seed(0)
+    att = TargetAttention(dim=3, units=(4,))
+    q, keys = torch.randn(2, 3), torch.randn(2, 4, 3)
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    out = att(q, keys, mask)
+    changed = keys.clone()
+    changed[:, 2:] = 1e6                                                   # garbage under the padding
+    torch.testing.assert_close(att(q, changed, mask), out)
+    torch.testing.assert_close(out[1], torch.zeros(3))
+
+
+@pytest.mark.parametrize(("name", "keys"), [
+    ("din", {"hidden_units": [8]}),
+    ("dare", {"hidden_units": [8], "attention_dim": 4, "sequence": {"top_k": 3}}),
+    ("dare_qnn", {"attention_dim": 4, "sequence": {"top_k": 3, "transformer_block": True},
+                  "qnn_alpha": {"feature_embed_dim": 8}}),
+])
+def test_padding_tokens_and_empty_histories(name: str, keys: dict[str, Any], spec_factory, batch_factory) -> None:
+    spec = spec_factory()
+    model = build(spec, name, {"embedding_dim": 8, **keys}).eval()
+    batch = batch_factory(spec, rows=8)
+    hist = batch.sequence[0]
+    hist[0] = 0                                                            # an empty history
+    model.train()
+    out = as_output(model(batch)).logits
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad.to_dense() if p.grad.is_sparse else p.grad).all()
+               for p in model.parameters() if p.grad is not None)
+    model.eval()
+    alone = batch_factory(spec, rows=8)                                    # the empty row's output depends
+    alone.sequence[0][0] = 0                                               # on its own inputs only
+    for f in ("numeric", "categorical"):
+        getattr(alone, f)[0] = getattr(batch, f)[0]
+    alone.multihot[0][0] = batch.multihot[0][0]
+    alone.multihot_weights[0][0] = batch.multihot_weights[0][0]
+    torch.testing.assert_close(as_output(model(alone)).logits[0], as_output(model(batch)).logits[0])
+
+
+@pytest.mark.parametrize(("name", "keys"), [
+    ("dare", {"hidden_units": [8], "attention_dim": 4, "aux_loss_weight": 0.3, "sequence": {"top_k": 2}}),
+    ("dare_qnn", {"attention_dim": 4, "sequence": {"top_k": 2},
+                  "qnn_alpha": {"feature_embed_dim": 8, "aux_head_weight": 0.3}}),
+])
+def test_aux_head_is_a_weighted_head_outside_the_primary_metric(name: str, keys: dict[str, Any], spec_factory,
+                                                               batch_factory) -> None:
+    spec = spec_factory(2)
+    model = build(spec, name, {"embedding_dim": 8, **keys})
+    assert [h.name for h in model.heads] == ["y0", "y1", "y0_full", "y1_full"]
+    assert [h.loss_weight for h in model.heads] == [1.0, 1.0, 0.3, 0.3]
+    assert [h.metric_weight for h in model.heads] == [1.0, 1.0, 0.0, 0.0]
+    assert as_output(model(batch_factory(spec, rows=4))).logits.shape == (4, 4)
+
+
+def test_sequence_errors(spec_factory) -> None:
+    with pytest.raises(SchemaError, match="sequence"):
+        build(spec_factory(sequence=False), "din", {})
+    with pytest.raises(ConfigError, match="model.sequence.query_key") as err:
+        build(spec_factory(), "din", {"sequence": {"query_key": "nope"}})
+    assert "C1" in str(err.value)
+    with pytest.raises(ConfigError, match="do not share an id space"):
+        build(spec_factory(), "dare", {"sequence": {"query_key": "C1"}})
+    with pytest.raises(ConfigError, match="model.sequence.top_k"):
+        build(spec_factory(), "dare", {"sequence": {"top_k": 6}})       # the history stores 5
+    with pytest.raises(ConfigError, match="model.sequence.max_len"):
+        build(spec_factory(), "dare", {"sequence": {"max_len": 9}})
+    with pytest.raises(ConfigError, match="model.sequence.column"):
+        build(spec_factory(), "dare_qnn", {"sequence": {"column": "tags"}})
+
+
+def test_truncated_history_reads_only_the_most_recent_tokens(spec_factory, batch_factory) -> None:
+    spec = spec_factory()
+    torch.manual_seed(0)
+    model = build(spec, "din", {"embedding_dim": 8, "hidden_units": [8], "sequence": {"max_len": 2}}).eval()
+    batch = batch_factory(spec, rows=8)
+    out = as_output(model(batch)).logits
+    hist = batch.sequence[0]
+    lengths = (hist > 0).sum(1)
+    older = torch.arange(hist.shape[1]) < (lengths - 2).unsqueeze(1)       # beyond the 2 most recent
+    hist[older] = 1 + (hist[older] % 3)                                    # change old behaviours only
+    torch.testing.assert_close(as_output(model(batch)).logits, out)
