@@ -428,6 +428,12 @@ static inline TokenIter tokens_of(const Strings *st, Py_ssize_t i, const uint8_t
 static inline int next_token(TokenIter *it, const uint8_t **ts, const uint8_t **te) {
     while (!it->done) {
         const uint8_t *s = it->p, *q = it->p, *hit = NULL;
+        if (it->k == 1) {                 /* tokens are short: a byte loop beats a memchr call per token */
+            const uint8_t sep = it->sep[0];
+            while (q < it->e && *q != sep) q++;
+            if (q < it->e) hit = q;
+            q = it->e;
+        }
         while (it->e - q >= it->k) {
             const uint8_t *c = (const uint8_t *)memchr(q, it->sep[0], (size_t)(it->e - q - it->k + 1));
             if (c == NULL) break;
@@ -538,70 +544,101 @@ done:
 }
 
 PyDoc_STRVAR(token_hashes_doc,
-"token_hashes(views, buffers, sep, seed, weighted, keep_last, counts, lengths, hashes_out, weights_out) -> int\n\n"
-"xxh64 (with seed) of the kept tokens of every string, flattened in row order: of the counts[i] non-empty\n"
-"tokens of row i (token_counts), the first lengths[i], or the last ones with keep_last. weighted: the hash\n"
-"of each token's name and its weight (float32) into weights_out (token_counts must have accepted every\n"
-"row). Returns the number of tokens written.");
+"token_hashes(views, buffers, sep, seed, weighted, keep_last, max_len, lengths_out, hashes_out, weights_out)\n"
+"-> int\n\n"
+"xxh64 (with seed) of the kept non-empty tokens of every string, flattened in row order: the first max_len\n"
+"of each row, or the last ones with keep_last; lengths_out (int64, n) gets how many. weighted: every token,\n"
+"kept or not (as the polars path checks them all), must be 'name:weight' as split_weight accepts it; the\n"
+"name is hashed and the weight goes to weights_out (float32). Returns the number of tokens written, or\n"
+"-1 - i for the first row i holding a token that was not accepted (the outputs are then incomplete).");
 
 static PyObject *token_hashes(PyObject *self, PyObject *args) {
-    Py_buffer views, sep, counts_b, lengths_b, hashes_b, weights_b;
+    Py_buffer views, sep, lengths_b, hashes_b, weights_b;
     PyObject *buffers;
     unsigned long long seed;
     int weighted, keep_last;
+    Py_ssize_t max_len;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*Oy*Kppy*y*w*w*", &views, &buffers, &sep, &seed, &weighted, &keep_last,
-                          &counts_b, &lengths_b, &hashes_b, &weights_b))
+    if (!PyArg_ParseTuple(args, "y*Oy*Kppnw*w*w*", &views, &buffers, &sep, &seed, &weighted, &keep_last, &max_len,
+                          &lengths_b, &hashes_b, &weights_b))
         return NULL;
     PyObject *result = NULL;
     Strings st = {NULL, 0, 0, NULL};
-    if (sep.len < 1) {
-        PyErr_SetString(PyExc_ValueError, "token_hashes: empty separator");
+    uint64_t *ring = NULL;
+    float *wring = NULL;
+    if (sep.len < 1 || max_len < 1) {
+        PyErr_SetString(PyExc_ValueError, "token_hashes: empty separator or max_len < 1");
         goto done;
     }
-    if (!strings_open(&st, &views, buffers) || !check_buffer(&counts_b, st.n * 8, "counts") ||
-        !check_buffer(&lengths_b, st.n * 8, "lengths"))
+    if (!strings_open(&st, &views, buffers) || !check_buffer(&lengths_b, st.n * 8, "lengths")) goto done;
+    ring = (uint64_t *)malloc((size_t)max_len * sizeof(uint64_t));
+    wring = (float *)malloc((size_t)max_len * sizeof(float));
+    if (ring == NULL || wring == NULL) {
+        PyErr_NoMemory();
         goto done;
-    const int64_t *counts = (const int64_t *)counts_b.buf, *lengths = (const int64_t *)lengths_b.buf;
+    }
+    int64_t *lengths = (int64_t *)lengths_b.buf;
     uint64_t *hashes = (uint64_t *)hashes_b.buf;
     float *weights = (float *)weights_b.buf;
-    Py_ssize_t cap = hashes_b.len / 8, wcap = weights_b.len / 4, k = 0;
-    int failed = 0;
+    Py_ssize_t cap = hashes_b.len / 8, k = 0, bad = -1;
+    if (weighted && weights_b.len / 4 < cap) cap = weights_b.len / 4;
+    int full = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < st.n && !failed; i++) {
-        int64_t skip = keep_last ? counts[i] - lengths[i] : 0, take = lengths[i];
-        if (take < 0 || skip < 0 || k + take > cap || (weighted && k + take > wcap)) {
-            failed = 1;
-            break;
-        }
+    for (Py_ssize_t i = 0; i < st.n && bad < 0 && !full; i++) {
         TokenIter it = tokens_of(&st, i, (const uint8_t *)sep.buf, sep.len);
         const uint8_t *ts, *te, *name_end;
-        double w;
+        double w = 1.0;
         int64_t j = 0;
-        while (j < skip + take && next_token(&it, &ts, &te)) {
-            if (j++ < skip) continue;
+        while (next_token(&it, &ts, &te)) {
             if (weighted) {
                 if (!split_weight(ts, te, &name_end, &w)) {
-                    failed = 1;
+                    bad = i;
                     break;
                 }
-                weights[k] = (float)w;
                 te = name_end;
             }
-            hashes[k++] = xxh64(ts, (size_t)(te - ts), (uint64_t)seed);
+            if (keep_last) {                  /* the last max_len tokens, in a ring */
+                ring[j % max_len] = xxh64(ts, (size_t)(te - ts), (uint64_t)seed);
+                wring[j % max_len] = (float)w;
+            } else if (j < max_len) {
+                if (k + j >= cap) {
+                    full = 1;
+                    break;
+                }
+                hashes[k + j] = xxh64(ts, (size_t)(te - ts), (uint64_t)seed);
+                if (weighted) weights[k + j] = (float)w;
+            } else if (!weighted) {
+                break;                        /* the rest is dropped, and only weights need checking */
+            }
+            j++;
         }
-        if (j < skip + take) failed = 1;            /* fewer tokens than token_counts found */
+        if (bad >= 0 || full) break;
+        int64_t take = j < max_len ? j : max_len;
+        if (keep_last) {
+            if (k + take > cap) {
+                full = 1;
+                break;
+            }
+            int64_t first = j - take;
+            for (int64_t t = 0; t < take; t++) {
+                hashes[k + t] = ring[(first + t) % max_len];
+                if (weighted) weights[k + t] = wring[(first + t) % max_len];
+            }
+        }
+        lengths[i] = take;
+        k += take;
     }
     Py_END_ALLOW_THREADS
-    if (failed)
-        PyErr_SetString(PyExc_ValueError, "token_hashes: counts/lengths do not match the strings or the output");
+    if (full)
+        PyErr_SetString(PyExc_ValueError, "token_hashes: more kept tokens than the output holds");
     else
-        result = PyLong_FromSsize_t(k);
+        result = PyLong_FromSsize_t(bad >= 0 ? -1 - bad : k);
 done:
+    free(ring);
+    free(wring);
     strings_close(&st);
     PyBuffer_Release(&views);
     PyBuffer_Release(&sep);
-    PyBuffer_Release(&counts_b);
     PyBuffer_Release(&lengths_b);
     PyBuffer_Release(&hashes_b);
     PyBuffer_Release(&weights_b);
@@ -634,6 +671,55 @@ static PyObject *hash_strings(PyObject *self, PyObject *args) {
 done:
     strings_close(&st);
     PyBuffer_Release(&views);
+    PyBuffer_Release(&out_b);
+    return result;
+}
+
+PyDoc_STRVAR(pair_keys_doc,
+"pair_keys(target, lengths, context, salt, out) -> None\n\n"
+"Co-visitation pair keys: out[j] = mix64(target[i] ^ mix64(context[j] ^ salt)) for the lengths[i]\n"
+"context tokens j of row i (flattened in row order); mix64 is splitmix64's finaliser as splits.mix64.");
+
+static inline uint64_t mix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static PyObject *pair_keys(PyObject *self, PyObject *args) {
+    Py_buffer t_b, len_b, c_b, out_b;
+    unsigned long long salt;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*Kw*", &t_b, &len_b, &c_b, &salt, &out_b)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = t_b.len / 8, m = c_b.len / 8;
+    const uint64_t *t = (const uint64_t *)t_b.buf, *c = (const uint64_t *)c_b.buf;
+    const int64_t *lengths = (const int64_t *)len_b.buf;
+    uint64_t *out = (uint64_t *)out_b.buf;
+    if (!check_buffer(&len_b, n * 8, "lengths") || !check_buffer(&out_b, m * 8, "out")) goto done;
+    Py_ssize_t j = 0;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && !bad; i++) {
+        if (lengths[i] < 0 || j + lengths[i] > m) {
+            bad = 1;
+            break;
+        }
+        for (int64_t k = 0; k < lengths[i]; k++, j++) out[j] = mix64(t[i] ^ mix64(c[j] ^ (uint64_t)salt));
+    }
+    if (j != m) bad = 1;
+    Py_END_ALLOW_THREADS
+    if (bad)
+        PyErr_SetString(PyExc_ValueError, "pair_keys: lengths do not sum to the number of context tokens");
+    else {
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
+done:
+    PyBuffer_Release(&t_b);
+    PyBuffer_Release(&len_b);
+    PyBuffer_Release(&c_b);
     PyBuffer_Release(&out_b);
     return result;
 }
@@ -694,6 +780,52 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(hash_count_doc,
+"hash_count(table, keys, used, max_used) -> (consumed, used, zeros)\n\n"
+"Count uint64 keys into a hash_build table (values are counts): +1 for a key already there, else a new slot\n"
+"with count 1. Stops before a new key would make more than max_used slots used; returns how many keys were\n"
+"consumed (the caller grows the table and passes the rest), the slots used, and how many consumed keys were\n"
+"0 (not stored: 0 marks an empty slot).");
+
+static PyObject *hash_count(PyObject *self, PyObject *args) {
+    Py_buffer table_b, keys_b;
+    Py_ssize_t used, max_used;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*y*nn", &table_b, &keys_b, &used, &max_used)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = keys_b.len / 8, cap = table_b.len / 16, i = 0, zeros = 0;
+    if (cap < 1 || (cap & (cap - 1)) != 0 || max_used >= cap) {
+        PyErr_SetString(PyExc_ValueError, "hash_count: cap is not a power of two above max_used");
+        goto done;
+    }
+    uint64_t *table = (uint64_t *)table_b.buf, mask = (uint64_t)cap - 1;
+    const uint64_t *keys = (const uint64_t *)keys_b.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (; i < n; i++) {
+        if (i + PREFETCH_AHEAD < n) __builtin_prefetch(table + 2 * (keys[i + PREFETCH_AHEAD] & mask), 1);
+        uint64_t key = keys[i], s = key & mask;
+        if (key == 0) {
+            zeros++;
+            continue;
+        }
+        while (table[2 * s] != 0 && table[2 * s] != key) s = (s + 1) & mask;
+        if (table[2 * s] == key) {
+            table[2 * s + 1]++;
+        } else {
+            if (used >= max_used) break;
+            table[2 * s] = key;
+            table[2 * s + 1] = 1;
+            used++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nnn", i, used, zeros);
+done:
+    PyBuffer_Release(&table_b);
+    PyBuffer_Release(&keys_b);
+    return result;
+}
+
 PyDoc_STRVAR(hash_lookup_doc,
 "hash_lookup(table, queries, default, out) -> None\n\n"
 "out[i] (int64) = the value of queries[i] (uint64) in a hash_build table, or default where it is absent\n"
@@ -745,8 +877,10 @@ static PyMethodDef methods[] = {
     {"token_counts", token_counts, METH_VARARGS, token_counts_doc},
     {"token_hashes", token_hashes, METH_VARARGS, token_hashes_doc},
     {"hash_strings", hash_strings, METH_VARARGS, hash_strings_doc},
+    {"pair_keys", pair_keys, METH_VARARGS, pair_keys_doc},
     {"hash_build", hash_build, METH_VARARGS, hash_build_doc},
     {"hash_lookup", hash_lookup, METH_VARARGS, hash_lookup_doc},
+    {"hash_count", hash_count, METH_VARARGS, hash_count_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -86,9 +86,10 @@ def column_hashes(frame: pl.DataFrame, column: str, seed: int) -> tuple[np.ndarr
         h = pre.to_numpy()
         return h, h == 0
     s = frame[column]
-    h = string_hashes(s, seed)          # the compiled kernel: one pass, no per-length numpy passes
-    if h is None:
-        h = xxh64_strings(s, seed)
-    missing = string_missing(s)
+    fast = string_hashes(s, seed)       # the compiled kernel over polars' string views, in place
+    if fast is not None:
+        h, missing = fast
+    else:
+        h, missing = xxh64_strings(s, seed), string_missing(s)
     h[missing] = 0
     return h, missing

@@ -16,6 +16,7 @@ import numpy as np
 
 from ctrpipe.data.fitted import CountTable, KeyCounter
 from ctrpipe.data.splits import mix64
+from ctrpipe.native import native
 
 _PAIR_SALT = np.uint64(0xC0F1_5175_0000_0001)
 
@@ -23,6 +24,18 @@ _PAIR_SALT = np.uint64(0xC0F1_5175_0000_0001)
 def pair_keys(target: np.ndarray, context: np.ndarray) -> np.ndarray:
     """One uint64 key per (target hash, context hash); order matters (t, c) != (c, t)."""
     return mix64(target ^ mix64(context ^ _PAIR_SALT))
+
+
+def row_pair_keys(target: np.ndarray, ctx: ContextTokens) -> np.ndarray:
+    """(M,) pair_keys(target[row of token j], ctx.hashes[j]): in one compiled pass where the kernel is built
+    (no (M,) row index, gather or temporaries), else numpy."""
+    kernel = native()
+    if kernel is None:
+        return pair_keys(target[ctx.row_of_token], ctx.hashes)
+    out = np.empty(len(ctx.hashes), dtype=np.uint64)
+    kernel.pair_keys(np.ascontiguousarray(target, dtype=np.uint64), np.ascontiguousarray(ctx.lengths, np.int64),
+                     np.ascontiguousarray(ctx.hashes, dtype=np.uint64), int(_PAIR_SALT), out)
+    return out
 
 
 @dataclass(frozen=True)
@@ -48,11 +61,14 @@ class CovisitCounter:
                counted: np.ndarray) -> None:
         """target: (N,) uint64 hashes; counted: (N,) bool rows to count (train split)."""
         use_row = counted & ~target_missing
-        rows = ctx.row_of_token
-        keep = use_row[rows]
+        if use_row.all():
+            self.ctx.add(ctx.hashes)
+            self.pairs.add(row_pair_keys(target, ctx))
+            return
+        keep = use_row[ctx.row_of_token]
         tokens = ctx.hashes[keep]
         self.ctx.add(tokens)
-        self.pairs.add(pair_keys(target[rows[keep]], tokens))
+        self.pairs.add(row_pair_keys(target[use_row], ContextTokens(tokens, ctx.lengths[use_row])))
 
     def tables(self) -> tuple[CountTable, CountTable]:
         return CountTable(self.pairs.keys, self.pairs.counts), CountTable(self.ctx.keys, self.ctx.counts)
@@ -67,14 +83,15 @@ def covisit_features(pairs: CountTable, ctx_table: CountTable, target: np.ndarra
     """
     n = len(target)
     out = np.zeros((n, 2), dtype=np.float32)
-    rows = ctx.row_of_token
-    if len(rows) == 0:
+    if len(ctx.hashes) == 0:
         return out
-    n_tc = pairs.index.lookup(pair_keys(target[rows], ctx.hashes)).astype(np.float64)
+    n_tc = pairs.index.lookup(row_pair_keys(target, ctx)).astype(np.float64)
     n_c = ctx_table.index.lookup(ctx.hashes).astype(np.float64)
-    loo = leave_one_out[rows] & ~target_missing[rows]
-    n_tc -= loo
-    n_c -= loo
+    loo_row = leave_one_out & ~target_missing
+    if loo_row.any():
+        loo = loo_row[ctx.row_of_token]
+        n_tc -= loo
+        n_c -= loo
     score = np.maximum(n_tc, 0.0) / (np.maximum(n_c, 0.0) + smoothing)      # (M,)
     has = ctx.lengths > 0
     starts = np.concatenate([[0], np.cumsum(ctx.lengths)[:-1]])[has]

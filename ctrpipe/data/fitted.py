@@ -22,8 +22,9 @@ from typing import Any, Literal
 import numpy as np
 
 from ctrpipe.atomic import atomic_open
-from ctrpipe.data.hashindex import HashIndex
+from ctrpipe.data.hashindex import HashCounter, HashIndex
 from ctrpipe.errors import REBUILD_CACHE_FIX, ManifestMismatchError
+from ctrpipe.native import native
 
 FITTED_DIR = "fitted"
 _HIST_BINS = 65_536
@@ -167,15 +168,43 @@ def lookup_counts(keys: np.ndarray, counts: np.ndarray, query: np.ndarray) -> np
 
 
 class KeyCounter:
-    """Running (sorted keys, counts) table; memory is the number of distinct keys, not of rows."""
+    """Running (sorted keys, counts) table; memory is the number of distinct keys, not of rows.
+
+    With the compiled kernels the keys are counted in a hash table (`HashCounter`: one pass per chunk, no
+    sort) and sorted once when `keys` / `counts` are read; without them each chunk's sorted counts are
+    merged in. Both give the same table."""
 
     def __init__(self) -> None:
-        self.keys = np.zeros(0, dtype=np.uint64)
-        self.counts = np.zeros(0, dtype=np.int64)
+        self._keys = np.zeros(0, dtype=np.uint64)
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._hash = HashCounter() if native() is not None else None
+        self._stale = False          # the hash table holds counts the sorted arrays do not show yet
 
     def add(self, keys: np.ndarray) -> None:
-        if len(keys):
-            self.keys, self.counts = merge_counts(self.keys, self.counts, *count_keys(keys))
+        if not len(keys):
+            return
+        if self._hash is not None:
+            self._hash.add(keys)
+            self._stale = True
+        else:
+            self._keys, self._counts = merge_counts(self._keys, self._counts, *count_keys(keys))
+
+    def _sorted(self) -> None:
+        if self._stale and self._hash is not None:
+            self._keys, self._counts = self._hash.sorted()
+            self._stale = False
+
+    @property
+    def keys(self) -> np.ndarray:
+        """(K,) sorted distinct uint64 keys."""
+        self._sorted()
+        return self._keys
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(K,) int64 count of each key."""
+        self._sorted()
+        return self._counts
 
 
 # ------------------------------------------------------------------------------------------ vocabularies

@@ -97,3 +97,49 @@ class HashIndex:
     @property
     def nbytes(self) -> int:
         return int(self.table.nbytes)
+
+
+class HashCounter:
+    """Counts of uint64 keys in an open-addressing table (the compiled `_native.hash_count`, so callers
+    check `native()` first): each chunk's keys are counted in one pass over them, with no sort, and memory follows
+    the number of distinct keys, never rows. `sorted()` gives the (keys, counts) table a sort-and-merge
+    count would (counts are exact integers, so the order keys arrived in does not matter)."""
+
+    def __init__(self) -> None:
+        kernel = native()
+        if kernel is None:
+            raise RuntimeError("HashCounter needs the compiled kernels (ctrpipe._native)")
+        self.kernel = kernel
+        self.table = np.zeros((1024, 2), dtype=np.uint64)      # (cap, 2): key, count
+        self.used = 0
+        self.zeros = 0                                          # key 0 marks empty slots: counted apart
+
+    def add(self, keys: np.ndarray) -> None:
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        while True:
+            max_used = int(len(self.table) * _MAX_LOAD)
+            consumed, self.used, zeros = self.kernel.hash_count(self.table, keys, self.used, max_used)
+            self.zeros += zeros
+            if consumed == len(keys):
+                return
+            keys = keys[consumed:]
+            self._grow()
+
+    def _grow(self) -> None:
+        keys, counts = self._entries()
+        self.table = np.zeros((len(self.table) * 2, 2), dtype=np.uint64)
+        self.kernel.hash_build(keys, counts, self.table)
+
+    def _entries(self) -> tuple[np.ndarray, np.ndarray]:
+        used = self.table[:, 0] != 0
+        return self.table[used, 0], self.table[used, 1].view(np.int64)
+
+    def sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct keys, int64 counts)."""
+        keys, counts = self._entries()
+        order = np.argsort(keys)
+        keys, counts = keys[order], counts[order]
+        if self.zeros:
+            keys = np.concatenate([np.zeros(1, dtype=np.uint64), keys])
+            counts = np.concatenate([np.array([self.zeros], dtype=np.int64), counts])
+        return keys, counts

@@ -86,16 +86,17 @@ def kept_tokens(values: pl.Series, separator: str, keep: Keep, max_len: int, see
         return None
     views, buffers, _ = string_views(values)
     sep = separator.encode("utf-8")
-    counts = np.empty(len(views), dtype=np.int64)
-    if kernel.token_counts(views, buffers, sep, weighted, counts) >= 0:
+    # room for every kept token: a row of L bytes holds at most (L + s) // (1 + s) non-empty tokens
+    row_bytes = views.view(np.uint32)[:, 0].astype(np.int64)
+    room = int(np.minimum((row_bytes + len(sep)) // (1 + len(sep)), max_len).sum())
+    hashes = np.empty(room, dtype=np.uint64)
+    weights = np.empty(room, dtype=np.float32) if weighted else _NO_WEIGHTS
+    lengths = np.empty(len(views), dtype=np.int64)
+    k = kernel.token_hashes(views, buffers, sep, seed & 0xFFFFFFFFFFFFFFFF, weighted, keep == "last", max_len,
+                            lengths, hashes, weights)
+    if k < 0:
         return None                              # a weight the kernel does not parse: polars decides
-    lengths = np.minimum(counts, max_len)
-    total = int(lengths.sum())
-    hashes = np.empty(total, dtype=np.uint64)
-    weights = np.empty(total, dtype=np.float32) if weighted else _NO_WEIGHTS
-    kernel.token_hashes(views, buffers, sep, seed & 0xFFFFFFFFFFFFFFFF, weighted, keep == "last", counts,
-                        lengths, hashes, weights)
-    return KeptTokens(hashes, lengths, weights if weighted else None)
+    return KeptTokens(hashes[:k], lengths, weights[:k] if weighted else None)
 
 
 def weights_all_plain(values: pl.Series, separator: str) -> bool:
@@ -109,15 +110,14 @@ def weights_all_plain(values: pl.Series, separator: str) -> bool:
     return bool(kernel.token_counts(views, buffers, separator.encode("utf-8"), True, counts) < 0)
 
 
-def string_hashes(values: pl.Series, seed: int) -> np.ndarray | None:
-    """(N,) uint64 xxh64 of each value's UTF-8 text (null -> 0), as `hashing.xxh64_strings`; None without
-    the kernel."""
+def string_hashes(values: pl.Series, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """((N,) uint64 xxh64 of each value's UTF-8 text, (N,) bool null or empty) as `hashing.xxh64_strings` and
+    `chunks.string_missing` give them (except that null rows hash as ''); None without the kernel."""
     kernel = native()
     if kernel is None or values.dtype != pl.String:
         return None
-    views, buffers, nulls = string_views(values)
+    views, buffers, _ = string_views(values)
     out = np.empty(len(views), dtype=np.uint64)
     kernel.hash_strings(views, buffers, seed & 0xFFFFFFFFFFFFFFFF, out)
-    if nulls is not None:
-        out[nulls] = 0
-    return out
+    empty = views.view(np.uint32)[:, 0] == 0           # a view's length; null rows have all-zero views
+    return out, empty

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from ctrpipe.data.chunks import column_hashes
-from ctrpipe.data.fitted import CountTable, VocabTable, lookup_counts
+from ctrpipe.data.fitted import CountTable, KeyCounter, VocabTable, lookup_counts
 from ctrpipe.data.hashindex import HashIndex
 from ctrpipe.data.hashing import xxh64_strings
 from ctrpipe.data.token_kernel import kept_tokens, weights_all_plain
@@ -129,3 +129,21 @@ def test_kernel_reads_sliced_and_multi_chunk_series(monkeypatch: pytest.MonkeyPa
     slow = tokens_to_ids(s, ",", 4, 9, 500, False, "last"), column_hashes(s.to_frame(), "t", 9)
     for x, y in zip([*fast[0][:2], *fast[1]], [*slow[0][:2], *slow[1]], strict=True):
         assert np.array_equal(x, y)
+
+
+@needs_kernel
+def test_hash_counter_counts_like_the_sort_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    chunks = [rng.integers(0, 5000, 20_000).astype(np.uint64) * np.uint64(2**40) for _ in range(4)]
+    chunks[1][:7] = 0                                         # key 0 is a key like any other
+    fast = KeyCounter()                                        # grows from 1,024 slots to fit 5,000 keys
+    monkeypatch.setenv("CTRPIPE_NATIVE", "0")
+    slow = KeyCounter()
+    for i, c in enumerate(chunks):
+        fast.add(c)
+        slow.add(c)
+        if i == 1:                                             # reading in between does not lose counts
+            assert np.array_equal(fast.keys, slow.keys) and np.array_equal(fast.counts, slow.counts)
+    assert np.array_equal(fast.keys, slow.keys) and np.array_equal(fast.counts, slow.counts)
+    zeros = sum(int((c == 0).sum()) for c in chunks)
+    assert fast.counts.dtype == np.int64 and fast.keys[0] == 0 and fast.counts[0] == zeros >= 7
