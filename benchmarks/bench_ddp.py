@@ -7,7 +7,7 @@ Usage: python benchmarks/bench_ddp.py [--rows 200000] [--hash-bins 1000000] [--m
 Data: `ctrpipe synth --rows N` then `ctrpipe shard --cfg cfgs/criteo.yaml --set data.hash_bins=H` (26 hashed
 fields: one 26H x 16 fp32 table), written once under .bench/ddp/ and reused.
 
-* e2e: `ctrpipe train --cfg cfgs/criteo_<model>.yaml` (lazy_adam, batch --batch-size, --steps steps), once as
+* e2e: `ctrpipe train --cfg cfgs/criteo_<model>.yaml` (lazy_adam, fp32, batch --batch-size, --steps steps), once as
   one process with train.num_threads=2, once as `torchrun --nproc_per_node 2 -m ctrpipe.cli train ...` with
   train.num_threads=1 per rank: the same 2 cores either way. samples/s is metrics.json's (training time only:
   evaluations and checkpoint writes are left out); the exchange bytes are the ones the run reports.
@@ -75,7 +75,7 @@ def train_sets(model: str, batch: int, steps: int, threads: int, exp: str) -> li
     values = [f"exp_name={exp}", f"loader.batch_size={batch}", f"train.max_steps={steps}", "train.min_steps=0",
               "train.embedding_optimizer=lazy_adam", "model.dropout=0.0", "train.evals_per_epoch=1",
               "train.early_stopping.patience=0", f"train.num_threads={threads}", "train.log_every=20",
-              "infer.calibration.method=none"]
+              "infer.calibration.method=none", "train.amp=off"]
     return [a for v in values for a in ("--set", v)]
 
 
