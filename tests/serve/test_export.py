@@ -43,6 +43,13 @@ FAMILIES: dict[str, tuple[str, str, list[str]]] = {
     "deepfm_mmoe": ("parquet", "parquet_deepfm_mmoe", [*MLP, "model.composer_width=8", "model.adapter_units=[8]",
                                                        "model.n_experts=2", "model.expert_units=[8]",
                                                        "model.tower_units=[8]"]),
+    "qnn_alpha": ("criteo", "criteo_qnn_alpha", ["model.embedding_dim=4", "model.num_layers=1"]),
+    "din": ("parquet", "parquet_din", [*MLP, "data.labels=[clicked,converted]"]),
+    "dare": ("parquet", "parquet_dare", [*MLP, "data.labels=[clicked,converted]", "model.attention_dim=4",
+                                         "model.sequence.search=soft", "model.aux_loss_weight=0.2"]),
+    "dare_qnn": ("parquet", "dare_qnn", ["model.embedding_dim=4", "data.labels=[clicked,converted]",
+                                        "model.attention_dim=4", "model.qnn_alpha.feature_embed_dim=4",
+                                        "model.qnn_alpha.mlp_hidden=[8]", "model.sequence.transformer_block=true"]),
 }
 
 
