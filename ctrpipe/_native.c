@@ -724,6 +724,99 @@ done:
     return result;
 }
 
+static inline int64_t table_get(const uint64_t *table, uint64_t mask, uint64_t key, int64_t zero) {
+    if (key == 0) return zero;
+    uint64_t s = key & mask;
+    while (table[2 * s] != 0) {
+        if (table[2 * s] == key) return (int64_t)table[2 * s + 1];
+        s = (s + 1) & mask;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(covisit_scores_doc,
+"covisit_scores(pairs, pairs_zero, ctx, ctx_zero, target, lengths, context, salt, loo, smoothing, out) -> None\n\n"
+"out[j] (float64) = max(n(t, c) - l, 0) / (max(n(c) - l, 0) + smoothing) for the lengths[i] context tokens j\n"
+"of row i, where n(t, c) is the pair count of pair_keys(target[i], context[j]) in the hash_build table\n"
+"`pairs`, n(c) the count of context[j] in `ctx` (0 when absent; *_zero: the count of key 0), and l = 1 where\n"
+"loo[i] (uint8) is set: the float64 arithmetic of covisit.covisit_features, in one pass.");
+
+static PyObject *covisit_scores(PyObject *self, PyObject *args) {
+    Py_buffer pairs_b, ctx_b, t_b, len_b, c_b, loo_b, out_b;
+    long long pairs_zero, ctx_zero;
+    unsigned long long salt;
+    double smoothing;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*Ly*Ly*y*y*Ky*dw*", &pairs_b, &pairs_zero, &ctx_b, &ctx_zero, &t_b, &len_b,
+                          &c_b, &salt, &loo_b, &smoothing, &out_b))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = t_b.len / 8, m = c_b.len / 8, pcap = pairs_b.len / 16, ccap = ctx_b.len / 16;
+    if (pcap < 1 || (pcap & (pcap - 1)) != 0 || ccap < 1 || (ccap & (ccap - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "covisit_scores: table sizes are not powers of two");
+        goto done;
+    }
+    if (!check_buffer(&len_b, n * 8, "lengths") || !check_buffer(&loo_b, n, "loo") ||
+        !check_buffer(&out_b, m * 8, "out"))
+        goto done;
+    const uint64_t *pairs = (const uint64_t *)pairs_b.buf, *ctx = (const uint64_t *)ctx_b.buf;
+    const uint64_t *t = (const uint64_t *)t_b.buf, *c = (const uint64_t *)c_b.buf;
+    const int64_t *lengths = (const int64_t *)len_b.buf;
+    const uint8_t *loo = (const uint8_t *)loo_b.buf;
+    double *out = (double *)out_b.buf;
+    uint64_t pmask = (uint64_t)pcap - 1, cmask = (uint64_t)ccap - 1;
+    Py_ssize_t total = 0;
+    int negative = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        negative |= lengths[i] < 0;
+        total += lengths[i];
+    }
+    if (negative || total != m) {
+        PyErr_SetString(PyExc_ValueError, "covisit_scores: lengths do not sum to the number of context tokens");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    /* pair keys are computed PREFETCH_AHEAD tokens ahead (row ai, its token ak) and their slots prefetched,
+     * so the pair table's cache misses overlap instead of queueing */
+    uint64_t ring[PREFETCH_AHEAD];
+    Py_ssize_t ai = 0, aj = 0, j = 0;
+    int64_t ak = 0;
+    for (; aj < m && aj < PREFETCH_AHEAD; aj++, ak++) {
+        while (ak >= lengths[ai]) ai++, ak = 0;
+        ring[aj % PREFETCH_AHEAD] = mix64(t[ai] ^ mix64(c[aj] ^ (uint64_t)salt));
+        __builtin_prefetch(pairs + 2 * (ring[aj % PREFETCH_AHEAD] & pmask));
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const double l = loo[i] ? 1.0 : 0.0;
+        for (int64_t k = 0; k < lengths[i]; k++, j++) {
+            uint64_t key = ring[j % PREFETCH_AHEAD];
+            if (aj < m) {
+                while (ak >= lengths[ai]) ai++, ak = 0;
+                uint64_t ahead = mix64(t[ai] ^ mix64(c[aj] ^ (uint64_t)salt));
+                ring[aj % PREFETCH_AHEAD] = ahead;
+                __builtin_prefetch(pairs + 2 * (ahead & pmask));
+                __builtin_prefetch(ctx + 2 * (c[aj] & cmask));
+                aj++, ak++;
+            }
+            double n_tc = (double)table_get(pairs, pmask, key, pairs_zero) - l;
+            double n_c = (double)table_get(ctx, cmask, c[j], ctx_zero) - l;
+            out[j] = (n_tc > 0.0 ? n_tc : 0.0) / ((n_c > 0.0 ? n_c : 0.0) + smoothing);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&pairs_b);
+    PyBuffer_Release(&ctx_b);
+    PyBuffer_Release(&t_b);
+    PyBuffer_Release(&len_b);
+    PyBuffer_Release(&c_b);
+    PyBuffer_Release(&loo_b);
+    PyBuffer_Release(&out_b);
+    return result;
+}
+
 /* ------------------------------------------------------------------------------------ uint64 hash index
  * Fitted tables (vocabularies, co-visitation counts) are sorted (key, value) arrays; the write pass looks up
  * millions of keys per chunk in them, and a binary search of a table larger than the cache misses it on most
@@ -878,6 +971,7 @@ static PyMethodDef methods[] = {
     {"token_hashes", token_hashes, METH_VARARGS, token_hashes_doc},
     {"hash_strings", hash_strings, METH_VARARGS, hash_strings_doc},
     {"pair_keys", pair_keys, METH_VARARGS, pair_keys_doc},
+    {"covisit_scores", covisit_scores, METH_VARARGS, covisit_scores_doc},
     {"hash_build", hash_build, METH_VARARGS, hash_build_doc},
     {"hash_lookup", hash_lookup, METH_VARARGS, hash_lookup_doc},
     {"hash_count", hash_count, METH_VARARGS, hash_count_doc},

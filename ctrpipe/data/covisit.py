@@ -85,14 +85,8 @@ def covisit_features(pairs: CountTable, ctx_table: CountTable, target: np.ndarra
     out = np.zeros((n, 2), dtype=np.float32)
     if len(ctx.hashes) == 0:
         return out
-    n_tc = pairs.index.lookup(row_pair_keys(target, ctx)).astype(np.float64)
-    n_c = ctx_table.index.lookup(ctx.hashes).astype(np.float64)
     loo_row = leave_one_out & ~target_missing
-    if loo_row.any():
-        loo = loo_row[ctx.row_of_token]
-        n_tc -= loo
-        n_c -= loo
-    score = np.maximum(n_tc, 0.0) / (np.maximum(n_c, 0.0) + smoothing)      # (M,)
+    score = _scores(pairs, ctx_table, target, ctx, loo_row, smoothing)      # (M,)
     has = ctx.lengths > 0
     starts = np.concatenate([[0], np.cumsum(ctx.lengths)[:-1]])[has]
     mx = np.maximum.reduceat(score, starts)
@@ -101,3 +95,26 @@ def covisit_features(pairs: CountTable, ctx_table: CountTable, target: np.ndarra
     out[has, 1] = mean
     out[target_missing] = 0.0
     return out
+
+
+def _scores(pairs: CountTable, ctx_table: CountTable, target: np.ndarray, ctx: ContextTokens, loo_row: np.ndarray,
+            smoothing: float) -> np.ndarray:
+    """(M,) float64 max(n(t, c) - loo, 0) / (max(n(c) - loo, 0) + smoothing) per context token: one compiled
+    pass over the hash indexes (the same float64 arithmetic), else numpy."""
+    kernel = native()
+    if kernel is not None:
+        score = np.empty(len(ctx.hashes), dtype=np.float64)
+        p, c = pairs.index, ctx_table.index
+        kernel.covisit_scores(p.table, p.zero_value or 0, c.table, c.zero_value or 0,
+                              np.ascontiguousarray(target, dtype=np.uint64),
+                              np.ascontiguousarray(ctx.lengths, dtype=np.int64),
+                              np.ascontiguousarray(ctx.hashes, dtype=np.uint64), int(_PAIR_SALT),
+                              loo_row.astype(np.uint8), float(smoothing), score)
+        return score
+    n_tc = pairs.index.lookup(row_pair_keys(target, ctx)).astype(np.float64)
+    n_c = ctx_table.index.lookup(ctx.hashes).astype(np.float64)
+    if loo_row.any():
+        loo = loo_row[ctx.row_of_token]
+        n_tc -= loo
+        n_c -= loo
+    return np.maximum(n_tc, 0.0) / (np.maximum(n_c, 0.0) + smoothing)

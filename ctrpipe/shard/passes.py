@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import polars as pl
 
 from ctrpipe.console import human_rate, make_progress
 from ctrpipe.data.chunks import column_hashes, has_column
-from ctrpipe.data.config import DataConfig
+from ctrpipe.data.config import CovisitConfig, DataConfig
 from ctrpipe.data.covisit import CovisitCounter
 from ctrpipe.data.csv_records import count_records
 from ctrpipe.data.fitted import (
@@ -54,6 +58,12 @@ from ctrpipe.shard.transform import (
 from ctrpipe.shard.writer import ShardWriter
 
 PREFETCH_DEPTH = 1          # chunks parsed ahead; each costs about one chunk of memory
+# Threads for a chunk's statistics (one task per accumulator) and chunks transformed at once in the write pass
+# (each costs one chunk of arrays): the heavy steps (compiled kernels, numpy, polars) release the GIL, so two
+# run side by side on two cores. Not more: each thread also keeps its own malloc arena of freed chunk-sized
+# arrays, so peak memory grows with the thread count. Results are the same for any value.
+FIT_THREADS = min(os.cpu_count() or 1, 2)
+TRANSFORM_AHEAD = 2
 RESUME_NOTE = "the build resumes, keeping the shards finished before the disk filled"
 
 
@@ -171,7 +181,8 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
     vocab = {c: KeyCounter() for c in plan.categorical} if data.categorical.mode == "vocab" else {}
     covisit = {cv.name: CovisitCounter() for cv in plan.covisit}
     row = train_rows = 0
-    with _Bar("fit statistics (pass 1)", inputs.input_bytes, progress) as bar:
+    with _Bar("fit statistics (pass 1)", inputs.input_bytes, progress) as bar, \
+            ThreadPoolExecutor(FIT_THREADS, thread_name_prefix="ctrpipe-fit") as pool:
         for chunk in _chunks(plan, inputs.main, require_labels=True):
             frame = chunk.frame
             idx = np.arange(row, row + frame.height, dtype=np.int64)
@@ -179,18 +190,15 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
             train = splitter(frame, idx) == 0
             ft = frame.filter(pl.Series(train)) if not train.all() else frame
             train_rows += ft.height
+            # one task per accumulator, so tasks share no state and the result is that of one thread; the
+            # heaviest first (co-visitation, vocabularies shared with token columns) to balance the threads
+            tasks = [partial(_count_covisit, plan, ft, cv, covisit[cv.name]) for cv in plan.covisit]
+            tasks += sorted((partial(_count_vocab, plan, ft, c, k) for c, k in vocab.items()),
+                            key=lambda t: not plan.sharing(t.args[2]))
             if plan.numeric:
-                raw = numeric32(ft, plan.numeric).astype(np.float64)   # same values as pass 2
-                nacc.update(raw)
-                if mom is not None:
-                    valid = np.isfinite(raw)
-                    mom.update(np.asarray(log1p_transform(np.where(valid, raw, 0.0), num.log1p)), valid)
-            for c, counter in vocab.items():
-                counter.add(vocab_keys(plan, ft, c))      # values + tokens sharing c's id space
-            for cv in plan.covisit:
-                h, missing = column_hashes(ft, cv.target, plan.seed(cv.target))
-                covisit[cv.name].update(h, missing, context_tokens(plan, ft, cv.context),
-                                        np.ones(ft.height, dtype=bool))
+                tasks.append(partial(_accumulate_numeric, plan, ft, nacc, mom))
+            for job in [pool.submit(t) for t in tasks]:
+                job.result()
             bar.advance(chunk, frame.height)
     fills = nacc.fills(num.impute)
     if mom is not None:
@@ -203,6 +211,24 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
                     for c, k in vocab.items()}
     return Fitted(numeric=numeric, vocab=vocab_tables, covisit={k: v.tables() for k, v in covisit.items()},
                   train_rows=train_rows)
+
+
+def _accumulate_numeric(plan: Plan, ft: pl.DataFrame, nacc: NumericAccumulator,
+                        mom: MomentAccumulator | None) -> None:
+    raw = numeric32(ft, plan.numeric).astype(np.float64)   # same values as pass 2
+    nacc.update(raw)
+    if mom is not None:
+        valid = np.isfinite(raw)
+        mom.update(np.asarray(log1p_transform(np.where(valid, raw, 0.0), plan.cfg.numeric.log1p)), valid)
+
+
+def _count_vocab(plan: Plan, ft: pl.DataFrame, column: str, counter: KeyCounter) -> None:
+    counter.add(vocab_keys(plan, ft, column))      # values + tokens sharing the column's id space
+
+
+def _count_covisit(plan: Plan, ft: pl.DataFrame, cv: CovisitConfig, counter: CovisitCounter) -> None:
+    h, missing = column_hashes(ft, cv.target, plan.seed(cv.target))
+    counter.update(h, missing, context_tokens(plan, ft, cv.context), np.ones(ft.height, dtype=bool))
 
 
 # ----------------------------------------------------------------------------------------- pass 2: write
@@ -249,9 +275,41 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
     title = "write shards" + (" (pass 2)" if plan.needs_fit() and inputs.role == "train" else "")
     bar = _Bar(title, inputs.input_bytes, progress)
     writer = ShardWriter(work, data.shard_rows, done=done, on_shard=on_shard)
+    for table in [*fitted.vocab.values(), *(t for pair in fitted.covisit.values() for t in pair)]:
+        _ = table.index         # built here once, before transform threads share the tables
+    # chunks whose transform runs on the pool, finished (tallied, written) in input order
+    pending: deque[tuple[Any, np.ndarray, np.ndarray | None, np.ndarray, Future[Any]]] = deque()
+
+    def finish() -> None:
+        nonlocal id_width
+        chunk, split, y, fold, job = pending.popleft()
+        frame, n = chunk.frame, chunk.frame.height
+        arrays, missing = job.result()
+        if "numeric" in arrays:
+            num_stats.update(arrays["numeric"], missing)
+        if plan.categorical:
+            cat_stats.update(arrays["categorical"], np.count_nonzero(arrays["categorical"] == 0, axis=0))
+        for tc in plan.tokens:
+            ln = arrays[f"{_stem(tc.column)}.len"]
+            tok_stats[tc.column].update(ln, np.array([(ln == 0).sum()]))
+        if y is not None:
+            arrays["labels"] = y
+            lab_stats.update(np.nan_to_num(y), np.isnan(y).sum(axis=0))
+        ids = id_array(frame, plan, positions(chunk))
+        if ids.dtype.kind == "U":
+            id_width = max(id_width, ids.dtype.itemsize // 4)
+        arrays["ids"] = ids
+        arrays["split"] = split
+        arrays["fold"] = fold
+        tally.update(split, fold, y)
+        bad.update(chunk.bad_rows)
+        bar.advance(chunk, n)           # before add: a full-disk estimate counts this chunk as read
+        writer.add(arrays)
+
     # outermost, so a full disk met by the writer thread (surfacing in add, close or __exit__) is one error
     with disk_full_as_error(work.parent, lambda: _cache_size_estimate(bar, writer, inputs.input_bytes),
-                            RESUME_NOTE), bar, writer:
+                            RESUME_NOTE), bar, writer, \
+            ThreadPoolExecutor(TRANSFORM_AHEAD, thread_name_prefix="ctrpipe-transform") as pool:
         for is_gold, paths in streams:
             for chunk in _chunks(plan, paths, require_labels=inputs.role == "train"):
                 frame = chunk.frame
@@ -271,27 +329,11 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
                     when = time_values(chunk, data.folds.time_key) if data.folds.mode == "time" else None
                     fold = folds.assign(idx, label=y[:, fold_label] if y is not None else None,
                                         key_hash=fold_key_hash(plan, frame), time=when)
-                arrays, missing = transformer.transform(frame, split)
-                if "numeric" in arrays:
-                    num_stats.update(arrays["numeric"], missing)
-                if plan.categorical:
-                    cat_stats.update(arrays["categorical"], np.count_nonzero(arrays["categorical"] == 0, axis=0))
-                for tc in plan.tokens:
-                    ln = arrays[f"{_stem(tc.column)}.len"]
-                    tok_stats[tc.column].update(ln, np.array([(ln == 0).sum()]))
-                if y is not None:
-                    arrays["labels"] = y
-                    lab_stats.update(np.nan_to_num(y), np.isnan(y).sum(axis=0))
-                ids = id_array(frame, plan, positions(chunk))
-                if ids.dtype.kind == "U":
-                    id_width = max(id_width, ids.dtype.itemsize // 4)
-                arrays["ids"] = ids
-                arrays["split"] = split
-                arrays["fold"] = fold
-                tally.update(split, fold, y)
-                bad.update(chunk.bad_rows)
-                bar.advance(chunk, n)           # before add: a full-disk estimate counts this chunk as read
-                writer.add(arrays)
+                pending.append((chunk, split, y, fold, pool.submit(transformer.transform, frame, split)))
+                if len(pending) >= TRANSFORM_AHEAD:
+                    finish()
+        while pending:
+            finish()
         shards = writer.close()
     if row == 0:
         raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in inputs.main[:3]),
