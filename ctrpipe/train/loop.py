@@ -64,13 +64,14 @@ class FitInputs:
     spec: FeatureSpec
     train_loader: Loader
     val_loader: Loader | None         # None: no validation rows (the last weights are the best)
-    cfg: TrainConfig
+    cfg: TrainConfig                  # amp: the training steps' precision, resolved (device.resolve_amp)
     device: torch.device
     out_dir: Path                     # holds ckpt_last.pt, train_log.csv, val_predictions.npz
     best_path: Path                   # ckpt_best.pt, or ckpt_fold{k}.pt
     template: Checkpoint              # identity of every checkpoint of this run (config, spec, fingerprints, seed)
     tasks: tuple[Task, ...] = ()      # the model's heads with train.tasks applied (objective.build_tasks)
     logit_shift: tuple[float, ...] = ()   # per head, added at evaluation: undoes the training rows' sampling
+    eval_amp: str | None = None       # the evaluations' precision (device.predict_amp); None: cfg.amp
     resume: Checkpoint | None = None  # a loaded ckpt_last.pt to continue from
     quiet: bool = False
     label: str = "train"
@@ -191,7 +192,8 @@ class _Run:
         self.exchange: RowExchange | None = None
         train_model = self.model
         if inp.dist is not None:
-            self.exchange = RowExchange(inp.dist, self.changed.tables, dense=not self.cfg.sparse_embeddings)
+            if self.changed.tables:
+                self.exchange = RowExchange(inp.dist, self.changed.tables, dense=not self.cfg.sparse_embeddings)
             train_model = inp.dist.wrap(self.model, self.changed.tables)
         self.step_model = torch.compile(train_model) if self.cfg.compile else train_model
         self.pos = RunPosition()
@@ -366,12 +368,13 @@ class _Run:
         """The model's predictions over the validation view; in a torchrun job every rank predicts its shares
         of the batches and rank 0 gets them all, in one-process order (None on the other ranks)."""
         inp = self.inp
+        amp = self.cfg.amp if inp.eval_amp is None else inp.eval_amp
         if self.dist is None:
-            return predict(self.model, loader, loader.num_rows, inp.tasks, self.device, self.cfg.amp,
+            return predict(self.model, loader, loader.num_rows, inp.tasks, self.device, amp,
                            logit_shift=inp.logit_shift)
         shares = loader.rank_rows()                                          # (K, W)
         mine = predict(self.model, loader, int(shares[:, self.dist.rank].sum()), inp.tasks, self.device,
-                       self.cfg.amp, logit_shift=inp.logit_shift)
+                       amp, logit_shift=inp.logit_shift)
         return self.dist.gather_predictions(mine, shares)
 
     def _tick(self) -> None:
