@@ -49,3 +49,14 @@ def test_bad_weights_are_skipped_alike_on_both_paths(tmp_path: Path, monkeypatch
     got = _build(tmp_path, "fast", src, monkeypatch, True, "data.bad_rows=skip", "data.chunk_rows=16")
     assert [k for k in want if got[k] != want[k]] == [] and got.keys() == want.keys()
     assert read_manifest(tmp_path / "fast").bad_rows["skipped"] == 1        # row 5; row 77 parses
+
+
+def test_threads_do_not_change_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctrpipe.shard.passes as passes
+
+    src = write_parquet(tmp_path / "p.parquet", 200)
+    want = _build(tmp_path, "threads", src, monkeypatch, native_built(), "data.chunk_rows=30")
+    monkeypatch.setattr(passes, "FIT_THREADS", 1)
+    monkeypatch.setattr(passes, "TRANSFORM_AHEAD", 1)
+    got = _build(tmp_path, "one", src, monkeypatch, native_built(), "data.chunk_rows=30")
+    assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
