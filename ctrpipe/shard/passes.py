@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,7 +38,7 @@ from ctrpipe.data.fitted import (
     round32,
 )
 from ctrpipe.data.reader import input_schema, iter_raw_chunks
-from ctrpipe.data.schema import resolve_columns
+from ctrpipe.data.schema import ResolvedColumns, resolve_columns
 from ctrpipe.data.splits import SPLIT_GOLD, SPLIT_TEST, FoldAssigner, assign_split
 from ctrpipe.data.transforms import log1p_transform
 from ctrpipe.errors import InputFormatError, SchemaError, disk_full_as_error, human_bytes
@@ -76,6 +77,26 @@ class Inputs:
     row_count: int | None = None   # main-input rows, counted only for tail splits
 
 
+@contextmanager
+def small_pages() -> Iterator[None]:
+    """No transparent huge pages for numpy arrays while a pass runs (restored after).
+
+    numpy asks for huge pages on every array of 4 MB or more; a pass allocates and frees many such arrays
+    per chunk (token hashes, padded token matrices), and the kernel zeroes (and may first compact) 2 MB per
+    fault of each fresh one, which costs more system time than the 4 kB faults it saves (see
+    benchmarks/RESULTS.md). Process-wide while it lasts: threads started by the pass share it."""
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    toggle = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+    if toggle is None:
+        yield
+        return
+    previous = toggle(False)
+    try:
+        yield
+    finally:
+        toggle(previous)
+
+
 # ------------------------------------------------------------------------------------------ plan, schema
 
 def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train") -> Plan:
@@ -105,13 +126,30 @@ def check_plan(plan: Plan, role: str) -> None:
 
 # -------------------------------------------------------------------------------------------- chunking
 
-def _chunks(plan: Plan, paths: list[Path], require_labels: bool) -> Iterator[Any]:
+def _chunks(plan: Plan, paths: list[Path], require_labels: bool,
+            columns: ResolvedColumns | None = None) -> Iterator[Any]:
     if not paths:
         return iter(())
     data = plan.cfg
     return prefetch(lambda: iter_raw_chunks(data, paths, data.chunk_rows, bad_rows=data.bad_rows,
-                                            require_labels=require_labels, columns=plan.columns,
+                                            require_labels=require_labels, columns=columns or plan.columns,
                                             hash_categoricals=True), PREFETCH_DEPTH, "ctrpipe-parse")
+
+
+def fit_columns(plan: Plan) -> ResolvedColumns:
+    """The columns the fit pass reads. Parquet is read column by column, so it skips what statistics never
+    look at: the id (unless it is the split key) and token columns that are neither weighted (their weights
+    decide which rows are bad, and so every later row's index) nor a co-visitation context nor sharing a
+    vocabulary. Text formats parse whole lines anyway."""
+    rc = plan.columns
+    if plan.cfg.format != "parquet":
+        return rc
+    split = plan.cfg.split
+    used = {cv.context for cv in plan.covisit} | {tc.column for tc in rc.tokens if tc.share_ids_with}
+    keep = [tc for tc in rc.tokens if tc.weighted or tc.column in used]
+    return dataclasses.replace(rc, id=rc.id if split.mode == "group" and split.key == rc.id else None,
+                               multihot=tuple(tc for tc in rc.multihot if tc in keep),
+                               sequence=tuple(tc for tc in rc.sequence if tc in keep))
 
 
 def count_rows(data: DataConfig, paths: list[Path]) -> int:
@@ -181,9 +219,9 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
     vocab = {c: KeyCounter() for c in plan.categorical} if data.categorical.mode == "vocab" else {}
     covisit = {cv.name: CovisitCounter() for cv in plan.covisit}
     row = train_rows = 0
-    with _Bar("fit statistics (pass 1)", inputs.input_bytes, progress) as bar, \
+    with _Bar("fit statistics (pass 1)", inputs.input_bytes, progress) as bar, small_pages(), \
             ThreadPoolExecutor(FIT_THREADS, thread_name_prefix="ctrpipe-fit") as pool:
-        for chunk in _chunks(plan, inputs.main, require_labels=True):
+        for chunk in _chunks(plan, inputs.main, require_labels=True, columns=fit_columns(plan)):
             frame = chunk.frame
             idx = np.arange(row, row + frame.height, dtype=np.int64)
             row += frame.height
@@ -308,7 +346,7 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
 
     # outermost, so a full disk met by the writer thread (surfacing in add, close or __exit__) is one error
     with disk_full_as_error(work.parent, lambda: _cache_size_estimate(bar, writer, inputs.input_bytes),
-                            RESUME_NOTE), bar, writer, \
+                            RESUME_NOTE), bar, writer, small_pages(), \
             ThreadPoolExecutor(TRANSFORM_AHEAD, thread_name_prefix="ctrpipe-transform") as pool:
         for is_gold, paths in streams:
             for chunk in _chunks(plan, paths, require_labels=inputs.role == "train"):

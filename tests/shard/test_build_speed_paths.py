@@ -60,3 +60,16 @@ def test_threads_do_not_change_the_cache(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(passes, "TRANSFORM_AHEAD", 1)
     got = _build(tmp_path, "one", src, monkeypatch, native_built(), "data.chunk_rows=30")
     assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
+
+
+def test_fit_pass_reads_the_id_only_when_it_is_the_split_key(tmp_path: Path) -> None:
+    from ctrpipe.shard.passes import fit_columns, resolve_plan
+
+    src = write_parquet(tmp_path / "p.parquet", 100)
+    plain = fit_columns(resolve_plan(parquet_cfg().data, [src]))
+    assert plain.id is None and [t.column for t in plain.multihot] == ["tags_w"]     # tags: never read
+    assert [t.column for t in plain.sequence] == ["seq"]                             # covisit context
+    by_id = parquet_cfg("data.split.mode=group", "data.split.key=ID", "data.split.val_ratio=0.3")
+    assert fit_columns(resolve_plan(by_id.data, [src])).id == "ID"
+    m = build_shards(by_id, [src], tmp_path / "c", progress=False).manifest
+    assert 0 < m.rows["val"] < 100 and m.rows["train"] + m.rows["val"] == 100
