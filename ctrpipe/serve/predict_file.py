@@ -4,7 +4,8 @@ ensembling), in chunks of rows, written atomically (`out.incomplete`, renamed wh
 
 Output columns: the id column (data.id_column, when the input has it; else `row`, the 0-based row number),
 then one float64 probability column per head. Inputs: Criteo text (with or without the label field) and
-Parquet, as the run was trained on; CSV-trained runs are refused for now (call `Predictor.predict` on a table).
+Parquet or CSV, as the run was trained on; CSV files are read by the shard build's CSV reader itself (quoting,
+comment lines, missing-value tokens and errors with file and line are the build's).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctrpipe.atomic import atomic_open
+from ctrpipe.data.chunks import RawChunk
+from ctrpipe.data.csv_reader import iter_csv_chunks
 from ctrpipe.errors import CtrpipeError, InputFormatError
 from ctrpipe.serve.predictor import Predictor
 
@@ -42,10 +45,27 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
             yield start, pa.Table.from_batches([rb]), ids
             start += rb.num_rows
     else:
-        raise InputFormatError(f"ctrpipe predict reads Criteo text and Parquet files; this run was trained on "
-                               f"{fmt} input", where=str(path),
-                               fix="score a table with ctrpipe.Predictor.load(RUN).predict(polars_frame), or "
-                                   "use ctrpipe shard --test --stats-from TRAIN_CACHE and ctrpipe infer")
+        rc = p.plan.columns
+        if rc.id and not _csv_has_column(p, path, rc.id):
+            rc = dataclasses.replace(rc, id=None)       # no id column in this file: rows are numbered
+        start = 0
+        for chunk in iter_csv_chunks(p.plan.cfg, path, chunk_rows, rc, "error", require_labels=False):
+            ids = chunk.frame[rc.id].to_numpy() if rc.id else None
+            yield start, chunk, ids
+            start += chunk.frame.height
+
+
+def _csv_has_column(p: Predictor, path: Path, name: str) -> bool:
+    csv = p.plan.cfg.csv
+    if not csv.header:
+        return name in csv.column_names
+    with open(path, "rb") as fh:
+        for raw in fh:       # the header is the first line that is not a comment
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if csv.comment_prefix and line.startswith(csv.comment_prefix):
+                continue
+            return name in [f.strip(csv.quote_char) if csv.quote_char else f for f in line.split(csv.separator)]
+    return False
 
 
 def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, chunk_rows: int = 65536) -> int:
@@ -58,8 +78,13 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
     with atomic_open(out, "wb") as fh:
         for start, rows, ids in _chunks(p, path, chunk_rows):
             try:
-                probs = p.predict(rows)  # type: ignore[arg-type]
+                if isinstance(rows, RawChunk):        # CSV: already parsed by the build's reader
+                    probs = p.probabilities(p.batch_logits(p.chunk_batch(rows)), p.heads)
+                else:
+                    probs = p.predict(rows)  # type: ignore[arg-type]
             except CtrpipeError as exc:      # name the file and where this chunk starts
+                if isinstance(rows, RawChunk):        # the reader's errors already name the file and line
+                    raise
                 line = f"line {start + 1}" if p.cfg.data.format == "criteo" else f"row {start}"
                 raise dataclasses.replace(exc, where=f"{path}, chunk from {line}: {exc.where}") from None
             k = len(next(iter(probs.values())))

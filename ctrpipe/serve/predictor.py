@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ctrpipe.config import RunConfig
+from ctrpipe.data.chunks import RawChunk
 from ctrpipe.data.fitted import Fitted
 from ctrpipe.data.schema import resolve_columns
 from ctrpipe.data.splits import SPLIT_TEST
@@ -119,7 +120,10 @@ class Predictor:
     # ------------------------------------------------------------------------------------------ predict
     def batch(self, rows: Rows) -> Batch:
         """The model input for `rows` (all of them, one Batch), as the loader would serve it."""
-        chunk = rows_chunk(self.plan.cfg, self.plan.columns, rows)
+        return self.chunk_batch(rows_chunk(self.plan.cfg, self.plan.columns, rows))
+
+    def chunk_batch(self, chunk: RawChunk) -> Batch:
+        """The model input for a RawChunk from one of the shard build's readers (a file read in chunks)."""
         n = chunk.frame.height
         arrays, _ = self.transformer.transform(chunk.frame, np.full(n, SPLIT_TEST, dtype=np.int8))
         buf = HostBuffers(self.layout, n, pinned=False)

@@ -207,3 +207,32 @@ def test_csv_bad_input(adult: dict[str, Path]) -> None:
     with pytest.raises(CtrpipeError) as e:
         p.predict(lines[:2] + [lines[2].rsplit(", ", 3)[0]])                 # a short line
     assert "line 3" in e.value.where
+
+
+def test_predict_cli_reads_a_csv_file(adult: dict[str, Path], tmp_path: Path) -> None:
+    """`ctrpipe predict` on a CSV-trained run reads the file with the build's CSV reader (comment lines and
+    all) and gives Predictor.predict's probabilities; a bad line names the file and line and leaves nothing."""
+    from typer.testing import CliRunner
+
+    from ctrpipe import Predictor
+    from ctrpipe.cli import app
+
+    out = tmp_path / "preds.csv"
+    res = CliRunner().invoke(app, ["predict", "--run", str(adult["run"]), "--input", str(adult["test"]),
+                                   "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    p = Predictor.load(adult["run"])
+    want = p.predict(adult["test"].read_text().splitlines())
+    got = pl.read_csv(out)
+    assert got.columns == ["row", *p.heads]
+    for head in p.heads:
+        np.testing.assert_allclose(got[head].to_numpy(), want[head], rtol=0, atol=1e-12)
+    lines = adult["test"].read_text().splitlines()
+    k = next(i for i, ln in enumerate(lines) if not ln.startswith("|")) + 3
+    lines[k] = lines[k].rsplit(", ", 3)[0]                                     # a short line
+    bad = tmp_path / "bad.test"
+    bad.write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(app, ["predict", "--run", str(adult["run"]), "--input", str(bad), "--out",
+                                   str(tmp_path / "bad.csv"), "-q"])
+    assert res.exit_code == 1 and f"line {k + 1}" in res.output and "bad.test" in res.output, res.output
+    assert not (tmp_path / "bad.csv").exists()
