@@ -588,7 +588,7 @@ static PyObject *token_hashes(PyObject *self, PyObject *args) {
         TokenIter it = tokens_of(&st, i, (const uint8_t *)sep.buf, sep.len);
         const uint8_t *ts, *te, *name_end;
         double w = 1.0;
-        int64_t j = 0;
+        int64_t j = 0, at = 0;                /* at = j % max_len, kept without a division per token */
         while (next_token(&it, &ts, &te)) {
             if (weighted) {
                 if (!split_weight(ts, te, &name_end, &w)) {
@@ -598,8 +598,9 @@ static PyObject *token_hashes(PyObject *self, PyObject *args) {
                 te = name_end;
             }
             if (keep_last) {                  /* the last max_len tokens, in a ring */
-                ring[j % max_len] = xxh64(ts, (size_t)(te - ts), (uint64_t)seed);
-                wring[j % max_len] = (float)w;
+                ring[at] = xxh64(ts, (size_t)(te - ts), (uint64_t)seed);
+                wring[at] = (float)w;
+                if (++at == max_len) at = 0;
             } else if (j < max_len) {
                 if (k + j >= cap) {
                     full = 1;
@@ -619,10 +620,11 @@ static PyObject *token_hashes(PyObject *self, PyObject *args) {
                 full = 1;
                 break;
             }
-            int64_t first = j - take;
+            int64_t from = (j - take) % max_len;
             for (int64_t t = 0; t < take; t++) {
-                hashes[k + t] = ring[(first + t) % max_len];
-                if (weighted) weights[k + t] = wring[(first + t) % max_len];
+                hashes[k + t] = ring[from];
+                if (weighted) weights[k + t] = wring[from];
+                if (++from == max_len) from = 0;
             }
         }
         lengths[i] = take;

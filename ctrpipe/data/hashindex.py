@@ -20,6 +20,7 @@ import numpy as np
 from ctrpipe.native import native
 
 _MAX_LOAD = 0.7      # linear probing stays short (about 2 probes for a hit, 4 for a miss) below this load
+_LOOKUP_BLOCK = 1 << 18     # queries probed together by the numpy path (bounds its temporaries)
 
 
 class HashIndex:
@@ -81,18 +82,19 @@ class HashIndex:
 
     def _lookup(self, q: np.ndarray, default: int, out: np.ndarray) -> None:
         """Vectorised probing: each round checks one slot for every query still probing; a query stops at its
-        key (found) or at an empty slot (absent)."""
+        key (found) or at an empty slot (absent). In blocks, so the temporaries stay small."""
         out[:] = default
         table, mask = self.table, self.mask
-        pending = np.flatnonzero(q != 0)
-        keys = q[pending]
-        slot = keys & mask
-        while len(pending):
-            at = table[slot, 0]
-            hit = at == keys
-            out[pending[hit]] = table[slot[hit], 1].view(np.int64)
-            go_on = ~hit & (at != 0)
-            pending, keys, slot = pending[go_on], keys[go_on], (slot[go_on] + np.uint64(1)) & mask
+        for start in range(0, len(q), _LOOKUP_BLOCK):
+            pending = start + np.flatnonzero(q[start: start + _LOOKUP_BLOCK] != 0)
+            keys = q[pending]
+            slot = keys & mask
+            while len(pending):
+                at = table[slot, 0]
+                hit = at == keys
+                out[pending[hit]] = table[slot[hit], 1].view(np.int64)
+                go_on = ~hit & (at != 0)
+                pending, keys, slot = pending[go_on], keys[go_on], (slot[go_on] + np.uint64(1)) & mask
 
     @property
     def nbytes(self) -> int:

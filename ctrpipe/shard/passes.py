@@ -42,6 +42,7 @@ from ctrpipe.data.schema import ResolvedColumns, resolve_columns
 from ctrpipe.data.splits import SPLIT_GOLD, SPLIT_TEST, FoldAssigner, assign_split
 from ctrpipe.data.transforms import log1p_transform
 from ctrpipe.errors import InputFormatError, SchemaError, disk_full_as_error, human_bytes
+from ctrpipe.native import native
 from ctrpipe.prefetch import prefetch
 from ctrpipe.shard.folds import fit_periods, fold_key_hash, time_values
 from ctrpipe.shard.manifest import ShardInfo
@@ -315,7 +316,9 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
     writer = ShardWriter(work, data.shard_rows, done=done, on_shard=on_shard)
     for table in [*fitted.vocab.values(), *(t for pair in fitted.covisit.values() for t in pair)]:
         _ = table.index         # built here once, before transform threads share the tables
-    # chunks whose transform runs on the pool, finished (tallied, written) in input order
+    # chunks whose transform runs on the pool, finished (tallied, written) in input order; without the
+    # compiled kernels a transform makes many chunk-sized temporaries (polars splits), so one at a time
+    ahead = TRANSFORM_AHEAD if native() is not None else 1
     pending: deque[tuple[Any, np.ndarray, np.ndarray | None, np.ndarray, Future[Any]]] = deque()
 
     def finish() -> None:
@@ -347,7 +350,7 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
     # outermost, so a full disk met by the writer thread (surfacing in add, close or __exit__) is one error
     with disk_full_as_error(work.parent, lambda: _cache_size_estimate(bar, writer, inputs.input_bytes),
                             RESUME_NOTE), bar, writer, small_pages(), \
-            ThreadPoolExecutor(TRANSFORM_AHEAD, thread_name_prefix="ctrpipe-transform") as pool:
+            ThreadPoolExecutor(ahead, thread_name_prefix="ctrpipe-transform") as pool:
         for is_gold, paths in streams:
             for chunk in _chunks(plan, paths, require_labels=inputs.role == "train"):
                 frame = chunk.frame
@@ -368,7 +371,7 @@ def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path
                     fold = folds.assign(idx, label=y[:, fold_label] if y is not None else None,
                                         key_hash=fold_key_hash(plan, frame), time=when)
                 pending.append((chunk, split, y, fold, pool.submit(transformer.transform, frame, split)))
-                if len(pending) >= TRANSFORM_AHEAD:
+                if len(pending) >= ahead:
                     finish()
         while pending:
             finish()

@@ -104,6 +104,8 @@ def test_hash_index_equals_a_binary_search(monkeypatch: pytest.MonkeyPatch, nati
                               rng.integers(0, 2**63, 3000).astype(np.uint64), np.zeros(3, np.uint64)])
     want = lookup_counts(keys, counts, queries)
     assert np.array_equal(HashIndex(keys, counts).lookup(queries), want)
+    many = np.tile(queries, 40)                               # more than one block of the numpy path
+    assert np.array_equal(HashIndex(keys, counts).lookup(many), np.tile(want, 40))
     assert np.array_equal(CountTable(keys, counts).index.lookup(queries), want)
     ids = (2 + np.arange(len(keys))).astype(np.int32)
     vocab = VocabTable(keys, ids, len(keys) + 2)
