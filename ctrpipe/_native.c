@@ -647,6 +647,45 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(pad_rows_doc,
+"pad_rows(flat, lengths, max_len, out) -> None\n\n"
+"Left-align rows of 4-byte items: row i of out (n x max_len, zero on entry) gets the next lengths[i]\n"
+"(<= max_len) items of flat, in order (token ids or weights: what tokens_to_ids lays out).");
+
+static PyObject *pad_rows(PyObject *self, PyObject *args) {
+    Py_buffer flat_b, len_b, out_b;
+    Py_ssize_t max_len;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*nw*", &flat_b, &len_b, &max_len, &out_b)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = len_b.len / 8, m = flat_b.len / 4, total = 0;
+    const int64_t *lengths = (const int64_t *)len_b.buf;
+    int bad = max_len < 1 || !check_buffer(&out_b, n * max_len * 4, "out");
+    for (Py_ssize_t i = 0; i < n && !bad; i++) {
+        bad = lengths[i] < 0 || lengths[i] > max_len;
+        total += lengths[i];
+    }
+    if (bad || total != m) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "pad_rows: lengths do not fit max_len or flat");
+        goto done;
+    }
+    const uint8_t *src = (const uint8_t *)flat_b.buf;
+    uint8_t *dst = (uint8_t *)out_b.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        memcpy(dst + (size_t)i * (size_t)max_len * 4, src, (size_t)lengths[i] * 4);
+        src += lengths[i] * 4;
+    }
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&flat_b);
+    PyBuffer_Release(&len_b);
+    PyBuffer_Release(&out_b);
+    return result;
+}
+
 PyDoc_STRVAR(hash_strings_doc,
 "hash_strings(views, buffers, seed, out) -> None\n\n"
 "out[i] = xxh64 (with seed) of string i (string views + data buffers); nulls are the caller's.");
@@ -972,6 +1011,7 @@ static PyMethodDef methods[] = {
     {"token_counts", token_counts, METH_VARARGS, token_counts_doc},
     {"token_hashes", token_hashes, METH_VARARGS, token_hashes_doc},
     {"hash_strings", hash_strings, METH_VARARGS, hash_strings_doc},
+    {"pad_rows", pad_rows, METH_VARARGS, pad_rows_doc},
     {"pair_keys", pair_keys, METH_VARARGS, pair_keys_doc},
     {"covisit_scores", covisit_scores, METH_VARARGS, covisit_scores_doc},
     {"hash_build", hash_build, METH_VARARGS, hash_build_doc},

@@ -40,18 +40,22 @@ class KeptTokens:
         """The `tokens_to_ids` triple: (N, max_len) ids (0 pads), (N,) int32 lengths, (N, max_len) weights.
 
         Ids are 1 + h % (bins - 1), or `vocab.lookup` of the hashes (a shared vocabulary's ids)."""
-        n = len(self.lengths)
         none = np.zeros(len(self.hashes), dtype=bool)
         ids = ids_from_hashes(self.hashes, none, bins) if vocab is None else vocab.lookup(self.hashes, none)
-        # row-major boolean assignment fills each row's first lengths[i] slots in flat order
-        filled = np.arange(max_len) < self.lengths[:, None]                # (N, max_len)
-        tokens = np.zeros((n, max_len), dtype=np.int32 if bins < 2**31 else np.int64)
-        tokens[filled] = ids
-        weights = None
-        if self.weights is not None:
-            weights = np.zeros((n, max_len), dtype=np.float32)
-            weights[filled] = self.weights
+        tokens = _pad(ids.astype(np.int32 if bins < 2**31 else np.int64, copy=False), self.lengths, max_len)
+        weights = None if self.weights is None else _pad(self.weights, self.lengths, max_len)
         return tokens, self.lengths.astype(np.int32), weights
+
+
+def _pad(flat: np.ndarray, lengths: np.ndarray, max_len: int) -> np.ndarray:
+    """(N, max_len) rows holding the next lengths[i] items of `flat` each, left-aligned, 0 after."""
+    out = np.zeros((len(lengths), max_len), dtype=flat.dtype)
+    kernel = native()
+    if kernel is not None and flat.dtype.itemsize == 4:
+        kernel.pad_rows(np.ascontiguousarray(flat), np.ascontiguousarray(lengths, dtype=np.int64), max_len, out)
+    else:   # row-major boolean assignment fills each row's first lengths[i] slots in flat order
+        out[np.arange(max_len) < lengths[:, None]] = flat
+    return out
 
 
 def string_views(values: pl.Series) -> tuple[np.ndarray, tuple[Any, ...], np.ndarray | None]:
