@@ -25,7 +25,7 @@ from ctrpipe.atomic import atomic_open, write_json_atomic
 from ctrpipe.config import RunConfig, apply_overrides, config_from_dict, to_dict
 from ctrpipe.console import console, human_rate, make_progress
 from ctrpipe.data.splits import SPLIT_CODES
-from ctrpipe.device import resolve_device
+from ctrpipe.device import predict_amp, resolve_device
 from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
 from ctrpipe.infer.calibrate import (
     CALIBRATION_NAME,
@@ -289,7 +289,7 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
         for k, (ckpt, path) in enumerate(zip(ckpts, paths, strict=True)):
             model = model_from_checkpoint(ckpt, device)
             bar = progress.add_task(f"predict {path.name}", total=n)
-            preds = predict(model, loader, n, tasks, device, cfg.train.amp, with_labels=labelled,
+            preds = predict(model, loader, n, tasks, device, predict_amp(cfg.train.amp), with_labels=labelled,
                             on_batch=lambda b, bar=bar: progress.advance(bar, b),
                             logit_shift=checkpoint_logit_shift(ckpt, tasks))
             if not np.array_equal(preds.row_index, rows):

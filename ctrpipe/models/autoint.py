@@ -1,6 +1,8 @@
 """Stage 4 model: AutoInt: stacked multi-head self-attention over fields.
 
-With `hidden_units` a parallel MLP branch is added (AutoInt+).
+With `hidden_units` a parallel MLP branch is added (AutoInt+). Numeric columns are attention fields
+(`numeric=token`, the default) or, with an MLP, go raw into the MLP alone (`numeric=concat`, as DeepCTR-Torch's
+AutoInt does): attention then runs over the id fields only, and its cost grows with the square of the fields.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class AutoIntConfig(DeepConfig):
             value = getattr(self, key)
             check_config(isinstance(value, int) and value >= 1, key, value, "2")
         check_config(0.0 <= self.attention_dropout < 1.0, "attention_dropout", self.attention_dropout, "0.1")
-        check_config(self.numeric == "token", "numeric", self.numeric, "token",
-                     why="attention needs numeric columns as fields")
+        # concat: numerics skip attention and enter the MLP raw (DeepCTR-Torch's AutoInt layout), so the
+        # attention runs over the id fields only; without an MLP they would reach nothing
+        check_config(self.numeric == "token" or bool(self.hidden_units), "numeric", self.numeric, "token",
+                     why="with numeric=concat the numeric columns reach only the MLP, and hidden_units is empty")
 
 
 @register("autoint", AutoIntConfig)

@@ -27,6 +27,7 @@ from ctrpipe.data.chunks import RawChunk
 from ctrpipe.data.fitted import Fitted
 from ctrpipe.data.schema import resolve_columns
 from ctrpipe.data.splits import SPLIT_TEST
+from ctrpipe.device import predict_amp
 from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
 from ctrpipe.infer.calibrate import Calibration
 from ctrpipe.infer.predict import (
@@ -143,7 +144,7 @@ class Predictor:
         # batches of infer's size: the same row groups go through the model as in `ctrpipe infer`
         parts = [_slice(batch, a, min(n, a + self.batch_size)) for a in range(0, n, self.batch_size)]
         for k, m in enumerate(self.models):
-            out[k] = predict(m.net, parts, n, self.tasks, torch.device("cpu"), self.cfg.train.amp,
+            out[k] = predict(m.net, parts, n, self.tasks, torch.device("cpu"), predict_amp(self.cfg.train.amp),
                              with_labels=False, logit_shift=m.shift).logits
         return out
 

@@ -9,7 +9,7 @@ from ctrpipe.errors import ConfigError
 
 EmbeddingOptimizer = Literal["lazy_adam", "sgd", "adagrad", "sparse_adam", "adam"]
 Schedule = Literal["cosine", "step", "constant"]
-Amp = Literal["off", "bf16", "fp16"]
+Amp = Literal["auto", "off", "bf16", "fp16"]
 
 # embedding optimizers that accept sparse gradients; the model is then built with sparse=True
 SPARSE_OPTIMIZERS: frozenset[str] = frozenset({"lazy_adam", "sgd", "adagrad", "sparse_adam"})
@@ -97,9 +97,11 @@ class TrainConfig:
     step_every: int = 1000           # schedule=step: multiply lr by step_gamma every step_every steps
     step_gamma: float = 0.5
     grad_clip: float = 0.0           # max global grad norm of dense parameters; 0 = off
-    # bf16 works on CPU and GPU; fp16 (with a GradScaler) needs CUDA. `bool` only because YAML reads a bare
-    # `off` as false: __post_init__ turns false into "off", so code sees the three names only
-    amp: Amp | bool = "off"
+    # auto: bf16 autocast for the training steps where the device runs it natively and the model's bf16 step
+    #   was measured faster (device.py says which), fp32 elsewhere; predictions stay fp32. bf16 works on CPU
+    #   and GPU; fp16 (with a GradScaler) needs CUDA. `bool` only because YAML reads a bare `off` as false:
+    #   __post_init__ turns false into "off", so code sees the four names only
+    amp: Amp | bool = "auto"
     compile: bool = False            # torch.compile the model (opt-in: slow first steps)
     ema: float = 0.0                 # EMA decay, e.g. 0.999; evaluation then uses the EMA weights; 0 = off
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -132,8 +134,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.amp is False:
             object.__setattr__(self, "amp", "off")
-        if self.amp not in ("off", "bf16", "fp16"):
-            raise _bad("train.amp", self.amp, "use train.amp=off, train.amp=bf16 or train.amp=fp16")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise _bad("train.amp", self.amp, "use train.amp=auto, off, bf16 or fp16")
         if self.epochs < 1:
             raise _bad("train.epochs", self.epochs, "use e.g. train.epochs=1")
         if not self.lr > 0:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
-from ctrpipe.device import check_amp, resolve_device
+from ctrpipe.device import AmpChoice, check_amp, model_family, predict_amp, resolve_amp, resolve_device
 from ctrpipe.errors import CheckpointError, ConfigError, CtrpipeError, ManifestMismatchError, SchemaError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.infer.calibrate import calibrate_run
@@ -65,6 +65,7 @@ class TrainContext:
     parameters: int                  # of one model, tables whole (counted on the meta build)
     logit_shift: tuple[float, ...] = ()   # per head, undoes the training rows' sampling (loader/sampling.py)
     dist: Distributed | None = None  # a torchrun job: this rank's process group (train/distributed.py)
+    amp: AmpChoice = AmpChoice("off", "train.amp=off")   # the training steps' precision (train.amp resolved)
 
     @property
     def main(self) -> bool:
@@ -174,10 +175,11 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
     parameters = sum(p.numel() for p in model.parameters())
     _check_metric(cfg, tasks)
     shift = _check_sampling(cfg, spec, heads, tasks)
+    amp = resolve_amp(cfg.train.amp, device, model_family(cfg.model.name, cfg.model.params))
     run_dir = runs / cfg.exp_name
     if dist is not None and not dist.is_main:
         return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters, shift,
-                            dist)
+                            dist, amp)
     if resume and not (run_dir / "config.json").is_file():
         raise CheckpointError(f"nothing to resume: {run_dir} holds no run", where=str(run_dir),
                               fix="drop --resume to start the run, or pass the --runs/exp_name of the run")
@@ -190,7 +192,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
     write_text(run_dir / "manifest_fingerprint.txt",
                f"{manifest.fingerprint}\nschema {manifest.schema_fingerprint()}\nshards {shards.resolve()}\n")
     return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters, shift,
-                        dist)
+                        dist, amp)
 
 
 def _check_sampling(cfg: RunConfig, spec: FeatureSpec, heads: Sequence[Head], tasks: tuple[Task, ...]
@@ -326,7 +328,8 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
     inputs = FitInputs(
         model=model, spec=ctx.spec, train_loader=train_loader,
         val_loader=_loader(ctx, val_view, False, seed, ranks=True) if val_view is not None else None,
-        cfg=cfg.train, device=ctx.device, out_dir=out_dir, best_path=best_path, template=template,
+        cfg=dataclasses.replace(cfg.train, amp=ctx.amp.precision), eval_amp=predict_amp(cfg.train.amp),
+        device=ctx.device, out_dir=out_dir, best_path=best_path, template=template,
         tasks=ctx.tasks, logit_shift=ctx.logit_shift,
         resume=resume, quiet=ctx.quiet, label=label, dist=group)
     return fit(inputs)
@@ -337,7 +340,7 @@ def _gold_predictions(ctx: TrainContext, ckpt_path: Path) -> Predictions | None:
         return None
     model = model_from_checkpoint(load_checkpoint(ckpt_path), ctx.device)
     loader = _loader(ctx, RowView.gold(), False, ctx.cfg.seed)
-    return predict(model, loader, loader.num_rows, ctx.tasks, ctx.device, ctx.cfg.train.amp,
+    return predict(model, loader, loader.num_rows, ctx.tasks, ctx.device, predict_amp(ctx.cfg.train.amp),
                    logit_shift=ctx.logit_shift)
 
 
@@ -366,6 +369,8 @@ def _costs(ctx: TrainContext, started: float) -> dict[str, Any]:
 def _base_summary(ctx: TrainContext) -> dict[str, Any]:
     return {"exp_name": ctx.cfg.exp_name, "model": ctx.cfg.model.name, "device": str(ctx.device),
             "world_size": ctx.dist.world_size if ctx.dist is not None else 1,
+            "precision": {"train": ctx.amp.precision, "predict": predict_amp(ctx.cfg.train.amp),
+                          "reason": ctx.amp.reason},
             "shards": str(ctx.shards.resolve()), "manifest_fingerprint": ctx.manifest.fingerprint,
             "schema_fingerprint": ctx.manifest.schema_fingerprint(), "labels": list(ctx.spec.labels),
             "heads": ctx.task_names,
@@ -483,7 +488,7 @@ def _print_summary(ctx: TrainContext, s: dict[str, Any]) -> None:
     if ctx.quiet:
         shown = " ".join(f"{k}={val[k]:.5f}" for k in ("auc", "logloss") if k in val)
         console.print(f"trained {s['model']} -> {ctx.run_dir}: {shown} "
-                      f"{human_rate(s.get('samples_per_s', 0.0), 'samples/s')}")
+                      f"{human_rate(s.get('samples_per_s', 0.0), 'samples/s')} {_precision_text(s)}")
         return
     if not val and not gold:
         console.print(f"trained {s['model']} for {s.get('steps', 0)} steps; the cache has no validation "
@@ -506,4 +511,11 @@ def _print_summary(ctx: TrainContext, s: dict[str, Any]) -> None:
     console.print(table)
     extra = f"best step {s['best_step']}, " if "best_step" in s else ""
     console.print(f"{extra}{s.get('train_seconds', 0):.1f}s training, "
-                  f"{human_rate(s.get('samples_per_s', 0.0), 'samples/s')} -> {ctx.run_dir}")
+                  f"{human_rate(s.get('samples_per_s', 0.0), 'samples/s')} {_precision_text(s)} -> {ctx.run_dir}")
+    console.print(f"[dim]precision: {s['precision']['reason']}[/]", highlight=False)
+
+
+def _precision_text(s: dict[str, Any]) -> str:
+    """'(bf16 steps)' or '(fp32)': what the summary line says about precision."""
+    train = s["precision"]["train"]
+    return "(fp32)" if train == "off" else f"({train} steps)"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ctrpipe.models.layers.fused import eager_kernels
 
 
 class FieldAttention(nn.Module):
@@ -20,10 +25,71 @@ class FieldAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, F_, _ = x.shape
-        qkv = self.qkv(x).view(B, F_, 3, self.n_heads, self.head_dim)
+        qkv = self.qkv(x).view(B, F_, 3, self.n_heads, self.head_dim)   # (B, F, 3, H, hd)
+        p = self.dropout if self.training else 0.0
+        if qkv.device.type == "cpu" and p == 0.0 and eager_kernels():
+            return _SmallAttention.apply(qkv)                           # (B, F, H * hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # each (B, H, F, hd)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         return out.transpose(1, 2).reshape(B, F_, self.out_dim)
+
+
+class _SmallAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(hd)) v over a few dozen fields, with a hand-written backward, for a CPU:
+    (B, F, 3, H, hd) -> (B, F, H * hd).
+
+    SDPA's fused CPU kernel is tiled for long sequences and spends most of its time on per-(row, head)
+    overhead at a few dozen fields, in bf16 several times more than in fp32 (A/B figures: benchmarks/RESULTS.md,
+    bench_kernels.py). Here the rows go through in
+    chunks whose (rows * H, F, F) scores stay in the cache: batched GEMMs (oneDNN's in bf16), the softmax
+    and its backward in fp32 (torch's bf16 softmax over a short last dim is several times slower), and the
+    backward recomputes the scores rather than keeping a (B * H, F, F) tensor per layer alive. q is scaled
+    once, in the one copy that puts q, k, v in (row, head)-major order.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv: Tensor) -> Tensor:
+        B, F_, _, H, hd = qkv.shape
+        # (3, B*H, F, hd): always a copy (a reshape can be a view of qkv, e.g. at H = 1), scaled in place
+        t = qkv.permute(2, 0, 3, 1, 4).clone(memory_format=torch.contiguous_format).view(3, B * H, F_, hd)
+        t[0].mul_(hd ** -0.5)                                        # q / sqrt(hd)
+        q, k, v = t.unbind(0)
+        out = torch.empty_like(q)                                    # (B*H, F, hd)
+        acc = torch.promote_types(t.dtype, torch.float32)            # the softmax's dtype
+        for a, b in _chunks(B, H, F_):
+            weights = torch.bmm(q[a:b], k[a:b].transpose(1, 2)).to(acc).softmax(dim=-1)    # (n, F, F)
+            torch.bmm(weights.to(v.dtype), v[a:b], out=out[a:b])
+        ctx.save_for_backward(t)
+        return out.view(B, H, F_, hd).transpose(1, 2).reshape(B, F_, H * hd)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (t,) = ctx.saved_tensors
+        _, BH, F_, hd = t.shape
+        B = grad.shape[0]
+        H = BH // B
+        q, k, v = t.unbind(0)
+        g = grad.reshape(B, F_, H, hd).transpose(1, 2).reshape(BH, F_, hd)    # dL/d out per (row, head)
+        d = torch.empty_like(t)                                      # (3, B*H, F, hd): dq, dk, dv
+        acc = torch.promote_types(t.dtype, torch.float32)
+        for a, b in _chunks(B, H, F_):
+            weights = torch.bmm(q[a:b], k[a:b].transpose(1, 2)).to(acc).softmax(dim=-1)    # (n, F, F)
+            d_weights = torch.bmm(g[a:b], v[a:b].transpose(1, 2)).to(acc)
+            d_scores = torch._softmax_backward_data(d_weights, weights, -1, acc).to(t.dtype)
+            torch.bmm(d_scores, k[a:b], out=d[0, a:b])
+            torch.bmm(d_scores.transpose(1, 2), q[a:b], out=d[1, a:b])     # q is scaled: dk needs no scale
+            torch.bmm(weights.to(t.dtype).transpose(1, 2), g[a:b], out=d[2, a:b])
+        d[0].mul_(hd ** -0.5)
+        return d.view(3, B, H, F_, hd).permute(1, 3, 0, 2, 4).reshape(B, F_, 3, H, hd)
+
+
+CHUNK_SCORES = 1 << 19   # fp32 scores per chunk (2 MiB): a chunk's scores and their gradient stay in the cache
+
+
+def _chunks(B: int, H: int, F_: int) -> list[tuple[int, int]]:
+    """[start, end) ranges over the B*H (row, head) pairs, whole rows, about CHUNK_SCORES scores each."""
+    rows = max(1, CHUNK_SCORES // (H * F_ * F_))
+    return [(a * H, min(B, a + rows) * H) for a in range(0, B, rows)]
 
 
 class AutoIntLayer(nn.Module):

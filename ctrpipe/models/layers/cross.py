@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ctrpipe.models.layers.fused import cpu_fp32, full_cross_tower
+from ctrpipe.models.layers.fused import cpu_kernel_dtype, full_cross_tower
 from ctrpipe.models.layers.mlp import MLP
 
 CrossKind = Literal["full", "lowrank", "mixture"]
@@ -57,10 +57,11 @@ class CrossNetV2(nn.Module):
             self.layers = nn.ModuleList(_CrossMixture(dim, rank, n_experts) for _ in range(n_layers))
 
     def forward(self, x0: Tensor) -> Tensor:
-        if self.kind == "full" and cpu_fp32(x0, self.layers[0].weight):
+        dtype = cpu_kernel_dtype(x0, self.layers[0].weight) if self.kind == "full" else None
+        if dtype is not None:
             # same maths, hand-written backward: fewer passes over (B, dim) tensors (see fused.py)
             return full_cross_tower(x0, [layer.weight for layer in self.layers],
-                                    [layer.bias for layer in self.layers])
+                                    [layer.bias for layer in self.layers], dtype)
         x = x0                                                          # (B, dim)
         for layer in self.layers:
             if self.kind == "mixture":

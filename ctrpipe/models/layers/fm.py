@@ -46,7 +46,9 @@ def fm_interaction(fields: Tensor) -> Tensor:
     0.5 * (|sum_i v_i|^2 - sum_i |v_i|^2)."""
     if not eager_kernels():      # export: the same forward as plain ops (fused.py)
         return _fm_forward(fields)[0]
-    return _FMInteraction.apply(fields)
+    # always fp32: the term is the difference of two large sums, which bf16 / fp16 autocast would cancel away
+    with torch.autocast(fields.device.type, enabled=False):
+        return _FMInteraction.apply(fields.to(torch.promote_types(fields.dtype, torch.float32)))
 
 
 class LinearTerm(nn.Module):

@@ -9,14 +9,18 @@ embeddings and raw numerics) needs the concatenation and a contiguous copy of it
 Functions below compute the same gradients with in-place accumulation and no concatenation, and where an
 input gains a column anyway they carry the bias as a weight column on a constant-1 input column (no bias
 copy before the GEMM, no column sum for its gradient). Per-piece A/B figures: benchmarks/bench_kernels.py.
-They are used only where `cpu_fp32` holds; on a GPU or under autocast the models keep plain torch ops, which
-are fast there and which torch.compile fuses anyway. One rule for export: no autograd.Function while tracing
-(`eager_kernels`): a traced graph cannot record a Python Function, and serving needs no backward.
+They are used only on a CPU (`cpu_kernel_dtype`): in fp32, and under bf16 autocast in bf16 (inputs and
+weights cast once on the way in, as autocast would cast them, the same maths in bf16 GEMMs and elementwise
+passes; the parameters' gradients come back in fp32 through those casts). On a GPU or under fp16 the models
+keep plain torch ops, which are fast there and which torch.compile fuses anyway. One rule for export: no
+autograd.Function while tracing (`eager_kernels`): a traced graph cannot record a Python Function, and
+serving needs no backward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
@@ -28,10 +32,22 @@ def eager_kernels() -> bool:
     return not torch.jit.is_tracing()
 
 
-def cpu_fp32(*tensors: Tensor) -> bool:
-    """Whether the hand-written CPU paths apply: every tensor fp32 on the CPU, no CPU autocast, not tracing."""
-    return eager_kernels() and not torch.is_autocast_enabled("cpu") and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+def cpu_kernel_dtype(*tensors: Tensor) -> torch.dtype | None:
+    """The dtype the hand-written CPU paths run in for `tensors` (fp32, on the CPU): fp32 without autocast,
+    bf16 under CPU bf16 autocast; None where they do not apply (another device or dtype, fp16, tracing)."""
+    if not eager_kernels() or not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+
+
+def _cast(dtype: torch.dtype, tensors: Sequence[Tensor]) -> tuple[AbstractContextManager[object], list[Tensor]]:
+    """The tensors in `dtype` (autograd records the casts), and a context that turns CPU autocast off for
+    the Function: its inputs already have the dtype autocast would give them."""
+    if dtype == torch.float32:
+        return nullcontext(), list(tensors)
+    return torch.autocast("cpu", enabled=False), [t.to(dtype) for t in tensors]
 
 
 # The tower runs on x0 widened by at least one column, to a multiple of PAD_TO floats:
@@ -107,10 +123,14 @@ class _FullCrossTower(torch.autograd.Function):
         return (dx0[:, :dim], *grads)
 
 
-def full_cross_tower(x0: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
-    """DCN-V2's full-rank cross layers applied to x0 (B, dim), with the hand-written backward."""
+def full_cross_tower(x0: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """DCN-V2's full-rank cross layers applied to x0 (B, dim), with the hand-written backward, in `dtype`
+    (`cpu_kernel_dtype`; in bf16 the whole tower, residual stream included, runs in bf16)."""
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    return _FullCrossTower.apply(x0, *params)
+    context, (x0, *params) = _cast(dtype, [x0, *params])
+    with context:
+        return _FullCrossTower.apply(x0, *params)
 
 
 NARROW = 32   # a part at most this wide (raw numerics) is "narrow": see _LinearOverParts
@@ -167,8 +187,12 @@ class _LinearOverParts(torch.autograd.Function):
         return (d_weight if needs[0] else None, d_bias if needs[1] else None, *d_parts)
 
 
-def linear_over_parts(weight: Tensor, bias: Tensor, parts: Sequence[Tensor]) -> Tensor:
-    """`F.linear(torch.cat(parts, 1), weight, bias)` with the hand-written backward and no concatenation."""
+def linear_over_parts(weight: Tensor, bias: Tensor, parts: Sequence[Tensor],
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """`F.linear(torch.cat(parts, 1), weight, bias)` with the hand-written backward and no concatenation, in
+    `dtype` (`cpu_kernel_dtype`)."""
     if not eager_kernels():
         return torch.nn.functional.linear(torch.cat(list(parts), 1), weight, bias)
-    return _LinearOverParts.apply(weight, bias, *parts)
+    context, (weight, bias, *parts) = _cast(dtype, [weight, bias, *parts])
+    with context:
+        return _LinearOverParts.apply(weight, bias, *parts)

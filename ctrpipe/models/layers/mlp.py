@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ctrpipe.models.base import Activation
-from ctrpipe.models.layers.fused import cpu_fp32, linear_over_parts
+from ctrpipe.models.layers.fused import cpu_kernel_dtype, linear_over_parts
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -39,9 +39,10 @@ class MLP(nn.Module):
     def forward(self, *parts: Tensor) -> Tensor:
         """(B, in_dim) -> (B, out_dim); the input may come in parts whose widths add up to in_dim."""
         first = self.net[0] if len(self.net) else None
-        if len(parts) > 1 and isinstance(first, nn.Linear) and first.bias is not None and \
-                cpu_fp32(first.weight, *parts):
+        dtype = cpu_kernel_dtype(first.weight, *parts) if len(parts) > 1 and isinstance(first, nn.Linear) and \
+            first.bias is not None else None
+        if dtype is not None:
             # the first layer reads the parts in place: no (B, in_dim) concatenation, and the embeddings'
             # gradient comes out contiguous (see fused.py)
-            return self.net[1:](linear_over_parts(first.weight, first.bias, parts))
+            return self.net[1:](linear_over_parts(first.weight, first.bias, parts, dtype))
         return self.net(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ctrpipe.features import FeatureSpec
 from ctrpipe.models.heads import label_rate, prior_logit
-from ctrpipe.models.layers.fused import cpu_fp32, linear_over_parts
+from ctrpipe.models.layers.fused import cpu_kernel_dtype, linear_over_parts
 
 
 def prior_logits(spec: FeatureSpec) -> list[float]:
@@ -27,6 +27,7 @@ class OutputHead(nn.Module):
     def forward(self, *parts: Tensor) -> Tensor:
         """(B, in_dim) -> (B, T); the input may come in parts whose widths add up to in_dim (no concat)."""
         w, b = self.linear.weight, self.linear.bias
-        if cpu_fp32(w, *parts):
-            return linear_over_parts(w, b, parts)
+        dtype = cpu_kernel_dtype(w, *parts)
+        if dtype is not None:
+            return linear_over_parts(w, b, parts, dtype)
         return self.linear(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
