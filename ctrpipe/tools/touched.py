@@ -89,25 +89,32 @@ def table_use(model: nn.Module, spec: FeatureSpec, sample: Batch, rows_read: int
     """Per embedding table of `model` (built on the meta device is enough), the rows and pages a run that
     reads `rows_read` distinct rows reaches; `sample` holds the first of those rows."""
     from ctrpipe.models.layers.embedding import FieldEmbedding, named_tables
+    from ctrpipe.models.layers.sequence import DareEncoder
 
     name_of = {id(p): name for name, p in named_tables(model).items()}
     cat_index = {f.name: i for i, f in enumerate(spec.categorical)}
     out: list[TableUse] = []
     for fe in (m for m in model.modules() if isinstance(m, FieldEmbedding)):
-        names = iter(fe.field_names)
         for group in fe.groups:
             if group.cat_table is not None:
-                cols = [cat_index[next(names)] for _ in range(group.cat_cols.shape[0])]
+                cols = [cat_index[n] for n in group.cat_names]
                 ids = _global_cat_rows(spec, sample, cols)
+                # bag fields in a categorical field's id space read that field's rows of this table
+                ids += _bag_rows(sample, [b for b in group.bags if b.shared])
                 out.append(_use(name_of[id(group.cat_table.weight)], group.cat_table.weight.shape, ids,
                                 rows_read))
-                # bag fields of this group follow its categorical ones in field_names
             if group.bag_table is not None:
-                for _ in group.bags:
-                    next(names)
-                ids = _bag_rows(sample, group.bags)
+                ids = _bag_rows(sample, [b for b in group.bags if not b.shared])
                 out.append(_use(name_of[id(group.bag_table.weight)], group.bag_table.weight.shape, ids,
                                 rows_read))
+    for enc in (m for m in model.modules() if isinstance(m, DareEncoder)):   # DARE's attention table
+        tok = sample.sequence[enc.history.index].numpy().astype(np.int64)
+        ids = [np.where(tok > 0, tok, -1)]
+        if enc.query_col >= 0:
+            assert sample.categorical is not None
+            ids.append(sample.categorical[:, enc.query_col].numpy().astype(np.int64)[:, None])
+        weight = enc.table.table.weight
+        out.append(_use(name_of[id(weight)], weight.shape, ids, rows_read))
     return out
 
 

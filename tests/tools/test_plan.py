@@ -189,3 +189,23 @@ def test_cli_warns_with_settings_that_fit(caches: dict[int, Path]) -> None:
     assert tight.exit_code == 1, tight.output
     assert "warning: does not fit" in tight.output
     assert "--set loader.batch_size=" in tight.output or "data.hash_bins=" in tight.output
+
+
+@pytest.mark.parametrize("cfg_name", ["parquet_din.yaml", "parquet_dare.yaml", "dare_qnn.yaml"])
+def test_history_readers_plan_every_table(tmp_path: Path, cfg_name: str) -> None:
+    """Shared id spaces (the history reads the candidate's rows) and DARE's attention table are all planned:
+    the tables' sizes add up to the model's table parameters, touched rows within each table."""
+    from ctrpipe.shard.build import build_shards
+    from ctrpipe.synth.run import run_synth
+
+    run_synth(fmt="parquet", rows=1500, test_rows=0, seed=0, out=tmp_path / "syn", quiet=True)
+    keys = ["data.folds.n_splits=0", "data.categorical.min_count=1", *SMALL,
+            *(["model.hidden_units=[32]"] if cfg_name != "dare_qnn.yaml" else [])]
+    cfg = load_config(REPO / "cfgs" / cfg_name, keys)
+    build_shards(cfg, [tmp_path / "syn" / "train.parquet"], tmp_path / "cache", progress=False)
+    plan = estimate(cfg, tmp_path / "cache", "cpu", memory=1 << 40)
+    built = build_model(cfg.model.name, cfg.model.params, read_manifest(tmp_path / "cache").feature_spec())
+    groups = split_parameters(built)
+    assert sum(t.rows * t.dim for t in plan.tables) == plan.params["tables"] == \
+        sum(p.numel() for p in groups.embedding)
+    assert all(0 < t.touched_rows <= t.rows for t in plan.tables)
