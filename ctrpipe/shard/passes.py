@@ -220,8 +220,10 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
     vocab = {c: KeyCounter() for c in plan.categorical} if data.categorical.mode == "vocab" else {}
     covisit = {cv.name: CovisitCounter() for cv in plan.covisit}
     row = train_rows = 0
+    # without the compiled kernels each task makes chunk-sized temporaries (polars splits): one at a time
+    threads = FIT_THREADS if native() is not None else 1
     with _Bar("fit statistics (pass 1)", inputs.input_bytes, progress) as bar, small_pages(), \
-            ThreadPoolExecutor(FIT_THREADS, thread_name_prefix="ctrpipe-fit") as pool:
+            ThreadPoolExecutor(threads, thread_name_prefix="ctrpipe-fit") as pool:
         for chunk in _chunks(plan, inputs.main, require_labels=True, columns=fit_columns(plan)):
             frame = chunk.frame
             idx = np.arange(row, row + frame.height, dtype=np.int64)
