@@ -222,7 +222,8 @@ def iter_parquet_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: Resolv
     except (pa.ArrowInvalid, OSError) as exc:
         raise _unreadable(path, 0, exc) from None
     size = path.stat().st_size
-    scan = pl.scan_parquet(path).select(cols)
+    # the path is one file, taken literally: no glob ('[' in a name) and no hive columns from its folders
+    scan = pl.scan_parquet(path, glob=False, hive_partitioning=False).select(cols)
     for row0 in range(0, total_rows, chunk_rows):
         n = min(chunk_rows, total_rows - row0)
         try:

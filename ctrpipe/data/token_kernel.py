@@ -58,10 +58,10 @@ def _pad(flat: np.ndarray, lengths: np.ndarray, max_len: int) -> np.ndarray:
     return out
 
 
-def string_views(values: pl.Series) -> tuple[np.ndarray, tuple[Any, ...], np.ndarray | None]:
+def string_views(values: pl.Series) -> tuple[np.ndarray, tuple[Any, ...], np.ndarray | None] | None:
     """((N, 16) uint8 Arrow string views, their data buffers, (N,) null mask or None): polars' own layout,
     exported without a copy. Null rows get an all-zero view (an empty string), so kernels never follow
-    whatever a null slot holds."""
+    whatever a null slot holds. None where this polars / pyarrow cannot give string views."""
     if values.dtype != pl.String:
         values = values.cast(pl.String)
     if values.n_chunks() > 1:
@@ -70,7 +70,10 @@ def string_views(values: pl.Series) -> tuple[np.ndarray, tuple[Any, ...], np.nda
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if not pa.types.is_string_view(arr.type):
-        arr = pc.cast(arr, pa.string_view())
+        try:
+            arr = pc.cast(arr, pa.string_view())
+        except (pa.ArrowNotImplementedError, AttributeError):    # pyarrow < 16 has no string views
+            return None
     bufs = arr.buffers()
     views = np.frombuffer(bufs[1], dtype=np.uint8).reshape(-1, 16)[arr.offset: arr.offset + len(arr)]
     nulls = None
@@ -88,7 +91,10 @@ def kept_tokens(values: pl.Series, separator: str, keep: Keep, max_len: int, see
     kernel = native()
     if kernel is None or not separator:
         return None
-    views, buffers, _ = string_views(values)
+    got = string_views(values)
+    if got is None:
+        return None
+    views, buffers, _ = got
     sep = separator.encode("utf-8")
     # room for every kept token: a row of L bytes holds at most (L + s) // (1 + s) non-empty tokens
     row_bytes = views.view(np.uint32)[:, 0].astype(np.int64)
@@ -109,7 +115,10 @@ def weights_all_plain(values: pl.Series, separator: str) -> bool:
     kernel = native()
     if kernel is None or not separator:
         return False
-    views, buffers, _ = string_views(values)
+    got = string_views(values)
+    if got is None:
+        return False
+    views, buffers, _ = got
     counts = np.empty(len(views), dtype=np.int64)
     return bool(kernel.token_counts(views, buffers, separator.encode("utf-8"), True, counts) < 0)
 
@@ -120,7 +129,10 @@ def string_hashes(values: pl.Series, seed: int) -> tuple[np.ndarray, np.ndarray]
     kernel = native()
     if kernel is None or values.dtype != pl.String:
         return None
-    views, buffers, _ = string_views(values)
+    got = string_views(values)
+    if got is None:
+        return None
+    views, buffers, _ = got
     out = np.empty(len(views), dtype=np.uint64)
     kernel.hash_strings(views, buffers, seed & 0xFFFFFFFFFFFFFFFF, out)
     empty = views.view(np.uint32)[:, 0] == 0           # a view's length; null rows have all-zero views

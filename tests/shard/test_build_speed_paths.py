@@ -73,3 +73,14 @@ def test_fit_pass_reads_the_id_only_when_it_is_the_split_key(tmp_path: Path) -> 
     assert fit_columns(resolve_plan(by_id.data, [src])).id == "ID"
     m = build_shards(by_id, [src], tmp_path / "c", progress=False).manifest
     assert 0 < m.rows["val"] < 100 and m.rows["train"] + m.rows["val"] == 100
+
+
+def test_parquet_path_is_read_literally(tmp_path: Path) -> None:
+    from ctrpipe.data.reader import iter_raw_chunks
+
+    folder = tmp_path / "day=3"                       # a hive-style folder name adds no column
+    folder.mkdir()
+    src = write_parquet(folder / "part[1].parquet", 40)   # '[' is not a glob
+    cfg = parquet_cfg().data
+    frames = [c.frame for c in iter_raw_chunks(cfg, [src], 15)]
+    assert [f.height for f in frames] == [15, 15, 10] and "day" not in frames[0].columns
