@@ -195,6 +195,9 @@ class _Run:
             if self.changed.tables:
                 self.exchange = RowExchange(inp.dist, self.changed.tables, dense=not self.cfg.sparse_embeddings)
             train_model = inp.dist.wrap(self.model, self.changed.tables)
+            if any(t.mask is not None for t in inp.tasks):   # masked heads: means over the global batch
+                dist = inp.dist
+                self.objective.global_count = lambda c: dist.mean_(c.clone(), "counting masked heads' rows")
         self.step_model = torch.compile(train_model) if self.cfg.compile else train_model
         self.pos = RunPosition()
         self.finished = False

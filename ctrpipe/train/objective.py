@@ -14,7 +14,7 @@ tasks (clicked: w 1, all rows), (converted: w 0.5, clicked rows only).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +130,17 @@ class Objective:
         self.focal = [k for k, t in enumerate(tasks) if t.focal_weight > 0]
         self.step = 0
         self._clip_now = math.inf
+        # a torchrun job sets this: (H,) rows each head counts on this rank -> the mean over ranks, so a
+        # masked head's loss is its mean over the global batch's kept rows, as in one process (DDP then
+        # averages the ranks' gradients); None: one process, or no head has a mask (equal shares already)
+        self.global_count: Callable[[Tensor], Tensor] | None = None
+
+    def _count(self, m: Tensor) -> Tensor:
+        """(H,) denominators of the per-head means: this batch's kept rows (the ranks' mean in a job)."""
+        counts = m.sum(dim=0)
+        if self.global_count is not None:
+            counts = self.global_count(counts)
+        return counts.clamp(min=1.0)
 
     def at_step(self, step: int) -> None:
         self.step = step
@@ -151,23 +162,24 @@ class Objective:
     def per_head(self, out: ModelOutput, labels: Tensor) -> Tensor:
         """(H,) mean loss of each head over the rows its mask keeps (0 for a head with no such row)."""
         y, m = targets(labels, self.tasks)
-        return (self.per_row(out, y) * m).sum(dim=0) / m.sum(dim=0).clamp(min=1.0)
+        return (self.per_row(out, y) * m).sum(dim=0) / self._count(m)
 
     def __call__(self, out: ModelOutput, labels: Tensor) -> Tensor:
         y, m = targets(labels, self.tasks)
         bce = self.per_row(out, y)                                             # (B, H)
-        per_head = (bce * m).sum(dim=0) / m.sum(dim=0).clamp(min=1.0)
+        counts = self._count(m)
+        per_head = (bce * m).sum(dim=0) / counts
         loss = (per_head * self.weights).sum()
         for k in self.focal:
             t = self.tasks[k]
             if self.step >= t.focal_start:
-                loss = loss + t.focal_weight * self._focal(out, bce, y, m, k, t.focal_gamma)
+                loss = loss + t.focal_weight * self._focal(out, bce, y, m, k, t.focal_gamma, counts[k])
         for aux in out.aux_losses.values():
             loss = loss + aux.float()
         return loss
 
     @staticmethod
-    def _focal(out: ModelOutput, bce: Tensor, y: Tensor, m: Tensor, k: int, gamma: float) -> Tensor:
+    def _focal(out: ModelOutput, bce: Tensor, y: Tensor, m: Tensor, k: int, gamma: float, count: Tensor) -> Tensor:
         """mean over the head's rows of (1 - p_t)^gamma * BCE, the factor from a detached fp32 probability."""
         with torch.no_grad():
             if out.log_probs is not None:
@@ -176,7 +188,7 @@ class Objective:
                 p = torch.sigmoid(out.logits[:, k].float())
             p_t = torch.where(y[:, k] > 0.5, p, 1.0 - p)
             factor = (1.0 - p_t).pow(gamma)
-        return (factor * bce[:, k] * m[:, k]).sum() / m[:, k].sum().clamp(min=1.0)
+        return (factor * bce[:, k] * m[:, k]).sum() / count
 
 
 def task_gradients(objective: Objective, out: ModelOutput, labels: Tensor,
