@@ -75,6 +75,8 @@ def shard(
     test: bool = typer.Option(False, "--test", help="input is test data: every row goes to the test split"),
     bad_rows: Optional[str] = typer.Option(None, "--bad-rows", help="error | skip"),  # noqa: UP045
     force: bool = typer.Option(False, "--force", help="rebuild even if a matching cache exists"),
+    workers: int = typer.Option(1, "--workers", help="processes for the statistics pass over the input files "
+                                                     "(same cache for any value)"),
     quiet: bool = QuietOpt,
 ) -> None:
     """Parse raw logs once into a memory-mappable shard cache with a manifest."""
@@ -82,7 +84,8 @@ def shard(
 
     all_inputs = [*inputs, *(more_inputs or [])]
     _run(lambda: run_shard(cfg_path=cfg, overrides=overrides, inputs=all_inputs, out=out, gold=gold,
-                           stats_from=stats_from, test=test, bad_rows=bad_rows, force=force, quiet=quiet))
+                           stats_from=stats_from, test=test, bad_rows=bad_rows, force=force, quiet=quiet,
+                           workers=workers))
 
 
 @app.command()

@@ -189,6 +189,14 @@ class KeyCounter:
         else:
             self._keys, self._counts = merge_counts(self._keys, self._counts, *count_keys(keys))
 
+    def merge(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Add another counter's (sorted keys, counts) table (a partition of a map/reduce fit pass).
+
+        Later `add`s go to the sorted arrays too: the hash table would otherwise hide the merged counts."""
+        self._sorted()
+        self._hash = None
+        self._keys, self._counts = merge_counts(self._keys, self._counts, keys, counts)
+
     def _sorted(self) -> None:
         if self._stale and self._hash is not None:
             self._keys, self._counts = self._hash.sorted()

@@ -71,13 +71,19 @@ def identity_config(data: DataConfig) -> dict[str, Any]:
 
 def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path, *, gold: Sequence[Path] = (),
                  stats_from: Path | None = None, role: Role = "train", force: bool = False,
-                 progress: bool = True) -> BuildResult:
-    """Build (or reuse, or resume) the shard cache `out` from raw `inputs`; see the module docstring."""
+                 progress: bool = True, workers: int = 1) -> BuildResult:
+    """Build (or reuse, or resume) the shard cache `out` from raw `inputs`; see the module docstring.
+
+    `workers` > 1 computes the statistics pass over the input files on that many processes
+    (`shard/parallel.py`); the cache is byte-identical for any value."""
     t0 = time.perf_counter()
     keep_freed_memory()     # each chunk's ~30 MB of arrays is reused, not page-faulted in again (see hostmem.py)
     data = cfg.data if isinstance(cfg, RunConfig) else cfg
     cfg_sources = {k: v for k, v in (cfg.sources if isinstance(cfg, RunConfig) else {}).items()
                    if k.startswith("data.")}
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}", where="--workers",
+                          fix="pass --workers 1 (one process) or the number of cores to use")
     if role not in ("train", "test"):
         raise ConfigError(f"unknown role {role!r}", fix="use role='train' or role='test' (--test)")
     if role == "test" and gold:
@@ -115,7 +121,8 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
     with disk_full_as_error(out, lambda: _written_note(work), RESUME_NOTE):
         _clear_out(out, keep=f".incomplete-{fp[:12]}")
         state = _BuildState.open(work, fp)
-        fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress)
+        fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress,
+                                                 workers)
         result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard, progress)
 
         seconds = time.perf_counter() - t0
@@ -137,7 +144,7 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
 # ------------------------------------------------------------------------------------- fitted statistics
 
 def _fitted_stats(plan: Any, inputs: Inputs, train_m: Manifest | None, stats_from: Path | None,
-                  state: _BuildState, progress: bool) -> tuple[Fitted, dict[str, Any], bool]:
+                  state: _BuildState, progress: bool, workers: int = 1) -> tuple[Fitted, dict[str, Any], bool]:
     """(statistics, their manifest entry, whether this build's own train rows were counted)."""
     if train_m is not None and stats_from is not None:
         fitted = Fitted.load(Path(stats_from), train_m.fitted)
@@ -152,7 +159,12 @@ def _fitted_stats(plan: Any, inputs: Inputs, train_m: Manifest | None, stats_fro
     if state.fitted_done:
         fitted = Fitted.load(state.work)
     else:
-        fitted = fit_pass(plan, inputs, progress)
+        if workers > 1 and len(inputs.main) > 1:
+            from ctrpipe.shard.parallel import parallel_fit_pass
+
+            fitted = parallel_fit_pass(plan, inputs, state.work, workers, progress)
+        else:
+            fitted = fit_pass(plan, inputs, progress)
         fitted.save(state.work)
         state.mark_fitted()
     return fitted, fitted.to_manifest(), True
@@ -293,7 +305,8 @@ def _describe_diff(old: Manifest, data: DataConfig, srcs: tuple[Any, ...], extra
 # -------------------------------------------------------------------------------------------------- CLI
 
 def run_shard(cfg_path: Path | None, overrides: list[str], inputs: list[Path], out: Path, gold: list[Path],
-              stats_from: Path | None, test: bool, bad_rows: str | None, force: bool, quiet: bool) -> None:
+              stats_from: Path | None, test: bool, bad_rows: str | None, force: bool, quiet: bool,
+              workers: int = 1) -> None:
     """`ctrpipe shard`: load the config, build, print a summary table (or one line with --quiet)."""
     cfg = load_config(cfg_path, overrides, resolve_model=False)  # sharding needs no torch
     if bad_rows is not None:
@@ -303,7 +316,7 @@ def run_shard(cfg_path: Path | None, overrides: list[str], inputs: list[Path], o
         data = dataclasses.replace(cfg.data, bad_rows="skip" if bad_rows == "skip" else "error")
         cfg = dataclasses.replace(cfg, data=data)
     res = build_shards(cfg, inputs, out, gold=gold, stats_from=stats_from, role="test" if test else "train",
-                       force=force, progress=not quiet)
+                       force=force, progress=not quiet, workers=workers)
     if res.reused:
         return
     print_summary(res, quiet)

@@ -241,6 +241,14 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
             for job in [pool.submit(t) for t in tasks]:
                 job.result()
             bar.advance(chunk, frame.height)
+    return fitted_from(plan, nacc, mom, vocab, covisit, train_rows)
+
+
+def fitted_from(plan: Plan, nacc: NumericAccumulator, mom: MomentAccumulator | None,
+                vocab: dict[str, KeyCounter], covisit: dict[str, CovisitCounter], train_rows: int) -> Fitted:
+    """The statistics of finished accumulators (one pass's, or the merge of a map/reduce fit pass's)."""
+    data = plan.cfg
+    num = data.numeric
     fills = nacc.fills(num.impute)
     if mom is not None:
         mean, std = mom.result(np.asarray(log1p_transform(fills.reshape(1, -1), num.log1p)).reshape(-1))

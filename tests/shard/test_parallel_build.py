@@ -1,0 +1,119 @@
+"""`--workers N`: the statistics pass mapped over input files on worker processes writes the cache of the
+single-process build byte for byte (Criteo text over several files, Parquet part files, skipped bad rows,
+tail splits), names the failing file and line, and resumes after kill -9 without refitting finished files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ctrpipe.errors import InputFormatError
+from ctrpipe.shard.build import build_shards
+from tests.conftest import write_criteo_tsv, write_parquet
+from tests.shard.helpers import CRITEO_CFG, criteo_cfg, npy_bytes, parquet_cfg
+
+# vocabularies with min-count, mean imputation, standardisation: every float and count statistic is fitted
+CRITEO_FIT = ("data.categorical.mode=vocab", "data.categorical.min_count=2", "data.numeric.impute=mean",
+              "data.numeric.standardize=true", "data.numeric.missing_indicator=true", "data.chunk_rows=37")
+
+
+def _cache(out: Path) -> dict[str, object]:
+    """Every .npy's bytes plus the manifest less its timing fields."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("build", None)
+    return {"npy": npy_bytes(out), "manifest": manifest}
+
+
+def _criteo_parts(tmp_path: Path, sizes: list[int]) -> list[Path]:
+    return [write_criteo_tsv(tmp_path / f"day_{i}.tsv", n, seed=i) for i, n in enumerate(sizes)]
+
+
+def test_criteo_files_give_the_same_cache_for_any_worker_count(tmp_path: Path) -> None:
+    parts = _criteo_parts(tmp_path, [150, 90, 1, 210])
+    want = None
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        build_shards(criteo_cfg(*CRITEO_FIT), parts, out, progress=False, workers=workers)
+        got = _cache(out)
+        assert not list(out.glob(".incomplete-*"))
+        if want is None:
+            want = got
+            assert any(k.startswith("fitted/") for k in got["npy"])       # type: ignore[union-attr]
+        else:
+            assert got == want, f"--workers {workers} differs"
+
+
+def test_parquet_parts_give_the_same_cache(tmp_path: Path) -> None:
+    # vocabularies shared with a sequence, median imputation, standardisation and co-visitation
+    parts = [write_parquet(tmp_path / f"part-{i}.parquet", n, seed=i) for i, n in enumerate([80, 130, 45])]
+    overrides = ("data.chunk_rows=29",)
+    build_shards(parquet_cfg(*overrides), parts, tmp_path / "one", progress=False)
+    build_shards(parquet_cfg(*overrides), parts, tmp_path / "two", progress=False, workers=2)
+    want = _cache(tmp_path / "one")
+    assert any(k.startswith("fitted/covisit") for k in want["npy"])         # type: ignore[union-attr]
+    assert _cache(tmp_path / "two") == want
+
+
+def test_skipped_bad_rows_and_tail_split_shift_later_files(tmp_path: Path) -> None:
+    # a bad line in the first file: later files start one good row earlier than the line count says
+    parts = _criteo_parts(tmp_path, [120, 100, 140])
+    lines = parts[0].read_text().splitlines(keepends=True)
+    lines[10] = "not\ta\tcriteo\tline\n"
+    parts[0].write_text("".join(lines))
+    for mode in ("random", "tail"):
+        cfg = criteo_cfg(*CRITEO_FIT, "data.bad_rows=skip", f"data.split.mode={mode}", "data.split.val_ratio=0.3")
+        build_shards(cfg, parts, tmp_path / f"{mode}1", progress=False)
+        build_shards(cfg, parts, tmp_path / f"{mode}2", progress=False, workers=2)
+        assert _cache(tmp_path / f"{mode}2") == _cache(tmp_path / f"{mode}1"), mode
+
+
+def test_a_failing_worker_names_the_file_and_line_and_leaves_no_manifest(tmp_path: Path) -> None:
+    parts = _criteo_parts(tmp_path, [50, 60, 70])
+    lines = parts[2].read_text().splitlines(keepends=True)
+    lines[6] = "x\ty\n"
+    parts[2].write_text("".join(lines))
+    out = tmp_path / "out"
+    with pytest.raises(InputFormatError) as err:
+        build_shards(criteo_cfg(*CRITEO_FIT), parts, out, progress=False, workers=2)
+    assert "day_2.tsv" in str(err.value) and "line 7" in str(err.value)
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("shard_*"))
+
+
+def test_kill_9_resumes_without_refitting_finished_files(tmp_path: Path) -> None:
+    # small files first, one large file last: its partition is still running when the build is killed
+    parts = _criteo_parts(tmp_path, [40, 40, 40]) + [tmp_path / "day_3.tsv"]
+    big = write_criteo_tsv(tmp_path / "seed.tsv", 4000, seed=9).read_text()
+    parts[3].write_text(big * 40)
+    out = tmp_path / "out"
+    sets = [f"--set={s}" for s in (*CRITEO_FIT[:-1], "data.chunk_rows=2000", "data.shard_rows=50000")]
+
+    def shard(dest: Path, workers: int) -> list[str]:
+        return [sys.executable, "-m", "ctrpipe.cli", "shard", "--cfg", str(CRITEO_CFG), "--out", str(dest),
+                "--workers", str(workers), *sets, "--input", *map(str, parts)]
+
+    proc = subprocess.Popen(shard(out, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".incomplete-*/partials/part_00002_*.npz")):
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        assert time.monotonic() < deadline, "no partition finished in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)             # the build and its worker processes
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    done = sorted(p.name for p in out.glob(".incomplete-*/partials/part_*.npz"))
+    assert len(done) >= 3
+    rerun = subprocess.run(shard(out, 2), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"{len(done)} of 4 files already fitted" in rerun.stdout + rerun.stderr
+    one = subprocess.run(shard(tmp_path / "one", 1), capture_output=True, text=True)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert _cache(out) == _cache(tmp_path / "one")
