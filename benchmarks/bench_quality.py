@@ -4,6 +4,7 @@ Usage (from the repo root, in ctrpipe's venv):
     python benchmarks/bench_quality.py --setup                     # create/refresh .bench/peers-venv only
     python benchmarks/bench_quality.py --rows 50000 --test-rows 20000          # quick check
     python benchmarks/bench_quality.py                             # full: 1.8M train + 200k test rows
+    python benchmarks/bench_quality.py --rows 300000 --models autoint --hidden 400,400 --peers deepctr
 
 Same data for everyone: `ctrpipe synth` writes train/test text; `ctrpipe shard` turns them into one cache
 (train split + the test file as gold split, no validation split), and the cache's arrays are exported once
@@ -14,6 +15,8 @@ Peers (DeepCTR-Torch, FuxiCTR) live only in .bench/peers-venv and run as subproc
 (benchmarks/peers/*_run.py). All AUC / logloss figures are computed here by ctrpipe.train.metrics from each
 library's test predictions (ctrpipe's own come from its metrics.json, computed by the same code).
 Also printed: the oracle (true click probabilities from synth) and a logistic-regression baseline.
+ctrpipe trains each model in fp32 (train.amp=off) and with train.amp=auto (`--amp both`, the default): the
+auto row says which precision auto chose and why, and its AUC is checked against fp32's (goal: within 0.001).
 Writes the table to stdout and everything to .bench/quality.json.
 """
 
@@ -23,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -36,16 +40,18 @@ PEERS_DIR = ROOT / "benchmarks" / "peers"
 PEER_VENV = ROOT / ".bench" / "peers-venv"
 PEER_PY = PEER_VENV / "bin" / "python"
 MODELS = ("dnn", "deepfm", "dcnv2")
-# the rest of ctrpipe's zoo, trained with the same data and settings (no peer runs them here)
+# the rest of ctrpipe's zoo, trained with the same data and settings (autoint: DeepCTR-Torch only)
 ZOO_ONLY = ("dcn", "autoint", "ft_transformer")
 PEERS = {"deepctr": "deepctr_run.py", "fuxictr": "fuxictr_run.py"}
 # which peer model answers which ctrpipe model (see the runners' docstrings)
 PEER_MODEL = {"deepctr": {"dnn": "WDL, no wide part", "deepfm": "DeepFM",
-                          "dcnv2": "DCN matrix cross, no wide part", "dcnmix": "DCNMix, no wide part"},
+                          "dcnv2": "DCN matrix cross, no wide part", "dcnmix": "DCNMix, no wide part",
+                          "autoint": "AutoInt+ (2 heads of emb/2, numerics into the MLP only), no wide part"},
               "fuxictr": {"dnn": "DNN", "deepfm": "DeepFM", "dcnv2": "DCNv2"}}
 # ctrpipe models whose numeric input layout --numeric sets (dnn always appends them: cfgs/criteo_dnn.yaml)
-NUMERIC_MODELS = ("deepfm", "dcn", "dcnv2", "dcnmix")
+NUMERIC_MODELS = ("deepfm", "dcn", "dcnv2", "dcnmix", "autoint")
 GOAL_AUC_DIFF = -0.001
+GOAL_AMP_AUC = 0.001      # |AUC(auto) - AUC(fp32)| of ctrpipe's own two runs
 GOAL_SPEEDUP = 2.0
 
 
@@ -75,6 +81,21 @@ def peer_result(cmd: list[str], log_file: Path, env: dict[str, str], what: str) 
     if not lines:
         raise SystemExit(f"{what}: no RESULT line (log: {log_file})")
     return json.loads(lines[-1][len("RESULT "):]), wall
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 instructions, e.g. 'AMD EPYC (avx512_bf16, no AMX)'."""
+    from ctrpipe.device import cpu_flags
+
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = cpu_flags()
+    bf16 = ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "no native bf16"
+    return f"{name} ({bf16}{'' if 'amx_bf16' in flags else ', no AMX'})"
 
 
 def thread_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -290,15 +311,16 @@ def logistic_regression(export: Path, meta: dict, threads: int, batch: int, lr: 
 
 
 # ----------------------------------------------------------------------------------------- libraries
-def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path) -> dict:
+def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path, amp: str = "off") -> dict:
     runs = work / "runs"
-    exp = f"bench_{model}"
+    exp = f"bench_{model}_{amp}"
     shutil.rmtree(runs / exp, ignore_errors=True)
     hidden = "[" + ",".join(str(h) for h in args.hidden) + "]"
-    sets = [f"exp_name={exp}", "train.epochs=1", f"train.lr={args.lr}", "train.embedding_lr=0",
+    # one epoch whatever the size: criteo.yaml's min_steps would repeat a small sample's epochs
+    sets = [f"exp_name={exp}", "train.epochs=1", "train.min_steps=0", f"train.lr={args.lr}", "train.embedding_lr=0",
             f"train.embedding_optimizer={args.embedding_optimizer}", "train.schedule=constant", "train.warmup_steps=0",
             "train.weight_decay=0", "train.grad_clip=0", f"train.num_threads={args.threads}",
-            "train.device=cpu", f"loader.batch_size={args.batch_size}",
+            "train.device=cpu", f"loader.batch_size={args.batch_size}", f"train.amp={amp}",
             f"seed={args.train_seed}"]
     if model != "ft_transformer":   # FT-Transformer has no MLP: its own token width (cfgs/criteo_ft_transformer.yaml)
         sets += [f"model.embedding_dim={args.embedding_dim}", f"model.hidden_units={hidden}", "model.dropout=0",
@@ -312,22 +334,29 @@ def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path) -
         sets += [f"model.numeric={args.numeric}"]
     if model == "dcnmix":
         sets += ["model.cross_kind=mixture", "model.low_rank=32", "model.n_experts=4"]
+    if model == "autoint":       # DeepCTR-Torch's AutoInt: 3 layers of 2 heads, each embedding_dim / 2 wide
+        sets += ["model.attention_layers=3", "model.attention_heads=2",
+                 f"model.attention_dim={max(1, args.embedding_dim // 2)}"]
     cfg = f"cfgs/criteo_{'dcnv2' if model == 'dcnmix' else model}.yaml"
     cmd = ctrpipe_cmd("train", "--shards", str(cache), "--cfg", cfg, "--runs", str(runs), "-q")
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()
-    run(cmd, work / "logs" / f"ctrpipe_{model}.log", env=thread_env(args.threads))
+    run(cmd, work / "logs" / f"ctrpipe_{model}_{amp}.log", env=thread_env(args.threads))
     wall = time.perf_counter() - t0
     metrics = json.loads((runs / exp / "metrics.json").read_text())
     gold = metrics.get("gold") or {}
     # single label: gold metrics are flat ({"auc": ..}); multi-label runs nest them per label
     gold = gold if "auc" in gold else next(iter(gold.values()))
-    return {"lib": "ctrpipe", "model": model, "auc": float(gold["auc"]), "logloss": float(gold["logloss"]),
+    precision = metrics["precision"]["train"]
+    return {"lib": "ctrpipe" if amp == "off" else f"ctrpipe {amp}", "amp": amp, "precision": precision,
+            "precision_reason": metrics["precision"]["reason"],
+            "model": model, "auc": float(gold["auc"]), "logloss": float(gold["logloss"]),
             "samples_per_s": float(metrics["samples_per_s"]),
             "train_seconds": float(metrics["train_seconds"]),
             "process_seconds": wall,
-            "notes": f"{cfg}, embedding optimiser {args.embedding_optimizer}, constant lr" +
+            "notes": f"{'fp32' if precision == 'off' else precision} steps; {cfg}, embedding optimiser "
+                     f"{args.embedding_optimizer}, constant lr" +
                      (f", numeric={args.numeric}" if model in NUMERIC_MODELS else "")}
 
 
@@ -360,32 +389,48 @@ def run_peer(peer: str, model: str, args: argparse.Namespace, export: Path, work
 def print_table(results: dict) -> None:
     log("")
     d = results["data"]
+    log(f"cpu: {results.get('cpu', '?')}")
     log(f"data: {d['train_rows']:,} train rows, {d['test_rows']:,} test rows, {sum(d['bins'].values()):,} "
         f"hash bins in all (<= {d['hash_bins']:,} per field), numeric {d['numeric']}; {results['threads']} "
         f"threads; one epoch, batch {results['batch_size']}, Adam lr {results['lr']}, "
         f"emb {results['embedding_dim']}, MLP {results['hidden']}")
     head = f"{'model':<8} {'library':<15} {'test AUC':>9} {'logloss':>8} {'samples/s':>10} {'train s':>8}  " \
-           f"{'AUC diff':>9} {'speed x':>8}  notes"
+           f"{'AUC diff':>15} {'speed x':>11}  notes"
     log(head)
     log("-" * len(head))
     for row in results["reference"]:
         speed = row.get("samples_per_s", float("nan"))
         log(f"{'-':<8} {row['lib']:<15} {row['auc']:>9.4f} {row['logloss']:>8.4f} "
-            f"{speed:>10.0f} {'':>8}  {'':>9} {'':>8}  {row.get('notes', '')}")
+            f"{speed:>10.0f} {'':>8}  {'':>15} {'':>11}  {row.get('notes', '')}")
     for model, rows in results["models"].items():
-        ours = next((r for r in rows if r["lib"] == "ctrpipe"), None)
+        mine = [r for r in rows if r["lib"].startswith("ctrpipe")]
         for r in rows:
-            diff = speed = ""
-            if ours is not None and r is not ours:
-                d = ours["auc"] - r["auc"]
-                x = ours["samples_per_s"] / r["samples_per_s"]
-                diff = f"{d:+.4f}{'' if d >= GOAL_AUC_DIFF else '!'}"
-                speed = f"{x:.2f}{'' if x >= GOAL_SPEEDUP else '!'}"
+            diff, speed = _comparison(r, mine)
             log(f"{model:<8} {r['lib']:<15} {r['auc']:>9.4f} {r['logloss']:>8.4f} "
-                f"{r['samples_per_s']:>10.0f} {r['train_seconds']:>8.1f}  {diff:>9} {speed:>8}  "
+                f"{r['samples_per_s']:>10.0f} {r['train_seconds']:>8.1f}  {diff:>15} {speed:>11}  "
                 f"{r.get('notes', '')}")
-    log("AUC diff = ctrpipe - peer (goal >= -0.001), speed x = ctrpipe samples/s / peer samples/s "
-        "(goal >= 2); '!' marks a missed goal")
+    log("peer rows: AUC diff = ctrpipe - peer (goal >= -0.001) and speed x = ctrpipe samples/s / peer samples/s "
+        "(goal >= 2), for each ctrpipe row (fp32/auto); the auto row: against ctrpipe fp32 (AUC goal within "
+        "0.001); '!' marks a missed goal")
+
+
+def _comparison(row: dict, mine: list[dict]) -> tuple[str, str]:
+    """The AUC-diff and speed-x cells of one row: a peer against each ctrpipe row, ctrpipe's mixed-precision
+    row against its fp32 row, '' for the fp32 row itself."""
+    if row["lib"] == "ctrpipe" or not mine:
+        return "", ""
+    if row["lib"].startswith("ctrpipe"):
+        base = next((m for m in mine if m["lib"] == "ctrpipe"), None)
+        if base is None:
+            return "", ""
+        d, x = row["auc"] - base["auc"], row["samples_per_s"] / base["samples_per_s"]
+        return f"{d:+.4f}{'' if abs(d) <= GOAL_AMP_AUC else '!'}", f"{x:.2f}"
+    diffs, speeds = [], []
+    for m in mine:
+        d, x = m["auc"] - row["auc"], m["samples_per_s"] / row["samples_per_s"]
+        diffs.append(f"{d:+.4f}{'' if d >= GOAL_AUC_DIFF else '!'}")
+        speeds.append(f"{x:.2f}{'' if x >= GOAL_SPEEDUP else '!'}")
+    return "/".join(diffs), "/".join(speeds)
 
 
 def parse_args() -> argparse.Namespace:
@@ -398,6 +443,8 @@ def parse_args() -> argparse.Namespace:
                     help="dnn,deepfm,dcnv2; also dcnmix, and ctrpipe-only dcn,autoint,ft_transformer")
     ap.add_argument("--peers", default="deepctr,fuxictr", help="comma list, or 'none'")
     ap.add_argument("--skip-ctrpipe", action="store_true", help="peers only")
+    ap.add_argument("--amp", choices=("both", "off", "auto", "bf16"), default="both",
+                    help="ctrpipe's train.amp: both (fp32 and auto, side by side: the default), or one of them")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hash-bins", type=int, default=20_000,
                     help="hash bins per categorical field (the cap, with per-field sizing)")
@@ -462,6 +509,7 @@ def main() -> None:
                               "synth_seed": args.seed, "train_seed": args.train_seed},
                      "threads": args.threads, "batch_size": args.batch_size, "lr": args.lr,
                      "embedding_dim": args.embedding_dim, "hidden": args.hidden, "numeric_mode": args.numeric,
+                     "cpu": cpu_model(),
                      "reference": [],
                      "models": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     orc = oracle(work, export)
@@ -474,17 +522,19 @@ def main() -> None:
     log(f"logistic regression: AUC {lr['auc']:.4f} logloss {lr['logloss']:.4f}")
     for model in args.models:
         rows = results["models"].setdefault(model, [])
-        jobs = ([] if args.skip_ctrpipe else [("ctrpipe", None)]) + [(p, p) for p in args.peers]
-        for name, peer in jobs:
-            if peer is not None and model not in PEER_MODEL[peer]:
+        amps = [] if args.skip_ctrpipe else (["off", "auto"] if args.amp == "both" else [args.amp])
+        jobs = [(f"ctrpipe amp={a}", a) for a in amps] + [(p, p) for p in args.peers]
+        for name, what in jobs:
+            if what in PEERS and model not in PEER_MODEL[what]:
                 continue
             t0 = time.perf_counter()
             log(f"{model}: training {name} ...")
-            r = run_ctrpipe(model, args, cache, work) if peer is None else \
-                run_peer(peer, model, args, export, work)
+            r = run_peer(what, model, args, export, work) if what in PEERS else \
+                run_ctrpipe(model, args, cache, work, amp=what)
             rows.append(r)
             log(f"{model}: {name}: AUC {r['auc']:.4f} logloss {r['logloss']:.4f} "
-                f"{r['samples_per_s']:,.0f} samples/s ({time.perf_counter() - t0:.0f}s wall)")
+                f"{r['samples_per_s']:,.0f} samples/s ({time.perf_counter() - t0:.0f}s wall)" +
+                (f"; precision {r['precision_reason']}" if "precision_reason" in r else ""))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1))     # partial results survive a crash
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

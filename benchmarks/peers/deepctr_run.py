@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import Timer, load_export, parse_args, report, set_threads  # noqa: E402
 
-MODELS = ("dnn", "deepfm", "dcnv2", "dcnmix")
+MODELS = ("dnn", "deepfm", "dcnv2", "dcnmix", "autoint")
 
 
 def build(name: str, args, sparse_cols: list, dense_cols: list):
@@ -30,8 +30,11 @@ def build(name: str, args, sparse_cols: list, dense_cols: list):
     dcnv2:  DCN with cross_parameterization='matrix' (DCN-V2's full-rank cross), parallel with the MLP,
             no wide part: the same structure as ctrpipe's and FuxiCTR's DCNv2.
     dcnmix: DCNMix (low-rank mixture of experts cross, rank 32, 4 experts), no wide part.
+    autoint: AutoInt+ (3 interacting layers of 2 heads, each embedding_dim / 2 wide, residual; the MLP in
+            parallel), no wide part. The library attends over the categorical fields only and feeds the
+            numerics to the MLP alone.
     """
-    from deepctr_torch.models import DCN, WDL, DCNMix, DeepFM
+    from deepctr_torch.models import DCN, WDL, AutoInt, DCNMix, DeepFM
 
     cols = sparse_cols + dense_cols
     hidden = tuple(args.hidden)
@@ -44,6 +47,10 @@ def build(name: str, args, sparse_cols: list, dense_cols: list):
     if name == "dcnv2":
         return DCN([], cols, cross_num=args.cross_layers, cross_parameterization="matrix", l2_reg_cross=0.0,
                    **common)
+    if name == "autoint":
+        # the one model without l2_reg_linear (it has no wide part of its own to regularise here anyway)
+        kwargs = {k: v for k, v in common.items() if k != "l2_reg_linear"}
+        return AutoInt([], cols, att_layer_num=3, att_head_num=2, att_res=True, **kwargs)
     if name == "dcnmix":
         return DCNMix([], cols, cross_num=args.cross_layers, low_rank=32, num_experts=4, l2_reg_cross=0.0,
                       **common)
