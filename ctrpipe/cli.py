@@ -77,6 +77,10 @@ def shard(
     force: bool = typer.Option(False, "--force", help="rebuild even if a matching cache exists"),
     workers: int = typer.Option(1, "--workers", help="processes for the statistics pass over the input files "
                                                      "(same cache for any value)"),
+    dask: Optional[str] = typer.Option(None, "--dask",  # noqa: UP045
+                                       help="run that pass on Dask instead: 'local' (a local cluster of "
+                                            "--workers processes) or a scheduler address, tcp://host:8786; "
+                                            "workers must see the inputs and --out (shared filesystem)"),
     quiet: bool = QuietOpt,
 ) -> None:
     """Parse raw logs once into a memory-mappable shard cache with a manifest."""
@@ -85,7 +89,7 @@ def shard(
     all_inputs = [*inputs, *(more_inputs or [])]
     _run(lambda: run_shard(cfg_path=cfg, overrides=overrides, inputs=all_inputs, out=out, gold=gold,
                            stats_from=stats_from, test=test, bad_rows=bad_rows, force=force, quiet=quiet,
-                           workers=workers))
+                           workers=workers, dask=dask))
 
 
 @app.command()

@@ -18,6 +18,6 @@ fi
 stamp="$venv/.ctrpipe-installed"
 # reinstall when the project or the compiled kernel's source changed (the editable install builds the kernel)
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/ctrpipe/_native.c" -nt "$stamp" ]; then
-  python -m pip install -q -e "$root[dev]"
+  python -m pip install -q -e "$root[dev,dask]"
   touch "$stamp"
 fi

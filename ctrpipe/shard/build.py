@@ -71,11 +71,11 @@ def identity_config(data: DataConfig) -> dict[str, Any]:
 
 def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path, *, gold: Sequence[Path] = (),
                  stats_from: Path | None = None, role: Role = "train", force: bool = False,
-                 progress: bool = True, workers: int = 1) -> BuildResult:
+                 progress: bool = True, workers: int = 1, dask: str | None = None) -> BuildResult:
     """Build (or reuse, or resume) the shard cache `out` from raw `inputs`; see the module docstring.
 
-    `workers` > 1 computes the statistics pass over the input files on that many processes
-    (`shard/parallel.py`); the cache is byte-identical for any value."""
+    `workers` > 1 computes the statistics pass over the input files on that many processes, `dask` on a
+    Dask cluster ("local" or a scheduler address; `shard/parallel.py`); the cache is byte-identical."""
     t0 = time.perf_counter()
     keep_freed_memory()     # each chunk's ~30 MB of arrays is reused, not page-faulted in again (see hostmem.py)
     data = cfg.data if isinstance(cfg, RunConfig) else cfg
@@ -122,7 +122,7 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
         _clear_out(out, keep=f".incomplete-{fp[:12]}")
         state = _BuildState.open(work, fp)
         fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress,
-                                                 workers)
+                                                 workers, dask)
         result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard, progress)
 
         seconds = time.perf_counter() - t0
@@ -144,7 +144,8 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
 # ------------------------------------------------------------------------------------- fitted statistics
 
 def _fitted_stats(plan: Any, inputs: Inputs, train_m: Manifest | None, stats_from: Path | None,
-                  state: _BuildState, progress: bool, workers: int = 1) -> tuple[Fitted, dict[str, Any], bool]:
+                  state: _BuildState, progress: bool, workers: int = 1,
+                  dask: str | None = None) -> tuple[Fitted, dict[str, Any], bool]:
     """(statistics, their manifest entry, whether this build's own train rows were counted)."""
     if train_m is not None and stats_from is not None:
         fitted = Fitted.load(Path(stats_from), train_m.fitted)
@@ -159,10 +160,10 @@ def _fitted_stats(plan: Any, inputs: Inputs, train_m: Manifest | None, stats_fro
     if state.fitted_done:
         fitted = Fitted.load(state.work)
     else:
-        if workers > 1 and len(inputs.main) > 1:
+        if (workers > 1 or dask is not None) and len(inputs.main) > 1:
             from ctrpipe.shard.parallel import parallel_fit_pass
 
-            fitted = parallel_fit_pass(plan, inputs, state.work, workers, progress)
+            fitted = parallel_fit_pass(plan, inputs, state.work, workers, progress, dask)
         else:
             fitted = fit_pass(plan, inputs, progress)
         fitted.save(state.work)
@@ -306,7 +307,7 @@ def _describe_diff(old: Manifest, data: DataConfig, srcs: tuple[Any, ...], extra
 
 def run_shard(cfg_path: Path | None, overrides: list[str], inputs: list[Path], out: Path, gold: list[Path],
               stats_from: Path | None, test: bool, bad_rows: str | None, force: bool, quiet: bool,
-              workers: int = 1) -> None:
+              workers: int = 1, dask: str | None = None) -> None:
     """`ctrpipe shard`: load the config, build, print a summary table (or one line with --quiet)."""
     cfg = load_config(cfg_path, overrides, resolve_model=False)  # sharding needs no torch
     if bad_rows is not None:
@@ -316,7 +317,7 @@ def run_shard(cfg_path: Path | None, overrides: list[str], inputs: list[Path], o
         data = dataclasses.replace(cfg.data, bad_rows="skip" if bad_rows == "skip" else "error")
         cfg = dataclasses.replace(cfg, data=data)
     res = build_shards(cfg, inputs, out, gold=gold, stats_from=stats_from, role="test" if test else "train",
-                       force=force, progress=not quiet, workers=workers)
+                       force=force, progress=not quiet, workers=workers, dask=dask)
     if res.reused:
         return
     print_summary(res, quiet)

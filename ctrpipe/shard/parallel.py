@@ -1,4 +1,6 @@
-"""Stage 2: the fit pass as a map/reduce over input files on a local process pool (`ctrpipe shard --workers N`).
+"""Stage 2: the fit pass as a map/reduce over input files on a local process pool (`ctrpipe shard --workers N`)
+or on Dask distributed workers (`--dask ADDRESS`; they must see the inputs and the shard directory at the same
+paths, a shared filesystem, since partial statistics are files there).
 
 map: every main input file is one partition. A worker process reads it chunk by chunk -- the very chunks the
 single-process pass reads, since chunks never span files -- and saves its partial statistics to
@@ -22,7 +24,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,8 @@ from ctrpipe.console import console
 from ctrpipe.data.config import DataConfig
 from ctrpipe.data.covisit import CovisitCounter
 from ctrpipe.data.fitted import Fitted, KeyCounter, MomentAccumulator, NumericAccumulator
+from ctrpipe.errors import ConfigError
+from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.shard.passes import (
     Inputs,
     _accumulate_numeric,
@@ -56,25 +62,65 @@ def split_uses_row_index(data: DataConfig, role: str) -> bool:
     return role == "train" and data.split.val_ratio > 0 and data.split.mode in ("random", "tail")
 
 
-def parallel_fit_pass(plan: Plan, inputs: Inputs, work: Path, workers: int, progress: bool) -> Fitted:
-    """The statistics `fit_pass` computes, mapped over the main input files on `workers` processes."""
+@contextmanager
+def executor(workers: int, dask: str | None) -> Iterator[Executor]:
+    """A local process pool of `workers` processes, or with `dask` the executor of a Dask distributed client:
+    "local" starts a `LocalCluster` of `workers` processes on this machine, anything else is the address of a
+    running scheduler (tcp://host:8786)."""
+    if dask is None:
+        # spawn, not fork: the parent may hold threads whose locks a forked child would inherit
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield pool
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as e:
+        raise ConfigError("--dask needs Dask distributed, which is not installed", where="--dask",
+                          fix='pip install "ctrpipe[dask]" (or pip install "dask[distributed]"), or drop --dask '
+                              "to use a local process pool") from e
+    cluster = None
+    try:
+        if dask == "local":
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+            client = Client(cluster)
+        else:
+            client = Client(dask)       # waits distributed.comm.timeouts.connect (Dask's config) at most
+    except OSError as e:        # includes timeouts: no scheduler listens there
+        if cluster is not None:
+            cluster.close()
+        raise ConfigError(f"cannot reach the Dask scheduler at {dask}: {e}", where="--dask",
+                          fix="start one (dask scheduler; dask worker ADDRESS on each machine) and pass its "
+                              "address, e.g. --dask tcp://host:8786, or --dask local") from e
+    try:
+        with client.get_executor(pure=False) as pool:
+            yield pool
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def parallel_fit_pass(plan: Plan, inputs: Inputs, work: Path, workers: int, progress: bool,
+                      dask: str | None = None) -> Fitted:
+    """The statistics `fit_pass` computes, mapped over the main input files on `workers` processes (or the
+    workers of a Dask cluster: they must see the inputs and `work` at the same paths, a shared filesystem)."""
     data = plan.cfg
     paths = inputs.main
     part_dir = work / PARTIALS_DIR
     part_dir.mkdir(exist_ok=True)
-    # spawn, not fork: the parent may hold threads (prefetch, writer) whose locks a forked child would inherit
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(paths)), mp_context=ctx) as pool:
+    with executor(min(workers, len(paths)), dask) as pool:
         if split_uses_row_index(data, inputs.role):
-            counts = list(pool.map(count_rows, [data] * len(paths), [[p] for p in paths]))
+            counts = [f.result() for f in [pool.submit(count_rows, data, [p]) for p in paths]]
             if data.split.mode == "tail":
                 inputs.row_count = sum(counts)
         else:
             counts = [0] * len(paths)
         starts = list(np.cumsum([0, *counts[:-1]]).tolist())
         if progress:
-            console.print(f"fit statistics (pass 1) over {len(paths)} files on {min(workers, len(paths))} "
-                          "worker processes", highlight=False)
+            where = f"the Dask cluster at {dask}" if dask not in (None, "local") else \
+                f"{min(workers, len(paths))} worker processes"
+            console.print(f"fit statistics (pass 1) over {len(paths)} files on {where}", highlight=False)
         parts: dict[int, Path] = {}
         todo = list(range(len(paths)))
         kept = sum((part_dir / _part_name(i, int(starts[i]))).is_file() for i in todo)
@@ -86,6 +132,10 @@ def parallel_fit_pass(plan: Plan, inputs: Inputs, work: Path, workers: int, prog
                     for i in todo}
             for i in todo:
                 parts[i] = jobs[i].result()
+                if not parts[i].is_file():
+                    raise ConfigError(f"a worker wrote the statistics of {paths[i]} to {parts[i]}, which this "
+                                      "process does not see", where=str(work),
+                                      fix="put --out on a filesystem every worker mounts at the same path")
             # true starts from the good rows each file held (fewer than counted where bad rows were skipped)
             good = [int(np.load(parts[i])["rows"]) for i in range(len(paths))]
             true_starts = np.cumsum([0, *good[:-1]]).tolist() if split_uses_row_index(data, inputs.role) \
@@ -106,6 +156,13 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
     """Worker: partial statistics of one input file's train rows, saved to `out` (kept when already there)."""
     if out.is_file():
         return out
+    if not out.parent.is_dir():
+        raise ConfigError(f"this worker does not see the shard directory {out.parent}", where=str(out.parent),
+                          fix="put --out on a filesystem every worker mounts at the same path")
+    if not path.is_file():
+        raise ConfigError(f"this worker cannot read the input {path}", where=str(path),
+                          fix="put the inputs on a filesystem every worker mounts at the same path")
+    keep_freed_memory()     # as in the parent build: each chunk's arrays reuse the last one's pages
     plan = resolve_plan(data, [first], role)      # columns are resolved against the first input, as in one process
     num = data.numeric
     splitter = _Splitter(plan, Inputs(main=[path], gold=[], role=role, input_bytes=0, row_count=row_count))

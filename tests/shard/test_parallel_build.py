@@ -4,6 +4,7 @@ tail splits), names the failing file and line, and resumes after kill -9 without
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ctrpipe.errors import InputFormatError
+from ctrpipe.errors import ConfigError, InputFormatError
 from ctrpipe.shard.build import build_shards
+from ctrpipe.shard.parallel import fit_partition
 from tests.conftest import write_criteo_tsv, write_parquet
 from tests.shard.helpers import CRITEO_CFG, criteo_cfg, npy_bytes, parquet_cfg
 
@@ -117,3 +119,29 @@ def test_kill_9_resumes_without_refitting_finished_files(tmp_path: Path) -> None
     one = subprocess.run(shard(tmp_path / "one", 1), capture_output=True, text=True)
     assert one.returncode == 0, one.stdout + one.stderr
     assert _cache(out) == _cache(tmp_path / "one")
+
+
+def test_dask_local_cluster_gives_the_same_cache(tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    parts = _criteo_parts(tmp_path, [90, 60, 120])
+    build_shards(criteo_cfg(*CRITEO_FIT), parts, tmp_path / "one", progress=False)
+    build_shards(criteo_cfg(*CRITEO_FIT), parts, tmp_path / "dask", progress=False, workers=2, dask="local")
+    assert _cache(tmp_path / "dask") == _cache(tmp_path / "one")
+
+
+def test_dask_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parts = _criteo_parts(tmp_path, [20, 20])
+    if importlib.util.find_spec("distributed") is not None:
+        import dask
+
+        with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
+                pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
+            build_shards(criteo_cfg(*CRITEO_FIT), parts, tmp_path / "a", progress=False,
+                         dask="tcp://127.0.0.1:9")
+    # a worker on a machine without the shared filesystem
+    with pytest.raises(ConfigError, match="does not see the shard directory"):
+        fit_partition(criteo_cfg(*CRITEO_FIT).data, parts[0], parts[1], "train", 20, 0,
+                      tmp_path / "elsewhere" / "part_00001_20.npz")
+    monkeypatch.setitem(sys.modules, "distributed", None)       # as if the extra were not installed
+    with pytest.raises(ConfigError, match=r"ctrpipe\[dask\]"):
+        build_shards(criteo_cfg(*CRITEO_FIT), parts, tmp_path / "b", progress=False, dask="local")
