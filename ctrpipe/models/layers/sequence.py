@@ -111,8 +111,7 @@ class ActivationUnit(nn.Module):
     other two; the function class is the same). The q map runs once per row, not per behaviour, and so do
     the two k maps, merged: W2 k + W4 (q * k) = (W2 + W4 diag(q)) k, one (D, H) matrix per row and a single
     batched matmul over the history, with no (B, L, D) q * k product and one (B, L, H) output instead of
-    three (20-37% less time for the unit's forward + backward at B 1024, L 50-200, D 16, H 36 on one CPU
-    thread: benchmarks/RESULTS.md, bench_sequence).
+    three (the measured gain is in benchmarks/RESULTS.md, bench_sequence).
     """
 
     def __init__(self, dim: int, units: tuple[int, ...] = (36,), dropout: float = 0.0) -> None:
