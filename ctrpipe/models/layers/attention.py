@@ -40,11 +40,11 @@ class _SmallAttention(torch.autograd.Function):
 
     SDPA's fused CPU kernel is tiled for long sequences and spends most of its time on per-(row, head)
     overhead at a few dozen fields, in bf16 several times more than in fp32 (A/B figures: benchmarks/RESULTS.md,
-    bench_kernels.py). Here the rows go through in
-    chunks whose (rows * H, F, F) scores stay in the cache: batched GEMMs (oneDNN's in bf16), the softmax
-    and its backward in fp32 (torch's bf16 softmax over a short last dim is several times slower), and the
-    backward recomputes the scores rather than keeping a (B * H, F, F) tensor per layer alive. q is scaled
-    once, in the one copy that puts q, k, v in (row, head)-major order.
+    bench_kernels.py). Here the rows go through in chunks whose (rows * H, F, F) scores stay in the cache:
+    batched GEMMs (oneDNN's in bf16) and the softmax and its backward in fp32 (torch's bf16 softmax over a
+    short last dim is several times slower). The attention weights are kept for the backward in the input's
+    dtype (B * H * F * F values per layer: cheaper than computing them again). q is scaled once, in the one
+    copy that puts q, k, v in (row, head)-major order.
     """
 
     @staticmethod
@@ -55,16 +55,17 @@ class _SmallAttention(torch.autograd.Function):
         t[0].mul_(hd ** -0.5)                                        # q / sqrt(hd)
         q, k, v = t.unbind(0)
         out = torch.empty_like(q)                                    # (B*H, F, hd)
+        weights = q.new_empty(B * H, F_, F_)                         # softmax(q k^T), kept for the backward
         acc = torch.promote_types(t.dtype, torch.float32)            # the softmax's dtype
         for a, b in _chunks(B, H, F_):
-            weights = torch.bmm(q[a:b], k[a:b].transpose(1, 2)).to(acc).softmax(dim=-1)    # (n, F, F)
-            torch.bmm(weights.to(v.dtype), v[a:b], out=out[a:b])
-        ctx.save_for_backward(t)
+            weights[a:b] = torch.bmm(q[a:b], k[a:b].transpose(1, 2)).to(acc).softmax(dim=-1)   # (n, F, F)
+            torch.bmm(weights[a:b], v[a:b], out=out[a:b])
+        ctx.save_for_backward(t, weights)
         return out.view(B, H, F_, hd).transpose(1, 2).reshape(B, F_, H * hd)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (t,) = ctx.saved_tensors
+        t, weights = ctx.saved_tensors
         _, BH, F_, hd = t.shape
         B = grad.shape[0]
         H = BH // B
@@ -73,17 +74,17 @@ class _SmallAttention(torch.autograd.Function):
         d = torch.empty_like(t)                                      # (3, B*H, F, hd): dq, dk, dv
         acc = torch.promote_types(t.dtype, torch.float32)
         for a, b in _chunks(B, H, F_):
-            weights = torch.bmm(q[a:b], k[a:b].transpose(1, 2)).to(acc).softmax(dim=-1)    # (n, F, F)
+            w = weights[a:b]                                         # (n, F, F)
             d_weights = torch.bmm(g[a:b], v[a:b].transpose(1, 2)).to(acc)
-            d_scores = torch._softmax_backward_data(d_weights, weights, -1, acc).to(t.dtype)
+            d_scores = torch._softmax_backward_data(d_weights, w.to(acc), -1, acc).to(t.dtype)
             torch.bmm(d_scores, k[a:b], out=d[0, a:b])
             torch.bmm(d_scores.transpose(1, 2), q[a:b], out=d[1, a:b])     # q is scaled: dk needs no scale
-            torch.bmm(weights.to(t.dtype).transpose(1, 2), g[a:b], out=d[2, a:b])
+            torch.bmm(w.transpose(1, 2), g[a:b], out=d[2, a:b])
         d[0].mul_(hd ** -0.5)
         return d.view(3, B, H, F_, hd).permute(1, 3, 0, 2, 4).reshape(B, F_, 3, H, hd)
 
 
-CHUNK_SCORES = 1 << 19   # fp32 scores per chunk (2 MiB): a chunk's scores and their gradient stay in the cache
+CHUNK_SCORES = 1 << 19   # scores per chunk (2 MiB in fp32): a chunk's scores and their gradient stay in the cache
 
 
 def _chunks(B: int, H: int, F_: int) -> list[tuple[int, int]]:
