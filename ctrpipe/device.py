@@ -26,10 +26,11 @@ from ctrpipe.errors import ConfigError
 Precision = Literal["off", "bf16", "fp16"]
 
 # Per CPU bf16 instruction set, the model families whose bf16 training step was measured faster than fp32
-# (benchmarks/RESULTS.md, bench_quality.py --amp both); `auto` trains any other model in fp32 there.
-# avx512_bf16: 2 vCPU AMD EPYC (no AMX), every family measured. amx_bf16 (Intel Sapphire Rapids and later,
-# which also have avx512_bf16): the dense families were measured faster (issue 12); attention over fields was
-# measured slower there with the SDPA kernel it used then, and its bf16 path has not been re-measured on AMX.
+# (benchmarks/bench_amp.py and bench_quality.py --amp both; figures in benchmarks/RESULTS.md); `auto` trains
+# any other model (e.g. the sequence models) in fp32 there. avx512_bf16: an AMD EPYC without AMX, every family
+# listed. amx_bf16 (Intel Sapphire Rapids and later, which also have avx512_bf16): DNN and DCN v2 were
+# measured faster and the other dense families share their layers; attention over fields was measured slower
+# there with the SDPA kernel it used then, and its current bf16 path has not been measured on AMX yet.
 _DENSE = frozenset({"dnn", "deepfm", "dcn", "dcnv2", "shared_bottom", "mmoe", "ple", "deepfm_mmoe"})
 CPU_BF16_FASTER: dict[str, frozenset[str]] = {
     "amx_bf16": _DENSE,
