@@ -10,11 +10,11 @@ import numpy as np
 import polars as pl
 import pytest
 import xxhash
+from raw_inputs import write_criteo_tsv, write_parquet
 
 from ctrpipe.data.hashing import field_seed
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.manifest import read_manifest
-from tests.conftest import write_criteo_tsv, write_parquet
 from tests.shard.helpers import criteo_cfg, load_all, npy_bytes, parquet_cfg
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_parquet
 from helpers import npy_bytes, parquet_cfg
+from raw_inputs import write_parquet
 
 from ctrpipe.native import native_built
 from ctrpipe.shard.build import build_shards

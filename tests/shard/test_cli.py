@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raw_inputs import write_criteo_tsv, write_parquet
 from typer.testing import CliRunner
 
 from ctrpipe.cli import app
 from ctrpipe.shard.manifest import read_manifest
-from tests.conftest import write_criteo_tsv, write_parquet
 from tests.shard.helpers import CRITEO_CFG, PARQUET_CFG
 
 runner = CliRunner()

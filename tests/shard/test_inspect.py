@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from raw_inputs import write_parquet
 
 from ctrpipe.errors import ManifestMismatchError
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.inspect import inspect_cache, run_inspect
 from ctrpipe.shard.manifest import read_manifest
-from tests.conftest import write_parquet
 from tests.shard.helpers import criteo_cfg, parquet_cfg
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from raw_inputs import write_criteo_tsv, write_parquet
 
 from ctrpipe.errors import ConfigError, ManifestMismatchError
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.manifest import MANIFEST_NAME, Manifest, read_manifest
 from ctrpipe.shard.reader import open_cache
-from tests.conftest import write_criteo_tsv, write_parquet
 from tests.shard.helpers import REPO, criteo_cfg, load_all, npy_bytes, parquet_cfg
 
 

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from raw_inputs import write_criteo_tsv, write_parquet
 
 from ctrpipe.errors import ConfigError, InputFormatError
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.parallel import fit_partition
-from tests.conftest import write_criteo_tsv, write_parquet
 from tests.shard.helpers import CRITEO_CFG, criteo_cfg, npy_bytes, parquet_cfg
 
 # vocabularies with min-count, mean imputation, standardisation: every float and count statistic is fitted

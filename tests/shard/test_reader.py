@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from raw_inputs import write_parquet
 
 from ctrpipe.errors import REBUILD_CACHE_FIX, ManifestMismatchError
 from ctrpipe.loader.loader import ShardLoader
@@ -16,7 +17,6 @@ from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.inspect import inspect_cache
 from ctrpipe.shard.manifest import MANIFEST_NAME, read_manifest
 from ctrpipe.shard.reader import ShardArrays, open_cache
-from tests.conftest import write_parquet
 from tests.shard.helpers import parquet_cfg
 
 
