@@ -24,8 +24,11 @@ then
   rm -rf shards/demo shards/demo_test   # built from the old files: the new data needs new caches
 fi
 # the synthetic test file is labelled: it doubles as the gold-evaluation split of the training cache
-ctrpipe shard --cfg "$cfg" --input data/demo/train.tsv --gold data/demo/test.tsv --out shards/demo
-ctrpipe shard --cfg "$cfg" --input data/demo/test.tsv --test --stats-from shards/demo --out shards/demo_test
+# a cache left by an older ctrpipe (or other settings) is refused with a note; the demo then rebuilds it
+ctrpipe shard --cfg "$cfg" --input data/demo/train.tsv --gold data/demo/test.tsv --out shards/demo ||
+  ctrpipe shard --cfg "$cfg" --input data/demo/train.tsv --gold data/demo/test.tsv --out shards/demo --force
+ctrpipe shard --cfg "$cfg" --input data/demo/test.tsv --test --stats-from shards/demo --out shards/demo_test ||
+  ctrpipe shard --cfg "$cfg" --input data/demo/test.tsv --test --stats-from shards/demo --out shards/demo_test --force
 ctrpipe inspect shards/demo >/dev/null
 rm -rf runs/demo
 ctrpipe train --cfg "$cfg" --shards shards/demo

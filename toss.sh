@@ -28,9 +28,13 @@ then
   rm -rf shards/toss shards/toss_test
 fi
 # both models read the same data section (cfgs/parquet_example.yaml, click label): one cache serves both
-ctrpipe shard --cfg cfgs/dare_qnn.yaml --input "$data/train.parquet" --out shards/toss "${fold_keys[@]}"
-ctrpipe shard --cfg cfgs/dare_qnn.yaml --input "$data/test.parquet" --test --stats-from shards/toss \
-  --out shards/toss_test "${fold_keys[@]}"
+# a cache left by an older ctrpipe (or other settings) is refused with a note; then it is rebuilt
+for force in "" --force; do
+  ctrpipe shard --cfg cfgs/dare_qnn.yaml --input "$data/train.parquet" --out shards/toss "${fold_keys[@]}" $force &&
+    ctrpipe shard --cfg cfgs/dare_qnn.yaml --input "$data/test.parquet" --test --stats-from shards/toss \
+      --out shards/toss_test "${fold_keys[@]}" $force && break
+  [ -z "$force" ] || exit 1
+done
 
 score() {  # score NAME SUBMISSION: the submission's and the oracle's AP / WLL / Score on the test rows
   python scripts/score_submission.py "$2" --labels "$data/test.parquet" --truth "$data/test.truth.npy" --name "$1"
