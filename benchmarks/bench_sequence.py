@@ -44,7 +44,7 @@ ctrpipe.train.metrics on the gold rows (ctrpipe's metrics.json; the peer's saved
    jobs falls on all alike; samples/s = the best round (other jobs only ever slow a run down), median kept too.
 
 Writes the tables to stdout, a markdown copy to WORK/tables.md, everything to .bench/sequence.json
-(WORK = .bench/sequence).
+(WORK = .bench/sequence). Figures and what they mean: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
