@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 
 from ctrpipe.console import console
 from ctrpipe.data.config import DataConfig
@@ -42,15 +41,14 @@ from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.shard.passes import (
     Inputs,
     _accumulate_numeric,
-    _chunks,
     _count_covisit,
     _count_vocab,
     _Splitter,
     count_rows,
-    fit_columns,
     fitted_from,
     resolve_plan,
     small_pages,
+    train_frames,
 )
 from ctrpipe.shard.transform import Plan
 
@@ -174,15 +172,10 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
     sums: list[np.ndarray] = []
     s1: list[np.ndarray] = []
     s2: list[np.ndarray] = []
-    row = start
-    train_rows = 0
+    rows = train_rows = 0
     with small_pages():
-        for chunk in _chunks(plan, [path], require_labels=True, columns=fit_columns(plan)):
-            frame = chunk.frame
-            idx = np.arange(row, row + frame.height, dtype=np.int64)
-            row += frame.height
-            train = splitter(frame, idx) == 0
-            ft = frame.filter(pl.Series(train)) if not train.all() else frame
+        for chunk, ft in train_frames(plan, [path], splitter, start):
+            rows += chunk.frame.height
             train_rows += ft.height
             for cv in plan.covisit:
                 _count_covisit(plan, ft, cv, covisit[cv.name])
@@ -199,7 +192,7 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
                     s1.append(mom.s1)
                     s2.append(mom.s2)
     arrays: dict[str, Any] = {
-        "rows": np.int64(row - start), "train_rows": np.int64(train_rows), "n": np.int64(nacc.n),
+        "rows": np.int64(rows), "train_rows": np.int64(train_rows), "n": np.int64(nacc.n),
         "n_valid": nacc.n_valid, "sums": np.asarray(sums, dtype=np.float64).reshape(-1, f)}
     if nacc.need_median:
         arrays["hist"], arrays["bin_min"] = nacc.hist, nacc.bin_min

@@ -12,7 +12,7 @@ import gzip
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -219,17 +219,13 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
     mom = MomentAccumulator(len(plan.numeric)) if num.standardize else None
     vocab = {c: KeyCounter() for c in plan.categorical} if data.categorical.mode == "vocab" else {}
     covisit = {cv.name: CovisitCounter() for cv in plan.covisit}
-    row = train_rows = 0
+    train_rows = 0
     # without the compiled kernels each task makes chunk-sized temporaries (polars splits): one at a time
     threads = FIT_THREADS if native() is not None else 1
     with _Bar("fit statistics (pass 1)", inputs.input_bytes, progress) as bar, small_pages(), \
             ThreadPoolExecutor(threads, thread_name_prefix="ctrpipe-fit") as pool:
-        for chunk in _chunks(plan, inputs.main, require_labels=True, columns=fit_columns(plan)):
+        for chunk, ft in train_frames(plan, inputs.main, splitter, 0):
             frame = chunk.frame
-            idx = np.arange(row, row + frame.height, dtype=np.int64)
-            row += frame.height
-            train = splitter(frame, idx) == 0
-            ft = frame.filter(pl.Series(train)) if not train.all() else frame
             train_rows += ft.height
             # one task per accumulator, so tasks share no state and the result is that of one thread; the
             # heaviest first (co-visitation, vocabularies shared with token columns) to balance the threads
@@ -242,6 +238,19 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
                 job.result()
             bar.advance(chunk, frame.height)
     return fitted_from(plan, nacc, mom, vocab, covisit, train_rows)
+
+
+def train_frames(plan: Plan, paths: Sequence[Path], splitter: Callable[[pl.DataFrame, np.ndarray], np.ndarray],
+                 start: int) -> Iterator[tuple[Any, pl.DataFrame]]:
+    """(chunk, its train-split rows) of the fit pass's columns of `paths`, rows numbered from `start` (the
+    split of a row may depend on its global position): one loop for the single-process and the partition fit."""
+    row = start
+    for chunk in _chunks(plan, list(paths), require_labels=True, columns=fit_columns(plan)):
+        frame = chunk.frame
+        idx = np.arange(row, row + frame.height, dtype=np.int64)
+        row += frame.height
+        train = splitter(frame, idx) == 0
+        yield chunk, (frame.filter(pl.Series(train)) if not train.all() else frame)
 
 
 def fitted_from(plan: Plan, nacc: NumericAccumulator, mom: MomentAccumulator | None,
