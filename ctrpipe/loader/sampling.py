@@ -29,7 +29,8 @@ logit(0.17) + log(0.1) = logit(0.02).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,20 @@ class Sampling:
     neg_keep_prob: float = 1.0   # < 1: downsample negatives
     pos_fraction: float = 0.0    # > 0: balanced batches of round(pos_fraction * batch_size) positives
     shift: float = 0.0           # log(negatives' keep rate / positives'): added to this label's logits
+
+
+def stream_spec(spec: FeatureSpec, shifts: Sequence[float]) -> FeatureSpec:
+    """`spec` with each label's rate as the sampled training stream shows it, so every head starts at the prior
+    it will see: rate' = sigmoid(logit(rate) - shift). Sampling is only allowed with one head per label
+    (`fit._check_sampling`), so `shifts` follow the labels' order. Build the model from it for training only: the
+    checkpoint keeps the cache's spec, whose rates fix the balanced sampler's shift at inference."""
+    if not any(shifts):
+        return spec
+    if len(shifts) != len(spec.label_rates):
+        raise ValueError(f"{len(shifts)} logit shifts for {len(spec.label_rates)} labels")
+    rates = tuple(1.0 / (1.0 + math.exp(s - _logit(min(max(float(p), 1e-7), 1 - 1e-7))))
+                  for p, s in zip(spec.label_rates, shifts, strict=True))
+    return replace(spec, label_rates=rates)
 
 
 def positives_per_batch(pos_fraction: float, batch_size: int) -> int:

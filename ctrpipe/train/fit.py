@@ -26,7 +26,7 @@ from ctrpipe.errors import CheckpointError, ConfigError, CtrpipeError, ManifestM
 from ctrpipe.features import FeatureSpec
 from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
-from ctrpipe.loader.sampling import Sampling, training_sampling
+from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling
 from ctrpipe.loader.view import RowView
 from ctrpipe.models.heads import Head, default_heads, heads_of
 from ctrpipe.models.registry import build_model
@@ -312,7 +312,9 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         resume = group.from_main(lambda: _load_resume(ctx, out_dir), "reading ckpt_last.pt for --resume")
     # built once, from the seed alone: checkpoints store what training changed and rebuild the rest from it;
     # a torchrun job exchanges the tables' gradient rows (distributed.RowExchange), so its tables are sparse
-    model = build_initial_model(template.config, ctx.spec, seed,
+    # sampled rows: each head starts at the sampled stream's prior (checkpoints keep the cache's spec, and
+    # dense weights whole, so the rebuilt model takes the trained bias whatever spec built it)
+    model = build_initial_model(template.config, stream_spec(ctx.spec, ctx.logit_shift), seed,
                                 sparse=cfg.train.sparse_embeddings or group is not None)
     if group is not None and group.rank:
         torch.manual_seed(group.rank_seed(seed))        # its own dropout masks; rank 0 keeps the run's stream

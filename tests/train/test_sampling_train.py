@@ -77,6 +77,23 @@ def test_sampled_training_reports_and_predicts_the_true_rate(rate_cache: Path, t
     np.testing.assert_allclose(preds, sigmoid(logits), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("sampling", ["loader.neg_keep_prob=0.2", "loader.balance_pos_fraction=0.5"])
+def test_sampled_training_starts_at_the_sampled_prior(rate_cache: Path, tmp_path: Path, sampling: str):
+    """The output bias starts at logit(rate) - shift, the prior of the rows the head is trained on, not the
+    cache's rate: a head started at the true prior spends its first steps only moving its bias."""
+    code, out = train(rate_cache, tmp_path, "--set", "train.max_steps=1", "--set", "train.lr=1e-12",
+                      "--set", "train.embedding_lr=1e-12", "--set", "train.warmup_steps=0", "--set", sampling)
+    assert code == 0, out
+    run = tmp_path / "criteo"
+    shift = json.loads((run / "metrics.json").read_text())["logit_shift"]["label"]
+    rate = read_manifest(rate_cache).feature_spec().label_rates[0]
+    model = model_from_checkpoint(load_checkpoint(run / "ckpt_last.pt"))
+    out_bias = [p for n, p in model.named_parameters() if n.endswith("bias") and p.shape == (1,)]
+    assert len(out_bias) == 1, [n for n, _ in model.named_parameters()]
+    assert abs(shift) > 0.5
+    assert float(out_bias[0].detach()) == pytest.approx(logit(rate) - shift, abs=1e-4)
+
+
 @pytest.mark.parametrize(("sampling", "changed"), [
     ("loader.neg_keep_prob=0.5", "loader.neg_keep_prob=0.3"),
     ("loader.balance_pos_fraction=0.5", "loader.balance_pos_fraction=0.6"),
