@@ -74,8 +74,8 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
                  progress: bool = True, workers: int = 1, dask: str | None = None) -> BuildResult:
     """Build (or reuse, or resume) the shard cache `out` from raw `inputs`; see the module docstring.
 
-    `workers` > 1 computes the statistics pass over the input files on that many processes, `dask` on a
-    Dask cluster ("local" or a scheduler address; `shard/parallel.py`); the cache is byte-identical."""
+    `workers` > 1 runs the statistics and the write pass over the input files on that many processes, `dask` on
+    a Dask cluster ("local" or a scheduler address; `shard/parallel.py`); the cache is byte-identical."""
     t0 = time.perf_counter()
     keep_freed_memory()     # each chunk's ~30 MB of arrays is reused, not page-faulted in again (see hostmem.py)
     data = cfg.data if isinstance(cfg, RunConfig) else cfg
@@ -123,7 +123,16 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
         state = _BuildState.open(work, fp)
         fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress,
                                                  workers, dask)
-        result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard, progress)
+        if (workers > 1 or dask is not None) and len(main_paths) + len(gold_paths) > 1:
+            from ctrpipe.shard.parallel import parallel_write_pass
+
+            # where workers load the statistics from: the train cache, this build's fitted/, or none needed
+            source = (Path(stats_from), train_m.fitted) if train_m is not None and stats_from is not None else \
+                (work, None) if plan.needs_fit() else None
+            result = parallel_write_pass(plan, inputs_obj, source, loo, work, state.finished, state.mark_shard,
+                                         workers, progress, dask)
+        else:
+            result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard, progress)
 
         seconds = time.perf_counter() - t0
         build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1),

@@ -46,7 +46,7 @@ from ctrpipe.native import native
 from ctrpipe.prefetch import prefetch
 from ctrpipe.shard.folds import fit_periods, fold_key_hash, time_values
 from ctrpipe.shard.manifest import ShardInfo
-from ctrpipe.shard.tally import BadRowTally, GroupStats, SplitTally
+from ctrpipe.shard.tally import MAX_BAD_EXAMPLES, BadRowTally, GroupStats, SplitTally
 from ctrpipe.shard.transform import (
     ChunkTransformer,
     Plan,
@@ -307,110 +307,215 @@ class WriteResult:
     seconds: float = 0.0
 
 
-def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path, done: set[int],
-               on_shard: Callable[[ShardInfo], None], progress: bool) -> WriteResult:
-    """Transform every row of the main then gold inputs, in order, into fixed-size shards under `work`."""
+def fold_assigner(plan: Plan, inputs: Inputs) -> FoldAssigner:
+    """The write pass's fold assigner; time folds get their periods from a pre-pass over the main inputs."""
     data = plan.cfg
-    t0 = time.perf_counter()
-    transformer = ChunkTransformer(plan, fitted, loo)
-    splitter = _Splitter(plan, inputs)
     folds = FoldAssigner(data.folds) if inputs.role == "train" else FoldAssigner(type(data.folds)())
     if folds.enabled and folds.cfg.mode == "time":
         folds.period_starts = fit_periods(plan, inputs.main, folds.cfg.n_splits)    # a pre-pass over one column
-    labels = plan.labels
-    fold_label = labels.index(data.folds.label) if data.folds.label in labels else 0
-    tally = SplitTally(labels, folds.cfg.n_splits, fold_label)
-    bad = BadRowTally()
-    num_stats = GroupStats(tuple(n for n, *_ in plan.numeric_layout()))
-    cat_stats = GroupStats(plan.categorical)
-    tok_stats = {tc.column: GroupStats((tc.column,)) for tc in plan.tokens}
-    lab_stats = GroupStats(labels)
-    has_labels: bool | None = None
-    id_width = 0
-    row = 0
-    positions = _Positions(data.format)
-    streams = [(False, inputs.main), (True, inputs.gold)]
-    title = "write shards" + (" (pass 2)" if plan.needs_fit() and inputs.role == "train" else "")
-    bar = _Bar(title, inputs.input_bytes, progress)
-    writer = ShardWriter(work, data.shard_rows, done=done, on_shard=on_shard)
-    for table in [*fitted.vocab.values(), *(t for pair in fitted.covisit.values() for t in pair)]:
-        _ = table.index         # built here once, before transform threads share the tables
-    # chunks whose transform runs on the pool, finished (tallied, written) in input order; without the
-    # compiled kernels a transform makes many chunk-sized temporaries (polars splits), so one at a time
-    ahead = TRANSFORM_AHEAD if native() is not None else 1
-    pending: deque[tuple[Any, np.ndarray, np.ndarray | None, np.ndarray, Future[Any]]] = deque()
+    return folds
 
-    def finish() -> None:
-        nonlocal id_width
-        chunk, split, y, fold, job = pending.popleft()
-        frame, n = chunk.frame, chunk.frame.height
-        arrays, missing = job.result()
+
+class WriteTallies:
+    """The write pass's running tallies that end up in the manifest (rows per split, label rates, fold sizes,
+    bad rows, column stats, id width).
+
+    `per_chunk` (a partition's worker) also keeps every chunk's float sums apart, as the fit partials do: a
+    merge (`merge`) adds them chunk by chunk in input order, the additions one process makes, so the float
+    tallies are bit-identical whatever the partitioning. Counts, minima and maxima merge exactly."""
+
+    def __init__(self, plan: Plan, n_folds: int, per_chunk: bool = False) -> None:
+        labels = plan.labels
+        self.fold_label = labels.index(plan.cfg.folds.label) if plan.cfg.folds.label in labels else 0
+        self.split = SplitTally(labels, n_folds, self.fold_label)
+        self.bad = BadRowTally()
+        self.num = GroupStats(tuple(n for n, *_ in plan.numeric_layout()))
+        self.cat = GroupStats(plan.categorical)
+        self.tok = {tc.column: GroupStats((tc.column,)) for tc in plan.tokens}
+        self.lab = GroupStats(labels)
+        self.has_labels: bool | None = None
+        self.id_width = 0
+        self.rows = 0
+        self.parsed_bytes = 0
+        self.chunk_sums: list[list[np.ndarray]] | None = [] if per_chunk else None
+
+    def groups(self) -> list[GroupStats]:
+        return [self.num, self.cat, self.lab, *self.tok.values()]
+
+    def _floats(self) -> list[np.ndarray]:
+        return [self.split.label_sum, self.split.fold_pos, *(g.total for g in self.groups())]
+
+    def _set_floats(self, values: list[np.ndarray]) -> None:
+        self.split.label_sum, self.split.fold_pos = values[0], values[1]
+        for g, v in zip(self.groups(), values[2:], strict=True):
+            g.total = v
+
+    def update(self, plan: Plan, arrays: dict[str, np.ndarray], missing: np.ndarray, y: np.ndarray | None,
+               split: np.ndarray, fold: np.ndarray, bad_rows: list[Any]) -> None:
+        """One chunk's tallies (its arrays before ids/labels/split/fold are added)."""
+        if self.chunk_sums is not None:     # this chunk's sums alone: 0 + s == s exactly
+            self._set_floats([np.zeros_like(v) for v in self._floats()])
         if "numeric" in arrays:
-            num_stats.update(arrays["numeric"], missing)
+            self.num.update(arrays["numeric"], missing)
         if plan.categorical:
-            cat_stats.update(arrays["categorical"], np.count_nonzero(arrays["categorical"] == 0, axis=0))
+            self.cat.update(arrays["categorical"], np.count_nonzero(arrays["categorical"] == 0, axis=0))
         for tc in plan.tokens:
             ln = arrays[f"{_stem(tc.column)}.len"]
-            tok_stats[tc.column].update(ln, np.array([(ln == 0).sum()]))
+            self.tok[tc.column].update(ln, np.array([(ln == 0).sum()]))
         if y is not None:
-            arrays["labels"] = y
-            lab_stats.update(np.nan_to_num(y), np.isnan(y).sum(axis=0))
-        ids = id_array(frame, plan, positions(chunk))
-        if ids.dtype.kind == "U":
-            id_width = max(id_width, ids.dtype.itemsize // 4)
-        arrays["ids"] = ids
-        arrays["split"] = split
-        arrays["fold"] = fold
-        tally.update(split, fold, y)
-        bad.update(chunk.bad_rows)
-        bar.advance(chunk, n)           # before add: a full-disk estimate counts this chunk as read
-        writer.add(arrays)
+            self.lab.update(np.nan_to_num(y), np.isnan(y).sum(axis=0))
+        self.split.update(split, fold, y)
+        self.bad.update(bad_rows)
+        if self.chunk_sums is not None:
+            self.chunk_sums.append([v.copy() for v in self._floats()])
 
+    def save(self) -> dict[str, np.ndarray]:
+        """A worker's tallies as arrays (with `per_chunk`): counts, minima, maxima and the per-chunk sums."""
+        assert self.chunk_sums is not None
+        s = self.split
+        out: dict[str, np.ndarray] = {"split_rows": s.rows, "label_n": s.label_n, "fold_rows": s.fold_rows}
+        for j, g in enumerate(self.groups()):
+            out[f"g{j}_n"], out[f"g{j}_lo"], out[f"g{j}_hi"] = np.int64(g.n), g.lo, g.hi
+            out[f"g{j}_missing"] = g.missing
+        for j, v in enumerate(self._floats()):
+            out[f"sum{j}"] = np.asarray([c[j] for c in self.chunk_sums], dtype=np.float64).reshape(-1, *v.shape)
+        return out
+
+    def merge(self, z: Any, bad: dict[str, Any], has_labels: bool | None, id_width: int, rows: int,
+              parsed_bytes: int) -> None:
+        """Add a worker's tallies (`save`'s arrays `z`), partitions in input order."""
+        s = self.split
+        s.rows += z["split_rows"]
+        s.label_n += z["label_n"]
+        s.fold_rows += z["fold_rows"]
+        for j, g in enumerate(self.groups()):
+            g.n += int(z[f"g{j}_n"])
+            g.lo = np.minimum(g.lo, z[f"g{j}_lo"])
+            g.hi = np.maximum(g.hi, z[f"g{j}_hi"])
+            g.missing += z[f"g{j}_missing"]
+        sums = [z[f"sum{j}"] for j in range(len(self._floats()))]
+        for c in range(len(sums[0])):
+            for acc, part in zip(self._floats(), sums, strict=True):
+                acc += part[c]
+        self.bad.skipped += int(bad["skipped"])
+        self.bad.by_reason.update(bad["by_reason"])
+        self.bad.examples.extend(bad["examples"][: MAX_BAD_EXAMPLES - len(self.bad.examples)])
+        self.id_width = max(self.id_width, id_width)
+        self.rows += rows
+        self.parsed_bytes += parsed_bytes
+        if has_labels is not None:
+            self.has_labels = has_labels if self.has_labels is None else self.has_labels
+
+    def result(self, plan: Plan, inputs: Inputs, folds: FoldAssigner, shards: list[ShardInfo],
+               output_bytes: int, seconds: float) -> WriteResult:
+        if self.rows == 0:
+            raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in inputs.main[:3]),
+                                   fix="check the --input paths (a folder or glob may have matched empty files)")
+        stats: dict[str, dict[str, float]] = {}
+        for g in self.groups():
+            stats.update(g.result())
+        f = plan.cfg.folds
+        labels = plan.labels
+        tally = self.split
+        return WriteResult(
+            shards=shards, rows=self.rows, rows_dict=tally.rows_dict(),
+            folds={**tally.folds_dict(f.mode, f.key, labels[self.fold_label] if labels else "", f.seed),
+                   **folds.describe()} if inputs.role == "train" else {"n_splits": 0, "sizes": []},
+            label_rates=tally.label_rates() if self.has_labels else {}, bad_rows=self.bad.to_dict(),
+            column_stats=stats, id_dtype=f"<U{max(self.id_width, 1)}" if self.id_width else "int64",
+            output_bytes=output_bytes, parsed_bytes=self.parsed_bytes, has_labels=bool(self.has_labels),
+            seconds=seconds)
+
+
+class StreamWriter:
+    """The write pass over input files in order: split, folds, labels and ids of every chunk, its transform on
+    a small thread pool, then (in input order) tallies and rows into `writer`. The single-process pass runs it
+    over all inputs from row 0; a partition's worker over one file from that file's start row, physical
+    position and stratified-fold class counts (`parallel.py`): the same code, so the same values per row."""
+
+    def __init__(self, plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, folds: FoldAssigner,
+                 tallies: WriteTallies, writer: ShardWriter, row: int = 0, position_base: int = 0) -> None:
+        self.plan, self.inputs, self.folds, self.tallies, self.writer = plan, inputs, folds, tallies, writer
+        self.transformer = ChunkTransformer(plan, fitted, loo)
+        self.splitter = _Splitter(plan, inputs)
+        self.row = row
+        self.positions = _Positions(plan.cfg.format)
+        self.positions.base = position_base
+        for table in [*fitted.vocab.values(), *(t for pair in fitted.covisit.values() for t in pair)]:
+            _ = table.index         # built here once, before transform threads share the tables
+
+    def run(self, streams: list[tuple[bool, list[Path]]], bar: _Bar | None) -> None:
+        """Every chunk of `streams` ((is_gold, paths) in order) into the writer."""
+        plan, data, t = self.plan, self.plan.cfg, self.tallies
+        labels = plan.labels
+        folds = self.folds
+        # chunks whose transform runs on the pool, finished (tallied, written) in input order; without the
+        # compiled kernels a transform makes many chunk-sized temporaries (polars splits), so one at a time
+        ahead = TRANSFORM_AHEAD if native() is not None else 1
+        pending: deque[tuple[Any, np.ndarray, np.ndarray | None, np.ndarray, Future[Any]]] = deque()
+
+        def finish() -> None:
+            chunk, split, y, fold, job = pending.popleft()
+            frame, n = chunk.frame, chunk.frame.height
+            arrays, missing = job.result()
+            t.update(plan, arrays, missing, y, split, fold, chunk.bad_rows)
+            if y is not None:
+                arrays["labels"] = y
+            ids = id_array(frame, plan, self.positions(chunk))
+            if ids.dtype.kind == "U":
+                t.id_width = max(t.id_width, ids.dtype.itemsize // 4)
+            arrays["ids"] = ids
+            arrays["split"] = split
+            arrays["fold"] = fold
+            t.parsed_bytes += int(chunk.nbytes)
+            if bar is not None:
+                bar.advance(chunk, n)           # before add: a full-disk estimate counts this chunk as read
+            self.writer.add(arrays)
+
+        with ThreadPoolExecutor(ahead, thread_name_prefix="ctrpipe-transform") as pool:
+            for is_gold, paths in streams:
+                for chunk in _chunks(plan, paths, require_labels=self.inputs.role == "train"):
+                    frame = chunk.frame
+                    n = frame.height
+                    idx = np.arange(self.row, self.row + n, dtype=np.int64)
+                    self.row += n
+                    t.rows += n
+                    if t.has_labels is None:
+                        t.has_labels = bool(chunk.has_labels) and bool(labels)
+                    elif t.has_labels != (bool(chunk.has_labels) and bool(labels)):
+                        raise InputFormatError("some inputs have label columns and others do not",
+                                               where=str(chunk.source),
+                                               fix="shard labelled and unlabelled files separately")
+                    split = np.full(n, SPLIT_GOLD, np.int8) if is_gold else self.splitter(frame, idx)
+                    y = labels_matrix(frame, labels) if t.has_labels else None
+                    fold = np.full(n, -1, dtype=np.int8)
+                    if folds.enabled and not is_gold:
+                        when = time_values(chunk, data.folds.time_key) if data.folds.mode == "time" else None
+                        fold = folds.assign(idx, label=y[:, t.fold_label] if y is not None else None,
+                                            key_hash=fold_key_hash(plan, frame), time=when)
+                    pending.append((chunk, split, y, fold, pool.submit(self.transformer.transform, frame, split)))
+                    if len(pending) >= ahead:
+                        finish()
+            while pending:
+                finish()
+
+
+def write_pass(plan: Plan, inputs: Inputs, fitted: Fitted, loo: bool, work: Path, done: set[int],
+               on_shard: Callable[[ShardInfo], None], progress: bool) -> WriteResult:
+    """Transform every row of the main then gold inputs, in order, into fixed-size shards under `work`."""
+    t0 = time.perf_counter()
+    folds = fold_assigner(plan, inputs)
+    tallies = WriteTallies(plan, folds.cfg.n_splits)
+    title = "write shards" + (" (pass 2)" if plan.needs_fit() and inputs.role == "train" else "")
+    bar = _Bar(title, inputs.input_bytes, progress)
+    writer = ShardWriter(work, plan.cfg.shard_rows, done=done, on_shard=on_shard)
+    stream = StreamWriter(plan, inputs, fitted, loo, folds, tallies, writer)
     # outermost, so a full disk met by the writer thread (surfacing in add, close or __exit__) is one error
     with disk_full_as_error(work.parent, lambda: _cache_size_estimate(bar, writer, inputs.input_bytes),
-                            RESUME_NOTE), bar, writer, small_pages(), \
-            ThreadPoolExecutor(ahead, thread_name_prefix="ctrpipe-transform") as pool:
-        for is_gold, paths in streams:
-            for chunk in _chunks(plan, paths, require_labels=inputs.role == "train"):
-                frame = chunk.frame
-                n = frame.height
-                idx = np.arange(row, row + n, dtype=np.int64)
-                row += n
-                if has_labels is None:
-                    has_labels = bool(chunk.has_labels) and bool(labels)
-                elif has_labels != (bool(chunk.has_labels) and bool(labels)):
-                    raise InputFormatError("some inputs have label columns and others do not",
-                                           where=str(chunk.source),
-                                           fix="shard labelled and unlabelled files separately")
-                split = np.full(n, SPLIT_GOLD, np.int8) if is_gold else splitter(frame, idx)
-                y = labels_matrix(frame, labels) if has_labels else None
-                fold = np.full(n, -1, dtype=np.int8)
-                if folds.enabled and not is_gold:
-                    when = time_values(chunk, data.folds.time_key) if data.folds.mode == "time" else None
-                    fold = folds.assign(idx, label=y[:, fold_label] if y is not None else None,
-                                        key_hash=fold_key_hash(plan, frame), time=when)
-                pending.append((chunk, split, y, fold, pool.submit(transformer.transform, frame, split)))
-                if len(pending) >= ahead:
-                    finish()
-        while pending:
-            finish()
+                            RESUME_NOTE), bar, writer, small_pages():
+        stream.run([(False, inputs.main), (True, inputs.gold)], bar)
         shards = writer.close()
-    if row == 0:
-        raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in inputs.main[:3]),
-                               fix="check the --input paths (a folder or glob may have matched empty files)")
-    stats: dict[str, dict[str, float]] = {}
-    for g in (num_stats, cat_stats, lab_stats, *tok_stats.values()):
-        stats.update(g.result())
-    f = data.folds
-    return WriteResult(
-        shards=shards, rows=row, rows_dict=tally.rows_dict(),
-        folds={**tally.folds_dict(f.mode, f.key, labels[fold_label] if labels else "", f.seed), **folds.describe()}
-        if inputs.role == "train" else {"n_splits": 0, "sizes": []},
-        label_rates=tally.label_rates() if has_labels else {}, bad_rows=bad.to_dict(), column_stats=stats,
-        id_dtype=f"<U{max(id_width, 1)}" if id_width else "int64", output_bytes=writer.bytes_written,
-        parsed_bytes=bar.bytes, has_labels=bool(has_labels),
-        seconds=time.perf_counter() - t0)
-
+    return tallies.result(plan, inputs, folds, shards, writer.bytes_written, time.perf_counter() - t0)
 
 def _cache_size_estimate(bar: _Bar, writer: ShardWriter, input_bytes: int) -> str:
     """Roughly how big the whole cache gets: bytes per stored row x rows extrapolated from the input read."""

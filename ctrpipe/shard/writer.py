@@ -34,6 +34,10 @@ def shard_dirname(index: int) -> str:
     return f"shard_{index:05d}"
 
 
+def fragment_dirname(index: int) -> str:
+    return f"frag_{index:05d}"
+
+
 def _fit_unicode(arr: np.ndarray) -> np.ndarray:
     """Shrink a '<U' array to its longest value, so a shard's dtype depends on its own rows only."""
     if arr.dtype.kind != "U":
@@ -57,8 +61,10 @@ class _OpenShard:
     group is streamed to disk as it arrives.
     """
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, capacity: int, fragment: bool) -> None:
         self.index = index
+        self.capacity = capacity        # rows until the shard's end (less than shard_rows for a fragment)
+        self.fragment = fragment
         self.rows = 0
         self.layout: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
         self.unicode: dict[str, list[np.ndarray]] = {}
@@ -85,8 +91,11 @@ class _Files:
             self.handles[group] = entry = (fh, header, arr.dtype)
         _write_rows(entry[0], arr, self.scratch)
 
-    def finish(self, shapes: dict[str, tuple[int, ...]], whole: Arrays) -> None:
-        """Fix headers of a short last shard, write the in-memory groups, then rename into place."""
+    def finish(self, shapes: dict[str, tuple[int, ...]], whole: Arrays, final: Path | None = None) -> None:
+        """Fix headers of a short last shard, write the in-memory groups, then rename into place (`final`,
+        by default the shard's own name)."""
+        if final is not None:
+            self.final = final
         for group, (fh, header, dtype) in self.handles.items():
             final = npy_header(shapes[group], dtype)
             if final != header:
@@ -159,12 +168,23 @@ class ShardWriter:
     consumed (so later shards line up) and written aside; when the finished shard on disk has the expected
     layout, the new copy is discarded and the old files are left untouched.
     Arrays passed to `add` are referenced until written: callers must not modify them afterwards.
+
+    `first_row` > 0: the rows given are the global rows from there on (a partition of a parallel build), so
+    shard k still holds rows [k * shard_rows, (k + 1) * shard_rows). With `fragments`, a shard this writer sees
+    only part of (it starts before `first_row`, or `close` cuts it short) is a fragment: saved as
+    `frag_XXXXX/` (same files, `fragments` lists it), for the parent to join with the neighbours' fragments.
     """
 
     def __init__(self, root: Path, shard_rows: int, done: set[int] | None = None,
-                 on_shard: Callable[[ShardInfo], None] | None = None, background: bool = True) -> None:
+                 on_shard: Callable[[ShardInfo], None] | None = None, background: bool = True,
+                 first_row: int = 0, fragments: bool = False) -> None:
+        if first_row % shard_rows and not fragments:
+            raise ValueError(f"first_row {first_row} is inside a shard: pass fragments=True")
         self.root = Path(root)
         self.shard_rows = shard_rows
+        self.first_row = first_row
+        self.fragment_mode = fragments
+        self.fragments: list[ShardInfo] = []
         self.done = set(done or ())
         self.on_shard = on_shard
         self.shards: list[ShardInfo] = []
@@ -205,10 +225,12 @@ class ShardWriter:
         start = 0
         while start < n:
             if self._open is None:
-                self._open = _OpenShard(len(self.shards))
+                row = self.first_row + self.rows_written
+                offset = row % self.shard_rows
+                self._open = _OpenShard(row // self.shard_rows, self.shard_rows - offset, offset > 0)
                 self._submit(self._start_files, shard_dirname(self._open.index))
             shard = self._open
-            stop = min(n, start + self.shard_rows - shard.rows)
+            stop = min(n, start + shard.capacity - shard.rows)
             streamed: Arrays = {}
             for g, a in arrays.items():
                 part = a[start:stop]
@@ -219,16 +241,17 @@ class ShardWriter:
                 if known != (part.dtype, part.shape[1:]):
                     raise ValueError(f"group {g!r}: chunk has {part.dtype} {part.shape[1:]}, shard has {known}")
                 streamed[g] = part
-            full = {g: (self.shard_rows, *shape) for g, (_, shape) in shard.layout.items()}
+            full = {g: (shard.capacity, *shape) for g, (_, shape) in shard.layout.items()}
             self._submit(self._append, streamed, full)
             shard.rows += stop - start
             start = stop
-            if shard.rows == self.shard_rows:
+            if shard.rows == shard.capacity:
                 self._finish_shard()
 
     def close(self) -> list[ShardInfo]:
-        """Finish the last (smaller) shard and return every shard's info in order."""
+        """Finish the last (smaller) shard and return every shard's info in order (fragments aside)."""
         if self._open is not None and self._open.rows:
+            self._open.fragment = self._open.fragment or self.fragment_mode
             self._finish_shard()
         self._drain()
         return self.shards
@@ -243,11 +266,11 @@ class ShardWriter:
         for g, (dtype, shape) in shard.layout.items():
             dt = whole[g].dtype if g in whole else dtype
             files[g] = ArrayInfo(f"{name}/{g}.npy", (rows, *(int(s) for s in shape)), str(dt))
-        info = ShardInfo(index=shard.index, rows=rows, row_start=self.rows_written, files=files)
+        info = ShardInfo(index=shard.index, rows=rows, row_start=self.first_row + self.rows_written, files=files)
         self.rows_written += rows
         self.bytes_written += sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in files.values())
-        self.shards.append(info)
-        self._submit(self._end_files, info, whole)
+        (self.fragments if shard.fragment else self.shards).append(info)
+        self._submit(self._end_files, info, whole, shard.fragment)
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         if self._pool is None:
@@ -281,13 +304,16 @@ class ShardWriter:
         for g, a in arrays.items():
             self._files.append(g, a, full[g])
 
-    def _end_files(self, info: ShardInfo, whole: Arrays) -> None:
+    def _end_files(self, info: ShardInfo, whole: Arrays, fragment: bool) -> None:
         files, self._files = self._files, None
         assert files is not None
+        shapes = {g: a.shape for g, a in info.files.items()}
+        if fragment:
+            files.finish(shapes, whole, self.root / fragment_dirname(info.index))
+            return
         if info.index in self.done and _matches(self.root, info):
             files.discard()                             # resumed: the finished shard stays untouched
         else:
-            shapes = {g: a.shape for g, a in info.files.items()}
             files.finish(shapes, whole)
         if self.on_shard is not None:
             self.on_shard(info)

@@ -104,7 +104,7 @@ def test_kill_9_resumes_without_refitting_finished_files(tmp_path: Path) -> None
     proc = subprocess.Popen(shard(out, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list(out.glob(".incomplete-*/partials/part_00002_*.npz")):
+    while len(list(out.glob(".incomplete-*/partials/part_0000[012]_*.npz"))) < 3:     # the pool may finish 2 before 1
         assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
         assert time.monotonic() < deadline, "no partition finished in time"
         time.sleep(0.05)
