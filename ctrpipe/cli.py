@@ -137,18 +137,15 @@ def infer(
 @app.command()
 def export(
     run: Path = typer.Option(..., "--run", help="run directory, e.g. runs/criteo_dnn"),
-    fmt: str = typer.Option("torchscript", "--format", help="torchscript (onnx: not yet)"),
+    fmt: str = typer.Option("torchscript", "--format", help="torchscript (model.pt) | onnx (model.onnx; needs "
+                                                            "the ctrpipe[onnx] extra)"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/export)"),  # noqa: UP045
 ) -> None:
-    """Export a run (folds combined, calibration applied) as one TorchScript module + model.json."""
-    from ctrpipe.errors import ConfigError
-    from ctrpipe.serve.export import export_torchscript
+    """Export a run (folds combined, calibration applied) as one TorchScript or ONNX model + model.json."""
+    from ctrpipe.serve.export import export_model
 
     def go() -> None:
-        if fmt != "torchscript":
-            raise ConfigError(f"--format {fmt} is not supported", where="--format",
-                              fix="use --format torchscript (ONNX export is not implemented yet)")
-        path = export_torchscript(run, out if out is not None else run / "export")
+        path = export_model(run, out if out is not None else run / "export", fmt)
         console.print(f"wrote {path} and {path.with_name('model.json')}", highlight=False)
 
     _run(go)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv with ctrpipe and its dependencies. Sourced by demo.sh and test.sh.
+# Create (or reuse) .venv with ctrpipe and its dependencies (extras: dev, dask, onnx: the ONNX export and its
+# tests). Sourced by demo.sh and test.sh.
 # torch is pinned and installed first: `pip install torch==2.13.0` is a CPU build here; an unpinned
 # torch would pull a multi-GB CUDA wheel. On a GPU machine install your CUDA torch first and set
 # CTRPIPE_SKIP_TORCH=1.
@@ -18,6 +19,6 @@ fi
 stamp="$venv/.ctrpipe-installed"
 # reinstall when the project or the compiled kernel's source changed (the editable install builds the kernel)
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/ctrpipe/_native.c" -nt "$stamp" ]; then
-  python -m pip install -q -e "$root[dev,dask]"
+  python -m pip install -q -e "$root[dev,dask,onnx]"
   touch "$stamp"
 fi

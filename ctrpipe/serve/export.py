@@ -1,18 +1,40 @@
-"""Serving: `ctrpipe export --run RUN --format torchscript`: the run's checkpoints, sampling shift, calibration
-and fold ensemble as one TorchScript module with a dynamic batch dimension, plus `model.json` describing its
-inputs (one tensor per stored array group, in the loader's order) and the preprocessing a server must apply.
+"""Serving: `ctrpipe export --run RUN --format torchscript|onnx`: the run's checkpoints, sampling shift,
+calibration and fold ensemble as one model with a dynamic batch dimension, plus `model.json` describing its
+inputs (one tensor per stored array group, in the loader's order, with its name in the ONNX graph), outputs,
+the preprocessing a server must apply and the size of the embedding tables.
 
-The module is traced (`torch.jit.trace`) on a few real rows of the training cache, taking one tuple of
-tensors and returning (B, H) float64 probabilities. Fold ensembling supports the per-row methods
-logit_mean / weighted / mean / geom_mean; median, trim_mean and rank_avg are refused (rank_avg needs the
-whole set). Every model family traces: under tracing the layers' hand-written autograd Functions give way to
-plain torch ops (models/layers/fused.py::eager_kernels); the error below catches any new one. ONNX is not
-done yet.
+Both formats hold the same `ServingModule`: a tuple of input tensors -> (B, H) float64 probabilities. Fold
+ensembling supports the per-row methods logit_mean / weighted / mean / geom_mean; median, trim_mean and
+rank_avg are refused (rank_avg needs the whole set).
+
+* torchscript -> model.pt: traced (`torch.jit.trace`) on a few real rows of the training cache.
+* onnx -> model.onnx (+ model.onnx.data when the weights pass protobuf's 2 GB limit): the dynamo exporter,
+  `torch.onnx.export(dynamo=True)` (torch.export, then onnxscript's translation), with a symbolic batch
+  dimension. Not the TorchScript-based exporter (dynamo=False): it has no ONNX form for embedding_bag with a
+  padding index (the multi-hot and sequence inputs of the multi-task and sequence families) nor for
+  linalg_vecdot (DeepFM), so it fails for 9 of the 17 families. The export is checked with onnxruntime against
+  the eager module on the example rows at two batch sizes before anything is written. Needs the `onnx` extra
+  (`pip install 'ctrpipe[onnx]'`: onnx, onnxscript, onnxruntime).
+
+Every model family exports in both formats: under tracing and torch.export the layers' hand-written autograd
+Functions give way to plain torch ops (models/layers/fused.py::eager_kernels); the errors below catch any
+new one. Files are written into a temporary folder inside --out and moved into place when complete, model.json
+last, so a failed export leaves no model file that looks complete.
+
+Embedding tables are exported whole. Exporting only the rows training touched is not sound (see
+`embedding_tables`): model.json reports each table's size and how many of its rows training changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +51,9 @@ from ctrpipe.serve.predictor import Predictor
 from ctrpipe.train.checkpoint import Checkpoint, load_checkpoint
 
 EXPORT_METHODS = ("logit_mean", "weighted", "mean", "geom_mean")
+FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}     # format -> model file in --out
+ONNX_OUTPUT = "probabilities"
+ONNX_TOL = 1e-5      # onnxruntime vs the eager module, absolute, on probabilities
 _EPS = 1e-7      # ensemble.EPS: geom_mean clips probabilities as combine() does
 
 
@@ -41,6 +66,11 @@ def input_fields(layout: Layout) -> list[tuple[str, int | None, str, tuple[int, 
         items = list(enumerate(spec)) if isinstance(spec, tuple) else [(None, spec)]
         out += [(name, i, a.group, a.row_shape, str(a.dtype)) for i, a in items if a is not None]
     return out
+
+
+def input_names(layout: Layout) -> list[str]:
+    """The inputs' names in the ONNX graph: the Batch field, with its index for per-group tuples."""
+    return [name if i is None else f"{name}_{i}" for name, i, *_ in input_fields(layout)]
 
 
 class ServingModule(nn.Module):
@@ -101,18 +131,56 @@ def example_inputs(p: Predictor, batch: Batch) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def export_torchscript(run: Path, out: Path, rows: object = None) -> Path:
-    """Trace the run into out/model.pt (+ out/model.json); `rows`: raw rows to trace on (default: the first
-    rows of the training cache, read back from its shards)."""
+def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = None) -> Path:
+    """Export the run into out/model.pt or out/model.onnx (+ out/model.json); returns the model file.
+
+    `rows`: raw rows to trace on (default: the first rows of the training cache, read back from its shards).
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt} is not supported", where="--format",
+                          fix=f"use one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        _require_onnx()          # before the minutes of loading and exporting
+    run, out = Path(run), Path(out)
     p = Predictor.load(run)
     if p.cfg.infer.method not in EXPORT_METHODS:
         raise ConfigError(f"infer.method={p.cfg.infer.method} cannot be exported (it needs more than one row)",
                           where="infer.method", fix=f"export with one of {', '.join(EXPORT_METHODS)}")
     batch = p.batch(rows) if rows is not None else cache_batch(p, 8)
     module = ServingModule(p).eval()
+    inputs = example_inputs(p, batch)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        if fmt == "torchscript":
+            _torchscript(p, run, module, inputs, tmp / FORMATS[fmt])
+        else:
+            _onnx(p, run, module, inputs, tmp / FORMATS[fmt])
+        files = sorted(f.name for f in tmp.iterdir())
+        doc = describe(p, fmt)
+        doc["files"] = files
+        doc["embedding_tables"] = embedding_tables(p, [load_checkpoint(c) for c in find_checkpoints(run)])
+        write_json_atomic(tmp / "model.json", doc)
+        # the model's files first, model.json last; a weights file of an earlier export that this one does
+        # not have would be read by nothing, but is removed so the folder holds one export
+        for stale in (out / f"{FORMATS[fmt]}.data",):
+            if stale.name not in files:
+                stale.unlink(missing_ok=True)
+        for name in files:
+            os.replace(tmp / name, out / name)
+        os.replace(tmp / "model.json", out / "model.json")
+    return out / FORMATS[fmt]
+
+
+def export_torchscript(run: Path, out: Path, rows: object = None) -> Path:
+    """`export_model(run, out, "torchscript", rows)`."""
+    return export_model(run, out, "torchscript", rows)
+
+
+def _torchscript(p: Predictor, run: Path, module: ServingModule, inputs: tuple[Tensor, ...], dest: Path) -> None:
     try:
         with torch.no_grad():
-            traced = torch.jit.trace(module, (example_inputs(p, batch),), check_trace=False)
+            traced = torch.jit.trace(module, (inputs,), check_trace=False)
     except RuntimeError as exc:
         if "Could not export Python function call" not in str(exc):
             raise
@@ -121,18 +189,98 @@ def export_torchscript(run: Path, out: Path, rows: object = None) -> Path:
                           "which TorchScript tracing cannot record", where=str(run),
                           fix="give that layer a plain-torch path under torch.jit.is_tracing() (as "
                               "models/layers/fused.py does), or serve with ctrpipe.Predictor") from None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    traced.save(str(out / "model.pt"))
-    doc = describe(p)
-    doc["embedding_tables"] = embedding_tables(p, [load_checkpoint(c) for c in find_checkpoints(Path(run))])
-    write_json_atomic(out / "model.json", doc)
-    return out / "model.pt"
+    traced.save(str(dest))
+
+
+class _Positional(nn.Module):
+    """The ServingModule with one positional argument per input: an ONNX graph's inputs are flat and named."""
+
+    def __init__(self, module: ServingModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.module(inputs)
+
+
+def _require_onnx() -> None:
+    missing = []
+    for mod in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise ConfigError(f"ONNX export needs {', '.join(missing)}, which is not installed", where="--format onnx",
+                          fix="pip install 'ctrpipe[onnx]' (or: pip install -e '.[onnx]' in a checkout), "
+                              "or export with --format torchscript")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter's progress lines, warnings and log records (e.g. 'torchvision is not installed') would
+    bury the command's own output; errors still propagate."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _onnx(p: Predictor, run: Path, module: ServingModule, inputs: tuple[Tensor, ...], dest: Path) -> None:
+    """torch.onnx.export(dynamo=True) with a symbolic batch size, then an onnxruntime check against the
+    eager module (at the example's batch size and one row fewer) before the caller moves the file into place."""
+    names = input_names(p.layout)
+    batch_dim = torch.export.Dim("B", min=1)
+    net = p.models[0].net.__class__.__name__
+    try:
+        with torch.no_grad(), _quiet():
+            program = torch.onnx.export(_Positional(module), inputs, dynamo=True, input_names=names,
+                                        output_names=[ONNX_OUTPUT], optimize=True, verbose=False,
+                                        dynamic_shapes=(tuple({0: batch_dim} for _ in inputs),))
+            assert program is not None
+            # weights inline unless protobuf's 2 GB limit needs them in model.onnx.data
+            program.save(str(dest), external_data=None)
+    except Exception as exc:       # torch.export and the ONNX translation raise many types; name the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model {net} cannot be exported to ONNX: {type(exc).__name__}: {first[:300]}",
+                          where=str(run), fix="export with --format torchscript, or serve with "
+                                              "ctrpipe.Predictor; a layer that runs Python per batch (a "
+                                              "custom autograd Function, a loop over rows) needs a plain-torch "
+                                              "path under torch.compiler.is_exporting()") from exc
+    _check_onnx(dest, module, inputs, names, net, run)
+
+
+def _check_onnx(path: Path, module: ServingModule, inputs: tuple[Tensor, ...], names: list[str], net: str,
+                run: Path) -> None:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    n = inputs[0].shape[0]
+    for b in sorted({n, max(1, n - 1)}):
+        x = tuple(t[:b] for t in inputs)
+        with torch.no_grad():
+            want = module(x).numpy()
+        got = session.run([ONNX_OUTPUT], {k: t.numpy() for k, t in zip(names, x, strict=True)})[0]
+        err = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+        if not err <= ONNX_TOL:
+            raise ConfigError(f"the ONNX export of model {net} does not reproduce it: onnxruntime's "
+                              f"probabilities differ by {err:.3g} (shape {got.shape} vs {want.shape}) on {b} rows",
+                              where=str(run), fix="export with --format torchscript, or serve with "
+                                                  "ctrpipe.Predictor")
 
 
 def embedding_tables(p: Predictor, ckpts: list[Checkpoint]) -> dict[str, object]:
     """Size of each embedding table in model.pt and how many of its rows training changed (the rows the
-    checkpoint stores); model.pt holds every row, see `note`."""
+    checkpoint stores); the exported model holds every row, see `note`."""
     tables = []
     for k, (m, ckpt) in enumerate(zip(p.models, ckpts, strict=True)):
         for name, t in ckpt.weights["tables"].items():
@@ -142,7 +290,7 @@ def embedding_tables(p: Predictor, ckpts: list[Checkpoint]) -> dict[str, object]
                            "rows_touched_by_training": int(t["rows"].numel())})
     return {
         "tables": tables, "total_bytes": sum(int(t["bytes"]) for t in tables),   # type: ignore[call-overload]
-        "note": "model.pt holds every row. Exporting only the rows training touched is not sound in general: "
+        "note": "The exported model holds every row. Exporting only the rows training touched is not sound in general: "
                 "an id never seen in training (a new hashed value, or a hash bin no training row fell into) "
                 "still looks up its row at serving time, and that row holds the random vector initialisation "
                 "drew from the run's seed, which the model's output depends on. Dropping untouched rows would "
@@ -160,14 +308,18 @@ def cache_batch(p: Predictor, n: int) -> Batch:
     return next(iter(loader))
 
 
-def describe(p: Predictor) -> dict[str, object]:
+CALLS = {"torchscript": "model(inputs: tuple of tensors in this order) -> (B, H) float64",
+         "onnx": f"session.run(['{ONNX_OUTPUT}'], {{input name: array}}) -> [(B, H) float64]"}
+
+
+def describe(p: Predictor, fmt: str = "torchscript") -> dict[str, object]:
     """model.json: inputs (name, dtype, shape with B dynamic), outputs, and the preprocessing metadata."""
     m = p.manifest
     return {
-        "format": "torchscript", "call": "model(inputs: tuple of tensors in this order) -> (B, H) float64",
-        "inputs": [{"field": f, "index": i, "group": g, "dtype": dt, "shape": ["B", *shape]}
-                   for f, i, g, shape, dt in input_fields(p.layout)],
-        "outputs": {"heads": list(p.heads), "dtype": "float64", "shape": ["B", len(p.heads)],
+        "format": fmt, "file": FORMATS[fmt], "call": CALLS[fmt],
+        "inputs": [{"name": n, "field": f, "index": i, "group": g, "dtype": dt, "shape": ["B", *shape]}
+                   for n, (f, i, g, shape, dt) in zip(input_names(p.layout), input_fields(p.layout), strict=True)],
+        "outputs": {"name": ONNX_OUTPUT, "heads": list(p.heads), "dtype": "float64", "shape": ["B", len(p.heads)],
                     "meaning": "calibrated probability, folds combined by infer.method"},
         "ensemble": {"method": p.cfg.infer.method, "checkpoints": len(p.models),
                      "weights": list(p.weights) if p.weights is not None else None},

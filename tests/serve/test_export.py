@@ -1,12 +1,17 @@
-"""`ctrpipe export --format torchscript`: the traced module (dynamic batch size) gives ctrpipe's calibrated,
-fold-combined probabilities to 1e-5 on real shard rows, for every model family; model.json lists the inputs.
+"""`ctrpipe export --format torchscript|onnx`: the traced module and the ONNX graph run by onnxruntime (dynamic
+batch size) give ctrpipe's calibrated, fold-combined probabilities to 1e-5 on real shard rows, for every model
+family; model.json lists the inputs. A missing onnx extra and a failed export are clear errors that leave no
+model file behind.
 
 Two shared caches: synthetic Criteo text (single-label families) and synthetic Parquet with two labels,
-sequences, multi-hot and co-visitation (multi-task families). Tiny models, a few steps each."""
+sequences, multi-hot and co-visitation (multi-task families). Tiny models, a few steps each, each family
+trained once for both formats."""
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,20 +70,28 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, li
     return {"criteo": (root / "criteo", CRITEO_DATA), "parquet": (root / "parquet", PARQUET_DATA)}
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_torchscript_parity(caches: dict[str, tuple[Path, list[str]]], family: str, tmp_path: Path) -> None:
-    from ctrpipe.serve.export import cache_batch, example_inputs
-    from ctrpipe.serve.predictor import Predictor
+@pytest.fixture(scope="module")
+def runs(caches: dict[str, tuple[Path, list[str]]],
+         tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """family -> its run folder, trained on first use (the TorchScript and ONNX tests share it)."""
+    root = tmp_path_factory.mktemp("serve_runs")
+    done: dict[str, Path] = {}
 
-    kind, cfg, extra = FAMILIES[family]
-    cache, data = caches[kind]
-    runs = tmp_path / "runs"
-    kfold = ["--kfold", "2"] if family == "dnn" else []      # fold ensembling once
-    _cli("train", "--cfg", str(REPO / "cfgs" / f"{cfg}.yaml"), "--shards", str(cache), "--runs", str(runs),
-         "-q", *kfold, *_sets(data + FAST + extra + [f"exp_name={family}"]))
-    out = tmp_path / "export"
-    _cli("export", "--run", str(runs / family), "--format", "torchscript", "--out", str(out))
-    doc = json.loads((out / "model.json").read_text())
+    def get(family: str) -> Path:
+        if family not in done:
+            kind, cfg, extra = FAMILIES[family]
+            cache, data = caches[kind]
+            kfold = ["--kfold", "2"] if family == "dnn" else []      # fold ensembling once
+            _cli("train", "--cfg", str(REPO / "cfgs" / f"{cfg}.yaml"), "--shards", str(cache), "--runs",
+                 str(root), "-q", *kfold, *_sets(data + FAST + extra + [f"exp_name={family}"]))
+            done[family] = root / family
+        return done[family]
+
+    return get
+
+
+def _check_doc(doc: dict, kind: str, fmt: str) -> None:
+    assert doc["format"] == fmt and doc["file"] in doc["files"]
     groups = [i["group"] for i in doc["inputs"]]
     if kind == "criteo":
         assert groups == ["numeric", "categorical"]
@@ -89,8 +102,21 @@ def test_torchscript_parity(caches: dict[str, tuple[Path, list[str]]], family: s
     assert tables["tables"] and tables["total_bytes"] == sum(t["bytes"] for t in tables["tables"])
     assert all(0 < t["rows_touched_by_training"] <= t["rows"] and t["bytes"] == t["rows"] * t["dim"] * 4
                for t in tables["tables"])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_torchscript_parity(runs: Callable[[str], Path], family: str, tmp_path: Path) -> None:
+    from ctrpipe.serve.export import cache_batch, example_inputs
+    from ctrpipe.serve.predictor import Predictor
+
+    run = runs(family)
+    out = tmp_path / "export"
+    _cli("export", "--run", str(run), "--format", "torchscript", "--out", str(out))
+    doc = json.loads((out / "model.json").read_text())
+    _check_doc(doc, FAMILIES[family][0], "torchscript")
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt"]
     model = torch.jit.load(str(out / "model.pt"))
-    p = Predictor.load(runs / family)
+    p = Predictor.load(run)
     assert doc["outputs"]["heads"] == list(p.heads)
     for n in (1, 37, 300):           # traced on 8 rows: the batch dimension is dynamic
         batch = cache_batch(p, n)
@@ -100,3 +126,65 @@ def test_torchscript_parity(caches: dict[str, tuple[Path, list[str]]], family: s
         assert got.shape == (n, len(p.heads))
         for j, head in enumerate(p.heads):
             np.testing.assert_allclose(got[:, j], want[head], rtol=0, atol=1e-5, err_msg=f"{family} {head}")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_onnx_parity(runs: Callable[[str], Path], family: str, tmp_path: Path) -> None:
+    """onnxruntime on model.onnx == Predictor (shift, calibration, fold combination) on the same shard rows."""
+    ort = pytest.importorskip("onnxruntime", reason="the ctrpipe[onnx] extra (scripts/setup_env.sh installs it)")
+    from ctrpipe.serve.export import cache_batch, example_inputs
+    from ctrpipe.serve.predictor import Predictor
+
+    run = runs(family)
+    out = tmp_path / "export"
+    _cli("export", "--run", str(run), "--format", "onnx", "--out", str(out))
+    doc = json.loads((out / "model.json").read_text())
+    _check_doc(doc, FAMILIES[family][0], "onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx"]     # no temp folder left
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    graph_inputs = session.get_inputs()
+    assert [i.name for i in graph_inputs] == [i["name"] for i in doc["inputs"]]
+    assert all(g.shape[0] == "B" and g.shape[1:] == i["shape"][1:]
+               for g, i in zip(graph_inputs, doc["inputs"], strict=True))
+    assert session.get_outputs()[0].name == doc["outputs"]["name"]
+    p = Predictor.load(run)
+    assert doc["outputs"]["heads"] == list(p.heads)
+    for n in (1, 37, 300):           # exported from 8 rows: the batch dimension is symbolic
+        batch = cache_batch(p, n)
+        want = p.probabilities(p.batch_logits(batch), p.heads)
+        feeds = {i["name"]: t.numpy() for i, t in zip(doc["inputs"], example_inputs(p, batch), strict=True)}
+        assert all(str(feeds[i["name"]].dtype) == i["dtype"] for i in doc["inputs"])
+        got = session.run([doc["outputs"]["name"]], feeds)[0]
+        assert got.shape == (n, len(p.heads)) and got.dtype == np.float64
+        for j, head in enumerate(p.heads):
+            np.testing.assert_allclose(got[:, j], want[head], rtol=0, atol=1e-5, err_msg=f"{family} {head}")
+
+
+def test_onnx_missing_extra(runs: Callable[[str], Path], tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without onnxscript (an extra), the export says which package and how to install it; nothing written."""
+    from ctrpipe.errors import ConfigError
+    from ctrpipe.serve.export import export_model
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)       # `import onnxscript` raises ImportError
+    with pytest.raises(ConfigError, match="onnxscript") as info:
+        export_model(runs("dnn"), tmp_path / "export", "onnx")
+    assert "ctrpipe[onnx]" in info.value.fix
+    assert not (tmp_path / "export").exists()
+
+
+def test_failed_export_leaves_no_model(runs: Callable[[str], Path], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export that fails its onnxruntime check after the graph is written leaves neither model.onnx nor
+    model.json nor its temporary folder, and an earlier export in the folder stays as it was."""
+    pytest.importorskip("onnxruntime", reason="the ctrpipe[onnx] extra")
+    from ctrpipe.errors import ConfigError
+    from ctrpipe.serve import export
+
+    out = tmp_path / "export"
+    export.export_model(runs("dnn"), out, "torchscript")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(export, "ONNX_TOL", -1.0)              # no difference passes: the check must fail
+    with pytest.raises(ConfigError, match="does not reproduce it"):
+        export.export_model(runs("dnn"), out, "onnx")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

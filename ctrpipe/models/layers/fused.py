@@ -27,9 +27,10 @@ from torch import Tensor
 
 
 def eager_kernels() -> bool:
-    """Whether hand-written autograd Functions may run: not under torch.jit.trace (serve/export.py), whose
-    graph cannot hold a Python Function; they only speed up training's backward anyway."""
-    return not torch.jit.is_tracing()
+    """Whether hand-written autograd Functions may run: not under torch.jit.trace or torch.export (the
+    TorchScript and ONNX exports of serve/export.py), whose graphs cannot hold a Python Function (and whose
+    Python loops over row chunks would fix the batch size); they only speed up training's backward anyway."""
+    return not (torch.jit.is_tracing() or torch.compiler.is_exporting())
 
 
 def cpu_kernel_dtype(*tensors: Tensor) -> torch.dtype | None:
