@@ -19,7 +19,10 @@ mean-pooled bags in both libraries) and the same 26 numeric inputs (12 standardi
 Same sizes: embedding dim 16; shared bottom 256-128; MMoE 4 experts of 128-64; PLE 2 levels of 2 shared +
 2 per-task experts of 128-64; towers 64; ESMM two towers of 256-128 over the shared embeddings (what
 DeepCTR-Torch's ESMM is; ctrpipe: `esmm` with backbone `shared_bottom`, empty bottom); linear softmax gates;
-one epoch, batch 2048, Adam lr 1e-3 constant, no dropout, batch norm or L2; 2 torch threads.
+one epoch, batch 2048, Adam lr 1e-3 constant, no dropout, batch norm or L2; 2 torch threads. ctrpipe runs
+with its default train.amp=auto (bf16 training steps where the CPU has native bf16 and the family was measured
+faster, see ctrpipe/device.py) and, with `--amp both` (the default), again in fp32 (train.amp=off); the peer
+has no CPU mixed precision.
 Tasks: DeepCTR-Torch has no label masks, so shared_bottom / mmoe / ple train and score `converted` over
 every row (ctrpipe: `train.tasks.converted.mask=` clears the shipped `mask: clicked`); ESMM is scored as
 ctr and ctcvr over every row and cvr on clicked rows. All AUC / logloss figures come from
@@ -96,6 +99,8 @@ def data_config(synth: Path, path: Path) -> Path:
     tokens = {m["column"]: m.get("separator", "|") for m in data["multihot"] + data.get("sequence", [])}
     bins = token_bins(synth / "train.parquet", tokens)
     for m in data["multihot"] + data.get("sequence", []):
+        # its own table in both libraries: the peer runner gives every bag its own embedding
+        m.pop("share_ids_with", None)
         m["bins"] = bins[m["column"]]
     data["split"] = {**data.get("split", {}), "val_ratio": 0.0}
     data["folds"] = {**data.get("folds", {}), "n_splits": 0}
@@ -165,9 +170,10 @@ def _units(units: list[int]) -> str:
     return "[" + ",".join(str(u) for u in units) + "]"
 
 
-def ctrpipe_sets(model: str, args: argparse.Namespace) -> list[str]:
+def ctrpipe_sets(model: str, args: argparse.Namespace, amp: str = "auto") -> list[str]:
     """The --set overrides that give ctrpipe's shipped config the benchmark's sizes and training."""
-    sets = [f"exp_name=bench_{model}", "train.epochs=1", f"train.lr={args.lr}", "train.embedding_lr=0",
+    sets = [f"exp_name=bench_{model}", f"train.amp={amp}", "train.epochs=1", f"train.lr={args.lr}",
+            "train.embedding_lr=0",
             f"train.embedding_optimizer={args.embedding_optimizer}", "train.schedule=constant",
             "train.warmup_steps=0", "train.weight_decay=0", "train.grad_clip=0", f"train.num_threads={args.threads}",
             "train.device=cpu", f"loader.batch_size={args.batch_size}", f"seed={args.train_seed}"]
@@ -207,15 +213,16 @@ def esmm_config(args: argparse.Namespace, work: Path) -> Path:
     return path
 
 
-def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path, labels: np.ndarray) -> dict:
+def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path, labels: np.ndarray,
+                amp: str = "auto") -> dict:
     runs = work / "runs"
     shutil.rmtree(runs / f"bench_{model}", ignore_errors=True)
     cfg = str(esmm_config(args, work)) if model == "esmm" else f"cfgs/parquet_{model}.yaml"
     cmd = ctrpipe_cmd("train", "--shards", str(cache), "--cfg", cfg, "--runs", str(runs), "-q")
-    for s in ctrpipe_sets(model, args):
+    for s in ctrpipe_sets(model, args, amp):
         cmd += ["--set", s]
     t0 = time.perf_counter()
-    run(cmd, work / "logs" / f"ctrpipe_{model}.log", env=thread_env(args.threads))
+    run(cmd, work / "logs" / f"ctrpipe_{model}_{amp}.log", env=thread_env(args.threads))
     wall = time.perf_counter() - t0
     metrics = json.loads((runs / f"bench_{model}" / "metrics.json").read_text())
     gold = metrics["gold"]
@@ -229,7 +236,7 @@ def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path, l
             "tasks": {h: {"auc": float(gold[f"auc.{h}"]), "logloss": float(gold[f"logloss.{h}"])}
                       for h, _, _ in tasks},
             "samples_per_s": float(metrics["samples_per_s"]), "train_seconds": float(metrics["train_seconds"]),
-            "process_seconds": wall,
+            "process_seconds": wall, "amp": amp, "precision": metrics["precision"],
             "notes": f"{cfg}, embedding optimiser {args.embedding_optimizer}"
                      + (", plain gates" if args.plain_gates and model in ("mmoe", "ple") else "")}
 
@@ -284,7 +291,7 @@ def table_rows(results: dict) -> list[list[str]]:
     """One row per (model, task), then each model's speed: the cells of both the text and markdown table."""
     rows = []
     for model, r in results["models"].items():
-        ours, peer = r.get("ctrpipe"), r.get("deepctr")
+        ours, peer, fp32 = r.get("ctrpipe"), r.get("deepctr"), r.get("ctrpipe_fp32")
         for head, rows_kind, orc in ESMM_TASKS if model == "esmm" else PLAIN_TASKS:
             o = results["oracle"][orc if rows_kind == "all" else "cvr_on_clicked"]
             a = ours["tasks"][head] if ours else None
@@ -293,21 +300,25 @@ def table_rows(results: dict) -> list[list[str]]:
             if a and b:
                 d = a["auc"] - b["auc"]
                 diff = f"{d:+.4f}" + ("" if d >= GOAL_AUC_DIFF else " !")
+            f = fp32["tasks"][head] if fp32 else None
             rows.append([model, f"{head} ({'all rows' if rows_kind == 'all' else 'clicked rows'})",
-                         f"{o['auc']:.4f}", f"{a['auc']:.4f}" if a else "-", f"{b['auc']:.4f}" if b else "-", diff,
+                         f"{o['auc']:.4f}", f"{a['auc']:.4f}" if a else "-", f"{f['auc']:.4f}" if f else "-",
+                         f"{b['auc']:.4f}" if b else "-", diff,
                          f"{o['logloss']:.4f}", f"{a['logloss']:.4f}" if a else "-",
-                         f"{b['logloss']:.4f}" if b else "-", "", "", ""])
+                         f"{b['logloss']:.4f}" if b else "-", "", "", "", ""])
         speed = ratio = ""
         if ours and peer:
             x = ours["samples_per_s"] / peer["samples_per_s"]
             ratio = f"{x:.2f}x" + ("" if x >= GOAL_SPEEDUP else " !")
-        speed = [f"{ours['samples_per_s']:,.0f}" if ours else "-", f"{peer['samples_per_s']:,.0f}" if peer else "-"]
-        rows.append([model, "training samples/s", "", "", "", "", "", "", "", *speed, ratio])
+        speed = [f"{x['samples_per_s']:,.0f}" if x else "-" for x in (ours, fp32, peer)]
+        if fp32 and peer:
+            ratio += f" (fp32 {fp32['samples_per_s'] / peer['samples_per_s']:.2f}x)"
+        rows.append([model, "training samples/s", "", "", "", "", "", "", "", "", *speed, ratio])
     return rows
 
 
-HEAD = ["model", "task", "oracle AUC", "ctrpipe AUC", "peer AUC", "AUC diff", "oracle LL", "ctrpipe LL",
-        "peer LL", "ctrpipe samples/s", "peer samples/s", "speed"]
+HEAD = ["model", "task", "oracle AUC", "ctrpipe AUC", "ctrpipe fp32 AUC", "peer AUC", "AUC diff", "oracle LL",
+        "ctrpipe LL", "peer LL", "ctrpipe samples/s", "ctrpipe fp32 samples/s", "peer samples/s", "speed"]
 
 
 def print_table(results: dict) -> str:
@@ -325,8 +336,9 @@ def print_table(results: dict) -> str:
     log("-" * len(line))
     for r in rows:
         log("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-    log("AUC diff = ctrpipe - DeepCTR-Torch (goal >= -0.001); speed = ctrpipe / DeepCTR-Torch training samples/s "
-        "(goal >= 2); '!' marks a missed goal; LL = logloss")
+    log("ctrpipe = its default train.amp=auto (the precision it resolved is in the JSON), ctrpipe fp32 = "
+        "train.amp=off; AUC diff = ctrpipe - DeepCTR-Torch (goal >= -0.001); speed = ctrpipe / DeepCTR-Torch "
+        "training samples/s (goal >= 2); '!' marks a missed goal; LL = logloss")
     md = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(md) + "\n"
@@ -338,7 +350,9 @@ def train_all(args: argparse.Namespace, cache: Path, export: Path, work: Path, l
     Metrics come from the first run; samples/s is the best run's (the VM's other jobs only ever slow a run
     down), with every run's figure and load average kept in the JSON."""
     results["models"] = {}
-    jobs = ([] if args.skip_ctrpipe else ["ctrpipe"]) + ([] if args.skip_peer else ["deepctr"])
+    amps = {"auto": ["auto"], "off": ["off"], "both": ["auto", "off"]}[args.amp]
+    ours = [] if args.skip_ctrpipe else ["ctrpipe" if a == "auto" else "ctrpipe_fp32" for a in amps]
+    jobs = ours + ([] if args.skip_peer else ["deepctr"])
     for model in args.models:
         entry = results["models"].setdefault(model, {})
         for rep in range(args.repeat):
@@ -346,8 +360,8 @@ def train_all(args: argparse.Namespace, cache: Path, export: Path, work: Path, l
                 t0 = time.perf_counter()
                 before = load()
                 log(f"{model}: training {lib}{f' (repeat {rep + 1})' if rep else ''} (load {before}) ...")
-                r = run_ctrpipe(model, args, cache, work, labels) if lib == "ctrpipe" else \
-                    run_peer(model, args, export, work)
+                r = run_peer(model, args, export, work) if lib == "deepctr" else \
+                    run_ctrpipe(model, args, cache, work, labels, "auto" if lib == "ctrpipe" else "off")
                 run_info = {"samples_per_s": r["samples_per_s"], "load_before": before, "load_after": load(),
                             "auc": {h: v["auc"] for h, v in r["tasks"].items()}}
                 if rep == 0:
@@ -373,6 +387,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--models", default=",".join(MODELS), help=",".join(MODELS))
     ap.add_argument("--skip-ctrpipe", action="store_true")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--amp", choices=("both", "auto", "off"), default="both",
+                    help="ctrpipe's train.amp: both (its default auto beside fp32), or one of them")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1,
                     help="train each model this many times per library, interleaved; samples/s = the best run's")
