@@ -1,5 +1,5 @@
-"""Benchmark: `ctrpipe shard --workers N` over the same 8 input files, N = 1 (today's single-process build)
-vs N = 2, ...
+"""Benchmark: `ctrpipe shard --workers N` over the same 8 input files, N = 1 (the single-process build) vs
+N = 2, ... (both passes, statistics and write, mapped over the files on N worker processes).
 
 Usage: python benchmarks/bench_shard_workers.py [--format parquet|criteo] [--rows-per-file 125000]
                                                 [--workers 1 2] [--repeat 2] [--data .bench/shard_workers]

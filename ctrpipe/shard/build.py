@@ -15,6 +15,8 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -121,18 +123,22 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
     with disk_full_as_error(out, lambda: _written_note(work), RESUME_NOTE):
         _clear_out(out, keep=f".incomplete-{fp[:12]}")
         state = _BuildState.open(work, fp)
-        fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress,
-                                                 workers, dask)
-        if (workers > 1 or dask is not None) and len(main_paths) + len(gold_paths) > 1:
-            from ctrpipe.shard.parallel import parallel_write_pass
+        files = len(main_paths) + len(gold_paths)
+        # one pool (or Dask client) for both passes: worker processes start once
+        with _workers_pool(workers, dask, files) as pool:
+            fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress,
+                                                     workers, dask, pool)
+            if pool is not None:
+                from ctrpipe.shard.parallel import parallel_write_pass
 
-            # where workers load the statistics from: the train cache, this build's fitted/, or none needed
-            source = (Path(stats_from), train_m.fitted) if train_m is not None and stats_from is not None else \
-                (work, None) if plan.needs_fit() else None
-            result = parallel_write_pass(plan, inputs_obj, source, loo, work, state.finished, state.mark_shard,
-                                         workers, progress, dask)
-        else:
-            result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard, progress)
+                # where workers load the statistics from: the train cache, this build's fitted/, or none needed
+                source = (Path(stats_from), train_m.fitted) if train_m is not None and stats_from is not None \
+                    else (work, None) if plan.needs_fit() else None
+                result = parallel_write_pass(plan, inputs_obj, source, loo, work, state.finished,
+                                             state.mark_shard, workers, progress, dask, pool)
+            else:
+                result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard,
+                                    progress)
 
         seconds = time.perf_counter() - t0
         build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1),
@@ -152,9 +158,19 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
 
 # ------------------------------------------------------------------------------------- fitted statistics
 
+def _workers_pool(workers: int, dask: str | None, files: int) -> AbstractContextManager[Executor | None]:
+    """The executor both passes map over files with, or None for the single-process build (one worker, or
+    a single input file)."""
+    if not ((workers > 1 or dask is not None) and files > 1):
+        return nullcontext(None)
+    from ctrpipe.shard.parallel import executor
+
+    return executor(min(workers, files), dask)
+
+
 def _fitted_stats(plan: Any, inputs: Inputs, train_m: Manifest | None, stats_from: Path | None,
-                  state: _BuildState, progress: bool, workers: int = 1,
-                  dask: str | None = None) -> tuple[Fitted, dict[str, Any], bool]:
+                  state: _BuildState, progress: bool, workers: int = 1, dask: str | None = None,
+                  pool: Executor | None = None) -> tuple[Fitted, dict[str, Any], bool]:
     """(statistics, their manifest entry, whether this build's own train rows were counted)."""
     if train_m is not None and stats_from is not None:
         fitted = Fitted.load(Path(stats_from), train_m.fitted)
@@ -169,10 +185,10 @@ def _fitted_stats(plan: Any, inputs: Inputs, train_m: Manifest | None, stats_fro
     if state.fitted_done:
         fitted = Fitted.load(state.work)
     else:
-        if (workers > 1 or dask is not None) and len(inputs.main) > 1:
+        if pool is not None and len(inputs.main) > 1:
             from ctrpipe.shard.parallel import parallel_fit_pass
 
-            fitted = parallel_fit_pass(plan, inputs, state.work, workers, progress, dask)
+            fitted = parallel_fit_pass(plan, inputs, state.work, workers, progress, dask, pool)
         else:
             fitted = fit_pass(plan, inputs, progress)
         fitted.save(state.work)

@@ -46,7 +46,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,14 +133,15 @@ def executor(workers: int, dask: str | None) -> Iterator[Executor]:
 
 
 def parallel_fit_pass(plan: Plan, inputs: Inputs, work: Path, workers: int, progress: bool,
-                      dask: str | None = None) -> Fitted:
+                      dask: str | None = None, pool: Executor | None = None) -> Fitted:
     """The statistics `fit_pass` computes, mapped over the main input files on `workers` processes (or the
-    workers of a Dask cluster: they must see the inputs and `work` at the same paths, a shared filesystem)."""
+    workers of a Dask cluster: they must see the inputs and `work` at the same paths, a shared filesystem);
+    on `pool` when given (the build's executor, shared with the write pass)."""
     data = plan.cfg
     paths = inputs.main
     part_dir = work / PARTIALS_DIR
     part_dir.mkdir(exist_ok=True)
-    with executor(min(workers, len(paths)), dask) as pool:
+    with nullcontext(pool) if pool is not None else executor(min(workers, len(paths)), dask) as pool:
         if split_uses_row_index(data, inputs.role):
             counts = [f.result() for f in [pool.submit(count_rows, data, [p]) for p in paths]]
             if data.split.mode == "tail":
@@ -473,10 +474,11 @@ def _info(d: dict[str, Any]) -> ShardInfo:
 
 def parallel_write_pass(plan: Plan, inputs: Inputs, fitted_source: tuple[Path, dict[str, Any] | None] | None,
                         loo: bool, work: Path, done: set[int], on_shard: Callable[[ShardInfo], None],
-                        workers: int, progress: bool, dask: str | None = None) -> WriteResult:
+                        workers: int, progress: bool, dask: str | None = None,
+                        pool: Executor | None = None) -> WriteResult:
     """The write pass (`write_pass`'s shards, tallies and result) mapped over the main then gold input files on
-    `workers` processes or a Dask cluster; `fitted_source` is where workers load the fitted statistics from
-    ((folder, manifest entry) or None for none)."""
+    `workers` processes or a Dask cluster (on `pool` when given); `fitted_source` is where workers load the
+    fitted statistics from ((folder, manifest entry) or None for none)."""
     t0 = time.perf_counter()
     data = plan.cfg
     role = inputs.role
@@ -486,7 +488,7 @@ def parallel_write_pass(plan: Plan, inputs: Inputs, fitted_source: tuple[Path, d
     part_dir.mkdir(exist_ok=True)
     known = _load_counts(work, len(files))
     n_proc = min(workers, len(files))
-    with executor(n_proc, dask) as pool:
+    with nullcontext(pool) if pool is not None else executor(n_proc, dask) as pool:
         if inputs.row_count is None and role == "train" and data.split.mode == "tail" and data.split.val_ratio > 0:
             inputs.row_count = sum(f.result() for f in [pool.submit(count_rows, data, [p]) for p in inputs.main])
         guess: dict[int, Future[Any]] = {}
