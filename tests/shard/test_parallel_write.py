@@ -68,6 +68,23 @@ def test_criteo_files_and_gold_give_the_same_cache(tmp_path: Path) -> None:
     fit = ("data.categorical.mode=vocab", "data.categorical.min_count=2", "data.numeric.impute=mean",
            "data.numeric.standardize=true", "data.numeric.missing_indicator=true", "data.folds.mode=plain")
     _same_for_1_2_3_workers(tmp_path, "vocab", criteo_cfg(*skip, *fit), parts, gold)
+    # no statistics pass, no folds: starts are guessed from line counts, wrong after the skipped lines, and the
+    # files after them are written again from their true start
+    _same_for_1_2_3_workers(tmp_path, "guess", criteo_cfg(*skip, "data.folds.n_splits=0", "data.split.mode=tail",
+                                                          "data.split.val_ratio=0.2"), parts, gold)
+
+
+def test_test_role_with_stats_from_gives_the_same_cache(tmp_path: Path) -> None:
+    # unlabelled test files: positional ids from id_offset, statistics loaded by the workers from the train cache
+    cfg = criteo_cfg("data.categorical.mode=vocab", "data.numeric.impute=mean", "data.id_offset=1000")
+    train = [write_criteo_tsv(tmp_path / f"day_{i}.tsv", 60, seed=i) for i in range(2)]
+    build_shards(cfg, train, tmp_path / "train", progress=False)
+    test = [write_criteo_tsv(tmp_path / f"test_{i}.tsv", n, seed=10 + i, labels=False)
+            for i, n in enumerate([30, 7, 41])]
+    for workers in (1, 2):
+        build_shards(cfg, test, tmp_path / f"test{workers}", stats_from=tmp_path / "train", role="test",
+                     progress=False, workers=workers)
+    assert _digest(tmp_path / "test2") == _digest(tmp_path / "test1")
 
 
 def _varied_ids(path: Path) -> Path:
