@@ -91,11 +91,11 @@ class _Files:
             self.handles[group] = entry = (fh, header, arr.dtype)
         _write_rows(entry[0], arr, self.scratch)
 
-    def finish(self, shapes: dict[str, tuple[int, ...]], whole: Arrays, final: Path | None = None) -> None:
-        """Fix headers of a short last shard, write the in-memory groups, then rename into place (`final`,
+    def finish(self, shapes: dict[str, tuple[int, ...]], whole: Arrays, dest: Path | None = None) -> None:
+        """Fix headers of a short last shard, write the in-memory groups, then rename into place (`dest`,
         by default the shard's own name)."""
-        if final is not None:
-            self.final = final
+        if dest is not None:
+            self.final = dest
         for group, (fh, header, dtype) in self.handles.items():
             final = npy_header(shapes[group], dtype)
             if final != header:
