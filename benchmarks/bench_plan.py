@@ -1,7 +1,7 @@
 """Benchmark: `ctrpipe plan`'s memory estimate against the measured peak of a short real run, per model family.
 
 Usage: python benchmarks/bench_plan.py [--rows 200000] [--bins 100000] [--steps 30]
-           [--models dnn dcnv2 autoint ft_transformer] [--work .bench/plan]
+           [--models dnn dcnv2 autoint ft_transformer] [--work .bench/plan] [--set KEY=VALUE ...]
 
 Builds a synthetic Criteo cache (`ctrpipe synth`, `cfgs/criteo.yaml` with data.hash_bins=BINS, no folds),
 then for each model runs `ctrpipe train --cfg cfgs/criteo_<model>.yaml` as it ships (batch 4096, lazy_adam,
@@ -99,14 +99,15 @@ def prepare(work: Path, rows: int, bins: int) -> Path:
     return shards
 
 
-def measure(model: str, shards: Path, work: Path, steps: int) -> dict[str, float]:
+def measure(model: str, shards: Path, work: Path, steps: int, sets: list[str]) -> dict[str, float]:
     runs = work / "runs"
     run_dir = runs / f"criteo_{model}"
     if run_dir.exists():
         import shutil
         shutil.rmtree(run_dir)
     args = ["--cfg", str(REPO / "cfgs" / f"criteo_{model}.yaml"), "--shards", str(shards), "--runs", str(runs),
-            "-q", "--set", f"train.max_steps={steps}", "--set", "train.device=cpu"]
+            "-q", "--set", f"train.max_steps={steps}", "--set", "train.device=cpu",
+            *(x for s in sets for x in ("--set", s))]
     res = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"})
     if res.returncode != 0:
@@ -116,7 +117,8 @@ def measure(model: str, shards: Path, work: Path, steps: int) -> dict[str, float
     from ctrpipe.config import load_config
     from ctrpipe.tools.planner import estimate
 
-    cfg = load_config(REPO / "cfgs" / f"criteo_{model}.yaml", [f"train.max_steps={steps}", "train.device=cpu"])
+    cfg = load_config(REPO / "cfgs" / f"criteo_{model}.yaml", [f"train.max_steps={steps}", "train.device=cpu",
+                                                              *sets])
     t0 = time.perf_counter()
     plan = estimate(cfg, shards, "cpu", memory=1 << 50)
     return {**measured, "estimate": plan.peak(), "plan_seconds": time.perf_counter() - t0,
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--work", type=Path, default=REPO / ".bench" / "plan")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="a config override for every model's run and plan, e.g. --set train.amp=off")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     shards = prepare(a.work, a.rows, a.bins)
@@ -146,7 +150,7 @@ def main() -> None:
           " train s | plan s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for model in a.models:
-        r = measure(model, shards, a.work, a.steps)
+        r = measure(model, shards, a.work, a.steps, a.sets)
         print(f"| {model} | {r['estimate'] / mb:.0f} ({r['resident'] / mb:.0f} / {r['step'] / mb:.0f} / "
               f"{r['eval'] / mb:.0f} / {r['checkpoint'] / mb:.0f}; {r['working'] / mb:.0f}) | {r['anon'] / mb:.0f} | "
               f"{r['hwm'] / mb:.0f} | "

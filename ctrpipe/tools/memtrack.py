@@ -203,14 +203,18 @@ def fold_ids(batch: Batch) -> Batch:
 
 
 def measure_step_memory(cfg: RunConfig, spec: FeatureSpec, rows: Batch, sizes: tuple[int, ...],
-                        device: torch.device, amp: str | None = None) -> StepMemory:
+                        device: torch.device, amp: str | None = None, eval_amp: str | None = None) -> StepMemory:
     """Measure a training step and an evaluation forward at each batch size in `sizes` (rows are cut from
-    `rows`, a CPU batch of real cache rows) and fit the linear cost per row."""
+    `rows`, a CPU batch of real cache rows) and fit the linear cost per row.
+
+    `eval_amp`: the evaluation forward's precision when it differs from the steps' (`train.amp=auto` trains in
+    bf16 where that is faster but predicts in fp32, whose activations are twice as large)."""
     from ctrpipe.train.loop import train_step
     from ctrpipe.train.objective import Objective, build_tasks
     from ctrpipe.train.optim import build_optimizers
 
     amp = cfg.train.amp if amp is None else amp
+    eval_amp = amp if eval_amp is None else eval_amp
     train_cfg = dataclasses.replace(cfg.train, amp=amp, grad_diagnostics_every=0)
     sspec = small_spec(spec)
     with torch.random.fork_rng(devices=[]):
@@ -232,7 +236,7 @@ def measure_step_memory(cfg: RunConfig, spec: FeatureSpec, rows: Batch, sizes: t
 
             def one_eval(batch: Batch = batch) -> None:
                 model.eval()
-                with torch.no_grad(), autocast(device, amp):
+                with torch.no_grad(), autocast(device, eval_amp):
                     as_output(model(batch)).logits.float().cpu()
 
             one_step()                    # optimiser state and the gradients a step leaves exist from here on

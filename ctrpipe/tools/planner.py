@@ -16,7 +16,7 @@ from rich.table import Table
 
 from ctrpipe.config import RunConfig, load_config
 from ctrpipe.console import console
-from ctrpipe.device import model_family, resolve_amp
+from ctrpipe.device import model_family, predict_amp, resolve_amp
 from ctrpipe.errors import ConfigError, SchemaError, human_bytes
 from ctrpipe.models.heads import heads_of
 from ctrpipe.models.layers.embedding import split_parameters
@@ -76,14 +76,18 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
     sample = read_sample(shards, cfg, max(min(rows_read, SAMPLE_ROWS), sizes[-1]))
     tables = tuple(table_use(model, spec, sample, rows_read))
     measure_on = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-    if cfg.train.amp == "auto":
+    auto = cfg.train.amp == "auto"
+    if auto:
         # what training on this machine would pick; planning a GPU from a machine without one assumes fp32,
         # the larger of the two footprints
         amp = resolve_amp("auto", measure_on, model_family(cfg.model.name, cfg.model.params)).precision \
             if measure_on.type == device else "off"
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp=amp))
     amps = [cfg.train.amp] + (["bf16"] if cfg.train.amp == "off" else [])
-    step_memory = {a: measure_step_memory(cfg, spec, sample, sizes, measure_on, amp=a) for a in amps}
+    # under auto, evaluation runs in fp32 whatever the steps use (device.predict_amp)
+    step_memory = {a: measure_step_memory(cfg, spec, sample, sizes, measure_on, amp=a,
+                                          eval_amp=predict_amp("auto") if auto and a == cfg.train.amp else a)
+                   for a in amps}
     val_rows = manifest.rows.get("val", 0) if not cfg.cv.n_splits else manifest.rows.get("train", 0) // cfg.cv.n_splits
     inp = Inputs(cfg=cfg, manifest=manifest, shards=shards, spec=spec, device=device, tables=tables,
                  dense=_dense_counts(model), step_memory=step_memory,

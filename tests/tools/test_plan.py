@@ -161,6 +161,22 @@ def test_working_set_between_live_bytes_and_their_sum(caches: dict[int, Path]) -
     assert max(step, forward) * 0.9 <= plan.working <= (step + forward) * 1.2
 
 
+def test_evaluation_is_measured_in_the_precision_it_runs(caches: dict[int, Path]) -> None:
+    """train.amp=auto trains in bf16 where that is faster but predicts in fp32: the evaluation forward is
+    measured in fp32 then, and its fp32 activations are about twice the bf16 ones."""
+    from ctrpipe.tools.memtrack import measure_step_memory
+    from ctrpipe.tools.touched import read_sample
+
+    cfg = load_config(REPO / "cfgs" / "criteo_ft_transformer.yaml", small("ft_transformer"))
+    spec = read_manifest(caches[500]).feature_spec()
+    sample = read_sample(caches[500], cfg, 1024)
+    cpu = torch.device("cpu")
+    both = measure_step_memory(cfg, spec, sample, (256, 1024), cpu, amp="bf16")
+    fp32_eval = measure_step_memory(cfg, spec, sample, (256, 1024), cpu, amp="bf16", eval_amp="off")
+    assert fp32_eval.step.at(4096) == pytest.approx(both.step.at(4096), rel=0.05)
+    assert fp32_eval.eval.at(4096) > 1.5 * both.eval.at(4096)
+
+
 def test_linear_fit() -> None:
     f = Linear.fit([(256, 1000 + 256 * 10), (1024, 1000 + 1024 * 10)])
     assert f.at(4096) == 1000 + 4096 * 10
