@@ -75,10 +75,10 @@ def shard(
     test: bool = typer.Option(False, "--test", help="input is test data: every row goes to the test split"),
     bad_rows: Optional[str] = typer.Option(None, "--bad-rows", help="error | skip"),  # noqa: UP045
     force: bool = typer.Option(False, "--force", help="rebuild even if a matching cache exists"),
-    workers: int = typer.Option(1, "--workers", help="processes for the statistics pass over the input files "
-                                                     "(same cache for any value)"),
+    workers: int = typer.Option(1, "--workers", help="processes for both passes (statistics, shards), one "
+                                                     "input file per task (same cache for any value)"),
     dask: Optional[str] = typer.Option(None, "--dask",  # noqa: UP045
-                                       help="run that pass on Dask instead: 'local' (a local cluster of "
+                                       help="run them on Dask instead: 'local' (a local cluster of "
                                             "--workers processes) or a scheduler address, tcp://host:8786; "
                                             "workers must see the inputs and --out (shared filesystem)"),
     quiet: bool = QuietOpt,
