@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from raw_inputs import write_criteo_tsv, write_parquet
 
-from ctrpipe.errors import InputFormatError
+from ctrpipe.errors import ConfigError, InputFormatError
 from ctrpipe.shard.build import build_shards
+from ctrpipe.shard.parallel import WriteTask, write_partition
 from tests.shard.helpers import CRITEO_CFG, criteo_cfg, parquet_cfg
 
 
@@ -179,3 +180,10 @@ def test_dask_local_cluster_writes_the_same_cache(tmp_path: Path) -> None:
     build_shards(criteo_cfg(), parts, tmp_path / "one", gold=gold, progress=False)
     build_shards(criteo_cfg(), parts, tmp_path / "dask", gold=gold, progress=False, workers=2, dask="local")
     assert _digest(tmp_path / "dask") == _digest(tmp_path / "one")
+
+
+def test_a_write_worker_without_the_shard_directory_says_so(tmp_path: Path) -> None:
+    part = write_criteo_tsv(tmp_path / "day_0.tsv", 20)
+    task = WriteTask(0, part, False, 0, 0, {}, tmp_path / "elsewhere" / "partitions" / "p00000_0_0_0")
+    with pytest.raises(ConfigError, match="does not see the shard directory"):
+        write_partition(criteo_cfg().data, part, "train", None, None, False, None, task)
