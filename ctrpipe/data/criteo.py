@@ -412,8 +412,10 @@ class CriteoReader:
         if bad >= 0:
             return None
         names = self.columns
-        cols: dict[str, np.ndarray] = {c: numeric[j] for j, c in enumerate(names[:n_num]) if c in self.keep}
-        cols.update({hashed_name(c): hashes[k] for k, c in enumerate(names[n_num:]) if c in self.hash_seeds})
+        # a list of Series: a dict of arrays costs polars more per column (a fixed cost per chunk that
+        # dominates a few-row chunk, as in serving)
+        cols = [pl.Series(c, numeric[j]) for j, c in enumerate(names[:n_num]) if c in self.keep]
+        cols += [pl.Series(hashed_name(c), hashes[k]) for k, c in enumerate(names[n_num:]) if c in self.hash_seeds]
         return pl.DataFrame(cols)
 
     # -- field counts
@@ -525,8 +527,9 @@ class CriteoReader:
                       ) -> tuple[pl.DataFrame, np.ndarray | None, list[BadRow]]:
         if not self.has_labels:
             return frame, line_idx, []
-        y = frame[CRITEO_LABEL]
-        badmask = ~(y.is_in([0.0, 1.0]).fill_null(False)).to_numpy()
+        y = frame[CRITEO_LABEL]                                 # Float64: a null reads as NaN, which is bad
+        yv = y.to_numpy()
+        badmask = (yv != 0.0) & (yv != 1.0)
         if not badmask.any():
             return frame, line_idx, []
         idx = np.arange(frame.height) if line_idx is None else line_idx
@@ -543,10 +546,11 @@ class CriteoReader:
 
     def _finish(self, frame: pl.DataFrame) -> pl.DataFrame:
         """Kept columns in `keep` order: labels as Float32, categoricals as text or (kernel) hashes."""
-        cols = [hashed_name(c) if hashed_name(c) in frame.columns else c for c in self.keep
-                if c in frame.columns or hashed_name(c) in frame.columns]
-        exprs = [pl.col(c).cast(pl.Float32) if c == CRITEO_LABEL else pl.col(c) for c in cols]
-        return frame.select(exprs)
+        have = set(frame.columns)
+        cols = [hashed_name(c) if hashed_name(c) in have else c for c in self.keep
+                if c in have or hashed_name(c) in have]
+        # Series, not frame.select: a select runs a lazy query, a fixed cost that dominates a few-row chunk
+        return pl.DataFrame([frame[c].cast(pl.Float32) if c == CRITEO_LABEL else frame[c] for c in cols])
 
 
 def criteo_text_chunk(cfg: DataConfig, data: bytes, source: Path, keep: list[str],

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ctrpipe.data.chunks import column_hashes
+from ctrpipe.data.chunks import column_hashes, hashed_name
 from ctrpipe.data.config import CovisitConfig, DataConfig, TokenColumnConfig
 from ctrpipe.data.covisit import ContextTokens, covisit_features
 from ctrpipe.data.fitted import Fitted, VocabTable, safe_name
@@ -247,6 +247,9 @@ def vocab_keys(plan: Plan, frame: pl.DataFrame, categorical: str) -> np.ndarray:
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+_STACK_VALUES = 1 << 16     # ChunkTransformer._categoricals: hashed columns together up to this many values
+
+
 class ChunkTransformer:
     """Applies a plan with fixed fitted statistics to chunks; `loo_fitted` says whether train rows of this
     build were themselves counted (co-visitation leave-one-out)."""
@@ -297,8 +300,7 @@ class ChunkTransformer:
             out["numeric"] = num
         if plan.categorical:
             cat = np.empty((len(plan.categorical), n), dtype=np.int32)    # (Fc, N): contiguous writes
-            for j, c in enumerate(plan.categorical):
-                cat[j] = self._categorical(frame, c)
+            self._categoricals(frame, cat)
             out["categorical"] = cat.T          # (N, Fc) view, column-major like "numeric" (see above)
         for tc in plan.tokens:
             tokens, lengths, weights = tokens_to_ids(frame[tc.column], tc.separator, tc.max_len,
@@ -311,6 +313,24 @@ class ChunkTransformer:
             if tc.weighted:
                 out[f"{stem}.weights"] = np.asarray(weights, dtype=np.float32)
         return out, missing_counts
+
+    def _categoricals(self, frame: pl.DataFrame, cat: np.ndarray) -> None:
+        """cat[j] = ids of plan.categorical[j]. In a small chunk (serving's few rows) the columns a reader
+        delivered already hashed (the Criteo kernel) go through `ids_from_hashes` together, one (k * N,) array
+        per bin count: per column, its fixed cost of a dozen numpy calls would dominate. Same ids either way;
+        large chunks go per column, without the (k, N) copy."""
+        plan = self.plan
+        have = set(frame.columns)
+        together: dict[int, list[int]] = {}
+        small = frame.height * len(plan.categorical) <= _STACK_VALUES
+        for j, c in enumerate(plan.categorical):
+            if small and plan.cfg.categorical.mode != "vocab" and c not in have and hashed_name(c) in have:
+                together.setdefault(plan.cat_bins(c, self.fitted), []).append(j)
+            else:
+                cat[j] = self._categorical(frame, c)
+        for bins, js in together.items():
+            h = np.stack([frame[hashed_name(plan.categorical[j])].to_numpy() for j in js]).reshape(-1)
+            cat[js] = ids_from_hashes(h, h == 0, bins).reshape(len(js), -1)     # column_hashes: 0 = missing
 
     def _categorical(self, frame: pl.DataFrame, name: str) -> np.ndarray:
         seed = self.plan.seed(name)

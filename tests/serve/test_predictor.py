@@ -69,6 +69,28 @@ def criteo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {**w, "test": root / "d" / "test.tsv"}
 
 
+def test_small_chunks_hash_columns_together(criteo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transform's small-chunk path (the Criteo kernel's hashed columns mapped to ids together, which
+    serving's few-row calls take) gives the arrays of its per-column path (the large chunks of a build)."""
+    from ctrpipe import Predictor
+    from ctrpipe.serve.rows import rows_chunk
+    from ctrpipe.shard import transform
+
+    p = Predictor.load(criteo["run"])
+    lines = criteo["test"].read_text().splitlines()
+    chunk = rows_chunk(p.plan.cfg, p.plan.columns, lines)
+    from ctrpipe.data.chunks import HASHED_PREFIX
+
+    assert any(c.startswith(HASHED_PREFIX) for c in chunk.frame.columns), "no column came hashed: nothing to compare"
+    split = np.zeros(chunk.frame.height, dtype=np.int8)
+    together, _ = p.transformer.transform(chunk.frame, split)
+    monkeypatch.setattr(transform, "_STACK_VALUES", 0)
+    per_column, _ = p.transformer.transform(chunk.frame, split)
+    assert together.keys() == per_column.keys()
+    for k in together:
+        assert np.array_equal(together[k], per_column[k]), k
+
+
 def test_criteo_lines_with_and_without_labels(criteo: dict[str, Path]) -> None:
     from ctrpipe import Predictor
 
