@@ -17,9 +17,12 @@ rank_avg are refused (rank_avg needs the whole set).
   (`pip install 'ctrpipe[onnx]'`: onnx, onnxscript, onnxruntime).
 
 Every model family exports in both formats: under tracing and torch.export the layers' hand-written autograd
-Functions give way to plain torch ops (models/layers/fused.py::eager_kernels); the errors below catch any
-new one. Files are written into a temporary folder inside --out and moved into place when complete, model.json
-last, so a failed export leaves no model file that looks complete.
+Functions give way to plain torch ops (models/layers/fused.py::eager_kernels), and under torch.export the
+multi-hot / sequence bags are a gather and a weighted sum instead of an embedding bag, which onnxscript lowers
+to a loop with one step per bag (models/layers/embedding.py); the errors below catch any new obstacle.
+
+Files are written into a temporary folder inside --out and moved into place when complete, model.json last,
+so a failed export leaves no model file that looks complete.
 
 Embedding tables are exported whole. Exporting only the rows training touched is not sound (see
 `embedding_tables`): model.json reports each table's size and how many of its rows training changed.

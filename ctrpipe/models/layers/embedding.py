@@ -179,9 +179,15 @@ class _TableGroup(nn.Module):
             starts.append(torch.arange(n_rows, device=tok.device) * width + pos)
             counts.append(valid.sum(dim=1) if f.mean else torch.ones_like(tok[:, 0]))
             pos += n_rows * width
-        out = nn.functional.embedding_bag(torch.cat(idx), weight, torch.cat(starts), mode="sum", sparse=sparse,
-                                          per_sample_weights=torch.cat(weights), padding_idx=pad)
-        out = out.view(len(fields), -1, out.shape[-1]).transpose(0, 1)   # (B, Fb, D)
+        if torch.compiler.is_exporting():
+            # ONNX has no embedding bag (onnxscript lowers one to a loop with one step per bag, i.e. per row and
+            # field): a gather and a weighted sum over each field's padded width give the same sums
+            out = torch.stack([(nn.functional.embedding(i.view(n_rows, -1), weight) * w.view(n_rows, -1, 1)).sum(1)
+                               for i, w in zip(idx, weights, strict=True)], dim=1)      # (B, Fb, D)
+        else:
+            out = nn.functional.embedding_bag(torch.cat(idx), weight, torch.cat(starts), mode="sum",
+                                              sparse=sparse, per_sample_weights=torch.cat(weights), padding_idx=pad)
+            out = out.view(len(fields), -1, out.shape[-1]).transpose(0, 1)   # (B, Fb, D)
         if any(f.mean for f in fields):   # mean of (weight *) vector over non-padding tokens; empty bag -> 0
             out = out / torch.stack(counts, dim=1).clamp(min=1).unsqueeze(-1).to(dtype)
         return out
