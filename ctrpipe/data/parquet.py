@@ -150,7 +150,8 @@ class ParquetChunker:
         if self.has_labels:
             for c in self.rc.labels:
                 y = frame[c].cast(pl.Float64)
-                wrong = ~y.is_in([0.0, 1.0]).fill_null(False).to_numpy()
+                yv = y.to_numpy()                   # null reads as NaN, which is wrong too; numpy: no lazy query
+                wrong = (yv != 0.0) & (yv != 1.0)
                 self._flag(wrong, keep, bad, row0, c, "bad label",
                            lambda i, c=c: InputFormatError(
                                f"label {frame[c][i]!r} is not 0 or 1", where=location(self.path, row=row0 + i,

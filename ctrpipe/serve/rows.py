@@ -139,7 +139,8 @@ def _parquet_chunk(rc: ResolvedColumns, table: pa.Table) -> RawChunk:
     if rc.id and rc.id not in table.column_names:
         rc = dataclasses.replace(rc, id=None)      # ids are for submissions; serving needs none
     has_labels = check_schema(SOURCE, table.schema, rc, require_labels=False)
-    table = table.select([c for c in rc.raw_columns() if c in table.column_names]).combine_chunks()
+    have = set(table.column_names)         # a pyarrow property that builds its list on every read
+    table = table.select([c for c in rc.raw_columns() if c in have]).combine_chunks()
     chunker = ParquetChunker(SOURCE, table.schema, rc, has_labels, "error")
     return chunker.chunk(table.to_batches()[0], 0, 0)
 
