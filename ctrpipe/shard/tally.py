@@ -29,9 +29,9 @@ class GroupStats:
 
     def update(self, values: np.ndarray, missing: np.ndarray | None = None) -> None:
         """values: (N, F) or (N,) finite output values; missing: (F,) counts of rows missing in the input."""
-        v = values.reshape(len(values), -1)
-        if len(v) == 0:
+        if len(values) == 0:        # a chunk whose rows were all skipped; reshape(0, -1) cannot infer F
             return
+        v = values.reshape(len(values), -1)
         self.n += len(v)
         self.lo = np.minimum(self.lo, v.min(axis=0))
         self.hi = np.maximum(self.hi, v.max(axis=0))

@@ -187,3 +187,14 @@ def test_a_write_worker_without_the_shard_directory_says_so(tmp_path: Path) -> N
     task = WriteTask(0, part, False, 0, 0, {}, tmp_path / "elsewhere" / "partitions" / "p00000_0_0_0")
     with pytest.raises(ConfigError, match="does not see the shard directory"):
         write_partition(criteo_cfg().data, part, "train", None, None, False, None, task)
+
+
+def test_a_file_whose_rows_are_all_skipped_builds(tmp_path: Path) -> None:
+    """A chunk left with no rows after skipping bad ones adds nothing to the column tallies (it used to fail
+    reshaping a zero-row array), in one process and on workers alike."""
+    parts = [write_parquet(tmp_path / f"part-{i}.parquet", n, seed=i) for i, n in enumerate([60, 7, 40])]
+    _bad_labels(parts[1], list(range(7)))
+    cfg = parquet_cfg("data.chunk_rows=29", "data.bad_rows=skip")
+    _same_for_1_2_3_workers(tmp_path, "allbad", cfg, parts, [])
+    m = json.loads((tmp_path / "allbad1" / "manifest.json").read_text())
+    assert m["bad_rows"]["skipped"] == 7 and m["rows"]["total"] == 100
