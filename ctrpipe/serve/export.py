@@ -22,7 +22,8 @@ multi-hot / sequence bags are a gather and a weighted sum instead of an embeddin
 to a loop with one step per bag (models/layers/embedding.py); the errors below catch any new obstacle.
 
 Files are written into a temporary folder inside --out and moved into place when complete, model.json last,
-so a failed export leaves no model file that looks complete.
+so a failed export leaves no model file that looks complete. model.json describes the latest export and, under
+"exports", the other format's export of the same checkpoints when it is in the folder.
 
 Embedding tables are exported whole. Exporting only the rows training touched is not sound (see
 `embedding_tables`): model.json reports each table's size and how many of its rows training changed.
@@ -33,12 +34,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,9 +166,18 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
         doc = describe(p, fmt)
         doc["files"] = files
         doc["embedding_tables"] = embedding_tables(p, [load_checkpoint(c) for c in find_checkpoints(run)])
+        doc["source"] = _source(run)
+        doc["exports"] = {fmt: {"file": FORMATS[fmt], "files": files, "call": CALLS[fmt]}}
+        # the other format's export of the same checkpoints, when it is in the folder, stays listed: one
+        # model.json describes both (everything but the model file and its call is the same)
+        prev = _read_json(out / "model.json")
+        if prev is not None and prev.get("source") == doc["source"]:
+            for other, entry in dict(prev.get("exports") or {}).items():
+                if other != fmt and all((out / n).is_file() for n in entry.get("files", ())):
+                    doc["exports"][other] = entry
         write_json_atomic(tmp / "model.json", doc)
         # the model's files first, model.json last; a weights file of an earlier export that this one does
-        # not have would be read by nothing, but is removed so the folder holds one export
+        # not have would be read by nothing, so it goes
         for stale in (out / f"{FORMATS[fmt]}.data",):
             if stale.name not in files:
                 stale.unlink(missing_ok=True)
@@ -173,6 +185,20 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
             os.replace(tmp / name, out / name)
         os.replace(tmp / "model.json", out / "model.json")
     return out / FORMATS[fmt]
+
+
+def _source(run: Path) -> dict[str, object]:
+    """The run folder and its checkpoints (name, size, modification time): what an export was made from."""
+    return {"run": str(run.resolve()),
+            "checkpoints": [[c.name, c.stat().st_size, c.stat().st_mtime_ns] for c in find_checkpoints(run)]}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def export_torchscript(run: Path, out: Path, rows: object = None) -> Path:

@@ -183,8 +183,26 @@ def test_failed_export_leaves_no_model(runs: Callable[[str], Path], tmp_path: Pa
 
     out = tmp_path / "export"
     export.export_model(runs("dnn"), out, "torchscript")
+    assert list(json.loads((out / "model.json").read_text())["exports"]) == ["torchscript"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(export, "ONNX_TOL", -1.0)              # no difference passes: the check must fail
     with pytest.raises(ConfigError, match="does not reproduce it"):
         export.export_model(runs("dnn"), out, "onnx")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_both_formats_in_one_folder(runs: Callable[[str], Path], tmp_path: Path) -> None:
+    """model.json lists both exports of the same checkpoints in one folder; a retrained run drops the other."""
+    pytest.importorskip("onnxruntime", reason="the ctrpipe[onnx] extra")
+    from ctrpipe.serve.export import export_model
+
+    out = tmp_path / "export"
+    export_model(runs("dnn"), out, "torchscript")
+    export_model(runs("dnn"), out, "onnx")
+    doc = json.loads((out / "model.json").read_text())
+    assert doc["format"] == "onnx" and doc["exports"]["onnx"]["files"] == ["model.onnx"]
+    assert doc["exports"]["torchscript"]["file"] == "model.pt" and (out / "model.pt").is_file()
+    ckpt = next(runs("dnn").glob("*.pt"))
+    ckpt.touch()           # as a new training would leave it: the model.pt above is no longer of these weights
+    export_model(runs("dnn"), out, "onnx")
+    assert list(json.loads((out / "model.json").read_text())["exports"]) == ["onnx"]
