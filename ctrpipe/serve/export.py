@@ -208,7 +208,7 @@ def export_torchscript(run: Path, out: Path, rows: object = None) -> Path:
 
 def _torchscript(p: Predictor, run: Path, module: ServingModule, inputs: tuple[Tensor, ...], dest: Path) -> None:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet():     # TracerWarnings: the parity tests check what they warn about
             traced = torch.jit.trace(module, (inputs,), check_trace=False)
     except RuntimeError as exc:
         if "Could not export Python function call" not in str(exc):
