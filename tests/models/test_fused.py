@@ -154,8 +154,8 @@ def test_small_attention_gradcheck():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_small_attention_in_chunks_matches_sdpa(dtype: torch.dtype):
-    # 40 fields, 1 head: chunks of 327 rows, so 700 rows take three chunks (the last one short)
-    B, F_, H, hd = 700, 40, 1, 4
+    # 40 fields, 1 head: chunks of 655 rows, so 1400 rows take three chunks (the last one short)
+    B, F_, H, hd = 1400, 40, 1, 4
     assert len(_chunks(B, H, F_)) == 3
     qkv = torch.randn(B, F_, 3, H, hd, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_(True)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)

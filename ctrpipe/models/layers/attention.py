@@ -40,57 +40,58 @@ class _SmallAttention(torch.autograd.Function):
 
     SDPA's fused CPU kernel is tiled for long sequences and spends most of its time on per-(row, head)
     overhead at a few dozen fields, in bf16 several times more than in fp32 (A/B figures: benchmarks/RESULTS.md,
-    bench_kernels.py). Here the rows go through in chunks whose (rows * H, F, F) scores stay in the cache:
-    batched GEMMs (oneDNN's in bf16) and the softmax and its backward in fp32 (torch's bf16 softmax over a
+    bench_kernels.py). Here the rows go through in chunks whose (rows, F, F) scores stay in the cache, one head
+    at a time: batched GEMMs (oneDNN's in bf16) straight on strided views of the projection's output -- each
+    head's (rows, F, hd) slice of q, k or v is a valid GEMM operand with a row stride of 3 * H * hd -- so q, k
+    and v are never permuted into (row, head)-major copies (that copy, and the one putting the gradient back,
+    cost more than the GEMMs at hd = 8). The softmax and its backward run in fp32 (torch's bf16 softmax over a
     short last dim is several times slower). The attention weights are kept for the backward in the input's
-    dtype (B * H * F * F values per layer: cheaper than computing them again). q is scaled once, in the one
-    copy that puts q, k, v in (row, head)-major order.
+    dtype (B * H * F * F values per layer: cheaper than computing them again), and so is qkv itself.
     """
 
     @staticmethod
     def forward(ctx: Any, qkv: Tensor) -> Tensor:
         B, F_, _, H, hd = qkv.shape
-        # (3, B*H, F, hd): always a copy (a reshape can be a view of qkv, e.g. at H = 1), scaled in place
-        t = qkv.permute(2, 0, 3, 1, 4).clone(memory_format=torch.contiguous_format).view(3, B * H, F_, hd)
-        t[0].mul_(hd ** -0.5)                                        # q / sqrt(hd)
-        q, k, v = t.unbind(0)
-        out = torch.empty_like(q)                                    # (B*H, F, hd)
-        weights = q.new_empty(B * H, F_, F_)                         # softmax(q k^T), kept for the backward
-        acc = torch.promote_types(t.dtype, torch.float32)            # the softmax's dtype
+        scale = hd ** -0.5
+        acc = torch.promote_types(qkv.dtype, torch.float32)          # the softmax's dtype
+        out = qkv.new_empty(B, F_, H, hd)
+        weights = qkv.new_empty(H, B, F_, F_)                        # softmax(q k^T), kept for the backward
         for a, b in _chunks(B, H, F_):
-            weights[a:b] = torch.bmm(q[a:b], k[a:b].transpose(1, 2)).to(acc).softmax(dim=-1)   # (n, F, F)
-            torch.bmm(weights[a:b], v[a:b], out=out[a:b])
-        ctx.save_for_backward(t, weights)
-        return out.view(B, H, F_, hd).transpose(1, 2).reshape(B, F_, H * hd)
+            for h in range(H):
+                q, k, v = qkv[a:b, :, 0, h], qkv[a:b, :, 1, h], qkv[a:b, :, 2, h]     # (n, F, hd) views
+                weights[h, a:b] = torch.bmm(q, k.transpose(1, 2)).to(acc).mul_(scale).softmax(dim=-1)
+                out[a:b, :, h] = torch.bmm(weights[h, a:b], v)
+        ctx.save_for_backward(qkv, weights)
+        return out.view(B, F_, H * hd)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        t, weights = ctx.saved_tensors
-        _, BH, F_, hd = t.shape
-        B = grad.shape[0]
-        H = BH // B
-        q, k, v = t.unbind(0)
-        g = grad.reshape(B, F_, H, hd).transpose(1, 2).reshape(BH, F_, hd)    # dL/d out per (row, head)
-        d = torch.empty_like(t)                                      # (3, B*H, F, hd): dq, dk, dv
-        acc = torch.promote_types(t.dtype, torch.float32)
+        qkv, weights = ctx.saved_tensors
+        B, F_, _, H, hd = qkv.shape
+        scale = hd ** -0.5
+        acc = torch.promote_types(qkv.dtype, torch.float32)
+        g = grad.reshape(B, F_, H, hd)                               # dL/d out per head: (n, F, hd) views
+        d = torch.empty_like(qkv)                                    # dq, dk, dv in qkv's layout
         for a, b in _chunks(B, H, F_):
-            w = weights[a:b]                                         # (n, F, F)
-            d_weights = torch.bmm(g[a:b], v[a:b].transpose(1, 2)).to(acc)
-            d_scores = torch._softmax_backward_data(d_weights, w.to(acc), -1, acc).to(t.dtype)
-            torch.bmm(d_scores, k[a:b], out=d[0, a:b])
-            torch.bmm(d_scores.transpose(1, 2), q[a:b], out=d[1, a:b])     # q is scaled: dk needs no scale
-            torch.bmm(w.transpose(1, 2), g[a:b], out=d[2, a:b])
-        d[0].mul_(hd ** -0.5)
-        return d.view(3, B, H, F_, hd).permute(1, 3, 0, 2, 4).reshape(B, F_, 3, H, hd)
+            for h in range(H):
+                q, k, v = qkv[a:b, :, 0, h], qkv[a:b, :, 1, h], qkv[a:b, :, 2, h]
+                gh, w = g[a:b, :, h], weights[h, a:b]
+                d_weights = torch.bmm(gh, v.transpose(1, 2)).to(acc)
+                # the scores were scaled after q k^T, so both dq and dk carry the scale
+                d_scores = torch._softmax_backward_data(d_weights, w.to(acc), -1, acc).mul_(scale).to(qkv.dtype)
+                d[a:b, :, 0, h] = torch.bmm(d_scores, k)
+                d[a:b, :, 1, h] = torch.bmm(d_scores.transpose(1, 2), q)
+                d[a:b, :, 2, h] = torch.bmm(w.transpose(1, 2), gh)
+        return d
 
 
-CHUNK_SCORES = 1 << 19   # scores per chunk (2 MiB in fp32): a chunk's scores and their gradient stay in the cache
+CHUNK_SCORES = 1 << 20   # scores per chunk over its heads (4 MiB in fp32): one head's scores stay in the cache
 
 
 def _chunks(B: int, H: int, F_: int) -> list[tuple[int, int]]:
-    """[start, end) ranges over the B*H (row, head) pairs, whole rows, about CHUNK_SCORES scores each."""
+    """[start, end) row ranges, about CHUNK_SCORES scores (over all H heads) each."""
     rows = max(1, CHUNK_SCORES // (H * F_ * F_))
-    return [(a * H, min(B, a + rows) * H) for a in range(0, B, rows)]
+    return [(a, min(B, a + rows)) for a in range(0, B, rows)]
 
 
 class AutoIntLayer(nn.Module):
