@@ -41,7 +41,7 @@ PEER_VENV = ROOT / ".bench" / "peers-venv"
 PEER_PY = PEER_VENV / "bin" / "python"
 MODELS = ("dnn", "deepfm", "dcnv2")
 # the rest of ctrpipe's zoo, trained with the same data and settings (autoint: DeepCTR-Torch only)
-ZOO_ONLY = ("dcn", "autoint", "ft_transformer")
+ZOO_ONLY = ("dcn", "autoint", "ft_transformer", "qnn_alpha")
 PEERS = {"deepctr": "deepctr_run.py", "fuxictr": "fuxictr_run.py"}
 # which peer model answers which ctrpipe model (see the runners' docstrings)
 PEER_MODEL = {"deepctr": {"dnn": "WDL, no wide part", "deepfm": "DeepFM",
@@ -322,7 +322,9 @@ def run_ctrpipe(model: str, args: argparse.Namespace, cache: Path, work: Path, a
             "train.weight_decay=0", "train.grad_clip=0", f"train.num_threads={args.threads}",
             "train.device=cpu", f"loader.batch_size={args.batch_size}", f"train.amp={amp}",
             f"seed={args.train_seed}"]
-    if model != "ft_transformer":   # FT-Transformer has no MLP: its own token width (cfgs/criteo_ft_transformer.yaml)
+    if model == "qnn_alpha":        # no MLP, and its dropout is what makes the self-ensemble's two passes differ
+        sets += [f"model.embedding_dim={args.embedding_dim}"]
+    elif model != "ft_transformer":   # FT-Transformer has no MLP: its own token width (cfgs/criteo_ft_transformer.yaml)
         sets += [f"model.embedding_dim={args.embedding_dim}", f"model.hidden_units={hidden}", "model.dropout=0",
                  "model.batch_norm=false"]
     if model in ("dcnv2", "dcnmix"):

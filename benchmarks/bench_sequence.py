@@ -8,6 +8,7 @@ Usage (from the repo root, in ctrpipe's venv):
     python benchmarks/bench_sequence.py                 # full: 300k train + 100k gold rows, L = 50 and 200
     python benchmarks/bench_sequence.py --skip-speed --skip-peer    # quality of ctrpipe's models only
     python benchmarks/bench_sequence.py --prepare-only  # synth + shard + export only
+    python benchmarks/bench_sequence.py --skip-speed --skip-peer --amp both   # + each model in bf16 autocast
 
 Data: `ctrpipe synth --format parquet` (click label; a candidate `item_id` from the history's vocabulary and a
 hidden candidate x recency-weighted-history click term; the true P(click) of every row), sharded once per
@@ -27,9 +28,9 @@ cache (bench_quality.export_features): 16 categorical fields, `tags` mean-pooled
 `hist_item_id` in item_id's table with its length column, 26 numeric inputs; embedding 16, activation unit 36
 with PReLU, MLP 200-80, no L2 / dropout / batch norm, unnormalised attention scores, as ctrpipe's DIN.
 Training (both libraries): `--epochs` epochs, batch `--batch-size`, Adam lr `--lr` constant, no weight decay or
-gradient clipping, fp32 (ctrpipe: `train.amp=off`; `auto` would pick bf16 for the DNN alone on a CPU with
-avx512_bf16), `--threads` torch threads (OMP/MKL threads to match); ctrpipe updates embeddings with
-`lazy_adam` (the shipped configs'), the peer with its dense Adam. AUC and logloss of every run come from
+gradient clipping, fp32 (ctrpipe: `train.amp=off`, so both libraries compute alike; `--amp both` adds a bf16
+autocast run of each ctrpipe model beside its fp32 one), `--threads` torch threads (OMP/MKL threads to match);
+ctrpipe updates embeddings with `lazy_adam` (the shipped configs'), the peer with its dense Adam. AUC and logloss of every run come from
 ctrpipe.train.metrics on the gold rows (ctrpipe's metrics.json; the peer's saved predictions here).
 
 1. Quality (history length `--quality-length`, default 50 as shipped): `ctrpipe train` of every model and the
@@ -78,6 +79,7 @@ from bench_quality import (  # noqa: E402
 )
 
 MODELS = ("dnn", "din", "dare", "dare_qnn")
+BF16 = " bf16"            # suffix of a quality job trained in bf16 autocast (--amp both)
 CONFIGS = {"din": "cfgs/parquet_din.yaml", "dare": "cfgs/parquet_dare.yaml", "dare_qnn": "cfgs/dare_qnn.yaml"}
 NUMERIC_KINDS = ("numeric", "missing_indicator", "covisit")
 HISTORY, QUERY = "seq", "item_id"
@@ -243,23 +245,23 @@ def model_config(model: str, work: Path) -> str:
     return str(dnn_config(work)) if model == "dnn" else CONFIGS[model]
 
 
-def ctrpipe_sets(model: str, args: argparse.Namespace, exp: str) -> list[str]:
+def ctrpipe_sets(model: str, args: argparse.Namespace, exp: str, amp: str = "off") -> list[str]:
     """The --set overrides that give the shipped configs the benchmark's training (the model sizes stay)."""
     return [f"exp_name={exp}", f"train.epochs={args.epochs}", f"train.lr={args.lr}", "train.embedding_lr=0",
             "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0", "train.grad_clip=0",
-            "train.amp=off", f"train.num_threads={args.threads}", "train.device=cpu",
+            f"train.amp={amp}", f"train.num_threads={args.threads}", "train.device=cpu",
             f"loader.batch_size={args.batch_size}", f"seed={args.train_seed}"]
 
 
 def run_ctrpipe(model: str, max_len: int, args: argparse.Namespace, cache: Path, work: Path,
-                pos_rate: float) -> dict:
+                pos_rate: float, amp: str = "off") -> dict:
     runs = work / "runs"
-    exp = f"bench_{model}_L{max_len}"
+    exp = f"bench_{model}_L{max_len}" + ("" if amp == "off" else f"_{amp}")
     shutil.rmtree(runs / exp, ignore_errors=True)
     cfg = model_config(model, work)
     cmd = [sys.executable, "-c", PEAK_WRAPPER, "module", "ctrpipe.cli", "train", "--shards", str(cache), "--cfg", cfg,
            "--runs", str(runs), "-q"]
-    for s in ctrpipe_sets(model, args, exp):
+    for s in ctrpipe_sets(model, args, exp, amp):
         cmd += ["--set", s]
     _, wall, rss = run_measured(cmd, work / "logs" / f"ctrpipe_{exp}.log", thread_env(args.threads))
     metrics = json.loads((runs / exp / "metrics.json").read_text())
@@ -412,12 +414,16 @@ def tables(results: dict) -> str:
         runs, orc, hist = q["runs"], q["oracle"], q["history"]
         base = runs.get("dnn")
         rows = [["oracle (true P)", f"{orc['auc']:.4f}", f"{orc['logloss']:.4f}", "", "", "", "", ""]]
-        for model in (*MODELS, "deepctr_din"):
+        for model in (*(j for m in MODELS for j in (m, f"{m}{BF16}")), "deepctr_din"):
             r = runs.get(model)
             if r is None:
                 continue
             gain = share = ""
-            if base is not None and model != "dnn":
+            if model.endswith(BF16) and model.removesuffix(BF16) in runs:     # against its own fp32 run
+                fp32 = runs[model.removesuffix(BF16)]
+                gain = f"{r['auc'] - fp32['auc']:+.4f} vs fp32"
+                share = f"{r['samples_per_s'] / fp32['samples_per_s']:.2f}x fp32 speed"
+            elif base is not None and model != "dnn":
                 gain = f"{r['auc'] - base['auc']:+.4f}"
                 span = orc["auc"] - base["auc"]
                 share = f"{(r['auc'] - base['auc']) / span:.0%}" if span > 0 else ""
@@ -474,6 +480,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quality-length", type=int, default=50, help="history length of the quality runs")
     ap.add_argument("--lengths", default="50,200", help="history lengths of the speed runs, one cache each")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--amp", choices=("off", "both"), default="off",
+                    help="both: train each ctrpipe model of the quality runs in bf16 autocast too, right after its "
+                         "fp32 run (AUC and speed against fp32: what train.amp=auto rests on)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--prepare-only", action="store_true", help="synth, shard and export only; no training")
@@ -531,14 +540,17 @@ def quality_phase(args: argparse.Namespace, synth: Path, cache: Path, work: Path
     q = results["quality"] = {"length": length, "history": results["history"][str(length)], "oracle": orc,
                               "rows": meta["rows"], "runs": {}}
     jobs = [*args.models]
-    if args.peer:   # right after ctrpipe's DIN, so both see about the same machine load
+    if args.peer and "din" in jobs:   # right after ctrpipe's DIN, so both see about the same machine load
         jobs.insert(jobs.index("din") + 1, "deepctr_din")
+    if args.amp == "both":   # each model's bf16 run right after its fp32 one (the quality guard of train.amp=auto)
+        jobs = [j for job in jobs for j in ((job,) if job == "deepctr_din" else (job, f"{job}{BF16}"))]
     for job in jobs:
         before = load()
         t0 = time.perf_counter()
         log(f"quality {job}: training (load {before}) ...")
+        model, bf16 = job.removesuffix(BF16), job.endswith(BF16)
         r = run_peer(length, args, export, work) if job == "deepctr_din" else \
-            run_ctrpipe(job, length, args, cache, work, float(y.mean()))
+            run_ctrpipe(model, length, args, cache, work, float(y.mean()), amp="bf16" if bf16 else "off")
         q["runs"][job] = {**r, "load_before": before, "load_after": load()}
         log(f"quality {job}: AUC {r['auc']:.4f}, logloss {r['logloss']:.4f}, {r['samples_per_s']:,.0f} samples/s, "
             f"peak RSS {_mb(r['peak_rss'])} MB ({time.perf_counter() - t0:.0f}s wall)")

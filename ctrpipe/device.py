@@ -26,15 +26,17 @@ from ctrpipe.errors import ConfigError
 Precision = Literal["off", "bf16", "fp16"]
 
 # Per CPU bf16 instruction set, the model families whose bf16 training step was measured faster than fp32
-# (benchmarks/bench_amp.py and bench_quality.py --amp both; figures in benchmarks/RESULTS.md); `auto` trains
-# any other model (e.g. the sequence models) in fp32 there. avx512_bf16: an AMD EPYC without AMX, every family
-# listed. amx_bf16 (Intel Sapphire Rapids and later, which also have avx512_bf16): DNN and DCN v2 were
-# measured faster and the other dense families share their layers; attention over fields was measured slower
-# there with the SDPA kernel it used then, and its current bf16 path has not been measured on AMX yet.
+# (benchmarks/bench_amp.py, bench_quality.py --amp both, bench_sequence.py --amp both; figures in
+# benchmarks/RESULTS.md); `auto` trains any other model in fp32 there. avx512_bf16: an AMD EPYC without AMX,
+# every family listed; DARE is not, because its whole bf16 run was slower than fp32 at 2 threads though its
+# one-thread step was faster (its small dot-product search gains little and pays the casts). amx_bf16 (Intel
+# Sapphire Rapids and later, which also have avx512_bf16): DNN and DCN v2 were measured faster and the other
+# dense families share their layers; attention over fields was measured slower there with the SDPA kernel it
+# used then, and neither its current bf16 path nor the sequence models have been measured on AMX yet.
 _DENSE = frozenset({"dnn", "deepfm", "dcn", "dcnv2", "shared_bottom", "mmoe", "ple", "deepfm_mmoe"})
 CPU_BF16_FASTER: dict[str, frozenset[str]] = {
     "amx_bf16": _DENSE,
-    "avx512_bf16": _DENSE | {"autoint", "ft_transformer"},
+    "avx512_bf16": _DENSE | {"autoint", "ft_transformer", "din", "qnn_alpha", "dare_qnn"},
 }
 
 

@@ -37,7 +37,7 @@ def test_auto_on_cpus_by_instruction_set_and_model_family():
     assert emulated.precision == "off" and "emulated" in emulated.reason
     # a family not measured faster on an instruction set stays fp32 there, and says so
     for isa, flags in (("amx_bf16", SAPPHIRE_RAPIDS), ("avx512_bf16", ZEN4)):
-        for family in ("autoint", "dare_qnn", "no_such_model"):
+        for family in ("autoint", "dare_qnn", "dare", "no_such_model"):
             choice = resolve_amp("auto", CPU, family, flags)
             assert (choice.precision == "bf16") == (family in CPU_BF16_FASTER[isa]), (isa, family)
             if choice.precision == "off":
