@@ -30,8 +30,9 @@ with PReLU, MLP 200-80, no L2 / dropout / batch norm, unnormalised attention sco
 Training (both libraries): `--epochs` epochs, batch `--batch-size`, Adam lr `--lr` constant, no weight decay or
 gradient clipping, fp32 (ctrpipe: `train.amp=off`, so both libraries compute alike; `--amp both` adds a bf16
 autocast run of each ctrpipe model beside its fp32 one), `--threads` torch threads (OMP/MKL threads to match);
-ctrpipe updates embeddings with `lazy_adam` (the shipped configs'), the peer with its dense Adam. AUC and logloss of every run come from
-ctrpipe.train.metrics on the gold rows (ctrpipe's metrics.json; the peer's saved predictions here).
+ctrpipe updates embeddings with `lazy_adam` (the shipped configs'), the peer with its dense Adam. AUC and
+logloss of every run come from ctrpipe.train.metrics on the gold rows (ctrpipe's metrics.json; the peer's saved
+predictions here).
 
 1. Quality (history length `--quality-length`, default 50 as shipped): `ctrpipe train` of every model and the
    peer's fit, each a child process; samples/s there is the library's own figure for the whole run (ctrpipe's
