@@ -4,8 +4,9 @@ evaluation allocate -- host RSS, not live bytes.
 Measured on FT-Transformer (benchmarks/RESULTS.md, "Memory plan"): the heap is never trimmed below 1 GiB of
 free top, so once a step has grown it, later requests of any size -- the 32 MiB+ ones too -- are carved from
 its free chunks and top; only a request no free chunk can hold becomes a fresh mmap (evaluation's 335 MB FFN
-activations at batch 16384), and is returned when freed. So RSS = heap extent (it only grows) + live mmaps,
-and the heap grows past the live peak wherever the sizes of a phase do not fit the holes the last one left.
+activations at batch 16384), and is returned when freed. So between evaluations RSS = heap extent (it only
+grows) + live mmaps, and the heap grows past the live peak wherever the sizes of a phase do not fit the holes
+the last one left; the training loop releases the free heap before each evaluation (malloc_trim).
 This module replays recorded allocation sequences through a small model of that allocator. It sees only the
 tensors torch returns, so it misses fragmentation from other allocations: FT-Transformer's real heap holds
 ~1.7x its step's live peak, the replay about 1x (RESULTS.md).
@@ -58,19 +59,32 @@ class AllocTrace:
 class Heap:
     """glibc's main arena, reduced to what decides RSS: best-fit reuse of free chunks (coalesced with their
     neighbours), the top chunk, requests of `mmap_threshold` or more that nothing free can hold as mmaps, and
-    trimming the top when more than `trim_threshold` of it is free. `rss` = heap pages ever written (free
-    chunks stay resident) + live mmaps."""
+    trimming the top when more than `trim_threshold` of it is free. `rss` = heap bytes in use + the free heap
+    bytes that were written since the last `trim` (freed pages stay resident) + live mmaps.
+
+    `trim` is malloc_trim(0) (hostmem.release_free_heap, called before each CPU evaluation): the pages of
+    every free chunk and of the top go back to the OS, and come back only as allocations write them again.
+    Pages are tracked per free chunk as a count of written ("dirty") bytes; when a chunk is split, its
+    remainder keeps its share of them.
+    """
 
     def __init__(self, mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD,
                  top_pad: int = TOP_PAD) -> None:
         self.mmap_threshold, self.trim_threshold, self.top_pad = mmap_threshold, trim_threshold, top_pad
-        self.free_at: dict[int, int] = {}      # start -> size of free chunks below the top
+        self.free_at: dict[int, tuple[int, int]] = {}   # start -> (size, dirty bytes) of free chunks below the top
         self.free_end: dict[int, int] = {}     # end -> start of the same chunks
         self.top = 0                           # start of the free top chunk
         self.end = 0                           # end of the heap (sbrk)
-        self.written = 0                       # highest heap address ever handed out (resident below it)
+        self.in_use = 0                        # heap bytes handed out and not freed
+        self.dirty_free = 0                    # written bytes of the free chunks below the top
+        self.top_dirty = 0                     # written bytes at the start of the top chunk
         self.mmapped = 0
         self.peak = 0
+
+    @property
+    def written(self) -> int:
+        """Resident heap bytes."""
+        return self.in_use + self.dirty_free + self.top_dirty
 
     @property
     def rss(self) -> int:
@@ -79,17 +93,19 @@ class Heap:
     def malloc(self, nbytes: int) -> tuple[int, int]:
         """Returns (address, size); address -1 for an mmap."""
         n = -(-(nbytes + 16) // ALIGN) * ALIGN
-        fits = [start for start, size in self.free_at.items() if size >= n]
+        fits = [start for start, (size, _) in self.free_at.items() if size >= n]
         if fits:
-            start = min(fits, key=lambda s: (self.free_at[s], s))
-            size = self._take(start)
+            start = min(fits, key=lambda s: (self.free_at[s][0], s))
+            size, dirty = self._take(start)
             if size > n:
-                self._put(start + n, size - n)
+                self._put(start + n, size - n, dirty * (size - n) // size)
+            self.in_use += n
         elif self.end - self.top >= n or n < self.mmap_threshold:
             if self.end - self.top < n:
                 self.end = self.top + n + self.top_pad
             start, self.top = self.top, self.top + n
-            self.written = max(self.written, self.top)
+            self.top_dirty = max(0, self.top_dirty - n)   # the block is written: counted in use from now
+            self.in_use += n
         else:
             self.mmapped += n
             start = -1
@@ -100,36 +116,53 @@ class Heap:
         if start < 0:
             self.mmapped -= n
             return
+        self.in_use -= n
+        dirty = n                                           # a block in use was written
         if start + n in self.free_at:                       # merge with the next free chunk
-            n += self._take(start + n)
+            size, d = self._take(start + n)
+            n, dirty = n + size, dirty + d
         if start in self.free_end:                          # and with the previous one
             prev = self.free_end[start]
-            n += self._take(prev)
-            start = prev
+            size, d = self._take(prev)
+            n, dirty, start = n + size, dirty + d, prev
         if start + n == self.top:
             self.top = start
+            self.top_dirty += dirty
             if self.end - self.top > self.trim_threshold:
                 self.end = self.top + self.top_pad
-                self.written = min(self.written, self.end)
+                self.top_dirty = min(self.top_dirty, self.top_pad)
         else:
-            self._put(start, n)
+            self._put(start, n, dirty)
 
-    def _put(self, start: int, size: int) -> None:
-        self.free_at[start] = size
+    def trim(self) -> None:
+        """malloc_trim(0): every free page goes back to the OS, the top is cut to the last chunk in use."""
+        for start, (size, _) in list(self.free_at.items()):
+            self.free_at[start] = (size, 0)
+        self.dirty_free = self.top_dirty = 0
+        self.end = self.top
+
+    def _put(self, start: int, size: int, dirty: int) -> None:
+        self.free_at[start] = (size, dirty)
         self.free_end[start + size] = start
+        self.dirty_free += dirty
 
-    def _take(self, start: int) -> int:
-        size = self.free_at.pop(start)
+    def _take(self, start: int) -> tuple[int, int]:
+        size, dirty = self.free_at.pop(start)
         del self.free_end[start + size]
-        return size
+        self.dirty_free -= dirty
+        return size, dirty
 
 
-def replay(phases: Iterable[tuple[AllocTrace, int]], heap: Heap | None = None) -> Heap:
-    """Run each (trace, batch) through `heap` in order; returns the heap (its `peak` is the peak RSS). What a
-    run leaves alive is freed by the next run of the same trace (FREE_CARRIED) or, if it is not, then."""
+def replay(phases: Iterable[tuple[AllocTrace | None, int]], heap: Heap | None = None) -> Heap:
+    """Run each (trace, batch) through `heap` in order; a (None, _) phase is a `Heap.trim`. Returns the heap
+    (its `peak` is the peak RSS). What a run leaves alive is freed by the next run of the same trace
+    (FREE_CARRIED) or, if it is not, then."""
     heap = heap or Heap()
     carried: dict[int, dict[int, tuple[int, int]]] = {}
     for trace, rows in phases:
+        if trace is None:
+            heap.trim()
+            continue
         sizes = trace.at(rows)
         before = carried.pop(id(trace), {})
         live: dict[int, tuple[int, int]] = {}
@@ -152,10 +185,11 @@ def replay(phases: Iterable[tuple[AllocTrace, int]], heap: Heap | None = None) -
 def working_set(step: AllocTrace, batch: int, evaluation: AllocTrace | None, eval_batch: int,
                 steps_per_eval: int = 4, rounds: int = 3) -> int:
     """Peak host RSS that training's steps and evaluations add over what was resident before them:
-    `rounds` x (`steps_per_eval` steps, one evaluation), replayed through Heap."""
-    phases: list[tuple[AllocTrace, int]] = []
+    `rounds` x (`steps_per_eval` steps, one evaluation), replayed through Heap, the free heap released before
+    each evaluation as the training loop does (hostmem.release_free_heap)."""
+    phases: list[tuple[AllocTrace | None, int]] = []
     for _ in range(rounds):
         phases += [(step, batch)] * steps_per_eval
         if evaluation is not None:
-            phases.append((evaluation, eval_batch))
+            phases += [(None, 0), (evaluation, eval_batch)]
     return replay(phases).peak

@@ -24,6 +24,7 @@ from ctrpipe.console import console, human_rate
 from ctrpipe.device import AmpChoice, check_amp, model_family, predict_amp, resolve_amp, resolve_device
 from ctrpipe.errors import CheckpointError, ConfigError, CtrpipeError, ManifestMismatchError, SchemaError
 from ctrpipe.features import FeatureSpec
+from ctrpipe.hostmem import release_free_heap
 from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling
@@ -340,6 +341,8 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
 def _gold_predictions(ctx: TrainContext, ckpt_path: Path) -> Predictions | None:
     if ctx.manifest.rows.get("gold", 0) == 0:
         return None
+    if ctx.device.type == "cpu":
+        release_free_heap()     # the heap training kept is free now (hostmem.release_free_heap)
     model = model_from_checkpoint(load_checkpoint(ckpt_path), ctx.device)
     loader = _loader(ctx, RowView.gold(), False, ctx.cfg.seed)
     return predict(model, loader, loader.num_rows, ctx.tasks, ctx.device, predict_amp(ctx.cfg.train.amp),

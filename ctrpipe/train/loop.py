@@ -24,7 +24,7 @@ from ctrpipe.console import console, human_rate, make_progress
 from ctrpipe.device import autocast
 from ctrpipe.errors import TrainingError
 from ctrpipe.features import FeatureSpec
-from ctrpipe.hostmem import keep_freed_memory
+from ctrpipe.hostmem import keep_freed_memory, release_free_heap
 from ctrpipe.loader.batch import Batch
 from ctrpipe.models.heads import as_output
 from ctrpipe.models.layers.embedding import split_parameters
@@ -175,8 +175,9 @@ class _Run:
     def __init__(self, inp: FitInputs, plan: StepPlan) -> None:
         self.inp, self.plan, self.cfg, self.device = inp, plan, inp.cfg, inp.device
         self.model = inp.model.to(inp.device)
-        if inp.device.type == "cpu":
-            keep_freed_memory()   # no page faults for each step's activations (see hostmem.py)
+        # no page faults for each step's activations (see hostmem.py); what the steps keep is released before each
+        # evaluation, whose larger batch would otherwise come on top of it (release_free_heap)
+        self.release_before_eval = inp.device.type == "cpu" and keep_freed_memory()
         self.optimizers = build_optimizers(self.model, self.cfg, inp.device)
         self.scaler = torch.amp.GradScaler(inp.device.type, enabled=self.cfg.amp == "fp16")
         self.changed = ChangedRows(self.model)
@@ -311,6 +312,8 @@ class _Run:
         metrics: dict[str, float] = {}
         preds: Predictions | None = None
         if inp.val_loader is not None:
+            if self.release_before_eval:
+                release_free_heap()
             with self.ema.applied() if self.ema is not None else nullcontext():
                 preds = self._predict(inp.val_loader)
         if preds is not None:                              # one process, or rank 0 of a torchrun job

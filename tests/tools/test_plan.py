@@ -153,6 +153,25 @@ def test_heap_keeps_freed_blocks_and_returns_mmaps() -> None:
     assert Heap().trim_threshold == TRIM_THRESHOLD and Heap().mmap_threshold == MMAP_THRESHOLD
 
 
+def test_heap_trim_releases_free_pages_until_they_are_written_again() -> None:
+    mib = 1 << 20
+    heap = Heap()
+    a, b = heap.malloc(8 * mib), heap.malloc(4 * mib)
+    heap.free(*a)                                         # a hole below b: freed, still resident
+    assert heap.written >= 12 * mib
+    heap.trim()                                           # malloc_trim(0): only b stays resident
+    assert b[1] == heap.written < 4 * mib + 4096 and heap.in_use == b[1]
+    c = heap.malloc(2 * mib)                              # carved from the released hole: written again
+    assert c[0] == a[0] and heap.written == b[1] + c[1]
+    heap.free(*c)                                         # freed again, it stays resident
+    assert heap.written == b[1] + c[1]
+    # a replay's (None, _) phase is a trim: a run of blocks freed before it leaves nothing resident
+    events = ((ALLOC, 0), (FREE, 0))
+    trace = AllocTrace(events, ((0.0, 16.0 * mib),))
+    assert replay([(trace, 1), (None, 0)]).written == 0
+    assert replay([(trace, 1)]).written >= 16 * mib
+
+
 def test_working_set_between_live_bytes_and_their_sum(caches: dict[int, Path]) -> None:
     plan = plan_of(caches[500], "autoint")
     assert plan.working is not None
