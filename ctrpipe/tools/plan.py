@@ -8,8 +8,8 @@ batches (tools/memtrack.py); touched table rows and pages come from the rows the
 
     resident + working set + rest of eval + checkpoint   (host RAM: the working set is the peak RSS that
         replaying the recorded allocations of a few steps and an evaluation forward through a model of glibc's
-        malloc as hostmem.py tunes it gives: kept heap + live mmaps, tools/heap.py; a checkpoint's table
-        copies are fresh mappings)
+        malloc as hostmem.py tunes it gives: kept heap + live mmaps, the free heap released before each
+        evaluation as the training loop does, tools/heap.py; a checkpoint's table copies are fresh mappings)
     resident + max(step, eval) + checkpoint             (host RAM when no allocations were recorded)
     resident + max(step, eval, checkpoint)              (CUDA device memory: one caching allocator pool)
 
