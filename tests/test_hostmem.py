@@ -97,3 +97,40 @@ def test_switched_off_by_the_environment() -> None:
     code = "from ctrpipe.hostmem import keep_freed_memory as k; print(k(), k())"
     out = subprocess.run([sys.executable, "-c", code], env=_env("0"), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+RELEASE_PROBE = f"""
+import ctypes, json
+from ctrpipe.hostmem import keep_freed_memory, release_free_heap
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+keep_freed_memory()
+blocks = [libc.malloc({BLOCK}) for _ in range(8)]
+for b in blocks:
+    ctypes.memset(b, 1, {BLOCK})                 # written: resident
+after_write = anon()
+for b in blocks:
+    libc.free(b)
+after_free = anon()
+released = release_free_heap()
+print(json.dumps({{"written": after_write, "freed": after_free, "released": anon(), "ran": released}}))
+"""
+
+
+@needs_glibc
+def test_release_free_heap_returns_what_the_tuned_heap_kept() -> None:
+    """Training calls it before each evaluation: the freed blocks the tuning keeps resident go back to the OS."""
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], env=_env(None), capture_output=True, text=True,
+                         check=True)
+    r = json.loads(out.stdout)
+    assert r["ran"] is True
+    assert r["written"] - r["freed"] < BLOCK                  # kept: freeing gave back (almost) nothing
+    assert r["freed"] - r["released"] > 6 * BLOCK             # released: most of the 8 blocks' pages
