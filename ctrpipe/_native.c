@@ -544,50 +544,58 @@ done:
 }
 
 PyDoc_STRVAR(token_hashes_doc,
-"token_hashes(views, buffers, sep, seed, weighted, keep_last, max_len, lengths_out, hashes_out, weights_out)\n"
-"-> int\n\n"
+"token_hashes(views, buffers, sep, seed, weighted, keep_last, max_len, lengths_out, hashes_out, weights_out\n"
+"[, seed2, hashes2_out]) -> int\n\n"
 "xxh64 (with seed) of the kept non-empty tokens of every string, flattened in row order: the first max_len\n"
 "of each row, or the last ones with keep_last; lengths_out (int64, n) gets how many. weighted: every token,\n"
 "kept or not (as the polars path checks them all), must be 'name:weight' as split_weight accepts it; the\n"
-"name is hashed and the weight goes to weights_out (float32). Returns the number of tokens written, or\n"
-"-1 - i for the first row i holding a token that was not accepted (the outputs are then incomplete).");
+"name is hashed and the weight goes to weights_out (float32). With seed2, hashes2_out gets the same tokens'\n"
+"xxh64 with seed2 (one split for two id spaces). Returns the number of tokens written, or -1 - i for the\n"
+"first row i holding a token that was not accepted (the outputs are then incomplete).");
+
+typedef struct {
+    const uint8_t *s, *e;   /* a kept token's bytes (its name, when weighted) */
+    float w;
+} Kept;
 
 static PyObject *token_hashes(PyObject *self, PyObject *args) {
-    Py_buffer views, sep, lengths_b, hashes_b, weights_b;
+    Py_buffer views, sep, lengths_b, hashes_b, weights_b, hashes2_b = {0};
     PyObject *buffers;
-    unsigned long long seed;
+    unsigned long long seed, seed2 = 0;
     int weighted, keep_last;
     Py_ssize_t max_len;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*Oy*Kppnw*w*w*", &views, &buffers, &sep, &seed, &weighted, &keep_last, &max_len,
-                          &lengths_b, &hashes_b, &weights_b))
+    if (!PyArg_ParseTuple(args, "y*Oy*Kppnw*w*w*|Kw*", &views, &buffers, &sep, &seed, &weighted, &keep_last,
+                          &max_len, &lengths_b, &hashes_b, &weights_b, &seed2, &hashes2_b))
         return NULL;
     PyObject *result = NULL;
     Strings st = {NULL, 0, 0, NULL};
-    uint64_t *ring = NULL;
-    float *wring = NULL;
+    Kept *ring = NULL;
+    const int two = hashes2_b.obj != NULL;
     if (sep.len < 1 || max_len < 1) {
         PyErr_SetString(PyExc_ValueError, "token_hashes: empty separator or max_len < 1");
         goto done;
     }
     if (!strings_open(&st, &views, buffers) || !check_buffer(&lengths_b, st.n * 8, "lengths")) goto done;
-    ring = (uint64_t *)malloc((size_t)max_len * sizeof(uint64_t));
-    wring = (float *)malloc((size_t)max_len * sizeof(float));
-    if (ring == NULL || wring == NULL) {
+    ring = (Kept *)malloc((size_t)max_len * sizeof(Kept));
+    if (ring == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     int64_t *lengths = (int64_t *)lengths_b.buf;
-    uint64_t *hashes = (uint64_t *)hashes_b.buf;
+    uint64_t *hashes = (uint64_t *)hashes_b.buf, *hashes2 = two ? (uint64_t *)hashes2_b.buf : NULL;
     float *weights = (float *)weights_b.buf;
     Py_ssize_t cap = hashes_b.len / 8, k = 0, bad = -1;
     if (weighted && weights_b.len / 4 < cap) cap = weights_b.len / 4;
+    if (two && hashes2_b.len / 8 < cap) cap = hashes2_b.len / 8;
     int full = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < st.n && bad < 0 && !full; i++) {
         TokenIter it = tokens_of(&st, i, (const uint8_t *)sep.buf, sep.len);
         const uint8_t *ts, *te, *name_end;
         double w = 1.0;
+        /* the kept tokens' bytes are noted in a ring (the last max_len with keep_last, else the first ones)
+         * and hashed once the row is split: dropped tokens are never hashed */
         int64_t j = 0, at = 0;                /* at = j % max_len, kept without a division per token */
         while (next_token(&it, &ts, &te)) {
             if (weighted) {
@@ -597,35 +605,29 @@ static PyObject *token_hashes(PyObject *self, PyObject *args) {
                 }
                 te = name_end;
             }
-            if (keep_last) {                  /* the last max_len tokens, in a ring */
-                ring[at] = xxh64(ts, (size_t)(te - ts), (uint64_t)seed);
-                wring[at] = (float)w;
+            if (keep_last || j < max_len) {
+                ring[at].s = ts;
+                ring[at].e = te;
+                ring[at].w = (float)w;
                 if (++at == max_len) at = 0;
-            } else if (j < max_len) {
-                if (k + j >= cap) {
-                    full = 1;
-                    break;
-                }
-                hashes[k + j] = xxh64(ts, (size_t)(te - ts), (uint64_t)seed);
-                if (weighted) weights[k + j] = (float)w;
             } else if (!weighted) {
                 break;                        /* the rest is dropped, and only weights need checking */
             }
             j++;
         }
-        if (bad >= 0 || full) break;
+        if (bad >= 0) break;
         int64_t take = j < max_len ? j : max_len;
-        if (keep_last) {
-            if (k + take > cap) {
-                full = 1;
-                break;
-            }
-            int64_t from = (j - take) % max_len;
-            for (int64_t t = 0; t < take; t++) {
-                hashes[k + t] = ring[from];
-                if (weighted) weights[k + t] = wring[from];
-                if (++from == max_len) from = 0;
-            }
+        if (k + take > cap) {
+            full = 1;
+            break;
+        }
+        int64_t from = keep_last ? (j - take) % max_len : 0;
+        for (int64_t t = 0; t < take; t++) {
+            const Kept *kt = &ring[from];
+            hashes[k + t] = xxh64(kt->s, (size_t)(kt->e - kt->s), (uint64_t)seed);
+            if (two) hashes2[k + t] = xxh64(kt->s, (size_t)(kt->e - kt->s), (uint64_t)seed2);
+            if (weighted) weights[k + t] = kt->w;
+            if (++from == max_len) from = 0;
         }
         lengths[i] = take;
         k += take;
@@ -637,13 +639,13 @@ static PyObject *token_hashes(PyObject *self, PyObject *args) {
         result = PyLong_FromSsize_t(bad >= 0 ? -1 - bad : k);
 done:
     free(ring);
-    free(wring);
     strings_close(&st);
     PyBuffer_Release(&views);
     PyBuffer_Release(&sep);
     PyBuffer_Release(&lengths_b);
     PyBuffer_Release(&hashes_b);
     PyBuffer_Release(&weights_b);
+    if (hashes2_b.obj != NULL) PyBuffer_Release(&hashes2_b);
     return result;
 }
 

@@ -34,6 +34,12 @@ class KeptTokens:
     hashes: np.ndarray              # (M,) uint64 xxh64 of each token (of its name, when weighted)
     lengths: np.ndarray             # (N,) int64, at most max_len
     weights: np.ndarray | None      # (M,) float32 when weighted
+    hashes2: np.ndarray | None = None   # (M,) uint64 xxh64 of the same tokens with `kept_tokens`' seed2
+
+    def second(self) -> KeptTokens:
+        """The same tokens with the second seed's hashes."""
+        assert self.hashes2 is not None
+        return KeptTokens(self.hashes2, self.lengths, self.weights)
 
     def padded(self, max_len: int, bins: int, vocab: Any | None = None,
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -85,9 +91,10 @@ def string_views(values: pl.Series) -> tuple[np.ndarray, tuple[Any, ...], np.nda
 
 
 def kept_tokens(values: pl.Series, separator: str, keep: Keep, max_len: int, seed: int,
-                weighted: bool) -> KeptTokens | None:
+                weighted: bool, seed2: int | None = None) -> KeptTokens | None:
     """The kept tokens of a token column per the layout of `transforms`, or None (see the module docstring).
-    Null rows hold no tokens, as the polars path reads them as ''."""
+    Null rows hold no tokens, as the polars path reads them as ''. With `seed2`, `hashes2` holds the same
+    tokens hashed with it too (a column read in two id spaces is split once)."""
     kernel = native()
     if kernel is None or not separator:
         return None
@@ -102,11 +109,17 @@ def kept_tokens(values: pl.Series, separator: str, keep: Keep, max_len: int, see
     hashes = np.empty(room, dtype=np.uint64)
     weights = np.empty(room, dtype=np.float32) if weighted else _NO_WEIGHTS
     lengths = np.empty(len(views), dtype=np.int64)
+    extra: tuple[Any, ...] = ()
+    hashes2 = None
+    if seed2 is not None:
+        hashes2 = np.empty(room, dtype=np.uint64)
+        extra = (seed2 & 0xFFFFFFFFFFFFFFFF, hashes2)
     k = kernel.token_hashes(views, buffers, sep, seed & 0xFFFFFFFFFFFFFFFF, weighted, keep == "last", max_len,
-                            lengths, hashes, weights)
+                            lengths, hashes, weights, *extra)
     if k < 0:
         return None                              # a weight the kernel does not parse: polars decides
-    return KeptTokens(hashes[:k], lengths, weights[:k] if weighted else None)
+    return KeptTokens(hashes[:k], lengths, weights[:k] if weighted else None,
+                      None if hashes2 is None else hashes2[:k])
 
 
 def weights_all_plain(values: pl.Series, separator: str) -> bool:

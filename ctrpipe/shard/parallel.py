@@ -82,7 +82,7 @@ from ctrpipe.shard.passes import (
     small_pages,
     train_frames,
 )
-from ctrpipe.shard.transform import Plan, labels_matrix
+from ctrpipe.shard.transform import ChunkTokens, Plan, labels_matrix
 from ctrpipe.shard.writer import ShardWriter, fragment_dirname, shard_dirname
 
 PARTIALS_DIR = "partials"
@@ -221,10 +221,11 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
             if stratified(data, role):
                 chunk_classes(plan, chunk.frame, classes)
             train_rows += ft.height
+            tokens = ChunkTokens(plan, ft)
             for cv in plan.covisit:
-                _count_covisit(plan, ft, cv, covisit[cv.name])
+                _count_covisit(plan, ft, cv, covisit[cv.name], tokens)
             for c, k in vocab.items():
-                _count_vocab(plan, ft, c, k)
+                _count_vocab(plan, ft, c, k, tokens)
             if plan.numeric:
                 # each chunk's float sums alone (0 + s == s exactly): the merge adds them in input order
                 nacc.sum_raw = np.zeros(f)

@@ -48,6 +48,7 @@ from ctrpipe.shard.folds import fit_periods, fold_key_hash, time_values
 from ctrpipe.shard.manifest import ShardInfo
 from ctrpipe.shard.tally import MAX_BAD_EXAMPLES, BadRowTally, GroupStats, SplitTally
 from ctrpipe.shard.transform import (
+    ChunkTokens,
     ChunkTransformer,
     Plan,
     context_tokens,
@@ -227,15 +228,18 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
         for chunk, ft in train_frames(plan, inputs.main, splitter, 0):
             frame = chunk.frame
             train_rows += ft.height
-            # one task per accumulator, so tasks share no state and the result is that of one thread; the
-            # heaviest first (co-visitation, vocabularies shared with token columns) to balance the threads
-            tasks = [partial(_count_covisit, plan, ft, cv, covisit[cv.name]) for cv in plan.covisit]
-            tasks += sorted((partial(_count_vocab, plan, ft, c, k) for c, k in vocab.items()),
-                            key=lambda t: not plan.sharing(t.args[2]))
+            # one task per accumulator, so tasks share no accumulator and the result is that of one thread.
+            # Co-visitation first (the heaviest: it splits the context column, for its readers in the other
+            # tasks too), vocabularies shared with token columns last (they reuse that split).
+            tokens = ChunkTokens(plan, ft)
+            tasks = [partial(_count_covisit, plan, ft, cv, covisit[cv.name], tokens) for cv in plan.covisit]
             if plan.numeric:
                 tasks.append(partial(_accumulate_numeric, plan, ft, nacc, mom))
+            tasks += sorted((partial(_count_vocab, plan, ft, c, k, tokens) for c, k in vocab.items()),
+                            key=lambda t: bool(plan.sharing(t.args[2])))
             for job in [pool.submit(t) for t in tasks]:
                 job.result()
+            del tasks, tokens       # the chunk's token hashes, not kept while the next chunk is read
             bar.advance(chunk, frame.height)
     return fitted_from(plan, nacc, mom, vocab, covisit, train_rows)
 
@@ -280,13 +284,15 @@ def _accumulate_numeric(plan: Plan, ft: pl.DataFrame, nacc: NumericAccumulator,
         mom.update(np.asarray(log1p_transform(np.where(valid, raw, 0.0), plan.cfg.numeric.log1p)), valid)
 
 
-def _count_vocab(plan: Plan, ft: pl.DataFrame, column: str, counter: KeyCounter) -> None:
-    counter.add(vocab_keys(plan, ft, column))      # values + tokens sharing the column's id space
+def _count_vocab(plan: Plan, ft: pl.DataFrame, column: str, counter: KeyCounter,
+                 tokens: ChunkTokens | None = None) -> None:
+    counter.add(vocab_keys(plan, ft, column, tokens))      # values + tokens sharing the column's id space
 
 
-def _count_covisit(plan: Plan, ft: pl.DataFrame, cv: CovisitConfig, counter: CovisitCounter) -> None:
+def _count_covisit(plan: Plan, ft: pl.DataFrame, cv: CovisitConfig, counter: CovisitCounter,
+                   tokens: ChunkTokens | None = None) -> None:
     h, missing = column_hashes(ft, cv.target, plan.seed(cv.target))
-    counter.update(h, missing, context_tokens(plan, ft, cv.context), np.ones(ft.height, dtype=bool))
+    counter.update(h, missing, context_tokens(plan, ft, cv.context, tokens), np.ones(ft.height, dtype=bool))
 
 
 # ----------------------------------------------------------------------------------------- pass 2: write

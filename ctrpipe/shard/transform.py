@@ -8,6 +8,7 @@ for train, gold and test inputs; only the fitted statistics it is given differ.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from ctrpipe.data.covisit import ContextTokens, covisit_features
 from ctrpipe.data.fitted import Fitted, VocabTable, safe_name
 from ctrpipe.data.hashing import field_seed, hash_ids, ids_from_hashes
 from ctrpipe.data.schema import ResolvedColumns
+from ctrpipe.data.token_kernel import KeptTokens, kept_tokens
 from ctrpipe.data.transforms import log1p_transform, tokens_hashes, tokens_to_ids
 from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.shard.manifest import ColumnSpec
@@ -223,27 +225,75 @@ def numeric32(frame: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
     return x.T                                                       # (N, F) view, Fortran order
 
 
-def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str) -> ContextTokens:
-    """Hashes of the tokens a row carries in `fld` (a token column or a categorical column)."""
+class ChunkTokens:
+    """The kept tokens of one chunk's token columns, hashed by the compiled kernel, each column split once.
+
+    A column read in two id spaces, such as a sequence sharing item_id's vocabulary (hashed with item_id's
+    seed for its ids and vocabulary counts) that is also a co-visitation context (hashed with its own seed),
+    is split and hashed for both seeds in one pass; its readers (tasks on several threads) share the result.
+    `kept` is None where the kernel cannot take the column: the caller then runs the polars path."""
+
+    def __init__(self, plan: Plan, frame: pl.DataFrame) -> None:
+        self.plan, self.frame = plan, frame
+        self._kept: dict[tuple[str, int], KeptTokens | None] = {}
+        self._lock = threading.Lock()
+
+    def _seeds(self, tc: TokenColumnConfig) -> tuple[int, ...]:
+        plan = self.plan
+        own = plan.seed(tc.column)
+        context = any(cv.context == tc.column for cv in plan.covisit)
+        ids = plan.token_seed(tc)
+        return (ids, own) if context and own != ids else (ids,)
+
+    def kept(self, tc: TokenColumnConfig, seed: int) -> KeptTokens | None:
+        key = (tc.column, seed)
+        with self._lock:            # a second reader waits for the first one's split instead of repeating it
+            if key not in self._kept:
+                seeds = self._seeds(tc)
+                if seed not in seeds:
+                    seeds = (seed,)
+                got = kept_tokens(self.frame[tc.column], tc.separator, self.plan.token_keep(tc), tc.max_len,
+                                  seeds[0], tc.weighted, seed2=seeds[1] if len(seeds) > 1 else None)
+                self._kept[(tc.column, seeds[0])] = got
+                if len(seeds) > 1:
+                    self._kept[(tc.column, seeds[1])] = None if got is None else got.second()
+            return self._kept[key]
+
+    def forget(self, keep: set[tuple[str, int]]) -> None:
+        """Drop the hashes of every (column, seed) not in `keep`: a chunk-sized array each."""
+        with self._lock:
+            for key in [k for k in self._kept if k not in keep]:
+                del self._kept[key]
+
+    def hashes(self, tc: TokenColumnConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """`transforms.tokens_hashes` of the column with `seed`: (M,) uint64 hashes, (N,) int64 lengths."""
+        got = self.kept(tc, seed)
+        if got is not None:
+            return got.hashes, got.lengths
+        flat, lengths = tokens_hashes(self.frame[tc.column], tc.separator, self.plan.token_keep(tc), tc.max_len,
+                                      seed, weighted=tc.weighted)
+        return np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64)
+
+
+def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str, tokens: ChunkTokens | None = None) -> ContextTokens:
+    """Hashes of the tokens a row carries in `fld` (a token column or a categorical column); `tokens` shares
+    the split of the chunk's token columns with their other readers."""
     for tc in plan.tokens:
         if tc.column == fld:
-            flat, lengths = tokens_hashes(frame[fld], tc.separator, plan.token_keep(tc), tc.max_len,
-                                          plan.seed(fld), weighted=tc.weighted)
-            return ContextTokens(np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64))
+            flat, lengths = (tokens or ChunkTokens(plan, frame)).hashes(tc, plan.seed(fld))
+            return ContextTokens(flat, lengths)
     h, missing = column_hashes(frame, fld, plan.seed(fld))
     return ContextTokens(h[~missing], (~missing).astype(np.int64))
 
 
-def vocab_keys(plan: Plan, frame: pl.DataFrame, categorical: str) -> np.ndarray:
+def vocab_keys(plan: Plan, frame: pl.DataFrame, categorical: str, tokens: ChunkTokens | None = None) -> np.ndarray:
     """Hashes a vocabulary-mode categorical column counts on a chunk of train rows: its present values, then
     the kept tokens of every token column sharing its id space (hashed with its seed), so one vocabulary
     ranks values and tokens by their summed counts."""
     h, missing = column_hashes(frame, categorical, plan.seed(categorical))
     parts = [h[~missing]]
     for tc in plan.sharing(categorical):
-        flat, _ = tokens_hashes(frame[tc.column], tc.separator, plan.token_keep(tc), tc.max_len,
-                                plan.token_seed(tc), weighted=tc.weighted)
-        parts.append(np.asarray(flat, dtype=np.uint64))
+        parts.append((tokens or ChunkTokens(plan, frame)).hashes(tc, plan.token_seed(tc))[0])
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
@@ -274,6 +324,7 @@ class ChunkTransformer:
         plan, cfg = self.plan, self.plan.cfg
         n = frame.height
         out: Arrays = {}
+        tokens = ChunkTokens(plan, frame)
         layout = plan.numeric_layout()
         missing_counts = np.zeros(len(layout), dtype=np.int64)
         if layout:
@@ -295,20 +346,23 @@ class ChunkTransformer:
                     num[:, k:2 * k] = missing
             col = len(layout) - 2 * len(plan.covisit)
             for cv in plan.covisit:
-                num[:, col:col + 2] = self._covisit(frame, cv, split)
+                num[:, col:col + 2] = self._covisit(frame, cv, split, tokens)
                 col += 2
+            tokens.forget({(tc.column, plan.token_seed(tc)) for tc in plan.tokens})   # contexts' own seeds
             out["numeric"] = num
         if plan.categorical:
             cat = np.empty((len(plan.categorical), n), dtype=np.int32)    # (Fc, N): contiguous writes
             self._categoricals(frame, cat)
             out["categorical"] = cat.T          # (N, Fc) view, column-major like "numeric" (see above)
         for tc in plan.tokens:
-            tokens, lengths, weights = tokens_to_ids(frame[tc.column], tc.separator, tc.max_len,
-                                                     plan.token_seed(tc), plan.token_bins(tc, self.fitted),
-                                                     tc.weighted, plan.token_keep(tc),
-                                                     plan.token_vocab(tc, self.fitted))
+            bins, vocab = plan.token_bins(tc, self.fitted), plan.token_vocab(tc, self.fitted)
+            kept = tokens.kept(tc, plan.token_seed(tc))
+            ids, lengths, weights = kept.padded(tc.max_len, bins, vocab) if kept is not None else tokens_to_ids(
+                frame[tc.column], tc.separator, tc.max_len, plan.token_seed(tc), bins, tc.weighted,
+                plan.token_keep(tc), vocab)
+            tokens.forget({(t.column, plan.token_seed(t)) for t in plan.tokens if t != tc})
             stem = safe_name(tc.column)
-            out[f"{stem}.tokens"] = np.asarray(tokens, dtype=np.int32)
+            out[f"{stem}.tokens"] = np.asarray(ids, dtype=np.int32)
             out[f"{stem}.len"] = np.asarray(lengths, dtype=np.int32)
             if tc.weighted:
                 out[f"{stem}.weights"] = np.asarray(weights, dtype=np.float32)
@@ -342,11 +396,12 @@ class ChunkTransformer:
         h, missing = column_hashes(frame, name, seed)
         return ids_from_hashes(h, missing, bins)
 
-    def _covisit(self, frame: pl.DataFrame, cv: CovisitConfig, split: np.ndarray) -> np.ndarray:
+    def _covisit(self, frame: pl.DataFrame, cv: CovisitConfig, split: np.ndarray,
+                 tokens: ChunkTokens) -> np.ndarray:
         pairs, ctx_table = self.fitted.covisit[cv.name]
         h, missing = column_hashes(frame, cv.target, self.plan.seed(cv.target))
         loo = (split == 0) if self.loo_fitted and cv.leave_one_out else np.zeros(frame.height, dtype=bool)
-        return covisit_features(pairs, ctx_table, h, missing, context_tokens(self.plan, frame, cv.context),
+        return covisit_features(pairs, ctx_table, h, missing, context_tokens(self.plan, frame, cv.context, tokens),
                                 cv.smoothing, loo)
 
 

@@ -56,6 +56,25 @@ def test_kernel_tokens_equal_the_polars_path(monkeypatch: pytest.MonkeyPatch, se
 
 @needs_kernel
 @pytest.mark.parametrize("keep", ["first", "last"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kernel_second_seed_hashes_the_same_tokens(keep: str, weighted: bool) -> None:
+    rng = random.Random(7)
+    rows = _random_tokens(rng, 300, "|")
+    if weighted:
+        rows = ["|".join(f"{t}:0.5" for t in r.split("|") if t) if r is not None else None for r in rows]
+    s = pl.Series("t", rows)
+    both = kept_tokens(s, "|", keep, 3, 11, weighted, seed2=12)
+    one, two = kept_tokens(s, "|", keep, 3, 11, weighted), kept_tokens(s, "|", keep, 3, 12, weighted)
+    assert both is not None and one is not None and two is not None and both.hashes2 is not None
+    assert np.array_equal(both.hashes, one.hashes) and np.array_equal(both.hashes2, two.hashes)
+    assert np.array_equal(both.lengths, two.lengths) and not np.array_equal(both.hashes, both.hashes2)
+    if weighted:
+        assert both.weights is not None and two.weights is not None
+        assert np.array_equal(both.second().weights, two.weights)
+
+
+@needs_kernel
+@pytest.mark.parametrize("keep", ["first", "last"])
 def test_kernel_weighted_tokens_equal_the_polars_path(monkeypatch: pytest.MonkeyPatch, keep: str) -> None:
     rows = ["a:0.5|b:1|c:-2.25", "x:y:007|:::0.01", None, "", "|d:3.14159||", "f:2|g:-0|h:0.1000",
             "i:123456789012345|j:0.00000000000001", "long_name_" * 5 + ":0.125"]
