@@ -67,12 +67,28 @@ def test_fit_pass_reads_the_id_only_when_it_is_the_split_key(tmp_path: Path) -> 
 
     src = write_parquet(tmp_path / "p.parquet", 100)
     plain = fit_columns(resolve_plan(parquet_cfg().data, [src]))
-    assert plain.id is None and [t.column for t in plain.multihot] == ["tags_w"]     # tags: never read
+    assert plain.id is None and [t.column for t in plain.multihot] == []      # bad_rows=error: no row skipped
     assert [t.column for t in plain.sequence] == ["seq"]                             # covisit context
+    skip = fit_columns(resolve_plan(parquet_cfg("data.bad_rows=skip").data, [src]))
+    assert [t.column for t in skip.multihot] == ["tags_w"]        # its weights decide which rows are skipped
     by_id = parquet_cfg("data.split.mode=group", "data.split.key=ID", "data.split.val_ratio=0.3")
     assert fit_columns(resolve_plan(by_id.data, [src])).id == "ID"
     m = build_shards(by_id, [src], tmp_path / "c", progress=False).manifest
     assert 0 < m.rows["val"] < 100 and m.rows["train"] + m.rows["val"] == 100
+
+
+def test_a_bad_weight_unread_by_the_fit_pass_still_stops_the_build(tmp_path: Path) -> None:
+    from ctrpipe.errors import InputFormatError
+
+    src = write_parquet(tmp_path / "p.parquet", 60)
+    table = pq.read_table(src)
+    tags_w = table.column("tags_w").to_pylist()
+    tags_w[41] = "t1:0.5|t2"                                   # no weight: with bad_rows=error, an error
+    col = table.schema.get_field_index("tags_w")
+    pq.write_table(table.set_column(col, "tags_w", pa.array(tags_w, pa.string())), src)
+    with pytest.raises(InputFormatError) as err:
+        build_shards(parquet_cfg("data.chunk_rows=16"), [src], tmp_path / "c", progress=False)
+    assert "tags_w" in str(err.value) and "row 41" in str(err.value)
 
 
 def test_parquet_path_is_read_literally(tmp_path: Path) -> None:
