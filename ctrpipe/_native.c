@@ -107,6 +107,48 @@ static uint64_t xxh64(const uint8_t *p, size_t len, uint64_t seed) {
     return h;
 }
 
+/* xxh64 of the same bytes with two seeds: for inputs under 32 bytes (tokens) both states advance in the same
+ * loop, so they share its loads and branches and the two multiply chains overlap; longer inputs take xxh64
+ * twice. Same values as xxh64(p, len, seed_a) and xxh64(p, len, seed_b). */
+static inline void xxh64_two(const uint8_t *p, size_t len, uint64_t seed_a, uint64_t seed_b, uint64_t *out_a,
+                             uint64_t *out_b) {
+    if (len >= 32) {
+        *out_a = xxh64(p, len, seed_a);
+        *out_b = xxh64(p, len, seed_b);
+        return;
+    }
+    const uint8_t *end = p + len;
+    uint64_t a = seed_a + P5 + (uint64_t)len, b = seed_b + P5 + (uint64_t)len;
+    while (p + 8 <= end) {
+        const uint64_t k = xxh_round(0, load64(p));
+        a = rotl64(a ^ k, 27) * P1 + P4;
+        b = rotl64(b ^ k, 27) * P1 + P4;
+        p += 8;
+    }
+    if (p + 4 <= end) {
+        const uint64_t k = (uint64_t)load32(p) * P1;
+        a = rotl64(a ^ k, 23) * P2 + P3;
+        b = rotl64(b ^ k, 23) * P2 + P3;
+        p += 4;
+    }
+    while (p < end) {
+        const uint64_t k = (uint64_t)(*p) * P5;
+        a = rotl64(a ^ k, 11) * P1;
+        b = rotl64(b ^ k, 11) * P1;
+        p++;
+    }
+    a ^= a >> 33;
+    b ^= b >> 33;
+    a *= P2;
+    b *= P2;
+    a ^= a >> 29;
+    b ^= b >> 29;
+    a *= P3;
+    b *= P3;
+    *out_a = a ^ (a >> 32);
+    *out_b = b ^ (b >> 32);
+}
+
 /* A plain integer token (optional '-', 1..15 digits) -> its exact double; 0 if the token is anything else.
  * 15 digits keep every value below 2**53, where the double is exact (so polars would parse the same). */
 static inline int parse_plain_int(const uint8_t *s, const uint8_t *e, double *out) {
@@ -624,8 +666,11 @@ static PyObject *token_hashes(PyObject *self, PyObject *args) {
         int64_t from = keep_last ? (j - take) % max_len : 0;
         for (int64_t t = 0; t < take; t++) {
             const Kept *kt = &ring[from];
-            hashes[k + t] = xxh64(kt->s, (size_t)(kt->e - kt->s), (uint64_t)seed);
-            if (two) hashes2[k + t] = xxh64(kt->s, (size_t)(kt->e - kt->s), (uint64_t)seed2);
+            if (two)
+                xxh64_two(kt->s, (size_t)(kt->e - kt->s), (uint64_t)seed, (uint64_t)seed2, &hashes[k + t],
+                          &hashes2[k + t]);
+            else
+                hashes[k + t] = xxh64(kt->s, (size_t)(kt->e - kt->s), (uint64_t)seed);
             if (weighted) weights[k + t] = kt->w;
             if (++from == max_len) from = 0;
         }
