@@ -23,6 +23,18 @@ ENV_OFF = "CTRPIPE_MALLOC_TUNING"   # set to 0 to leave the allocator alone
 _applied = False
 
 
+def _glibc(name: str, argtypes: list, restype: type) -> ctypes._CFuncPtr | None:
+    """libc's function `name` on Linux unless CTRPIPE_MALLOC_TUNING=0; None where there is none (e.g. musl)."""
+    if not sys.platform.startswith("linux") or os.environ.get(ENV_OFF, "1") == "0":
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc once per process (it cannot be undone); True if the settings are in place.
 
@@ -32,14 +44,9 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux") or os.environ.get(ENV_OFF, "1") == "0":
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     _applied = all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)))
     return _applied
@@ -52,13 +59,8 @@ def release_free_heap() -> bool:
     it: releasing before each evaluation lowered the peak RSS of a short FT-Transformer / AutoInt training run
     by about a fifth (benchmarks/RESULTS.md, "Memory plan"). The next steps fault those pages in again once.
     """
-    if not sys.platform.startswith("linux") or os.environ.get(ENV_OFF, "1") == "0":
+    trim = _glibc("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+    if trim is None:
         return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
     trim(0)
     return True
