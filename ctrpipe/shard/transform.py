@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from ctrpipe.data.chunks import column_hashes, hashed_name
 from ctrpipe.data.config import CovisitConfig, DataConfig, TokenColumnConfig
@@ -417,7 +418,36 @@ def id_array(frame: pl.DataFrame, plan: Plan, position: np.ndarray) -> np.ndarra
     s = frame[plan.id_column]
     if s.dtype.is_integer():
         return s.cast(pl.Int64).to_numpy()
-    return np.asarray(s.cast(pl.String).fill_null("").to_numpy(), dtype=np.str_)
+    s = s.cast(pl.String).fill_null("")
+    fast = ascii_unicode(s)
+    return fast if fast is not None else np.asarray(s.to_numpy(), dtype=np.str_)
+
+
+def ascii_unicode(s: pl.Series) -> np.ndarray | None:
+    """The (N,) '<U{longest}' array `np.asarray(s.to_numpy(), dtype=np.str_)` gives for a String column with no
+    nulls, built from its bytes: no Python string per row, which the write pass's main thread would build
+    holding the GIL. None when some value is not ASCII (a byte is then not a character), or none has a
+    character."""
+    arr = s.to_arrow(compat_level=pl.CompatLevel.oldest())       # large_string: offsets + bytes
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if len(arr) == 0 or arr.null_count:
+        return None
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset: arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
+    if len(data) and data.max() >= 0x80:
+        return None
+    lengths = np.diff(offsets)
+    width = int(lengths.max())
+    if width == 0:
+        return None             # all empty: numpy's own width rule for '' decides
+    if (lengths == width).all():
+        raw = data.reshape(len(arr), width)
+    else:       # row-major boolean assignment fills each row's first lengths[i] bytes in order, 0 after
+        raw = np.zeros((len(arr), width), dtype=np.uint8)
+        raw[np.arange(width) < lengths[:, None]] = data
+    # an ASCII byte is its code point: widen each to a little-endian UCS4 unit, the '<U' layout
+    return raw.astype("<u4").view(f"<U{width}").reshape(-1)
 
 
 def jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,14 @@ def _fit_unicode(arr: np.ndarray) -> np.ndarray:
     """Shrink a '<U' array to its longest value, so a shard's dtype depends on its own rows only."""
     if arr.dtype.kind != "U":
         return arr
-    width = int(np.char.str_len(arr).max()) if len(arr) else 1
+    if not len(arr):
+        width = 1
+    elif arr.dtype.itemsize:    # a value's length ends at its last non-NUL code point: the widest column used
+        units = np.ascontiguousarray(arr).view(arr.dtype.byteorder.replace("=", "") + "u4")
+        used = np.flatnonzero((units.reshape(len(arr), -1) != 0).any(axis=0))
+        width = int(used[-1]) + 1 if len(used) else 1
+    else:
+        width = 1
     return arr.astype(f"<U{max(width, 1)}")
 
 

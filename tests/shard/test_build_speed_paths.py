@@ -100,3 +100,20 @@ def test_parquet_path_is_read_literally(tmp_path: Path) -> None:
     cfg = parquet_cfg().data
     frames = [c.frame for c in iter_raw_chunks(cfg, [src], 15)]
     assert [f.height for f in frames] == [15, 15, 10] and "day" not in frames[0].columns
+
+
+@pytest.mark.parametrize("values", [["TRAIN_0000001", "TRAIN_0000002"], ["a", "", "abc", None, "zz"], ["", None],
+                                    ["a\x00", "b"], ["x\x00y", "q"], ["ü", "a"], ["\x7f~", " "]])
+def test_string_ids_equal_numpy_of_the_python_strings(tmp_path: Path, values: list[str | None]) -> None:
+    import numpy as np
+    import polars as pl
+
+    from ctrpipe.shard.passes import resolve_plan
+    from ctrpipe.shard.transform import id_array
+
+    plan = resolve_plan(parquet_cfg().data, [write_parquet(tmp_path / "p.parquet", 4)])
+    frame = pl.DataFrame({"ID": pl.Series(values, dtype=pl.String)})
+    frame = pl.concat([frame.slice(0, 1), frame.slice(1)], rechunk=False)          # two chunks
+    want = np.asarray(frame["ID"].fill_null("").to_numpy(), dtype=np.str_)
+    got = id_array(frame, plan, np.arange(len(values)))
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes()

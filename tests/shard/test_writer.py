@@ -89,3 +89,14 @@ def test_column_major_chunks_are_written_in_row_order(tmp_path: Path) -> None:
             buf = io.BytesIO()
             np.save(buf, np.ascontiguousarray(whole[s.row_start: s.row_start + s.rows]))
             assert (tmp_path / s.files[g].file).read_bytes() == buf.getvalue(), (s.index, g)
+
+
+def test_fit_unicode_matches_the_longest_value() -> None:
+    from ctrpipe.shard.writer import _fit_unicode
+
+    for a in (np.array(["a", "bcd", ""], dtype="<U9"), np.array(["", ""], dtype="<U3"), np.array([], dtype="<U4"),
+              np.array(["x\x00y", "ü日本"], dtype="<U7"), np.array(["ab"], dtype=">U5")):
+        width = int(np.char.str_len(a).max()) if len(a) else 1
+        want = a.astype(f"<U{max(width, 1)}")
+        got = _fit_unicode(a)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
