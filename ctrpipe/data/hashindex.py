@@ -138,9 +138,12 @@ class HashCounter:
 
     def sorted(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted distinct keys, int64 counts)."""
-        keys, counts = self._entries()
-        order = np.argsort(keys)
-        keys, counts = keys[order], counts[order]
+        # sort the keys alone (a sort beats an argsort and two gathers by far) and read their counts back from
+        # the table, one probe each
+        slots = self.table[:, 0]
+        keys = np.sort(slots[slots != 0])
+        counts = np.empty(len(keys), dtype=np.int64)
+        self.kernel.hash_lookup(self.table, keys, 0, counts)
         if self.zeros:
             keys = np.concatenate([np.zeros(1, dtype=np.uint64), keys])
             counts = np.concatenate([np.array([self.zeros], dtype=np.int64), counts])
