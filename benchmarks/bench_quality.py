@@ -148,7 +148,8 @@ def ctrpipe_cmd(*args: str) -> list[str]:
 
 def data_tag(args: argparse.Namespace) -> str:
     sizing = "fit" if args.fit_bins else "flat"
-    return f"bins{args.hash_bins}{sizing}_{'std' if args.standardize else 'log1p'}"
+    return (f"{args.rows}_{args.test_rows}_s{args.seed}_bins{args.hash_bins}{sizing}_"
+            f"{'std' if args.standardize else 'log1p'}")
 
 
 def field_bins(train_tsv: Path, cap: int) -> dict[str, int]:
@@ -173,7 +174,8 @@ def make_data(args: argparse.Namespace, work: Path) -> Path:
     meta = synth / "synth.json"
     want = {"rows": args.rows, "test_rows": args.test_rows, "seed": args.seed}
     have = json.loads(meta.read_text()) if meta.exists() else {}
-    if any(have.get(k) != v for k, v in want.items()):
+    fresh = any(have.get(k) != v for k, v in want.items())
+    if fresh:
         log(f"synth: {args.rows:,} train + {args.test_rows:,} test rows -> {synth}")
         run(ctrpipe_cmd("synth", "--rows", str(args.rows), "--test-rows", str(args.test_rows),
                         "--seed", str(args.seed), "--out", str(synth), "-q"), work / "logs" / "synth.log")
@@ -189,6 +191,8 @@ def make_data(args: argparse.Namespace, work: Path) -> Path:
     t0 = time.perf_counter()
     cmd = ctrpipe_cmd("shard", "--cfg", "cfgs/criteo.yaml", "-i", str(synth / "train.tsv"),
                       "--gold", str(synth / "test.tsv"), "-o", str(cache), "-q")
+    if fresh:   # new synth files: a cache built from the old ones is refused, so rebuild it
+        cmd.append("--force")
     for s in sets:
         cmd += ["--set", s]
     run(cmd, work / "logs" / "shard.log")
