@@ -252,9 +252,12 @@ def _eval_lines(inp: Inputs, st: Setting) -> list[Line]:
     b = min(st.eval_batch, inp.val_rows)
     sm = _step(inp, st)
     sets = inp.cfg.loader.prefetch + 2
+    # host buffers are np.empty on CPU, resident only where rows are written: a validation set shorter than
+    # the buffer sets fills only its own rows; CUDA's pinned ring is page-locked whole
+    rows = sets * b if inp.device == "cuda" else min(sets * b, inp.val_rows)
+    held = f"{sets} evaluation batch buffers" + ("" if rows == sets * b else f" ({rows:,} rows written)")
     lines = [Line("evaluation", f"no-grad forward (batch {b:,})", sm.eval.at(b), phase="eval", replayed=True),
-             Line("evaluation", f"{sets} evaluation batch buffers", sets * b * _row_bytes(inp), phase="eval",
-                  where="host"),
+             Line("evaluation", held, rows * _row_bytes(inp), phase="eval", where="host"),
              Line("evaluation", f"predictions of {inp.val_rows:,} validation rows",
                   inp.val_rows * (8 + 8 * inp.n_tasks), phase="eval", where="host"),
              Line("evaluation", "metric computation (sorts, float64 copies)",
