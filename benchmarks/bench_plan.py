@@ -2,12 +2,17 @@
 
 Usage: python benchmarks/bench_plan.py [--rows 200000] [--bins 100000] [--steps 30]
            [--models dnn dcnv2 autoint ft_transformer] [--work .bench/plan] [--set KEY=VALUE ...]
+       python benchmarks/bench_plan.py --format parquet --data-cfg cfgs/parquet_mmoe.yaml \
+           --cfg 'cfgs/parquet_{model}.yaml' --models mmoe ple shared_bottom esmm
+       python benchmarks/bench_plan.py --format parquet --data-cfg cfgs/dare_qnn.yaml \
+           --cfg 'cfgs/{model}.yaml' --models parquet_din parquet_dare dare_qnn
 
-Builds a synthetic Criteo cache (`ctrpipe synth`, `cfgs/criteo.yaml` with data.hash_bins=BINS, no folds),
-then for each model runs `ctrpipe train --cfg cfgs/criteo_<model>.yaml` as it ships (batch 4096, lazy_adam,
-4 evaluations per epoch, each saving ckpt_best/ckpt_last) on CPU for --steps steps, in a child process of
-its own, and compares the peak memory with `ctrpipe plan`'s estimate for the same config (computed in this
-process).
+Builds a synthetic cache (`ctrpipe synth`; Criteo: `cfgs/criteo.yaml` with data.hash_bins=BINS; Parquet: the
+data section of --data-cfg, i.e. labels, vocabularies, sequences, co-visitation; no folds), then for each model
+runs `ctrpipe train --cfg` (--cfg with {model} filled in, default cfgs/criteo_{model}.yaml) as it ships (the
+Criteo configs: batch 4096, lazy_adam, 4 evaluations per epoch, each saving ckpt_best/ckpt_last) on CPU for
+--steps steps, in a child process of its own, and compares the peak memory with `ctrpipe plan`'s estimate for
+the same config (computed in this process).
 
 The child measures over a baseline taken after imports and loading, before the model is built: torch, the
 CLI, every model module, tensorboard and the training stage are imported, the config and the manifest are
@@ -88,6 +93,17 @@ def child(args: list[str]) -> None:
                       "base_rss": base["VmRSS"], "seconds": time.perf_counter() - t0}))
 
 
+def prepare_parquet(work: Path, rows: int, data_cfg: Path) -> Path:
+    data, shards = work / "data_parquet", work / f"shards_parquet_{rows}_{data_cfg.stem}"
+    if not (shards / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "ctrpipe.cli", "synth", "--format", "parquet", "--rows", str(rows),
+                        "--seed", "0", "--out", str(data), "-q"], check=True)
+        subprocess.run([sys.executable, "-m", "ctrpipe.cli", "shard", "--cfg", str(data_cfg), "--input",
+                        str(data / "train.parquet"), "--out", str(shards), "-q", "--force", "--set",
+                        "data.folds.n_splits=0"], check=True)
+    return shards
+
+
 def prepare(work: Path, rows: int, bins: int) -> Path:
     data, shards = work / "data", work / f"shards_{rows}_{bins}"
     if not (shards / "manifest.json").is_file():
@@ -99,13 +115,14 @@ def prepare(work: Path, rows: int, bins: int) -> Path:
     return shards
 
 
-def measure(model: str, shards: Path, work: Path, steps: int, sets: list[str]) -> dict[str, float]:
+def measure(model: str, cfg_path: Path, shards: Path, work: Path, steps: int, sets: list[str]) -> dict[str, float]:
     runs = work / "runs"
-    run_dir = runs / f"criteo_{model}"
+    run_dir = runs / f"plan_{model}"
     if run_dir.exists():
         import shutil
         shutil.rmtree(run_dir)
-    args = ["--cfg", str(REPO / "cfgs" / f"criteo_{model}.yaml"), "--shards", str(shards), "--runs", str(runs),
+    sets = [f"exp_name=plan_{model}", *sets]
+    args = ["--cfg", str(cfg_path), "--shards", str(shards), "--runs", str(runs),
             "-q", "--set", f"train.max_steps={steps}", "--set", "train.device=cpu",
             *(x for s in sets for x in ("--set", s))]
     res = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
@@ -117,8 +134,7 @@ def measure(model: str, shards: Path, work: Path, steps: int, sets: list[str]) -
     from ctrpipe.config import load_config
     from ctrpipe.tools.planner import estimate
 
-    cfg = load_config(REPO / "cfgs" / f"criteo_{model}.yaml", [f"train.max_steps={steps}", "train.device=cpu",
-                                                              *sets])
+    cfg = load_config(cfg_path, [f"train.max_steps={steps}", "train.device=cpu", *sets])
     t0 = time.perf_counter()
     plan = estimate(cfg, shards, "cpu", memory=1 << 50)
     return {**measured, "estimate": plan.peak(), "plan_seconds": time.perf_counter() - t0,
@@ -138,19 +154,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--work", type=Path, default=REPO / ".bench" / "plan")
+    ap.add_argument("--format", choices=("criteo", "parquet"), default="criteo", help="the synthetic data")
+    ap.add_argument("--data-cfg", type=Path, default=REPO / "cfgs" / "parquet_mmoe.yaml",
+                    help="--format parquet: the config whose data section builds the cache")
+    ap.add_argument("--cfg", default="cfgs/criteo_{model}.yaml", help="each model's config, {model} filled in")
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="a config override for every model's run and plan, e.g. --set train.amp=off")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    shards = prepare(a.work, a.rows, a.bins)
+    if a.format == "parquet":
+        shards = prepare_parquet(a.work, a.rows, a.data_cfg)
+        print(f"cache: {a.rows:,} synthetic Parquet rows, data section of {a.data_cfg}; {a.steps} steps")
+    else:
+        shards = prepare(a.work, a.rows, a.bins)
+        print(f"cache: {a.rows:,} synthetic Criteo rows, {a.bins:,} hash bins per field; {a.steps} steps of batch "
+              "4096")
     mb = 1e6
-    print(f"cache: {a.rows:,} synthetic Criteo rows, {a.bins:,} hash bins per field; {a.steps} steps of batch 4096")
     print("| model | estimate MB (resident / step / eval / ckpt; working set) | measured anon MB | hwm MB |"
           " estimate / anon |"
           " train s | plan s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for model in a.models:
-        r = measure(model, shards, a.work, a.steps, a.sets)
+        r = measure(model, REPO / a.cfg.format(model=model), shards, a.work, a.steps, a.sets)
         print(f"| {model} | {r['estimate'] / mb:.0f} ({r['resident'] / mb:.0f} / {r['step'] / mb:.0f} / "
               f"{r['eval'] / mb:.0f} / {r['checkpoint'] / mb:.0f}; {r['working'] / mb:.0f}) | {r['anon'] / mb:.0f} | "
               f"{r['hwm'] / mb:.0f} | "
