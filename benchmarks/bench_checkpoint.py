@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import pstats
-import re
 import shutil
 import subprocess
 import sys
@@ -130,12 +129,9 @@ def main() -> None:
 
 
 def _cpu() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "?"
-    m = re.search(r"model name\s*:\s*(.*)", text)
-    return m.group(1).strip() if m else "?"
+    from ctrpipe.device import cpu_name
+
+    return cpu_name()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -85,15 +84,9 @@ def peer_result(cmd: list[str], log_file: Path, env: dict[str, str], what: str) 
 
 def cpu_model() -> str:
     """The CPU's model name and its bf16 instructions, e.g. 'AMD EPYC (avx512_bf16, no AMX)'."""
-    from ctrpipe.device import cpu_flags
+    from ctrpipe.device import cpu_flags, cpu_name
 
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = cpu_flags()
+    name, flags = cpu_name(), cpu_flags()
     bf16 = ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "no native bf16"
     return f"{name} ({bf16}{'' if 'amx_bf16' in flags else ', no AMX'})"
 

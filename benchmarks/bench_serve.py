@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ctrpipe.cli import app  # noqa: E402
+from ctrpipe.device import cpu_name  # noqa: E402
 from ctrpipe.serve.export import ServingModule, example_inputs, input_names  # noqa: E402
 from ctrpipe.serve.predictor import Predictor  # noqa: E402
 
@@ -129,16 +129,6 @@ def cell(ms: np.ndarray) -> str:
 
 def rate(ms: np.ndarray, b: int) -> str:
     return f"{b / ms.mean() * 1e3:,.0f}"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def main() -> None:

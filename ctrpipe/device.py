@@ -79,6 +79,17 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows, e.g. 'AMD EPYC'."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def cpu_bf16_isa(flags: Collection[str]) -> str | None:
     """The CPU's native bf16 matrix instructions ('amx_bf16', else 'avx512_bf16'), or None.
 

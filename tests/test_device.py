@@ -60,3 +60,13 @@ def test_esmm_is_measured_by_its_backbone():
     assert model_family(cfg.model.name, cfg.model.params) == "dcnv2"
     cfg = load_config(None, ["model.name=dnn"])
     assert model_family(cfg.model.name, cfg.model.params) == "dnn"
+
+
+def test_cpu_name_is_the_model_name_line_of_cpuinfo():
+    from pathlib import Path
+
+    from ctrpipe.device import cpu_name
+
+    info = Path("/proc/cpuinfo")
+    lines = [ln for ln in info.read_text().splitlines() if ln.startswith("model name")] if info.exists() else []
+    assert cpu_name() == (lines[0].split(":", 1)[1].strip() if lines else cpu_name()) and cpu_name()

@@ -116,7 +116,9 @@ def _tensorboard() -> Check:
 def _devices() -> list[Check]:
     import torch
 
-    out = [Check("cpu", "ok", f"{_cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    from ctrpipe.device import cpu_name
+
+    out = [Check("cpu", "ok", f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
                  + _ram())]
     out.append(_smoke("cpu smoke test", torch.device("cpu")))
     if torch.version.cuda is None:
@@ -170,14 +172,6 @@ def _smoke(name: str, device: torch.device) -> Check:
     return Check(name, "ok", "tensor copy, matmul (matches CPU), dense + sparse-embedding backward")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ram() -> str:
