@@ -822,14 +822,39 @@ static inline int64_t table_get(const uint64_t *table, uint64_t mask, uint64_t k
     return 0;
 }
 
-PyDoc_STRVAR(covisit_scores_doc,
-"covisit_scores(pairs, pairs_zero, ctx, ctx_zero, target, lengths, context, salt, loo, smoothing, out) -> None\n\n"
-"out[j] (float64) = max(n(t, c) - l, 0) / (max(n(c) - l, 0) + smoothing) for the lengths[i] context tokens j\n"
-"of row i, where n(t, c) is the pair count of pair_keys(target[i], context[j]) in the hash_build table\n"
-"`pairs`, n(c) the count of context[j] in `ctx` (0 when absent; *_zero: the count of key 0), and l = 1 where\n"
-"loo[i] (uint8) is set: the float64 arithmetic of covisit.covisit_features, in one pass.");
+/* numpy's float64 sum of n values as np.add.reduce / reduceat computes it (pairwise, blocks of 128 with 8
+ * accumulators), so a row's mean here is bit-identical to covisit.covisit_features' numpy path */
+static double numpy_pairwise_sum(const double *a, Py_ssize_t n) {
+    if (n < 8) {
+        double res = 0.;
+        for (Py_ssize_t i = 0; i < n; i++) res += a[i];
+        return res;
+    }
+    if (n <= 128) {
+        double r[8];
+        Py_ssize_t i;
+        for (int k = 0; k < 8; k++) r[k] = a[k];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int k = 0; k < 8; k++) r[k] += a[i + k];
+        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) res += a[i];
+        return res;
+    }
+    Py_ssize_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return numpy_pairwise_sum(a, n2) + numpy_pairwise_sum(a + n2, n - n2);
+}
 
-static PyObject *covisit_scores(PyObject *self, PyObject *args) {
+PyDoc_STRVAR(covisit_rows_doc,
+"covisit_rows(pairs, pairs_zero, ctx, ctx_zero, target, lengths, context, salt, loo, smoothing, out) -> None\n\n"
+"out[i] (float32, 2 per row) = [max, mean] over the lengths[i] context tokens j of row i of\n"
+"max(n(t, c) - l, 0) / (max(n(c) - l, 0) + smoothing), [0, 0] for a row without tokens: n(t, c) is the pair\n"
+"count of pair_keys(target[i], context[j]) in the hash_build table `pairs`, n(c) the count of context[j] in\n"
+"`ctx` (0 when absent; *_zero: the count of key 0), l = 1 where loo[i] (uint8) is set. The float64\n"
+"arithmetic of covisit.covisit_features (its per-token scores and their reduceat), in one pass and without\n"
+"the per-token score array.");
+
+static PyObject *covisit_rows(PyObject *self, PyObject *args) {
     Py_buffer pairs_b, ctx_b, t_b, len_b, c_b, loo_b, out_b;
     long long pairs_zero, ctx_zero;
     unsigned long long salt;
@@ -839,28 +864,36 @@ static PyObject *covisit_scores(PyObject *self, PyObject *args) {
                           &c_b, &salt, &loo_b, &smoothing, &out_b))
         return NULL;
     PyObject *result = NULL;
+    double *scores = NULL;
     Py_ssize_t n = t_b.len / 8, m = c_b.len / 8, pcap = pairs_b.len / 16, ccap = ctx_b.len / 16;
     if (pcap < 1 || (pcap & (pcap - 1)) != 0 || ccap < 1 || (ccap & (ccap - 1)) != 0) {
-        PyErr_SetString(PyExc_ValueError, "covisit_scores: table sizes are not powers of two");
+        PyErr_SetString(PyExc_ValueError, "covisit_rows: table sizes are not powers of two");
         goto done;
     }
     if (!check_buffer(&len_b, n * 8, "lengths") || !check_buffer(&loo_b, n, "loo") ||
-        !check_buffer(&out_b, m * 8, "out"))
+        !check_buffer(&out_b, n * 8, "out"))
         goto done;
     const uint64_t *pairs = (const uint64_t *)pairs_b.buf, *ctx = (const uint64_t *)ctx_b.buf;
     const uint64_t *t = (const uint64_t *)t_b.buf, *c = (const uint64_t *)c_b.buf;
     const int64_t *lengths = (const int64_t *)len_b.buf;
     const uint8_t *loo = (const uint8_t *)loo_b.buf;
-    double *out = (double *)out_b.buf;
+    float *out = (float *)out_b.buf;
     uint64_t pmask = (uint64_t)pcap - 1, cmask = (uint64_t)ccap - 1;
     Py_ssize_t total = 0;
+    int64_t longest = 0;
     int negative = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         negative |= lengths[i] < 0;
         total += lengths[i];
+        if (lengths[i] > longest) longest = lengths[i];
     }
     if (negative || total != m) {
-        PyErr_SetString(PyExc_ValueError, "covisit_scores: lengths do not sum to the number of context tokens");
+        PyErr_SetString(PyExc_ValueError, "covisit_rows: lengths do not sum to the number of context tokens");
+        goto done;
+    }
+    scores = (double *)malloc((size_t)(longest > 0 ? longest : 1) * sizeof(double));    /* one row's scores */
+    if (scores == NULL) {
+        PyErr_NoMemory();
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
@@ -876,7 +909,8 @@ static PyObject *covisit_scores(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         const double l = loo[i] ? 1.0 : 0.0;
-        for (int64_t k = 0; k < lengths[i]; k++, j++) {
+        const int64_t len = lengths[i];
+        for (int64_t k = 0; k < len; k++, j++) {
             uint64_t key = ring[j % PREFETCH_AHEAD];
             if (aj < m) {
                 while (ak >= lengths[ai]) ai++, ak = 0;
@@ -888,13 +922,24 @@ static PyObject *covisit_scores(PyObject *self, PyObject *args) {
             }
             double n_tc = (double)table_get(pairs, pmask, key, pairs_zero) - l;
             double n_c = (double)table_get(ctx, cmask, c[j], ctx_zero) - l;
-            out[j] = (n_tc > 0.0 ? n_tc : 0.0) / ((n_c > 0.0 ? n_c : 0.0) + smoothing);
+            scores[k] = (n_tc > 0.0 ? n_tc : 0.0) / ((n_c > 0.0 ? n_c : 0.0) + smoothing);
         }
+        if (len == 0) {
+            out[2 * i] = 0.0f;
+            out[2 * i + 1] = 0.0f;
+            continue;
+        }
+        /* as reduceat: the first value, then the rest reduced onto it */
+        double mx = scores[0];
+        for (int64_t k = 1; k < len; k++) mx = scores[k] > mx ? scores[k] : mx;
+        out[2 * i] = (float)mx;
+        out[2 * i + 1] = (float)((scores[0] + numpy_pairwise_sum(scores + 1, len - 1)) / (double)len);
     }
     Py_END_ALLOW_THREADS
     Py_INCREF(Py_None);
     result = Py_None;
 done:
+    free(scores);
     PyBuffer_Release(&pairs_b);
     PyBuffer_Release(&ctx_b);
     PyBuffer_Release(&t_b);
@@ -1060,7 +1105,7 @@ static PyMethodDef methods[] = {
     {"hash_strings", hash_strings, METH_VARARGS, hash_strings_doc},
     {"pad_rows", pad_rows, METH_VARARGS, pad_rows_doc},
     {"pair_keys", pair_keys, METH_VARARGS, pair_keys_doc},
-    {"covisit_scores", covisit_scores, METH_VARARGS, covisit_scores_doc},
+    {"covisit_rows", covisit_rows, METH_VARARGS, covisit_rows_doc},
     {"hash_build", hash_build, METH_VARARGS, hash_build_doc},
     {"hash_lookup", hash_lookup, METH_VARARGS, hash_lookup_doc},
     {"hash_count", hash_count, METH_VARARGS, hash_count_doc},

@@ -82,10 +82,22 @@ def covisit_features(pairs: CountTable, ctx_table: CountTable, target: np.ndarra
     themselves counted in pass 1; their own occurrence is removed from both counts.
     """
     n = len(target)
+    loo_row = leave_one_out & ~target_missing
+    kernel = native()
+    if kernel is not None:
+        out = np.empty((n, 2), dtype=np.float32)
+        if n:
+            p, c = pairs.index, ctx_table.index
+            kernel.covisit_rows(p.table, p.zero_value or 0, c.table, c.zero_value or 0,
+                                np.ascontiguousarray(target, dtype=np.uint64),
+                                np.ascontiguousarray(ctx.lengths, dtype=np.int64),
+                                np.ascontiguousarray(ctx.hashes, dtype=np.uint64), int(_PAIR_SALT),
+                                loo_row.astype(np.uint8), float(smoothing), out)
+        out[target_missing] = 0.0
+        return out
     out = np.zeros((n, 2), dtype=np.float32)
     if len(ctx.hashes) == 0:
         return out
-    loo_row = leave_one_out & ~target_missing
     score = _scores(pairs, ctx_table, target, ctx, loo_row, smoothing)      # (M,)
     has = ctx.lengths > 0
     starts = np.concatenate([[0], np.cumsum(ctx.lengths)[:-1]])[has]
@@ -99,18 +111,8 @@ def covisit_features(pairs: CountTable, ctx_table: CountTable, target: np.ndarra
 
 def _scores(pairs: CountTable, ctx_table: CountTable, target: np.ndarray, ctx: ContextTokens, loo_row: np.ndarray,
             smoothing: float) -> np.ndarray:
-    """(M,) float64 max(n(t, c) - loo, 0) / (max(n(c) - loo, 0) + smoothing) per context token: one compiled
-    pass over the hash indexes (the same float64 arithmetic), else numpy."""
-    kernel = native()
-    if kernel is not None:
-        score = np.empty(len(ctx.hashes), dtype=np.float64)
-        p, c = pairs.index, ctx_table.index
-        kernel.covisit_scores(p.table, p.zero_value or 0, c.table, c.zero_value or 0,
-                              np.ascontiguousarray(target, dtype=np.uint64),
-                              np.ascontiguousarray(ctx.lengths, dtype=np.int64),
-                              np.ascontiguousarray(ctx.hashes, dtype=np.uint64), int(_PAIR_SALT),
-                              loo_row.astype(np.uint8), float(smoothing), score)
-        return score
+    """(M,) float64 max(n(t, c) - loo, 0) / (max(n(c) - loo, 0) + smoothing) per context token (the numpy path;
+    the compiled `covisit_rows` computes the same arithmetic and each row's max and mean in one pass)."""
     n_tc = pairs.index.lookup(row_pair_keys(target, ctx)).astype(np.float64)
     n_c = ctx_table.index.lookup(ctx.hashes).astype(np.float64)
     if loo_row.any():
