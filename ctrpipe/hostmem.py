@@ -53,14 +53,15 @@ def keep_freed_memory() -> bool:
 
 
 def release_free_heap() -> bool:
-    """Hand the pages of the heap's free chunks back to the OS (glibc malloc_trim(0)); True if it ran.
+    """Hand the pages of the heap's free chunks back to the OS (glibc malloc_trim(0)); True if it ran. It runs
+    only where keep_freed_memory applied its tuning: untuned, glibc gives freed memory back by itself.
 
-    keep_freed_memory makes the heap keep a step's peak, and an evaluation's larger batch then comes on top of
-    it: releasing before each evaluation lowered the peak RSS of a short FT-Transformer / AutoInt training run
-    by about a fifth (benchmarks/RESULTS.md, "Memory plan"). The next steps fault those pages in again once.
+    keep_freed_memory makes the heap keep a step's peak, and an evaluation's larger batch would then come on
+    top of it: training releases it before each evaluation (the effect on peak RSS: benchmarks/RESULTS.md,
+    "Memory plan"). The next steps fault those pages in again once.
     """
     trim = _glibc("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
-    if trim is None:
+    if trim is None or not _applied:
         return False
     trim(0)
     return True

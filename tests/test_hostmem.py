@@ -134,3 +134,11 @@ def test_release_free_heap_returns_what_the_tuned_heap_kept() -> None:
     assert r["ran"] is True
     assert r["written"] - r["freed"] < BLOCK                  # kept: freeing gave back (almost) nothing
     assert r["freed"] - r["released"] > 6 * BLOCK             # released: most of the 8 blocks' pages
+
+
+@needs_glibc
+def test_release_free_heap_leaves_an_untuned_heap_alone() -> None:
+    """Without keep_freed_memory's tuning glibc already gives freed memory back: nothing to release."""
+    probe = "from ctrpipe.hostmem import release_free_heap; print(release_free_heap())"
+    out = subprocess.run([sys.executable, "-c", probe], env=_env(None), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -177,7 +177,8 @@ class _Run:
         self.model = inp.model.to(inp.device)
         # no page faults for each step's activations (see hostmem.py); what the steps keep is released before each
         # evaluation, whose larger batch would otherwise come on top of it (release_free_heap)
-        self.release_before_eval = inp.device.type == "cpu" and keep_freed_memory()
+        if inp.device.type == "cpu":
+            keep_freed_memory()
         self.optimizers = build_optimizers(self.model, self.cfg, inp.device)
         self.scaler = torch.amp.GradScaler(inp.device.type, enabled=self.cfg.amp == "fp16")
         self.changed = ChangedRows(self.model)
@@ -312,7 +313,7 @@ class _Run:
         metrics: dict[str, float] = {}
         preds: Predictions | None = None
         if inp.val_loader is not None:
-            if self.release_before_eval:
+            if self.device.type == "cpu":
                 release_free_heap()
             with self.ema.applied() if self.ema is not None else nullcontext():
                 preds = self._predict(inp.val_loader)
