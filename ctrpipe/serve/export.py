@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ EXPORT_METHODS = ("logit_mean", "weighted", "mean", "geom_mean")
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}     # format -> model file in --out
 ONNX_OUTPUT = "probabilities"
 ONNX_TOL = 1e-5      # onnxruntime vs the eager module, absolute, on probabilities
+_TMP_PREFIX = ".export-"       # the working folder inside --out, renamed from when complete
 _EPS = 1e-7      # ensemble.EPS: geom_mean clips probabilities as combine() does
 
 
@@ -156,7 +158,9 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
     module = ServingModule(p).eval()
     inputs = example_inputs(p, batch)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp_dir:
+    for stale in out.glob(f"{_TMP_PREFIX}*"):      # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=_TMP_PREFIX) as tmp_dir:
         tmp = Path(tmp_dir)
         if fmt == "torchscript":
             _torchscript(p, run, module, inputs, tmp / FORMATS[fmt])
@@ -176,14 +180,14 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
                 if other != fmt and all((out / n).is_file() for n in entry.get("files", ())):
                     doc["exports"][other] = entry
         write_json_atomic(tmp / "model.json", doc)
-        # the model's files first, model.json last; a weights file of an earlier export that this one does
-        # not have would be read by nothing, so it goes
-        for stale in (out / f"{FORMATS[fmt]}.data",):
-            if stale.name not in files:
-                stale.unlink(missing_ok=True)
+        # the model's files first, model.json last; then a weights file of an earlier export that this one
+        # does not have goes (read by nothing now; removed before, it would leave the old graph without it)
         for name in files:
             os.replace(tmp / name, out / name)
         os.replace(tmp / "model.json", out / "model.json")
+        stale_data = out / f"{FORMATS[fmt]}.data"
+        if stale_data.name not in files:
+            stale_data.unlink(missing_ok=True)
     return out / FORMATS[fmt]
 
 
@@ -199,11 +203,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def export_torchscript(run: Path, out: Path, rows: object = None) -> Path:
-    """`export_model(run, out, "torchscript", rows)`."""
-    return export_model(run, out, "torchscript", rows)
 
 
 def _torchscript(p: Predictor, run: Path, module: ServingModule, inputs: tuple[Tensor, ...], dest: Path) -> None:
@@ -308,8 +307,8 @@ def _check_onnx(path: Path, module: ServingModule, inputs: tuple[Tensor, ...], n
 
 
 def embedding_tables(p: Predictor, ckpts: list[Checkpoint]) -> dict[str, object]:
-    """Size of each embedding table in model.pt and how many of its rows training changed (the rows the
-    checkpoint stores); the exported model holds every row, see `note`."""
+    """Size of each embedding table of the exported model and how many of its rows training changed (the rows
+    the checkpoint stores); the exported model holds every row, see `note`."""
     tables = []
     for k, (m, ckpt) in enumerate(zip(p.models, ckpts, strict=True)):
         for name, t in ckpt.weights["tables"].items():

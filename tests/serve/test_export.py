@@ -187,14 +187,18 @@ def test_onnx_missing_extra(runs: Callable[[str], Path], tmp_path: Path,
 def test_failed_export_leaves_no_model(runs: Callable[[str], Path], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """An export that fails its onnxruntime check after the graph is written leaves neither model.onnx nor
-    model.json nor its temporary folder, and an earlier export in the folder stays as it was."""
+    model.json nor its temporary folder, and an earlier export in the folder stays as it was; the next export
+    removes the working folder of one that was killed."""
     _onnxruntime()
     from ctrpipe.errors import ConfigError
     from ctrpipe.serve import export
 
     out = tmp_path / "export"
+    (out / ".export-killed").mkdir(parents=True)            # what an export killed mid-way leaves behind
+    (out / ".export-killed" / "model.pt").write_bytes(b"half")
     export.export_model(runs("dnn"), out, "torchscript")
     assert list(json.loads((out / "model.json").read_text())["exports"]) == ["torchscript"]
+    assert not (out / ".export-killed").exists()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(export, "ONNX_TOL", -1.0)              # no difference passes: the check must fail
     with pytest.raises(ConfigError, match="does not reproduce it"):
