@@ -28,8 +28,8 @@ Precision = Literal["off", "bf16", "fp16"]
 # Per CPU bf16 instruction set, the model families whose bf16 training step was measured faster than fp32
 # (benchmarks/bench_amp.py, bench_quality.py --amp both, bench_sequence.py --amp both; figures in
 # benchmarks/RESULTS.md); `auto` trains any other model in fp32 there. avx512_bf16: an AMD EPYC without AMX,
-# every family listed; DARE is not, because its whole bf16 run was slower than fp32 at 2 threads though its
-# one-thread step was faster (its small dot-product search gains little and pays the casts). amx_bf16 (Intel
+# every family listed; DARE is not, because its whole bf16 runs were not faster than fp32 (its small
+# dot-product search gains little and pays the casts). amx_bf16 (Intel
 # Sapphire Rapids and later, which also have avx512_bf16): DNN and DCN v2 were measured faster and the other
 # dense families share their layers; attention over fields was measured slower there with the SDPA kernel it
 # used then, and neither its current bf16 path nor the sequence models have been measured on AMX yet.
@@ -79,10 +79,10 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_name() -> str:
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows, e.g. 'AMD EPYC'."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:

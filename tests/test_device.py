@@ -62,11 +62,17 @@ def test_esmm_is_measured_by_its_backbone():
     assert model_family(cfg.model.name, cfg.model.params) == "dnn"
 
 
-def test_cpu_name_is_the_model_name_line_of_cpuinfo():
-    from pathlib import Path
+def test_cpu_name_is_the_model_name_line_of_cpuinfo(tmp_path):
+    import platform
 
     from ctrpipe.device import cpu_name
 
-    info = Path("/proc/cpuinfo")
-    lines = [ln for ln in info.read_text().splitlines() if ln.startswith("model name")] if info.exists() else []
-    assert cpu_name() == (lines[0].split(":", 1)[1].strip() if lines else cpu_name()) and cpu_name()
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9454 48-Core Processor \n"
+                    "flags\t\t: fpu avx512_bf16\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 9454 48-Core Processor\n")
+    assert cpu_name(info) == "AMD EPYC 9454 48-Core Processor"
+    fallback = platform.processor() or platform.machine() or "unknown CPU"
+    info.write_text("processor\t: 0\nHardware\t: BCM2835\n")        # no model name line (some ARM kernels)
+    assert cpu_name(info) == fallback
+    assert cpu_name(tmp_path / "absent") == fallback
+    assert cpu_name()
