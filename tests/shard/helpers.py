@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +33,16 @@ def load_all(cache: Path) -> dict[str, np.ndarray]:
 def npy_bytes(cache: Path) -> dict[str, bytes]:
     """Relative path -> bytes of every .npy under a cache (shards and fitted statistics)."""
     return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(Path(cache).rglob("*.npy"))}
+
+
+def cache_contents(cache: Path) -> dict[str, object]:
+    """Every .npy's bytes plus the manifest less its timing fields: what two builds of one cache must share."""
+    manifest = json.loads((Path(cache) / "manifest.json").read_text())
+    manifest.pop("build", None)
+    assert not list(Path(cache).glob(".incomplete-*"))
+    return {"npy": npy_bytes(cache), "manifest": manifest}
+
+
+# vocabularies, mean imputation and standardisation (a statistics pass), in small chunks
+CRITEO_FIT = ("data.categorical.mode=vocab", "data.categorical.min_count=2", "data.numeric.impute=mean",
+              "data.numeric.standardize=true", "data.numeric.missing_indicator=true", "data.chunk_rows=37")

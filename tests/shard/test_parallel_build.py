@@ -5,7 +5,6 @@ tail splits), names the failing file and line, and resumes after kill -9 without
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -19,20 +18,10 @@ from raw_inputs import write_criteo_tsv, write_parquet
 from ctrpipe.errors import ConfigError, InputFormatError
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.parallel import fit_partition
-from tests.shard.helpers import CRITEO_CFG, criteo_cfg, npy_bytes, parquet_cfg
+from tests.shard.helpers import CRITEO_CFG, CRITEO_FIT, cache_contents, criteo_cfg, parquet_cfg
+
 
 # vocabularies with min-count, mean imputation, standardisation: every float and count statistic is fitted
-CRITEO_FIT = ("data.categorical.mode=vocab", "data.categorical.min_count=2", "data.numeric.impute=mean",
-              "data.numeric.standardize=true", "data.numeric.missing_indicator=true", "data.chunk_rows=37")
-
-
-def _cache(out: Path) -> dict[str, object]:
-    """Every .npy's bytes plus the manifest less its timing fields."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest.pop("build", None)
-    return {"npy": npy_bytes(out), "manifest": manifest}
-
-
 def _criteo_parts(tmp_path: Path, sizes: list[int]) -> list[Path]:
     return [write_criteo_tsv(tmp_path / f"day_{i}.tsv", n, seed=i) for i, n in enumerate(sizes)]
 
@@ -43,7 +32,7 @@ def test_criteo_files_give_the_same_cache_for_any_worker_count(tmp_path: Path) -
     for workers in (1, 2, 3):
         out = tmp_path / f"w{workers}"
         build_shards(criteo_cfg(*CRITEO_FIT), parts, out, progress=False, workers=workers)
-        got = _cache(out)
+        got = cache_contents(out)
         assert not list(out.glob(".incomplete-*"))
         if want is None:
             want = got
@@ -52,15 +41,15 @@ def test_criteo_files_give_the_same_cache_for_any_worker_count(tmp_path: Path) -
             assert got == want, f"--workers {workers} differs"
 
 
-def test_parquet_parts_give_the_same_cache(tmp_path: Path) -> None:
+def test_parquet_parts_give_the_samecache_contents(tmp_path: Path) -> None:
     # vocabularies shared with a sequence, median imputation, standardisation and co-visitation
     parts = [write_parquet(tmp_path / f"part-{i}.parquet", n, seed=i) for i, n in enumerate([80, 130, 45])]
     overrides = ("data.chunk_rows=29",)
     build_shards(parquet_cfg(*overrides), parts, tmp_path / "one", progress=False)
     build_shards(parquet_cfg(*overrides), parts, tmp_path / "two", progress=False, workers=2)
-    want = _cache(tmp_path / "one")
+    want = cache_contents(tmp_path / "one")
     assert any(k.startswith("fitted/covisit") for k in want["npy"])         # type: ignore[union-attr]
-    assert _cache(tmp_path / "two") == want
+    assert cache_contents(tmp_path / "two") == want
 
 
 def test_skipped_bad_rows_and_tail_split_shift_later_files(tmp_path: Path) -> None:
@@ -73,7 +62,7 @@ def test_skipped_bad_rows_and_tail_split_shift_later_files(tmp_path: Path) -> No
         cfg = criteo_cfg(*CRITEO_FIT, "data.bad_rows=skip", f"data.split.mode={mode}", "data.split.val_ratio=0.3")
         build_shards(cfg, parts, tmp_path / f"{mode}1", progress=False)
         build_shards(cfg, parts, tmp_path / f"{mode}2", progress=False, workers=2)
-        assert _cache(tmp_path / f"{mode}2") == _cache(tmp_path / f"{mode}1"), mode
+        assert cache_contents(tmp_path / f"{mode}2") == cache_contents(tmp_path / f"{mode}1"), mode
 
 
 def test_a_failing_worker_names_the_file_and_line_and_leaves_no_manifest(tmp_path: Path) -> None:
@@ -118,15 +107,15 @@ def test_kill_9_resumes_without_refitting_finished_files(tmp_path: Path) -> None
     assert f"{len(done)} of 4 files already fitted" in rerun.stdout + rerun.stderr
     one = subprocess.run(shard(tmp_path / "one", 1), capture_output=True, text=True)
     assert one.returncode == 0, one.stdout + one.stderr
-    assert _cache(out) == _cache(tmp_path / "one")
+    assert cache_contents(out) == cache_contents(tmp_path / "one")
 
 
-def test_dask_local_cluster_gives_the_same_cache(tmp_path: Path) -> None:
+def test_dask_local_cluster_gives_the_samecache_contents(tmp_path: Path) -> None:
     pytest.importorskip("distributed")
     parts = _criteo_parts(tmp_path, [90, 60, 120])
     build_shards(criteo_cfg(*CRITEO_FIT), parts, tmp_path / "one", progress=False)
     build_shards(criteo_cfg(*CRITEO_FIT), parts, tmp_path / "dask", progress=False, workers=2, dask="local")
-    assert _cache(tmp_path / "dask") == _cache(tmp_path / "one")
+    assert cache_contents(tmp_path / "dask") == cache_contents(tmp_path / "one")
 
 
 def test_dask_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

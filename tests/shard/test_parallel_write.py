@@ -5,7 +5,6 @@ manifest's tallies -- and resumes after kill -9 without rewriting the files that
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,17 +22,7 @@ from raw_inputs import write_criteo_tsv, write_parquet
 from ctrpipe.errors import ConfigError, InputFormatError
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.parallel import WriteTask, write_partition
-from tests.shard.helpers import CRITEO_CFG, criteo_cfg, parquet_cfg
-
-
-def _digest(out: Path) -> dict[str, str]:
-    """sha256 of every .npy and of the manifest less its timing fields."""
-    got = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.npy"))}
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest.pop("build", None)
-    got["manifest"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    assert not list(out.glob(".incomplete-*"))
-    return got
+from tests.shard.helpers import CRITEO_CFG, CRITEO_FIT, cache_contents, criteo_cfg, parquet_cfg
 
 
 def _spoil_lines(path: Path, at: list[int]) -> None:
@@ -48,10 +37,10 @@ def _same_for_1_2_3_workers(tmp_path: Path, name: str, cfg: object, parts: list[
     for workers in (1, 2, 3):
         out = tmp_path / f"{name}{workers}"
         build_shards(cfg, parts, out, gold=gold, progress=False, workers=workers)     # type: ignore[arg-type]
-        got = _digest(out)
+        got = cache_contents(out)
         if want is None:
             want = got
-            assert sum(k.endswith("/fold.npy") for k in got) > 3         # shards span several files
+            assert sum(k.endswith("/fold.npy") for k in got["npy"]) > 3  # type: ignore[union-attr]         # shards span several files
         else:
             assert got == want, f"{name}: --workers {workers} differs from one process"
 
@@ -66,9 +55,8 @@ def test_criteo_files_and_gold_give_the_same_cache(tmp_path: Path) -> None:
     # no statistics pass: stratified folds' class counts come from a scan of each file
     _same_for_1_2_3_workers(tmp_path, "hash", criteo_cfg(*skip), parts, gold)
     # vocabularies, mean imputation, standardisation; plain folds by row index
-    fit = ("data.categorical.mode=vocab", "data.categorical.min_count=2", "data.numeric.impute=mean",
-           "data.numeric.standardize=true", "data.numeric.missing_indicator=true", "data.folds.mode=plain")
-    _same_for_1_2_3_workers(tmp_path, "vocab", criteo_cfg(*skip, *fit), parts, gold)
+    _same_for_1_2_3_workers(tmp_path, "vocab", criteo_cfg(*skip, *CRITEO_FIT, "data.folds.mode=plain"), parts,
+                            gold)
     # no statistics pass, no folds: starts are guessed from line counts, wrong after the skipped lines, and the
     # files after them are written again from their true start
     _same_for_1_2_3_workers(tmp_path, "guess", criteo_cfg(*skip, "data.folds.n_splits=0", "data.split.mode=tail",
@@ -85,7 +73,7 @@ def test_test_role_with_stats_from_gives_the_same_cache(tmp_path: Path) -> None:
     for workers in (1, 2):
         build_shards(cfg, test, tmp_path / f"test{workers}", stats_from=tmp_path / "train", role="test",
                      progress=False, workers=workers)
-    assert _digest(tmp_path / "test2") == _digest(tmp_path / "test1")
+    assert cache_contents(tmp_path / "test2") == cache_contents(tmp_path / "test1")
 
 
 def _varied_ids(path: Path) -> Path:
@@ -170,7 +158,7 @@ def test_kill_9_in_the_write_pass_resumes_without_rewriting_finished_files(tmp_p
         assert (st.st_ino, st.st_mtime_ns) == (ino, mtime), rel
     one = subprocess.run(shard(tmp_path / "one", 1), capture_output=True, text=True)
     assert one.returncode == 0, one.stdout + one.stderr
-    assert _digest(out) == _digest(tmp_path / "one")
+    assert cache_contents(out) == cache_contents(tmp_path / "one")
 
 
 def test_dask_local_cluster_writes_the_same_cache(tmp_path: Path) -> None:
@@ -179,7 +167,7 @@ def test_dask_local_cluster_writes_the_same_cache(tmp_path: Path) -> None:
     gold = [write_criteo_tsv(tmp_path / "gold.tsv", 20, seed=5)]
     build_shards(criteo_cfg(), parts, tmp_path / "one", gold=gold, progress=False)
     build_shards(criteo_cfg(), parts, tmp_path / "dask", gold=gold, progress=False, workers=2, dask="local")
-    assert _digest(tmp_path / "dask") == _digest(tmp_path / "one")
+    assert cache_contents(tmp_path / "dask") == cache_contents(tmp_path / "one")
 
 
 def test_a_write_worker_without_the_shard_directory_says_so(tmp_path: Path) -> None:
