@@ -135,6 +135,13 @@ def tokens_to_ids(values: pl.Series, separator: str, max_len: int, seed: int, bi
     fast = kept_tokens(values, separator, keep, max_len, seed, weighted)     # the compiled kernel, or None
     if fast is not None:
         return fast.padded(max_len, bins, vocab)
+    return polars_tokens_to_ids(values, separator, max_len, seed, bins, weighted, keep, vocab)
+
+
+def polars_tokens_to_ids(values: pl.Series, separator: str, max_len: int, seed: int, bins: int, weighted: bool,
+                         keep: Keep, vocab: VocabTable | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`tokens_to_ids` without trying the compiled kernel (for a caller that already learned it declines)."""
     n = len(values)
     flat, row, w, names = _explode(values, separator, weighted)
     mask, slot, lengths = _select(row, n, max_len, keep)
@@ -162,6 +169,12 @@ def tokens_hashes(values: pl.Series, separator: str, keep: Keep, max_len: int, s
     fast = kept_tokens(values, separator, keep, max_len, seed, weighted)     # the compiled kernel, or None
     if fast is not None:
         return fast.hashes, fast.lengths
+    return polars_tokens_hashes(values, separator, keep, max_len, seed, weighted)
+
+
+def polars_tokens_hashes(values: pl.Series, separator: str, keep: Keep, max_len: int, seed: int,
+                         weighted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`tokens_hashes` without trying the compiled kernel (for a caller that already learned it declines)."""
     n = len(values)
     flat, row, _, names = _explode(values, separator, weighted)
     mask, _, lengths = _select(row, n, max_len, keep)

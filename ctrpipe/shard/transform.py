@@ -23,7 +23,7 @@ from ctrpipe.data.fitted import Fitted, VocabTable, safe_name
 from ctrpipe.data.hashing import field_seed, hash_ids, ids_from_hashes
 from ctrpipe.data.schema import ResolvedColumns
 from ctrpipe.data.token_kernel import KeptTokens, kept_tokens
-from ctrpipe.data.transforms import log1p_transform, tokens_hashes, tokens_to_ids
+from ctrpipe.data.transforms import log1p_transform, polars_tokens_hashes, polars_tokens_to_ids
 from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.shard.manifest import ColumnSpec
 
@@ -237,7 +237,8 @@ class ChunkTokens:
     def __init__(self, plan: Plan, frame: pl.DataFrame) -> None:
         self.plan, self.frame = plan, frame
         self._kept: dict[tuple[str, int], KeptTokens | None] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()                       # guards _kept and _columns
+        self._columns: dict[str, threading.Lock] = {}       # one per token column, held while it is split
 
     def _seeds(self, tc: TokenColumnConfig) -> tuple[int, ...]:
         plan = self.plan
@@ -248,17 +249,24 @@ class ChunkTokens:
 
     def kept(self, tc: TokenColumnConfig, seed: int) -> KeptTokens | None:
         key = (tc.column, seed)
-        with self._lock:            # a second reader waits for the first one's split instead of repeating it
-            if key not in self._kept:
-                seeds = self._seeds(tc)
-                if seed not in seeds:
-                    seeds = (seed,)
-                got = kept_tokens(self.frame[tc.column], tc.separator, self.plan.token_keep(tc), tc.max_len,
-                                  seeds[0], tc.weighted, seed2=seeds[1] if len(seeds) > 1 else None)
+        with self._lock:
+            column = self._columns.setdefault(tc.column, threading.Lock())
+        # a second reader of the column waits for the first one's split instead of repeating it; readers of
+        # other columns go on
+        with column:
+            with self._lock:
+                if key in self._kept:
+                    return self._kept[key]
+            seeds = self._seeds(tc)
+            if seed not in seeds:
+                seeds = (seed,)
+            got = kept_tokens(self.frame[tc.column], tc.separator, self.plan.token_keep(tc), tc.max_len,
+                              seeds[0], tc.weighted, seed2=seeds[1] if len(seeds) > 1 else None)
+            with self._lock:
                 self._kept[(tc.column, seeds[0])] = got
                 if len(seeds) > 1:
                     self._kept[(tc.column, seeds[1])] = None if got is None else got.second()
-            return self._kept[key]
+                return self._kept[key]
 
     def forget(self, keep: set[tuple[str, int]]) -> None:
         """Drop the hashes of every (column, seed) not in `keep`: a chunk-sized array each."""
@@ -271,8 +279,8 @@ class ChunkTokens:
         got = self.kept(tc, seed)
         if got is not None:
             return got.hashes, got.lengths
-        flat, lengths = tokens_hashes(self.frame[tc.column], tc.separator, self.plan.token_keep(tc), tc.max_len,
-                                      seed, weighted=tc.weighted)
+        flat, lengths = polars_tokens_hashes(self.frame[tc.column], tc.separator, self.plan.token_keep(tc),
+                                             tc.max_len, seed, weighted=tc.weighted)
         return np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64)
 
 
@@ -358,9 +366,9 @@ class ChunkTransformer:
         for tc in plan.tokens:
             bins, vocab = plan.token_bins(tc, self.fitted), plan.token_vocab(tc, self.fitted)
             kept = tokens.kept(tc, plan.token_seed(tc))
-            ids, lengths, weights = kept.padded(tc.max_len, bins, vocab) if kept is not None else tokens_to_ids(
-                frame[tc.column], tc.separator, tc.max_len, plan.token_seed(tc), bins, tc.weighted,
-                plan.token_keep(tc), vocab)
+            ids, lengths, weights = kept.padded(tc.max_len, bins, vocab) if kept is not None else \
+                polars_tokens_to_ids(frame[tc.column], tc.separator, tc.max_len, plan.token_seed(tc), bins,
+                                     tc.weighted, plan.token_keep(tc), vocab)
             tokens.forget({(t.column, plan.token_seed(t)) for t in plan.tokens if t != tc})
             stem = safe_name(tc.column)
             out[f"{stem}.tokens"] = np.asarray(ids, dtype=np.int32)
