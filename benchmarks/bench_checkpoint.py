@@ -113,7 +113,9 @@ def main() -> None:
             if tree is not None:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
                                capture_output=True)
-    print(f"input: {data} | cpu: {_cpu()} x {os.cpu_count()}")
+    from ctrpipe.device import cpu_name
+
+    print(f"input: {data} | cpu: {cpu_name()} x {os.cpu_count()}")
     print("| code | model | steps | wall s | table init s | checkpoint writes s | (init+writes)/wall "
           "| run dir MB | peak RSS MB | val AUC |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -126,12 +128,6 @@ def main() -> None:
         if b and c:
             print(f"{model}: run dir {b['dir_mb'] / c['dir_mb']:.0f}x smaller, wall {b['wall'] / c['wall']:.2f}x "
                   f"({b['steps']} -> {c['steps']} steps), init+writes share {b['share']:.2f} -> {c['share']:.2f}")
-
-
-def _cpu() -> str:
-    from ctrpipe.device import cpu_name
-
-    return cpu_name()
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ from ctrpipe.serve.predictor import Predictor  # noqa: E402
 CRITEO = ("dnn", "deepfm", "dcn", "dcnv2", "autoint", "ft_transformer", "qnn_alpha")
 PARQUET = {"mmoe": [], "shared_bottom": [], "ple": [], "esmm": [], "deepfm_mmoe": [],
            "din": ["data.labels=[clicked,converted]"], "dare": ["data.labels=[clicked,converted]"]}
-PATHS = ("predict", "transform", "eager", "torchscript", "onnx")
 
 
 def cli(*args: str) -> None:

@@ -172,8 +172,6 @@ def _smoke(name: str, device: torch.device) -> Check:
     return Check(name, "ok", "tensor copy, matmul (matches CPU), dense + sparse-embedding backward")
 
 
-
-
 def _ram() -> str:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -104,8 +104,8 @@ def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: in
     if shift and len(shift) != n_heads:
         raise ValueError(f"logit_shift has {len(shift)} values for {n_heads} heads")
     was_training = model.training
-    # a model already wholly in eval mode (a Predictor's) skips both walks over its modules: a fixed cost
-    # that dominates a one-row call
+    # a model already wholly in eval mode (a Predictor's) skips the eval()/train() walks over its modules
+    # (only this check walks them): a fixed cost that dominates a one-row call
     toggle = any(m.training for m in model.modules())
     if toggle:
         model.eval()

@@ -248,7 +248,7 @@ def test_history_readers_plan_every_table(tmp_path: Path, cfg_name: str) -> None
 
 def test_evaluation_buffers_hold_only_the_validation_rows_on_cpu(caches: dict[int, Path]) -> None:
     """CPU host buffers are np.empty: a validation set shorter than the buffer sets makes only its rows
-    resident (the estimate of a parquet DARE run was 1.22-1.26x its measured peak when it counted them all)."""
+    resident; counting every buffer row overestimated a short validation set's peak."""
     plan = plan_of(caches[500], "dnn")
     val_rows = read_manifest(caches[500]).rows["val"]
     train = next(line for line in plan.lines if line.part == "loader")
