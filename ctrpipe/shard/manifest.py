@@ -77,6 +77,13 @@ class ShardInfo:
     row_start: int             # global index of the shard's first row
     files: dict[str, ArrayInfo]  # group -> array
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardInfo:
+        """The inverse of `dataclasses.asdict` (a manifest entry, or a worker's report of the shards it wrote)."""
+        return cls(index=int(d["index"]), rows=int(d["rows"]), row_start=int(d["row_start"]),
+                   files={g: ArrayInfo(a["file"], tuple(int(x) for x in a["shape"]), a["dtype"])
+                          for g, a in d["files"].items()})
+
 
 @dataclass(frozen=True)
 class SourceInfo:
@@ -156,11 +163,7 @@ class Manifest:
         d = dict(d)
         d["sources"] = tuple(SourceInfo(**s) for s in d["sources"])
         d["columns"] = tuple(ColumnSpec(**c) for c in d["columns"])
-        d["shards"] = tuple(
-            ShardInfo(index=s["index"], rows=s["rows"], row_start=s["row_start"],
-                      files={k: ArrayInfo(v["file"], tuple(v["shape"]), v["dtype"])
-                             for k, v in s["files"].items()})
-            for s in d["shards"])
+        d["shards"] = tuple(ShardInfo.from_dict(s) for s in d["shards"])
         return cls(**d)
 
 

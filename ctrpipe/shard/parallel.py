@@ -38,6 +38,7 @@ into WORK and recorded in progress.json stay untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -46,7 +47,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,56 +133,58 @@ def executor(workers: int, dask: str | None) -> Iterator[Executor]:
             cluster.close()
 
 
-def parallel_fit_pass(plan: Plan, inputs: Inputs, work: Path, workers: int, progress: bool,
-                      dask: str | None = None, pool: Executor | None = None) -> Fitted:
-    """The statistics `fit_pass` computes, mapped over the main input files on `workers` processes (or the
-    workers of a Dask cluster: they must see the inputs and `work` at the same paths, a shared filesystem);
-    on `pool` when given (the build's executor, shared with the write pass)."""
+def parallel_fit_pass(plan: Plan, inputs: Inputs, work: Path, workers: int, progress: bool, dask: str | None,
+                      pool: Executor) -> Fitted:
+    """The statistics `fit_pass` computes, mapped over the main input files on `pool` (the build's `workers`
+    processes or Dask cluster, shared with the write pass; Dask workers must see the inputs and `work` at the
+    same paths, a shared filesystem)."""
     data = plan.cfg
     paths = inputs.main
     part_dir = work / PARTIALS_DIR
     part_dir.mkdir(exist_ok=True)
-    with nullcontext(pool) if pool is not None else executor(min(workers, len(paths)), dask) as pool:
-        if split_uses_row_index(data, inputs.role):
-            counts = [f.result() for f in [pool.submit(count_rows, data, [p]) for p in paths]]
-            if data.split.mode == "tail":
-                inputs.row_count = sum(counts)
-        else:
-            counts = [0] * len(paths)
-        starts = list(np.cumsum([0, *counts[:-1]]).tolist())
-        if progress:
-            where = f"the Dask cluster at {dask}" if dask not in (None, "local") else \
-                f"{min(workers, len(paths))} worker processes"
-            console.print(f"fit statistics (pass 1) over {len(paths)} files on {where}", highlight=False)
-        parts: dict[int, Path] = {}
-        todo = list(range(len(paths)))
-        kept = sum((part_dir / _part_name(i, int(starts[i]))).is_file() for i in todo)
-        if kept:
-            console.print(f"resuming: {kept} of {len(paths)} files already fitted", highlight=False)
-        while todo:
-            jobs = {i: pool.submit(fit_partition, data, paths[0], paths[i], inputs.role, int(starts[i]),
-                                   inputs.row_count or 0, part_dir / _part_name(i, int(starts[i])))
-                    for i in todo}
-            for i in todo:
-                parts[i] = jobs[i].result()
-                if not parts[i].is_file():
-                    raise ConfigError(f"a worker wrote the statistics of {paths[i]} to {parts[i]}, which this "
-                                      "process does not see", where=str(work),
-                                      fix="put --out on a filesystem every worker mounts at the same path")
-            # true starts from the good rows each file held (fewer than counted where bad rows were skipped)
-            good = [int(np.load(parts[i])["rows"]) for i in range(len(paths))]
-            true_starts = np.cumsum([0, *good[:-1]]).tolist() if split_uses_row_index(data, inputs.role) \
-                else starts
-            todo = [i for i in range(len(paths)) if int(true_starts[i]) != int(starts[i])]
-            starts = true_starts
+    if split_uses_row_index(data, inputs.role):
+        counts = [f.result() for f in [pool.submit(count_rows, data, [p]) for p in paths]]
+        if data.split.mode == "tail":
+            inputs.row_count = sum(counts)
+    else:
+        counts = [0] * len(paths)
+    starts = list(np.cumsum([0, *counts[:-1]]).tolist())
+    if progress:
+        where = f"the Dask cluster at {dask}" if dask not in (None, "local") else \
+            f"{min(workers, len(paths))} worker processes"
+        console.print(f"fit statistics (pass 1) over {len(paths)} files on {where}", highlight=False)
+    parts: dict[int, Path] = {}
+    file_counts: list[FileCounts] = []
+    todo = list(range(len(paths)))
+    kept = sum((part_dir / _part_name(i, int(starts[i]))).is_file() for i in todo)
+    if kept:
+        console.print(f"resuming: {kept} of {len(paths)} files already fitted", highlight=False)
+    while todo:
+        jobs = {i: pool.submit(fit_partition, data, paths[0], paths[i], inputs.role, int(starts[i]),
+                               inputs.row_count or 0, part_dir / _part_name(i, int(starts[i])))
+                for i in todo}
+        for i in todo:
+            parts[i] = jobs[i].result()
+            if not parts[i].is_file():
+                raise ConfigError(f"a worker wrote the statistics of {paths[i]} to {parts[i]}, which this "
+                                  "process does not see", where=str(work),
+                                  fix="put --out on a filesystem every worker mounts at the same path")
+        # true starts from the good rows each file held (fewer than counted where bad rows were skipped)
+        file_counts = [_file_counts(parts[i]) for i in range(len(paths))]
+        true_starts = np.cumsum([0, *(c.rows for c in file_counts[:-1])]).tolist() \
+            if split_uses_row_index(data, inputs.role) else starts
+        todo = [i for i in range(len(paths)) if int(true_starts[i]) != int(starts[i])]
+        starts = true_starts
     fitted = merge_partitions(plan, [parts[i] for i in range(len(paths))])
-    counts: list[FileCounts | None] = []
-    for i in range(len(paths)):
-        with np.load(parts[i]) as z:
-            counts.append(FileCounts(int(z["rows"]), int(z["seen"]), {int(c): int(n) for c, n in z["classes"]}))
-    save_counts(work, counts + [None] * len(inputs.gold))     # the write pass's partition starts, exact
+    save_counts(work, [*file_counts, *[None] * len(inputs.gold)])     # the write pass's partition starts, exact
     shutil.rmtree(part_dir, ignore_errors=True)
     return fitted
+
+
+def _file_counts(part: Path) -> FileCounts:
+    """A fit partial's rows, physical rows seen and rows per stratification class."""
+    with np.load(part) as z:
+        return FileCounts(int(z["rows"]), int(z["seen"]), {int(c): int(n) for c, n in z["classes"]})
 
 
 def _part_name(index: int, start: int) -> str:
@@ -450,8 +453,8 @@ def write_partition(data: DataConfig, first: Path, role: str, row_count: int | N
         np.savez(fh, **tallies.save())
     result = {"counts": counts.to_json(), "has_labels": tallies.has_labels, "id_width": tallies.id_width,
               "parsed_bytes": tallies.parsed_bytes, "bad_rows": tallies.bad.to_dict(),
-              "shards": [_info_json(s) for s in writer.shards],
-              "fragments": [_info_json(s) for s in writer.fragments]}
+              "shards": [dataclasses.asdict(s) for s in writer.shards],
+              "fragments": [dataclasses.asdict(s) for s in writer.fragments]}
     (tmp / RESULT_FILE).write_text(json.dumps(result))
     try:
         tmp.rename(out)
@@ -462,23 +465,11 @@ def write_partition(data: DataConfig, first: Path, role: str, row_count: int | N
     return out
 
 
-def _info_json(info: ShardInfo) -> dict[str, Any]:
-    return {"index": info.index, "rows": info.rows, "row_start": info.row_start,
-            "files": {g: {"file": a.file, "shape": list(a.shape), "dtype": a.dtype} for g, a in info.files.items()}}
-
-
-def _info(d: dict[str, Any]) -> ShardInfo:
-    return ShardInfo(int(d["index"]), int(d["rows"]), int(d["row_start"]),
-                     {g: ArrayInfo(a["file"], tuple(int(x) for x in a["shape"]), a["dtype"])
-                      for g, a in d["files"].items()})
-
-
 def parallel_write_pass(plan: Plan, inputs: Inputs, fitted_source: tuple[Path, dict[str, Any] | None] | None,
                         loo: bool, work: Path, done: set[int], on_shard: Callable[[ShardInfo], None],
-                        workers: int, progress: bool, dask: str | None = None,
-                        pool: Executor | None = None) -> WriteResult:
+                        workers: int, progress: bool, dask: str | None, pool: Executor) -> WriteResult:
     """The write pass (`write_pass`'s shards, tallies and result) mapped over the main then gold input files on
-    `workers` processes or a Dask cluster (on `pool` when given); `fitted_source` is where workers load the
+    `pool` (the build's `workers` processes or Dask cluster); `fitted_source` is where workers load the
     fitted statistics from ((folder, manifest entry) or None for none)."""
     t0 = time.perf_counter()
     data = plan.cfg
@@ -489,45 +480,44 @@ def parallel_write_pass(plan: Plan, inputs: Inputs, fitted_source: tuple[Path, d
     part_dir.mkdir(exist_ok=True)
     known = _load_counts(work, len(files))
     n_proc = min(workers, len(files))
-    with nullcontext(pool) if pool is not None else executor(n_proc, dask) as pool:
-        if inputs.row_count is None and role == "train" and data.split.mode == "tail" and data.split.val_ratio > 0:
-            inputs.row_count = sum(f.result() for f in [pool.submit(count_rows, data, [p]) for p in inputs.main])
-        guess: dict[int, Future[Any]] = {}
-        for i, (path, gold) in enumerate(files):
-            if known[i] is None:
-                guess[i] = pool.submit(scan_file, data, inputs.main[0], path, role) \
-                    if stratified(data, role) and not gold else pool.submit(count_rows, data, [path])
-        counts = [known[i] if i not in guess else
-                  (r if isinstance(r := guess[i].result(), FileCounts) else FileCounts(r, r, {}))
-                  for i in range(len(files))]
-        if progress:
-            where = f"the Dask cluster at {dask}" if dask not in (None, "local") else f"{n_proc} worker processes"
-            console.print(f"write shards over {len(files)} files on {where}", highlight=False)
-        tasks = _tasks(files, counts, part_dir)
-        kept = sum((t.out / RESULT_FILE).is_file() for t in tasks)
-        if kept:
-            console.print(f"resuming: {kept} of {len(files)} files already written", highlight=False)
-        todo = list(range(len(files)))
-        results: dict[int, dict[str, Any]] = {}
-        while todo:
-            jobs = {i: pool.submit(write_partition, data, inputs.main[0], role, inputs.row_count, fitted_source,
-                                   loo, folds.period_starts, tasks[i]) for i in todo}
-            for i in todo:
-                out = jobs[i].result()
-                if not (out / RESULT_FILE).is_file():
-                    raise ConfigError(f"a worker wrote the shards of {files[i][0]} to {out}, which this process "
-                                      "does not see", where=str(work),
-                                      fix="put --out on a filesystem every worker mounts at the same path")
-                results[i] = json.loads((out / RESULT_FILE).read_text())
-            # the files' true counts (fewer rows than counted where bad rows were skipped): later files whose
-            # start was guessed wrong are written again from their true start
-            counts = [FileCounts.from_json(results[i]["counts"]) for i in range(len(files))]
-            save_counts(work, list(counts))
-            true = _tasks(files, counts, part_dir)
-            todo = [i for i in range(len(files)) if true[i] != tasks[i]]
-            for i in todo:
-                shutil.rmtree(tasks[i].out, ignore_errors=True)
-            tasks = true
+    if inputs.row_count is None and role == "train" and data.split.mode == "tail" and data.split.val_ratio > 0:
+        inputs.row_count = sum(f.result() for f in [pool.submit(count_rows, data, [p]) for p in inputs.main])
+    guess: dict[int, Future[Any]] = {}
+    for i, (path, gold) in enumerate(files):
+        if known[i] is None:
+            guess[i] = pool.submit(scan_file, data, inputs.main[0], path, role) \
+                if stratified(data, role) and not gold else pool.submit(count_rows, data, [path])
+    counts = [known[i] if i not in guess else
+              (r if isinstance(r := guess[i].result(), FileCounts) else FileCounts(r, r, {}))
+              for i in range(len(files))]
+    if progress:
+        where = f"the Dask cluster at {dask}" if dask not in (None, "local") else f"{n_proc} worker processes"
+        console.print(f"write shards over {len(files)} files on {where}", highlight=False)
+    tasks = _tasks(files, counts, part_dir)
+    kept = sum((t.out / RESULT_FILE).is_file() for t in tasks)
+    if kept:
+        console.print(f"resuming: {kept} of {len(files)} files already written", highlight=False)
+    todo = list(range(len(files)))
+    results: dict[int, dict[str, Any]] = {}
+    while todo:
+        jobs = {i: pool.submit(write_partition, data, inputs.main[0], role, inputs.row_count, fitted_source,
+                               loo, folds.period_starts, tasks[i]) for i in todo}
+        for i in todo:
+            out = jobs[i].result()
+            if not (out / RESULT_FILE).is_file():
+                raise ConfigError(f"a worker wrote the shards of {files[i][0]} to {out}, which this process "
+                                  "does not see", where=str(work),
+                                  fix="put --out on a filesystem every worker mounts at the same path")
+            results[i] = json.loads((out / RESULT_FILE).read_text())
+        # the files' true counts (fewer rows than counted where bad rows were skipped): later files whose
+        # start was guessed wrong are written again from their true start
+        counts = [FileCounts.from_json(results[i]["counts"]) for i in range(len(files))]
+        save_counts(work, list(counts))
+        true = _tasks(files, counts, part_dir)
+        todo = [i for i in range(len(files)) if true[i] != tasks[i]]
+        for i in todo:
+            shutil.rmtree(tasks[i].out, ignore_errors=True)
+        tasks = true
     shards = _place_shards(plan, tasks, results, work, done, on_shard)
     tallies = WriteTallies(plan, folds.cfg.n_splits)
     for t in tasks:
@@ -551,9 +541,9 @@ def _place_shards(plan: Plan, tasks: list[WriteTask], results: dict[int, dict[st
     frags: dict[int, list[tuple[Path, ShardInfo]]] = {}
     for t in tasks:
         for d in results[t.index]["shards"]:
-            whole[int(d["index"])] = (t.out, _info(d))
+            whole[int(d["index"])] = (t.out, ShardInfo.from_dict(d))
         for d in results[t.index]["fragments"]:
-            frags.setdefault(int(d["index"]), []).append((t.out, _info(d)))
+            frags.setdefault(int(d["index"]), []).append((t.out, ShardInfo.from_dict(d)))
     infos: list[ShardInfo] = []
     for k in range(len(whole) + len(frags)):
         dst = work / shard_dirname(k)
@@ -562,10 +552,9 @@ def _place_shards(plan: Plan, tasks: list[WriteTask], results: dict[int, dict[st
         elif k in frags and len(frags[k]) == 1 and frags[k][0][1].row_start == k * shard_rows:
             src, info = frags[k][0][0] / fragment_dirname(k), frags[k][0][1]   # the last shard, in one file
         elif k in frags:
-            info = _joined_info(k, shard_rows, frags[k])
-            if not (k in done and dst.is_dir()):
-                info = _join(work, k, shard_rows, plan.cfg.chunk_rows, frags[k], on_shard)
-            infos.append(info)
+            resumed = k in done and dst.is_dir()        # joined before an interruption: its info, no rewrite
+            infos.append(_joined_info(k, shard_rows, frags[k]) if resumed
+                         else _join(work, k, shard_rows, plan.cfg.chunk_rows, frags[k], on_shard))
             continue
         else:
             raise ManifestMismatchError(f"no partition wrote shard {k}", where=str(work / WRITE_DIR),
