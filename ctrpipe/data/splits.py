@@ -157,9 +157,14 @@ class FoldAssigner:
             return {"composite_group": list(self.cfg.composite_group)}
         return {}
 
+    @staticmethod
+    def classes(label: np.ndarray) -> np.ndarray:
+        """(N,) int64 class of each row that stratified folds rank rows within; -1 = missing label."""
+        return np.rint(np.nan_to_num(label, nan=-1.0)).astype(np.int64)
+
     def _stratified(self, label: np.ndarray) -> np.ndarray:
         k = self.cfg.n_splits
-        cls = np.rint(np.nan_to_num(label, nan=-1.0)).astype(np.int64)  # (N,) class; -1 = missing label
+        cls = self.classes(label)
         out = np.empty(len(cls), dtype=np.int8)
         for c in np.unique(cls).tolist():
             rows = np.flatnonzero(cls == c)

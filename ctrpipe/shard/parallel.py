@@ -214,15 +214,11 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
     sums: list[np.ndarray] = []
     s1: list[np.ndarray] = []
     s2: list[np.ndarray] = []
-    rows = train_rows = 0
-    positions = _Positions(data.format)
-    classes: dict[int, int] = {}
+    train_rows = 0
+    file_counts = _FileCounter(plan, role)
     with small_pages():
         for chunk, ft in train_frames(plan, [path], splitter, start):
-            rows += chunk.frame.height
-            positions(chunk)
-            if stratified(data, role):
-                chunk_classes(plan, chunk.frame, classes)
+            file_counts.add(chunk)
             train_rows += ft.height
             tokens = ChunkTokens(plan, ft)
             for cv in plan.covisit:
@@ -239,9 +235,10 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
                 if mom is not None:
                     s1.append(mom.s1)
                     s2.append(mom.s2)
+    counts = file_counts.result()
     arrays: dict[str, Any] = {
-        "rows": np.int64(rows), "seen": np.int64(positions.base + positions.seen),
-        "classes": np.array(sorted(classes.items()), dtype=np.int64).reshape(-1, 2),
+        "rows": np.int64(counts.rows), "seen": np.int64(counts.seen),
+        "classes": np.array(sorted(counts.classes.items()), dtype=np.int64).reshape(-1, 2),
         "train_rows": np.int64(train_rows), "n": np.int64(nacc.n),
         "n_valid": nacc.n_valid, "sums": np.asarray(sums, dtype=np.float64).reshape(-1, f)}
     if nacc.need_median:
@@ -338,14 +335,10 @@ def stratified(data: DataConfig, role: str) -> bool:
     return role == "train" and data.folds.n_splits > 0 and data.folds.mode == "stratified"
 
 
-def _fold_label(plan: Plan) -> int:
-    return plan.labels.index(plan.cfg.folds.label) if plan.cfg.folds.label in plan.labels else 0
-
-
 def chunk_classes(plan: Plan, frame: pl.DataFrame, into: dict[int, int]) -> None:
     """Add a chunk's rows per stratified-fold class to `into` (the classes `FoldAssigner` ranks rows in)."""
-    y = labels_matrix(frame, plan.labels)[:, _fold_label(plan)]
-    cls, n = np.unique(np.rint(np.nan_to_num(y, nan=-1.0)).astype(np.int64), return_counts=True)
+    y = labels_matrix(frame, plan.labels)[:, plan.fold_label]
+    cls, n = np.unique(FoldAssigner.classes(y), return_counts=True)
     for c, k in zip(cls.tolist(), n.tolist(), strict=True):
         into[c] = into.get(c, 0) + k
 
@@ -369,15 +362,31 @@ def _load_counts(work: Path, n: int) -> list[FileCounts | None]:
 def scan_file(data: DataConfig, first: Path, path: Path, role: str) -> FileCounts:
     """Worker: the counts of one file from a parse of the columns that decide which rows are good."""
     plan = resolve_plan(data, [first], role)
-    positions = _Positions(data.format)
-    rows = 0
-    classes: dict[int, int] = {}
+    counter = _FileCounter(plan, role)
     for chunk in _chunks(plan, [path], require_labels=role == "train", columns=fit_columns(plan)):
-        rows += chunk.frame.height
-        positions(chunk)
-        if stratified(data, role):
-            chunk_classes(plan, chunk.frame, classes)
-    return FileCounts(rows, positions.base + positions.seen, classes)
+        counter.add(chunk)
+    return counter.result()
+
+
+class _FileCounter:
+    """One file's `FileCounts`, chunk by chunk: good rows, physical rows seen (bad ones included) and, for
+    stratified folds, good rows per class."""
+
+    def __init__(self, plan: Plan, role: str) -> None:
+        self.plan = plan
+        self.stratified = stratified(plan.cfg, role)
+        self.positions = _Positions(plan.cfg.format)
+        self.rows = 0
+        self.classes: dict[int, int] = {}
+
+    def add(self, chunk: Any) -> None:
+        self.rows += chunk.frame.height
+        self.positions(chunk)
+        if self.stratified:
+            chunk_classes(self.plan, chunk.frame, self.classes)
+
+    def result(self) -> FileCounts:
+        return FileCounts(self.rows, self.positions.base + self.positions.seen, dict(self.classes))
 
 
 def _task_name(index: int, start: int, position: int, classes: dict[int, int]) -> str:

@@ -334,7 +334,7 @@ class WriteTallies:
 
     def __init__(self, plan: Plan, n_folds: int, per_chunk: bool = False) -> None:
         labels = plan.labels
-        self.fold_label = labels.index(plan.cfg.folds.label) if plan.cfg.folds.label in labels else 0
+        self.fold_label = plan.fold_label
         self.split = SplitTally(labels, n_folds, self.fold_label)
         self.bad = BadRowTally()
         self.num = GroupStats(tuple(n for n, *_ in plan.numeric_layout()))

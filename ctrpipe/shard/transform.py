@@ -116,6 +116,12 @@ class Plan:
                   f"{cv.target}|{cv.context}") for cv in self.covisit for agg in ("max", "mean")]
         return cols
 
+    @property
+    def fold_label(self) -> int:
+        """Column of `labels` that stratified folds rank rows by (the first when the label is not stored)."""
+        label = self.cfg.folds.label
+        return self.labels.index(label) if label in self.labels else 0
+
     def needs_fit(self) -> bool:
         """Whether building needs train-split statistics (a first pass, or --stats-from for test data)."""
         num = self.cfg.numeric
