@@ -160,3 +160,17 @@ def test_truncated_history_reads_only_the_most_recent_tokens(spec_factory, batch
     older = torch.arange(hist.shape[1]) < (lengths - 2).unsqueeze(1)       # beyond the 2 most recent
     hist[older] = 1 + (hist[older] % 3)                                    # change old behaviours only
     torch.testing.assert_close(as_output(model(batch)).logits, out)
+
+
+@pytest.mark.parametrize("search,top_k", [("soft", 2), ("hard", 2), ("soft", 0)])
+def test_search_weights_are_float32_from_low_precision_scores(search: str, top_k: int) -> None:
+    """The search runs in float32 from bf16 scores (as bmm gives them under autocast): with CUDA autocast's
+    float32 softmax, a bf16 top-k scatter would mix dtypes and fail."""
+    s = DecoupledSearch(attention_dim=4, top_k=top_k, search=search)
+    scores = torch.tensor([[0.5, 3.0, 1.0, 2.0, 9.0], [1.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    mask = torch.tensor([[True, True, True, True, False], [False] * 5])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = s.weights(scores, mask)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w.sum(dim=1), torch.tensor([1.0, 0.0]))
+    assert (w[0, 4] == 0) and (w[1] == 0).all()

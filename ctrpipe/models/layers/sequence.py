@@ -177,7 +177,11 @@ class DecoupledSearch(nn.Module):
         return s
 
     def weights(self, scores: Tensor, mask: Tensor, top_k: int | None = None) -> Tensor:
-        """(B, L) weights summing to 1 over the chosen behaviours (0 elsewhere, and for empty histories)."""
+        """(B, L) float32 weights summing to 1 over the chosen behaviours (0 elsewhere, and for empty histories).
+
+        In float32 whatever the scores' dtype: CUDA autocast runs softmax in float32 but topk and the scatter
+        in the scores' bf16/fp16, which would put two dtypes into one scatter; `pool` casts back."""
+        scores = scores.float()
         k = self.top_k if top_k is None else top_k
         if k <= 0 or k >= scores.shape[1]:
             return masked_softmax(scores, mask)
