@@ -124,8 +124,8 @@ class Objective:
                  clip_mode: str = "piecewise") -> None:
         self.tasks = tuple(tasks)
         self.weights = torch.tensor([t.weight for t in tasks], dtype=torch.float32, device=device)
-        self.base_pos_weight = [t.pos_weight for t in tasks]
-        self.pos_weight = torch.tensor(self.base_pos_weight, dtype=torch.float32, device=device)
+        self.base_pos_weight = torch.tensor([t.pos_weight for t in tasks], dtype=torch.float32, device=device)
+        self.pos_weight = self.base_pos_weight.clone()
         self.clip, self.clip_mode = tuple(clip), clip_mode
         self.focal = [k for k, t in enumerate(tasks) if t.focal_weight > 0]
         self.step = 0
@@ -145,11 +145,11 @@ class Objective:
     def at_step(self, step: int) -> None:
         self.step = step
         clip = clip_at(step, self.clip, self.clip_mode)
-        # a few floats copied to the device when the clip moves only: once per milestone in piecewise mode, but
-        # every step of a linear ramp while it caps a head (on a GPU a small synchronous copy per step)
+        # recomputed on the device when the clip moves (every step of a linear ramp): a clamp by a Python float
+        # needs no host-to-device copy, which on a GPU would synchronise each step
         if clip != self._clip_now:
             self._clip_now = clip
-            self.pos_weight.copy_(torch.tensor([min(w, clip) for w in self.base_pos_weight]))
+            torch.clamp(self.base_pos_weight, max=clip, out=self.pos_weight)
 
     def per_row(self, out: ModelOutput, y: Tensor) -> Tensor:
         """(B, H) BCE of every row and head (pos_weight applied), from logits or log-probabilities."""

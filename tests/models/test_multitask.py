@@ -219,6 +219,10 @@ def test_pos_weight_clip_schedule_at_its_milestones() -> None:
     for step, want in ((0, [24.7, 300.0]), (7999, [24.7, 300.0]), (8000, [24.7, 30.0])):
         obj.at_step(step)
         torch.testing.assert_close(obj.pos_weight, torch.tensor(want))
+    ramp = Objective(tasks, torch.device("cpu"), ms, "linear")
+    for step, want in ((0, [24.7, 300.0]), (4000, [24.7, 165.0]), (6000, [24.7, 97.5]), (10**6, [24.7, 30.0])):
+        ramp.at_step(step)      # the ramp's clip, computed on the tensor's device each step it moves
+        assert ramp.pos_weight.tolist() == [float(torch.tensor(w, dtype=torch.float32)) for w in want]
 
 
 def test_focal_term_starts_at_its_step_and_matches_the_formula() -> None:
