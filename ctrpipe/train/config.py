@@ -127,8 +127,8 @@ class TrainConfig:
     stop_after_steps: int = 0        # stop (saving ckpt_last) at this step WITHOUT changing the schedule:
     #                                  simulates an interruption; continue with --resume. 0 = off
     num_threads: int = 0             # torch CPU threads; 0 = torch default
-    deterministic: bool = False      # torch.use_deterministic_algorithms (CPU kernels used here are already
-    #                                  deterministic; the flag swaps index_add_/scatter_add_ for much slower paths)
+    deterministic: bool = False      # torch.use_deterministic_algorithms on any device (CPU runs are already
+    #                                  deterministic; on a GPU it swaps atomic index_add_/scatter_add_ for slower paths)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)   # torchrun runs only
 
     def __post_init__(self) -> None:

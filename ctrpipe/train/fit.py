@@ -7,6 +7,7 @@ calls `loop.fit` once per model, scores gold rows, writes metrics.json and fits 
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import sys
 import time
@@ -239,7 +240,10 @@ def _reproducible(cfg: RunConfig) -> Iterator[None]:
     det = torch.are_deterministic_algorithms_enabled()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    if cfg.train.deterministic and resolve_device(cfg.train.device).type == "cpu":
+    if cfg.train.deterministic:
+        if resolve_device(cfg.train.device).type == "cuda":
+            # cuBLAS is deterministic only with a fixed workspace, chosen before its first call
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield

@@ -118,3 +118,19 @@ def test_amp_off_survives_yaml():
     data = apply_overrides({}, ["train.amp=off"])["train"]
     assert data["amp"] is False
     assert build_dataclass(TrainConfig, data, "train.", "--set").amp == "off"
+
+
+def test_deterministic_flag_holds_only_while_training() -> None:
+    """train.deterministic turns on torch's deterministic algorithms for the run (on every device, GPUs being
+    where it matters) and gives the caller's setting back afterwards."""
+    import torch
+
+    from ctrpipe.config import load_config
+    from ctrpipe.train.fit import _reproducible
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with _reproducible(load_config(None, ["train.deterministic=true", "train.device=cpu"])):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with _reproducible(load_config(None, ["train.deterministic=false"])):
+        assert torch.are_deterministic_algorithms_enabled() == before
