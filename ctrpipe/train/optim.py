@@ -146,8 +146,8 @@ class LazyAdam(torch.optim.Optimizer):
                     m.index_copy_(0, rows, m_rows)
                     v.index_copy_(0, rows, v_rows)
                     denom = v_rows.div_(bc2).sqrt_().add_(group["eps"])
-                    # rows are distinct: read-modify-write them (index_add_ with alpha takes a much slower
-                    # CPU path than this select + addcdiv + copy)
+                    # read-modify-write the rows (index_add_ with alpha takes a much slower CPU path than this
+                    # select + addcdiv + copy); a row listed twice (GPU) gets the same value from each
                     p_rows = p.index_select(0, rows).addcdiv_(m_rows, denom, value=-group["lr"] / bc1)
                     p.index_copy_(0, rows, p_rows)
                 else:
@@ -175,19 +175,23 @@ class LazyAdam(torch.optim.Optimizer):
             scratch = self._scratch[id(p)] = np.full(p.shape[0], -1, dtype=np.int32)
         return scratch
 
+    @staticmethod
+    def _sync_free(idx: Tensor) -> bool:
+        """Deduplicate without a data-dependent size: on GPUs, where that size costs a host sync."""
+        return idx.device.type != "cpu"
+
     def _unique_rows(self, p: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
-        """(U,) distinct row ids and (U, dim) their summed gradients, from an uncoalesced sparse gradient."""
+        """Row ids and (rows, dim) their summed gradients, from an uncoalesced sparse gradient: distinct rows on
+        the CPU; on a GPU every occurrence with its row's sum (see `occurrence_sums`)."""
         if grad.is_coalesced():
             return grad.indices()[0], grad.values()
         idx = grad._indices()[0]
         values = grad._values()
+        if self._sync_free(idx):
+            return idx, occurrence_sums(idx, values)
         prev = self._dedup
-        # CPU only: torch.equal on a GPU would add a device sync per table per step
-        if (prev is not None and idx.device.type == "cpu" and prev[0].shape == idx.shape
-                and torch.equal(prev[0], idx)):
+        if prev is not None and prev[0].shape == idx.shape and torch.equal(prev[0], idx):
             rows, inverse = prev[1], prev[2]
-        elif idx.device.type != "cpu":   # GPU: a radix-sort unique is cheap there
-            rows, inverse = torch.unique(idx, return_inverse=True)
         else:
             scratch = self._scratch_for(p)
             pos_idx = idx.numpy()
@@ -208,3 +212,19 @@ class LazyAdam(torch.optim.Optimizer):
         grad_rows = values.new_zeros((rows.shape[0], values.shape[1]))
         grad_rows.index_add_(0, inverse, values)
         return rows, grad_rows
+
+
+def occurrence_sums(idx: Tensor, values: Tensor) -> Tensor:
+    """(n, dim): for each of the n gradient occurrences, the sum of `values` over every occurrence of its row.
+
+    The GPU form of deduplication: `torch.unique` has a data-dependent size, which costs a host sync per table
+    per step. Here the shapes stay n: occurrences of one row read the same old state and the same summed
+    gradient, so LazyAdam's update writes identical values for each of them, whichever write lands."""
+    order = torch.argsort(idx)
+    ranked = idx[order]
+    first = torch.ones_like(ranked, dtype=torch.bool)
+    first[1:] = ranked[1:] != ranked[:-1]
+    segment = torch.empty_like(idx)
+    segment[order] = torch.cumsum(first, 0) - 1                 # each occurrence's row, numbered 0..U-1
+    sums = values.new_zeros(values.shape).index_add_(0, segment, values)
+    return sums[segment]
