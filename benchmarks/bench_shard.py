@@ -125,14 +125,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=None,
                     help="default: 2,000,000 (criteo), 1,000,000 (parquet)")
     ap.add_argument("--chunk-rows", type=int, default=None,
-                    help="default: the config's (cfgs/criteo.yaml: 100k, cfgs/parquet_example.yaml: 200k)")
+                    help="default: the configs' 100k")
     ap.add_argument("--repeat", type=int, default=1, help="runs of (a) and (b) each, alternating; medians")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="build config override")
     ap.add_argument("--data", type=Path, default=REPO / ".bench" / "shard")
     args = ap.parse_args()
     parquet = args.format == "parquet"
     cfg_name = "parquet_example.yaml" if parquet else "criteo.yaml"
-    chunk_rows = args.chunk_rows or (200_000 if parquet else 100_000)
+    chunk_rows = args.chunk_rows or 100_000
     overrides = [f"data.chunk_rows={chunk_rows}", *args.overrides]
     a_name, goal = ("(a) polars read_parquet", 0.25) if parquet else ("(a) polars parse only", 0.7)
     results = []
