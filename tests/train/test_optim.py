@@ -56,10 +56,23 @@ def test_lazy_adam_equals_dense_adam_when_every_row_is_touched():
     torch.testing.assert_close(lazy.weight, dense_table.weight, rtol=1e-5, atol=1e-6)
 
 
-def test_lazy_adam_equals_sparse_adam_and_leaves_untouched_rows_alone():
+class _GpuDedup(LazyAdam):
+    """LazyAdam taking the path it takes for GPU tables (no data-dependent sizes), here on CPU tensors."""
+
+    @staticmethod
+    def _sync_free(idx: torch.Tensor) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("dedup", ["cpu", "gpu"])
+def test_lazy_adam_equals_sparse_adam_and_leaves_untouched_rows_alone(dedup: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpu: every occurrence carries its row's summed gradient and duplicates write the same values."""
+    if dedup == "gpu":
+        monkeypatch.setenv("CTRPIPE_NATIVE", "0")    # the compiled CPU step would take the table first
     lazy, ref = _tables(50, 4, 2)
     start = lazy.weight.detach().clone()
-    opt_lazy = LazyAdam(lazy.parameters(), lr=0.01)
+    opt_lazy = (LazyAdam if dedup == "cpu" else _GpuDedup)(lazy.parameters(), lr=0.01)
     opt_ref = torch.optim.SparseAdam(ref.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(2)
     for _ in range(6):
@@ -108,33 +121,6 @@ def test_lazy_adam_one_column_tables_and_shared_ids_match_sparse_adam():
     torch.testing.assert_close(emb.weight, ref_emb.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(first.weight, ref_first.weight, rtol=1e-5, atol=1e-6)
     assert torch.equal(first.weight[25:], ref_first.weight[25:])
-
-
-class _GpuDedup(LazyAdam):
-    """LazyAdam taking the path it takes for GPU tables (no data-dependent sizes), here on CPU tensors."""
-
-    @staticmethod
-    def _sync_free(idx: torch.Tensor) -> bool:
-        return True
-
-
-def test_lazy_adam_gpu_deduplication_equals_sparse_adam(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every occurrence carries its row's summed gradient and duplicates write the same values: the result is
-    SparseAdam's, with untouched rows and their state left alone."""
-    monkeypatch.setenv("CTRPIPE_NATIVE", "0")        # the compiled CPU step would take the table first
-    lazy, ref = _tables(50, 4, 2)
-    start = lazy.weight.detach().clone()
-    opt_lazy = _GpuDedup(lazy.parameters(), lr=0.01)
-    opt_ref = torch.optim.SparseAdam(ref.parameters(), lr=0.01)
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(6):
-        ids = torch.randint(0, 20, (8, 5), generator=gen)            # many duplicates; rows 20.. untouched
-        target = torch.randn(8, 5, 4, generator=gen)
-        _step(lazy, ids, target, opt_lazy)
-        _step(ref, ids, target, opt_ref)
-    torch.testing.assert_close(lazy.weight, ref.weight, rtol=1e-5, atol=1e-6)
-    assert torch.equal(lazy.weight[20:], start[20:])
-    assert torch.count_nonzero(opt_lazy.state[lazy.weight]["exp_avg"][20:]) == 0
 
 
 def test_occurrence_sums_give_each_occurrence_its_rows_total() -> None:
