@@ -451,6 +451,21 @@ static inline const uint8_t *string_at(const Strings *st, Py_ssize_t i, Py_ssize
     return (const uint8_t *)st->bufs[b].buf + off;
 }
 
+/* The first byte c in [q, e), or e: eight bytes per step (a zero-byte test on the word XOR c, whose lowest
+ * flagged byte is always a true match), so a token shorter than a word costs one predictable branch instead of
+ * one per byte, and its end no longer mispredicts. */
+static inline const uint8_t *find_byte(const uint8_t *q, const uint8_t *e, uint8_t c) {
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL, pattern = ones * c;
+    while (e - q >= 8) {
+        uint64_t w = load64(q) ^ pattern;                  /* load64: little-endian, so byte 0 is the low byte */
+        uint64_t m = (w - ones) & ~w & highs;
+        if (m) return q + (__builtin_ctzll(m) >> 3);
+        q += 8;
+    }
+    while (q < e && *q != c) q++;
+    return q;
+}
+
 typedef struct {
     const uint8_t *p, *e, *sep;
     Py_ssize_t k;
@@ -470,9 +485,8 @@ static inline TokenIter tokens_of(const Strings *st, Py_ssize_t i, const uint8_t
 static inline int next_token(TokenIter *it, const uint8_t **ts, const uint8_t **te) {
     while (!it->done) {
         const uint8_t *s = it->p, *q = it->p, *hit = NULL;
-        if (it->k == 1) {                 /* tokens are short: a byte loop beats a memchr call per token */
-            const uint8_t sep = it->sep[0];
-            while (q < it->e && *q != sep) q++;
+        if (it->k == 1) {                 /* tokens are short: a word scan beats a memchr call per token */
+            q = find_byte(q, it->e, it->sep[0]);
             if (q < it->e) hit = q;
             q = it->e;
         }

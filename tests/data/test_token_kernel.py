@@ -55,6 +55,24 @@ def test_kernel_tokens_equal_the_polars_path(monkeypatch: pytest.MonkeyPatch, se
 
 
 @needs_kernel
+@pytest.mark.parametrize("sep", [",", "\xe9"])      # one byte, and two (UTF-8 é: the memchr path)
+def test_kernel_finds_separators_at_every_offset_of_a_word(monkeypatch: pytest.MonkeyPatch, sep: str) -> None:
+    """The kernel scans eight bytes at a time: separators at every offset within and across words, runs of
+    separators (empty tokens) and rows shorter than a word must split as polars splits them."""
+    rows: list[str | None] = []
+    for first in range(0, 18):
+        for second in range(0, 11):
+            rows.append("a" * first + sep + "b" * second + sep + sep + "c" * (first % 5) + "\u00fc" * (second % 3))
+    rows += ["", sep, sep * 9, "x" * 8, "x" * 8 + sep, sep + "y" * 16 + sep]
+    s = pl.Series("t", rows)
+    assert kept_tokens(s, sep, "last", 50, 5, False) is not None
+    fast = tokens_hashes(s, sep, "last", 50, 5)
+    monkeypatch.setenv("CTRPIPE_NATIVE", "0")
+    slow = tokens_hashes(s, sep, "last", 50, 5)
+    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
+
+
+@needs_kernel
 @pytest.mark.parametrize("keep", ["first", "last"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_kernel_second_seed_hashes_the_same_tokens(keep: str, weighted: bool) -> None:
