@@ -203,6 +203,13 @@ class KeyCounter:
             self._stale = False
 
     @property
+    def distinct(self) -> int:
+        """How many distinct keys were counted, without sorting them."""
+        if self._stale and self._hash is not None:
+            return self._hash.used + int(self._hash.zeros > 0)
+        return len(self._keys)
+
+    @property
     def keys(self) -> np.ndarray:
         """(K,) sorted distinct uint64 keys."""
         self._sorted()
@@ -275,6 +282,11 @@ class Fitted:
     train_rows: int = 0
 
     def identity(self) -> str:
+        return self._identity
+
+    @cached_property
+    def _identity(self) -> str:
+        """Hashed once per instance: the tables do not change, and a build asks for it more than once."""
         h = hashlib.sha256()
         h.update(json.dumps({k: [v.fill, v.mean, v.std] for k, v in sorted(self.numeric.items())}).encode())
         for name, table in sorted(self.vocab.items()):
