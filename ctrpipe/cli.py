@@ -84,6 +84,9 @@ def shard(
     quiet: bool = QuietOpt,
 ) -> None:
     """Parse raw logs once into a memory-mappable shard cache with a manifest."""
+    from ctrpipe.hostmem import share_main_arena
+
+    share_main_arena()      # before polars and pyarrow start their threads, so those share the main heap too
     from ctrpipe.shard.build import run_shard
 
     all_inputs = [*inputs, *(more_inputs or [])]

@@ -15,6 +15,7 @@ import sys
 _M_TRIM_THRESHOLD = -1     # mallopt parameter numbers from glibc's malloc.h
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value: blocks up to 32 MiB come from the reusable heap
 TRIM_THRESHOLD = 1 << 30   # free heap top kept up to 1 GiB instead of 128 KiB
 TOP_PAD = 64 << 20         # grow the heap in 64 MiB steps
@@ -50,6 +51,23 @@ def keep_freed_memory() -> bool:
     _applied = all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)))
     return _applied
+
+
+def share_main_arena() -> bool:
+    """Make threads that need a malloc arena from now on share the existing ones (glibc M_ARENA_MAX=1): in a
+    fresh process, all of them use the main heap. True if set.
+
+    With keep_freed_memory every arena keeps the peak of what its threads freed; the shard build allocates
+    and frees chunk-sized arrays on several threads (transforms, statistics, writer, reader), so per-thread
+    arenas make peak memory the sum of those peaks, and each arena faults its own pages in. One shared heap
+    reuses whatever any thread freed (figures in benchmarks/RESULTS.md, under bench_shard.py). Process-wide
+    and permanent (glibc fixes the limit the first time a thread needs an arena); left alone where the user
+    set MALLOC_ARENA_MAX or a glibc arena tunable, and with CTRPIPE_MALLOC_TUNING=0.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    return mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1
 
 
 def release_free_heap() -> bool:

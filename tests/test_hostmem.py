@@ -142,3 +142,42 @@ def test_release_free_heap_leaves_an_untuned_heap_alone() -> None:
     probe = "from ctrpipe.hostmem import release_free_heap; print(release_free_heap())"
     out = subprocess.run([sys.executable, "-c", probe], env=_env(None), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+ARENA_PROBE = """
+import ctypes, sys, threading
+from ctrpipe.hostmem import share_main_arena
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+print(share_main_arena() if sys.argv[1] == "share" else None, flush=True)
+held = []
+threads = [threading.Thread(target=lambda: held.append(libc.malloc(1 << 20))) for _ in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc.malloc_stats()          # one 'Arena N:' block per arena, on stderr
+"""
+
+
+def _arenas(mode: str, env_value: str | None = None, **extra: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", ARENA_PROBE, mode], env={**_env(env_value), **extra},
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip(), sum(line.startswith("Arena ") for line in out.stderr.splitlines())
+
+
+@needs_glibc
+def test_share_main_arena_puts_new_threads_on_the_main_heap() -> None:
+    """The shard build's threads then reuse each other's freed chunk arrays; without it every thread that
+    allocates gets an arena of its own, which keeps its own freed memory."""
+    assert _arenas("share") == ("True", 1)
+    default = _arenas("default")
+    assert default[0] == "None" and default[1] > 1
+
+
+@needs_glibc
+def test_share_main_arena_leaves_a_user_setting_and_the_off_switch_alone() -> None:
+    assert _arenas("share", MALLOC_ARENA_MAX="4")[0] == "False"
+    assert _arenas("share", env_value="0")[0] == "False"
