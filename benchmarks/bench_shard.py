@@ -60,10 +60,15 @@ def child_read_parquet(path: Path) -> dict[str, float]:
 
 
 def child_build(path: Path, out: Path, cfg_name: str, overrides: list[str]) -> dict[str, float]:
+    """The build as `ctrpipe shard` runs it: malloc's arenas shared before polars starts its threads, and the
+    config loaded without the model registry (no torch in the process)."""
+    from ctrpipe.hostmem import share_main_arena
+
+    share_main_arena()
     from ctrpipe.config import load_config
     from ctrpipe.shard.build import build_shards
 
-    cfg = load_config(REPO / "cfgs" / cfg_name, overrides)
+    cfg = load_config(REPO / "cfgs" / cfg_name, overrides, resolve_model=False)
     t0, c0 = time.perf_counter(), time.process_time()
     res = build_shards(cfg, [path], out, force=True, progress=False)
     return {"rows": res.manifest.total_rows, "shards": len(res.manifest.shards),
