@@ -219,14 +219,15 @@ def iter_parquet_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: Resolv
     cols = [c for c in rc.raw_columns() if c in schema.names]
     chunker = ParquetChunker(path, schema, rc, has_labels, bad_rows)
     try:
-        total_rows = pq.ParquetFile(path).metadata.num_rows
+        meta = pq.ParquetFile(path).metadata
+        groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     except (pa.ArrowInvalid, OSError) as exc:
         raise _unreadable(path, 0, exc) from None
+    total_rows = sum(groups)
     size = path.stat().st_size
     # the path is one file, taken literally: no glob ('[' in a name) and no hive columns from its folders
     scan = pl.scan_parquet(path, glob=False, hive_partitioning=False).select(cols)
-    for row0 in range(0, total_rows, chunk_rows):
-        n = min(chunk_rows, total_rows - row0)
+    for row0, n in row_group_slices(groups, chunk_rows):
         try:
             frame = scan.slice(row0, n).collect()
         except (pl.exceptions.PolarsError, OSError) as exc:
@@ -234,6 +235,28 @@ def iter_parquet_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: Resolv
         if cols and frame.height != n:      # the footer promised rows the pages do not hold
             raise _unreadable(path, row0, ValueError(f"{frame.height:,} rows where the footer lists {n:,}"))
         yield chunker.chunk(frame, row0, size * n // max(total_rows, 1))
+
+
+def row_group_slices(groups: list[int], chunk_rows: int) -> Iterator[tuple[int, int]]:
+    """(first row, rows) of each chunk: whole row groups, as many as fit in chunk_rows, and a row group larger
+    than that in equal parts. A slice that ends inside a row group makes polars decompress the page it ends
+    in twice (once per slice), and the two slices' row groups twice as often; the cache does not depend on
+    where chunks end."""
+    row0, pending = 0, 0
+    for rows in groups:
+        if pending and pending + rows > chunk_rows:
+            yield row0, pending
+            row0, pending = row0 + pending, 0
+        if rows > chunk_rows:
+            parts = -(-rows // chunk_rows)
+            for k in range(parts):
+                lo, hi = rows * k // parts, rows * (k + 1) // parts
+                yield row0 + lo, hi - lo
+            row0 += rows
+        else:
+            pending += rows
+    if pending:
+        yield row0, pending
 
 
 def _unreadable(path: Path, row0: int, exc: BaseException) -> InputFormatError:
