@@ -48,11 +48,13 @@ def floor_costs(path: Path, cache: Path) -> dict[str, float]:
     """CPU seconds per primitive over the whole file."""
     import numpy as np
     import polars as pl
+    import pyarrow.parquet as pq
 
     from ctrpipe.config import load_config
     from ctrpipe.data.chunks import column_hashes
     from ctrpipe.data.covisit import ContextTokens, CovisitCounter, covisit_features
     from ctrpipe.data.fitted import Fitted, KeyCounter, MomentAccumulator, NumericAccumulator
+    from ctrpipe.data.parquet import row_group_slices
     from ctrpipe.data.transforms import log1p_transform
     from ctrpipe.shard.manifest import read_manifest
     from ctrpipe.shard.passes import fit_columns, resolve_plan
@@ -83,6 +85,8 @@ def floor_costs(path: Path, cache: Path) -> dict[str, float]:
     fit_read = list(fit_columns(plan).raw_columns())
     every = list(plan.columns.raw_columns())
     total = manifest.total_rows
+    meta = pq.ParquetFile(path).metadata
+    groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
         # a guest page's first use in a VM can cost a host fault: that is the machine's cost, not the build's,
         # so the cache's bytes go into page-cache pages freed just before
@@ -92,8 +96,7 @@ def floor_costs(path: Path, cache: Path) -> dict[str, float]:
                 warm.write(memoryview(block))
         (Path(tmp) / "warm.bin").unlink()
         out = open(Path(tmp) / "out.bin", "wb")  # noqa: SIM115 - closed below
-        for row0 in range(0, total, data.chunk_rows):
-            n = min(data.chunk_rows, total - row0)
+        for row0, n in row_group_slices(groups, data.chunk_rows):      # the build's chunks
             c0 = time.process_time()            # polars reads on all its threads: process time
             frame = pl.scan_parquet(path).select(fit_read).slice(row0, n).collect()
             fit["read (statistics columns)"] += time.process_time() - c0

@@ -261,8 +261,9 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     folds: FoldConfig = field(default_factory=FoldConfig)
     shard_rows: int = 1_000_000          # rows per shard on disk
-    chunk_rows: int = 100_000            # rows parsed per chunk (bounds memory; never changes the output): at
-    #                                      100k a wide chunk's arrays stay under glibc's 32 MB mmap threshold
+    chunk_rows: int = 100_000            # most rows parsed per chunk (bounds memory; never changes the output):
+    #                                      at 100k a wide chunk's arrays stay under glibc's 32 MB mmap threshold;
+    #                                      Parquet chunks end at row-group boundaries where they fit
     bad_rows: Literal["error", "skip"] = "error"  # skip: drop malformed rows, count them in the manifest
 
     def __post_init__(self) -> None:
