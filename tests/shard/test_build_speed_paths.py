@@ -99,7 +99,8 @@ def test_parquet_path_is_read_literally(tmp_path: Path) -> None:
     src = write_parquet(folder / "part[1].parquet", 40)   # '[' is not a glob
     cfg = parquet_cfg().data
     frames = [c.frame for c in iter_raw_chunks(cfg, [src], 15)]
-    assert [f.height for f in frames] == [15, 15, 10] and "day" not in frames[0].columns
+    assert sum(f.height for f in frames) == 40 and max(f.height for f in frames) <= 15
+    assert "day" not in frames[0].columns
 
 
 @pytest.mark.parametrize("values", [["TRAIN_0000001", "TRAIN_0000002"], ["a", "", "abc", None, "zz"], ["", None],
