@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_shard import own_peak_mb  # noqa: E402 - the sibling benchmark's helper
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,7 @@ def child(which: str, paths: list[Path], out: Path, method: str) -> None:
     t0 = time.perf_counter()
     (run_ctrpipe if which == "ctrpipe" else run_polars)(paths, out, method)
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = own_peak_mb()
     print(json.dumps({"seconds": seconds, "peak_mb": peak_mb}))
 
 

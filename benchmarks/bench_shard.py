@@ -15,7 +15,7 @@ separate subprocesses, one at a time (R times each, alternating, medians reporte
            passes over the file (statistics, then shards). Goals: b/a >= 0.25, and peak RSS bounded as rows
            grow beyond what the fitted vocabularies and co-visitation tables need.
 Each child reports wall seconds, CPU seconds (user + sys, all threads) and its own peak RSS
-(getrusage(RUSAGE_SELF).ru_maxrss). Printed: rows/s, MB/s, peak RSS and the ratio b/a (throughput of the
+(VmHWM; ru_maxrss off Linux). Printed: rows/s, MB/s, peak RSS and the ratio b/a (throughput of the
 build relative to the read-only pass, by wall time and by CPU time). On a shared machine, compare the
 CPU-time ratio as well: wall time includes other processes. `--set` overrides the build's config (e.g.
 `--set data.covisit=[]` to see what co-visitation costs); `CTRPIPE_NATIVE=0` measures the polars + numpy path.
@@ -92,8 +92,22 @@ def child_main(argv: list[str]) -> None:
         res = child_read_parquet(path)
     else:
         res = child_build(path, Path(argv[2]), argv[3], argv[4:])
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mb"] = own_peak_mb()
     print(json.dumps(res))
+
+
+def own_peak_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries the RSS of the process it
+    was forked from into it, so a child of a parent that has just generated the data would report at least
+    the parent's size."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def ensure_data(data: Path, rows: int, fmt: str = "criteo") -> Path:

@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_shard import own_peak_mb  # noqa: E402 - the sibling benchmark's helper
+
 REPO = Path(__file__).resolve().parents[1]
 FILES = 8
 
@@ -50,7 +53,7 @@ def child_build(out: Path, fmt: str, workers: int, paths: list[Path]) -> dict[st
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"rows": res.manifest.total_rows, "seconds": seconds,
             "cpu_seconds": cpu + kids.ru_utime + kids.ru_stime,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": own_peak_mb(),
             "worker_peak_rss_mb": kids.ru_maxrss / 1024 if workers > 1 else 0.0, "sha256": h.hexdigest()}
 
 
