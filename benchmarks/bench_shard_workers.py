@@ -34,15 +34,19 @@ FILES = 8
 
 
 def child_build(out: Path, fmt: str, workers: int, paths: list[Path]) -> dict[str, float | str]:
+    """The build as `ctrpipe shard` runs it (malloc arenas shared first, no torch in the process)."""
+    from ctrpipe.hostmem import share_main_arena
+
+    share_main_arena()
     from ctrpipe.config import load_config
     from ctrpipe.shard.build import build_shards
 
     if fmt == "parquet":
-        cfg = load_config(REPO / "cfgs" / "parquet_example.yaml", [])
+        cfg = load_config(REPO / "cfgs" / "parquet_example.yaml", [], resolve_model=False)
     else:
         cfg = load_config(REPO / "cfgs" / "criteo.yaml", ["data.categorical.mode=vocab",
                                                           "data.categorical.min_count=2",
-                                                          "data.numeric.impute=mean"])
+                                                          "data.numeric.impute=mean"], resolve_model=False)
     t0, c0 = time.perf_counter(), time.process_time()
     res = build_shards(cfg, paths, out, force=True, progress=False, workers=workers)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -54,15 +54,18 @@ def keep_freed_memory() -> bool:
 
 
 def share_main_arena() -> bool:
-    """Make threads that need a malloc arena from now on share the existing ones (glibc M_ARENA_MAX=1): in a
-    fresh process, all of them use the main heap. True if set.
+    """Make threads that need a malloc arena from now on share the existing ones (glibc M_ARENA_MAX=1). True
+    if set. `ctrpipe shard` calls it first thing, before polars and pyarrow start their threads, so every
+    thread of the build uses the main heap.
 
     With keep_freed_memory every arena keeps the peak of what its threads freed; the shard build allocates
     and frees chunk-sized arrays on several threads (transforms, statistics, writer, reader), so per-thread
     arenas make peak memory the sum of those peaks, and each arena faults its own pages in. One shared heap
-    reuses whatever any thread freed (figures in benchmarks/RESULTS.md, under bench_shard.py). Process-wide
-    and permanent (glibc fixes the limit the first time a thread needs an arena); left alone where the user
-    set MALLOC_ARENA_MAX or a glibc arena tunable, and with CTRPIPE_MALLOC_TUNING=0.
+    reuses whatever any thread freed (figures in benchmarks/RESULTS.md, under bench_shard.py). Called later,
+    once other threads own arenas, new threads would take turns on those, busy ones included: measured
+    slower (the `--workers` processes), so it is not. Process-wide and permanent (glibc fixes the limit the
+    first time a thread needs an arena); left alone where the user set MALLOC_ARENA_MAX or a glibc arena
+    tunable, and with CTRPIPE_MALLOC_TUNING=0.
     """
     if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False

@@ -239,9 +239,9 @@ def iter_parquet_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: Resolv
 
 def row_group_slices(groups: list[int], chunk_rows: int) -> Iterator[tuple[int, int]]:
     """(first row, rows) of each chunk: whole row groups, as many as fit in chunk_rows, and a row group larger
-    than that in equal parts. A slice that ends inside a row group makes polars decompress the page it ends
-    in twice (once per slice), and the two slices' row groups twice as often; the cache does not depend on
-    where chunks end."""
+    than that in equal parts. polars decodes a slice page by page, so a slice that ends inside a row group
+    has the page it ends in decompressed again by the next slice; the cache does not depend on where chunks
+    end."""
     row0, pending = 0, 0
     for rows in groups:
         if pending and pending + rows > chunk_rows:

@@ -27,7 +27,7 @@ from ctrpipe.data.config import DataConfig
 from ctrpipe.data.fitted import FITTED_DIR, Fitted
 from ctrpipe.data.sources import expand_inputs
 from ctrpipe.errors import ConfigError, ManifestMismatchError, disk_full_as_error, human_bytes
-from ctrpipe.hostmem import keep_freed_memory, share_main_arena
+from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.shard.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -80,7 +80,6 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
     a Dask cluster ("local" or a scheduler address; `shard/parallel.py`); the cache is byte-identical."""
     t0 = time.perf_counter()
     keep_freed_memory()     # each chunk's ~30 MB of arrays is reused, not page-faulted in again (see hostmem.py)
-    share_main_arena()      # by every thread of the build, not kept per thread
     data = cfg.data if isinstance(cfg, RunConfig) else cfg
     cfg_sources = {k: v for k, v in (cfg.sources if isinstance(cfg, RunConfig) else {}).items()
                    if k.startswith("data.")}

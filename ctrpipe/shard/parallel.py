@@ -62,7 +62,7 @@ from ctrpipe.data.covisit import CovisitCounter
 from ctrpipe.data.fitted import Fitted, KeyCounter, MomentAccumulator, NumericAccumulator
 from ctrpipe.data.splits import FoldAssigner
 from ctrpipe.errors import ConfigError, InputFormatError, ManifestMismatchError
-from ctrpipe.hostmem import keep_freed_memory, share_main_arena
+from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.shard.manifest import ArrayInfo, ShardInfo
 from ctrpipe.shard.passes import (
     Inputs,
@@ -203,7 +203,6 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
         raise ConfigError(f"this worker cannot read the input {path}", where=str(path),
                           fix="put the inputs on a filesystem every worker mounts at the same path")
     keep_freed_memory()     # as in the parent build: each chunk's arrays reuse the last one's pages
-    share_main_arena()
     plan = resolve_plan(data, [first], role)      # columns are resolved against the first input, as in one process
     num = data.numeric
     splitter = _Splitter(plan, Inputs(main=[path], gold=[], role=role, input_bytes=0, row_count=row_count))
@@ -441,7 +440,6 @@ def write_partition(data: DataConfig, first: Path, role: str, row_count: int | N
         raise ConfigError(f"this worker cannot read the input {task.path}", where=str(task.path),
                           fix="put the inputs on a filesystem every worker mounts at the same path")
     keep_freed_memory()
-    share_main_arena()
     plan = resolve_plan(data, [first], role)      # columns are resolved against the first input, as in one process
     inputs = Inputs(main=[] if task.gold else [task.path], gold=[task.path] if task.gold else [], role=role,
                     input_bytes=0, row_count=row_count)
