@@ -5,7 +5,7 @@ Usage: python benchmarks/bench_shard_floor.py [--rows 1000000] [--repeat 3] [--d
 
 Why: the goal there is b/a >= 0.25 (the build at a quarter of read_parquet's throughput). This measures what
 the build's config asks for, one primitive at a time, on one thread, with nothing else running: the two reads
-(statistics columns, then every column, in chunk_rows slices), splitting and hashing the token columns,
+(statistics columns, then every column, in the build's chunks), splitting and hashing the token columns,
 hashing the categoricals, counting and looking up vocabularies, counting and scoring co-visitation, the
 numeric statistics and transforms, padding, and writing the cache's bytes. Their sum, divided by the cores,
 is the wall time of a perfect build on this machine: no Python between the kernels, no waiting, no page
@@ -14,7 +14,8 @@ that floor; the floor's ratio shows what these primitives allow at all.
 
 Not counted, so the floor is lower still than any real build: split/fold assignment, labels, ids, tallies,
 the fitted tables' sorting and saving, the merge of per-chunk results. Statistics run on every row here (the
-build counts only train rows), so fit-side figures are scaled by the train share.
+build counts only train rows), so fit-side figures are scaled by the train share (roughly: a hash table's
+cost is not quite linear in the rows).
 """
 
 from __future__ import annotations

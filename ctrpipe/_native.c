@@ -451,9 +451,9 @@ static inline const uint8_t *string_at(const Strings *st, Py_ssize_t i, Py_ssize
     return (const uint8_t *)st->bufs[b].buf + off;
 }
 
-/* The first byte c in [q, e), or e: eight bytes per step (a zero-byte test on the word XOR c, whose lowest
- * flagged byte is always a true match), so a token shorter than a word costs one predictable branch instead of
- * one per byte, and its end no longer mispredicts. */
+/* The first byte c in [q, e), or e: eight bytes per step while a word remains (a zero-byte test on the word
+ * XOR c, whose lowest flagged byte is always a true match), so such a token shorter than a word costs one
+ * predictable branch instead of one per byte; a row's last few bytes go byte by byte. */
 static inline const uint8_t *find_byte(const uint8_t *q, const uint8_t *e, uint8_t c) {
     const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL, pattern = ones * c;
     while (e - q >= 8) {

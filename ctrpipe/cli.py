@@ -86,7 +86,7 @@ def shard(
     """Parse raw logs once into a memory-mappable shard cache with a manifest."""
     from ctrpipe.hostmem import share_main_arena
 
-    share_main_arena()      # before polars and pyarrow start their threads, so those share the main heap too
+    share_main_arena()      # before polars and pyarrow start threads: no thread of the build takes an arena
     from ctrpipe.shard.build import run_shard
 
     all_inputs = [*inputs, *(more_inputs or [])]

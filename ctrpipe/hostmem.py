@@ -55,8 +55,9 @@ def keep_freed_memory() -> bool:
 
 def share_main_arena() -> bool:
     """Make threads that need a malloc arena from now on share the existing ones (glibc M_ARENA_MAX=1). True
-    if set. `ctrpipe shard` calls it first thing, before polars and pyarrow start their threads, so every
-    thread of the build uses the main heap.
+    if set. `ctrpipe shard` calls it first thing, before polars and pyarrow start their threads (each would
+    take an arena), so every glibc allocation of the build (numpy arrays, the kernels' outputs) comes from the
+    main heap; polars and pyarrow keep their own buffers in their own allocators (jemalloc, mimalloc).
 
     With keep_freed_memory every arena keeps the peak of what its threads freed; the shard build allocates
     and frees chunk-sized arrays on several threads (transforms, statistics, writer, reader), so per-thread

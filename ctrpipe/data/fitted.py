@@ -286,7 +286,8 @@ class Fitted:
 
     @cached_property
     def _identity(self) -> str:
-        """Hashed once per instance: the tables do not change, and a build asks for it more than once."""
+        """Hashed once per instance (a build asks for it more than once): a Fitted's tables are never changed
+        after it is made, and must not be."""
         h = hashlib.sha256()
         h.update(json.dumps({k: [v.fill, v.mean, v.std] for k, v in sorted(self.numeric.items())}).encode())
         for name, table in sorted(self.vocab.items()):
