@@ -59,12 +59,17 @@ def child_read_parquet(path: Path) -> dict[str, float]:
     return {"rows": rows, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
-def child_build(path: Path, out: Path, cfg_name: str, overrides: list[str]) -> dict[str, float]:
-    """The build as `ctrpipe shard` runs it: malloc's arenas shared before polars starts its threads, and the
-    config loaded without the model registry (no torch in the process)."""
+def as_ctrpipe_shard() -> None:
+    """Set the process up as `ctrpipe shard` does, before polars or pyarrow start threads: malloc arenas shared.
+    Callers also load configs with resolve_model=False, as the command does (no torch in the process)."""
     from ctrpipe.hostmem import share_main_arena
 
     share_main_arena()
+
+
+def child_build(path: Path, out: Path, cfg_name: str, overrides: list[str]) -> dict[str, float]:
+    """The build as `ctrpipe shard` runs it."""
+    as_ctrpipe_shard()
     from ctrpipe.config import load_config
     from ctrpipe.shard.build import build_shards
 

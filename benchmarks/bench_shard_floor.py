@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_shard import REPO, ensure_data, run_child  # noqa: E402 - the sibling benchmark's helpers
+from bench_shard import REPO, as_ctrpipe_shard, ensure_data, run_child  # noqa: E402 - the sibling's helpers
 
 CFG = REPO / "cfgs" / "parquet_example.yaml"
 
@@ -96,69 +96,69 @@ def floor_costs(path: Path, cache: Path) -> dict[str, float]:
             for _ in range(0, total, data.chunk_rows):
                 warm.write(memoryview(block))
         (Path(tmp) / "warm.bin").unlink()
-        out = open(Path(tmp) / "out.bin", "wb")  # noqa: SIM115 - closed below
-        for row0, n in row_group_slices(groups, data.chunk_rows):      # the build's chunks
-            c0 = time.process_time()            # polars reads on all its threads: process time
-            frame = pl.scan_parquet(path).select(fit_read).slice(row0, n).collect()
-            fit["read (statistics columns)"] += time.process_time() - c0
-            tokens = ChunkTokens(plan, frame)
-            with clock(fit, "split + hash sequence (2 seeds)"):
-                tokens.kept(seq, ids_seed)
-            hashes = {}
-            with clock(fit, "hash categoricals"):
-                for c in cats:
-                    hashes[c] = column_hashes(frame, c, plan.seed(c))
-            with clock(fit, "count vocabularies"):
-                for c in cats:
-                    counters[c].add(hashes[c][0][~hashes[c][1]])
-                counters[seq.share_ids_with or seq.column].add(tokens.hashes(seq, ids_seed)[0])
-            ctx = ContextTokens(*tokens.hashes(seq, own_seed))
-            with clock(fit, "count co-visitation"):
-                t, t_missing = hashes[cv.target]
-                covisit.update(t, t_missing, ctx, np.ones(n, dtype=bool))
-            with clock(fit, "numeric statistics"):
-                raw = numeric32(frame, nums).astype(np.float64)
-                nacc.update(raw)
-                valid = np.isfinite(raw)
-                mom.update(np.asarray(log1p_transform(np.where(valid, raw, 0.0), data.numeric.log1p)), valid)
+        with (Path(tmp) / "out.bin").open("wb") as out:
+            for row0, n in row_group_slices(groups, data.chunk_rows):      # the build's chunks
+                c0 = time.process_time()            # polars reads on all its threads: process time
+                frame = pl.scan_parquet(path).select(fit_read).slice(row0, n).collect()
+                fit["read (statistics columns)"] += time.process_time() - c0
+                tokens = ChunkTokens(plan, frame)
+                with clock(fit, "split + hash sequence (2 seeds)"):
+                    tokens.kept(seq, ids_seed)
+                hashes = {}
+                with clock(fit, "hash categoricals"):
+                    for c in cats:
+                        hashes[c] = column_hashes(frame, c, plan.seed(c))
+                with clock(fit, "count vocabularies"):
+                    for c in cats:
+                        counters[c].add(hashes[c][0][~hashes[c][1]])
+                    counters[seq.share_ids_with or seq.column].add(tokens.hashes(seq, ids_seed)[0])
+                ctx = ContextTokens(*tokens.hashes(seq, own_seed))
+                with clock(fit, "count co-visitation"):
+                    t, t_missing = hashes[cv.target]
+                    covisit.update(t, t_missing, ctx, np.ones(n, dtype=bool))
+                with clock(fit, "numeric statistics"):
+                    raw = numeric32(frame, nums).astype(np.float64)
+                    nacc.update(raw)
+                    valid = np.isfinite(raw)
+                    mom.update(np.asarray(log1p_transform(np.where(valid, raw, 0.0), data.numeric.log1p)), valid)
 
-            c0 = time.process_time()
-            frame = pl.scan_parquet(path).select(every).slice(row0, n).collect()
-            write["read (every column)"] += time.process_time() - c0
-            tokens = ChunkTokens(plan, frame)
-            with clock(write, "split + hash token columns"):
-                kept = [tokens.kept(tc, plan.token_seed(tc)) for tc in plan.tokens]
-            with clock(write, "hash categoricals"):
-                hashes = {c: column_hashes(frame, c, plan.seed(c)) for c in cats}
-            with clock(write, "vocabulary ids"):
-                for c in cats:
-                    fitted.vocab[c].lookup(*hashes[c])
-            with clock(write, "token ids + padding"):
-                for tc, k in zip(plan.tokens, kept, strict=True):
-                    assert k is not None, "the compiled kernels are needed for the floor"
-                    k.padded(tc.max_len, plan.token_bins(tc, fitted), plan.token_vocab(tc, fitted))
-            ctx = ContextTokens(*tokens.hashes(seq, own_seed))
-            with clock(write, "co-visitation features"):
-                t, t_missing = hashes[cv.target]
-                covisit_features(pairs, ctx_table, t, t_missing, ctx, cv.smoothing, np.ones(n, dtype=bool))
-            with clock(write, "numeric transform"):
-                x = numeric32(frame, nums)
-                missing = np.isnan(x)
-                np.copyto(x, np.broadcast_to(fill, x.shape), where=missing)
-                y = log1p_transform(x, data.numeric.log1p)
-                y -= mean
-                y /= std
-            block = np.ones(n * row_bytes, dtype=np.uint8)
-            with clock(write, "write the cache's bytes"):
-                out.write(memoryview(block))
-            del tokens, frame, kept, hashes, ctx, block
-        out.close()
+                c0 = time.process_time()
+                frame = pl.scan_parquet(path).select(every).slice(row0, n).collect()
+                write["read (every column)"] += time.process_time() - c0
+                tokens = ChunkTokens(plan, frame)
+                with clock(write, "split + hash token columns"):
+                    kept = [tokens.kept(tc, plan.token_seed(tc)) for tc in plan.tokens]
+                with clock(write, "hash categoricals"):
+                    hashes = {c: column_hashes(frame, c, plan.seed(c)) for c in cats}
+                with clock(write, "vocabulary ids"):
+                    for c in cats:
+                        fitted.vocab[c].lookup(*hashes[c])
+                with clock(write, "token ids + padding"):
+                    for tc, k in zip(plan.tokens, kept, strict=True):
+                        assert k is not None, "the compiled kernels are needed for the floor"
+                        k.padded(tc.max_len, plan.token_bins(tc, fitted), plan.token_vocab(tc, fitted))
+                ctx = ContextTokens(*tokens.hashes(seq, own_seed))
+                with clock(write, "co-visitation features"):
+                    t, t_missing = hashes[cv.target]
+                    covisit_features(pairs, ctx_table, t, t_missing, ctx, cv.smoothing, np.ones(n, dtype=bool))
+                with clock(write, "numeric transform"):
+                    x = numeric32(frame, nums)
+                    missing = np.isnan(x)
+                    np.copyto(x, np.broadcast_to(fill, x.shape), where=missing)
+                    y = log1p_transform(x, data.numeric.log1p)
+                    y -= mean
+                    y /= std
+                block = np.ones(n * row_bytes, dtype=np.uint8)
+                with clock(write, "write the cache's bytes"):
+                    out.write(memoryview(block))
+                del tokens, frame, kept, hashes, ctx, block
     costs = {f"fit: {k}": v * (1.0 if k.startswith("read") else train_share) for k, v in fit.items()}
     costs.update({f"write: {k}": v for k, v in write.items()})
     return costs
 
 
 def main() -> None:
+    as_ctrpipe_shard()          # the primitives run under the allocator setup the build they are compared to has
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement (medians)")

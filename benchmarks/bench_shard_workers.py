@@ -27,17 +27,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_shard import own_peak_mb  # noqa: E402 - the sibling benchmark's helper
+from bench_shard import as_ctrpipe_shard, own_peak_mb  # noqa: E402 - the sibling benchmark's helpers
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = 8
 
 
 def child_build(out: Path, fmt: str, workers: int, paths: list[Path]) -> dict[str, float | str]:
-    """The build as `ctrpipe shard` runs it (malloc arenas shared first, no torch in the process)."""
-    from ctrpipe.hostmem import share_main_arena
-
-    share_main_arena()
+    """The build as `ctrpipe shard` runs it."""
+    as_ctrpipe_shard()
     from ctrpipe.config import load_config
     from ctrpipe.shard.build import build_shards
 
