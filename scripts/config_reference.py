@@ -243,14 +243,27 @@ def _defaults_of(value: Any, cls: type) -> dict[str, Any]:
 
 
 def _shared_bases() -> list[type]:
-    """The dataclasses of models/base.py (InputConfig, DeepConfig, ...), most general first."""
+    """The dataclasses of models/base.py that model configs extend (InputConfig, DeepConfig, ...), most general
+    first; sections nested inside `model` (SequenceConfig, ...) come under *Nested model keys*."""
+    configs = [config_class(n) for n in model_names()]
     found = [obj for obj in vars(base).values()
-             if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == base.__name__]
+             if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == base.__name__
+             and any(issubclass(c, obj) for c in configs)]
     return sorted(found, key=lambda c: len(c.__mro__))
 
 
+def _nested(cls: type, prefix: str) -> Iterator[tuple[str, type]]:
+    """(dotted key, dataclass) of every section nested in a model config, outermost first."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield f"{prefix}{f.name}", hints[f.name]
+            yield from _nested(hints[f.name], f"{prefix}{f.name}.")
+
+
 def model_sections() -> Iterator[str]:
-    """`model.name`, the shared base configs once, then per model only the keys it adds or re-defaults."""
+    """`model.name`, the shared base configs once, then per model only the keys it adds or re-defaults, then
+    the sections nested inside `model` (e.g. `model.sequence`) with their full keys."""
     names = model_names()
     classes = {name: config_class(name) for name in names}
     yield "## `model`"
@@ -279,6 +292,43 @@ def model_sections() -> Iterator[str]:
         yield re.sub(r"^Stage \d+ \w+: ", "", _module_intro(cls)) + tail
         if table:
             yield table
+    users_of: dict[tuple[str, type], list[str]] = {}
+    for name in names:
+        for key, sub in _nested(classes[name], "model."):
+            users_of.setdefault((key, sub), []).append(name)
+    if users_of:
+        yield "### Nested model keys"
+        yield ("Sections inside `model` that some models read, each with its full keys (a YAML file nests "
+               "them: `model: {sequence: {top_k: 20}}`; on the command line `--set model.sequence.top_k=20`).")
+    for (key, sub), users in sorted(users_of.items(), key=lambda e: (e[0][0], e[0][1].__name__)):
+        yield f"#### `{key}` (`{sub.__name__}`): {', '.join(users)}"
+        if intro(sub):
+            yield intro(sub)
+        yield _key_table(sub, key + ".")
+
+
+def _key_table(cls: type, prefix: str) -> str:
+    """Every key of a nested section, with the keys it accepts under other names or fixes to one value."""
+    hints, notes, mine = typing.get_type_hints(cls), comments(cls), _defaults(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        meaning = notes.get(f.name, "")
+        if dataclasses.is_dataclass(hints[f.name]):
+            meaning = (meaning + " " if meaning else "") + f"Keys: `{prefix}{f.name}` below."
+        rows.append(_row(f"{prefix}{f.name}", hints[f.name], mine[f.name], meaning))
+    return HEAD + "\n" + "\n".join(rows + _accepted_rows(cls, prefix, inherited=True))
+
+
+def _accepted_rows(cls: type, prefix: str, inherited: bool) -> list[str]:
+    """Rows for a config class's KEY_ALIASES (other names of its keys) and FIXED_KEYS (one value only): its
+    own only, where the table lists only the keys it adds to a parent's."""
+    hints = typing.get_type_hints(cls)
+    attrs = {k: getattr(cls, k, {}) for k in ("KEY_ALIASES", "FIXED_KEYS")} if inherited else vars(cls)
+    rows = [_row(f"{prefix}{alias}", hints[key], _defaults(cls)[key], f"another name for `{prefix}{key}`")
+            for alias, key in attrs.get("KEY_ALIASES", {}).items()]
+    rows += [_row(f"{prefix}{key}", type(value), value, f"accepted only as `{show(value)}`: {why}")
+             for key, (value, why) in attrs.get("FIXED_KEYS", {}).items()]
+    return rows
 
 
 def _model_table(cls: type, parent: type | None) -> str:
@@ -292,7 +342,11 @@ def _model_table(cls: type, parent: type | None) -> str:
         meaning = notes.get(f.name, "")
         if parent is not None and f.name in theirs:
             meaning = f"({parent.__name__} default: `{show(theirs[f.name])}`) {meaning}".strip()
+        if dataclasses.is_dataclass(hints[f.name]):
+            meaning = (meaning + " " if meaning else "") + \
+                f"Keys: `model.{f.name}` (`{hints[f.name].__name__}`) under *Nested model keys*."
         rows.append(_row(f"model.{f.name}", hints[f.name], mine[f.name], meaning))
+    rows += _accepted_rows(cls, "model.", inherited=False)
     return HEAD + "\n" + "\n".join(rows) if rows else ""
 
 

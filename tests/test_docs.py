@@ -38,7 +38,7 @@ def _keys(cls: type, prefix: str) -> list[str]:
         if tp is ModelSection:
             keys.append(f"{key}.name")
             for name in model_names():
-                keys += [f"{key}.{g.name}" for g in dataclasses.fields(config_class(name))]
+                keys += _keys(config_class(name), f"{key}.")     # model.sequence.tfm.n_heads and the like
         elif dataclasses.is_dataclass(tp):
             keys += _keys(tp, f"{key}.")
         else:
@@ -69,5 +69,10 @@ def test_config_reference_names_every_key() -> None:
     text = _doc_text()
     keys = _keys(RunConfig, "")
     assert "train.lr" in keys and "model.embedding_dim" in keys and "data.multihot[].column" in keys
+    assert "model.sequence.tfm.n_heads" in keys and "model.qnn_alpha.rank" in keys
+    for name in model_names():                 # other names a model's config accepts, and fixed keys
+        cls = config_class(name)
+        keys += [f"model.{k}" for k in getattr(cls, "KEY_ALIASES", {})]
+    keys += ["model.sequence.pad_id"]
     missing = [k for k in dict.fromkeys(keys) if f"`{k}`" not in text]
     assert not missing, f"docs/config.md lacks {missing}: run `{COMMAND}`"

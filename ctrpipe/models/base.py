@@ -6,7 +6,7 @@ Model configs subclass these, so YAML keys stay flat (`model.embedding_dim`, `mo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from ctrpipe.errors import ConfigError
 
@@ -108,6 +108,10 @@ QueryMode = Literal["S1", "S2", "concat"]
 class SequenceConfig:
     """`model.sequence`: which history a sequence model reads, against which candidate."""
 
+    # accepted for configs written for other pipelines; shards always pad with id 0 (see `Batch`)
+    FIXED_KEYS: ClassVar[dict[str, tuple[Any, str]]] = {
+        "pad_id": (0, "shards pad every history with id 0 after its most recent token (see Batch)")}
+
     column: str = ""       # a data.sequence column; "" = the first one in the shards
     # the candidate: a categorical column in the history's id space (data.sequence[].share_ids_with);
     # "" = the column the history shares its ids with
@@ -122,9 +126,9 @@ class SequenceConfig:
 class TfmConfig:
     """`model.sequence.tfm`: the transformer encoder run over the history before the search."""
 
-    n_layers: int = 1
-    n_heads: int = 2
-    dropout: float = 0.1
+    n_layers: int = 1      # encoder blocks (self-attention + feed-forward, pre-norm)
+    n_heads: int = 2       # attention heads; must divide the attention dim (model.attention_dim)
+    dropout: float = 0.1   # in attention and the feed-forward layer
     ffn_hidden: int = 0    # width of each block's feed-forward layer; 0 = 4 x the attention dim
 
     def __post_init__(self) -> None:

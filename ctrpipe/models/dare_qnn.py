@@ -3,16 +3,16 @@ becomes a few more fields beside the categorical embeddings and the numeric colu
 included), an optional squeeze-excitation reweights the fields, QNN-α quadratic layers interact them
 (layers/qnn.py) and an MLP (or a linear layer) gives the logit; training uses QNN-α's self-ensemble.
 
-Keys for users of the pipeline this model comes from: `emb_dim` is `model.embedding_dim`,
-`cat_embedding_dims` is `model.field_dims`, and `sequence.*` is `model.sequence.*` (`max_len` is a
-shard-time setting, `data.sequence[].max_len`, which `model.sequence.max_len` can only shorten; the pad id
-is always 0 in ctrpipe's shards).
+The pipeline this model comes from names two keys differently; both names are accepted (`KEY_ALIASES`):
+`emb_dim` is `model.embedding_dim`, `cat_embedding_dims` is `model.field_dims`. Its `sequence.*` is
+`model.sequence.*` (`max_len` is a shard-time setting, `data.sequence[].max_len`, which
+`model.sequence.max_len` can only shorten; `pad_id` is accepted only as 0, ctrpipe's padding).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +38,9 @@ class QNNHeadConfig:
     """`model.qnn_alpha`: the interaction head over every input field."""
 
     feature_embed_dim: int = 16   # d of the QNN fields; embeddings of another dim are projected to it
-    num_layers: int = 2
+    num_layers: int = 2           # quadratic layers, each (B, F, d) -> (B, F, d)
     rank: int = 3                 # rows R of each layer's W (D -> R*D)
-    heads: int = 1
+    heads: int = 1                # head k multiplies the k-th d/heads slice of every field (must divide d)
     # the search features [candidate, found, candidate * found] (3 x emb dim per query) are projected by one
     # Linear to proj_dim and cut into proj_dim / feature_embed_dim fields; 0 = each vector is one field
     proj_dim: int = 0
@@ -48,15 +48,17 @@ class QNNHeadConfig:
     dropout: float = 0.1          # in the quadratic layers and the MLP; what makes the two passes differ
     use_se: bool = False          # squeeze-excitation: reweight fields by a gate on their mean values
     se_reduction: int = 4         # the gate's bottleneck: n_fields / se_reduction units
-    use_residual: bool = True
-    norm: QNNNorm = "batch"
+    use_residual: bool = True     # each layer adds its input to the quadratic term
+    norm: QNNNorm = "batch"       # normalisation of W x, before the activation
     # how heads cut the field tensor: dims = each field's dims split into `heads` slices (QNN-α's heads);
     # fields = the fields split into `heads` groups (the tensor is read transposed, (d, F))
     pair_grouping: PairGrouping = "dims"
     # weight of the auxiliary head on full-attention search features (DARE's aux loss); 0 = no such head
     aux_head_weight: float = 0.0
+    # training runs the tower twice (two dropout draws), loss on the mean prediction plus each pass against
+    # the detached mean; inference runs once. Needs dropout > 0 (with 0 both passes are equal: one pass)
     self_ensemble: bool = True
-    self_ensemble_weight: float = 1.0
+    self_ensemble_weight: float = 1.0   # weight of the two passes' loss against the detached mean
 
     def __post_init__(self) -> None:
         for key in ("feature_embed_dim", "num_layers", "rank", "heads", "se_reduction"):
@@ -76,6 +78,9 @@ class QNNHeadConfig:
 
 @dataclass(frozen=True)
 class DareQNNConfig(InputConfig):
+    # the names this model's original pipeline uses, accepted beside ctrpipe's own
+    KEY_ALIASES: ClassVar[dict[str, str]] = {"emb_dim": "embedding_dim", "cat_embedding_dims": "field_dims"}
+
     numeric: NumericMode = "token"   # every numeric column (co-visitation features too) is a field
     sequence: SearchConfig = field(default_factory=SearchConfig)
     attention_dim: int = 8           # DARE's attention vectors (the representation keeps embedding_dim)
