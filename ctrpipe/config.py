@@ -156,6 +156,7 @@ def config_from_dict(data: Mapping[str, Any], sources: Mapping[str, str] | None 
                      origin: str = "config", resolve_model: bool = True) -> RunConfig:
     """Build a `RunConfig` from a plain mapping, e.g. the resolved config stored in a manifest or checkpoint."""
     data = dict(data)
+    origin = Origin(origin, sources)
     model_raw = data.pop("model", {}) or {}
     data.pop("sources", None)
     if not isinstance(model_raw, Mapping):
@@ -200,17 +201,77 @@ def to_dict(obj: Any) -> Any:
 
 # ----------------------------------------------------------------------------------- strict dataclass build
 
+class Origin(str):
+    """Where a config came from (its file), knowing which keys an override or another file set, so an error
+    about a key names the place that key was written."""
+
+    sources: dict[str, str]
+
+    def __new__(cls, default: str, sources: Mapping[str, str] | None = None) -> Origin:
+        obj = super().__new__(cls, default)
+        obj.sources = dict(sources or {})
+        return obj
+
+    def of(self, key: str) -> str:
+        """`--set model.x` or the file that set `key` (or a section above or below it); else the default."""
+        key = re.sub(r"\[\d*\]", "", key)                 # list items are recorded by their list's key
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            set_key = ".".join(parts[:n])
+            if set_key in self.sources:
+                return self._place(set_key)
+        below = next((k for k in self.sources if k.startswith(key + ".")), None)
+        return self._place(below) if below is not None else str(self)
+
+    def _place(self, set_key: str) -> str:
+        found = self.sources[set_key]
+        return f"--set {set_key}" if found == "--set" else found
+
+
+def _where(origin: str, key: str) -> str:
+    return origin.of(key) if isinstance(origin, Origin) else origin
+
+
+def _canonical(data: Mapping[str, Any], aliases: Mapping[str, str], prefix: str, origin: str) -> dict[str, Any]:
+    """`data` with aliased keys renamed; where a key is set under both names, an override (`--set`) of one wins
+    over a file's value of the other, and the same source setting both is an error."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = aliases.get(str(key), str(key))
+        if name != key and name in data:
+            by_set = [k for k in (key, name) if _where(origin, f"{prefix}{k}").startswith("--set ")]
+            if len(by_set) != 1:
+                raise ConfigError(f"'{prefix}{key}' is another name for '{prefix}{name}', and both are set",
+                                  where=_where(origin, f"{prefix}{key}"), fix=f"keep only '{prefix}{name}'")
+            value = data[by_set[0]]
+        out[name] = value
+    return out
+
+
 def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, origin: str) -> T:
-    """Build `cls` from a mapping, recursing into nested dataclasses; unknown keys are errors."""
+    """Build `cls` from a mapping, recursing into nested dataclasses; unknown keys are errors.
+
+    A config class may accept other names for its keys (`KEY_ALIASES`, e.g. the names a model's original
+    code uses) and keys that ctrpipe fixes to one value (`FIXED_KEYS`: key -> (value, why)); the built
+    config, and so every recorded config, holds only the canonical keys."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.init and f.name != "sources"]
+    aliases: Mapping[str, str] = getattr(cls, "KEY_ALIASES", {})
+    fixed: Mapping[str, tuple[Any, str]] = getattr(cls, "FIXED_KEYS", {})
     kwargs: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, value in _canonical(data, aliases, prefix, origin).items():
+        where = _where(origin, f"{prefix}{key}")
+        if key in fixed:
+            only, why = fixed[key]
+            if value != only:
+                raise ConfigError(f"'{prefix}{key}' can only be {only!r} in ctrpipe, not {value!r}: {why}",
+                                  where=where, fix=f"drop '{prefix}{key}' or set it to {only!r}")
+            continue
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            close = [aliases.get(c, c) for c in difflib.get_close_matches(key, [*names, *aliases], n=1, cutoff=0.5)]
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'", where=origin, fix=hint)
+            raise ConfigError(f"unknown config key '{prefix}{key}'", where=where, fix=hint)
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", origin)
     try:
         return cls(**kwargs)
@@ -238,7 +299,8 @@ def _example(tp: Any) -> str:
 
 
 def _bad(tp: Any, value: Any, key: str, origin: str) -> ConfigError:
-    return ConfigError(f"bad value {value!r} for '{key}'", where=origin, fix=f"use e.g. {key}={_example(tp)}")
+    return ConfigError(f"bad value {value!r} for '{key}'", where=_where(origin, key),
+                       fix=f"use e.g. {key}={_example(tp)}")
 
 
 def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - one branch per type form
@@ -266,7 +328,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - 
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"'{key}' must be a mapping", where=origin, fix=f"write {key}: {{...}}")
+            raise ConfigError(f"'{key}' must be a mapping", where=_where(origin, key), fix=f"write {key}: {{...}}")
         return build_dataclass(tp, value, key + ".", origin)
     if org in (tuple, list, Sequence) or tp in (tuple, list):
         if isinstance(value, str):

@@ -77,6 +77,57 @@ def test_unknown_nested_key(tmp_path: Path) -> None:
     assert str(cfg) in str(err.value)
 
 
+def test_an_error_names_where_the_key_was_written(tmp_path: Path) -> None:
+    """A bad key from --set is blamed on --set, not on the file beside it; a file's own key on the file."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  name: dnn\n  hidden_unitz: [8]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert err.value.where == str(cfg)
+    good = tmp_path / "good.yaml"
+    good.write_text("model: {name: dnn}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(good, ["model.hidden_unitz=[8]"])
+    assert err.value.where == "--set model.hidden_unitz"
+    with pytest.raises(ConfigError) as err:
+        load_config(good, ["data.sequence=[{column: seq, max_len: 5, lenght: 3}]"])
+    assert err.value.where == "--set data.sequence" and "data.sequence[0].lenght" in err.value.what
+
+
+def test_dare_qnn_accepts_its_pipeline_key_names() -> None:
+    """emb_dim / cat_embedding_dims / sequence.pad_id, as the DARE + QNN-alpha pipeline's users write them,
+    build the same config as ctrpipe's own keys, and the recorded config holds only ctrpipe's names."""
+    theirs = load_config(CFGS / "dare_qnn.yaml", ["model.emb_dim=24", "model.cat_embedding_dims={gender: 8}",
+                                                  "model.sequence.pad_id=0"])
+    ours = load_config(CFGS / "dare_qnn.yaml", ["model.embedding_dim=24", "model.field_dims={gender: 8}"])
+    assert theirs.model == ours.model
+    assert theirs.model.params.embedding_dim == 24 and theirs.model.params.field_dims == {"gender": 8}
+    recorded = flatten_dotted(to_dict(theirs))
+    assert not any(k.endswith(("emb_dim", "cat_embedding_dims", "pad_id")) for k in recorded)
+
+
+def test_an_alias_and_its_key_from_one_source_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CFGS / "dare_qnn.yaml", ["model.emb_dim=8", "model.embedding_dim=8"])
+    assert "another name for 'model.embedding_dim'" in err.value.what and "keep only" in err.value.fix
+    # the file sets embedding_dim; an override under either name wins over it
+    assert load_config(CFGS / "dare_qnn.yaml", ["model.emb_dim=32"]).model.params.embedding_dim == 32
+
+
+@pytest.mark.parametrize("pad", [1, -1])
+def test_a_pad_id_other_than_0_is_refused(pad: int) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CFGS / "dare_qnn.yaml", [f"model.sequence.pad_id={pad}"])
+    assert "can only be 0" in err.value.what and "Batch" in err.value.what
+    assert err.value.where == "--set model.sequence.pad_id"
+
+
+def test_a_close_alias_suggests_the_canonical_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CFGS / "dare_qnn.yaml", ["model.embdim=8"])
+    assert "did you mean 'model.embedding_dim'?" in err.value.fix
+
+
 @pytest.mark.parametrize(
     ("override", "key", "example"),
     [
