@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
 from ctrpipe.models.base import Activation, InputConfig, NumericMode, SearchConfig, check_choice, check_config
-from ctrpipe.models.dare import aux_heads
+from ctrpipe.models.dare import ATTENTION_DIM_WHY, aux_heads
 from ctrpipe.models.heads import ModelOutput
 from ctrpipe.models.layers.embedding import FieldEmbedding
 from ctrpipe.models.layers.mlp import MLP
@@ -92,7 +92,8 @@ class DareQNNConfig(InputConfig):
         super().__post_init__()
         check_config(self.numeric == "token", "numeric", self.numeric, "token",
                      why="the quadratic layers need numeric columns as fields")
-        check_config(self.attention_dim >= 1, "attention_dim", self.attention_dim, "8")
+        check_config(1 <= self.attention_dim <= self.embedding_dim, "attention_dim", self.attention_dim,
+                     str(max(1, self.embedding_dim // 2)), why=ATTENTION_DIM_WHY)
         check_config(0.0 <= self.dare_dropout < 1.0, "dare_dropout", self.dare_dropout, "0.1")
 
 

@@ -82,6 +82,16 @@ def required_features(name: str) -> tuple[str, ...]:
     return _entry(name).requires
 
 
+# the config key that makes `ctrpipe shard` write each feature kind a model may require
+_SHARD_KEY = {
+    "sequence": "a behaviour history: data.sequence: [{column: <history column>, share_ids_with: <candidate "
+                "column>}]",
+    "multihot": "data.multihot: [{column: <tags column>, separator: '|'}]",
+    "categorical": "data.categorical columns",
+    "numeric": "data.numeric columns",
+}
+
+
 def build_model(name: str, cfg: Any, spec: FeatureSpec, sparse: bool = False) -> nn.Module:
     """Build a registered model; refuses when the data lacks a feature kind the model needs."""
     entry = _entry(name)
@@ -91,7 +101,8 @@ def build_model(name: str, cfg: Any, spec: FeatureSpec, sparse: bool = False) ->
         if not have.get(kind, False):
             raise SchemaError(f"model {name!r} needs {kind} features, and the shards have none",
                               where="model.name",
-                              fix=f"shard data with {kind} columns, or pick another model")
+                              fix=f"shard again with {_SHARD_KEY.get(kind, f'{kind} columns')}, or pick another "
+                                  "model (e.g. dnn)")
     n = spec.n_tasks
     if n < entry.min_labels or (entry.max_labels is not None and n > entry.max_labels):
         want = (f"exactly {entry.min_labels}" if entry.max_labels == entry.min_labels else

@@ -99,6 +99,8 @@ def test_missing_feature_kind_is_a_schema_error(spec_factory, batch_factory) -> 
         with pytest.raises(SchemaError) as err:
             build_model("needs_sequence", DNNConfig(), spec_factory(sequence=False))
         assert "sequence" in str(err.value) and "model.name" in str(err.value) and "fix:" in str(err.value)
+        # the fix names the shard key that writes a history and ties it to its candidate
+        assert "data.sequence" in err.value.fix and "share_ids_with" in err.value.fix
         # with the kind present: the registered class, shaped by the config it was given
         spec = spec_factory(n_tasks=2)
         model = build_model("needs_sequence", DNNConfig(embedding_dim=3, hidden_units=(8, 4)), spec)
@@ -117,3 +119,11 @@ def test_configs_are_hashable_and_comparable() -> None:
     a = build_model_section({"name": "dnn", "field_dims": {"C1": 8}}).params
     b = build_model_section({"name": "dnn", "field_dims": {"C1": 8}}).params
     assert a == b and hash(a) == hash(b)
+
+
+@pytest.mark.parametrize("name", ["dare", "dare_qnn"])
+def test_dare_attention_vectors_are_at_most_the_representation_width(name: str) -> None:
+    assert build_model_section({"name": name, "embedding_dim": 8, "attention_dim": 8}).params.attention_dim == 8
+    with pytest.raises(ConfigError, match="at most embedding_dim") as err:
+        build_model_section({"name": name, "embedding_dim": 8, "attention_dim": 16})
+    assert err.value.where == "model.attention_dim" and "model.attention_dim=4" in err.value.fix
