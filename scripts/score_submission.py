@@ -3,6 +3,10 @@ and the same for the true probabilities when a synth truth file is given (what n
 
     python scripts/score_submission.py runs/toss/dare_qnn/submission.csv --labels data/toss/test.parquet \
         --truth data/toss/test.truth.npy
+    # a K-fold run's out-of-fold predictions (oof.npz) instead, raw and with the run's calibration.json
+    # applied (fitted on these same rows, so in-sample), beside the oracle on the same train rows:
+    python scripts/score_submission.py --oof runs/toss/dare_qnn --shards shards/toss \
+        --labels data/toss/train.parquet --truth data/toss/train.truth.npy
 
 Rows are matched by ID, so a submission in any row order scores the same. Used by toss.sh.
 """
@@ -16,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ctrpipe.train.metrics import compute_metrics
+from ctrpipe.train.metrics import compute_metrics, sigmoid
 
 KEYS = ("ap", "wll", "score", "auc", "logloss")
 
@@ -24,16 +28,27 @@ KEYS = ("ap", "wll", "score", "auc", "logloss")
 def score(submission: Path, labels: Path, truth: Path | None, label: str, id_column: str) -> dict[str, dict]:
     sub = pl.read_csv(submission, infer_schema_length=0)
     id_name, pred_name = sub.columns[:2]
-    sub = sub.select(pl.col(id_name).alias("_id"), pl.col(pred_name).cast(pl.Float64).alias("_p"))
+    preds = sub.select(pl.col(id_name).alias("_id"), pl.col(pred_name).cast(pl.Float64).alias("submission"))
+    return score_frame(preds, labels, truth, label, id_column, where=str(submission), subset=False)
+
+
+def score_frame(preds: pl.DataFrame, labels: Path, truth: Path | None, label: str, id_column: str, where: str,
+                subset: bool) -> dict[str, dict]:
+    """Metrics of each prediction column of `preds` (`_id` + columns of probabilities) on the labelled rows it
+    names (`subset`: only those; else every labelled row must have a prediction), and the oracle's on them."""
     rows = pl.read_parquet(labels, columns=[id_column, label]).with_row_index("_row")
     rows = rows.select(pl.col(id_column).cast(pl.String).alias("_id"), pl.col(label).alias("_y"), "_row")
-    joined = rows.join(sub, on="_id", how="left")
-    missing = joined["_p"].null_count()
+    joined = rows.join(preds, on="_id", how="inner" if subset else "left")
+    names = [c for c in preds.columns if c != "_id"]
+    missing = joined[names[0]].null_count()
     if missing:
-        raise SystemExit(f"error: {submission}: {missing} of {rows.height} labelled IDs have no prediction\n"
+        raise SystemExit(f"error: {where}: {missing} of {rows.height} labelled IDs have no prediction\n"
                          "  fix: score the submission made for these rows")
+    if joined.height < preds.height:
+        raise SystemExit(f"error: {where}: {preds.height - joined.height} of {preds.height} predicted IDs are not "
+                         f"in {labels}\n  fix: score against the file the cache was built from")
     y = joined["_y"].to_numpy().astype(np.float64)
-    out = {"submission": compute_metrics(y, joined["_p"].to_numpy())}
+    out = {name: compute_metrics(y, joined[name].to_numpy()) for name in names}
     if truth is not None:
         true_p = np.load(truth)
         true_p = true_p[:, 0] if true_p.ndim == 2 else true_p        # column 0: the click probability
@@ -41,17 +56,45 @@ def score(submission: Path, labels: Path, truth: Path | None, label: str, id_col
     return {k: {m: round(float(v[m]), 5) for m in KEYS} for k, v in out.items()}
 
 
+def oof_predictions(run: Path, shards: Path, label: str) -> pl.DataFrame:
+    """`_id`, `out_of_fold` (raw) and, where the run has calibration.json, `calibrated` probabilities of every
+    out-of-fold row of a K-fold run; IDs come from the cache's ids.npy (oof.npz holds cache row numbers)."""
+    from ctrpipe.infer.calibrate import CALIBRATION_NAME, read_calibration
+
+    with np.load(run / "oof.npz") as npz:
+        rows, logits = npz["row_index"], np.asarray(npz["logits"], dtype=np.float64)
+        names = [str(n) for n in npz["label_names"]] if "label_names" in npz.files else [label]
+    logits = logits.reshape(len(rows), -1)[:, names.index(label) if label in names else 0]
+    ids = np.concatenate([np.load(p, mmap_mode="r") for p in sorted(shards.glob("shard_*/ids.npy"))])
+    out = pl.DataFrame({"_id": pl.Series(ids[rows]).cast(pl.String), "out_of_fold": sigmoid(logits)})
+    cal_path = run / CALIBRATION_NAME
+    if cal_path.is_file():
+        cals, _ = read_calibration(cal_path)
+        cal = cals[names.index(label) if label in names and len(cals) == len(names) else 0]
+        out = out.with_columns(pl.Series("calibrated", sigmoid(cal.apply(logits))))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("submission", type=Path)
+    ap.add_argument("submission", type=Path, nargs="?", help="ID,prediction CSV (or --oof)")
+    ap.add_argument("--oof", type=Path, help="a K-fold run directory: score its out-of-fold predictions")
+    ap.add_argument("--shards", type=Path, help="with --oof: the train cache the run trained on (its IDs)")
     ap.add_argument("--labels", type=Path, required=True, help="Parquet with the ID and label columns")
     ap.add_argument("--truth", type=Path, help="synth .truth.npy of the same rows (oracle figures)")
     ap.add_argument("--label", default="clicked")
     ap.add_argument("--id-column", default="ID")
     ap.add_argument("--name", default="", help="a name printed before the figures")
     args = ap.parse_args()
-    res = score(args.submission, args.labels, args.truth, args.label, args.id_column)
-    print(f"{args.name or args.submission}: {json.dumps(res)}")
+    if (args.oof is None) == (args.submission is None) or (args.oof is not None and args.shards is None):
+        ap.error("give a submission, or --oof RUN with --shards CACHE")
+    if args.oof is not None:
+        preds = oof_predictions(args.oof, args.shards, args.label)
+        res = score_frame(preds, args.labels, args.truth, args.label, args.id_column, where=str(args.oof),
+                          subset=True)
+    else:
+        res = score(args.submission, args.labels, args.truth, args.label, args.id_column)
+    print(f"{args.name or args.submission or args.oof}: {json.dumps(res)}")
 
 
 if __name__ == "__main__":
