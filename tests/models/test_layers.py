@@ -119,14 +119,18 @@ def test_per_field_tables_match_shared_lookup() -> None:
         per_field.groups[2].bag_table.weight.copy_(bag_rows[:6])
         per_field.groups[3].bag_table.weight[1:].copy_(bag_rows[6:])
     batch = id_batch([[9, 4], [0, 1]], mh=[[1, 2, 0], [5, 0, 0]], w=[[1.0, 1.0, 0.0], [3.0, 0.0, 0.0]],
-                     seq=[[0, 0, 3], [1, 2, 3]])
-    torch.testing.assert_close(per_field(batch), shared(batch))
+                     seq=[[3, 0, 0], [1, 2, 3]])      # right-padded, most recent last (Batch docstring)
+    out = per_field(batch)
+    torch.testing.assert_close(out, shared(batch))
+    hist = per_field.field_names.index("hist")                    # both histories reach the per-field table
+    torch.testing.assert_close(out[0, hist], per_field.groups[3].bag_table.weight[3])
+    torch.testing.assert_close(out[1, hist], per_field.groups[3].bag_table.weight[1:4].mean(0))
 
 
 def test_unequal_dims_give_flat_only() -> None:
     emb = FieldEmbedding(SPEC, {"C2": 5, "hist": 5}, default_dim=3)
     assert emb.dim is None and emb.flat_dim == 3 + 5 + 3 + 5 and len(emb.groups) == 2
-    batch = id_batch([[1, 2]], mh=[[1, 0, 0]], w=[[1.0, 0.0, 0.0]], seq=[[0, 0, 1]])
+    batch = id_batch([[1, 2]], mh=[[1, 0, 0]], w=[[1.0, 0.0, 0.0]], seq=[[1, 0, 0]])
     assert emb.flat(batch).shape == (1, 16)
     with pytest.raises(RuntimeError):
         emb(batch)

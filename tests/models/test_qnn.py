@@ -166,6 +166,63 @@ def test_training_runs_the_layers_twice_inference_once(spec_factory, batch_facto
     assert not as_output(plain(batch)).aux_losses
 
 
+def test_dare_qnn_self_ensemble_by_hand(spec_factory, batch_factory) -> None:
+    """dare_qnn (models/dare_qnn.py) trains on two dropout draws of its tower over one set of fields, and
+    infers with one deterministic pass: both reproduced from its own modules with the same RNG seed."""
+    torch.manual_seed(0)
+    spec = spec_factory(2)
+    batch = batch_factory(spec, rows=16)
+    section = build_model_section({"name": "dare_qnn", "embedding_dim": 8, "attention_dim": 4,
+                                   "sequence": {"top_k": 3},
+                                   "qnn_alpha": {"feature_embed_dim": 8, "mlp_hidden": [8], "dropout": 0.3,
+                                                 "self_ensemble_weight": 0.5}})
+    model = build_model(section.name, section.params, spec)
+    with torch.no_grad():
+        model.head.linear.weight.mul_(30.0)       # spread the logits, so the checks below tell the combinations apart
+    towers, encoders = [], []
+    model.qnn.register_forward_hook(lambda *_: towers.append(1))
+    model.encoder.register_forward_hook(lambda *_: encoders.append(1))
+
+    def passes(n: int) -> list[torch.Tensor]:
+        x, _ = model.fields(batch)                                         # the same RNG draws, in order
+        return [model.head(model.mlp(model.qnn(x))) for _ in range(n)]
+
+    torch.manual_seed(1)
+    out = as_output(model(batch))
+    assert len(towers) == 2 and len(encoders) == 1                       # fields once, the tower twice
+    torch.manual_seed(1)
+    with torch.no_grad():
+        z1, z2 = (z.double() for z in passes(2))
+    assert not torch.allclose(z1, z2, atol=1e-2)                           # two different dropout draws
+    p1, p2 = torch.sigmoid(z1), torch.sigmoid(z2)
+    pbar = (p1 + p2) / 2
+    want = torch.log(pbar / (1 - pbar))
+    # logit of the mean probability, not the mean logit nor one pass (they differ here by more than the tolerance)
+    assert (want - (z1 + z2) / 2).abs().max() > 1e-2 and (want - z1).abs().max() > 1e-2
+    torch.testing.assert_close(out.logits.double(), want, rtol=1e-5, atol=1e-5)
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+
+    # weight * (KL(p̄ || σ(z1)) + KL(p̄ || σ(z2))), mean over rows, then over the 2 heads
+    want_aux = 0.5 * (kl(pbar, p1) + kl(pbar, p2)).mean(0).mean()
+    assert set(out.aux_losses) == {"self_ensemble"}
+    assert out.aux_losses["self_ensemble"].item() == pytest.approx(want_aux.item(), rel=1e-4)
+    assert out.diagnostics["self_ensemble.gap"].item() == pytest.approx((p1 - p2).abs().mean().item(), rel=1e-4)
+
+    model.eval()
+    towers.clear()
+    with torch.no_grad():
+        torch.manual_seed(2)
+        a = as_output(model(batch))
+        torch.manual_seed(3)
+        b = as_output(model(batch))
+        (single,) = passes(1)
+    assert len(towers) == 3 and not a.aux_losses and not a.diagnostics     # one pass per call
+    assert torch.equal(a.logits, b.logits)
+    torch.testing.assert_close(a.logits, single)
+
+
 @pytest.mark.parametrize(("keys", "key"), [
     ({"heads": 3}, "model.heads"),
     ({"numeric": "concat"}, "model.numeric"),

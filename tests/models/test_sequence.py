@@ -109,13 +109,26 @@ def test_padding_tokens_and_empty_histories(name: str, keys: dict[str, Any], spe
     assert all(torch.isfinite(p.grad.to_dense() if p.grad.is_sparse else p.grad).all()
                for p in model.parameters() if p.grad is not None)
     model.eval()
-    alone = batch_factory(spec, rows=8)                                    # the empty row's output depends
-    alone.sequence[0][0] = 0                                               # on its own inputs only
-    for f in ("numeric", "categorical"):
-        getattr(alone, f)[0] = getattr(batch, f)[0]
-    alone.multihot[0][0] = batch.multihot[0][0]
-    alone.multihot_weights[0][0] = batch.multihot_weights[0][0]
-    torch.testing.assert_close(as_output(model(alone)).logits[0], as_output(model(batch)).logits[0])
+    with torch.no_grad():
+        out = as_output(model(batch)).logits
+        alone = batch_factory(spec, rows=8, seed=1)                        # other rows, other histories: the
+        alone.sequence[0][0] = 0                                           # empty row's output depends on
+        alone.sequence_len[0][0] = 0                                       # its own inputs only
+        for f in ("numeric", "categorical"):
+            getattr(alone, f)[0] = getattr(batch, f)[0]
+        alone.multihot[0][0] = batch.multihot[0][0]
+        alone.multihot_weights[0][0] = batch.multihot_weights[0][0]
+        others = as_output(model(alone)).logits
+        assert not torch.allclose(others[1:], out[1:])                     # the rest of the batch did change
+        torch.testing.assert_close(others[0], out[0])
+        # the history is read: one behaviour in the empty row, then another id there, each moves its output
+        hist[0, 0], batch.sequence_len[0][0] = 1, 1
+        one = as_output(model(batch)).logits
+        hist[0, 0] = 2
+        other = as_output(model(batch)).logits
+    # (small embeddings at init move DIN's logit by ~1e-4; a history not read would leave it bit for bit)
+    assert (one[0] - out[0]).abs().min() > 1e-6 and (other[0] - one[0]).abs().min() > 1e-6
+    torch.testing.assert_close(other[1:], out[1:])
 
 
 @pytest.mark.parametrize(("name", "keys"), [
