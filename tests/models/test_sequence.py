@@ -20,6 +20,7 @@ from ctrpipe.models.layers.sequence import (
     ages,
     masked_softmax,
     most_recent,
+    pool,
 )
 from ctrpipe.models.registry import build_model
 
@@ -187,3 +188,24 @@ def test_search_weights_are_float32_from_low_precision_scores(search: str, top_k
     assert w.dtype == torch.float32
     torch.testing.assert_close(w.sum(dim=1), torch.tensor([1.0, 0.0]))
     assert (w[0, 4] == 0) and (w[1] == 0).all()
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_din_scores_only_valid_behaviours_on_the_cpu_as_the_dense_form_does(softmax: bool) -> None:
+    """The CPU path packs the valid positions (M, D) before the activation unit; the dense (B, L) form, which
+    GPUs run, must give the same attended vectors and the same gradients, empty histories included."""
+    torch.manual_seed(0)
+    att = TargetAttention(8, (12, 6), softmax=softmax)
+    lengths = torch.tensor([0, 1, 5, 3, 7, 0])
+    mask = torch.arange(7)[None] < lengths[:, None]
+    query, keys = torch.randn(6, 8, requires_grad=True), torch.randn(6, 7, 8, requires_grad=True)
+    packed = att(query, keys, mask)
+    dense_scores = att.unit._dense(query, keys) * mask
+    dense = pool(masked_softmax(dense_scores, mask) if softmax else dense_scores, keys)
+    assert torch.allclose(packed, dense, atol=1e-6) and torch.isfinite(packed).all()
+    assert torch.equal(packed[[0, 5]], torch.zeros(2, 8))                 # an empty history attends to nothing
+    grads = torch.autograd.grad(packed.sum(), [query, keys, *att.parameters()])
+    want = torch.autograd.grad(dense.sum(), [query, keys, *att.parameters()])
+    for g, w in zip(grads, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-5)
+    assert torch.equal(grads[1][~mask], torch.zeros_like(grads[1][~mask]))   # padding gets no gradient

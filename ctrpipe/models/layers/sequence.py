@@ -126,8 +126,26 @@ class ActivationUnit(nn.Module):
         layers.append(nn.Linear(units[-1], 1))
         self.rest = nn.Sequential(*layers)
 
-    def forward(self, query: Tensor, keys: Tensor) -> Tensor:
-        """query (B, D), keys (B, L, D) -> scores (B, L)."""
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor | None = None) -> Tensor:
+        """query (B, D), keys (B, L, D) -> scores (B, L); with a (B, L) `mask`, scores are 0 where it is False.
+
+        On the CPU a mask makes the unit score only the valid behaviours, packed (M, D): histories are mostly
+        padding (the stored length is a cap), and the CPU pays for every position it computes. On a GPU the
+        dense form runs: packing needs the number of valid positions on the host (a sync every step), while
+        the GPU's cost barely depends on them."""
+        if mask is not None and keys.device.type == "cpu":
+            return self._packed(query, keys, mask)
+        scores = self._dense(query, keys)
+        return scores if mask is None else scores * mask
+
+    def _packed(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        rows, cols = mask.nonzero(as_tuple=True)
+        k = keys[rows, cols]                                                        # (M, D)
+        h = self.query(query)[rows] + F.linear(k, self.key.weight) + F.linear(query[rows] * k, self.product.weight)
+        s = self.rest(h).squeeze(-1)                                                # (M,)
+        return s.new_zeros(mask.shape).index_put((rows, cols), s)
+
+    def _dense(self, query: Tensor, keys: Tensor) -> Tensor:
         per_row = self.key.weight.t() + query.unsqueeze(-1) * self.product.weight.t()   # (B, D, H)
         h = torch.baddbmm(self.query(query).unsqueeze(1), keys, per_row)   # (B, L, H)
         # PReLU's per-channel weight expects channels on dim 1: run the rest on (B*L, H)
@@ -148,8 +166,8 @@ class TargetAttention(nn.Module):
         self.softmax = softmax
 
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
-        scores = self.unit(query, keys)                                        # (B, L)
-        weights = masked_softmax(scores, mask) if self.softmax else scores * mask
+        scores = self.unit(query, keys, mask)                                  # (B, L), 0 where masked
+        weights = masked_softmax(scores, mask) if self.softmax else scores
         return pool(weights, keys)
 
 
