@@ -56,6 +56,14 @@ class RunConfig:
 
 def load_yaml(path: Path) -> dict[str, Any]:
     """Read one YAML file, following an optional `extends: other.yaml` (relative to the file)."""
+    merged: dict[str, Any] = {}
+    for _, data in yaml_layers(path):
+        deep_merge(merged, data)
+    return merged
+
+
+def yaml_layers(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(file, its own mapping) for a YAML file and every file it `extends`, the most basic first."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", fix="pass --cfg with a file from cfgs/, "
@@ -68,11 +76,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError("the top level must be a mapping of sections", where=str(path),
                           fix="start the file with e.g. 'data:' or 'model:'")
     base = data.pop("extends", None)
-    if base is not None:
-        merged = load_yaml(path.parent / str(base))
-        deep_merge(merged, data)
-        return merged
-    return data
+    return [*(yaml_layers(path.parent / str(base)) if base is not None else []), (path, data)]
 
 
 def deep_merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,13 +147,56 @@ def load_config(path: Path | None, overrides: Sequence[str] = (), *, resolve_mod
     `resolve_model=False` leaves `model.params` unbuilt (None): stages that never build a model (`shard`)
     then start without importing torch and the model zoo.
     """
-    data = load_yaml(path) if path is not None else {}
-    sources = {k: str(path) for k in flatten_dotted(data)}
-    over: dict[str, Any] = apply_overrides({}, overrides)
-    sources.update({k: "--set" for k in flatten_dotted(over)})
-    deep_merge(data, over)
+    layers: list[tuple[str, dict[str, Any]]] = [(str(p), d) for p, d in yaml_layers(path)] if path else []
+    layers.append(("--set", apply_overrides({}, overrides)))
+    if resolve_model:                 # another name for a key is that key, so a later layer's value wins
+        layers = _canonical_model_keys(layers)
+    data: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for where, layer in layers:
+        deep_merge(data, layer)
+        sources.update({k: where for k in flatten_dotted(layer)})
     return config_from_dict(data, sources=sources, origin=str(path) if path else "defaults",
                             resolve_model=resolve_model)
+
+
+def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """Each layer's `model` section with the model config's other key names (`KEY_ALIASES`) renamed."""
+    from ctrpipe.models.registry import config_class, model_names  # lazy: pulls in torch
+
+    name = ModelSection.name
+    for _, layer in layers:
+        model = layer.get("model")
+        if isinstance(model, Mapping) and "name" in model:
+            name = str(model["name"]).lower()
+    if name not in model_names():
+        return layers                  # build_model_section reports the unknown model
+    out = []
+    for where, layer in layers:
+        model = layer.get("model")
+        if isinstance(model, Mapping):
+            layer = {**layer, "model": canonical_keys(config_class(name), model, "model.", where)}
+        out.append((where, layer))
+    return out
+
+
+def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str) -> dict[str, Any]:
+    """`data` (one source's mapping for `cls`) with other names of keys (`KEY_ALIASES`) renamed, in nested
+    sections too; one source setting a key under two names is an error."""
+    aliases: Mapping[str, str] = getattr(cls, "KEY_ALIASES", {})
+    hints = typing.get_type_hints(cls) if is_dataclass(cls) else {}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = aliases.get(str(key), str(key))
+        if name in out:
+            other = next(k for k in data if aliases.get(str(k), str(k)) == name and k != key)
+            raise ConfigError(f"'{prefix}{key}' and '{prefix}{other}' name the same setting, and both are set",
+                              where=where, fix=f"keep only '{prefix}{name}'")
+        sub = hints.get(name)
+        if isinstance(value, Mapping) and is_dataclass(sub) and isinstance(sub, type):
+            value = canonical_keys(sub, value, f"{prefix}{name}.", where)
+        out[name] = value
+    return out
 
 
 def config_from_dict(data: Mapping[str, Any], sources: Mapping[str, str] | None = None,
@@ -232,22 +279,6 @@ def _where(origin: str, key: str) -> str:
     return origin.of(key) if isinstance(origin, Origin) else origin
 
 
-def _canonical(data: Mapping[str, Any], aliases: Mapping[str, str], prefix: str, origin: str) -> dict[str, Any]:
-    """`data` with aliased keys renamed; where a key is set under both names, an override (`--set`) of one wins
-    over a file's value of the other, and the same source setting both is an error."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = aliases.get(str(key), str(key))
-        if name != key and name in data:
-            by_set = [k for k in (key, name) if _where(origin, f"{prefix}{k}").startswith("--set ")]
-            if len(by_set) != 1:
-                raise ConfigError(f"'{prefix}{key}' is another name for '{prefix}{name}', and both are set",
-                                  where=_where(origin, f"{prefix}{key}"), fix=f"keep only '{prefix}{name}'")
-            value = data[by_set[0]]
-        out[name] = value
-    return out
-
-
 def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, origin: str) -> T:
     """Build `cls` from a mapping, recursing into nested dataclasses; unknown keys are errors.
 
@@ -260,11 +291,11 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
     aliases: Mapping[str, str] = getattr(cls, "KEY_ALIASES", {})
     fixed: Mapping[str, tuple[Any, str]] = getattr(cls, "FIXED_KEYS", {})
     kwargs: dict[str, Any] = {}
-    for key, value in _canonical(data, aliases, prefix, origin).items():
+    for key, value in canonical_keys(cls, data, prefix, _where(origin, prefix.rstrip("."))).items():
         where = _where(origin, f"{prefix}{key}")
         if key in fixed:
             only, why = fixed[key]
-            if value != only:
+            if type(value) is not type(only) or value != only:     # `false` and `0.0` are not 0
                 raise ConfigError(f"'{prefix}{key}' can only be {only!r} in ctrpipe, not {value!r}: {why}",
                                   where=where, fix=f"drop '{prefix}{key}' or set it to {only!r}")
             continue

@@ -58,7 +58,8 @@ def test_extends_and_overrides(tmp_path: Path) -> None:
     assert cfg.data.split.val_ratio == 0.2 and cfg.data.split.seed == 7
     assert cfg.loader.batch_size == 64
     assert cfg.sources["data.hash_bins"] == "--set"
-    assert cfg.sources["data.split.val_ratio"] == str(child)
+    assert cfg.sources["data.split.val_ratio"] == str(base)         # the file that wrote it, not the one read
+    assert cfg.sources["exp_name"] == str(child)
 
 
 def test_unknown_key_suggests_closest(tmp_path: Path) -> None:
@@ -109,13 +110,32 @@ def test_dare_qnn_accepts_its_pipeline_key_names() -> None:
 def test_an_alias_and_its_key_from_one_source_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(CFGS / "dare_qnn.yaml", ["model.emb_dim=8", "model.embedding_dim=8"])
-    assert "another name for 'model.embedding_dim'" in err.value.what and "keep only" in err.value.fix
-    # the file sets embedding_dim; an override under either name wins over it
+    assert "name the same setting" in err.value.what and err.value.where == "--set"
+    assert "keep only 'model.embedding_dim'" in err.value.fix
+    both = tmp_path / "both.yaml"
+    both.write_text(f"extends: {CFGS / 'dare_qnn.yaml'}\nmodel: {{emb_dim: 8, embedding_dim: 8}}\n")
+    with pytest.raises(ConfigError) as err:                # an override of one name does not hide that
+        load_config(both, ["model.emb_dim=4"])
+    assert err.value.where == str(both)
+
+
+def test_a_later_source_wins_whichever_name_it_uses(tmp_path: Path) -> None:
+    """An alias is another spelling of its key: as for any key, a file that extends another, and --set, win."""
+    child = tmp_path / "child.yaml"                       # dare_qnn.yaml sets embedding_dim: 16
+    child.write_text(f"extends: {CFGS / 'dare_qnn.yaml'}\nmodel: {{emb_dim: 32}}\n")
+    cfg = load_config(child)
+    assert cfg.model.params.embedding_dim == 32 and cfg.sources["model.embedding_dim"] == str(child)
+    base = tmp_path / "base.yaml"
+    base.write_text(f"extends: {CFGS / 'dare_qnn.yaml'}\nmodel: {{emb_dim: 24}}\n")
+    child2 = tmp_path / "child2.yaml"
+    child2.write_text("extends: base.yaml\nmodel: {embedding_dim: 16}\n")
+    assert load_config(child2).model.params.embedding_dim == 16
+    assert load_config(child2, ["model.emb_dim=64"]).model.params.embedding_dim == 64
     assert load_config(CFGS / "dare_qnn.yaml", ["model.emb_dim=32"]).model.params.embedding_dim == 32
 
 
-@pytest.mark.parametrize("pad", [1, -1])
-def test_a_pad_id_other_than_0_is_refused(pad: int) -> None:
+@pytest.mark.parametrize("pad", [1, -1, "false", "0.0"])
+def test_a_pad_id_other_than_0_is_refused(pad: int | str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(CFGS / "dare_qnn.yaml", [f"model.sequence.pad_id={pad}"])
     assert "can only be 0" in err.value.what and "Batch" in err.value.what
