@@ -104,6 +104,10 @@ SearchMode = Literal["soft", "hard"]
 QueryMode = Literal["S1", "S2", "concat"]
 
 
+# the shard setting that writes a behaviour history in its candidate's id space (in errors' fixes)
+SHARD_A_HISTORY = "data.sequence: [{column: <history column>, share_ids_with: <candidate column>}]"
+
+
 @dataclass(frozen=True)
 class SequenceConfig:
     """`model.sequence`: which history a sequence model reads, against which candidate."""

@@ -22,10 +22,6 @@ from ctrpipe.models.layers.output import OutputHead
 from ctrpipe.models.layers.sequence import DareEncoder, resolve_history
 from ctrpipe.models.registry import register
 
-# DARE decouples the two jobs of an item's vector: the attention vector only ranks behaviours, so it is kept
-# no wider than the representation it selects (narrower makes the search cheap)
-ATTENTION_DIM_WHY = "at most embedding_dim: DARE's attention vectors only rank behaviours"
-
 
 @dataclass(frozen=True)
 class DAREConfig(DeepConfig):
@@ -42,8 +38,8 @@ class DAREConfig(DeepConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_config(isinstance(self.attention_dim, int) and 1 <= self.attention_dim <= self.embedding_dim,
-                     "attention_dim", self.attention_dim, str(max(1, self.embedding_dim // 2)), why=ATTENTION_DIM_WHY)
+        check_config(isinstance(self.attention_dim, int) and self.attention_dim >= 1, "attention_dim",
+                     self.attention_dim, "8")
         check_config(0.0 <= self.dare_dropout < 1.0, "dare_dropout", self.dare_dropout, "0.1")
         check_config(self.aux_loss_weight >= 0, "aux_loss_weight", self.aux_loss_weight, "0.1")
 
@@ -67,7 +63,7 @@ class DARE(nn.Module):
         self.inputs = FeatureInput(spec, cfg, sparse=sparse, unpooled=(self.history.name,))
         assert self.inputs.embedding is not None
         dim = self.inputs.embedding.dim_of(self.history.name)
-        self.encoder = DareEncoder(spec, self.history, s, cfg.attention_dim, sparse, cfg.embedding_init_std)
+        self.encoder = DareEncoder(spec, self.history, s, cfg.attention_dim, dim, sparse, cfg.embedding_init_std)
         self.dropout = nn.Dropout(cfg.dare_dropout) if cfg.dare_dropout > 0 else nn.Identity()
         seq_dim = self.encoder.n_fields * dim
         self.mlp = MLP(self.inputs.flat_dim + seq_dim, cfg.hidden_units, cfg.dropout, cfg.batch_norm,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
 from ctrpipe.models.base import Activation, InputConfig, NumericMode, SearchConfig, check_choice, check_config
-from ctrpipe.models.dare import ATTENTION_DIM_WHY, aux_heads
+from ctrpipe.models.dare import aux_heads
 from ctrpipe.models.heads import ModelOutput
 from ctrpipe.models.layers.embedding import FieldEmbedding
 from ctrpipe.models.layers.mlp import MLP
@@ -92,8 +92,7 @@ class DareQNNConfig(InputConfig):
         super().__post_init__()
         check_config(self.numeric == "token", "numeric", self.numeric, "token",
                      why="the quadratic layers need numeric columns as fields")
-        check_config(1 <= self.attention_dim <= self.embedding_dim, "attention_dim", self.attention_dim,
-                     str(max(1, self.embedding_dim // 2)), why=ATTENTION_DIM_WHY)
+        check_config(self.attention_dim >= 1, "attention_dim", self.attention_dim, "8")
         check_config(0.0 <= self.dare_dropout < 1.0, "dare_dropout", self.dare_dropout, "0.1")
 
 
@@ -127,8 +126,9 @@ class DareQNN(nn.Module):
                                       if k != d})
         self.numeric = NumericTokenizer(spec.n_numeric, d, init_std=cfg.embedding_init_std) \
             if spec.n_numeric else None
-        self.encoder = DareEncoder(spec, self.history, s, cfg.attention_dim, sparse, cfg.embedding_init_std)
         rep_dim = self.embedding.dim_of(self.history.name)
+        self.encoder = DareEncoder(spec, self.history, s, cfg.attention_dim, rep_dim, sparse,
+                                   cfg.embedding_init_std)
         search_width = self.encoder.n_fields * rep_dim
         if q.proj_dim:
             self.search_proj: nn.Module = nn.Linear(search_width, q.proj_dim)

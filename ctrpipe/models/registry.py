@@ -16,6 +16,7 @@ from torch import nn
 
 from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.features import FeatureSpec
+from ctrpipe.models.base import SHARD_A_HISTORY
 
 # modules of ctrpipe/models/ that hold no model; the rest are imported lazily (`ctrpipe synth` does not pay
 # for the zoo)
@@ -84,8 +85,7 @@ def required_features(name: str) -> tuple[str, ...]:
 
 # the config key that makes `ctrpipe shard` write each feature kind a model may require
 _SHARD_KEY = {
-    "sequence": "a behaviour history: data.sequence: [{column: <history column>, share_ids_with: <candidate "
-                "column>}]",
+    "sequence": f"a behaviour history: {SHARD_A_HISTORY}",
     "multihot": "data.multihot: [{column: <tags column>, separator: '|'}]",
     "categorical": "data.categorical columns",
     "numeric": "data.numeric columns",

@@ -122,8 +122,15 @@ def test_configs_are_hashable_and_comparable() -> None:
 
 
 @pytest.mark.parametrize("name", ["dare", "dare_qnn"])
-def test_dare_attention_vectors_are_at_most_the_representation_width(name: str) -> None:
-    assert build_model_section({"name": name, "embedding_dim": 8, "attention_dim": 8}).params.attention_dim == 8
-    with pytest.raises(ConfigError, match="at most embedding_dim") as err:
-        build_model_section({"name": name, "embedding_dim": 8, "attention_dim": 16})
-    assert err.value.where == "model.attention_dim" and "model.attention_dim=4" in err.value.fix
+def test_dare_attention_vectors_are_at_most_the_representation_width(name: str, spec_factory) -> None:
+    """Checked against the history's own representation width, which field_dims can change (the history reads
+    its candidate's rows, `item` in the spec), not against embedding_dim alone."""
+    def build(**keys: Any) -> nn.Module:
+        section = build_model_section({"name": name, "embedding_dim": 8, **keys})
+        return build_model(section.name, section.params, spec_factory())
+
+    assert build(attention_dim=8).encoder.table.table.embedding_dim == 8
+    for keys, width in (({"attention_dim": 16}, 8), ({"attention_dim": 6, "field_dims": {"item": 4, "hist": 4}}, 4)):
+        with pytest.raises(ConfigError, match=f"wider than the {width}-d representation vectors") as err:
+            build(**keys)
+        assert err.value.where == "model.attention_dim" and f"use at most {width}" in err.value.fix

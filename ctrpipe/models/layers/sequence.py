@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
-from ctrpipe.models.base import SearchConfig
+from ctrpipe.models.base import SHARD_A_HISTORY, SearchConfig
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,7 @@ def resolve_history(spec: FeatureSpec, model: str, column: str = "", query_key: 
     `query` is "" when the history shares its ids with no categorical column."""
     if not spec.sequence:
         raise SchemaError(f"model {model!r} reads a behaviour sequence, and the shards have none",
-                          where="model.name", fix="shard with data.sequence: [{column: <history column>, "
-                          "share_ids_with: <candidate column>}], or pick a model such as dnn")
+                          where="model.name", fix=f"shard with {SHARD_A_HISTORY}, or pick a model such as dnn")
     names = [f.name for f in spec.sequence]
     if column and column not in names:
         raise ConfigError(f"model.sequence.column {column!r} is not a sequence field of the shards",
@@ -132,8 +131,10 @@ class ActivationUnit(nn.Module):
         On the CPU a mask makes the unit score only the valid behaviours, packed (M, D): histories are mostly
         padding (the stored length is a cap), and the CPU pays for every position it computes. On a GPU the
         dense form runs: packing needs the number of valid positions on the host (a sync every step), while
-        the GPU's cost barely depends on them."""
-        if mask is not None and keys.device.type == "cpu":
+        the GPU's cost barely depends on them. Exported graphs (TorchScript, ONNX) hold the dense form too:
+        static shapes, and right wherever the graph is served."""
+        exporting = torch.jit.is_tracing() or torch.compiler.is_exporting()
+        if mask is not None and keys.device.type == "cpu" and not exporting:
             return self._packed(query, keys, mask)
         scores = self._dense(query, keys)
         return scores if mask is None else scores * mask
@@ -258,8 +259,13 @@ class DareEncoder(nn.Module):
     """
 
     def __init__(self, spec: FeatureSpec, history: History, cfg: SearchConfig, attention_dim: int,
-                 sparse: bool, init_std: float) -> None:
+                 representation_dim: int, sparse: bool, init_std: float) -> None:
         super().__init__()
+        if attention_dim > representation_dim:   # decoupling keeps the ranking vectors the cheap ones
+            raise ConfigError(f"model.attention_dim={attention_dim} is wider than the {representation_dim}-d "
+                              f"representation vectors of {history.name!r}", where="model.attention_dim",
+                              fix=f"use at most {representation_dim}, e.g. {max(1, representation_dim // 2)}: "
+                                  "DARE's attention vectors only rank behaviours")
         if cfg.top_k > history.max_len:
             raise ConfigError(f"model.sequence.top_k={cfg.top_k} is larger than the {history.max_len} behaviours "
                               f"read from {history.name!r}", where="model.sequence.top_k",
