@@ -5,15 +5,17 @@
 #   (fold ensemble, calibration for WLL) -> submission.csv (ID,clicked) -> the same with DIN -> ctrpipe blend
 #   submissions. AP, WLL and Score = 0.5*AP + 0.5/(1+WLL) are printed at each step beside the oracle's.
 # Sizes: ROWS (default 200000), TEST_ROWS (default 50000), K folds (default 3). Outputs under TOSS_DIR
-# (default: this folder): data/toss, shards/toss*, runs/toss. TRAIN_SET: extra `--set k=v` words for both
-# trainings. CTRPIPE_NO_SETUP=1 uses the active environment instead of setting up .venv.
+# (default: this folder; a relative path is taken from where you run it): data/toss, shards/toss*, runs/toss.
+# TRAIN_SET: extra words for both trainings, split at spaces, so no spaces inside a value (e.g.
+# "--set loader.batch_size=512 --set train.lr=0.002"). CTRPIPE_NO_SETUP=1 uses the active environment
+# instead of setting up .venv.
 set -euo pipefail
+out="$(realpath -m "${TOSS_DIR:-$(dirname "$0")}")"
 cd "$(dirname "$0")"
 [ "${CTRPIPE_NO_SETUP:-0}" = "1" ] || source scripts/setup_env.sh
 rows="${ROWS:-200000}"
 test_rows="${TEST_ROWS:-50000}"
 k="${K:-3}"
-out="${TOSS_DIR:-.}"
 data="$out/data/toss"
 shards="$out/shards/toss"
 runs="$out/runs/toss"

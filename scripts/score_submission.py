@@ -58,20 +58,27 @@ def score_frame(preds: pl.DataFrame, labels: Path, truth: Path | None, label: st
 
 def oof_predictions(run: Path, shards: Path, label: str) -> pl.DataFrame:
     """`_id`, `out_of_fold` (raw) and, where the run has calibration.json, `calibrated` probabilities of every
-    out-of-fold row of a K-fold run; IDs come from the cache's ids.npy (oof.npz holds cache row numbers)."""
+    out-of-fold row of a K-fold run; IDs come from the cache (oof.npz holds cache row numbers)."""
     from ctrpipe.infer.calibrate import CALIBRATION_NAME, read_calibration
+    from ctrpipe.shard.reader import open_cache
 
     with np.load(run / "oof.npz") as npz:
         rows, logits = npz["row_index"], np.asarray(npz["logits"], dtype=np.float64)
         names = [str(n) for n in npz["label_names"]] if "label_names" in npz.files else [label]
-    logits = logits.reshape(len(rows), -1)[:, names.index(label) if label in names else 0]
-    ids = np.concatenate([np.load(p, mmap_mode="r") for p in sorted(shards.glob("shard_*/ids.npy"))])
-    out = pl.DataFrame({"_id": pl.Series(ids[rows]).cast(pl.String), "out_of_fold": sigmoid(logits)})
+    if label not in names:
+        raise SystemExit(f"error: {run}: the run predicts {names}, not {label!r}\n  fix: pass --label with one of them")
+    task = names.index(label)
+    logits = logits.reshape(len(rows), -1)[:, task]
+    cache = open_cache(shards, groups=("ids",))
+    shard, local = cache.locate(rows)
+    ids = np.empty(len(rows), dtype=object)
+    for s in np.unique(shard):
+        ids[shard == s] = cache.shard(int(s))["ids"][local[shard == s]]
+    out = pl.DataFrame({"_id": pl.Series(ids.tolist()).cast(pl.String), "out_of_fold": sigmoid(logits)})
     cal_path = run / CALIBRATION_NAME
     if cal_path.is_file():
         cals, _ = read_calibration(cal_path)
-        cal = cals[names.index(label) if label in names and len(cals) == len(names) else 0]
-        out = out.with_columns(pl.Series("calibrated", sigmoid(cal.apply(logits))))
+        out = out.with_columns(pl.Series("calibrated", sigmoid(cals[task].apply(logits))))
     return out
 
 
