@@ -156,6 +156,8 @@ def load_config(path: Path | None, overrides: Sequence[str] = (), *, resolve_mod
     for where, layer in layers:
         deep_merge(data, layer)
         sources.update({k: where for k in flatten_dotted(layer)})
+    present = flatten_dotted(data)           # a later `{}` may have cleared what an earlier source set
+    sources = {k: v for k, v in sources.items() if k in present}
     return config_from_dict(data, sources=sources, origin=str(path) if path else "defaults",
                             resolve_model=resolve_model)
 
@@ -165,9 +167,13 @@ def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tupl
     from ctrpipe.models.registry import config_class, model_names  # lazy: pulls in torch
 
     name = ModelSection.name
-    for _, layer in layers:
-        model = layer.get("model")
-        if isinstance(model, Mapping) and "name" in model:
+    for _, layer in layers:                 # the model the merged config builds, as deep_merge will see it
+        if "model" not in layer:
+            continue
+        model = layer["model"]
+        if not isinstance(model, Mapping) or not model:
+            name = ModelSection.name          # `model: {}` / `model: null` replace the inherited section
+        elif "name" in model:
             name = str(model["name"]).lower()
     if name not in model_names():
         return layers                  # build_model_section reports the unknown model

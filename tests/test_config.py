@@ -119,6 +119,15 @@ def test_an_alias_and_its_key_from_one_source_is_an_error(tmp_path: Path) -> Non
     assert err.value.where == str(both)
 
 
+def test_a_cleared_model_section_takes_no_aliases_of_the_model_it_replaced(tmp_path: Path) -> None:
+    clear = tmp_path / "clear.yaml"
+    clear.write_text(f"extends: {CFGS / 'dare_qnn.yaml'}\nmodel: {{}}\n")
+    cfg = load_config(clear)
+    assert cfg.model.name == "dnn" and not any(k.startswith("model.") for k in cfg.sources)
+    with pytest.raises(ConfigError, match="unknown config key 'model.emb_dim'"):   # dnn has no such alias
+        load_config(clear, ["model.emb_dim=8"])
+
+
 def test_a_later_source_wins_whichever_name_it_uses(tmp_path: Path) -> None:
     """An alias is another spelling of its key: as for any key, a file that extends another, and --set, win."""
     child = tmp_path / "child.yaml"                       # dare_qnn.yaml sets embedding_dim: 16
