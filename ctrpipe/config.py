@@ -186,9 +186,10 @@ def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tupl
     return out
 
 
-def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str) -> dict[str, Any]:
+def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str,
+                   nested: bool = True) -> dict[str, Any]:
     """`data` (one source's mapping for `cls`) with other names of keys (`KEY_ALIASES`) renamed, in nested
-    sections too; one source setting a key under two names is an error."""
+    sections too unless `nested` is False; one source setting a key under two names is an error."""
     aliases: Mapping[str, str] = getattr(cls, "KEY_ALIASES", {})
     hints = typing.get_type_hints(cls) if is_dataclass(cls) else {}
     out: dict[str, Any] = {}
@@ -199,7 +200,7 @@ def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str) 
             raise ConfigError(f"'{prefix}{key}' and '{prefix}{other}' name the same setting, and both are set",
                               where=where, fix=f"keep only '{prefix}{name}'")
         sub = hints.get(name)
-        if isinstance(value, Mapping) and is_dataclass(sub) and isinstance(sub, type):
+        if nested and isinstance(value, Mapping) and is_dataclass(sub) and isinstance(sub, type):
             value = canonical_keys(sub, value, f"{prefix}{name}.", where)
         out[name] = value
     return out
@@ -297,7 +298,8 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
     aliases: Mapping[str, str] = getattr(cls, "KEY_ALIASES", {})
     fixed: Mapping[str, tuple[Any, str]] = getattr(cls, "FIXED_KEYS", {})
     kwargs: dict[str, Any] = {}
-    for key, value in canonical_keys(cls, data, prefix, _where(origin, prefix.rstrip("."))).items():
+    # nested sections are renamed when _coerce builds them
+    for key, value in canonical_keys(cls, data, prefix, _where(origin, prefix.rstrip(".")), nested=False).items():
         where = _where(origin, f"{prefix}{key}")
         if key in fixed:
             only, why = fixed[key]

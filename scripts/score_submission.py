@@ -69,12 +69,8 @@ def oof_predictions(run: Path, shards: Path, label: str) -> pl.DataFrame:
         raise SystemExit(f"error: {run}: the run predicts {names}, not {label!r}\n  fix: pass --label with one of them")
     task = names.index(label)
     logits = logits.reshape(len(rows), -1)[:, task]
-    cache = open_cache(shards, groups=("ids",))
-    shard, local = cache.locate(rows)
-    ids = np.empty(len(rows), dtype=object)
-    for s in np.unique(shard):
-        ids[shard == s] = cache.shard(int(s))["ids"][local[shard == s]]
-    out = pl.DataFrame({"_id": pl.Series(ids.tolist()).cast(pl.String), "out_of_fold": sigmoid(logits)})
+    ids = open_cache(shards, groups=("ids",)).take("ids", rows)          # oof rows are ascending
+    out = pl.DataFrame({"_id": pl.Series(ids).cast(pl.String), "out_of_fold": sigmoid(logits)})
     cal_path = run / CALIBRATION_NAME
     if cal_path.is_file():
         cals, _ = read_calibration(cal_path)

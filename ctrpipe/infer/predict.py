@@ -248,11 +248,7 @@ def _write_ids_and_preds(shards: Path, rows: np.ndarray, preds: np.ndarray, out:
     chunk = cfg.infer.write_chunk_rows
     with SubmissionWriter(out, cfg.infer.id_header, cfg.infer.pred_header, expected_rows=len(rows)) as writer:
         for a in range(0, len(rows), chunk):
-            r = rows[a:a + chunk]
-            shard, local = cache.locate(r)
-            parts = [cache.shard(s)["ids"][local[shard == s]] for s in np.unique(shard)]
-            ids = np.concatenate(parts) if len(parts) > 1 else parts[0]   # rows ascending -> shard order
-            writer.write(ids, preds[a:a + chunk].astype(np.float32))
+            writer.write(cache.take("ids", rows[a:a + chunk]), preds[a:a + chunk].astype(np.float32))
 
 
 # ----------------------------------------------------------------------------------------------- command

@@ -174,6 +174,15 @@ class ShardArrays:
         shard = np.searchsorted(starts, rows, side="right") - 1
         return shard, rows - starts[shard]
 
+    def take(self, group: str, rows: np.ndarray) -> np.ndarray:
+        """`group`'s values at ascending global `rows`, gathered shard by shard from the memory maps (only
+        those rows are read; shards of a text group may differ in width, which concatenation reconciles)."""
+        shard, local = self.locate(rows)
+        parts = [self.shard(int(s))[group][local[shard == s]] for s in np.unique(shard)]
+        if not parts:
+            return self.shard(0)[group][:0]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
 
 def open_cache(cache_dir: Path, groups: tuple[str, ...] | None = None, max_open: int = 256) -> ShardArrays:
     """Read a finished cache's manifest and check the headers of `groups` (None: all) of every shard."""

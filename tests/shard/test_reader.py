@@ -42,6 +42,15 @@ def test_docstring_example(cache: Path) -> None:
     np.testing.assert_array_equal(c.shard(int(shard[2]))["split"][local[2]], split[-1])
 
 
+def test_take_gathers_ascending_rows_across_shards(cache: Path) -> None:
+    c = open_cache(cache, groups=("ids", "numeric"))
+    assert len(c.manifest.shards) > 1
+    rows = np.array([1, 2, c.manifest.shards[0].rows, c.manifest.total_rows - 1])
+    for group in ("ids", "numeric"):
+        np.testing.assert_array_equal(c.take(group, rows), c.concat(group)[rows])
+    assert c.take("ids", rows[:0]).shape == (0,)
+
+
 def test_maps_are_lazy_bounded_and_shared_between_threads(cache: Path) -> None:
     arrays = ShardArrays(cache, read_manifest(cache), ("numeric", "split"), max_open=2)
     first = arrays.shard(0)
