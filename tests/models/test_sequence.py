@@ -18,6 +18,7 @@ from ctrpipe.models.layers.sequence import (
     DecoupledSearch,
     TargetAttention,
     ages,
+    history_tokens,
     masked_softmax,
     most_recent,
     pool,
@@ -209,3 +210,41 @@ def test_din_scores_only_valid_behaviours_on_the_cpu_as_the_dense_form_does(soft
     for g, w in zip(grads, want, strict=True):
         assert torch.allclose(g, w, atol=1e-5)
     assert torch.equal(grads[1][~mask], torch.zeros_like(grads[1][~mask]))   # padding gets no gradient
+
+
+@pytest.mark.parametrize("sequence", [
+    {"top_k": 3, "query_mode": "S1"},
+    {"top_k": 2, "search": "hard", "query_mode": "S2", "recency_tau": 2.0},
+    {"top_k": 0, "query_mode": "concat", "recency_tau": 0.5},
+])
+def test_dare_search_on_packed_behaviours_matches_the_dense_form(sequence: dict[str, Any], spec_factory,
+                                                                  batch_factory) -> None:
+    """The CPU reads only the valid behaviours (packed); the dense (B, L) form, which GPUs and exported graphs
+    run, must give the same search features (full attention too) and the same gradients of every weight,
+    empty histories included."""
+    spec = spec_factory()
+    torch.manual_seed(0)
+    model = build(spec, "dare", {"embedding_dim": 8, "hidden_units": [8], "attention_dim": 4,
+                                 "embedding_init_std": 0.5, "aux_loss_weight": 0.3, "sequence": sequence})
+    batch = batch_factory(spec, rows=8)
+    batch.sequence[0][[0, 5]] = 0                                          # two empty histories
+    batch.sequence_len[0][[0, 5]] = 0
+    enc, emb = model.encoder, model.inputs.embedding
+    tokens = history_tokens(batch, enc.history)
+    assert 0 < (tokens > 0).sum() < tokens.numel()
+    params = list(model.parameters())
+
+    def run(form: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        found, whole = getattr(enc, form)(batch, emb, tokens, tokens > 0, True)
+        (found.square().sum() + whole.square().sum()).backward()
+        grads = [torch.zeros_like(p) if p.grad is None else
+                 (p.grad.to_dense() if p.grad.is_sparse else p.grad.clone()) for p in params]
+        return torch.cat([found, whole], dim=1).detach(), grads
+
+    packed, packed_grads = run("_packed")
+    dense, dense_grads = run("_dense")
+    assert torch.isfinite(packed).all() and packed.abs().sum() > 0
+    torch.testing.assert_close(packed, dense, atol=1e-6, rtol=1e-5)
+    for p, g in zip(packed_grads, dense_grads, strict=True):
+        torch.testing.assert_close(p, g, atol=1e-5, rtol=1e-4)

@@ -84,6 +84,11 @@ def most_recent(tokens: Tensor, keep: int) -> Tensor:
     return tokens.gather(1, pos)
 
 
+def _exporting() -> bool:
+    """True while a graph is traced or exported: such graphs keep the dense, static-shape forms."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def ages(mask: Tensor) -> Tensor:
     """(B, L) float: 0 for the most recent token, 1 for the one before, ...; padding positions get 0."""
     lengths = mask.sum(dim=1, keepdim=True)
@@ -133,8 +138,7 @@ class ActivationUnit(nn.Module):
         dense form runs: packing needs the number of valid positions on the host (a sync every step), while
         the GPU's cost barely depends on them. Exported graphs (TorchScript, ONNX) hold the dense form too:
         static shapes, and right wherever the graph is served."""
-        exporting = torch.jit.is_tracing() or torch.compiler.is_exporting()
-        if mask is not None and keys.device.type == "cpu" and not exporting:
+        if mask is not None and keys.device.type == "cpu" and not _exporting():
             return self._packed(query, keys, mask)
         scores = self._dense(query, keys)
         return scores if mask is None else scores * mask
@@ -300,6 +304,14 @@ class DareEncoder(nn.Module):
         """
         tokens = history_tokens(batch, self.history)                          # (B, L)
         mask = tokens > 0
+        if self.encoder is None and tokens.device.type == "cpu" and not _exporting():
+            return self._packed(batch, emb, tokens, mask, full)
+        return self._dense(batch, emb, tokens, mask, full)
+
+    def _dense(self, batch: Batch, emb: nn.Module, tokens: Tensor, mask: Tensor,
+               full: bool) -> tuple[Tensor, Tensor | None]:
+        """`forward` on the (B, L) layout: GPUs (no host sync for the packed count), exported graphs (static
+        shapes) and the transformer block."""
         values = emb.token_vectors(batch, "sequence", self.history.index, tokens)   # (B, L, D)
         keys = self.table(tokens, padding=~mask)                                # (B, L, Da)
         if self.encoder is not None:
@@ -323,3 +335,43 @@ class DareEncoder(nn.Module):
                 whole = pool(masked_softmax(scores, mask), values)
                 out_full += [q_rep, whole, q_rep * whole]
         return torch.stack(out, dim=1), (torch.stack(out_full, dim=1) if full else None)
+
+    def _packed(self, batch: Batch, emb: nn.Module, tokens: Tensor, mask: Tensor,
+                full: bool) -> tuple[Tensor, Tensor | None]:
+        """`forward` on the valid behaviours only, packed (M, ·): as ActivationUnit's packed form, the CPU pays
+        for every position it computes, and a stored history is mostly padding when its cap is far above the
+        typical length. Both tables are read for M tokens instead of B * L (so their sparse gradients hold M
+        rows), scores are M dot products, and pooling adds M weighted vectors into their rows. Only the
+        (B, L) scores are laid out densely, for the search's top-k and softmax. Same values as the dense form
+        up to float summation order; not used with the transformer block, which needs the dense layout."""
+        n_rows = tokens.shape[0]
+        rows, cols = mask.nonzero(as_tuple=True)                                # (M,) row-major
+        tok = tokens[rows, cols]
+        values = emb.token_vectors(batch, "sequence", self.history.index, tok)  # (M, D)
+        keys = self.table(tok)                                                  # (M, Da)
+        lengths = mask.sum(dim=1)
+        out, out_full = [], []
+        for q in self.queries:
+            if q == "candidate":
+                ids = batch.categorical[:, self.query_col].long()
+                q_att, q_rep = self.table(ids), emb.lookup(batch, self.history.query)
+            else:   # the most recent behaviour, the last packed one of its row; an empty row reads a zero row
+                last = torch.where(lengths > 0, lengths.cumsum(0) - 1, keys.shape[0])
+                q_att = torch.cat([keys, keys.new_zeros(1, keys.shape[1])])[last]
+                q_rep = torch.cat([values, values.new_zeros(1, values.shape[1])])[last]
+            s = (keys * q_att[rows]).sum(dim=-1) * self.search.scale            # (M,)
+            if self.search.recency_tau > 0:
+                s = s - (lengths[rows] - 1 - cols).to(s.dtype) / self.search.recency_tau
+            scores = s.new_zeros(mask.shape).index_put((rows, cols), s)         # (B, L); padding masked below
+            pooled = _pool_packed(self.search.weights(scores, mask), rows, cols, values, n_rows)
+            out += [q_rep, pooled, q_rep * pooled]
+            if full:
+                whole = _pool_packed(masked_softmax(scores, mask), rows, cols, values, n_rows)
+                out_full += [q_rep, whole, q_rep * whole]
+        return torch.stack(out, dim=1), (torch.stack(out_full, dim=1) if full else None)
+
+
+def _pool_packed(weights: Tensor, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> Tensor:
+    """(B, L) weights x packed (M, D) values at (rows, cols) -> (B, D), `pool` without padding positions."""
+    w = weights[rows, cols].to(values.dtype).unsqueeze(-1)
+    return values.new_zeros(n_rows, values.shape[1]).index_add(0, rows, w * values)
