@@ -14,7 +14,7 @@ docstring: one row per rating, clicked = rating >= 4, user and movie features, a
 movies this user had rated >= 4 at an earlier second, most recent last; each user's latest 20% of ratings are
 the test rows); `ctrpipe shard --cfg cfgs/movielens.yaml` makes one cache with the test file as the gold
 split. The history shares item_id's vocabulary and embedding rows (the cache keeps its latest 50), so every
-model, the DNN too, reads history items in the candidate's own rows. 10% of the train rows, drawn at random,
+model, the DNN too, reads history items in the candidate's own rows. The latest 10% of the train rows by time
 are the validation view that picks the best evaluation. `--shard-set` changes the cache (e.g. no user_id).
 
 Models: ctrpipe's shipped sequence configs with cfgs/movielens.yaml's data section: `din`
@@ -108,6 +108,7 @@ def train(model: str, seed: int, args: argparse.Namespace, cache: Path, work: Pa
     m = json.loads((work / "runs" / exp / "metrics.json").read_text())
     gold = m["gold"]
     return {"model": model, "seed": seed, "auc": float(gold["auc"]), "logloss": float(gold["logloss"]),
+            "pos_rate": float(gold["pos_rate"]),
             "val_auc": m.get("val", {}).get("auc"), "best_step": m.get("best_step"), "steps": m["steps"],
             "stopped_early": m.get("stopped_early"), "samples_per_s": float(m["samples_per_s"]),
             "parameters": m.get("parameters"), "wall_s": time.perf_counter() - t0}
@@ -165,7 +166,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=ROOT / ".bench" / "movielens")
     ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "movielens.json")
     args = ap.parse_args()
-    args.models = [m for m in args.models.split(",") if m]
+    args.work, args.out, args.ml100k = args.work.resolve(), args.out.resolve(), args.ml100k.resolve()  # children
+    args.models = [m for m in args.models.split(",") if m]                                  # run in ROOT
     for m in args.models:
         if m not in MODELS:
             ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
@@ -185,11 +187,12 @@ def peer_phase(args: argparse.Namespace, work: Path, results: dict) -> None:
     """ctrpipe's DIN beside DeepCTR-Torch's on the same rows and ids, trained alike: a cache without a
     validation view (so neither picks an evaluation), `--peer-epochs` epochs at a constant lr, fp32."""
     import bench_sequence as seq
-    from bench_quality import ensure_peer_env, export_features, score
+    from bench_quality import ensure_peer_env, export_features
 
     cache = work / "cache_noval"
     shard(args, work, cache, ("data.split.val_ratio=0",))
-    export = export_features(cache, work / "export", numeric_kinds=("numeric",), bags=True)
+    export = work / "export"
+    export_features(cache, export, numeric_kinds=("numeric",), bags=True)
     y = np.load(export / "test_y.npy")
     peer_args = argparse.Namespace(epochs=args.peer_epochs, lr=1e-3, batch_size=1024, threads=args.threads,
                                    embedding_dim=16, hidden="200,80", att_hidden="36", att_activation="prelu")
@@ -200,8 +203,9 @@ def peer_phase(args: argparse.Namespace, work: Path, results: dict) -> None:
         peer_args.train_seed = seed
         training = [s for s in seq.ctrpipe_sets("din", peer_args, "_") if not s.startswith(("exp_name=", "seed="))]
         mine = train("din", seed, args, cache, work, training, tag="_fixed")
+        if abs(mine["pos_rate"] - float(y.mean())) > 1e-6:      # both must score the same gold rows
+            raise SystemExit(f"ctrpipe scored gold rows of positive rate {mine['pos_rate']}, the export {y.mean()}")
         theirs = seq.run_peer(50, peer_args, export, work)
-        theirs.update(score(y, np.load(work / "preds" / "deepctr_din_L50.npy")))
         runs["runs"].append({"seed": seed, "ctrpipe": mine, "deepctr": theirs})
         log(f"seed {seed}, {args.peer_epochs} epochs: ctrpipe din AUC {mine['auc']:.4f} ({mine['samples_per_s']:,.0f}"
             f" samples/s), DeepCTR-Torch DIN AUC {theirs['auc']:.4f} ({theirs['samples_per_s']:,.0f} samples/s)")

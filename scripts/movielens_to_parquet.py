@@ -13,7 +13,7 @@ num_liked_before (the user's earlier ratings and earlier ratings >= 4), and seq:
 at an earlier second, most recent last (the latest 200), in item_id's id space. Only earlier seconds count, so
 no row's history holds its own label or a rating given in the same second. Split per user by time: each
 user's latest 20% of ratings (rounded down; by timestamp, ties by movie id) are test.parquet, the rest
-train.parquet.
+train.parquet; rows in both are in time order (second, then user and movie id).
 """
 
 from __future__ import annotations
@@ -38,16 +38,26 @@ def read_movielens(ml: Path) -> tuple[pl.DataFrame, dict]:
     (some copies of u.data carry extra rows)."""
     for name in ("u.data", "u.user", "u.item"):
         if not (ml / name).is_file():
-            raise SystemExit(f"{ml / name}: not found. Fix: pass --ml100k the unzipped "
-                             "https://files.grouplens.org/datasets/movielens/ml-100k.zip")
-    ratings = pl.read_csv(ml / "u.data", separator="\t", has_header=False,
-                          new_columns=["user", "item", "rating", "ts"],
-                          schema_overrides=[pl.Int64, pl.Int64, pl.Int64, pl.Int64])
-    users = pl.read_csv(ml / "u.user", separator="|", has_header=False,
-                        new_columns=["user", "age_years", "gender", "occupation", "zip"],
-                        schema_overrides=[pl.Int64, pl.Int64, pl.Utf8, pl.Utf8, pl.Utf8])
+            raise SystemExit(f"{ml / name}: not found. Fix: pass the folder of the unzipped "
+                             "https://files.grouplens.org/datasets/movielens/ml-100k.zip (u.data, u.item, u.user)")
+    try:
+        ratings = pl.read_csv(ml / "u.data", separator="\t", has_header=False,
+                              new_columns=["user", "item", "rating", "ts"],
+                              schema_overrides=[pl.Int64, pl.Int64, pl.Int64, pl.Int64])
+        users = pl.read_csv(ml / "u.user", separator="|", has_header=False,
+                            new_columns=["user", "age_years", "gender", "occupation", "zip"],
+                            schema_overrides=[pl.Int64, pl.Int64, pl.Utf8, pl.Utf8, pl.Utf8])
+    except pl.exceptions.PolarsError as err:
+        raise SystemExit(f"{ml}: u.data (user, item, rating, second; tab-separated) or u.user (user|age|gender|"
+                         f"occupation|zip) is not in the GroupLens layout: {err}. Fix: use the files of "
+                         "ml-100k.zip unchanged") from err
     # u.item is Latin-1 (titles); only its id, release date and 19 genre flags are used
-    item_rows = [line.split("|") for line in (ml / "u.item").read_text(encoding="latin-1").splitlines() if line]
+    item_rows = [line.split("|") for line in (ml / "u.item").read_text(encoding="latin-1").splitlines()]
+    for n, r in enumerate(item_rows, 1):
+        if len(r) != 5 + len(GENRES) or not r[0].isdigit():
+            raise SystemExit(f"{ml / 'u.item'}, line {n}: {len(r)} '|'-separated fields, expected "
+                             f"{5 + len(GENRES)} (id|title|release date|video date|url|19 genre flags). Fix: use "
+                             "the u.item of ml-100k.zip unchanged")
     items = pl.DataFrame({
         "item": [int(r[0]) for r in item_rows],
         "year": [r[2][-4:] if r[2] else "unknown" for r in item_rows],
@@ -95,6 +105,10 @@ def prepare(ml: Path, out: Path) -> dict:
         "gender", "occupation", pl.col("zip").str.slice(0, 3).alias("zip3"), "year", "genres", "seq",
         "num_rated_before", "num_liked_before",
     ).with_columns(pl.Series("age", bands.astype(str)))
+    # rows in time order (second, user, movie), so that a chronological validation view (data.split.mode:
+    # tail in cfgs/movielens.yaml) holds the latest training rows, later than the ones it is trained on
+    order = np.lexsort((df["item"].to_numpy(), df["user"].to_numpy(), df["ts"].to_numpy()))
+    table, is_test = table[order], is_test[order]
     out.mkdir(parents=True, exist_ok=True)
     for name, mask in (("train", ~is_test), ("test", is_test)):
         part = table.filter(pl.Series(mask))

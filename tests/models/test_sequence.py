@@ -212,26 +212,31 @@ def test_din_scores_only_valid_behaviours_on_the_cpu_as_the_dense_form_does(soft
     assert torch.equal(grads[1][~mask], torch.zeros_like(grads[1][~mask]))   # padding gets no gradient
 
 
-@pytest.mark.parametrize("sequence", [
-    {"top_k": 3, "query_mode": "S1"},
-    {"top_k": 2, "search": "hard", "query_mode": "S2", "recency_tau": 2.0},
-    {"top_k": 0, "query_mode": "concat", "recency_tau": 0.5},
+@pytest.mark.parametrize(("sequence", "sparse", "empty"), [
+    ({"top_k": 3, "query_mode": "S1"}, False, [0, 5]),
+    ({"top_k": 2, "search": "hard", "query_mode": "S2", "recency_tau": 2.0}, True, [0, 5]),
+    ({"top_k": 0, "query_mode": "concat", "recency_tau": 0.5}, False, [0, 5]),
+    ({"top_k": 2, "query_mode": "S2", "max_len": 3}, True, [0, 5]),       # truncated to the 3 most recent
+    ({"top_k": 5, "query_mode": "concat"}, True, list(range(8))),          # top_k = L; every history empty
 ])
-def test_dare_search_on_packed_behaviours_matches_the_dense_form(sequence: dict[str, Any], spec_factory,
+def test_dare_search_on_packed_behaviours_matches_the_dense_form(sequence: dict[str, Any], sparse: bool,
+                                                                  empty: list[int], spec_factory,
                                                                   batch_factory) -> None:
     """The CPU reads only the valid behaviours (packed); the dense (B, L) form, which GPUs and exported graphs
     run, must give the same search features (full attention too) and the same gradients of every weight,
-    empty histories included."""
+    empty histories (and a batch of nothing else) included; `forward` on the CPU takes the packed form."""
     spec = spec_factory()
     torch.manual_seed(0)
-    model = build(spec, "dare", {"embedding_dim": 8, "hidden_units": [8], "attention_dim": 4,
-                                 "embedding_init_std": 0.5, "aux_loss_weight": 0.3, "sequence": sequence})
+    keys = {"embedding_dim": 8, "hidden_units": [8], "attention_dim": 4, "embedding_init_std": 0.5,
+            "aux_loss_weight": 0.3, "sequence": sequence}
+    section = build_model_section({"name": "dare", **keys})
+    model = build_model(section.name, section.params, spec, sparse=sparse)
     batch = batch_factory(spec, rows=8)
-    batch.sequence[0][[0, 5]] = 0                                          # two empty histories
-    batch.sequence_len[0][[0, 5]] = 0
+    batch.sequence[0][empty] = 0
+    batch.sequence_len[0][empty] = 0
     enc, emb = model.encoder, model.inputs.embedding
     tokens = history_tokens(batch, enc.history)
-    assert 0 < (tokens > 0).sum() < tokens.numel()
+    assert (tokens > 0).sum() < tokens.numel() and ((tokens > 0).sum() == 0) == (len(empty) == 8)
     params = list(model.parameters())
 
     def run(form: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -248,3 +253,5 @@ def test_dare_search_on_packed_behaviours_matches_the_dense_form(sequence: dict[
     torch.testing.assert_close(packed, dense, atol=1e-6, rtol=1e-5)
     for p, g in zip(packed_grads, dense_grads, strict=True):
         torch.testing.assert_close(p, g, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():                                                  # bit for bit: the packed form ran
+        assert torch.equal(enc(batch, emb, full=True)[0], packed[:, :enc.n_fields])

@@ -342,8 +342,10 @@ class DareEncoder(nn.Module):
         for every position it computes, and a stored history is mostly padding when its cap is far above the
         typical length. Both tables are read for M tokens instead of B * L (so their sparse gradients hold M
         rows), scores are M dot products, and pooling adds M weighted vectors into their rows. Only the
-        (B, L) scores are laid out densely, for the search's top-k and softmax. Same values as the dense form
-        up to float summation order; not used with the transformer block, which needs the dense layout."""
+        (B, L) scores are laid out densely, for the search's top-k and softmax. In fp32, the dense form's
+        values up to float summation order; under CPU bf16 autocast the dense form's bmm runs in bf16 while
+        these elementwise products stay fp32 (the more exact of the two). Not used with the transformer block,
+        which needs the dense layout."""
         n_rows = tokens.shape[0]
         rows, cols = mask.nonzero(as_tuple=True)                                # (M,) row-major
         tok = tokens[rows, cols]
