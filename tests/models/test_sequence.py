@@ -14,9 +14,11 @@ from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.models.heads import as_output
 from ctrpipe.models.layers.sequence import (
+    PACK_MAX_FILL,
     ActivationUnit,
     DecoupledSearch,
     TargetAttention,
+    _pack_on_cpu,
     ages,
     history_tokens,
     masked_softmax,
@@ -253,5 +255,16 @@ def test_dare_search_on_packed_behaviours_matches_the_dense_form(sequence: dict[
     torch.testing.assert_close(packed, dense, atol=1e-6, rtol=1e-5)
     for p, g in zip(packed_grads, dense_grads, strict=True):
         torch.testing.assert_close(p, g, atol=1e-5, rtol=1e-4)
-    with torch.no_grad():                                                  # bit for bit: the packed form ran
-        assert torch.equal(enc(batch, emb, full=True)[0], packed[:, :enc.n_fields])
+    with torch.no_grad():                       # forward runs the form _pack_on_cpu picks, bit for bit
+        ran = enc(batch, emb, full=True)[0]
+    assert torch.equal(ran, (packed if _pack_on_cpu(tokens > 0) else dense)[:, :enc.n_fields])
+
+
+def test_packing_is_chosen_on_the_cpu_for_mostly_padded_histories_only() -> None:
+    """Packed pays while few positions are valid; full histories take the dense form (as exported graphs and
+    other devices do: tests/serve exports DIN)."""
+    lengths = torch.tensor([1, 2, 0, 3])
+    sparse = torch.arange(8)[None] < lengths[:, None]                     # 6 of 32 valid
+    assert _pack_on_cpu(sparse) and not _pack_on_cpu(torch.ones(4, 8, dtype=torch.bool))
+    assert int(PACK_MAX_FILL * 32) == 16 and _pack_on_cpu(torch.arange(8)[None] < torch.full((4, 1), 4))
+    assert not _pack_on_cpu(torch.arange(8)[None] < torch.full((4, 1), 5))

@@ -84,9 +84,24 @@ def most_recent(tokens: Tensor, keep: int) -> Tensor:
     return tokens.gather(1, pos)
 
 
+# Packing the valid behaviours pays while at most this share of the stored positions is valid: gathering
+# them and scattering their gradients back costs more per position than the dense form's batched matmuls, so
+# nearly full histories run faster dense (forward + backward at B 1024, L 50: DIN's unit crosses over near
+# 0.65 valid, DARE's search near 0.45; benchmarks/RESULTS.md, bench_sequence and bench_movielens).
+PACK_MAX_FILL = 0.5
+
+
 def _exporting() -> bool:
     """True while a graph is traced or exported: such graphs keep the dense, static-shape forms."""
     return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def _pack_on_cpu(mask: Tensor) -> bool:
+    """Whether to compute on the valid positions only: on the CPU (counting them is free there; on a GPU it
+    would be a host sync every step), outside exported graphs, and when they are few enough to pay."""
+    if mask.device.type != "cpu" or _exporting():
+        return False
+    return int(mask.sum()) <= PACK_MAX_FILL * mask.numel()
 
 
 def ages(mask: Tensor) -> Tensor:
@@ -133,22 +148,28 @@ class ActivationUnit(nn.Module):
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor | None = None) -> Tensor:
         """query (B, D), keys (B, L, D) -> scores (B, L); with a (B, L) `mask`, scores are 0 where it is False.
 
-        On the CPU a mask makes the unit score only the valid behaviours, packed (M, D): histories are mostly
-        padding (the stored length is a cap), and the CPU pays for every position it computes. On a GPU the
-        dense form runs: packing needs the number of valid positions on the host (a sync every step), while
-        the GPU's cost barely depends on them. Exported graphs (TorchScript, ONNX) hold the dense form too:
-        static shapes, and right wherever the graph is served."""
-        if mask is not None and keys.device.type == "cpu" and not _exporting():
+        On the CPU, when at most PACK_MAX_FILL of the positions are valid, the unit scores only the valid
+        behaviours, packed (M, D): histories are often mostly padding (the stored length is a cap), and the
+        CPU pays for every position it computes. On a GPU the dense form runs: packing needs the number of
+        valid positions on the host (a sync every step), while the GPU's cost barely depends on them.
+        Exported graphs (TorchScript, ONNX) hold the dense form too: static shapes, and right wherever the
+        graph is served. Both forms compute the same function."""
+        if mask is not None and _pack_on_cpu(mask):
             return self._packed(query, keys, mask)
         scores = self._dense(query, keys)
         return scores if mask is None else scores * mask
 
     def _packed(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
-        rows, cols = mask.nonzero(as_tuple=True)
-        k = keys[rows, cols]                                                        # (M, D)
-        h = self.query(query)[rows] + F.linear(k, self.key.weight) + F.linear(query[rows] * k, self.product.weight)
+        # index_select rather than advanced indexing: its backward is an index_add, cheaper on the CPU than
+        # the accumulating index_put that indexing's backward runs
+        flat = mask.reshape(-1).nonzero().squeeze(1)                                # (M,) row-major
+        rows = torch.div(flat, mask.shape[1], rounding_mode="floor")
+        k = keys.reshape(-1, keys.shape[-1]).index_select(0, flat)                  # (M, D)
+        q = query.index_select(0, rows)
+        h = self.query(query).index_select(0, rows) + F.linear(k, self.key.weight) + \
+            F.linear(q * k, self.product.weight)
         s = self.rest(h).squeeze(-1)                                                # (M,)
-        return s.new_zeros(mask.shape).index_put((rows, cols), s)
+        return s.new_zeros(mask.numel()).index_put((flat,), s).view(mask.shape)
 
     def _dense(self, query: Tensor, keys: Tensor) -> Tensor:
         per_row = self.key.weight.t() + query.unsqueeze(-1) * self.product.weight.t()   # (B, D, H)
@@ -304,7 +325,7 @@ class DareEncoder(nn.Module):
         """
         tokens = history_tokens(batch, self.history)                          # (B, L)
         mask = tokens > 0
-        if self.encoder is None and tokens.device.type == "cpu" and not _exporting():
+        if self.encoder is None and _pack_on_cpu(mask):
             return self._packed(batch, emb, tokens, mask, full)
         return self._dense(batch, emb, tokens, mask, full)
 
@@ -338,14 +359,14 @@ class DareEncoder(nn.Module):
 
     def _packed(self, batch: Batch, emb: nn.Module, tokens: Tensor, mask: Tensor,
                 full: bool) -> tuple[Tensor, Tensor | None]:
-        """`forward` on the valid behaviours only, packed (M, ·): as ActivationUnit's packed form, the CPU pays
-        for every position it computes, and a stored history is mostly padding when its cap is far above the
-        typical length. Both tables are read for M tokens instead of B * L (so their sparse gradients hold M
-        rows), scores are M dot products, and pooling adds M weighted vectors into their rows. Only the
-        (B, L) scores are laid out densely, for the search's top-k and softmax. In fp32, the dense form's
-        values up to float summation order; under CPU bf16 autocast the dense form's bmm runs in bf16 while
-        these elementwise products stay fp32 (the more exact of the two). Not used with the transformer block,
-        which needs the dense layout."""
+        """`forward` on the valid behaviours only, packed (M, ·), on the CPU when at most PACK_MAX_FILL of the
+        positions are valid: as ActivationUnit's packed form, the CPU pays for every position it computes,
+        and a stored history is mostly padding when its cap is far above the typical length. Both tables are
+        read for M tokens instead of B * L (so their sparse gradients hold M rows), scores are M dot products,
+        and pooling adds M weighted vectors into their rows. Only the (B, L) scores are laid out densely, for
+        the search's top-k and softmax. In fp32, the dense form's values up to float summation order; under CPU
+        bf16 autocast the dense form's bmm runs in bf16 while these elementwise products stay fp32 (the more
+        exact of the two). Not used with the transformer block, which needs the dense layout."""
         n_rows = tokens.shape[0]
         rows, cols = mask.nonzero(as_tuple=True)                                # (M,) row-major
         tok = tokens[rows, cols]
@@ -361,7 +382,7 @@ class DareEncoder(nn.Module):
                 last = torch.where(lengths > 0, lengths.cumsum(0) - 1, keys.shape[0])
                 q_att = torch.cat([keys, keys.new_zeros(1, keys.shape[1])])[last]
                 q_rep = torch.cat([values, values.new_zeros(1, values.shape[1])])[last]
-            s = (keys * q_att[rows]).sum(dim=-1) * self.search.scale            # (M,)
+            s = (keys * q_att.index_select(0, rows)).sum(dim=-1) * self.search.scale   # (M,)
             if self.search.recency_tau > 0:
                 s = s - (lengths[rows] - 1 - cols).to(s.dtype) / self.search.recency_tau
             scores = s.new_zeros(mask.shape).index_put((rows, cols), s)         # (B, L); padding masked below
