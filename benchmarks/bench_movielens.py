@@ -14,7 +14,7 @@ docstring: one row per rating, clicked = rating >= 4, user and movie features, a
 movies this user had rated >= 4 at an earlier second, most recent last; each user's latest 20% of ratings are
 the test rows); `ctrpipe shard --cfg cfgs/movielens.yaml` makes one cache with the test file as the gold
 split. The history shares item_id's vocabulary and embedding rows (the cache keeps its latest 50), so every
-model, the DNN too, reads history items in the candidate's own rows. The latest 10% of the train rows by time
+model, the DNN too, reads history items in the candidate's own rows. 10% of the train rows, drawn at random,
 are the validation view that picks the best evaluation. `--shard-set` changes the cache (e.g. no user_id).
 
 Models: ctrpipe's shipped sequence configs with cfgs/movielens.yaml's data section: `din`

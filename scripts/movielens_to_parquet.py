@@ -13,7 +13,7 @@ num_liked_before (the user's earlier ratings and earlier ratings >= 4), and seq:
 at an earlier second, most recent last (the latest 200), in item_id's id space. Only earlier seconds count, so
 no row's history holds its own label or a rating given in the same second. Split per user by time: each
 user's latest 20% of ratings (rounded down; by timestamp, ties by movie id) are test.parquet, the rest
-train.parquet; rows in both are in time order (second, then user and movie id).
+train.parquet; rows in both are ordered by user, then time.
 """
 
 from __future__ import annotations
@@ -105,10 +105,6 @@ def prepare(ml: Path, out: Path) -> dict:
         "gender", "occupation", pl.col("zip").str.slice(0, 3).alias("zip3"), "year", "genres", "seq",
         "num_rated_before", "num_liked_before",
     ).with_columns(pl.Series("age", bands.astype(str)))
-    # rows in time order (second, user, movie), so that a chronological validation view (data.split.mode:
-    # tail in cfgs/movielens.yaml) holds the latest training rows, later than the ones it is trained on
-    order = np.lexsort((df["item"].to_numpy(), df["user"].to_numpy(), df["ts"].to_numpy()))
-    table, is_test = table[order], is_test[order]
     out.mkdir(parents=True, exist_ok=True)
     for name, mask in (("train", ~is_test), ("test", is_test)):
         part = table.filter(pl.Series(mask))
