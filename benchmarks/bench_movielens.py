@@ -51,16 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_multitask import load, machine  # noqa: E402
+from bench_quality import log  # noqa: E402
 from movielens_to_parquet import prepare  # noqa: E402
 
 MODELS = ("dnn", "din", "din_softmax", "dare", "dare_qnn")
 CONFIGS = {"dnn": "cfgs/parquet_din.yaml", "din": "cfgs/parquet_din.yaml", "din_softmax": "cfgs/parquet_din.yaml",
            "dare": "cfgs/parquet_dare.yaml", "dare_qnn": "cfgs/dare_qnn.yaml"}
 VARIANTS = {"din_softmax": ["model.attention_softmax=true"]}     # shipped config + these --set overrides
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ training
