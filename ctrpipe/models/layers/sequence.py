@@ -87,7 +87,7 @@ def most_recent(tokens: Tensor, keep: int) -> Tensor:
 # Packing the valid behaviours pays while at most this share of the stored positions is valid: gathering
 # them and scattering their gradients back costs more per position than the dense form's batched matmuls, so
 # nearly full histories run faster dense (forward + backward at B 1024, L 50: DIN's unit crosses over near
-# 0.65 valid, DARE's search near 0.45; benchmarks/RESULTS.md, bench_sequence and bench_movielens).
+# 0.65 valid, DARE's search near 0.55; benchmarks/RESULTS.md, bench_sequence and bench_movielens).
 PACK_MAX_FILL = 0.5
 
 
@@ -102,6 +102,14 @@ def _pack_on_cpu(mask: Tensor) -> bool:
     if mask.device.type != "cpu" or _exporting():
         return False
     return int(mask.sum()) <= PACK_MAX_FILL * mask.numel()
+
+
+def _valid_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, L) mask -> the row-major flat indices of its True positions (M,) and their rows (M,). Packed forms
+    gather with index_select on these: its backward is an index_add, cheaper on the CPU than the
+    accumulating index_put that advanced indexing's backward runs."""
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    return flat, torch.div(flat, mask.shape[1], rounding_mode="floor")
 
 
 def ages(mask: Tensor) -> Tensor:
@@ -160,10 +168,7 @@ class ActivationUnit(nn.Module):
         return scores if mask is None else scores * mask
 
     def _packed(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
-        # index_select rather than advanced indexing: its backward is an index_add, cheaper on the CPU than
-        # the accumulating index_put that indexing's backward runs
-        flat = mask.reshape(-1).nonzero().squeeze(1)                                # (M,) row-major
-        rows = torch.div(flat, mask.shape[1], rounding_mode="floor")
+        flat, rows = _valid_positions(mask)                                         # (M,), (M,)
         k = keys.reshape(-1, keys.shape[-1]).index_select(0, flat)                  # (M, D)
         q = query.index_select(0, rows)
         h = self.query(query).index_select(0, rows) + F.linear(k, self.key.weight) + \
@@ -368,8 +373,8 @@ class DareEncoder(nn.Module):
         bf16 autocast the dense form's bmm runs in bf16 while these elementwise products stay fp32 (the more
         exact of the two). Not used with the transformer block, which needs the dense layout."""
         n_rows = tokens.shape[0]
-        rows, cols = mask.nonzero(as_tuple=True)                                # (M,) row-major
-        tok = tokens[rows, cols]
+        flat, rows = _valid_positions(mask)                                     # (M,), (M,)
+        tok = tokens.reshape(-1).index_select(0, flat)
         values = emb.token_vectors(batch, "sequence", self.history.index, tok)  # (M, D)
         keys = self.table(tok)                                                  # (M, Da)
         lengths = mask.sum(dim=1)
@@ -383,18 +388,20 @@ class DareEncoder(nn.Module):
                 q_att = torch.cat([keys, keys.new_zeros(1, keys.shape[1])])[last]
                 q_rep = torch.cat([values, values.new_zeros(1, values.shape[1])])[last]
             s = (keys * q_att.index_select(0, rows)).sum(dim=-1) * self.search.scale   # (M,)
-            if self.search.recency_tau > 0:
-                s = s - (lengths[rows] - 1 - cols).to(s.dtype) / self.search.recency_tau
-            scores = s.new_zeros(mask.shape).index_put((rows, cols), s)         # (B, L); padding masked below
-            pooled = _pool_packed(self.search.weights(scores, mask), rows, cols, values, n_rows)
+            if self.search.recency_tau > 0:                                     # age = length - 1 - column
+                age = lengths.index_select(0, rows) - 1 - (flat - rows * mask.shape[1])
+                s = s - age.to(s.dtype) / self.search.recency_tau
+            scores = s.new_zeros(mask.numel()).index_put((flat,), s).view(mask.shape)   # padding masked below
+            pooled = _pool_packed(self.search.weights(scores, mask), flat, rows, values, n_rows)
             out += [q_rep, pooled, q_rep * pooled]
             if full:
-                whole = _pool_packed(masked_softmax(scores, mask), rows, cols, values, n_rows)
+                whole = _pool_packed(masked_softmax(scores, mask), flat, rows, values, n_rows)
                 out_full += [q_rep, whole, q_rep * whole]
         return torch.stack(out, dim=1), (torch.stack(out_full, dim=1) if full else None)
 
 
-def _pool_packed(weights: Tensor, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> Tensor:
-    """(B, L) weights x packed (M, D) values at (rows, cols) -> (B, D), `pool` without padding positions."""
-    w = weights[rows, cols].to(values.dtype).unsqueeze(-1)
+def _pool_packed(weights: Tensor, flat: Tensor, rows: Tensor, values: Tensor, n_rows: int) -> Tensor:
+    """(B, L) weights x packed (M, D) values at `flat` (`_valid_positions`) -> (B, D): `pool` without the
+    padding positions."""
+    w = weights.reshape(-1).index_select(0, flat).to(values.dtype).unsqueeze(-1)
     return values.new_zeros(n_rows, values.shape[1]).index_add(0, rows, w * values)
