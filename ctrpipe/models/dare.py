@@ -49,8 +49,8 @@ def aux_heads(spec: FeatureSpec, weight: float) -> tuple[Head, ...]:
     main = default_heads(spec)
     if weight <= 0:
         return main
-    return main + tuple(Head(f"{h.name}_full", h.labels, h.mask, loss_weight=weight, metric_weight=0.0)
-                        for h in main)
+    return main + tuple(Head(f"{h.name}_full", h.labels, h.mask, loss_weight=weight, metric_weight=0.0,
+                             shadows=h.name) for h in main)
 
 
 @register("dare", DAREConfig, requires=("sequence",))

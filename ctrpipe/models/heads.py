@@ -35,6 +35,10 @@ class Head:
     mask: str = ""              # only rows where this label is 1 count, in loss and metrics ("" = all rows)
     loss_weight: float = 1.0    # default weight of this head's loss
     metric_weight: float = 1.0  # default weight of this head in the primary (mean) metrics
+    # an auxiliary head predicting the same target as head `shadows` from other features (DARE's
+    # "<label>_full"): unless train.tasks names it, it takes that head's task settings (mask, pos_weight,
+    # focal) and its loss weight is `loss_weight` times that head's, so the two always train on the same rows
+    shadows: str = ""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -52,14 +52,21 @@ def build_tasks(heads: Sequence[Head], spec: FeatureSpec, cfg: TrainConfig) -> t
                           where=f"train.tasks.{unknown[0]}",
                           fix=f"use the model's heads: {', '.join(names)} (heads are named after the labels "
                               "unless the model names its own)")
-    base = _base_pos_weights(cfg, len(heads))
+    by_name = {h.name: h for h in heads}
+    base = _base_pos_weights(cfg, heads)
     tasks = []
     for k, h in enumerate(heads):
-        tc = cfg.tasks.get(h.name, TaskConfig())
+        own = cfg.tasks.get(h.name)
+        tc = own or (cfg.tasks.get(h.shadows) if h.shadows else None) or TaskConfig()
+        if own is None and h.shadows:     # follows its head: same rows and weights, scaled loss weight
+            main = by_name[h.shadows]
+            main_weight = tc.weight if tc.weight >= 0 else main.loss_weight
+            tc = replace(tc, weight=main_weight * h.loss_weight, metric_weight=-1.0)
         mask = tc.mask or h.mask
         if mask and mask not in spec.labels:
-            raise ConfigError(f"train.tasks.{h.name}.mask names label {mask!r}, the cache has "
-                              f"{list(spec.labels)}", where=f"train.tasks.{h.name}.mask",
+            where = h.name if own is not None or not h.shadows else h.shadows
+            raise ConfigError(f"train.tasks.{where}.mask names label {mask!r}, the cache has "
+                              f"{list(spec.labels)}", where=f"train.tasks.{where}.mask",
                               fix=f"use one of {', '.join(spec.labels)}")
         tasks.append(Task(name=h.name, labels=tuple(spec.labels.index(n) for n in h.labels),
                           mask=spec.labels.index(mask) if mask else None,
@@ -73,11 +80,19 @@ def build_tasks(heads: Sequence[Head], spec: FeatureSpec, cfg: TrainConfig) -> t
     return tuple(tasks)
 
 
-def _base_pos_weights(cfg: TrainConfig, n: int) -> tuple[float, ...]:
+def _base_pos_weights(cfg: TrainConfig, heads: Sequence[Head]) -> tuple[float, ...]:
+    """train.pos_weight per head: one value for all, one per head, or one per primary head (auxiliary heads
+    that shadow a head then take its value)."""
+    n = len(heads)
+    primary = [h.name for h in heads if not h.shadows]
     w = cfg.pos_weight if isinstance(cfg.pos_weight, tuple) else (cfg.pos_weight,) * n
+    if len(w) == len(primary) and len(w) != n:
+        of = dict(zip(primary, w, strict=True))
+        w = tuple(of[h.shadows or h.name] for h in heads)
     if len(w) != n:
+        also = f" or one per primary head ({len(primary)})" if len(primary) != n else ""
         raise ConfigError(f"train.pos_weight has {len(w)} values for {n} heads", where="train.pos_weight",
-                          fix=f"give one value, one per head ({n}), or set train.tasks.<head>.pos_weight")
+                          fix=f"give one value, one per head ({n}){also}, or set train.tasks.<head>.pos_weight")
     return tuple(float(x) for x in w)
 
 

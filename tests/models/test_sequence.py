@@ -268,3 +268,71 @@ def test_packing_is_chosen_on_the_cpu_for_mostly_padded_histories_only() -> None
     assert _pack_on_cpu(sparse) and not _pack_on_cpu(torch.ones(4, 8, dtype=torch.bool))
     assert int(PACK_MAX_FILL * 32) == 16 and _pack_on_cpu(torch.arange(8)[None] < torch.full((4, 1), 4))
     assert not _pack_on_cpu(torch.arange(8)[None] < torch.full((4, 1), 5))
+
+
+def test_aux_heads_follow_their_heads_task_settings(spec_factory) -> None:
+    """`<label>_full` trains on the rows its head trains on, with its pos_weight and focal settings, and a
+    loss weight relative to its head's (0 turns both off); its own train.tasks entry still wins."""
+    from ctrpipe.train.config import TaskConfig, TrainConfig
+    from ctrpipe.train.objective import build_tasks
+
+    spec = spec_factory(2)
+    heads = build(spec, "dare", {"embedding_dim": 8, "hidden_units": [8], "attention_dim": 4,
+                                 "aux_loss_weight": 0.3}).heads
+    cfg = TrainConfig(tasks={"y1": TaskConfig(mask="y0", pos_weight=3.0, weight=0.5, focal_weight=0.1)})
+    t = {x.name: x for x in build_tasks(heads, spec, cfg)}
+    assert (t["y1_full"].mask, t["y1_full"].pos_weight, t["y1_full"].focal_weight) == (0, 3.0, 0.1)
+    assert t["y1_full"].weight == pytest.approx(0.15) and t["y1_full"].metric_weight == 0.0
+    assert (t["y0_full"].mask, t["y0_full"].weight, t["y0_full"].pos_weight) == (None, 0.3, 1.0)
+    off = build_tasks(heads, spec, TrainConfig(tasks={"y1": TaskConfig(weight=0.0)}))
+    assert [x.weight for x in off] == [1.0, 0.0, 0.3, 0.0]
+    own = build_tasks(heads, spec, TrainConfig(tasks={"y1": TaskConfig(mask="y0"),
+                                                      "y1_full": TaskConfig(weight=0.7)}))
+    assert (own[3].mask, own[3].weight) == (None, 0.7)
+    per_label = build_tasks(heads, spec, TrainConfig(pos_weight=(2.0, 5.0)))
+    assert [x.pos_weight for x in per_label] == [2.0, 5.0, 2.0, 5.0]
+    with pytest.raises(ConfigError, match="one per primary head"):
+        build_tasks(heads, spec, TrainConfig(pos_weight=(2.0, 5.0, 1.0)))
+
+
+@pytest.mark.parametrize(("backbone", "params"), [
+    ("dare", {"aux_loss_weight": 0.3}),
+    ("dare_qnn", {"qnn_alpha": {"feature_embed_dim": 8, "aux_head_weight": 0.3}}),
+])
+def test_esmm_refuses_a_backbone_with_extra_heads(backbone: str, params: dict[str, Any], spec_factory) -> None:
+    with pytest.raises(ConfigError, match="besides ctr and cvr") as err:
+        build(spec_factory(2), "esmm", {"backbone": backbone,
+                                        "backbone_params": {"embedding_dim": 8, "attention_dim": 4, **params}})
+    assert "aux_" in err.value.fix
+    build(spec_factory(2), "esmm", {"backbone": "dare", "backbone_params": {"embedding_dim": 8, "attention_dim": 4}})
+
+
+def test_recency_is_applied_in_float32_under_autocast() -> None:
+    """bf16 steps near age / tau = 8 are 0.03-0.06: subtracting there would reorder close scores."""
+    search = DecoupledSearch(attention_dim=1, top_k=1, recency_tau=1.0)
+    q = torch.ones(1, 1)
+    keys = torch.zeros(1, 10, 1)
+    keys[0, 0, 0], keys[0, 1, 0] = 1.01, 1.0     # age 9 and age 8: scores -7.99 and -7.0
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = search.scores(q, keys, mask)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s[0, :2], torch.tensor([1.01 - 9.0, 1.0 - 8.0]), atol=1e-2, rtol=0)
+
+
+def test_dare_attention_table_trains_from_a_zero_embedding_init(spec_factory, batch_factory) -> None:
+    """A dot-product score has zero gradient at all-zero vectors: the attention table is never all zero."""
+    spec = spec_factory()
+    torch.manual_seed(0)
+    model = build(spec, "dare", {"embedding_dim": 8, "hidden_units": [8], "attention_dim": 4,
+                                 "embedding_init_std": 0.0})
+    table = model.encoder.table.table.weight
+    assert table[:-1].abs().max() > 0 and (table[-1] == 0).all()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = table.detach().clone()
+    batch = batch_factory(spec, rows=16)
+    for _ in range(3):
+        opt.zero_grad()
+        as_output(model(batch)).logits.sum().backward()
+        opt.step()
+    assert (table.detach() - before).abs().max() > 0
