@@ -28,7 +28,9 @@ class DINConfig(DeepConfig):
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     attention_units: tuple[int, ...] = (36,)   # the activation unit's hidden layers (PReLU)
     attention_softmax: bool = False   # normalise scores over the history (the paper uses them as they are)
-    keep_pooled_history: bool = False  # also feed the mean-pooled history as a field
+    # also feed the mean-pooled history as a field: all stored tokens, as the other models pool it, while the
+    # attention reads the most recent sequence.max_len
+    keep_pooled_history: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

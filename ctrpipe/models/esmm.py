@@ -21,7 +21,15 @@ from torch import nn
 from ctrpipe.errors import ConfigError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
-from ctrpipe.models.heads import Head, ModelOutput, as_output, check_labels, logit_from_log_prob, spec_for_heads
+from ctrpipe.models.heads import (
+    Head,
+    ModelOutput,
+    as_output,
+    check_labels,
+    heads_of,
+    logit_from_log_prob,
+    spec_for_heads,
+)
 from ctrpipe.models.registry import build_model, config_class, register
 
 
@@ -59,6 +67,13 @@ class ESMM(nn.Module):
         # the backbone predicts ctr and cvr as two ordinary heads, each starting at its own prior
         inner = spec_for_heads(spec, (self.heads[0], self.heads[2]))
         self.backbone = build_model(cfg.backbone, params, inner, sparse=sparse)
+        extra = [h.name for h in heads_of(self.backbone, inner)][2:]
+        if extra:   # ESMM reads exactly two logit columns (ctr, cvr); more would be misread or dropped
+            raise ConfigError(f"ESMM's backbone {cfg.backbone!r} predicts heads {extra} besides ctr and cvr",
+                              where="model.backbone_params",
+                              fix="turn the backbone's extra heads off (dare: model.backbone_params."
+                                  "aux_loss_weight: 0; dare_qnn: model.backbone_params.qnn_alpha."
+                                  "aux_head_weight: 0)")
 
     def forward(self, batch: Batch) -> ModelOutput:
         out = as_output(self.backbone(batch))

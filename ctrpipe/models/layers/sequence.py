@@ -220,9 +220,11 @@ class DecoupledSearch(nn.Module):
 
     def scores(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         """(B, Da) x (B, L, Da) -> (B, L) scaled dot products, recency-adjusted."""
-        s = torch.bmm(keys, query.unsqueeze(-1)).squeeze(-1) * self.scale
+        # float32 before the recency term: under bf16 autocast, age / tau (several units for old behaviours)
+        # would be rounded in steps as large as the content scores' differences, reordering the top-k
+        s = torch.bmm(keys, query.unsqueeze(-1)).squeeze(-1).float() * self.scale
         if self.recency_tau > 0:
-            s = s - ages(mask).to(s.dtype) / self.recency_tau
+            s = s - ages(mask) / self.recency_tau
         return s
 
     def weights(self, scores: Tensor, mask: Tensor, top_k: int | None = None) -> Tensor:
@@ -265,10 +267,9 @@ class AttentionTable(nn.Module):
         super().__init__()
         weight = torch.empty(bins + 1, dim)
         with torch.no_grad():
-            if init_std > 0:
-                nn.init.normal_(weight, 0.0, init_std)
-            else:
-                weight.zero_()
+            # never all zero (embedding_init_std 0): a score is a dot product of two attention vectors, so
+            # at zero each one's gradient is the other's zero vector and the table would never train
+            nn.init.normal_(weight, 0.0, init_std if init_std > 0 else 1e-2)
             weight[bins].zero_()
         self.pad = bins
         self.table = nn.Embedding(bins + 1, dim, padding_idx=bins, sparse=sparse, _weight=weight)
@@ -387,10 +388,10 @@ class DareEncoder(nn.Module):
                 last = torch.where(lengths > 0, lengths.cumsum(0) - 1, keys.shape[0])
                 q_att = torch.cat([keys, keys.new_zeros(1, keys.shape[1])])[last]
                 q_rep = torch.cat([values, values.new_zeros(1, values.shape[1])])[last]
-            s = (keys * q_att.index_select(0, rows)).sum(dim=-1) * self.search.scale   # (M,)
+            s = (keys * q_att.index_select(0, rows)).sum(dim=-1).float() * self.search.scale   # (M,), as dense
             if self.search.recency_tau > 0:                                     # age = length - 1 - column
                 age = lengths.index_select(0, rows) - 1 - (flat - rows * mask.shape[1])
-                s = s - age.to(s.dtype) / self.search.recency_tau
+                s = s - age.float() / self.search.recency_tau
             scores = s.new_zeros(mask.numel()).index_put((flat,), s).view(mask.shape)   # padding masked below
             pooled = _pool_packed(self.search.weights(scores, mask), flat, rows, values, n_rows)
             out += [q_rep, pooled, q_rep * pooled]
