@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -71,34 +72,52 @@ class InferReport:
 # ----------------------------------------------------------------------------------------------- inputs
 
 def find_checkpoints(run: Path) -> list[Path]:
-    """ckpt_fold{k}.pt for k = 0..K-1 when any exist (all K required), else ckpt_best.pt."""
+    """ckpt_fold{k}.pt for k = 0..K-1 when any exist (all K required), else ckpt_best.pt; only from a run
+    that finished training (its metrics.json is written last): a run's best checkpoint exists from its first
+    evaluation on, so an interrupted run would otherwise pass for a finished one."""
     run = Path(run)
     if not run.is_dir():
         raise CheckpointError(f"run folder {run} does not exist", where=str(run),
                               fix=_train_fix(run) + _other_runs(run.parent))
-    folds = sorted(run.glob("ckpt_fold*.pt"), key=lambda p: _fold_of(p))
-    if folds:
-        ks = [_fold_of(p) for p in folds]
-        want = _n_splits(run) or len(folds)
-        missing = sorted(set(range(want)) - set(ks))
-        if missing:
-            raise CheckpointError(f"K-fold run is incomplete: ckpt_fold{missing[0]}.pt is missing "
-                                  f"(found folds {ks} of {want})", where=str(run),
-                                  fix=f"finish training with `ctrpipe train ... --kfold {want} --resume`")
-        return folds
+    folds = _fold_checkpoints(run)
     best = run / "ckpt_best.pt"
-    if best.is_file():
-        return [best]
-    exp = _exp_name(run)
-    raise CheckpointError(f"no checkpoint in run folder {run} (exp_name {exp!r}): neither ckpt_best.pt nor "
-                          "ckpt_fold*.pt", where=str(run), fix=_train_fix(run) + _other_runs(run.parent))
+    if not folds and not best.is_file():
+        exp = _exp_name(run)
+        raise CheckpointError(f"no checkpoint in run folder {run} (exp_name {exp!r}): neither ckpt_best.pt nor "
+                              "ckpt_fold*.pt", where=str(run), fix=_train_fix(run) + _other_runs(run.parent))
+    if not (run / "metrics.json").is_file():
+        raise CheckpointError(f"the run in {run} has not finished training (no metrics.json, which training "
+                              "writes when it ends): its checkpoints are from an interrupted or still running "
+                              "training", where=str(run),
+                              fix="finish it with the same `ctrpipe train ...` command plus --resume, or wait "
+                                  "for it to end")
+    return folds or [best]
 
 
-def _fold_of(path: Path) -> int:
-    try:
-        return int(path.stem.removeprefix("ckpt_fold"))
-    except ValueError:
-        return 1 << 30          # odd names such as ckpt_foldX.pt sort last and are reported as missing folds
+_FOLD_NAME = re.compile(r"^ckpt_fold(\d+)\.pt$")
+
+
+def _fold_checkpoints(run: Path) -> list[Path]:
+    """A K-fold run's ckpt_fold0.pt .. ckpt_fold{K-1}.pt, all required; any other ckpt_fold* file is refused
+    (a copy such as ckpt_fold0_backup.pt would otherwise weigh its fold twice in the ensemble)."""
+    found = sorted(run.glob("ckpt_fold*.pt"))
+    if not found:
+        return []
+    odd = [p.name for p in found if not _FOLD_NAME.match(p.name)]
+    want = _n_splits(run) or len(found)
+    folds = {int(m.group(1)): p for p in found if (m := _FOLD_NAME.match(p.name))}
+    odd += [folds[k].name for k in sorted(folds) if k >= want]
+    if odd:
+        raise CheckpointError(f"the run folder holds {odd[0]}, which is not a fold checkpoint of this "
+                              f"{want}-fold run (ckpt_fold0.pt .. ckpt_fold{want - 1}.pt)", where=str(run),
+                              fix=f"move {', '.join(odd)} out of {run}: every ckpt_fold*.pt there joins the "
+                                  "ensemble")
+    missing = sorted(set(range(want)) - set(folds))
+    if missing:
+        raise CheckpointError(f"K-fold run is incomplete: ckpt_fold{missing[0]}.pt is missing "
+                              f"(found folds {sorted(folds)} of {want})", where=str(run),
+                              fix=f"finish training with `ctrpipe train ... --kfold {want} --resume`")
+    return [folds[k] for k in range(want)]
 
 
 def _run_config_json(run: Path) -> dict[str, Any]:

@@ -137,6 +137,28 @@ def test_incomplete_kfold_run_is_refused(world: dict[str, Path], tmp_path: Path)
     assert "ckpt_fold1.pt is missing" in str(exc.value) and "--resume" in str(exc.value)
 
 
+def test_stray_fold_checkpoints_are_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    """A backup copy of a fold, or a fold beyond K, would join the ensemble and weigh a fold twice."""
+    for extra in ("ckpt_fold0_backup.pt", "ckpt_fold2.pt"):
+        run = tmp_path / extra
+        shutil.copytree(world["kfold"], run)
+        shutil.copy(run / "ckpt_fold0.pt", run / extra)
+        with pytest.raises(CheckpointError) as exc:
+            run_infer(run, world["te"], None, [], quiet=True)
+        assert f"holds {extra}" in str(exc.value) and f"move {extra} out" in str(exc.value)
+
+
+@pytest.mark.parametrize("run_name", ["single", "kfold"])
+def test_unfinished_run_is_refused(world: dict[str, Path], tmp_path: Path, run_name: str) -> None:
+    """Checkpoints exist from a run's first evaluation: only metrics.json says that training ended."""
+    run = tmp_path / run_name
+    shutil.copytree(world[run_name], run)
+    (run / "metrics.json").unlink()
+    with pytest.raises(CheckpointError) as exc:
+        run_infer(run, world["te"], None, [], quiet=True)
+    assert "has not finished training" in str(exc.value) and "--resume" in str(exc.value)
+
+
 def test_schema_mismatch_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
     other = tmp_path / "other"
     _cli("shard", "--cfg", str(CFG), "--input", str(world["data"] / "test.tsv"), "--out", str(other), "-q",
