@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
+from ctrpipe.config import RunConfig, build_dataclass, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
+from ctrpipe.data.config import DataConfig
 from ctrpipe.device import AmpChoice, check_amp, model_family, predict_amp, resolve_amp, resolve_device
 from ctrpipe.errors import CheckpointError, ConfigError, CtrpipeError, ManifestMismatchError, SchemaError
 from ctrpipe.features import FeatureSpec
@@ -32,6 +33,7 @@ from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling
 from ctrpipe.loader.view import RowView
 from ctrpipe.models.heads import Head, default_heads, heads_of
 from ctrpipe.models.registry import build_model
+from ctrpipe.shard.build import identity_config
 from ctrpipe.shard.manifest import Manifest, read_manifest
 from ctrpipe.train.checkpoint import (
     Checkpoint,
@@ -148,6 +150,25 @@ def _prepare_ranks(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet
     return ctx
 
 
+def _with_cache_data(cfg: RunConfig, manifest: Manifest, shards: Path, quiet: bool) -> RunConfig:
+    """The run's config with the cache's own `data` section: the model is built from the manifest, and
+    whatever serves the run later (predict, export) prepares raw rows by the recorded `data` section, so it
+    must be the one the shards were built with, not the --cfg file's (which may differ by a --set at shard
+    time). A difference is noted, not refused: training never reads raw data."""
+    cache = build_dataclass(DataConfig, manifest.config, "data.", f"{shards / 'manifest.json'}")
+    if identity_config(cache) == identity_config(cfg.data):
+        return cfg
+    mine, theirs = flatten_dotted(to_dict(cfg.data)), flatten_dotted(identity_config(cache))
+    diffs = sorted(k for k in set(mine) | set(theirs) if k != "chunk_rows" and mine.get(k) != theirs.get(k))
+    if not quiet:
+        console.print("[yellow]note:[/] the run records the shard cache's data section, which differs from "
+                      "the config's in " + ", ".join(f"data.{k} ({theirs.get(k)!r}, config {mine.get(k)!r})"
+                                                    for k in diffs[:4]) + (" ..." if len(diffs) > 4 else ""))
+    sources = {k: v for k, v in cfg.sources.items() if not k.startswith("data.")}
+    sources.update({f"data.{k}": f"{shards / 'manifest.json'}" for k in flatten_dotted(to_dict(cache))})
+    return dataclasses.replace(cfg, data=cache, sources=sources)
+
+
 def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
             dist: Distributed | None = None) -> TrainContext:
     """Everything that can fail before training: cache, labels, device, metric, folds, model, run dir.
@@ -160,6 +181,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
                           f"{manifest.rows})", where=str(shards / "manifest.json"),
                           fix="train on a cache built from labelled data without --test")
     spec = manifest.feature_spec()
+    cfg = _with_cache_data(cfg, manifest, shards, quiet or (dist is not None and not dist.is_main))
     device = resolve_device(cfg.train.device) if dist is None else dist.device
     check_amp(cfg.train.amp, device)
     if dist is not None and cfg.loader.batch_size % dist.world_size:

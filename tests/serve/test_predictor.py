@@ -117,6 +117,25 @@ def test_criteo_dicts_and_single_row(criteo: dict[str, Path]) -> None:
     assert one.shape == (1,) and np.isclose(one[0], p.predict(lines)[p.heads[0]][5], rtol=1e-6)
 
 
+def test_run_records_and_serves_with_the_caches_data_section(criteo: dict[str, Path], tmp_path: Path) -> None:
+    """Shards built with a --set that the training --cfg lacks: the run records the cache's data section, and
+    serving prepares raw rows by it (it hashed into the config file's 100k bins and failed before)."""
+    import json
+
+    from ctrpipe import Predictor
+
+    runs = tmp_path / "runs"
+    _cli("train", "--cfg", str(REPO / "cfgs" / "criteo.yaml"), "--shards", str(criteo["run"].parents[1] / "tr"),
+         "--runs", str(runs), "--kfold", "2", "-q",
+         *_sets(FAST + ["exp_name=serve", "infer.calibration.method=temperature"]))
+    doc = json.loads((runs / "serve" / "config.json").read_text())
+    assert doc["config"]["data"]["hash_bins"] == 200
+    assert doc["sources"]["data.hash_bins"].endswith("manifest.json")
+    w = dict(criteo, run=runs / "serve", sub=tmp_path / "sub.csv")
+    run_infer(w["run"], criteo["te"], w["sub"], ["infer.save_fold_preds=true"], quiet=True)
+    _check_equal(Predictor.load(w["run"]), w, criteo["test"].read_text().splitlines())
+
+
 def test_criteo_bad_rows_name_row_and_column(criteo: dict[str, Path]) -> None:
     from ctrpipe import Predictor
 
