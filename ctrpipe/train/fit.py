@@ -313,9 +313,12 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
     old, new = flatten_dotted(ckpt.config), flatten_dotted(to_dict(ctx.cfg))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     # the training rows' sampling fixes the kept rows and the logit shift of the checkpoints written so far
-    sampling = ("loader.neg_keep_prob", "loader.sample_label", "loader.balance_pos_fraction",
-                *(("loader.batch_size",) if ctx.cfg.loader.balance_pos_fraction else ()))
-    fixed = [k for k in changed if k.startswith(("model.", "data.")) or k == "seed" or k in sampling]
+    sampling = ("loader.neg_keep_prob", "loader.sample_label", "loader.balance_pos_fraction")
+    # the restored optimiser state carries its own learning rates, weight decay and state layout (a changed
+    # value would be announced and then ignored, or crash), and the position within the epoch counts batches
+    restored = ("train.lr", "train.embedding_lr", "train.weight_decay", "train.embedding_optimizer",
+                "loader.batch_size")
+    fixed = [k for k in changed if k.startswith(("model.", "data.")) or k == "seed" or k in sampling + restored]
     if fixed:
         raise CheckpointError(f"cannot resume with changed {', '.join(fixed)}", where=str(path),
                               fix="resume with the config the run started with (see its config.yaml)")

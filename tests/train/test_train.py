@@ -209,6 +209,11 @@ def test_run_directory_and_resume_guards(cache: Path, tmp_path: Path):
     assert code == 1 and "already holds a run" in out and "--resume" in out
     code, out = train(cache, tmp_path, "--resume", "--set", "model.hidden_units=[8]")
     assert code == 1 and "cannot resume with changed model.hidden_units" in out
+    # the restored optimiser state holds these: a new value would be announced and ignored (or crash)
+    for key, value in (("train.lr", "0.05"), ("train.weight_decay", "0.5"),
+                       ("train.embedding_optimizer", "adagrad"), ("loader.batch_size", "32")):
+        code, out = train(cache, tmp_path, "--resume", "--set", f"{key}={value}")
+        assert code == 1 and f"cannot resume with changed {key}" in out, out
 
 
 def test_config_errors_before_training(cache: Path, tmp_path: Path):
