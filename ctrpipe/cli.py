@@ -160,13 +160,15 @@ def predict(
     input_: Path = typer.Option(..., "--input", help="raw rows: Criteo text or Parquet, as the run was trained on"),
     out: Path = typer.Option(..., "--out", help="CSV of id (or row) + one probability column per head"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="the run's training cache, if it moved"),  # noqa: UP045
+    overrides: list[str] = typer.Option([], "--set", help="inference override, repeatable: --set "
+                                                          "infer.method=logit_mean"),
     quiet: bool = QuietOpt,
 ) -> None:
     """Score a file of raw rows with a run (no shard cache needed): calibrated, fold-combined probabilities."""
     from ctrpipe.serve.predict_file import predict_file
 
     def go() -> None:
-        n = predict_file(run, input_, out, cache=cache)
+        n = predict_file(run, input_, out, cache=cache, overrides=overrides)
         if not quiet:
             console.print(f"wrote {n:,} rows to {out}", highlight=False)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +68,14 @@ def _csv_has_column(p: Predictor, path: Path, name: str) -> bool:
     return False
 
 
-def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, chunk_rows: int = 65536) -> int:
-    """Score every row of `path` with `run`; write `out` (CSV) atomically; returns the number of rows."""
+def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, chunk_rows: int = 65536,
+                 overrides: Sequence[str] = ()) -> int:
+    """Score every row of `path` with `run`; write `out` (CSV) atomically; returns the number of rows.
+    `overrides`: inference-only `--set` values (infer.*, as `ctrpipe infer` takes them)."""
     path = Path(path)
     if not path.is_file():
         raise InputFormatError("input file not found", where=str(path), fix="pass --input an existing file")
-    p = Predictor.load(run, cache=cache)
+    p = Predictor.load(run, cache=cache, overrides=overrides)
     n = 0
     with atomic_open(out, "wb") as fh:
         for start, rows, ids in _chunks(p, path, chunk_rows):

@@ -94,15 +94,22 @@ class Predictor:
         return tuple(t.name for t in self.tasks)
 
     @classmethod
-    def load(cls, run: Path | str, cache: Path | str | None = None) -> Predictor:
+    def load(cls, run: Path | str, cache: Path | str | None = None, overrides: Sequence[str] = ()) -> Predictor:
         """Checkpoints, calibration and the training cache's manifest + fitted statistics of `run`.
 
-        `cache`: the training shard cache, when it is no longer where the run recorded it.
+        `cache`: the training shard cache, when it is no longer where the run recorded it. `overrides`:
+        inference-only `--set` values, as `ctrpipe infer` takes them (e.g. "infer.method=logit_mean").
         """
         run = Path(run)
         paths = find_checkpoints(run)
         ckpts = [load_checkpoint(p) for p in paths]
-        cfg = resolve_config(ckpts[0], [])
+        cfg = resolve_config(ckpts[0], overrides)
+        if cfg.infer.method == "rank_avg":
+            raise ConfigError("infer.method=rank_avg ranks each row among a whole test set; rows served a few "
+                              "at a time (or in chunks of a file) would be ranked among their neighbours only",
+                              where="infer.method (the run's config)",
+                              fix="serve with a per-row method: --set infer.method=logit_mean (or mean, "
+                                  "geom_mean, weighted); `ctrpipe infer` ranks a whole test cache")
         cache_dir = Path(cache) if cache is not None else Path(ckpts[0].shards)
         if not (cache_dir / "manifest.json").is_file():
             raise CheckpointError(f"the run's training cache {cache_dir} is not there: serving needs its "

@@ -136,6 +136,30 @@ def test_run_records_and_serves_with_the_caches_data_section(criteo: dict[str, P
     _check_equal(Predictor.load(w["run"]), w, criteo["test"].read_text().splitlines())
 
 
+def test_rank_avg_is_refused_and_a_per_row_method_can_be_set(criteo: dict[str, Path], tmp_path: Path) -> None:
+    """rank_avg ranks among the rows at hand: served rows would be ranked among their chunk only."""
+    from typer.testing import CliRunner
+
+    from ctrpipe import Predictor
+    from ctrpipe.cli import app
+    from ctrpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rank_avg") as e:
+        Predictor.load(criteo["run"], overrides=["infer.method=rank_avg"])
+    assert "infer.method=logit_mean" in e.value.fix
+    lines = criteo["test"].read_text().splitlines()[:20]
+    mean = Predictor.load(criteo["run"], overrides=["infer.method=mean"]).predict(lines)
+    both = Predictor.load(criteo["run"]).logits(lines)                          # (K, N, H)
+    p = Predictor.load(criteo["run"])
+    want = np.mean([1 / (1 + np.exp(-p.calibrations[0].apply(both[k, :, 0]))) for k in range(2)], axis=0)
+    np.testing.assert_allclose(mean[p.heads[0]], want, rtol=1e-6)
+    src = tmp_path / "rows.tsv"
+    src.write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(app, ["predict", "--run", str(criteo["run"]), "--input", str(src), "--out",
+                                   str(tmp_path / "p.csv"), "--set", "infer.method=rank_avg"])
+    assert res.exit_code == 1 and "rank_avg" in res.output and not (tmp_path / "p.csv").exists()
+
+
 def test_criteo_bad_rows_name_row_and_column(criteo: dict[str, Path]) -> None:
     from ctrpipe import Predictor
 
