@@ -103,6 +103,22 @@ def _choose_partitions(files: Sequence[Path]) -> int:
     return int(min(1024, max(1, math.ceil(total / TARGET_BUCKET_BYTES))))
 
 
+FILES_KEPT_FREE = 64        # descriptors left to the rest of the process (inputs, output, imports, threads)
+
+
+def _open_file_budget() -> int:
+    """Bucket files a blend may hold open at once: the soft RLIMIT_NOFILE (often 1024) less a margin.
+    Each pass holds one file per bucket open, so more buckets than this fail with EMFILE."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        unlimited = soft == resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):      # no resource module (Windows): assume the usual 1024
+        soft, unlimited = 1024, False
+    return 1 << 20 if unlimited else max(1, int(soft) - FILES_KEPT_FREE)
+
+
 def _global_ranks_source(path: Path, chunk_bytes: int) -> np.ndarray:
     """All of one file's predictions, sorted (rank_avg ranks a row among the whole file)."""
     parts = [c.preds for c in iter_submission(path, chunk_bytes)]
@@ -229,7 +245,8 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     w = parse_weights(weights, len(files))
     resolve_weights(method, len(files), w, None, 1.0)     # refuse bad combinations before reading anything
     id_header, pred_header = _check_inputs(files, out)
-    parts = partitions or _choose_partitions(files)
+    # more, larger buckets than the open-file limit allows cost memory per bucket, not correctness
+    parts = min(partitions or _choose_partitions(files), _open_file_budget())
     rank = method == "rank_avg"
     combine_method = "mean" if rank else method           # rank_avg: ranks are made globally in pass 1
     from ctrpipe.infer.ensemble import combine

@@ -47,11 +47,15 @@ class SubmissionWriter:
         self.expected_rows = expected_rows
         self.rows = 0
         self._fh: BinaryIO | None = None
+        self._raw: BinaryIO = io.BytesIO()      # the temp file under _fh (the same object unless gzipped)
         self._tried = (0, 0)        # (rows, bytes) handed to the file so far, the failed chunk included
 
     def __enter__(self) -> SubmissionWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.tmp, "wb")  # noqa: SIM115 - closed in __exit__
+        self._raw = open(self.tmp, "wb")  # noqa: SIM115 - closed in __exit__
+        # a .gz name gets gzip (what readers of that name expect); mtime 0 keeps equal inputs byte-identical
+        self._fh = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0) \
+            if self.path.suffix == ".gz" else self._raw
         try:
             self._put((",".join(self.headers) + "\n").encode(), 0)
         except BaseException:           # __exit__ does not run when __enter__ raises
@@ -94,9 +98,11 @@ class SubmissionWriter:
             return
         try:
             with disk_full_as_error(self.path, self._needs):   # buffered bytes reach the disk here
-                fh.flush()
-                os.fsync(fh.fileno())
-                fh.close()
+                if fh is not self._raw:
+                    fh.close()                                 # the gzip trailer
+                self._raw.flush()
+                os.fsync(self._raw.fileno())
+                self._raw.close()
             os.replace(self.tmp, self.path)
         except BaseException:
             self._abandon(fh)
@@ -105,10 +111,11 @@ class SubmissionWriter:
     def _abandon(self, fh: BinaryIO) -> None:
         """Close and delete the temp file. Flushing its buffered tail may fail again on a full disk; that
         must not hide the error that abandoned it."""
-        try:
-            fh.close()
-        except OSError:
-            pass
+        for f in (fh, self._raw):
+            try:
+                f.close()
+            except OSError:
+                pass
         self.tmp.unlink(missing_ok=True)
 
 
@@ -131,9 +138,14 @@ def read_header(path: Path) -> tuple[str, str]:
         raise SubmissionError("file does not exist", where=str(path),
                               fix="check the path; submissions are written by `ctrpipe infer`")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        first = fh.readline().decode("utf-8-sig").rstrip("\r\n")
-        second = fh.readline()
+    try:
+        with opener(path, "rb") as fh:
+            first = fh.readline().decode("utf-8-sig").rstrip("\r\n")
+            second = fh.readline()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:      # gzip.BadGzipFile is an OSError
+        raise SubmissionError(f"cannot read it as {'gzip ' if path.suffix == '.gz' else ''}CSV text ({exc})",
+                              where=str(path), fix="pass the submission CSV (a .gz name must hold gzip data)"
+                              ) from None
     if not first:
         raise SubmissionError("file is empty", where=str(path),
                               fix="re-create it; a submission starts with a header such as 'ID,clicked'")

@@ -189,3 +189,38 @@ def test_writer_is_atomic_and_reader_streams_chunks(tmp_path: Path) -> None:
     assert len(chunks) > 3
     assert [c.first_row for c in chunks] == list(np.cumsum([0] + [len(c.ids) for c in chunks[:-1]]))
     assert sum(len(c.ids) for c in chunks) == 1000
+
+
+def test_buckets_stay_within_the_open_file_limit(tmp_path: Path) -> None:
+    """Each pass holds one file per bucket open: more buckets than RLIMIT_NOFILE allows failed with EMFILE."""
+    import resource
+
+    paths, _, _ = _make(tmp_path, k=2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
+    try:
+        report = run_blend(paths, "mean", None, tmp_path / "o.csv", quiet=True, partitions=1024)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert report.partitions == 200 - 64 and report.rows == N
+    np.testing.assert_allclose(_read(tmp_path / "o.csv")["clicked"], _in_memory(paths, "mean", None)["clicked"],
+                               rtol=1e-12)
+
+
+def test_gz_names_are_written_as_gzip_and_read_back(tmp_path: Path) -> None:
+    """A .gz --out gets gzip data (it was plain text, which the reader then refused with a traceback), and a
+    .gz name holding plain text is a clear SubmissionError."""
+    import gzip
+
+    paths, _, _ = _make(tmp_path, k=2)
+    out = tmp_path / "blend.csv.gz"
+    run_blend(paths, "mean", None, out, quiet=True)
+    assert gzip.open(out).readline() == b"ID,clicked\n"
+    again = tmp_path / "again.csv"
+    run_blend([out, paths[0]], "mean", "1,0", again, quiet=True)
+    np.testing.assert_allclose(_read(again)["clicked"], _read(out)["clicked"], rtol=1e-12)
+    fake = tmp_path / "plain.csv.gz"
+    fake.write_bytes(paths[0].read_bytes())
+    with pytest.raises(SubmissionError, match="gzip") as e:
+        run_blend([fake, paths[1]], "mean", None, tmp_path / "x.csv", quiet=True)
+    assert str(fake) in str(e.value)
