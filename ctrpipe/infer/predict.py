@@ -318,6 +318,10 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     metrics = None
     if labels is not None and np.isfinite(labels).any():
         metrics = compute_metrics(labels, preds)          # rows a head's mask drops (NaN) are skipped
+    # a new submission never sits beside an older one's sidecar or fold predictions (an interrupt between
+    # its rename and theirs, or a run without save_fold_preds, would pair them)
+    for stale in (out.with_name(out.name + ".json"), out.with_name(out.name + ".folds.npz")):
+        stale.unlink(missing_ok=True)
     _write_ids_and_preds(shards, rows, preds, out, cfg)
     if cfg.infer.save_fold_preds:
         _save_fold_preds(out, rows, logits, paths, labels)

@@ -66,6 +66,9 @@ def test_val_view_reproduces_metrics_json(world: dict[str, Path], tmp_path: Path
 
 def test_submission_on_test_cache(world: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "sub" / "submission.csv"
+    out.parent.mkdir()
+    for stale in ("submission.csv.json", "submission.csv.folds.npz"):    # an older submission's companions
+        (out.parent / stale).write_text("old")
     res = CliRunner().invoke(app, ["infer", "--run", str(world["single"]), "--shards", str(world["te"]),
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -80,7 +83,7 @@ def test_submission_on_test_cache(world: dict[str, Path], tmp_path: Path) -> Non
     assert len(side["checkpoints"]) == 1 and len(side["checkpoints"][0]["sha256"]) == 64
     assert side["shards_fingerprint"] and side["config"]["infer"]["view"] == "auto"
     assert side["calibration"]["method"] == "temperature"
-    assert not list(out.parent.glob("*.incomplete"))
+    assert not list(out.parent.glob("*.incomplete")) and not (out.parent / "submission.csv.folds.npz").exists()
 
 
 def _fold_logits(run: Path, shards: Path) -> np.ndarray:
