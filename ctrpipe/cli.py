@@ -226,12 +226,15 @@ def blend_submissions(
                                "trim_mean | rank_avg (rank scores) | weighted (needs --weights)"),
     weights: Optional[str] = typer.Option(None, "--weights", help="comma-separated, one per file"),  # noqa: UP045
     out: Path = typer.Option(Path("blended.csv"), "--out"),
+    trim_ratio: float = typer.Option(0.1, "--trim-ratio", help="trim_mean: share of files cut from each end, "
+                                                                "per row"),
     quiet: bool = QuietOpt,
 ) -> None:
     """Blend submission files row-aligned by ID."""
     from ctrpipe.infer.blend import run_blend
 
-    _run(lambda: run_blend(files=files, method=method, weights=weights, out=out, quiet=quiet))
+    _run(lambda: run_blend(files=files, method=method, weights=weights, out=out, quiet=quiet,
+                           trim_ratio=trim_ratio))
 
 
 if __name__ == "__main__":

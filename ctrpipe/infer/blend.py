@@ -236,7 +236,7 @@ def _align_bucket(files: Sequence[Path], b: int, tmp: Path) -> tuple[np.ndarray,
 
 def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float] | None, out: Path,
               quiet: bool = False, *, partitions: int | None = None,
-              chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> BlendReport:
+              chunk_bytes: int = DEFAULT_CHUNK_BYTES, trim_ratio: float = 0.1) -> BlendReport:
     """Blend submission files by ID with one `ensemble.combine` method; writes `out` atomically."""
     t0 = time.perf_counter()
     files = [Path(f) for f in files]
@@ -244,6 +244,9 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     check_method(method, where="--method")
     w = parse_weights(weights, len(files))
     resolve_weights(method, len(files), w, None, 1.0)     # refuse bad combinations before reading anything
+    if not 0.0 <= trim_ratio < 0.5:
+        raise ConfigError(f"--trim-ratio {trim_ratio} must be in [0, 0.5)", where="--trim-ratio",
+                          fix="use e.g. --trim-ratio 0.1 (cut 10% of the files from each end of every row)")
     id_header, pred_header = _check_inputs(files, out)
     # more, larger buckets than the open-file limit allows cost memory per bucket, not correctness
     parts = min(partitions or _choose_partitions(files), _open_file_budget())
@@ -269,7 +272,7 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
             try:
                 for b in range(parts):
                     rows0, preds = _align_bucket(files, b, tmp)
-                    blended = combine(preds, combine_method, weights=w, trim_ratio=0.1)
+                    blended = combine(preds, combine_method, weights=w, trim_ratio=trim_ratio)
                     res = np.empty(len(rows0), dtype=OUT)
                     res["row"], res["pred"] = rows0, blended
                     q = rows0 // span

@@ -224,3 +224,18 @@ def test_gz_names_are_written_as_gzip_and_read_back(tmp_path: Path) -> None:
     with pytest.raises(SubmissionError, match="gzip") as e:
         run_blend([fake, paths[1]], "mean", None, tmp_path / "x.csv", quiet=True)
     assert str(fake) in str(e.value)
+
+
+def test_trim_ratio_reaches_the_blend(tmp_path: Path) -> None:
+    """--trim-ratio was fixed at 0.1, which trims nothing below 10 files."""
+    paths, _, _ = _make(tmp_path, k=4)
+    run_blend(paths, "trim_mean", None, tmp_path / "o.csv", quiet=True, trim_ratio=0.25)
+    frames = [_read(p).rename({"clicked": f"p{j}"}) for j, p in enumerate(paths)]
+    joined = frames[0]
+    for f in frames[1:]:
+        joined = joined.join(f, on="ID", how="inner", maintain_order="left")
+    mat = np.stack([joined[f"p{j}"].to_numpy() for j in range(4)])
+    want = np.sort(mat, axis=0)[1:3].mean(axis=0)                 # 1 of 4 cut from each end
+    np.testing.assert_allclose(_read(tmp_path / "o.csv")["clicked"].to_numpy(), want, rtol=1e-12)
+    with pytest.raises(ConfigError, match="--trim-ratio"):
+        run_blend(paths, "trim_mean", None, tmp_path / "x.csv", quiet=True, trim_ratio=0.5)
