@@ -135,7 +135,7 @@ class LazyAdam(torch.optim.Optimizer):
                 kernel = self._kernel_for(p, m, v) if p.grad.is_sparse else None
                 if kernel is not None:
                     ids = p.grad._indices()[0].contiguous()
-                    values = p.grad._values().contiguous().reshape(ids.shape[0], -1)
+                    values = p.grad._values().contiguous().reshape(ids.shape[0], p.shape[1])   # 0 rows: no -1
                     kernel.sparse_adam(p.detach().numpy(), m.numpy(), v.numpy(), ids.numpy(), values.numpy(),
                                        self._scratch_for(p), p.shape[1], -group["lr"] / bc1, beta1, beta2,
                                        group["eps"], bc2)

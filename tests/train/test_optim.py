@@ -130,3 +130,18 @@ def test_occurrence_sums_give_each_occurrence_its_rows_total() -> None:
     values = torch.arange(12, dtype=torch.float32).view(6, 2)
     want = torch.stack([values[idx == i].sum(dim=0) for i in idx.tolist()])
     torch.testing.assert_close(occurrence_sums(idx, values), want)
+
+
+def test_lazy_adam_steps_over_a_sparse_gradient_with_no_rows():
+    """A batch whose histories are all empty gives the history tables a sparse gradient of 0 rows (DARE's
+    packed search); reshaping its values with -1 failed."""
+    table = _tables(6, 3, 1)[0]
+    before = table.weight.detach().clone()
+    opt = LazyAdam(table.parameters(), lr=0.1)
+    opt.zero_grad(set_to_none=True)
+    table(torch.zeros(0, dtype=torch.long)).sum().backward()
+    assert table.weight.grad is not None and table.weight.grad._nnz() == 0
+    opt.step()
+    torch.testing.assert_close(table.weight.detach(), before, rtol=0, atol=0)
+    _step(table, torch.tensor([1, 2]), torch.ones(2, 3), opt)              # and goes on as usual
+    assert not torch.equal(table.weight[1], before[1]) and torch.equal(table.weight[0], before[0])
