@@ -64,6 +64,12 @@ class TokenColumnConfig:
         if self.max_len < 1:
             raise ConfigError(f"bad max_len {self.max_len} for token column {self.column!r}",
                               fix="use a positive integer such as max_len: 50")
+        if self.bins != 0 and self.bins < 2:     # ids are 1..bins-1 (0 = padding): 1 bin has no room for one
+            raise ConfigError(f"bad bins {self.bins} for token column {self.column!r}",
+                              fix="use 0 (data.hash_bins) or at least 2, e.g. bins: 100000")
+        if not self.separator:
+            raise ConfigError(f"empty separator for token column {self.column!r}: every character would be a "
+                              "token", fix="give the character between tokens, e.g. separator: ','")
 
 
 @dataclass(frozen=True)

@@ -284,10 +284,35 @@ class ChunkTokens:
         """`transforms.tokens_hashes` of the column with `seed`: (M,) uint64 hashes, (N,) int64 lengths."""
         got = self.kept(tc, seed)
         if got is not None:
+            check_separator(tc, self.frame[tc.column], got.lengths)
             return got.hashes, got.lengths
         flat, lengths = polars_tokens_hashes(self.frame[tc.column], tc.separator, self.plan.token_keep(tc),
                                              tc.max_len, seed, weighted=tc.weighted)
+        check_separator(tc, self.frame[tc.column], lengths)
         return np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64)
+
+
+OTHER_SEPARATORS = (",", "|", ";", "\t")
+
+
+def check_separator(tc: TokenColumnConfig, values: pl.Series, lengths: np.ndarray | pl.Series) -> None:
+    """Refuse a separator that splits nothing while the values are evidently lists split by another
+    character: each row would silently hold one token (a history all out-of-vocabulary, ids that never match
+    the candidate's). Only chunks where no row has two tokens are looked at, so the cost is one max."""
+    n = len(lengths)
+    if tc.max_len < 2 or values.dtype != pl.String or n == 0 or int(np.max(np.asarray(lengths))) > 1:
+        return
+    filled = values.drop_nulls()
+    filled = filled.filter(filled.str.len_bytes() > 0)
+    if filled.len() < 20:        # too few values to tell lists from single tokens
+        return
+    for other in OTHER_SEPARATORS:
+        share = float(filled.str.contains(other, literal=True).mean() or 0.0) if other != tc.separator else 0.0
+        if share >= 0.5:           # lists of one item are common in histories; most rows still hold two+
+            raise ConfigError(f"token column {tc.column!r}: separator {tc.separator!r} occurs in none of a "
+                              f"chunk's values while {share:.0%} of them contain {other!r}, so every row would "
+                              "hold a single token", where=f"data.sequence / data.multihot: {tc.column}",
+                              fix=f"set separator: {other!r} for {tc.column!r}")
 
 
 def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str, tokens: ChunkTokens | None = None) -> ContextTokens:
@@ -375,6 +400,7 @@ class ChunkTransformer:
             ids, lengths, weights = kept.padded(tc.max_len, bins, vocab) if kept is not None else \
                 polars_tokens_to_ids(frame[tc.column], tc.separator, tc.max_len, plan.token_seed(tc), bins,
                                      tc.weighted, plan.token_keep(tc), vocab)
+            check_separator(tc, frame[tc.column], lengths)
             tokens.forget({(t.column, plan.token_seed(t)) for t in plan.tokens if t != tc})
             stem = safe_name(tc.column)
             out[f"{stem}.tokens"] = np.asarray(ids, dtype=np.int32)

@@ -265,6 +265,10 @@ def test_missing_feature_column_names_the_closest(tmp_path: Path) -> None:
     (["data.derived_labels=[{column: s, pattern: '(?=x)'}]"], "Rust regex"),
     (["data.format=parquet", "data.derived_labels=[{column: s, positive: [a]}]"], "needs data.format=csv"),
     (["data.derived_labels=[{name: y, column: s, positive: [a]}]", "data.labels=[y]"], "given twice"),
+    # token columns: 1 bin leaves no id beside padding (garbage ids), a negative one overflowed the hashing
+    (["data.multihot=[{column: tags, bins: 1}]"], "bad bins 1 for token column 'tags'"),
+    (["data.sequence=[{column: seq, bins: -5}]"], "bad bins -5"),
+    (["data.sequence=[{column: seq, separator: ''}]"], "empty separator for token column 'seq'"),
 ])
 def test_config_errors(override: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

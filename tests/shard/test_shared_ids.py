@@ -144,3 +144,17 @@ def test_multihot_can_share_too_and_bins_may_repeat_the_shared_size(tmp_path: Pa
     m = build_shards(cfg, [train], tmp_path / "c", progress=False).manifest
     assert m.column("seq").kind == "multihot" and m.column("seq").bins == 777 == m.column("item_id").bins
     assert m.column("seq").id_space == "item_id"
+
+
+@pytest.mark.parametrize("mode", ["hash", "vocab"])
+def test_a_separator_that_splits_nothing_is_refused(tmp_path: Path, mode: str) -> None:
+    """The default '|' on comma-separated histories made every history one token, silently (all OOV in
+    vocab mode; ids that never matched the candidate's)."""
+    train = _write(tmp_path / "t.parquet", 200, 0, rare=False)
+    keys = [k for k in _overrides(mode) if not k.startswith("data.covisit")]
+    cfg = parquet_cfg(*keys, "data.sequence=[{column: seq, max_len: 8, share_ids_with: item_id}]")
+    with pytest.raises(ConfigError, match="separator '|' occurs in none") as e:
+        build_shards(cfg, [train], tmp_path / "c", progress=False)
+    assert "separator: ','" in e.value.fix and "seq" in e.value.where
+    ok = parquet_cfg(*keys, "data.sequence=[{column: seq, separator: ',', max_len: 8, share_ids_with: item_id}]")
+    assert build_shards(ok, [train], tmp_path / "ok", progress=False).manifest.total_rows == 200
