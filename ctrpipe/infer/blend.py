@@ -38,6 +38,7 @@ from ctrpipe.infer.ensemble import check_method, resolve_weights
 from ctrpipe.infer.submission import (
     DEFAULT_CHUNK_BYTES,
     SubmissionWriter,
+    check_out_file,
     id_at_rows,
     iter_submission,
     line_of,
@@ -242,6 +243,7 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     files = [Path(f) for f in files]
     out = Path(out)
     check_method(method, where="--method")
+    check_out_file(out)
     w = parse_weights(weights, len(files))
     resolve_weights(method, len(files), w, None, 1.0)     # refuse bad combinations before reading anything
     if not 0.0 <= trim_ratio < 0.5:

@@ -36,7 +36,7 @@ from ctrpipe.infer.calibrate import (
     read_calibration,
 )
 from ctrpipe.infer.ensemble import combine, rank_normalise, resolve_weights
-from ctrpipe.infer.submission import SubmissionWriter
+from ctrpipe.infer.submission import SubmissionWriter, check_out_file
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import training_sampling
 from ctrpipe.loader.view import RowView
@@ -278,6 +278,7 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     t0 = time.perf_counter()
     run, shards = Path(run), Path(shards)
     out = Path(out) if out is not None else run / "submission.csv"
+    check_out_file(out)
     paths = find_checkpoints(run)
     ckpts = [load_checkpoint(p) for p in paths]
     cfg = resolve_config(ckpts[0], overrides)

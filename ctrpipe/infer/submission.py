@@ -28,6 +28,13 @@ from ctrpipe.errors import SubmissionError, disk_full_as_error, human_bytes, loc
 DEFAULT_CHUNK_BYTES = 16 << 20      # ~16 MB of CSV text per chunk: ~700k rows of "12345678,0.123456789"
 
 
+def check_out_file(out: Path, option: str = "--out") -> None:
+    """Refuse, before any work, an output path that names a folder: the final rename would fail after it."""
+    if Path(out).is_dir():
+        raise SubmissionError(f"{option} names a folder, and the output is a file", where=str(out),
+                              fix=f"give a file name, e.g. {option} {Path(out) / 'submission.csv'}")
+
+
 class SubmissionWriter:
     """Write `id,pred` rows chunk by chunk to `<path>.incomplete`; rename to `path` on a clean exit.
 

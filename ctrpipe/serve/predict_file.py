@@ -24,6 +24,7 @@ from ctrpipe.atomic import atomic_open
 from ctrpipe.data.chunks import RawChunk
 from ctrpipe.data.csv_reader import iter_csv_chunks
 from ctrpipe.errors import CtrpipeError, InputFormatError
+from ctrpipe.infer.submission import check_out_file
 from ctrpipe.serve.predictor import Predictor
 
 
@@ -75,6 +76,7 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
     path = Path(path)
     if not path.is_file():
         raise InputFormatError("input file not found", where=str(path), fix="pass --input an existing file")
+    check_out_file(Path(out))
     p = Predictor.load(run, cache=cache, overrides=overrides)
     n = 0
     with atomic_open(out, "wb") as fh:

@@ -239,3 +239,11 @@ def test_trim_ratio_reaches_the_blend(tmp_path: Path) -> None:
     np.testing.assert_allclose(_read(tmp_path / "o.csv")["clicked"].to_numpy(), want, rtol=1e-12)
     with pytest.raises(ConfigError, match="--trim-ratio"):
         run_blend(paths, "trim_mean", None, tmp_path / "x.csv", quiet=True, trim_ratio=0.5)
+
+
+def test_out_naming_a_folder_is_refused_before_any_work(tmp_path: Path) -> None:
+    paths, _, _ = _make(tmp_path, k=2)
+    (tmp_path / "outdir").mkdir()
+    with pytest.raises(SubmissionError, match="names a folder") as e:
+        run_blend(paths, "mean", None, tmp_path / "outdir", quiet=True)
+    assert "outdir/submission.csv" in e.value.fix

@@ -151,6 +151,13 @@ def test_stray_fold_checkpoints_are_refused(world: dict[str, Path], tmp_path: Pa
         assert f"holds {extra}" in str(exc.value) and f"move {extra} out" in str(exc.value)
 
 
+def test_out_naming_a_folder_is_refused_before_any_work(world: dict[str, Path], tmp_path: Path) -> None:
+    from ctrpipe.errors import SubmissionError
+
+    with pytest.raises(SubmissionError, match="names a folder"):
+        run_infer(world["single"], world["te"], tmp_path, [], quiet=True)
+
+
 @pytest.mark.parametrize("run_name", ["single", "kfold"])
 def test_unfinished_run_is_refused(world: dict[str, Path], tmp_path: Path, run_name: str) -> None:
     """Checkpoints exist from a run's first evaluation: only metrics.json says that training ended."""
