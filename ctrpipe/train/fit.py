@@ -7,6 +7,7 @@ calls `loop.fit` once per model, scores gold rows, writes metrics.json and fits 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import resource
 import sys
@@ -211,6 +212,11 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         raise CheckpointError(f"run directory {run_dir} already holds a run", where=str(run_dir),
                               fix="pass --resume to continue it, --set exp_name=NEW for a new run, "
                                   "or delete it")
+    if resume:      # before config.json is rewritten: a refused resume leaves the run's record as it was
+        recorded = json.loads((run_dir / "config.json").read_text())
+        recorded = dict(recorded.get("config", recorded))
+        # another cache (data.*) is left to the checkpoint's check, whose message names both caches
+        refuse_resume_changes({**recorded, "data": to_dict(cfg.data)}, cfg, run_dir / "config.json")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, to_dict(cfg), dict(cfg.sources))
     write_text(run_dir / "manifest_fingerprint.txt",
@@ -291,6 +297,32 @@ def _template(ctx: TrainContext, fold: int, seed: int) -> Checkpoint:
                       fold=fold, init_seed=seed, weights={"dense": {}, "tables": {}})
 
 
+def refuse_resume_changes(old_config: dict[str, Any], cfg: RunConfig, where: Path) -> list[str]:
+    """Refuse (CheckpointError) a resume whose config changes what the run's state fixes; returns the other
+    changed keys. Checked against the run's config.json before anything is written, and against each
+    checkpoint it resumes."""
+    old, new = flatten_dotted(old_config), flatten_dotted(to_dict(cfg))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # the training rows' sampling fixes the kept rows and the logit shift of the checkpoints written so far
+    sampling = ("loader.neg_keep_prob", "loader.sample_label", "loader.balance_pos_fraction")
+    # the restored optimiser state carries its own learning rates, weight decay and state layout (a changed
+    # value would be announced and then ignored, or crash), and the position within the epoch counts batches
+    restored = ("train.lr", "train.embedding_lr", "train.weight_decay", "train.embedding_optimizer",
+                "loader.batch_size")
+    fixed = [k for k in changed if k.startswith(("model.", "data.")) or k in ("seed", "cv.n_splits")
+             or k in sampling + restored]
+    if "cv.n_splits" in fixed:     # resuming a K-fold run without --kfold started a single model in its folder
+        was, now = int(old.get("cv.n_splits") or 0), cfg.cv.n_splits
+        run_is = f"a {was}-fold run" if was else "a single-model run"
+        trains = f"K={now} folds" if now else "a single model"
+        raise CheckpointError(f"the run is {run_is}, and this command trains {trains}", where=str(where),
+                              fix=f"resume with {f'--kfold {was}' if was else 'no --kfold'}, as the run started")
+    if fixed:
+        raise CheckpointError(f"cannot resume with changed {', '.join(fixed)}", where=str(where),
+                              fix="resume with the config the run started with (see its config.yaml)")
+    return changed
+
+
 def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
     path = out_dir / "ckpt_last.pt"
     if not ctx.resume or not path.is_file():
@@ -310,19 +342,9 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
                 ("`ctrpipe train ... --resume` without torchrun" if was == 1 else
                  f"torchrun with --nnodes x --nproc_per_node = {was}, e.g. torchrun --nproc_per_node {was} "
                  "-m ctrpipe.cli train ... --resume"))
-    old, new = flatten_dotted(ckpt.config), flatten_dotted(to_dict(ctx.cfg))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    # the training rows' sampling fixes the kept rows and the logit shift of the checkpoints written so far
-    sampling = ("loader.neg_keep_prob", "loader.sample_label", "loader.balance_pos_fraction")
-    # the restored optimiser state carries its own learning rates, weight decay and state layout (a changed
-    # value would be announced and then ignored, or crash), and the position within the epoch counts batches
-    restored = ("train.lr", "train.embedding_lr", "train.weight_decay", "train.embedding_optimizer",
-                "loader.batch_size")
-    fixed = [k for k in changed if k.startswith(("model.", "data.")) or k == "seed" or k in sampling + restored]
-    if fixed:
-        raise CheckpointError(f"cannot resume with changed {', '.join(fixed)}", where=str(path),
-                              fix="resume with the config the run started with (see its config.yaml)")
+    changed = refuse_resume_changes(ckpt.config, ctx.cfg, path)
     if changed and not ctx.quiet:
+        old, new = flatten_dotted(ckpt.config), flatten_dotted(to_dict(ctx.cfg))
         console.print("[yellow]resuming with changed settings:[/] " +
                       ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
     return ckpt

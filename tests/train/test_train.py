@@ -214,6 +214,17 @@ def test_run_directory_and_resume_guards(cache: Path, tmp_path: Path):
                        ("train.embedding_optimizer", "adagrad"), ("loader.batch_size", "32")):
         code, out = train(cache, tmp_path, "--resume", "--set", f"{key}={value}")
         assert code == 1 and f"cannot resume with changed {key}" in out, out
+    # refused before the run's record is rewritten (the fix points at its config.yaml)
+    assert "hidden_units:\n  - 16" in (tmp_path / "criteo" / "config.yaml").read_text()
+
+
+def test_resume_keeps_the_runs_kind(cache: Path, tmp_path: Path):
+    """--resume without --kfold on an interrupted K-fold run trained a single model into its folder."""
+    code, _ = train(cache, tmp_path, "--kfold", str(K_FOLDS), "--set", "train.stop_after_steps=2")
+    assert code == 0 and not (tmp_path / "criteo" / "metrics.json").exists()
+    code, out = train(cache, tmp_path, "--resume")
+    assert code == 1 and f"a {K_FOLDS}-fold run" in out and f"--kfold {K_FOLDS}" in out, out
+    assert not (tmp_path / "criteo" / "ckpt_best.pt").exists()
 
 
 def test_config_errors_before_training(cache: Path, tmp_path: Path):
