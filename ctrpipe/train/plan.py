@@ -61,14 +61,16 @@ def plan_steps(cfg: TrainConfig, rows: int, batch_size: int, per_epoch: int) -> 
         notes.append(f"warm-up shortened from {cfg.warmup_steps} to {warmup} steps (a tenth of this "
                      f"{total}-step run)")
     if total < TOO_FEW_STEPS:
+        smaller = _smaller_batch(rows, batch_size)
         notes.append(f"warning: only {total} optimiser step(s) ({rows:,} rows, batch {batch_size}, "
                      f"{cfg.epochs} epoch(s)) -- too few for a model to learn; set train.min_steps=300 "
-                     f"(repeats epochs) or a smaller loader.batch_size (e.g. {_smaller_batch(rows)})")
+                     "(repeats epochs)" + (f" or a smaller loader.batch_size (e.g. {smaller})"
+                                           if smaller < batch_size else ""))
     return StepPlan(per_epoch=per_epoch, total_steps=total, epochs=math.ceil(total / per_epoch),
                     eval_every=every, eval_points=points, warmup_steps=warmup, notes=tuple(notes))
 
 
-def _smaller_batch(rows: int) -> int:
-    """A power-of-two batch giving an epoch of at least ~20 steps."""
+def _smaller_batch(rows: int, batch_size: int) -> int:
+    """A power-of-two batch giving an epoch of at least ~20 steps, and below the current one (at most half)."""
     b = 1 << max(4, int(math.log2(max(rows // 20, 16))))
-    return b
+    return min(b, max(1, batch_size // 2))

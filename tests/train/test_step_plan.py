@@ -37,8 +37,14 @@ def test_a_run_too_short_to_learn_warns_with_the_settings_to_change():
     assert plan.total_steps == 1 < TOO_FEW_STEPS
     warning = next(n for n in plan.notes if n.startswith("warning"))
     assert "only 1 optimiser step" in warning and "5,945 rows" in warning
-    assert "train.min_steps=300" in warning and "loader.batch_size" in warning
+    assert "train.min_steps=300" in warning and "loader.batch_size (e.g. 256)" in warning
     assert plan.warmup_steps == 0
+    # the suggested batch is below the current one (it repeated it: 128 for a batch of 128)
+    small = plan_steps(TrainConfig(epochs=1), rows=3000, batch_size=128, per_epoch=24)
+    warning = next(n for n in small.notes if n.startswith("warning"))
+    assert "loader.batch_size (e.g. 64)" in warning
+    tiny = plan_steps(TrainConfig(epochs=1), rows=30, batch_size=1, per_epoch=30)
+    assert "loader.batch_size" not in next(n for n in tiny.notes if n.startswith("warning"))
 
 
 def test_eval_every_wins_over_evals_per_epoch():
