@@ -158,6 +158,14 @@ class ParquetChunker:
                                                                                        column=c),
                                fix="labels must be 0/1 (no missing values); fix the file or pass "
                                    "--bad-rows skip to skip and count such rows"))
+        if self.rc.id:      # a submission row needs an ID: a null one would be written as an empty ID
+            missing = frame[self.rc.id].is_null()
+            if missing.any():
+                self._flag(missing.to_numpy(), keep, bad, row0, self.rc.id, "missing ID",
+                           lambda i: InputFormatError(
+                               "the ID is missing (null)", where=location(self.path, row=row0 + i,
+                                                                          column=self.rc.id),
+                               fix="give every row an ID, or pass --bad-rows skip to skip and count such rows"))
         frame = frame.with_columns([self._token_expr(tc) for tc in self.rc.tokens])
         for tc in self.rc.multihot:
             if tc.weighted:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 
 from ctrpipe.atomic import atomic_open, write_json_atomic
@@ -260,6 +261,28 @@ def ensemble_logits(logits: np.ndarray, cals: Sequence[Calibration], method: str
     return out
 
 
+def refuse_duplicate_ids(shards: Path, rows: np.ndarray, chunk: int) -> None:
+    """Refuse, before any model runs, a submission whose rows repeat an ID (a test file with duplicated rows):
+    blending and scoring join on IDs. One 64-bit hash per row (int IDs as they are), sorted; equal hashes are
+    confirmed on the IDs themselves."""
+    cache = open_cache(shards, groups=("ids",))
+    keys = np.empty(len(rows), dtype=np.uint64)
+    for a in range(0, len(rows), chunk):
+        ids = cache.take("ids", rows[a:a + chunk])
+        keys[a:a + len(ids)] = ids.view(np.uint64) if ids.dtype == np.int64 else \
+            pl.Series(ids.astype(str)).hash(seed=0).to_numpy()
+    order = np.argsort(keys, kind="stable")
+    same = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+    for i in same:
+        a, b = int(rows[order[i]]), int(rows[order[i + 1]])
+        first, second = cache.take("ids", np.array([a])), cache.take("ids", np.array([b]))
+        if first[0] == second[0]:
+            raise ManifestMismatchError(f"ID {first[0]!r} is on two rows of the cache (rows {min(a, b):,} and "
+                                        f"{max(a, b):,}): a submission needs one row per ID",
+                                        where=str(shards / "manifest.json"),
+                                        fix="drop the duplicated rows from the test file and shard it again")
+
+
 def _write_ids_and_preds(shards: Path, rows: np.ndarray, preds: np.ndarray, out: Path,
                          cfg: RunConfig) -> None:
     """Stream (ID, prediction) chunks: IDs are gathered from each shard's ids.npy memmap per chunk."""
@@ -301,6 +324,7 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     labels = np.empty(n, dtype=np.float32) if labelled else None
     logits = np.empty((len(ckpts), n), dtype=np.float32)                 # (K, N)
     rows = loader.row_indices()
+    refuse_duplicate_ids(shards, rows, cfg.infer.write_chunk_rows)
     with make_progress(quiet) as progress:
         for k, (ckpt, path) in enumerate(zip(ckpts, paths, strict=True)):
             model = model_from_checkpoint(ckpt, device)

@@ -167,6 +167,19 @@ def test_bad_label_value(cfg: DataConfig, tmp_path: Path, parquet_file: Path) ->
     assert chunks[0].frame.height == n - 2
 
 
+def test_missing_id_names_row(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    """A null ID was written into the submission as an empty ID, which blending then refused."""
+    ids = pq.read_table(parquet_file)["ID"].to_pylist()
+    ids[9] = None
+    path = rewrite(parquet_file, tmp_path / "id.parquet", ID=pa.array(ids, pa.string()))
+    with pytest.raises(InputFormatError) as err:
+        read_all(cfg, [path])
+    assert f"{path}, row 9, column ID: the ID is missing" in str(err.value)
+    chunks = list(iter_raw_chunks(cfg, [path], 1000, bad_rows="skip"))
+    assert [(b.row, b.reason) for b in chunks[0].bad_rows] == [(9, "missing ID")]
+    assert chunks[0].frame.height == len(ids) - 1
+
+
 def test_bad_weight_names_row(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
     vals = pq.read_table(parquet_file)["tags_w"].to_pylist()
     vals[11] = "t1:0.5|t2:abc"

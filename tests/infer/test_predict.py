@@ -193,6 +193,19 @@ def test_missing_ids_are_refused(world: dict[str, Path], tmp_path: Path) -> None
     assert str(cache) in str(exc.value)
 
 
+def test_duplicate_ids_are_refused_before_any_model_runs(world: dict[str, Path], tmp_path: Path) -> None:
+    """A test file with repeated rows gave a submission with repeated IDs, which blending then refused."""
+    cache = tmp_path / "dup"
+    shutil.copytree(world["te"], cache)
+    ids = np.load(cache / "shard_00000" / "ids.npy", mmap_mode="r+")
+    ids[7] = ids[3]
+    ids.flush()
+    del ids
+    with pytest.raises(ManifestMismatchError, match="is on two rows") as exc:
+        run_infer(world["single"], cache, tmp_path / "x.csv", [], quiet=True)
+    assert "rows 3 and 7" in str(exc.value) and not (tmp_path / "x.csv").exists()
+
+
 def test_bad_overrides_are_refused(world: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot change at inference"):
         run_infer(world["single"], world["te"], tmp_path / "x.csv", ["model.hidden=[8]"], quiet=True)
