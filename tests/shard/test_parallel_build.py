@@ -134,3 +134,38 @@ def test_dask_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "distributed", None)       # as if the extra were not installed
     with pytest.raises(ConfigError, match=r"ctrpipe\[dask\]"):
         build_shards(criteo_cfg(*CRITEO_FIT), parts, tmp_path / "b", progress=False, dask="local")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+def test_pool_workers_end_when_the_build_process_is_killed(tmp_path: Path) -> None:
+    """SIGKILL (or SIGTERM) of `ctrpipe shard --workers N` left its pool workers running under init."""
+    pids = tmp_path / "pids"
+    script = (
+        "import os, sys, time\n"
+        "from ctrpipe.shard.parallel import executor\n"
+        "with executor(2, None) as pool:\n"
+        "    futures = [pool.submit(time.sleep, 60) for _ in range(2)]\n"
+        "    time.sleep(0.5)\n"
+        "    workers = [p.pid for p in pool._processes.values()]\n"
+        f"    open({str(pids)!r}, 'w').write(' '.join(map(str, workers)))\n"
+        "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not pids.exists() or not pids.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) == 2 and all(Path(f"/proc/{p}").exists() for p in workers)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in workers):
+        assert time.monotonic() < deadline, "pool workers outlived the killed build"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
