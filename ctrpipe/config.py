@@ -76,6 +76,10 @@ def yaml_layers(path: Path) -> list[tuple[Path, dict[str, Any]]]:
         raise ConfigError("the top level must be a mapping of sections", where=str(path),
                           fix="start the file with e.g. 'data:' or 'model:'")
     base = data.pop("extends", None)
+    if base is not None and not (path.parent / str(base)).is_file():
+        raise ConfigError(f"'extends: {base}' names {path.parent / str(base)}, which does not exist",
+                          where=f"{path}: extends", fix="give the base file's path relative to this file, "
+                                                        "e.g. extends: criteo.yaml")
     return [*(yaml_layers(path.parent / str(base)) if base is not None else []), (path, data)]
 
 

@@ -60,6 +60,11 @@ def test_extends_and_overrides(tmp_path: Path) -> None:
     assert cfg.sources["data.hash_bins"] == "--set"
     assert cfg.sources["data.split.val_ratio"] == str(base)         # the file that wrote it, not the one read
     assert cfg.sources["exp_name"] == str(child)
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match="'extends: gone.yaml' names") as e:   # it named gone.yaml alone
+        load_config(orphan)
+    assert str(orphan) in e.value.where
 
 
 def test_unknown_key_suggests_closest(tmp_path: Path) -> None:

@@ -124,6 +124,11 @@ def check_plan(plan: Plan, role: str) -> None:
     if role == "train" and f.n_splits and f.mode == "stratified" and not plan.labels:
         raise SchemaError("stratified folds need a label column", where="data.folds.mode",
                           fix="set data.labels, or use data.folds.mode=plain")
+    tokens = {tc.column for tc in plan.tokens}
+    if role == "train" and f.n_splits and f.time_key in tokens:    # its text is split into tokens, not ordered
+        raise SchemaError(f"data.folds.time_key {f.time_key!r} is a sequence / multi-hot column",
+                          where="data.folds.time_key",
+                          fix="order folds by a numeric, timestamp or text column of the input")
 
 
 # -------------------------------------------------------------------------------------------- chunking

@@ -190,6 +190,9 @@ def make_plan(cfg: DataConfig, rc: ResolvedColumns) -> Plan:
                               "categorical column", where=f"{key}.context",
                               fix=f"use one of {(token_names + list(categorical))[:8]}")
         name = cv.name or f"{cv.target}_x_{cv.context}"
+        if name in [c.name for c in covisit]:      # two features of one name: the second shadows the first
+            raise ConfigError(f"two co-visitation entries are named {name!r}", where=f"{key}",
+                              fix="drop the repeated entry, or give one a distinct 'name'")
         covisit.append(dataclasses.replace(cv, name=name))
     return Plan(cfg, rc, tuple(covisit))
 

@@ -158,3 +158,14 @@ def test_a_separator_that_splits_nothing_is_refused(tmp_path: Path, mode: str) -
     assert "separator: ','" in e.value.fix and "seq" in e.value.where
     ok = parquet_cfg(*keys, "data.sequence=[{column: seq, separator: ',', max_len: 8, share_ids_with: item_id}]")
     assert build_shards(ok, [train], tmp_path / "ok", progress=False).manifest.total_rows == 200
+
+
+def test_a_repeated_covisit_entry_is_refused(tmp_path: Path) -> None:
+    """Two entries of one name wrote two numeric columns of one name."""
+    train = _write(tmp_path / "t.parquet", 40, 0, rare=False)
+    cv = "{target: inventory_id, context: seq}"
+    cfg = parquet_cfg(*_overrides("hash"), f"data.covisit=[{cv}, {cv}]",
+                      "data.sequence=[{column: seq, separator: ',', max_len: 8}]")
+    with pytest.raises(ConfigError, match="two co-visitation entries are named 'inventory_id_x_seq'") as e:
+        build_shards(cfg, [train], tmp_path / "c", progress=False)
+    assert e.value.where == "data.covisit[1]"

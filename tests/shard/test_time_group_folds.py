@@ -125,6 +125,9 @@ def test_test_caches_need_no_fold_keys(tmp_path: Path) -> None:
     (["data.folds.mode=group", "data.folds.composite_group=[user, sitee]"], SchemaError,
      "data.folds.composite_group", "'site'"),
     (["data.folds.mode=time", "data.folds.time_key=clicked"], SchemaError, "data.folds.time_key", "not a label"),
+    # a token column: its values are split into tokens (it said "not among the parsed columns")
+    (["data.folds.mode=time", "data.folds.time_key=stamp", "data.multihot=[{column: stamp, separator: '-'}]"],
+     SchemaError, "is a sequence / multi-hot column", "numeric, timestamp or text column"),
 ])
 def test_fold_keys_that_are_not_columns_name_the_key(tmp_path: Path, overrides: list[str], err: type,
                                                       where: str, fix: str) -> None:
