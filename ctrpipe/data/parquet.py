@@ -129,6 +129,22 @@ class ParquetChunker:
             return col.list.eval(pl.element().cast(pl.String)).list.join(tc.separator).alias(tc.column)
         return col.cast(pl.String)
 
+    def _check_list_elements(self, frame: pl.DataFrame, tc: TokenColumnConfig, row0: int) -> None:
+        """List columns are joined with the separator and split again by the token kernels: an element that
+        holds the separator would silently become several tokens."""
+        t = self.schema.field(tc.column).type
+        if not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_text(t.value_type)):
+            return
+        holds = frame[tc.column].list.eval(pl.element().str.contains(tc.separator, literal=True)).list.any()
+        holds = holds.fill_null(False).to_numpy()
+        if holds.any():
+            i = int(np.argmax(holds))
+            raise SchemaError(f"a list element holds the separator {tc.separator!r}, so it would be split into "
+                              f"several tokens: {frame[tc.column][i].to_list()[:5]!r}",
+                              where=location(self.path, row=row0 + i, column=tc.column),
+                              fix=f"set the separator of {tc.column!r} (data.sequence / data.multihot) to a "
+                                  "character that no element contains")
+
     def chunk(self, batch: pa.RecordBatch | pl.DataFrame, row0: int, file_bytes: int) -> RawChunk:
         """Type and check one slice of the file (an Arrow batch, or a frame polars read) starting at row0."""
         if isinstance(batch, pl.DataFrame):
@@ -166,6 +182,8 @@ class ParquetChunker:
                                "the ID is missing (null)", where=location(self.path, row=row0 + i,
                                                                           column=self.rc.id),
                                fix="give every row an ID, or pass --bad-rows skip to skip and count such rows"))
+        for tc in self.rc.tokens:
+            self._check_list_elements(frame, tc, row0)
         frame = frame.with_columns([self._token_expr(tc) for tc in self.rc.tokens])
         for tc in self.rc.multihot:
             if tc.weighted:

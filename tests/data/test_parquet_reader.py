@@ -94,6 +94,18 @@ def test_integer_categorical_hashes_as_text_and_list_tokens(cfg: DataConfig, tmp
     assert frame["seq"].to_list()[:4] == ["1,2,3", "", None, "7"]
 
 
+def test_list_elements_holding_the_separator_name_row(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    """Lists are joined with the separator and split again: 'Books, Fiction' became two tokens, silently."""
+    n = pq.read_metadata(parquet_file).num_rows
+    seq = pa.array([["a", "b"], [], None, ["Books, Fiction", "Toys"]] + [["c"]] * (n - 4), pa.list_(pa.string()))
+    path = rewrite(parquet_file, tmp_path / "lists.parquet", seq=seq)
+    with pytest.raises(SchemaError) as err:
+        read_all(cfg, [path])
+    assert f"{path}, row 3, column seq" in str(err.value) and "holds the separator ','" in str(err.value)
+    ok = rewrite(parquet_file, tmp_path / "ok.parquet", seq=pa.array([["a", "b"]] * n, pa.list_(pa.string())))
+    assert read_all(cfg, [ok])["seq"].to_list()[0] == "a,b"
+
+
 def test_unlabelled_file(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
     path = rewrite(parquet_file, tmp_path / "test.parquet", clicked=None, converted=None)
     chunks = list(iter_raw_chunks(cfg, [path], 30, require_labels=False))
