@@ -51,6 +51,15 @@ class RunConfig:
     # where each leaf value came from: "default", a YAML path or "--set"; not part of the fingerprint
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        keep = self.infer.calibration.keep_rate
+        if self.loader.neg_keep_prob < 1.0 and keep != 1.0:     # each adds log(rate): corrected twice
+            raise ConfigError(f"loader.neg_keep_prob={self.loader.neg_keep_prob} and infer.calibration.keep_rate="
+                              f"{keep} both correct for negative downsampling; ctrpipe already shifts the "
+                              "logits of a run that downsampled them itself", where="infer.calibration.keep_rate",
+                              fix="keep keep_rate at 1.0 (it is for caches built from logs downsampled "
+                                  "before ctrpipe saw them)")
+
 
 # ----------------------------------------------------------------------------------------------- loading
 

@@ -223,3 +223,11 @@ def test_an_empty_mapping_clears_what_a_file_set() -> None:
     esmm = load_config(CFGS / "parquet_esmm.yaml",
                        ["model.backbone=shared_bottom", "model.backbone_params={}"])
     assert esmm.model.params.backbone == "shared_bottom" and esmm.model.params.backbone_params == {}
+
+
+def test_two_downsampling_corrections_are_refused() -> None:
+    """loader.neg_keep_prob shifts logits by log(rate) already; keep_rate would add a second shift."""
+    with pytest.raises(ConfigError, match="both correct for negative downsampling") as e:
+        load_config(None, ["loader.neg_keep_prob=0.5", "infer.calibration.keep_rate=0.5"])
+    assert e.value.where == "infer.calibration.keep_rate"
+    assert load_config(None, ["infer.calibration.keep_rate=0.5"]).infer.calibration.keep_rate == 0.5
