@@ -11,6 +11,7 @@ comment lines, missing-value tokens and errors with file and line are the build'
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,7 +33,8 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
     """(first row, rows, ids or None) per chunk of the input file, read as the run's data.format."""
     fmt, id_col = p.cfg.data.format, p.cfg.data.id_column
     if fmt == "criteo":
-        with open(path, "rb") as fh:
+        opener = gzip.open if path.suffix == ".gz" else open      # as `ctrpipe shard` reads Criteo text
+        with opener(path, "rb") as fh:
             for start in itertools.count(0, chunk_rows):
                 lines = list(itertools.islice(fh, chunk_rows))
                 if not lines:

@@ -160,6 +160,19 @@ def test_rank_avg_is_refused_and_a_per_row_method_can_be_set(criteo: dict[str, P
     assert res.exit_code == 1 and "rank_avg" in res.output and not (tmp_path / "p.csv").exists()
 
 
+def test_predict_reads_gzipped_criteo_text(criteo: dict[str, Path], tmp_path: Path) -> None:
+    """`ctrpipe shard` reads .gz Criteo text; predict read its bytes as text and blamed a header."""
+    import gzip
+
+    from ctrpipe.serve.predict_file import predict_file
+
+    plain, packed = tmp_path / "plain.csv", tmp_path / "packed.csv"
+    gz = tmp_path / "test.tsv.gz"
+    gz.write_bytes(gzip.compress(criteo["test"].read_bytes()))
+    assert predict_file(criteo["run"], criteo["test"], plain) == predict_file(criteo["run"], gz, packed) == 300
+    assert plain.read_bytes() == packed.read_bytes()
+
+
 def test_criteo_bad_rows_name_row_and_column(criteo: dict[str, Path]) -> None:
     from ctrpipe import Predictor
 
