@@ -269,6 +269,13 @@ def fitted_from(plan: Plan, nacc: NumericAccumulator, mom: MomentAccumulator | N
     """The statistics of finished accumulators (one pass's, or the merge of a map/reduce fit pass's)."""
     data = plan.cfg
     num = data.numeric
+    empty = [c for c, n in zip(plan.numeric, nacc.n_valid, strict=True) if n == 0]
+    if empty and train_rows and (num.impute != "zero" or num.standardize):
+        # its fill and scale would be made up, and test rows that hold values would go through unscaled
+        raise SchemaError(f"numeric column {empty[0]!r} has no value in any training row"
+                          + (f" (nor {len(empty) - 1} more: {empty[1:4]})" if len(empty) > 1 else ""),
+                          where=f"data.numeric: {empty[0]}",
+                          fix="leave it out (data.numeric.columns / pattern), or fill it in the input")
     fills = nacc.fills(num.impute)
     if mom is not None:
         mean, std = mom.result(np.asarray(log1p_transform(fills.reshape(1, -1), num.log1p)).reshape(-1))

@@ -184,3 +184,17 @@ def test_csv_time_key_read_as_text_when_not_a_feature(tmp_path: Path) -> None:
     for k in range(3):
         assert days[fold == k].max() < days[fold == k + 1].min()
     assert m.folds["period_starts"][0].startswith("2024-02-")
+
+
+def test_a_numeric_column_without_training_values_is_refused(tmp_path: Path) -> None:
+    """Its median and scale were made up, and test rows holding values went through unscaled."""
+    src = _write(tmp_path / "t.parquet", 60)
+    table = pq.read_table(src)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("x"), "x", pa.nulls(60, pa.float64())), empty)
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.numeric.impute=median", "data.numeric.standardize=true"])
+    with pytest.raises(SchemaError, match="numeric column 'x' has no value in any training row") as e:
+        build_shards(cfg, [empty], tmp_path / "c", progress=False)
+    assert "data.numeric" in e.value.where and not (tmp_path / "c" / "manifest.json").exists()
+    plain = load_config(PARQUET_CFG, BASE)            # zero fill, no scaling: nothing is made up
+    assert build_shards(plain, [empty], tmp_path / "ok", progress=False).manifest.total_rows == 60
