@@ -120,7 +120,9 @@ def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequenc
     w = np.asarray(weights if weights is not None else np.ones(n_tasks), dtype=np.float64)
     if w.shape != (n_tasks,) or not w.sum() > 0:
         raise ValueError(f"metric weights {w.tolist()} for {n_tasks} tasks")
-    out = {k: float(np.dot(w, [m[k] for m in per_task]) / w.sum()) for k in METRIC_NAMES}
+    on = w > 0      # a head weighted 0 is out of the mean: its NaN (one class in these rows) must not leak in
+    out = {k: float(np.dot(w[on], [m[k] for m, keep in zip(per_task, on, strict=True) if keep]) / w[on].sum())
+           for k in METRIC_NAMES}
     for name, m in zip(names, per_task, strict=True):
         out.update({f"{k}.{name}": v for k, v in m.items()})
     return out

@@ -77,6 +77,10 @@ def build_tasks(heads: Sequence[Head], spec: FeatureSpec, cfg: TrainConfig) -> t
     if not any(t.weight > 0 for t in tasks):
         raise ConfigError("every head has loss weight 0: nothing would be trained", where="train.tasks",
                           fix="give at least one head a positive weight")
+    if len(tasks) > 1 and not any(t.metric_weight > 0 for t in tasks):
+        raise ConfigError("every head has metric weight 0: the primary metric (early stopping, the best "
+                          "checkpoint) would weigh nothing", where=f"train.tasks.{tasks[0].name}.metric_weight",
+                          fix="give at least one head a positive metric_weight")
     return tuple(tasks)
 
 

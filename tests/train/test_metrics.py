@@ -106,3 +106,27 @@ def test_auc_matches_pair_count_on_random_ties():
     diff = pos[:, None] - neg[None, :]
     brute = ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size
     assert auc(y, p) == pytest.approx(brute)
+
+
+def test_a_head_weighted_zero_stays_out_of_the_main_metrics():
+    """A head out of the primary metric made it NaN when its own metric was NaN (one class in these rows):
+    early stopping then never saw an improvement."""
+    y = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    p = np.array([[0.1, 0.2], [0.9, 0.3], [0.2, 0.1], [0.8, 0.4]])
+    m = compute_metrics(y, p, ["a", "b"], [1.0, 0.0])
+    assert np.isnan(m["auc.b"]) and m["auc"] == m["auc.a"] == 1.0 and not np.isnan(m["score"])
+
+
+def test_all_metric_weights_zero_is_a_config_error():
+    """It failed with a bare ValueError at the first evaluation, after training steps had run."""
+    from ctrpipe.errors import ConfigError
+    from ctrpipe.features import FeatureSpec
+    from ctrpipe.models.heads import Head
+    from ctrpipe.train.config import TaskConfig, TrainConfig
+    from ctrpipe.train.objective import build_tasks
+
+    heads = (Head("a", ("a",)), Head("b", ("b",)))
+    cfg = TrainConfig(tasks={"a": TaskConfig(metric_weight=0.0), "b": TaskConfig(metric_weight=0.0)})
+    with pytest.raises(ConfigError, match="metric weight 0") as e:
+        build_tasks(heads, FeatureSpec(labels=("a", "b")), cfg)
+    assert e.value.where == "train.tasks.a.metric_weight"
