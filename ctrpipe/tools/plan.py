@@ -124,6 +124,7 @@ class Inputs:
     metric_bytes_per_row: float
     val_rows: int
     n_tasks: int
+    train_rows: int = 0               # rows of the training view (a K-fold run: all but one fold)
 
 
 def plan_lines(inp: Inputs, st: Setting) -> list[Line]:
@@ -239,10 +240,17 @@ def _loader_lines(inp: Inputs, st: Setting) -> list[Line]:
     """Training batches: prefetch + 2 buffer sets (the consumer's, the queue's, the one being filled)."""
     sets = inp.cfg.loader.prefetch + 2
     nbytes = sets * st.batch * _row_bytes(inp)
+    lc = inp.cfg.loader
+    # per-row arrays of the view: its int32 row index, a gather shuffle's int64 permutation each epoch,
+    # balanced batches' int64 positive / negative rows and their per-epoch draws
+    per_row = 4 + (8 if lc.shuffle and lc.shuffle_strategy == "gather" else 0) + \
+        (16 if lc.balance_pos_fraction else 0)
+    index = [Line("loader", "row index of the training view (and its shuffles)", inp.train_rows * per_row,
+                  where="host")]
     if inp.device != "cuda":
-        return [Line("loader", f"{sets} host batch buffers", nbytes, where="host")]
+        return [Line("loader", f"{sets} host batch buffers", nbytes, where="host"), *index]
     pinned = "pinned " if inp.cfg.loader.pin_memory else ""
-    return [Line("loader", f"{sets} {pinned}host batch buffers", nbytes, where="host"),
+    return [Line("loader", f"{sets} {pinned}host batch buffers", nbytes, where="host"), *index,
             Line("loader", f"{sets} batches copied to the device", nbytes)]
 
 
@@ -265,6 +273,9 @@ def _eval_lines(inp: Inputs, st: Setting) -> list[Line]:
     if inp.device == "cuda":
         lines.append(Line("evaluation", f"{sets} evaluation batches on the device", sets * b * _row_bytes(inp),
                           phase="eval"))
+        # predictions gather on the device before one copy to the host
+        lines.append(Line("evaluation", f"predictions of {inp.val_rows:,} validation rows on the device",
+                          inp.val_rows * (8 + 8 * inp.n_tasks), phase="eval"))
     return lines
 
 

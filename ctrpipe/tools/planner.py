@@ -91,7 +91,8 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
     val_rows = manifest.rows.get("val", 0) if not cfg.cv.n_splits else manifest.rows.get("train", 0) // cfg.cv.n_splits
     inp = Inputs(cfg=cfg, manifest=manifest, shards=shards, spec=spec, device=device, tables=tables,
                  dense=_dense_counts(model), step_memory=step_memory,
-                 metric_bytes_per_row=metric_bytes_per_row(n_tasks), val_rows=val_rows, n_tasks=n_tasks)
+                 metric_bytes_per_row=metric_bytes_per_row(n_tasks), val_rows=val_rows, n_tasks=n_tasks,
+                 train_rows=train_rows - val_rows if cfg.cv.n_splits else train_rows)
     setting = Setting(batch=b, eval_batch=cfg.loader.eval_batch_size, amp=cfg.train.amp,
                       embedding_optimizer=cfg.train.embedding_optimizer)
     available, what = (memory, "--memory") if memory else device_memory(device)

@@ -257,3 +257,17 @@ def test_evaluation_buffers_hold_only_the_validation_rows_on_cpu(caches: dict[in
     held = next(line for line in plan.lines if "evaluation batch buffers" in line.item)
     assert 0 < val_rows < sets * 512
     assert held.nbytes == val_rows * row_bytes and f"({val_rows:,} rows written)" in held.item
+
+
+def test_the_loaders_row_index_is_counted(caches: dict[int, Path]) -> None:
+    """The view's int32 index, a gather shuffle's int64 permutation and balanced batches' row lists grow with
+    the rows; the plan counted only the batch buffers."""
+    train_rows = read_manifest(caches[500]).rows["train"]
+
+    def index(*sets: str) -> int:
+        plan = plan_of(caches[500], "dnn", *sets)
+        return next(line.nbytes for line in plan.lines if line.item.startswith("row index of the training view"))
+
+    assert index("loader.shuffle_strategy=block") == 4 * train_rows
+    assert index("loader.shuffle_strategy=gather") == 12 * train_rows
+    assert index("loader.balance_pos_fraction=0.3") == 20 * train_rows
