@@ -259,6 +259,13 @@ def _check_folds(cfg: RunConfig, manifest: Manifest, shards: Path) -> None:
             where=str(shards / "manifest.json"),
             fix=f"rebuild the cache with --set data.folds.n_splits={k}" +
                 (f", or use --kfold {stored}" if stored else ""))
+    sizes = [int(n) for n in manifest.folds.get("sizes", [])]
+    if k and 0 in sizes:      # found before any fold trains: a late failure left a run of some folds only
+        raise ManifestMismatchError(
+            f"fold {sizes.index(0)} of the cache has no rows (fold sizes {sizes}), so it can neither train nor "
+            "validate a model", where=str(shards / "manifest.json"),
+            fix="shard with fewer folds (data.folds.n_splits), or group folds on a key with more distinct values "
+                "than folds")
 
 
 @contextmanager

@@ -198,3 +198,19 @@ def test_a_numeric_column_without_training_values_is_refused(tmp_path: Path) -> 
     assert "data.numeric" in e.value.where and not (tmp_path / "c" / "manifest.json").exists()
     plain = load_config(PARQUET_CFG, BASE)            # zero fill, no scaling: nothing is made up
     assert build_shards(plain, [empty], tmp_path / "ok", progress=False).manifest.total_rows == 60
+
+
+def test_kfold_training_refuses_an_empty_fold_before_any_fold_trains(tmp_path: Path) -> None:
+    """Group folds on a key of 4 values cut into 5 folds leave one empty: training failed at that fold with
+    internal wording, leaving the checkpoints of the folds before it."""
+    from typer.testing import CliRunner
+
+    from ctrpipe.cli import app
+
+    src = _write(tmp_path / "t.parquet", 200)
+    _, m = _build(tmp_path, src, "c", "data.folds.n_splits=5", "data.folds.mode=group", "data.folds.key=item")
+    assert 0 in m.folds["sizes"]
+    res = CliRunner().invoke(app, ["train", "--cfg", str(PARQUET_CFG), "--shards", str(tmp_path / "c"),
+                                   "--runs", str(tmp_path / "runs"), "--kfold", "5", "--set", "model.name=dnn"])
+    assert res.exit_code == 1 and "has no rows" in res.output and "fewer folds" in res.output, res.output
+    assert not list((tmp_path / "runs").rglob("ckpt_fold*.pt"))
