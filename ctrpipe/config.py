@@ -71,9 +71,13 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return merged
 
 
-def yaml_layers(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+def yaml_layers(path: Path, _seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
     """(file, its own mapping) for a YAML file and every file it `extends`, the most basic first."""
     path = Path(path)
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"the configs extend each other in a cycle: {chain}", where=f"{_seen[-1]}: extends",
+                          fix="break the cycle: a base config must not extend the files built on it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", fix="pass --cfg with a file from cfgs/, "
                           "e.g. --cfg cfgs/criteo.yaml")
@@ -89,7 +93,8 @@ def yaml_layers(path: Path) -> list[tuple[Path, dict[str, Any]]]:
         raise ConfigError(f"'extends: {base}' names {path.parent / str(base)}, which does not exist",
                           where=f"{path}: extends", fix="give the base file's path relative to this file, "
                                                         "e.g. extends: criteo.yaml")
-    return [*(yaml_layers(path.parent / str(base)) if base is not None else []), (path, data)]
+    return [*(yaml_layers(path.parent / str(base), (*_seen, path.resolve())) if base is not None else []),
+            (path, data)]
 
 
 def deep_merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,11 @@ def test_extends_and_overrides(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'extends: gone.yaml' names") as e:   # it named gone.yaml alone
         load_config(orphan)
     assert str(orphan) in e.value.where
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")       # a RecursionError traceback before
+    with pytest.raises(ConfigError, match="extend each other in a cycle") as e:
+        load_config(tmp_path / "a.yaml")
+    assert "a.yaml -> " in str(e.value) and "b.yaml -> " in str(e.value)
 
 
 def test_unknown_key_suggests_closest(tmp_path: Path) -> None:

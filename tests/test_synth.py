@@ -154,6 +154,21 @@ def test_rerun_removes_stale_outputs(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth.json", "train.truth.npy", "train.tsv"]
 
 
+def test_a_folder_of_real_data_is_left_alone(tmp_path: Path) -> None:
+    """Synth's outputs have the usual names of real logs: a folder no synth run wrote lost test.parquet."""
+    (tmp_path / "test.parquet").write_text("mine")
+    with pytest.raises(ConfigError, match="holds test.parquet, which no ctrpipe synth run wrote"):
+        synth_parquet(tmp_path, rows=500, seed=0)
+    assert (tmp_path / "test.parquet").read_text() == "mine"
+    # an interrupted run's folder (its marker, no synth.json yet) is cleared and written again
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".synth-incomplete").touch()
+    (run / "train.tsv").write_text("partial")
+    synth_criteo(run, rows=500, seed=0)
+    assert sorted(p.name for p in run.iterdir()) == ["synth.json", "train.truth.npy", "train.tsv"]
+
+
 # ---- Parquet ---------------------------------------------------------------------------------------------
 
 EXPECTED_SCHEMA = (

@@ -71,7 +71,7 @@ def _open(path: Path, kind_name: str = "Criteo text") -> tuple[BinaryIO, BinaryI
     for magic, kind in _MAGIC.items():
         if head.startswith(magic):
             raw.close()
-            fix = ("pass --format parquet (data.format=parquet)" if kind == "Parquet"
+            fix = ("pass --set data.format=parquet (or a Parquet config)" if kind == "Parquet"
                    else f"decompress it first ({kind_name} may be plain or .gz), e.g. with the {kind} tool")
             raise InputFormatError(f"this is a {kind} file, not {kind_name}", where=str(path), fix=fix)
     return raw, raw
@@ -230,7 +230,7 @@ def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int, kind_name: 
 
 
 def _long_line_fix(kind_name: str) -> str:
-    return f"check the file is {kind_name}, or pass --format parquet"
+    return f"check the file is {kind_name}, or pass --set data.format=parquet"
 
 
 def _check_line_lengths(path: Path, buf: mmap.mmap, start: int, stop: int, line: int, limit: int,
@@ -297,7 +297,7 @@ def detect_layout(path: Path, block: _Block, sep: str) -> int:
             f"{int(counts[0])} {_sep_name(sep)}-separated fields on the first line, expected "
             f"{_expected_text(LABELLED_FIELDS)} or {_expected_text(TEST_FIELDS)}",
             where=location(path, 1),
-            fix="check the file is Criteo text, or pass --format parquet for Parquet input"
+            fix="check the file is Criteo text, or pass --set data.format=parquet for Parquet input"
                 + _separator_hint(first, sep))
     return LABELLED_FIELDS if n_lab >= n_test else TEST_FIELDS
 
@@ -441,7 +441,7 @@ class CriteoReader:
         what = f"{n} {_sep_name(self.sep)}-separated fields, expected {_expected_text(self.n_fields)}"
         if not text.strip():
             what = f"empty line, expected {_expected_text(self.n_fields)} fields"
-        fix = "check the file is Criteo text, or pass --format parquet for Parquet input"
+        fix = "check the file is Criteo text, or pass --set data.format=parquet for Parquet input"
         if 0 < n < self.n_fields and text.strip():
             fix = ("the line is short: were trailing empty fields stripped (an editor or tool that trims "
                    "lines)? Re-export with every separator kept, or pass --bad-rows skip to skip such lines")

@@ -93,6 +93,10 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
                           fix="shard gold data into a train cache")
     main_paths = expand_inputs(list(inputs), data.format)
     gold_paths = expand_inputs(list(gold), data.format) if gold else []
+    both = sorted({p.resolve() for p in main_paths} & {p.resolve() for p in gold_paths})
+    if both:        # gold rows must be unseen in training, or the gold metrics flatter the model
+        raise ConfigError("the same file is given as --input and as --gold", where=str(both[0]),
+                          fix="pass held-out rows as --gold (a file not among the training inputs)")
     train_m = read_manifest(Path(stats_from)) if stats_from is not None else None
     if train_m is not None and stats_from is not None:
         _check_stats_from(train_m, data, Path(stats_from))

@@ -94,9 +94,21 @@ def _check(rows: int, test_rows: int, seed: int, out: Path, chunk_blocks: int) -
                           fix="pass --out with a new or existing folder, e.g. --out data/synth")
 
 
+INCOMPLETE_NAME = ".synth-incomplete"   # marks a folder a synth run is writing (removed with synth.json's arrival)
+
+
 def _prepare(out: Path, written: set[str]) -> None:
-    """Create `out`; drop synth.json first (a crash leaves no finished-looking folder) and stale outputs."""
+    """Create `out`; drop synth.json first (a crash leaves no finished-looking folder) and stale outputs.
+
+    Only a folder of an earlier synth run (synth.json, or the marker of an interrupted one) is cleared: the
+    outputs' names are the usual ones of real data (train.parquet, test.parquet), which are never removed."""
     out.mkdir(parents=True, exist_ok=True)
+    ours = (out / META_NAME).is_file() or (out / INCOMPLETE_NAME).is_file()
+    foreign = [name for name in _ALL_OUTPUTS if (out / name).exists()]
+    if foreign and not ours:
+        raise ConfigError(f"{out} holds {foreign[0]}, which no ctrpipe synth run wrote (no {META_NAME})",
+                          where="--out", fix="pass an empty or new folder, e.g. --out data/synth")
+    (out / INCOMPLETE_NAME).touch()
     (out / META_NAME).unlink(missing_ok=True)
     for name in _ALL_OUTPUTS:
         if name not in written:
@@ -183,6 +195,7 @@ def _finish(fmt: Format, out: Path, seed: int, gz: bool, results: list[SplitResu
     path = out / META_NAME
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    (out / INCOMPLETE_NAME).unlink(missing_ok=True)
     return SynthResult(fmt, out, seed, tuple(results), path, time.perf_counter() - t0)
 
 

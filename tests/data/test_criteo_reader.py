@@ -197,7 +197,7 @@ def test_missing_and_empty_files(tmp_path: Path) -> None:
 
 
 def test_other_formats_are_named(tmp_path: Path, parquet_file: Path) -> None:
-    with pytest.raises(InputFormatError, match="this is a Parquet file.*\n.*--format parquet"):
+    with pytest.raises(InputFormatError, match="this is a Parquet file.*\n.*--set data.format=parquet"):
         read_all(parquet_file)
     bz = tmp_path / "x.tsv.bz2"
     bz.write_bytes(b"BZh91AY&SY" + bytes(50))

@@ -13,6 +13,7 @@ import xxhash
 from raw_inputs import write_criteo_tsv, write_parquet
 
 from ctrpipe.data.hashing import field_seed
+from ctrpipe.errors import ConfigError
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.manifest import read_manifest
 from tests.shard.helpers import criteo_cfg, load_all, npy_bytes, parquet_cfg
@@ -158,6 +159,9 @@ def test_gold_rows_are_split_2_and_never_fitted(tmp_path: Path) -> None:
     assert m.rows["gold"] == 30 and m.gold_sources == 1
     lf2 = m.column("l_feat_2").index
     assert (a["categorical"][120:, lf2] == 1).all()        # a value seen only in gold rows is OOV
+    with pytest.raises(ConfigError, match="given as --input and as --gold"):   # gold scored on training rows
+        build_shards(parquet_cfg(), [train], tmp_path / "d", gold=[tmp_path / "." / "train.parquet"],
+                     progress=False)
     assert "gold" in m.label_rates["clicked"]
 
 
