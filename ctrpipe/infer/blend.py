@@ -34,6 +34,7 @@ import polars as pl
 from ctrpipe.console import console, human_rate, make_progress
 from ctrpipe.data.hashing import xxh64_strings
 from ctrpipe.errors import ConfigError, SubmissionError, disk_full_as_error, human_bytes, location
+from ctrpipe.infer.config import check_trim_ratio
 from ctrpipe.infer.ensemble import check_method, resolve_weights
 from ctrpipe.infer.submission import (
     DEFAULT_CHUNK_BYTES,
@@ -246,9 +247,7 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     check_out_file(out)
     w = parse_weights(weights, len(files))
     resolve_weights(method, len(files), w, None, 1.0)     # refuse bad combinations before reading anything
-    if not 0.0 <= trim_ratio < 0.5:
-        raise ConfigError(f"--trim-ratio {trim_ratio} must be in [0, 0.5)", where="--trim-ratio",
-                          fix="use e.g. --trim-ratio 0.1 (cut 10% of the files from each end of every row)")
+    check_trim_ratio(trim_ratio, "--trim-ratio")
     id_header, pred_header = _check_inputs(files, out)
     # more, larger buckets than the open-file limit allows cost memory per bucket, not correctness
     parts = min(partitions or _choose_partitions(files), _open_file_budget())

@@ -35,6 +35,13 @@ class CalibrationConfig:
                               fix="use the keep rate in (0, 1], e.g. infer.calibration.keep_rate=0.25")
 
 
+def check_trim_ratio(value: float, key: str) -> None:
+    """trim_mean cuts this share from each end of a row: below half, or nothing would be left."""
+    if not 0.0 <= value < 0.5:
+        raise ConfigError(f"bad value {value} for '{key}'", where=key,
+                          fix=f"use a share in [0, 0.5), e.g. {key} 0.1")
+
+
 @dataclass(frozen=True)
 class InferConfig:
     method: EnsembleMethod = "logit_mean"       # how fold models (and blended files) are combined
@@ -52,9 +59,7 @@ class InferConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.trim_ratio < 0.5:
-            raise ConfigError(f"bad value {self.trim_ratio} for 'infer.trim_ratio'",
-                              fix="use a share in [0, 0.5), e.g. infer.trim_ratio=0.1")
+        check_trim_ratio(self.trim_ratio, "infer.trim_ratio")
         if self.weight_temperature <= 0:
             raise ConfigError(f"bad value {self.weight_temperature} for 'infer.weight_temperature'",
                               fix="use a positive number, e.g. infer.weight_temperature=0.01")

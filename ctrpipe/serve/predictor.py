@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctrpipe.config import RunConfig, build_dataclass
+from ctrpipe.config import RunConfig
 from ctrpipe.data.chunks import RawChunk
-from ctrpipe.data.config import DataConfig
 from ctrpipe.data.fitted import Fitted
 from ctrpipe.data.schema import resolve_columns
 from ctrpipe.data.splits import SPLIT_TEST
@@ -120,8 +119,7 @@ class Predictor:
         for ckpt, path in zip(ckpts, paths, strict=True):
             check_compatible(ckpt, manifest, cache_dir, path)
         # raw rows are prepared as the shards were built: the cache's data section, whatever the run recorded
-        cfg = dataclasses.replace(cfg, data=build_dataclass(DataConfig, manifest.config, "data.",
-                                                            str(cache_dir / "manifest.json")))
+        cfg = dataclasses.replace(cfg, data=manifest.data_config(str(cache_dir / "manifest.json")))
         tasks = checkpoint_tasks(ckpts[0], cfg.train)
         cals = [load_calibrations(run, cfg, t, quiet=True)[0] for t in range(len(tasks))]
         models = [_Model(model_from_checkpoint(c, "cpu"), checkpoint_logit_shift(c, tasks)) for c in ckpts]

@@ -29,12 +29,15 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ctrpipe import __version__
 from ctrpipe.atomic import write_text_atomic
 from ctrpipe.errors import REBUILD_CACHE_FIX, ManifestMismatchError
 from ctrpipe.features import FeatureSpec, FieldSpec
+
+if TYPE_CHECKING:
+    from ctrpipe.data.config import DataConfig
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -113,6 +116,13 @@ class Manifest:
     ctrpipe_version: str = __version__
 
     # ------------------------------------------------------------------ lookups
+    def data_config(self, where: str = "manifest.json") -> DataConfig:
+        """The `data` section the cache was built with: how raw rows become its columns (serving, runs)."""
+        from ctrpipe.config import build_dataclass
+        from ctrpipe.data.config import DataConfig
+
+        return build_dataclass(DataConfig, self.config, "data.", where)
+
     def columns_of(self, *kinds: str) -> tuple[ColumnSpec, ...]:
         return tuple(c for c in self.columns if c.kind in kinds)
 

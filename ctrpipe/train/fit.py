@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from ctrpipe.config import RunConfig, build_dataclass, flatten_dotted, load_config, to_dict
+from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
-from ctrpipe.data.config import DataConfig
 from ctrpipe.device import AmpChoice, check_amp, model_family, predict_amp, resolve_amp, resolve_device
 from ctrpipe.errors import CheckpointError, ConfigError, CtrpipeError, ManifestMismatchError, SchemaError
 from ctrpipe.features import FeatureSpec
@@ -156,11 +155,11 @@ def _with_cache_data(cfg: RunConfig, manifest: Manifest, shards: Path, quiet: bo
     whatever serves the run later (predict, export) prepares raw rows by the recorded `data` section, so it
     must be the one the shards were built with, not the --cfg file's (which may differ by a --set at shard
     time). A difference is noted, not refused: training never reads raw data."""
-    cache = build_dataclass(DataConfig, manifest.config, "data.", f"{shards / 'manifest.json'}")
-    if identity_config(cache) == identity_config(cfg.data):
+    cache = manifest.data_config(str(shards / "manifest.json"))
+    mine, theirs = flatten_dotted(identity_config(cfg.data)), flatten_dotted(identity_config(cache))
+    diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if not diffs:
         return cfg
-    mine, theirs = flatten_dotted(to_dict(cfg.data)), flatten_dotted(identity_config(cache))
-    diffs = sorted(k for k in set(mine) | set(theirs) if k != "chunk_rows" and mine.get(k) != theirs.get(k))
     if not quiet:
         console.print("[yellow]note:[/] the run records the shard cache's data section, which differs from "
                       "the config's in " + ", ".join(f"data.{k} ({theirs.get(k)!r}, config {mine.get(k)!r})"
