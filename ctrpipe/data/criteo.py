@@ -40,6 +40,7 @@ _MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\
           b"PAR1": "Parquet"}
 _SEP_NAMES = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", " ": "space"}
 BadMode = Literal["error", "skip"]
+_BOM = b"\xef\xbb\xbf"
 
 
 def _sep_name(sep: str) -> str:
@@ -164,15 +165,17 @@ def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
             try:
                 piece = stream.read(want)
             except (OSError, EOFError, zlib.error) as exc:
+                # the failed read drops what it had decompressed: count the intact lines afresh
                 raise InputFormatError(
-                    f"corrupt or truncated gzip data ({exc}) after about line "
-                    f"{line + got + _count_newlines(buf, off, len(buf)):,}",
+                    f"corrupt or truncated gzip data ({exc}) after line {_gzip_intact_lines(path):,}",
                     where=str(path),
                     fix="re-download or re-copy the file; `gunzip -t FILE` checks it") from None
             if not piece:
                 eof = True
                 avg = avg or 1.0
                 continue
+            if not buf and line == 1 and piece.startswith(_BOM):
+                piece = piece[len(_BOM):]
             buf, off, pos = buf[pos:] + piece, off - pos, 0
             if not avg:
                 sample = min(len(buf), 1 << 20)
@@ -203,6 +206,9 @@ def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int, kind_name: 
         sample = min(size, 1 << 20)
         avg = sample / max(1, _count_newlines(mm, 0, sample))
         pos, line, dropped = 0, 1, 0
+        if mm[: len(_BOM)] == _BOM:                 # a UTF-8 byte-order mark is not data
+            pos = len(_BOM)
+        block_start = 0                             # file bytes a block accounts for start here
         while pos < size:
             off, got = _advance(mm, pos, chunk_rows, avg)
             if got == 0:                               # no line break left: the unterminated last line
@@ -215,9 +221,9 @@ def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int, kind_name: 
             if not data.endswith(b"\n"):
                 data += b"\n"
                 got += 1
-            yield _Block(data, line, got, off - pos)
+            yield _Block(data, line, got, off - block_start)
             avg = (off - pos) / got
-            line, pos = line + got, off
+            line, pos, block_start = line + got, off, off
             keep = pos - pos % mmap.PAGESIZE
             if keep > dropped:
                 mm.madvise(mmap.MADV_DONTNEED, dropped, keep - dropped)
@@ -227,6 +233,24 @@ def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int, kind_name: 
             mm.close()
         except BufferError:                            # a numpy view is still alive: the GC closes it
             pass
+
+
+def _gzip_intact_lines(path: Path) -> int:
+    """Complete lines before the first corrupt or missing gzip byte (the error path only: a second read)."""
+    lines = 0
+    unpack = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                while chunk:
+                    out = unpack.decompress(chunk)
+                    lines += _count_newlines(out, 0, len(out))
+                    chunk = unpack.unused_data               # a further gzip member starts here
+                    if chunk:
+                        unpack = zlib.decompressobj(wbits=31)
+            except zlib.error:
+                break
+    return lines
 
 
 def _long_line_fix(kind_name: str) -> str:

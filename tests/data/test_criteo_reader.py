@@ -296,3 +296,30 @@ def test_long_line_inside_a_plain_file_is_named(tmp_path: Path) -> None:
         list(iter_blocks(path, 100, max_line_bytes=4096))
     blocks = list(iter_blocks(path, 2, max_line_bytes=8192))
     assert [b.lines for b in blocks] == [2, 2, 2, 1] and b"".join(b.data for b in blocks) == path.read_bytes()
+
+
+def test_truncated_gz_names_the_last_intact_line(tmp_path: Path, criteo_tsv: Path) -> None:
+    text = criteo_tsv.read_bytes() * 200                         # 12,800 lines: the cut falls far from line 1
+    blob = gzip.compress(text)
+    truncated = tmp_path / "trunc.tsv.gz"
+    truncated.write_bytes(blob[: len(blob) * 3 // 4])
+    intact = len(_intact_lines(truncated.read_bytes()))
+    with pytest.raises(InputFormatError) as err:
+        read_all(truncated, 50)
+    assert f"after line {intact:,}" in str(err.value) and intact > 1000
+
+
+def _intact_lines(blob: bytes) -> list[bytes]:
+    import zlib
+    out = zlib.decompressobj(wbits=31).decompress(blob)
+    return out.split(b"\n")[:-1]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_utf8_byte_order_mark_is_not_data(tmp_path: Path, criteo_tsv: Path, gz: bool) -> None:
+    raw = b"\xef\xbb\xbf" + criteo_tsv.read_bytes()
+    path = tmp_path / ("bom.tsv.gz" if gz else "bom.tsv")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    chunks = list(iter_raw_chunks(CFG, [path], 20))
+    assert sum(c.file_bytes for c in chunks) == path.stat().st_size
+    assert pl.concat([c.frame for c in chunks]).equals(read_all(criteo_tsv))
