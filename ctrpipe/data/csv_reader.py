@@ -331,13 +331,27 @@ class _Flags:
             raise self.first[1](self.rec, self.first[0])
 
 
+def stray_quote_resync(cfg: DataConfig, path: Path, label_columns: tuple[str, ...]) -> frozenset[int]:
+    """Field counts a record may have: the header's, or without one all columns or all less the labels (a test
+    file). With bad_rows=skip a record over several lines with another count is a stray quote, cut back to
+    its line (RecordCutter)."""
+    if not cfg.csv.quote_char:
+        return frozenset()
+    names = read_header(cfg, path)
+    if cfg.csv.header:
+        return frozenset({len(names)})
+    return frozenset({len(names), len([c for c in names if c not in label_columns])})
+
+
 def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedColumns,
                     bad_rows: BadMode = "error", require_labels: bool = True) -> Iterator[RawChunk]:
     """RawChunks of one CSV file, at most chunk_rows rows each, with the configured columns only."""
     chunker: CsvChunker | None = None
     position = 0
+    resync = stray_quote_resync(cfg, path, rc.label_columns) if bad_rows == "skip" else frozenset()
     # records are cut one chunk ahead in their own thread: cutting overlaps the parse
-    for rec in prefetch(lambda: iter(RecordCutter(path, cfg.csv, chunk_rows)), 1, "ctrpipe-read"):
+    for rec in prefetch(lambda: iter(RecordCutter(path, cfg.csv, chunk_rows, resync_fields=resync)), 1,
+                        "ctrpipe-read"):
         if chunker is None:
             names = list(cfg.csv.column_names)
             if cfg.csv.header:

@@ -84,8 +84,13 @@ class RecordCutter:
     """
 
     def __init__(self, path: Path, cfg: CsvConfig, chunk_rows: int, read_bytes: int = READ_BYTES,
-                 max_record_bytes: int = MAX_LINE_BYTES) -> None:
+                 max_record_bytes: int = MAX_LINE_BYTES, resync_fields: frozenset[int] = frozenset()) -> None:
         self.path, self.cfg, self.chunk_rows = path, cfg, chunk_rows
+        # With bad_rows=skip: a record running over several lines whose field count is none of these is a
+        # stray quote (it would swallow every row up to the next one, or to the end of the file); it ends
+        # at its first line instead, and cutting starts afresh on the next.
+        self.resync_fields = resync_fields
+        self._resynced = False          # the last _take stopped early at a stray quote: more records follow
         self.read_bytes, self.max_record_bytes = read_bytes, max_record_bytes
         self.sep = cfg.separator.encode()
         self.quote = ord(cfg.quote_char) if cfg.quote_char else None
@@ -103,7 +108,7 @@ class RecordCutter:
                     disk = 0
                     yield rec
                 buf, line = buf[used:], line + used_lines
-                if rec is None or len(rec) < self.chunk_rows:
+                if rec is None or (len(rec) < self.chunk_rows and not self._resynced):
                     break
             if len(buf) > self.max_record_bytes:
                 raise self._open_quote_error(line, f"runs on for more than {self.max_record_bytes:,} bytes")
@@ -136,9 +141,16 @@ class RecordCutter:
               ) -> tuple[Records | None, int, int]:
         """(the first records of buf, up to chunk_rows, or None; bytes used; lines used). Without `final`,
         an unfinished last record stays in buf; with it, the rest of buf is one record with an open quote."""
+        self._resynced = False
         arr = np.frombuffer(buf, np.uint8)
         nl_at = np.flatnonzero(arr == 10)
         inside = self._inside_quotes(arr, nl_at)
+        if self.resync_fields and inside is not None:
+            stray = self._stray_quote_line_end(arr, nl_at, inside, final)
+            if stray is not None:       # cut the buffer after the stray quote's line: parity restarts there
+                taken = self._take(buf[: stray + 1], line0, True, file_bytes)
+                self._resynced = True
+                return taken
         ends = nl_at[~inside[nl_at]] if inside is not None else nl_at
         open_quote = False
         if final and (len(ends) == 0 or ends[-1] != len(buf) - 1):
@@ -165,6 +177,34 @@ class RecordCutter:
         rec = Records(buf, starts[kept], ends[kept], lines.astype(np.int64), spans.astype(np.int64),
                       fields, file_bytes, open_quote and bool(kept[-1] == len(starts) - 1))
         return rec, used, used_lines
+
+    def _stray_quote_line_end(self, arr: np.ndarray, nl_at: np.ndarray, inside: np.ndarray,
+                              final: bool) -> int | None:
+        """Offset of the b"\\n" ending the first line of the first runaway record (see resync_fields), or None.
+
+        A record still open at the end of buf counts when it already holds more fields than any allowed count
+        (at the end of the file, always: its quote never closes); waiting for its quote to close would carry
+        the rest of the file. Only buffers holding a record over several lines pay the field count."""
+        ends = nl_at[~inside[nl_at]]
+        starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64) if len(ends) else np.zeros(0, np.int64)
+        open_tail = (int(ends[-1]) + 1 if len(ends) else 0) < len(arr)
+        if open_tail:
+            starts = np.append(starts, int(ends[-1]) + 1 if len(ends) else 0)
+            ends = np.append(ends, len(arr) - 1)
+        spans = np.searchsorted(nl_at, ends, side="right") - np.searchsorted(nl_at, starts, side="left")
+        multi = spans > 1
+        if not multi.any():
+            return None
+        sep = (arr == (SEP_BYTE if len(self.sep) > 1 else self.sep[0])) & ~inside
+        fields = np.add.reduceat(sep, starts, dtype=np.int64) + 1
+        allowed = np.array(sorted(self.resync_fields), dtype=np.int64)
+        runaway = multi & ~np.isin(fields, allowed)
+        if open_tail:
+            runaway[-1] = multi[-1] and (final or fields[-1] > allowed.max())
+        hit = np.flatnonzero(runaway)
+        if not len(hit):
+            return None
+        return int(nl_at[np.searchsorted(nl_at, starts[int(hit[0])])])
 
     def _inside_quotes(self, arr: np.ndarray, nl_at: np.ndarray) -> np.ndarray | None:
         """(n,) bool: byte i lies inside quotes (parity of the quotes before it and at it); None: no quotes."""
@@ -207,7 +247,9 @@ class RecordCutter:
                 "plain text in this file, set data.csv.quote_char=\"\"")
 
 
-def count_records(path: Path, cfg: CsvConfig, chunk_rows: int = 100_000) -> int:
-    """Data rows in a CSV file (records, less the header), without parsing values: for tail splits."""
-    n = sum(len(r) for r in RecordCutter(path, cfg, chunk_rows))
+def count_records(path: Path, cfg: CsvConfig, chunk_rows: int = 100_000,
+                  resync_fields: frozenset[int] = frozenset()) -> int:
+    """Data rows in a CSV file (records, less the header), without parsing values: for tail splits.
+    `resync_fields`: as the reader's (bad_rows=skip), so both count the same records."""
+    n = sum(len(r) for r in RecordCutter(path, cfg, chunk_rows, resync_fields=resync_fields))
     return max(n - int(cfg.header), 0)

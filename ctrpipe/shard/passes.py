@@ -27,6 +27,7 @@ from ctrpipe.console import human_rate, make_progress
 from ctrpipe.data.chunks import column_hashes, has_column
 from ctrpipe.data.config import CovisitConfig, DataConfig
 from ctrpipe.data.covisit import CovisitCounter
+from ctrpipe.data.csv_reader import stray_quote_resync
 from ctrpipe.data.csv_records import count_records
 from ctrpipe.data.fitted import (
     Fitted,
@@ -161,7 +162,7 @@ def fit_columns(plan: Plan) -> ResolvedColumns:
                                sequence=tuple(tc for tc in rc.sequence if tc in keep))
 
 
-def count_rows(data: DataConfig, paths: list[Path]) -> int:
+def count_rows(data: DataConfig, paths: list[Path], label_columns: tuple[str, ...] = ()) -> int:
     """Cheap row count for tail splits: Parquet metadata, CSV records (less the header; no values parsed), or
     newline count of the (decompressed) Criteo text.
 
@@ -175,7 +176,9 @@ def count_rows(data: DataConfig, paths: list[Path]) -> int:
             total += pq.ParquetFile(p).metadata.num_rows
             continue
         if data.format == "csv":
-            total += count_records(p, data.csv)
+            skip = data.bad_rows == "skip"
+            resync = stray_quote_resync(data, p, label_columns) if skip else frozenset()
+            total += count_records(p, data.csv, resync_fields=resync)
             continue
         opener = gzip.open if str(p).endswith(".gz") else open
         last = b"\n"
@@ -195,7 +198,8 @@ class _Splitter:
         self.role = inputs.role
         tail = self.cfg.mode == "tail" and inputs.role == "train"
         if tail and inputs.row_count is None:
-            inputs.row_count = count_rows(plan.cfg, inputs.main)    # once per build, shared by both passes
+            # once per build, shared by both passes
+            inputs.row_count = count_rows(plan.cfg, inputs.main, plan.columns.label_columns)
         self.n_rows = inputs.row_count if tail else None
         self.plan = plan
 

@@ -229,6 +229,30 @@ def test_unclosed_quote_is_named(tmp_path: Path) -> None:
         list(RecordCutter(blob, CsvConfig(), 100, read_bytes=1024, max_record_bytes=4096))
 
 
+def test_skip_mode_stray_quotes_lose_only_their_own_rows(tmp_path: Path) -> None:
+    """With bad_rows=skip a stray quote costs its row, not every row up to the next quote or the file's end."""
+    from ctrpipe.data.csv_reader import stray_quote_resync
+    from ctrpipe.data.csv_records import count_records
+
+    good = [f"u{i},1,a,b,Widowed,{i % 2}" for i in range(40)]
+    lines = [*good[:5], 'u90,1,"a,b,Widowed,1', *good[5:20], 'u91,1,a,"b,Widowed,0', *good[20:35],
+             'u92,1,"x', *good[35:]]             # the last stray quote is open at the end of the file
+    path = tmp_path / "stray.csv"
+    path.write_text("uid,age,city,note,status,clicked\n" + "\n".join(lines) + "\n")
+    want = [f"u{i}" for i in range(40)]
+    for rows in (1, 3, 7, 1000):
+        chunks = list(iter_raw_chunks(cfg_for(), [path], rows, bad_rows="skip"))
+        assert all(c.frame.height <= rows for c in chunks)
+        assert pl.concat([c.frame for c in chunks])["uid"].to_list() == want
+        assert sorted(b.line for c in chunks for b in c.bad_rows) == [7, 23, 39]
+        assert np.concatenate([c.positions for c in chunks]).tolist() == \
+            [i for i, ln in enumerate(lines) if '"' not in ln]
+    resync = stray_quote_resync(cfg_for(), path, ("clicked", "status"))
+    assert count_records(path, cfg_for().csv, resync_fields=resync) == len(lines)
+    with pytest.raises(InputFormatError, match=r"stray.csv, line 7: .*unbalanced"):
+        read(cfg_for(), [path])                               # error mode still stops at the first one
+
+
 def test_unlabelled_test_files(tmp_path: Path) -> None:
     rows = make_rows(10)
     no_labels = [[r[0], r[1], r[2], r[3]] for r in rows]             # status and clicked absent
