@@ -80,6 +80,22 @@ def read_header(cfg: DataConfig, path: Path) -> list[str]:
                            fix="check the file, or set data.csv.header=false and data.csv.column_names")
 
 
+def _unlabelled_layouts(names: list[str], label_cols: list[str]) -> list[list[str]]:
+    """Field lists an unlabelled file may have: names less 1, 2, ... of the label columns that end them (the
+    last first), or that lead them (the first first), or less every label column."""
+    out: list[list[str]] = []
+    hi = len(names)
+    while hi > 0 and names[hi - 1] in label_cols:
+        hi -= 1
+        out.append(names[:hi])
+    lo = 0
+    while lo < len(names) and names[lo] in label_cols:
+        lo += 1
+        out.append(names[lo:])
+    out.append([c for c in names if c not in label_cols])
+    return [o for o in out if len(o) < len(names)]
+
+
 @dataclass(frozen=True)
 class _Layout:
     names: tuple[str, ...]        # the file's fields in order
@@ -89,15 +105,20 @@ class _Layout:
 def _layout(path: Path, cfg: DataConfig, rc: ResolvedColumns, names: list[str], rec: Records,
             require_labels: bool) -> _Layout:
     """Which fields the file has: with a header, its names; without, data.csv.column_names, or those names
-    less the label columns when most records of the first chunk have that many fields (an unlabelled test
-    file, as Criteo's 39-field layout)."""
+    less label columns when most records of the first chunk have that many fields (an unlabelled test file,
+    as Criteo's 39-field layout). A label's source may also be an ordinary column (Adult's `married` comes
+    from marital-status), which an unlabelled file keeps while the label field (income, the last) is cut:
+    so the label columns ending or leading the names are tried one by one (`_unlabelled_layouts`)."""
     label_cols = list(rc.label_columns)
+    unlabelled = False
     if not cfg.csv.header and label_cols:
-        short = [c for c in names if c not in label_cols]
-        n_all, n_short = int((rec.fields == len(names)).sum()), int((rec.fields == len(short)).sum())
-        if len(short) < len(names) and n_short > n_all:
-            names = short
+        best = int((rec.fields == len(names)).sum())
+        for short in _unlabelled_layouts(names, label_cols):
+            if (n := int((rec.fields == len(short)).sum())) > best:
+                names, best, unlabelled = short, n, True
     missing = [c for c in label_cols if c not in names]
+    if unlabelled and not require_labels:
+        missing = label_cols                # no labels are read from it, even those whose source it kept
     if missing and (require_labels or len(missing) < len(label_cols)):
         if not cfg.csv.header:
             raise InputFormatError(
@@ -340,7 +361,8 @@ def stray_quote_resync(cfg: DataConfig, path: Path, label_columns: tuple[str, ..
     names = read_header(cfg, path)
     if cfg.csv.header:
         return frozenset({len(names)})
-    return frozenset({len(names), len([c for c in names if c not in label_columns])})
+    labels = list(label_columns)
+    return frozenset({len(names), *(len(short) for short in _unlabelled_layouts(names, labels))})
 
 
 def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedColumns,

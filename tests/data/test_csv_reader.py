@@ -273,6 +273,20 @@ def test_unlabelled_test_files(tmp_path: Path) -> None:
         read(names, [headerless])
 
 
+def test_unlabelled_headerless_file_keeps_a_label_source_that_is_also_a_column(tmp_path: Path) -> None:
+    """Adult's layout: the label field (clicked, last) is cut from a test file, while status, the source of the
+    derived label `married`, stays in it; the file reads unlabelled (as cfgs/adult.yaml with --test)."""
+    rows = make_rows(12)
+    path = write_csv(tmp_path / "test_nh.csv", [r[:5] for r in rows], header=False)
+    chunks = list(iter_raw_chunks(cfg_for(header=False), [path], 5, require_labels=False))
+    assert not any(c.has_labels for c in chunks)
+    got = pl.concat([c.frame for c in chunks])
+    assert got.columns == ["uid", "age", "city", "note"]
+    assert got.equals(reference(rows).select(got.columns))
+    with pytest.raises(InputFormatError, match="pass --test"):
+        read(cfg_for(header=False), [path])
+
+
 def test_missing_feature_column_names_the_closest(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "p.csv", make_rows(3))
     cfg = dataclasses.replace(cfg_for(), numeric=NumericConfig(columns=("Age",)))

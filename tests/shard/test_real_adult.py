@@ -48,3 +48,21 @@ def test_adult_as_uci_ships_it_gives_the_same_shards(tmp_path: Path) -> None:
     assert npy_bytes(tmp_path / "uci") == npy_bytes(tmp_path / "ref")
     ids = load_all(tmp_path / "uci")["ids"]
     assert ids[0] == 0 and ids[-1] == 32_561 + 16_281 - 1               # data rows, not lines
+
+
+def test_adult_unlabelled_test_file_shards_with_the_train_statistics(tmp_path: Path) -> None:
+    """adult.test without its income field (an unlabelled test file) keeps marital-status, the source of the
+    derived `married` label: the shipped headerless config reads it as unlabelled test data."""
+    cfg = load_config(ADULT_CFG, [], resolve_model=False)
+    build_shards(cfg, [DATA / "uci_adult.data"], tmp_path / "train", progress=False)
+    lines = (DATA / "uci_adult.test").read_text().splitlines()
+    test = tmp_path / "adult_nolabel.csv"
+    test.write_text("\n".join(ln.rsplit(", ", 1)[0] for ln in lines if ln.strip()) + "\n")
+    m = build_shards(cfg, [test], tmp_path / "test", stats_from=tmp_path / "train", role="test",
+                     progress=False).manifest
+    assert m.rows["test"] == 16_281
+    ref = build_shards(cfg, [DATA / "uci_adult.test"], tmp_path / "test_labelled", stats_from=tmp_path / "train",
+                       role="test", progress=False).manifest
+    assert ref.rows["test"] == 16_281
+    got, want = load_all(tmp_path / "test"), load_all(tmp_path / "test_labelled")
+    assert (got["categorical"] == want["categorical"]).all() and (got["numeric"] == want["numeric"]).all()
