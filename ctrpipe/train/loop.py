@@ -188,6 +188,8 @@ class _Run:
         self.stopper = EarlyStopping(self.cfg.early_stopping)
         self.objective = Objective(inp.tasks, inp.device, self.cfg.pos_weight_clip, self.cfg.pos_weight_clip_mode)
         self.task_names = [t.name for t in inp.tasks]
+        self.checked_classes = False
+        self.eval_notes: list[str] = []          # found at the first evaluation, recorded with the plan's notes
         self.metric_weights = [t.metric_weight for t in inp.tasks]
         self.dist = inp.dist
         self.main = inp.dist is None or inp.dist.is_main      # the one process that logs and writes files
@@ -319,6 +321,8 @@ class _Run:
                 preds = self._predict(inp.val_loader)
         if preds is not None:                              # one process, or rank 0 of a torchrun job
             metrics = preds.metrics(self.task_names, self.metric_weights)
+            if not self.checked_classes:
+                self._warn_one_class_heads(preds)
             assert self.log is not None
             self.log.evaluation(pos.step, pos.epoch, metrics)
             # a NaN metric (e.g. AUC on a one-class view) never improves: keep the first weights anyway
@@ -361,8 +365,29 @@ class _Run:
         return FitResult(best_metrics=dict(s.best_metrics), best_step=s.best_step, best_epoch=s.best_epoch,
                          steps=self.pos.step, epochs=self.pos.epoch, samples=self.pos.samples,
                          train_seconds=self.pos.train_seconds, stopped_early=s.should_stop,
-                         interrupted=self.interrupted, last_loss=self.last_loss, notes=self.plan.notes,
+                         interrupted=self.interrupted, last_loss=self.last_loss,
+                         notes=(*self.plan.notes, *self.eval_notes),
                          best_preds=preds, exchange=self._exchange_bytes())
+
+    def _warn_one_class_heads(self, preds: Predictions) -> None:
+        """A head whose validation rows (under its mask) hold one class has no AUC: say so once, with the rows
+        and the fix, instead of leaving a NaN in the metrics (and, weighted, in the stopping metric)."""
+        self.checked_classes = True
+        for t, task in enumerate(self.inp.tasks):
+            y = preds.labels[:, t]
+            y = y[~np.isnan(y)]
+            if len(y) and y.min() != y.max():
+                continue
+            held = "no rows" if not len(y) else f"{len(y):,} rows, all {'positive' if y[0] else 'negative'}"
+            note = (f"warning: head {task.name!r} has one class in its validation rows ({held}"
+                    + (", under its mask" if task.mask is not None else "") + "): its AUC is NaN"
+                    + (", and so is the primary AUC early stopping reads: stop on logloss "
+                       "(train.early_stopping.metric=logloss)"
+                       + (f" or set train.tasks.{task.name}.metric_weight=0" if len(self.inp.tasks) > 1 else "")
+                       if task.metric_weight > 0 else "")
+                    + "; more validation rows (data.split.val_ratio) would give it both")
+            self.eval_notes.append(note)
+            console.print(f"[yellow]{self.inp.label}:[/] {note}", highlight=False)
 
     def _exchange_bytes(self) -> dict[str, float]:
         ex = self.exchange

@@ -105,3 +105,14 @@ def test_gradient_diagnostics_compare_heads(parquet_cache: Path, tmp_path: Path)
     got = {r["name"]: float(r["value"]) for r in rows}
     assert got["train/grad_norm.clicked"] > 0 and got["train/grad_norm.converted"] > 0
     assert -1.0 <= got["train/grad_cos.clicked.converted"] <= 1.0
+
+
+def test_a_head_with_one_class_in_validation_is_named(parquet_cache: Path, tmp_path: Path) -> None:
+    """clicked given converted is always 1 (a conversion follows a click): its AUC is undefined. The run says
+    which head, how many rows and the fix, and records it, instead of a bare NaN in the metrics."""
+    m = train(parquet_cache, tmp_path, "mmoe", "train.epochs=1", "train.tasks.clicked.mask=converted",
+              "train.early_stopping.metric=logloss")
+    note = next(n for n in m["notes"] if "one class" in n)
+    assert "head 'clicked'" in note and "all positive" in note and "under its mask" in note
+    assert "metric_weight=0" in note and m["val"]["auc.clicked"] is None          # NaN in JSON
+    assert not any("head 'converted'" in n for n in m["notes"])
