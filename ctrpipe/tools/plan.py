@@ -125,6 +125,8 @@ class Inputs:
     val_rows: int
     n_tasks: int
     train_rows: int = 0               # rows of the training view (a K-fold run: all but one fold)
+    n_folds: int = 0                  # a K-fold run trains K models, one after another
+    cv_rows: int = 0                  # rows in any fold (K-fold: the out-of-fold predictions)
 
 
 def plan_lines(inp: Inputs, st: Setting) -> list[Line]:
@@ -306,9 +308,14 @@ def _checkpoint_lines(inp: Inputs, st: Setting) -> list[Line]:
 def disk_sizes(inp: Inputs, st: Setting) -> dict[str, int]:
     weights, optimizer, _ = _packed(inp, st)
     ema = 2 if inp.cfg.train.ema > 0 else 1
+    per_row = 8 + 8 * inp.n_tasks
+    k = inp.n_folds
+    if k:       # every fold keeps its best weights, its last state and its validation predictions
+        return {f"ckpt_fold*.pt x{k}": k * weights, f"fold*/ckpt_last.pt x{k}": k * (ema * weights + optimizer),
+                f"fold*/val_predictions.npz x{k}": inp.cv_rows * per_row, "oof.npz": inp.cv_rows * per_row}
     out = {"ckpt_best.pt": weights, "ckpt_last.pt": ema * weights + optimizer}
     if inp.val_rows:
-        out["val_predictions.npz"] = inp.val_rows * (8 + 8 * inp.n_tasks)
+        out["val_predictions.npz"] = inp.val_rows * per_row
     return out
 
 

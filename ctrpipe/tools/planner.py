@@ -55,6 +55,7 @@ def parse_bytes(text: str) -> int:
 
 def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = None) -> MemoryPlan:
     """The memory plan of training `cfg` on the cache `shards` on `device` ("cpu" or "cuda")."""
+    from ctrpipe.train.fit import check_folds
     from ctrpipe.train.objective import build_tasks
     from ctrpipe.train.plan import plan_steps
 
@@ -64,6 +65,12 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
     if not train_rows or not manifest.label_names:
         raise SchemaError(f"shard cache {shards} has no labelled training rows", where=str(shards / "manifest.json"),
                           fix="plan a run on a cache built from labelled data without --test")
+    check_folds(cfg, manifest, shards)
+    n_folds = cfg.cv.n_splits
+    fold_sizes = [int(n) for n in manifest.folds.get("sizes", [])] if n_folds else []
+    # K-fold: the largest fold validates, the view without the smallest trains (the largest of each)
+    val_rows = max(fold_sizes) if n_folds else manifest.rows.get("val", 0)
+    train_rows = sum(fold_sizes) - min(fold_sizes) if n_folds else train_rows
     spec = manifest.feature_spec()
     with torch.device("meta"):
         model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
@@ -88,11 +95,10 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
     step_memory = {a: measure_step_memory(cfg, spec, sample, sizes, measure_on, amp=a,
                                           eval_amp=predict_amp("auto") if auto and a == cfg.train.amp else a)
                    for a in amps}
-    val_rows = manifest.rows.get("val", 0) if not cfg.cv.n_splits else manifest.rows.get("train", 0) // cfg.cv.n_splits
     inp = Inputs(cfg=cfg, manifest=manifest, shards=shards, spec=spec, device=device, tables=tables,
                  dense=_dense_counts(model), step_memory=step_memory,
                  metric_bytes_per_row=metric_bytes_per_row(n_tasks), val_rows=val_rows, n_tasks=n_tasks,
-                 train_rows=train_rows - val_rows if cfg.cv.n_splits else train_rows)
+                 train_rows=train_rows, n_folds=n_folds, cv_rows=sum(fold_sizes))
     setting = Setting(batch=b, eval_batch=cfg.loader.eval_batch_size, amp=cfg.train.amp,
                       embedding_optimizer=cfg.train.embedding_optimizer)
     available, what = (memory, "--memory") if memory else device_memory(device)

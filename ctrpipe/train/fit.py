@@ -189,7 +189,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         raise ConfigError(f"loader.batch_size {b} is the global batch, and it does not split evenly over "
                           f"{w} processes", where="loader.batch_size",
                           fix=f"use a multiple of {w}, e.g. loader.batch_size={-(-b // w) * w}")
-    _check_folds(cfg, manifest, shards)
+    check_folds(cfg, manifest, shards)
     # a model that needs a feature kind the shards lack, or a config it refuses, fails here before any other
     # work; on the meta device nothing is allocated or initialised (the real build comes once, per fold)
     with torch.device("meta"):
@@ -248,7 +248,8 @@ def _check_metric(cfg: RunConfig, tasks: tuple[Task, ...]) -> None:
                           where="train.early_stopping.metric", fix=f"use one of {', '.join(valid)}")
 
 
-def _check_folds(cfg: RunConfig, manifest: Manifest, shards: Path) -> None:
+def check_folds(cfg: RunConfig, manifest: Manifest, shards: Path) -> None:
+    """cv.n_splits against the cache's folds (training and `ctrpipe plan` refuse the same)."""
     k = cfg.cv.n_splits
     stored = int(manifest.folds.get("n_splits", 0) or 0)
     if k and stored != k:

@@ -271,3 +271,27 @@ def test_the_loaders_row_index_is_counted(caches: dict[int, Path]) -> None:
     assert index("loader.shuffle_strategy=block") == 4 * train_rows
     assert index("loader.shuffle_strategy=gather") == 12 * train_rows
     assert index("loader.balance_pos_fraction=0.3") == 20 * train_rows
+
+
+def test_kfold_plans_match_the_cache_folds_and_count_every_folds_files(caches: dict[int, Path],
+                                                                       tmp_path: Path) -> None:
+    """cv.n_splits the cache lacks is refused as training refuses it; a K-fold plan counts K checkpoints, K
+    last states and the out-of-fold predictions, and validates on the largest fold."""
+    from ctrpipe.errors import ManifestMismatchError
+    from ctrpipe.shard.build import build_shards
+
+    with pytest.raises(ManifestMismatchError, match="K=3 needs a cache with 3 folds"):
+        plan_of(caches[500], "dnn", "cv.n_splits=3")
+    raw = next(caches[500].parent.glob("syn/train.tsv"))
+    cfg = load_config(REPO / "cfgs" / "criteo.yaml", ["data.hash_bins=500", "data.folds.n_splits=3"])
+    folded = build_shards(cfg, [raw], tmp_path / "k3", progress=False).manifest
+    with pytest.raises(ManifestMismatchError, match="--kfold 3"):
+        plan_of(tmp_path / "k3", "dnn", "cv.n_splits=4")
+    single, kfold = plan_of(tmp_path / "k3", "dnn"), plan_of(tmp_path / "k3", "dnn", "cv.n_splits=3")
+    # checkpoints hold the touched table rows: a fold's view (2/3 of the rows) touches fewer than train (9/10)
+    best, last = kfold.disk["ckpt_fold*.pt x3"], kfold.disk["fold*/ckpt_last.pt x3"]
+    assert best % 3 == 0 and 2 * single.disk["ckpt_best.pt"] < best <= 3 * single.disk["ckpt_best.pt"]
+    assert best < last <= 3 * single.disk["ckpt_last.pt"]
+    sizes = folded.folds["sizes"]
+    assert kfold.disk["oof.npz"] == sum(sizes) * (8 + 8)
+    assert any(f"predictions of {max(sizes):,} validation rows" in line.item for line in kfold.lines)
