@@ -182,7 +182,8 @@ def report(
     baseline: Optional[str] = typer.Option(None, "--baseline",  # noqa: UP045
                                            help="run (name or path) the leaderboard's deltas refer to; default "
                                                 "the first"),
-    strict: bool = typer.Option(False, "--strict", help="refuse runs from another cache instead of listing "
+    strict: bool = typer.Option(False, "--strict", help="refuse runs from another cache, or with other "
+                                                        "heads, masks or metric weights, instead of listing "
                                                         "them unranked"),
     quiet: bool = QuietOpt,
 ) -> None:

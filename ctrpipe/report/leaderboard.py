@@ -1,9 +1,13 @@
 """Report leaderboard: runs ranked on the split they share, best value per column, deltas to a baseline run.
 
 Runs are comparable when they were trained on one cache (the same manifest fingerprint: the same rows in
-the same splits). The board scores them on the gold split when every one of them has gold metrics, else on
-validation. Runs on another cache -- or, on validation, K-fold runs (out-of-fold rows) next to single runs
-(the validation split) -- are listed below the ranking, marked and never ranked, unless `strict` refuses them.
+the same splits) and their primary metrics are the same mean: a run's AUC or logloss is the mean of its heads'
+values weighted by their metric weights, each head scored on the rows its mask keeps, so the runs need the
+same heads, the same `train.tasks.<head>.mask` and (with two heads or more) the same
+`train.tasks.<head>.metric_weight`. The board scores them on the gold split when every one of them has gold
+metrics, else on validation. Runs on another cache, with other heads, masks or metric weights -- or, on
+validation, K-fold runs (out-of-fold rows) next to single runs (the validation split) -- are listed below the
+ranking, marked and never ranked, unless `strict` refuses them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from ctrpipe.errors import ManifestMismatchError, ReportError, human_bytes
-from ctrpipe.report.rundata import RunData
+from ctrpipe.report.rundata import HeadSettings, RunData
 
 Better = Literal["high", "low", "one"]       # larger is better, smaller is better, closest to 1 is better
 Split = Literal["gold", "val"]
@@ -111,18 +115,21 @@ def find_baseline(runs: Sequence[RunData], baseline: str | None) -> RunData:
 
 
 def build_leaderboard(runs: Sequence[RunData], baseline: str | None = None, strict: bool = False) -> Leaderboard:
-    """Rank `runs` against the baseline's cache and split; with `strict`, refuse runs that cannot be ranked."""
+    """Rank `runs` against the baseline's cache, heads and split; with `strict`, refuse runs that cannot be
+    ranked. Only runs whose metric means the baseline's pick the split: one that is never ranked must not move
+    the board off gold."""
     base = find_baseline(runs, baseline)
-    same_cache = [r for r in runs if r.manifest_fingerprint and r.manifest_fingerprint == base.manifest_fingerprint]
-    split: Split = "gold" if all(r.gold for r in same_cache) else "val"
+    peers = [r for r in runs if not _why_other_metric(r, base)]
+    split: Split = "gold" if all(r.gold for r in peers) else "val"
     reasons = {id(r): _why_not_comparable(r, base, split) for r in runs}
     odd = [r for r in runs if reasons[id(r)]]
     if strict and odd:
         raise ManifestMismatchError(
             "runs cannot be compared on one split: " + "; ".join(f"{r.name} ({reasons[id(r)]})" for r in odd),
             where=", ".join(str(r.path) for r in odd),
-            fix=f"train them on the baseline's cache ({base.name}: fingerprint {base.manifest_fingerprint[:12]}), "
-                f"leave them out, or drop --strict to list them unranked")
+            fix=f"train them like the baseline ({base.name}: cache fingerprint {base.manifest_fingerprint[:12]}, "
+                f"heads {list(base.heads)}, its train.tasks masks and metric weights), leave them out, or drop "
+                f"--strict to list them unranked")
     entries = [Entry(r, tuple(c.value(r, split) for c in COLUMNS), not reasons[id(r)], reasons[id(r)])
                for r in runs]
     entries.sort(key=_rank_key)
@@ -131,13 +138,86 @@ def build_leaderboard(runs: Sequence[RunData], baseline: str | None = None, stri
 
 
 def _why_not_comparable(run: RunData, base: RunData, split: Split) -> str:
-    if not run.manifest_fingerprint or run.manifest_fingerprint != base.manifest_fingerprint:
-        return f"another cache: fingerprint {run.manifest_fingerprint[:12] or 'unknown'}, " \
-               f"the baseline's {base.manifest_fingerprint[:12] or 'unknown'}"
+    """Why `run` cannot be ranked next to the baseline ("" when it can), in words the page and --strict show."""
+    return _why_other_metric(run, base) or _other_rows(run, base, split)
+
+
+def _why_other_metric(run: RunData, base: RunData) -> str:
+    """Why `run`'s metrics measure something else than the baseline's on any split ("" when they do not)."""
+    return _other_cache(run, base) or _other_heads(run, base) or _other_head_settings(run, base)
+
+
+def _other_cache(run: RunData, base: RunData) -> str:
+    """Another cache holds other rows, so its splits are other examples."""
+    if run.manifest_fingerprint and run.manifest_fingerprint == base.manifest_fingerprint:
+        return ""
+    return f"another cache: fingerprint {run.manifest_fingerprint[:12] or 'unknown'}, " \
+           f"the baseline's {base.manifest_fingerprint[:12] or 'unknown'}"
+
+
+def _other_rows(run: RunData, base: RunData, split: Split) -> str:
+    """On validation a K-fold run is scored on its out-of-fold rows (every row once), a single run on the
+    validation split: other rows of one cache."""
     if split == "val" and run.val_kind != base.val_kind:
         kinds = {"oof": "out-of-fold rows", "val": "the validation split"}
         return f"scored on {kinds[run.val_kind]}, the baseline on {kinds[base.val_kind]}"
     return ""
+
+
+def _other_heads(run: RunData, base: RunData) -> str:
+    """The primary metric is a mean over the heads: over other heads (another label set, or ESMM's ctr / ctcvr /
+    cvr against one head per label) it is another number. The heads' order does not change the mean."""
+    if sorted(run.heads) == sorted(base.heads):
+        return ""
+    return f"other heads: {list(run.heads)}, the baseline's {list(base.heads)}"
+
+
+def _other_head_settings(run: RunData, base: RunData) -> str:
+    """Same heads, another mean: a head's mask picks the rows it is scored on (conversion on clicked rows, or on
+    every row), its metric weight its share of the mean ((1, 1) and (2, 2) weigh alike). One head is the whole
+    mean whatever its weight.
+
+    Runs record each head's settings as training resolved them; a run from before that record gives them as its
+    config wrote them, where a value set to the model's default still differs from the default left unset --
+    listed unranked, never ranked wrongly.
+    """
+    diffs = []
+    for head in base.heads:
+        mine, theirs = _settings(run, head), _settings(base, head)
+        if mine.mask != theirs.mask:
+            diffs.append(_differs(f"train.tasks.{head}.mask", mine.mask, theirs.mask))
+    if len(base.heads) > 1:
+        mine_w, base_w = _weight_shares(run, base.heads), _weight_shares(base, base.heads)
+        if any(not math.isclose(mine_w[h], base_w[h], rel_tol=1e-9) for h in base.heads):
+            diffs += [_differs(f"train.tasks.{h}.metric_weight", mine, theirs) for h in base.heads
+                      if (mine := _settings(run, h).metric_weight) != (theirs := _settings(base, h).metric_weight)]
+    return "other head settings: " + "; ".join(diffs) if diffs else ""
+
+
+def _weight_shares(run: RunData, heads: Sequence[str]) -> dict[str, float]:
+    """Each head's share of the mean; the raw weights (-1: unknown) when one is unknown, so that only equal
+    values agree."""
+    weights = [_settings(run, h).metric_weight for h in heads]
+    if any(w is None for w in weights) or not sum(w for w in weights if w is not None) > 0:
+        return {h: float(w) if w is not None else -1.0 for h, w in zip(heads, weights, strict=True)}
+    total = sum(w for w in weights if w is not None)
+    return {h: float(w) / total for h, w in zip(heads, weights, strict=True) if w is not None}
+
+
+def _settings(run: RunData, head: str) -> HeadSettings:
+    """The head's recorded settings; a head the run does not record left both to the model."""
+    return run.head_settings.get(head, HeadSettings(mask=None, metric_weight=None))
+
+
+def _differs(key: str, value: str | float | None, base_value: str | float | None) -> str:
+    """'train.tasks.converted.mask clicked, the baseline's unset (the model's default)'."""
+    return f"{key} {_setting_text(value)}, the baseline's {_setting_text(base_value)}"
+
+
+def _setting_text(value: str | float | None) -> str:
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else value
 
 
 def _rank_key(e: Entry) -> tuple[bool, float, float]:

@@ -2,6 +2,7 @@
 
 Reads metrics.json, train_log.csv and diagnostics.csv (the run's, or each fold's), the saved validation or
 out-of-fold predictions, and counts the model's parameters from its checkpoint when metrics.json has no count.
+Each head's mask and metric weight are read as the run's config set them (metrics.json config.train.tasks).
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ class HeadPredictions:
 
 
 @dataclass(frozen=True)
+class HeadSettings:
+    """What one head adds to the primary (mean) metric: the label whose 1-rows alone it is scored on, and its
+    weight in the mean, as training resolved them (metrics.json "tasks"). From a run that predates that record,
+    as its config set them: None where the config left the model's default, which is one value per head name
+    in every model, so two such runs leaving a head's value unset use the same value.
+    """
+
+    mask: str | None               # label whose 1-rows alone count for the head
+    metric_weight: float | None    # weight of the head in the primary metric
+
+
+@dataclass(frozen=True)
 class Resources:
     """Cost of a run; None where the run directory does not record it."""
 
@@ -72,6 +85,7 @@ class RunData:
     name: str                              # exp_name
     model: str
     heads: tuple[str, ...]
+    head_settings: dict[str, HeadSettings]  # per head in `heads`
     manifest_fingerprint: str
     kfold: int                             # folds of a K-fold run, 0 for a single run
     best_step: int | None
@@ -119,7 +133,8 @@ def load_run(path: Path) -> RunData:
         notes.append(f"no {preds_name}: no reliability diagram or prediction histograms")
     return RunData(
         path=path, name=str(metrics.get("exp_name") or path.name), model=str(metrics.get("model", "?")),
-        heads=heads, manifest_fingerprint=str(metrics.get("manifest_fingerprint", "")), kfold=kfold,
+        heads=heads, head_settings=_head_settings(metrics, heads),
+        manifest_fingerprint=str(metrics.get("manifest_fingerprint", "")), kfold=kfold,
         best_step=_opt_int(metrics.get("best_step")), steps=_opt_int(metrics.get("steps")),
         val=_float_dict(metrics.get("val")), gold=_float_dict(metrics["gold"]) if metrics.get("gold") else None,
         notes=tuple(notes), logs=logs, predictions=predictions,
@@ -139,6 +154,27 @@ def _read_metrics(path: Path) -> dict[str, Any]:
         raise ReportError("metrics.json holds no validation metrics", where=str(path),
                           fix="pass a run finished by `ctrpipe train` (an interrupted run has none)")
     return metrics
+
+
+def _head_settings(metrics: dict[str, Any], heads: tuple[str, ...]) -> dict[str, HeadSettings]:
+    """Each head's mask and metric weight as training resolved them (metrics.json "tasks"); from runs that
+    predate that record, as the config set them: "" (mask) and -1 (metric_weight) are training's spelling of
+    "the model's default" (train/config.py TaskConfig)."""
+    resolved = metrics.get("tasks")
+    if isinstance(resolved, dict) and all(isinstance(resolved.get(h), dict) for h in heads):
+        return {h: HeadSettings(mask=resolved[h].get("mask") or None,
+                                metric_weight=_opt_float(resolved[h].get("metric_weight"))) for h in heads}
+    config = metrics.get("config")
+    train = config.get("train") if isinstance(config, dict) else None
+    tasks = train.get("tasks") if isinstance(train, dict) else None
+    out = {}
+    for head in heads:
+        own = tasks.get(head) if isinstance(tasks, dict) else None
+        own = own if isinstance(own, dict) else {}
+        mask, weight = own.get("mask"), _opt_float(own.get("metric_weight"))
+        out[head] = HeadSettings(mask=str(mask) if isinstance(mask, str) and mask else None,
+                                 metric_weight=weight if weight is not None and weight >= 0 else None)
+    return out
 
 
 def _read_logs(directory: Path, name: str) -> RunLogs:

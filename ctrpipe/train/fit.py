@@ -436,10 +436,18 @@ def _base_summary(ctx: TrainContext) -> dict[str, Any]:
                           "reason": ctx.amp.reason},
             "shards": str(ctx.shards.resolve()), "manifest_fingerprint": ctx.manifest.fingerprint,
             "schema_fingerprint": ctx.manifest.schema_fingerprint(), "labels": list(ctx.spec.labels),
-            "heads": ctx.task_names,
+            "heads": ctx.task_names, "tasks": _resolved_tasks(ctx),
             **({"logit_shift": dict(zip(ctx.task_names, ctx.logit_shift, strict=True))}
                if any(ctx.logit_shift) else {}),
             "config": to_dict(ctx.cfg), "config_sources": dict(ctx.cfg.sources)}
+
+
+def _resolved_tasks(ctx: TrainContext) -> dict[str, dict[str, Any]]:
+    """Each head's target, mask and weights as training used them (the model's defaults filled in): what makes
+    two runs' mean metrics the same mean (the report compares these)."""
+    labels = ctx.spec.labels
+    return {t.name: {"labels": [labels[i] for i in t.labels], "mask": labels[t.mask] if t.mask is not None else None,
+                     "weight": t.weight, "metric_weight": t.metric_weight} for t in ctx.tasks}
 
 
 def _interrupted(ctx: TrainContext, step: int) -> dict[str, Any]:

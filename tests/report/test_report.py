@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
+from cli_helpers import sets as _sets
 from matplotlib.figure import Figure
 from PIL import Image
 from report_setup import Runs
@@ -22,6 +24,11 @@ from ctrpipe.report.leaderboard import COLUMNS, build_leaderboard
 from ctrpipe.report.rundata import load_run
 from ctrpipe.report.stats import reliability_bins
 from ctrpipe.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+# small and fast, as the session's parquet_mmoe (conftest.py)
+PARQUET_FAST = ["loader.batch_size=128", "loader.eval_batch_size=512", "train.log_every=2",
+                "infer.calibration.method=none", "train.epochs=2", "train.evals_per_epoch=2"]
 
 
 def report(*args: str) -> tuple[int, str]:
@@ -112,6 +119,60 @@ def test_validation_split_when_a_run_lacks_gold(runs: Runs) -> None:
     unranked = [e for e in board.entries if not e.comparable]
     assert [e.run.name for e in unranked] == ["criteo_dnn_cv"] and "out-of-fold" in unranked[0].reason
     assert next(e for e in board.entries if e.run is dnn).values[col("auc")] == dnn.val["auc"]
+
+
+@pytest.fixture(scope="module")
+def mmoe_variants(runs: Runs) -> dict[str, Path]:
+    """Runs on parquet_mmoe's cache (heads clicked and converted, converted on clicked rows only), by what
+    their primary metric is: the same mean (shared_bottom: another model, the same train.tasks), other heads
+    (ESMM: ctr, ctcvr, cvr), converted on every row, and clicked weighted 3 in the mean."""
+    cache, out = runs.root / "shards" / "parquet", runs.root / "variant_runs"
+    plans = {"same": ("parquet_shared_bottom.yaml", ["model.hidden_units=[32]", "model.tower_units=[8]"]),
+             "heads": ("parquet_esmm.yaml", ["model.backbone_params.hidden_units=[32]"]),
+             "mask": ("parquet_mmoe.yaml", ["model.hidden_units=[32]", "exp_name=parquet_mmoe_every_row",
+                                            "train.tasks.converted.mask="]),
+             "weight": ("parquet_mmoe.yaml", ["model.hidden_units=[32]", "exp_name=parquet_mmoe_click_weighted",
+                                              "train.tasks.clicked.metric_weight=3"])}
+    for cfg, extra in plans.values():
+        run_cli("train", "--cfg", str(REPO / "cfgs" / cfg), "--shards", str(cache), "--runs", str(out), "-q",
+                *_sets([*PARQUET_FAST, *extra]))
+    names = {"same": "parquet_shared_bottom", "heads": "parquet_esmm", "mask": "parquet_mmoe_every_row",
+             "weight": "parquet_mmoe_click_weighted"}
+    return {k: out / n for k, n in names.items()}
+
+
+def test_runs_with_other_heads_masks_or_metric_weights_are_not_ranked(runs: Runs, mmoe_variants: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    mmoe = load_run(runs.mmoe)
+    variants = {k: load_run(p) for k, p in mmoe_variants.items()}
+    assert len({r.manifest_fingerprint for r in [mmoe, *variants.values()]}) == 1      # one cache
+    board = build_leaderboard([mmoe, *variants.values()])
+    assert board.split == "gold"                  # every run has gold metrics
+    entry = {e.run.name: e for e in board.entries}
+    assert [e.run.name for e in board.entries if e.comparable] \
+        == sorted(["parquet_mmoe", "parquet_shared_bottom"], key=lambda n: -entry[n].values[col("auc")])
+    assert entry["parquet_esmm"].reason \
+        == "other heads: ['ctr', 'ctcvr', 'cvr'], the baseline's ['clicked', 'converted']"
+    assert entry["parquet_mmoe_every_row"].reason == ("other head settings: train.tasks.converted.mask none, "
+                                                      "the baseline's clicked")
+    assert entry["parquet_mmoe_click_weighted"].reason == ("other head settings: train.tasks.clicked.metric_weight "
+                                                           "3, the baseline's 1")
+    # weights are shares of the mean: (2, 2) weighs as (1, 1)
+    from ctrpipe.report.rundata import HeadSettings
+    doubled = dataclasses.replace(variants["same"], head_settings={
+        h: HeadSettings(mask=v.mask, metric_weight=2 * (v.metric_weight or 0))
+        for h, v in variants["same"].head_settings.items()})
+    assert all(e.comparable for e in build_leaderboard([mmoe, doubled]).entries)
+    # the other baseline: the reasons name its values
+    flipped = {e.run.name: e for e in build_leaderboard([variants["mask"], mmoe]).entries}
+    assert flipped["parquet_mmoe"].reason == ("other head settings: train.tasks.converted.mask clicked, the "
+                                              "baseline's none")
+
+    code, text = report(str(runs.mmoe), str(mmoe_variants["heads"]), str(mmoe_variants["weight"]), "--out",
+                        str(tmp_path / "rep"), "--strict")
+    assert code == 1 and "parquet_esmm (other heads:" in text and "train.tasks.clicked.metric_weight 3" in text
+    assert str(mmoe_variants["heads"]) in text and "fix: train them like the baseline" in text
+    assert not (tmp_path / "rep").exists()
 
 
 def test_strict_refuses_runs_of_another_cache(runs: Runs, tmp_path: Path) -> None:
