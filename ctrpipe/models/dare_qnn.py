@@ -187,7 +187,8 @@ class DareQNN(nn.Module):
             h = self.qnn(x)
             return self.head(self.mlp(h) if self.mlp is not None else h)
 
-        out = self_ensemble(tower, self.ensemble_weight, self.training and self.ensemble)
+        out = self_ensemble(tower, self.ensemble_weight, self.training and self.ensemble,
+                            (self.qnn, self.mlp, self.head))
         if self.aux is not None:
             out.logits = torch.cat([out.logits, self.aux_head(self.aux(whole.flatten(1)))], dim=1)
         return out

@@ -77,4 +77,4 @@ class QNNAlpha(nn.Module):
         fields = self.inputs(batch).fields                                     # (B, F, d), computed once
         assert fields is not None                                              # require_fields checked it
         return self_ensemble(lambda: self.head(self.qnn(fields)), self.ensemble_weight,
-                             self.training and self.ensemble)                  # logits (B, T)
+                             self.training and self.ensemble, (self.qnn, self.head))   # logits (B, T)

@@ -4,6 +4,7 @@ resume, infer reproducing the validation metrics)."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -164,6 +165,32 @@ def test_training_runs_the_layers_twice_inference_once(spec_factory, batch_facto
     assert not as_output(model(batch)).aux_losses and len(calls) == 1
     plain = build(spec, self_ensemble=False)
     assert not as_output(plain(batch)).aux_losses
+
+
+@pytest.mark.parametrize("name", ["qnn_alpha", "dare_qnn"])
+def test_batch_norm_counts_one_batch_per_step_under_the_self_ensemble(spec_factory, batch_factory,
+                                                                      name: str) -> None:
+    """The two passes see one batch: running statistics move as after a single pass (the first), and the
+    batch count grows by one."""
+    spec = spec_factory(2)
+    batch = batch_factory(spec, rows=32)
+    params = {"qnn_alpha": {"norm": "batch", "dropout": 0.3},
+              "dare_qnn": {"attention_dim": 4, "sequence": {"top_k": 3},
+                           "qnn_alpha": {"feature_embed_dim": 8, "mlp_hidden": [8], "dropout": 0.3,
+                                         "norm": "batch"}}}[name]
+    section = build_model_section({"name": name, "embedding_dim": 8, **params})
+    torch.manual_seed(0)
+    two = build_model(section.name, section.params, spec)
+    one = copy.deepcopy(two)
+    one.ensemble = False
+    norms = [n for n, m in two.named_modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms
+    for model in (two, one):
+        torch.manual_seed(5)                          # the first pass draws what the single pass draws
+        model(batch)
+    for (n, a), (_, b) in zip(two.named_buffers(), one.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=n)
+    assert all(dict(two.named_buffers())[f"{n}.num_batches_tracked"].item() == 1 for n in norms)
 
 
 def test_dare_qnn_self_ensemble_by_hand(spec_factory, batch_factory) -> None:

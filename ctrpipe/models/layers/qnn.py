@@ -28,7 +28,8 @@ Inference runs one pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -123,17 +124,40 @@ def consistency_loss(z1: Tensor, z2: Tensor, mean_logit: Tensor) -> Tensor:
     return per_row.mean(dim=0).mean()
 
 
-def self_ensemble(tower: Callable[[], Tensor], weight: float, active: bool) -> ModelOutput:
+def self_ensemble(tower: Callable[[], Tensor], weight: float, active: bool,
+                  stateful: Sequence[nn.Module | None] = ()) -> ModelOutput:
     """Run `tower` (a closure over the embeddings, returning (B, H) logits) once, or, when `active`
     (training with a stochastic tower), twice: logits = logit(p̄) and aux_losses["self_ensemble"] =
     weight * consistency_loss. The embeddings are computed once, outside the closure, so only the tower's
     cost doubles; diagnostics["self_ensemble.gap"] is the mean |σ(z1) - σ(z2)| (how much the passes differ).
+    The batch norms in `stateful` (the tower's modules) update their running statistics on the first pass
+    only: one step is one batch, as for every other model, whatever the number of passes.
     """
     if not active:
         return ModelOutput(logits=tower())
-    z1, z2 = tower(), tower()                                                   # two dropout draws
+    z1 = tower()
+    with _running_stats_frozen(stateful):
+        z2 = tower()                                                            # another dropout draw
     mean_logit = mean_probability_logit(z1, z2)
     aux = {"self_ensemble": weight * consistency_loss(z1, z2, mean_logit)} if weight > 0 else {}
     with torch.no_grad():
         gap = (torch.sigmoid(z1.float()) - torch.sigmoid(z2.float())).abs().mean()
     return ModelOutput(logits=mean_logit, aux_losses=aux, diagnostics={"self_ensemble.gap": gap})
+
+
+@contextmanager
+def _running_stats_frozen(modules: Sequence[nn.Module | None]) -> Iterator[None]:
+    """Batch norms normalise by the batch as usual, but leave their running statistics as they were: a
+    momentum of 0 keeps them (no copy of the buffers), and the batch count is put back."""
+    norms = [m for module in modules if module is not None for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.sub_(1)
