@@ -23,6 +23,11 @@ def check_config(ok: bool, key: str, value: Any, example: str, why: str = "") ->
         raise ConfigError(what, where=f"model.{key}", fix=f"use e.g. model.{key}={example}")
 
 
+def divisor_near(value: int, dim: int) -> int:
+    """The largest divisor of `dim` not above `value` (at least 1): the example a `must divide` error gives."""
+    return max(k for k in range(1, max(1, min(int(value), dim)) + 1) if dim % k == 0) if dim >= 1 else 1
+
+
 def check_choice(value: Any, choices: Any, key: str) -> None:
     """Literal fields are checked by the YAML builder; this also guards configs built in Python."""
     options = get_args(choices)

@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
-from ctrpipe.models.base import Activation, InputConfig, NumericMode, SearchConfig, check_choice, check_config
+from ctrpipe.models.base import (
+    Activation,
+    InputConfig,
+    NumericMode,
+    SearchConfig,
+    check_choice,
+    check_config,
+    divisor_near,
+)
 from ctrpipe.models.dare import aux_heads
 from ctrpipe.models.heads import ModelOutput
 from ctrpipe.models.layers.embedding import FieldEmbedding
@@ -142,7 +150,7 @@ class DareQNN(nn.Module):
         self.se = SqueezeExcitation(n_fields, q.se_reduction) if q.use_se else None
         self.transpose = q.pair_grouping == "fields"
         qf, qd = (d, n_fields) if self.transpose else (n_fields, d)
-        check_config(qd % q.heads == 0, "qnn_alpha.heads", q.heads, "1",
+        check_config(qd % q.heads == 0, "qnn_alpha.heads", q.heads, str(divisor_near(q.heads, qd)),
                      why=f"heads must divide {'the number of fields' if self.transpose else 'feature_embed_dim'} "
                          f"({qd})")
         self.qnn = QuadraticInteraction(qf, qd, q.num_layers, q.rank, q.heads, q.dropout, q.norm, cfg.activation,

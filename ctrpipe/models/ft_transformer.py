@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
-from ctrpipe.models.base import InputConfig, check_choice, check_config
+from ctrpipe.models.base import InputConfig, check_choice, check_config, divisor_near
 from ctrpipe.models.layers.attention import TransformerBlock
 from ctrpipe.models.layers.inputs import FeatureInput
 from ctrpipe.models.layers.output import OutputHead
@@ -37,7 +37,8 @@ class FTTransformerConfig(InputConfig):
         for key in ("n_blocks", "n_heads", "ffn_multiplier"):
             value = getattr(self, key)
             check_config(isinstance(value, int) and value >= 1, key, value, "4")
-        check_config(self.embedding_dim % self.n_heads == 0, "n_heads", self.n_heads, "4",
+        check_config(self.embedding_dim % self.n_heads == 0, "n_heads", self.n_heads,
+                     str(divisor_near(self.n_heads, self.embedding_dim)),
                      why=f"must divide model.embedding_dim={self.embedding_dim}")
         for key in ("attention_dropout", "ffn_dropout", "residual_dropout"):
             value = getattr(self, key)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
-from ctrpipe.models.base import Activation, InputConfig, NumericMode, check_choice, check_config
+from ctrpipe.models.base import Activation, InputConfig, NumericMode, check_choice, check_config, divisor_near
 from ctrpipe.models.heads import ModelOutput
 from ctrpipe.models.layers.inputs import FeatureInput
 from ctrpipe.models.layers.output import OutputHead
@@ -48,7 +48,8 @@ class QNNAlphaConfig(InputConfig):
         for key in ("num_layers", "rank", "heads"):
             value = getattr(self, key)
             check_config(isinstance(value, int) and value >= 1, key, value, "3" if key != "heads" else "1")
-        check_config(self.embedding_dim % self.heads == 0, "heads", self.heads, "1",
+        check_config(self.embedding_dim % self.heads == 0, "heads", self.heads,
+                     str(divisor_near(self.heads, self.embedding_dim)),
                      why=f"heads must divide embedding_dim ({self.embedding_dim})")
         check_config(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "0.1")
         check_choice(self.norm, QNNNorm, "norm")
@@ -65,7 +66,8 @@ class QNNAlpha(nn.Module):
         self.inputs = FeatureInput(spec, cfg, sparse=sparse)
         dim = self.inputs.require_fields("qnn_alpha")
         # field_dims can give every field another common dim than embedding_dim
-        check_config(dim % cfg.heads == 0, "heads", cfg.heads, "1", why=f"heads must divide the field dim ({dim})")
+        check_config(dim % cfg.heads == 0, "heads", cfg.heads, str(divisor_near(cfg.heads, dim)),
+                     why=f"heads must divide the field dim ({dim})")
         self.qnn = QuadraticInteraction(self.inputs.n_fields, dim, cfg.num_layers, cfg.rank, cfg.heads,
                                         cfg.dropout, cfg.norm, cfg.activation, cfg.use_residual)
         self.head = OutputHead(self.qnn.out_dim, spec)

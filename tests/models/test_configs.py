@@ -134,3 +134,28 @@ def test_dare_attention_vectors_are_at_most_the_representation_width(name: str, 
         with pytest.raises(ConfigError, match=f"wider than the {width}-d representation vectors") as err:
             build(**keys)
         assert err.value.where == "model.attention_dim" and f"use at most {width}" in err.value.fix
+
+
+@pytest.mark.parametrize(("name", "params", "key"), [
+    ("ft_transformer", {"embedding_dim": 6, "n_heads": 4}, ("n_heads",)),
+    ("qnn_alpha", {"embedding_dim": 6, "heads": 4}, ("heads",)),
+    ("dare_qnn", {"embedding_dim": 8, "attention_dim": 6, "sequence": {"top_k": 3, "transformer_block": True,
+                                                                      "tfm": {"n_heads": 4}}},
+     ("sequence", "tfm", "n_heads")),
+])
+def test_a_head_count_that_does_not_divide_gets_a_fix_that_builds(spec_factory, name: str, params: dict,
+                                                                   key: tuple[str, ...]) -> None:
+    """The example in the fix divides the width (a fixed '4' or 'e.g. 2 for attention_dim 8' did not)."""
+    import re
+
+    spec = spec_factory(1)
+    with pytest.raises(ConfigError) as err:
+        section = build_model_section({"name": name, **params})
+        build_model(section.name, section.params, spec)
+    fixed = int(re.search(r"use e\.g\. model\.[\w.]+=(\d+)", str(err.value)).group(1))  # type: ignore[union-attr]
+    inner = params
+    for k in key[:-1]:
+        inner = inner[k]
+    inner[key[-1]] = fixed
+    section = build_model_section({"name": name, **params})
+    assert build_model(section.name, section.params, spec) is not None

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
-from ctrpipe.models.base import SHARD_A_HISTORY, SearchConfig
+from ctrpipe.models.base import SHARD_A_HISTORY, SearchConfig, divisor_near
 
 
 @dataclass(frozen=True)
@@ -318,7 +318,8 @@ class DareEncoder(nn.Module):
             if attention_dim % t.n_heads:
                 raise ConfigError(f"model.sequence.tfm.n_heads={t.n_heads} does not divide attention_dim="
                                   f"{attention_dim}", where="model.sequence.tfm.n_heads",
-                                  fix="pick n_heads dividing attention_dim, e.g. 2 for attention_dim 8")
+                                  fix=f"use e.g. model.sequence.tfm.n_heads={divisor_near(t.n_heads, attention_dim)}"
+                                      f" (n_heads must divide attention_dim {attention_dim})")
             layer = nn.TransformerEncoderLayer(attention_dim, t.n_heads, t.ffn_hidden or 4 * attention_dim,
                                                t.dropout, batch_first=True, norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, t.n_layers, enable_nested_tensor=False)
