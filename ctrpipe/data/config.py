@@ -165,7 +165,11 @@ def _check_regex(pattern: str, key: str) -> None:
     try:
         pl.Series([""]).str.contains(pattern)
     except pl.exceptions.PolarsError as exc:
-        raise ConfigError(f"bad regex {pattern!r} for '{key}': {str(exc).splitlines()[0]}", where=key,
+        # the Rust message spans lines (pattern, caret, "error: <why>"): its last error line says why
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln.removeprefix("error:").strip() for ln in reversed(lines) if ln.startswith("error:")),
+                   lines[0] if lines else "")
+        raise ConfigError(f"bad regex {pattern!r} for '{key}': {why}", where=key,
                           fix="use Rust regex syntax (no look-around or back-references), e.g. '^Married'"
                           ) from None
 

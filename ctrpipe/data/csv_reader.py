@@ -291,7 +291,7 @@ class CsvChunker:
                 where = location(self.path, int(rec.lines[i]), column=d.column)
                 if value is None or value == "" or value in self.missing:
                     return InputFormatError(f"missing value {value!r} in the source of label {d.name!r}",
-                                            where=where, fix=f"every row needs a label: {_SKIP_FIX}")
+                                            where=where, fix=f"every row needs a label: fill in {d.column!r}, {_SKIP_FIX}")
                 return InputFormatError(
                     f"{value!r} is neither a positive {list(d.positive)} nor a negative {list(d.negative)} "
                     f"value of label {d.name!r}", where=where,
@@ -299,7 +299,9 @@ class CsvChunker:
             value = frame[col][row]
             where = location(self.path, int(rec.lines[i]), column=col)
             if kind == "lab":
-                return InputFormatError(f"label {value!r} is not 0 or 1", where=where,
+                what = "the label is missing" if value is None or value == "" or value in self.missing \
+                    else f"label {value!r} is not 0 or 1"
+                return InputFormatError(what, where=where,
                                         fix=f"labels must be 0/1 (no missing values); fix the file, {_SKIP_FIX}")
             fix = f"list it in data.csv.missing if it means 'missing', or list {col!r} under data.categorical"
             if str(value).startswith(" "):

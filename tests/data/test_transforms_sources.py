@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import xxhash
 
-from ctrpipe.data.config import CategoricalConfig, DataConfig, NumericConfig, TokenColumnConfig
+from ctrpipe.data.config import CategoricalConfig, DataConfig, DerivedLabelConfig, NumericConfig, TokenColumnConfig
 from ctrpipe.data.hashing import hash_ids, xxh64_strings
 from ctrpipe.data.schema import resolve_columns
 from ctrpipe.data.sources import expand_inputs
@@ -118,6 +118,9 @@ def test_resolve_parquet_columns_errors() -> None:
         resolve_columns(dataclasses.replace(base, numeric=NumericConfig(pattern="^zz")), schema)
     with pytest.raises(ConfigError, match="bad regex"):
         resolve_columns(dataclasses.replace(base, numeric=NumericConfig(pattern="([")), schema)
+    with pytest.raises(ConfigError, match=r"bad regex '\^\(Married' for 'data.derived_labels\[m\].pattern': "
+                                          r"unclosed group\n"):
+        DerivedLabelConfig(name="m", column="s", pattern="^(Married")        # not the first line, "regex error:"
     wide = dataclasses.replace(base, numeric=NumericConfig(pattern="."), categorical=CategoricalConfig())
     assert resolve_columns(wide, schema).numeric == ("f_1", "f_2", "c")   # never labels or token columns
 
