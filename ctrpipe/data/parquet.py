@@ -85,6 +85,15 @@ _FIX = {
 }
 
 
+def _type_fix(kind: Kind, t: pa.DataType) -> str:
+    """The fix for a mistyped column, by what it holds where the kind alone would mislead."""
+    if kind == "categorical" and pa.types.is_temporal(t):
+        return "cast it to text (e.g. '2024-01-31') or an integer when writing the file"
+    if kind == "categorical" and (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return "a list of values per row is a token column: list it under data.multihot (or data.sequence)"
+    return _FIX[kind]
+
+
 def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_labels: bool) -> bool:
     """Raise SchemaError for a missing or mistyped column; return whether the file has the label columns."""
     names = list(schema.names)
@@ -110,7 +119,7 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
         t = schema.field(col).type
         if not _type_ok(kind, t):
             raise SchemaError(f"{kind} column has type {t}, expected {_EXPECTED[kind]}",
-                              where=location(path, column=col), fix=_FIX[kind])
+                              where=location(path, column=col), fix=_type_fix(kind, t))
     return has_labels
 
 

@@ -132,18 +132,25 @@ def test_missing_column_names_closest(cfg: DataConfig, tmp_path: Path, parquet_f
 
 def test_wrong_types(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
     n = pq.read_metadata(parquet_file).num_rows
+    import datetime
+
     cases = {
-        "clicked": (pa.array(["yes"] * n), "label column has type string"),
-        "gender": (pa.array([0.5] * n), "categorical column has type double"),
-        "feat_a_1": (pa.array([[1.0]] * n), "numeric column has type list<element: double>"),
-        "tags": (pa.array([1.5] * n), "token column has type double"),
+        "clicked": (pa.array(["yes"] * n), "label column has type string", "0/1 integers"),
+        "gender": (pa.array([0.5] * n), "categorical column has type double", "cast floats"),
+        "feat_a_1": (pa.array([[1.0]] * n), "numeric column has type list<element: double>", "to a number"),
+        "tags": (pa.array([1.5] * n), "token column has type double", "separated string"),
+        # the fix fits what the column holds: no "cast floats" for a date or a list
+        "age_group": (pa.array([datetime.date(2024, 1, 31)] * n), "categorical column has type date32",
+                       "cast it to text (e.g. '2024-01-31')"),
+        "day_of_week": (pa.array([["a", "b"]] * n), "categorical column has type list<",
+                   "under data.multihot"),
     }
-    for col, (arr, what) in cases.items():
+    for col, (arr, what, fix) in cases.items():
         path = rewrite(parquet_file, tmp_path / f"{col}.parquet", **{col: arr})
         with pytest.raises(SchemaError) as err:
             read_all(cfg, [path])
         msg = str(err.value)
-        assert f"{path}, column {col}: {what}, expected" in msg and "fix:" in msg
+        assert f"{path}, column {col}: {what}" in msg and ", expected" in msg and fix in msg.split("fix:")[1]
 
 
 def test_numeric_text_column(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
