@@ -157,7 +157,7 @@ def export(
 @app.command()
 def predict(
     run: Path = typer.Option(..., "--run", help="run directory, e.g. runs/criteo_dnn"),
-    input_: Path = typer.Option(..., "--input", help="raw rows: Criteo text or Parquet, as the run was trained on"),
+    input_: Path = typer.Option(..., "--input", help="raw rows (Criteo text, CSV or Parquet) as trained on"),
     out: Path = typer.Option(..., "--out", help="CSV of id (or row) + one probability column per head"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="the run's training cache, if it moved"),  # noqa: UP045
     overrides: list[str] = typer.Option([], "--set", help="inference override, repeatable: --set "
