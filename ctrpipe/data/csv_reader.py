@@ -291,7 +291,8 @@ class CsvChunker:
                 where = location(self.path, int(rec.lines[i]), column=d.column)
                 if value is None or value == "" or value in self.missing:
                     return InputFormatError(f"missing value {value!r} in the source of label {d.name!r}",
-                                            where=where, fix=f"every row needs a label: fill in {d.column!r}, {_SKIP_FIX}")
+                                            where=where,
+                                            fix=f"every row needs a label: fill in {d.column!r}, {_SKIP_FIX}")
                 return InputFormatError(
                     f"{value!r} is neither a positive {list(d.positive)} nor a negative {list(d.negative)} "
                     f"value of label {d.name!r}", where=where,
