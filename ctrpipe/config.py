@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -329,13 +329,31 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
             close = [aliases.get(c, c) for c in difflib.get_close_matches(key, [*names, *aliases], n=1, cutoff=0.5)]
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'", where=where, fix=hint)
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", origin)
+        kwargs[key] = _coerce(hints[key], _onto_field_default(cls, key, value), f"{prefix}{key}", origin)
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid values in '{prefix.rstrip('.') or 'config'}': {exc}", where=origin) from None
+
+
+def _onto_field_default(cls: type, key: str, value: Any) -> Any:
+    """A partly given section keeps what its field's default sets beyond the section class's own defaults
+    (`data.numeric: {impute: mean}` keeps the Criteo columns I1-I13), except keys replaced together with a
+    given one (`REPLACED_TOGETHER`: a column selection by `columns` or `pattern` is one setting)."""
+    f = next((f for f in fields(cls) if f.name == key), None)
+    if f is None or f.default_factory is MISSING or not isinstance(value, Mapping):
+        return value
+    default = f.default_factory()
+    if not is_dataclass(default) or isinstance(default, type):
+        return value
+    bare = type(default)()
+    together: tuple[str, ...] = getattr(type(default), "REPLACED_TOGETHER", ())
+    replaced = set(together) if any(k in value for k in together) else set()
+    kept = {g.name: getattr(default, g.name) for g in fields(default)
+            if g.init and g.name not in replaced and getattr(default, g.name) != getattr(bare, g.name)}
+    return {**kept, **value}
 
 
 def _example(tp: Any) -> str:

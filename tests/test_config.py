@@ -236,3 +236,19 @@ def test_two_downsampling_corrections_are_refused() -> None:
         load_config(None, ["loader.neg_keep_prob=0.5", "infer.calibration.keep_rate=0.5"])
     assert e.value.where == "infer.calibration.keep_rate"
     assert load_config(None, ["infer.calibration.keep_rate=0.5"]).infer.calibration.keep_rate == 0.5
+
+
+def test_a_partly_given_column_section_keeps_the_criteo_columns(tmp_path: Path) -> None:
+    """`data.numeric.impute=mean` alone kept no numeric column (the section was built from its class's
+    defaults, not from the Criteo layout DataConfig gives it); a selection by `pattern` replaces `columns`."""
+    from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT
+
+    cfg = load_config(None, ["data.numeric.impute=mean", "data.categorical.mode=vocab"], resolve_model=False)
+    assert cfg.data.numeric.columns == CRITEO_INT and cfg.data.numeric.impute == "mean"
+    assert cfg.data.categorical.columns == CRITEO_CAT and cfg.data.categorical.mode == "vocab"
+    path = tmp_path / "part.yaml"
+    path.write_text("data:\n  numeric: {standardize: true}\n")
+    assert load_config(path, [], resolve_model=False).data.numeric.columns == CRITEO_INT
+    by_pattern = load_config(None, ["data.numeric.pattern=^f_"], resolve_model=False).data.numeric
+    assert by_pattern.columns == () and by_pattern.pattern == "^f_"
+    assert load_config(None, ["data.numeric.columns=[I2]"], resolve_model=False).data.numeric.columns == ("I2",)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ctrpipe.errors import ConfigError
 
@@ -15,6 +15,7 @@ CRITEO_CAT = tuple(f"C{i}" for i in range(1, 27))
 class NumericConfig:
     """Numeric columns by explicit list and/or a regex `pattern` (matched against Parquet column names)."""
 
+    REPLACED_TOGETHER: ClassVar[tuple[str, ...]] = ("columns", "pattern")   # one selection (config.py)
     columns: tuple[str, ...] = ()        # explicit column names
     pattern: str = ""                    # regex over Parquet column names, e.g. "^feat_"
     impute: Literal["zero", "mean", "median"] = "zero"  # fill for missing values (train-split statistics)
@@ -26,6 +27,7 @@ class NumericConfig:
 
 @dataclass(frozen=True)
 class CategoricalConfig:
+    REPLACED_TOGETHER: ClassVar[tuple[str, ...]] = ("columns", "pattern")   # one selection (config.py)
     columns: tuple[str, ...] = ()        # explicit column names
     pattern: str = ""                    # regex over Parquet column names, e.g. "^l_feat_"
     mode: Literal["hash", "vocab"] = "hash"  # vocab: ids by train-split frequency, rare -> OOV
