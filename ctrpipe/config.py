@@ -109,8 +109,27 @@ def deep_merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
     return into
 
 
+class OverrideText(str):
+    """A `--set` value as typed, with `parsed`, what YAML reads in it. A text setting takes the text as typed
+    (`infer.pred_header=007` stays '007', not 7; `data.csv.comment_prefix=|` stays '|', not YAML's empty
+    block scalar; `data.csv.missing=?` is ('?',)); every other setting takes the YAML value."""
+
+    parsed: Any
+
+    def __new__(cls, text: str, parsed: Any) -> OverrideText:
+        obj = super().__new__(cls, text)
+        obj.parsed = parsed
+        return obj
+
+    @property
+    def is_null(self) -> bool:
+        """YAML's null spelled out (`#x` is read as None too: a comment, which a text setting keeps)."""
+        return self.strip() in ("null", "Null", "NULL", "~")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is parsed as YAML."""
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is parsed as YAML (a scalar or a list keeps its
+    text too: `OverrideText`)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} has no '='", where="--set", fix="write --set train.lr=3e-4")
     key, raw = text.split("=", 1)
@@ -123,6 +142,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = raw
     if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
         value = float(value)  # YAML 1.1 reads '3e-4' as a string
+    if not (isinstance(value, Mapping) and raw.strip().startswith("{")):    # a section stays one to merge
+        value = OverrideText(raw.strip() or raw, value)      # a separator may be a space or a tab
     return parts, value
 
 
@@ -321,6 +342,7 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
         where = _where(origin, f"{prefix}{key}")
         if key in fixed:
             only, why = fixed[key]
+            value = value.parsed if isinstance(value, OverrideText) else value
             if type(value) is not type(only) or value != only:     # `false` and `0.0` are not 0
                 raise ConfigError(f"'{prefix}{key}' can only be {only!r} in ctrpipe, not {value!r}: {why}",
                                   where=where, fix=f"drop '{prefix}{key}' or set it to {only!r}")
@@ -378,13 +400,32 @@ def _bad(tp: Any, value: Any, key: str, origin: str) -> ConfigError:
                        fix=f"use e.g. {key}={_example(tp)}")
 
 
+def _as_typed(tp: Any, value: OverrideText) -> Any:
+    """The text as typed for a text setting (or a list of texts: `[a, -999.00]` or `a, b` split on commas,
+    quotes stripped), else what YAML reads."""
+    org = get_origin(tp)
+    if tp is str or tp is Path or (org is Literal and all(isinstance(a, str) for a in get_args(tp))):
+        return None if value.is_null else str(value)
+    if org in (tuple, list, Sequence) and get_args(tp)[:1] == (str,) and (len(get_args(tp)) == 1 or
+                                                                         get_args(tp)[1] is Ellipsis):
+        text = str(value)
+        if text.startswith("[") and text.endswith("]") and not any(c in text[1:-1] for c in "[]{}"):
+            text = text[1:-1]
+        elif text.startswith(("[", "{")):
+            return value.parsed
+        return [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
+    return value.parsed
+
+
 def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - one branch per type form
     org = get_origin(tp)
+    if isinstance(value, OverrideText) and org not in (typing.Union, types.UnionType):
+        value = _as_typed(tp, value)
     if tp is Any:
         return value
     if org in (typing.Union, types.UnionType):
         args = get_args(tp)
-        if value is None and type(None) in args:
+        if (value.is_null if isinstance(value, OverrideText) else value is None) and type(None) in args:
             return None
         errors: list[ConfigError] = []
         for arg in args:

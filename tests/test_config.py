@@ -191,8 +191,10 @@ def test_unknown_model_lists_valid_names() -> None:
 
 
 def test_override_parsing() -> None:
-    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
-    assert parse_override("data.labels=[clicked, converted]") == (["data", "labels"], ["clicked", "converted"])
+    key, value = parse_override("train.lr=3e-4")
+    assert key == ["train", "lr"] and value.parsed == 3e-4 and value == "3e-4"      # the YAML value and the text
+    assert parse_override("data.labels=[clicked, converted]")[1].parsed == ["clicked", "converted"]
+    assert parse_override("data.numeric={impute: mean}")[1] == {"impute": "mean"}  # a section, to merge
     with pytest.raises(ConfigError, match="no '='"):
         parse_override("train.lr")
 
@@ -252,3 +254,19 @@ def test_a_partly_given_column_section_keeps_the_criteo_columns(tmp_path: Path) 
     by_pattern = load_config(None, ["data.numeric.pattern=^f_"], resolve_model=False).data.numeric
     assert by_pattern.columns == () and by_pattern.pattern == "^f_"
     assert load_config(None, ["data.numeric.columns=[I2]"], resolve_model=False).data.numeric.columns == ("I2",)
+
+
+def test_a_text_setting_takes_the_text_as_typed() -> None:
+    """YAML reads `007` as 7, `12:30` as 750, `|` and `>` as empty block scalars, `?` as a mapping and `#x` as a
+    comment; a text setting given by --set keeps what was typed, every other setting the YAML value."""
+    cfg = load_config(CFGS / "adult.yaml", [
+        "data.csv.comment_prefix=|", "data.csv.missing=[?, -999.00]", "infer.pred_header=007", "exp_name=12:30",
+        "infer.id_header=#id", "data.csv.quote_char='", "train.lr=3e-4", "loader.batch_size=1024", "train.amp=off"],
+        resolve_model=False)
+    assert cfg.data.csv.comment_prefix == "|" and cfg.data.csv.missing == ("?", "-999.00")
+    assert (cfg.infer.pred_header, cfg.exp_name, cfg.infer.id_header) == ("007", "12:30", "#id")
+    assert cfg.data.csv.quote_char == "'" and cfg.train.amp == "off"
+    assert cfg.train.lr == 3e-4 and cfg.loader.batch_size == 1024
+    assert load_config(None, ["data.csv.missing=?"], resolve_model=False).data.csv.missing == ("?",)
+    assert load_config(None, ["data.separator=\t"], resolve_model=False).data.separator == "\t"
+    assert load_config(CFGS / "dare_qnn.yaml", ["model.sequence.pad_id=0"]).model.params is not None  # a fixed key

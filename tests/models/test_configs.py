@@ -45,7 +45,7 @@ def test_criteo_config_per_model(name: str) -> None:
     ("dcn", "cross_layers", 0, "model.cross_layers=3"),
     ("dcnv2", "n_experts", 0, "model.n_experts=4"),
     ("autoint", "numeric", "concat", "model.numeric=token"),
-    ("ft_transformer", "n_heads", 3, "model.n_heads=4"),
+    ("ft_transformer", "n_heads", 3, "model.n_heads=2"),      # a divisor of embedding_dim 32
     ("ft_transformer", "attention_dropout", 1.0, "model.attention_dropout=0.1"),
 ])
 def test_bad_value_names_key_and_fix(name: str, key: str, value: Any, fix: str) -> None:

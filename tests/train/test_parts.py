@@ -116,7 +116,7 @@ def test_amp_off_survives_yaml():
     from ctrpipe.config import apply_overrides, build_dataclass
 
     data = apply_overrides({}, ["train.amp=off"])["train"]
-    assert data["amp"] is False
+    assert data["amp"].parsed is False and data["amp"] == "off"          # the YAML value and the text
     assert build_dataclass(TrainConfig, data, "train.", "--set").amp == "off"
 
 
