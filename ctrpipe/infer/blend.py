@@ -247,7 +247,7 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     check_out_file(out)
     w = parse_weights(weights, len(files))
     resolve_weights(method, len(files), w, None, 1.0)     # refuse bad combinations before reading anything
-    check_trim_ratio(trim_ratio, "--trim-ratio")
+    check_trim_ratio(trim_ratio, "--trim-ratio", len(files) if method == "trim_mean" else None)
     id_header, pred_header = _check_inputs(files, out)
     # more, larger buckets than the open-file limit allows cost memory per bucket, not correctness
     parts = min(partitions or _choose_partitions(files), _open_file_budget())

@@ -35,11 +35,20 @@ class CalibrationConfig:
                               fix="use the keep rate in (0, 1], e.g. infer.calibration.keep_rate=0.25")
 
 
-def check_trim_ratio(value: float, key: str) -> None:
-    """trim_mean cuts this share from each end of a row: below half, or nothing would be left."""
+def check_trim_ratio(value: float, key: str, models: int | None = None) -> None:
+    """trim_mean cuts this share from each end of a row: below half, or nothing would be left. Given the number
+    of models, it must also cut one at least (floor(models * share) >= 1), or trim_mean is a plain mean."""
+    eq = "=" if key.startswith("infer.") else " "
     if not 0.0 <= value < 0.5:
         raise ConfigError(f"bad value {value} for '{key}'", where=key,
-                          fix=f"use a share in [0, 0.5), e.g. {key} 0.1")
+                          fix=f"use a share in [0, 0.5), e.g. {key}{eq}0.1")
+    if models is not None and int(models * value + 1e-9) == 0:
+        least = 1.0 / models
+        raise ConfigError(f"trim_mean with {key} {value} trims nothing from {models} models (it cuts "
+                          f"floor({models} x {value}) = 0 from each end): it would be a plain mean", where=key,
+                          fix=f"use {key}{eq}{least + 1e-3:.3f} or more to cut one model from each end, or the "
+                              "mean method" if least + 1e-3 < 0.5 else
+                              f"{models} models are too few to cut one from each end: use the median or mean method")
 
 
 @dataclass(frozen=True)

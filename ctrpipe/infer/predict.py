@@ -36,6 +36,7 @@ from ctrpipe.infer.calibrate import (
     load_val_predictions,
     read_calibration,
 )
+from ctrpipe.infer.config import check_trim_ratio
 from ctrpipe.infer.ensemble import combine, rank_normalise, resolve_weights
 from ctrpipe.infer.submission import SubmissionWriter, check_out_file
 from ctrpipe.loader.loader import ShardLoader
@@ -68,6 +69,7 @@ class InferReport:
     task: str
     metrics: dict[str, float] | None
     seconds: float
+    notes: tuple[str, ...] = ()        # why metrics were left out or what they cannot tell
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -313,6 +315,8 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     heads = [t.name for t in tasks]
     task = task_index(cfg, heads)
     weights = fold_weights(cfg, ckpts)
+    if cfg.infer.method == "trim_mean":
+        check_trim_ratio(cfg.infer.trim_ratio, "infer.trim_ratio", len(ckpts))
     cal, cal_source = load_calibrations(run, cfg, task, quiet)
     device = resolve_device(cfg.train.device)
     view = resolve_view(cfg.infer.view, manifest)
@@ -341,8 +345,11 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     preds = ensemble_logits(logits, [cal] * len(ckpts), cfg.infer.method, weights, cfg.infer.trim_ratio,
                             cfg.infer.write_chunk_rows)
     metrics = None
-    if labels is not None and np.isfinite(labels).any():
+    notes = _metric_notes(view, manifest, ckpts, cal, cfg.infer.method)
+    if labels is not None and np.isfinite(labels).any() and not notes.withheld:
         metrics = compute_metrics(labels, preds)          # rows a head's mask drops (NaN) are skipped
+        if cfg.infer.method == "rank_avg":                # ranks order the rows; they are no probabilities
+            metrics = {k: v for k, v in metrics.items() if k in ("auc", "ap")}
     # a new submission never sits beside an older one's sidecar or fold predictions (an interrupt between
     # its rename and theirs, or a run without save_fold_preds, would pair them)
     for stale in (out.with_name(out.name + ".json"), out.with_name(out.name + ".folds.npz")):
@@ -352,10 +359,42 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
         _save_fold_preds(out, rows, logits, paths, labels)
     report = InferReport(out=out, rows=n, checkpoints=tuple(paths), weights=weights,
                          view=view.describe(), task=heads[task], metrics=metrics,
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0, notes=notes.lines)
     _write_sidecar(report, cfg, run, shards, manifest, ckpts, cal, cal_source)
     _print_summary(report, cfg, cal, cal_source, device, quiet)
     return report
+
+
+@dataclass(frozen=True)
+class _MetricNotes:
+    lines: tuple[str, ...]
+    withheld: bool                     # the view's labels say nothing held-out about these models
+
+
+def _metric_notes(view: RowView, manifest: Manifest, ckpts: Sequence[Checkpoint], cal: Calibration,
+                  method: str) -> _MetricNotes:
+    """What the view's metrics can tell. On the cache the run trained on, rows a model trained on give
+    in-sample numbers (K-fold: every fold covers the train and val rows, and each model trained on all but
+    one of them): they are withheld, pointing to the held-out figures training recorded. A calibration fitted
+    on the validation rows it is scored on flatters them a little: said, not withheld."""
+    lines: list[str] = []
+    withheld = False
+    same_cache = all(c.manifest_fingerprint == manifest.fingerprint for c in ckpts)
+    kfold = any(c.fold >= 0 for c in ckpts)
+    trained = {"train", "val"} if kfold else {"train"}
+    touched = sorted(trained & set(view.splits)) if same_cache else []
+    if touched:
+        withheld = True
+        held_out = "cv.oof in metrics.json (each row scored by the fold model that did not train on it)" \
+            if kfold else "val in metrics.json"
+        lines.append(f"metrics withheld: the models trained on the {' and '.join(touched)} rows of this view; "
+                     f"the held-out figures are {held_out}")
+    elif same_cache and "val" in view.splits and cal.method != "none":
+        lines.append("the calibration was fitted on these validation rows: logloss and calibration are slightly "
+                     "optimistic")
+    if method == "rank_avg":
+        lines.append("rank_avg writes rank scores in [0, 1], not probabilities: only AUC and AP are reported")
+    return _MetricNotes(tuple(lines), withheld)
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -395,7 +434,7 @@ def _write_sidecar(r: InferReport, cfg: RunConfig, run: Path, shards: Path, mani
         "shards": str(shards.resolve()), "shards_fingerprint": manifest.fingerprint,
         "shards_schema_fingerprint": manifest.schema_fingerprint(),
         "calibration": {**asdict(cal), "source": cal_source},
-        "metrics": _finite(r.metrics) if r.metrics is not None else None,
+        "metrics": _finite(r.metrics) if r.metrics is not None else None, "notes": list(r.notes),
         "config": to_dict(cfg), "config_sources": dict(cfg.sources), "seconds": round(r.seconds, 3),
     }
     return write_json_atomic(path, doc)
@@ -409,10 +448,14 @@ def _print_summary(r: InferReport, cfg: RunConfig, cal: Calibration, cal_source:
                    quiet: bool) -> None:
     rate = human_rate(r.rows * len(r.checkpoints) / max(r.seconds, 1e-9), "rows/s")
     k = len(r.checkpoints)
-    how = f"{k} checkpoint{'s' if k > 1 else ''}" + (f", {cfg.infer.method}" if k > 1 else "")
+    # rank_avg ranks one model's scores too: its name says the output is no probability
+    how = f"{k} checkpoint{'s' if k > 1 else ''}" + \
+        (f", {cfg.infer.method}" if k > 1 or cfg.infer.method == "rank_avg" else "")
     if quiet:
-        extra = "" if r.metrics is None else f" auc={r.metrics['auc']:.5f} logloss={r.metrics['logloss']:.5f}"
+        extra = "".join(f" {m}={r.metrics[m]:.5f}" for m in ("auc", "logloss") if r.metrics and m in r.metrics)
         console.print(f"wrote {r.out} ({r.rows:,} rows, {how}, {r.seconds:.1f}s){extra}", highlight=False)
+        for note in r.notes:
+            console.print(f"  note: {note}", highlight=False)
         return
     from rich.table import Table
 
@@ -428,5 +471,5 @@ def _print_summary(r: InferReport, cfg: RunConfig, cal: Calibration, cal_source:
         table.add_row("metrics", "  ".join(f"{m}={r.metrics[m]:.5f}" for m in ("auc", "logloss", "wll", "ap")
                                            if m in r.metrics))
     console.print(table)
-    if cfg.infer.method == "rank_avg" and k > 1:
-        console.print("  note: rank_avg writes rank scores in [0, 1], not calibrated probabilities")
+    for note in r.notes:
+        console.print(f"  note: {note}", highlight=False)

@@ -39,14 +39,16 @@ def _read(path: Path) -> pl.DataFrame:
     return pl.read_csv(path, schema={"ID": pl.String, "clicked": pl.Float64})
 
 
-def _in_memory(paths: list[Path], method: str, weights: list[float] | None) -> pl.DataFrame:
+def _in_memory(paths: list[Path], method: str, weights: list[float] | None, trim_ratio: float = 0.1
+               ) -> pl.DataFrame:
     """Reference: full polars join on ID, in the first file's order, then the same combine()."""
     frames = [_read(p).rename({"clicked": f"p{j}"}) for j, p in enumerate(paths)]
     joined = frames[0]
     for f in frames[1:]:
         joined = joined.join(f, on="ID", how="inner", maintain_order="left")
     mat = np.stack([joined[f"p{j}"].to_numpy() for j in range(len(paths))])
-    return pl.DataFrame({"ID": joined["ID"], "clicked": combine(mat, method, weights=weights)})
+    return pl.DataFrame({"ID": joined["ID"], "clicked": combine(mat, method, weights=weights,
+                                                                trim_ratio=trim_ratio)})
 
 
 @pytest.mark.parametrize("method", get_args(EnsembleMethod))
@@ -55,9 +57,10 @@ def test_streaming_blend_equals_in_memory_join(tmp_path: Path, method: str, part
     paths, _, _ = _make(tmp_path)
     weights = [0.5, 0.3, 0.2] if method == "weighted" else None
     out = tmp_path / "blend.csv"
+    trim = 0.34                                                       # of 3 files: cuts one from each end
     report = run_blend(paths, method, "0.5,0.3,0.2" if weights else None, out, quiet=True,
-                       partitions=partitions, chunk_bytes=2048)      # many chunks, several buckets
-    got, want = _read(out), _in_memory(paths, method, weights)
+                       partitions=partitions, chunk_bytes=2048, trim_ratio=trim)   # many chunks, several buckets
+    got, want = _read(out), _in_memory(paths, method, weights, trim)
     assert report.rows == N
     assert got["ID"].to_list() == _read(paths[0])["ID"].to_list()    # first file's order
     np.testing.assert_allclose(got["clicked"].to_numpy(), want["clicked"].to_numpy(), rtol=1e-12)
@@ -247,3 +250,11 @@ def test_out_naming_a_folder_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(SubmissionError, match="names a folder") as e:
         run_blend(paths, "mean", None, tmp_path / "outdir", quiet=True)
     assert "outdir/submission.csv" in e.value.fix
+
+
+def test_a_trim_that_cuts_nothing_is_refused_before_reading(tmp_path: Path) -> None:
+    """trim_mean of 3 files with --trim-ratio 0.1 cuts floor(0.3) = 0 files: a plain mean under another name."""
+    paths, _, _ = _make(tmp_path)
+    with pytest.raises(ConfigError, match=r"trims nothing from 3 models(?s:.*)--trim-ratio 0.334 or more"):
+        run_blend(paths, "trim_mean", None, tmp_path / "o.csv", quiet=True, trim_ratio=0.1)
+    assert not (tmp_path / "o.csv").exists()

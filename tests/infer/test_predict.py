@@ -62,6 +62,37 @@ def test_val_view_reproduces_metrics_json(world: dict[str, Path], tmp_path: Path
     assert cal.metrics is not None
     assert cal.metrics["auc"] == pytest.approx(want["auc"], abs=1e-9)
     assert cal.metrics["logloss"] <= want["logloss"] + 1e-9
+    assert any("fitted on these validation rows" in n for n in cal.notes)        # said: slightly optimistic
+
+
+def test_metrics_on_rows_the_models_trained_on_are_withheld(world: dict[str, Path], tmp_path: Path) -> None:
+    """Every fold covers the train and val rows, so a K-fold ensemble scored on them reports in-sample numbers
+    (with 2 folds, one of the two models trained on each row); a single run trained on its train rows."""
+    for run, view, held_out in ((world["kfold"], "val", "cv.oof"), (world["kfold"], "train", "cv.oof"),
+                                (world["single"], "train", "val in metrics.json")):
+        rep = run_infer(run, world["tr"], tmp_path / f"{run.name}_{view}.csv", [f"infer.view={view}"], quiet=True)
+        assert rep.metrics is None and any("metrics withheld" in n and held_out in n for n in rep.notes)
+        sidecar = json.loads((tmp_path / f"{run.name}_{view}.csv.json").read_text())
+        assert sidecar["metrics"] is None and sidecar["notes"] == list(rep.notes)
+        assert pl.read_csv(tmp_path / f"{run.name}_{view}.csv").height == rep.rows > 0    # still written
+    val = run_infer(world["single"], world["tr"], tmp_path / "val.csv",
+                    ["infer.view=val", "infer.calibration.method=none"], quiet=True)
+    assert val.metrics is not None and not val.notes                              # held out from the model
+
+
+def test_rank_avg_reports_only_rank_metrics(world: dict[str, Path], tmp_path: Path) -> None:
+    """Rank scores order the rows but are no probabilities: logloss, WLL and Score of them mean nothing (and
+    ranks averaging 0.5 can beat the real probabilities' Score). One model gets ranks too: said."""
+    rep = run_infer(world["single"], world["tr"], tmp_path / "r.csv",
+                    ["infer.view=val", "infer.method=rank_avg", "infer.calibration.method=none"], quiet=True)
+    assert rep.metrics is not None and set(rep.metrics) == {"auc", "ap"}
+    assert any("rank scores" in n for n in rep.notes)
+
+
+def test_trim_mean_that_trims_nothing_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trims nothing from 2 models(?s:.*)too few to cut one from each end"):
+        run_infer(world["kfold"], world["te"], tmp_path / "t.csv", ["infer.method=trim_mean"], quiet=True)
+    assert not (tmp_path / "t.csv").exists()
 
 
 def test_submission_on_test_cache(world: dict[str, Path], tmp_path: Path) -> None:
