@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -400,12 +401,22 @@ def _bad(tp: Any, value: Any, key: str, origin: str) -> ConfigError:
                        fix=f"use e.g. {key}={_example(tp)}")
 
 
+def _tuple_fix(key: str, args: tuple[Any, ...]) -> str:
+    """'write each item as [8192, 0.001], e.g. train.pos_weight_clip=[[8192, 0.001]]' (--set has no [i] keys)."""
+    item = f"[{', '.join(_example(a) for a in args)}]"
+    parent = key[:key.rindex("[")] if key.endswith("]") else ""
+    return f"write each item as {item}, e.g. {parent}=[{item}]" if parent else f"write {item}, e.g. {key}={item}"
+
+
 def _as_typed(tp: Any, value: OverrideText) -> Any:
     """The text as typed for a text setting (or a list of texts: `[a, -999.00]` or `a, b` split on commas,
     quotes stripped), else what YAML reads."""
     org = get_origin(tp)
     if tp is str or tp is Path or (org is Literal and all(isinstance(a, str) for a in get_args(tp))):
-        return None if value.is_null else str(value)
+        text = str(value)
+        if isinstance(value.parsed, str) and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return value.parsed                      # quoted: YAML's reading is what was meant ('' is empty)
+        return None if value.is_null else text
     if org in (tuple, list, Sequence) and get_args(tp)[:1] == (str,) and (len(get_args(tp)) == 1 or
                                                                          get_args(tp)[1] is Ellipsis):
         text = str(value)
@@ -453,7 +464,11 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - 
             raise _bad(tp, value, key, origin)
         args = get_args(tp)
         if org is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            pairs = enumerate(zip(args, value, strict=False))
+            if len(value) != len(args):                  # a pair given 1 or 3 values: not cut or indexed later
+                raise ConfigError(f"bad value {value!r} for '{key}': {len(args)} values expected, "
+                                  f"{len(value)} given", where=_where(origin, key),
+                                  fix=_tuple_fix(key, args))
+            pairs = enumerate(zip(args, value, strict=True))
             return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in pairs)
         inner = args[0] if args else Any
         return tuple(_coerce(inner, v, f"{key}[{i}]", origin) for i, v in enumerate(value))
@@ -467,16 +482,21 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - 
             return value
         raise _bad(tp, value, key, origin)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
             raise _bad(tp, value, key, origin)
         return int(value)
     if tp is float:
         if isinstance(value, bool):
             raise _bad(tp, value, key, origin)
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise _bad(tp, value, key, origin) from None
+        if math.isnan(number):                   # passes every `x < 0` check, then poisons training silently
+            raise ConfigError(f"NaN is no value for '{key}'", where=_where(origin, key),
+                              fix=f"use a number, e.g. {key}={_example(tp)}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -52,10 +52,20 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; a CUDA device that is absent is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"bad value {name!r} for 'train.device'", where="train.device",
+                          fix="use auto, cpu, cuda or cuda:1") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={name}: ctrpipe runs on the CPU or CUDA", where="train.device",
+                          fix="use train.device=auto, cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available", where="train.device",
                           fix="use train.device=auto or train.device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)",
+                          where="train.device", fix="use train.device=cuda (the first device) or a smaller index")
     return device
 
 

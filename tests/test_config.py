@@ -268,5 +268,23 @@ def test_a_text_setting_takes_the_text_as_typed() -> None:
     assert cfg.data.csv.quote_char == "'" and cfg.train.amp == "off"
     assert cfg.train.lr == 3e-4 and cfg.loader.batch_size == 1024
     assert load_config(None, ["data.csv.missing=?"], resolve_model=False).data.csv.missing == ("?",)
+    assert load_config(None, ["infer.pred_header='a b'"], resolve_model=False).infer.pred_header == "a b"
     assert load_config(None, ["data.separator=\t"], resolve_model=False).data.separator == "\t"
     assert load_config(CFGS / "dare_qnn.yaml", ["model.sequence.pad_id=0"]).model.params is not None  # a fixed key
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.pos_weight_clip=[[0, 300, 5]]", r"2 values expected, 3 given(?s:.*)train.pos_weight_clip=\[\["),
+    ("train.pos_weight_clip=[[0]]", "2 values expected, 1 given"),
+    ("loader.batch_size=.inf", "bad value inf for 'loader.batch_size'"),
+    ("loader.batch_size=.nan", "bad value nan for 'loader.batch_size'"),
+    ("train.weight_decay=.nan", "NaN is no value for 'train.weight_decay'"),
+    ("train.grad_clip=.nan", "NaN is no value for 'train.grad_clip'"),
+    ("train.device=cuda0", "bad value 'cuda0' for 'train.device'"),
+    ("train.device=mps", "bad value 'mps' for 'train.device'"),
+])
+def test_values_that_crashed_later_are_config_errors(override: str, message: str) -> None:
+    """An extra or missing value of a pair was cut or crashed with an IndexError; inf/NaN counts an
+    OverflowError; a NaN float passed every `x < 0` check; cuda0 and mps reached torch.device."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

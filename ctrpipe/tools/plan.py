@@ -345,7 +345,7 @@ def suggestions(inp: Inputs, base: Setting, available: int, peak_of: Callable[[S
         for scale in (0.5, 0.25, 0.1, 0.05, 0.01):
             peak = peak_of(dataclasses.replace(base, bins_scale=scale))
             if peak <= available:
-                out.append(f"fewer bins: rebuild the cache with --set data.hash_bins={int(bins * scale):,}"
+                out.append(f"fewer bins: rebuild the cache with --set data.hash_bins={int(bins * scale)}"
                            f"  -> {human_bytes(peak)}")
                 break
     return out

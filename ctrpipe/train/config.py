@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -165,7 +166,7 @@ class TrainConfig:
         weights = self.pos_weight if isinstance(self.pos_weight, tuple) else (self.pos_weight,)
         if not weights or any(w <= 0 for w in weights):
             raise _bad("train.pos_weight", self.pos_weight, "use positive numbers, e.g. train.pos_weight=1.0")
-        if not self.device or not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device or ""):      # what resolve_device accepts
             raise _bad("train.device", self.device, "use auto, cpu, cuda or cuda:1")
 
     @property

@@ -3,6 +3,7 @@ spaces, the live-bytes meter, the warning (with settings that fit) when the esti
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,22 @@ def test_cli_warns_with_settings_that_fit(caches: dict[int, Path]) -> None:
     assert tight.exit_code == 1, tight.output
     assert "warning: does not fit" in tight.output
     assert "--set loader.batch_size=" in tight.output or "data.hash_bins=" in tight.output
+
+
+def test_every_suggested_setting_loads_as_written(caches: dict[int, Path], tmp_path: Path) -> None:
+    """A bin count was printed with thousands separators (--set data.hash_bins=10,000), which --set refuses."""
+    from ctrpipe.shard.build import build_shards
+
+    raw = caches[500].parent / "syn" / "train.tsv"
+    cfg = load_config(REPO / "cfgs" / "criteo.yaml", ["data.hash_bins=40000", "data.folds.n_splits=0"])
+    build_shards(cfg, [raw], tmp_path / "wide", progress=False)
+    run = load_config(REPO / "cfgs" / "criteo_dnn.yaml", small("dnn"))
+    peak = estimate(run, tmp_path / "wide", "cpu", memory=1 << 40).peak()
+    tips = estimate(run, tmp_path / "wide", "cpu", memory=int(peak * 0.6)).suggestions
+    sets = [t for tip in tips for t in re.findall(r"--set (\S+)", tip)]
+    assert any(t.startswith("data.hash_bins=") and int(t.split("=")[1]) >= 1000 for t in sets), tips
+    for one in sets:
+        load_config(REPO / "cfgs" / "criteo_dnn.yaml", [one])
 
 
 @pytest.mark.parametrize("cfg_name", ["parquet_din.yaml", "parquet_dare.yaml", "dare_qnn.yaml"])
