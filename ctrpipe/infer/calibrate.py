@@ -40,6 +40,9 @@ class Calibration:
     model learns by w, p_s = p / (p + w (1 - p)); inverting, p = p_s w / (p_s w + 1 - p_s), i.e.
     logit(p) = logit(p_s) + log(w). Since w <= 1 the shift is <= 0: it lowers the over-predicted rates.
     The validation rows are assumed sampled like the training rows, so the fit never sees this shift.
+    With target `wll` there is no such shift: WLL weighs the classes equally, each by its own mean, and
+    dropping negatives at random leaves the mean over negatives as it was; so a fit that minimises WLL on
+    sampled rows already minimises it on un-sampled ones, and log(w) would only move away from it.
     """
 
     method: CalibrationMethod = "none"
@@ -50,8 +53,8 @@ class Calibration:
 
     @property
     def shift(self) -> float:
-        """Total additive logit shift applied after dividing by the temperature."""
-        return self.bias + math.log(self.keep_rate)
+        """Total additive logit shift applied after dividing by the temperature (no keep-rate term for wll)."""
+        return self.bias + (math.log(self.keep_rate) if self.target != "wll" else 0.0)
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated logits, same shape as `logits`; float32 in, float32 out (float64 otherwise)."""
@@ -145,7 +148,7 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, cfg: CalibrationConf
     if method == "none" or one_class:
         # nothing to learn from one class: keep the identity (plus the known keep-rate shift)
         return Calibration(method="none", target=cfg.target, keep_rate=cfg.keep_rate)
-    if method == "bias" and cfg.keep_rate < 1.0:
+    if method == "bias" and cfg.keep_rate < 1.0 and cfg.target != "wll":
         # the known sampling rate fixes the shift; fitting it on equally-sampled val rows would give ~0
         return Calibration(method="bias", target=cfg.target, keep_rate=cfg.keep_rate)
     fit_scale = method in ("temperature", "temperature_bias")

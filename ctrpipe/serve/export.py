@@ -97,8 +97,7 @@ class ServingModule(nn.Module):
         cals = p.calibrations
         self.register_buffer("temperature", torch.tensor([c.temperature for c in cals], dtype=torch.float64))
         self.register_buffer("cal_shift", torch.tensor([c.shift for c in cals], dtype=torch.float64))
-        self.register_buffer("cal_on", torch.tensor([not (c.method == "none" and c.keep_rate == 1.0)
-                                                     for c in cals]))
+        self.register_buffer("cal_on", torch.tensor([not (c.method == "none" and c.shift == 0.0) for c in cals]))
 
     def _batch(self, inputs: tuple[Tensor, ...]) -> Batch:
         vals: dict[str, object] = {}

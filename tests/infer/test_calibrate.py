@@ -83,6 +83,26 @@ def test_wll_target_gives_a_different_shift() -> None:
     assert logloss(y, _sig(ll.apply(t))) < logloss(y, _sig(wl.apply(t)))
 
 
+@pytest.mark.parametrize("method", ["bias", "temperature_bias"])
+def test_wll_calibration_of_a_downsampled_model_holds_on_unsampled_rows(method: str) -> None:
+    """WLL weighs each class by its own mean, which random negative downsampling leaves as it was: the WLL fit
+    on sampled validation rows is already right for un-sampled test rows, with no log(keep_rate) shift (which
+    took test WLL from about the best to far worse, and `bias` was not fitted at all)."""
+    t, y = _data(200_000, seed=2)
+    w = 0.25
+    rng = np.random.default_rng(3)
+    kept = (y > 0.5) | (rng.random(len(y)) < w)                  # validation rows sampled like training
+    half = np.arange(len(y)) % 2 == 0
+    val, test = kept & half, ~half                                  # test rows: every row, as served
+    z = t - math.log(w)                                             # what a model trained on sampled rows outputs
+    cal = fit_calibration(z[val], y[val], CalibrationConfig(method=method, target="wll", keep_rate=w))
+    got = weighted_logloss(y[test], _sig(cal.apply(z[test])))
+    best = fit_calibration(z[test], y[test], CalibrationConfig(method=method, target="wll"))
+    floor = weighted_logloss(y[test], _sig(best.apply(z[test])))
+    assert got <= floor + 0.002, (got, floor)
+    assert cal.shift == pytest.approx(cal.bias)                       # no keep-rate term
+
+
 def test_one_class_keeps_identity() -> None:
     cal = fit_calibration(np.array([1.0, 2.0]), np.array([1, 1]), CalibrationConfig(method="temperature"))
     assert cal.method == "none"
