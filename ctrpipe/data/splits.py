@@ -124,6 +124,7 @@ class FoldAssigner:
         self.perms = (np.array(list(itertools.permutations(range(k))), dtype=np.int8) if 0 < k <= 7
                       else np.array([np.roll(np.arange(k), -i) for i in range(k)], dtype=np.int8))
         self.period_starts: pl.Series | None = None     # time mode: K-1 sorted time values
+        self.period_labels: list[str] | None = None     # ... as the input writes them (a date, not its day count)
 
     @property
     def enabled(self) -> bool:
@@ -152,7 +153,7 @@ class FoldAssigner:
         time value of each period (as text)."""
         if self.cfg.mode == "time" and self.period_starts is not None:
             return {"time_key": self.cfg.time_key,
-                    "period_starts": [str(v) for v in self.period_starts.to_list()]}
+                    "period_starts": self.period_labels or [str(v) for v in self.period_starts.to_list()]}
         if self.cfg.mode == "group" and self.cfg.composite_group:
             return {"composite_group": list(self.cfg.composite_group)}
         return {}

@@ -65,9 +65,10 @@ def time_values(chunk: RawChunk, key: str) -> pl.Series:
     return s
 
 
-def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> pl.Series:
+def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> tuple[pl.Series, list[str]]:
     """The first time value of periods 1..K-1 over the rows of `paths` (the main inputs), from a pass that
-    reads only the time column (typed as the write pass types it)."""
+    reads only the time column (typed as the write pass types it), and each as text in the input's own type
+    (timestamps compare as their Int64 counts; the manifest shows them as times)."""
     key = plan.cfg.folds.time_key
     rc = plan.columns
     only = dataclasses.replace(
@@ -78,6 +79,7 @@ def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> pl.Series:
     counts: pl.DataFrame | None = None
     for chunk in iter_raw_chunks(data, paths, data.chunk_rows, bad_rows=data.bad_rows, require_labels=False,
                                  columns=only):
+        stored = chunk.frame[key].dtype if key in chunk.frame.columns else None
         vc = time_values(chunk, key).alias("t").value_counts(name="n")
         counts = vc if counts is None else pl.concat([counts, vc]).group_by("t").agg(pl.col("n").sum())
     if counts is None:
@@ -85,7 +87,9 @@ def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> pl.Series:
                                fix="check the --input paths")
     counts = counts.sort("t")
     try:
-        return period_starts(counts["t"], counts["n"].to_numpy().astype(np.int64), n_splits)
+        starts = period_starts(counts["t"], counts["n"].to_numpy().astype(np.int64), n_splits)
+        shown = starts.cast(stored) if stored is not None and stored.is_temporal() else starts
+        return starts, [str(v) for v in shown.to_list()]
     except ValueError as exc:
         raise InputFormatError(f"time key {key!r} cannot be cut into {n_splits} periods: {exc} (equal time "
                                "values stay in one period)", where="data.folds.time_key",

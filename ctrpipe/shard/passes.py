@@ -341,7 +341,8 @@ def fold_assigner(plan: Plan, inputs: Inputs) -> FoldAssigner:
     data = plan.cfg
     folds = FoldAssigner(data.folds) if inputs.role == "train" else FoldAssigner(type(data.folds)())
     if folds.enabled and folds.cfg.mode == "time":
-        folds.period_starts = fit_periods(plan, inputs.main, folds.cfg.n_splits)    # a pre-pass over one column
+        # a pre-pass over one column
+        folds.period_starts, folds.period_labels = fit_periods(plan, inputs.main, folds.cfg.n_splits)
     return folds
 
 

@@ -4,6 +4,7 @@ features, the trainer's fold views over them, and the errors."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def test_time_folds_are_contiguous_periods_of_near_equal_size(tmp_path: Path, ke
     assert sizes.min() > 600 / 4 * 0.7 and sizes.sum() == 600
     assert m.folds["mode"] == "time" and m.folds["time_key"] == key and len(m.folds["period_starts"]) == 3
     assert m.folds["sizes"] == sizes.tolist()
+    if key == "ts":                                      # shown as times, not their microsecond counts
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*", v) for v in m.folds["period_starts"])
     if key in ("ts", "stamp", "day"):                    # not a feature: read for the folds only
         assert key not in [c.name for c in m.columns]
     # the same folds whatever the chunk size; the trainer's views partition the rows
