@@ -288,3 +288,9 @@ def test_values_that_crashed_later_are_config_errors(override: str, message: str
     OverflowError; a NaN float passed every `x < 0` check; cuda0 and mps reached torch.device."""
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_an_unknown_model_from_set_is_blamed_on_the_set() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CFGS / "demo.yaml", ["model.name=deepfn"])
+    assert str(err.value).startswith("--set model.name: unknown model 'deepfn'")
