@@ -271,7 +271,8 @@ def build_model_section(raw: Mapping[str, Any], origin: str = "config") -> Model
     if name not in model_names():
         close = difflib.get_close_matches(name, model_names(), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"unknown model {name!r}", where=_where(origin, "model.name"),
+        where = _where(origin, "model.name") if isinstance(origin, Origin) else f"{origin}: model.name"
+        raise ConfigError(f"unknown model {name!r}", where=where,
                           fix=f"{hint}valid models: {', '.join(model_names())}")
     params = build_dataclass(config_class(name), raw, "model.", origin)
     return ModelSection(name=name, params=params)

@@ -11,6 +11,8 @@ train.tasks.cvr.weight for an auxiliary loss). The primary metric weighs ctcvr 1
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,25 @@ class ESMMConfig:
         if self.backbone == "esmm":
             raise ConfigError("ESMM cannot be its own backbone", where="model.backbone",
                               fix="use e.g. model.backbone=mmoe")
+        self.backbone_config()               # a bad backbone or backbone key fails when the config loads
+
+    def backbone_config(self) -> Any:
+        """The backbone's own config, built from backbone_params; its errors name model.backbone(_params.*)."""
+        from ctrpipe.config import build_dataclass
+        from ctrpipe.models.registry import model_names
+
+        if self.backbone not in model_names():
+            close = difflib.get_close_matches(self.backbone, model_names(), n=1)
+            raise ConfigError(f"unknown backbone {self.backbone!r}", where="model.backbone",
+                              fix=(f"did you mean {close[0]!r}? " if close else "") + "backbones: " +
+                                  ", ".join(n for n in model_names() if n != "esmm"))
+        try:
+            return build_dataclass(config_class(self.backbone), self.backbone_params, "model.backbone_params.",
+                                   "model")
+        except ConfigError as exc:           # the backbone's checks name its keys as model.<key>
+            def nested(text: str) -> str:
+                return re.sub(r"\bmodel\.(?!backbone_params\.)", "model.backbone_params.", text)
+            raise ConfigError(nested(exc.what), where=nested(exc.where), fix=nested(exc.fix)) from None
 
 
 def esmm_heads(click: str, conversion: str) -> tuple[Head, ...]:
@@ -56,14 +77,11 @@ def esmm_heads(click: str, conversion: str) -> tuple[Head, ...]:
 class ESMM(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ESMMConfig, sparse: bool = False) -> None:
         super().__init__()
-        from ctrpipe.config import build_dataclass
-
         click = cfg.click_label or spec.labels[0]
         conversion = cfg.conversion_label or spec.labels[1]
         self.heads = esmm_heads(click, conversion)
         check_labels(spec, self.heads, "esmm")
-        params = build_dataclass(config_class(cfg.backbone), cfg.backbone_params, "model.backbone_params.",
-                                 "model")
+        params = cfg.backbone_config()
         # the backbone predicts ctr and cvr as two ordinary heads, each starting at its own prior
         inner = spec_for_heads(spec, (self.heads[0], self.heads[2]))
         self.backbone = build_model(cfg.backbone, params, inner, sparse=sparse)

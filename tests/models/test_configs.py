@@ -159,3 +159,16 @@ def test_a_head_count_that_does_not_divide_gets_a_fix_that_builds(spec_factory, 
     inner[key[-1]] = fixed
     section = build_model_section({"name": name, **params})
     assert build_model(section.name, section.params, spec) is not None
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.backbone=mmeo", r"^model.backbone: unknown backbone 'mmeo'(?s:.*)did you mean 'mmoe'"),
+    ("model.backbone_params.n_expert=4", r"unknown config key 'model.backbone_params.n_expert'"),
+    ("model.backbone_params.dropout=2", r"^model.backbone_params.dropout: (?s:.*)fix: use e.g. "
+                                        r"model.backbone_params.dropout=0.1"),
+])
+def test_esmm_backbone_settings_are_checked_when_the_config_loads(override: str, message: str) -> None:
+    """They were only built with the model, and the backbone's checks named its keys model.<key> (whose fix,
+    model.dropout=0.1, is an unknown key for ESMM)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(CFGS / "parquet_esmm.yaml", [override])
