@@ -398,8 +398,15 @@ def _example(tp: Any) -> str:
 
 
 def _bad(tp: Any, value: Any, key: str, origin: str) -> ConfigError:
-    return ConfigError(f"bad value {value!r} for '{key}'", where=_where(origin, key),
-                       fix=f"use e.g. {key}={_example(tp)}")
+    parent = key[:key.rindex("[")] if key.endswith("]") else ""
+    if tp is str and isinstance(value, (bool, int, float)):
+        # YAML typed an unquoted word or number: yes/no/on/off are booleans, 007 is 7, 1.50 is 1.5
+        shown = f"{parent}: ['...']" if parent else f"{key.rsplit('.', 1)[-1]}: '...'"
+        return ConfigError(f"bad value {value!r} for '{key}': YAML read an unquoted {type(value).__name__}, "
+                           "text is wanted", where=_where(origin, key),
+                           fix=f"quote it in the YAML file as written there ({shown}), or pass it with --set")
+    example = f"{parent}=[{_example(tp)}]" if parent else f"{key}={_example(tp)}"
+    return ConfigError(f"bad value {value!r} for '{key}'", where=_where(origin, key), fix=f"use e.g. {example}")
 
 
 def _tuple_fix(key: str, args: tuple[Any, ...]) -> str:
@@ -499,7 +506,9 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - 
                               fix=f"use a number, e.g. {key}={_example(tp)}")
         return number
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        # an integer reads back as written (2024); a float need not (1.50 -> '1.5', -999.00 -> '-999.0'), and
+        # text compared with the data's text must match it
+        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
             return str(value)
         raise _bad(tp, value, key, origin)
     if tp is Path:

@@ -294,3 +294,23 @@ def test_an_unknown_model_from_set_is_blamed_on_the_set() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(CFGS / "demo.yaml", ["model.name=deepfn"])
     assert str(err.value).startswith("--set model.name: unknown model 'deepfn'")
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("data:\n  csv: {missing: [-999.00]}\n", r"bad value -999.0 for 'data.csv.missing\[0\]': YAML read an unquoted "
+                                              r"float(?s:.*)quote it in the YAML file"),
+    ("data:\n  labels: [yes]\n", r"bad value True for 'data.labels\[0\]': YAML read an unquoted bool"),
+    ("data:\n  format: csv\n  labels: []\n  derived_labels: [{name: good, column: grade, positive: [1.50]}]\n",
+     r"YAML read an unquoted float"),
+])
+def test_text_written_as_a_yaml_number_is_refused_not_rewritten(tmp_path: Path, yaml_text: str,
+                                                                 message: str) -> None:
+    """-999.00 became '-999.0' and 1.50 '1.5', which the file's text never matches: the missing marker and
+    the positive value went unrecognised with no error."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [], resolve_model=False)
+    quoted = path.read_text().replace("-999.00", "'-999.00'").replace("1.50", "'1.50'").replace("[yes]", "['yes']")
+    path.write_text(quoted)
+    load_config(path, [], resolve_model=False)
