@@ -64,7 +64,8 @@ def synth(
 
 @app.command()
 def shard(
-    inputs: list[Path] = typer.Option(..., "--input", "-i", help="Criteo text (.gz ok), Parquet file, folder or glob"),
+    inputs: list[Path] = typer.Option(..., "--input", "-i",
+                                      help="Criteo text or CSV (.gz ok), or Parquet: files, folders or globs"),
     more_inputs: list[Path] = typer.Argument(None, help="further inputs: --input a.tsv b.tsv", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="cache folder, e.g. shards/criteo"),
     cfg: Optional[Path] = CfgOpt,  # noqa: UP045 - typer needs Optional on 3.10
