@@ -356,8 +356,13 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
         kwargs[key] = _coerce(hints[key], _onto_field_default(cls, key, value), f"{prefix}{key}", origin)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as exc:
+        if exc.where:
+            raise
+        # a class's own check knows the key (in its message) but not who set it: the file or the --set
+        named = re.search(r"'(" + re.escape(prefix) + r"[\w.\[\]]+)'", exc.what) if prefix else None
+        where = _where(origin, named.group(1) if named else prefix.rstrip("."))
+        raise ConfigError(exc.what, where=where, fix=exc.fix) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid values in '{prefix.rstrip('.') or 'config'}': {exc}", where=origin) from None
 

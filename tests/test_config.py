@@ -314,3 +314,15 @@ def test_text_written_as_a_yaml_number_is_refused_not_rewritten(tmp_path: Path, 
     quoted = path.read_text().replace("-999.00", "'-999.00'").replace("1.50", "'1.50'").replace("[yes]", "['yes']")
     path.write_text(quoted)
     load_config(path, [], resolve_model=False)
+
+
+def test_a_class_check_names_who_set_the_key(tmp_path: Path) -> None:
+    """Checks in a config class's __post_init__ knew the key but printed no `where` (file or --set)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(CFGS / "demo.yaml", ["loader.batch_size=0"])
+    assert str(err.value).startswith("--set loader.batch_size: bad value 0")
+    path = tmp_path / "c.yaml"
+    path.write_text("extends: " + str(CFGS / "demo.yaml") + "\ntrain:\n  ema: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [])
+    assert err.value.where == str(path) and "train.ema" in err.value.what
