@@ -3,8 +3,9 @@ with its line number and its quote-aware field count, vectorised over the block'
 
 Quoting follows RFC 4180: every quote character toggles "inside quotes" (a doubled quote toggles twice), so a
 quoted field may hold separators and line breaks, and a record ends at the first line break outside quotes.
-Polars reads a quote inside an unquoted field (`5'11"`) as text; here it still toggles, so a row with an odd
-number of them runs on into the next line: the reader reports it with the hint to turn quoting off.
+A quote inside an unquoted field (`5'11"`) is text, as polars reads it: only a quote at a field's start opens
+a quoted field (`_quoting_quotes`). An opening quote that never closes runs on into the next lines: the reader
+reports it with the hint to turn quoting off (with bad_rows=skip, `resync_fields` cuts it back to its line).
 Before that analysis a block's CRLF line ends become LF and a separator of several bytes (", ") becomes the
 single byte `SEP_BYTE`, so polars (one-byte separators only) parses the records and each occurrence of the
 configured separator is exactly one field boundary. Blank lines and comment lines are not records.
@@ -218,7 +219,39 @@ class RecordCutter:
             com = line_starts[self._comments(arr, line_starts)]
             if len(com):
                 q &= ~_ranges_mask(len(arr), com, nl_at[np.searchsorted(nl_at, com)] + 1)
+        q = self._quoting_quotes(arr, q)
         return np.logical_xor.accumulate(q)
+
+    def _quoting_quotes(self, arr: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """q less the quotes that are text: as in RFC 4180, a quote opens a quoted field only at the field's
+        start (after a separator, a line break, or the quote before it: an escaped pair); one inside an unquoted
+        field (5'11") is a character, while inside a quoted field the next quote closes it. Counting every
+        quote as a toggle is right until the first quote that would open mid-field: from there the quotes are
+        walked opener to closer (a jump per quoted field, on the quotes' positions only), which only a file
+        with such quotes pays."""
+        at = np.flatnonzero(q)
+        sep = SEP_BYTE if len(self.sep) > 1 else self.sep[0]
+        before = arr[np.maximum(at - 1, 0)]
+        may_open = (at == 0) | (before == sep) | (before == 10) | (before == self.quote)
+        stray = np.flatnonzero((np.arange(len(at)) % 2 == 0) & ~may_open)
+        if not len(stray):
+            return q
+        n = len(at)
+        first = int(stray[0])
+        nxt = np.where(may_open, np.arange(n), n)
+        nxt = np.minimum.accumulate(nxt[::-1])[::-1]           # next quote at or after i that may open
+        keep = np.zeros(n, dtype=bool)
+        keep[:first] = True
+        i = first
+        while i < n:
+            o = int(nxt[i])
+            if o >= n:
+                break
+            keep[o: o + 2] = True                               # the opener and the quote that closes it
+            i = o + 2
+        out = np.zeros_like(q)
+        out[at[keep]] = True
+        return out
 
     def _comments(self, arr: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """(len(starts),) bool: the line at each start begins with the comment prefix."""

@@ -255,6 +255,25 @@ def test_skip_mode_stray_quotes_lose_only_their_own_rows(tmp_path: Path) -> None
         read(cfg_for(), [path])                               # error mode still stops at the first one
 
 
+def test_a_quote_inside_an_unquoted_field_opens_nothing(tmp_path: Path) -> None:
+    """5'11" in the same column on two rows: counted as toggles, the two quotes joined every row between them
+    into one record with the header's field count, which no check could tell from a real one; as in RFC 4180 a
+    quote opens a quoted field only at its start, so each such row stands alone (polars then refuses it, and
+    bad_rows=skip drops it alone). Quoted fields around them keep their quoting."""
+    good = [f'u{i},1,"a, b",b,Widowed,{i % 2}' for i in range(20)]
+    lines = [*good[:5], "u90,1,5'11\",b,Widowed,1", *good[5:15], "u91,1,6'0\",b,Widowed,0",
+             "u92,1,6'2\",b,Widowed,0", *good[15:]]
+    path = tmp_path / "inch.csv"
+    path.write_text("uid,age,city,note,status,clicked\n" + "\n".join(lines) + "\n")
+    for rows in (1, 4, 1000):
+        chunks = list(iter_raw_chunks(cfg_for(), [path], rows, bad_rows="skip"))
+        frame = pl.concat([c.frame for c in chunks])
+        assert frame["uid"].to_list() == [f"u{i}" for i in range(20)] and set(frame["city"]) == {"a, b"}
+        assert sorted(b.line for c in chunks for b in c.bad_rows) == [7, 18, 19]
+    with pytest.raises(InputFormatError, match=r"inch.csv, line 7: cannot parse this row"):
+        read(cfg_for(), [path])
+
+
 def test_unlabelled_test_files(tmp_path: Path) -> None:
     rows = make_rows(10)
     no_labels = [[r[0], r[1], r[2], r[3]] for r in rows]             # status and clicked absent
