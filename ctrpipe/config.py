@@ -214,7 +214,8 @@ def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tupl
         if not isinstance(model, Mapping) or not model:
             name = ModelSection.name          # `model: {}` / `model: null` replace the inherited section
         elif "name" in model:
-            name = str(model["name"]).lower()
+            name = str(_as_typed(str, model["name"]) if isinstance(model["name"], OverrideText)
+                       else model["name"]).lower()
     if name not in model_names():
         return layers                  # build_model_section reports the unknown model
     out = []
@@ -259,7 +260,9 @@ def config_from_dict(data: Mapping[str, Any], sources: Mapping[str, str] | None 
     if resolve_model:
         model = build_model_section(model_raw, origin)
     else:
-        model = ModelSection(name=str(model_raw.get("name", ModelSection.name)).lower(), params=None)
+        raw_name = model_raw.get("name", ModelSection.name)
+        raw_name = _as_typed(str, raw_name) if isinstance(raw_name, OverrideText) else raw_name
+        model = ModelSection(name=str(raw_name).lower(), params=None)
     return dataclasses.replace(run, model=model, sources=dict(sources or {}))
 
 
@@ -267,7 +270,8 @@ def build_model_section(raw: Mapping[str, Any], origin: str = "config") -> Model
     from ctrpipe.models.registry import config_class, model_names  # lazy: pulls in torch
 
     raw = dict(raw)
-    name = str(raw.pop("name", ModelSection.name)).lower()
+    raw_name = raw.pop("name", ModelSection.name)
+    name = str(_as_typed(str, raw_name) if isinstance(raw_name, OverrideText) else raw_name).lower()
     if name not in model_names():
         close = difflib.get_close_matches(name, model_names(), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -353,7 +357,7 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
             close = [aliases.get(c, c) for c in difflib.get_close_matches(key, [*names, *aliases], n=1, cutoff=0.5)]
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'", where=where, fix=hint)
-        kwargs[key] = _coerce(hints[key], _onto_field_default(cls, key, value), f"{prefix}{key}", origin)
+        kwargs[key] = _coerce(hints[key], _onto_field_default(cls, key, value, data), f"{prefix}{key}", origin)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -367,12 +371,17 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
         raise ConfigError(f"invalid values in '{prefix.rstrip('.') or 'config'}': {exc}", where=origin) from None
 
 
-def _onto_field_default(cls: type, key: str, value: Any) -> Any:
+def _onto_field_default(cls: type, key: str, value: Any, siblings: Mapping[str, Any]) -> Any:
     """A partly given section keeps what its field's default sets beyond the section class's own defaults
     (`data.numeric: {impute: mean}` keeps the Criteo columns I1-I13), except keys replaced together with a
-    given one (`REPLACED_TOGETHER`: a column selection by `columns` or `pattern` is one setting)."""
+    given one (`REPLACED_TOGETHER`: a column selection by `columns` or `pattern` is one setting). An empty
+    section (`{}`) clears, as in `deep_merge`; a class may limit the defaults to some settings of its own
+    (`keeps_field_defaults`: the Criteo columns are no default for Parquet or CSV)."""
     f = next((f for f in fields(cls) if f.name == key), None)
-    if f is None or f.default_factory is MISSING or not isinstance(value, Mapping):
+    if f is None or f.default_factory is MISSING or not isinstance(value, Mapping) or not value:
+        return value
+    keeps = getattr(cls, "keeps_field_defaults", None)
+    if keeps is not None and not keeps(_plain(siblings)):
         return value
     default = f.default_factory()
     if not is_dataclass(default) or isinstance(default, type):
@@ -403,13 +412,13 @@ def _example(tp: Any) -> str:
 
 
 def _bad(tp: Any, value: Any, key: str, origin: str) -> ConfigError:
-    parent = key[:key.rindex("[")] if key.endswith("]") else ""
     if tp is str and isinstance(value, (bool, int, float)):
         # YAML typed an unquoted word or number: yes/no/on/off are booleans, 007 is 7, 1.50 is 1.5
-        shown = f"{parent}: ['...']" if parent else f"{key.rsplit('.', 1)[-1]}: '...'"
         return ConfigError(f"bad value {value!r} for '{key}': YAML read an unquoted {type(value).__name__}, "
                            "text is wanted", where=_where(origin, key),
-                           fix=f"quote it in the YAML file as written there ({shown}), or pass it with --set")
+                           fix="write it in quotes, spelt as in the data (e.g. '1.50', not 1.50; 'yes', not yes): "
+                               "YAML reads unquoted numbers and yes/no/on/off as numbers and booleans")
+    parent = key[:key.rindex("[")] if key.endswith("]") else ""
     example = f"{parent}=[{_example(tp)}]" if parent else f"{key}={_example(tp)}"
     return ConfigError(f"bad value {value!r} for '{key}'", where=_where(origin, key), fix=f"use e.g. {example}")
 
@@ -421,24 +430,44 @@ def _tuple_fix(key: str, args: tuple[Any, ...]) -> str:
     return f"write each item as {item}, e.g. {parent}=[{item}]" if parent else f"write {item}, e.g. {key}={item}"
 
 
+_ITEM = re.compile(r"""\s*('[^']*'|"[^"]*"|[^,]*?)\s*(?:,|$)""")
+
+
 def _as_typed(tp: Any, value: OverrideText) -> Any:
-    """The text as typed for a text setting (or a list of texts: `[a, -999.00]` or `a, b` split on commas,
-    quotes stripped), else what YAML reads."""
+    """The text as typed for a text setting, or for a list of texts (`[?, -999.00]`, `a, b`: items split on
+    commas outside quotes, quotes stripped), else what YAML reads. Quoted text, a list YAML reads as texts
+    and YAML's null are taken as YAML reads them."""
     org = get_origin(tp)
+    text = str(value)
+    quoted = isinstance(value.parsed, str) and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
     if tp is str or tp is Path or (org is Literal and all(isinstance(a, str) for a in get_args(tp))):
-        text = str(value)
-        if isinstance(value.parsed, str) and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-            return value.parsed                      # quoted: YAML's reading is what was meant ('' is empty)
+        if quoted:
+            return value.parsed                      # YAML's reading is what was meant ('' is empty)
         return None if value.is_null else text
     if org in (tuple, list, Sequence) and get_args(tp)[:1] == (str,) and (len(get_args(tp)) == 1 or
                                                                          get_args(tp)[1] is Ellipsis):
-        text = str(value)
+        parsed = value.parsed
+        if quoted or value.is_null or (isinstance(parsed, list) and all(isinstance(v, str) for v in parsed)):
+            return parsed
         if text.startswith("[") and text.endswith("]") and not any(c in text[1:-1] for c in "[]{}"):
             text = text[1:-1]
         elif text.startswith(("[", "{")):
-            return value.parsed
-        return [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
-    return value.parsed
+            return parsed
+        items = [m.group(1) for m in _ITEM.finditer(text) if m.group(1)]
+        return [v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"" else v for v in items]
+    return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    """`value` with every OverrideText in it as YAML reads it: for settings whose type is open (a backbone's
+    own keys under `dict[str, Any]`), which are built, stored and reloaded as plain values."""
+    if isinstance(value, OverrideText):
+        return _plain(value.parsed)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - one branch per type form
@@ -446,7 +475,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - 
     if isinstance(value, OverrideText) and org not in (typing.Union, types.UnionType):
         value = _as_typed(tp, value)
     if tp is Any:
-        return value
+        return _plain(value)
     if org in (typing.Union, types.UnionType):
         args = get_args(tp)
         if (value.is_null if isinstance(value, OverrideText) else value is None) and type(None) in args:

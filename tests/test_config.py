@@ -298,7 +298,7 @@ def test_an_unknown_model_from_set_is_blamed_on_the_set() -> None:
 
 @pytest.mark.parametrize(("yaml_text", "message"), [
     ("data:\n  csv: {missing: [-999.00]}\n", r"bad value -999.0 for 'data.csv.missing\[0\]': YAML read an unquoted "
-                                              r"float(?s:.*)quote it in the YAML file"),
+                                              r"float(?s:.*)write it in quotes, spelt as in the data"),
     ("data:\n  labels: [yes]\n", r"bad value True for 'data.labels\[0\]': YAML read an unquoted bool"),
     ("data:\n  format: csv\n  labels: []\n  derived_labels: [{name: good, column: grade, positive: [1.50]}]\n",
      r"YAML read an unquoted float"),
@@ -326,3 +326,22 @@ def test_a_class_check_names_who_set_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(path, [])
     assert err.value.where == str(path) and "train.ema" in err.value.what
+
+
+def test_set_forms_that_must_keep_their_meaning() -> None:
+    """Review of the text-as-typed --set: a nested backbone key reloads from the stored JSON, a quoted model
+    name is the name, a quoted empty list item list is empty, quoted items keep their commas, null stays
+    null, and an empty section clears it (a partly given one keeps the Criteo columns only for Criteo)."""
+    import json
+
+    cfg = load_config(CFGS / "deepfm_mmoe_esmm.yaml", ["model.backbone_params.field_dims.C3=32"])
+    stored = json.loads(json.dumps(to_dict(cfg)))
+    assert config_from_dict(stored).model.params.backbone_params["field_dims"] == {"C3": 32}
+    assert load_config(CFGS / "demo.yaml", ["model.name='dcn'"]).model.name == "dcn"
+    assert load_config(None, ["data.numeric.columns=''"], resolve_model=False).data.numeric.columns == ()
+    assert load_config(None, ["data.csv.missing=['?', 'a,b']"], resolve_model=False).data.csv.missing == ("?", "a,b")
+    with pytest.raises(ConfigError, match="bad value None for 'data.numeric.columns'"):
+        load_config(None, ["data.numeric.columns=null"], resolve_model=False)
+    assert load_config(CFGS / "adult.yaml", ["data.numeric={}"], resolve_model=False).data.numeric.columns == ()
+    parquet = load_config(None, ["data.format=parquet", "data.numeric={impute: mean}"], resolve_model=False)
+    assert parquet.data.numeric.columns == () and parquet.data.numeric.impute == "mean"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from ctrpipe.errors import ConfigError
 
@@ -277,6 +278,12 @@ class DataConfig:
     #                                      at 100k a wide chunk's arrays stay under glibc's 32 MB mmap threshold;
     #                                      Parquet chunks end at row-group boundaries where they fit
     bad_rows: Literal["error", "skip"] = "error"  # skip: drop malformed rows, count them in the manifest
+
+    @staticmethod
+    def keeps_field_defaults(given: Mapping[str, Any]) -> bool:
+        """A partly given numeric/categorical section keeps the Criteo columns only for Criteo text (config.py
+        `_onto_field_default`): Parquet and CSV name their own columns."""
+        return given.get("format", "criteo") == "criteo"
 
     def __post_init__(self) -> None:
         if self.hash_bins < 2:
