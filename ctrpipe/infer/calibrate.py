@@ -33,7 +33,8 @@ B_BOUNDS = (-30.0, 30.0)        # fitted logit shift range
 
 @dataclass(frozen=True)
 class Calibration:
-    """Maps a model's logit z to a calibrated logit: z / temperature + bias + log(keep_rate).
+    """Maps a model's logit z to a calibrated logit: z / temperature + bias + log(keep_rate) (no log(keep_rate)
+    for target wll, see below).
 
     `bias` is the shift fitted on validation rows; `log(keep_rate)` is the fixed correction for negative
     downsampling at keep rate w. Why that sign: keeping each negative with probability w divides the odds the
@@ -297,7 +298,7 @@ def print_report(report: CalibrationReport) -> None:
         table.add_row("logloss", f"{r.logloss_before:.5f}", f"{r.logloss_after:.5f}")
         table.add_row("WLL", f"{r.wll_before:.5f}", f"{r.wll_after:.5f}")
         console.print(table)
-        if c.keep_rate < 1.0:
+        if c.keep_rate < 1.0 and c.target != "wll":            # WLL takes no keep-rate shift (Calibration)
             console.print(f"  infer also shifts logits by log(keep_rate={c.keep_rate:g}) = "
                           f"{math.log(c.keep_rate):+.4f} (negative downsampling); the figures above are "
                           "before that shift")

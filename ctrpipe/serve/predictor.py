@@ -31,6 +31,7 @@ from ctrpipe.data.splits import SPLIT_TEST
 from ctrpipe.device import predict_amp
 from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
 from ctrpipe.infer.calibrate import Calibration
+from ctrpipe.infer.config import check_trim_ratio
 from ctrpipe.infer.predict import (
     checkpoint_logit_shift,
     ensemble_logits,
@@ -109,6 +110,8 @@ class Predictor:
                               where="infer.method (the run's config)",
                               fix="serve with a per-row method: --set infer.method=logit_mean (or mean, "
                                   "geom_mean, weighted); `ctrpipe infer` ranks a whole test cache")
+        if cfg.infer.method == "trim_mean":       # as infer: a trim that cuts nothing is a plain mean
+            check_trim_ratio(cfg.infer.trim_ratio, "infer.trim_ratio", len(ckpts))
         cache_dir = Path(cache) if cache is not None else Path(ckpts[0].shards)
         if not (cache_dir / "manifest.json").is_file():
             raise CheckpointError(f"the run's training cache {cache_dir} is not there: serving needs its "

@@ -158,6 +158,9 @@ def test_rank_avg_is_refused_and_a_per_row_method_can_be_set(criteo: dict[str, P
     res = CliRunner().invoke(app, ["predict", "--run", str(criteo["run"]), "--input", str(src), "--out",
                                    str(tmp_path / "p.csv"), "--set", "infer.method=rank_avg"])
     assert res.exit_code == 1 and "rank_avg" in res.output and not (tmp_path / "p.csv").exists()
+    # a trim_mean that cuts nothing from its 2 folds is refused as infer refuses it, not served as a mean
+    with pytest.raises(ConfigError, match="trims nothing from 2 models"):
+        Predictor.load(criteo["run"], overrides=["infer.method=trim_mean"])
 
 
 def test_predict_reads_gzipped_criteo_text(criteo: dict[str, Path], tmp_path: Path) -> None:
