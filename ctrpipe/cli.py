@@ -229,7 +229,7 @@ def blend_submissions(
     weights: Optional[str] = typer.Option(None, "--weights", help="comma-separated, one per file"),  # noqa: UP045
     out: Path = typer.Option(Path("blended.csv"), "--out"),
     trim_ratio: float = typer.Option(0.1, "--trim-ratio", help="trim_mean: share of files cut from each end, "
-                                                                "per row"),
+                                                                "per row (at least 1/N of N files)"),
     quiet: bool = QuietOpt,
 ) -> None:
     """Blend submission files row-aligned by ID."""
