@@ -26,7 +26,7 @@ from ctrpipe.console import console, human_rate
 from ctrpipe.data.config import DataConfig
 from ctrpipe.data.fitted import FITTED_DIR, Fitted
 from ctrpipe.data.sources import expand_inputs
-from ctrpipe.errors import ConfigError, ManifestMismatchError, disk_full_as_error, human_bytes
+from ctrpipe.errors import ConfigError, ManifestMismatchError, SchemaError, disk_full_as_error, human_bytes
 from ctrpipe.hostmem import keep_freed_memory
 from ctrpipe.shard.manifest import (
     MANIFEST_NAME,
@@ -38,6 +38,7 @@ from ctrpipe.shard.manifest import (
     write_manifest,
 )
 from ctrpipe.shard.passes import RESUME_NOTE, Inputs, check_plan, fit_pass, resolve_plan, write_pass
+from ctrpipe.shard.transform import Plan
 from ctrpipe.shard.writer import shard_dirname
 
 Role = Literal["train", "test"]
@@ -88,6 +89,10 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
                           fix="pass --workers 1 (one process) or the number of cores to use")
     if role not in ("train", "test"):
         raise ConfigError(f"unknown role {role!r}", fix="use role='train' or role='test' (--test)")
+    if stats_from is not None and role != "test":      # a train cache fits its own statistics and saves them
+        raise ConfigError("--stats-from reuses a train cache's statistics for test data, and this build is not "
+                          "--test (its cache would have no fitted/ for a test cache to use)", where="--stats-from",
+                          fix="add --test to shard test data, or drop --stats-from to build a train cache")
     if role == "test" and gold:
         raise ConfigError("--gold inputs cannot be combined with --test",
                           fix="shard gold data into a train cache")
@@ -108,11 +113,16 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
     input_bytes = sum(s.size for s in srcs)
     plan = resolve_plan(data, main_paths, role)
     check_plan(plan, role)
+    if train_m is not None and stats_from is not None:
+        _check_layout(plan, train_m, Path(stats_from), main_paths[0])
     inputs_obj = Inputs(main=main_paths, gold=gold_paths, role=role, input_bytes=input_bytes)
 
+    if force:
+        _check_out_folder(out)          # a refused rebuild leaves the cache as it was
     existing = _existing_manifest(out, force)
     if existing is not None:
         if existing.fingerprint == fp:
+            _check_shards_on_disk(out, existing)
             console.print(f"[green]cache up to date[/]: {out} ({existing.total_rows:,} rows, "
                           f"{len(existing.shards)} shards)", highlight=False)
             return BuildResult(out, existing, True, time.perf_counter() - t0, input_bytes)
@@ -218,6 +228,27 @@ def _check_stats_from(train_m: Manifest, data: DataConfig, path: Path) -> None:
                                     fix="shard the test data with the same --cfg as the train cache")
 
 
+def _check_layout(plan: Plan, train_m: Manifest, path: Path, first: Path) -> None:
+    """The test cache's feature columns must be the train cache's, in its order: a pattern resolved against a
+    test file lacking a column gave fewer columns, every later one shifted to another index, silently."""
+    kinds = {"numeric": [n for n, *_ in plan.numeric_layout()], "categorical": list(plan.categorical),
+             "token": sorted(tc.column for tc in plan.tokens)}
+    stored = {"numeric": [c.name for c in train_m.columns_of("numeric", "missing_indicator", "covisit")],
+              "categorical": [c.name for c in train_m.columns_of("categorical")],
+              "token": sorted(c.name for c in train_m.columns_of("multihot", "sequence"))}
+    for kind, want in stored.items():
+        got = kinds[kind]
+        if got == want:
+            continue
+        lacking, extra = [c for c in want if c not in got], [c for c in got if c not in want]
+        what = (f"lacks the {kind} columns {lacking}" if lacking else f"has {kind} columns the train cache "
+                f"lacks: {extra}" if extra else f"orders the {kind} columns otherwise than the train cache")
+        raise SchemaError(f"this file {what} (the train cache {path} has {len(want)}; a test cache's features "
+                          "must be the train cache's, in its order)", where=str(first),
+                          fix="give the test file the train file's columns (a column it cannot have may be "
+                              "written empty: its values count as missing)")
+
+
 # ---------------------------------------------------------------------------------- folders and resume
 
 class _BuildState:
@@ -275,16 +306,38 @@ def _existing_manifest(out: Path, force: bool) -> Manifest | None:
     return read_manifest(out)
 
 
-def _clear_out(out: Path, keep: str) -> None:
-    """Remove leftovers of earlier builds (ours only) from a folder that has no manifest."""
+def _check_shards_on_disk(out: Path, manifest: Manifest) -> None:
+    """A cache reused as up to date must hold every array its manifest lists, whole (headers and sizes: no data
+    is read); a deleted or cut shard is refused with the rebuild command instead of failing later in training."""
+    from ctrpipe.shard.reader import check_array
+
+    for shard in manifest.shards:
+        for group in shard.files:
+            try:
+                check_array(out, shard, group)
+            except ManifestMismatchError as exc:
+                raise ManifestMismatchError(exc.what, where=exc.where,
+                                            fix="rebuild it: run the same command with --force") from None
+
+
+def _check_out_folder(out: Path) -> None:
+    """--out must be a folder holding nothing but a shard cache: checked before `--force` deletes anything."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file", fix="pass a folder, e.g. --out shards/criteo")
-    out.mkdir(parents=True, exist_ok=True)
-    foreign = [p.name for p in out.iterdir() if not _OURS.match(p.name) and not p.name.startswith(".")]
+    if not out.exists():
+        return
+    foreign = [p.name for p in out.iterdir() if not _OURS.match(p.name) and not p.name.startswith(".")
+               and p.name != MANIFEST_NAME]
     if foreign:
         raise ConfigError(f"--out {out} holds files that are not part of a shard cache: "
                           f"{sorted(foreign)[:5]}",
                           where=str(out), fix="choose an empty or new folder for --out")
+
+
+def _clear_out(out: Path, keep: str) -> None:
+    """Remove leftovers of earlier builds (ours only) from a folder that has no manifest."""
+    _check_out_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
     for p in out.iterdir():
         if _OURS.match(p.name) and p.name != keep:
             shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -47,6 +47,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,9 @@ def die_with_parent() -> None:
     import signal
     import sys
 
+    # Ctrl-C reaches the whole process group: the build's process handles it and ends the pool; a worker that
+    # took it too printed a traceback, and one that died of it could leave the pool waiting on it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -113,6 +117,18 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def _end_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop a local pool now: queued tasks cancelled, running workers terminated (their output is partial
+    files that a resumed build redoes)."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(timeout=10)
+
+
 @contextmanager
 def executor(workers: int, dask: str | None) -> Iterator[Executor]:
     """A local process pool of `workers` processes, or with `dask` the executor of a Dask distributed client:
@@ -120,9 +136,20 @@ def executor(workers: int, dask: str | None) -> Iterator[Executor]:
     running scheduler (tcp://host:8786)."""
     if dask is None:
         # spawn, not fork: the parent may hold threads whose locks a forked child would inherit
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=die_with_parent) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=die_with_parent)
+        try:
             yield pool
+        except BrokenProcessPool:
+            _end_pool(pool)
+            raise InputFormatError("a worker process of the build died (killed: out of memory, or a signal)",
+                                   where="--workers",
+                                   fix="run the same command again: it resumes, keeping the finished shards "
+                                       "(with fewer --workers if memory is short)") from None
+        except BaseException:
+            _end_pool(pool)               # Ctrl-C or an error: no waiting for the workers' running tasks
+            raise
+        pool.shutdown(wait=True)
         return
     try:
         from distributed import Client, LocalCluster

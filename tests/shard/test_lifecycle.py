@@ -178,3 +178,49 @@ def test_tampered_train_statistics_are_refused(tmp_path: Path) -> None:
         build_shards(parquet_cfg(), [test], tmp_path / "test", role="test", stats_from=tmp_path / "train",
                      progress=False)
     assert "fitted" in str(err.value) and "--force" in str(err.value)
+
+
+def test_a_test_file_lacking_a_feature_column_is_refused(tmp_path: Path) -> None:
+    """Patterns resolved against a test file without one numeric column gave a cache with fewer columns, every
+    later one shifted to another index, and no error."""
+    import pyarrow.parquet as pq
+
+    from ctrpipe.errors import SchemaError
+
+    train = write_parquet(tmp_path / "train.parquet", 60, seed=1)
+    test = write_parquet(tmp_path / "test.parquet", 20, seed=2, labels=False)
+    build_shards(parquet_cfg(), [train], tmp_path / "train", progress=False)
+    table = pq.read_table(test)
+    dropped = next(c for c in table.column_names if c.startswith("feat_a_"))
+    pq.write_table(table.drop([dropped]), tmp_path / "lacking.parquet")
+    with pytest.raises(SchemaError, match=rf"lacks the numeric columns \['{dropped}'"):
+        build_shards(parquet_cfg(), [tmp_path / "lacking.parquet"], tmp_path / "test", role="test",
+                     stats_from=tmp_path / "train", progress=False)
+    assert not (tmp_path / "test" / MANIFEST_NAME).exists()
+    build_shards(parquet_cfg(), [test], tmp_path / "test", role="test", stats_from=tmp_path / "train",
+                 progress=False)
+
+
+def test_stats_from_needs_test(tmp_path: Path) -> None:
+    """A train build with --stats-from wrote a cache with no fitted/, which no test cache could then use."""
+    train = write_parquet(tmp_path / "train.parquet", 60, seed=1)
+    build_shards(parquet_cfg(), [train], tmp_path / "train", progress=False)
+    with pytest.raises(ConfigError, match=r"--stats-from(?s:.*)add --test"):
+        build_shards(parquet_cfg(), [train], tmp_path / "again", stats_from=tmp_path / "train", progress=False)
+
+
+def test_reuse_checks_the_shards_and_force_checks_the_folder_first(tmp_path: Path, criteo_tsv: Path) -> None:
+    """A cache missing a shard was reused as up to date; --force deleted a valid cache's manifest and only
+    then refused a folder holding other files."""
+    import shutil
+
+    cfg = criteo_cfg("data.shard_rows=16")
+    build_shards(cfg, [criteo_tsv], tmp_path / "c", progress=False)
+    shutil.rmtree(tmp_path / "c" / "shard_00001")
+    with pytest.raises(ManifestMismatchError, match=r"shard file is missing(?s:.*)--force"):
+        build_shards(cfg, [criteo_tsv], tmp_path / "c", progress=False)
+    build_shards(cfg, [criteo_tsv], tmp_path / "c", progress=False, force=True)
+    (tmp_path / "c" / "NOTES.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds files that are not part of a shard cache"):
+        build_shards(cfg, [criteo_tsv], tmp_path / "c", progress=False, force=True)
+    assert read_manifest(tmp_path / "c").total_rows > 0                   # the cache is still there, whole

@@ -169,3 +169,43 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_ctrl_c_ends_the_pool_at_once_without_worker_tracebacks(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group: workers took it too (KeyboardInterrupt tracebacks, and once a
+    pool waiting forever on a dead worker); the build's process now ends the pool without running the rest."""
+    script = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"   # as in a terminal, whoever started us
+        "from ctrpipe.shard.parallel import executor\n"
+        "with executor(2, None) as pool:\n"
+        "    futures = [pool.submit(time.sleep, 3) for _ in range(40)]\n"
+        "    time.sleep(1.5)\n"
+        "    print('ready', flush=True)\n"
+        "    for f in futures:\n"
+        "        f.result()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    # the build's thread sees Ctrl-C once its wait returns (a task ends): queued tasks are cancelled, not run
+    assert time.monotonic() - started < 15                       # not the ~60 s the 40 queued tasks take
+    assert err.count("KeyboardInterrupt") == 1, err              # the build's own, no worker's
+
+
+def test_a_dead_worker_is_a_clear_error(tmp_path: Path) -> None:
+    """An out-of-memory kill of one worker surfaced as a BrokenProcessPool traceback."""
+    from ctrpipe.errors import InputFormatError
+    from ctrpipe.shard.parallel import executor
+
+    with pytest.raises(InputFormatError, match=r"a worker process of the build died(?s:.*)resumes"):
+        with executor(2, None) as pool:
+            pool.submit(os.kill, 0, 0).result()                   # the pool is up
+            victim = next(iter(pool._processes.values())).pid
+            os.kill(victim, signal.SIGKILL)
+            pool.submit(time.sleep, 0.1).result()
+            time.sleep(1)
+            pool.submit(time.sleep, 0.1).result()
