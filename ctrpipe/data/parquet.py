@@ -38,7 +38,7 @@ def read_schema(path: Path) -> pa.Schema:
         return pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputFormatError(f"not a readable Parquet file ({str(exc).splitlines()[0]})", where=str(path),
-                               fix="check the file (Criteo text needs --format criteo / data.format=criteo)"
+                               fix="check the file (Criteo text needs --set data.format=criteo, CSV data.format=csv)"
                                ) from None
 
 

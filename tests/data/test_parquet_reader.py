@@ -221,3 +221,11 @@ def test_token_column_config_absent(cfg: DataConfig, parquet_file: Path) -> None
     bad = dataclasses.replace(cfg, sequence=(TokenColumnConfig(column="sequence"),))
     with pytest.raises(SchemaError, match="did you mean 'seq'"):
         read_all(bad, [parquet_file])
+
+
+def test_text_given_as_parquet_points_to_data_format(cfg: DataConfig, tmp_path: Path, criteo_tsv: Path) -> None:
+    """The fix named a --format flag, which only synth has."""
+    with pytest.raises(InputFormatError) as err:
+        read_all(cfg, [criteo_tsv])
+    assert "not a readable Parquet file" in str(err.value) and "--set data.format=criteo" in err.value.fix
+    assert "--format" not in err.value.fix
