@@ -12,6 +12,7 @@ import numpy as np
 from rich.table import Table
 
 from ctrpipe.console import console
+from ctrpipe.data.fitted import Fitted
 from ctrpipe.data.splits import NO_FOLD, SPLIT_CODES, SPLIT_VAL
 from ctrpipe.errors import ManifestMismatchError
 from ctrpipe.shard.manifest import ColumnSpec, Manifest, ShardInfo, read_manifest
@@ -38,11 +39,15 @@ class ColumnRange:
     lo: float = np.inf
     hi: float = -np.inf
     bad: int = 0                                    # NaN/inf (numeric) or out-of-range ids
+    total: float = 0.0                              # sum and count of the values: their mean
+    n: int = 0
 
     def update(self, values: np.ndarray, bad: int = 0) -> None:
         """Widen the range by `values` (already without NaN/inf; may be empty) and count `bad` ones."""
         if len(values):
             self.lo, self.hi = min(self.lo, float(values.min())), max(self.hi, float(values.max()))
+            self.total += float(values.sum(dtype=np.float64))
+            self.n += len(values)
         self.bad += bad
 
 
@@ -50,7 +55,7 @@ class _Inspector:
     def __init__(self, root: Path, m: Manifest) -> None:
         self.root, self.m = root, m
         self.checks = {k: Check(k) for k in ("files", "rows", "numeric finite", "categorical ids", "tokens",
-                                              "labels", "splits", "folds")}
+                                              "labels", "splits", "folds", "statistics", "fitted")}
         self.ranges: dict[str, ColumnRange] = {c.name: ColumnRange() for c in m.columns}
         self.split_rows = np.zeros(len(SPLIT_CODES), dtype=np.int64)
         k = int(m.folds.get("n_splits", 0) or 0)
@@ -81,6 +86,36 @@ class _Inspector:
         sizes = [int(x) for x in m.folds.get("sizes", [])]
         if sizes and sizes != self.fold_rows.tolist():
             self.checks["folds"].fail(f"fold sizes {self.fold_rows.tolist()} != manifest {sizes}")
+        self._check_statistics()
+        self._check_fitted()
+
+    def _check_statistics(self) -> None:
+        """The values against the min, max and mean the build recorded for each column: data overwritten or
+        swapped after the build (same shapes, readable files) passes every other check."""
+        chk = self.checks["statistics"]
+        for c in self.m.columns_of("numeric", "missing_indicator", "covisit", "categorical"):
+            r, st = self.ranges[c.name], c.stats
+            if not st or r.n == 0 or r.bad:
+                continue
+            chk.done += 1
+            mean = r.total / r.n
+            lo, hi = float(np.float32(r.lo)), float(np.float32(r.hi))
+            if lo != st["min"] or hi != st["max"] or abs(mean - st["mean"]) > 1e-5 * max(1.0, abs(st["mean"])):
+                chk.fail(f"{c.name}: min {lo:g}, max {hi:g}, mean {mean:.6g}; the build recorded min "
+                         f"{st['min']:g}, max {st['max']:g}, mean {st['mean']:.6g} (data changed after the build)")
+
+    def _check_fitted(self) -> None:
+        """A train cache's fitted statistics (vocabularies, co-visitation tables) must be readable: a test
+        cache built with --stats-from and serving load them."""
+        fitted = self.m.fitted
+        if not fitted or fitted.get("cache") or not (fitted.get("vocab") or fitted.get("covisit")):
+            return
+        chk = self.checks["fitted"]
+        chk.done += 1
+        try:
+            Fitted.load(self.root, fitted)
+        except ManifestMismatchError as exc:
+            chk.fail(exc.what)
 
     def _load(self, info: ShardInfo) -> dict[str, np.ndarray]:
         """Map every array the shard lists; each one the reader refuses is a 'files' failure, not a stop."""

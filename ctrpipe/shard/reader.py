@@ -86,6 +86,9 @@ def check_array(cache_dir: Path, shard: ShardInfo, group: str) -> NpyHeader:
     if have < need:
         raise ManifestMismatchError(f"file is truncated: {have} bytes, its header needs {need}",
                                     where=str(path), fix=REBUILD_CACHE_FIX)
+    if have > need:                       # np.save writes exactly the header and the data: something appended
+        raise ManifestMismatchError(f"file has {have - need} bytes after its data ({have} bytes, its header "
+                                    f"needs {need})", where=str(path), fix=REBUILD_CACHE_FIX)
     return header
 
 

@@ -74,3 +74,27 @@ def test_missing_manifest_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ManifestMismatchError) as err:
         run_inspect(tmp_path)
     assert "manifest.json" in str(err.value) and "fix:" in str(err.value)
+
+
+def test_data_changed_after_the_build_fails(cache: Path) -> None:
+    """Overwritten or swapped shard data (same shape, readable) passed every check: the values are now held
+    against the min/max/mean the build recorded; bytes appended to an .npy and a missing fitted/ fail too."""
+
+    cat = np.load(cache / "shard_00001" / "categorical.npy")
+    np.save(cache / "shard_00001" / "categorical.npy", np.zeros_like(cat))       # every id 'missing'
+    assert _failed(cache) == {"statistics"}
+    np.save(cache / "shard_00001" / "categorical.npy", cat)
+    assert not _failed(cache)
+    with open(cache / "shard_00002" / "fold.npy", "ab") as fh:
+        fh.write(b"\0" * 100)
+    assert "files" in _failed(cache)
+
+
+def test_missing_fitted_statistics_fail(tmp_path: Path) -> None:
+    import shutil
+
+    src = write_parquet(tmp_path / "p.parquet", 80)
+    build_shards(parquet_cfg("data.categorical.mode=vocab"), [src], tmp_path / "v", progress=False)
+    assert run_inspect(tmp_path / "v")
+    shutil.rmtree(tmp_path / "v" / "fitted")
+    assert _failed(tmp_path / "v") == {"fitted"}
