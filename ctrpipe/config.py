@@ -439,7 +439,9 @@ def _as_typed(tp: Any, value: OverrideText) -> Any:
     and YAML's null are taken as YAML reads them."""
     org = get_origin(tp)
     text = str(value)
-    quoted = isinstance(value.parsed, str) and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+    # quoted: YAML took the quotes off (a text it could not read stays as typed, quotes and all)
+    quoted = isinstance(value.parsed, str) and value.parsed != text and len(text) >= 2 and text[0] == text[-1] \
+        and text[0] in "'\""
     if tp is str or tp is Path or (org is Literal and all(isinstance(a, str) for a in get_args(tp))):
         if quoted:
             return value.parsed                      # YAML's reading is what was meant ('' is empty)
@@ -447,8 +449,8 @@ def _as_typed(tp: Any, value: OverrideText) -> Any:
     if org in (tuple, list, Sequence) and get_args(tp)[:1] == (str,) and (len(get_args(tp)) == 1 or
                                                                          get_args(tp)[1] is Ellipsis):
         parsed = value.parsed
-        if quoted or value.is_null or (isinstance(parsed, list) and all(isinstance(v, str) for v in parsed)):
-            return parsed
+        if quoted or (isinstance(parsed, list) and all(isinstance(v, str) for v in parsed)):
+            return parsed                            # a lone NULL or ~ is a text here (a missing marker)
         if text.startswith("[") and text.endswith("]") and not any(c in text[1:-1] for c in "[]{}"):
             text = text[1:-1]
         elif text.startswith(("[", "{")):

@@ -3,9 +3,10 @@ with its line number and its quote-aware field count, vectorised over the block'
 
 Quoting follows RFC 4180: every quote character toggles "inside quotes" (a doubled quote toggles twice), so a
 quoted field may hold separators and line breaks, and a record ends at the first line break outside quotes.
-A quote inside an unquoted field (`5'11"`) is text, as polars reads it: only a quote at a field's start opens
-a quoted field (`_quoting_quotes`). An opening quote that never closes runs on into the next lines: the reader
-reports it with the hint to turn quoting off (with bad_rows=skip, `resync_fields` cuts it back to its line).
+A quote inside an unquoted field (`5'11"`, `5""`) is text: only a quote at a field's start opens a quoted
+field, in which every quote toggles, as polars reads it (`_quoting_quotes`). An opening quote that never closes
+runs on into the next lines: the reader reports it with the hint to turn quoting off (with bad_rows=skip,
+`resync_fields` cuts it back to its line).
 Before that analysis a block's CRLF line ends become LF and a separator of several bytes (", ") becomes the
 single byte `SEP_BYTE`, so polars (one-byte separators only) parses the records and each occurrence of the
 configured separator is exactly one field boundary. Blank lines and comment lines are not records.
@@ -223,23 +224,26 @@ class RecordCutter:
         return np.logical_xor.accumulate(q)
 
     def _quoting_quotes(self, arr: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """q less the quotes that are text: as in RFC 4180, a quote opens a quoted field only at the field's
-        start (after a separator, a line break, or the quote before it: an escaped pair); one inside an unquoted
-        field (5'11") is a character, while inside a quoted field the next quote closes it. Counting every
-        quote as a toggle is right until the first quote that would open mid-field: from there the quotes are
-        walked opener to closer (a jump per quoted field, on the quotes' positions only), which only a file
-        with such quotes pays."""
+        """q less the quotes that are text, as polars reads them: a field that starts with a quote is quoted,
+        and every quote in it toggles (a closing quote, an escaped pair "", a reopening) until a separator or
+        line break outside quotes ends it; in a field that does not start with a quote, quotes are characters
+        (5'11", 5""). Counting every quote as a toggle is right until the first quote that would open away
+        from a field's start; from there the quoted fields are walked (a few jumps per quoted field, on the
+        quotes' positions only), which only a file with such quotes pays."""
         at = np.flatnonzero(q)
         sep = SEP_BYTE if len(self.sep) > 1 else self.sep[0]
         before = arr[np.maximum(at - 1, 0)]
-        may_open = (at == 0) | (before == sep) | (before == 10) | (before == self.quote)
-        stray = np.flatnonzero((np.arange(len(at)) % 2 == 0) & ~may_open)
+        field_start = (at == 0) | (before == sep) | (before == 10)
+        stray = np.flatnonzero((np.arange(len(at)) % 2 == 0) & ~field_start)
         if not len(stray):
             return q
         n = len(at)
-        first = int(stray[0])
-        nxt = np.where(may_open, np.arange(n), n)
-        nxt = np.minimum.accumulate(nxt[::-1])[::-1]           # next quote at or after i that may open
+        # the walk starts at the field holding the first odd quote: the quoted field opened just before it,
+        # which that quote may reopen ("ab"c"d); the quotes before it toggle as counted
+        first = max(int(stray[0]) - 2, 0)
+        nxt = np.where(field_start, np.arange(n), n)
+        nxt = np.minimum.accumulate(nxt[::-1])[::-1]           # next quote at or after i that starts a field
+        bounds = np.flatnonzero((arr == sep) | (arr == 10))     # where a field can end
         keep = np.zeros(n, dtype=bool)
         keep[:first] = True
         i = first
@@ -247,8 +251,18 @@ class RecordCutter:
             o = int(nxt[i])
             if o >= n:
                 break
-            keep[o: o + 2] = True                               # the opener and the quote that closes it
-            i = o + 2
+            keep[o] = True                                      # opens a quoted field
+            k = o + 1
+            while k < n:
+                keep[k] = True                                  # closes it (or toggles back and forth)
+                j = int(np.searchsorted(bounds, at[k], side="right"))
+                end = int(bounds[j]) if j < len(bounds) else len(arr)
+                if k + 1 < n and at[k + 1] < end:               # the field goes on: its next quote toggles
+                    keep[k + 1] = True
+                    k += 2
+                else:
+                    break
+            i = k + 1
         out = np.zeros_like(q)
         out[at[keep]] = True
         return out

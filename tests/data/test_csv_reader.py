@@ -274,6 +274,23 @@ def test_a_quote_inside_an_unquoted_field_opens_nothing(tmp_path: Path) -> None:
         read(cfg_for(), [path])
 
 
+@pytest.mark.parametrize("text", [
+    'h1,h2,h3\n1,He said ""hi"" twice,x\n2,y,z\n3,"q",r\n',       # a doubled quote in an unquoted field is text
+    'h1,h2,h3\nx,"ab"c"d\ne",f\ng,h,i\n',                          # a quoted field reopened after its closer
+    'h1,h2,h3\n"a",b,c\n1,5"",x\n4,"",y\n',
+    'h1,h2,h3\n1,"a""b",c\n3,"x\ny",z\n',
+])
+def test_records_end_where_polars_rows_end(tmp_path: Path, text: str) -> None:
+    """The cutter decides where each record ends before polars parses it: both must agree, or rows are joined
+    (and lost under bad_rows=skip) or split."""
+    import io
+
+    path = tmp_path / "q.csv"
+    path.write_text(text)
+    cut = sum(len(r) for r in RecordCutter(path, CsvConfig(), 100))
+    assert cut == pl.read_csv(io.StringIO(text)).height + 1                # + the header record
+
+
 def test_unlabelled_test_files(tmp_path: Path) -> None:
     rows = make_rows(10)
     no_labels = [[r[0], r[1], r[2], r[3]] for r in rows]             # status and clicked absent

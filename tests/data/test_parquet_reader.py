@@ -214,7 +214,7 @@ def test_bad_weight_names_row(cfg: DataConfig, tmp_path: Path, parquet_file: Pat
 def test_not_a_parquet_file(cfg: DataConfig, tmp_path: Path, criteo_tsv: Path) -> None:
     with pytest.raises(InputFormatError) as err:
         read_all(cfg, [criteo_tsv])
-    assert str(criteo_tsv) in str(err.value) and "--format criteo" in str(err.value)
+    assert str(criteo_tsv) in str(err.value) and "--set data.format=criteo" in str(err.value)
 
 
 def test_token_column_config_absent(cfg: DataConfig, parquet_file: Path) -> None:
