@@ -142,7 +142,8 @@ def executor(workers: int, dask: str | None) -> Iterator[Executor]:
             yield pool
         except BrokenProcessPool:
             _end_pool(pool)
-            raise InputFormatError("a worker process of the build died (killed: out of memory, or a signal)",
+            raise InputFormatError("a worker process of the build died (killed by a signal, e.g. out of memory, or "
+                                   "it failed to start)",
                                    where="--workers",
                                    fix="run the same command again: it resumes, keeping the finished shards "
                                        "(with fewer --workers if memory is short)") from None
