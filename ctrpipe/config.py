@@ -214,8 +214,7 @@ def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tupl
         if not isinstance(model, Mapping) or not model:
             name = ModelSection.name          # `model: {}` / `model: null` replace the inherited section
         elif "name" in model:
-            name = str(_as_typed(str, model["name"]) if isinstance(model["name"], OverrideText)
-                       else model["name"]).lower()
+            name = _name_text(model["name"])
     if name not in model_names():
         return layers                  # build_model_section reports the unknown model
     out = []
@@ -260,9 +259,7 @@ def config_from_dict(data: Mapping[str, Any], sources: Mapping[str, str] | None 
     if resolve_model:
         model = build_model_section(model_raw, origin)
     else:
-        raw_name = model_raw.get("name", ModelSection.name)
-        raw_name = _as_typed(str, raw_name) if isinstance(raw_name, OverrideText) else raw_name
-        model = ModelSection(name=str(raw_name).lower(), params=None)
+        model = ModelSection(name=_name_text(model_raw.get("name", ModelSection.name)), params=None)
     return dataclasses.replace(run, model=model, sources=dict(sources or {}))
 
 
@@ -270,8 +267,7 @@ def build_model_section(raw: Mapping[str, Any], origin: str = "config") -> Model
     from ctrpipe.models.registry import config_class, model_names  # lazy: pulls in torch
 
     raw = dict(raw)
-    raw_name = raw.pop("name", ModelSection.name)
-    name = str(_as_typed(str, raw_name) if isinstance(raw_name, OverrideText) else raw_name).lower()
+    name = _name_text(raw.pop("name", ModelSection.name))
     if name not in model_names():
         close = difflib.get_close_matches(name, model_names(), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -435,8 +431,8 @@ _ITEM = re.compile(r"""\s*('[^']*'|"[^"]*"|[^,]*?)\s*(?:,|$)""")
 
 def _as_typed(tp: Any, value: OverrideText) -> Any:
     """The text as typed for a text setting, or for a list of texts (`[?, -999.00]`, `a, b`: items split on
-    commas outside quotes, quotes stripped), else what YAML reads. Quoted text, a list YAML reads as texts
-    and YAML's null are taken as YAML reads them."""
+    commas outside quotes, quotes stripped), else what YAML reads. Quoted text and a list YAML reads as
+    texts are taken as YAML reads them; null is None for a text, a text in a list (NULL as a missing marker)."""
     org = get_origin(tp)
     text = str(value)
     # quoted: YAML took the quotes off (a text it could not read stays as typed, quotes and all)
@@ -458,6 +454,11 @@ def _as_typed(tp: Any, value: OverrideText) -> Any:
         items = [m.group(1) for m in _ITEM.finditer(text) if m.group(1)]
         return [v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"" else v for v in items]
     return _plain(value)
+
+
+def _name_text(value: Any) -> str:
+    """A model name as given (a --set one as a text setting: `'dcn'` is dcn), lower case."""
+    return str(_as_typed(str, value) if isinstance(value, OverrideText) else value).lower()
 
 
 def _plain(value: Any) -> Any:
