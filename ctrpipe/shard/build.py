@@ -122,7 +122,7 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
     existing = _existing_manifest(out, force)
     if existing is not None:
         if existing.fingerprint == fp:
-            _check_shards_on_disk(out, existing)
+            _check_shards_on_disk(out)
             console.print(f"[green]cache up to date[/]: {out} ({existing.total_rows:,} rows, "
                           f"{len(existing.shards)} shards)", highlight=False)
             return BuildResult(out, existing, True, time.perf_counter() - t0, input_bytes)
@@ -306,18 +306,16 @@ def _existing_manifest(out: Path, force: bool) -> Manifest | None:
     return read_manifest(out)
 
 
-def _check_shards_on_disk(out: Path, manifest: Manifest) -> None:
+def _check_shards_on_disk(out: Path) -> None:
     """A cache reused as up to date must hold every array its manifest lists, whole (headers and sizes: no data
     is read); a deleted or cut shard is refused with the rebuild command instead of failing later in training."""
-    from ctrpipe.shard.reader import check_array
+    from ctrpipe.shard.reader import open_cache
 
-    for shard in manifest.shards:
-        for group in shard.files:
-            try:
-                check_array(out, shard, group)
-            except ManifestMismatchError as exc:
-                raise ManifestMismatchError(exc.what, where=exc.where,
-                                            fix="rebuild it: run the same command with --force") from None
+    try:
+        open_cache(out)                      # reads the manifest and checks every header and size
+    except ManifestMismatchError as exc:
+        raise ManifestMismatchError(exc.what, where=exc.where,
+                                    fix="rebuild it: run the same command with --force") from None
 
 
 def _check_out_folder(out: Path) -> None:
