@@ -60,6 +60,9 @@ class _Inspector:
         self.split_rows = np.zeros(len(SPLIT_CODES), dtype=np.int64)
         k = int(m.folds.get("n_splits", 0) or 0)
         self.fold_rows = np.zeros(max(k, 1), dtype=np.int64)
+        labels = m.columns_of("label")
+        self.label_sum = np.zeros((len(labels), len(SPLIT_CODES)))       # per label and split: label_rates
+        self.label_n = np.zeros((len(labels), len(SPLIT_CODES)), dtype=np.int64)
 
     def run(self) -> None:
         m = self.m
@@ -75,6 +78,7 @@ class _Inspector:
             self._check_tokens(arrays)
             self._check_labels(arrays)
             self._check_split_fold(arrays, info.index)
+            self._tally_labels(arrays)
         total = m.rows.get("total", start)
         if start != total:
             self.checks["rows"].fail(f"shards hold {start} rows, the manifest says {total}")
@@ -88,6 +92,17 @@ class _Inspector:
             self.checks["folds"].fail(f"fold sizes {self.fold_rows.tolist()} != manifest {sizes}")
         self._check_statistics()
         self._check_fitted()
+
+    def _tally_labels(self, arrays: dict[str, np.ndarray]) -> None:
+        y, split = arrays.get("labels"), arrays.get("split")
+        if y is None or split is None or ((np.asarray(split) < 0) | (np.asarray(split) >= len(SPLIT_CODES))).any():
+            return
+        y, split = np.asarray(y), np.asarray(split)
+        for t, c in enumerate(self.m.columns_of("label")):
+            v = y[:, c.index]
+            ok = np.isfinite(v)
+            self.label_sum[t] += np.bincount(split[ok], weights=v[ok], minlength=len(SPLIT_CODES))
+            self.label_n[t] += np.bincount(split[ok], minlength=len(SPLIT_CODES))
 
     def _check_statistics(self) -> None:
         """The values against the min, max and mean the build recorded for each column: data overwritten or
@@ -103,6 +118,18 @@ class _Inspector:
             if lo != st["min"] or hi != st["max"] or abs(mean - st["mean"]) > 1e-5 * max(1.0, abs(st["mean"])):
                 chk.fail(f"{c.name}: min {lo:g}, max {hi:g}, mean {mean:.6g}; the build recorded min "
                          f"{st['min']:g}, max {st['max']:g}, mean {st['mean']:.6g} (data changed after the build)")
+        for t, c in enumerate(self.m.columns_of("label")):
+            recorded = self.m.label_rates.get(c.name, {})
+            if self.ranges[c.name].bad:                  # values outside {0, 1}: the labels check says so
+                continue
+            for name, code in SPLIT_CODES.items():
+                if name not in recorded or not self.label_n[t, code]:
+                    continue
+                chk.done += 1
+                rate = self.label_sum[t, code] / self.label_n[t, code]
+                if abs(rate - recorded[name]) > 1e-6:
+                    chk.fail(f"{c.name}: positive rate {rate:.6g} on {name}, the build recorded "
+                             f"{recorded[name]:.6g} (labels changed after the build)")
 
     def _check_fitted(self) -> None:
         """A train cache's fitted statistics (vocabularies, co-visitation tables) must be readable: a test

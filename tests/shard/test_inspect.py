@@ -85,6 +85,10 @@ def test_data_changed_after_the_build_fails(cache: Path) -> None:
     assert _failed(cache) == {"statistics"}
     np.save(cache / "shard_00001" / "categorical.npy", cat)
     assert not _failed(cache)
+    y = np.load(cache / "shard_00001" / "labels.npy")
+    np.save(cache / "shard_00001" / "labels.npy", np.zeros_like(y))            # labels overwritten
+    assert _failed(cache) == {"statistics"}
+    np.save(cache / "shard_00001" / "labels.npy", y)
     with open(cache / "shard_00002" / "fold.npy", "ab") as fh:
         fh.write(b"\0" * 100)
     assert "files" in _failed(cache)
