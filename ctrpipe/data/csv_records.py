@@ -92,7 +92,6 @@ class RecordCutter:
         # stray quote (it would swallow every row up to the next one, or to the end of the file); it ends
         # at its first line instead, and cutting starts afresh on the next.
         self.resync_fields = resync_fields
-        self._resynced = False          # the last _take stopped early at a stray quote: more records follow
         self.read_bytes, self.max_record_bytes = read_bytes, max_record_bytes
         self.sep = cfg.separator.encode()
         self.quote = ord(cfg.quote_char) if cfg.quote_char else None
@@ -110,7 +109,7 @@ class RecordCutter:
                     disk = 0
                     yield rec
                 buf, line = buf[used:], line + used_lines
-                if rec is None or (len(rec) < self.chunk_rows and not self._resynced):
+                if rec is None:         # no whole record left (a take may stop early, at a stray quote)
                     break
             if len(buf) > self.max_record_bytes:
                 raise self._open_quote_error(line, f"runs on for more than {self.max_record_bytes:,} bytes")
@@ -143,16 +142,13 @@ class RecordCutter:
               ) -> tuple[Records | None, int, int]:
         """(the first records of buf, up to chunk_rows, or None; bytes used; lines used). Without `final`,
         an unfinished last record stays in buf; with it, the rest of buf is one record with an open quote."""
-        self._resynced = False
         arr = np.frombuffer(buf, np.uint8)
         nl_at = np.flatnonzero(arr == 10)
         inside = self._inside_quotes(arr, nl_at)
         if self.resync_fields and inside is not None:
             stray = self._stray_quote_line_end(arr, nl_at, inside, final)
             if stray is not None:       # cut the buffer after the stray quote's line: parity restarts there
-                taken = self._take(buf[: stray + 1], line0, True, file_bytes)
-                self._resynced = True
-                return taken
+                return self._take(buf[: stray + 1], line0, True, file_bytes)
         ends = nl_at[~inside[nl_at]] if inside is not None else nl_at
         open_quote = False
         if final and (len(ends) == 0 or ends[-1] != len(buf) - 1):

@@ -210,7 +210,7 @@ def _settings(run: RunData, head: str) -> HeadSettings:
 
 
 def _differs(key: str, value: str | float | None, base_value: str | float | None) -> str:
-    """'train.tasks.converted.mask clicked, the baseline's unset (the model's default)'."""
+    """'train.tasks.converted.mask clicked, the baseline's none'."""
     return f"{key} {_setting_text(value)}, the baseline's {_setting_text(base_value)}"
 
 

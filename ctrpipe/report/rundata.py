@@ -2,7 +2,8 @@
 
 Reads metrics.json, train_log.csv and diagnostics.csv (the run's, or each fold's), the saved validation or
 out-of-fold predictions, and counts the model's parameters from its checkpoint when metrics.json has no count.
-Each head's mask and metric weight are read as the run's config set them (metrics.json config.train.tasks).
+Each head's mask and metric weight are read as training resolved them (metrics.json "tasks"; older runs: their
+config's train.tasks).
 """
 
 from __future__ import annotations
