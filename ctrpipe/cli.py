@@ -75,7 +75,8 @@ def shard(
                                               help="train cache whose fitted statistics to reuse (test data)"),
     test: bool = typer.Option(False, "--test", help="input is test data: every row goes to the test split"),
     bad_rows: Optional[str] = typer.Option(None, "--bad-rows", help="error | skip"),  # noqa: UP045
-    force: bool = typer.Option(False, "--force", help="rebuild even if a matching cache exists"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if a matching cache exists; the old "
+                                                      "cache stays until the new one is complete"),
     workers: int = typer.Option(1, "--workers", help="processes for both passes (statistics, shards), one "
                                                      "input file per task (same cache for any value)"),
     dask: Optional[str] = typer.Option(None, "--dask",  # noqa: UP045

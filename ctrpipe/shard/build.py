@@ -43,6 +43,7 @@ from ctrpipe.shard.writer import shard_dirname
 
 Role = Literal["train", "test"]
 _OURS = re.compile(r"^(shard_\d{5}(\.incomplete)?|fitted|manifest\.json\.incomplete|\.incomplete-[0-9a-f]+)$")
+_FINISHED_PART = re.compile(r"^(shard_\d{5}|fitted)$")      # what a finished cache holds beside its manifest
 _PROGRESS = "progress.json"
 
 
@@ -295,13 +296,11 @@ class _BuildState:
 
 
 def _existing_manifest(out: Path, force: bool) -> Manifest | None:
-    """The finished cache at `out`, or None; with `force` its manifest is deleted FIRST, so a crash during
-    the rebuild can never leave an old manifest next to new shards."""
+    """The finished cache at `out` to reuse or refuse, or None. With `force` it is left as it is: the
+    rebuild writes beside it and `_finish` swaps it out only once the new cache is whole, so a rebuild that
+    fails (bad input, full disk, Ctrl-C) loses nothing."""
     path = out / MANIFEST_NAME
-    if not path.exists():
-        return None
-    if force:
-        path.unlink()
+    if force or not path.exists():
         return None
     return read_manifest(out)
 
@@ -333,16 +332,25 @@ def _check_out_folder(out: Path) -> None:
 
 
 def _clear_out(out: Path, keep: str) -> None:
-    """Remove leftovers of earlier builds (ours only) from a folder that has no manifest."""
+    """Remove leftovers of earlier builds (ours only). A finished cache (a manifest: what `--force` replaces)
+    keeps its shards and statistics until `_finish`; only unfinished work goes."""
     _check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    finished = (out / MANIFEST_NAME).exists()
     for p in out.iterdir():
-        if _OURS.match(p.name) and p.name != keep:
+        if _OURS.match(p.name) and p.name != keep and not (finished and _FINISHED_PART.match(p.name)):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _finish(work: Path, out: Path, shards: list[ShardInfo], manifest: Manifest) -> None:
-    """Move shards and statistics from the incomplete folder into `out`, then write the manifest last."""
+    """Move shards and statistics from the incomplete folder into `out`, then write the manifest last. A cache
+    being replaced (`--force`) loses its manifest first, so an interruption here leaves no manifest beside
+    a mix of old and new shards; then its shards the new cache lacks and its statistics go."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    new = {shard_dirname(info.index) for info in shards}
+    for p in out.iterdir():
+        if _FINISHED_PART.match(p.name) and p.name not in new:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     for info in shards:
         src, dst = work / shard_dirname(info.index), out / shard_dirname(info.index)
         if dst.exists():

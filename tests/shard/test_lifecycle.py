@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from raw_inputs import write_criteo_tsv, write_parquet
 
-from ctrpipe.errors import ConfigError, ManifestMismatchError
+from ctrpipe.errors import ConfigError, InputFormatError, ManifestMismatchError
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.manifest import MANIFEST_NAME, Manifest, read_manifest
 from ctrpipe.shard.reader import open_cache
@@ -224,3 +224,30 @@ def test_reuse_checks_the_shards_and_force_checks_the_folder_first(tmp_path: Pat
     with pytest.raises(ConfigError, match="holds files that are not part of a shard cache"):
         build_shards(cfg, [criteo_tsv], tmp_path / "c", progress=False, force=True)
     assert read_manifest(tmp_path / "c").total_rows > 0                   # the cache is still there, whole
+
+
+def test_a_failed_force_rebuild_keeps_the_old_cache(tmp_path: Path, criteo_tsv: Path) -> None:
+    """--force deleted the old manifest before building: a rebuild that then failed on bad input left no cache
+    at all. The old cache now stays whole until the new one replaces it, and the rebuild resumes later."""
+    out = tmp_path / "c"
+    old = build_shards(criteo_cfg("data.shard_rows=16"), [criteo_tsv], out, progress=False).manifest
+    bad = tmp_path / "bad.tsv"
+    bad.write_text(criteo_tsv.read_text() + "2\t" + "\t" * 38 + "\n")        # label 2: the last line is bad
+    with pytest.raises(InputFormatError, match="label"):
+        build_shards(criteo_cfg("data.shard_rows=16"), [bad], out, force=True, progress=False)
+    assert read_manifest(out) == old
+    assert load_all(out)["labels"].shape[0] == old.total_rows == 64          # open_cache checks every array
+    new = build_shards(criteo_cfg("data.shard_rows=40"), [criteo_tsv], out, force=True, progress=False)
+    assert [s.rows for s in new.manifest.shards] == [40, 24]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "shard_00000", "shard_00001"]
+
+
+def test_force_rebuild_without_statistics_drops_the_old_ones(tmp_path: Path) -> None:
+    src = write_parquet(tmp_path / "p.parquet", 60)
+    out = tmp_path / "c"
+    build_shards(parquet_cfg(), [src], out, progress=False)
+    assert (out / "fitted").is_dir()
+    hashed = parquet_cfg("data.categorical.mode=hash", "data.covisit=[]", "data.numeric.impute=zero",
+                         "data.numeric.standardize=false")
+    build_shards(hashed, [src], out, force=True, progress=False)
+    assert not (out / "fitted").exists() and open_cache(out).manifest.fitted.get("vocab", {}) == {}
