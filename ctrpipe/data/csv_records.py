@@ -211,13 +211,29 @@ class RecordCutter:
         q = arr == self.quote
         if not q.any():
             return None
-        if self.comment:                                    # quotes in comment lines are just text
-            line_starts = np.concatenate(([0], nl_at[:-1] + 1)).astype(np.int64)
-            com = line_starts[self._comments(arr, line_starts)]
-            if len(com):
-                q &= ~_ranges_mask(len(arr), com, nl_at[np.searchsorted(nl_at, com)] + 1)
-        q = self._quoting_quotes(arr, q)
-        return np.logical_xor.accumulate(q)
+        if not self.comment:
+            return np.logical_xor.accumulate(self._quoting_quotes(arr, q))
+        # quotes in comment lines are text, and a line is a comment only where it starts outside quotes (a
+        # quoted field may hold a line that begins with the prefix). Every line that begins with the prefix is
+        # first taken for a comment; a line's status depends only on the lines before it, so the first one
+        # the resulting parity puts inside quotes is settled as data and the parity recomputed (a file seldom
+        # has such lines: one pass in the common case)
+        line_starts = np.concatenate(([0], nl_at[:-1] + 1)).astype(np.int64)
+        line_starts = line_starts[line_starts < len(arr)]
+        prefixed = line_starts[self._comments(arr, line_starts)]
+        line_ends = np.append(nl_at + 1, len(arr))[np.searchsorted(nl_at, prefixed)]
+        at = np.flatnonzero(q)
+        has_quote = np.searchsorted(at, line_ends) > np.searchsorted(at, prefixed)   # only these move the parity
+        prefixed, line_ends = prefixed[has_quote], line_ends[has_quote]
+        comment = np.ones(len(prefixed), dtype=bool)
+        while True:
+            text = _ranges_mask(len(arr), prefixed[comment], line_ends[comment]) if comment.any() else None
+            inside = np.logical_xor.accumulate(self._quoting_quotes(arr, q & ~text if text is not None else q))
+            quoted = (prefixed > 0) & inside[np.maximum(prefixed - 1, 0)]
+            wrong = np.flatnonzero(quoted & comment)
+            if not len(wrong):
+                return inside
+            comment[wrong[0]] = False
 
     def _quoting_quotes(self, arr: np.ndarray, q: np.ndarray) -> np.ndarray:
         """q less the quotes that are text, as polars reads them: a field that starts with a quote is quoted,

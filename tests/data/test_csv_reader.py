@@ -291,6 +291,24 @@ def test_records_end_where_polars_rows_end(tmp_path: Path, text: str) -> None:
     assert cut == pl.read_csv(io.StringIO(text)).height + 1                # + the header record
 
 
+@pytest.mark.parametrize("text", [
+    'h1,h2,h3\n1,"x\n#y",z\n2,a,b\n',                             # a quoted field holds a line starting with #
+    'h1,h2,h3\n1,"x\n#y""q",z\n# it\'s "odd\n2,a,b\n',             # ... then a real comment with an odd quote
+    'h1,h2,h3\n# "open\n1,"x\n#\n# "",y",z\n2,a,b\n#"\n3,c,d\n',
+])
+def test_a_line_starting_with_the_comment_prefix_inside_quotes_is_data(tmp_path: Path, text: str) -> None:
+    """Quotes on every line starting with the prefix were taken for text, even on a line inside a quoted
+    field: its closing quote was lost and the record ran on over the rows after it."""
+    import io
+
+    path = tmp_path / "q.csv"
+    path.write_text(text)
+    want = pl.read_csv(io.StringIO(text), comment_prefix="#")
+    for rows in (1, 100):
+        cut = sum(len(r) for r in RecordCutter(path, CsvConfig(comment_prefix="#"), rows))
+        assert cut == want.height + 1                                   # + the header record
+
+
 def test_unlabelled_test_files(tmp_path: Path) -> None:
     rows = make_rows(10)
     no_labels = [[r[0], r[1], r[2], r[3]] for r in rows]             # status and clicked absent
