@@ -70,6 +70,7 @@ class TrainContext:
     logit_shift: tuple[float, ...] = ()   # per head, undoes the training rows' sampling (loader/sampling.py)
     dist: Distributed | None = None  # a torchrun job: this rank's process group (train/distributed.py)
     amp: AmpChoice = AmpChoice("off", "train.amp=off")   # the training steps' precision (train.amp resolved)
+    finished: bool = False           # --resume of a run that had already ended: nothing to train or rewrite
 
     @property
     def main(self) -> bool:
@@ -97,6 +98,8 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
     group = _join(cfg, info) if info is not None else None
     try:
         ctx = _prepare_ranks(cfg, Path(shards), Path(runs), resume, quiet, group)
+        if ctx.finished:
+            return _already_finished(ctx)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         with _reproducible(cfg):
@@ -113,6 +116,17 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
     write_json(ctx.run_dir / "metrics.json", summary)
     _calibrate(ctx)
     _print_summary(ctx, summary)
+    return summary
+
+
+def _already_finished(ctx: TrainContext) -> dict[str, Any]:
+    """--resume of a finished run: its record stays as it was (metrics.json, config, calibration)."""
+    if not ctx.main:
+        return {}
+    summary: dict[str, Any] = json.loads((ctx.run_dir / "metrics.json").read_text())
+    if not ctx.quiet:
+        console.print(f"[green]the run has already finished[/]: nothing to resume; its results are in "
+                      f"{ctx.run_dir / 'metrics.json'}", highlight=False)
     return summary
 
 
@@ -139,6 +153,8 @@ def _prepare_ranks(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet
         group.agree(exc, "preparing the run")
         raise
     group.agree(None, "preparing the run")
+    # only rank 0 need see the run directory: it tells the others whether the run had already finished
+    ctx = dataclasses.replace(ctx, finished=group.broadcast(ctx.finished, "sharing whether the run finished"))
     identity = (ctx.manifest.fingerprint, flatten_dotted(to_dict(cfg)))
     others = group.differing_ranks(identity, "comparing the ranks' caches and configs")
     if others:
@@ -216,12 +232,30 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         recorded = dict(recorded.get("config", recorded))
         # another cache (data.*) is left to the checkpoint's check, whose message names both caches
         refuse_resume_changes({**recorded, "data": to_dict(cfg.data)}, cfg, run_dir / "config.json")
+        if (run_dir / "metrics.json").is_file():
+            _refuse_changes_to_finished(recorded, cfg, run_dir)
+            return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters,
+                                shift, dist, amp, finished=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, to_dict(cfg), dict(cfg.sources))
     write_text(run_dir / "manifest_fingerprint.txt",
                f"{manifest.fingerprint}\nschema {manifest.schema_fingerprint()}\nshards {shards.resolve()}\n")
     return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters, shift,
                         dist, amp)
+
+
+def _refuse_changes_to_finished(recorded: dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:
+    """A finished run (its metrics.json is written) trains no further on --resume: a changed setting, more
+    epochs or steps included, would be recorded in its config without having trained anything."""
+    old, new = flatten_dotted(recorded), flatten_dotted(to_dict(cfg))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        raise CheckpointError(f"the run has finished, so --resume has nothing to continue and would not apply "
+                              f"the changed settings: {shown}" + (" ..." if len(changed) > 4 else ""),
+                              where=str(run_dir / "metrics.json"),
+                              fix="start a new run with these settings (--set exp_name=NEW, without --resume); "
+                                  "--resume continues a run stopped before its end")
 
 
 def _check_sampling(cfg: RunConfig, spec: FeatureSpec, heads: Sequence[Head], tasks: tuple[Task, ...]

@@ -218,6 +218,19 @@ def test_run_directory_and_resume_guards(cache: Path, tmp_path: Path):
     assert "hidden_units:\n  - 16" in (tmp_path / "criteo" / "config.yaml").read_text()
 
 
+def test_resume_of_a_finished_run_changes_nothing(cache: Path, tmp_path: Path):
+    """--resume of a finished run rewrote metrics.json (epochs 0, the no-op's wall time) and recorded changed
+    settings such as more epochs in its config, having trained nothing."""
+    assert train(cache, tmp_path, "--set", "train.max_steps=2")[0] == 0
+    run = tmp_path / "criteo"
+    record = {name: (run / name).read_bytes() for name in ("metrics.json", "config.yaml", "config.json")}
+    code, _ = train(cache, tmp_path, "--resume", "--set", "train.max_steps=2")
+    assert code == 0
+    code, out = train(cache, tmp_path, "--resume", "--set", "train.max_steps=4")
+    assert code == 1 and "has finished" in out and "train.max_steps 2 -> 4" in out and "exp_name=NEW" in out
+    assert {name: (run / name).read_bytes() for name in record} == record
+
+
 def test_resume_keeps_the_runs_kind(cache: Path, tmp_path: Path):
     """--resume without --kfold on an interrupted K-fold run trained a single model into its folder."""
     code, _ = train(cache, tmp_path, "--kfold", str(K_FOLDS), "--set", "train.stop_after_steps=2")
