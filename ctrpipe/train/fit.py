@@ -46,7 +46,7 @@ from ctrpipe.train.config import CVConfig
 from ctrpipe.train.distributed import Distributed, RankInfo, rank_info
 from ctrpipe.train.evaluate import Predictions, logit_shifts, predict
 from ctrpipe.train.loop import FitInputs, FitResult, fit
-from ctrpipe.train.metrics import METRIC_NAMES, metrics_from_logits
+from ctrpipe.train.metrics import METRIC_NAMES, QUALITY_METRICS, metrics_from_logits
 from ctrpipe.train.objective import Task, build_tasks
 from ctrpipe.train.rundir import write_config, write_json, write_text
 
@@ -274,12 +274,19 @@ def _check_sampling(cfg: RunConfig, spec: FeatureSpec, heads: Sequence[Head], ta
 
 
 def _check_metric(cfg: RunConfig, tasks: tuple[Task, ...]) -> None:
-    valid = list(METRIC_NAMES)
+    valid = list(QUALITY_METRICS)
     if len(tasks) > 1:
-        valid += [f"{m}.{t.name}" for t in tasks for m in METRIC_NAMES]
-    if cfg.train.early_stopping.metric not in valid:
-        raise ConfigError(f"unknown metric {cfg.train.early_stopping.metric!r}",
-                          where="train.early_stopping.metric", fix=f"use one of {', '.join(valid)}")
+        valid += [f"{m}.{t.name}" for t in tasks for m in QUALITY_METRICS]
+    metric = cfg.train.early_stopping.metric
+    if metric in valid:
+        return
+    if metric.split(".", 1)[0] in METRIC_NAMES:
+        raise ConfigError(f"metric {metric!r} describes the predictions, not how good they are, so it cannot pick "
+                          "the best evaluation (calibration is best near 1, mean_pred and pos_rate at no "
+                          "particular value)", where="train.early_stopping.metric",
+                          fix=f"use one of {', '.join(valid)}")
+    raise ConfigError(f"unknown metric {metric!r}", where="train.early_stopping.metric",
+                      fix=f"use one of {', '.join(valid)}")
 
 
 def check_folds(cfg: RunConfig, manifest: Manifest, shards: Path) -> None:

@@ -14,6 +14,9 @@ EPS = 1e-7
 # main metric names, in the order tables and logs show them
 METRIC_NAMES: tuple[str, ...] = ("logloss", "auc", "ap", "wll", "score", "mean_pred", "pos_rate",
                                  "calibration")
+# metrics that rank a model's quality, so early stopping can keep the best evaluation by one of them; the others
+# describe the predictions (mean_pred, pos_rate: the view's label rate, calibration: best near 1, not at a max)
+QUALITY_METRICS: tuple[str, ...] = ("logloss", "auc", "ap", "wll", "score")
 # metrics where a smaller value is better (early stopping `mode: auto`)
 LOWER_IS_BETTER: frozenset[str] = frozenset({"logloss", "wll"})
 

@@ -245,6 +245,9 @@ def test_config_errors_before_training(cache: Path, tmp_path: Path):
     assert code == 1 and "fp16 needs a CUDA device" in out and "train.amp=bf16" in out
     code, out = train(cache, tmp_path, "--set", "train.early_stopping.metric=acc")
     assert code == 1 and "unknown metric 'acc'" in out and "auc" in out
+    for metric in ("calibration", "mean_pred", "pos_rate"):     # they were maximised: calibration 1.02 beat 0.998
+        code, out = train(cache, tmp_path, "--set", f"train.early_stopping.metric={metric}")
+        assert code == 1 and "describes the predictions" in out and "auc, " in out, out
     assert not (tmp_path / "criteo").exists()
 
 
