@@ -357,8 +357,11 @@ def refuse_resume_changes(old_config: dict[str, Any], cfg: RunConfig, where: Pat
     # value would be announced and then ignored, or crash), and the position within the epoch counts batches
     restored = ("train.lr", "train.embedding_lr", "train.weight_decay", "train.embedding_optimizer",
                 "loader.batch_size")
+    # the rows' order: the position resumes at a batch index of the run's order, so another order would serve
+    # some rows of the epoch twice and others never
+    order = ("loader.shuffle", "loader.shuffle_strategy", "loader.block_rows", "loader.window_shards")
     fixed = [k for k in changed if k.startswith(("model.", "data.")) or k in ("seed", "cv.n_splits")
-             or k in sampling + restored]
+             or k in sampling + restored + order]
     if "cv.n_splits" in fixed:     # resuming a K-fold run without --kfold started a single model in its folder
         was, now = int(old.get("cv.n_splits") or 0), cfg.cv.n_splits
         run_is = f"a {was}-fold run" if was else "a single-model run"

@@ -211,7 +211,10 @@ def test_run_directory_and_resume_guards(cache: Path, tmp_path: Path):
     assert code == 1 and "cannot resume with changed model.hidden_units" in out
     # the restored optimiser state holds these: a new value would be announced and ignored (or crash)
     for key, value in (("train.lr", "0.05"), ("train.weight_decay", "0.5"),
-                       ("train.embedding_optimizer", "adagrad"), ("loader.batch_size", "32")):
+                       ("train.embedding_optimizer", "adagrad"), ("loader.batch_size", "32"),
+                       # the rows' order: a resume mid-epoch served some rows twice and others never
+                       ("loader.block_rows", "64"), ("loader.shuffle", "false"),
+                       ("loader.shuffle_strategy", "gather"), ("loader.window_shards", "1")):
         code, out = train(cache, tmp_path, "--resume", "--set", f"{key}={value}")
         assert code == 1 and f"cannot resume with changed {key}" in out, out
     # refused before the run's record is rewritten (the fix points at its config.yaml)
