@@ -76,6 +76,8 @@ class Resources:
     parameters_from: str             # "metrics.json", "ckpt_best.pt", ... or why it is missing
     peak_memory_bytes: int | None
     peak_memory_where: str           # "GPU", "host" or ""
+    # why wall time and peak memory are not shown although recorded: a resumed run records its last process only
+    partial: str = ""
 
 
 @dataclass(frozen=True, eq=False)     # identity equality: runs hold arrays, and two loads are two runs
@@ -235,11 +237,15 @@ def _resources(path: Path, metrics: dict[str, Any], kfold: int) -> Resources:
     device_peak = _opt_int(metrics.get("peak_device_memory_bytes"))
     host_peak = _opt_int(metrics.get("peak_host_memory_bytes"))
     peak, where = (device_peak, "GPU") if device_peak is not None else (host_peak, "host" if host_peak else "")
+    wall = _opt_float(metrics.get("wall_seconds"))
+    partial = ""
+    if metrics.get("resumed"):      # the earlier processes' time and memory are not in it: no ranking on them
+        partial = "the run was resumed: metrics.json records the wall time and peak memory of its last process only"
+        wall, peak = None, None
     return Resources(samples_per_s=_opt_float(metrics.get("samples_per_s")),
                      train_seconds=_opt_float(metrics.get("train_seconds")),
-                     wall_seconds=_opt_float(metrics.get("wall_seconds")),
-                     parameters=params, parameters_from=params_from, peak_memory_bytes=peak,
-                     peak_memory_where=where)
+                     wall_seconds=wall, parameters=params, parameters_from=params_from, peak_memory_bytes=peak,
+                     peak_memory_where=where, partial=partial)
 
 
 def count_parameters(ckpt_path: Path) -> tuple[int | None, str]:

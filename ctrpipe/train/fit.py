@@ -112,7 +112,7 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
             group.close()
     if summary.get("interrupted") or not ctx.main:
         return summary
-    summary.update(_costs(ctx, started))
+    summary.update(_costs(ctx, started), resumed=ctx.resume)
     write_json(ctx.run_dir / "metrics.json", summary)
     _calibrate(ctx)
     _print_summary(ctx, summary)
@@ -463,7 +463,7 @@ def _costs(ctx: TrainContext, started: float) -> dict[str, Any]:
     """What the run cost: wall time of the whole command so far, peak memory, parameters of one model.
 
     Host memory is the process's peak RSS (it includes the loader's buffers and Python itself); a resumed
-    run reports the resumed process only.
+    run reports the resumed process only (metrics.json `resumed`; the report then shows neither).
     """
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"wall_seconds": round(time.perf_counter() - started, 3),

@@ -111,6 +111,21 @@ def test_leaderboard_deltas_best_and_parameters(runs: Runs) -> None:
         assert run.resources.parameters == sum(p.numel() for p in model.parameters())
 
 
+def test_a_resumed_runs_partial_costs_are_not_ranked(runs: Runs, tmp_path: Path) -> None:
+    """A resumed run records the wall time and peak memory of its last process only: the board ranked a
+    run interrupted and resumed as faster than the same run in one go."""
+    run = tmp_path / "criteo_dnn"
+    shutil.copytree(runs.criteo[0], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "resumed": True}))
+    resumed = load_run(run)
+    assert resumed.resources.wall_seconds is None and resumed.resources.peak_memory_bytes is None
+    assert resumed.resources.train_seconds == metrics["train_seconds"] and "last process" in resumed.resources.partial
+    board = build_leaderboard([load_run(runs.criteo[1]), resumed])
+    entry = next(e for e in board.entries if e.run is resumed)
+    assert entry.values[col("wall_seconds")] is None and entry.values[col("peak_memory")] is None
+
+
 def test_validation_split_when_a_run_lacks_gold(runs: Runs) -> None:
     dnn, deepfm, dcnv2 = (load_run(p) for p in runs.criteo)
     kfold = load_run(runs.kfold)

@@ -126,6 +126,7 @@ def test_resume_equals_uninterrupted(cache: Path, tmp_path: Path, optimizer: str
     ma = json.loads((tmp_path / "a" / "criteo" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "b" / "criteo" / "metrics.json").read_text())
     assert ma["val"] == mb["val"] and ma["best_step"] == mb["best_step"]
+    assert (ma["resumed"], mb["resumed"]) == (False, True)     # b's wall time and memory: its last process only
 
 
 def test_kfold_checkpoints_and_oof_cover_fold_rows(cache: Path, tmp_path: Path):
