@@ -60,7 +60,11 @@ def plan_steps(cfg: TrainConfig, rows: int, batch_size: int, per_epoch: int) -> 
         warmup = int(MAX_WARMUP_SHARE * total)
         notes.append(f"warm-up shortened from {cfg.warmup_steps} to {warmup} steps (a tenth of this "
                      f"{total}-step run)")
-    if total < TOO_FEW_STEPS:
+    if total < TOO_FEW_STEPS and cfg.max_steps and total == cfg.max_steps < max(planned, cfg.min_steps):
+        notes.append(f"warning: train.max_steps={cfg.max_steps} stops the run after {total} optimiser step(s) "
+                     f"of the {max(planned, cfg.min_steps)} planned -- too few for a model to learn; raise "
+                     "train.max_steps (0: no cap) unless this is a smoke test")
+    elif total < TOO_FEW_STEPS:
         smaller = _smaller_batch(rows, batch_size)
         notes.append(f"warning: only {total} optimiser step(s) ({rows:,} rows, batch {batch_size}, "
                      f"{cfg.epochs} epoch(s)) -- too few for a model to learn; set train.min_steps=300 "

@@ -30,6 +30,10 @@ def test_a_small_sample_repeats_epochs_up_to_min_steps_and_says_so():
 def test_max_steps_caps_the_stretched_run():
     plan = plan_steps(TrainConfig(min_steps=300, max_steps=40), rows=5945, batch_size=4096, per_epoch=1)
     assert plan.total_steps == 40 and plan.evaluates_at(40, 1)
+    # the warning named the epochs and rows as if they made the run short, and suggested min_steps
+    warning = next(n for n in plan.notes if n.startswith("warning"))
+    assert "train.max_steps=40 stops the run after 40 optimiser step(s) of the 300 planned" in warning
+    assert "min_steps" not in warning
 
 
 def test_a_run_too_short_to_learn_warns_with_the_settings_to_change():
