@@ -91,6 +91,21 @@ def _is_comm_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in text for m in _COMM_MARKERS)
 
 
+def batch_norm_settings(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """The `model.*` settings of a model section that turn batch norm on, each with the value that turns it off:
+    `batch_norm: true` (MLP models, an ESMM backbone's `backbone_params`) or `norm: batch` (QNN-alpha layers)."""
+    out: dict[str, str] = {}
+
+    def walk(d: Mapping[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}.")
+            elif (k == "batch_norm" and v is True) or (k == "norm" and v == "batch"):
+                out[f"{prefix}{k}"] = "false" if k == "batch_norm" else "layer"
+    walk(model_config, "model.")
+    return out
+
+
 class Distributed:
     """Membership of a torchrun job: the process group and every collective data-parallel training makes.
 
@@ -221,17 +236,21 @@ class Distributed:
         return Predictions(row_index, logits, labels)
 
     # ------------------------------------------------------------------ the model
-    def wrap(self, model: nn.Module, tables: Mapping[str, nn.Parameter]) -> nn.Module:
+    def wrap(self, model: nn.Module, tables: Mapping[str, nn.Parameter],
+             model_config: Mapping[str, Any] | None = None) -> nn.Module:
         """`model` under DDP for its dense parameters (the tables are RowExchange's); BatchNorm made SyncBatchNorm.
 
         Returns the module to call in training steps; `model` itself stays what checkpoints and evaluation use.
+        `model_config` (the run's `model` section) names the settings that turn batch norm on in a refusal.
         """
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         if has_bn and self.device.type != "cuda":
+            keys = batch_norm_settings(model_config or {})
+            off = ", ".join(f"{k}={v}" for k, v in keys.items()) or "a model config without batch norm"
             raise ConfigError("the model has BatchNorm layers: over several processes their batch statistics "
                               "must be synchronised (SyncBatchNorm), which torch runs on GPUs only",
-                              where="model.batch_norm",
-                              fix="train on GPUs, in one process, or without batch norm (model.batch_norm=false)")
+                              where=", ".join(keys) or "model",
+                              fix=f"train on GPUs, in one process, or without batch norm ({off})")
         if has_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = {id(p) for p in tables.values()}

@@ -198,7 +198,7 @@ class _Run:
         if inp.dist is not None:
             if self.changed.tables:
                 self.exchange = RowExchange(inp.dist, self.changed.tables, dense=not self.cfg.sparse_embeddings)
-            train_model = inp.dist.wrap(self.model, self.changed.tables)
+            train_model = inp.dist.wrap(self.model, self.changed.tables, inp.template.config.get("model"))
             if any(t.mask is not None for t in inp.tasks):   # masked heads: means over the global batch
                 dist = inp.dist
                 self.objective.global_count = lambda c: dist.mean_(c.clone(), "counting masked heads' rows")

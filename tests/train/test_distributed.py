@@ -111,6 +111,8 @@ def session(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Session:
     named += [
         ("stop", {"args": train_args(cache, runs, "resumed", [*base, f"train.stop_after_steps={STOP_AT}"])}),
         ("resume", {"args": train_args(cache, runs, "resumed", base, "--resume")}),
+        ("resume_finished", {"args": train_args(cache, runs, "resumed", base, "--resume")}),
+        ("batch_norm", {"args": train_args(cache, runs, "ddp_bn", [*base, "model.batch_norm=true"])}),
         ("stopped", {"args": train_args(cache, runs, "ddp_stopped", [*base, "train.stop_after_steps=3"])}),
         ("resume_one", {"args": train_args(cache, runs, "one_stopped", base, "--resume")}),
         ("no_cache", {"args": train_args(cache, runs, "no_cache", base),
@@ -252,6 +254,33 @@ def test_resume_with_another_number_of_processes_is_refused(session: Session, ca
     assert res.exit_code == 1
     assert "trained by 2 process(es) and this command runs 1" in res.output
     assert "torchrun --nproc_per_node 2 -m ctrpipe.cli train ... --resume" in res.output
+
+
+def test_resuming_a_finished_run_on_two_ranks_changes_nothing(session: Session) -> None:
+    """Only rank 0 sees the run directory: it tells the other rank that the run had finished."""
+    session.ok("resume_finished")
+    assert json.loads((session.runs / "resumed" / "metrics.json").read_text())["resumed"] is True
+
+
+def test_batch_norm_on_cpu_ranks_is_refused_naming_the_models_own_setting(session: Session) -> None:
+    out = session.results["batch_norm"][0]
+    assert out["exit_code"] == 1 and "SyncBatchNorm" in out["output"] and "model.batch_norm=false" in out["output"]
+
+
+def test_batch_norm_settings_are_found_in_every_model_section() -> None:
+    """The refusal told DARE + QNN-alpha users to set model.batch_norm, a key their model does not have."""
+    from ctrpipe.config import load_config, to_dict
+    from ctrpipe.train.distributed import batch_norm_settings
+
+    def found(cfg: str, *overrides: str) -> dict[str, str]:
+        return batch_norm_settings(to_dict(load_config(REPO / "cfgs" / cfg, list(overrides)))["model"])
+    assert found("dare_qnn.yaml") == {"model.qnn_alpha.norm": "layer"}
+    assert found("criteo_dnn.yaml") == {} and found("criteo_dnn.yaml", "model.batch_norm=true") == {
+        "model.batch_norm": "false"}
+    assert found("parquet_esmm.yaml", "model.backbone_params.batch_norm=true") == {
+        "model.backbone_params.batch_norm": "false"}
+    assert found("criteo_qnn_alpha.yaml") == {} and found("criteo_qnn_alpha.yaml", "model.norm=batch") == {
+        "model.norm": "layer"}
 
 
 def test_a_rank_without_the_cache_stops_every_rank(session: Session) -> None:
