@@ -158,6 +158,11 @@ def test_sequence_errors(spec_factory) -> None:
     assert "C1" in str(err.value)
     with pytest.raises(ConfigError, match="do not share an id space"):
         build(spec_factory(), "dare", {"sequence": {"query_key": "C1"}})
+    for name in ("dare", "dare_qnn"):    # S2 reads no candidate: a query_key from the config does not apply
+        model = build(spec_factory(), name, {"sequence": {"query_key": "C1", "query_mode": "S2"}})
+        assert not model.history.query
+    with pytest.raises(ConfigError, match="model.sequence.query_key"):
+        build(spec_factory(), "dare", {"sequence": {"query_key": "nope", "query_mode": "S2"}})
     with pytest.raises(ConfigError, match="model.sequence.top_k"):
         build(spec_factory(), "dare", {"sequence": {"top_k": 6}})       # the history stores 5
     with pytest.raises(ConfigError, match="model.sequence.max_len"):

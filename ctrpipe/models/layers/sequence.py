@@ -53,10 +53,15 @@ def resolve_history(spec: FeatureSpec, model: str, column: str = "", query_key: 
         if query_key not in cats:
             raise ConfigError(f"model.sequence.query_key {query_key!r} is not a categorical column of the shards",
                               where="model.sequence.query_key", fix=f"use one of {sorted(cats)[:12]}")
-        if not seq.id_space or cats[query_key].id_space != seq.id_space:
+        shared = bool(seq.id_space) and cats[query_key].id_space == seq.id_space
+        if not shared and not need_query:      # S2 reads no candidate: the configs' query_key need not apply
+            query_key = ""
+        elif not shared:
             raise ConfigError(f"the history {seq.name!r} and the candidate {query_key!r} do not share an id space, "
                               "so their ids name different things", where="model.sequence.query_key",
-                              fix=f"shard with data.sequence[].share_ids_with: {query_key} on {seq.name!r}")
+                              fix=f"shard with data.sequence[].share_ids_with: {query_key} on {seq.name!r}" + (
+                                  "" if model == "din" else ", or read the history against its most recent "
+                                  "behaviour (model.sequence.query_mode=S2)"))
         query = query_key
     else:
         same = [f.name for f in spec.categorical if seq.id_space and f.id_space == seq.id_space]
