@@ -16,7 +16,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
@@ -51,6 +51,8 @@ class RunConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     # where each leaf value came from: "default", a YAML path or "--set"; not part of the fingerprint
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # sections of the pipelines users port from that live elsewhere here (named in the unknown-key error)
+    MOVED_KEYS: ClassVar[Mapping[str, str]] = {"sequence": "model.sequence"}
 
     def __post_init__(self) -> None:
         keep = self.infer.calibration.keep_rate
@@ -350,6 +352,13 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
                                   where=where, fix=f"drop '{prefix}{key}' or set it to {only!r}")
             continue
         if key not in names:
+            moved = getattr(cls, "MOVED_KEYS", {}).get(key)
+            if moved is not None:
+                raise ConfigError(f"unknown config key '{prefix}{key}': ctrpipe keeps these settings in "
+                                  f"'{moved}'", where=where,
+                                  fix=f"move the section under {moved}" + (
+                                      f" (e.g. {moved}.{next(iter(value))})" if value else "")
+                                  if isinstance(value, Mapping) else f"write it as {moved}")
             close = [aliases.get(c, c) for c in difflib.get_close_matches(key, [*names, *aliases], n=1, cutoff=0.5)]
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'", where=where, fix=hint)

@@ -161,6 +161,18 @@ def test_a_pad_id_other_than_0_is_refused(pad: int | str) -> None:
     assert err.value.where == "--set model.sequence.pad_id"
 
 
+def test_the_ported_pipelines_sequence_section_points_to_model_sequence(tmp_path: Path) -> None:
+    """The original pipeline's top-level `sequence:` got "did you mean 'seed'?"."""
+    port = tmp_path / "port.yaml"
+    port.write_text(f"extends: {CFGS / 'dare_qnn.yaml'}\nsequence: {{max_len: 30, pad_id: 0}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(port)
+    assert "'model.sequence'" in err.value.what and "model.sequence.max_len" in err.value.fix
+    with pytest.raises(ConfigError) as err:
+        load_config(CFGS / "dare_qnn.yaml", ["sequence.top_k=4"])
+    assert err.value.where == "--set sequence.top_k" and "model.sequence.top_k" in err.value.fix
+
+
 def test_a_close_alias_suggests_the_canonical_key() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(CFGS / "dare_qnn.yaml", ["model.embdim=8"])
