@@ -424,8 +424,12 @@ def _bad(tp: Any, value: Any, key: str, origin: str) -> ConfigError:
                            fix="write it in quotes, spelt as in the data (e.g. '1.50', not 1.50; 'yes', not yes): "
                                "YAML reads unquoted numbers and yes/no/on/off as numbers and booleans")
     parent = key[:key.rindex("[")] if key.endswith("]") else ""
-    example = f"{parent}=[{_example(tp)}]" if parent else f"{key}={_example(tp)}"
-    return ConfigError(f"bad value {value!r} for '{key}'", where=_where(origin, key), fix=f"use e.g. {example}")
+    shown, what = _example(tp), "e.g."
+    if tp is int and isinstance(value, float) and math.isfinite(value):
+        # the number meant, made whole: the type's one example fits few int settings (top_k=8192, rank=8192)
+        shown, what = str(math.floor(value)), "a whole number, e.g."
+    example = f"{parent}=[{shown}]" if parent else f"{key}={shown}"
+    return ConfigError(f"bad value {value!r} for '{key}'", where=_where(origin, key), fix=f"use {what} {example}")
 
 
 def _tuple_fix(key: str, args: tuple[Any, ...]) -> str:

@@ -183,6 +183,7 @@ def test_a_close_alias_suggests_the_canonical_key() -> None:
     ("override", "key", "example"),
     [
         ("data.hash_bins=lots", "data.hash_bins", "8192"),
+        ("loader.batch_size=512.5", "loader.batch_size", "a whole number, e.g. loader.batch_size=512"),
         ("data.format=tsv", "data.format", "'criteo'"),
         ("data.split.val_ratio=1.5", "data.split.val_ratio", "0.1"),
         ("loader.batch_size=0", "loader.batch_size", "4096"),
