@@ -124,7 +124,10 @@ class ServingModule(nn.Module):
         z = torch.where(self.cal_on, cal, z).double()
         p = torch.sigmoid(z)
         if self.method in ("logit_mean", "weighted"):
-            return torch.sigmoid((self.weights * z).sum(0))
+            # ensemble.logit: each model's logit of its probability clipped to [EPS, 1 - EPS], as combine() takes
+            # it (a fold's logit of 18 counts as 16.1 there)
+            pc = p.clamp(_EPS, 1.0 - _EPS)
+            return torch.sigmoid((self.weights * (torch.log(pc) - torch.log1p(-pc))).sum(0))
         if self.method == "mean":
             return (self.weights * p).sum(0)
         return torch.exp((self.weights * torch.log(p.clamp(_EPS, 1.0 - _EPS))).sum(0))     # geom_mean

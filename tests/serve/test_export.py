@@ -139,6 +139,32 @@ def test_torchscript_parity(runs: Callable[[str], Path], family: str, tmp_path: 
             np.testing.assert_allclose(got[:, j], want[head], rtol=0, atol=1e-5, err_msg=f"{family} {head}")
 
 
+def test_confident_folds_combine_as_infer_combines_them(runs: Callable[[str], Path]) -> None:
+    """combine() takes each fold's logit of its probability clipped to [1e-7, 1 - 1e-7] (at most 16.1); the
+    exported module averaged the raw logits, so a fold at 18 among four at 0 gave 0.961 where infer gave 0.947."""
+    from torch import nn
+
+    from ctrpipe.serve.export import ServingModule, cache_batch, example_inputs
+    from ctrpipe.serve.predictor import Predictor
+
+    class Fixed(nn.Module):
+        def __init__(self, logits: np.ndarray) -> None:
+            super().__init__()
+            self.logits = torch.tensor(logits)
+
+        def forward(self, batch: Any) -> torch.Tensor:
+            return self.logits.reshape(-1, 1)
+
+    p = Predictor.load(runs("dnn"))                               # 2 folds, logit_mean
+    z = np.array([[18.0, -17.0, 3.0, 40.0], [0.0, 0.0, -2.0, 30.0]], dtype=np.float32)     # (K, N)
+    module = ServingModule(p).eval()
+    module.shift.zero_()
+    module.nets = nn.ModuleList([Fixed(z[k]) for k in range(len(z))])
+    with torch.no_grad():
+        got = module(example_inputs(p, cache_batch(p, 4))).numpy()[:, 0]
+    np.testing.assert_allclose(got, p.probabilities(z[:, :, None], ["label"])["label"], rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_onnx_parity(runs: Callable[[str], Path], family: str, tmp_path: Path) -> None:
     """onnxruntime on model.onnx == Predictor (shift, calibration, fold combination) on the same shard rows."""
