@@ -145,13 +145,21 @@ def export(
     fmt: str = typer.Option("torchscript", "--format", help="torchscript (model.pt) | onnx (model.onnx; needs "
                                                             "the ctrpipe[onnx] extra)"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/export)"),  # noqa: UP045
+    cache: Optional[Path] = typer.Option(None, "--cache", help="the run's training cache, if it moved"),  # noqa: UP045
+    overrides: list[str] = typer.Option([], "--set", help="inference override, repeatable: --set "
+                                                          "infer.method=logit_mean"),
 ) -> None:
     """Export a run (folds combined, calibration applied) as one TorchScript or ONNX model + model.json."""
+    import json
+
     from ctrpipe.serve.export import export_model
 
     def go() -> None:
-        path = export_model(run, out if out is not None else run / "export", fmt)
+        path = export_model(run, out if out is not None else run / "export", fmt, cache=cache, overrides=overrides)
         console.print(f"wrote {path} and {path.with_name('model.json')}", highlight=False)
+        note = json.loads(path.with_name("model.json").read_text())["precision"]["note"]
+        if note:
+            console.print(f"[yellow]note[/]: {note}", highlight=False)
 
     _run(go)
 

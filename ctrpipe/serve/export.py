@@ -40,7 +40,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ctrpipe.atomic import write_json_atomic
+from ctrpipe.device import predict_amp
 from ctrpipe.errors import ConfigError
 from ctrpipe.infer.predict import find_checkpoints
 from ctrpipe.loader.batch import Batch
@@ -141,10 +142,12 @@ def example_inputs(p: Predictor, batch: Batch) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = None) -> Path:
+def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = None, cache: Path | None = None,
+                 overrides: Sequence[str] = ()) -> Path:
     """Export the run into out/model.pt or out/model.onnx (+ out/model.json); returns the model file.
 
     `rows`: raw rows to trace on (default: the first rows of the training cache, read back from its shards).
+    `cache` and `overrides` as `Predictor.load` takes them (the cache's new place; infer.* settings).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt} is not supported", where="--format",
@@ -152,10 +155,11 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
     if fmt == "onnx":
         _require_onnx()          # before the minutes of loading and exporting
     run, out = Path(run), Path(out)
-    p = Predictor.load(run)
+    p = Predictor.load(run, cache=cache, overrides=overrides)
     if p.cfg.infer.method not in EXPORT_METHODS:
         raise ConfigError(f"infer.method={p.cfg.infer.method} cannot be exported (it needs more than one row)",
-                          where="infer.method", fix=f"export with one of {', '.join(EXPORT_METHODS)}")
+                          where="infer.method",
+                          fix=f"export with one of {', '.join(EXPORT_METHODS)}, e.g. --set infer.method=logit_mean")
     batch = p.batch(rows) if rows is not None else cache_batch(p, 8)
     module = ServingModule(p).eval()
     inputs = example_inputs(p, batch)
@@ -342,6 +346,17 @@ CALLS = {"torchscript": "model(inputs: tuple of tensors in this order) -> (B, H)
          "onnx": f"session.run(['{ONNX_OUTPUT}'], {{input name: array}}) -> [(B, H) float64]"}
 
 
+def precision_note(p: Predictor) -> str:
+    """Why the export's probabilities differ from `ctrpipe infer` / `predict` on a run that predicts in bf16 or
+    fp16 ("" when it predicts in fp32): the exported module computes in fp32, whatever the run predicts in."""
+    amp = predict_amp(p.cfg.train.amp)
+    if amp == "off":
+        return ""
+    return (f"the run predicts in {amp} (train.amp={p.cfg.train.amp}); the export computes in fp32, so its "
+            f"probabilities differ from `ctrpipe infer` / `predict` by about 1e-3 (to compare them, predict with "
+            "--set train.amp=off)")
+
+
 def describe(p: Predictor, fmt: str = "torchscript") -> dict[str, object]:
     """model.json: inputs (name, dtype, shape with B dynamic), outputs, and the preprocessing metadata."""
     m = p.manifest
@@ -351,6 +366,8 @@ def describe(p: Predictor, fmt: str = "torchscript") -> dict[str, object]:
                    for n, (f, i, g, shape, dt) in zip(input_names(p.layout), input_fields(p.layout), strict=True)],
         "outputs": {"name": ONNX_OUTPUT, "heads": list(p.heads), "dtype": "float64", "shape": ["B", len(p.heads)],
                     "meaning": "calibrated probability, folds combined by infer.method"},
+        "precision": {"computes_in": "fp32", "run_predicts_in": "fp32" if predict_amp(p.cfg.train.amp) == "off"
+                      else predict_amp(p.cfg.train.amp), "note": precision_note(p)},
         "ensemble": {"method": p.cfg.infer.method, "checkpoints": len(p.models),
                      "weights": list(p.weights) if p.weights is not None else None},
         "calibration": [dataclasses.asdict(c) for c in p.calibrations],

@@ -117,7 +117,8 @@ class Predictor:
             raise CheckpointError(f"the run's training cache {cache_dir} is not there: serving needs its "
                                   "manifest and fitted statistics (vocabularies, imputation, co-visitation)",
                                   where=str(paths[0]),
-                                  fix="pass Predictor.load(RUN, cache=DIR) with the training cache's new place")
+                                  fix="pass the training cache's new place: --cache DIR (ctrpipe predict / "
+                                      "export), or Predictor.load(RUN, cache=DIR)")
         manifest = read_manifest(cache_dir)
         for ckpt, path in zip(ckpts, paths, strict=True):
             check_compatible(ckpt, manifest, cache_dir, path)

@@ -71,3 +71,36 @@ def test_predict_bad_line_names_it_and_writes_nothing(world: Path, tmp_path: Pat
     assert code == 1, msg
     assert "line 6" in msg and "bad.tsv" in msg
     assert not out.exists() and not out.with_name(out.name + ".incomplete").exists()
+
+
+def test_predict_makes_the_out_folder(world: Path, tmp_path: Path) -> None:
+    """--out in a folder that did not exist failed with a FileNotFoundError traceback after the model loaded."""
+    out = tmp_path / "new" / "deeper" / "preds.csv"
+    code, msg = _invoke("predict", "--run", str(world / "runs" / "dnn"), "--input", str(world / "d" / "test.tsv"),
+                        "--out", str(out), "-q")
+    assert code == 0, msg
+    assert pl.read_csv(out).height == 300
+
+
+def test_export_takes_the_cache_and_inference_settings(world: Path, tmp_path: Path) -> None:
+    """export had neither --cache (a moved training cache's fix named a Python call) nor --set (a run whose
+    infer.method cannot be exported could not be exported at all), and said nothing of a run predicting in bf16."""
+    import json
+    import shutil
+
+    moved = tmp_path / "moved_cache"
+    shutil.copytree(world / "tr", moved)
+    out = tmp_path / "export"
+    code, msg = _invoke("export", "--run", str(world / "runs" / "dnn"), "--out", str(out), "--cache", str(moved),
+                        "--set", "infer.method=mean", "--set", "train.amp=bf16")
+    assert code == 0, msg
+    doc = json.loads((out / "model.json").read_text())
+    assert doc["preprocessing"]["training_cache"] == str(moved.resolve()) and doc["ensemble"]["method"] == "mean"
+    assert doc["precision"]["run_predicts_in"] == "bf16" and doc["precision"]["computes_in"] == "fp32"
+    assert "differ from `ctrpipe infer`" in " ".join(msg.split()) and "train.amp=off" in msg
+    code, msg = _invoke("export", "--run", str(world / "runs" / "dnn"), "--out", str(out),
+                        "--set", "infer.method=rank_avg")
+    assert code == 1 and "--set infer.method=logit_mean" in msg
+    code, msg = _invoke("export", "--run", str(world / "runs" / "dnn"), "--out", str(out),
+                        "--cache", str(tmp_path / "absent"))
+    assert code == 1 and "--cache DIR" in msg
