@@ -42,7 +42,22 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
                 yield start, lines, None
     elif fmt == "parquet":
         start = 0
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+        except (pa.ArrowInvalid, OSError) as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise InputFormatError(f"the run was trained on Parquet, and this file cannot be read as Parquet "
+                                   f"({reason})", where=str(path),
+                                   fix="pass a Parquet file with the columns the run was sharded from") from None
+        while True:
+            try:
+                rb = next(batches, None)
+            except (pa.ArrowInvalid, OSError) as exc:
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise InputFormatError(f"cannot read the file after row {start:,}: {reason}", where=str(path),
+                                       fix="check the file is whole (re-copy or re-export it)") from None
+            if rb is None:
+                return
             ids = rb.column(id_col).to_numpy(zero_copy_only=False) if id_col and id_col in rb.schema.names \
                 else None
             yield start, pa.Table.from_batches([rb]), ids
@@ -81,6 +96,7 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
     check_out_file(Path(out))
     p = Predictor.load(run, cache=cache, overrides=overrides)
     n = 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)      # as `ctrpipe infer` makes its --out folder
     with atomic_open(out, "wb") as fh:
         for start, rows, ids in _chunks(p, path, chunk_rows):
             try:

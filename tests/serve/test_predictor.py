@@ -241,6 +241,23 @@ def test_parquet_bad_input(parquet: dict[str, Path]) -> None:
         p.predict(["1\t2\t3"])
 
 
+def test_parquet_run_given_another_file_kind(parquet: dict[str, Path], tmp_path: Path) -> None:
+    """A Parquet run given text raised pyarrow's ArrowInvalid with a traceback; a cut file too."""
+    from ctrpipe.serve.predict_file import predict_file
+
+    text = tmp_path / "rows.tsv"
+    text.write_text("1\t2\t3\n")
+    with pytest.raises(InputFormatError) as e:
+        predict_file(parquet["run"], text, tmp_path / "p.csv")
+    assert "cannot be read as Parquet" in e.value.what and e.value.where == str(text)
+    cut = tmp_path / "cut.parquet"
+    data = parquet["test"].read_bytes()
+    cut.write_bytes(data[:4] + b"\0" * (len(data) // 2) + data[len(data) // 2 + 4:])     # footer kept, pages not
+    with pytest.raises(InputFormatError) as e:
+        predict_file(parquet["run"], cut, tmp_path / "p.csv")
+    assert str(cut) in e.value.where and not (tmp_path / "p.csv").exists()
+
+
 # ------------------------------------------------------------------------------------------ CSV (Adult)
 
 @pytest.fixture(scope="module")
