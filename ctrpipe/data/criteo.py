@@ -62,7 +62,7 @@ class _Block:
     file_bytes: int      # on-disk bytes consumed since the previous block
 
 
-def _open(path: Path, kind_name: str = "Criteo text") -> tuple[BinaryIO, BinaryIO]:
+def open_text(path: Path, kind_name: str = "Criteo text") -> tuple[BinaryIO, BinaryIO]:
     """(decompressed stream, raw file). gzip is recognised by its magic bytes, whatever the suffix."""
     raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
     head = raw.read(8)
@@ -138,7 +138,7 @@ def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
     One buffer holds the unconsumed bytes; a block is found by jumping ahead by the average line length
     (`_advance`), and its bytes are one slice of the buffer. `kind_name` names the expected text in errors.
     """
-    stream, raw = _open(path, kind_name)
+    stream, raw = open_text(path, kind_name)
     if stream is raw and os.fstat(raw.fileno()).st_size > 0:
         raw.close()
         yield from _mapped_blocks(path, chunk_rows, max_line_bytes, kind_name)

@@ -11,7 +11,6 @@ comment lines, missing-value tokens and errors with file and line are the build'
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ctrpipe.atomic import atomic_open
 from ctrpipe.data.chunks import RawChunk
+from ctrpipe.data.criteo import open_text
 from ctrpipe.data.csv_reader import iter_csv_chunks
 from ctrpipe.errors import CtrpipeError, InputFormatError
 from ctrpipe.infer.submission import check_out_file
@@ -33,8 +33,8 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
     """(first row, rows, ids or None) per chunk of the input file, read as the run's data.format."""
     fmt, id_col = p.cfg.data.format, p.cfg.data.id_column
     if fmt == "criteo":
-        opener = gzip.open if path.suffix == ".gz" else open      # as `ctrpipe shard` reads Criteo text
-        with opener(path, "rb") as fh:
+        stream, raw = open_text(path)          # as `ctrpipe shard` opens Criteo text: gzip by its magic bytes
+        with raw, stream as fh:
             for start in itertools.count(0, chunk_rows):
                 lines = list(itertools.islice(fh, chunk_rows))
                 if not lines:
@@ -95,8 +95,20 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
         raise InputFormatError("input file not found", where=str(path), fix="pass --input an existing file")
     check_out_file(Path(out))
     p = Predictor.load(run, cache=cache, overrides=overrides)
-    n = 0
     Path(out).parent.mkdir(parents=True, exist_ok=True)      # as `ctrpipe infer` makes its --out folder
+    try:
+        return _write(p, path, Path(out), chunk_rows)
+    except CtrpipeError as exc:
+        if "data.format" not in exc.fix:
+            raise
+        # the shard readers' fix for a file in another format is a `--set data.format`, which the run's
+        # checkpoint fixes here
+        raise dataclasses.replace(exc, fix=f"pass a file in the format the run was sharded from "
+                                           f"(data.format={p.cfg.data.format})") from None
+
+
+def _write(p: Predictor, path: Path, out: Path, chunk_rows: int) -> int:
+    n = 0
     with atomic_open(out, "wb") as fh:
         for start, rows, ids in _chunks(p, path, chunk_rows):
             try:

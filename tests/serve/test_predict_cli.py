@@ -104,3 +104,14 @@ def test_export_takes_the_cache_and_inference_settings(world: Path, tmp_path: Pa
     code, msg = _invoke("export", "--run", str(world / "runs" / "dnn"), "--out", str(out),
                         "--cache", str(tmp_path / "absent"))
     assert code == 1 and "--cache DIR" in msg
+
+
+def test_a_file_in_another_format_gets_the_runs_format_as_fix(world: Path, tmp_path: Path) -> None:
+    """A Criteo run given Parquet said the first line looked like a header; the shard readers' fix for another
+    format (--set data.format=...) is one predict refuses."""
+    other = tmp_path / "rows.parquet"
+    pl.DataFrame({"a": [1, 2]}).write_parquet(other)
+    code, msg = _invoke("predict", "--run", str(world / "runs" / "dnn"), "--input", str(other),
+                        "--out", str(tmp_path / "p.csv"))
+    assert code == 1 and "this is a Parquet file, not Criteo text" in msg, msg
+    assert "data.format=criteo" in msg and "--set" not in msg
