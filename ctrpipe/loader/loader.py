@@ -28,7 +28,8 @@ from ctrpipe.shard.reader import ShardArrays
 class ShardLoader:
     """Batches of a `RowView` of a shard cache, already on `device`.
 
-    Every row of the view appears exactly once per epoch; the order depends only on (seed, epoch), and is the
+    Every row of the view appears exactly once per epoch (at most once where `drop_last` drops a ragged last
+    batch: `from_config` does so for shuffled training); the order depends only on (seed, epoch), and is the
     view's global row order when `shuffle=False`. Batches may straddle shards. With `sampling` (training
     loaders only, see loader/sampling.py) the view is first downsampled -- the guarantee then holds for the kept
     rows -- or each batch holds a fixed number of positives, no row twice in an epoch.
@@ -107,15 +108,20 @@ class ShardLoader:
                     device: torch.device | str = "cpu", train: bool = True,
                     with_labels: bool = True, rank: int = 0, world_size: int = 1) -> ShardLoader:
         """The loader `train` and `infer` both use: training shuffles with `batch_size` and drops a ragged
-        last batch (a 1-row batch breaks batch norm) when the view holds at least one full batch; evaluation
-        and prediction keep the view's order with `eval_batch_size` and serve every row (never sampled)."""
+        last batch (a 1-row batch breaks batch norm; other rows fall in it each epoch) when the view holds at
+        least one full batch; evaluation and prediction keep the view's order with `eval_batch_size` and serve
+        every row (never sampled)."""
         sampling = training_sampling(cfg, read_manifest(Path(cache_dir)).feature_spec()) if train else None
         loader = cls(cache_dir, view, cfg.batch_size if train else cfg.eval_batch_size,
                      shuffle=cfg.shuffle and train, seed=seed, device=device, block_rows=cfg.block_rows,
                      prefetch=cfg.prefetch, pin_memory=cfg.pin_memory, with_labels=with_labels,
                      strategy=cfg.shuffle_strategy, window_shards=cfg.window_shards, sampling=sampling,
                      rank=rank, world_size=world_size)
-        loader.drop_last = train and loader.num_rows >= loader.batch_size
+        # shuffled, the ragged tail is other rows each epoch; unshuffled it would be the same rows every epoch,
+        # never trained, so it stays (unless it is one row, or ranks need equal shares)
+        tail = loader.num_rows % loader.batch_size
+        loader.drop_last = train and loader.num_rows >= loader.batch_size and (
+            loader.shuffle or tail == 1 or world_size > 1)
         return loader
 
     # ------------------------------------------------------------------ epoch control

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import threading
@@ -287,6 +288,11 @@ def test_from_config(cache: Path) -> None:
     assert train.batch_size == 8 and train.shuffle and train.strategy == "gather"
     assert evaluate.batch_size == 100 and not evaluate.shuffle
     np.testing.assert_array_equal(rows_of(list(evaluate)), evaluate.row_indices())
+    # unshuffled training dropped the same ragged tail every epoch: those rows were never trained
+    ordered = ShardLoader.from_config(cache, RowView.train(), dataclasses.replace(cfg, shuffle=False), seed=1)
+    assert ordered.num_rows % 8 > 1 and not ordered.drop_last
+    np.testing.assert_array_equal(rows_of(list(ordered)), ordered.row_indices())
+    assert train.drop_last         # shuffled: other rows fall in the tail each epoch
 
 
 def test_loader_config_checks() -> None:
