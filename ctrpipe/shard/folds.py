@@ -37,10 +37,19 @@ def fold_key_hash(plan: Plan, frame: pl.DataFrame) -> np.ndarray | None:
     return hashes[0] if len(hashes) == 1 else combine_hashes(hashes)
 
 
-def time_values(chunk: RawChunk, key: str) -> pl.Series:
-    """(N,) time values of a chunk, in one comparable dtype whatever the file stores: numbers as Float64,
-    timestamps, dates and durations as their Int64 count of units, text as text. A missing value is an
-    error: a row with no time has no period."""
+# what each kind of time value is compared as (one dtype for every input file, whatever each stores)
+_TIME_KINDS = {"timestamps": pl.Int64, "durations": pl.Int64, "times of day": pl.Int64, "numbers": pl.Float64,
+               "text": pl.String}
+_SHOWN_AS = {"timestamps": pl.Datetime("us"), "durations": pl.Duration("us"), "times of day": pl.Time}
+
+
+def time_values(chunk: RawChunk, key: str) -> tuple[pl.Series, str]:
+    """((N,) time values of a chunk in one comparable dtype whatever the file stores, their kind).
+
+    Timestamps and dates are counted in microseconds (files written in ms, us or ns, or as dates, compare as
+    one time line), durations too; numbers are Float64, and so is text where every value is a number (a CSV
+    column, or an integer column read as a categorical: "10" after "2", not before); other text is text. A
+    missing value is an error: a row with no time has no period."""
     frame = chunk.frame
     if key not in frame.columns:
         hashed = hashed_name(key) in frame.columns
@@ -49,20 +58,44 @@ def time_values(chunk: RawChunk, key: str) -> pl.Series:
                           where="data.folds.time_key",
                           fix="order folds by a numeric, timestamp or text column of the input")
     s = frame[key]
-    if s.dtype.is_temporal():
-        s = s.to_physical().cast(pl.Int64)
+    if s.dtype == pl.Date:
+        s, kind = s.cast(pl.Datetime("us")).to_physical(), "timestamps"
+    elif isinstance(s.dtype, pl.Datetime):
+        s, kind = s.dt.cast_time_unit("us").to_physical(), "timestamps"
+    elif isinstance(s.dtype, pl.Duration):
+        s, kind = s.dt.cast_time_unit("us").to_physical(), "durations"
+    elif s.dtype == pl.Time:
+        s, kind = s.to_physical(), "times of day"
     elif s.dtype.is_numeric() or s.dtype == pl.Boolean:
-        s = s.cast(pl.Float64)
-        s = s.fill_nan(None)
-    elif s.dtype != pl.String:
-        s = s.cast(pl.String)
+        s, kind = s.cast(pl.Float64).fill_nan(None), "numbers"
+    else:
+        s = s if s.dtype == pl.String else s.cast(pl.String)
+        number = s.str.strip_chars().cast(pl.Float64, strict=False).fill_nan(None)
+        s, kind = (number, "numbers") if number.null_count() == s.null_count() else (s, "text")
+    s = s.cast(_TIME_KINDS[kind])
     missing = s.is_null().to_numpy()
     if missing.any():
         i = int(np.argmax(missing))
         raise InputFormatError(f"time key {key!r} is missing in {int(missing.sum())} rows of this chunk",
                                where=location(chunk.source, row=chunk.line_of(i), column=key),
                                fix="fill the missing times in the input, or use another data.folds.mode")
-    return s
+    return s, kind
+
+
+def fold_times(chunk: RawChunk, key: str, starts: pl.Series) -> pl.Series:
+    """The write pass's time values of a chunk, refused where they are another kind than the periods'."""
+    values, kind = time_values(chunk, key)
+    if values.dtype != starts.dtype:
+        want = next(k for k, t in _TIME_KINDS.items() if t == starts.dtype)
+        raise _mixed_kinds(key, want, kind, chunk)
+    return values
+
+
+def _mixed_kinds(key: str, first: str, this: str, chunk: RawChunk) -> InputFormatError:
+    return InputFormatError(f"time key {key!r} holds {this} here and {first} in the inputs before, which do not "
+                            "compare as one time line", where=location(chunk.source, row=chunk.line_of(0), column=key),
+                            fix=f"store {key!r} with one type in every input file (all timestamps, all numbers or "
+                                "all text)")
 
 
 def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> tuple[pl.Series, list[str]]:
@@ -77,10 +110,14 @@ def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> tuple[pl.Series
         keys=tuple(c for c in rc.keys if c == key))
     data = dataclasses.replace(plan.cfg, labels=(), derived_labels=())
     counts: pl.DataFrame | None = None
+    kind = ""
     for chunk in iter_raw_chunks(data, paths, data.chunk_rows, bad_rows=data.bad_rows, require_labels=False,
                                  columns=only):
-        stored = chunk.frame[key].dtype if key in chunk.frame.columns else None
-        vc = time_values(chunk, key).alias("t").value_counts(name="n")
+        values, this = time_values(chunk, key)
+        if kind and this != kind:
+            raise _mixed_kinds(key, kind, this, chunk)
+        kind = this
+        vc = values.alias("t").value_counts(name="n")
         counts = vc if counts is None else pl.concat([counts, vc]).group_by("t").agg(pl.col("n").sum())
     if counts is None:
         raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in paths[:3]),
@@ -88,9 +125,16 @@ def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> tuple[pl.Series
     counts = counts.sort("t")
     try:
         starts = period_starts(counts["t"], counts["n"].to_numpy().astype(np.int64), n_splits)
-        shown = starts.cast(stored) if stored is not None and stored.is_temporal() else starts
-        return starts, [str(v) for v in shown.to_list()]
+        shown = starts.cast(_SHOWN_AS[kind]) if kind in _SHOWN_AS else starts
+        return starts, [_shown(v) for v in shown.to_list()]
     except ValueError as exc:
         raise InputFormatError(f"time key {key!r} cannot be cut into {n_splits} periods: {exc} (equal time "
                                "values stay in one period)", where="data.folds.time_key",
                                fix="use fewer folds (data.folds.n_splits) or a finer time column") from None
+
+
+def _shown(value: object) -> str:
+    """A period start as the manifest shows it: a whole number without '.0' (day 6, not 6.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

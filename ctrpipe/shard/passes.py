@@ -45,7 +45,7 @@ from ctrpipe.data.transforms import log1p_transform
 from ctrpipe.errors import InputFormatError, SchemaError, disk_full_as_error, human_bytes
 from ctrpipe.native import native
 from ctrpipe.prefetch import prefetch
-from ctrpipe.shard.folds import fit_periods, fold_key_hash, time_values
+from ctrpipe.shard.folds import fit_periods, fold_key_hash, fold_times
 from ctrpipe.shard.manifest import ShardInfo
 from ctrpipe.shard.tally import MAX_BAD_EXAMPLES, BadRowTally, GroupStats, SplitTally
 from ctrpipe.shard.transform import (
@@ -520,7 +520,8 @@ class StreamWriter:
                     y = labels_matrix(frame, labels) if t.has_labels else None
                     fold = np.full(n, -1, dtype=np.int8)
                     if folds.enabled and not is_gold:
-                        when = time_values(chunk, data.folds.time_key) if data.folds.mode == "time" else None
+                        when = fold_times(chunk, data.folds.time_key, folds.period_starts) \
+                            if data.folds.mode == "time" and folds.period_starts is not None else None
                         fold = folds.assign(idx, label=y[:, t.fold_label] if y is not None else None,
                                             key_hash=fold_key_hash(plan, frame), time=when)
                     pending.append((chunk, split, y, fold, pool.submit(self.transformer.transform, frame, split)))

@@ -189,6 +189,55 @@ def test_csv_time_key_read_as_text_when_not_a_feature(tmp_path: Path) -> None:
     assert m.folds["period_starts"][0].startswith("2024-02-")
 
 
+@pytest.mark.parametrize("how", ["text", "categorical"])
+def test_whole_number_time_keys_order_as_numbers(tmp_path: Path, how: str) -> None:
+    """An integer time key read as text (a CSV column, or a categorical feature) was ordered "10" < "2": the
+    'latest' fold held days 4-9."""
+    src = _write(tmp_path / "t.parquet", 400)
+    table = pq.read_table(src)
+    day = table["day"].to_numpy()
+    if how == "text":
+        table = table.set_column(table.schema.get_field_index("day"), "day", pa.array([str(d) for d in day]))
+    pq.write_table(table, tmp_path / "k.parquet")
+    extra = ["data.categorical.columns=[user, item, day]"] if how == "categorical" else []
+    a, m = _build(tmp_path, tmp_path / "k.parquet", "c", "data.folds.n_splits=4", "data.folds.mode=time",
+                  "data.folds.time_key=day", *extra)
+    for k in range(3):
+        assert day[a["fold"] == k].max() < day[a["fold"] == k + 1].min()
+    assert all(re.fullmatch(r"\d+", v) for v in m.folds["period_starts"])
+
+
+def test_timestamps_of_other_units_and_dates_compare_as_one_time_line(tmp_path: Path) -> None:
+    """Files storing the key in ms and in s (or as dates) were compared by their raw counts."""
+    src = pq.read_table(_write(tmp_path / "t.parquet", 400))
+    first, second = src.slice(0, 200), src.slice(200)
+    i = src.schema.get_field_index("ts")
+    pq.write_table(first.set_column(i, "ts", first["ts"].cast(pa.timestamp("ms"))), tmp_path / "a.parquet")
+    pq.write_table(second.set_column(i, "ts", second["ts"].cast(pa.date32())), tmp_path / "b.parquet")
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=4", "data.folds.mode=time",
+                                    "data.folds.time_key=ts"])
+    build_shards(cfg, [tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "c", progress=False)
+    days = np.concatenate([first["day"].to_numpy(), second["day"].to_numpy()])
+    fold = load_all(tmp_path / "c")["fold"]
+    for k in range(3):                  # a date is its midnight: a day's rows may straddle two periods at most
+        assert days[fold == k].max() <= days[fold == k + 1].min()
+
+
+def test_a_time_key_of_two_kinds_across_files_is_refused(tmp_path: Path) -> None:
+    src = pq.read_table(_write(tmp_path / "t.parquet", 200))
+    i = src.schema.get_field_index("day")
+    pq.write_table(src.slice(0, 100), tmp_path / "a.parquet")
+    rest = src.slice(100)
+    pq.write_table(rest.set_column(i, "day", pa.array([f"d{d}" for d in rest["day"].to_numpy()])),
+                   tmp_path / "b.parquet")
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=time",
+                                    "data.folds.time_key=day"])
+    with pytest.raises(InputFormatError) as e:          # it was a polars SchemaError traceback
+        build_shards(cfg, [tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "c", progress=False)
+    assert "holds text here and numbers" in e.value.what and "b.parquet" in e.value.where
+    assert "one type in every input file" in e.value.fix
+
+
 def test_a_numeric_column_without_training_values_is_refused(tmp_path: Path) -> None:
     """Its median and scale were made up, and test rows holding values went through unscaled."""
     src = _write(tmp_path / "t.parquet", 60)
