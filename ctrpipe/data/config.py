@@ -207,7 +207,7 @@ class FoldConfig:
     # plain: by row; stratified: label rates equal across folds; group: rows sharing `key` (or all the values
     # of `composite_group`) share a fold; time: contiguous periods of `time_key` (see above)
     mode: Literal["plain", "stratified", "group", "time"] = "plain"
-    key: str = ""                        # group mode: one column
+    key: str = ""                        # group mode: one column; a row whose key is missing is its own group
     # group mode, instead of `key`: rows sharing the values of ALL these columns share a fold, e.g.
     # [user_id, inventory_id]
     composite_group: tuple[str, ...] = ()

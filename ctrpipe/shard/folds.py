@@ -16,26 +16,54 @@ import polars as pl
 
 from ctrpipe.data.chunks import RawChunk, column_hashes, has_column, hashed_name
 from ctrpipe.data.reader import iter_raw_chunks
-from ctrpipe.data.splits import combine_hashes, period_starts
+from ctrpipe.data.splits import combine_hashes, mix64, period_starts
 from ctrpipe.errors import InputFormatError, SchemaError, location
 from ctrpipe.shard.transform import Plan
 
+_KEYLESS_SALT = np.uint64(0x6B65_796C_6573_7321)    # keeps row-keyed hashes apart from value hashes
 
-def fold_key_hash(plan: Plan, frame: pl.DataFrame) -> np.ndarray | None:
+
+def fold_key_hash(plan: Plan, frame: pl.DataFrame, rows: np.ndarray) -> np.ndarray | None:
     """(N,) uint64 group key of group folds (one column's value hash, or several columns' combined), else
-    None."""
+    None. `rows`: the frame's global row indices, which place rows without a key (`keyless_by_row`)."""
     f = plan.cfg.folds
     if f.mode != "group" or not f.n_splits:
         return None
     cols = f.composite_group or (f.key,)
+    key = "data.folds.composite_group" if f.composite_group else "data.folds.key"
     for c in cols:
         if not has_column(frame, c):
-            raise SchemaError(f"group key column {c!r} is not among the parsed columns",
-                              where="data.folds.composite_group" if f.composite_group else "data.folds.key",
+            raise SchemaError(f"group key column {c!r} is not among the parsed columns", where=key,
                               fix=f"use one of {frame.columns[:10]}")
-    hashes = [column_hashes(frame, c, plan.seed(c))[0] for c in cols]
-    return hashes[0] if len(hashes) == 1 else combine_hashes(hashes)
+    parts = [group_hashes(plan, frame, c) for c in cols]
+    hashes = [h for h, _ in parts]
+    combined = hashes[0] if len(hashes) == 1 else combine_hashes(hashes)
+    return keyless_by_row(combined, np.logical_and.reduce([m for _, m in parts]), rows)
 
+
+def group_hashes(plan: Plan, frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """`column_hashes` of a grouping column, whole-number floats hashed as the integers they are: a key stored
+    as int64 in one file and as float64 in another (what pandas writes for an int column with a NaN) hashed
+    "1" and "1.0", splitting one group."""
+    s = frame.get_column(column, default=None)
+    if s is not None and s.dtype.is_float():
+        x = pl.col(column)
+        whole = x.is_finite() & (x == x.floor()) & (x.abs() < 2.0**63)
+        text = pl.when(whole).then(x.cast(pl.Int64).cast(pl.String)).otherwise(x.cast(pl.String))
+        frame = frame.select(text.alias(column))
+    return column_hashes(frame, column, plan.seed(column))
+
+
+def keyless_by_row(hashes: np.ndarray, missing: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`hashes` with each row whose key is missing keyed by its global row index instead: as its own group.
+    Missing keys would all share one hash, so one group: a fold (or a side of the split) far larger than the
+    others. A row with no key has no group to keep together, and its row index is the same for any chunking
+    or number of workers."""
+    if not missing.any():
+        return hashes
+    out = hashes.copy()
+    out[missing] = mix64(rows[missing].astype(np.uint64) ^ _KEYLESS_SALT)
+    return out
 
 # what each kind of time value is compared as (one dtype for every input file, whatever each stores)
 _TIME_KINDS = {"timestamps": pl.Int64, "durations": pl.Int64, "times of day": pl.Int64, "numbers": pl.Float64,

@@ -45,7 +45,7 @@ from ctrpipe.data.transforms import log1p_transform
 from ctrpipe.errors import InputFormatError, SchemaError, disk_full_as_error, human_bytes
 from ctrpipe.native import native
 from ctrpipe.prefetch import prefetch
-from ctrpipe.shard.folds import fit_periods, fold_key_hash, fold_times
+from ctrpipe.shard.folds import fit_periods, fold_key_hash, fold_times, group_hashes, keyless_by_row
 from ctrpipe.shard.manifest import ShardInfo
 from ctrpipe.shard.tally import MAX_BAD_EXAMPLES, BadRowTally, GroupStats, SplitTally
 from ctrpipe.shard.transform import (
@@ -206,18 +206,19 @@ class _Splitter:
     def __call__(self, frame: pl.DataFrame, idx: np.ndarray) -> np.ndarray:
         if self.role == "test":
             return np.full(len(idx), SPLIT_TEST, dtype=np.int8)
-        key = key_hash(self.plan, frame, self.cfg.key) if self.cfg.mode == "group" else None
+        key = key_hash(self.plan, frame, self.cfg.key, idx) if self.cfg.mode == "group" else None
         return assign_split(idx, self.cfg, n_rows=self.n_rows, key_hash=key)
 
 
-def key_hash(plan: Plan, frame: pl.DataFrame, key: str) -> np.ndarray:
-    """(N,) uint64 hash of a grouping column's value (any dtype, via its string form, with the column's field
-    seed; missing -> 0)."""
+def key_hash(plan: Plan, frame: pl.DataFrame, key: str, rows: np.ndarray) -> np.ndarray:
+    """(N,) uint64 hash of the group split's key column (any dtype, via its string form, with the column's
+    field seed); a row without a key is its own group (`keyless_by_row`, from `rows`: global indices)."""
     if not has_column(frame, key):
         raise SchemaError(f"group key column {key!r} is not among the parsed columns",
                           where=f"data.split.key / data.folds.key = {key}",
                           fix=f"use one of {frame.columns[:10]} (the key must be a configured column)")
-    return column_hashes(frame, key, plan.seed(key))[0]
+    h, missing = group_hashes(plan, frame, key)
+    return keyless_by_row(h, missing, rows)
 
 
 # ------------------------------------------------------------------------------------------- pass 1: fit
@@ -523,7 +524,7 @@ class StreamWriter:
                         when = fold_times(chunk, data.folds.time_key, folds.period_starts) \
                             if data.folds.mode == "time" and folds.period_starts is not None else None
                         fold = folds.assign(idx, label=y[:, t.fold_label] if y is not None else None,
-                                            key_hash=fold_key_hash(plan, frame), time=when)
+                                            key_hash=fold_key_hash(plan, frame, idx), time=when)
                     pending.append((chunk, split, y, fold, pool.submit(self.transformer.transform, frame, split)))
                     if len(pending) >= ahead:
                         finish()

@@ -238,6 +238,45 @@ def test_a_time_key_of_two_kinds_across_files_is_refused(tmp_path: Path) -> None
     assert "one type in every input file" in e.value.fix
 
 
+@pytest.mark.parametrize("mode", ["folds", "split"])
+def test_rows_without_a_group_key_are_placed_by_row(tmp_path: Path, mode: str) -> None:
+    """Null keys hashed alike: one group, so a fold 2-3x its share (or every such row on one side of a split).
+    A row without a key is now its own group; the same for any chunk size."""
+    src = pq.read_table(_write(tmp_path / "t.parquet", 600))
+    rng = np.random.default_rng(5)
+    missing = rng.random(600) < 0.4
+    user = [None if m else u for m, u in zip(missing, src["user"].to_pylist(), strict=True)]
+    pq.write_table(src.set_column(src.schema.get_field_index("user"), "user", pa.array(user)),
+                   tmp_path / "n.parquet")
+    keys = (["data.folds.n_splits=3", "data.folds.mode=group", "data.folds.key=user"] if mode == "folds"
+            else ["data.split.mode=group", "data.split.key=user", "data.split.val_ratio=0.3"])
+    a, _ = _build(tmp_path, tmp_path / "n.parquet", "c", *keys, "data.chunk_rows=97")
+    b, _ = _build(tmp_path, tmp_path / "n.parquet", "d", *keys, "data.chunk_rows=1000")
+    side = a["fold"] if mode == "folds" else a["split"]
+    assert (side == (b["fold"] if mode == "folds" else b["split"])).all()
+    keyless = side[missing]
+    counts = np.bincount(keyless, minlength=3 if mode == "folds" else 2)
+    assert (counts > 0).all()                        # spread, not all in one fold or on one side
+    users = np.array([u or "" for u in user])
+    assert all(len(set(side[users == u].tolist())) == 1 for u in set(users[~missing].tolist()))
+
+
+def test_a_group_key_stored_as_int_and_as_float_keeps_its_groups(tmp_path: Path) -> None:
+    """1 hashed as '1' in one file and '1.0' in the other (pandas writes float64 for an int column with a NaN),
+    so a group was split across folds."""
+    src = pq.read_table(_write(tmp_path / "t.parquet", 300))
+    src = src.append_column("shop", pa.array(src["day"].to_numpy() % 17, pa.int64()))
+    pq.write_table(src.slice(0, 150), tmp_path / "a.parquet")
+    rest = src.slice(150)
+    pq.write_table(rest.set_column(rest.schema.get_field_index("shop"), "shop", rest["shop"].cast(pa.float64())),
+                   tmp_path / "b.parquet")
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=group",
+                                    "data.folds.key=shop"])
+    build_shards(cfg, [tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "c", progress=False)
+    fold, shop = load_all(tmp_path / "c")["fold"], src["shop"].to_numpy()
+    assert all(len(set(fold[shop == v].tolist())) == 1 for v in np.unique(shop))
+
+
 def test_a_numeric_column_without_training_values_is_refused(tmp_path: Path) -> None:
     """Its median and scale were made up, and test rows holding values went through unscaled."""
     src = _write(tmp_path / "t.parquet", 60)
