@@ -29,7 +29,7 @@ ctrpipe shard --cfg "$cfg" --input data/demo/train.tsv --gold data/demo/test.tsv
   ctrpipe shard --cfg "$cfg" --input data/demo/train.tsv --gold data/demo/test.tsv --out shards/demo --force
 ctrpipe shard --cfg "$cfg" --input data/demo/test.tsv --test --stats-from shards/demo --out shards/demo_test ||
   ctrpipe shard --cfg "$cfg" --input data/demo/test.tsv --test --stats-from shards/demo --out shards/demo_test --force
-ctrpipe inspect shards/demo >/dev/null
+ctrpipe inspect shards/demo >/dev/null 2>&1 || ctrpipe inspect shards/demo     # its checks only when one fails
 rm -rf runs/demo
 ctrpipe train --cfg "$cfg" --shards shards/demo
 ctrpipe infer --run runs/demo --shards shards/demo_test --out runs/demo/submission.csv
