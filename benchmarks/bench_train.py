@@ -8,7 +8,7 @@ Data: `ctrpipe synth --rows N` then `ctrpipe shard --cfg cfgs/criteo.yaml --set 
 fields x H rows of one shared table, 13 numeric columns), written once under .bench/train/ and reused.
 Each model is built from cfgs/criteo_<model>.yaml (+ the --set overrides this script passes: printed first)
 with the optimisers `ctrpipe train` builds (train/optim.py) and trained with the fit loop's own step
-function (`loop._train_step`), lr schedule and on-device loss sum. Per model and batch size:
+function (`loop.train_step`, with the run's `Objective`), lr schedule and on-device loss sum. Per model and batch size:
 
 * e2e      samples/s of `--steps` steps fed by a ShardLoader over the train split (shuffled, background
            thread, host->device copies on CUDA): what `ctrpipe train` gets;
@@ -36,14 +36,15 @@ from itertools import cycle, islice
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ctrpipe.config import load_config
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
+from ctrpipe.models.heads import heads_of
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.manifest import read_manifest
-from ctrpipe.train.loop import _train_step
+from ctrpipe.train.loop import train_step
+from ctrpipe.train.objective import Objective, build_tasks
 from ctrpipe.train.optim import build_optimizers, lr_factor, set_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +93,8 @@ class Trainer:
         self.model.train()
         self.optimizers = build_optimizers(self.model, cfg.train, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-        self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.ones(spec.n_tasks, device=device))
+        tasks = build_tasks(heads_of(self.model, spec), spec, cfg.train)
+        self.objective = Objective(tasks, device, cfg.train.pos_weight_clip, cfg.train.pos_weight_clip_mode)
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.step = 0
         self.loss_sum = torch.zeros((), device=device)
@@ -104,8 +106,9 @@ class Trainer:
         n = 0
         for batch in islice(batches, steps):
             set_lr(self.optimizers, lr_factor(self.step, 10 ** 6, self.cfg))
-            self.loss_sum += _train_step(self.step_model, batch, self.loss_fn, self.optimizers, self.scaler,
-                                         self.cfg, self.device)
+            loss, _ = train_step(self.step_model, batch, self.objective, self.optimizers, self.scaler, self.cfg,
+                                 self.device)
+            self.loss_sum += loss
             self.step += 1
             n += len(batch)
         float(self.loss_sum.item())   # sync, as fit does on log steps
@@ -133,8 +136,8 @@ class Trainer:
             for batch in islice(cycle(batches), steps):
                 sync(self.device)
                 t = time.perf_counter()
-                _train_step(self.step_model, batch, self.loss_fn, self.optimizers, self.scaler, self.cfg,
-                            self.device)
+                train_step(self.step_model, batch, self.objective, self.optimizers, self.scaler, self.cfg,
+                           self.device)
                 sync(self.device)
                 total += time.perf_counter() - t
         finally:
