@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from ctrpipe.console import human_rate, make_progress
 from ctrpipe.data.chunks import column_hashes, has_column
@@ -110,7 +111,9 @@ def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train") -> Pl
     """
     schema = input_schema(data, paths[0])
     sources = (*data.labels, *(d.column for d in data.derived_labels))
-    if role == "test" and schema is not None and not any(lab in schema for lab in sources):
+    # a Parquet schema's `in` looks for fields, not names: a labelled test file lost its labels
+    names = set(schema.names) if isinstance(schema, pa.Schema) else set(schema or ())
+    if role == "test" and schema is not None and not any(lab in names for lab in sources):
         data = dataclasses.replace(data, labels=(), derived_labels=())
     rc = resolve_columns(data, schema, paths[0] if data.format != "criteo" else None, with_keys=role == "train")
     return make_plan(data, rc)

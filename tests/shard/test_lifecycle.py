@@ -251,3 +251,19 @@ def test_force_rebuild_without_statistics_drops_the_old_ones(tmp_path: Path) -> 
                          "data.numeric.standardize=false")
     build_shards(hashed, [src], out, force=True, progress=False)
     assert not (out / "fitted").exists() and open_cache(out).manifest.fitted.get("vocab", {}) == {}
+
+
+def test_a_labelled_parquet_test_file_keeps_its_labels(tmp_path: Path) -> None:
+    """A Parquet schema's `in` looks for fields, not names: a labelled test file was taken for an unlabelled
+    one, and its cache had no labels.npy (a Criteo test cache kept them)."""
+    train = write_parquet(tmp_path / "train.parquet", 60, seed=1)
+    test = write_parquet(tmp_path / "test.parquet", 40, seed=2)
+    build_shards(parquet_cfg(), [train], tmp_path / "train", progress=False)
+    m = build_shards(parquet_cfg(), [test], tmp_path / "test", role="test", stats_from=tmp_path / "train",
+                     progress=False).manifest
+    import pyarrow.parquet as pq
+
+    labels = load_all(tmp_path / "test")["labels"]
+    assert labels.shape == (40, len(m.data_config().labels)) and m.label_rates
+    want = pq.read_table(test).column(m.data_config().labels[0]).to_numpy()
+    assert np.array_equal(labels[:, 0], want.astype(np.float32))
