@@ -15,6 +15,8 @@ Example::
 
 from __future__ import annotations
 
+import errno
+import resource
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -102,10 +104,42 @@ def map_array(cache_dir: Path, shard: ShardInfo, group: str) -> np.ndarray:
     try:
         mapped = np.memmap(header.path, dtype=header.dtype, mode="r", offset=header.data_offset,
                            shape=header.shape)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):       # the cache is fine: the process ran out of files
+            raise ManifestMismatchError(
+                f"cannot memory-map shard file: too many open files ({exc.strerror})", where=str(header.path),
+                fix="raise the open-file limit (e.g. `ulimit -n 65536`), or build fewer, larger shards "
+                    "(data.shard_rows)") from None
+        raise ManifestMismatchError(f"cannot memory-map shard file ({exc})", where=str(header.path),
+                                    fix=REBUILD_CACHE_FIX) from None
+    except ValueError as exc:
         raise ManifestMismatchError(f"cannot memory-map shard file ({exc})", where=str(header.path),
                                     fix=REBUILD_CACHE_FIX) from None
     return mapped.view(np.ndarray)
+
+
+_FD_SHARE = 4       # a cache's maps take at most a quarter of the open-file limit: training opens two caches'
+
+
+def open_file_budget() -> int:
+    """File descriptors one ShardArrays may hold in maps. Each map holds one, and a cache of many shards
+    would need arrays x shards of them (a 200-shard Parquet cache: 2,000, past the common limit of 1,024).
+    The soft limit is first raised towards the hard one (as many data tools do), once per process."""
+    global _RAISED
+    if not _RAISED:
+        _RAISED = True
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            except (ValueError, OSError):
+                pass                            # a container may forbid it: the budget follows the soft limit
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return (1 << 16 if soft == resource.RLIM_INFINITY else soft) // _FD_SHARE
+
+
+_RAISED = False
 
 
 def read_small(cache_dir: Path, shard: ShardInfo, group: str) -> np.ndarray:
@@ -117,8 +151,9 @@ class ShardArrays:
     """The arrays `groups` of every shard of a cache: checked up front, memory-mapped on demand.
 
     `shard(i)` -> {group: read-only ndarray}. At most `max_open` shards stay mapped (least recently used are
-    dropped), because each map holds a file descriptor. Thread-safe: the loader's prefetch thread maps
-    while the main thread may build a new iterator. `groups=None` means every array the first shard lists.
+    dropped), and fewer where their maps would pass `open_file_budget()`: each map holds a file descriptor.
+    Thread-safe: the loader's prefetch thread maps while the main thread may build a new iterator.
+    `groups=None` means every array the first shard lists.
     """
 
     def __init__(self, cache_dir: Path, manifest: Manifest, groups: tuple[str, ...] | None = None,
@@ -127,7 +162,7 @@ class ShardArrays:
         self.manifest = manifest
         first = manifest.shards[0].files if manifest.shards else {}
         self.groups: tuple[str, ...] = tuple(first) if groups is None else tuple(groups)
-        self.max_open = max_open
+        self.max_open = max(1, min(max_open, open_file_budget() // max(len(self.groups), 1)))
         self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -321,3 +321,37 @@ def test_cuda_batches_match_cpu(cache: Path, pin: bool) -> None:
         torch.testing.assert_close(a.row_index, b.row_index.cpu())
         torch.testing.assert_close(a.numeric, b.numeric.cpu())
         torch.testing.assert_close(a.multihot_weights[0], b.multihot_weights[0].cpu())
+
+
+def test_a_cache_of_many_shards_stays_under_the_open_file_limit(tmp_path: Path) -> None:
+    """Each memory map holds a file descriptor, and up to 256 shards' maps stayed open: a 200-shard cache
+    needed ~2,000 and failed with EMFILE under `ulimit -n 1024`, blaming the cache ("rebuild it")."""
+    import subprocess
+    import sys
+
+    from raw_inputs import write_criteo_tsv
+
+    from ctrpipe.config import load_config
+    from ctrpipe.shard.build import build_shards
+
+    src = write_criteo_tsv(tmp_path / "t.tsv", 3000)
+    cfg = load_config(Path(__file__).resolve().parents[2] / "cfgs" / "criteo.yaml",
+                      ["data.shard_rows=40", "data.hash_bins=100"])
+    assert len(build_shards(cfg, [src], tmp_path / "c", progress=False).manifest.shards) == 75
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))\n"        # the hard limit too: no raising it
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "from ctrpipe.loader.config import LoaderConfig\n"
+        "from ctrpipe.loader.loader import ShardLoader\n"
+        "from ctrpipe.loader.view import RowView\n"
+        f"view = ShardLoader.from_config(Path({str(tmp_path / 'c')!r}), RowView.train(),\n"
+        "    LoaderConfig(batch_size=64, block_rows=8), seed=1)\n"
+        "rows = np.concatenate([b.row_index.numpy() for b in view])\n"
+        "print(len(rows), len(set(rows.tolist())))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    served, distinct = map(int, out.stdout.split())
+    assert served == distinct > 2500
