@@ -415,10 +415,10 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         resume = group.from_main(lambda: _load_resume(ctx, out_dir), "reading ckpt_last.pt for --resume")
     # built once, from the seed alone: checkpoints store what training changed and rebuild the rest from it;
     # a torchrun job exchanges the tables' gradient rows (distributed.RowExchange), so its tables are sparse
-    # sampled rows: each head starts at the sampled stream's prior (checkpoints keep the cache's spec, and
-    # dense weights whole, so the rebuilt model takes the trained bias whatever spec built it)
-    model = build_initial_model(template.config, stream_spec(ctx.spec, ctx.logit_shift), seed,
-                                sparse=cfg.train.sparse_embeddings or group is not None)
+    # sampled rows and masked heads: each head starts at the prior of the rows it trains on (checkpoints keep
+    # the cache's spec, and dense weights whole, so the rebuilt model takes the trained bias whatever spec built it)
+    model = build_initial_model(template.config, stream_spec(masked_spec(ctx.spec, ctx.tasks), ctx.logit_shift),
+                                seed, sparse=cfg.train.sparse_embeddings or group is not None)
     if group is not None and group.rank:
         torch.manual_seed(group.rank_seed(seed))        # its own dropout masks; rank 0 keeps the run's stream
     train_loader = _loader(ctx, train_view, True, seed, ranks=True)
@@ -438,6 +438,20 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         tasks=ctx.tasks, logit_shift=ctx.logit_shift,
         resume=resume, quiet=ctx.quiet, label=label, dist=group)
     return fit(inputs)
+
+
+def masked_spec(spec: FeatureSpec, tasks: Sequence[Task]) -> FeatureSpec:
+    """`spec` with the rate of each one-label head that `train.tasks` masks as its rows show it: a conversion
+    head trained on clicked rows starts at rate(converted) / rate(clicked) (exact when the labels nest, as
+    `heads.head_rate` estimates a model's own masked heads), not at the far lower rate over every row."""
+    default = len(tasks) == spec.n_tasks and all(t.labels == (k,) for k, t in enumerate(tasks))
+    if not default or all(t.mask is None for t in tasks):
+        return spec
+    rates = list(spec.label_rates)
+    for k, t in enumerate(tasks):
+        if t.mask is not None:
+            rates[k] = min(spec.label_rates[k] / max(spec.label_rates[t.mask], 1e-7), 1.0)
+    return dataclasses.replace(spec, label_rates=tuple(rates))
 
 
 def _gold_predictions(ctx: TrainContext, ckpt_path: Path) -> Predictions | None:

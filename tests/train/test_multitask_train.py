@@ -116,3 +116,26 @@ def test_a_head_with_one_class_in_validation_is_named(parquet_cache: Path, tmp_p
     assert "head 'clicked'" in note and "all positive" in note and "under its mask" in note
     assert "metric_weight=0" in note and m["val"]["auc.clicked"] is None          # NaN in JSON
     assert not any("head 'converted'" in n for n in m["notes"])
+
+
+def test_a_masked_head_starts_at_the_rate_of_its_rows(parquet_cache: Path) -> None:
+    """A conversion head trained on clicked rows started at the conversion rate over every row (0.04 where its
+    rows hold 0.19), so short runs predicted far too low on the rows it is scored on."""
+    from ctrpipe.models.layers.experts import TaskTowers
+    from ctrpipe.shard.manifest import read_manifest
+    from ctrpipe.train.checkpoint import build_initial_model
+    from ctrpipe.train.fit import masked_spec
+    from ctrpipe.train.objective import Task
+
+    spec = read_manifest(parquet_cache).feature_spec()
+    assert spec.labels == ("clicked", "converted")
+    click, conv = spec.label_rates
+    tasks = (Task("clicked", (0,), None, 1.0, 1.0, 1.0), Task("converted", (1,), 0, 1.0, 1.0, 1.0))
+    got = masked_spec(spec, tasks)
+    assert got.label_rates == (click, conv / click)
+    assert masked_spec(spec, (tasks[0], Task("converted", (1,), None, 1.0, 1.0, 1.0))) is spec
+    model = build_initial_model({"model": {"name": "mmoe", "embedding_dim": 4, "hidden_units": [8],
+                                           "tower_units": [4]}}, got, seed=0)
+    towers = next(m for m in model.modules() if isinstance(m, TaskTowers))
+    assert float(towers.outputs[1].bias) == pytest.approx(np.log(conv / click / (1 - conv / click)), abs=1e-6)
+    assert float(towers.outputs[0].bias) == pytest.approx(np.log(click / (1 - click)), abs=1e-6)
