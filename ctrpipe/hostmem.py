@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1     # mallopt parameter numbers from glibc's malloc.h
 _M_TOP_PAD = -2
@@ -87,3 +89,17 @@ def release_free_heap() -> bool:
         return False
     trim(0)
     return True
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes: VmHWM on Linux. Not `ru_maxrss`, which Linux carries over from the
+    process image a child was forked from, so a run started from a large process (a notebook, a test runner)
+    reported that process's peak instead of its own. `ru_maxrss` elsewhere (bytes on macOS, KiB on others)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)

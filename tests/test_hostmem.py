@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +182,18 @@ def test_share_main_arena_puts_new_threads_on_the_main_heap() -> None:
 def test_share_main_arena_leaves_a_user_setting_and_the_off_switch_alone() -> None:
     assert _arenas("share", MALLOC_ARENA_MAX="4")[0] == "False"
     assert _arenas("share", env_value="0")[0] == "False"
+
+
+def test_peak_rss_is_this_processes_own_peak() -> None:
+    """metrics.json's peak host memory was ru_maxrss, which Linux carries over from the process a child was
+    forked from: `ctrpipe train` started from a 900 MB test runner reported 900 MB."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("VmHWM is Linux's")
+    ballast = bytearray(400 << 20)                     # this process: at least 400 MB resident
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code = ("import resource\nfrom ctrpipe.hostmem import peak_rss\n"
+            "print(peak_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    own, inherited = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                             check=True).stdout.split())
+    assert own < 300 << 20, (own, inherited)         # ru_maxrss here: about the 400 MB of this process
+    del ballast

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +24,7 @@ from ctrpipe.console import console, human_rate
 from ctrpipe.device import AmpChoice, check_amp, model_family, predict_amp, resolve_amp, resolve_device
 from ctrpipe.errors import CheckpointError, ConfigError, CtrpipeError, ManifestMismatchError, SchemaError
 from ctrpipe.features import FeatureSpec
-from ctrpipe.hostmem import release_free_heap
+from ctrpipe.hostmem import peak_rss, release_free_heap
 from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling
@@ -479,9 +477,8 @@ def _costs(ctx: TrainContext, started: float) -> dict[str, Any]:
     Host memory is the process's peak RSS (it includes the loader's buffers and Python itself); a resumed
     run reports the resumed process only (metrics.json `resumed`; the report then shows neither).
     """
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"wall_seconds": round(time.perf_counter() - started, 3),
-            "peak_host_memory_bytes": int(rss if sys.platform == "darwin" else rss * 1024),
+            "peak_host_memory_bytes": peak_rss(),
             "peak_device_memory_bytes": int(torch.cuda.max_memory_allocated(ctx.device))
             if ctx.device.type == "cuda" else None,
             "parameters": ctx.parameters}
