@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,11 +128,13 @@ class Inputs:
     train_rows: int = 0               # rows of the training view (a K-fold run: all but one fold)
     n_folds: int = 0                  # a K-fold run trains K models, one after another
     cv_rows: int = 0                  # rows in any fold (K-fold: the out-of-fold predictions)
+    process_bytes: int = 0            # host memory of Python, torch and the libraries (`process_resident`)
 
 
 def plan_lines(inp: Inputs, st: Setting) -> list[Line]:
     """Every line of the plan for setting `st`."""
-    lines: list[Line] = []
+    lines: list[Line] = [Line("process", "Python, torch and libraries (this process, before planning)",
+                              inp.process_bytes, where="host")]
     lines += _parameter_lines(inp, st)
     lines += _optimizer_lines(inp, st)
     lines += _activation_lines(inp, st)
@@ -139,6 +142,23 @@ def plan_lines(inp: Inputs, st: Setting) -> list[Line]:
     lines += _eval_lines(inp, st)
     lines += _checkpoint_lines(inp, st)
     return [line for line in lines if line.nbytes > 0]
+
+
+def process_resident() -> int:
+    """Resident bytes of this process when it first planned (Linux; 0 elsewhere). Read before the plan builds
+    anything, it is what a `ctrpipe train` process holds before its model: the interpreter, torch, numpy,
+    polars (hundreds of MB, and it was missing from the plan, which then said 'fits' for a run that did
+    not). Once per process, so every plan of one process (a suggestion's too) counts the same."""
+    global _PROCESS
+    if _PROCESS is None:
+        try:
+            _PROCESS = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            _PROCESS = 0
+    return _PROCESS
+
+
+_PROCESS: int | None = None
 
 
 def _scaled(t: TableUse, s: float) -> TableUse:

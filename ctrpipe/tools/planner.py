@@ -31,6 +31,7 @@ from ctrpipe.tools.plan import (
     device_memory,
     disk_sizes,
     plan_lines,
+    process_resident,
     suggestions,
     working_set,
 )
@@ -60,6 +61,7 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
     from ctrpipe.train.plan import plan_steps
 
     device = check_device(device)
+    process = process_resident()           # before the sample, the model and the measurements below
     manifest = read_manifest(shards)
     train_rows = manifest.rows.get("train", 0)
     if not train_rows or not manifest.label_names:
@@ -98,7 +100,7 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
     inp = Inputs(cfg=cfg, manifest=manifest, shards=shards, spec=spec, device=device, tables=tables,
                  dense=_dense_counts(model), step_memory=step_memory,
                  metric_bytes_per_row=metric_bytes_per_row(n_tasks), val_rows=val_rows, n_tasks=n_tasks,
-                 train_rows=train_rows, n_folds=n_folds, cv_rows=sum(fold_sizes))
+                 train_rows=train_rows, n_folds=n_folds, cv_rows=sum(fold_sizes), process_bytes=process)
     setting = Setting(batch=b, eval_batch=cfg.loader.eval_batch_size, amp=cfg.train.amp,
                       embedding_optimizer=cfg.train.embedding_optimizer)
     available, what = (memory, "--memory") if memory else device_memory(device)

@@ -221,7 +221,8 @@ def test_cli_warns_with_settings_that_fit(caches: dict[int, Path]) -> None:
     ok = runner.invoke(app, [*args, "--memory", str(peak * 2)], env={"COLUMNS": "250"})
     assert ok.exit_code == 0, ok.output
     assert "fits:" in ok.output and "peak" in ok.output and "ckpt_last.pt" in ok.output
-    tight = runner.invoke(app, [*args, "--memory", str(int(peak * 0.8))], env={"COLUMNS": "250"})
+    base = by_part(plan_of(caches[1000], "dnn"), "process")       # no setting shrinks the process itself
+    tight = runner.invoke(app, [*args, "--memory", str(int(base + (peak - base) * 0.8))], env={"COLUMNS": "250"})
     assert tight.exit_code == 1, tight.output
     assert "warning: does not fit" in tight.output
     assert "--set loader.batch_size=" in tight.output or "data.hash_bins=" in tight.output
@@ -235,8 +236,9 @@ def test_every_suggested_setting_loads_as_written(caches: dict[int, Path], tmp_p
     cfg = load_config(REPO / "cfgs" / "criteo.yaml", ["data.hash_bins=40000", "data.folds.n_splits=0"])
     build_shards(cfg, [raw], tmp_path / "wide", progress=False)
     run = load_config(REPO / "cfgs" / "criteo_dnn.yaml", small("dnn"))
-    peak = estimate(run, tmp_path / "wide", "cpu", memory=1 << 40).peak()
-    tips = estimate(run, tmp_path / "wide", "cpu", memory=int(peak * 0.6)).suggestions
+    plan = estimate(run, tmp_path / "wide", "cpu", memory=1 << 40)
+    base = by_part(plan, "process")
+    tips = estimate(run, tmp_path / "wide", "cpu", memory=int(base + (plan.peak() - base) * 0.6)).suggestions
     sets = [t for tip in tips for t in re.findall(r"--set (\S+)", tip)]
     assert any(t.startswith("data.hash_bins=") and int(t.split("=")[1]) >= 1000 for t in sets), tips
     for one in sets:
@@ -312,3 +314,25 @@ def test_kfold_plans_match_the_cache_folds_and_count_every_folds_files(caches: d
     sizes = folded.folds["sizes"]
     assert kfold.disk["oof.npz"] == sum(sizes) * (8 + 8)
     assert any(f"predictions of {max(sizes):,} validation rows" in line.item for line in kfold.lines)
+
+
+def test_the_peak_covers_what_a_training_process_holds(caches: dict[int, Path], tmp_path: Path) -> None:
+    """The plan left out the process itself (Python, torch and the libraries: hundreds of MB), so it said a run
+    fit in memory it did not. Plan and train each in a fresh process, as the commands run."""
+    import json
+    import subprocess
+    import sys
+
+    sets = [x for s in small("dnn") for x in ("--set", s)]
+    cfg = str(REPO / "cfgs" / "criteo_dnn.yaml")
+    code = ("import sys\nfrom pathlib import Path\nfrom ctrpipe.config import load_config\n"
+            "from ctrpipe.tools.planner import estimate\n"
+            f"cfg = load_config(Path({cfg!r}), {small('dnn')!r})\n"
+            f"print(estimate(cfg, Path({str(caches[1000])!r}), 'cpu', memory=1 << 40).peak())\n")
+    planned = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 cwd=REPO).stdout.split()[-1])
+    subprocess.run([sys.executable, "-m", "ctrpipe.cli", "train", "--cfg", cfg, "--shards", str(caches[1000]),
+                    "--runs", str(tmp_path), "-q", *sets, "--set", "train.device=cpu"], check=True, cwd=REPO,
+                   capture_output=True)
+    used = json.loads((tmp_path / "criteo_dnn" / "metrics.json").read_text())["peak_host_memory_bytes"]
+    assert 0.7 * used < planned < 2.0 * used, (planned, used)
