@@ -91,8 +91,9 @@ PARTIALS_DIR = "partials"
 
 
 def split_uses_row_index(data: DataConfig, role: str) -> bool:
-    """Whether a row's split depends on its position among all rows (so partitions need their start row)."""
-    return role == "train" and data.split.val_ratio > 0 and data.split.mode in ("random", "tail")
+    """Whether a row's split depends on its position among all rows (so partitions need their start row):
+    random and tail splits, and group splits, whose rows without a key are placed by their index."""
+    return role == "train" and data.split.val_ratio > 0 and data.split.mode in ("random", "tail", "group")
 
 
 def die_with_parent() -> None:

@@ -261,6 +261,27 @@ def test_rows_without_a_group_key_are_placed_by_row(tmp_path: Path, mode: str) -
     assert all(len(set(side[users == u].tolist())) == 1 for u in set(users[~missing].tolist()))
 
 
+def test_rows_without_a_split_key_split_alike_on_workers(tmp_path: Path) -> None:
+    """The parallel fit pass numbered each file's rows from 0 for a group split, so keyless rows of the second
+    file fell on one side when fitting and on the other when writing: validation rows fed the statistics."""
+    from tests.shard.helpers import npy_bytes
+
+    src = pq.read_table(_write(tmp_path / "t.parquet", 400))
+    user = [None if r % 3 == 0 else u for r, u in enumerate(src["user"].to_pylist())]
+    src = src.set_column(src.schema.get_field_index("user"), "user", pa.array(user))
+    pq.write_table(src.slice(0, 200), tmp_path / "a.parquet")
+    pq.write_table(src.slice(200), tmp_path / "b.parquet")
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.split.mode=group", "data.split.key=user", "data.split.val_ratio=0.3",
+                                    "data.categorical.mode=vocab", "data.categorical.min_count=1"])
+    files = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    build_shards(cfg, files, tmp_path / "one", progress=False)
+    build_shards(cfg, files, tmp_path / "two", progress=False, workers=2)
+    assert npy_bytes(tmp_path / "one") == npy_bytes(tmp_path / "two")
+    assert (tmp_path / "one" / "fitted").is_dir()
+    for name in sorted(p.name for p in (tmp_path / "one" / "fitted").iterdir()):
+        assert (tmp_path / "one" / "fitted" / name).read_bytes() == (tmp_path / "two" / "fitted" / name).read_bytes()
+
+
 def test_a_group_key_stored_as_int_and_as_float_keeps_its_groups(tmp_path: Path) -> None:
     """1 hashed as '1' in one file and '1.0' in the other (pandas writes float64 for an int column with a NaN),
     so a group was split across folds."""
