@@ -52,7 +52,7 @@ from ctrpipe.train.checkpoint import (
     model_from_checkpoint,
 )
 from ctrpipe.train.evaluate import logit_shifts, predict
-from ctrpipe.train.metrics import LOWER_IS_BETTER, compute_metrics, sigmoid
+from ctrpipe.train.metrics import LOWER_IS_BETTER, QUALITY_METRICS, compute_metrics, refuse_descriptive_metric, sigmoid
 from ctrpipe.train.objective import Task
 
 # keys an inference run may change; the model and data sections are fixed by the checkpoint
@@ -232,12 +232,14 @@ def fold_weights(cfg: RunConfig, ckpts: Sequence[Checkpoint]) -> tuple[float, ..
     scores = None
     if ic.method == "weighted" and not ic.weights:
         metric = ic.weight_metric
+        refuse_descriptive_metric(metric, "infer.weight_metric", list(QUALITY_METRICS))
         vals = [c.val_metrics.get(metric) for c in ckpts]
         if any(v is None for v in vals):
             raise ConfigError(f"a checkpoint has no validation {metric!r} to weight folds by",
                               where="infer.weight_metric",
                               fix="give explicit weights (--set infer.weights=[1,1,2]) or another metric")
-        scores = [-float(v) if metric in LOWER_IS_BETTER else float(v) for v in vals]
+        lower = metric.split(".", 1)[0] in LOWER_IS_BETTER         # logloss.clicked too
+        scores = [-float(v) if lower else float(v) for v in vals]
     w = resolve_weights(ic.method, len(ckpts), ic.weights or None, scores, ic.weight_temperature)
     return None if w is None else tuple(float(x) for x in w)
 

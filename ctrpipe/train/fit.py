@@ -44,7 +44,7 @@ from ctrpipe.train.config import CVConfig
 from ctrpipe.train.distributed import Distributed, RankInfo, rank_info
 from ctrpipe.train.evaluate import Predictions, logit_shifts, predict
 from ctrpipe.train.loop import FitInputs, FitResult, fit
-from ctrpipe.train.metrics import METRIC_NAMES, QUALITY_METRICS, metrics_from_logits
+from ctrpipe.train.metrics import QUALITY_METRICS, metrics_from_logits, refuse_descriptive_metric
 from ctrpipe.train.objective import Task, build_tasks
 from ctrpipe.train.rundir import write_config, write_json, write_text
 
@@ -278,11 +278,7 @@ def _check_metric(cfg: RunConfig, tasks: tuple[Task, ...]) -> None:
     metric = cfg.train.early_stopping.metric
     if metric in valid:
         return
-    if metric.split(".", 1)[0] in METRIC_NAMES:
-        raise ConfigError(f"metric {metric!r} describes the predictions, not how good they are, so it cannot pick "
-                          "the best evaluation (calibration is best near 1, mean_pred and pos_rate at no "
-                          "particular value)", where="train.early_stopping.metric",
-                          fix=f"use one of {', '.join(valid)}")
+    refuse_descriptive_metric(metric, "train.early_stopping.metric", valid)
     raise ConfigError(f"unknown metric {metric!r}", where="train.early_stopping.metric",
                       fix=f"use one of {', '.join(valid)}")
 

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ctrpipe.errors import ConfigError
+
 EPS = 1e-7
 # main metric names, in the order tables and logs show them
 METRIC_NAMES: tuple[str, ...] = ("logloss", "auc", "ap", "wll", "score", "mean_pred", "pos_rate",
@@ -17,6 +19,18 @@ METRIC_NAMES: tuple[str, ...] = ("logloss", "auc", "ap", "wll", "score", "mean_p
 # metrics that rank a model's quality, so early stopping can keep the best evaluation by one of them; the others
 # describe the predictions (mean_pred, pos_rate: the view's label rate, calibration: best near 1, not at a max)
 QUALITY_METRICS: tuple[str, ...] = ("logloss", "auc", "ap", "wll", "score")
+
+
+def refuse_descriptive_metric(metric: str, key: str, valid: list[str]) -> None:
+    """ConfigError for a metric (or `metric.head`) that describes predictions where a choice needs one that
+    ranks models: calibration (best near 1), mean_pred and pos_rate would be maximised."""
+    base = metric.split(".", 1)[0]
+    if base in METRIC_NAMES and base not in QUALITY_METRICS:
+        raise ConfigError(f"metric {metric!r} describes the predictions, not how good they are, so it cannot rank "
+                          "evaluations or models (calibration is best near 1, mean_pred and pos_rate at no "
+                          "particular value)", where=key, fix=f"use one of {', '.join(valid)}")
+
+
 # metrics where a smaller value is better (early stopping `mode: auto`)
 LOWER_IS_BETTER: frozenset[str] = frozenset({"logloss", "wll"})
 

@@ -149,6 +149,18 @@ def test_kfold_run_ensembles_every_fold(world: dict[str, Path], tmp_path: Path) 
     # weighted: weights come from the folds' validation AUCs through a softmax
     rep = run_infer(run, world["te"], tmp_path / "kfw.csv", ["infer.method=weighted"], quiet=True)
     assert rep.weights is not None and len(rep.weights) == 2 and sum(rep.weights) == pytest.approx(1.0)
+    # a metric that describes predictions was maximised (calibration 1.02 outweighed 0.998); logloss weighs the
+    # better (lower) fold more
+    with pytest.raises(ConfigError, match="describes the predictions"):
+        run_infer(run, world["te"], tmp_path / "kfc.csv", ["infer.method=weighted", "infer.weight_metric=calibration"],
+                  quiet=True)
+    from ctrpipe.train.checkpoint import load_checkpoint
+
+    ckpts = [load_checkpoint(run / f"ckpt_fold{k}.pt") for k in range(2)]
+    by_loss = run_infer(run, world["te"], tmp_path / "kfl.csv", ["infer.method=weighted",
+                                                                 "infer.weight_metric=logloss"], quiet=True).weights
+    better = int(np.argmin([c.val_metrics["logloss"] for c in ckpts]))
+    assert by_loss is not None and by_loss[better] > by_loss[1 - better]
 
 
 def test_no_checkpoint_error_names_run_and_fix(world: dict[str, Path], tmp_path: Path) -> None:
