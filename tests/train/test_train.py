@@ -252,6 +252,8 @@ def test_config_errors_before_training(cache: Path, tmp_path: Path):
     for metric in ("calibration", "mean_pred", "pos_rate"):     # they were maximised: calibration 1.02 beat 0.998
         code, out = train(cache, tmp_path, "--set", f"train.early_stopping.metric={metric}")
         assert code == 1 and "describes the predictions" in out and "auc, " in out, out
+    code, out = train(cache, tmp_path, "--set", "train.early_stopping.metric=auc.clicked")    # one head: no such name
+    assert code == 1 and "unknown metric 'auc.clicked'" in out
     assert not (tmp_path / "criteo").exists()
 
 
