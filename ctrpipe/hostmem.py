@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -101,5 +100,34 @@ def peak_rss() -> int:
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    import resource  # POSIX only, as the fallback's ru_maxrss
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+_FILES_UNLIMITED = 1 << 20
+_RAISED_FILES = False
+
+
+def open_file_limit(raise_soft: bool = False) -> int:
+    """Files this process may hold open: the soft RLIMIT_NOFILE (1 << 20 when unlimited, 1024 where there is
+    no `resource` module). With `raise_soft`, the soft limit is first raised towards the hard one (at most
+    65,536), once per process, as many data tools do: memory maps each hold a descriptor, and the common
+    default of 1,024 is reached by a cache of a few hundred shards."""
+    global _RAISED_FILES
+    try:
+        import resource
+    except ImportError:
+        return 1024
+    if raise_soft and not _RAISED_FILES:
+        _RAISED_FILES = True
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            except (ValueError, OSError):
+                pass                            # a container may forbid it: the soft limit stands
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return _FILES_UNLIMITED if soft == resource.RLIM_INFINITY else int(soft)

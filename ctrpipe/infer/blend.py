@@ -34,6 +34,7 @@ import polars as pl
 from ctrpipe.console import console, human_rate, make_progress
 from ctrpipe.data.hashing import xxh64_strings
 from ctrpipe.errors import ConfigError, SubmissionError, disk_full_as_error, human_bytes, location
+from ctrpipe.hostmem import open_file_limit
 from ctrpipe.infer.config import check_trim_ratio
 from ctrpipe.infer.ensemble import check_method, resolve_weights
 from ctrpipe.infer.submission import (
@@ -109,16 +110,9 @@ FILES_KEPT_FREE = 64        # descriptors left to the rest of the process (input
 
 
 def _open_file_budget() -> int:
-    """Bucket files a blend may hold open at once: the soft RLIMIT_NOFILE (often 1024) less a margin.
+    """Bucket files a blend may hold open at once: the open-file limit (often 1024) less a margin.
     Each pass holds one file per bucket open, so more buckets than this fail with EMFILE."""
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        unlimited = soft == resource.RLIM_INFINITY
-    except (ImportError, OSError, ValueError):      # no resource module (Windows): assume the usual 1024
-        soft, unlimited = 1024, False
-    return 1 << 20 if unlimited else max(1, int(soft) - FILES_KEPT_FREE)
+    return max(1, open_file_limit() - FILES_KEPT_FREE)
 
 
 def _global_ranks_source(path: Path, chunk_bytes: int) -> np.ndarray:

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import errno
-import resource
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ctrpipe.errors import REBUILD_CACHE_FIX, ManifestMismatchError
+from ctrpipe.hostmem import open_file_limit
 from ctrpipe.shard.manifest import MANIFEST_NAME, ArrayInfo, Manifest, ShardInfo, read_manifest
 
 
@@ -73,7 +73,9 @@ def check_array(cache_dir: Path, shard: ShardInfo, group: str) -> NpyHeader:
                                     where=str(path), fix=REBUILD_CACHE_FIX)
     try:
         header = read_npy_header(path)
-    except (ValueError, OSError, SyntaxError) as exc:
+    except OSError as exc:
+        raise _unreadable(exc, "not a readable .npy file", path) from None
+    except (ValueError, SyntaxError) as exc:
         raise ManifestMismatchError(f"not a readable .npy file ({exc})", where=str(path),
                                     fix=REBUILD_CACHE_FIX) from None
     expected = (tuple(info.shape), np.dtype(info.dtype))
@@ -94,6 +96,15 @@ def check_array(cache_dir: Path, shard: ShardInfo, group: str) -> NpyHeader:
     return header
 
 
+def _unreadable(exc: OSError, what: str, path: Path) -> ManifestMismatchError:
+    """An OSError reading a shard file: the cache is fine when the process ran out of file descriptors."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return ManifestMismatchError(f"{what}: too many open files ({exc.strerror})", where=str(path),
+                                     fix="raise the open-file limit (e.g. `ulimit -n 65536`), or build fewer, "
+                                         "larger shards (data.shard_rows)")
+    return ManifestMismatchError(f"{what} ({exc})", where=str(path), fix=REBUILD_CACHE_FIX)
+
+
 def map_array(cache_dir: Path, shard: ShardInfo, group: str) -> np.ndarray:
     """Check `group` of `shard` (see `check_array`), then memory-map it read-only, as a plain ndarray.
 
@@ -105,41 +116,20 @@ def map_array(cache_dir: Path, shard: ShardInfo, group: str) -> np.ndarray:
         mapped = np.memmap(header.path, dtype=header.dtype, mode="r", offset=header.data_offset,
                            shape=header.shape)
     except OSError as exc:
-        if exc.errno in (errno.EMFILE, errno.ENFILE):       # the cache is fine: the process ran out of files
-            raise ManifestMismatchError(
-                f"cannot memory-map shard file: too many open files ({exc.strerror})", where=str(header.path),
-                fix="raise the open-file limit (e.g. `ulimit -n 65536`), or build fewer, larger shards "
-                    "(data.shard_rows)") from None
-        raise ManifestMismatchError(f"cannot memory-map shard file ({exc})", where=str(header.path),
-                                    fix=REBUILD_CACHE_FIX) from None
+        raise _unreadable(exc, "cannot memory-map shard file", header.path) from None
     except ValueError as exc:
         raise ManifestMismatchError(f"cannot memory-map shard file ({exc})", where=str(header.path),
                                     fix=REBUILD_CACHE_FIX) from None
     return mapped.view(np.ndarray)
 
 
-_FD_SHARE = 4       # a cache's maps take at most a quarter of the open-file limit: training opens two caches'
+_FD_SHARE = 4       # one cache's maps take at most a quarter of the open-file limit (training opens two caches)
 
 
 def open_file_budget() -> int:
     """File descriptors one ShardArrays may hold in maps. Each map holds one, and a cache of many shards
-    would need arrays x shards of them (a 200-shard Parquet cache: 2,000, past the common limit of 1,024).
-    The soft limit is first raised towards the hard one (as many data tools do), once per process."""
-    global _RAISED
-    if not _RAISED:
-        _RAISED = True
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
-        if soft != resource.RLIM_INFINITY and soft < want:
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            except (ValueError, OSError):
-                pass                            # a container may forbid it: the budget follows the soft limit
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return (1 << 16 if soft == resource.RLIM_INFINITY else soft) // _FD_SHARE
-
-
-_RAISED = False
+    would need arrays x shards of them (a 200-shard Parquet cache: 2,000, past the common limit of 1,024)."""
+    return open_file_limit(raise_soft=True) // _FD_SHARE
 
 
 def read_small(cache_dir: Path, shard: ShardInfo, group: str) -> np.ndarray:

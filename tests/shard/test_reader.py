@@ -110,3 +110,30 @@ def test_an_unreadable_manifest_has_the_same_rebuild_fix(cache: Path) -> None:
     with pytest.raises(ManifestMismatchError) as err:
         open_cache(cache)
     assert err.value.fix == REBUILD_CACHE_FIX and "--force" in str(err.value)
+
+
+def test_running_out_of_file_descriptors_is_not_blamed_on_the_cache(cache: Path) -> None:
+    """EMFILE while reading a header or mapping said 'rebuild the cache'; the cache is fine."""
+    import subprocess
+    import sys
+
+    code = ("import resource, tempfile\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+            "from pathlib import Path\n"
+            "from ctrpipe.errors import ManifestMismatchError\n"
+            "from ctrpipe.shard.manifest import read_manifest\n"
+            "from ctrpipe.shard.reader import check_array\n"
+            f"cache = Path({str(cache)!r})\n"
+            "shard = read_manifest(cache).shards[0]\n"
+            "held = []\n"
+            "try:\n"
+            "    while True:\n"
+            "        held.append(tempfile.TemporaryFile())\n"
+            "except OSError:\n"
+            "    pass\n"
+            "try:\n"
+            "    check_array(cache, shard, 'numeric')\n"
+            "except ManifestMismatchError as exc:\n"
+            "    print(exc.what, '|', exc.fix)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "too many open files" in out.stdout and "ulimit -n" in out.stdout, out.stdout + out.stderr
