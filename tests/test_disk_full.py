@@ -157,6 +157,23 @@ def test_shard_onto_full_disk_resumes_to_identical_cache(tmp_path: Path) -> None
     assert 0.5 < as_bytes(number, unit) / actual < 2, (msg, actual)
 
 
+def test_force_rebuild_onto_a_disk_without_room_for_both_caches(tmp_path: Path) -> None:
+    """--force keeps the old cache until the new one is complete: where both do not fit, the error says so
+    (and how big the old one is), and the old cache is still whole."""
+    ctrpipe(tmp_path, "synth", "--format", "criteo", "--rows", "12000", "--out", "syn", "-q")
+    args = ["shard", "--cfg", str(CFG), "--input", str(tmp_path / "syn" / "train.tsv"), *DATA_SETS, "-q",
+            "--out", "mnt/K"]
+    first, force = on_tiny_fs(tmp_path, "3m", [args, [*args, "--set", "data.shard_rows=3000", "--force"]])
+    assert first.rc == 0, first.err
+    msg = assert_one_clean_error(force, "mnt/K", "the cache this --force build replaces", "delete mnt/K first")
+    assert re.search(r"replaces \([\d.]+ (kB|MB)\)", msg), msg
+    manifest = json.loads((force.snap / "K" / "manifest.json").read_text())
+    assert sum(s["rows"] for s in manifest["shards"]) == 12000
+    for shard in manifest["shards"]:
+        for info in shard["files"].values():
+            assert (force.snap / "K" / info["file"]).is_file()
+
+
 def test_train_checkpoint_onto_full_disk_resumes(world: Path, tmp_path: Path) -> None:
     # a dense 1024x1024 layer makes every checkpoint (fp32 or fp16, compact or not) larger than the 2 MB
     # filesystem, while config, log and fingerprint files fit: the first checkpoint write is what fails

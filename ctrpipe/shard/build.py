@@ -135,7 +135,7 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
                 "or choose another --out folder")
     work = out / f".incomplete-{fp[:12]}"
     # the write pass explains a full disk with a size estimate; this covers statistics, progress and manifest
-    with disk_full_as_error(out, lambda: _written_note(work), RESUME_NOTE):
+    with disk_full_as_error(out, lambda: _written_note(work), _resume_note(out)):
         _clear_out(out, keep=f".incomplete-{fp[:12]}")
         state = _BuildState.open(work, fp)
         files = len(main_paths) + len(gold_paths)
@@ -360,6 +360,17 @@ def _finish(work: Path, out: Path, shards: list[ShardInfo], manifest: Manifest) 
         os.replace(work / FITTED_DIR, out / FITTED_DIR)
     write_manifest(out, manifest)
     shutil.rmtree(work)
+
+
+def _resume_note(out: Path) -> str:
+    """What rerunning a build that filled the disk does; a --force rebuild also names the old cache it keeps
+    until the new one is complete (both must fit)."""
+    if not (out / MANIFEST_NAME).is_file():
+        return RESUME_NOTE
+    old = sum(f.stat().st_size for p in out.iterdir() if _FINISHED_PART.match(p.name)
+              for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
+    return (f"{RESUME_NOTE}; the cache this --force build replaces ({human_bytes(old)}) stays until the new one "
+            f"is complete, so both must fit: where they do not, delete {out} first")
 
 
 def _written_note(work: Path) -> str:
