@@ -42,15 +42,18 @@ def fold_key_hash(plan: Plan, frame: pl.DataFrame, rows: np.ndarray) -> np.ndarr
 
 
 def group_hashes(plan: Plan, frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """`column_hashes` of a grouping column, whole-number floats hashed as the integers they are: a key stored
-    as int64 in one file and as float64 in another (what pandas writes for an int column with a NaN) hashed
-    "1" and "1.0", splitting one group."""
+    """`column_hashes` of a grouping column, whole numbers hashed as the integers they are: a key stored as
+    int64 in one file and as float64 in another (what pandas writes for an int column with a NaN), or written
+    "1" and "1.0" in CSV, hashed apart and split one group. NaN is a missing key (it was one big group)."""
     s = frame.get_column(column, default=None)
+    x = pl.col(column)
     if s is not None and s.dtype.is_float():
-        x = pl.col(column)
         whole = x.is_finite() & (x == x.floor()) & (x.abs() < 2.0**63)
-        text = pl.when(whole).then(x.cast(pl.Int64).cast(pl.String)).otherwise(x.cast(pl.String))
+        text = pl.when(x.is_nan()).then(pl.lit(None, pl.String)).when(whole) \
+            .then(x.cast(pl.Int64).cast(pl.String)).otherwise(x.cast(pl.String))
         frame = frame.select(text.alias(column))
+    elif s is not None and s.dtype == pl.String:
+        frame = frame.select(x.str.replace(r"^(-?\d+)\.0+$", "${1}").alias(column))
     return column_hashes(frame, column, plan.seed(column))
 
 

@@ -289,12 +289,28 @@ def test_a_group_key_stored_as_int_and_as_float_keeps_its_groups(tmp_path: Path)
     src = src.append_column("shop", pa.array(src["day"].to_numpy() % 17, pa.int64()))
     pq.write_table(src.slice(0, 150), tmp_path / "a.parquet")
     rest = src.slice(150)
-    pq.write_table(rest.set_column(rest.schema.get_field_index("shop"), "shop", rest["shop"].cast(pa.float64())),
+    as_float = rest["shop"].cast(pa.float64()).to_numpy().copy()
+    as_float[::10] = np.nan                         # NaN is a missing key: a row of its own, not one NaN group
+    pq.write_table(rest.set_column(rest.schema.get_field_index("shop"), "shop", pa.array(as_float)),
                    tmp_path / "b.parquet")
     cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=group",
                                     "data.folds.key=shop"])
     build_shards(cfg, [tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "c", progress=False)
     fold, shop = load_all(tmp_path / "c")["fold"], src["shop"].to_numpy()
+    nan = np.zeros(len(shop), dtype=bool)
+    nan[150::10] = True
+    assert all(len(set(fold[(shop == v) & ~nan].tolist())) == 1 for v in np.unique(shop))
+    assert len(set(fold[nan].tolist())) > 1
+
+
+def test_a_text_group_key_written_1_and_1_0_keeps_its_groups(tmp_path: Path) -> None:
+    """CSV keys arrive as text: pandas writes an int column holding a NaN as "1.0", another file as "1"."""
+    src = pq.read_table(_write(tmp_path / "t.parquet", 300))
+    shop = src["day"].to_numpy() % 17
+    text = [f"{v}.0" if r >= 150 else str(v) for r, v in enumerate(shop)]
+    pq.write_table(src.append_column("shop", pa.array(text)), tmp_path / "k.parquet")
+    fold = _build(tmp_path, tmp_path / "k.parquet", "c", "data.folds.n_splits=3", "data.folds.mode=group",
+                  "data.folds.key=shop")[0]["fold"]
     assert all(len(set(fold[shop == v].tolist())) == 1 for v in np.unique(shop))
 
 
