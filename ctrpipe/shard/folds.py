@@ -78,9 +78,9 @@ def time_values(chunk: RawChunk, key: str) -> tuple[pl.Series, str]:
     """((N,) time values of a chunk in one comparable dtype whatever the file stores, their kind).
 
     Timestamps and dates are counted in microseconds (files written in ms, us or ns, or as dates, compare as
-    one time line), durations too; numbers are Float64, and so is text where every value is a number (a CSV
-    column, or an integer column read as a categorical: "10" after "2", not before); other text is text. A
-    missing value is an error: a row with no time has no period."""
+    one time line), durations too; numbers are Float64; text stays text here (`fit_periods` reads it as
+    numbers when every value of the inputs is one). A missing value is an error: a row with no time has no
+    period."""
     frame = chunk.frame
     if key not in frame.columns:
         hashed = hashed_name(key) in frame.columns
@@ -100,22 +100,37 @@ def time_values(chunk: RawChunk, key: str) -> tuple[pl.Series, str]:
     elif s.dtype.is_numeric() or s.dtype == pl.Boolean:
         s, kind = s.cast(pl.Float64).fill_nan(None), "numbers"
     else:
-        s = s if s.dtype == pl.String else s.cast(pl.String)
-        number = s.str.strip_chars().cast(pl.Float64, strict=False).fill_nan(None)
-        s, kind = (number, "numbers") if number.null_count() == s.null_count() else (s, "text")
+        s, kind = s.cast(pl.String), "text"
     s = s.cast(_TIME_KINDS[kind])
+    _refuse_missing_times(s, key, chunk)
+    return s, kind
+
+
+def _text_numbers(s: pl.Series) -> pl.Series | None:
+    """Text time values as numbers when every one is a number (a CSV column, an integer column read as a
+    categorical: "10" after "2", not before), else None."""
+    number = s.str.strip_chars().cast(pl.Float64, strict=False).fill_nan(None)
+    return number if number.null_count() == s.null_count() else None
+
+
+def _refuse_missing_times(s: pl.Series, key: str, chunk: RawChunk) -> None:
     missing = s.is_null().to_numpy()
     if missing.any():
         i = int(np.argmax(missing))
         raise InputFormatError(f"time key {key!r} is missing in {int(missing.sum())} rows of this chunk",
                                where=location(chunk.source, row=chunk.line_of(i), column=key),
                                fix="fill the missing times in the input, or use another data.folds.mode")
-    return s, kind
 
 
 def fold_times(chunk: RawChunk, key: str, starts: pl.Series) -> pl.Series:
-    """The write pass's time values of a chunk, refused where they are another kind than the periods'."""
+    """The write pass's time values of a chunk in the periods' dtype (text as numbers where `fit_periods` read
+    the inputs' text as numbers), refused where they are another kind."""
     values, kind = time_values(chunk, key)
+    if kind == "text" and starts.dtype == pl.Float64:
+        number = _text_numbers(values)
+        if number is None:      # the statistics' pass saw the main inputs all numbers: another input is not
+            raise _mixed_kinds(key, "numbers", "text", chunk)
+        return number
     if values.dtype != starts.dtype:
         want = next(k for k, t in _TIME_KINDS.items() if t == starts.dtype)
         raise _mixed_kinds(key, want, kind, chunk)
@@ -131,8 +146,9 @@ def _mixed_kinds(key: str, first: str, this: str, chunk: RawChunk) -> InputForma
 
 def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> tuple[pl.Series, list[str]]:
     """The first time value of periods 1..K-1 over the rows of `paths` (the main inputs), from a pass that
-    reads only the time column (typed as the write pass types it), and each as text in the input's own type
-    (timestamps compare as their Int64 counts; the manifest shows them as times)."""
+    reads only the time column (typed as the write pass types it), and each as text (timestamps compare as
+    their microsecond counts; the manifest shows them as times). Text is read as numbers when every distinct
+    value of the inputs is one: decided over all of them, so no chunk size changes it."""
     key = plan.cfg.folds.time_key
     rc = plan.columns
     only = dataclasses.replace(
@@ -153,6 +169,11 @@ def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> tuple[pl.Series
     if counts is None:
         raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in paths[:3]),
                                fix="check the --input paths")
+    if kind == "text":
+        number = _text_numbers(counts["t"])
+        if number is not None:            # "2" and "2.0" are one time: their counts add up
+            kind = "numbers"
+            counts = counts.with_columns(t=number).group_by("t").agg(pl.col("n").sum())
     counts = counts.sort("t")
     try:
         starts = period_starts(counts["t"], counts["n"].to_numpy().astype(np.int64), n_splits)

@@ -207,6 +207,18 @@ def test_whole_number_time_keys_order_as_numbers(tmp_path: Path, how: str) -> No
     assert all(re.fullmatch(r"\d+", v) for v in m.folds["period_starts"])
 
 
+def test_text_time_keys_are_read_alike_for_any_chunk_size(tmp_path: Path) -> None:
+    """Whether text is read as numbers was decided per chunk: a chunk of digits among text failed as "numbers
+    here, text before", depending on chunk_rows. It is decided over all the values."""
+    src = pq.read_table(_write(tmp_path / "t.parquet", 300))
+    day = [f"{d:02d}" for d in src["day"].to_numpy()]
+    day[-1] = "zz"                                          # one value that is no number: all of it is text
+    pq.write_table(src.set_column(src.schema.get_field_index("day"), "day", pa.array(day)), tmp_path / "k.parquet")
+    folds = [_build(tmp_path, tmp_path / "k.parquet", f"c{rows}", "data.folds.n_splits=3", "data.folds.mode=time",
+                    "data.folds.time_key=day", f"data.chunk_rows={rows}")[0]["fold"] for rows in (41, 1000)]
+    assert (folds[0] == folds[1]).all() and folds[0][-1] == 2
+
+
 def test_timestamps_of_other_units_and_dates_compare_as_one_time_line(tmp_path: Path) -> None:
     """Files storing the key in ms and in s (or as dates) were compared by their raw counts."""
     src = pq.read_table(_write(tmp_path / "t.parquet", 400))
