@@ -109,6 +109,8 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
     srcs = tuple(source_info(p) for p in main_paths + gold_paths)
     extra = {"role": role, "gold_inputs": len(gold_paths),
              "stats_from": train_m.fingerprint if train_m else ""}
+    if _keyed_assignment(data):      # an older build put some rows elsewhere: it is not this cache
+        extra["assignment_rules"] = ASSIGNMENT_RULES
     fp = fingerprint(identity_config(data), srcs, extra)
     out = Path(out)
     input_bytes = sum(s.size for s in srcs)
@@ -379,6 +381,17 @@ def _written_note(work: Path) -> str:
     return f"the build needs more than the {human_bytes(written)} it wrote so far" if written else ""
 
 
+# how group and time keys assign rows to the split and folds; raised when a change moves rows: 2 = keyless rows
+# by row index, whole-number keys alike, time keys in one unit and text numbers as numbers
+ASSIGNMENT_RULES = 2
+
+
+def _keyed_assignment(data: DataConfig) -> bool:
+    """Whether rows go to the split or folds by a group or time key (what ASSIGNMENT_RULES versions)."""
+    return (data.split.mode == "group" and data.split.val_ratio > 0) or (
+        data.folds.n_splits > 0 and data.folds.mode in ("group", "time"))
+
+
 def _describe_diff(old: Manifest, data: DataConfig, srcs: tuple[Any, ...], extra: dict[str, Any]) -> str:
     """Name what changed between the cache on disk and this request: config keys or source files."""
     new_cfg = flatten_dotted(identity_config(data), "data.")
@@ -399,7 +412,8 @@ def _describe_diff(old: Manifest, data: DataConfig, srcs: tuple[Any, ...], extra
         parts.append(f"role {old.role} -> {extra['role']}")
     if old.stats_from != extra["stats_from"]:
         parts.append("--stats-from cache differs")
-    return "; ".join(parts[:8]) or "format or gold inputs differ"
+    return "; ".join(parts[:8]) or ("the gold inputs or the rules that assign rows to the split and folds "
+                                     "by group or time keys (changed in this ctrpipe) differ")
 
 
 # -------------------------------------------------------------------------------------------------- CLI

@@ -267,3 +267,17 @@ def test_a_labelled_parquet_test_file_keeps_its_labels(tmp_path: Path) -> None:
     assert labels.shape == (40, len(m.data_config().labels)) and m.label_rates
     want = pq.read_table(test).column(m.data_config().labels[0]).to_numpy()
     assert np.array_equal(labels[:, 0], want.astype(np.float32))
+
+
+def test_a_cache_keyed_by_older_assignment_rules_is_refused_saying_why(tmp_path: Path) -> None:
+    """Group and time keys now place some rows elsewhere (keyless rows, whole-number keys, time units): a cache
+    built by the older rules, or an interrupted build of them, must not pass as this config's cache."""
+    src = write_parquet(tmp_path / "p.parquet", 60)
+    cfg = parquet_cfg("data.folds.mode=group", "data.folds.key=inventory_id", "data.folds.n_splits=3")
+    build_shards(cfg, [src], tmp_path / "c", progress=False)
+    path = tmp_path / "c" / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw["fingerprint"] = "0" * 64                  # what the same inputs and config gave under the older rules
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestMismatchError, match="assign rows to the split and folds"):
+        build_shards(cfg, [src], tmp_path / "c", progress=False)
