@@ -25,11 +25,18 @@ from ctrpipe.shard.manifest import Manifest, read_manifest
 from ctrpipe.shard.reader import ShardArrays
 
 
+def drops_ragged_batch(rows: int, batch_size: int, shuffle: bool, world_size: int = 1) -> bool:
+    """Whether a training loader drops its ragged last batch (`from_config`; `ctrpipe plan` counts steps by it).
+    Shuffled, the tail is other rows each epoch, and a 1-row batch breaks batch norm; unshuffled it would be
+    the same rows every epoch, never trained, so it stays (unless it is one row, or ranks need equal shares)."""
+    return rows >= batch_size and (shuffle or rows % batch_size == 1 or world_size > 1)
+
+
 class ShardLoader:
     """Batches of a `RowView` of a shard cache, already on `device`.
 
     Every row of the view appears exactly once per epoch (at most once where `drop_last` drops a ragged last
-    batch: `from_config` does so for shuffled training); the order depends only on (seed, epoch), and is the
+    batch: `drops_ragged_batch` says when training does); the order depends only on (seed, epoch), and is the
     view's global row order when `shuffle=False`. Batches may straddle shards. With `sampling` (training
     loaders only, see loader/sampling.py) the view is first downsampled -- the guarantee then holds for the kept
     rows -- or each batch holds a fixed number of positives, no row twice in an epoch.
@@ -117,11 +124,8 @@ class ShardLoader:
                      prefetch=cfg.prefetch, pin_memory=cfg.pin_memory, with_labels=with_labels,
                      strategy=cfg.shuffle_strategy, window_shards=cfg.window_shards, sampling=sampling,
                      rank=rank, world_size=world_size)
-        # shuffled, the ragged tail is other rows each epoch; unshuffled it would be the same rows every epoch,
-        # never trained, so it stays (unless it is one row, or ranks need equal shares)
-        tail = loader.num_rows % loader.batch_size
-        loader.drop_last = train and loader.num_rows >= loader.batch_size and (
-            loader.shuffle or tail == 1 or world_size > 1)
+        loader.drop_last = train and drops_ragged_batch(loader.num_rows, loader.batch_size, loader.shuffle,
+                                                        world_size)
         return loader
 
     # ------------------------------------------------------------------ epoch control

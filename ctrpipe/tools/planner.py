@@ -18,6 +18,7 @@ from ctrpipe.config import RunConfig, load_config
 from ctrpipe.console import console
 from ctrpipe.device import model_family, predict_amp, resolve_amp
 from ctrpipe.errors import ConfigError, SchemaError, human_bytes
+from ctrpipe.loader.loader import drops_ragged_batch
 from ctrpipe.models.heads import heads_of
 from ctrpipe.models.layers.embedding import split_parameters
 from ctrpipe.models.registry import build_model
@@ -78,7 +79,7 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
         model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
     n_tasks = len(build_tasks(heads_of(model, spec), spec, cfg.train))
     b = cfg.loader.batch_size
-    per_epoch = train_rows // b if train_rows >= b else 1
+    per_epoch = train_rows // b if drops_ragged_batch(train_rows, b, cfg.loader.shuffle) else -(-train_rows // b)
     steps = plan_steps(cfg.train, train_rows, b, per_epoch).total_steps
     rows_read = min(train_rows, steps * b)
     sizes = tuple(sorted({min(s, b, train_rows) for s in MEASURE_SIZES}))

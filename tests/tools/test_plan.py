@@ -336,3 +336,18 @@ def test_the_peak_covers_what_a_training_process_holds(caches: dict[int, Path], 
                    capture_output=True)
     used = json.loads((tmp_path / "criteo_dnn" / "metrics.json").read_text())["peak_host_memory_bytes"]
     assert 0.7 * used < planned < 2.0 * used, (planned, used)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_the_plan_counts_the_steps_the_loader_serves(caches: dict[int, Path], shuffle: bool) -> None:
+    """Unshuffled training keeps its ragged last batch: the plan counted one step fewer per epoch."""
+    from ctrpipe.loader.config import LoaderConfig
+    from ctrpipe.loader.loader import ShardLoader
+    from ctrpipe.loader.view import RowView
+
+    flag = f"loader.shuffle={str(shuffle).lower()}"
+    cfg = load_config(REPO / "cfgs" / "criteo_dnn.yaml", [*small("dnn"), flag])
+    loader = ShardLoader.from_config(caches[1000], RowView.train(), LoaderConfig(batch_size=256, shuffle=shuffle),
+                                     seed=0)
+    assert loader.num_rows % 256 > 1
+    assert plan_of(caches[1000], "dnn", flag).steps == len(loader) * cfg.train.epochs
