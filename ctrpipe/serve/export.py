@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from ctrpipe.atomic import write_json_atomic
 from ctrpipe.device import predict_amp
 from ctrpipe.errors import ConfigError
+from ctrpipe.infer.ensemble import EPS
 from ctrpipe.infer.predict import find_checkpoints
 from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import Layout
@@ -63,7 +64,6 @@ FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}     # format -> mode
 ONNX_OUTPUT = "probabilities"
 ONNX_TOL = 1e-5      # onnxruntime vs the eager module, absolute, on probabilities
 _TMP_PREFIX = ".export-"       # the working folder inside --out, renamed from when complete
-_EPS = 1e-7      # ensemble.EPS: geom_mean clips probabilities as combine() does
 
 
 def input_fields(layout: Layout) -> list[tuple[str, int | None, str, tuple[int, ...], str]]:
@@ -127,11 +127,11 @@ class ServingModule(nn.Module):
         if self.method in ("logit_mean", "weighted"):
             # ensemble.logit: each model's logit of its probability clipped to [EPS, 1 - EPS], as combine() takes
             # it (a fold's logit of 18 counts as 16.1 there)
-            pc = p.clamp(_EPS, 1.0 - _EPS)
+            pc = p.clamp(EPS, 1.0 - EPS)
             return torch.sigmoid((self.weights * (torch.log(pc) - torch.log1p(-pc))).sum(0))
         if self.method == "mean":
             return (self.weights * p).sum(0)
-        return torch.exp((self.weights * torch.log(p.clamp(_EPS, 1.0 - _EPS))).sum(0))     # geom_mean
+        return torch.exp((self.weights * torch.log(p.clamp(EPS, 1.0 - EPS))).sum(0))     # geom_mean
 
 
 def example_inputs(p: Predictor, batch: Batch) -> tuple[Tensor, ...]:
@@ -353,8 +353,8 @@ def precision_note(p: Predictor) -> str:
     if amp == "off":
         return ""
     return (f"the run predicts in {amp} (train.amp={p.cfg.train.amp}); the export computes in fp32, so its "
-            f"probabilities differ from `ctrpipe infer` / `predict` by about 1e-3 (to compare them, predict with "
-            "--set train.amp=off)")
+            "probabilities differ from `ctrpipe infer` / `predict` (by ~1e-3 on a typical row; to compare them, "
+            "predict with --set train.amp=off)")
 
 
 def describe(p: Predictor, fmt: str = "torchscript") -> dict[str, object]:

@@ -29,7 +29,7 @@ from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling
 from ctrpipe.loader.view import RowView
-from ctrpipe.models.heads import Head, default_heads, heads_of
+from ctrpipe.models.heads import RATE_CLAMP, Head, default_heads, heads_of
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.build import identity_config
 from ctrpipe.shard.manifest import Manifest, read_manifest
@@ -444,7 +444,7 @@ def masked_spec(spec: FeatureSpec, tasks: Sequence[Task]) -> FeatureSpec:
     rates = list(spec.label_rates)
     for k, t in enumerate(tasks):
         if t.mask is not None:
-            rates[k] = min(spec.label_rates[k] / max(spec.label_rates[t.mask], 1e-7), 1.0)
+            rates[k] = min(spec.label_rates[k] / max(spec.label_rates[t.mask], RATE_CLAMP), 1.0)
     return dataclasses.replace(spec, label_rates=tuple(rates))
 
 
