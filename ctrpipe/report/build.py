@@ -70,15 +70,26 @@ def run_report(runs: Sequence[Path], out: Path, baseline: str | None = None, str
 
 
 def _unique_names(runs: list[RunData]) -> list[RunData]:
-    """Runs with the same exp_name (from different --runs folders) get their parent folder as a prefix."""
+    """Runs with the same exp_name (from different --runs folders) get as many of their parent folders as a
+    prefix as it takes to tell them apart (A/runs/dnn and B/runs/dnn: 'A/runs/dnn', not 'runs/dnn' twice,
+    whose links and --baseline then found one of them)."""
     seen = [r.path.resolve() for r in runs]
     for i, p in enumerate(seen):
         if p in seen[:i]:
             raise ReportError(f"run {runs[i].path} is given twice", where=str(runs[i].path),
                               fix="pass each run directory once")
     names = [r.name for r in runs]
-    return [dataclasses.replace(r, name=f"{r.path.resolve().parent.name}/{r.name}") if names.count(r.name) > 1
-            else r for r in runs]
+    out = list(names)
+    for name in {n for n in names if names.count(n) > 1}:
+        clash = [i for i, n in enumerate(names) if n == name]
+        parents = [seen[i].parent.parts for i in clash]
+        for depth in range(1, max(len(p) for p in parents) + 1):
+            labels = ["/".join([*p[-depth:], name]) for p in parents]
+            if len(set(labels)) == len(labels):
+                break
+        for i, label in zip(clash, labels, strict=True):
+            out[i] = label
+    return [dataclasses.replace(r, name=n) if n != r.name else r for r, n in zip(runs, out, strict=True)]
 
 
 def _check_out(out: Path) -> None:

@@ -44,14 +44,20 @@ def _fold_label(log: RunLogs, what: str) -> str:
     return f"{what} ({log.name})" if log.name else what
 
 
+def _one_point(steps: np.ndarray) -> dict[str, object]:
+    """A marker for a curve of one logged point, which a line alone does not draw (a short run's one log row)."""
+    return {"marker": "o", "ms": 4} if len(steps) == 1 else {}
+
+
 def training_figure(run: RunData) -> Figure:
     """Training loss and dense learning rate over steps (one line per fold of a K-fold run)."""
     with matplotlib.rc_context(STYLE):
         fig, axes = _figure(2, 3.0)
         loss_ax, lr_ax = axes[0]
         for log in run.logs:
-            loss_ax.plot(log.loss.steps, log.loss.values, lw=1.2, label=_fold_label(log, "loss"))
-            lr_ax.plot(log.lr.steps, log.lr.values, lw=1.2, label=_fold_label(log, "lr"))
+            loss_ax.plot(log.loss.steps, log.loss.values, lw=1.2, label=_fold_label(log, "loss"),
+                         **_one_point(log.loss.steps))
+            lr_ax.plot(log.lr.steps, log.lr.values, lw=1.2, label=_fold_label(log, "lr"), **_one_point(log.lr.steps))
         _mark_best(loss_ax, run)
         loss_ax.set(title="training loss", xlabel="step", ylabel="loss")
         lr_ax.set(title="learning rate (dense)", xlabel="step", ylabel="lr")
@@ -162,6 +168,8 @@ def gate_figure(run: RunData) -> Figure | None:
             for c in curves[1:]:
                 steps = np.intersect1d(steps, c.steps)
             shares = np.stack([c.values[np.isin(c.steps, steps)] for c in curves])       # (K, n)
+            if len(steps) == 1:      # a stack over one step has no width: draw it one step wide
+                steps, shares = np.array([steps[0] - 0.5, steps[0] + 0.5]), np.repeat(shares, 2, axis=1)
             ax.stackplot(steps, shares, labels=[n.rsplit(".", 1)[1] for n in names], alpha=0.85)
             entropy = log.diagnostics.get(f"train/gate_entropy.{task}")
             if entropy is not None and len(curves) > 1:
@@ -180,7 +188,7 @@ def comparison_figure(runs: Sequence[RunData]) -> Figure:
         loss_ax, auc_ax = axes[0]
         for run in runs:
             log = run.logs[0]
-            loss_ax.plot(log.loss.steps, log.loss.values, lw=1.2, label=run.name)
+            loss_ax.plot(log.loss.steps, log.loss.values, lw=1.2, label=run.name, **_one_point(log.loss.steps))
             if "auc" in log.val:
                 auc_ax.plot(log.val["auc"].steps, log.val["auc"].values, marker="o", ms=3, lw=1.2, label=run.name)
         loss_ax.set(title="training loss", xlabel="step", ylabel="loss")

@@ -223,6 +223,11 @@ def _read_predictions(path: Path, heads: tuple[str, ...]) -> tuple[HeadPredictio
     if logits.ndim != 2 or logits.shape != labels.shape or len(names) != logits.shape[1]:
         raise ReportError(f"predictions of shape {logits.shape} / labels {labels.shape} do not match the heads "
                           f"{names}", where=str(path), fix="the file is damaged: retrain the run")
+    bad = ~np.isfinite(logits) & ~np.isnan(labels)          # a kept row's prediction (training stops on NaN)
+    if bad.any():
+        row, h = (int(v[0]) for v in np.nonzero(bad))
+        raise ReportError(f"{int(bad.sum())} predictions are not finite (first: row {row}, head {names[h]!r})",
+                          where=str(path), fix="the file is damaged: retrain the run")
     out = []
     for h, head in enumerate(names):
         keep = ~np.isnan(labels[:, h])                                          # rows the head's mask keeps

@@ -273,3 +273,42 @@ def test_a_new_report_replaces_the_old_one_whole(runs: Runs, tmp_path: Path,
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "report.json").read_text())["baseline"] == "criteo_dcnv2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+def test_runs_of_one_name_in_folders_of_one_name_are_told_apart(runs: Runs, tmp_path: Path) -> None:
+    """A/runs/dnn and B/runs/dnn were both 'runs/dnn': both rows linked to the second run's section and
+    --baseline runs/dnn took the first without a word."""
+    for side in ("A", "B"):
+        shutil.copytree(runs.criteo[0], tmp_path / side / "runs" / "criteo_dnn")
+    code, text = report(str(tmp_path / "A" / "runs" / "criteo_dnn"), str(tmp_path / "B" / "runs" / "criteo_dnn"),
+                        "--out", str(tmp_path / "rep"))
+    assert code == 0, text
+    names = [r["name"] for r in json.loads((tmp_path / "rep" / "report.json").read_text())["runs"]]
+    assert names == ["A/runs/criteo_dnn", "B/runs/criteo_dnn"]
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert page.count("href='#run-0'") >= 1 and page.count("href='#run-1'") >= 1
+
+
+def test_damaged_predictions_are_a_clear_error(runs: Runs, tmp_path: Path) -> None:
+    """NaN logits crashed the report in matplotlib with a traceback."""
+    run = tmp_path / "criteo_dnn"
+    shutil.copytree(runs.criteo[0], run)
+    with np.load(run / "val_predictions.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["logits"][:5, 0] = np.nan
+    np.savez(run / "val_predictions.npz", **arrays)
+    code, text = report(str(run), "--out", str(tmp_path / "rep"))
+    assert code == 1 and "5 predictions are not finite" in text and "retrain the run" in text
+
+
+def test_a_curve_of_one_logged_point_is_drawn(runs: Runs, tmp_path: Path) -> None:
+    """A short run logs its loss once; a line through one point drew nothing, and the figure looked empty."""
+    from ctrpipe.report.figures import training_figure
+
+    run = tmp_path / "criteo_dnn"
+    shutil.copytree(runs.criteo[0], run)
+    log = (run / "train_log.csv").read_text().splitlines()
+    (run / "train_log.csv").write_text("\n".join([log[0], next(r for r in log[1:] if r.split(",")[3])]) + "\n")
+    fig = training_figure(load_run(run))
+    lines = [ln for ax in fig.axes for ln in ax.get_lines() if len(ln.get_xdata()) == 1]
+    assert lines and all(ln.get_marker() == "o" for ln in lines)
