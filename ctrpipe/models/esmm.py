@@ -67,6 +67,19 @@ class ESMMConfig:
             raise ConfigError(nested(exc.what), where=nested(exc.where), fix=nested(exc.fix)) from None
 
 
+def esmm_labels(spec: FeatureSpec, click: str, conversion: str) -> tuple[str, str]:
+    """(click, conversion) label names: each defaults to the first of the cache's labels the other does not
+    take (`click_label: converted` alone made `converted` both, a model whose cvr head is all positives)."""
+    click = click or next(n for n in spec.labels if n != conversion)
+    conversion = conversion or next(n for n in spec.labels if n != click)
+    if click == conversion:
+        raise ConfigError(f"ESMM needs two labels, and {click!r} is set as both the click and the conversion label",
+                          where="model.click_label / model.conversion_label",
+                          fix=f"name two of the cache's labels {list(spec.labels)}, e.g. "
+                              f"model.click_label={spec.labels[0]} model.conversion_label={spec.labels[1]}")
+    return click, conversion
+
+
 def esmm_heads(click: str, conversion: str) -> tuple[Head, ...]:
     return (Head("ctr", (click,), metric_weight=0.2),
             Head("ctcvr", (click, conversion), metric_weight=1.0),
@@ -77,8 +90,7 @@ def esmm_heads(click: str, conversion: str) -> tuple[Head, ...]:
 class ESMM(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ESMMConfig, sparse: bool = False) -> None:
         super().__init__()
-        click = cfg.click_label or spec.labels[0]
-        conversion = cfg.conversion_label or spec.labels[1]
+        click, conversion = esmm_labels(spec, cfg.click_label, cfg.conversion_label)
         self.heads = esmm_heads(click, conversion)
         check_labels(spec, self.heads, "esmm")
         params = cfg.backbone_config()

@@ -185,6 +185,13 @@ def test_clear_errors(spec_factory) -> None:
         build_tasks(heads, spec, TrainConfig(tasks={"conv": TaskConfig(mask="clicked")}))
     with pytest.raises(SchemaError, match="needs label 'nope'"):
         build(spec, "esmm", {"conversion_label": "nope", "backbone_params": SMALL})
+    # one label as click and conversion made a cvr head of all positives, without a word
+    for keys in ({"click_label": "conv", "conversion_label": "conv"},
+                 {"click_label": "click", "conversion_label": "click"}):
+        with pytest.raises(ConfigError, match="set as both the click and the conversion label"):
+            build(spec, "esmm", {**keys, "backbone_params": SMALL})
+    alone = build(spec, "esmm", {"click_label": "conv", "backbone_params": SMALL})     # the other label converts
+    assert [h.labels for h in alone.heads] == [("conv",), ("conv", "click"), ("click",)]
     with pytest.raises(ConfigError, match="weight 0"):
         build_tasks(heads, spec, TrainConfig(tasks={"click": TaskConfig(weight=0.0),
                                                     "conv": TaskConfig(weight=0.0)}))
