@@ -105,6 +105,14 @@ class GatedConfig(MultiTaskConfig):
             check_config(getattr(self, key) >= 0, key, getattr(self, key), "0.001")
 
 
+def check_expert_widths(cfg: MultiTaskConfig) -> None:
+    """MMoE's and PLE's experts are MLPs of `hidden_units`: with none, every expert would pass its input
+    through unchanged and the gates would mix identical copies (accepted before, without a word)."""
+    check_config(bool(cfg.hidden_units), "hidden_units", list(cfg.hidden_units), "[128,64]",
+                 why="the experts are MLPs of these widths; with none, every expert passes its input through "
+                     "unchanged and the gates mix identical copies")
+
+
 SearchMode = Literal["soft", "hard"]
 QueryMode = Literal["S1", "S2", "concat"]
 

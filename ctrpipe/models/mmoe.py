@@ -13,7 +13,7 @@ from torch import nn
 
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
-from ctrpipe.models.base import GatedConfig, check_config
+from ctrpipe.models.base import GatedConfig, check_config, check_expert_widths
 from ctrpipe.models.heads import ModelOutput
 from ctrpipe.models.layers.experts import Experts, Gate, GateLog, GateOptions, TaskTowers, mix
 from ctrpipe.models.layers.inputs import FeatureInput
@@ -26,6 +26,7 @@ class MMoEConfig(GatedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_expert_widths(self)
         check_config(isinstance(self.n_experts, int) and self.n_experts >= 1, "n_experts", self.n_experts, "4")
 
 

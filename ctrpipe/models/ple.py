@@ -13,7 +13,7 @@ from torch import nn
 
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
-from ctrpipe.models.base import GatedConfig, check_config
+from ctrpipe.models.base import GatedConfig, check_config, check_expert_widths
 from ctrpipe.models.heads import ModelOutput
 from ctrpipe.models.layers.experts import CGCLevel, GateLog, TaskTowers
 from ctrpipe.models.layers.inputs import FeatureInput
@@ -29,6 +29,7 @@ class PLEConfig(GatedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_expert_widths(self)
         for key in ("levels", "shared_experts", "task_experts"):
             value = getattr(self, key)
             check_config(isinstance(value, int) and value >= 1, key, value, "2")

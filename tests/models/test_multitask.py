@@ -185,6 +185,9 @@ def test_clear_errors(spec_factory) -> None:
         build_tasks(heads, spec, TrainConfig(tasks={"conv": TaskConfig(mask="clicked")}))
     with pytest.raises(SchemaError, match="needs label 'nope'"):
         build(spec, "esmm", {"conversion_label": "nope", "backbone_params": SMALL})
+    for name in ("mmoe", "ple"):       # experts of no layer are the identity: the gates mixed copies of the input
+        with pytest.raises(ConfigError, match="every expert passes its input through unchanged"):
+            build(spec, name, {**SMALL, "hidden_units": []})
     # one label as click and conversion made a cvr head of all positives, without a word
     for keys in ({"click_label": "conv", "conversion_label": "conv"},
                  {"click_label": "click", "conversion_label": "click"}):
