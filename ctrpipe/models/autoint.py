@@ -29,7 +29,9 @@ class AutoIntConfig(DeepConfig):
     attention_dropout: float = 0.0
     residual: bool = True
     layer_norm: bool = True           # post-LN after each interacting layer
-    hidden_units: tuple[int, ...] = ()   # empty: plain AutoInt; e.g. [400,400] adds an MLP (AutoInt+)
+    # empty: plain AutoInt, where dropout, batch_norm and activation have nothing to act on (they are the MLP's;
+    # attention_dropout is the attention's); e.g. [400,400] adds an MLP (AutoInt+)
+    hidden_units: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
