@@ -10,7 +10,8 @@ hash partition instead of an in-memory join:
    range file `row // R`;
 3. write: per range, scatter the blends into first-file row order and stream them out with the first
    file's IDs. The output keeps the FIRST file's row order and ID spelling: that is the order users diff
-   against and graders expect (test-file order), and it makes blending one file with itself a no-op.
+   against and graders expect (test-file order), and blending one file with itself gives it back (to the
+   last digits logit_mean's round trip changes; `mean` exactly).
 
 Memory is about (total records / P) x 32 bytes x a small sort factor; P is chosen from the input size.
 `rank_avg` additionally holds one file's predictions (8 bytes a row) to rank them globally.
