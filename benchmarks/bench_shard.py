@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -102,17 +101,11 @@ def child_main(argv: list[str]) -> None:
 
 
 def own_peak_mb() -> float:
-    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries the RSS of the process it
-    was forked from into it, so a child of a parent that has just generated the data would report at least
-    the parent's size."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS since its exec, in MB (`hostmem.peak_rss`: VmHWM, not ru_maxrss, which Linux
+    carries over from the parent that generated the data)."""
+    from ctrpipe.hostmem import peak_rss
+
+    return peak_rss() / 2**20
 
 
 def ensure_data(data: Path, rows: int, fmt: str = "criteo") -> Path:

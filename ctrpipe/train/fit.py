@@ -29,7 +29,7 @@ from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling
 from ctrpipe.loader.view import RowView
-from ctrpipe.models.heads import RATE_CLAMP, Head, default_heads, heads_of
+from ctrpipe.models.heads import Head, default_heads, head_rate, heads_of
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.build import identity_config
 from ctrpipe.shard.manifest import Manifest, read_manifest
@@ -245,10 +245,9 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
 def _refuse_changes_to_finished(recorded: dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:
     """A finished run (its metrics.json is written) trains no further on --resume: a changed setting, more
     epochs or steps included, would be recorded in its config without having trained anything."""
-    old, new = flatten_dotted(recorded), flatten_dotted(to_dict(cfg))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = config_changes(recorded, cfg)
     if changed:
-        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed[:4])
         raise CheckpointError(f"the run has finished, so --resume has nothing to continue and would not apply "
                               f"the changed settings: {shown}" + (" ..." if len(changed) > 4 else ""),
                               where=str(run_dir / "metrics.json"),
@@ -339,12 +338,19 @@ def _template(ctx: TrainContext, fold: int, seed: int) -> Checkpoint:
                       fold=fold, init_seed=seed, weights={"dense": {}, "tables": {}})
 
 
-def refuse_resume_changes(old_config: dict[str, Any], cfg: RunConfig, where: Path) -> list[str]:
-    """Refuse (CheckpointError) a resume whose config changes what the run's state fixes; returns the other
-    changed keys. Checked against the run's config.json before anything is written, and against each
-    checkpoint it resumes."""
+def config_changes(old_config: dict[str, Any], cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, recorded value, new value) of every setting `cfg` changes, sorted by key."""
     old, new = flatten_dotted(old_config), flatten_dotted(to_dict(cfg))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def refuse_resume_changes(old_config: dict[str, Any], cfg: RunConfig, where: Path) -> list[tuple[str, Any, Any]]:
+    """Refuse (CheckpointError) a resume whose config changes what the run's state fixes; returns the other
+    changes (`config_changes`). Checked against the run's config.json before anything is written, and against
+    each checkpoint it resumes."""
+    changes = config_changes(old_config, cfg)
+    old = {k: a for k, a, _ in changes}
+    changed = [k for k, _, _ in changes]
     # the training rows' sampling fixes the kept rows and the logit shift of the checkpoints written so far
     sampling = ("loader.neg_keep_prob", "loader.sample_label", "loader.balance_pos_fraction")
     # the restored optimiser state carries its own learning rates, weight decay and state layout (a changed
@@ -365,7 +371,7 @@ def refuse_resume_changes(old_config: dict[str, Any], cfg: RunConfig, where: Pat
     if fixed:
         raise CheckpointError(f"cannot resume with changed {', '.join(fixed)}", where=str(where),
                               fix="resume with the config the run started with (see its config.yaml)")
-    return changed
+    return changes
 
 
 def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
@@ -389,9 +395,8 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
                  "-m ctrpipe.cli train ... --resume"))
     changed = refuse_resume_changes(ckpt.config, ctx.cfg, path)
     if changed and not ctx.quiet:
-        old, new = flatten_dotted(ckpt.config), flatten_dotted(to_dict(ctx.cfg))
         console.print("[yellow]resuming with changed settings:[/] " +
-                      ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+                      ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
     return ckpt
 
 
@@ -441,11 +446,9 @@ def masked_spec(spec: FeatureSpec, tasks: Sequence[Task]) -> FeatureSpec:
     default = len(tasks) == spec.n_tasks and all(t.labels == (k,) for k, t in enumerate(tasks))
     if not default or all(t.mask is None for t in tasks):
         return spec
-    rates = list(spec.label_rates)
-    for k, t in enumerate(tasks):
-        if t.mask is not None:
-            rates[k] = min(spec.label_rates[k] / max(spec.label_rates[t.mask], RATE_CLAMP), 1.0)
-    return dataclasses.replace(spec, label_rates=tuple(rates))
+    heads = [Head(t.name, (spec.labels[k],), mask=spec.labels[t.mask] if t.mask is not None else None)
+             for k, t in enumerate(tasks)]
+    return dataclasses.replace(spec, label_rates=tuple(head_rate(spec, h) for h in heads))
 
 
 def _gold_predictions(ctx: TrainContext, ckpt_path: Path) -> Predictions | None:
