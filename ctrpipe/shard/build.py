@@ -128,6 +128,8 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
             _check_shards_on_disk(out)
             console.print(f"[green]cache up to date[/]: {out} ({existing.total_rows:,} rows, "
                           f"{len(existing.shards)} shards)", highlight=False)
+            for line in _unfinished_rebuilds(out):
+                console.print(f"[yellow]note[/]: {line}", highlight=False)
             return BuildResult(out, existing, True, time.perf_counter() - t0, input_bytes)
         raise ManifestMismatchError(
             "the cache was built from other inputs or settings: "
@@ -373,6 +375,17 @@ def _resume_note(out: Path) -> str:
               for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
     return (f"{RESUME_NOTE}; the cache this --force build replaces ({human_bytes(old)}) stays until the new one "
             f"is complete, so both must fit: where they do not, delete {out} first")
+
+
+def _unfinished_rebuilds(out: Path) -> list[str]:
+    """What a reused cache has beside it from a `--force` rebuild of other settings that did not finish: kept
+    (rerunning that command resumes it) but named, since it can be as large as the cache."""
+    notes = []
+    for work in sorted(out.glob(".incomplete-*")):
+        size = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
+        notes.append(f"{work} ({human_bytes(size)}) is an unfinished build with other inputs or settings: "
+                     "rerun that build with --force to finish it, or delete the folder to free the space")
+    return notes
 
 
 def _written_note(work: Path) -> str:

@@ -226,7 +226,8 @@ def test_reuse_checks_the_shards_and_force_checks_the_folder_first(tmp_path: Pat
     assert read_manifest(tmp_path / "c").total_rows > 0                   # the cache is still there, whole
 
 
-def test_a_failed_force_rebuild_keeps_the_old_cache(tmp_path: Path, criteo_tsv: Path) -> None:
+def test_a_failed_force_rebuild_keeps_the_old_cache(tmp_path: Path, criteo_tsv: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """--force deleted the old manifest before building: a rebuild that then failed on bad input left no cache
     at all. The old cache now stays whole until the new one replaces it, and the rebuild resumes later."""
     out = tmp_path / "c"
@@ -237,6 +238,10 @@ def test_a_failed_force_rebuild_keeps_the_old_cache(tmp_path: Path, criteo_tsv: 
         build_shards(criteo_cfg("data.shard_rows=16"), [bad], out, force=True, progress=False)
     assert read_manifest(out) == old
     assert load_all(out)["labels"].shape[0] == old.total_rows == 64          # open_cache checks every array
+    capsys.readouterr()
+    assert build_shards(criteo_cfg("data.shard_rows=16"), [criteo_tsv], out, progress=False).reused
+    note = " ".join(capsys.readouterr().err.split())        # the failed rebuild's folder is named, not left unseen
+    assert ".incomplete-" in note and "rerun that build with --force to finish it, or delete" in note, note
     new = build_shards(criteo_cfg("data.shard_rows=40"), [criteo_tsv], out, force=True, progress=False)
     assert [s.rows for s in new.manifest.shards] == [40, 24]
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "shard_00000", "shard_00001"]
