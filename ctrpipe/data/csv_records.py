@@ -215,9 +215,10 @@ class RecordCutter:
             return np.logical_xor.accumulate(self._quoting_quotes(arr, q))
         # quotes in comment lines are text, and a line is a comment only where it starts outside quotes (a
         # quoted field may hold a line that begins with the prefix). Every line that begins with the prefix is
-        # first taken for a comment; a line's status depends only on the lines before it, so the first one
-        # the resulting parity puts inside quotes is settled as data and the parity recomputed (a file seldom
-        # has such lines: one pass in the common case)
+        # first taken for a comment, then each pass takes every line's status from the parity the last pass
+        # gave, until none changes. A line's status depends only on the lines before it, so each pass settles
+        # at least the first unsettled line and usually most of them: a file seldom has such lines (one pass),
+        # and one full of them needs a few passes, not one per line
         line_starts = np.concatenate(([0], nl_at[:-1] + 1)).astype(np.int64)
         line_starts = line_starts[line_starts < len(arr)]
         prefixed = line_starts[self._comments(arr, line_starts)]
@@ -230,10 +231,9 @@ class RecordCutter:
             text = _ranges_mask(len(arr), prefixed[comment], line_ends[comment]) if comment.any() else None
             inside = np.logical_xor.accumulate(self._quoting_quotes(arr, q & ~text if text is not None else q))
             quoted = (prefixed > 0) & inside[np.maximum(prefixed - 1, 0)]
-            wrong = np.flatnonzero(quoted & comment)
-            if not len(wrong):
+            if np.array_equal(comment, ~quoted):
                 return inside
-            comment[wrong[0]] = False
+            comment = ~quoted
 
     def _quoting_quotes(self, arr: np.ndarray, q: np.ndarray) -> np.ndarray:
         """q less the quotes that are text, as polars reads them: a field that starts with a quote is quoted,
