@@ -22,7 +22,7 @@ from ctrpipe.data.chunks import BadRow, RawChunk
 from ctrpipe.data.config import DataConfig, DerivedLabelConfig
 from ctrpipe.data.csv_records import SEP_BYTE, RecordCutter, Records
 from ctrpipe.data.schema import ResolvedColumns, closest
-from ctrpipe.data.transforms import first_bad_weight, weight_error
+from ctrpipe.data.transforms import BadWeights, weight_error
 from ctrpipe.errors import InputFormatError, SchemaError, location
 from ctrpipe.prefetch import prefetch
 
@@ -312,19 +312,17 @@ class CsvChunker:
 
     def _check_weights(self, frame: pl.DataFrame, parsed: np.ndarray, col: str, sep: str, flags: _Flags) -> None:
         s = frame[col]
-        live = np.ones(len(s), dtype=bool)
-        while True:      # once per bad row (skip mode), which are few; one pass when all are good
-            idx = np.flatnonzero(live)
-            found = first_bad_weight(s.filter(pl.Series(live)) if not live.all() else s, sep)
-            if found is None:
-                return
-            k = int(idx[found[0]])
-            live[k] = False
-            token = found[1]
-            flags.flag(parsed[[k]], col, "bad weight", lambda r, i, v=str(s[k]), t=token: weight_error(
-                col, v, t, where=location(self.path, int(r.lines[i]), column=col)))
-            if self.bad_rows == "error":
-                return
+        found = BadWeights(s, sep)
+        if not len(found.rows):
+            return
+        records = parsed[found.rows]            # increasing, as the frame's rows are the records in order
+
+        def error(r: Records, i: int) -> InputFormatError:
+            k = int(found.rows[np.searchsorted(records, i)])
+            return weight_error(col, str(s[k]), found.reason(k), where=location(self.path, int(r.lines[i]),
+                                                                                  column=col))
+
+        flags.flag(records, col, "bad weight", error)
 
 
 class _Flags:

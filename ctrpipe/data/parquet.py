@@ -25,7 +25,7 @@ from ctrpipe.data.chunks import BadRow, RawChunk
 from ctrpipe.data.config import DataConfig, TokenColumnConfig
 from ctrpipe.data.schema import ResolvedColumns, closest
 from ctrpipe.data.token_kernel import weights_all_plain
-from ctrpipe.data.transforms import first_bad_weight, weight_error
+from ctrpipe.data.transforms import BadWeights, weight_error
 from ctrpipe.errors import InputFormatError, SchemaError, location
 
 BadMode = Literal["error", "skip"]
@@ -232,17 +232,16 @@ class ParquetChunker:
         s = frame[tc.column]
         if weights_all_plain(s, tc.separator):
             return       # every weight is a plain decimal: nothing to flag, and no polars split needed
-        while True:      # loops once per bad row (skip mode), which are few; one pass when all are good
-            live = np.flatnonzero(keep)
-            found = first_bad_weight(s.filter(pl.Series(keep)) if not keep.all() else s, tc.separator)
-            if found is None:
-                return
-            i = int(live[found[0]])
-            if self.bad_rows == "error":
-                raise weight_error(tc.column, str(s[i]), found[1],
-                                   where=location(self.path, row=row0 + i, column=tc.column))
-            bad.append(BadRow(str(self.path), None, row0 + i, tc.column, "bad weight"))
-            keep[i] = False
+        found = BadWeights(s, tc.separator)
+        rows = found.rows[keep[found.rows]]         # rows an earlier check flagged are not named again
+        if not len(rows):
+            return
+        if self.bad_rows == "error":
+            i = int(rows[0])
+            raise weight_error(tc.column, str(s[i]), found.reason(i),
+                               where=location(self.path, row=row0 + i, column=tc.column))
+        bad.extend(BadRow(str(self.path), None, row0 + int(i), tc.column, "bad weight") for i in rows)
+        keep[rows] = False
 
 
 def iter_parquet_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedColumns,

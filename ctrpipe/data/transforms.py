@@ -58,12 +58,24 @@ def weight_error(column: str, example: str, reason: str, where: str = "") -> Inp
 
 def first_bad_weight(values: pl.Series, separator: str) -> tuple[int, str] | None:
     """(row index, reason) of the first row whose tokens are not all 'name:weight' with a finite weight."""
-    flat, row, weights, names = _explode(values, separator, weighted=True, strict=False)
-    bad = _bad_weights(names, weights)
-    if not bad.any():
-        return None
-    i = int(np.argmax(bad))
-    return int(row[i]), _weight_reason(flat, names, i)
+    found = BadWeights(values, separator)
+    return (int(found.rows[0]), found.reason(int(found.rows[0]))) if len(found.rows) else None
+
+
+class BadWeights:
+    """Every row whose tokens are not all 'name:weight' with a finite weight, found in one pass over the
+    column (a reader skipping bad rows flags them all at once, not one pass per bad row)."""
+
+    def __init__(self, values: pl.Series, separator: str) -> None:
+        flat, row, weights, names = _explode(values, separator, weighted=True, strict=False)
+        self._at = np.flatnonzero(_bad_weights(names, weights))          # bad tokens, in row order
+        self._row, self._flat, self._names = row[self._at], flat, names
+        self.rows: np.ndarray = np.unique(self._row)                       # sorted row indices
+
+    def reason(self, row: int) -> str:
+        """Why `row` (one of `rows`) is bad: its first bad token."""
+        i = int(self._at[np.searchsorted(self._row, row)])
+        return _weight_reason(self._flat, self._names, i)
 
 
 def _bad_weights(names: pl.Series, weights: np.ndarray) -> np.ndarray:

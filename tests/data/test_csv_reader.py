@@ -395,3 +395,26 @@ def test_missing_feature_column_names_the_closest(tmp_path: Path) -> None:
 def test_config_errors(override: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.format=csv", *override], resolve_model=False)
+
+
+def test_every_bad_weight_of_a_chunk_is_flagged_in_one_pass(tmp_path: Path) -> None:
+    """Skipping bad weights re-read the whole column once per bad row (quadratic in them): all are now found in
+    one pass, each flagged once (row 5's bad label first), and an error names the earliest with its token."""
+    from ctrpipe.data.config import TokenColumnConfig
+
+    lines = ["uid,clicked,tags_w"] + [f"u{i},{i % 2},a:1|b:{i}" for i in range(30)]
+    for i, bad in ((2, "a:x"), (5, "a:1|:2"), (6, "b:inf"), (17, "c")):
+        lines[i + 1] = f"u{i},{'7' if i == 5 else 0},{bad}"
+    path = tmp_path / "w.csv"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(format="csv", csv=CsvConfig(), labels=("clicked",), id_column="uid",
+                     numeric=NumericConfig(columns=()), categorical=CategoricalConfig(columns=()),
+                     multihot=(TokenColumnConfig(column="tags_w", separator="|", max_len=4, weighted=True),))
+    with pytest.raises(InputFormatError) as err:
+        read(cfg, [path], rows=7)
+    assert f"{path}, line 4, column tags_w" in str(err.value) and "'a:x'" in str(err.value)
+    for rows in (4, 1000):
+        chunks = list(iter_raw_chunks(cfg, [path], rows, bad_rows="skip"))
+        assert sorted((b.line, b.column) for c in chunks for b in c.bad_rows) == [
+            (4, "tags_w"), (7, "clicked"), (8, "tags_w"), (19, "tags_w")]
+        assert sum(c.frame.height for c in chunks) == 26

@@ -229,3 +229,23 @@ def test_text_given_as_parquet_points_to_data_format(cfg: DataConfig, tmp_path: 
         read_all(cfg, [criteo_tsv])
     assert "not a readable Parquet file" in str(err.value) and "--set data.format=criteo" in err.value.fix
     assert "--format" not in err.value.fix
+
+
+def test_every_bad_weight_of_a_chunk_is_flagged_in_one_pass(cfg: DataConfig, tmp_path: Path,
+                                                             parquet_file: Path) -> None:
+    """Skipping bad weights re-read the whole column once per bad row (quadratic in them): every bad row is
+    now found in one pass, each flagged once even where an earlier check already flagged it."""
+    vals = pq.read_table(parquet_file)["tags_w"].to_pylist()
+    for i in (3, 12, 13, 40):
+        vals[i] = "t1:0.5|t2:abc" if i != 13 else ":1|t3:inf"
+    path = rewrite(parquet_file, tmp_path / "w.parquet", tags_w=pa.array(vals))
+    with pytest.raises(InputFormatError) as err:
+        read_all(cfg, [path])
+    assert f"{path}, row 3, column tags_w" in str(err.value) and "'t2:abc'" in str(err.value)
+    labels = pq.read_table(parquet_file)["clicked"].to_pylist()
+    labels[12] = None                                       # row 12 is bad twice: flagged once, for its label
+    path = rewrite(parquet_file, tmp_path / "wl.parquet", tags_w=pa.array(vals), clicked=pa.array(labels))
+    chunks = list(iter_raw_chunks(cfg, [path], 1000, bad_rows="skip"))
+    assert sorted((b.row, b.column) for b in chunks[0].bad_rows) == [
+        (3, "tags_w"), (12, "clicked"), (13, "tags_w"), (40, "tags_w")]
+    assert chunks[0].frame.height == len(vals) - 4
