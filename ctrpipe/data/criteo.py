@@ -78,6 +78,7 @@ def open_text(path: Path, kind_name: str = "Criteo text") -> tuple[BinaryIO, Bin
     return raw, raw
 
 
+_UTF8_PIECE = 1 << 16      # bytes decoded at once when a block holds invalid UTF-8 (see _check_utf8)
 _COUNT_STEP = 1 << 18     # bytes compared per numpy call: the bool temporary stays in cache
 
 
@@ -526,25 +527,39 @@ class CriteoReader:
 
     def _check_utf8(self, data: bytes, block: _Block, idx: np.ndarray,
                     ) -> tuple[bytes, np.ndarray, list[BadRow]]:
-        bad: list[BadRow] = []
+        """Lines that are not UTF-8: an error, or (skip mode) dropped from `data` and `idx`. The block is
+        decoded in pieces of whole lines, so each bad line costs a piece, not another pass over the block."""
+        try:
+            data.decode("utf-8")
+            return data, idx, []
+        except UnicodeDecodeError:
+            pass
+        view = memoryview(data)
+        cut: list[tuple[int, int]] = []                     # [start, end) of each bad line
         pos = 0
-        while True:
+        while pos < len(data):
+            end = data.find(b"\n", min(pos + _UTF8_PIECE, len(data)) - 1) + 1 or len(data)
             try:
-                data[pos:].decode("utf-8")
-                return data, idx, bad
+                str(view[pos:end], "utf-8")
+                pos = end
+                continue
             except UnicodeDecodeError as exc:
                 at = pos + exc.start
-            k = data.count(b"\n", 0, at)                    # 0-based line within `data`
-            line = block.first_line + int(idx[k])
-            if self.bad_rows == "error":
-                raise InputFormatError("invalid UTF-8 bytes", where=location(self.path, line),
-                                       fix="the file is not UTF-8 text (or is corrupt); re-export as UTF-8")
-            bad.append(BadRow(str(self.path), line, None, None, "invalid UTF-8"))
             start = data.rfind(b"\n", 0, at) + 1
-            end = data.index(b"\n", at) + 1
-            data = data[:start] + data[end:]
-            idx = np.delete(idx, k)
-            pos = start
+            pos = data.find(b"\n", at) + 1 or len(data)
+            cut.append((start, pos))
+            if self.bad_rows == "error":
+                break
+        nl = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+        ks = np.searchsorted(nl, [start for start, _ in cut])     # 0-based lines within `data`
+        lines = block.first_line + idx[ks].astype(np.int64)
+        if self.bad_rows == "error":
+            raise InputFormatError("invalid UTF-8 bytes", where=location(self.path, int(lines[0])),
+                                   fix="the file is not UTF-8 text (or is corrupt); re-export as UTF-8")
+        bad = [BadRow(str(self.path), int(line), None, None, "invalid UTF-8") for line in lines]
+        keep = [0, *(b for a, b in cut)], [*(a for a, b in cut), len(data)]
+        data = b"".join(view[a:b] for a, b in zip(*keep, strict=True))
+        return data, np.delete(idx, ks), bad
 
     # -- labels
     def _check_labels(self, frame: pl.DataFrame, block: _Block, line_idx: np.ndarray | None,

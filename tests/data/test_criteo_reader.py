@@ -217,6 +217,28 @@ def test_invalid_utf8(tmp_path: Path, criteo_tsv: Path) -> None:
     assert [(b.line, b.reason) for b in chunks[0].bad_rows] == [(7, "invalid UTF-8")]
 
 
+def test_many_invalid_utf8_lines(tmp_path: Path) -> None:
+    """Each invalid line cost a copy and a decode of the whole rest of the block (quadratic in bad lines):
+    they are found piece by piece now. Bad lines first, last, side by side and across pieces are all dropped
+    and named, and the good lines read as they would without the bad ones."""
+    from raw_inputs import write_criteo_tsv
+
+    src = write_criteo_tsv(tmp_path / "src.tsv", 3000, seed=5)
+    lines = src.read_bytes().split(b"\n")[:-1]
+    bad = sorted({0, 1, 2, 700, 701, 1499, 2999, *range(1000, 3000, 37)})
+    for i in bad:
+        lines[i] += b"\xe9"                                       # a Latin-1 e-acute ends the last field
+    path = tmp_path / "u.tsv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(InputFormatError, match=r"line 1: invalid UTF-8"):
+        read_all(path)
+    good = tmp_path / "good.tsv"
+    good.write_bytes(b"".join(line + b"\n" for i, line in enumerate(lines) if i not in set(bad)))
+    chunks = list(iter_raw_chunks(CFG, [path], 100_000, bad_rows="skip"))
+    assert [(b.line, b.reason) for b in chunks[0].bad_rows] == [(i + 1, "invalid UTF-8") for i in bad]
+    assert chunks[0].frame.equals(read_all(good, 100_000))
+
+
 # ------------------------------------------------------------------------------------------ skip mode
 
 def test_skip_mode_counts_and_keeps_order(tmp_path: Path, criteo_tsv: Path) -> None:
