@@ -341,3 +341,62 @@ def test_dare_attention_table_trains_from_a_zero_embedding_init(spec_factory, ba
         as_output(model(batch)).logits.sum().backward()
         opt.step()
     assert (table.detach() - before).abs().max() > 0
+
+
+@pytest.mark.parametrize(("name", "keys"), [
+    ("din", {"hidden_units": [8]}),
+    ("dare", {"hidden_units": [8], "attention_dim": 4, "aux_loss_weight": 0.3, "sequence": {"top_k": 3}}),
+    ("dare_qnn", {"attention_dim": 4, "sequence": {"top_k": 3}, "qnn_alpha": {"feature_embed_dim": 8}}),
+    ("dnn", {"hidden_units": [8]}),                                      # mean-pooled shared history, multi-hot
+])
+def test_padding_kept_out_by_masks_trains_as_padding_idx_does(name: str, keys: dict[str, Any], spec_factory,
+                                                              batch_factory) -> None:
+    """On CUDA a sparse table's `padding_idx` costs a host sync in every backward (torch drops those entries
+    with a boolean mask), so there padding is kept out by zero weights and masks instead (`masks_padding`).
+    Run here on the CPU: the same outputs, gradients and LazyAdam step as with padding_idx, and every padding
+    row still zero after the step."""
+    from ctrpipe.train.optim import LazyAdam
+
+    spec = spec_factory()
+    batch = batch_factory(spec, rows=16)
+    batch.sequence[0][:3] = 0                                             # empty histories too
+    batch.sequence_len[0][:3] = 0
+    runs = []
+    for mask in (False, True):
+        torch.manual_seed(0)
+        section = build_model_section({"name": name, "embedding_dim": 8, **keys})
+        model = build_model(section.name, section.params, spec, sparse=True)
+        for m in model.modules():
+            if hasattr(m, "mask_padding"):
+                m.mask_padding = mask
+        tables = [p for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                  for p in m.parameters(recurse=False)]
+        opt = LazyAdam(tables, lr=0.1)
+        out = as_output(model(batch))
+        (out.logits.sum() + sum(out.aux_losses.values(), torch.zeros(()))).backward()
+        grads = [p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad.clone()
+                 for p in model.parameters() if p.grad is not None]
+        pad_rows = [row for weight, row in _padding_rows(model) if weight.grad is not None
+                    and bool((weight.grad.coalesce().indices()[0] == row).any())]
+        assert bool(pad_rows) == mask           # the masking path ran: its padding row gets (zero) gradients
+        opt.step()
+        runs.append((out.logits.detach(), grads, [p.detach().clone() for p in model.parameters()], model))
+    (out0, grads0, params0, _), (out1, grads1, params1, model) = runs
+    torch.testing.assert_close(out0, out1, rtol=0, atol=0)
+    assert len(grads0) == len(grads1)
+    for a, b in zip(grads0, grads1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(params0, params1, strict=True):     # Adam's step is ~lr (0.1) wherever a row moved
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    pads = _padding_rows(model)
+    assert pads
+    for weight, row in pads:
+        assert not weight[row].any()
+
+
+def _padding_rows(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, int]]:
+    """(table, padding row) of every table with one."""
+    groups = [m for m in model.modules() if hasattr(m, "cat_pad")]
+    pads = [(g.cat_table.weight, g.cat_pad) for g in groups if g.cat_pad is not None]
+    pads += [(g.bag_table.weight, 0) for g in groups if g.bag_table is not None]
+    return pads + [(m.table.weight, m.pad) for m in model.modules() if hasattr(m, "pad") and hasattr(m, "table")]

@@ -51,6 +51,25 @@ def split_parameters(model: nn.Module) -> ParamGroups:
     return ParamGroups(embedding, dense)
 
 
+def masks_padding(weight: Tensor, sparse: bool, force: bool | None = None) -> bool:
+    """Whether a lookup keeps the padding row out of training by zero weights or a mask rather than
+    `padding_idx`: on CUDA, torch's sparse backward drops `padding_idx` entries with a boolean mask, a host
+    sync in every step. The padding row then gets an all-zero gradient, which leaves it zero under every
+    optimiser here (its moments stay zero). On CPU `padding_idx` costs no sync and keeps the sparse gradient
+    smaller, so it stays. `force` (a module's `mask_padding`) picks a path on any device: tests run the CUDA
+    path on CPU with it."""
+    return (sparse and weight.is_cuda) if force is None else force
+
+
+def padded_lookup(ids: Tensor, weight: Tensor, pad: int, sparse: bool, mask: bool | None = None) -> Tensor:
+    """(..., D) rows of `weight` at `ids`; positions holding `pad` are zero vectors and send no gradient to
+    any row but zeros to the padding row. `mask`: see `masks_padding`."""
+    if not masks_padding(weight, sparse, mask):
+        return nn.functional.embedding(ids, weight, padding_idx=pad, sparse=sparse)
+    out = nn.functional.embedding(ids, weight, sparse=sparse)
+    return out * (ids != pad).unsqueeze(-1).to(out.dtype)
+
+
 @dataclass(frozen=True)
 class _BagField:
     source: str      # "multihot" or "sequence"
@@ -79,6 +98,7 @@ class _TableGroup(nn.Module):
                  sparse: bool, pooling: PoolingMode, init_std: float,
                  unpooled: frozenset[str] = frozenset()) -> None:
         super().__init__()
+        self.mask_padding: bool | None = None      # see masks_padding
         self.cat_table: nn.Embedding | None = None
         self.bag_table: nn.EmbeddingBag | None = None
         self.cat_pad: int | None = None
@@ -146,7 +166,9 @@ class _TableGroup(nn.Module):
             assert cat is not None, "spec has categorical fields but the batch has none"
             if not self.all_cat:
                 cat = cat.index_select(1, self.cat_cols)
-            parts.append(self.cat_table(cat.long() + self.cat_offsets))     # (B, Fc, D)
+            # categorical ids never point at the padding row: no padding_idx, whose sparse backward syncs
+            parts.append(nn.functional.embedding(cat.long() + self.cat_offsets, self.cat_table.weight,
+                                                 sparse=self.cat_table.sparse))      # (B, Fc, D)
         if self.pooled_bags:
             parts.append(self._pool_bags(batch))                             # (B, Fb, D)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -185,8 +207,11 @@ class _TableGroup(nn.Module):
             out = torch.stack([(nn.functional.embedding(i.view(n_rows, -1), weight) * w.view(n_rows, -1, 1)).sum(1)
                                for i, w in zip(idx, weights, strict=True)], dim=1)      # (B, Fb, D)
         else:
+            # padding tokens weigh 0: where padding_idx would sync (masks_padding) they need no more
             out = nn.functional.embedding_bag(torch.cat(idx), weight, torch.cat(starts), mode="sum",
-                                              sparse=sparse, per_sample_weights=torch.cat(weights), padding_idx=pad)
+                                              sparse=sparse, per_sample_weights=torch.cat(weights),
+                                              padding_idx=None if masks_padding(weight, sparse, self.mask_padding)
+                                              else pad)
             out = out.view(len(fields), -1, out.shape[-1]).transpose(0, 1)   # (B, Fb, D)
         if any(f.mean for f in fields):   # mean of (weight *) vector over non-padding tokens; empty bag -> 0
             out = out / torch.stack(counts, dim=1).clamp(min=1).unsqueeze(-1).to(dtype)
@@ -203,7 +228,7 @@ class _TableGroup(nn.Module):
         else:
             table, pad = self.bag_table, 0
         rows = torch.where(tok > 0, tok + f.offset, pad)
-        return nn.functional.embedding(rows, table.weight, padding_idx=pad, sparse=table.sparse)
+        return padded_lookup(rows, table.weight, pad, table.sparse, self.mask_padding)
 
 
 def _initial(rows: int, dim: int, std: float) -> Tensor:
@@ -322,7 +347,8 @@ class FieldEmbedding(nn.Module):
             if name in group.cat_names:
                 j = group.cat_names.index(name)
                 ids = batch.categorical[:, group.cat_col_list[j]].long() + group.cat_offsets[j]
-                return group.cat_table(ids)
+                table = group.cat_table
+                return nn.functional.embedding(ids, table.weight, sparse=table.sparse)    # no padding: see forward
         raise KeyError(f"no categorical field {name!r}")
 
     def embedding_modules(self) -> list[nn.Module]:

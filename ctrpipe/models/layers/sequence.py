@@ -19,6 +19,7 @@ from ctrpipe.errors import ConfigError, SchemaError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
 from ctrpipe.models.base import SHARD_A_HISTORY, SearchConfig, divisor_near
+from ctrpipe.models.layers.embedding import padded_lookup
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ class AttentionTable(nn.Module):
             nn.init.normal_(weight, 0.0, init_std if init_std > 0 else 1e-2)
             weight[bins].zero_()
         self.pad = bins
+        self.mask_padding: bool | None = None      # see embedding.masks_padding
         self.table = nn.Embedding(bins + 1, dim, padding_idx=bins, sparse=sparse, _weight=weight)
 
     @torch.compiler.disable   # sparse gradients (see embedding.py)
@@ -284,7 +286,7 @@ class AttentionTable(nn.Module):
         """ids (...) -> (..., Da); where `padding` is True the padding row is used instead."""
         if padding is not None:
             ids = torch.where(padding, self.pad, ids)
-        return F.embedding(ids, self.table.weight, padding_idx=self.pad, sparse=self.table.sparse)
+        return padded_lookup(ids, self.table.weight, self.pad, self.table.sparse, self.mask_padding)
 
 
 class DareEncoder(nn.Module):
