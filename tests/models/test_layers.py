@@ -95,6 +95,24 @@ def test_shared_id_space_reads_the_candidates_rows(mode: str) -> None:
     torch.testing.assert_close(grad[group.cat_pad], torch.zeros(3))
 
 
+def test_a_shared_bag_before_an_own_bag_keeps_the_field_order() -> None:
+    """Pooled bags are computed per table (own rows first) and put back in field order: here the shared
+    multi-hot comes first, so the output is reordered (by a device buffer, not a list copied every step)."""
+    spec = FeatureSpec(categorical=(FieldSpec("item", "categorical", 6, id_space="item"),),
+                       multihot=(FieldSpec("tags", "multihot", 6, width=3, id_space="item"),),
+                       sequence=(FieldSpec("hist", "sequence", 5, width=4),))
+    emb = FieldEmbedding(spec, 3)
+    (group,) = emb.groups
+    assert group.reorder is not None and "reorder" in dict(group.named_buffers())
+    batch = id_batch([[1], [2]], mh=[[1, 3, 0], [2, 0, 0]], seq=[[4, 2, 0, 0], [1, 0, 0, 0]])
+    out = emb(batch)
+    assert emb.field_names == ("item", "tags", "hist")
+    tags, hist = emb.token_vectors(batch, "multihot", 0), emb.token_vectors(batch, "sequence", 0)
+    torch.testing.assert_close(out[:, 1], tags.sum(1) / torch.tensor([[2.0], [1.0]]))
+    torch.testing.assert_close(out[:, 2], hist.sum(1) / torch.tensor([[2.0], [1.0]]))
+    torch.testing.assert_close(tags[:, 0], emb.lookup(batch, "item"))   # tags 1 and 2 are items 1 and 2
+
+
 def test_unpooled_history_leaves_the_pooled_fields() -> None:
     emb = FieldEmbedding(SHARED, 3, unpooled=["hist"])
     assert emb.field_names == ("C1", "item", "tags") and emb.flat_dim == 9

@@ -153,7 +153,10 @@ class _TableGroup(nn.Module):
         # pooled bag outputs are computed per table (own rows, then borrowed rows) and put back in field order
         order = [b for b in self.pooled_bags if not b.shared] + [b for b in self.pooled_bags if b.shared]
         perm = [order.index(b) for b in self.pooled_bags]
-        self.reorder: list[int] | None = perm if perm != list(range(len(perm))) else None
+        # a buffer, not a list: indexing with a list copies it to the device from pageable memory in every
+        # forward, which waits for the stream
+        self.register_buffer("reorder", torch.tensor(perm, dtype=torch.int64)
+                             if perm != list(range(len(perm))) else None, persistent=False)
         self.n_outputs = len(cat_cols) + len(self.pooled_bags)
 
     # torch.compile (train.compile) cannot trace sparse gradients ("Cannot access storage of SparseTensorImpl"):
@@ -183,7 +186,7 @@ class _TableGroup(nn.Module):
             assert self.cat_table is not None and self.cat_pad is not None
             outs.append(self._pool(batch, shared, self.cat_table.weight, self.cat_pad, self.cat_table.sparse))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return out if self.reorder is None else out[:, self.reorder]
+        return out if self.reorder is None else out.index_select(1, self.reorder)
 
     def _pool(self, batch: Batch, fields: list[_BagField], weight: Tensor, pad: int, sparse: bool) -> Tensor:
         """(B, len(fields), D): (weighted) sums or means of each field's token vectors, padding excluded."""
