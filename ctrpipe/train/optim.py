@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,52 +113,115 @@ class LazyAdam(torch.optim.Optimizer):
         # (e.g. DeepFM's embeddings and its first-order weights) share one deduplication
         self._dedup: tuple[Tensor, Tensor, Tensor] | None = None
 
+    # GradScaler (train.amp=fp16) hands the step its scale and an inf/NaN flag as device tensors (grad_scale,
+    # found_inf) instead of reading the flag with .item() to skip the step: a host sync in every step
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's Optimizer signature
         loss = closure() if closure is not None else None
         self._dedup = None
+        scale: Tensor | None = getattr(self, "grad_scale", None)     # gradients still multiplied by it
+        found_inf: Tensor | None = getattr(self, "found_inf", None)  # > 0: skip this step
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    # lazily mapped zeros: only rows a batch touches ever cost memory or page faults
-                    state["exp_avg"] = zeros_like_lazily(p.detach())
-                    state["exp_avg_sq"] = zeros_like_lazily(p.detach())
-                state["step"] += 1
-                step = float(state["step"])
-                bc1 = 1.0 - beta1 ** step
-                bc2 = 1.0 - beta2 ** step
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                kernel = self._kernel_for(p, m, v) if p.grad.is_sparse else None
-                if kernel is not None:
-                    ids = p.grad._indices()[0].contiguous()
-                    values = p.grad._values().contiguous().reshape(ids.shape[0], p.shape[1])   # 0 rows: no -1
-                    kernel.sparse_adam(p.detach().numpy(), m.numpy(), v.numpy(), ids.numpy(), values.numpy(),
-                                       self._scratch_for(p), p.shape[1], -group["lr"] / bc1, beta1, beta2,
-                                       group["eps"], bc2)
-                elif p.grad.is_sparse:
-                    rows, grad = self._unique_rows(p, p.grad)
-                    m_rows = m.index_select(0, rows).lerp_(grad, 1.0 - beta1)
-                    v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                    m.index_copy_(0, rows, m_rows)
-                    v.index_copy_(0, rows, v_rows)
-                    denom = v_rows.div_(bc2).sqrt_().add_(group["eps"])
-                    # read-modify-write the rows (index_add_ with alpha takes a much slower CPU path than this
-                    # select + addcdiv + copy); a row listed twice (GPU) gets the same value from each
-                    p_rows = p.index_select(0, rows).addcdiv_(m_rows, denom, value=-group["lr"] / bc1)
-                    p.index_copy_(0, rows, p_rows)
-                else:
-                    grad = p.grad
-                    m.lerp_(grad, 1.0 - beta1)
-                    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                    denom = (v / bc2).sqrt_().add_(group["eps"])
-                    p.addcdiv_(m, denom, value=-group["lr"] / bc1)
+                if self._sync_free(p):
+                    self._device_step(p, group, scale, found_inf)
+                    continue
+                if found_inf is not None and bool(found_inf):    # on the CPU reading the flag costs nothing
+                    continue
+                self._host_step(p, group, None if scale is None else float(scale.double().reciprocal()))
         self._dedup = None
         return loss
+
+    def _state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            # lazily mapped zeros: only rows a batch touches ever cost memory or page faults
+            state["exp_avg"] = zeros_like_lazily(p.detach())
+            state["exp_avg_sq"] = zeros_like_lazily(p.detach())
+        return state
+
+    def _host_step(self, p: Tensor, group: dict[str, Any], inv_scale: float | None) -> None:
+        """One table's step where reading values on the host is free (CPU tables)."""
+        beta1, beta2 = group["betas"]
+        state = self._state(p)
+        state["step"] += 1
+        step = float(state["step"])
+        bc1 = 1.0 - beta1 ** step
+        bc2 = 1.0 - beta2 ** step
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        kernel = self._kernel_for(p, m, v) if p.grad.is_sparse else None
+        if kernel is not None:
+            ids = p.grad._indices()[0].contiguous()
+            values = p.grad._values().contiguous().reshape(ids.shape[0], p.shape[1])   # 0 rows: no -1
+            if inv_scale is not None:
+                values = values * inv_scale
+            kernel.sparse_adam(p.detach().numpy(), m.numpy(), v.numpy(), ids.numpy(), values.numpy(),
+                               self._scratch_for(p), p.shape[1], -group["lr"] / bc1, beta1, beta2,
+                               group["eps"], bc2)
+        elif p.grad.is_sparse:
+            rows, grad = self._unique_rows(p, p.grad)
+            if inv_scale is not None:
+                grad = grad * inv_scale
+            m_rows = m.index_select(0, rows).lerp_(grad, 1.0 - beta1)
+            v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            m.index_copy_(0, rows, m_rows)
+            v.index_copy_(0, rows, v_rows)
+            denom = v_rows.div_(bc2).sqrt_().add_(group["eps"])
+            # read-modify-write the rows (index_add_ with alpha takes a much slower CPU path than this
+            # select + addcdiv + copy)
+            p_rows = p.index_select(0, rows).addcdiv_(m_rows, denom, value=-group["lr"] / bc1)
+            p.index_copy_(0, rows, p_rows)
+        else:
+            grad = p.grad if inv_scale is None else p.grad * inv_scale
+            m.lerp_(grad, 1.0 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            denom = (v / bc2).sqrt_().add_(group["eps"])
+            p.addcdiv_(m, denom, value=-group["lr"] / bc1)
+
+    def _device_step(self, p: Tensor, group: dict[str, Any], scale: Tensor | None,
+                     found_inf: Tensor | None) -> None:
+        """One table's step with nothing read back to the host (GPU tables): the step count and bias
+        corrections stay on the device, and a step GradScaler flags as overflowed keeps the old rows, moments
+        and count (selected, not branched on). Every occurrence of a row writes the same values."""
+        beta1, beta2 = group["betas"]
+        state = self._state(p)
+        if state["step"].device != p.device:      # first step, or moved by a checkpoint load
+            state["step"] = state["step"].to(p.device)
+        keep = None if found_inf is None else found_inf.to(p.device) == 0
+        state["step"] += 1 if keep is None else keep.to(state["step"].dtype)
+        step = state["step"]
+        bc1 = 1.0 - torch.pow(beta1, step)
+        bc2 = 1.0 - torch.pow(beta2, step)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if p.grad.is_sparse:
+            rows, grad = self._unique_rows(p, p.grad)
+        else:
+            rows, grad = None, p.grad
+        if scale is not None:
+            grad = grad * scale.double().reciprocal().float().to(p.device)
+        m_old = m if rows is None else m.index_select(0, rows)
+        v_old = v if rows is None else v.index_select(0, rows)
+        p_old = p if rows is None else p.index_select(0, rows)
+        m_new = m_old.lerp(grad, 1.0 - beta1)
+        v_new = (v_old * beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = (v_new / bc2).sqrt_().add_(group["eps"])
+        p_new = p_old.addcdiv(m_new * (-group["lr"] / bc1), denom)
+        if keep is not None:
+            m_new, v_new, p_new = (torch.where(keep, new, old) for new, old in
+                                   ((m_new, m_old), (v_new, v_old), (p_new, p_old)))
+        if rows is None:
+            m.copy_(m_new)
+            v.copy_(v_new)
+            p.copy_(p_new)
+        else:
+            m.index_copy_(0, rows, m_new)
+            v.index_copy_(0, rows, v_new)
+            p.index_copy_(0, rows, p_new)
 
     @staticmethod
     def _kernel_for(p: Tensor, m: Tensor, v: Tensor) -> ModuleType | None:
@@ -176,9 +240,10 @@ class LazyAdam(torch.optim.Optimizer):
         return scratch
 
     @staticmethod
-    def _sync_free(idx: Tensor) -> bool:
-        """Deduplicate without a data-dependent size: on GPUs, where that size costs a host sync."""
-        return idx.device.type != "cpu"
+    def _sync_free(t: Tensor) -> bool:
+        """Step without reading anything back (no data-dependent sizes, no flags): on GPUs, where each read
+        costs a host sync."""
+        return t.device.type != "cpu"
 
     def _unique_rows(self, p: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
         """Row ids and (rows, dim) their summed gradients, from an uncoalesced sparse gradient: distinct rows on

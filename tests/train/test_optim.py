@@ -145,3 +145,42 @@ def test_lazy_adam_steps_over_a_sparse_gradient_with_no_rows():
     torch.testing.assert_close(table.weight.detach(), before, rtol=0, atol=0)
     _step(table, torch.tensor([1, 2]), torch.ones(2, 3), opt)              # and goes on as usual
     assert not torch.equal(table.weight[1], before[1]) and torch.equal(table.weight[0], before[0])
+
+
+@pytest.mark.parametrize("dedup", ["cpu", "gpu"])
+@pytest.mark.parametrize("unscaled_first", [False, True])
+def test_lazy_adam_under_a_grad_scaler_skips_overflowed_steps_itself(dedup: str, unscaled_first: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.amp=fp16: GradScaler read its inf flag with .item() before every LazyAdam step (a host sync per
+    step on CUDA). LazyAdam takes the scale and the flag as tensors instead: scaled steps equal unscaled ones,
+    and a step with an inf gradient leaves weights, moments and the step count as they were (on the GPU path
+    by selection, nothing read back). `unscaled_first`: the grad_clip path, which unscales before the step."""
+    if dedup == "gpu":
+        monkeypatch.setenv("CTRPIPE_NATIVE", "0")
+    scaled, ref = _tables(30, 3, 2)
+    opt = (LazyAdam if dedup == "cpu" else _GpuDedup)(scaled.parameters(), lr=0.02)
+    opt_ref = LazyAdam(ref.parameters(), lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    assert opt._step_supports_amp_scaling       # what makes GradScaler hand over the flag instead of reading it
+    gen = torch.Generator().manual_seed(4)
+    for i in range(5):
+        ids = torch.randint(0, 20, (6, 3), generator=gen)
+        target = torch.randn(6, 3, 3, generator=gen)
+        if i == 2:
+            target[0, 0, 0] = float("inf")                  # this step's gradient overflows: skipped
+        before = (scaled.weight.detach().clone(), copy.deepcopy(opt.state_dict()))
+        opt.zero_grad()
+        scaler.scale(((scaled(ids) - target) ** 2).sum()).backward()
+        if unscaled_first:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        if i == 2:
+            assert torch.equal(scaled.weight, before[0])
+            after = opt.state_dict()["state"][0]
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(after[key], before[1]["state"][0][key]), key
+            continue
+        _step(ref, ids, target, opt_ref)
+        torch.testing.assert_close(scaled.weight, ref.weight, rtol=1e-5, atol=1e-6)
+    assert scaler.get_scale() < 1024.0 * 2 ** 4           # the overflow halved the scale once
