@@ -11,7 +11,6 @@ comment lines, missing-value tokens and errors with file and line are the build'
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 
 from ctrpipe.atomic import atomic_open
 from ctrpipe.data.chunks import RawChunk
-from ctrpipe.data.criteo import open_text
+from ctrpipe.data.criteo import iter_blocks
 from ctrpipe.data.csv_reader import iter_csv_chunks
 from ctrpipe.errors import CtrpipeError, InputFormatError
 from ctrpipe.infer.submission import check_out_file
@@ -33,13 +32,10 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
     """(first row, rows, ids or None) per chunk of the input file, read as the run's data.format."""
     fmt, id_col = p.cfg.data.format, p.cfg.data.id_column
     if fmt == "criteo":
-        stream, raw = open_text(path)          # as `ctrpipe shard` opens Criteo text: gzip by its magic bytes
-        with raw, stream as fh:
-            for start in itertools.count(0, chunk_rows):
-                lines = list(itertools.islice(fh, chunk_rows))
-                if not lines:
-                    return
-                yield start, lines, None
+        # blocks of whole lines, as `ctrpipe shard` reads Criteo text (gzip by its magic bytes): one bytes object
+        # per chunk, not a Python string per line
+        for block in iter_blocks(path, chunk_rows):
+            yield block.first_line - 1, block.data, None
     elif fmt == "parquet":
         start = 0
         try:
