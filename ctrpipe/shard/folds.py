@@ -2,13 +2,15 @@
 folds into periods.
 
 Time folds need the whole input's order before the first row is assigned, so a cheap pre-pass reads only
-the time column and counts rows per distinct time value (memory grows with the distinct values, never with
-the rows); the periods follow from those counts (`ctrpipe.data.splits.period_starts`).
+the time column and counts rows per distinct time value; the periods follow from those counts
+(`ctrpipe.data.splits.period_starts`). Past a million distinct values (fine-grained timestamps) a sample of the
+values and a second pass over the column give the same periods in bounded memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -144,11 +146,55 @@ def _mixed_kinds(key: str, first: str, this: str, chunk: RawChunk) -> InputForma
                                 "all text)")
 
 
-def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> tuple[pl.Series, list[str]]:
+# distinct time values counted exactly; inputs with more (timestamps to the second over months of logs) get
+# their period starts from a sample and one more pass that counts only the values near each start
+EXACT_DISTINCT = 1 << 20
+_SAMPLE_ROWS = 1 << 20
+_SAMPLE_SALT = np.uint64(0x7469_6D65_5F73_6D70)
+
+
+def fit_periods(plan: Plan, paths: list[Path], n_splits: int, exact_distinct: int = EXACT_DISTINCT,
+                sample_rows: int = _SAMPLE_ROWS) -> tuple[pl.Series, list[str]]:
     """The first time value of periods 1..K-1 over the rows of `paths` (the main inputs), from a pass that
     reads only the time column (typed as the write pass types it), and each as text (timestamps compare as
-    their microsecond counts; the manifest shows them as times). Text is read as numbers when every distinct
-    value of the inputs is one: decided over all of them, so no chunk size changes it."""
+    their microsecond counts; the manifest shows them as times). Text is read as numbers when every value of
+    the inputs is one: decided over all of them, so no chunk size changes it.
+
+    Up to `exact_distinct` distinct values are counted exactly (`period_starts`). Past that, memory would grow
+    with the rows: a uniform sample of the values brackets each start, and a second pass counts the rows
+    below each bracket and each value inside it, which gives the same starts (see `_refined_starts`)."""
+    key = plan.cfg.folds.time_key
+    tally = _TimeTally(exact_distinct, sample_rows)
+    for values, kind, chunk in _time_chunks(plan, paths):
+        if tally.kind and kind != tally.kind:
+            raise _mixed_kinds(key, tally.kind, kind, chunk)
+        tally.add(values, kind)
+    if tally.total == 0:
+        raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in paths[:3]),
+                               fix="check the --input paths")
+    kind = "numbers" if tally.kind == "text" and tally.all_numbers else tally.kind
+    try:
+        counts = tally.exact_counts()
+        if counts is not None:
+            if kind != tally.kind:                  # "2" and "2.0" are one time: their counts add up
+                counts = counts.with_columns(t=_text_numbers(counts["t"])).group_by("t").agg(pl.col("n").sum())
+            counts = counts.sort("t")
+            starts = period_starts(counts["t"], counts["n"].to_numpy().astype(np.int64), n_splits)
+        else:
+            as_kind = _text_numbers if kind != tally.kind else (lambda v: v)
+            starts = _refined_starts(
+                n_splits, tally.total, as_kind(tally.sample()).sort(), as_kind(tally.smallest()),
+                lambda: (as_kind(v) for v, _, _ in _time_chunks(plan, paths)))   # type: ignore[misc]
+        shown = starts.cast(_SHOWN_AS[kind]) if kind in _SHOWN_AS else starts
+        return starts, [_shown(v) for v in shown.to_list()]
+    except ValueError as exc:
+        raise InputFormatError(f"time key {key!r} cannot be cut into {n_splits} periods: {exc} (equal time "
+                               "values stay in one period)", where="data.folds.time_key",
+                               fix="use fewer folds (data.folds.n_splits) or a finer time column") from None
+
+
+def _time_chunks(plan: Plan, paths: list[Path]) -> Iterator[tuple[pl.Series, str, RawChunk]]:
+    """(time values, their kind, the chunk) of the main inputs, reading only the time column."""
     key = plan.cfg.folds.time_key
     rc = plan.columns
     only = dataclasses.replace(
@@ -156,33 +202,118 @@ def fit_periods(plan: Plan, paths: list[Path], n_splits: int) -> tuple[pl.Series
         multihot=(), sequence=(), labels=(), derived=(), id=rc.id if rc.id == key else None,
         keys=tuple(c for c in rc.keys if c == key))
     data = dataclasses.replace(plan.cfg, labels=(), derived_labels=())
-    counts: pl.DataFrame | None = None
-    kind = ""
     for chunk in iter_raw_chunks(data, paths, data.chunk_rows, bad_rows=data.bad_rows, require_labels=False,
                                  columns=only):
-        values, this = time_values(chunk, key)
-        if kind and this != kind:
-            raise _mixed_kinds(key, kind, this, chunk)
-        kind = this
-        vc = values.alias("t").value_counts(name="n")
-        counts = vc if counts is None else pl.concat([counts, vc]).group_by("t").agg(pl.col("n").sum())
-    if counts is None:
-        raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in paths[:3]),
-                               fix="check the --input paths")
-    if kind == "text":
-        number = _text_numbers(counts["t"])
-        if number is not None:            # "2" and "2.0" are one time: their counts add up
-            kind = "numbers"
-            counts = counts.with_columns(t=number).group_by("t").agg(pl.col("n").sum())
-    counts = counts.sort("t")
-    try:
-        starts = period_starts(counts["t"], counts["n"].to_numpy().astype(np.int64), n_splits)
-        shown = starts.cast(_SHOWN_AS[kind]) if kind in _SHOWN_AS else starts
-        return starts, [_shown(v) for v in shown.to_list()]
-    except ValueError as exc:
-        raise InputFormatError(f"time key {key!r} cannot be cut into {n_splits} periods: {exc} (equal time "
-                               "values stay in one period)", where="data.folds.time_key",
-                               fix="use fewer folds (data.folds.n_splits) or a finer time column") from None
+        values, kind = time_values(chunk, key)
+        yield values.alias("t"), kind, chunk
+
+
+class _TimeTally:
+    """The statistics pass over the time key: the rows, each value's count while there are at most `exact`
+    distinct values, and a uniform sample of the values (the rows whose seeded row-index hash is among the
+    smallest: the same sample for any chunking), with the smallest value."""
+
+    def __init__(self, exact: int, sample_rows: int) -> None:
+        self.exact, self.sample_rows, self.total, self.kind, self.all_numbers = exact, sample_rows, 0, "", True
+        self._parts: list[pl.DataFrame] = []         # value counts not yet merged, and the merged ones
+        self._pending = self._merged = 0
+        self._over = False                           # more than `exact` distinct values: no counts kept
+        self._hash = np.empty(0, np.uint64)          # the sample: row-index hashes and values
+        self._values: pl.Series | None = None
+        self._cut = np.uint64(np.iinfo(np.uint64).max)
+        self._min: pl.Series | None = None
+
+    def add(self, values: pl.Series, kind: str) -> None:
+        rows = np.arange(self.total, self.total + len(values), dtype=np.uint64)
+        self.total += len(values)
+        self.kind = kind
+        if kind == "text" and self.all_numbers:
+            self.all_numbers = _text_numbers(values) is not None
+        low = values.sort().head(1)
+        self._min = low if self._min is None else pl.concat([self._min, low]).sort().head(1)
+        if not self._over:
+            vc = values.value_counts(name="n")
+            self._parts.append(vc)
+            self._pending += len(vc)
+            if self._pending > max(self._merged, 1 << 16):     # merge seldom: amortised, not once per chunk
+                self._merge()
+        h = mix64(rows ^ _SAMPLE_SALT)
+        take = h <= self._cut
+        self._hash = np.concatenate([self._hash, h[take]])
+        self._values = values.filter(pl.Series(take)) if self._values is None else \
+            pl.concat([self._values, values.filter(pl.Series(take))])
+        if len(self._hash) > 2 * self.sample_rows:
+            keep = np.argpartition(self._hash, self.sample_rows - 1)[:self.sample_rows]
+            self._hash, self._values = self._hash[keep], self._values.gather(keep)
+            self._cut = self._hash.max()
+
+    def _merge(self) -> None:
+        merged = pl.concat(self._parts).group_by("t").agg(pl.col("n").sum())
+        self._parts, self._pending, self._merged = [merged], 0, len(merged)
+        if len(merged) > self.exact:
+            self._parts, self._over = [], True
+
+    def exact_counts(self) -> pl.DataFrame | None:
+        if not self._over:
+            self._merge()
+        return None if self._over else self._parts[0]
+
+    def sample(self) -> pl.Series:
+        assert self._values is not None
+        return self._values
+
+    def smallest(self) -> pl.Series:
+        assert self._min is not None
+        return self._min
+
+
+def _refined_starts(k: int, total: int, sample: pl.Series, smallest: pl.Series,
+                    passes: Callable[[], Iterator[pl.Series]]) -> pl.Series:
+    """`period_starts` of all the values, from a sorted uniform `sample` of them and passes over them.
+
+    The start of period p is the first value whose rows' middle rank reaches p/k of the rows. The sample's
+    values around rank p/k (with a margin of several standard deviations of sampling error) bracket it; a
+    pass counts the rows below each bracket and every value inside it, which is all the arithmetic of
+    `period_starts` needs for the values there. Where a bracket missed (rows below it reach the period, or no
+    value in it does), its margin widens and the pass is repeated."""
+    n = len(sample)
+    margin = int(4 * n ** 0.5) + 2
+    while True:
+        lo_at = [int(p * n / k) - margin for p in range(1, k)]
+        hi_at = [int(p * n / k) + margin for p in range(1, k)]
+        lo = [sample[i] if i > 0 else None for i in lo_at]            # None: no bound
+        hi = [sample[i] if i < n - 1 else None for i in hi_at]
+        below = [0] * (k - 1)
+        parts: list[list[pl.DataFrame]] = [[] for _ in range(k - 1)]
+        for values in passes():
+            for j in range(k - 1):
+                inside = pl.Series(np.ones(len(values), dtype=bool))
+                if lo[j] is not None:
+                    under = values < lo[j]
+                    below[j] += int(under.sum())
+                    inside &= ~under
+                if hi[j] is not None:
+                    inside &= values <= hi[j]
+                parts[j].append(values.filter(inside).value_counts(name="n"))
+        starts, missed = [], False
+        for j, p in enumerate(range(1, k)):
+            near = pl.concat(parts[j]).group_by("t").agg(pl.col("n").sum()).sort("t")
+            counts = near["n"].to_numpy().astype(np.int64)
+            mid = below[j] + np.cumsum(counts) - counts / 2.0        # middle rank of each value's rows
+            period = np.minimum((mid * k / total).astype(np.int64), k - 1)
+            first = int(np.searchsorted(period, p, side="left"))
+            if below[j] * k > p * total or first == len(counts):
+                missed = True                                        # the start lies outside the bracket
+                break
+            if period[first] > p:
+                raise ValueError(f"the values fill fewer than {k} periods (period {p} holds none)")
+            starts.append(near["t"][first])
+        if not missed:
+            out = pl.Series(starts, dtype=sample.dtype)
+            if out[0] == smallest[0]:
+                raise ValueError(f"the values fill fewer than {k} periods (the first holds none)")
+            return out
+        margin *= 8
 
 
 def _shown(value: object) -> str:

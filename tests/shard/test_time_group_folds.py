@@ -354,3 +354,28 @@ def test_kfold_training_refuses_an_empty_fold_before_any_fold_trains(tmp_path: P
                                    "--runs", str(tmp_path / "runs"), "--kfold", "5", "--set", "model.name=dnn"])
     assert res.exit_code == 1 and "has no rows" in res.output and "fewer folds" in res.output, res.output
     assert not list((tmp_path / "runs").rglob("ckpt_fold*.pt"))
+
+
+@pytest.mark.parametrize("key", ["ts", "day", "stamp", "x"])
+def test_periods_from_a_sample_equal_the_exact_ones(tmp_path: Path, key: str) -> None:
+    """The pre-pass kept a count per distinct time value (memory growing with the rows for fine timestamps)
+    and merged them again at every chunk. Past `exact_distinct` values it samples them and refines each start
+    in a second pass: the same starts as exact counting, for any sample size (small ones miss and widen)."""
+    from ctrpipe.shard.folds import fit_periods
+    from ctrpipe.shard.passes import resolve_plan
+
+    src = _write(tmp_path / "t.parquet", 3000, seed=3)
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=5", "data.folds.mode=time",
+                                    f"data.folds.time_key={key}", "data.chunk_rows=211"])
+    plan = resolve_plan(cfg.data, [src])
+    want = fit_periods(plan, [src], 5)
+    for sample_rows in (16, 100, 1000, 10_000):
+        got = fit_periods(plan, [src], 5, exact_distinct=2, sample_rows=sample_rows)
+        assert got[0].to_list() == want[0].to_list() and got[1] == want[1], sample_rows
+    few = _write(tmp_path / "few.parquet", 300)                      # one item value holds most rows
+    pq.write_table(pq.read_table(few).set_column(5, "item", pa.array(["a"] * 250 + ["b", "c"] * 25)), few)
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=time",
+                                    "data.folds.time_key=item"])
+    for exact in (1_000, 1):
+        with pytest.raises(InputFormatError, match="cannot be cut into 3 periods"):
+            fit_periods(resolve_plan(cfg.data, [few]), [few], 3, exact_distinct=exact, sample_rows=8)
