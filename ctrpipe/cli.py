@@ -10,8 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional, TypeVar
 
+import click
 import typer
 from rich.markup import escape
+from typer.core import TyperCommand
 
 from ctrpipe.console import console
 from ctrpipe.errors import CtrpipeError, DiskFullError
@@ -62,15 +64,46 @@ def synth(
     _run(lambda: run_synth(fmt=fmt, rows=rows, test_rows=test_rows, seed=seed, out=out, gz=gz, quiet=quiet))
 
 
-@app.command()
+class _PathLists(TyperCommand):
+    """`--input a b` and `--gold g1 g2`: paths right after a list option's value are more values of that option.
+    Click gives an option one value per occurrence, so they arrived as positional arguments, which `shard`
+    reads as further inputs: `--gold g1 g2` trained on g2, held-out rows leaking into training."""
+
+    LISTS = ("--input", "-i", "--gold")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        extending: str | None = None             # the list option whose values bare paths continue
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                out += args[i:]
+                break
+            if a.startswith("-") and a != "-":
+                out.append(a)
+                extending = None
+                if a in self.LISTS and i + 1 < len(args):
+                    out.append(args[i + 1])
+                    extending = a
+                    i += 1
+                elif a.split("=", 1)[0] in self.LISTS:
+                    extending = a.split("=", 1)[0]
+            else:
+                out += [extending, a] if extending else [a]
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+@app.command(cls=_PathLists)
 def shard(
     inputs: list[Path] = typer.Option(..., "--input", "-i",
                                       help="Criteo text or CSV (.gz ok), or Parquet: files, folders or globs"),
-    more_inputs: list[Path] = typer.Argument(None, help="further inputs: --input a.tsv b.tsv", show_default=False),
+    more_inputs: list[Path] = typer.Argument(None, help="further inputs", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="cache folder, e.g. shards/criteo"),
     cfg: Optional[Path] = CfgOpt,  # noqa: UP045 - typer needs Optional on 3.10
     overrides: list[str] = SetOpt,
-    gold: list[Path] = typer.Option([], "--gold", help="separate gold-evaluation input (labelled)"),
+    gold: list[Path] = typer.Option([], "--gold", help="separate gold-evaluation inputs (labelled): --gold a b"),
     stats_from: Optional[Path] = typer.Option(None, "--stats-from",  # noqa: UP045
                                               help="train cache whose fitted statistics to reuse (test data)"),
     test: bool = typer.Option(False, "--test", help="input is test data: every row goes to the test split"),

@@ -83,3 +83,20 @@ def test_several_inputs_after_one_input_flag(tmp_path: Path) -> None:
     manifest = read_manifest(out)
     assert manifest.total_rows == 50
     assert [Path(s.path).name for s in manifest.sources] == ["a.tsv", "b.tsv"]
+
+
+def test_several_gold_files_after_one_gold_option_stay_gold(tmp_path: Path) -> None:
+    """`--gold g1 g2` put g2 among the training inputs (click gives an option one value; the rest were
+    positional, i.e. more --input paths): held-out rows trained on. Paths after --input or --gold now extend
+    that option, in either order and beside other options."""
+    a, b = (write_criteo_tsv(tmp_path / f"{n}.tsv", 40, seed=i) for i, n in enumerate("ab"))
+    g1, g2 = (write_criteo_tsv(tmp_path / f"{n}.tsv", 25, seed=5 + i) for i, n in enumerate(("g1", "g2")))
+    sets = ["--set", "data.shard_rows=50", "--set", "data.hash_bins=500", "--quiet"]
+    for i, order in enumerate((["--input", str(a), str(b), "--gold", str(g1), str(g2)],
+                               ["--gold", str(g1), str(g2), "--cfg", str(CRITEO_CFG), "-i", str(a), str(b)],
+                               ["--gold=" + str(g1), str(g2), "--input", str(a), "--force", str(b)])):
+        out = tmp_path / f"c{i}"
+        res = runner.invoke(app, ["shard", "--cfg", str(CRITEO_CFG), *order, "--out", str(out), *sets])
+        assert res.exit_code == 0, res.output
+        m = read_manifest(out)
+        assert m.gold_sources == 2 and m.rows["gold"] == 50 and m.rows["train"] + m.rows["val"] == 80, m.rows
