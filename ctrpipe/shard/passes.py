@@ -150,9 +150,10 @@ def _chunks(plan: Plan, paths: list[Path], require_labels: bool,
 def fit_columns(plan: Plan) -> ResolvedColumns:
     """The columns the fit pass reads. Parquet is read column by column, so it skips what statistics never
     look at: the id (unless it is the split key) and token columns that are neither a co-visitation context
-    nor sharing a vocabulary, nor weighted with bad_rows=skip (then their weights decide which rows are
-    skipped, and so every later row's index). With bad_rows=error no row is ever skipped: a bad weight stops
-    the build in the write pass, with the same message. Text formats parse whole lines anyway."""
+    nor sharing a vocabulary. With bad_rows=skip it keeps the id and weighted tokens too: a missing id or a
+    bad weight skips a row, which must not count in the statistics, and moves every later row's index.
+    With bad_rows=error no row is ever skipped: a missing id or a bad weight stops the build in the write
+    pass, with the same message. Text formats parse whole lines anyway."""
     rc = plan.columns
     if plan.cfg.format != "parquet":
         return rc
@@ -160,7 +161,7 @@ def fit_columns(plan: Plan) -> ResolvedColumns:
     used = {cv.context for cv in plan.covisit} | {tc.column for tc in rc.tokens if tc.share_ids_with}
     skip = plan.cfg.bad_rows == "skip"
     keep = [tc for tc in rc.tokens if (tc.weighted and skip) or tc.column in used]
-    return dataclasses.replace(rc, id=rc.id if split.mode == "group" and split.key == rc.id else None,
+    return dataclasses.replace(rc, id=rc.id if skip or (split.mode == "group" and split.key == rc.id) else None,
                                multihot=tuple(tc for tc in rc.multihot if tc in keep),
                                sequence=tuple(tc for tc in rc.sequence if tc in keep))
 

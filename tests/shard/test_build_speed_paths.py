@@ -71,6 +71,7 @@ def test_fit_pass_reads_the_id_only_when_it_is_the_split_key(tmp_path: Path) -> 
     assert [t.column for t in plain.sequence] == ["seq"]                             # covisit context
     skip = fit_columns(resolve_plan(parquet_cfg("data.bad_rows=skip").data, [src]))
     assert [t.column for t in skip.multihot] == ["tags_w"]        # its weights decide which rows are skipped
+    assert skip.id == "ID"                                        # and so does a missing ID
     by_id = parquet_cfg("data.split.mode=group", "data.split.key=ID", "data.split.val_ratio=0.3")
     assert fit_columns(resolve_plan(by_id.data, [src])).id == "ID"
     m = build_shards(by_id, [src], tmp_path / "c", progress=False).manifest
@@ -118,3 +119,22 @@ def test_string_ids_equal_numpy_of_the_python_strings(tmp_path: Path, values: li
     want = np.asarray(frame["ID"].fill_null("").to_numpy(), dtype=np.str_)
     got = id_array(frame, plan, np.arange(len(values)))
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
+
+def test_rows_skipped_for_a_missing_id_count_nowhere(tmp_path: Path) -> None:
+    """With bad_rows=skip the fit pass did not read the ID, so rows the write pass skipped for a missing ID
+    were counted in the statistics (vocabularies, medians, co-visitation) and shifted every later row's split:
+    the cache must equal the one built from the file without those rows."""
+    src = write_parquet(tmp_path / "p.parquet", 300)
+    table = pq.read_table(src)
+    dropped = [3, 40, 41, 150]
+    ids = [None if i in dropped else v for i, v in enumerate(table.column("ID").to_pylist())]
+    pq.write_table(table.set_column(table.schema.get_field_index("ID"), "ID", pa.array(ids, pa.string())),
+                   tmp_path / "nulls.parquet")
+    pq.write_table(table.filter(pa.array([i not in dropped for i in range(300)])), tmp_path / "clean.parquet")
+    cfg = parquet_cfg("data.bad_rows=skip", "data.chunk_rows=64")
+    build_shards(cfg, [tmp_path / "nulls.parquet"], tmp_path / "a", progress=False)
+    build_shards(cfg, [tmp_path / "clean.parquet"], tmp_path / "b", progress=False)
+    a, b = npy_bytes(tmp_path / "a"), npy_bytes(tmp_path / "b")
+    assert read_manifest(tmp_path / "a").bad_rows["skipped"] == 4
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
