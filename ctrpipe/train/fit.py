@@ -383,6 +383,14 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
         raise CheckpointError("checkpoint holds no training state to resume from", where=str(path),
                               fix="resume only from a ckpt_last.pt written by `ctrpipe train`")
     check_compatible(ckpt, ctx.manifest, ctx.shards, path)
+    if ckpt.manifest_fingerprint != ctx.manifest.fingerprint:
+        # the same layout (hashed ids of other rows fit it) is not the same rows: the resumed epoch's order,
+        # and the record of what the run trained on, would both be wrong
+        raise CheckpointError(
+            f"the run trained on the cache {ckpt.shards} (fingerprint {ckpt.manifest_fingerprint[:12]}), and "
+            f"{ctx.shards} is another (fingerprint {ctx.manifest.fingerprint[:12]}: other inputs or settings)",
+            where=str(path), fix="resume on the cache the run started on (the same inputs and config give it "
+                                 "again), or start a new run: drop --resume or set another exp_name")
     world = ctx.dist.world_size if ctx.dist is not None else 1
     if ckpt.train_state.world_size != world:
         was = ckpt.train_state.world_size

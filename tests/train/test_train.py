@@ -194,6 +194,21 @@ def test_resume_on_another_schema_is_refused(cache: Path, cache_other: Path, tmp
     assert "fix:" in out
 
 
+def test_resume_on_a_cache_of_other_rows_is_refused(cache: Path, synth_dir: Path, tmp_path: Path):
+    """Hashed caches of other rows (or another split) share a schema: --resume continued on them and recorded
+    only the new cache, though the first steps trained on the old one."""
+    from train_setup import K_FOLDS, build_cache
+
+    other = build_cache(tmp_path / "resplit", synth_dir, ["data.hash_bins=64", f"data.folds.n_splits={K_FOLDS}",
+                                                          "data.split.seed=7"], gold=True)
+    runs = tmp_path / "runs"
+    assert train(cache, runs, "--set", "train.max_steps=2", "--set", "train.stop_after_steps=1")[0] == 0
+    code, out = train(other, runs, "--set", "train.max_steps=2", "--resume")
+    assert code == 1 and "fix:" in out, out
+    assert str(cache.resolve()) in out and str(other) in out and "other inputs or settings" in out
+    assert train(cache, runs, "--set", "train.max_steps=2", "--resume")[0] == 0      # its own cache resumes
+
+
 def test_kfold_needs_folds_in_the_cache(cache: Path, cache_other: Path, tmp_path: Path):
     code, out = train(cache_other, tmp_path, "--kfold", "3")
     assert code == 1
