@@ -102,35 +102,57 @@ class MomentAccumulator:
     """Mean/std of transformed (log1p) numeric values of train rows, for standardisation.
 
     Missing values are counted apart, because their transformed value (of the fill) is known only after
-    the pass; `result` adds them analytically.
+    the pass; `result` adds them analytically. Sums are taken about a reference value per column (the first
+    valid value seen), each chunk's about its own first value and then moved to the reference: a column far
+    from zero with a small spread (a Unix time, a year, its log) lost its variance to cancellation in
+    E[x^2] - E[x]^2, enough to change the std with the chunk size. `partials`, when a list, also collects each
+    chunk's (count, shift, sum, sum of squares), which a parallel build merges with `add` in input order.
     """
 
     def __init__(self, f: int) -> None:
         self.n_missing = np.zeros(f, dtype=np.int64)
         self.n_valid = np.zeros(f, dtype=np.int64)
-        self.s1 = np.zeros(f, dtype=np.float64)
+        self.ref = np.full(f, np.nan)
+        self.s1 = np.zeros(f, dtype=np.float64)             # sums of (t - ref) and (t - ref)^2
         self.s2 = np.zeros(f, dtype=np.float64)
+        self.partials: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def update(self, t: np.ndarray, valid: np.ndarray) -> None:
         """t: (N, F) float32 transformed values (anything where not valid); valid: (N, F) bool."""
-        t64 = np.where(valid, t.astype(np.float64), 0.0)
-        self.n_valid += valid.sum(axis=0)
-        self.n_missing += (~valid).sum(axis=0)
-        self.s1 += t64.sum(axis=0)
-        self.s2 += np.square(t64).sum(axis=0)
+        if not len(valid):
+            return
+        n = valid.sum(axis=0)
+        self.n_valid += n
+        self.n_missing += len(valid) - n
+        first = np.argmax(valid, axis=0)                    # each column's first valid row (0 if none)
+        shift = np.where(n > 0, t[first, np.arange(t.shape[1])].astype(np.float64), 0.0)
+        d = np.where(valid, t.astype(np.float64) - shift, 0.0)
+        part = (n.astype(np.int64), shift, d.sum(axis=0), np.square(d).sum(axis=0))
+        if self.partials is not None:
+            self.partials.append(part)
+        self.add(*part)
+
+    def add(self, n: np.ndarray, shift: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> None:
+        """One chunk's sums about `shift`, moved to the reference (set by the first chunk holding values)."""
+        unset = np.isnan(self.ref) & (n > 0)
+        self.ref[unset] = shift[unset]
+        delta = np.where(n > 0, shift - np.nan_to_num(self.ref), 0.0)
+        self.s1 += s1 + n * delta
+        self.s2 += s2 + 2.0 * delta * s1 + n * delta * delta
 
     def result(self, fill_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) per column, each rounded to float32; fill_t: (F,) transformed fill values."""
-        fill_t = np.asarray(fill_t, dtype=np.float64)
+        ref = np.nan_to_num(self.ref)
+        fill_d = np.asarray(fill_t, dtype=np.float64) - ref
         n = self.n_valid + self.n_missing
         if not n.any():
             return np.zeros_like(self.s1), np.ones_like(self.s1)
         n = np.maximum(n, 1)
-        mean = (self.s1 + self.n_missing * fill_t) / n
-        var = np.maximum((self.s2 + self.n_missing * fill_t**2) / n - mean**2, 0.0)
+        mean_d = (self.s1 + self.n_missing * fill_d) / n
+        var = np.maximum((self.s2 + self.n_missing * fill_d**2) / n - mean_d**2, 0.0)
         std = np.sqrt(var)
         std[std < 1e-6] = 1.0                                       # constant column: centre only
-        return np.array([round32(m) for m in mean]), np.array([round32(s) for s in std])
+        return np.array([round32(m) for m in ref + mean_d]), np.array([round32(s) for s in std])
 
 
 # --------------------------------------------------------------------------------------------- counting

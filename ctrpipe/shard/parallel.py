@@ -261,8 +261,8 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
     covisit = {cv.name: CovisitCounter() for cv in plan.covisit}
     f = len(plan.numeric)
     sums: list[np.ndarray] = []
-    s1: list[np.ndarray] = []
-    s2: list[np.ndarray] = []
+    if mom is not None:
+        mom.partials = []           # each chunk's moments: the merge adds them in input order
     train_rows = 0
     file_counts = _FileCounter(plan, role)
     with small_pages():
@@ -277,13 +277,8 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
             if plan.numeric:
                 # each chunk's float sums alone (0 + s == s exactly): the merge adds them in input order
                 nacc.sum_raw = np.zeros(f)
-                if mom is not None:
-                    mom.s1, mom.s2 = np.zeros(f), np.zeros(f)
                 _accumulate_numeric(plan, ft, nacc, mom)
                 sums.append(nacc.sum_raw)
-                if mom is not None:
-                    s1.append(mom.s1)
-                    s2.append(mom.s2)
     counts = file_counts.result()
     arrays: dict[str, Any] = {
         "rows": np.int64(counts.rows), "seen": np.int64(counts.seen),
@@ -294,8 +289,9 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
         arrays["hist"], arrays["bin_min"] = nacc.hist, nacc.bin_min
     if mom is not None:
         arrays["m_missing"], arrays["m_valid"] = mom.n_missing, mom.n_valid
-        arrays["s1"] = np.asarray(s1, dtype=np.float64).reshape(-1, f)
-        arrays["s2"] = np.asarray(s2, dtype=np.float64).reshape(-1, f)
+        assert mom.partials is not None
+        for j, name in enumerate(("m_n", "m_shift", "m_s1", "m_s2")):
+            arrays[name] = np.asarray([part[j] for part in mom.partials]).reshape(-1, f)
     for j, k in enumerate(vocab.values()):
         arrays[f"vocab{j}_keys"], arrays[f"vocab{j}_counts"] = k.keys, k.counts
     for j, cc in enumerate(covisit.values()):
@@ -330,9 +326,8 @@ def merge_partitions(plan: Plan, parts: list[Path]) -> Fitted:
             if mom is not None:
                 mom.n_missing += z["m_missing"]
                 mom.n_valid += z["m_valid"]
-                for a, b in zip(z["s1"], z["s2"], strict=True):
-                    mom.s1 += a
-                    mom.s2 += b
+                for part in zip(z["m_n"], z["m_shift"], z["m_s1"], z["m_s2"], strict=True):
+                    mom.add(*part)
             for j, k in enumerate(vocab.values()):
                 k.merge(z[f"vocab{j}_keys"], z[f"vocab{j}_counts"])
             for j, cc in enumerate(covisit.values()):
