@@ -71,6 +71,9 @@ class TrainState:
     # processes of the run (torchrun's WORLD_SIZE): rng holds "torch.rank{r}" per rank r > 0 beside rank 0's
     #   "torch", so --resume needs the same number (train/distributed.py)
     world_size: int = 1
+    # the loss and model diagnostics summed since the last train_log.csv row (one process): the resumed run's
+    # next row averages the same steps as an uninterrupted run's
+    log_sums: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_saved(self) -> dict[str, Any]:
         # shallow on purpose: dataclasses.asdict would deep-copy every tensor

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -210,12 +210,17 @@ class _Run:
         self.last_loss = float("nan")
         if inp.resume is not None:
             self._restore(inp.resume)
-        self.log = RunLog(inp.out_dir, append=inp.resume is not None) if self.main and not self.finished else None
+        # a resumed run's log keeps the rows up to its checkpoint: a killed process may have logged past it
+        self.log = RunLog(inp.out_dir, append=inp.resume is not None,
+                          through_step=self.pos.step if inp.resume is not None else None) \
+            if self.main and not self.finished else None
         self.loss_sum = torch.zeros((), device=inp.device)        # summed on the device between log steps
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=inp.device)
         self.logged_steps = 0
         self.diag_sum: dict[str, torch.Tensor] = {}               # model diagnostics summed between log steps
         self.diag_n: dict[str, int] = {}                          # ... and how many steps reported each
+        if inp.resume is not None and inp.resume.train_state is not None:
+            self._restore_log_sums(inp.resume.train_state.log_sums)
         self.t_mark = self.t_log = time.perf_counter()
         self.samples_at_log = self.pos.samples
         self.progress = make_progress(inp.quiet)
@@ -295,7 +300,9 @@ class _Run:
             self.pos.batch_in_epoch = 0
 
     def finish(self) -> None:
-        if self.logged_steps:
+        if self.logged_steps and self.interrupted and self.dist is None:
+            self._check_finite()        # the sums since the last row go into the checkpoint, not a row of their own
+        elif self.logged_steps:
             self._log_train()
         if self.interrupted:
             self.save_last()
@@ -421,10 +428,7 @@ class _Run:
         """Sync point: mean loss since the last log line; TrainingError at the first non-finite step."""
         if self.dist is not None:
             self._combine_ranks()
-        bad = int(self.first_bad.item())
-        if bad >= 0:
-            raise TrainingError(f"loss became NaN/inf at step {bad} (epoch {(bad - 1) // self.plan.per_epoch})",
-                                where=self.inp.label, fix=NAN_FIX)
+        self._check_finite()
         self.last_loss = float(self.loss_sum.item()) / max(self.logged_steps, 1)
         now = time.perf_counter()
         rate = (self.pos.samples - self.samples_at_log) / max(now - self.t_log, 1e-9)
@@ -440,6 +444,28 @@ class _Run:
                              rate_text=f"loss {self.last_loss:.4f}  {human_rate(rate, 'samples/s')}")
         self.loss_sum.zero_()
         self.logged_steps, self.t_log, self.samples_at_log = 0, now, self.pos.samples
+
+    def _check_finite(self) -> None:
+        bad = int(self.first_bad.item())
+        if bad >= 0:
+            raise TrainingError(f"loss became NaN/inf at step {bad} (epoch {(bad - 1) // self.plan.per_epoch})",
+                                where=self.inp.label, fix=NAN_FIX)
+
+    def _log_sums(self) -> dict[str, Any]:
+        """What `TrainState.log_sums` keeps; nothing in a torchrun job, whose sums are each rank's own until
+        a log row averages them (a resumed job's first row averages the steps since the resume)."""
+        if self.dist is not None or not self.logged_steps:
+            return {}
+        return {"loss": float(self.loss_sum.item()), "steps": self.logged_steps,
+                "diag": {k: float(v.item()) for k, v in self.diag_sum.items()}, "diag_n": dict(self.diag_n)}
+
+    def _restore_log_sums(self, saved: dict[str, Any]) -> None:
+        if not saved or self.dist is not None:
+            return
+        self.loss_sum.fill_(saved["loss"])
+        self.logged_steps = int(saved["steps"])
+        self.diag_sum = {k: torch.tensor(v, device=self.device) for k, v in saved["diag"].items()}
+        self.diag_n = {k: int(v) for k, v in saved["diag_n"].items()}
 
     def _combine_ranks(self) -> None:
         """A torchrun job's log step: the loss and diagnostics summed since the last log become their mean
@@ -473,7 +499,7 @@ class _Run:
             early_stopping=self.stopper.state_dict(),
             raw_weights=pack(model.state_dict(), rows) if ema is not None else None,
             ema_updates=ema.updates if ema is not None else 0, finished=finished,
-            world_size=self.dist.world_size if self.dist is not None else 1)
+            world_size=self.dist.world_size if self.dist is not None else 1, log_sums=self._log_sums())
         return ckpt
 
     def _rng_states(self) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ctrpipe.atomic import write_text_atomic
+from ctrpipe.atomic import atomic_open, write_text_atomic
 from ctrpipe.errors import TrainingError, disk_full_as_error
 from ctrpipe.train.metrics import METRIC_NAMES
 
@@ -74,12 +74,16 @@ class RunLog:
     `tensorboard=False` writes the CSV files alone (tests of the CSV writer); a run always has events.
     """
 
-    def __init__(self, directory: Path, append: bool, tensorboard: bool = True) -> None:
+    def __init__(self, directory: Path, append: bool, tensorboard: bool = True,
+                 through_step: int | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "train_log.csv"
         # long format (step, name, value) for whatever varies by model: per-head metrics, gate usage
         self.diag_path = directory / "diagnostics.csv"
         self.tb_dir = directory / "tb"
+        if append and through_step is not None:         # --resume: rows after the checkpoint are logged again
+            for path in (self.path, self.diag_path):
+                _keep_rows_through(path, through_step)
         self._fh = self._open(self.path, append, LOG_FIELDS)
         self._diag = self._open(self.diag_path, append, DIAG_FIELDS)
         try:
@@ -178,3 +182,20 @@ def _event_writer(tb_dir: Path) -> Any:
         raise TrainingError(f"cannot create the TensorBoard event file: {exc}", where=str(tb_dir),
                             fix="make the run directory writable, or remove what stands in the way of "
                                 f"{tb_dir}") from None
+
+
+def _keep_rows_through(path: Path, step: int) -> None:
+    """Drop the rows of a log (first field: the step) after `step`; written beside, then renamed over it."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = lines[:1] + [ln for ln in lines[1:] if _step_of(ln) <= step]
+    if len(kept) < len(lines):
+        with atomic_open(path, "wb") as fh:
+            fh.write(b"".join(kept))
+
+
+def _step_of(line: bytes) -> float:
+    """A log row's step; a row cut short by a killed process (no step, or no line end) counts as after any."""
+    head = line.split(b",", 1)[0]
+    return int(head) if head.isdigit() and line.endswith(b"\n") else math.inf

@@ -99,6 +99,9 @@ def test_mmoe_resume_equals_uninterrupted(parquet_cache: Path, tmp_path: Path) -
         "--resume")
     a, b = (tmp_path / r / "parquet_mmoe" / "ckpt_last.pt" for r in "ab")
     assert_equal_weights(weights(a), weights(b))
+    # gate usage is logged as an uninterrupted run logs it: no extra block at the stop, the same means after
+    diag_a, diag_b = ((tmp_path / r / "parquet_mmoe" / "diagnostics.csv").read_text() for r in "ab")
+    assert diag_a == diag_b and "gate" in diag_a
 
 
 def test_gradient_diagnostics_compare_heads(parquet_cache: Path, tmp_path: Path) -> None:

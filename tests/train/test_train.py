@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from train_setup import CRITEO_CFG, FAST, K_FOLDS
@@ -21,6 +22,7 @@ from ctrpipe.loader.view import RowView
 from ctrpipe.shard.manifest import read_manifest
 from ctrpipe.train.checkpoint import build_initial_model, check_compatible, load_checkpoint, model_from_checkpoint
 from ctrpipe.train.evaluate import predict
+from ctrpipe.train.rundir import LOG_FIELDS
 from ctrpipe.train.tables import load_packed
 
 runner = CliRunner()
@@ -107,12 +109,14 @@ def test_resume_equals_uninterrupted(cache: Path, tmp_path: Path, optimizer: str
     # checkpoint holds only the table rows (and optimiser state rows) with a gradient so far
     args = ("--set", "train.epochs=3", "--set", "model.dropout=0.3", "--set", "train.ema=0.9",
             "--set", "train.warmup_steps=3", "--set", "train.eval_every=4", "--set", "train.grad_clip=1.0",
-            "--set", f"train.embedding_optimizer={optimizer}")
+            "--set", f"train.embedding_optimizer={optimizer}", "--set", "train.log_every=4")
     assert train(cache, tmp_path / "a", *args)[0] == 0
     code, out = train(cache, tmp_path / "b", *args, "--set", "train.stop_after_steps=9")
     assert code == 0 and "stopped at step 9" in out
     assert not (tmp_path / "b" / "criteo" / "metrics.json").exists()
     assert load_checkpoint(tmp_path / "b" / "criteo" / "ckpt_last.pt").step == 9
+    with (tmp_path / "b" / "criteo" / "train_log.csv").open("a") as fh:   # as a process killed after it would
+        fh.write("12,0,0.001,0.5,100.0" + "," * (len(LOG_FIELDS) - 5) + "\n13,0")
     code, out = train(cache, tmp_path / "b", *args, "--resume")
     assert code == 0, out
     last_a, last_b = tmp_path / "a" / "criteo" / "ckpt_last.pt", tmp_path / "b" / "criteo" / "ckpt_last.pt"
@@ -127,6 +131,10 @@ def test_resume_equals_uninterrupted(cache: Path, tmp_path: Path, optimizer: str
     mb = json.loads((tmp_path / "b" / "criteo" / "metrics.json").read_text())
     assert ma["val"] == mb["val"] and ma["best_step"] == mb["best_step"]
     assert (ma["resumed"], mb["resumed"]) == (False, True)     # b's wall time and memory: its last process only
+    # the logs too: no row of its own at the stop, the next row averages steps 9-12 as a's does, and the rows
+    # a killed process wrote after the checkpoint are gone
+    logs = [pl.read_csv(d / "criteo" / "train_log.csv").drop("samples_per_s") for d in (tmp_path / "a", tmp_path / "b")]
+    assert logs[0].equals(logs[1]), (logs[0], logs[1])
 
 
 def test_kfold_checkpoints_and_oof_cover_fold_rows(cache: Path, tmp_path: Path):
