@@ -123,6 +123,26 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
     return has_labels
 
 
+def check_id_types(paths: list[Path], id_column: str) -> None:
+    """Every Parquet input stores the ID column as integers or every one as text: the cache holds one ID array
+    per shard, so files of both kinds failed in the writer, or wrote a cache that lost one kind's IDs."""
+    first: tuple[Path, bool] | None = None
+    for path in paths:
+        schema = read_schema(path)
+        if id_column not in schema.names:
+            continue                    # check_schema names the missing column, with its own fix
+        t = schema.field(id_column).type
+        integer = pa.types.is_integer(t) or (pa.types.is_dictionary(t) and pa.types.is_integer(t.value_type))
+        if first is None:
+            first = (path, integer)
+        elif integer != first[1]:
+            kinds = ("integers", "text") if first[1] else ("text", "integers")
+            raise SchemaError(f"the ID column holds {kinds[1]} here and {kinds[0]} in {first[0]}",
+                              where=location(path, column=id_column),
+                              fix=f"store {id_column!r} with one type in every input file (cast the integer IDs "
+                                  "to text, or the text IDs to integers where they all are numbers)")
+
+
 class ParquetChunker:
     """Converts Arrow record batches of one file into typed RawChunks, checking values as it goes."""
 

@@ -103,6 +103,10 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
     if both:        # gold rows must be unseen in training, or the gold metrics flatter the model
         raise ConfigError("the same file is given as --input and as --gold", where=str(both[0]),
                           fix="pass held-out rows as --gold (a file not among the training inputs)")
+    if data.format == "parquet" and data.id_column:
+        from ctrpipe.data.parquet import check_id_types
+
+        check_id_types(main_paths + gold_paths, data.id_column)
     train_m = read_manifest(Path(stats_from)) if stats_from is not None else None
     if train_m is not None and stats_from is not None:
         _check_stats_from(train_m, data, Path(stats_from))

@@ -242,7 +242,7 @@ class ShardWriter:
             for g, a in arrays.items():
                 part = a[start:stop]
                 known = shard.layout.setdefault(g, (part.dtype, part.shape[1:]))
-                if part.dtype.kind == "U":
+                if part.dtype.kind == "U" and known[0].kind == "U":     # widths may differ: joined at the end
                     shard.unicode.setdefault(g, []).append(part)
                     continue
                 if known != (part.dtype, part.shape[1:]):

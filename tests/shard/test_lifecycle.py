@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from raw_inputs import write_criteo_tsv, write_parquet
 
-from ctrpipe.errors import ConfigError, InputFormatError, ManifestMismatchError
+from ctrpipe.errors import ConfigError, InputFormatError, ManifestMismatchError, SchemaError
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.manifest import MANIFEST_NAME, Manifest, read_manifest
 from ctrpipe.shard.reader import open_cache
@@ -286,3 +286,22 @@ def test_a_cache_keyed_by_older_assignment_rules_is_refused_saying_why(tmp_path:
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestMismatchError, match="assign rows to the split and folds"):
         build_shards(cfg, [src], tmp_path / "c", progress=False)
+
+
+def test_inputs_with_integer_and_text_ids_are_refused(tmp_path: Path) -> None:
+    """ID stored as int64 in one file and as text in another: a writer traceback in one order, and in the
+    other a cache reported as built whose ids.npy had lost the integer IDs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = write_parquet(tmp_path / "text.parquet", 40)
+    table = pq.read_table(text)
+    ints = pa.array(range(1000, 1040), pa.int64())
+    pq.write_table(table.set_column(table.schema.get_field_index("ID"), "ID", ints), tmp_path / "ints.parquet")
+    for i, (inputs, gold) in enumerate((([text, tmp_path / "ints.parquet"], []),
+                                        ([tmp_path / "ints.parquet", text], []),
+                                        ([text], [tmp_path / "ints.parquet"]))):
+        with pytest.raises(SchemaError) as err:
+            build_shards(parquet_cfg(), inputs, tmp_path / f"c{i}", gold=gold, progress=False)
+        assert "ID" in err.value.where and "one type in every input file" in str(err.value)
+        assert not (tmp_path / f"c{i}" / MANIFEST_NAME).exists()
