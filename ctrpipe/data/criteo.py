@@ -467,7 +467,9 @@ class CriteoReader:
         if not text.strip():
             what = f"empty line, expected {_expected_text(self.n_fields)} fields"
         fix = "check the file is Criteo text, or pass --set data.format=parquet for Parquet input"
-        if 0 < n < self.n_fields and text.strip():
+        if not text.strip():
+            fix = "remove the empty line, or pass --bad-rows skip to skip and count such lines"
+        elif 0 < n < self.n_fields:
             fix = ("the line is short: were trailing empty fields stripped (an editor or tool that trims "
                    "lines)? Re-export with every separator kept, or pass --bad-rows skip to skip such lines")
         elif n == LABELLED_FIELDS + TEST_FIELDS - self.n_fields:
@@ -475,7 +477,7 @@ class CriteoReader:
                    "or pass --bad-rows skip")
         else:
             fix += " (or --bad-rows skip to skip and count bad lines)"
-        fix += _separator_hint(text, self.sep)
+        fix += _separator_hint(text, self.sep) if text.strip() else ""
         return InputFormatError(what, where=location(self.path, line), fix=fix)
 
     # -- values

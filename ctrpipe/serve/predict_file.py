@@ -11,6 +11,7 @@ comment lines, missing-value tokens and errors with file and line are the build'
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 from ctrpipe.atomic import atomic_open
 from ctrpipe.data.chunks import RawChunk
 from ctrpipe.data.criteo import iter_blocks
-from ctrpipe.data.csv_reader import iter_csv_chunks
+from ctrpipe.data.csv_reader import iter_csv_chunks, read_header
 from ctrpipe.errors import CtrpipeError, InputFormatError
 from ctrpipe.infer.submission import check_out_file
 from ctrpipe.serve.predictor import Predictor
@@ -70,16 +71,9 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
 
 
 def _csv_has_column(p: Predictor, path: Path, name: str) -> bool:
-    csv = p.plan.cfg.csv
-    if not csv.header:
-        return name in csv.column_names
-    with open(path, "rb") as fh:
-        for raw in fh:       # the header is the first line that is not a comment
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if csv.comment_prefix and line.startswith(csv.comment_prefix):
-                continue
-            return name in [f.strip(csv.quote_char) if csv.quote_char else f for f in line.split(csv.separator)]
-    return False
+    """Whether the file's header names `name`, read as `ctrpipe shard` reads it (byte-order mark, blank and
+    comment lines, quoting)."""
+    return name in read_header(p.plan.cfg, path)
 
 
 def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, chunk_rows: int = 65536,
@@ -95,12 +89,31 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
     try:
         return _write(p, path, Path(out), chunk_rows)
     except CtrpipeError as exc:
-        if "data.format" not in exc.fix:
-            raise
-        # the shard readers' fix for a file in another format is a `--set data.format`, which the run's
-        # checkpoint fixes here
-        raise dataclasses.replace(exc, fix=f"pass a file in the format the run was sharded from "
-                                           f"(data.format={p.cfg.data.format})") from None
+        raise dataclasses.replace(exc, fix=_predict_fix(exc.fix, p.cfg.data.format)) from None
+
+
+_BAD_ROWS_FIX = re.compile(r"\s*\(?,?\s*or (pass )?--bad-rows skip[^;)]*\)?")
+_FORMAT_FIX = re.compile(r",?\s*(or )?pass --set data\.format=\w+( for \w+ input| \(or a \w+ config\))?")
+
+
+def _predict_fix(fix: str, fmt: str) -> str:
+    """The shard readers' fixes as they apply to predict: a file in another format is fixed by `--set
+    data.format` there, by a file in the run's own format here; and predict scores every row (no --bad-rows)."""
+    no_format = _FORMAT_FIX.sub("", fix)
+    kept = _BAD_ROWS_FIX.sub("", no_format).strip(" ,;")
+    if "data.format" in kept or not kept:
+        return f"pass a file in the format the run was sharded from (data.format={fmt})"
+    if no_format != fix:
+        kept += f" (the run reads data.format={fmt})"
+    if _BAD_ROWS_FIX.search(fix):
+        kept += "; predict scores every row (it has no --bad-rows skip)"
+    return kept
+
+
+def _where_in_file(where: str, path: Path, start: int) -> str:
+    """An error's place in a chunk of rows ("input rows, line 7") as its place in the file."""
+    where = re.sub(r"input rows, line (\d+)", lambda m: f"{path}, line {start + int(m.group(1))}", where)
+    return re.sub(r"input rows, row (\d+)", lambda m: f"{path}, row {start + int(m.group(1))}", where)
 
 
 def _write(p: Predictor, path: Path, out: Path, chunk_rows: int) -> int:
@@ -115,8 +128,7 @@ def _write(p: Predictor, path: Path, out: Path, chunk_rows: int) -> int:
             except CtrpipeError as exc:      # name the file and where this chunk starts
                 if isinstance(rows, RawChunk):        # the reader's errors already name the file and line
                     raise
-                line = f"line {start + 1}" if p.cfg.data.format == "criteo" else f"row {start}"
-                raise dataclasses.replace(exc, where=f"{path}, chunk from {line}: {exc.where}") from None
+                raise dataclasses.replace(exc, where=_where_in_file(exc.where, path, start)) from None
             k = len(next(iter(probs.values())))
             key = (p.cfg.data.id_column or "id", pl.Series(ids)) if ids is not None else \
                 ("row", pl.Series(np.arange(start, start + k, dtype=np.int64)))
