@@ -286,6 +286,14 @@ def test_a_text_setting_takes_the_text_as_typed() -> None:
     assert load_config(CFGS / "dare_qnn.yaml", ["model.sequence.pad_id=0"]).model.params is not None  # a fixed key
 
 
+@pytest.mark.parametrize("override", ["infer.pred_header=a,b", 'infer.id_header=I"D'])
+def test_a_submission_header_that_would_break_its_csv_is_refused(override: str) -> None:
+    """A comma in a header wrote `ID,a,b` over two-field rows."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override], resolve_model=False)
+    assert override.split("=")[0] in err.value.where and "without commas, quotes" in err.value.fix
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("train.pos_weight_clip=[[0, 300, 5]]", r"2 values expected, 3 given(?s:.*)train.pos_weight_clip=\[\["),
     ("train.pos_weight_clip=[[0]]", "2 values expected, 1 given"),

@@ -80,6 +80,11 @@ class InferConfig:
             raise ConfigError("'infer.batch_size' must be >= 0 and 'infer.write_chunk_rows' >= 1",
                               fix="e.g. infer.batch_size=0 (use loader.eval_batch_size), "
                                   "infer.write_chunk_rows=1000000")
+        for key, name in (("infer.id_header", self.id_header), ("infer.pred_header", self.pred_header)):
+            odd = [ch for ch in (",", '"', "\n", "\r") if ch in name]
+            if odd:     # the header row is written as it is: a comma would make it one column too many
+                raise ConfigError(f"submission header {name!r} holds {odd[0]!r}", where=key,
+                                  fix="use a name without commas, quotes or line breaks, e.g. clicked")
         if not self.id_header or not self.pred_header or self.id_header == self.pred_header:
             raise ConfigError(f"bad submission headers {self.id_header!r}, {self.pred_header!r}",
                               fix="use two different non-empty names, e.g. infer.id_header=ID "
