@@ -21,7 +21,7 @@ from ctrpipe.data.config import CovisitConfig, DataConfig, TokenColumnConfig
 from ctrpipe.data.covisit import ContextTokens, covisit_features
 from ctrpipe.data.fitted import Fitted, VocabTable, safe_name
 from ctrpipe.data.hashing import field_seed, hash_ids, ids_from_hashes
-from ctrpipe.data.schema import ResolvedColumns
+from ctrpipe.data.schema import ResolvedColumns, closest
 from ctrpipe.data.token_kernel import KeptTokens, kept_tokens
 from ctrpipe.data.transforms import log1p_transform, polars_tokens_hashes, polars_tokens_to_ids
 from ctrpipe.errors import ConfigError, SchemaError
@@ -179,6 +179,11 @@ def make_plan(cfg: DataConfig, rc: ResolvedColumns) -> Plan:
         raise SchemaError(f"token columns {token_names} map to clashing file names {stems}",
                           where="data.multihot / data.sequence", fix="rename the columns in the input")
     _check_shared_ids(cfg, rc)
+    unknown = sorted(set(cfg.categorical.bins) - set(categorical))
+    if unknown:         # a mistyped name left its column at data.hash_bins without a word
+        raise ConfigError(f"data.categorical.bins names {unknown[0]!r}, which is not a categorical column",
+                          where=f"data.categorical.bins.{unknown[0]}",
+                          fix=f"{closest(unknown[0], list(categorical))} Name a column of data.categorical")
     covisit: list[CovisitConfig] = []
     for i, cv in enumerate(cfg.covisit):
         key = f"data.covisit[{i}]"

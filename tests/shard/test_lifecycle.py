@@ -305,3 +305,12 @@ def test_inputs_with_integer_and_text_ids_are_refused(tmp_path: Path) -> None:
             build_shards(parquet_cfg(), inputs, tmp_path / f"c{i}", gold=gold, progress=False)
         assert "ID" in err.value.where and "one type in every input file" in str(err.value)
         assert not (tmp_path / f"c{i}" / MANIFEST_NAME).exists()
+
+
+def test_bins_for_a_column_that_is_not_categorical_are_refused(tmp_path: Path) -> None:
+    """data.categorical.bins.C=50 for column `c`: the column kept data.hash_bins, without a word."""
+    src = write_parquet(tmp_path / "p.parquet", 30)
+    with pytest.raises(ConfigError) as err:
+        build_shards(parquet_cfg("data.categorical.bins.Gender=50"), [src], tmp_path / "c", progress=False)
+    assert err.value.where == "data.categorical.bins.Gender" and "gender" in err.value.fix
+    assert build_shards(parquet_cfg("data.categorical.bins.gender=50"), [src], tmp_path / "c", progress=False)
