@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,13 +227,18 @@ def load_val_predictions(run_dir: Path) -> tuple[Path, np.ndarray, np.ndarray, t
                               where=str(run_dir),
                               fix="train with validation rows (a val split or --kfold K), or set "
                                   "infer.calibration.method=none")
-    with np.load(path, allow_pickle=False) as npz:
-        if "logits" not in npz.files or "labels" not in npz.files:
-            raise CheckpointError(f"{path.name} lacks 'logits' or 'labels' (has {sorted(npz.files)})",
-                                  where=str(path), fix="re-run training to rewrite it")
-        logits = np.asarray(npz["logits"], dtype=np.float64)
-        labels = np.asarray(npz["labels"], dtype=np.float64)
-        names = tuple(str(s) for s in npz["label_names"]) if "label_names" in npz.files else ()
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "logits" not in npz.files or "labels" not in npz.files:
+                raise CheckpointError(f"{path.name} lacks 'logits' or 'labels' (has {sorted(npz.files)})",
+                                      where=str(path), fix="re-run training to rewrite it")
+            logits = np.asarray(npz["logits"], dtype=np.float64)
+            labels = np.asarray(npz["labels"], dtype=np.float64)
+            names = tuple(str(s) for s in npz["label_names"]) if "label_names" in npz.files else ()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:      # cut or overwritten
+        raise CheckpointError(f"cannot read {path.name} ({type(exc).__name__}: {exc})", where=str(path),
+                              fix="the file is damaged: re-run training to rewrite it, or set "
+                                  "infer.calibration.method=none") from None
     if logits.ndim == 1:
         logits, labels = logits[:, None], labels[:, None]
     if logits.shape != labels.shape:

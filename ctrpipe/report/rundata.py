@@ -9,6 +9,7 @@ config's train.tasks).
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,8 @@ def _read_predictions(path: Path, heads: tuple[str, ...]) -> tuple[HeadPredictio
         with np.load(path) as z:
             logits, labels = z["logits"], z["labels"]                          # (N, H), (N, H)
             names = [str(n) for n in z["label_names"]] if "label_names" in z.files else list(heads)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ReportError(f"cannot read predictions ({exc})", where=str(path),
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ReportError(f"cannot read predictions ({type(exc).__name__}: {exc})", where=str(path),
                           fix="the file is damaged: retrain the run") from None
     if logits.ndim != 2 or logits.shape != labels.shape or len(names) != logits.shape[1]:
         raise ReportError(f"predictions of shape {logits.shape} / labels {labels.shape} do not match the heads "

@@ -7,6 +7,7 @@ is on the data's scale.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,13 @@ class Predictions:
         if not path.is_file():
             raise CheckpointError(f"prediction file {path} is missing", where=str(path),
                                   fix="retrain this run (or this fold) without --resume")
-        with np.load(path) as z:
-            return cls(z["row_index"], z["logits"], z["labels"])
+        try:
+            with np.load(path) as z:
+                return cls(z["row_index"], z["logits"], z["labels"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:    # cut or overwritten
+            raise CheckpointError(f"cannot read {path.name} ({type(exc).__name__}: {exc})", where=str(path),
+                                  fix="the file is damaged: retrain this run (or this fold) without --resume"
+                                  ) from None
 
 
 def logit_shifts(tasks: Sequence[Task], sampling: Sampling | None) -> tuple[float, ...]:

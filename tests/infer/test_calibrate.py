@@ -152,3 +152,22 @@ def test_calibrate_run_without_predictions_says_how_to_fix(tmp_path: Path) -> No
         calibrate_run(tmp_path, load_config(None, []), quiet=True)
     msg = str(exc.value)
     assert str(tmp_path) in msg and "val_predictions.npz" in msg and "infer.calibration.method=none" in msg
+
+
+def test_damaged_prediction_files_are_named_not_tracebacks(tmp_path: Path) -> None:
+    """A cut val_predictions.npz / oof.npz raised zipfile.BadZipFile out of infer, report and K-fold loading."""
+    from ctrpipe.errors import ReportError
+    from ctrpipe.infer.calibrate import load_val_predictions
+    from ctrpipe.report.rundata import _read_predictions
+    from ctrpipe.train.evaluate import Predictions
+
+    path = tmp_path / "val_predictions.npz"
+    np.savez(path, logits=np.zeros((50, 1)), labels=np.ones((50, 1)), row_index=np.arange(50))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError) as err:
+        load_val_predictions(tmp_path)
+    assert err.value.where == str(path) and "damaged" in err.value.fix
+    with pytest.raises(CheckpointError, match="cannot read val_predictions.npz"):
+        Predictions.load(path)
+    with pytest.raises(ReportError, match="cannot read predictions"):
+        _read_predictions(path, ("clicked",))
