@@ -82,10 +82,17 @@ def yaml_layers(path: Path, _seen: tuple[Path, ...] = ()) -> list[tuple[Path, di
         raise ConfigError(f"the configs extend each other in a cycle: {chain}", where=f"{_seen[-1]}: extends",
                           fix="break the cycle: a base config must not extend the files built on it")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist", fix="pass --cfg with a file from cfgs/, "
-                          "e.g. --cfg cfgs/criteo.yaml")
+        what = f"{path} is a folder, not a config file" if path.is_dir() else f"config file {path} does not exist"
+        raise ConfigError(what, fix="pass --cfg with a file from cfgs/, e.g. --cfg cfgs/criteo.yaml")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"the file is not UTF-8 text (byte {raw[exc.start]:#04x})", where=f"{path}, line {line}",
+                          fix="save the config as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse YAML: {exc}", where=str(path), fix="check indentation and colons") from None
     if not isinstance(data, dict):

@@ -222,6 +222,13 @@ def test_round_trip_through_dict() -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin1.yaml"                       # a UnicodeDecodeError traceback
+    latin.write_bytes(b"data:\n  format: csv  # caf\xe9\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(latin)
+    assert err.value.where == f"{latin}, line 2" and "UTF-8" in err.value.fix
 
 
 def test_shard_side_loading_skips_the_model_zoo() -> None:
