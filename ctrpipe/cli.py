@@ -43,6 +43,14 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None) -> T:
         # escaped: a message may quote text with brackets (a path, gloo's "[pair.cc:537]") that is not markup
         console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
+    except (NotADirectoryError, FileExistsError) as exc:
+        # an output path through a file (--out preds.csv/x, --runs notes.txt): every command creates folders
+        what = "a part of that path is a file, not a folder" if isinstance(exc, NotADirectoryError) \
+            else "a file of that name is already there"
+        console.print(f"[bold red]error:[/] cannot create {escape(str(exc.filename))}: {what}\n"
+                      "  fix: choose an output path whose folders are folders (or move the file away)",
+                      highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: nothing partial was left behind; run the same command to resume")
         raise typer.Exit(130) from None

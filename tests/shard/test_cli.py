@@ -100,3 +100,21 @@ def test_several_gold_files_after_one_gold_option_stay_gold(tmp_path: Path) -> N
         assert res.exit_code == 0, res.output
         m = read_manifest(out)
         assert m.gold_sources == 2 and m.rows["gold"] == 50 and m.rows["train"] + m.rows["val"] == 80, m.rows
+
+
+def test_an_output_path_through_a_file_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """--out notes.txt/x (or --runs notes.txt) was a NotADirectoryError / FileExistsError traceback in every
+    command that writes: the CLI names the path and the fix."""
+    src = write_criteo_tsv(tmp_path / "train.tsv", 50)
+    (tmp_path / "notes.txt").write_text("x")
+    shard = ["shard", "--cfg", str(CRITEO_CFG), "--input", str(src), "--set", "data.hash_bins=500", "-q"]
+    for args in (["synth", "--rows", "50", "--out", str(tmp_path / "notes.txt" / "d"), "-q"],
+                 [*shard, "--out", str(tmp_path / "notes.txt" / "c")],
+                 ["train", "--cfg", str(CRITEO_CFG.parent / "criteo_dnn.yaml"), "--shards", str(tmp_path / "c"),
+                  "--runs", str(tmp_path / "notes.txt"), "-q", "--set", "train.max_steps=1",
+                  "--set", "train.device=cpu", "--set", "data.hash_bins=500"]):
+        if args[0] == "train":
+            assert runner.invoke(app, [*shard, "--out", str(tmp_path / "c")]).exit_code == 0
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and isinstance(res.exception, SystemExit), (res.output, res.exception)
+        assert "notes.txt" in res.output and "fix:" in res.output, res.output
