@@ -443,6 +443,14 @@ class WriteTallies:
 
     def result(self, plan: Plan, inputs: Inputs, folds: FoldAssigner, shards: list[ShardInfo],
                output_bytes: int, seconds: float) -> WriteResult:
+        if self.rows == 0 and self.bad.skipped:     # every row was bad: say why, not that there were none
+            first = self.bad.examples[0]
+            place = f"{first['file']}, " + (f"line {first['line']}" if first["line"] is not None
+                                            else f"row {first['row']}")
+            reasons = ", ".join(f"{n:,} {r}" for r, n in self.bad.by_reason.most_common(3))
+            raise InputFormatError(f"every row of the inputs was skipped as bad ({reasons})", where=place,
+                                   fix="run without --bad-rows skip to see the first bad row's error and its fix "
+                                       "(a wrong data.format, separator or schema makes every row bad)")
         if self.rows == 0:
             raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in inputs.main[:3]),
                                    fix="check the --input paths (a folder or glob may have matched empty files)")

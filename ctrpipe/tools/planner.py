@@ -49,8 +49,11 @@ def parse_bytes(text: str) -> int:
     num = t.rstrip("KMGTIB")
     unit = t[len(num):]
     try:
-        return int(float(num) * units[unit])
-    except (KeyError, ValueError):
+        size = int(float(num) * units[unit])
+        if size <= 0:
+            raise ValueError(size)
+        return size
+    except (KeyError, ValueError, OverflowError):
         raise ConfigError(f"cannot read memory size {text!r}", where="--memory",
                           fix="use e.g. --memory 16GB or --memory 80GiB") from None
 

@@ -314,3 +314,14 @@ def test_bins_for_a_column_that_is_not_categorical_are_refused(tmp_path: Path) -
         build_shards(parquet_cfg("data.categorical.bins.Gender=50"), [src], tmp_path / "c", progress=False)
     assert err.value.where == "data.categorical.bins.Gender" and "gender" in err.value.fix
     assert build_shards(parquet_cfg("data.categorical.bins.gender=50"), [src], tmp_path / "c", progress=False)
+
+
+def test_every_row_skipped_says_why(tmp_path: Path) -> None:
+    """With --bad-rows skip and every row bad (here every label is 2) it said the inputs held no rows and to
+    check the --input paths; it now names the reasons, the first bad row and how to see its error."""
+    src = tmp_path / "labels.tsv"
+    src.write_text("".join("\t".join(["2"] + ["2"] * 13 + ["abc"] * 26) + "\n" for _ in range(20)))
+    with pytest.raises(InputFormatError) as err:
+        build_shards(criteo_cfg("data.bad_rows=skip"), [src], tmp_path / "c", progress=False)
+    assert "every row of the inputs was skipped as bad (20 " in err.value.what, err.value
+    assert err.value.where == f"{src}, line 1" and "without --bad-rows skip" in err.value.fix

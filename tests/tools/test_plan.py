@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from ctrpipe.cli import app
 from ctrpipe.config import load_config
+from ctrpipe.errors import ConfigError
 from ctrpipe.hostmem import MMAP_THRESHOLD, TRIM_THRESHOLD
 from ctrpipe.models.layers.embedding import split_parameters
 from ctrpipe.models.registry import build_model
@@ -212,6 +213,9 @@ def test_peak_rule_and_parse_bytes() -> None:
                       working=90)
     assert plan.peak() == 100 + 90 + 70 + 30       # working set + the eval lines it does not cover
     assert parse_bytes("16GB") == 16 * 10**9 and parse_bytes("2 GiB") == 2 * 2**30
+    for bad in ("-5GB", "0", "inf", "nan", "5XB"):        # a negative or endless size was taken as given
+        with pytest.raises(ConfigError, match="cannot read memory size"):
+            parse_bytes(bad)
 
 
 def test_cli_warns_with_settings_that_fit(caches: dict[int, Path]) -> None:
