@@ -165,13 +165,21 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"cannot read checkpoint ({type(exc).__name__}: {str(exc)[:200]})",
                               where=str(path),
-                              fix="the file is damaged or not a ctrpipe checkpoint: retrain, or --resume "
-                                  "from ckpt_last.pt") from None
+                              fix=_damaged_fix(path)) from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         got = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
         raise CheckpointError(f"checkpoint format {got!r}, this ctrpipe reads format {FORMAT}",
                               where=str(path), fix="retrain with this ctrpipe version")
     return Checkpoint.from_saved(saved, str(path))
+
+
+def _damaged_fix(path: Path) -> str:
+    """What to do about a checkpoint that cannot be read: --resume can rebuild a best checkpoint's run from
+    ckpt_last.pt, but not ckpt_last.pt itself."""
+    if path.name.startswith("ckpt_last"):
+        return ("the file is damaged or not a ctrpipe checkpoint, so this run cannot resume: train it again "
+                "without --resume (another exp_name keeps this run's other files)")
+    return "the file is damaged or not a ctrpipe checkpoint: retrain, or --resume from the run's ckpt_last.pt"
 
 
 def feature_spec_from_dict(d: dict[str, Any]) -> FeatureSpec:

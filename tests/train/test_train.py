@@ -323,3 +323,22 @@ def test_early_stopping_stops_and_keeps_the_best(cache: Path, tmp_path: Path):
     assert code == 0, out
     metrics = json.loads((tmp_path / "b" / "criteo" / "metrics.json").read_text())
     assert metrics["stopped_early"] and metrics["steps"] == 5 and metrics["best_step"] == 1
+
+
+def test_a_damaged_checkpoint_is_named_with_a_fix_that_can_work(cache: Path, tmp_path: Path):
+    """A cut ckpt_last.pt told the user to --resume from ckpt_last.pt, the damaged file itself."""
+    from ctrpipe.errors import CheckpointError
+
+    assert train(cache, tmp_path, "--set", "train.max_steps=2", "--set", "train.stop_after_steps=1")[0] == 0
+    last = tmp_path / "criteo" / "ckpt_last.pt"
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(last)
+    assert "cannot resume" in err.value.fix and "without --resume" in err.value.fix
+    code, out = train(cache, tmp_path, "--set", "train.max_steps=2", "--resume")
+    assert code == 1 and str(last) in out and "cannot resume" in out, out
+    best = tmp_path / "ckpt_best.pt"
+    best.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint") as err:
+        load_checkpoint(best)
+    assert "--resume from the run's ckpt_last.pt" in err.value.fix
