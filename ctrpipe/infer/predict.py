@@ -281,7 +281,7 @@ def refuse_duplicate_ids(shards: Path, rows: np.ndarray, chunk: int) -> None:
         a, b = int(rows[order[i]]), int(rows[order[i + 1]])
         first, second = cache.take("ids", np.array([a])), cache.take("ids", np.array([b]))
         if first[0] == second[0]:
-            raise ManifestMismatchError(f"ID {first[0]!r} is on two rows of the cache (rows {min(a, b):,} and "
+            raise ManifestMismatchError(f"ID {first[0].item()!r} is on two rows of the cache (rows {min(a, b):,} and "
                                         f"{max(a, b):,}): a submission needs one row per ID",
                                         where=str(shards / "manifest.json"),
                                         fix="drop the duplicated rows from the test file and shard it again")

@@ -247,6 +247,7 @@ def test_duplicate_ids_are_refused_before_any_model_runs(world: dict[str, Path],
     with pytest.raises(ManifestMismatchError, match="is on two rows") as exc:
         run_infer(world["single"], cache, tmp_path / "x.csv", [], quiet=True)
     assert "rows 3 and 7" in str(exc.value) and not (tmp_path / "x.csv").exists()
+    assert "np." not in str(exc.value)                      # the ID as it is, not numpy's repr of it
 
 
 def test_bad_overrides_are_refused(world: dict[str, Path], tmp_path: Path) -> None:
