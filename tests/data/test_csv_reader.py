@@ -418,3 +418,47 @@ def test_every_bad_weight_of_a_chunk_is_flagged_in_one_pass(tmp_path: Path) -> N
         assert sorted((b.line, b.column) for c in chunks for b in c.bad_rows) == [
             (4, "tags_w"), (7, "clicked"), (8, "tags_w"), (19, "tags_w")]
         assert sum(c.frame.height for c in chunks) == 26
+
+
+def _walk(at: np.ndarray, field_start: np.ndarray, bounds: np.ndarray, size: int, first: int) -> np.ndarray:
+    """The reference: the quoted fields walked one quote at a time (what `_quoted_runs` does as arrays)."""
+    n = len(at)
+    keep = np.zeros(n, dtype=bool)
+    keep[:first] = True
+    i = first
+    while i < n:
+        o = next((j for j in range(i, n) if field_start[j]), n)
+        if o >= n:
+            break
+        keep[o] = True
+        k = o + 1
+        while k < n:
+            keep[k] = True
+            j = int(np.searchsorted(bounds, at[k], side="right"))
+            end = int(bounds[j]) if j < len(bounds) else size
+            if k + 1 < n and at[k + 1] < end:
+                keep[k + 1] = True
+                k += 2
+            else:
+                break
+        i = k + 1
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_quoted_runs_equal_the_quote_by_quote_walk(seed: int) -> None:
+    """One stray quote (5'11") sent a whole block through a Python walk over every quote after it (200k
+    quoted rows: 0.76 s against 8.5 ms); the walk is whole-array now and must find the same quotes."""
+    from ctrpipe.data.csv_records import _quoted_runs
+
+    rng = np.random.default_rng(seed)
+    arr = rng.choice(np.frombuffer(b'"",\nab', np.uint8), size=int(rng.integers(1, 400)))
+    at = np.flatnonzero(arr == ord('"'))
+    if not len(at):
+        return
+    before = arr[np.maximum(at - 1, 0)]
+    field_start = (at == 0) | (before == ord(",")) | (before == 10)
+    bounds = np.flatnonzero((arr == ord(",")) | (arr == 10))
+    for first in {0, int(rng.integers(0, len(at))), len(at) - 1}:
+        want = _walk(at, field_start, bounds, len(arr), first)
+        assert np.array_equal(_quoted_runs(at, field_start, bounds, len(arr), first), want), (bytes(arr), first)
