@@ -156,9 +156,10 @@ _SAMPLE_SALT = np.uint64(0x7469_6D65_5F73_6D70)
 def fit_periods(plan: Plan, paths: list[Path], n_splits: int, exact_distinct: int = EXACT_DISTINCT,
                 sample_rows: int = _SAMPLE_ROWS) -> tuple[pl.Series, list[str]]:
     """The first time value of periods 1..K-1 over the rows of `paths` (the main inputs), from a pass that
-    reads only the time column (typed as the write pass types it), and each as text (timestamps compare as
-    their microsecond counts; the manifest shows them as times). Text is read as numbers when every value of
-    the inputs is one: decided over all of them, so no chunk size changes it.
+    reads only the time column (typed as the write pass types it; with bad_rows=skip every column, so the rows
+    the build skips count nowhere), and each as text (timestamps compare as their microsecond counts; the
+    manifest shows them as times). Text is read as numbers when every value of the inputs is one: decided
+    over all of them, so no chunk size changes it.
 
     Up to `exact_distinct` distinct values are counted exactly (`period_starts`). Past that, memory would grow
     with the rows: a uniform sample of the values brackets each start, and a second pass counts the rows
@@ -172,19 +173,21 @@ def fit_periods(plan: Plan, paths: list[Path], n_splits: int, exact_distinct: in
     if tally.total == 0:
         raise InputFormatError("the inputs hold no rows", where=", ".join(str(p) for p in paths[:3]),
                                fix="check the --input paths")
-    kind = "numbers" if tally.kind == "text" and tally.all_numbers else tally.kind
     try:
         counts = tally.exact_counts()
         if counts is not None:
-            if kind != tally.kind:                  # "2" and "2.0" are one time: their counts add up
-                counts = counts.with_columns(t=_text_numbers(counts["t"])).group_by("t").agg(pl.col("n").sum())
+            kind = tally.kind
+            number = _text_numbers(counts["t"]) if kind == "text" else None
+            if number is not None:                  # "2" and "2.0" are one time: their counts add up
+                kind = "numbers"
+                counts = counts.with_columns(t=number).group_by("t").agg(pl.col("n").sum())
             counts = counts.sort("t")
             starts = period_starts(counts["t"], counts["n"].to_numpy().astype(np.int64), n_splits)
         else:
+            kind = "numbers" if tally.kind == "text" and tally.all_numbers else tally.kind
             as_kind = _text_numbers if kind != tally.kind else (lambda v: v)
-            starts = _refined_starts(
-                n_splits, tally.total, as_kind(tally.sample()).sort(), as_kind(tally.smallest()),
-                lambda: (as_kind(v) for v, _, _ in _time_chunks(plan, paths)))   # type: ignore[misc]
+            starts = _refined_starts(n_splits, tally.total, as_kind(tally.sample()).sort(),
+                                     lambda: (as_kind(v) for v, _, _ in _time_chunks(plan, paths)))  # type: ignore
         shown = starts.cast(_SHOWN_AS[kind]) if kind in _SHOWN_AS else starts
         return starts, [_shown(v) for v in shown.to_list()]
     except ValueError as exc:
@@ -194,16 +197,20 @@ def fit_periods(plan: Plan, paths: list[Path], n_splits: int, exact_distinct: in
 
 
 def _time_chunks(plan: Plan, paths: list[Path]) -> Iterator[tuple[pl.Series, str, RawChunk]]:
-    """(time values, their kind, the chunk) of the main inputs, reading only the time column."""
+    """(time values, their kind, the chunk) of the main inputs. Only the time column is read, except with
+    bad_rows=skip: a row the build skips for another column (a bad label, a missing ID, a bad weight) must
+    not count in the periods, so every column is read and checked as the build reads it."""
     key = plan.cfg.folds.time_key
     rc = plan.columns
-    only = dataclasses.replace(
-        rc, numeric=tuple(c for c in rc.numeric if c == key), categorical=tuple(c for c in rc.categorical if c == key),
-        multihot=(), sequence=(), labels=(), derived=(), id=rc.id if rc.id == key else None,
-        keys=tuple(c for c in rc.keys if c == key))
-    data = dataclasses.replace(plan.cfg, labels=(), derived_labels=())
+    data = plan.cfg
+    if data.bad_rows != "skip":
+        rc = dataclasses.replace(
+            rc, numeric=tuple(c for c in rc.numeric if c == key),
+            categorical=tuple(c for c in rc.categorical if c == key), multihot=(), sequence=(), labels=(),
+            derived=(), id=rc.id if rc.id == key else None, keys=tuple(c for c in rc.keys if c == key))
+        data = dataclasses.replace(data, labels=(), derived_labels=())
     for chunk in iter_raw_chunks(data, paths, data.chunk_rows, bad_rows=data.bad_rows, require_labels=False,
-                                 columns=only):
+                                 columns=rc):
         values, kind = time_values(chunk, key)
         yield values.alias("t"), kind, chunk
 
@@ -211,46 +218,51 @@ def _time_chunks(plan: Plan, paths: list[Path]) -> Iterator[tuple[pl.Series, str
 class _TimeTally:
     """The statistics pass over the time key: the rows, each value's count while there are at most `exact`
     distinct values, and a uniform sample of the values (the rows whose seeded row-index hash is among the
-    smallest: the same sample for any chunking), with the smallest value."""
+    smallest: the same sample for any chunking). Past `exact`, whether text values are all numbers is
+    followed chunk by chunk (before, the distinct values decide it at the end)."""
 
     def __init__(self, exact: int, sample_rows: int) -> None:
         self.exact, self.sample_rows, self.total, self.kind, self.all_numbers = exact, sample_rows, 0, "", True
         self._parts: list[pl.DataFrame] = []         # value counts not yet merged, and the merged ones
         self._pending = self._merged = 0
         self._over = False                           # more than `exact` distinct values: no counts kept
-        self._hash = np.empty(0, np.uint64)          # the sample: row-index hashes and values
-        self._values: pl.Series | None = None
+        self._hashes: list[np.ndarray] = []          # the sample: row-index hashes and values, in pieces
+        self._values: list[pl.Series] = []
+        self._held = 0
         self._cut = np.uint64(np.iinfo(np.uint64).max)
-        self._min: pl.Series | None = None
 
     def add(self, values: pl.Series, kind: str) -> None:
         rows = np.arange(self.total, self.total + len(values), dtype=np.uint64)
         self.total += len(values)
         self.kind = kind
-        if kind == "text" and self.all_numbers:
-            self.all_numbers = _text_numbers(values) is not None
-        low = values.sort().head(1)
-        self._min = low if self._min is None else pl.concat([self._min, low]).sort().head(1)
         if not self._over:
             vc = values.value_counts(name="n")
             self._parts.append(vc)
             self._pending += len(vc)
             if self._pending > max(self._merged, 1 << 16):     # merge seldom: amortised, not once per chunk
                 self._merge()
+        elif kind == "text" and self.all_numbers:
+            self.all_numbers = _text_numbers(values.unique()) is not None
         h = mix64(rows ^ _SAMPLE_SALT)
         take = h <= self._cut
-        self._hash = np.concatenate([self._hash, h[take]])
-        self._values = values.filter(pl.Series(take)) if self._values is None else \
-            pl.concat([self._values, values.filter(pl.Series(take))])
-        if len(self._hash) > 2 * self.sample_rows:
-            keep = np.argpartition(self._hash, self.sample_rows - 1)[:self.sample_rows]
-            self._hash, self._values = self._hash[keep], self._values.gather(keep)
-            self._cut = self._hash.max()
+        self._hashes.append(h[take])
+        self._values.append(values.filter(pl.Series(take)))
+        self._held += int(take.sum())
+        if self._held > 2 * self.sample_rows:
+            self._prune()
+
+    def _prune(self) -> None:
+        h = np.concatenate(self._hashes)
+        keep = np.argpartition(h, self.sample_rows - 1)[:self.sample_rows]
+        self._hashes, self._values = [h[keep]], [pl.concat(self._values).gather(keep)]
+        self._held, self._cut = self.sample_rows, h[keep].max()
 
     def _merge(self) -> None:
         merged = pl.concat(self._parts).group_by("t").agg(pl.col("n").sum())
         self._parts, self._pending, self._merged = [merged], 0, len(merged)
         if len(merged) > self.exact:
+            if self.kind == "text":         # decided on the values so far; later chunks in `add`
+                self.all_numbers = _text_numbers(merged["t"]) is not None
             self._parts, self._over = [], True
 
     def exact_counts(self) -> pl.DataFrame | None:
@@ -259,23 +271,18 @@ class _TimeTally:
         return None if self._over else self._parts[0]
 
     def sample(self) -> pl.Series:
-        assert self._values is not None
-        return self._values
-
-    def smallest(self) -> pl.Series:
-        assert self._min is not None
-        return self._min
+        return pl.concat(self._values)
 
 
-def _refined_starts(k: int, total: int, sample: pl.Series, smallest: pl.Series,
-                    passes: Callable[[], Iterator[pl.Series]]) -> pl.Series:
+def _refined_starts(k: int, total: int, sample: pl.Series, passes: Callable[[], Iterator[pl.Series]]) -> pl.Series:
     """`period_starts` of all the values, from a sorted uniform `sample` of them and passes over them.
 
     The start of period p is the first value whose rows' middle rank reaches p/k of the rows. The sample's
     values around rank p/k (with a margin of several standard deviations of sampling error) bracket it; a
     pass counts the rows below each bracket and every value inside it, which is all the arithmetic of
     `period_starts` needs for the values there. Where a bracket missed (rows below it reach the period, or no
-    value in it does), its margin widens and the pass is repeated."""
+    value in it does), its margin widens and the pass is repeated; a bracket open at both ends holds every
+    value, so a start it cannot find does not exist (that period and the ones after it would be empty)."""
     n = len(sample)
     margin = int(4 * n ** 0.5) + 2
     while True:
@@ -302,17 +309,17 @@ def _refined_starts(k: int, total: int, sample: pl.Series, smallest: pl.Series,
             mid = below[j] + np.cumsum(counts) - counts / 2.0        # middle rank of each value's rows
             period = np.minimum((mid * k / total).astype(np.int64), k - 1)
             first = int(np.searchsorted(period, p, side="left"))
+            if first == len(counts) and hi[j] is None:
+                raise ValueError(f"the values fill fewer than {k} periods (period {p} holds none)")
             if below[j] * k > p * total or first == len(counts):
                 missed = True                                        # the start lies outside the bracket
                 break
-            if period[first] > p:
-                raise ValueError(f"the values fill fewer than {k} periods (period {p} holds none)")
+            if period[first] > p or (p == 1 and lo[j] is None and first == 0):
+                empty = p if period[first] > p else 0                # (the smallest value already in period 1)
+                raise ValueError(f"the values fill fewer than {k} periods (period {empty} holds none)")
             starts.append(near["t"][first])
         if not missed:
-            out = pl.Series(starts, dtype=sample.dtype)
-            if out[0] == smallest[0]:
-                raise ValueError(f"the values fill fewer than {k} periods (the first holds none)")
-            return out
+            return pl.Series(starts, dtype=sample.dtype)
         margin *= 8
 
 
