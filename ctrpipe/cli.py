@@ -47,8 +47,8 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None) -> T:
         # an output path through a file (--out preds.csv/x, --runs notes.txt): every command creates folders
         what = "a part of that path is a file, not a folder" if isinstance(exc, NotADirectoryError) \
             else "a file of that name is already there"
-        console.print(f"[bold red]error:[/] cannot create {escape(str(exc.filename))}: {what}\n"
-                      "  fix: choose an output path whose folders are folders (or move the file away)",
+        console.print(f"[bold red]error:[/] cannot use {escape(str(exc.filename))}: {what}\n"
+                      "  fix: check the path; an output path's folders must be folders (or move the file away)",
                       highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

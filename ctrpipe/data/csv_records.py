@@ -262,7 +262,8 @@ class RecordCutter:
         # first taken for a comment, then each pass takes every line's status from the parity the last pass
         # gave, until none changes. A line's status depends only on the lines before it, so each pass settles
         # at least the first unsettled line and usually most of them: a file seldom has such lines (one pass),
-        # and one full of them needs a few passes, not one per line
+        # and quoted text full of them needs a few passes; only a chain where each such line flips the next
+        # (an open quote, then line after line of `#,"`) still takes one pass per line
         line_starts = np.concatenate(([0], nl_at[:-1] + 1)).astype(np.int64)
         line_starts = line_starts[line_starts < len(arr)]
         prefixed = line_starts[self._comments(arr, line_starts)]

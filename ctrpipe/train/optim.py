@@ -204,6 +204,11 @@ class LazyAdam(torch.optim.Optimizer):
             rows, grad = None, p.grad
         if scale is not None:
             grad = grad * scale.double().reciprocal().float().to(p.device)
+        if rows is None and keep is None:          # a dense gradient, nothing to select: in place
+            m.lerp_(grad, 1.0 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            p.addcdiv_(m * (-group["lr"] / bc1), (v / bc2).sqrt_().add_(group["eps"]))
+            return
         m_old = m if rows is None else m.index_select(0, rows)
         v_old = v if rows is None else v.index_select(0, rows)
         p_old = p if rows is None else p.index_select(0, rows)

@@ -184,3 +184,18 @@ def test_lazy_adam_under_a_grad_scaler_skips_overflowed_steps_itself(dedup: str,
         _step(ref, ids, target, opt_ref)
         torch.testing.assert_close(scaled.weight, ref.weight, rtol=1e-5, atol=1e-6)
     assert scaler.get_scale() < 1024.0 * 2 ** 4           # the overflow halved the scale once
+
+
+@pytest.mark.parametrize("dedup", ["cpu", "gpu"])
+def test_lazy_adam_on_dense_gradients_equals_adam(dedup: str) -> None:
+    """A table built without sparse gradients gets LazyAdam's dense step, on either path."""
+    a, b = _tables(12, 3, 2)
+    a.sparse = b.sparse = False
+    opt_a = (LazyAdam if dedup == "cpu" else _GpuDedup)(a.parameters(), lr=0.05)
+    opt_b = torch.optim.Adam(b.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        ids, target = torch.randint(0, 12, (5, 2), generator=gen), torch.randn(5, 2, 3, generator=gen)
+        _step(a, ids, target, opt_a)
+        _step(b, ids, target, opt_b)
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
