@@ -492,8 +492,13 @@ class _Run:
         if finished is None:
             return ckpt
         rng = self._rng_states()
+        position = dataclasses.replace(self.pos)
+        if finished and position.batch_in_epoch >= self.plan.per_epoch:
+            # the last step's evaluation saves before the loop closes the epoch: record it closed, as the
+            # run's result counts it (a resumed finished run reports the same epochs)
+            position.epoch, position.batch_in_epoch = position.epoch + 1, 0
         ckpt.train_state = TrainState(
-            position=dataclasses.replace(self.pos),
+            position=position,
             optimizers=[pack_optimizer(opt, self.changed.tables, rows) for opt in self.optimizers],
             changed_rows=rows, scaler=self.scaler.state_dict(), rng=rng,
             early_stopping=self.stopper.state_dict(),

@@ -258,6 +258,16 @@ def test_resume_of_a_finished_run_changes_nothing(cache: Path, tmp_path: Path):
     assert {name: (run / name).read_bytes() for name in record} == record
 
 
+def test_a_finished_checkpoint_counts_the_last_epoch(cache: Path, tmp_path: Path):
+    """The last step's evaluation saved ckpt_last.pt before the epoch was closed, so a K-fold run resumed
+    after a kill reported its finished folds with 0 epochs (cv.folds[k].epochs)."""
+    assert train(cache, tmp_path, "--set", "train.epochs=1")[0] == 0
+    run = tmp_path / "criteo"
+    m = json.loads((run / "metrics.json").read_text())
+    ts = load_checkpoint(run / "ckpt_last.pt").train_state
+    assert ts.finished and m["epochs"] == 1 and ts.position.epoch == 1 and ts.position.batch_in_epoch == 0
+
+
 def test_resume_keeps_the_runs_kind(cache: Path, tmp_path: Path):
     """--resume without --kfold on an interrupted K-fold run trained a single model into its folder."""
     code, _ = train(cache, tmp_path, "--kfold", str(K_FOLDS), "--set", "train.stop_after_steps=2")
