@@ -200,7 +200,9 @@ class FoldConfig:
     mode=time: the rows, ordered by `time_key`, are cut into K contiguous periods of near-equal row counts
     (rows with equal time values never split); fold k is period k, so fold K-1 validates on the latest
     period. Blocked rather than forward-chaining: every row is validated once (complete out-of-fold
-    predictions) and every fold trains on K-1 periods; only the last fold trains on the past alone.
+    predictions) and every fold trains on K-1 periods; only the last fold trains on the past alone. A
+    pre-pass reads the time column (every column with bad_rows=skip, so skipped rows count nowhere); past a
+    million distinct times it samples them and reads the column once more, in bounded memory.
     """
 
     n_splits: int = 0                    # 0: no folds stored
