@@ -208,8 +208,10 @@ def check_ids(shards: Path, manifest: Manifest) -> None:
 def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tuple[Calibration, str]:
     """The task's calibration from calibration.json, refitted in memory if the file is for another config."""
     ccfg = cfg.infer.calibration
+    # method none still applies the known keep-rate shift (log keep_rate), as a fitted calibration does
+    identity = Calibration(method="none", target=ccfg.target, keep_rate=ccfg.keep_rate)
     if ccfg.method == "none":
-        return Calibration(method="none"), "none"
+        return identity, "none" if ccfg.keep_rate == 1.0 else f"none, keep-rate shift log({ccfg.keep_rate:g})"
     path = run / CALIBRATION_NAME
     if path.is_file():
         cals, requested = read_calibration(path)
@@ -221,7 +223,7 @@ def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tupl
         if not quiet:
             console.print(f"[yellow]warning:[/] {run} has no validation predictions, so infer.calibration."
                           f"method={ccfg.method} cannot be fitted; writing uncalibrated predictions")
-        return Calibration(method="none"), "none (no validation predictions)"
+        return identity, "none (no validation predictions)"
     cal = fit_calibration(logits[:, task], labels[:, task], ccfg)
     return cal, f"refitted on {src.name} (calibration.json is for another config or absent)"
 

@@ -117,6 +117,24 @@ def test_submission_on_test_cache(world: dict[str, Path], tmp_path: Path) -> Non
     assert not list(out.parent.glob("*.incomplete")) and not (out.parent / "submission.csv.folds.npz").exists()
 
 
+def test_method_none_still_applies_the_keep_rate_shift(world: dict[str, Path], tmp_path: Path) -> None:
+    """infer.calibration.method=none dropped infer.calibration.keep_rate: a run trained on downsampled
+    negatives was submitted at its sampled rates (infer, predict and export alike)."""
+    from ctrpipe.serve.predictor import Predictor
+
+    subs = {}
+    for keep in (1.0, 0.5):
+        out = tmp_path / f"k{keep}.csv"
+        run_infer(world["single"], world["te"], out, ["infer.calibration.method=none",
+                                                      f"infer.calibration.keep_rate={keep}"], quiet=True)
+        subs[keep] = pl.read_csv(out)["clicked"].to_numpy().astype(np.float64)
+    logit = np.log(subs[1.0] / (1 - subs[1.0]))
+    np.testing.assert_allclose(subs[0.5], 1 / (1 + np.exp(-(logit + np.log(0.5)))), rtol=0, atol=1e-6)
+    p = Predictor.load(world["single"], overrides=["infer.calibration.method=none",
+                                                    "infer.calibration.keep_rate=0.5"])
+    assert p.calibrations[0].keep_rate == 0.5
+
+
 def _fold_logits(run: Path, shards: Path) -> np.ndarray:
     """Each fold checkpoint's logits over the test cache, through train's own predict()."""
     import torch
