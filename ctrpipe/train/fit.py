@@ -595,6 +595,8 @@ def _assemble_oof(parts: list[Predictions]) -> Predictions:
 
 
 def _cv_summary(folds: list[dict[str, Any]], oof: dict[str, float]) -> dict[str, Any]:
+    """metrics.json's `cv`: every fold's metrics, their mean and population std (ddof=0: the spread of these
+    K models' scores, as "mean ± std" prints it), and the metrics of the joined out-of-fold predictions."""
     keys = [k for k in folds[0]["val"] if all(k in f["val"] for f in folds)]
     values = {k: np.array([f["val"][k] for f in folds], dtype=np.float64) for k in keys}
     return {"n_splits": len(folds), "folds": folds,
