@@ -20,6 +20,7 @@ Memory is about (total records / P) x 32 bytes x a small sort factor; P is chose
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import shutil
 import tempfile
@@ -251,6 +252,7 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     from ctrpipe.infer.ensemble import combine
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.name + ".json").unlink(missing_ok=True)      # an older blend's record never pairs with this
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.blend-", dir=out.parent))
     counts: list[int] = []
     try:
@@ -291,8 +293,36 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
         shutil.rmtree(tmp, ignore_errors=True)
     report = BlendReport(out=out, rows=n0, files=tuple(files), method=method, weights=w, partitions=parts,
                          seconds=time.perf_counter() - t0)
+    _write_record(report, trim_ratio)
     _print_summary(report, quiet)
     return report
+
+
+def _write_record(r: BlendReport, trim_ratio: float) -> Path:
+    """`<out>.json`, as `ctrpipe infer` writes beside a submission: the blend's settings, and per input its
+    bytes' sha256 and, where the input has one, where it came from (its own record's run, config name and
+    training-cache fingerprint)."""
+    from ctrpipe.atomic import write_json_atomic
+    from ctrpipe.infer.predict import file_sha256
+
+    inputs = []
+    for f in r.files:
+        record = f.with_name(f.name + ".json")
+        origin = None
+        if record.is_file():
+            try:
+                doc = json.loads(record.read_text())
+                origin = {k: doc.get(k) for k in ("run", "exp_name", "method", "shards_fingerprint", "blend")
+                          if k in doc}
+            except (OSError, ValueError):
+                origin = None                   # a damaged record names nothing; the sha256 still identifies
+        inputs.append({"path": str(f.resolve()), "sha256": file_sha256(f), "bytes": f.stat().st_size,
+                       "record": str(record.resolve()) if origin is not None else None, "from": origin})
+    doc = {"blend": str(r.out.resolve()), "rows": r.rows, "method": r.method,
+           "weights": list(r.weights) if r.weights is not None else None,
+           "trim_ratio": trim_ratio if r.method == "trim_mean" else None, "inputs": inputs,
+           "seconds": round(r.seconds, 3)}
+    return write_json_atomic(r.out.with_name(r.out.name + ".json"), doc)
 
 
 def _write_in_first_file_order(first: Path, out: Path, tmp: Path, rows: int, span: int,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ctrpipe.atomic import atomic_open
+from ctrpipe.atomic import atomic_open, write_json_atomic
+from ctrpipe.config import to_dict
 from ctrpipe.data.chunks import RawChunk
 from ctrpipe.data.criteo import iter_blocks
 from ctrpipe.data.csv_reader import iter_csv_chunks, read_header
@@ -84,12 +86,34 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
     if not path.is_file():
         raise InputFormatError("input file not found", where=str(path), fix="pass --input an existing file")
     check_out_file(Path(out))
+    t0 = time.perf_counter()
     p = Predictor.load(run, cache=cache, overrides=overrides)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)      # as `ctrpipe infer` makes its --out folder
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)      # as `ctrpipe infer` makes its --out folder
+    out.with_name(out.name + ".json").unlink(missing_ok=True)     # an older record never pairs with this file
     try:
-        return _write(p, path, Path(out), chunk_rows)
+        rows = _write(p, path, out, chunk_rows)
     except CtrpipeError as exc:
         raise dataclasses.replace(exc, fix=_predict_fix(exc.fix, p.cfg.data.format)) from None
+    _write_record(p, path, out, rows, time.perf_counter() - t0)
+    return rows
+
+
+def _write_record(p: Predictor, path: Path, out: Path, rows: int, seconds: float) -> Path:
+    """`<out>.json`, as `ctrpipe infer` writes beside a submission: the input file (sha256), the run and its
+    checkpoints, the training cache's fingerprint, the calibrations and the resolved config."""
+    from ctrpipe.infer.predict import file_sha256, find_checkpoints
+
+    doc = {"predictions": str(out.resolve()), "rows": rows,
+           "input": {"path": str(path.resolve()), "sha256": file_sha256(path), "bytes": path.stat().st_size},
+           "run": str(p.run.resolve()), "exp_name": p.cfg.exp_name, "method": p.cfg.infer.method,
+           "weights": list(p.weights) if p.weights is not None else None,
+           "checkpoints": [{"path": str(c.resolve()), "sha256": file_sha256(c)} for c in find_checkpoints(p.run)],
+           "training_cache": str(p.cache_dir.resolve()), "shards_fingerprint": p.manifest.fingerprint,
+           "shards_schema_fingerprint": p.manifest.schema_fingerprint(),
+           "calibration": {h: dataclasses.asdict(c) for h, c in zip(p.heads, p.calibrations, strict=True)},
+           "config": to_dict(p.cfg), "config_sources": dict(p.cfg.sources), "seconds": round(seconds, 3)}
+    return write_json_atomic(out.with_name(out.name + ".json"), doc)
 
 
 _BAD_ROWS_FIX = re.compile(r"\s*\(?,?\s*or (pass )?--bad-rows skip[^;)]*\)?")

@@ -64,7 +64,27 @@ def test_streaming_blend_equals_in_memory_join(tmp_path: Path, method: str, part
     assert report.rows == N
     assert got["ID"].to_list() == _read(paths[0])["ID"].to_list()    # first file's order
     np.testing.assert_allclose(got["clicked"].to_numpy(), want["clicked"].to_numpy(), rtol=1e-12)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blend.csv", "sub0.csv", "sub1.csv", "sub2.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blend.csv", "blend.csv.json", "sub0.csv", "sub1.csv",
+                                                           "sub2.csv"]
+
+
+def test_a_blend_records_its_inputs_and_settings(tmp_path: Path) -> None:
+    """A blend wrote no record of what it blended (every other output records its config and data): its
+    record names each input by sha256, with the run of an input that has an infer record."""
+    import hashlib
+    import json
+
+    paths, _, _ = _make(tmp_path)
+    (tmp_path / "sub1.csv.json").write_text(json.dumps({"run": "/runs/dnn", "exp_name": "dnn",
+                                                        "shards_fingerprint": "abc", "config": {}}))
+    out = tmp_path / "b.csv"
+    (tmp_path / "b.csv.json").write_text("{}")                       # an older blend's record: replaced
+    run_blend(paths, "weighted", "0.5,0.3,0.2", out, quiet=True)
+    doc = json.loads((tmp_path / "b.csv.json").read_text())
+    assert doc["method"] == "weighted" and doc["weights"] == [0.5, 0.3, 0.2] and doc["rows"] == N
+    assert [i["sha256"] for i in doc["inputs"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert [i["from"] for i in doc["inputs"]] == [None, {"run": "/runs/dnn", "exp_name": "dnn",
+                                                         "shards_fingerprint": "abc"}, None]
 
 
 def test_blend_of_a_file_with_its_shuffled_copy_is_identity(tmp_path: Path) -> None:

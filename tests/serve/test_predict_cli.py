@@ -80,6 +80,15 @@ def test_predict_makes_the_out_folder(world: Path, tmp_path: Path) -> None:
                         "--out", str(out), "-q")
     assert code == 0, msg
     assert pl.read_csv(out).height == 300
+    # its record, as infer writes one: the input by sha256, the run, the training cache, the config
+    import hashlib
+    import json
+
+    doc = json.loads(out.with_name("preds.csv.json").read_text())
+    assert doc["rows"] == 300 and doc["input"]["sha256"] == hashlib.sha256((world / "d" / "test.tsv").read_bytes()
+                                                                            ).hexdigest()
+    assert doc["run"] == str((world / "runs" / "dnn").resolve()) and doc["shards_fingerprint"]
+    assert doc["config"]["exp_name"] == "dnn" and doc["checkpoints"] and list(doc["calibration"]) == ["label"]
 
 
 def test_export_takes_the_cache_and_inference_settings(world: Path, tmp_path: Path) -> None:
