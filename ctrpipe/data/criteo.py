@@ -10,6 +10,7 @@ line by line, and that path names the file, line, column and fix of any bad inpu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -78,6 +79,7 @@ def open_text(path: Path, kind_name: str = "Criteo text") -> tuple[BinaryIO, Bin
     return raw, raw
 
 
+LAYOUT_LINES = 10_000      # lines that vote on a file's layout (labelled or not), whatever chunk_rows is
 _UTF8_PIECE = 1 << 16      # bytes decoded at once when a block holds invalid UTF-8 (see _check_utf8)
 _COUNT_STEP = 1 << 18     # bytes compared per numpy call: the bool temporary stays in cache
 
@@ -613,10 +615,14 @@ def iter_criteo_chunks(cfg: DataConfig, path: Path, chunk_rows: int, keep: list[
     categorical ones the caller only needs as hashes (field seeds from cfg.hash_seed)."""
     seeds = {c: field_seed(c, cfg.hash_seed) for c in hashed}
     reader: CriteoReader | None = None
+    # the layout is voted on the file's first LAYOUT_LINES lines, read apart: with the first chunk's, a file
+    # whose first line is bad was a test file at chunk_rows=1 and a training file at 1000
+    with contextlib.closing(iter_blocks(path, LAYOUT_LINES)) as head:
+        first = next(head, None)
     # blocks are cut one ahead in their own thread: cutting (page faults, copies) overlaps the parse
     for block in prefetch(lambda: iter_blocks(path, chunk_rows), 1, "ctrpipe-read"):
         if reader is None:
-            n_fields = detect_layout(path, block, cfg.separator)
+            n_fields = detect_layout(path, first or block, cfg.separator)
             if require_labels and n_fields == TEST_FIELDS:
                 raise InputFormatError(
                     f"the file has {TEST_FIELDS} fields per line (no label column): a test file?",

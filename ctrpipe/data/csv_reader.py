@@ -9,6 +9,7 @@ polars cannot parse (bad quoting, invalid UTF-8), is a bad row too: an error, or
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -366,6 +367,9 @@ def stray_quote_resync(cfg: DataConfig, path: Path, label_columns: tuple[str, ..
     return frozenset({len(names), *(len(short) for short in _unlabelled_layouts(names, labels))})
 
 
+LAYOUT_RECORDS = 10_000     # records that vote on a headerless file's layout, whatever chunk_rows is
+
+
 def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedColumns,
                     bad_rows: BadMode = "error", require_labels: bool = True) -> Iterator[RawChunk]:
     """RawChunks of one CSV file, at most chunk_rows rows each, with the configured columns only."""
@@ -377,9 +381,16 @@ def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedCo
                         "ctrpipe-read"):
         if chunker is None:
             names = list(cfg.csv.column_names)
+            voters = rec
             if cfg.csv.header:
                 names, rec = _header(path, cfg, rec), rec.drop_first()
-            chunker = CsvChunker(path, cfg, rc, _layout(path, cfg, rc, names, rec, require_labels), bad_rows)
+            elif rc.label_columns:
+                # the layout is voted on the file's first LAYOUT_RECORDS records, cut apart: with the first
+                # chunk's, a file whose first row is short was unlabelled at chunk_rows=1, labelled at 1000
+                with contextlib.closing(iter(RecordCutter(path, cfg.csv, LAYOUT_RECORDS,
+                                                          resync_fields=resync))) as head:
+                    voters = next(head, rec)
+            chunker = CsvChunker(path, cfg, rc, _layout(path, cfg, rc, names, voters, require_labels), bad_rows)
         if len(rec) == 0:
             continue
         yield chunker.chunk(rec, position)

@@ -345,3 +345,16 @@ def test_utf8_byte_order_mark_is_not_data(tmp_path: Path, criteo_tsv: Path, gz: 
     chunks = list(iter_raw_chunks(CFG, [path], 20))
     assert sum(c.file_bytes for c in chunks) == path.stat().st_size
     assert pl.concat([c.frame for c in chunks]).equals(read_all(criteo_tsv))
+
+
+def test_layout_does_not_depend_on_the_chunk_size(tmp_path: Path) -> None:
+    """A first line with 39 fields: at chunk_rows=1 the whole file was called a test file (or, unlabelled,
+    every later line was dropped as bad); the layout is voted on the file's first lines, whatever the chunks."""
+    l40 = b"1" + b"\t5" * 13 + b"\tab" * 26 + b"\n"
+    l39 = b"5" + b"\t5" * 12 + b"\tab" * 26 + b"\n"
+    path = tmp_path / "first_short.tsv"
+    path.write_bytes(l39 + l40 * 3)
+    for rows in (1, 2, 1000):
+        chunks = list(iter_raw_chunks(CFG, [path], rows, bad_rows="skip"))
+        assert sum(c.frame.height for c in chunks) == 3, rows
+        assert [(b.line, b.reason) for c in chunks for b in c.bad_rows] == [(1, "field count")], rows

@@ -462,3 +462,17 @@ def test_quoted_runs_equal_the_quote_by_quote_walk(seed: int) -> None:
     for first in {0, int(rng.integers(0, len(at))), len(at) - 1}:
         want = _walk(at, field_start, bounds, len(arr), first)
         assert np.array_equal(_quoted_runs(at, field_start, bounds, len(arr), first), want), (bytes(arr), first)
+
+
+def test_headerless_layout_does_not_depend_on_the_chunk_size(tmp_path: Path) -> None:
+    """A short first row of a headerless file decided its layout at chunk_rows=1 (a 'test file?' error, or
+    unlabelled with the good rows dropped); the first records of the file vote, whatever the chunks."""
+    path = tmp_path / "h.csv"
+    path.write_bytes(b"x,z\nx,z,1\nq,w,0\n")
+    cfg = DataConfig(format="csv", csv=CsvConfig(header=False, column_names=("a", "b", "y"), missing=("?",)),
+                     labels=("y",), numeric=NumericConfig(columns=()),
+                     categorical=CategoricalConfig(columns=("a", "b")))
+    for rows in (1, 2, 1000):
+        chunks = list(iter_raw_chunks(cfg, [path], rows, bad_rows="skip"))
+        assert [r for c in chunks for r in c.frame["a"].to_list()] == ["x", "q"], rows
+        assert [(b.line, b.reason) for c in chunks for b in c.bad_rows] == [(1, "field count")], rows
