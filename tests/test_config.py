@@ -310,6 +310,8 @@ def test_a_submission_header_that_would_break_its_csv_is_refused(override: str) 
     ("train.grad_clip=.nan", "NaN is no value for 'train.grad_clip'"),
     ("train.device=cuda0", "bad value 'cuda0' for 'train.device'"),
     ("train.device=mps", "bad value 'mps' for 'train.device'"),
+    ("data.id_offset=9223372036854775807", "bad value 9223372036854775807 for 'data.id_offset'"),   # wrapped
+    ("data.id_offset=-1", "bad value -1 for 'data.id_offset'"),
 ])
 def test_values_that_crashed_later_are_config_errors(override: str, message: str) -> None:
     """An extra or missing value of a pair was cut or crashed with an IndexError; inf/NaN counts an

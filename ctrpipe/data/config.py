@@ -292,6 +292,9 @@ class DataConfig:
         if self.hash_bins < 2:
             raise ConfigError(f"bad value {self.hash_bins} for 'data.hash_bins'",
                               fix="use at least 2, e.g. data.hash_bins=1000000")
+        if not 0 <= self.id_offset < 2**62:     # ids are int64 offset + position: past this they wrapped negative
+            raise ConfigError(f"bad value {self.id_offset} for 'data.id_offset'",
+                              fix="use an offset from 0 to below 2**62, e.g. data.id_offset=60000000")
         for key in ("shard_rows", "chunk_rows"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"bad value {getattr(self, key)} for 'data.{key}'",
