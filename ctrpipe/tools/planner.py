@@ -69,8 +69,10 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
     manifest = read_manifest(shards)
     train_rows = manifest.rows.get("train", 0)
     if not train_rows or not manifest.label_names:
+        from ctrpipe.train.fit import no_training_rows_fix
+
         raise SchemaError(f"shard cache {shards} has no labelled training rows", where=str(shards / "manifest.json"),
-                          fix="plan a run on a cache built from labelled data without --test")
+                          fix=no_training_rows_fix(manifest))
     check_folds(cfg, manifest, shards)
     n_folds = cfg.cv.n_splits
     fold_sizes = [int(n) for n in manifest.folds.get("sizes", [])] if n_folds else []

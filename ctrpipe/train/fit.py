@@ -183,6 +183,16 @@ def _with_cache_data(cfg: RunConfig, manifest: Manifest, shards: Path, quiet: bo
     return dataclasses.replace(cfg, data=cache, sources=sources)
 
 
+def no_training_rows_fix(manifest: Manifest) -> str:
+    """Why a cache has nothing to train on, as its manifest tells: a --test build, no labels configured, or
+    every row outside the train split."""
+    if manifest.role == "test":
+        return "train on a cache built without --test (a labelled training file)"
+    if not manifest.label_names:
+        return "the cache was built with no label columns (data.labels is empty): set data.labels and shard again"
+    return "every row went to another split: lower data.split.val_ratio (or check --gold) and shard again"
+
+
 def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
             dist: Distributed | None = None) -> TrainContext:
     """Everything that can fail before training: cache, labels, device, metric, folds, model, run dir.
@@ -192,8 +202,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
     manifest = read_manifest(shards)
     if manifest.role == "test" or not manifest.label_names or manifest.rows.get("train", 0) == 0:
         raise SchemaError(f"shard cache {shards} has no labelled training rows (role {manifest.role!r}, rows "
-                          f"{manifest.rows})", where=str(shards / "manifest.json"),
-                          fix="train on a cache built from labelled data without --test")
+                          f"{manifest.rows})", where=str(shards / "manifest.json"), fix=no_training_rows_fix(manifest))
     spec = manifest.feature_spec()
     cfg = _with_cache_data(cfg, manifest, shards, quiet or (dist is not None and not dist.is_main))
     device = resolve_device(cfg.train.device) if dist is None else dist.device

@@ -352,3 +352,26 @@ def test_a_damaged_checkpoint_is_named_with_a_fix_that_can_work(cache: Path, tmp
     with pytest.raises(CheckpointError, match="cannot read checkpoint") as err:
         load_checkpoint(best)
     assert "--resume from the run's ckpt_last.pt" in err.value.fix
+
+
+def test_a_cache_without_training_rows_is_told_why(cache: Path, synth_dir: Path, tmp_path: Path):
+    """Every cache without labelled training rows was told to rebuild 'without --test', also one built with
+    no label columns at all (data.labels: [])."""
+    from raw_inputs import write_parquet
+    from train_setup import CRITEO_CFG as CFG
+
+    from ctrpipe.config import load_config
+    from ctrpipe.shard.build import build_shards
+
+    test_cache = tmp_path / "test_cache"
+    build_shards(load_config(CFG, ["data.shard_rows=256", "data.hash_bins=64"]), [synth_dir / "test.tsv"],
+                 test_cache, stats_from=cache, role="test", progress=False)
+    code, out = train(test_cache, tmp_path / "r1")
+    assert code == 1 and "without --test" in out, out
+    src = write_parquet(tmp_path / "p.parquet", 40)
+    unlabelled = tmp_path / "unlabelled"
+    pq_cfg = Path(__file__).resolve().parents[2] / "cfgs" / "parquet_example.yaml"
+    build_shards(load_config(pq_cfg, ["data.labels=[]", "data.folds.n_splits=0", "data.covisit=[]"],
+                             resolve_model=False), [src], unlabelled, progress=False)
+    code, out = train(unlabelled, tmp_path / "r2")
+    assert code == 1 and "data.labels is empty" in out and "--test" not in out, out
