@@ -147,6 +147,18 @@ def _chunks(plan: Plan, paths: list[Path], require_labels: bool,
                                             hash_categoricals=True), PREFETCH_DEPTH, "ctrpipe-parse")
 
 
+def _gold_errors(chunks: Iterator[Any], gold: bool) -> Iterator[Any]:
+    """The chunks; for --gold inputs a reader's "pass --test" fix for a file without labels becomes one that
+    fits them: gold rows score the model, so they need labels (and --gold cannot be combined with --test)."""
+    try:
+        yield from chunks
+    except (SchemaError, InputFormatError) as exc:
+        if gold and "--test" in exc.fix:
+            raise dataclasses.replace(exc, fix="--gold inputs need the label columns (their rows score the "
+                                               "model): pass a labelled file, or leave it out") from None
+        raise
+
+
 def fit_columns(plan: Plan) -> ResolvedColumns:
     """The columns the fit pass reads. Parquet is read column by column, so it skips what statistics never
     look at: the id (unless it is the split key) and token columns that are neither a co-visitation context
@@ -517,7 +529,7 @@ class StreamWriter:
 
         with ThreadPoolExecutor(ahead, thread_name_prefix="ctrpipe-transform") as pool:
             for is_gold, paths in streams:
-                for chunk in _chunks(plan, paths, require_labels=self.inputs.role == "train"):
+                for chunk in _gold_errors(_chunks(plan, paths, require_labels=self.inputs.role == "train"), is_gold):
                     frame = chunk.frame
                     n = frame.height
                     idx = np.arange(self.row, self.row + n, dtype=np.int64)

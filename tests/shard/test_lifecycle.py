@@ -325,3 +325,12 @@ def test_every_row_skipped_says_why(tmp_path: Path) -> None:
         build_shards(criteo_cfg("data.bad_rows=skip"), [src], tmp_path / "c", progress=False)
     assert "every row of the inputs was skipped as bad (20 " in err.value.what, err.value
     assert err.value.where == f"{src}, line 1" and "without --bad-rows skip" in err.value.fix
+
+
+def test_an_unlabelled_gold_file_is_not_told_to_pass_test(tmp_path: Path) -> None:
+    """--gold with a file without labels was told to pass --test, which --gold refuses."""
+    train = write_criteo_tsv(tmp_path / "train.tsv", 40)
+    gold = write_criteo_tsv(tmp_path / "gold.tsv", 20, seed=2, labels=False)
+    with pytest.raises(InputFormatError) as err:
+        build_shards(criteo_cfg(), [train], tmp_path / "c", gold=[gold], progress=False)
+    assert "--gold inputs need the label columns" in err.value.fix and "--test" not in err.value.fix
