@@ -209,8 +209,8 @@ def read_calibration(path: Path) -> tuple[tuple[Calibration, ...], CalibrationCo
         if doc.get("format") != FORMAT:
             raise ValueError(f"format {doc.get('format')!r}")
         return tuple(Calibration.from_dict(t) for t in doc["tasks"]), CalibrationConfig(**doc["requested"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"cannot read the calibration file ({exc})", where=str(path),
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:    # not JSON, or JSON of other shape
+        raise CheckpointError(f"cannot read the calibration file ({type(exc).__name__}: {exc})", where=str(path),
                               fix="refit it by re-running training, or pass --set "
                                   "infer.calibration.method=none to skip calibration") from None
 

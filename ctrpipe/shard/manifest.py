@@ -214,12 +214,19 @@ def read_manifest(cache_dir: Path) -> Manifest:
     except json.JSONDecodeError as exc:
         raise ManifestMismatchError(f"{MANIFEST_NAME} is not valid JSON ({exc})", where=str(path),
                                     fix=REBUILD_CACHE_FIX) from None
+    if not isinstance(raw, dict):
+        raise ManifestMismatchError(f"{MANIFEST_NAME} holds a JSON {type(raw).__name__}, not a manifest",
+                                    where=str(path), fix=REBUILD_CACHE_FIX)
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise ManifestMismatchError(
             f"shard format version {version}, this ctrpipe reads version {FORMAT_VERSION}", where=str(path),
             fix=REBUILD_CACHE_FIX)
-    manifest = Manifest.from_dict(raw)
+    try:
+        manifest = Manifest.from_dict(raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:      # edited by hand, or cut and patched
+        raise ManifestMismatchError(f"{MANIFEST_NAME} does not hold a whole manifest ({type(exc).__name__}: "
+                                    f"{exc})", where=str(path), fix=REBUILD_CACHE_FIX) from None
     _check_columns_on_disk(manifest, path)
     return manifest
 

@@ -334,3 +334,31 @@ def test_an_unlabelled_gold_file_is_not_told_to_pass_test(tmp_path: Path) -> Non
     with pytest.raises(InputFormatError) as err:
         build_shards(criteo_cfg(), [train], tmp_path / "c", gold=[gold], progress=False)
     assert "--gold inputs need the label columns" in err.value.fix and "--test" not in err.value.fix
+
+
+@pytest.mark.parametrize("edit", ["[1]", "drop_columns", "columns_not_a_list"])
+def test_a_hand_edited_manifest_is_named_not_a_traceback(tmp_path: Path, criteo_tsv: Path, edit: str) -> None:
+    """JSON of the wrong shape in manifest.json (a list, a key removed, a value of another type) raised
+    AttributeError / KeyError tracebacks; calibration.json likewise."""
+    import json
+
+    build_shards(criteo_cfg(), [criteo_tsv], tmp_path / "c", progress=False)
+    path = tmp_path / "c" / MANIFEST_NAME
+    doc = json.loads(path.read_text())
+    if edit == "[1]":
+        path.write_text("[1]")
+    elif edit == "drop_columns":
+        del doc["columns"]
+        path.write_text(json.dumps(doc))
+    else:
+        doc["columns"] = 5
+        path.write_text(json.dumps(doc))
+    with pytest.raises(ManifestMismatchError) as err:
+        read_manifest(tmp_path / "c")
+    assert err.value.where == str(path) and err.value.fix
+    from ctrpipe.errors import CheckpointError
+    from ctrpipe.infer.calibrate import read_calibration
+
+    (tmp_path / "calibration.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="cannot read the calibration file"):
+        read_calibration(tmp_path / "calibration.json")
