@@ -420,8 +420,7 @@ def test_time_periods_leave_out_rows_the_build_skips(tmp_path: Path) -> None:
     still moved the period starts (fold sizes 50/150/150/150 instead of 125 each)."""
     src = _write(tmp_path / "t.parquet", 600, seed=2)
     table = pq.read_table(src)
-    early = set(np.argsort(table["sec"].to_numpy() if "sec" in table.column_names else
-                           table["ts"].cast(pa.int64()).to_numpy())[:100].tolist())
+    early = set(np.argsort(table["ts"].cast(pa.int64()).to_numpy())[:100].tolist())   # the 100 earliest rows
     ids = [None if i in early else v for i, v in enumerate(table["ID"].to_pylist())]
     pq.write_table(table.set_column(0, "ID", pa.array(ids, pa.string())), tmp_path / "nulls.parquet")
     pq.write_table(table.filter(pa.array([i not in early for i in range(600)])), tmp_path / "clean.parquet")
