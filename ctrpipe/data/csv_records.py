@@ -7,9 +7,10 @@ A quote inside an unquoted field (`5'11"`, `5""`) is text: only a quote at a fie
 field, in which every quote toggles, as polars reads it (`_quoting_quotes`). An opening quote that never closes
 runs on into the next lines: the reader reports it with the hint to turn quoting off (with bad_rows=skip,
 `resync_fields` cuts it back to its line).
-Before that analysis a block's CRLF line ends become LF and a separator of several bytes (", ") becomes the
-single byte `SEP_BYTE`, so polars (one-byte separators only) parses the records and each occurrence of the
-configured separator is exactly one field boundary. Blank lines and comment lines are not records.
+Before that analysis a separator of several bytes (", ") becomes the single byte `SEP_BYTE`, so polars
+(one-byte separators only) parses the records and each occurrence of the configured separator is exactly one
+field boundary. CRLF line ends stay as they are: polars reads them, and a quoted field's CRLF is its text.
+Blank lines (empty, or a lone CR) and comment lines are not records.
 
     'a, "x, y"\\n\\n|note\\nb, "2\\n3"\\n'  with separator ", ", comment_prefix "|"
     -> records  'a\\x1f"x\\x1f y"'  (line 1, 2 fields)   'b\\x1f"2\\n3"'  (line 4, spans 2 lines, 2 fields)
@@ -36,7 +37,7 @@ KIND = "delimited text (data.format=csv)"
 class Records:
     """Whole CSV records of one file, in file order. `data` may also hold skipped (blank, comment) lines."""
 
-    data: bytes              # normalised bytes: LF line ends, the separator as one byte
+    data: bytes              # normalised bytes: the separator as one byte
     starts: np.ndarray       # (R,) int64 offset of each record in data
     ends: np.ndarray         # (R,) int64 offset of its closing b"\n"
     lines: np.ndarray        # (R,) int64 1-based line of the record's first line
@@ -55,7 +56,7 @@ class Records:
 
     def text(self, i: int, sep: str, limit: int = 80) -> str:
         """Record i as written (with the configured separator), cut to `limit` characters."""
-        raw = self.data[self.starts[i]: self.ends[i]].decode("utf-8", errors="replace")
+        raw = self.data[self.starts[i]: self.ends[i]].decode("utf-8", errors="replace").rstrip("\r")
         raw = raw.replace(chr(SEP_BYTE), sep)
         return raw if len(raw) <= limit else raw[:limit] + "..."
 
@@ -169,8 +170,6 @@ class RecordCutter:
     def _normalise(self, data: bytes, first_line: int) -> bytes:
         if first_line == 1 and data.startswith(BOM):
             data = data[len(BOM):]
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
         if len(self.sep) > 1:
             if bytes([SEP_BYTE]) in data:
                 at = data.index(bytes([SEP_BYTE]))
@@ -201,7 +200,9 @@ class RecordCutter:
         if len(ends) == 0:
             return None, 0, 0
         starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64)
-        blank = ends == starts
+        # CRLF line ends stay (polars reads them, and keeps a quoted field's CRLF as the text it is): a blank
+        # line is empty or a lone CR
+        blank = (ends == starts) | ((ends == starts + 1) & (arr[np.minimum(starts, len(arr) - 1)] == 13))
         data_rec = ~blank & ~self._comments(arr, starts)
         kept = np.flatnonzero(data_rec)
         if len(kept) > self.chunk_rows:                     # the rest is carried into the next Records
