@@ -59,14 +59,20 @@ def combine_hashes(hashes: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def value_periods(ends: np.ndarray, counts: np.ndarray, total: int, k: int) -> np.ndarray:
+    """The period (0..k-1) of each sorted distinct value with `counts` rows ending at rank `ends` (of `total`
+    rows): the one holding the middle of its rows' ranks. The one rule for exact counts (`period_starts`) and
+    for counts near a sampled bracket (`shard.folds._refined_starts`), so both cut alike."""
+    mid = ends - counts / 2.0                                          # middle rank of each value's rows
+    return np.minimum((mid * k / total).astype(np.int64), k - 1)
+
+
 def period_starts(values: pl.Series, counts: np.ndarray, k: int) -> pl.Series:
     """The first time value of periods 1..k-1 when rows with the sorted distinct `values` (and `counts` rows
     each) are cut into k contiguous periods of near-equal rows: a value goes to the period holding the middle
     of its rows' ranks, so equal values never split. Raises ValueError when a period would be empty."""
     total = int(counts.sum())
-    ends = np.cumsum(counts)
-    mid = ends - counts / 2.0                                          # middle rank of each value's rows
-    period = np.minimum((mid * k / total).astype(np.int64), k - 1)     # non-decreasing over values
+    period = value_periods(np.cumsum(counts), counts, total, k)       # non-decreasing over values
     filled = len(np.unique(period))
     if filled < k:
         raise ValueError(f"{len(values)} distinct values fill {filled} of {k} periods")

@@ -18,7 +18,7 @@ import polars as pl
 
 from ctrpipe.data.chunks import RawChunk, column_hashes, has_column, hashed_name
 from ctrpipe.data.reader import iter_raw_chunks
-from ctrpipe.data.splits import combine_hashes, mix64, period_starts
+from ctrpipe.data.splits import combine_hashes, mix64, period_starts, value_periods
 from ctrpipe.errors import InputFormatError, SchemaError, location
 from ctrpipe.shard.transform import Plan
 
@@ -306,8 +306,7 @@ def _refined_starts(k: int, total: int, sample: pl.Series, passes: Callable[[], 
         for j, p in enumerate(range(1, k)):
             near = pl.concat(parts[j]).group_by("t").agg(pl.col("n").sum()).sort("t")
             counts = near["n"].to_numpy().astype(np.int64)
-            mid = below[j] + np.cumsum(counts) - counts / 2.0        # middle rank of each value's rows
-            period = np.minimum((mid * k / total).astype(np.int64), k - 1)
+            period = value_periods(below[j] + np.cumsum(counts), counts, total, k)
             first = int(np.searchsorted(period, p, side="left"))
             if first == len(counts) and hi[j] is None:
                 raise ValueError(f"the values fill fewer than {k} periods (period {p} holds none)")

@@ -61,10 +61,10 @@ def masks_padding(weight: Tensor, sparse: bool, force: bool | None = None) -> bo
     return (sparse and weight.is_cuda) if force is None else force
 
 
-def padded_lookup(ids: Tensor, weight: Tensor, pad: int, sparse: bool, mask: bool | None = None) -> Tensor:
+def padded_lookup(ids: Tensor, weight: Tensor, pad: int, sparse: bool, force: bool | None = None) -> Tensor:
     """(..., D) rows of `weight` at `ids`; positions holding `pad` are zero vectors and send no gradient to
-    any row but zeros to the padding row. `mask`: see `masks_padding`."""
-    if not masks_padding(weight, sparse, mask):
+    any row but zeros to the padding row. `force`: see `masks_padding`."""
+    if not masks_padding(weight, sparse, force):
         return nn.functional.embedding(ids, weight, padding_idx=pad, sparse=sparse)
     out = nn.functional.embedding(ids, weight, sparse=sparse)
     return out * (ids != pad).unsqueeze(-1).to(out.dtype)
