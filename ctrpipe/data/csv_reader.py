@@ -20,8 +20,8 @@ import numpy as np
 import polars as pl
 
 from ctrpipe.data.chunks import BadRow, RawChunk
-from ctrpipe.data.config import DataConfig, DerivedLabelConfig
-from ctrpipe.data.csv_records import SEP_BYTE, RecordCutter, Records
+from ctrpipe.data.config import CsvConfig, DataConfig, DerivedLabelConfig
+from ctrpipe.data.csv_records import SEP_BYTE, TEXT_QUOTE_BYTE, RecordCutter, Records
 from ctrpipe.data.schema import ResolvedColumns, closest
 from ctrpipe.data.transforms import BadWeights, weight_error
 from ctrpipe.errors import InputFormatError, SchemaError, location
@@ -44,7 +44,18 @@ def _parse_record(rec: Records, i: int, cfg: DataConfig, n: int) -> list[str | N
     frame = pl.read_csv(io.BytesIO(data), has_header=False, separator=_polars_sep(cfg),
                         quote_char=cfg.csv.quote_char or None,
                         schema={f"column_{j + 1}": pl.String for j in range(n)})
-    return [None if v is None else v.replace(chr(SEP_BYTE), cfg.csv.separator) for v in frame.row(0)]
+    return list(_restore_text(frame, rec, cfg.csv).row(0))
+
+
+def _restore_text(frame: pl.DataFrame, rec: Records, csv: CsvConfig) -> pl.DataFrame:
+    """Put back what the cutter stood in for in the text polars parsed: a multi-byte separator (SEP_BYTE,
+    which only a quoted field keeps as text) and quotes inside unquoted fields (TEXT_QUOTE_BYTE)."""
+    swaps = [(chr(TEXT_QUOTE_BYTE), rec.text_quote)] if rec.text_quote else []
+    if len(csv.separator.encode()) > 1 and csv.quote_char and csv.quote_char.encode() in rec.data:
+        swaps.append((chr(SEP_BYTE), csv.separator))
+    for stand_in, text in swaps:
+        frame = frame.with_columns(pl.col(pl.String).str.replace_all(stand_in, text, literal=True))
+    return frame
 
 
 def _polars_sep(cfg: DataConfig) -> str:
@@ -159,7 +170,7 @@ class CsvChunker:
         wrong = rec.fields != len(self.layout.names)
         flags.flag(np.flatnonzero(wrong), None, "field count", self._field_error)
         frame, parsed = self._parse(rec, np.flatnonzero(flags.keep), flags)
-        frame = self._restore_separator(frame, rec)
+        frame = _restore_text(frame, rec, self.cfg.csv)
         frame = self._typed(frame, parsed, flags)
         keep = flags.keep[parsed]
         if not keep.all():
@@ -207,7 +218,7 @@ class CsvChunker:
         if len(idx) == 1:
             flags.flag(idx, None, "unparsable", lambda r, i: InputFormatError(
                 f"cannot parse this row: {reason}", where=location(self.path, int(r.lines[i])),
-                fix="check its quoting (a quote inside an unquoted field, or text after a closing quote) "
+                fix="check its quoting (text after a closing quote?) "
                     "and encoding (UTF-8); set data.csv.quote_char=\"\" if quote characters are plain text, "
                     + _SKIP_FIX))
             return self._read(b""), idx[:0]
@@ -221,14 +232,6 @@ class CsvChunker:
         return pl.read_csv(io.BytesIO(data), has_header=False, separator=_polars_sep(self.cfg),
                            quote_char=self.cfg.csv.quote_char or None, schema=self.schema,
                            columns=self.read_idx).select([names[j] for j in self.read_idx])
-
-    def _restore_separator(self, frame: pl.DataFrame, rec: Records) -> pl.DataFrame:
-        """A multi-byte separator inside quotes was replaced by SEP_BYTE with all the others: put it back."""
-        q = self.cfg.csv.quote_char
-        if len(self.cfg.csv.separator.encode()) == 1 or not q or q.encode() not in rec.data:
-            return frame
-        return frame.with_columns(pl.col(pl.String).str.replace_all(chr(SEP_BYTE), self.cfg.csv.separator,
-                                                                    literal=True))
 
     # -- values
     def _is_missing(self, col: str) -> pl.Expr:

@@ -4,9 +4,10 @@ with its line number and its quote-aware field count, vectorised over the block'
 Quoting follows RFC 4180: every quote character toggles "inside quotes" (a doubled quote toggles twice), so a
 quoted field may hold separators and line breaks, and a record ends at the first line break outside quotes.
 A quote inside an unquoted field (`5'11"`, `5""`) is text: only a quote at a field's start opens a quoted
-field, in which every quote toggles, as polars reads it (`_quoting_quotes`). An opening quote that never closes
-runs on into the next lines: the reader reports it with the hint to turn quoting off (with bad_rows=skip,
-`resync_fields` cuts it back to its line).
+field, in which every quote toggles, as polars reads it (`_quoting_quotes`); such text quotes reach polars as
+the byte `TEXT_QUOTE_BYTE` (its row cutter would count them as toggles) and are put back in the values. An
+opening quote that never closes runs on into the next lines: the reader reports it with the hint to turn
+quoting off (with bad_rows=skip, `resync_fields` cuts it back to its line).
 Before that analysis a separator of several bytes (", ") becomes the single byte `SEP_BYTE`, so polars
 (one-byte separators only) parses the records and each occurrence of the configured separator is exactly one
 field boundary. CRLF line ends stay as they are: polars reads them, and a quoted field's CRLF is its text.
@@ -29,6 +30,7 @@ from ctrpipe.data.criteo import MAX_LINE_BYTES, READ_BYTES, iter_blocks
 from ctrpipe.errors import InputFormatError, location
 
 SEP_BYTE = 0x1F              # ASCII "unit separator": stands for a multi-byte separator (never in real text)
+TEXT_QUOTE_BYTE = 0x1E       # ASCII "record separator": stands for a quote that is text (in an unquoted field)
 BOM = b"\xef\xbb\xbf"        # a UTF-8 byte-order mark (spreadsheet exports) is not part of the first field
 KIND = "delimited text (data.format=csv)"
 
@@ -45,6 +47,7 @@ class Records:
     fields: np.ndarray       # (R,) int64 fields (separators outside quotes + 1)
     file_bytes: int          # on-disk bytes consumed since the previous Records (progress)
     open_quote: bool = False  # the last record's quote never closes (only at the end of a file)
+    text_quote: str = ""     # the quote character that TEXT_QUOTE_BYTE stands for in data ("": data has none)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -52,12 +55,12 @@ class Records:
     def drop_first(self) -> Records:
         """Without the first record (a header row)."""
         return Records(self.data, self.starts[1:], self.ends[1:], self.lines[1:], self.spans[1:],
-                       self.fields[1:], self.file_bytes, self.open_quote and len(self) > 1)
+                       self.fields[1:], self.file_bytes, self.open_quote and len(self) > 1, self.text_quote)
 
     def text(self, i: int, sep: str, limit: int = 80) -> str:
         """Record i as written (with the configured separator), cut to `limit` characters."""
         raw = self.data[self.starts[i]: self.ends[i]].decode("utf-8", errors="replace").rstrip("\r")
-        raw = raw.replace(chr(SEP_BYTE), sep)
+        raw = raw.replace(chr(SEP_BYTE), sep).replace(chr(TEXT_QUOTE_BYTE), self.text_quote)
         return raw if len(raw) <= limit else raw[:limit] + "..."
 
     def gather(self, idx: np.ndarray | None = None) -> bytes:
@@ -187,7 +190,7 @@ class RecordCutter:
         an unfinished last record stays in buf; with it, the rest of buf is one record with an open quote."""
         arr = np.frombuffer(buf, np.uint8)
         nl_at = np.flatnonzero(arr == 10)
-        inside = self._inside_quotes(arr, nl_at)
+        inside, text_quotes = self._inside_quotes(arr, nl_at)
         if self.resync_fields and inside is not None:
             stray = self._stray_quote_line_end(arr, nl_at, inside, final)
             if stray is not None:       # cut the buffer after the stray quote's line: parity restarts there
@@ -217,9 +220,31 @@ class RecordCutter:
         used_lines = int(np.searchsorted(nl_at, used, side="left"))
         if not len(kept):                                   # only blank and comment lines
             return None, used, used_lines
-        rec = Records(buf, starts[kept], ends[kept], lines.astype(np.int64), spans.astype(np.int64),
-                      fields, file_bytes, open_quote and bool(kept[-1] == len(starts) - 1))
+        data, text_quote = buf, ""
+        text_quotes = text_quotes[text_quotes < used]
+        if len(text_quotes):
+            data, text_quote = self._mark_text_quotes(arr[:used], text_quotes, line0, nl_at), chr(self.quote or 0)
+        rec = Records(data, starts[kept], ends[kept], lines.astype(np.int64), spans.astype(np.int64),
+                      fields, file_bytes, open_quote and bool(kept[-1] == len(starts) - 1), text_quote)
         return rec, used, used_lines
+
+    def _mark_text_quotes(self, arr: np.ndarray, at: np.ndarray, line0: int, nl_at: np.ndarray) -> bytes:
+        """arr's bytes with the quotes at `at` (text, inside unquoted fields) as TEXT_QUOTE_BYTE.
+
+        polars reads such quotes as text too, but only while it parses a record alone: its parallel reader
+        cuts the bytes into rows by counting every quote as a toggle, so an odd number of them refused the
+        record and an even number could join the fields or rows between them, depending on which records
+        shared the parse (chunk_rows). Polars never sees them now; `Records.restore` puts them back."""
+        if (clash := np.flatnonzero(arr == TEXT_QUOTE_BYTE)).size:
+            raise InputFormatError(
+                f"the byte 0x1e (ASCII record separator) is in the text; the reader uses it in place of a "
+                f"{self.cfg.quote_char!r} inside an unquoted field",
+                where=location(self.path, line0 + int(np.searchsorted(nl_at, clash[0]))),
+                fix="remove the control character from the file, or set data.csv.quote_char=\"\" if quote "
+                    "characters are plain text in this file")
+        out = arr.copy()
+        out[at] = TEXT_QUOTE_BYTE
+        return out.tobytes()
 
     def _stray_quote_line_end(self, arr: np.ndarray, nl_at: np.ndarray, inside: np.ndarray,
                               final: bool) -> int | None:
@@ -249,15 +274,18 @@ class RecordCutter:
             return None
         return int(nl_at[np.searchsorted(nl_at, starts[int(hit[0])])])
 
-    def _inside_quotes(self, arr: np.ndarray, nl_at: np.ndarray) -> np.ndarray | None:
-        """(n,) bool: byte i lies inside quotes (parity of the quotes before it and at it); None: no quotes."""
+    def _inside_quotes(self, arr: np.ndarray, nl_at: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """((n,) bool: byte i lies inside quotes (parity of the quotes before it and at it), None: no quotes;
+        the offsets of the quotes that are text: in unquoted fields of data lines)."""
+        none = np.zeros(0, dtype=np.int64)
         if self.quote is None:
-            return None
+            return None, none
         q = arr == self.quote
         if not q.any():
-            return None
+            return None, none
         if not self.comment:
-            return np.logical_xor.accumulate(self._quoting_quotes(arr, q))
+            quoting = self._quoting_quotes(arr, q)
+            return np.logical_xor.accumulate(quoting), none if quoting is q else np.flatnonzero(q & ~quoting)
         # quotes in comment lines are text, and a line is a comment only where it starts outside quotes (a
         # quoted field may hold a line that begins with the prefix). Every line that begins with the prefix is
         # first taken for a comment, then each pass takes every line's status from the parity the last pass
@@ -275,10 +303,12 @@ class RecordCutter:
         comment = np.ones(len(prefixed), dtype=bool)
         while True:
             text = _ranges_mask(len(arr), prefixed[comment], line_ends[comment]) if comment.any() else None
-            inside = np.logical_xor.accumulate(self._quoting_quotes(arr, q & ~text if text is not None else q))
+            data_q = q & ~text if text is not None else q
+            quoting = self._quoting_quotes(arr, data_q)
+            inside = np.logical_xor.accumulate(quoting)
             quoted = (prefixed > 0) & inside[np.maximum(prefixed - 1, 0)]
             if np.array_equal(comment, ~quoted):
-                return inside
+                return inside, none if quoting is data_q else np.flatnonzero(data_q & ~quoting)
             comment = ~quoted
 
     def _quoting_quotes(self, arr: np.ndarray, q: np.ndarray) -> np.ndarray:
