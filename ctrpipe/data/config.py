@@ -128,6 +128,15 @@ class CsvConfig:
         if self.comment_prefix.startswith(("\n", "\r")):
             raise ConfigError(f"bad value {self.comment_prefix!r} for 'data.csv.comment_prefix'",
                               fix='use e.g. data.csv.comment_prefix="#"')
+        prefix, sep_bytes = self.comment_prefix.encode(), sep.encode()
+        if len(sep_bytes) > 1 and any(prefix[i:].startswith(sep_bytes) or sep_bytes.startswith(prefix[i:])
+                                      for i in range(len(prefix))):
+            # the reader stands one byte in for each multi-byte separator before it finds comment lines
+            raise ConfigError(f"data.csv.comment_prefix {self.comment_prefix!r} overlaps the separator {sep!r}: "
+                              "a line starting with it may begin with a separator (an empty first field)",
+                              where="data.csv.comment_prefix",
+                              fix="use a comment prefix that shares no characters with the start of the "
+                                  "separator, e.g. data.csv.comment_prefix=\"#\"")
 
 
 @dataclass(frozen=True)

@@ -437,10 +437,23 @@ def test_missing_feature_column_names_the_closest(tmp_path: Path) -> None:
     (["data.multihot=[{column: tags, bins: 1}]"], "bad bins 1 for token column 'tags'"),
     (["data.sequence=[{column: seq, bins: -5}]"], "bad bins -5"),
     (["data.sequence=[{column: seq, separator: ''}]"], "empty separator for token column 'seq'"),
+    # a multi-byte separator becomes one byte before comment lines are found: '||note' was no comment
+    (["data.csv.separator='||'", "data.csv.comment_prefix='|'"], "comment_prefix '|' overlaps the separator"),
+    (["data.csv.separator='||'", "data.csv.comment_prefix='#|'"], "comment_prefix '#|' overlaps"),
 ])
 def test_config_errors(override: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.format=csv", *override], resolve_model=False)
+
+
+@pytest.mark.parametrize("sep, prefix", [("|#", "#"), ("|", "|"), ("||", "#")])
+def test_comment_prefixes_beside_their_separator(tmp_path: Path, sep: str, prefix: str) -> None:
+    """A prefix that only ends the separator, or equals a one-byte one (never replaced), still marks comments."""
+    path = tmp_path / "c.csv"
+    path.write_text(sep.join("aby") + f"\n{prefix}note\n" + sep.join(["x", "z", "1"]) + f"\n{prefix}{sep}q\n")
+    cfg = DataConfig(format="csv", csv=CsvConfig(separator=sep, comment_prefix=prefix), labels=("y",),
+                     numeric=NumericConfig(columns=()), categorical=CategoricalConfig(columns=("a", "b")))
+    assert read(cfg, [path]).select("a", "b").rows() == [("x", "z")]
 
 
 def test_every_bad_weight_of_a_chunk_is_flagged_in_one_pass(tmp_path: Path) -> None:
