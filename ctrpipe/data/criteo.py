@@ -41,7 +41,15 @@ _MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\
           b"PAR1": "Parquet"}
 _SEP_NAMES = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", " ": "space"}
 BadMode = Literal["error", "skip"]
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"            # a UTF-8 byte-order mark (spreadsheet exports): not part of the first field
+
+
+def polars_input(data: bytes) -> io.BytesIO:
+    """Lines or records for `pl.read_csv`, which drops a byte-order mark at the start of what it is given: the
+    file's own mark is gone already (the readers drop it), so a mark there is text, the first character of a
+    line that only happens to start a chunk (it was kept or lost with chunk_rows); a second mark in front is
+    the one dropped instead."""
+    return io.BytesIO(BOM + data if data.startswith(BOM) else data)
 
 
 def _sep_name(sep: str) -> str:
@@ -177,8 +185,8 @@ def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
                 eof = True
                 avg = avg or 1.0
                 continue
-            if not buf and line == 1 and piece.startswith(_BOM):
-                piece = piece[len(_BOM):]
+            if not buf and line == 1 and piece.startswith(BOM):
+                piece = piece[len(BOM):]
             buf, off, pos = buf[pos:] + piece, off - pos, 0
             if not avg:
                 sample = min(len(buf), 1 << 20)
@@ -209,8 +217,8 @@ def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int, kind_name: 
         sample = min(size, 1 << 20)
         avg = sample / max(1, _count_newlines(mm, 0, sample))
         pos, line, dropped = 0, 1, 0
-        if mm[: len(_BOM)] == _BOM:                 # a UTF-8 byte-order mark is not data
-            pos = len(_BOM)
+        if mm[: len(BOM)] == BOM:                 # a UTF-8 byte-order mark is not data
+            pos = len(BOM)
         block_start = 0                             # file bytes a block accounts for start here
         while pos < size:
             off, got = _advance(mm, pos, chunk_rows, avg)
@@ -377,7 +385,7 @@ class CriteoReader:
         return {c: (pl.String if c.startswith("C") else num) for c in self.columns}
 
     def _parse(self, data: bytes, numeric_as_text: bool = False) -> pl.DataFrame:
-        return pl.read_csv(io.BytesIO(data), has_header=False, separator=self.sep, quote_char=None,
+        return pl.read_csv(polars_input(data), has_header=False, separator=self.sep, quote_char=None,
                            schema=self._schema(numeric_as_text))
 
     def chunk(self, block: _Block) -> RawChunk:

@@ -10,7 +10,6 @@ polars cannot parse (bad quoting, invalid UTF-8), is a bad row too: an error, or
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import polars as pl
 
 from ctrpipe.data.chunks import BadRow, RawChunk
 from ctrpipe.data.config import CsvConfig, DataConfig, DerivedLabelConfig
+from ctrpipe.data.criteo import polars_input
 from ctrpipe.data.csv_records import SEP_BYTE, TEXT_QUOTE_BYTE, RecordCutter, Records
 from ctrpipe.data.schema import ResolvedColumns, closest
 from ctrpipe.data.transforms import BadWeights, weight_error
@@ -41,7 +41,7 @@ def _shown_sep(sep: str) -> str:
 def _parse_record(rec: Records, i: int, cfg: DataConfig, n: int) -> list[str | None]:
     """One record's fields as text (the header row)."""
     data = rec.gather(np.array([i]))
-    frame = pl.read_csv(io.BytesIO(data), has_header=False, separator=_polars_sep(cfg),
+    frame = pl.read_csv(polars_input(data), has_header=False, separator=_polars_sep(cfg),
                         quote_char=cfg.csv.quote_char or None,
                         schema={f"column_{j + 1}": pl.String for j in range(n)})
     return list(_restore_text(frame, rec, cfg.csv).row(0))
@@ -229,7 +229,7 @@ class CsvChunker:
 
     def _read(self, data: bytes) -> pl.DataFrame:
         names = self.layout.names
-        return pl.read_csv(io.BytesIO(data), has_header=False, separator=_polars_sep(self.cfg),
+        return pl.read_csv(polars_input(data), has_header=False, separator=_polars_sep(self.cfg),
                            quote_char=self.cfg.csv.quote_char or None, schema=self.schema,
                            columns=self.read_idx).select([names[j] for j in self.read_idx])
 

@@ -31,7 +31,6 @@ from ctrpipe.errors import InputFormatError, location
 
 SEP_BYTE = 0x1F              # ASCII "unit separator": stands for a multi-byte separator (never in real text)
 TEXT_QUOTE_BYTE = 0x1E       # ASCII "record separator": stands for a quote that is text (in an unquoted field)
-BOM = b"\xef\xbb\xbf"        # a UTF-8 byte-order mark (spreadsheet exports) is not part of the first field
 KIND = "delimited text (data.format=csv)"
 
 
@@ -171,8 +170,6 @@ class RecordCutter:
             carry, line = carry[used:], line + used_lines
 
     def _normalise(self, data: bytes, first_line: int) -> bytes:
-        if first_line == 1 and data.startswith(BOM):
-            data = data[len(BOM):]
         if len(self.sep) > 1:
             if bytes([SEP_BYTE]) in data:
                 at = data.index(bytes([SEP_BYTE]))

@@ -114,6 +114,21 @@ def test_stripped_trailing_fields_fix_message(tmp_path: Path, criteo_tsv: Path) 
     assert f"{path}, line 41: 37 tab-separated fields" in msg and "trailing empty fields stripped" in msg
 
 
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_a_byte_order_mark_inside_the_file_is_text_for_any_chunk_rows(tmp_path: Path, criteo_tsv: Path,
+                                                                       native: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """polars drops a mark at the start of the bytes it parses: on line 11 one was dropped (a good row) when a
+    chunk started there and kept (a bad label) otherwise, in the polars path (CTRPIPE_NATIVE=0)."""
+    monkeypatch.setenv("CTRPIPE_NATIVE", native)
+    lines = lines_of(criteo_tsv)
+    lines[10] = "\ufeff" + lines[10]
+    path = write_lines(tmp_path / "bom.tsv", lines)
+    for chunk_rows in (5, 10, 1000):
+        chunks = list(iter_raw_chunks(CFG, [path], chunk_rows, bad_rows="skip"))
+        assert [(b.line, b.reason) for c in chunks for b in c.bad_rows] == [(11, "bad label")]
+
+
 def test_blank_line_is_a_bad_line(tmp_path: Path, criteo_tsv: Path) -> None:
     lines = lines_of(criteo_tsv)
     lines.insert(10, "\n")

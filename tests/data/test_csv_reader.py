@@ -123,6 +123,17 @@ def test_header_with_bom_and_quoted_names(tmp_path: Path) -> None:
     assert frame["uid"].to_list() == ["u1"] and frame["city, town"].to_list() == ["X"]
 
 
+def test_a_byte_order_mark_inside_the_file_is_text_for_any_chunk_rows(tmp_path: Path) -> None:
+    """Only the file's first mark is no text: polars dropped one at the start of every chunk (a value's first
+    character kept or lost with chunk_rows), and a second mark at the file's start went with the first."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeff\ufeffa,b,y\nx,z,1\n\ufeffq,w,0\n".encode())
+    cfg = DataConfig(format="csv", csv=CsvConfig(), labels=("y",), numeric=NumericConfig(columns=()),
+                     categorical=CategoricalConfig(columns=("\ufeffa", "b")))
+    for rows in (1, 1000):
+        assert read(cfg, [path], rows)["\ufeffa"].to_list() == ["x", "\ufeffq"]
+
+
 def test_missing_tokens_become_null(tmp_path: Path) -> None:
     path = tmp_path / "m.csv"
     path.write_text("uid,age,city,note,status,clicked\nu1,?,?,NA,Widowed,1\nu2, ,,x,Widowed,0\n")
