@@ -111,8 +111,8 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
     if summary.get("interrupted") or not ctx.main:
         return summary
     summary.update(_costs(ctx, started), resumed=ctx.resume)
+    _calibrate(ctx)                 # before metrics.json, which marks the run finished for --resume
     write_json(ctx.run_dir / "metrics.json", summary)
-    _calibrate(ctx)
     _print_summary(ctx, summary)
     return summary
 

@@ -258,6 +258,27 @@ def test_resume_of_a_finished_run_changes_nothing(cache: Path, tmp_path: Path):
     assert {name: (run / name).read_bytes() for name in record} == record
 
 
+def test_a_run_is_finished_only_with_its_calibration(cache: Path, tmp_path: Path):
+    """metrics.json (what marks a run finished) was written before calibration.json: a run stopped between the
+    two was called finished by --resume and never got its calibration. A calibration that cannot be written
+    (here: a folder in its place) now leaves no metrics.json, and --resume writes both."""
+    sets = ("--set", "train.max_steps=2", "--set", "infer.calibration.method=temperature")
+    assert train(cache, tmp_path, *sets)[0] == 0
+    run = tmp_path / "criteo"
+    want = {name: (run / name).read_bytes() for name in ("metrics.json", "calibration.json")}
+    for name in want:
+        (run / name).unlink()
+    (run / "calibration.json").mkdir()
+    with pytest.raises(OSError):
+        train(cache, tmp_path, *sets, "--resume")
+    assert not (run / "metrics.json").exists()
+    (run / "calibration.json").rmdir()
+    assert train(cache, tmp_path, *sets, "--resume")[0] == 0
+    assert (run / "calibration.json").read_bytes() == want["calibration.json"]
+    got = json.loads((run / "metrics.json").read_text())
+    assert got["val"] == json.loads(want["metrics.json"])["val"] and got["resumed"]
+
+
 def test_a_finished_checkpoint_counts_the_last_epoch(cache: Path, tmp_path: Path):
     """The last step's evaluation saved ckpt_last.pt before the epoch was closed, so a K-fold run resumed
     after a kill reported its finished folds with 0 epochs (cv.folds[k].epochs)."""
