@@ -15,6 +15,31 @@ MAX_BAD_EXAMPLES = 5     # readers name at most this many bad rows in an error m
 HASHED_PREFIX = "xxh64:"  # frame column "xxh64:C1": C1 already hashed by the reader (see column_hashes)
 
 
+@dataclass(frozen=True)
+class Remedies:
+    """What the command reading the input lets its user do about a bad file, for the readers' fixes to name:
+    a fix names only options its command has (`ctrpipe predict` scores every row of a file in the run's
+    format; a --gold file needs labels and cannot be --test). The default is `ctrpipe shard`'s."""
+
+    skip_rows: bool = True            # --bad-rows skip exists
+    run_format: str = ""              # the one format the command reads ("": any, by --set data.format)
+    # for a file without the label columns
+    unlabelled: str = "pass --test to shard unlabelled test data, or check that this is the training file"
+
+    def or_skip(self, fix: str, what: str = "rows") -> str:
+        """`fix`, and where the command can skip bad rows, that option."""
+        return f"{fix}, or pass --bad-rows skip to skip and count such {what}" if self.skip_rows else fix
+
+    def read_as(self, fmt: str) -> str:
+        """How to read a file that is in format `fmt`."""
+        if self.run_format:
+            return f"pass input in the run's format (data.format={self.run_format})"
+        return f"pass --set data.format={fmt}"
+
+
+SHARD_REMEDIES = Remedies()
+
+
 @dataclass
 class BadRow:
     """One malformed input row, skipped in `bad_rows=skip` mode (one object per skipped row)."""

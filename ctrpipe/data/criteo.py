@@ -25,7 +25,7 @@ from typing import BinaryIO, Literal
 import numpy as np
 import polars as pl
 
-from ctrpipe.data.chunks import BadRow, RawChunk, hashed_name
+from ctrpipe.data.chunks import SHARD_REMEDIES, BadRow, RawChunk, Remedies, hashed_name
 from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig
 from ctrpipe.data.hashing import field_seed
 from ctrpipe.data.schema import CRITEO_LABEL
@@ -71,7 +71,8 @@ class _Block:
     file_bytes: int      # on-disk bytes consumed since the previous block
 
 
-def open_text(path: Path, kind_name: str = "Criteo text") -> tuple[BinaryIO, BinaryIO]:
+def open_text(path: Path, kind_name: str = "Criteo text",
+              remedies: Remedies = SHARD_REMEDIES) -> tuple[BinaryIO, BinaryIO]:
     """(decompressed stream, raw file). gzip is recognised by its magic bytes, whatever the suffix."""
     raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
     head = raw.read(8)
@@ -81,7 +82,7 @@ def open_text(path: Path, kind_name: str = "Criteo text") -> tuple[BinaryIO, Bin
     for magic, kind in _MAGIC.items():
         if head.startswith(magic):
             raw.close()
-            fix = ("pass --set data.format=parquet (or a Parquet config)" if kind == "Parquet"
+            fix = (remedies.read_as("parquet") if kind == "Parquet"
                    else f"decompress it first ({kind_name} may be plain or .gz), e.g. with the {kind} tool")
             raise InputFormatError(f"this is a {kind} file, not {kind_name}", where=str(path), fix=fix)
     return raw, raw
@@ -143,16 +144,17 @@ def _advance(buf: bytes, off: int, need: int, avg: float) -> tuple[int, int]:
 
 
 def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
-                max_line_bytes: int = MAX_LINE_BYTES, kind_name: str = "Criteo text") -> Iterator[_Block]:
+                max_line_bytes: int = MAX_LINE_BYTES, kind_name: str = "Criteo text",
+                remedies: Remedies = SHARD_REMEDIES) -> Iterator[_Block]:
     """Blocks of exactly chunk_rows lines (the last may be shorter); a final line without '\\n' gets one.
 
     One buffer holds the unconsumed bytes; a block is found by jumping ahead by the average line length
     (`_advance`), and its bytes are one slice of the buffer. `kind_name` names the expected text in errors.
     """
-    stream, raw = open_text(path, kind_name)
+    stream, raw = open_text(path, kind_name, remedies)
     if stream is raw and os.fstat(raw.fileno()).st_size > 0:
         raw.close()
-        yield from _mapped_blocks(path, chunk_rows, max_line_bytes, kind_name)
+        yield from _mapped_blocks(path, chunk_rows, max_line_bytes, kind_name, remedies)
         return
     buf, pos = b"", 0          # buf[pos:] is unconsumed; pos is a line start
     off, got = 0, 0            # the current block so far: buf[pos:off] holds `got` whole lines
@@ -195,7 +197,7 @@ def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
                 raise InputFormatError(
                     f"line {line + got + _count_newlines(buf, off, len(buf)):,} is longer than "
                     f"{max_line_bytes:,} bytes (no line break)",
-                    where=str(path), fix=_long_line_fix(kind_name))
+                    where=str(path), fix=_long_line_fix(kind_name, remedies))
         data = buf[pos:]
         if data:
             if not data.endswith(b"\n"):
@@ -206,7 +208,8 @@ def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
         raw.close()
 
 
-def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int, kind_name: str) -> Iterator[_Block]:
+def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int, kind_name: str,
+                   remedies: Remedies) -> Iterator[_Block]:
     """Plain files: the same blocks, cut in a memory map of the file, so each block costs one copy (its
     slice) instead of a read, a buffer concatenation and a slice. Pages behind the cursor are dropped from
     the mapping (they stay in the page cache), so resident memory stays about one block whatever the size."""
@@ -227,7 +230,7 @@ def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int, kind_name: 
             elif got < chunk_rows and off < size:      # the last line has no b"\n"
                 off = size
             if off - pos > max_line_bytes:
-                _check_line_lengths(path, mm, pos, off, line, max_line_bytes, kind_name)
+                _check_line_lengths(path, mm, pos, off, line, max_line_bytes, kind_name, remedies)
             data = mm[pos:off]
             if not data.endswith(b"\n"):
                 data += b"\n"
@@ -264,12 +267,12 @@ def _gzip_intact_lines(path: Path) -> int:
     return lines
 
 
-def _long_line_fix(kind_name: str) -> str:
-    return f"check the file is {kind_name}, or pass --set data.format=parquet"
+def _long_line_fix(kind_name: str, remedies: Remedies) -> str:
+    return f"check the file is {kind_name}, or {remedies.read_as('parquet')}"
 
 
 def _check_line_lengths(path: Path, buf: mmap.mmap, start: int, stop: int, line: int, limit: int,
-                        kind_name: str) -> None:
+                        kind_name: str, remedies: Remedies) -> None:
     """A block larger than the line limit: raise if one of its lines is (binary data or a wrong format)."""
     ends = np.flatnonzero(np.frombuffer(buf, np.uint8, count=stop - start, offset=start) == 10)
     bounds = np.concatenate(([-1], ends, [stop - start - 1] if len(ends) == 0 or ends[-1] != stop - start - 1
@@ -278,7 +281,7 @@ def _check_line_lengths(path: Path, buf: mmap.mmap, start: int, stop: int, line:
     if len(long):
         raise InputFormatError(
             f"line {line + int(long[0]):,} is longer than {limit:,} bytes (no line break)",
-            where=str(path), fix=_long_line_fix(kind_name))
+            where=str(path), fix=_long_line_fix(kind_name, remedies))
 
 
 # ------------------------------------------------------------------------------------------ line analysis
@@ -311,7 +314,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def detect_layout(path: Path, block: _Block, sep: str) -> int:
+def detect_layout(path: Path, block: _Block, sep: str, remedies: Remedies = SHARD_REMEDIES) -> int:
     """40 (labelled) or 39 (test) fields, by majority over the first block; a header line or a wrong
     separator is reported here, where the first line is at hand."""
     sample = block.data[: 1 << 22]
@@ -332,7 +335,7 @@ def detect_layout(path: Path, block: _Block, sep: str) -> int:
             f"{int(counts[0])} {_sep_name(sep)}-separated fields on the first line, expected "
             f"{_expected_text(LABELLED_FIELDS)} or {_expected_text(TEST_FIELDS)}",
             where=location(path, 1),
-            fix="check the file is Criteo text, or pass --set data.format=parquet for Parquet input"
+            fix=f"check the file is Criteo text, or {remedies.read_as('parquet')} for Parquet input"
                 + _separator_hint(first, sep))
     return LABELLED_FIELDS if n_lab >= n_test else TEST_FIELDS
 
@@ -364,6 +367,7 @@ class CriteoReader:
     keep: list[str]
     bad_rows: BadMode
     hash_seeds: dict[str, int] = dataclasses.field(default_factory=dict)
+    remedies: Remedies = SHARD_REMEDIES
 
     def __post_init__(self) -> None:
         cats = self.columns[self.n_fields - len(CRITEO_CAT):]
@@ -476,17 +480,17 @@ class CriteoReader:
         what = f"{n} {_sep_name(self.sep)}-separated fields, expected {_expected_text(self.n_fields)}"
         if not text.strip():
             what = f"empty line, expected {_expected_text(self.n_fields)} fields"
-        fix = "check the file is Criteo text, or pass --set data.format=parquet for Parquet input"
+        r = self.remedies
         if not text.strip():
-            fix = "remove the empty line, or pass --bad-rows skip to skip and count such lines"
+            fix = r.or_skip("remove the empty line", "lines")
         elif 0 < n < self.n_fields:
-            fix = ("the line is short: were trailing empty fields stripped (an editor or tool that trims "
-                   "lines)? Re-export with every separator kept, or pass --bad-rows skip to skip such lines")
+            fix = r.or_skip("the line is short: were trailing empty fields stripped (an editor or tool that trims "
+                            "lines)? Re-export with every separator kept", "lines")
         elif n == LABELLED_FIELDS + TEST_FIELDS - self.n_fields:
-            fix = ("files mix labelled (40-field) and unlabelled (39-field) lines; shard them separately, "
-                   "or pass --bad-rows skip")
+            fix = r.or_skip("files mix labelled (40-field) and unlabelled (39-field) lines; shard them "
+                            "separately", "lines")
         else:
-            fix += " (or --bad-rows skip to skip and count bad lines)"
+            fix = r.or_skip(f"check the file is Criteo text, or {r.read_as('parquet')} for Parquet input", "lines")
         fix += _separator_hint(text, self.sep) if text.strip() else ""
         return InputFormatError(what, where=location(self.path, line), fix=fix)
 
@@ -532,10 +536,9 @@ class CriteoReader:
 
     def _value_fix(self, col: str) -> str:
         if col == CRITEO_LABEL:
-            return ("the first field of a 40-field line is the 0/1 click label; fix the value, or pass "
-                    "--bad-rows skip to skip and count such lines")
-        return ("I1..I13 hold integer counts (blank = missing); fix the value, or pass --bad-rows skip to "
-                "skip and count such lines")
+            return self.remedies.or_skip("the first field of a 40-field line is the 0/1 click label; fix the "
+                                         "value", "lines")
+        return self.remedies.or_skip("I1..I13 hold integer counts (blank = missing); fix the value", "lines")
 
     def _check_utf8(self, data: bytes, block: _Block, idx: np.ndarray,
                     ) -> tuple[bytes, np.ndarray, list[BadRow]]:
@@ -605,38 +608,38 @@ class CriteoReader:
 
 
 def criteo_text_chunk(cfg: DataConfig, data: bytes, source: Path, keep: list[str],
-                      hashed: tuple[str, ...] = ()) -> RawChunk:
+                      hashed: tuple[str, ...] = (), remedies: Remedies = SHARD_REMEDIES) -> RawChunk:
     """One RawChunk of in-memory Criteo text (whole lines, labelled or not), parsed exactly as one block of
     a file by `iter_criteo_chunks` (same layout detection, kernel and checks); errors name `source`, line."""
     if data and not data.endswith(b"\n"):
         data += b"\n"
     block = _Block(data, 1, data.count(b"\n"), len(data))
-    reader = CriteoReader(source, cfg.separator, detect_layout(source, block, cfg.separator), keep, "error",
-                          {c: field_seed(c, cfg.hash_seed) for c in hashed})
+    reader = CriteoReader(source, cfg.separator, detect_layout(source, block, cfg.separator, remedies), keep,
+                          "error", {c: field_seed(c, cfg.hash_seed) for c in hashed}, remedies)
     return reader.chunk(block)
 
 
 def iter_criteo_chunks(cfg: DataConfig, path: Path, chunk_rows: int, keep: list[str],
                        bad_rows: BadMode = "error", require_labels: bool = True,
-                       hashed: tuple[str, ...] = ()) -> Iterator[RawChunk]:
+                       hashed: tuple[str, ...] = (), remedies: Remedies = SHARD_REMEDIES) -> Iterator[RawChunk]:
     """RawChunks of one Criteo text file; `keep` names the columns the config uses, `hashed` the
     categorical ones the caller only needs as hashes (field seeds from cfg.hash_seed)."""
     seeds = {c: field_seed(c, cfg.hash_seed) for c in hashed}
     reader: CriteoReader | None = None
     # the layout is voted on the file's first LAYOUT_LINES lines, read apart: with the first chunk's, a file
     # whose first line is bad was a test file at chunk_rows=1 and a training file at 1000
-    with contextlib.closing(iter_blocks(path, LAYOUT_LINES)) as head:
+    with contextlib.closing(iter_blocks(path, LAYOUT_LINES, remedies=remedies)) as head:
         first = next(head, None)
     # blocks are cut one ahead in their own thread: cutting (page faults, copies) overlaps the parse
-    for block in prefetch(lambda: iter_blocks(path, chunk_rows), 1, "ctrpipe-read"):
+    for block in prefetch(lambda: iter_blocks(path, chunk_rows, remedies=remedies), 1, "ctrpipe-read"):
         if reader is None:
-            n_fields = detect_layout(path, first or block, cfg.separator)
+            n_fields = detect_layout(path, first or block, cfg.separator, remedies)
             if require_labels and n_fields == TEST_FIELDS:
                 raise InputFormatError(
                     f"the file has {TEST_FIELDS} fields per line (no label column): a test file?",
                     where=str(path),
-                    fix="pass --test to shard unlabelled test data, or check that this is the training file")
-            reader = CriteoReader(path, cfg.separator, n_fields, keep, bad_rows, seeds)
+                    fix=remedies.unlabelled)
+            reader = CriteoReader(path, cfg.separator, n_fields, keep, bad_rows, seeds, remedies)
         yield reader.chunk(block)
     if reader is None:
         raise InputFormatError("input file is empty", where=str(path), fix="re-create or re-download it")

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from ctrpipe.data.chunks import BadRow, RawChunk
+from ctrpipe.data.chunks import SHARD_REMEDIES, BadRow, RawChunk, Remedies
 from ctrpipe.data.config import CsvConfig, DataConfig, DerivedLabelConfig
 from ctrpipe.data.criteo import polars_input
 from ctrpipe.data.csv_records import SEP_BYTE, TEXT_QUOTE_BYTE, RecordCutter, Records
@@ -29,7 +29,6 @@ from ctrpipe.prefetch import prefetch
 
 BadMode = Literal["error", "skip"]
 _PARSE_ERRORS = (pl.exceptions.PolarsError, ValueError)
-_SKIP_FIX = "or pass --bad-rows skip to skip and count such rows"
 
 
 def _shown_sep(sep: str) -> str:
@@ -81,12 +80,12 @@ def _header(path: Path, cfg: DataConfig, rec: Records) -> list[str]:
     return [str(v) for v in names]
 
 
-def read_header(cfg: DataConfig, path: Path) -> list[str]:
+def read_header(cfg: DataConfig, path: Path, remedies: Remedies = SHARD_REMEDIES) -> list[str]:
     """Field names of a CSV file: its header row (the first record after comment and blank lines), or
     data.csv.column_names when the files have no header."""
     if not cfg.csv.header:
         return list(cfg.csv.column_names)
-    for rec in RecordCutter(path, cfg.csv, 64):
+    for rec in RecordCutter(path, cfg.csv, 64, remedies=remedies):
         return _header(path, cfg, rec)
     raise InputFormatError("the file holds no header row (only blank or comment lines)", where=str(path),
                            fix="check the file, or set data.csv.header=false and data.csv.column_names")
@@ -115,7 +114,7 @@ class _Layout:
 
 
 def _layout(path: Path, cfg: DataConfig, rc: ResolvedColumns, names: list[str], rec: Records,
-            require_labels: bool) -> _Layout:
+            require_labels: bool, remedies: Remedies) -> _Layout:
     """Which fields the file has: with a header, its names; without, data.csv.column_names, or those names
     less label columns when most records of the first chunk have that many fields (an unlabelled test file,
     as Criteo's 39-field layout). A label's source may also be an ordinary column (Adult's `married` comes
@@ -135,11 +134,10 @@ def _layout(path: Path, cfg: DataConfig, rc: ResolvedColumns, names: list[str], 
         if not cfg.csv.header:
             raise InputFormatError(
                 f"most rows have {len(names)} fields: data.csv.column_names without the label columns "
-                f"{label_cols}: a test file?", where=str(path),
-                fix="pass --test to shard unlabelled test data, or check that this is the training file")
+                f"{label_cols}: a test file?", where=str(path), fix=remedies.unlabelled)
         fix = closest(missing[0], names) + " Check data.labels / data.derived_labels"
         if require_labels and len(missing) == len(label_cols):
-            fix += "; pass --test for unlabelled test data"
+            fix += f"; {remedies.unlabelled}"
         else:
             fix += " (a test file must have all label columns or none)"
         raise SchemaError(f"label column {missing[0]!r} is not in the header", where=str(path), fix=fix)
@@ -156,8 +154,9 @@ class CsvChunker:
     """Parses the Records of one file into typed RawChunks, dropping or raising on bad rows."""
 
     def __init__(self, path: Path, cfg: DataConfig, rc: ResolvedColumns, layout: _Layout,
-                 bad_rows: BadMode) -> None:
+                 bad_rows: BadMode, remedies: Remedies = SHARD_REMEDIES) -> None:
         self.path, self.cfg, self.rc, self.layout, self.bad_rows = path, cfg, rc, layout, bad_rows
+        self.remedies = remedies
         self.missing = list(cfg.csv.missing)
         wanted = set(rc.raw_columns()) if layout.has_labels else set(rc.raw_columns()) - set(rc.label_columns)
         self.read_idx = [j for j, c in enumerate(layout.names) if c in wanted]
@@ -190,12 +189,12 @@ class CsvChunker:
         sep = self.cfg.csv.separator
         what = f"{n} {_shown_sep(sep)}-separated fields, expected {len(names)} ({', '.join(names[:4])}" + \
             (", ...)" if len(names) > 4 else ")")
-        fix = f"check data.csv.separator ({sep!r}) and the column names, {_SKIP_FIX}"
+        fix = self.remedies.or_skip(f"check data.csv.separator ({sep!r}) and the column names")
         if rec.spans[i] > 1:
             what += (f"; the row runs over {int(rec.spans[i])} lines because a quoted field holds line breaks "
                      f"(an unbalanced {self.cfg.csv.quote_char!r}?)")
-            fix = ("close the quote, or set data.csv.quote_char=\"\" if quote characters are plain text in "
-                   f"this file, {_SKIP_FIX}")
+            fix = self.remedies.or_skip("close the quote, or set data.csv.quote_char=\"\" if quote characters "
+                                        "are plain text in this file")
         elif rec.open_quote and i == len(rec) - 1:
             what += f"; a {self.cfg.csv.quote_char!r} opened in this row never closes"
         text = rec.text(i, sep)
@@ -218,9 +217,9 @@ class CsvChunker:
         if len(idx) == 1:
             flags.flag(idx, None, "unparsable", lambda r, i: InputFormatError(
                 f"cannot parse this row: {reason}", where=location(self.path, int(r.lines[i])),
-                fix="check its quoting (text after a closing quote?) "
-                    "and encoding (UTF-8); set data.csv.quote_char=\"\" if quote characters are plain text, "
-                    + _SKIP_FIX))
+                fix=self.remedies.or_skip("check its quoting (text after a closing quote?) and encoding "
+                                          "(UTF-8); set data.csv.quote_char=\"\" if quote characters are plain "
+                                          "text")))
             return self._read(b""), idx[:0]
         half = len(idx) // 2
         a, ia = self._parse(rec, idx[:half], flags)
@@ -296,22 +295,24 @@ class CsvChunker:
                 if value is None or value == "" or value in self.missing:
                     return InputFormatError(f"missing value {value!r} in the source of label {d.name!r}",
                                             where=where,
-                                            fix=f"every row needs a label: fill in {d.column!r}, {_SKIP_FIX}")
+                                            fix=self.remedies.or_skip(f"every row needs a label: fill in "
+                                                                      f"{d.column!r}"))
                 return InputFormatError(
                     f"{value!r} is neither a positive {list(d.positive)} nor a negative {list(d.negative)} "
                     f"value of label {d.name!r}", where=where,
-                    fix=f"add it to data.derived_labels[{d.name}].positive or .negative, {_SKIP_FIX}")
+                    fix=self.remedies.or_skip(f"add it to data.derived_labels[{d.name}].positive or .negative"))
             value = frame[col][row]
             where = location(self.path, int(rec.lines[i]), column=col)
             if kind == "lab":
                 what = "the label is missing" if value is None or value == "" or value in self.missing \
                     else f"label {value!r} is not 0 or 1"
                 return InputFormatError(what, where=where,
-                                        fix=f"labels must be 0/1 (no missing values); fix the file, {_SKIP_FIX}")
+                                        fix=self.remedies.or_skip("labels must be 0/1 (no missing values); "
+                                                                  "fix the file"))
             fix = f"list it in data.csv.missing if it means 'missing', or list {col!r} under data.categorical"
             if str(value).startswith(" "):
                 fix = f"the value starts with a space: is the separator {self.cfg.csv.separator + ' '!r}? " + fix
-            return InputFormatError(f"{value!r} is not a number", where=where, fix=f"{fix}, {_SKIP_FIX}")
+            return InputFormatError(f"{value!r} is not a number", where=where, fix=self.remedies.or_skip(fix))
         return error
 
     def _check_weights(self, frame: pl.DataFrame, parsed: np.ndarray, col: str, sep: str, flags: _Flags) -> None:
@@ -374,14 +375,15 @@ LAYOUT_RECORDS = 10_000     # records that vote on a headerless file's layout, w
 
 
 def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedColumns,
-                    bad_rows: BadMode = "error", require_labels: bool = True) -> Iterator[RawChunk]:
+                    bad_rows: BadMode = "error", require_labels: bool = True,
+                    remedies: Remedies = SHARD_REMEDIES) -> Iterator[RawChunk]:
     """RawChunks of one CSV file, at most chunk_rows rows each, with the configured columns only."""
     chunker: CsvChunker | None = None
     position = 0
     resync = stray_quote_resync(cfg, path, rc.label_columns) if bad_rows == "skip" else frozenset()
     # records are cut one chunk ahead in their own thread: cutting overlaps the parse
-    for rec in prefetch(lambda: iter(RecordCutter(path, cfg.csv, chunk_rows, resync_fields=resync)), 1,
-                        "ctrpipe-read"):
+    for rec in prefetch(lambda: iter(RecordCutter(path, cfg.csv, chunk_rows, resync_fields=resync,
+                                                  remedies=remedies)), 1, "ctrpipe-read"):
         if chunker is None:
             names = list(cfg.csv.column_names)
             voters = rec
@@ -390,10 +392,11 @@ def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedCo
             elif rc.label_columns:
                 # the layout is voted on the file's first LAYOUT_RECORDS records, cut apart: with the first
                 # chunk's, a file whose first row is short was unlabelled at chunk_rows=1, labelled at 1000
-                with contextlib.closing(iter(RecordCutter(path, cfg.csv, LAYOUT_RECORDS,
-                                                          resync_fields=resync))) as head:
+                with contextlib.closing(iter(RecordCutter(path, cfg.csv, LAYOUT_RECORDS, resync_fields=resync,
+                                                          remedies=remedies))) as head:
                     voters = next(head, rec)
-            chunker = CsvChunker(path, cfg, rc, _layout(path, cfg, rc, names, voters, require_labels), bad_rows)
+            chunker = CsvChunker(path, cfg, rc, _layout(path, cfg, rc, names, voters, require_labels, remedies),
+                                 bad_rows, remedies)
         if len(rec) == 0:
             continue
         yield chunker.chunk(rec, position)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctrpipe.data.chunks import SHARD_REMEDIES, Remedies
 from ctrpipe.data.config import CsvConfig
 from ctrpipe.data.criteo import MAX_LINE_BYTES, READ_BYTES, iter_blocks
 from ctrpipe.errors import InputFormatError, location
@@ -133,20 +134,23 @@ class RecordCutter:
     """
 
     def __init__(self, path: Path, cfg: CsvConfig, chunk_rows: int, read_bytes: int = READ_BYTES,
-                 max_record_bytes: int = MAX_LINE_BYTES, resync_fields: frozenset[int] = frozenset()) -> None:
+                 max_record_bytes: int = MAX_LINE_BYTES, resync_fields: frozenset[int] = frozenset(),
+                 remedies: Remedies = SHARD_REMEDIES) -> None:
         self.path, self.cfg, self.chunk_rows = path, cfg, chunk_rows
         # With bad_rows=skip: a record running over several lines whose field count is none of these is a
         # stray quote (it would swallow every row up to the next one, or to the end of the file); it ends
         # at its first line instead, and cutting starts afresh on the next.
         self.resync_fields = resync_fields
         self.read_bytes, self.max_record_bytes = read_bytes, max_record_bytes
+        self.remedies = remedies
         self.sep = cfg.separator.encode()
         self.quote = ord(cfg.quote_char) if cfg.quote_char else None
         self.comment = cfg.comment_prefix.encode()
 
     def __iter__(self) -> Iterator[Records]:
         carry, line, disk = b"", 1, 0
-        for block in iter_blocks(self.path, self.chunk_rows, self.read_bytes, self.max_record_bytes, KIND):
+        for block in iter_blocks(self.path, self.chunk_rows, self.read_bytes, self.max_record_bytes, KIND,
+                                 self.remedies):
             data = self._normalise(block.data, block.first_line)
             buf = carry + data if carry else data
             disk += block.file_bytes

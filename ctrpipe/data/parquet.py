@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ctrpipe.data.chunks import BadRow, RawChunk
+from ctrpipe.data.chunks import SHARD_REMEDIES, BadRow, RawChunk, Remedies
 from ctrpipe.data.config import DataConfig, TokenColumnConfig
 from ctrpipe.data.schema import ResolvedColumns, closest
 from ctrpipe.data.token_kernel import weights_all_plain
@@ -32,14 +32,15 @@ BadMode = Literal["error", "skip"]
 Kind = Literal["numeric", "categorical", "token", "label", "id", "key"]
 
 
-def read_schema(path: Path) -> pa.Schema:
+def read_schema(path: Path, remedies: Remedies = SHARD_REMEDIES) -> pa.Schema:
     """The file's Arrow schema; a file that is not Parquet is an InputFormatError with a fix."""
     try:
         return pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:
+        fix = f"check the file is Parquet, or {remedies.read_as('parquet')}" if remedies.run_format else \
+            f"check the file (Criteo text needs {remedies.read_as('criteo')}, CSV {remedies.read_as('csv')})"
         raise InputFormatError(f"not a readable Parquet file ({str(exc).splitlines()[0]})", where=str(path),
-                               fix="check the file (Criteo text needs --set data.format=criteo, CSV data.format=csv)"
-                               ) from None
+                               fix=fix) from None
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -94,7 +95,8 @@ def _type_fix(kind: Kind, t: pa.DataType) -> str:
     return _FIX[kind]
 
 
-def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_labels: bool) -> bool:
+def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_labels: bool,
+                 remedies: Remedies = SHARD_REMEDIES) -> bool:
     """Raise SchemaError for a missing or mistyped column; return whether the file has the label columns."""
     names = list(schema.names)
     kinds: list[tuple[str, Kind]] = [(c, "numeric") for c in rc.numeric] + \
@@ -106,7 +108,7 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
         fix = closest(c, names) + " Check data.labels" + ("" if require_labels else
                                                           " (a test file must have all labels or none)")
         if require_labels and len(missing_labels) == len(rc.labels):
-            fix += "; pass --test for unlabelled test data"
+            fix += f"; {remedies.unlabelled}"
         raise SchemaError(f"label column {c!r} is not in the file", where=str(path), fix=fix)
     has_labels = bool(rc.labels) and not missing_labels
     if has_labels:
@@ -147,9 +149,9 @@ class ParquetChunker:
     """Converts Arrow record batches of one file into typed RawChunks, checking values as it goes."""
 
     def __init__(self, path: Path, schema: pa.Schema, rc: ResolvedColumns, has_labels: bool,
-                 bad_rows: BadMode) -> None:
+                 bad_rows: BadMode, remedies: Remedies = SHARD_REMEDIES) -> None:
         self.path, self.schema, self.rc = path, schema, rc
-        self.has_labels, self.bad_rows = has_labels, bad_rows
+        self.has_labels, self.bad_rows, self.remedies = has_labels, bad_rows, remedies
 
     def _token_expr(self, tc: TokenColumnConfig) -> pl.Expr:
         t = self.schema.field(tc.column).type
@@ -201,8 +203,8 @@ class ParquetChunker:
                            lambda i, c=c: InputFormatError(
                                f"label {frame[c][i]!r} is not 0 or 1", where=location(self.path, row=row0 + i,
                                                                                        column=c),
-                               fix="labels must be 0/1 (no missing values); fix the file or pass "
-                                   "--bad-rows skip to skip and count such rows"))
+                               fix=self.remedies.or_skip("labels must be 0/1 (no missing values); fix the "
+                                                         "file")))
         if self.rc.id:      # a submission row needs an ID: a null one would be written as an empty ID
             missing = frame[self.rc.id].is_null()
             if missing.any():
@@ -210,7 +212,7 @@ class ParquetChunker:
                            lambda i: InputFormatError(
                                "the ID is missing (null)", where=location(self.path, row=row0 + i,
                                                                           column=self.rc.id),
-                               fix="give every row an ID, or pass --bad-rows skip to skip and count such rows"))
+                               fix=self.remedies.or_skip("give every row an ID")))
         for tc in self.rc.tokens:
             self._check_list_elements(frame, tc, row0)
         frame = frame.with_columns([self._token_expr(tc) for tc in self.rc.tokens])
@@ -265,13 +267,14 @@ class ParquetChunker:
 
 
 def iter_parquet_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedColumns,
-                        bad_rows: BadMode = "error", require_labels: bool = True) -> Iterator[RawChunk]:
+                        bad_rows: BadMode = "error", require_labels: bool = True,
+                        remedies: Remedies = SHARD_REMEDIES) -> Iterator[RawChunk]:
     """RawChunks of one Parquet file, at most chunk_rows rows each, reading only the configured columns."""
     del cfg   # the resolved columns carry everything Parquet needs
-    schema = read_schema(path)
-    has_labels = check_schema(path, schema, rc, require_labels)
+    schema = read_schema(path, remedies)
+    has_labels = check_schema(path, schema, rc, require_labels, remedies)
     cols = [c for c in rc.raw_columns() if c in schema.names]
-    chunker = ParquetChunker(path, schema, rc, has_labels, bad_rows)
+    chunker = ParquetChunker(path, schema, rc, has_labels, bad_rows, remedies)
     try:
         meta = pq.ParquetFile(path).metadata
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from ctrpipe.data.chunks import BadRow, RawChunk
+from ctrpipe.data.chunks import SHARD_REMEDIES, BadRow, RawChunk, Remedies
 from ctrpipe.data.config import DataConfig
 from ctrpipe.data.criteo import iter_criteo_chunks
 from ctrpipe.data.csv_reader import iter_csv_chunks, read_header
@@ -14,7 +14,7 @@ from ctrpipe.data.parquet import iter_parquet_chunks, read_schema
 from ctrpipe.data.schema import ResolvedColumns, SchemaLike, resolve_columns
 from ctrpipe.data.sources import expand_inputs
 
-__all__ = ["BadRow", "RawChunk", "ResolvedColumns", "expand_inputs", "input_schema", "iter_raw_chunks",
+__all__ = ["BadRow", "RawChunk", "Remedies", "ResolvedColumns", "expand_inputs", "input_schema", "iter_raw_chunks",
            "resolve_columns", "resolve_inputs_columns"]
 
 
@@ -38,12 +38,13 @@ def resolve_inputs_columns(cfg: DataConfig, inputs: list[Path]) -> ResolvedColum
 def iter_raw_chunks(cfg: DataConfig, inputs: list[Path], chunk_rows: int,
                     bad_rows: Literal["error", "skip"] = "error", require_labels: bool = True,
                     columns: ResolvedColumns | None = None, hash_categoricals: bool = False,
-                    ) -> Iterator[RawChunk]:
+                    remedies: Remedies = SHARD_REMEDIES) -> Iterator[RawChunk]:
     """Typed chunks of at most chunk_rows rows, file by file in the given order, rows in file order.
 
     Columns are resolved once, against the first file, so every chunk has the same columns. With
     `hash_categoricals`, a reader may deliver categorical columns as their hashes (`column_hashes` reads
     either form); the shard build asks for that, so Criteo text is parsed and hashed in one compiled pass.
+    `remedies`: the options the calling command offers for bad input, which the readers' fixes name.
     """
     if not inputs:
         return
@@ -53,8 +54,8 @@ def iter_raw_chunks(cfg: DataConfig, inputs: list[Path], chunk_rows: int,
     for path in inputs:
         if cfg.format == "criteo":
             yield from iter_criteo_chunks(cfg, path, chunk_rows, rc.raw_columns(), bad_rows, require_labels,
-                                          hashed=hashed)
+                                          hashed=hashed, remedies=remedies)
         elif cfg.format == "csv":
-            yield from iter_csv_chunks(cfg, path, chunk_rows, rc, bad_rows, require_labels)
+            yield from iter_csv_chunks(cfg, path, chunk_rows, rc, bad_rows, require_labels, remedies)
         else:
-            yield from iter_parquet_chunks(cfg, path, chunk_rows, rc, bad_rows, require_labels)
+            yield from iter_parquet_chunks(cfg, path, chunk_rows, rc, bad_rows, require_labels, remedies)

@@ -29,6 +29,7 @@ from ctrpipe.data.csv_reader import iter_csv_chunks, read_header
 from ctrpipe.errors import CtrpipeError, InputFormatError
 from ctrpipe.infer.submission import check_out_file
 from ctrpipe.serve.predictor import Predictor
+from ctrpipe.serve.rows import serving_remedies
 
 
 def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, object, np.ndarray | None]]:
@@ -37,7 +38,7 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
     if fmt == "criteo":
         # blocks of whole lines, as `ctrpipe shard` reads Criteo text (gzip by its magic bytes): one bytes object
         # per chunk, not a Python string per line
-        for block in iter_blocks(path, chunk_rows):
+        for block in iter_blocks(path, chunk_rows, remedies=serving_remedies(p.cfg.data)):
             yield block.first_line - 1, block.data, None
     elif fmt == "parquet":
         start = 0
@@ -66,7 +67,8 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
         if rc.id and not _csv_has_column(p, path, rc.id):
             rc = dataclasses.replace(rc, id=None)       # no id column in this file: rows are numbered
         start = 0
-        for chunk in iter_csv_chunks(p.plan.cfg, path, chunk_rows, rc, "error", require_labels=False):
+        for chunk in iter_csv_chunks(p.plan.cfg, path, chunk_rows, rc, "error", require_labels=False,
+                                     remedies=serving_remedies(p.cfg.data)):
             ids = chunk.frame[rc.id].to_numpy() if rc.id else None
             yield start, chunk, ids
             start += chunk.frame.height
@@ -75,7 +77,7 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
 def _csv_has_column(p: Predictor, path: Path, name: str) -> bool:
     """Whether the file's header names `name`, read as `ctrpipe shard` reads it (byte-order mark, blank and
     comment lines, quoting)."""
-    return name in read_header(p.plan.cfg, path)
+    return name in read_header(p.plan.cfg, path, serving_remedies(p.cfg.data))
 
 
 def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, chunk_rows: int = 65536,
@@ -91,10 +93,7 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)      # as `ctrpipe infer` makes its --out folder
     out.with_name(out.name + ".json").unlink(missing_ok=True)     # an older record never pairs with this file
-    try:
-        rows = _write(p, path, out, chunk_rows)
-    except CtrpipeError as exc:
-        raise dataclasses.replace(exc, fix=_predict_fix(exc.fix, p.cfg.data.format)) from None
+    rows = _write(p, path, out, chunk_rows)
     _write_record(p, path, out, rows, time.perf_counter() - t0)
     return rows
 
@@ -114,24 +113,6 @@ def _write_record(p: Predictor, path: Path, out: Path, rows: int, seconds: float
            "calibration": {h: dataclasses.asdict(c) for h, c in zip(p.heads, p.calibrations, strict=True)},
            "config": to_dict(p.cfg), "config_sources": dict(p.cfg.sources), "seconds": round(seconds, 3)}
     return write_json_atomic(out.with_name(out.name + ".json"), doc)
-
-
-_BAD_ROWS_FIX = re.compile(r"\s*\(?,?\s*or (pass )?--bad-rows skip[^;)]*\)?")
-_FORMAT_FIX = re.compile(r",?\s*(or )?pass --set data\.format=\w+( for \w+ input| \(or a \w+ config\))?")
-
-
-def _predict_fix(fix: str, fmt: str) -> str:
-    """The shard readers' fixes as they apply to predict: a file in another format is fixed by `--set
-    data.format` there, by a file in the run's own format here; and predict scores every row (no --bad-rows)."""
-    no_format = _FORMAT_FIX.sub("", fix)
-    kept = _BAD_ROWS_FIX.sub("", no_format).strip(" ,;")
-    if "data.format" in kept or not kept:
-        return f"pass a file in the format the run was sharded from (data.format={fmt})"
-    if no_format != fix:
-        kept += f" (the run reads data.format={fmt})"
-    if _BAD_ROWS_FIX.search(fix):
-        kept += "; predict scores every row (it has no --bad-rows skip)"
-    return kept
 
 
 def _where_in_file(where: str, path: Path, start: int) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from ctrpipe.data.chunks import RawChunk
+from ctrpipe.data.chunks import RawChunk, Remedies
 from ctrpipe.data.config import CRITEO_CAT, CRITEO_INT, DataConfig
 from ctrpipe.data.criteo import criteo_text_chunk
 from ctrpipe.data.csv_reader import iter_csv_chunks
@@ -33,6 +33,11 @@ from ctrpipe.errors import CtrpipeError, InputFormatError, SchemaError, location
 SOURCE = Path("input rows")      # how errors name the rows (no file behind them)
 Rows = (pl.DataFrame | pa.Table | pa.RecordBatch | Sequence[Mapping[str, Any]] | Sequence[str]
         | Sequence[bytes] | str | bytes)
+
+
+def serving_remedies(data: DataConfig) -> Remedies:
+    """Fixes for bad input to a trained model: it scores every row (no --bad-rows skip) in its own format."""
+    return Remedies(skip_rows=False, run_format=data.format)
 
 
 def rows_chunk(data: DataConfig, rc: ResolvedColumns, rows: Rows) -> RawChunk:
@@ -48,11 +53,11 @@ def rows_chunk(data: DataConfig, rc: ResolvedColumns, rows: Rows) -> RawChunk:
         if is_text:
             raise InputFormatError("text lines given to a Parquet-trained model", where=str(SOURCE),
                                    fix="pass a polars/pyarrow table or a list of dicts with the training columns")
-        return _parquet_chunk(rc, _arrow(rows, rc))
+        return _parquet_chunk(rc, _arrow(rows, rc), serving_remedies(data))
     if data.format == "criteo":
         text = _join_lines(rows) if is_text else _criteo_text(_polars(rows, rc))
         hashed = tuple(c for c in rc.categorical if c != rc.id)
-        return criteo_text_chunk(data, text, SOURCE, rc.raw_columns(), hashed)
+        return criteo_text_chunk(data, text, SOURCE, rc.raw_columns(), hashed, serving_remedies(data))
     if is_text:
         return _csv_chunk(data, rc, _join_lines(rows), header_lines=0, table=False)
     text, header_lines = _csv_text(data, rc, _polars(rows, rc))
@@ -133,15 +138,15 @@ def _polars(rows: Any, rc: ResolvedColumns) -> pl.DataFrame:
     return pl.DataFrame(cols)
 
 
-def _parquet_chunk(rc: ResolvedColumns, table: pa.Table) -> RawChunk:
+def _parquet_chunk(rc: ResolvedColumns, table: pa.Table, remedies: Remedies) -> RawChunk:
     if table.num_rows == 0:
         raise InputFormatError("no rows given", where=str(SOURCE), fix="pass at least one row")
     if rc.id and rc.id not in table.column_names:
         rc = dataclasses.replace(rc, id=None)      # ids are for submissions; serving needs none
-    has_labels = check_schema(SOURCE, table.schema, rc, require_labels=False)
+    has_labels = check_schema(SOURCE, table.schema, rc, require_labels=False, remedies=remedies)
     have = set(table.column_names)         # a pyarrow property that builds its list on every read
     table = table.select([c for c in rc.raw_columns() if c in have]).combine_chunks()
-    chunker = ParquetChunker(SOURCE, table.schema, rc, has_labels, "error")
+    chunker = ParquetChunker(SOURCE, table.schema, rc, has_labels, "error", remedies)
     return chunker.chunk(table.to_batches()[0], 0, 0)
 
 
@@ -211,7 +216,7 @@ def _csv_chunk(data: DataConfig, rc: ResolvedColumns, text: bytes, header_lines:
         path.write_bytes(text)
         try:
             chunks = list(iter_csv_chunks(data, path, max(text.count(b"\n"), 1), rc, "error",
-                                          require_labels=False))
+                                          require_labels=False, remedies=serving_remedies(data)))
         except CtrpipeError as exc:
             where = exc.where.replace(str(path), str(SOURCE))
             if table:

@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow as pa
 
 from ctrpipe.console import human_rate, make_progress
-from ctrpipe.data.chunks import column_hashes, has_column
+from ctrpipe.data.chunks import SHARD_REMEDIES, Remedies, column_hashes, has_column
 from ctrpipe.data.config import CovisitConfig, DataConfig
 from ctrpipe.data.covisit import CovisitCounter
 from ctrpipe.data.csv_reader import stray_quote_resync
@@ -137,26 +137,21 @@ def check_plan(plan: Plan, role: str) -> None:
 
 # -------------------------------------------------------------------------------------------- chunking
 
+# gold rows score the model, so they need labels (and --gold cannot be combined with --test)
+GOLD_REMEDIES = Remedies(unlabelled="--gold inputs need the label columns (their rows score the model): pass a "
+                                    "labelled file, or leave it out")
+
+
 def _chunks(plan: Plan, paths: list[Path], require_labels: bool,
-            columns: ResolvedColumns | None = None) -> Iterator[Any]:
+            columns: ResolvedColumns | None = None, gold: bool = False) -> Iterator[Any]:
     if not paths:
         return iter(())
     data = plan.cfg
     return prefetch(lambda: iter_raw_chunks(data, paths, data.chunk_rows, bad_rows=data.bad_rows,
                                             require_labels=require_labels, columns=columns or plan.columns,
-                                            hash_categoricals=True), PREFETCH_DEPTH, "ctrpipe-parse")
-
-
-def _gold_errors(chunks: Iterator[Any], gold: bool) -> Iterator[Any]:
-    """The chunks; for --gold inputs a reader's "pass --test" fix for a file without labels becomes one that
-    fits them: gold rows score the model, so they need labels (and --gold cannot be combined with --test)."""
-    try:
-        yield from chunks
-    except (SchemaError, InputFormatError) as exc:
-        if gold and "--test" in exc.fix:
-            raise dataclasses.replace(exc, fix="--gold inputs need the label columns (their rows score the "
-                                               "model): pass a labelled file, or leave it out") from None
-        raise
+                                            hash_categoricals=True,
+                                            remedies=GOLD_REMEDIES if gold else SHARD_REMEDIES),
+                    PREFETCH_DEPTH, "ctrpipe-parse")
 
 
 def fit_columns(plan: Plan) -> ResolvedColumns:
@@ -529,7 +524,7 @@ class StreamWriter:
 
         with ThreadPoolExecutor(ahead, thread_name_prefix="ctrpipe-transform") as pool:
             for is_gold, paths in streams:
-                for chunk in _gold_errors(_chunks(plan, paths, require_labels=self.inputs.role == "train"), is_gold):
+                for chunk in _chunks(plan, paths, require_labels=self.inputs.role == "train", gold=is_gold):
                     frame = chunk.frame
                     n = frame.height
                     idx = np.arange(self.row, self.row + n, dtype=np.int64)
