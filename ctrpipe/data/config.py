@@ -102,7 +102,9 @@ class CsvConfig:
     separator: str = ","
     header: bool = True                  # the first row (after comment lines) names the columns
     column_names: tuple[str, ...] = ()   # header: false: the names of the fields, in file order
-    quote_char: str = '"'                # a field in quotes may hold separators, newlines, doubled quotes; "" = off
+    # a field that starts with it may hold separators, newlines, doubled quotes (one inside an unquoted field,
+    # as in 5'11", is text); "" = off
+    quote_char: str = '"'
     # values that mean 'missing' (compared as written, e.g. ["?", "NA"]); an empty field is always missing
     missing: tuple[str, ...] = ()
     comment_prefix: str = ""             # lines starting with this are skipped, e.g. "|" or "#"; "" = none
