@@ -11,6 +11,7 @@ comment lines, missing-value tokens and errors with file and line are the build'
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from ctrpipe.config import to_dict
 from ctrpipe.data.chunks import RawChunk
 from ctrpipe.data.criteo import iter_blocks
 from ctrpipe.data.csv_reader import iter_csv_chunks, read_header
-from ctrpipe.errors import CtrpipeError, InputFormatError
+from ctrpipe.errors import ConfigError, CtrpipeError, InputFormatError
 from ctrpipe.infer.submission import check_out_file
 from ctrpipe.serve.predictor import Predictor
 from ctrpipe.serve.rows import serving_remedies
@@ -87,12 +88,14 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
     path = Path(path)
     if not path.is_file():
         raise InputFormatError("input file not found", where=str(path), fix="pass --input an existing file")
-    check_out_file(Path(out))
+    out = Path(out)
+    check_out_file(out)
+    if out.resolve() == path.resolve():
+        raise ConfigError("--out is the --input file: the predictions would replace the rows they score",
+                          where=f"--out {out}", fix="write the predictions to another file")
     t0 = time.perf_counter()
     p = Predictor.load(run, cache=cache, overrides=overrides)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)      # as `ctrpipe infer` makes its --out folder
-    out.with_name(out.name + ".json").unlink(missing_ok=True)     # an older record never pairs with this file
     rows = _write(p, path, out, chunk_rows)
     _write_record(p, path, out, rows, time.perf_counter() - t0)
     return rows
@@ -116,14 +119,20 @@ def _write_record(p: Predictor, path: Path, out: Path, rows: int, seconds: float
 
 
 def _where_in_file(where: str, path: Path, start: int) -> str:
-    """An error's place in a chunk of rows ("input rows, line 7") as its place in the file."""
+    """An error's place in a chunk of rows ("input rows, line 7") as its place in the file; "input rows" alone
+    (a column missing from every row) is the file."""
     where = re.sub(r"input rows, line (\d+)", lambda m: f"{path}, line {start + int(m.group(1))}", where)
-    return re.sub(r"input rows, row (\d+)", lambda m: f"{path}, row {start + int(m.group(1))}", where)
+    where = re.sub(r"input rows, row (\d+)", lambda m: f"{path}, row {start + int(m.group(1))}", where)
+    return re.sub(r"^input rows\b", lambda m: str(path), where)
 
 
 def _write(p: Predictor, path: Path, out: Path, chunk_rows: int) -> int:
+    """Write the predictions to `out` (gzip for a .gz name, as infer writes a submission), atomically; the
+    record of an earlier output is removed only once this one is whole (a failed predict keeps both)."""
     n = 0
-    with atomic_open(out, "wb") as fh:
+    with atomic_open(out, "wb") as raw:
+        # mtime 0 keeps equal inputs byte-identical
+        fh = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if out.suffix == ".gz" else raw
         for start, rows, ids in _chunks(p, path, chunk_rows):
             try:
                 if isinstance(rows, RawChunk):        # CSV: already parsed by the build's reader
@@ -142,4 +151,7 @@ def _write(p: Predictor, path: Path, out: Path, chunk_rows: int) -> int:
             n += k
         if n == 0:
             raise InputFormatError("the input has no rows", where=str(path), fix="pass a file with rows")
+        if fh is not raw:
+            fh.close()                                          # the gzip trailer
+        out.with_name(out.name + ".json").unlink(missing_ok=True)    # an older record never pairs with this file
     return n

@@ -49,6 +49,10 @@ from ctrpipe.train.checkpoint import check_compatible, checkpoint_tasks, load_ch
 from ctrpipe.train.evaluate import predict
 from ctrpipe.train.objective import Task
 
+# infer keys about a cache's rows and its one-head submission file, which scoring raw rows has no use for
+SUBMISSION_ONLY = ("infer.view", "infer.task", "infer.id_header", "infer.pred_header", "infer.save_fold_preds",
+                   "infer.write_chunk_rows")
+
 
 def plan_from_manifest(cfg: RunConfig, manifest: Manifest) -> Plan:
     """The shard build's plan, resolved against the training cache's own columns (in storage order, so
@@ -101,6 +105,14 @@ class Predictor:
         inference-only `--set` values, as `ctrpipe infer` takes them (e.g. "infer.method=logit_mean").
         """
         run = Path(run)
+        for text in overrides:
+            key = text.split("=", 1)[0].strip()
+            if key in SUBMISSION_ONLY:
+                raise ConfigError(f"--set {text}: {key} shapes `ctrpipe infer`'s submission of a cache's rows; "
+                                  "a Predictor scores raw rows with every head (ctrpipe predict writes the id "
+                                  "column and one column per head)", where="--set",
+                                  fix=f"drop --set {key} (choose heads with Predictor.predict(rows, tasks=[...])), "
+                                      "or write a submission with ctrpipe infer on a cache of these rows")
         paths = find_checkpoints(run)
         ckpts = [load_checkpoint(p) for p in paths]
         cfg = resolve_config(ckpts[0], overrides)

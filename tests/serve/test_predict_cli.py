@@ -170,3 +170,36 @@ def test_predict_errors_name_the_files_line_and_a_fix_predict_has(world: Path, t
         msg = str(err.value)
         assert err.value.where.startswith(f"{bad}, line {k + 1}") and want in msg, msg
         assert "--bad-rows skip to" not in msg and "--set data.format" not in msg, msg
+
+
+def test_predict_guards_its_input_its_record_and_gzip(world: Path, tmp_path: Path) -> None:
+    """(helper's serving sweep) --out equal to --input replaced the rows with their predictions (exit 0, and
+    the record's input sha256 was the output's); a .gz --out was plain CSV under a .gz name; a failed predict
+    deleted the earlier output's record; submission-only infer keys were accepted and ignored."""
+    import gzip
+
+    from ctrpipe.errors import ConfigError
+    from ctrpipe.serve.predict_file import predict_file
+
+    run, test = world / "runs" / "dnn", world / "d" / "test.tsv"
+    copy = tmp_path / "copy.tsv"
+    copy.write_bytes(test.read_bytes())
+    with pytest.raises(ConfigError, match="--out is the --input file"):
+        predict_file(run, copy, copy)
+    assert copy.read_bytes() == test.read_bytes()
+    plain, packed = tmp_path / "p.csv", tmp_path / "p.csv.gz"
+    predict_file(run, test, plain)
+    predict_file(run, test, packed)
+    assert gzip.decompress(packed.read_bytes()) == plain.read_bytes()
+    first = packed.read_bytes()
+    predict_file(run, test, packed)
+    assert packed.read_bytes() == first                                      # byte-identical reruns
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("\n".join(test.read_text().splitlines()[:5] + ["garbage"]) + "\n")
+    record = plain.with_name(plain.name + ".json").read_bytes()
+    with pytest.raises(Exception, match="line 6"):
+        predict_file(run, bad, plain)
+    assert plain.with_name(plain.name + ".json").read_bytes() == record       # the earlier output keeps it
+    for key in ("infer.task=label", "infer.pred_header=p", "infer.view=val"):
+        with pytest.raises(ConfigError, match=key.split("=")[0]):
+            predict_file(run, test, tmp_path / "q.csv", overrides=[key])

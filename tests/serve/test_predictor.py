@@ -243,6 +243,17 @@ def test_parquet_bad_input(parquet: dict[str, Path]) -> None:
         p.predict(["1\t2\t3"])
 
 
+def test_predict_names_the_parquet_file_of_a_missing_column(parquet: dict[str, Path], tmp_path: Path) -> None:
+    """A column missing from a whole Parquet file was placed at "input rows" (helper's serving sweep)."""
+    from ctrpipe.serve.predict_file import predict_file
+
+    path = tmp_path / "nogender.parquet"
+    pq.write_table(pq.read_table(parquet["test"]).drop_columns(["gender"]), path)
+    with pytest.raises(SchemaError) as e:
+        predict_file(parquet["run"], path, tmp_path / "p.csv")
+    assert e.value.where == str(path) and "gender" in e.value.what
+
+
 def test_parquet_run_given_another_file_kind(parquet: dict[str, Path], tmp_path: Path) -> None:
     """A Parquet run given text raised pyarrow's ArrowInvalid with a traceback; a cut file too."""
     from ctrpipe.serve.predict_file import predict_file
