@@ -252,7 +252,6 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     from ctrpipe.infer.ensemble import combine
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + ".json").unlink(missing_ok=True)      # an older blend's record never pairs with this
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.blend-", dir=out.parent))
     counts: list[int] = []
     try:
@@ -287,6 +286,8 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
                 for h in range_files:
                     h.close()
             task = progress.add_task("write", total=n0)
+            # an older blend's record never pairs with this one; a blend refused above keeps both
+            out.with_name(out.name + ".json").unlink(missing_ok=True)
             _write_in_first_file_order(files[0], out, tmp, n0, span, (id_header, pred_header),
                                        chunk_bytes, lambda n: progress.advance(task, n))
     finally:

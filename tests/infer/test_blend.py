@@ -133,6 +133,17 @@ def test_refuses_id_missing_from_other_file(tmp_path: Path) -> None:
     assert in_a or ("'4'" in msg and "line 4" in msg)
 
 
+def test_a_refused_blend_keeps_the_earlier_blends_record(tmp_path: Path) -> None:
+    """The record of an earlier blend to the same --out was deleted before the inputs were checked, so a
+    refused blend left that blend's file without its record (helper's serving sweep)."""
+    out = tmp_path / "out.csv"
+    run_blend(_two(tmp_path, "ID,clicked\n3,0.3\n1,0.1\n2,0.2\n"), "mean", None, out, quiet=True)
+    record = out.with_name("out.csv.json").read_bytes()
+    with pytest.raises(SubmissionError):
+        run_blend(_two(tmp_path, "ID,clicked\n3,0.3\n1,0.1\n4,0.2\n"), "mean", None, out, quiet=True)
+    assert out.with_name("out.csv.json").read_bytes() == record and out.is_file()
+
+
 def test_refuses_extra_row_in_second_file(tmp_path: Path) -> None:
     files = _two(tmp_path, "ID,clicked\n3,0.3\n1,0.1\n2,0.2\n9,0.5\n")
     _refuse(tmp_path, files, SubmissionError, "'9'", "line 5", "missing from", str(files[0]))
