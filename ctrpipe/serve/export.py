@@ -178,10 +178,11 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
         doc["embedding_tables"] = embedding_tables(p, [load_checkpoint(c) for c in find_checkpoints(run)])
         doc["source"] = _source(run)
         doc["exports"] = {fmt: {"file": FORMATS[fmt], "files": files, "call": CALLS[fmt]}}
-        # the other format's export of the same checkpoints, when it is in the folder, stays listed: one
-        # model.json describes both (everything but the model file and its call is the same)
+        # the other format's export of the same checkpoints, ensemble and calibration, when it is in the
+        # folder, stays listed: one model.json describes both (everything but the model file and its call is
+        # the same); an export with other infer settings replaces it
         prev = _read_json(out / "model.json")
-        if prev is not None and prev.get("source") == doc["source"]:
+        if prev is not None and _shared(prev) == _shared(doc):
             for other, entry in dict(prev.get("exports") or {}).items():
                 if other != fmt and all((out / n).is_file() for n in entry.get("files", ())):
                     doc["exports"][other] = entry
@@ -201,6 +202,14 @@ def _source(run: Path) -> dict[str, object]:
     """The run folder and its checkpoints (name, size, modification time): what an export was made from."""
     return {"run": str(run.resolve()),
             "checkpoints": [[c.name, c.stat().st_size, c.stat().st_mtime_ns] for c in find_checkpoints(run)]}
+
+
+_PER_FORMAT = ("format", "file", "call", "files", "exports")
+
+
+def _shared(doc: dict[str, Any]) -> dict[str, Any]:
+    """What model.json says of both formats' exports: all but the model file and how to call it."""
+    return json.loads(json.dumps({k: v for k, v in doc.items() if k not in _PER_FORMAT}))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -247,3 +247,19 @@ def test_both_formats_in_one_folder(runs: Callable[[str], Path], tmp_path: Path)
     ckpt.touch()           # as a new training would leave it: the model.pt above is no longer of these weights
     export_model(runs("dnn"), out, "onnx")
     assert list(json.loads((out / "model.json").read_text())["exports"]) == ["onnx"]
+
+
+def test_exports_with_other_infer_settings_are_not_listed_together(runs: Callable[[str], Path],
+                                                                   tmp_path: Path) -> None:
+    """model.json listed a model.pt exported with other infer settings (calibration, fold weights) beside a
+    model.onnx as if both computed the same: its source named the checkpoints only (helper's export sweep)."""
+    _onnxruntime()
+    from ctrpipe.serve.export import export_model
+
+    out = tmp_path / "export"
+    export_model(runs("dnn"), out, "torchscript", overrides=["infer.calibration.method=none"])
+    export_model(runs("dnn"), out, "onnx")
+    doc = json.loads((out / "model.json").read_text())
+    assert list(doc["exports"]) == ["onnx"] and doc["calibration"][0]["method"] != "none"
+    export_model(runs("dnn"), out, "torchscript")
+    assert sorted(json.loads((out / "model.json").read_text())["exports"]) == ["onnx", "torchscript"]
