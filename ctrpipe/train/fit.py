@@ -369,8 +369,13 @@ def refuse_resume_changes(old_config: dict[str, Any], cfg: RunConfig, where: Pat
     # the rows' order: the position resumes at a batch index of the run's order, so another order would serve
     # some rows of the epoch twice and others never
     order = ("loader.shuffle", "loader.shuffle_strategy", "loader.block_rows", "loader.window_shards")
+    # the best value of the validation metric so far (which picks ckpt_best and stops early) is a number of that
+    # metric: another metric, direction or mix of heads would be compared against it
+    stopping = ("train.early_stopping.metric", "train.early_stopping.mode")
     fixed = [k for k in changed if k.startswith(("model.", "data.")) or k in ("seed", "cv.n_splits")
-             or k in sampling + restored + order]
+             or k in sampling + restored + order + stopping]
+    fixed += [k for k, was, now in changes if k.startswith("train.tasks.") and k.endswith(".metric_weight")
+              and (-1.0 if was is None else was) != (-1.0 if now is None else now)]    # None: the default
     if "cv.n_splits" in fixed:     # resuming a K-fold run without --kfold started a single model in its folder
         was, now = int(old.get("cv.n_splits") or 0), cfg.cv.n_splits
         run_is = f"a {was}-fold run" if was else "a single-model run"

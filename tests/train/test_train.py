@@ -238,9 +238,15 @@ def test_run_directory_and_resume_guards(cache: Path, tmp_path: Path):
                        ("train.embedding_optimizer", "adagrad"), ("loader.batch_size", "32"),
                        # the rows' order: a resume mid-epoch served some rows twice and others never
                        ("loader.block_rows", "64"), ("loader.shuffle", "false"),
-                       ("loader.shuffle_strategy", "gather"), ("loader.window_shards", "1")):
+                       ("loader.shuffle_strategy", "gather"), ("loader.window_shards", "1"),
+                       # the best value so far is one of the run's metric: a resume that changed it compared
+                       # logloss with the best AUC, and kept the worst checkpoint (helper's training sweep)
+                       ("train.early_stopping.metric", "logloss"), ("train.early_stopping.mode", "min"),
+                       ("train.tasks.label.metric_weight", "2")):
         code, out = train(cache, tmp_path, "--resume", "--set", f"{key}={value}")
         assert code == 1 and f"cannot resume with changed {key}" in out, out
+    code, out = train(cache, tmp_path, "--resume", "--set", "train.tasks.label.metric_weight=-1")   # the default
+    assert "cannot resume" not in out, out
     # refused before the run's record is rewritten (the fix points at its config.yaml)
     assert "hidden_units:\n  - 16" in (tmp_path / "criteo" / "config.yaml").read_text()
 
