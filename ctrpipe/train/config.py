@@ -124,7 +124,9 @@ class TrainConfig:
     # per head: loss weight, pos_weight, label mask, metric weight, e.g. {converted: {mask: clicked}}
     tasks: dict[str, TaskConfig] = field(default_factory=dict, hash=False)
     device: str = "auto"             # auto | cpu | cuda | cuda:1
-    max_steps: int = 0               # total optimiser steps (0 = epochs * batches); the schedule spans these
+    # at most this many optimiser steps (0: no cap), the schedule spanning them; it never adds steps: more
+    # epochs or train.min_steps do
+    max_steps: int = 0
     stop_after_steps: int = 0        # stop (saving ckpt_last) at this step WITHOUT changing the schedule:
     #                                  simulates an interruption; continue with --resume. 0 = off
     num_threads: int = 0             # torch CPU threads; 0 = torch default

@@ -36,6 +36,16 @@ def test_max_steps_caps_the_stretched_run():
     assert "min_steps" not in warning
 
 
+def test_max_steps_above_the_plan_says_it_adds_no_steps():
+    """train.max_steps=100 on a 14-step run trained 14 steps and said nothing (helper's training sweep)."""
+    plan = plan_steps(TrainConfig(epochs=2, max_steps=100), rows=3500, batch_size=500, per_epoch=7)
+    assert plan.total_steps == 14
+    assert any("train.max_steps=100 caps the run and adds no steps: it trains 14" in n and "min_steps=100" in n
+               for n in plan.notes)
+    assert not any("caps the run" in n for n in plan_steps(TrainConfig(epochs=2, max_steps=14), rows=3500,
+                                                             batch_size=500, per_epoch=7).notes)
+
+
 def test_a_run_too_short_to_learn_warns_with_the_settings_to_change():
     plan = plan_steps(TrainConfig(epochs=1, warmup_steps=200), rows=5945, batch_size=4096, per_epoch=1)
     assert plan.total_steps == 1 < TOO_FEW_STEPS
