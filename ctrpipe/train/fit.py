@@ -268,9 +268,11 @@ def _check_sampling(cfg: RunConfig, spec: FeatureSpec, heads: Sequence[Head], ta
                     ) -> tuple[float, ...]:
     """Each head's logit shift under the config's training sampling; refuses what no shift can undo."""
     sampling: Sampling | None = training_sampling(cfg.loader, spec)
-    if sampling is not None and tuple(heads) != default_heads(spec):
+    # a head that shadows another (DARE's <label>_full) predicts that head's target on its own: not tied to it
+    own = tuple(h for h in heads if not h.shadows)
+    if sampling is not None and own != default_heads(spec):
         key = "loader.neg_keep_prob" if sampling.neg_keep_prob < 1.0 else "loader.balance_pos_fraction"
-        raise ConfigError(f"model {cfg.model.name!r} has heads of its own ({', '.join(h.name for h in heads)}) "
+        raise ConfigError(f"model {cfg.model.name!r} has heads of its own ({', '.join(h.name for h in own)}) "
                           "tied together (ESMM: ctcvr = ctr * cvr), so training rows sampled by label "
                           f"{sampling.name!r} would bias them in ways no per-head logit shift undoes", where=key,
                           fix="turn sampling off for this model (loader.neg_keep_prob=1.0, "
@@ -438,7 +440,8 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
     # a torchrun job exchanges the tables' gradient rows (distributed.RowExchange), so its tables are sparse
     # sampled rows and masked heads: each head starts at the prior of the rows it trains on (checkpoints keep
     # the cache's spec, and dense weights whole, so the rebuilt model takes the trained bias whatever spec built it)
-    model = build_initial_model(template.config, stream_spec(masked_spec(ctx.spec, ctx.tasks), ctx.logit_shift),
+    model = build_initial_model(template.config, stream_spec(masked_spec(ctx.spec, ctx.tasks),
+                                                             label_shifts(ctx.spec, ctx.tasks, ctx.logit_shift)),
                                 seed, sparse=cfg.train.sparse_embeddings or group is not None)
     if group is not None and group.rank:
         torch.manual_seed(group.rank_seed(seed))        # its own dropout masks; rank 0 keeps the run's stream
@@ -461,15 +464,33 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
     return fit(inputs)
 
 
+def _label_heads(spec: FeatureSpec, tasks: Sequence[Task]) -> list[Task] | None:
+    """The head of each label, in label order, when the model has one per label (after them, heads that
+    shadow one of them, such as DARE's <label>_full, follow its settings); None for heads of its own (ESMM)."""
+    main = tasks[:spec.n_tasks]
+    if len(main) != spec.n_tasks or any(t.name != spec.labels[k] or t.labels != (k,) for k, t in enumerate(main)):
+        return None
+    return list(main)
+
+
+def label_shifts(spec: FeatureSpec, tasks: Sequence[Task], shifts: Sequence[float]) -> tuple[float, ...]:
+    """Each label's logit shift under sampling (`shifts` are per head; sampling needs a head per label)."""
+    if not any(shifts):
+        return (0.0,) * spec.n_tasks
+    heads = _label_heads(spec, tasks)
+    assert heads is not None, "fit._check_sampling allows sampling only with one head per label"
+    return tuple(shifts[k] for k in range(len(heads)))
+
+
 def masked_spec(spec: FeatureSpec, tasks: Sequence[Task]) -> FeatureSpec:
     """`spec` with the rate of each one-label head that `train.tasks` masks as its rows show it: a conversion
     head trained on clicked rows starts at rate(converted) / rate(clicked) (exact when the labels nest, as
     `heads.head_rate` estimates a model's own masked heads), not at the far lower rate over every row."""
-    default = len(tasks) == spec.n_tasks and all(t.labels == (k,) for k, t in enumerate(tasks))
-    if not default or all(t.mask is None for t in tasks):
+    main = _label_heads(spec, tasks)
+    if main is None or all(t.mask is None for t in main):
         return spec
     heads = [Head(t.name, (spec.labels[k],), mask=spec.labels[t.mask] if t.mask is not None else None)
-             for k, t in enumerate(tasks)]
+             for k, t in enumerate(main)]
     return dataclasses.replace(spec, label_rates=tuple(head_rate(spec, h) for h in heads))
 
 

@@ -169,6 +169,18 @@ def test_other_label_heads_need_the_sampled_label_as_mask(two_label_cache: Path,
     assert metrics["logit_shift"] == {"clicked": pytest.approx(math.log(0.5)), "converted": 0.0}
 
 
+def test_dare_aux_heads_train_on_sampled_rows(two_label_cache: Path, tmp_path: Path):
+    """DARE's <label>_full heads predict their label on their own: sampling was refused as if they were tied
+    like ESMM's (helper's training sweep); each now gets its label's shift."""
+    code, out = train_parquet(two_label_cache, tmp_path, "parquet_dare.yaml", "model.aux_loss_weight=0.3",
+                              "loader.neg_keep_prob=0.5", "loader.sample_label=clicked",
+                              "train.tasks.converted.mask=clicked")
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "parquet_dare" / "metrics.json").read_text())
+    assert metrics["logit_shift"] == {"clicked": pytest.approx(math.log(0.5)), "converted": 0.0,
+                                      "clicked_full": pytest.approx(math.log(0.5)), "converted_full": 0.0}
+
+
 def test_balanced_fraction_below_the_label_rate_is_refused(cache: Path, tmp_path: Path):
     code, out = train(cache, tmp_path, "--set", "loader.balance_pos_fraction=0.05")
     assert code == 1
