@@ -61,10 +61,15 @@ class ESMMConfig:
         try:
             return build_dataclass(config_class(self.backbone), self.backbone_params, "model.backbone_params.",
                                    "model")
-        except ConfigError as exc:           # the backbone's checks name its keys as model.<key>
-            def nested(text: str) -> str:
-                return re.sub(r"\bmodel\.(?!backbone_params\.)", "model.backbone_params.", text)
-            raise ConfigError(nested(exc.what), where=nested(exc.where), fix=nested(exc.fix)) from None
+        except ConfigError as exc:
+            raise as_backbone_error(exc) from None
+
+
+def as_backbone_error(exc: ConfigError) -> ConfigError:
+    """The backbone's checks name its keys as model.<key>; under ESMM they are model.backbone_params.<key>."""
+    def nested(text: str) -> str:
+        return re.sub(r"\bmodel\.(?!backbone_params\.)", "model.backbone_params.", text)
+    return ConfigError(nested(exc.what), where=nested(exc.where), fix=nested(exc.fix))
 
 
 def esmm_labels(spec: FeatureSpec, click: str, conversion: str) -> tuple[str, str]:
@@ -96,7 +101,10 @@ class ESMM(nn.Module):
         params = cfg.backbone_config()
         # the backbone predicts ctr and cvr as two ordinary heads, each starting at its own prior
         inner = spec_for_heads(spec, (self.heads[0], self.heads[2]))
-        self.backbone = build_model(cfg.backbone, params, inner, sparse=sparse)
+        try:               # checks against the cache (e.g. head names) run when the backbone is built
+            self.backbone = build_model(cfg.backbone, params, inner, sparse=sparse)
+        except ConfigError as exc:
+            raise as_backbone_error(exc) from None
         extra = [h.name for h in heads_of(self.backbone, inner)][2:]
         if extra:   # ESMM reads exactly two logit columns (ctr, cvr); more would be misread or dropped
             raise ConfigError(f"ESMM's backbone {cfg.backbone!r} predicts heads {extra} besides ctr and cvr",

@@ -312,6 +312,15 @@ def test_esmm_refuses_a_backbone_with_extra_heads(backbone: str, params: dict[st
     build(spec_factory(2), "esmm", {"backbone": "dare", "backbone_params": {"embedding_dim": 8, "attention_dim": 4}})
 
 
+def test_esmm_names_its_backbones_checks_against_the_cache_as_backbone_params(spec_factory) -> None:
+    """A backbone check made when the model is built (its heads against the cache's labels) was named
+    model.wide_heads, an unknown key under ESMM (helper's training sweep)."""
+    with pytest.raises(ConfigError) as err:
+        build(spec_factory(2), "esmm", {"backbone": "deepfm_mmoe", "backbone_params": {"wide_heads": ["ctrx"]}})
+    assert err.value.where.startswith("model.backbone_params.wide_heads"), err.value
+    assert "model.backbone_params.wide_heads=" in err.value.fix and "model.wide_heads" not in str(err.value)
+
+
 def test_recency_is_applied_in_float32_under_autocast() -> None:
     """bf16 steps near age / tau = 8 are 0.03-0.06: subtracting there would reorder close scores."""
     search = DecoupledSearch(attention_dim=1, top_k=1, recency_tau=1.0)
