@@ -140,7 +140,17 @@ class Predictor:
         cals = [load_calibrations(run, cfg, t, quiet=True)[0] for t in range(len(tasks))]
         models = [_Model(model_from_checkpoint(c, "cpu"), checkpoint_logit_shift(c, tasks)) for c in ckpts]
         layout = layout_of(cache_dir, manifest, with_labels=False)
-        fitted = Fitted.load(cache_dir, manifest.fitted)
+        try:
+            fitted = Fitted.load(cache_dir, manifest.fitted)
+        except ManifestMismatchError:
+            if manifest.role != "test":
+                raise
+            # a test cache records its train cache's statistics but keeps none of their tables
+            raise CheckpointError(f"{cache_dir} is a test cache (shard --test): serving prepares rows with the "
+                                  "training cache's fitted statistics (vocabularies, co-visitation), which it "
+                                  "does not hold", where=str(cache_dir),
+                                  fix=f"pass the cache the run trained on ({ckpts[0].shards}), or its new place, "
+                                      "as --cache") from None
         return cls(run, cfg, models, tasks, plan_from_manifest(cfg, manifest), fitted, layout, cals,
                    fold_weights(cfg, ckpts), cache_dir, manifest)
 

@@ -243,6 +243,16 @@ def test_parquet_bad_input(parquet: dict[str, Path]) -> None:
         p.predict(["1\t2\t3"])
 
 
+def test_a_test_cache_given_as_the_training_cache_is_named(parquet: dict[str, Path]) -> None:
+    """Its vocabularies are its train cache's: the error said the statistics were missing and to rebuild it."""
+    from ctrpipe import Predictor
+    from ctrpipe.errors import CheckpointError
+
+    with pytest.raises(CheckpointError) as e:
+        Predictor.load(parquet["run"], cache=parquet["te"])
+    assert "is a test cache" in e.value.what and "the cache the run trained on" in e.value.fix
+
+
 def test_predict_names_the_parquet_file_of_a_missing_column(parquet: dict[str, Path], tmp_path: Path) -> None:
     """A column missing from a whole Parquet file was placed at "input rows" (helper's serving sweep)."""
     from ctrpipe.serve.predict_file import predict_file
