@@ -31,6 +31,10 @@ from ctrpipe.data.criteo import MAX_LINE_BYTES, READ_BYTES, iter_blocks
 from ctrpipe.errors import InputFormatError, location
 
 SEP_BYTE = 0x1F              # ASCII "unit separator": stands for a multi-byte separator (never in real text)
+# with bad_rows=skip, a record of a field count no layout has that runs over more lines than this is taken for
+# a stray quote (cut at its first line); up to this, for a real record with line breaks in quotes when its
+# quotes close a field (see RecordCutter._stray_quote_line_end)
+RESYNC_LINES = 16
 TEXT_QUOTE_BYTE = 0x1E       # ASCII "record separator": stands for a quote that is text (in an unquoted field)
 KIND = "delimited text (data.format=csv)"
 
@@ -139,7 +143,8 @@ class RecordCutter:
         self.path, self.cfg, self.chunk_rows = path, cfg, chunk_rows
         # With bad_rows=skip: a record running over several lines whose field count is none of these is a
         # stray quote (it would swallow every row up to the next one, or to the end of the file); it ends
-        # at its first line instead, and cutting starts afresh on the next.
+        # at its first line instead, and cutting starts afresh on the next, unless it reads as a real record
+        # with line breaks in quotes (see _stray_quote_line_end), which is one bad row whole.
         self.resync_fields = resync_fields
         self.read_bytes, self.max_record_bytes = read_bytes, max_record_bytes
         self.remedies = remedies
@@ -185,17 +190,17 @@ class RecordCutter:
             data = data.replace(self.sep, bytes([SEP_BYTE]))
         return data
 
-    def _take(self, buf: bytes, line0: int, final: bool, file_bytes: int,
+    def _take(self, buf: bytes, line0: int, final: bool, file_bytes: int, resync: bool = True,
               ) -> tuple[Records | None, int, int]:
         """(the first records of buf, up to chunk_rows, or None; bytes used; lines used). Without `final`,
         an unfinished last record stays in buf; with it, the rest of buf is one record with an open quote."""
         arr = np.frombuffer(buf, np.uint8)
         nl_at = np.flatnonzero(arr == 10)
         inside, text_quotes = self._inside_quotes(arr, nl_at)
-        if self.resync_fields and inside is not None:
-            stray = self._stray_quote_line_end(arr, nl_at, inside, final)
-            if stray is not None:       # cut the buffer after the stray quote's line: parity restarts there
-                return self._take(buf[: stray + 1], line0, True, file_bytes)
+        if resync and self.resync_fields and inside is not None:
+            cut = self._stray_quote_line_end(arr, nl_at, inside, final)
+            if cut is not None:         # parity restarts after the cut; the record before it stays as it is
+                return self._take(buf[: cut[0] + 1], line0, True, file_bytes, resync=not cut[1])
         ends = nl_at[~inside[nl_at]] if inside is not None else nl_at
         open_quote = False
         if final and (len(ends) == 0 or ends[-1] != len(buf) - 1):
@@ -248,12 +253,19 @@ class RecordCutter:
         return out.tobytes()
 
     def _stray_quote_line_end(self, arr: np.ndarray, nl_at: np.ndarray, inside: np.ndarray,
-                              final: bool) -> int | None:
-        """Offset of the b"\\n" ending the first line of the first runaway record (see resync_fields), or None.
+                              final: bool) -> tuple[int, bool] | None:
+        """Where to cut buf at the first runaway record (see resync_fields): (offset of a b"\\n", whether the
+        record before it is whole), or None.
 
-        A record still open at the end of buf counts when it already holds more fields than any allowed count
-        (at the end of the file, always: its quote never closes); waiting for its quote to close would carry
-        the rest of the file. Only buffers holding a record over several lines pay the field count."""
+        A stray quote: the record ends at its first line, and its other lines are rows of their own. But a
+        record of at most RESYNC_LINES lines whose quotes close a field (the last one is followed by a
+        separator or the line's end) and whose lines between the first and the last are no rows when read
+        alone (or that spans two lines) is a real record with the wrong field count: one bad row, whole. Cut
+        at its first line, its last line became a row of its own with shifted fields. A record still open at
+        the end of buf waits for more lines until it runs past RESYNC_LINES (at the end of the file it is
+        cut: its quote never closes), so the decision never depends on where a block ends (chunk_rows);
+        waiting for its quote to close would carry the rest of the file. Only buffers holding a record over
+        several lines pay the field count."""
         ends = nl_at[~inside[nl_at]]
         starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64) if len(ends) else np.zeros(0, np.int64)
         open_tail = (int(ends[-1]) + 1 if len(ends) else 0) < len(arr)
@@ -264,16 +276,40 @@ class RecordCutter:
         multi = spans > 1
         if not multi.any():
             return None
-        sep = (arr == (SEP_BYTE if len(self.sep) > 1 else self.sep[0])) & ~inside
+        sep_byte = SEP_BYTE if len(self.sep) > 1 else self.sep[0]
+        sep = (arr == sep_byte) & ~inside
         fields = np.add.reduceat(sep, starts, dtype=np.int64) + 1
         allowed = np.array(sorted(self.resync_fields), dtype=np.int64)
         runaway = multi & ~np.isin(fields, allowed)
-        if open_tail:
-            runaway[-1] = multi[-1] and (final or fields[-1] > allowed.max())
+        if open_tail:       # it may still close, until it runs past RESYNC_LINES lines or the file ends
+            runaway[-1] = multi[-1] and (final or spans[-1] > RESYNC_LINES)
         hit = np.flatnonzero(runaway)
         if not len(hit):
             return None
-        return int(nl_at[np.searchsorted(nl_at, starts[int(hit[0])])])
+        i = int(hit[0])
+        start, end = int(starts[i]), int(ends[i])
+        first_end = int(nl_at[np.searchsorted(nl_at, start)])
+        if (open_tail and i == len(starts) - 1) or spans[i] > RESYNC_LINES:
+            return first_end, False
+        closing = start + int(np.flatnonzero(inside[start:end])[-1]) + 1       # the quote that ends quoting
+        after = int(arr[closing + 1]) if closing + 1 < len(arr) else 10
+        last_line = int(nl_at[np.searchsorted(nl_at, end) - 1]) + 1
+        if after in (sep_byte, 13, 10) and (last_line == first_end + 1 or
+                                             not self._rows_alone(arr[first_end + 1: last_line], allowed)):
+            return end, True
+        return first_end, False
+
+    def _rows_alone(self, seg: np.ndarray, allowed: np.ndarray) -> bool:
+        """Whether the lines of seg, cut afresh, are each a record of an allowed field count with no quote
+        inside an unquoted field (blank and comment lines aside)."""
+        nl_at = np.flatnonzero(seg == 10)
+        inside, text_quotes = self._inside_quotes(seg, nl_at)
+        if len(text_quotes) or (inside is not None and inside[nl_at].any()):
+            return False
+        starts = np.concatenate(([0], nl_at[:-1] + 1)).astype(np.int64)
+        rows = (nl_at > starts) & ~((nl_at == starts + 1) & (seg[starts] == 13)) & ~self._comments(seg, starts)
+        fields = self._field_counts(seg, starts, len(seg), inside)
+        return bool(np.isin(fields[rows], allowed).all())
 
     def _inside_quotes(self, arr: np.ndarray, nl_at: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """((n,) bool: byte i lies inside quotes (parity of the quotes before it and at it), None: no quotes;

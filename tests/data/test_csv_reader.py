@@ -266,6 +266,43 @@ def test_skip_mode_stray_quotes_lose_only_their_own_rows(tmp_path: Path) -> None
         read(cfg_for(), [path])                               # error mode still stops at the first one
 
 
+def test_skip_mode_keeps_a_bad_record_with_line_breaks_whole(tmp_path: Path) -> None:
+    """A quoted field with a line break in a row with one field too many was cut at its first line as if
+    its quote were stray, and its second line read as a row of its own: ('line"', 'w', 1), shifted garbage
+    (a helper's fuzzing); it is one bad row now, and later rows keep their positions."""
+    path = tmp_path / "ml.csv"
+    path.write_text('a,b,y\nx,z,1\nq,"multi\nline",w,1\nr,s,0\n')
+    cfg = DataConfig(format="csv", csv=CsvConfig(), labels=("y",), numeric=NumericConfig(columns=()),
+                     categorical=CategoricalConfig(columns=("a", "b")))
+    for rows in (1, 1000):
+        chunks = list(iter_raw_chunks(cfg, [path], rows, bad_rows="skip"))
+        assert pl.concat([c.frame for c in chunks]).select("a", "b").rows() == [("x", "z"), ("r", "s")]
+        assert [(b.line, b.reason) for c in chunks for b in c.bad_rows] == [(3, "field count")]
+        assert np.concatenate([c.positions for c in chunks]).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_skip_mode_reads_any_quoting_alike_for_any_chunk_rows(tmp_path: Path, seed: int) -> None:
+    """Rows, bad lines and positions of ill-quoted files (stray quotes, text after closing quotes, line
+    breaks in quotes) do not depend on chunk_rows under bad_rows=skip."""
+    fields = ['x', 'a"b', '"ab"c', '"ab"c"d"', '"a""b"', '""', '"p,q"r', '"x"y"z', 'q"', '"two\nl"x', '"', '""x',
+              '"a"b,c"', '"m\nn"']
+    rng = random.Random(seed)
+    cfg = DataConfig(format="csv", csv=CsvConfig(missing=()), labels=("y",), numeric=NumericConfig(columns=()),
+                     categorical=CategoricalConfig(columns=("a", "b", "c")))
+    for k in range(40):
+        lines = ["a,b,c,y"] + [",".join([rng.choice(fields) for _ in range(3)] + [str(rng.randint(0, 1))])
+                               for _ in range(rng.randint(2, 24))]
+        path = tmp_path / f"q{k}.csv"
+        path.write_text("\n".join(lines) + "\n")
+        got = []
+        for rows in (1, 2, 1000):
+            chunks = list(iter_raw_chunks(cfg, [path], rows, bad_rows="skip"))
+            got.append(([r for c in chunks for r in c.frame.rows()], sorted(b.line for c in chunks for b in c.bad_rows),
+                        [int(p) for c in chunks for p in c.positions]))
+        assert got[0] == got[1] == got[2], lines
+
+
 def test_a_quote_inside_an_unquoted_field_opens_nothing(tmp_path: Path) -> None:
     """5'11" in the same column on two rows: counted as toggles, the two quotes joined every row between them
     into one record with the header's field count, which no check could tell from a real one; as in RFC 4180 a
