@@ -202,7 +202,11 @@ def load_config(path: Path | None, overrides: Sequence[str] = (), *, resolve_mod
     then start without importing torch and the model zoo.
     """
     layers: list[tuple[str, dict[str, Any]]] = [(str(p), d) for p, d in yaml_layers(path)] if path else []
-    layers.append(("--set", apply_overrides({}, overrides)))
+    if resolve_model:                 # all --set are one source: naming a key twice (two names) is an error
+        _canonical_model_keys([*layers, ("--set", apply_overrides({}, overrides))])
+    # one layer per --set, in order: `--set x={}` clears the file's section x, and a later `--set x.k=v` adds
+    # to the cleared section (in one layer, the two made {k: v}, which merged into the file's x)
+    layers += [("--set", apply_overrides({}, [text])) for text in overrides]
     if resolve_model:                 # another name for a key is that key, so a later layer's value wins
         layers = _canonical_model_keys(layers)
     data: dict[str, Any] = {}

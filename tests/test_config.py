@@ -254,6 +254,12 @@ def test_an_empty_mapping_clears_what_a_file_set() -> None:
     esmm = load_config(CFGS / "parquet_esmm.yaml",
                        ["model.backbone=shared_bottom", "model.backbone_params={}"])
     assert esmm.model.params.backbone == "shared_bottom" and esmm.model.params.backbone_params == {}
+    # then a key of the cleared section: both --set sat in one layer, {embedding_dim: 8}, which merged into
+    # the file's backbone_params (n_experts, unknown to dnn) (helper's training sweep)
+    dnn = load_config(CFGS / "parquet_esmm.yaml", ["model.backbone=dnn", "model.backbone_params={}",
+                                                   "model.backbone_params.embedding_dim=8"])
+    assert dnn.model.params.backbone_params == {"embedding_dim": 8}
+    assert dnn.sources["model.backbone_params.embedding_dim"] == "--set"
 
 
 def test_two_downsampling_corrections_are_refused() -> None:
