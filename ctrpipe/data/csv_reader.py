@@ -21,7 +21,7 @@ import polars as pl
 from ctrpipe.data.chunks import SHARD_REMEDIES, BadRow, RawChunk, Remedies
 from ctrpipe.data.config import CsvConfig, DataConfig, DerivedLabelConfig
 from ctrpipe.data.criteo import polars_input
-from ctrpipe.data.csv_records import SEP_BYTE, TEXT_QUOTE_BYTE, RecordCutter, Records
+from ctrpipe.data.csv_records import SEP_BYTE, RecordCutter, Records
 from ctrpipe.data.schema import ResolvedColumns, closest
 from ctrpipe.data.transforms import BadWeights, weight_error
 from ctrpipe.errors import InputFormatError, SchemaError, location
@@ -48,8 +48,8 @@ def _parse_record(rec: Records, i: int, cfg: DataConfig, n: int) -> list[str | N
 
 def _restore_text(frame: pl.DataFrame, rec: Records, csv: CsvConfig) -> pl.DataFrame:
     """Put back what the cutter stood in for in the text polars parsed: a multi-byte separator (SEP_BYTE,
-    which only a quoted field keeps as text) and quotes inside unquoted fields (TEXT_QUOTE_BYTE)."""
-    swaps = [(chr(TEXT_QUOTE_BYTE), rec.text_quote)] if rec.text_quote else []
+    which only a quoted field keeps as text) and quotes inside unquoted fields (`Records.stand_in`)."""
+    swaps = [(rec.stand_in, rec.text_quote)] if rec.text_quote else []
     if len(csv.separator.encode()) > 1 and csv.quote_char and csv.quote_char.encode() in rec.data:
         swaps.append((chr(SEP_BYTE), csv.separator))
     for stand_in, text in swaps:

@@ -5,7 +5,8 @@ Quoting follows RFC 4180: every quote character toggles "inside quotes" (a doubl
 quoted field may hold separators and line breaks, and a record ends at the first line break outside quotes.
 A quote inside an unquoted field (`5'11"`, `5""`) is text: only a quote at a field's start opens a quoted
 field, in which every quote toggles, as polars reads it (`_quoting_quotes`); such text quotes reach polars as
-the byte `TEXT_QUOTE_BYTE` (its row cutter would count them as toggles) and are put back in the values. An
+a control byte absent from the chunk (its row cutter would count them as toggles) and are put back in the
+values. An
 opening quote that never closes runs on into the next lines: the reader reports it with the hint to turn
 quoting off (with bad_rows=skip, `resync_fields` cuts it back to its line).
 Before that analysis a separator of several bytes (", ") becomes the single byte `SEP_BYTE`, so polars
@@ -35,7 +36,8 @@ SEP_BYTE = 0x1F              # ASCII "unit separator": stands for a multi-byte s
 # a stray quote (cut at its first line); up to this, for a real record with line breaks in quotes when its
 # quotes close a field (see RecordCutter._stray_quote_line_end)
 RESYNC_LINES = 16
-TEXT_QUOTE_BYTE = 0x1E       # ASCII "record separator": stands for a quote that is text (in an unquoted field)
+# control bytes that may stand for a quote that is text (in an unquoted field): the first absent from a chunk
+STAND_INS = bytes(b for b in range(0x1E, 0, -1) if b not in (9, 10, 13))
 KIND = "delimited text (data.format=csv)"
 
 
@@ -51,7 +53,8 @@ class Records:
     fields: np.ndarray       # (R,) int64 fields (separators outside quotes + 1)
     file_bytes: int          # on-disk bytes consumed since the previous Records (progress)
     open_quote: bool = False  # the last record's quote never closes (only at the end of a file)
-    text_quote: str = ""     # the quote character that TEXT_QUOTE_BYTE stands for in data ("": data has none)
+    text_quote: str = ""     # the quote character that `stand_in` stands for in data ("": data has none)
+    stand_in: str = ""
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -59,12 +62,15 @@ class Records:
     def drop_first(self) -> Records:
         """Without the first record (a header row)."""
         return Records(self.data, self.starts[1:], self.ends[1:], self.lines[1:], self.spans[1:],
-                       self.fields[1:], self.file_bytes, self.open_quote and len(self) > 1, self.text_quote)
+                       self.fields[1:], self.file_bytes, self.open_quote and len(self) > 1, self.text_quote,
+                       self.stand_in)
 
     def text(self, i: int, sep: str, limit: int = 80) -> str:
         """Record i as written (with the configured separator), cut to `limit` characters."""
         raw = self.data[self.starts[i]: self.ends[i]].decode("utf-8", errors="replace").rstrip("\r")
-        raw = raw.replace(chr(SEP_BYTE), sep).replace(chr(TEXT_QUOTE_BYTE), self.text_quote)
+        raw = raw.replace(chr(SEP_BYTE), sep)
+        if self.text_quote:
+            raw = raw.replace(self.stand_in, self.text_quote)
         return raw if len(raw) <= limit else raw[:limit] + "..."
 
     def gather(self, idx: np.ndarray | None = None) -> bytes:
@@ -226,31 +232,35 @@ class RecordCutter:
         used_lines = int(np.searchsorted(nl_at, used, side="left"))
         if not len(kept):                                   # only blank and comment lines
             return None, used, used_lines
-        data, text_quote = buf, ""
+        data, text_quote, stand_in = buf, "", ""
         text_quotes = text_quotes[text_quotes < used]
         if len(text_quotes):
-            data, text_quote = self._mark_text_quotes(arr[:used], text_quotes, line0, nl_at), chr(self.quote or 0)
+            data, stand_in = self._mark_text_quotes(arr[:used], text_quotes, line0)
+            text_quote = chr(self.quote or 0)
         rec = Records(data, starts[kept], ends[kept], lines.astype(np.int64), spans.astype(np.int64),
-                      fields, file_bytes, open_quote and bool(kept[-1] == len(starts) - 1), text_quote)
+                      fields, file_bytes, open_quote and bool(kept[-1] == len(starts) - 1), text_quote, stand_in)
         return rec, used, used_lines
 
-    def _mark_text_quotes(self, arr: np.ndarray, at: np.ndarray, line0: int, nl_at: np.ndarray) -> bytes:
-        """arr's bytes with the quotes at `at` (text, inside unquoted fields) as TEXT_QUOTE_BYTE.
+    def _mark_text_quotes(self, arr: np.ndarray, at: np.ndarray, line0: int) -> tuple[bytes, str]:
+        """(arr's bytes with the quotes at `at` (text, inside unquoted fields) as a stand-in byte, the stand-in):
+        the first of STAND_INS that is not in arr, nor the separator or comment prefix.
 
         polars reads such quotes as text too, but only while it parses a record alone: its parallel reader
         cuts the bytes into rows by counting every quote as a toggle, so an odd number of them refused the
         record and an even number could join the fields or rows between them, depending on which records
-        shared the parse (chunk_rows). Polars never sees them now; `Records.restore` puts them back."""
-        if (clash := np.flatnonzero(arr == TEXT_QUOTE_BYTE)).size:
+        shared the parse (chunk_rows). Polars never sees them now; the reader puts them back in the values."""
+        used = np.bincount(arr, minlength=256).astype(bool)
+        used[list(self.sep + self.comment)] = True
+        free = [b for b in STAND_INS if not used[b]]
+        if not free:          # every control byte in one chunk: binary data, not delimited text
             raise InputFormatError(
-                f"the byte 0x1e (ASCII record separator) is in the text; the reader uses it in place of a "
-                f"{self.cfg.quote_char!r} inside an unquoted field",
-                where=location(self.path, line0 + int(np.searchsorted(nl_at, clash[0]))),
-                fix="remove the control character from the file, or set data.csv.quote_char=\"\" if quote "
-                    "characters are plain text in this file")
+                "the text holds every ASCII control character, so none can stand for the quotes inside unquoted "
+                "fields while polars parses it", where=location(self.path, line0),
+                fix="check the file is delimited text, or set data.csv.quote_char=\"\" if quote characters "
+                    "are plain text in this file")
         out = arr.copy()
-        out[at] = TEXT_QUOTE_BYTE
-        return out.tobytes()
+        out[at] = free[0]
+        return out.tobytes(), chr(free[0])
 
     def _stray_quote_line_end(self, arr: np.ndarray, nl_at: np.ndarray, inside: np.ndarray,
                               final: bool) -> tuple[int, bool] | None:
