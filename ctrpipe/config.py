@@ -55,11 +55,6 @@ class RunConfig:
     MOVED_KEYS: ClassVar[Mapping[str, str]] = {"sequence": "model.sequence"}
 
     def __post_init__(self) -> None:
-        name = self.exp_name
-        # the run's folder is runs/<exp_name>: an empty name wrote into --runs itself, a path went elsewhere
-        if name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip():
-            raise ConfigError(f"bad value {name!r} for 'exp_name': it names the run's folder under --runs",
-                              where="exp_name", fix="use a plain name without slashes, e.g. exp_name=dnn_v2")
         keep = self.infer.calibration.keep_rate
         if self.loader.neg_keep_prob < 1.0 and keep != 1.0:     # each adds log(rate): corrected twice
             raise ConfigError(f"loader.neg_keep_prob={self.loader.neg_keep_prob} and infer.calibration.keep_rate="

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -223,7 +223,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
     _check_metric(cfg, tasks)
     shift = _check_sampling(cfg, spec, heads, tasks)
     amp = resolve_amp(cfg.train.amp, device, model_family(cfg.model.name, cfg.model.params))
-    run_dir = runs / cfg.exp_name
+    run_dir = run_dir_of(runs, cfg.exp_name)
     if dist is not None and not dist.is_main:
         return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters, shift,
                             dist, amp)
@@ -353,6 +353,18 @@ def config_changes(old_config: dict[str, Any], cfg: RunConfig) -> list[tuple[str
     """(dotted key, recorded value, new value) of every setting `cfg` changes, sorted by key."""
     old, new = flatten_dotted(old_config), flatten_dotted(to_dict(cfg))
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def run_dir_of(runs: Path, exp_name: str) -> Path:
+    """runs/<exp_name>, which must lie inside --runs: an empty name wrote the run into --runs itself, and
+    '../x' or an absolute path wrote it elsewhere. A name may nest (grid/lr_1e-3)."""
+    parts = PurePath(exp_name).parts
+    if not exp_name.strip() or PurePath(exp_name).is_absolute() or any(p in (".", "..") for p in parts) \
+            or "." in exp_name.split("/"):
+        raise ConfigError(f"bad value {exp_name!r} for 'exp_name': it names the run's folder inside --runs",
+                          where="exp_name", fix="use a name without '..' or a leading '/', e.g. exp_name=dnn_v2 "
+                                                "(or grid/dnn_v2 for a folder of runs)")
+    return runs / exp_name
 
 
 def refuse_resume_changes(old_config: dict[str, Any], cfg: RunConfig, where: Path) -> list[tuple[str, Any, Any]]:

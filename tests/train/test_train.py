@@ -251,6 +251,19 @@ def test_run_directory_and_resume_guards(cache: Path, tmp_path: Path):
     assert "hidden_units:\n  - 16" in (tmp_path / "criteo" / "config.yaml").read_text()
 
 
+def test_the_run_folder_stays_inside_runs(cache: Path, tmp_path: Path):
+    """An empty exp_name wrote the run's files into --runs itself, '../x' outside it (helper's training sweep);
+    a nested name (grid/a) is a folder of runs inside it, and a run's config still loads wherever it is used."""
+    runs = tmp_path / "runs"
+    for name in ("", "../x", "/abs"):
+        code, out = train(cache, runs, "--set", f"exp_name={name}", "--set", "train.max_steps=2")
+        assert code == 1 and "bad value" in out and "exp_name" in out, out
+    assert not (tmp_path / "x").exists() and not (runs.exists() and any(runs.iterdir()))
+    assert train(cache, runs, "--set", "exp_name=grid/a", "--set", "train.max_steps=2")[0] == 0
+    assert (runs / "grid" / "a" / "metrics.json").is_file()
+    assert load_checkpoint(runs / "grid" / "a" / "ckpt_best.pt").config["exp_name"] == "grid/a"
+
+
 def test_resume_of_a_finished_run_changes_nothing(cache: Path, tmp_path: Path):
     """--resume of a finished run rewrote metrics.json (epochs 0, the no-op's wall time) and recorded changed
     settings such as more epochs in its config, having trained nothing."""
