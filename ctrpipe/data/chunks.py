@@ -36,6 +36,16 @@ class Remedies:
             return f"pass input in the run's format (data.format={self.run_format})"
         return f"pass --set data.format={fmt}"
 
+    def or_read_as(self, fix: str, fmt: str, what: str) -> str:
+        """`fix`, and how to read `what` input (format `fmt`): another data.format, or the run's own."""
+        if self.run_format:
+            return f"{fix} (the run reads data.format={self.run_format})"
+        return f"{fix}, or pass --set data.format={fmt} for {what} input"
+
+    def or_config(self, fix: str, change: str) -> str:
+        """`fix`, and where the data config can still change (a build, not a trained run), `change`."""
+        return f"{fix}, or {change}" if not self.run_format else fix
+
 
 SHARD_REMEDIES = Remedies()
 

@@ -268,7 +268,7 @@ def _gzip_intact_lines(path: Path) -> int:
 
 
 def _long_line_fix(kind_name: str, remedies: Remedies) -> str:
-    return f"check the file is {kind_name}, or {remedies.read_as('parquet')}"
+    return remedies.or_read_as(f"check the file is {kind_name}", "parquet", "Parquet")
 
 
 def _check_line_lengths(path: Path, buf: mmap.mmap, start: int, stop: int, line: int, limit: int,
@@ -328,21 +328,24 @@ def detect_layout(path: Path, block: _Block, sep: str, remedies: Remedies = SHAR
         raise InputFormatError(
             f"the first line looks like a header ({shown!r}): Criteo text has no header line",
             where=location(path, 1),
-            fix="remove the header line (e.g. `tail -n +2 FILE > FILE.tsv`)" + _separator_hint(first, sep))
+            fix="remove the header line (e.g. `tail -n +2 FILE > FILE.tsv`)" + _separator_hint(first, sep, remedies))
     n_lab, n_test = int((counts == LABELLED_FIELDS).sum()), int((counts == TEST_FIELDS).sum())
     if n_lab == 0 and n_test == 0:
         raise InputFormatError(
             f"{int(counts[0])} {_sep_name(sep)}-separated fields on the first line, expected "
             f"{_expected_text(LABELLED_FIELDS)} or {_expected_text(TEST_FIELDS)}",
             where=location(path, 1),
-            fix=f"check the file is Criteo text, or {remedies.read_as('parquet')} for Parquet input"
-                + _separator_hint(first, sep))
+            fix=remedies.or_read_as("check the file is Criteo text", "parquet", "Parquet")
+                + _separator_hint(first, sep, remedies))
     return LABELLED_FIELDS if n_lab >= n_test else TEST_FIELDS
 
 
-def _separator_hint(line: str, sep: str) -> str:
+def _separator_hint(line: str, sep: str, remedies: Remedies = SHARD_REMEDIES) -> str:
     for other in ("\t", ",", ";", "|"):
         if other != sep and line.count(other) + 1 in (LABELLED_FIELDS, TEST_FIELDS):
+            if remedies.run_format:
+                return (f"; the line has {line.count(other) + 1} {_sep_name(other)}-separated fields, and the run "
+                        f"reads {_sep_name(sep)}-separated ones")
             return (f"; the line has {line.count(other) + 1} {_sep_name(other)}-separated fields: set "
                     f"data.separator={other!r}" + (" (integers written as floats like 260.0 are accepted)"
                                                     if other == "," else ""))
@@ -490,8 +493,8 @@ class CriteoReader:
             fix = r.or_skip("files mix labelled (40-field) and unlabelled (39-field) lines; shard them "
                             "separately", "lines")
         else:
-            fix = r.or_skip(f"check the file is Criteo text, or {r.read_as('parquet')} for Parquet input", "lines")
-        fix += _separator_hint(text, self.sep) if text.strip() else ""
+            fix = r.or_skip(r.or_read_as("check the file is Criteo text", "parquet", "Parquet"), "lines")
+        fix += _separator_hint(text, self.sep, r) if text.strip() else ""
         return InputFormatError(what, where=location(self.path, line), fix=fix)
 
     # -- values

@@ -189,18 +189,23 @@ class CsvChunker:
         sep = self.cfg.csv.separator
         what = f"{n} {_shown_sep(sep)}-separated fields, expected {len(names)} ({', '.join(names[:4])}" + \
             (", ...)" if len(names) > 4 else ")")
-        fix = self.remedies.or_skip(f"check data.csv.separator ({sep!r}) and the column names")
+        r = self.remedies
+        fix = r.or_skip(f"check data.csv.separator ({sep!r}) and the column names" if not r.run_format else
+                        f"the run reads {_shown_sep(sep)}-separated fields {', '.join(names[:4])}"
+                        + (", ..." if len(names) > 4 else "") + ": check the line")
         if rec.spans[i] > 1:
             what += (f"; the row runs over {int(rec.spans[i])} lines because a quoted field holds line breaks "
                      f"(an unbalanced {self.cfg.csv.quote_char!r}?)")
-            fix = self.remedies.or_skip("close the quote, or set data.csv.quote_char=\"\" if quote characters "
-                                        "are plain text in this file")
+            fix = r.or_skip(r.or_config("close the quote", "set data.csv.quote_char=\"\" if quote characters are "
+                                                           "plain text in this file"))
         elif rec.open_quote and i == len(rec) - 1:
             what += f"; a {self.cfg.csv.quote_char!r} opened in this row never closes"
         text = rec.text(i, sep)
         for other in (", ", ",", "\t", ";", "|"):
             if other != sep and text.count(other) + 1 == len(names):
-                fix = f"the line has {len(names)} fields separated by {other!r}: set data.csv.separator={other!r}"
+                fix = f"the line has {len(names)} fields separated by {other!r}: " + (
+                    f"set data.csv.separator={other!r}" if not r.run_format else
+                    f"the run reads fields separated by {sep!r}; write the file with that separator")
                 break
         return InputFormatError(what, where=location(self.path, int(rec.lines[i])), fix=fix)
 
@@ -217,9 +222,9 @@ class CsvChunker:
         if len(idx) == 1:
             flags.flag(idx, None, "unparsable", lambda r, i: InputFormatError(
                 f"cannot parse this row: {reason}", where=location(self.path, int(r.lines[i])),
-                fix=self.remedies.or_skip("check its quoting (text after a closing quote?) and encoding "
-                                          "(UTF-8); set data.csv.quote_char=\"\" if quote characters are plain "
-                                          "text")))
+                fix=self.remedies.or_skip(self.remedies.or_config(
+                    "check its quoting (text after a closing quote?) and encoding (UTF-8)",
+                    "set data.csv.quote_char=\"\" if quote characters are plain text"))))
             return self._read(b""), idx[:0]
         half = len(idx) // 2
         a, ia = self._parse(rec, idx[:half], flags)
@@ -309,7 +314,9 @@ class CsvChunker:
                 return InputFormatError(what, where=where,
                                         fix=self.remedies.or_skip("labels must be 0/1 (no missing values); "
                                                                   "fix the file"))
-            fix = f"list it in data.csv.missing if it means 'missing', or list {col!r} under data.categorical"
+            fix = f"list it in data.csv.missing if it means 'missing', or list {col!r} under data.categorical" \
+                if not self.remedies.run_format else \
+                f"the run reads {col!r} as a number: fix the value (an empty field is missing)"
             if str(value).startswith(" "):
                 fix = f"the value starts with a space: is the separator {self.cfg.csv.separator + ' '!r}? " + fix
             return InputFormatError(f"{value!r} is not a number", where=where, fix=self.remedies.or_skip(fix))

@@ -256,8 +256,8 @@ class RecordCutter:
             raise InputFormatError(
                 "the text holds every ASCII control character, so none can stand for the quotes inside unquoted "
                 "fields while polars parses it", where=location(self.path, line0),
-                fix="check the file is delimited text, or set data.csv.quote_char=\"\" if quote characters "
-                    "are plain text in this file")
+                fix=self.remedies.or_config("check the file is delimited text", "set data.csv.quote_char=\"\" if "
+                                            "quote characters are plain text in this file"))
         out = arr.copy()
         out[at] = free[0]
         return out.tobytes(), chr(free[0])
@@ -401,8 +401,9 @@ class RecordCutter:
         return InputFormatError(
             f"a quoted field in the row starting on this line never closes: it {how}",
             where=location(self.path, line),
-            fix=f"check the quoting near that line (a stray {self.cfg.quote_char!r}?); if quote characters are "
-                "plain text in this file, set data.csv.quote_char=\"\"")
+            fix=self.remedies.or_config(f"check the quoting near that line (a stray {self.cfg.quote_char!r}?)",
+                                        "if quote characters are plain text in this file, set "
+                                        "data.csv.quote_char=\"\""))
 
 
 def count_records(path: Path, cfg: CsvConfig, chunk_rows: int = 100_000,

@@ -37,7 +37,7 @@ def read_schema(path: Path, remedies: Remedies = SHARD_REMEDIES) -> pa.Schema:
     try:
         return pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        fix = f"check the file is Parquet, or {remedies.read_as('parquet')}" if remedies.run_format else \
+        fix = "check the file is Parquet (the run reads data.format=parquet)" if remedies.run_format else \
             f"check the file (Criteo text needs {remedies.read_as('criteo')}, CSV {remedies.read_as('csv')})"
         raise InputFormatError(f"not a readable Parquet file ({str(exc).splitlines()[0]})", where=str(path),
                                fix=fix) from None
@@ -76,23 +76,29 @@ _EXPECTED = {
     "id": "text or an integer",
     "key": "a number, a timestamp/date or text",
 }
-_FIX = {
-    "numeric": "cast the column to a number when writing the file, or list it under data.categorical",
-    "label": "store labels as 0/1 integers, or fix data.labels",
-    "categorical": "cast floats to integers or strings when writing the file, or list it under data.numeric",
-    "token": "store tokens as one separated string or a list column",
-    "id": "use a text or integer id column (data.id_column)",
-    "key": "group or order by a scalar column (not a list or struct)",
+_FIX = {      # (what to change in the file, what to change in the config instead: a build's option only)
+    "numeric": ("cast the column to a number when writing the file", "list it under data.categorical"),
+    "label": ("store labels as 0/1 integers", "fix data.labels"),
+    "categorical": ("cast floats to integers or strings when writing the file", "list it under data.numeric"),
+    "token": ("store tokens as one separated string or a list column", ""),
+    "id": ("store the id column as text or integers", "set another data.id_column"),
+    "key": ("group or order by a scalar column (not a list or struct)", ""),
 }
 
 
-def _type_fix(kind: Kind, t: pa.DataType) -> str:
+def _kind_fix(kind: Kind, remedies: Remedies) -> str:
+    in_file, in_config = _FIX[kind]
+    return remedies.or_config(in_file, in_config) if in_config else in_file
+
+
+def _type_fix(kind: Kind, t: pa.DataType, remedies: Remedies) -> str:
     """The fix for a mistyped column, by what it holds where the kind alone would mislead."""
     if kind == "categorical" and pa.types.is_temporal(t):
         return "cast it to text (e.g. '2024-01-31') or an integer when writing the file"
     if kind == "categorical" and (pa.types.is_list(t) or pa.types.is_large_list(t)):
-        return "a list of values per row is a token column: list it under data.multihot (or data.sequence)"
-    return _FIX[kind]
+        return remedies.or_config("store one value per row", "list a list column under data.multihot "
+                                                             "(or data.sequence): it is a token column")
+    return _kind_fix(kind, remedies)
 
 
 def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_labels: bool,
@@ -121,7 +127,7 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
         t = schema.field(col).type
         if not _type_ok(kind, t):
             raise SchemaError(f"{kind} column has type {t}, expected {_EXPECTED[kind]}",
-                              where=location(path, column=col), fix=_type_fix(kind, t))
+                              where=location(path, column=col), fix=_type_fix(kind, t, remedies))
     return has_labels
 
 
@@ -193,7 +199,8 @@ class ParquetChunker:
                 self._flag(wrong.fill_null(False).to_numpy(), keep, bad, row0, c, "not a number",
                            lambda i, c=c: SchemaError(
                                f"numeric column stored as text holds {frame[c][i]!r}, not a number",
-                               where=location(self.path, row=row0 + i, column=c), fix=_FIX["numeric"]))
+                               where=location(self.path, row=row0 + i, column=c),
+                               fix=_kind_fix("numeric", self.remedies)))
         if self.has_labels:
             for c in self.rc.labels:
                 y = frame[c].cast(pl.Float64)

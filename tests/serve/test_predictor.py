@@ -190,7 +190,8 @@ def test_criteo_bad_rows_name_row_and_column(criteo: dict[str, Path]) -> None:
     with pytest.raises(InputFormatError) as e:
         p.predict([lines[0], lines[1], lines[2] + "\textra", lines[3]])      # malformed: 41 fields
     assert "line 3" in e.value.where
-    assert "--bad-rows" not in e.value.fix and "--set" not in e.value.fix and "data.format=criteo" in e.value.fix
+    assert "--bad-rows" not in e.value.fix and "--set" not in e.value.fix
+    assert "(the run reads data.format=criteo)" in e.value.fix and "Parquet input" not in e.value.fix
     names = ["label", *(f"I{i}" for i in range(1, 14)), *(f"C{i}" for i in range(1, 27))]
     dicts = [dict(zip(names, ln.split("\t"), strict=True)) for ln in lines]
     del dicts[1]["C7"]
@@ -327,7 +328,8 @@ def test_csv_bad_input(adult: dict[str, Path]) -> None:
     assert "occupation" in e.value.where
     with pytest.raises(CtrpipeError) as e:
         p.predict(lines[:2] + [lines[2].rsplit(", ", 3)[0]])                 # a short line
-    assert "line 3" in e.value.where and "data.csv.separator" in e.value.fix and "--bad-rows" not in e.value.fix
+    assert "line 3" in e.value.where and "the run reads ', '-separated fields age" in e.value.fix
+    assert "--bad-rows" not in e.value.fix and "data.csv" not in e.value.fix    # a trained run's config is fixed
 
 
 def test_predict_cli_reads_a_csv_file(adult: dict[str, Path], tmp_path: Path) -> None:
