@@ -40,13 +40,14 @@ from ctrpipe.train.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from ctrpipe.train.config import CVConfig
+from ctrpipe.train.config import CVConfig, EarlyStoppingConfig
 from ctrpipe.train.distributed import Distributed, RankInfo, rank_info
 from ctrpipe.train.evaluate import Predictions, logit_shifts, predict
 from ctrpipe.train.loop import FitInputs, FitResult, fit
 from ctrpipe.train.metrics import QUALITY_METRICS, metrics_from_logits, refuse_descriptive_metric
 from ctrpipe.train.objective import Task, build_tasks
 from ctrpipe.train.rundir import write_config, write_json, write_text
+from ctrpipe.train.stopping import EarlyStopping
 
 SUMMARY_METRICS = ("auc", "logloss", "ap", "wll", "score", "calibration")
 
@@ -384,12 +385,20 @@ def refuse_resume_changes(old_config: dict[str, Any], cfg: RunConfig, where: Pat
     # some rows of the epoch twice and others never
     order = ("loader.shuffle", "loader.shuffle_strategy", "loader.block_rows", "loader.window_shards")
     # the best value of the validation metric so far (which picks ckpt_best and stops early) is a number of that
-    # metric: another metric, direction or mix of heads would be compared against it
-    stopping = ("train.early_stopping.metric", "train.early_stopping.mode")
+    # metric: another metric, direction, mix of heads or rows a head is scored on would be compared against it
     fixed = [k for k in changed if k.startswith(("model.", "data.")) or k in ("seed", "cv.n_splits")
-             or k in sampling + restored + order + stopping]
-    fixed += [k for k, was, now in changes if k.startswith("train.tasks.") and k.endswith(".metric_weight")
-              and (-1.0 if was is None else was) != (-1.0 if now is None else now)]    # None: the default
+             or k in sampling + restored + order or k == "train.early_stopping.metric"]
+    was_stop = EarlyStoppingConfig(**{k.rsplit(".", 1)[1]: v for k, v in flatten_dotted(old_config).items()
+                                      if k in ("train.early_stopping.metric", "train.early_stopping.mode")})
+    if "train.early_stopping.mode" in changed and \
+            EarlyStopping(was_stop).mode != EarlyStopping(cfg.train.early_stopping).mode:
+        fixed.append("train.early_stopping.mode")         # auto is max for AUC: auto -> max changes nothing
+    defaults = {"metric_weight": -1.0, "mask": ""}     # a head's entry added by --set holds the defaults
+    for k, was, now in changes:
+        field = k.rsplit(".", 1)[-1]
+        if k.startswith("train.tasks.") and field in defaults and len(cfg.data.labels) > 1 and \
+                (defaults[field] if was is None else was) != (defaults[field] if now is None else now):
+            fixed.append(k)                                # one label: a weight of the only head changes nothing
     if "cv.n_splits" in fixed:     # resuming a K-fold run without --kfold started a single model in its folder
         was, now = int(old.get("cv.n_splits") or 0), cfg.cv.n_splits
         run_is = f"a {was}-fold run" if was else "a single-model run"

@@ -144,3 +144,15 @@ def test_a_masked_head_starts_at_the_rate_of_its_rows(parquet_cache: Path) -> No
     towers = next(m for m in model.modules() if isinstance(m, TaskTowers))
     assert float(towers.outputs[1].bias) == pytest.approx(np.log(conv / click / (1 - conv / click)), abs=1e-6)
     assert float(towers.outputs[0].bias) == pytest.approx(np.log(click / (1 - click)), abs=1e-6)
+
+
+def test_resume_refuses_a_change_to_what_a_head_is_scored_on(parquet_cache: Path, tmp_path: Path) -> None:
+    """The best value so far mixes the heads' metrics by their weights, over the rows their masks keep: a
+    resume with another weight or mask compared against a number of another metric (diff review)."""
+    sets = [x for s in (*SMALL, "train.stop_after_steps=3") for x in ("--set", s)]
+    cfg = str(REPO / "cfgs" / "parquet_mmoe.yaml")
+    base = ["train", "--cfg", cfg, "--shards", str(parquet_cache), "--runs", str(tmp_path), "-q", *sets]
+    cli(*base)
+    for change in ("train.tasks.clicked.metric_weight=3", "train.tasks.converted.mask="):
+        res = runner.invoke(app, [*base, "--resume", "--set", change])
+        assert res.exit_code == 1 and f"cannot resume with changed {change.split('=')[0]}" in res.output, res.output
