@@ -44,9 +44,10 @@ def plan_steps(cfg: TrainConfig, rows: int, batch_size: int, per_epoch: int) -> 
         total = min(total, cfg.max_steps)
     notes: list[str] = []
     if cfg.max_steps > max(planned, cfg.min_steps):
-        notes.append(f"train.max_steps={cfg.max_steps} caps the run and adds no steps: it trains "
-                     f"{total} ({cfg.epochs} epoch(s) of {per_epoch}); raise train.epochs or set "
-                     f"train.min_steps={cfg.max_steps} to train longer")
+        notes.append(f"train.max_steps={cfg.max_steps} caps the run and adds no steps: it trains {total} "
+                     f"(train.epochs={cfg.epochs} of {per_epoch} step(s)"
+                     + (f", stretched to train.min_steps={cfg.min_steps}" if cfg.min_steps > planned else "")
+                     + f"); raise train.epochs or set train.min_steps={cfg.max_steps} to train longer")
     if total > planned:
         notes.append(f"{rows:,} training rows give {per_epoch} step(s) per epoch at batch {batch_size}: "
                      f"training {total} steps (train.min_steps) over {math.ceil(total / per_epoch)} epochs; "

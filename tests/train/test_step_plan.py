@@ -44,6 +44,10 @@ def test_max_steps_above_the_plan_says_it_adds_no_steps():
                for n in plan.notes)
     assert not any("caps the run" in n for n in plan_steps(TrainConfig(epochs=2, max_steps=14), rows=3500,
                                                              batch_size=500, per_epoch=7).notes)
+    stretched = plan_steps(TrainConfig(epochs=1, min_steps=20, max_steps=100), rows=3500, batch_size=500,
+                           per_epoch=7)
+    assert any("it trains 20 (train.epochs=1 of 7 step(s), stretched to train.min_steps=20)" in n
+               for n in stretched.notes)
 
 
 def test_a_run_too_short_to_learn_warns_with_the_settings_to_change():
