@@ -50,8 +50,7 @@ from ctrpipe.train.evaluate import predict
 from ctrpipe.train.objective import Task
 
 # infer keys about a cache's rows and its one-head submission file, which scoring raw rows has no use for
-SUBMISSION_ONLY = ("infer.view", "infer.task", "infer.id_header", "infer.pred_header", "infer.save_fold_preds",
-                   "infer.write_chunk_rows")
+SUBMISSION_ONLY = ("infer.view", "infer.task", "infer.id_header", "infer.pred_header", "infer.save_fold_preds")
 
 
 def plan_from_manifest(cfg: RunConfig, manifest: Manifest) -> Plan:

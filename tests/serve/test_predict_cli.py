@@ -203,3 +203,5 @@ def test_predict_guards_its_input_its_record_and_gzip(world: Path, tmp_path: Pat
     for key in ("infer.task=label", "infer.pred_header=p", "infer.view=val"):
         with pytest.raises(ConfigError, match=key.split("=")[0]):
             predict_file(run, test, tmp_path / "q.csv", overrides=[key])
+    predict_file(run, test, tmp_path / "r.csv", overrides=["infer.write_chunk_rows=7"])    # used: it stays
+    assert (tmp_path / "r.csv").read_bytes() == plain.read_bytes()
