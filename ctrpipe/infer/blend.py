@@ -286,8 +286,6 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
                 for h in range_files:
                     h.close()
             task = progress.add_task("write", total=n0)
-            # an older blend's record never pairs with this one; a blend refused above keeps both
-            out.with_name(out.name + ".json").unlink(missing_ok=True)
             _write_in_first_file_order(files[0], out, tmp, n0, span, (id_header, pred_header),
                                        chunk_bytes, lambda n: progress.advance(task, n))
     finally:
@@ -334,7 +332,9 @@ def _write_in_first_file_order(first: Path, out: Path, tmp: Path, rows: int, spa
     pending_ids: list[pl.Series] = []       # IDs read from the first file but not yet written
     have = 0
     chunks = iter_submission(first, chunk_bytes)
-    with closing(chunks), SubmissionWriter(out, *headers, expected_rows=rows) as writer:
+    # an older blend's record never pairs with this one; a blend that fails keeps both
+    with closing(chunks), SubmissionWriter(out, *headers, expected_rows=rows,
+                                           stale=(out.with_name(out.name + ".json"),)) as writer:
         for q in range(n_ranges):
             res = np.fromfile(tmp / f"out_{q}.bin", dtype=OUT)
             start = q * span

@@ -294,7 +294,11 @@ def _write_ids_and_preds(shards: Path, rows: np.ndarray, preds: np.ndarray, out:
     """Stream (ID, prediction) chunks: IDs are gathered from each shard's ids.npy memmap per chunk."""
     cache = open_cache(shards, groups=("ids",))
     chunk = cfg.infer.write_chunk_rows
-    with SubmissionWriter(out, cfg.infer.id_header, cfg.infer.pred_header, expected_rows=len(rows)) as writer:
+    # a new submission never sits beside an older one's sidecar or fold predictions (an interrupt between
+    # its rename and theirs, or a run without save_fold_preds, would pair them); a failed one keeps them
+    stale = (out.with_name(out.name + ".json"), out.with_name(out.name + ".folds.npz"))
+    with SubmissionWriter(out, cfg.infer.id_header, cfg.infer.pred_header, expected_rows=len(rows),
+                          stale=stale) as writer:
         for a in range(0, len(rows), chunk):
             writer.write(cache.take("ids", rows[a:a + chunk]), preds[a:a + chunk].astype(np.float32))
 
@@ -354,10 +358,6 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
         metrics = compute_metrics(labels, preds)          # rows a head's mask drops (NaN) are skipped
         if cfg.infer.method == "rank_avg":                # ranks order the rows; they are no probabilities
             metrics = {k: v for k, v in metrics.items() if k in ("auc", "ap")}
-    # a new submission never sits beside an older one's sidecar or fold predictions (an interrupt between
-    # its rename and theirs, or a run without save_fold_preds, would pair them)
-    for stale in (out.with_name(out.name + ".json"), out.with_name(out.name + ".folds.npz")):
-        stale.unlink(missing_ok=True)
     _write_ids_and_preds(shards, rows, preds, out, cfg)
     if cfg.infer.save_fold_preds:
         _save_fold_preds(out, rows, logits, paths, labels)

@@ -47,8 +47,11 @@ class SubmissionWriter:
     """
 
     def __init__(self, path: Path, id_header: str = "ID", pred_header: str = "clicked",
-                 expected_rows: int | None = None) -> None:
+                 expected_rows: int | None = None, stale: tuple[Path, ...] = ()) -> None:
         self.path = Path(path)
+        # files describing an older `path` (its .json record): removed just before the new file replaces it, so
+        # a failed write keeps both, and a finished one is never paired with them
+        self.stale = stale
         self.tmp = self.path.with_name(self.path.name + ".incomplete")
         self.headers = (id_header, pred_header)
         self.expected_rows = expected_rows
@@ -110,6 +113,8 @@ class SubmissionWriter:
                 self._raw.flush()
                 os.fsync(self._raw.fileno())
                 self._raw.close()
+            for old in self.stale:
+                old.unlink(missing_ok=True)
             os.replace(self.tmp, self.path)
         except BaseException:
             self._abandon(fh)

@@ -289,3 +289,19 @@ def test_a_trim_that_cuts_nothing_is_refused_before_reading(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"trims nothing from 3 models(?s:.*)--trim-ratio 0.334 or more"):
         run_blend(paths, "trim_mean", None, tmp_path / "o.csv", quiet=True, trim_ratio=0.1)
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_a_submissions_old_record_goes_only_when_the_new_file_replaces_it(tmp_path: Path) -> None:
+    """Blend and infer removed the older output's record before writing: a write that then failed (e.g. a
+    full disk) left the old file without it (diff review)."""
+    out = tmp_path / "sub.csv"
+    out.write_text("ID,clicked\n1,0.5\n")
+    record = out.with_name("sub.csv.json")
+    record.write_text("{}")
+    with pytest.raises(RuntimeError), SubmissionWriter(out, stale=(record,)) as w:
+        w.write(np.array([1]), np.array([0.25], dtype=np.float32))
+        raise RuntimeError("the disk filled")
+    assert record.is_file() and out.read_text() == "ID,clicked\n1,0.5\n"
+    with SubmissionWriter(out, stale=(record,)) as w:
+        w.write(np.array([1]), np.array([0.25], dtype=np.float32))
+    assert not record.exists() and out.read_text() == "ID,clicked\n1,0.25\n"
