@@ -46,7 +46,7 @@ def run_report(runs: Sequence[Path], out: Path, baseline: str | None = None, str
         raise ReportError("no run directories given", where="RUN", fix="pass one or more, e.g. runs/criteo_dnn")
     data = _unique_names([load_run(Path(r)) for r in runs])
     board = build_leaderboard(data, baseline, strict)
-    out = Path(out)
+    out = Path(out).resolve()
     _check_out(out)
     work = out.parent / f".{out.name}.incomplete-{os.getpid()}"
     _remove_stale(out)
@@ -70,9 +70,9 @@ def run_report(runs: Sequence[Path], out: Path, baseline: str | None = None, str
 
 
 def _unique_names(runs: list[RunData]) -> list[RunData]:
-    """Runs with the same exp_name (from different --runs folders) get as many of their parent folders as a
-    prefix as it takes to tell them apart (A/runs/dnn and B/runs/dnn: 'A/runs/dnn', not 'runs/dnn' twice,
-    whose links and --baseline then found one of them)."""
+    """Runs with the same exp_name are named by as much of their folder's path as it takes to tell them apart
+    (A/runs/dnn and B/runs/dnn: 'A/runs/dnn', not 'runs/dnn' twice, whose links and --baseline then found one
+    of them; runs/dnn and its copy runs/dnn_2: 'dnn' and 'dnn_2')."""
     seen = [r.path.resolve() for r in runs]
     for i, p in enumerate(seen):
         if p in seen[:i]:
@@ -82,9 +82,9 @@ def _unique_names(runs: list[RunData]) -> list[RunData]:
     out = list(names)
     for name in {n for n in names if names.count(n) > 1}:
         clash = [i for i, n in enumerate(names) if n == name]
-        parents = [seen[i].parent.parts for i in clash]
-        for depth in range(1, max(len(p) for p in parents) + 1):
-            labels = ["/".join([*p[-depth:], name]) for p in parents]
+        paths = [seen[i].parts[1:] for i in clash]          # resolved: absolute, without the root
+        for depth in range(1, max(len(p) for p in paths) + 1):
+            labels = ["/".join(p[-depth:]) for p in paths]
             if len(set(labels)) == len(labels):
                 break
         for i, label in zip(clash, labels, strict=True):
@@ -93,6 +93,10 @@ def _unique_names(runs: list[RunData]) -> list[RunData]:
 
 
 def _check_out(out: Path) -> None:
+    if out == Path.cwd() or out in Path.cwd().parents:    # the finished report replaces the folder
+        raise ReportError(f"--out {out} is the current folder (or holds it): the new report replaces that "
+                          "folder whole", where=str(out), fix="pass a report folder below the current one, "
+                                                              "e.g. --out report, or run from its parent folder")
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file", where=str(out), fix="pass a folder for the report")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():

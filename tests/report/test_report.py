@@ -289,6 +289,25 @@ def test_runs_of_one_name_in_folders_of_one_name_are_told_apart(runs: Runs, tmp_
     assert page.count("href='#run-0'") >= 1 and page.count("href='#run-1'") >= 1
 
 
+def test_a_run_and_its_copy_in_one_folder_are_told_apart(runs: Runs, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """runs/dnn and its copy runs/dnn_2 share their exp_name and parent: both were named '//tmp/.../dnn' (the
+    root's '/' joined in) and linked to one section; --out . crashed with a traceback (helper's report sweep)."""
+    folder = tmp_path / "runs"
+    for name in ("criteo_dnn", "criteo_dnn_2"):
+        shutil.copytree(runs.criteo[0], folder / name)
+    code, text = report(str(folder / "criteo_dnn"), str(folder / "criteo_dnn_2"), "--out", str(tmp_path / "rep"))
+    assert code == 0, text
+    names = [r["name"] for r in json.loads((tmp_path / "rep" / "report.json").read_text())["runs"]]
+    assert names == ["criteo_dnn", "criteo_dnn_2"]
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert page.count("href='#run-0'") >= 1 and page.count("href='#run-1'") >= 1
+    monkeypatch.chdir(tmp_path / "rep")
+    code, text = report(str(folder / "criteo_dnn"), "--out", ".")
+    assert code == 1 and "is the current folder" in text and "Traceback" not in text, text
+    assert (tmp_path / "rep" / "index.html").read_text() == page          # the old report stays
+
+
 def test_damaged_predictions_are_a_clear_error(runs: Runs, tmp_path: Path) -> None:
     """NaN logits crashed the report in matplotlib with a traceback."""
     run = tmp_path / "criteo_dnn"
