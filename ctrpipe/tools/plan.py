@@ -215,21 +215,28 @@ def _step(inp: Inputs, st: Setting) -> StepMemory:
     return inp.step_memory.get(st.amp) or inp.step_memory[inp.cfg.train.amp]
 
 
+def step_rows(inp: Inputs, st: Setting) -> int:
+    """Rows of the largest training step: a batch, or the whole training view when it is smaller (the loader's
+    buffers still hold a full batch)."""
+    return min(st.batch, inp.train_rows) if inp.train_rows else st.batch
+
+
 def _activation_lines(inp: Inputs, st: Setting) -> list[Line]:
     sm = _step(inp, st)
     lines = []
+    rows = step_rows(inp, st)
     if st.embedding_optimizer != "adam":
-        grads = sm.sparse_grads.at(st.batch) if inp.cfg.train.sparse_embeddings else _sparse_grad_guess(inp, st)
-        lines.append(Line("gradients", f"sparse table gradients of one batch ({st.batch:,} rows)", grads))
-    step = sm.step.at(st.batch)
-    held = {k: v.at(st.batch) for k, v in sm.forward.items()}
+        grads = sm.sparse_grads.at(rows) if inp.cfg.train.sparse_embeddings else _sparse_grad_guess(inp, st)
+        lines.append(Line("gradients", f"sparse table gradients of one batch ({rows:,} rows)", grads))
+    step = sm.step.at(rows)
+    held = {k: v.at(rows) for k, v in sm.forward.items()}
     # the forward parts are shown inside the step's peak; whatever the peak holds beyond them is backward's
     for name, b in sorted(held.items(), key=lambda kv: -kv[1]):
         lines.append(Line("activations", f"  forward {name}", b, phase="step", note="part of the step peak",
                           replayed=True))
     rest = step - sum(held.values()) if held else step
     label = "backward + optimizer step beyond the forward" if held else "forward + backward + optimizer step"
-    lines.append(Line("activations", f"{label} (batch {st.batch:,}, amp {sm.amp})", rest, phase="step",
+    lines.append(Line("activations", f"{label} (batch {rows:,}, amp {sm.amp})", rest, phase="step",
                       replayed=True))
     return lines
 
@@ -240,7 +247,7 @@ def working_set(inp: Inputs, st: Setting) -> int | None:
     if inp.device == "cuda" or sm.step_trace is None:
         return None
     evaluation = sm.eval_trace if inp.val_rows else None
-    return heap.working_set(sm.step_trace, st.batch, evaluation, min(st.eval_batch, inp.val_rows or 1))
+    return heap.working_set(sm.step_trace, step_rows(inp, st), evaluation, min(st.eval_batch, inp.val_rows or 1))
 
 
 def _sparse_grad_guess(inp: Inputs, st: Setting) -> int:
@@ -248,7 +255,7 @@ def _sparse_grad_guess(inp: Inputs, st: Setting) -> int:
     id) per looked-up id."""
     ids = len(inp.spec.categorical) + sum(f.width for f in (*inp.spec.multihot, *inp.spec.sequence))
     dim = max((t.dim for t in inp.tables), default=0)
-    return st.batch * ids * (dim * 4 + 8)
+    return step_rows(inp, st) * ids * (dim * 4 + 8)
 
 
 def _row_bytes(inp: Inputs) -> int:

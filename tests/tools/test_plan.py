@@ -269,6 +269,16 @@ def test_history_readers_plan_every_table(tmp_path: Path, cfg_name: str) -> None
     assert all(0 < t.touched_rows <= t.rows for t in plan.tables)
 
 
+def test_a_step_holds_no_more_rows_than_the_training_view(caches: dict[int, Path]) -> None:
+    """A batch larger than the training view trains on the view's rows: the step's memory was sized for
+    the whole batch (~1.7x on a 2,388-row view at batch 4,096), a false 'does not fit' (helper's plan sweep)."""
+    train_rows = read_manifest(caches[500]).rows["train"]
+    big, exact = plan_of(caches[500], "dnn", "loader.batch_size=65536"), \
+        plan_of(caches[500], "dnn", f"loader.batch_size={train_rows}")
+    assert big.phase_bytes("step", "device") == exact.phase_bytes("step", "device")
+    assert any(f"(batch {train_rows:,}," in line.item for line in big.lines)
+
+
 def test_evaluation_buffers_hold_only_the_validation_rows_on_cpu(caches: dict[int, Path]) -> None:
     """CPU host buffers are np.empty: a validation set shorter than the buffer sets makes only its rows
     resident; counting every buffer row overestimated a short validation set's peak."""
