@@ -144,6 +144,9 @@ def test_a_masked_head_starts_at_the_rate_of_its_rows(parquet_cache: Path) -> No
     towers = next(m for m in model.modules() if isinstance(m, TaskTowers))
     assert float(towers.outputs[1].bias) == pytest.approx(np.log(conv / click / (1 - conv / click)), abs=1e-6)
     assert float(towers.outputs[0].bias) == pytest.approx(np.log(click / (1 - click)), abs=1e-6)
+    # heads that shadow them (DARE's <label>_full) follow: the label heads still set the masked rates
+    shadows = (Task("clicked_full", (0,), None, 0.3, 1.0, 0.0), Task("converted_full", (1,), 0, 0.3, 1.0, 0.0))
+    assert masked_spec(spec, (*tasks, *shadows)).label_rates == (click, conv / click)
 
 
 def test_resume_refuses_a_change_to_what_a_head_is_scored_on(parquet_cache: Path, tmp_path: Path) -> None:
