@@ -61,22 +61,23 @@ def _polars_sep(cfg: DataConfig) -> str:
     return cfg.csv.separator if len(cfg.csv.separator.encode()) == 1 else chr(SEP_BYTE)
 
 
-def _header(path: Path, cfg: DataConfig, rec: Records) -> list[str]:
+def _header(path: Path, cfg: DataConfig, rec: Records, remedies: Remedies = SHARD_REMEDIES) -> list[str]:
     """The column names in the first record of `rec`: non-empty and distinct."""
     try:
         names = _parse_record(rec, 0, cfg, int(rec.fields[0]))
     except _PARSE_ERRORS as exc:
         raise InputFormatError(f"cannot parse the header row: {str(exc).splitlines()[0]}",
                                where=location(path, int(rec.lines[0])),
-                               fix="check the quoting of the header, or set data.csv.header=false and "
-                                   "data.csv.column_names") from None
+                               fix=remedies.or_config("check the quoting of the header", "set data.csv.header="
+                                                      "false and data.csv.column_names")) from None
     empty = [j + 1 for j, v in enumerate(names) if not v]
     dup = sorted({v for v in names if v and names.count(v) > 1})
     if empty or dup:
         what = f"field {empty[0]} of the header is empty" if empty else f"the header repeats {dup}"
         raise SchemaError(what, where=location(path, int(rec.lines[0])),
-                          fix="give every column a distinct name in the file, or set data.csv.header=false "
-                              "and list the names in data.csv.column_names")
+                          fix=remedies.or_config("give every column a distinct name in the file",
+                                                 "set data.csv.header=false and list the names in "
+                                                 "data.csv.column_names"))
     return [str(v) for v in names]
 
 
@@ -86,9 +87,10 @@ def read_header(cfg: DataConfig, path: Path, remedies: Remedies = SHARD_REMEDIES
     if not cfg.csv.header:
         return list(cfg.csv.column_names)
     for rec in RecordCutter(path, cfg.csv, 64, remedies=remedies):
-        return _header(path, cfg, rec)
+        return _header(path, cfg, rec, remedies)
     raise InputFormatError("the file holds no header row (only blank or comment lines)", where=str(path),
-                           fix="check the file, or set data.csv.header=false and data.csv.column_names")
+                           fix=remedies.or_config("check the file", "set data.csv.header=false and "
+                                                                    "data.csv.column_names"))
 
 
 def _unlabelled_layouts(names: list[str], label_cols: list[str]) -> list[list[str]]:
@@ -395,7 +397,7 @@ def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedCo
             names = list(cfg.csv.column_names)
             voters = rec
             if cfg.csv.header:
-                names, rec = _header(path, cfg, rec), rec.drop_first()
+                names, rec = _header(path, cfg, rec, remedies), rec.drop_first()
             elif rc.label_columns:
                 # the layout is voted on the file's first LAYOUT_RECORDS records, cut apart: with the first
                 # chunk's, a file whose first row is short was unlabelled at chunk_rows=1, labelled at 1000

@@ -607,3 +607,20 @@ def test_a_quoted_fields_crlf_is_kept_as_polars_keeps_it(tmp_path: Path, seed: i
         got = read(cfg, [path], rows_per_chunk)
         assert got["a"].to_list() == want["a"].to_list() and got["b"].to_list() == want["b"].to_list()
         assert got["y"].to_list() == want["y"].cast(pl.Float32).to_list()
+
+
+def test_header_fixes_for_a_trained_run_name_no_config_change(tmp_path: Path) -> None:
+    """predict and serving read with the run's config: a fix telling them to set data.csv.header=false named
+    an option they do not have (diff review)."""
+    from ctrpipe.data.chunks import Remedies
+    from ctrpipe.data.csv_reader import read_header
+
+    path = tmp_path / "dup.csv"
+    path.write_text("a,a,y\n1,2,1\n")
+    cfg = DataConfig(format="csv", csv=CsvConfig())
+    with pytest.raises(SchemaError) as err:
+        read_header(cfg, path, Remedies(skip_rows=False, run_format="csv"))
+    assert "distinct name" in err.value.fix and "data.csv" not in err.value.fix
+    with pytest.raises(SchemaError) as err:
+        read_header(cfg, path)
+    assert "data.csv.header=false" in err.value.fix
