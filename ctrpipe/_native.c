@@ -868,6 +868,31 @@ PyDoc_STRVAR(covisit_rows_doc,
 "arithmetic of covisit.covisit_features (its per-token scores and their reduceat), in one pass and without\n"
 "the per-token score array.");
 
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Occurrences of x among a row's context tokens: each one was counted in pass 1, so leave-one-out removes
+ * them all. A short row is scanned (a vectorised compare); a long one, sorted once into `sorted`, is
+ * binary-searched, so a row costs O(len log len), not O(len^2). */
+#define SCAN_ROW 64
+static int64_t row_count(const uint64_t *row, const uint64_t *sorted, int64_t len, uint64_t x) {
+    if (len <= SCAN_ROW) {
+        int64_t n = 0;
+        for (int64_t q = 0; q < len; q++) n += row[q] == x;
+        return n;
+    }
+    int64_t lo = 0, hi = len;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (sorted[mid] < x) lo = mid + 1; else hi = mid;
+    }
+    int64_t end = lo;
+    while (end < len && sorted[end] == x) end++;
+    return end - lo;
+}
+
 static PyObject *covisit_rows(PyObject *self, PyObject *args) {
     Py_buffer pairs_b, ctx_b, t_b, len_b, c_b, loo_b, out_b;
     long long pairs_zero, ctx_zero;
@@ -879,6 +904,7 @@ static PyObject *covisit_rows(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     double *scores = NULL;
+    uint64_t *sorted = NULL;
     Py_ssize_t n = t_b.len / 8, m = c_b.len / 8, pcap = pairs_b.len / 16, ccap = ctx_b.len / 16;
     if (pcap < 1 || (pcap & (pcap - 1)) != 0 || ccap < 1 || (ccap & (ccap - 1)) != 0) {
         PyErr_SetString(PyExc_ValueError, "covisit_rows: table sizes are not powers of two");
@@ -906,7 +932,8 @@ static PyObject *covisit_rows(PyObject *self, PyObject *args) {
         goto done;
     }
     scores = (double *)malloc((size_t)(longest > 0 ? longest : 1) * sizeof(double));    /* one row's scores */
-    if (scores == NULL) {
+    sorted = (uint64_t *)malloc((size_t)(longest > 0 ? longest : 1) * sizeof(uint64_t));  /* its tokens */
+    if (scores == NULL || sorted == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -922,9 +949,14 @@ static PyObject *covisit_rows(PyObject *self, PyObject *args) {
         __builtin_prefetch(pairs + 2 * (ring[aj % PREFETCH_AHEAD] & pmask));
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        const double l = loo[i] ? 1.0 : 0.0;
         const int64_t len = lengths[i];
+        const uint64_t *row = c + j;
+        if (loo[i] && len > SCAN_ROW) {
+            memcpy(sorted, row, (size_t)len * sizeof(uint64_t));
+            qsort(sorted, (size_t)len, sizeof(uint64_t), cmp_u64);
+        }
         for (int64_t k = 0; k < len; k++, j++) {
+            const double l = loo[i] ? (double)row_count(row, sorted, len, c[j]) : 0.0;
             uint64_t key = ring[j % PREFETCH_AHEAD];
             if (aj < m) {
                 while (ak >= lengths[ai]) ai++, ak = 0;
@@ -954,6 +986,7 @@ static PyObject *covisit_rows(PyObject *self, PyObject *args) {
     result = Py_None;
 done:
     free(scores);
+    free(sorted);
     PyBuffer_Release(&pairs_b);
     PyBuffer_Release(&ctx_b);
     PyBuffer_Release(&t_b);

@@ -4,8 +4,8 @@ mean over its context tokens of n(t, c) / (n(c) + smoothing).
 
 Counts live in sorted (uint64 key, int64 count) tables merged per chunk, so memory grows with the number of
 distinct pairs, never with rows; the write pass looks them up through a hash index (`CountTable.index`).
-Train rows that were counted are scored leave-one-out (their own occurrence is subtracted, per token
-occurrence), so train and val/test rows see the same feature distribution.
+Train rows that were counted are scored leave-one-out (their own occurrences are subtracted: a token a
+history holds twice counted twice), so train and val/test rows see the same feature distribution.
 """
 
 from __future__ import annotations
@@ -109,14 +109,28 @@ def covisit_features(pairs: CountTable, ctx_table: CountTable, target: np.ndarra
     return out
 
 
+def _occurrences_in_row(ctx: ContextTokens) -> np.ndarray:
+    """(M,) how often each context token's hash occurs in its own row."""
+    row = ctx.row_of_token
+    order = np.lexsort((ctx.hashes, row))
+    r, h = row[order], ctx.hashes[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (r[1:] != r[:-1]) | (h[1:] != h[:-1])
+    group = np.cumsum(first) - 1
+    out = np.empty(len(order), dtype=np.float64)
+    out[order] = np.bincount(group)[group]
+    return out
+
+
 def _scores(pairs: CountTable, ctx_table: CountTable, target: np.ndarray, ctx: ContextTokens, loo_row: np.ndarray,
             smoothing: float) -> np.ndarray:
-    """(M,) float64 max(n(t, c) - loo, 0) / (max(n(c) - loo, 0) + smoothing) per context token (the numpy path;
-    the compiled `covisit_rows` computes the same arithmetic and each row's max and mean in one pass)."""
+    """(M,) float64 max(n(t, c) - loo, 0) / (max(n(c) - loo, 0) + smoothing) per context token, loo the row's
+    own occurrences of c (the numpy path; the compiled `covisit_rows` computes the same arithmetic and each
+    row's max and mean in one pass)."""
     n_tc = pairs.index.lookup(row_pair_keys(target, ctx)).astype(np.float64)
     n_c = ctx_table.index.lookup(ctx.hashes).astype(np.float64)
     if loo_row.any():
-        loo = loo_row[ctx.row_of_token]
+        loo = loo_row[ctx.row_of_token] * _occurrences_in_row(ctx)
         n_tc -= loo
         n_c -= loo
     return np.maximum(n_tc, 0.0) / (np.maximum(n_c, 0.0) + smoothing)

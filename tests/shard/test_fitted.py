@@ -78,6 +78,46 @@ def test_covisit_counts_and_leave_one_out() -> None:
     assert not covisit_features(pairs, ctab, target, np.zeros(4, bool), empty, 1.0, counted).any()
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_leave_one_out_removes_every_occurrence_of_a_repeated_token(native: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A history holding a token twice counted twice in n(t, c) and n(c) but had one subtracted: the only row
+    with (t3, zz) scored (2-1)/(2-1+1) = 0.5 on its own occurrences (helper's shard sweep). Every path,
+    short rows (scanned) and long ones (sorted, over 64 tokens), equals a brute-force count."""
+    monkeypatch.setenv("CTRPIPE_NATIVE", native)
+    rng = np.random.default_rng(3)
+    n = 400
+    lengths = rng.choice([0, 1, 2, 5, 70, 150], size=n).astype(np.int64)
+    hashes = rng.integers(1, 12, int(lengths.sum())).astype(np.uint64)
+    target = rng.integers(1, 4, n).astype(np.uint64)
+    counted = rng.random(n) < 0.7
+    ctx = ContextTokens(hashes, lengths)
+    counter = CovisitCounter()
+    counter.update(target, np.zeros(n, bool), ctx, counted)
+    pairs, ctab = counter.tables()
+    got = covisit_features(pairs, ctab, target, np.zeros(n, bool), ctx, 1.0, counted)
+    rows = np.split(hashes, np.cumsum(lengths)[:-1])
+    n_tc: dict[tuple[int, int], int] = {}
+    n_c: dict[int, int] = {}
+    for i in np.flatnonzero(counted):
+        for c in rows[i].tolist():
+            n_tc[(int(target[i]), c)] = n_tc.get((int(target[i]), c), 0) + 1
+            n_c[c] = n_c.get(c, 0) + 1
+    for i, row in enumerate(rows):
+        if not len(row):
+            continue
+        own = {c: int((row == c).sum()) if counted[i] else 0 for c in row.tolist()}
+        scores = [max(n_tc.get((int(target[i]), c), 0) - own[c], 0) / (max(n_c.get(c, 0) - own[c], 0) + 1.0)
+                  for c in row.tolist()]
+        assert got[i, 0] == pytest.approx(max(scores), rel=1e-6) and got[i, 1] == pytest.approx(np.mean(scores),
+                                                                                                    rel=1e-6), i
+    one = ContextTokens(np.array([7, 7], np.uint64), np.array([2]))
+    alone = CovisitCounter()
+    alone.update(np.array([3], np.uint64), np.zeros(1, bool), one, np.ones(1, bool))
+    assert not covisit_features(*alone.tables(), np.array([3], np.uint64), np.zeros(1, bool), one, 1.0,
+                                np.ones(1, bool)).any()
+
+
 def test_fitted_save_load_round_trip(tmp_path: Path) -> None:
     kc = KeyCounter()
     kc.add(np.array([1, 2, 2], np.uint64))
