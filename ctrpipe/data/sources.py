@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -18,14 +19,23 @@ def _is_glob(p: str) -> bool:
     return any(c in _GLOB_CHARS for c in p)
 
 
+def natural_key(path: Path) -> tuple[tuple[tuple[int, int | str], ...], str]:
+    """Sort key reading runs of digits as numbers: day_2 before day_10 (as text, day_10 came first, and a tail
+    split took day_8 and day_9 for the last days). Ties (day_02, day_2) fall back to the text."""
+    text = str(path)
+    parts = tuple((0, int(run)) if run.isdigit() else (1, run) for run in re.findall(r"\d+|\D+", text))
+    return parts, text
+
+
 def _folder_files(folder: Path, fmt: Format) -> list[Path]:
     if fmt == "parquet":
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".parquet")
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix == ".parquet"), key=natural_key)
+    return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")), key=natural_key)
 
 
 def expand_inputs(paths: Sequence[Path | str], fmt: Format) -> list[Path]:
-    """Files as given; folders -> their files (Parquet: *.parquet), sorted; globs -> matches, sorted.
+    """Files as given; folders -> their files (Parquet: *.parquet), globs -> matches, each sorted with numbers
+    in names as numbers (`natural_key`: day_2 before day_10).
 
     Order is the order of the arguments, each expanded deterministically, so row order (and so splits and
     shards) never depends on the file system. A path matching nothing, an empty file or a file given twice
@@ -37,7 +47,7 @@ def expand_inputs(paths: Sequence[Path | str], fmt: Format) -> list[Path]:
     for raw in paths:
         text = str(raw)
         if _is_glob(text) and not Path(text).exists():
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            matches = sorted((Path(m) for m in glob.glob(text, recursive=True)), key=natural_key)
             files = [m for m in matches if m.is_file()]
             if fmt == "parquet":
                 files = [m for m in files if m.suffix == ".parquet"]

@@ -134,8 +134,12 @@ def test_expand_inputs(tmp_path: Path) -> None:
         (d / name).write_text("x\n")
     (d / ".hidden").write_text("x\n")
     assert [p.name for p in expand_inputs([d], "parquet")] == ["part-0.parquet", "part-1.parquet"]
+    # numbers in names as numbers: as text, day_10 came before day_2, and a tail split (the last rows are the
+    # newest) validated on older days than some it trained on (helper's shard sweep)
     assert [p.name for p in expand_inputs([str(d / "day_*.tsv")], "criteo")] == \
-        ["day_1.tsv", "day_10.tsv", "day_2.tsv"]
+        ["day_1.tsv", "day_2.tsv", "day_10.tsv"]
+    assert [p.name for p in expand_inputs([d], "criteo")] == \
+        ["day_1.tsv", "day_2.tsv", "day_10.tsv", "part-0.parquet", "part-1.parquet"]
     one = d / "day_2.tsv"
     assert expand_inputs([one, d / "day_1.tsv"], "criteo") == [one, d / "day_1.tsv"]   # argument order kept
     with pytest.raises(InputFormatError, match="given twice"):
