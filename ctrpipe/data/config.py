@@ -10,6 +10,7 @@ from ctrpipe.errors import ConfigError
 
 CRITEO_INT = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_CAT = tuple(f"C{i}" for i in range(1, 27))
+MAX_BINS = 2**31 - 1     # categorical and token ids are stored as int32 (past it they wrapped negative)
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,9 @@ class CategoricalConfig:
             raise ConfigError(f"bad value {self.min_count} for 'data.categorical.min_count'",
                               fix="use a positive integer such as data.categorical.min_count=10")
         for name, b in self.bins.items():
-            if b < 2:
+            if not 2 <= b <= MAX_BINS:
                 raise ConfigError(f"bad value {b} for 'data.categorical.bins.{name}'",
-                                  fix=f"use at least 2, e.g. data.categorical.bins.{name}=100000")
+                                  fix=f"use 2 to {MAX_BINS:,}, e.g. data.categorical.bins.{name}=100000")
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,9 @@ class TokenColumnConfig:
         if self.max_len < 1:
             raise ConfigError(f"bad max_len {self.max_len} for token column {self.column!r}",
                               fix="use a positive integer such as max_len: 50")
-        if self.bins != 0 and self.bins < 2:     # ids are 1..bins-1 (0 = padding): 1 bin has no room for one
+        if self.bins != 0 and not 2 <= self.bins <= MAX_BINS:   # ids are 1..bins-1 (0 = padding)
             raise ConfigError(f"bad bins {self.bins} for token column {self.column!r}",
-                              fix="use 0 (data.hash_bins) or at least 2, e.g. bins: 100000")
+                              fix=f"use 0 (data.hash_bins) or 2 to {MAX_BINS:,}, e.g. bins: 100000")
         if not self.separator:
             raise ConfigError(f"empty separator for token column {self.column!r}: every character would be a "
                               "token", fix="give the character between tokens, e.g. separator: ','")
@@ -300,9 +301,9 @@ class DataConfig:
         return given.get("format", "criteo") == "criteo"
 
     def __post_init__(self) -> None:
-        if self.hash_bins < 2:
+        if not 2 <= self.hash_bins <= MAX_BINS:
             raise ConfigError(f"bad value {self.hash_bins} for 'data.hash_bins'",
-                              fix="use at least 2, e.g. data.hash_bins=1000000")
+                              fix=f"use 2 to {MAX_BINS:,}, e.g. data.hash_bins=1000000")
         if not 0 <= self.id_offset < 2**62:     # ids are int64 offset + position: past this they wrapped negative
             raise ConfigError(f"bad value {self.id_offset} for 'data.id_offset'",
                               fix="use an offset from 0 to below 2**62, e.g. data.id_offset=60000000")

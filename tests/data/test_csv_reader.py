@@ -487,6 +487,10 @@ def test_missing_feature_column_names_the_closest(tmp_path: Path) -> None:
     (["data.multihot=[{column: tags, bins: 1}]"], "bad bins 1 for token column 'tags'"),
     (["data.sequence=[{column: seq, bins: -5}]"], "bad bins -5"),
     (["data.sequence=[{column: seq, separator: ''}]"], "empty separator for token column 'seq'"),
+    # ids are int32: 3e9 bins stored negative ids (helper's shard sweep)
+    (["data.hash_bins=3000000000"], "bad value 3000000000 for 'data.hash_bins'"),
+    (["data.categorical.bins={c: 2147483648}"], "data.categorical.bins.c"),
+    (["data.multihot=[{column: tags, bins: 2147483648}]"], "bad bins 2147483648"),
     # a multi-byte separator becomes one byte before comment lines are found: '||note' was no comment
     (["data.csv.separator='||'", "data.csv.comment_prefix='|'"], "comment_prefix '|' overlaps the separator"),
     (["data.csv.separator='||'", "data.csv.comment_prefix='#|'"], "comment_prefix '#|' overlaps"),
