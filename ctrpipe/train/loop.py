@@ -201,7 +201,8 @@ class _Run:
             train_model = inp.dist.wrap(self.model, self.changed.tables, inp.template.config.get("model"))
             if any(t.mask is not None for t in inp.tasks):   # masked heads: means over the global batch
                 dist = inp.dist
-                self.objective.global_count = lambda c: dist.mean_(c.clone(), "counting masked heads' rows")
+                self.objective.count_over_ranks(lambda c: dist.mean_(c.clone(), "counting masked heads' rows"),
+                                                dist.world_size)
         self.step_model = torch.compile(train_model) if self.cfg.compile else train_model
         self.pos = RunPosition()
         self.finished = False

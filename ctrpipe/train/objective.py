@@ -153,13 +153,21 @@ class Objective:
         # masked head's loss is its mean over the global batch's kept rows, as in one process (DDP then
         # averages the ranks' gradients); None: one process, or no head has a mask (equal shares already)
         self.global_count: Callable[[Tensor], Tensor] | None = None
+        self.min_count = 1.0
+
+    def count_over_ranks(self, mean: Callable[[Tensor], Tensor], world_size: int) -> None:
+        """In a job of `world_size` ranks, count each head's rows as `mean` (the ranks' mean) makes them. The
+        least non-zero count is then 1 / world_size: clamped at 1, a global batch keeping fewer rows than
+        there are ranks divided its loss by 1 instead of n / world_size."""
+        self.global_count = mean
+        self.min_count = 1.0 / world_size
 
     def _count(self, m: Tensor) -> Tensor:
         """(H,) denominators of the per-head means: this batch's kept rows (the ranks' mean in a job)."""
         counts = m.sum(dim=0)
         if self.global_count is not None:
             counts = self.global_count(counts)
-        return counts.clamp(min=1.0)
+        return counts.clamp(min=self.min_count)
 
     def at_step(self, step: int) -> None:
         self.step = step

@@ -16,7 +16,7 @@ from ctrpipe.models.layers.experts import Gate, GateOptions, balance_kl, gate_en
 from ctrpipe.models.registry import build_model, label_range, model_names
 from ctrpipe.train.config import TaskConfig, TrainConfig
 from ctrpipe.train.metrics import compute_metrics
-from ctrpipe.train.objective import Objective, build_tasks, clip_at, masked_targets
+from ctrpipe.train.objective import Objective, build_tasks, clip_at, masked_targets, targets
 
 SMALL = {"embedding_dim": 8, "hidden_units": [16], "tower_units": [8]}
 MULTI: list[tuple[str, dict]] = [
@@ -151,6 +151,24 @@ def test_esmm_log_space_loss_matches_naive_and_stays_finite(spec_factory, batch_
                                                      torch.tensor([-60.0])], dim=1))
     loss = objective(one, torch.tensor([[1.0, 1.0]]))
     assert torch.isfinite(loss) and loss.item() > 100
+
+
+def test_a_masked_heads_loss_over_ranks_equals_one_process_with_one_kept_row(spec_factory) -> None:
+    """Two ranks whose global batch keeps one row of a masked head: the ranks' mean count 0.5 was clamped to 1,
+    halving that head's loss (and gradient) against one process (helper's distributed sweep)."""
+    spec = dataclasses.replace(spec_factory(2), labels=("click", "conv"))
+    tasks = build_tasks(heads_of(object(), spec), spec, TrainConfig(tasks={"conv": TaskConfig(mask="click")}))
+    logits = torch.tensor([[0.5, 2.0], [-1.0, -3.0], [0.2, 1.0], [0.3, -0.4]])
+    labels = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0]])     # one clicked row: row 0
+    one = Objective(tasks, torch.device("cpu")).per_head(as_output(logits), labels)
+    shares = [(logits[:2], labels[:2]), (logits[2:], labels[2:])]
+    counts = [targets(y, tasks)[1].sum(dim=0) for _, y in shares]
+    ranks = []
+    for x, y in shares:          # DDP averages the ranks' gradients: their losses' mean is the loss
+        obj = Objective(tasks, torch.device("cpu"))
+        obj.count_over_ranks(lambda c: (counts[0] + counts[1]) / 2, 2)
+        ranks.append(obj.per_head(as_output(x), y))
+    torch.testing.assert_close((ranks[0] + ranks[1]) / 2, one)
 
 
 def test_masks_exclude_rows_from_loss_and_metrics(spec_factory) -> None:

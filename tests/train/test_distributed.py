@@ -45,7 +45,7 @@ CONFIGS = {  # name -> (model, embedding optimizer)
     "dnn-lazy_adam": ("dnn", "lazy_adam"), "dnn-adam": ("dnn", "adam"),
     "dcnv2-lazy_adam": ("dcnv2", "lazy_adam"), "dcnv2-adam": ("dcnv2", "adam"),
     # a masked head (the loss over positive rows only): ranks keep different numbers of rows, so its mean
-    # must be taken over the global batch's kept rows (Objective.global_count)
+    # must be taken over the global batch's kept rows (Objective.count_over_ranks)
     "dnn-masked": ("dnn", "lazy_adam"),
 }
 STEPS = 7                        # ~480 training rows / 64
