@@ -473,6 +473,15 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
                           where="loader.batch_size",
                           fix=f"use a loader.batch_size of at most {train_loader.num_rows:,} that is a "
                               f"multiple of {group.world_size}, or train in one process")
+    tail = train_loader.num_rows % train_loader.batch_size
+    if group is not None and not cfg.loader.shuffle and tail > 1:
+        # one process trains an unshuffled ragged last batch (the same rows each epoch, never trained otherwise)
+        raise ConfigError(f"unshuffled, the training view ({label}) ends in a ragged batch of {tail:,} rows, which "
+                          "one process trains every epoch and the processes, needing equal shares, would drop: "
+                          "the job would not give the one-process weights", where="loader.shuffle",
+                          fix="shuffle (loader.shuffle=true: one process and a job drop the ragged tail alike), "
+                              f"use a loader.batch_size that divides {train_loader.num_rows:,}, or train in one "
+                              "process")
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     inputs = FitInputs(

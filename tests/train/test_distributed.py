@@ -113,6 +113,7 @@ def session(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Session:
         ("resume", {"args": train_args(cache, runs, "resumed", base, "--resume")}),
         ("resume_finished", {"args": train_args(cache, runs, "resumed", base, "--resume")}),
         ("batch_norm", {"args": train_args(cache, runs, "ddp_bn", [*base, "model.batch_norm=true"])}),
+        ("unshuffled", {"args": train_args(cache, runs, "ddp_unshuffled", [*base, "loader.shuffle=false"])}),
         ("stopped", {"args": train_args(cache, runs, "ddp_stopped", [*base, "train.stop_after_steps=3"])}),
         ("resume_one", {"args": train_args(cache, runs, "one_stopped", base, "--resume")}),
         ("no_cache", {"args": train_args(cache, runs, "no_cache", base),
@@ -265,6 +266,14 @@ def test_resuming_a_finished_run_on_two_ranks_changes_nothing(session: Session) 
 def test_batch_norm_on_cpu_ranks_is_refused_naming_the_models_own_setting(session: Session) -> None:
     out = session.results["batch_norm"][0]
     assert out["exit_code"] == 1 and "SyncBatchNorm" in out["output"] and "model.batch_norm=false" in out["output"]
+
+
+def test_an_unshuffled_ragged_tail_is_refused(session: Session) -> None:
+    """Unshuffled, one process trains the ragged last batch and two ranks dropped it: other steps, samples and
+    metrics without a word (helper's distributed sweep)."""
+    for res in session.results["unshuffled"]:
+        assert res["exit_code"] == 1 and "ragged batch of" in res["output"], res["output"]
+        assert "loader.shuffle=true" in res["output"]
 
 
 def test_batch_norm_settings_are_found_in_every_model_section() -> None:
