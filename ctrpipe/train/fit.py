@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -101,11 +102,16 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
             return _already_finished(ctx)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        with _reproducible(cfg):
-            if cfg.cv.n_splits:
-                summary = _run_kfold(ctx)
-            else:
-                summary = _run_single(ctx)
+        try:
+            with _reproducible(cfg):
+                if cfg.cv.n_splits:
+                    summary = _run_kfold(ctx)
+                else:
+                    summary = _run_single(ctx)
+        except ConfigError:
+            if ctx.main and not ctx.resume:
+                _remove_unstarted_run(ctx.run_dir)
+            raise
     finally:
         if group is not None:
             group.close()
@@ -116,6 +122,14 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
     write_json(ctx.run_dir / "metrics.json", summary)
     _print_summary(ctx, summary)
     return summary
+
+
+def _remove_unstarted_run(run_dir: Path) -> None:
+    """A new run refused before its first checkpoint (a setting only the training loop can check, e.g. a
+    torchrun job's batch against the fold's rows): its folder holds only its config, which made the fixed
+    command fail with "already holds a run". This command created it (a new run needs an empty folder)."""
+    if run_dir.is_dir() and not any(run_dir.rglob("*.pt")) and not any(run_dir.rglob("*.pt.incomplete")):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _already_finished(ctx: TrainContext) -> dict[str, Any]:

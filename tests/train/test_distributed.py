@@ -266,6 +266,7 @@ def test_resuming_a_finished_run_on_two_ranks_changes_nothing(session: Session) 
 def test_batch_norm_on_cpu_ranks_is_refused_naming_the_models_own_setting(session: Session) -> None:
     out = session.results["batch_norm"][0]
     assert out["exit_code"] == 1 and "SyncBatchNorm" in out["output"] and "model.batch_norm=false" in out["output"]
+    assert not (session.runs / "ddp_bn").exists()            # so the fixed command is no "already holds a run"
 
 
 def test_an_unshuffled_ragged_tail_is_refused(session: Session) -> None:
@@ -274,6 +275,9 @@ def test_an_unshuffled_ragged_tail_is_refused(session: Session) -> None:
     for res in session.results["unshuffled"]:
         assert res["exit_code"] == 1 and "ragged batch of" in res["output"], res["output"]
         assert "loader.shuffle=true" in res["output"]
+    # refused before its first checkpoint, the new run leaves no folder: the fixed command ran into "already
+    # holds a run" (helper's distributed sweep)
+    assert not (session.runs / "ddp_unshuffled").exists()
 
 
 def test_batch_norm_settings_are_found_in_every_model_section() -> None:
