@@ -6,9 +6,8 @@ quoted field may hold separators and line breaks, and a record ends at the first
 A quote inside an unquoted field (`5'11"`, `5""`) is text: only a quote at a field's start opens a quoted
 field, in which every quote toggles, as polars reads it (`_quoting_quotes`); such text quotes reach polars as
 a control byte absent from the chunk (its row cutter would count them as toggles) and are put back in the
-values. An
-opening quote that never closes runs on into the next lines: the reader reports it with the hint to turn
-quoting off (with bad_rows=skip, `resync_fields` cuts it back to its line).
+values. An opening quote that never closes runs on into the next lines: the reader reports it with the hint to
+turn quoting off (with bad_rows=skip, `resync_fields` cuts it back to its line).
 Before that analysis a separator of several bytes (", ") becomes the single byte `SEP_BYTE`, so polars
 (one-byte separators only) parses the records and each occurrence of the configured separator is exactly one
 field boundary. CRLF line ends stay as they are: polars reads them, and a quoted field's CRLF is its text.
@@ -270,8 +269,8 @@ class RecordCutter:
         A stray quote: the record ends at its first line, and its other lines are rows of their own. But a
         record of at most RESYNC_LINES lines whose quotes close a field (the last one is followed by a
         separator or the line's end) and whose lines between the first and the last are no rows when read
-        alone (or that spans two lines) is a real record with the wrong field count: one bad row, whole. Cut
-        at its first line, its last line became a row of its own with shifted fields. A record still open at
+        alone (or that spans two lines) is a real record with the wrong field count: one bad row, whole (cut
+        at its first line, its last line would read as a row of its own, fields shifted). A record still open at
         the end of buf waits for more lines until it runs past RESYNC_LINES (at the end of the file it is
         cut: its quote never closes), so the decision never depends on where a block ends (chunk_rows);
         waiting for its quote to close would carry the rest of the file. Only buffers holding a record over
