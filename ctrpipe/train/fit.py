@@ -373,9 +373,8 @@ def config_changes(old_config: dict[str, Any], cfg: RunConfig) -> list[tuple[str
 def run_dir_of(runs: Path, exp_name: str) -> Path:
     """runs/<exp_name>, which must lie inside --runs: an empty name wrote the run into --runs itself, and
     '../x' or an absolute path wrote it elsewhere. A name may nest (grid/lr_1e-3)."""
-    parts = PurePath(exp_name).parts
-    if not exp_name.strip() or PurePath(exp_name).is_absolute() or any(p in (".", "..") for p in parts) \
-            or "." in exp_name.split("/"):
+    if not exp_name.strip() or PurePath(exp_name).is_absolute() or \
+            any(part in (".", "..") for part in exp_name.split("/")):
         raise ConfigError(f"bad value {exp_name!r} for 'exp_name': it names the run's folder inside --runs",
                           where="exp_name", fix="use a name without '..' or a leading '/', e.g. exp_name=dnn_v2 "
                                                 "(or grid/dnn_v2 for a folder of runs)")
