@@ -106,8 +106,11 @@ class _Inspector:
 
     def _check_statistics(self) -> None:
         """The values against the min, max and mean the build recorded for each column: data overwritten or
-        swapped after the build (same shapes, readable files) passes every other check."""
+        swapped after the build (same shapes, readable files) passes every other check. With a file
+        unreadable, its rows are missing from every total: the 'files' check names it, and this one waits."""
         chk = self.checks["statistics"]
+        if not self.checks["files"].ok:
+            return
         for c in self.m.columns_of("numeric", "missing_indicator", "covisit", "categorical"):
             r, st = self.ranges[c.name], c.stats
             if not st or r.n == 0 or r.bad:
