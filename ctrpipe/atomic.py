@@ -17,11 +17,14 @@ from ctrpipe.errors import disk_full_as_error, human_bytes
 
 
 @contextmanager
-def atomic_open(final: Path | str, mode: str = "w", size_hint: int | None = None) -> Iterator[IO[Any]]:
+def atomic_open(final: Path | str, mode: str = "w", size_hint: int | None = None,
+                stale: tuple[Path, ...] = ()) -> Iterator[IO[Any]]:
     """Open a temp file beside `final`; on success fsync + rename onto `final`, on error delete the temp file.
 
     `size_hint` (bytes about to be written, when the caller knows) goes into the message of a full disk;
-    without it the message gives what was written before the disk filled, a lower bound.
+    without it the message gives what was written before the disk filled, a lower bound. `stale`: files that
+    describe an older `final` (its .json record), removed just before the rename, so a failed write keeps
+    both and the new file is never paired with them (as `SubmissionWriter(stale=)`).
     """
     final = Path(final)
     tmp = final.with_name(final.name + ".incomplete")
@@ -39,6 +42,8 @@ def atomic_open(final: Path | str, mode: str = "w", size_hint: int | None = None
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
+            for old in stale:
+                old.unlink(missing_ok=True)
             os.replace(tmp, final)
         except BaseException:
             written = _size(tmp)

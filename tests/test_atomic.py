@@ -26,3 +26,17 @@ def test_failure_keeps_old_content_and_removes_temp(tmp_path: Path) -> None:
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["sub.csv"]
+
+
+def test_atomic_open_removes_stale_files_only_when_it_replaces(tmp_path: Path) -> None:
+    """An older output's record goes when the new file replaces the output, not when a write fails."""
+    out, record = tmp_path / "p.csv", tmp_path / "p.csv.json"
+    out.write_text("old\n")
+    record.write_text("{}")
+    with pytest.raises(RuntimeError), atomic_open(out, stale=(record,)) as fh:
+        fh.write("new\n")
+        raise RuntimeError("failed")
+    assert record.is_file() and out.read_text() == "old\n"
+    with atomic_open(out, stale=(record,)) as fh:
+        fh.write("new\n")
+    assert not record.exists() and out.read_text() == "new\n"

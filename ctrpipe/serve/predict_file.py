@@ -130,7 +130,7 @@ def _write(p: Predictor, path: Path, out: Path, chunk_rows: int) -> int:
     """Write the predictions to `out` (gzip for a .gz name, as infer writes a submission), atomically; the
     record of an earlier output is removed only once this one is whole (a failed predict keeps both)."""
     n = 0
-    with atomic_open(out, "wb") as raw:
+    with atomic_open(out, "wb", stale=(out.with_name(out.name + ".json"),)) as raw:
         # mtime 0 keeps equal inputs byte-identical
         fh = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if out.suffix == ".gz" else raw
         for start, rows, ids in _chunks(p, path, chunk_rows):
@@ -153,5 +153,4 @@ def _write(p: Predictor, path: Path, out: Path, chunk_rows: int) -> int:
             raise InputFormatError("the input has no rows", where=str(path), fix="pass a file with rows")
         if fh is not raw:
             fh.close()                                          # the gzip trailer
-        out.with_name(out.name + ".json").unlink(missing_ok=True)    # an older record never pairs with this file
     return n
