@@ -301,8 +301,11 @@ class _Run:
             self.pos.batch_in_epoch = 0
 
     def finish(self) -> None:
-        if self.logged_steps and self.interrupted and self.dist is None:
-            self._check_finite()        # the sums since the last row go into the checkpoint, not a row of their own
+        if self.logged_steps and self.interrupted:
+            # the sums since the last row go into the checkpoint, not a row of their own
+            if self.dist is not None:
+                self.first_bad = self.dist.earliest_(self.first_bad, "comparing the ranks' non-finite losses")
+            self._check_finite()
         elif self.logged_steps:
             self._log_train()
         if self.interrupted:
@@ -453,15 +456,22 @@ class _Run:
                                 where=self.inp.label, fix=NAN_FIX)
 
     def _log_sums(self) -> dict[str, Any]:
-        """What `TrainState.log_sums` keeps; nothing in a torchrun job, whose sums are each rank's own until
-        a log row averages them (a resumed job's first row averages the steps since the resume)."""
-        if self.dist is not None or not self.logged_steps:
+        """What `TrainState.log_sums` keeps: the sums since the last log row, so a resumed run's next row is the
+        uninterrupted run's. A torchrun job's are each rank's own until a row averages them: rank r > 0's go
+        under "rank{r}" (a collective; every rank has logged the same steps, so all of them take this path)."""
+        if not self.logged_steps:
             return {}
-        return {"loss": float(self.loss_sum.item()), "steps": self.logged_steps,
+        mine = {"loss": float(self.loss_sum.item()), "steps": self.logged_steps,
                 "diag": {k: float(v.item()) for k, v in self.diag_sum.items()}, "diag_n": dict(self.diag_n)}
+        if self.dist is None:
+            return mine
+        every = self.dist.gather_objects(mine, "gathering the ranks' log sums for a checkpoint")
+        return {**mine, **{f"rank{r}": theirs for r, theirs in list(enumerate(every or []))[1:]}}
 
     def _restore_log_sums(self, saved: dict[str, Any]) -> None:
-        if not saved or self.dist is not None:
+        if self.dist is not None and self.dist.rank:
+            saved = saved.get(f"rank{self.dist.rank}", {})
+        if not saved:
             return
         self.loss_sum.fill_(saved["loss"])
         self.logged_steps = int(saved["steps"])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from cli_helpers import sets
@@ -242,6 +243,10 @@ def test_resumed_two_rank_run_equals_the_uninterrupted_one(session: Session) -> 
     assert ts is not None and ts.world_size == 2 and {"torch", "torch.rank1"} <= set(ts.rng)
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (whole, resumed))
     assert m2["val"] == m1["val"]
+    # the log too: no row at the stop (step 3, between rows), and the row after the resume averages the steps
+    # since the last row, as each rank's sums were kept in the checkpoint (helper's distributed sweep)
+    logs = [pl.read_csv(d / "train_log.csv").drop("samples_per_s") for d in (whole, resumed)]
+    assert logs[0].equals(logs[1]), (logs[0], logs[1])
 
 
 def test_resume_with_another_number_of_processes_is_refused(session: Session, cache: Path) -> None:
