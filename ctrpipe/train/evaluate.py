@@ -91,12 +91,97 @@ def logit_shifts(tasks: Sequence[Task], sampling: Sampling | None) -> tuple[floa
     return tuple(out)
 
 
+STAGE_ROWS = 1 << 20           # rows a device-side stage of `predict` holds before its copy to the host
+
+
+class _Outputs:
+    """Where `predict` puts each batch's logits, targets and row ids: the host arrays it returns.
+
+    On the CPU the batches write into those arrays. On a GPU they write into a device stage of `stage_rows`
+    rows; a full stage is copied into a pinned host buffer without blocking (ordered after the writes on the
+    stream) and into the arrays once its event completed, one stage later: device memory stays bounded
+    whatever the view's size, and the host waits on a copy only once per stage, never per batch.
+    """
+
+    def __init__(self, num_rows: int, n_heads: int, device: torch.device, stage_rows: int | None) -> None:
+        self.logits = np.empty((num_rows, n_heads), dtype=np.float32)
+        self.labels = np.full((num_rows, n_heads), np.nan, dtype=np.float32)
+        self.rows = np.empty(num_rows, dtype=np.int64)
+        self.device = device
+        self.staged = stage_rows is not None
+        self.stage_rows = max(1, min(stage_rows or num_rows, num_rows))
+        self.pos = 0                   # rows served so far
+        self.flushed = 0               # rows of them copied (or on their way) to the host
+        self.pending: tuple[torch.cuda.Event | None, int, int] | None = None   # (copied, rows from, rows to)
+        if self.staged:
+            self._allocate()
+
+    def _allocate(self) -> None:
+        """Device stage and pinned host buffer of `stage_rows` rows (labels NaN: rows without labels)."""
+        n, h = self.stage_rows, self.logits.shape[1]
+        shapes, dtypes = ((n, h), (n, h), (n,)), (torch.float32, torch.float32, torch.int64)
+        self.stage = [torch.empty(sh, dtype=dt, device=self.device) for sh, dt in zip(shapes, dtypes, strict=True)]
+        self.stage[1].fill_(float("nan"))
+        pin = self.device.type == "cuda"
+        self.host = [torch.empty(sh, dtype=dt, pin_memory=pin) for sh, dt in zip(shapes, dtypes, strict=True)]
+
+    def targets(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, H) logits, (n, H) labels and (n,) row ids to write the next batch's n rows into."""
+        if not self.staged:
+            at = slice(self.pos, self.pos + n)
+            self.pos += n
+            return (torch.from_numpy(self.logits[at]), torch.from_numpy(self.labels[at]),
+                    torch.from_numpy(self.rows[at]))
+        if self.pos + n - self.flushed > self.stage_rows:
+            self._flush()
+            if n > self.stage_rows:                   # a batch larger than a stage: the stage grows to it
+                self._land()
+                self.stage_rows = n
+                self._allocate()
+        at = slice(self.pos - self.flushed, self.pos - self.flushed + n)
+        self.pos += n
+        return self.stage[0][at], self.stage[1][at], self.stage[2][at]
+
+    def _flush(self) -> None:
+        """Start the stage's copy to the host; the stage is then free (later writes follow it on the stream)."""
+        self._land()
+        n = self.pos - self.flushed
+        if not n:
+            return
+        for host, stage in zip(self.host, self.stage, strict=True):
+            host[:n].copy_(stage[:n], non_blocking=True)
+        self.stage[1][:n].fill_(float("nan"))            # unlabelled rows of the next stage read NaN
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (event, self.flushed, self.pos)
+        self.flushed = self.pos
+
+    def _land(self) -> None:
+        """The pending copy, once done, into the host arrays."""
+        if self.pending is None:
+            return
+        event, lo, hi = self.pending
+        if event is not None:
+            event.synchronize()
+        for out, host in zip((self.logits, self.labels, self.rows), self.host, strict=True):
+            out[lo:hi] = host[:hi - lo].numpy()
+        self.pending = None
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.staged:
+            self._flush()
+            self._land()
+        return self.rows, self.logits, self.labels
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: int | Sequence[Task],
             device: torch.device, amp: str = "off", with_labels: bool = True,
             on_batch: Callable[[int], None] | None = None,
-            logit_shift: Sequence[float] | None = None) -> Predictions:
-    """Run `model` over every batch of a view; outputs stay on the device until one copy at the end.
+            logit_shift: Sequence[float] | None = None, stage_rows: int | None = None) -> Predictions:
+    """Run `model` over every batch of a view into host arrays, without a host sync per batch.
 
     `tasks`: the run's heads (labels become each head's targets, NaN where its mask drops the row), or a
     count T for a model with one head per label column.
@@ -104,6 +189,8 @@ def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: in
     `on_batch(rows)` is called after each batch (a progress bar); it must not read the outputs (no sync).
 
     `logit_shift` (H,) is added to the logits (`logit_shifts`: a run trained on sampled rows).
+
+    `stage_rows`: rows of a device-side stage (`_Outputs`); STAGE_ROWS on a GPU, none on the CPU by default.
     """
     n_heads = tasks if isinstance(tasks, int) else len(tasks)
     shift = tuple(logit_shift or ())
@@ -115,27 +202,29 @@ def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: in
     toggle = any(m.training for m in model.modules())
     if toggle:
         model.eval()
-    logits = torch.empty((num_rows, n_heads), dtype=torch.float32, device=device)   # (N, H)
-    labels = torch.full((num_rows, n_heads), float("nan"), dtype=torch.float32, device=device)
-    rows = torch.empty(num_rows, dtype=torch.int64, device=device)
-    pos = 0
+    if stage_rows is None and device.type != "cpu":
+        stage_rows = STAGE_ROWS
+    outputs = _Outputs(num_rows, n_heads, device, stage_rows)
+    shift_t = torch.tensor(shift, dtype=torch.float32, device=device) if any(shift) else None
     try:
         for batch in batches:
             n = len(batch)
+            if outputs.pos + n > num_rows:
+                raise AssertionError(f"loader served over {num_rows} rows for a view of {num_rows}")
+            logits, labels, rows = outputs.targets(n)
             with autocast(device, amp):
                 out = as_output(model(batch)).logits                                   # (B, H)
-            logits[pos:pos + n] = out.float().reshape(n, n_heads)
+            logits.copy_(out.float().reshape(n, n_heads))
+            if shift_t is not None:
+                logits += shift_t                                                      # (n, H) + (H,)
             if with_labels and batch.labels is not None:
                 y = batch.labels if isinstance(tasks, int) else masked_targets(batch.labels, tasks)
-                labels[pos:pos + n] = y.reshape(n, n_heads)
-            rows[pos:pos + n] = batch.row_index
-            pos += n
+                labels.copy_(y.reshape(n, n_heads))
+            rows.copy_(batch.row_index)
             if on_batch is not None:
                 on_batch(n)
     finally:
         if toggle:
             model.train(was_training)
-    assert pos == num_rows, f"loader served {pos} rows for a view of {num_rows}"
-    if any(shift):
-        logits += torch.tensor(shift, dtype=torch.float32, device=device)                 # (N, H) + (H,)
-    return Predictions(rows.cpu().numpy(), logits.cpu().numpy(), labels.cpu().numpy())
+    assert outputs.pos == num_rows, f"loader served {outputs.pos} rows for a view of {num_rows}"
+    return Predictions(*outputs.finish())

@@ -416,3 +416,28 @@ def test_a_cache_without_training_rows_is_told_why(cache: Path, synth_dir: Path,
                              resolve_model=False), [src], unlabelled, progress=False)
     code, out = train(unlabelled, tmp_path / "r2")
     assert code == 1 and "data.labels is empty" in out and "--test" not in out, out
+
+
+class _SumModel(torch.nn.Module):
+    """A fixed function of each row: the stages' copies must return exactly what direct writes return."""
+
+    def forward(self, batch):  # noqa: ANN001, ANN201
+        x = batch.numeric.float().sum(dim=1, keepdim=True) + batch.categorical.float()[:, :1] * 1e-3
+        return x
+
+
+@pytest.mark.parametrize("stage_rows", [1, 50, 128, 200, 10_000])
+def test_staged_predictions_equal_direct_ones(cache: Path, stage_rows: int):
+    """On a GPU, predict keeps at most a stage of rows on the device and copies full stages to the host, one
+    stage behind (it kept every row's outputs on the device until the end). The same staging runs on the CPU
+    here: stages smaller than a batch (the stage grows), batches straddling stages, and one stage for all."""
+    val = ShardLoader(cache, RowView.val(), 128, shuffle=False, seed=0)
+    args = (_SumModel(), val, val.num_rows, 1, torch.device("cpu"))
+    direct = predict(*args, logit_shift=(0.5,))
+    staged = predict(*args, logit_shift=(0.5,), stage_rows=stage_rows)
+    assert direct.logits.shape == (val.num_rows, 1) and val.num_rows % 128    # a ragged last batch
+    for name in ("row_index", "logits", "labels"):
+        np.testing.assert_array_equal(getattr(staged, name), getattr(direct, name), err_msg=name)
+    assert np.array_equal(direct.row_index, val.row_indices())
+    unlabelled = predict(*args, with_labels=False, stage_rows=stage_rows)
+    assert np.isnan(unlabelled.labels).all()
