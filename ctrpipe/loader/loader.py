@@ -25,11 +25,12 @@ from ctrpipe.shard.manifest import Manifest, read_manifest
 from ctrpipe.shard.reader import ShardArrays
 
 
-def drops_ragged_batch(rows: int, batch_size: int, shuffle: bool, world_size: int = 1) -> bool:
+def drops_ragged_batch(rows: int, batch_size: int, shuffle: bool) -> bool:
     """Whether a training loader drops its ragged last batch (`from_config`; `ctrpipe plan` counts steps by it).
     Shuffled, the tail is other rows each epoch, and a 1-row batch breaks batch norm; unshuffled it would be
-    the same rows every epoch, never trained, so it stays (unless it is one row, or ranks need equal shares)."""
-    return rows >= batch_size and (shuffle or rows % batch_size == 1 or world_size > 1)
+    the same rows every epoch, never trained, so it stays unless it is one row. A torchrun job keeps the
+    batches one process keeps (its ranks' shares of a ragged batch differ: Objective.rows_share)."""
+    return rows >= batch_size and (shuffle or rows % batch_size == 1)
 
 
 class ShardLoader:
@@ -124,8 +125,7 @@ class ShardLoader:
                      prefetch=cfg.prefetch, pin_memory=cfg.pin_memory, with_labels=with_labels,
                      strategy=cfg.shuffle_strategy, window_shards=cfg.window_shards, sampling=sampling,
                      rank=rank, world_size=world_size)
-        loader.drop_last = train and drops_ragged_batch(loader.num_rows, loader.batch_size, loader.shuffle,
-                                                        world_size)
+        loader.drop_last = train and drops_ragged_batch(loader.num_rows, loader.batch_size, loader.shuffle)
         return loader
 
     # ------------------------------------------------------------------ epoch control

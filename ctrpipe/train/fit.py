@@ -222,11 +222,10 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
     cfg = _with_cache_data(cfg, manifest, shards, quiet or (dist is not None and not dist.is_main))
     device = resolve_device(cfg.train.device) if dist is None else dist.device
     check_amp(cfg.train.amp, device)
-    if dist is not None and cfg.loader.batch_size % dist.world_size:
+    if dist is not None and cfg.loader.batch_size < dist.world_size:
         b, w = cfg.loader.batch_size, dist.world_size
-        raise ConfigError(f"loader.batch_size {b} is the global batch, and it does not split evenly over "
-                          f"{w} processes", where="loader.batch_size",
-                          fix=f"use a multiple of {w}, e.g. loader.batch_size={-(-b // w) * w}")
+        raise ConfigError(f"loader.batch_size {b} is the global batch, and {w} processes need a row each",
+                          where="loader.batch_size", fix=f"use a loader.batch_size of at least {w}")
     check_folds(cfg, manifest, shards)
     # a model that needs a feature kind the shards lack, or a config it refuses, fails here before any other
     # work; on the meta device nothing is allocated or initialised (the real build comes once, per fold)
@@ -480,21 +479,19 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
     if group is not None and group.rank:
         torch.manual_seed(group.rank_seed(seed))        # its own dropout masks; rank 0 keeps the run's stream
     train_loader = _loader(ctx, train_view, True, seed, ranks=True)
-    if group is not None and len(train_loader) * train_loader.batch_size > train_loader.num_rows:
-        raise ConfigError(f"the training view ({label}) holds {train_loader.num_rows:,} rows, less than one "
-                          f"batch of {train_loader.batch_size}: the processes would get unequal shares",
+    shares = train_loader.rank_rows() if group is not None else None           # (K, W)
+    if shares is not None and len(shares) and shares.min() == 0:
+        # one process trains the ragged last batch it keeps (a view under one batch, or unshuffled: the same
+        # rows each epoch, never trained otherwise); a job cuts it into its ranks' shares, each needing a row
+        last = int(shares[-1].sum())
+        raise ConfigError(f"the training view ({label}) ends in a batch of {last:,} rows, which one process trains "
+                          f"and {group.world_size} processes cannot share (each needs a row)",
                           where="loader.batch_size",
-                          fix=f"use a loader.batch_size of at most {train_loader.num_rows:,} that is a "
-                              f"multiple of {group.world_size}, or train in one process")
-    tail = train_loader.num_rows % train_loader.batch_size
-    if group is not None and not cfg.loader.shuffle and tail > 1:
-        # one process trains an unshuffled ragged last batch (the same rows each epoch, never trained otherwise)
-        raise ConfigError(f"unshuffled, the training view ({label}) ends in a ragged batch of {tail:,} rows, which "
-                          "one process trains every epoch and the processes, needing equal shares, would drop: "
-                          "the job would not give the one-process weights", where="loader.shuffle",
-                          fix="shuffle (loader.shuffle=true: one process and a job drop the ragged tail alike), "
-                              f"use a loader.batch_size that divides {train_loader.num_rows:,}, or train in one "
-                              "process")
+                          fix=f"use a loader.batch_size that leaves a last batch of at least {group.world_size} of "
+                              f"the {train_loader.num_rows:,} rows, or none"
+                              + (", shuffle (loader.shuffle=true: a full batch's ragged tail is dropped)"
+                                 if not cfg.loader.shuffle else "")
+                              + ", or train in fewer processes")
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     inputs = FitInputs(

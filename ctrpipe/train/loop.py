@@ -204,6 +204,9 @@ class _Run:
                 self.objective.count_over_ranks(lambda c: dist.mean_(c.clone(), "counting masked heads' rows"),
                                                 dist.world_size)
         self.step_model = torch.compile(train_model) if self.cfg.compile else train_model
+        # (K,) rows of each global batch of an epoch: a rank's share of one may differ from the others'
+        # (an unshuffled ragged last batch), and the samples count the global batch
+        self.batch_rows = inp.train_loader.rank_rows().sum(axis=1).tolist() if inp.dist is not None else None
         self.pos = RunPosition()
         self.finished = False
         self.stopped = False              # early stopping fired
@@ -263,6 +266,9 @@ class _Run:
         becomes a TrainingError naming the step."""
         set_lr(self.optimizers, lr_factor(self.pos.step, self.plan.total_steps, self.cfg, self.plan.warmup_steps))
         self.objective.at_step(self.pos.step)
+        if self.batch_rows is not None:
+            assert self.dist is not None
+            self.objective.rows_share = len(batch) * self.dist.world_size / self.batch_rows[self.pos.batch_in_epoch]
         args = (self.step_model, batch, self.objective, self.optimizers, self.scaler, self.cfg, self.device,
                 self.diagnose_params(self.pos.step + 1), self.exchange)
         if self.dist is None:
@@ -276,10 +282,10 @@ class _Run:
             self.ema.update()
         self.changed.mark()
         pos = self.pos
+        # a torchrun job counts the global batch
+        pos.samples += len(batch) if self.batch_rows is None else self.batch_rows[pos.batch_in_epoch]
         pos.step += 1
         pos.batch_in_epoch += 1
-        # a torchrun job's ranks read equal shares of each batch (fit.py checks): count the global batch
-        pos.samples += len(batch) * (self.dist.world_size if self.dist is not None else 1)
         self.loss_sum += loss
         for k, v in diagnostics.items():
             self.diag_sum[k] = self.diag_sum[k] + v if k in self.diag_sum else v.float().clone()

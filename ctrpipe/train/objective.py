@@ -151,9 +151,14 @@ class Objective:
         self._clip_now = math.inf
         # a torchrun job sets this: (H,) rows each head counts on this rank -> the mean over ranks, so a
         # masked head's loss is its mean over the global batch's kept rows, as in one process (DDP then
-        # averages the ranks' gradients); None: one process, or no head has a mask (equal shares already)
+        # averages the ranks' gradients); None: one process, or no head has a mask (rows_share weights the means)
         self.global_count: Callable[[Tensor], Tensor] | None = None
         self.min_count = 1.0
+        # a torchrun job's share of this step's global batch: world_size * its rows / the batch's rows (1 where
+        # the batch splits evenly; not for a batch size that is no multiple of the ranks, or the ragged last
+        # batch of an unshuffled view). Means over this rank's rows are scaled by it, so
+        # DDP's average of the ranks' gradients is the one-process gradient of the whole batch
+        self.rows_share = 1.0
 
     def count_over_ranks(self, mean: Callable[[Tensor], Tensor], world_size: int) -> None:
         """In a job of `world_size` ranks, count each head's rows as `mean` (the ranks' mean) makes them. The
@@ -201,8 +206,10 @@ class Objective:
             t = self.tasks[k]
             if self.step >= t.focal_start:
                 loss = loss + t.focal_weight * self._focal(out, bce, y, m, k, t.focal_gamma, counts[k])
-        for aux in out.aux_losses.values():
-            loss = loss + aux.float()
+        if self.rows_share != 1.0 and self.global_count is None:
+            loss = loss * self.rows_share          # the heads' means were over this rank's rows only
+        for aux in out.aux_losses.values():        # a model's own means, over this rank's rows
+            loss = loss + (aux.float() * self.rows_share if self.rows_share != 1.0 else aux.float())
         return loss
 
     @staticmethod

@@ -33,6 +33,7 @@ from ctrpipe.cli import app
 from ctrpipe.errors import TrainingError
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
+from ctrpipe.shard.manifest import read_manifest
 from ctrpipe.train.checkpoint import load_checkpoint
 from ctrpipe.train.distributed import checksum, rank_info
 
@@ -48,6 +49,11 @@ CONFIGS = {  # name -> (model, embedding optimizer)
     # a masked head (the loss over positive rows only): ranks keep different numbers of rows, so its mean
     # must be taken over the global batch's kept rows (Objective.count_over_ranks)
     "dnn-masked": ("dnn", "lazy_adam"),
+    # an odd global batch: the ranks' shares of every batch differ (31 and 32 rows), as they do for an
+    # unshuffled ragged last batch, which one process trains; each rank's means are scaled by its share
+    # (Objective.rows_share)
+    "dnn-unshuffled-odd": ("dnn", "lazy_adam"),
+    "dnn-masked-odd": ("dnn", "lazy_adam"),
 }
 STEPS = 7                        # ~480 training rows / 64
 STOP_AT = 3                      # the interrupted run stops here
@@ -55,8 +61,12 @@ STOP_AT = 3                      # the interrupted run stops here
 
 def config_sets(name: str) -> list[str]:
     model, opt = CONFIGS[name]
-    masked = ["train.tasks.label.mask=label"] if name.endswith("masked") else []
-    return [*DDP, f"model.name={model}", f"train.embedding_optimizer={opt}", *masked]
+    extra = ["train.tasks.label.mask=label"] if "masked" in name else []
+    if name.endswith("odd"):
+        extra += [f"loader.batch_size={BATCH - 1}"]
+    if "unshuffled" in name:
+        extra += ["loader.shuffle=false"]
+    return [*DDP, f"model.name={model}", f"train.embedding_optimizer={opt}", *extra]
 
 
 def train_args(cache: Path, runs: Path, exp: str, extra: list[str], *flags: str) -> list[str]:
@@ -114,7 +124,7 @@ def session(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Session:
         ("resume", {"args": train_args(cache, runs, "resumed", base, "--resume")}),
         ("resume_finished", {"args": train_args(cache, runs, "resumed", base, "--resume")}),
         ("batch_norm", {"args": train_args(cache, runs, "ddp_bn", [*base, "model.batch_norm=true"])}),
-        ("unshuffled", {"args": train_args(cache, runs, "ddp_unshuffled", [*base, "loader.shuffle=false"])}),
+        ("batch_of_one", {"args": train_args(cache, runs, "ddp_one", [*base, "loader.batch_size=1"])}),
         ("stopped", {"args": train_args(cache, runs, "ddp_stopped", [*base, "train.stop_after_steps=3"])}),
         ("resume_one", {"args": train_args(cache, runs, "one_stopped", base, "--resume")}),
         ("no_cache", {"args": train_args(cache, runs, "no_cache", base),
@@ -202,7 +212,11 @@ def test_two_ranks_give_the_weights_and_metrics_of_one_process(session: Session,
         else:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
-    assert m2["world_size"] == 2 and m2["steps"] == m1["steps"] == STEPS and m2["samples"] == m1["samples"]
+    assert m2["world_size"] == 2 and m2["steps"] == m1["steps"] and m2["samples"] == m1["samples"]
+    if not name.endswith("odd"):
+        assert m1["steps"] == STEPS
+    elif "unshuffled" in name:                   # the ragged last batch is trained
+        assert m1["samples"] == read_manifest(cache).rows["train"] * m1["epochs"] and m1["steps"] > STEPS
     for metric in ("auc", "logloss", "ap"):
         if m1["val"][metric] is None:            # the masked head's rows are one class: no AUC
             assert m2["val"][metric] is None
@@ -274,15 +288,10 @@ def test_batch_norm_on_cpu_ranks_is_refused_naming_the_models_own_setting(sessio
     assert not (session.runs / "ddp_bn").exists()            # so the fixed command is no "already holds a run"
 
 
-def test_an_unshuffled_ragged_tail_is_refused(session: Session) -> None:
-    """Unshuffled, one process trains the ragged last batch and two ranks dropped it: other steps, samples and
-    metrics without a word (helper's distributed sweep)."""
-    for res in session.results["unshuffled"]:
-        assert res["exit_code"] == 1 and "ragged batch of" in res["output"], res["output"]
-        assert "loader.shuffle=true" in res["output"]
-    # refused before its first checkpoint, the new run leaves no folder: the fixed command ran into "already
-    # holds a run" (helper's distributed sweep)
-    assert not (session.runs / "ddp_unshuffled").exists()
+def test_a_batch_smaller_than_the_processes_is_refused(session: Session) -> None:
+    for res in session.results["batch_of_one"]:
+        assert res["exit_code"] == 1 and "2 processes need a row each" in res["output"], res["output"]
+        assert "loader.batch_size of at least 2" in res["output"]
 
 
 def test_batch_norm_settings_are_found_in_every_model_section() -> None:
