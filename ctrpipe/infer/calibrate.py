@@ -102,10 +102,14 @@ def fit_affine(z: np.ndarray, y: np.ndarray, target: CalibrationTarget, fit_scal
     """Minimise the target over p = sigmoid(a z + b) for the free parameters; returns (a, b).
 
     The loss is convex in (a, b), so a damped Newton step with backtracking reaches the optimum from (1, 0);
-    a is kept in [1/T_max, 1/T_min] and b in B_BOUNDS (projected after each step).
+    a is kept in [1/T_max, 1/T_min] and b in B_BOUNDS (projected after each step). Fitting both, the logits
+    are centred first (s = a (z - m) + c, b = c - a m, c in B_BOUNDS): logits that barely vary around an
+    offset need a large a and a b near -a m, which B_BOUNDS alone would clip to a worse fit.
     """
     z = np.asarray(z, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
+    m = float(z.mean()) if fit_scale and fit_bias and z.size else 0.0
+    z = z - m
     w = _row_weights(y, target)
     free = np.array([fit_scale, fit_bias])
     theta = np.array([1.0, 0.0])
@@ -136,7 +140,21 @@ def fit_affine(z: np.ndarray, y: np.ndarray, target: CalibrationTarget, fit_scal
         theta, improvement, cur = cand, cur - new, new
         if moved < 1e-10 or improvement < tol:
             break
-    return float(theta[0]), float(theta[1])
+    return float(theta[0]), float(theta[1] - theta[0] * m)
+
+
+def bound_warning(cal: Calibration, label: str) -> str | None:
+    """A warning when the fitted temperature stopped at an end of T_BOUNDS: the fit wanted more (the logits
+    barely vary, or vary far too much), so the calibrated predictions are not the target's optimum."""
+    if cal.method not in ("temperature", "temperature_bias"):
+        return None
+    for end, why in ((T_BOUNDS[0], "the logits barely vary: the model learned little (more rows or more steps, "
+                                   "e.g. a smaller loader.batch_size, would help)"),
+                     (T_BOUNDS[1], "the logits vary far more than the labels do")):
+        if math.isclose(cal.temperature, end, rel_tol=1e-9):
+            return (f"warning: {label}'s calibration stopped at the end of its temperature range (T={end:g}), "
+                    f"so it is not the {cal.target} optimum: {why}")
+    return None
 
 
 def fit_calibration(logits: np.ndarray, labels: np.ndarray, cfg: CalibrationConfig) -> Calibration:
@@ -279,6 +297,10 @@ def calibrate_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Calibra
     report = CalibrationReport(path=out, source=path.name, tasks=tuple(tasks))
     if not quiet:
         print_report(report)
+    for t in tasks:
+        note = bound_warning(t.calibration, t.label)
+        if note is not None:
+            console.print(f"[yellow]{note}[/]", highlight=False)
     return report
 
 

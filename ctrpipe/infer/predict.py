@@ -32,6 +32,7 @@ from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
 from ctrpipe.infer.calibrate import (
     CALIBRATION_NAME,
     Calibration,
+    bound_warning,
     fit_calibration,
     load_val_predictions,
     read_calibration,
@@ -218,13 +219,16 @@ def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tupl
         if requested == ccfg and task < len(cals):
             return cals[task], f"{CALIBRATION_NAME}"
     try:
-        src, logits, labels, _ = load_val_predictions(run)
+        src, logits, labels, names = load_val_predictions(run)
     except CheckpointError:
         if not quiet:
             console.print(f"[yellow]warning:[/] {run} has no validation predictions, so infer.calibration."
                           f"method={ccfg.method} cannot be fitted; writing uncalibrated predictions")
         return identity, "none (no validation predictions)"
     cal = fit_calibration(logits[:, task], labels[:, task], ccfg)
+    note = bound_warning(cal, names[task])
+    if note is not None:
+        console.print(f"[yellow]{note}[/]", highlight=False)
     return cal, f"refitted on {src.name} (calibration.json is for another config or absent)"
 
 

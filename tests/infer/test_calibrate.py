@@ -13,7 +13,11 @@ from ctrpipe.config import load_config
 from ctrpipe.errors import CheckpointError
 from ctrpipe.infer.calibrate import (
     Calibration,
+    _loss,
+    _row_weights,
+    bound_warning,
     calibrate_run,
+    fit_affine,
     fit_calibration,
     read_calibration,
 )
@@ -119,6 +123,38 @@ def test_json_round_trip_and_float32() -> None:
 def _write_preds(path: Path, z: np.ndarray, y: np.ndarray) -> None:
     np.savez(path, row_index=np.arange(len(z), dtype=np.int64), logits=z[:, None].astype(np.float32),
              labels=y[:, None].astype(np.float32))
+
+
+@pytest.mark.parametrize("target", ["logloss", "wll"])
+def test_flat_offset_logits_get_the_optimum_not_a_clipped_bias(target: str) -> None:
+    """A weak model's logits barely vary around an offset (sd 0.012 about -1.1, as toss.sh's small runs gave):
+    the optimum scales them by ~40 and shifts by ~+45. The bias was clipped at +30 with no word, a worse fit
+    (helper's audit). The logits are centred now: the returned (a, b) is a stationary point of the loss."""
+    rng = np.random.default_rng(0)
+    y = (rng.random(20_000) < 0.25).astype(np.float64)
+    z = -1.1 + 0.012 * (rng.standard_normal(y.size) + 0.5 * y)
+    a, b = fit_affine(z, y, target, fit_scale=True, fit_bias=True)
+    assert b > 30.0
+    w = _row_weights(y, target)
+    r = w * (_sig(a * z + b) - y)
+    grad = np.array([np.sum(r * z), np.sum(r)]) / np.sum(w)
+    assert np.abs(grad).max() < 1e-6
+    assert _loss(a, b, z, y, w) < _loss(a, 30.0, z, y, w)
+    # the bias alone is fitted as before (no centring): the shift of the offset logits
+    a1, b1 = fit_affine(z, y, target, fit_scale=False, fit_bias=True)
+    assert a1 == 1.0 and -5.0 < b1 < 5.0
+
+
+def test_a_temperature_at_the_end_of_its_range_is_a_warning() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random(20_000) < 0.25).astype(np.float64)
+    z = 0.001 * (rng.standard_normal(y.size) + y)                # the optimum wants T ~ 1e-3 < 0.01
+    cal = fit_calibration(z, y, CalibrationConfig(method="temperature"))
+    assert cal.temperature == pytest.approx(0.01)
+    note = bound_warning(cal, "clicked")
+    assert note is not None and "clicked" in note and "T=0.01" in note and "loader.batch_size" in note
+    t, y2 = _data(4000)
+    assert bound_warning(fit_calibration(3 * t, y2, CalibrationConfig(method="temperature")), "c") is None
 
 
 def test_calibrate_run_writes_json_and_prefers_oof(tmp_path: Path) -> None:
