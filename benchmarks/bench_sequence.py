@@ -42,8 +42,9 @@ predictions here).
    `--speed-steps` steps (after `--speed-warmup`) in a child process of this script (`--child-speed`) with the
    fit loop's own step function (train.loop.train_step), its optimisers and a shuffled ShardLoader over the
    train split, as `ctrpipe train` feeds it, and nothing else (no evaluation); peak RSS = that child's
-   VmHWM. `--speed-rounds` rounds, every (length, model) once per round, interleaved, so load from other
-   jobs falls on all alike; samples/s = the best round (other jobs only ever slow a run down), median kept too.
+   VmHWM (with `--device cuda`, also the device's peak allocation). `--speed-rounds` rounds, every (length,
+   model) once per round, interleaved, so load from other jobs falls on all alike; samples/s = the best
+   round (other jobs only ever slow a run down), median kept too.
 
 Writes the tables to stdout, a markdown copy to WORK/tables.md, everything to .bench/sequence.json
 (WORK = .bench/sequence). Figures and what they mean: benchmarks/RESULTS.md.
@@ -168,7 +169,14 @@ def oracle(synth: Path, export: Path) -> dict[str, float]:
     raw = pl.read_parquet(synth / "test.parquet", columns=["clicked"]).to_numpy()[:, 0].astype(np.float32)
     if truth.shape != y.shape or not np.array_equal(raw, y):
         raise SystemExit("exported gold rows are not the synth test file in order: cannot score the oracle")
-    return score(y, truth)
+    out = score(y, truth)
+    # the same oracle without its candidate x history term (synth.json, generator v2 and later): the AUC that
+    # reading the history against the candidate can add at most is the difference
+    click = json.loads((synth / "synth.json").read_text())["splits"]["test"]["labels"]["click"]
+    without = click.get("oracle_auc_without_candidate_x_history")
+    if without is not None:
+        out["auc_without_candidate_x_history"] = float(without)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -250,7 +258,7 @@ def ctrpipe_sets(model: str, args: argparse.Namespace, exp: str, amp: str = "off
     """The --set overrides that give the shipped configs the benchmark's training (the model sizes stay)."""
     return [f"exp_name={exp}", f"train.epochs={args.epochs}", f"train.lr={args.lr}", "train.embedding_lr=0",
             "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0", "train.grad_clip=0",
-            f"train.amp={amp}", f"train.num_threads={args.threads}", "train.device=cpu",
+            f"train.amp={amp}", f"train.num_threads={args.threads}", f"train.device={args.device}",
             f"loader.batch_size={args.batch_size}", f"seed={args.train_seed}"]
 
 
@@ -323,14 +331,14 @@ def speed_child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     cfg = load_config(Path(args.child_cfg), ctrpipe_sets(args.child_model, args, "speed"))
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     spec = read_manifest(args.child_cache).feature_spec()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings).to(device)
     model.train()
     optimizers = build_optimizers(model, cfg.train, device)
     objective = Objective(build_tasks(heads_of(model, spec), spec, cfg.train), device)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)                       # train.amp=off: fp32
+    scaler = torch.amp.GradScaler(device.type, enabled=False)                 # train.amp=off: fp32
     loader = ShardLoader.from_config(args.child_cache, RowView.train(), cfg.loader, seed=cfg.seed, device=device)
 
     def batches():  # noqa: ANN202 - endless, epoch after epoch
@@ -341,7 +349,7 @@ def speed_child(args: argparse.Namespace) -> None:
             epoch += 1
 
     stream = batches()
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=device)
     for _ in range(args.speed_warmup):   # first touch of tables and optimiser state, allocator warm-up
         loss_sum += train_step(model, next(stream), objective, optimizers, scaler, cfg.train, device)[0]
     float(loss_sum)
@@ -353,8 +361,10 @@ def speed_child(args: argparse.Namespace) -> None:
         rows += len(batch)
     float(loss_sum)                      # one sync, as fit does on its log steps
     seconds = time.perf_counter() - t0
+    gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     print("SPEED " + json.dumps({"samples_per_s": rows / seconds, "seconds": seconds, "rows": rows,
-                                 "parameters": sum(p.numel() for p in model.parameters())}), flush=True)
+                                 "parameters": sum(p.numel() for p in model.parameters()),
+                                 "peak_device_bytes": gpu_peak}), flush=True)
     print(f"PEAK_RSS_KB {vm_hwm() // 1024}", flush=True)
 
 
@@ -363,7 +373,7 @@ def run_speed(model: str, length: int, rnd: int, args: argparse.Namespace, cache
            "--child-cfg", model_config(model, work), "--child-cache", str(cache),
            "--speed-steps", str(args.speed_steps), "--speed-warmup", str(args.speed_warmup),
            "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-           "--epochs", str(args.epochs), "--train-seed", str(args.train_seed)]
+           "--epochs", str(args.epochs), "--train-seed", str(args.train_seed), "--device", args.device]
     out, wall, rss = run_measured(cmd, work / "logs" / f"speed_{model}_L{length}_r{rnd}.log",
                                   thread_env(args.threads))
     res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("SPEED "))[len("SPEED "):])
@@ -382,7 +392,8 @@ def speed_phase(args: argparse.Namespace, caches: dict[int, Path], work: Path, r
                 entry["runs"].append({**r, "load_before": before})
                 rates = [x["samples_per_s"] for x in entry["runs"]]
                 entry.update(samples_per_s=max(rates), median_samples_per_s=float(np.median(rates)),
-                             peak_rss=max(x["peak_rss"] for x in entry["runs"]), parameters=r["parameters"])
+                             peak_rss=max(x["peak_rss"] for x in entry["runs"]), parameters=r["parameters"],
+                             peak_device_bytes=r.get("peak_device_bytes"))
                 log(f"speed round {rnd + 1}/{args.speed_rounds} L={length} {model}: {r['samples_per_s']:,.0f} "
                     f"samples/s, peak RSS {_mb(r['peak_rss'])} MB (load {before})")
                 args.out.write_text(json.dumps(results, indent=1))
@@ -415,6 +426,9 @@ def tables(results: dict) -> str:
         runs, orc, hist = q["runs"], q["oracle"], q["history"]
         base = runs.get("dnn")
         rows = [["oracle (true P)", f"{orc['auc']:.4f}", f"{orc['logloss']:.4f}", "", "", "", "", ""]]
+        if "auc_without_candidate_x_history" in orc:
+            rows.append(["oracle without its candidate x history term", f"{orc['auc_without_candidate_x_history']:.4f}",
+                         "", f"{orc['auc'] - orc['auc_without_candidate_x_history']:.4f}", "", "", "", ""])
         for model in (*(j for m in MODELS for j in (m, f"{m}{BF16}")), "deepctr_din"):
             r = runs.get(model)
             if r is None:
@@ -457,11 +471,14 @@ def tables(results: dict) -> str:
                 if r is None:
                     continue
                 hist = results["history"][length]
+                gpu = r.get("peak_device_bytes")
                 rows.append([model, length, f"{hist['mean_len']:.1f}", f"{r['samples_per_s']:,.0f}",
-                             f"{r['median_samples_per_s']:,.0f}", _mb(r["peak_rss"]), f"{r['parameters']:,}"])
+                             f"{r['median_samples_per_s']:,.0f}", _mb(r["peak_rss"]),
+                             f"{gpu / 2**20:,.0f}" if gpu is not None else "-", f"{r['parameters']:,}"])
         table("Training throughput and peak RSS by history length (train steps only, best / median of "
               f"{results['speed_rounds']} interleaved rounds)",
-              ["model", "L", "mean stored len", "samples/s best", "samples/s median", "peak RSS MB", "parameters"],
+              ["model", "L", "mean stored len", "samples/s best", "samples/s median", "peak RSS MB",
+               "peak GPU MB", "parameters"],
               rows)
     log("\noracle - AUC: the model's distance to the true probabilities; of oracle - dnn: the share of the DNN's "
         "AUC gap to the oracle the model closes; peak RSS: the child process's VmHWM")
@@ -491,6 +508,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--speed-warmup", type=int, default=5)
     ap.add_argument("--speed-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where ctrpipe trains (cpu, cuda); the peer stays on the CPU, "
+                    "so pass --skip-peer with cuda")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)

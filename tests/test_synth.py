@@ -254,6 +254,10 @@ def test_parquet_oracle_needs_the_candidate_x_history_term(parquet5k: Path) -> N
     assert _auc(y, z[:n]) - _auc(y, without[:n]) > 0.015
     meta = json.loads((parquet5k / "synth.json").read_text())
     assert meta["model"]["logit_variance_shares"]["candidate_x_history"] == pytest.approx(0.18)
+    # the headroom is recorded: the oracle's AUC without the term, beside its own
+    click = meta["splits"]["train"]["labels"]["click"]
+    assert click["oracle_auc_without_candidate_x_history"] == pytest.approx(_auc(y, without[:n]), abs=2e-6)
+    assert click["oracle_auc"] - click["oracle_auc_without_candidate_x_history"] > 0.015
 
 
 def test_parquet_deterministic_and_independent_of_row_group_size(tmp_path: Path) -> None:

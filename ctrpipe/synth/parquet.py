@@ -28,6 +28,7 @@ from ctrpipe.synth.common import (
     BLOCK_ROWS,
     LabelStats,
     Stream,
+    _auc,
     atomic_path,
     block_ranges,
     block_rng,
@@ -128,6 +129,7 @@ NUM_CAT = tuple((_NI[a], _CI[b]) for a, b in (("history_a_1", "inventory_id"), (
 # click logit variance shares: first-order cats (and the candidate item), numeric, cat pairs, numeric x cat,
 # sequence (inventory topic vs history), tags, target (candidate vs recency-weighted history)
 SHARES = np.array([0.24, 0.21, 0.14, 0.07, 0.10, 0.06, 0.18])
+TARGET_PART = 6                          # the candidate x history component's index in SHARES
 CV_SHARES = np.array([0.30, 0.45, 0.25])   # conversion: click's first-order part, own cats, own numerics
 
 SCHEMA = pa.schema(
@@ -383,6 +385,9 @@ class ParquetBlock:
     clicked: np.ndarray      # (n,) int8
     converted: np.ndarray    # (n,) int8, 1 only where clicked
     truth: np.ndarray        # (n, 2) P(click), P(click and conversion)
+    # (n,) the true click logit without its candidate x history term: what is left to a model that does not
+    # read the history against the candidate (an AUC of it shows the term's headroom)
+    logit_without_target: np.ndarray
 
 
 def make_block(model: ParquetModel, seed: int, stream: Stream, block: int,
@@ -390,13 +395,16 @@ def make_block(model: ParquetModel, seed: int, stream: Stream, block: int,
     """Block `block` of `stream`, drawn whole then cut to `rows` (shorter files are prefixes of longer)."""
     rng = block_rng(seed, stream, block)
     raw = draw_raw(rng)
-    p_click = sigmoid(model.bias + model.scale * (_components(model, raw) @ model.comp_w))
+    comps = _components(model, raw)
+    z = comps @ model.comp_w
+    p_click = sigmoid(model.bias + model.scale * z)
     p_cv = sigmoid(model.cv_bias + model.cv_scale * (_cv_components(model, raw) @ model.cv_comp_w))
     clicked = rng.random(BLOCK_ROWS) < p_click
     converted = clicked & (rng.random(BLOCK_ROWS) < p_cv)
     truth = np.stack([p_click, p_click * p_cv], axis=1)
+    without = z - comps[:, TARGET_PART] * model.comp_w[TARGET_PART]
     return ParquetBlock(raw.head(rows), clicked[:rows].astype(np.int8), converted[:rows].astype(np.int8),
-                        truth[:rows])
+                        truth[:rows], without[:rows].astype(np.float32))
 
 
 def _cat(raw: Raw, f: int, miss: np.ndarray) -> pa.Array:
@@ -434,10 +442,11 @@ def block_table(blocks: list[ParquetBlock], prefix: str, start: int) -> pa.Table
 
 def write_parquet(path: Path, truth_path: Path, model: ParquetModel, seed: int, stream: Stream, rows: int,
                   prefix: str, group_blocks: int,
-                  on_rows: Callable[[int], None] | None = None) -> tuple[LabelStats, LabelStats]:
+                  on_rows: Callable[[int], None] | None = None) -> tuple[LabelStats, LabelStats, float]:
     """Write `rows` rows of `stream` (one row group per `group_blocks` blocks) and their (rows, 2) truth;
-    returns click and conversion label stats."""
+    returns click and conversion label stats, and the click oracle's AUC without its candidate x history term."""
     labels = np.empty((rows, 2), dtype=np.int8)
+    without = np.empty(rows, dtype=np.float32)
     ranges = list(block_ranges(rows))
     with atomic_path(path) as tmp, atomic_path(truth_path) as tmp_truth:
         truth = np.lib.format.open_memmap(tmp_truth, mode="w+", dtype=np.float32, shape=(rows, 2))
@@ -451,10 +460,11 @@ def write_parquet(path: Path, truth_path: Path, model: ParquetModel, seed: int, 
                 labels[start:stop, 0] = np.concatenate([b.clicked for b in blocks])
                 labels[start:stop, 1] = np.concatenate([b.converted for b in blocks])
                 truth[start:stop] = np.concatenate([b.truth for b in blocks])
+                without[start:stop] = np.concatenate([b.logit_without_target for b in blocks])
                 if on_rows is not None:
                     on_rows(table.num_rows)
         truth.flush()
         t = np.asarray(truth)
         stats = LabelStats.of(labels[:, 0], t[:, 0]), LabelStats.of(labels[:, 1], t[:, 1])
         del truth, t
-    return stats
+    return (*stats, _auc(labels[:, 0], without))

@@ -39,6 +39,9 @@ class SplitResult:
     truth: Path
     rows: int
     labels: tuple[tuple[str, LabelStats], ...]     # ("click", ...) and, for parquet, ("conversion", ...)
+    # parquet: the click oracle's AUC without its candidate x history term (the rest of the true logit), so
+    # oracle_auc minus it is what reading the history against the candidate can add
+    oracle_auc_without_target: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,9 +166,9 @@ def synth_parquet(out: Path, rows: int, seed: int = 0, test_rows: int = 0, group
     for name, stream, n in plan:
         data, truth = out / f"{name}.parquet", out / f"{name}.truth.npy"
         cb = (lambda k, _name=name: on_rows(_name, k)) if on_rows else None
-        click, conv = parquet.write_parquet(data, truth, model, seed, stream, n, f"{name.upper()}_",
-                                            group_blocks, cb)
-        results.append(SplitResult(name, data, truth, n, (("click", click), ("conversion", conv))))
+        click, conv, without = parquet.write_parquet(data, truth, model, seed, stream, n, f"{name.upper()}_",
+                                                     group_blocks, cb)
+        results.append(SplitResult(name, data, truth, n, (("click", click), ("conversion", conv)), without))
     info = {"target_positive_rate": parquet.CLICK_RATE, "target_auc": parquet.CLICK_AUC, "bias": model.bias,
             "scale": model.scale, "target_conversion_given_click": parquet.CVR_RATE,
             "target_conversion_given_click_auc": parquet.CVR_AUC, "conversion_bias": model.cv_bias,
@@ -185,6 +188,9 @@ def _finish(fmt: Format, out: Path, seed: int, gz: bool, results: list[SplitResu
     for s in results:
         splits[s.name] = {"file": s.data.name, "truth": s.truth.name, "rows": s.rows,
                           "labels": {k: {f: _num(v) for f, v in vars(st).items()} for k, st in s.labels}}
+        if s.oracle_auc_without_target is not None:
+            splits[s.name]["labels"]["click"]["oracle_auc_without_candidate_x_history"] = _num(
+                s.oracle_auc_without_target)
     train = results[0].labels[0][1]
     meta = {"generator": "ctrpipe.synth", "generator_version": GENERATOR_VERSION, "block_rows": BLOCK_ROWS,
             "format": fmt, "rows": results[0].rows, "test_rows": results[1].rows if len(results) > 1 else 0,
@@ -242,3 +248,8 @@ def _report(r: SynthResult, quiet: bool) -> None:
             table.add_row(s.data.name, f"{s.rows:,}", label, f"{st.positive_rate:.4f}",
                           f"{st.oracle_auc:.4f}", f"{st.oracle_logloss:.4f}")
     console.print(table)
+    without = [f"{s.name} {s.oracle_auc_without_target:.4f}" for s in r.splits
+               if s.oracle_auc_without_target is not None]
+    if without:
+        console.print("click oracle AUC without its candidate x history term (what reading the history against "
+                      f"the candidate can add is the difference): {', '.join(without)}", highlight=False)
