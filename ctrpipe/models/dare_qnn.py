@@ -59,7 +59,8 @@ class QNNHeadConfig:
     use_residual: bool = True     # each layer adds its input to the quadratic term
     norm: QNNNorm = "batch"       # normalisation of W x, before the activation
     # how heads cut the field tensor: dims = each field's dims split into `heads` slices (QNN-α's heads);
-    # fields = the fields split into `heads` groups (the tensor is read transposed, (d, F))
+    # fields = the fields split into `heads` groups (the tensor is read transposed, (d, F)). With heads 1 the
+    # two are one model (the same features in another order); fields needs heads dividing the field count
     pair_grouping: PairGrouping = "dims"
     # weight of the auxiliary head on full-attention search features (DARE's aux loss); 0 = no such head
     aux_head_weight: float = 0.0
