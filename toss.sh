@@ -4,8 +4,9 @@
 #   shares the candidate item's ids) -> ctrpipe train --kfold K with the DARE + QNN-α config -> ctrpipe infer
 #   (fold ensemble, calibration for WLL) -> submission.csv (ID,clicked) -> the same with DIN -> ctrpipe blend
 #   submissions. AP, WLL and Score = 0.5*AP + 0.5/(1+WLL) are printed at each step beside the oracle's.
-# Sizes: ROWS (default 200000), TEST_ROWS (default 50000), K folds (default 3). Outputs under TOSS_DIR
-# (default: this folder; a relative path is taken from where you run it): data/toss, shards/toss*, runs/toss.
+# Sizes: ROWS (default 200000; under 100000 trains with batch 256), TEST_ROWS (default 50000), K folds
+# (default 3). Outputs under TOSS_DIR (default: this folder; a relative path is taken from where you run it):
+# data/toss, shards/toss*, runs/toss.
 # TRAIN_SET: extra words for both trainings, split at spaces, so no spaces inside a value (e.g.
 # "--set loader.batch_size=512 --set train.lr=0.002"). CTRPIPE_NO_SETUP=1 uses the active environment
 # instead of setting up .venv.
@@ -21,6 +22,13 @@ shards="$out/shards/toss"
 runs="$out/runs/toss"
 fold_keys=(--set "data.folds.n_splits=$k")
 read -r -a train_set <<< "${TRAIN_SET:-}"
+# the configs' batch of 1024 leaves a small file a few steps per fold, too few to learn from: a quarter of it
+# below 100k rows (TRAIN_SET, read after, can set another)
+small_batch=()
+if [ "$rows" -lt 100000 ]; then
+  small_batch=(--set loader.batch_size=256)
+  echo "toss.sh: $rows rows: training with loader.batch_size=256 (the configs' 1024 gives too few steps)"
+fi
 
 if ! python - "$rows" "$test_rows" "$data" <<'PY'
 import json, sys
@@ -58,7 +66,7 @@ for model in dare_qnn din; do
   rm -rf "${runs:?}/$model"
   ctrpipe train --cfg "$cfg" --shards "$shards" --kfold "$k" --runs "$runs" \
     --set "exp_name=$model" --set infer.calibration.target=wll --set infer.calibration.method=temperature_bias \
-    ${train_set[@]+"${train_set[@]}"}
+    ${small_batch[@]+"${small_batch[@]}"} ${train_set[@]+"${train_set[@]}"}
   oof "$model (out-of-fold)" "$runs/$model"
   ctrpipe infer --run "$runs/$model" --shards "${shards}_test" --out "$runs/$model/submission.csv"
   score "$model (test)" "$runs/$model/submission.csv"
