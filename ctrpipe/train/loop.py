@@ -204,8 +204,8 @@ class _Run:
                 self.objective.count_over_ranks(lambda c: dist.mean_(c.clone(), "counting masked heads' rows"),
                                                 dist.world_size)
         self.step_model = torch.compile(train_model) if self.cfg.compile else train_model
-        # (K,) rows of each global batch of an epoch: a rank's share of one may differ from the others'
-        # (an unshuffled ragged last batch), and the samples count the global batch
+        # (K,) rows of each global batch of an epoch: a rank's share of one may differ from the others' (a batch
+        # size that is no multiple of the ranks, an unshuffled ragged last batch); the samples count the batch
         self.batch_rows = inp.train_loader.rank_rows().sum(axis=1).tolist() if inp.dist is not None else None
         self.pos = RunPosition()
         self.finished = False
