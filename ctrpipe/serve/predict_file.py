@@ -33,6 +33,12 @@ from ctrpipe.serve.predictor import Predictor
 from ctrpipe.serve.rows import serving_remedies
 
 
+def parquet_batches(path: Path, chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    """The file's record batches of `chunk_rows` rows. Not pre-buffered: pyarrow's default keeps every row
+    group read so far in memory until the reader closes (memory grew ~190 bytes a row of the file)."""
+    return pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=chunk_rows)
+
+
 def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, object, np.ndarray | None]]:
     """(first row, rows, ids or None) per chunk of the input file, read as the run's data.format."""
     fmt, id_col = p.cfg.data.format, p.cfg.data.id_column
@@ -44,7 +50,7 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
     elif fmt == "parquet":
         start = 0
         try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+            batches = parquet_batches(path, chunk_rows)
         except (pa.ArrowInvalid, OSError) as exc:
             reason = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise InputFormatError(f"the run was trained on Parquet, and this file cannot be read as Parquet "
