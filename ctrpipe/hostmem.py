@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1     # mallopt parameter numbers from glibc's malloc.h
@@ -55,24 +57,48 @@ def keep_freed_memory() -> bool:
 
 
 def share_main_arena() -> bool:
-    """Make threads that need a malloc arena from now on share the existing ones (glibc M_ARENA_MAX=1). True
-    if set. `ctrpipe shard` calls it first thing, before polars and pyarrow start their threads (each would
-    take an arena), so every glibc allocation of the build (numpy arrays, the kernels' outputs) comes from the
-    main heap; polars and pyarrow keep their own buffers in their own allocators (jemalloc, mimalloc).
+    """Make threads that need a malloc arena from now on share the existing ones (glibc M_ARENA_MAX=1). True if
+    set. `ctrpipe shard` calls it first thing, before polars and pyarrow start their threads (each would take an
+    arena), so every glibc allocation of the build (numpy arrays, the kernels' outputs) comes from the main
+    heap; polars and pyarrow keep their own buffers in their own allocators (jemalloc, mimalloc).
 
-    With keep_freed_memory every arena keeps the peak of what its threads freed; the shard build allocates
-    and frees chunk-sized arrays on several threads (transforms, statistics, writer, reader), so per-thread
-    arenas make peak memory the sum of those peaks, and each arena faults its own pages in. One shared heap
-    reuses whatever any thread freed (figures in benchmarks/RESULTS.md, under bench_shard.py). Called later,
-    once other threads own arenas, new threads would take turns on those, busy ones included: measured
-    slower (the `--workers` processes), so it is not. Process-wide and permanent (glibc fixes the limit the
-    first time a thread needs an arena); left alone where the user set MALLOC_ARENA_MAX or a glibc arena
-    tunable, and with CTRPIPE_MALLOC_TUNING=0.
+    With keep_freed_memory every arena keeps the peak of what its threads freed; the shard build allocates and
+    frees chunk-sized arrays on several threads (transforms, statistics, writer, reader), so per-thread arenas
+    make peak memory the sum of those peaks, and each arena faults its own pages in. One shared heap reuses
+    whatever any thread freed (figures in benchmarks/RESULTS.md, under bench_shard.py). Called later, once other
+    threads own arenas, new threads would take turns on those, busy ones included: measured slower in the
+    `--workers` processes, which get one arena from their start instead (one_arena_for_children). Process-wide
+    and permanent (glibc fixes the limit the first time a thread needs an arena); left alone where the user set
+    MALLOC_ARENA_MAX or a glibc arena tunable, and with CTRPIPE_MALLOC_TUNING=0.
     """
     if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
     return mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1
+
+
+@contextmanager
+def one_arena_for_children() -> Iterator[None]:
+    """Processes started inside the block (the build's `--workers`) begin with MALLOC_ARENA_MAX=1: what
+    share_main_arena does for this process, from their first allocation, before any thread of theirs exists.
+
+    A worker runs many tasks (files), each with new transform, reader and writer threads; with an arena per
+    thread and keep_freed_memory, the arenas kept each task's freed peaks and a worker grew with its number of
+    files (a helper's sweep: 4 Parquet files of 200k rows each, 953 MB per worker, against 487 MB with one
+    arena, no slower: benchmarks/RESULTS.md, bench_shard_workers.py). Set in this process's environment only
+    for the block (glibc read it here at start-up: nothing changes for this process); left alone where the
+    user set MALLOC_ARENA_MAX or a glibc arena tunable, with CTRPIPE_MALLOC_TUNING=0, and off glibc Linux.
+    """
+    key = "MALLOC_ARENA_MAX"
+    if (key in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", "")
+            or _glibc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int) is None):
+        yield
+        return
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def release_free_heap() -> bool:

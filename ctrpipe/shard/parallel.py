@@ -63,7 +63,7 @@ from ctrpipe.data.covisit import CovisitCounter
 from ctrpipe.data.fitted import Fitted, KeyCounter, MomentAccumulator, NumericAccumulator
 from ctrpipe.data.splits import FoldAssigner
 from ctrpipe.errors import ConfigError, InputFormatError, ManifestMismatchError
-from ctrpipe.hostmem import keep_freed_memory
+from ctrpipe.hostmem import keep_freed_memory, one_arena_for_children
 from ctrpipe.shard.manifest import ArrayInfo, ShardInfo
 from ctrpipe.shard.passes import (
     Inputs,
@@ -140,7 +140,8 @@ def executor(workers: int, dask: str | None) -> Iterator[Executor]:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=die_with_parent)
         try:
-            yield pool
+            with one_arena_for_children():      # workers start as tasks come: the whole pool's life
+                yield pool
         except BrokenProcessPool:
             _end_pool(pool)
             raise InputFormatError("a worker process of the build died (killed by a signal, e.g. out of memory, or "
@@ -162,8 +163,9 @@ def executor(workers: int, dask: str | None) -> Iterator[Executor]:
     cluster = None
     try:
         if dask == "local":
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
+            with one_arena_for_children():
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
             client = Client(cluster)
         else:
             client = Client(dask)       # waits distributed.comm.timeouts.connect (Dask's config) at most
