@@ -260,6 +260,7 @@ def test_duplicate_ids_are_refused_before_any_model_runs(world: dict[str, Path],
     shutil.copytree(world["te"], cache)
     ids = np.load(cache / "shard_00000" / "ids.npy", mmap_mode="r+")
     ids[7] = ids[3]
+    ids[9] = ids[3]                                         # three rows: the first two are named
     ids.flush()
     del ids
     with pytest.raises(ManifestMismatchError, match="is on two rows") as exc:
@@ -276,3 +277,4 @@ def test_bad_overrides_are_refused(world: dict[str, Path], tmp_path: Path) -> No
     res = CliRunner().invoke(app, ["infer", "--run", str(world["single"]), "--shards", str(world["te"]),
                                    "--set", "infer.view=gold", "--out", str(tmp_path / "y.csv")])
     assert res.exit_code == 1 and "Traceback" not in res.output
+
