@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +124,9 @@ class _Outputs:
         self.stage = [torch.empty(sh, dtype=dt, device=self.device) for sh, dt in zip(shapes, dtypes, strict=True)]
         self.stage[1].fill_(float("nan"))
         pin = self.device.type == "cuda"
-        self.host = [torch.empty(sh, dtype=dt, pin_memory=pin) for sh, dt in zip(shapes, dtypes, strict=True)]
+        # pinned under the stage's own device: on another one it would start a context on the current GPU
+        with torch.cuda.device(self.device) if pin else nullcontext():
+            self.host = [torch.empty(sh, dtype=dt, pin_memory=pin) for sh, dt in zip(shapes, dtypes, strict=True)]
 
     def targets(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n, H) logits, (n, H) labels and (n,) row ids to write the next batch's n rows into."""
@@ -153,8 +156,10 @@ class _Outputs:
         self.stage[1][:n].fill_(float("nan"))            # unlabelled rows of the next stage read NaN
         event = None
         if self.device.type == "cuda":
+            # the copies run on the stage's device's stream, which need not be the current device's (a
+            # one-process run on cuda:1): an event recorded on the current device's would complete at once
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
         self.pending = (event, self.flushed, self.pos)
         self.flushed = self.pos
 
