@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,27 +161,28 @@ def executor(workers: int, dask: str | None) -> Iterator[Executor]:
                           fix='pip install "ctrpipe[dask]" (or pip install "dask[distributed]"), or drop --dask '
                               "to use a local process pool") from e
     cluster = None
-    try:
-        if dask == "local":
-            with one_arena_for_children():
+    # a local cluster's workers start with one malloc arena, restarted ones too: the setting holds for its life
+    with one_arena_for_children() if dask == "local" else nullcontext():
+        try:
+            if dask == "local":
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None)
-            client = Client(cluster)
-        else:
-            client = Client(dask)       # waits distributed.comm.timeouts.connect (Dask's config) at most
-    except OSError as e:        # includes timeouts: no scheduler listens there
-        if cluster is not None:
-            cluster.close()
-        raise ConfigError(f"cannot reach the Dask scheduler at {dask}: {e}", where="--dask",
-                          fix="start one (dask scheduler; dask worker ADDRESS on each machine) and pass its "
-                              "address, e.g. --dask tcp://host:8786, or --dask local") from e
-    try:
-        with client.get_executor(pure=False) as pool:
-            yield pool
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+                client = Client(cluster)
+            else:
+                client = Client(dask)       # waits distributed.comm.timeouts.connect (Dask's config) at most
+        except OSError as e:        # includes timeouts: no scheduler listens there
+            if cluster is not None:
+                cluster.close()
+            raise ConfigError(f"cannot reach the Dask scheduler at {dask}: {e}", where="--dask",
+                              fix="start one (dask scheduler; dask worker ADDRESS on each machine) and pass its "
+                                  "address, e.g. --dask tcp://host:8786, or --dask local") from e
+        try:
+            with client.get_executor(pure=False) as pool:
+                yield pool
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
 
 
 def parallel_fit_pass(plan: Plan, inputs: Inputs, work: Path, workers: int, progress: bool, dask: str | None,

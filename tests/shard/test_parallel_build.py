@@ -231,3 +231,20 @@ def test_pool_workers_start_with_one_malloc_arena(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CTRPIPE_MALLOC_TUNING", "0")                  # allocator tuning off: nothing set
     with executor(1, None) as pool:
         assert pool.submit(os.getenv, "MALLOC_ARENA_MAX").result() is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
+def test_dask_local_workers_keep_one_malloc_arena_after_a_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nanny restarts a worker that died or ran over its memory limit: the restarted one had lost the
+    setting, which held only while the cluster was created (review of the change)."""
+    pytest.importorskip("distributed")
+    from ctrpipe.shard.parallel import executor
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("CTRPIPE_MALLOC_TUNING", raising=False)
+    with executor(1, "local") as pool:
+        assert pool.submit(os.getenv, "MALLOC_ARENA_MAX").result() == "1"
+        pool._client.restart()                                        # type: ignore[attr-defined]
+        assert pool.submit(os.getenv, "MALLOC_ARENA_MAX").result() == "1"
+    assert "MALLOC_ARENA_MAX" not in os.environ
