@@ -23,9 +23,9 @@ runs="$out/runs/toss"
 fold_keys=(--set "data.folds.n_splits=$k")
 read -r -a train_set <<< "${TRAIN_SET:-}"
 # the configs' batch of 1024 leaves a small file a few steps per fold, too few to learn from: a quarter of it
-# below 100k rows (TRAIN_SET, read after, can set another)
+# below 100k rows, unless TRAIN_SET sets the batch
 small_batch=()
-if [ "$rows" -lt 100000 ]; then
+if [ "$rows" -lt 100000 ] && [[ "${TRAIN_SET:-}" != *loader.batch_size* ]]; then
   small_batch=(--set loader.batch_size=256)
   echo "toss.sh: $rows rows: training with loader.batch_size=256 (the configs' 1024 gives too few steps)"
 fi

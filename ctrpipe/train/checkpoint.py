@@ -71,8 +71,8 @@ class TrainState:
     # processes of the run (torchrun's WORLD_SIZE): rng holds "torch.rank{r}" per rank r > 0 beside rank 0's
     #   "torch", so --resume needs the same number (train/distributed.py)
     world_size: int = 1
-    # the loss and model diagnostics summed since the last train_log.csv row (one process): the resumed run's
-    # next row averages the same steps as an uninterrupted run's
+    # the loss and model diagnostics summed since the last train_log.csv row (a torchrun job's rank r > 0's
+    # under "rank{r}"): the resumed run's next row averages the same steps as an uninterrupted run's
     log_sums: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_saved(self) -> dict[str, Any]:

@@ -457,6 +457,24 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
     return ckpt
 
 
+def check_rank_shares(shares: np.ndarray, label: str, shuffle: bool) -> None:
+    """Refuse a training view whose batches one process trains and a torchrun job cannot share: `shares`
+    (K, W) rows of each batch per rank (ShardLoader.rank_rows); each rank needs a row of every batch to step.
+    One process keeps a ragged last batch for a view under one batch, or unshuffled (the same rows each epoch,
+    never trained otherwise); a job cuts it into its ranks' shares."""
+    if not len(shares) or shares.min() > 0:
+        return
+    world, rows, last = shares.shape[1], int(shares.sum()), int(shares[-1].sum())
+    if rows < world:
+        fix = f"train in at most {rows:,} processes, or on more rows"
+    else:
+        fix = (f"use a loader.batch_size that leaves a last batch of at least {world} of the {rows:,} rows, or "
+               "none" + (", shuffle (loader.shuffle=true: a full batch's ragged tail is dropped)" if not shuffle
+                         else "") + ", or train in fewer processes")
+    raise ConfigError(f"the training view ({label}) ends in a batch of {last:,} rows, which one process trains and "
+                      f"{world} processes cannot share (each needs a row)", where="loader.batch_size", fix=fix)
+
+
 def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None, fold: int, out_dir: Path,
                best_path: Path, label: str) -> FitResult:
     cfg = ctx.cfg
@@ -479,19 +497,8 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
     if group is not None and group.rank:
         torch.manual_seed(group.rank_seed(seed))        # its own dropout masks; rank 0 keeps the run's stream
     train_loader = _loader(ctx, train_view, True, seed, ranks=True)
-    shares = train_loader.rank_rows() if group is not None else None           # (K, W)
-    if shares is not None and len(shares) and shares.min() == 0:
-        # one process trains the ragged last batch it keeps (a view under one batch, or unshuffled: the same
-        # rows each epoch, never trained otherwise); a job cuts it into its ranks' shares, each needing a row
-        last = int(shares[-1].sum())
-        raise ConfigError(f"the training view ({label}) ends in a batch of {last:,} rows, which one process trains "
-                          f"and {group.world_size} processes cannot share (each needs a row)",
-                          where="loader.batch_size",
-                          fix=f"use a loader.batch_size that leaves a last batch of at least {group.world_size} of "
-                              f"the {train_loader.num_rows:,} rows, or none"
-                              + (", shuffle (loader.shuffle=true: a full batch's ragged tail is dropped)"
-                                 if not cfg.loader.shuffle else "")
-                              + ", or train in fewer processes")
+    if group is not None:
+        check_rank_shares(train_loader.rank_rows(), label, cfg.loader.shuffle)
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     inputs = FitInputs(

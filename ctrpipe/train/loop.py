@@ -486,8 +486,10 @@ class _Run:
 
     def _combine_ranks(self) -> None:
         """A torchrun job's log step: the loss and diagnostics summed since the last log become their mean
-        over the ranks' shares (the global batch's), and the first non-finite step is the earliest of any
-        rank, so every rank logs the same numbers and stops at the same step."""
+        over the ranks, and the first non-finite step is the earliest of any rank, so every rank logs the same
+        numbers and stops at the same step. The loss is then the global batch's (each rank's is weighted by its
+        share, Objective.rows_share); a diagnostic is the ranks' unweighted mean of their own values, which is
+        the batch's only where the shares are equal."""
         assert self.dist is not None
         keys = sorted(self.diag_sum)
         sums = torch.stack([self.loss_sum.float(), *(self.diag_sum[k].float().reshape(()) for k in keys)])

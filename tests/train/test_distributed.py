@@ -177,6 +177,30 @@ def test_evaluation_shares_skip_empty_ones(cache: Path) -> None:
                                                            seed=0).row_indices().tolist()
 
 
+def test_a_last_batch_with_fewer_rows_than_ranks_is_refused_with_a_fix_that_works(cache: Path) -> None:
+    """One process trains an unshuffled ragged last batch; 3 ranks cannot share one of 2 rows (each steps on
+    a row of every batch), and with fewer rows than ranks no batch size helps (review of the change)."""
+    from ctrpipe.errors import ConfigError
+    from ctrpipe.train.fit import check_rank_shares
+
+    n = ShardLoader(cache, RowView.train(), 64, shuffle=False, seed=0).num_rows
+    batch = next(b for b in range(64, n) if n % b == 2)
+    loaders = [ShardLoader(cache, RowView.train(), batch, shuffle=False, seed=0, rank=r, world_size=3)
+               for r in range(3)]
+    shares = loaders[0].rank_rows()
+    assert shares[-1].tolist() == [0, 1, 1]
+    with pytest.raises(ConfigError, match="ends in a batch of 2 rows") as exc:
+        check_rank_shares(shares, "train", shuffle=False)
+    assert "last batch of at least 3" in exc.value.fix and "loader.shuffle=true" in exc.value.fix
+    with pytest.raises(ConfigError) as exc:
+        check_rank_shares(np.array([[0, 1, 1]]), "train", shuffle=True)
+    assert exc.value.fix.startswith("train in at most 2 processes")
+    check_rank_shares(ShardLoader(cache, RowView.train(), 64, shuffle=False, seed=0, world_size=3).rank_rows(),
+                      "train", shuffle=False)                    # a tail of 28 rows: shared, no error
+    # why: rank 0 would have no row of the last batch, so it would take one step fewer than the others
+    assert [len(list(ld)) for ld in loaders] == [len(loaders[0]) - 1, len(loaders[0]), len(loaders[0])]
+
+
 def test_rank_info_reads_torchrun_environment() -> None:
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     info = rank_info(env)
