@@ -55,6 +55,7 @@ class DIN(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         emb = self.inputs.embedding
         tokens = history_tokens(batch, self.history)                            # (B, L)
-        keys = emb.token_vectors(batch, "sequence", self.history.index, tokens)  # (B, L, D)
-        attended = self.attention(emb.lookup(batch, self.history.query), keys, tokens > 0)
+        keys, query = emb.history_with_candidate(batch, "sequence", self.history.index, tokens,
+                                                 self.history.query)             # (B, L, D), (B, D)
+        attended = self.attention(query, keys, tokens > 0)
         return self.head(self.mlp(*self.inputs(batch).flat_parts, attended))   # (B, T)

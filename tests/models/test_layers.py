@@ -95,6 +95,32 @@ def test_shared_id_space_reads_the_candidates_rows(mode: str) -> None:
     torch.testing.assert_close(grad[group.cat_pad], torch.zeros(3))
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_field"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_history_and_candidate_from_one_lookup_equal_two(mode: str, sparse: bool) -> None:
+    """DIN reads its history and candidate with one lookup of their shared table (one sparse gradient
+    instead of two to add up): the same vectors and the same table gradient as token_vectors + lookup."""
+    batch = id_batch([[1, 4], [2, 0], [3, 5]], mh=[[1, 0, 0], [0, 0, 0], [2, 2, 0]],
+                     seq=[[4, 2, 4, 0], [0, 0, 0, 0], [5, 1, 0, 0]])
+    tokens = batch.sequence[0][:, 1:].long()                                 # a truncated history, too
+    grads = []
+    for one in (True, False):
+        torch.manual_seed(0)
+        emb = FieldEmbedding(SHARED, 3, mode=mode, sparse=sparse)
+        # the history reads the candidate's table in both modes: the one-lookup path runs, not its fallback
+        assert any(b.shared and b.name == "hist" for g in emb.groups if "item" in g.cat_names for b in g.bags)
+        if one:
+            keys, query = emb.history_with_candidate(batch, "sequence", 0, tokens, "item")
+        else:
+            keys, query = emb.token_vectors(batch, "sequence", 0, tokens), emb.lookup(batch, "item")
+        assert keys.shape == (3, 3, 3) and query.shape == (3, 3) and keys.is_contiguous()
+        ((keys * torch.arange(9.0).view(1, 3, 3)).sum() + (query ** 2).sum()).backward()
+        table = next(g for g in emb.groups if "item" in g.cat_names).cat_table.weight
+        grads.append((keys.detach(), query.detach(), table.grad.to_dense() if sparse else table.grad))
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_a_shared_bag_before_an_own_bag_keeps_the_field_order() -> None:
     """Pooled bags are computed per table (own rows first) and put back in field order: here the shared
     multi-hot comes first, so the output is reordered (by a device buffer, not a list copied every step)."""

@@ -234,6 +234,21 @@ class _TableGroup(nn.Module):
         return padded_lookup(rows, table.weight, pad, table.sparse, self.mask_padding)
 
 
+    def history_with_candidate(self, batch: Batch, source: str, index: int, tokens: Tensor | None,
+                               name: str) -> tuple[Tensor, Tensor]:
+        """`token_vectors` of a bag field that reads the categorical table, and (B, D) vectors of categorical
+        field `name` of this group, from one lookup (see FieldEmbedding.history_with_candidate)."""
+        f = next(b for b in self.bags if b.source == source and b.index == index)
+        assert f.shared and self.cat_table is not None and self.cat_pad is not None
+        tok = (getattr(batch, source)[index] if tokens is None else tokens).long()   # (B, L)
+        j = self.cat_names.index(name)
+        candidate = batch.categorical[:, self.cat_col_list[j]].long() + self.cat_offsets[j]   # (B,)
+        rows = torch.cat([torch.where(tok > 0, tok + f.offset, self.cat_pad).reshape(-1), candidate])
+        out = padded_lookup(rows, self.cat_table.weight, self.cat_pad, self.cat_table.sparse, self.mask_padding)
+        n = tok.numel()
+        return out[:n].view(*tok.shape, out.shape[-1]), out[n:]                  # both contiguous
+
+
 def _initial(rows: int, dim: int, std: float) -> Tensor:
     """A table's initial weights, drawn from torch's global generator.
 
@@ -342,6 +357,19 @@ class FieldEmbedding(nn.Module):
             if any(b.source == source and b.index == index for b in group.bags):
                 return group.token_vectors(batch, source, index, tokens)
         raise KeyError(f"no {source} field at index {index}")
+
+    @torch.compiler.disable   # sparse gradients: see _TableGroup.forward
+    def history_with_candidate(self, batch: Batch, source: str, index: int, tokens: Tensor | None,
+                               name: str) -> tuple[Tensor, Tensor]:
+        """(`token_vectors`, `lookup(name)`) of a history and its candidate. Where the history reads the
+        candidate's rows (data.sequence[].share_ids_with), one lookup serves both: a table gets one sparse
+        gradient from them instead of two whose sum costs a pass over both (about a millisecond a step of
+        DIN at batch 1024 on the CPU)."""
+        for group in self.groups:
+            if name in group.cat_names and any(b.source == source and b.index == index and b.shared
+                                               for b in group.bags):
+                return group.history_with_candidate(batch, source, index, tokens, name)
+        return self.token_vectors(batch, source, index, tokens), self.lookup(batch, name)
 
     @torch.compiler.disable   # sparse gradients: see _TableGroup.forward
     def lookup(self, batch: Batch, name: str) -> Tensor:

@@ -343,11 +343,18 @@ class DareEncoder(nn.Module):
             return self._packed(batch, emb, tokens, mask, full)
         return self._dense(batch, emb, tokens, mask, full)
 
+    def _values(self, batch: Batch, emb: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Representation vectors of `tokens` (any shape) and, when a query is the candidate, its (B, D)
+        vector: one lookup of their shared rows (FieldEmbedding.history_with_candidate)."""
+        if "candidate" not in self.queries:
+            return emb.token_vectors(batch, "sequence", self.history.index, tokens), None
+        return emb.history_with_candidate(batch, "sequence", self.history.index, tokens, self.history.query)
+
     def _dense(self, batch: Batch, emb: nn.Module, tokens: Tensor, mask: Tensor,
                full: bool) -> tuple[Tensor, Tensor | None]:
         """`forward` on the (B, L) layout: GPUs (no host sync for the packed count), exported graphs (static
         shapes) and the transformer block."""
-        values = emb.token_vectors(batch, "sequence", self.history.index, tokens)   # (B, L, D)
+        values, candidate = self._values(batch, emb, tokens)                    # (B, L, D), (B, D) or None
         keys = self.table(tokens, padding=~mask)                                # (B, L, Da)
         if self.encoder is not None:
             # an all-padding row would give NaN in the encoder's softmax: it may see its first (zero) slot;
@@ -359,7 +366,7 @@ class DareEncoder(nn.Module):
         for q in self.queries:
             if q == "candidate":
                 ids = batch.categorical[:, self.query_col].long()
-                q_att, q_rep = self.table(ids), emb.lookup(batch, self.history.query)
+                q_att, q_rep = self.table(ids), candidate
             else:   # the most recent behaviour; an empty history gives zero vectors
                 last = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)         # (B, 1)
                 q_att = keys.gather(1, last.unsqueeze(-1).expand(-1, -1, keys.shape[-1])).squeeze(1)
@@ -384,14 +391,14 @@ class DareEncoder(nn.Module):
         n_rows = tokens.shape[0]
         flat, rows = _valid_positions(mask)                                     # (M,), (M,)
         tok = tokens.reshape(-1).index_select(0, flat)
-        values = emb.token_vectors(batch, "sequence", self.history.index, tok)  # (M, D)
+        values, candidate = self._values(batch, emb, tok)                       # (M, D), (B, D) or None
         keys = self.table(tok)                                                  # (M, Da)
         lengths = mask.sum(dim=1)
         out, out_full = [], []
         for q in self.queries:
             if q == "candidate":
                 ids = batch.categorical[:, self.query_col].long()
-                q_att, q_rep = self.table(ids), emb.lookup(batch, self.history.query)
+                q_att, q_rep = self.table(ids), candidate
             else:   # the most recent behaviour, the last packed one of its row; an empty row reads a zero row
                 last = torch.where(lengths > 0, lengths.cumsum(0) - 1, keys.shape[0])
                 q_att = torch.cat([keys, keys.new_zeros(1, keys.shape[1])])[last]
