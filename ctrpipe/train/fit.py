@@ -625,6 +625,11 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
     gold_logits: list[np.ndarray] = []
     gold: Predictions | None = None
     results: list[FitResult] = []
+    if ctx.dist is not None:
+        # every fold's batches before the first fold trains: a fold refused later would waste the folds before it
+        for k in range(k_total):
+            check_rank_shares(_loader(ctx, RowView.fold_train(k), True, ctx.cfg.seed + k, ranks=True).rank_rows(),
+                              f"fold {k + 1}/{k_total}", ctx.cfg.loader.shuffle)
     for k in range(k_total):
         best = ctx.run_dir / f"ckpt_fold{k}.pt"
         fold_dir = ctx.run_dir / f"fold{k}"
