@@ -12,7 +12,7 @@ import pytest
 import torch
 from cli_helpers import sets
 from torch import nn
-from train_setup import CRITEO_CFG, FAST
+from train_setup import CRITEO_CFG, FAST, packed_weights
 from typer.testing import CliRunner
 
 from ctrpipe.cli import app
@@ -31,14 +31,6 @@ def _train(cache: Path, runs: Path, exp: str, extra: list[str], *flags: str) -> 
     res = CliRunner().invoke(app, ["train", "--cfg", str(CRITEO_CFG), "--shards", str(cache), "--runs", str(runs),
                                    "-q", *sets([*FAST, *GPU, *extra, f"exp_name={exp}"]), *flags])
     return res.exit_code, res.output
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    w = load_checkpoint(path).weights
-    out = dict(w["dense"])
-    for name, t in w["tables"].items():
-        out[f"{name}.rows"], out[f"{name}.values"] = t["rows"], t["values"]
-    return out
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -77,7 +69,7 @@ def test_training_and_resuming_on_the_gpu(cache: Path, tmp_path: Path) -> None:
     assert code == 0, out
     code, out = _train(cache, tmp_path, "cpu", ["train.device=cpu"])
     assert code == 0, out
-    whole, resumed, cpu = (_weights(tmp_path / d / "ckpt_last.pt") for d in ("whole", "resumed", "cpu"))
+    whole, resumed, cpu = (packed_weights(tmp_path / d / "ckpt_last.pt") for d in ("whole", "resumed", "cpu"))
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
         torch.testing.assert_close(cpu[key], whole[key], rtol=1e-3, atol=1e-4, msg=key)

@@ -27,6 +27,7 @@ import pytest
 import torch
 from cli_helpers import sets
 from train_setup import CRITEO_CFG, FAST, K_FOLDS, REPO
+from train_setup import packed_weights as weights
 from typer.testing import CliRunner
 
 from ctrpipe.cli import app
@@ -135,15 +136,6 @@ def session(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Session:
     jobs = [{**job, "port": free_port()} for _, job in named]
     per_rank = run_ranks(jobs, tmp / "session")
     return Session(runs, {name: [per_rank[r][i] for r in range(WORLD)] for i, (name, _) in enumerate(named)})
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint's weights: dense ones, and each table's changed rows and their values."""
-    w = load_checkpoint(path).weights
-    out = dict(w["dense"])
-    for name, t in w["tables"].items():
-        out[f"{name}.rows"], out[f"{name}.values"] = t["rows"], t["values"]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- in process

@@ -23,3 +23,14 @@ def build_cache(out: Path, synth: Path, overrides: list[str], gold: bool) -> Pat
     cfg = load_config(CRITEO_CFG, ["data.shard_rows=256", "data.split.val_ratio=0.2", *overrides])
     build_shards(cfg, [synth / "train.tsv"], out, gold=[synth / "test.tsv"] if gold else (), progress=False)
     return out
+
+
+def packed_weights(path: Path) -> dict:
+    """Every tensor of a checkpoint's weights: dense ones, and each table's changed rows and their values."""
+    from ctrpipe.train.checkpoint import load_checkpoint
+
+    w = load_checkpoint(path).weights
+    out = dict(w["dense"])
+    for name, t in w["tables"].items():
+        out[f"{name}.rows"], out[f"{name}.values"] = t["rows"], t["values"]
+    return out
