@@ -71,10 +71,15 @@ def share_main_arena() -> bool:
     and permanent (glibc fixes the limit the first time a thread needs an arena); left alone where the user set
     MALLOC_ARENA_MAX or a glibc arena tunable, and with CTRPIPE_MALLOC_TUNING=0.
     """
-    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+    if _user_set_arenas():
         return False
     mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
     return mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1
+
+
+def _user_set_arenas() -> bool:
+    """The user chose the arenas (MALLOC_ARENA_MAX or a glibc arena tunable): ctrpipe leaves them alone."""
+    return "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", "")
 
 
 @contextmanager
@@ -84,14 +89,12 @@ def one_arena_for_children() -> Iterator[None]:
 
     A worker runs many tasks (files), each with new transform, reader and writer threads; with an arena per
     thread and keep_freed_memory, the arenas kept each task's freed peaks and a worker grew with its number of
-    files (a helper's sweep: 4 Parquet files of 200k rows each, 953 MB per worker, against 487 MB with one
-    arena, no slower: benchmarks/RESULTS.md, bench_shard_workers.py). Set in this process's environment only
-    for the block (glibc read it here at start-up: nothing changes for this process); left alone where the
-    user set MALLOC_ARENA_MAX or a glibc arena tunable, with CTRPIPE_MALLOC_TUNING=0, and off glibc Linux.
+    files (figures: benchmarks/RESULTS.md, bench_shard_workers.py). Set in this process's environment only for
+    the block (glibc read it here at start-up: nothing changes for this process); left alone where the user set
+    MALLOC_ARENA_MAX or a glibc arena tunable, with CTRPIPE_MALLOC_TUNING=0, and off glibc Linux.
     """
     key = "MALLOC_ARENA_MAX"
-    if (key in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", "")
-            or _glibc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int) is None):
+    if _user_set_arenas() or _glibc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int) is None:
         yield
         return
     os.environ[key] = "1"

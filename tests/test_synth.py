@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from ctrpipe.cli import app
 from ctrpipe.errors import ConfigError
 from ctrpipe.synth import BLOCK_ROWS, parquet, synth_criteo, synth_parquet
-from ctrpipe.synth.common import Stream, _auc, atomic_path, block_rng
+from ctrpipe.synth.common import Stream, atomic_path, block_rng, roc_auc
 from ctrpipe.synth.criteo import CAT_SPECS, INT_SPECS
 
 HEX8 = re.compile(r"^[0-9a-f]{8}$")
@@ -48,9 +48,9 @@ def test_auc_matches_pairwise_count_with_ties() -> None:
     score = rng.integers(0, 6, 400).astype(float)      # many ties
     pos, neg = score[y], score[~y]
     brute = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
-    assert _auc(y, score) == pytest.approx(brute, abs=1e-12)
-    assert _auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
-    assert np.isnan(_auc(np.zeros(5), np.arange(5.0)))
+    assert roc_auc(y, score) == pytest.approx(brute, abs=1e-12)
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert np.isnan(roc_auc(np.zeros(5), np.arange(5.0)))
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
@@ -130,10 +130,10 @@ def test_criteo_truth_matches_labels(criteo20k: Path) -> None:
         assert abs(truth.mean() - labels.mean()) < 0.03
         stats = meta["splits"][split]["labels"]["click"]
         assert stats["positive_rate"] == pytest.approx(labels.mean(), abs=1e-6)
-        assert stats["oracle_auc"] == pytest.approx(_auc(labels, truth), abs=1e-5)
+        assert stats["oracle_auc"] == pytest.approx(roc_auc(labels, truth), abs=1e-5)
     labels = np.array([int(r[0]) for r in _lines(criteo20k / "train.tsv")])
     assert 0.2 < labels.mean() < 0.3
-    assert 0.75 < _auc(labels, np.load(criteo20k / "train.truth.npy")) < 0.83
+    assert 0.75 < roc_auc(labels, np.load(criteo20k / "train.truth.npy")) < 0.83
     assert meta["format"] == "criteo" and meta["rows"] == 20_000 and meta["test_rows"] == 2_000
 
 
@@ -199,7 +199,7 @@ def test_parquet_schema_ids_and_labels(parquet5k: Path) -> None:
         assert abs(truth[:, 1].mean() - converted.mean()) < 0.02
     train = pq.read_table(parquet5k / "train.parquet")
     clicked = train["clicked"].to_numpy()
-    assert _auc(clicked, np.load(parquet5k / "train.truth.npy")[:, 0]) > 0.72
+    assert roc_auc(clicked, np.load(parquet5k / "train.truth.npy")[:, 0]) > 0.72
     meta = json.loads((parquet5k / "synth.json").read_text())
     assert meta["truth_columns"] == ["click", "click_and_conversion"]
     assert 0.0 < meta["splits"]["train"]["labels"]["conversion"]["positive_rate"] < clicked.mean()
@@ -251,12 +251,12 @@ def test_parquet_oracle_needs_the_candidate_x_history_term(parquet5k: Path) -> N
     share = np.var(comps[:, 6] * model.comp_w[6]) / np.var(z)
     assert 0.12 < share < 0.25
     without = z - comps[:, 6] * model.comp_w[6]
-    assert _auc(y, z[:n]) - _auc(y, without[:n]) > 0.015
+    assert roc_auc(y, z[:n]) - roc_auc(y, without[:n]) > 0.015
     meta = json.loads((parquet5k / "synth.json").read_text())
     assert meta["model"]["logit_variance_shares"]["candidate_x_history"] == pytest.approx(0.18)
     # the headroom is recorded: the oracle's AUC without the term, beside its own
     click = meta["splits"]["train"]["labels"]["click"]
-    assert click["oracle_auc_without_candidate_x_history"] == pytest.approx(_auc(y, without[:n]), abs=2e-6)
+    assert click["oracle_auc_without_candidate_x_history"] == pytest.approx(roc_auc(y, without[:n]), abs=2e-6)
     assert click["oracle_auc"] - click["oracle_auc_without_candidate_x_history"] > 0.015
 
 

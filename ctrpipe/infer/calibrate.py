@@ -157,6 +157,13 @@ def bound_warning(cal: Calibration, label: str) -> str | None:
     return None
 
 
+def warn_at_bound(cal: Calibration, label: str) -> None:
+    """Print `bound_warning`'s warning, if any (even under --quiet: the calibration is not the one asked for)."""
+    note = bound_warning(cal, label)
+    if note is not None:
+        console.print(f"[yellow]{note}[/]", highlight=False)
+
+
 def fit_calibration(logits: np.ndarray, labels: np.ndarray, cfg: CalibrationConfig) -> Calibration:
     """Fit one task's calibration on (N,) logits and 0/1 labels as `cfg` asks."""
     z = np.asarray(logits, dtype=np.float64).reshape(-1)
@@ -298,9 +305,7 @@ def calibrate_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Calibra
     if not quiet:
         print_report(report)
     for t in tasks:
-        note = bound_warning(t.calibration, t.label)
-        if note is not None:
-            console.print(f"[yellow]{note}[/]", highlight=False)
+        warn_at_bound(t.calibration, t.label)
     return report
 
 

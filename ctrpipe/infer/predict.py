@@ -32,10 +32,10 @@ from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
 from ctrpipe.infer.calibrate import (
     CALIBRATION_NAME,
     Calibration,
-    bound_warning,
     fit_calibration,
     load_val_predictions,
     read_calibration,
+    warn_at_bound,
 )
 from ctrpipe.infer.config import check_trim_ratio
 from ctrpipe.infer.ensemble import combine, rank_normalise, resolve_weights
@@ -226,9 +226,7 @@ def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tupl
                           f"method={ccfg.method} cannot be fitted; writing uncalibrated predictions")
         return identity, "none (no validation predictions)"
     cal = fit_calibration(logits[:, task], labels[:, task], ccfg)
-    note = bound_warning(cal, names[task])
-    if note is not None:
-        console.print(f"[yellow]{note}[/]", highlight=False)
+    warn_at_bound(cal, names[task])
     return cal, f"refitted on {src.name} (calibration.json is for another config or absent)"
 
 
@@ -273,9 +271,9 @@ def ensemble_logits(logits: np.ndarray, cals: Sequence[Calibration], method: str
 
 def refuse_duplicate_ids(shards: Path, rows: np.ndarray, chunk: int) -> None:
     """Refuse, before any model runs, a submission whose rows repeat an ID (a test file with duplicated rows):
-    blending and scoring join on IDs. One 64-bit hash per row (int IDs as they are), sorted in place: about 16
-    bytes a row at the peak, where four row-length arrays took 32. Only when two hashes are equal are the rows
-    found again and compared on the IDs."""
+    blending and scoring join on IDs. One 64-bit hash per row (int IDs as they are), sorted in place, is the
+    only row-length array it holds; only when two hashes are equal are the rows found again and compared on
+    the IDs."""
     cache = open_cache(shards, groups=("ids",))
 
     def hashes() -> np.ndarray:

@@ -35,7 +35,7 @@ from ctrpipe.serve.rows import serving_remedies
 
 def parquet_batches(path: Path, chunk_rows: int) -> Iterator[pa.RecordBatch]:
     """The file's record batches of `chunk_rows` rows. Not pre-buffered: pyarrow's default keeps every row
-    group read so far in memory until the reader closes (memory grew ~190 bytes a row of the file)."""
+    group read so far in memory until the reader closes, so predict's memory grew with the file."""
     return pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=chunk_rows)
 
 

@@ -176,7 +176,7 @@ def normalise_components(comps: np.ndarray, shares: np.ndarray) -> np.ndarray:
     return np.where(std > 0, np.sqrt(shares) / np.maximum(std, 1e-12), 0.0)
 
 
-def _auc(y: np.ndarray, score: np.ndarray) -> float:
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC with ties counted half (average ranks); NaN when only one class is present."""
     y = np.asarray(y).astype(bool).ravel()
     n_pos = int(y.sum())
@@ -207,7 +207,7 @@ class LabelStats:
 
     @staticmethod
     def of(y: np.ndarray, p: np.ndarray) -> LabelStats:
-        return LabelStats(float(np.mean(y)), float(np.mean(p)), _auc(y, p), _logloss(y, p))
+        return LabelStats(float(np.mean(y)), float(np.mean(p)), roc_auc(y, p), _logloss(y, p))
 
 
 @contextmanager

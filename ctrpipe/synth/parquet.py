@@ -28,7 +28,6 @@ from ctrpipe.synth.common import (
     BLOCK_ROWS,
     LabelStats,
     Stream,
-    _auc,
     atomic_path,
     block_ranges,
     block_rng,
@@ -38,6 +37,7 @@ from ctrpipe.synth.common import (
     model_rng,
     normal_cdf_approx,
     normalise_components,
+    roc_auc,
     sigmoid,
     zipf_ranks,
 )
@@ -467,4 +467,4 @@ def write_parquet(path: Path, truth_path: Path, model: ParquetModel, seed: int, 
         t = np.asarray(truth)
         stats = LabelStats.of(labels[:, 0], t[:, 0]), LabelStats.of(labels[:, 1], t[:, 1])
         del truth, t
-    return (*stats, _auc(labels[:, 0], without))
+    return (*stats, roc_auc(labels[:, 0], without))

@@ -457,6 +457,11 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
     return ckpt
 
 
+def fold_seed(cfg: RunConfig, fold: int) -> int:
+    """The seed of fold `fold`'s model and loader (-1: the single run's, the config's own)."""
+    return cfg.seed + max(fold, 0)
+
+
 def check_rank_shares(shares: np.ndarray, label: str, shuffle: bool) -> None:
     """Refuse a training view whose batches one process trains and a torchrun job cannot share: `shares`
     (K, W) rows of each batch per rank (ShardLoader.rank_rows); each rank needs a row of every batch to step.
@@ -478,7 +483,7 @@ def check_rank_shares(shares: np.ndarray, label: str, shuffle: bool) -> None:
 def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None, fold: int, out_dir: Path,
                best_path: Path, label: str) -> FitResult:
     cfg = ctx.cfg
-    seed = cfg.seed + max(fold, 0)
+    seed = fold_seed(cfg, fold)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     template = _template(ctx, fold, seed)
@@ -628,8 +633,8 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
     if ctx.dist is not None:
         # every fold's batches before the first fold trains: a fold refused later would waste the folds before it
         for k in range(k_total):
-            check_rank_shares(_loader(ctx, RowView.fold_train(k), True, ctx.cfg.seed + k, ranks=True).rank_rows(),
-                              f"fold {k + 1}/{k_total}", ctx.cfg.loader.shuffle)
+            loader = _loader(ctx, RowView.fold_train(k), True, fold_seed(ctx.cfg, k), ranks=True)
+            check_rank_shares(loader.rank_rows(), f"fold {k + 1}/{k_total}", ctx.cfg.loader.shuffle)
     for k in range(k_total):
         best = ctx.run_dir / f"ckpt_fold{k}.pt"
         fold_dir = ctx.run_dir / f"fold{k}"

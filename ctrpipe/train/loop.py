@@ -53,6 +53,7 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[Batch]: ...
     def set_epoch(self, epoch: int) -> None: ...
     def start_at(self, batch_idx: int) -> None: ...
+    def batch_rows(self) -> np.ndarray: ...
     def rank_rows(self) -> np.ndarray: ...
 
 
@@ -206,7 +207,7 @@ class _Run:
         self.step_model = torch.compile(train_model) if self.cfg.compile else train_model
         # (K,) rows of each global batch of an epoch: a rank's share of one may differ from the others' (a batch
         # size that is no multiple of the ranks, an unshuffled ragged last batch); the samples count the batch
-        self.batch_rows = inp.train_loader.rank_rows().sum(axis=1).tolist() if inp.dist is not None else None
+        self.batch_rows = inp.train_loader.batch_rows().tolist() if inp.dist is not None else None
         self.pos = RunPosition()
         self.finished = False
         self.stopped = False              # early stopping fired

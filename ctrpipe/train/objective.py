@@ -156,8 +156,8 @@ class Objective:
         self.min_count = 1.0
         # a torchrun job's share of this step's global batch: world_size * its rows / the batch's rows (1 where
         # the batch splits evenly; not for a batch size that is no multiple of the ranks, or the ragged last
-        # batch of an unshuffled view). Means over this rank's rows are scaled by it, so
-        # DDP's average of the ranks' gradients is the one-process gradient of the whole batch
+        # batch of an unshuffled view). Means over this rank's rows are scaled by it, so DDP's average of the
+        # ranks' gradients is the one-process gradient of the whole batch
         self.rows_share = 1.0
 
     def count_over_ranks(self, mean: Callable[[Tensor], Tensor], world_size: int) -> None:

@@ -220,33 +220,36 @@ class _TableGroup(nn.Module):
             out = out / torch.stack(counts, dim=1).clamp(min=1).unsqueeze(-1).to(dtype)
         return out
 
+    def _bag_rows(self, batch: Batch, source: str, index: int, tokens: Tensor | None) -> tuple[_BagField, Tensor]:
+        """A bag field and the table rows of its tokens (or of `tokens`), padding at the table's padding row."""
+        f = next(b for b in self.bags if b.source == source and b.index == index)
+        tok = (getattr(batch, source)[index] if tokens is None else tokens).long()   # (B, L)
+        pad = self.cat_pad if f.shared else 0
+        return f, torch.where(tok > 0, tok + f.offset, pad)
+
+    def cat_rows(self, batch: Batch, name: str) -> Tensor:
+        """(B,) rows of categorical field `name` of this group in its table."""
+        j = self.cat_names.index(name)
+        return batch.categorical[:, self.cat_col_list[j]].long() + self.cat_offsets[j]
+
     @torch.compiler.disable   # sparse gradients: see forward
     def token_vectors(self, batch: Batch, source: str, index: int, tokens: Tensor | None = None) -> Tensor:
         """Unpooled (B, L, D) vectors of one bag field's tokens (or of `tokens` of that field, e.g. a
         truncated history); padding positions are zero vectors."""
-        f = next(b for b in self.bags if b.source == source and b.index == index)
-        tok = (getattr(batch, source)[index] if tokens is None else tokens).long()   # (B, L)
-        if f.shared:
-            table, pad = self.cat_table, self.cat_pad
-        else:
-            table, pad = self.bag_table, 0
-        rows = torch.where(tok > 0, tok + f.offset, pad)
+        f, rows = self._bag_rows(batch, source, index, tokens)
+        table, pad = (self.cat_table, self.cat_pad) if f.shared else (self.bag_table, 0)
         return padded_lookup(rows, table.weight, pad, table.sparse, self.mask_padding)
-
 
     def history_with_candidate(self, batch: Batch, source: str, index: int, tokens: Tensor | None,
                                name: str) -> tuple[Tensor, Tensor]:
         """`token_vectors` of a bag field that reads the categorical table, and (B, D) vectors of categorical
         field `name` of this group, from one lookup (see FieldEmbedding.history_with_candidate)."""
-        f = next(b for b in self.bags if b.source == source and b.index == index)
+        f, rows = self._bag_rows(batch, source, index, tokens)
         assert f.shared and self.cat_table is not None and self.cat_pad is not None
-        tok = (getattr(batch, source)[index] if tokens is None else tokens).long()   # (B, L)
-        j = self.cat_names.index(name)
-        candidate = batch.categorical[:, self.cat_col_list[j]].long() + self.cat_offsets[j]   # (B,)
-        rows = torch.cat([torch.where(tok > 0, tok + f.offset, self.cat_pad).reshape(-1), candidate])
-        out = padded_lookup(rows, self.cat_table.weight, self.cat_pad, self.cat_table.sparse, self.mask_padding)
-        n = tok.numel()
-        return out[:n].view(*tok.shape, out.shape[-1]), out[n:]                  # both contiguous
+        both = torch.cat([rows.reshape(-1), self.cat_rows(batch, name)])
+        out = padded_lookup(both, self.cat_table.weight, self.cat_pad, self.cat_table.sparse, self.mask_padding)
+        n = rows.numel()
+        return out[:n].view(*rows.shape, out.shape[-1]), out[n:]                # both contiguous
 
 
 def _initial(rows: int, dim: int, std: float) -> Tensor:
@@ -362,9 +365,8 @@ class FieldEmbedding(nn.Module):
     def history_with_candidate(self, batch: Batch, source: str, index: int, tokens: Tensor | None,
                                name: str) -> tuple[Tensor, Tensor]:
         """(`token_vectors`, `lookup(name)`) of a history and its candidate. Where the history reads the
-        candidate's rows (data.sequence[].share_ids_with), one lookup serves both: a table gets one sparse
-        gradient from them instead of two whose sum costs a pass over both (about a millisecond a step of
-        DIN at batch 1024 on the CPU)."""
+        candidate's rows (data.sequence[].share_ids_with), one lookup serves both: the table gets one sparse
+        gradient from them instead of two that autograd must add."""
         for group in self.groups:
             if name in group.cat_names and any(b.source == source and b.index == index and b.shared
                                                for b in group.bags):
@@ -376,10 +378,9 @@ class FieldEmbedding(nn.Module):
         """(B, D) vectors of one categorical field (the candidate of a target attention), from its rows."""
         for group in self.groups:
             if name in group.cat_names:
-                j = group.cat_names.index(name)
-                ids = batch.categorical[:, group.cat_col_list[j]].long() + group.cat_offsets[j]
                 table = group.cat_table
-                return nn.functional.embedding(ids, table.weight, sparse=table.sparse)    # no padding: see forward
+                return nn.functional.embedding(group.cat_rows(batch, name), table.weight,
+                                               sparse=table.sparse)                  # no padding: see forward
         raise KeyError(f"no categorical field {name!r}")
 
     def embedding_modules(self) -> list[nn.Module]:
