@@ -38,6 +38,8 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None) -> T:
     try:
         return fn()
     except CtrpipeError as exc:
+        if exc.shown_by_peer:
+            raise typer.Exit(1) from None
         if rerun_note and isinstance(exc, DiskFullError):
             exc = exc.rerun_as(rerun_note)
         # escaped: a message may quote text with brackets (a path, gloo's "[pair.cc:537]") that is not markup

@@ -21,6 +21,9 @@ class CtrpipeError(Exception):
     what: str
     where: str = ""
     fix: str = ""
+    # Set on a torchrun rank whose error another rank on its node prints (the same error, or this rank's view of
+    # that rank's failure): the CLI then exits 1 without printing it, so a job shows each error once per node.
+    shown_by_peer = False
 
     def __post_init__(self) -> None:
         super().__init__(self.render())

@@ -83,6 +83,14 @@ def rank_info(env: Mapping[str, str] = os.environ) -> RankInfo | None:
     return RankInfo(rank, world, local)
 
 
+def first_on_node(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process prints errors that every rank of a node meets alike before the ranks join (a bad
+    --set, torchrun's environment): one process alone, or a torchrun job's LOCAL_RANK 0."""
+    if env.get("WORLD_SIZE", "").strip() in ("", "1"):
+        return True
+    return env.get("LOCAL_RANK", "0").strip() in ("", "0")
+
+
 def _is_comm_failure(exc: BaseException) -> bool:
     """Whether `exc` is a collective that failed (a peer gone, a timeout), not a bug in ctrpipe's own code."""
     if isinstance(exc, dist.DistError):
@@ -156,14 +164,28 @@ class Distributed:
         with self.guard(what):
             gathered: list[Any] = [None] * self.world_size
             dist.all_gather_object(gathered, mine)
+        # the first rank of each node prints; the others print only an error of their own that rank 0 lacks
+        # (rank 0 prints either the same error or this view of the first failed rank's)
         if error is not None:
+            error.shown_by_peer = self.local_rank != 0 and gathered[0] == mine
             raise error
         for r, theirs in enumerate(gathered):
             if theirs is not None:
                 their_what, their_where, their_fix = theirs
                 at = f" ({their_where})" if their_where else ""
-                raise TrainingError(f"rank {r} failed {what}: {their_what}{at}", where=self.where(),
-                                    fix=their_fix or f"see rank {r}'s message")
+                failed = TrainingError(f"rank {r} failed {what}: {their_what}{at}", where=self.where(),
+                                       fix=their_fix or f"see rank {r}'s message")
+                failed.shown_by_peer = self.local_rank != 0
+                raise failed
+
+    def check(self, fn: Callable[[], None], what: str) -> None:
+        """A check every rank makes alike (e.g. of its share of the batches): its error stops every rank, and
+        is printed once per node (`agree`)."""
+        try:
+            fn()
+        except CtrpipeError as exc:
+            self.agree(exc, what)
+        self.agree(None, what)
 
     def differing_ranks(self, value: object, what: str) -> list[int]:
         """The ranks whose `value` differs from rank 0's (every rank gets the same answer)."""

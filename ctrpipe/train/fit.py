@@ -42,7 +42,7 @@ from ctrpipe.train.checkpoint import (
     model_from_checkpoint,
 )
 from ctrpipe.train.config import CVConfig, EarlyStoppingConfig
-from ctrpipe.train.distributed import Distributed, RankInfo, rank_info
+from ctrpipe.train.distributed import Distributed, RankInfo, first_on_node, rank_info
 from ctrpipe.train.evaluate import Predictions, logit_shifts, predict
 from ctrpipe.train.loop import FitInputs, FitResult, fit
 from ctrpipe.train.metrics import QUALITY_METRICS, metrics_from_logits, refuse_descriptive_metric
@@ -90,11 +90,15 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
               resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train one model (or one per fold) and write runs/<exp_name>/; returns the metrics.json content."""
     started = time.perf_counter()
-    cfg = load_config(cfg_path, overrides)
+    try:        # every rank of a node reads the same files and environment: the same error on each
+        cfg = load_config(cfg_path, overrides)
+        info = rank_info()
+    except CtrpipeError as exc:
+        exc.shown_by_peer = not first_on_node()
+        raise
     if kfold:
         cfg = dataclasses.replace(cfg, cv=CVConfig(n_splits=kfold),
                                   sources={**cfg.sources, "cv.n_splits": "--kfold"})
-    info = rank_info()
     group = _join(cfg, info) if info is not None else None
     try:
         ctx = _prepare_ranks(cfg, Path(shards), Path(runs), resume, quiet, group)
@@ -171,11 +175,13 @@ def _prepare_ranks(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet
     identity = (ctx.manifest.fingerprint, flatten_dotted(to_dict(cfg)))
     others = group.differing_ranks(identity, "comparing the ranks' caches and configs")
     if others:
-        raise ManifestMismatchError(
+        differ = ManifestMismatchError(
             f"rank(s) {others} read another shard cache or config than rank 0 ({shards})",
             where=str(shards / "manifest.json"),
             fix="run the same command on every node, with --shards naming the same build (a shared file system "
                 "or a copy of the whole folder)")
+        differ.shown_by_peer = group.local_rank != 0        # every rank raises it
+        raise differ
     return ctx
 
 
@@ -503,7 +509,8 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         torch.manual_seed(group.rank_seed(seed))        # its own dropout masks; rank 0 keeps the run's stream
     train_loader = _loader(ctx, train_view, True, seed, ranks=True)
     if group is not None:
-        check_rank_shares(train_loader.rank_rows(), label, cfg.loader.shuffle)
+        group.check(lambda: check_rank_shares(train_loader.rank_rows(), label, cfg.loader.shuffle),
+                    "checking the ranks' shares of the batches")
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     inputs = FitInputs(
@@ -632,9 +639,11 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
     results: list[FitResult] = []
     if ctx.dist is not None:
         # every fold's batches before the first fold trains: a fold refused later would waste the folds before it
-        for k in range(k_total):
-            loader = _loader(ctx, RowView.fold_train(k), True, fold_seed(ctx.cfg, k), ranks=True)
-            check_rank_shares(loader.rank_rows(), f"fold {k + 1}/{k_total}", ctx.cfg.loader.shuffle)
+        def check_folds() -> None:
+            for k in range(k_total):
+                loader = _loader(ctx, RowView.fold_train(k), True, fold_seed(ctx.cfg, k), ranks=True)
+                check_rank_shares(loader.rank_rows(), f"fold {k + 1}/{k_total}", ctx.cfg.loader.shuffle)
+        ctx.dist.check(check_folds, "checking the ranks' shares of every fold's batches")
     for k in range(k_total):
         best = ctx.run_dir / f"ckpt_fold{k}.pt"
         fold_dir = ctx.run_dir / f"fold{k}"

@@ -26,7 +26,7 @@ import polars as pl
 import pytest
 import torch
 from cli_helpers import sets
-from train_setup import CRITEO_CFG, FAST, K_FOLDS, REPO
+from train_setup import CRITEO_CFG, FAST, K_FOLDS, REPO, build_cache
 from train_setup import packed_weights as weights
 from typer.testing import CliRunner
 
@@ -305,9 +305,12 @@ def test_batch_norm_on_cpu_ranks_is_refused_naming_the_models_own_setting(sessio
 
 
 def test_a_batch_smaller_than_the_processes_is_refused(session: Session) -> None:
-    for res in session.results["batch_of_one"]:
-        assert res["exit_code"] == 1 and "2 processes need a row each" in res["output"], res["output"]
-        assert "loader.batch_size of at least 2" in res["output"]
+    """Every rank stops; the error every rank meets alike is printed once (by the node's first rank)."""
+    rank0, rank1 = session.results["batch_of_one"]
+    assert rank0["exit_code"] == rank1["exit_code"] == 1
+    assert "2 processes need a row each" in rank0["output"], rank0["output"]
+    assert "loader.batch_size of at least 2" in rank0["output"]
+    assert "error" not in rank1["output"], rank1["output"]
 
 
 def test_batch_norm_settings_are_found_in_every_model_section() -> None:
@@ -368,12 +371,42 @@ def test_a_rank_that_dies_or_hangs_ends_the_run_with_an_error(cache: Path, tmp_p
         assert "Timed out" in out["output"] and waited >= 3
 
 
+def torchrun(args: list[str], nproc: int = WORLD) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("torchrun")
+    return subprocess.run([str(exe), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+                           "-m", "ctrpipe.cli", *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_an_error_every_rank_meets_is_printed_once(cache: Path, tmp_path: Path) -> None:
+    """A bad --set fails on every rank before they join: torchrun's output shows it once, not once a rank."""
+    res = torchrun(train_args(cache, tmp_path, "bad", [*config_sets("dnn-lazy_adam"), "train.epochs=x"]))
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and out.count("bad value 'x' for 'train.epochs'") == 1, out
+
+
+def test_kfold_checks_every_folds_batches_before_the_first_fold_trains(synth_dir: Path, tmp_path: Path) -> None:
+    """Three ranks, unshuffled, a batch size that leaves a later fold (not the first) a last batch of 2 rows:
+    the job stops before fold 1 trains (it trained it first, then stopped at the later fold), the error printed
+    once, and the refused run leaves no folder behind (the fixed command is not "already holds a run")."""
+    folds = 4                                      # unequal folds: 449 to 451 training rows each
+    cache = build_cache(tmp_path / "cache", synth_dir, ["data.hash_bins=64", f"data.folds.n_splits={folds}"],
+                        gold=False)
+    rows = [ShardLoader(cache, RowView.fold_train(k), 64, shuffle=False, seed=0).num_rows for k in range(folds)]
+    batch = next(b for b in range(8, 200) if rows[0] % b not in (1, 2) and any(n % b == 2 for n in rows[1:]))
+    refused = next(k for k in range(1, folds) if rows[k] % batch == 2)
+    runs = tmp_path / "runs"
+    res = torchrun(train_args(cache, runs, "kf", [*config_sets("dnn-lazy_adam"), f"loader.batch_size={batch}",
+                                                  "loader.shuffle=false"], "--kfold", str(folds)), nproc=3)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert out.count(f"the training view (fold {refused + 1}/{folds}) ends in a batch of 2 rows") == 1, out
+    assert not (runs / "kf").exists()
+
+
 def test_torchrun_runs_the_cli(cache: Path, tmp_path: Path) -> None:
     """The command the README gives, under torchrun itself."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    args = train_args(cache, tmp_path, "torchrun", config_sets("dnn-lazy_adam"))
-    res = subprocess.run([str(torchrun), "--nproc_per_node", str(WORLD), "--master_port", str(free_port()),
-                          "-m", "ctrpipe.cli", *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    res = torchrun(train_args(cache, tmp_path, "torchrun", config_sets("dnn-lazy_adam")))
     assert res.returncode == 0, res.stdout + res.stderr
     summary = json.loads((tmp_path / "torchrun" / "metrics.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
