@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,6 +134,57 @@ def peak_rss() -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def anon_rss() -> int | None:
+    """This process's resident memory that no file backs (RssAnon + RssShmem: heap, tensors, buffers), or
+    None off Linux. What is left of RSS are mapped file pages, which the kernel drops and reads again."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith(("RssAnon:", "RssShmem:")))
+        return sum(int(v.split()[0]) for v in fields.values()) * 1024 if fields else None
+    except (OSError, ValueError):
+        return None
+
+
+class AnonPeak:
+    """The peak of `anon_rss` while the block runs, sampled every `interval` seconds by a daemon thread.
+
+    `peak_rss` (VmHWM) also counts the file pages a process maps: a training run reads its shard cache through
+    memory maps, so on a large cache that peak reads as about the cache's size, memory the kernel reclaims as
+    it needs. This peak is the memory the run cannot give back. Sampled: a spike shorter than the interval
+    may be missed. `peak` is None off Linux."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak: int | None = anon_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ctrpipe-anon-peak", daemon=True)
+
+    def _sample(self) -> None:
+        now = anon_rss()
+        if now is not None:
+            self.peak = max(self.peak or 0, now)
+
+    def so_far(self) -> int | None:
+        """The peak up to now, this moment included."""
+        self._sample()
+        return self.peak
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> AnonPeak:
+        if self.peak is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._sample()
 
 
 _FILES_UNLIMITED = 1 << 20

@@ -197,3 +197,32 @@ def test_peak_rss_is_this_processes_own_peak() -> None:
                                              check=True).stdout.split())
     assert own < 300 << 20, (own, inherited)         # ru_maxrss here: about the 400 MB of this process
     del ballast
+
+
+def test_anon_peak_counts_what_the_run_holds_not_the_file_pages_it_maps(tmp_path: Path) -> None:
+    """A training run reads its shard cache through memory maps: VmHWM counts the pages it touched (about
+    the cache's size on a large cache), which the kernel reclaims; AnonPeak counts memory no file backs."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("RssAnon is Linux's")
+    cache = tmp_path / "shard.npy"
+    cache.write_bytes(b"\1" * (160 << 20))
+    code = f"""
+import mmap, time
+import numpy as np
+from ctrpipe.hostmem import AnonPeak, peak_rss
+with AnonPeak(interval=0.01) as anon:
+    start_hwm, start_anon = peak_rss(), anon.so_far()
+    with open({str(cache)!r}, "rb") as fh:
+        m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        total = int(np.frombuffer(m, dtype=np.uint8)[::4096].sum())     # every page resident
+        mapped_hwm, mapped_anon = peak_rss(), anon.so_far()
+    held = np.ones(80 << 17)                                            # 80 MB of private memory for 0.2 s
+    time.sleep(0.2)
+    del held
+print(start_hwm, start_anon, mapped_hwm, mapped_anon, anon.peak, total)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    start_hwm, start_anon, mapped_hwm, mapped_anon, peak = map(int, out[:5])
+    assert mapped_hwm - start_hwm > 150 << 20                          # RSS counted the mapped file
+    assert mapped_anon - start_anon < 20 << 20                          # the anonymous peak did not
+    assert peak - start_anon > 75 << 20                                 # it saw the held array

@@ -143,7 +143,8 @@ def _missing(run: RunData, key: str) -> str:
         return f"no parameter count: {run.resources.parameters_from}"
     if key in ("peak_memory", "wall_seconds") and run.resources.partial:
         return run.resources.partial
-    fields = {"peak_memory": "peak_device_memory_bytes / peak_host_memory_bytes", "wall_seconds": "wall_seconds",
+    fields = {"peak_memory": "peak_device_memory_bytes / peak_host_anon_bytes / peak_host_memory_bytes",
+              "wall_seconds": "wall_seconds",
               "samples_per_s": "samples_per_s", "train_seconds": "train_seconds"}
     return f"metrics.json has no {fields.get(key, key)}" if key in fields else "not recorded for this split"
 

@@ -241,7 +241,10 @@ def _resources(path: Path, metrics: dict[str, Any], kfold: int) -> Resources:
     if params is None:
         params, params_from = count_parameters(path / ("ckpt_fold0.pt" if kfold else "ckpt_best.pt"))
     device_peak = _opt_int(metrics.get("peak_device_memory_bytes"))
-    host_peak = _opt_int(metrics.get("peak_host_memory_bytes"))
+    # what the run needed, without the mapped cache pages the kernel reclaims (older runs recorded only RSS)
+    host_peak = _opt_int(metrics.get("peak_host_anon_bytes"))
+    if host_peak is None:
+        host_peak = _opt_int(metrics.get("peak_host_memory_bytes"))
     peak, where = (device_peak, "GPU") if device_peak is not None else (host_peak, "host" if host_peak else "")
     wall = _opt_float(metrics.get("wall_seconds"))
     partial = ""

@@ -25,7 +25,7 @@ from ctrpipe.console import console, human_rate
 from ctrpipe.device import AmpChoice, check_amp, model_family, predict_amp, resolve_amp, resolve_device
 from ctrpipe.errors import CheckpointError, ConfigError, CtrpipeError, ManifestMismatchError, SchemaError
 from ctrpipe.features import FeatureSpec
-from ctrpipe.hostmem import peak_rss, release_free_heap
+from ctrpipe.hostmem import AnonPeak, peak_rss, release_free_heap
 from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling
@@ -89,6 +89,12 @@ class TrainContext:
 def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: Path, kfold: int = 0,
               resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train one model (or one per fold) and write runs/<exp_name>/; returns the metrics.json content."""
+    with AnonPeak() as anon:
+        return _train(cfg_path, overrides, shards, runs, kfold, resume, quiet, anon)
+
+
+def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: Path, kfold: int, resume: bool,
+           quiet: bool, anon: AnonPeak) -> dict[str, Any]:
     started = time.perf_counter()
     try:        # every rank of a node reads the same files and environment: the same error on each
         cfg = load_config(cfg_path, overrides)
@@ -121,7 +127,7 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
             group.close()
     if summary.get("interrupted") or not ctx.main:
         return summary
-    summary.update(_costs(ctx, started), resumed=ctx.resume)
+    summary.update(_costs(ctx, started, anon), resumed=ctx.resume)
     _calibrate(ctx)                 # before metrics.json, which marks the run finished for --resume
     write_json(ctx.run_dir / "metrics.json", summary)
     _print_summary(ctx, summary)
@@ -572,14 +578,17 @@ def _fit_summary(result: FitResult) -> dict[str, Any]:
             "notes": list(result.notes), **({"exchange": result.exchange} if result.exchange else {})}
 
 
-def _costs(ctx: TrainContext, started: float) -> dict[str, Any]:
+def _costs(ctx: TrainContext, started: float, anon: AnonPeak) -> dict[str, Any]:
     """What the run cost: wall time of the whole command so far, peak memory, parameters of one model.
 
-    Host memory is the process's peak RSS (it includes the loader's buffers and Python itself); a resumed
-    run reports the resumed process only (metrics.json `resumed`; the report then shows neither).
+    Host memory twice: the process's peak RSS (the loader's buffers and Python itself, and the shard cache's
+    pages it mapped: on a large cache mostly those, which the kernel reclaims), and the peak of what no file
+    backs (hostmem.AnonPeak, sampled), the memory the run needs. A resumed run reports the resumed process only
+    (metrics.json `resumed`; the report then shows neither).
     """
     return {"wall_seconds": round(time.perf_counter() - started, 3),
             "peak_host_memory_bytes": peak_rss(),
+            "peak_host_anon_bytes": anon.so_far(),
             "peak_device_memory_bytes": int(torch.cuda.max_memory_allocated(ctx.device))
             if ctx.device.type == "cuda" else None,
             "parameters": ctx.parameters}

@@ -67,6 +67,7 @@ def test_single_run_writes_the_run_directory(cache: Path, tmp_path: Path):
         assert key in metrics, key
     assert metrics["wall_seconds"] > metrics["train_seconds"] > 0
     assert metrics["peak_host_memory_bytes"] > 50 * 2**20 and metrics["peak_device_memory_bytes"] is None
+    assert 50 * 2**20 < metrics["peak_host_anon_bytes"] <= metrics["peak_host_memory_bytes"]
     assert metrics["parameters"] == sum(p.numel() for p in model_from_checkpoint(
         load_checkpoint(run / "ckpt_best.pt")).parameters())
     for split in ("val", "gold"):
