@@ -204,8 +204,8 @@ def build_initial_model(config: dict[str, Any], spec: FeatureSpec, seed: int, sp
     from ctrpipe.models.registry import build_model
 
     section = build_model_section(dict(config["model"]), origin="checkpoint")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):         # models are built on the CPU: only its generator is used
+        torch.default_generator.manual_seed(seed)   # (torch.manual_seed would reseed the GPUs too, for good)
         return build_model(section.name, section.params, spec, sparse=sparse)
 
 

@@ -23,6 +23,7 @@ hangs past `train.distributed.timeout_s`, or cannot be reached ends the run with
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -81,6 +82,17 @@ def rank_info(env: Mapping[str, str] = os.environ) -> RankInfo | None:
         raise TrainingError(f"WORLD_SIZE={world} is set but {' and '.join(missing)} not: the ranks cannot find "
                             "each other", where="environment", fix=LAUNCH_FIX)
     return RankInfo(rank, world, local)
+
+
+# torch 2.13 renamed the gather and DDP's buffer setting; GPU images may carry an older torch (2.11 has only the
+# older names), so both are taken from whichever torch is installed
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DistributedDataParallel's keyword that turns off broadcasting buffers from rank 0, in this torch."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def first_on_node(env: Mapping[str, str] = os.environ) -> bool:
@@ -218,7 +230,7 @@ class Distributed:
         """(world_size, *t.shape): every rank's `t`, in rank order."""
         out = t.new_empty(self.world_size * t.numel())
         with self.guard(what):
-            dist.all_gather_single(out, t.contiguous().reshape(-1))
+            _all_gather_single(out, t.contiguous().reshape(-1))
         return out.view(self.world_size, *t.shape)
 
     def mean_(self, t: Tensor, what: str) -> Tensor:
@@ -282,8 +294,8 @@ class Distributed:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         with self.guard("wrapping the model in DistributedDataParallel"):
             # buffers are not broadcast each step: they are equal on every rank by construction (and checked)
-            return DistributedDataParallel(model, device_ids=None, forward_sync_buffers=False,
-                                           gradient_as_bucket_view=True)
+            return DistributedDataParallel(model, device_ids=None, gradient_as_bucket_view=True,
+                                           **no_buffer_sync())
 
     def rank_seed(self, seed: int) -> int:
         """A torch seed of this rank's own random stream (dropout masks, gate noise) for a run seeded `seed`."""

@@ -24,7 +24,8 @@ from ctrpipe.train.optim import LazyAdam
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-GPU = ["train.device=cuda", "model.dropout=0.0", "train.warmup_steps=0", "train.max_steps=8"]
+# fp32: compared with the CPU's weights to float tolerance (criteo.yaml's amp auto would pick bf16 on the GPU)
+GPU = ["train.device=cuda", "train.amp=off", "model.dropout=0.0", "train.warmup_steps=0", "train.max_steps=8"]
 
 
 def _train(cache: Path, runs: Path, exp: str, extra: list[str], *flags: str) -> tuple[int, str]:
@@ -109,3 +110,14 @@ def test_train_and_infer_on_the_gpu_in_bf16(cache: Path, tmp_path: Path) -> None
         gpu, cpu = (json.loads((tmp_path / d / "metrics.json").read_text())["val"]["auc"]
                     for d in (model, f"{model}_cpu"))
         assert abs(gpu - cpu) < 0.02, (model, gpu, cpu)
+
+
+def test_building_a_checkpoints_model_leaves_the_gpus_generator_alone(cache: Path, tmp_path: Path) -> None:
+    """build_initial_model seeds the CPU generator it builds with, inside fork_rng: torch.manual_seed reseeded
+    the GPUs as well, and fork_rng(devices=[]) did not restore them."""
+    code, out = _train(cache, tmp_path, "run", [])
+    assert code == 0, out
+    torch.cuda.manual_seed(12345)
+    before, cpu_before = torch.cuda.get_rng_state(), torch.get_rng_state()
+    model_from_checkpoint(load_checkpoint(tmp_path / "run" / "ckpt_best.pt"), "cuda")
+    assert torch.equal(torch.cuda.get_rng_state(), before) and torch.equal(torch.get_rng_state(), cpu_before)
