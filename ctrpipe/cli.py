@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional, TypeVar
 
-import click
 import typer
 from rich.markup import escape
 from typer.core import TyperCommand
@@ -81,7 +80,7 @@ class _PathLists(TyperCommand):
 
     LISTS = ("--input", "-i", "--gold")
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         out: list[str] = []
         extending: str | None = None             # the list option whose values bare paths continue
         i = 0
