@@ -80,7 +80,10 @@ def test_small_chunks_hash_columns_together(criteo: dict[str, Path], monkeypatch
     lines = criteo["test"].read_text().splitlines()
     chunk = rows_chunk(p.plan.cfg, p.plan.columns, lines)
     from ctrpipe.data.chunks import HASHED_PREFIX
+    from ctrpipe.native import native
 
+    if native() is None:            # a build without a compiler parses with polars, which hashes nothing early
+        pytest.skip("the compiled Criteo kernel hashes columns as it parses; it is not built here")
     assert any(c.startswith(HASHED_PREFIX) for c in chunk.frame.columns), "no column came hashed: nothing to compare"
     split = np.zeros(chunk.frame.height, dtype=np.int8)
     together, _ = p.transformer.transform(chunk.frame, split)
