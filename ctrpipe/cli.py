@@ -29,11 +29,14 @@ SetOpt = typer.Option([], "--set", help="dotted override, repeatable: --set data
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bar; one summary line")
 
 
-def _run(fn: Callable[[], T], rerun_note: str | None = None) -> T:
+RERUN = "run the same command again"
+
+
+def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: str = RERUN) -> T:
     """Call a stage; render user errors as what / where / fix without a traceback.
 
     `rerun_note` replaces a full disk's note on what running the command again does, where the command
-    needs a flag for it (train: --resume)."""
+    needs a flag for it (train: --resume); `interrupted_note` says what to run after Ctrl-C."""
     try:
         return fn()
     except CtrpipeError as exc:
@@ -53,7 +56,7 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None) -> T:
                       highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: nothing partial was left behind; run the same command to resume")
+        console.print(f"[yellow]interrupted[/]: nothing partial was left behind; {interrupted_note}")
         raise typer.Exit(130) from None
 
 
@@ -136,7 +139,8 @@ def shard(
     all_inputs = [*inputs, *(more_inputs or [])]
     _run(lambda: run_shard(cfg_path=cfg, overrides=overrides, inputs=all_inputs, out=out, gold=gold,
                            stats_from=stats_from, test=test, bad_rows=bad_rows, force=force, quiet=quiet,
-                           workers=workers, dask=dask))
+                           workers=workers, dask=dask),
+         interrupted_note="run the same command to resume the build (its finished shards are kept)")
 
 
 @app.command()
@@ -164,7 +168,8 @@ def train(
 
     _run(lambda: run_train(cfg_path=cfg, overrides=overrides, shards=shards, runs=runs, kfold=kfold,
                            resume=resume, quiet=quiet),
-         rerun_note="add --resume, and training continues from the last complete checkpoint (ckpt_last.pt)")
+         rerun_note="add --resume, and training continues from the last complete checkpoint (ckpt_last.pt)",
+         interrupted_note="run the same command with --resume to continue from the last complete checkpoint")
 
 
 @app.command()

@@ -442,3 +442,36 @@ def test_staged_predictions_equal_direct_ones(cache: Path, stage_rows: int):
     assert np.array_equal(direct.row_index, val.row_indices())
     unlabelled = predict(*args, with_labels=False, stage_rows=stage_rows)
     assert np.isnan(unlabelled.labels).all()
+
+
+def test_ctrl_c_says_how_to_continue(cache: Path, tmp_path: Path) -> None:
+    """Ctrl-C said "run the same command to resume" for every command, and the same train command is refused
+    (the run folder holds a run): train's note names --resume, and --resume then finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train_setup import REPO
+
+    args = ["train", "--cfg", str(CRITEO_CFG), "--shards", str(cache), "--runs", str(tmp_path), "-q",
+            *[x for s in [*FAST, "train.min_steps=100000", "train.max_steps=100000", "exp_name=stopped"]
+              for x in ("--set", s)]]
+    # as in a terminal, whoever started the test: Ctrl-C raises KeyboardInterrupt
+    code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from ctrpipe.cli import app\nsys.argv[0] = 'ctrpipe'\napp()")
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=REPO, start_new_session=True)
+    log = tmp_path / "stopped" / "train_log.csv"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and proc.poll() is None, "training never started"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "run the same command with --resume" in out, out
+    code_, out = train(cache, tmp_path, "--set", "train.max_steps=12", "--set", "train.min_steps=0",
+                       "--set", "exp_name=stopped", "--resume")
+    assert code_ == 0, out
