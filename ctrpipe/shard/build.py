@@ -185,6 +185,10 @@ def _workers_pool(workers: int, dask: str | None, files: int) -> AbstractContext
     """The executor both passes map over files with, or None for the single-process build (one worker, or
     a single input file)."""
     if not ((workers > 1 or dask is not None) and files > 1):
+        if dask is not None or workers > 1:      # asked for, and nothing to spread: say so, not silently
+            flag = f"--dask {dask}" if dask is not None else f"--workers {workers}"
+            console.print(f"[yellow]note[/]: {flag} spreads the build's input files (one per task); with one "
+                          "file it runs in this process (its threads use the cores)", highlight=False)
         return nullcontext(None)
     from ctrpipe.shard.parallel import executor
 

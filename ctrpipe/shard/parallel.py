@@ -176,6 +176,10 @@ def executor(workers: int, dask: str | None) -> Iterator[Executor]:
             raise ConfigError(f"cannot reach the Dask scheduler at {dask}: {e}", where="--dask",
                               fix="start one (dask scheduler; dask worker ADDRESS on each machine) and pass its "
                                   "address, e.g. --dask tcp://host:8786, or --dask local") from e
+        except ValueError as e:     # Dask parses the address first: no port, a port that is no number
+            raise ConfigError(f"--dask {dask!r} is not a scheduler address ({e})", where="--dask",
+                              fix="pass the scheduler's address with its port, e.g. --dask tcp://host:8786, or "
+                                  "--dask local for a cluster on this machine") from e
         try:
             with client.get_executor(pure=False) as pool:
                 yield pool

@@ -122,11 +122,16 @@ def test_dask_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     parts = _criteo_parts(tmp_path, [20, 20])
     if importlib.util.find_spec("distributed") is not None:
         import dask
+        import distributed  # noqa: F401 - loads its config defaults, which config.set's exit would drop
 
         with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
                 pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
             build_shards(criteo_cfg(*CRITEO_FIT), parts, tmp_path / "a", progress=False,
                          dask="tcp://127.0.0.1:9")
+        for typo in ("tcp://localhost", "scheduler:8786x"):      # a ValueError traceback before
+            with pytest.raises(ConfigError, match="is not a scheduler address") as exc:
+                build_shards(criteo_cfg(*CRITEO_FIT), parts, tmp_path / "a", progress=False, dask=typo)
+            assert "tcp://host:8786" in exc.value.fix
     # a worker on a machine without the shared filesystem
     with pytest.raises(ConfigError, match="does not see the shard directory"):
         fit_partition(criteo_cfg(*CRITEO_FIT).data, parts[0], parts[1], "train", 20, 0,
@@ -248,3 +253,17 @@ def test_dask_local_workers_keep_one_malloc_arena_after_a_restart(monkeypatch: p
         pool._client.restart()                                        # type: ignore[attr-defined]
         assert pool.submit(os.getenv, "MALLOC_ARENA_MAX").result() == "1"
     assert "MALLOC_ARENA_MAX" not in os.environ
+
+
+def test_workers_or_dask_with_one_input_file_say_the_build_runs_here(tmp_path: Path) -> None:
+    """--dask (an unreachable one too) or --workers with a single file was ignored without a word."""
+    from typer.testing import CliRunner
+
+    from ctrpipe.cli import app
+
+    part = _criteo_parts(tmp_path, [40])[0]
+    for flag in (["--dask", "tcp://127.0.0.1:9"], ["--workers", "2"]):
+        res = CliRunner().invoke(app, ["shard", "--cfg", str(CRITEO_CFG), "--input", str(part),
+                                       "--out", str(tmp_path / flag[0].strip("-")), "-q", *flag])
+        assert res.exit_code == 0, res.output
+        assert f"note: {' '.join(flag)} spreads the build's input files" in " ".join(res.output.split())
