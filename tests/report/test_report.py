@@ -128,6 +128,16 @@ def test_a_resumed_runs_partial_costs_are_not_ranked(runs: Runs, tmp_path: Path)
     assert entry.values[col("wall_seconds")] is None and entry.values[col("peak_memory")] is None
 
 
+def test_report_json_names_out_of_fold_rows(runs: Runs) -> None:
+    """K-fold runs on validation are ranked on their out-of-fold rows: report.json said "split": "val"."""
+    from ctrpipe.report.build import _summary
+
+    kfold = load_run(runs.kfold)
+    board = build_leaderboard([dataclasses.replace(kfold, gold=None)])
+    assert _summary(board)["split"] == "oof" and _summary(board)["rows"] == "out-of-fold rows"
+    assert _summary(build_leaderboard([load_run(runs.criteo[0])]))["split"] == "gold"
+
+
 def test_validation_split_when_a_run_lacks_gold(runs: Runs) -> None:
     dnn, deepfm, dcnv2 = (load_run(p) for p in runs.criteo)
     kfold = load_run(runs.kfold)
