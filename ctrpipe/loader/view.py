@@ -90,12 +90,20 @@ class RowView:
         return keep
 
     def describe(self) -> str:
-        parts = [f"splits={list(self.splits)}"]
+        """In words, for messages and records: 'the test split', 'fold 2 of the train and val splits'."""
+        names = list(self.splits)
+        text = f"the {' and '.join([', '.join(names[:-1]), names[-1]] if len(names) > 1 else names)} split" + \
+            ("s" if len(names) > 1 else "")
+
+        def folds(ids: tuple[int, ...]) -> str:
+            real = [int(f) for f in ids if int(f) != NO_FOLD]
+            parts = [("fold " if len(real) == 1 else "folds ") + ", ".join(map(str, real))] if real else []
+            return " and ".join(parts + (["rows without a fold"] if NO_FOLD in ids else [])) or "no fold"
         if self.folds_in is not None:
-            parts.append(f"folds_in={list(self.folds_in)}")
+            text = f"{folds(self.folds_in)} of {text}"
         if self.folds_out is not None:
-            parts.append(f"folds_out={list(self.folds_out)}")
-        return "RowView(" + ", ".join(parts) + ")"
+            text = f"{text} except {folds(self.folds_out)}"
+        return text
 
 
 @dataclass(frozen=True)

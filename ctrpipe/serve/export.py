@@ -56,7 +56,7 @@ from ctrpipe.infer.predict import find_checkpoints
 from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import Layout
 from ctrpipe.models.heads import as_output
-from ctrpipe.serve.predictor import Predictor
+from ctrpipe.serve.predictor import Predictor, method_source
 from ctrpipe.train.checkpoint import Checkpoint, load_checkpoint
 
 EXPORT_METHODS = ("logit_mean", "weighted", "mean", "geom_mean")
@@ -157,8 +157,11 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
     run, out = Path(run), Path(out)
     p = Predictor.load(run, cache=cache, overrides=overrides)
     if p.cfg.infer.method not in EXPORT_METHODS:
-        raise ConfigError(f"infer.method={p.cfg.infer.method} cannot be exported (it needs more than one row)",
-                          where="infer.method",
+        # rank_avg is refused by Predictor.load (it ranks among a whole test set); median and trim_mean are per
+        # row, and `ctrpipe predict` serves them, but the exported module averages only
+        raise ConfigError(f"infer.method={p.cfg.infer.method} cannot be exported: the exported model combines "
+                          f"its folds with {', '.join(EXPORT_METHODS)} only",
+                          where=method_source(overrides),
                           fix=f"export with one of {', '.join(EXPORT_METHODS)}, e.g. --set infer.method=logit_mean")
     batch = p.batch(rows) if rows is not None else cache_batch(p, 8)
     module = ServingModule(p).eval()

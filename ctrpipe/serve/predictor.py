@@ -53,6 +53,12 @@ from ctrpipe.train.objective import Task
 SUBMISSION_ONLY = ("infer.view", "infer.task", "infer.id_header", "infer.pred_header", "infer.save_fold_preds")
 
 
+def method_source(overrides: Sequence[str]) -> str:
+    """Where infer.method came from, for messages: a --set, or the run's config."""
+    return "--set infer.method" if any(o.split("=", 1)[0].strip() == "infer.method" for o in overrides) \
+        else "infer.method (the run's config)"
+
+
 def plan_from_manifest(cfg: RunConfig, manifest: Manifest) -> Plan:
     """The shard build's plan, resolved against the training cache's own columns (in storage order, so
     regex selections come out as they did), so serving needs no input file to resolve column patterns."""
@@ -118,7 +124,7 @@ class Predictor:
         if cfg.infer.method == "rank_avg":
             raise ConfigError("infer.method=rank_avg ranks each row among a whole test set; rows served a few "
                               "at a time (or in chunks of a file) would be ranked among their neighbours only",
-                              where="infer.method (the run's config)",
+                              where=method_source(overrides),
                               fix="serve with a per-row method: --set infer.method=logit_mean (or mean, "
                                   "geom_mean, weighted); `ctrpipe infer` ranks a whole test cache")
         if cfg.infer.method == "trim_mean":       # as infer: a trim that cuts nothing is a plain mean

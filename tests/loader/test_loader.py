@@ -173,9 +173,17 @@ def test_without_labels(cache: Path, tmp_path: Path) -> None:
 def test_empty_view_is_an_error(tmp_path: Path) -> None:
     cache = write_cache(tmp_path / "c", (3,))  # rows 0..2 are all train or val under split_of
     assert (split_of(np.arange(3)) != 2).all()
-    with pytest.raises(ConfigError, match="selects no rows") as err:
+    with pytest.raises(ConfigError, match="the gold split selects no rows") as err:
         ShardLoader(cache, RowView.gold(), 8, shuffle=False, seed=0)
     assert "fix:" in str(err.value) and str(cache) in str(err.value)
+
+
+def test_views_describe_themselves_in_words() -> None:
+    """Messages and infer's summary showed the view's repr: RowView(splits=['test'])."""
+    assert RowView(("test",)).describe() == "the test split"
+    assert RowView(("train", "val", "gold")).describe() == "the train, val and gold splits"
+    assert RowView.fold_val(2).describe() == "fold 2 of the train and val splits"
+    assert RowView.fold_train(2).describe() == "the train and val splits except fold 2 and rows without a fold"
 
 
 def test_unknown_split_name() -> None:

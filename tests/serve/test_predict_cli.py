@@ -110,6 +110,12 @@ def test_export_takes_the_cache_and_inference_settings(world: Path, tmp_path: Pa
     code, msg = _invoke("export", "--run", str(world / "runs" / "dnn"), "--out", str(out),
                         "--set", "infer.method=rank_avg")
     assert code == 1 and "--set infer.method=logit_mean" in msg
+    # median is per row (predict serves it): the refusal said it "needs more than one row"
+    code, msg = _invoke("export", "--run", str(world / "runs" / "dnn"), "--out", str(out),
+                        "--set", "infer.method=median")
+    msg = " ".join(msg.split())
+    assert code == 1 and "combines its folds with logit_mean" in msg and "more than one row" not in msg
+    assert "--set infer.method" in msg and "the run's config" not in msg
     code, msg = _invoke("export", "--run", str(world / "runs" / "dnn"), "--out", str(out),
                         "--cache", str(tmp_path / "absent"))
     assert code == 1 and "--cache DIR" in msg

@@ -150,6 +150,7 @@ def test_rank_avg_is_refused_and_a_per_row_method_can_be_set(criteo: dict[str, P
     with pytest.raises(ConfigError, match="rank_avg") as e:
         Predictor.load(criteo["run"], overrides=["infer.method=rank_avg"])
     assert "infer.method=logit_mean" in e.value.fix
+    assert e.value.where == "--set infer.method"             # it named the run's config, which did not set it
     lines = criteo["test"].read_text().splitlines()[:20]
     mean = Predictor.load(criteo["run"], overrides=["infer.method=mean"]).predict(lines)
     both = Predictor.load(criteo["run"]).logits(lines)                          # (K, N, H)
