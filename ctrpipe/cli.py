@@ -1,11 +1,13 @@
 """Typer app: synth, shard, inspect, train, infer, report, blend. The one place that turns errors into exit codes.
 
-Each command is a thin shell over a stage function; a `CtrpipeError` becomes one red message on
-stderr and exit code 1, anything else is a bug and keeps its traceback.
+Each command is a thin shell over a stage function; a `CtrpipeError` (or a path the system refuses: missing,
+read-only, not permitted) becomes one red message on stderr and exit code 1, anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional, TypeVar
@@ -54,6 +56,14 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: s
         console.print(f"[bold red]error:[/] cannot use {escape(str(exc.filename))}: {what}\n"
                       "  fix: check the path; an output path's folders must be folders (or move the file away)",
                       highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        # a path the user gave that cannot be read or written: permissions, a read-only or special filesystem
+        if exc.filename is None or exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        console.print(f"[bold red]error:[/] cannot use {escape(str(exc.filename))}: {escape(exc.strerror or '')}\n"
+                      "  fix: check the path: it must exist to be read, and an output's folder must be one you may "
+                      "write to", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: nothing partial was left behind; {interrupted_note}")

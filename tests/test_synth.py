@@ -319,3 +319,11 @@ def test_cli_errors_name_the_option_and_the_fix(tmp_path: Path, args: list[str],
     assert where in res.output and "fix:" in res.output and fix in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="a filesystem where folders cannot be made: Linux's /proc")
+def test_an_output_folder_that_cannot_be_made_is_a_clear_error() -> None:
+    """--out under /proc gave a FileNotFoundError traceback."""
+    res = CliRunner().invoke(app, ["synth", "--rows", "10", "--out", "/proc/ctrpipe_x", "-q"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception      # no traceback
+    assert "cannot use /proc/ctrpipe_x" in res.output and "fix:" in res.output
