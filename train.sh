@@ -7,7 +7,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")" && pwd)"
 args=("$@")
 has_runs=0
-for a in "${args[@]}"; do
+for a in "$@"; do
   case "$a" in --runs|--runs=*) has_runs=1 ;; esac
 done
 if [ "$has_runs" -eq 0 ]; then

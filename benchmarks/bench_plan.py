@@ -34,7 +34,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -60,6 +59,7 @@ def child(args: list[str]) -> None:
     import ctrpipe.train.fit  # noqa: F401
     from ctrpipe.cli import app
     from ctrpipe.config import load_config
+    from ctrpipe.hostmem import AnonPeak
     from ctrpipe.models.registry import model_names
     from ctrpipe.shard.manifest import read_manifest
 
@@ -72,24 +72,11 @@ def child(args: list[str]) -> None:
     (x @ x).sum().backward()
     Path("/proc/self/clear_refs").write_text("5")          # VmHWM := VmRSS now
     base = _status()
-    peak = {"anon": base["RssAnon"]}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak["anon"] = max(peak["anon"], _status()["RssAnon"])
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     t0 = time.perf_counter()
-    try:
+    with AnonPeak(interval=0.001) as anon:                 # RssAnon, every millisecond
         app(["train", *args], standalone_mode=False)
-    finally:
-        done.set()
-        sampler.join()
     end = _status()
-    print(json.dumps({"anon": peak["anon"] - base["RssAnon"], "hwm": end["VmHWM"] - base["VmRSS"],
+    print(json.dumps({"anon": (anon.peak or base["RssAnon"]) - base["RssAnon"], "hwm": end["VmHWM"] - base["VmRSS"],
                       "base_rss": base["VmRSS"], "seconds": time.perf_counter() - t0}))
 
 

@@ -8,6 +8,8 @@ its traceback.
 from __future__ import annotations
 
 import errno
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional, TypeVar
@@ -17,7 +19,7 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from ctrpipe.console import console
-from ctrpipe.errors import CtrpipeError, DiskFullError
+from ctrpipe.errors import CtrpipeError, DiskFullError, first_on_node
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Click logs -> shard cache -> GPU batches -> CTR models -> submissions.")
@@ -32,6 +34,7 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bar; one summa
 
 
 RERUN = "run the same command again"
+QUIET_RANK_WAIT_S = 60      # at most: torchrun ends a waiting rank once the printing one has exited
 
 
 def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: str = RERUN) -> T:
@@ -43,6 +46,7 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: s
         return fn()
     except CtrpipeError as exc:
         if exc.shown_by_peer:
+            _let_the_printing_rank_exit_first()
             raise typer.Exit(1) from None
         if rerun_note and isinstance(exc, DiskFullError):
             exc = exc.rerun_as(rerun_note)
@@ -58,16 +62,28 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: s
                       highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as exc:
-        # a path the user gave that cannot be read or written: permissions, a read-only or special filesystem
-        if exc.filename is None or exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS):
+        # a path that cannot be read or written: permissions, a read-only or special filesystem, a folder where a
+        # file was meant; mostly paths the user gave, so said plainly (and how to tell if it was not)
+        codes = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR)
+        if exc.filename is None or exc.errno not in codes:
             raise
-        console.print(f"[bold red]error:[/] cannot use {escape(str(exc.filename))}: {escape(exc.strerror or '')}\n"
-                      "  fix: check the path: it must exist to be read, and an output's folder must be one you may "
-                      "write to", highlight=False, markup=True, soft_wrap=True)
+        path = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")   # a rename
+        console.print(f"[bold red]error:[/] cannot use {escape(path)}: {escape(exc.strerror or '')} "
+                      f"({type(exc).__name__})\n  fix: check the path: it must exist to be read, an output must "
+                      "name a file in a folder you may write to; if it is no path you gave, report it as a bug",
+                      highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: nothing partial was left behind; {interrupted_note}")
+        if first_on_node():             # a torchrun job's ranks all get Ctrl-C: one note per machine
+            console.print(f"[yellow]interrupted[/]: nothing partial was left behind; {interrupted_note}")
         raise typer.Exit(130) from None
+
+
+def _let_the_printing_rank_exit_first() -> None:
+    """A quiet torchrun rank waits before it exits: torchrun stops every process as soon as one fails, which
+    could stop the rank that prints the error before it has (and name the quiet one as the failure)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(QUIET_RANK_WAIT_S)
 
 
 @app.command()

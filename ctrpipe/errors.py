@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,18 @@ class CtrpipeError(Exception):
 
     def __str__(self) -> str:
         return self.render()
+
+
+def first_on_node(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process prints errors that every rank of a node meets alike before the ranks join (a bad
+    --set, torchrun's environment): one process alone, or a torchrun job's LOCAL_RANK 0. A LOCAL_RANK that is
+    no number above 0 prints too (the error may be about that very setting)."""
+    if env.get("WORLD_SIZE", "").strip() in ("", "1"):
+        return True
+    try:
+        return int(env.get("LOCAL_RANK", "0")) <= 0
+    except ValueError:
+        return True
 
 
 def location(path: Path | str | None = None, line: int | None = None, row: int | None = None,

@@ -137,18 +137,21 @@ def peak_rss() -> int:
 
 
 def anon_rss() -> int | None:
-    """This process's resident memory that no file backs (RssAnon + RssShmem: heap, tensors, buffers), or
-    None off Linux. What is left of RSS are mapped file pages, which the kernel drops and reads again."""
+    """This process's anonymous resident memory (RssAnon: heap, tensors, buffers), or None off Linux. The rest
+    of RSS are mapped files: pages on disk, which the kernel drops and reads again, and tmpfs files (RssShmem:
+    a shard cache put in /dev/shm is held by the tmpfs whether or not a run maps it)."""
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
-                      if line.startswith(("RssAnon:", "RssShmem:")))
-        return sum(int(v.split()[0]) for v in fields.values()) * 1024 if fields else None
-    except (OSError, ValueError):
-        return None
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class AnonPeak:
-    """The peak of `anon_rss` while the block runs, sampled every `interval` seconds by a daemon thread.
+    """The peak of `anon_rss` while the block runs, sampled every `interval` seconds by a daemon thread
+    (benchmarks/bench_plan.py samples every millisecond).
 
     `peak_rss` (VmHWM) also counts the file pages a process maps: a training run reads its shard cache through
     memory maps, so on a large cache that peak reads as about the cache's size, memory the kernel reclaims as
@@ -159,12 +162,14 @@ class AnonPeak:
         self.interval = interval
         self.peak: int | None = anon_rss()
         self._stop = threading.Event()
+        self._lock = threading.Lock()          # the sampler thread and so_far's caller both update `peak`
         self._thread = threading.Thread(target=self._run, name="ctrpipe-anon-peak", daemon=True)
 
     def _sample(self) -> None:
         now = anon_rss()
         if now is not None:
-            self.peak = max(self.peak or 0, now)
+            with self._lock:
+                self.peak = max(self.peak or 0, now)
 
     def so_far(self) -> int | None:
         """The peak up to now, this moment included."""

@@ -226,3 +226,15 @@ print(start_hwm, start_anon, mapped_hwm, mapped_anon, anon.peak, total)
     assert mapped_hwm - start_hwm > 150 << 20                          # RSS counted the mapped file
     assert mapped_anon - start_anon < 20 << 20                          # the anonymous peak did not
     assert peak - start_anon > 75 << 20                                 # it saw the held array
+
+
+def test_first_on_node_reads_torchrun_local_rank() -> None:
+    """Errors every rank meets alike before the ranks join print on each machine's first process only; a
+    LOCAL_RANK that is not a number above 0 prints too (the error may be about it)."""
+    from ctrpipe.errors import first_on_node
+
+    assert first_on_node({}) and first_on_node({"WORLD_SIZE": "1", "LOCAL_RANK": "3"})
+    assert first_on_node({"WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+    assert not first_on_node({"WORLD_SIZE": "4", "LOCAL_RANK": "2"})
+    assert first_on_node({"WORLD_SIZE": "4", "LOCAL_RANK": "x"}) and first_on_node({"WORLD_SIZE": "4",
+                                                                                    "LOCAL_RANK": "-1"})

@@ -34,7 +34,7 @@ from ctrpipe.report.leaderboard import COLUMNS, Leaderboard, build_leaderboard
 from ctrpipe.report.page import FigureRef, RunSection, render_page
 from ctrpipe.report.rundata import RunData, load_run
 
-FORMAT = "ctrpipe.report/1"
+FORMAT = "ctrpipe.report/2"      # 2: "split" says "oof" for K-fold runs' out-of-fold rows; "rows" added
 MARKER = "report.json"           # written last: its presence marks a complete report
 FIGURES = "figures"
 
@@ -173,9 +173,7 @@ def _section(i: int, run: RunData, draw: Callable[[str, Figure | None, str, str]
 
 def _summary(board: Leaderboard) -> dict[str, object]:
     """report.json: the leaderboard in machine-readable form."""
-    # K-fold runs are ranked on their out-of-fold rows: "oof", as the page's title says, not the split's name
-    split = "oof" if board.split == "val" and board.baseline.val_kind == "oof" else board.split
-    return {"format": FORMAT, "split": split, "rows": board.split_title, "baseline": board.baseline.name,
+    return {"format": FORMAT, "split": board.rows_key, "rows": board.split_title, "baseline": board.baseline.name,
             "runs": [{"name": e.run.name, "path": str(e.run.path), "model": e.run.model,
                       "manifest_fingerprint": e.run.manifest_fingerprint, "ranked": e.comparable,
                       "reason": e.reason, **{c.key: _json_number(v) for c, v in zip(COLUMNS, e.values, strict=True)},

@@ -81,10 +81,13 @@ class Leaderboard:
     best: tuple[frozenset[int], ...]          # per column: indices into entries of the best ranked value(s)
 
     @property
+    def rows_key(self) -> str:
+        """The rows the board is ranked on: "gold", "val", or "oof" (K-fold runs' out-of-fold rows)."""
+        return "gold" if self.split == "gold" else self.baseline.val_kind
+
+    @property
     def split_title(self) -> str:
-        if self.split == "gold":
-            return "gold split"
-        return "out-of-fold rows" if self.baseline.val_kind == "oof" else "validation split"
+        return {"gold": "gold split", "oof": "out-of-fold rows", "val": "validation split"}[self.rows_key]
 
     @property
     def baseline_entry(self) -> Entry:

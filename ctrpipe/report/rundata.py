@@ -76,7 +76,7 @@ class Resources:
     parameters: int | None           # one model's parameters (one fold's for K-fold)
     parameters_from: str             # "metrics.json", "ckpt_best.pt", ... or why it is missing
     peak_memory_bytes: int | None
-    peak_memory_where: str           # "GPU", "host" or ""
+    peak_memory_where: str           # "GPU", "host", "host RSS" (runs recorded before the anonymous peak) or ""
     # why wall time and peak memory are not shown although recorded: a resumed run records its last process only
     partial: str = ""
 
@@ -241,11 +241,12 @@ def _resources(path: Path, metrics: dict[str, Any], kfold: int) -> Resources:
     if params is None:
         params, params_from = count_parameters(path / ("ckpt_fold0.pt" if kfold else "ckpt_best.pt"))
     device_peak = _opt_int(metrics.get("peak_device_memory_bytes"))
-    # what the run needed, without the mapped cache pages the kernel reclaims (older runs recorded only RSS)
-    host_peak = _opt_int(metrics.get("peak_host_anon_bytes"))
+    # what the run needed, without the mapped cache pages the kernel reclaims; older runs recorded only the peak
+    # RSS, cache pages included, and say so
+    host_peak, host = _opt_int(metrics.get("peak_host_anon_bytes")), "host"
     if host_peak is None:
-        host_peak = _opt_int(metrics.get("peak_host_memory_bytes"))
-    peak, where = (device_peak, "GPU") if device_peak is not None else (host_peak, "host" if host_peak else "")
+        host_peak, host = _opt_int(metrics.get("peak_host_memory_bytes")), "host RSS"
+    peak, where = (device_peak, "GPU") if device_peak is not None else (host_peak, host if host_peak else "")
     wall = _opt_float(metrics.get("wall_seconds"))
     partial = ""
     if metrics.get("resumed"):      # the earlier processes' time and memory are not in it: no ranking on them

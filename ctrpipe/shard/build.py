@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rich.markup import escape
+
 from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
 from ctrpipe.data.config import DataConfig
@@ -187,8 +189,8 @@ def _workers_pool(workers: int, dask: str | None, files: int) -> AbstractContext
     if not ((workers > 1 or dask is not None) and files > 1):
         if dask is not None or workers > 1:      # asked for, and nothing to spread: say so, not silently
             flag = f"--dask {dask}" if dask is not None else f"--workers {workers}"
-            console.print(f"[yellow]note[/]: {flag} spreads the build's input files (one per task); with one "
-                          "file it runs in this process (its threads use the cores)", highlight=False)
+            console.print(f"[yellow]note[/]: {escape(flag)} spreads the build's input files (one per task); with "
+                          "one file it runs in this process (its threads use the cores)", highlight=False)
         return nullcontext(None)
     from ctrpipe.shard.parallel import executor
 

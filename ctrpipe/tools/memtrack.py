@@ -217,8 +217,8 @@ def measure_step_memory(cfg: RunConfig, spec: FeatureSpec, rows: Batch, sizes: t
     eval_amp = amp if eval_amp is None else eval_amp
     train_cfg = dataclasses.replace(cfg.train, amp=amp, grad_diagnostics_every=0)
     sspec = small_spec(spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):       # built on the CPU: only its generator, restored after
+        torch.default_generator.manual_seed(0)
         model = build_model(cfg.model.name, cfg.model.params, sspec, sparse=train_cfg.sparse_embeddings).to(device)
     tasks = build_tasks(heads_of(model, sspec), sspec, train_cfg)
     objective = Objective(tasks, device, train_cfg.pos_weight_clip, train_cfg.pos_weight_clip_mode)

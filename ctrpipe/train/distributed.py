@@ -42,6 +42,7 @@ from ctrpipe.errors import ConfigError, CtrpipeError, TrainingError
 from ctrpipe.train.evaluate import Predictions
 
 T = TypeVar("T")
+E = TypeVar("E", bound=CtrpipeError)
 
 LAUNCH_FIX = ("launch with torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, e.g. "
               "torchrun --nproc_per_node 2 -m ctrpipe.cli train ...; or unset WORLD_SIZE for one process")
@@ -93,14 +94,6 @@ def no_buffer_sync() -> dict[str, bool]:
     """DistributedDataParallel's keyword that turns off broadcasting buffers from rank 0, in this torch."""
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-def first_on_node(env: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process prints errors that every rank of a node meets alike before the ranks join (a bad
-    --set, torchrun's environment): one process alone, or a torchrun job's LOCAL_RANK 0."""
-    if env.get("WORLD_SIZE", "").strip() in ("", "1"):
-        return True
-    return env.get("LOCAL_RANK", "0").strip() in ("", "0")
 
 
 def _is_comm_failure(exc: BaseException) -> bool:
@@ -189,6 +182,12 @@ class Distributed:
                                        fix=their_fix or f"see rank {r}'s message")
                 failed.shown_by_peer = self.local_rank != 0
                 raise failed
+
+    def alike(self, exc: E) -> E:
+        """`exc`, which every rank raises alike (a check of what all ranks share): each machine's first rank
+        prints it, the others exit quietly."""
+        exc.shown_by_peer = self.local_rank != 0
+        return exc
 
     def check(self, fn: Callable[[], None], what: str) -> None:
         """A check every rank makes alike (e.g. of its share of the batches): its error stops every rank, and
@@ -281,10 +280,10 @@ class Distributed:
         if has_bn and self.device.type != "cuda":
             keys = batch_norm_settings(model_config or {})
             off = ", ".join(f"{k}={v}" for k, v in keys.items()) or "a model config without batch norm"
-            raise ConfigError("the model has BatchNorm layers: over several processes their batch statistics "
-                              "must be synchronised (SyncBatchNorm), which torch runs on GPUs only",
-                              where=", ".join(keys) or "model",
-                              fix=f"train on GPUs, in one process, or without batch norm ({off})")
+            raise self.alike(ConfigError(
+                "the model has BatchNorm layers: over several processes their batch statistics must be "
+                "synchronised (SyncBatchNorm), which torch runs on GPUs only", where=", ".join(keys) or "model",
+                fix=f"train on GPUs, in one process, or without batch norm ({off})"))
         if has_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = {id(p) for p in tables.values()}
@@ -312,12 +311,11 @@ class Distributed:
         if bool(differs.any()):
             names = [n for n, d in zip(state, differs.tolist(), strict=True) if d]
             ranks = [r for r in range(self.world_size) if bool((sums[r] != sums[0]).any())]
-            raise TrainingError(f"the model's copies differ between ranks: {', '.join(names[:5])}"
-                                f"{' ...' if len(names) > 5 else ''} on rank(s) {ranks} differ from rank 0",
-                                where=self.where(),
-                                fix="this is a bug in ctrpipe or a faulty device: report it with the config; "
-                                    "run the same command with --resume to continue from the last checkpoint "
-                                    "(rank 0's weights)")
+            raise self.alike(TrainingError(
+                f"the model's copies differ between ranks: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                f" on rank(s) {ranks} differ from rank 0", where=self.where(),
+                fix="this is a bug in ctrpipe or a faulty device: report it with the config; run the same command "
+                    "with --resume to continue from the last checkpoint (rank 0's weights)"))
 
 
 def checksum(t: Tensor) -> Tensor:

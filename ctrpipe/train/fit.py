@@ -23,7 +23,14 @@ from rich.table import Table
 from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
 from ctrpipe.device import AmpChoice, check_amp, model_family, predict_amp, resolve_amp, resolve_device
-from ctrpipe.errors import CheckpointError, ConfigError, CtrpipeError, ManifestMismatchError, SchemaError
+from ctrpipe.errors import (
+    CheckpointError,
+    ConfigError,
+    CtrpipeError,
+    ManifestMismatchError,
+    SchemaError,
+    first_on_node,
+)
 from ctrpipe.features import FeatureSpec
 from ctrpipe.hostmem import AnonPeak, peak_rss, release_free_heap
 from ctrpipe.infer.calibrate import calibrate_run
@@ -42,7 +49,7 @@ from ctrpipe.train.checkpoint import (
     model_from_checkpoint,
 )
 from ctrpipe.train.config import CVConfig, EarlyStoppingConfig
-from ctrpipe.train.distributed import Distributed, RankInfo, first_on_node, rank_info
+from ctrpipe.train.distributed import Distributed, RankInfo, rank_info
 from ctrpipe.train.evaluate import Predictions, logit_shifts, predict
 from ctrpipe.train.loop import FitInputs, FitResult, fit
 from ctrpipe.train.metrics import QUALITY_METRICS, metrics_from_logits, refuse_descriptive_metric
@@ -99,13 +106,15 @@ def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: 
     try:        # every rank of a node reads the same files and environment: the same error on each
         cfg = load_config(cfg_path, overrides)
         info = rank_info()
+        device = _rank_device(cfg, info) if info is not None else None
     except CtrpipeError as exc:
         exc.shown_by_peer = not first_on_node()
         raise
     if kfold:
         cfg = dataclasses.replace(cfg, cv=CVConfig(n_splits=kfold),
                                   sources={**cfg.sources, "cv.n_splits": "--kfold"})
-    group = _join(cfg, info) if info is not None else None
+    group = Distributed(info, device, cfg.train.distributed.timeout_s) if info is not None and device is not None \
+        else None
     try:
         ctx = _prepare_ranks(cfg, Path(shards), Path(runs), resume, quiet, group)
         if ctx.finished:
@@ -155,13 +164,13 @@ def _already_finished(ctx: TrainContext) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- checks
 
-def _join(cfg: RunConfig, info: RankInfo) -> Distributed:
-    """Join the torchrun job: one GPU per process (LOCAL_RANK) or CPUs, a process group with the timeout."""
+def _rank_device(cfg: RunConfig, info: RankInfo) -> torch.device:
+    """A torchrun process's device: one GPU per process (LOCAL_RANK), or the CPU."""
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)     # torchrun's convention, whatever train.device names
         torch.cuda.set_device(device)
-    return Distributed(info, device, cfg.train.distributed.timeout_s)
+    return device
 
 
 def _prepare_ranks(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,

@@ -113,6 +113,20 @@ def test_leaderboard_deltas_best_and_parameters(runs: Runs) -> None:
         assert run.resources.parameters == sum(p.numel() for p in model.parameters())
 
 
+def test_a_run_recorded_before_the_anonymous_peak_shows_its_rss_labelled(runs: Runs, tmp_path: Path) -> None:
+    """Older metrics.json files hold only the peak RSS (mapped cache pages included): shown as "host RSS", not
+    as the anonymous peak newer runs record."""
+    run = tmp_path / "criteo_dnn"
+    shutil.copytree(runs.criteo[0], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    new = load_run(run).resources
+    assert (new.peak_memory_bytes, new.peak_memory_where) == (metrics["peak_host_anon_bytes"], "host")
+    del metrics["peak_host_anon_bytes"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    old = load_run(run).resources
+    assert (old.peak_memory_bytes, old.peak_memory_where) == (metrics["peak_host_memory_bytes"], "host RSS")
+
+
 def test_a_resumed_runs_partial_costs_are_not_ranked(runs: Runs, tmp_path: Path) -> None:
     """A resumed run records the wall time and peak memory of its last process only: the board ranked a
     run interrupted and resumed as faster than the same run in one go."""

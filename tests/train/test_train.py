@@ -290,8 +290,8 @@ def test_a_run_is_finished_only_with_its_calibration(cache: Path, tmp_path: Path
     for name in want:
         (run / name).unlink()
     (run / "calibration.json").mkdir()
-    with pytest.raises(OSError):
-        train(cache, tmp_path, *sets, "--resume")
+    code, out = train(cache, tmp_path, *sets, "--resume")
+    assert code == 1 and "calibration.json: Is a directory" in " ".join(out.split()), out
     assert not (run / "metrics.json").exists()
     (run / "calibration.json").rmdir()
     assert train(cache, tmp_path, *sets, "--resume")[0] == 0
