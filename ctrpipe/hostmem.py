@@ -120,16 +120,24 @@ def release_free_heap() -> bool:
     return True
 
 
+def _status_bytes(field: str) -> int | None:
+    """One kB figure of /proc/self/status (e.g. VmHWM) in bytes, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss() -> int:
     """This process's peak resident bytes: VmHWM on Linux. Not `ru_maxrss`, which Linux carries over from the
     process image a child was forked from, so a run started from a large process (a notebook, a test runner)
     reported that process's peak instead of its own. `ru_maxrss` elsewhere (bytes on macOS, KiB on others)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource  # POSIX only, as the fallback's ru_maxrss
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -140,13 +148,7 @@ def anon_rss() -> int | None:
     """This process's anonymous resident memory (RssAnon: heap, tensors, buffers), or None off Linux. The rest
     of RSS are mapped files: pages on disk, which the kernel drops and reads again, and tmpfs files (RssShmem:
     a shard cache put in /dev/shm is held by the tmpfs whether or not a run maps it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _status_bytes("RssAnon")
 
 
 class AnonPeak:
