@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import Any, NoReturn, Optional, TypeVar
 
 import typer
 from rich.markup import escape
@@ -42,41 +44,74 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: s
 
     `rerun_note` replaces a full disk's note on what running the command again does, where the command
     needs a flag for it (train: --resume); `interrupted_note` says what to run after Ctrl-C."""
-    try:
-        return fn()
-    except CtrpipeError as exc:
-        if exc.shown_by_peer:
-            _let_the_printing_rank_exit_first()
+    with _CtrlC() as ctrl_c:
+        try:
+            return fn()
+        except CtrpipeError as exc:
+            if exc.shown_by_peer:
+                _let_the_printing_rank_exit_first()
+                raise typer.Exit(1) from None
+            if rerun_note and isinstance(exc, DiskFullError):
+                exc = exc.rerun_as(rerun_note)
+            # escaped: a message may quote text with brackets (a path, gloo's "[pair.cc:537]") that is not markup
+            console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
-        if rerun_note and isinstance(exc, DiskFullError):
-            exc = exc.rerun_as(rerun_note)
-        # escaped: a message may quote text with brackets (a path, gloo's "[pair.cc:537]") that is not markup
-        console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, markup=True, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except (NotADirectoryError, FileExistsError) as exc:
-        # an output path through a file (--out preds.csv/x, --runs notes.txt): every command creates folders
-        what = "a part of that path is a file, not a folder" if isinstance(exc, NotADirectoryError) \
-            else "a file of that name is already there"
-        console.print(f"[bold red]error:[/] cannot use {escape(str(exc.filename))}: {what}\n"
-                      "  fix: check the path; an output path's folders must be folders (or move the file away)",
-                      highlight=False, markup=True, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except OSError as exc:
-        # a path that cannot be read or written: permissions, a read-only or special filesystem, a folder where a
-        # file was meant; mostly paths the user gave, so said plainly (and how to tell if it was not)
-        codes = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR)
-        if exc.filename is None or exc.errno not in codes:
+        except (NotADirectoryError, FileExistsError) as exc:
+            # an output path through a file (--out preds.csv/x, --runs notes.txt): every command creates folders
+            what = "a part of that path is a file, not a folder" if isinstance(exc, NotADirectoryError) \
+                else "a file of that name is already there"
+            console.print(f"[bold red]error:[/] cannot use {escape(str(exc.filename))}: {what}\n"
+                          "  fix: check the path; an output path's folders must be folders (or move the file away)",
+                          highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            # a path that cannot be read or written: permissions, a read-only or special filesystem, a folder where a
+            # file was meant; mostly paths the user gave, so said plainly (and how to tell if it was not)
+            codes = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR)
+            if exc.filename is None or exc.errno not in codes:
+                raise
+            path = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")   # a rename
+            console.print(f"[bold red]error:[/] cannot use {escape(path)}: {escape(exc.strerror or '')} "
+                          f"({type(exc).__name__})\n  fix: check the path: it must exist to be read, an output must "
+                          "name a file in a folder you may write to; if it is no path you gave, report it as a bug",
+                          highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            _interrupted(interrupted_note)
+        except Exception:
+            if ctrl_c.seen:             # a library turned Ctrl-C into an error of its own (see _CtrlC)
+                _interrupted(interrupted_note)
             raise
-        path = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")   # a rename
-        console.print(f"[bold red]error:[/] cannot use {escape(path)}: {escape(exc.strerror or '')} "
-                      f"({type(exc).__name__})\n  fix: check the path: it must exist to be read, an output must "
-                      "name a file in a folder you may write to; if it is no path you gave, report it as a bug",
-                      highlight=False, markup=True, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        if first_on_node():             # a torchrun job's ranks all get Ctrl-C: one note per machine
-            console.print(f"[yellow]interrupted[/]: nothing partial was left behind; {interrupted_note}")
-        raise typer.Exit(130) from None
+
+
+def _interrupted(note: str) -> NoReturn:
+    if first_on_node():             # a torchrun job's ranks all get Ctrl-C: one note per machine
+        console.print(f"[yellow]interrupted[/]: nothing partial was left behind; {note}")
+    raise typer.Exit(130) from None
+
+
+class _CtrlC:
+    """Whether Ctrl-C arrived while a stage ran. A library may catch the KeyboardInterrupt raised inside its
+    own call and raise another error (polars: a TypeError naming no data type): that is the interruption, not
+    a bug. Installed only in the main thread over Python's own handler (an ignored SIGINT stays ignored)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        signal.default_int_handler(signum, frame)
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _let_the_printing_rank_exit_first() -> None:
