@@ -6,8 +6,11 @@ Usage: python benchmarks/profile_step.py [--device cuda] [--model dcnv2] [--batc
 The model, optimisers and step are bench_train.py's (its cache too: .bench/train/), so the profile is of the
 run that benchmark times. Printed: the ops by self time on the device (CUDA) or the CPU, then the calls that make
 the host wait inside a step (cudaStreamSynchronize, cudaDeviceSynchronize, cudaMemcpy without Async,
-aten::item / aten::_local_scalar_dense) with their counts per step: the loop should make none. One sync at the
-end closes the profiled steps (as `ctrpipe train` syncs on its log steps). Figures: benchmarks/RESULTS.md.
+aten::item / aten::_local_scalar_dense, cudaEventSynchronize) with their counts per step: the loop should make
+none. One sync at the end closes the profiled steps (as `ctrpipe train` syncs on its log steps). The counts are
+of every thread: about one cudaEventSynchronize per step is the loader's own thread waiting until a pinned
+buffer's copy has finished before it refills it (ctrpipe/loader/loader.py), not the step's. Figures:
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ def main() -> None:
     print(f"{args.model}, batch {args.batch_size}, amp {args.amp}, {args.steps} steps on {device}")
     print(prof.key_averages().table(sort_by=sort, row_limit=30))
     events = prof.key_averages()
-    print("\ncalls that make the host wait (per step; the step loop should have none, the closing sync aside):")
+    print("\ncalls that make the host wait, on any thread (per step; the step loop should have none, the closing "
+          "sync aside; ~1 cudaEventSynchronize per step is the loader's thread before it refills a pinned buffer):")
     for e in events:
         if any(e.key == name or e.key.startswith(name + " ") for name in SYNC_CALLS):
             print(f"  {e.key}: {e.count} calls, {e.count / args.steps:.1f} per step")
