@@ -56,25 +56,11 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: s
             # escaped: a message may quote text with brackets (a path, gloo's "[pair.cc:537]") that is not markup
             console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
-        except (NotADirectoryError, FileExistsError) as exc:
-            # an output path through a file (--out preds.csv/x, --runs notes.txt): every command creates folders
-            what = "a part of that path is a file, not a folder" if isinstance(exc, NotADirectoryError) \
-                else "a file of that name is already there"
-            console.print(f"[bold red]error:[/] cannot use {escape(str(exc.filename))}: {what}\n"
-                          "  fix: check the path; an output path's folders must be folders (or move the file away)",
-                          highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(1) from None
         except OSError as exc:
-            # a path that cannot be read or written: permissions, a read-only or special filesystem, a folder where a
-            # file was meant; mostly paths the user gave, so said plainly (and how to tell if it was not)
-            codes = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR)
-            if exc.filename is None or exc.errno not in codes:
+            message = _refused_path(exc)
+            if message is None:
                 raise
-            path = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")   # a rename
-            console.print(f"[bold red]error:[/] cannot use {escape(path)}: {escape(exc.strerror or '')} "
-                          f"({type(exc).__name__})\n  fix: check the path: it must exist to be read, an output must "
-                          "name a file in a folder you may write to; if it is no path you gave, report it as a bug",
-                          highlight=False, markup=True, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             _interrupted(interrupted_note)
@@ -82,6 +68,25 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: s
             if ctrl_c.seen:             # a library turned Ctrl-C into an error of its own (see _CtrlC)
                 _interrupted(interrupted_note)
             raise
+
+
+def _refused_path(exc: OSError) -> str | None:
+    """The message for a path the system refused, or None for another OSError (a bug keeps its traceback).
+
+    Mostly paths the user gave, so said plainly (and how to tell if it was not): an output path through a file
+    (--out preds.csv/x, --runs notes.txt: every command creates folders), a name already taken, a path that is
+    missing, not permitted, read-only or a folder where a file was meant."""
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        what = "a part of that path is a file, not a folder" if isinstance(exc, NotADirectoryError) \
+            else "a file of that name is already there"
+        return (f"cannot use {exc.filename}: {what}\n"
+                "  fix: check the path; an output path's folders must be folders (or move the file away)")
+    if exc.filename is None or exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR):
+        return None
+    path = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")   # a rename
+    return (f"cannot use {path}: {exc.strerror or ''} ({type(exc).__name__})\n  fix: check the path: it must "
+            "exist to be read, an output must name a file in a folder you may write to; if it is no path you "
+            "gave, report it as a bug")
 
 
 def _interrupted(note: str) -> NoReturn:

@@ -91,9 +91,8 @@ class RowView:
 
     def describe(self) -> str:
         """In words, for messages and records: 'the test split', 'fold 2 of the train and val splits'."""
-        names = list(self.splits)
-        text = f"the {' and '.join([', '.join(names[:-1]), names[-1]] if len(names) > 1 else names)} split" + \
-            ("s" if len(names) > 1 else "")
+        *rest, last = self.splits
+        text = f"the {', '.join(rest)} and {last} splits" if rest else f"the {last} split"
 
         def folds(ids: tuple[int, ...]) -> str:
             real = [int(f) for f in ids if int(f) != NO_FOLD]

@@ -186,11 +186,12 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
 def _workers_pool(workers: int, dask: str | None, files: int) -> AbstractContextManager[Executor | None]:
     """The executor both passes map over files with, or None for the single-process build (one worker, or
     a single input file)."""
-    if not ((workers > 1 or dask is not None) and files > 1):
-        if dask is not None or workers > 1:      # asked for, and nothing to spread: say so, not silently
-            flag = f"--dask {dask}" if dask is not None else f"--workers {workers}"
-            console.print(f"[yellow]note[/]: {escape(flag)} spreads the build's input files (one per task); with "
-                          "one file it runs in this process (its threads use the cores)", highlight=False)
+    asked = workers > 1 or dask is not None
+    if asked and files <= 1:                # nothing to spread: say so, not silently
+        flag = f"--dask {dask}" if dask is not None else f"--workers {workers}"
+        console.print(f"[yellow]note[/]: {escape(flag)} spreads the build's input files (one per task); with one "
+                      "file it runs in this process (its threads use the cores)", highlight=False)
+    if not (asked and files > 1):
         return nullcontext(None)
     from ctrpipe.shard.parallel import executor
 

@@ -90,6 +90,11 @@ def rank_info(env: Mapping[str, str] = os.environ) -> RankInfo | None:
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def raised_alike(group: Distributed | None, exc: E) -> E:
+    """`exc` as every rank of `group` raises it (Distributed.alike), or as it is without a torchrun job."""
+    return group.alike(exc) if group is not None else exc
+
+
 def no_buffer_sync() -> dict[str, bool]:
     """DistributedDataParallel's keyword that turns off broadcasting buffers from rank 0, in this torch."""
     params = inspect.signature(DistributedDataParallel.__init__).parameters
@@ -178,14 +183,12 @@ class Distributed:
             if theirs is not None:
                 their_what, their_where, their_fix = theirs
                 at = f" ({their_where})" if their_where else ""
-                failed = TrainingError(f"rank {r} failed {what}: {their_what}{at}", where=self.where(),
-                                       fix=their_fix or f"see rank {r}'s message")
-                failed.shown_by_peer = self.local_rank != 0
-                raise failed
+                raise self.alike(TrainingError(f"rank {r} failed {what}: {their_what}{at}", where=self.where(),
+                                               fix=their_fix or f"see rank {r}'s message"))
 
     def alike(self, exc: E) -> E:
-        """`exc`, which every rank raises alike (a check of what all ranks share): each machine's first rank
-        prints it, the others exit quietly."""
+        """`exc`, which every rank raises alike (a check of what all ranks share, or its view of another rank's
+        failure): each machine's first rank prints it, the others exit quietly."""
         exc.shown_by_peer = self.local_rank != 0
         return exc
 

@@ -106,15 +106,14 @@ def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: 
     try:        # every rank of a node reads the same files and environment: the same error on each
         cfg = load_config(cfg_path, overrides)
         info = rank_info()
-        device = _rank_device(cfg, info) if info is not None else None
+        place = (info, _rank_device(cfg, info)) if info is not None else None     # the job is joined below
     except CtrpipeError as exc:
         exc.shown_by_peer = not first_on_node()
         raise
     if kfold:
         cfg = dataclasses.replace(cfg, cv=CVConfig(n_splits=kfold),
                                   sources={**cfg.sources, "cv.n_splits": "--kfold"})
-    group = Distributed(info, device, cfg.train.distributed.timeout_s) if info is not None and device is not None \
-        else None
+    group = Distributed(*place, cfg.train.distributed.timeout_s) if place is not None else None
     try:
         ctx = _prepare_ranks(cfg, Path(shards), Path(runs), resume, quiet, group)
         if ctx.finished:
@@ -190,13 +189,11 @@ def _prepare_ranks(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet
     identity = (ctx.manifest.fingerprint, flatten_dotted(to_dict(cfg)))
     others = group.differing_ranks(identity, "comparing the ranks' caches and configs")
     if others:
-        differ = ManifestMismatchError(
+        raise group.alike(ManifestMismatchError(
             f"rank(s) {others} read another shard cache or config than rank 0 ({shards})",
             where=str(shards / "manifest.json"),
             fix="run the same command on every node, with --shards naming the same build (a shared file system "
-                "or a copy of the whole folder)")
-        differ.shown_by_peer = group.local_rank != 0        # every rank raises it
-        raise differ
+                "or a copy of the whole folder)"))
     return ctx
 
 

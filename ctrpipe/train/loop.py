@@ -30,7 +30,7 @@ from ctrpipe.models.heads import as_output
 from ctrpipe.models.layers.embedding import split_parameters
 from ctrpipe.train.checkpoint import Checkpoint, RunPosition, TrainState, save_checkpoint
 from ctrpipe.train.config import TrainConfig
-from ctrpipe.train.distributed import Distributed, RowExchange
+from ctrpipe.train.distributed import Distributed, RowExchange, raised_alike
 from ctrpipe.train.ema import ModelEMA
 from ctrpipe.train.evaluate import Predictions, predict
 from ctrpipe.train.objective import Objective, Task, task_gradients
@@ -110,9 +110,8 @@ def fit(inp: FitInputs) -> FitResult:
     `best_path`.
     """
     if len(inp.train_loader) == 0:
-        empty = TrainingError("the training view has no rows", where=inp.label,
-                              fix="check the cache's split sizes with `ctrpipe inspect DIR`")
-        raise inp.dist.alike(empty) if inp.dist is not None else empty
+        raise raised_alike(inp.dist, TrainingError("the training view has no rows", where=inp.label,
+                                                   fix="check the cache's split sizes with `ctrpipe inspect DIR`"))
     plan = plan_steps(inp.cfg, inp.train_loader.num_rows, inp.train_loader.batch_size, len(inp.train_loader))
     run = _Run(inp, plan)
     if run.finished:                                   # resumed a run that had already ended
@@ -460,9 +459,9 @@ class _Run:
     def _check_finite(self) -> None:
         bad = int(self.first_bad.item())
         if bad >= 0:        # under torchrun every rank has the same earliest step (Distributed.earliest_)
-            exc = TrainingError(f"loss became NaN/inf at step {bad} (epoch {(bad - 1) // self.plan.per_epoch})",
-                                where=self.inp.label, fix=NAN_FIX)
-            raise self.dist.alike(exc) if self.dist is not None else exc
+            raise raised_alike(self.dist, TrainingError(
+                f"loss became NaN/inf at step {bad} (epoch {(bad - 1) // self.plan.per_epoch})",
+                where=self.inp.label, fix=NAN_FIX))
 
     def _log_sums(self) -> dict[str, Any]:
         """What `TrainState.log_sums` keeps: the sums since the last log row, so a resumed run's next row is the
