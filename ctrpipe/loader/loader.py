@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctrpipe.errors import ConfigError
+from ctrpipe.errors import ConfigError, ManifestMismatchError
 from ctrpipe.features import FeatureSpec
 from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import HostBuffers, HostPool, layout_of
+from ctrpipe.loader.check import bad_id_error, check_labels
 from ctrpipe.loader.config import LoaderConfig
 from ctrpipe.loader.sampler import BatchPlan, EpochPlan, Piece, ShuffleStrategy, epoch_rng, rank_bounds, slice_pieces
 from ctrpipe.loader.sampling import BalancedRows, Sampling, apply_sampling, training_sampling
@@ -221,7 +222,15 @@ class ShardLoader:
                     np.take(src, rows, axis=0, out=out[o:end], mode="clip")
                 np.add(rows, np.int64(start), out=buf.row_index[o:end], dtype=np.int64)
             o = end
+        labels = buf.fields["labels"]
+        if isinstance(labels, np.ndarray):
+            check_labels(labels[:o], buf.row_index[:o], self.manifest, str(self.cache_dir))
         return o
+
+    def bad_id_error(self, batch: Batch) -> ManifestMismatchError | None:
+        """Why an embedding lookup of `batch` (one of this loader's) failed, when an id of the cache lies beyond
+        its table: the error naming the shard file, row and column (`check.bad_id_error`); else None."""
+        return bad_id_error(batch, self.manifest, str(self.cache_dir))
 
     def _iter_host(self, plan: BatchPlan, start: int) -> Iterator[Batch]:
         # recycled only when the consumer holds no tensor of a set: batches it keeps never change under it

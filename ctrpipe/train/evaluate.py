@@ -19,7 +19,7 @@ from torch import nn
 
 from ctrpipe.atomic import atomic_open
 from ctrpipe.device import autocast
-from ctrpipe.errors import CheckpointError, ConfigError
+from ctrpipe.errors import CheckpointError, ConfigError, CtrpipeError
 from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.sampling import Sampling
 from ctrpipe.models.heads import as_output
@@ -182,6 +182,12 @@ class _Outputs:
 
 
 @torch.no_grad()
+def bad_id_error(batches: object, batch: Batch) -> CtrpipeError | None:
+    """Why a lookup of `batch` failed, when `batches` (a ShardLoader) finds an id beyond its field's table."""
+    find = getattr(batches, "bad_id_error", None)
+    return find(batch) if find is not None else None
+
+
 def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: int | Sequence[Task],
             device: torch.device, amp: str = "off", with_labels: bool = True,
             on_batch: Callable[[int], None] | None = None,
@@ -217,8 +223,14 @@ def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: in
             if outputs.pos + n > num_rows:
                 raise AssertionError(f"loader served over {num_rows} rows for a view of {num_rows}")
             logits, labels, rows = outputs.targets(n)
-            with autocast(device, amp):
-                out = as_output(model(batch)).logits                                   # (B, H)
+            try:
+                with autocast(device, amp):
+                    out = as_output(model(batch)).logits                               # (B, H)
+            except IndexError as exc:    # an embedding lookup out of range: name the id and where it is stored
+                found = bad_id_error(batches, batch)
+                if found is None:
+                    raise
+                raise found from exc
             logits.copy_(out.float().reshape(n, n_heads))
             if shift_t is not None:
                 logits += shift_t                                                      # (n, H) + (H,)

@@ -32,7 +32,7 @@ from ctrpipe.train.checkpoint import Checkpoint, RunPosition, TrainState, save_c
 from ctrpipe.train.config import TrainConfig
 from ctrpipe.train.distributed import Distributed, RowExchange, raised_alike
 from ctrpipe.train.ema import ModelEMA
-from ctrpipe.train.evaluate import Predictions, predict
+from ctrpipe.train.evaluate import Predictions, bad_id_error, predict
 from ctrpipe.train.objective import Objective, Task, task_gradients
 from ctrpipe.train.optim import build_optimizers, lr_factor, set_lr
 from ctrpipe.train.plan import StepPlan, plan_steps
@@ -272,11 +272,17 @@ class _Run:
             self.objective.rows_share = len(batch) * self.dist.world_size / self.batch_rows[self.pos.batch_in_epoch]
         args = (self.step_model, batch, self.objective, self.optimizers, self.scaler, self.cfg, self.device,
                 self.diagnose_params(self.pos.step + 1), self.exchange)
-        if self.dist is None:
-            return train_step(*args)
-        self.dist.step = self.pos.step + 1
-        with self.dist.guard("a training step"):
-            return train_step(*args)
+        try:
+            if self.dist is None:
+                return train_step(*args)
+            self.dist.step = self.pos.step + 1
+            with self.dist.guard("a training step"):
+                return train_step(*args)
+        except IndexError as exc:        # an embedding lookup out of range: name the id and where it is stored
+            found = bad_id_error(self.inp.train_loader, batch)
+            if found is None:
+                raise
+            raise found from exc
 
     def after_step(self, batch: Batch, loss: torch.Tensor, diagnostics: dict[str, torch.Tensor]) -> None:
         if self.ema is not None:

@@ -8,14 +8,20 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import run_cli, sets
 from train_setup import FAST, REPO
+from typer.testing import CliRunner
 
+from ctrpipe.cli import app
 from ctrpipe.config import load_config
+from ctrpipe.errors import ManifestMismatchError
 from ctrpipe.infer.predict import run_infer
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.view import RowView
@@ -23,6 +29,7 @@ from ctrpipe.models.heads import as_output
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.manifest import read_manifest
 from ctrpipe.train.checkpoint import build_initial_model, load_checkpoint
+from ctrpipe.train.evaluate import predict
 from ctrpipe.train.tables import load_packed
 
 CONFIGS = {"din": "parquet_din.yaml", "dare": "parquet_dare.yaml", "dare_qnn": "dare_qnn.yaml"}
@@ -134,3 +141,62 @@ def test_covisit_columns_are_numeric_inputs_of_dare_qnn(caches: dict[str, Path])
         moved = as_output(model(dataclasses.replace(batch, numeric=changed))).logits
     assert torch.equal(base, again)                                        # eval: one deterministic pass
     assert ((moved - base).abs() > 1e-6).all(), (moved - base).abs().min()   # every row's output moves
+
+
+def _edited_copy(cache: Path, out: Path, group: str, split: int, edit: Callable[[np.ndarray, int], None]) -> int:
+    """A copy of `cache` whose `group` array of shard 1 is changed by `edit(array, row)` at its first row of
+    split `split` (as a hand edit would, after the build); returns that row within the shard."""
+    shutil.copytree(cache, out)
+    shard = out / read_manifest(out).shards[1].files[group].file
+    row = int(np.flatnonzero(np.load(shard.parent / "split.npy") == split)[0])
+    arr = np.load(shard, mmap_mode="r+")
+    edit(arr, row)
+    arr.flush()
+    return row
+
+
+def _train_error(cache: Path, runs: Path) -> str:
+    res = CliRunner().invoke(app, ["train", "--cfg", str(REPO / "cfgs" / CONFIGS["din"]), "--shards", str(cache),
+                                   "--runs", str(runs), "-q", *keys("din", "train.epochs=1")])
+    assert res.exit_code == 1, res.output + repr(res.exception)
+    assert "Traceback" not in res.output
+    return " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("group", ["categorical", "seq.tokens"])
+def test_an_id_beyond_its_table_is_named_not_a_bare_index_error(group: str, caches: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    """A cache edited after its build (ids beyond a field's table): training stops with the shard file, row and
+    column of the id, not torch's bare 'index out of range in self'."""
+    def beyond(arr: np.ndarray, row: int) -> None:
+        arr[row, 2 if group == "categorical" else 0] = 10_000_000
+
+    cache = tmp_path / "cache"
+    row = _edited_copy(caches["din"], cache, group, 0, beyond)
+    out = _train_error(cache, tmp_path / "runs")
+    column = read_manifest(cache).columns_of("categorical")[2].name if group == "categorical" else "seq"
+    assert f"shard_00001/{group}.npy, row {row}, column {column}:" in out, out
+    assert "holds id 10000000" in out and "ctrpipe inspect" in out, out
+
+
+def test_an_id_beyond_its_table_in_evaluation_is_named(caches: dict[str, Path], tmp_path: Path) -> None:
+    """The same in `predict` (evaluation and infer), on a val row."""
+    cache = tmp_path / "cache"
+    row = _edited_copy(caches["din"], cache, "seq.tokens", 1, lambda arr, r: arr.__setitem__((r, 0), 10_000_000))
+    cfg = load_config(REPO / "cfgs" / CONFIGS["din"], overrides("din"))
+    spec = read_manifest(cache).feature_spec()
+    model = build_model(cfg.model.name, cfg.model.params, spec)
+    loader = ShardLoader(cache, RowView.val(), 64, shuffle=False, seed=0)
+    with pytest.raises(ManifestMismatchError, match=f"shard_00001/seq.tokens.npy, row {row}, column seq"):
+        predict(model, loader, loader.num_rows, 2, torch.device("cpu"), "off")
+
+
+@pytest.mark.parametrize("value", [2.0, float("nan")])
+def test_a_label_that_is_not_0_or_1_stops_training(value: float, caches: dict[str, Path], tmp_path: Path) -> None:
+    """Binary cross-entropy takes a label of 2 without complaint: a cache edited after its build would train
+    silently on it. The loader checks every batch's labels."""
+    cache = tmp_path / "cache"
+    row = _edited_copy(caches["din"], cache, "labels", 0, lambda arr, r: arr.__setitem__((r, -1), value))
+    out = _train_error(cache, tmp_path / "runs")
+    name = read_manifest(cache).columns_of("label")[-1].name
+    assert f"shard_00001/labels.npy, row {row}, column {name}: label '{name}' is {value}, not 0 or 1" in out, out
