@@ -868,29 +868,30 @@ PyDoc_STRVAR(covisit_rows_doc,
 "arithmetic of covisit.covisit_features (its per-token scores and their reduceat), in one pass and without\n"
 "the per-token score array.");
 
-static int cmp_u64(const void *a, const void *b) {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return (x > y) - (x < y);
-}
+/* Occurrences of each of a row's context tokens in that row: each one was counted in pass 1, so leave-one-out
+ * removes them all. Counted in a small open-addressing table (a power of two at least twice the row's length,
+ * so it stays in L1) and read back per token: O(len) a row, where comparing every token with every other one
+ * cost O(len^2), most of the features' time on long histories. Only the slots a row used are cleared after it.
+ * Tokens are xxh64 hashes, so their low bits spread them; equal hashes get one slot, so counts are exact. */
+typedef struct {
+    uint64_t *keys;
+    int32_t *counts;        /* 0 marks an empty slot */
+    int64_t *slot_of;       /* the slot of each token of the row */
+} RowCounts;
 
-/* Occurrences of x among a row's context tokens: each one was counted in pass 1, so leave-one-out removes
- * them all. A short row is scanned (a vectorised compare); a long one, sorted once into `sorted`, is
- * binary-searched, so a row costs O(len log len), not O(len^2). */
-#define SCAN_ROW 64
-static int64_t row_count(const uint64_t *row, const uint64_t *sorted, int64_t len, uint64_t x) {
-    if (len <= SCAN_ROW) {
-        int64_t n = 0;
-        for (int64_t q = 0; q < len; q++) n += row[q] == x;
-        return n;
+static void row_occurrences(RowCounts *rc, const uint64_t *row, int64_t len, double *occ) {
+    uint64_t cap = 2;
+    while (cap < 2 * (uint64_t)len) cap *= 2;
+    const uint64_t mask = cap - 1;
+    for (int64_t k = 0; k < len; k++) {
+        uint64_t s = row[k] & mask;
+        while (rc->counts[s] != 0 && rc->keys[s] != row[k]) s = (s + 1) & mask;
+        rc->keys[s] = row[k];
+        rc->counts[s]++;
+        rc->slot_of[k] = (int64_t)s;
     }
-    int64_t lo = 0, hi = len;
-    while (lo < hi) {
-        int64_t mid = lo + (hi - lo) / 2;
-        if (sorted[mid] < x) lo = mid + 1; else hi = mid;
-    }
-    int64_t end = lo;
-    while (end < len && sorted[end] == x) end++;
-    return end - lo;
+    for (int64_t k = 0; k < len; k++) occ[k] = (double)rc->counts[rc->slot_of[k]];
+    for (int64_t k = 0; k < len; k++) rc->counts[rc->slot_of[k]] = 0;
 }
 
 static PyObject *covisit_rows(PyObject *self, PyObject *args) {
@@ -903,8 +904,8 @@ static PyObject *covisit_rows(PyObject *self, PyObject *args) {
                           &c_b, &salt, &loo_b, &smoothing, &out_b))
         return NULL;
     PyObject *result = NULL;
-    double *scores = NULL;
-    uint64_t *sorted = NULL;
+    double *scores = NULL, *occ = NULL;
+    RowCounts rc = {NULL, NULL, NULL};
     Py_ssize_t n = t_b.len / 8, m = c_b.len / 8, pcap = pairs_b.len / 16, ccap = ctx_b.len / 16;
     if (pcap < 1 || (pcap & (pcap - 1)) != 0 || ccap < 1 || (ccap & (ccap - 1)) != 0) {
         PyErr_SetString(PyExc_ValueError, "covisit_rows: table sizes are not powers of two");
@@ -931,9 +932,15 @@ static PyObject *covisit_rows(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "covisit_rows: lengths do not sum to the number of context tokens");
         goto done;
     }
-    scores = (double *)malloc((size_t)(longest > 0 ? longest : 1) * sizeof(double));    /* one row's scores */
-    sorted = (uint64_t *)malloc((size_t)(longest > 0 ? longest : 1) * sizeof(uint64_t));  /* its tokens */
-    if (scores == NULL || sorted == NULL) {
+    size_t row_cap = 2;
+    while (row_cap < 2 * (size_t)longest) row_cap *= 2;
+    const size_t most = (size_t)(longest > 0 ? longest : 1);
+    scores = (double *)malloc(most * sizeof(double));          /* one row's scores */
+    occ = (double *)malloc(most * sizeof(double));             /* its tokens' occurrences in it */
+    rc.keys = (uint64_t *)malloc(row_cap * sizeof(uint64_t));
+    rc.counts = (int32_t *)calloc(row_cap, sizeof(int32_t));
+    rc.slot_of = (int64_t *)malloc(most * sizeof(int64_t));
+    if (scores == NULL || occ == NULL || rc.keys == NULL || rc.counts == NULL || rc.slot_of == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -951,12 +958,9 @@ static PyObject *covisit_rows(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         const int64_t len = lengths[i];
         const uint64_t *row = c + j;
-        if (loo[i] && len > SCAN_ROW) {
-            memcpy(sorted, row, (size_t)len * sizeof(uint64_t));
-            qsort(sorted, (size_t)len, sizeof(uint64_t), cmp_u64);
-        }
+        if (loo[i]) row_occurrences(&rc, row, len, occ);
         for (int64_t k = 0; k < len; k++, j++) {
-            const double l = loo[i] ? (double)row_count(row, sorted, len, c[j]) : 0.0;
+            const double l = loo[i] ? occ[k] : 0.0;
             uint64_t key = ring[j % PREFETCH_AHEAD];
             if (aj < m) {
                 while (ak >= lengths[ai]) ai++, ak = 0;
@@ -986,7 +990,10 @@ static PyObject *covisit_rows(PyObject *self, PyObject *args) {
     result = Py_None;
 done:
     free(scores);
-    free(sorted);
+    free(occ);
+    free(rc.keys);
+    free(rc.counts);
+    free(rc.slot_of);
     PyBuffer_Release(&pairs_b);
     PyBuffer_Release(&ctx_b);
     PyBuffer_Release(&t_b);

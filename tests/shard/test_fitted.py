@@ -82,8 +82,9 @@ def test_covisit_counts_and_leave_one_out() -> None:
 def test_leave_one_out_removes_every_occurrence_of_a_repeated_token(native: str,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A history holding a token twice counted twice in n(t, c) and n(c) but had one subtracted: the only row
-    with (t3, zz) scored (2-1)/(2-1+1) = 0.5 on its own occurrences (helper's shard sweep). Every path,
-    short rows (scanned) and long ones (sorted, over 64 tokens), equals a brute-force count."""
+    with (t3, zz) scored (2-1)/(2-1+1) = 0.5 on its own occurrences (helper's shard sweep). Both paths, on
+    short and long rows of few distinct tokens (the kernel's per-row table probes past collisions: tokens
+    1..11 share their low bits), equal a brute-force count."""
     monkeypatch.setenv("CTRPIPE_NATIVE", native)
     rng = np.random.default_rng(3)
     n = 400
