@@ -116,12 +116,13 @@ class _Layout:
 
 
 def _layout(path: Path, cfg: DataConfig, rc: ResolvedColumns, names: list[str], rec: Records,
-            require_labels: bool, remedies: Remedies) -> _Layout:
+            require_labels: bool, remedies: Remedies, read_labels: bool = True) -> _Layout:
     """Which fields the file has: with a header, its names; without, data.csv.column_names, or those names
     less label columns when most records of the first chunk have that many fields (an unlabelled test file,
     as Criteo's 39-field layout). A label's source may also be an ordinary column (Adult's `married` comes
     from marital-status), which an unlabelled file keeps while the label field (income, the last) is cut:
-    so the label columns ending or leading the names are tried one by one (`_unlabelled_layouts`)."""
+    so the label columns ending or leading the names are tried one by one (`_unlabelled_layouts`).
+    Without `read_labels` (serving: no use for them) the labels a file has are neither typed nor checked."""
     label_cols = list(rc.label_columns)
     unlabelled = False
     if not cfg.csv.header and label_cols:
@@ -132,7 +133,9 @@ def _layout(path: Path, cfg: DataConfig, rc: ResolvedColumns, names: list[str], 
     missing = [c for c in label_cols if c not in names]
     if unlabelled and not require_labels:
         missing = label_cols                # no labels are read from it, even those whose source it kept
-    if missing and (require_labels or len(missing) < len(label_cols)):
+    if not read_labels:
+        missing = label_cols
+    elif missing and (require_labels or len(missing) < len(label_cols)):
         if not cfg.csv.header:
             raise InputFormatError(
                 f"most rows have {len(names)} fields: data.csv.column_names without the label columns "
@@ -143,8 +146,8 @@ def _layout(path: Path, cfg: DataConfig, rc: ResolvedColumns, names: list[str], 
         else:
             fix += " (a test file must have all label columns or none)"
         raise SchemaError(f"label column {missing[0]!r} is not in the header", where=str(path), fix=fix)
-    for c in rc.raw_columns():
-        if c not in names and c not in label_cols:
+    for c in rc.raw_columns(labels=False):
+        if c not in names:
             raise SchemaError(f"column {c!r} is not in the header", where=str(path),
                               fix=f"{closest(c, names)} All CSV inputs need the columns the config uses")
     return _Layout(tuple(names), bool(label_cols) and not missing)
@@ -160,7 +163,7 @@ class CsvChunker:
         self.path, self.cfg, self.rc, self.layout, self.bad_rows = path, cfg, rc, layout, bad_rows
         self.remedies = remedies
         self.missing = list(cfg.csv.missing)
-        wanted = set(rc.raw_columns()) if layout.has_labels else set(rc.raw_columns()) - set(rc.label_columns)
+        wanted = set(rc.raw_columns(labels=layout.has_labels))
         self.read_idx = [j for j, c in enumerate(layout.names) if c in wanted]
         self.schema = {c: pl.String for c in layout.names}
 
@@ -265,13 +268,15 @@ class CsvChunker:
             else:
                 y = pl.col(lab).str.strip_chars().cast(pl.Float64, strict=False)
                 checks[f"lab:{lab}"] = ("lab", lab, ~y.is_in([0.0, 1.0]).fill_null(False))
+        if rc.id:       # a submission row needs an ID: an empty one would be written as "" (blend refuses it)
+            checks["id"] = ("id", rc.id, self._is_missing(rc.id))
         if checks:
             bad = frame.select([e.alias(k) for k, (_, _, e) in checks.items()])
+            reasons = {"num": "not a number", "id": "missing ID"}
             for key, (kind, col, _) in checks.items():
                 rows = np.flatnonzero(bad[key].fill_null(False).to_numpy())
                 flags.flag(parsed[rows], col if kind != "der" else derived[col].column,
-                           "not a number" if kind == "num" else "bad label",
-                           self._value_error(frame, parsed, kind, col))
+                           reasons.get(kind, "bad label"), self._value_error(frame, parsed, kind, col))
         for tc in rc.multihot:
             if tc.weighted:
                 self._check_weights(frame, parsed, tc.column, tc.separator, flags)
@@ -310,6 +315,10 @@ class CsvChunker:
                     fix=self.remedies.or_skip(f"add it to data.derived_labels[{d.name}].positive or .negative"))
             value = frame[col][row]
             where = location(self.path, int(rec.lines[i]), column=col)
+            if kind == "id":
+                return InputFormatError("the ID is missing" + (f" ({value!r} is listed in data.csv.missing)"
+                                                               if value else ""), where=where,
+                                        fix=self.remedies.or_skip("give every row an ID"))
             if kind == "lab":
                 what = "the label is missing" if value is None or value == "" or value in self.missing \
                     else f"label {value!r} is not 0 or 1"
@@ -385,8 +394,9 @@ LAYOUT_RECORDS = 10_000     # records that vote on a headerless file's layout, w
 
 def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedColumns,
                     bad_rows: BadMode = "error", require_labels: bool = True,
-                    remedies: Remedies = SHARD_REMEDIES) -> Iterator[RawChunk]:
-    """RawChunks of one CSV file, at most chunk_rows rows each, with the configured columns only."""
+                    remedies: Remedies = SHARD_REMEDIES, read_labels: bool = True) -> Iterator[RawChunk]:
+    """RawChunks of one CSV file, at most chunk_rows rows each, with the configured columns only (labels
+    left out, unchecked, without `read_labels`)."""
     chunker: CsvChunker | None = None
     position = 0
     resync = stray_quote_resync(cfg, path, rc.label_columns) if bad_rows == "skip" else frozenset()
@@ -404,8 +414,8 @@ def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedCo
                 with contextlib.closing(iter(RecordCutter(path, cfg.csv, LAYOUT_RECORDS, resync_fields=resync,
                                                           remedies=remedies))) as head:
                     voters = next(head, rec)
-            chunker = CsvChunker(path, cfg, rc, _layout(path, cfg, rc, names, voters, require_labels, remedies),
-                                 bad_rows, remedies)
+            layout = _layout(path, cfg, rc, names, voters, require_labels, remedies, read_labels)
+            chunker = CsvChunker(path, cfg, rc, layout, bad_rows, remedies)
         if len(rec) == 0:
             continue
         yield chunker.chunk(rec, position)

@@ -628,3 +628,19 @@ def test_header_fixes_for_a_trained_run_name_no_config_change(tmp_path: Path) ->
     with pytest.raises(SchemaError) as err:
         read_header(cfg, path)
     assert "data.csv.header=false" in err.value.fix
+
+
+@pytest.mark.parametrize("uid", ["", "?", '""'])
+def test_a_row_without_an_id_is_a_bad_row(tmp_path: Path, uid: str) -> None:
+    """(helper's CSV sweep) An empty ID was read as "": infer wrote it into the submission, which blend then
+    refused ("empty ID"), and two of them were reported as a duplicated ID. As in Parquet (a null ID), the row
+    is bad: named with its line in error mode, skipped (and counted) with --bad-rows skip."""
+    path = tmp_path / "p.csv"
+    path.write_text(f"uid,age,city,note,status,clicked\na,1,x,n,Divorced,0\n{uid},2,y,n,Widowed,1\n"
+                    "c,3,z,n,Widowed,0\n")
+    with pytest.raises(InputFormatError, match="the ID is missing") as err:
+        read(cfg_for(), [path])
+    assert err.value.where == f"{path}, line 3, column uid", err.value.where
+    chunks = list(iter_raw_chunks(cfg_for(), [path], 1000, bad_rows="skip"))
+    assert chunks[0].frame["uid"].to_list() == ["a", "c"]
+    assert [(b.line, b.column, b.reason) for b in chunks[0].bad_rows] == [(3, "uid", "missing ID")]
