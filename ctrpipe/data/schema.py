@@ -53,10 +53,11 @@ class ResolvedColumns:
         return tuple(dict.fromkeys([*(c for c in self.labels if c not in derived),
                                     *(d.column for d in self.derived)]))
 
-    def raw_columns(self) -> list[str]:
-        """Every input column to read, each once: labels (or their sources), id, numeric, categorical, tokens."""
-        names = [*self.label_columns, *([self.id] if self.id else []), *self.numeric, *self.categorical,
-                 *(t.column for t in self.tokens), *self.keys]
+    def raw_columns(self, labels: bool = True) -> list[str]:
+        """Every input column to read, each once: labels (or their sources), id, numeric, categorical, tokens.
+        Without `labels`, the label columns that are nothing else (a derived label's source may be a feature)."""
+        names = [*(self.label_columns if labels else ()), *([self.id] if self.id else []), *self.numeric,
+                 *self.categorical, *(t.column for t in self.tokens), *self.keys]
         return list(dict.fromkeys(names))
 
 

@@ -75,7 +75,7 @@ def _chunks(p: Predictor, path: Path, chunk_rows: int) -> Iterator[tuple[int, ob
             rc = dataclasses.replace(rc, id=None)       # no id column in this file: rows are numbered
         start = 0
         for chunk in iter_csv_chunks(p.plan.cfg, path, chunk_rows, rc, "error", require_labels=False,
-                                     remedies=serving_remedies(p.cfg.data)):
+                                     remedies=serving_remedies(p.cfg.data), read_labels=False):
             ids = chunk.frame[rc.id].to_numpy() if rc.id else None
             yield start, chunk, ids
             start += chunk.frame.height

@@ -143,6 +143,8 @@ def _parquet_chunk(rc: ResolvedColumns, table: pa.Table, remedies: Remedies) -> 
         raise InputFormatError("no rows given", where=str(SOURCE), fix="pass at least one row")
     if rc.id and rc.id not in table.column_names:
         rc = dataclasses.replace(rc, id=None)      # ids are for submissions; serving needs none
+    # nor labels: a log whose outcomes are pending (null) or that holds other values is still scored
+    rc = dataclasses.replace(rc, labels=(), derived=())
     has_labels = check_schema(SOURCE, table.schema, rc, require_labels=False, remedies=remedies)
     have = set(table.column_names)         # a pyarrow property that builds its list on every read
     table = table.select([c for c in rc.raw_columns() if c in have]).combine_chunks()
@@ -216,7 +218,7 @@ def _csv_chunk(data: DataConfig, rc: ResolvedColumns, text: bytes, header_lines:
         path.write_bytes(text)
         try:
             chunks = list(iter_csv_chunks(data, path, max(text.count(b"\n"), 1), rc, "error",
-                                          require_labels=False, remedies=serving_remedies(data)))
+                                          require_labels=False, remedies=serving_remedies(data), read_labels=False))
         except CtrpipeError as exc:
             where = exc.where.replace(str(path), str(SOURCE))
             if table:

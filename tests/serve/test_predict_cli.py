@@ -132,9 +132,8 @@ def test_a_file_in_another_format_gets_the_runs_format_as_fix(world: Path, tmp_p
     assert "data.format=criteo" in msg and "--set" not in msg
 
 
-def test_a_csv_files_ids_are_kept_after_a_bom_or_blank_lines(tmp_path: Path) -> None:
-    """predict looked for the ID column in the file's first raw line: behind a byte-order mark or a blank line
-    it found none and wrote row numbers instead of the IDs, exit 0. The header is read as `shard` reads it."""
+def _csv_run(tmp_path: Path) -> list[str]:
+    """A DNN run (tmp_path/runs/csvrun) on a small CSV of columns uid, clicked, a, c; returns the file's lines."""
     rng = np.random.default_rng(0)
     rows = ["uid,clicked,a,c"] + [f"u{i},{int(rng.random() < 0.3)},{rng.random():.3f},k{i % 7}" for i in range(300)]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
@@ -150,6 +149,13 @@ def test_a_csv_files_ids_are_kept_after_a_bom_or_blank_lines(tmp_path: Path) -> 
                                 "train.min_steps=0"]))):
         code, out = _invoke(*args)
         assert code == 0, out
+    return rows
+
+
+def test_a_csv_files_ids_are_kept_after_a_bom_or_blank_lines(tmp_path: Path) -> None:
+    """predict looked for the ID column in the file's first raw line: behind a byte-order mark or a blank line
+    it found none and wrote row numbers instead of the IDs, exit 0. The header is read as `shard` reads it."""
+    rows = _csv_run(tmp_path)
     body = "".join(",".join(f for j, f in enumerate(r.split(",")) if j != 1) + "\n" for r in rows[:21])
     for name, text in (("bom.csv", "\ufeff" + body), ("blank.csv", "\n\n" + body)):
         (tmp_path / name).write_text(text)
@@ -211,3 +217,27 @@ def test_predict_guards_its_input_its_record_and_gzip(world: Path, tmp_path: Pat
             predict_file(run, test, tmp_path / "q.csv", overrides=[key])
     predict_file(run, test, tmp_path / "r.csv", overrides=["infer.write_chunk_rows=7"])    # used: it stays
     assert (tmp_path / "r.csv").read_bytes() == plain.read_bytes()
+
+
+def test_predict_scores_rows_whose_labels_are_pending_or_other_values(tmp_path: Path) -> None:
+    """(helper's CSV sweep) predict and Predictor checked the label column of their input though they never
+    use it: a log with an outcome still pending (empty) or another value failed with "the label is missing".
+    The labels are left unread; every row is scored as it is without them."""
+    from ctrpipe.serve.predictor import Predictor
+
+    rows = _csv_run(tmp_path)
+    run = tmp_path / "runs" / "csvrun"
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text("\n".join(rows[:21]) + "\n")
+    pending = tmp_path / "pending.csv"
+    pending.write_text("\n".join([rows[0], *(",".join([r.split(",")[0], ["", "2", "?"][i % 3], *r.split(",")[2:]])
+                                             for i, r in enumerate(rows[1:21]))]) + "\n")
+    for name in ("labelled", "pending"):
+        code, out = _invoke("predict", "--run", str(run), "--input", str(tmp_path / f"{name}.csv"),
+                            "--out", str(tmp_path / f"p_{name}.csv"), "-q")
+        assert code == 0, out
+    assert pl.read_csv(tmp_path / "p_pending.csv").equals(pl.read_csv(tmp_path / "p_labelled.csv"))
+    p = Predictor.load(run)
+    uid, _, a, c = rows[1].split(",")
+    got = [p.predict([{"uid": uid, "clicked": y, "a": a, "c": c}])["clicked"] for y in (None, "2", "1")]
+    assert got[0] == got[1] == got[2], got

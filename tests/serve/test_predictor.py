@@ -230,6 +230,19 @@ def test_parquet_table_polars_and_dicts(parquet: dict[str, Path]) -> None:
     _check_equal(p, parquet, table.to_pylist())
 
 
+def test_parquet_labels_are_not_read_when_serving(parquet: dict[str, Path]) -> None:
+    """(helper's serving sweep) A pending outcome (null) or any other value in a label column failed as a bad
+    label: serving never uses labels, so they are left unread."""
+    from ctrpipe import Predictor
+
+    p = Predictor.load(parquet["run"])
+    rows = pq.read_table(parquet["test"]).slice(0, 6).to_pylist()
+    want = p.predict(rows)
+    for value in (None, 2):
+        got = p.predict([{**r, "clicked": value, "converted": value} for r in rows])
+        assert all(np.array_equal(got[h], want[h]) for h in want), value
+
+
 def test_parquet_bad_input(parquet: dict[str, Path]) -> None:
     from ctrpipe import Predictor
 
@@ -312,6 +325,8 @@ def test_csv_lines_and_table(adult: dict[str, Path]) -> None:
     _check_equal(p, adult, rows)
     unlabelled = [{k: v for k, v in r.items() if k != "income"} for r in rows]
     _check_equal(p, adult, unlabelled)
+    # a label source of neither a positive nor a negative value (an outcome not known yet) is not read
+    _check_equal(p, adult, [ln if ln.startswith("|") else ln.rsplit(", ", 1)[0] + ", unknown" for ln in lines])
 
 
 def test_csv_bad_input(adult: dict[str, Path]) -> None:
