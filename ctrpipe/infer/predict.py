@@ -39,7 +39,7 @@ from ctrpipe.infer.calibrate import (
 )
 from ctrpipe.infer.config import check_trim_ratio
 from ctrpipe.infer.ensemble import combine, rank_normalise, resolve_weights
-from ctrpipe.infer.submission import SubmissionWriter, check_out_file
+from ctrpipe.infer.submission import SubmissionWriter, check_out_file, check_out_outside
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import training_sampling
 from ctrpipe.loader.view import RowView
@@ -328,6 +328,7 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     run, shards = Path(run), Path(shards)
     out = Path(out) if out is not None else run / "submission.csv"
     check_out_file(out)
+    check_out_outside(out, run, (shards,))
     paths = find_checkpoints(run)
     ckpts = [load_checkpoint(p) for p in paths]
     cfg = resolve_config(ckpts[0], overrides)

@@ -28,7 +28,7 @@ from ctrpipe.data.chunks import RawChunk
 from ctrpipe.data.criteo import iter_blocks
 from ctrpipe.data.csv_reader import iter_csv_chunks, read_header
 from ctrpipe.errors import ConfigError, CtrpipeError, InputFormatError
-from ctrpipe.infer.submission import check_out_file
+from ctrpipe.infer.submission import check_out_file, check_out_outside
 from ctrpipe.serve.predictor import Predictor
 from ctrpipe.serve.rows import serving_remedies
 
@@ -101,6 +101,7 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
                           where=f"--out {out}", fix="write the predictions to another file")
     t0 = time.perf_counter()
     p = Predictor.load(run, cache=cache, overrides=overrides)
+    check_out_outside(out, run, (p.cache_dir,))
     out.parent.mkdir(parents=True, exist_ok=True)      # as `ctrpipe infer` makes its --out folder
     rows = _write(p, path, out, chunk_rows)
     _write_record(p, path, out, rows, time.perf_counter() - t0)

@@ -109,6 +109,11 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
         from ctrpipe.data.parquet import check_id_types
 
         check_id_types(main_paths + gold_paths, data.id_column)
+    if stats_from is not None and (Path(out).resolve() == Path(stats_from).resolve()
+                                   or Path(stats_from).resolve() in Path(out).resolve().parents):
+        # with --force the test cache replaced the train cache whose statistics (fitted/) it reads
+        raise ConfigError("--out is the --stats-from train cache (or inside it)", where=f"--out {out}",
+                          fix="give the test cache a folder of its own, e.g. --out shards/test")
     train_m = read_manifest(Path(stats_from)) if stats_from is not None else None
     if train_m is not None and stats_from is not None:
         _check_stats_from(train_m, data, Path(stats_from))

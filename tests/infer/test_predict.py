@@ -219,6 +219,35 @@ def test_out_naming_a_folder_is_refused_before_any_work(world: dict[str, Path], 
         run_infer(world["single"], world["te"], tmp_path, [], quiet=True)
 
 
+def test_out_naming_a_file_the_command_reads_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    """(helper's infer sweep) --out runs/X/ckpt_fold0.pt replaced a checkpoint with the CSV (exit 0, and the run
+    was then unreadable); --out inside the test cache replaced its manifest.json. An earlier submission in the
+    run folder (its .json record beside it) is still replaced, and a new name there written."""
+    from ctrpipe.errors import SubmissionError
+    from ctrpipe.infer.submission import check_out_outside
+    from ctrpipe.serve.predict_file import predict_file
+
+    run, cache = tmp_path / "run", tmp_path / "te"
+    shutil.copytree(world["kfold"], run)
+    shutil.copytree(world["te"], cache)
+    before = {p: p.read_bytes() for p in [*run.rglob("*"), *cache.rglob("*")] if p.is_file()}
+    for out, words in ((run / "ckpt_fold0.pt", "the run's own ckpt_fold0.pt"),
+                       (run / "calibration.json", "the run's own calibration.json"),
+                       (run / "oof.npz", "the run's own oof.npz"),
+                       (cache / "manifest.json", "inside the shard cache"),
+                       (cache / "shard_00000" / "sub.csv", "inside the shard cache")):
+        with pytest.raises(SubmissionError, match=words):
+            run_infer(run, cache, out, [], quiet=True)
+        if "run's own" in words:
+            with pytest.raises(SubmissionError, match=words):
+                predict_file(run, world["data"] / "test.tsv", out)
+    assert {p: p.read_bytes() for p in [*run.rglob("*"), *cache.rglob("*")] if p.is_file()} == before
+    run_infer(run, cache, None, [], quiet=True)                     # run/submission.csv, then again over it
+    run_infer(run, cache, None, [], quiet=True)
+    run_infer(run, cache, run / "second.csv", [], quiet=True)
+    check_out_outside(tmp_path / "elsewhere.csv", run, (cache,))
+
+
 @pytest.mark.parametrize("run_name", ["single", "kfold"])
 def test_unfinished_run_is_refused(world: dict[str, Path], tmp_path: Path, run_name: str) -> None:
     """Checkpoints exist from a run's first evaluation: only metrics.json says that training ended."""

@@ -209,6 +209,19 @@ def test_stats_from_needs_test(tmp_path: Path) -> None:
         build_shards(parquet_cfg(), [train], tmp_path / "again", stats_from=tmp_path / "train", progress=False)
 
 
+def test_a_test_cache_may_not_replace_its_stats_from_cache(tmp_path: Path) -> None:
+    """(helper's shard sweep) --test --stats-from C --out C --force replaced the train cache C, fitted/ and all,
+    by the test cache built from it."""
+    train = write_parquet(tmp_path / "train.parquet", 60, seed=1)
+    build_shards(parquet_cfg(), [train], tmp_path / "train", progress=False)
+    before = (tmp_path / "train" / MANIFEST_NAME).read_bytes()
+    for out in (tmp_path / "train", tmp_path / "train" / "test"):
+        with pytest.raises(ConfigError, match="--out is the --stats-from train cache"):
+            build_shards(parquet_cfg(), [train], out, role="test", stats_from=tmp_path / "train", force=True,
+                         progress=False)
+    assert (tmp_path / "train" / MANIFEST_NAME).read_bytes() == before
+
+
 def test_reuse_checks_the_shards_and_force_checks_the_folder_first(tmp_path: Path, criteo_tsv: Path) -> None:
     """A cache missing a shard was reused as up to date; --force deleted a valid cache's manifest and only
     then refused a folder holding other files."""
