@@ -66,10 +66,15 @@ def _header(path: Path, cfg: DataConfig, rec: Records, remedies: Remedies = SHAR
     try:
         names = _parse_record(rec, 0, cfg, int(rec.fields[0]))
     except _PARSE_ERRORS as exc:
-        raise InputFormatError(f"cannot parse the header row: {str(exc).splitlines()[0]}",
-                               where=location(path, int(rec.lines[0])),
-                               fix=remedies.or_config("check the quoting of the header", "set data.csv.header="
-                                                      "false and data.csv.column_names")) from None
+        reason = str(exc).splitlines()[0]
+        fix = remedies.or_config("check the quoting of the header", "set data.csv.header=false and "
+                                                                    "data.csv.column_names")
+        if "utf-8" in reason.lower() or "utf8" in reason.lower():
+            fix = (f"the file is not UTF-8 text, which CSV inputs must be: convert it, e.g. "
+                   f"`iconv -f latin1 -t utf-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}` (or "
+                   "from its own encoding)")
+        raise InputFormatError(f"cannot parse the header row: {reason}", where=location(path, int(rec.lines[0])),
+                               fix=fix) from None
     empty = [j + 1 for j, v in enumerate(names) if not v]
     dup = sorted({v for v in names if v and names.count(v) > 1})
     if empty or dup:

@@ -67,8 +67,16 @@ def _names(schema: SchemaLike) -> list[str]:
     return list(schema.keys()) if schema is not None else list(CRITEO_COLUMNS)
 
 
+_SEPARATORS = (",", ";", "\t", "|")
+
+
 def closest(name: str, names: list[str]) -> str:
-    """' (closest: "x")' when some name is similar, else a few of the existing names."""
+    """' (closest: "x")' when some name is similar, else a few of the existing names; a CSV header read as one
+    column that holds a separator says which (a file separated by ';' read with ',')."""
+    if len(names) == 1 and any(sep in names[0] for sep in _SEPARATORS):
+        sep = max((sep for sep in _SEPARATORS if sep in names[0]), key=names[0].count)
+        return (f"the header reads as one column {names[0][:60]!r}: the file looks separated by {sep!r} "
+                f"(set data.csv.separator to {sep!r}).")
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     if close:
         return f"did you mean {close[0]!r}?"

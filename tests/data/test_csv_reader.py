@@ -644,3 +644,22 @@ def test_a_row_without_an_id_is_a_bad_row(tmp_path: Path, uid: str) -> None:
     chunks = list(iter_raw_chunks(cfg_for(), [path], 1000, bad_rows="skip"))
     assert chunks[0].frame["uid"].to_list() == ["a", "c"]
     assert [(b.line, b.column, b.reason) for b in chunks[0].bad_rows] == [(3, "uid", "missing ID")]
+
+
+@pytest.mark.parametrize(("file_sep", "cfg_sep"), [(";", ","), (",", "\t"), ("\t", ",")])
+def test_a_header_read_as_one_column_names_the_files_separator(tmp_path: Path, file_sep: str, cfg_sep: str) -> None:
+    """(helper's CSV sweep) A ';'-separated file read with ',' was told its id column is missing and that the
+    existing columns include ['uid;age;...']: the fix now names the separator the header holds."""
+    path = write_csv(tmp_path / "p.csv", make_rows(5), sep=file_sep)
+    with pytest.raises(SchemaError) as err:
+        read(cfg_for(cfg_sep), [path])
+    assert f"the file looks separated by {file_sep!r} (set data.csv.separator to {file_sep!r})" in err.value.fix
+
+
+def test_a_header_that_is_not_utf8_says_so(tmp_path: Path) -> None:
+    """A Latin-1 header was told to check its quoting or set data.csv.header=false."""
+    path = tmp_path / "latin.csv"
+    path.write_bytes("uid,age,city,n\u00f6te,status,clicked\na,1,x,n,Divorced,0\n".encode("latin-1"))
+    with pytest.raises(InputFormatError, match="cannot parse the header row") as err:
+        read(cfg_for(), [path])
+    assert "not UTF-8" in err.value.fix and "iconv" in err.value.fix, err.value.fix
