@@ -245,6 +245,7 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     resolve_weights(method, len(files), w, None, 1.0)     # refuse bad combinations before reading anything
     check_trim_ratio(trim_ratio, "--trim-ratio", len(files) if method == "trim_mean" else None)
     id_header, pred_header = _check_inputs(files, out)
+    _warn_rank_scores_beside_probabilities(files, method)
     # more, larger buckets than the open-file limit allows cost memory per bucket, not correctness
     parts = min(partitions or _choose_partitions(files), _open_file_budget())
     rank = method == "rank_avg"
@@ -297,6 +298,36 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     return report
 
 
+def _origin(f: Path) -> dict[str, object] | None:
+    """Where a submission came from, by the record `ctrpipe infer` / `blend` wrote beside it: its run, config
+    name, method and training-cache fingerprint; None without a readable record (the sha256 still identifies
+    the file)."""
+    record = f.with_name(f.name + ".json")
+    if not record.is_file():
+        return None
+    try:
+        doc = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return {k: doc.get(k) for k in ("run", "exp_name", "method", "shards_fingerprint", "blend") if k in doc}
+
+
+def _warn_rank_scores_beside_probabilities(files: Sequence[Path], method: str) -> None:
+    """rank_avg writes rank scores in [0, 1]: blended by any other method with probabilities, the result is
+    neither (a rank of 0.9 reads as a 90% click chance). Told, not refused: the records may be out of date."""
+    if method == "rank_avg":
+        return
+    methods = {f: (_origin(f) or {}).get("method") for f in files}
+    ranked = [f for f, m in methods.items() if m == "rank_avg"]
+    probs = [f for f, m in methods.items() if m is not None and m != "rank_avg"]
+    if ranked and probs:
+        console.print(f"[yellow]warning:[/] {ranked[0]} holds rank scores (its record: method rank_avg), "
+                      f"{probs[0]} probabilities ({methods[probs[0]]}): a {method} of both is neither; blend "
+                      "with --method rank_avg, or write every input with a probability method", highlight=False)
+
+
 def _write_record(r: BlendReport, trim_ratio: float) -> Path:
     """`<out>.json`, as `ctrpipe infer` writes beside a submission: the blend's settings, and per input its
     bytes' sha256 and, where the input has one, where it came from (its own record's run, config name and
@@ -307,14 +338,7 @@ def _write_record(r: BlendReport, trim_ratio: float) -> Path:
     inputs = []
     for f in r.files:
         record = f.with_name(f.name + ".json")
-        origin = None
-        if record.is_file():
-            try:
-                doc = json.loads(record.read_text())
-                origin = {k: doc.get(k) for k in ("run", "exp_name", "method", "shards_fingerprint", "blend")
-                          if k in doc}
-            except (OSError, ValueError):
-                origin = None                   # a damaged record names nothing; the sha256 still identifies
+        origin = _origin(f)
         inputs.append({"path": str(f.resolve()), "sha256": file_sha256(f), "bytes": f.stat().st_size,
                        "record": str(record.resolve()) if origin is not None else None, "from": origin})
     doc = {"blend": str(r.out.resolve()), "rows": r.rows, "method": r.method,

@@ -305,3 +305,26 @@ def test_a_submissions_old_record_goes_only_when_the_new_file_replaces_it(tmp_pa
     with SubmissionWriter(out, stale=(record,)) as w:
         w.write(np.array([1]), np.array([0.25], dtype=np.float32))
     assert not record.exists() and out.read_text() == "ID,clicked\n1,0.25\n"
+
+
+def test_rank_scores_blended_with_probabilities_are_warned_about(tmp_path: Path) -> None:
+    """(helper's blend sweep) A rank_avg submission (rank scores in [0, 1]) blended by logit_mean with a
+    probability submission gave neither, without a word; the inputs' records say which method wrote them."""
+    import json
+
+    paths, _, _ = _make(tmp_path, k=2)
+
+    def blend(method: str) -> str:
+        res = CliRunner().invoke(app, ["blend", "submissions", *map(str, paths), "--method", method, "--out",
+                                       str(tmp_path / f"{method}.csv"), "-q"])
+        assert res.exit_code == 0, res.output
+        return " ".join(res.output.split())
+
+    assert "warning" not in blend("logit_mean")                       # no records: nothing is known
+    paths[0].with_name(paths[0].name + ".json").write_text(json.dumps({"method": "rank_avg"}))
+    paths[1].with_name(paths[1].name + ".json").write_text(json.dumps({"method": "logit_mean"}))
+    out = blend("logit_mean")
+    assert f"warning: {paths[0]} holds rank scores" in out and "blend with --method rank_avg" in out, out
+    assert "warning" not in blend("rank_avg")
+    paths[1].with_name(paths[1].name + ".json").write_text(json.dumps({"method": "rank_avg"}))
+    assert "warning" not in blend("mean")                             # all ranks: one kind of score
