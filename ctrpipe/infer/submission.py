@@ -39,14 +39,17 @@ def check_out_outside(out: Path, run: Path, caches: tuple[Path, ...], option: st
     """Refuse, before any work, an output that would replace what the command reads: any path inside a shard
     cache (the cache's folder belongs to `ctrpipe shard`), or a file of the run folder that no earlier output
     wrote (a checkpoint, calibration.json, the config); an earlier submission or prediction file has its
-    `.json` record beside it and is replaced as before, a new name in the run folder is written as before."""
+    `.json` record beside it and is replaced as before, as is infer's default RUN/submission.csv (training
+    never writes it), and a new name in the run folder is written as before."""
     o = Path(out).resolve()
     for cache in caches:
         c = Path(cache).resolve()
         if o == c or c in o.parents:
             raise SubmissionError(f"{option} is inside the shard cache {cache}, which this command reads",
                                   where=f"{option} {out}", fix="write the output outside the cache's folder")
-    if Path(run).resolve() in o.parents and o.exists() and not o.with_name(o.name + ".json").is_file():
+    default = (Path(run) / "submission.csv").resolve()
+    if Path(run).resolve() in o.parents and o.exists() and o != default and \
+            not o.with_name(o.name + ".json").is_file():
         raise SubmissionError(f"{option} names the run's own {o.name}, which this command did not write: it "
                               "would be replaced", where=f"{option} {out}",
                               fix=f"give another file name, e.g. {option} {Path(run) / 'submission.csv'}")

@@ -243,6 +243,7 @@ def test_out_naming_a_file_the_command_reads_is_refused(world: dict[str, Path], 
                 predict_file(run, world["data"] / "test.tsv", out)
     assert {p: p.read_bytes() for p in [*run.rglob("*"), *cache.rglob("*")] if p.is_file()} == before
     run_infer(run, cache, None, [], quiet=True)                     # run/submission.csv, then again over it
+    (run / "submission.csv.json").unlink()                          # (even without its record: infer's default)
     run_infer(run, cache, None, [], quiet=True)
     run_infer(run, cache, run / "second.csv", [], quiet=True)
     check_out_outside(tmp_path / "elsewhere.csv", run, (cache,))
