@@ -181,13 +181,13 @@ class _Outputs:
         return self.rows, self.logits, self.labels
 
 
-@torch.no_grad()
 def bad_id_error(batches: object, batch: Batch) -> CtrpipeError | None:
     """Why a lookup of `batch` failed, when `batches` (a ShardLoader) finds an id beyond its field's table."""
     find = getattr(batches, "bad_id_error", None)
     return find(batch) if find is not None else None
 
 
+@torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Batch], num_rows: int, tasks: int | Sequence[Task],
             device: torch.device, amp: str = "off", with_labels: bool = True,
             on_batch: Callable[[int], None] | None = None,

@@ -188,7 +188,7 @@ def test_an_id_beyond_its_table_in_evaluation_is_named(caches: dict[str, Path], 
     model = build_model(cfg.model.name, cfg.model.params, spec)
     loader = ShardLoader(cache, RowView.val(), 64, shuffle=False, seed=0)
     with pytest.raises(ManifestMismatchError, match=f"shard_00001/seq.tokens.npy, row {row}, column seq"):
-        predict(model, loader, loader.num_rows, 2, torch.device("cpu"), "off")
+        predict(model, loader, loader.num_rows, spec.n_tasks, torch.device("cpu"), "off")
 
 
 @pytest.mark.parametrize("value", [2.0, float("nan")])
@@ -200,3 +200,16 @@ def test_a_label_that_is_not_0_or_1_stops_training(value: float, caches: dict[st
     out = _train_error(cache, tmp_path / "runs")
     name = read_manifest(cache).columns_of("label")[-1].name
     assert f"shard_00001/labels.npy, row {row}, column {name}: label '{name}' is {value}, not 0 or 1" in out, out
+
+
+def test_predict_runs_without_autograd(caches: dict[str, Path]) -> None:
+    """predict is @torch.no_grad: evaluation and infer keep no graph (a helper inserted above it once took the
+    decorator away)."""
+    cfg = load_config(REPO / "cfgs" / CONFIGS["din"], overrides("din"))
+    spec = read_manifest(caches["din"]).feature_spec()
+    model = build_model(cfg.model.name, cfg.model.params, spec)
+    seen: list[bool] = []
+    model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    loader = ShardLoader(caches["din"], RowView.val(), 64, shuffle=False, seed=0)
+    predict(model, loader, loader.num_rows, spec.n_tasks, torch.device("cpu"), "off")
+    assert seen and not any(seen), seen
