@@ -144,6 +144,17 @@ def peak_rss() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def available_bytes() -> int | None:
+    """Host memory a new allocation can still get without swapping (MemAvailable), or None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def anon_rss() -> int | None:
     """This process's anonymous resident memory (RssAnon: heap, tensors, buffers), or None off Linux. The rest
     of RSS are mapped files: pages on disk, which the kernel drops and reads again, and tmpfs files (RssShmem:

@@ -12,10 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from ctrpipe.errors import ConfigError, SchemaError
+from ctrpipe.errors import ConfigError, SchemaError, human_bytes
 from ctrpipe.features import FeatureSpec
+from ctrpipe.hostmem import available_bytes
 from ctrpipe.models.base import SHARD_A_HISTORY
 
 # modules of ctrpipe/models/ that hold no model; the rest are imported lazily (`ctrpipe synth` does not pay
@@ -113,4 +115,28 @@ def build_model(name: str, cfg: Any, spec: FeatureSpec, sparse: bool = False) ->
                           fix="shard data with more label columns (data.labels: [clicked, converted]), "
                               "or pick a single-task model such as dnn" if n < entry.min_labels else
                               "pick the labels it needs when sharding (data.labels), or another model")
+    if torch.get_default_device().type != "meta":
+        _check_host_memory(name, entry, spec, cfg, sparse)
     return entry.builder(spec, cfg, sparse=sparse)
+
+
+def _check_host_memory(name: str, entry: ModelEntry, spec: FeatureSpec, cfg: Any, sparse: bool) -> None:
+    """Refuse a model whose weights alone outgrow the host's available memory before allocating it: the
+    allocator's own failure is a traceback that names no setting, and a run stopped by it left a folder that
+    blocked the retry. Built once on the meta device (no memory, the caller's RNG untouched) to size it."""
+    available = available_bytes()
+    if available is None:
+        return
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = entry.builder(spec, cfg, sparse=sparse)
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    if total <= available:
+        return
+    big_name, big = max(tensors, key=lambda nt: nt[1].numel() * nt[1].element_size())
+    shape = " x ".join(f"{d:,}" for d in big.shape)
+    raise ConfigError(f"model {name!r} holds {human_bytes(total)} of weights, more than the "
+                      f"{human_bytes(available)} of memory this machine has available; its largest tensor, "
+                      f"{big_name} ({shape}), is {human_bytes(big.numel() * big.element_size())}",
+                      where="model", fix="lower the model section's sizes (embedding dims, hidden units, ranks, "
+                                         "heads); `ctrpipe plan` estimates the memory a config needs")

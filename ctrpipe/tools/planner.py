@@ -82,6 +82,8 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
     spec = manifest.feature_spec()
     with torch.device("meta"):
         model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
+    available, what = (memory, "--memory") if memory else device_memory(device)
+    _check_weights(cfg.model.name, model, available, what)
     n_tasks = len(build_tasks(heads_of(model, spec), spec, cfg.train))
     b = cfg.loader.batch_size
     per_epoch = train_rows // b if drops_ragged_batch(train_rows, b, cfg.loader.shuffle) else -(-train_rows // b)
@@ -109,7 +111,6 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
                  train_rows=train_rows, n_folds=n_folds, cv_rows=sum(fold_sizes), process_bytes=process)
     setting = Setting(batch=b, eval_batch=cfg.loader.eval_batch_size, amp=cfg.train.amp,
                       embedding_optimizer=cfg.train.embedding_optimizer)
-    available, what = (memory, "--memory") if memory else device_memory(device)
     groups = split_parameters(model)
 
     def make(st: Setting, tips: tuple[str, ...] = ()) -> MemoryPlan:
@@ -125,6 +126,17 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
     if available is not None and not plan.fits:
         plan = make(setting, tuple(suggestions(inp, setting, available, lambda st: make(st).peak())))
     return plan
+
+
+def _check_weights(name: str, model: torch.nn.Module, available: int | None, what: str) -> None:
+    """No setting (batch, precision, optimizer) fits a model whose weights alone outgrow the memory: say so
+    before measuring steps, which would allocate them."""
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if available is not None and weights > available:
+        raise ConfigError(f"the weights of model {name!r} alone are {human_bytes(weights)}, more than the "
+                          f"{human_bytes(available)} of {what}: no batch size or precision fits",
+                          where="model", fix="lower the model section's sizes (embedding dims, hidden units, ranks, "
+                                             "heads)")
 
 
 def _dense_counts(model: torch.nn.Module) -> dict[str, int]:

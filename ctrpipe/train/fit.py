@@ -29,6 +29,7 @@ from ctrpipe.errors import (
     CtrpipeError,
     ManifestMismatchError,
     SchemaError,
+    TrainingError,
     first_on_node,
 )
 from ctrpipe.features import FeatureSpec
@@ -130,6 +131,12 @@ def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: 
             if ctx.main and not ctx.resume:
                 _remove_unstarted_run(ctx.run_dir)
             raise
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
+            if not out_of_memory(exc):
+                raise
+            if ctx.main and not ctx.resume:
+                _remove_unstarted_run(ctx.run_dir)
+            raise _out_of_memory_error(ctx, exc) from exc
     finally:
         if group is not None:
             group.close()
@@ -140,6 +147,23 @@ def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: 
     write_json(ctx.run_dir / "metrics.json", summary)
     _print_summary(ctx, summary)
     return summary
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """The allocator's failure, on the GPU (torch.OutOfMemoryError) or the host (torch's CPU allocator
+    raises a plain RuntimeError; numpy a MemoryError)."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
+
+
+def _out_of_memory_error(ctx: TrainContext, exc: BaseException) -> TrainingError:
+    """A run that ran out of memory, with what to change: the plan shows what a config needs part by part."""
+    started = any(ctx.run_dir.rglob("*.pt"))
+    cmd = f"ctrpipe plan --cfg CFG --shards {ctx.shards}"
+    return TrainingError(
+        f"out of memory on {ctx.device}: {str(exc).splitlines()[0][:300]}", where=str(ctx.run_dir),
+        fix=f"`{cmd}` (with your --set options) shows what the run needs and settings that fit; lower "
+            "loader.batch_size or the model's sizes" + (" in a new run (--set exp_name=NEW): a resumed run keeps its "
+                                                         "batch size" if started else ""))
 
 
 def _remove_unstarted_run(run_dir: Path) -> None:

@@ -365,3 +365,15 @@ def test_the_plan_counts_the_steps_the_loader_serves(caches: dict[int, Path], sh
                                      seed=0)
     assert loader.num_rows % 256 > 1
     assert plan_of(caches[1000], "dnn", flag).steps == len(loader) * cfg.train.epochs
+
+
+def test_weights_that_outgrow_the_memory_are_refused_before_measuring(caches: dict[int, Path]) -> None:
+    """No batch size or precision fits weights larger than the memory; measuring steps would allocate them
+    (a raw allocator traceback for a model beyond the host's memory)."""
+    cfg = load_config(REPO / "cfgs" / "criteo_dnn.yaml", [*SMALL, "model.hidden_units=[4096]"])
+    with pytest.raises(ConfigError, match=r"weights of model 'dnn' alone are .* of --memory") as err:
+        estimate(cfg, caches[1000], "cpu", memory=1 << 20)
+    assert err.value.where == "model"
+    huge = load_config(REPO / "cfgs" / "criteo_dnn.yaml", [*SMALL, "model.hidden_units=[1000000, 1000000]"])
+    with pytest.raises(ConfigError, match=r"alone are 4.0 TB, more than .* available host RAM"):
+        estimate(huge, caches[1000], "cpu")

@@ -475,3 +475,44 @@ def test_ctrl_c_says_how_to_continue(cache: Path, tmp_path: Path) -> None:
     code_, out = train(cache, tmp_path, "--set", "train.max_steps=12", "--set", "train.min_steps=0",
                        "--set", "exp_name=stopped", "--resume")
     assert code_ == 0, out
+
+
+def test_a_model_beyond_the_hosts_memory_is_refused_and_leaves_no_run(cache: Path, tmp_path: Path):
+    """4 TB of weights: refused before allocating (not the allocator's traceback), with the largest tensor
+    named, and no run folder left to block the fixed command."""
+    code, out = train(cache, tmp_path, "--set", "model.hidden_units=[1000000,1000000]")
+    assert code == 1, out
+    assert "error: model: model 'dnn' holds 4.0 TB of weights" in out and "memory this machine has" in out
+    assert "mlp" in out and "1,000,000 x 1,000,000" in out and "lower the model section's sizes" in out
+    assert not (tmp_path / "criteo").exists()
+    assert train(cache, tmp_path, "--set", "train.max_steps=2")[0] == 0
+
+
+def test_running_out_of_memory_says_what_to_change_and_leaves_no_run(cache: Path, tmp_path: Path) -> None:
+    """Weights that fit the host but not the process's address-space limit (set here with RLIMIT_AS, as a
+    container's limit would): the allocator fails in a real process, which says so with what to change (not a
+    traceback) and leaves no run folder before its first checkpoint."""
+    import resource
+    import subprocess
+    import sys
+
+    from train_setup import REPO
+
+    from ctrpipe.hostmem import available_bytes
+
+    limit = 6 << 30
+    if (available_bytes() or 0) < 8 << 30:
+        pytest.skip("needs 8 GiB of available memory: the weights must pass the host-memory check")
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    args = ["train", "--cfg", str(CRITEO_CFG), "--shards", str(cache), "--runs", str(tmp_path), "-q",
+            *[x for s in [*FAST, "model.hidden_units=[30000,30000]", "train.max_steps=2"] for x in ("--set", s)]]
+    proc = subprocess.run([sys.executable, "-m", "ctrpipe.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          preexec_fn=cap, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "error: " in out and "out of memory on cpu" in out and "Traceback" not in out, out
+    assert "ctrpipe plan --cfg CFG --shards" in out and "lower loader.batch_size" in out
+    assert not (tmp_path / "criteo").exists()
