@@ -19,9 +19,7 @@ from ctrpipe.console import console
 from ctrpipe.device import model_family, predict_amp, resolve_amp
 from ctrpipe.errors import ConfigError, SchemaError, human_bytes
 from ctrpipe.loader.loader import drops_ragged_batch
-from ctrpipe.models.heads import heads_of
 from ctrpipe.models.layers.embedding import split_parameters
-from ctrpipe.models.registry import build_model
 from ctrpipe.shard.manifest import read_manifest
 from ctrpipe.tools.memtrack import measure_step_memory, metric_bytes_per_row
 from ctrpipe.tools.plan import (
@@ -60,8 +58,7 @@ def parse_bytes(text: str) -> int:
 
 def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = None) -> MemoryPlan:
     """The memory plan of training `cfg` on the cache `shards` on `device` ("cpu" or "cuda")."""
-    from ctrpipe.train.fit import check_folds
-    from ctrpipe.train.objective import build_tasks
+    from ctrpipe.train.fit import check_training
     from ctrpipe.train.plan import plan_steps
 
     device = check_device(device)
@@ -73,18 +70,16 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
 
         raise SchemaError(f"shard cache {shards} has no labelled training rows", where=str(shards / "manifest.json"),
                           fix=no_training_rows_fix(manifest))
-    check_folds(cfg, manifest, shards)
+    model, tasks, _ = check_training(cfg, manifest, shards)
     n_folds = cfg.cv.n_splits
     fold_sizes = [int(n) for n in manifest.folds.get("sizes", [])] if n_folds else []
     # K-fold: the largest fold validates, the view without the smallest trains (the largest of each)
     val_rows = max(fold_sizes) if n_folds else manifest.rows.get("val", 0)
     train_rows = sum(fold_sizes) - min(fold_sizes) if n_folds else train_rows
     spec = manifest.feature_spec()
-    with torch.device("meta"):
-        model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
     available, what = (memory, "--memory") if memory else device_memory(device)
     _check_weights(cfg.model.name, model, available, what)
-    n_tasks = len(build_tasks(heads_of(model, spec), spec, cfg.train))
+    n_tasks = len(tasks)
     b = cfg.loader.batch_size
     per_epoch = train_rows // b if drops_ragged_batch(train_rows, b, cfg.loader.shuffle) else -(-train_rows // b)
     steps = plan_steps(cfg.train, train_rows, b, per_epoch).total_steps

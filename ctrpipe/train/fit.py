@@ -268,16 +268,8 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         b, w = cfg.loader.batch_size, dist.world_size
         raise ConfigError(f"loader.batch_size {b} is the global batch, and {w} processes need a row each",
                           where="loader.batch_size", fix=f"use a loader.batch_size of at least {w}")
-    check_folds(cfg, manifest, shards)
-    # a model that needs a feature kind the shards lack, or a config it refuses, fails here before any other
-    # work; on the meta device nothing is allocated or initialised (the real build comes once, per fold)
-    with torch.device("meta"):
-        model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
-    heads = heads_of(model, spec)
-    tasks = build_tasks(heads, spec, cfg.train)
+    model, tasks, shift = check_training(cfg, manifest, shards)
     parameters = sum(p.numel() for p in model.parameters())
-    _check_metric(cfg, tasks)
-    shift = _check_sampling(cfg, spec, heads, tasks)
     amp = resolve_amp(cfg.train.amp, device, model_family(cfg.model.name, cfg.model.params))
     run_dir = run_dir_of(runs, cfg.exp_name)
     if dist is not None and not dist.is_main:
@@ -305,6 +297,22 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
                f"{manifest.fingerprint}\nschema {manifest.schema_fingerprint()}\nshards {shards.resolve()}\n")
     return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters, shift,
                         dist, amp)
+
+
+def check_training(cfg: RunConfig, manifest: Manifest, shards: Path
+                   ) -> tuple[torch.nn.Module, tuple[Task, ...], tuple[float, ...]]:
+    """What training refuses about a config on a cache before any work (folds, the model, its early-stopping
+    metric and label sampling): train runs it first, and `ctrpipe plan`, so a plan never says "fits" for a
+    run train refuses. Returns the model built on the meta device (nothing allocated or initialised; the real
+    build comes once, per fold), its tasks and their logit shifts under sampling."""
+    check_folds(cfg, manifest, shards)
+    spec = manifest.feature_spec()
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, cfg.model.params, spec, sparse=cfg.train.sparse_embeddings)
+    heads = heads_of(model, spec)
+    tasks = build_tasks(heads, spec, cfg.train)
+    _check_metric(cfg, tasks)
+    return model, tasks, _check_sampling(cfg, spec, heads, tasks)
 
 
 def _refuse_changes_to_finished(recorded: dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:

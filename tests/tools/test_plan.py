@@ -377,3 +377,13 @@ def test_weights_that_outgrow_the_memory_are_refused_before_measuring(caches: di
     huge = load_config(REPO / "cfgs" / "criteo_dnn.yaml", [*SMALL, "model.hidden_units=[1000000, 1000000]"])
     with pytest.raises(ConfigError, match=r"alone are 4.0 TB, more than .* available host RAM"):
         estimate(huge, caches[1000], "cpu")
+
+
+def test_the_plan_refuses_what_train_refuses(caches: dict[int, Path]) -> None:
+    """An unknown early-stopping metric: train refuses it before any work, so the plan does not say "fits"."""
+    args = ["plan", "--cfg", str(REPO / "cfgs" / "criteo_dnn.yaml"), "--shards", str(caches[1000]),
+            *[x for s in [*small("dnn"), "train.early_stopping.metric=accuracy"] for x in ("--set", s)]]
+    res = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert res.exit_code == 1, res.output
+    assert "unknown metric 'accuracy'" in res.output and "train.early_stopping.metric" in res.output
+    assert "fits" not in res.output

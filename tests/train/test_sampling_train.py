@@ -154,6 +154,11 @@ def test_esmm_refuses_sampling(two_label_cache: Path, tmp_path: Path):
     assert "loader.neg_keep_prob" in out and "heads of its own (ctr, ctcvr, cvr)" in out
     assert "fix: turn sampling off for this model" in out
     assert not (tmp_path / "parquet_esmm").exists()                 # refused before the run directory
+    # the plan refuses it as train does: it said "fits" for a run train refuses
+    res = runner.invoke(app, ["plan", "--cfg", str(REPO / "cfgs" / "parquet_esmm.yaml"), "--shards",
+                              str(two_label_cache), "--set", "loader.neg_keep_prob=0.5"])
+    assert res.exit_code == 1, res.output
+    assert "loader.neg_keep_prob" in res.output and "heads of its own (ctr, ctcvr, cvr)" in res.output
 
 
 def test_other_label_heads_need_the_sampled_label_as_mask(two_label_cache: Path, tmp_path: Path):
