@@ -522,9 +522,12 @@ class StreamWriter:
                 bar.advance(chunk, n)           # before add: a full-disk estimate counts this chunk as read
             self.writer.add(arrays)
 
+        # gold rows get no fold and their own split: a gold file need not hold the key columns
+        gold_columns = dataclasses.replace(plan.columns, keys=())
         with ThreadPoolExecutor(ahead, thread_name_prefix="ctrpipe-transform") as pool:
             for is_gold, paths in streams:
-                for chunk in _chunks(plan, paths, require_labels=self.inputs.role == "train", gold=is_gold):
+                for chunk in _chunks(plan, paths, require_labels=self.inputs.role == "train",
+                                     columns=gold_columns if is_gold else None, gold=is_gold):
                     frame = chunk.frame
                     n = frame.height
                     idx = np.arange(self.row, self.row + n, dtype=np.int64)

@@ -123,6 +123,29 @@ def test_test_caches_need_no_fold_keys(tmp_path: Path) -> None:
     assert read_manifest(tmp_path / "te").folds["n_splits"] == 0
 
 
+@pytest.mark.parametrize("folds", [["data.folds.mode=time", "data.folds.time_key=ts"],
+                                   ["data.folds.mode=group", "data.folds.composite_group=[user, site]"],
+                                   ["data.split.mode=group", "data.split.key=site", "data.split.val_ratio=0.3"]])
+def test_gold_files_need_no_fold_or_split_keys(tmp_path: Path, folds: list[str]) -> None:
+    """Gold rows get no fold and their own split: a gold file without the key columns (a time column, a
+    grouping column) builds, and the same gold file with them gives the same cache."""
+    src = _write(tmp_path / "t.parquet", 300)
+    with_keys = _write(tmp_path / "g.parquet", 100, seed=1)
+    without = tmp_path / "g_without.parquet"
+    pq.write_table(pq.read_table(with_keys).drop(["ts", "site"]), without)
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", *folds])
+    build_shards(cfg, [src], tmp_path / "a", gold=[with_keys], progress=False)
+    build_shards(cfg, [src], tmp_path / "b", gold=[without], progress=False)
+    build_shards(cfg, [src], tmp_path / "c", gold=[without], progress=False, workers=2)
+    a = load_all(tmp_path / "a")
+    assert (a["split"] == 2).sum() == 100
+    for other in ("b", "c"):
+        b = load_all(tmp_path / other)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{other}: {k}")
+
+
 @pytest.mark.parametrize(("overrides", "err", "where", "fix"), [
     (["data.folds.mode=time", "data.folds.time_key=tss"], SchemaError, "data.folds.time_key", "'ts'"),
     (["data.folds.mode=group", "data.folds.composite_group=[user, sitee]"], SchemaError,
