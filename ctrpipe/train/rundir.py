@@ -68,8 +68,9 @@ class RunLog:
     so `--resume` appends after whole rows. TensorBoard scalars: train/loss, train/lr, train/samples_per_s at
     log steps; val/<metric> (the primary metrics) and val/<metric>.<head> at evaluations; whatever the model
     reports (train/gate.<task>.e<k>, train/gate_entropy.<task>, gradient diagnostics) at log steps.
-    A resumed run opens a new event file in tb/ and logs the steps after its checkpoint again; TensorBoard
-    drops the older file's events from the first repeated step on (its out-of-order-step purge).
+    A resumed run drops the events after its checkpoint from the older event files and opens a new one, so
+    each step is in tb/ once, as in train_log.csv (TensorBoard's own out-of-order purge hid the repeats from
+    its UI only, not from other readers of the files).
 
     `tensorboard=False` writes the CSV files alone (tests of the CSV writer); a run always has events.
     """
@@ -84,6 +85,8 @@ class RunLog:
         if append and through_step is not None:         # --resume: rows after the checkpoint are logged again
             for path in (self.path, self.diag_path):
                 _keep_rows_through(path, through_step)
+            if tensorboard:
+                _keep_events_through(self.tb_dir, through_step)
         self._fh = self._open(self.path, append, LOG_FIELDS)
         self._diag = self._open(self.diag_path, append, DIAG_FIELDS)
         try:
@@ -193,6 +196,33 @@ def _keep_rows_through(path: Path, step: int) -> None:
     if len(kept) < len(lines):
         with atomic_open(path, "wb") as fh:
             fh.write(b"".join(kept))
+
+
+def _keep_events_through(tb_dir: Path, step: int) -> None:
+    """Drop the scalar events after `step` from each event file in tb_dir (rewritten beside, then renamed
+    over it; a record cut short by a killed process ends the file's readable events, as for any reader)."""
+    if not tb_dir.is_dir():
+        return
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(tb_dir.iterdir()):
+        if "tfevents" not in path.name or not path.is_file():
+            continue
+        records = list(RawEventFileLoader(str(path)).Load())       # the records as written, copied unchanged
+        kept = [r for r in records if (e := Event.FromString(r)).step <= step or not e.HasField("summary")]
+        # a record format's 16 bytes of length and checksums around each: a file with a torn record is rewritten
+        if len(kept) == len(records) and path.stat().st_size == sum(len(r) + 16 for r in records):
+            continue
+        tmp = tb_dir / ".trimmed.tmp"       # no "tfevents" in the name: TensorBoard reads no half-written file
+        with disk_full_as_error(tb_dir, "rewriting an event file needs a few kB"), open(tmp, "wb") as fh:
+            writer = RecordWriter(fh)
+            for record in kept:
+                writer.write(record)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
 
 def _step_of(line: bytes) -> float:

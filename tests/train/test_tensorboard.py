@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from train_setup import CRITEO_CFG, FAST, REPO
 from typer.testing import CliRunner
 
@@ -102,3 +103,27 @@ def test_an_event_writer_that_cannot_be_created_is_an_error(tmp_path: Path) -> N
     with pytest.raises(TrainingError) as err:
         RunLog(tmp_path, append=False)
     assert str(tmp_path / "tb") in str(err.value) and "fix:" in str(err.value)
+
+
+def test_a_resumed_log_replaces_the_events_after_its_checkpoint(tmp_path: Path) -> None:
+    """A run killed at step 10 and resumed from its step-5 checkpoint logs steps 6.. again: the events hold
+    each step once, the resumed run's values after step 5 (as train_log.csv does), in any reader."""
+    first = RunLog(tmp_path, append=False)
+    for step in range(1, 11):
+        first.train(step, 0, 0.1, loss=float(step), samples_per_s=1.0)
+    first.close()
+    (old,) = (tmp_path / "tb").iterdir()
+    with old.open("ab") as fh:          # a record torn by the kill
+        fh.write(b"\x40\x00\x00")
+    resumed = RunLog(tmp_path, append=True, through_step=5)
+    for step in range(6, 9):
+        resumed.train(step, 0, 0.1, loss=100.0 + step, samples_per_s=1.0)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(s, float(s)) for s in range(1, 6)] + [(s, 100.0 + s) for s in range(6, 9)]
+    assert [int(r["step"]) for r in csv.DictReader((tmp_path / "train_log.csv").open())] == list(range(1, 9))
+    assert len(list((tmp_path / "tb").iterdir())) == 2              # no temp file left
+    records = list(RawEventFileLoader(str(old)).Load())
+    assert old.stat().st_size == sum(len(r) + 16 for r in records)    # no torn tail: the file is whole records
