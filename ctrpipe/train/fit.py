@@ -137,12 +137,14 @@ def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: 
             if ctx.main and not ctx.resume:
                 _remove_unstarted_run(ctx.run_dir)
             raise _out_of_memory_error(ctx, exc) from exc
+        # on every rank, before the group closes: a job's memory is that of its processes together
+        costs = None if summary.get("interrupted") else _costs(ctx, started, anon, group)
     finally:
         if group is not None:
             group.close()
-    if summary.get("interrupted") or not ctx.main:
+    if costs is None or not ctx.main:
         return summary
-    summary.update(_costs(ctx, started, anon), resumed=ctx.resume)
+    summary.update(costs, resumed=ctx.resume)
     _calibrate(ctx)                 # before metrics.json, which marks the run finished for --resume
     write_json(ctx.run_dir / "metrics.json", summary)
     _print_summary(ctx, summary)
@@ -616,19 +618,35 @@ def _fit_summary(result: FitResult) -> dict[str, Any]:
             "notes": list(result.notes), **({"exchange": result.exchange} if result.exchange else {})}
 
 
-def _costs(ctx: TrainContext, started: float, anon: AnonPeak) -> dict[str, Any]:
+def _costs(ctx: TrainContext, started: float, anon: AnonPeak, group: Distributed | None) -> dict[str, Any] | None:
     """What the run cost: wall time of the whole command so far, peak memory, parameters of one model.
 
     Host memory twice: the process's peak RSS (the loader's buffers and Python itself, and the shard cache's
     pages it mapped: on a large cache mostly those, which the kernel reclaims), and the peak of what no file
     backs (hostmem.AnonPeak, sampled), the memory the run needs. A resumed run reports the resumed process only
     (metrics.json `resumed`; the report then shows neither).
+
+    A torchrun job (every rank calls this; rank 0 gets the result, the others None): host figures are the sum
+    of its processes' peaks (the memory the job held; file pages mapped by several ranks count in each RSS),
+    the device figure the largest rank's (each rank has a GPU of its own), and `peak_memory_by_rank` each
+    process's own. Rank 0's alone had made a 4-process job look like a quarter of its cost.
     """
+    mine = {"host": peak_rss(), "host_anon": anon.so_far(),
+            "device": int(torch.cuda.max_memory_allocated(ctx.device)) if ctx.device.type == "cuda" else None}
+    ranks = [mine] if group is None else group.gather_objects(mine, "gathering the ranks' peak memory")
+    if ranks is None:
+        return None
+
+    def total(key: str) -> int | None:
+        values = [r[key] for r in ranks]
+        return None if None in values else sum(values)
+
+    devices = [r["device"] for r in ranks if r["device"] is not None]
     return {"wall_seconds": round(time.perf_counter() - started, 3),
-            "peak_host_memory_bytes": peak_rss(),
-            "peak_host_anon_bytes": anon.so_far(),
-            "peak_device_memory_bytes": int(torch.cuda.max_memory_allocated(ctx.device))
-            if ctx.device.type == "cuda" else None,
+            "peak_host_memory_bytes": total("host"),
+            "peak_host_anon_bytes": total("host_anon"),
+            "peak_device_memory_bytes": max(devices) if devices else None,
+            **({"peak_memory_by_rank": ranks} if group is not None else {}),
             "parameters": ctx.parameters}
 
 

@@ -410,3 +410,8 @@ def test_torchrun_runs_the_cli(cache: Path, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     summary = json.loads((tmp_path / "torchrun" / "metrics.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
+    # the job's memory is both processes' (it was rank 0's alone)
+    ranks = summary["peak_memory_by_rank"]
+    assert len(ranks) == 2 and all(r["host_anon"] > 50 * 2**20 and r["device"] is None for r in ranks)
+    assert summary["peak_host_anon_bytes"] == sum(r["host_anon"] for r in ranks)
+    assert summary["peak_host_memory_bytes"] == sum(r["host"] for r in ranks)
