@@ -256,7 +256,7 @@ def infer(
 def export(
     run: Path = typer.Option(..., "--run", help="run directory, e.g. runs/criteo_dnn"),
     fmt: str = typer.Option("torchscript", "--format", help="torchscript (model.pt) | onnx (model.onnx; needs "
-                                                            "the ctrpipe[onnx] extra)"),
+                                                            "pip install 'ctrpipe\\[onnx]')"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/export)"),  # noqa: UP045
     cache: Optional[Path] = typer.Option(None, "--cache", help="the run's training cache, if it moved"),  # noqa: UP045
     overrides: list[str] = typer.Option([], "--set", help="inference override, repeatable: --set "

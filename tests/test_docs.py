@@ -8,6 +8,7 @@ import importlib.util
 import typing
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -74,3 +75,27 @@ def test_config_reference_names_every_key() -> None:
     assert "model.emb_dim" in keys and "model.sequence.pad_id" in keys
     missing = [k for k in dict.fromkeys(keys) if f"`{k}`" not in text]
     assert not missing, f"docs/config.md lacks {missing}: run `{COMMAND}`"
+
+
+def test_every_option_help_shows_its_brackets() -> None:
+    """Typer renders help with rich markup: an unescaped `[onnx]` vanished from `export --help` (it named
+    the extra to install). Every option's help, markup escapes removed, is shown whole."""
+    import typer
+    from typer.testing import CliRunner
+
+    from ctrpipe.cli import app
+
+    def commands(cmd: Any, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:
+        if hasattr(cmd, "commands"):            # a group (typer's own click)
+            return [x for name, sub in cmd.commands.items() for x in commands(sub, (*path, name))]
+        return [(path, cmd)]
+
+    checked = 0
+    for path, cmd in commands(typer.main.get_command(app), ()):
+        out = " ".join(CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "400"}).output.split())
+        for param in cmd.params:
+            text = " ".join((getattr(param, "help", None) or "").replace("\\[", "[").split())
+            if "[" in text:
+                assert text in out, (path, param.name)
+                checked += 1
+    assert checked >= 1
