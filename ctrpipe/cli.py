@@ -292,8 +292,9 @@ def predict(
 
     def go() -> None:
         n = predict_file(run, input_, out, cache=cache, overrides=overrides)
-        if not quiet:
-            console.print(f"wrote {n:,} rows to {out}", highlight=False)
+        # --quiet: the one summary line every data command ends with (it printed nothing at all)
+        console.print(f"wrote {n:,} rows to {out}" + ("" if quiet else f" (record: {out.name}.json)"),
+                      highlight=False)
 
     _run(go)
 

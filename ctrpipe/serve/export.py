@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ctrpipe.atomic import write_json_atomic
+from ctrpipe.config import RunConfig
 from ctrpipe.device import predict_amp
 from ctrpipe.errors import ConfigError
 from ctrpipe.infer.ensemble import EPS
@@ -155,14 +156,18 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
     if fmt == "onnx":
         _require_onnx()          # before the minutes of loading and exporting
     run, out = Path(run), Path(out)
-    p = Predictor.load(run, cache=cache, overrides=overrides)
-    if p.cfg.infer.method not in EXPORT_METHODS:
-        # rank_avg is refused by Predictor.load (it ranks among a whole test set); median and trim_mean are per
-        # row, and `ctrpipe predict` serves them, but the exported module averages only
-        raise ConfigError(f"infer.method={p.cfg.infer.method} cannot be exported: the exported model combines "
-                          f"its folds with {', '.join(EXPORT_METHODS)} only",
-                          where=method_source(overrides),
-                          fix=f"export with one of {', '.join(EXPORT_METHODS)}, e.g. --set infer.method=logit_mean")
+
+    def refuse(cfg: RunConfig) -> None:
+        # median, trim_mean and rank_avg: `ctrpipe predict` serves the per-row ones, but the exported module
+        # averages only. Checked before Predictor.load's checks of their settings (trim_mean's ratio), whose
+        # fixes would name methods export refuses
+        if cfg.infer.method not in EXPORT_METHODS:
+            raise ConfigError(f"infer.method={cfg.infer.method} cannot be exported: the exported model combines "
+                              f"its folds with {', '.join(EXPORT_METHODS)} only", where=method_source(overrides),
+                              fix=f"export with one of {', '.join(EXPORT_METHODS)}, e.g. --set "
+                                  "infer.method=logit_mean")
+
+    p = Predictor.load(run, cache=cache, overrides=overrides, refuse=refuse)
     batch = p.batch(rows) if rows is not None else cache_batch(p, 8)
     module = ServingModule(p).eval()
     inputs = example_inputs(p, batch)

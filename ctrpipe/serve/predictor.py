@@ -15,7 +15,7 @@ so they are not copied into the run).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,11 +103,14 @@ class Predictor:
         return tuple(t.name for t in self.tasks)
 
     @classmethod
-    def load(cls, run: Path | str, cache: Path | str | None = None, overrides: Sequence[str] = ()) -> Predictor:
+    def load(cls, run: Path | str, cache: Path | str | None = None, overrides: Sequence[str] = (),
+             refuse: Callable[[RunConfig], None] | None = None) -> Predictor:
         """Checkpoints, calibration and the training cache's manifest + fitted statistics of `run`.
 
         `cache`: the training shard cache, when it is no longer where the run recorded it. `overrides`:
         inference-only `--set` values, as `ctrpipe infer` takes them (e.g. "infer.method=logit_mean").
+        `refuse`: the caller's own check of the resolved config (export: the methods it can combine), run
+        first, so a method the caller cannot use is not told how to fix its settings.
         """
         run = Path(run)
         for text in overrides:
@@ -121,6 +124,8 @@ class Predictor:
         paths = find_checkpoints(run)
         ckpts = [load_checkpoint(p) for p in paths]
         cfg = resolve_config(ckpts[0], overrides)
+        if refuse is not None:
+            refuse(cfg)
         if cfg.infer.method == "rank_avg":
             raise ConfigError("infer.method=rank_avg ranks each row among a whole test set; rows served a few "
                               "at a time (or in chunks of a file) would be ranked among their neighbours only",

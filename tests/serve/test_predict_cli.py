@@ -50,6 +50,7 @@ def test_predict_file_equals_predictor(world: Path, tmp_path: Path, monkeypatch:
     code, msg = _invoke("predict", "--run", str(world / "runs" / "dnn"), "--input",
                         str(world / "d" / "test.tsv"), "--out", str(out), "-q")
     assert code == 0, msg
+    assert " ".join(msg.split()).startswith("wrote ") and "rows to" in msg      # -q: one line, not none
     got = pl.read_csv(out)
     lines = (world / "d" / "test.tsv").read_text().splitlines()
     p = Predictor.load(world / "runs" / "dnn")
@@ -116,6 +117,11 @@ def test_export_takes_the_cache_and_inference_settings(world: Path, tmp_path: Pa
     msg = " ".join(msg.split())
     assert code == 1 and "combines its folds with logit_mean" in msg and "more than one row" not in msg
     assert "--set infer.method" in msg and "the run's config" not in msg
+    # trim_mean on 2 folds: the trim check's fix named median, which export refuses too
+    code, msg = _invoke("export", "--run", str(world / "runs" / "dnn"), "--out", str(out),
+                        "--set", "infer.method=trim_mean")
+    msg = " ".join(msg.split())
+    assert code == 1 and "infer.method=trim_mean cannot be exported" in msg and "median" not in msg
     code, msg = _invoke("export", "--run", str(world / "runs" / "dnn"), "--out", str(out),
                         "--cache", str(tmp_path / "absent"))
     assert code == 1 and "--cache DIR" in msg
