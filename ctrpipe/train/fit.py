@@ -161,11 +161,11 @@ def _out_of_memory_error(ctx: TrainContext, exc: BaseException) -> TrainingError
     """A run that ran out of memory, with what to change: the plan shows what a config needs part by part."""
     started = any(ctx.run_dir.rglob("*.pt"))
     cmd = f"ctrpipe plan --cfg CFG --shards {ctx.shards}"
+    new_run = " in a new run (--set exp_name=NEW): a resumed run keeps its batch size" if started else ""
     return TrainingError(
         f"out of memory on {ctx.device}: {str(exc).splitlines()[0][:300]}", where=str(ctx.run_dir),
         fix=f"`{cmd}` (with your --set options) shows what the run needs and settings that fit; lower "
-            "loader.batch_size or the model's sizes" + (" in a new run (--set exp_name=NEW): a resumed run keeps its "
-                                                         "batch size" if started else ""))
+            f"loader.batch_size (loader.eval_batch_size when it ran out evaluating) or the model's sizes{new_run}")
 
 
 def _remove_unstarted_run(run_dir: Path) -> None:
