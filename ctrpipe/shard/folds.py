@@ -56,6 +56,15 @@ def group_hashes(plan: Plan, frame: pl.DataFrame, column: str) -> tuple[np.ndarr
         frame = frame.select(text.alias(column))
     elif s is not None and s.dtype == pl.String:
         frame = frame.select(x.str.replace(r"^(-?\d+)\.0+$", "${1}").alias(column))
+    elif s is not None and isinstance(s.dtype, (pl.Datetime, pl.Duration)):
+        # their text shows the file's unit and time zone ("...00.000" in ms, "...00.000000" in us, "+00:00"):
+        # one instant stored in two files' units hashed apart, so its rows were split across folds. As
+        # time_values compares them: in microseconds, an aware timestamp as its UTC time (a duration, which
+        # polars cannot write as text and used to crash here, as its count of microseconds)
+        if isinstance(s.dtype, pl.Datetime) and s.dtype.time_zone is not None:
+            x = x.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+        x = x.dt.cast_time_unit("us")
+        frame = frame.select((x if isinstance(s.dtype, pl.Datetime) else x.to_physical()).alias(column))
     return column_hashes(frame, column, plan.seed(column))
 
 

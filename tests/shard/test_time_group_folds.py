@@ -123,6 +123,37 @@ def test_test_caches_need_no_fold_keys(tmp_path: Path) -> None:
     assert read_manifest(tmp_path / "te").folds["n_splits"] == 0
 
 
+@pytest.mark.parametrize(("first", "second"), [(pa.timestamp("ms"), pa.timestamp("us")),
+                                             (pa.timestamp("s"), pa.timestamp("ns")),
+                                             (pa.timestamp("us"), pa.timestamp("us", tz="UTC")),
+                                             (pa.timestamp("ms", tz="UTC"), pa.timestamp("us", tz="Asia/Tokyo")),
+                                             (pa.duration("ms"), pa.duration("ns"))])
+def test_time_group_keys_group_one_instant_whatever_each_file_stores(tmp_path: Path, first: pa.DataType,
+                                                                     second: pa.DataType) -> None:
+    """A group key stored in ms in one file and in us in another (or naive and UTC): its text differed by
+    unit and zone, so one instant's rows were hashed apart into several folds and both sides of the split."""
+    rng = np.random.default_rng(0)
+    srcs = []
+    for i, kind in enumerate((first, second)):
+        hours = rng.integers(0, 20, 150)
+        key = pa.array([timedelta(hours=int(h)) for h in hours], pa.duration("s")).cast(kind) \
+            if pa.types.is_duration(kind) else \
+            pa.array([datetime(2024, 1, 1) + timedelta(hours=int(h)) for h in hours], pa.timestamp("s")) \
+            .cast(pa.timestamp(kind.unit)).cast(kind)
+        table = pa.table({"ID": [f"r{i}_{r}" for r in range(150)], "clicked": pa.array(rng.integers(0, 2, 150)),
+                          "x": rng.random(150), "user": ["u"] * 150, "item": ["i"] * 150, "k": key})
+        pq.write_table(table, tmp_path / f"{i}.parquet")
+        srcs.append((tmp_path / f"{i}.parquet", hours))
+    hours = np.concatenate([h for _, h in srcs])
+    for name, sets in (("f", ["data.folds.n_splits=3", "data.folds.mode=group", "data.folds.key=k"]),
+                       ("s", ["data.split.mode=group", "data.split.key=k", "data.split.val_ratio=0.4"])):
+        cfg = load_config(PARQUET_CFG, [*BASE, *sets])
+        build_shards(cfg, [p for p, _ in srcs], tmp_path / name, progress=False)
+        got = load_all(tmp_path / name)["fold" if name == "f" else "split"]
+        assert all(len(set(got[hours == h])) == 1 for h in np.unique(hours)), name
+        assert len(set(got)) > 1, name
+
+
 @pytest.mark.parametrize("folds", [["data.folds.mode=time", "data.folds.time_key=ts"],
                                    ["data.folds.mode=group", "data.folds.composite_group=[user, site]"],
                                    ["data.split.mode=group", "data.split.key=site", "data.split.val_ratio=0.3"]])
