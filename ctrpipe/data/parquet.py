@@ -48,13 +48,15 @@ def _is_text(t: pa.DataType) -> bool:
 
 
 def _is_number(t: pa.DataType) -> bool:
-    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+    # polars (which reads the files) takes decimals of precision up to 38 (decimal256 beyond it it refuses)
+    return (pa.types.is_integer(t) or pa.types.is_floating(t) or (pa.types.is_decimal(t) and t.precision <= 38)
             or pa.types.is_boolean(t) or pa.types.is_null(t))
 
 
 def _type_ok(kind: Kind, t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        return kind in ("categorical", "token", "key") and _type_ok(kind, t.value_type)
+    if pa.types.is_dictionary(t):     # (pandas' category dtype); an id only as text: its cast is by type
+        return (kind in ("categorical", "token", "key") and _type_ok(kind, t.value_type)) or \
+            (kind == "id" and _is_text(t.value_type))
     if kind in ("numeric", "label"):
         return _is_number(t) or (kind == "numeric" and _is_text(t))
     if kind == "categorical":
@@ -92,12 +94,26 @@ def _kind_fix(kind: Kind, remedies: Remedies) -> str:
 
 
 def _type_fix(kind: Kind, t: pa.DataType, remedies: Remedies) -> str:
-    """The fix for a mistyped column, by what it holds where the kind alone would mislead."""
-    if kind == "categorical" and pa.types.is_temporal(t):
-        return "cast it to text (e.g. '2024-01-31') or an integer when writing the file"
+    """The fix for a mistyped column, by what it holds where the kind alone would mislead: the other kind
+    is offered only where it takes the type (a timestamp is neither numeric nor categorical)."""
+    if pa.types.is_decimal(t) and kind in ("numeric", "label"):
+        return "cast it to float64 or a decimal of precision 38 or less when writing the file"
+    if kind in ("numeric", "categorical") and pa.types.is_temporal(t):
+        return ("cast it to text (e.g. '2024-01-31') or an integer when writing the file" if kind == "categorical"
+                else "cast it to a number (e.g. seconds since 1970) when writing the file") + \
+            "; a time column can order folds as it is (data.folds.time_key)"
     if kind == "categorical" and (pa.types.is_list(t) or pa.types.is_large_list(t)):
         return remedies.or_config("store one value per row", "list a list column under data.multihot "
                                                              "(or data.sequence): it is a token column")
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) \
+            or pa.types.is_binary_view(t):
+        return "decode it to text (or hex) when writing the file"
+    if kind == "token" and (pa.types.is_list_view(t) or pa.types.is_large_list_view(t)
+                            or pa.types.is_fixed_size_list(t)):
+        return "cast it to a plain list (pa.list_(pa.string())) or one separated string when writing the file"
+    other: Kind | None = {"numeric": "categorical", "categorical": "numeric"}.get(kind)  # type: ignore[assignment]
+    if other is not None and not _type_ok(other, t):
+        return _FIX[kind][0]
     return _kind_fix(kind, remedies)
 
 
@@ -105,6 +121,10 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
                  remedies: Remedies = SHARD_REMEDIES) -> bool:
     """Raise SchemaError for a missing or mistyped column; return whether the file has the label columns."""
     names = list(schema.names)
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:       # polars refuses to read such a file at all, which read as "corrupt or truncated"
+        raise SchemaError(f"the file has {names.count(twice[0])} columns named {twice[0]!r}", where=str(path),
+                          fix="give each column its own name when writing the file (rename or drop the copies)")
     kinds: list[tuple[str, Kind]] = [(c, "numeric") for c in rc.numeric] + \
         [(c, "categorical") for c in rc.categorical] + [(t.column, "token") for t in rc.tokens] + \
         ([(rc.id, "id")] if rc.id else []) + [(c, "key") for c in rc.keys]
@@ -117,6 +137,8 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
             fix += f"; {remedies.unlabelled}"
         raise SchemaError(f"label column {c!r} is not in the file", where=str(path), fix=fix)
     has_labels = bool(rc.labels) and not missing_labels
+    if has_labels and not require_labels and all(_all_null(path, schema, c) for c in rc.labels):
+        has_labels = False  # a test file's placeholder label columns (null type, or no values): no labels
     if has_labels:
         kinds += [(c, "label") for c in rc.labels]
     for col, kind in kinds:
@@ -129,6 +151,21 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
             raise SchemaError(f"{kind} column has type {t}, expected {_EXPECTED[kind]}",
                               where=location(path, column=col), fix=_type_fix(kind, t, remedies))
     return has_labels
+
+
+def _all_null(path: Path, schema: pa.Schema, column: str) -> bool:
+    """Whether a column holds no value: its type is null, or the footer's statistics count only nulls."""
+    if pa.types.is_null(schema.field(column).type):
+        return True
+    try:
+        meta = pq.ParquetFile(path).metadata
+        j = meta.schema.names.index(column)
+        groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+        stats = [g.column(j).statistics for g in groups]
+        return all(st is not None and st.has_null_count and st.null_count == g.num_rows
+                   for st, g in zip(stats, groups, strict=True))
+    except (ValueError, pa.ArrowInvalid, OSError):     # no such flat column in the footer: read the values
+        return False
 
 
 def check_id_types(paths: list[Path], id_column: str) -> None:
@@ -170,9 +207,16 @@ class ParquetChunker:
         """List columns are joined with the separator and split again by the token kernels: an element that
         holds the separator would silently become several tokens."""
         t = self.schema.field(tc.column).type
-        if not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_text(t.value_type)):
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
             return
-        holds = frame[tc.column].list.eval(pl.element().str.contains(tc.separator, literal=True)).list.any()
+        if not _is_text(t.value_type):
+            # an integer's text holds only digits and '-': other separators cannot occur in it
+            if not (pa.types.is_integer(t.value_type) and tc.separator in "-0123456789"):
+                return
+            holds = frame[tc.column].list.eval(pl.element().cast(pl.String).str.contains(
+                tc.separator, literal=True)).list.any()
+        else:
+            holds = frame[tc.column].list.eval(pl.element().str.contains(tc.separator, literal=True)).list.any()
         holds = holds.fill_null(False).to_numpy()
         if holds.any():
             i = int(np.argmax(holds))
@@ -212,6 +256,13 @@ class ParquetChunker:
                                                                                        column=c),
                                fix=self.remedies.or_skip("labels must be 0/1 (no missing values); fix the "
                                                          "file")))
+        if self.rc.id and self.schema.field(self.rc.id).type == pa.uint64():
+            big = (frame[self.rc.id] > np.iinfo(np.int64).max).fill_null(False).to_numpy()
+            if big.any():   # the cache stores integer ids as int64
+                i = int(np.argmax(big))
+                raise SchemaError(f"the ID {frame[self.rc.id][i]} is larger than an int64 holds (uint64 column)",
+                                  where=location(self.path, row=row0 + i, column=self.rc.id),
+                                  fix=f"store {self.rc.id!r} as text (or as int64) when writing the files")
         if self.rc.id:      # a submission row needs an ID: a null one would be written as an empty ID
             missing = frame[self.rc.id].is_null()
             if missing.any():

@@ -116,6 +116,19 @@ def test_unlabelled_file(cfg: DataConfig, tmp_path: Path, parquet_file: Path) ->
     assert str(path) in msg and "label column 'clicked'" in msg and "--test" in msg
 
 
+@pytest.mark.parametrize("placeholder", [pa.nulls, lambda n: pa.array([None] * n, pa.float64())])
+def test_a_test_files_empty_label_columns_are_no_labels(cfg: DataConfig, tmp_path: Path, parquet_file: Path,
+                                                         placeholder) -> None:  # noqa: ANN001
+    """A test file with label columns that hold no value (null type, or all null): its rows were bad labels,
+    and the fix offered (--bad-rows skip) then refused a build with every row skipped."""
+    n = pq.read_metadata(parquet_file).num_rows
+    path = rewrite(parquet_file, tmp_path / "t.parquet", clicked=placeholder(n), converted=placeholder(n))
+    chunks = list(iter_raw_chunks(cfg, [path], 30, require_labels=False))
+    assert not any(c.has_labels for c in chunks) and sum(c.frame.height for c in chunks) == n
+    with pytest.raises(InputFormatError, match="is not 0 or 1"):          # a training file: labels needed
+        list(iter_raw_chunks(cfg, [path], 30))
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 def test_missing_column_names_closest(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
@@ -144,6 +157,17 @@ def test_wrong_types(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> Non
                        "cast it to text (e.g. '2024-01-31')"),
         "day_of_week": (pa.array([["a", "b"]] * n), "categorical column has type list<",
                    "under data.multihot"),
+        # no "list it under data.categorical" for a timestamp (categorical refuses it too), no "cast floats"
+        # for bytes, no "a list column" for a list view, no "corrupt file" for a decimal polars cannot read
+        "feat_a_2": (pa.array([datetime.datetime(2024, 1, 31)] * n, pa.timestamp("us", tz="UTC")),
+                     "numeric column has type timestamp", "cast it to a number (e.g. seconds since 1970)"),
+        "inventory_id": (pa.array([b"ab"] * n, pa.binary()), "categorical column has type binary",
+                         "decode it to text"),
+        "seq": (pa.ListViewArray.from_arrays(pa.array(np.arange(n, dtype=np.int32)),
+                                             pa.array(np.ones(n, dtype=np.int32)), pa.array(["a"] * n)),
+                "token column has type list_view", "cast it to a plain list"),
+        "history_a_1": (pa.array([1] * n, pa.decimal256(50, 0)), "numeric column has type decimal256(50, 0)",
+                        "precision 38 or less"),
     }
     for col, (arr, what, fix) in cases.items():
         path = rewrite(parquet_file, tmp_path / f"{col}.parquet", **{col: arr})
@@ -151,6 +175,53 @@ def test_wrong_types(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> Non
             read_all(cfg, [path])
         msg = str(err.value)
         assert f"{path}, column {col}: {what}" in msg and ", expected" in msg and fix in msg.split("fix:")[1]
+        assert "data.categorical" not in msg.split("fix:")[1] or col != "feat_a_2"
+
+
+def test_duplicate_column_names_are_named(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    """polars refuses a file with two columns of one name: it read as "corrupt or truncated" (an unused
+    column), or a KeyError traceback (a used one)."""
+    table = pq.read_table(parquet_file)
+    for col in ("gender", "unused"):
+        path = tmp_path / f"dup_{col}.parquet"
+        extra = table["gender"] if col == "gender" else table["clicked"]
+        t = table.append_column(col, extra)
+        if col == "unused":
+            t = t.append_column(col, extra)
+        pq.write_table(t, path)
+        with pytest.raises(SchemaError) as err:
+            read_all(cfg, [path])
+        msg = str(err.value)
+        assert f"{path}: the file has 2 columns named {col!r}" in msg and "its own name" in msg
+
+
+def test_uint64_and_dictionary_ids(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
+    """An id above int64's range failed in a strict cast (a polars traceback); dictionary-encoded text ids
+    (pandas' category) were refused though every other kind takes dictionaries."""
+    n = pq.read_metadata(parquet_file).num_rows
+    small = rewrite(parquet_file, tmp_path / "u.parquet", ID=pa.array(np.arange(n, dtype=np.uint64)))
+    assert read_all(cfg, [small])["ID"].to_list() == list(range(n))
+    ids = np.arange(n, dtype=np.uint64)
+    ids[5] = np.uint64(2**63)
+    big = rewrite(parquet_file, tmp_path / "big.parquet", ID=pa.array(ids))
+    with pytest.raises(SchemaError) as err:
+        read_all(cfg, [big])
+    assert f"{big}, row 5, column ID" in str(err.value) and "as text" in str(err.value)
+    text = [f"r{i}" for i in range(n)]
+    cat = rewrite(parquet_file, tmp_path / "cat.parquet", ID=pa.array(text).dictionary_encode())
+    assert read_all(cfg, [cat])["ID"].to_list() == text
+
+
+def test_integer_lists_with_a_separator_their_text_holds(cfg: DataConfig, tmp_path: Path,
+                                                         parquet_file: Path) -> None:
+    """[-1, 2] joined with '-' and split again was the tokens '1' and '2': -1 became 1, silently."""
+    n = pq.read_metadata(parquet_file).num_rows
+    path = rewrite(parquet_file, tmp_path / "neg.parquet", seq=pa.array([[3, 2]] * 4 + [[-1, 2]] * (n - 4)))
+    dash = dataclasses.replace(cfg, sequence=tuple(dataclasses.replace(t, separator="-") for t in cfg.sequence))
+    with pytest.raises(SchemaError) as err:
+        read_all(dash, [path])
+    assert f"{path}, row 4, column seq" in str(err.value) and "holds the separator '-'" in str(err.value)
+    assert read_all(cfg, [path])["seq"].to_list()[4] == "-1,2"        # ',' cannot occur in an integer
 
 
 def test_numeric_text_column(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:
