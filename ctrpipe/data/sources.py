@@ -59,9 +59,7 @@ def expand_inputs(paths: Sequence[Path | str], fmt: Format) -> list[Path]:
             if p.is_dir():
                 files = _folder_files(p, fmt)
                 if not files:
-                    kind = "*.parquet files" if fmt == "parquet" else "files"
-                    raise InputFormatError(f"the folder holds no {kind}", where=text,
-                                           fix="point --input at the data files or at their folder")
+                    raise _empty_folder(p, fmt)
             elif p.is_file():
                 files = [p]
             else:
@@ -80,3 +78,15 @@ def expand_inputs(paths: Sequence[Path | str], fmt: Format) -> list[Path]:
                                    fix="list each input file once (check overlapping folders and globs)")
         seen.add(key)
     return out
+
+
+def _empty_folder(folder: Path, fmt: str) -> InputFormatError:
+    """A folder's own files are read, not its subfolders': a partitioned folder (day=1/part-0.parquet) is
+    read with a glob, which the fix then gives."""
+    pattern = "*.parquet" if fmt == "parquet" else "*"
+    kind = "*.parquet files" if fmt == "parquet" else "files"
+    if any(f.is_file() for f in folder.rglob(pattern)):
+        return InputFormatError(f"the folder holds no {kind} of its own (its subfolders do)", where=str(folder),
+                                fix=f"pass a quoted glob to read them: --input '{folder / '**' / pattern}'")
+    return InputFormatError(f"the folder holds no {kind}", where=str(folder),
+                            fix="point --input at the data files or at their folder")

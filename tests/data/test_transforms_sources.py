@@ -151,6 +151,14 @@ def test_expand_inputs(tmp_path: Path) -> None:
     empty_dir.mkdir()
     with pytest.raises(InputFormatError, match="holds no \\*.parquet files"):
         expand_inputs([empty_dir], "parquet")
+    # a partitioned folder: its files are in subfolders, which a glob reads (the fix said nothing of them)
+    (empty_dir / "day=1").mkdir()
+    (empty_dir / "day=1" / "part-0.parquet").write_text("x\n")
+    with pytest.raises(InputFormatError) as err:
+        expand_inputs([empty_dir], "parquet")
+    glob_ = str(empty_dir / "**" / "*.parquet")
+    assert "of its own (its subfolders do)" in str(err.value) and f"--input '{glob_}'" in str(err.value)
+    assert [p.name for p in expand_inputs([glob_], "parquet")] == ["part-0.parquet"]
     with pytest.raises(InputFormatError) as err:
         expand_inputs([tmp_path / "missing.tsv"], "criteo")
     assert f"{tmp_path / 'missing.tsv'}: input file not found" in str(err.value) and "fix:" in str(err.value)
