@@ -30,6 +30,14 @@ class Remedies:
         """`fix`, and where the command can skip bad rows, that option."""
         return f"{fix}, or pass --bad-rows skip to skip and count such {what}" if self.skip_rows else fix
 
+    def bad_label(self, labels_optional: bool) -> str:
+        """The fix for a label that is not 0/1. Where the file's labels are optional (a --test build), it may
+        drop them; skipping its rows would leave them out of the submission, so that is not offered there."""
+        if labels_optional:
+            return "labels must be 0/1 (no missing values): fix the file, or drop the label columns from it " \
+                "(a test file's labels are optional)"
+        return self.or_skip("labels must be 0/1 (no missing values); fix the file")
+
     def read_as(self, fmt: str) -> str:
         """How to read a file that is in format `fmt`."""
         if self.run_format:

@@ -164,9 +164,9 @@ class CsvChunker:
     """Parses the Records of one file into typed RawChunks, dropping or raising on bad rows."""
 
     def __init__(self, path: Path, cfg: DataConfig, rc: ResolvedColumns, layout: _Layout,
-                 bad_rows: BadMode, remedies: Remedies = SHARD_REMEDIES) -> None:
+                 bad_rows: BadMode, remedies: Remedies = SHARD_REMEDIES, labels_optional: bool = False) -> None:
         self.path, self.cfg, self.rc, self.layout, self.bad_rows = path, cfg, rc, layout, bad_rows
-        self.remedies = remedies
+        self.remedies, self.labels_optional = remedies, labels_optional
         self.missing = list(cfg.csv.missing)
         wanted = set(rc.raw_columns(labels=layout.has_labels))
         self.read_idx = [j for j, c in enumerate(layout.names) if c in wanted]
@@ -328,8 +328,7 @@ class CsvChunker:
                 what = "the label is missing" if value is None or value == "" or value in self.missing \
                     else f"label {value!r} is not 0 or 1"
                 return InputFormatError(what, where=where,
-                                        fix=self.remedies.or_skip("labels must be 0/1 (no missing values); "
-                                                                  "fix the file"))
+                                        fix=self.remedies.bad_label(self.labels_optional))
             fix = f"list it in data.csv.missing if it means 'missing', or list {col!r} under data.categorical" \
                 if not self.remedies.run_format else \
                 f"the run reads {col!r} as a number: fix the value (an empty field is missing)"
@@ -420,7 +419,7 @@ def iter_csv_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: ResolvedCo
                                                           remedies=remedies))) as head:
                     voters = next(head, rec)
             layout = _layout(path, cfg, rc, names, voters, require_labels, remedies, read_labels)
-            chunker = CsvChunker(path, cfg, rc, layout, bad_rows, remedies)
+            chunker = CsvChunker(path, cfg, rc, layout, bad_rows, remedies, labels_optional=not require_labels)
         if len(rec) == 0:
             continue
         yield chunker.chunk(rec, position)

@@ -192,9 +192,10 @@ class ParquetChunker:
     """Converts Arrow record batches of one file into typed RawChunks, checking values as it goes."""
 
     def __init__(self, path: Path, schema: pa.Schema, rc: ResolvedColumns, has_labels: bool,
-                 bad_rows: BadMode, remedies: Remedies = SHARD_REMEDIES) -> None:
+                 bad_rows: BadMode, remedies: Remedies = SHARD_REMEDIES, labels_optional: bool = False) -> None:
         self.path, self.schema, self.rc = path, schema, rc
         self.has_labels, self.bad_rows, self.remedies = has_labels, bad_rows, remedies
+        self.labels_optional = labels_optional
 
     def _token_expr(self, tc: TokenColumnConfig) -> pl.Expr:
         t = self.schema.field(tc.column).type
@@ -254,8 +255,7 @@ class ParquetChunker:
                            lambda i, c=c: InputFormatError(
                                f"label {frame[c][i]!r} is not 0 or 1", where=location(self.path, row=row0 + i,
                                                                                        column=c),
-                               fix=self.remedies.or_skip("labels must be 0/1 (no missing values); fix the "
-                                                         "file")))
+                               fix=self.remedies.bad_label(self.labels_optional)))
         if self.rc.id and self.schema.field(self.rc.id).type == pa.uint64():
             big = (frame[self.rc.id] > np.iinfo(np.int64).max).fill_null(False).to_numpy()
             if big.any():   # the cache stores integer ids as int64
@@ -332,7 +332,7 @@ def iter_parquet_chunks(cfg: DataConfig, path: Path, chunk_rows: int, rc: Resolv
     schema = read_schema(path, remedies)
     has_labels = check_schema(path, schema, rc, require_labels, remedies)
     cols = [c for c in rc.raw_columns() if c in schema.names]
-    chunker = ParquetChunker(path, schema, rc, has_labels, bad_rows, remedies)
+    chunker = ParquetChunker(path, schema, rc, has_labels, bad_rows, remedies, labels_optional=not require_labels)
     try:
         meta = pq.ParquetFile(path).metadata
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]

@@ -433,6 +433,20 @@ def test_many_prefixed_lines_inside_quotes(tmp_path: Path, seed: int) -> None:
         assert sum(len(r) for r in records) == want.height + 1
 
 
+def test_a_test_files_missing_label_fix_drops_the_labels_not_rows(tmp_path: Path) -> None:
+    """A label missing in a test file (labels optional): skipping rows would leave them out of the
+    submission; the fix is to drop the label column."""
+    rows = make_rows(10)
+    rows[3][5] = ""
+    path = write_csv(tmp_path / "t.csv", rows)
+    with pytest.raises(InputFormatError) as err:
+        list(iter_raw_chunks(cfg_for(), [path], 1000, require_labels=False))
+    assert "column clicked: the label is missing" in str(err.value)
+    assert "drop the label columns" in str(err.value) and "--bad-rows" not in str(err.value)
+    with pytest.raises(InputFormatError, match="--bad-rows skip"):
+        read(cfg_for(), [path])
+
+
 def test_unlabelled_test_files(tmp_path: Path) -> None:
     rows = make_rows(10)
     no_labels = [[r[0], r[1], r[2], r[3]] for r in rows]             # status and clicked absent

@@ -127,6 +127,15 @@ def test_a_test_files_empty_label_columns_are_no_labels(cfg: DataConfig, tmp_pat
     assert not any(c.has_labels for c in chunks) and sum(c.frame.height for c in chunks) == n
     with pytest.raises(InputFormatError, match="is not 0 or 1"):          # a training file: labels needed
         list(iter_raw_chunks(cfg, [path], 30))
+    # some labels missing: the test file's fix is to drop them, not to skip rows (which the submission lacks)
+    some = pq.read_table(parquet_file)["clicked"].to_pylist()
+    some[3] = None
+    partly = rewrite(parquet_file, tmp_path / "p.parquet", clicked=pa.array(some))
+    with pytest.raises(InputFormatError) as err:
+        list(iter_raw_chunks(cfg, [partly], 30, require_labels=False))
+    assert "drop the label columns" in str(err.value) and "--bad-rows" not in str(err.value)
+    with pytest.raises(InputFormatError, match="--bad-rows skip"):
+        list(iter_raw_chunks(cfg, [partly], 30))
 
 
 # ------------------------------------------------------------------------------------------ errors
