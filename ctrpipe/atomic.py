@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -67,3 +67,25 @@ def write_text_atomic(path: Path | str, text: str) -> Path:
 
 def write_json_atomic(path: Path | str, obj: Any, indent: int = 2) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=indent))
+
+
+@contextmanager
+def folder_lock(folder: Path, busy: Callable[[], Exception]) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` while the block runs, or raise `busy()` when another process holds
+    it: two commands writing one cache or run folder at once interleaved their files (a manifest over a
+    missing shard; a run log with steps twice). flock on the folder itself: no file is added, and the kernel
+    releases it when the process ends, killed or not. Where flock is missing, no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:             # not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy() from None
+        yield
+    finally:
+        os.close(fd)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from rich.markup import escape
 
+from ctrpipe.atomic import folder_lock
 from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
 from ctrpipe.data.config import DataConfig
@@ -133,57 +134,65 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
 
     if force:
         _check_out_folder(out)          # a refused rebuild leaves the cache as it was
-    existing = _existing_manifest(out, force)
-    if existing is not None:
-        if existing.fingerprint == fp:
-            _check_shards_on_disk(out)
-            console.print(f"[green]cache up to date[/]: {out} ({existing.total_rows:,} rows, "
-                          f"{len(existing.shards)} shards)", highlight=False)
-            for line in _unfinished_rebuilds(out):
-                console.print(f"[yellow]note[/]: {line}", highlight=False)
-            return BuildResult(out, existing, True, time.perf_counter() - t0, input_bytes)
-        raise ManifestMismatchError(
-            "the cache was built from other inputs or settings: "
-            + _describe_diff(existing, data, srcs, extra),
-            where=str(out / MANIFEST_NAME),
-            fix=f"pass --force to rebuild it (fingerprint {existing.fingerprint[:12]} -> {fp[:12]}), "
-                "or choose another --out folder")
-    work = out / f".incomplete-{fp[:12]}"
-    # the write pass explains a full disk with a size estimate; this covers statistics, progress and manifest
-    with disk_full_as_error(out, lambda: _written_note(work), _resume_note(out)):
-        _clear_out(out, keep=f".incomplete-{fp[:12]}")
-        state = _BuildState.open(work, fp)
-        files = len(main_paths) + len(gold_paths)
-        # one pool (or Dask client) for both passes: worker processes start once
-        with _workers_pool(workers, dask, files) as pool:
-            fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress,
-                                                     workers, dask, pool)
-            if pool is not None:
-                from ctrpipe.shard.parallel import parallel_write_pass
+    out.mkdir(parents=True, exist_ok=True)
 
-                # where workers load the statistics from: the train cache, this build's fitted/, or none needed
-                source = (Path(stats_from), train_m.fitted) if train_m is not None and stats_from is not None \
-                    else (work, None) if plan.needs_fit() else None
-                result = parallel_write_pass(plan, inputs_obj, source, loo, work, state.finished,
-                                             state.mark_shard, workers, progress, dask, pool)
-            else:
-                result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard,
-                                    progress)
+    def busy() -> ConfigError:
+        return ConfigError(f"another `ctrpipe shard` is building into {out} right now", where=str(out),
+                           fix="wait for it to finish (the same command then finds the cache up to date), or "
+                               "pass another --out")
 
-        seconds = time.perf_counter() - t0
-        build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1),
-                 "mb_per_s": round(result.parsed_bytes / 1e6 / seconds, 3), "input_bytes": float(input_bytes),
-                 "parsed_bytes": float(result.parsed_bytes), "output_bytes": float(result.output_bytes),
-                 "passes": float(1 + int(loo)), "chunk_rows": float(data.chunk_rows)}
-        manifest = Manifest(
-            fingerprint=fp, config=to_dict(data), config_sources=cfg_sources, role=role, sources=srcs,
-            columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats, result.has_labels)),
-            shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds,
-            label_rates=result.label_rates,
-            bad_rows=result.bad_rows, fitted=fitted_meta, stats_from=train_m.fingerprint if train_m else "",
-            build=build, gold_sources=len(gold_paths))
-        _finish(work, out, result.shards, manifest)
-    return BuildResult(out, manifest, False, seconds, input_bytes)
+    with folder_lock(out, busy):
+        existing = _existing_manifest(out, force)
+        if existing is not None:
+            if existing.fingerprint == fp:
+                _check_shards_on_disk(out)
+                console.print(f"[green]cache up to date[/]: {out} ({existing.total_rows:,} rows, "
+                              f"{len(existing.shards)} shards)", highlight=False)
+                for line in _unfinished_rebuilds(out):
+                    console.print(f"[yellow]note[/]: {line}", highlight=False)
+                return BuildResult(out, existing, True, time.perf_counter() - t0, input_bytes)
+            raise ManifestMismatchError(
+                "the cache was built from other inputs or settings: "
+                + _describe_diff(existing, data, srcs, extra),
+                where=str(out / MANIFEST_NAME),
+                fix=f"pass --force to rebuild it (fingerprint {existing.fingerprint[:12]} -> {fp[:12]}), "
+                    "or choose another --out folder")
+        work = out / f".incomplete-{fp[:12]}"
+        # the write pass explains a full disk with a size estimate; this covers statistics, progress and manifest
+        with disk_full_as_error(out, lambda: _written_note(work), _resume_note(out)):
+            _clear_out(out, keep=f".incomplete-{fp[:12]}")
+            state = _BuildState.open(work, fp)
+            files = len(main_paths) + len(gold_paths)
+            # one pool (or Dask client) for both passes: worker processes start once
+            with _workers_pool(workers, dask, files) as pool:
+                fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress,
+                                                         workers, dask, pool)
+                if pool is not None:
+                    from ctrpipe.shard.parallel import parallel_write_pass
+
+                    # where workers load the statistics from: the train cache, this build's fitted/, or none needed
+                    source = (Path(stats_from), train_m.fitted) if train_m is not None and stats_from is not None \
+                        else (work, None) if plan.needs_fit() else None
+                    result = parallel_write_pass(plan, inputs_obj, source, loo, work, state.finished,
+                                                 state.mark_shard, workers, progress, dask, pool)
+                else:
+                    result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard,
+                                        progress)
+
+            seconds = time.perf_counter() - t0
+            build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1),
+                     "mb_per_s": round(result.parsed_bytes / 1e6 / seconds, 3), "input_bytes": float(input_bytes),
+                     "parsed_bytes": float(result.parsed_bytes), "output_bytes": float(result.output_bytes),
+                     "passes": float(1 + int(loo)), "chunk_rows": float(data.chunk_rows)}
+            manifest = Manifest(
+                fingerprint=fp, config=to_dict(data), config_sources=cfg_sources, role=role, sources=srcs,
+                columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats, result.has_labels)),
+                shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds,
+                label_rates=result.label_rates,
+                bad_rows=result.bad_rows, fitted=fitted_meta, stats_from=train_m.fingerprint if train_m else "",
+                build=build, gold_sources=len(gold_paths))
+            _finish(work, out, result.shards, manifest)
+        return BuildResult(out, manifest, False, seconds, input_bytes)
 
 
 # ------------------------------------------------------------------------------------- fitted statistics

@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
+from ctrpipe.atomic import folder_lock
 from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
 from ctrpipe.device import AmpChoice, check_amp, model_family, predict_amp, resolve_amp, resolve_device
@@ -115,8 +116,9 @@ def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: 
         cfg = dataclasses.replace(cfg, cv=CVConfig(n_splits=kfold),
                                   sources={**cfg.sources, "cv.n_splits": "--kfold"})
     group = Distributed(*place, cfg.train.distributed.timeout_s) if place is not None else None
+    held = ExitStack()          # the run folder's lock (rank 0), released when this command ends
     try:
-        ctx = _prepare_ranks(cfg, Path(shards), Path(runs), resume, quiet, group)
+        ctx = _prepare_ranks(cfg, Path(shards), Path(runs), resume, quiet, group, held)
         if ctx.finished:
             return _already_finished(ctx)
         if ctx.device.type == "cuda":
@@ -140,6 +142,7 @@ def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: 
         # on every rank, before the group closes: a job's memory is that of its processes together
         costs = None if summary.get("interrupted") else _costs(ctx, started, anon, group)
     finally:
+        held.close()
         if group is not None:
             group.close()
     if costs is None or not ctx.main:
@@ -199,13 +202,13 @@ def _rank_device(cfg: RunConfig, info: RankInfo) -> torch.device:
 
 
 def _prepare_ranks(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
-                   group: Distributed | None) -> TrainContext:
+                   group: Distributed | None, held: ExitStack | None = None) -> TrainContext:
     """`prepare` on every rank of a torchrun job: all of them go on, or all stop (naming the rank that
     failed); all must read the same cache with the same config."""
     if group is None:
-        return prepare(cfg, shards, runs, resume, quiet)
+        return prepare(cfg, shards, runs, resume, quiet, held=held)
     try:
-        ctx = prepare(cfg, shards, runs, resume, quiet or not group.is_main, group)
+        ctx = prepare(cfg, shards, runs, resume, quiet or not group.is_main, group, held)
     except CtrpipeError as exc:
         group.agree(exc, "preparing the run")
         raise
@@ -253,7 +256,7 @@ def no_training_rows_fix(manifest: Manifest) -> str:
 
 
 def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
-            dist: Distributed | None = None) -> TrainContext:
+            dist: Distributed | None = None, held: ExitStack | None = None) -> TrainContext:
     """Everything that can fail before training: cache, labels, device, metric, folds, model, run dir.
 
     In a torchrun job (`dist`) every rank checks the cache and config; rank 0 alone checks and writes the run
@@ -277,6 +280,10 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
     if dist is not None and not dist.is_main:
         return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters, shift,
                             dist, amp)
+    locked = False
+    if held is not None and run_dir.is_dir():
+        held.enter_context(folder_lock(run_dir, lambda: _run_busy(run_dir)))
+        locked = True
     if resume and not (run_dir / "config.json").is_file():
         raise CheckpointError(f"nothing to resume: {run_dir} holds no run", where=str(run_dir),
                               fix="drop --resume to start the run, or pass the --runs/exp_name of the run")
@@ -294,6 +301,8 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
             return TrainContext(cfg, shards, manifest, spec, device, run_dir, resume, quiet, tasks, parameters,
                                 shift, dist, amp, finished=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if held is not None and not locked:
+        held.enter_context(folder_lock(run_dir, lambda: _run_busy(run_dir)))
     write_config(run_dir, to_dict(cfg), dict(cfg.sources))
     write_text(run_dir / "manifest_fingerprint.txt",
                f"{manifest.fingerprint}\nschema {manifest.schema_fingerprint()}\nshards {shards.resolve()}\n")
@@ -315,6 +324,13 @@ def check_training(cfg: RunConfig, manifest: Manifest, shards: Path
     tasks = build_tasks(heads, spec, cfg.train)
     _check_metric(cfg, tasks)
     return model, tasks, _check_sampling(cfg, spec, heads, tasks)
+
+
+def _run_busy(run_dir: Path) -> CheckpointError:
+    """Another `ctrpipe train` holds the run folder: two processes writing one run interleaved its log (steps
+    twice) and raced for its checkpoint's temp file."""
+    return CheckpointError(f"another `ctrpipe train` is writing the run {run_dir} right now", where=str(run_dir),
+                           fix="wait for it to finish (or stop it), or start another run with --set exp_name=NEW")
 
 
 def _refuse_changes_to_finished(recorded: dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:

@@ -218,3 +218,19 @@ def test_covisit_with_a_categorical_context(tmp_path: Path) -> None:
     n_c = int((tr["l_feat_2"] == c).sum())
     n_tc = int(((tr["l_feat_2"] == c) & (tr["inventory_id"] == t)).sum())
     assert x[r] == pytest.approx(n_tc / (n_c + 1.0), rel=1e-6)
+
+
+def test_a_cache_another_process_is_building_is_refused(tmp_path: Path) -> None:
+    """Two builds into one --out shared the work folder: one 'resumed' the other's running build and a
+    manifest was left over a missing shard. The folder is locked while a build runs (here another open file
+    description holds it, as another process would)."""
+    from ctrpipe.atomic import folder_lock
+
+    src = write_criteo_tsv(tmp_path / "train.tsv", 200)
+    out = tmp_path / "cache"
+    out.mkdir()
+    with folder_lock(out, lambda: AssertionError("unexpected")), \
+            pytest.raises(ConfigError, match="another `ctrpipe shard` is building into"):
+        build_shards(criteo_cfg(), [src], out, progress=False)
+    assert not list(out.iterdir())
+    assert build_shards(criteo_cfg(), [src], out, progress=False).manifest.total_rows == 200

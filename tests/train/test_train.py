@@ -516,3 +516,18 @@ def test_running_out_of_memory_says_what_to_change_and_leaves_no_run(cache: Path
     assert "error: " in out and "out of memory on cpu" in out and "Traceback" not in out, out
     assert "ctrpipe plan --cfg CFG --shards" in out and "lower loader.batch_size" in out
     assert not (tmp_path / "criteo").exists()
+
+
+def test_a_run_another_process_is_writing_is_refused(cache: Path, tmp_path: Path) -> None:
+    """Two `train --resume` of one run interleaved its train_log.csv (steps twice) and raced for the
+    checkpoint's temp file; the run folder is locked while a command writes it (here another open file
+    description holds the lock, as another process would), and free again after."""
+    from ctrpipe.atomic import folder_lock
+
+    assert train(cache, tmp_path, "--set", "train.max_steps=2")[0] == 0
+    run = tmp_path / "criteo"
+    with folder_lock(run, lambda: AssertionError("the finished command still holds the lock")):
+        code, out = train(cache, tmp_path, "--set", "train.max_steps=4", "--resume")
+    assert code == 1 and "another `ctrpipe train` is writing the run" in out and "exp_name=NEW" in out
+    code, out = train(cache, tmp_path / "other", "--set", "train.max_steps=2")
+    assert code == 0, out
