@@ -98,12 +98,13 @@ class TrainContext:
 def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: Path, kfold: int = 0,
               resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train one model (or one per fold) and write runs/<exp_name>/; returns the metrics.json content."""
-    with AnonPeak() as anon:
-        return _train(cfg_path, overrides, shards, runs, kfold, resume, quiet, anon)
+    # `held`: the run folder's lock (rank 0), until the run's last file (metrics.json) is written
+    with AnonPeak() as anon, ExitStack() as held:
+        return _train(cfg_path, overrides, shards, runs, kfold, resume, quiet, anon, held)
 
 
 def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: Path, kfold: int, resume: bool,
-           quiet: bool, anon: AnonPeak) -> dict[str, Any]:
+           quiet: bool, anon: AnonPeak, held: ExitStack) -> dict[str, Any]:
     started = time.perf_counter()
     try:        # every rank of a node reads the same files and environment: the same error on each
         cfg = load_config(cfg_path, overrides)
@@ -116,7 +117,6 @@ def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: 
         cfg = dataclasses.replace(cfg, cv=CVConfig(n_splits=kfold),
                                   sources={**cfg.sources, "cv.n_splits": "--kfold"})
     group = Distributed(*place, cfg.train.distributed.timeout_s) if place is not None else None
-    held = ExitStack()          # the run folder's lock (rank 0), released when this command ends
     try:
         ctx = _prepare_ranks(cfg, Path(shards), Path(runs), resume, quiet, group, held)
         if ctx.finished:
@@ -142,7 +142,6 @@ def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: 
         # on every rank, before the group closes: a job's memory is that of its processes together
         costs = None if summary.get("interrupted") else _costs(ctx, started, anon, group)
     finally:
-        held.close()
         if group is not None:
             group.close()
     if costs is None or not ctx.main:
