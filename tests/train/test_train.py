@@ -461,15 +461,21 @@ def test_ctrl_c_says_how_to_continue(cache: Path, tmp_path: Path) -> None:
     # as in a terminal, whoever started the test: Ctrl-C raises KeyboardInterrupt
     code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "from ctrpipe.cli import app\nsys.argv[0] = 'ctrpipe'\napp()")
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=REPO, start_new_session=True)
+    # faulthandler: a process that does not stop is made to print every thread's stack (SIGABRT, below)
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", code, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
     log = tmp_path / "stopped" / "train_log.csv"
     deadline = time.monotonic() + 120
     while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
         assert time.monotonic() < deadline and proc.poll() is None, "training never started"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        out, _ = proc.communicate(timeout=30)
+        raise AssertionError(f"Ctrl-C did not stop training within 60 s; its threads:\n{out[-6000:]}") from None
     assert proc.returncode == 130, out
     assert "run the same command with --resume" in out, out
     code_, out = train(cache, tmp_path, "--set", "train.max_steps=12", "--set", "train.min_steps=0",
