@@ -144,15 +144,21 @@ def peak_rss() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def available_bytes() -> int | None:
-    """Host memory a new allocation can still get without swapping (MemAvailable), or None off Linux."""
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo's figures in bytes (MemTotal, MemAvailable, ...); empty off Linux."""
+    info: dict[str, int] = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    return info
+
+
+def available_bytes() -> int | None:
+    """Host memory a new allocation can still get without swapping (MemAvailable), or None off Linux."""
+    return meminfo().get("MemAvailable")
 
 
 def anon_rss() -> int | None:

@@ -12,6 +12,7 @@ of the whole build on sequence-heavy files; see benchmarks/RESULTS.md). A slice 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -121,9 +122,10 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
                  remedies: Remedies = SHARD_REMEDIES) -> bool:
     """Raise SchemaError for a missing or mistyped column; return whether the file has the label columns."""
     names = list(schema.names)
-    twice = sorted({c for c in names if names.count(c) > 1})
+    counts = Counter(names)
+    twice = sorted(c for c, n in counts.items() if n > 1)
     if twice:       # polars refuses to read such a file at all, which read as "corrupt or truncated"
-        raise SchemaError(f"the file has {names.count(twice[0])} columns named {twice[0]!r}", where=str(path),
+        raise SchemaError(f"the file has {counts[twice[0]]} columns named {twice[0]!r}", where=str(path),
                           fix="give each column its own name when writing the file (rename or drop the copies)")
     kinds: list[tuple[str, Kind]] = [(c, "numeric") for c in rc.numeric] + \
         [(c, "categorical") for c in rc.categorical] + [(t.column, "token") for t in rc.tokens] + \

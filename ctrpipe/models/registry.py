@@ -120,6 +120,11 @@ def build_model(name: str, cfg: Any, spec: FeatureSpec, sparse: bool = False) ->
     return entry.builder(spec, cfg, sparse=sparse)
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (a meta-device model's too: nothing is allocated)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def _check_host_memory(name: str, entry: ModelEntry, spec: FeatureSpec, cfg: Any, sparse: bool) -> None:
     """Refuse a model whose weights alone outgrow the host's available memory before allocating it: the
     allocator's own failure is a traceback that names no setting, and a run stopped by it left a folder that
@@ -129,10 +134,10 @@ def _check_host_memory(name: str, entry: ModelEntry, spec: FeatureSpec, cfg: Any
         return
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = entry.builder(spec, cfg, sparse=sparse)
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    total = weight_bytes(model)
     if total <= available:
         return
+    tensors = [*model.named_parameters(), *model.named_buffers()]
     big_name, big = max(tensors, key=lambda nt: nt[1].numel() * nt[1].element_size())
     shape = " x ".join(f"{d:,}" for d in big.shape)
     raise ConfigError(f"model {name!r} holds {human_bytes(total)} of weights, more than the "

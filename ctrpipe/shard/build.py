@@ -16,7 +16,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +83,14 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
 
     `workers` > 1 runs the statistics and the write pass over the input files on that many processes, `dask` on
     a Dask cluster ("local" or a scheduler address; `shard/parallel.py`); the cache is byte-identical."""
+    # `held`: the --out folder's lock, from before the cache is looked at until the build has finished
+    with ExitStack() as held:
+        return _build_shards(cfg, inputs, out, gold, stats_from, role, force, progress, workers, dask, held)
+
+
+def _build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path, gold: Sequence[Path],
+                  stats_from: Path | None, role: Role, force: bool, progress: bool, workers: int, dask: str | None,
+                  held: ExitStack) -> BuildResult:
     t0 = time.perf_counter()
     keep_freed_memory()     # each chunk's ~30 MB of arrays is reused, not page-faulted in again (see hostmem.py)
     data = cfg.data if isinstance(cfg, RunConfig) else cfg
@@ -135,64 +143,60 @@ def build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path,
     if force:
         _check_out_folder(out)          # a refused rebuild leaves the cache as it was
     out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(folder_lock(out, lambda: ConfigError(
+        f"another `ctrpipe shard` is building into {out} right now", where=str(out),
+        fix="wait for it to finish (the same command then finds the cache up to date), or pass another --out")))
+    existing = _existing_manifest(out, force)
+    if existing is not None:
+        if existing.fingerprint == fp:
+            _check_shards_on_disk(out)
+            console.print(f"[green]cache up to date[/]: {out} ({existing.total_rows:,} rows, "
+                          f"{len(existing.shards)} shards)", highlight=False)
+            for line in _unfinished_rebuilds(out):
+                console.print(f"[yellow]note[/]: {line}", highlight=False)
+            return BuildResult(out, existing, True, time.perf_counter() - t0, input_bytes)
+        raise ManifestMismatchError(
+            "the cache was built from other inputs or settings: "
+            + _describe_diff(existing, data, srcs, extra),
+            where=str(out / MANIFEST_NAME),
+            fix=f"pass --force to rebuild it (fingerprint {existing.fingerprint[:12]} -> {fp[:12]}), "
+                "or choose another --out folder")
+    work = out / f".incomplete-{fp[:12]}"
+    # the write pass explains a full disk with a size estimate; this covers statistics, progress and manifest
+    with disk_full_as_error(out, lambda: _written_note(work), _resume_note(out)):
+        _clear_out(out, keep=f".incomplete-{fp[:12]}")
+        state = _BuildState.open(work, fp)
+        files = len(main_paths) + len(gold_paths)
+        # one pool (or Dask client) for both passes: worker processes start once
+        with _workers_pool(workers, dask, files) as pool:
+            fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress,
+                                                     workers, dask, pool)
+            if pool is not None:
+                from ctrpipe.shard.parallel import parallel_write_pass
 
-    def busy() -> ConfigError:
-        return ConfigError(f"another `ctrpipe shard` is building into {out} right now", where=str(out),
-                           fix="wait for it to finish (the same command then finds the cache up to date), or "
-                               "pass another --out")
+                # where workers load the statistics from: the train cache, this build's fitted/, or none needed
+                source = (Path(stats_from), train_m.fitted) if train_m is not None and stats_from is not None \
+                    else (work, None) if plan.needs_fit() else None
+                result = parallel_write_pass(plan, inputs_obj, source, loo, work, state.finished,
+                                             state.mark_shard, workers, progress, dask, pool)
+            else:
+                result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard,
+                                    progress)
 
-    with folder_lock(out, busy):
-        existing = _existing_manifest(out, force)
-        if existing is not None:
-            if existing.fingerprint == fp:
-                _check_shards_on_disk(out)
-                console.print(f"[green]cache up to date[/]: {out} ({existing.total_rows:,} rows, "
-                              f"{len(existing.shards)} shards)", highlight=False)
-                for line in _unfinished_rebuilds(out):
-                    console.print(f"[yellow]note[/]: {line}", highlight=False)
-                return BuildResult(out, existing, True, time.perf_counter() - t0, input_bytes)
-            raise ManifestMismatchError(
-                "the cache was built from other inputs or settings: "
-                + _describe_diff(existing, data, srcs, extra),
-                where=str(out / MANIFEST_NAME),
-                fix=f"pass --force to rebuild it (fingerprint {existing.fingerprint[:12]} -> {fp[:12]}), "
-                    "or choose another --out folder")
-        work = out / f".incomplete-{fp[:12]}"
-        # the write pass explains a full disk with a size estimate; this covers statistics, progress and manifest
-        with disk_full_as_error(out, lambda: _written_note(work), _resume_note(out)):
-            _clear_out(out, keep=f".incomplete-{fp[:12]}")
-            state = _BuildState.open(work, fp)
-            files = len(main_paths) + len(gold_paths)
-            # one pool (or Dask client) for both passes: worker processes start once
-            with _workers_pool(workers, dask, files) as pool:
-                fitted, fitted_meta, loo = _fitted_stats(plan, inputs_obj, train_m, stats_from, state, progress,
-                                                         workers, dask, pool)
-                if pool is not None:
-                    from ctrpipe.shard.parallel import parallel_write_pass
-
-                    # where workers load the statistics from: the train cache, this build's fitted/, or none needed
-                    source = (Path(stats_from), train_m.fitted) if train_m is not None and stats_from is not None \
-                        else (work, None) if plan.needs_fit() else None
-                    result = parallel_write_pass(plan, inputs_obj, source, loo, work, state.finished,
-                                                 state.mark_shard, workers, progress, dask, pool)
-                else:
-                    result = write_pass(plan, inputs_obj, fitted, loo, work, state.finished, state.mark_shard,
-                                        progress)
-
-            seconds = time.perf_counter() - t0
-            build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1),
-                     "mb_per_s": round(result.parsed_bytes / 1e6 / seconds, 3), "input_bytes": float(input_bytes),
-                     "parsed_bytes": float(result.parsed_bytes), "output_bytes": float(result.output_bytes),
-                     "passes": float(1 + int(loo)), "chunk_rows": float(data.chunk_rows)}
-            manifest = Manifest(
-                fingerprint=fp, config=to_dict(data), config_sources=cfg_sources, role=role, sources=srcs,
-                columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats, result.has_labels)),
-                shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds,
-                label_rates=result.label_rates,
-                bad_rows=result.bad_rows, fitted=fitted_meta, stats_from=train_m.fingerprint if train_m else "",
-                build=build, gold_sources=len(gold_paths))
-            _finish(work, out, result.shards, manifest)
-        return BuildResult(out, manifest, False, seconds, input_bytes)
+        seconds = time.perf_counter() - t0
+        build = {"seconds": round(seconds, 3), "rows_per_s": round(result.rows / seconds, 1),
+                 "mb_per_s": round(result.parsed_bytes / 1e6 / seconds, 3), "input_bytes": float(input_bytes),
+                 "parsed_bytes": float(result.parsed_bytes), "output_bytes": float(result.output_bytes),
+                 "passes": float(1 + int(loo)), "chunk_rows": float(data.chunk_rows)}
+        manifest = Manifest(
+            fingerprint=fp, config=to_dict(data), config_sources=cfg_sources, role=role, sources=srcs,
+            columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats, result.has_labels)),
+            shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds,
+            label_rates=result.label_rates,
+            bad_rows=result.bad_rows, fitted=fitted_meta, stats_from=train_m.fingerprint if train_m else "",
+            build=build, gold_sources=len(gold_paths))
+        _finish(work, out, result.shards, manifest)
+    return BuildResult(out, manifest, False, seconds, input_bytes)
 
 
 # ------------------------------------------------------------------------------------- fitted statistics

@@ -37,6 +37,7 @@ import torch
 from ctrpipe.config import RunConfig
 from ctrpipe.errors import ConfigError
 from ctrpipe.features import FeatureSpec
+from ctrpipe.hostmem import meminfo
 from ctrpipe.loader.buffers import layout_of
 from ctrpipe.shard.manifest import Manifest
 from ctrpipe.tools import heap
@@ -391,13 +392,7 @@ def device_memory(device: str) -> tuple[int | None, str]:
             return None, "GPU memory unknown (no CUDA device here): pass --memory, e.g. --memory 80GB"
         free, total = torch.cuda.mem_get_info()
         return free, f"free GPU memory of {torch.cuda.get_device_name()} ({total / 1e9:.1f} GB in all)"
-    info = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, value = line.split(":", 1)
-            info[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
+    info = meminfo()
     if "MemAvailable" in info:
         return info["MemAvailable"], f"available host RAM ({info['MemTotal'] / 1e9:.1f} GB in all)"
     return None, "host RAM unknown: pass --memory, e.g. --memory 16GB"

@@ -20,6 +20,7 @@ from ctrpipe.device import model_family, predict_amp, resolve_amp
 from ctrpipe.errors import ConfigError, SchemaError, human_bytes
 from ctrpipe.loader.loader import drops_ragged_batch
 from ctrpipe.models.layers.embedding import split_parameters
+from ctrpipe.models.registry import weight_bytes
 from ctrpipe.shard.manifest import read_manifest
 from ctrpipe.tools.memtrack import measure_step_memory, metric_bytes_per_row
 from ctrpipe.tools.plan import (
@@ -126,7 +127,7 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
 def _check_weights(name: str, model: torch.nn.Module, available: int | None, what: str) -> None:
     """No setting (batch, precision, optimizer) fits a model whose weights alone outgrow the memory: say so
     before measuring steps, which would allocate them."""
-    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    weights = weight_bytes(model)
     if available is not None and weights > available:
         raise ConfigError(f"the weights of model {name!r} alone are {human_bytes(weights)}, more than the "
                           f"{human_bytes(available)} of {what}: no batch size or precision fits",
