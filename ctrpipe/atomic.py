@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from ctrpipe.errors import disk_full_as_error, human_bytes
+from ctrpipe.errors import BusyError, disk_full_as_error, human_bytes
 
 
 @contextmanager
@@ -37,18 +37,44 @@ def atomic_open(final: Path | str, mode: str = "w", size_hint: int | None = None
             if written else ""
 
     with disk_full_as_error(final, needs):
+        fh = open_temp(tmp, final, mode)
         try:
-            with open(tmp, mode) as fh:
+            with fh:
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
-            for old in stale:
-                old.unlink(missing_ok=True)
-            os.replace(tmp, final)
+                for old in stale:
+                    old.unlink(missing_ok=True)
+                os.replace(tmp, final)      # before the close, which ends the temp file's lock
         except BaseException:
             written = _size(tmp)
             tmp.unlink(missing_ok=True)
             raise
+
+
+def open_temp(tmp: Path, final: Path, mode: str = "wb") -> IO[Any]:
+    """Open (and empty) the temp file `tmp` that becomes `final`, holding an exclusive lock on it until it is
+    closed: two commands writing one file (two `infer` to one --out) shared the temp name, interleaved their
+    bytes into it and raced to rename it. The second is refused instead, and its refusal leaves the first's
+    temp file alone. Callers rename before they close. Where flock is missing, no lock is taken."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            import fcntl
+        except ImportError:             # not POSIX
+            fcntl = None  # type: ignore[assignment]
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BusyError(f"another process is writing {final.name} right now (its temp file {tmp.name} "
+                                "is in use)", where=str(final),
+                                fix="wait for that command to finish, or write to another path") from None
+        os.ftruncate(fd, 0)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _size(path: Path) -> int:

@@ -63,6 +63,10 @@ def location(path: Path | str | None = None, line: int | None = None, row: int |
     return ", ".join(parts)
 
 
+class BusyError(CtrpipeError):
+    """Another process is writing the same output right now."""
+
+
 class ConfigError(CtrpipeError):
     """A config key is unknown or has a bad value."""
 

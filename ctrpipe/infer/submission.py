@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from ctrpipe.atomic import open_temp
 from ctrpipe.errors import SubmissionError, disk_full_as_error, human_bytes, location
 
 DEFAULT_CHUNK_BYTES = 16 << 20      # ~16 MB of CSV text per chunk: ~700k rows of "12345678,0.123456789"
@@ -82,7 +83,7 @@ class SubmissionWriter:
 
     def __enter__(self) -> SubmissionWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._raw = open(self.tmp, "wb")  # noqa: SIM115 - closed in __exit__
+        self._raw = open_temp(self.tmp, self.path)     # closed in __exit__, after the rename (the lock)
         # a .gz name gets gzip (what readers of that name expect); mtime 0 keeps equal inputs byte-identical
         self._fh = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0) \
             if self.path.suffix == ".gz" else self._raw
@@ -132,10 +133,10 @@ class SubmissionWriter:
                     fh.close()                                 # the gzip trailer
                 self._raw.flush()
                 os.fsync(self._raw.fileno())
-                self._raw.close()
             for old in self.stale:
                 old.unlink(missing_ok=True)
             os.replace(self.tmp, self.path)
+            self._raw.close()               # after the rename: closing ends the temp file's lock
         except BaseException:
             self._abandon(fh)
             raise
