@@ -63,10 +63,10 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: s
             console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            _interrupted(interrupted_note)
+            _interrupted(interrupted_note, ctrl_c.signum)
         except Exception:
-            if ctrl_c.seen:             # a library turned Ctrl-C into an error of its own (see _CtrlC)
-                _interrupted(interrupted_note)
+            if ctrl_c.signum:           # a library turned Ctrl-C into an error of its own (see _CtrlC)
+                _interrupted(interrupted_note, ctrl_c.signum)
             raise
 
 
@@ -89,34 +89,41 @@ def _refused_path(exc: OSError) -> str | None:
             "gave, report it as a bug")
 
 
-def _interrupted(note: str) -> NoReturn:
+def _interrupted(note: str, signum: int = 0) -> NoReturn:
     if first_on_node():             # a torchrun job's ranks all get Ctrl-C: one note per machine
-        console.print(f"[yellow]interrupted[/]: nothing partial was left behind; {note}")
-    raise typer.Exit(130) from None
+        what = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        console.print(f"[yellow]{what}[/]: nothing partial was left behind; {note}")
+    raise typer.Exit(128 + (signum or signal.SIGINT)) from None
 
 
 class _CtrlC:
-    """Whether Ctrl-C arrived while a stage ran. A library may catch the KeyboardInterrupt raised inside its
-    own call and raise another error (polars: a TypeError naming no data type): that is the interruption, not
-    a bug. Installed only in the main thread over Python's own handler (an ignored SIGINT stays ignored)."""
+    """Which stop signal arrived while a stage ran (`signum`, 0 for none). A library may catch the
+    KeyboardInterrupt raised inside its own call and raise another error (polars: a TypeError naming no data
+    type): that is the interruption, not a bug. Installed only in the main thread, over Python's own Ctrl-C
+    handler (an ignored SIGINT stays ignored). SIGTERM (a scheduler's preemption, `kill`) stops a stage as
+    Ctrl-C does, so it cleans up and says how to continue, instead of ending the process mid-write with no
+    word; not in a torchrun rank, which torchrun itself stops with SIGTERM when another rank fails (that
+    rank's error is the message)."""
 
     def __init__(self) -> None:
-        self.seen = False
-        self._previous: Any = None
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.seen = True
+        self.signum = signum
         signal.default_int_handler(signum, frame)
 
     def __enter__(self) -> _CtrlC:
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and "TORCHELASTIC_RUN_ID" not in os.environ:
+                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _let_the_printing_rank_exit_first() -> None:

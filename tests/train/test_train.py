@@ -444,9 +444,11 @@ def test_staged_predictions_equal_direct_ones(cache: Path, stage_rows: int):
     assert np.isnan(unlabelled.labels).all()
 
 
-def test_ctrl_c_says_how_to_continue(cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_says_how_to_continue(cache: Path, tmp_path: Path, stop: str) -> None:
     """Ctrl-C said "run the same command to resume" for every command, and the same train command is refused
-    (the run folder holds a run): train's note names --resume, and --resume then finishes the run."""
+    (the run folder holds a run): train's note names --resume, and --resume then finishes the run. SIGTERM (a
+    scheduler's preemption) ended the process with no word: it stops the run as Ctrl-C does (exit 143)."""
     import os
     import signal
     import subprocess
@@ -469,15 +471,17 @@ def test_ctrl_c_says_how_to_continue(cache: Path, tmp_path: Path) -> None:
     while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
         assert time.monotonic() < deadline and proc.poll() is None, "training never started"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, getattr(signal, stop))
     try:
         out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGABRT)
         out, _ = proc.communicate(timeout=30)
-        raise AssertionError(f"Ctrl-C did not stop training within 60 s; its threads:\n{out[-6000:]}") from None
-    assert proc.returncode == 130, out
-    assert "run the same command with --resume" in out, out
+        raise AssertionError(f"{stop} did not stop training within 60 s; its threads:\n{out[-6000:]}") from None
+    assert proc.returncode == 128 + getattr(signal, stop), out
+    said = "interrupted" if stop == "SIGINT" else "stopped by SIGTERM"
+    assert f"{said}: nothing partial was left behind; run the same command with --resume" in " ".join(out.split()), out
+    assert "Traceback" not in out and not list((tmp_path / "stopped").rglob("*.incomplete")), out
     code_, out = train(cache, tmp_path, "--set", "train.max_steps=12", "--set", "train.min_steps=0",
                        "--set", "exp_name=stopped", "--resume")
     assert code_ == 0, out
