@@ -373,7 +373,8 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
             close = [aliases.get(c, c) for c in difflib.get_close_matches(key, [*names, *aliases], n=1, cutoff=0.5)]
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'", where=where, fix=hint)
-        kwargs[key] = _coerce(hints[key], _onto_field_default(cls, key, value, data), f"{prefix}{key}", origin)
+        kwargs[key] = _coerce(hints[key], _onto_field_default(cls, key, value, data), f"{prefix}{key}", origin,
+                              _field_default(cls, key))
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -427,7 +428,16 @@ def _example(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _bad(tp: Any, value: Any, key: str, origin: str) -> ConfigError:
+def _field_default(cls: type, key: str) -> Any:
+    for f in fields(cls):
+        if f.name == key and f.default is not MISSING:
+            return f.default
+    return None
+
+
+def _bad(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> ConfigError:
+    """`default`: the setting's own default, a valid example where the type's one example fits few settings
+    (model.qnn_alpha.heads=8192 suggested a value its checks refuse)."""
     if tp is str and isinstance(value, (bool, int, float)):
         # YAML typed an unquoted word or number: yes/no/on/off are booleans, 007 is 7, 1.50 is 1.5
         return ConfigError(f"bad value {value!r} for '{key}': YAML read an unquoted {type(value).__name__}, "
@@ -436,6 +446,8 @@ def _bad(tp: Any, value: Any, key: str, origin: str) -> ConfigError:
                                "YAML reads unquoted numbers and yes/no/on/off as numbers and booleans")
     parent = key[:key.rindex("[")] if key.endswith("]") else ""
     shown, what = _example(tp), "e.g."
+    if tp is int and type(default) is int:
+        shown = str(default)
     if tp is int and isinstance(value, float) and math.isfinite(value):
         # the number meant, made whole: the type's one example fits few int settings (top_k=8192, rank=8192)
         shown, what = str(math.floor(value)), "a whole number, e.g."
@@ -497,7 +509,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - one branch per type form
+def _coerce(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> Any:  # noqa: C901 - one branch per type form
     org = get_origin(tp)
     if isinstance(value, OverrideText) and org not in (typing.Union, types.UnionType):
         value = _as_typed(tp, value)
@@ -512,14 +524,14 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - 
             if arg is type(None):
                 continue
             try:
-                return _coerce(arg, value, key, origin)
+                return _coerce(arg, value, key, origin, default)
             except ConfigError as exc:
                 errors.append(exc)
-        raise errors[0] if errors else _bad(tp, value, key, origin)
+        raise errors[0] if errors else _bad(tp, value, key, origin, default)
     if org is Literal:
         if value in get_args(tp):
             return value
-        raise _bad(tp, value, key, origin)
+        raise _bad(tp, value, key, origin, default)
     if is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):
             return value
@@ -530,7 +542,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - 
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise _bad(tp, value, key, origin)
+            raise _bad(tp, value, key, origin, default)
         args = get_args(tp)
         if org is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):                  # a pair given 1 or 3 values: not cut or indexed later
@@ -543,25 +555,25 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - 
         return tuple(_coerce(inner, v, f"{key}[{i}]", origin) for i, v in enumerate(value))
     if org in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
-            raise _bad(tp, value, key, origin)
+            raise _bad(tp, value, key, origin, default)
         kt, vt = get_args(tp) or (Any, Any)
         return {str(k): _coerce(vt, v, f"{key}.{k}", origin) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise _bad(tp, value, key, origin)
+        raise _bad(tp, value, key, origin, default)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or int(value) != value:
-            raise _bad(tp, value, key, origin)
+            raise _bad(tp, value, key, origin, default)
         return int(value)
     if tp is float:
         if isinstance(value, bool):
-            raise _bad(tp, value, key, origin)
+            raise _bad(tp, value, key, origin, default)
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise _bad(tp, value, key, origin) from None
+            raise _bad(tp, value, key, origin, default) from None
         if math.isnan(number):                   # passes every `x < 0` check, then poisons training silently
             raise ConfigError(f"NaN is no value for '{key}'", where=_where(origin, key),
                               fix=f"use a number, e.g. {key}={_example(tp)}")
@@ -571,7 +583,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:  # noqa: C901 - 
         # text compared with the data's text must match it
         if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
             return str(value)
-        raise _bad(tp, value, key, origin)
+        raise _bad(tp, value, key, origin, default)
     if tp is Path:
         return Path(str(value))
     return value

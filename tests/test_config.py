@@ -182,7 +182,7 @@ def test_a_close_alias_suggests_the_canonical_key() -> None:
 @pytest.mark.parametrize(
     ("override", "key", "example"),
     [
-        ("data.hash_bins=lots", "data.hash_bins", "8192"),
+        ("data.hash_bins=lots", "data.hash_bins", "data.hash_bins=1000000"),     # the key's default
         ("loader.batch_size=512.5", "loader.batch_size", "a whole number, e.g. loader.batch_size=512"),
         ("data.format=tsv", "data.format", "'criteo'"),
         ("data.split.val_ratio=1.5", "data.split.val_ratio", "0.1"),
@@ -194,6 +194,29 @@ def test_bad_value_names_key_and_example(override: str, key: str, example: str) 
         load_config(None, [override])
     assert key in str(err.value)
     assert example in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["model.qnn_alpha.heads", "model.qnn_alpha.rank", "model.sequence.top_k",
+                                 "model.sequence.tfm.n_layers"])
+def test_a_bad_whole_number_is_shown_a_value_the_key_accepts(key: str) -> None:
+    """Every integer key was shown `=8192`, which most of them then refused (heads must divide the
+    embedding size, top_k must not exceed max_len): the example is the key's own default."""
+    with pytest.raises(ConfigError) as err:
+        load_config(CFGS / "dare_qnn.yaml", [f"{key}=abc"])
+    example = err.value.fix.removeprefix(f"use e.g. {key}=")
+    assert example != err.value.fix and example != "8192", err.value.fix
+    load_config(CFGS / "dare_qnn.yaml", [f"{key}={example}"])
+
+
+def test_covisit_smoothing_must_be_positive_and_a_sequence_cannot_be_weighted() -> None:
+    """smoothing 0 wrote NaN features (0 / (0 + 0) for a context token no train row holds); a weighted
+    sequence stored weights no model reads."""
+    with pytest.raises(ConfigError, match="must be above 0"):
+        load_config(CFGS / "dare_qnn.yaml", ["data.covisit=[{target: inventory_id, context: seq, smoothing: 0}]"])
+    with pytest.raises(ConfigError) as err:
+        load_config(CFGS / "dare_qnn.yaml",
+                    ["data.sequence=[{column: seq, separator: ',', max_len: 50, weighted: true}]"])
+    assert err.value.where.endswith("data.sequence[0].weighted") and "data.multihot" in err.value.fix
 
 
 def test_unknown_model_lists_valid_names() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -56,7 +57,7 @@ class TokenColumnConfig:
     separator: str = "|"
     max_len: int = 16                    # sequences keep the most recent max_len tokens
     bins: int = 0                        # 0 -> data.hash_bins
-    weighted: bool = False               # multihot only: tokens carry ':weight'
+    weighted: bool = False               # multihot only (refused on a sequence): tokens carry ':weight'
     # a categorical column whose id space the tokens share (e.g. a history of items beside the candidate
     # item): hash mode uses that column's seed and bins, vocab mode one vocabulary fitted on both; models
     # then look both up in the same embedding rows
@@ -84,15 +85,18 @@ class CovisitConfig:
     target: str = ""
     context: str = ""
     name: str = ""                       # output prefix; default '<target>_x_<context>'
-    smoothing: float = 1.0               # normalised count = n(t, c) / (n(c) + smoothing)
+    smoothing: float = 1.0               # > 0; normalised count = n(t, c) / (n(c) + smoothing)
     # train rows were counted themselves: score them without their own occurrence, so train and val/test
     # rows see the same feature distribution (otherwise a unique pair scores 1/(1+s) on train, 0 on val)
     leave_one_out: bool = True
 
     def __post_init__(self) -> None:
-        if self.smoothing < 0:
-            raise ConfigError(f"bad value {self.smoothing} for 'data.covisit[].smoothing'",
-                              fix="use a non-negative number such as smoothing: 1.0")
+        # not 0: a context token that no train row holds scores 0 / (0 + 0), a NaN feature
+        if not self.smoothing > 0 or not math.isfinite(self.smoothing):
+            raise ConfigError(f"bad value {self.smoothing} for 'data.covisit[].smoothing': it must be above 0 (a "
+                              "context token never seen in the train split would score 0/0)",
+                              fix="use a positive number such as smoothing: 1.0 (a small one, e.g. 0.001, for "
+                                  "nearly raw co-occurrence rates)")
 
 
 @dataclass(frozen=True)
@@ -311,6 +315,12 @@ class DataConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"bad value {getattr(self, key)} for 'data.{key}'",
                                   fix=f"use a positive integer, e.g. data.{key}=100000")
+        for i, tc in enumerate(self.sequence):
+            if tc.weighted:         # sequence models read ids in order, never weights: they would be ignored
+                raise ConfigError(f"data.sequence[{i}] ({tc.column!r}) sets weighted: true, which only "
+                                  "multi-hot columns support", where=f"data.sequence[{i}].weighted",
+                                  fix="drop weighted from the sequence entry (and any ':weight' suffixes "
+                                      "from its tokens), or list the column under data.multihot instead")
         if self.format == "criteo" and len(self.separator) != 1:
             raise ConfigError(f"bad value {self.separator!r} for 'data.separator'",
                               fix="use a single character")
