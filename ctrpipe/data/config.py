@@ -214,7 +214,10 @@ class FoldConfig:
     and validates it on fold k.
 
     mode=time: the rows, ordered by `time_key`, are cut into K contiguous periods of near-equal row counts
-    (rows with equal time values never split); fold k is period k, so fold K-1 validates on the latest
+    (rows with equal time values never split; where one time holds so many rows that a period would be left
+    empty, each later cut takes an equal share of the rows left, so K distinct times make K periods; not
+    past a million distinct times, see below);
+    fold k is period k, so fold K-1 validates on the latest
     period. Blocked rather than forward-chaining: every row is validated once (complete out-of-fold
     predictions) and every fold trains on K-1 periods; only the last fold trains on the past alone. A
     pre-pass reads the time column (every column with bad_rows=skip, so skipped rows count nowhere); past a

@@ -74,10 +74,31 @@ def period_starts(values: pl.Series, counts: np.ndarray, k: int) -> pl.Series:
     total = int(counts.sum())
     period = value_periods(np.cumsum(counts), counts, total, k)       # non-decreasing over values
     filled = len(np.unique(period))
-    if filled < k:
+    if filled < k <= len(values):   # a value holding many rows took a period's middle rank: cut by the rest
+        period = _remaining_share_periods(counts, k)
+    elif filled < k:
         raise ValueError(f"{len(values)} distinct values fill {filled} of {k} periods")
     first = np.searchsorted(period, np.arange(1, k), side="left")      # first value of each later period
     return values.gather(first)
+
+
+def _remaining_share_periods(counts: np.ndarray, k: int) -> np.ndarray:
+    """Periods of sorted distinct values with `counts` rows each, every period non-empty (needs k values):
+    each cut is the value boundary nearest an equal share of the rows not yet cut, leaving a value for every
+    period after it. The fallback of `period_starts` where one value holds so many rows that the middle-rank
+    rule left a period empty (3 days, the first holding 75% of the rows, refused 3 folds)."""
+    ends = np.cumsum(counts)
+    period = np.full(len(counts), k - 1, dtype=np.int64)
+    first, done = 0, 0                  # first value of this period, rows in the periods before it
+    for p in range(k - 1):
+        target = done + (ends[-1] - done) / (k - p)
+        lo, hi = first + 1, len(counts) - (k - 1 - p)          # this period's end: values [first, end)
+        end = min(max(int(np.searchsorted(ends, target)) + 1, lo), hi)
+        if end > lo and abs(ends[end - 2] - target) <= abs(ends[end - 1] - target):
+            end -= 1                    # the boundary one value earlier is nearer the share
+        period[first:end] = p
+        first, done = end, int(ends[end - 1])
+    return period
 
 
 def tail_threshold(n_rows: int, val_ratio: float) -> int:

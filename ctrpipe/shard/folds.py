@@ -283,6 +283,11 @@ class _TimeTally:
         return pl.concat(self._values)
 
 
+# Exact counting re-cuts such ties on the rows that remain (`splits.period_starts`); sampled periods cannot
+_SAMPLED = "; past a million distinct times the periods come from a sample, which cannot re-cut around a time " \
+    "holding that many rows"
+
+
 def _refined_starts(k: int, total: int, sample: pl.Series, passes: Callable[[], Iterator[pl.Series]]) -> pl.Series:
     """`period_starts` of all the values, from a sorted uniform `sample` of them and passes over them.
 
@@ -318,13 +323,13 @@ def _refined_starts(k: int, total: int, sample: pl.Series, passes: Callable[[], 
             period = value_periods(below[j] + np.cumsum(counts), counts, total, k)
             first = int(np.searchsorted(period, p, side="left"))
             if first == len(counts) and hi[j] is None:
-                raise ValueError(f"the values fill fewer than {k} periods (period {p} holds none)")
+                raise ValueError(f"the values fill fewer than {k} periods (period {p} holds none){_SAMPLED}")
             if below[j] * k > p * total or first == len(counts):
                 missed = True                                        # the start lies outside the bracket
                 break
             if period[first] > p or (p == 1 and lo[j] is None and first == 0):
                 empty = p if period[first] > p else 0                # (the smallest value already in period 1)
-                raise ValueError(f"the values fill fewer than {k} periods (period {empty} holds none)")
+                raise ValueError(f"the values fill fewer than {k} periods (period {empty} holds none){_SAMPLED}")
             starts.append(near["t"][first])
         if not missed:
             return pl.Series(starts, dtype=sample.dtype)

@@ -430,9 +430,10 @@ def test_periods_from_a_sample_equal_the_exact_ones(tmp_path: Path, key: str) ->
     pq.write_table(pq.read_table(few).set_column(5, "item", pa.array(["a"] * 250 + ["b", "c"] * 25)), few)
     cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=time",
                                     "data.folds.time_key=item"])
-    for exact in (1_000, 1):
-        with pytest.raises(InputFormatError, match="cannot be cut into 3 periods"):
-            fit_periods(resolve_plan(cfg.data, [few]), [few], 3, exact_distinct=exact, sample_rows=8)
+    # exact counting re-cuts around the tie (its middle rank took period 1); a sample cannot, and says so
+    assert fit_periods(resolve_plan(cfg.data, [few]), [few], 3, exact_distinct=1_000)[1] == ["b", "c"]
+    with pytest.raises(InputFormatError, match="cannot be cut into 3 periods.*come from a sample"):
+        fit_periods(resolve_plan(cfg.data, [few]), [few], 3, exact_distinct=1, sample_rows=8)
 
 
 def _keyed(path: Path, key: list[object]) -> Path:
@@ -466,7 +467,9 @@ def test_sampled_periods_refuse_and_order_as_the_exact_ones_do(tmp_path: Path, k
             results.append(fit_periods(plan, [src], k, exact_distinct=exact, sample_rows=sample)[1])
         except InputFormatError as exc:
             results.append(f"refused: {'periods' in str(exc)}")
-    assert results[1:] == results[:1] * 2, results
+    assert results[1] == results[2], results
+    if results[0] != results[1]:    # a tie exact counting re-cuts on the remaining rows; the sample refuses
+        assert results[1] == "refused: True" and len(results[0]) == k - 1, results
 
 
 def test_time_periods_leave_out_rows_the_build_skips(tmp_path: Path) -> None:
@@ -483,3 +486,18 @@ def test_time_periods_leave_out_rows_the_build_skips(tmp_path: Path) -> None:
     _, clean = _build(tmp_path, tmp_path / "clean.parquet", "b", *sets)
     assert with_nulls.folds["period_starts"] == clean.folds["period_starts"]
     assert with_nulls.folds["sizes"] == clean.folds["sizes"]
+
+
+def test_time_folds_cut_whenever_there_are_as_many_distinct_times_as_folds(tmp_path: Path) -> None:
+    """3 days, the first holding 75% of the rows, were refused 3 folds ("3 distinct values fill 2 of 3
+    periods"): the middle-rank rule put day 2 in period 2 too. Such ties now cut on the rows that remain."""
+    src = _write(tmp_path / "t.parquet", 400)
+    table = pq.read_table(src)
+    day = np.where(np.arange(400) < 300, 1, np.where(np.arange(400) < 350, 2, 3)).astype(np.int32)
+    pq.write_table(table.set_column(table.schema.get_field_index("day"), "day", pa.array(day)), src)
+    a, m = _build(tmp_path, src, "c", "data.folds.n_splits=3", "data.folds.mode=time", "data.folds.time_key=day")
+    assert m.folds["sizes"] == [300, 50, 50] and m.folds["period_starts"] == ["2", "3"]
+    assert all(set(a["fold"][day == d].tolist()) == {d - 1} for d in (1, 2, 3))
+    pq.write_table(table.set_column(table.schema.get_field_index("day"), "day", pa.array(np.minimum(day, 2))), src)
+    with pytest.raises(InputFormatError, match="2 distinct values fill 2 of 3 periods"):
+        _build(tmp_path, src, "d", "data.folds.n_splits=3", "data.folds.mode=time", "data.folds.time_key=day")
