@@ -233,7 +233,7 @@ class FoldConfig:
     # [user_id, inventory_id]
     composite_group: tuple[str, ...] = ()
     # time mode: a numeric, timestamp/date or sortably written text column (e.g. '2024-05-01 13:00'); it
-    # need not be a feature; a missing value is an error. Text holding only numbers orders as numbers, and
+    # need not be a feature; a missing or empty value is an error. Text holding only numbers orders as numbers, and
     # timestamps as one time line whatever unit each file stores; one kind in every input file
     time_key: str = ""
     label: str = ""                      # stratified mode: which label (default: the first)

@@ -91,7 +91,7 @@ def time_values(chunk: RawChunk, key: str) -> tuple[pl.Series, str]:
     Timestamps and dates are counted in microseconds (files written in ms, us or ns, or as dates, compare as
     one time line), durations too; numbers are Float64; text stays text here (`fit_periods` reads it as
     numbers when every value of the inputs is one). A missing value is an error: a row with no time has no
-    period."""
+    period, and neither has empty text."""
     frame = chunk.frame
     if key not in frame.columns:
         hashed = hashed_name(key) in frame.columns
@@ -110,8 +110,9 @@ def time_values(chunk: RawChunk, key: str) -> tuple[pl.Series, str]:
         s, kind = s.to_physical(), "times of day"
     elif s.dtype.is_numeric() or s.dtype == pl.Boolean:
         s, kind = s.cast(pl.Float64).fill_nan(None), "numbers"
-    else:
+    else:                           # empty text is missing, as it is everywhere else (not the earliest time)
         s, kind = s.cast(pl.String), "text"
+        s = s.set(s.str.strip_chars() == "", None)
     s = s.cast(_TIME_KINDS[kind])
     _refuse_missing_times(s, key, chunk)
     return s, kind

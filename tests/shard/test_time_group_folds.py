@@ -211,6 +211,20 @@ def test_time_folds_refuse_missing_times_and_too_few_values(tmp_path: Path) -> N
     assert "3 periods" in str(e.value) and "data.folds.n_splits" in str(e.value)
 
 
+def test_an_empty_text_time_is_missing_not_the_earliest(tmp_path: Path) -> None:
+    """A text time key's '' sorted before every date: those rows went to the first period, silently."""
+    table = pq.read_table(_write(tmp_path / "t.parquet", 60))
+    stamps = table["stamp"].to_pylist()
+    stamps[9] = " "
+    pq.write_table(table.set_column(table.schema.get_field_index("stamp"), "stamp", pa.array(stamps)),
+                   tmp_path / "e.parquet")
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=time",
+                                    "data.folds.time_key=stamp"])
+    with pytest.raises(InputFormatError) as e:
+        build_shards(cfg, [tmp_path / "e.parquet"], tmp_path / "c", progress=False)
+    assert "time key 'stamp' is missing in 1 rows" in str(e.value) and "row 9" in str(e.value)
+
+
 @pytest.mark.parametrize(("kwargs", "fix"), [
     ({"n_splits": 3, "mode": "time"}, "time_key="),
     ({"n_splits": 3, "time_key": "ts"}, "mode=time"),
