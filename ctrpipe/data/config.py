@@ -230,7 +230,7 @@ class FoldConfig:
     mode: Literal["plain", "stratified", "group", "time"] = "plain"
     key: str = ""                        # group mode: one column; a row whose key is missing is its own group
     # group mode, instead of `key`: rows sharing the values of ALL these columns share a fold, e.g.
-    # [user_id, inventory_id]
+    # [user_id, inventory_id]; a row missing any of them is its own group
     composite_group: tuple[str, ...] = ()
     # time mode: a numeric, timestamp/date or sortably written text column (e.g. '2024-05-01 13:00'); it
     # need not be a feature; a missing or empty value is an error. Text holding only numbers orders as numbers, and

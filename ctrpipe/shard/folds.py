@@ -40,7 +40,9 @@ def fold_key_hash(plan: Plan, frame: pl.DataFrame, rows: np.ndarray) -> np.ndarr
     parts = [group_hashes(plan, frame, c) for c in cols]
     hashes = [h for h, _ in parts]
     combined = hashes[0] if len(hashes) == 1 else combine_hashes(hashes)
-    return keyless_by_row(combined, np.logical_and.reduce([m for _, m in parts]), rows)
+    # a row missing any of the values is its own group, as a missing `key` is: (no user, site s) is no one
+    # user's rows, and keyed alike they made one group far larger than the others
+    return keyless_by_row(combined, np.logical_or.reduce([m for _, m in parts]), rows)
 
 
 def group_hashes(plan: Plan, frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:

@@ -114,6 +114,22 @@ def test_composite_group_keeps_rows_sharing_all_values_together(tmp_path: Path) 
     assert (c["fold"] == d["fold"]).all()
 
 
+def test_a_row_missing_a_composite_group_value_is_its_own_group(tmp_path: Path) -> None:
+    """`key` keeps a row with no key as its own group; composite_group did so only when every value was
+    missing: 100 rows with no user and one site made one group, so one fold 100 rows larger."""
+    table = pq.read_table(_write(tmp_path / "t.parquet", 400))
+    users = [None if r % 4 == 0 else u for r, u in enumerate(table["user"].to_pylist())]
+    table = table.set_column(table.schema.get_field_index("user"), "user", pa.array(users, pa.string()))
+    pq.write_table(table.set_column(table.schema.get_field_index("site"), "site", pa.array(["s0"] * 400)),
+                   tmp_path / "m.parquet")
+    a, _ = _build(tmp_path, tmp_path / "m.parquet", "c", "data.folds.n_splits=4", "data.folds.mode=group",
+                  "data.folds.composite_group=[user, site]")
+    b, _ = _build(tmp_path, tmp_path / "m.parquet", "d", "data.folds.n_splits=4", "data.folds.mode=group",
+                  "data.folds.key=user")
+    no_user = np.array([u is None for u in users])
+    assert len(set(a["fold"][no_user].tolist())) == 4 and (a["fold"][no_user] == b["fold"][no_user]).all()
+
+
 def test_test_caches_need_no_fold_keys(tmp_path: Path) -> None:
     src = _write(tmp_path / "t.parquet", 200)
     test = tmp_path / "test.parquet"
