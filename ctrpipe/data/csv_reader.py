@@ -22,7 +22,7 @@ from ctrpipe.data.chunks import SHARD_REMEDIES, BadRow, RawChunk, Remedies
 from ctrpipe.data.config import CsvConfig, DataConfig, DerivedLabelConfig
 from ctrpipe.data.criteo import polars_input
 from ctrpipe.data.csv_records import SEP_BYTE, RecordCutter, Records
-from ctrpipe.data.schema import ResolvedColumns, closest
+from ctrpipe.data.schema import ResolvedColumns, closest, missing_feature_fix
 from ctrpipe.data.transforms import BadWeights, weight_error
 from ctrpipe.errors import InputFormatError, SchemaError, location
 from ctrpipe.prefetch import prefetch
@@ -151,10 +151,12 @@ def _layout(path: Path, cfg: DataConfig, rc: ResolvedColumns, names: list[str], 
         else:
             fix += " (a test file must have all label columns or none)"
         raise SchemaError(f"label column {missing[0]!r} is not in the header", where=str(path), fix=fix)
+    features = {*rc.numeric, *rc.categorical, *(t.column for t in rc.tokens)}
     for c in rc.raw_columns(labels=False):
         if c not in names:
-            raise SchemaError(f"column {c!r} is not in the header", where=str(path),
-                              fix=f"{closest(c, names)} All CSV inputs need the columns the config uses")
+            fix = missing_feature_fix(c, names) if not require_labels and c in features else \
+                f"{closest(c, names)} All CSV inputs need the columns the config uses"
+            raise SchemaError(f"column {c!r} is not in the header", where=str(path), fix=fix)
     return _Layout(tuple(names), bool(label_cols) and not missing)
 
 

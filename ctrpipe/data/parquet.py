@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from ctrpipe.data.chunks import SHARD_REMEDIES, BadRow, RawChunk, Remedies
 from ctrpipe.data.config import DataConfig, TokenColumnConfig
-from ctrpipe.data.schema import ResolvedColumns, closest
+from ctrpipe.data.schema import ResolvedColumns, closest, missing_feature_fix
 from ctrpipe.data.token_kernel import weights_all_plain
 from ctrpipe.data.transforms import BadWeights, weight_error
 from ctrpipe.errors import InputFormatError, SchemaError, location
@@ -118,6 +118,9 @@ def _type_fix(kind: Kind, t: pa.DataType, remedies: Remedies) -> str:
     return _kind_fix(kind, remedies)
 
 
+_FEATURES = ("numeric", "categorical", "token")
+
+
 def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_labels: bool,
                  remedies: Remedies = SHARD_REMEDIES) -> bool:
     """Raise SchemaError for a missing or mistyped column; return whether the file has the label columns."""
@@ -145,9 +148,9 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
         kinds += [(c, "label") for c in rc.labels]
     for col, kind in kinds:
         if col not in names:
-            raise SchemaError(f"{kind} column {col!r} is not in the file", where=str(path),
-                              fix=f"{closest(col, names)} Check the data section of the config "
-                                  "(all Parquet inputs need the same columns)")
+            fix = missing_feature_fix(col, names) if not require_labels and kind in _FEATURES else \
+                f"{closest(col, names)} Check the data section of the config (all Parquet inputs need the same columns)"
+            raise SchemaError(f"{kind} column {col!r} is not in the file", where=str(path), fix=fix)
         t = schema.field(col).type
         if not _type_ok(kind, t):
             raise SchemaError(f"{kind} column has type {t}, expected {_EXPECTED[kind]}",

@@ -83,13 +83,25 @@ def closest(name: str, names: list[str]) -> str:
     return f"existing columns include {names[:8]}"
 
 
-def _check_exists(names: list[str], present: list[str], key: str, where: str, criteo: bool) -> None:
+def _check_exists(names: list[str], present: list[str], key: str, where: str, criteo: bool,
+                  to_predict: bool = False) -> None:
+    """`to_predict`: the config is right (a file to predict must match the train cache's columns), the file
+    is the one to change."""
     for n in names:
         if n not in present:
             what = f"column {n!r} ({key}) is not in the input"
             if criteo:
                 what = f"column {n!r} ({key}) is not a Criteo column (label, I1..I13, C1..C26)"
-            raise SchemaError(what, where=where, fix=f"{closest(n, present)} Check {key} in the config.")
+            fix = f"{closest(n, present)} Check {key} in the config." if not to_predict else \
+                missing_feature_fix(n, present)
+            raise SchemaError(what, where=where, fix=fix)
+
+
+def missing_feature_fix(column: str, present: list[str]) -> str:
+    """The fix for a file to predict (a test file, rows to serve) that lacks a feature column: the config
+    must stay as the model was trained, so the file is the one to change."""
+    return (f"add {column!r} to the file, all null where it has no values (an empty history, a missing value): "
+            f"a file to predict needs every feature column the model was trained with ({closest(column, present)})")
 
 
 def _pattern(pattern: str, key: str) -> re.Pattern[str]:
@@ -101,8 +113,8 @@ def _pattern(pattern: str, key: str) -> re.Pattern[str]:
 
 
 def _select(explicit: tuple[str, ...], pattern: str, present: list[str], taken: set[str], key: str,
-            where: str, criteo: bool) -> tuple[str, ...]:
-    _check_exists(list(explicit), present, f"{key}.columns", where, criteo)
+            where: str, criteo: bool, to_predict: bool = False) -> tuple[str, ...]:
+    _check_exists(list(explicit), present, f"{key}.columns", where, criteo, to_predict)
     out = list(dict.fromkeys(explicit))
     if pattern:
         rx = _pattern(pattern, f"{key}.pattern")
@@ -115,13 +127,15 @@ def _select(explicit: tuple[str, ...], pattern: str, present: list[str], taken: 
 
 
 def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | None = None,
-                    require_labels: bool = False, with_keys: bool = False) -> ResolvedColumns:
+                    require_labels: bool = False, with_keys: bool = False,
+                    to_predict: bool = False) -> ResolvedColumns:
     """Resolve the config's column choices against an input schema (None: the fixed Criteo layout).
 
     Raises SchemaError naming the column and the closest existing name, or a column picked twice. Parquet
     and CSV label columns (and derived labels' sources) are only checked with require_labels (test files have
     none; the reader checks each file). Derived labels' sources are never features. `with_keys` (a train
-    build) also reads the split and fold key columns that no other kind selects.
+    build) also reads the split and fold key columns that no other kind selects. `to_predict`: a test file
+    or rows to serve, whose missing feature column is the file's to add, not the config's to change.
     """
     criteo = cfg.format == "criteo"
     present = list(CRITEO_COLUMNS) if criteo else _names(schema)
@@ -139,12 +153,12 @@ def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | No
                               where="data.id_column", fix="remove data.id_column (use data.id_offset)")
         _check_exists([id_col], present, "data.id_column", where, criteo)
     tokens = tuple(cfg.multihot) + tuple(cfg.sequence)
-    _check_exists([t.column for t in tokens], present, "data.multihot/sequence", where, criteo)
+    _check_exists([t.column for t in tokens], present, "data.multihot/sequence", where, criteo, to_predict)
     reserved = set(labels) | set(sources) | {id_col} | {t.column for t in tokens}
     numeric = _select(tuple(cfg.numeric.columns), cfg.numeric.pattern, present, reserved, "data.numeric",
-                      where, criteo)
+                      where, criteo, to_predict)
     categorical = _select(tuple(cfg.categorical.columns), cfg.categorical.pattern, present,
-                          reserved | set(numeric), "data.categorical", where, criteo)
+                          reserved | set(numeric), "data.categorical", where, criteo, to_predict)
     # a derived label may share its source's name (income from income); any other overlap is an error
     _check_disjoint({"data.labels": tuple(cfg.labels),
                      "data.derived_labels": tuple(dict.fromkeys((*sources, *(d.name for d in derived)))),

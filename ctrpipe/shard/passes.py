@@ -115,7 +115,8 @@ def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train") -> Pl
     names = set(schema.names) if isinstance(schema, pa.Schema) else set(schema or ())
     if role == "test" and schema is not None and not any(lab in names for lab in sources):
         data = dataclasses.replace(data, labels=(), derived_labels=())
-    rc = resolve_columns(data, schema, paths[0] if data.format != "criteo" else None, with_keys=role == "train")
+    rc = resolve_columns(data, schema, paths[0] if data.format != "criteo" else None, with_keys=role == "train",
+                         to_predict=role == "test")
     return make_plan(data, rc)
 
 

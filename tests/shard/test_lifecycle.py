@@ -146,6 +146,36 @@ def test_test_cache_reuses_train_statistics(tmp_path: Path) -> None:
     assert np.isfinite(a["numeric"]).all()
 
 
+def test_a_file_to_predict_without_its_sequence_column_is_told_to_add_it(tmp_path: Path) -> None:
+    """A test file lacking the history column was told to check the config, which the train cache then
+    refused to differ: the file is the one to fix (an all-null column is empty histories)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctrpipe.data.parquet import check_schema
+    from ctrpipe.errors import SchemaError
+    from ctrpipe.shard.passes import resolve_plan
+
+    train = write_parquet(tmp_path / "train.parquet", 60, seed=1)
+    table = pq.read_table(write_parquet(tmp_path / "test.parquet", 20, seed=2, labels=False))
+    pq.write_table(table.drop(["seq"]), tmp_path / "lacking.parquet")
+    build_shards(parquet_cfg(), [train], tmp_path / "train", progress=False)
+    add = "add 'seq' to the file, all null where it has no values (an empty history"
+    with pytest.raises(SchemaError, match=r"\(data.multihot/sequence\) is not in the input") as err:
+        build_shards(parquet_cfg(), [tmp_path / "lacking.parquet"], tmp_path / "test", role="test",
+                     stats_from=tmp_path / "train", progress=False)
+    assert add in err.value.fix and "config" not in err.value.fix
+    with pytest.raises(SchemaError) as err:     # what `predict` meets: the plan comes from the train cache
+        check_schema(tmp_path / "lacking.parquet", pq.read_schema(tmp_path / "lacking.parquet"),
+                     resolve_plan(parquet_cfg().data, [train]).columns, require_labels=False)
+    assert add in err.value.fix
+    pq.write_table(table.set_column(table.schema.get_field_index("seq"), "seq", pa.nulls(20, pa.string())),
+                   tmp_path / "empty.parquet")
+    m = build_shards(parquet_cfg(), [tmp_path / "empty.parquet"], tmp_path / "test", role="test",
+                     stats_from=tmp_path / "train", progress=False).manifest
+    assert m.rows["test"] == 20 and (load_all(tmp_path / "test")["seq.len"] == 0).all()
+
+
 def test_stats_from_with_other_hashing_is_refused(tmp_path: Path) -> None:
     train = write_parquet(tmp_path / "train.parquet", 60, seed=1)
     test = write_parquet(tmp_path / "test.parquet", 20, seed=2, labels=False)
