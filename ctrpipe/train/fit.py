@@ -108,6 +108,9 @@ def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: 
     started = time.perf_counter()
     try:        # every rank of a node reads the same files and environment: the same error on each
         cfg = load_config(cfg_path, overrides)
+        if kfold and cfg.sources.get("cv.n_splits") == "--set" and cfg.cv.n_splits != kfold:
+            raise ConfigError(f"--kfold {kfold} and --set cv.n_splits={cfg.cv.n_splits} name the same setting with "
+                              "two values", where="--kfold", fix="give one of them")
         info = rank_info()
         place = (info, _rank_device(cfg, info)) if info is not None else None     # the job is joined below
     except CtrpipeError as exc:

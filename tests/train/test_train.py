@@ -224,6 +224,10 @@ def test_kfold_needs_folds_in_the_cache(cache: Path, cache_other: Path, tmp_path
     assert "K=3" in out and "has no folds" in out and "data.folds.n_splits=3" in out
     code, out = train(cache, tmp_path, "--kfold", "5")
     assert code == 1 and "has 3 folds" in out and "--kfold 3" in out
+    # --kfold is cv.n_splits: two values for it were one silently ignored (the run recorded --kfold's)
+    code, out = train(cache, tmp_path, "--kfold", "3", "--set", "cv.n_splits=2")
+    assert code == 1 and "--kfold 3 and --set cv.n_splits=2 name the same setting" in " ".join(out.split()), out
+    assert not (tmp_path / "criteo").exists()
 
 
 def test_run_directory_and_resume_guards(cache: Path, tmp_path: Path):
