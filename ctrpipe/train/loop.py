@@ -40,7 +40,9 @@ from ctrpipe.train.rundir import RunLog
 from ctrpipe.train.stopping import EarlyStopping
 from ctrpipe.train.tables import ChangedRows, load_optimizer, load_packed, pack, pack_optimizer, unpack
 
-NAN_FIX = "lower train.lr or set train.grad_clip=1.0 (with train.amp=fp16, try bf16 or off)"
+# NaN inputs (a cache built from bad values) make the very first loss NaN, where no learning rate is to blame
+NAN_FIX = ("lower train.lr or set train.grad_clip=1.0 (with train.amp=fp16, try bf16 or off); at the first steps, "
+           "check that the cache's inputs are finite: `ctrpipe inspect SHARDS` (its 'numeric finite' row)")
 
 
 class Loader(Protocol):

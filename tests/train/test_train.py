@@ -193,6 +193,7 @@ def test_nan_loss_names_step_and_fix(cache: Path, tmp_path: Path):
     assert code == 1
     assert re.search(r"loss became NaN/inf at step \d+ \(epoch 0\)", out), out
     assert "fix: lower train.lr or set train.grad_clip=1.0" in out
+    assert "`ctrpipe inspect SHARDS`" in " ".join(out.split())     # NaN inputs are no learning rate's fault
 
 
 def test_resume_on_another_schema_is_refused(cache: Path, cache_other: Path, tmp_path: Path):
