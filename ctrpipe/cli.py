@@ -46,7 +46,7 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: s
     needs a flag for it (train: --resume); `interrupted_note` says what to run after Ctrl-C."""
     with _CtrlC() as ctrl_c:
         try:
-            return fn()
+            result = fn()
         except CtrpipeError as exc:
             if exc.shown_by_peer:
                 _let_the_printing_rank_exit_first()
@@ -68,6 +68,9 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: s
             if ctrl_c.signum:           # a library turned Ctrl-C into an error of its own (see _CtrlC)
                 _interrupted(interrupted_note, ctrl_c.signum)
             raise
+        if ctrl_c.signum:   # raised where Python drops it (a garbage collector's weakref callback): still a stop
+            _interrupted(interrupted_note, ctrl_c.signum)
+        return result
 
 
 def _refused_path(exc: OSError) -> str | None:
