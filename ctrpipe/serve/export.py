@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ctrpipe.atomic import write_json_atomic
+from ctrpipe.atomic import folder_lock, write_json_atomic
 from ctrpipe.config import RunConfig
 from ctrpipe.device import predict_amp
-from ctrpipe.errors import ConfigError
+from ctrpipe.errors import BusyError, ConfigError
 from ctrpipe.infer.ensemble import EPS
 from ctrpipe.infer.predict import find_checkpoints
 from ctrpipe.loader.batch import Batch
@@ -172,6 +172,17 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
     module = ServingModule(p).eval()
     inputs = example_inputs(p, batch)
     out.mkdir(parents=True, exist_ok=True)
+    # one export at a time per folder: a second one (the other format, into the same folder) removed the
+    # first's working folder as a killed export's and failed it with an error blaming the model
+    busy = BusyError(f"another `ctrpipe export` is writing into {out} right now", where=str(out),
+                     fix="run this export when it has finished (both formats may share the folder), or pass "
+                         "another --out")
+    with folder_lock(out, lambda: busy):
+        return _export_into(p, run, out, fmt, module, inputs)
+
+
+def _export_into(p: Predictor, run: Path, out: Path, fmt: str, module: ServingModule,
+                 inputs: tuple[Tensor, ...]) -> Path:
     for stale in out.glob(f"{_TMP_PREFIX}*"):      # left by an export that was killed
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=_TMP_PREFIX) as tmp_dir:

@@ -232,6 +232,34 @@ def test_failed_export_leaves_no_model(runs: Callable[[str], Path], tmp_path: Pa
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_second_export_into_a_busy_folder_is_refused(runs: Callable[[str], Path], tmp_path: Path) -> None:
+    """Two exports into one folder at once: the second removed the first's working folder as a killed
+    export's, and the first failed with an error blaming its model. The folder is locked while one writes
+    (here held by another process, as a running export holds it)."""
+    import subprocess
+    import sys
+
+    from ctrpipe.errors import BusyError
+    from ctrpipe.serve.export import export_model
+
+    out = tmp_path / "export"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys\n"
+                               f"fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); sys.stdin.readline()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        (out / ".export-running").mkdir()                   # the working folder of the export in progress
+        with pytest.raises(BusyError, match="another `ctrpipe export` is writing into"):
+            export_model(runs("dnn"), out, "torchscript")
+        assert (out / ".export-running").is_dir() and not (out / "model.json").exists()
+    finally:
+        holder.communicate("\n", timeout=30)
+    export_model(runs("dnn"), out, "torchscript")              # once it is done, the folder is free
+    assert (out / "model.pt").is_file() and not (out / ".export-running").exists()
+
+
 def test_both_formats_in_one_folder(runs: Callable[[str], Path], tmp_path: Path) -> None:
     """model.json lists both exports of the same checkpoints in one folder; a retrained run drops the other."""
     _onnxruntime()
