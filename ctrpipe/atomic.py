@@ -115,3 +115,14 @@ def folder_lock(folder: Path, busy: Callable[[], Exception]) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a working folder named after it is then not a crashed one's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # alive, another user's
+        return True
+    return True

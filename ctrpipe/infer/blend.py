@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ctrpipe.atomic import pid_alive
 from ctrpipe.console import console, human_rate, make_progress
 from ctrpipe.data.hashing import xxh64_strings
 from ctrpipe.errors import ConfigError, SubmissionError, disk_full_as_error, human_bytes, location
@@ -253,7 +255,8 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     from ctrpipe.infer.ensemble import combine
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.blend-", dir=out.parent))
+    _remove_dead_blends(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.blend-{os.getpid()}-", dir=out.parent))
     counts: list[int] = []
     try:
         with disk_full_as_error(out, lambda: _space_needed(files, counts), REDO_BLEND), \
@@ -346,6 +349,15 @@ def _write_record(r: BlendReport, trim_ratio: float) -> Path:
            "trim_ratio": trim_ratio if r.method == "trim_mean" else None, "inputs": inputs,
            "seconds": round(r.seconds, 3)}
     return write_json_atomic(r.out.with_name(r.out.name + ".json"), doc)
+
+
+def _remove_dead_blends(out: Path) -> None:
+    """Scratch folders of blends into `out` whose process is gone (killed: no cleanup ran). Each holds
+    about the inputs' size in records, and nothing else would ever remove them."""
+    for p in out.parent.glob(f".{out.name}.blend-*-*"):
+        pid = p.name[len(out.name) + 8:].partition("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _write_in_first_file_order(first: Path, out: Path, tmp: Path, rows: int, span: int,

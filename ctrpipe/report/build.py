@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ctrpipe import __version__
-from ctrpipe.atomic import write_json_atomic, write_text_atomic
+from ctrpipe.atomic import pid_alive, write_json_atomic, write_text_atomic
 from ctrpipe.console import console
 from ctrpipe.errors import ReportError, disk_full_as_error
 from ctrpipe.report.figures import (
@@ -108,18 +108,8 @@ def _remove_stale(out: Path) -> None:
     """Leftovers of a report to the same folder that crashed (its process is gone)."""
     for p in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = p.name[len(out.name) + 2:].rpartition("-")
-        if kind in ("incomplete", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("incomplete", "old") and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _swap(work: Path, out: Path) -> None:

@@ -96,6 +96,26 @@ def test_blend_of_a_file_with_its_shuffled_copy_is_identity(tmp_path: Path) -> N
     np.testing.assert_allclose(_read(tmp_path / "o.csv")["clicked"], _read(paths[0])["clicked"], rtol=1e-9)
 
 
+def test_a_blend_removes_the_scratch_folders_of_killed_blends(tmp_path: Path) -> None:
+    """A blend killed (SIGKILL) left its scratch records (about the inputs' size) beside --out, and no later
+    blend removed them. A live blend's folder (its process still runs) is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    paths, _, _ = _make(tmp_path, k=2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f".o.csv.blend-{dead.pid}-x1y2"
+    running = tmp_path / f".o.csv.blend-{os.getpid()}-z3w4"
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "part_0.bin").write_bytes(b"records")
+    run_blend(paths, "mean", None, tmp_path / "o.csv", quiet=True)
+    assert not killed.exists() and running.is_dir()
+    assert not [p for p in tmp_path.glob(".o.csv.blend-*") if p != running]       # its own folder is gone too
+
+
 def test_weights_change_the_blend(tmp_path: Path) -> None:
     paths, _, _ = _make(tmp_path, k=2)
     run_blend(paths, "mean", "1,0", tmp_path / "o.csv", quiet=True)
