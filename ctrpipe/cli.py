@@ -8,6 +8,7 @@ its traceback.
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import signal
 import threading
@@ -71,6 +72,14 @@ def _run(fn: Callable[[], T], rerun_note: str | None = None, interrupted_note: s
         if ctrl_c.signum:   # raised where Python drops it (a garbage collector's weakref callback): still a stop
             _interrupted(interrupted_note, ctrl_c.signum)
         return result
+
+
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, imported when first called: inside `_run`, so Ctrl-C or SIGTERM while a stage's
+    libraries load (torch, polars: a second or so) gets the interrupted note, not a silent exit."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    return call
 
 
 def _refused_path(exc: OSError) -> str | None:
@@ -147,7 +156,7 @@ def synth(
     quiet: bool = QuietOpt,
 ) -> None:
     """Generate a deterministic synthetic click log plus the true click probability of every row."""
-    from ctrpipe.synth import run_synth
+    run_synth = _lazy("ctrpipe.synth", "run_synth")
 
     _run(lambda: run_synth(fmt=fmt, rows=rows, test_rows=test_rows, seed=seed, out=out, gz=gz, quiet=quiet))
 
@@ -210,7 +219,7 @@ def shard(
     from ctrpipe.hostmem import share_main_arena
 
     share_main_arena()      # before polars and pyarrow start threads: no thread of the build takes an arena
-    from ctrpipe.shard.build import run_shard
+    run_shard = _lazy("ctrpipe.shard.build", "run_shard")
 
     all_inputs = [*inputs, *(more_inputs or [])]
     _run(lambda: run_shard(cfg_path=cfg, overrides=overrides, inputs=all_inputs, out=out, gold=gold,
@@ -222,7 +231,7 @@ def shard(
 @app.command()
 def inspect(cache: Path = typer.Argument(..., help="shard cache folder")) -> None:
     """Check a shard cache before training; exits non-zero when a check fails."""
-    from ctrpipe.shard.inspect import run_inspect
+    run_inspect = _lazy("ctrpipe.shard.inspect", "run_inspect")
 
     ok = _run(lambda: run_inspect(cache))
     if not ok:
@@ -240,7 +249,7 @@ def train(
     quiet: bool = QuietOpt,
 ) -> None:
     """Train a model on a shard cache; writes runs/<exp_name>/."""
-    from ctrpipe.train.fit import run_train
+    run_train = _lazy("ctrpipe.train.fit", "run_train")
 
     _run(lambda: run_train(cfg_path=cfg, overrides=overrides, shards=shards, runs=runs, kfold=kfold,
                            resume=resume, quiet=quiet),
@@ -257,7 +266,7 @@ def infer(
     quiet: bool = QuietOpt,
 ) -> None:
     """Ensemble a run's fold checkpoints over test shards into a submission."""
-    from ctrpipe.infer.predict import run_infer
+    run_infer = _lazy("ctrpipe.infer.predict", "run_infer")
 
     _run(lambda: run_infer(run=run, shards=shards, out=out, overrides=overrides, quiet=quiet))
 
@@ -275,7 +284,7 @@ def export(
     """Export a run (folds combined, calibration applied) as one TorchScript or ONNX model + model.json."""
     import json
 
-    from ctrpipe.serve.export import export_model
+    export_model = _lazy("ctrpipe.serve.export", "export_model")
 
     def go() -> None:
         path = export_model(run, out if out is not None else run / "export", fmt, cache=cache, overrides=overrides)
@@ -298,7 +307,7 @@ def predict(
     quiet: bool = QuietOpt,
 ) -> None:
     """Score a file of raw rows with a run (no shard cache needed): calibrated, fold-combined probabilities."""
-    from ctrpipe.serve.predict_file import predict_file
+    predict_file = _lazy("ctrpipe.serve.predict_file", "predict_file")
 
     def go() -> None:
         n = predict_file(run, input_, out, cache=cache, overrides=overrides)
@@ -322,7 +331,7 @@ def report(
     quiet: bool = QuietOpt,
 ) -> None:
     """Static HTML report of runs: curves, reliability diagrams, gate usage and a leaderboard."""
-    from ctrpipe.report.build import run_report
+    run_report = _lazy("ctrpipe.report.build", "run_report")
 
     _run(lambda: run_report(runs=runs, out=out, baseline=baseline, strict=strict, quiet=quiet))
 
@@ -337,7 +346,7 @@ def plan(
                                          "(default: free GPU memory, or available host RAM)"),
 ) -> None:
     """Estimate a training run's memory before allocating it; exits 1 when it would not fit."""
-    from ctrpipe.tools.planner import run_plan
+    run_plan = _lazy("ctrpipe.tools.planner", "run_plan")
 
     result = _run(lambda: run_plan(cfg_path=cfg, overrides=overrides, shards=shards, device=device, memory=memory))
     if not result.fits:
@@ -347,7 +356,7 @@ def plan(
 @app.command()
 def doctor() -> None:
     """Check the environment: versions, devices, compiled kernels, a smoke test per device; exit 1 on a failure."""
-    from ctrpipe.tools.doctor import run_doctor
+    run_doctor = _lazy("ctrpipe.tools.doctor", "run_doctor")
 
     checks = _run(run_doctor)
     if any(c.status == "fail" for c in checks):
@@ -366,7 +375,7 @@ def blend_submissions(
     quiet: bool = QuietOpt,
 ) -> None:
     """Blend submission files row-aligned by ID."""
-    from ctrpipe.infer.blend import run_blend
+    run_blend = _lazy("ctrpipe.infer.blend", "run_blend")
 
     _run(lambda: run_blend(files=files, method=method, weights=weights, out=out, quiet=quiet,
                            trim_ratio=trim_ratio))

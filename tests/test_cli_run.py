@@ -67,3 +67,25 @@ def test_a_stop_python_drops_still_ends_the_command(capsys: pytest.CaptureFixtur
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL                  # put back
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_ctrl_c_while_a_stage_loads_gets_the_note(tmp_path, monkeypatch, capsys: pytest.CaptureFixture) -> None:
+    """Each command imported its stage (torch, polars: a second or so) before `_run` took over Ctrl-C and
+    SIGTERM: a stop then ended the command with no word. The stage is now imported inside `_run`."""
+    import sys
+
+    from ctrpipe.cli import _lazy
+
+    (tmp_path / "slow_stage.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+                                            "time.sleep(5)\n\ndef run():\n    return 'ran'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)     # as in a terminal
+    try:
+        stage = _lazy("slow_stage", "run")                                  # nothing imported yet
+        assert "slow_stage" not in sys.modules
+        with pytest.raises(typer.Exit) as exc:
+            _run(lambda: stage(), interrupted_note="run it again")
+        assert exc.value.exit_code == 130 and "interrupted" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.modules.pop("slow_stage", None)
