@@ -70,6 +70,8 @@ def open_temp(tmp: Path, final: Path, mode: str = "wb") -> IO[Any]:
                 raise BusyError(f"another process is writing {final.name} right now (its temp file {tmp.name} "
                                 "is in use)", where=str(final),
                                 fix="wait for that command to finish, or write to another path") from None
+            except OSError:             # a filesystem without locks (some network mounts): written unlocked
+                pass
         os.ftruncate(fd, 0)
         return os.fdopen(fd, mode)
     except BaseException:
@@ -112,6 +114,8 @@ def folder_lock(folder: Path, busy: Callable[[], Exception]) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise busy() from None
+        except OSError:                 # a filesystem without locks (some network mounts): no lock
+            pass
         yield
     finally:
         os.close(fd)
