@@ -436,8 +436,8 @@ def _field_default(cls: type, key: str) -> Any:
 
 
 def _bad(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> ConfigError:
-    """`default`: the setting's own default, a valid example where the type's one example fits few settings
-    (model.qnn_alpha.heads=8192 suggested a value its checks refuse)."""
+    """`default`: an int setting's own default, a valid example where the type's one example fits few
+    settings (model.qnn_alpha.heads=8192 suggested a value its checks refuse)."""
     if tp is str and isinstance(value, (bool, int, float)):
         # YAML typed an unquoted word or number: yes/no/on/off are booleans, 007 is 7, 1.50 is 1.5
         return ConfigError(f"bad value {value!r} for '{key}': YAML read an unquoted {type(value).__name__}, "
@@ -527,11 +527,11 @@ def _coerce(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> 
                 return _coerce(arg, value, key, origin, default)
             except ConfigError as exc:
                 errors.append(exc)
-        raise errors[0] if errors else _bad(tp, value, key, origin, default)
+        raise errors[0] if errors else _bad(tp, value, key, origin)
     if org is Literal:
         if value in get_args(tp):
             return value
-        raise _bad(tp, value, key, origin, default)
+        raise _bad(tp, value, key, origin)
     if is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):
             return value
@@ -542,7 +542,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> 
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise _bad(tp, value, key, origin, default)
+            raise _bad(tp, value, key, origin)
         args = get_args(tp)
         if org is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):                  # a pair given 1 or 3 values: not cut or indexed later
@@ -555,13 +555,13 @@ def _coerce(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> 
         return tuple(_coerce(inner, v, f"{key}[{i}]", origin) for i, v in enumerate(value))
     if org in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
-            raise _bad(tp, value, key, origin, default)
+            raise _bad(tp, value, key, origin)
         kt, vt = get_args(tp) or (Any, Any)
         return {str(k): _coerce(vt, v, f"{key}.{k}", origin) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise _bad(tp, value, key, origin, default)
+        raise _bad(tp, value, key, origin)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or int(value) != value:
@@ -569,11 +569,11 @@ def _coerce(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> 
         return int(value)
     if tp is float:
         if isinstance(value, bool):
-            raise _bad(tp, value, key, origin, default)
+            raise _bad(tp, value, key, origin)
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise _bad(tp, value, key, origin, default) from None
+            raise _bad(tp, value, key, origin) from None
         if math.isnan(number):                   # passes every `x < 0` check, then poisons training silently
             raise ConfigError(f"NaN is no value for '{key}'", where=_where(origin, key),
                               fix=f"use a number, e.g. {key}={_example(tp)}")
@@ -583,7 +583,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> 
         # text compared with the data's text must match it
         if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
             return str(value)
-        raise _bad(tp, value, key, origin, default)
+        raise _bad(tp, value, key, origin)
     if tp is Path:
         return Path(str(value))
     return value
