@@ -59,19 +59,9 @@ def open_temp(tmp: Path, final: Path, mode: str = "wb") -> IO[Any]:
     temp file alone. Callers rename before they close. Where flock is missing, no lock is taken."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)
     try:
-        try:
-            import fcntl
-        except ImportError:             # not POSIX
-            fcntl = None  # type: ignore[assignment]
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise BusyError(f"another process is writing {final.name} right now (its temp file {tmp.name} "
-                                "is in use)", where=str(final),
-                                fix="wait for that command to finish, or write to another path") from None
-            except OSError:             # a filesystem without locks (some network mounts): written unlocked
-                pass
+        _lock(fd, lambda: BusyError(f"another process is writing {final.name} right now (its temp file "
+                                    f"{tmp.name} is in use)", where=str(final),
+                                    fix="wait for that command to finish, or write to another path"))
         os.ftruncate(fd, 0)
         return os.fdopen(fd, mode)
     except BaseException:
@@ -103,22 +93,27 @@ def folder_lock(folder: Path, busy: Callable[[], Exception]) -> Iterator[None]:
     it: two commands writing one cache or run folder at once interleaved their files (a manifest over a
     missing shard; a run log with steps twice). flock on the folder itself: no file is added, and the kernel
     releases it when the process ends, killed or not. Where flock is missing, no lock is taken."""
-    try:
-        import fcntl
-    except ImportError:             # not POSIX
-        yield
-        return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise busy() from None
-        except OSError:                 # a filesystem without locks (some network mounts): no lock
-            pass
+        _lock(fd, busy)
         yield
     finally:
         os.close(fd)
+
+
+def _lock(fd: int, busy: Callable[[], Exception]) -> None:
+    """flock `fd` exclusively, or raise `busy()` when another process holds it. No lock where there is no
+    flock (not POSIX) or the filesystem refuses it (some network mounts): writes go on as before the locks."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise busy() from None
+    except OSError:
+        pass
 
 
 def pid_alive(pid: int) -> bool:
