@@ -16,15 +16,48 @@ from typing import IO, Any
 from ctrpipe.errors import BusyError, disk_full_as_error, human_bytes
 
 
+class _StopHold:
+    depth = 0           # nested stops_held() blocks now running
+    pending = False     # a stop signal arrived inside them
+
+
+@contextmanager
+def stops_held() -> Iterator[None]:
+    """Hold a stop (Ctrl-C, SIGTERM) that arrives while the block runs, and raise it as KeyboardInterrupt
+    when the block ends: files that belong together (a submission and the .json record of where it came from)
+    are committed together, never the one without the other. Keep such a block short (renames, a small
+    record). Only the command-line handler of stop signals consults it (`hold_stop`)."""
+    _StopHold.depth += 1
+    try:
+        yield
+    finally:
+        _StopHold.depth -= 1
+        pending = _StopHold.pending and _StopHold.depth == 0
+        if _StopHold.depth == 0:
+            _StopHold.pending = False
+    if pending:
+        raise KeyboardInterrupt
+
+
+def hold_stop() -> bool:
+    """Called by a stop signal's handler: True (and the stop recorded for the end of the block) while a
+    `stops_held()` block runs, False when the stop should be raised now."""
+    if _StopHold.depth:
+        _StopHold.pending = True
+        return True
+    return False
+
+
 @contextmanager
 def atomic_open(final: Path | str, mode: str = "w", size_hint: int | None = None,
-                stale: tuple[Path, ...] = ()) -> Iterator[IO[Any]]:
+                stale: tuple[Path, ...] = (), then: Callable[[], object] | None = None) -> Iterator[IO[Any]]:
     """Open a temp file beside `final`; on success fsync + rename onto `final`, on error delete the temp file.
 
     `size_hint` (bytes about to be written, when the caller knows) goes into the message of a full disk;
     without it the message gives what was written before the disk filled, a lower bound. `stale`: files that
     describe an older `final` (its .json record), removed just before the rename, so a failed write keeps
-    both and the new file is never paired with them (as `SubmissionWriter(stale=)`).
+    both and the new file is never paired with them (as `SubmissionWriter(stale=)`). `then`: writes the files
+    that describe the new `final` (its record), right after the rename with stops held until it returns.
     """
     final = Path(final)
     tmp = final.with_name(final.name + ".incomplete")
@@ -43,9 +76,12 @@ def atomic_open(final: Path | str, mode: str = "w", size_hint: int | None = None
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
-                for old in stale:
-                    old.unlink(missing_ok=True)
-                os.replace(tmp, final)      # before the close, which ends the temp file's lock
+                with stops_held():
+                    for old in stale:
+                        old.unlink(missing_ok=True)
+                    os.replace(tmp, final)      # before the close, which ends the temp file's lock
+                    if then is not None:
+                        then()
         except BaseException:
             written = _size(tmp)
             tmp.unlink(missing_ok=True)

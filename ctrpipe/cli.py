@@ -21,6 +21,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperCommand
 
+from ctrpipe.atomic import hold_stop
 from ctrpipe.console import console
 from ctrpipe.errors import CtrpipeError, DiskFullError, first_on_node
 
@@ -123,7 +124,8 @@ class _CtrlC:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
-        signal.default_int_handler(signum, frame)
+        if not hold_stop():         # raised at the end of a commit of files that belong together instead
+            signal.default_int_handler(signum, frame)
 
     def __enter__(self) -> _CtrlC:
         if threading.current_thread() is threading.main_thread():

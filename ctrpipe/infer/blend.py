@@ -289,16 +289,21 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
             finally:
                 for h in range_files:
                     h.close()
+            inputs = _input_records(files)    # hashed before the commit, which holds Ctrl-C while it runs
+            reports: list[BlendReport] = []
+
+            def record() -> None:
+                reports.append(BlendReport(out=out, rows=n0, files=tuple(files), method=method, weights=w,
+                                           partitions=parts, seconds=time.perf_counter() - t0))
+                _write_record(reports[0], trim_ratio, inputs)
+
             task = progress.add_task("write", total=n0)
             _write_in_first_file_order(files[0], out, tmp, n0, span, (id_header, pred_header),
-                                       chunk_bytes, lambda n: progress.advance(task, n))
+                                       chunk_bytes, lambda n: progress.advance(task, n), then=record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = BlendReport(out=out, rows=n0, files=tuple(files), method=method, weights=w, partitions=parts,
-                         seconds=time.perf_counter() - t0)
-    _write_record(report, trim_ratio)
-    _print_summary(report, quiet)
-    return report
+    _print_summary(reports[0], quiet)
+    return reports[0]
 
 
 def _origin(f: Path) -> dict[str, object] | None:
@@ -331,19 +336,25 @@ def _warn_rank_scores_beside_probabilities(files: Sequence[Path], method: str) -
                       "with --method rank_avg, or write every input with a probability method", highlight=False)
 
 
-def _write_record(r: BlendReport, trim_ratio: float) -> Path:
-    """`<out>.json`, as `ctrpipe infer` writes beside a submission: the blend's settings, and per input its
-    bytes' sha256 and, where the input has one, where it came from (its own record's run, config name and
-    training-cache fingerprint)."""
-    from ctrpipe.atomic import write_json_atomic
+def _input_records(files: Sequence[Path]) -> list[dict[str, object]]:
+    """Per input of a blend, its bytes' sha256 and, where the input has a record, where it came from (that
+    record's run, config name and training-cache fingerprint)."""
     from ctrpipe.infer.predict import file_sha256
 
-    inputs = []
-    for f in r.files:
+    inputs: list[dict[str, object]] = []
+    for f in files:
         record = f.with_name(f.name + ".json")
         origin = _origin(f)
         inputs.append({"path": str(f.resolve()), "sha256": file_sha256(f), "bytes": f.stat().st_size,
                        "record": str(record.resolve()) if origin is not None else None, "from": origin})
+    return inputs
+
+
+def _write_record(r: BlendReport, trim_ratio: float, inputs: list[dict[str, object]]) -> Path:
+    """`<out>.json`, as `ctrpipe infer` writes beside a submission: the blend's settings and its inputs
+    (`_input_records`)."""
+    from ctrpipe.atomic import write_json_atomic
+
     doc = {"blend": str(r.out.resolve()), "rows": r.rows, "method": r.method,
            "weights": list(r.weights) if r.weights is not None else None,
            "trim_ratio": trim_ratio if r.method == "trim_mean" else None, "inputs": inputs,
@@ -362,15 +373,16 @@ def _remove_dead_blends(out: Path) -> None:
 
 def _write_in_first_file_order(first: Path, out: Path, tmp: Path, rows: int, span: int,
                                headers: tuple[str, str], chunk_bytes: int,
-                               progress_cb: Callable[[int], None]) -> None:
-    """Pass 3: stream the first file's IDs again and pair them with the blends of the same rows."""
+                               progress_cb: Callable[[int], None], then: Callable[[], object]) -> None:
+    """Pass 3: stream the first file's IDs again and pair them with the blends of the same rows; `then`
+    writes the blend's record, committed with it (`SubmissionWriter(then=)`)."""
     n_ranges = max(1, math.ceil(rows / span))
     pending_ids: list[pl.Series] = []       # IDs read from the first file but not yet written
     have = 0
     chunks = iter_submission(first, chunk_bytes)
     # an older blend's record never pairs with this one; a blend that fails keeps both
     with closing(chunks), SubmissionWriter(out, *headers, expected_rows=rows,
-                                           stale=(out.with_name(out.name + ".json"),)) as writer:
+                                           stale=(out.with_name(out.name + ".json"),), then=then) as writer:
         for q in range(n_ranges):
             res = np.fromfile(tmp / f"out_{q}.bin", dtype=OUT)
             start = q * span

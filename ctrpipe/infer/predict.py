@@ -14,7 +14,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -306,15 +306,16 @@ def refuse_duplicate_ids(shards: Path, rows: np.ndarray, chunk: int) -> None:
 
 
 def _write_ids_and_preds(shards: Path, rows: np.ndarray, preds: np.ndarray, out: Path,
-                         cfg: RunConfig) -> None:
-    """Stream (ID, prediction) chunks: IDs are gathered from each shard's ids.npy memmap per chunk."""
+                         cfg: RunConfig, then: Callable[[], object]) -> None:
+    """Stream (ID, prediction) chunks: IDs are gathered from each shard's ids.npy memmap per chunk. `then`
+    writes the files that describe the submission, committed with it (`SubmissionWriter(then=)`)."""
     cache = open_cache(shards, groups=("ids",))
     chunk = cfg.infer.write_chunk_rows
     # a new submission never sits beside an older one's sidecar or fold predictions (an interrupt between
     # its rename and theirs, or a run without save_fold_preds, would pair them); a failed one keeps them
     stale = (out.with_name(out.name + ".json"), out.with_name(out.name + ".folds.npz"))
     with SubmissionWriter(out, cfg.infer.id_header, cfg.infer.pred_header, expected_rows=len(rows),
-                          stale=stale) as writer:
+                          stale=stale, then=then) as writer:
         for a in range(0, len(rows), chunk):
             writer.write(cache.take("ids", rows[a:a + chunk]), preds[a:a + chunk].astype(np.float32))
 
@@ -375,15 +376,21 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
         metrics = compute_metrics(labels, preds)          # rows a head's mask drops (NaN) are skipped
         if cfg.infer.method == "rank_avg":                # ranks order the rows; they are no probabilities
             metrics = {k: v for k, v in metrics.items() if k in ("auc", "ap")}
-    _write_ids_and_preds(shards, rows, preds, out, cfg)
-    if cfg.infer.save_fold_preds:
-        _save_fold_preds(out, rows, logits, paths, labels)
-    report = InferReport(out=out, rows=n, checkpoints=tuple(paths), weights=weights,
-                         view=view.describe(), task=heads[task], metrics=metrics,
-                         seconds=time.perf_counter() - t0, notes=notes.lines)
-    _write_sidecar(report, cfg, run, shards, manifest, ckpts, cal, cal_source)
-    _print_summary(report, cfg, cal, cal_source, device, quiet)
-    return report
+    sha256s = [file_sha256(p) for p in paths]        # before the commit, which holds Ctrl-C while it runs
+    reports: list[InferReport] = []
+
+    def companions() -> None:
+        """The submission's fold predictions and record, written with it (stops held: one short step)."""
+        if cfg.infer.save_fold_preds:
+            _save_fold_preds(out, rows, logits, paths, labels)
+        reports.append(InferReport(out=out, rows=n, checkpoints=tuple(paths), weights=weights,
+                                   view=view.describe(), task=heads[task], metrics=metrics,
+                                   seconds=time.perf_counter() - t0, notes=notes.lines))
+        _write_sidecar(reports[0], cfg, run, shards, manifest, ckpts, sha256s, cal, cal_source)
+
+    _write_ids_and_preds(shards, rows, preds, out, cfg, then=companions)
+    _print_summary(reports[0], cfg, cal, cal_source, device, quiet)
+    return reports[0]
 
 
 @dataclass(frozen=True)
@@ -440,18 +447,19 @@ def file_sha256(path: Path) -> str:
 
 
 def _write_sidecar(r: InferReport, cfg: RunConfig, run: Path, shards: Path, manifest: Manifest,
-                   ckpts: Sequence[Checkpoint], cal: Calibration, cal_source: str) -> Path:
-    """`<submission>.json`: everything needed to tell where a submission came from (written last)."""
+                   ckpts: Sequence[Checkpoint], sha256s: Sequence[str], cal: Calibration,
+                   cal_source: str) -> Path:
+    """`<submission>.json`: everything needed to tell where a submission came from (written with it)."""
     path = r.out.with_name(r.out.name + ".json")
     doc = {
         "submission": str(r.out.resolve()), "rows": r.rows, "view": r.view, "task": r.task,
         "run": str(run.resolve()), "exp_name": cfg.exp_name, "method": cfg.infer.method,
         "weights": list(r.weights) if r.weights is not None else None,
-        "checkpoints": [{"path": str(p.resolve()), "sha256": file_sha256(p), "fold": c.fold,
+        "checkpoints": [{"path": str(p.resolve()), "sha256": sha, "fold": c.fold,
                          "epoch": c.epoch, "step": c.step, "val_metrics": _finite(c.val_metrics),
                          "schema_fingerprint": c.schema_fingerprint,
                          "manifest_fingerprint": c.manifest_fingerprint}
-                        for p, c in zip(r.checkpoints, ckpts, strict=True)],
+                        for p, c, sha in zip(r.checkpoints, ckpts, sha256s, strict=True)],
         "shards": str(shards.resolve()), "shards_fingerprint": manifest.fingerprint,
         "shards_schema_fingerprint": manifest.schema_fingerprint(),
         "calibration": {**asdict(cal), "source": cal_source},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctrpipe.atomic import open_temp
+from ctrpipe.atomic import open_temp, stops_held
 from ctrpipe.errors import SubmissionError, disk_full_as_error, human_bytes, location
 
 DEFAULT_CHUNK_BYTES = 16 << 20      # ~16 MB of CSV text per chunk: ~700k rows of "12345678,0.123456789"
@@ -68,11 +68,15 @@ class SubmissionWriter:
     """
 
     def __init__(self, path: Path, id_header: str = "ID", pred_header: str = "clicked",
-                 expected_rows: int | None = None, stale: tuple[Path, ...] = ()) -> None:
+                 expected_rows: int | None = None, stale: tuple[Path, ...] = (),
+                 then: Callable[[], object] | None = None) -> None:
         self.path = Path(path)
         # files describing an older `path` (its .json record): removed just before the new file replaces it, so
         # a failed write keeps both, and a finished one is never paired with them
         self.stale = stale
+        # writes the files describing the new `path` (its record) right after the rename, stops held meanwhile:
+        # a Ctrl-C between the two left a finished submission without its record
+        self.then = then
         self.tmp = self.path.with_name(self.path.name + ".incomplete")
         self.headers = (id_header, pred_header)
         self.expected_rows = expected_rows
@@ -133,10 +137,13 @@ class SubmissionWriter:
                     fh.close()                                 # the gzip trailer
                 self._raw.flush()
                 os.fsync(self._raw.fileno())
-            for old in self.stale:
-                old.unlink(missing_ok=True)
-            os.replace(self.tmp, self.path)
-            self._raw.close()               # after the rename: closing ends the temp file's lock
+            with stops_held():
+                for old in self.stale:
+                    old.unlink(missing_ok=True)
+                os.replace(self.tmp, self.path)
+                if self.then is not None:
+                    self.then()
+                self._raw.close()           # after the rename: closing ends the temp file's lock
         except BaseException:
             self._abandon(fh)
             raise

@@ -14,8 +14,9 @@ import dataclasses
 import gzip
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -103,26 +104,29 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
     p = Predictor.load(run, cache=cache, overrides=overrides)
     check_out_outside(out, run, (p.cache_dir,))
     out.parent.mkdir(parents=True, exist_ok=True)      # as `ctrpipe infer` makes its --out folder
-    rows = _write(p, path, out, chunk_rows)
-    _write_record(p, path, out, rows, time.perf_counter() - t0)
-    return rows
+    doc = _record(p, path, out)         # hashed before the commit, which holds Ctrl-C while it runs
+    return _write(p, path, out, chunk_rows,
+                  then=lambda rows: _write_record(out, {**doc, "rows": rows}, time.perf_counter() - t0))
 
 
-def _write_record(p: Predictor, path: Path, out: Path, rows: int, seconds: float) -> Path:
-    """`<out>.json`, as `ctrpipe infer` writes beside a submission: the input file (sha256), the run and its
-    checkpoints, the training cache's fingerprint, the calibrations and the resolved config."""
+def _record(p: Predictor, path: Path, out: Path) -> dict[str, Any]:
+    """What `<out>.json` says, as `ctrpipe infer` writes beside a submission: the input file (sha256), the
+    run and its checkpoints, the training cache's fingerprint, the calibrations and the resolved config."""
     from ctrpipe.infer.predict import file_sha256, find_checkpoints
 
-    doc = {"predictions": str(out.resolve()), "rows": rows,
-           "input": {"path": str(path.resolve()), "sha256": file_sha256(path), "bytes": path.stat().st_size},
-           "run": str(p.run.resolve()), "exp_name": p.cfg.exp_name, "method": p.cfg.infer.method,
-           "weights": list(p.weights) if p.weights is not None else None,
-           "checkpoints": [{"path": str(c.resolve()), "sha256": file_sha256(c)} for c in find_checkpoints(p.run)],
-           "training_cache": str(p.cache_dir.resolve()), "shards_fingerprint": p.manifest.fingerprint,
-           "shards_schema_fingerprint": p.manifest.schema_fingerprint(),
-           "calibration": {h: dataclasses.asdict(c) for h, c in zip(p.heads, p.calibrations, strict=True)},
-           "config": to_dict(p.cfg), "config_sources": dict(p.cfg.sources), "seconds": round(seconds, 3)}
-    return write_json_atomic(out.with_name(out.name + ".json"), doc)
+    return {"predictions": str(out.resolve()), "rows": None,       # filled in when written
+            "input": {"path": str(path.resolve()), "sha256": file_sha256(path), "bytes": path.stat().st_size},
+            "run": str(p.run.resolve()), "exp_name": p.cfg.exp_name, "method": p.cfg.infer.method,
+            "weights": list(p.weights) if p.weights is not None else None,
+            "checkpoints": [{"path": str(c.resolve()), "sha256": file_sha256(c)} for c in find_checkpoints(p.run)],
+            "training_cache": str(p.cache_dir.resolve()), "shards_fingerprint": p.manifest.fingerprint,
+            "shards_schema_fingerprint": p.manifest.schema_fingerprint(),
+            "calibration": {h: dataclasses.asdict(c) for h, c in zip(p.heads, p.calibrations, strict=True)},
+            "config": to_dict(p.cfg), "config_sources": dict(p.cfg.sources)}
+
+
+def _write_record(out: Path, doc: dict[str, Any], seconds: float) -> Path:
+    return write_json_atomic(out.with_name(out.name + ".json"), {**doc, "seconds": round(seconds, 3)})
 
 
 def _where_in_file(where: str, path: Path, start: int) -> str:
@@ -133,11 +137,12 @@ def _where_in_file(where: str, path: Path, start: int) -> str:
     return re.sub(r"^input rows\b", lambda m: str(path), where)
 
 
-def _write(p: Predictor, path: Path, out: Path, chunk_rows: int) -> int:
+def _write(p: Predictor, path: Path, out: Path, chunk_rows: int, then: Callable[[int], object]) -> int:
     """Write the predictions to `out` (gzip for a .gz name, as infer writes a submission), atomically; the
-    record of an earlier output is removed only once this one is whole (a failed predict keeps both)."""
+    record of an earlier output is removed only once this one is whole (a failed predict keeps both), and
+    `then(rows)` writes the new record, committed with it (`atomic_open(then=)`)."""
     n = 0
-    with atomic_open(out, "wb", stale=(out.with_name(out.name + ".json"),)) as raw:
+    with atomic_open(out, "wb", stale=(out.with_name(out.name + ".json"),), then=lambda: then(n)) as raw:
         # mtime 0 keeps equal inputs byte-identical
         fh = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if out.suffix == ".gz" else raw
         for start, rows, ids in _chunks(p, path, chunk_rows):

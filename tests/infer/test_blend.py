@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import signal
 from pathlib import Path
 from typing import get_args
 
 import numpy as np
 import polars as pl
 import pytest
+from cli_helpers import stop_right_after_renaming_onto
 from typer.testing import CliRunner
 
 from ctrpipe.cli import app
@@ -15,6 +18,7 @@ from ctrpipe.errors import ConfigError, SubmissionError
 from ctrpipe.infer.blend import run_blend
 from ctrpipe.infer.config import EnsembleMethod
 from ctrpipe.infer.ensemble import combine
+from ctrpipe.infer.predict import file_sha256
 from ctrpipe.infer.submission import SubmissionWriter, iter_submission
 
 N = 500
@@ -85,6 +89,27 @@ def test_a_blend_records_its_inputs_and_settings(tmp_path: Path) -> None:
     assert [i["sha256"] for i in doc["inputs"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
     assert [i["from"] for i in doc["inputs"]] == [None, {"run": "/runs/dnn", "exp_name": "dnn",
                                                          "shards_fingerprint": "abc"}, None]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_as_the_blend_lands_still_writes_its_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           signum: int) -> None:
+    """A stop between the blend's rename and its record (hashing the inputs took most of a second there) left a
+    finished blend with no record, or beside none while the note said nothing partial was left."""
+    paths, _, _ = _make(tmp_path, k=2)
+    out = tmp_path / "blend.csv"
+    run_blend(paths, "mean", None, out, quiet=True)
+    (tmp_path / "sub0.csv").write_text((tmp_path / "sub0.csv").read_text().replace(",0.", ",0.0", 1))
+    stop_right_after_renaming_onto(monkeypatch, out, signum)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)        # as in a terminal
+    try:
+        res = CliRunner().invoke(app, ["blend", "submissions", *map(str, paths), "--out", str(out), "-q"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert res.exit_code == 128 + signum, res.output
+    record = json.loads((tmp_path / "blend.csv.json").read_text())
+    assert record["inputs"][0]["sha256"] == file_sha256(paths[0])             # this blend's record, not the last
+    assert _read(out).height == N
 
 
 def test_blend_of_a_file_with_its_shuffled_copy_is_identity(tmp_path: Path) -> None:

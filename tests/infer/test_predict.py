@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import polars as pl
 import pytest
 from cli_helpers import run_cli as _cli
 from cli_helpers import sets as _sets
+from cli_helpers import stop_right_after_renaming_onto
 from typer.testing import CliRunner
 
 from ctrpipe.cli import app
@@ -115,6 +117,24 @@ def test_submission_on_test_cache(world: dict[str, Path], tmp_path: Path) -> Non
     assert side["shards_fingerprint"] and side["config"]["infer"]["view"] == "auto"
     assert side["calibration"]["method"] == "temperature"
     assert not list(out.parent.glob("*.incomplete")) and not (out.parent / "submission.csv.folds.npz").exists()
+
+
+def test_a_stop_as_the_submission_lands_still_writes_its_record(world: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C between the submission's rename and its record (fold predictions, then the .json) left the
+    new submission beside no record, or none of its fold predictions, while the note said nothing partial."""
+    out = tmp_path / "submission.csv"
+    stop_right_after_renaming_onto(monkeypatch, out)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)        # as in a terminal
+    try:
+        res = CliRunner().invoke(app, ["infer", "--run", str(world["single"]), "--shards", str(world["te"]),
+                                       "--out", str(out), "--set", "infer.save_fold_preds=true"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert res.exit_code == 130 and "interrupted" in res.output, res.output
+    assert pl.read_csv(out).height == 300
+    assert json.loads((tmp_path / "submission.csv.json").read_text())["rows"] == 300
+    assert np.load(tmp_path / "submission.csv.folds.npz")["logits"].shape == (1, 300)
 
 
 def test_method_none_still_applies_the_keep_rate_shift(world: dict[str, Path], tmp_path: Path) -> None:

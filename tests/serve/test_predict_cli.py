@@ -4,12 +4,15 @@ no output behind."""
 
 from __future__ import annotations
 
+import json
+import signal
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 from cli_helpers import sets as _sets
+from cli_helpers import stop_right_after_renaming_onto
 from typer.testing import CliRunner
 
 from ctrpipe.cli import app
@@ -247,3 +250,16 @@ def test_predict_scores_rows_whose_labels_are_pending_or_other_values(tmp_path: 
     uid, _, a, c = rows[1].split(",")
     got = [p.predict([{"uid": uid, "clicked": y, "a": a, "c": c}])["clicked"] for y in (None, "2", "1")]
     assert got[0] == got[1] == got[2], got
+
+
+def test_a_stop_as_the_predictions_land_still_writes_their_record(world: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop between the predictions' rename and their record (hashing the input file there) left them
+    without a record while the note said nothing partial was left."""
+    out = tmp_path / "preds.csv"
+    stop_right_after_renaming_onto(monkeypatch, out, signal.SIGTERM)
+    code, msg = _invoke("predict", "--run", str(world / "runs" / "dnn"), "--input",
+                        str(world / "d" / "test.tsv"), "--out", str(out), "-q")
+    assert code == 143 and "stopped by SIGTERM" in msg, msg
+    assert pl.read_csv(out).height == 300
+    assert json.loads((tmp_path / "preds.csv.json").read_text())["rows"] == 300
