@@ -54,6 +54,9 @@ class FTTransformer(nn.Module):
         super().__init__()
         self.inputs = FeatureInput(spec, cfg, sparse=sparse)
         dim = self.inputs.require_fields("ft_transformer")
+        # field_dims can give every field another common dim than embedding_dim (checked in the config)
+        check_config(dim % cfg.n_heads == 0, "n_heads", cfg.n_heads, str(divisor_near(cfg.n_heads, dim)),
+                     why=f"n_heads must divide the field dim ({dim}, from model.field_dims)")
         self.cls = nn.Parameter(torch.randn(1, 1, dim) / dim ** 0.5) if cfg.pooling == "cls" else None
         self.blocks = nn.Sequential(*(
             TransformerBlock(dim, cfg.n_heads, cfg.ffn_multiplier, cfg.attention_dropout, cfg.ffn_dropout,

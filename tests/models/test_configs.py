@@ -86,6 +86,16 @@ def test_interaction_model_refuses_unequal_dims(spec_factory) -> None:
     assert "fix:" in str(err.value)
 
 
+def test_transformer_heads_must_divide_the_field_dim_field_dims_give(spec_factory) -> None:
+    """field_dims giving every field 6 passed the config's embedding_dim check (32 % 4) and crashed in the
+    first forward with a shape error; refused when built, as QNN-alpha's heads are."""
+    section = build_model_section({"name": "ft_transformer", "n_heads": 4,
+                                   "field_dims": {"C1": 6, "C2": 6, "C3": 6}})
+    with pytest.raises(ConfigError, match="model.n_heads") as err:
+        build_model(section.name, section.params, spec_factory(multihot=False, sequence=False, numeric=False))
+    assert "field dim (6" in str(err.value) and "fix:" in str(err.value)
+
+
 def test_field_dims_must_name_real_fields(spec_factory) -> None:
     section = build_model_section({"name": "dnn", "field_dims": {"C99": 4}})
     with pytest.raises(ConfigError, match="model.field_dims") as err:
