@@ -3,6 +3,8 @@
 With `hidden_units` a parallel MLP branch is added (AutoInt+). Numeric columns are attention fields
 (`numeric=token`, the default) or, with an MLP, go raw into the MLP alone (`numeric=concat`, as DeepCTR-Torch's
 AutoInt does): attention then runs over the id fields only, and its cost grows with the square of the fields.
+Scores are scaled by 1/sqrt(attention_dim), as in transformers (the paper uses the plain inner product; the
+learned query and key maps absorb the constant), and `layer_norm` (post-LN, on by default) is not the paper's.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Stage 4 model: FT-Transformer: every feature (ids and numeric columns) is a token; pre-LN blocks."""
+"""Stage 4 model: FT-Transformer: every feature (ids and numeric columns) is a token; pre-LN blocks.
+
+One departure from the paper, kept for the checkpoints trained so far: the first block normalises its input
+before attention too (the paper leaves that first LayerNorm out), and the feed-forward is GELU (not ReGLU).
+"""
 
 from __future__ import annotations
 

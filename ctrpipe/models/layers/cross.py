@@ -1,6 +1,7 @@
 """Stage 4 shared layer: explicit feature crosses (DCN, DCN-V2) and how a cross tower combines with an MLP.
 
-Every cross layer keeps the input width and adds a residual: x_{l+1} = x0 * f_l(x_l) + x_l.
+Every cross layer keeps the input width and adds a residual, as in the papers: DCN x_{l+1} = x0 (x_l . w_l) + b_l
++ x_l (the bias outside the product with x0), DCN-V2 x_{l+1} = x0 * (W_l x_l + b_l) + x_l (inside it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ Structure = Literal["stacked", "parallel"]
 
 
 class CrossNetV1(nn.Module):
-    """DCN: f_l(x) = (x . w_l) + b_l with a vector w_l, i.e. a rank-1 cross per layer (2*dim params)."""
+    """DCN: f_l(x) = x . w_l, a scalar per row from a vector w_l: a rank-1 cross per layer (2*dim params)."""
 
     def __init__(self, dim: int, n_layers: int) -> None:
         super().__init__()
