@@ -219,6 +219,31 @@ def test_din_scores_only_valid_behaviours_on_the_cpu_as_the_dense_form_does(soft
     assert torch.equal(grads[1][~mask], torch.zeros_like(grads[1][~mask]))   # padding gets no gradient
 
 
+def test_din_under_bf16_autocast_runs_its_packed_matmuls_on_few_shapes() -> None:
+    """oneDNN compiles (and keeps) a bf16 kernel per shape: a packed count of valid behaviours that changed
+    every step grew a DIN training process by ~0.7 GB over a few hundred steps. The packed rows are padded to
+    a few sizes, and the padding changes no score and no gradient."""
+    torch.manual_seed(0)
+    att = TargetAttention(8, (12,))
+    rows_seen: list[int] = []           # the rows of each call of the unit's MLP
+    att.unit.rest.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[0]))
+    packed_rows: set[int] = set()
+    for n_valid in range(300, 340):                                     # 40 different packed counts
+        lengths = torch.full((16,), n_valid // 16)
+        lengths[: n_valid % 16] += 1
+        mask = torch.arange(50)[None] < lengths[:, None]                  # at most 0.43 valid: packed
+        query, keys = torch.randn(16, 8, requires_grad=True), torch.randn(16, 50, 8, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dense = pool(att.unit._dense(query, keys) * mask, keys)
+            before = len(rows_seen)
+            packed = att(query, keys, mask)
+        packed_rows.update(rows_seen[before:])
+        assert torch.allclose(packed.float(), dense.float(), rtol=0.05, atol=0.05)
+        padding_grad = torch.autograd.grad(packed.float().sum(), keys)[0][~mask]
+        assert torch.equal(padding_grad, torch.zeros_like(padding_grad))
+    assert len(packed_rows) <= 4, sorted(packed_rows)                    # 304, 320, 336, 352
+
+
 @pytest.mark.parametrize(("sequence", "sparse", "empty"), [
     ({"top_k": 3, "query_mode": "S1"}, False, [0, 5]),
     ({"top_k": 2, "search": "hard", "query_mode": "S2", "recency_tau": 2.0}, True, [0, 5]),

@@ -110,6 +110,13 @@ def _pack_on_cpu(mask: Tensor) -> bool:
     return int(mask.sum()) <= PACK_MAX_FILL * mask.numel()
 
 
+def _size_bucket(m: int) -> int:
+    """`m` rounded up to one of 16 sizes per power of two (at least 16): few distinct shapes, at most 1/16
+    more rows."""
+    step = 1 << max(0, m.bit_length() - 5)
+    return max(16, -(-m // step) * step)
+
+
 def _valid_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
     """(B, L) mask -> the row-major flat indices of its True positions (M,) and their rows (M,). Packed forms
     gather with index_select on these: its backward is an index_add, cheaper on the CPU than the
@@ -175,12 +182,20 @@ class ActivationUnit(nn.Module):
 
     def _packed(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         flat, rows = _valid_positions(mask)                                         # (M,), (M,)
+        m = flat.numel()
+        if torch.is_autocast_enabled("cpu"):
+            # bf16 matmuls run through oneDNN, which caches a compiled kernel (and its weights' copy) per
+            # shape: a new M every step grew the process by ~0.7 GB over a few hundred steps. Padded to one of
+            # 16 sizes per power of two (at most 1/16 more rows); the padding rows score row 0's first slot
+            # and are dropped.
+            pad = _size_bucket(m) - m
+            flat, rows = F.pad(flat, (0, pad)), F.pad(rows, (0, pad))
         k = keys.reshape(-1, keys.shape[-1]).index_select(0, flat)                  # (M, D)
         q = query.index_select(0, rows)
         h = self.query(query).index_select(0, rows) + F.linear(k, self.key.weight) + \
             F.linear(q * k, self.product.weight)
-        s = self.rest(h).squeeze(-1)                                                # (M,)
-        return s.new_zeros(mask.numel()).index_put((flat,), s).view(mask.shape)
+        s = self.rest(h).squeeze(-1)[:m]                                            # (M,)
+        return s.new_zeros(mask.numel()).index_put((flat[:m],), s).view(mask.shape)
 
     def _dense(self, query: Tensor, keys: Tensor) -> Tensor:
         per_row = self.key.weight.t() + query.unsqueeze(-1) * self.product.weight.t()   # (B, D, H)
