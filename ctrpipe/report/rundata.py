@@ -185,12 +185,22 @@ def _read_logs(directory: Path, name: str) -> RunLogs:
     log = directory / "train_log.csv"
     if not log.is_file():
         raise ReportError(f"{log.name} is missing", where=str(log), fix="the run directory is damaged: retrain it")
-    df = pl.read_csv(log, infer_schema_length=0).with_columns(pl.all().cast(pl.Float64, strict=False))
+    df = _read_csv(log, infer_schema_length=0).with_columns(pl.all().cast(pl.Float64, strict=False))
     train = df.filter(pl.col("loss").is_not_null()) if "loss" in df.columns else df.clear()
     evals = df.filter(pl.col("val_auc").is_not_null()) if "val_auc" in df.columns else df.clear()
     val = {c[len("val_"):]: _curve(evals, c) for c in evals.columns if c.startswith("val_")}
     return RunLogs(name=name, loss=_curve(train, "loss"), lr=_curve(train, "lr"),
                    val={k: v for k, v in val.items() if len(v)}, diagnostics=_read_diagnostics(directory))
+
+
+def _read_csv(path: Path, **options: Any) -> pl.DataFrame:
+    """A run's log, or a ReportError naming it when it cannot be read (emptied or cut by a full disk)."""
+    try:
+        return pl.read_csv(path, **options)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ReportError(f"cannot read {path.name}: {reason}", where=str(path),
+                          fix="the run directory is damaged: retrain it (or leave this run out)") from None
 
 
 def _curve(df: pl.DataFrame, column: str) -> Curve:
@@ -206,7 +216,7 @@ def _read_diagnostics(directory: Path) -> dict[str, Curve]:
     path = directory / "diagnostics.csv"
     if not path.is_file():
         return {}
-    df = pl.read_csv(path, schema_overrides={"step": pl.Int64, "name": pl.Utf8, "value": pl.Float64})
+    df = _read_csv(path, schema_overrides={"step": pl.Int64, "name": pl.Utf8, "value": pl.Float64})
     out: dict[str, Curve] = {}
     for (name,), part in df.group_by("name", maintain_order=True):
         out[str(name)] = _curve(part.rename({"value": "v"}), "v")

@@ -346,6 +346,17 @@ def test_damaged_predictions_are_a_clear_error(runs: Runs, tmp_path: Path) -> No
     assert code == 1 and "5 predictions are not finite" in text and "retrain the run" in text
 
 
+@pytest.mark.parametrize("log", ["train_log.csv", "diagnostics.csv"])
+def test_an_emptied_log_is_a_clear_error(runs: Runs, tmp_path: Path, log: str) -> None:
+    """An empty train_log.csv (a disk that filled, a truncating copy) ended the report in a polars traceback."""
+    run = tmp_path / "criteo_dnn"
+    shutil.copytree(runs.criteo[0], run)
+    (run / log).write_text("")
+    code, text = report(str(run), "--out", str(tmp_path / "rep"))
+    assert code == 1 and f"cannot read {log}" in text and "retrain it" in text, text
+    assert not (tmp_path / "rep").exists()
+
+
 def test_a_curve_of_one_logged_point_is_drawn(runs: Runs, tmp_path: Path) -> None:
     """A short run logs its loss once; a line through one point drew nothing, and the figure looked empty."""
     from ctrpipe.report.figures import training_figure
