@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -214,6 +215,17 @@ def test_runs_with_other_heads_masks_or_metric_weights_are_not_ranked(runs: Runs
     assert code == 1 and "parquet_esmm (other heads:" in text and "train.tasks.clicked.metric_weight 3" in text
     assert str(mmoe_variants["heads"]) in text and "fix: train them like the baseline" in text
     assert not (tmp_path / "rep").exists()
+
+
+def test_a_multi_task_runs_calibration_is_its_worst_heads(runs: Runs) -> None:
+    """The board showed the all-heads ratio, which pools the heads' predictions and labels: an MMoE whose heads
+    were 13% over and 13% under read 1.000 and got the best-value star."""
+    mmoe = load_run(runs.mmoe)
+    board = build_leaderboard([mmoe])
+    heads = {h: mmoe.gold[f"calibration.{h}"] for h in mmoe.heads}          # type: ignore[index]
+    worst = max(heads.values(), key=lambda v: abs(math.log(v)))
+    column = [c.key for c in COLUMNS].index("calibration")
+    assert board.entries[0].values[column] == worst != mmoe.gold["calibration"]    # type: ignore[index]
 
 
 def test_strict_refuses_runs_of_another_cache(runs: Runs, tmp_path: Path) -> None:
