@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
     import torch
 
 Status = Literal["ok", "warn", "fail"]
-PACKAGES = ("ctrpipe", "torch", "numpy", "polars", "pyarrow", "xxhash", "typer", "rich", "pyyaml", "tensorboard")
+PACKAGES = ("ctrpipe", "torch", "numpy", "polars", "pyarrow", "xxhash", "typer", "rich", "pyyaml", "tensorboard",
+            "matplotlib")
+MODULES = {"pyyaml": "yaml"}             # import name where it is not the package's
 REINSTALL = "reinstall ctrpipe's dependencies: pip install -e . (./test.sh and ./demo.sh do it in .venv)"
 
 
@@ -57,11 +60,43 @@ def collect() -> list[Check]:
 
 
 def _package(name: str) -> Check:
+    """Installed, at least the version pyproject.toml asks for, and importable: a package that is installed
+    but shadowed or broken (another copy earlier on the path, a half-removed install) passed the version
+    lookup and failed the first command that imported it."""
     try:
         version = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return Check(name, "fail", "not installed", f"{REINSTALL}, or pip install {name}")
+    least = _least_version(name)
+    if least is not None and _version_key(version) < _version_key(least):
+        return Check(name, "fail", f"{version} installed, ctrpipe needs >= {least}",
+                     f"{REINSTALL}, or pip install '{name}>={least}'")
+    try:
+        importlib.import_module(MODULES.get(name, name))
+    except Exception as exc:    # whatever stops the import stops the commands that need it
+        reason = (str(exc).splitlines() or [""])[0]
+        return Check(name, "fail", f"{version} installed, but importing it fails: {type(exc).__name__}: {reason}",
+                     f"{REINSTALL}; check that no other copy of {name} comes first on the Python path "
+                     "(PYTHONPATH, the working folder)")
     return Check(name, "ok", version)
+
+
+def _least_version(name: str) -> str | None:
+    """The lowest version ctrpipe's own requirements allow for `name` ("torch>=2.1" -> "2.1"), if any."""
+    try:
+        requires = importlib.metadata.requires("ctrpipe") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for req in requires:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9A-Za-z.]*)\s*", req)
+        if m and m.group(1).lower().replace("_", "-") == name:
+            return m.group(2)
+    return None
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13, 0): the leading numbers, enough to compare with a >= bound."""
+    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def _torch_build() -> list[Check]:

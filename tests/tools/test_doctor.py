@@ -4,6 +4,9 @@ broken piece with its fix."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -50,3 +53,29 @@ def test_doctor_warns_when_the_kernels_are_switched_off(monkeypatch: pytest.Monk
     res = runner.invoke(app, ["doctor"], env=WIDE)
     assert res.exit_code == 0, res.output
     assert "switched off by CTRPIPE_NATIVE=0" in res.output and "unset CTRPIPE_NATIVE" in res.output
+
+
+@pytest.mark.parametrize("module", ["matplotlib", "xxhash"])
+def test_doctor_imports_each_package_it_lists(tmp_path, module: str) -> None:
+    """A package installed but shadowed by a broken copy earlier on the path passed doctor ("ready"), and the
+    first command that imported it (report: matplotlib; shard: xxhash) ended in a traceback."""
+    shadow = tmp_path / module
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text('raise ImportError("a broken copy")\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "COLUMNS": "250"}
+    res = subprocess.run([sys.executable, "-m", "ctrpipe.cli", "doctor"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    line = next(line for line in out.splitlines() if line.strip("│ ").startswith(module))
+    assert "fail" in line and "importing it fails: ImportError: a broken copy" in line and "Python path" in out
+    assert f"1 check(s) failed: {module}" in out
+
+
+def test_doctor_names_a_package_older_than_ctrpipe_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.20.0" if name == "numpy" else real(name))
+    res = runner.invoke(app, ["doctor"], env=WIDE)
+    assert res.exit_code == 1, res.output
+    line = next(line for line in res.output.splitlines() if line.strip("│ ").startswith("numpy"))
+    assert "1.20.0 installed, ctrpipe needs >= 1.24" in line and "pip install 'numpy>=1.24'" in line
