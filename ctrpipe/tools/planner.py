@@ -41,12 +41,16 @@ MEASURE_SIZES = (256, 1024)   # batch sizes a step is measured at (then scaled l
 
 
 def parse_bytes(text: str) -> int:
-    """'16GB', '512MiB', '1.5e9' -> bytes."""
-    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30, "TIB": 2**40}
+    """'16GB', '512MiB', '16G' (GiB, as `free -g` and `docker -m` read it), '1.5e9B' -> bytes. A unit is
+    required: '--memory 1.5' was read as 1 byte, and the error then blamed the model's size."""
+    units = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     t = text.strip().upper().replace(" ", "")
     num = t.rstrip("KMGTIB")
     unit = t[len(num):]
+    if num and not unit:
+        raise ConfigError(f"memory size {text!r} has no unit", where="--memory",
+                          fix=f"add one, e.g. --memory {num}GB (or {num}GiB, {num}MB); B for bytes")
     try:
         size = int(float(num) * units[unit])
         if size <= 0:
@@ -54,7 +58,7 @@ def parse_bytes(text: str) -> int:
         return size
     except (KeyError, ValueError, OverflowError):
         raise ConfigError(f"cannot read memory size {text!r}", where="--memory",
-                          fix="use e.g. --memory 16GB or --memory 80GiB") from None
+                          fix="use e.g. --memory 16GB, --memory 80GiB or --memory 16G") from None
 
 
 def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = None) -> MemoryPlan:

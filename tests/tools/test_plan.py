@@ -213,9 +213,14 @@ def test_peak_rule_and_parse_bytes() -> None:
                       working=90)
     assert plan.peak() == 100 + 90 + 70 + 30       # working set + the eval lines it does not cover
     assert parse_bytes("16GB") == 16 * 10**9 and parse_bytes("2 GiB") == 2 * 2**30
-    for bad in ("-5GB", "0", "inf", "nan", "5XB"):        # a negative or endless size was taken as given
+    assert parse_bytes("16G") == parse_bytes("16gib") == 16 * 2**30 and parse_bytes("1.5e9B") == 1.5e9
+    for bad in ("-5GB", "0B", "infGB", "nanGB", "5XB"):   # a negative or endless size was taken as given
         with pytest.raises(ConfigError, match="cannot read memory size"):
             parse_bytes(bad)
+    for bare in ("1.5", "2048", "0"):           # '1.5' was 1 byte, and the error blamed the model's size
+        with pytest.raises(ConfigError, match="has no unit") as err:
+            parse_bytes(bare)
+        assert f"--memory {bare}GB" in err.value.fix
 
 
 def test_cli_warns_with_settings_that_fit(caches: dict[int, Path]) -> None:
