@@ -63,7 +63,7 @@ def parse_bytes(text: str) -> int:
 
 def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = None) -> MemoryPlan:
     """The memory plan of training `cfg` on the cache `shards` on `device` ("cpu" or "cuda")."""
-    from ctrpipe.train.fit import check_training
+    from ctrpipe.train.fit import check_training, with_cache_data
     from ctrpipe.train.plan import plan_steps
 
     device = check_device(device)
@@ -75,6 +75,7 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
 
         raise SchemaError(f"shard cache {shards} has no labelled training rows", where=str(shards / "manifest.json"),
                           fix=no_training_rows_fix(manifest))
+    cfg = with_cache_data(cfg, manifest, shards, quiet=False)     # as training does, with the same note
     model, tasks, _ = check_training(cfg, manifest, shards)
     n_folds = cfg.cv.n_splits
     fold_sizes = [int(n) for n in manifest.folds.get("sizes", [])] if n_folds else []

@@ -228,7 +228,7 @@ def _prepare_ranks(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet
     return ctx
 
 
-def _with_cache_data(cfg: RunConfig, manifest: Manifest, shards: Path, quiet: bool) -> RunConfig:
+def with_cache_data(cfg: RunConfig, manifest: Manifest, shards: Path, quiet: bool) -> RunConfig:
     """The run's config with the cache's own `data` section: the model is built from the manifest, and
     whatever serves the run later (predict, export) prepares raw rows by the recorded `data` section, so it
     must be the one the shards were built with, not the --cfg file's (which may differ by a --set at shard
@@ -268,7 +268,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         raise SchemaError(f"shard cache {shards} has no labelled training rows (role {manifest.role!r}, rows "
                           f"{manifest.rows})", where=str(shards / "manifest.json"), fix=no_training_rows_fix(manifest))
     spec = manifest.feature_spec()
-    cfg = _with_cache_data(cfg, manifest, shards, quiet or (dist is not None and not dist.is_main))
+    cfg = with_cache_data(cfg, manifest, shards, quiet or (dist is not None and not dist.is_main))
     device = resolve_device(cfg.train.device) if dist is None else dist.device
     check_amp(cfg.train.amp, device)
     if dist is not None and cfg.loader.batch_size < dist.world_size:

@@ -227,14 +227,25 @@ def test_cli_warns_with_settings_that_fit(caches: dict[int, Path]) -> None:
     peak = plan_of(caches[1000], "dnn").peak()
     args = ["plan", "--cfg", str(REPO / "cfgs" / "criteo_dnn.yaml"), "--shards", str(caches[1000]),
             "--device", "cpu", *[x for s in small("dnn") for x in ("--set", s)]]
-    ok = runner.invoke(app, [*args, "--memory", str(peak * 2)], env={"COLUMNS": "250"})
+    ok = runner.invoke(app, [*args, "--memory", f"{peak * 2}B"], env={"COLUMNS": "250"})
     assert ok.exit_code == 0, ok.output
     assert "fits:" in ok.output and "peak" in ok.output and "ckpt_last.pt" in ok.output
     base = by_part(plan_of(caches[1000], "dnn"), "process")       # no setting shrinks the process itself
-    tight = runner.invoke(app, [*args, "--memory", str(int(base + (peak - base) * 0.8))], env={"COLUMNS": "250"})
+    tight = runner.invoke(app, [*args, "--memory", f"{int(base + (peak - base) * 0.8)}B"], env={"COLUMNS": "250"})
     assert tight.exit_code == 1, tight.output
     assert "warning: does not fit" in tight.output
     assert "--set loader.batch_size=" in tight.output or "data.hash_bins=" in tight.output
+
+
+def test_plan_notes_a_config_whose_data_section_differs_from_the_cache(caches: dict[int, Path]) -> None:
+    """Training notes (and records) the cache's data section where the config's differs; plan planned with the
+    cache's silently, so a config naming one label planned two heads without a word."""
+    res = runner.invoke(app, ["plan", "--cfg", str(REPO / "cfgs" / "criteo_dnn.yaml"), "--shards", str(caches[1000]),
+                              "--device", "cpu", "--memory", "1TB", *[x for s in small("dnn") for x in ("--set", s)],
+                              "--set", "data.hash_bins=777"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "differs from the config's in" in text and "data.hash_bins (1000, config 777)" in text
 
 
 def test_every_suggested_setting_loads_as_written(caches: dict[int, Path], tmp_path: Path) -> None:
