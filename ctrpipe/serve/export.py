@@ -201,10 +201,15 @@ def _export_into(p: Predictor, run: Path, out: Path, fmt: str, module: ServingMo
         # folder, stays listed: one model.json describes both (everything but the model file and its call is
         # the same); an export with other infer settings replaces it
         prev = _read_json(out / "model.json")
-        if prev is not None and _shared(prev) == _shared(doc):
-            for other, entry in dict(prev.get("exports") or {}).items():
-                if other != fmt and all((out / n).is_file() for n in entry.get("files", ())):
-                    doc["exports"][other] = entry
+        outdated: list[str] = []         # the other format's files of an export this one does not match
+        for other, entry in dict((prev or {}).get("exports") or {}).items():
+            if other == fmt or not isinstance(entry, dict):
+                continue
+            if _shared(prev or {}) == _shared(doc) and all((out / n).is_file() for n in entry.get("files", ())):
+                doc["exports"][other] = entry
+            else:       # another run's (or other settings') model beside this one would read as its twin
+                outdated += [n for n in entry.get("files", ()) if isinstance(n, str) and n not in files and
+                             Path(n).name == n]
         write_json_atomic(tmp / "model.json", doc)
         # the model's files first, model.json last; then a weights file of an earlier export that this one
         # does not have goes (read by nothing now; removed before, it would leave the old graph without it)
@@ -214,6 +219,8 @@ def _export_into(p: Predictor, run: Path, out: Path, fmt: str, module: ServingMo
         stale_data = out / f"{FORMATS[fmt]}.data"
         if stale_data.name not in files:
             stale_data.unlink(missing_ok=True)
+        for name in outdated:
+            (out / name).unlink(missing_ok=True)
     return out / FORMATS[fmt]
 
 

@@ -275,6 +275,8 @@ def test_both_formats_in_one_folder(runs: Callable[[str], Path], tmp_path: Path)
     ckpt.touch()           # as a new training would leave it: the model.pt above is no longer of these weights
     export_model(runs("dnn"), out, "onnx")
     assert list(json.loads((out / "model.json").read_text())["exports"]) == ["onnx"]
+    # and the old weights' model.pt goes: beside a model.json of other weights it read as their TorchScript twin
+    assert not (out / "model.pt").exists() and (out / "model.onnx").is_file()
 
 
 def test_exports_with_other_infer_settings_are_not_listed_together(runs: Callable[[str], Path],
@@ -289,5 +291,6 @@ def test_exports_with_other_infer_settings_are_not_listed_together(runs: Callabl
     export_model(runs("dnn"), out, "onnx")
     doc = json.loads((out / "model.json").read_text())
     assert list(doc["exports"]) == ["onnx"] and doc["calibration"][0]["method"] != "none"
+    assert not (out / "model.pt").exists()                 # the uncalibrated model is not left beside it
     export_model(runs("dnn"), out, "torchscript")
     assert sorted(json.loads((out / "model.json").read_text())["exports"]) == ["onnx", "torchscript"]
