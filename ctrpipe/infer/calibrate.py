@@ -175,9 +175,6 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, cfg: CalibrationConf
     if method == "none" or one_class:
         # nothing to learn from one class: keep the identity (plus the known keep-rate shift)
         return Calibration(method="none", target=cfg.target, keep_rate=cfg.keep_rate)
-    if method == "bias" and cfg.keep_rate < 1.0 and cfg.target != "wll":
-        # the known sampling rate fixes the shift; fitting it on equally-sampled val rows would give ~0
-        return Calibration(method="bias", target=cfg.target, keep_rate=cfg.keep_rate)
     fit_scale = method in ("temperature", "temperature_bias")
     fit_bias = method in ("bias", "temperature_bias")
     a, b = fit_affine(z, y, cfg.target, fit_scale=fit_scale, fit_bias=fit_bias)

@@ -22,8 +22,9 @@ class CalibrationConfig:
     method: none | temperature (p = sigmoid(z / T)) | bias (p = sigmoid(z + b)) | temperature_bias (both).
     target: the metric the fit minimises; `wll` (class-balanced logloss) wants another shift than `logloss`.
     keep_rate: negative-downsampling keep rate used when training (1.0 = none). With w < 1 a fixed logit
-      shift log(w) maps predictions back to the un-sampled click rate (see `ctrpipe.infer.calibrate`); not
-      with target wll, which negative downsampling leaves unchanged.
+      shift log(w), added to what the method fitted on the (sampled) validation rows, maps predictions back
+      to the un-sampled click rate (see `ctrpipe.infer.calibrate`); not with target wll, which negative
+      downsampling leaves unchanged.
     """
 
     method: CalibrationMethod = "temperature"

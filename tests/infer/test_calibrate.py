@@ -61,11 +61,22 @@ def test_fit_is_deterministic() -> None:
 def test_keep_rate_shift_matches_closed_form() -> None:
     w = 0.25
     cal = fit_calibration(np.zeros(4), np.array([0, 1, 0, 1]), CalibrationConfig(method="bias", keep_rate=w))
-    assert cal.bias == 0.0 and cal.shift == pytest.approx(math.log(w))
+    assert cal.bias == pytest.approx(0.0, abs=1e-6) and cal.shift == pytest.approx(math.log(w), abs=1e-6)
     p_s = np.array([0.01, 0.2, 0.5, 0.9])
     z_s = np.log(p_s / (1 - p_s))
     p_true = _sig(cal.apply(z_s))
     np.testing.assert_allclose(p_true, p_s * w / (p_s * w + 1 - p_s), rtol=1e-12)
+
+
+def test_bias_is_fitted_on_sampled_rows_then_shifted_by_the_keep_rate() -> None:
+    """method=bias with keep_rate < 1 fitted nothing (bias 0, as if the model were calibrated on the sampled
+    rows): a model 0.7 over in logit kept its error, while temperature_bias fitted it."""
+    t, y = _data(40_000, seed=2)
+    w = 0.5
+    cal = fit_calibration(t + 0.7, y, CalibrationConfig(method="bias", keep_rate=w))
+    both = fit_calibration(t + 0.7, y, CalibrationConfig(method="temperature_bias", keep_rate=w))
+    assert cal.bias == pytest.approx(-0.7, abs=0.05) and cal.bias == pytest.approx(both.bias, abs=0.05)
+    assert cal.shift == pytest.approx(cal.bias + math.log(w))
 
 
 def test_fitted_bias_recovers_log_keep_rate_of_a_downsampled_model() -> None:
