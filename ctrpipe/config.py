@@ -62,6 +62,16 @@ class RunConfig:
                               "logits of a run that downsampled them itself", where="infer.calibration.keep_rate",
                               fix="keep keep_rate at 1.0 (it is for caches built from logs downsampled "
                                   "before ctrpipe saw them)")
+        cal = self.infer.calibration
+        sampled = "loader.neg_keep_prob" if self.loader.neg_keep_prob < 1.0 else \
+            "loader.balance_pos_fraction" if self.loader.balance_pos_fraction > 0.0 else ""
+        if sampled and cal.target == "wll" and cal.method == "temperature":
+            # the loader shifts a sampling run's logits to the un-sampled click rate; the WLL optimum wants
+            # another shift, which a temperature alone cannot give (its fit scaled the logits ~8x instead)
+            raise ConfigError(f"infer.calibration.target=wll with method=temperature cannot undo the logit shift "
+                              f"that {sampled} puts on this run's predictions", where="infer.calibration.method",
+                              fix="set infer.calibration.method=temperature_bias (or bias): a fitted bias "
+                                  "takes the shift the WLL optimum needs")
 
 
 # ----------------------------------------------------------------------------------------------- loading

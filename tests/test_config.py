@@ -289,6 +289,29 @@ def test_two_downsampling_corrections_are_refused() -> None:
     assert load_config(None, ["infer.calibration.keep_rate=0.5"]).infer.calibration.keep_rate == 0.5
 
 
+@pytest.mark.parametrize("sampling", ["loader.neg_keep_prob=0.05", "loader.balance_pos_fraction=0.5"])
+def test_a_wll_temperature_fit_of_a_sampling_run_is_refused(sampling: str) -> None:
+    """The loader shifts a sampling run's logits to the un-sampled rate; a WLL fit needs another shift, which a
+    temperature cannot give: its fit scaled the logits instead and left WLL far from what a bias reaches."""
+    import numpy as np
+
+    from ctrpipe.infer.calibrate import fit_calibration
+    from ctrpipe.infer.config import CalibrationConfig
+    from ctrpipe.train.metrics import sigmoid, weighted_logloss
+
+    with pytest.raises(ConfigError, match="cannot undo the logit shift") as e:
+        load_config(None, [sampling, "infer.calibration.target=wll"])
+    assert e.value.where == "infer.calibration.method" and "temperature_bias" in e.value.fix
+    assert load_config(None, [sampling, "infer.calibration.target=wll", "infer.calibration.method=temperature_bias"])
+    rng = np.random.default_rng(0)                  # why: logits shifted by log(0.05), as the loader leaves them
+    t = rng.normal(-4.0, 1.5, 200_000)
+    y = (rng.random(t.size) < sigmoid(t)).astype(np.float64)
+    shifted = t + np.log(0.05)
+    wll = {m: weighted_logloss(y, sigmoid(fit_calibration(shifted, y, CalibrationConfig(m, "wll")).apply(shifted)))
+           for m in ("temperature", "temperature_bias")}
+    assert wll["temperature"] > wll["temperature_bias"] + 0.02, wll
+
+
 def test_a_partly_given_column_section_keeps_the_criteo_columns(tmp_path: Path) -> None:
     """`data.numeric.impute=mean` alone kept no numeric column (the section was built from its class's
     defaults, not from the Criteo layout DataConfig gives it); a selection by `pattern` replaces `columns`."""
