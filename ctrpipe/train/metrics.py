@@ -45,12 +45,13 @@ def logloss(y: np.ndarray, p: np.ndarray, eps: float = EPS) -> float:
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC by the Mann-Whitney statistic with tied scores given their average rank; NaN with one class."""
+    """ROC AUC by the Mann-Whitney statistic with tied scores given their average rank; NaN with one class or
+    with a NaN prediction (which a sort would rank above every score, and AP below)."""
     y = np.asarray(y) > 0.5
     p = np.asarray(p, dtype=np.float64)
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.isnan(p).any():
         return float("nan")
     # rank of each distinct score = mean of the 1-based positions its ties occupy
     _, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
@@ -61,11 +62,12 @@ def auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def average_precision(y: np.ndarray, p: np.ndarray) -> float:
-    """Step-wise AP: sum over distinct thresholds, high to low, of (R_k - R_{k-1}) * P_k; ties: one step."""
+    """Step-wise AP: sum over distinct thresholds, high to low, of (R_k - R_{k-1}) * P_k; ties: one step.
+    NaN without positives or with a NaN prediction."""
     y = np.asarray(y) > 0.5
     p = np.asarray(p, dtype=np.float64)
     n_pos = int(y.sum())
-    if n_pos == 0:
+    if n_pos == 0 or np.isnan(p).any():
         return float("nan")
     order = np.argsort(-p, kind="stable")
     p_sorted, y_sorted = p[order], y[order]

@@ -33,6 +33,13 @@ def test_auc_one_class_is_nan():
     assert math.isnan(auc(np.array([1, 1]), np.array([0.2, 0.3])))
 
 
+def test_a_nan_prediction_makes_the_ranking_metrics_nan():
+    """A NaN prediction sorted above every score in AUC and below every score in AP: both came out finite
+    (0.5 and 1.0 here) while logloss was NaN."""
+    y, p = np.array([0, 1, 0, 1]), np.array([0.1, 0.8, np.nan, 0.7])
+    assert math.isnan(auc(y, p)) and math.isnan(average_precision(y, p)) and math.isnan(logloss(y, p))
+
+
 def test_average_precision_steps():
     # descending: 0.8(+) P=1 R=.5 | 0.4(-) P=.5 R=.5 | 0.35(+) P=2/3 R=1 | 0.1(-) R unchanged
     # AP = .5*1 + 0 + .5*2/3 = 0.8333
