@@ -434,7 +434,13 @@ def _example(tp: Any) -> str:
     if tp is str:
         return "'text'"
     if origin in (tuple, list, Sequence):
-        return "[a, b]"
+        # items typed as the setting reads them: '[a, b]' was refused as an example of itself, and a list
+        # of pairs (train.pos_weight_clip) needs its nesting shown
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        if origin is tuple and args and Ellipsis not in get_args(tp):       # fixed size: one of each
+            return f"[{', '.join(_example(a) for a in args)}]"
+        item = _example(args[0]) if args else "1"
+        return f"[{item}]" if item.startswith("[") else f"[{item}, {item}]"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -461,6 +467,11 @@ def _bad(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> Con
     if tp is int and isinstance(value, float) and math.isfinite(value):
         # the number meant, made whole: the type's one example fits few int settings (top_k=8192, rank=8192)
         shown, what = str(math.floor(value)), "a whole number, e.g."
+    if get_origin(tp) in (dict, Mapping) or tp in (dict, Mapping):
+        # a mapping has no one-line value: each entry is a key of its own
+        return ConfigError(f"bad value {value!r} for '{key}': a mapping is wanted", where=_where(origin, key),
+                           fix=f"set its entries, e.g. --set {key}.<name>=<value>, or write a mapping under "
+                               f"{key.rsplit('.', 1)[-1]}: in the YAML file")
     example = f"{parent}=[{shown}]" if parent else f"{key}={shown}"
     return ConfigError(f"bad value {value!r} for '{key}'", where=_where(origin, key), fix=f"use {what} {example}")
 

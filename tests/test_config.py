@@ -289,6 +289,22 @@ def test_two_downsampling_corrections_are_refused() -> None:
     assert load_config(None, ["infer.calibration.keep_rate=0.5"]).infer.calibration.keep_rate == 0.5
 
 
+@pytest.mark.parametrize(("bad", "fix"), [
+    ("train.pos_weight_clip=2", "train.pos_weight_clip=[[8192, 0.001]]"),
+    ("train.pos_weight_clip=[0,300]", "train.pos_weight_clip=[[8192, 0.001]]"),
+    ("infer.weights=0.5", "infer.weights=[0.001, 0.001]"),
+    ("train.tasks=3", "--set train.tasks.<name>=<value>"),
+])
+def test_a_bad_values_example_is_one_the_key_takes(bad: str, fix: str) -> None:
+    """The example in a bad value's fix was '[a, b]' for every list (itself refused: 'a' is no number; and
+    pairs need '[[...]]') and 'dict' for a mapping."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [bad], resolve_model=False)
+    assert fix in e.value.fix, e.value.fix
+    if "<name>" not in fix:                             # the example itself loads
+        load_config(None, [fix.split("e.g. ")[-1] if "e.g. " in fix else fix], resolve_model=False)
+
+
 @pytest.mark.parametrize("sampling", ["loader.neg_keep_prob=0.05", "loader.balance_pos_fraction=0.5"])
 def test_a_wll_temperature_fit_of_a_sampling_run_is_refused(sampling: str) -> None:
     """The loader shifts a sampling run's logits to the un-sampled rate; a WLL fit needs another shift, which a
