@@ -34,6 +34,11 @@ T = TypeVar("T")
 
 CfgOpt = typer.Option(None, "--cfg", help="YAML config, e.g. cfgs/criteo.yaml")
 SetOpt = typer.Option([], "--set", help="dotted override, repeatable: --set data.hash_bins=1000000")
+# a run keeps its cache's data section, so training's examples are other sections' keys
+TrainSetOpt = typer.Option([], "--set", help="dotted override, repeatable: --set train.lr=0.002 (data.* keys "
+                                             "are the cache's: shard again to change them)")
+InferSetOpt = typer.Option([], "--set", help="inference override, repeatable: --set infer.method=mean "
+                                             "(infer.*, loader.*, train.device, train.amp)")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bar; one summary line")
 
 
@@ -244,7 +249,7 @@ def inspect(cache: Path = typer.Argument(..., help="shard cache folder")) -> Non
 def train(
     shards: Path = typer.Option(..., "--shards", help="shard cache folder"),
     cfg: Optional[Path] = CfgOpt,  # noqa: UP045
-    overrides: list[str] = SetOpt,
+    overrides: list[str] = TrainSetOpt,
     runs: Path = typer.Option(Path("runs"), "--runs", help="folder that holds run directories"),
     kfold: int = typer.Option(0, "--kfold", help="train one model per stored fold (same as --set cv.n_splits=K)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run"),
@@ -264,7 +269,7 @@ def infer(
     run: Path = typer.Option(..., "--run", help="run directory, e.g. runs/criteo_dnn"),
     shards: Path = typer.Option(..., "--shards", help="test shard cache"),
     out: Optional[Path] = typer.Option(None, "--out", help="submission path (default RUN/submission.csv)"),  # noqa: UP045
-    overrides: list[str] = SetOpt,
+    overrides: list[str] = InferSetOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Ensemble a run's fold checkpoints over test shards into a submission."""
@@ -342,7 +347,7 @@ def report(
 def plan(
     shards: Path = typer.Option(..., "--shards", help="shard cache folder the run would train on"),
     cfg: Optional[Path] = CfgOpt,  # noqa: UP045
-    overrides: list[str] = SetOpt,
+    overrides: list[str] = TrainSetOpt,
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the config's train.device)"),  # noqa: UP045
     memory: Optional[str] = typer.Option(None, "--memory", help="compare with this much memory, e.g. 16GB "  # noqa: UP045
                                          "(default: free GPU memory, or available host RAM)"),

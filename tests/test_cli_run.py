@@ -89,3 +89,26 @@ def test_ctrl_c_while_a_stage_loads_gets_the_note(tmp_path, monkeypatch, capsys:
     finally:
         signal.signal(signal.SIGINT, previous)
         sys.modules.pop("slow_stage", None)
+
+
+def test_each_commands_set_example_is_a_key_it_takes() -> None:
+    """`ctrpipe infer --help` showed --set data.hash_bins=1000000, which infer refuses (the checkpoint fixes it)
+    and train and plan only note (a run keeps its cache's data section); each command's example is now a key
+    that command changes."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from ctrpipe.cli import app
+    from ctrpipe.infer.predict import OVERRIDABLE
+
+    def example(command: str) -> str:
+        text = " ".join(CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "250"}).output.split())
+        found = re.search(r"repeatable: --set (\S+)=", text)
+        assert found, text
+        return found.group(1)
+
+    assert example("shard").startswith("data.")
+    for command in ("train", "plan"):
+        assert not example(command).startswith("data."), command
+    assert example("infer").startswith(OVERRIDABLE)
