@@ -183,7 +183,7 @@ class ActivationUnit(nn.Module):
     def _packed(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         flat, rows = _valid_positions(mask)                                         # (M,), (M,)
         m = flat.numel()
-        if torch.is_autocast_enabled("cpu"):
+        if torch.is_autocast_enabled("cpu") and mask.numel():
             # bf16 matmuls run through oneDNN, which caches a compiled kernel (and its weights' copy) per
             # shape: a new M every step grew the process by ~0.7 GB over a few hundred steps. Padded to one of
             # 16 sizes per power of two (at most 1/16 more rows); the padding rows score row 0's first slot
