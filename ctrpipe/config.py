@@ -62,16 +62,22 @@ class RunConfig:
                               "logits of a run that downsampled them itself", where="infer.calibration.keep_rate",
                               fix="keep keep_rate at 1.0 (it is for caches built from logs downsampled "
                                   "before ctrpipe saw them)")
-        cal = self.infer.calibration
-        sampled = "loader.neg_keep_prob" if self.loader.neg_keep_prob < 1.0 else \
-            "loader.balance_pos_fraction" if self.loader.balance_pos_fraction > 0.0 else ""
-        if sampled and cal.target == "wll" and cal.method == "temperature":
-            # the loader shifts a sampling run's logits to the un-sampled click rate; the WLL optimum wants
-            # another shift, which a temperature alone cannot give (its fit scaled the logits ~8x instead)
-            raise ConfigError(f"infer.calibration.target=wll with method=temperature cannot undo the logit shift "
-                              f"that {sampled} puts on this run's predictions", where="infer.calibration.method",
-                              fix="set infer.calibration.method=temperature_bias (or bias): a fitted bias "
-                                  "takes the shift the WLL optimum needs")
+
+
+def check_calibration_fit(cfg: RunConfig) -> None:
+    """Refuse a calibration that cannot reach its target on this run's logits. The loader shifts a sampling
+    run's logits to the un-sampled click rate; the WLL optimum wants another shift, which a temperature alone
+    cannot give (its fit scaled the logits ~8x instead). Checked where a config is given (load_config) and
+    where infer, predict and export resolve a run's config with their --set, not when a saved config is
+    read back: a run trained so can still be served, with the fix below."""
+    cal = cfg.infer.calibration
+    sampled = "loader.neg_keep_prob" if cfg.loader.neg_keep_prob < 1.0 else \
+        "loader.balance_pos_fraction" if cfg.loader.balance_pos_fraction > 0.0 else ""
+    if sampled and cal.target == "wll" and cal.method == "temperature":
+        raise ConfigError(f"infer.calibration.target=wll with method=temperature cannot undo the logit shift "
+                          f"that {sampled} puts on this run's predictions", where="infer.calibration.method",
+                          fix="set infer.calibration.method=temperature_bias (or bias): a fitted bias "
+                              "takes the shift the WLL optimum needs")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -221,8 +227,10 @@ def load_config(path: Path | None, overrides: Sequence[str] = (), *, resolve_mod
         sources.update({k: where for k in flatten_dotted(layer)})
     present = flatten_dotted(data)           # a later `{}` may have cleared what an earlier source set
     sources = {k: v for k, v in sources.items() if k in present}
-    return config_from_dict(data, sources=sources, origin=str(path) if path else "defaults",
+    cfg = config_from_dict(data, sources=sources, origin=str(path) if path else "defaults",
                             resolve_model=resolve_model)
+    check_calibration_fit(cfg)
+    return cfg
 
 
 def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:

@@ -24,7 +24,7 @@ import polars as pl
 import torch
 
 from ctrpipe.atomic import atomic_open, write_json_atomic
-from ctrpipe.config import RunConfig, apply_overrides, config_from_dict, to_dict
+from ctrpipe.config import RunConfig, apply_overrides, check_calibration_fit, config_from_dict, to_dict
 from ctrpipe.console import console, human_rate, make_progress
 from ctrpipe.data.splits import SPLIT_CODES
 from ctrpipe.device import predict_amp, resolve_device
@@ -166,7 +166,9 @@ def resolve_config(ckpt: Checkpoint, overrides: Sequence[str]) -> RunConfig:
     data = json.loads(json.dumps(ckpt.config))     # deep copy
     apply_overrides(data, overrides)
     sources = {text.split("=", 1)[0].strip(): "--set" for text in overrides}
-    return config_from_dict(data, sources=sources, origin="run config + --set")
+    cfg = config_from_dict(data, sources=sources, origin="run config + --set")
+    check_calibration_fit(cfg)
+    return cfg
 
 
 def resolve_view(name: str, manifest: Manifest) -> RowView:

@@ -7,6 +7,7 @@ exactly as `combine` says, and that every refusal names the folder / file and a 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 from pathlib import Path
@@ -135,6 +136,28 @@ def test_a_stop_as_the_submission_lands_still_writes_its_record(world: dict[str,
     assert pl.read_csv(out).height == 300
     assert json.loads((tmp_path / "submission.csv.json").read_text())["rows"] == 300
     assert np.load(tmp_path / "submission.csv.folds.npz")["logits"].shape == (1, 300)
+
+
+def test_a_run_whose_wll_calibration_is_refused_now_is_served_with_the_fix(world: dict[str, Path]) -> None:
+    """The refusal of a WLL temperature calibration on a sampling run sat in every config's construction, so a
+    run trained so before it could not be served even with the fix it names (the checkpoint's own config is
+    rebuilt to read its sampling shift)."""
+    import dataclasses
+
+    from ctrpipe.infer.predict import checkpoint_logit_shift, checkpoint_tasks, resolve_config
+    from ctrpipe.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(world["single"] / "ckpt_best.pt")
+    config = json.loads(json.dumps(ckpt.config))
+    config["loader"]["neg_keep_prob"] = 0.5
+    config["infer"]["calibration"].update(target="wll", method="temperature")
+    old = dataclasses.replace(ckpt, config=config)
+    with pytest.raises(ConfigError, match="cannot undo the logit shift") as err:
+        resolve_config(old, [])
+    cfg = resolve_config(old, [err.value.fix.split("set ")[1].split(" ")[0]])
+    assert cfg.infer.calibration.method == "temperature_bias"
+    shift = checkpoint_logit_shift(old, checkpoint_tasks(old, cfg.train))
+    assert shift == pytest.approx((math.log(0.5),))
 
 
 def test_method_none_still_applies_the_keep_rate_shift(world: dict[str, Path], tmp_path: Path) -> None:
