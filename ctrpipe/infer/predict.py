@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -378,19 +379,28 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
         metrics = compute_metrics(labels, preds)          # rows a head's mask drops (NaN) are skipped
         if cfg.infer.method == "rank_avg":                # ranks order the rows; they are no probabilities
             metrics = {k: v for k, v in metrics.items() if k in ("auc", "ap")}
-    sha256s = [file_sha256(p) for p in paths]        # before the commit, which holds Ctrl-C while it runs
+    # what goes beside the submission is written before it lands, so the commit (which holds Ctrl-C) only
+    # renames and writes the small record: a full disk there left a submission with neither
+    sha256s = [file_sha256(p) for p in paths]
+    folds = out.with_name(out.name + ".folds.npz")
+    staged = _save_fold_preds(folds.with_name(folds.name + ".staged"), rows, logits, paths, labels) \
+        if cfg.infer.save_fold_preds else None
     reports: list[InferReport] = []
 
     def companions() -> None:
-        """The submission's fold predictions and record, written with it (stops held: one short step)."""
-        if cfg.infer.save_fold_preds:
-            _save_fold_preds(out, rows, logits, paths, labels)
+        """The submission's fold predictions and record, committed with it (`SubmissionWriter(then=)`)."""
+        if staged is not None:
+            os.replace(staged, folds)
         reports.append(InferReport(out=out, rows=n, checkpoints=tuple(paths), weights=weights,
                                    view=view.describe(), task=heads[task], metrics=metrics,
                                    seconds=time.perf_counter() - t0, notes=notes.lines))
         _write_sidecar(reports[0], cfg, run, shards, manifest, ckpts, sha256s, cal, cal_source)
 
-    _write_ids_and_preds(shards, rows, preds, out, cfg, then=companions)
+    try:
+        _write_ids_and_preds(shards, rows, preds, out, cfg, then=companions)
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)          # moved into place, or not used: a failed write
     _print_summary(reports[0], cfg, cal, cal_source, device, quiet)
     return reports[0]
 
@@ -429,11 +439,10 @@ def _metric_notes(view: RowView, manifest: Manifest, ckpts: Sequence[Checkpoint]
 
 # ----------------------------------------------------------------------------------------------- outputs
 
-def _save_fold_preds(out: Path, rows: np.ndarray, logits: np.ndarray, paths: Sequence[Path],
+def _save_fold_preds(path: Path, rows: np.ndarray, logits: np.ndarray, paths: Sequence[Path],
                      labels: np.ndarray | None) -> Path:
-    """<submission>.folds.npz: row_index (N,), logits (K, N) per-model logits (uncalibrated, sampling shift
-    applied), checkpoints (K,)."""
-    path = out.with_name(out.name + ".folds.npz")
+    """<submission>.folds.npz (at `path`, staged): row_index (N,), logits (K, N) per-model logits
+    (uncalibrated, sampling shift applied), checkpoints (K,)."""
     extra = {"labels": labels} if labels is not None else {}
     with atomic_open(path, "wb") as fh:
         np.savez(fh, row_index=rows, logits=logits, checkpoints=np.array([p.name for p in paths]), **extra)

@@ -138,6 +138,21 @@ def test_a_stop_as_the_submission_lands_still_writes_its_record(world: dict[str,
     assert np.load(tmp_path / "submission.csv.folds.npz")["logits"].shape == (1, 300)
 
 
+def test_a_failed_fold_predictions_write_replaces_nothing(world: dict[str, Path], tmp_path: Path) -> None:
+    """The fold predictions were written after the new submission had replaced the old one and the old record
+    was gone: when they failed (a full disk), the new submission stood with no record. They are written before
+    it lands now; here their file cannot be created (a folder holds each name it would take)."""
+    out = tmp_path / "submission.csv"
+    args = ["infer", "--run", str(world["single"]), "--shards", str(world["te"]), "--out", str(out), "-q"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for name in ("submission.csv.folds.npz.incomplete", "submission.csv.folds.npz.staged.incomplete"):
+        (tmp_path / name).mkdir()
+    res = CliRunner().invoke(app, [*args, "--set", "infer.save_fold_preds=true", "--set", "infer.method=mean"])
+    assert res.exit_code == 1 and "folds.npz" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 def test_a_run_whose_wll_calibration_is_refused_now_is_served_with_the_fix(world: dict[str, Path]) -> None:
     """The refusal of a WLL temperature calibration on a sampling run sat in every config's construction, so a
     run trained so before it could not be served even with the fix it names (the checkpoint's own config is
