@@ -447,7 +447,8 @@ def _example(tp: Any) -> str:
         args = [a for a in get_args(tp) if a is not Ellipsis]
         if origin is tuple and args and Ellipsis not in get_args(tp):       # fixed size: one of each
             return f"[{', '.join(_example(a) for a in args)}]"
-        item = _example(args[0]) if args else "1"
+        first = args[0] if args else int
+        item = repr(get_args(first)[0]) if get_origin(first) is Literal else _example(first)
         return f"[{item}]" if item.startswith("[") else f"[{item}, {item}]"
     return getattr(tp, "__name__", str(tp))
 
@@ -475,6 +476,12 @@ def _bad(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> Con
     if tp is int and isinstance(value, float) and math.isfinite(value):
         # the number meant, made whole: the type's one example fits few int settings (top_k=8192, rank=8192)
         shown, what = str(math.floor(value)), "a whole number, e.g."
+    items = [a for a in get_args(tp) if a is not Ellipsis] if get_origin(tp) in (tuple, list, Sequence) else []
+    if items and is_dataclass(items[0]):
+        # a list of sections (data.sequence, data.covisit ...) has no one-line example
+        return ConfigError(f"bad value {value!r} for '{key}': a list of mappings is wanted", where=_where(origin, key),
+                           fix=f"write {key.rsplit('.', 1)[-1]}: as a YAML list of mappings in the config file "
+                               "(docs/config.md lists their keys)")
     if get_origin(tp) in (dict, Mapping) or tp in (dict, Mapping):
         # a mapping has no one-line value: each entry is a key of its own
         return ConfigError(f"bad value {value!r} for '{key}': a mapping is wanted", where=_where(origin, key),
