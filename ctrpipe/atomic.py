@@ -76,16 +76,22 @@ def atomic_open(final: Path | str, mode: str = "w", size_hint: int | None = None
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
-                with stops_held():
-                    for old in stale:
-                        old.unlink(missing_ok=True)
-                    os.replace(tmp, final)      # before the close, which ends the temp file's lock
-                    if then is not None:
-                        then()
+                commit(tmp, final, stale, then)     # before the close, which ends the temp file's lock
         except BaseException:
             written = _size(tmp)
             tmp.unlink(missing_ok=True)
             raise
+
+
+def commit(tmp: Path, final: Path, stale: tuple[Path, ...] = (), then: Callable[[], object] | None = None) -> None:
+    """Rename the finished temp file onto `final`, with stops held from the removal of the files that describe
+    an older `final` (`stale`) to the end of `then`, which writes those of the new one."""
+    with stops_held():
+        for old in stale:
+            old.unlink(missing_ok=True)
+        os.replace(tmp, final)
+        if then is not None:
+            then()
 
 
 def open_temp(tmp: Path, final: Path, mode: str = "wb") -> IO[Any]:

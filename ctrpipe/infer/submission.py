@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ctrpipe.atomic import open_temp, stops_held
+from ctrpipe.atomic import commit, open_temp
 from ctrpipe.errors import SubmissionError, disk_full_as_error, human_bytes, location
 
 DEFAULT_CHUNK_BYTES = 16 << 20      # ~16 MB of CSV text per chunk: ~700k rows of "12345678,0.123456789"
@@ -137,13 +137,8 @@ class SubmissionWriter:
                     fh.close()                                 # the gzip trailer
                 self._raw.flush()
                 os.fsync(self._raw.fileno())
-            with stops_held():
-                for old in self.stale:
-                    old.unlink(missing_ok=True)
-                os.replace(self.tmp, self.path)
-                if self.then is not None:
-                    self.then()
-                self._raw.close()           # after the rename: closing ends the temp file's lock
+            commit(self.tmp, self.path, self.stale, self.then)
+            self._raw.close()               # after the rename: closing ends the temp file's lock
         except BaseException:
             self._abandon(fh)
             raise
