@@ -48,8 +48,8 @@ def _calibration(run: RunData, split: Split) -> float | None:
     metric counts (metric weight not 0): the all-heads ratio pools their predictions and labels, so heads 13%
     over and 13% under read as a perfect 1.000."""
     scores = (run.gold if split == "gold" else run.val) or {}
-    counted = [h for h in run.heads if (run.head_settings[h].metric_weight if h in run.head_settings else None) != 0]
-    heads = [v for h in counted if (v := scores.get(f"calibration.{h}")) is not None and math.isfinite(v) and v > 0]
+    heads = [v for h in run.heads if run.head_settings[h].metric_weight != 0
+             and (v := scores.get(f"calibration.{h}")) is not None and math.isfinite(v) and v > 0]
     if len(heads) > 1:
         return max(heads, key=lambda v: abs(math.log(v)))
     return _metric("calibration")(run, split)

@@ -201,11 +201,12 @@ def _export_into(p: Predictor, run: Path, out: Path, fmt: str, module: ServingMo
         # folder, stays listed: one model.json describes both (everything but the model file and its call is
         # the same); an export with other infer settings replaces it
         prev = _read_json(out / "model.json")
+        same = prev is not None and _shared(prev) == _shared(doc)
         outdated: list[str] = []         # the other format's files of an export this one does not match
         for other, entry in dict((prev or {}).get("exports") or {}).items():
             if other == fmt or not isinstance(entry, dict):
                 continue
-            if _shared(prev or {}) == _shared(doc) and all((out / n).is_file() for n in entry.get("files", ())):
+            if same and all((out / n).is_file() for n in entry.get("files", ())):
                 doc["exports"][other] = entry
             else:       # another run's (or other settings') model beside this one would read as its twin
                 outdated += [n for n in entry.get("files", ()) if isinstance(n, str) and n not in files and
