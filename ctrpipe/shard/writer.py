@@ -4,7 +4,8 @@ Chunks of any size go in; exactly `shard_rows` rows come out per shard (the last
 never depend on the parse chunk size. Each shard is written into `shard_XXXXX.incomplete/` and renamed to
 `shard_XXXXX/` when all its arrays are on disk: a shard directory under its final name is always complete.
 Rows are streamed straight into the open .npy files by one background thread (file I/O releases the GIL):
-no shard-sized buffers and no copy beyond the write itself, at most `MAX_PENDING` chunks wait for the disk.
+no shard-sized buffers, at most `MAX_PENDING` chunks wait for the disk, and the bytes go to the device past
+the page cache where the filesystem allows (`directio`).
 The .npy header is written for a full shard and rewritten when the last shard turns out smaller, so every
 file is byte-identical to `np.save` of the whole shard.
 """
@@ -17,11 +18,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from ctrpipe.errors import ManifestMismatchError
+from ctrpipe.shard.directio import ShardFile, Staging, direct_io_enabled
 from ctrpipe.shard.manifest import ArrayInfo, ShardInfo
 from ctrpipe.shard.reader import check_array
 
@@ -80,19 +82,20 @@ class _OpenShard:
 class _Files:
     """Writer-thread side of one shard: open .npy files in `shard_XXXXX.incomplete/`."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, staging: Staging | None) -> None:
         self.tmp = root / f"{name}.incomplete"
         self.final = root / name
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
-        self.handles: dict[str, tuple[BinaryIO, bytes, np.dtype]] = {}   # group -> (file, header, dtype)
+        self.handles: dict[str, tuple[ShardFile, bytes, np.dtype]] = {}   # group -> (file, header, dtype)
         self.scratch = bytearray(SCRATCH_BYTES)
+        self.staging = staging
 
     def append(self, group: str, arr: np.ndarray, full_shape: tuple[int, ...]) -> None:
         entry = self.handles.get(group)
         if entry is None:
-            fh = open(self.tmp / f"{group}.npy", "wb")  # noqa: SIM115 - closed in finish()/abort()
+            fh = ShardFile(self.tmp / f"{group}.npy", self.staging)
             header = npy_header(full_shape, arr.dtype)
             fh.write(header)
             self.handles[group] = entry = (fh, header, arr.dtype)
@@ -104,14 +107,21 @@ class _Files:
         if dest is not None:
             self.final = dest
         for group, (fh, header, dtype) in self.handles.items():
+            fh.close()
             final = npy_header(shapes[group], dtype)
             if final != header:
-                _rewrite_header(fh, header, final)
-            fh.close()
+                _rewrite_header(fh.path, header, final)
         self.handles.clear()
-        for group, arr in whole.items():
-            with open(self.tmp / f"{group}.npy", "wb") as fh:
-                np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+        for group, arr in whole.items():     # as np.save writes it (the same header, then the C-order bytes)
+            arr = np.ascontiguousarray(arr)
+            fh = ShardFile(self.tmp / f"{group}.npy", self.staging)
+            try:
+                fh.write(npy_header(arr.shape, arr.dtype))
+                fh.write(memoryview(arr).cast("B"))
+            except BaseException:
+                fh.abort()
+                raise
+            fh.close()
         if self.final.exists():
             shutil.rmtree(self.final)
         self.tmp.rename(self.final)
@@ -124,14 +134,11 @@ class _Files:
         """Close the files of an abandoned shard; it stays `.incomplete`, so flush errors (a full disk
         cannot take the buffered tail) do not matter and must not hide the error that abandoned it."""
         for fh, *_ in self.handles.values():
-            try:
-                fh.close()
-            except OSError:
-                pass
+            fh.abort()
         self.handles.clear()
 
 
-def _write_rows(fh: BinaryIO, arr: np.ndarray, scratch: bytearray) -> None:
+def _write_rows(fh: ShardFile, arr: np.ndarray, scratch: bytearray) -> None:
     """Write arr's rows in C order. A column-major chunk (the transform's numeric / categorical views) is
     transposed a cache-sized slice at a time through `scratch`: no chunk-sized temporary to allocate
     (and page-fault in) for every chunk, and the transpose stays in cache."""
@@ -151,21 +158,18 @@ def _write_rows(fh: BinaryIO, arr: np.ndarray, scratch: bytearray) -> None:
         fh.write(memoryview(out).cast("B"))
 
 
-def _rewrite_header(fh: BinaryIO, old: bytes, new: bytes) -> None:
-    """Put `new` in place of `old` at the start of fh; same length in the common case (one seek)."""
-    if len(new) == len(old):
+def _rewrite_header(path: Path, old: bytes, new: bytes) -> None:
+    """Put `new` in place of `old` at the start of the closed file; same length in the common case."""
+    with open(path, "r+b") as fh:
+        if len(new) == len(old):
+            fh.write(new)
+            return
+        fh.seek(len(old))                        # rare: the padded header got shorter by 64 bytes
+        body = fh.read()
         fh.seek(0)
+        fh.truncate()
         fh.write(new)
-        fh.seek(0, io.SEEK_END)
-        return
-    fh.flush()                                   # rare: the padded header got shorter by 64 bytes
-    with open(fh.name, "rb") as src:
-        src.seek(len(old))
-        body = src.read()
-    fh.seek(0)
-    fh.truncate()
-    fh.write(new)
-    fh.write(body)
+        fh.write(body)
 
 
 class ShardWriter:
@@ -204,6 +208,7 @@ class ShardWriter:
             if background else None
         self._pending: deque[Future[None]] = deque()
         self._failed = False                            # set by the writer thread when a task raised
+        self._staging: Staging | None = None            # the writer thread's buffer for direct writes
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -224,6 +229,7 @@ class ShardWriter:
                 self._pool.shutdown(wait=True)
             if self._files is not None:     # a shard left unfinished is rewritten on resume anyway: give its
                 self._files.discard()       # space back now (a full disk's message then counts it as free)
+            self._release_staging()
 
     def add(self, arrays: Arrays) -> None:
         """Append a chunk (every group with the same number of rows); full shards are finished."""
@@ -261,6 +267,7 @@ class ShardWriter:
             self._open.fragment = self._open.fragment or self.fragment_mode
             self._finish_shard()
         self._drain()
+        self._release_staging()
         return self.shards
 
     # -- main thread
@@ -303,8 +310,15 @@ class ShardWriter:
             self._failed = True
             raise
 
+    def _release_staging(self) -> None:
+        if self._staging is not None:
+            self._staging.release()
+            self._staging = None
+
     def _start_files(self, name: str) -> None:
-        self._files = _Files(self.root, name)
+        if self._staging is None and direct_io_enabled():
+            self._staging = Staging()
+        self._files = _Files(self.root, name, self._staging)
 
     def _append(self, arrays: Arrays, full: dict[str, tuple[int, ...]]) -> None:
         assert self._files is not None

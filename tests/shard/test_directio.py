@@ -1,0 +1,105 @@
+"""Shard files written past the page cache (O_DIRECT) hold exactly the bytes of ordinary writes: whole
+blocks through the staging buffer, the tail at close, headers rewritten for a short last shard."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import npy_bytes, parquet_cfg
+from raw_inputs import write_parquet
+
+from ctrpipe.shard.build import build_shards
+from ctrpipe.shard.directio import ALIGN, ShardFile, Staging
+from ctrpipe.shard.writer import ShardWriter
+
+
+def _direct_available(folder: Path) -> bool:
+    """Whether this filesystem takes O_DIRECT and an aligned block write (tmpfs before Linux 6.6 does not)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = folder / "probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o666)
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL
+        return False
+    staging = Staging(ALIGN)
+    try:
+        os.write(fd, staging.view)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        staging.release()
+        probe.unlink()
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_pieces_of_every_size_land_byte_for_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 direct: str) -> None:
+    monkeypatch.setenv("CTRPIPE_DIRECT_IO", direct)
+    rng = np.random.default_rng(0)
+    sizes = [0, 1, ALIGN - 1, 1, ALIGN, 3 * ALIGN + 5, 40_000, 2, 5 * ALIGN, 123_457, ALIGN - 3, 7]
+    pieces = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    staging = Staging(4 * ALIGN)                  # smaller than some pieces: the buffer fills mid-piece
+    f = ShardFile(tmp_path / "f.bin", staging)
+    assert f.direct == (direct == "1" and _direct_available(tmp_path))
+    for p in pieces:
+        f.write(p)
+    f.close()
+    staging.release()
+    assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
+
+
+def test_abort_closes_without_the_tail(tmp_path: Path) -> None:
+    staging = Staging(ALIGN)
+    f = ShardFile(tmp_path / "f.bin", staging)
+    f.write(b"x" * (ALIGN + 10))
+    f.abort()
+    f.abort()                                      # twice: a no-op
+    assert (tmp_path / "f.bin").stat().st_size in (ALIGN, ALIGN + 10)   # whole blocks (direct) or all bytes
+    staging.release()
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_megabyte_shards_equal_np_save_of_each_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     direct: str) -> None:
+    """Shards of MBs (many whole blocks, a partial one), a short last shard whose headers are rewritten, and
+    unicode ids written whole at the shard's end."""
+    monkeypatch.setenv("CTRPIPE_DIRECT_IO", direct)
+    rng = np.random.default_rng(1)
+    n, shard_rows = 250_003, 100_000
+    whole = {"numeric": rng.standard_normal((n, 13)).astype(np.float32),
+             "categorical": rng.integers(0, 1 << 30, size=(26, n), dtype=np.int32).T,     # column-major chunks
+             "seq": rng.integers(0, 1000, size=(n, 3, 5), dtype=np.int64),
+             "ids": np.array([f"r{i}" for i in range(n)]),
+             "split": rng.integers(0, 3, n, dtype=np.int8)}
+    with ShardWriter(tmp_path, shard_rows=shard_rows) as w:
+        for s in range(0, n, 37_000):
+            w.add({g: a[s: s + 37_000] for g, a in whole.items()})
+        shards = w.close()
+    assert [s.rows for s in shards] == [100_000, 100_000, 50_003]
+    for s in shards:
+        for g, info in s.files.items():
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(whole[g][s.row_start: s.row_start + s.rows].astype(info.dtype)))
+            assert (tmp_path / info.file).read_bytes() == buf.getvalue(), (s.index, g)
+
+
+def test_build_writes_the_same_cache_with_and_without_direct_io(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_parquet(tmp_path / "p.parquet", 3000)
+    caches = {}
+    for direct in ("0", "1"):
+        monkeypatch.setenv("CTRPIPE_DIRECT_IO", direct)
+        build_shards(parquet_cfg("data.shard_rows=1100", "data.chunk_rows=700"), [src], tmp_path / direct,
+                     progress=False)
+        caches[direct] = npy_bytes(tmp_path / direct)
+    assert caches["1"].keys() == caches["0"].keys() and len(caches["1"]) > 10
+    assert [k for k in caches["0"] if caches["1"][k] != caches["0"][k]] == []
