@@ -25,7 +25,8 @@ from ctrpipe.train.metrics import sigmoid
 if TYPE_CHECKING:
     from ctrpipe.config import RunConfig
 
-FORMAT = "ctrpipe.calibration/1"
+FORMAT = "ctrpipe.calibration/2"    # 2: method=bias with keep_rate < 1 fits its bias (1 fitted none)
+_FORMAT_1 = "ctrpipe.calibration/1"
 CALIBRATION_NAME = "calibration.json"
 EPS = 1e-7
 T_BOUNDS = (0.01, 100.0)        # temperature range searched; outside it the model is useless or constant
@@ -223,14 +224,19 @@ def write_calibration(path: Path, calibrations: tuple[Calibration, ...], labels:
     return write_json_atomic(path, doc)
 
 
-def read_calibration(path: Path) -> tuple[tuple[Calibration, ...], CalibrationConfig]:
-    """(per-task calibrations, the config they were fitted for) from a `write_calibration` file."""
+def read_calibration(path: Path) -> tuple[tuple[Calibration, ...], CalibrationConfig | None]:
+    """(per-task calibrations, the config they were fitted for) from a `write_calibration` file. The config is
+    None for a file of format 1 fitted with method=bias and keep_rate < 1: that fit left the bias at 0, so
+    the file is refitted as if it were for another config."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-        if doc.get("format") != FORMAT:
+        if doc.get("format") not in (FORMAT, _FORMAT_1):
             raise ValueError(f"format {doc.get('format')!r}")
-        return tuple(Calibration.from_dict(t) for t in doc["tasks"]), CalibrationConfig(**doc["requested"])
+        cals, requested = tuple(Calibration.from_dict(t) for t in doc["tasks"]), CalibrationConfig(**doc["requested"])
+        if doc["format"] == _FORMAT_1 and requested.method == "bias" and requested.keep_rate < 1.0:
+            return cals, None
+        return cals, requested
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:    # not JSON, or JSON of other shape
         raise CheckpointError(f"cannot read the calibration file ({type(exc).__name__}: {exc})", where=str(path),
                               fix="refit it by re-running training, or pass --set "

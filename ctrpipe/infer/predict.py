@@ -217,10 +217,13 @@ def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tupl
     if ccfg.method == "none":
         return identity, "none" if ccfg.keep_rate == 1.0 else f"none, keep-rate shift log({ccfg.keep_rate:g})"
     path = run / CALIBRATION_NAME
+    why = "calibration.json is for another config or absent"
     if path.is_file():
         cals, requested = read_calibration(path)
         if requested == ccfg and task < len(cals):
             return cals[task], f"{CALIBRATION_NAME}"
+        if requested is None:
+            why = "calibration.json is from a ctrpipe whose method=bias with keep_rate < 1 fitted no bias"
     try:
         src, logits, labels, names = load_val_predictions(run)
     except CheckpointError:
@@ -230,7 +233,7 @@ def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tupl
         return identity, "none (no validation predictions)"
     cal = fit_calibration(logits[:, task], labels[:, task], ccfg)
     warn_at_bound(cal, names[task])
-    return cal, f"refitted on {src.name} (calibration.json is for another config or absent)"
+    return cal, f"refitted on {src.name} ({why})"
 
 
 def fold_weights(cfg: RunConfig, ckpts: Sequence[Checkpoint]) -> tuple[float, ...] | None:

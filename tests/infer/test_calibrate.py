@@ -188,6 +188,33 @@ def test_calibrate_run_writes_json_and_prefers_oof(tmp_path: Path) -> None:
     assert doc["source"] == "val_predictions.npz" and doc["tasks"][0]["label"] == "task0"
 
 
+def test_a_format_1_bias_file_with_keep_rate_is_refitted(tmp_path: Path) -> None:
+    """Format 1 files of method=bias with keep_rate < 1 hold bias 0 (that version fitted none): infer refits
+    them in memory and says why; other format 1 files are used as written."""
+    from ctrpipe.infer.predict import load_calibrations
+
+    t, y = _data(20_000, seed=3)
+    _write_preds(tmp_path / "val_predictions.npz", t + 0.7, y)
+    cfg = load_config(None, ["infer.calibration.method=bias", "infer.calibration.keep_rate=0.5"])
+    calibrate_run(tmp_path, cfg, quiet=True)
+    path = tmp_path / "calibration.json"
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "ctrpipe.calibration/2"
+    fitted = doc["tasks"][0]["bias"]
+    assert fitted == pytest.approx(-0.7, abs=0.05)
+    doc["format"], doc["tasks"][0]["bias"] = "ctrpipe.calibration/1", 0.0        # as the older fit wrote it
+    path.write_text(json.dumps(doc))
+    cal, note = load_calibrations(tmp_path, cfg, 0, quiet=True)
+    assert cal.bias == pytest.approx(fitted, abs=1e-9) and "fitted no bias" in note
+    other = load_config(None, ["infer.calibration.method=temperature"])
+    calibrate_run(tmp_path, other, quiet=True)
+    doc = json.loads(path.read_text())
+    doc["format"] = "ctrpipe.calibration/1"
+    path.write_text(json.dumps(doc))
+    cal, note = load_calibrations(tmp_path, other, 0, quiet=True)
+    assert note == "calibration.json" and cal.temperature == doc["tasks"][0]["temperature"]
+
+
 def test_calibrate_run_none_returns_none(tmp_path: Path) -> None:
     cfg = load_config(None, ["infer.calibration.method=none"])
     assert calibrate_run(tmp_path, cfg) is None
