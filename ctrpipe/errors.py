@@ -105,12 +105,14 @@ class ReportError(CtrpipeError):
 
 # ------------------------------------------------------------------------------------------ full disks
 
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})   # out of blocks / inodes, or over a quota
+# out of blocks / inodes, over a quota, or past the largest file allowed (`ulimit -f`, the filesystem's limit)
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 REDO_WRITE = "the step is redone from the start; any earlier complete file under that name is untouched"
 
 
 class DiskFullError(CtrpipeError):
-    """A write failed for lack of space (ENOSPC) or quota (EDQUOT): which path, how much is free there,
+    """A write failed for lack of space (ENOSPC), quota (EDQUOT) or past the largest file allowed (EFBIG:
+    `ulimit -f`, the filesystem's own limit): which path, how much is free there,
     roughly how much the step needs, and what rerunning the same command does.
 
     The free space is measured each time the message is rendered, so the message the CLI prints counts the
@@ -120,9 +122,10 @@ class DiskFullError(CtrpipeError):
     def __init__(self, path: Path | str, needs: str, rerun: str, reason: str = os.strerror(errno.ENOSPC)) -> None:
         self.path, self.needs, self.rerun, self.reason = Path(path), needs, rerun, reason
         self.free_bytes: int | None = None
-        super().__init__("", where=str(self.path),
-                         fix=f"free space there (or write to a larger disk), then run the same command "
-                             f"again: {rerun}")
+        room = ("raise the file size limit (`ulimit -f`) or write to a filesystem that takes larger files (a "
+                "shard build: or lower data.shard_rows)") if reason == os.strerror(errno.EFBIG) else \
+            "free space there (or write to a larger disk)"
+        super().__init__("", where=str(self.path), fix=f"{room}, then run the same command again: {rerun}")
 
     def render(self) -> str:
         self.free_bytes = disk_free_bytes(self.path)
@@ -136,8 +139,8 @@ class DiskFullError(CtrpipeError):
 
 
 def disk_full_reason(exc: BaseException) -> str | None:
-    """'No space left on device' / 'Disk quota exceeded' when `exc` or an exception it arose from is a full
-    disk, else None.
+    """'No space left on device' / 'Disk quota exceeded' / 'File too large' when `exc` or an exception it arose
+    from is a full disk, a quota or a file size limit, else None.
 
     Libraries report it in different ways: torch.save raises a RuntimeError whose context is the OSError,
     np.save an OSError without errno ("Not enough free space to write ..." from its fallocate), polars an

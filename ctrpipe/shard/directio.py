@@ -48,8 +48,13 @@ class Staging:
         return len(self.view)
 
     def release(self) -> None:
-        self.view.release()
-        self._map.close()
+        """Unmap the buffer, unless a slice of it is still referenced (the traceback of a failed write, while
+        its error propagates): then it goes when that does, and the error is not hidden behind this one."""
+        try:
+            self.view.release()
+            self._map.close()
+        except BufferError:
+            pass
 
 
 class ShardFile:
@@ -79,6 +84,9 @@ class ShardFile:
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         if not self.direct:
+            if self._tail:                         # left from direct writes refused mid-file: it comes first
+                _write_all(self._fd, memoryview(self._tail))
+                self._tail = bytearray()
             _write_all(self._fd, view)
             return
         assert self._staging is not None

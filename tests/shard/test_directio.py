@@ -57,6 +57,95 @@ def test_pieces_of_every_size_land_byte_for_byte(tmp_path: Path, monkeypatch: py
     assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
 
 
+def test_direct_writes_refused_mid_file_fall_back_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that takes O_DIRECT at open but refuses its writes (EINVAL): the file falls back to
+    ordinary writes, and the bytes held back for the next whole block still come before the next piece."""
+    import fcntl
+
+    if not _direct_available(tmp_path):
+        pytest.skip("this filesystem takes no O_DIRECT")
+    real_write = os.write
+
+    def refusing(fd: int, data: object) -> int:       # what such a filesystem's write does
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_write(fd, data)                   # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "write", refusing)
+    rng = np.random.default_rng(2)
+    pieces = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (5000, 5240, 3 * ALIGN + 1, 17)]
+    staging = Staging(2 * ALIGN)
+    f = ShardFile(tmp_path / "f.bin", staging)
+    assert f.direct
+    for p in pieces:
+        f.write(p)
+    assert not f.direct
+    f.close()
+    staging.release()
+    assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
+
+
+def test_a_failed_direct_write_is_the_error_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A direct write failing for any reason (here EIO on the third block): that OSError leaves the writer,
+    not a BufferError from unmapping the staging buffer that the error's traceback still references."""
+    import fcntl
+
+    if not _direct_available(tmp_path):
+        pytest.skip("this filesystem takes no O_DIRECT")
+    real_write = os.write
+    direct_writes = 0
+
+    def failing(fd: int, data: object) -> int:
+        nonlocal direct_writes
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct_writes += 1
+            if direct_writes == 3:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_write(fd, data)                   # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "write", failing)
+    rows = np.zeros((300_000, 8), np.float32)
+    with pytest.raises(OSError) as exc:
+        with ShardWriter(tmp_path, shard_rows=100_000) as w:
+            for s in range(0, len(rows), 50_000):
+                w.add({"numeric": rows[s: s + 50_000]})
+            w.close()
+    assert exc.value.errno == errno.EIO
+    # shard 0 (two direct writes) was finished before; the failed shard is neither renamed nor left behind
+    assert (tmp_path / "shard_00000").is_dir() and not (tmp_path / "shard_00001").exists()
+    assert not list(tmp_path.glob("shard_*.incomplete"))
+
+
+def test_a_file_size_limit_is_one_clear_error(tmp_path: Path) -> None:
+    """Past `ulimit -f` (EFBIG), with and without O_DIRECT: one error naming the limit and the fix. With
+    O_DIRECT the staging buffer, still referenced by the failed write's traceback, could not be unmapped,
+    and that BufferError replaced the real error."""
+    import resource
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("ctrpipe")
+    if not exe.is_file() or not hasattr(resource, "RLIMIT_FSIZE"):
+        pytest.skip("needs the ctrpipe script and RLIMIT_FSIZE")
+    src = write_parquet(tmp_path / "p.parquet", 3000)
+    cfg = Path(__file__).resolve().parents[2] / "cfgs" / "parquet_example.yaml"
+    limit = 200_000                                   # bytes: the sequence tokens of one shard need more
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    for direct in ("1", "0"):
+        res = subprocess.run([str(exe), "shard", "--cfg", str(cfg), "--input", str(src), "--out",
+                              str(tmp_path / f"out{direct}"), "-q"], capture_output=True, text=True,
+                             env={**os.environ, "CTRPIPE_DIRECT_IO": direct, "COLUMNS": "400"},
+                             preexec_fn=small_files, timeout=300)
+        out = " ".join((res.stdout + res.stderr).split())
+        assert res.returncode == 1, out
+        assert "File too large" in out and "ulimit -f" in out and "data.shard_rows" in out, out
+        assert "Traceback" not in out and "BufferError" not in out, out
+        assert not (tmp_path / f"out{direct}" / "manifest.json").exists()
+
+
 def test_abort_closes_without_the_tail(tmp_path: Path) -> None:
     staging = Staging(ALIGN)
     f = ShardFile(tmp_path / "f.bin", staging)
