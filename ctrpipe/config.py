@@ -545,6 +545,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_INT_TEXT = re.compile(r"[+-]?\d+")
+
+
+def _number_text(tp: Any, text: str) -> Any:
+    """An item of a comma-separated list as an int when the list holds ints (floats read text already);
+    other text unchanged (a label named `1` stays the string it is)."""
+    return int(text) if tp is int and _INT_TEXT.fullmatch(text) else text
+
+
 def _coerce(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> Any:  # noqa: C901 - one branch per type form
     org = get_origin(tp)
     if isinstance(value, OverrideText) and org not in (typing.Union, types.UnionType):
@@ -575,8 +584,9 @@ def _coerce(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> 
             raise ConfigError(f"'{key}' must be a mapping", where=_where(origin, key), fix=f"write {key}: {{...}}")
         return build_dataclass(tp, value, key + ".", origin)
     if org in (tuple, list, Sequence) or tp in (tuple, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):      # `--set model.hidden_units=64,64`: numbers where the items are numbers
+            item = (get_args(tp) or (Any,))[0]
+            value = [_number_text(item, v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise _bad(tp, value, key, origin)
         args = get_args(tp)

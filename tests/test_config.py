@@ -448,3 +448,19 @@ def test_set_forms_that_must_keep_their_meaning() -> None:
     assert load_config(CFGS / "adult.yaml", ["data.numeric={}"], resolve_model=False).data.numeric.columns == ()
     parquet = load_config(None, ["data.format=parquet", "data.numeric={impute: mean}"], resolve_model=False)
     assert parquet.data.numeric.columns == () and parquet.data.numeric.impute == "mean"
+
+
+def test_a_comma_list_of_ints_reads_as_ints() -> None:
+    """`--set model.hidden_units=64,64` was refused as "bad value '64'": the pieces stayed text. Lists of
+    text keep their pieces as text, numbers included."""
+    cfg = load_config(None, ["model.name=dnn", "model.hidden_units=64,32"])
+    assert cfg.model.params.hidden_units == (64, 32)
+    assert load_config(None, ["data.labels=clicked,1"]).data.labels == ("clicked", "1")
+    with pytest.raises(ConfigError, match=r"model.hidden_units\[1\]"):
+        load_config(None, ["model.name=dnn", "model.hidden_units=64,x"])
+
+
+def test_a_loader_size_error_suggests_its_own_default() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["loader.prefetch=0"])
+    assert "loader.prefetch=2" in exc.value.fix and "4096" not in exc.value.fix

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from ctrpipe.errors import ConfigError
@@ -39,7 +39,7 @@ class LoaderConfig:
         for key in ("batch_size", "eval_batch_size", "block_rows", "prefetch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"bad value {getattr(self, key)} for 'loader.{key}'",
-                                  fix=f"use a positive integer, e.g. loader.{key}=4096")
+                                  fix=f"use a positive integer, e.g. loader.{key}={_DEFAULTS[key]} (the default)")
         if self.shuffle_strategy not in ("block", "gather"):
             raise ConfigError(f"bad value {self.shuffle_strategy!r} for 'loader.shuffle_strategy'",
                               fix="use loader.shuffle_strategy=block or loader.shuffle_strategy=gather")
@@ -72,3 +72,6 @@ class LoaderConfig:
             raise ConfigError(f"loader.balance_pos_fraction={f} gives {round(f * self.batch_size)} positives in a "
                               f"batch of {self.batch_size}", where="loader.balance_pos_fraction",
                               fix="use a fraction that leaves at least one positive and one negative per batch")
+
+
+_DEFAULTS = {f.name: f.default for f in fields(LoaderConfig)}     # examples in the messages above
