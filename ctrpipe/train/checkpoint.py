@@ -174,12 +174,14 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
 
 
 def _damaged_fix(path: Path) -> str:
-    """What to do about a checkpoint that cannot be read: --resume can rebuild a best checkpoint's run from
-    ckpt_last.pt, but not ckpt_last.pt itself."""
+    """What to do about a checkpoint that cannot be read: train the run again. --resume mends neither a
+    ckpt_last.pt (what it resumes from) nor a best or fold checkpoint (a finished run resumes nothing, and an
+    unfinished one rewrites its best only when an evaluation improves on it)."""
+    unreadable = "the file is damaged or not a ctrpipe checkpoint"
     if path.name.startswith("ckpt_last"):
-        return ("the file is damaged or not a ctrpipe checkpoint, so this run cannot resume: train it again "
-                "without --resume (another exp_name keeps this run's other files)")
-    return "the file is damaged or not a ctrpipe checkpoint: retrain, or --resume from the run's ckpt_last.pt"
+        unreadable += ", so this run cannot resume"
+    return (f"{unreadable}: train it again without --resume, with --set exp_name=NEW (or after moving this run's "
+            "folder away)")
 
 
 def feature_spec_from_dict(d: dict[str, Any]) -> FeatureSpec:

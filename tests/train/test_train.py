@@ -394,11 +394,18 @@ def test_a_damaged_checkpoint_is_named_with_a_fix_that_can_work(cache: Path, tmp
     assert "cannot resume" in err.value.fix and "without --resume" in err.value.fix
     code, out = train(cache, tmp_path, "--set", "train.max_steps=2", "--resume")
     assert code == 1 and str(last) in out and "cannot resume" in out, out
-    best = tmp_path / "ckpt_best.pt"
+    # a finished run's damaged best checkpoint: --resume (what the fix said) rewrites nothing; the fix now
+    # given (train again under another exp_name) gives a readable one
+    assert train(cache, tmp_path / "done", "--set", "train.max_steps=2")[0] == 0
+    best = tmp_path / "done" / "criteo" / "ckpt_best.pt"
     best.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint") as err:
         load_checkpoint(best)
-    assert "--resume from the run's ckpt_last.pt" in err.value.fix
+    assert "--resume" not in err.value.fix.replace("without --resume", "") and "exp_name=NEW" in err.value.fix
+    assert train(cache, tmp_path / "done", "--set", "train.max_steps=2", "--resume")[0] == 0
+    assert best.read_bytes() == b"not a checkpoint"
+    assert train(cache, tmp_path / "done", "--set", "train.max_steps=2", "--set", "exp_name=again")[0] == 0
+    load_checkpoint(tmp_path / "done" / "again" / "ckpt_best.pt")
 
 
 def test_a_cache_without_training_rows_is_told_why(cache: Path, synth_dir: Path, tmp_path: Path):
