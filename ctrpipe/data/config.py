@@ -16,7 +16,8 @@ MAX_BINS = 2**31 - 1     # categorical and token ids are stored as int32 (past i
 
 @dataclass(frozen=True)
 class NumericConfig:
-    """Numeric columns by explicit list and/or a regex `pattern` (matched against Parquet column names)."""
+    """Numeric columns by explicit list and/or a regex `pattern` (matched against the first input's column
+    names; a later input holding another matching column is refused)."""
 
     REPLACED_TOGETHER: ClassVar[tuple[str, ...]] = ("columns", "pattern")   # one selection (config.py)
     columns: tuple[str, ...] = ()        # explicit column names

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -117,7 +118,33 @@ def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train") -> Pl
         data = dataclasses.replace(data, labels=(), derived_labels=())
     rc = resolve_columns(data, schema, paths[0] if data.format != "criteo" else None, with_keys=role == "train",
                          to_predict=role == "test")
+    _check_patterns_elsewhere(data, rc, paths)
     return make_plan(data, rc)
+
+
+def _check_patterns_elsewhere(data: DataConfig, rc: ResolvedColumns, paths: list[Path]) -> None:
+    """Refuse a later input holding a column that a pattern would have picked had that file come first: it
+    was left out without a word, while the other order stopped the build on the first file's missing column."""
+    patterns = [(key, sec.pattern, chosen) for key, sec, chosen in
+                (("data.numeric", data.numeric, rc.numeric), ("data.categorical", data.categorical, rc.categorical))
+                if sec.pattern]
+    if data.format == "criteo" or not patterns or len(paths) < 2:
+        return
+    taken = {*rc.numeric, *rc.categorical, *data.labels, *rc.labels, *rc.keys, *(t.column for t in rc.tokens),
+             *(d.column for d in data.derived_labels), *((rc.id,) if rc.id else ())}
+    for path in paths[1:]:
+        schema = input_schema(data, path)
+        names = schema.names if isinstance(schema, pa.Schema) else list(schema or ())
+        for key, pattern, chosen in patterns:
+            rx = re.compile(pattern)
+            extra = [n for n in names if rx.search(n) and n not in taken]
+            if extra:
+                raise SchemaError(f"{key}.pattern {pattern!r} matches column {extra[0]!r} in this file"
+                                  + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                                  + f", but not in the first input {paths[0].name}, whose columns the pattern "
+                                  f"picked ({len(chosen)})", where=str(path),
+                                  fix="give every input the same columns, or narrow the pattern (or list the "
+                                      f"columns in {key}.columns)")
 
 
 def check_plan(plan: Plan, role: str) -> None:

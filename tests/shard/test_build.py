@@ -234,3 +234,27 @@ def test_a_cache_another_process_is_building_is_refused(tmp_path: Path) -> None:
         build_shards(criteo_cfg(), [src], out, progress=False)
     assert not list(out.iterdir())
     assert build_shards(criteo_cfg(), [src], out, progress=False).manifest.total_rows == 200
+
+
+def test_a_later_input_with_an_extra_pattern_column_is_refused(tmp_path: Path) -> None:
+    """A column a pattern picks in the second file but not in the first was left out without a word (the
+    other order stopped the build on the missing column): both orders now stop, naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctrpipe.errors import SchemaError
+
+    a = write_parquet(tmp_path / "a.parquet", 200, seed=1)
+    b = write_parquet(tmp_path / "b.parquet", 200, seed=2)
+    table = pq.read_table(b)
+    extra = tmp_path / "b_extra.parquet"
+    pq.write_table(table.append_column("feat_a_9", pa.array(np.ones(200))), extra)
+    build_shards(parquet_cfg(), [a, b], tmp_path / "same", progress=False)       # same columns: fine
+    for order, name in (([a, extra], "first_a"), ([extra, a], "first_extra")):
+        with pytest.raises(SchemaError) as exc:
+            build_shards(parquet_cfg(), order, tmp_path / name, progress=False)
+        assert "feat_a_9" in exc.value.render()
+        assert not (tmp_path / name / "manifest.json").exists()
+    with pytest.raises(SchemaError) as exc:
+        build_shards(parquet_cfg(), [a, extra], tmp_path / "again", progress=False)
+    assert exc.value.where == str(extra) and "data.numeric.pattern" in exc.value.render()
