@@ -107,7 +107,7 @@ class _Files:
         if dest is not None:
             self.final = dest
         for group, (fh, header, dtype) in self.handles.items():
-            fh.close()
+            fh.close()          # on an error the handles not yet closed stay listed, for abort()
             final = npy_header(shapes[group], dtype)
             if final != header:
                 _rewrite_header(fh.path, header, final)
@@ -326,16 +326,20 @@ class ShardWriter:
             self._files.append(g, a, full[g])
 
     def _end_files(self, info: ShardInfo, whole: Arrays, fragment: bool) -> None:
-        files, self._files = self._files, None
+        files = self._files
         assert files is not None
         shapes = {g: a.shape for g, a in info.files.items()}
+        # self._files is kept until the shard is in place: if finishing fails (a full disk at a file's tail),
+        # __exit__ still closes the files left open and removes the .incomplete folder
         if fragment:
             files.finish(shapes, whole, self.root / fragment_dirname(info.index))
+            self._files = None
             return
         if info.index in self.done and _matches(self.root, info):
             files.discard()                             # resumed: the finished shard stays untouched
         else:
             files.finish(shapes, whole)
+        self._files = None
         if self.on_shard is not None:
             self.on_shard(info)
 

@@ -49,9 +49,11 @@ def test_pieces_of_every_size_land_byte_for_byte(tmp_path: Path, monkeypatch: py
     pieces = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
     staging = Staging(4 * ALIGN)                  # smaller than some pieces: the buffer fills mid-piece
     f = ShardFile(tmp_path / "f.bin", staging)
-    assert f.direct == (direct == "1" and _direct_available(tmp_path))
+    expect_direct = direct == "1" and _direct_available(tmp_path)
+    assert f.direct == expect_direct
     for p in pieces:
         f.write(p)
+    assert f.direct == expect_direct                 # whole blocks went out directly, not by the fallback
     f.close()
     staging.release()
     assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
@@ -120,30 +122,84 @@ def test_a_file_size_limit_is_one_clear_error(tmp_path: Path) -> None:
     """Past `ulimit -f` (EFBIG), with and without O_DIRECT: one error naming the limit and the fix. With
     O_DIRECT the staging buffer, still referenced by the failed write's traceback, could not be unmapped,
     and that BufferError replaced the real error."""
-    import resource
+    import shutil
     import subprocess
     import sys
 
     exe = Path(sys.executable).with_name("ctrpipe")
-    if not exe.is_file() or not hasattr(resource, "RLIMIT_FSIZE"):
-        pytest.skip("needs the ctrpipe script and RLIMIT_FSIZE")
+    if not exe.is_file() or shutil.which("sh") is None:
+        pytest.skip("needs the ctrpipe script and a POSIX shell")
     src = write_parquet(tmp_path / "p.parquet", 3000)
     cfg = Path(__file__).resolve().parents[2] / "cfgs" / "parquet_example.yaml"
-    limit = 200_000                                   # bytes: the sequence tokens of one shard need more
-
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
+    blocks = 391                # ulimit -f counts 512-byte blocks: 200 kB; the sequence tokens of a shard need more
     for direct in ("1", "0"):
-        res = subprocess.run([str(exe), "shard", "--cfg", str(cfg), "--input", str(src), "--out",
-                              str(tmp_path / f"out{direct}"), "-q"], capture_output=True, text=True,
-                             env={**os.environ, "CTRPIPE_DIRECT_IO": direct, "COLUMNS": "400"},
-                             preexec_fn=small_files, timeout=300)
+        # the limit is set by a shell that then becomes ctrpipe (no preexec_fn in a process with threads)
+        res = subprocess.run(["sh", "-c", f'ulimit -f {blocks} && exec "$0" "$@"', str(exe), "shard", "--cfg",
+                              str(cfg), "--input", str(src), "--out", str(tmp_path / f"out{direct}"), "-q"],
+                             capture_output=True, text=True,
+                             env={**os.environ, "CTRPIPE_DIRECT_IO": direct, "COLUMNS": "400"}, timeout=300)
         out = " ".join((res.stdout + res.stderr).split())
         assert res.returncode == 1, out
         assert "File too large" in out and "ulimit -f" in out and "data.shard_rows" in out, out
         assert "Traceback" not in out and "BufferError" not in out, out
         assert not (tmp_path / f"out{direct}" / "manifest.json").exists()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_failed_shard_end_closes_its_files_and_leaves_no_folder(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk at a file's tail, while the shard is being finished: the other files of that shard stayed
+    open (raw descriptors, never closed) and its .incomplete folder stayed on the full disk."""
+    import fcntl
+
+    if not _direct_available(tmp_path) or not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs O_DIRECT and /proc")
+    real_write = os.write
+
+    def full_at_tails(fd: int, data: object) -> int:      # direct blocks land; the first tail finds no room
+        if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)                   # type: ignore[arg-type]
+
+    rows = np.arange(3 * 3001, dtype=np.float32).reshape(3001, 3)
+    for background in (True, False):
+        root = tmp_path / str(background)
+        before = _open_fds()
+        monkeypatch.setattr(os, "write", full_at_tails)
+        with pytest.raises(OSError) as exc:
+            with ShardWriter(root, shard_rows=5000, background=background) as w:
+                w.add({"a": rows, "b": rows + 1, "c": rows + 2})
+                w.close()
+        monkeypatch.setattr(os, "write", real_write)
+        assert exc.value.errno == errno.ENOSPC
+        assert _open_fds() == before and list(root.iterdir()) == []
+
+
+def test_slow_direct_writes_give_way_to_ordinary_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storage slower than MIN_DIRECT_RATE (here: every device, the rate asked being absurd): after the probe
+    the file goes on with ordinary writes, later files open without O_DIRECT, and the bytes are the same."""
+    from ctrpipe.shard import directio
+
+    if not _direct_available(tmp_path):
+        pytest.skip("this filesystem takes no O_DIRECT")
+    monkeypatch.setattr(directio, "MIN_DIRECT_RATE", 1e18)
+    monkeypatch.setattr(directio, "PROBE_BYTES", 2 * ALIGN)
+    data = np.random.default_rng(4).integers(0, 256, 10 * ALIGN + 7, dtype=np.uint8).tobytes()
+    staging = Staging(ALIGN)
+    f = ShardFile(tmp_path / "a.bin", staging)
+    assert f.direct
+    f.write(data)
+    assert not f.direct and not staging.direct
+    f.close()
+    g = ShardFile(tmp_path / "b.bin", staging)
+    assert not g.direct
+    g.write(data)
+    g.close()
+    staging.release()
+    assert (tmp_path / "a.bin").read_bytes() == data == (tmp_path / "b.bin").read_bytes()
 
 
 def test_abort_closes_without_the_tail(tmp_path: Path) -> None:
