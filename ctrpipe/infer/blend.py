@@ -46,6 +46,7 @@ from ctrpipe.infer.submission import (
     SubmissionWriter,
     check_out_file,
     id_at_rows,
+    is_gzip_name,
     iter_submission,
     line_of,
     read_header,
@@ -244,7 +245,7 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     check_method(method, where="--method")
     check_out_file(out)
     w = parse_weights(weights, len(files))
-    resolve_weights(method, len(files), w, None, 1.0)     # refuse bad combinations before reading anything
+    resolve_weights(method, len(files), w, None, 1.0, "--weights")  # refuse bad combinations before reading
     check_trim_ratio(trim_ratio, "--trim-ratio", len(files) if method == "trim_mean" else None)
     id_header, pred_header = _check_inputs(files, out)
     _warn_rank_scores_beside_probabilities(files, method)
@@ -256,7 +257,12 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_blends(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.blend-{os.getpid()}-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.blend-{os.getpid()}-", dir=out.parent))
+    except OSError as exc:      # the scratch folder beside --out: a name the user never gave
+        raise SubmissionError(f"cannot create a scratch folder in {out.parent} ({exc.strerror or exc})",
+                              where=f"--out {out}",
+                              fix="write --out into a folder you can create files in") from None
     counts: list[int] = []
     try:
         with disk_full_as_error(out, lambda: _space_needed(files, counts), REDO_BLEND), \
@@ -411,7 +417,7 @@ def _space_needed(files: Sequence[Path], counts: Sequence[int]) -> str:
 
 def _rows_estimate(path: Path, probe: int = 1 << 16) -> int:
     """Rows of a submission, extrapolated from its first 64 kB (low for gzip: its size is compressed)."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = gzip.open if is_gzip_name(Path(path)) else open
     with opener(path, "rb") as fh:
         head = fh.read(probe)
     size = len(head) if len(head) < probe else Path(path).stat().st_size

@@ -234,13 +234,18 @@ def read_calibration(path: Path) -> tuple[tuple[Calibration, ...], CalibrationCo
         if doc.get("format") not in (FORMAT, _FORMAT_1):
             raise ValueError(f"format {doc.get('format')!r}")
         cals, requested = tuple(Calibration.from_dict(t) for t in doc["tasks"]), CalibrationConfig(**doc["requested"])
+        for j, c in enumerate(cals):    # an edited or foreign file: NaN or reversed predictions, exit 0
+            if not (math.isfinite(c.temperature) and c.temperature > 0 and math.isfinite(c.bias)
+                    and 0 < c.keep_rate <= 1):
+                raise ValueError(f"task {j}: temperature {c.temperature}, bias {c.bias}, keep_rate {c.keep_rate} "
+                                 "(a positive finite temperature, a finite bias and a keep_rate in (0, 1] expected)")
         if doc["format"] == _FORMAT_1 and requested.method == "bias" and requested.keep_rate < 1.0:
             return cals, None
         return cals, requested
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:    # not JSON, or JSON of other shape
         raise CheckpointError(f"cannot read the calibration file ({type(exc).__name__}: {exc})", where=str(path),
-                              fix="refit it by re-running training, or pass --set "
-                                  "infer.calibration.method=none to skip calibration") from None
+                              fix="delete it: infer then refits the calibration from the run's validation "
+                                  "predictions (or pass --set infer.calibration.method=none to skip it)") from None
 
 
 def load_val_predictions(run_dir: Path) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, ...]]:

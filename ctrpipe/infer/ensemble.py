@@ -86,18 +86,19 @@ def rank_normalise(x: np.ndarray) -> np.ndarray:
 
 
 def resolve_weights(method: str, m: int, weights: Sequence[float] | None, scores: Sequence[float] | None,
-                    temperature: float) -> np.ndarray | None:
-    """Per-model weights (summing to 1) or None for an unweighted method; explicit weights win over scores."""
+                    temperature: float, where: str = "weights") -> np.ndarray | None:
+    """Per-model weights (summing to 1) or None for an unweighted method; explicit weights win over scores.
+    `where` names the weights as the caller's user gives them (`--weights`, `infer.weights`)."""
     if weights is not None and len(weights) > 0:
         if method not in WEIGHTABLE:
-            raise ConfigError(f"method {method!r} does not take weights", where="weights",
+            raise ConfigError(f"method {method!r} does not take weights", where=where,
                               fix=f"drop the weights, or use one of: {', '.join(sorted(WEIGHTABLE))}")
-        return normalise_weights(weights, m)
+        return normalise_weights(weights, m, where)
     if method != "weighted":
         return None
     if scores is None or len(scores) != m:
         raise ConfigError("method 'weighted' needs one weight or one validation score per model",
-                          where="weights", fix=f"pass {m} weights (e.g. --weights {','.join(['1'] * m)}), "
+                          where=where, fix=f"pass {m} weights (e.g. --weights {','.join(['1'] * m)}), "
                                                 "or use method logit_mean")
     return weights_from_scores(scores, temperature)
 

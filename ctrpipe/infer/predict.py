@@ -250,7 +250,7 @@ def fold_weights(cfg: RunConfig, ckpts: Sequence[Checkpoint]) -> tuple[float, ..
                               fix="give explicit weights (--set infer.weights=[1,1,2]) or another metric")
         lower = metric.split(".", 1)[0] in LOWER_IS_BETTER         # logloss.clicked too
         scores = [-float(v) if lower else float(v) for v in vals]
-    w = resolve_weights(ic.method, len(ckpts), ic.weights or None, scores, ic.weight_temperature)
+    w = resolve_weights(ic.method, len(ckpts), ic.weights or None, scores, ic.weight_temperature, "infer.weights")
     return None if w is None else tuple(float(x) for x in w)
 
 
@@ -433,8 +433,9 @@ def _metric_notes(view: RowView, manifest: Manifest, ckpts: Sequence[Checkpoint]
         lines.append(f"metrics withheld: the models trained on the {' and '.join(touched)} rows of this view; "
                      f"the held-out figures are {held_out}")
     elif same_cache and "val" in view.splits and cal.method != "none":
-        lines.append("the calibration was fitted on these validation rows: logloss and calibration are slightly "
-                     "optimistic")
+        flattered = "WLL and Score" if cal.target == "wll" else "logloss and calibration"
+        lines.append(f"the calibration (target {cal.target}) was fitted on these validation rows: {flattered} are "
+                     "slightly optimistic")
     if method == "rank_avg":
         lines.append("rank_avg writes rank scores in [0, 1], not probabilities: only AUC and AP are reported")
     return _MetricNotes(tuple(lines), withheld)

@@ -90,7 +90,7 @@ class SubmissionWriter:
         self._raw = open_temp(self.tmp, self.path)     # closed in __exit__, after the rename (the lock)
         # a .gz name gets gzip (what readers of that name expect); mtime 0 keeps equal inputs byte-identical
         self._fh = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0) \
-            if self.path.suffix == ".gz" else self._raw
+            if is_gzip_name(self.path) else self._raw
         try:
             self._put((",".join(self.headers) + "\n").encode(), 0)
         except BaseException:           # __exit__ does not run when __enter__ raises
@@ -105,6 +105,13 @@ class SubmissionWriter:
         ids_s = ids if isinstance(ids, pl.Series) else pl.Series(self.headers[0], ids)
         if len(ids_s) != len(preds):
             raise ValueError(f"{len(ids_s)} ids for {len(preds)} predictions")
+        bad = ~np.isfinite(np.asarray(preds))
+        if bad.any():               # a file of NaN rows would look finished; readers refuse it later
+            i = int(np.flatnonzero(bad)[0])
+            raise SubmissionError(f"{int(bad.sum()):,} of {len(preds):,} predictions in this chunk are not finite "
+                                  f"(ID {ids_s[i]}: {preds[i]})", where=str(self.path),
+                                  fix="nothing was written: check the models and calibration.json of the run "
+                                      "(a diverged model or an edited calibration gives NaN)")
         frame = pl.DataFrame({self.headers[0]: ids_s.alias(self.headers[0]), self.headers[1]: preds})
         buf = io.BytesIO()          # formatted first, so a full disk surfaces as Python's OSError on write
         frame.write_csv(buf, include_header=False)
@@ -172,16 +179,21 @@ def read_header(path: Path) -> tuple[str, str]:
     if not path.is_file():
         raise SubmissionError("file does not exist", where=str(path),
                               fix="check the path; submissions are written by `ctrpipe infer`")
-    opener = gzip.open if path.suffix == ".gz" else open
+    gz = is_gzip_name(path)
+    opener = gzip.open if gz else open
     try:
         with opener(path, "rb") as fh:
             first = fh.readline().decode("utf-8-sig").rstrip("\r\n")
             second = fh.readline()
+            more = bool(fh.read(1)) if not second.strip() else True     # a blank line 2, then rows?
     except (OSError, EOFError, UnicodeDecodeError) as exc:      # gzip.BadGzipFile is an OSError
-        raise SubmissionError(f"cannot read it as {'gzip ' if path.suffix == '.gz' else ''}CSV text ({exc})",
+        raise SubmissionError(f"cannot read it as {'gzip ' if gz else ''}CSV text ({exc})",
                               where=str(path), fix="pass the submission CSV (a .gz name must hold gzip data)"
                               ) from None
     if not first:
+        if second or more:
+            raise SubmissionError("line 1 is blank: the header must come first", where=location(path, line=1),
+                                  fix="remove the blank line(s) before the header 'ID,clicked'")
         raise SubmissionError("file is empty", where=str(path),
                               fix="re-create it; a submission starts with a header such as 'ID,clicked'")
     names = [n.strip().strip('"') for n in first.split(",")]
@@ -196,10 +208,15 @@ def read_header(path: Path) -> tuple[str, str]:
     if looks_like_data:
         raise SubmissionError(f"first line {first!r} looks like data, not a header",
                               where=location(path, line=1), fix="add a header line such as 'ID,clicked'")
-    if not second.strip():
+    if not second.strip() and not more:
         raise SubmissionError("file has a header and no rows", where=str(path),
                               fix="re-create it from a finished `ctrpipe infer`")
     return names[0], names[1]
+
+
+def is_gzip_name(path: Path) -> bool:
+    """`.gz` in any case (a download may come as `.GZ`)."""
+    return path.suffix.lower() == ".gz"
 
 
 def _parse_preds(path: Path, raw: pa.Array, first_row: int, header: str) -> np.ndarray:
@@ -245,9 +262,13 @@ def iter_submission(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Itera
         return SubmissionError(f"cannot parse as CSV: {exc}", where=str(path),
                                fix="write it as 'ID,clicked' rows")
 
+    def damaged(exc: OSError) -> SubmissionError:      # pyarrow: a cut or corrupted gzip stream, a read error
+        return SubmissionError(f"cannot read it ({exc})", where=str(path),
+                               fix="the file is damaged (a cut or corrupted .gz?): copy or re-create it")
+
     try:  # the reader parses its first block when opened, so errors can surface here already
         reader = pacsv.open_csv(
-            pa.input_stream(str(path), compression="detect"),
+            pa.input_stream(str(path), compression="gzip" if is_gzip_name(path) else None),
             read_options=pacsv.ReadOptions(block_size=chunk_bytes, use_threads=False, skip_rows=1,
                                            column_names=["id", "pred"]),
             parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
@@ -255,6 +276,8 @@ def iter_submission(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Itera
                                                  strings_can_be_null=False))
     except pa.ArrowInvalid as exc:
         raise parse_error(exc) from None
+    except OSError as exc:
+        raise damaged(exc) from None
     row = 0
     try:
         while True:
@@ -264,6 +287,8 @@ def iter_submission(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Itera
                 return
             except pa.ArrowInvalid as exc:
                 raise parse_error(exc) from None
+            except OSError as exc:
+                raise damaged(exc) from None
             ids = batch.column(0)
             n = len(ids)
             empty = pc.equal(pc.utf8_length(ids), 0).to_numpy(zero_copy_only=False)

@@ -373,3 +373,62 @@ def test_rank_scores_blended_with_probabilities_are_warned_about(tmp_path: Path)
     assert "warning" not in blend("rank_avg")
     paths[1].with_name(paths[1].name + ".json").write_text(json.dumps({"method": "rank_avg"}))
     assert "warning" not in blend("mean")                             # all ranks: one kind of score
+
+
+def test_a_damaged_gzip_input_is_one_error_naming_it(tmp_path: Path) -> None:
+    """A cut or corrupted .gz passed the header check (its first line reads) and then crashed in pyarrow
+    with a traceback naming no file (helper's infer sweep)."""
+    import gzip
+
+    paths, _, _ = _make(tmp_path, k=2, n=3000)
+    data = gzip.compress(paths[1].read_bytes())
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    crc = tmp_path / "crc.csv.gz"
+    crc.write_bytes(data[:-8] + b"\0" * 8)
+    for bad in (cut, crc):
+        msg = _refuse(tmp_path, [paths[0], bad], SubmissionError, str(bad), "damaged")
+        assert "Traceback" not in msg
+
+
+def test_an_upper_case_gz_name_is_read_as_gzip(tmp_path: Path) -> None:
+    import gzip
+
+    paths, _, _ = _make(tmp_path, k=2)
+    up = tmp_path / "b.csv.GZ"
+    up.write_bytes(gzip.compress(paths[1].read_bytes()))
+    run_blend([paths[0], up], "mean", None, tmp_path / "o.csv", quiet=True)
+    run_blend(paths, "mean", None, tmp_path / "want.csv", quiet=True)
+    assert (tmp_path / "o.csv").read_bytes() == (tmp_path / "want.csv").read_bytes()
+
+
+def test_blank_lines_around_the_header_are_named_as_such(tmp_path: Path) -> None:
+    """A blank line 2 read as "a header and no rows", a blank line 1 as "file is empty", for files of rows."""
+    _refuse(tmp_path, _two(tmp_path, "ID,clicked\n\n3,0.3\n1,0.1\n2,0.2\n"), SubmissionError, "line 2",
+            "empty ID")
+    _refuse(tmp_path, _two(tmp_path, "\nID,clicked\n3,0.3\n1,0.1\n2,0.2\n"), SubmissionError, "line 1",
+            "blank")
+    _refuse(tmp_path, _two(tmp_path, "ID,clicked\n\n"), SubmissionError, "a header and no rows")
+
+
+def test_weight_errors_name_the_option(tmp_path: Path) -> None:
+    paths, _, _ = _make(tmp_path, k=2)
+    _refuse(tmp_path, paths, ConfigError, "--weights", weights="1,-1")
+    _refuse(tmp_path, paths, ConfigError, "--weights", method="median", weights="1,2")
+
+
+def test_an_out_folder_without_room_for_scratch_names_out(tmp_path: Path) -> None:
+    paths, _, _ = _make(tmp_path, k=2)
+    with pytest.raises(SubmissionError) as exc:
+        run_blend(paths, "mean", None, Path("/proc/o.csv"), quiet=True)
+    msg = str(exc.value)
+    assert "--out /proc/o.csv" in msg and "scratch folder" in msg and "report it as a bug" not in msg
+
+
+def test_the_writer_refuses_non_finite_predictions(tmp_path: Path) -> None:
+    out = tmp_path / "s.csv"
+    out.write_text("ID,clicked\n1,0.5\n")
+    with pytest.raises(SubmissionError, match="not finite"):
+        with SubmissionWriter(out) as w:
+            w.write(np.array([1, 2]), np.array([0.5, np.nan]))
+    assert out.read_text() == "ID,clicked\n1,0.5\n"

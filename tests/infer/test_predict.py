@@ -366,3 +366,31 @@ def test_bad_overrides_are_refused(world: dict[str, Path], tmp_path: Path) -> No
                                    "--set", "infer.view=gold", "--out", str(tmp_path / "y.csv")])
     assert res.exit_code == 1 and "Traceback" not in res.output
 
+
+
+def test_the_in_sample_note_names_the_calibrations_target(world: dict[str, Path], tmp_path: Path) -> None:
+    """A WLL calibration flatters WLL and Score on the rows it was fitted on (logloss may get worse): the note
+    said logloss (helper's infer sweep)."""
+    rep = run_infer(world["single"], world["tr"], tmp_path / "v.csv",
+                    ["infer.view=val", "infer.calibration.target=wll",
+                     "infer.calibration.method=temperature_bias"], quiet=True)
+    note = next(n for n in rep.notes if "fitted on these validation rows" in n)
+    assert "target wll" in note and "WLL and Score" in note and "logloss" not in note
+
+
+def test_a_calibration_file_with_impossible_values_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    """A NaN, zero or negative temperature in calibration.json wrote NaN or reversed predictions, exit 0."""
+    run = tmp_path / "run"
+    shutil.copytree(world["single"], run)
+    path = run / "calibration.json"
+    doc = json.loads(path.read_text())
+    for t in (float("nan"), 0.0, -1.0):
+        doc["tasks"][0]["temperature"] = t
+        path.write_text(json.dumps(doc))
+        with pytest.raises(CheckpointError) as exc:
+            run_infer(run, world["te"], tmp_path / "s.csv", [], quiet=True)
+        assert str(path) in str(exc.value) and "delete it" in exc.value.fix
+        assert not (tmp_path / "s.csv").exists()
+    path.unlink()                   # what the fix says: infer refits from the run's validation predictions
+    run_infer(run, world["te"], tmp_path / "s.csv", [], quiet=True)
+    assert np.isfinite(pl.read_csv(tmp_path / "s.csv")["clicked"].to_numpy()).all()
