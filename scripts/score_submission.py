@@ -1,5 +1,6 @@
 """Score a submission (`ID,<prediction>`) against labelled rows: AP, WLL, Score = 0.5*AP + 0.5/(1+WLL), AUC,
-and the same for the true probabilities when a synth truth file is given (what no model can beat).
+and the same for the true probabilities when a synth truth file is given (the oracle: no model beats its AUC or
+logloss on average; a calibration fitted for WLL can beat its WLL, which the true probabilities do not minimise).
 
     python scripts/score_submission.py runs/toss/dare_qnn/submission.csv --labels data/toss/test.parquet \
         --truth data/toss/test.truth.npy
@@ -8,7 +9,9 @@ and the same for the true probabilities when a synth truth file is given (what n
     python scripts/score_submission.py --oof runs/toss/dare_qnn --shards shards/toss \
         --labels data/toss/train.parquet --truth data/toss/train.truth.npy
 
-Rows are matched by ID, so a submission in any row order scores the same. Used by toss.sh.
+Rows are matched by ID, so a submission in any row order scores the same. The submission is read with the
+checks `ctrpipe blend` makes (a missing, non-numeric, NaN or out-of-[0, 1] prediction, a duplicate ID: each an
+error naming its line). Used by toss.sh.
 """
 
 from __future__ import annotations
@@ -26,9 +29,23 @@ KEYS = ("ap", "wll", "score", "auc", "logloss")
 
 
 def score(submission: Path, labels: Path, truth: Path | None, label: str, id_column: str) -> dict[str, dict]:
-    sub = pl.read_csv(submission, infer_schema_length=0)
-    id_name, pred_name = sub.columns[:2]
-    preds = sub.select(pl.col(id_name).alias("_id"), pl.col(pred_name).cast(pl.Float64).alias("submission"))
+    from ctrpipe.errors import CtrpipeError
+    from ctrpipe.infer.submission import iter_submission, line_of
+
+    try:
+        chunks = list(iter_submission(Path(submission)))
+    except CtrpipeError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    ids = pl.concat([pl.Series("_id", c.ids) for c in chunks]) if chunks else pl.Series("_id", [], pl.String)
+    twice = ids.is_duplicated().to_numpy()
+    if twice.any():
+        rows = np.flatnonzero(twice)
+        first = ids[int(rows[0])]
+        lines = [line_of(int(r)) for r in rows if ids[int(r)] == first][:2]
+        raise SystemExit(f"error: {submission}: duplicate ID {first!r} (lines {lines[0]} and {lines[1]})\n"
+                         "  fix: one prediction per ID; score the submission ctrpipe infer wrote")
+    preds = pl.DataFrame({"_id": ids.cast(pl.String),
+                          "submission": np.concatenate([c.preds for c in chunks]) if chunks else np.zeros(0)})
     return score_frame(preds, labels, truth, label, id_column, where=str(submission), subset=False)
 
 

@@ -41,3 +41,19 @@ def test_missing_ids_are_an_error(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "score_submission.py"), str(tmp_path / "sub.csv"),
                           "--labels", str(tmp_path / "rows.parquet")], capture_output=True, text=True)
     assert res.returncode != 0 and "1 of 2 labelled IDs have no prediction" in res.stderr
+
+
+@pytest.mark.parametrize(("rows", "needle"), [
+    ("a,0.2\nb,0.7\na,0.9\n", "duplicate ID 'a' (lines 2 and 4)"),
+    ("a,0.2\nb,1.7\n", "outside [0, 1]"),
+    ("a,0.2\nb,nan\n", "non-numeric prediction 'nan'"),
+    ("a,0.2\nb,\n", "missing prediction"),
+])
+def test_a_bad_submission_is_refused_naming_its_line(tmp_path: Path, rows: str, needle: str) -> None:
+    """Duplicates, NaN, values above 1 and empty values were scored (clipped or NaN figures) without a word
+    (helper's infer sweep): the scorer reads the file with blend's checks."""
+    pl.DataFrame({"ID": ["a", "b"], "clicked": [0, 1]}).write_parquet(tmp_path / "rows.parquet")
+    (tmp_path / "sub.csv").write_text("ID,clicked\n" + rows)
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "score_submission.py"), str(tmp_path / "sub.csv"),
+                          "--labels", str(tmp_path / "rows.parquet")], capture_output=True, text=True)
+    assert res.returncode != 0 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
