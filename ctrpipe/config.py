@@ -545,7 +545,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-_INT_TEXT = re.compile(r"[+-]?\d+")
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
 def _number_text(tp: Any, text: str) -> Any:

@@ -158,6 +158,8 @@ def disk_full_reason(exc: BaseException) -> str | None:
                 return _QUOTA_TEXT
             if cur.errno is None and any(t in text for t in _FULL_TEXTS):
                 return os.strerror(errno.ENOSPC)
+            if cur.errno is None and f"(os error {errno.EFBIG})" in text:
+                return os.strerror(errno.EFBIG)
         cur = cur.__cause__ or cur.__context__
     return None
 

@@ -93,3 +93,20 @@ def test_second_writer_of_one_file_is_refused_and_leaves_the_first_whole(tmp_pat
     with atomic_open(out) as fh:                                    # once it is done, the file is free
         fh.write("third\n")
     assert out.read_text() == "third\n" and sorted(p.name for p in tmp_path.iterdir()) == ["sub.csv"]
+
+
+def test_a_file_size_limit_in_any_form_reads_as_one() -> None:
+    """EFBIG as an errno, and as a library's message without one (polars: '... (os error 27)'), wrapped in
+    another error as torch.save wraps it."""
+    import errno
+    import os
+
+    from ctrpipe.errors import disk_full_reason
+
+    as_errno = OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    as_text = OSError(f"failed to write: {os.strerror(errno.EFBIG)} (os error {errno.EFBIG})")
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = as_text
+    for exc in (as_errno, as_text, wrapped):
+        assert disk_full_reason(exc) == os.strerror(errno.EFBIG)
+    assert disk_full_reason(OSError("permission denied (os error 13)")) is None

@@ -458,6 +458,8 @@ def test_a_comma_list_of_ints_reads_as_ints() -> None:
     assert load_config(None, ["data.labels=clicked,1"]).data.labels == ("clicked", "1")
     with pytest.raises(ConfigError, match=r"model.hidden_units\[1\]"):
         load_config(None, ["model.name=dnn", "model.hidden_units=64,x"])
+    with pytest.raises(ConfigError, match=r"model.hidden_units\[0\]"):       # ASCII digits only
+        load_config(None, ["model.name=dnn", "model.hidden_units=\u0663,2"])
 
 
 def test_a_loader_size_error_suggests_its_own_default() -> None:

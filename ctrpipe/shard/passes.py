@@ -104,12 +104,14 @@ def small_pages() -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ plan, schema
 
-def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train") -> Plan:
-    """Which raw columns become which stored columns (patterns are matched against the first input).
+def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train", gold: Sequence[Path] = ()) -> Plan:
+    """Which raw columns become which stored columns (patterns are matched against the first input; a later
+    input or a `gold` one holding another column a pattern matches is refused).
 
     Test Parquet and CSV files usually lack the label columns (CSV: the sources of derived labels too): then
     the plan has no labels.
     """
+    given = data
     schema = input_schema(data, paths[0])
     sources = (*data.labels, *(d.column for d in data.derived_labels))
     # a Parquet schema's `in` looks for fields, not names: a labelled test file lost its labels
@@ -118,7 +120,7 @@ def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train") -> Pl
         data = dataclasses.replace(data, labels=(), derived_labels=())
     rc = resolve_columns(data, schema, paths[0] if data.format != "criteo" else None, with_keys=role == "train",
                          to_predict=role == "test")
-    _check_patterns_elsewhere(data, rc, paths)
+    _check_patterns_elsewhere(given, rc, [*paths, *gold])
     return make_plan(data, rc)
 
 

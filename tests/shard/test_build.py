@@ -258,3 +258,6 @@ def test_a_later_input_with_an_extra_pattern_column_is_refused(tmp_path: Path) -
     with pytest.raises(SchemaError) as exc:
         build_shards(parquet_cfg(), [a, extra], tmp_path / "again", progress=False)
     assert exc.value.where == str(extra) and "data.numeric.pattern" in exc.value.render()
+    with pytest.raises(SchemaError) as exc:                 # a gold input is checked alike
+        build_shards(parquet_cfg(), [a], tmp_path / "gold", gold=[extra], progress=False)
+    assert exc.value.where == str(extra)
