@@ -64,7 +64,7 @@ for model in dare_qnn din; do
   cfg="cfgs/${model}.yaml"
   [ -f "$cfg" ] || cfg="cfgs/parquet_${model}.yaml"
   rm -rf "${runs:?}/$model"
-  ctrpipe train --cfg "$cfg" --shards "$shards" --kfold "$k" --runs "$runs" \
+  ctrpipe train --cfg "$cfg" --shards "$shards" --kfold "$k" --runs "$runs" "${fold_keys[@]}" \
     --set "exp_name=$model" --set infer.calibration.target=wll --set infer.calibration.method=temperature_bias \
     ${small_batch[@]+"${small_batch[@]}"} ${train_set[@]+"${train_set[@]}"}
   oof "$model (out-of-fold)" "$runs/$model"
