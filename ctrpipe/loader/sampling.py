@@ -20,7 +20,8 @@ add the same number.
   twice in an epoch. Negatives are undersampled rather than positives oversampled: a CTR label is rare, and
   repeating each positive dozens of times per epoch overfits it. Rows with a missing label are not served.
   shift = logit(p) - logit(P / B), p = the label's train-split rate from the manifest (a K-fold training
-  view's own rate differs from p by sampling noise only).
+  view's own rate differs from p by sampling noise only in random or stratified folds; time or group folds whose
+  rates drift from it are refused before training, `fit.check_folds`).
 
 Example: q = 0.1 on a 2% label keeps ~17% of the rows with a 17% positive rate; a head predicting 0.17 gets
 logit(0.17) + log(0.1) = logit(0.02).
@@ -81,6 +82,10 @@ def _logit(p: float) -> float:
 
 def training_sampling(cfg: LoaderConfig, spec: FeatureSpec) -> Sampling | None:
     """The sampling `cfg` asks of a training loader over this cache (None when off), with its shift."""
+    if cfg.sample_label and spec.labels and cfg.sample_label not in spec.labels:     # a typo, sampling on or off
+        raise ConfigError(f"loader.sample_label names {cfg.sample_label!r}; the cache's labels are "
+                          f"{list(spec.labels)}", where="loader.sample_label",
+                          fix=f"use one of {', '.join(spec.labels)} (\"\" = the first)")
     if cfg.neg_keep_prob >= 1.0 and cfg.balance_pos_fraction == 0.0:
         return None
     if not spec.labels:

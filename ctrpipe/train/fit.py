@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -395,6 +396,43 @@ def check_folds(cfg: RunConfig, manifest: Manifest, shards: Path) -> None:
             "validate a model", where=str(shards / "manifest.json"),
             fix="shard with fewer folds (data.folds.n_splits), or group folds on a key with more distinct values "
                 "than folds")
+    if k and cfg.loader.balance_pos_fraction > 0:
+        _check_balanced_folds(cfg, manifest, shards)
+
+
+BALANCED_FOLD_DRIFT = 0.1   # logits: how far a fold's training rate may be from the train split's under balancing
+
+
+def _check_balanced_folds(cfg: RunConfig, manifest: Manifest, shards: Path) -> None:
+    """Balanced batches undo their sampling with the sampled label's train-split rate (`training_sampling`),
+    which fold k's training view (every other fold, val rows included) matches only up to noise in random or
+    stratified folds. Time or group folds can differ widely (a drifting click rate): every fold model would be
+    off by the difference, in OOF predictions, their calibration and infer. Refused where the cache's fold
+    rates show it, or cannot show it for time and group folds."""
+    folds = manifest.folds
+    spec = manifest.feature_spec()
+    name = cfg.loader.sample_label or (spec.labels[0] if spec.labels else "")
+    if name not in spec.labels:
+        return                  # training_sampling names the bad label
+    p = float(spec.label_rates[spec.labels.index(name)])
+    sizes = np.asarray(folds.get("sizes", []), dtype=np.float64)
+    rates = np.asarray(folds.get("label_rates", []), dtype=np.float64)
+    where = "loader.balance_pos_fraction"
+    fix = ("use loader.neg_keep_prob instead (its shift does not depend on the rate), or random or stratified "
+           "folds (data.folds.mode)")
+    if folds.get("label") == name and len(sizes) == len(rates) > 1 and 0 < p < 1:
+        pos = sizes * rates
+        view = np.clip((pos.sum() - pos) / (sizes.sum() - sizes), 1e-7, 1 - 1e-7)   # fold k: every other fold
+        off = np.abs(np.log(view / (1 - view)) - math.log(p / (1 - p)))
+        if float(off.max()) > BALANCED_FOLD_DRIFT:
+            raise ConfigError(f"balanced batches with --kfold: the folds' training rates of {name!r} range "
+                              f"{view.min():.4f}-{view.max():.4f} against the train split's {p:.4f}, which the "
+                              f"balanced sampler's logit shift assumes: fold models would be off by up to "
+                              f"{off.max():.2f} in logits", where=where, fix=fix)
+    elif folds.get("mode") in ("time", "group"):
+        raise ConfigError(f"balanced batches with --kfold on {folds.get('mode')} folds: the cache has no fold "
+                          f"rates of {name!r} to check its shift against (the folds' label is "
+                          f"{folds.get('label')!r})", where=where, fix=fix)
 
 
 @contextmanager

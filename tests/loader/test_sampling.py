@@ -179,6 +179,8 @@ def test_balanced_shift_and_refusals(big: Path) -> None:
     with pytest.raises(ConfigError, match="'clicked'") as err:
         training_sampling(LoaderConfig(neg_keep_prob=0.5, sample_label="clicked"), spec)
     assert err.value.where == "loader.sample_label" and "label" in err.value.fix
+    with pytest.raises(ConfigError, match="'clk'"):            # a typo is named with sampling off too
+        training_sampling(LoaderConfig(sample_label="clk"), spec)
     # a view that cannot fill the batches the config asks for fails when the loader is built, with the fix
     with pytest.raises(ConfigError, match="negatives of label 'label'") as err:
         ShardLoader(big, RowView.train(), 50, shuffle=True, seed=1, sampling=balanced(0.2, 50))

@@ -190,3 +190,41 @@ def test_balanced_fraction_below_the_label_rate_is_refused(cache: Path, tmp_path
     code, out = train(cache, tmp_path, "--set", "loader.balance_pos_fraction=0.05")
     assert code == 1
     assert "loader.balance_pos_fraction" in out and "train-split rate" in out and "fix: use a fraction above" in out
+
+
+def test_balanced_kfold_on_drifting_time_folds_is_refused(tmp_path: Path) -> None:
+    """Balanced batches shift by the train split's rate, which fold k's training view matches only in random or
+    stratified folds: on time folds of a drifting click rate each fold model was off by up to ~0.7 in logits
+    (helper's loader sweep). Refused from the cache's fold rates; stratified folds still train."""
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(REPO / "tests" / "shard"))
+    from helpers import parquet_cfg
+    from raw_inputs import write_parquet
+
+    from ctrpipe.config import load_config
+    from ctrpipe.errors import ConfigError
+    from ctrpipe.shard.build import build_shards
+    from ctrpipe.train.fit import check_folds
+
+    table = pq.read_table(write_parquet(tmp_path / "p.parquet", 3000, seed=5))
+    order = np.argsort(np.asarray(table.column("clicked")), kind="stable")      # the rate rises over "time"
+    table = table.take(pa.array(order)).append_column("ts", pa.array(np.arange(3000)))
+    pq.write_table(table, tmp_path / "drift.parquet")
+    balanced = ["loader.balance_pos_fraction=0.5", "cv.n_splits=3"]
+    for mode, refused in (("time", True), ("stratified", False)):
+        cache = tmp_path / mode
+        data = [f"data.folds.mode={mode}", "data.folds.n_splits=3", "data.folds.label=clicked"] + \
+            (["data.folds.time_key=ts"] if mode == "time" else [])
+        build_shards(parquet_cfg(*data), [tmp_path / "drift.parquet"], cache, progress=False)
+        cfg = load_config(None, balanced)
+        if refused:
+            with pytest.raises(ConfigError, match="fold models would be off") as exc:
+                check_folds(cfg, read_manifest(cache), cache)
+            assert "loader.neg_keep_prob" in exc.value.fix
+        else:
+            check_folds(cfg, read_manifest(cache), cache)
+            check_folds(load_config(None, ["cv.n_splits=3"]), read_manifest(cache), cache)
