@@ -109,8 +109,11 @@ class ShardLoader:
         self._epoch = 0
         self._start = 0
         self._row_starts = [s.row_start for s in self.manifest.shards]
-        self._arange = np.arange(batch_size, dtype=np.int64)  # (B,) for row_index of slices, no allocation
-        self._capacity = -(-batch_size // world_size)          # rows of one rank's share of a batch
+        # no batch holds more than the view's rows: a large eval batch over a small view (a val split, a few
+        # rows to predict) sizes its host buffers, pinned ones on CUDA, by the rows there are
+        most = min(batch_size, self.num_rows)
+        self._arange = np.arange(most, dtype=np.int64)        # (B,) for row_index of slices, no allocation
+        self._capacity = -(-most // world_size)                # rows of one rank's share of a batch
 
     @classmethod
     def from_config(cls, cache_dir: Path, view: RowView, cfg: LoaderConfig, *, seed: int,

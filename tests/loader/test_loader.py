@@ -363,3 +363,23 @@ def test_a_cache_of_many_shards_stays_under_the_open_file_limit(tmp_path: Path) 
     assert out.returncode == 0, out.stderr[-2000:]
     served, distinct = map(int, out.stdout.split())
     assert served == distinct > 2500
+
+
+def test_a_batch_larger_than_the_view_sizes_buffers_by_the_view(tmp_path: Path) -> None:
+    """A large eval batch over a small view (20M rows asked, 50 there) allocated row buffers (pinned ones on
+    CUDA) for the 20M rows it never serves: ~0.6 GB and a second here (helper's loader sweep)."""
+    import tracemalloc
+
+    cache = write_cache(tmp_path / "c", (20, 30))
+    want = ShardLoader(cache, RowView(("train", "val", "gold", "test")), 64, shuffle=False, seed=0)
+    tracemalloc.start()
+    try:
+        loader = ShardLoader(cache, RowView(("train", "val", "gold", "test")), 20_000_000, shuffle=False, seed=0)
+        batches = list(loader)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6, peak
+    assert len(batches) == 1
+    np.testing.assert_array_equal(batches[0].row_index.numpy(),
+                                  np.concatenate([b.row_index.numpy() for b in want]))
