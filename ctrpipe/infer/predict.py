@@ -195,7 +195,7 @@ def checkpoint_logit_shift(ckpt: Checkpoint, tasks: Sequence[Task]) -> tuple[flo
     """Per head, what undoes the sampling of the checkpoint's training rows: from the loader settings it was
     trained with (not the --set loader.* overrides of this inference) and its FeatureSpec's label rates."""
     trained = config_from_dict(json.loads(json.dumps(ckpt.config)), sources={}, origin="checkpoint config")
-    return logit_shifts(tasks, training_sampling(trained.loader, ckpt.feature_spec))
+    return logit_shifts(tasks, training_sampling(trained.loader, ckpt.feature_spec, ckpt.sampling_rate))
 
 
 def check_ids(shards: Path, manifest: Manifest) -> None:

@@ -32,7 +32,8 @@ class LoaderConfig:
     neg_keep_prob: float = 1.0
     # > 0: every training batch holds exactly round(f * batch_size) positives of sample_label, the rest negatives
     # undersampled afresh each epoch, rows gathered whatever shuffle_strategy (f must exceed the label's rate;
-    # 0 = off). Logits get + logit(train-split rate) - logit(positives per batch / batch_size).
+    # 0 = off). Logits get + logit(rate) - logit(positives per batch / batch_size), rate = the label's rate in the
+    # rows drawn from: the train split's, or a K-fold model's training view's (its checkpoint records it).
     balance_pos_fraction: float = 0.0
 
     def __post_init__(self) -> None:

@@ -19,9 +19,9 @@ add the same number.
   different few each epoch) and the negatives are a fresh uniform draw without replacement, so no row comes
   twice in an epoch. Negatives are undersampled rather than positives oversampled: a CTR label is rare, and
   repeating each positive dozens of times per epoch overfits it. Rows with a missing label are not served.
-  shift = logit(p) - logit(P / B), p = the label's train-split rate from the manifest (a K-fold training
-  view's own rate differs from p by sampling noise only in random or stratified folds; time or group folds whose
-  rates drift from it are refused before training, `fit.check_folds`).
+  shift = logit(p) - logit(P / B), p = the label's rate in the rows drawn from: the train split's from the
+  manifest, or for a K-fold model its training view's (time or group folds of a drifting rate differ from the
+  split's), which its checkpoint records (`Checkpoint.sampling_rate`) for infer, predict and export.
 
 Example: q = 0.1 on a 2% label keeps ~17% of the rows with a 17% positive rate; a head predicting 0.17 gets
 logit(0.17) + log(0.1) = logit(0.02).
@@ -80,8 +80,10 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def training_sampling(cfg: LoaderConfig, spec: FeatureSpec) -> Sampling | None:
-    """The sampling `cfg` asks of a training loader over this cache (None when off), with its shift."""
+def training_sampling(cfg: LoaderConfig, spec: FeatureSpec, rate: float | None = None) -> Sampling | None:
+    """The sampling `cfg` asks of a training loader over this cache (None when off), with its shift. `rate`: the
+    sampled label's rate in the rows balanced batches draw from, where it is not the train split's (a K-fold
+    training view: `fit.fold_sampling_rate`)."""
     if cfg.sample_label and spec.labels and cfg.sample_label not in spec.labels:     # a typo, sampling on or off
         raise ConfigError(f"loader.sample_label names {cfg.sample_label!r}; the cache's labels are "
                           f"{list(spec.labels)}", where="loader.sample_label",
@@ -100,7 +102,7 @@ def training_sampling(cfg: LoaderConfig, spec: FeatureSpec) -> Sampling | None:
     if cfg.neg_keep_prob < 1.0:
         return Sampling(j, name, neg_keep_prob=cfg.neg_keep_prob, shift=math.log(cfg.neg_keep_prob))
     target = positives_per_batch(cfg.balance_pos_fraction, cfg.batch_size) / cfg.batch_size
-    p = float(spec.label_rates[j])
+    p = float(spec.label_rates[j]) if rate is None else float(rate)
     if not 0.0 < p < target:
         # below the label's own rate the target would need fewer positives, i.e. dropping positives
         raise ConfigError(f"loader.balance_pos_fraction={cfg.balance_pos_fraction} ({target:.4f} of a batch) is "

@@ -86,6 +86,9 @@ class TrainState:
         return cls(**{**d, "position": RunPosition(**d["position"])})
 
 
+_ADDED_LATER = {"sampling_rate"}      # fields a checkpoint of an earlier ctrpipe lacks: their defaults apply
+
+
 @dataclass
 class Checkpoint:
     config: dict[str, Any]
@@ -100,6 +103,8 @@ class Checkpoint:
     epoch: int = 0
     step: int = 0
     train_state: TrainState | None = None
+    # the rate balanced batches' logit shift used (a K-fold model: its training view's), None: the spec's
+    sampling_rate: float | None = None
 
     @property
     def model_name(self) -> str:
@@ -118,7 +123,7 @@ class Checkpoint:
 
     @classmethod
     def from_saved(cls, d: dict[str, Any], where: str) -> Checkpoint:
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = [f.name for f in dataclasses.fields(cls) if f.name in d or f.name not in _ADDED_LATER]
         missing = [k for k in names if k not in d]
         if missing:
             raise CheckpointError(f"checkpoint lacks keys {missing}", where=where,

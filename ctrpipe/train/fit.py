@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -38,8 +37,8 @@ from ctrpipe.features import FeatureSpec
 from ctrpipe.hostmem import AnonPeak, peak_rss, release_free_heap
 from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
-from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling
-from ctrpipe.loader.view import RowView
+from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling, view_labels
+from ctrpipe.loader.view import RowView, resolve_view
 from ctrpipe.models.heads import Head, default_heads, head_rate, heads_of
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.build import identity_config
@@ -81,6 +80,7 @@ class TrainContext:
     dist: Distributed | None = None  # a torchrun job: this rank's process group (train/distributed.py)
     amp: AmpChoice = AmpChoice("off", "train.amp=off")   # the training steps' precision (train.amp resolved)
     finished: bool = False           # --resume of a run that had already ended: nothing to train or rewrite
+    sampling_rate: float | None = None    # the rate a K-fold model's balanced batches are shifted by (its view's)
 
     @property
     def main(self) -> bool:
@@ -396,43 +396,6 @@ def check_folds(cfg: RunConfig, manifest: Manifest, shards: Path) -> None:
             "validate a model", where=str(shards / "manifest.json"),
             fix="shard with fewer folds (data.folds.n_splits), or group folds on a key with more distinct values "
                 "than folds")
-    if k and cfg.loader.balance_pos_fraction > 0:
-        _check_balanced_folds(cfg, manifest, shards)
-
-
-BALANCED_FOLD_DRIFT = 0.1   # logits: how far a fold's training rate may be from the train split's under balancing
-
-
-def _check_balanced_folds(cfg: RunConfig, manifest: Manifest, shards: Path) -> None:
-    """Balanced batches undo their sampling with the sampled label's train-split rate (`training_sampling`),
-    which fold k's training view (every other fold, val rows included) matches only up to noise in random or
-    stratified folds. Time or group folds can differ widely (a drifting click rate): every fold model would be
-    off by the difference, in OOF predictions, their calibration and infer. Refused where the cache's fold
-    rates show it, or cannot show it for time and group folds."""
-    folds = manifest.folds
-    spec = manifest.feature_spec()
-    name = cfg.loader.sample_label or (spec.labels[0] if spec.labels else "")
-    if name not in spec.labels:
-        return                  # training_sampling names the bad label
-    p = float(spec.label_rates[spec.labels.index(name)])
-    sizes = np.asarray(folds.get("sizes", []), dtype=np.float64)
-    rates = np.asarray(folds.get("label_rates", []), dtype=np.float64)
-    where = "loader.balance_pos_fraction"
-    fix = ("use loader.neg_keep_prob instead (its shift does not depend on the rate), or random or stratified "
-           "folds (data.folds.mode)")
-    if folds.get("label") == name and len(sizes) == len(rates) > 1 and 0 < p < 1:
-        pos = sizes * rates
-        view = np.clip((pos.sum() - pos) / (sizes.sum() - sizes), 1e-7, 1 - 1e-7)   # fold k: every other fold
-        off = np.abs(np.log(view / (1 - view)) - math.log(p / (1 - p)))
-        if float(off.max()) > BALANCED_FOLD_DRIFT:
-            raise ConfigError(f"balanced batches with --kfold: the folds' training rates of {name!r} range "
-                              f"{view.min():.4f}-{view.max():.4f} against the train split's {p:.4f}, which the "
-                              f"balanced sampler's logit shift assumes: fold models would be off by up to "
-                              f"{off.max():.2f} in logits", where=where, fix=fix)
-    elif folds.get("mode") in ("time", "group"):
-        raise ConfigError(f"balanced batches with --kfold on {folds.get('mode')} folds: the cache has no fold "
-                          f"rates of {name!r} to check its shift against (the folds' label is "
-                          f"{folds.get('label')!r})", where=where, fix=fix)
 
 
 @contextmanager
@@ -468,7 +431,7 @@ def _template(ctx: TrainContext, fold: int, seed: int) -> Checkpoint:
     return Checkpoint(config=to_dict(ctx.cfg), feature_spec=ctx.spec,
                       schema_fingerprint=ctx.manifest.schema_fingerprint(),
                       manifest_fingerprint=ctx.manifest.fingerprint, shards=str(ctx.shards.resolve()),
-                      fold=fold, init_seed=seed, weights={"dense": {}, "tables": {}})
+                      fold=fold, init_seed=seed, weights={"dense": {}, "tables": {}}, sampling_rate=ctx.sampling_rate)
 
 
 def config_changes(old_config: dict[str, Any], cfg: RunConfig) -> list[tuple[str, Any, Any]]:
@@ -666,6 +629,28 @@ def _gold_predictions(ctx: TrainContext, ckpt_path: Path) -> Predictions | None:
                    logit_shift=ctx.logit_shift)
 
 
+def _fold_context(ctx: TrainContext, k: int) -> TrainContext:
+    """Fold k's context: under balanced batches its logit shift comes from the rate of the rows fold k trains
+    on (every other fold, val rows included), which time or group folds of a drifting click rate put far from
+    the train split's (a helper measured fold models off by -0.5 to +0.7 in logits with the split's)."""
+    if ctx.cfg.loader.balance_pos_fraction <= 0:
+        return ctx
+    rate = fold_sampling_rate(ctx, k)
+    sampling = training_sampling(ctx.cfg.loader, ctx.spec, rate)
+    return dataclasses.replace(ctx, logit_shift=logit_shifts(ctx.tasks, sampling), sampling_rate=rate)
+
+
+def fold_sampling_rate(ctx: TrainContext, k: int) -> float:
+    """The sampled label's rate in fold k's training view, over the rows with a label (those balanced batches
+    draw from), from the cache's labels."""
+    sampling = training_sampling(ctx.cfg.loader, ctx.spec)
+    assert sampling is not None
+    index = resolve_view(ctx.shards, ctx.manifest, RowView.fold_train(k))
+    y = view_labels(ctx.shards, ctx.manifest, index, sampling.label)
+    y = y[~np.isnan(y)]
+    return float(np.count_nonzero(y > 0.5) / max(len(y), 1))
+
+
 def _fit_summary(result: FitResult) -> dict[str, Any]:
     return {"best_step": result.best_step, "best_epoch": result.best_epoch, "steps": result.steps,
             "epochs": result.epochs, "samples": result.samples,
@@ -765,7 +750,9 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
                 loader = _loader(ctx, RowView.fold_train(k), True, fold_seed(ctx.cfg, k), ranks=True)
                 check_rank_shares(loader.rank_rows(), f"fold {k + 1}/{k_total}", ctx.cfg.loader.shuffle)
         ctx.dist.check(check_folds, "checking the ranks' shares of every fold's batches")
+    run_ctx = ctx
     for k in range(k_total):
+        ctx = _fold_context(run_ctx, k)
         best = ctx.run_dir / f"ckpt_fold{k}.pt"
         fold_dir = ctx.run_dir / f"fold{k}"
         result = _train_one(ctx, RowView.fold_train(k), RowView.fold_val(k), k, fold_dir, best,
@@ -779,12 +766,16 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
                                   fix="delete that fold folder and train again with --resume")
         results.append(result)
         folds.append({"fold": k, "rows_val": int(result.best_preds.row_index.size), **_fit_summary(result),
-                      "val": result.best_metrics})
+                      "val": result.best_metrics,
+                      **({"sampling_rate": ctx.sampling_rate,      # balanced batches: this fold's own shift
+                          "logit_shift": dict(zip(ctx.task_names, ctx.logit_shift, strict=True))}
+                         if ctx.sampling_rate is not None else {})})
         oof_parts.append(result.best_preds)
         g = _gold_predictions(ctx, best)
         if g is not None:
             gold = g
             gold_logits.append(g.logits)
+    ctx = run_ctx
     if not ctx.main:
         return {}
     oof = _assemble_oof(oof_parts)

@@ -192,10 +192,11 @@ def test_balanced_fraction_below_the_label_rate_is_refused(cache: Path, tmp_path
     assert "loader.balance_pos_fraction" in out and "train-split rate" in out and "fix: use a fraction above" in out
 
 
-def test_balanced_kfold_on_drifting_time_folds_is_refused(tmp_path: Path) -> None:
-    """Balanced batches shift by the train split's rate, which fold k's training view matches only in random or
-    stratified folds: on time folds of a drifting click rate each fold model was off by up to ~0.7 in logits
-    (helper's loader sweep). Refused from the cache's fold rates; stratified folds still train."""
+def test_balanced_kfold_shifts_each_fold_by_its_own_training_rate(tmp_path: Path) -> None:
+    """Balanced batches shifted every fold model by the train split's rate, while fold k trains on the other
+    folds: on time folds of a drifting click rate the fold models were off by up to ~0.7 in logits (helper's
+    loader sweep). Each fold's shift now comes from its training view's rate, recorded in its checkpoint, and
+    infer rebuilds that shift from the checkpoint."""
     import sys
 
     import pyarrow as pa
@@ -205,26 +206,41 @@ def test_balanced_kfold_on_drifting_time_folds_is_refused(tmp_path: Path) -> Non
     from helpers import parquet_cfg
     from raw_inputs import write_parquet
 
-    from ctrpipe.config import load_config
-    from ctrpipe.errors import ConfigError
+    from ctrpipe.config import config_from_dict
+    from ctrpipe.infer.predict import checkpoint_logit_shift
     from ctrpipe.shard.build import build_shards
-    from ctrpipe.train.fit import check_folds
+    from ctrpipe.train.checkpoint import checkpoint_tasks
 
+    rng = np.random.default_rng(0)
     table = pq.read_table(write_parquet(tmp_path / "p.parquet", 3000, seed=5))
-    order = np.argsort(np.asarray(table.column("clicked")), kind="stable")      # the rate rises over "time"
-    table = table.take(pa.array(order)).append_column("ts", pa.array(np.arange(3000)))
-    pq.write_table(table, tmp_path / "drift.parquet")
-    balanced = ["loader.balance_pos_fraction=0.5", "cv.n_splits=3"]
-    for mode, refused in (("time", True), ("stratified", False)):
-        cache = tmp_path / mode
-        data = [f"data.folds.mode={mode}", "data.folds.n_splits=3", "data.folds.label=clicked"] + \
-            (["data.folds.time_key=ts"] if mode == "time" else [])
-        build_shards(parquet_cfg(*data), [tmp_path / "drift.parquet"], cache, progress=False)
-        cfg = load_config(None, balanced)
-        if refused:
-            with pytest.raises(ConfigError, match="fold models would be off") as exc:
-                check_folds(cfg, read_manifest(cache), cache)
-            assert "loader.neg_keep_prob" in exc.value.fix
-        else:
-            check_folds(cfg, read_manifest(cache), cache)
-            check_folds(load_config(None, ["cv.n_splits=3"]), read_manifest(cache), cache)
+    clicked = (rng.random(3000) < np.linspace(0.05, 0.6, 3000)).astype(np.int8)     # the rate rises in "time"
+    table = table.set_column(table.schema.get_field_index("clicked"), "clicked", pa.array(clicked))
+    pq.write_table(table.append_column("ts", pa.array(np.arange(3000))), tmp_path / "drift.parquet")
+    cache = tmp_path / "cache"
+    build_shards(parquet_cfg("data.folds.mode=time", "data.folds.n_splits=3", "data.folds.time_key=ts",
+                             "data.labels=[clicked]"),
+                 [tmp_path / "drift.parquet"], cache, progress=False)
+    res = runner.invoke(app, ["train", "--cfg", str(REPO / "cfgs" / "parquet_example.yaml"), "--shards", str(cache),
+                              "--runs", str(tmp_path / "runs"), "--kfold", "3", "-q", "--set", "model.name=dnn",
+                              "--set", "model.hidden_units=[8]", "--set", "train.device=cpu",
+                              "--set", "train.max_steps=3", "--set", "loader.batch_size=200",
+                              "--set", "loader.balance_pos_fraction=0.7", "--set", "exp_name=bal"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "bal"
+    folds = json.loads((run / "metrics.json").read_text())["cv"]["folds"]
+    manifest = read_manifest(cache)
+    labels = np.concatenate([np.load(cache / s.files["labels"].file)[:, 0] for s in manifest.shards])
+    fold = np.concatenate([np.load(cache / s.files["fold"].file) for s in manifest.shards])
+    target = logit(round(0.7 * 200) / 200)
+    rates = [float(np.count_nonzero(labels[(fold >= 0) & (fold != k)] > 0.5) / np.count_nonzero((fold >= 0) &
+                                                                                         (fold != k)))
+             for k in range(3)]
+    assert max(rates) - min(rates) > 0.15             # the folds' training rates differ: the case at hand
+    for k in range(3):
+        ckpt = load_checkpoint(run / f"ckpt_fold{k}.pt")
+        assert ckpt.sampling_rate == pytest.approx(rates[k], abs=1e-12)
+        tasks = checkpoint_tasks(ckpt, config_from_dict(ckpt.config, sources={}, origin="checkpoint").train)
+        shift = checkpoint_logit_shift(ckpt, tasks)
+        assert shift[0] == pytest.approx(logit(rates[k]) - target, abs=1e-9)
+        assert folds[k]["sampling_rate"] == ckpt.sampling_rate
+        assert folds[k]["logit_shift"]["clicked"] == pytest.approx(shift[0], abs=1e-9)
