@@ -193,7 +193,8 @@ def task_index(cfg: RunConfig, heads: Sequence[str]) -> int:
 
 def checkpoint_logit_shift(ckpt: Checkpoint, tasks: Sequence[Task]) -> tuple[float, ...]:
     """Per head, what undoes the sampling of the checkpoint's training rows: from the loader settings it was
-    trained with (not the --set loader.* overrides of this inference) and its FeatureSpec's label rates."""
+    trained with (not the --set loader.* overrides of this inference) and its FeatureSpec's label rates, or the
+    rate its balanced batches drew from where it recorded one (a K-fold model's training view)."""
     trained = config_from_dict(json.loads(json.dumps(ckpt.config)), sources={}, origin="checkpoint config")
     return logit_shifts(tasks, training_sampling(trained.loader, ckpt.feature_spec, ckpt.sampling_rate))
 
