@@ -567,9 +567,8 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
     # a torchrun job exchanges the tables' gradient rows (distributed.RowExchange), so its tables are sparse
     # sampled rows and masked heads: each head starts at the prior of the rows it trains on (checkpoints keep
     # the cache's spec, and dense weights whole, so the rebuilt model takes the trained bias whatever spec built it)
-    model = build_initial_model(template.config, stream_spec(masked_spec(ctx.spec, ctx.tasks),
-                                                             label_shifts(ctx.spec, ctx.tasks, ctx.logit_shift)),
-                                seed, sparse=cfg.train.sparse_embeddings or group is not None)
+    model = build_initial_model(template.config, _stream_start(ctx), seed,
+                                sparse=cfg.train.sparse_embeddings or group is not None)
     if group is not None and group.rank:
         torch.manual_seed(group.rank_seed(seed))        # its own dropout masks; rank 0 keeps the run's stream
     train_loader = _loader(ctx, train_view, True, seed, ranks=True)
@@ -604,6 +603,19 @@ def label_shifts(spec: FeatureSpec, tasks: Sequence[Task], shifts: Sequence[floa
     heads = _label_heads(spec, tasks)
     assert heads is not None, "fit._check_sampling allows sampling only with one head per label"
     return tuple(shifts[k] for k in range(len(heads)))
+
+
+def _stream_start(ctx: TrainContext) -> FeatureSpec:
+    """The spec a model is first built from: each head's rate as the training stream shows it (masked heads,
+    then sampling). A K-fold model under balanced batches starts from its own rows' rate, so its sampled head
+    starts at exactly the batches' positive fraction."""
+    spec = masked_spec(ctx.spec, ctx.tasks)
+    if ctx.sampling_rate is not None:
+        sampled = training_sampling(ctx.cfg.loader, ctx.spec)
+        assert sampled is not None
+        spec = dataclasses.replace(spec, label_rates=tuple(ctx.sampling_rate if i == sampled.label else r
+                                                           for i, r in enumerate(spec.label_rates)))
+    return stream_spec(spec, label_shifts(ctx.spec, ctx.tasks, ctx.logit_shift))
 
 
 def masked_spec(spec: FeatureSpec, tasks: Sequence[Task]) -> FeatureSpec:

@@ -224,6 +224,8 @@ def test_balanced_kfold_shifts_each_fold_by_its_own_training_rate(tmp_path: Path
                               "--runs", str(tmp_path / "runs"), "--kfold", "3", "-q", "--set", "model.name=dnn",
                               "--set", "model.hidden_units=[8]", "--set", "train.device=cpu",
                               "--set", "train.max_steps=3", "--set", "loader.batch_size=200",
+                              "--set", "train.lr=1e-12", "--set", "train.embedding_lr=1e-12",
+                              "--set", "train.warmup_steps=0",
                               "--set", "loader.balance_pos_fraction=0.7", "--set", "exp_name=bal"])
     assert res.exit_code == 0, res.output
     run = tmp_path / "runs" / "bal"
@@ -244,3 +246,7 @@ def test_balanced_kfold_shifts_each_fold_by_its_own_training_rate(tmp_path: Path
         assert shift[0] == pytest.approx(logit(rates[k]) - target, abs=1e-9)
         assert folds[k]["sampling_rate"] == ckpt.sampling_rate
         assert folds[k]["logit_shift"]["clicked"] == pytest.approx(shift[0], abs=1e-9)
+        # the head starts at the batches' positive fraction (lr ~0 keeps it there), not the split's rate shifted
+        model = model_from_checkpoint(ckpt)
+        out_bias = [p for n, p in model.named_parameters() if n.endswith("bias") and p.shape == (1,)]
+        assert len(out_bias) == 1 and float(out_bias[0].detach()) == pytest.approx(target, abs=1e-4)
