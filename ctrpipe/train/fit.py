@@ -644,21 +644,20 @@ def _gold_predictions(ctx: TrainContext, ckpt_path: Path) -> Predictions | None:
 def _fold_context(ctx: TrainContext, k: int) -> TrainContext:
     """Fold k's context: under balanced batches its logit shift comes from the rate of the rows fold k trains
     on (every other fold, val rows included), which time or group folds of a drifting click rate put far from
-    the train split's (a helper measured fold models off by -0.5 to +0.7 in logits with the split's)."""
-    if ctx.cfg.loader.balance_pos_fraction <= 0:
-        return ctx
-    rate = fold_sampling_rate(ctx, k)
-    sampling = training_sampling(ctx.cfg.loader, ctx.spec, rate)
-    return dataclasses.replace(ctx, logit_shift=logit_shifts(ctx.tasks, sampling), sampling_rate=rate)
-
-
-def fold_sampling_rate(ctx: TrainContext, k: int) -> float:
-    """The sampled label's rate in fold k's training view, over the rows with a label (those balanced batches
-    draw from), from the cache's labels."""
+    the train split's rate."""
     sampling = training_sampling(ctx.cfg.loader, ctx.spec)
-    assert sampling is not None
+    if sampling is None or sampling.pos_fraction <= 0:
+        return ctx
+    rate = fold_sampling_rate(ctx, k, sampling.label)
+    fold_sampling = training_sampling(ctx.cfg.loader, ctx.spec, rate)
+    return dataclasses.replace(ctx, logit_shift=logit_shifts(ctx.tasks, fold_sampling), sampling_rate=rate)
+
+
+def fold_sampling_rate(ctx: TrainContext, k: int, label: int) -> float:
+    """Label column `label`'s rate in fold k's training view, over the rows with a label (those balanced
+    batches draw from), from the cache's labels."""
     index = resolve_view(ctx.shards, ctx.manifest, RowView.fold_train(k))
-    y = view_labels(ctx.shards, ctx.manifest, index, sampling.label)
+    y = view_labels(ctx.shards, ctx.manifest, index, label)
     y = y[~np.isnan(y)]
     return float(np.count_nonzero(y > 0.5) / max(len(y), 1))
 
