@@ -554,10 +554,21 @@ def _number_text(tp: Any, text: str) -> Any:
     return int(text) if tp is int and _INT_TEXT.fullmatch(text) else text
 
 
+def _one_number_list(tp: Any, value: Any) -> Any:
+    """`--set model.hidden_units=64` as (64,): a lone number given for a list of numbers is that list's one
+    item (what `64,` or `[64]` would say). Only for --set text and lists of one number type, so a number for a
+    list of settings (data.sequence=3) is still refused with its example."""
+    org, args = get_origin(tp), get_args(tp)
+    homogeneous = org is list or (org is tuple and len(args) == 2 and args[1] is Ellipsis)
+    if homogeneous and args[0] in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    return value
+
+
 def _coerce(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> Any:  # noqa: C901 - one branch per type form
     org = get_origin(tp)
     if isinstance(value, OverrideText) and org not in (typing.Union, types.UnionType):
-        value = _as_typed(tp, value)
+        value = _one_number_list(tp, _as_typed(tp, value))
     if tp is Any:
         return _plain(value)
     if org in (typing.Union, types.UnionType):

@@ -292,7 +292,7 @@ def test_two_downsampling_corrections_are_refused() -> None:
 @pytest.mark.parametrize(("bad", "fix"), [
     ("train.pos_weight_clip=2", "train.pos_weight_clip=[[8192, 0.001]]"),
     ("train.pos_weight_clip=[0,300]", "train.pos_weight_clip=[[8192, 0.001]]"),
-    ("infer.weights=0.5", "infer.weights=[0.001, 0.001]"),
+    ("infer.weights=true", "infer.weights=[0.001, 0.001]"),      # (a lone number is a one-item list)
     ("train.tasks=3", "--set train.tasks.<name>=<value>"),
     ("data.sequence=3", "write sequence: as a YAML list of mappings"),      # was [SequenceConfig, ...]
 ])
@@ -460,6 +460,17 @@ def test_a_comma_list_of_ints_reads_as_ints() -> None:
         load_config(None, ["model.name=dnn", "model.hidden_units=64,x"])
     with pytest.raises(ConfigError, match=r"model.hidden_units\[0\]"):       # ASCII digits only
         load_config(None, ["model.name=dnn", "model.hidden_units=\u0663,2"])
+
+
+def test_a_lone_number_for_a_number_list_is_its_one_item() -> None:
+    """`--set model.hidden_units=64` was refused with an example of two items; lists of settings still
+    refuse a number."""
+    assert load_config(None, ["model.name=dnn", "model.hidden_units=64"]).model.params.hidden_units == (64,)
+    assert load_config(None, ["infer.weights=0.5"]).infer.weights == (0.5,)
+    with pytest.raises(ConfigError, match="a list of mappings is wanted"):
+        load_config(None, ["data.sequence=3"], resolve_model=False)
+    with pytest.raises(ConfigError, match=r"model.hidden_units"):
+        load_config(None, ["model.name=dnn", "model.hidden_units=true"])
 
 
 def test_a_loader_size_error_suggests_its_own_default() -> None:
