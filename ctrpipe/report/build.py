@@ -47,7 +47,7 @@ def run_report(runs: Sequence[Path], out: Path, baseline: str | None = None, str
     data = _unique_names([load_run(Path(r)) for r in runs])
     board = build_leaderboard(data, baseline, strict)
     out = Path(out).resolve()
-    _check_out(out)
+    _check_out(out, [Path(r) for r in runs])
     work = out.parent / f".{out.name}.incomplete-{os.getpid()}"
     _remove_stale(out)
     with disk_full_as_error(out, rerun="the report is written again from the start; an older report in "
@@ -92,7 +92,16 @@ def _unique_names(runs: list[RunData]) -> list[RunData]:
     return [dataclasses.replace(r, name=n) if n != r.name else r for r, n in zip(runs, out, strict=True)]
 
 
-def _check_out(out: Path) -> None:
+OWN_ENTRIES = frozenset({"index.html", MARKER, FIGURES})     # what a report folder holds: replaced whole
+
+
+def _check_out(out: Path, runs: Sequence[Path]) -> None:
+    """Refuse an --out whose replacement would delete anything but an earlier report: a run given (a run
+    copied into the report folder was deleted with it), or files of the user's beside the report."""
+    for run in runs:
+        if run.resolve() == out or out in run.resolve().parents:
+            raise ReportError(f"run {run} is inside --out {out}, which the new report replaces whole",
+                              where=f"--out {out}", fix="pass a report folder that holds no run, e.g. --out report")
     if out == Path.cwd() or out in Path.cwd().parents:    # the finished report replaces the folder
         raise ReportError(f"--out {out} is the current folder (or holds it): the new report replaces that "
                           "folder whole", where=str(out), fix="pass a report folder below the current one, "
@@ -102,6 +111,14 @@ def _check_out(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ReportError(f"--out {out} holds files that are not a ctrpipe report; it is left as it is",
                           where=str(out), fix="pass a new or empty folder, or an earlier report's folder")
+    if (out / MARKER).is_file():
+        extra = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
+        if extra:
+            raise ReportError(f"--out {out} is an earlier report, and it also holds {extra[0]!r}"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                              + ", which replacing the report would delete; it is left as it is",
+                              where=str(out / extra[0]),
+                              fix="move it out of the report folder, or pass another --out")
 
 
 def _remove_stale(out: Path) -> None:

@@ -286,7 +286,7 @@ def test_a_new_report_replaces_the_old_one_whole(runs: Runs, tmp_path: Path,
     out = tmp_path / "rep"
     assert report(str(runs.criteo[0]), "--out", str(out))[0] == 0
     old_board = (out / "report.json").read_bytes()
-    (out / "stale.txt").write_text("from the old report")
+    (out / "figures" / "stale.png").write_text("from the old report")
 
     # the disk fills while the third figure is written (matplotlib is the boundary patched, not ctrpipe)
     calls = {"n": 0}
@@ -301,16 +301,35 @@ def test_a_new_report_replaces_the_old_one_whole(runs: Runs, tmp_path: Path,
     monkeypatch.setattr(Figure, "savefig", savefig)
     code, text = report(str(runs.criteo[2]), "--out", str(out))
     assert code == 1 and "No space left on device" in text and "an older report" in text
-    assert (out / "report.json").read_bytes() == old_board and (out / "stale.txt").is_file()
+    assert (out / "report.json").read_bytes() == old_board and (out / "figures" / "stale.png").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]     # the temp folder is gone
     monkeypatch.undo()
 
     crashed = tmp_path / ".rep.incomplete-4194305"        # left by a report whose process died (no such pid)
     (crashed / "figures").mkdir(parents=True)
     assert report(str(runs.criteo[2]), "--out", str(out))[0] == 0
-    assert not (out / "stale.txt").exists()
+    assert not (out / "figures" / "stale.png").exists()
     assert json.loads((out / "report.json").read_text())["baseline"] == "criteo_dcnv2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+def test_a_report_never_deletes_a_run_or_a_users_file_in_its_folder(runs: Runs, tmp_path: Path) -> None:
+    """A run copied into an earlier report's folder, given to a new report to that folder, was deleted with
+    the old report (checkpoints included), and so was any file of the user's beside it (helper's sweep)."""
+    out = tmp_path / "rep"
+    assert report(str(runs.criteo[0]), "--out", str(out))[0] == 0
+    old_page = (out / "index.html").read_bytes()
+    shutil.copytree(runs.criteo[0], out / "dnn_copy")
+    code, text = report(str(out / "dnn_copy"), str(runs.criteo[1]), "--out", str(out))
+    assert code == 1 and "is inside --out" in text, text
+    assert (out / "dnn_copy" / "metrics.json").is_file() and (out / "index.html").read_bytes() == old_page
+    code, text = report(str(runs.criteo[1]), "--out", str(out))
+    assert code == 1 and "'dnn_copy'" in text and "move it out of the report folder" in text, text
+    assert (out / "dnn_copy" / "metrics.json").is_file() and (out / "index.html").read_bytes() == old_page
+    shutil.rmtree(out / "dnn_copy")
+    (out / "notes.md").write_text("mine")
+    code, text = report(str(runs.criteo[1]), "--out", str(out))
+    assert code == 1 and "'notes.md'" in text and (out / "notes.md").read_text() == "mine"
 
 
 def test_runs_of_one_name_in_folders_of_one_name_are_told_apart(runs: Runs, tmp_path: Path) -> None:
