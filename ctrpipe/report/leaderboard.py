@@ -154,7 +154,19 @@ def build_leaderboard(runs: Sequence[RunData], baseline: str | None = None, stri
 
 def _why_not_comparable(run: RunData, base: RunData, split: Split) -> str:
     """Why `run` cannot be ranked next to the baseline ("" when it can), in words the page and --strict show."""
-    return _why_other_metric(run, base) or _other_rows(run, base, split)
+    return _why_other_metric(run, base) or _other_rows(run, base, split) or _no_score(run, split)
+
+
+def _no_score(run: RunData, split: Split) -> str:
+    """A run whose AUC on the split is no number cannot be placed: listed unranked with why, not ranked with
+    'n/a' (a metrics.json edited or damaged; NaN from a split of one class)."""
+    scores = run.gold if split == "gold" else run.val
+    value = (scores or {}).get("auc")
+    if value is None:
+        return f"metrics.json holds no {split} auc (missing, or not a number)"
+    if not math.isfinite(value):
+        return f"metrics.json's {split} auc is {value} (a split of one class, or a damaged file)"
+    return ""
 
 
 def _why_other_metric(run: RunData, base: RunData) -> str:

@@ -9,6 +9,7 @@ config's train.tasks).
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,8 @@ def _read_logs(directory: Path, name: str) -> RunLogs:
     log = directory / "train_log.csv"
     if not log.is_file():
         raise ReportError(f"{log.name} is missing", where=str(log), fix="the run directory is damaged: retrain it")
-    df = _read_csv(log, infer_schema_length=0).with_columns(pl.all().cast(pl.Float64, strict=False))
+    df = _read_csv(log, ("step", "lr", "loss", "val_auc"), infer_schema_length=0) \
+        .with_columns(pl.all().cast(pl.Float64, strict=False))
     train = df.filter(pl.col("loss").is_not_null()) if "loss" in df.columns else df.clear()
     evals = df.filter(pl.col("val_auc").is_not_null()) if "val_auc" in df.columns else df.clear()
     val = {c[len("val_"):]: _curve(evals, c) for c in evals.columns if c.startswith("val_")}
@@ -193,11 +195,23 @@ def _read_logs(directory: Path, name: str) -> RunLogs:
                    val={k: v for k, v in val.items() if len(v)}, diagnostics=_read_diagnostics(directory))
 
 
-def _read_csv(path: Path, **options: Any) -> pl.DataFrame:
-    """A run's log, or a ReportError naming it when it cannot be read (emptied or cut by a full disk)."""
+def _read_csv(path: Path, needed: tuple[str, ...], **options: Any) -> pl.DataFrame:
+    """A run's log, or a ReportError naming it when it cannot be read: emptied, cut by a full disk or a copy
+    (training writes whole lines, so a log not ending in a newline was cut), or without the `needed` columns
+    (cut inside its header)."""
     try:
-        return pl.read_csv(path, **options)
-    except (pl.exceptions.PolarsError, OSError) as exc:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(size - 1, 0))
+            if size and fh.read(1) != b"\n":
+                raise ValueError("its last line is cut short")
+        df = pl.read_csv(path, **options)
+        missing = [c for c in needed if c not in df.columns]
+        if missing:
+            raise ValueError(f"its header lacks {', '.join(missing)}")
+        return df
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ReportError(f"cannot read {path.name}: {reason}", where=str(path),
                           fix="the run directory is damaged: retrain it (or leave this run out)") from None
@@ -216,7 +230,8 @@ def _read_diagnostics(directory: Path) -> dict[str, Curve]:
     path = directory / "diagnostics.csv"
     if not path.is_file():
         return {}
-    df = _read_csv(path, schema_overrides={"step": pl.Int64, "name": pl.Utf8, "value": pl.Float64})
+    df = _read_csv(path, ("step", "name", "value"),
+                   schema_overrides={"step": pl.Int64, "name": pl.Utf8, "value": pl.Float64})
     out: dict[str, Curve] = {}
     for (name,), part in df.group_by("name", maintain_order=True):
         out[str(name)] = _curve(part.rename({"value": "v"}), "v")
@@ -229,7 +244,9 @@ def _read_predictions(path: Path, heads: tuple[str, ...]) -> tuple[HeadPredictio
             logits, labels = z["logits"], z["labels"]                          # (N, H), (N, H)
             names = [str(n) for n in z["label_names"]] if "label_names" in z.files else list(heads)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise ReportError(f"cannot read predictions ({type(exc).__name__}: {exc})", where=str(path),
+        # numpy's own text for a damaged file may suggest loading it with pickles allowed: not said here
+        reason = "a pickled object, not arrays" if "pickle" in str(exc) else f"{type(exc).__name__}: {exc}"
+        raise ReportError(f"cannot read predictions ({reason})", where=str(path),
                           fix="the file is damaged: retrain the run") from None
     if logits.ndim != 2 or logits.shape != labels.shape or len(names) != logits.shape[1]:
         raise ReportError(f"predictions of shape {logits.shape} / labels {labels.shape} do not match the heads "

@@ -388,6 +388,52 @@ def test_an_emptied_log_is_a_clear_error(runs: Runs, tmp_path: Path, log: str) -
     assert not (tmp_path / "rep").exists()
 
 
+@pytest.mark.parametrize(("log", "cut"), [("diagnostics.csv", "step,nam\n"), ("train_log.csv", 30),
+                                         ("train_log.csv", -5)])
+def test_a_log_cut_in_its_header_or_last_line_is_a_clear_error(runs: Runs, tmp_path: Path, log: str,
+                                                                cut: str | int) -> None:
+    """diagnostics.csv cut inside its header ended in a polars traceback; train_log.csv cut there or in its last
+    line was read as it was, the validation figure silently gone (helper's report sweep)."""
+    run = tmp_path / "criteo_dnn"
+    shutil.copytree(runs.criteo[0], run)
+    text_now = (run / log).read_text()
+    (run / log).write_text(cut if isinstance(cut, str) else text_now[:cut] + ("\n" if cut > 0 else ""))
+    code, text = report(str(run), "--out", str(tmp_path / "rep"))
+    assert code == 1 and f"cannot read {log}" in text and "retrain it" in text and "Traceback" not in text, text
+    assert ("last line is cut short" if cut == -5 else "header lacks") in text
+
+
+def test_a_run_without_a_numeric_auc_is_listed_unranked(runs: Runs, tmp_path: Path) -> None:
+    """A NaN or text val auc in metrics.json was ranked (second, AUC 'n/a') without a word."""
+    paths = []
+    for name, value in (("nan_auc", float("nan")), ("text_auc", "0.61")):
+        run = tmp_path / name
+        shutil.copytree(runs.criteo[0], run)
+        metrics = json.loads((run / "metrics.json").read_text())
+        for split in ("val", "gold"):           # the board ranks on gold when every run has it
+            metrics[split]["auc"] = value
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        paths.append(str(run))
+    code, text = report(str(runs.criteo[0]), *paths, "--out", str(tmp_path / "rep"))
+    assert code == 0, text
+    assert "not ranked: nan_auc: metrics.json's gold auc is nan" in text, text
+    assert "not ranked: text_auc: metrics.json holds no gold auc" in text, text
+    board = json.loads((tmp_path / "rep" / "report.json").read_text())
+    ranked = [r["name"] for r in board["runs"] if r["ranked"]]
+    assert ranked == ["criteo_dnn"], board["runs"]
+    code, text = report(str(runs.criteo[0]), *paths, "--out", str(tmp_path / "rep2"), "--strict")
+    assert code == 1 and "gold auc is nan" in text
+
+
+def test_pickled_predictions_are_not_met_with_numpys_advice(runs: Runs, tmp_path: Path) -> None:
+    run = tmp_path / "criteo_dnn"
+    shutil.copytree(runs.criteo[0], run)
+    np.save(run / "val_predictions.npz", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (run / "val_predictions.npz.npy").rename(run / "val_predictions.npz")
+    code, text = report(str(run), "--out", str(tmp_path / "rep"))
+    assert code == 1 and "a pickled object, not arrays" in text and "allow_pickle" not in text, text
+
+
 def test_a_curve_of_one_logged_point_is_drawn(runs: Runs, tmp_path: Path) -> None:
     """A short run logs its loss once; a line through one point drew nothing, and the figure looked empty."""
     from ctrpipe.report.figures import training_figure
