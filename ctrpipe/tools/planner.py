@@ -18,11 +18,13 @@ from ctrpipe.config import RunConfig, load_config
 from ctrpipe.console import console
 from ctrpipe.device import model_family, predict_amp, resolve_amp
 from ctrpipe.errors import ConfigError, SchemaError, human_bytes
+from ctrpipe.features import FeatureSpec
+from ctrpipe.hostmem import available_bytes
 from ctrpipe.loader.loader import drops_ragged_batch
 from ctrpipe.models.layers.embedding import split_parameters
-from ctrpipe.models.registry import weight_bytes
+from ctrpipe.models.registry import build_model, weight_bytes
 from ctrpipe.shard.manifest import read_manifest
-from ctrpipe.tools.memtrack import measure_step_memory, metric_bytes_per_row
+from ctrpipe.tools.memtrack import MEASURE_BINS, measure_step_memory, metric_bytes_per_row, small_spec
 from ctrpipe.tools.plan import (
     Inputs,
     MemoryPlan,
@@ -48,6 +50,10 @@ def parse_bytes(text: str) -> int:
     t = text.strip().upper().replace(" ", "")
     num = t.rstrip("KMGTIB")
     unit = t[len(num):]
+    try:
+        float(num)
+    except ValueError:
+        num = ""                    # not a number ('abc', '5%'): no unit to suggest for it
     if num and not unit:
         raise ConfigError(f"memory size {text!r} has no unit", where="--memory",
                           fix=f"add one, e.g. --memory {num}GB (or {num}GiB, {num}MB); B for bytes")
@@ -94,6 +100,7 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
     sample = read_sample(shards, cfg, max(min(rows_read, SAMPLE_ROWS), sizes[-1]))
     tables = tuple(table_use(model, spec, sample, rows_read))
     measure_on = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+    _check_measurable(cfg, spec, measure_on)
     auto = cfg.train.amp == "auto"
     if auto:
         # what training on this machine would pick; planning a GPU from a machine without one assumes fp32,
@@ -138,6 +145,30 @@ def _check_weights(name: str, model: torch.nn.Module, available: int | None, wha
                           f"{human_bytes(available)} of {what}: no batch size or precision fits",
                           where="model", fix="lower the model section's sizes (embedding dims, hidden units, ranks, "
                                              "heads)")
+
+
+MEASURE_COPIES = 4      # weights, gradients and Adam's two moments of the measuring model, on the CPU
+
+
+def _check_measurable(cfg: RunConfig, spec: FeatureSpec, measure_on: torch.device) -> None:
+    """Refuse to measure steps of a model that would not fit in this machine's RAM: the measuring model (its
+    tables cut to MEASURE_BINS rows, its dense part whole) is built on the host, and on a CPU trains there with
+    gradients and optimiser state. Planning a large GPU model on a machine without one was ended by the kernel's
+    OOM killer, or by a traceback."""
+    available = available_bytes()
+    if available is None:
+        return
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        small = build_model(cfg.model.name, cfg.model.params, small_spec(spec),
+                            sparse=cfg.train.sparse_embeddings)
+    need = weight_bytes(small) * (MEASURE_COPIES if measure_on.type == "cpu" else 1)
+    if need > available:
+        where = "on this machine's CPU" if measure_on.type == "cpu" else "in this machine's RAM before the GPU"
+        raise ConfigError(f"measuring a step of model {cfg.model.name!r} needs about {human_bytes(need)} "
+                          f"{where} (its dense part whole, its tables cut to {MEASURE_BINS:,} rows, with "
+                          f"gradients and optimiser state), more than the {human_bytes(available)} available",
+                          where="model", fix="lower the model section's sizes (embedding dims, hidden units, ranks, "
+                                             "heads), or plan on a machine with more memory (the GPU machine)")
 
 
 def _dense_counts(model: torch.nn.Module) -> dict[str, int]:

@@ -214,7 +214,8 @@ def test_peak_rule_and_parse_bytes() -> None:
     assert plan.peak() == 100 + 90 + 70 + 30       # working set + the eval lines it does not cover
     assert parse_bytes("16GB") == 16 * 10**9 and parse_bytes("2 GiB") == 2 * 2**30
     assert parse_bytes("16G") == parse_bytes("16gib") == 16 * 2**30 and parse_bytes("1.5e9B") == 1.5e9
-    for bad in ("-5GB", "0B", "infGB", "nanGB", "5XB"):   # a negative or endless size was taken as given
+    for bad in ("-5GB", "0B", "infGB", "nanGB", "5XB", "abc", "5%"):   # a negative or endless size was taken
+        # as given; 'abc' was told to add a unit: --memory ABCGB
         with pytest.raises(ConfigError, match="cannot read memory size"):
             parse_bytes(bad)
     for bare in ("1.5", "2048", "0"):           # '1.5' was 1 byte, and the error blamed the model's size
@@ -393,6 +394,34 @@ def test_weights_that_outgrow_the_memory_are_refused_before_measuring(caches: di
     huge = load_config(REPO / "cfgs" / "criteo_dnn.yaml", [*SMALL, "model.hidden_units=[1000000, 1000000]"])
     with pytest.raises(ConfigError, match=r"alone are 4.0 TB, more than .* available host RAM"):
         estimate(huge, caches[1000], "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU plan measures on the GPU there")
+def test_a_model_too_large_to_measure_here_is_refused_before_measuring(caches: dict[int, Path]) -> None:
+    """Measuring builds the model's dense part whole on the host and trains it there with gradients and Adam's
+    moments: weights of half the available RAM passed the weights check, and planning them for a GPU on a
+    machine without one was ended by the OOM killer (helper's sweep)."""
+    from ctrpipe.hostmem import available_bytes
+
+    available = available_bytes()
+    if available is None:
+        pytest.skip("no MemAvailable here")
+    width = int((available / 2 / 4) ** 0.5)          # two square layers: about half the RAM in weights
+    cfg = load_config(REPO / "cfgs" / "criteo_dnn.yaml", [*SMALL, f"model.hidden_units=[{width}, {width}]"])
+    for device in ("cuda", "cpu"):
+        with pytest.raises(ConfigError, match=r"measuring a step of model 'dnn' needs about .* available") as err:
+            estimate(cfg, caches[1000], device)
+        assert err.value.where == "model"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU memory is known there")
+def test_a_gpu_plan_without_a_gpu_or_memory_exits_2(caches: dict[int, Path]) -> None:
+    """It exited 0, which a script reads as 'fits'."""
+    args = ["plan", "--cfg", str(REPO / "cfgs" / "criteo_dnn.yaml"), "--shards", str(caches[1000]),
+            "--device", "cuda", *[x for s in small("dnn") for x in ("--set", s)]]
+    got = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert got.exit_code == 2 and "GPU memory unknown" in got.output, got.output
+    assert runner.invoke(app, [*args, "--memory", "1TB"], env={"COLUMNS": "250"}).exit_code == 0
 
 
 def test_the_plan_refuses_what_train_refuses(caches: dict[int, Path]) -> None:
