@@ -8,6 +8,7 @@ in DIR is replaced only then. A folder at DIR that is not a report is never touc
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -54,7 +55,14 @@ def run_report(runs: Sequence[Path], out: Path, baseline: str | None = None, str
                                         f"{out} stays until the new one is whole"):
         try:
             shutil.rmtree(work, ignore_errors=True)      # ours: left by an earlier call in this process
-            (work / FIGURES).mkdir(parents=True)
+            try:
+                (work / FIGURES).mkdir(parents=True)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:       # a full disk: its own error, from disk_full_as_error
+                    raise
+                raise ReportError(f"cannot write in {out.parent}, the folder of --out {out}: "
+                                  f"{exc.strerror or exc}", where=f"--out {out}",
+                                  fix="pass a report folder in a place you may write to") from None
             _write(work, data, board)
             _swap(work, out)
         except BaseException:
@@ -108,6 +116,15 @@ def _check_out(out: Path, runs: Sequence[Path]) -> None:
                                                               "e.g. --out report, or run from its parent folder")
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file", where=str(out), fix="pass a folder for the report")
+    above = next(p for p in out.parents if p.exists())
+    if not above.is_dir():          # else the error named the report's temp folder, a path the user never gave
+        raise ReportError(f"--out {out} goes through {above}, which is a file", where=f"--out {out}",
+                          fix="pass a report folder whose parent folders are folders")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot make the folder of --out {out}: {exc.strerror or exc}", where=f"--out {out}",
+                          fix="pass a report folder in a place you may write to") from None
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ReportError(f"--out {out} holds files that are not a ctrpipe report; it is left as it is",
                           where=str(out), fix="pass a new or empty folder, or an earlier report's folder")

@@ -278,6 +278,12 @@ def test_errors_name_the_run_and_the_fix(runs: Runs, tmp_path: Path) -> None:
     code, text = report(str(runs.criteo[0]), "--out", str(foreign))
     assert code == 1 and "not a ctrpipe report" in text
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+    code, text = report(str(runs.criteo[0]), "--out", str(foreign / "notes.txt" / "sub"))   # named a temp folder
+    assert code == 1 and f"goes through {foreign / 'notes.txt'}, which is a file" in text and "incomplete" not in text
+    if Path("/proc/self").is_dir():         # a folder no one may create entries in
+        code, text = report(str(runs.criteo[0]), "--out", "/proc/ctrpipe-report")
+        assert code == 1 and "cannot write in /proc, the folder of --out" in text and "incomplete" not in text
     assert not (tmp_path / "rep").exists()
 
 
