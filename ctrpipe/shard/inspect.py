@@ -58,6 +58,7 @@ class _Inspector:
                                               "labels", "splits", "folds", "statistics", "fitted")}
         self.ranges: dict[str, ColumnRange] = {c.name: ColumnRange() for c in m.columns}
         self.split_rows = np.zeros(len(SPLIT_CODES), dtype=np.int64)
+        self.shard = m.shards[0] if m.shards else None          # the shard being checked
         k = int(m.folds.get("n_splits", 0) or 0)
         self.fold_rows = np.zeros(max(k, 1), dtype=np.int64)
         labels = m.columns_of("label")
@@ -73,6 +74,7 @@ class _Inspector:
                                          f"expected {start}")
             start += info.rows
             arrays = self._load(info)
+            self.shard = info           # value failures name the shard and the first bad row
             self._check_numeric(arrays)
             self._check_categorical(arrays)
             self._check_tokens(arrays)
@@ -162,6 +164,14 @@ class _Inspector:
     def _cols(self, group: str, *kinds: str) -> list[ColumnSpec]:
         return [c for c in self.m.columns if c.group == group and c.kind in kinds]
 
+    def _at(self, bad: np.ndarray) -> str:
+        """' in shard 3 (first at row 1,204 of the cache)' for the rows flagged in the current shard."""
+        info = self.shard
+        if info is None:
+            return ""
+        first = int(np.argmax(bad)) if bad.any() else 0
+        return f" in shard {info.index} (first at row {info.row_start + first:,} of the cache)"
+
     def _check_numeric(self, arrays: dict[str, np.ndarray]) -> None:
         if "numeric" not in arrays:
             return
@@ -175,7 +185,8 @@ class _Inspector:
             self.ranges[c.name].update(vf, nbad)
             chk.done += 1
             if nbad:
-                chk.fail(f"{c.name}: {int(np.isnan(v).sum())} NaN and {int(np.isinf(v).sum())} inf values")
+                chk.fail(f"{c.name}: {int(np.isnan(v).sum())} NaN and {int(np.isinf(v).sum())} inf values"
+                         + self._at(~finite))
 
     def _check_categorical(self, arrays: dict[str, np.ndarray]) -> None:
         if "categorical" not in arrays:
@@ -188,7 +199,8 @@ class _Inspector:
             self.ranges[c.name].update(v, nbad)
             chk.done += 1
             if nbad:
-                chk.fail(f"{c.name}: {nbad} ids outside [0, {c.bins}) (min {int(v.min())}, max {int(v.max())})")
+                chk.fail(f"{c.name}: {nbad} ids outside [0, {c.bins}) (min {int(v.min())}, max {int(v.max())})"
+                         + self._at((v < 0) | (v >= c.bins)))
 
     def _check_tokens(self, arrays: dict[str, np.ndarray]) -> None:
         chk = self.checks["tokens"]
@@ -205,12 +217,13 @@ class _Inspector:
             bad_pad = int((tok[pad] != 0).sum()) + int((tok[~pad] == 0).sum())
             self.ranges[c.name].update(ln, bad_len + bad_ids)
             if bad_len:
-                chk.fail(f"{c.name}: {bad_len} lengths outside [0, {c.width}]")
+                chk.fail(f"{c.name}: {bad_len} lengths outside [0, {c.width}]" + self._at((ln < 0) | (ln > c.width)))
             if bad_ids:
-                chk.fail(f"{c.name}: {bad_ids} token ids outside [0, {c.bins})")
+                chk.fail(f"{c.name}: {bad_ids} token ids outside [0, {c.bins})"
+                         + self._at(((tok < 0) | (tok >= c.bins)).any(axis=1)))
             if bad_pad:
                 chk.fail(f"{c.name}: {bad_pad} tokens disagree with the lengths "
-                         "(padding must be 0, tokens > 0)")
+                         "(padding must be 0, tokens > 0)" + self._at(((tok != 0) == pad).any(axis=1)))
             w = arrays.get(f"{stem}.weights")
             if c.weighted and w is not None and not np.isfinite(np.asarray(w)).all():
                 chk.fail(f"{c.name}: non-finite weights")
@@ -227,7 +240,7 @@ class _Inspector:
             self.ranges[c.name].update(finite, nbad)
             chk.done += 1
             if nbad:
-                chk.fail(f"{c.name}: {nbad} values not in {{0, 1}}")
+                chk.fail(f"{c.name}: {nbad} values not in {{0, 1}}" + self._at((v != 0) & (v != 1)))
 
     def _check_split_fold(self, arrays: dict[str, np.ndarray], index: int) -> None:
         split, fold = arrays.get("split"), arrays.get("fold")
@@ -297,14 +310,25 @@ def run_inspect(cache: Path) -> bool:
     console.print(cols)
 
     res = Table(title="checks")
-    for name in ("check", "result", "detail"):
-        res.add_column(name)
+    for name in ("check", "result"):
+        res.add_column(name, no_wrap=True)
+    res.add_column("detail", overflow="fold")       # a cut detail hid the name of the missing file
     for chk in checks.values():
-        res.add_row(chk.name, "[green]ok[/]" if chk.ok else "[bold red]FAIL[/]",
-                    "; ".join(chk.failures[:3]) if chk.failures else f"{chk.done} examined")
+        if chk.failures:
+            res.add_row(chk.name, "[bold red]FAIL[/]", "; ".join(chk.failures[:3])
+                        + (f"; and {len(chk.failures) - 3} more" if len(chk.failures) > 3 else ""))
+        elif chk.done:
+            res.add_row(chk.name, "[green]ok[/]", f"{chk.done} examined")
+        else:
+            res.add_row(chk.name, "[dim]skipped[/]", "nothing of this kind in the cache (or its files are missing)")
     console.print(res)
     ok = all(c.ok for c in checks.values())
-    console.print("[green]all checks passed[/]" if ok else "[bold red]some checks failed[/]")
+    if ok:
+        console.print("[green]all checks passed[/]")
+    else:
+        console.print("[bold red]some checks failed[/]: the cache is damaged, or was changed after its build\n"
+                      f"  fix: build it again (`ctrpipe shard ... --out {cache} --force`, with the inputs and "
+                      "config it was built from: manifest.json records both)", highlight=False)
     return ok
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,20 @@ def test_nan_numeric_and_bad_label_fail(cache: Path) -> None:
     y[1, 0] = 0.5
     np.save(cache / "shard_00002" / "labels.npy", y)
     assert _failed(cache) == {"numeric finite", "labels"}
+    _, checks, _ = inspect_cache(cache)      # where: the shard and the cache row (a value named neither)
+    row = read_manifest(cache).shards[2].row_start + 1
+    assert checks["labels"].failures[0].endswith(f"in shard 2 (first at row {row:,} of the cache)")
+    assert checks["numeric finite"].failures[0].endswith("in shard 0 (first at row 0 of the cache)")
+
+
+def test_a_failed_inspect_prints_the_fix_and_whole_details(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It ended in 'some checks failed' with no fix, and cut the missing file's name at the terminal's edge."""
+    (cache / "fitted" / "vocab.inventory_id.ids.npy").unlink()
+    assert not run_inspect(cache)
+    got = capsys.readouterr()
+    out = " ".join((got.out + got.err).split())
+    assert "fix: build it again" in out and "--force" in out
+    assert "vocab.inventory_id.ids.npy" in re.sub(r"[\s\u2502]", "", out)       # folded inside the table
 
 
 def test_token_length_and_shape_fail(cache: Path) -> None:
