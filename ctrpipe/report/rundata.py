@@ -73,7 +73,7 @@ class Resources:
 
     samples_per_s: float | None
     train_seconds: float | None      # the training loop's time (metrics.json train_seconds)
-    wall_seconds: float | None       # the whole `ctrpipe train` call (metrics.json wall_seconds)
+    wall_seconds: float | None       # the `ctrpipe train` call from its config on, imports not counted (metrics.json)
     parameters: int | None           # one model's parameters (one fold's for K-fold)
     parameters_from: str             # "metrics.json", "ckpt_best.pt", ... or why it is missing
     peak_memory_bytes: int | None

@@ -671,7 +671,8 @@ def _fit_summary(result: FitResult) -> dict[str, Any]:
 
 
 def _costs(ctx: TrainContext, started: float, anon: AnonPeak, group: Distributed | None) -> dict[str, Any] | None:
-    """What the run cost: wall time of the whole command so far, peak memory, parameters of one model.
+    """What the run cost: wall time of the call so far (from loading its config: the interpreter's start and
+    its imports, a few seconds, come before), peak memory, parameters of one model.
 
     Host memory twice: the process's peak RSS (the loader's buffers and Python itself, and the shard cache's
     pages it mapped: on a large cache mostly those, which the kernel reclaims), and the peak of what no file
