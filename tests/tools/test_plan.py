@@ -231,6 +231,9 @@ def test_cli_warns_with_settings_that_fit(caches: dict[int, Path]) -> None:
     ok = runner.invoke(app, [*args, "--memory", f"{peak * 2}B"], env={"COLUMNS": "250"})
     assert ok.exit_code == 0, ok.output
     assert "fits:" in ok.output and "peak" in ok.output and "ckpt_last.pt" in ok.output
+    assert "narrowly" not in ok.output
+    narrow = runner.invoke(app, [*args, "--memory", f"{int(peak * 1.1)}B"], env={"COLUMNS": "250"})
+    assert narrow.exit_code == 0 and "fits, narrowly:" in narrow.output, narrow.output   # within the plan's error
     base = by_part(plan_of(caches[1000], "dnn"), "process")       # no setting shrinks the process itself
     tight = runner.invoke(app, [*args, "--memory", f"{int(base + (peak - base) * 0.8)}B"], env={"COLUMNS": "250"})
     assert tight.exit_code == 1, tight.output
