@@ -71,10 +71,13 @@ def plan_steps(cfg: TrainConfig, rows: int, batch_size: int, per_epoch: int) -> 
                      "train.max_steps (0: no cap) unless this is a smoke test")
     elif total < TOO_FEW_STEPS:
         smaller = _smaller_batch(rows, batch_size)
+        # the epochs the run makes (train.min_steps may have repeated them, and is raised, not set, if set)
+        raise_ = "raise train.min_steps, e.g." if cfg.min_steps else "set"
+        fixes = [f"{raise_} train.min_steps=300 (repeats epochs)"] + \
+            ([f"a smaller loader.batch_size (e.g. {smaller})"] if smaller < batch_size else [])
         notes.append(f"warning: only {total} optimiser step(s) ({rows:,} rows, batch {batch_size}, "
-                     f"{cfg.epochs} epoch(s)) -- too few for a model to learn; set train.min_steps=300 "
-                     "(repeats epochs)" + (f" or a smaller loader.batch_size (e.g. {smaller})"
-                                           if smaller < batch_size else ""))
+                     f"{math.ceil(total / per_epoch)} epoch(s)) -- too few for a model to learn"
+                     + "; " + " or ".join(fixes))
     return StepPlan(per_epoch=per_epoch, total_steps=total, epochs=math.ceil(total / per_epoch),
                     eval_every=every, eval_points=points, warmup_steps=warmup, notes=tuple(notes))
 

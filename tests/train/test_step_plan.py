@@ -50,6 +50,14 @@ def test_max_steps_above_the_plan_says_it_adds_no_steps():
                for n in stretched.notes)
 
 
+def test_a_short_run_stretched_by_min_steps_names_the_epochs_it_makes():
+    """min_steps=40 over 3 epochs of 14 steps warned of '1 epoch(s)' (train.epochs) and to 'set' min_steps."""
+    plan = plan_steps(TrainConfig(epochs=1, min_steps=40), rows=17936, batch_size=1024, per_epoch=18)
+    warning = next(n for n in plan.notes if n.startswith("warning"))
+    assert "only 40 optimiser step(s) (17,936 rows, batch 1024, 3 epoch(s))" in warning, warning
+    assert "raise train.min_steps, e.g. train.min_steps=300" in warning
+
+
 def test_a_run_too_short_to_learn_warns_with_the_settings_to_change():
     plan = plan_steps(TrainConfig(epochs=1, warmup_steps=200), rows=5945, batch_size=4096, per_epoch=1)
     assert plan.total_steps == 1 < TOO_FEW_STEPS
