@@ -248,6 +248,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _torchscript(p: Predictor, run: Path, module: ServingModule, inputs: tuple[Tensor, ...], dest: Path) -> None:
+    # saved without gradients: a caller's `model(inputs).numpy()` (model.json's call) refused an output that
+    # required grad
+    for param in module.parameters():
+        param.requires_grad_(False)
     try:
         with torch.no_grad(), _quiet():     # TracerWarnings: the parity tests check what they warn about
             traced = torch.jit.trace(module, (inputs,), check_trace=False)
