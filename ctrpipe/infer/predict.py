@@ -347,6 +347,10 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     tasks = checkpoint_tasks(ckpts[0], cfg.train)
     heads = [t.name for t in tasks]
     task = task_index(cfg, heads)
+    if task and not quiet and "infer.pred_header" not in cfg.sources:
+        # the column keeps its default name: a conversion submission headed 'clicked' reads as a click one
+        console.print(f"[yellow]note[/]: head {heads[task]!r} is written as column {cfg.infer.pred_header!r} "
+                      f"(infer.pred_header); set --set infer.pred_header=... to name it otherwise", highlight=False)
     weights = fold_weights(cfg, ckpts)
     if cfg.infer.method == "trim_mean":
         check_trim_ratio(cfg.infer.trim_ratio, "infer.trim_ratio", len(ckpts))

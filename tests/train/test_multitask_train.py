@@ -79,6 +79,9 @@ def test_esmm_heads_metrics_and_infer_of_one_head(parquet_cache: Path, tmp_path:
     out = cli("infer", "--run", str(run), "--shards", str(parquet_cache), "--set", "infer.task=ctcvr",
               "--set", "infer.view=gold", "--out", str(tmp_path / "sub.csv"))
     assert "ctcvr" in out
+    # its column keeps infer.pred_header's name, said so (a conversion submission headed 'clicked' read as clicks)
+    assert "head 'ctcvr' is written as column 'clicked'" in " ".join(out.split())
+    assert (tmp_path / "sub.csv").read_text().splitlines()[0] == "ID,clicked"
     sidecar = json.loads((tmp_path / "sub.csv.json").read_text())
     assert sidecar["task"] == "ctcvr"
     assert sidecar["metrics"]["auc"] == pytest.approx(gold["auc.ctcvr"], abs=1e-6)
