@@ -165,7 +165,9 @@ def type_name(tp: Any) -> str:
 
 def show(value: Any) -> str:
     """A default as YAML (JSON is YAML); long lists keep their ends."""
-    if dataclasses.is_dataclass(value) or value is None:
+    if dataclasses.is_dataclass(value):
+        return "(section)"
+    if value is None:
         return ""
     if isinstance(value, tuple) and len(value) > 6:
         return f"[{json.dumps(value[0])}, {json.dumps(value[1])}, ..., {json.dumps(value[-1])}] ({len(value)} items)"
@@ -224,6 +226,10 @@ def section(cls: type, prefix: str, defaults: dict[str, Any], level: int = 2) ->
         if dataclasses.is_dataclass(item):
             meaning = (meaning + " " if meaning else "") + f"Item keys: see `{prefix}{f.name}[]` below."
             nested.append((item, f"{prefix}{f.name}[].", _defaults(item)))
+        value = args[1] if typing.get_origin(tp) is dict and len(args) == 2 else None
+        if dataclasses.is_dataclass(value):        # train.tasks: a section per name (head), keys listed once
+            meaning = (meaning + " " if meaning else "") + f"Keys per name: see `{prefix}{f.name}.<name>` below."
+            nested.append((value, f"{prefix}{f.name}.<name>.", _defaults(value)))
         rows.append(_row(f"{prefix}{f.name}", tp, defaults.get(f.name), meaning))
     if rows:
         yield HEAD + "\n" + "\n".join(rows)

@@ -59,13 +59,15 @@ class InferConfig:
     weights: tuple[float, ...] = ()             # explicit per-fold weights; () -> from val scores
     weight_metric: str = "auc"                  # fold val metric that scores folds when weights are derived
     weight_temperature: float = 0.01            # softmax(scores / T): an AUC gap of 0.01 -> weight ratio e
-    trim_ratio: float = 0.1                     # trim_mean: share of models cut from each end, per row
+    trim_ratio: float = 0.1                     # trim_mean: share of models cut from each end, per row; it must
+                                                #   cut one at least (ratio x models >= 1: 0.2 for 5 folds)
     view: InferView = "auto"                    # auto: the test split if the cache has one, else every row
-    task: str = ""                              # label written to the submission ("" -> the first label)
+    task: str = ""                              # head written to the submission ("" -> the first head; ESMM's
+                                                #   heads are ctr, ctcvr, cvr); its column is named pred_header
     batch_size: int = 0                         # 0 -> loader.eval_batch_size
     save_fold_preds: bool = False               # also keep <submission>.folds.npz (per-fold logits)
     id_header: str = "ID"
-    pred_header: str = "clicked"
+    pred_header: str = "clicked"                # the prediction column's name, whatever the task
     write_chunk_rows: int = 1_000_000           # CSV rows formatted per chunk (bounds writer memory)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 

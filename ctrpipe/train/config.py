@@ -92,7 +92,7 @@ class TrainConfig:
     weight_decay: float = 0.0        # AdamW, matrices only (not biases, norms or embeddings)
     embedding_optimizer: EmbeddingOptimizer = "adam"
     embedding_lr: float = 0.0        # 0: same as lr
-    warmup_steps: int = 0            # linear warm-up from 0 to lr
+    warmup_steps: int = 0            # linear warm-up from 0 to lr, at most a tenth of the run's steps
     schedule: Schedule = "cosine"    # after warm-up; cosine decays to min_lr_ratio * lr at the last step
     min_lr_ratio: float = 0.0
     step_every: int = 1000           # schedule=step: multiply lr by step_gamma every step_every steps
