@@ -123,7 +123,8 @@ def load_run(path: Path) -> RunData:
     """Read a finished run directory; a `ReportError` names what is missing and how to get it."""
     path = Path(path)
     if not path.is_dir():
-        raise ReportError(f"{path} is not a directory", where=str(path), fix=NOT_A_RUN_FIX)
+        what = "is a file, not a run directory" if path.exists() else "does not exist"
+        raise ReportError(f"{path} {what}", where=str(path), fix=NOT_A_RUN_FIX)
     if not (path / "config.json").is_file():
         raise ReportError(f"{path} is not a run directory (no config.json)", where=str(path), fix=NOT_A_RUN_FIX)
     metrics = _read_metrics(path / "metrics.json")

@@ -204,8 +204,9 @@ def read_manifest(cache_dir: Path) -> Manifest:
     cache_dir = Path(cache_dir)
     path = cache_dir / MANIFEST_NAME
     if not path.is_file():
+        missing = "the folder does not exist" if not cache_dir.exists() else f"{MANIFEST_NAME} is missing"
         raise ManifestMismatchError(
-            f"no complete shard cache at {cache_dir} ({MANIFEST_NAME} is missing)",
+            f"no complete shard cache at {cache_dir} ({missing})",
             where=str(cache_dir),
             fix="build it with `ctrpipe shard --cfg CFG --input FILE --out DIR` (an interrupted build is "
                 "finished by running the same command again)")

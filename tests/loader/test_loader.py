@@ -193,8 +193,11 @@ def test_unknown_split_name() -> None:
 
 
 def test_missing_cache(tmp_path: Path) -> None:
-    with pytest.raises(ManifestMismatchError, match="manifest.json is missing"):
+    with pytest.raises(ManifestMismatchError, match="the folder does not exist"):
         ShardLoader(tmp_path / "nowhere", RowView.train(), 8, shuffle=False, seed=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestMismatchError, match="manifest.json is missing"):
+        ShardLoader(tmp_path / "empty", RowView.train(), 8, shuffle=False, seed=0)
 
 
 def test_truncated_file_fails_at_construction(cache: Path) -> None:

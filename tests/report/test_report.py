@@ -260,6 +260,9 @@ def test_errors_name_the_run_and_the_fix(runs: Runs, tmp_path: Path) -> None:
     assert code == 1 and f"{empty}: {empty} is not a run directory (no config.json)" in text
     assert "fix: pass a folder written by `ctrpipe train`" in text
 
+    code, text = report(str(tmp_path / "nowhere"), "--out", out)     # was 'is not a directory'
+    assert code == 1 and "nowhere does not exist" in text
+
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     shutil.copy(runs.criteo[0] / "config.json", unfinished / "config.json")

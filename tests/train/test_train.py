@@ -175,7 +175,7 @@ def test_kfold_checkpoints_and_oof_cover_fold_rows(cache: Path, tmp_path: Path):
 def test_missing_shards_error(tmp_path: Path):
     code, out = train(tmp_path / "nowhere", tmp_path)
     assert code == 1
-    assert "nowhere" in out and "manifest.json is missing" in out
+    assert "nowhere" in out and "the folder does not exist" in out
     assert "fix: build it with `ctrpipe shard" in out
 
 
