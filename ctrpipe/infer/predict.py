@@ -38,7 +38,7 @@ from ctrpipe.infer.calibrate import (
     read_calibration,
     warn_at_bound,
 )
-from ctrpipe.infer.config import check_trim_ratio
+from ctrpipe.infer.config import InferConfig, check_trim_ratio
 from ctrpipe.infer.ensemble import combine, rank_normalise, resolve_weights
 from ctrpipe.infer.submission import SubmissionWriter, check_out_file, check_out_outside
 from ctrpipe.loader.loader import ShardLoader
@@ -347,7 +347,7 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     tasks = checkpoint_tasks(ckpts[0], cfg.train)
     heads = [t.name for t in tasks]
     task = task_index(cfg, heads)
-    if task and not quiet and "infer.pred_header" not in cfg.sources:
+    if task and not quiet and cfg.infer.pred_header == InferConfig.pred_header:
         # the column keeps its default name: a conversion submission headed 'clicked' reads as a click one
         console.print(f"[yellow]note[/]: head {heads[task]!r} is written as column {cfg.infer.pred_header!r} "
                       f"(infer.pred_header); set --set infer.pred_header=... to name it otherwise", highlight=False)

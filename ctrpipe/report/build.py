@@ -8,7 +8,6 @@ in DIR is replaced only then. A folder at DIR that is not a report is never touc
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ from matplotlib.figure import Figure
 from ctrpipe import __version__
 from ctrpipe.atomic import pid_alive, write_json_atomic, write_text_atomic
 from ctrpipe.console import console
-from ctrpipe.errors import ReportError, disk_full_as_error
+from ctrpipe.errors import DISK_FULL_ERRNOS, ReportError, disk_full_as_error
 from ctrpipe.report.figures import (
     comparison_figure,
     gate_figure,
@@ -58,7 +57,7 @@ def run_report(runs: Sequence[Path], out: Path, baseline: str | None = None, str
             try:
                 (work / FIGURES).mkdir(parents=True)
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:       # a full disk: its own error, from disk_full_as_error
+                if exc.errno in DISK_FULL_ERRNOS:      # a full disk or quota: its own error (disk_full_as_error)
                     raise
                 raise ReportError(f"cannot write in {out.parent}, the folder of --out {out}: "
                                   f"{exc.strerror or exc}", where=f"--out {out}",
@@ -101,6 +100,8 @@ def _unique_names(runs: list[RunData]) -> list[RunData]:
 
 
 OWN_ENTRIES = frozenset({"index.html", MARKER, FIGURES})     # what a report folder holds: replaced whole
+# what a file browser or editor leaves in a folder it showed: replaced with the report, not the user's
+OS_LITTER = frozenset({"Thumbs.db", "desktop.ini"})
 
 
 def _check_out(out: Path, runs: Sequence[Path]) -> None:
@@ -129,7 +130,8 @@ def _check_out(out: Path, runs: Sequence[Path]) -> None:
         raise ReportError(f"--out {out} holds files that are not a ctrpipe report; it is left as it is",
                           where=str(out), fix="pass a new or empty folder, or an earlier report's folder")
     if (out / MARKER).is_file():
-        extra = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
+        extra = sorted(p.name for p in out.iterdir()
+                       if p.name not in OWN_ENTRIES | OS_LITTER and not p.name.startswith("."))
         if extra:
             raise ReportError(f"--out {out} is an earlier report, and it also holds {extra[0]!r}"
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")

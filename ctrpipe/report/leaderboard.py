@@ -6,8 +6,8 @@ values weighted by their metric weights, each head scored on the rows its mask k
 same heads, the same `train.tasks.<head>.mask` and (with two heads or more) the same
 `train.tasks.<head>.metric_weight`. The board scores them on the gold split when every one of them has gold
 metrics, else on validation. Runs on another cache, with other heads, masks or metric weights -- or, on
-validation, K-fold runs (out-of-fold rows) next to single runs (the validation split) -- are listed below the
-ranking, marked and never ranked, unless `strict` refuses them.
+validation, K-fold runs (out-of-fold rows) next to single runs (the validation split) -- and runs whose AUC on
+the split is no number are listed below the ranking, marked and never ranked, unless `strict` refuses them.
 """
 
 from __future__ import annotations
@@ -138,6 +138,16 @@ def build_leaderboard(runs: Sequence[RunData], baseline: str | None = None, stri
     split: Split = "gold" if all(r.gold for r in peers) else "val"
     reasons = {id(r): _why_not_comparable(r, base, split) for r in runs}
     odd = [r for r in runs if reasons[id(r)]]
+    if reasons[id(base)] and not _why_other_metric(base, base):
+        # the baseline's AUC is no number: nothing could be ranked against it
+        raise ReportError(f"the baseline {base.name} cannot be ranked: {reasons[id(base)]}", where=str(base.path),
+                          fix="pass another run as --baseline (one whose metrics.json holds its AUC), or leave "
+                              "this one out")
+    if strict and any(_no_score(r, split) for r in odd):
+        r = next(r for r in odd if _no_score(r, split))
+        raise ReportError(f"run {r.name} cannot be ranked: {_no_score(r, split)}", where=str(r.path),
+                          fix="leave it out, drop --strict to list it unranked, or retrain it (a damaged "
+                              "metrics.json)")
     if strict and odd:
         raise ManifestMismatchError(
             "runs cannot be compared on one split: " + "; ".join(f"{r.name} ({reasons[id(r)]})" for r in odd),

@@ -320,7 +320,8 @@ def run_inspect(cache: Path) -> bool:
         elif chk.done:
             res.add_row(chk.name, "[green]ok[/]", f"{chk.done} examined")
         else:
-            res.add_row(chk.name, "[dim]skipped[/]", "nothing of this kind in the cache (or its files are missing)")
+            res.add_row(chk.name, "[dim]skipped[/]", "nothing examined: none of this kind in the cache, its "
+                        "files missing, or values another check failed")
     console.print(res)
     ok = all(c.ok for c in checks.values())
     if ok:

@@ -204,7 +204,8 @@ def read_manifest(cache_dir: Path) -> Manifest:
     cache_dir = Path(cache_dir)
     path = cache_dir / MANIFEST_NAME
     if not path.is_file():
-        missing = "the folder does not exist" if not cache_dir.exists() else f"{MANIFEST_NAME} is missing"
+        missing = "the folder does not exist" if not cache_dir.exists() else "it is a file, not a folder" \
+            if not cache_dir.is_dir() else f"{MANIFEST_NAME} is missing"
         raise ManifestMismatchError(
             f"no complete shard cache at {cache_dir} ({missing})",
             where=str(cache_dir),

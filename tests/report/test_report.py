@@ -336,6 +336,8 @@ def test_a_report_never_deletes_a_run_or_a_users_file_in_its_folder(runs: Runs, 
     assert code == 1 and "'dnn_copy'" in text and "move it out of the report folder" in text, text
     assert (out / "dnn_copy" / "metrics.json").is_file() and (out / "index.html").read_bytes() == old_page
     shutil.rmtree(out / "dnn_copy")
+    (out / ".DS_Store").write_text("a file browser's")            # litter, not the user's: replaced with it
+    assert report(str(runs.criteo[1]), "--out", str(out))[0] == 0
     (out / "notes.md").write_text("mine")
     code, text = report(str(runs.criteo[1]), "--out", str(out))
     assert code == 1 and "'notes.md'" in text and (out / "notes.md").read_text() == "mine"
@@ -431,7 +433,11 @@ def test_a_run_without_a_numeric_auc_is_listed_unranked(runs: Runs, tmp_path: Pa
     ranked = [r["name"] for r in board["runs"] if r["ranked"]]
     assert ranked == ["criteo_dnn"], board["runs"]
     code, text = report(str(runs.criteo[0]), *paths, "--out", str(tmp_path / "rep2"), "--strict")
-    assert code == 1 and "gold auc is nan" in text
+    assert code == 1 and "run nan_auc cannot be ranked: metrics.json's gold auc is nan" in text, text
+    assert "train them like the baseline" not in text               # it was: the wrong fix
+    code, text = report(*paths, str(runs.criteo[0]), "--out", str(tmp_path / "rep3"))      # nan_auc first
+    assert code == 1 and "the baseline nan_auc cannot be ranked" in text and "--baseline" in text, text
+    assert report(*paths, str(runs.criteo[0]), "--out", str(tmp_path / "rep3"), "--baseline", "criteo_dnn")[0] == 0
 
 
 def test_pickled_predictions_are_not_met_with_numpys_advice(runs: Runs, tmp_path: Path) -> None:

@@ -399,31 +399,39 @@ def test_weights_that_outgrow_the_memory_are_refused_before_measuring(caches: di
         estimate(huge, caches[1000], "cpu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU plan measures on the GPU there")
-def test_a_model_too_large_to_measure_here_is_refused_before_measuring(caches: dict[int, Path]) -> None:
+def test_a_model_too_large_to_measure_here_is_refused_before_measuring(caches: dict[int, Path],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Measuring builds the model's dense part whole on the host and trains it there with gradients and Adam's
     moments: weights of half the available RAM passed the weights check, and planning them for a GPU on a
-    machine without one was ended by the OOM killer (helper's sweep)."""
-    from ctrpipe.hostmem import available_bytes
+    machine without one was ended by the OOM killer (helper's sweep). The machine's memory is set here to twice
+    a small model's weights: enough for its weights, not for measuring it."""
+    from ctrpipe.models.registry import build_model
+    from ctrpipe.shard.manifest import read_manifest
+    from ctrpipe.tools import planner
+    from ctrpipe.tools.memtrack import small_spec
 
-    available = available_bytes()
-    if available is None:
-        pytest.skip("no MemAvailable here")
-    width = int((available / 2 / 4) ** 0.5)          # two square layers: about half the RAM in weights
-    cfg = load_config(REPO / "cfgs" / "criteo_dnn.yaml", [*SMALL, f"model.hidden_units=[{width}, {width}]"])
-    for device in ("cuda", "cpu"):
-        with pytest.raises(ConfigError, match=r"measuring a step of model 'dnn' needs about .* available") as err:
-            estimate(cfg, caches[1000], device)
-        assert err.value.where == "model"
+    cfg = load_config(REPO / "cfgs" / "criteo_dnn.yaml", [*SMALL, "model.hidden_units=[2048, 2048]"])
+    with torch.device("meta"):
+        weights = planner.weight_bytes(build_model("dnn", cfg.model.params,
+                                                   small_spec(read_manifest(caches[1000]).feature_spec())))
+    monkeypatch.setattr(planner, "available_bytes", lambda: 2 * weights)
+    with pytest.raises(ConfigError, match=r"measuring a step of model 'dnn' needs about .* on this machine's CPU"):
+        estimate(cfg, caches[1000], "cpu", memory=1 << 40)
+    spec = read_manifest(caches[1000]).feature_spec()
+    planner._check_measurable(cfg, spec, torch.device("cuda"))          # one copy on the host: fits
+    monkeypatch.setattr(planner, "available_bytes", lambda: weights // 2)
+    with pytest.raises(ConfigError, match=r"in this machine's RAM before the GPU") as err:
+        planner._check_measurable(cfg, spec, torch.device("cuda"))
+    assert err.value.where == "model"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU memory is known there")
-def test_a_gpu_plan_without_a_gpu_or_memory_exits_2(caches: dict[int, Path]) -> None:
-    """It exited 0, which a script reads as 'fits'."""
+def test_a_gpu_plan_without_a_gpu_or_memory_exits_3(caches: dict[int, Path]) -> None:
+    """It exited 0, which a script reads as 'fits' (2 is click's usage error)."""
     args = ["plan", "--cfg", str(REPO / "cfgs" / "criteo_dnn.yaml"), "--shards", str(caches[1000]),
             "--device", "cuda", *[x for s in small("dnn") for x in ("--set", s)]]
     got = runner.invoke(app, args, env={"COLUMNS": "250"})
-    assert got.exit_code == 2 and "GPU memory unknown" in got.output, got.output
+    assert got.exit_code == 3 and "GPU memory unknown" in got.output, got.output
     assert runner.invoke(app, [*args, "--memory", "1TB"], env={"COLUMNS": "250"}).exit_code == 0
 
 
