@@ -16,6 +16,9 @@ NumericMode = Literal["concat", "token"]         # raw values beside embeddings 
 Activation = Literal["relu", "gelu", "silu"]
 
 
+MIN_RECENCY_TAU = 1e-30     # sequence.recency_tau: smaller positive values round to 0 in float32
+
+
 def check_config(ok: bool, key: str, value: Any, example: str, why: str = "") -> None:
     """Raise a ConfigError naming `model.<key>` and an example value unless `ok`."""
     if not ok:
@@ -176,5 +179,7 @@ class SearchConfig(SequenceConfig):
         super().__post_init__()
         check_config(isinstance(self.top_k, int) and self.top_k >= 0, "sequence.top_k", self.top_k, "20")
         check_choice(self.search, SearchMode, "sequence.search")
-        check_config(self.recency_tau >= 0, "sequence.recency_tau", self.recency_tau, "20.0")
+        # ages are divided by it in float32: a positive value that rounds to 0 there made 0/0 = NaN scores
+        check_config(self.recency_tau == 0 or self.recency_tau >= MIN_RECENCY_TAU, "sequence.recency_tau",
+                     self.recency_tau, "20.0", why=f"0 (off) or at least {MIN_RECENCY_TAU:g}")
         check_choice(self.query_mode, QueryMode, "sequence.query_mode")

@@ -11,7 +11,7 @@ The pipeline this model comes from names two keys differently; both names are ac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal
 
 import torch
@@ -70,9 +70,10 @@ class QNNHeadConfig:
     self_ensemble_weight: float = 1.0   # weight of the two passes' loss against the detached mean
 
     def __post_init__(self) -> None:
+        defaults = {f.name: f.default for f in fields(self)}
         for key in ("feature_embed_dim", "num_layers", "rank", "heads", "se_reduction"):
-            value = getattr(self, key)
-            check_config(isinstance(value, int) and value >= 1, f"qnn_alpha.{key}", value, "2")
+            value = getattr(self, key)      # the example: the key's own default (2 for every key read oddly)
+            check_config(isinstance(value, int) and value >= 1, f"qnn_alpha.{key}", value, str(defaults[key]))
         check_config(self.proj_dim >= 0 and self.proj_dim % self.feature_embed_dim == 0, "qnn_alpha.proj_dim",
                      self.proj_dim, str(4 * self.feature_embed_dim),
                      why="a multiple of qnn_alpha.feature_embed_dim (or 0)")

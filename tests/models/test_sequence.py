@@ -169,6 +169,13 @@ def test_sequence_errors(spec_factory) -> None:
         build(spec_factory(), "dare", {"sequence": {"max_len": 9}})
     with pytest.raises(ConfigError, match="model.sequence.column"):
         build(spec_factory(), "dare_qnn", {"sequence": {"column": "tags"}})
+    # a positive recency_tau that is 0 in float32 made every score 0/0 = NaN (a helper's sweep: 1e-50)
+    for name in ("dare", "dare_qnn"):
+        with pytest.raises(ConfigError, match=r"model.sequence.recency_tau.*0 \(off\) or at least 1e-30"):
+            build(spec_factory(), name, {"sequence": {"recency_tau": 1e-50}})
+    assert build(spec_factory(), "dare", {"sequence": {"recency_tau": 1e-30}})
+    with pytest.raises(ConfigError, match=r"model.qnn_alpha.feature_embed_dim=16"):     # its default, not 2
+        build(spec_factory(), "dare_qnn", {"qnn_alpha": {"feature_embed_dim": 0}})
 
 
 def test_truncated_history_reads_only_the_most_recent_tokens(spec_factory, batch_factory) -> None:
