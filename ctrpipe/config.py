@@ -248,11 +248,24 @@ def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tupl
             name = _name_text(model["name"])
     if name not in model_names():
         return layers                  # build_model_section reports the unknown model
+    # a backbone's params (ESMM) are that model's keys: an alias there is renamed too, so a later layer's
+    # `backbone_params.emb_dim` replaces an earlier `embedding_dim` instead of clashing with it
+    cls = config_class(name)
+    backbone = next((f.default for f in fields(cls) if f.name == "backbone"), None) if is_dataclass(cls) else None
+    for _, layer in layers:
+        model = layer.get("model")
+        if isinstance(model, Mapping) and "backbone" in model:
+            backbone = _name_text(model["backbone"])
     out = []
     for where, layer in layers:
         model = layer.get("model")
         if isinstance(model, Mapping):
-            layer = {**layer, "model": canonical_keys(config_class(name), model, "model.", where)}
+            model = canonical_keys(cls, model, "model.", where)
+            params = model.get("backbone_params")
+            if isinstance(params, Mapping) and isinstance(backbone, str) and backbone in model_names():
+                model["backbone_params"] = canonical_keys(config_class(backbone), params,
+                                                          "model.backbone_params.", where)
+            layer = {**layer, "model": model}
         out.append((where, layer))
     return out
 

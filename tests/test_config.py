@@ -473,6 +473,17 @@ def test_a_lone_number_for_a_number_list_is_its_one_item() -> None:
         load_config(None, ["model.name=dnn", "model.hidden_units=true"])
 
 
+def test_an_alias_in_a_backbones_params_replaces_the_files_key(tmp_path: Path) -> None:
+    """ESMM's backbone_params.emb_dim from --set clashed with the file's backbone_params.embedding_dim ('both are
+    set'), while at the top level the later name wins (helper's sweep)."""
+    cfg_path = tmp_path / "esmm.yaml"
+    cfg_path.write_text("model: {name: esmm, backbone: dare_qnn, backbone_params: {embedding_dim: 16}}\n")
+    cfg = load_config(cfg_path, ["model.backbone_params.emb_dim=8"])
+    assert cfg.model.params.backbone_params == {"embedding_dim": 8}
+    with pytest.raises(ConfigError, match="name the same setting"):           # one source, both names
+        load_config(cfg_path, ["model.backbone_params.emb_dim=8", "model.backbone_params.embedding_dim=4"])
+
+
 def test_a_loader_size_error_suggests_its_own_default() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["loader.prefetch=0"])
