@@ -270,6 +270,22 @@ def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tupl
     return out
 
 
+def _other_models_key(cls: type, key: str) -> ConfigError | None:
+    """A model key that is another model's (a file written for din, `--set model.name=dare_qnn`): said so,
+    where a spelling suggestion pointed at an unrelated key of this model."""
+    from ctrpipe.models.registry import config_class, model_names  # lazy: pulls in torch
+
+    names = model_names()
+    this = next((n for n in names if config_class(n) is cls), None)
+    users = [n for n in names if n != this and key in {f.name for f in fields(config_class(n))}]
+    if this is None or not users:
+        return None
+    return ConfigError(f"'model.{key}' is a key of {', '.join(users[:4])}{' ...' if len(users) > 4 else ''}, "
+                       f"not of model {this!r}", where=f"model.{key}",
+                       fix=f"drop it; to switch a config file's model, clear its model section first: "
+                           f"--set 'model={{}}' --set model.name={this}")
+
+
 def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str,
                    nested: bool = True) -> dict[str, Any]:
     """`data` (one source's mapping for `cls`) with other names of keys (`KEY_ALIASES`) renamed, in nested
@@ -401,6 +417,9 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
                                   fix=f"move the section under {moved}" + (
                                       f" (e.g. {moved}.{next(iter(value))})" if value else "")
                                   if isinstance(value, Mapping) else f"write it as {moved}")
+            other = _other_models_key(cls, key) if prefix == "model." else None
+            if other is not None:
+                raise other
             close = [aliases.get(c, c) for c in difflib.get_close_matches(key, [*names, *aliases], n=1, cutoff=0.5)]
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'", where=where, fix=hint)

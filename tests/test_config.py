@@ -484,6 +484,19 @@ def test_an_alias_in_a_backbones_params_replaces_the_files_key(tmp_path: Path) -
         load_config(cfg_path, ["model.backbone_params.emb_dim=8", "model.backbone_params.embedding_dim=4"])
 
 
+def test_a_key_of_another_model_is_named_as_such() -> None:
+    """Switching a file's model with --set model.name suggested an unrelated key ('did you mean
+    model.embedding_init_std?' for din's hidden_units under dare_qnn); the fix given works."""
+    with pytest.raises(ConfigError, match=r"'model.hidden_units' is a key of .*, not of model 'dare_qnn'") as e:
+        load_config(CFGS / "parquet_din.yaml", ["model.name=dare_qnn"])
+    assert "did you mean" not in e.value.fix
+    fix = e.value.fix.split(": ", 1)[1]
+    sets = [part.strip().strip("'") for part in fix.split("--set") if part.strip()]
+    assert load_config(CFGS / "parquet_din.yaml", sets).model.name == "dare_qnn"
+    with pytest.raises(ConfigError, match="did you mean 'model.hidden_units'"):       # a typo stays a typo
+        load_config(None, ["model.name=dnn", "model.hiden_units=[8]"])
+
+
 def test_a_loader_size_error_suggests_its_own_default() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["loader.prefetch=0"])
