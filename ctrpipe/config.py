@@ -270,7 +270,7 @@ def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tupl
     return out
 
 
-def _other_models_key(cls: type, key: str) -> ConfigError | None:
+def _other_models_key(cls: type, key: str, prefix: str = "model.") -> ConfigError | None:
     """A model key that is another model's (a file written for din, `--set model.name=dare_qnn`): said so,
     where a spelling suggestion pointed at an unrelated key of this model."""
     from ctrpipe.models.registry import config_class, model_names  # lazy: pulls in torch
@@ -280,10 +280,13 @@ def _other_models_key(cls: type, key: str) -> ConfigError | None:
     users = [n for n in names if n != this and key in {f.name for f in fields(config_class(n))}]
     if this is None or not users:
         return None
-    return ConfigError(f"'model.{key}' is a key of {', '.join(users[:4])}{' ...' if len(users) > 4 else ''}, "
-                       f"not of model {this!r}", where=f"model.{key}",
-                       fix=f"drop it; to switch a config file's model, clear its model section first: "
-                           f"--set 'model={{}}' --set model.name={this}")
+    of = f"model {this!r}" if prefix == "model." else f"backbone {this!r}"
+    switch = f"its model section first: --set 'model={{}}' --set model.name={this}" if prefix == "model." else \
+        f"the backbone's params first: --set 'model.backbone_params={{}}' --set model.backbone={this}"
+    return ConfigError(f"'{prefix}{key}' is a key of {', '.join(users[:4])}{' ...' if len(users) > 4 else ''}, "
+                       f"not of {of}", where=f"{prefix}{key}",
+                       fix=f"drop it; to switch a config file's {'model' if prefix == 'model.' else 'backbone'}, "
+                           f"clear {switch}")
 
 
 def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str,
@@ -417,7 +420,7 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
                                   fix=f"move the section under {moved}" + (
                                       f" (e.g. {moved}.{next(iter(value))})" if value else "")
                                   if isinstance(value, Mapping) else f"write it as {moved}")
-            other = _other_models_key(cls, key) if prefix == "model." else None
+            other = _other_models_key(cls, key, prefix) if prefix in ("model.", "model.backbone_params.") else None
             if other is not None:
                 raise other
             close = [aliases.get(c, c) for c in difflib.get_close_matches(key, [*names, *aliases], n=1, cutoff=0.5)]
@@ -430,10 +433,13 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
     except ConfigError as exc:
         if exc.where:
             raise
-        # a class's own check knows the key (in its message) but not who set it: the file or the --set
-        named = re.search(r"'(" + re.escape(prefix) + r"[\w.\[\]]+)'", exc.what) if prefix else None
+        # a class's own check knows the key (in its message) but not who set it: the file or the --set; a
+        # section kept per name (train.tasks.<head>) names its key with a placeholder, here that name
+        what = re.sub(r"'train\.tasks\.<head>\.", f"'{prefix}", exc.what) if prefix.startswith("train.tasks.") \
+            else exc.what
+        named = re.search(r"'(" + re.escape(prefix) + r"[\w.\[\]]+)'", what) if prefix else None
         where = _where(origin, named.group(1) if named else prefix.rstrip("."))
-        raise ConfigError(exc.what, where=where, fix=exc.fix) from None
+        raise ConfigError(what, where=where, fix=exc.fix) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid values in '{prefix.rstrip('.') or 'config'}': {exc}", where=origin) from None
 

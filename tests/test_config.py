@@ -497,6 +497,30 @@ def test_a_key_of_another_model_is_named_as_such() -> None:
         load_config(None, ["model.name=dnn", "model.hiden_units=[8]"])
 
 
+def test_a_heads_setting_error_names_the_head(tmp_path: Path) -> None:
+    """'bad value -3.0 for train.tasks.<head>.weight' left a file's author to guess the head; the focal keys
+    came as one tuple (helper's sweep)."""
+    path = tmp_path / "tasks.yaml"
+    path.write_text("train: {tasks: {clicked: {focal_weight: 0.1, focal_gamma: -1}}}\n")
+    with pytest.raises(ConfigError, match=r"bad value -1.0 for 'train.tasks.clicked.focal_gamma'") as err:
+        load_config(path, [], resolve_model=False)
+    assert err.value.where.endswith("tasks.yaml")          # a file source: the key is in the message
+    with pytest.raises(ConfigError, match=r"'train.tasks.converted.weight'"):
+        load_config(None, ["train.tasks.converted.weight=inf"], resolve_model=False)
+    with pytest.raises(ConfigError, match=r"'train.pos_weight'"):
+        load_config(None, ["train.pos_weight=1e400"], resolve_model=False)
+
+
+def test_switching_an_esmm_backbone_says_how() -> None:
+    """'did you mean model.backbone_params.task_experts?' for mmoe's n_experts under a ple backbone."""
+    with pytest.raises(ConfigError, match=r"'model.backbone_params.n_experts' is a key of .*mmoe.*not of "
+                                          r"backbone 'ple'") as err:
+        load_config(CFGS / "parquet_esmm.yaml", ["model.backbone=ple"])
+    assert "--set 'model.backbone_params={}' --set model.backbone=ple" in err.value.fix
+    assert load_config(CFGS / "parquet_esmm.yaml", ["model.backbone_params={}", "model.backbone=ple"]
+                       ).model.params.backbone == "ple"
+
+
 def test_a_loader_size_error_suggests_its_own_default() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["loader.prefetch=0"])

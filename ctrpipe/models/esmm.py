@@ -68,7 +68,7 @@ class ESMMConfig:
 def as_backbone_error(exc: ConfigError) -> ConfigError:
     """The backbone's checks name its keys as model.<key>; under ESMM they are model.backbone_params.<key>."""
     def nested(text: str) -> str:
-        return re.sub(r"\bmodel\.(?!backbone_params\.)", "model.backbone_params.", text)
+        return re.sub(r"\bmodel\.(?!backbone)", "model.backbone_params.", text)     # ESMM's own keys stay
     return ConfigError(nested(exc.what), where=nested(exc.where), fix=nested(exc.fix))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -74,15 +75,19 @@ class TaskConfig:
     focal_start: int = 0
 
     def __post_init__(self) -> None:
+        # '<head>' in a key: the config loader puts the head's name in its place
+        for key in ("weight", "pos_weight", "metric_weight", "focal_weight", "focal_gamma"):
+            if not math.isfinite(getattr(self, key)):       # inf made the loss inf, or every mean metric NaN
+                raise _bad(f"train.tasks.<head>.{key}", getattr(self, key), "use a finite number, e.g. 1.0")
         if self.weight < 0 and self.weight != -1.0:
             raise _bad("train.tasks.<head>.weight", self.weight, "use 0 or more, e.g. weight: 1.0")
         if self.pos_weight < 0:
             raise _bad("train.tasks.<head>.pos_weight", self.pos_weight, "use a positive number, e.g. 1.0")
         if self.metric_weight < 0 and self.metric_weight != -1.0:
             raise _bad("train.tasks.<head>.metric_weight", self.metric_weight, "use 0 or more, e.g. 1.0")
-        if self.focal_weight < 0 or self.focal_gamma < 0 or self.focal_start < 0:
-            raise _bad("train.tasks.<head>.focal_*", (self.focal_weight, self.focal_gamma, self.focal_start),
-                       "use e.g. focal_weight: 0.1, focal_gamma: 2.0, focal_start: 1000")
+        for key, example in (("focal_weight", "0.1"), ("focal_gamma", "2.0"), ("focal_start", "1000")):
+            if getattr(self, key) < 0:
+                raise _bad(f"train.tasks.<head>.{key}", getattr(self, key), f"use 0 or more, e.g. {key}: {example}")
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,7 @@ class TrainConfig:
         if not 0 <= self.ema < 1:
             raise _bad("train.ema", self.ema, "use 0 (off) or a decay in (0, 1), e.g. train.ema=0.999")
         weights = self.pos_weight if isinstance(self.pos_weight, tuple) else (self.pos_weight,)
-        if not weights or any(w <= 0 for w in weights):
+        if not weights or any(not w > 0 or not math.isfinite(w) for w in weights):
             raise _bad("train.pos_weight", self.pos_weight, "use positive numbers, e.g. train.pos_weight=1.0")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device or ""):      # what resolve_device accepts
             raise _bad("train.device", self.device, "use auto, cpu, cuda or cuda:1")

@@ -86,8 +86,9 @@ def logit_shifts(tasks: Sequence[Task], sampling: Sampling | None) -> tuple[floa
                 f"loader sampling drops rows by label {sampling.name!r}, and head {t.name!r} is trained on those "
                 "rows with another target, so its predictions would be biased by an amount no logit shift undoes",
                 where="loader.sample_label",
-                fix=f"score head {t.name!r} on {sampling.name}-positive rows only (--set train.tasks.{t.name}.mask="
-                    f"{sampling.name}), sample by its label, or turn sampling off (loader.neg_keep_prob=1.0, "
+                fix=f"sample by head {t.name!r}'s label (loader.sample_label), score it on {sampling.name}-positive "
+                    f"rows only where it is defined there (--set train.tasks.{t.name}.mask={sampling.name}, e.g. "
+                    "conversions of clicks), or turn sampling off (loader.neg_keep_prob=1.0, "
                     "loader.balance_pos_fraction=0)")
     return tuple(out)
 

@@ -477,9 +477,10 @@ def refuse_resume_changes(old_config: dict[str, Any], cfg: RunConfig, where: Pat
             EarlyStopping(was_stop).mode != EarlyStopping(cfg.train.early_stopping).mode:
         fixed.append("train.early_stopping.mode")         # auto is max for AUC: auto -> max changes nothing
     defaults = {"metric_weight": -1.0, "mask": ""}     # a head's entry added by --set holds the defaults
+    n_labels = len(cfg.data.labels) + len(cfg.data.derived_labels)     # derived labels are labels too
     for k, was, now in changes:
         field = k.rsplit(".", 1)[-1]
-        if k.startswith("train.tasks.") and field in defaults and len(cfg.data.labels) > 1 and \
+        if k.startswith("train.tasks.") and field in defaults and n_labels > 1 and \
                 (defaults[field] if was is None else was) != (defaults[field] if now is None else now):
             fixed.append(k)                                # one label: a weight of the only head changes nothing
     if "cv.n_splits" in fixed:     # resuming a K-fold run without --kfold started a single model in its folder

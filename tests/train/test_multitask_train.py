@@ -162,3 +162,18 @@ def test_resume_refuses_a_change_to_what_a_head_is_scored_on(parquet_cache: Path
     for change in ("train.tasks.clicked.metric_weight=3", "train.tasks.converted.mask="):
         res = runner.invoke(app, [*base, "--resume", "--set", change])
         assert res.exit_code == 1 and f"cannot resume with changed {change.split('=')[0]}" in res.output, res.output
+
+
+def test_resume_refuses_a_changed_head_setting_with_derived_labels(tmp_path: Path) -> None:
+    """Labels derived from a column are labels too: a run with two of them resumed with another metric weight
+    (its count looked at data.labels alone, empty there)."""
+    from ctrpipe.config import load_config, to_dict
+    from ctrpipe.errors import CheckpointError
+    from ctrpipe.train.fit import refuse_resume_changes
+
+    derived = "data.derived_labels=[{name: a, column: y, positive: [1]}, {name: b, column: z, positive: [1]}]"
+    was = load_config(None, ["model.name=mmoe", "data.format=csv", "data.labels=[]", derived])
+    now = load_config(None, ["model.name=mmoe", "data.format=csv", "data.labels=[]", derived,
+                             "train.tasks.a.metric_weight=3"])
+    with pytest.raises(CheckpointError, match="cannot resume with changed train.tasks.a.metric_weight"):
+        refuse_resume_changes(to_dict(was), now, tmp_path / "config.json")
