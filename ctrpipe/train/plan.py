@@ -65,6 +65,10 @@ def plan_steps(cfg: TrainConfig, rows: int, batch_size: int, per_epoch: int) -> 
         warmup = int(MAX_WARMUP_SHARE * total)
         notes.append(f"warm-up shortened from {cfg.warmup_steps} to {warmup} steps (a tenth of this "
                      f"{total}-step run)")
+    for head, tc in sorted(cfg.tasks.items()):     # a scheduled term that never comes is a setting that does nothing
+        if tc.focal_weight > 0 and tc.focal_start >= total:
+            notes.append(f"warning: train.tasks.{head}.focal_start={tc.focal_start} is past this run's last step "
+                         f"({total}): its focal term never applies; lower focal_start to use it")
     if total < TOO_FEW_STEPS and cfg.max_steps and total == cfg.max_steps < max(planned, cfg.min_steps):
         notes.append(f"warning: train.max_steps={cfg.max_steps} stops the run after {total} optimiser step(s) "
                      f"of the {max(planned, cfg.min_steps)} planned -- too few for a model to learn; raise "

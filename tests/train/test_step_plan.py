@@ -78,3 +78,14 @@ def test_eval_every_wins_over_evals_per_epoch():
                       per_epoch=100)
     assert [s for s in range(1, 201) if plan.evaluates_at(s, (s - 1) % 100 + 1)][:3] == [7, 14, 21]
     assert plan.evaluates_at(200, 100)
+
+
+def test_a_focal_term_scheduled_past_the_run_warns() -> None:
+    """cfgs/deepfm_mmoe_esmm.yaml's focal_start 2000 never came in a short run, without a word (helper's sweep)."""
+    from ctrpipe.train.config import TaskConfig
+
+    cfg = TrainConfig(epochs=1, tasks={"ctr": TaskConfig(focal_weight=0.1, focal_start=2000)})
+    plan = plan_steps(cfg, rows=100_000, batch_size=1000, per_epoch=100)
+    assert any("train.tasks.ctr.focal_start=2000 is past this run's last step (100)" in n for n in plan.notes)
+    on_time = TrainConfig(epochs=30, tasks={"ctr": TaskConfig(focal_weight=0.1, focal_start=2000)})
+    assert not any("focal_start" in n for n in plan_steps(on_time, rows=100_000, batch_size=1000, per_epoch=100).notes)
