@@ -411,7 +411,9 @@ class _Run:
                        "(train.early_stopping.metric=logloss)"
                        + (f" or set train.tasks.{task.name}.metric_weight=0" if len(self.inp.tasks) > 1 else "")
                        if task.metric_weight > 0 else "")
-                    + "; more validation rows (data.split.val_ratio) would give it both")
+                    + ("; its mask is its own label, so every row it keeps is positive: mask it by another "
+                       f"label or drop the mask (train.tasks.{task.name}.mask=)" if task.labels == (task.mask,)
+                       else "; more validation rows (data.split.val_ratio) would give it both"))
             self.eval_notes.append(note)
             console.print(f"[yellow]{self.inp.label}:[/] {note}", highlight=False)
 

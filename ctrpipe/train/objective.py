@@ -63,12 +63,6 @@ def build_tasks(heads: Sequence[Head], spec: FeatureSpec, cfg: TrainConfig) -> t
             main_weight = tc.weight if tc.weight >= 0 else main.loss_weight
             tc = replace(tc, weight=main_weight * h.loss_weight, metric_weight=-1.0)
         mask = tc.mask or h.mask
-        if mask and h.labels == (mask,):      # it keeps only the head's positives: one class, no AUC, no loss
-            where = h.name if own is not None or not h.shadows else h.shadows
-            raise ConfigError(f"train.tasks.{where}.mask is the head's own label {mask!r}: it would score the "
-                              "head on its positive rows only (one class)", where=f"train.tasks.{where}.mask",
-                              fix=f"mask by another label (the one whose positives the head is defined on), or "
-                                  f"drop it (--set train.tasks.{where}.mask=)")
         if mask and mask not in spec.labels:
             where = h.name if own is not None or not h.shadows else h.shadows
             raise ConfigError(f"train.tasks.{where}.mask names label {mask!r}, the cache has "

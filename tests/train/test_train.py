@@ -553,3 +553,13 @@ def test_a_run_another_process_is_writing_is_refused(cache: Path, tmp_path: Path
     assert code == 1 and "another `ctrpipe train` is writing the run" in out and "exp_name=NEW" in out
     code, out = train(cache, tmp_path / "other", "--set", "train.max_steps=2")
     assert code == 0, out
+
+
+def test_a_head_masked_by_its_own_label_is_told_why_it_has_one_class(cache: Path, tmp_path: Path):
+    """mask=<its own label> keeps only the head's positives; the one-class warning advised more validation rows,
+    which cannot help (helper's multi-task sweep)."""
+    code, out = train(cache, tmp_path, "--set", "train.tasks.label.mask=label")
+    assert code == 0, out
+    text = " ".join(out.split())
+    assert "its mask is its own label, so every row it keeps is positive" in text, text
+    assert "more validation rows" not in text
