@@ -280,13 +280,12 @@ def _other_models_key(cls: type, key: str, prefix: str = "model.") -> ConfigErro
     users = [n for n in names if n != this and key in {f.name for f in fields(config_class(n))}]
     if this is None or not users:
         return None
-    of = f"model {this!r}" if prefix == "model." else f"backbone {this!r}"
-    switch = f"its model section first: --set 'model={{}}' --set model.name={this}" if prefix == "model." else \
-        f"the backbone's params first: --set 'model.backbone_params={{}}' --set model.backbone={this}"
+    what, section, name_key = ("model", "model", "model.name") if prefix == "model." else \
+        ("backbone", "model.backbone_params", "model.backbone")
     return ConfigError(f"'{prefix}{key}' is a key of {', '.join(users[:4])}{' ...' if len(users) > 4 else ''}, "
-                       f"not of {of}", where=f"{prefix}{key}",
-                       fix=f"drop it; to switch a config file's {'model' if prefix == 'model.' else 'backbone'}, "
-                           f"clear {switch}")
+                       f"not of {what} {this!r}", where=f"{prefix}{key}",
+                       fix=f"drop it; to switch a config file's {what}, clear its section first: "
+                           f"--set '{section}={{}}' --set {name_key}={this}")
 
 
 def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str,
@@ -434,9 +433,9 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
         if exc.where:
             raise
         # a class's own check knows the key (in its message) but not who set it: the file or the --set; a
-        # section kept per name (train.tasks.<head>) names its key with a placeholder, here that name
-        what = re.sub(r"'train\.tasks\.<head>\.", f"'{prefix}", exc.what) if prefix.startswith("train.tasks.") \
-            else exc.what
+        # section kept per name (train.tasks.<head>) names its key with a placeholder: here, that name
+        parent = prefix.rstrip(".").rpartition(".")[0]
+        what = re.sub(r"'" + re.escape(parent) + r"\.<\w+>\.", f"'{prefix}", exc.what) if parent else exc.what
         named = re.search(r"'(" + re.escape(prefix) + r"[\w.\[\]]+)'", what) if prefix else None
         where = _where(origin, named.group(1) if named else prefix.rstrip("."))
         raise ConfigError(what, where=where, fix=exc.fix) from None

@@ -138,9 +138,8 @@ def build_leaderboard(runs: Sequence[RunData], baseline: str | None = None, stri
     split: Split = "gold" if all(r.gold for r in peers) else "val"
     reasons = {id(r): _why_not_comparable(r, base, split) for r in runs}
     odd = [r for r in runs if reasons[id(r)]]
-    if reasons[id(base)] and not _why_other_metric(base, base):
-        # the baseline's AUC is no number: nothing could be ranked against it
-        raise ReportError(f"the baseline {base.name} cannot be ranked: {reasons[id(base)]}", where=str(base.path),
+    if _no_score(base, split):      # the baseline's AUC is no number: nothing could be ranked against it
+        raise ReportError(f"the baseline {base.name} cannot be ranked: {_no_score(base, split)}", where=str(base.path),
                           fix="pass another run as --baseline (one whose metrics.json holds its AUC), or leave "
                               "this one out")
     if strict and any(_no_score(r, split) for r in odd):
