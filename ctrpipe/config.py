@@ -218,23 +218,30 @@ def load_config(path: Path | None, overrides: Sequence[str] = (), *, resolve_mod
     # one layer per --set, in order: `--set x={}` clears the file's section x, and a later `--set x.k=v` adds
     # to the cleared section (in one layer, the two made {k: v}, which merged into the file's x)
     layers += [("--set", apply_overrides({}, [text])) for text in overrides]
+    renamed: list[dict[str, str]] = [{} for _ in layers]
     if resolve_model:                 # another name for a key is that key, so a later layer's value wins
-        layers = _canonical_model_keys(layers)
+        layers = _canonical_model_keys(layers, renamed)
     data: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for where, layer in layers:
+    typed: dict[str, str] = {}       # a key set under another name -> that name, for errors about the key
+    for (where, layer), names in zip(layers, renamed, strict=True):
         deep_merge(data, layer)
-        sources.update({k: where for k in flatten_dotted(layer)})
+        for k in flatten_dotted(layer):
+            sources[k] = where
+            typed.pop(k, None)
+            typed.update({c: t for c, t in names.items() if k == c or k.startswith(c + ".")})
     present = flatten_dotted(data)           # a later `{}` may have cleared what an earlier source set
     sources = {k: v for k, v in sources.items() if k in present}
     cfg = config_from_dict(data, sources=sources, origin=str(path) if path else "defaults",
-                            resolve_model=resolve_model)
+                           resolve_model=resolve_model, typed=typed)
     check_calibration_fit(cfg)
     return cfg
 
 
-def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
-    """Each layer's `model` section with the model config's other key names (`KEY_ALIASES`) renamed."""
+def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]],
+                          renamed: list[dict[str, str]] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Each layer's `model` section with the model config's other key names (`KEY_ALIASES`) renamed;
+    `renamed[i]` collects layer i's renames (dotted canonical key -> the key as written)."""
     from ctrpipe.models.registry import config_class, model_names  # lazy: pulls in torch
 
     name = ModelSection.name
@@ -257,14 +264,15 @@ def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]]) -> list[tupl
         if isinstance(model, Mapping) and "backbone" in model:
             backbone = _name_text(model["backbone"])
     out = []
-    for where, layer in layers:
+    for i, (where, layer) in enumerate(layers):
         model = layer.get("model")
+        names = renamed[i] if renamed is not None else None
         if isinstance(model, Mapping):
-            model = canonical_keys(cls, model, "model.", where)
+            model = canonical_keys(cls, model, "model.", where, renamed=names)
             params = model.get("backbone_params")
             if isinstance(params, Mapping) and isinstance(backbone, str) and backbone in model_names():
                 model["backbone_params"] = canonical_keys(config_class(backbone), params,
-                                                          "model.backbone_params.", where)
+                                                          "model.backbone_params.", where, renamed=names)
             layer = {**layer, "model": model}
         out.append((where, layer))
     return out
@@ -289,9 +297,10 @@ def _other_models_key(cls: type, key: str, prefix: str = "model.") -> ConfigErro
 
 
 def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str,
-                   nested: bool = True) -> dict[str, Any]:
+                   nested: bool = True, renamed: dict[str, str] | None = None) -> dict[str, Any]:
     """`data` (one source's mapping for `cls`) with other names of keys (`KEY_ALIASES`) renamed, in nested
-    sections too unless `nested` is False; one source setting a key under two names is an error."""
+    sections too unless `nested` is False; one source setting a key under two names is an error. `renamed`
+    collects each rename: dotted key -> the key as written."""
     aliases: Mapping[str, str] = getattr(cls, "KEY_ALIASES", {})
     hints = typing.get_type_hints(cls) if is_dataclass(cls) else {}
     out: dict[str, Any] = {}
@@ -302,17 +311,22 @@ def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str,
             raise ConfigError(f"'{prefix}{key}' and '{prefix}{other}' name the same setting, and both are set",
                               where=where, fix=f"keep only '{prefix}{name}'")
         sub = hints.get(name)
+        if renamed is not None and name != key:
+            renamed[f"{prefix}{name}"] = renamed.get(f"{prefix[:-1]}", prefix[:-1]) + f".{key}" if prefix \
+                else str(key)
         if nested and isinstance(value, Mapping) and is_dataclass(sub) and isinstance(sub, type):
-            value = canonical_keys(sub, value, f"{prefix}{name}.", where)
+            value = canonical_keys(sub, value, f"{prefix}{name}.", where, renamed=renamed)
         out[name] = value
     return out
 
 
 def config_from_dict(data: Mapping[str, Any], sources: Mapping[str, str] | None = None,
-                     origin: str = "config", resolve_model: bool = True) -> RunConfig:
-    """Build a `RunConfig` from a plain mapping, e.g. the resolved config stored in a manifest or checkpoint."""
+                     origin: str = "config", resolve_model: bool = True,
+                     typed: Mapping[str, str] | None = None) -> RunConfig:
+    """Build a `RunConfig` from a plain mapping, e.g. the resolved config stored in a manifest or checkpoint;
+    `typed` maps a key set under another name (an alias) to that name, for the place an error names."""
     data = dict(data)
-    origin = Origin(origin, sources)
+    origin = Origin(origin, sources, typed)
     model_raw = data.pop("model", {}) or {}
     data.pop("sources", None)
     if not isinstance(model_raw, Mapping):
@@ -363,10 +377,13 @@ class Origin(str):
     about a key names the place that key was written."""
 
     sources: dict[str, str]
+    typed: dict[str, str]
 
-    def __new__(cls, default: str, sources: Mapping[str, str] | None = None) -> Origin:
+    def __new__(cls, default: str, sources: Mapping[str, str] | None = None,
+                typed: Mapping[str, str] | None = None) -> Origin:
         obj = super().__new__(cls, default)
         obj.sources = dict(sources or {})
+        obj.typed = dict(typed or {})
         return obj
 
     def of(self, key: str) -> str:
@@ -382,7 +399,10 @@ class Origin(str):
 
     def _place(self, set_key: str) -> str:
         found = self.sources[set_key]
-        return f"--set {set_key}" if found == "--set" else found
+        written = self.typed.get(set_key)
+        if found == "--set":
+            return f"--set {written or set_key}"
+        return f"{found} ({written})" if written else found
 
 
 def _where(origin: str, key: str) -> str:
@@ -430,6 +450,10 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
     try:
         return cls(**kwargs)
     except ConfigError as exc:
+        if exc.where and prefix and re.fullmatch(re.escape(prefix) + r"[\w.]+", exc.where):
+            # a class's own check names its key as the place (model.x): here, who set it (a list item's key,
+            # data.sequence[0].weighted, says more than its list's source would)
+            raise ConfigError(exc.what, where=_where(origin, exc.where), fix=exc.fix) from None
         if exc.where:
             raise
         # a class's own check knows the key (in its message) but not who set it: the file or the --set; a

@@ -153,6 +153,25 @@ def test_a_later_source_wins_whichever_name_it_uses(tmp_path: Path) -> None:
     assert load_config(CFGS / "dare_qnn.yaml", ["model.emb_dim=32"]).model.params.embedding_dim == 32
 
 
+def test_a_models_own_check_names_the_place_and_the_name_the_key_was_written_under(tmp_path: Path) -> None:
+    """A model config's own check (embedding_dim >= 1) named 'model.embedding_dim' as the place even when a
+    --set wrote it, and as `emb_dim`: the place is the --set or the file, under the name the user wrote."""
+    with pytest.raises(ConfigError) as err:
+        load_config(CFGS / "dare_qnn.yaml", ["model.emb_dim=0"])
+    assert err.value.where == "--set model.emb_dim" and "model.embedding_dim" in err.value.fix
+    with pytest.raises(ConfigError) as err:
+        load_config(CFGS / "dare_qnn.yaml", ["model.qnn_alpha.feature_embed_dim=0"])
+    assert err.value.where == "--set model.qnn_alpha.feature_embed_dim"
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {CFGS / 'dare_qnn.yaml'}\nmodel: {{emb_dim: 0}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    assert err.value.where == f"{child} (model.emb_dim)"
+    with pytest.raises(ConfigError) as err:      # a later source's own name replaces the earlier one's
+        load_config(child, ["model.embedding_dim=0"])
+    assert err.value.where == "--set model.embedding_dim"
+
+
 @pytest.mark.parametrize("pad", [1, -1, "false", "0.0"])
 def test_a_pad_id_other_than_0_is_refused(pad: int | str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -172,9 +172,9 @@ def test_a_head_count_that_does_not_divide_gets_a_fix_that_builds(spec_factory, 
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("model.backbone=mmeo", r"^model.backbone: unknown backbone 'mmeo'(?s:.*)did you mean 'mmoe'"),
+    ("model.backbone=mmeo", r"^--set model.backbone: unknown backbone 'mmeo'(?s:.*)did you mean 'mmoe'"),
     ("model.backbone_params.n_expert=4", r"unknown config key 'model.backbone_params.n_expert'"),
-    ("model.backbone_params.dropout=2", r"^model.backbone_params.dropout: (?s:.*)fix: use e.g. "
+    ("model.backbone_params.dropout=2", r"^--set model.backbone_params.dropout: (?s:.*)fix: use e.g. "
                                         r"model.backbone_params.dropout=0.1"),
 ])
 def test_esmm_backbone_settings_are_checked_when_the_config_loads(override: str, message: str) -> None:
