@@ -235,7 +235,8 @@ class FoldConfig:
     composite_group: tuple[str, ...] = ()
     # time mode: a numeric, timestamp/date or sortably written text column (e.g. '2024-05-01 13:00'); it
     # need not be a feature; a missing or empty value is an error. Text holding only numbers orders as numbers, and
-    # timestamps as one time line whatever unit each file stores; one kind in every input file
+    # timestamps as one time line whatever unit each file stores; one kind in every input file. Other text
+    # orders character by character, so text written otherwise (2024-5-9, 9/5/2024, May 9) is refused
     time_key: str = ""
     label: str = ""                      # stratified mode: which label (default: the first)
     seed: int = 2026

@@ -127,6 +127,43 @@ def _text_numbers(s: pl.Series) -> pl.Series | None:
     return number if number.null_count() == s.null_count() else None
 
 
+_MONTH_NAME = r"(?i)\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\b"
+_YEAR_LAST = r"^\s*\d{1,2}[/.\-]\d{1,2}[/.\-]\d{2,4}\b"
+
+
+def refuse_unsorted_text_times(values: pl.Series, key: str) -> None:
+    """Text time values are ordered as text, which is their time order only when it is written so: zero-padded
+    numbers, most significant first (2024-05-09 10:00). Text that reads as a time otherwise ("2024-5-9" after
+    "2024-10-1", "9/5/2024", "May 9 2024") would cut periods in another order than time, and the folds would
+    train on the future without a word: refused, with how to store it. `values`: the distinct values, or a
+    sample of them."""
+    shown = values.drop_nulls()
+    why = ""
+    if shown.str.contains(_MONTH_NAME).any():
+        why, example = "names months", shown.filter(shown.str.contains(_MONTH_NAME))[0]
+    elif shown.str.contains(_YEAR_LAST).any():
+        why, example = "puts the day or month before the year", shown.filter(shown.str.contains(_YEAR_LAST))[0]
+    else:
+        # the n-th number of each value: one width throughout (zero-padded), or text order is not number order
+        runs = pl.DataFrame({"runs": shown.str.extract_all(r"\d+")}).with_row_index("v").explode("runs")
+        runs = runs.drop_nulls().with_columns(pos=pl.int_range(pl.len()).over("v"),
+                                              width=pl.col("runs").str.len_bytes())
+        widths = runs.group_by("pos").agg(lo=pl.col("width").min(), hi=pl.col("width").max()).filter(
+            pl.col("lo") != pl.col("hi"))
+        if widths.height:
+            pos = int(widths["pos"].min())
+            narrow = runs.filter((pl.col("pos") == pos) & (pl.col("width") == widths.filter(
+                pl.col("pos") == pos)["lo"][0]))["v"][0]
+            why, example = "writes numbers of different widths (not zero-padded)", shown[int(narrow)]
+    if why:
+        raise InputFormatError(
+            f"time key {key!r} is text that {why}, e.g. {example!r}: text is ordered character by character, "
+            "which is not its time order, so the periods would not follow time",
+            where="data.folds.time_key",
+            fix=f"store {key!r} as timestamps or numbers (parse it with its format before writing the file), or "
+                "as zero-padded text written year first (2024-05-09 08:00)")
+
+
 def _refuse_missing_times(s: pl.Series, key: str, chunk: RawChunk) -> None:
     missing = s.is_null().to_numpy()
     if missing.any():
@@ -193,11 +230,15 @@ def fit_periods(plan: Plan, paths: list[Path], n_splits: int, exact_distinct: in
             if number is not None:                  # "2" and "2.0" are one time: their counts add up
                 kind = "numbers"
                 counts = counts.with_columns(t=number).group_by("t").agg(pl.col("n").sum())
+            elif kind == "text":
+                refuse_unsorted_text_times(counts["t"], key)
             counts = counts.sort("t")
             starts = period_starts(counts["t"], counts["n"].to_numpy().astype(np.int64), n_splits)
         else:
             kind = "numbers" if tally.kind == "text" and tally.all_numbers else tally.kind
             as_kind = _text_numbers if kind != tally.kind else (lambda v: v)
+            if kind == "text":
+                refuse_unsorted_text_times(tally.sample().unique(), key)
             starts = _refined_starts(n_splits, tally.total, as_kind(tally.sample()).sort(),
                                      lambda: (as_kind(v) for v, _, _ in _time_chunks(plan, paths)))  # type: ignore
         shown = starts.cast(_SHOWN_AS[kind]) if kind in _SHOWN_AS else starts

@@ -531,3 +531,26 @@ def test_time_folds_cut_whenever_there_are_as_many_distinct_times_as_folds(tmp_p
     pq.write_table(table.set_column(table.schema.get_field_index("day"), "day", pa.array(np.minimum(day, 2))), src)
     with pytest.raises(InputFormatError, match="2 distinct values fill 2 of 3 periods"):
         _build(tmp_path, src, "d", "data.folds.n_splits=3", "data.folds.mode=time", "data.folds.time_key=day")
+
+
+@pytest.mark.parametrize(("days", "why"), [
+    ([f"2024-{m}-{d}" for m in (5, 10) for d in (1, 2, 9, 10)], "different widths"),   # "2024-5-9" > "2024-10-1"
+    ([f"{d:02d}/05/2024" for d in range(1, 9)], "before the year"),
+    ([f"{m} 9 2024" for m in ("May", "June", "April", "Dec")] * 2, "names months"),
+])
+def test_text_times_that_do_not_sort_as_time_are_refused(tmp_path: Path, days: list[str], why: str) -> None:
+    """A helper's sweep: time folds over "2024-5-9"-style text cut periods in text order ("2024-10-1" before
+    "2024-5-9"), so folds trained on the future without a word. Exactly counted or sampled, it is refused."""
+    from ctrpipe.shard.folds import fit_periods
+    from ctrpipe.shard.passes import resolve_plan
+
+    src = _keyed(tmp_path / "k.parquet", days * 10)
+    cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=time", "data.folds.time_key=t"])
+    plan = resolve_plan(cfg.data, [src])
+    for exact in (1 << 20, 2):
+        with pytest.raises(InputFormatError, match=why) as err:
+            fit_periods(plan, [src], 3, exact_distinct=exact, sample_rows=1000)
+        assert err.value.where == "data.folds.time_key" and "zero-padded" in err.value.fix
+    padded = [f"2024-{m:02d}-{d:02d} 0{h}:30" for m in (5, 10) for d in (1, 2, 9, 10) for h in (1, 8)]
+    src = _keyed(tmp_path / "p.parquet", padded * 5)
+    assert fit_periods(plan, [src], 3)[1] == ["2024-05-09 08:30", "2024-10-02 08:30"]
