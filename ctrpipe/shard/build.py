@@ -487,6 +487,7 @@ def print_summary(res: BuildResult, quiet: bool) -> None:
     if quiet:
         console.print(f"sharded {m.total_rows:,} rows into {len(m.shards)} shards at {res.out} in "
                       f"{res.seconds:.1f}s ({rate}); {skipped} bad rows skipped", highlight=False)
+        print_layout_problems(m)
         return
     table = Table(title=f"shard cache {res.out}", show_header=False)
     table.add_column("what", style="bold")
@@ -505,3 +506,10 @@ def print_summary(res: BuildResult, quiet: bool) -> None:
     table.add_row("seconds", f"{res.seconds:.1f}")
     table.add_row("throughput", rate)
     console.print(table)
+    print_layout_problems(m)
+
+
+def print_layout_problems(m: Manifest) -> None:
+    """A split or folds unlike what the config asked, said when the cache is built (and by `inspect`)."""
+    for blocking, message in m.layout_problems():
+        console.print(f"[{'bold red' if blocking else 'yellow'}]warning[/]: {escape(message)}", highlight=False)

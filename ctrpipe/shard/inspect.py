@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
 from ctrpipe.console import console
@@ -55,7 +56,7 @@ class _Inspector:
     def __init__(self, root: Path, m: Manifest) -> None:
         self.root, self.m = root, m
         self.checks = {k: Check(k) for k in ("files", "rows", "numeric finite", "categorical ids", "tokens",
-                                              "labels", "splits", "folds", "statistics", "fitted")}
+                                              "labels", "splits", "folds", "statistics", "fitted", "layout")}
         self.ranges: dict[str, ColumnRange] = {c.name: ColumnRange() for c in m.columns}
         self.split_rows = np.zeros(len(SPLIT_CODES), dtype=np.int64)
         self.shard = m.shards[0] if m.shards else None          # the shard being checked
@@ -94,6 +95,11 @@ class _Inspector:
             self.checks["folds"].fail(f"fold sizes {self.fold_rows.tolist()} != manifest {sizes}")
         self._check_statistics()
         self._check_fitted()
+        layout = self.checks["layout"]
+        if self.checks["splits"].ok and self.checks["folds"].ok and m.role == "train" and m.label_names:
+            layout.done = 1
+            for message in (msg for blocking, msg in m.layout_problems() if blocking):
+                layout.fail(message)
 
     def _tally_labels(self, arrays: dict[str, np.ndarray]) -> None:
         y, split = arrays.get("labels"), arrays.get("split")
@@ -323,9 +329,17 @@ def run_inspect(cache: Path) -> bool:
             res.add_row(chk.name, "[dim]skipped[/]", "nothing examined: none of this kind in the cache, its "
                         "files missing, or values another check failed")
     console.print(res)
+    for blocking, message in m.layout_problems():
+        if not blocking:
+            console.print(f"[yellow]warning[/]: {escape(message)}", highlight=False)
     ok = all(c.ok for c in checks.values())
+    damaged = any(not c.ok for name, c in checks.items() if name != "layout")
     if ok:
         console.print("[green]all checks passed[/]")
+    elif not damaged:
+        console.print("[bold red]the cache is whole, but training cannot use it as built[/] (the layout check "
+                      "says why)\n  fix: build it again with the change that check names (`ctrpipe shard ... "
+                      f"--out {cache} --force` and a --set)", highlight=False)
     else:
         console.print("[bold red]some checks failed[/]: the cache is damaged, or was changed after its build\n"
                       f"  fix: build it again (`ctrpipe shard ... --out {cache} --force`, with the inputs and "

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -140,6 +141,48 @@ class Manifest:
     def label_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in sorted(self.columns_of("label"), key=lambda c: c.index))
 
+    def layout_problems(self) -> list[tuple[bool, str]]:
+        """(blocking, message) for a split or folds that came out unlike what the config asked: they follow
+        the data's keys, so one group key holding most rows (or a tiny input) can leave the val split, a fold
+        or the train split near-empty. Blocking: training cannot use the cache as built (no train rows, or
+        an empty fold for --kfold)."""
+        if self.role != "train" or not self.label_names:
+            return []
+        out: list[tuple[bool, str]] = []
+        split = self.config.get("split", {}) or {}
+        train, val = int(self.rows.get("train", 0)), int(self.rows.get("val", 0))
+        ratio, mode = float(split.get("val_ratio", 0.0) or 0.0), split.get("mode", "random")
+        by = f" (data.split.mode={mode}" + (f", key {split.get('key')!r}" if mode == "group" else "") + ")"
+        if train + val and not train:
+            out.append((True, f"no row went to the train split{by}: training has nothing to learn from; lower "
+                              "data.split.val_ratio" + (" or use a key with more values" if mode == "group" else "")
+                              + ", and shard again"))
+        elif ratio and train + val and _off_share(val, train + val, ratio):
+            share = val / (train + val)
+            out.append((False, f"the val split holds {share:.1%} of the rows, where data.split.val_ratio asks "
+                               f"{ratio:.1%}{by}" + ("; a few key values hold most rows" if mode == "group" else "")
+                               + (": runs train without validation (no early stopping, no best step)"
+                                  if not val else "")))
+        sizes = [int(x) for x in self.folds.get("sizes", []) or []]
+        k, total = len(sizes), sum(sizes)
+        if k and total:
+            key = self.folds.get("key") or self.folds.get("time_key") or ""
+            mode = self.folds.get("mode", "")
+            finer = "" if not key else f" or a finer time column than {key!r}" if mode == "time" else \
+                f" or a key with more values than {key!r}"
+            empty = [i for i, n in enumerate(sizes) if not n]
+            big = max(range(k), key=lambda i: sizes[i])
+            if empty:
+                out.append((True, f"fold(s) {', '.join(map(str, empty))} of {k} ({mode}) hold no rows: "
+                                  f"`ctrpipe train --kfold {k}` refuses this cache; use fewer folds "
+                                  f"(data.folds.n_splits){finer}, and shard again"))
+            elif sizes[big] > 2 * total / k and _off_share(sizes[big], total, 1 / k):
+                out.append((False, f"fold {big} of {k} ({mode}) holds {sizes[big] / total:.0%} of the rows (an even "
+                                   f"share is {1 / k:.0%}): its model trains on the other "
+                                   f"{1 - sizes[big] / total:.0%}" + (f"; a few {key!r} values hold most rows"
+                                                                      if key else "")))
+        return out
+
     def feature_spec(self) -> FeatureSpec:
         """The model-facing description; numeric columns in `numeric.npy` order."""
         numeric = sorted(self.columns_of("numeric", "missing_indicator", "covisit"), key=lambda c: c.index)
@@ -175,6 +218,14 @@ class Manifest:
         d["columns"] = tuple(ColumnSpec(**c) for c in d["columns"])
         d["shards"] = tuple(ShardInfo.from_dict(s) for s in d["shards"])
         return cls(**d)
+
+
+def _off_share(part: int, whole: int, share: float) -> bool:
+    """Whether `part` of `whole` rows is far from `share` of them: under half or over twice that share, and
+    beyond what chance gives a random assignment (3 binomial deviations: small inputs vary)."""
+    got = part / whole
+    spread = 3.0 * math.sqrt(share * (1.0 - share) / whole)
+    return (got < share / 2 or got > 2 * share) and abs(got - share) > spread
 
 
 def _sha256(obj: Any) -> str:

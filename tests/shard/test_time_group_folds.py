@@ -554,3 +554,44 @@ def test_text_times_that_do_not_sort_as_time_are_refused(tmp_path: Path, days: l
     padded = [f"2024-{m:02d}-{d:02d} 0{h}:30" for m in (5, 10) for d in (1, 2, 9, 10) for h in (1, 8)]
     src = _keyed(tmp_path / "p.parquet", padded * 5)
     assert fit_periods(plan, [src], 3)[1] == ["2024-05-09 08:30", "2024-10-02 08:30"]
+
+
+def test_a_split_or_folds_unlike_the_config_are_said_at_build_and_by_inspect(tmp_path: Path) -> None:
+    """A helper's sweep: one group key holding most rows left four of five folds empty, or a val split of 84%
+    where val_ratio asked 20%, and a tail split of val_ratio 0.999 no train rows: all built and passed
+    `inspect` without a word (only `train --kfold` refused, later). The build says so; inspect fails a cache
+    training cannot use and warns about the rest."""
+    from typer.testing import CliRunner
+
+    from ctrpipe.cli import app
+    from ctrpipe.shard.inspect import inspect_cache
+
+    n = 2000
+    rng = np.random.default_rng(0)
+    user = np.where(rng.random(n) < 0.85, "big", np.char.add("u", rng.integers(0, 300, n).astype(str)))
+    src = tmp_path / "g.parquet"
+    pq.write_table(pa.table({"ID": [f"r{i}" for i in range(n)], "clicked": pa.array(rng.random(n) < 0.3, pa.int8()),
+                             "x": rng.random(n), "user": user.tolist(), "item": ["i"] * n}), src)
+    cases = {   # what --set gives: (a problem that blocks training, the message)
+        "one": (["data.folds.n_splits=5", "data.folds.mode=group", "data.folds.key=item"], True, "hold no rows"),
+        "giant": (["data.folds.n_splits=5", "data.folds.mode=group", "data.folds.key=user"], False, "holds 8"),
+        "val": (["data.split.mode=group", "data.split.key=user", "data.split.val_ratio=0.2"], False, "val split"),
+        "notrain": (["data.split.mode=tail", "data.split.val_ratio=0.9999"], True, "no row went to the train"),
+        "fine": (["data.folds.n_splits=5", "data.folds.mode=stratified"], None, ""),
+    }
+    for name, (sets, blocking, message) in cases.items():
+        res = CliRunner().invoke(app, ["shard", "--cfg", str(PARQUET_CFG), "-i", str(src), "-o", str(tmp_path / name),
+                                       "-q", *[a for s in [*BASE, *sets] for a in ("--set", s)]])
+        assert res.exit_code == 0, res.output
+        problems = read_manifest(tmp_path / name).layout_problems()
+        if blocking is None:
+            assert problems == [] and "warning" not in res.output, res.output
+            continue
+        assert problems and problems[0][0] is blocking and message in problems[0][1], (name, problems)
+        assert "warning" in res.output and message in " ".join(res.output.split()), res.output
+        checks = inspect_cache(tmp_path / name)[1]
+        assert checks["layout"].ok is not blocking and all(c.ok for k, c in checks.items() if k != "layout")
+        out = CliRunner().invoke(app, ["inspect", str(tmp_path / name)])
+        assert out.exit_code == int(blocking) and message in " ".join(out.output.split()), out.output
+        if blocking:
+            assert "cache is whole, but training cannot use it" in out.output and "damaged" not in out.output
