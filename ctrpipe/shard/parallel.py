@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -105,8 +106,11 @@ def die_with_parent() -> None:
     import sys
 
     # Ctrl-C reaches the whole process group: the build's process handles it and ends the pool; a worker that
-    # took it too printed a traceback, and one that died of it could leave the pool waiting on it
+    # took it too printed a traceback, and one that died of it could leave the pool waiting on it. The worker
+    # started with SIGINT blocked (_QuietSpawnProcess): ignoring it drops one that came while it started.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -116,6 +120,25 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:      # the parent died before the prctl: nobody would signal us
         os._exit(1)
+
+
+class _QuietSpawnProcess(multiprocessing.context.SpawnProcess):
+    """A spawned worker that starts with SIGINT blocked (a signal mask survives fork and exec): Ctrl-C while
+    it imports polars and ctrpipe, before `die_with_parent` ignores the signal, printed its traceback."""
+
+    def start(self) -> None:
+        if not hasattr(signal, "pthread_sigmask"):
+            super().start()
+            return
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _QuietSpawnContext(multiprocessing.context.SpawnContext):
+    Process = _QuietSpawnProcess
 
 
 def _end_pool(pool: ProcessPoolExecutor) -> None:
@@ -137,8 +160,7 @@ def executor(workers: int, dask: str | None) -> Iterator[Executor]:
     running scheduler (tcp://host:8786)."""
     if dask is None:
         # spawn, not fork: the parent may hold threads whose locks a forked child would inherit
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=die_with_parent)
+        pool = ProcessPoolExecutor(workers, mp_context=_QuietSpawnContext(), initializer=die_with_parent)
         try:
             with one_arena_for_children():      # workers start as tasks come: the whole pool's life
                 yield pool

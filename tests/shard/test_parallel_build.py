@@ -201,6 +201,29 @@ def test_ctrl_c_ends_the_pool_at_once_without_worker_tracebacks(tmp_path: Path) 
     assert err.count("KeyboardInterrupt") == 1, err              # the build's own, no worker's
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")
+def test_ctrl_c_while_workers_start_prints_no_worker_traceback(tmp_path: Path) -> None:
+    """A helper's sweep: Ctrl-C within a second of `shard --workers 2` printed two tracebacks, of workers still
+    importing polars and ctrpipe (before their initializer ignores SIGINT). They start with SIGINT blocked."""
+    script = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from ctrpipe.shard.parallel import executor\n"
+        "with executor(2, None) as pool:\n"
+        "    futures = [pool.submit(time.sleep, 1) for _ in range(4)]\n"   # both workers are spawned now
+        "    print('ready', flush=True)\n"
+        "    for f in futures:\n"
+        "        f.result()\n")
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(0.05)                                # the workers are importing their modules
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert err.count("Traceback") == 1 and err.count("KeyboardInterrupt") == 1, err   # the build's own
+
+
 def test_a_dead_worker_is_a_clear_error(tmp_path: Path) -> None:
     """An out-of-memory kill of one worker surfaced as a BrokenProcessPool traceback."""
     from ctrpipe.errors import InputFormatError
