@@ -298,7 +298,7 @@ def fit_partition(data: DataConfig, first: Path, path: Path, role: str, start: i
         for chunk, ft in train_frames(plan, [path], splitter, start):
             file_counts.add(chunk)
             train_rows += ft.height
-            tokens = ChunkTokens(plan, ft)
+            tokens = ChunkTokens(plan, ft, str(chunk.source))
             for cv in plan.covisit:
                 _count_covisit(plan, ft, cv, covisit[cv.name], tokens)
             for c, k in vocab.items():

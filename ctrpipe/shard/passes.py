@@ -284,7 +284,7 @@ def fit_pass(plan: Plan, inputs: Inputs, progress: bool) -> Fitted:
             # one task per accumulator, so tasks share no accumulator and the result is that of one thread.
             # Co-visitation first (the heaviest: it splits the context column, for its readers in the other
             # tasks too), vocabularies shared with token columns last (they reuse that split).
-            tokens = ChunkTokens(plan, ft)
+            tokens = ChunkTokens(plan, ft, str(chunk.source))
             tasks = [partial(_count_covisit, plan, ft, cv, covisit[cv.name], tokens) for cv in plan.covisit]
             if plan.numeric:
                 tasks.append(partial(_accumulate_numeric, plan, ft, nacc, mom))
@@ -577,7 +577,8 @@ class StreamWriter:
                             if data.folds.mode == "time" and folds.period_starts is not None else None
                         fold = folds.assign(idx, label=y[:, t.fold_label] if y is not None else None,
                                             key_hash=fold_key_hash(plan, frame, idx), time=when)
-                    pending.append((chunk, split, y, fold, pool.submit(self.transformer.transform, frame, split)))
+                    pending.append((chunk, split, y, fold, pool.submit(self.transformer.transform, frame, split,
+                                                                       str(chunk.source))))
                     if len(pending) >= ahead:
                         finish()
             while pending:

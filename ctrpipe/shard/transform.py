@@ -248,8 +248,8 @@ class ChunkTokens:
     is split and hashed for both seeds in one pass; its readers (tasks on several threads) share the result.
     `kept` is None where the kernel cannot take the column: the caller then runs the polars path."""
 
-    def __init__(self, plan: Plan, frame: pl.DataFrame) -> None:
-        self.plan, self.frame = plan, frame
+    def __init__(self, plan: Plan, frame: pl.DataFrame, source: str = "") -> None:
+        self.plan, self.frame, self.source = plan, frame, source        # source: the file, for errors
         self._kept: dict[tuple[str, int], KeptTokens | None] = {}
         self._lock = threading.Lock()                       # guards _kept and _columns
         self._columns: dict[str, threading.Lock] = {}       # one per token column, held while it is split
@@ -292,36 +292,54 @@ class ChunkTokens:
         """`transforms.tokens_hashes` of the column with `seed`: (M,) uint64 hashes, (N,) int64 lengths."""
         got = self.kept(tc, seed)
         if got is not None:
-            check_separator(tc, self.frame[tc.column], got.lengths)
+            check_separator(tc, self.frame[tc.column], self.source)
             return got.hashes, got.lengths
         flat, lengths = polars_tokens_hashes(self.frame[tc.column], tc.separator, self.plan.token_keep(tc),
                                              tc.max_len, seed, weighted=tc.weighted)
-        check_separator(tc, self.frame[tc.column], lengths)
+        check_separator(tc, self.frame[tc.column], self.source)
         return np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64)
 
 
-OTHER_SEPARATORS = (",", "|", ";", "\t")
+OTHER_SEPARATORS = (",", "|", ";", "\t", " ")
+_SEPARATOR_SAMPLE = 1000        # values of a chunk check_separator looks at
 
 
-def check_separator(tc: TokenColumnConfig, values: pl.Series, lengths: np.ndarray | pl.Series) -> None:
-    """Refuse a separator that splits nothing while the values are evidently lists split by another
-    character: each row would silently hold one token (a history all out-of-vocabulary, ids that never match
-    the candidate's). Only chunks where no row has two tokens are looked at, so the cost is one max."""
-    n = len(lengths)
-    if tc.max_len < 2 or values.dtype != pl.String or n == 0 or int(np.max(np.asarray(lengths))) > 1:
+def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") -> None:
+    """Refuse a separator that leaves many of a chunk's values whole while they are evidently lists split by
+    another character (each such row would silently hold one token: a history all out-of-vocabulary, ids that
+    never match the candidate's), or that leaves a space on most tokens ("a, b" split on ","; the ids of
+    " b" and "b" differ). The first values of the chunk tell: one pass over at most 1,000 of them."""
+    if tc.max_len < 2 or values.dtype != pl.String or not len(values):
         return
-    filled = values.drop_nulls()
-    # the first 1,000 values tell: a column of genuine single tokens pays this on every chunk
-    filled = filled.filter(filled.str.len_bytes() > 0).head(1000)
-    if filled.len() < 20:        # too few values to tell lists from single tokens
+    sample = values.head(_SEPARATOR_SAMPLE).drop_nulls()
+    sample = sample.filter(sample.str.len_bytes() > 0)
+    n = sample.len()
+    if n < 20:                  # too few values to tell lists from single tokens
         return
+    where = source or f"data.sequence / data.multihot: {tc.column}"
+    split = sample.str.contains(tc.separator, literal=True)
+    whole = sample.filter(~split)
     for other in OTHER_SEPARATORS:
-        share = float(filled.str.contains(other, literal=True).mean() or 0.0) if other != tc.separator else 0.0
-        if share >= 0.5:           # lists of one item are common in histories; most rows still hold two+
-            raise ConfigError(f"token column {tc.column!r}: separator {tc.separator!r} occurs in none of a "
-                              f"chunk's values while {share:.0%} of them contain {other!r}, so every row would "
-                              "hold a single token", where=f"data.sequence / data.multihot: {tc.column}",
-                              fix=f"set separator: {other!r} for {tc.column!r}")
+        if other in tc.separator:
+            continue
+        found = whole.filter(whole.str.contains(other, literal=True))
+        # lists of one item are common in histories: a share of rows split by another character tells; a
+        # space, which also sits inside single tokens (multi-word tags), tells only where the separator is in
+        # (almost) no value and the space in most
+        if found.len() >= 0.2 * n if other != " " else found.len() >= 0.5 * n and whole.len() >= 0.95 * n:
+            raise ConfigError(f"{found.len() / n:.0%} of a chunk's values of token column {tc.column!r} contain "
+                              f"{other!r} and not the separator {tc.separator!r} (e.g. {found[0][:60]!r}), so "
+                              "each would be a single token", where=where,
+                              fix=f"set separator: {other!r} for {tc.column!r}" + (
+                                  "" if found.len() > 0.9 * n else " (or write the column with one separator)"))
+    lists = sample.filter(split)
+    spaced = lists.filter(lists.str.contains(tc.separator + " ", literal=True)) if tc.separator[-1:] != " " \
+        else lists.head(0)
+    if spaced.len() >= 0.5 * max(lists.len(), 1) and spaced.len() >= 10:
+        raise ConfigError(f"the separator {tc.separator!r} of token column {tc.column!r} is followed by a space "
+                          f"in {spaced.len() / lists.len():.0%} of a chunk's lists (e.g. {spaced[0][:60]!r}), so their "
+                          "tokens would keep it (' b' is another id than 'b')", where=where,
+                          fix=f"set separator: {tc.separator + ' '!r} for {tc.column!r}")
 
 
 def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str, tokens: ChunkTokens | None = None) -> ContextTokens:
@@ -367,13 +385,13 @@ class ChunkTransformer:
         self.mean = np.array([s.mean if s else 0.0 for s in stats], dtype=np.float32)
         self.std = np.array([s.std if s else 1.0 for s in stats], dtype=np.float32)
 
-    def transform(self, frame: pl.DataFrame, split: np.ndarray) -> tuple[Arrays, np.ndarray]:
+    def transform(self, frame: pl.DataFrame, split: np.ndarray, source: str = "") -> tuple[Arrays, np.ndarray]:
         """Arrays for every group except split/fold/ids/labels, plus (Fn,) raw-missing counts per numeric.npy
         column (only numeric columns can be missing; indicators and covisit features never are)."""
         plan, cfg = self.plan, self.plan.cfg
         n = frame.height
         out: Arrays = {}
-        tokens = ChunkTokens(plan, frame)
+        tokens = ChunkTokens(plan, frame, source)
         layout = plan.numeric_layout()
         missing_counts = np.zeros(len(layout), dtype=np.int64)
         if layout:
@@ -409,7 +427,7 @@ class ChunkTransformer:
             ids, lengths, weights = kept.padded(tc.max_len, bins, vocab) if kept is not None else \
                 polars_tokens_to_ids(frame[tc.column], tc.separator, tc.max_len, plan.token_seed(tc), bins,
                                      tc.weighted, plan.token_keep(tc), vocab)
-            check_separator(tc, frame[tc.column], lengths)
+            check_separator(tc, frame[tc.column], source)
             tokens.forget({(t.column, plan.token_seed(t)) for t in plan.tokens if t != tc})
             stem = safe_name(tc.column)
             out[f"{stem}.tokens"] = np.asarray(ids, dtype=np.int32)

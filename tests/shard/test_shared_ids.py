@@ -6,13 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ctrpipe.data.config import TokenColumnConfig
 from ctrpipe.errors import ConfigError
 from ctrpipe.shard.build import build_shards
 from ctrpipe.shard.manifest import read_manifest
+from ctrpipe.shard.transform import check_separator
 from tests.cli_helpers import run_cli, sets
 from tests.shard.helpers import PARQUET_CFG, load_all, parquet_cfg
 
@@ -153,11 +156,42 @@ def test_a_separator_that_splits_nothing_is_refused(tmp_path: Path, mode: str) -
     train = _write(tmp_path / "t.parquet", 200, 0, rare=False)
     keys = [k for k in _overrides(mode) if not k.startswith("data.covisit")]
     cfg = parquet_cfg(*keys, "data.sequence=[{column: seq, max_len: 8, share_ids_with: item_id}]")
-    with pytest.raises(ConfigError, match="separator '|' occurs in none") as e:
+    with pytest.raises(ConfigError, match="contain ',' and not the separator '|'") as e:
         build_shards(cfg, [train], tmp_path / "c", progress=False)
-    assert "separator: ','" in e.value.fix and "seq" in e.value.where
+    assert "separator: ','" in e.value.fix and "'seq'" in e.value.what and e.value.where == str(train)
     ok = parquet_cfg(*keys, "data.sequence=[{column: seq, separator: ',', max_len: 8, share_ids_with: item_id}]")
     assert build_shards(ok, [train], tmp_path / "ok", progress=False).manifest.total_rows == 200
+
+
+@pytest.mark.parametrize(("values", "separator", "refused"), [
+    (["1 2 3"] * 40, ",", "contain ' ' and not the separator ','"),
+    (["1|2|3"] * 39 + ["1,2"], ",", "contain '|'"),            # one stray row switched the check off
+    (["1|2|3", "4,5,6"] * 20, ",", "contain '|'"),             # two separators in one column
+    (["a, b, c"] * 40, ",", "followed by a space"),            # tokens kept the space: ' b' != 'b'
+    (["new york|paris", "los angeles"] * 20, "|", None),       # multi-word tokens, half the rows single
+    (["1,2", "3"] * 20, ",", None),
+    (["a, b, c"] * 40, ", ", None),
+])
+def test_token_columns_split_by_another_character_are_refused(tmp_path: Path, values: list[str], separator: str,
+                                                             refused: str | None) -> None:
+    """A helper's sweep: space-separated histories, histories with one stray comma row among '|' rows, mixed
+    separators and 'a, b' lists split on ',' were each sharded silently (one token per row, or tokens keeping
+    their space). Each is refused naming the file; genuine tokens with spaces are not."""
+    tc = TokenColumnConfig(column="seq", separator=separator, max_len=8)
+    if refused is None:
+        check_separator(tc, pl.Series(values), "f.parquet")
+        return
+    with pytest.raises(ConfigError, match=refused) as e:
+        check_separator(tc, pl.Series(values), "f.parquet")
+    assert e.value.where == "f.parquet" and "set separator:" in e.value.fix
+    train = _write(tmp_path / "t.parquet", 40, 0, rare=False)       # and from a build, naming its file
+    table = pq.read_table(train)
+    pq.write_table(table.set_column(table.schema.get_field_index("seq"), "seq", pa.array(values)), train)
+    keys = [k for k in _overrides("hash") if not k.startswith("data.covisit")]
+    cfg = parquet_cfg(*keys, f"data.sequence=[{{column: seq, separator: '{separator}', max_len: 8}}]")
+    with pytest.raises(ConfigError, match=refused) as e:
+        build_shards(cfg, [train], tmp_path / "c", progress=False)
+    assert e.value.where == str(train)
 
 
 def test_a_repeated_covisit_entry_is_refused(tmp_path: Path) -> None:
