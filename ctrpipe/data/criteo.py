@@ -323,7 +323,17 @@ def detect_layout(path: Path, block: _Block, sep: str, remedies: Remedies = SHAR
     counts = _field_counts(sample, starts, sep)
     first = _line_text(sample, starts, ends, 0).rstrip("\r")
     first_field = first.split(sep)[0]
-    if first_field.strip() and not _is_number(first_field):
+    other = _other_separator(first, sep)
+    if first_field.strip() and not _is_number(first_field) and other is not None and \
+            _is_number(first.split(other)[0]):
+        # a data line split by another character is no header: removing it (the header's fix) met the
+        # same error on the next line, for ever
+        raise InputFormatError(
+            f"the first line has {first.count(other) + 1} {_sep_name(other)}-separated fields and no "
+            f"{_sep_name(sep)} (expected {_expected_text(LABELLED_FIELDS)} separated by {_sep_name(sep)}s)",
+            where=location(path, 1), fix=_separator_hint(first, sep, remedies).removeprefix("; "))
+    # a header names the fields: as many as a data line has (other text, a README, is no Criteo text at all)
+    if first_field.strip() and not _is_number(first_field) and int(counts[0]) in (LABELLED_FIELDS, TEST_FIELDS):
         shown = first if len(first) <= 40 else first[:40] + "..."
         raise InputFormatError(
             f"the first line looks like a header ({shown!r}): Criteo text has no header line",
@@ -332,7 +342,8 @@ def detect_layout(path: Path, block: _Block, sep: str, remedies: Remedies = SHAR
     n_lab, n_test = int((counts == LABELLED_FIELDS).sum()), int((counts == TEST_FIELDS).sum())
     if n_lab == 0 and n_test == 0:
         raise InputFormatError(
-            f"{int(counts[0])} {_sep_name(sep)}-separated fields on the first line, expected "
+            f"{int(counts[0])} {_sep_name(sep)}-separated field{'' if counts[0] == 1 else 's'} on the first line, "
+            "expected "
             f"{_expected_text(LABELLED_FIELDS)} or {_expected_text(TEST_FIELDS)}",
             where=location(path, 1),
             fix=remedies.or_read_as("check the file is Criteo text", "parquet", "Parquet")
@@ -340,16 +351,25 @@ def detect_layout(path: Path, block: _Block, sep: str, remedies: Remedies = SHAR
     return LABELLED_FIELDS if n_lab >= n_test else TEST_FIELDS
 
 
+def _other_separator(line: str, sep: str) -> str | None:
+    """Another character that splits `line` into a Criteo line's 40 or 39 fields, if one does."""
+    return next((other for other in ("\t", ",", ";", "|", " ")
+                 if other != sep and line.count(other) + 1 in (LABELLED_FIELDS, TEST_FIELDS)), None)
+
+
 def _separator_hint(line: str, sep: str, remedies: Remedies = SHARD_REMEDIES) -> str:
-    for other in ("\t", ",", ";", "|"):
-        if other != sep and line.count(other) + 1 in (LABELLED_FIELDS, TEST_FIELDS):
-            if remedies.run_format:
-                return (f"; the line has {line.count(other) + 1} {_sep_name(other)}-separated fields, and the run "
-                        f"reads {_sep_name(sep)}-separated ones")
-            return (f"; the line has {line.count(other) + 1} {_sep_name(other)}-separated fields: set "
-                    f"data.separator={other!r}" + (" (integers written as floats like 260.0 are accepted)"
-                                                    if other == "," else ""))
-    return ""
+    other = _other_separator(line, sep)
+    n = line.count(other) + 1 if other is not None else 0
+    if other is None:
+        return ""
+    if other == " ":            # Criteo fields hold no spaces: a tool wrote spaces for the tabs
+        return (f"; the line has {n} space-separated fields: convert the spaces to tabs (e.g. `tr ' ' '\\t' < "
+                "FILE > FILE.tsv`)" + ("" if remedies.run_format else ", or set data.separator=' '"))
+    if remedies.run_format:
+        return (f"; the line has {n} {_sep_name(other)}-separated fields, and the run reads "
+                f"{_sep_name(sep)}-separated ones")
+    return (f"; the line has {n} {_sep_name(other)}-separated fields: set data.separator={other!r}"
+            + (" (integers written as floats like 260.0 are accepted)" if other == "," else ""))
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -480,12 +500,16 @@ class CriteoReader:
         return kept, np.flatnonzero(keep), bad
 
     def _field_error(self, n: int, line: int, text: str) -> InputFormatError:
-        what = f"{n} {_sep_name(self.sep)}-separated fields, expected {_expected_text(self.n_fields)}"
+        what = f"{n} {_sep_name(self.sep)}-separated field{'' if n == 1 else 's'}, expected " \
+            f"{_expected_text(self.n_fields)}"
         if not text.strip():
             what = f"empty line, expected {_expected_text(self.n_fields)} fields"
         r = self.remedies
         if not text.strip():
             fix = r.or_skip("remove the empty line", "lines")
+        elif _other_separator(text, self.sep) is not None:      # not short: split by another character
+            return InputFormatError(what, where=location(self.path, line),
+                                    fix=r.or_skip(_separator_hint(text, self.sep, r).removeprefix("; "), "lines"))
         elif 0 < n < self.n_fields:
             fix = r.or_skip("the line is short: were trailing empty fields stripped (an editor or tool that trims "
                             "lines)? Re-export with every separator kept", "lines")

@@ -182,6 +182,31 @@ def test_comma_separated_file_gets_separator_hint(tmp_path: Path, criteo_tsv: Pa
     assert read_all(path, cfg=cfg).equals(read_all(criteo_tsv))
 
 
+def test_lines_split_by_spaces_or_commas_are_no_header(tmp_path: Path, criteo_tsv: Path) -> None:
+    """A helper's sweep: a space-separated file was said to start with a header, and removing that line (the
+    fix) met the same error on the next one, for ever; a space-separated line inside a file was called short
+    (trailing fields stripped); a README among the inputs was a header too."""
+    lines = lines_of(criteo_tsv)
+    spaced = write_lines(tmp_path / "s.txt", [ln.replace("\t", " ") for ln in lines])
+    with pytest.raises(InputFormatError) as err:
+        read_all(spaced)
+    assert "header" not in str(err.value) and "40 space-separated fields" in err.value.what
+    assert "convert the spaces to tabs" in err.value.fix and "data.separator=' '" in err.value.fix
+    assert read_all(spaced, cfg=dataclasses.replace(CFG, separator=" ")).equals(read_all(criteo_tsv))
+    comma = write_lines(tmp_path / "c.csv", [ln.replace("\t", ",") for ln in lines])
+    with pytest.raises(InputFormatError) as err:
+        read_all(comma)
+    assert "header" not in str(err.value) and "data.separator=','" in err.value.fix
+    inside = write_lines(tmp_path / "i.tsv", [*lines[:10], lines[10].replace("\t", " "), *lines[11:]])
+    with pytest.raises(InputFormatError) as err:
+        read_all(inside)
+    assert err.value.where.endswith("line 11") and "short" not in err.value.fix and "spaces to tabs" in err.value.fix
+    readme = write_lines(tmp_path / "README.md", ["# my data\n", "some notes\n"])
+    with pytest.raises(InputFormatError) as err:
+        read_all(readme)
+    assert "header" not in str(err.value) and "1 tab-separated field on the first line" in err.value.what
+
+
 def test_corrupt_and_truncated_gz(tmp_path: Path, criteo_tsv: Path) -> None:
     blob = gzip.compress(criteo_tsv.read_bytes() * 20)
     truncated = tmp_path / "trunc.tsv.gz"
