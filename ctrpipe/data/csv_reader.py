@@ -312,7 +312,8 @@ class CsvChunker:
                 value = frame[d.column][row]
                 where = location(self.path, int(rec.lines[i]), column=d.column)
                 if value is None or value == "" or value in self.missing:
-                    return InputFormatError(f"missing value {value!r} in the source of label {d.name!r}",
+                    shown = f" ({value!r} is listed in data.csv.missing)" if value else ""
+                    return InputFormatError(f"the source of label {d.name!r} is missing{shown}",
                                             where=where,
                                             fix=self.remedies.or_skip(f"every row needs a label: fill in "
                                                                       f"{d.column!r}"))

@@ -39,7 +39,7 @@ def read_schema(path: Path, remedies: Remedies = SHARD_REMEDIES) -> pa.Schema:
         return pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:
         fix = "check the file is Parquet (the run reads data.format=parquet)" if remedies.run_format else \
-            f"check the file (Criteo text needs {remedies.read_as('criteo')}, CSV {remedies.read_as('csv')})"
+            f"check the file (for Criteo text {remedies.read_as('criteo')}; for CSV {remedies.read_as('csv')})"
         raise InputFormatError(f"not a readable Parquet file ({str(exc).splitlines()[0]})", where=str(path),
                                fix=fix) from None
 
@@ -258,6 +258,7 @@ class ParquetChunker:
                 wrong = (yv != 0.0) & (yv != 1.0)
                 self._flag(wrong, keep, bad, row0, c, "bad label",
                            lambda i, c=c: InputFormatError(
+                               "the label is missing" if frame[c][i] is None else
                                f"label {frame[c][i]!r} is not 0 or 1", where=location(self.path, row=row0 + i,
                                                                                        column=c),
                                fix=self.remedies.bad_label(self.labels_optional)))

@@ -77,7 +77,9 @@ def period_starts(values: pl.Series, counts: np.ndarray, k: int) -> pl.Series:
     if filled < k <= len(values):   # a value holding many rows took a period's middle rank: cut by the rest
         period = _remaining_share_periods(counts, k)
     elif filled < k:
-        raise ValueError(f"{len(values)} distinct values fill {filled} of {k} periods")
+        one = len(values) == 1
+        raise ValueError(f"{len(values)} distinct value{'' if one else 's'} fill{'s' if one else ''} {filled} of "
+                         f"{k} periods")
     first = np.searchsorted(period, np.arange(1, k), side="left")      # first value of each later period
     return values.gather(first)
 

@@ -168,7 +168,8 @@ def _refuse_missing_times(s: pl.Series, key: str, chunk: RawChunk) -> None:
     missing = s.is_null().to_numpy()
     if missing.any():
         i = int(np.argmax(missing))
-        raise InputFormatError(f"time key {key!r} is missing in {int(missing.sum())} rows of this chunk",
+        raise InputFormatError(f"time key {key!r} is missing in {int(missing.sum())} "
+                               f"row{'' if missing.sum() == 1 else 's'} of this chunk",
                                where=location(chunk.source, row=chunk.line_of(i), column=key),
                                fix="fill the missing times in the input, or use another data.folds.mode")
 

@@ -180,7 +180,7 @@ def test_value_errors_name_line_and_column(tmp_path: Path) -> None:
     cases = [("u1,abc,x,y,Widowed,1\n", r"(?s)line 3, column age: 'abc' is not a number.*data.csv.missing"),
              ("u1, 5 x,x,y,Widowed,1\n", r"(?s)line 3, column age: ' 5 x' is not a number.*separator ', '"),
              ("u1,5,x,y,Widowed,2\n", r"line 3, column clicked: label '2' is not 0 or 1"),
-             ("u1,5,x,y,?,1\n", r"(?s)line 3, column status: missing value '\?' in the source of label 'married'"
+             ("u1,5,x,y,?,1\n", r"(?s)line 3, column status: the source of label 'married' is missing \('\?' is listed"
                                 r".*fix: every row needs a label: fill in 'status', or pass --bad-rows skip"),
              ("u1,5,x,y,Widowed,\n", r"line 3, column clicked: the label is missing\n")]
     for i, (row, pattern) in enumerate(cases):

@@ -125,7 +125,7 @@ def test_a_test_files_empty_label_columns_are_no_labels(cfg: DataConfig, tmp_pat
     path = rewrite(parquet_file, tmp_path / "t.parquet", clicked=placeholder(n), converted=placeholder(n))
     chunks = list(iter_raw_chunks(cfg, [path], 30, require_labels=False))
     assert not any(c.has_labels for c in chunks) and sum(c.frame.height for c in chunks) == n
-    with pytest.raises(InputFormatError, match="is not 0 or 1"):          # a training file: labels needed
+    with pytest.raises(InputFormatError, match="the label is missing"):          # a training file: labels needed
         list(iter_raw_chunks(cfg, [path], 30))
     # some labels missing: the test file's fix is to drop them, not to skip rows (which the submission lacks)
     some = pq.read_table(parquet_file)["clicked"].to_pylist()
@@ -264,6 +264,11 @@ def test_bad_label_value(cfg: DataConfig, tmp_path: Path, parquet_file: Path) ->
     chunks = list(iter_raw_chunks(cfg, [path], 1000, bad_rows="skip"))
     assert [(b.row, b.reason) for b in chunks[0].bad_rows] == [(5, "bad label"), (40, "bad label")]
     assert chunks[0].frame.height == n - 2
+    y[5] = 0                        # a null label was "label None is not 0 or 1" (Python's None, not a value)
+    path = rewrite(parquet_file, tmp_path / "y2.parquet", converted=pa.array(y, pa.int8()))
+    with pytest.raises(InputFormatError) as err:
+        read_all(cfg, [path])
+    assert f"{path}, row 40, column converted: the label is missing" in str(err.value)
 
 
 def test_missing_id_names_row(cfg: DataConfig, tmp_path: Path, parquet_file: Path) -> None:

@@ -238,7 +238,7 @@ def test_an_empty_text_time_is_missing_not_the_earliest(tmp_path: Path) -> None:
                                     "data.folds.time_key=stamp"])
     with pytest.raises(InputFormatError) as e:
         build_shards(cfg, [tmp_path / "e.parquet"], tmp_path / "c", progress=False)
-    assert "time key 'stamp' is missing in 1 rows" in str(e.value) and "row 9" in str(e.value)
+    assert "time key 'stamp' is missing in 1 row of" in str(e.value) and "row 9" in str(e.value)
 
 
 @pytest.mark.parametrize(("kwargs", "fix"), [
