@@ -70,9 +70,11 @@ def _header(path: Path, cfg: DataConfig, rec: Records, remedies: Remedies = SHAR
         fix = remedies.or_config("check the quoting of the header", "set data.csv.header=false and "
                                                                     "data.csv.column_names")
         if "utf-8" in reason.lower() or "utf8" in reason.lower():
+            with open(path, "rb") as fh:        # a byte-order mark names UTF-16 (Windows tools write it so)
+                encoding = "utf-16" if fh.read(2) in (b"\xff\xfe", b"\xfe\xff") else "latin1"
             fix = (f"the file is not UTF-8 text, which CSV inputs must be: convert it, e.g. "
-                   f"`iconv -f latin1 -t utf-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}` (or "
-                   "from its own encoding)")
+                   f"`iconv -f {encoding} -t utf-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}`"
+                   + (" (or from its own encoding)" if encoding == "latin1" else ""))
         raise InputFormatError(f"cannot parse the header row: {reason}", where=location(path, int(rec.lines[0])),
                                fix=fix) from None
     empty = [j + 1 for j, v in enumerate(names) if not v]

@@ -80,7 +80,7 @@ def closest(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     if close:
         return f"did you mean {close[0]!r}?"
-    return f"existing columns include {names[:8]}"
+    return f"existing columns include {names[:8]}."
 
 
 def _check_exists(names: list[str], present: list[str], key: str, where: str, criteo: bool,
@@ -92,7 +92,9 @@ def _check_exists(names: list[str], present: list[str], key: str, where: str, cr
             what = f"column {n!r} ({key}) is not in the input"
             if criteo:
                 what = f"column {n!r} ({key}) is not a Criteo column (label, I1..I13, C1..C26)"
-            fix = f"{closest(n, present)} Check {key} in the config." if not to_predict else \
+            # a column the config already names is no suggestion: the user did not mean x1 when naming x1, x2
+            others = [p for p in present if p not in names] or present
+            fix = f"{closest(n, others)} Check {key} in the config." if not to_predict else \
                 missing_feature_fix(n, present)
             raise SchemaError(what, where=where, fix=fix)
 

@@ -677,3 +677,9 @@ def test_a_header_that_is_not_utf8_says_so(tmp_path: Path) -> None:
     with pytest.raises(InputFormatError, match="cannot parse the header row") as err:
         read(cfg_for(), [path])
     assert "not UTF-8" in err.value.fix and "iconv" in err.value.fix, err.value.fix
+    assert "-f latin1" in err.value.fix
+    utf16 = tmp_path / "u16.csv"            # a helper's sweep: UTF-16 (Windows exports) was told latin1
+    utf16.write_bytes("uid,age,city,note,status,clicked\na,1,x,n,Divorced,0\n".encode("utf-16"))
+    with pytest.raises(InputFormatError, match="cannot parse the header row") as err:
+        read(cfg_for(), [utf16])
+    assert "-f utf-16 -t utf-8" in err.value.fix, err.value.fix

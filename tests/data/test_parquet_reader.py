@@ -334,3 +334,15 @@ def test_every_bad_weight_of_a_chunk_is_flagged_in_one_pass(cfg: DataConfig, tmp
     assert sorted((b.row, b.column) for b in chunks[0].bad_rows) == [
         (3, "tags_w"), (12, "clicked"), (13, "tags_w"), (40, "tags_w")]
     assert chunks[0].frame.height == len(vals) - 4
+
+
+def test_a_missing_column_is_not_told_to_be_another_configured_one() -> None:
+    """A helper's sweep: data.numeric.columns [x1, x2] on a file without x2 asked "did you mean 'x1'?"."""
+    from ctrpipe.data.schema import _check_exists
+
+    with pytest.raises(SchemaError) as err:
+        _check_exists(["x1", "x2"], ["ID", "clicked", "x1", "x_2"], "data.numeric.columns", "f.parquet", False)
+    assert "did you mean 'x_2'" in err.value.fix
+    with pytest.raises(SchemaError) as err:
+        _check_exists(["x1", "x2"], ["ID", "clicked", "x1"], "data.numeric.columns", "f.parquet", False)
+    assert "'x1'?" not in err.value.fix and "existing columns include" in err.value.fix
