@@ -22,7 +22,8 @@ class NumericConfig:
     REPLACED_TOGETHER: ClassVar[tuple[str, ...]] = ("columns", "pattern")   # one selection (config.py)
     columns: tuple[str, ...] = ()        # explicit column names
     pattern: str = ""                    # regex over Parquet column names, e.g. "^feat_"
-    impute: Literal["zero", "mean", "median"] = "zero"  # fill for missing values (train-split statistics)
+    # fill for missing values (train-split statistics); missing: null, NaN, +-inf and values beyond float32
+    impute: Literal["zero", "mean", "median"] = "zero"
     missing_indicator: bool = False      # add a 0/1 '<col>_missing' column per numeric column
     # signed: sign(x) * log1p(|x|) keeps negatives ordered; clip: log1p(max(x, 0)); none: raw value
     log1p: Literal["signed", "clip", "none"] = "signed"  # signed: sign(x)*log1p(|x|)
