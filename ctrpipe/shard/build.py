@@ -227,8 +227,8 @@ def _fitted_stats(plan: Any, inputs: Inputs, train_m: Manifest | None, stats_fro
         fitted = Fitted()
         return fitted, fitted.to_manifest(), False
     if inputs.role == "test":
-        raise ConfigError("this config needs train-split statistics (vocab, mean/median impute, standardize "
-                          "or covisit), and test data must not provide them",
+        raise ConfigError(f"this config needs train-split statistics ({', '.join(plan.fitted_keys())}), and test "
+                          "data must not provide them", where="--test",
                           fix="pass --stats-from DIR with the train cache built from the same config")
     if state.fitted_done:
         fitted = Fitted.load(state.work)

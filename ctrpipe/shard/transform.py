@@ -128,6 +128,19 @@ class Plan:
         return bool(self.numeric and (num.impute != "zero" or num.standardize)) or bool(self.covisit) or (
             bool(self.categorical) and self.cfg.categorical.mode == "vocab")
 
+    def fitted_keys(self) -> list[str]:
+        """The settings that need train-split statistics (what `needs_fit` is true for), as config keys."""
+        num, keys = self.cfg.numeric, []
+        if self.numeric and num.impute != "zero":
+            keys.append(f"data.numeric.impute={num.impute}")
+        if self.numeric and num.standardize:
+            keys.append("data.numeric.standardize=true")
+        if self.categorical and self.cfg.categorical.mode == "vocab":
+            keys.append("data.categorical.mode=vocab")
+        if self.covisit:
+            keys.append("data.covisit")
+        return keys
+
     def read_columns(self) -> tuple[str, ...]:
         """Raw columns the transform reads (besides labels/id)."""
         return self.numeric + self.categorical + tuple(tc.column for tc in self.tokens)

@@ -133,6 +133,11 @@ def test_test_cache_reuses_train_statistics(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         build_shards(parquet_cfg(), [test], tmp_path / "test", role="test", progress=False)
     assert "--stats-from" in str(err.value)
+    # which settings need the statistics (a helper's sweep: the message listed every kind, not the config's)
+    median_only = parquet_cfg("data.categorical.mode=hash", "data.covisit=[]", "data.numeric.standardize=false")
+    with pytest.raises(ConfigError) as err:
+        build_shards(median_only, [test], tmp_path / "test", role="test", progress=False)
+    assert "(data.numeric.impute=median)" in err.value.what and err.value.where == "--test"
     m = build_shards(parquet_cfg(), [test], tmp_path / "test", role="test", stats_from=tmp_path / "train",
                      progress=False).manifest
     assert m.role == "test" and m.rows == {"total": 40, "train": 0, "val": 0, "gold": 0, "test": 40}
