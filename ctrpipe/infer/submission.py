@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,26 @@ DEFAULT_CHUNK_BYTES = 16 << 20      # ~16 MB of CSV text per chunk: ~700k rows o
 
 
 def check_out_file(out: Path, option: str = "--out") -> None:
-    """Refuse, before any work, an output path that names a folder: the final rename would fail after it."""
-    if Path(out).is_dir():
+    """Refuse, before any work, an output path that names a folder (the final rename would fail after it), or
+    anything but a regular file: the output is written beside it and renamed onto it, which replaced a device
+    (/dev/null, /dev/full: as root, the node itself), a FIFO, or a symbolic link instead of its target."""
+    path = Path(out)
+    try:
+        mode = os.stat(path).st_mode            # of the target, for a link (/dev/stdout: a pipe or terminal)
+    except OSError:                             # new, a dangling link, or unreadable: the write says why
+        mode = stat.S_IFREG
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) \
+            else "a socket" if stat.S_ISSOCK(mode) else "no regular file"
+        raise SubmissionError(f"{option} names {kind}, not a file: the output is written beside it and renamed "
+                              "onto it, which would replace it", where=str(out),
+                              fix="give a file path (the command always writes a file and its .json record; delete "
+                                  "them afterwards if you only want the printed figures)")
+    if path.is_symlink():
+        target = os.path.realpath(path)
+        raise SubmissionError(f"{option} names a symbolic link (to {target}); the output would replace the link, "
+                              "not its target", where=str(out), fix=f"give the file itself, e.g. {option} {target}")
+    if path.is_dir():
         raise SubmissionError(f"{option} names a folder, and the output is a file", where=str(out),
                               fix=f"give a file name, e.g. {option} {Path(out) / 'submission.csv'}")
 

@@ -432,3 +432,25 @@ def test_the_writer_refuses_non_finite_predictions(tmp_path: Path) -> None:
         with SubmissionWriter(out) as w:
             w.write(np.array([1, 2]), np.array([0.5, np.nan]))
     assert out.read_text() == "ID,clicked\n1,0.5\n"
+
+
+def test_an_output_that_is_no_regular_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A helper's sweep: infer, predict and blend wrote beside --out and renamed onto it, which replaced a FIFO,
+    a symbolic link (not its target) and, as root, /dev/full itself with a regular file. They are refused before
+    any work, naming what the path is."""
+    import os
+    import stat
+
+    paths, _, _ = _make(tmp_path, k=2)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    target = tmp_path / "target.csv"
+    target.write_text("kept\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    for out, what in ((fifo, "names a FIFO"), (link, "names a symbolic link")):   # not /dev/null: a regression
+        # would replace it on the machine running the tests
+        res = CliRunner().invoke(app, ["blend", "submissions", *map(str, paths), "--out", str(out), "-q"])
+        assert res.exit_code == 1 and what in res.output, res.output
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink() and target.read_text() == "kept\n"
+    assert not list(tmp_path.glob("*.json"))
