@@ -248,6 +248,11 @@ def read_calibration(path: Path) -> tuple[tuple[Calibration, ...], CalibrationCo
                                   "predictions (or pass --set infer.calibration.method=none to skip it)") from None
 
 
+class NoValidationPredictions(CheckpointError):
+    """A run without validation predictions (no val rows, no folds): nothing to fit a calibration on. A file
+    that is there but damaged is a plain CheckpointError: it must not pass for an uncalibrated run."""
+
+
 def load_val_predictions(run_dir: Path) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, ...]]:
     """(file, logits (N, T) float64, labels (N, T), label names) from oof.npz, else val_predictions.npz."""
     run_dir = Path(run_dir)
@@ -256,7 +261,7 @@ def load_val_predictions(run_dir: Path) -> tuple[Path, np.ndarray, np.ndarray, t
         if path.is_file():
             break
     else:
-        raise CheckpointError(f"no oof.npz or val_predictions.npz in {run_dir} to fit calibration on",
+        raise NoValidationPredictions(f"no oof.npz or val_predictions.npz in {run_dir} to fit calibration on",
                               where=str(run_dir),
                               fix="train with validation rows (a val split or --kfold K), or set "
                                   "infer.calibration.method=none")

@@ -33,6 +33,7 @@ from ctrpipe.errors import CheckpointError, ConfigError, ManifestMismatchError
 from ctrpipe.infer.calibrate import (
     CALIBRATION_NAME,
     Calibration,
+    NoValidationPredictions,
     fit_calibration,
     load_val_predictions,
     read_calibration,
@@ -227,7 +228,7 @@ def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tupl
             why = "calibration.json is from a ctrpipe whose method=bias with keep_rate < 1 fitted no bias"
     try:
         src, logits, labels, names = load_val_predictions(run)
-    except CheckpointError:
+    except NoValidationPredictions:     # a damaged file is an error: it must not pass for an uncalibrated run
         if not quiet:
             console.print(f"[yellow]warning:[/] {run} has no validation predictions, so infer.calibration."
                           f"method={ccfg.method} cannot be fitted; writing uncalibrated predictions")

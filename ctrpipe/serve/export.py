@@ -167,7 +167,7 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
                               fix=f"export with one of {', '.join(EXPORT_METHODS)}, e.g. --set "
                                   "infer.method=logit_mean")
 
-    p = Predictor.load(run, cache=cache, overrides=overrides, refuse=refuse)
+    p = Predictor.load(run, cache=cache, overrides=overrides, refuse=refuse, quiet=False)
     batch = p.batch(rows) if rows is not None else cache_batch(p, 8)
     module = ServingModule(p).eval()
     inputs = example_inputs(p, batch)

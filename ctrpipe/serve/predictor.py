@@ -104,13 +104,14 @@ class Predictor:
 
     @classmethod
     def load(cls, run: Path | str, cache: Path | str | None = None, overrides: Sequence[str] = (),
-             refuse: Callable[[RunConfig], None] | None = None) -> Predictor:
+             refuse: Callable[[RunConfig], None] | None = None, quiet: bool = True) -> Predictor:
         """Checkpoints, calibration and the training cache's manifest + fitted statistics of `run`.
 
         `cache`: the training shard cache, when it is no longer where the run recorded it. `overrides`:
         inference-only `--set` values, as `ctrpipe infer` takes them (e.g. "infer.method=logit_mean").
         `refuse`: the caller's own check of the resolved config (export: the methods it can combine), run
-        first, so a method the caller cannot use is not told how to fix its settings.
+        first, so a method the caller cannot use is not told how to fix its settings. `quiet=False` warns
+        when the configured calibration cannot be fitted (a run without validation predictions), as infer does.
         """
         run = Path(run)
         for text in overrides:
@@ -147,7 +148,7 @@ class Predictor:
         # raw rows are prepared as the shards were built: the cache's data section, whatever the run recorded
         cfg = dataclasses.replace(cfg, data=manifest.data_config(str(cache_dir / "manifest.json")))
         tasks = checkpoint_tasks(ckpts[0], cfg.train)
-        cals = [load_calibrations(run, cfg, t, quiet=True)[0] for t in range(len(tasks))]
+        cals = [load_calibrations(run, cfg, t, quiet=quiet or t > 0)[0] for t in range(len(tasks))]
         models = [_Model(model_from_checkpoint(c, "cpu"), checkpoint_logit_shift(c, tasks)) for c in ckpts]
         layout = layout_of(cache_dir, manifest, with_labels=False)
         try:

@@ -139,6 +139,36 @@ def test_run_records_and_serves_with_the_caches_data_section(criteo: dict[str, P
     _check_equal(Predictor.load(w["run"]), w, criteo["test"].read_text().splitlines())
 
 
+def test_a_damaged_oof_is_an_error_and_a_missing_one_is_warned_of(criteo: dict[str, Path], tmp_path: Path) -> None:
+    """A helper's sweep: a cut oof.npz (calibration.json gone) was read as "no validation predictions", so
+    infer, predict and export wrote uncalibrated probabilities (infer with a misleading warning, the other two
+    without a word). A damaged file is an error; a missing one is warned of by predict and export too."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ctrpipe.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(criteo["run"], run)
+    (run / "calibration.json").unlink()
+    oof = run / "oof.npz"
+    oof.write_bytes(oof.read_bytes()[:300])
+    commands = {"infer": ["infer", "--run", str(run), "--shards", str(criteo["te"]), "--out", str(tmp_path / "i.csv")],
+                "predict": ["predict", "--run", str(run), "--input", str(criteo["test"]),
+                            "--out", str(tmp_path / "p.csv")],
+                "export": ["export", "--run", str(run), "--out", str(tmp_path / "export")]}
+    for name, args in commands.items():
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 1 and "cannot read oof.npz" in res.output and "damaged" in res.output, \
+            (name, res.output)
+    oof.unlink()
+    for name, args in commands.items():
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0 and "cannot be fitted; writing uncalibrated" in " ".join(res.output.split()), \
+            (name, res.output)
+
+
 def test_rank_avg_is_refused_and_a_per_row_method_can_be_set(criteo: dict[str, Path], tmp_path: Path) -> None:
     """rank_avg ranks among the rows at hand: served rows would be ranked among their chunk only."""
     from typer.testing import CliRunner
