@@ -101,6 +101,38 @@ def find_checkpoints(run: Path) -> list[Path]:
 
 
 _FOLD_NAME = re.compile(r"^ckpt_fold(\d+)\.pt$")
+# what makes checkpoints one run's: its name, seed, model, folds and the cache it trained on (other settings
+# may change on --resume, and are not compared)
+_RUN_IDENTITY = ("exp_name", "seed", "model", "cv")
+
+
+def load_run_checkpoints(run: Path) -> tuple[list[Path], list[Checkpoint]]:
+    """`find_checkpoints` of a run, loaded, each checked to be this run's and the fold its name says: a copy
+    of another run's checkpoint (or of fold 0 as fold 1) joined the ensemble without a word, and the run's
+    calibration, fitted on its own folds, was applied to it."""
+    paths = find_checkpoints(run)
+    ckpts = [load_checkpoint(p) for p in paths]
+    recorded = _run_config_json(run)
+    for path, ckpt in zip(paths, ckpts, strict=True):
+        m = _FOLD_NAME.match(path.name)
+        want = int(m.group(1)) if m else -1
+        if ckpt.fold != want:
+            what = f"fold {ckpt.fold}" if ckpt.fold >= 0 else "no fold (a single model's ckpt_best.pt)"
+            raise CheckpointError(f"{path.name} holds the model of {what}, not of "
+                                  + (f"fold {want}" if want >= 0 else "a single model"), where=str(path),
+                                  fix=f"put that fold's own checkpoint back as {path.name} (a copy of another "
+                                      "fold or run would count in the ensemble as this one)")
+        base = recorded or ckpts[0].config
+        other = [k for k in _RUN_IDENTITY if ckpt.config.get(k) != base.get(k)]
+        if not other and ckpt.manifest_fingerprint != ckpts[0].manifest_fingerprint:
+            other = ["the shard cache it trained on"]
+        if other:
+            against = "the run's config.json" if recorded else paths[0].name
+            raise CheckpointError(f"{path.name} is another run's checkpoint: its {', '.join(other)} "
+                                  f"{'differs' if len(other) == 1 else 'differ'} from "
+                                  f"{against}", where=str(path),
+                                  fix=f"put this run's own {path.name} back, or infer with the run it came from")
+    return paths, ckpts
 
 
 def _fold_checkpoints(run: Path) -> list[Path]:
@@ -120,9 +152,13 @@ def _fold_checkpoints(run: Path) -> list[Path]:
                                   "ensemble")
     missing = sorted(set(range(want)) - set(folds))
     if missing:
+        # a finished run (metrics.json) lost it afterwards: --resume would only say the run has finished
+        fix = f"finish training with `ctrpipe train ... --kfold {want} --resume`" if not \
+            (run / "metrics.json").is_file() else \
+            (f"the run finished with it, so it was moved or deleted since: put it back, or train the folds again "
+             f"as a new run (`ctrpipe train ... --kfold {want} --set exp_name=NEW`)")
         raise CheckpointError(f"K-fold run is incomplete: ckpt_fold{missing[0]}.pt is missing "
-                              f"(found folds {sorted(folds)} of {want})", where=str(run),
-                              fix=f"finish training with `ctrpipe train ... --kfold {want} --resume`")
+                              f"(found folds {sorted(folds)} of {want})", where=str(run), fix=fix)
     return [folds[k] for k in range(want)]
 
 
@@ -338,8 +374,7 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     out = Path(out) if out is not None else run / "submission.csv"
     check_out_file(out)
     check_out_outside(out, run, (shards,))
-    paths = find_checkpoints(run)
-    ckpts = [load_checkpoint(p) for p in paths]
+    paths, ckpts = load_run_checkpoints(run)
     cfg = resolve_config(ckpts[0], overrides)
     manifest = read_manifest(shards)
     for ckpt, path in zip(ckpts, paths, strict=True):

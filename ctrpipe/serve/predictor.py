@@ -35,9 +35,9 @@ from ctrpipe.infer.config import check_trim_ratio
 from ctrpipe.infer.predict import (
     checkpoint_logit_shift,
     ensemble_logits,
-    find_checkpoints,
     fold_weights,
     load_calibrations,
+    load_run_checkpoints,
     resolve_config,
 )
 from ctrpipe.loader.batch import Batch
@@ -45,7 +45,7 @@ from ctrpipe.loader.buffers import HostBuffers, Layout, layout_of
 from ctrpipe.serve.rows import Rows, rows_chunk
 from ctrpipe.shard.manifest import Manifest, read_manifest
 from ctrpipe.shard.transform import ChunkTransformer, Plan, make_plan
-from ctrpipe.train.checkpoint import check_compatible, checkpoint_tasks, load_checkpoint, model_from_checkpoint
+from ctrpipe.train.checkpoint import check_compatible, checkpoint_tasks, model_from_checkpoint
 from ctrpipe.train.evaluate import predict
 from ctrpipe.train.objective import Task
 
@@ -122,8 +122,7 @@ class Predictor:
                                   "column and one column per head)", where="--set",
                                   fix=f"drop --set {key} (choose heads with Predictor.predict(rows, tasks=[...])), "
                                       "or write a submission with ctrpipe infer on a cache of these rows")
-        paths = find_checkpoints(run)
-        ckpts = [load_checkpoint(p) for p in paths]
+        paths, ckpts = load_run_checkpoints(run)
         cfg = resolve_config(ckpts[0], overrides)
         if refuse is not None:
             refuse(cfg)

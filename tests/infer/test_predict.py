@@ -256,7 +256,39 @@ def test_incomplete_kfold_run_is_refused(world: dict[str, Path], tmp_path: Path)
     (run / "ckpt_fold1.pt").unlink()
     with pytest.raises(CheckpointError) as exc:
         run_infer(run, world["te"], None, [], quiet=True)
-    assert "ckpt_fold1.pt is missing" in str(exc.value) and "--resume" in str(exc.value)
+    # the run had finished: --resume would only say so (a helper's sweep); an unfinished one resumes
+    assert "ckpt_fold1.pt is missing" in str(exc.value) and "--resume" not in str(exc.value)
+    assert "put it back" in exc.value.fix and "exp_name=NEW" in exc.value.fix
+    (run / "metrics.json").unlink()
+    with pytest.raises(CheckpointError) as exc:
+        run_infer(run, world["te"], None, [], quiet=True)
+    assert "ckpt_fold1.pt is missing" in str(exc.value) and "--resume" in exc.value.fix
+
+
+def test_a_checkpoint_of_another_fold_or_run_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    """A helper's sweep: fold 0's checkpoint copied over fold 1's, or a single run's over a fold, joined the
+    ensemble (fold 0 twice; AUC lower) and took the run's calibration; infer and serving now refuse it."""
+    from ctrpipe.serve.predictor import Predictor
+
+    cases = {"fold0": (world["kfold"] / "ckpt_fold0.pt", "holds the model of fold 0, not of fold 1"),
+             "single": (world["single"] / "ckpt_best.pt", "holds the model of no fold")}
+    for name, (source, message) in cases.items():
+        run = tmp_path / name
+        shutil.copytree(world["kfold"], run)
+        shutil.copy(source, run / "ckpt_fold1.pt")
+        with pytest.raises(CheckpointError, match=message) as exc:
+            run_infer(run, world["te"], tmp_path / "s.csv", [], quiet=True)
+        assert exc.value.where == str(run / "ckpt_fold1.pt")
+        with pytest.raises(CheckpointError, match=message):
+            Predictor.load(run)
+    other = tmp_path / "other"                      # the same fold of a run trained with another seed
+    _cli("train", "--cfg", str(CFG), "--shards", str(world["tr"]), "--runs", str(other), "--kfold", "2", "-q",
+         *_sets(TRAIN + ["exp_name=kfold", "seed=7"]))
+    run = tmp_path / "mixed"
+    shutil.copytree(world["kfold"], run)
+    shutil.copy(other / "kfold" / "ckpt_fold1.pt", run / "ckpt_fold1.pt")
+    with pytest.raises(CheckpointError, match="is another run's checkpoint: its seed differs"):
+        run_infer(run, world["te"], tmp_path / "s.csv", [], quiet=True)
 
 
 def test_stray_fold_checkpoints_are_refused(world: dict[str, Path], tmp_path: Path) -> None:
