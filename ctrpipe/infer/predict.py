@@ -200,7 +200,7 @@ def resolve_config(ckpt: Checkpoint, overrides: Sequence[str]) -> RunConfig:
             raise ConfigError(f"--set {text}: '{key}' cannot change at inference (the checkpoint fixes it)",
                               where="--set",
                               fix="override only infer.*, loader.*, train.device or train.amp, "
-                                  "e.g. --set infer.view=val")
+                                  "e.g. --set infer.method=mean")
     data = json.loads(json.dumps(ckpt.config))     # deep copy
     apply_overrides(data, overrides)
     sources = {text.split("=", 1)[0].strip(): "--set" for text in overrides}

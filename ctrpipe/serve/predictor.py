@@ -122,6 +122,11 @@ class Predictor:
                                   "column and one column per head)", where="--set",
                                   fix=f"drop --set {key} (choose heads with Predictor.predict(rows, tasks=[...])), "
                                       "or write a submission with ctrpipe infer on a cache of these rows")
+            value = text.split("=", 1)[1].strip() if "=" in text else ""
+            if key == "train.device" and value not in ("cpu", "auto"):
+                raise ConfigError(f"--set {text}: a Predictor (ctrpipe predict, export) scores rows on the CPU, so "
+                                  "the setting would be ignored", where="--set",
+                                  fix=f"drop --set {key}; `ctrpipe infer` scores a shard cache of the rows on a GPU")
         paths, ckpts = load_run_checkpoints(run)
         cfg = resolve_config(ckpts[0], overrides)
         if refuse is not None:

@@ -224,6 +224,13 @@ def test_predict_guards_its_input_its_record_and_gzip(world: Path, tmp_path: Pat
     for key in ("infer.task=label", "infer.pred_header=p", "infer.view=val"):
         with pytest.raises(ConfigError, match=key.split("=")[0]):
             predict_file(run, test, tmp_path / "q.csv", overrides=[key])
+    with pytest.raises(ConfigError, match="scores rows on the CPU") as err:    # was silently scored on the CPU
+        predict_file(run, test, tmp_path / "q.csv", overrides=["train.device=cuda"])
+    assert "ctrpipe infer" in err.value.fix
+    with pytest.raises(ConfigError) as err:         # the fix's example is a key predict takes
+        predict_file(run, test, tmp_path / "q.csv", overrides=["data.hash_bins=3"])
+    assert "--set infer.method=mean" in err.value.fix
+    predict_file(run, test, tmp_path / "q.csv", overrides=["train.device=cpu"])
     predict_file(run, test, tmp_path / "r.csv", overrides=["infer.write_chunk_rows=7"])    # used: it stays
     assert (tmp_path / "r.csv").read_bytes() == plain.read_bytes()
 
