@@ -168,6 +168,10 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
                                   "infer.method=logit_mean")
 
     p = Predictor.load(run, cache=cache, overrides=overrides, refuse=refuse, quiet=False)
+    o, c = out.resolve(), p.cache_dir.resolve()
+    if o == c or c in o.parents:        # as infer and predict refuse: the cache's folder is the build's
+        raise ConfigError(f"--out {out} is inside the training cache {p.cache_dir}, which serving reads",
+                          where=f"--out {out}", fix=f"export outside the cache's folder, e.g. --out {run / 'export'}")
     batch = p.batch(rows) if rows is not None else cache_batch(p, 8)
     module = ServingModule(p).eval()
     inputs = example_inputs(p, batch)

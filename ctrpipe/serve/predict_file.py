@@ -93,6 +93,10 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
     """Score every row of `path` with `run`; write `out` (CSV) atomically; returns the number of rows.
     `overrides`: inference-only `--set` values (infer.*, as `ctrpipe infer` takes them)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputFormatError("--input is a folder; predict scores one file", where=str(path),
+                               fix="pass one file (run predict once per file, or shard the folder and use "
+                                   "`ctrpipe infer`)")
     if not path.is_file():
         raise InputFormatError("input file not found", where=str(path), fix="pass --input an existing file")
     out = Path(out)

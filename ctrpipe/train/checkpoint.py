@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,13 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"cannot read checkpoint ({type(exc).__name__}: {str(exc)[:200]})",
+        # torch's own advice (load it with weights_only=False) would run whatever code a foreign file holds:
+        # only its unpickler's reason is kept
+        text = str(exc)
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+        reason = f"not plain tensors and values: {unpickler.group(1).strip()}" if unpickler else \
+            text.split("Re-running `torch.load`")[0].strip()
+        raise CheckpointError(f"cannot read checkpoint ({type(exc).__name__}: {reason[:200]})",
                               where=str(path),
                               fix=_damaged_fix(path)) from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:

@@ -293,3 +293,18 @@ def test_exports_with_other_infer_settings_are_not_listed_together(runs: Callabl
     assert not (out / "model.pt").exists()                 # the uncalibrated model is not left beside it
     export_model(runs("dnn"), out, "torchscript")
     assert sorted(json.loads((out / "model.json").read_text())["exports"]) == ["onnx", "torchscript"]
+
+
+def test_an_export_into_the_training_cache_is_refused(runs: Callable[[str], Path], tmp_path: Path) -> None:
+    """A helper's sweep: export --out inside the run's training cache wrote model.pt and model.json among the
+    shards (infer and predict refuse such an --out)."""
+    from ctrpipe.errors import ConfigError
+    from ctrpipe.serve import export
+    from ctrpipe.train.checkpoint import load_checkpoint
+
+    run = runs("dnn")
+    cache = Path(load_checkpoint(run / "ckpt_fold0.pt").shards)
+    before = sorted(p.name for p in cache.iterdir())
+    with pytest.raises(ConfigError, match="inside the training cache"):
+        export.export_model(run, cache / "export", "torchscript")
+    assert sorted(p.name for p in cache.iterdir()) == before

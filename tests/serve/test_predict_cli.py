@@ -270,3 +270,13 @@ def test_a_stop_as_the_predictions_land_still_writes_their_record(world: Path, t
     assert code == 143 and "stopped by SIGTERM" in msg, msg
     assert pl.read_csv(out).height == 300
     assert json.loads((tmp_path / "preds.csv.json").read_text())["rows"] == 300
+
+
+def test_predict_of_a_folder_says_it_is_a_folder(tmp_path: Path) -> None:
+    """A helper's sweep: `predict --input DIR` said "input file not found" of a folder that is there."""
+    from ctrpipe.errors import InputFormatError
+    from ctrpipe.serve.predict_file import predict_file
+
+    with pytest.raises(InputFormatError, match="--input is a folder") as err:
+        predict_file(tmp_path, tmp_path, tmp_path / "out.csv")
+    assert err.value.where == str(tmp_path)
