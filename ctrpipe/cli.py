@@ -101,7 +101,9 @@ def _refused_path(exc: OSError) -> str | None:
                 "  fix: check the path; an output path's folders must be folders (or move the file away)")
     if exc.filename is None or exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR):
         return None
-    path = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")   # a rename
+    # an output is written as NAME.incomplete first: the user gave NAME
+    path = str(exc.filename).removesuffix(".incomplete") + (
+        f" -> {exc.filename2}" if exc.filename2 is not None else "")   # a rename
     return (f"cannot use {path}: {exc.strerror or ''} ({type(exc).__name__})\n  fix: check the path: it must "
             "exist to be read, an output must name a file in a folder you may write to; if it is no path you "
             "gave, report it as a bug")

@@ -426,3 +426,12 @@ def test_a_calibration_file_with_impossible_values_is_refused(world: dict[str, P
     path.unlink()                   # what the fix says: infer refits from the run's validation predictions
     run_infer(run, world["te"], tmp_path / "s.csv", [], quiet=True)
     assert np.isfinite(pl.read_csv(tmp_path / "s.csv")["clicked"].to_numpy()).all()
+
+
+def test_an_unwritable_out_is_named_as_given(world: dict[str, Path]) -> None:
+    """A helper's sweep: `--out /sys/x.csv` was told "cannot use /sys/x.csv.incomplete ... if it is no path you
+    gave, report it as a bug": the temp name the output is first written under, which the user never gave."""
+    res = CliRunner().invoke(app, ["infer", "--run", str(world["single"]), "--shards", str(world["te"]),
+                                   "--out", "/proc/x.csv", "-q"])
+    assert res.exit_code == 1 and "cannot use /proc/x.csv:" in res.output and ".incomplete" not in res.output, \
+        res.output
