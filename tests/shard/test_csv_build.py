@@ -134,7 +134,7 @@ def test_cli_bad_rows_error_then_skip(tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, args)
     assert res.exit_code == 1
-    assert f"{train}, line 5, column status: missing value '?'" in res.output and "--bad-rows skip" in res.output
+    assert f"{train}, line 5, column status: the source of label" in res.output and "--bad-rows skip" in res.output
     res = runner.invoke(app, [*args, "--bad-rows", "skip"])
     assert res.exit_code == 0, res.output
     m = read_manifest(tmp_path / "c")
