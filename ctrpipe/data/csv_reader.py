@@ -339,6 +339,10 @@ class CsvChunker:
                 f"the run reads {col!r} as a number: fix the value (an empty field is missing)"
             if str(value).startswith(" "):
                 fix = f"the value starts with a space: is the separator {self.cfg.csv.separator + ' '!r}? " + fix
+            if str(value).strip() == col and not self.cfg.csv.header:      # the column's own name: a header
+                fix = ("the line is a header, and the config reads files without one (data.csv.header=false): "
+                       "remove the line" + ("" if self.remedies.run_format else ", or set data.csv.header=true"))
+                return InputFormatError(f"{value!r} is not a number", where=where, fix=fix)
             return InputFormatError(f"{value!r} is not a number", where=where, fix=self.remedies.or_skip(fix))
         return error
 
