@@ -228,8 +228,10 @@ class _Run:
         self.diag_n: dict[str, int] = {}                          # ... and how many steps reported each
         if inp.resume is not None and inp.resume.train_state is not None:
             self._restore_log_sums(inp.resume.train_state.log_sums)
-        self.t_mark = self.t_log = time.perf_counter()
-        self.samples_at_log = self.pos.samples
+        self.t_mark = time.perf_counter()
+        # a log line's rate: its samples over the training time since the last line (evaluations and saves
+        # between them left out, as pos.train_seconds leaves them out)
+        self.samples_at_log, self.seconds_at_log = self.pos.samples, self.pos.train_seconds
         self.progress = make_progress(inp.quiet)
         self.task = self.progress.add_task(inp.label, total=plan.total_steps, completed=self.pos.step)
 
@@ -370,7 +372,7 @@ class _Run:
         if inp.val_loader is None and done and self.main:
             self.stopper.best_step, self.stopper.best_epoch = pos.step, pos.epoch
             save_checkpoint(inp.best_path, self._checkpoint({}))
-        self.t_mark = self.t_log = time.perf_counter()     # evaluation time is not training time
+        self.t_mark = time.perf_counter()     # evaluation time is not training time
         self.save_last(finished=done and not self.interrupted)
 
     def save_last(self, finished: bool = False) -> None:
@@ -379,7 +381,7 @@ class _Run:
         if self.main:
             save_checkpoint(self.inp.out_dir / "ckpt_last.pt", ckpt)
         self.finished = finished
-        self.t_mark = self.t_log = time.perf_counter()     # saving is not training time either
+        self.t_mark = time.perf_counter()     # saving is not training time either
 
     def result(self) -> FitResult:
         inp = self.inp
@@ -451,8 +453,8 @@ class _Run:
             self._combine_ranks()
         self._check_finite()
         self.last_loss = float(self.loss_sum.item()) / max(self.logged_steps, 1)
-        now = time.perf_counter()
-        rate = (self.pos.samples - self.samples_at_log) / max(now - self.t_log, 1e-9)
+        self._tick()
+        rate = (self.pos.samples - self.samples_at_log) / max(self.pos.train_seconds - self.seconds_at_log, 1e-9)
         lr = self.optimizers[-1].param_groups[0]["lr"]
         if self.log is not None:
             self.log.train(self.pos.step, self.pos.epoch, lr, self.last_loss, rate)
@@ -464,7 +466,7 @@ class _Run:
         self.progress.update(self.task, completed=self.pos.step,
                              rate_text=f"loss {self.last_loss:.4f}  {human_rate(rate, 'samples/s')}")
         self.loss_sum.zero_()
-        self.logged_steps, self.t_log, self.samples_at_log = 0, now, self.pos.samples
+        self.logged_steps, self.samples_at_log, self.seconds_at_log = 0, self.pos.samples, self.pos.train_seconds
 
     def _check_finite(self) -> None:
         bad = int(self.first_bad.item())

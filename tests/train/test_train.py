@@ -564,3 +564,21 @@ def test_a_head_masked_by_its_own_label_is_told_why_it_has_one_class(cache: Path
     text = " ".join(out.split())
     assert "its mask is its own label, so every row it keeps is positive" in text, text
     assert "more validation rows" not in text
+
+
+def test_logged_rates_count_the_training_time_of_their_whole_interval(cache: Path, tmp_path: Path) -> None:
+    """A helper's sweep: a log line's samples/s divided the interval's samples by the time since the last
+    evaluation inside it (the clock was reset there, the sample count was not): 3-16x the run's rate. The
+    time the logged rates imply must be the run's training time, give or take the tail after the last line."""
+    import polars as pl
+
+    code, out = train(cache, tmp_path, "--set", "train.min_steps=200", "--set", "train.log_every=20",
+                      "--set", "train.eval_every=7")
+    assert code == 0, out
+    run = tmp_path / "criteo"
+    log = pl.read_csv(run / "train_log.csv").filter(pl.col("samples_per_s").is_not_null())
+    steps = log["step"].to_numpy()
+    samples = np.diff(np.r_[0, steps]) * 64                       # loader.batch_size=64 (FAST)
+    implied = float(np.sum(samples / log["samples_per_s"].to_numpy()))
+    seconds = json.loads((run / "metrics.json").read_text())["train_seconds"]
+    assert 0.6 * seconds < implied < 1.05 * seconds, (implied, seconds)
