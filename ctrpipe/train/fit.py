@@ -522,11 +522,27 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
                 ("`ctrpipe train ... --resume` without torchrun" if was == 1 else
                  f"torchrun with --nnodes x --nproc_per_node = {was}, e.g. torchrun --nproc_per_node {was} "
                  "-m ctrpipe.cli train ... --resume"))
-    changed = refuse_resume_changes(ckpt.config, ctx.cfg, path)
-    if changed and not ctx.quiet:
-        console.print("[yellow]resuming with changed settings:[/] " +
-                      ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
+    changed = _training_changes(refuse_resume_changes(ckpt.config, ctx.cfg, path))
+    if changed and ctx.main:     # a warning (shown with -q too), and kept in metrics.json: see resume_note
+        console.print(f"[yellow]warning:[/] {resume_note(changed, ckpt.step)}", highlight=False)
     return ckpt
+
+
+# settings that do not change what a resumed run trains: where it stops this time, how often it logs, and how
+# infer later combines and calibrates its checkpoints
+_OUTSIDE_TRAINING = ("train.stop_after_steps", "train.log_every", "infer.")
+
+
+def _training_changes(changed: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    return [c for c in changed if not c[0].startswith(_OUTSIDE_TRAINING)]
+
+
+def resume_note(changed: Sequence[tuple[str, Any, Any]], step: int) -> str:
+    """What a resume with changed settings did: the run's config.yaml records the new values as if the whole
+    run had used them, so metrics.json keeps which steps ran with the old ones."""
+    return (f"resumed at step {step} with changed settings: "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
+            + f" (steps up to {step} ran with the old values; config.yaml records the new ones)")
 
 
 def fold_seed(cfg: RunConfig, fold: int) -> int:
@@ -564,6 +580,7 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         resume = _load_resume(ctx, out_dir)
     else:   # rank 0 reads ckpt_last.pt (the run directory need not be shared) and hands it to every rank
         resume = group.from_main(lambda: _load_resume(ctx, out_dir), "reading ckpt_last.pt for --resume")
+    changed = _training_changes(refuse_resume_changes(resume.config, cfg, out_dir)) if resume is not None else []
     # built once, from the seed alone: checkpoints store what training changed and rebuild the rest from it;
     # a torchrun job exchanges the tables' gradient rows (distributed.RowExchange), so its tables are sparse
     # sampled rows and masked heads: each head starts at the prior of the rows it trains on (checkpoints keep
@@ -585,7 +602,10 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         device=ctx.device, out_dir=out_dir, best_path=best_path, template=template,
         tasks=ctx.tasks, logit_shift=ctx.logit_shift,
         resume=resume, quiet=ctx.quiet, label=label, dist=group)
-    return fit(inputs)
+    result = fit(inputs)
+    if changed:
+        result.notes = (*result.notes, resume_note(changed, resume.step))
+    return result
 
 
 def _label_heads(spec: FeatureSpec, tasks: Sequence[Task]) -> list[Task] | None:

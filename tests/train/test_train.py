@@ -582,3 +582,18 @@ def test_logged_rates_count_the_training_time_of_their_whole_interval(cache: Pat
     implied = float(np.sum(samples / log["samples_per_s"].to_numpy()))
     seconds = json.loads((run / "metrics.json").read_text())["train_seconds"]
     assert 0.6 * seconds < implied < 1.05 * seconds, (implied, seconds)
+
+
+def test_a_resume_with_changed_settings_is_warned_of_and_recorded(cache: Path, tmp_path: Path) -> None:
+    """A helper's sweep: a resume with another train.min_steps / train.amp printed its changes only without
+    -q, and the run's config.yaml then recorded the new values as if the whole run had used them. It warns
+    (with -q too) and metrics.json keeps which steps ran with the old values; a changed stop step says nothing."""
+    args = ("--set", "train.epochs=2", "--set", "train.eval_every=4")
+    code, out = train(cache, tmp_path, *args, "--set", "train.stop_after_steps=5")
+    assert code == 0 and "stopped at step 5" in out, out
+    code, out = train(cache, tmp_path, *args, "--set", "train.warmup_steps=2", "--resume")
+    assert code == 0 and "warning: resumed at step 5 with changed settings: train.warmup_steps 200 -> 2" in \
+        " ".join(out.split()), out
+    assert "stop_after_steps" not in out
+    notes = json.loads((tmp_path / "criteo" / "metrics.json").read_text())["notes"]
+    assert any(n.startswith("resumed at step 5 with changed settings: train.warmup_steps 200 -> 2") for n in notes)
