@@ -781,7 +781,7 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
         def check_folds() -> None:
             for k in range(k_total):
                 loader = _loader(ctx, RowView.fold_train(k), True, fold_seed(ctx.cfg, k), ranks=True)
-                check_rank_shares(loader.rank_rows(), f"fold {k + 1}/{k_total}", ctx.cfg.loader.shuffle)
+                check_rank_shares(loader.rank_rows(), f"fold {k} ({k + 1} of {k_total})", ctx.cfg.loader.shuffle)
         ctx.dist.check(check_folds, "checking the ranks' shares of every fold's batches")
     run_ctx = ctx
     for k in range(k_total):
@@ -789,7 +789,7 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
         best = ctx.run_dir / f"ckpt_fold{k}.pt"
         fold_dir = ctx.run_dir / f"fold{k}"
         result = _train_one(ctx, RowView.fold_train(k), RowView.fold_val(k), k, fold_dir, best,
-                            f"fold {k + 1}/{k_total}")
+                            f"fold {k} ({k + 1} of {k_total})")
         if result.interrupted:
             return _interrupted(ctx, result.steps)
         if not ctx.main:
@@ -891,6 +891,13 @@ def _print_summary(ctx: TrainContext, s: dict[str, Any]) -> None:
         table.add_row(*row)
     console.print(table)
     extra = f"best step {s['best_step']}, " if "best_step" in s else ""
+    patience = ctx.cfg.train.early_stopping.patience
+    if s.get("stopped_early"):     # the bar stopped short of its total: say why
+        extra += f"stopped early at step {s.get('steps', 0)} (train.early_stopping.patience={patience}), "
+    stopped = [f"{f.get('fold', k)} (step {f.get('steps', 0)})" for k, f in enumerate(s.get("cv", {}).get("folds", []))
+               if f.get("stopped_early")]
+    if stopped:
+        extra += f"fold(s) {', '.join(stopped)} stopped early (train.early_stopping.patience={patience}), "
     console.print(f"{extra}{s.get('train_seconds', 0):.1f}s training, "
                   f"{human_rate(s.get('samples_per_s', 0.0), 'samples/s')} {_precision_text(s)} -> {ctx.run_dir}")
     console.print(f"[dim]precision: {s['precision']['reason']}[/]", highlight=False)

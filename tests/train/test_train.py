@@ -597,3 +597,21 @@ def test_a_resume_with_changed_settings_is_warned_of_and_recorded(cache: Path, t
     assert "stop_after_steps" not in out
     notes = json.loads((tmp_path / "criteo" / "metrics.json").read_text())["notes"]
     assert any(n.startswith("resumed at step 5 with changed settings: train.warmup_steps 200 -> 2") for n in notes)
+
+
+def test_the_summary_says_a_run_stopped_early(cache: Path, tmp_path: Path) -> None:
+    """A helper's sweep: the progress bar froze short of its total and the summary said only "best step N";
+    `stopped_early` was in metrics.json alone. Fold labels count from 0, as the files do (fold0/, ckpt_fold0.pt)."""
+    sets = [x for s in FAST for x in ("--set", s)]
+    res = runner.invoke(app, ["train", "--cfg", str(CRITEO_CFG), "--shards", str(cache), "--runs", str(tmp_path),
+                              *sets, "--set", "train.min_steps=200", "--set", "train.eval_every=2",
+                              "--set", "train.early_stopping.patience=1", "--set", "model.dropout=0.5"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "criteo" / "metrics.json").read_text())
+    assert m["stopped_early"] and m["steps"] < 200
+    assert f"stopped early at step {m['steps']} (train.early_stopping.patience=1)" in " ".join(res.output.split())
+    res = runner.invoke(app, ["train", "--cfg", str(CRITEO_CFG), "--shards", str(cache), "--runs", str(tmp_path),
+                              *sets, "--kfold", str(K_FOLDS), "--set", "exp_name=kf", "--set", "train.min_steps=200",
+                              "--set", "train.eval_every=2", "--set", "train.early_stopping.patience=1"])
+    assert res.exit_code == 0 and f"fold 0 (1 of {K_FOLDS})" in res.output, res.output
+    assert "stopped early (train.early_stopping.patience=1)" in " ".join(res.output.split())
