@@ -101,6 +101,10 @@ def _refused_path(exc: OSError) -> str | None:
                 "  fix: check the path; an output path's folders must be folders (or move the file away)")
     if exc.filename is None or exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR):
         return None
+    if exc.errno == errno.EROFS:     # only ever met writing: the output folder (--out, --runs) is read-only
+        where = str(exc.filename).removesuffix(".incomplete")
+        return (f"cannot write {where}: the file system there is read-only\n  fix: give an output folder you may "
+                "write to (--out, or --runs for train)")
     # an output is written as NAME.incomplete first: the user gave NAME
     path = str(exc.filename).removesuffix(".incomplete") + (
         f" -> {exc.filename2}" if exc.filename2 is not None else "")   # a rename

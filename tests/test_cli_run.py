@@ -112,3 +112,15 @@ def test_each_commands_set_example_is_a_key_it_takes() -> None:
     for command in ("train", "plan"):
         assert not example(command).startswith("data."), command
     assert example("infer").startswith(OVERRIDABLE)
+
+
+def test_a_read_only_output_folder_is_said_so() -> None:
+    """A helper's sweep: `train --runs` on a read-only mount was told the path "must exist to be read ... if it
+    is no path you gave, report it as a bug"."""
+    import errno
+
+    from ctrpipe.cli import _refused_path
+
+    message = _refused_path(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/criteo_dnn/config.json.incomplete"))
+    assert message is not None and "cannot write /mnt/ro/criteo_dnn/config.json: the file system there is read-only" \
+        in message and "report it as a bug" not in message and "--runs" in message
