@@ -157,8 +157,62 @@ def meminfo() -> dict[str, int]:
 
 
 def available_bytes() -> int | None:
-    """Host memory a new allocation can still get without swapping (MemAvailable), or None off Linux."""
-    return meminfo().get("MemAvailable")
+    """Host memory a new allocation can still get without swapping (MemAvailable), or None off Linux; within a
+    memory-limited cgroup (a container, a Slurm job, a Kubernetes pod) at most what its limit leaves: the
+    kernel's OOM killer ends the process at the cgroup's limit, whatever the machine has free."""
+    available = meminfo().get("MemAvailable")
+    room = cgroup_room()
+    return room if available is None else available if room is None else min(available, room)
+
+
+_NO_LIMIT = 1 << 60         # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
+def cgroup_room(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes this process's memory cgroup (and each cgroup above it) still allows: its limit less its usage
+    that cannot be reclaimed (page cache on the inactive list can); None without a limit or off Linux. Reads
+    cgroup v2 (memory.max) and v1 (memory.limit_in_bytes); in a container the path /proc names may be the
+    mount's root."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    rooms: list[int] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        v2 = parts[0] == "0" and parts[1] == ""
+        if not v2 and "memory" not in parts[1].split(","):
+            continue
+        base = root if v2 else root / "memory"
+        files = ("memory.max", "memory.current", "inactive_file") if v2 else \
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        rel = Path(parts[2].lstrip("/"))
+        for folder in {base / p for p in (rel, *rel.parents)} | {base}:     # ancestors' limits apply too
+            room = _cgroup_folder_room(folder, *files)
+            if room is not None:
+                rooms.append(room)
+    return max(min(rooms), 0) if rooms else None
+
+
+def _cgroup_folder_room(folder: Path, limit_name: str, usage_name: str, inactive_key: str) -> int | None:
+    try:
+        text = (folder / limit_name).read_text().strip()
+        if text == "max" or int(text) >= _NO_LIMIT:
+            return None
+        usage = int((folder / usage_name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+    except (OSError, ValueError):
+        pass
+    return int(text) - max(usage - inactive, 0)
 
 
 def anon_rss() -> int | None:

@@ -238,3 +238,32 @@ def test_first_on_node_reads_torchrun_local_rank() -> None:
     assert not first_on_node({"WORLD_SIZE": "4", "LOCAL_RANK": "2"})
     assert first_on_node({"WORLD_SIZE": "4", "LOCAL_RANK": "x"}) and first_on_node({"WORLD_SIZE": "4",
                                                                                     "LOCAL_RANK": "-1"})
+
+
+def test_a_cgroup_limit_bounds_the_available_memory(tmp_path: Path) -> None:
+    """A helper's sweep: under a 6 GB container limit `plan` said "fits" against the host's 24 GB free, and a
+    run passed its memory check and was ended by the OOM killer with no word. The room a memory cgroup (and
+    each one above it) leaves is read from its files, v2 and v1 layouts, reclaimable page cache not counted."""
+    from ctrpipe.hostmem import cgroup_room
+
+    gb = 1 << 30
+    v2 = tmp_path / "v2"
+    (v2 / "job" / "step").mkdir(parents=True)
+    (v2 / "job" / "memory.max").write_text(f"{6 * gb}\n")              # the job's limit, one level up
+    (v2 / "job" / "memory.current").write_text(f"{2 * gb}\n")
+    (v2 / "job" / "memory.stat").write_text(f"anon {gb}\ninactive_file {gb}\n")
+    (v2 / "job" / "step" / "memory.max").write_text("max\n")
+    (v2 / "job" / "step" / "memory.current").write_text(f"{gb}\n")
+    (v2 / "cgroup").write_text("0::/job/step\n")
+    assert cgroup_room(v2, v2 / "cgroup") == 6 * gb - (2 * gb - gb)
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
+    (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text(f"{4 * gb}\n")
+    (v1 / "memory" / "docker" / "abc" / "memory.usage_in_bytes").write_text(f"{3 * gb}\n")
+    (v1 / "memory" / "docker" / "abc" / "memory.stat").write_text(f"total_inactive_file {gb // 2}\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")   # no limit at the root
+    (v1 / "cgroup").write_text("4:memory:/docker/abc\n3:cpu:/\n")
+    assert cgroup_room(v1, v1 / "cgroup") == 4 * gb - (3 * gb - gb // 2)
+    (v1 / "cgroup").write_text("4:memory:/\n")
+    assert cgroup_room(v1, v1 / "cgroup") is None                    # no limit anywhere: the host's figure
+    assert cgroup_room(v1, tmp_path / "missing") is None

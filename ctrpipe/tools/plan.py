@@ -37,7 +37,7 @@ import torch
 from ctrpipe.config import RunConfig
 from ctrpipe.errors import ConfigError
 from ctrpipe.features import FeatureSpec
-from ctrpipe.hostmem import meminfo
+from ctrpipe.hostmem import cgroup_room, meminfo
 from ctrpipe.loader.buffers import layout_of
 from ctrpipe.shard.manifest import Manifest
 from ctrpipe.tools import heap
@@ -393,6 +393,9 @@ def device_memory(device: str) -> tuple[int | None, str]:
         free, total = torch.cuda.mem_get_info()
         return free, f"free GPU memory of {torch.cuda.get_device_name()} ({total / 1e9:.1f} GB in all)"
     info = meminfo()
+    room = cgroup_room()
+    if room is not None and room < info.get("MemAvailable", room + 1):
+        return room, "memory this process's cgroup (container or job limit) still allows"
     if "MemAvailable" in info:
         return info["MemAvailable"], f"available host RAM ({info['MemTotal'] / 1e9:.1f} GB in all)"
     return None, "host RAM unknown: pass --memory, e.g. --memory 16GB"
