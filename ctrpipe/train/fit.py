@@ -239,6 +239,13 @@ def with_cache_data(cfg: RunConfig, manifest: Manifest, shards: Path, quiet: boo
     diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if not diffs:
         return cfg
+    extra = [name for name in manifest.label_names if name not in cfg.data.labels] if cfg.data.labels else []
+    if extra and first_on_node():       # more heads than the config names, and main metrics that mix them in
+        fix = " ".join(f"--set train.tasks.{n}.weight=0 --set train.tasks.{n}.metric_weight=0" for n in extra)
+        console.print(f"[yellow]warning:[/] the cache holds the labels {list(manifest.label_names)}, the config "
+                      f"names {list(cfg.data.labels)}: the model trains a head for each of the cache's labels, and "
+                      f"its main metrics (and early stopping) average them; to train only the config's, shard "
+                      f"with this config, or add {fix}", highlight=False)
     if not quiet:
         console.print("[yellow]note:[/] the run records the shard cache's data section, which differs from "
                       "the config's in " + ", ".join(f"data.{k} ({theirs.get(k)!r}, config {mine.get(k)!r})"

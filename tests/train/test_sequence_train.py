@@ -213,3 +213,21 @@ def test_predict_runs_without_autograd(caches: dict[str, Path]) -> None:
     loader = ShardLoader(caches["din"], RowView.val(), 64, shuffle=False, seed=0)
     predict(model, loader, loader.num_rows, spec.n_tasks, torch.device("cpu"), "off")
     assert seen and not any(seen), seen
+
+
+def test_a_config_naming_fewer_labels_than_its_cache_is_warned_of(caches: dict[str, Path], tmp_path: Path) -> None:
+    """A helper's sweep: parquet_din.yaml (labels [clicked]) trained on a cache sharded with parquet_example.yaml
+    (clicked, converted) trained both heads and ranked by their mean metrics, with a note hidden by -q. A
+    warning says so and how to train the config's labels only (which then gives clicked's own metrics)."""
+    src = caches["din"].parent / "synth" / "train.parquet"
+    both = tmp_path / "both"
+    run_cli("shard", "--cfg", str(REPO / "cfgs" / "parquet_example.yaml"), "--input", str(src), "--out", str(both),
+            "-q", *sets(["data.folds.n_splits=0", "data.shard_rows=256", "data.categorical.min_count=1"]))
+    args = ["train", "--cfg", str(REPO / "cfgs" / "parquet_din.yaml"), "--shards", str(both), "-q",
+            *keys("din", "train.max_steps=3")]
+    res = CliRunner().invoke(app, [*args, "--runs", str(tmp_path / "r1")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and "warning: the cache holds the labels ['clicked', 'converted']" in text, text
+    fix = text.split("or add ", 1)[1].split()
+    res = CliRunner().invoke(app, [*args, "--runs", str(tmp_path / "r2"), *fix[:4]])
+    assert res.exit_code == 0, res.output
