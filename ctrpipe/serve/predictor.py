@@ -95,7 +95,7 @@ class Predictor:
         self.run, self.cfg, self.models, self.tasks = run, cfg, models, tasks
         self.plan, self.layout, self.calibrations, self.weights = plan, layout, calibrations, weights
         # loo_fitted=False: as a test cache built with --stats-from (no row of these was counted)
-        self.transformer = ChunkTransformer(plan, fitted, loo_fitted=False)
+        self.transformer = ChunkTransformer(plan, fitted, loo_fitted=False, check_separators=False)
         self.batch_size = cfg.infer.batch_size or cfg.loader.eval_batch_size
 
     @property

@@ -261,8 +261,9 @@ class ChunkTokens:
     is split and hashed for both seeds in one pass; its readers (tasks on several threads) share the result.
     `kept` is None where the kernel cannot take the column: the caller then runs the polars path."""
 
-    def __init__(self, plan: Plan, frame: pl.DataFrame, source: str = "") -> None:
+    def __init__(self, plan: Plan, frame: pl.DataFrame, source: str = "", check: bool = True) -> None:
         self.plan, self.frame, self.source = plan, frame, source        # source: the file, for errors
+        self.check = check              # check_separator (not when serving: a trained run cannot change it)
         self._kept: dict[tuple[str, int], KeptTokens | None] = {}
         self._lock = threading.Lock()                       # guards _kept and _columns
         self._columns: dict[str, threading.Lock] = {}       # one per token column, held while it is split
@@ -305,11 +306,13 @@ class ChunkTokens:
         """`transforms.tokens_hashes` of the column with `seed`: (M,) uint64 hashes, (N,) int64 lengths."""
         got = self.kept(tc, seed)
         if got is not None:
-            check_separator(tc, self.frame[tc.column], self.source)
+            if self.check:
+                check_separator(tc, self.frame[tc.column], self.source)
             return got.hashes, got.lengths
         flat, lengths = polars_tokens_hashes(self.frame[tc.column], tc.separator, self.plan.token_keep(tc),
                                              tc.max_len, seed, weighted=tc.weighted)
-        check_separator(tc, self.frame[tc.column], self.source)
+        if self.check:
+            check_separator(tc, self.frame[tc.column], self.source)
         return np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64)
 
 
@@ -321,11 +324,13 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") 
     """Refuse a separator that leaves many of a chunk's values whole while they are evidently lists split by
     another character (each such row would silently hold one token: a history all out-of-vocabulary, ids that
     never match the candidate's), or that leaves a space on most tokens ("a, b" split on ","; the ids of
-    " b" and "b" differ). The first values of the chunk tell: one pass over at most 1,000 of them."""
+    " b" and "b" differ). The first values of the chunk tell: one pass over at most 1,000 of them. Values
+    that hold another separator inside their tokens ("Paris, France|Rome, Italy" split on "|", multi-word tags)
+    pass: the other character must leave more values whole than the separator splits, and at least half."""
     if tc.max_len < 2 or values.dtype != pl.String or not len(values):
         return
-    sample = values.head(_SEPARATOR_SAMPLE).drop_nulls()
-    sample = sample.filter(sample.str.len_bytes() > 0)
+    sample = values.drop_nulls()
+    sample = sample.filter(sample.str.len_bytes() > 0).head(_SEPARATOR_SAMPLE)
     n = sample.len()
     if n < 20:                  # too few values to tell lists from single tokens
         return
@@ -336,10 +341,15 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") 
         if other in tc.separator:
             continue
         found = whole.filter(whole.str.contains(other, literal=True))
-        # lists of one item are common in histories: a share of rows split by another character tells; a
-        # space, which also sits inside single tokens (multi-word tags), tells only where the separator is in
-        # (almost) no value and the space in most
-        if found.len() >= 0.2 * n if other != " " else found.len() >= 0.5 * n and whole.len() >= 0.95 * n:
+        # lists of one item are common in histories, so the values another character would split must
+        # outnumber those the separator splits; a space, which also sits inside single tokens (multi-word
+        # tags), must split (almost) every value into three or more and the separator none
+        if other != " ":
+            refuse = found.len() >= max(split.sum(), 0.5 * n)
+        else:
+            words = found.str.count_matches(" ", literal=True)
+            refuse = not split.any() and found.len() >= 0.8 * n and float(words.median() or 0) >= 2
+        if refuse:
             raise ConfigError(f"{found.len() / n:.0%} of a chunk's values of token column {tc.column!r} contain "
                               f"{other!r} and not the separator {tc.separator!r} (e.g. {found[0][:60]!r}), so "
                               "each would be a single token", where=where,
@@ -384,7 +394,10 @@ class ChunkTransformer:
     """Applies a plan with fixed fitted statistics to chunks; `loo_fitted` says whether train rows of this
     build were themselves counted (co-visitation leave-one-out)."""
 
-    def __init__(self, plan: Plan, fitted: Fitted, loo_fitted: bool) -> None:
+    def __init__(self, plan: Plan, fitted: Fitted, loo_fitted: bool, check_separators: bool = True) -> None:
+        # check_separators: off when serving rows with a trained run (small request batches, and the run's
+        # separator cannot change); a build checks them
+        self.check_separators = check_separators
         self.plan = plan
         self.fitted = fitted
         self.loo_fitted = loo_fitted
@@ -404,7 +417,7 @@ class ChunkTransformer:
         plan, cfg = self.plan, self.plan.cfg
         n = frame.height
         out: Arrays = {}
-        tokens = ChunkTokens(plan, frame, source)
+        tokens = ChunkTokens(plan, frame, source, self.check_separators)
         layout = plan.numeric_layout()
         missing_counts = np.zeros(len(layout), dtype=np.int64)
         if layout:
@@ -440,7 +453,8 @@ class ChunkTransformer:
             ids, lengths, weights = kept.padded(tc.max_len, bins, vocab) if kept is not None else \
                 polars_tokens_to_ids(frame[tc.column], tc.separator, tc.max_len, plan.token_seed(tc), bins,
                                      tc.weighted, plan.token_keep(tc), vocab)
-            check_separator(tc, frame[tc.column], source)
+            if self.check_separators:
+                check_separator(tc, frame[tc.column], source)
             tokens.forget({(t.column, plan.token_seed(t)) for t in plan.tokens if t != tc})
             stem = safe_name(tc.column)
             out[f"{stem}.tokens"] = np.asarray(ids, dtype=np.int32)

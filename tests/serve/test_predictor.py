@@ -260,6 +260,16 @@ def test_parquet_table_polars_and_dicts(parquet: dict[str, Path]) -> None:
     _check_equal(p, parquet, table.to_pylist())
 
 
+def test_serving_does_not_check_token_separators(parquet: dict[str, Path]) -> None:
+    """A review: the build's separator check ran on every request batch, so 32 candidate rows of one user whose
+    tags were "sports fan team" were refused with a fix (set separator: ' ') a trained run cannot take."""
+    from ctrpipe import Predictor
+
+    p = Predictor.load(parquet["run"])
+    rows = pl.from_arrow(pq.read_table(parquet["test"])).head(32).with_columns(tags=pl.lit("sports fan team"))
+    assert len(p.predict(rows)[p.heads[0]]) == 32
+
+
 def test_parquet_labels_are_not_read_when_serving(parquet: dict[str, Path]) -> None:
     """(helper's serving sweep) A pending outcome (null) or any other value in a label column failed as a bad
     label: serving never uses labels, so they are left unread."""

@@ -169,6 +169,9 @@ def test_a_separator_that_splits_nothing_is_refused(tmp_path: Path, mode: str) -
     (["1|2|3", "4,5,6"] * 20, ",", "contain '|'"),             # two separators in one column
     (["a, b, c"] * 40, ",", "followed by a space"),            # tokens kept the space: ' b' != 'b'
     (["new york|paris", "los angeles"] * 20, "|", None),       # multi-word tokens, half the rows single
+    (["video games"] * 38 + ["video games|board games"] * 2, "|", None),    # a review: multi-word single tags
+    (["Paris, France"] * 10 + ["Paris, France|Rome, Italy"] * 30, "|", None),   # commas inside tokens
+    (["a;b"] * 10 + ["c|d"] * 30, "|", None),
     (["1,2", "3"] * 20, ",", None),
     (["a, b, c"] * 40, ", ", None),
 ])
