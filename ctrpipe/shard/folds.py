@@ -127,8 +127,11 @@ def _text_numbers(s: pl.Series) -> pl.Series | None:
     return number if number.null_count() == s.null_count() else None
 
 
-_MONTH_NAME = r"(?i)\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\b"
-_YEAR_LAST = r"^\s*\d{1,2}[/.\-]\d{1,2}[/.\-]\d{2,4}\b"
+# a month's whole name or its 3-letter form, not a word that starts like one (market, Mayotte, America/Juneau)
+_MONTH_NAME = (r"(?i)\b(jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec|january|february|march|april|june|"
+               r"july|august|september|october|november|december)\b")
+# day and month before a 4-digit year (9/5/2024, 09.05.2024); 24-05-09 is year first
+_YEAR_LAST = r"^\s*\d{1,2}[/.\-]\d{1,2}[/.\-]\d{4}\b"
 
 
 def refuse_unsorted_text_times(values: pl.Series, key: str) -> None:
@@ -145,9 +148,10 @@ def refuse_unsorted_text_times(values: pl.Series, key: str) -> None:
         why, example = "puts the day or month before the year", shown.filter(shown.str.contains(_YEAR_LAST))[0]
     else:
         # the n-th number of each value: one width throughout (zero-padded), or text order is not number order
-        runs = pl.DataFrame({"runs": shown.str.extract_all(r"\d+")}).with_row_index("v").explode("runs")
-        runs = runs.drop_nulls().with_columns(pos=pl.int_range(pl.len()).over("v"),
-                                              width=pl.col("runs").str.len_bytes())
+        # (a fraction's digits, after a '.', order as text whatever their number: 10:00:00.5 < 10:00:00.75)
+        runs = pl.DataFrame({"runs": shown.str.extract_all(r"(?:^|[^.\d])\d+")}).with_row_index("v").explode("runs")
+        runs = runs.drop_nulls().with_columns(runs=pl.col("runs").str.extract(r"(\d+)$"))
+        runs = runs.with_columns(pos=pl.int_range(pl.len()).over("v"), width=pl.col("runs").str.len_bytes())
         widths = runs.group_by("pos").agg(lo=pl.col("width").min(), hi=pl.col("width").max()).filter(
             pl.col("lo") != pl.col("hi"))
         if widths.height:

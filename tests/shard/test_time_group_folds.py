@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -595,3 +596,15 @@ def test_a_split_or_folds_unlike_the_config_are_said_at_build_and_by_inspect(tmp
         assert out.exit_code == int(blocking) and message in " ".join(out.output.split()), out.output
         if blocking:
             assert "cache is whole, but training cannot use it" in out.output and "damaged" not in out.output
+
+
+@pytest.mark.parametrize("values", [
+    ["24-05-09 10:00", "24-05-10 10:00", "24-06-01 09:00"],                  # a 2-digit year, written first
+    ["2024-05-09 10:00:00.5", "2024-05-09 10:00:00.25", "2024-05-09 10:00:01"],   # fractions of any width
+    ["market 2024-05-09", "Mayotte 2024-05-10", "America/Juneau 2024-05-11"],   # words that start like months
+])
+def test_text_times_that_sort_as_time_are_not_refused(values: list[str]) -> None:
+    """A review: the first version of the check refused these, whose text order is their time order."""
+    from ctrpipe.shard.folds import refuse_unsorted_text_times
+
+    refuse_unsorted_text_times(pl.Series(values), "t")
