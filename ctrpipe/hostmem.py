@@ -170,7 +170,8 @@ _NO_LIMIT = 1 << 60         # cgroup v1 writes "no limit" as a page-rounded 2**6
 
 def cgroup_room(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
     """Bytes this process's memory cgroup (and each cgroup above it) still allows: its limit less its usage
-    that cannot be reclaimed (page cache on the inactive list can); None without a limit or off Linux. Reads
+    that cannot be reclaimed (its page cache can, as MemAvailable counts it: a run's mapped shards); None
+    without a limit or off Linux. Reads
     cgroup v2 (memory.max) and v1 (memory.limit_in_bytes); in a container the path /proc names may be the
     mount's root."""
     try:
@@ -186,8 +187,8 @@ def cgroup_room(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/
         if not v2 and "memory" not in parts[1].split(","):
             continue
         base = root if v2 else root / "memory"
-        files = ("memory.max", "memory.current", "inactive_file") if v2 else \
-            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        files = ("memory.max", "memory.current", "") if v2 else \
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_")
         rel = Path(parts[2].lstrip("/"))
         for folder in {base / p for p in (rel, *rel.parents)} | {base}:     # ancestors' limits apply too
             room = _cgroup_folder_room(folder, *files)
@@ -196,7 +197,7 @@ def cgroup_room(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/
     return max(min(rooms), 0) if rooms else None
 
 
-def _cgroup_folder_room(folder: Path, limit_name: str, usage_name: str, inactive_key: str) -> int | None:
+def _cgroup_folder_room(folder: Path, limit_name: str, usage_name: str, stat_prefix: str) -> int | None:
     try:
         text = (folder / limit_name).read_text().strip()
         if text == "max" or int(text) >= _NO_LIMIT:
@@ -204,15 +205,15 @@ def _cgroup_folder_room(folder: Path, limit_name: str, usage_name: str, inactive
         usage = int((folder / usage_name).read_text().strip())
     except (OSError, ValueError):
         return None
-    inactive = 0
+    cache = 0           # file pages, active and inactive: reclaimable
     try:
         for line in (folder / "memory.stat").read_text().splitlines():
             key, _, value = line.partition(" ")
-            if key == inactive_key:
-                inactive = int(value)
+            if key in (f"{stat_prefix}active_file", f"{stat_prefix}inactive_file"):
+                cache += int(value)
     except (OSError, ValueError):
         pass
-    return int(text) - max(usage - inactive, 0)
+    return int(text) - max(usage - cache, 0)
 
 
 def anon_rss() -> int | None:

@@ -251,7 +251,7 @@ def test_a_cgroup_limit_bounds_the_available_memory(tmp_path: Path) -> None:
     (v2 / "job" / "step").mkdir(parents=True)
     (v2 / "job" / "memory.max").write_text(f"{6 * gb}\n")              # the job's limit, one level up
     (v2 / "job" / "memory.current").write_text(f"{2 * gb}\n")
-    (v2 / "job" / "memory.stat").write_text(f"anon {gb}\ninactive_file {gb}\n")
+    (v2 / "job" / "memory.stat").write_text(f"anon {gb}\nactive_file {gb // 2}\ninactive_file {gb // 2}\n")
     (v2 / "job" / "step" / "memory.max").write_text("max\n")
     (v2 / "job" / "step" / "memory.current").write_text(f"{gb}\n")
     (v2 / "cgroup").write_text("0::/job/step\n")
@@ -260,7 +260,8 @@ def test_a_cgroup_limit_bounds_the_available_memory(tmp_path: Path) -> None:
     (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
     (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text(f"{4 * gb}\n")
     (v1 / "memory" / "docker" / "abc" / "memory.usage_in_bytes").write_text(f"{3 * gb}\n")
-    (v1 / "memory" / "docker" / "abc" / "memory.stat").write_text(f"total_inactive_file {gb // 2}\n")
+    (v1 / "memory" / "docker" / "abc" / "memory.stat").write_text(
+        f"active_file 7\ntotal_active_file {gb // 4}\ntotal_inactive_file {gb // 4}\n")   # total_: the hierarchy's
     (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")   # no limit at the root
     (v1 / "cgroup").write_text("4:memory:/docker/abc\n3:cpu:/\n")
     assert cgroup_room(v1, v1 / "cgroup") == 4 * gb - (3 * gb - gb // 2)

@@ -141,7 +141,8 @@ def _check_host_memory(name: str, entry: ModelEntry, spec: FeatureSpec, cfg: Any
     big_name, big = max(tensors, key=lambda nt: nt[1].numel() * nt[1].element_size())
     shape = " x ".join(f"{d:,}" for d in big.shape)
     raise ConfigError(f"model {name!r} holds {human_bytes(total)} of weights, more than the "
-                      f"{human_bytes(available)} of memory this machine has available; its largest tensor, "
+                      f"{human_bytes(available)} of memory available to this process (the host's, or its "
+                      f"cgroup's limit); its largest tensor, "
                       f"{big_name} ({shape}), is {human_bytes(big.numel() * big.element_size())}",
                       where="model", fix="lower the model section's sizes (embedding dims, hidden units, ranks, "
                                          "heads); `ctrpipe plan` estimates the memory a config needs")
