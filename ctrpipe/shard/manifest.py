@@ -144,8 +144,8 @@ class Manifest:
     def layout_problems(self) -> list[tuple[bool, str]]:
         """(blocking, message) for a split or folds that came out unlike what the config asked: they follow
         the data's keys, so one group key holding most rows (or a tiny input) can leave the val split, a fold
-        or the train split near-empty. Blocking: training cannot use the cache as built (no train rows, or
-        an empty fold for --kfold)."""
+        or the train split near-empty. Blocking: training cannot use the cache as built (no train rows); an
+        empty fold blocks only `train --kfold`, so it is warned of."""
         if self.role != "train" or not self.label_names:
             return []
         out: list[tuple[bool, str]] = []
@@ -173,7 +173,7 @@ class Manifest:
             empty = [i for i, n in enumerate(sizes) if not n]
             big = max(range(k), key=lambda i: sizes[i])
             if empty:
-                out.append((True, f"fold(s) {', '.join(map(str, empty))} of {k} ({mode}) hold no rows: "
+                out.append((False, f"fold(s) {', '.join(map(str, empty))} of {k} ({mode}) hold no rows: "
                                   f"`ctrpipe train --kfold {k}` refuses this cache; use fewer folds "
                                   f"(data.folds.n_splits){finer}, and shard again"))
             elif sizes[big] > 2 * total / k and _off_share(sizes[big], total, 1 / k):
