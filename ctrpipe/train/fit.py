@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -532,24 +533,33 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
                  f"torchrun with --nnodes x --nproc_per_node = {was}, e.g. torchrun --nproc_per_node {was} "
                  "-m ctrpipe.cli train ... --resume"))
     changed = _training_changes(refuse_resume_changes(ckpt.config, ctx.cfg, path))
-    if changed and ctx.main:     # a warning (shown with -q too), and kept in metrics.json: see resume_note
-        console.print(f"[yellow]warning:[/] {resume_note(changed, ckpt.step)}", highlight=False)
+    finished = ckpt.train_state is not None and ckpt.train_state.finished     # a K-fold run's earlier fold
+    if changed and ctx.main and not finished:  # a warning (shown with -q too), and kept in metrics.json
+        console.print(f"[yellow]warning:[/] {resume_note(changed, ckpt.step, _fold_label(out_dir))}",
+                      highlight=False)
     return ckpt
+
+
+def _fold_label(out_dir: Path) -> str:
+    """'fold 1: ' for a K-fold run's fold folder (fold1/), '' for a single run."""
+    m = re.fullmatch(r"fold(\d+)", out_dir.name)
+    return f"fold {m.group(1)}: " if m else ""
 
 
 # settings that do not change what a resumed run trains: where it stops this time, how often it logs, and how
 # infer later combines and calibrates its checkpoints
-_OUTSIDE_TRAINING = ("train.stop_after_steps", "train.log_every", "infer.")
+_OUTSIDE_TRAINING = ("train.stop_after_steps", "train.log_every", "infer.", "loader.prefetch", "loader.pin_memory",
+                     "loader.eval_batch_size")
 
 
 def _training_changes(changed: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
     return [c for c in changed if not c[0].startswith(_OUTSIDE_TRAINING)]
 
 
-def resume_note(changed: Sequence[tuple[str, Any, Any]], step: int) -> str:
+def resume_note(changed: Sequence[tuple[str, Any, Any]], step: int, label: str = "") -> str:
     """What a resume with changed settings did: the run's config.yaml records the new values as if the whole
     run had used them, so metrics.json keeps which steps ran with the old ones."""
-    return (f"resumed at step {step} with changed settings: "
+    return (f"{label}resumed at step {step} with changed settings: "
             + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
             + f" (steps up to {step} ran with the old values; config.yaml records the new ones)")
 
@@ -589,7 +599,8 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         resume = _load_resume(ctx, out_dir)
     else:   # rank 0 reads ckpt_last.pt (the run directory need not be shared) and hands it to every rank
         resume = group.from_main(lambda: _load_resume(ctx, out_dir), "reading ckpt_last.pt for --resume")
-    changed = _training_changes(refuse_resume_changes(resume.config, cfg, out_dir)) if resume is not None else []
+    changed = _training_changes(refuse_resume_changes(resume.config, cfg, out_dir)) \
+        if resume is not None and not (resume.train_state is not None and resume.train_state.finished) else []
     # built once, from the seed alone: checkpoints store what training changed and rebuild the rest from it;
     # a torchrun job exchanges the tables' gradient rows (distributed.RowExchange), so its tables are sparse
     # sampled rows and masked heads: each head starts at the prior of the rows it trains on (checkpoints keep
@@ -613,7 +624,7 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         resume=resume, quiet=ctx.quiet, label=label, dist=group)
     result = fit(inputs)
     if changed:
-        result.notes = (*result.notes, resume_note(changed, resume.step))
+        result.notes = (*result.notes, resume_note(changed, resume.step, _fold_label(out_dir)))
     return result
 
 
@@ -827,7 +838,8 @@ def _run_kfold(ctx: TrainContext) -> dict[str, Any]:
     total_seconds = sum(r.train_seconds for r in results)
     summary.update(samples=total_samples, train_seconds=round(total_seconds, 3),
                    samples_per_s=round(total_samples / total_seconds, 1) if total_seconds > 0 else 0.0)
-    summary["notes"] = list(results[0].notes)
+    # the plan's notes are alike for every fold; a fold's resume note is its own
+    summary["notes"] = list(dict.fromkeys(n for r in results for n in r.notes))
     summary["cv"] = _cv_summary(folds, oof.metrics(ctx.task_names, ctx.metric_weights))
     summary["val"] = summary["cv"]["oof"]
     if gold is not None:

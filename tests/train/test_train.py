@@ -615,3 +615,17 @@ def test_the_summary_says_a_run_stopped_early(cache: Path, tmp_path: Path) -> No
                               "--set", "train.eval_every=2", "--set", "train.early_stopping.patience=1"])
     assert res.exit_code == 0 and f"fold 0 (1 of {K_FOLDS})" in res.output, res.output
     assert "stopped early (train.early_stopping.patience=1)" in " ".join(res.output.split())
+
+
+def test_a_kfold_resume_with_changed_settings_names_its_fold(cache: Path, tmp_path: Path) -> None:
+    """A review: a K-fold run resumed with a changed setting named no fold in its warning, and metrics.json's
+    notes kept only fold 0's (a later fold's resume note was lost)."""
+    args = ("--kfold", str(K_FOLDS), "--set", "train.epochs=2", "--set", "train.eval_every=4")
+    code, out = train(cache, tmp_path, *args, "--set", "train.stop_after_steps=5")
+    assert code == 0 and "stopped at step 5" in out, out
+    code, out = train(cache, tmp_path, *args, "--set", "train.warmup_steps=3", "--resume")
+    text = " ".join(out.split())
+    assert code == 0 and text.count("resumed at step") == 1 and "warning: fold 0: resumed at step 5" in text, out
+    notes = json.loads((tmp_path / "criteo" / "metrics.json").read_text())["notes"]
+    assert [n for n in notes if "resumed at step" in n] == [n for n in notes if n.startswith("fold 0: resumed")]
+    assert any(n.startswith("fold 0: resumed at step 5") for n in notes)
