@@ -106,8 +106,9 @@ def _refused_path(exc: OSError) -> str | None:
         return (f"cannot write {where}: the file system there is read-only\n  fix: give an output folder you may "
                 "write to (--out, or --runs for train)")
     # an output is written as NAME.incomplete first: the user gave NAME
-    path = str(exc.filename).removesuffix(".incomplete") + (
-        f" -> {exc.filename2}" if exc.filename2 is not None else "")   # a rename
+    path = str(exc.filename).removesuffix(".incomplete")
+    if exc.filename2 is not None and str(exc.filename2) != path:       # a rename onto another name
+        path += f" -> {exc.filename2}"
     return (f"cannot use {path}: {exc.strerror or ''} ({type(exc).__name__})\n  fix: check the path: it must "
             "exist to be read, an output must name a file in a folder you may write to; if it is no path you "
             "gave, report it as a bug")

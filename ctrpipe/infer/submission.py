@@ -49,7 +49,9 @@ def check_out_file(out: Path, option: str = "--out") -> None:
     if path.is_symlink():
         target = os.path.realpath(path)
         raise SubmissionError(f"{option} names a symbolic link (to {target}); the output would replace the link, "
-                              "not its target", where=str(out), fix=f"give the file itself, e.g. {option} {target}")
+                              "not its target", where=str(out),
+                              fix=f"give the file itself, e.g. {option} {target}" if not os.path.isdir(target) else
+                              f"give a file name, e.g. {option} {Path(target) / 'submission.csv'}")
     if path.is_dir():
         raise SubmissionError(f"{option} names a folder, and the output is a file", where=str(out),
                               fix=f"give a file name, e.g. {option} {Path(out) / 'submission.csv'}")

@@ -434,6 +434,7 @@ def test_the_writer_refuses_non_finite_predictions(tmp_path: Path) -> None:
     assert out.read_text() == "ID,clicked\n1,0.5\n"
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="FIFOs (POSIX)")
 def test_an_output_that_is_no_regular_file_is_refused_and_left_alone(tmp_path: Path) -> None:
     """A helper's sweep: infer, predict and blend wrote beside --out and renamed onto it, which replaced a FIFO,
     a symbolic link (not its target) and, as root, /dev/full itself with a regular file. They are refused before
