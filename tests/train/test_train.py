@@ -505,7 +505,7 @@ def test_a_model_beyond_the_hosts_memory_is_refused_and_leaves_no_run(cache: Pat
     named, and no run folder left to block the fixed command."""
     code, out = train(cache, tmp_path, "--set", "model.hidden_units=[1000000,1000000]")
     assert code == 1, out
-    assert "error: model: model 'dnn' holds 4.0 TB of weights" in out and "memory this machine has" in out
+    assert "error: model: model 'dnn' holds 4.0 TB of weights" in out and "memory available to this process" in out
     assert "mlp" in out and "1,000,000 x 1,000,000" in out and "lower the model section's sizes" in out
     assert not (tmp_path / "criteo").exists()
     assert train(cache, tmp_path, "--set", "train.max_steps=2")[0] == 0
