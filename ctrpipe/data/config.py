@@ -56,6 +56,8 @@ class TokenColumnConfig:
     """A multi-hot (`a|b|c`, optionally `a:0.5|b:0.2`) or sequence (ordered, most recent last) column."""
 
     column: str = ""
+    # between tokens; a build refuses one that leaves most values whole while they hold another separator,
+    # or leaves a space on most tokens ("a, b" needs ", ")
     separator: str = "|"
     max_len: int = 16                    # sequences keep the most recent max_len tokens
     bins: int = 0                        # 0 -> data.hash_bins
