@@ -341,14 +341,21 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") 
         if other in tc.separator:
             continue
         found = whole.filter(whole.str.contains(other, literal=True))
-        # lists of one item are common in histories, so the values another character would split must
-        # outnumber those the separator splits; a space, which also sits inside single tokens (multi-word
-        # tags), must split (almost) every value into three or more and the separator none
         if other != " ":
-            refuse = found.len() >= max(split.sum(), 0.5 * n)
+            # lists of one item are common in histories: where the separator splits no value, a share of
+            # values holding another separator tells; where it splits some, the other character is inside
+            # their tokens ("Paris, France|Rome, Italy") unless it is missing there and leaves more whole
+            lists = sample.filter(split)
+            inside = lists.len() and float(lists.str.contains(other, literal=True).mean() or 0.0) >= 0.5
+            refuse = found.len() >= 0.2 * n if not lists.len() else \
+                not inside and found.len() >= max(lists.len(), 0.5 * n)
         else:
-            words = found.str.count_matches(" ", literal=True)
-            refuse = not split.any() and found.len() >= 0.8 * n and float(words.median() or 0) >= 2
+            # a space also sits inside single tokens (multi-word tags): it tells only where the separator
+            # splits nothing and the words are ids (digits in them), as a history's are
+            parts = found.str.split(" ").explode()
+            parts = parts.filter(parts.str.len_bytes() > 0)
+            ids = float(parts.str.contains(r"^\w*\d\w*$").mean() or 0.0) if parts.len() else 0.0
+            refuse = not split.any() and found.len() >= 0.2 * n and ids >= 0.9
         if refuse:
             raise ConfigError(f"{found.len() / n:.0%} of a chunk's values of token column {tc.column!r} contain "
                               f"{other!r} and not the separator {tc.separator!r} (e.g. {found[0][:60]!r}), so "

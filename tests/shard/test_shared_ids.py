@@ -172,6 +172,11 @@ def test_a_separator_that_splits_nothing_is_refused(tmp_path: Path, mode: str) -
     (["video games"] * 38 + ["video games|board games"] * 2, "|", None),    # a review: multi-word single tags
     (["Paris, France"] * 10 + ["Paris, France|Rome, Italy"] * 30, "|", None),   # commas inside tokens
     (["a;b"] * 10 + ["c|d"] * 30, "|", None),
+    # a second review: most histories one item, the rest split by another character (each a single token)
+    (["17"] * 24 + ["3,9,27", "5,8"] * 8, "|", "contain ','"),
+    (["17"] * 24 + ["3 9 27", "5 8"] * 8, "|", "contain ' '"),
+    (["Paris, France"] * 24 + ["Paris, France|Rome, Italy"] * 16, "|", None),   # commas inside, most single
+    (["rhythm and blues", "drum and bass", "rock n roll"] * 14, "|", None),   # 3-word single tags
     (["1,2", "3"] * 20, ",", None),
     (["a, b, c"] * 40, ", ", None),
 ])
