@@ -130,8 +130,9 @@ def _text_numbers(s: pl.Series) -> pl.Series | None:
 # a month's whole name or its 3-letter form, not a word that starts like one (market, Mayotte, America/Juneau)
 _MONTH_NAME = (r"(?i)\b(jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec|january|february|march|april|june|"
                r"july|august|september|october|november|december)\b")
-# day and month before a 4-digit year (9/5/2024, 09.05.2024); 24-05-09 is year first
-_YEAR_LAST = r"^\s*\d{1,2}[/.\-]\d{1,2}[/.\-]\d{4}\b"
+# day and month before a 4-digit year (9/5/2024, 09.05.2024), or a 2-digit one after slashes or dots
+# (09/05/24); 24-05-09 with dashes is read as year first, as ISO writes it
+_YEAR_LAST = r"^\s*(\d{1,2}[/.\-]\d{1,2}[/.\-]\d{4}|\d{1,2}[/.]\d{1,2}[/.]\d{2})\b"
 
 
 def refuse_unsorted_text_times(values: pl.Series, key: str) -> None:
@@ -148,9 +149,9 @@ def refuse_unsorted_text_times(values: pl.Series, key: str) -> None:
         why, example = "puts the day or month before the year", shown.filter(shown.str.contains(_YEAR_LAST))[0]
     else:
         # the n-th number of each value: one width throughout (zero-padded), or text order is not number order
-        # (a fraction's digits, after a '.', order as text whatever their number: 10:00:00.5 < 10:00:00.75)
-        runs = pl.DataFrame({"runs": shown.str.extract_all(r"(?:^|[^.\d])\d+")}).with_row_index("v").explode("runs")
-        runs = runs.drop_nulls().with_columns(runs=pl.col("runs").str.extract(r"(\d+)$"))
+        # (a fraction of a second orders as text whatever its width, 10:00:00.5 < 10:00:00.75: left out)
+        whole = shown.str.replace_all(r":(\d\d)[.,]\d+", ":$1")
+        runs = pl.DataFrame({"runs": whole.str.extract_all(r"\d+")}).with_row_index("v").explode("runs").drop_nulls()
         runs = runs.with_columns(pos=pl.int_range(pl.len()).over("v"), width=pl.col("runs").str.len_bytes())
         widths = runs.group_by("pos").agg(lo=pl.col("width").min(), hi=pl.col("width").max()).filter(
             pl.col("lo") != pl.col("hi"))

@@ -538,6 +538,8 @@ def test_time_folds_cut_whenever_there_are_as_many_distinct_times_as_folds(tmp_p
     ([f"2024-{m}-{d}" for m in (5, 10) for d in (1, 2, 9, 10)], "different widths"),   # "2024-5-9" > "2024-10-1"
     ([f"{d:02d}/05/2024" for d in range(1, 9)], "before the year"),
     ([f"{m} 9 2024" for m in ("May", "June", "April", "Dec")] * 2, "names months"),
+    ([f"{d:02d}/05/24" for d in range(1, 9)], "before the year"),                  # a second review: dd/mm/yy
+    ([f"2024.{m}.{d}" for m in (5, 10) for d in (1, 9)] * 2, "different widths"),     # dots are no fraction here
 ])
 def test_text_times_that_do_not_sort_as_time_are_refused(tmp_path: Path, days: list[str], why: str) -> None:
     """A helper's sweep: time folds over "2024-5-9"-style text cut periods in text order ("2024-10-1" before
