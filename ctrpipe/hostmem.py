@@ -205,15 +205,18 @@ def _cgroup_folder_room(folder: Path, limit_name: str, usage_name: str, stat_pre
         usage = int((folder / usage_name).read_text().strip())
     except (OSError, ValueError):
         return None
-    cache = 0           # file pages, active and inactive: reclaimable
+    cache = 0           # clean file pages, active and inactive: reclaimable (dirty ones must be written first)
+    signs = {"active_file": 1, "inactive_file": 1, "dirty": -1, "writeback": -1} if stat_prefix else \
+        {"active_file": 1, "inactive_file": 1, "file_dirty": -1, "file_writeback": -1}
     try:
         for line in (folder / "memory.stat").read_text().splitlines():
             key, _, value = line.partition(" ")
-            if key in (f"{stat_prefix}active_file", f"{stat_prefix}inactive_file"):
-                cache += int(value)
+            sign = signs.get(key.removeprefix(stat_prefix)) if key.startswith(stat_prefix) else None
+            if sign is not None:
+                cache += sign * int(value)
     except (OSError, ValueError):
         pass
-    return int(text) - max(usage - cache, 0)
+    return int(text) - max(usage - max(cache, 0), 0)
 
 
 def anon_rss() -> int | None:

@@ -251,11 +251,12 @@ def test_a_cgroup_limit_bounds_the_available_memory(tmp_path: Path) -> None:
     (v2 / "job" / "step").mkdir(parents=True)
     (v2 / "job" / "memory.max").write_text(f"{6 * gb}\n")              # the job's limit, one level up
     (v2 / "job" / "memory.current").write_text(f"{2 * gb}\n")
-    (v2 / "job" / "memory.stat").write_text(f"anon {gb}\nactive_file {gb // 2}\ninactive_file {gb // 2}\n")
+    (v2 / "job" / "memory.stat").write_text(f"anon {gb}\nactive_file {gb // 2}\ninactive_file {gb // 2}\n"
+                                           f"file_dirty {gb // 8}\nfile_writeback {gb // 8}\n")   # not reclaimable
     (v2 / "job" / "step" / "memory.max").write_text("max\n")
     (v2 / "job" / "step" / "memory.current").write_text(f"{gb}\n")
     (v2 / "cgroup").write_text("0::/job/step\n")
-    assert cgroup_room(v2, v2 / "cgroup") == 6 * gb - (2 * gb - gb)
+    assert cgroup_room(v2, v2 / "cgroup") == 6 * gb - (2 * gb - gb + gb // 4)
     v1 = tmp_path / "v1"
     (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
     (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text(f"{4 * gb}\n")

@@ -534,8 +534,8 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
                  "-m ctrpipe.cli train ... --resume"))
     changed = _training_changes(refuse_resume_changes(ckpt.config, ctx.cfg, path))
     finished = ckpt.train_state is not None and ckpt.train_state.finished     # a K-fold run's earlier fold
-    if changed and ctx.main and not finished:  # a warning (shown with -q too), and kept in metrics.json
-        console.print(f"[yellow]warning:[/] {resume_note(changed, ckpt.step, _fold_label(out_dir))}",
+    if changed and ctx.main:   # a warning (shown with -q too), and kept in metrics.json
+        console.print(f"[yellow]warning:[/] {resume_note(changed, ckpt.step, _fold_label(out_dir), finished)}",
                       highlight=False)
     return ckpt
 
@@ -556,12 +556,16 @@ def _training_changes(changed: list[tuple[str, Any, Any]]) -> list[tuple[str, An
     return [c for c in changed if not c[0].startswith(_OUTSIDE_TRAINING)]
 
 
-def resume_note(changed: Sequence[tuple[str, Any, Any]], step: int, label: str = "") -> str:
+def resume_note(changed: Sequence[tuple[str, Any, Any]], step: int, label: str = "", finished: bool = False) -> str:
     """What a resume with changed settings did: the run's config.yaml records the new values as if the whole
-    run had used them, so metrics.json keeps which steps ran with the old ones."""
-    return (f"{label}resumed at step {step} with changed settings: "
-            + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
-            + f" (steps up to {step} ran with the old values; config.yaml records the new ones)")
+    run had used them, so metrics.json keeps which steps ran with the old ones (all of them, for a K-fold
+    run's fold that had finished before the stop)."""
+    changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
+    if finished:
+        return (f"{label}finished before the resume with changed settings ({changes}): trained wholly with the "
+                "old values; config.yaml records the new ones")
+    return (f"{label}resumed at step {step} with changed settings: {changes} (steps up to {step} ran with the old "
+            "values; config.yaml records the new ones)")
 
 
 def fold_seed(cfg: RunConfig, fold: int) -> int:
@@ -599,8 +603,7 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         resume = _load_resume(ctx, out_dir)
     else:   # rank 0 reads ckpt_last.pt (the run directory need not be shared) and hands it to every rank
         resume = group.from_main(lambda: _load_resume(ctx, out_dir), "reading ckpt_last.pt for --resume")
-    changed = _training_changes(refuse_resume_changes(resume.config, cfg, out_dir)) \
-        if resume is not None and not (resume.train_state is not None and resume.train_state.finished) else []
+    changed = _training_changes(refuse_resume_changes(resume.config, cfg, out_dir)) if resume is not None else []
     # built once, from the seed alone: checkpoints store what training changed and rebuild the rest from it;
     # a torchrun job exchanges the tables' gradient rows (distributed.RowExchange), so its tables are sparse
     # sampled rows and masked heads: each head starts at the prior of the rows it trains on (checkpoints keep
@@ -624,7 +627,8 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         resume=resume, quiet=ctx.quiet, label=label, dist=group)
     result = fit(inputs)
     if changed:
-        result.notes = (*result.notes, resume_note(changed, resume.step, _fold_label(out_dir)))
+        done = resume.train_state is not None and resume.train_state.finished
+        result.notes = (*result.notes, resume_note(changed, resume.step, _fold_label(out_dir), done))
     return result
 
 
