@@ -326,8 +326,8 @@ def predict(
     def go() -> None:
         n = predict_file(run, input_, out, cache=cache, overrides=overrides)
         # --quiet: the one summary line every data command ends with (it printed nothing at all)
-        console.print(f"wrote {n:,} row{'' if n == 1 else 's'} to {out}" + ("" if quiet else f" (record: {out.name}.json)"),
-                      highlight=False)
+        rows = f"{n:,} row{'' if n == 1 else 's'}"
+        console.print(f"wrote {rows} to {out}" + ("" if quiet else f" (record: {out.name}.json)"), highlight=False)
 
     _run(go)
 
