@@ -264,6 +264,7 @@ class ChunkTokens:
     def __init__(self, plan: Plan, frame: pl.DataFrame, source: str = "", check: bool = True) -> None:
         self.plan, self.frame, self.source = plan, frame, source        # source: the file, for errors
         self.check = check              # check_separator (not when serving: a trained run cannot change it)
+        self._checked: set[str] = set()     # columns checked in this chunk (several readers split one column)
         self._kept: dict[tuple[str, int], KeptTokens | None] = {}
         self._lock = threading.Lock()                       # guards _kept and _columns
         self._columns: dict[str, threading.Lock] = {}       # one per token column, held while it is split
@@ -305,15 +306,20 @@ class ChunkTokens:
     def hashes(self, tc: TokenColumnConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """`transforms.tokens_hashes` of the column with `seed`: (M,) uint64 hashes, (N,) int64 lengths."""
         got = self.kept(tc, seed)
+        self.check_column(tc)
         if got is not None:
-            if self.check:
-                check_separator(tc, self.frame[tc.column], self.source)
             return got.hashes, got.lengths
         flat, lengths = polars_tokens_hashes(self.frame[tc.column], tc.separator, self.plan.token_keep(tc),
                                              tc.max_len, seed, weighted=tc.weighted)
-        if self.check:
-            check_separator(tc, self.frame[tc.column], self.source)
         return np.asarray(flat, dtype=np.uint64), np.asarray(lengths, dtype=np.int64)
+
+    def check_column(self, tc: TokenColumnConfig) -> None:
+        """`check_separator` of the column, once per chunk whichever reader asks first."""
+        with self._lock:
+            if not self.check or tc.column in self._checked:
+                return
+            self._checked.add(tc.column)
+        check_separator(tc, self.frame[tc.column], self.source)
 
 
 OTHER_SEPARATORS = (",", "|", ";", "\t", " ")
@@ -326,7 +332,7 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") 
     never match the candidate's), or that leaves a space on most tokens ("a, b" split on ","; the ids of
     " b" and "b" differ). The first values of the chunk tell: one pass over at most 1,000 of them. Values
     that hold another separator inside their tokens ("Paris, France|Rome, Italy" split on "|", multi-word tags)
-    pass: the other character must leave more values whole than the separator splits, and at least half."""
+    pass (see the conditions below)."""
     if tc.max_len < 2 or values.dtype != pl.String or not len(values):
         return
     sample = values.drop_nulls()
@@ -336,7 +342,7 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") 
         return
     where = source or f"data.sequence / data.multihot: {tc.column}"
     split = sample.str.contains(tc.separator, literal=True)
-    whole = sample.filter(~split)
+    whole, lists = sample.filter(~split), sample.filter(split)
     for other in OTHER_SEPARATORS:
         if other in tc.separator:
             continue
@@ -345,7 +351,6 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") 
             # lists of one item are common in histories: where the separator splits no value, a share of
             # values holding another separator tells; where it splits some, the other character is inside
             # their tokens ("Paris, France|Rome, Italy") unless it is missing there and leaves more whole
-            lists = sample.filter(split)
             inside = lists.len() and float(lists.str.contains(other, literal=True).mean() or 0.0) >= 0.5
             refuse = found.len() >= 0.2 * n if not lists.len() else \
                 not inside and found.len() >= max(lists.len(), 0.5 * n)
@@ -362,7 +367,6 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") 
                               "each would be a single token", where=where,
                               fix=f"set separator: {other!r} for {tc.column!r}" + (
                                   "" if found.len() > 0.9 * n else " (or write the column with one separator)"))
-    lists = sample.filter(split)
     spaced = lists.filter(lists.str.contains(tc.separator + " ", literal=True)) if tc.separator[-1:] != " " \
         else lists.head(0)
     if spaced.len() >= 0.5 * max(lists.len(), 1) and spaced.len() >= 10:
@@ -460,8 +464,7 @@ class ChunkTransformer:
             ids, lengths, weights = kept.padded(tc.max_len, bins, vocab) if kept is not None else \
                 polars_tokens_to_ids(frame[tc.column], tc.separator, tc.max_len, plan.token_seed(tc), bins,
                                      tc.weighted, plan.token_keep(tc), vocab)
-            if self.check_separators:
-                check_separator(tc, frame[tc.column], source)
+            tokens.check_column(tc)
             tokens.forget({(t.column, plan.token_seed(t)) for t in plan.tokens if t != tc})
             stem = safe_name(tc.column)
             out[f"{stem}.tokens"] = np.asarray(ids, dtype=np.int32)
