@@ -532,11 +532,7 @@ def _load_resume(ctx: TrainContext, out_dir: Path) -> Checkpoint | None:
                 ("`ctrpipe train ... --resume` without torchrun" if was == 1 else
                  f"torchrun with --nnodes x --nproc_per_node = {was}, e.g. torchrun --nproc_per_node {was} "
                  "-m ctrpipe.cli train ... --resume"))
-    changed = _training_changes(refuse_resume_changes(ckpt.config, ctx.cfg, path))
-    finished = ckpt.train_state is not None and ckpt.train_state.finished     # a K-fold run's earlier fold
-    if changed and ctx.main:   # a warning (shown with -q too), and kept in metrics.json
-        console.print(f"[yellow]warning:[/] {resume_note(changed, ckpt.step, _fold_label(out_dir), finished)}",
-                      highlight=False)
+    refuse_resume_changes(ckpt.config, ctx.cfg, path)     # the others are noted by _train_one
     return ckpt
 
 
@@ -603,7 +599,14 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         resume = _load_resume(ctx, out_dir)
     else:   # rank 0 reads ckpt_last.pt (the run directory need not be shared) and hands it to every rank
         resume = group.from_main(lambda: _load_resume(ctx, out_dir), "reading ckpt_last.pt for --resume")
-    changed = _training_changes(refuse_resume_changes(resume.config, cfg, out_dir)) if resume is not None else []
+    # settings changed since the checkpoint (those it fixes were refused): warned of, with -q too, and noted
+    note = ""
+    changed = _training_changes(config_changes(resume.config, cfg)) if resume is not None else []
+    if changed:
+        done = resume.train_state is not None and resume.train_state.finished     # a K-fold run's earlier fold
+        note = resume_note(changed, resume.step, _fold_label(out_dir), done)
+        if ctx.main:
+            console.print(f"[yellow]warning:[/] {note}", highlight=False)
     # built once, from the seed alone: checkpoints store what training changed and rebuild the rest from it;
     # a torchrun job exchanges the tables' gradient rows (distributed.RowExchange), so its tables are sparse
     # sampled rows and masked heads: each head starts at the prior of the rows it trains on (checkpoints keep
@@ -626,9 +629,8 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
         tasks=ctx.tasks, logit_shift=ctx.logit_shift,
         resume=resume, quiet=ctx.quiet, label=label, dist=group)
     result = fit(inputs)
-    if changed:
-        done = resume.train_state is not None and resume.train_state.finished
-        result.notes = (*result.notes, resume_note(changed, resume.step, _fold_label(out_dir), done))
+    if note:
+        result.notes = (*result.notes, note)
     return result
 
 
