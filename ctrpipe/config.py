@@ -311,9 +311,9 @@ def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str,
             raise ConfigError(f"'{prefix}{key}' and '{prefix}{other}' name the same setting, and both are set",
                               where=where, fix=f"keep only '{prefix}{name}'")
         sub = hints.get(name)
-        if renamed is not None and name != key:
-            renamed[f"{prefix}{name}"] = renamed.get(f"{prefix[:-1]}", prefix[:-1]) + f".{key}" if prefix \
-                else str(key)
+        if renamed is not None and name != key:         # the section as written (itself renamed?), then the key
+            parent = prefix[:-1]
+            renamed[f"{prefix}{name}"] = (f"{renamed.get(parent, parent)}." if prefix else "") + str(key)
         if nested and isinstance(value, Mapping) and is_dataclass(sub) and isinstance(sub, type):
             value = canonical_keys(sub, value, f"{prefix}{name}.", where, renamed=renamed)
         out[name] = value

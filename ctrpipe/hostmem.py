@@ -170,10 +170,9 @@ _NO_LIMIT = 1 << 60         # cgroup v1 writes "no limit" as a page-rounded 2**6
 
 def cgroup_room(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
     """Bytes this process's memory cgroup (and each cgroup above it) still allows: its limit less its usage
-    that cannot be reclaimed (its page cache can, as MemAvailable counts it: a run's mapped shards); None
-    without a limit or off Linux. Reads
-    cgroup v2 (memory.max) and v1 (memory.limit_in_bytes); in a container the path /proc names may be the
-    mount's root."""
+    that cannot be reclaimed (its clean page cache can, as MemAvailable counts it: a run's mapped shards);
+    None without a limit or off Linux. Reads cgroup v2 (memory.max) and v1 (memory.limit_in_bytes); in a
+    container the path /proc names may be the mount's root."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:

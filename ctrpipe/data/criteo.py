@@ -359,9 +359,9 @@ def _other_separator(line: str, sep: str) -> str | None:
 
 def _separator_hint(line: str, sep: str, remedies: Remedies = SHARD_REMEDIES) -> str:
     other = _other_separator(line, sep)
-    n = line.count(other) + 1 if other is not None else 0
     if other is None:
         return ""
+    n = line.count(other) + 1
     if other == " ":            # Criteo fields hold no spaces: a tool wrote spaces for the tabs
         return (f"; the line has {n} space-separated fields: convert the spaces to tabs (e.g. `tr ' ' '\\t' < "
                 "FILE > FILE.tsv`)" + ("" if remedies.run_format else ", or set data.separator=' '"))

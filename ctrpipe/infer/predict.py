@@ -113,6 +113,7 @@ def load_run_checkpoints(run: Path) -> tuple[list[Path], list[Checkpoint]]:
     paths = find_checkpoints(run)
     ckpts = [load_checkpoint(p) for p in paths]
     recorded = _run_config_json(run)
+    base = recorded or ckpts[0].config
     for path, ckpt in zip(paths, ckpts, strict=True):
         m = _FOLD_NAME.match(path.name)
         want = int(m.group(1)) if m else -1
@@ -122,7 +123,6 @@ def load_run_checkpoints(run: Path) -> tuple[list[Path], list[Checkpoint]]:
                                   + (f"fold {want}" if want >= 0 else "a single model"), where=str(path),
                                   fix=f"put that fold's own checkpoint back as {path.name} (a copy of another "
                                       "fold or run would count in the ensemble as this one)")
-        base = recorded or ckpts[0].config
         other = [k for k in _RUN_IDENTITY if ckpt.config.get(k) != base.get(k)]
         if not other and ckpt.manifest_fingerprint != ckpts[0].manifest_fingerprint:
             other = ["the shard cache it trained on"]

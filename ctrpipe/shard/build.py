@@ -31,6 +31,7 @@ from ctrpipe.data.fitted import FITTED_DIR, Fitted
 from ctrpipe.data.sources import expand_inputs
 from ctrpipe.errors import ConfigError, ManifestMismatchError, SchemaError, disk_full_as_error, human_bytes
 from ctrpipe.hostmem import keep_freed_memory
+from ctrpipe.shard.inspect import print_layout_problems
 from ctrpipe.shard.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -507,9 +508,3 @@ def print_summary(res: BuildResult, quiet: bool) -> None:
     table.add_row("throughput", rate)
     console.print(table)
     print_layout_problems(m)
-
-
-def print_layout_problems(m: Manifest) -> None:
-    """A split or folds unlike what the config asked, said when the cache is built (and by `inspect`)."""
-    for blocking, message in m.layout_problems():
-        console.print(f"[{'bold red' if blocking else 'yellow'}]warning[/]: {escape(message)}", highlight=False)
