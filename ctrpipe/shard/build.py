@@ -31,7 +31,7 @@ from ctrpipe.data.fitted import FITTED_DIR, Fitted
 from ctrpipe.data.sources import expand_inputs
 from ctrpipe.errors import ConfigError, ManifestMismatchError, SchemaError, disk_full_as_error, human_bytes
 from ctrpipe.hostmem import keep_freed_memory
-from ctrpipe.shard.inspect import print_layout_problems
+from ctrpipe.shard.inspect import print_cache_problems
 from ctrpipe.shard.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -488,7 +488,7 @@ def print_summary(res: BuildResult, quiet: bool) -> None:
     if quiet:
         console.print(f"sharded {m.total_rows:,} rows into {len(m.shards)} shards at {res.out} in "
                       f"{res.seconds:.1f}s ({rate}); {skipped} bad rows skipped", highlight=False)
-        print_layout_problems(m)
+        print_cache_problems(m)
         return
     table = Table(title=f"shard cache {res.out}", show_header=False)
     table.add_column("what", style="bold")
@@ -507,4 +507,4 @@ def print_summary(res: BuildResult, quiet: bool) -> None:
     table.add_row("seconds", f"{res.seconds:.1f}")
     table.add_row("throughput", rate)
     console.print(table)
-    print_layout_problems(m)
+    print_cache_problems(m)

@@ -329,7 +329,7 @@ def run_inspect(cache: Path) -> bool:
             res.add_row(chk.name, "[dim]skipped[/]", "nothing examined: none of this kind in the cache, its "
                         "files missing, or values another check failed")
     console.print(res)
-    print_layout_problems(m, warnings_only=True)       # the blocking ones fail the layout check above
+    print_cache_problems(m, warnings_only=True)       # the blocking ones fail the layout check above
     ok = all(c.ok for c in checks.values())
     damaged = any(not c.ok for name, c in checks.items() if name != "layout")
     if ok:
@@ -345,12 +345,14 @@ def run_inspect(cache: Path) -> bool:
     return ok
 
 
-def print_layout_problems(m: Manifest, warnings_only: bool = False) -> None:
-    """A split or folds unlike what the config asked (`Manifest.layout_problems`): said when the cache is built,
-    and by `inspect`."""
+def print_cache_problems(m: Manifest, warnings_only: bool = False) -> None:
+    """A split or folds unlike what the config asked (`Manifest.layout_problems`) and columns a model can learn
+    nothing from (`Manifest.column_problems`): said when the cache is built, and by `inspect`."""
     for blocking, message in m.layout_problems():
         if not (blocking and warnings_only):
             console.print(f"[{'bold red' if blocking else 'yellow'}]warning[/]: {escape(message)}", highlight=False)
+    for message in m.column_problems():
+        console.print(f"[yellow]warning[/]: {escape(message)}", highlight=False)
 
 
 def _fmt(v: float | None) -> str:

@@ -183,6 +183,40 @@ class Manifest:
                                                                       if key else "")))
         return out
 
+    def column_problems(self) -> list[str]:
+        """Columns that came out the same in every row, so a model can learn nothing from them: a categorical
+        column missing everywhere (read from the wrong column, or null in the input) or with one id (one value,
+        or every value rarer than min_count), a numeric one with one value, a token column whose lists are all
+        empty (a sequence model then reads no history). Said when the cache is built, and by `inspect`."""
+        if self.role != "train" or not self.total_rows:     # a test file may be a handful of rows
+            return []
+        cat = self.config.get("categorical", {}) or {}
+        out: list[str] = []
+        for c in self.columns_of("categorical"):
+            lo, hi = c.stats.get("min"), c.stats.get("max")
+            if lo is None or lo != hi:
+                continue
+            why = ("is missing in every row" if lo == 0 else
+                   f"has one id in every row: every value is seen fewer than data.categorical.min_count="
+                   f"{cat.get('min_count')} times in the train split" if lo == 1 and cat.get("mode") == "vocab"
+                   else "holds one value in every row")
+            out.append(f"categorical column {c.name!r} {why}: it carries nothing a model can learn from; check how "
+                       "the input fills it, or leave it out (data.categorical.columns / pattern)")
+        for c in self.columns_of("numeric"):
+            lo, hi = c.stats.get("min"), c.stats.get("max")
+            if lo is not None and lo == hi:
+                missing = float(c.stats.get("missing_rate", 0.0))
+                out.append(f"numeric column {c.name!r} holds one value in every row ({missing:.0%} of them "
+                           "missing): it carries nothing a model can learn from; leave it out "
+                           "(data.numeric.columns / pattern)")
+        for c in self.columns_of("multihot", "sequence"):
+            if c.stats.get("max") == 0:
+                out.append(f"{c.kind} column {c.name!r} is empty in every row" + (
+                    ": a sequence model reads no history" if c.kind == "sequence" else "")
+                    + f"; check data.{c.kind}[].separator and the input column {c.source or c.name!r}")
+        return out
+
+
     def feature_spec(self) -> FeatureSpec:
         """The model-facing description; numeric columns in `numeric.npy` order."""
         numeric = sorted(self.columns_of("numeric", "missing_indicator", "covisit"), key=lambda c: c.index)

@@ -125,3 +125,50 @@ def test_missing_fitted_statistics_fail(tmp_path: Path) -> None:
     assert run_inspect(tmp_path / "v")
     shutil.rmtree(tmp_path / "v" / "fitted")
     assert _failed(tmp_path / "v") == {"fitted"}
+
+
+def test_columns_a_model_can_learn_nothing_from_are_warned_of(tmp_path: Path) -> None:
+    """An all-null categorical column built silently (an all-null numeric one is an error), and so did a
+    column of one value, one whose every value was rarer than min_count, and a history column split by the
+    wrong separator into nothing: each is said when the cache is built and by `inspect`; a healthy cache says
+    nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from ctrpipe.cli import app
+    from ctrpipe.shard.manifest import read_manifest
+    from tests.shard.helpers import PARQUET_CFG
+
+    n = 400
+    rng = np.random.default_rng(0)
+    table = {"ID": [f"r{i}" for i in range(n)], "clicked": pa.array(rng.random(n) < 0.3, pa.int8()),
+             "x": rng.random(n), "flat": [2.5] * n, "user": [f"u{i % 7}" for i in range(n)],
+             "gone": pa.nulls(n, pa.string()), "same": ["a"] * n, "unique": [f"v{i}" for i in range(n)],
+             "seq": pa.nulls(n, pa.string())}
+    src = tmp_path / "c.parquet"
+    pq.write_table(pa.table(table), src)
+    base = ["data.labels=[clicked]", "data.id_column=ID", "data.numeric.pattern=''", "data.categorical.pattern=''",
+            "data.categorical.mode=vocab", "data.categorical.min_count=2", "data.multihot=[]", "data.covisit=[]",
+            "data.sequence=[{column: seq, separator: ',', max_len: 5}]"]
+    sick = ["data.numeric.columns=[x, flat]", "data.categorical.columns=[user, gone, same, unique]"]
+    res = CliRunner().invoke(app, ["shard", "--cfg", str(PARQUET_CFG), "-i", str(src), "-o", str(tmp_path / "sick"),
+                                   "-q", *[a for s in [*base, *sick] for a in ("--set", s)]])
+    assert res.exit_code == 0, res.output
+    problems = read_manifest(tmp_path / "sick").column_problems()
+    expected = ["'gone' is missing in every row", "'same' holds one value", "'unique' has one id in every row: "
+                "every value is seen fewer than data.categorical.min_count=2", "numeric column 'flat' holds one",
+                "sequence column 'seq' is empty in every row: a sequence model reads no history"]
+    assert len(problems) == len(expected) and all(any(e in p for p in problems) for e in expected), problems
+    said = " ".join(res.output.split())
+    assert said.count("warning") == len(expected) and all(e in said for e in expected), res.output
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "sick")])
+    assert out.exit_code == 0 and all(e in " ".join(out.output.split()) for e in expected), out.output
+
+    table["seq"] = [",".join(f"v{j}" for j in range(i % 4)) for i in range(n)]
+    pq.write_table(pa.table(table), src)
+    fine = ["data.numeric.columns=[x]", "data.categorical.columns=[user]"]
+    res = CliRunner().invoke(app, ["shard", "--cfg", str(PARQUET_CFG), "-i", str(src), "-o", str(tmp_path / "fine"),
+                                   "-q", *[a for s in [*base, *fine] for a in ("--set", s)]])
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+    assert read_manifest(tmp_path / "fine").column_problems() == []
