@@ -324,7 +324,7 @@ def run_inspect(cache: Path) -> bool:
             res.add_row(chk.name, "[bold red]FAIL[/]", "; ".join(chk.failures[:3])
                         + (f"; and {len(chk.failures) - 3} more" if len(chk.failures) > 3 else ""))
         elif chk.done:
-            res.add_row(chk.name, "[green]ok[/]", f"{chk.done} examined")
+            res.add_row(chk.name, "[green]ok[/]", _examined(chk, len(m.shards)))
         else:
             res.add_row(chk.name, "[dim]skipped[/]", "nothing examined: none of this kind in the cache, its "
                         "files missing, or values another check failed")
@@ -343,6 +343,21 @@ def run_inspect(cache: Path) -> bool:
                       f"  fix: build it again (`ctrpipe shard ... --out {cache} --force`, with the inputs and "
                       "config it was built from: manifest.json records both)", highlight=False)
     return ok
+
+
+# what one unit of Check.done is; the per-column checks count a column once in every shard
+_UNITS = {"files": "file", "rows": "shard", "splits": "shard", "folds": "shard", "statistics": "column",
+          "fitted": "set of tables", "layout": "cache"}
+
+
+def _examined(chk: Check, shards: int) -> str:
+    """'13 files', '26 columns in 2 shards': what a passed check looked at."""
+    unit = _UNITS.get(chk.name)
+    if unit is None and shards:
+        cols = chk.done // shards
+        return f"{cols} column{'s' * (cols != 1)} in {shards} shard{'s' * (shards != 1)}"
+    unit = unit or "item"
+    return f"{chk.done} " + (unit if chk.done == 1 else "sets of tables" if unit == "set of tables" else unit + "s")
 
 
 def print_cache_problems(m: Manifest, warnings_only: bool = False) -> None:

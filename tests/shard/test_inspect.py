@@ -37,6 +37,12 @@ def test_fresh_caches_pass(cache: Path, tmp_path: Path, criteo_tsv: Path,
     got = capsys.readouterr()
     # Criteo has no token columns: that check examined nothing, and says so (it read 'ok, 0 examined')
     assert re.search(r"tokens\s+\S\s+skipped", got.out + got.err), got.out + got.err
+    # each passed check says what it counted: the per-column checks counted a column once per shard, and said
+    # only '<n> examined' (shards for 'rows', columns times shards for 'numeric finite')
+    n_shards = len(read_manifest(tmp_path / "crit").shards)
+    said = got.out + got.err
+    assert n_shards > 1 and f"13 columns in {n_shards} shards" in said, said
+    assert re.search(rf"rows\s+\S\s+ok\s+\S\s+{n_shards} shards", said) and "1 cache" in said, said
 
 
 def test_id_out_of_range_fails(cache: Path) -> None:
