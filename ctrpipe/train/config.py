@@ -114,8 +114,8 @@ class TrainConfig:
     eval_every: int = 0              # steps between evaluations; 0 = evals_per_epoch evaluations per epoch
     evals_per_epoch: int = 1         # with eval_every=0: evaluations spread evenly over each epoch (the last at
     #                                  its end); with early_stopping.patience a plateau stops within the epoch
-    min_steps: int = 0               # train at least this many optimiser steps: small data repeats epochs (the
-    #                                  best evaluation still wins); 0 = epochs alone decide
+    min_steps: int = 0               # repeat epochs until the run has this many optimiser steps to take (small
+    #                                  data); early stopping may still end it sooner; 0 = epochs alone decide
     log_every: int = 50              # steps between log lines (the only points where the loss syncs to host)
     checkpoint_every: int = 0        # steps between extra ckpt_last saves; 0 = at evaluations only
     pos_weight: float | tuple[float, ...] = 1.0   # BCE weight of positives: one value or one per task

@@ -54,7 +54,8 @@ def nested_batch(spec, batch_factory, rows: int = 64):
 
 def test_every_multi_task_model_is_covered() -> None:
     multi = {n for n in model_names() if label_range(n)[0] > 1}
-    assert {n for n, _ in MULTI} == multi == {"shared_bottom", "mmoe", "ple", "esmm", "deepfm_mmoe"}
+    # a new multi-task model needs only its MULTI entry (README, "Adding a model"); none of these may vanish
+    assert {n for n, _ in MULTI} == multi >= {"shared_bottom", "mmoe", "ple", "esmm", "deepfm_mmoe"}
 
 
 @pytest.mark.parametrize(("name", "keys"), MULTI, ids=IDS)
