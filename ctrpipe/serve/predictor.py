@@ -95,7 +95,7 @@ class Predictor:
         self.run, self.cfg, self.models, self.tasks = run, cfg, models, tasks
         self.plan, self.layout, self.calibrations, self.weights = plan, layout, calibrations, weights
         # loo_fitted=False: as a test cache built with --stats-from (no row of these was counted)
-        self.transformer = ChunkTransformer(plan, fitted, loo_fitted=False, check_separators=False)
+        self.transformer = ChunkTransformer(plan, fitted, loo_fitted=False, check_separators="off")
         self.batch_size = cfg.infer.batch_size or cfg.loader.eval_batch_size
 
     @property
@@ -177,7 +177,8 @@ class Predictor:
     def chunk_batch(self, chunk: RawChunk) -> Batch:
         """The model input for a RawChunk from one of the shard build's readers (a file read in chunks)."""
         n = chunk.frame.height
-        arrays, _ = self.transformer.transform(chunk.frame, np.full(n, SPLIT_TEST, dtype=np.int8))
+        arrays, _ = self.transformer.transform(chunk.frame, np.full(n, SPLIT_TEST, dtype=np.int8),
+                                               str(chunk.source))
         buf = HostBuffers(self.layout, n, pinned=False)
         for group, out in buf.targets:
             np.copyto(out, arrays[group])

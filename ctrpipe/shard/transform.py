@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -261,9 +261,9 @@ class ChunkTokens:
     is split and hashed for both seeds in one pass; its readers (tasks on several threads) share the result.
     `kept` is None where the kernel cannot take the column: the caller then runs the polars path."""
 
-    def __init__(self, plan: Plan, frame: pl.DataFrame, source: str = "", check: bool = True) -> None:
+    def __init__(self, plan: Plan, frame: pl.DataFrame, source: str = "", check: SeparatorCheck = "build") -> None:
         self.plan, self.frame, self.source = plan, frame, source        # source: the file, for errors
-        self.check = check              # check_separator (not when serving: a trained run cannot change it)
+        self.check = check              # check_separator: see SeparatorCheck
         self._checked: set[str] = set()     # columns checked in this chunk (several readers split one column)
         self._kept: dict[tuple[str, int], KeptTokens | None] = {}
         self._lock = threading.Lock()                       # guards _kept and _columns
@@ -316,23 +316,29 @@ class ChunkTokens:
     def check_column(self, tc: TokenColumnConfig) -> None:
         """`check_separator` of the column, once per chunk whichever reader asks first."""
         with self._lock:
-            if not self.check or tc.column in self._checked:
+            if self.check == "off" or tc.column in self._checked:
                 return
             self._checked.add(tc.column)
-        check_separator(tc, self.frame[tc.column], self.source)
+        check_separator(tc, self.frame[tc.column], self.source, trained=self.check == "run")
 
 
 OTHER_SEPARATORS = (",", "|", ";", "\t", " ")
 _SEPARATOR_SAMPLE = 1000        # values of a chunk check_separator looks at
 
 
-def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") -> None:
+# when check_separator runs: "build" (a shard build: the config's separator can change), "run" (a file scored
+# with a trained run, whose separator is fixed: the file must change), "off" (serving's request batches: too
+# few rows to tell)
+SeparatorCheck = Literal["build", "run", "off"]
+
+
+def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "", trained: bool = False) -> None:
     """Refuse a separator that leaves many of a chunk's values whole while they are evidently lists split by
     another character (each such row would silently hold one token: a history all out-of-vocabulary, ids that
     never match the candidate's), or that leaves a space on most tokens ("a, b" split on ","; the ids of
     " b" and "b" differ). The first values of the chunk tell: one pass over at most 1,000 of them. Values
     that hold another separator inside their tokens ("Paris, France|Rome, Italy" split on "|", multi-word tags)
-    pass (see the conditions below)."""
+    pass (see the conditions below). `trained`: the separator is a trained run's, so the fix is the file's."""
     if tc.max_len < 2 or values.dtype != pl.String or not len(values):
         return
     sample = values.drop_nulls()
@@ -365,7 +371,7 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") 
             raise ConfigError(f"{found.len() / n:.0%} of a chunk's values of token column {tc.column!r} contain "
                               f"{other!r} and not the separator {tc.separator!r} (e.g. {found[0][:60]!r}), so "
                               "each would be a single token", where=where,
-                              fix=f"set separator: {other!r} for {tc.column!r}" + (
+                              fix=_written_with(tc) if trained else f"set separator: {other!r} for {tc.column!r}" + (
                                   "" if found.len() > 0.9 * n else " (or write the column with one separator)"))
     spaced = lists.filter(lists.str.contains(tc.separator + " ", literal=True)) if tc.separator[-1:] != " " \
         else lists.head(0)
@@ -373,7 +379,13 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "") 
         raise ConfigError(f"the separator {tc.separator!r} of token column {tc.column!r} is followed by a space "
                           f"in {spaced.len() / lists.len():.0%} of a chunk's lists (e.g. {spaced[0][:60]!r}), so their "
                           "tokens would keep it (' b' is another id than 'b')", where=where,
-                          fix=f"set separator: {tc.separator + ' '!r} for {tc.column!r}")
+                          fix=_written_with(tc) if trained else
+                          f"set separator: {tc.separator + ' '!r} for {tc.column!r}")
+
+
+def _written_with(tc: TokenColumnConfig) -> str:
+    return (f"write {tc.column!r} as the run's training data was: its items joined by {tc.separator!r} alone "
+            f"(the run was sharded with separator {tc.separator!r}, and its ids depend on it)")
 
 
 def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str, tokens: ChunkTokens | None = None) -> ContextTokens:
@@ -405,9 +417,8 @@ class ChunkTransformer:
     """Applies a plan with fixed fitted statistics to chunks; `loo_fitted` says whether train rows of this
     build were themselves counted (co-visitation leave-one-out)."""
 
-    def __init__(self, plan: Plan, fitted: Fitted, loo_fitted: bool, check_separators: bool = True) -> None:
-        # check_separators: off when serving rows with a trained run (small request batches, and the run's
-        # separator cannot change); a build checks them
+    def __init__(self, plan: Plan, fitted: Fitted, loo_fitted: bool,
+                 check_separators: SeparatorCheck = "build") -> None:
         self.check_separators = check_separators
         self.plan = plan
         self.fitted = fitted

@@ -280,3 +280,44 @@ def test_predict_of_a_folder_says_it_is_a_folder(tmp_path: Path) -> None:
     with pytest.raises(InputFormatError, match="--input is a folder") as err:
         predict_file(tmp_path, tmp_path, tmp_path / "out.csv")
     assert err.value.where == str(tmp_path)
+
+
+def test_predict_refuses_a_history_written_with_another_separator(tmp_path: Path) -> None:
+    """(helper's sequence sweep) `shard` refuses token lists written with another separator, but predict, which
+    shares serving's switch for it, scored them: each row one unknown token, exit 0. A file has the rows the
+    check needs; its fix is the file's, since the run's separator is fixed. Serving's request rows stay
+    unchecked, and a file written as the run was is scored."""
+    from ctrpipe.serve.predictor import Predictor
+
+    rng = np.random.default_rng(0)
+    def lists(sep: str, n: int) -> list[str]:
+        return [sep.join(f"t{j}" for j in rng.integers(0, 30, 1 + i % 4)) for i in range(n)]
+    rows = ["uid,clicked,a,h"] + [f"u{i},{int(rng.random() < 0.3)},{rng.random():.3f},{h}"
+                                  for i, h in enumerate(lists("|", 300))]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "h.yaml"
+    cfg.write_text("exp_name: hrun\ndata:\n  format: csv\n  labels: [clicked]\n  id_column: uid\n"
+                   "  numeric: {columns: [a], pattern: ''}\n  categorical: {columns: [], pattern: ''}\n"
+                   "  sequence: []\n  multihot: [{column: h, separator: '|', max_len: 4}]\n  covisit: []\n"
+                   "  folds: {n_splits: 0}\nmodel: {name: dnn, hidden_units: [8], embedding_dim: 4}\n")
+    for args in (("shard", "--cfg", str(cfg), "--input", str(tmp_path / "train.csv"), "--out", str(tmp_path / "c"),
+                  "-q"),
+                 ("train", "--cfg", str(cfg), "--shards", str(tmp_path / "c"), "--runs", str(tmp_path / "runs"),
+                  "-q", *_sets(["train.max_steps=3", "train.device=cpu", "loader.batch_size=64",
+                                "train.min_steps=0"]))):
+        code, out = _invoke(*args)
+        assert code == 0, out
+    run = tmp_path / "runs" / "hrun"
+    semi = tmp_path / "semi.csv"
+    semi.write_text("uid,a,h\n" + "".join(f"v{i},0.5,{h}\n" for i, h in enumerate(lists(";", 100))))
+    code, out = _invoke("predict", "--run", str(run), "--input", str(semi), "--out", str(tmp_path / "p.csv"))
+    said = " ".join(out.split())
+    assert code == 1 and "contain ';' and not the separator '|'" in said and str(semi) in said, out
+    assert "items joined by '|' alone" in said and "set separator" not in said, out
+    assert not (tmp_path / "p.csv").exists()
+    good = tmp_path / "good.csv"
+    good.write_text("uid,a,h\n" + "".join(f"v{i},0.5,{h}\n" for i, h in enumerate(lists("|", 100))))
+    code, out = _invoke("predict", "--run", str(run), "--input", str(good), "--out", str(tmp_path / "g.csv"), "-q")
+    assert code == 0 and pl.read_csv(tmp_path / "g.csv").height == 100, out
+    # serving scores what it is given: a handful of request rows cannot tell lists from single tokens
+    assert len(Predictor.load(run).predict([{"uid": "x", "a": "0.5", "h": "t1;t2"}] * 30)["clicked"]) == 30
