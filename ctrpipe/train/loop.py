@@ -389,6 +389,8 @@ class _Run:
         # rank 0's file: another rank of a torchrun job need not see the run directory
         preds = Predictions.load(preds_path) if self.main and inp.val_loader is not None and preds_path.is_file() \
             else None
+        if preds is not None:
+            self._warn_constant_heads(preds)
         s = self.stopper
         return FitResult(best_metrics=dict(s.best_metrics), best_step=s.best_step, best_epoch=s.best_epoch,
                          steps=self.pos.step, epochs=self.pos.epoch, samples=self.pos.samples,
@@ -396,6 +398,21 @@ class _Run:
                          interrupted=self.interrupted, last_loss=self.last_loss,
                          notes=(*self.plan.notes, *self.eval_notes),
                          best_preds=preds, exchange=self._exchange_bytes())
+
+    def _warn_constant_heads(self, preds: Predictions) -> None:
+        """A head that gives every validation row the same prediction at its best evaluation ranks nothing
+        (AUC 0.5), yet trains, calibrates and infers without complaint: a model collapsed to a constant, such as
+        a deep stack of quadratic layers without residuals or normalisation whose output underflows."""
+        for t, task in enumerate(self.inp.tasks):
+            z = preds.logits[~np.isnan(preds.labels[:, t]), t]
+            if len(z) < 2 or z.min() != z.max():
+                continue
+            note = (f"warning: head {task.name!r} gives all {len(z):,} validation rows the same prediction at its "
+                    f"best evaluation (step {self.stopper.best_step}): the model ranks nothing. Look at train.lr "
+                    "and at the model's depth, residuals and normalisation (e.g. model.num_layers, "
+                    "model.qnn_alpha.use_residual / norm), or train longer")
+            self.eval_notes.append(note)
+            console.print(f"[yellow]{self.inp.label}:[/] {note}", highlight=False)
 
     def _warn_one_class_heads(self, preds: Predictions) -> None:
         """A head whose validation rows (under its mask) hold one class has no AUC: say so once, with the rows

@@ -231,3 +231,24 @@ def test_a_config_naming_fewer_labels_than_its_cache_is_warned_of(caches: dict[s
     fix = text.split("or add ", 1)[1].split()
     res = CliRunner().invoke(app, [*args, "--runs", str(tmp_path / "r2"), *fix[:4]])
     assert res.exit_code == 0 and "cache holds the labels" not in res.output, res.output     # the fix silences it
+
+
+def test_a_model_that_predicts_one_value_for_every_row_is_warned_of(caches: dict[str, Path], tmp_path: Path) -> None:
+    """(helper's sequence sweep) six quadratic layers without residuals or normalisation underflow to one
+    prediction for every row (val AUC 0.5), and the run trained, calibrated and reported as if it had worked.
+    The summary warns, and metrics.json keeps the note; a model that ranks says nothing of it."""
+    collapse = ["model.qnn_alpha.num_layers=6", "model.qnn_alpha.norm=none", "model.qnn_alpha.use_residual=false"]
+    res = CliRunner().invoke(app, ["train", "--cfg", str(REPO / "cfgs" / "dare_qnn.yaml"), "--shards",
+                                   str(caches["dare_qnn"]), "--runs", str(tmp_path / "dead"), "-q",
+                                   *keys("dare_qnn", *collapse)])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "head 'clicked' gives all" in said and "the same prediction" in said and "use_residual" in said, said
+    (run,) = (tmp_path / "dead").iterdir()
+    z = np.load(run / "val_predictions.npz")["logits"]
+    assert np.unique(z).size == 1
+    assert any("the same prediction" in n for n in json.loads((run / "metrics.json").read_text())["notes"])
+    res = CliRunner().invoke(app, ["train", "--cfg", str(REPO / "cfgs" / "dare_qnn.yaml"), "--shards",
+                                   str(caches["dare_qnn"]), "--runs", str(tmp_path / "live"), "-q",
+                                   *keys("dare_qnn")])
+    assert res.exit_code == 0 and "the same prediction" not in " ".join(res.output.split()), res.output
