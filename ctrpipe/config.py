@@ -278,6 +278,21 @@ def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]],
     return out
 
 
+def _nested_key(cls: type, key: str) -> str | None:
+    """'qnn_alpha.mlp_hidden' for `mlp_hidden` written one level too high: the key, or failing that the
+    closest one, of a nested section of `cls` (the DARE + QNN-alpha head's keys sit under model.qnn_alpha)."""
+    hints = typing.get_type_hints(cls)
+    sections = {f.name: hints[f.name] for f in fields(cls) if f.init and dataclasses.is_dataclass(hints.get(f.name))}
+    for name, sub_cls in sections.items():
+        if key in {f.name for f in fields(sub_cls)} | set(getattr(sub_cls, "KEY_ALIASES", {})):
+            return f"{name}.{key}"
+    for name, sub_cls in sections.items():
+        close = difflib.get_close_matches(key, [f.name for f in fields(sub_cls) if f.init], n=1, cutoff=0.7)
+        if close:
+            return f"{name}.{close[0]}"
+    return None
+
+
 def _other_models_key(cls: type, key: str, prefix: str = "model.") -> ConfigError | None:
     """A model key that is another model's (a file written for din, `--set model.name=dare_qnn`): said so,
     where a spelling suggestion pointed at an unrelated key of this model."""
@@ -290,10 +305,12 @@ def _other_models_key(cls: type, key: str, prefix: str = "model.") -> ConfigErro
         return None
     what, section, name_key = ("model", "model", "model.name") if prefix == "model." else \
         ("backbone", "model.backbone_params", "model.backbone")
+    own = _nested_key(cls, key)
     return ConfigError(f"'{prefix}{key}' is a key of {', '.join(users[:4])}{' ...' if len(users) > 4 else ''}, "
                        f"not of {what} {this!r}", where=f"{prefix}{key}",
-                       fix=f"drop it; to switch a config file's {what}, clear its section first: "
-                           f"--set '{section}={{}}' --set {name_key}={this}")
+                       fix=(f"{this}'s own is '{prefix}{own}'; or " if own else "")
+                       + f"drop it; to switch a config file's {what}, clear its section first: "
+                         f"--set '{section}={{}}' --set {name_key}={this}")
 
 
 def canonical_keys(cls: type, data: Mapping[str, Any], prefix: str, where: str,
@@ -443,7 +460,9 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
             if other is not None:
                 raise other
             close = [aliases.get(c, c) for c in difflib.get_close_matches(key, [*names, *aliases], n=1, cutoff=0.5)]
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            nested = _nested_key(cls, key) if not close else None
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"did you mean '{prefix}{nested}'?" if nested \
+                else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'", where=where, fix=hint)
         kwargs[key] = _coerce(hints[key], _onto_field_default(cls, key, value, data), f"{prefix}{key}", origin,
                               _field_default(cls, key))
@@ -530,6 +549,14 @@ def _bad(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> Con
                            "text is wanted", where=_where(origin, key),
                            fix="write it in quotes, spelt as in the data (e.g. '1.50', not 1.50; 'yes', not yes): "
                                "YAML reads unquoted numbers and yes/no/on/off as numbers and booleans")
+    last = key.rsplit(".", 1)[-1]
+    if value is None and ":" in last:
+        # {item_id:32} is YAML's mapping of the key 'item_id:32' to nothing: a flow mapping's ':' needs a space
+        name, _, given = last.partition(":")
+        return ConfigError(f"bad value None for '{key}': YAML read '{last}' as one key without a value",
+                           where=_where(origin, key),
+                           fix=f"put a space after the colon: {{{name}: {given}}} (or --set {key[:-len(last)]}{name}"
+                               f"={given})")
     parent = key[:key.rindex("[")] if key.endswith("]") else ""
     shown, what = _example(tp), "e.g."
     if tp is int and type(default) is int:

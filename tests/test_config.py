@@ -516,6 +516,27 @@ def test_a_key_of_another_model_is_named_as_such() -> None:
         load_config(None, ["model.name=dnn", "model.hiden_units=[8]"])
 
 
+def test_a_key_written_one_section_too_high_names_its_section() -> None:
+    """(a helper's sweep) the DARE + QNN-alpha head's keys sit under model.qnn_alpha: `model.mlp_hidden` listed
+    the top-level keys, and `model.aux_loss_weight` / `model.dropout` (other models' keys) only said to drop
+    them. Each now names the key this model has; a flow mapping without a space after its colon is said so."""
+    for key, want in (("model.mlp_hidden=[64]", "did you mean 'model.qnn_alpha.mlp_hidden'?"),
+                      ("model.top_k=3", "did you mean 'model.sequence.top_k'?")):
+        with pytest.raises(ConfigError) as e:
+            load_config(CFGS / "dare_qnn.yaml", [key])
+        assert e.value.fix == want, e.value.fix
+    for key, own in (("model.aux_loss_weight=0.3", "model.qnn_alpha.aux_head_weight"),
+                     ("model.dropout=0.1", "model.qnn_alpha.dropout")):
+        with pytest.raises(ConfigError, match="is a key of") as e:
+            load_config(CFGS / "dare_qnn.yaml", [key])
+        assert e.value.fix.startswith(f"dare_qnn's own is '{own}'; or drop it"), e.value.fix
+    with pytest.raises(ConfigError, match="YAML read 'item_id:32' as one key without a value") as e:
+        load_config(CFGS / "parquet_din.yaml", ["model.field_dims={item_id:32}"])
+    assert e.value.fix == "put a space after the colon: {item_id: 32} (or --set model.field_dims.item_id=32)"
+    assert load_config(CFGS / "parquet_din.yaml", ["model.field_dims={item_id: 32}"]).model.params.field_dims \
+        == {"item_id": 32}
+
+
 def test_a_heads_setting_error_names_the_head(tmp_path: Path) -> None:
     """'bad value -3.0 for train.tasks.<head>.weight' left a file's author to guess the head; the focal keys
     came as one tuple (helper's sweep)."""

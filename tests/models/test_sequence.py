@@ -4,6 +4,7 @@ and the errors a wrong sequence setting gets."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from ctrpipe.config import build_model_section
 from ctrpipe.errors import ConfigError, SchemaError
-from ctrpipe.features import FeatureSpec
+from ctrpipe.features import FeatureSpec, FieldSpec
 from ctrpipe.models.heads import as_output
 from ctrpipe.models.layers.sequence import (
     PACK_MAX_FILL,
@@ -155,7 +156,20 @@ def test_sequence_errors(spec_factory) -> None:
         build(spec_factory(sequence=False), "din", {})
     with pytest.raises(ConfigError, match="model.sequence.query_key") as err:
         build(spec_factory(), "din", {"sequence": {"query_key": "nope"}})
-    assert "C1" in str(err.value)
+    # (a helper's sweep) the fix listed the first 12 columns by name, most without the history's id space
+    assert err.value.fix == "use 'item', the column 'hist' shares its ids with"
+    with pytest.raises(ConfigError, match="model.sequence.query_key") as err:
+        build(dataclasses.replace(spec_factory(), categorical=(FieldSpec("C1", "categorical", 11),)), "din",
+              {"sequence": {"query_key": "nope"}})
+    assert err.value.fix == "use one of ['C1']"          # no column in the history's space: the columns there are
+    # the default history is the first one: where it has no candidate and another has, the fix names that one
+    spec = spec_factory()
+    two = dataclasses.replace(spec, sequence=(FieldSpec("clicks", "sequence", 9, width=5), *spec.sequence))
+    for name, keys in (("din", {}), ("dare", {}), ("din", {"sequence": {"query_key": "item"}})):
+        with pytest.raises(ConfigError, match="'clicks'") as err:
+            build(two, name, keys)
+        assert "model.sequence.column=hist" in err.value.fix, (name, err.value.fix)
+    assert build(two, "din", {"sequence": {"column": "hist"}}).history.query == "item"
     with pytest.raises(ConfigError, match="do not share an id space"):
         build(spec_factory(), "dare", {"sequence": {"query_key": "C1"}})
     for name in ("dare", "dare_qnn"):    # S2 reads no candidate: a query_key from the config does not apply

@@ -50,26 +50,36 @@ def resolve_history(spec: FeatureSpec, model: str, column: str = "", query_key: 
     index = names.index(column) if column else 0
     seq = spec.sequence[index]
     cats = {f.name: f for f in spec.categorical}
+    same = [f.name for f in spec.categorical if seq.id_space and f.id_space == seq.id_space]
+    # the default column is the first history; another may be the one with a candidate
+    other = "" if column else next((f"; or read the history {f.name!r}, which has a candidate "
+                                    f"(model.sequence.column={f.name})" for f in spec.sequence[1:]
+                                    if f.id_space and any(c.id_space == f.id_space for c in spec.categorical)), "")
     if query_key:
         if query_key not in cats:
             raise ConfigError(f"model.sequence.query_key {query_key!r} is not a categorical column of the shards",
-                              where="model.sequence.query_key", fix=f"use one of {sorted(cats)[:12]}")
+                              where="model.sequence.query_key",
+                              fix=f"use {same[0]!r}, the column {seq.name!r} shares its ids with" if same else
+                              f"use one of {sorted(cats)[:12]}" + other)
         shared = bool(seq.id_space) and cats[query_key].id_space == seq.id_space
         if not shared and not need_query:      # S2 reads no candidate: the configs' query_key need not apply
             query_key = ""
         elif not shared:
             raise ConfigError(f"the history {seq.name!r} and the candidate {query_key!r} do not share an id space, "
                               "so their ids name different things", where="model.sequence.query_key",
-                              fix=f"shard with data.sequence[].share_ids_with: {query_key} on {seq.name!r}" + (
+                              fix=(f"use model.sequence.query_key={same[0]}, the column {seq.name!r} shares its "
+                                   "ids with, or " if same else "")
+                              + f"shard with data.sequence[].share_ids_with: {query_key} on {seq.name!r}" + (
                                   "" if model == "din" else ", or read the history against its most recent "
-                                  "behaviour (model.sequence.query_mode=S2)"))
+                                  "behaviour (model.sequence.query_mode=S2)") + other)
         query = query_key
     else:
-        same = [f.name for f in spec.categorical if seq.id_space and f.id_space == seq.id_space]
         if not same and need_query:
             raise ConfigError(f"the history {seq.name!r} shares its id space with no categorical column, so there "
                               "is no candidate to read it against", where="model.sequence.query_key",
-                              fix=f"shard with data.sequence[].share_ids_with: <candidate column> on {seq.name!r}")
+                              fix=f"shard with data.sequence[].share_ids_with: <candidate column> on {seq.name!r}"
+                              + ("" if model == "din" else ", or read the history against its most recent "
+                                 "behaviour (model.sequence.query_mode=S2)") + other)
         query = same[0] if same else ""
     if max_len < 0 or max_len > seq.width:
         raise ConfigError(f"model.sequence.max_len={max_len} but the shards store {seq.width} tokens of "
