@@ -55,7 +55,7 @@ class QNNHeadConfig:
     mlp_hidden: tuple[int, ...] = ()   # MLP after the quadratic layers; [] = a linear output (QNN-α's own)
     dropout: float = 0.1          # in the quadratic layers and the MLP; what makes the two passes differ
     use_se: bool = False          # squeeze-excitation: reweight fields by a gate on their mean values
-    se_reduction: int = 4         # the gate's bottleneck: n_fields / se_reduction units
+    se_reduction: int = 4         # the gate's bottleneck: n_fields // se_reduction units, at least 1
     use_residual: bool = True     # each layer adds its input to the quadratic term
     norm: QNNNorm = "batch"       # normalisation of W x, before the activation
     # how heads cut the field tensor: dims = each field's dims split into `heads` slices (QNN-α's heads);
