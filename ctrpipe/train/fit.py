@@ -287,6 +287,12 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         raise ConfigError(f"loader.batch_size {b} is the global batch, and {w} processes need a row each",
                           where="loader.batch_size", fix=f"use a loader.batch_size of at least {w}")
     model, tasks, shift = check_training(cfg, manifest, shards)
+    history = getattr(model, "history", None)       # History of a model that reads one against the candidate
+    if history is not None and manifest.column(history.name).stats.get("max") == 0 and first_on_node():
+        # shard and inspect said so, but a cache built by someone else trains without a word
+        console.print(f"[yellow]warning:[/] the history {history.name!r} is empty in every row of the cache, so "
+                      f"{cfg.model.name} reads nothing against the candidate; check the input column and "
+                      "data.sequence[].separator, and shard again", highlight=False)
     parameters = sum(p.numel() for p in model.parameters())
     amp = resolve_amp(cfg.train.amp, device, model_family(cfg.model.name, cfg.model.params))
     run_dir = run_dir_of(runs, cfg.exp_name)

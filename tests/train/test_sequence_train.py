@@ -252,3 +252,23 @@ def test_a_model_that_predicts_one_value_for_every_row_is_warned_of(caches: dict
                                    str(caches["dare_qnn"]), "--runs", str(tmp_path / "live"), "-q",
                                    *keys("dare_qnn")])
     assert res.exit_code == 0 and "the same prediction" not in " ".join(res.output.split()), res.output
+
+
+def test_a_history_empty_in_every_row_is_warned_of_at_train(caches: dict[str, Path], tmp_path: Path) -> None:
+    """(helper's sequence sweep) shard and inspect warn of a history column that came out empty everywhere,
+    but DIN trained on such a cache, built by someone else, without a word."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(caches["din"].parent / "synth" / "train.parquet")
+    src = tmp_path / "empty.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("seq"), "seq", pa.nulls(len(table), pa.string())),
+                   src)
+    run_cli("shard", "--cfg", str(REPO / "cfgs" / "parquet_din.yaml"), "--input", str(src), "--out",
+            str(tmp_path / "cache"), "-q", *sets(["data.folds.n_splits=0", "data.categorical.min_count=1"]))
+    for cache, warned in ((tmp_path / "cache", True), (caches["din"], False)):
+        res = CliRunner().invoke(app, ["train", "--cfg", str(REPO / "cfgs" / "parquet_din.yaml"), "--shards",
+                                       str(cache), "--runs", str(tmp_path / f"runs{warned}"), "-q",
+                                       *keys("din", "train.max_steps=2")])
+        said = " ".join(res.output.split())
+        assert res.exit_code == 0 and ("the history 'seq' is empty in every row" in said) is warned, said
