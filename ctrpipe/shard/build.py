@@ -139,6 +139,7 @@ def _build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path
     check_plan(plan, role)
     if train_m is not None and stats_from is not None:
         _check_layout(plan, train_m, Path(stats_from), main_paths[0])
+        plan = dataclasses.replace(plan, separators_fixed=True)
     inputs_obj = Inputs(main=main_paths, gold=gold_paths, role=role, input_bytes=input_bytes)
 
     if force:

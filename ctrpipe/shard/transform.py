@@ -37,6 +37,9 @@ class Plan:
     cfg: DataConfig
     columns: ResolvedColumns                # what the readers parse; the stored columns follow its order
     covisit: tuple[CovisitConfig, ...]      # with `name` filled in
+    # the token separators are another cache's (a --stats-from build): a file written otherwise is to change,
+    # not the config, whose separators must stay the train cache's
+    separators_fixed: bool = False
 
     @property
     def numeric(self) -> tuple[str, ...]:
@@ -319,26 +322,26 @@ class ChunkTokens:
             if self.check == "off" or tc.column in self._checked:
                 return
             self._checked.add(tc.column)
-        check_separator(tc, self.frame[tc.column], self.source, trained=self.check == "run")
+        check_separator(tc, self.frame[tc.column], self.source, fixed=self.check == "run")
 
 
 OTHER_SEPARATORS = (",", "|", ";", "\t", " ")
 _SEPARATOR_SAMPLE = 1000        # values of a chunk check_separator looks at
 
 
-# when check_separator runs: "build" (a shard build: the config's separator can change), "run" (a file scored
-# with a trained run, whose separator is fixed: the file must change), "off" (serving's request batches: too
-# few rows to tell)
+# when check_separator runs: "build" (a shard build: the config's separator can change), "run" (the separator
+# is fixed by a trained run scoring a file, or by the train cache of a --stats-from build: the file must
+# change), "off" (serving's request batches: too few rows to tell)
 SeparatorCheck = Literal["build", "run", "off"]
 
 
-def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "", trained: bool = False) -> None:
+def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "", fixed: bool = False) -> None:
     """Refuse a separator that leaves many of a chunk's values whole while they are evidently lists split by
     another character (each such row would silently hold one token: a history all out-of-vocabulary, ids that
     never match the candidate's), or that leaves a space on most tokens ("a, b" split on ","; the ids of
     " b" and "b" differ). The first values of the chunk tell: one pass over at most 1,000 of them. Values
     that hold another separator inside their tokens ("Paris, France|Rome, Italy" split on "|", multi-word tags)
-    pass (see the conditions below). `trained`: the separator is a trained run's, so the fix is the file's."""
+    pass (see the conditions below). `fixed`: the separator is the training data's, so the fix is the file's."""
     if tc.max_len < 2 or values.dtype != pl.String or not len(values):
         return
     sample = values.drop_nulls()
@@ -371,7 +374,7 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "", 
             raise ConfigError(f"{found.len() / n:.0%} of a chunk's values of token column {tc.column!r} contain "
                               f"{other!r} and not the separator {tc.separator!r} (e.g. {found[0][:60]!r}), so "
                               "each would be a single token", where=where,
-                              fix=_written_with(tc) if trained else f"set separator: {other!r} for {tc.column!r}" + (
+                              fix=_written_with(tc) if fixed else f"set separator: {other!r} for {tc.column!r}" + (
                                   "" if found.len() > 0.9 * n else " (or write the column with one separator)"))
     spaced = lists.filter(lists.str.contains(tc.separator + " ", literal=True)) if tc.separator[-1:] != " " \
         else lists.head(0)
@@ -379,13 +382,13 @@ def check_separator(tc: TokenColumnConfig, values: pl.Series, source: str = "", 
         raise ConfigError(f"the separator {tc.separator!r} of token column {tc.column!r} is followed by a space "
                           f"in {spaced.len() / lists.len():.0%} of a chunk's lists (e.g. {spaced[0][:60]!r}), so their "
                           "tokens would keep it (' b' is another id than 'b')", where=where,
-                          fix=_written_with(tc) if trained else
+                          fix=_written_with(tc) if fixed else
                           f"set separator: {tc.separator + ' '!r} for {tc.column!r}")
 
 
 def _written_with(tc: TokenColumnConfig) -> str:
-    return (f"write {tc.column!r} as the run's training data was: its items joined by {tc.separator!r} alone "
-            f"(the run was sharded with separator {tc.separator!r}, and its ids depend on it)")
+    return (f"write {tc.column!r} as the training data was: its items joined by {tc.separator!r} alone (the "
+            f"training cache was built with separator {tc.separator!r}, and the ids depend on it)")
 
 
 def context_tokens(plan: Plan, frame: pl.DataFrame, fld: str, tokens: ChunkTokens | None = None) -> ContextTokens:
@@ -418,8 +421,8 @@ class ChunkTransformer:
     build were themselves counted (co-visitation leave-one-out)."""
 
     def __init__(self, plan: Plan, fitted: Fitted, loo_fitted: bool,
-                 check_separators: SeparatorCheck = "build") -> None:
-        self.check_separators = check_separators
+                 check_separators: SeparatorCheck | None = None) -> None:
+        self.check_separators: SeparatorCheck = check_separators or ("run" if plan.separators_fixed else "build")
         self.plan = plan
         self.fitted = fitted
         self.loo_fitted = loo_fitted

@@ -314,6 +314,11 @@ def test_predict_refuses_a_history_written_with_another_separator(tmp_path: Path
     said = " ".join(out.split())
     assert code == 1 and "contain ';' and not the separator '|'" in said and str(semi) in said, out
     assert "items joined by '|' alone" in said and "set separator" not in said, out
+    # so does a test cache built with the train cache's statistics: its separators are the train cache's
+    code, out = _invoke("shard", "--cfg", str(cfg), "--input", str(semi), "--test", "--stats-from",
+                        str(tmp_path / "c"), "--out", str(tmp_path / "t"), "-q")
+    said = " ".join(out.split())
+    assert code == 1 and "items joined by '|' alone" in said and "set separator" not in said, out
     assert not (tmp_path / "p.csv").exists()
     good = tmp_path / "good.csv"
     good.write_text("uid,a,h\n" + "".join(f"v{i},0.5,{h}\n" for i, h in enumerate(lists("|", 100))))
