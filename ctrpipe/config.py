@@ -552,7 +552,7 @@ def _bad(tp: Any, value: Any, key: str, origin: str, default: Any = None) -> Con
     last = key.rsplit(".", 1)[-1]
     if value is None and ":" in last:
         # {item_id:32} is YAML's mapping of the key 'item_id:32' to nothing: a flow mapping's ':' needs a space
-        name, _, given = last.partition(":")
+        name, _, given = last.rpartition(":")
         return ConfigError(f"bad value None for '{key}': YAML read '{last}' as one key without a value",
                            where=_where(origin, key),
                            fix=f"put a space after the colon: {{{name}: {given}}} (or --set {key[:-len(last)]}{name}"

@@ -533,6 +533,9 @@ def test_a_key_written_one_section_too_high_names_its_section() -> None:
     with pytest.raises(ConfigError, match="YAML read 'item_id:32' as one key without a value") as e:
         load_config(CFGS / "parquet_din.yaml", ["model.field_dims={item_id:32}"])
     assert e.value.fix == "put a space after the colon: {item_id: 32} (or --set model.field_dims.item_id=32)"
+    with pytest.raises(ConfigError) as e:         # the value follows the last colon (a review: 'ad:slot')
+        load_config(CFGS / "parquet_din.yaml", ["model.field_dims={ad:slot:32}"])
+    assert e.value.fix.startswith("put a space after the colon: {ad:slot: 32}"), e.value.fix
     assert load_config(CFGS / "parquet_din.yaml", ["model.field_dims={item_id: 32}"]).model.params.field_dims \
         == {"item_id": 32}
 

@@ -45,7 +45,8 @@ class InputConfig:
     embedding_mode: EmbeddingMode = "shared"
     # per-field overrides, e.g. {C3: 32}; unequal dims only suit models reading the flat vector (dnn, dcn*)
     field_dims: dict[str, int] = field(default_factory=dict, hash=False)
-    embedding_init_std: float = 1e-2      # normal init of the tables; 0 = zeros (DARE's attention table: 1e-2)
+    embedding_init_std: float = 1e-2      # normal init std of the tables; 0 = zeros, except numeric tokens
+    #                                       and DARE's attention table, which take 1e-2 instead
     multihot_pooling: PoolingMode = "mean"
     numeric: NumericMode = "token"
 

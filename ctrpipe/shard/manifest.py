@@ -197,18 +197,22 @@ class Manifest:
             if lo is None or lo != hi:
                 continue
             why = ("is missing in every row" if lo == 0 else
-                   f"has one id in every row: every value is seen fewer than data.categorical.min_count="
-                   f"{cat.get('min_count')} times in the train split" if lo == 1 and cat.get("mode") == "vocab"
-                   else "holds one value in every row")
+                   f"has one id in every row: every value is out of the vocabulary (seen fewer than "
+                   f"data.categorical.min_count={cat.get('min_count')} times in the train split, or beyond "
+                   f"data.categorical.bins.{c.name})" if lo == 1 and cat.get("mode") == "vocab"
+                   else "has one id in every row (one value, or values hashed into one bin)")
             out.append(f"categorical column {c.name!r} {why}: it carries nothing a model can learn from; check how "
                        "the input fills it, or leave it out (data.categorical.columns / pattern)")
+        indicators = {c.source for c in self.columns_of("missing_indicator")}
         for c in self.columns_of("numeric"):
             lo, hi = c.stats.get("min"), c.stats.get("max")
-            if lo is not None and lo == hi:
-                missing = float(c.stats.get("missing_rate", 0.0))
-                out.append(f"numeric column {c.name!r} holds one value in every row ({missing:.0%} of them "
-                           "missing): it carries nothing a model can learn from; leave it out "
-                           "(data.numeric.columns / pattern)")
+            missing = float(c.stats.get("missing_rate", 0.0))
+            if lo is None or lo != hi or (0 < missing < 1 and c.source in indicators):
+                continue        # a flag (one value or missing) still varies in its missing indicator
+            out.append(f"numeric column {c.name!r} holds one value in every row after its transform ({c.transform}"
+                       f"; {missing:.0%} of them missing): it carries nothing a model can learn from; "
+                       + ("keep what missing tells with data.numeric.missing_indicator: true, or " if 0 < missing < 1
+                          else "") + "leave it out (data.numeric.columns / pattern)")
         for c in self.columns_of("multihot", "sequence"):
             if c.stats.get("max") == 0:
                 out.append(f"{c.kind} column {c.name!r} is empty in every row" + (

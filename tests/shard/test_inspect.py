@@ -149,7 +149,8 @@ def test_columns_a_model_can_learn_nothing_from_are_warned_of(tmp_path: Path) ->
     n = 400
     rng = np.random.default_rng(0)
     table = {"ID": [f"r{i}" for i in range(n)], "clicked": pa.array(rng.random(n) < 0.3, pa.int8()),
-             "x": rng.random(n), "flat": [2.5] * n, "user": [f"u{i % 7}" for i in range(n)],
+             "x": rng.random(n), "flat": [2.5] * n, "flag": [1.0 if i % 2 else None for i in range(n)],
+             "user": [f"u{i % 7}" for i in range(n)],
              "gone": pa.nulls(n, pa.string()), "same": ["a"] * n, "unique": [f"v{i}" for i in range(n)],
              "seq": pa.nulls(n, pa.string())}
     src = tmp_path / "c.parquet"
@@ -157,13 +158,16 @@ def test_columns_a_model_can_learn_nothing_from_are_warned_of(tmp_path: Path) ->
     base = ["data.labels=[clicked]", "data.id_column=ID", "data.numeric.pattern=''", "data.categorical.pattern=''",
             "data.categorical.mode=vocab", "data.categorical.min_count=2", "data.multihot=[]", "data.covisit=[]",
             "data.sequence=[{column: seq, separator: ',', max_len: 5}]"]
-    sick = ["data.numeric.columns=[x, flat]", "data.categorical.columns=[user, gone, same, unique]"]
+    # 'flag' (one value or missing) varies in its missing indicator: a review's false alarm, not repeated
+    sick = ["data.numeric.columns=[x, flat, flag]", "data.categorical.columns=[user, gone, same, unique]",
+            "data.numeric.missing_indicator=true"]
     res = CliRunner().invoke(app, ["shard", "--cfg", str(PARQUET_CFG), "-i", str(src), "-o", str(tmp_path / "sick"),
                                    "-q", *[a for s in [*base, *sick] for a in ("--set", s)]])
     assert res.exit_code == 0, res.output
     problems = read_manifest(tmp_path / "sick").column_problems()
-    expected = ["'gone' is missing in every row", "'same' holds one value", "'unique' has one id in every row: "
-                "every value is seen fewer than data.categorical.min_count=2", "numeric column 'flat' holds one",
+    expected = ["'gone' is missing in every row", "'same' has one id in every row (one value", "'unique' has one id "
+                "in every row: every value is out of the vocabulary (seen fewer than data.categorical.min_count=2",
+                "numeric column 'flat' holds one value in every row after its transform",
                 "sequence column 'seq' is empty in every row: a sequence model reads no history"]
     assert len(problems) == len(expected) and all(any(e in p for p in problems) for e in expected), problems
     said = " ".join(res.output.split())

@@ -590,7 +590,7 @@ def test_a_split_or_folds_unlike_the_config_are_said_at_build_and_by_inspect(tmp
         problems = read_manifest(tmp_path / name).layout_problems()
         if blocking is None:
             # the one warning: item holds one value (`Manifest.column_problems`), which case "one" needs
-            assert problems == [] and res.output.count("warning") == 1 and "'item' holds one" in res.output, \
+            assert problems == [] and res.output.count("warning") == 1 and "'item' has one id" in res.output, \
                 res.output
             continue
         assert problems and problems[0][0] is blocking and message in problems[0][1], (name, problems)
