@@ -41,6 +41,7 @@ from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling, view_labels
 from ctrpipe.loader.view import RowView, resolve_view
 from ctrpipe.models.heads import Head, default_heads, head_rate, heads_of
+from ctrpipe.models.layers.sequence import History
 from ctrpipe.models.registry import build_model
 from ctrpipe.shard.build import identity_config
 from ctrpipe.shard.manifest import Manifest, read_manifest
@@ -287,7 +288,8 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         raise ConfigError(f"loader.batch_size {b} is the global batch, and {w} processes need a row each",
                           where="loader.batch_size", fix=f"use a loader.batch_size of at least {w}")
     model, tasks, shift = check_training(cfg, manifest, shards)
-    history = getattr(model, "history", None)       # History of a model that reads one against the candidate
+    # a model that reads a history against the candidate, or a multi-task model over one as its backbone
+    history = next((h for m in model.modules() if isinstance(h := getattr(m, "history", None), History)), None)
     if history is not None and manifest.column(history.name).stats.get("max") == 0 and first_on_node():
         # shard and inspect said so, but a cache built by someone else trains without a word
         console.print(f"[yellow]warning:[/] the history {history.name!r} is empty in every row of the cache, so "

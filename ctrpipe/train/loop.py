@@ -409,8 +409,8 @@ class _Run:
                 continue
             note = (f"warning: head {task.name!r} gives all {len(z):,} validation rows the same prediction at its "
                     f"best evaluation (step {self.stopper.best_step}): the model ranks nothing. Look at train.lr "
-                    "and at the model's depth, residuals and normalisation (e.g. model.num_layers, "
-                    "model.qnn_alpha.use_residual / norm), or train longer")
+                    "and at the model's depth, residuals and normalisation (its model.* keys in docs/config.md), "
+                    "or train longer")
             self.eval_notes.append(note)
             console.print(f"[yellow]{self.inp.label}:[/] {note}", highlight=False)
 
