@@ -278,19 +278,32 @@ def _canonical_model_keys(layers: list[tuple[str, dict[str, Any]]],
     return out
 
 
-def _nested_key(cls: type, key: str) -> str | None:
-    """'qnn_alpha.mlp_hidden' for `mlp_hidden` written one level too high: the key, or failing that the
-    closest one, of a nested section of `cls` (the DARE + QNN-alpha head's keys sit under model.qnn_alpha)."""
+def _nested_keys(cls: type, prefix: str = "", depth: int = 3) -> list[tuple[str, str, int]]:
+    """(dotted path under cls, key name, depth) of every key of the sections nested in `cls`, aliases too."""
     hints = typing.get_type_hints(cls)
-    sections = {f.name: hints[f.name] for f in fields(cls) if f.init and dataclasses.is_dataclass(hints.get(f.name))}
-    for name, sub_cls in sections.items():
-        if key in {f.name for f in fields(sub_cls)} | set(getattr(sub_cls, "KEY_ALIASES", {})):
-            return f"{name}.{key}"
-    for name, sub_cls in sections.items():
-        close = difflib.get_close_matches(key, [f.name for f in fields(sub_cls) if f.init], n=1, cutoff=0.7)
-        if close:
-            return f"{name}.{close[0]}"
-    return None
+    out: list[tuple[str, str, int]] = []
+    for f in fields(cls):
+        sub_cls = hints.get(f.name)
+        if not f.init or not dataclasses.is_dataclass(sub_cls) or depth == 0:
+            continue
+        assert isinstance(sub_cls, type)
+        path = f"{prefix}{f.name}."
+        names = [g.name for g in fields(sub_cls) if g.init and g.name != "sources"]
+        out += [(f"{path}{n}", n, 4 - depth) for n in [*names, *getattr(sub_cls, "KEY_ALIASES", {})]]
+        out += _nested_keys(sub_cls, path, depth - 1)
+    return out
+
+
+def _nested_key(cls: type, key: str, exact: bool) -> list[str]:
+    """['qnn_alpha.mlp_hidden'] for `mlp_hidden` written a section too high (the DARE + QNN-alpha head's keys
+    sit under model.qnn_alpha, a split's under data.split): `exact`, the nested keys of that name, the
+    shallowest first; else the closest nested key's path, or []."""
+    nested = _nested_keys(cls)
+    if exact:
+        found = [(d, p) for p, n, d in nested if n == key]
+        return [p for d, p in found if d == min(d for d, _ in found)]
+    close = difflib.get_close_matches(key, [n for _, n, _ in nested], n=1, cutoff=0.7)
+    return [next(p for p, n, _ in nested if n == close[0])] if close else []
 
 
 def _other_models_key(cls: type, key: str, prefix: str = "model.") -> ConfigError | None:
@@ -305,10 +318,12 @@ def _other_models_key(cls: type, key: str, prefix: str = "model.") -> ConfigErro
         return None
     what, section, name_key = ("model", "model", "model.name") if prefix == "model." else \
         ("backbone", "model.backbone_params", "model.backbone")
-    own = _nested_key(cls, key)
+    own, close = _nested_key(cls, key, exact=True), _nested_key(cls, key, exact=False)
+    mine = (f"{this}'s own is " + " or ".join(f"'{prefix}{p}'" for p in own[:2]) + "; or " if own else
+            f"did you mean {this}'s '{prefix}{close[0]}'? or " if close else "")
     return ConfigError(f"'{prefix}{key}' is a key of {', '.join(users[:4])}{' ...' if len(users) > 4 else ''}, "
                        f"not of {what} {this!r}", where=f"{prefix}{key}",
-                       fix=(f"{this}'s own is '{prefix}{own}'; or " if own else "")
+                       fix=mine
                        + f"drop it; to switch a config file's {what}, clear its section first: "
                          f"--set '{section}={{}}' --set {name_key}={this}")
 
@@ -459,10 +474,13 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any] | None, prefix: str, o
             other = _other_models_key(cls, key, prefix) if prefix in ("model.", "model.backbone_params.") else None
             if other is not None:
                 raise other
-            close = [aliases.get(c, c) for c in difflib.get_close_matches(key, [*names, *aliases], n=1, cutoff=0.5)]
-            nested = _nested_key(cls, key) if not close else None
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"did you mean '{prefix}{nested}'?" if nested \
-                else f"valid keys: {', '.join(names)}"
+            # a key written a section too high (data.val_ratio for data.split.val_ratio) before a spelling
+            # match of this section's own, which would be a guess (data.separator)
+            nested = _nested_key(cls, key, exact=True)
+            close = [] if nested else [aliases.get(c, c) for c in difflib.get_close_matches(
+                key, [*names, *aliases], n=1, cutoff=0.5)] or _nested_key(cls, key, exact=False)
+            hint = ("did you mean " + " or ".join(f"'{prefix}{p}'" for p in nested[:2]) + "?" if nested else
+                    f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}")
             raise ConfigError(f"unknown config key '{prefix}{key}'", where=where, fix=hint)
         kwargs[key] = _coerce(hints[key], _onto_field_default(cls, key, value, data), f"{prefix}{key}", origin,
                               _field_default(cls, key))
