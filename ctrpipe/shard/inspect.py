@@ -25,6 +25,8 @@ class Check:
     name: str
     failures: list[str] = field(default_factory=list)
     done: int = 0                                   # number of arrays / columns examined
+    shards: set[int] = field(default_factory=set)   # shards a per-column check read
+    rates: int = 0                                  # label rates compared (the statistics check)
 
     def fail(self, msg: str) -> None:
         if len(self.failures) < 20:
@@ -136,7 +138,7 @@ class _Inspector:
             for name, code in SPLIT_CODES.items():
                 if name not in recorded or not self.label_n[t, code]:
                     continue
-                chk.done += 1
+                chk.rates += 1
                 rate = self.label_sum[t, code] / self.label_n[t, code]
                 if abs(rate - recorded[name]) > 1e-6:
                     chk.fail(f"{c.name}: positive rate {rate:.6g} on {name}, the build recorded "
@@ -190,6 +192,7 @@ class _Inspector:
             vf = v[finite]
             self.ranges[c.name].update(vf, nbad)
             chk.done += 1
+            chk.shards.add(self.shard.index if self.shard else 0)
             if nbad:
                 chk.fail(f"{c.name}: {int(np.isnan(v).sum())} NaN and {int(np.isinf(v).sum())} inf values"
                          + self._at(~finite))
@@ -204,6 +207,7 @@ class _Inspector:
             nbad = int(((v < 0) | (v >= c.bins)).sum())
             self.ranges[c.name].update(v, nbad)
             chk.done += 1
+            chk.shards.add(self.shard.index if self.shard else 0)
             if nbad:
                 chk.fail(f"{c.name}: {nbad} ids outside [0, {c.bins}) (min {int(v.min())}, max {int(v.max())})"
                          + self._at((v < 0) | (v >= c.bins)))
@@ -217,6 +221,7 @@ class _Inspector:
                 continue
             tok, ln = np.asarray(tok), np.asarray(ln)
             chk.done += 1
+            chk.shards.add(self.shard.index if self.shard else 0)
             bad_len = int(((ln < 0) | (ln > c.width)).sum())
             bad_ids = int(((tok < 0) | (tok >= c.bins)).sum())
             pad = np.arange(tok.shape[1])[None, :] >= ln[:, None]               # (N, L) padding positions
@@ -245,6 +250,7 @@ class _Inspector:
             finite = v[np.isfinite(v)]
             self.ranges[c.name].update(finite, nbad)
             chk.done += 1
+            chk.shards.add(self.shard.index if self.shard else 0)
             if nbad:
                 chk.fail(f"{c.name}: {nbad} values not in {{0, 1}}" + self._at((v != 0) & (v != 1)))
 
@@ -323,8 +329,8 @@ def run_inspect(cache: Path) -> bool:
         if chk.failures:
             res.add_row(chk.name, "[bold red]FAIL[/]", "; ".join(chk.failures[:3])
                         + (f"; and {len(chk.failures) - 3} more" if len(chk.failures) > 3 else ""))
-        elif chk.done:
-            res.add_row(chk.name, "[green]ok[/]", _examined(chk, len(m.shards)))
+        elif chk.done or chk.rates:
+            res.add_row(chk.name, "[green]ok[/]", _examined(chk))
         else:
             res.add_row(chk.name, "[dim]skipped[/]", "nothing examined: none of this kind in the cache, its "
                         "files missing, or values another check failed")
@@ -350,14 +356,16 @@ _UNITS = {"files": "file", "rows": "shard", "splits": "shard", "folds": "shard",
           "fitted": "set of tables", "layout": "cache"}
 
 
-def _examined(chk: Check, shards: int) -> str:
-    """'13 files', '26 columns in 2 shards': what a passed check looked at."""
-    unit = _UNITS.get(chk.name)
-    if unit is None and shards:
-        cols = chk.done // shards
-        return f"{cols} column{'s' * (cols != 1)} in {shards} shard{'s' * (shards != 1)}"
-    unit = unit or "item"
-    return f"{chk.done} " + (unit if chk.done == 1 else "sets of tables" if unit == "set of tables" else unit + "s")
+def _count(n: int, unit: str) -> str:
+    return f"{n} {unit if n == 1 else 'sets of tables' if unit == 'set of tables' else unit + 's'}"
+
+
+def _examined(chk: Check) -> str:
+    """'13 files', '26 columns in 2 shards', '41 columns and 4 label rates': what a passed check looked at."""
+    if chk.shards:                  # a per-column check, each column once in every shard it read
+        return f"{_count(chk.done // len(chk.shards), 'column')} in {_count(len(chk.shards), 'shard')}"
+    return _count(chk.done, _UNITS.get(chk.name, "item")) + (
+        f" and {_count(chk.rates, 'label rate')}" if chk.rates else "")
 
 
 def print_cache_problems(m: Manifest, warnings_only: bool = False) -> None:

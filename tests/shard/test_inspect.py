@@ -43,6 +43,8 @@ def test_fresh_caches_pass(cache: Path, tmp_path: Path, criteo_tsv: Path,
     said = got.out + got.err
     assert n_shards > 1 and f"13 columns in {n_shards} shards" in said, said
     assert re.search(rf"rows\s+\S\s+ok\s+\S\s+{n_shards} shards", said) and "1 cache" in said, said
+    # label rates are counted apart from columns (a review: 'statistics ok, 50 columns' with 41 and 9 rates)
+    assert re.search(r"statistics\s+\S\s+ok\s+\S\s+39 columns and \d label rates", said), said
 
 
 def test_id_out_of_range_fails(cache: Path) -> None:
