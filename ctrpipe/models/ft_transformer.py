@@ -54,6 +54,8 @@ class FTTransformerConfig(InputConfig):
 
 @register("ft_transformer", FTTransformerConfig)
 class FTTransformer(nn.Module):
+    NO_WEIGHT_DECAY = ("cls",)      # a learned token, like an embedding row: not decayed (train/optim.py)
+
     def __init__(self, spec: FeatureSpec, cfg: FTTransformerConfig, sparse: bool = False) -> None:
         super().__init__()
         self.inputs = FeatureInput(spec, cfg, sparse=sparse)

@@ -94,7 +94,7 @@ class TaskConfig:
 class TrainConfig:
     epochs: int = 1
     lr: float = 1e-3                 # dense parameters (AdamW)
-    weight_decay: float = 0.0        # AdamW, matrices only (not biases, norms or embeddings)
+    weight_decay: float = 0.0        # AdamW, weight matrices only (not biases, norms, embeddings, numeric tokens)
     embedding_optimizer: EmbeddingOptimizer = "adam"
     embedding_lr: float = 0.0        # 0: same as lr
     warmup_steps: int = 0            # linear warm-up from 0 to lr, at most a tenth of the run's steps

@@ -1,7 +1,7 @@
 """Stage 5: optimiser groups (embedding tables vs dense layers) and the learning-rate schedule.
 
 Embedding tables get their own optimizer (sparse gradients for lazy_adam/sgd/adagrad/sparse_adam: only the rows
-a batch touched are updated); everything else gets AdamW with weight decay on matrices only.
+a batch touched are updated); everything else gets AdamW with weight decay on weight matrices only (`no_decay_ids`).
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
             # fused: one pass over the table per step (the default for-loop kernel makes ~5 passes)
             out.append(torch.optim.Adam(emb, lr=emb_lr, fused=device.type in ("cuda", "cpu")))
     if dense:
-        decay = [p for p in dense if p.dim() >= 2]       # matrices; biases and norm scales are not decayed
-        no_decay = [p for p in dense if p.dim() < 2]
+        kept = no_decay_ids(model)
+        decay = [p for p in dense if p.dim() >= 2 and id(p) not in kept]
+        no_decay = [p for p in dense if p.dim() < 2 or id(p) in kept]
         param_groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}]
         # fused kernels: one launch for all dense params on CUDA, one vectorised pass per tensor on CPU
@@ -55,6 +56,18 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     for opt in out:
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
+    return out
+
+
+def no_decay_ids(model: nn.Module) -> set[int]:
+    """ids of the dense parameters weight decay leaves alone beyond vectors (biases, norm scales): any named
+    `bias` (DCN's stacked cross biases are (layers, dim)), and those a module lists in `NO_WEIGHT_DECAY`
+    (embedding-like: the numeric tokenizer's per-column vectors, FT-Transformer's [CLS] token), as the id
+    tables themselves are not decayed."""
+    out: set[int] = set()
+    for module in model.modules():
+        listed = set(getattr(module, "NO_WEIGHT_DECAY", ()))
+        out |= {id(p) for name, p in module.named_parameters(recurse=False) if name == "bias" or name in listed}
     return out
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ctrpipe.errors import CheckpointError
+
 PackedState = dict[str, Any]
 
 
@@ -175,4 +177,13 @@ def load_optimizer(opt: torch.optim.Optimizer, packed: dict[str, Any]) -> None:
             else:
                 full[key] = value
         state[int(idx)] = full
+    have = [len(g["params"]) for g in opt.param_groups]
+    saved = [len(g["params"]) for g in packed["param_groups"]]
+    if have != saved:
+        # parameters are grouped by code (which get weight decay): a run saved by a ctrpipe that grouped
+        # them otherwise cannot continue its optimiser state
+        raise CheckpointError(f"the saved optimiser state groups the parameters {saved}, this ctrpipe groups them "
+                              f"{have}", where="ckpt_last.pt (optimiser state)",
+                              fix="finish the run with the ctrpipe version that started it, or train it again "
+                                  "without --resume")
     opt.load_state_dict({"state": state, "param_groups": packed["param_groups"]})

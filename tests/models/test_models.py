@@ -177,3 +177,46 @@ def test_prior_clamped_for_constant_labels(spec_factory) -> None:
     spec = dataclasses.replace(spec_factory(2), label_rates=(0.0, 1.0))
     bias = build(spec, "dnn", {}).head.linear.bias.detach()
     assert torch.isfinite(bias).all() and bias[0] < -9 and bias[1] > 9
+
+
+def test_weight_decay_falls_on_weight_matrices_only(spec_factory) -> None:
+    """(a helper's sweep) the docs say weight decay leaves biases, norms and embeddings alone, but every dense
+    parameter of 2+ dimensions was decayed: the numeric tokenizer's per-column vectors and biases (numeric:
+    token, most models' default), DCN's stacked cross biases, FT-Transformer's [CLS] token."""
+    from ctrpipe.train.config import TrainConfig
+    from ctrpipe.train.optim import build_optimizers
+
+    cfg = TrainConfig(weight_decay=0.1)
+    for name, keys in (("dcn", {"hidden_units": [8]}), ("ft_transformer", {"n_blocks": 1, "pooling": "cls"}),
+                       ("dnn", {"hidden_units": [8]})):
+        model = build(spec_factory(), name, {"embedding_dim": 8, **keys})
+        names = {id(p): n for n, p in model.named_parameters()}
+        dense = build_optimizers(model, cfg, torch.device("cpu"))[-1]
+        decayed = [names[id(p)] for g in dense.param_groups if g["weight_decay"] for p in g["params"]]
+        kept = [names[id(p)] for g in dense.param_groups if not g["weight_decay"] for p in g["params"]]
+        assert decayed and all(n.endswith("weight") and "tokenizer" not in n for n in decayed), (name, decayed)
+        assert not any(n.endswith(("bias", "cls")) for n in decayed), (name, decayed)
+        if name != "dnn":
+            assert any("tokenizer.weight" in n for n in kept), (name, kept)
+        if name == "ft_transformer":
+            assert "cls" in kept
+
+
+def test_a_resume_whose_optimiser_groups_differ_is_a_clear_error(spec_factory) -> None:
+    """Moving the tokenizer's vectors out of weight decay regrouped the dense optimiser: a run saved before
+    resumed into torch's bare ValueError. It is a CheckpointError with the fix."""
+    from ctrpipe.errors import CheckpointError
+    from ctrpipe.train.config import TrainConfig
+    from ctrpipe.train.optim import build_optimizers
+    from ctrpipe.train.tables import load_optimizer, pack_optimizer
+
+    model = build(spec_factory(), "dcn", {"embedding_dim": 8, "hidden_units": [8]})
+    dense = build_optimizers(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))[-1]
+    packed = pack_optimizer(dense, {}, {})
+    load_optimizer(dense, packed)                       # the same grouping loads
+    first, second = packed["param_groups"]
+    regrouped = {**packed, "param_groups": [{**first, "params": first["params"][:-1]},
+                                            {**second, "params": [*second["params"], first["params"][-1]]}]}
+    with pytest.raises(CheckpointError, match="groups the parameters") as err:
+        load_optimizer(dense, regrouped)
+    assert "without --resume" in err.value.fix

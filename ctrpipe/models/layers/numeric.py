@@ -12,6 +12,9 @@ class NumericTokenizer(nn.Module):
     The bias lets a column carry information even where its value is 0 (e.g. imputed or log1p(0)).
     """
 
+    # w_j is column j's embedding, as an id's row is one: weight decay leaves both alone (train/optim.py)
+    NO_WEIGHT_DECAY = ("weight",)
+
     def __init__(self, n_columns: int, dim: int, bias: bool = True, init_std: float = 1e-2) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_columns, dim))
