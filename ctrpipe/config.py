@@ -55,6 +55,10 @@ class RunConfig:
     MOVED_KEYS: ClassVar[Mapping[str, str]] = {"sequence": "model.sequence"}
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2 ** 62:
+            # torch seeds are 64-bit, and each fold and rank adds to the run's seed
+            raise ConfigError(f"bad value {self.seed} for 'seed'", where=self.sources.get("seed", "seed"),
+                              fix="use a whole number from 0 to 2**62, e.g. seed=2026")
         keep = self.infer.calibration.keep_rate
         if self.loader.neg_keep_prob < 1.0 and keep != 1.0:     # each adds log(rate): corrected twice
             raise ConfigError(f"loader.neg_keep_prob={self.loader.neg_keep_prob} and infer.calibration.keep_rate="

@@ -325,6 +325,21 @@ def test_a_bad_values_example_is_one_the_key_takes(bad: str, fix: str) -> None:
         load_config(None, [fix.split("e.g. ")[-1] if "e.g. " in fix else fix], resolve_model=False)
 
 
+@pytest.mark.parametrize(("bad", "fix"), [
+    ("train.lr=.inf", "train.lr=0.001"), ("train.weight_decay=.inf", "train.weight_decay=0"),
+    ("train.grad_clip=.inf", "train.grad_clip=0"), ("train.early_stopping.min_delta=.inf", "min_delta=0"),
+    ("train.min_lr_ratio=5", "train.min_lr_ratio=0.1"), ("seed=18446744073709551621", "seed=2026"),
+    ("seed=-1", "seed=2026"),
+])
+def test_values_that_only_break_training_later_are_refused(bad: str, fix: str) -> None:
+    """(a helper's sweep) .inf passed the checks of lr, weight decay, grad_clip and min_delta (NaN weights,
+    or no evaluation ever better); a min_lr_ratio of 5 made the cosine "decay" climb to 5x the rate; a seed
+    past 64 bits ended in torch's overflow traceback."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [bad], resolve_model=False)
+    assert fix in e.value.fix, e.value.fix
+
+
 @pytest.mark.parametrize("sampling", ["loader.neg_keep_prob=0.05", "loader.balance_pos_fraction=0.5"])
 def test_a_wll_temperature_fit_of_a_sampling_run_is_refused(sampling: str) -> None:
     """The loader shifts a sampling run's logits to the un-sampled rate; a WLL fit needs another shift, which a

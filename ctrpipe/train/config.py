@@ -25,7 +25,7 @@ def _bad(key: str, value: object, fix: str) -> ConfigError:
 class EarlyStoppingConfig:
     """Stop when `metric` on the validation view has not improved for `patience` evaluations."""
 
-    metric: str = "auc"              # any metric name: auc, logloss, ap, wll, score, or e.g. auc.click
+    metric: str = "auc"              # auc, logloss, ap, wll or score; with several heads also e.g. auc.click
     patience: int = 0                # 0: off (train every epoch; the best evaluation still wins)
     mode: Literal["auto", "max", "min"] = "auto"   # auto: min for logloss/wll, max otherwise
     min_delta: float = 0.0           # improvement smaller than this does not count
@@ -34,7 +34,7 @@ class EarlyStoppingConfig:
         if self.patience < 0:
             raise _bad("train.early_stopping.patience", self.patience,
                        "use 0 (off) or a number of evaluations, e.g. train.early_stopping.patience=2")
-        if self.min_delta < 0:
+        if not 0 <= self.min_delta < math.inf:     # an infinite one would count no evaluation as better
             raise _bad("train.early_stopping.min_delta", self.min_delta,
                        "use e.g. train.early_stopping.min_delta=0")
 
@@ -146,11 +146,16 @@ class TrainConfig:
             raise _bad("train.amp", self.amp, "use train.amp=auto, off, bf16 or fp16")
         if self.epochs < 1:
             raise _bad("train.epochs", self.epochs, "use e.g. train.epochs=1")
-        if not self.lr > 0:
+        if not 0 < self.lr < math.inf:
             raise _bad("train.lr", self.lr, "use a positive number, e.g. train.lr=0.001")
         for key in ("weight_decay", "embedding_lr", "grad_clip", "min_lr_ratio"):
-            if getattr(self, key) < 0:
+            # .inf is a float YAML reads too: an infinite rate or decay only turns the weights to NaN
+            if not 0 <= getattr(self, key) < math.inf:
                 raise _bad(f"train.{key}", getattr(self, key), f"use 0 or more, e.g. train.{key}=0")
+        if self.min_lr_ratio > 1:
+            # the schedule would climb to min_lr_ratio * lr, past the rate asked for
+            raise _bad("train.min_lr_ratio", self.min_lr_ratio,
+                       "use a share of train.lr in [0, 1] that the schedule ends at, e.g. train.min_lr_ratio=0.1")
         for key in ("warmup_steps", "eval_every", "checkpoint_every", "max_steps", "stop_after_steps",
                     "num_threads", "min_steps", "grad_diagnostics_every"):
             if getattr(self, key) < 0:

@@ -53,7 +53,7 @@ from ctrpipe.train.checkpoint import (
     model_from_checkpoint,
 )
 from ctrpipe.train.config import CVConfig, EarlyStoppingConfig
-from ctrpipe.train.distributed import Distributed, RankInfo, rank_info
+from ctrpipe.train.distributed import Distributed, RankInfo, batch_norm_settings, rank_info
 from ctrpipe.train.evaluate import Predictions, logit_shifts, predict
 from ctrpipe.train.loop import FitInputs, FitResult, fit
 from ctrpipe.train.metrics import QUALITY_METRICS, metrics_from_logits, refuse_descriptive_metric
@@ -288,6 +288,15 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         raise ConfigError(f"loader.batch_size {b} is the global batch, and {w} processes need a row each",
                           where="loader.batch_size", fix=f"use a loader.batch_size of at least {w}")
     model, tasks, shift = check_training(cfg, manifest, shards)
+    per_rank = cfg.loader.batch_size // (dist.world_size if dist is not None else 1)
+    if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # batch norm's statistics need 2+ rows a batch: torch refuses one, deep in the first step
+        keys = batch_norm_settings(to_dict(cfg)["model"])
+        off = ", ".join(f"{k}={v}" for k, v in keys.items()) or "a model config without batch norm"
+        raise ConfigError(f"loader.batch_size {cfg.loader.batch_size} gives batches of one row"
+                          + (" a process" if dist is not None else "") + ", and the model's batch norm needs 2 or more",
+                          where="loader.batch_size",
+                          fix=f"use a larger loader.batch_size, or turn batch norm off ({off})")
     # a model that reads a history against the candidate, or a multi-task model over one as its backbone
     history = next((h for m in model.modules() if isinstance(h := getattr(m, "history", None), History)), None)
     if history is not None and manifest.column(history.name).stats.get("max") == 0 and first_on_node():
@@ -391,6 +400,12 @@ def _check_metric(cfg: RunConfig, tasks: tuple[Task, ...]) -> None:
     metric = cfg.train.early_stopping.metric
     if metric in valid:
         return
+    name, _, head = metric.partition(".")
+    if len(tasks) == 1 and name in QUALITY_METRICS and head == tasks[0].name:
+        # one head's metrics are the run's own, named without it
+        raise ConfigError(f"metric {metric!r} names the run's only head", where="train.early_stopping.metric",
+                          fix=f"use train.early_stopping.metric={name}: a run with one head names its metrics "
+                              "without it")
     refuse_descriptive_metric(metric, "train.early_stopping.metric", valid)
     raise ConfigError(f"unknown metric {metric!r}", where="train.early_stopping.metric",
                       fix=f"use one of {', '.join(valid)}")
@@ -629,6 +644,10 @@ def _train_one(ctx: TrainContext, train_view: RowView, val_view: RowView | None,
                     "checking the ranks' shares of the batches")
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    if val_view is None and cfg.train.early_stopping.patience and ctx.main and not ctx.quiet:
+        console.print(f"[yellow]note:[/] {label}: train.early_stopping.patience="
+                      f"{cfg.train.early_stopping.patience} never fires: there are no validation rows to evaluate "
+                      "(the run trains every planned step)", highlight=False)
     inputs = FitInputs(
         model=model, spec=ctx.spec, train_loader=train_loader,
         val_loader=_loader(ctx, val_view, False, seed, ranks=True) if val_view is not None else None,

@@ -629,3 +629,26 @@ def test_a_kfold_resume_with_changed_settings_names_its_fold(cache: Path, tmp_pa
     notes = json.loads((tmp_path / "criteo" / "metrics.json").read_text())["notes"]
     assert [n for n in notes if "resumed at step" in n] == [n for n in notes if n.startswith("fold 0: resumed")]
     assert any(n.startswith("fold 0: resumed at step 5") for n in notes)
+
+
+def test_training_settings_that_could_not_work_are_said_before_a_step(cache: Path, synth_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """(a helper's sweep) batches of one row under batch norm ended in torch's 100-line traceback in the first
+    step; a head-qualified metric on a one-head run was an unknown metric although the docs offered it; and
+    early stopping with no validation rows to evaluate was silently never going to fire."""
+    code, out = train(cache, tmp_path / "a", "--set", "loader.batch_size=1", "--set", "model.batch_norm=true")
+    said = " ".join(out.split())
+    assert code == 1 and "gives batches of one row" in said and "model.batch_norm=false" in said, out
+    assert "Traceback" not in out
+    code, out = train(cache, tmp_path / "b", "--set", "train.early_stopping.metric=auc.label")
+    said = " ".join(out.split())
+    assert code == 1 and "names the run's only head" in said and "train.early_stopping.metric=auc" in said, out
+    from train_setup import build_cache
+
+    noval = build_cache(tmp_path / "noval", synth_dir, ["data.hash_bins=64", "data.folds.n_splits=0",
+                                                        "data.split.val_ratio=0"], gold=False)
+    sets = [x for s in [*FAST, "train.max_steps=3", "train.early_stopping.patience=2"] for x in ("--set", s)]
+    res = runner.invoke(app, ["train", "--cfg", str(CRITEO_CFG), "--shards", str(noval), "--runs",
+                              str(tmp_path / "c"), *sets])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "patience=2 never fires: there are no validation rows" in said, res.output
