@@ -41,7 +41,8 @@ from ctrpipe.train.stopping import EarlyStopping
 from ctrpipe.train.tables import ChangedRows, load_optimizer, load_packed, pack, pack_optimizer, unpack
 
 # NaN inputs (a cache built from bad values) make the very first loss NaN, where no learning rate is to blame
-NAN_FIX = ("lower train.lr or set train.grad_clip=1.0 (with train.amp=fp16, try bf16 or off); at the first steps, "
+NAN_FIX = ("lower train.lr (or train.weight_decay) or set train.grad_clip=1.0 (with train.amp=fp16, try bf16 or off); "
+           "at the first steps, "
            "check that the cache's inputs are finite: `ctrpipe inspect SHARDS` (its 'numeric finite' row)")
 
 
@@ -339,6 +340,10 @@ class _Run:
     def evaluate_and_save(self) -> None:
         """Evaluate (if there are validation rows), keep the best weights, save the state for --resume."""
         self._tick()
+        if self.dist is None:
+            # an evaluation syncs with the host anyway: a loss already NaN stops here, not at the next log row
+            # after evaluating (and checkpointing) NaN weights; a torchrun job's ranks agree at log rows only
+            self._check_finite()
         inp, pos = self.inp, self.pos
         metrics: dict[str, float] = {}
         preds: Predictions | None = None

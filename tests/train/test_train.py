@@ -652,3 +652,9 @@ def test_training_settings_that_could_not_work_are_said_before_a_step(cache: Pat
                               str(tmp_path / "c"), *sets])
     said = " ".join(res.output.split())
     assert res.exit_code == 0 and "patience=2 never fires: there are no validation rows" in said, res.output
+    # a loss gone NaN stopped at the next log row only: evaluations and checkpoints of NaN weights came first
+    code, out = train(cache, tmp_path / "d", "--set", "train.lr=1e30", "--set", "train.log_every=1000",
+                      "--set", "train.eval_every=2", "--set", "train.max_steps=12")
+    assert code == 1 and "loss became NaN/inf at step" in out and "train.weight_decay" in out, out
+    rows = list(csv.DictReader((tmp_path / "d" / "criteo" / "train_log.csv").open()))
+    assert not any(r["val_auc"] for r in rows), rows
