@@ -34,7 +34,7 @@ from ctrpipe.train.distributed import Distributed, RowExchange, raised_alike
 from ctrpipe.train.ema import ModelEMA
 from ctrpipe.train.evaluate import Predictions, bad_id_error, predict
 from ctrpipe.train.objective import Objective, Task, task_gradients
-from ctrpipe.train.optim import build_optimizers, lr_factor, set_lr
+from ctrpipe.train.optim import build_optimizers, is_dense, lr_factor, set_lr
 from ctrpipe.train.plan import StepPlan, plan_steps
 from ctrpipe.train.rundir import RunLog
 from ctrpipe.train.stopping import EarlyStopping
@@ -163,9 +163,10 @@ def train_step(model: nn.Module, batch: Batch, objective: Objective, optimizers:
     if cfg.grad_clip > 0:
         for opt in optimizers:
             scaler.unscale_(opt)
-        # sparse table gradients are left out: they touch few rows and the norm kernels want dense tensors
-        grads = [p for opt in optimizers for g in opt.param_groups for p in g["params"]
-                 if p.grad is not None and not p.grad.is_sparse]
+        # the dense layers' gradients only, as documented: the tables' are left out whatever their optimiser
+        # (with embedding_optimizer=adam their dense gradients joined the norm and set how hard it clipped)
+        grads = [p for opt in optimizers if is_dense(opt) for g in opt.param_groups for p in g["params"]
+                 if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip)
     for opt in optimizers:
         scaler.step(opt)

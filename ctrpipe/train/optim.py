@@ -51,12 +51,19 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
         param_groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}]
         # fused kernels: one launch for all dense params on CUDA, one vectorised pass per tensor on CPU
-        out.append(torch.optim.AdamW([g for g in param_groups if g["params"]], lr=cfg.lr,
-                                     fused=device.type in ("cuda", "cpu")))
+        dense_opt = torch.optim.AdamW([g for g in param_groups if g["params"]], lr=cfg.lr,
+                                      fused=device.type in ("cuda", "cpu"))
+        dense_opt.ctrpipe_dense = True      # type: ignore[attr-defined]  # see is_dense
+        out.append(dense_opt)
     for opt in out:
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
     return out
+
+
+def is_dense(opt: torch.optim.Optimizer) -> bool:
+    """Whether `opt` is build_optimizers' dense AdamW (not the embedding tables' optimiser)."""
+    return bool(getattr(opt, "ctrpipe_dense", False))
 
 
 def no_decay_ids(model: nn.Module) -> set[int]:
