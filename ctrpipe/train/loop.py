@@ -307,8 +307,8 @@ class _Run:
         self.logged_steps += 1
         if pos.step % self.cfg.log_every == 0 or pos.step == self.plan.total_steps:
             self._log_train()
-        if self.cfg.stop_after_steps and pos.step == self.cfg.stop_after_steps:
-            self.interrupted = True
+        if self.cfg.stop_after_steps and pos.step == self.cfg.stop_after_steps < self.plan.total_steps:
+            self.interrupted = True         # at the run's last step it finishes: nothing is left to resume
         every = self.cfg.distributed.check_every
         if self.dist is not None and every and pos.step % every == 0:
             self.dist.check_replicas(self.model)

@@ -675,3 +675,11 @@ def test_grad_clip_norm_is_the_dense_layers_whatever_the_tables_optimiser(cache:
     assert got["adam"].keys() == got["lazy_adam"].keys() and len(got["adam"]) > 2
     for k in got["adam"]:
         assert torch.equal(got["adam"][k], got["lazy_adam"][k]), k
+
+
+def test_a_stop_at_the_runs_last_step_finishes_the_run(cache: Path, tmp_path: Path) -> None:
+    """(a helper's sweep) train.stop_after_steps equal to the run's steps trained and evaluated every step, then
+    said "stopped ... continue with --resume" and wrote no metrics.json until a resume that had nothing to do."""
+    code, out = train(cache, tmp_path, "--set", "train.max_steps=4", "--set", "train.stop_after_steps=4")
+    assert code == 0 and "continue with --resume" not in out, out
+    assert json.loads((tmp_path / "criteo" / "metrics.json").read_text())["steps"] == 4
