@@ -192,7 +192,7 @@ def test_nan_loss_names_step_and_fix(cache: Path, tmp_path: Path):
                       "--set", "train.log_every=50")
     assert code == 1
     assert re.search(r"loss became NaN/inf at step \d+ \(epoch 0\)", out), out
-    assert "fix: lower train.lr or set train.grad_clip=1.0" in out
+    assert "fix: lower train.lr (or train.weight_decay) or set train.grad_clip=1.0" in out
     assert "`ctrpipe inspect SHARDS`" in " ".join(out.split())     # NaN inputs are no learning rate's fault
 
 
