@@ -57,7 +57,8 @@ def check_trim_ratio(value: float, key: str, models: int | None = None) -> None:
 class InferConfig:
     method: EnsembleMethod = "logit_mean"       # how fold models (and blended files) are combined
     weights: tuple[float, ...] = ()             # explicit per-fold weights; () -> from val scores
-    weight_metric: str = "auc"                  # fold val metric that scores folds when weights are derived
+    weight_metric: str = "auc"                  # fold val metric that scores folds when weights are derived;
+    #                                             several heads: the primary one, auc.<head> for a head's own
     weight_temperature: float = 0.01            # softmax(scores / T): an AUC gap of 0.01 -> weight ratio e
     trim_ratio: float = 0.1                     # trim_mean: share of models cut from each end, per row; it must
                                                 #   cut one at least (ratio x models >= 1: 0.2 for 5 folds)

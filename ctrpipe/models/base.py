@@ -5,6 +5,7 @@ Model configs subclass these, so YAML keys stay flat (`model.embedding_dim`, `mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
@@ -104,9 +105,11 @@ class GatedConfig(MultiTaskConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_config(self.gate_temperature > 0, "gate_temperature", self.gate_temperature, "1.0")
+        # finite: an infinite temperature makes every gate uniform (the experts are never chosen), infinite
+        # noise or regulariser weights a NaN loss at the first step; below 1e-6 the logits overflow alike
+        check_config(1e-6 <= self.gate_temperature < math.inf, "gate_temperature", self.gate_temperature, "1.0")
         for key in ("gate_noise", "gate_entropy", "gate_balance"):
-            check_config(getattr(self, key) >= 0, key, getattr(self, key), "0.001")
+            check_config(0 <= getattr(self, key) < math.inf, key, getattr(self, key), "0.001")
 
 
 def check_expert_widths(cfg: MultiTaskConfig) -> None:

@@ -47,6 +47,11 @@ def test_criteo_config_per_model(name: str) -> None:
     ("autoint", "numeric", "concat", "model.numeric=token"),
     ("ft_transformer", "n_heads", 3, "model.n_heads=2"),      # a divisor of embedding_dim 32
     ("ft_transformer", "attention_dropout", 1.0, "model.attention_dropout=0.1"),
+    # (a helper's sweep) infinite gate settings: uniform gates, or a NaN loss blamed on the learning rate
+    ("mmoe", "gate_temperature", float("inf"), "model.gate_temperature=1.0"),
+    ("mmoe", "gate_temperature", 1e-40, "model.gate_temperature=1.0"),
+    ("ple", "gate_noise", float("inf"), "model.gate_noise=0.001"),
+    ("mmoe", "gate_balance", float("inf"), "model.gate_balance=0.001"),
 ])
 def test_bad_value_names_key_and_fix(name: str, key: str, value: Any, fix: str) -> None:
     with pytest.raises(ConfigError) as err:
