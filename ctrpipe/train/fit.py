@@ -243,7 +243,9 @@ def with_cache_data(cfg: RunConfig, manifest: Manifest, shards: Path, quiet: boo
         return cfg
     named = {*cfg.data.labels, *(d.name for d in cfg.data.derived_labels)}
     off = {h for h, t in cfg.train.tasks.items() if t.weight == 0 and t.metric_weight == 0}   # the fix, taken
-    extra = [n for n in manifest.label_names if n not in named and n not in off] if named else []
+    # ESMM's heads are its own (ctr, ctcvr, cvr from two labels it names): other labels train nothing
+    extra = [n for n in manifest.label_names if n not in named and n not in off] \
+        if named and cfg.model.name != "esmm" else []
     if extra and first_on_node():       # more heads than the config names, and main metrics that mix them in
         fix = " ".join(f"--set train.tasks.{n}.weight=0 --set train.tasks.{n}.metric_weight=0" for n in extra)
         console.print(f"[yellow]warning:[/] the cache holds the labels {list(manifest.label_names)}, the config "

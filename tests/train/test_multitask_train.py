@@ -177,3 +177,16 @@ def test_resume_refuses_a_changed_head_setting_with_derived_labels(tmp_path: Pat
                              "train.tasks.a.metric_weight=3"])
     with pytest.raises(CheckpointError, match="cannot resume with changed train.tasks.a.metric_weight"):
         refuse_resume_changes(to_dict(was), now, tmp_path / "config.json")
+
+
+def test_esmm_is_not_told_to_train_a_head_per_cache_label(parquet_cache: Path, tmp_path: Path) -> None:
+    """(a helper's sweep) a cache with a label ESMM does not read got the warning that the model trains a head
+    for each of the cache's labels, whose fix (train.tasks.<label>.weight=0) ESMM then refused: its heads are
+    ctr, ctcvr and cvr. A model with a head per label is still warned."""
+    for model, warned in (("esmm", False), ("mmoe", True)):
+        res = runner.invoke(app, ["train", "--cfg", str(REPO / "cfgs" / f"parquet_{model}.yaml"), "--shards",
+                                  str(parquet_cache), "--runs", str(tmp_path / model), "-q",
+                                  *[x for s in (*SMALL, "train.max_steps=1", "data.labels=[clicked]")
+                                    for x in ("--set", s)]])
+        said = " ".join(res.output.split())
+        assert res.exit_code == 0 and ("trains a head for each of the cache's labels" in said) is warned, said
