@@ -141,15 +141,19 @@ def test_a_file_in_another_format_gets_the_runs_format_as_fix(world: Path, tmp_p
     assert "data.format=criteo" in msg and "--set" not in msg
 
 
-def _csv_run(tmp_path: Path) -> list[str]:
-    """A DNN run (tmp_path/runs/csvrun) on a small CSV of columns uid, clicked, a, c; returns the file's lines."""
+def _csv_run(tmp_path: Path, column: str = "c", values: list[str] | None = None,
+             features: str = "categorical: {columns: [c], pattern: ''}\n  multihot: []") -> list[str]:
+    """A DNN run (tmp_path/runs/csvrun) on a small CSV of columns uid, clicked, a and `column` (300 `values`,
+    by default 7 categories), read as `features` says; returns the file's lines."""
     rng = np.random.default_rng(0)
-    rows = ["uid,clicked,a,c"] + [f"u{i},{int(rng.random() < 0.3)},{rng.random():.3f},k{i % 7}" for i in range(300)]
+    values = values or [f"k{i % 7}" for i in range(300)]
+    rows = [f"uid,clicked,a,{column}"] + [f"u{i},{int(rng.random() < 0.3)},{rng.random():.3f},{v}"
+                                          for i, v in enumerate(values)]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     cfg = tmp_path / "csv.yaml"
     cfg.write_text("exp_name: csvrun\ndata:\n  format: csv\n  labels: [clicked]\n  id_column: uid\n"
-                   "  numeric: {columns: [a], pattern: ''}\n  categorical: {columns: [c], pattern: ''}\n"
-                   "  sequence: []\n  multihot: []\n  covisit: []\n  folds: {n_splits: 0}\n"
+                   f"  numeric: {{columns: [a], pattern: ''}}\n  {features}\n"
+                   "  sequence: []\n  covisit: []\n  folds: {n_splits: 0}\n"
                    "model: {name: dnn, hidden_units: [8], embedding_dim: 4}\n")
     for args in (("shard", "--cfg", str(cfg), "--input", str(tmp_path / "train.csv"), "--out", str(tmp_path / "c"),
                   "-q"),
@@ -289,25 +293,13 @@ def test_predict_refuses_a_history_written_with_another_separator(tmp_path: Path
     unchecked, and a file written as the run was is scored."""
     from ctrpipe.serve.predictor import Predictor
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(1)
     def lists(sep: str, n: int) -> list[str]:
         return [sep.join(f"t{j}" for j in rng.integers(0, 30, 1 + i % 4)) for i in range(n)]
-    rows = ["uid,clicked,a,h"] + [f"u{i},{int(rng.random() < 0.3)},{rng.random():.3f},{h}"
-                                  for i, h in enumerate(lists("|", 300))]
-    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
-    cfg = tmp_path / "h.yaml"
-    cfg.write_text("exp_name: hrun\ndata:\n  format: csv\n  labels: [clicked]\n  id_column: uid\n"
-                   "  numeric: {columns: [a], pattern: ''}\n  categorical: {columns: [], pattern: ''}\n"
-                   "  sequence: []\n  multihot: [{column: h, separator: '|', max_len: 4}]\n  covisit: []\n"
-                   "  folds: {n_splits: 0}\nmodel: {name: dnn, hidden_units: [8], embedding_dim: 4}\n")
-    for args in (("shard", "--cfg", str(cfg), "--input", str(tmp_path / "train.csv"), "--out", str(tmp_path / "c"),
-                  "-q"),
-                 ("train", "--cfg", str(cfg), "--shards", str(tmp_path / "c"), "--runs", str(tmp_path / "runs"),
-                  "-q", *_sets(["train.max_steps=3", "train.device=cpu", "loader.batch_size=64",
-                                "train.min_steps=0"]))):
-        code, out = _invoke(*args)
-        assert code == 0, out
-    run = tmp_path / "runs" / "hrun"
+    _csv_run(tmp_path, "h", lists("|", 300), "categorical: {columns: [], pattern: ''}\n"
+                                              "  multihot: [{column: h, separator: '|', max_len: 4}]")
+    cfg = tmp_path / "csv.yaml"
+    run = tmp_path / "runs" / "csvrun"
     semi = tmp_path / "semi.csv"
     semi.write_text("uid,a,h\n" + "".join(f"v{i},0.5,{h}\n" for i, h in enumerate(lists(";", 100))))
     code, out = _invoke("predict", "--run", str(run), "--input", str(semi), "--out", str(tmp_path / "p.csv"))
