@@ -187,7 +187,8 @@ class Manifest:
         """Columns that came out the same in every row, so a model can learn nothing from them: a categorical
         column missing everywhere (read from the wrong column, or null in the input) or with one id (one value,
         or every value rarer than min_count), a numeric one with one value, a token column whose lists are all
-        empty (a sequence model then reads no history). Said when the cache is built, and by `inspect`."""
+        empty (a sequence model then reads no history), a label of one class (a derived label whose pattern
+        never matches). Said when the cache is built, and by `inspect`."""
         if self.role != "train" or not self.total_rows:     # a test file may be a handful of rows
             return []
         cat = self.config.get("categorical", {}) or {}
@@ -213,6 +214,11 @@ class Manifest:
                        f"; {missing:.0%} of them missing): it carries nothing a model can learn from; "
                        + ("keep what missing tells with data.numeric.missing_indicator: true, or " if 0 < missing < 1
                           else "") + "leave it out (data.numeric.columns / pattern)")
+        for c in self.columns_of("label"):
+            lo, hi = c.stats.get("min"), c.stats.get("max")
+            if lo is not None and lo == hi:
+                out.append(f"label {c.name!r} is {lo:g} in every row: its head has one class and no AUC; check how "
+                           "it is made (data.labels, a derived label's values or pattern)")
         for c in self.columns_of("multihot", "sequence"):
             if c.stats.get("max") == 0:
                 out.append(f"{c.kind} column {c.name!r} is empty in every row" + (

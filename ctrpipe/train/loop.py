@@ -430,6 +430,10 @@ class _Run:
             if len(y) and y.min() != y.max():
                 continue
             held = "no rows" if not len(y) else f"{len(y):,} rows, all {'positive' if y[0] else 'negative'}"
+            spec = self.inp.spec
+            # a label with one class in the train split too: no split of the rows gives it both
+            constant = [(spec.labels[i], spec.label_rates[i]) for i in task.labels
+                        if i < len(spec.label_rates) and spec.label_rates[i] in (0.0, 1.0)]
             note = (f"warning: head {task.name!r} has one class in its validation rows ({held}"
                     + (", under its mask" if task.mask is not None else "") + "): its AUC is NaN"
                     + (", and so is the primary AUC early stopping reads: stop on logloss "
@@ -438,6 +442,11 @@ class _Run:
                        if task.metric_weight > 0 else "")
                     + ("; its mask is its own label, so every row it keeps is positive: mask it by another "
                        f"label or drop the mask (train.tasks.{task.name}.mask=)" if task.labels == (task.mask,)
+                       else f"; its label {constant[0][0]!r} is {int(constant[0][1])} in every train row too, so more "
+                       "rows will not help: check how the label is made (a derived label's values or pattern, "
+                       "labels swapped between heads)" if constant
+                       else f"; the rows its mask keeps may hold one class by the labels' nature (every conversion "
+                       f"was clicked): check train.tasks.{task.name}.mask" if task.mask is not None
                        else "; more validation rows (data.split.val_ratio) would give it both"))
             self.eval_notes.append(note)
             console.print(f"[yellow]{self.inp.label}:[/] {note}", highlight=False)

@@ -151,6 +151,7 @@ def test_columns_a_model_can_learn_nothing_from_are_warned_of(tmp_path: Path) ->
     n = 400
     rng = np.random.default_rng(0)
     table = {"ID": [f"r{i}" for i in range(n)], "clicked": pa.array(rng.random(n) < 0.3, pa.int8()),
+             "never": pa.array([0] * n, pa.int8()),
              "x": rng.random(n), "flat": [2.5] * n, "flag": [1.0 if i % 2 else None for i in range(n)],
              "user": [f"u{i % 7}" for i in range(n)],
              "gone": pa.nulls(n, pa.string()), "same": ["a"] * n, "unique": [f"v{i}" for i in range(n)],
@@ -162,7 +163,7 @@ def test_columns_a_model_can_learn_nothing_from_are_warned_of(tmp_path: Path) ->
             "data.sequence=[{column: seq, separator: ',', max_len: 5}]"]
     # 'flag' (one value or missing) varies in its missing indicator: a review's false alarm, not repeated
     sick = ["data.numeric.columns=[x, flat, flag]", "data.categorical.columns=[user, gone, same, unique]",
-            "data.numeric.missing_indicator=true"]
+            "data.numeric.missing_indicator=true", "data.labels=[clicked, never]"]
     res = CliRunner().invoke(app, ["shard", "--cfg", str(PARQUET_CFG), "-i", str(src), "-o", str(tmp_path / "sick"),
                                    "-q", *[a for s in [*base, *sick] for a in ("--set", s)]])
     assert res.exit_code == 0, res.output
@@ -170,12 +171,19 @@ def test_columns_a_model_can_learn_nothing_from_are_warned_of(tmp_path: Path) ->
     expected = ["'gone' is missing in every row", "'same' has one id in every row (one value", "'unique' has one id "
                 "in every row: every value is out of the vocabulary (seen fewer than data.categorical.min_count=2",
                 "numeric column 'flat' holds one value in every row after its transform",
-                "sequence column 'seq' is empty in every row: a sequence model reads no history"]
+                "sequence column 'seq' is empty in every row: a sequence model reads no history",
+                "label 'never' is 0 in every row: its head has one class"]
     assert len(problems) == len(expected) and all(any(e in p for p in problems) for e in expected), problems
     said = " ".join(res.output.split())
     assert said.count("warning") == len(expected) and all(e in said for e in expected), res.output
     out = CliRunner().invoke(app, ["inspect", str(tmp_path / "sick")])
     assert out.exit_code == 0 and all(e in " ".join(out.output.split()) for e in expected), out.output
+    # training on it: the head of the constant label is said to be constant in train too, not short of rows
+    res = CliRunner().invoke(app, ["train", "--cfg", str(PARQUET_CFG), "--shards", str(tmp_path / "sick"), "--runs",
+                                   str(tmp_path / "runs"), "-q", "--set", "model.name=mmoe", "--set",
+                                   "train.max_steps=2", "--set", "train.early_stopping.metric=logloss"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "its label 'never' is 0 in every train row too" in said, res.output
 
     table["seq"] = [",".join(f"v{j}" for j in range(i % 4)) for i in range(n)]
     pq.write_table(pa.table(table), src)

@@ -123,6 +123,8 @@ def test_a_head_with_one_class_in_validation_is_named(parquet_cache: Path, tmp_p
     note = next(n for n in m["notes"] if "one class" in n)
     assert "head 'clicked'" in note and "all positive" in note and "under its mask" in note
     assert "metric_weight=0" in note and m["val"]["auc.clicked"] is None          # NaN in JSON
+    # (a helper's sweep) no number of validation rows gives it both: the mask is what to look at
+    assert "more validation rows" not in note and "check train.tasks.clicked.mask" in note
     assert not any("head 'converted'" in n for n in m["notes"])
 
 
