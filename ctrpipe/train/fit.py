@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path, PurePath
 from typing import Any
@@ -24,6 +24,7 @@ from rich.table import Table
 from ctrpipe.atomic import folder_lock
 from ctrpipe.config import RunConfig, flatten_dotted, load_config, to_dict
 from ctrpipe.console import console, human_rate
+from ctrpipe.data.config import DataConfig
 from ctrpipe.device import AmpChoice, check_amp, model_family, predict_amp, resolve_amp, resolve_device
 from ctrpipe.errors import (
     CheckpointError,
@@ -241,17 +242,6 @@ def with_cache_data(cfg: RunConfig, manifest: Manifest, shards: Path, quiet: boo
     diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if not diffs:
         return cfg
-    named = {*cfg.data.labels, *(d.name for d in cfg.data.derived_labels)}
-    off = {h for h, t in cfg.train.tasks.items() if t.weight == 0 and t.metric_weight == 0}   # the fix, taken
-    # ESMM's heads are its own (ctr, ctcvr, cvr from two labels it names): other labels train nothing
-    extra = [n for n in manifest.label_names if n not in named and n not in off] \
-        if named and cfg.model.name != "esmm" else []
-    if extra and first_on_node():       # more heads than the config names, and main metrics that mix them in
-        fix = " ".join(f"--set train.tasks.{n}.weight=0 --set train.tasks.{n}.metric_weight=0" for n in extra)
-        console.print(f"[yellow]warning:[/] the cache holds the labels {list(manifest.label_names)}, the config "
-                      f"names {list(cfg.data.labels)}: the model trains a head for each of the cache's labels, and "
-                      f"its main metrics (and early stopping) average them; to train only the config's, shard "
-                      f"with this config, or add {fix}", highlight=False)
     if not quiet:
         console.print("[yellow]note:[/] the run records the shard cache's data section, which differs from "
                       "the config's in " + ", ".join(f"data.{k} ({theirs.get(k)!r}, config {mine.get(k)!r})"
@@ -259,6 +249,24 @@ def with_cache_data(cfg: RunConfig, manifest: Manifest, shards: Path, quiet: boo
     sources = {k: v for k, v in cfg.sources.items() if not k.startswith("data.")}
     sources.update({f"data.{k}": f"{shards / 'manifest.json'}" for k in flatten_dotted(to_dict(cache))})
     return dataclasses.replace(cfg, data=cache, sources=sources)
+
+
+def warn_heads_of_unnamed_labels(cfg_data: DataConfig, manifest: Manifest, tasks: tuple[Task, ...],
+                                 train_tasks: Mapping[str, Any]) -> None:
+    """The cache holds labels the config does not name, and the model trains a head named after each (a model
+    with a head per label; ESMM's ctr/ctcvr/cvr are its own and read only the labels it names): its main
+    metrics and early stopping average them in. `cfg_data`: the config's data section, before the cache's
+    replaced it."""
+    named = {*cfg_data.labels, *(d.name for d in cfg_data.derived_labels)}
+    off = {h for h, t in train_tasks.items() if t.weight == 0 and t.metric_weight == 0}   # the fix, taken
+    heads = {t.name for t in tasks}
+    extra = [n for n in manifest.label_names if n not in named and n not in off and n in heads] if named else []
+    if extra and first_on_node():
+        fix = " ".join(f"--set train.tasks.{n}.weight=0 --set train.tasks.{n}.metric_weight=0" for n in extra)
+        console.print(f"[yellow]warning:[/] the cache holds the labels {list(manifest.label_names)}, the config "
+                      f"names {list(cfg_data.labels)}: the model trains a head for each of the cache's labels, and "
+                      f"its main metrics (and early stopping) average them; to train only the config's, shard "
+                      f"with this config, or add {fix}", highlight=False)
 
 
 def no_training_rows_fix(manifest: Manifest) -> str:
@@ -282,6 +290,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         raise SchemaError(f"shard cache {shards} has no labelled training rows (role {manifest.role!r}, rows "
                           f"{manifest.rows})", where=str(shards / "manifest.json"), fix=no_training_rows_fix(manifest))
     spec = manifest.feature_spec()
+    own_data = cfg.data
     cfg = with_cache_data(cfg, manifest, shards, quiet or (dist is not None and not dist.is_main))
     device = resolve_device(cfg.train.device) if dist is None else dist.device
     check_amp(cfg.train.amp, device)
@@ -290,6 +299,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         raise ConfigError(f"loader.batch_size {b} is the global batch, and {w} processes need a row each",
                           where="loader.batch_size", fix=f"use a loader.batch_size of at least {w}")
     model, tasks, shift = check_training(cfg, manifest, shards)
+    warn_heads_of_unnamed_labels(own_data, manifest, tasks, cfg.train.tasks)
     per_rank = cfg.loader.batch_size // (dist.world_size if dist is not None else 1)
     if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         # batch norm's statistics need 2+ rows a batch: torch refuses one, deep in the first step
