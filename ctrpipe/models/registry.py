@@ -125,6 +125,14 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
+def largest_tensor(model: nn.Module) -> str:
+    """'its largest tensor, NAME (SHAPE), is SIZE': the size to lower first when a model outgrows memory."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    name, big = max(tensors, key=lambda nt: nt[1].numel() * nt[1].element_size())
+    shape = " x ".join(f"{d:,}" for d in big.shape)
+    return f"its largest tensor, {name} ({shape}), is {human_bytes(big.numel() * big.element_size())}"
+
+
 def _check_host_memory(name: str, entry: ModelEntry, spec: FeatureSpec, cfg: Any, sparse: bool) -> None:
     """Refuse a model whose weights alone outgrow the host's available memory before allocating it: the
     allocator's own failure is a traceback that names no setting, and a run stopped by it left a folder that
@@ -137,12 +145,8 @@ def _check_host_memory(name: str, entry: ModelEntry, spec: FeatureSpec, cfg: Any
     total = weight_bytes(model)
     if total <= available:
         return
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    big_name, big = max(tensors, key=lambda nt: nt[1].numel() * nt[1].element_size())
-    shape = " x ".join(f"{d:,}" for d in big.shape)
     raise ConfigError(f"model {name!r} holds {human_bytes(total)} of weights, more than the "
                       f"{human_bytes(available)} of memory available to this process (the host's, or its "
-                      f"cgroup's limit); its largest tensor, "
-                      f"{big_name} ({shape}), is {human_bytes(big.numel() * big.element_size())}",
+                      f"cgroup's limit); {largest_tensor(model)}",
                       where="model", fix="lower the model section's sizes (embedding dims, hidden units, ranks, "
                                          "heads); `ctrpipe plan` estimates the memory a config needs")

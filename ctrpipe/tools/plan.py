@@ -43,11 +43,12 @@ from ctrpipe.shard.manifest import Manifest
 from ctrpipe.tools import heap
 from ctrpipe.tools.memtrack import StepMemory
 from ctrpipe.tools.touched import PAGE, TableUse
+from ctrpipe.train.optim import TABLE_MOMENTS
 
 Phase = Literal["resident", "step", "eval", "checkpoint"]
 Where = Literal["device", "host"]
 PHASES: tuple[Phase, ...] = ("resident", "step", "eval", "checkpoint")
-MOMENTS = {"adam": 2, "sparse_adam": 2, "lazy_adam": 2, "adagrad": 1, "sgd": 0}
+MOMENTS = TABLE_MOMENTS
 
 
 @dataclass(frozen=True)

@@ -34,16 +34,17 @@ from ctrpipe.errors import (
     SchemaError,
     TrainingError,
     first_on_node,
+    human_bytes,
 )
 from ctrpipe.features import FeatureSpec
-from ctrpipe.hostmem import AnonPeak, peak_rss, release_free_heap
+from ctrpipe.hostmem import AnonPeak, available_bytes, peak_rss, release_free_heap
 from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling, view_labels
 from ctrpipe.loader.view import RowView, resolve_view
 from ctrpipe.models.heads import Head, default_heads, head_rate, heads_of
 from ctrpipe.models.layers.sequence import History
-from ctrpipe.models.registry import build_model
+from ctrpipe.models.registry import build_model, largest_tensor, weight_bytes
 from ctrpipe.shard.build import identity_config
 from ctrpipe.shard.manifest import Manifest, read_manifest
 from ctrpipe.train.checkpoint import (
@@ -59,6 +60,7 @@ from ctrpipe.train.evaluate import Predictions, logit_shifts, predict
 from ctrpipe.train.loop import FitInputs, FitResult, fit
 from ctrpipe.train.metrics import QUALITY_METRICS, metrics_from_logits, refuse_descriptive_metric
 from ctrpipe.train.objective import Task, build_tasks
+from ctrpipe.train.optim import least_training_bytes
 from ctrpipe.train.rundir import write_config, write_json, write_text
 from ctrpipe.train.stopping import EarlyStopping
 
@@ -299,6 +301,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
         raise ConfigError(f"loader.batch_size {b} is the global batch, and {w} processes need a row each",
                           where="loader.batch_size", fix=f"use a loader.batch_size of at least {w}")
     model, tasks, shift = check_training(cfg, manifest, shards)
+    check_training_memory(cfg, model, device)
     warn_heads_of_unnamed_labels(own_data, manifest, tasks, cfg.train.tasks)
     per_rank = cfg.loader.batch_size // (dist.world_size if dist is not None else 1)
     if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -366,6 +369,34 @@ def check_training(cfg: RunConfig, manifest: Manifest, shards: Path
     tasks = build_tasks(heads, spec, cfg.train)
     _check_metric(cfg, tasks)
     return model, tasks, _check_sampling(cfg, spec, heads, tasks)
+
+
+def check_training_memory(cfg: RunConfig, model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse a model whose training state alone (weights, gradients, optimiser moments) outgrows the memory
+    of its device, before building it: one whose weights fit was built and initialised, and then ended by
+    the kernel's OOM killer in its first step, without a word. `model` is check_training's meta build."""
+    need = least_training_bytes(model, cfg.train, device)
+    if device.type == "cuda":
+        available, what = torch.cuda.mem_get_info(device)[0], f"free memory of GPU {device}"
+    else:
+        host = available_bytes()
+        if host is None:
+            return
+        # the processes of a torchrun job on this node share its memory
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        available = host // local
+        what = "memory available to this process" + (f" (the node's, shared by {local} processes)"
+                                                     if local > 1 else " (the host's, or its cgroup's limit)")
+    if need <= available:
+        return
+    weights = weight_bytes(model)
+    raise ConfigError(f"training model {cfg.model.name!r} needs at least {human_bytes(need)} before any batch: "
+                      f"{human_bytes(weights)} of weights with their gradients and optimiser state "
+                      f"(embedding_optimizer={cfg.train.embedding_optimizer}"
+                      + (", an EMA copy" if cfg.train.ema > 0 else "") + f"), more than the "
+                      f"{human_bytes(available)} of {what}; {largest_tensor(model)}", where="model",
+                      fix="lower the model section's sizes (embedding dims, hidden units, experts, ranks, heads); "
+                          "`ctrpipe plan` shows where the memory goes and which settings fit")
 
 
 def _run_busy(run_dir: Path) -> CheckpointError:

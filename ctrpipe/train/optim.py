@@ -61,6 +61,28 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     return out
 
 
+#: whole-table copies of optimiser state each embedding optimiser keeps (its moments)
+TABLE_MOMENTS: dict[str, int] = {"adam": 2, "sparse_adam": 2, "lazy_adam": 2, "adagrad": 1, "sgd": 0}
+
+
+def least_training_bytes(model: nn.Module, cfg: TrainConfig, device: torch.device) -> int:
+    """Memory a training step of `model` cannot do without, batches and activations left out: the weights,
+    the dense layers' gradients and AdamW moments, each table's optimiser state (lazy_adam's on a CPU maps
+    only the pages of rows it touches, so none is counted) and dense gradient (embedding_optimizer=adam),
+    and the EMA copy. A model that fits in memory but not with these was ended by the OOM killer mid-run,
+    without a word. Works on a meta-device model."""
+    from ctrpipe.models.layers.embedding import split_parameters  # lazy: the zoo pulls in more torch code
+
+    groups = split_parameters(model)
+    dense = sum(p.numel() * p.element_size() for p in groups.dense)
+    tables = sum(p.numel() * p.element_size() for p in groups.embedding)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    kind = cfg.embedding_optimizer
+    moments = 0 if kind == "lazy_adam" and device.type == "cpu" else TABLE_MOMENTS[kind]
+    ema = 1 if cfg.ema > 0 else 0
+    return dense * (4 + ema) + tables * (1 + ema + moments + (kind == "adam")) + buffers
+
+
 def is_dense(opt: torch.optim.Optimizer) -> bool:
     """Whether `opt` is build_optimizers' dense AdamW (not the embedding tables' optimiser)."""
     return bool(getattr(opt, "ctrpipe_dense", False))

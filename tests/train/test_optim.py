@@ -199,3 +199,25 @@ def test_lazy_adam_on_dense_gradients_equals_adam(dedup: str) -> None:
         _step(a, ids, target, opt_a)
         _step(b, ids, target, opt_b)
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,device,ema,table_copies", [
+    ("adam", "cpu", 0.0, 4),           # weights, dense gradient, 2 moments
+    ("lazy_adam", "cpu", 0.0, 1),      # moments mapped lazily: only touched pages count
+    ("lazy_adam", "cuda", 0.0, 3),
+    ("adagrad", "cpu", 0.999, 3),      # weights, 1 moment, the EMA copy
+    ("sgd", "cpu", 0.0, 1),
+])
+def test_least_training_bytes_counts_each_optimizers_state(kind: str, device: str, ema: float,
+                                                           table_copies: int) -> None:
+    """The memory train refuses a model by before building it: the dense layers' weights, gradients and
+    AdamW moments (4 copies, 5 with EMA) and the table's state per embedding optimiser, on a meta model."""
+    from ctrpipe.train.config import TrainConfig
+    from ctrpipe.train.optim import least_training_bytes
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Embedding(1000, 8), nn.Linear(8, 4, bias=False))
+    cfg = TrainConfig(embedding_optimizer=kind, ema=ema)  # type: ignore[arg-type]
+    dense_copies = 4 + (ema > 0)
+    assert least_training_bytes(model, cfg, torch.device(device)) == (1000 * 8 * table_copies
+                                                                       + 8 * 4 * dense_copies) * 4

@@ -505,7 +505,9 @@ def test_a_model_beyond_the_hosts_memory_is_refused_and_leaves_no_run(cache: Pat
     named, and no run folder left to block the fixed command."""
     code, out = train(cache, tmp_path, "--set", "model.hidden_units=[1000000,1000000]")
     assert code == 1, out
-    assert "error: model: model 'dnn' holds 4.0 TB of weights" in out and "memory available to this process" in out
+    out = " ".join(out.split())
+    assert "error: model: training model 'dnn' needs at least 16.0 TB before any batch: 4.0 TB of weights" in out
+    assert "memory available to this process" in out
     assert "mlp" in out and "1,000,000 x 1,000,000" in out and "lower the model section's sizes" in out
     assert not (tmp_path / "criteo").exists()
     assert train(cache, tmp_path, "--set", "train.max_steps=2")[0] == 0
@@ -524,8 +526,9 @@ def test_running_out_of_memory_says_what_to_change_and_leaves_no_run(cache: Path
     from ctrpipe.hostmem import available_bytes
 
     limit = 6 << 30
-    if (available_bytes() or 0) < 8 << 30:
-        pytest.skip("needs 8 GiB of available memory: the weights must pass the host-memory check")
+    if (available_bytes() or 0) < 16 << 30:
+        pytest.skip("needs 16 GiB of available memory: the weights, their gradients and AdamW moments (4 x 3.6 "
+                    "GB) must pass the training-memory check")
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -538,6 +541,41 @@ def test_running_out_of_memory_says_what_to_change_and_leaves_no_run(cache: Path
     assert proc.returncode == 1, out
     assert "error: " in out and "out of memory on cpu" in out and "Traceback" not in out, out
     assert "ctrpipe plan --cfg CFG --shards" in out and "lower loader.batch_size" in out
+    assert not (tmp_path / "criteo").exists()
+
+
+def test_a_model_whose_training_state_outgrows_memory_is_refused_before_it_is_built(cache: Path, tmp_path: Path):
+    """Weights that fit the host (0.4 of its available memory) but not with their gradients and AdamW moments
+    (4 x): the model was built, initialised and ended by the OOM killer in its first step, without a word. In
+    a real process whose address space is capped at 0.6 of the memory, so that without the check the
+    allocator fails at once instead of the machine swapping."""
+    import math
+    import resource
+    import subprocess
+    import sys
+
+    from train_setup import REPO
+
+    from ctrpipe.hostmem import available_bytes
+
+    available = available_bytes()
+    if available is None or available < 2 << 30:
+        pytest.skip("needs /proc/meminfo and 2 GiB of available memory")
+    width = int(math.sqrt(0.4 * available / 4))         # the second layer's width x width weights dominate
+    limit = int(0.6 * available) + (2 << 30)             # torch's own mappings on top
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    args = ["train", "--cfg", str(CRITEO_CFG), "--shards", str(cache), "--runs", str(tmp_path), "-q",
+            *[x for s in [*FAST, f"model.hidden_units=[{width},{width}]", "train.max_steps=2"] for x in ("--set", s)]]
+    proc = subprocess.run([sys.executable, "-m", "ctrpipe.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          preexec_fn=cap, timeout=300)
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 1, out
+    assert "error: model: training model 'dnn' needs at least" in out and "before any batch" in out, out
+    assert "of weights with their gradients and optimiser state (embedding_optimizer=lazy_adam)" in out, out
+    assert "`ctrpipe plan` shows where the memory goes" in out and "Traceback" not in out, out
     assert not (tmp_path / "criteo").exists()
 
 
