@@ -35,6 +35,9 @@ class FeatureSpec:
     sequence: tuple[FieldSpec, ...] = ()
     labels: tuple[str, ...] = ("label",)
     label_rates: tuple[float, ...] = (0.5,)  # positive rate per label on the train split (output-bias init)
+    # (label a, label b, rate of both positive on the train split) per pair of labels: masked and AND heads
+    # start from these (heads.head_rate); () for one label, or a cache built before they were recorded
+    label_pair_rates: tuple[tuple[str, str, float], ...] = ()
 
     @property
     def n_numeric(self) -> int:

@@ -69,7 +69,8 @@ def stream_spec(spec: FeatureSpec, shifts: Sequence[float]) -> FeatureSpec:
         raise ValueError(f"{len(shifts)} logit shifts for {len(spec.label_rates)} labels")
     rates = tuple(1.0 / (1.0 + math.exp(s - _logit(min(max(float(p), 1e-7), 1 - 1e-7))))
                   for p, s in zip(spec.label_rates, shifts, strict=True))
-    return replace(spec, label_rates=rates)
+    # the pairs' rates shift with rows no per-label shift describes: heads fall back to the marginal rates
+    return replace(spec, label_rates=rates, label_pair_rates=())
 
 
 def positives_per_batch(pos_fraction: float, batch_size: int) -> int:

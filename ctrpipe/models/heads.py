@@ -84,24 +84,44 @@ def prior_logit(rate: float) -> float:
     return math.log(r / (1.0 - r))
 
 
-def head_rate(spec: FeatureSpec, head: Head) -> float:
-    """A head's train positive rate from the manifest's label rates.
+def joint_rate(spec: FeatureSpec, labels: tuple[str, ...]) -> float:
+    """The train rate of every one of `labels` positive (their AND).
 
-    An AND of labels or a masked head (conversion given click) is estimated from the marginal rates, which
-    is exact when the labels nest (a conversion only after a click): rate(AND) = min of the rates, and
-    rate(label | mask) = rate(label) / rate(mask).
-    """
-    rate = min(label_rate(spec, name) for name in head.labels)
-    if head.mask:
-        rate = rate / max(label_rate(spec, head.mask), RATE_CLAMP)
+    Exact for one label, and for two whose pair rate the manifest records; otherwise the least of the rates
+    it has (marginal and pair), which is exact when the labels nest (a conversion only after a click)."""
+    names = tuple(dict.fromkeys(labels))
+    rates = [label_rate(spec, name) for name in names]
+    inside = set(names)
+    rates += [r for a, b, r in spec.label_pair_rates if a in inside and b in inside]
+    return min(rates)
+
+
+def head_rate(spec: FeatureSpec, head: Head) -> float:
+    """A head's train positive rate from the manifest's label rates: of the AND of its labels, over the rows
+    its mask keeps (conversion given click: rate(conversion AND click) / rate(click))."""
+    if not head.mask:
+        return min(joint_rate(spec, head.labels), 1.0)
+    rate = joint_rate(spec, (*head.labels, head.mask)) / max(label_rate(spec, head.mask), RATE_CLAMP)
     return min(rate, 1.0)
+
+
+def positives_outside_mask(spec: FeatureSpec, label: str, mask: str) -> float | None:
+    """The share of `label`'s train positives on rows where `mask` is 0, which a head of `label` masked by
+    `mask` never sees; None without the pair's rate (a cache built before they were recorded)."""
+    if label == mask:
+        return 0.0
+    pair = next((r for a, b, r in spec.label_pair_rates if {a, b} == {label, mask}), None)
+    rate = label_rate(spec, label)
+    if pair is None or rate <= 0.0:
+        return None
+    return max(rate - pair, 0.0) / rate
 
 
 def spec_for_heads(spec: FeatureSpec, heads: tuple[Head, ...]) -> FeatureSpec:
     """`spec` with one pseudo-label per head and its rate: lets any model build one output per head with the
     right prior (ESMM builds its backbone on the ctr and cvr heads this way)."""
     return replace(spec, labels=tuple(h.name for h in heads),
-                   label_rates=tuple(head_rate(spec, h) for h in heads))
+                   label_rates=tuple(head_rate(spec, h) for h in heads), label_pair_rates=())
 
 
 def check_labels(spec: FeatureSpec, heads: tuple[Head, ...], model: str) -> None:

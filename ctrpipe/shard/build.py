@@ -194,7 +194,7 @@ def _build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path
             fingerprint=fp, config=to_dict(data), config_sources=cfg_sources, role=role, sources=srcs,
             columns=tuple(plan.column_specs(fitted, result.id_dtype, result.column_stats, result.has_labels)),
             shards=tuple(result.shards), rows=result.rows_dict, folds=result.folds,
-            label_rates=result.label_rates,
+            label_rates=result.label_rates, label_pair_rates=result.label_pair_rates,
             bad_rows=result.bad_rows, fitted=fitted_meta, stats_from=train_m.fingerprint if train_m else "",
             build=build, gold_sources=len(gold_paths))
         _finish(work, out, result.shards, manifest)

@@ -113,6 +113,8 @@ class Manifest:
     stats_from: str = ""                   # fingerprint of the train cache whose statistics a test cache used
     gold_sources: int = 0                  # the last `gold_sources` entries of `sources` are --gold inputs
     build: dict[str, float] = field(default_factory=dict)  # seconds, rows/s, MB/s (not part of identity)
+    # label a -> label b (later in label order) -> split -> rate of both positive; {} in caches built before
+    label_pair_rates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     ctrpipe_version: str = __version__
 
@@ -232,6 +234,8 @@ class Manifest:
         numeric = sorted(self.columns_of("numeric", "missing_indicator", "covisit"), key=lambda c: c.index)
         cats = sorted(self.columns_of("categorical"), key=lambda c: c.index)
         rates = tuple(float(self.label_rates.get(n, {}).get("train", 0.5)) for n in self.label_names)
+        pairs = tuple((a, b, float(r["train"])) for a, with_a in self.label_pair_rates.items()
+                      for b, r in with_a.items() if "train" in r)
         return FeatureSpec(
             numeric=tuple(c.name for c in numeric),
             categorical=tuple(FieldSpec(c.name, "categorical", c.bins, id_space=c.id_space) for c in cats),
@@ -241,6 +245,7 @@ class Manifest:
                            for c in self.columns_of("sequence")),
             labels=self.label_names,
             label_rates=rates,
+            label_pair_rates=pairs,
         )
 
     def schema_fingerprint(self) -> str:

@@ -369,6 +369,7 @@ class WriteResult:
     rows_dict: dict[str, int]
     folds: dict[str, Any]
     label_rates: dict[str, dict[str, float]]
+    label_pair_rates: dict[str, dict[str, dict[str, float]]]
     bad_rows: dict[str, Any]
     column_stats: dict[str, dict[str, float]]
     id_dtype: str
@@ -415,11 +416,11 @@ class WriteTallies:
         return [self.num, self.cat, self.lab, *self.tok.values()]
 
     def _floats(self) -> list[np.ndarray]:
-        return [self.split.label_sum, self.split.fold_pos, *(g.total for g in self.groups())]
+        return [self.split.label_sum, self.split.fold_pos, *(g.total for g in self.groups()), self.split.pair_sum]
 
     def _set_floats(self, values: list[np.ndarray]) -> None:
-        self.split.label_sum, self.split.fold_pos = values[0], values[1]
-        for g, v in zip(self.groups(), values[2:], strict=True):
+        self.split.label_sum, self.split.fold_pos, self.split.pair_sum = values[0], values[1], values[-1]
+        for g, v in zip(self.groups(), values[2:-1], strict=True):
             g.total = v
 
     def update(self, plan: Plan, arrays: dict[str, np.ndarray], missing: np.ndarray, y: np.ndarray | None,
@@ -445,12 +446,14 @@ class WriteTallies:
         """A worker's tallies as arrays (with `per_chunk`): counts, minima, maxima and the per-chunk sums."""
         assert self.chunk_sums is not None
         s = self.split
-        out: dict[str, np.ndarray] = {"split_rows": s.rows, "label_n": s.label_n, "fold_rows": s.fold_rows}
+        out: dict[str, np.ndarray] = {"split_rows": s.rows, "label_n": s.label_n, "fold_rows": s.fold_rows,
+                                      "pair_n": s.pair_n}
         for j, g in enumerate(self.groups()):
             out[f"g{j}_n"], out[f"g{j}_lo"], out[f"g{j}_hi"] = np.int64(g.n), g.lo, g.hi
             out[f"g{j}_missing"] = g.missing
         for j, v in enumerate(self._floats()):
-            out[f"sum{j}"] = np.asarray([c[j] for c in self.chunk_sums], dtype=np.float64).reshape(-1, *v.shape)
+            out[f"sum{j}"] = np.asarray([c[j] for c in self.chunk_sums],
+                                        dtype=np.float64).reshape(len(self.chunk_sums), *v.shape)
         return out
 
     def merge(self, z: Any, bad: dict[str, Any], has_labels: bool | None, id_width: int, rows: int,
@@ -459,6 +462,7 @@ class WriteTallies:
         s = self.split
         s.rows += z["split_rows"]
         s.label_n += z["label_n"]
+        s.pair_n += z["pair_n"]
         s.fold_rows += z["fold_rows"]
         for j, g in enumerate(self.groups()):
             g.n += int(z[f"g{j}_n"])
@@ -501,7 +505,8 @@ class WriteTallies:
             shards=shards, rows=self.rows, rows_dict=tally.rows_dict(),
             folds={**tally.folds_dict(f.mode, f.key, labels[self.fold_label] if labels else "", f.seed),
                    **folds.describe()} if inputs.role == "train" else {"n_splits": 0, "sizes": []},
-            label_rates=tally.label_rates() if self.has_labels else {}, bad_rows=self.bad.to_dict(),
+            label_rates=tally.label_rates() if self.has_labels else {},
+            label_pair_rates=tally.label_pair_rates() if self.has_labels else {}, bad_rows=self.bad.to_dict(),
             column_stats=stats, id_dtype=f"<U{max(self.id_width, 1)}" if self.id_width else "int64",
             output_bytes=output_bytes, parsed_bytes=self.parsed_bytes, has_labels=bool(self.has_labels),
             seconds=seconds)

@@ -53,13 +53,20 @@ class GroupStats:
 
 
 class SplitTally:
-    """Rows per split, label positive rates per split, fold sizes and per-fold positive rates."""
+    """Rows per split, label positive rates per split (of each label, and of each pair of labels both
+    positive), fold sizes and per-fold positive rates.
+
+    The pairs' rates are what a masked head (conversion on clicked rows) or an AND of labels (ESMM's ctcvr)
+    starts from; marginal rates give them only when the labels nest (no conversion without a click)."""
 
     def __init__(self, labels: tuple[str, ...], n_folds: int, fold_label: int) -> None:
         self.labels = labels
         self.rows = np.zeros(len(SPLIT_CODES), dtype=np.int64)
         self.label_sum = np.zeros((len(labels), len(SPLIT_CODES)))
         self.label_n = np.zeros((len(labels), len(SPLIT_CODES)), dtype=np.int64)
+        self.pairs = [(a, b) for a in range(len(labels)) for b in range(a + 1, len(labels))]
+        self.pair_sum = np.zeros((len(self.pairs), len(SPLIT_CODES)))
+        self.pair_n = np.zeros((len(self.pairs), len(SPLIT_CODES)), dtype=np.int64)
         self.n_folds = n_folds
         self.fold_rows = np.zeros(max(n_folds, 1), dtype=np.int64)
         self.fold_pos = np.zeros(max(n_folds, 1))
@@ -72,6 +79,11 @@ class SplitTally:
                 ok = ~np.isnan(labels[:, t])
                 self.label_sum[t] += np.bincount(split[ok], weights=labels[ok, t], minlength=len(SPLIT_CODES))
                 self.label_n[t] += np.bincount(split[ok], minlength=len(SPLIT_CODES))
+            for k, (a, b) in enumerate(self.pairs):
+                ok = ~(np.isnan(labels[:, a]) | np.isnan(labels[:, b]))
+                both = labels[ok, a] * labels[ok, b]
+                self.pair_sum[k] += np.bincount(split[ok], weights=both, minlength=len(SPLIT_CODES))
+                self.pair_n[k] += np.bincount(split[ok], minlength=len(SPLIT_CODES))
         if self.n_folds:
             in_fold = fold >= 0
             self.fold_rows += np.bincount(fold[in_fold], minlength=self.n_folds)
@@ -89,6 +101,15 @@ class SplitTally:
         for t, lab in enumerate(self.labels):
             out[lab] = {name: round32(self.label_sum[t, code] / self.label_n[t, code])
                         for name, code in SPLIT_CODES.items() if self.label_n[t, code]}
+        return out
+
+    def label_pair_rates(self) -> dict[str, dict[str, dict[str, float]]]:
+        """first label -> second label (later in label order) -> split -> rate of both positive."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for k, (a, b) in enumerate(self.pairs):
+            out.setdefault(self.labels[a], {})[self.labels[b]] = {
+                name: round32(self.pair_sum[k, code] / self.pair_n[k, code])
+                for name, code in SPLIT_CODES.items() if self.pair_n[k, code]}
         return out
 
     def folds_dict(self, mode: str, key: str, label: str, seed: int) -> dict[str, Any]:

@@ -209,6 +209,7 @@ def feature_spec_from_dict(d: dict[str, Any]) -> FeatureSpec:
         sequence=fields_of("sequence"),
         labels=tuple(d.get("labels", ("label",))),
         label_rates=tuple(float(r) for r in d.get("label_rates", (0.5,))),
+        label_pair_rates=tuple((str(a), str(b), float(r)) for a, b, r in d.get("label_pair_rates", ())),
     )
 
 

@@ -42,7 +42,7 @@ from ctrpipe.infer.calibrate import calibrate_run
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling, view_labels
 from ctrpipe.loader.view import RowView, resolve_view
-from ctrpipe.models.heads import Head, default_heads, head_rate, heads_of
+from ctrpipe.models.heads import Head, default_heads, head_rate, heads_of, label_rate, positives_outside_mask
 from ctrpipe.models.layers.sequence import History
 from ctrpipe.models.registry import build_model, largest_tensor, weight_bytes
 from ctrpipe.shard.build import identity_config
@@ -271,6 +271,32 @@ def warn_heads_of_unnamed_labels(cfg_data: DataConfig, manifest: Manifest, tasks
                       f"with this config, or add {fix}", highlight=False)
 
 
+OUTSIDE_MASK_WARN = 0.01     # a share of a masked label's positives outside its mask worth a word
+
+
+def warn_positives_outside_masks(spec: FeatureSpec, tasks: tuple[Task, ...], model: str) -> None:
+    """A head masked by another label (conversion on clicked rows) never sees its label's positives outside
+    the mask: with post-view conversions, or labels swapped, a share of them is lost without a word, and
+    ESMM's ctcvr (click AND conversion) leaves them out too. Said from the cache's pair rates."""
+    for t in tasks:
+        if t.mask is None or len(t.labels) != 1:
+            continue
+        label, mask = spec.labels[t.labels[0]], spec.labels[t.mask]
+        share = positives_outside_mask(spec, label, mask)
+        if share is None or share <= OUTSIDE_MASK_WARN or not first_on_node():
+            continue
+        esmm = model == "esmm"
+        said = [f"head {t.name!r} learns {label!r} on the rows where {mask!r} is 1, and {share:.1%} of the train "
+                f"split's {label!r} positives are on rows where {mask!r} is 0: it never sees them"
+                + (", nor does ESMM's ctcvr (their AND)" if esmm else "")]
+        if label_rate(spec, label) > label_rate(spec, mask):
+            said.append(f"{label!r} is more frequent than {mask!r}: check that the labels are not swapped"
+                        + (" (model.click_label / model.conversion_label)" if esmm else ""))
+        said.append("if those positives are real (e.g. conversions after a view), train a head per label instead "
+                    "(e.g. model mmoe)" if esmm else f"to learn them, drop the mask (train.tasks.{t.name}.mask)")
+        console.print("[yellow]warning:[/] " + "; ".join(said), highlight=False)
+
+
 def no_training_rows_fix(manifest: Manifest) -> str:
     """Why a cache has nothing to train on, as its manifest tells: a --test build, no labels configured, or
     every row outside the train split."""
@@ -303,6 +329,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
     model, tasks, shift = check_training(cfg, manifest, shards)
     check_training_memory(cfg, model, device)
     warn_heads_of_unnamed_labels(own_data, manifest, tasks, cfg.train.tasks)
+    warn_positives_outside_masks(spec, tasks, cfg.model.name)
     per_rank = cfg.loader.batch_size // (dist.world_size if dist is not None else 1)
     if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         # batch norm's statistics need 2+ rows a batch: torch refuses one, deep in the first step
@@ -744,7 +771,8 @@ def masked_spec(spec: FeatureSpec, tasks: Sequence[Task]) -> FeatureSpec:
         return spec
     heads = [Head(t.name, (spec.labels[k],), mask=spec.labels[t.mask] if t.mask is not None else None)
              for k, t in enumerate(main)]
-    return dataclasses.replace(spec, label_rates=tuple(head_rate(spec, h) for h in heads))
+    # the rates are now the heads' (over their masks' rows): the labels' pair rates no longer go with them
+    return dataclasses.replace(spec, label_rates=tuple(head_rate(spec, h) for h in heads), label_pair_rates=())
 
 
 def _gold_predictions(ctx: TrainContext, ckpt_path: Path) -> Predictions | None:

@@ -192,3 +192,78 @@ def test_esmm_is_not_told_to_train_a_head_per_cache_label(parquet_cache: Path, t
                                     for x in ("--set", s)]])
         said = " ".join(res.output.split())
         assert res.exit_code == 0 and ("trains a head for each of the cache's labels" in said) is warned, said
+
+
+@pytest.fixture(scope="module")
+def post_view_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic log with conversions that follow no click (post-view): converted set on a tenth of the
+    unclicked rows, so the labels do not nest."""
+    import polars as pl
+
+    root = tmp_path_factory.mktemp("postview")
+    cli("synth", "--format", "parquet", "--rows", "3000", "--seed", "2", "--out", str(root / "data"), "-q")
+    df = pl.read_parquet(root / "data" / "train.parquet")
+    view = (pl.col("clicked") == 0) & (pl.int_range(pl.len()) % 10 == 0)
+    df.with_columns(pl.when(view).then(1).otherwise(pl.col("converted")).cast(df["converted"].dtype)
+                    .alias("converted")).write_parquet(root / "train.parquet")
+    cli("shard", "--cfg", str(REPO / "cfgs" / "parquet_example.yaml"), "--input", str(root / "train.parquet"),
+        "--out", str(root / "shards"), "-q", "--set", "data.hash_bins=1000", "--set", "data.folds.n_splits=0")
+    return root / "shards"
+
+
+def test_masked_heads_start_at_their_rows_rate_when_the_labels_do_not_nest(post_view_cache: Path) -> None:
+    """rate(conversion | click) was rate(conversion) / rate(click), exact only when every conversion follows a
+    click: with post-view conversions ESMM's cvr head and a masked conversion head started far off (above 1
+    for a conversion rate above the click rate). The manifest records each pair's rate of both positive, and
+    the heads start from it."""
+    from ctrpipe.data.splits import SPLIT_CODES
+    from ctrpipe.models.heads import Head, head_rate, joint_rate, positives_outside_mask
+    from ctrpipe.shard.manifest import read_manifest
+
+    m = read_manifest(post_view_cache)
+    labels = np.concatenate([np.load(post_view_cache / s.files["labels"].file) for s in m.shards])
+    split = np.concatenate([np.load(post_view_cache / s.files["split"].file) for s in m.shards])
+    y = labels[split == SPLIT_CODES["train"]].astype(np.float64)
+    click, conv, both = y[:, 0].mean(), y[:, 1].mean(), (y[:, 0] * y[:, 1]).mean()
+    assert both < 0.8 * conv                  # the labels do not nest
+    recorded = m.label_pair_rates["clicked"]["converted"]
+    assert recorded["train"] == pytest.approx(both, rel=1e-6) and set(recorded) == {"train", "val"}
+    spec = m.feature_spec()
+    assert head_rate(spec, Head("cvr", ("converted",), mask="clicked")) == pytest.approx(both / click, rel=1e-5)
+    assert joint_rate(spec, ("clicked", "converted")) == pytest.approx(both, rel=1e-6)
+    assert positives_outside_mask(spec, "converted", "clicked") == pytest.approx((conv - both) / conv, rel=1e-5)
+    assert positives_outside_mask(spec, "clicked", "clicked") == 0.0
+
+
+@pytest.mark.parametrize("model,sets,said", [
+    ("esmm", (), ["head 'cvr' learns 'converted' on the rows where 'clicked' is 1", "nor does ESMM's ctcvr",
+                  "train a head per label instead (e.g. model mmoe)"]),
+    ("mmoe", (), ["head 'converted' learns 'converted' on the rows where 'clicked' is 1",
+                  "drop the mask (train.tasks.converted.mask)"]),
+])
+def test_positives_outside_a_heads_mask_are_warned_of(post_view_cache: Path, tmp_path: Path, model: str,
+                                                      sets: tuple[str, ...], said: list[str]) -> None:
+    """A masked head never sees its label's positives outside the mask, which were dropped without a word."""
+    res = runner.invoke(app, ["train", "--cfg", str(REPO / "cfgs" / f"parquet_{model}.yaml"), "--shards",
+                              str(post_view_cache), "--runs", str(tmp_path), "-q",
+                              *[x for s in (*SMALL, "train.max_steps=1", *sets) for x in ("--set", s)]])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 0, out
+    assert "of the train split's 'converted' positives are on rows where 'clicked' is 0: it never sees them" in out
+    assert all(s in out for s in said), out
+    assert "swapped" not in out
+
+
+def test_swapped_esmm_labels_are_warned_of_and_nested_ones_are_not(parquet_cache: Path, tmp_path: Path) -> None:
+    """ESMM told its click label is `converted`: its cvr head learns clicks on converted rows, and most clicks
+    are outside them. The labels as they are nest (no word)."""
+    for swapped in (False, True):
+        sets = ("model.click_label=converted", "model.conversion_label=clicked") if swapped else ()
+        res = runner.invoke(app, ["train", "--cfg", str(REPO / "cfgs" / "parquet_esmm.yaml"), "--shards",
+                                  str(parquet_cache), "--runs", str(tmp_path / str(swapped)), "-q",
+                                  *[x for s in (*SMALL, "train.max_steps=1", *sets) for x in ("--set", s)]])
+        out = " ".join(res.output.split())
+        assert res.exit_code == 0, out
+        assert ("it never sees them" in out) is swapped, out
+        assert ("'clicked' is more frequent than 'converted': check that the labels are not swapped "
+                "(model.click_label / model.conversion_label)" in out) is swapped, out
