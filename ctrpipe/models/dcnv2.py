@@ -18,7 +18,9 @@ from ctrpipe.models.registry import register
 @dataclass(frozen=True)
 class DCNv2Config(DCNConfig):
     cross_kind: CrossKind = "full"
-    low_rank: int = 32            # rank of U V^T for "lowrank" and of each expert for "mixture"
+    # rank of U V^T for "lowrank" and of each expert for "mixture"; from half the cross input's width up it
+    # holds as many weights as "full", and is slower
+    low_rank: int = 32
     n_experts: int = 4            # "mixture" only
 
     def __post_init__(self) -> None:
