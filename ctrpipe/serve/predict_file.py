@@ -105,10 +105,9 @@ def predict_file(run: Path, path: Path, out: Path, cache: Path | None = None, ch
         raise ConfigError("--out is the --input file: the predictions would replace the rows they score",
                           where=f"--out {out}", fix="write the predictions to another file")
     t0 = time.perf_counter()
-    p = Predictor.load(run, cache=cache, overrides=overrides, quiet=False)
     # a whole file has the rows the build's separator check needs (serving's request batches may not): a
     # history split by another character would score as one unknown token per row, without a word
-    p.transformer.check_separators = "run"
+    p = Predictor.load(run, cache=cache, overrides=overrides, quiet=False, separators="run")
     check_out_outside(out, run, (p.cache_dir,))
     out.parent.mkdir(parents=True, exist_ok=True)      # as `ctrpipe infer` makes its --out folder
     doc = _record(p, path, out)         # hashed before the commit, which holds Ctrl-C while it runs

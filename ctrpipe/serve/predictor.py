@@ -44,7 +44,7 @@ from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import HostBuffers, Layout, layout_of
 from ctrpipe.serve.rows import Rows, rows_chunk
 from ctrpipe.shard.manifest import Manifest, read_manifest
-from ctrpipe.shard.transform import ChunkTransformer, Plan, make_plan
+from ctrpipe.shard.transform import ChunkTransformer, Plan, SeparatorCheck, make_plan
 from ctrpipe.train.checkpoint import check_compatible, checkpoint_tasks, model_from_checkpoint
 from ctrpipe.train.evaluate import predict
 from ctrpipe.train.objective import Task
@@ -90,12 +90,13 @@ class Predictor:
 
     def __init__(self, run: Path, cfg: RunConfig, models: list[_Model], tasks: tuple[Task, ...],
                  plan: Plan, fitted: Fitted, layout: Layout, calibrations: list[Calibration],
-                 weights: tuple[float, ...] | None, cache_dir: Path, manifest: Manifest) -> None:
+                 weights: tuple[float, ...] | None, cache_dir: Path, manifest: Manifest,
+                 separators: SeparatorCheck = "off") -> None:
         self.cache_dir, self.manifest = cache_dir, manifest      # the training cache
         self.run, self.cfg, self.models, self.tasks = run, cfg, models, tasks
         self.plan, self.layout, self.calibrations, self.weights = plan, layout, calibrations, weights
         # loo_fitted=False: as a test cache built with --stats-from (no row of these was counted)
-        self.transformer = ChunkTransformer(plan, fitted, loo_fitted=False, check_separators="off")
+        self.transformer = ChunkTransformer(plan, fitted, loo_fitted=False, check_separators=separators)
         self.batch_size = cfg.infer.batch_size or cfg.loader.eval_batch_size
 
     @property
@@ -104,7 +105,8 @@ class Predictor:
 
     @classmethod
     def load(cls, run: Path | str, cache: Path | str | None = None, overrides: Sequence[str] = (),
-             refuse: Callable[[RunConfig], None] | None = None, quiet: bool = True) -> Predictor:
+             refuse: Callable[[RunConfig], None] | None = None, quiet: bool = True,
+             separators: SeparatorCheck = "off") -> Predictor:
         """Checkpoints, calibration and the training cache's manifest + fitted statistics of `run`.
 
         `cache`: the training shard cache, when it is no longer where the run recorded it. `overrides`:
@@ -112,6 +114,8 @@ class Predictor:
         `refuse`: the caller's own check of the resolved config (export: the methods it can combine), run
         first, so a method the caller cannot use is not told how to fix its settings. `quiet=False` warns
         when the configured calibration cannot be fitted (a run without validation predictions), as infer does.
+        `separators="run"`: refuse rows whose histories are split by another separator than the run's (they
+        would score as one unknown token each); a whole file has the rows to tell, a request batch may not.
         """
         run = Path(run)
         for text in overrides:
@@ -167,7 +171,7 @@ class Predictor:
                                   fix=f"pass the cache the run trained on ({ckpts[0].shards}), or its new place, "
                                       "as --cache") from None
         return cls(run, cfg, models, tasks, plan_from_manifest(cfg, manifest), fitted, layout, cals,
-                   fold_weights(cfg, ckpts), cache_dir, manifest)
+                   fold_weights(cfg, ckpts), cache_dir, manifest, separators)
 
     # ------------------------------------------------------------------------------------------ predict
     def batch(self, rows: Rows) -> Batch:
