@@ -29,7 +29,7 @@ from ctrpipe.data.chunks import RawChunk
 from ctrpipe.data.criteo import iter_blocks
 from ctrpipe.data.csv_reader import iter_csv_chunks, read_header
 from ctrpipe.errors import ConfigError, CtrpipeError, InputFormatError
-from ctrpipe.infer.submission import check_out_file, check_out_outside
+from ctrpipe.infer.submission import check_out_file, check_out_outside, is_gzip_name
 from ctrpipe.serve.predictor import Predictor
 from ctrpipe.serve.rows import serving_remedies
 
@@ -150,7 +150,7 @@ def _write(p: Predictor, path: Path, out: Path, chunk_rows: int, then: Callable[
     n = 0
     with atomic_open(out, "wb", stale=(out.with_name(out.name + ".json"),), then=lambda: then(n)) as raw:
         # mtime 0 keeps equal inputs byte-identical
-        fh = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if out.suffix == ".gz" else raw
+        fh = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if is_gzip_name(out) else raw
         for start, rows, ids in _chunks(p, path, chunk_rows):
             try:
                 if isinstance(rows, RawChunk):        # CSV: already parsed by the build's reader

@@ -216,6 +216,9 @@ def test_predict_guards_its_input_its_record_and_gzip(world: Path, tmp_path: Pat
     predict_file(run, test, plain)
     predict_file(run, test, packed)
     assert gzip.decompress(packed.read_bytes()) == plain.read_bytes()
+    upper = tmp_path / "p.csv.GZ"                # gzip by name whatever its case, as infer writes it
+    predict_file(run, test, upper)
+    assert gzip.decompress(upper.read_bytes()) == plain.read_bytes()
     first = packed.read_bytes()
     predict_file(run, test, packed)
     assert packed.read_bytes() == first                                      # byte-identical reruns
