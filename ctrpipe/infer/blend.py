@@ -249,6 +249,7 @@ def run_blend(files: Sequence[Path], method: str, weights: str | Sequence[float]
     check_trim_ratio(trim_ratio, "--trim-ratio", len(files) if method == "trim_mean" else None)
     id_header, pred_header = _check_inputs(files, out)
     _warn_rank_scores_beside_probabilities(files, method)
+    _warn_mixed_heads(files)
     # more, larger buckets than the open-file limit allows cost memory per bucket, not correctness
     parts = min(partitions or _choose_partitions(files), _open_file_budget())
     rank = method == "rank_avg"
@@ -325,7 +326,8 @@ def _origin(f: Path) -> dict[str, object] | None:
         return None
     if not isinstance(doc, dict):
         return None
-    return {k: doc.get(k) for k in ("run", "exp_name", "method", "shards_fingerprint", "blend") if k in doc}
+    return {k: doc.get(k) for k in ("run", "exp_name", "method", "task", "shards_fingerprint", "blend")
+            if k in doc}
 
 
 def _warn_rank_scores_beside_probabilities(files: Sequence[Path], method: str) -> None:
@@ -340,6 +342,26 @@ def _warn_rank_scores_beside_probabilities(files: Sequence[Path], method: str) -
         console.print(f"[yellow]warning:[/] {ranked[0]} holds rank scores (its record: method rank_avg), "
                       f"{probs[0]} probabilities ({methods[probs[0]]}): a {method} of both is neither; blend "
                       "with --method rank_avg, or write every input with a probability method", highlight=False)
+
+
+def _warn_mixed_heads(files: Sequence[Path]) -> None:
+    """Submissions of different heads (a multi-task run's clicked and converted, each written as `clicked`
+    by default) blend into a number that predicts neither. Told, not refused: the records may be out of date,
+    and a blend of related heads can be meant."""
+    tasks = {f: (_origin(f) or {}).get("task") for f in files}
+    named = [(f, t) for f, t in tasks.items() if t]
+    other = next(((f, t) for f, t in named if t != named[0][1]), None) if named else None
+    if other is not None:
+        console.print(f"[yellow]warning:[/] {named[0][0]} predicts head {named[0][1]!r} (its record), {other[0]} "
+                      f"head {other[1]!r}: their blend predicts neither; blend submissions of one head "
+                      "(ctrpipe infer --set infer.task=<head>)", highlight=False)
+
+
+def _common_task(inputs: Sequence[dict[str, object]]) -> object:
+    """The head every input predicts, as their records say (None when they differ or one has no record), so a
+    blend of blends is checked too."""
+    tasks = {(i.get("from") or {}).get("task") for i in inputs}  # type: ignore[union-attr]
+    return tasks.pop() if len(tasks) == 1 else None
 
 
 def _input_records(files: Sequence[Path]) -> list[dict[str, object]]:
@@ -361,7 +383,7 @@ def _write_record(r: BlendReport, trim_ratio: float, inputs: list[dict[str, obje
     (`_input_records`)."""
     from ctrpipe.atomic import write_json_atomic
 
-    doc = {"blend": str(r.out.resolve()), "rows": r.rows, "method": r.method,
+    doc = {"blend": str(r.out.resolve()), "rows": r.rows, "method": r.method, "task": _common_task(inputs),
            "weights": list(r.weights) if r.weights is not None else None,
            "trim_ratio": trim_ratio if r.method == "trim_mean" else None, "inputs": inputs,
            "seconds": round(r.seconds, 3)}

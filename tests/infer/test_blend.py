@@ -455,3 +455,28 @@ def test_an_output_that_is_no_regular_file_is_refused_and_left_alone(tmp_path: P
         assert res.exit_code == 1 and what in res.output, res.output
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink() and target.read_text() == "kept\n"
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_submissions_of_different_heads_are_warned_about_and_a_blend_records_its_head(tmp_path: Path) -> None:
+    """(helper's infer sweep) a multi-task run's clicked and converted submissions (both headed `clicked` by
+    default) blended without a word; their records name the head. A blend of one head records it, so a blend
+    of blends is checked too."""
+    import json
+
+    paths, _, _ = _make(tmp_path, k=3)
+
+    def blend(files: list[Path], name: str) -> str:
+        res = CliRunner().invoke(app, ["blend", "submissions", *map(str, files), "--out", str(tmp_path / name),
+                                       "-q"])
+        assert res.exit_code == 0, res.output
+        return " ".join(res.output.split())
+
+    for p, task in zip(paths, ("clicked", "clicked", "converted"), strict=True):
+        p.with_name(p.name + ".json").write_text(json.dumps({"method": "logit_mean", "task": task}))
+    assert "warning" not in blend(paths[:2], "same.csv")
+    assert json.loads((tmp_path / "same.csv.json").read_text())["task"] == "clicked"
+    out = blend(paths, "mixed.csv")
+    assert f"warning: {paths[0]} predicts head 'clicked' (its record), {paths[2]} head 'converted'" in out, out
+    assert json.loads((tmp_path / "mixed.csv.json").read_text())["task"] is None
+    out = blend([tmp_path / "same.csv", paths[2]], "of_blends.csv")
+    assert "predicts head 'clicked' (its record)" in out and "head 'converted'" in out, out
