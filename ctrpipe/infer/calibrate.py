@@ -31,6 +31,9 @@ CALIBRATION_NAME = "calibration.json"
 EPS = 1e-7
 T_BOUNDS = (0.01, 100.0)        # temperature range searched; outside it the model is useless or constant
 B_BOUNDS = (-30.0, 30.0)        # fitted logit shift range
+# positives and negatives a fit needs of each: on a handful of validation rows a temperature fits their noise
+# (8 rows gave T at its lower end and a logit shift of +94, test logloss 0.57 -> 3.4)
+MIN_CLASS_ROWS = 20
 
 
 @dataclass(frozen=True)
@@ -165,16 +168,35 @@ def warn_at_bound(cal: Calibration, label: str) -> None:
         console.print(f"[yellow]{note}[/]", highlight=False)
 
 
+def too_few_rows(labels: np.ndarray) -> str | None:
+    """Why (N,) labels cannot fit a calibration (fewer than MIN_CLASS_ROWS positives or negatives), or None."""
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    y = y[np.isfinite(y)]
+    pos = int(np.count_nonzero(y > 0.5))
+    if min(pos, y.size - pos) >= MIN_CLASS_ROWS:
+        return None
+    return (f"its {y.size:,} validation rows hold {pos:,} positives and {y.size - pos:,} negatives, and a fit "
+            f"needs {MIN_CLASS_ROWS} of each")
+
+
+def few_rows_warning(labels: np.ndarray, label: str, method: str) -> str | None:
+    """The warning for a calibration left unfitted for lack of rows (None when it could be fitted)."""
+    why = too_few_rows(labels)
+    if why is None or method == "none":
+        return None
+    return (f"warning: {label}'s calibration ({method}) is not fitted: {why}; its predictions are written "
+            "uncalibrated (more validation rows: a larger data.split.val_ratio, or K-fold's out-of-fold rows)")
+
+
 def fit_calibration(logits: np.ndarray, labels: np.ndarray, cfg: CalibrationConfig) -> Calibration:
-    """Fit one task's calibration on (N,) logits and 0/1 labels as `cfg` asks."""
+    """Fit one task's calibration on (N,) logits and 0/1 labels as `cfg` asks; the identity (plus the known
+    keep-rate shift) when the rows hold too few of a class to fit anything (`too_few_rows`)."""
     z = np.asarray(logits, dtype=np.float64).reshape(-1)
     y = np.asarray(labels, dtype=np.float64).reshape(-1)
     ok = np.isfinite(z) & np.isfinite(y)
     z, y = z[ok], y[ok]
-    one_class = y.size == 0 or bool(np.all(y > 0.5)) or bool(np.all(y <= 0.5))
     method = cfg.method
-    if method == "none" or one_class:
-        # nothing to learn from one class: keep the identity (plus the known keep-rate shift)
+    if method == "none" or too_few_rows(y) is not None:
         return Calibration(method="none", target=cfg.target, keep_rate=cfg.keep_rate)
     fit_scale = method in ("temperature", "temperature_bias")
     fit_bias = method in ("bias", "temperature_bias")
@@ -317,8 +339,11 @@ def calibrate_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Calibra
     report = CalibrationReport(path=out, source=path.name, tasks=tuple(tasks))
     if not quiet:
         print_report(report)
-    for t in tasks:
-        warn_at_bound(t.calibration, t.label)
+    for t in range(len(tasks)):
+        warn_at_bound(tasks[t].calibration, tasks[t].label)
+        note = few_rows_warning(labels[np.isfinite(logits[:, t]), t], tasks[t].label, ccfg.method)
+        if note is not None:        # even under --quiet, as warn_at_bound: not the calibration asked for
+            console.print(f"[yellow]{note}[/]", highlight=False)
     return report
 
 

@@ -20,6 +20,8 @@ class CalibrationConfig:
     """`infer.calibration`: fitted after training on validation / out-of-fold logits, applied by infer.
 
     method: none | temperature (p = sigmoid(z / T)) | bias (p = sigmoid(z + b)) | temperature_bias (both).
+      A head whose validation rows hold fewer than 20 positives or 20 negatives is left uncalibrated, with a
+      warning.
     target: the metric the fit minimises; `wll` (class-balanced logloss) wants another shift than `logloss`.
     keep_rate: negative-downsampling keep rate used when training (1.0 = none). With w < 1 a fixed logit
       shift log(w), added to what the method fitted on the (sampled) validation rows, maps predictions back

@@ -34,6 +34,7 @@ from ctrpipe.infer.calibrate import (
     CALIBRATION_NAME,
     Calibration,
     NoValidationPredictions,
+    few_rows_warning,
     fit_calibration,
     load_val_predictions,
     read_calibration,
@@ -247,8 +248,10 @@ def check_ids(shards: Path, manifest: Manifest) -> None:
                                         "`ctrpipe shard --test ... --force`")
 
 
-def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tuple[Calibration, str]:
-    """The task's calibration from calibration.json, refitted in memory if the file is for another config."""
+def load_calibrations(run: Path, cfg: RunConfig, task: int, head: str, quiet: bool) -> tuple[Calibration, str]:
+    """The task's (head's) calibration from calibration.json, refitted in memory if the file is for another
+    config. What makes it differ from what was asked is said even when `quiet`; `quiet` only keeps the
+    missing-predictions warning back (a library's Predictor)."""
     ccfg = cfg.infer.calibration
     # method none still applies the known keep-rate shift (log keep_rate), as a fitted calibration does
     identity = Calibration(method="none", target=ccfg.target, keep_rate=ccfg.keep_rate)
@@ -259,6 +262,12 @@ def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tupl
     if path.is_file():
         cals, requested = read_calibration(path)
         if requested == ccfg and task < len(cals):
+            # what training warned of once is said again where the predictions are written (even quiet)
+            warn_at_bound(cals[task], head)
+            if cals[task].method == "none":
+                console.print(f"[yellow]warning:[/] {CALIBRATION_NAME} holds no fit for head {head!r} "
+                              f"(infer.calibration.method={ccfg.method} was asked: its validation rows held one "
+                              "class, or too few of one); writing uncalibrated predictions", highlight=False)
             return cals[task], f"{CALIBRATION_NAME}"
         if requested is None:
             why = "calibration.json is from a ctrpipe whose method=bias with keep_rate < 1 fitted no bias"
@@ -271,6 +280,9 @@ def load_calibrations(run: Path, cfg: RunConfig, task: int, quiet: bool) -> tupl
         return identity, "none (no validation predictions)"
     cal = fit_calibration(logits[:, task], labels[:, task], ccfg)
     warn_at_bound(cal, names[task])
+    note = few_rows_warning(labels[np.isfinite(logits[:, task]), task], names[task], ccfg.method)
+    if note is not None:
+        console.print(f"[yellow]{note}[/]", highlight=False)
     return cal, f"refitted on {src.name} ({why})"
 
 
@@ -390,7 +402,8 @@ def run_infer(run: Path, shards: Path, out: Path | None, overrides: Sequence[str
     weights = fold_weights(cfg, ckpts)
     if cfg.infer.method == "trim_mean":
         check_trim_ratio(cfg.infer.trim_ratio, "infer.trim_ratio", len(ckpts))
-    cal, cal_source = load_calibrations(run, cfg, task, quiet)
+    # warned of even under -q: the predictions are not calibrated as infer.calibration asks
+    cal, cal_source = load_calibrations(run, cfg, task, heads[task], quiet=False)
     device = resolve_device(cfg.train.device)
     view = resolve_view(cfg.infer.view, manifest)
     labelled = bool(manifest.columns_of("label")) and all("labels" in s.files for s in manifest.shards)

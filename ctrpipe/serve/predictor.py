@@ -156,7 +156,7 @@ class Predictor:
         # raw rows are prepared as the shards were built: the cache's data section, whatever the run recorded
         cfg = dataclasses.replace(cfg, data=manifest.data_config(str(cache_dir / "manifest.json")))
         tasks = checkpoint_tasks(ckpts[0], cfg.train)
-        cals = [load_calibrations(run, cfg, t, quiet=quiet or t > 0)[0] for t in range(len(tasks))]
+        cals = [load_calibrations(run, cfg, t, tasks[t].name, quiet=quiet or t > 0)[0] for t in range(len(tasks))]
         models = [_Model(model_from_checkpoint(c, "cpu"), checkpoint_logit_shift(c, tasks)) for c in ckpts]
         layout = layout_of(cache_dir, manifest, with_labels=False)
         try:

@@ -204,14 +204,14 @@ def test_a_format_1_bias_file_with_keep_rate_is_refitted(tmp_path: Path) -> None
     assert fitted == pytest.approx(-0.7, abs=0.05)
     doc["format"], doc["tasks"][0]["bias"] = "ctrpipe.calibration/1", 0.0        # as the older fit wrote it
     path.write_text(json.dumps(doc))
-    cal, note = load_calibrations(tmp_path, cfg, 0, quiet=True)
+    cal, note = load_calibrations(tmp_path, cfg, 0, "label", quiet=True)
     assert cal.bias == pytest.approx(fitted, abs=1e-9) and "fitted no bias" in note
     other = load_config(None, ["infer.calibration.method=temperature"])
     calibrate_run(tmp_path, other, quiet=True)
     doc = json.loads(path.read_text())
     doc["format"] = "ctrpipe.calibration/1"
     path.write_text(json.dumps(doc))
-    cal, note = load_calibrations(tmp_path, other, 0, quiet=True)
+    cal, note = load_calibrations(tmp_path, other, 0, "label", quiet=True)
     assert note == "calibration.json" and cal.temperature == doc["tasks"][0]["temperature"]
 
 
@@ -245,3 +245,27 @@ def test_damaged_prediction_files_are_named_not_tracebacks(tmp_path: Path) -> No
         Predictions.load(path)
     with pytest.raises(ReportError, match="cannot read predictions"):
         _read_predictions(path, ("clicked",))
+
+
+def test_a_handful_of_validation_rows_fits_no_calibration_and_says_so(tmp_path: Path,
+                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """(helper's infer sweep) 8 validation rows fitted T at its lower end and a logit shift of +94, which
+    took test logloss from 0.57 to 3.4, with one warning about the range. Below MIN_CLASS_ROWS of a class the
+    run keeps its predictions uncalibrated and says why, under --quiet too; at the threshold it fits."""
+    from ctrpipe.infer.calibrate import MIN_CLASS_ROWS
+
+    t, y = _data(2000, seed=4)
+    few = np.r_[np.flatnonzero(y > 0.5)[:MIN_CLASS_ROWS - 1], np.flatnonzero(y < 0.5)[:200]]
+    cfg = load_config(None, ["infer.calibration.method=temperature_bias"])
+    _write_preds(tmp_path / "val_predictions.npz", t[few] * 0.2, y[few])
+    capfd.readouterr()
+    report = calibrate_run(tmp_path, cfg, quiet=True)
+    assert report is not None and report.tasks[0].calibration.method == "none"
+    said = " ".join("".join(capfd.readouterr()).split())
+    assert f"task0's calibration (temperature_bias) is not fitted: its 219 validation rows hold " \
+           f"{MIN_CLASS_ROWS - 1} positives and 200 negatives, and a fit needs {MIN_CLASS_ROWS} of each" in said, said
+    enough = np.r_[few, np.flatnonzero(y > 0.5)[MIN_CLASS_ROWS - 1:MIN_CLASS_ROWS]]
+    _write_preds(tmp_path / "val_predictions.npz", t[enough] * 0.2, y[enough])
+    report = calibrate_run(tmp_path, cfg, quiet=True)
+    assert report is not None and report.tasks[0].calibration.method == "temperature_bias"
+    assert "not fitted" not in "".join(capfd.readouterr())

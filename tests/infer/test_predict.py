@@ -436,3 +436,35 @@ def test_an_unwritable_out_is_named_as_given(world: dict[str, Path]) -> None:
                                    "--out", "/proc/x.csv", "-q"])
     assert res.exit_code == 1 and "cannot use /proc/x.csv:" in res.output and ".incomplete" not in res.output, \
         res.output
+
+
+def test_what_keeps_the_calibration_from_the_asked_one_is_said_under_quiet(world: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """(helper's infer sweep) infer said nothing of a stored temperature at the end of its range (training had
+    warned once), of a stored fit that is none where temperature was asked, or, under -q, of a run without
+    validation predictions written uncalibrated."""
+    from ctrpipe.infer.calibrate import T_BOUNDS
+
+    run = tmp_path / "run"
+    shutil.copytree(world["single"], run)
+    path = run / "calibration.json"
+    doc = json.loads(path.read_text())
+
+    def infer() -> str:
+        res = CliRunner().invoke(app, ["infer", "--run", str(run), "--shards", str(world["te"]), "--out",
+                                       str(tmp_path / "s.csv"), "-q"])
+        assert res.exit_code == 0, res.output
+        return " ".join(res.output.split())
+
+    assert "warning" not in infer()
+    doc["tasks"][0]["temperature"] = T_BOUNDS[0]
+    path.write_text(json.dumps(doc))
+    assert f"stopped at the end of its temperature range (T={T_BOUNDS[0]:g})" in infer()
+    doc["tasks"][0].update(method="none", temperature=1.0)
+    path.write_text(json.dumps(doc))
+    said = infer()
+    assert "calibration.json holds no fit for head" in said and "writing uncalibrated predictions" in said, said
+    path.unlink()
+    (run / "val_predictions.npz").unlink()
+    said = infer()
+    assert "has no validation predictions" in said and "writing uncalibrated predictions" in said, said
