@@ -55,6 +55,26 @@ def check_out_file(out: Path, option: str = "--out") -> None:
     if path.is_dir():
         raise SubmissionError(f"{option} names a folder, and the output is a file", where=str(out),
                               fix=f"give a file name, e.g. {option} {Path(out) / 'submission.csv'}")
+    _refuse_files_of_caches_and_runs(path, option)
+
+
+def _refuse_files_of_caches_and_runs(out: Path, option: str) -> None:
+    """Any shard cache's folder, and any run's own files, not only those of the run and cache the command
+    reads (`check_out_outside`): --out naming another run's ckpt_best.pt or another cache's manifest.json
+    replaced it with CSV text, exit 0, and that run or cache failed later. A run's earlier submission (with
+    its .json record) and its submission.csv are replaced as before."""
+    o = out.resolve()
+    for folder in o.parents:
+        if (folder / "manifest.json").is_file() and next(folder.glob("shard_*"), None) is not None:
+            raise SubmissionError(f"{option} is inside the shard cache {folder}, whose folder belongs to "
+                                  "`ctrpipe shard`", where=f"{option} {out}",
+                                  fix="write the output outside the cache's folder")
+    run = o.parent
+    if (run / "config.json").is_file() and (run / "manifest_fingerprint.txt").is_file() and o.exists() and \
+            o.name != "submission.csv" and not o.with_name(o.name + ".json").is_file():
+        raise SubmissionError(f"{option} names the run's own {o.name} (of the run {run}), which no infer, predict "
+                              "or blend wrote: it would be replaced", where=f"{option} {out}",
+                              fix=f"give another file name, e.g. {option} {run / 'submission.csv'}")
 
 
 def check_out_outside(out: Path, run: Path, caches: tuple[Path, ...], option: str = "--out") -> None:

@@ -468,3 +468,28 @@ def test_what_keeps_the_calibration_from_the_asked_one_is_said_under_quiet(world
     (run / "val_predictions.npz").unlink()
     said = infer()
     assert "has no validation predictions" in said and "writing uncalibrated predictions" in said, said
+
+
+def test_out_naming_another_runs_or_caches_file_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    """(helper's infer sweep) the guard above covered only the run and cache the command reads: infer's --out
+    naming another run's ckpt_best.pt, predict's another cache's manifest.json and blend's another run's fold
+    checkpoint each replaced it with CSV text, exit 0, and that run or cache failed later."""
+    from ctrpipe.errors import SubmissionError
+    from ctrpipe.infer.blend import run_blend
+    from ctrpipe.serve.predict_file import predict_file
+
+    other_run, other_cache = tmp_path / "other_run", tmp_path / "other_cache"
+    shutil.copytree(world["kfold"], other_run)
+    shutil.copytree(world["tr"], other_cache)
+    before = {p: p.read_bytes() for p in [*other_run.rglob("*"), *other_cache.rglob("*")] if p.is_file()}
+    with pytest.raises(SubmissionError, match="the run's own ckpt_fold0.pt"):
+        run_infer(world["single"], world["te"], other_run / "ckpt_fold0.pt", [], quiet=True)
+    with pytest.raises(SubmissionError, match="inside the shard cache"):
+        predict_file(world["single"], world["data"] / "test.tsv", other_cache / "manifest.json")
+    run_infer(world["single"], world["te"], tmp_path / "a.csv", [], quiet=True)
+    run_infer(world["kfold"], world["te"], tmp_path / "b.csv", [], quiet=True)
+    with pytest.raises(SubmissionError, match="the run's own ckpt_fold1.pt"):
+        run_blend([tmp_path / "a.csv", tmp_path / "b.csv"], "mean", None, other_run / "ckpt_fold1.pt", quiet=True)
+    assert {p: p.read_bytes() for p in [*other_run.rglob("*"), *other_cache.rglob("*")] if p.is_file()} == before
+    run_infer(world["single"], world["te"], other_run / "submission.csv", [], quiet=True)   # as before
+    run_blend([tmp_path / "a.csv", tmp_path / "b.csv"], "mean", None, other_run / "blend.csv", quiet=True)
