@@ -156,7 +156,7 @@ def _layout(path: Path, cfg: DataConfig, rc: ResolvedColumns, names: list[str], 
     features = {*rc.numeric, *rc.categorical, *(t.column for t in rc.tokens)}
     for c in rc.raw_columns(labels=False):
         if c not in names:
-            fix = missing_feature_fix(c, names) if not require_labels and c in features else \
+            fix = missing_feature_fix(c, names, cfg.csv.separator) if not require_labels and c in features else \
                 f"{closest(c, names)} All CSV inputs need the columns the config uses"
             raise SchemaError(f"column {c!r} is not in the header", where=str(path), fix=fix)
     return _Layout(tuple(names), bool(label_cols) and not missing)

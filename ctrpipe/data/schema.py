@@ -70,13 +70,18 @@ def _names(schema: SchemaLike) -> list[str]:
 _SEPARATORS = (",", ";", "\t", "|")
 
 
-def closest(name: str, names: list[str]) -> str:
+def closest(name: str, names: list[str], fixed_separator: str | None = None) -> str:
     """' (closest: "x")' when some name is similar, else a few of the existing names; a CSV header read as one
-    column that holds a separator says which (a file separated by ';' read with ',')."""
+    column that holds a separator says which (a file separated by ';' read with ','). `fixed_separator`: the
+    separator a run's file to predict must use (the run fixes data.csv.separator): the file is then what to
+    change."""
     if len(names) == 1 and any(sep in names[0] for sep in _SEPARATORS):
         sep = max((sep for sep in _SEPARATORS if sep in names[0]), key=names[0].count)
-        return (f"the header reads as one column {names[0][:60]!r}: the file looks separated by {sep!r} "
-                f"(set data.csv.separator to {sep!r}).")
+        said = f"the header reads as one column {names[0][:60]!r}: the file looks separated by {sep!r}"
+        if fixed_separator is not None:
+            return (f"{said}, and the run reads {fixed_separator!r} (its data.csv.separator cannot change at "
+                    f"inference): write the file separated by {fixed_separator!r}.")
+        return f"{said} (set data.csv.separator to {sep!r})."
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     if close:
         return f"did you mean {close[0]!r}?"
@@ -99,11 +104,15 @@ def _check_exists(names: list[str], present: list[str], key: str, where: str, cr
             raise SchemaError(what, where=where, fix=fix)
 
 
-def missing_feature_fix(column: str, present: list[str]) -> str:
+def missing_feature_fix(column: str, present: list[str], separator: str | None = None) -> str:
     """The fix for a file to predict (a test file, rows to serve) that lacks a feature column: the config
-    must stay as the model was trained, so the file is the one to change."""
+    must stay as the model was trained, so the file is the one to change. `separator`: a CSV's, as the run
+    reads it."""
+    hint = closest(column, present, separator)
+    if separator is not None and hint.startswith("the header reads as one column"):
+        return hint[0].upper() + hint[1:]           # the whole header is one column: not a missing feature
     return (f"add {column!r} to the file, all null where it has no values (an empty history, a missing value): "
-            f"a file to predict needs every feature column the model was trained with ({closest(column, present)})")
+            f"a file to predict needs every feature column the model was trained with ({hint})")
 
 
 def _pattern(pattern: str, key: str) -> re.Pattern[str]:

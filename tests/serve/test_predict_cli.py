@@ -179,6 +179,18 @@ def test_a_csv_files_ids_are_kept_after_a_bom_or_blank_lines(tmp_path: Path) -> 
         assert got.columns[0] == "uid" and got["uid"].to_list() == [f"u{i}" for i in range(20)], name
 
 
+def test_a_csv_with_another_separator_is_told_to_change_the_file(tmp_path: Path) -> None:
+    """(helper's infer sweep) a ';'-separated file for a ','-trained run was told to set data.csv.separator to
+    ';', which predict then refused (the run fixes it): the fix is the file's separator."""
+    rows = _csv_run(tmp_path)
+    (tmp_path / "semi.csv").write_text("".join(r.replace(",", ";") + "\n" for r in rows[:21]))
+    code, out = _invoke("predict", "--run", str(tmp_path / "runs" / "csvrun"), "--input", str(tmp_path / "semi.csv"),
+                        "--out", str(tmp_path / "p.csv"), "-q")
+    said = " ".join(out.split())
+    assert code == 1 and "the file looks separated by ';', and the run reads ','" in said, said
+    assert "write the file separated by ','" in said and "set data.csv.separator" not in said, said
+
+
 def test_predict_errors_name_the_files_line_and_a_fix_predict_has(world: Path, tmp_path: Path) -> None:
     """Past the first chunk a bad line was named by its line within the chunk ("chunk from line 257: input
     rows, line 4"); fixes said --bad-rows skip, an option predict has not; an empty line in Criteo text was
