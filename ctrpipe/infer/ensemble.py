@@ -65,7 +65,9 @@ def normalise_weights(weights: Sequence[float], m: int, where: str = "weights") 
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ConfigError(f"bad weights {w.tolist()}", where=where,
                           fix="use finite non-negative weights with a positive sum")
-    if not np.isfinite(w.sum()):        # finite weights whose sum overflows (1e308,1e308): scale them first
+    with np.errstate(over="ignore"):
+        overflows = not np.isfinite(w.sum())
+    if overflows:                       # finite weights whose sum overflows (1e308,1e308): scale them first
         w = w / w.max()
     return w / w.sum()
 
