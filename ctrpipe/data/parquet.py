@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from ctrpipe.data.chunks import SHARD_REMEDIES, BadRow, RawChunk, Remedies
 from ctrpipe.data.config import DataConfig, TokenColumnConfig
-from ctrpipe.data.schema import ResolvedColumns, closest, missing_feature_fix
+from ctrpipe.data.schema import ResolvedColumns, closest, missing_feature_fix, value_family
 from ctrpipe.data.token_kernel import weights_all_plain
 from ctrpipe.data.transforms import BadWeights, weight_error
 from ctrpipe.errors import InputFormatError, SchemaError, location
@@ -155,7 +155,26 @@ def check_schema(path: Path, schema: pa.Schema, rc: ResolvedColumns, require_lab
         if not _type_ok(kind, t):
             raise SchemaError(f"{kind} column has type {t}, expected {_EXPECTED[kind]}",
                               where=location(path, column=col), fix=_type_fix(kind, t, remedies))
+        _check_value_type(path, col, kind, t, rc)
     return has_labels
+
+
+_CASTS = {"text": "pl.String", "integer": "pl.Int64", "float": "pl.Float64", "bool": "pl.Boolean"}
+
+
+def _check_value_type(path: Path, col: str, kind: str, t: pa.DataType, rc: ResolvedColumns) -> None:
+    """A categorical or token column stored with other values than the training data's (text "07" there,
+    the integer 7 here) maps the same value to another id: predictions changed without a word."""
+    want, got = rc.value_type(col), value_family(t)
+    if kind not in ("categorical", "token") or want is None or got is None or got == want:
+        return
+    cast = _CASTS.get(want)
+    raise SchemaError(f"{kind} column holds {got} values ({t}) where {rc.value_types_from or 'the training data'} "
+                      f"stored {want} values: a value reads as other text (7 against '07', 1.0 against 1), so "
+                      "it would get another id", where=location(path, column=col),
+                      fix=f"write {col!r} with {want} values, as the training data has them"
+                          + (f" (polars: pl.col({col!r}).cast({cast}), for text keeping leading zeros)" if cast
+                             else ""))
 
 
 def _all_null(path: Path, schema: pa.Schema, column: str) -> bool:

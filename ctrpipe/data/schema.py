@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,14 @@ class ResolvedColumns:
     # split/fold key columns that are not features (e.g. a time column for time folds): read as they are
     # stored (Parquet) or as text (CSV), never transformed
     keys: tuple[str, ...] = ()
+    # (column, `value_family`) of the Parquet categorical and token columns, as the training data stored them:
+    # their values become ids through their text, so every file must store them alike; and where they came
+    # from, for messages
+    value_types: tuple[tuple[str, str], ...] = ()
+    value_types_from: str = ""
+
+    def value_type(self, column: str) -> str | None:
+        return next((f for c, f in self.value_types if c == column), None)
 
     @property
     def tokens(self) -> tuple[TokenColumnConfig, ...]:
@@ -59,6 +67,36 @@ class ResolvedColumns:
         names = [*(self.label_columns if labels else ()), *([self.id] if self.id else []), *self.numeric,
                  *self.categorical, *(t.column for t in self.tokens), *self.keys]
         return list(dict.fromkeys(names))
+
+
+def value_family(t: pa.DataType) -> str | None:
+    """How a categorical or token column's values read as the text their ids come from: "text", "integer",
+    "float" or "bool" (a list's, or a dictionary's, values; another type by its name); None for a column of
+    nulls, which carries no values. The integer 7 reads "7" where the text "07" was stored, and the float
+    1.0 reads "1.0" where the integer 1 read "1", so the same value gets another id."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if any(getattr(pa.types, f"is_{kind}", lambda _t: False)(t)      # list views: pyarrow 16 on
+           for kind in ("list", "large_list", "fixed_size_list", "list_view", "large_list_view")):
+        t = t.value_type
+    if pa.types.is_null(t):
+        return None
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "text"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "float"
+    return "bool" if pa.types.is_boolean(t) else str(t)
+
+
+def _value_types(schema: SchemaLike, columns: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    if not isinstance(schema, pa.Schema):
+        return ()
+    # a name twice has no one type (the readers refuse such a file, naming it)
+    types = {f.name: f.type for f in schema if schema.names.count(f.name) == 1}
+    found = ((c, value_family(types[c])) for c in columns if c in types)
+    return tuple((c, f) for c, f in found if f is not None)
 
 
 def _names(schema: SchemaLike) -> list[str]:
@@ -182,7 +220,8 @@ def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | No
                             taken={*numeric, *categorical, *(t.column for t in tokens), *([id_col] if id_col else [])},
                             labels={*labels, *sources})
     return ResolvedColumns(numeric, categorical, tuple(cfg.multihot), tuple(cfg.sequence), labels, id_col,
-                           derived, keys)
+                           derived, keys, _value_types(schema, [*categorical, *(t.column for t in tokens)]),
+                           f"the first input file {where}" if isinstance(schema, pa.Schema) else "")
 
 
 def _key_columns(cfg: DataConfig, present: list[str], where: str, taken: set[str],

@@ -69,7 +69,10 @@ def plan_from_manifest(cfg: RunConfig, manifest: Manifest) -> Plan:
     if data.id_column:
         names.append(data.id_column)
     schema = dict.fromkeys(names) if data.format != "criteo" else None
-    plan = make_plan(data, resolve_columns(data, schema))
+    # the training files' value types: rows stored otherwise (the integer 7 for the text "07") get other ids
+    columns = dataclasses.replace(resolve_columns(data, schema), value_types=manifest.value_types(),
+                                  value_types_from="the run's training data")
+    plan = make_plan(data, columns)
     got = [n for n, *_ in plan.numeric_layout()] + list(plan.categorical) + [t.column for t in plan.tokens]
     want = [c.name for c in cols if c.kind not in ("label", "id")]
     if got != want:

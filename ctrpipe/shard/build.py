@@ -139,7 +139,10 @@ def _build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path
     check_plan(plan, role)
     if train_m is not None and stats_from is not None:
         _check_layout(plan, train_m, Path(stats_from), main_paths[0])
-        plan = dataclasses.replace(plan, separators_fixed=True)
+        # the train cache's values fix how this file's must be stored (text "07", not the integer 7)
+        columns = dataclasses.replace(plan.columns, value_types=train_m.value_types(),
+                                      value_types_from=f"the --stats-from train cache {stats_from}")
+        plan = dataclasses.replace(plan, separators_fixed=True, columns=columns)
     inputs_obj = Inputs(main=main_paths, gold=gold_paths, role=role, input_bytes=input_bytes)
 
     if force:

@@ -65,6 +65,9 @@ class ColumnSpec:
     # id fields sharing one id space (data.sequence[].share_ids_with) carry the same key: the categorical
     # column's name; "" = the field's own space
     id_space: str = ""
+    # a Parquet categorical or token column's values as the training files stored them (schema.value_family:
+    # text, integer, ...): files transformed with this cache's statistics must store them alike
+    value_type: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,10 @@ class Manifest:
         from ctrpipe.data.config import DataConfig
 
         return build_dataclass(DataConfig, self.config, "data.", where)
+
+    def value_types(self) -> tuple[tuple[str, str], ...]:
+        """(raw column, value family) of the Parquet categorical and token columns (ResolvedColumns')."""
+        return tuple((c.source, c.value_type) for c in self.columns if c.value_type)
 
     def columns_of(self, *kinds: str) -> tuple[ColumnSpec, ...]:
         return tuple(c for c in self.columns if c.kind in kinds)

@@ -163,7 +163,8 @@ class Plan:
         for i, c in enumerate(self.categorical):
             specs.append(ColumnSpec(c, "categorical", "categorical", "int32", i,
                                     bins=self.cat_bins(c, fitted), transform=cat_tr, source=c,
-                                    stats=stats.get(c, {}), id_space=self.id_space(c)))
+                                    stats=stats.get(c, {}), id_space=self.id_space(c),
+                                    value_type=self.columns.value_type(c) or ""))
         for tc in self.tokens:
             kind = "sequence" if tc in self.sequence else "multihot"
             ids = "hash"
@@ -173,7 +174,8 @@ class Plan:
                                     width=tc.max_len, bins=self.token_bins(tc, fitted), weighted=tc.weighted,
                                     transform=f"{ids},sep={tc.separator!r},keep={self.token_keep(tc)}",
                                     source=tc.column, stats=stats.get(tc.column, {}),
-                                    id_space=self.id_space(tc.column)))
+                                    id_space=self.id_space(tc.column),
+                                    value_type=self.columns.value_type(tc.column) or ""))
         derived = {d.name: d for d in self.columns.derived}
         for i, lab in enumerate(self.labels if with_labels else ()):
             d = derived.get(lab)

@@ -418,3 +418,44 @@ def test_predict_cli_reads_a_csv_file(adult: dict[str, Path], tmp_path: Path) ->
                                    str(tmp_path / "bad.csv"), "-q"])
     assert res.exit_code == 1 and f"line {k + 1}" in res.output and "bad.test" in res.output, res.output
     assert not (tmp_path / "bad.csv").exists()
+
+
+def test_a_categorical_stored_with_other_values_than_in_training_is_refused(parquet: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """(helper's infer sweep) `hour` stored as integers in the file to score ("07" as 7: what a pandas round
+    trip often gives) became other text, so a quarter of the predictions changed, exit 0, in predict, in a
+    --stats-from test build and in serving. The train cache records how each categorical and token column's
+    values were stored; a train build's later files must store them as its first did."""
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from ctrpipe import Predictor
+    from ctrpipe.cli import app
+    from ctrpipe.serve.predict_file import predict_file
+    from ctrpipe.shard.manifest import read_manifest
+
+    cache = Predictor.load(parquet["run"]).cache_dir
+    m = read_manifest(cache)
+    assert m.column("hour").value_type == "text" and m.column("seq").value_type == "text"
+    table = pl.read_parquet(parquet["test"])
+    ints = tmp_path / "ints.parquet"
+    table.with_columns(pl.col("hour").cast(pl.Int64)).write_parquet(ints)
+    with pytest.raises(SchemaError) as e:
+        predict_file(parquet["run"], ints, tmp_path / "p.csv")
+    assert e.value.where == f"{ints}, column hour" and "holds integer values (int64)" in e.value.what
+    assert "the run's training data stored text values" in e.value.what
+    assert "pl.col('hour').cast(pl.String)" in e.value.fix and not (tmp_path / "p.csv").exists()
+    with pytest.raises(SchemaError, match="holds integer values"):
+        Predictor.load(parquet["run"]).predict(table.head(5).with_columns(pl.col("hour").cast(pl.Int64)))
+    res = CliRunner().invoke(app, ["shard", "--cfg", str(REPO / "cfgs" / "parquet_example.yaml"), "--input",
+                                   str(ints), "--test", "--stats-from", str(cache), "--out", str(tmp_path / "te"), "-q",
+                                   *_sets(["data.hash_bins=500", "data.shard_rows=500", "data.folds.n_splits=0"])])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 1 and f"where the --stats-from train cache {cache} stored text values" in said, said
+    # a train build over two files: the second stores the column otherwise than the first
+    res = CliRunner().invoke(app, ["shard", "--cfg", str(REPO / "cfgs" / "parquet_example.yaml"), "--input",
+                                   str(parquet["test"]), "--input", str(ints), "--out", str(tmp_path / "tr"), "-q",
+                                   *_sets(["data.hash_bins=500", "data.folds.n_splits=0"])])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 1 and f"where the first input file {parquet['test']} stored text values" in said, said
+    assert not (tmp_path / "tr" / "manifest.json").exists()
