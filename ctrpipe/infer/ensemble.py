@@ -62,7 +62,7 @@ def normalise_weights(weights: Sequence[float], m: int, where: str = "weights") 
         raise ConfigError(f"{w.size} weights for {m} predictions", where=where,
                           fix=f"give exactly {m} comma-separated weights, one per input, e.g. "
                               f"{','.join(['1'] * m)}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+    if w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.max() <= 0:     # non-negative: sum > 0
         raise ConfigError(f"bad weights {w.tolist()}", where=where,
                           fix="use finite non-negative weights with a positive sum")
     with np.errstate(over="ignore"):
