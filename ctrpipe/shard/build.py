@@ -429,8 +429,9 @@ def _written_note(work: Path) -> str:
 
 
 # how group and time keys assign rows to the split and folds; raised when a change moves rows: 2 = keyless rows
-# by row index, whole-number keys alike, time keys in one unit and text numbers as numbers
-ASSIGNMENT_RULES = 2
+# by row index, whole-number keys alike, time keys in one unit and text numbers as numbers; 3 = decimal group
+# keys as their numbers, date group keys as their midnights
+ASSIGNMENT_RULES = 3
 
 
 def _keyed_assignment(data: DataConfig) -> bool:

@@ -58,7 +58,15 @@ def group_hashes(plan: Plan, frame: pl.DataFrame, column: str) -> tuple[np.ndarr
         frame = frame.select(text.alias(column))
     elif s is not None and s.dtype == pl.String:
         frame = frame.select(x.str.replace(r"^(-?\d+)\.0+$", "${1}").alias(column))
-    elif s is not None and isinstance(s.dtype, (pl.Datetime, pl.Duration)):
+    elif s is not None and isinstance(s.dtype, pl.Decimal):
+        # a decimal's text keeps its scale ("467.00", what Spark and databases write) where another file's
+        # integer reads "467" and a float "467.5": written as the number it is, so one group stays one
+        text = x.cast(pl.String).str.replace(r"^(-?\d+\.\d*[1-9])0+$", "${1}").str.replace(r"^(-?\d+)\.0*$", "${1}")
+        frame = frame.select(text.alias(column))
+    if s is not None and s.dtype == pl.Date:
+        # a date is the midnight of its day, as another file's timestamp of that midnight (one group)
+        frame, s = frame.select(x.cast(pl.Datetime("us"))), frame.get_column(column).cast(pl.Datetime("us"))
+    if s is not None and isinstance(s.dtype, (pl.Datetime, pl.Duration)):
         # their text shows the file's unit and time zone ("...00.000" in ms, "...00.000000" in us, "+00:00"):
         # one instant stored in two files' units hashed apart, so its rows were split across folds. As
         # time_values compares them: in microseconds, an aware timestamp as its UTC time (a duration, which
@@ -135,6 +143,12 @@ _MONTH_NAME = (r"(?i)\b(jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec|jan
 _YEAR_LAST = r"^\s*(\d{1,2}[/.\-]\d{1,2}[/.\-]\d{4}|\d{1,2}[/.]\d{1,2}[/.]\d{2})\b"
 
 
+# a time of day on a 12-hour clock (04:54:10 AM): "01:00 PM" orders before "11:00 AM"
+_TWELVE_HOUR = r"(?i)\b\d{1,2}:\d\d(:\d\d([.,]\d+)?)?\s*[ap]\.?m\b"
+# a trailing UTC offset (+09:00, -0400, Z): text orders local times, so offsets that differ break time order
+_OFFSET = r"(Z|[+-]\d\d:?\d\d)\s*$"
+
+
 def refuse_unsorted_text_times(values: pl.Series, key: str) -> None:
     """Text time values are ordered as text, which is their time order only when it is written so: zero-padded
     numbers, most significant first (2024-05-09 10:00). Text that reads as a time otherwise ("2024-5-9" after
@@ -147,6 +161,13 @@ def refuse_unsorted_text_times(values: pl.Series, key: str) -> None:
         why, example = "names months", shown.filter(shown.str.contains(_MONTH_NAME))[0]
     elif shown.str.contains(_YEAR_LAST).any():
         why, example = "puts the day or month before the year", shown.filter(shown.str.contains(_YEAR_LAST))[0]
+    elif shown.str.contains(_TWELVE_HOUR).any():
+        why, example = "writes a 12-hour clock (AM/PM)", shown.filter(shown.str.contains(_TWELVE_HOUR))[0]
+    elif (offsets := shown.str.extract(_OFFSET).drop_nulls().str.replace("Z", "+00:00")
+          .str.replace(r"^([+-]\d\d)(\d\d)$", "${1}:${2}").unique()).len() > 1:
+        first = sorted(offsets.to_list())[:3]
+        why, example = (f"carries different UTC offsets ({', '.join(first)}): it orders local times, not one "
+                        "time line", shown.filter(shown.str.extract(_OFFSET).is_not_null())[0])
     else:
         # the n-th number of each value: one width throughout (zero-padded), or text order is not number order
         # (a fraction of a second orders as text whatever its width, 10:00:00.5 < 10:00:00.75: left out)

@@ -249,6 +249,9 @@ def test_an_empty_text_time_is_missing_not_the_earliest(tmp_path: Path) -> None:
     ({"n_splits": 3, "mode": "group", "key": "a", "composite_group": ("a", "b")}, "remove key"),
     ({"n_splits": 3, "mode": "plain", "composite_group": ("a", "b")}, "mode=group"),
     ({"n_splits": 3, "mode": "group", "composite_group": ("a", "a")}, "distinct"),
+    # (a helper's sweep) key without mode=group (plain is the default) was ignored: groups split, the key recorded
+    ({"n_splits": 3, "key": "user"}, "data.folds.key needs data.folds.mode=group (not plain)"),
+    ({"n_splits": 3, "mode": "stratified", "key": "user"}, "set data.folds.mode=group"),
 ])
 def test_fold_config_errors(kwargs: dict[str, object], fix: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -400,6 +403,34 @@ def test_a_group_key_stored_as_int_and_as_float_keeps_its_groups(tmp_path: Path)
     assert len(set(fold[nan].tolist())) > 1
 
 
+def test_decimal_and_date_group_keys_keep_their_groups_beside_integers_and_timestamps(tmp_path: Path) -> None:
+    """(a helper's sweep) a key stored as Decimal(10,2) in one file ("467.00") and as an integer in another
+    ("467"), or as a Date in one and a midnight timestamp in another, hashed apart: groups were split across
+    folds without a word."""
+    from datetime import date
+    from decimal import Decimal
+
+    src = pq.read_table(_write(tmp_path / "t.parquet", 300))
+    shop = src["day"].to_numpy() % 17
+    half = [src.slice(0, 150), src.slice(150)]
+    cases = {
+        "dec": ([pa.array([Decimal(int(v)) / 4 for v in shop[:150]], pa.decimal128(10, 2)),
+                 pa.array([v / 4 for v in shop[150:]], pa.float64())], shop / 4),
+        "date": ([pa.array([date(2024, 5, 1 + int(v)) for v in shop[:150]], pa.date32()),
+                  pa.array([datetime(2024, 5, 1 + int(v)) for v in shop[150:]], pa.timestamp("us"))], shop),
+    }
+    for name, (parts, groups) in cases.items():
+        paths = []
+        for i, (t, col) in enumerate(zip(half, parts, strict=True)):
+            pq.write_table(t.append_column("shop", col), tmp_path / f"{name}{i}.parquet")
+            paths.append(tmp_path / f"{name}{i}.parquet")
+        cfg = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3", "data.folds.mode=group",
+                                        "data.folds.key=shop"])
+        build_shards(cfg, paths, tmp_path / name, progress=False)
+        fold = load_all(tmp_path / name)["fold"]
+        assert all(len(set(fold[groups == v].tolist())) == 1 for v in np.unique(groups)), name
+
+
 def test_a_text_group_key_written_1_and_1_0_keeps_its_groups(tmp_path: Path) -> None:
     """CSV keys arrive as text: pandas writes an int column holding a NaN as "1.0", another file as "1"."""
     src = pq.read_table(_write(tmp_path / "t.parquet", 300))
@@ -540,6 +571,10 @@ def test_time_folds_cut_whenever_there_are_as_many_distinct_times_as_folds(tmp_p
     ([f"{m} 9 2024" for m in ("May", "June", "April", "Dec")] * 2, "names months"),
     ([f"{d:02d}/05/24" for d in range(1, 9)], "before the year"),                  # a second review: dd/mm/yy
     ([f"2024.{m}.{d}" for m in (5, 10) for d in (1, 9)] * 2, "different widths"),     # dots are no fraction here
+    # (a helper's sweep) logs merged from several regions, and a 12-hour clock, zero-padded throughout
+    ([f"2024-05-0{d}T1{h}:00:00{z}" for d in range(1, 5) for h, z in ((6, "-04:00"), (0, "+09:00"))],
+     "different UTC offsets"),
+    ([f"2024-05-0{d} 0{h}:30:00 {ap}" for d in range(1, 5) for h, ap in ((4, "AM"), (1, "PM"))], "12-hour clock"),
 ])
 def test_text_times_that_do_not_sort_as_time_are_refused(tmp_path: Path, days: list[str], why: str) -> None:
     """A helper's sweep: time folds over "2024-5-9"-style text cut periods in text order ("2024-10-1" before
@@ -607,6 +642,8 @@ def test_a_split_or_folds_unlike_the_config_are_said_at_build_and_by_inspect(tmp
     ["24-05-09 10:00", "24-05-10 10:00", "24-06-01 09:00"],                  # a 2-digit year, written first
     ["2024-05-09 10:00:00.5", "2024-05-09 10:00:00.25", "2024-05-09 10:00:01"],   # fractions of any width
     ["market 2024-05-09", "Mayotte 2024-05-10", "America/Juneau 2024-05-11"],   # words that start like months
+    ["2024-05-09T10:00:00+09:00", "2024-05-10T08:00:00+09:00"],                   # one UTC offset throughout
+    ["2024-05-09T10:00:00Z", "2024-05-10T08:00:00+00:00"],                       # Z is +00:00
 ])
 def test_text_times_that_sort_as_time_are_not_refused(values: list[str]) -> None:
     """A review: the first version of the check refused these, whose text order is their time order."""
