@@ -358,12 +358,14 @@ def plan(
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the config's train.device)"),  # noqa: UP045
     memory: Optional[str] = typer.Option(None, "--memory", help="compare with this much memory, e.g. 16GB "  # noqa: UP045
                                          "(default: free GPU memory, or available host RAM)"),
+    kfold: int = typer.Option(0, "--kfold", help="plan one model per stored fold, as train --kfold K"),
 ) -> None:
     """Estimate a training run's memory before allocating it; exits 1 when it would not fit, 3 when a GPU plan
     has no GPU memory to compare with (no GPU here: pass --memory)."""
     run_plan = _lazy("ctrpipe.tools.planner", "run_plan")
 
-    result = _run(lambda: run_plan(cfg_path=cfg, overrides=overrides, shards=shards, device=device, memory=memory))
+    result = _run(lambda: run_plan(cfg_path=cfg, overrides=overrides, shards=shards, device=device, memory=memory,
+                                   kfold=kfold))
     if result.available is None and result.device == "cuda":     # a script reading 0 as "fits" would go on to
         raise typer.Exit(3)                                        # train (2 is click's usage error)
     if not result.fits:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from ctrpipe.config import RunConfig, load_config
 from ctrpipe.console import console
-from ctrpipe.device import model_family, predict_amp, resolve_amp
+from ctrpipe.device import check_amp, model_family, predict_amp, resolve_amp
 from ctrpipe.errors import ConfigError, SchemaError, human_bytes
 from ctrpipe.features import FeatureSpec
 from ctrpipe.hostmem import available_bytes
@@ -26,6 +26,7 @@ from ctrpipe.models.registry import build_model, weight_bytes
 from ctrpipe.shard.manifest import read_manifest
 from ctrpipe.tools.memtrack import MEASURE_BINS, measure_step_memory, metric_bytes_per_row, small_spec
 from ctrpipe.tools.plan import (
+    PLAN_ERROR,
     Inputs,
     MemoryPlan,
     Setting,
@@ -39,7 +40,6 @@ from ctrpipe.tools.plan import (
 )
 from ctrpipe.tools.touched import SAMPLE_ROWS, read_sample, table_use
 
-PLAN_ERROR = 1.2      # measured peaks are 0.84-1.16x the plan's (bench_plan.py): below this much room, say so
 MEASURE_SIZES = (256, 1024)   # batch sizes a step is measured at (then scaled linearly)
 
 
@@ -70,7 +70,7 @@ def parse_bytes(text: str) -> int:
 
 def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = None) -> MemoryPlan:
     """The memory plan of training `cfg` on the cache `shards` on `device` ("cpu" or "cuda")."""
-    from ctrpipe.train.fit import check_training, with_cache_data
+    from ctrpipe.train.fit import check_batch_norm, check_training, with_cache_data
     from ctrpipe.train.plan import plan_steps
 
     device = check_device(device)
@@ -84,6 +84,9 @@ def estimate(cfg: RunConfig, shards: Path, device: str, memory: int | None = Non
                           fix=no_training_rows_fix(manifest))
     cfg = with_cache_data(cfg, manifest, shards, quiet=False)     # as training does, with the same note
     model, tasks, _ = check_training(cfg, manifest, shards)
+    # what train refuses past check_training, on the device planned for
+    check_amp(cfg.train.amp, torch.device(device))
+    check_batch_norm(cfg, model)
     n_folds = cfg.cv.n_splits
     fold_sizes = [int(n) for n in manifest.folds.get("sizes", [])] if n_folds else []
     # K-fold: the largest fold validates, the view without the smallest trains (the largest of each)
@@ -184,9 +187,11 @@ def _dense_counts(model: torch.nn.Module) -> dict[str, int]:
 
 
 def run_plan(cfg_path: Path | None, overrides: Sequence[str], shards: Path, device: str | None,
-             memory: str | None) -> MemoryPlan:
-    """The `ctrpipe plan` command: estimate, then print the table (stderr)."""
-    cfg = load_config(cfg_path, overrides)
+             memory: str | None, kfold: int = 0) -> MemoryPlan:
+    """The `ctrpipe plan` command: estimate, then print the table (stderr). `kfold`: train's --kfold."""
+    from ctrpipe.train.fit import with_kfold
+
+    cfg = with_kfold(load_config(cfg_path, overrides), kfold)
     if device is None:
         device = "cuda" if cfg.train.device.startswith("cuda") or (
             cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"

@@ -109,22 +109,26 @@ def run_train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, run
         return _train(cfg_path, overrides, shards, runs, kfold, resume, quiet, anon, held)
 
 
+def with_kfold(cfg: RunConfig, kfold: int) -> RunConfig:
+    """`cfg` with --kfold K applied: the setting --set cv.n_splits=K names (train and plan take either)."""
+    if not kfold:
+        return cfg
+    if cfg.sources.get("cv.n_splits") == "--set" and cfg.cv.n_splits != kfold:
+        raise ConfigError(f"--kfold {kfold} and --set cv.n_splits={cfg.cv.n_splits} name the same setting with "
+                          "two values", where="--kfold", fix="give one of them")
+    return dataclasses.replace(cfg, cv=CVConfig(n_splits=kfold), sources={**cfg.sources, "cv.n_splits": "--kfold"})
+
+
 def _train(cfg_path: Path | None, overrides: Sequence[str], shards: Path, runs: Path, kfold: int, resume: bool,
            quiet: bool, anon: AnonPeak, held: ExitStack) -> dict[str, Any]:
     started = time.perf_counter()
     try:        # every rank of a node reads the same files and environment: the same error on each
-        cfg = load_config(cfg_path, overrides)
-        if kfold and cfg.sources.get("cv.n_splits") == "--set" and cfg.cv.n_splits != kfold:
-            raise ConfigError(f"--kfold {kfold} and --set cv.n_splits={cfg.cv.n_splits} name the same setting with "
-                              "two values", where="--kfold", fix="give one of them")
+        cfg = with_kfold(load_config(cfg_path, overrides), kfold)
         info = rank_info()
         place = (info, _rank_device(cfg, info)) if info is not None else None     # the job is joined below
     except CtrpipeError as exc:
         exc.shown_by_peer = not first_on_node()
         raise
-    if kfold:
-        cfg = dataclasses.replace(cfg, cv=CVConfig(n_splits=kfold),
-                                  sources={**cfg.sources, "cv.n_splits": "--kfold"})
     group = Distributed(*place, cfg.train.distributed.timeout_s) if place is not None else None
     try:
         ctx = _prepare_ranks(cfg, Path(shards), Path(runs), resume, quiet, group, held)
@@ -330,15 +334,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
     check_training_memory(cfg, model, device)
     warn_heads_of_unnamed_labels(own_data, manifest, tasks, cfg.train.tasks)
     warn_positives_outside_masks(spec, tasks, cfg.model.name)
-    per_rank = cfg.loader.batch_size // (dist.world_size if dist is not None else 1)
-    if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        # batch norm's statistics need 2+ rows a batch: torch refuses one, deep in the first step
-        keys = batch_norm_settings(to_dict(cfg)["model"])
-        off = ", ".join(f"{k}={v}" for k, v in keys.items()) or "a model config without batch norm"
-        raise ConfigError(f"loader.batch_size {cfg.loader.batch_size} gives batches of one row"
-                          + (" a process" if dist is not None else "") + ", and the model's batch norm needs 2 or more",
-                          where="loader.batch_size",
-                          fix=f"use a larger loader.batch_size, or turn batch norm off ({off})")
+    check_batch_norm(cfg, model, dist.world_size if dist is not None else 1)
     # a model that reads a history against the candidate, or a multi-task model over one as its backbone
     history = next((h for m in model.modules() if isinstance(h := getattr(m, "history", None), History)), None)
     if history is not None and manifest.column(history.name).stats.get("max") == 0 and first_on_node():
@@ -424,6 +420,19 @@ def check_training_memory(cfg: RunConfig, model: torch.nn.Module, device: torch.
                       f"{human_bytes(available)} of {what}; {largest_tensor(model)}", where="model",
                       fix="lower the model section's sizes (embedding dims, hidden units, experts, ranks, heads); "
                           "`ctrpipe plan` shows where the memory goes and which settings fit")
+
+
+def check_batch_norm(cfg: RunConfig, model: torch.nn.Module, processes: int = 1) -> None:
+    """Batch norm's statistics need 2+ rows a batch (a process): torch refuses one, deep in the first step.
+    Train and `ctrpipe plan` refuse it alike; `model` may be a meta build."""
+    per_process = cfg.loader.batch_size // processes
+    if per_process < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        keys = batch_norm_settings(to_dict(cfg)["model"])
+        off = ", ".join(f"{k}={v}" for k, v in keys.items()) or "a model config without batch norm"
+        raise ConfigError(f"loader.batch_size {cfg.loader.batch_size} gives batches of one row"
+                          + (" a process" if processes > 1 else "") + ", and the model's batch norm needs 2 or more",
+                          where="loader.batch_size",
+                          fix=f"use a larger loader.batch_size, or turn batch norm off ({off})")
 
 
 def _run_busy(run_dir: Path) -> CheckpointError:

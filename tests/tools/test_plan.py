@@ -443,3 +443,48 @@ def test_the_plan_refuses_what_train_refuses(caches: dict[int, Path]) -> None:
     assert res.exit_code == 1, res.output
     assert "unknown metric 'accuracy'" in res.output and "train.early_stopping.metric" in res.output
     assert "fits" not in res.output
+
+
+@pytest.mark.parametrize(("sets", "said"), [
+    # (a helper's sweep) batch norm on batches of one row: the plan ended in torch's traceback
+    (["loader.batch_size=1", "model.batch_norm=true"], "gives batches of one row, and the model's batch norm"),
+    # fp16 on a CPU: the plan said "fits", exit 0
+    (["train.amp=fp16"], "train.amp=fp16 needs a CUDA device"),
+    # --kfold with another cv.n_splits, as train refuses it
+    (["cv.n_splits=3", "--kfold", "2"], "--kfold 2 and --set cv.n_splits=3"),
+])
+def test_the_plan_refuses_the_settings_train_refuses_past_its_config(caches: dict[int, Path], sets: list[str],
+                                                                      said: str) -> None:
+    opts = [x for s in sets for x in ((s,) if s.startswith("--") or s.isdigit() else ("--set", s))]
+    res = runner.invoke(app, ["plan", "--cfg", str(REPO / "cfgs" / "criteo_dnn.yaml"), "--shards", str(caches[1000]),
+                              "--device", "cpu", *[x for s in small("dnn") for x in ("--set", s)], *opts],
+                        env={"COLUMNS": "250"})
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1 and said in text and "Traceback" not in text and "fits" not in text, text
+
+
+def test_the_plan_takes_trains_kfold(caches: dict[int, Path]) -> None:
+    """`plan` had no --kfold, so a train command copied into plan was refused; it plans the folds' runs."""
+    res = runner.invoke(app, ["plan", "--cfg", str(REPO / "cfgs" / "criteo_dnn.yaml"), "--shards", str(caches[1000]),
+                              "--device", "cpu", "--memory", "1TB", "--kfold", "2",
+                              *[x for s in small("dnn") for x in ("--set", s)]], env={"COLUMNS": "250"})
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1 and "K-fold training with K=2 needs a cache with 2 folds" in text, text
+
+
+def test_a_suggestion_that_fits_only_within_the_plans_error_says_so(caches: dict[int, Path]) -> None:
+    """(a helper's sweep) a suggested batch size "would fit" at 843 MB of 900, which the plan of it called narrow
+    and which did not fit when trained: a suggestion fits with the margin the verdict keeps, or says it does not."""
+    from ctrpipe.tools.plan import PLAN_ERROR
+
+    def peak(b: int) -> int:
+        return plan_of(caches[1000], "dnn", f"loader.batch_size={b}", f"loader.eval_batch_size={b}").peak()
+
+    memory = peak(1024)
+    assert peak(2048) > memory and peak(512) * PLAN_ERROR > memory     # nothing smaller fits with the margin
+    cfg = load_config(REPO / "cfgs" / "criteo_dnn.yaml", [*small("dnn"), "loader.batch_size=2048",
+                                                           "loader.eval_batch_size=2048"])
+    tips = estimate(cfg, caches[1000], "cpu", memory=memory).suggestions
+    batch = [t for t in tips if t.startswith("--set loader.batch_size=")]
+    assert batch and batch[0].startswith("--set loader.batch_size=1024 ") and \
+        batch[0].endswith("(narrowly: within the plan's error)"), tips
