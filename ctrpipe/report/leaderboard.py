@@ -135,7 +135,9 @@ def build_leaderboard(runs: Sequence[RunData], baseline: str | None = None, stri
     the board off gold."""
     base = find_baseline(runs, baseline)
     peers = [r for r in runs if not _why_other_metric(r, base)]
-    split: Split = "gold" if all(r.gold for r in peers) else "val"
+    # gold ranks when every peer has it, and the baseline's gold AUC is a number: a gold split of one class
+    # (NaN for every run of the cache) refused the whole report, with a fix (another baseline) that could not work
+    split: Split = "gold" if all(r.gold for r in peers) and not _no_score(base, "gold") else "val"
     reasons = {id(r): _why_not_comparable(r, base, split) for r in runs}
     odd = [r for r in runs if reasons[id(r)]]
     if _no_score(base, split):      # the baseline's AUC is no number: nothing could be ranked against it

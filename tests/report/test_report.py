@@ -460,3 +460,20 @@ def test_a_curve_of_one_logged_point_is_drawn(runs: Runs, tmp_path: Path) -> Non
     fig = training_figure(load_run(run))
     lines = [ln for ax in fig.axes for ln in ax.get_lines() if len(ln.get_xdata()) == 1]
     assert lines and all(ln.get_marker() == "o" for ln in lines)
+
+
+def test_runs_of_a_cache_whose_gold_split_has_one_class_rank_on_validation(runs: Runs, tmp_path: Path) -> None:
+    """(a helper's sweep) a gold split of one class gives every run of the cache a gold AUC of null: the report
+    refused the baseline, with a fix (another --baseline) that could not work, as every run had the same."""
+    paths = []
+    for src in runs.criteo[:2]:
+        run = tmp_path / src.name
+        shutil.copytree(src, run)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["gold"]["auc"] = None                      # as training writes a NaN AUC
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        paths.append(str(run))
+    code, text = report(*paths, "--out", str(tmp_path / "rep"))
+    assert code == 0, text
+    board = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert board["split"] == "val" and all(r["ranked"] for r in board["runs"]), board
