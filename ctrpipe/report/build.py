@@ -8,6 +8,7 @@ in DIR is replaced only then. A folder at DIR that is not a report is never touc
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -208,4 +209,7 @@ def _summary(board: Leaderboard) -> dict[str, object]:
 
 
 def _json_number(v: float | None) -> float | int | None:
-    return int(v) if v is not None and float(v).is_integer() else v
+    """A value as JSON holds it: NaN and infinities (an AUC of one class) are null, not invalid JSON."""
+    if v is None or not math.isfinite(v):
+        return None
+    return int(v) if float(v).is_integer() else v

@@ -113,6 +113,8 @@ class Leaderboard:
         v = entry.values[c]
         if entry.run is self.baseline or not entry.comparable or v is None or base is None:
             return None
+        if not _same_kind(entry.run, self.baseline, col):
+            return None
         if col.delta == "diff":
             return v - base
         return v / base if base else None
@@ -159,7 +161,7 @@ def build_leaderboard(runs: Sequence[RunData], baseline: str | None = None, stri
     entries = [Entry(r, tuple(c.value(r, split) for c in COLUMNS), not reasons[id(r)], reasons[id(r)])
                for r in runs]
     entries.sort(key=_rank_key)
-    best = tuple(_best(entries, c) for c in range(len(COLUMNS)))
+    best = tuple(_best(entries, c, base) for c in range(len(COLUMNS)))
     return Leaderboard(split, base, tuple(entries), best)
 
 
@@ -263,9 +265,16 @@ def _rank_key(e: Entry) -> tuple[bool, float, float]:
     return (not e.comparable, -(auc if auc is not None else -math.inf), logloss if logloss is not None else math.inf)
 
 
-def _best(entries: Sequence[Entry], c: int) -> frozenset[int]:
+def _same_kind(run: RunData, base: RunData, col: Column) -> bool:
+    """Whether `run`'s value of `col` measures what the baseline's does: a GPU run's peak memory is GPU memory,
+    a CPU run's the host's, and one is no ratio or rival of the other."""
+    return col.key != "peak_memory" or run.resources.peak_memory_where == base.resources.peak_memory_where
+
+
+def _best(entries: Sequence[Entry], c: int, base: RunData) -> frozenset[int]:
     col = COLUMNS[c]
-    scored = [(i, e.values[c]) for i, e in enumerate(entries) if e.comparable and e.values[c] is not None]
+    scored = [(i, e.values[c]) for i, e in enumerate(entries)
+              if e.comparable and e.values[c] is not None and _same_kind(e.run, base, col)]
     if len(scored) < 2:
         return frozenset()            # one value is nobody's best
     score = {"high": lambda v: -v, "low": lambda v: v, "one": lambda v: abs(v - 1.0)}[col.better]

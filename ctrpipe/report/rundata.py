@@ -9,6 +9,7 @@ config's train.tasks).
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -128,11 +129,11 @@ def load_run(path: Path) -> RunData:
     if not (path / "config.json").is_file():
         raise ReportError(f"{path} is not a run directory (no config.json)", where=str(path), fix=NOT_A_RUN_FIX)
     metrics = _read_metrics(path / "metrics.json")
-    kfold = int((metrics.get("cv") or {}).get("n_splits", 0) or 0)
+    kfold = _fold_count(metrics, path / "metrics.json")
     notes = [str(n) for n in metrics.get("notes") or []]
     log_dirs = [path / f"fold{k}" for k in range(kfold)] if kfold else [path]
     logs = tuple(_read_logs(d, f"fold{k}" if kfold else "") for k, d in enumerate(log_dirs))
-    heads = tuple(str(h) for h in metrics.get("heads") or metrics.get("labels") or ())
+    heads = _heads(metrics, path / "metrics.json")
     preds_name = "oof.npz" if kfold else "val_predictions.npz"
     predictions = _read_predictions(path / preds_name, heads) if (path / preds_name).is_file() else ()
     if not predictions:
@@ -145,6 +146,31 @@ def load_run(path: Path) -> RunData:
         val=_float_dict(metrics.get("val")), gold=_float_dict(metrics["gold"]) if metrics.get("gold") else None,
         notes=tuple(notes), logs=logs, predictions=predictions,
         predictions_from=preds_name if predictions else "", resources=_resources(path, metrics, kfold))
+
+
+DAMAGED_FIX = "the file is damaged: retrain the run (or restore metrics.json from a copy)"
+
+
+def _fold_count(metrics: dict[str, Any], path: Path) -> int:
+    """metrics.json's cv.n_splits (0 for a single run); a damaged value is named, not a traceback."""
+    cv = metrics.get("cv")
+    n = 0 if cv is None else cv.get("n_splits", 0) if isinstance(cv, dict) else cv
+    if n is None:
+        return 0
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ReportError(f"metrics.json's cv.n_splits is {n!r}, not a number of folds", where=str(path),
+                          fix=DAMAGED_FIX)
+    return n
+
+
+def _heads(metrics: dict[str, Any], path: Path) -> tuple[str, ...]:
+    """metrics.json's heads (or, from older runs, labels): a list of names; text there read as one head per
+    character."""
+    heads = metrics.get("heads") or metrics.get("labels") or []
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        raise ReportError(f"metrics.json's heads are {heads!r}, not a list of head names", where=str(path),
+                          fix=DAMAGED_FIX)
+    return tuple(heads)
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:
@@ -322,8 +348,12 @@ def _float_dict(d: Any) -> dict[str, float]:
 
 
 def _opt_float(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    """A recorded count, size, time or rate: finite and not negative, else none recorded (an edited or damaged
+    metrics.json wrote Infinity into report.json, and a size of -5 bytes ranked best)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    return float(v) if ok else None
 
 
 def _opt_int(v: Any) -> int | None:
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    f = _opt_float(v)
+    return int(f) if f is not None else None

@@ -477,3 +477,55 @@ def test_runs_of_a_cache_whose_gold_split_has_one_class_rank_on_validation(runs:
     assert code == 0, text
     board = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert board["split"] == "val" and all(r["ranked"] for r in board["runs"]), board
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("cv", [3], "metrics.json's cv.n_splits is [3], not a number of folds"),
+    ("cv", {"n_splits": "abc"}, "metrics.json's cv.n_splits is 'abc', not a number of folds"),
+    ("heads", "label", "metrics.json's heads are 'label', not a list of head names"),
+])
+def test_a_damaged_metrics_json_is_named_not_a_traceback(runs: Runs, tmp_path: Path, key: str, value: object,
+                                                         said: str) -> None:
+    """(a helper's sweep) a list for cv or text for its n_splits ended in tracebacks; text for heads read as one
+    head per character."""
+    run = tmp_path / "run"
+    shutil.copytree(runs.criteo[0], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics[key] = value
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    code, text = report(str(run), "--out", str(tmp_path / "rep"))
+    text = " ".join(text.split())
+    assert code == 1 and said in text and "the file is damaged" in text and "Traceback" not in text, text
+
+
+def test_unreadable_costs_are_none_and_report_json_stays_json(runs: Runs, tmp_path: Path) -> None:
+    """(a helper's sweep) an infinite samples/s went into report.json as Infinity (not JSON), and a peak of
+    -5 bytes was ranked best."""
+    run = tmp_path / "odd"
+    shutil.copytree(runs.criteo[0], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.update(samples_per_s=float("inf"), peak_host_anon_bytes=-5, wall_seconds=float("nan"))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    resources = load_run(run).resources
+    assert resources.samples_per_s is None and resources.wall_seconds is None
+    assert resources.peak_memory_where == "host RSS"          # the anonymous peak is unreadable: the RSS instead
+    code, text = report(str(runs.criteo[1]), str(run), "--out", str(tmp_path / "rep"))
+    assert code == 0, text
+    json.loads((tmp_path / "rep" / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+
+
+def test_a_gpu_runs_peak_is_not_ranked_against_a_host_peak(runs: Runs, tmp_path: Path) -> None:
+    """(a helper's sweep) a GPU run's peak device memory was starred best over a CPU run's host peak, with a
+    ratio between them."""
+    gpu = tmp_path / "gpu_run"
+    shutil.copytree(runs.criteo[1], gpu)
+    metrics = json.loads((gpu / "metrics.json").read_text())
+    metrics["peak_device_memory_bytes"] = 1000
+    metrics["exp_name"] = "gpu_run"
+    (gpu / "metrics.json").write_text(json.dumps(metrics))
+    board = build_leaderboard([load_run(runs.criteo[0]), load_run(gpu), load_run(runs.criteo[2])])
+    peak = col("peak_memory")
+    i = next(k for k, e in enumerate(board.entries) if e.run.name == "gpu_run")
+    assert board.entries[i].run.resources.peak_memory_where == "GPU"
+    assert i not in board.best[peak] and board.delta(i, peak) is None
+    assert board.best[peak]                 # the two host peaks are still compared
