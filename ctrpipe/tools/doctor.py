@@ -75,6 +75,10 @@ def _package(name: str) -> Check:
         importlib.import_module(MODULES.get(name, name))
     except Exception as exc:    # whatever stops the import stops the commands that need it
         reason = (str(exc).splitlines() or [""])[0]
+        if name == "matplotlib" and "backend" in reason and os.environ.get("MPLBACKEND"):
+            # installed well: the environment names a backend it does not know (reinstalling changes nothing)
+            return Check(name, "fail", f"{version} installed, but MPLBACKEND={os.environ['MPLBACKEND']!r} is no "
+                                       "backend it knows", "unset MPLBACKEND, or set it to e.g. MPLBACKEND=Agg")
         return Check(name, "fail", f"{version} installed, but importing it fails: {type(exc).__name__}: {reason}",
                      f"{REINSTALL}; check that no other copy of {name} comes first on the Python path "
                      "(PYTHONPATH, the working folder)")

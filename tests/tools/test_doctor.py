@@ -79,3 +79,20 @@ def test_doctor_names_a_package_older_than_ctrpipe_needs(monkeypatch: pytest.Mon
     assert res.exit_code == 1, res.output
     line = next(line for line in res.output.splitlines() if line.strip("│ ").startswith("numpy"))
     assert "1.20.0 installed, ctrpipe needs >= 1.24" in line and "pip install 'numpy>=1.24'" in line
+
+
+def test_a_backend_matplotlib_does_not_know_is_named_by_doctor_and_report(tmp_path) -> None:
+    """(a helper's sweep) MPLBACKEND=nonsense ended `ctrpipe report` in matplotlib's traceback, and doctor told
+    to reinstall the dependencies, which changes nothing: the environment variable is what to change."""
+    env = {**os.environ, "MPLBACKEND": "nonsense", "COLUMNS": "250"}
+    res = subprocess.run([sys.executable, "-m", "ctrpipe.cli", "doctor"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    out = res.stdout + res.stderr
+    line = next(line for line in out.splitlines() if line.strip("│ ").startswith("matplotlib"))
+    assert res.returncode == 1 and "MPLBACKEND='nonsense' is no backend it knows" in line, out
+    assert "unset MPLBACKEND" in line and "pip install" not in line, line
+    res = subprocess.run([sys.executable, "-m", "ctrpipe.cli", "report", str(tmp_path), "--out",
+                          str(tmp_path / "rep")], env=env, capture_output=True, text=True, timeout=300)
+    out = " ".join((res.stdout + res.stderr).split())
+    assert res.returncode == 1 and "matplotlib refuses MPLBACKEND='nonsense'" in out and "Traceback" not in out, out
+    assert "MPLBACKEND=Agg" in out
