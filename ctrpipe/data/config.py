@@ -210,11 +210,6 @@ class SplitConfig:
                               fix="use a fraction in [0, 1), e.g. data.split.val_ratio=0.1")
         if self.mode == "group" and not self.key:
             raise ConfigError("data.split.mode=group needs data.split.key", fix="e.g. data.split.key=user_id")
-        if self.key and self.mode != "group":
-            # read only in group mode: a key set without it split its groups without a word
-            raise ConfigError(f"data.split.key needs data.split.mode=group (not {self.mode})",
-                              where="data.split.key", fix="set data.split.mode=group (rows sharing the key stay "
-                                                          "on one side), or remove data.split.key")
 
 
 @dataclass(frozen=True)
@@ -262,12 +257,6 @@ class FoldConfig:
             raise ConfigError("data.folds.key and data.folds.composite_group are both set",
                               where="data.folds.composite_group",
                               fix="list every grouping column in composite_group and remove key")
-        if self.key and self.mode != "group":
-            # read only in group mode: a key set without it (mode is plain by default) left groups split across
-            # folds without a word, and the manifest recorded the key as if the folds were grouped
-            raise ConfigError(f"data.folds.key needs data.folds.mode=group (not {self.mode})",
-                              where="data.folds.key", fix="set data.folds.mode=group (rows sharing the key share a "
-                                                          "fold), or remove data.folds.key")
         if self.composite_group and self.mode != "group":
             raise ConfigError(f"data.folds.composite_group needs data.folds.mode=group (not {self.mode})",
                               where="data.folds.composite_group", fix="set data.folds.mode=group")

@@ -145,8 +145,18 @@ _YEAR_LAST = r"^\s*(\d{1,2}[/.\-]\d{1,2}[/.\-]\d{4}|\d{1,2}[/.]\d{1,2}[/.]\d{2})
 
 # a time of day on a 12-hour clock (04:54:10 AM): "01:00 PM" orders before "11:00 AM"
 _TWELVE_HOUR = r"(?i)\b\d{1,2}:\d\d(:\d\d([.,]\d+)?)?\s*[ap]\.?m\b"
-# a trailing UTC offset (+09:00, -0400, Z): text orders local times, so offsets that differ break time order
-_OFFSET = r"(Z|[+-]\d\d:?\d\d)\s*$"
+# a time of day and what follows it: a UTC offset (+09:00, -0400, -04, Z) or nothing. Text orders local
+# times, so offsets that differ, or some times with one and some without, break time order. Only after a time
+# of day: 20240509-1030 (a date, then a time) is no offset
+_TIME_OFFSET = r"\d\d:\d\d(?::\d\d(?:[.,]\d+)?)?\s*(Z|[+-]\d\d(?::?\d\d)?)?\s*$"
+
+
+def _utc_offsets(values: pl.Series) -> pl.Series:
+    """The distinct UTC offsets (+HH:MM; null for a time without one) of the values ending in a time of day."""
+    timed = values.filter(values.str.contains(_TIME_OFFSET))
+    offset = timed.str.extract(_TIME_OFFSET).str.replace("Z", "+00:00").str.replace(r"^([+-]\d\d)$", "${1}:00") \
+        .str.replace(r"^([+-]\d\d)(\d\d)$", "${1}:${2}")
+    return offset.unique()
 
 
 def refuse_unsorted_text_times(values: pl.Series, key: str) -> None:
@@ -163,11 +173,11 @@ def refuse_unsorted_text_times(values: pl.Series, key: str) -> None:
         why, example = "puts the day or month before the year", shown.filter(shown.str.contains(_YEAR_LAST))[0]
     elif shown.str.contains(_TWELVE_HOUR).any():
         why, example = "writes a 12-hour clock (AM/PM)", shown.filter(shown.str.contains(_TWELVE_HOUR))[0]
-    elif (offsets := shown.str.extract(_OFFSET).drop_nulls().str.replace("Z", "+00:00")
-          .str.replace(r"^([+-]\d\d)(\d\d)$", "${1}:${2}").unique()).len() > 1:
-        first = sorted(offsets.to_list())[:3]
-        why, example = (f"carries different UTC offsets ({', '.join(first)}): it orders local times, not one "
-                        "time line", shown.filter(shown.str.extract(_OFFSET).is_not_null())[0])
+    elif (offsets := _utc_offsets(shown)).len() > 1:
+        first = sorted(offsets.unique().fill_null("none").to_list())[:3]
+        why, example = (f"carries different UTC offsets, or some times have one and some not ({', '.join(first)}): "
+                        "it orders local times, not one time line", shown.filter(offsets.is_not_null())[0]
+                        if offsets.is_not_null().any() else shown[0])
     else:
         # the n-th number of each value: one width throughout (zero-padded), or text order is not number order
         # (a fraction of a second orders as text whatever its width, 10:00:00.5 < 10:00:00.75: left out)

@@ -44,7 +44,7 @@ from ctrpipe.data.reader import input_schema, iter_raw_chunks
 from ctrpipe.data.schema import ResolvedColumns, resolve_columns
 from ctrpipe.data.splits import SPLIT_GOLD, SPLIT_TEST, FoldAssigner, assign_split
 from ctrpipe.data.transforms import log1p_transform
-from ctrpipe.errors import InputFormatError, SchemaError, disk_full_as_error, human_bytes
+from ctrpipe.errors import ConfigError, InputFormatError, SchemaError, disk_full_as_error, human_bytes
 from ctrpipe.native import native
 from ctrpipe.prefetch import prefetch
 from ctrpipe.shard.folds import fit_periods, fold_key_hash, fold_times, group_hashes, keyless_by_row
@@ -152,6 +152,15 @@ def _check_patterns_elsewhere(data: DataConfig, rc: ResolvedColumns, paths: list
 def check_plan(plan: Plan, role: str) -> None:
     """Checks that need both the config and the resolved columns, done before any pass starts."""
     f = plan.cfg.folds
+    # a key is read only in group mode: one set without it (folds are plain by default) left groups split
+    # without a word, and the manifest recorded the key as if they were kept. Refused when a train cache is
+    # built, not where a recorded config is read: caches and runs built before still load
+    for key, section in (("folds", f), ("split", plan.cfg.split)):
+        if role == "train" and section.key and section.mode != "group":
+            raise ConfigError(f"data.{key}.key needs data.{key}.mode=group (not {section.mode})",
+                              where=f"data.{key}.key", fix=f"set data.{key}.mode=group (rows sharing the key "
+                              + ("share a fold" if key == "folds" else "stay on one side")
+                              + f"), or remove data.{key}.key")
     if role == "train" and f.n_splits and f.mode == "stratified" and f.label and f.label not in plan.labels:
         raise SchemaError(f"data.folds.label {f.label!r} is not one of the labels", where="data.folds.label",
                           fix=f"use one of {list(plan.labels)}")

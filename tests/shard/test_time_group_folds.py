@@ -4,6 +4,7 @@ features, the trainer's fold views over them, and the errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -242,6 +243,28 @@ def test_an_empty_text_time_is_missing_not_the_earliest(tmp_path: Path) -> None:
     assert "time key 'stamp' is missing in 1 row of" in str(e.value) and "row 9" in str(e.value)
 
 
+@pytest.mark.parametrize(("sets", "said"), [
+    (["data.folds.mode=plain", "data.folds.key=user"], "data.folds.key needs data.folds.mode=group (not plain)"),
+    (["data.folds.mode=stratified", "data.folds.key=user"], "set data.folds.mode=group"),
+    (["data.split.key=user"], "data.split.key needs data.split.mode=group (not random)"),
+])
+def test_a_group_key_without_group_mode_is_refused_when_a_train_cache_is_built(tmp_path: Path, sets: list[str],
+                                                                                said: str) -> None:
+    """(a helper's sweep) a key without mode=group (plain folds are the default) was ignored: groups split
+    across folds without a word, and the manifest recorded the key as if they were kept. A cache built so
+    before still loads (a review: refusing the recorded config made old caches and runs unusable)."""
+    src = _write(tmp_path / "t.parquet", 200)
+    with pytest.raises(ConfigError) as e:
+        _build(tmp_path, src, "c", "data.folds.n_splits=3", *sets)
+    assert said in str(e.value) and not (tmp_path / "c" / "manifest.json").exists()
+    from ctrpipe.config import build_dataclass
+    from ctrpipe.data.config import DataConfig
+
+    recorded = load_config(PARQUET_CFG, [*BASE, "data.folds.n_splits=3"]).data
+    as_dict = {**dataclasses.asdict(recorded), "folds": {**dataclasses.asdict(recorded.folds), "key": "user"}}
+    assert build_dataclass(DataConfig, as_dict, "data.", "manifest.json").folds.key == "user"
+
+
 @pytest.mark.parametrize(("kwargs", "fix"), [
     ({"n_splits": 3, "mode": "time"}, "time_key="),
     ({"n_splits": 3, "time_key": "ts"}, "mode=time"),
@@ -249,9 +272,6 @@ def test_an_empty_text_time_is_missing_not_the_earliest(tmp_path: Path) -> None:
     ({"n_splits": 3, "mode": "group", "key": "a", "composite_group": ("a", "b")}, "remove key"),
     ({"n_splits": 3, "mode": "plain", "composite_group": ("a", "b")}, "mode=group"),
     ({"n_splits": 3, "mode": "group", "composite_group": ("a", "a")}, "distinct"),
-    # (a helper's sweep) key without mode=group (plain is the default) was ignored: groups split, the key recorded
-    ({"n_splits": 3, "key": "user"}, "data.folds.key needs data.folds.mode=group (not plain)"),
-    ({"n_splits": 3, "mode": "stratified", "key": "user"}, "set data.folds.mode=group"),
 ])
 def test_fold_config_errors(kwargs: dict[str, object], fix: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -575,6 +595,11 @@ def test_time_folds_cut_whenever_there_are_as_many_distinct_times_as_folds(tmp_p
     ([f"2024-05-0{d}T1{h}:00:00{z}" for d in range(1, 5) for h, z in ((6, "-04:00"), (0, "+09:00"))],
      "different UTC offsets"),
     ([f"2024-05-0{d} 0{h}:30:00 {ap}" for d in range(1, 5) for h, ap in ((4, "AM"), (1, "PM"))], "12-hour clock"),
+    # (a review) hour-only offsets as PostgreSQL writes them, and times with an offset beside times without
+    ([f"2024-05-0{d} 1{h}:00:00{z}" for d in range(1, 5) for h, z in ((6, "-04"), (0, "-05"))],
+     "different UTC offsets"),
+    ([f"2024-05-0{d}T1{h}:00:00{z}" for d in range(1, 5) for h, z in ((6, ""), (0, "+09:00"))],
+     "some times have one and some not"),
 ])
 def test_text_times_that_do_not_sort_as_time_are_refused(tmp_path: Path, days: list[str], why: str) -> None:
     """A helper's sweep: time folds over "2024-5-9"-style text cut periods in text order ("2024-10-1" before
@@ -644,6 +669,7 @@ def test_a_split_or_folds_unlike_the_config_are_said_at_build_and_by_inspect(tmp
     ["market 2024-05-09", "Mayotte 2024-05-10", "America/Juneau 2024-05-11"],   # words that start like months
     ["2024-05-09T10:00:00+09:00", "2024-05-10T08:00:00+09:00"],                   # one UTC offset throughout
     ["2024-05-09T10:00:00Z", "2024-05-10T08:00:00+00:00"],                       # Z is +00:00
+    ["20240509-1030", "20240510-0945", "20240511-1145"],                         # a date, then a time: no offset
 ])
 def test_text_times_that_sort_as_time_are_not_refused(values: list[str]) -> None:
     """A review: the first version of the check refused these, whose text order is their time order."""
