@@ -176,8 +176,8 @@ def refuse_unsorted_text_times(values: pl.Series, key: str) -> None:
     elif (offsets := _utc_offsets(shown)).len() > 1:
         first = sorted(offsets.unique().fill_null("none").to_list())[:3]
         why, example = (f"carries different UTC offsets, or some times have one and some not ({', '.join(first)}): "
-                        "it orders local times, not one time line", shown.filter(offsets.is_not_null())[0]
-                        if offsets.is_not_null().any() else shown[0])
+                        "it orders local times, not one time line",
+                        shown.filter(shown.str.extract(_TIME_OFFSET).is_not_null())[0])
     else:
         # the n-th number of each value: one width throughout (zero-padded), or text order is not number order
         # (a fraction of a second orders as text whatever its width, 10:00:00.5 < 10:00:00.75: left out)
