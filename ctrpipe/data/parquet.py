@@ -168,13 +168,15 @@ def _check_value_type(path: Path, col: str, kind: str, t: pa.DataType, rc: Resol
     want, got = rc.value_type(col), value_family(t)
     if kind not in ("categorical", "token") or want is None or got is None or got == want:
         return
-    cast = _CASTS.get(want)
+    # a cast to text is no fix: the integer 7 becomes "7", not the "07" training stored, and passes this check
+    cast = _CASTS.get(want) if want != "text" else None
     raise SchemaError(f"{kind} column holds {got} values ({t}) where {rc.value_types_from or 'the training data'} "
                       f"stored {want} values: a value reads as other text (7 against '07', 1.0 against 1), so "
                       "it would get another id", where=location(path, column=col),
                       fix=f"write {col!r} with {want} values, as the training data has them"
-                          + (f" (polars: pl.col({col!r}).cast({cast}), for text keeping leading zeros)" if cast
-                             else ""))
+                          + (f" (polars: pl.col({col!r}).cast({cast}))" if cast else
+                             " and written exactly as there (a cast of 7 to text gives '7', not '07'): read the "
+                             "column as text where the file is made (pandas: dtype=str)" if want == "text" else ""))
 
 
 def _all_null(path: Path, schema: pa.Schema, column: str) -> bool:

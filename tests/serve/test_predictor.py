@@ -444,7 +444,9 @@ def test_a_categorical_stored_with_other_values_than_in_training_is_refused(parq
         predict_file(parquet["run"], ints, tmp_path / "p.csv")
     assert e.value.where == f"{ints}, column hour" and "holds integer values (int64)" in e.value.what
     assert "the run's training data stored text values" in e.value.what
-    assert "pl.col('hour').cast(pl.String)" in e.value.fix and not (tmp_path / "p.csv").exists()
+    # (a review) the fix once said to cast it to text, which gives "7" for "07" and passes the check
+    assert "written exactly as there" in e.value.fix and "cast(" not in e.value.fix
+    assert not (tmp_path / "p.csv").exists()
     with pytest.raises(SchemaError, match="holds integer values"):
         Predictor.load(parquet["run"]).predict(table.head(5).with_columns(pl.col("hour").cast(pl.Int64)))
     res = CliRunner().invoke(app, ["shard", "--cfg", str(REPO / "cfgs" / "parquet_example.yaml"), "--input",
