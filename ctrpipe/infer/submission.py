@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,18 +59,28 @@ def check_out_file(out: Path, option: str = "--out") -> None:
     _refuse_files_of_caches_and_runs(path, option)
 
 
+def shard_cache_holding(path: Path) -> Path | None:
+    """The shard cache whose folder holds `path` (or is it), if any: a folder with a manifest.json and shards."""
+    p = Path(path).resolve()
+    for folder in (p, *p.parents):
+        if (folder / "manifest.json").is_file() and next(folder.glob("shard_*"), None) is not None:
+            return folder
+    return None
+
+
 def _refuse_files_of_caches_and_runs(out: Path, option: str) -> None:
     """Any shard cache's folder, and any run's own files, not only those of the run and cache the command
     reads (`check_out_outside`): --out naming another run's ckpt_best.pt or another cache's manifest.json
     replaced it with CSV text, exit 0, and that run or cache failed later. A run's earlier submission (with
     its .json record) and its submission.csv are replaced as before."""
     o = out.resolve()
-    for folder in o.parents:
-        if (folder / "manifest.json").is_file() and next(folder.glob("shard_*"), None) is not None:
-            raise SubmissionError(f"{option} is inside the shard cache {folder}, whose folder belongs to "
-                                  "`ctrpipe shard`", where=f"{option} {out}",
-                                  fix="write the output outside the cache's folder")
-    run = o.parent
+    cache = shard_cache_holding(o)
+    if cache is not None:
+        raise SubmissionError(f"{option} is inside the shard cache {cache}, whose folder belongs to "
+                              "`ctrpipe shard`", where=f"{option} {out}",
+                              fix="write the output outside the cache's folder")
+    # a run's own files, and its K-fold folds' (fold0/ckpt_last.pt is what --resume reads)
+    run = o.parent.parent if re.fullmatch(r"fold\d+", o.parent.name) else o.parent
     if (run / "config.json").is_file() and (run / "manifest_fingerprint.txt").is_file() and o.exists() and \
             o.name != "submission.csv" and not o.with_name(o.name + ".json").is_file():
         raise SubmissionError(f"{option} names the run's own {o.name} (of the run {run}), which no infer, predict "

@@ -54,6 +54,7 @@ from ctrpipe.device import predict_amp
 from ctrpipe.errors import BusyError, ConfigError
 from ctrpipe.infer.ensemble import EPS
 from ctrpipe.infer.predict import find_checkpoints
+from ctrpipe.infer.submission import shard_cache_holding
 from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import Layout
 from ctrpipe.models.heads import as_output
@@ -171,6 +172,9 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
     o, c = out.resolve(), p.cache_dir.resolve()
     if o == c or c in o.parents:        # as infer and predict refuse: the cache's folder is the build's
         raise ConfigError(f"--out {out} is inside the training cache {p.cache_dir}, which serving reads",
+                          where=f"--out {out}", fix=f"export outside the cache's folder, e.g. --out {run / 'export'}")
+    if (other := shard_cache_holding(o)) is not None:      # any cache's folder is its build's
+        raise ConfigError(f"--out {out} is inside the shard cache {other}, whose folder belongs to `ctrpipe shard`",
                           where=f"--out {out}", fix=f"export outside the cache's folder, e.g. --out {run / 'export'}")
     batch = p.batch(rows) if rows is not None else cache_batch(p, 8)
     module = ServingModule(p).eval()

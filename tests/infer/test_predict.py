@@ -490,6 +490,17 @@ def test_out_naming_another_runs_or_caches_file_is_refused(world: dict[str, Path
     run_infer(world["kfold"], world["te"], tmp_path / "b.csv", [], quiet=True)
     with pytest.raises(SubmissionError, match="the run's own ckpt_fold1.pt"):
         run_blend([tmp_path / "a.csv", tmp_path / "b.csv"], "mean", None, other_run / "ckpt_fold1.pt", quiet=True)
+    # (a review) a K-fold run's fold folders hold its own files too: fold0/train_log.csv, fold0/ckpt_last.pt
+    fold_file = next(p for p in sorted((other_run / "fold0").iterdir()) if p.is_file())
+    with pytest.raises(SubmissionError, match=f"the run's own {fold_file.name}"):
+        run_infer(world["single"], world["te"], fold_file, [], quiet=True)
+    with pytest.raises(SubmissionError, match=f"the run's own {fold_file.name}"):
+        predict_file(world["single"], world["data"] / "test.tsv", fold_file)
+    assert {p: p.read_bytes() for p in [*other_run.rglob("*"), *other_cache.rglob("*")] if p.is_file()} == before
+    from ctrpipe.serve.export import export_model
+
+    with pytest.raises(ConfigError, match="is inside the shard cache"):
+        export_model(world["single"], other_cache / "export", "torchscript")
     assert {p: p.read_bytes() for p in [*other_run.rglob("*"), *other_cache.rglob("*")] if p.is_file()} == before
     run_infer(world["single"], world["te"], other_run / "submission.csv", [], quiet=True)   # as before
     run_blend([tmp_path / "a.csv", tmp_path / "b.csv"], "mean", None, other_run / "blend.csv", quiet=True)
