@@ -117,8 +117,8 @@ def closest(name: str, names: list[str], fixed_separator: str | None = None) -> 
         sep = max((sep for sep in _SEPARATORS if sep in names[0]), key=names[0].count)
         said = f"the header reads as one column {names[0][:60]!r}: the file looks separated by {sep!r}"
         if fixed_separator is not None:
-            return (f"{said}, and the run reads {fixed_separator!r} (its data.csv.separator cannot change at "
-                    f"inference): write the file separated by {fixed_separator!r}.")
+            return (f"{said}, and the training data was read with {fixed_separator!r} (data.csv.separator stays "
+                    f"as the model was trained): write the file separated by {fixed_separator!r}.")
         return f"{said} (set data.csv.separator to {sep!r})."
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     if close:
@@ -189,6 +189,11 @@ def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | No
     criteo = cfg.format == "criteo"
     present = list(CRITEO_COLUMNS) if criteo else _names(schema)
     where = str(source) if source is not None else ("Criteo text layout" if criteo else "first input file")
+    if to_predict and cfg.format == "csv" and len(present) == 1 and any(sep in present[0] for sep in _SEPARATORS):
+        # a file to predict (a --stats-from test file too) read with the run's separator, which is fixed: the
+        # fix is the file's, not data.csv.separator, whatever column is looked for first
+        hint = closest(present[0], present, cfg.csv.separator)
+        raise SchemaError("the file's header reads as one column", where=where, fix=hint[0].upper() + hint[1:])
     derived = tuple(cfg.derived_labels)
     sources = tuple(dict.fromkeys(d.column for d in derived))
     labels = (*cfg.labels, *(d.name for d in derived))
