@@ -8,7 +8,6 @@ Criteo kernel or polars) one chunk ahead on another, and transformed here; the w
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
 import re
 import time
@@ -29,6 +28,7 @@ from ctrpipe.console import human_rate, make_progress
 from ctrpipe.data.chunks import SHARD_REMEDIES, Remedies, column_hashes, has_column
 from ctrpipe.data.config import CovisitConfig, DataConfig
 from ctrpipe.data.covisit import CovisitCounter
+from ctrpipe.data.criteo import open_text
 from ctrpipe.data.csv_reader import stray_quote_resync
 from ctrpipe.data.csv_records import count_records
 from ctrpipe.data.fitted import (
@@ -230,9 +230,11 @@ def count_rows(data: DataConfig, paths: list[Path], label_columns: tuple[str, ..
             resync = stray_quote_resync(data, p, label_columns) if skip else frozenset()
             total += count_records(p, data.csv, resync_fields=resync)
             continue
-        opener = gzip.open if str(p).endswith(".gz") else open
+        # as the reader opens it: gzip by its magic bytes, whatever the suffix (a .GZ file's compressed bytes
+        # were counted, so a tail split took far more rows than val_ratio)
+        fh, raw = open_text(p)
         last = b"\n"
-        with opener(p, "rb") as fh:
+        with raw, fh:
             while block := fh.read(1 << 24):
                 total += block.count(b"\n")
                 last = block[-1:]

@@ -165,6 +165,18 @@ def test_gold_rows_are_split_2_and_never_fitted(tmp_path: Path) -> None:
     assert "gold" in m.label_rates["clicked"]
 
 
+def test_a_tail_split_counts_the_rows_of_gzip_text_whatever_its_suffix(tmp_path: Path, criteo_tsv: Path) -> None:
+    """(a review) the row count a tail split cuts at found gzip by a lower-case .gz suffix, while the reader
+    knows it by its magic bytes: a .GZ file's compressed bytes were counted, and val took far more rows."""
+    upper = tmp_path / "TRAIN.TSV.GZ"
+    with open(criteo_tsv, "rb") as src, gzip.open(upper, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    sets = ("data.split.mode=tail", "data.split.val_ratio=0.1")
+    plain = build_shards(criteo_cfg(*sets), [criteo_tsv], tmp_path / "plain", progress=False).manifest
+    packed = build_shards(criteo_cfg(*sets), [upper], tmp_path / "gz", progress=False).manifest
+    assert packed.rows == plain.rows and plain.rows["val"] == round(0.1 * plain.rows["total"])
+
+
 def test_gzip_input_gives_the_same_shards(tmp_path: Path, criteo_tsv: Path) -> None:
     gz = tmp_path / "train.tsv.gz"
     with open(criteo_tsv, "rb") as src, gzip.open(gz, "wb") as dst:
