@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import math
+import warnings
 from typing import get_args
 
 import numpy as np
@@ -72,8 +73,11 @@ def test_weighted_explicit_weights_are_normalised() -> None:
     want = [_sig((2 * _lg(0.1) + 1 * _lg(0.3) + 1 * _lg(0.2)) / 4)]
     np.testing.assert_allclose(combine(P[:, :1], "weighted", weights=[2, 1, 1]), want, rtol=1e-12)
     np.testing.assert_allclose(combine(P, "mean", weights=[0, 0, 5]), P[2])
-    # finite weights whose sum overflows were all 0 (every row 0.5, or "bad weights [0.0, ...]")
-    np.testing.assert_allclose(combine(P, "mean", weights=[1e308, 1e308, 0]), P[:2].mean(axis=0), rtol=1e-12)
+    # finite weights whose sum overflows were all 0 (every row 0.5, or "bad weights [0.0, ...]"), and then
+    # scaled with numpy's overflow warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(combine(P, "mean", weights=[1e308, 1e308, 0]), P[:2].mean(axis=0), rtol=1e-12)
 
 
 def test_weighted_from_scores_softmax() -> None:
