@@ -67,6 +67,10 @@ class _Inspector:
         labels = m.columns_of("label")
         self.label_sum = np.zeros((len(labels), len(SPLIT_CODES)))       # per label and split: label_rates
         self.label_n = np.zeros((len(labels), len(SPLIT_CODES)), dtype=np.int64)
+        # per pair of labels and split: label_pair_rates (both positive), which masked heads start from
+        self.pairs = [(a, b) for a in range(len(labels)) for b in range(a + 1, len(labels))]
+        self.pair_sum = np.zeros((len(self.pairs), len(SPLIT_CODES)))
+        self.pair_n = np.zeros((len(self.pairs), len(SPLIT_CODES)), dtype=np.int64)
 
     def run(self) -> None:
         m = self.m
@@ -108,11 +112,17 @@ class _Inspector:
         if y is None or split is None or ((np.asarray(split) < 0) | (np.asarray(split) >= len(SPLIT_CODES))).any():
             return
         y, split = np.asarray(y), np.asarray(split)
-        for t, c in enumerate(self.m.columns_of("label")):
+        columns = self.m.columns_of("label")
+        for t, c in enumerate(columns):
             v = y[:, c.index]
             ok = np.isfinite(v)
             self.label_sum[t] += np.bincount(split[ok], weights=v[ok], minlength=len(SPLIT_CODES))
             self.label_n[t] += np.bincount(split[ok], minlength=len(SPLIT_CODES))
+        for k, (a, b) in enumerate(self.pairs):
+            va, vb = y[:, columns[a].index], y[:, columns[b].index]
+            ok = np.isfinite(va) & np.isfinite(vb)
+            self.pair_sum[k] += np.bincount(split[ok], weights=va[ok] * vb[ok], minlength=len(SPLIT_CODES))
+            self.pair_n[k] += np.bincount(split[ok], minlength=len(SPLIT_CODES))
 
     def _check_statistics(self) -> None:
         """The values against the min, max and mean the build recorded for each column: data overwritten or
@@ -143,6 +153,20 @@ class _Inspector:
                 if abs(rate - recorded[name]) > 1e-6:
                     chk.fail(f"{c.name}: positive rate {rate:.6g} on {name}, the build recorded "
                              f"{recorded[name]:.6g} (labels changed after the build)")
+        columns = self.m.columns_of("label")
+        for k, (a, b) in enumerate(self.pairs):
+            first, second = columns[a].name, columns[b].name
+            recorded = self.m.label_pair_rates.get(first, {}).get(second, {})   # {} in caches built before
+            if self.ranges[first].bad or self.ranges[second].bad:
+                continue
+            for name, code in SPLIT_CODES.items():
+                if name not in recorded or not self.pair_n[k, code]:
+                    continue
+                chk.rates += 1
+                rate = self.pair_sum[k, code] / self.pair_n[k, code]
+                if abs(rate - recorded[name]) > 1e-6:
+                    chk.fail(f"{first} and {second}: rate of both positive {rate:.6g} on {name}, the build "
+                             f"recorded {recorded[name]:.6g} (labels changed after the build)")
 
     def _check_fitted(self) -> None:
         """A train cache's fitted statistics (vocabularies, co-visitation tables) must be readable: a test

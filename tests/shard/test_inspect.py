@@ -125,6 +125,29 @@ def test_data_changed_after_the_build_fails(cache: Path) -> None:
     assert _failed(cache) == {"files"}
 
 
+def test_labels_moved_between_rows_after_the_build_fail_on_their_pair_rate(cache: Path) -> None:
+    """(a review) the rate of both labels positive, which masked heads start from, was not checked: one label
+    moved between rows of a split keeps every label's rate and changes only the pair's."""
+    m = read_manifest(cache)
+    assert set(m.label_pair_rates["clicked"]["converted"]) <= {"train", "val"}
+    paths = [cache / s.files["labels"].file for s in m.shards]
+    y = np.concatenate([np.load(p) for p in paths])
+    split = np.concatenate([np.load(cache / s.files["split"].file) for s in m.shards])
+    rows = np.flatnonzero(split == 0)
+    moved = y.copy()
+    moved[rows, 1] = np.roll(y[rows, 1], 1)          # each train row gets another train row's converted
+    assert (moved[:, 1].sum(), (moved[:, 0] * moved[:, 1]).sum()) != (y[:, 1].sum(), (y[:, 0] * y[:, 1]).sum()) \
+        and moved[:, 1].sum() == y[:, 1].sum()
+    start = 0
+    for p in paths:
+        n = len(np.load(p))
+        np.save(p, moved[start:start + n])
+        start += n
+    _, checks, _ = inspect_cache(cache)
+    assert not checks["statistics"].ok and "clicked and converted: rate of both positive" in \
+        " ".join(checks["statistics"].failures), checks["statistics"]
+
+
 def test_missing_fitted_statistics_fail(tmp_path: Path) -> None:
     import shutil
 
