@@ -10,6 +10,7 @@ polars cannot parse (bad quoting, invalid UTF-8), is a bad row too: an error, or
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,10 @@ class CsvChunker:
         elif rec.open_quote and i == len(rec) - 1:
             what += f"; a {self.cfg.csv.quote_char!r} opened in this row never closes"
         text = rec.text(i, sep)
+        if n == 1 and text.strip() == "":        # spaces or tabs alone: no separator or column name is wrong
+            return InputFormatError("the line holds only spaces or tabs", where=location(self.path, int(rec.lines[i])),
+                                    fix=r.or_skip("remove the line (an empty line is skipped; one with spaces is a "
+                                                  "row)"))
         for other in (", ", ",", "\t", ";", "|"):
             if other != sep and text.count(other) + 1 == len(names):
                 fix = f"the line has {len(names)} fields separated by {other!r}: " + (
@@ -319,10 +324,13 @@ class CsvChunker:
                                             where=where,
                                             fix=self.remedies.or_skip(f"every row needs a label: fill in "
                                                                       f"{d.column!r}"))
+                fix = f"add it to data.derived_labels[{d.name}].positive or .negative"
+                if str(value).startswith(" "):      # ", "-separated text read with ",": every value starts so
+                    fix = f"the value starts with a space: is the separator {self.cfg.csv.separator + ' '!r}? " \
+                          "(listing it would keep the spaces in every categorical value); else " + fix
                 return InputFormatError(
                     f"{value!r} is neither a positive {list(d.positive)} nor a negative {list(d.negative)} "
-                    f"value of label {d.name!r}", where=where,
-                    fix=self.remedies.or_skip(f"add it to data.derived_labels[{d.name}].positive or .negative"))
+                    f"value of label {d.name!r}", where=where, fix=self.remedies.or_skip(fix))
             value = frame[col][row]
             where = location(self.path, int(rec.lines[i]), column=col)
             if kind == "id":
@@ -337,9 +345,17 @@ class CsvChunker:
             fix = f"list it in data.csv.missing if it means 'missing', or list {col!r} under data.categorical" \
                 if not self.remedies.run_format else \
                 f"the run reads {col!r} as a number: fix the value (an empty field is missing)"
+            text = str(value).strip()
+            if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?|[+-]?\d+,\d+", text):
+                # 77,516 or 77516,0: no setting reads them, and missing or categorical would lose the number
+                fix = ("the value looks like a number written with a thousands separator or a decimal comma, "
+                       "which no setting reads: write it plainly (77516, 0.5) where the file is made")
             if str(value).startswith(" "):
                 fix = f"the value starts with a space: is the separator {self.cfg.csv.separator + ' '!r}? " + fix
-            if str(value).strip() == col and not self.cfg.csv.header:      # the column's own name: a header
+            if text == col and self.cfg.csv.header:     # another file's header, joined on (cat a.csv b.csv)
+                return InputFormatError(f"{value!r} is not a number", where=where, fix=self.remedies.or_skip(
+                    "the line repeats the header (files joined with cat keep each one's header): remove it"))
+            if text == col:      # the column's own name: a header line
                 fix = ("the line is a header, and the config reads files without one (data.csv.header=false): "
                        "remove the line" + ("" if self.remedies.run_format else ", or set data.csv.header=true"))
                 return InputFormatError(f"{value!r} is not a number", where=where, fix=fix)

@@ -253,7 +253,9 @@ def numeric32(frame: pl.DataFrame, names: tuple[str, ...]) -> np.ndarray:
     for j, c in enumerate(names):
         s = frame[c]
         # float columns: to_numpy already turns nulls into NaN (fill_null would cost a lazy query per column)
-        x[j] = (s.fill_null(float("nan")) if s.null_count() and not s.dtype.is_float() else s).to_numpy()
+        values = (s.fill_null(float("nan")) if s.null_count() and not s.dtype.is_float() else s).to_numpy()
+        with np.errstate(over="ignore"):     # beyond float32 becomes inf, then missing: as documented, quietly
+            x[j] = values
     np.copyto(x, np.float32(np.nan), where=np.isinf(x))             # NaN is already NaN
     return x.T                                                       # (N, F) view, Fortran order
 

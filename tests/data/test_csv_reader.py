@@ -190,6 +190,41 @@ def test_value_errors_name_line_and_column(tmp_path: Path) -> None:
             read(cfg_for(), [path])
 
 
+def test_value_errors_say_what_the_value_looks_like(tmp_path: Path) -> None:
+    """(a helper's CSV sweep) each of these got a fix that would hide the problem: list the value as missing or
+    the column as categorical for a repeated header (two files joined with cat) or a number written 77,516 or
+    77516,0; add ' no' to the label's values where the separator is ', '; check the separator for a line of
+    spaces."""
+    head = "uid,age,city,note,status,clicked\n"
+    cases = [(head + "u1,5,x,y,Widowed,1\n", r"(?s)line 3, column age: 'age' is not a number.*repeats the header"),
+             ('"u1","77,516",x,y,Widowed,1\n', r"(?s)'77,516' is not a number.*thousands separator or a decimal comma"),
+             ("u1,5,x,y,Widowed,1\n   \n", r"(?s)line 4: the line holds only spaces or tabs.*remove the line")]
+    for i, (rows, pattern) in enumerate(cases):
+        path = tmp_path / f"v{i}.csv"
+        path.write_text(head + "u0,1,a,b,Widowed,0\n" + rows)
+        with pytest.raises(InputFormatError, match=pattern):
+            read(cfg_for(), [path])
+    path = tmp_path / "spaced.csv"
+    path.write_text("uid,age,city,note,status,clicked\nu0,1,a,b, yes,0\n")
+    cfg = dataclasses.replace(cfg_for(), derived_labels=(
+        DerivedLabelConfig(name="ok", column="status", positive=("yes",), negative=("no",)),))
+    with pytest.raises(InputFormatError, match=r"(?s)' yes' is neither.*starts with a space: is the separator ', '"):
+        read(cfg, [path])
+
+
+def test_numbers_beyond_float32_are_missing_without_a_warning(tmp_path: Path) -> None:
+    """(a helper's CSV sweep) 1e40 became missing, as documented, with numpy's overflow warning on stderr."""
+    import warnings
+
+    from ctrpipe.shard.transform import numeric32
+
+    frame = pl.DataFrame({"a": [1e40, 2.0, None]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = numeric32(frame, ("a",))
+    assert np.isnan(x[0, 0]) and x[1, 0] == 2.0 and np.isnan(x[2, 0])
+
+
 def test_negative_values_catch_unknown_label_values(tmp_path: Path) -> None:
     path = tmp_path / "inc.csv"
     path.write_text("uid,age,city,note,status,clicked\nu0,1,a,b,yes,0\nu1,1,a,b,no,0\nu2,1,a,b,maybe,1\n")
