@@ -161,7 +161,7 @@ def build_leaderboard(runs: Sequence[RunData], baseline: str | None = None, stri
     entries = [Entry(r, tuple(c.value(r, split) for c in COLUMNS), not reasons[id(r)], reasons[id(r)])
                for r in runs]
     entries.sort(key=_rank_key)
-    best = tuple(_best(entries, c, base) for c in range(len(COLUMNS)))
+    best = tuple(_best(entries, c) for c in range(len(COLUMNS)))
     return Leaderboard(split, base, tuple(entries), best)
 
 
@@ -271,12 +271,21 @@ def _same_kind(run: RunData, base: RunData, col: Column) -> bool:
     return col.key != "peak_memory" or run.resources.peak_memory_where == base.resources.peak_memory_where
 
 
-def _best(entries: Sequence[Entry], c: int, base: RunData) -> frozenset[int]:
+def _best(entries: Sequence[Entry], c: int) -> frozenset[int]:
+    """The best value of column c among the ranked runs; peak memory within each kind (GPU, host, host RSS):
+    one kind's bytes are no rival of another's."""
     col = COLUMNS[c]
-    scored = [(i, e.values[c]) for i, e in enumerate(entries)
-              if e.comparable and e.values[c] is not None and _same_kind(e.run, base, col)]
-    if len(scored) < 2:
-        return frozenset()            # one value is nobody's best
+    kinds: dict[str, list[tuple[int, float]]] = {}
+    for i, e in enumerate(entries):
+        v = e.values[c]
+        if e.comparable and v is not None:
+            kind = e.run.resources.peak_memory_where if col.key == "peak_memory" else ""
+            kinds.setdefault(kind, []).append((i, v))
     score = {"high": lambda v: -v, "low": lambda v: v, "one": lambda v: abs(v - 1.0)}[col.better]
-    top = min(score(v) for _, v in scored)
-    return frozenset(i for i, v in scored if math.isclose(score(v), top, rel_tol=1e-12, abs_tol=1e-15))
+    best: set[int] = set()
+    for scored in kinds.values():
+        if len(scored) < 2:
+            continue                  # one value is nobody's best
+        top = min(score(v) for _, v in scored)
+        best |= {i for i, v in scored if math.isclose(score(v), top, rel_tol=1e-12, abs_tol=1e-15)}
+    return frozenset(best)

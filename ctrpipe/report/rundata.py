@@ -154,7 +154,12 @@ DAMAGED_FIX = "the file is damaged: retrain the run (or restore metrics.json fro
 def _fold_count(metrics: dict[str, Any], path: Path) -> int:
     """metrics.json's cv.n_splits (0 for a single run); a damaged value is named, not a traceback."""
     cv = metrics.get("cv")
-    n = 0 if cv is None else cv.get("n_splits", 0) if isinstance(cv, dict) else cv
+    if cv is None:
+        return 0
+    if not isinstance(cv, dict):
+        raise ReportError(f"metrics.json's cv is {cv!r}, not a mapping holding n_splits", where=str(path),
+                          fix=DAMAGED_FIX)
+    n = cv.get("n_splits", 0)
     if n is None:
         return 0
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:

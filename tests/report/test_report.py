@@ -480,7 +480,8 @@ def test_runs_of_a_cache_whose_gold_split_has_one_class_rank_on_validation(runs:
 
 
 @pytest.mark.parametrize(("key", "value", "said"), [
-    ("cv", [3], "metrics.json's cv.n_splits is [3], not a number of folds"),
+    ("cv", [3], "metrics.json's cv is [3], not a mapping holding n_splits"),
+    ("cv", 3, "metrics.json's cv is 3, not a mapping holding n_splits"),
     ("cv", {"n_splits": "abc"}, "metrics.json's cv.n_splits is 'abc', not a number of folds"),
     ("heads", "label", "metrics.json's heads are 'label', not a list of head names"),
 ])
@@ -529,3 +530,7 @@ def test_a_gpu_runs_peak_is_not_ranked_against_a_host_peak(runs: Runs, tmp_path:
     assert board.entries[i].run.resources.peak_memory_where == "GPU"
     assert i not in board.best[peak] and board.delta(i, peak) is None
     assert board.best[peak]                 # the two host peaks are still compared
+    # (a review) with the GPU run as the baseline, the host runs are still compared with each other
+    board = build_leaderboard([load_run(gpu), load_run(runs.criteo[0]), load_run(runs.criteo[2])])
+    hosts = {k for k, e in enumerate(board.entries) if e.run.resources.peak_memory_where == "host"}
+    assert len(hosts) == 2 and board.best[peak] and board.best[peak] <= hosts
