@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -79,10 +78,12 @@ def _refuse_files_of_caches_and_runs(out: Path, option: str) -> None:
         raise SubmissionError(f"{option} is inside the shard cache {cache}, whose folder belongs to "
                               "`ctrpipe shard`", where=f"{option} {out}",
                               fix="write the output outside the cache's folder")
-    # a run's own files, and its K-fold folds' (fold0/ckpt_last.pt is what --resume reads)
-    run = o.parent.parent if re.fullmatch(r"fold\d+", o.parent.name) else o.parent
-    if (run / "config.json").is_file() and (run / "manifest_fingerprint.txt").is_file() and o.exists() and \
-            o.name != "submission.csv" and not o.with_name(o.name + ".json").is_file():
+    # a run's own files, in its folder or below it (fold0/ckpt_last.pt is what --resume reads, tb/ its events);
+    # the nearest folder a run wrote, whatever the folders are named (a run may be named fold1)
+    run = next((p for p in o.parents if (p / "config.json").is_file() and (p / "manifest_fingerprint.txt").is_file()),
+               None)
+    if run is not None and o.exists() and not (o.parent == run and o.name == "submission.csv") and \
+            not o.with_name(o.name + ".json").is_file():
         raise SubmissionError(f"{option} names the run's own {o.name} (of the run {run}), which no infer, predict "
                               "or blend wrote: it would be replaced", where=f"{option} {out}",
                               fix=f"give another file name, e.g. {option} {run / 'submission.csv'}")

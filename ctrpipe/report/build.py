@@ -21,6 +21,7 @@ from ctrpipe import __version__
 from ctrpipe.atomic import pid_alive, write_json_atomic, write_text_atomic
 from ctrpipe.console import console
 from ctrpipe.errors import DISK_FULL_ERRNOS, ReportError, disk_full_as_error
+from ctrpipe.infer.submission import shard_cache_holding
 from ctrpipe.report.figures import (
     comparison_figure,
     gate_figure,
@@ -118,6 +119,9 @@ def _check_out(out: Path, runs: Sequence[Path]) -> None:
                                                               "e.g. --out report, or run from its parent folder")
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file", where=str(out), fix="pass a folder for the report")
+    if (cache := shard_cache_holding(out)) is not None:    # its folder is the build's: a rebuild refused it
+        raise ReportError(f"--out {out} is inside the shard cache {cache}, whose folder belongs to `ctrpipe shard`",
+                          where=f"--out {out}", fix="pass a report folder outside the cache, e.g. --out report")
     above = next(p for p in out.parents if p.exists())
     if not above.is_dir():          # else the error named the report's temp folder, a path the user never gave
         raise ReportError(f"--out {out} goes through {above}, which is a file", where=f"--out {out}",

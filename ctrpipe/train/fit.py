@@ -39,6 +39,7 @@ from ctrpipe.errors import (
 from ctrpipe.features import FeatureSpec
 from ctrpipe.hostmem import AnonPeak, available_bytes, peak_rss, release_free_heap
 from ctrpipe.infer.calibrate import calibrate_run
+from ctrpipe.infer.submission import shard_cache_holding
 from ctrpipe.loader.loader import ShardLoader
 from ctrpipe.loader.sampling import Sampling, stream_spec, training_sampling, view_labels
 from ctrpipe.loader.view import RowView, resolve_view
@@ -560,6 +561,9 @@ def run_dir_of(runs: Path, exp_name: str) -> Path:
         raise ConfigError(f"bad value {exp_name!r} for 'exp_name': it names the run's folder inside --runs",
                           where="exp_name", fix="use a name without '..' or a leading '/', e.g. exp_name=dnn_v2 "
                                                 "(or grid/dnn_v2 for a folder of runs)")
+    if (cache := shard_cache_holding(runs)) is not None:    # its folder is the build's: a rebuild refused it
+        raise ConfigError(f"--runs {runs} is inside the shard cache {cache}, whose folder belongs to `ctrpipe shard`",
+                          where=f"--runs {runs}", fix="pass a runs folder outside the cache, e.g. --runs runs")
     return runs / exp_name
 
 

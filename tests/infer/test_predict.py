@@ -497,6 +497,22 @@ def test_out_naming_another_runs_or_caches_file_is_refused(world: dict[str, Path
     with pytest.raises(SubmissionError, match=f"the run's own {fold_file.name}"):
         predict_file(world["single"], world["data"] / "test.tsv", fold_file)
     assert {p: p.read_bytes() for p in [*other_run.rglob("*"), *other_cache.rglob("*")] if p.is_file()} == before
+    # (a second review) a run named like a fold folder, and a run's tb/ events, are a run's own files too
+    named_fold = tmp_path / "runs2" / "fold1"
+    shutil.copytree(world["single"], named_fold)
+    events = named_fold / "tb" / "events.out.tfevents.1"
+    events.parent.mkdir(exist_ok=True)
+    events.write_bytes(b"events")
+    for out in (named_fold / "ckpt_best.pt", events):
+        with pytest.raises(SubmissionError, match=f"the run's own {out.name}"):
+            run_infer(world["single"], world["te"], out, [], quiet=True)
+    # report and train write into no shard cache's folder either (a rebuild of the cache then refused it)
+    res = CliRunner().invoke(app, ["report", str(world["single"]), "--out", str(other_cache / "rep")])
+    assert res.exit_code == 1 and "is inside the shard cache" in " ".join(res.output.split()), res.output
+    res = CliRunner().invoke(app, ["train", "--cfg", str(CFG), "--shards", str(world["tr"]), "--runs",
+                                   str(other_cache / "runs"), "-q", *_sets(TRAIN)])
+    assert res.exit_code == 1 and "--runs" in res.output and "inside the shard cache" in " ".join(
+        res.output.split()), res.output
     from ctrpipe.serve.export import export_model
 
     with pytest.raises(ConfigError, match="is inside the shard cache"):
