@@ -180,7 +180,7 @@ def iter_blocks(path: Path, chunk_rows: int, read_bytes: int = READ_BYTES,
             except (OSError, EOFError, zlib.error) as exc:
                 # the failed read drops what it had decompressed: count the intact lines afresh
                 raise InputFormatError(
-                    f"corrupt or truncated gzip data ({exc}) after line {_gzip_intact_lines(path):,}",
+                    f"corrupt or truncated gzip data ({exc}) after line {gzip_intact_lines(path):,}",
                     where=str(path),
                     fix="re-download or re-copy the file; `gunzip -t FILE` checks it") from None
             if not piece:
@@ -249,7 +249,7 @@ def _mapped_blocks(path: Path, chunk_rows: int, max_line_bytes: int, kind_name: 
             pass
 
 
-def _gzip_intact_lines(path: Path) -> int:
+def gzip_intact_lines(path: Path) -> int:
     """Complete lines before the first corrupt or missing gzip byte (the error path only: a second read)."""
     lines = 0
     unpack = zlib.decompressobj(wbits=31)

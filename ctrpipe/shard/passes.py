@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,7 @@ from ctrpipe.console import human_rate, make_progress
 from ctrpipe.data.chunks import SHARD_REMEDIES, Remedies, column_hashes, has_column
 from ctrpipe.data.config import CovisitConfig, DataConfig
 from ctrpipe.data.covisit import CovisitCounter
-from ctrpipe.data.criteo import open_text
+from ctrpipe.data.criteo import gzip_intact_lines, open_text
 from ctrpipe.data.csv_reader import stray_quote_resync
 from ctrpipe.data.csv_records import count_records
 from ctrpipe.data.fitted import (
@@ -235,9 +236,14 @@ def count_rows(data: DataConfig, paths: list[Path], label_columns: tuple[str, ..
         fh, raw = open_text(p)
         last = b"\n"
         with raw, fh:
-            while block := fh.read(1 << 24):
-                total += block.count(b"\n")
-                last = block[-1:]
+            try:
+                while block := fh.read(1 << 24):
+                    total += block.count(b"\n")
+                    last = block[-1:]
+            except (OSError, EOFError, zlib.error) as exc:      # as the reader says it (no bare "Aborted.")
+                raise InputFormatError(f"corrupt or truncated gzip data ({exc}) after line "
+                                       f"{gzip_intact_lines(p):,}", where=str(p),
+                                       fix="re-download or re-copy the file; `gunzip -t FILE` checks it") from None
         total += last != b"\n"
     return total
 

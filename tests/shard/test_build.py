@@ -175,6 +175,14 @@ def test_a_tail_split_counts_the_rows_of_gzip_text_whatever_its_suffix(tmp_path:
     plain = build_shards(criteo_cfg(*sets), [criteo_tsv], tmp_path / "plain", progress=False).manifest
     packed = build_shards(criteo_cfg(*sets), [upper], tmp_path / "gz", progress=False).manifest
     assert packed.rows == plain.rows and plain.rows["val"] == round(0.1 * plain.rows["total"])
+    # (a second review) a cut file ended in a bare "Aborted." there, where the reader names it
+    cut = tmp_path / "CUT.TSV.GZ"
+    cut.write_bytes(upper.read_bytes()[: upper.stat().st_size // 2])
+    from ctrpipe.errors import InputFormatError
+
+    with pytest.raises(InputFormatError, match="corrupt or truncated gzip data") as err:
+        build_shards(criteo_cfg(*sets), [cut], tmp_path / "cut", progress=False)
+    assert err.value.where == str(cut) and "gunzip -t" in err.value.fix
 
 
 def test_gzip_input_gives_the_same_shards(tmp_path: Path, criteo_tsv: Path) -> None:
