@@ -157,7 +157,9 @@ def _layout(path: Path, cfg: DataConfig, rc: ResolvedColumns, names: list[str], 
     features = {*rc.numeric, *rc.categorical, *(t.column for t in rc.tokens)}
     for c in rc.raw_columns(labels=False):
         if c not in names:
-            fix = missing_feature_fix(c, names, cfg.csv.separator) if not require_labels and c in features else \
+            # the run fixes the separator when it predicts (not in a test build, whose config may still change)
+            fixed = cfg.csv.separator if remedies.run_format else None
+            fix = missing_feature_fix(c, names, fixed) if not require_labels and c in features else \
                 f"{closest(c, names)} All CSV inputs need the columns the config uses"
             raise SchemaError(f"column {c!r} is not in the header", where=str(path), fix=fix)
     return _Layout(tuple(names), bool(label_cols) and not missing)

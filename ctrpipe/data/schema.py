@@ -177,7 +177,7 @@ def _select(explicit: tuple[str, ...], pattern: str, present: list[str], taken: 
 
 def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | None = None,
                     require_labels: bool = False, with_keys: bool = False,
-                    to_predict: bool = False) -> ResolvedColumns:
+                    to_predict: bool = False, separator_fixed: bool = False) -> ResolvedColumns:
     """Resolve the config's column choices against an input schema (None: the fixed Criteo layout).
 
     Raises SchemaError naming the column and the closest existing name, or a column picked twice. Parquet
@@ -185,13 +185,16 @@ def resolve_columns(cfg: DataConfig, schema: SchemaLike, source: Path | str | No
     none; the reader checks each file). Derived labels' sources are never features. `with_keys` (a train
     build) also reads the split and fold key columns that no other kind selects. `to_predict`: a test file
     or rows to serve, whose missing feature column is the file's to add, not the config's to change.
+    `separator_fixed`: the CSV separator is another cache's (a --stats-from build), so a file written with
+    another one is the file's to change.
     """
     criteo = cfg.format == "criteo"
     present = list(CRITEO_COLUMNS) if criteo else _names(schema)
     where = str(source) if source is not None else ("Criteo text layout" if criteo else "first input file")
-    if to_predict and cfg.format == "csv" and len(present) == 1 and any(sep in present[0] for sep in _SEPARATORS):
-        # a file to predict (a --stats-from test file too) read with the run's separator, which is fixed: the
-        # fix is the file's, not data.csv.separator, whatever column is looked for first
+    if separator_fixed and cfg.format == "csv" and len(present) == 1 and \
+            any(sep in present[0] for sep in _SEPARATORS):
+        # a --stats-from test file read with the train cache's separator, which is fixed: the fix is the
+        # file's, not data.csv.separator, whatever column is looked for first
         hint = closest(present[0], present, cfg.csv.separator)
         raise SchemaError("the file's header reads as one column", where=where, fix=hint[0].upper() + hint[1:])
     derived = tuple(cfg.derived_labels)

@@ -135,7 +135,7 @@ def _build_shards(cfg: RunConfig | DataConfig, inputs: Sequence[Path], out: Path
     fp = fingerprint(identity_config(data), srcs, extra)
     out = Path(out)
     input_bytes = sum(s.size for s in srcs)
-    plan = resolve_plan(data, main_paths, role, gold_paths)
+    plan = resolve_plan(data, main_paths, role, gold_paths, separator_fixed=stats_from is not None)
     check_plan(plan, role)
     if train_m is not None and stats_from is not None:
         _check_layout(plan, train_m, Path(stats_from), main_paths[0])

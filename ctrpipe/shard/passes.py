@@ -105,12 +105,13 @@ def small_pages() -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ plan, schema
 
-def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train", gold: Sequence[Path] = ()) -> Plan:
+def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train", gold: Sequence[Path] = (),
+                 separator_fixed: bool = False) -> Plan:
     """Which raw columns become which stored columns (patterns are matched against the first input; a later
     input or a `gold` one holding another column a pattern matches is refused).
 
     Test Parquet and CSV files usually lack the label columns (CSV: the sources of derived labels too): then
-    the plan has no labels.
+    the plan has no labels. `separator_fixed`: a --stats-from build, whose CSV separator is the train cache's.
     """
     given = data
     schema = input_schema(data, paths[0])
@@ -120,7 +121,7 @@ def resolve_plan(data: DataConfig, paths: list[Path], role: str = "train", gold:
     if role == "test" and schema is not None and not any(lab in names for lab in sources):
         data = dataclasses.replace(data, labels=(), derived_labels=())
     rc = resolve_columns(data, schema, paths[0] if data.format != "criteo" else None, with_keys=role == "train",
-                         to_predict=role == "test")
+                         to_predict=role == "test", separator_fixed=separator_fixed)
     _check_patterns_elsewhere(given, rc, [*paths, *gold])
     return make_plan(data, rc)
 

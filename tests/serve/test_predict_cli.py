@@ -194,6 +194,11 @@ def test_a_csv_with_another_separator_is_told_to_change_the_file(tmp_path: Path)
                         "--stats-from", str(tmp_path / "c"), "--out", str(tmp_path / "te"), "-q")
     said = " ".join(out.split())
     assert code == 1 and "write the file separated by ','" in said and "set data.csv.separator" not in said, said
+    # (a second review) a test build of its own (no --stats-from) may still set its separator
+    code, out = _invoke("shard", "--cfg", str(tmp_path / "csv.yaml"), "--input", str(tmp_path / "semi.csv"), "--test",
+                        "--out", str(tmp_path / "te2"), "-q")
+    said = " ".join(out.split())
+    assert code == 1 and "set data.csv.separator to ';'" in said and "training data" not in said, said
 
 
 def test_predict_errors_name_the_files_line_and_a_fix_predict_has(world: Path, tmp_path: Path) -> None:
