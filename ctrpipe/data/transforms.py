@@ -52,7 +52,7 @@ def weight_error(column: str, example: str, reason: str, where: str = "") -> Inp
     return InputFormatError(
         f"weighted token column {column!r}: {reason} in {example[:80]!r}",
         where=where or location(column=column),
-        fix="write every token as name:weight with a finite number (e.g. 'a:0.5|b:2'), or set "
+        fix="write every token as name:weight with a finite number within float32 (e.g. 'a:0.5|b:2'), or set "
             "weighted: false for this column")
 
 
@@ -67,31 +67,39 @@ class BadWeights:
     column (a reader skipping bad rows flags them all at once, not one pass per bad row)."""
 
     def __init__(self, values: pl.Series, separator: str) -> None:
-        flat, row, weights, names = _explode(values, separator, weighted=True, strict=False)
+        flat, row, weights, names = _explode(values, separator, weighted=True, strict=False, as_float32=False)
         self._at = np.flatnonzero(_bad_weights(names, weights))          # bad tokens, in row order
-        self._row, self._flat, self._names = row[self._at], flat, names
+        self._row, self._flat, self._names, self._weights = row[self._at], flat, names, weights
         self.rows: np.ndarray = np.unique(self._row)                       # sorted row indices
 
     def reason(self, row: int) -> str:
         """Why `row` (one of `rows`) is bad: its first bad token."""
         i = int(self._at[np.searchsorted(self._row, row)])
-        return _weight_reason(self._flat, self._names, i)
+        return _weight_reason(self._flat, self._names, i, self._weights)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _bad_weights(names: pl.Series, weights: np.ndarray) -> np.ndarray:
-    """A token needs a non-empty name and a finite weight (nulls -> NaN in `weights`)."""
-    return (names.str.len_bytes().fill_null(0) == 0).to_numpy() | ~np.isfinite(weights)
+    """A token needs a non-empty name and a finite weight within float32, as the cache stores it (nulls ->
+    NaN in `weights`; 1e40 would be stored as inf)."""
+    with np.errstate(invalid="ignore"):
+        beyond = np.abs(weights) > FLOAT32_MAX
+    return (names.str.len_bytes().fill_null(0) == 0).to_numpy() | ~np.isfinite(weights) | beyond
 
 
-def _weight_reason(flat: pl.Series, names: pl.Series, i: int) -> str:
+def _weight_reason(flat: pl.Series, names: pl.Series, i: int, weights: np.ndarray | None = None) -> str:
     if names[i] is None:
         return f"token {flat[i]!r} has no ':weight'"
     if names[i] == "":
         return f"token {flat[i]!r} has no name before ':'"
+    if weights is not None and np.isfinite(weights[i]) and abs(weights[i]) > FLOAT32_MAX:
+        return f"the weight of token {flat[i]!r} is beyond float32 (at most {FLOAT32_MAX:.3g} either way)"
     return f"bad weight in token {flat[i]!r}"
 
 
-def _explode(values: pl.Series, separator: str, weighted: bool, strict: bool = True,
+def _explode(values: pl.Series, separator: str, weighted: bool, strict: bool = True, as_float32: bool = True,
              ) -> tuple[pl.Series, np.ndarray, np.ndarray, pl.Series]:
     """Non-empty tokens of every row, flattened in row order: (raw tokens, row index, weights, names).
 
@@ -115,8 +123,11 @@ def _explode(values: pl.Series, separator: str, weighted: bool, strict: bool = T
         bad = _bad_weights(names, weights)
         if bad.any():
             i = int(np.argmax(bad))
-            raise weight_error(str(values.name), str(values[int(row[i])]), _weight_reason(flat, names, i))
-    return flat, row, weights.astype(np.float32), names
+            raise weight_error(str(values.name), str(values[int(row[i])]), _weight_reason(flat, names, i, weights))
+    if not as_float32:
+        return flat, row, weights, names
+    with np.errstate(over="ignore"):        # not strict: a weight beyond float32 is inf, as the caller checks
+        return flat, row, weights.astype(np.float32), names
 
 
 def _select(row: np.ndarray, n: int, max_len: int, keep: Keep) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -71,12 +71,23 @@ def test_weighted_tokens() -> None:
 @pytest.mark.parametrize("value,reason", [("a:0.5|b:zz", "bad weight in token 'b:zz'"),
                                           ("a:0.5|b", "token 'b' has no ':weight'"),
                                           ("a:inf", "bad weight in token 'a:inf'"),
-                                          (":1", "no name before ':'")])
+                                          (":1", "no name before ':'"),
+                                          # (a review) stored as inf, with numpy's overflow warning
+                                          ("a:1e40", "the weight of token 'a:1e40' is beyond float32")])
 def test_bad_weight_names_column_and_value(value: str, reason: str) -> None:
-    with pytest.raises(InputFormatError) as err:
+    import warnings
+
+    from ctrpipe.data.transforms import first_bad_weight
+
+    with pytest.raises(InputFormatError) as err, warnings.catch_warnings():
+        warnings.simplefilter("error")
         tokens_to_ids(pl.Series("tags_w", ["a:1", value]), "|", 4, 0, 100, True, "first")
     msg = str(err.value)
     assert "column tags_w" in msg and reason in msg and repr(value) in msg and "name:weight" in msg
+    with warnings.catch_warnings():                 # the readers' check, which names the line
+        warnings.simplefilter("error")
+        assert first_bad_weight(pl.Series("tags_w", ["a:1", value]), "|") == (1, err.value.what.split(": ", 1)[1]
+                                                                               .rsplit(" in ", 1)[0])
 
 
 def test_token_hashes_match_kept_tokens() -> None:
