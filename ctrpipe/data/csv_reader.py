@@ -342,6 +342,9 @@ class CsvChunker:
             if kind == "lab":
                 what = "the label is missing" if value is None or value == "" or value in self.missing \
                     else f"label {value!r} is not 0 or 1"
+                if value is not None and str(value).strip() == col and self.cfg.csv.header:   # files joined by cat
+                    return InputFormatError(what, where=where, fix=self.remedies.or_skip(
+                        "the line repeats the header (files joined with cat keep each one's header): remove it"))
                 return InputFormatError(what, where=where,
                                         fix=self.remedies.bad_label(self.labels_optional))
             fix = f"list it in data.csv.missing if it means 'missing', or list {col!r} under data.categorical" \

@@ -204,6 +204,9 @@ def test_value_errors_say_what_the_value_looks_like(tmp_path: Path) -> None:
         path.write_text(head + "u0,1,a,b,Widowed,0\n" + rows)
         with pytest.raises(InputFormatError, match=pattern):
             read(cfg_for(), [path])
+    # (a review) without numeric columns the label column meets the repeated header first
+    with pytest.raises(InputFormatError, match=r"(?s)column clicked: label 'clicked' is not 0 or 1.*repeats the h"):
+        read(dataclasses.replace(cfg_for(), numeric=NumericConfig(columns=())), [tmp_path / "v0.csv"])
     path = tmp_path / "spaced.csv"
     path.write_text("uid,age,city,note,status,clicked\nu0,1,a,b, yes,0\n")
     cfg = dataclasses.replace(cfg_for(), derived_labels=(

@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -81,7 +82,7 @@ def test_doctor_names_a_package_older_than_ctrpipe_needs(monkeypatch: pytest.Mon
     assert "1.20.0 installed, ctrpipe needs >= 1.24" in line and "pip install 'numpy>=1.24'" in line
 
 
-def test_a_backend_matplotlib_does_not_know_is_named_by_doctor_and_report(tmp_path) -> None:
+def test_a_backend_matplotlib_does_not_know_is_named_by_doctor_and_report(tmp_path: Path) -> None:
     """(a helper's sweep) MPLBACKEND=nonsense ended `ctrpipe report` in matplotlib's traceback, and doctor told
     to reinstall the dependencies, which changes nothing: the environment variable is what to change."""
     env = {**os.environ, "MPLBACKEND": "nonsense", "COLUMNS": "250"}
