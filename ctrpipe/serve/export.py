@@ -58,7 +58,7 @@ from ctrpipe.infer.submission import shard_cache_holding
 from ctrpipe.loader.batch import Batch
 from ctrpipe.loader.buffers import Layout
 from ctrpipe.models.heads import as_output
-from ctrpipe.serve.predictor import Predictor, method_source
+from ctrpipe.serve.predictor import SUBMISSION_ONLY, Predictor, method_source
 from ctrpipe.train.checkpoint import Checkpoint, load_checkpoint
 
 EXPORT_METHODS = ("logit_mean", "weighted", "mean", "geom_mean")
@@ -156,6 +156,13 @@ def export_model(run: Path, out: Path, fmt: str = "torchscript", rows: object = 
                           fix=f"use one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         _require_onnx()          # before the minutes of loading and exporting
+    for text in overrides:      # Predictor.load refuses these too, with a fix for predict
+        key = text.split("=", 1)[0].strip()
+        if key in SUBMISSION_ONLY:
+            raise ConfigError(f"--set {text}: {key} shapes `ctrpipe infer`'s submission; an export outputs every "
+                              "head", where="--set",
+                              fix=f"drop --set {key}: take the head's column of the output (model.json's "
+                                  "outputs.heads gives their order)")
     run, out = Path(run), Path(out)
 
     def refuse(cfg: RunConfig) -> None:

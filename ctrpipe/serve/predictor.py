@@ -207,10 +207,11 @@ class Predictor:
                              with_labels=False, logit_shift=m.shift).logits
         return out
 
-    def predict(self, rows: Rows, tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def predict(self, rows: Rows, tasks: str | Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """{head: (N,) float64 probability}: calibrated per checkpoint, then combined over folds as
-        `ctrpipe infer` does (infer.method / infer.weights of the run's config)."""
-        names = list(tasks) if tasks is not None else list(self.heads)
+        `ctrpipe infer` does (infer.method / infer.weights of the run's config). `tasks`: heads, or one head's
+        name (which read as a list of its letters)."""
+        names = [tasks] if isinstance(tasks, str) else list(tasks) if tasks is not None else list(self.heads)
         for t in names:
             if t not in self.heads:
                 raise ConfigError(f"unknown task {t!r}", where="tasks", fix=f"use one of {list(self.heads)}")

@@ -46,7 +46,9 @@ def rows_chunk(data: DataConfig, rc: ResolvedColumns, rows: Rows) -> RawChunk:
         rows = [rows]
     if isinstance(rows, pa.RecordBatch):
         rows = pa.Table.from_batches([rows])
-    if not isinstance(rows, (pl.DataFrame, pa.Table)) and len(rows) == 0:
+    # a table of no rows too: a Criteo run's text of none ended in an IndexError
+    if (rows.height if isinstance(rows, pl.DataFrame) else rows.num_rows if isinstance(rows, pa.Table)
+            else len(rows)) == 0:
         raise InputFormatError("no rows given", where=str(SOURCE), fix="pass at least one row")
     is_text = not isinstance(rows, (pl.DataFrame, pa.Table)) and isinstance(rows[0], (str, bytes))
     if data.format == "parquet":

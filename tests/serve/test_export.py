@@ -147,6 +147,9 @@ def test_torchscript_parity(runs: Callable[[str], Path], family: str, tmp_path: 
         assert got.shape == (n, len(p.heads))
         for j, head in enumerate(p.heads):
             np.testing.assert_allclose(got[:, j], want[head], rtol=0, atol=1e-5, err_msg=f"{family} {head}")
+    # (a helper's sweep) a request batch of no rows: DeepFM's traced reshape(B, -1) failed on it
+    empty = tuple(t[:0] for t in example_inputs(p, cache_batch(p, 2)))
+    assert tuple(model(empty).shape) == (0, len(p.heads))
 
 
 def test_confident_folds_combine_as_infer_combines_them(runs: Callable[[str], Path]) -> None:
@@ -319,3 +322,15 @@ def test_an_export_into_the_training_cache_is_refused(runs: Callable[[str], Path
     with pytest.raises(ConfigError, match="inside the training cache"):
         export.export_model(run, cache / "export", "torchscript")
     assert sorted(p.name for p in cache.iterdir()) == before
+
+
+def test_one_heads_export_is_told_the_export_holds_every_head(runs: Callable[[str], Path], tmp_path: Path) -> None:
+    """(a helper's export sweep) --set infer.task=... was refused with a fix for predict (choose heads with
+    Predictor.predict): an export outputs every head, in model.json's order."""
+    from ctrpipe.errors import ConfigError
+    from ctrpipe.serve import export
+
+    with pytest.raises(ConfigError) as e:
+        export.export_model(runs("dnn"), tmp_path / "export", "torchscript", overrides=["infer.task=label"])
+    assert "an export outputs every head" in e.value.what and "outputs.heads" in e.value.fix
+    assert "Predictor.predict" not in e.value.fix and not (tmp_path / "export").exists()

@@ -210,6 +210,22 @@ def test_predict_reads_gzipped_criteo_text(criteo: dict[str, Path], tmp_path: Pa
     assert plain.read_bytes() == packed.read_bytes()
 
 
+def test_no_rows_and_one_head_by_name(criteo: dict[str, Path]) -> None:
+    """(a helper's export sweep) a Criteo run given a table of the Criteo columns and no rows ended in an
+    IndexError; tasks="label" read as the heads 'l', 'a', ..."""
+    from ctrpipe import Predictor
+
+    p = Predictor.load(criteo["run"])
+    columns = {**{f"I{i}": pl.Float64 for i in range(1, 14)}, **{f"C{i}": pl.String for i in range(1, 27)}}
+    empty = pl.DataFrame(schema=columns)
+    for rows in (empty, empty.to_arrow()):
+        with pytest.raises(InputFormatError, match="no rows given"):
+            p.predict(rows)
+    lines = criteo["test"].read_text().splitlines()[:3]
+    head = p.heads[0]
+    assert np.array_equal(p.predict(lines, tasks=head)[head], p.predict(lines, tasks=[head])[head])
+
+
 def test_criteo_bad_rows_name_row_and_column(criteo: dict[str, Path]) -> None:
     from ctrpipe import Predictor
 

@@ -36,7 +36,7 @@ class _FMInteraction(torch.autograd.Function):
 def _fm_forward(fields: Tensor) -> tuple[Tensor, Tensor]:
     """(B, F, D) -> the FM term (B, 1) and the field sum (B, D)."""
     total = fields.sum(dim=1)                                              # (B, D)
-    flat = fields.reshape(fields.shape[0], -1)
+    flat = fields.flatten(1)        # not reshape(B, -1): a traced export of it failed on a batch of no rows
     out = 0.5 * (torch.linalg.vecdot(total, total) - torch.linalg.vecdot(flat, flat))   # (B,)
     return out.unsqueeze(1), total                                         # (B, 1)
 
