@@ -141,32 +141,28 @@ class _Inspector:
             if lo != st["min"] or hi != st["max"] or abs(mean - st["mean"]) > 1e-5 * max(1.0, abs(st["mean"])):
                 chk.fail(f"{c.name}: min {lo:g}, max {hi:g}, mean {mean:.6g}; the build recorded min "
                          f"{st['min']:g}, max {st['max']:g}, mean {st['mean']:.6g} (data changed after the build)")
-        for t, c in enumerate(self.m.columns_of("label")):
-            recorded = self.m.label_rates.get(c.name, {})
-            if self.ranges[c.name].bad:                  # values outside {0, 1}: the labels check says so
-                continue
-            for name, code in SPLIT_CODES.items():
-                if name not in recorded or not self.label_n[t, code]:
-                    continue
-                chk.rates += 1
-                rate = self.label_sum[t, code] / self.label_n[t, code]
-                if abs(rate - recorded[name]) > 1e-6:
-                    chk.fail(f"{c.name}: positive rate {rate:.6g} on {name}, the build recorded "
-                             f"{recorded[name]:.6g} (labels changed after the build)")
         columns = self.m.columns_of("label")
+        for t, c in enumerate(columns):
+            if not self.ranges[c.name].bad:             # values outside {0, 1}: the labels check says so
+                self._compare_rates(self.m.label_rates.get(c.name, {}), self.label_sum[t], self.label_n[t],
+                                    f"{c.name}: positive rate")
         for k, (a, b) in enumerate(self.pairs):
             first, second = columns[a].name, columns[b].name
-            recorded = self.m.label_pair_rates.get(first, {}).get(second, {})   # {} in caches built before
-            if self.ranges[first].bad or self.ranges[second].bad:
+            if not (self.ranges[first].bad or self.ranges[second].bad):    # {} in caches built before
+                self._compare_rates(self.m.label_pair_rates.get(first, {}).get(second, {}), self.pair_sum[k],
+                                    self.pair_n[k], f"{first} and {second}: rate of both positive")
+
+    def _compare_rates(self, recorded: dict[str, float], sums: np.ndarray, counts: np.ndarray, what: str) -> None:
+        """A rate per split as the shards give it (`sums` / `counts`) against the one the build recorded."""
+        chk = self.checks["statistics"]
+        for name, code in SPLIT_CODES.items():
+            if name not in recorded or not counts[code]:
                 continue
-            for name, code in SPLIT_CODES.items():
-                if name not in recorded or not self.pair_n[k, code]:
-                    continue
-                chk.rates += 1
-                rate = self.pair_sum[k, code] / self.pair_n[k, code]
-                if abs(rate - recorded[name]) > 1e-6:
-                    chk.fail(f"{first} and {second}: rate of both positive {rate:.6g} on {name}, the build "
-                             f"recorded {recorded[name]:.6g} (labels changed after the build)")
+            chk.rates += 1
+            rate = sums[code] / counts[code]
+            if abs(rate - recorded[name]) > 1e-6:
+                chk.fail(f"{what} {rate:.6g} on {name}, the build recorded {recorded[name]:.6g} (labels changed "
+                         "after the build)")
 
     def _check_fitted(self) -> None:
         """A train cache's fitted statistics (vocabularies, co-visitation tables) must be readable: a test
