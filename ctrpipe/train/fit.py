@@ -279,26 +279,32 @@ def warn_heads_of_unnamed_labels(cfg_data: DataConfig, manifest: Manifest, tasks
 OUTSIDE_MASK_WARN = 0.01     # a share of a masked label's positives outside its mask worth a word
 
 
-def warn_positives_outside_masks(spec: FeatureSpec, tasks: tuple[Task, ...], model: str) -> None:
+def warn_positives_outside_masks(spec: FeatureSpec, tasks: tuple[Task, ...], train_tasks: Mapping[str, Any]) -> None:
     """A head masked by another label (conversion on clicked rows) never sees its label's positives outside
-    the mask: with post-view conversions, or labels swapped, a share of them is lost without a word, and
-    ESMM's ctcvr (click AND conversion) leaves them out too. Said from the cache's pair rates."""
+    the mask: with post-view conversions, or labels swapped, a share of them is lost without a word, and a
+    head of both labels' AND (ESMM's ctcvr) leaves them out too. Said once per (label, mask), from the cache's
+    pair rates; the fix depends on whose the mask is: train.tasks' (drop it) or the model's own head's."""
+    said_for: set[tuple[int, int]] = set()
     for t in tasks:
-        if t.mask is None or len(t.labels) != 1:
-            continue
+        if t.mask is None or len(t.labels) != 1 or (t.labels[0], t.mask) in said_for:
+            continue        # a head that shadows another (DARE's <label>_full) has its mask: said once
+        said_for.add((t.labels[0], t.mask))
         label, mask = spec.labels[t.labels[0]], spec.labels[t.mask]
         share = positives_outside_mask(spec, label, mask)
         if share is None or share <= OUTSIDE_MASK_WARN or not first_on_node():
             continue
-        esmm = model == "esmm"
+        both = next((x.name for x in tasks if x.mask is None and {t.labels[0], t.mask} <= set(x.labels)), None)
+        own = getattr(train_tasks.get(t.name), "mask", "")      # set by train.tasks, else the model's
         said = [f"head {t.name!r} learns {label!r} on the rows where {mask!r} is 1, and {share:.1%} of the train "
                 f"split's {label!r} positives are on rows where {mask!r} is 0: it never sees them"
-                + (", nor does ESMM's ctcvr (their AND)" if esmm else "")]
+                + (f", nor does head {both!r} (their AND)" if both else "")]
         if label_rate(spec, label) > label_rate(spec, mask):
             said.append(f"{label!r} is more frequent than {mask!r}: check that the labels are not swapped"
-                        + (" (model.click_label / model.conversion_label)" if esmm else ""))
-        said.append("if those positives are real (e.g. conversions after a view), train a head per label instead "
-                    "(e.g. model mmoe)" if esmm else f"to learn them, drop the mask (train.tasks.{t.name}.mask)")
+                        + (f" (train.tasks.{t.name}.mask)" if own else " (the model's label settings, e.g. "
+                           "model.click_label / model.conversion_label)"))
+        said.append(f"to learn them, drop the mask (train.tasks.{t.name}.mask)" if own else
+                    "if those positives are real (e.g. conversions after a view), train a head per label instead "
+                    "(e.g. model mmoe)")
         console.print("[yellow]warning:[/] " + "; ".join(said), highlight=False)
 
 
@@ -334,7 +340,7 @@ def prepare(cfg: RunConfig, shards: Path, runs: Path, resume: bool, quiet: bool,
     model, tasks, shift = check_training(cfg, manifest, shards)
     check_training_memory(cfg, model, device)
     warn_heads_of_unnamed_labels(own_data, manifest, tasks, cfg.train.tasks)
-    warn_positives_outside_masks(spec, tasks, cfg.model.name)
+    warn_positives_outside_masks(spec, tasks, cfg.train.tasks)
     check_batch_norm(cfg, model, dist.world_size if dist is not None else 1)
     # a model that reads a history against the candidate, or a multi-task model over one as its backbone
     history = next((h for m in model.modules() if isinstance(h := getattr(m, "history", None), History)), None)

@@ -236,10 +236,14 @@ def test_masked_heads_start_at_their_rows_rate_when_the_labels_do_not_nest(post_
 
 
 @pytest.mark.parametrize("model,sets,said", [
-    ("esmm", (), ["head 'cvr' learns 'converted' on the rows where 'clicked' is 1", "nor does ESMM's ctcvr",
+    ("esmm", (), ["head 'cvr' learns 'converted' on the rows where 'clicked' is 1", "nor does head 'ctcvr' (their AND)",
                   "train a head per label instead (e.g. model mmoe)"]),
     ("mmoe", (), ["head 'converted' learns 'converted' on the rows where 'clicked' is 1",
                   "drop the mask (train.tasks.converted.mask)"]),
+    # (a reread) DARE's converted_full shadows converted, with its mask: said once, not per head
+    ("dare", ("data.labels=[clicked, converted]", "model.aux_loss_weight=0.5", "train.tasks.converted.mask=clicked",
+              "train.early_stopping.metric=auc.clicked"),
+     ["head 'converted' learns 'converted' on the rows where 'clicked' is 1", "drop the mask"]),
 ])
 def test_positives_outside_a_heads_mask_are_warned_of(post_view_cache: Path, tmp_path: Path, model: str,
                                                       sets: tuple[str, ...], said: list[str]) -> None:
@@ -251,7 +255,7 @@ def test_positives_outside_a_heads_mask_are_warned_of(post_view_cache: Path, tmp
     assert res.exit_code == 0, out
     assert "of the train split's 'converted' positives are on rows where 'clicked' is 0: it never sees them" in out
     assert all(s in out for s in said), out
-    assert "swapped" not in out
+    assert "swapped" not in out and out.count("it never sees them") == 1, out
 
 
 def test_swapped_esmm_labels_are_warned_of_and_nested_ones_are_not(parquet_cache: Path, tmp_path: Path) -> None:
@@ -266,4 +270,4 @@ def test_swapped_esmm_labels_are_warned_of_and_nested_ones_are_not(parquet_cache
         assert res.exit_code == 0, out
         assert ("it never sees them" in out) is swapped, out
         assert ("'clicked' is more frequent than 'converted': check that the labels are not swapped "
-                "(model.click_label / model.conversion_label)" in out) is swapped, out
+                "(the model's label settings, e.g. model.click_label / model.conversion_label)" in out) is swapped, out
